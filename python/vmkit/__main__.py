@@ -1,0 +1,3 @@
+from vmkit.cli import main
+
+main()

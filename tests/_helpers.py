@@ -1,0 +1,173 @@
+"""Shared helpers for the vmkit config-layer tests.
+
+Every expectation in the test files comes from /work/shared/ch-reference.md ("ref") and
+/work/shared/ch-validation.md ("val").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Callable
+
+import pytest
+
+import vmkit
+from vmkit import ConfigError, ParseError, ValidationError
+from vmkit.config import (
+    BalloonConfig,
+    ConsoleConfig,
+    CpusConfig,
+    DeviceConfig,
+    DiskConfig,
+    FsConfig,
+    MemoryConfig,
+    MemoryZoneConfig,
+    NetConfig,
+    NumaConfig,
+    PlatformConfig,
+    PmemConfig,
+    RateLimiterGroupConfig,
+    RestoreConfig,
+    RngConfig,
+    SgxEpcConfig,
+    TpmConfig,
+    UserDeviceConfig,
+    VdpaConfig,
+    VmConfig,
+    VsockConfig,
+)
+
+KERNEL = "/path/to/kernel"
+
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+# flag name -> (option class, ParseError kind for option-parser errors); val §4
+OPTIONS: dict[str, tuple[type, str]] = {
+    "cpus": (CpusConfig, "ParseCpus"),
+    "platform": (PlatformConfig, "ParsePlatform"),
+    "memory": (MemoryConfig, "ParseMemory"),
+    "memory-zone": (MemoryZoneConfig, "ParseMemoryZone"),
+    "rate-limit-group": (RateLimiterGroupConfig, "ParseRateLimiterGroup"),
+    "disk": (DiskConfig, "ParseDisk"),
+    "net": (NetConfig, "ParseNetwork"),
+    "rng": (RngConfig, "ParseRng"),
+    "balloon": (BalloonConfig, "ParseBalloon"),
+    "fs": (FsConfig, "ParseFileSystem"),
+    "pmem": (PmemConfig, "ParsePersistentMemory"),
+    "console": (ConsoleConfig, "ParseConsole"),
+    "device": (DeviceConfig, "ParseDevice"),
+    "user-device": (UserDeviceConfig, "ParseUserDevice"),
+    "vdpa": (VdpaConfig, "ParseVdpa"),
+    "vsock": (VsockConfig, "ParseVsock"),
+    "sgx-epc": (SgxEpcConfig, "ParseSgxEpc"),
+    "numa": (NumaConfig, "ParseNuma"),
+    "restore": (RestoreConfig, "ParseRestore"),
+    "tpm": (TpmConfig, "ParseTpm"),
+}
+
+# A minimal valid option string for every option (its REQ keys only); val §1
+MINIMAL: dict[str, str] = {
+    "cpus": "",
+    "platform": "",
+    "memory": "",
+    "memory-zone": "id=z",
+    "rate-limit-group": "",
+    "disk": "path=/d",
+    "net": "",
+    "rng": "",
+    "balloon": "",
+    "fs": "tag=t,socket=/s",
+    "pmem": "file=/p",
+    "console": "tty",
+    "device": "path=/dev/x",
+    "user-device": "socket=/u",
+    "vdpa": "path=/v",
+    "vsock": "cid=3,socket=/s",
+    "sgx-epc": "id=e",
+    "numa": "",
+    "restore": "source_url=/r",
+    "tpm": "socket=/t",
+}
+
+# Keys accepted by each option string, val §1
+KEYS: dict[str, list[str]] = {
+    "cpus": ["boot", "max", "topology", "kvm_hyperv", "max_phys_bits", "affinity", "features"],
+    "platform": ["num_pci_segments", "iommu_segments", "serial_number", "uuid", "oem_strings"],
+    "memory": [
+        "size", "file", "mergeable", "hotplug_method", "hotplug_size", "hotplugged_size",
+        "shared", "hugepages", "hugepage_size", "prefault", "thp",
+    ],
+    "memory-zone": [
+        "id", "size", "file", "shared", "hugepages", "hugepage_size", "host_numa_node",
+        "hotplug_size", "hotplugged_size", "prefault",
+    ],
+    "rate-limit-group": [
+        "bw_size", "bw_one_time_burst", "bw_refill_time", "ops_size", "ops_one_time_burst",
+        "ops_refill_time", "id",
+    ],
+    "disk": [
+        "path", "readonly", "direct", "iommu", "queue_size", "num_queues", "vhost_user", "socket",
+        "bw_size", "bw_one_time_burst", "bw_refill_time", "ops_size", "ops_one_time_burst",
+        "ops_refill_time", "id", "_disable_io_uring", "_disable_aio", "pci_segment", "serial",
+        "rate_limit_group",
+    ],
+    "net": [
+        "tap", "ip", "mask", "mac", "host_mac", "offload_tso", "offload_ufo", "offload_csum", "mtu",
+        "iommu", "queue_size", "num_queues", "vhost_user", "socket", "vhost_mode", "id", "fd",
+        "bw_size", "bw_one_time_burst", "bw_refill_time", "ops_size", "ops_one_time_burst",
+        "ops_refill_time", "pci_segment",
+    ],
+    "rng": ["src", "iommu"],
+    "balloon": ["size", "deflate_on_oom", "free_page_reporting"],
+    "fs": ["tag", "queue_size", "num_queues", "socket", "id", "pci_segment"],
+    "pmem": ["size", "file", "iommu", "discard_writes", "id", "pci_segment"],
+    "console": ["off", "pty", "tty", "null", "file", "socket", "iommu"],
+    "device": ["path", "id", "iommu", "pci_segment"],
+    "user-device": ["socket", "id", "pci_segment"],
+    "vdpa": ["path", "num_queues", "iommu", "id", "pci_segment"],
+    "vsock": ["socket", "cid", "iommu", "id", "pci_segment"],
+    "sgx-epc": ["id", "size", "prefault"],
+    "numa": ["guest_numa_id", "cpus", "distances", "memory_zones", "sgx_epc_sections", "pci_segments"],
+    "restore": ["source_url", "prefault"],
+    "tpm": ["socket"],
+}
+
+
+def parse(flag: str, text: str) -> Any:
+    cls, _ = OPTIONS[flag]
+    return cls.parse(text)
+
+
+def expect(
+    fn: Callable[[], object],
+    kind: str,
+    text: str,
+    cls: type[ConfigError] = ParseError,
+) -> ConfigError:
+    """Run fn, require it to raise `cls` with the given `.kind` and exact `str()`."""
+    with pytest.raises(cls) as info:
+        fn()
+    err = info.value
+    assert err.kind == kind, f"kind {err.kind!r} != {kind!r} (message {str(err)!r})"
+    assert str(err) == text
+    return err
+
+
+def expect_parse(flag: str, text: str, kind: str, message: str) -> ConfigError:
+    return expect(lambda: parse(flag, text), kind, message)
+
+
+def cli(*args: str) -> VmConfig:
+    """VmConfig from Cloud Hypervisor arguments, always with a kernel (val §3 rule 1)."""
+    return VmConfig.from_cli(["--kernel", KERNEL, *args])
+
+
+def from_json(extra: dict[str, Any]) -> VmConfig:
+    body: dict[str, Any] = {"payload": {"kernel": KERNEL}}
+    body.update(extra)
+    return VmConfig.from_json(json.dumps(body))
+
+
+def is_config_error(exc: BaseException) -> bool:
+    return isinstance(exc, vmkit.ConfigError)
