@@ -117,8 +117,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag(
         "--balloon",
         "one",
-        'Balloon parameters "size=<balloon_size>,deflate_on_oom=on|off,'
-        'free_page_reporting=on|off"',
+        'Balloon parameters "size=<balloon_size>,deflate_on_oom=on|off,free_page_reporting=on|off"',
         param="balloon",
     ),
     Flag(
@@ -219,8 +218,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag(
         "--sgx-epc",
         "many",
-        'SGX EPC parameters "id=<epc_section_identifier>,size=<epc_section_size>,'
-        'prefault=on|off"',
+        'SGX EPC parameters "id=<epc_section_identifier>,size=<epc_section_size>,prefault=on|off"',
         param="sgx_epc",
     ),
     Flag(
@@ -242,10 +240,12 @@ for _flag in FLAGS:
 
 @dataclass
 class CommandLine:
-    """What a command line said: values by flag (long name), in order given."""
+    """What a command line said: values by flag (long name), in the order given."""
 
     values: dict[str, list[str]] = field(default_factory=dict)
     verbosity: int = 0
+    vm_params: dict[str, object] = field(default_factory=dict)
+    """The VM parameters for ``vmkit._native.parse_vm`` (absent flags omitted)."""
 
     def has(self, long: str) -> bool:
         return long in self.values
@@ -254,75 +254,70 @@ class CommandLine:
         values = self.values.get(long)
         return values[0] if values else None
 
-    @property
-    def vm_params(self) -> dict[str, object]:
-        """The VM parameters for ``vmkit._native.parse_vm`` (absent flags omitted)."""
-        params: dict[str, object] = {}
-        for long, values in self.values.items():
-            flag = _BY_NAME[long]
-            if flag.param is None:
-                continue
-            if flag.arity == "flag":
-                params[flag.param] = True
-            elif flag.arity == "many":
-                params[flag.param] = list(values)
-            else:
-                params[flag.param] = values[0]
-        return params
-
 
 def _is_flag_word(word: str) -> bool:
-    return word.startswith("-") and word != "-"
+    return word[:1] == "-" and word != "-"
 
 
 def scan(argv: Sequence[str]) -> CommandLine:
     """Reads ``argv`` (without the program name) as clap does for v37."""
     result = CommandLine()
-    words = list(argv)
+    values_by_flag = result.values
+    params = result.vm_params
+    words = argv if isinstance(argv, list) else list(argv)
+    count = len(words)
     i = 0
-    while i < len(words):
+    while i < count:
         word = words[i]
         i += 1
-        if word == "--":
-            if i < len(words):
-                raise UsageError(f"unexpected argument '{words[i]}' found")
-            break
-        if word.startswith("-") and not word.startswith("--") and len(word) > 2 and set(
-            word[1:]
-        ) == {"v"}:
-            result.verbosity += len(word) - 1
-            continue
-        if word == "-v":
+        flag = _BY_NAME.get(word)
+        inline: str | None = None
+        if flag is None:
+            if word == "--":
+                if i < count:
+                    raise UsageError(f"unexpected argument '{words[i]}' found")
+                break
+            if word[:2] == "-v" and word.strip("v") == "-":
+                result.verbosity += len(word) - 1
+                continue
+            if not _is_flag_word(word):
+                raise UsageError(f"unexpected argument '{word}' found")
+            name, _, inline = word.partition("=")
+            flag = _BY_NAME.get(name) if name != word else None
+            if flag is None or flag.long == "-v":
+                raise UsageError(f"unexpected argument '{name}' found")
+        if flag.long == "-v":
             result.verbosity += 1
             continue
-        if not _is_flag_word(word):
-            raise UsageError(f"unexpected argument '{word}' found")
-        name, eq, inline = word.partition("=")
-        flag = _BY_NAME.get(name)
-        if flag is None:
-            raise UsageError(f"unexpected argument '{name}' found")
-        if flag.long in result.values:
+        if flag.long in values_by_flag:
             raise UsageError(f"the argument '{flag.long}' cannot be used multiple times")
         if flag.arity == "flag":
-            if eq:
+            if inline is not None:
                 raise UsageError(f"unexpected value '{inline}' for '{flag.long}' found")
-            result.values[flag.long] = []
+            values_by_flag[flag.long] = []
+            if flag.param is not None:
+                params[flag.param] = True
             continue
-        values: list[str] = [inline] if eq else []
-        if flag.arity == "many" or not values:
-            while i < len(words) and not _is_flag_word(words[i]):
+        values: list[str] = [] if inline is None else [inline]
+        if flag.arity == "many":
+            while i < count and not _is_flag_word(words[i]):
                 values.append(words[i])
                 i += 1
-                if flag.arity == "one":
-                    break
+        elif inline is None and i < count and not _is_flag_word(words[i]):
+            values.append(words[i])
+            i += 1
         if not values:
-            raise UsageError(f"a value is required for '{flag.long} <{flag.long[2:]}>' but none was supplied")
+            raise UsageError(
+                f"a value is required for '{flag.long} <{flag.long[2:]}>' but none was supplied"
+            )
         if flag.choices is not None and values[0] not in flag.choices:
             raise UsageError(
                 f"invalid value '{values[0]}' for '{flag.long} <{flag.long[2:]}>'"
                 f" [possible values: {', '.join(flag.choices)}]"
             )
-        result.values[flag.long] = values
+        values_by_flag[flag.long] = values
+        if flag.param is not None:
+            params[flag.param] = values if flag.arity == "many" else values[0]
     return result
 
 

@@ -1,11 +1,12 @@
 """Type stubs of the Rust extension module (see rust/vmkit-py)."""
 
+from collections.abc import Mapping
 from typing import Any
 
 __version__: str
 
 def register(
-    classes: dict[str, type],
+    classes: Mapping[str, type],
     config_error: type[BaseException],
     parse_error: type[BaseException],
     validation_error: type[BaseException],

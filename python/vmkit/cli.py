@@ -18,8 +18,10 @@ PROGRAM = "vmkit"
 
 
 def _usage_error(message: str) -> int:
-    print(f"error: {message}\n\nUsage: {PROGRAM} [OPTIONS]\n\nFor more information, try '--help'.",
-          file=sys.stderr)
+    print(
+        f"error: {message}\n\nUsage: {PROGRAM} [OPTIONS]\n\nFor more information, try '--help'.",
+        file=sys.stderr,
+    )
     return 2
 
 
@@ -48,8 +50,11 @@ def run(argv: Sequence[str]) -> int:
     if command.has("--print-config"):
         print(config.to_json(indent=2))
         return 0
-    print("Error booting VM: this vmkit build cannot boot VMs yet "
-          "(use --print-config to check a configuration)", file=sys.stderr)
+    print(
+        "Error booting VM: this vmkit build cannot boot VMs yet "
+        "(use --print-config to check a configuration)",
+        file=sys.stderr,
+    )
     return 1
 
 

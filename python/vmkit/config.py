@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 
 from vmkit import _native
+from vmkit._flags import scan as _scan
 from vmkit.errors import ConfigError, ParseError, ValidationError
 
 __all__ = [
@@ -225,7 +226,7 @@ class MemoryConfig(_OptionConfig):
     thp: bool = True
 
     @classmethod
-    def parse(cls, text: str, zones: Sequence[str] | None = None) -> MemoryConfig:  # type: ignore[override]
+    def parse(cls, text: str, zones: Sequence[str] | None = None) -> MemoryConfig:
         """Parses ``--memory`` and, when given, the ``--memory-zone`` strings.
 
         The zones are not part of the ``--memory`` string: render them with
@@ -517,11 +518,8 @@ class VmConfig(_Config):
         UsageError for a malformed command line, ParseError or
         ValidationError for a bad configuration.
         """
-        from vmkit._flags import scan
-
-        params = scan(argv).vm_params
         config: VmConfig
-        config, _ids = _native.parse_vm(params, True)
+        config, _ids = _native.parse_vm(_scan(argv).vm_params, True)
         return config
 
     def validate(self) -> set[str]:

@@ -119,13 +119,26 @@ impl Error {
     pub fn parser_error(&self) -> Option<&OptionParserError> {
         use Error::*;
         match self {
-            ParseCpus(e) | ParsePlatform(e) | ParseMemory(e) | ParseMemoryZone(e)
-            | ParseRateLimiterGroup(e) | ParseDisk(e) | ParseNetwork(e) | ParseRng(e)
-            | ParseBalloon(e) | ParseFileSystem(e) | ParsePersistentMemory(e)
-            | ParseConsole(e) | ParseDevice(e) | ParseUserDevice(e) | ParseVdpa(e)
-            | ParseVsock(e) | ParseSgxEpc(e) | ParseNuma(e) | ParseRestore(e) | ParseTpm(e) => {
-                Some(e)
-            }
+            ParseCpus(e)
+            | ParsePlatform(e)
+            | ParseMemory(e)
+            | ParseMemoryZone(e)
+            | ParseRateLimiterGroup(e)
+            | ParseDisk(e)
+            | ParseNetwork(e)
+            | ParseRng(e)
+            | ParseBalloon(e)
+            | ParseFileSystem(e)
+            | ParsePersistentMemory(e)
+            | ParseConsole(e)
+            | ParseDevice(e)
+            | ParseUserDevice(e)
+            | ParseVdpa(e)
+            | ParseVsock(e)
+            | ParseSgxEpc(e)
+            | ParseNuma(e)
+            | ParseRestore(e)
+            | ParseTpm(e) => Some(e),
             _ => None,
         }
     }
@@ -135,7 +148,9 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use Error::*;
         match self {
-            InvalidCpuFeatures(name) => write!(f, "Invalid feature in --cpus features list: {name}"),
+            InvalidCpuFeatures(name) => {
+                write!(f, "Invalid feature in --cpus features list: {name}")
+            }
             ParseMemoryZoneIdMissing => f.write_str("Error parsing --memory-zone: id missing"),
             ParseFsTagMissing => f.write_str("Error parsing --fs: tag missing"),
             ParseFsSockMissing => f.write_str("Error parsing --fs: socket missing"),
@@ -158,7 +173,9 @@ impl fmt::Display for Error {
             Validation(v) => write!(f, "Error validating configuration: {v}"),
             other => {
                 let option = other.option().unwrap_or_default();
-                let inner = other.parser_error().expect("every other variant wraps a parser error");
+                let inner = other
+                    .parser_error()
+                    .expect("every other variant wraps a parser error");
                 write!(f, "Error parsing {option}: {inner}")
             }
         }

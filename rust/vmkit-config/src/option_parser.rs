@@ -4,7 +4,6 @@
 //! nest, `key=` reads as absent, last duplicate wins), so that error texts and
 //! edge cases match what users of Cloud Hypervisor already see.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -30,14 +29,17 @@ impl std::error::Error for OptionParserError {}
 pub type OptionParserResult<T> = Result<T, OptionParserError>;
 
 struct OptionSlot {
+    name: &'static str,
     value: Option<String>,
     requires_value: bool,
 }
 
 /// A registry of known keys and the values one option string gave them.
+/// A short list scanned linearly: options have at most ~30 keys, and hashing
+/// cost more than the whole parse.
 #[derive(Default)]
 pub struct OptionParser {
-    options: HashMap<&'static str, OptionSlot>,
+    options: Vec<OptionSlot>,
 }
 
 /// Splits at top-level commas: brackets nest, `"` toggles quoting and is dropped.
@@ -78,28 +80,37 @@ impl OptionParser {
 
     /// Registers keys that need `key=value`.
     pub fn add_all(&mut self, names: &[&'static str]) -> &mut Self {
-        for name in names {
-            self.options.insert(
+        self.options.reserve(names.len());
+        for &name in names {
+            debug_assert!(self.slot(name).is_none(), "{name} registered twice");
+            self.options.push(OptionSlot {
                 name,
-                OptionSlot {
-                    value: None,
-                    requires_value: true,
-                },
-            );
+                value: None,
+                requires_value: true,
+            });
         }
         self
     }
 
     /// Registers keys that stand alone (`tty`, `off`).
     pub fn add_valueless(&mut self, name: &'static str) -> &mut Self {
-        self.options.insert(
-            name,
-            OptionSlot {
-                value: None,
-                requires_value: false,
-            },
-        );
+        self.register(name, false);
         self
+    }
+
+    fn register(&mut self, name: &'static str, requires_value: bool) {
+        match self.options.iter_mut().find(|slot| slot.name == name) {
+            Some(slot) => slot.requires_value = requires_value,
+            None => self.options.push(OptionSlot {
+                name,
+                value: None,
+                requires_value,
+            }),
+        }
+    }
+
+    fn slot(&self, name: &str) -> Option<&OptionSlot> {
+        self.options.iter().find(|slot| slot.name == name)
     }
 
     pub fn parse(&mut self, input: &str) -> OptionParserResult<()> {
@@ -113,7 +124,8 @@ impl OptionParser {
             };
             let slot = self
                 .options
-                .get_mut(name)
+                .iter_mut()
+                .find(|slot| slot.name == name)
                 .ok_or_else(|| OptionParserError::UnknownOption(name.to_owned()))?;
             if slot.requires_value {
                 let value = value.ok_or_else(|| OptionParserError::InvalidSyntax(item.clone()))?;
@@ -131,16 +143,13 @@ impl OptionParser {
     }
 
     pub fn get_str(&self, name: &str) -> Option<&str> {
-        self.options
-            .get(name)
+        self.slot(name)
             .and_then(|slot| slot.value.as_deref())
             .filter(|value| !value.is_empty())
     }
 
     pub fn is_set(&self, name: &str) -> bool {
-        self.options
-            .get(name)
-            .is_some_and(|slot| slot.value.is_some())
+        self.slot(name).is_some_and(|slot| slot.value.is_some())
     }
 
     /// Converts through `FromStr`; any failure is reported as `Conversion(name, value)`.
@@ -175,8 +184,15 @@ mod tests {
 
     fn parser() -> OptionParser {
         let mut p = OptionParser::new();
-        p.add_all(&["size", "mergeable", "hotplug_method", "topology", "cmd", "extra"])
-            .add_valueless("tty");
+        p.add_all(&[
+            "size",
+            "mergeable",
+            "hotplug_method",
+            "topology",
+            "cmd",
+            "extra",
+        ])
+        .add_valueless("tty");
         p
     }
 
@@ -193,7 +209,15 @@ mod tests {
 
     #[test]
     fn split_rejects_unbalanced_input_with_original_text() {
-        for bad in ["[a,b", "a]", "[a]]", "[[[a]]", "\"abc", " x=\"[\" ", "x=[\"]\"]"] {
+        for bad in [
+            "[a,b",
+            "a]",
+            "[a]]",
+            "[[[a]]",
+            "\"abc",
+            " x=\"[\" ",
+            "x=[\"]\"]",
+        ] {
             assert_eq!(
                 split_commas(bad),
                 Err(OptionParserError::InvalidSyntax(bad.to_owned())),
@@ -205,7 +229,8 @@ mod tests {
     #[test]
     fn parse_values_and_duplicates() {
         let mut p = parser();
-        p.parse("size=1,size=2,extra=foo=bar,cmd=\"a,b,c\"").unwrap();
+        p.parse("size=1,size=2,extra=foo=bar,cmd=\"a,b,c\"")
+            .unwrap();
         assert_eq!(p.get("size").as_deref(), Some("2"));
         assert_eq!(p.get("extra").as_deref(), Some("foo=bar"));
         assert_eq!(p.get("cmd").as_deref(), Some("a,b,c"));
@@ -251,7 +276,10 @@ mod tests {
             ("foo=1", OptionParserError::UnknownOption("foo".into())),
             ("size=1,", OptionParserError::UnknownOption("".into())),
             (",size=1", OptionParserError::UnknownOption("".into())),
-            ("size=1,,mergeable=on", OptionParserError::UnknownOption("".into())),
+            (
+                "size=1,,mergeable=on",
+                OptionParserError::UnknownOption("".into()),
+            ),
             ("=x", OptionParserError::UnknownOption("".into())),
             (
                 "size=1, mergeable=on",

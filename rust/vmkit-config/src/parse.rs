@@ -32,7 +32,10 @@ fn bytes(parser: &OptionParser, key: &str) -> OptionParserResult<Option<u64>> {
     Ok(parser.convert::<ByteSized>(key)?.map(|b| b.0))
 }
 
-fn int_list<T: TryFrom<u64>>(parser: &OptionParser, key: &str) -> OptionParserResult<Option<Vec<T>>> {
+fn int_list<T: TryFrom<u64>>(
+    parser: &OptionParser,
+    key: &str,
+) -> OptionParserResult<Option<Vec<T>>> {
     parser.convert_with(key, |v| v.parse::<IntegerList>().ok()?.narrow())
 }
 
@@ -86,12 +89,14 @@ impl CpusConfig {
         )?;
         let boot_vcpus = p.convert::<u8>("boot")?.unwrap_or(DEFAULT_VCPUS);
         let max_vcpus = p.convert::<u8>("max")?.unwrap_or(boot_vcpus);
-        let topology = p.convert::<TopologyParts>("topology")?.map(|t| CpuTopology {
-            threads_per_core: t.0[0],
-            cores_per_die: t.0[1],
-            dies_per_package: t.0[2],
-            packages: t.0[3],
-        });
+        let topology = p
+            .convert::<TopologyParts>("topology")?
+            .map(|t| CpuTopology {
+                threads_per_core: t.0[0],
+                cores_per_die: t.0[1],
+                dies_per_package: t.0[2],
+                packages: t.0[3],
+            });
         let kvm_hyperv = toggle(&p, "kvm_hyperv")?.unwrap_or(false);
         let max_phys_bits = p
             .convert::<u8>("max_phys_bits")?
@@ -178,7 +183,8 @@ impl PlatformConfig {
 }
 
 impl MemoryConfig {
-    /// `--memory` plus the strings of `--memory-zone` (None when the flag is absent).
+    /// `--memory` plus the strings of `--memory-zone` (None or empty when the
+    /// flag is absent: the flag itself needs at least one value).
     pub fn parse(input: &str, zones: Option<&[String]>) -> Result<Self> {
         let inner = || -> OptionParserResult<Self> {
             let p = parser(
@@ -200,10 +206,14 @@ impl MemoryConfig {
             let size = bytes(&p, "size")?.unwrap_or(DEFAULT_MEMORY_SIZE);
             let mergeable = toggle(&p, "mergeable")?.unwrap_or(false);
             let hotplug_method = p
-                .convert_with("hotplug_method", |v| match v.to_lowercase().as_str() {
-                    "acpi" => Some(HotplugMethod::Acpi),
-                    "virtio-mem" => Some(HotplugMethod::VirtioMem),
-                    _ => None,
+                .convert_with("hotplug_method", |v| {
+                    if v.eq_ignore_ascii_case("acpi") {
+                        Some(HotplugMethod::Acpi)
+                    } else if v.eq_ignore_ascii_case("virtio-mem") {
+                        Some(HotplugMethod::VirtioMem)
+                    } else {
+                        None
+                    }
                 })?
                 .unwrap_or_default();
             Ok(MemoryConfig {
@@ -221,7 +231,7 @@ impl MemoryConfig {
             })
         };
         let mut config = inner().map_err(Error::ParseMemory)?;
-        if let Some(zones) = zones {
+        if let Some(zones) = zones.filter(|z| !z.is_empty()) {
             config.zones = Some(
                 zones
                     .iter()
@@ -387,10 +397,14 @@ impl NetConfig {
             let vhost_user = toggle(&p, "vhost_user")?.unwrap_or(false);
             let vhost_socket = p.get("socket");
             let vhost_mode = p
-                .convert_with("vhost_mode", |v| match v.to_lowercase().as_str() {
-                    "client" => Some(VhostMode::Client),
-                    "server" => Some(VhostMode::Server),
-                    _ => None,
+                .convert_with("vhost_mode", |v| {
+                    if v.eq_ignore_ascii_case("client") {
+                        Some(VhostMode::Client)
+                    } else if v.eq_ignore_ascii_case("server") {
+                        Some(VhostMode::Server)
+                    } else {
+                        None
+                    }
                 })?
                 .unwrap_or_default();
             let id = p.get("id");
@@ -428,7 +442,9 @@ impl RngConfig {
         let inner = || -> OptionParserResult<Self> {
             let p = parser(&["src", "iommu"], input)?;
             Ok(RngConfig {
-                src: p.get("src").unwrap_or_else(|| DEFAULT_RNG_SOURCE.to_owned()),
+                src: p
+                    .get("src")
+                    .unwrap_or_else(|| DEFAULT_RNG_SOURCE.to_owned()),
                 iommu: toggle(&p, "iommu")?.unwrap_or(false),
             })
         };
@@ -454,7 +470,14 @@ impl FsConfig {
     pub fn parse(input: &str) -> Result<Self> {
         let inner = || -> std::result::Result<Self, Inner> {
             let p = parser(
-                &["tag", "queue_size", "num_queues", "socket", "id", "pci_segment"],
+                &[
+                    "tag",
+                    "queue_size",
+                    "num_queues",
+                    "socket",
+                    "id",
+                    "pci_segment",
+                ],
                 input,
             )?;
             let tag = required(p.get("tag"), Error::ParseFsTagMissing)?;
@@ -482,7 +505,14 @@ impl PmemConfig {
     pub fn parse(input: &str) -> Result<Self> {
         let inner = || -> std::result::Result<Self, Inner> {
             let p = parser(
-                &["size", "file", "iommu", "discard_writes", "id", "pci_segment"],
+                &[
+                    "size",
+                    "file",
+                    "iommu",
+                    "discard_writes",
+                    "id",
+                    "pci_segment",
+                ],
                 input,
             )?;
             let size = bytes(&p, "size")?;
@@ -774,7 +804,8 @@ impl VmConfig {
     /// Parses a whole command line in v37's order (the first error in that
     /// order is reported). Does not validate.
     pub fn parse(params: &VmParams) -> Result<Self> {
-        let rate_limit_groups = parse_list(&params.rate_limit_groups, RateLimiterGroupConfig::parse)?;
+        let rate_limit_groups =
+            parse_list(&params.rate_limit_groups, RateLimiterGroupConfig::parse)?;
         let disks = parse_list(&params.disks, DiskConfig::parse)?;
         let net = parse_list(&params.net, NetConfig::parse)?;
         let rng = RngConfig::parse(&params.rng)?;
@@ -790,12 +821,13 @@ impl VmConfig {
         let platform = parse_one(&params.platform, PlatformConfig::parse)?;
         let sgx_epc = parse_list(&params.sgx_epc, SgxEpcConfig::parse)?;
         let numa = parse_list(&params.numa, NumaConfig::parse)?;
-        let payload = (params.kernel.is_some() || params.firmware.is_some()).then(|| PayloadConfig {
-            firmware: params.firmware.clone(),
-            kernel: params.kernel.clone(),
-            cmdline: params.cmdline.clone(),
-            initramfs: params.initramfs.clone(),
-        });
+        let payload =
+            (params.kernel.is_some() || params.firmware.is_some()).then(|| PayloadConfig {
+                firmware: params.firmware.clone(),
+                kernel: params.kernel.clone(),
+                cmdline: params.cmdline.clone(),
+                initramfs: params.initramfs.clone(),
+            });
         let tpm = parse_one(&params.tpm, TpmConfig::parse)?;
         let cpus = CpusConfig::parse(&params.cpus)?;
         let memory = MemoryConfig::parse(&params.memory, params.memory_zones.as_deref())?;

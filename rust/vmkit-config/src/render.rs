@@ -236,9 +236,11 @@ impl Renderer {
                 continue;
             };
             let number = |name: &str| b.get(name).and_then(Value::as_u64);
-            let (Some(size), Some(burst), Some(refill)) =
-                (number("size"), number("one_time_burst"), number("refill_time"))
-            else {
+            let (Some(size), Some(burst), Some(refill)) = (
+                number("size"),
+                number("one_time_burst"),
+                number("refill_time"),
+            ) else {
                 return self.fail(
                     &format!("{field}.{bucket}"),
                     "needs a one_time_burst (the option string always sets one)",
@@ -309,7 +311,11 @@ impl Renderer {
                 self.push(key, format!("[{}]", pairs.join(",")));
             }
             ("hotplug_method", Value::String(m)) => {
-                let text = if m == "VirtioMem" { "virtio-mem" } else { "acpi" };
+                let text = if m == "VirtioMem" {
+                    "virtio-mem"
+                } else {
+                    "acpi"
+                };
                 self.push(key, text.to_owned());
             }
             ("vhost_mode", Value::String(m)) => self.push(key, m.to_lowercase()),
@@ -339,7 +345,9 @@ fn to_json<T: Serialize>(value: &T) -> Map<String, Value> {
 
 /// The default object seeded with `fields`' required values, and the names of
 /// those required fields (always written out: their option defaults may differ).
-fn defaults_like<T: OptionString>(fields: &Map<String, Value>) -> (Map<String, Value>, Map<String, Value>) {
+fn defaults_like<T: OptionString>(
+    fields: &Map<String, Value>,
+) -> (Map<String, Value>, Map<String, Value>) {
     let mut seed = Map::new();
     // Fill in required fields one by one, as serde names them.
     for _ in 0..=fields.len() {
@@ -379,7 +387,10 @@ fn render_console(config: &ConsoleConfig) -> RenderResult<String> {
         None => Ok(()),
     };
     let mut text = match config.mode {
-        ConsoleOutputMode::Off | ConsoleOutputMode::Pty | ConsoleOutputMode::Tty | ConsoleOutputMode::Null => {
+        ConsoleOutputMode::Off
+        | ConsoleOutputMode::Pty
+        | ConsoleOutputMode::Tty
+        | ConsoleOutputMode::Null => {
             needs_none("file", &config.file)?;
             needs_none("socket", &config.socket)?;
             format!("{:?}", config.mode).to_lowercase()
@@ -415,6 +426,9 @@ pub fn to_option_string<T: OptionString + 'static>(config: &T) -> RenderResult<S
     for (field, value) in &fields {
         let Some(key) = T::key_for(field) else {
             if field == "zones" {
+                if value.as_array().is_some_and(Vec::is_empty) {
+                    return r.fail(field, "is an empty list (no --memory-zone gives that)");
+                }
                 continue;
             }
             return r.fail(field, "has no option key");
@@ -430,7 +444,8 @@ pub fn to_option_string<T: OptionString + 'static>(config: &T) -> RenderResult<S
     match T::parse_option(&text) {
         Ok(parsed) => {
             let mut parsed_fields = to_json(&parsed);
-            if let (Some(zones), Some(slot)) = (fields.get("zones"), parsed_fields.get_mut("zones")) {
+            if let (Some(zones), Some(slot)) = (fields.get("zones"), parsed_fields.get_mut("zones"))
+            {
                 // Zones travel in separate --memory-zone strings.
                 *slot = zones.clone();
             }
@@ -463,10 +478,7 @@ mod tests {
         assert_eq!(round_trip::<DiskConfig>("path=/a.img"), "path=/a.img");
         assert_eq!(round_trip::<CpusConfig>("boot=2"), "boot=2,max=2");
         assert_eq!(round_trip::<MemoryConfig>("size=1G"), "size=1073741824");
-        assert_eq!(
-            round_trip::<FsConfig>("tag=t,socket=/s"),
-            "tag=t,socket=/s"
-        );
+        assert_eq!(round_trip::<FsConfig>("tag=t,socket=/s"), "tag=t,socket=/s");
     }
 
     #[test]
@@ -477,7 +489,9 @@ mod tests {
         round_trip::<DiskConfig>(
             "path=\"/a,b\",bw_size=100,bw_refill_time=10,ops_size=5,ops_one_time_burst=2,ops_refill_time=7",
         );
-        round_trip::<NetConfig>("fd=[3,4],num_queues=4,vhost_mode=server,host_mac=12:34:56:78:9a:bc");
+        round_trip::<NetConfig>(
+            "fd=[3,4],num_queues=4,vhost_mode=server,host_mac=12:34:56:78:9a:bc",
+        );
         round_trip::<NumaConfig>(
             "guest_numa_id=1,cpus=[2,3],distances=[0@20],memory_zones=[mem0],pci_segments=[0]",
         );
@@ -508,8 +522,10 @@ mod tests {
         console.file = Some("/x".into());
         assert_eq!(to_option_string(&console).unwrap_err().field, "file");
 
-        let mut platform = PlatformConfig::default();
-        platform.oem_strings = Some(vec!["a,b".into()]);
+        let platform = PlatformConfig {
+            oem_strings: Some(vec!["a,b".into()]),
+            ..Default::default()
+        };
         assert!(to_option_string(&platform).is_err());
     }
 }

@@ -263,7 +263,11 @@ impl VmConfig {
                 let this = node.guest_numa_id;
                 for zone in node.memory_zones.iter().flatten() {
                     if let Some(&earlier) = zone_owner.get(zone.as_str()) {
-                        return Err(ValidationError::MemoryZoneReused(zone.clone(), earlier, this));
+                        return Err(ValidationError::MemoryZoneReused(
+                            zone.clone(),
+                            earlier,
+                            this,
+                        ));
                     }
                     zone_owner.insert(zone, this);
                 }

@@ -10,17 +10,35 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::option_parser::split_commas;
 
+/// A value that does not read as its type. Option strings report only the key
+/// and raw value (`unable to convert <value> for <key>`), so it carries nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidValue;
+
+impl fmt::Display for InvalidValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("invalid value")
+    }
+}
+
+impl std::error::Error for InvalidValue {}
+
 /// `on`/`true`/`off`/`false`, case-insensitive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Toggle(pub bool);
 
 impl FromStr for Toggle {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
-        match s.to_lowercase().as_str() {
-            "on" | "true" => Ok(Toggle(true)),
-            "off" | "false" | "" => Ok(Toggle(false)),
-            _ => Err(()),
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
+        // v37 lowercases with Unicode rules; no non-ASCII character lowercases
+        // into these words' letters, so an ASCII comparison accepts the same set.
+        let is = |word: &str| s.eq_ignore_ascii_case(word);
+        if is("on") || is("true") {
+            Ok(Toggle(true))
+        } else if is("off") || is("false") || s.is_empty() {
+            Ok(Toggle(false))
+        } else {
+            Err(InvalidValue)
         }
     }
 }
@@ -30,8 +48,8 @@ impl FromStr for Toggle {
 pub struct ByteSized(pub u64);
 
 impl FromStr for ByteSized {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
         let s = s.trim();
         // v37 takes the shift from the last character, then strips every suffix letter.
         let shift = match s.chars().last() {
@@ -41,9 +59,9 @@ impl FromStr for ByteSized {
             _ => 0,
         };
         let digits = s.trim_end_matches(['K', 'M', 'G']);
-        let n: u64 = digits.parse().map_err(|_| ())?;
+        let n: u64 = digits.parse().map_err(|_| InvalidValue)?;
         if shift > 0 && n > (u64::MAX >> shift) {
-            return Err(());
+            return Err(InvalidValue);
         }
         Ok(ByteSized(n << shift))
     }
@@ -54,23 +72,23 @@ impl FromStr for ByteSized {
 pub struct IntegerList(pub Vec<u64>);
 
 impl FromStr for IntegerList {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
         let body = s.trim().trim_matches(['[', ']']);
         let mut values = Vec::new();
         for element in body.split(',') {
             let parts: Vec<&str> = element.split('-').collect();
             match parts.as_slice() {
-                [single] => values.push(single.parse::<u64>().map_err(|_| ())?),
+                [single] => values.push(single.parse::<u64>().map_err(|_| InvalidValue)?),
                 [start, end] => {
-                    let start = start.parse::<u64>().map_err(|_| ())?;
-                    let end = end.parse::<u64>().map_err(|_| ())?;
+                    let start = start.parse::<u64>().map_err(|_| InvalidValue)?;
+                    let end = end.parse::<u64>().map_err(|_| InvalidValue)?;
                     if start >= end {
-                        return Err(());
+                        return Err(InvalidValue);
                     }
                     values.extend(start..=end);
                 }
-                _ => return Err(()),
+                _ => return Err(InvalidValue),
             }
         }
         Ok(IntegerList(values))
@@ -89,8 +107,8 @@ impl IntegerList {
 pub struct StringList(pub Vec<String>);
 
 impl FromStr for StringList {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
         let body = s.trim().trim_matches(['[', ']']);
         Ok(StringList(body.split(',').map(str::to_owned).collect()))
     }
@@ -101,20 +119,23 @@ impl FromStr for StringList {
 pub struct PairList<K, V>(pub Vec<(K, V)>);
 
 impl<K: FromStr, V: PairValue> FromStr for PairList<K, V> {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
         let s = s.trim();
         let body = s
             .strip_prefix('[')
             .and_then(|rest| rest.strip_suffix(']'))
-            .ok_or(())?;
+            .ok_or(InvalidValue)?;
         let mut pairs = Vec::new();
-        for element in split_commas(body).map_err(|_| ())? {
+        for element in split_commas(body).map_err(|_| InvalidValue)? {
             let parts: Vec<&str> = element.split('@').collect();
             let [key, value] = parts.as_slice() else {
-                return Err(());
+                return Err(InvalidValue);
             };
-            pairs.push((key.parse::<K>().map_err(|_| ())?, V::parse_value(value)?));
+            pairs.push((
+                key.parse::<K>().map_err(|_| InvalidValue)?,
+                V::parse_value(value)?,
+            ));
         }
         Ok(PairList(pairs))
     }
@@ -122,18 +143,18 @@ impl<K: FromStr, V: PairValue> FromStr for PairList<K, V> {
 
 /// How the value half of a `key@value` pair is read.
 pub trait PairValue: Sized {
-    fn parse_value(s: &str) -> Result<Self, ()>;
+    fn parse_value(s: &str) -> Result<Self, InvalidValue>;
 }
 
 impl PairValue for u64 {
-    fn parse_value(s: &str) -> Result<Self, ()> {
-        s.parse().map_err(|_| ())
+    fn parse_value(s: &str) -> Result<Self, InvalidValue> {
+        s.parse().map_err(|_| InvalidValue)
     }
 }
 
 impl PairValue for Vec<usize> {
-    fn parse_value(s: &str) -> Result<Self, ()> {
-        s.parse::<IntegerList>()?.narrow().ok_or(())
+    fn parse_value(s: &str) -> Result<Self, InvalidValue> {
+        s.parse::<IntegerList>()?.narrow().ok_or(InvalidValue)
     }
 }
 
@@ -142,15 +163,15 @@ impl PairValue for Vec<usize> {
 pub struct TopologyParts(pub [u8; 4]);
 
 impl FromStr for TopologyParts {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
         let parts: Vec<&str> = s.split(':').collect();
         if parts.len() != 4 {
-            return Err(());
+            return Err(InvalidValue);
         }
         let mut out = [0u8; 4];
         for (slot, part) in out.iter_mut().zip(parts) {
-            *slot = part.parse().map_err(|_| ())?;
+            *slot = part.parse().map_err(|_| InvalidValue)?;
         }
         Ok(TopologyParts(out))
     }
@@ -357,7 +378,13 @@ mod tests {
         let p: PairList<String, u64> = "[a@1, b@2]".parse().unwrap();
         assert_eq!(p.0, vec![("a".into(), 1), (" b".into(), 2)]);
         for s in [
-            "foo@42", "[]", "[foo@ 42]", "[42 @1]", "[a@[1,2]],b@[3,4]]", "[foo42]", "[a@b@c]",
+            "foo@42",
+            "[]",
+            "[foo@ 42]",
+            "[42 @1]",
+            "[a@[1,2]],b@[3,4]]",
+            "[foo42]",
+            "[a@b@c]",
         ] {
             assert!(s.parse::<PairList<u64, u64>>().is_err(), "{s}");
         }
@@ -376,7 +403,12 @@ mod tests {
     fn mac() {
         let mac: MacAddr = "DE:ad:be:ef:12:34".parse().unwrap();
         assert_eq!(mac.to_string(), "de:ad:be:ef:12:34");
-        for s in ["de:ad:be:ef:12", "de:ad:be:ef:12:345", "+e:ad:be:ef:12:34", "zz:ad:be:ef:12:34"] {
+        for s in [
+            "de:ad:be:ef:12",
+            "de:ad:be:ef:12:345",
+            "+e:ad:be:ef:12:34",
+            "zz:ad:be:ef:12:34",
+        ] {
             assert!(s.parse::<MacAddr>().is_err(), "{s}");
         }
         let random = MacAddr::random();

@@ -6,20 +6,20 @@ use std::sync::OnceLock;
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyTuple, PyType};
+use pyo3::types::{PyDict, PyList, PyString, PyTuple, PyType};
 use serde::Serialize;
 
 use vmkit_config::json::from_json as parse_json;
+use vmkit_config::option_parser;
 use vmkit_config::values::MacAddr;
 use vmkit_config::{
     render, BalloonConfig, ConsoleConfig, CpuAffinity, CpuFeatures, CpuTopology, CpusConfig,
-    DeviceConfig, DiskConfig, Error, FsConfig, JsonError, MemoryConfig, MemoryZoneConfig, NetConfig,
-    NumaConfig, NumaDistance, OptionString, PayloadConfig, PlatformConfig, PmemConfig,
+    DeviceConfig, DiskConfig, Error, FsConfig, JsonError, MemoryConfig, MemoryZoneConfig,
+    NetConfig, NumaConfig, NumaDistance, OptionString, PayloadConfig, PlatformConfig, PmemConfig,
     RateLimiterConfig, RateLimiterGroupConfig, RestoreConfig, RngConfig, SgxEpcConfig,
     TokenBucketConfig, TpmConfig, UnrepresentableError, UserDeviceConfig, ValidationError,
     VdpaConfig, VmConfig, VmParams, VsockConfig,
 };
-use vmkit_config::option_parser;
 
 mod to_python;
 use to_python::ToPython;
@@ -29,7 +29,6 @@ struct Registry {
     config_error: Py<PyType>,
     parse_error: Py<PyType>,
     validation_error: Py<PyType>,
-    object_new: Py<PyAny>,
 }
 
 static REGISTRY: OnceLock<Registry> = OnceLock::new();
@@ -43,24 +42,17 @@ fn registry() -> PyResult<&'static Registry> {
 /// Gives the extension the Python classes it builds and raises.
 #[pyfunction]
 fn register(
-    py: Python<'_>,
     classes: Bound<'_, PyDict>,
     config_error: Bound<'_, PyType>,
     parse_error: Bound<'_, PyType>,
     validation_error: Bound<'_, PyType>,
 ) -> PyResult<()> {
-    let object_new = py
-        .import("builtins")?
-        .getattr("object")?
-        .getattr("__new__")?
-        .unbind();
     // A second import of the package (e.g. importlib.reload) keeps the first registry.
     let _ = REGISTRY.set(Registry {
         classes: classes.unbind(),
         config_error: config_error.unbind(),
         parse_error: parse_error.unbind(),
         validation_error: validation_error.unbind(),
-        object_new,
     });
     Ok(())
 }
@@ -150,8 +142,7 @@ fn unrepresentable_error(py: Python<'_>, error: UnrepresentableError) -> PyErr {
 fn to_py<'py, T: Serialize>(py: Python<'py>, value: &T) -> PyResult<Bound<'py, PyAny>> {
     let reg = registry()?;
     let classes = reg.classes.bind(py);
-    let object_new = reg.object_new.bind(py);
-    ToPython::new(py, classes, object_new)
+    ToPython::new(py, classes)
         .convert(value)
         .map_err(|e| PyRuntimeError::new_err(e.0))
 }
@@ -160,27 +151,89 @@ fn to_py<'py, T: Serialize>(py: Python<'py>, value: &T) -> PyResult<Bound<'py, P
 macro_rules! with_option_type {
     ($kind:expr, $T:ident => $body:expr) => {
         match $kind {
-            "CpusConfig" => { type $T = CpusConfig; $body }
-            "PlatformConfig" => { type $T = PlatformConfig; $body }
-            "MemoryConfig" => { type $T = MemoryConfig; $body }
-            "MemoryZoneConfig" => { type $T = MemoryZoneConfig; $body }
-            "RateLimiterGroupConfig" => { type $T = RateLimiterGroupConfig; $body }
-            "DiskConfig" => { type $T = DiskConfig; $body }
-            "NetConfig" => { type $T = NetConfig; $body }
-            "RngConfig" => { type $T = RngConfig; $body }
-            "BalloonConfig" => { type $T = BalloonConfig; $body }
-            "FsConfig" => { type $T = FsConfig; $body }
-            "PmemConfig" => { type $T = PmemConfig; $body }
-            "ConsoleConfig" => { type $T = ConsoleConfig; $body }
-            "DeviceConfig" => { type $T = DeviceConfig; $body }
-            "UserDeviceConfig" => { type $T = UserDeviceConfig; $body }
-            "VdpaConfig" => { type $T = VdpaConfig; $body }
-            "VsockConfig" => { type $T = VsockConfig; $body }
-            "SgxEpcConfig" => { type $T = SgxEpcConfig; $body }
-            "NumaConfig" => { type $T = NumaConfig; $body }
-            "RestoreConfig" => { type $T = RestoreConfig; $body }
-            "TpmConfig" => { type $T = TpmConfig; $body }
-            other => Err(PyValueError::new_err(format!("{other} has no option string"))),
+            "CpusConfig" => {
+                type $T = CpusConfig;
+                $body
+            }
+            "PlatformConfig" => {
+                type $T = PlatformConfig;
+                $body
+            }
+            "MemoryConfig" => {
+                type $T = MemoryConfig;
+                $body
+            }
+            "MemoryZoneConfig" => {
+                type $T = MemoryZoneConfig;
+                $body
+            }
+            "RateLimiterGroupConfig" => {
+                type $T = RateLimiterGroupConfig;
+                $body
+            }
+            "DiskConfig" => {
+                type $T = DiskConfig;
+                $body
+            }
+            "NetConfig" => {
+                type $T = NetConfig;
+                $body
+            }
+            "RngConfig" => {
+                type $T = RngConfig;
+                $body
+            }
+            "BalloonConfig" => {
+                type $T = BalloonConfig;
+                $body
+            }
+            "FsConfig" => {
+                type $T = FsConfig;
+                $body
+            }
+            "PmemConfig" => {
+                type $T = PmemConfig;
+                $body
+            }
+            "ConsoleConfig" => {
+                type $T = ConsoleConfig;
+                $body
+            }
+            "DeviceConfig" => {
+                type $T = DeviceConfig;
+                $body
+            }
+            "UserDeviceConfig" => {
+                type $T = UserDeviceConfig;
+                $body
+            }
+            "VdpaConfig" => {
+                type $T = VdpaConfig;
+                $body
+            }
+            "VsockConfig" => {
+                type $T = VsockConfig;
+                $body
+            }
+            "SgxEpcConfig" => {
+                type $T = SgxEpcConfig;
+                $body
+            }
+            "NumaConfig" => {
+                type $T = NumaConfig;
+                $body
+            }
+            "RestoreConfig" => {
+                type $T = RestoreConfig;
+                $body
+            }
+            "TpmConfig" => {
+                type $T = TpmConfig;
+                $body
+            }
+            other => Err(PyValueError::new_err(format!(
+                "{other} has no option string"
+            ))),
         }
     };
 }
@@ -212,7 +265,8 @@ fn parse_option<'py>(
     zones: Option<Vec<String>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     if kind == "MemoryConfig" {
-        let config = MemoryConfig::parse(text, zones.as_deref()).map_err(|e| config_error(py, e))?;
+        let config =
+            MemoryConfig::parse(text, zones.as_deref()).map_err(|e| config_error(py, e))?;
         return to_py(py, &config);
     }
     with_option_type!(kind, T => {
@@ -254,69 +308,112 @@ fn validate_json<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyTupl
     PyTuple::new(py, [to_py(py, &config)?, ids_list(py, ids)?.into_any()])
 }
 
-fn take_string(params: &Bound<'_, PyDict>, key: &str) -> PyResult<Option<String>> {
-    match params.get_item(key)? {
-        Some(value) if !value.is_none() => Ok(Some(value.extract()?)),
-        _ => Ok(None),
+/// Reads `--flag` values out of the parameter dict, counting what it used.
+struct ParamReader<'a, 'py> {
+    params: &'a Bound<'py, PyDict>,
+    used: usize,
+}
+
+impl<'py> ParamReader<'_, 'py> {
+    fn get(&mut self, key: &Bound<'py, PyString>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let value = self.params.get_item(key)?;
+        if value.is_some() {
+            self.used += 1;
+        }
+        Ok(value.filter(|v| !v.is_none()))
+    }
+
+    fn string(&mut self, key: &Bound<'py, PyString>) -> PyResult<Option<String>> {
+        self.get(key)?.map(|v| v.extract()).transpose()
+    }
+
+    fn list(&mut self, key: &Bound<'py, PyString>) -> PyResult<Option<Vec<String>>> {
+        self.get(key)?.map(|v| v.extract()).transpose()
+    }
+
+    fn flag(&mut self, key: &Bound<'py, PyString>) -> PyResult<bool> {
+        Ok(self
+            .get(key)?
+            .map(|v| v.extract())
+            .transpose()?
+            .unwrap_or(false))
     }
 }
 
-fn take_list(params: &Bound<'_, PyDict>, key: &str) -> PyResult<Option<Vec<String>>> {
-    match params.get_item(key)? {
-        Some(value) if !value.is_none() => Ok(Some(value.extract()?)),
-        _ => Ok(None),
-    }
-}
+const VM_PARAM_NAMES: [&str; 26] = [
+    "cpus",
+    "memory",
+    "memory_zones",
+    "firmware",
+    "kernel",
+    "initramfs",
+    "cmdline",
+    "rate_limit_groups",
+    "disks",
+    "net",
+    "rng",
+    "balloon",
+    "fs",
+    "pmem",
+    "serial",
+    "console",
+    "devices",
+    "user_devices",
+    "vdpa",
+    "vsock",
+    "pvpanic",
+    "numa",
+    "watchdog",
+    "platform",
+    "sgx_epc",
+    "tpm",
+];
 
-fn take_flag(params: &Bound<'_, PyDict>, key: &str) -> PyResult<bool> {
-    match params.get_item(key)? {
-        Some(value) if !value.is_none() => value.extract(),
-        _ => Ok(false),
-    }
-}
-
-fn vm_params(params: &Bound<'_, PyDict>) -> PyResult<VmParams> {
-    let known = [
-        "cpus", "memory", "memory_zones", "firmware", "kernel", "initramfs", "cmdline",
-        "rate_limit_groups", "disks", "net", "rng", "balloon", "fs", "pmem", "serial", "console",
-        "devices", "user_devices", "vdpa", "vsock", "pvpanic", "numa", "watchdog", "platform",
-        "sgx_epc", "tpm",
-    ];
-    for key in params.keys() {
-        let key: String = key.extract()?;
-        if !known.contains(&key.as_str()) {
-            return Err(PyValueError::new_err(format!("unknown VM parameter {key:?}")));
+fn vm_params(py: Python<'_>, params: &Bound<'_, PyDict>) -> PyResult<VmParams> {
+    use pyo3::intern;
+    let mut r = ParamReader { params, used: 0 };
+    let defaults = VmParams::default();
+    let result = VmParams {
+        cpus: r.string(intern!(py, "cpus"))?.unwrap_or(defaults.cpus),
+        memory: r.string(intern!(py, "memory"))?.unwrap_or(defaults.memory),
+        memory_zones: r.list(intern!(py, "memory_zones"))?,
+        firmware: r.string(intern!(py, "firmware"))?,
+        kernel: r.string(intern!(py, "kernel"))?,
+        initramfs: r.string(intern!(py, "initramfs"))?,
+        cmdline: r.string(intern!(py, "cmdline"))?,
+        rate_limit_groups: r.list(intern!(py, "rate_limit_groups"))?,
+        disks: r.list(intern!(py, "disks"))?,
+        net: r.list(intern!(py, "net"))?,
+        rng: r.string(intern!(py, "rng"))?.unwrap_or(defaults.rng),
+        balloon: r.string(intern!(py, "balloon"))?,
+        fs: r.list(intern!(py, "fs"))?,
+        pmem: r.list(intern!(py, "pmem"))?,
+        serial: r.string(intern!(py, "serial"))?.unwrap_or(defaults.serial),
+        console: r
+            .string(intern!(py, "console"))?
+            .unwrap_or(defaults.console),
+        devices: r.list(intern!(py, "devices"))?,
+        user_devices: r.list(intern!(py, "user_devices"))?,
+        vdpa: r.list(intern!(py, "vdpa"))?,
+        vsock: r.string(intern!(py, "vsock"))?,
+        pvpanic: r.flag(intern!(py, "pvpanic"))?,
+        numa: r.list(intern!(py, "numa"))?,
+        watchdog: r.flag(intern!(py, "watchdog"))?,
+        platform: r.string(intern!(py, "platform"))?,
+        sgx_epc: r.list(intern!(py, "sgx_epc"))?,
+        tpm: r.string(intern!(py, "tpm"))?,
+    };
+    if r.used != params.len() {
+        for key in params.keys() {
+            let key: String = key.extract()?;
+            if !VM_PARAM_NAMES.contains(&key.as_str()) {
+                return Err(PyValueError::new_err(format!(
+                    "unknown VM parameter {key:?}"
+                )));
+            }
         }
     }
-    let defaults = VmParams::default();
-    Ok(VmParams {
-        cpus: take_string(params, "cpus")?.unwrap_or(defaults.cpus),
-        memory: take_string(params, "memory")?.unwrap_or(defaults.memory),
-        memory_zones: take_list(params, "memory_zones")?,
-        firmware: take_string(params, "firmware")?,
-        kernel: take_string(params, "kernel")?,
-        initramfs: take_string(params, "initramfs")?,
-        cmdline: take_string(params, "cmdline")?,
-        rate_limit_groups: take_list(params, "rate_limit_groups")?,
-        disks: take_list(params, "disks")?,
-        net: take_list(params, "net")?,
-        rng: take_string(params, "rng")?.unwrap_or(defaults.rng),
-        balloon: take_string(params, "balloon")?,
-        fs: take_list(params, "fs")?,
-        pmem: take_list(params, "pmem")?,
-        serial: take_string(params, "serial")?.unwrap_or(defaults.serial),
-        console: take_string(params, "console")?.unwrap_or(defaults.console),
-        devices: take_list(params, "devices")?,
-        user_devices: take_list(params, "user_devices")?,
-        vdpa: take_list(params, "vdpa")?,
-        vsock: take_string(params, "vsock")?,
-        pvpanic: take_flag(params, "pvpanic")?,
-        numa: take_list(params, "numa")?,
-        watchdog: take_flag(params, "watchdog")?,
-        platform: take_string(params, "platform")?,
-        sgx_epc: take_list(params, "sgx_epc")?,
-        tpm: take_string(params, "tpm")?,
-    })
+    Ok(result)
 }
 
 /// Parses a command line's option strings in v37's order and, when asked,
@@ -328,7 +425,7 @@ fn parse_vm<'py>(
     params: Bound<'py, PyDict>,
     validate: bool,
 ) -> PyResult<Bound<'py, PyTuple>> {
-    let params = vm_params(&params)?;
+    let params = vm_params(py, &params)?;
     let mut config = VmConfig::parse(&params).map_err(|e| config_error(py, e))?;
     let ids = if validate {
         let ids = config.validate().map_err(|e| validation_error(py, e))?;

@@ -2,10 +2,16 @@
 //! instances of the registered Python dataclass of the same name (built
 //! without running `__init__`), so a parsed config reaches Python in one pass.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::mem::ManuallyDrop;
 
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString, PyType};
+use pyo3::types::{PyDict, PyList, PyString, PyTuple, PyType};
 use serde::ser::{self, Serialize};
 
 #[derive(Debug)]
@@ -39,42 +45,146 @@ impl From<PyErr> for SerError {
 
 type Result<T> = std::result::Result<T, SerError>;
 
+/// Hashes a `&'static str`'s address: field names are static, so their
+/// addresses identify them.
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// What building one struct type's Python object needs, made once per type
+/// and thread: creating and hashing field names dominated conversion time.
+struct StructInfo {
+    /// Field name addresses, to notice a different struct with the same name.
+    addresses: Vec<usize>,
+    names: Vec<Py<PyString>>,
+    /// `{field: None, ...}`: copying it gives a dict already sized and keyed.
+    template: Py<PyDict>,
+    class: Option<Py<PyType>>,
+}
+
+type StructInfos = HashMap<usize, ManuallyDrop<StructInfo>, BuildHasherDefault<AddressHasher>>;
+
+thread_local! {
+    /// Never dropped: the objects may outlive the interpreter at process exit.
+    static STRUCTS: RefCell<StructInfos> = RefCell::new(StructInfos::default());
+}
+
 /// Struct name → Python class.
 #[derive(Clone, Copy)]
 pub struct ToPython<'a, 'py> {
     py: Python<'py>,
     classes: &'a Bound<'py, PyDict>,
-    object_new: &'a Bound<'py, PyAny>,
 }
 
 impl<'a, 'py> ToPython<'a, 'py> {
-    pub fn new(
-        py: Python<'py>,
-        classes: &'a Bound<'py, PyDict>,
-        object_new: &'a Bound<'py, PyAny>,
-    ) -> Self {
-        ToPython {
-            py,
-            classes,
-            object_new,
-        }
+    pub fn new(py: Python<'py>, classes: &'a Bound<'py, PyDict>) -> Self {
+        ToPython { py, classes }
     }
 
     pub fn convert<T: Serialize + ?Sized>(self, value: &T) -> Result<Bound<'py, PyAny>> {
         value.serialize(self)
     }
 
-    fn instance(&self, name: &str, fields: Bound<'py, PyDict>) -> Result<Bound<'py, PyAny>> {
-        match self.classes.get_item(name)? {
-            Some(class) => {
-                let class = class.cast_into::<PyType>().map_err(PyErr::from)?;
-                let object = self.object_new.call1((class,))?;
-                object.setattr(pyo3::intern!(self.py, "__dict__"), fields)?;
-                Ok(object)
+    fn struct_info(&self, name: &'static str, fields: &[&'static str]) -> Result<StructInfo> {
+        let py = self.py;
+        let names: Vec<Py<PyString>> = fields
+            .iter()
+            .map(|f| PyString::intern(py, f).unbind())
+            .collect();
+        let template = PyDict::new(py);
+        for field in &names {
+            template.set_item(field.bind(py), py.None())?;
+        }
+        let class = match self.classes.get_item(name)? {
+            Some(class) => Some(class.cast_into::<PyType>().map_err(PyErr::from)?.unbind()),
+            None => None,
+        };
+        Ok(StructInfo {
+            addresses: fields.iter().map(|f| f.as_ptr() as usize).collect(),
+            names,
+            template: template.unbind(),
+            class,
+        })
+    }
+
+    /// An instance of the class registered as `name` (or a plain dict).
+    fn instance(
+        &self,
+        name: &'static str,
+        fields: &[&'static str],
+        values: Vec<Bound<'py, PyAny>>,
+    ) -> Result<Bound<'py, PyAny>> {
+        let py = self.py;
+        let (dict, class) = STRUCTS.with(|cache| -> Result<_> {
+            let mut cache = cache.borrow_mut();
+            let key = name.as_ptr() as usize;
+            let stale = cache.get(&key).is_none_or(|info| {
+                info.addresses.len() != fields.len()
+                    || info
+                        .addresses
+                        .iter()
+                        .zip(fields)
+                        .any(|(address, f)| *address != f.as_ptr() as usize)
+            });
+            if stale {
+                cache.insert(key, ManuallyDrop::new(self.struct_info(name, fields)?));
             }
-            None => Ok(fields.into_any()),
+            let info = &cache[&key];
+            let dict = info.template.bind(py).copy()?;
+            for (field, value) in info.names.iter().zip(values) {
+                dict.set_item(field.bind(py), value)?;
+            }
+            Ok((dict, info.class.as_ref().map(|c| c.bind(py).clone())))
+        })?;
+        match class {
+            Some(class) => Ok(new_instance(&class, dict)?),
+            None => Ok(dict.into_any()),
         }
     }
+}
+
+/// `object.__new__(class)` with `__dict__` set to `dict`: no `__init__` runs,
+/// as the values are already checked and complete.
+fn new_instance<'py>(
+    class: &Bound<'py, PyType>,
+    dict: Bound<'py, PyDict>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = class.py();
+    let empty = PyTuple::empty(py);
+    // SAFETY: `class` is a live type object (a plain Python class, so object's
+    // tp_new can allocate it); the argument tuple is a valid empty tuple and
+    // kwargs may be NULL. The result is a new reference or NULL with an
+    // exception set, which `from_owned_ptr_or_err` handles.
+    let object = unsafe {
+        let object_type = std::ptr::addr_of_mut!(ffi::PyBaseObject_Type);
+        let tp_new = (*object_type)
+            .tp_new
+            .ok_or_else(|| PyRuntimeError::new_err("object has no tp_new"))?;
+        let raw = tp_new(class.as_type_ptr(), empty.as_ptr(), std::ptr::null_mut());
+        Bound::from_owned_ptr_or_err(py, raw)?
+    };
+    // SAFETY: both pointers are live objects; GenericSetDict checks that the
+    // value is a dict and that the instance has a __dict__ slot.
+    let status = unsafe {
+        ffi::PyObject_GenericSetDict(object.as_ptr(), dict.as_ptr(), std::ptr::null_mut())
+    };
+    if status != 0 {
+        return Err(PyErr::fetch(py));
+    }
+    Ok(object)
 }
 
 pub struct SeqBuilder<'a, 'py> {
@@ -85,7 +195,8 @@ pub struct SeqBuilder<'a, 'py> {
 pub struct StructBuilder<'a, 'py> {
     to: ToPython<'a, 'py>,
     name: &'static str,
-    fields: Bound<'py, PyDict>,
+    keys: Vec<&'static str>,
+    values: Vec<Bound<'py, PyAny>>,
 }
 
 pub struct MapBuilder<'a, 'py> {
@@ -208,7 +319,9 @@ impl<'a, 'py> ser::Serializer for ToPython<'a, 'py> {
         _variant: &'static str,
         _len: usize,
     ) -> Result<Self::SerializeTupleVariant> {
-        Err(SerError(format!("tuple variants of {name} are not supported")))
+        Err(SerError(format!(
+            "tuple variants of {name} are not supported"
+        )))
     }
     fn serialize_map(self, _len: Option<usize>) -> Result<Self::SerializeMap> {
         Ok(MapBuilder {
@@ -217,11 +330,12 @@ impl<'a, 'py> ser::Serializer for ToPython<'a, 'py> {
             key: None,
         })
     }
-    fn serialize_struct(self, name: &'static str, _len: usize) -> Result<Self::SerializeStruct> {
+    fn serialize_struct(self, name: &'static str, len: usize) -> Result<Self::SerializeStruct> {
         Ok(StructBuilder {
             to: self,
             name,
-            fields: PyDict::new(self.py),
+            keys: Vec::with_capacity(len),
+            values: Vec::with_capacity(len),
         })
     }
     fn serialize_struct_variant(
@@ -231,7 +345,9 @@ impl<'a, 'py> ser::Serializer for ToPython<'a, 'py> {
         _variant: &'static str,
         _len: usize,
     ) -> Result<Self::SerializeStructVariant> {
-        Err(SerError(format!("struct variants of {name} are not supported")))
+        Err(SerError(format!(
+            "struct variants of {name} are not supported"
+        )))
     }
 }
 
@@ -306,10 +422,11 @@ impl<'a, 'py> ser::SerializeStruct for StructBuilder<'a, 'py> {
         key: &'static str,
         value: &T,
     ) -> Result<()> {
-        self.fields.set_item(key, value.serialize(self.to)?)?;
+        self.keys.push(key);
+        self.values.push(value.serialize(self.to)?);
         Ok(())
     }
     fn end(self) -> Result<Self::Ok> {
-        self.to.instance(self.name, self.fields)
+        self.to.instance(self.name, &self.keys, self.values)
     }
 }

@@ -1,0 +1,215 @@
+"""The `python -m vmkit` command line (ch-reference §3.1-3.3), run as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vmkit import UsageError, ConfigError
+from vmkit.config import VmConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["COLUMNS"] = "400"  # keep help lines unwrapped where possible
+    return subprocess.run(
+        [sys.executable, "-m", "vmkit", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+BASE = ["--print-config", "--kernel", "./vmlinux"]
+
+
+def test_print_config() -> None:
+    args = ["--print-config", "--kernel", "./vmlinux", "--cpus", "boot=2", "--disk", "path=a.img"]
+    proc = run(*args)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["cpus"]["boot_vcpus"] == 2
+    assert data["cpus"]["max_vcpus"] == 2
+    assert data["payload"]["kernel"] == "./vmlinux"
+    assert [d["path"] for d in data["disks"]] == ["a.img"]
+    assert data["disks"][0]["queue_size"] == 128
+    assert data["console"]["mode"] == "Tty" and data["serial"]["mode"] == "Null"
+    # same as the Python API
+    assert data == VmConfig.from_cli(args[1:]).to_dict()
+    # field order (ref §2.3)
+    keys = list(json.loads(proc.stdout, object_pairs_hook=lambda p: dict(p)))
+    assert keys[:3] == ["cpus", "memory", "payload"]
+
+
+def test_print_config_sets_top_level_iommu() -> None:
+    proc = run(*BASE, "--disk", "path=a.img,iommu=on")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["iommu"] is True
+
+
+def test_several_values_after_one_flag() -> None:
+    proc = run(*BASE, "--disk", "path=a.img", "path=b.img", "--net", "tap=t0", "tap=t1",
+               "--memory", "size=0", "--memory-zone", "id=z0,size=1G", "id=z1,size=1G")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert [d["path"] for d in data["disks"]] == ["a.img", "b.img"]
+    assert [n["tap"] for n in data["net"]] == ["t0", "t1"]
+    assert [z["id"] for z in data["memory"]["zones"]] == ["z0", "z1"]
+    for n in data["net"]:
+        assert n["mac"].startswith("2e:")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cpus", "boot=x"], "Error parsing config: Error parsing --cpus: unable to convert x for boot"),
+        (["--memory", "size=1k"], "Error parsing config: Error parsing --memory: unable to convert 1k for size"),
+        (["--disk", "path=a.img,foo=1"], "Error parsing config: Error parsing --disk: unknown option: foo"),
+        (["--cpus", "boot=2,max=1"],
+         "Error parsing config: Error validating configuration: Max CPUs lower than boot CPUs"),
+        (["--cpus", "features=foo"], "Error parsing config: Invalid feature in --cpus features list: foo"),
+        (["--pmem", "size=128M"], "Error parsing config: Error parsing --pmem: file missing"),
+        (["--console", "file="],
+         "Error parsing config: Error validating configuration: Path missing when using file console mode"),
+        (["--serial", "bogus"], "Error parsing config: Error parsing --console: unknown option: bogus"),
+        (["--memory", "size=17179869184G"],
+         "Error parsing config: Error parsing --memory: unable to convert 17179869184G for size"),
+        (["--numa", "cpus=[256]"], "Error parsing config: Error parsing --numa: unable to convert [256] for cpus"),
+        (["--net", "num_queues=1"],
+         "Error parsing config: Error validating configuration: Number of queues to virtio_net less than 2"),
+        (["--balloon", "size=1G"],
+         "Error parsing config: Error validating configuration: Balloon size (1073741824) greater than RAM (536870912)"),
+        (["--memory", "size=1G", "--memory-zone", "size=1G"],
+         "Error parsing config: Error parsing --memory-zone: id missing"),
+        # parse order (val §2): net is parsed before cpus
+        (["--disk", "path=a", "--cpus", "boot=x", "--net", "foo"],
+         "Error parsing config: Error parsing --net: unknown option: foo"),
+    ],
+)
+def test_config_errors_exit_1(args: list[str], message: str) -> None:
+    proc = run(*BASE, *args)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert message in proc.stderr.splitlines(), proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--bogus"],
+        ["--disk", "path=a", "--disk", "path=b"],  # repeating a flag (ref §3.1)
+        ["--cpus", "boot=1", "--cpus", "boot=2"],
+        ["--kernel", "./other"],  # BASE already has --kernel
+        ["--seccomp", "maybe"],
+        ["--landlock"],  # not present at this revision (ref §3.1)
+        ["--debug-console", "off"],
+        ["--pci-segment", "pci_segment=0"],
+        ["--cpus"],  # missing value
+    ],
+)
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    proc = run(*BASE, *args)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stderr.strip() != ""
+
+
+@pytest.mark.parametrize("value", ["true", "false", "log"])
+def test_seccomp_values_accepted(value: str) -> None:
+    proc = run(*BASE, "--seccomp", value)
+    assert proc.returncode == 0, proc.stderr
+    json.loads(proc.stdout)
+
+
+def test_flags_and_non_vm_options_accepted() -> None:
+    proc = run(*BASE, "--pvpanic", "--watchdog", "-v", "-v",
+               "--cmdline", "console=ttyS0 root=/dev/vda", "--initramfs", "./initrd")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert (data["pvpanic"], data["watchdog"]) == (True, True)
+    assert data["payload"]["cmdline"] == "console=ttyS0 root=/dev/vda"
+    assert data["payload"]["initramfs"] == "./initrd"
+
+
+HELP_TEXTS = [
+    "Kernel command line",
+    "Path to initramfs image",
+    "Path to firmware that is loaded in an architectural specific way",
+    "Path to kernel to load. This may be a kernel or firmware that supports a PVH entry point (e.g. vmlinux) "
+    "or architecture equivalent",
+    'Random number generator parameters "src=<entropy_source_path>,iommu=on|off"',
+    'Memory parameters "size=<guest_memory_size>,mergeable=on|off,shared=on|off,hugepages=on|off,'
+    "hugepage_size=<hugepage_size>,hotplug_method=acpi|virtio-mem,hotplug_size=<hotpluggable_memory_size>,"
+    'hotplugged_size=<hotplugged_memory_size>,prefault=on|off,thp=on|off"',
+    "Control serial port: off|null|pty|tty|file=</path/to/a/file>|socket=</path/to/a/file>",
+    'Control (virtio) console: "off|null|pty|tty|file=</path/to/a/file>,iommu=on|off"',
+    "Enable pvpanic device",
+    "Enable virtio-watchdog",
+    "Sets the level of debugging output",
+    "Log file. Standard error is used if not specified",
+    "HTTP API socket (UNIX domain socket): path=</path/to/a/file> or fd=<fd>.",
+    "File to report events on: path=</path/to/a/file> or fd=<fd>",
+    'Balloon parameters "size=<balloon_size>,deflate_on_oom=on|off,free_page_reporting=on|off"',
+    'Direct device assignment parameters "path=<device_path>,iommu=on|off,id=<device_id>,pci_segment=<segment_id>"',
+    'TPM device "(UNIX Domain Socket from swtpm) socket=</path/to/a/socket>"',
+    'virtio-fs parameters "tag=<tag_name>,socket=<socket_path>,num_queues=<number_of_queues>,'
+    'queue_size=<size_of_each_queue>,id=<device_id>,pci_segment=<segment_id>"',
+]
+
+
+def test_help() -> None:
+    proc = run("--help")
+    assert proc.returncode == 0, proc.stderr
+    out = squash(proc.stdout)
+    for text in HELP_TEXTS:
+        assert squash(text) in out, text
+    for flag in ["--cpus", "--platform", "--memory", "--memory-zone", "--firmware", "--kernel", "--initramfs",
+                 "--cmdline", "--rate-limit-group", "--disk", "--net", "--rng", "--balloon", "--fs", "--pmem",
+                 "--serial", "--console", "--device", "--user-device", "--vdpa", "--vsock", "--pvpanic", "--numa",
+                 "--watchdog", "--log-file", "--api-socket", "--event-monitor", "--restore", "--seccomp", "--tpm"]:
+        assert re.search(re.escape(flag) + r"(?![\w-])", proc.stdout), flag
+
+
+def test_short_help() -> None:
+    proc = run("-h")
+    assert proc.returncode == 0
+    assert "--kernel" in proc.stdout
+
+
+@pytest.mark.parametrize("flag", ["-V", "--version"])
+def test_version(flag: str) -> None:
+    proc = run(flag)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"\d+\.\d+", proc.stdout), proc.stdout
+
+
+# ---------------------------------------------------------------------------
+# The same usage rules through the Python API
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--kernel", "k", "--bogus"],
+        ["--kernel", "k", "--disk", "path=a", "--disk", "path=b"],
+        ["--kernel", "k", "--kernel", "j"],
+        ["--kernel", "k", "--seccomp", "maybe"],
+    ],
+)
+def test_from_cli_usage_error(argv: list[str]) -> None:
+    with pytest.raises(UsageError) as info:
+        VmConfig.from_cli(argv)
+    assert not isinstance(info.value, ConfigError)
