@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pytest
-
-import vmkit
-from vmkit import ConfigError, ParseError, ValidationError
+from vmkit import ConfigError, ParseError
 from vmkit.config import (
     BalloonConfig,
     ConsoleConfig,
@@ -37,6 +36,8 @@ from vmkit.config import (
     VmConfig,
     VsockConfig,
 )
+
+T = TypeVar("T")
 
 KERNEL = "/path/to/kernel"
 
@@ -95,28 +96,86 @@ KEYS: dict[str, list[str]] = {
     "cpus": ["boot", "max", "topology", "kvm_hyperv", "max_phys_bits", "affinity", "features"],
     "platform": ["num_pci_segments", "iommu_segments", "serial_number", "uuid", "oem_strings"],
     "memory": [
-        "size", "file", "mergeable", "hotplug_method", "hotplug_size", "hotplugged_size",
-        "shared", "hugepages", "hugepage_size", "prefault", "thp",
+        "size",
+        "file",
+        "mergeable",
+        "hotplug_method",
+        "hotplug_size",
+        "hotplugged_size",
+        "shared",
+        "hugepages",
+        "hugepage_size",
+        "prefault",
+        "thp",
     ],
     "memory-zone": [
-        "id", "size", "file", "shared", "hugepages", "hugepage_size", "host_numa_node",
-        "hotplug_size", "hotplugged_size", "prefault",
+        "id",
+        "size",
+        "file",
+        "shared",
+        "hugepages",
+        "hugepage_size",
+        "host_numa_node",
+        "hotplug_size",
+        "hotplugged_size",
+        "prefault",
     ],
     "rate-limit-group": [
-        "bw_size", "bw_one_time_burst", "bw_refill_time", "ops_size", "ops_one_time_burst",
-        "ops_refill_time", "id",
+        "bw_size",
+        "bw_one_time_burst",
+        "bw_refill_time",
+        "ops_size",
+        "ops_one_time_burst",
+        "ops_refill_time",
+        "id",
     ],
     "disk": [
-        "path", "readonly", "direct", "iommu", "queue_size", "num_queues", "vhost_user", "socket",
-        "bw_size", "bw_one_time_burst", "bw_refill_time", "ops_size", "ops_one_time_burst",
-        "ops_refill_time", "id", "_disable_io_uring", "_disable_aio", "pci_segment", "serial",
+        "path",
+        "readonly",
+        "direct",
+        "iommu",
+        "queue_size",
+        "num_queues",
+        "vhost_user",
+        "socket",
+        "bw_size",
+        "bw_one_time_burst",
+        "bw_refill_time",
+        "ops_size",
+        "ops_one_time_burst",
+        "ops_refill_time",
+        "id",
+        "_disable_io_uring",
+        "_disable_aio",
+        "pci_segment",
+        "serial",
         "rate_limit_group",
     ],
     "net": [
-        "tap", "ip", "mask", "mac", "host_mac", "offload_tso", "offload_ufo", "offload_csum", "mtu",
-        "iommu", "queue_size", "num_queues", "vhost_user", "socket", "vhost_mode", "id", "fd",
-        "bw_size", "bw_one_time_burst", "bw_refill_time", "ops_size", "ops_one_time_burst",
-        "ops_refill_time", "pci_segment",
+        "tap",
+        "ip",
+        "mask",
+        "mac",
+        "host_mac",
+        "offload_tso",
+        "offload_ufo",
+        "offload_csum",
+        "mtu",
+        "iommu",
+        "queue_size",
+        "num_queues",
+        "vhost_user",
+        "socket",
+        "vhost_mode",
+        "id",
+        "fd",
+        "bw_size",
+        "bw_one_time_burst",
+        "bw_refill_time",
+        "ops_size",
+        "ops_one_time_burst",
+        "ops_refill_time",
+        "pci_segment",
     ],
     "rng": ["src", "iommu"],
     "balloon": ["size", "deflate_on_oom", "free_page_reporting"],
@@ -128,14 +187,21 @@ KEYS: dict[str, list[str]] = {
     "vdpa": ["path", "num_queues", "iommu", "id", "pci_segment"],
     "vsock": ["socket", "cid", "iommu", "id", "pci_segment"],
     "sgx-epc": ["id", "size", "prefault"],
-    "numa": ["guest_numa_id", "cpus", "distances", "memory_zones", "sgx_epc_sections", "pci_segments"],
+    "numa": [
+        "guest_numa_id",
+        "cpus",
+        "distances",
+        "memory_zones",
+        "sgx_epc_sections",
+        "pci_segments",
+    ],
     "restore": ["source_url", "prefault"],
     "tpm": ["socket"],
 }
 
 
 def parse(flag: str, text: str) -> Any:
-    cls, _ = OPTIONS[flag]
+    cls: Any = OPTIONS[flag][0]
     return cls.parse(text)
 
 
@@ -169,5 +235,7 @@ def from_json(extra: dict[str, Any]) -> VmConfig:
     return VmConfig.from_json(json.dumps(body))
 
 
-def is_config_error(exc: BaseException) -> bool:
-    return isinstance(exc, vmkit.ConfigError)
+def some(value: T | None) -> T:
+    """Narrow an optional value that the test requires to be present."""
+    assert value is not None
+    return value

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from vmkit import UsageError, ConfigError
+from vmkit import ConfigError, UsageError
 from vmkit.config import VmConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +34,7 @@ def squash(text: str) -> str:
 
 
 BASE = ["--print-config", "--kernel", "./vmlinux"]
+VALIDATION = "Error parsing config: Error validating configuration: "
 
 
 def test_print_config() -> None:
@@ -62,8 +62,20 @@ def test_print_config_sets_top_level_iommu() -> None:
 
 
 def test_several_values_after_one_flag() -> None:
-    proc = run(*BASE, "--disk", "path=a.img", "path=b.img", "--net", "tap=t0", "tap=t1",
-               "--memory", "size=0", "--memory-zone", "id=z0,size=1G", "id=z1,size=1G")
+    proc = run(
+        *BASE,
+        "--disk",
+        "path=a.img",
+        "path=b.img",
+        "--net",
+        "tap=t0",
+        "tap=t1",
+        "--memory",
+        "size=0",
+        "--memory-zone",
+        "id=z0,size=1G",
+        "id=z1,size=1G",
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert [d["path"] for d in data["disks"]] == ["a.img", "b.img"]
@@ -76,28 +88,60 @@ def test_several_values_after_one_flag() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--cpus", "boot=x"], "Error parsing config: Error parsing --cpus: unable to convert x for boot"),
-        (["--memory", "size=1k"], "Error parsing config: Error parsing --memory: unable to convert 1k for size"),
-        (["--disk", "path=a.img,foo=1"], "Error parsing config: Error parsing --disk: unknown option: foo"),
-        (["--cpus", "boot=2,max=1"],
-         "Error parsing config: Error validating configuration: Max CPUs lower than boot CPUs"),
-        (["--cpus", "features=foo"], "Error parsing config: Invalid feature in --cpus features list: foo"),
+        (
+            ["--cpus", "boot=x"],
+            "Error parsing config: Error parsing --cpus: unable to convert x for boot",
+        ),
+        (
+            ["--memory", "size=1k"],
+            "Error parsing config: Error parsing --memory: unable to convert 1k for size",
+        ),
+        (
+            ["--disk", "path=a.img,foo=1"],
+            "Error parsing config: Error parsing --disk: unknown option: foo",
+        ),
+        (
+            ["--cpus", "boot=2,max=1"],
+            "Error parsing config: Error validating configuration: Max CPUs lower than boot CPUs",
+        ),
+        (
+            ["--cpus", "features=foo"],
+            "Error parsing config: Invalid feature in --cpus features list: foo",
+        ),
         (["--pmem", "size=128M"], "Error parsing config: Error parsing --pmem: file missing"),
-        (["--console", "file="],
-         "Error parsing config: Error validating configuration: Path missing when using file console mode"),
-        (["--serial", "bogus"], "Error parsing config: Error parsing --console: unknown option: bogus"),
-        (["--memory", "size=17179869184G"],
-         "Error parsing config: Error parsing --memory: unable to convert 17179869184G for size"),
-        (["--numa", "cpus=[256]"], "Error parsing config: Error parsing --numa: unable to convert [256] for cpus"),
-        (["--net", "num_queues=1"],
-         "Error parsing config: Error validating configuration: Number of queues to virtio_net less than 2"),
-        (["--balloon", "size=1G"],
-         "Error parsing config: Error validating configuration: Balloon size (1073741824) greater than RAM (536870912)"),
-        (["--memory", "size=1G", "--memory-zone", "size=1G"],
-         "Error parsing config: Error parsing --memory-zone: id missing"),
+        (
+            ["--console", "file="],
+            VALIDATION + "Path missing when using file console mode",
+        ),
+        (
+            ["--serial", "bogus"],
+            "Error parsing config: Error parsing --console: unknown option: bogus",
+        ),
+        (
+            ["--memory", "size=17179869184G"],
+            "Error parsing config: Error parsing --memory: unable to convert 17179869184G for size",
+        ),
+        (
+            ["--numa", "cpus=[256]"],
+            "Error parsing config: Error parsing --numa: unable to convert [256] for cpus",
+        ),
+        (
+            ["--net", "num_queues=1"],
+            VALIDATION + "Number of queues to virtio_net less than 2",
+        ),
+        (
+            ["--balloon", "size=1G"],
+            VALIDATION + "Balloon size (1073741824) greater than RAM (536870912)",
+        ),
+        (
+            ["--memory", "size=1G", "--memory-zone", "size=1G"],
+            "Error parsing config: Error parsing --memory-zone: id missing",
+        ),
         # parse order (val §2): net is parsed before cpus
-        (["--disk", "path=a", "--cpus", "boot=x", "--net", "foo"],
-         "Error parsing config: Error parsing --net: unknown option: foo"),
+        (
+            ["--disk", "path=a", "--cpus", "boot=x", "--net", "foo"],
+            "Error parsing config: Error parsing --net: unknown option: foo",
+        ),
     ],
 )
 def test_config_errors_exit_1(args: list[str], message: str) -> None:
@@ -134,8 +178,17 @@ def test_seccomp_values_accepted(value: str) -> None:
 
 
 def test_flags_and_non_vm_options_accepted() -> None:
-    proc = run(*BASE, "--pvpanic", "--watchdog", "-v", "-v",
-               "--cmdline", "console=ttyS0 root=/dev/vda", "--initramfs", "./initrd")
+    proc = run(
+        *BASE,
+        "--pvpanic",
+        "--watchdog",
+        "-v",
+        "-v",
+        "--cmdline",
+        "console=ttyS0 root=/dev/vda",
+        "--initramfs",
+        "./initrd",
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert (data["pvpanic"], data["watchdog"]) == (True, True)
@@ -147,7 +200,8 @@ HELP_TEXTS = [
     "Kernel command line",
     "Path to initramfs image",
     "Path to firmware that is loaded in an architectural specific way",
-    "Path to kernel to load. This may be a kernel or firmware that supports a PVH entry point (e.g. vmlinux) "
+    "Path to kernel to load. This may be a kernel or firmware that supports a PVH entry point "
+    "(e.g. vmlinux) "
     "or architecture equivalent",
     'Random number generator parameters "src=<entropy_source_path>,iommu=on|off"',
     'Memory parameters "size=<guest_memory_size>,mergeable=on|off,shared=on|off,hugepages=on|off,'
@@ -162,7 +216,8 @@ HELP_TEXTS = [
     "HTTP API socket (UNIX domain socket): path=</path/to/a/file> or fd=<fd>.",
     "File to report events on: path=</path/to/a/file> or fd=<fd>",
     'Balloon parameters "size=<balloon_size>,deflate_on_oom=on|off,free_page_reporting=on|off"',
-    'Direct device assignment parameters "path=<device_path>,iommu=on|off,id=<device_id>,pci_segment=<segment_id>"',
+    'Direct device assignment parameters "path=<device_path>,iommu=on|off,id=<device_id>,'
+    'pci_segment=<segment_id>"',
     'TPM device "(UNIX Domain Socket from swtpm) socket=</path/to/a/socket>"',
     'virtio-fs parameters "tag=<tag_name>,socket=<socket_path>,num_queues=<number_of_queues>,'
     'queue_size=<size_of_each_queue>,id=<device_id>,pci_segment=<segment_id>"',
@@ -175,10 +230,38 @@ def test_help() -> None:
     out = squash(proc.stdout)
     for text in HELP_TEXTS:
         assert squash(text) in out, text
-    for flag in ["--cpus", "--platform", "--memory", "--memory-zone", "--firmware", "--kernel", "--initramfs",
-                 "--cmdline", "--rate-limit-group", "--disk", "--net", "--rng", "--balloon", "--fs", "--pmem",
-                 "--serial", "--console", "--device", "--user-device", "--vdpa", "--vsock", "--pvpanic", "--numa",
-                 "--watchdog", "--log-file", "--api-socket", "--event-monitor", "--restore", "--seccomp", "--tpm"]:
+    for flag in [
+        "--cpus",
+        "--platform",
+        "--memory",
+        "--memory-zone",
+        "--firmware",
+        "--kernel",
+        "--initramfs",
+        "--cmdline",
+        "--rate-limit-group",
+        "--disk",
+        "--net",
+        "--rng",
+        "--balloon",
+        "--fs",
+        "--pmem",
+        "--serial",
+        "--console",
+        "--device",
+        "--user-device",
+        "--vdpa",
+        "--vsock",
+        "--pvpanic",
+        "--numa",
+        "--watchdog",
+        "--log-file",
+        "--api-socket",
+        "--event-monitor",
+        "--restore",
+        "--seccomp",
+        "--tpm",
+    ]:
         assert re.search(re.escape(flag) + r"(?![\w-])", proc.stdout), flag
 
 

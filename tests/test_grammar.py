@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
+from _helpers import expect
 from vmkit import ConfigError, ParseError
 from vmkit.config import (
     ConsoleConfig,
@@ -22,8 +22,6 @@ from vmkit.config import (
     RngConfig,
     VsockConfig,
 )
-
-from _helpers import expect
 
 MEM_DEFAULT = 536870912  # ref §2.1 DEFAULT_MEMORY_MB
 
@@ -186,8 +184,11 @@ def test_empty_value_behaves_as_absent(text: str) -> None:
 
 
 def test_empty_value_of_required_key_is_missing() -> None:
-    expect(lambda: VsockConfig.parse("socket=,cid=3"), "ParseVsockSockMissing",
-           "Error parsing --vsock: socket missing")
+    expect(
+        lambda: VsockConfig.parse("socket=,cid=3"),
+        "ParseVsockSockMissing",
+        "Error parsing --vsock: socket missing",
+    )
 
 
 @pytest.mark.parametrize(
@@ -222,9 +223,17 @@ def test_whitespace_around_values_is_trimmed() -> None:
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("on", True), ("off", False), ("true", True), ("false", False),
-        ("ON", True), ("OFF", False), ("True", True), ("False", False),
-        ("FALSE", False), ("TrUe", True), ('"on"', True),
+        ("on", True),
+        ("off", False),
+        ("true", True),
+        ("false", False),
+        ("ON", True),
+        ("OFF", False),
+        ("True", True),
+        ("False", False),
+        ("FALSE", False),
+        ("TrUe", True),
+        ('"on"', True),
     ],
 )
 def test_toggle_values(value: str, expected: bool) -> None:
@@ -272,7 +281,20 @@ def test_byte_sized_values(value: str, expected: int) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["1k", "1m", "1T", "0x10", "-1", "2 M", "K", "xyzK", "18446744073709551616", "1.5G", "G1", "1_000"],
+    [
+        "1k",
+        "1m",
+        "1T",
+        "0x10",
+        "-1",
+        "2 M",
+        "K",
+        "xyzK",
+        "18446744073709551616",
+        "1.5G",
+        "G1",
+        "1_000",
+    ],
 )
 def test_byte_sized_rejects(value: str) -> None:
     mem_err(f"size={value}", f"unable to convert {value} for size")
@@ -327,7 +349,20 @@ def test_integer_list_values(value: str, expected: list[int]) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["[5-3]", "[5-5]", "[1-2-3]", "[]", "[1,]", "[1-]", "[-1]", "[1, 2]", "[0x1]", "[a]", "[,1]", "[1--2]"],
+    [
+        "[5-3]",
+        "[5-5]",
+        "[1-2-3]",
+        "[]",
+        "[1,]",
+        "[1-]",
+        "[-1]",
+        "[1, 2]",
+        "[0x1]",
+        "[a]",
+        "[,1]",
+        "[1--2]",
+    ],
 )
 def test_integer_list_rejects(value: str) -> None:
     expect(
@@ -488,7 +523,9 @@ def test_string_list_used_by_cpu_features() -> None:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("value", "expected"), [("2", 2), ("+2", 2), ("002", 2), ("255", 255), ("0", 0)])
+@pytest.mark.parametrize(
+    ("value", "expected"), [("2", 2), ("+2", 2), ("002", 2), ("255", 255), ("0", 0)]
+)
 def test_u8_values(value: str, expected: int) -> None:
     assert CpusConfig.parse(f"boot={value},max=255").boot_vcpus == expected
 
@@ -507,11 +544,37 @@ def test_u8_rejects(value: str) -> None:
     [
         (DiskConfig, "ParseDisk", "disk", "queue_size", "65535", "65536", "queue_size", ""),
         (DiskConfig, "ParseDisk", "disk", "pci_segment", "65535", "65536", "pci_segment", ""),
-        (VsockConfig, "ParseVsock", "vsock", "cid", "4294967295", "4294967296", "cid", "socket=/s,"),
+        (
+            VsockConfig,
+            "ParseVsock",
+            "vsock",
+            "cid",
+            "4294967295",
+            "4294967296",
+            "cid",
+            "socket=/s,",
+        ),
         (NetConfig, "ParseNetwork", "net", "mtu", "65535", "65536", "mtu", ""),
-        (NumaConfig, "ParseNuma", "numa", "guest_numa_id", "4294967295", "4294967296", "guest_numa_id", ""),
-        (DiskConfig, "ParseDisk", "disk", "num_queues", "18446744073709551615", "18446744073709551616",
-         "num_queues", ""),
+        (
+            NumaConfig,
+            "ParseNuma",
+            "numa",
+            "guest_numa_id",
+            "4294967295",
+            "4294967296",
+            "guest_numa_id",
+            "",
+        ),
+        (
+            DiskConfig,
+            "ParseDisk",
+            "disk",
+            "num_queues",
+            "18446744073709551615",
+            "18446744073709551616",
+            "num_queues",
+            "",
+        ),
     ],
 )
 def test_integer_widths(
@@ -536,7 +599,9 @@ def test_ipv4_values(value: str) -> None:
     assert NetConfig.parse(f"mask={value}").mask == value
 
 
-@pytest.mark.parametrize("value", ["01.2.3.4", "1.2.3", "1.2.3.4.5", "256.1.1.1", "a.b.c.d", "1.2.3.-4"])
+@pytest.mark.parametrize(
+    "value", ["01.2.3.4", "1.2.3", "1.2.3.4.5", "256.1.1.1", "a.b.c.d", "1.2.3.-4"]
+)
 def test_ipv4_rejects(value: str) -> None:
     expect(
         lambda: NetConfig.parse(f"ip={value}"),
@@ -611,7 +676,12 @@ def test_vhost_mode_rejects() -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("2:2:1:2", (2, 2, 1, 2)), ("1:2:3:4", (1, 2, 3, 4)), ("0:1:1:1", (0, 1, 1, 1)), ("255:1:1:1", (255, 1, 1, 1))],
+    [
+        ("2:2:1:2", (2, 2, 1, 2)),
+        ("1:2:3:4", (1, 2, 3, 4)),
+        ("0:1:1:1", (0, 1, 1, 1)),
+        ("255:1:1:1", (255, 1, 1, 1)),
+    ],
 )
 def test_topology(value: str, expected: tuple[int, int, int, int]) -> None:
     t = CpusConfig.parse(f"topology={value}").topology
@@ -623,7 +693,9 @@ def test_topology(value: str, expected: tuple[int, int, int, int]) -> None:
     )
 
 
-@pytest.mark.parametrize("value", ["2:2:1", "2:2:1:2:1", "256:1:1:1", "a:1:1:1", "1:1:1:", "-1:1:1:1", "1.1.1.1"])
+@pytest.mark.parametrize(
+    "value", ["2:2:1", "2:2:1:2:1", "256:1:1:1", "a:1:1:1", "1:1:1:", "-1:1:1:1", "1.1.1.1"]
+)
 def test_topology_rejects(value: str) -> None:
     expect(
         lambda: CpusConfig.parse(f"topology={value}"),

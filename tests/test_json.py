@@ -1,4 +1,4 @@
-"""JSON shapes (ch-reference §2.2-2.3) and the CLI == JSON acceptance vectors (ch-reference §5.3)."""
+"""JSON shapes (ch-reference §2.2-2.3) and the CLI == JSON acceptance vectors (ref §5.3)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-
+from _helpers import KERNEL, MAC_RE, cli, from_json, some
 from vmkit import ConfigError
 from vmkit.config import (
     BalloonConfig,
@@ -39,33 +39,114 @@ from vmkit.config import (
     VsockConfig,
 )
 
-from _helpers import KERNEL, MAC_RE, cli, from_json
-
 # fields that exist only with a cargo feature (ref §2.2); they may or may not be emitted
 FEATURE_ONLY = {"gdb", "tdx", "sev_snp", "igvm"}
 
 FIELD_ORDER: dict[type, list[str]] = {
-    VmConfig: ["cpus", "memory", "payload", "rate_limit_groups", "disks", "net", "rng", "balloon", "fs", "pmem",
-               "serial", "console", "devices", "user_devices", "vdpa", "vsock", "pvpanic", "iommu", "sgx_epc",
-               "numa", "watchdog", "platform", "tpm"],
-    CpusConfig: ["boot_vcpus", "max_vcpus", "topology", "kvm_hyperv", "max_phys_bits", "affinity", "features"],
+    VmConfig: [
+        "cpus",
+        "memory",
+        "payload",
+        "rate_limit_groups",
+        "disks",
+        "net",
+        "rng",
+        "balloon",
+        "fs",
+        "pmem",
+        "serial",
+        "console",
+        "devices",
+        "user_devices",
+        "vdpa",
+        "vsock",
+        "pvpanic",
+        "iommu",
+        "sgx_epc",
+        "numa",
+        "watchdog",
+        "platform",
+        "tpm",
+    ],
+    CpusConfig: [
+        "boot_vcpus",
+        "max_vcpus",
+        "topology",
+        "kvm_hyperv",
+        "max_phys_bits",
+        "affinity",
+        "features",
+    ],
     CpuTopology: ["threads_per_core", "cores_per_die", "dies_per_package", "packages"],
     CpuAffinity: ["vcpu", "host_cpus"],
     CpuFeatures: ["amx"],
     PlatformConfig: ["num_pci_segments", "iommu_segments", "serial_number", "uuid", "oem_strings"],
-    MemoryConfig: ["size", "mergeable", "hotplug_method", "hotplug_size", "hotplugged_size", "shared", "hugepages",
-                   "hugepage_size", "prefault", "zones", "thp"],
-    MemoryZoneConfig: ["id", "size", "file", "shared", "hugepages", "hugepage_size", "host_numa_node",
-                       "hotplug_size", "hotplugged_size", "prefault"],
+    MemoryConfig: [
+        "size",
+        "mergeable",
+        "hotplug_method",
+        "hotplug_size",
+        "hotplugged_size",
+        "shared",
+        "hugepages",
+        "hugepage_size",
+        "prefault",
+        "zones",
+        "thp",
+    ],
+    MemoryZoneConfig: [
+        "id",
+        "size",
+        "file",
+        "shared",
+        "hugepages",
+        "hugepage_size",
+        "host_numa_node",
+        "hotplug_size",
+        "hotplugged_size",
+        "prefault",
+    ],
     RateLimiterGroupConfig: ["id", "rate_limiter_config"],
     RateLimiterConfig: ["bandwidth", "ops"],
     TokenBucketConfig: ["size", "one_time_burst", "refill_time"],
-    DiskConfig: ["path", "readonly", "direct", "iommu", "num_queues", "queue_size", "vhost_user", "vhost_socket",
-                 "rate_limit_group", "rate_limiter_config", "id", "disable_io_uring", "disable_aio", "pci_segment",
-                 "serial"],
-    NetConfig: ["tap", "ip", "mask", "mac", "host_mac", "mtu", "iommu", "num_queues", "queue_size", "vhost_user",
-                "vhost_socket", "vhost_mode", "id", "fds", "rate_limiter_config", "pci_segment", "offload_tso",
-                "offload_ufo", "offload_csum"],
+    DiskConfig: [
+        "path",
+        "readonly",
+        "direct",
+        "iommu",
+        "num_queues",
+        "queue_size",
+        "vhost_user",
+        "vhost_socket",
+        "rate_limit_group",
+        "rate_limiter_config",
+        "id",
+        "disable_io_uring",
+        "disable_aio",
+        "pci_segment",
+        "serial",
+    ],
+    NetConfig: [
+        "tap",
+        "ip",
+        "mask",
+        "mac",
+        "host_mac",
+        "mtu",
+        "iommu",
+        "num_queues",
+        "queue_size",
+        "vhost_user",
+        "vhost_socket",
+        "vhost_mode",
+        "id",
+        "fds",
+        "rate_limiter_config",
+        "pci_segment",
+        "offload_tso",
+        "offload_ufo",
+        "offload_csum",
+    ],
     RngConfig: ["src", "iommu"],
     BalloonConfig: ["size", "deflate_on_oom", "free_page_reporting"],
     FsConfig: ["tag", "socket", "num_queues", "queue_size", "id", "pci_segment"],
@@ -76,7 +157,14 @@ FIELD_ORDER: dict[type, list[str]] = {
     VdpaConfig: ["path", "num_queues", "iommu", "id", "pci_segment"],
     VsockConfig: ["cid", "socket", "iommu", "id", "pci_segment"],
     SgxEpcConfig: ["id", "size", "prefault"],
-    NumaConfig: ["guest_numa_id", "cpus", "distances", "memory_zones", "sgx_epc_sections", "pci_segments"],
+    NumaConfig: [
+        "guest_numa_id",
+        "cpus",
+        "distances",
+        "memory_zones",
+        "sgx_epc_sections",
+        "pci_segments",
+    ],
     NumaDistance: ["destination", "distance"],
     PayloadConfig: ["firmware", "kernel", "cmdline", "initramfs"],
     TpmConfig: ["socket"],
@@ -136,7 +224,7 @@ def json_err(fn: Any, *fragments: str) -> ConfigError:
 
 
 @pytest.mark.parametrize("cls", list(FIELD_ORDER), ids=lambda c: c.__name__)
-def test_to_dict_field_order(cls: type) -> None:
+def test_to_dict_field_order(cls: Any) -> None:
     obj = cls.from_dict(MINIMAL_JSON[cls])
     d = obj.to_dict()
     assert keys_without_features(d) == FIELD_ORDER[cls]
@@ -155,26 +243,47 @@ def _ordered(value: Any) -> Any:
 
 
 FULL_ARGS = [
-    "--cpus", "boot=2,max=4,topology=1:2:1:2,affinity=[0@[0,1]],features=[amx]",
-    "--platform", "num_pci_segments=2,iommu_segments=[1],serial_number=s,uuid=u,oem_strings=[a,b]",
-    "--memory", "size=0,shared=on,hotplug_size=1G",
-    "--memory-zone", "id=z0,size=1G,shared=on,host_numa_node=0",
-    "--rate-limit-group", "id=g0,bw_size=1,bw_refill_time=1",
-    "--disk", "path=/d,rate_limit_group=g0,id=d0", "path=/e,ops_size=1,ops_refill_time=2",
-    "--net", "mac=12:34:56:78:90:ab,fd=[3],mtu=1500,bw_size=1,bw_refill_time=1",
-    "--balloon", "size=1M",
-    "--fs", "tag=t,socket=/s",
-    "--pmem", "file=/p,size=1G",
-    "--serial", "file=/tmp/serial",
-    "--console", "pty",
-    "--device", "path=/dev/x",
-    "--user-device", "socket=/u",
-    "--vdpa", "path=/v",
-    "--vsock", "cid=3,socket=/vs",
-    "--sgx-epc", "id=e0,size=1M",
-    "--numa", "guest_numa_id=0,cpus=[0,1],distances=[1@20],memory_zones=[z0],pci_segments=[0]",
-    "--tpm", "socket=/t",
-    "--pvpanic", "--watchdog",
+    "--cpus",
+    "boot=2,max=4,topology=1:2:1:2,affinity=[0@[0,1]],features=[amx]",
+    "--platform",
+    "num_pci_segments=2,iommu_segments=[1],serial_number=s,uuid=u,oem_strings=[a,b]",
+    "--memory",
+    "size=0,shared=on,hotplug_size=1G",
+    "--memory-zone",
+    "id=z0,size=1G,shared=on,host_numa_node=0",
+    "--rate-limit-group",
+    "id=g0,bw_size=1,bw_refill_time=1",
+    "--disk",
+    "path=/d,rate_limit_group=g0,id=d0",
+    "path=/e,ops_size=1,ops_refill_time=2",
+    "--net",
+    "mac=12:34:56:78:90:ab,fd=[3],mtu=1500,bw_size=1,bw_refill_time=1",
+    "--balloon",
+    "size=1M",
+    "--fs",
+    "tag=t,socket=/s",
+    "--pmem",
+    "file=/p,size=1G",
+    "--serial",
+    "file=/tmp/serial",
+    "--console",
+    "pty",
+    "--device",
+    "path=/dev/x",
+    "--user-device",
+    "socket=/u",
+    "--vdpa",
+    "path=/v",
+    "--vsock",
+    "cid=3,socket=/vs",
+    "--sgx-epc",
+    "id=e0,size=1M",
+    "--numa",
+    "guest_numa_id=0,cpus=[0,1],distances=[1@20],memory_zones=[z0],pci_segments=[0]",
+    "--tpm",
+    "socket=/t",
+    "--pvpanic",
+    "--watchdog",
 ]
 
 
@@ -192,32 +301,66 @@ def test_to_json_order_matches_to_dict_and_roundtrips() -> None:
 def test_nested_field_order_in_full_config() -> None:
     d = cli(*FULL_ARGS).to_dict()
     checks: list[tuple[type, Any]] = [
-        (CpusConfig, d["cpus"]), (CpuTopology, d["cpus"]["topology"]), (CpuAffinity, d["cpus"]["affinity"][0]),
-        (PlatformConfig, d["platform"]), (MemoryConfig, d["memory"]), (MemoryZoneConfig, d["memory"]["zones"][0]),
+        (CpusConfig, d["cpus"]),
+        (CpuTopology, d["cpus"]["topology"]),
+        (CpuAffinity, d["cpus"]["affinity"][0]),
+        (PlatformConfig, d["platform"]),
+        (MemoryConfig, d["memory"]),
+        (MemoryZoneConfig, d["memory"]["zones"][0]),
         (RateLimiterGroupConfig, d["rate_limit_groups"][0]),
         (RateLimiterConfig, d["rate_limit_groups"][0]["rate_limiter_config"]),
-        (TokenBucketConfig, d["disks"][1]["rate_limiter_config"]["ops"]), (DiskConfig, d["disks"][0]),
-        (NetConfig, d["net"][0]), (RngConfig, d["rng"]), (BalloonConfig, d["balloon"]), (FsConfig, d["fs"][0]),
-        (PmemConfig, d["pmem"][0]), (ConsoleConfig, d["serial"]), (DeviceConfig, d["devices"][0]),
-        (UserDeviceConfig, d["user_devices"][0]), (VdpaConfig, d["vdpa"][0]), (VsockConfig, d["vsock"]),
-        (SgxEpcConfig, d["sgx_epc"][0]), (NumaConfig, d["numa"][0]), (NumaDistance, d["numa"][0]["distances"][0]),
-        (PayloadConfig, d["payload"]), (TpmConfig, d["tpm"]),
+        (TokenBucketConfig, d["disks"][1]["rate_limiter_config"]["ops"]),
+        (DiskConfig, d["disks"][0]),
+        (NetConfig, d["net"][0]),
+        (RngConfig, d["rng"]),
+        (BalloonConfig, d["balloon"]),
+        (FsConfig, d["fs"][0]),
+        (PmemConfig, d["pmem"][0]),
+        (ConsoleConfig, d["serial"]),
+        (DeviceConfig, d["devices"][0]),
+        (UserDeviceConfig, d["user_devices"][0]),
+        (VdpaConfig, d["vdpa"][0]),
+        (VsockConfig, d["vsock"]),
+        (SgxEpcConfig, d["sgx_epc"][0]),
+        (NumaConfig, d["numa"][0]),
+        (NumaDistance, d["numa"][0]["distances"][0]),
+        (PayloadConfig, d["payload"]),
+        (TpmConfig, d["tpm"]),
     ]
     for cls, sub in checks:
         assert keys_without_features(sub) == FIELD_ORDER[cls], cls.__name__
     assert d["disks"][1]["rate_limiter_config"] == {
-        "bandwidth": None, "ops": {"size": 1, "one_time_burst": 0, "refill_time": 2}}
+        "bandwidth": None,
+        "ops": {"size": 1, "one_time_burst": 0, "refill_time": 2},
+    }
     assert d["disks"][0]["rate_limiter_config"] is None
     assert d["net"][0]["fds"] == [3]
     assert d["serial"] == {"file": "/tmp/serial", "mode": "File", "iommu": False, "socket": None}
 
 
 DEFAULT_VM: dict[str, Any] = {
-    "cpus": {"boot_vcpus": 1, "max_vcpus": 1, "topology": None, "kvm_hyperv": False, "max_phys_bits": 46,
-             "affinity": None, "features": {"amx": False}},
-    "memory": {"size": 536870912, "mergeable": False, "hotplug_method": "Acpi", "hotplug_size": None,
-               "hotplugged_size": None, "shared": False, "hugepages": False, "hugepage_size": None,
-               "prefault": False, "zones": None, "thp": True},
+    "cpus": {
+        "boot_vcpus": 1,
+        "max_vcpus": 1,
+        "topology": None,
+        "kvm_hyperv": False,
+        "max_phys_bits": 46,
+        "affinity": None,
+        "features": {"amx": False},
+    },
+    "memory": {
+        "size": 536870912,
+        "mergeable": False,
+        "hotplug_method": "Acpi",
+        "hotplug_size": None,
+        "hotplugged_size": None,
+        "shared": False,
+        "hugepages": False,
+        "hugepage_size": None,
+        "prefault": False,
+        "zones": None,
+        "thp": True,
+    },
     "payload": {"firmware": None, "kernel": KERNEL, "cmdline": None, "initramfs": None},
     "rate_limit_groups": None,
     "disks": None,
@@ -292,20 +435,34 @@ def test_enum_spellings(obj: Any, field: str, spelling: str) -> None:
         (NetConfig, {"vhost_mode": "client"}, "vhost_mode"),
     ],
 )
-def test_enum_spellings_are_exact(cls: type, data: dict[str, Any], field: str) -> None:
+def test_enum_spellings_are_exact(cls: Any, data: dict[str, Any], field: str) -> None:
     json_err(lambda: cls.from_dict(data), field)
 
 
 def test_nested_objects_are_plain_data() -> None:
     c = CpusConfig.parse("topology=1:2:1:1,affinity=[0@[1,2]]")
     d = c.to_dict()
-    assert d["topology"] == {"threads_per_core": 1, "cores_per_die": 2, "dies_per_package": 1, "packages": 1}
+    assert d["topology"] == {
+        "threads_per_core": 1,
+        "cores_per_die": 2,
+        "dies_per_package": 1,
+        "packages": 1,
+    }
     assert d["affinity"] == [{"vcpu": 0, "host_cpus": [1, 2]}]
-    n = NetConfig.parse("mac=DE:AD:BE:EF:00:01,host_mac=02:00:00:00:00:0A,fd=[3,4],bw_size=5,bw_refill_time=6")
+    n = NetConfig.parse(
+        "mac=DE:AD:BE:EF:00:01,host_mac=02:00:00:00:00:0A,fd=[3,4],bw_size=5,bw_refill_time=6"
+    )
     nd = n.to_dict()
-    assert (nd["mac"], nd["host_mac"], nd["fds"]) == ("de:ad:be:ef:00:01", "02:00:00:00:00:0a", [3, 4])
+    assert (nd["mac"], nd["host_mac"], nd["fds"]) == (
+        "de:ad:be:ef:00:01",
+        "02:00:00:00:00:0a",
+        [3, 4],
+    )
     assert (nd["ip"], nd["mask"]) == ("192.168.249.1", "255.255.255.0")
-    assert nd["rate_limiter_config"] == {"bandwidth": {"size": 5, "one_time_burst": 0, "refill_time": 6}, "ops": None}
+    assert nd["rate_limiter_config"] == {
+        "bandwidth": {"size": 5, "one_time_burst": 0, "refill_time": 6},
+        "ops": None,
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -315,32 +472,85 @@ def test_nested_objects_are_plain_data() -> None:
 
 def test_from_dict_defaults() -> None:
     assert DiskConfig.from_dict({}).to_dict() == {
-        "path": None, "readonly": False, "direct": False, "iommu": False, "num_queues": 1, "queue_size": 128,
-        "vhost_user": False, "vhost_socket": None, "rate_limit_group": None, "rate_limiter_config": None,
-        "id": None, "disable_io_uring": False, "disable_aio": False, "pci_segment": 0, "serial": None,
+        "path": None,
+        "readonly": False,
+        "direct": False,
+        "iommu": False,
+        "num_queues": 1,
+        "queue_size": 128,
+        "vhost_user": False,
+        "vhost_socket": None,
+        "rate_limit_group": None,
+        "rate_limiter_config": None,
+        "id": None,
+        "disable_io_uring": False,
+        "disable_aio": False,
+        "pci_segment": 0,
+        "serial": None,
     }
     net = NetConfig.from_dict({}).to_dict()
     assert MAC_RE.match(net.pop("mac"))
     assert net == {
-        "tap": None, "ip": "192.168.249.1", "mask": "255.255.255.0", "host_mac": None, "mtu": None,
-        "iommu": False, "num_queues": 2, "queue_size": 256, "vhost_user": False, "vhost_socket": None,
-        "vhost_mode": "Client", "id": None, "fds": None, "rate_limiter_config": None, "pci_segment": 0,
-        "offload_tso": True, "offload_ufo": True, "offload_csum": True,
+        "tap": None,
+        "ip": "192.168.249.1",
+        "mask": "255.255.255.0",
+        "host_mac": None,
+        "mtu": None,
+        "iommu": False,
+        "num_queues": 2,
+        "queue_size": 256,
+        "vhost_user": False,
+        "vhost_socket": None,
+        "vhost_mode": "Client",
+        "id": None,
+        "fds": None,
+        "rate_limiter_config": None,
+        "pci_segment": 0,
+        "offload_tso": True,
+        "offload_ufo": True,
+        "offload_csum": True,
     }
     assert FsConfig.from_dict({"tag": "t", "socket": "/s"}).to_dict() == {
-        "tag": "t", "socket": "/s", "num_queues": 1, "queue_size": 1024, "id": None, "pci_segment": 0}
+        "tag": "t",
+        "socket": "/s",
+        "num_queues": 1,
+        "queue_size": 1024,
+        "id": None,
+        "pci_segment": 0,
+    }
     assert PmemConfig.from_dict({"file": "/p"}).to_dict() == {
-        "file": "/p", "size": None, "iommu": False, "discard_writes": False, "id": None, "pci_segment": 0}
+        "file": "/p",
+        "size": None,
+        "iommu": False,
+        "discard_writes": False,
+        "id": None,
+        "pci_segment": 0,
+    }
     assert VdpaConfig.from_dict({"path": "/v"}).num_queues == 1
     assert RateLimiterGroupConfig.from_dict({}).to_dict() == {
-        "id": "", "rate_limiter_config": {"bandwidth": None, "ops": None}}
+        "id": "",
+        "rate_limiter_config": {"bandwidth": None, "ops": None},
+    }
     assert TokenBucketConfig.from_dict({"size": 1, "refill_time": 2}).one_time_burst is None
     assert NumaDistance.from_dict({}) == NumaDistance(destination=0, distance=0)
     assert strip_features(PlatformConfig.from_dict({}).to_dict()) == {
-        "num_pci_segments": 1, "iommu_segments": None, "serial_number": None, "uuid": None, "oem_strings": None}
-    assert SgxEpcConfig.from_dict({"id": "e"}).to_dict() == {"id": "e", "size": 0, "prefault": False}
+        "num_pci_segments": 1,
+        "iommu_segments": None,
+        "serial_number": None,
+        "uuid": None,
+        "oem_strings": None,
+    }
+    assert SgxEpcConfig.from_dict({"id": "e"}).to_dict() == {
+        "id": "e",
+        "size": 0,
+        "prefault": False,
+    }
     assert ConsoleConfig.from_dict({"mode": "Pty"}).to_dict() == {
-        "file": None, "mode": "Pty", "iommu": False, "socket": None}
+        "file": None,
+        "mode": "Pty",
+        "iommu": False,
+        "socket": None,
+    }
     assert MemoryConfig.from_dict({"size": 5}).thp is True
     assert CpusConfig.from_dict({"boot_vcpus": 2, "max_vcpus": 3}).max_phys_bits == 46
     assert RestoreConfig.from_dict({"source_url": "/r"}).prefault is False
@@ -357,14 +567,16 @@ def test_python_constructor_defaults() -> None:
 
 
 def test_optional_fields_accept_null() -> None:
-    cfg = from_json({"disks": None, "balloon": None, "payload": {"kernel": KERNEL, "cmdline": None}})
-    assert cfg.disks is None and cfg.balloon is None and cfg.payload.cmdline is None
+    cfg = from_json(
+        {"disks": None, "balloon": None, "payload": {"kernel": KERNEL, "cmdline": None}}
+    )
+    assert cfg.disks is None and cfg.balloon is None and some(cfg.payload).cmdline is None
     assert DiskConfig.from_dict({"path": None, "id": None}).path is None
 
 
 def test_net_mac_random_when_missing_from_json() -> None:
-    a = from_json({"net": [{}]}).net[0].mac
-    b = from_json({"net": [{}]}).net[0].mac
+    a = some(from_json({"net": [{}]}).net)[0].mac
+    b = some(from_json({"net": [{}]}).net)[0].mac
     assert a.startswith("2e:") and b.startswith("2e:")
     assert MAC_RE.match(a) and a != b
 
@@ -384,14 +596,25 @@ def test_mac_is_lowercased() -> None:
     [
         ({"cpus": {"boot_vcpus": 1}}, "max_vcpus"),
         ({"cpus": {"max_vcpus": 1}}, "boot_vcpus"),
-        ({"cpus": {"boot_vcpus": 1, "max_vcpus": 1,
-                   "topology": {"threads_per_core": 1, "cores_per_die": 1, "dies_per_package": 1}}}, "packages"),
+        (
+            {
+                "cpus": {
+                    "boot_vcpus": 1,
+                    "max_vcpus": 1,
+                    "topology": {"threads_per_core": 1, "cores_per_die": 1, "dies_per_package": 1},
+                }
+            },
+            "packages",
+        ),
         ({"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "affinity": [{"vcpu": 0}]}}, "host_cpus"),
         ({"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "affinity": [{"host_cpus": [0]}]}}, "vcpu"),
         ({"memory": {}}, "size"),
         ({"memory": {"size": 0, "zones": [{"size": 1}]}}, "id"),
         ({"memory": {"size": 0, "zones": [{"id": "z"}]}}, "size"),
-        ({"rate_limit_groups": [{"id": "g", "rate_limiter_config": {"bandwidth": {"size": 1}}}]}, "refill_time"),
+        (
+            {"rate_limit_groups": [{"id": "g", "rate_limiter_config": {"bandwidth": {"size": 1}}}]},
+            "refill_time",
+        ),
         ({"disks": [{"rate_limiter_config": {"ops": {"refill_time": 1}}}]}, "size"),
         ({"rng": {}}, "src"),
         ({"rng": {"iommu": True}}, "src"),
@@ -418,10 +641,17 @@ def test_required_fields(data: dict[str, Any], field: str) -> None:
 
 @pytest.mark.parametrize(
     ("cls", "field"),
-    [(CpusConfig, "boot_vcpus"), (MemoryConfig, "size"), (RngConfig, "src"), (RestoreConfig, "source_url"),
-     (TokenBucketConfig, "size"), (CpuTopology, "threads_per_core"), (ConsoleConfig, "mode")],
+    [
+        (CpusConfig, "boot_vcpus"),
+        (MemoryConfig, "size"),
+        (RngConfig, "src"),
+        (RestoreConfig, "source_url"),
+        (TokenBucketConfig, "size"),
+        (CpuTopology, "threads_per_core"),
+        (ConsoleConfig, "mode"),
+    ],
 )
-def test_required_fields_direct(cls: type, field: str) -> None:
+def test_required_fields_direct(cls: Any, field: str) -> None:
     json_err(lambda: cls.from_dict({}), field)
 
 
@@ -472,11 +702,20 @@ def test_invalid_json_documents(text: str) -> None:
     [
         {"bogus": 1},
         {"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "core_scheduling": "vm"}},
-        {"memory": {"size": 0, "zones": [{"id": "z", "size": 1, "mergeable": True}]}},  # OpenAPI-only field
+        {
+            "memory": {"size": 0, "zones": [{"id": "z", "size": 1, "mergeable": True}]}
+        },  # OpenAPI-only field
         {"disks": [{"path": "/d", "lock_granularity": "full", "pci_device_id": 3}]},
         {"net": [{"mac": "12:34:56:78:90:ab", "queue_affinity": []}]},
-        {"rate_limit_groups": [{"id": "g", "extra": 1,
-                                "rate_limiter_config": {"bandwidth": {"size": 1, "refill_time": 1, "extra": 2}}}]},
+        {
+            "rate_limit_groups": [
+                {
+                    "id": "g",
+                    "extra": 1,
+                    "rate_limiter_config": {"bandwidth": {"size": 1, "refill_time": 1, "extra": 2}},
+                }
+            ]
+        },
         {"payload": {"kernel": KERNEL, "fw_cfg": {}}},
     ],
 )
@@ -509,8 +748,13 @@ def test_rate_limiter_config_direct() -> None:
 
 @pytest.mark.parametrize(
     ("mac", "suffix_required"),
-    [("zz:zz:zz:zz:zz:zz", True), ("12:34:56", False), ("12:34:56:78:90:ab:cd", False), ("123:4:56:78:90:ab", False),
-     ("", False)],
+    [
+        ("zz:zz:zz:zz:zz:zz", True),
+        ("12:34:56", False),
+        ("12:34:56:78:90:ab:cd", False),
+        ("123:4:56:78:90:ab", False),
+        ("", False),
+    ],
 )
 def test_bad_mac_text(mac: str, suffix_required: bool) -> None:
     prefix = f"The provided MAC address is invalid: parsing of {mac} into a MAC address failed"
@@ -532,75 +776,258 @@ EQUAL: list[tuple[list[str], dict[str, Any]]] = [
     (["--memory", "size=1073741824"], {"memory": {"size": 1073741824}}),
     (["--memory", "size=1G"], {"memory": {"size": 1073741824}}),
     (["--memory", "size=1G,mergeable=on"], {"memory": {"size": 1073741824, "mergeable": True}}),
-    (["--memory", "size=1G,hotplug_size=1G"],
-     {"memory": {"size": 1073741824, "hotplug_method": "Acpi", "hotplug_size": 1073741824}}),
-    (["--memory", "size=1G,hotplug_method=virtio-mem"],
-     {"memory": {"size": 1073741824, "hotplug_method": "VirtioMem"}}),
-    (["--cmdline", "arg1=foo arg2=bar"], {"payload": {"kernel": KERNEL, "cmdline": "arg1=foo arg2=bar"}}),
-    (["--disk", "path=/path/to/disk/1", "path=/path/to/disk/2"],
-     {"disks": [{"path": "/path/to/disk/1"}, {"path": "/path/to/disk/2"}]}),
-    (["--memory", "shared=true", "--disk", "vhost_user=true,socket=/tmp/sock1"],
-     {"memory": {"shared": True, "size": 536870912}, "disks": [{"vhost_user": True, "vhost_socket": "/tmp/sock1"}]}),
-    (["--disk", "path=/path/to/disk/1,rate_limit_group=group0",
-      "--rate-limit-group", "id=group0,bw_size=1000,bw_refill_time=100"],
-     {"disks": [{"path": "/path/to/disk/1", "rate_limit_group": "group0"}],
-      "rate_limit_groups": [{"id": "group0", "rate_limiter_config": {
-          "bandwidth": {"size": 1000, "one_time_burst": 0, "refill_time": 100}}}]}),
-    (["--net", "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd"],
-     {"net": [{"mac": "12:34:56:78:90:ab", "host_mac": "34:56:78:90:ab:cd"}]}),
-    (["--net", "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,tap=tap0"],
-     {"net": [{"mac": "12:34:56:78:90:ab", "host_mac": "34:56:78:90:ab:cd", "tap": "tap0"}]}),
-    (["--net", "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,tap=tap0,ip=1.2.3.4"],
-     {"net": [{"mac": "12:34:56:78:90:ab", "host_mac": "34:56:78:90:ab:cd", "tap": "tap0", "ip": "1.2.3.4"}]}),
-    (["--net", "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,tap=tap0,ip=1.2.3.4,mask=5.6.7.8"],
-     {"net": [{"mac": "12:34:56:78:90:ab", "host_mac": "34:56:78:90:ab:cd", "tap": "tap0", "ip": "1.2.3.4",
-               "mask": "5.6.7.8"}]}),
-    (["--cpus", "boot=2",
-      "--net", "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,tap=tap0,ip=1.2.3.4,mask=5.6.7.8,num_queues=4"],
-     {"cpus": {"boot_vcpus": 2, "max_vcpus": 2},
-      "net": [{"mac": "12:34:56:78:90:ab", "host_mac": "34:56:78:90:ab:cd", "tap": "tap0", "ip": "1.2.3.4",
-               "mask": "5.6.7.8", "num_queues": 4}]}),
-    (["--cpus", "boot=2", "--net",
-      "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,tap=tap0,ip=1.2.3.4,mask=5.6.7.8,num_queues=4,queue_size=128"],
-     {"cpus": {"boot_vcpus": 2, "max_vcpus": 2},
-      "net": [{"mac": "12:34:56:78:90:ab", "host_mac": "34:56:78:90:ab:cd", "tap": "tap0", "ip": "1.2.3.4",
-               "mask": "5.6.7.8", "num_queues": 4, "queue_size": 128}]}),
-    (["--net", "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,num_queues=2,queue_size=256"],
-     {"net": [{"mac": "12:34:56:78:90:ab", "host_mac": "34:56:78:90:ab:cd"}]}),
-    (["--net", "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,iommu=on"],
-     {"net": [{"mac": "12:34:56:78:90:ab", "host_mac": "34:56:78:90:ab:cd", "iommu": True}], "iommu": True}),
-    (["--net", "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,iommu=off"],
-     {"net": [{"mac": "12:34:56:78:90:ab", "host_mac": "34:56:78:90:ab:cd", "iommu": False}]}),
-    (["--memory", "shared=true", "--net", "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,vhost_user=true,socket=/tmp/sock"],
-     {"memory": {"shared": True, "size": 536870912},
-      "net": [{"mac": "12:34:56:78:90:ab", "host_mac": "34:56:78:90:ab:cd", "vhost_user": True,
-               "vhost_socket": "/tmp/sock"}]}),
+    (
+        ["--memory", "size=1G,hotplug_size=1G"],
+        {"memory": {"size": 1073741824, "hotplug_method": "Acpi", "hotplug_size": 1073741824}},
+    ),
+    (
+        ["--memory", "size=1G,hotplug_method=virtio-mem"],
+        {"memory": {"size": 1073741824, "hotplug_method": "VirtioMem"}},
+    ),
+    (
+        ["--cmdline", "arg1=foo arg2=bar"],
+        {"payload": {"kernel": KERNEL, "cmdline": "arg1=foo arg2=bar"}},
+    ),
+    (
+        ["--disk", "path=/path/to/disk/1", "path=/path/to/disk/2"],
+        {"disks": [{"path": "/path/to/disk/1"}, {"path": "/path/to/disk/2"}]},
+    ),
+    (
+        ["--memory", "shared=true", "--disk", "vhost_user=true,socket=/tmp/sock1"],
+        {
+            "memory": {"shared": True, "size": 536870912},
+            "disks": [{"vhost_user": True, "vhost_socket": "/tmp/sock1"}],
+        },
+    ),
+    (
+        [
+            "--disk",
+            "path=/path/to/disk/1,rate_limit_group=group0",
+            "--rate-limit-group",
+            "id=group0,bw_size=1000,bw_refill_time=100",
+        ],
+        {
+            "disks": [{"path": "/path/to/disk/1", "rate_limit_group": "group0"}],
+            "rate_limit_groups": [
+                {
+                    "id": "group0",
+                    "rate_limiter_config": {
+                        "bandwidth": {"size": 1000, "one_time_burst": 0, "refill_time": 100}
+                    },
+                }
+            ],
+        },
+    ),
+    (
+        ["--net", "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd"],
+        {"net": [{"mac": "12:34:56:78:90:ab", "host_mac": "34:56:78:90:ab:cd"}]},
+    ),
+    (
+        ["--net", "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,tap=tap0"],
+        {"net": [{"mac": "12:34:56:78:90:ab", "host_mac": "34:56:78:90:ab:cd", "tap": "tap0"}]},
+    ),
+    (
+        ["--net", "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,tap=tap0,ip=1.2.3.4"],
+        {
+            "net": [
+                {
+                    "mac": "12:34:56:78:90:ab",
+                    "host_mac": "34:56:78:90:ab:cd",
+                    "tap": "tap0",
+                    "ip": "1.2.3.4",
+                }
+            ]
+        },
+    ),
+    (
+        [
+            "--net",
+            "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,tap=tap0,ip=1.2.3.4,mask=5.6.7.8",
+        ],
+        {
+            "net": [
+                {
+                    "mac": "12:34:56:78:90:ab",
+                    "host_mac": "34:56:78:90:ab:cd",
+                    "tap": "tap0",
+                    "ip": "1.2.3.4",
+                    "mask": "5.6.7.8",
+                }
+            ]
+        },
+    ),
+    (
+        [
+            "--cpus",
+            "boot=2",
+            "--net",
+            "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,tap=tap0,ip=1.2.3.4,mask=5.6.7.8,num_queues=4",
+        ],
+        {
+            "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+            "net": [
+                {
+                    "mac": "12:34:56:78:90:ab",
+                    "host_mac": "34:56:78:90:ab:cd",
+                    "tap": "tap0",
+                    "ip": "1.2.3.4",
+                    "mask": "5.6.7.8",
+                    "num_queues": 4,
+                }
+            ],
+        },
+    ),
+    (
+        [
+            "--cpus",
+            "boot=2",
+            "--net",
+            "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,tap=tap0,ip=1.2.3.4,mask=5.6.7.8,num_queues=4,queue_size=128",
+        ],
+        {
+            "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+            "net": [
+                {
+                    "mac": "12:34:56:78:90:ab",
+                    "host_mac": "34:56:78:90:ab:cd",
+                    "tap": "tap0",
+                    "ip": "1.2.3.4",
+                    "mask": "5.6.7.8",
+                    "num_queues": 4,
+                    "queue_size": 128,
+                }
+            ],
+        },
+    ),
+    (
+        ["--net", "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,num_queues=2,queue_size=256"],
+        {"net": [{"mac": "12:34:56:78:90:ab", "host_mac": "34:56:78:90:ab:cd"}]},
+    ),
+    (
+        ["--net", "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,iommu=on"],
+        {
+            "net": [{"mac": "12:34:56:78:90:ab", "host_mac": "34:56:78:90:ab:cd", "iommu": True}],
+            "iommu": True,
+        },
+    ),
+    (
+        ["--net", "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,iommu=off"],
+        {"net": [{"mac": "12:34:56:78:90:ab", "host_mac": "34:56:78:90:ab:cd", "iommu": False}]},
+    ),
+    (
+        [
+            "--memory",
+            "shared=true",
+            "--net",
+            "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,vhost_user=true,socket=/tmp/sock",
+        ],
+        {
+            "memory": {"shared": True, "size": 536870912},
+            "net": [
+                {
+                    "mac": "12:34:56:78:90:ab",
+                    "host_mac": "34:56:78:90:ab:cd",
+                    "vhost_user": True,
+                    "vhost_socket": "/tmp/sock",
+                }
+            ],
+        },
+    ),
     (["--rng", "src=/path/to/entropy/source"], {"rng": {"src": "/path/to/entropy/source"}}),
-    (["--memory", "shared=true", "--fs", "tag=virtiofs1,socket=/path/to/sock1", "tag=virtiofs2,socket=/path/to/sock2"],
-     {"memory": {"shared": True, "size": 536870912},
-      "fs": [{"tag": "virtiofs1", "socket": "/path/to/sock1"}, {"tag": "virtiofs2", "socket": "/path/to/sock2"}]}),
-    (["--memory", "shared=true", "--cpus", "boot=4", "--fs", "tag=virtiofs1,socket=/path/to/sock1,num_queues=4"],
-     {"memory": {"shared": True, "size": 536870912}, "cpus": {"boot_vcpus": 4, "max_vcpus": 4},
-      "fs": [{"tag": "virtiofs1", "socket": "/path/to/sock1", "num_queues": 4}]}),
-    (["--memory", "shared=true", "--cpus", "boot=4", "--fs",
-      "tag=virtiofs1,socket=/path/to/sock1,num_queues=4,queue_size=128"],
-     {"memory": {"shared": True, "size": 536870912}, "cpus": {"boot_vcpus": 4, "max_vcpus": 4},
-      "fs": [{"tag": "virtiofs1", "socket": "/path/to/sock1", "num_queues": 4, "queue_size": 128}]}),
-    (["--pmem", "file=/path/to/img/1,size=1G", "file=/path/to/img/2,size=2G"],
-     {"pmem": [{"file": "/path/to/img/1", "size": 1073741824}, {"file": "/path/to/img/2", "size": 2147483648}]}),
-    (["--pmem", "file=/path/to/img/1,size=1G,iommu=on"],
-     {"pmem": [{"file": "/path/to/img/1", "size": 1073741824, "iommu": True}], "iommu": True}),
-    (["--serial", "tty", "--console", "off"], {"serial": {"mode": "Tty"}, "console": {"mode": "Off"}}),
-    (["--serial", "pty", "--console", "pty"], {"serial": {"mode": "Pty"}, "console": {"mode": "Pty"}}),
-    (["--device", "path=/path/to/device/1", "path=/path/to/device/2"],
-     {"devices": [{"path": "/path/to/device/1"}, {"path": "/path/to/device/2"}]}),
-    (["--device", "path=/path/to/device/1,iommu=on"],
-     {"devices": [{"path": "/path/to/device/1", "iommu": True}], "iommu": True}),
-    (["--vdpa", "path=/path/to/device/1", "path=/path/to/device/2,num_queues=2"],
-     {"vdpa": [{"path": "/path/to/device/1", "num_queues": 1}, {"path": "/path/to/device/2", "num_queues": 2}]}),
-    (["--vsock", "cid=123,socket=/path/to/sock/1"], {"vsock": {"cid": 123, "socket": "/path/to/sock/1"}}),
-    (["--vsock", "cid=123,socket=/path/to/sock/1,iommu=on"],
-     {"vsock": {"cid": 123, "socket": "/path/to/sock/1", "iommu": True}, "iommu": True}),
+    (
+        [
+            "--memory",
+            "shared=true",
+            "--fs",
+            "tag=virtiofs1,socket=/path/to/sock1",
+            "tag=virtiofs2,socket=/path/to/sock2",
+        ],
+        {
+            "memory": {"shared": True, "size": 536870912},
+            "fs": [
+                {"tag": "virtiofs1", "socket": "/path/to/sock1"},
+                {"tag": "virtiofs2", "socket": "/path/to/sock2"},
+            ],
+        },
+    ),
+    (
+        [
+            "--memory",
+            "shared=true",
+            "--cpus",
+            "boot=4",
+            "--fs",
+            "tag=virtiofs1,socket=/path/to/sock1,num_queues=4",
+        ],
+        {
+            "memory": {"shared": True, "size": 536870912},
+            "cpus": {"boot_vcpus": 4, "max_vcpus": 4},
+            "fs": [{"tag": "virtiofs1", "socket": "/path/to/sock1", "num_queues": 4}],
+        },
+    ),
+    (
+        [
+            "--memory",
+            "shared=true",
+            "--cpus",
+            "boot=4",
+            "--fs",
+            "tag=virtiofs1,socket=/path/to/sock1,num_queues=4,queue_size=128",
+        ],
+        {
+            "memory": {"shared": True, "size": 536870912},
+            "cpus": {"boot_vcpus": 4, "max_vcpus": 4},
+            "fs": [
+                {"tag": "virtiofs1", "socket": "/path/to/sock1", "num_queues": 4, "queue_size": 128}
+            ],
+        },
+    ),
+    (
+        ["--pmem", "file=/path/to/img/1,size=1G", "file=/path/to/img/2,size=2G"],
+        {
+            "pmem": [
+                {"file": "/path/to/img/1", "size": 1073741824},
+                {"file": "/path/to/img/2", "size": 2147483648},
+            ]
+        },
+    ),
+    (
+        ["--pmem", "file=/path/to/img/1,size=1G,iommu=on"],
+        {"pmem": [{"file": "/path/to/img/1", "size": 1073741824, "iommu": True}], "iommu": True},
+    ),
+    (
+        ["--serial", "tty", "--console", "off"],
+        {"serial": {"mode": "Tty"}, "console": {"mode": "Off"}},
+    ),
+    (
+        ["--serial", "pty", "--console", "pty"],
+        {"serial": {"mode": "Pty"}, "console": {"mode": "Pty"}},
+    ),
+    (
+        ["--device", "path=/path/to/device/1", "path=/path/to/device/2"],
+        {"devices": [{"path": "/path/to/device/1"}, {"path": "/path/to/device/2"}]},
+    ),
+    (
+        ["--device", "path=/path/to/device/1,iommu=on"],
+        {"devices": [{"path": "/path/to/device/1", "iommu": True}], "iommu": True},
+    ),
+    (
+        ["--vdpa", "path=/path/to/device/1", "path=/path/to/device/2,num_queues=2"],
+        {
+            "vdpa": [
+                {"path": "/path/to/device/1", "num_queues": 1},
+                {"path": "/path/to/device/2", "num_queues": 2},
+            ]
+        },
+    ),
+    (
+        ["--vsock", "cid=123,socket=/path/to/sock/1"],
+        {"vsock": {"cid": 123, "socket": "/path/to/sock/1"}},
+    ),
+    (
+        ["--vsock", "cid=123,socket=/path/to/sock/1,iommu=on"],
+        {"vsock": {"cid": 123, "socket": "/path/to/sock/1", "iommu": True}, "iommu": True},
+    ),
     (["--tpm", "socket=/path/to/tpm/sock"], {"tpm": {"socket": "/path/to/tpm/sock"}}),
 ]
 
@@ -613,17 +1040,32 @@ def test_cli_equals_json(args: list[str], data: dict[str, Any]) -> None:
 UNEQUAL: list[tuple[list[str], dict[str, Any]]] = [
     (["--cpus", "boot=2,max=4"], {"cpus": {"boot_vcpus": 1, "max_vcpus": 3}}),
     (["--memory", "size=1G,mergeable=on"], {"memory": {"size": 1073741824, "mergeable": False}}),
-    (["--disk", "path=/path/to/disk/1", "path=/path/to/disk/2"], {"disks": [{"path": "/path/to/disk/1"}]}),
+    (
+        ["--disk", "path=/path/to/disk/1", "path=/path/to/disk/2"],
+        {"disks": [{"path": "/path/to/disk/1"}]},
+    ),
     (["--net", "mac="], {"net": []}),
     (["--net", "mac="], {"net": [{}]}),  # the MAC is random on both sides
-    (["--net", "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,iommu=on"],
-     {"net": [{"mac": "12:34:56:78:90:ab", "host_mac": "34:56:78:90:ab:cd", "iommu": True}]}),
-    (["--pmem", "file=/path/to/img/1,size=1G,iommu=on"],
-     {"pmem": [{"file": "/path/to/img/1", "size": 1073741824, "iommu": True}]}),
-    (["--device", "path=/path/to/device/1,iommu=on"], {"devices": [{"path": "/path/to/device/1", "iommu": True}]}),
-    (["--vsock", "cid=123,socket=/path/to/sock/1"], {"vsock": {"cid": 124, "socket": "/path/to/sock/1"}}),
-    (["--vsock", "cid=123,socket=/path/to/sock/1,iommu=on"],
-     {"vsock": {"cid": 123, "socket": "/path/to/sock/1", "iommu": True}}),
+    (
+        ["--net", "mac=12:34:56:78:90:ab,host_mac=34:56:78:90:ab:cd,iommu=on"],
+        {"net": [{"mac": "12:34:56:78:90:ab", "host_mac": "34:56:78:90:ab:cd", "iommu": True}]},
+    ),
+    (
+        ["--pmem", "file=/path/to/img/1,size=1G,iommu=on"],
+        {"pmem": [{"file": "/path/to/img/1", "size": 1073741824, "iommu": True}]},
+    ),
+    (
+        ["--device", "path=/path/to/device/1,iommu=on"],
+        {"devices": [{"path": "/path/to/device/1", "iommu": True}]},
+    ),
+    (
+        ["--vsock", "cid=123,socket=/path/to/sock/1"],
+        {"vsock": {"cid": 124, "socket": "/path/to/sock/1"}},
+    ),
+    (
+        ["--vsock", "cid=123,socket=/path/to/sock/1,iommu=on"],
+        {"vsock": {"cid": 123, "socket": "/path/to/sock/1", "iommu": True}},
+    ),
 ]
 
 

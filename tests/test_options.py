@@ -4,10 +4,11 @@ and the whole-config parse order of ch-validation §2."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
-
+from _helpers import KERNEL, MAC_RE, MINIMAL, OPTIONS, cli, expect, expect_parse, parse, some
 from vmkit import ParseError, ValidationError
 from vmkit.config import (
     BalloonConfig,
@@ -38,8 +39,6 @@ from vmkit.config import (
     VmConfig,
     VsockConfig,
 )
-
-from _helpers import KERNEL, MAC_RE, MINIMAL, OPTIONS, cli, expect, expect_parse, parse
 
 G = 1073741824
 M512 = 536870912
@@ -73,7 +72,11 @@ def test_platform_defaults() -> None:
     # ref §5.2 #23 (A*)
     p = PlatformConfig.parse("")
     assert (p.num_pci_segments, p.iommu_segments, p.serial_number, p.uuid, p.oem_strings) == (
-        1, None, None, None, None,
+        1,
+        None,
+        None,
+        None,
+        None,
     )
 
 
@@ -111,9 +114,12 @@ def test_memory_zone_defaults() -> None:
 
 
 def test_rate_limit_group_defaults() -> None:
-    # val §1: "a rate-limit group always has a rate_limiter_config object (its buckets possibly null)"
+    # val §1: "a rate-limit group always has a rate_limiter_config object (its buckets
+    # possibly null)"
     g = RateLimiterGroupConfig.parse("")
-    assert g == RateLimiterGroupConfig(id="", rate_limiter_config=RateLimiterConfig(bandwidth=None, ops=None))
+    assert g == RateLimiterGroupConfig(
+        id="", rate_limiter_config=RateLimiterConfig(bandwidth=None, ops=None)
+    )
 
 
 def test_disk_defaults() -> None:
@@ -166,16 +172,24 @@ def test_net_defaults() -> None:
 def test_simple_option_defaults() -> None:
     assert RngConfig.parse("") == RngConfig(src="/dev/urandom", iommu=False)
     assert RngConfig.parse("src=") == RngConfig(src="/dev/urandom", iommu=False)
-    assert BalloonConfig.parse("") == BalloonConfig(size=0, deflate_on_oom=False, free_page_reporting=False)
+    assert BalloonConfig.parse("") == BalloonConfig(
+        size=0, deflate_on_oom=False, free_page_reporting=False
+    )
     assert FsConfig.parse("tag=t,socket=/s") == FsConfig(
         tag="t", socket="/s", num_queues=1, queue_size=1024, id=None, pci_segment=0
     )
     assert PmemConfig.parse("file=/p") == PmemConfig(
         file="/p", size=None, iommu=False, discard_writes=False, id=None, pci_segment=0
     )
-    assert DeviceConfig.parse("path=/dev/x") == DeviceConfig(path="/dev/x", iommu=False, id=None, pci_segment=0)
-    assert UserDeviceConfig.parse("socket=/u") == UserDeviceConfig(socket="/u", id=None, pci_segment=0)
-    assert VdpaConfig.parse("path=/v") == VdpaConfig(path="/v", num_queues=1, iommu=False, id=None, pci_segment=0)
+    assert DeviceConfig.parse("path=/dev/x") == DeviceConfig(
+        path="/dev/x", iommu=False, id=None, pci_segment=0
+    )
+    assert UserDeviceConfig.parse("socket=/u") == UserDeviceConfig(
+        socket="/u", id=None, pci_segment=0
+    )
+    assert VdpaConfig.parse("path=/v") == VdpaConfig(
+        path="/v", num_queues=1, iommu=False, id=None, pci_segment=0
+    )
     assert VsockConfig.parse("cid=3,socket=/s") == VsockConfig(
         cid=3, socket="/s", iommu=False, id=None, pci_segment=0
     )
@@ -189,8 +203,20 @@ def test_simple_option_defaults() -> None:
 
 def test_numa_defaults() -> None:
     n = NumaConfig.parse("")
-    assert (n.guest_numa_id, n.cpus, n.distances, n.memory_zones, n.sgx_epc_sections, n.pci_segments) == (
-        0, None, None, None, None, None,
+    assert (
+        n.guest_numa_id,
+        n.cpus,
+        n.distances,
+        n.memory_zones,
+        n.sgx_epc_sections,
+        n.pci_segments,
+    ) == (
+        0,
+        None,
+        None,
+        None,
+        None,
+        None,
     )
 
 
@@ -204,12 +230,20 @@ KEY_CASES: list[tuple[str, str, str, Any]] = [
     ("cpus", "boot=2", "max_vcpus", 2),  # max defaults to boot
     ("cpus", "boot=2,max=4", "max_vcpus", 4),
     ("cpus", "max=3", "boot_vcpus", 1),
-    ("cpus", "topology=1:2:3:4", "topology",
-     CpuTopology(threads_per_core=1, cores_per_die=2, dies_per_package=3, packages=4)),
+    (
+        "cpus",
+        "topology=1:2:3:4",
+        "topology",
+        CpuTopology(threads_per_core=1, cores_per_die=2, dies_per_package=3, packages=4),
+    ),
     ("cpus", "kvm_hyperv=on", "kvm_hyperv", True),
     ("cpus", "max_phys_bits=40", "max_phys_bits", 40),
-    ("cpus", "affinity=[0@[0,2],1@[1,3]]", "affinity",
-     [CpuAffinity(vcpu=0, host_cpus=[0, 2]), CpuAffinity(vcpu=1, host_cpus=[1, 3])]),
+    (
+        "cpus",
+        "affinity=[0@[0,2],1@[1,3]]",
+        "affinity",
+        [CpuAffinity(vcpu=0, host_cpus=[0, 2]), CpuAffinity(vcpu=1, host_cpus=[1, 3])],
+    ),
     ("cpus", "features=[amx]", "features", CpuFeatures(amx=True)),
     # platform
     ("platform", "num_pci_segments=4", "num_pci_segments", 4),
@@ -348,7 +382,8 @@ def test_option_keys(flag: str, text: str, attr: str, expected: Any) -> None:
 
 
 def test_memory_file_key_accepted_and_ignored() -> None:
-    # ref §2.3 MemoryConfig: "The --memory parser also registers the key file. It is accepted and ignored."
+    # ref §2.3 MemoryConfig: "The --memory parser also registers the key file. It is accepted
+    # and ignored."
     assert MemoryConfig.parse("size=1G,file=/some/file") == MemoryConfig.parse("size=1G")
 
 
@@ -406,23 +441,52 @@ def test_keys_not_present_at_v37(flag: str, key: str) -> None:
 @pytest.mark.parametrize(
     ("flag", "text", "kind", "message"),
     [
-        ("memory-zone", "size=1G", "ParseMemoryZoneIdMissing", "Error parsing --memory-zone: id missing"),
-        ("memory-zone", "id=,size=1G", "ParseMemoryZoneIdMissing", "Error parsing --memory-zone: id missing"),
+        (
+            "memory-zone",
+            "size=1G",
+            "ParseMemoryZoneIdMissing",
+            "Error parsing --memory-zone: id missing",
+        ),
+        (
+            "memory-zone",
+            "id=,size=1G",
+            "ParseMemoryZoneIdMissing",
+            "Error parsing --memory-zone: id missing",
+        ),
         ("fs", "socket=/s", "ParseFsTagMissing", "Error parsing --fs: tag missing"),
         ("fs", "tag=t", "ParseFsSockMissing", "Error parsing --fs: socket missing"),
         ("fs", "", "ParseFsTagMissing", "Error parsing --fs: tag missing"),
-        ("pmem", "size=128M", "ParsePmemFileMissing", "Error parsing --pmem: file missing"),  # val §6
+        (
+            "pmem",
+            "size=128M",
+            "ParsePmemFileMissing",
+            "Error parsing --pmem: file missing",
+        ),  # val §6
         ("pmem", "file=", "ParsePmemFileMissing", "Error parsing --pmem: file missing"),
-        ("device", "", "ParseDevicePathMissing", "Error parsing --device: path missing"),  # ref §5.2 #21 (C)
+        (
+            "device",
+            "",
+            "ParseDevicePathMissing",
+            "Error parsing --device: path missing",
+        ),  # ref §5.2 #21 (C)
         ("device", "id=x", "ParseDevicePathMissing", "Error parsing --device: path missing"),
-        ("user-device", "id=u", "ParseUserDeviceSocketMissing", "Error parsing --user-device: socket missing"),
+        (
+            "user-device",
+            "id=u",
+            "ParseUserDeviceSocketMissing",
+            "Error parsing --user-device: socket missing",
+        ),
         ("vdpa", "num_queues=2", "ParseVdpaPathMissing", "Error parsing --vdpa: path missing"),
         ("vsock", "cid=3", "ParseVsockSockMissing", "Error parsing --vsock: socket missing"),
         ("vsock", "socket=/s", "ParseVsockCidMissing", "Error parsing --vsock: cid missing"),
         ("vsock", "", "ParseVsockSockMissing", "Error parsing --vsock: socket missing"),
         ("sgx-epc", "size=1G", "ParseSgxEpcIdMissing", "Error parsing --sgx-epc: id missing"),
-        ("restore", "prefault=off", "ParseRestoreSourceUrlMissing",
-         "Error parsing --restore: source_url missing"),  # ref §5.2 #32
+        (
+            "restore",
+            "prefault=off",
+            "ParseRestoreSourceUrlMissing",
+            "Error parsing --restore: source_url missing",
+        ),  # ref §5.2 #32
         ("tpm", "", "ParseTpmPathMissing", "Error parsing --tpm: path missing"),
         ("tpm", "socket=", "ParseTpmPathMissing", "Error parsing --tpm: path missing"),
     ],
@@ -438,15 +502,64 @@ def test_required_keys(flag: str, text: str, kind: str, message: str) -> None:
 ORDER_CHAINS: dict[str, tuple[str, list[str]]] = {
     "cpus": ("", ["boot", "max", "topology", "kvm_hyperv", "max_phys_bits", "affinity"]),
     "platform": ("", ["num_pci_segments", "iommu_segments"]),
-    "memory": ("", ["size", "mergeable", "hotplug_method", "hotplug_size", "hotplugged_size", "shared",
-                    "hugepages", "hugepage_size", "prefault", "thp"]),
-    "memory-zone": ("id=z", ["size", "shared", "hugepages", "hugepage_size", "host_numa_node",
-                             "hotplug_size", "hotplugged_size", "prefault"]),
-    "rate-limit-group": ("", ["bw_size", "bw_one_time_burst", "bw_refill_time", "ops_size",
-                              "ops_one_time_burst", "ops_refill_time"]),
+    "memory": (
+        "",
+        [
+            "size",
+            "mergeable",
+            "hotplug_method",
+            "hotplug_size",
+            "hotplugged_size",
+            "shared",
+            "hugepages",
+            "hugepage_size",
+            "prefault",
+            "thp",
+        ],
+    ),
+    "memory-zone": (
+        "id=z",
+        [
+            "size",
+            "shared",
+            "hugepages",
+            "hugepage_size",
+            "host_numa_node",
+            "hotplug_size",
+            "hotplugged_size",
+            "prefault",
+        ],
+    ),
+    "rate-limit-group": (
+        "",
+        [
+            "bw_size",
+            "bw_one_time_burst",
+            "bw_refill_time",
+            "ops_size",
+            "ops_one_time_burst",
+            "ops_refill_time",
+        ],
+    ),
     "disk": ("", ["readonly", "direct", "iommu", "queue_size", "num_queues", "vhost_user"]),
-    "net": ("", ["ip", "mask", "mac", "host_mac", "offload_tso", "offload_ufo", "offload_csum", "mtu",
-                 "iommu", "queue_size", "num_queues", "vhost_user", "vhost_mode"]),
+    "net": (
+        "",
+        [
+            "ip",
+            "mask",
+            "mac",
+            "host_mac",
+            "offload_tso",
+            "offload_ufo",
+            "offload_csum",
+            "mtu",
+            "iommu",
+            "queue_size",
+            "num_queues",
+            "vhost_user",
+            "vhost_mode",
+        ],
+    ),
     "balloon": ("", ["size", "deflate_on_oom", "free_page_reporting"]),
     "fs": ("tag=t,socket=/s", ["queue_size", "num_queues"]),
     "pmem": ("file=/p", ["size", "iommu", "discard_writes"]),
@@ -458,7 +571,7 @@ ORDER_CHAINS: dict[str, tuple[str, list[str]]] = {
 ORDER_PAIRS = [
     (flag, base, a, b)
     for flag, (base, keys) in ORDER_CHAINS.items()
-    for a, b in zip(keys, keys[1:])
+    for a, b in itertools.pairwise(keys)
 ]
 
 
@@ -472,26 +585,52 @@ def test_conversion_order(flag: str, base: str, first: str, second: str) -> None
 
 
 def test_cpu_features_checked_after_other_conversions() -> None:
-    expect(lambda: CpusConfig.parse("features=[foo],max_phys_bits=x"), "ParseCpus",
-           "Error parsing --cpus: unable to convert x for max_phys_bits")
+    expect(
+        lambda: CpusConfig.parse("features=[foo],max_phys_bits=x"),
+        "ParseCpus",
+        "Error parsing --cpus: unable to convert x for max_phys_bits",
+    )
 
 
 @pytest.mark.parametrize(
     ("flag", "text", "kind", "message"),
     [
         # REQ keys listed first are checked before conversions of later keys
-        ("memory-zone", "size=x", "ParseMemoryZoneIdMissing", "Error parsing --memory-zone: id missing"),
+        (
+            "memory-zone",
+            "size=x",
+            "ParseMemoryZoneIdMissing",
+            "Error parsing --memory-zone: id missing",
+        ),
         ("fs", "queue_size=x,socket=/s", "ParseFsTagMissing", "Error parsing --fs: tag missing"),
         ("device", "iommu=x", "ParseDevicePathMissing", "Error parsing --device: path missing"),
-        ("user-device", "pci_segment=x", "ParseUserDeviceSocketMissing",
-         "Error parsing --user-device: socket missing"),
+        (
+            "user-device",
+            "pci_segment=x",
+            "ParseUserDeviceSocketMissing",
+            "Error parsing --user-device: socket missing",
+        ),
         ("vdpa", "num_queues=x", "ParseVdpaPathMissing", "Error parsing --vdpa: path missing"),
         ("vsock", "cid=x", "ParseVsockSockMissing", "Error parsing --vsock: socket missing"),
-        ("vsock", "socket=/s,cid=x", "ParseVsock", "Error parsing --vsock: unable to convert x for cid"),
+        (
+            "vsock",
+            "socket=/s,cid=x",
+            "ParseVsock",
+            "Error parsing --vsock: unable to convert x for cid",
+        ),
         ("sgx-epc", "size=x", "ParseSgxEpcIdMissing", "Error parsing --sgx-epc: id missing"),
-        ("restore", "prefault=x", "ParseRestoreSourceUrlMissing", "Error parsing --restore: source_url missing"),
-        ("restore", "source_url=/r,prefault=x", "ParseRestore",
-         "Error parsing --restore: unable to convert x for prefault"),
+        (
+            "restore",
+            "prefault=x",
+            "ParseRestoreSourceUrlMissing",
+            "Error parsing --restore: source_url missing",
+        ),
+        (
+            "restore",
+            "source_url=/r,prefault=x",
+            "ParseRestore",
+            "Error parsing --restore: unable to convert x for prefault",
+        ),
     ],
 )
 def test_required_vs_conversion_order(flag: str, text: str, kind: str, message: str) -> None:
@@ -505,12 +644,20 @@ def test_required_vs_conversion_order(flag: str, text: str, kind: str, message: 
 
 @pytest.mark.parametrize(
     ("text", "name"),
-    [("features=foo", "foo"), ("features=[amx,foo]", "foo"), ("features=[foo,bar]", "foo"),
-     ("features=[]", ""), ("features=AMX", "AMX")],
+    [
+        ("features=foo", "foo"),
+        ("features=[amx,foo]", "foo"),
+        ("features=[foo,bar]", "foo"),
+        ("features=[]", ""),
+        ("features=AMX", "AMX"),
+    ],
 )
 def test_invalid_cpu_features(text: str, name: str) -> None:
-    expect(lambda: CpusConfig.parse(text), "InvalidCpuFeatures",
-           f"Invalid feature in --cpus features list: {name}")
+    expect(
+        lambda: CpusConfig.parse(text),
+        "InvalidCpuFeatures",
+        f"Invalid feature in --cpus features list: {name}",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -521,9 +668,14 @@ def test_invalid_cpu_features(text: str, name: str) -> None:
 def test_examples_section_6() -> None:
     c = CpusConfig.parse("boot=8,topology=2:2:1:2")
     assert (c.boot_vcpus, c.max_vcpus) == (8, 8)
-    assert c.topology == CpuTopology(threads_per_core=2, cores_per_die=2, dies_per_package=1, packages=2)
-    expect(lambda: CpusConfig.parse("boot=8,topology=2:2:1"), "ParseCpus",
-           "Error parsing --cpus: unable to convert 2:2:1 for topology")
+    assert c.topology == CpuTopology(
+        threads_per_core=2, cores_per_die=2, dies_per_package=1, packages=2
+    )
+    expect(
+        lambda: CpusConfig.parse("boot=8,topology=2:2:1"),
+        "ParseCpus",
+        "Error parsing --cpus: unable to convert 2:2:1 for topology",
+    )
 
     m = MemoryConfig.parse("hugepages=on,size=1G,hugepage_size=2M")
     assert (m.size, m.hugepages, m.hugepage_size) == (G, True, 2097152)
@@ -537,11 +689,21 @@ def test_examples_section_6() -> None:
     assert n.host_mac is None
     assert (n.ip, n.mask) == ("192.168.249.1", "255.255.255.0")
 
-    expect(lambda: ConsoleConfig.parse(""), "ParseConsoleInvalidModeGiven",
-           "Error parsing --console: invalid console mode given")
-    expect(lambda: ConsoleConfig.parse("badmode"), "ParseConsole",
-           "Error parsing --console: unknown option: badmode")
-    expect(lambda: PmemConfig.parse("size=128M"), "ParsePmemFileMissing", "Error parsing --pmem: file missing")
+    expect(
+        lambda: ConsoleConfig.parse(""),
+        "ParseConsoleInvalidModeGiven",
+        "Error parsing --console: invalid console mode given",
+    )
+    expect(
+        lambda: ConsoleConfig.parse("badmode"),
+        "ParseConsole",
+        "Error parsing --console: unknown option: badmode",
+    )
+    expect(
+        lambda: PmemConfig.parse("size=128M"),
+        "ParsePmemFileMissing",
+        "Error parsing --pmem: file missing",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -556,20 +718,30 @@ def test_rev_memory_zone_defaults() -> None:
     assert m.zones == [MemoryZoneConfig(id="mem0", size=G)]
     z = m.zones[0]
     assert (z.file, z.shared, z.hugepages, z.prefault) == (None, False, False, False)
-    assert (z.hugepage_size, z.host_numa_node, z.hotplug_size, z.hotplugged_size) == (None, None, None, None)
+    assert (z.hugepage_size, z.host_numa_node, z.hotplug_size, z.hotplugged_size) == (
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 @pytest.mark.parametrize("zone", ["id=mem0,size=1G,mergeable=on", "id=mem0,size=1G,mergeable=off"])
 def test_rev_zone_mergeable_unknown(zone: str) -> None:
     # §5.2 #4 (B)
-    expect(lambda: MemoryConfig.parse("size=0", zones=[zone]), "ParseMemoryZone",
-           "Error parsing --memory-zone: unknown option: mergeable")
+    expect(
+        lambda: MemoryConfig.parse("size=0", zones=[zone]),
+        "ParseMemoryZone",
+        "Error parsing --memory-zone: unknown option: mergeable",
+    )
 
 
 def test_rev_zone_mergeable_with_hotplug_unknown() -> None:
     # §5.2 #5 (B)
     expect(
-        lambda: MemoryConfig.parse("size=1G,mergeable=off", zones=["id=hotplug,size=0,hotplug_size=4G,mergeable=on"]),
+        lambda: MemoryConfig.parse(
+            "size=1G,mergeable=off", zones=["id=hotplug,size=0,hotplug_size=4G,mergeable=on"]
+        ),
         "ParseMemoryZone",
         "Error parsing --memory-zone: unknown option: mergeable",
     )
@@ -584,17 +756,26 @@ def test_rev_top_level_mergeable() -> None:
 
 def test_rev_reserve_unknown() -> None:
     # §5.2 #7, #8 (B)
-    expect(lambda: MemoryConfig.parse("size=0", zones=["id=mem0,size=1G,reserve=on"]), "ParseMemoryZone",
-           "Error parsing --memory-zone: unknown option: reserve")
-    expect(lambda: MemoryConfig.parse("size=1G,hugepages=on,reserve=on"), "ParseMemory",
-           "Error parsing --memory: unknown option: reserve")
+    expect(
+        lambda: MemoryConfig.parse("size=0", zones=["id=mem0,size=1G,reserve=on"]),
+        "ParseMemoryZone",
+        "Error parsing --memory-zone: unknown option: reserve",
+    )
+    expect(
+        lambda: MemoryConfig.parse("size=1G,hugepages=on,reserve=on"),
+        "ParseMemory",
+        "Error parsing --memory: unknown option: reserve",
+    )
 
 
 @pytest.mark.parametrize("mode", ["vm", "vcpu", "off", "invalid"])
 def test_rev_core_scheduling_unknown(mode: str) -> None:
     # §5.2 #1, #2
-    expect(lambda: CpusConfig.parse(f"boot=1,core_scheduling={mode}"), "ParseCpus",
-           "Error parsing --cpus: unknown option: core_scheduling")
+    expect(
+        lambda: CpusConfig.parse(f"boot=1,core_scheduling={mode}"),
+        "ParseCpus",
+        "Error parsing --cpus: unknown option: core_scheduling",
+    )
 
 
 def test_rev_net_mac_and_mask() -> None:
@@ -616,42 +797,66 @@ def test_rev_net_mac_and_mask() -> None:
 
 def test_rev_rng_and_balloon() -> None:
     # §5.2 #13-15
-    expect(lambda: RngConfig.parse("src=/dev/random,iommu=on,pci_segment=1,pci_device_id=7"), "ParseRng",
-           "Error parsing --rng: unknown option: pci_segment")
     expect(
-        lambda: BalloonConfig.parse("size=128M,deflate_on_oom=on,free_page_reporting=on,pci_segment=1,pci_device_id=7"),
+        lambda: RngConfig.parse("src=/dev/random,iommu=on,pci_segment=1,pci_device_id=7"),
+        "ParseRng",
+        "Error parsing --rng: unknown option: pci_segment",
+    )
+    expect(
+        lambda: BalloonConfig.parse(
+            "size=128M,deflate_on_oom=on,free_page_reporting=on,pci_segment=1,pci_device_id=7"
+        ),
         "ParseBalloon",
         "Error parsing --balloon: unknown option: pci_segment",
     )
-    assert BalloonConfig.parse("size=128M,deflate_on_oom=on,free_page_reporting=on") == BalloonConfig(
-        size=134217728, deflate_on_oom=True, free_page_reporting=True
+    assert BalloonConfig.parse(
+        "size=128M,deflate_on_oom=on,free_page_reporting=on"
+    ) == BalloonConfig(size=134217728, deflate_on_oom=True, free_page_reporting=True)
+    expect(
+        lambda: BalloonConfig.parse("size=0,iommu=on"),
+        "ParseBalloon",
+        "Error parsing --balloon: unknown option: iommu",
     )
-    expect(lambda: BalloonConfig.parse("size=0,iommu=on"), "ParseBalloon",
-           "Error parsing --balloon: unknown option: iommu")
 
 
 @pytest.mark.parametrize(
     "text",
-    ["path=/path/to/device,x_exclude_mmap_bars=[2]", "path=/path/to/device,x_exclude_mmap_bars=[0,2,5]"],
+    [
+        "path=/path/to/device,x_exclude_mmap_bars=[2]",
+        "path=/path/to/device,x_exclude_mmap_bars=[0,2,5]",
+    ],
 )
 def test_rev_device_exclude_bars(text: str) -> None:
     # §5.2 #18
-    expect(lambda: DeviceConfig.parse(text), "ParseDevice",
-           "Error parsing --device: unknown option: x_exclude_mmap_bars")
+    expect(
+        lambda: DeviceConfig.parse(text),
+        "ParseDevice",
+        "Error parsing --device: unknown option: x_exclude_mmap_bars",
+    )
 
 
 @pytest.mark.parametrize("text", ["fd=7", "path=/path/to/device,fd=7", "fd=notanint"])
 def test_rev_device_fd(text: str) -> None:
     # §5.2 #19, #20
-    expect(lambda: DeviceConfig.parse(text), "ParseDevice", "Error parsing --device: unknown option: fd")
+    expect(
+        lambda: DeviceConfig.parse(text),
+        "ParseDevice",
+        "Error parsing --device: unknown option: fd",
+    )
 
 
 def test_rev_platform_iommufd() -> None:
     # §5.2 #22
-    expect(lambda: PlatformConfig.parse("iommufd_fd=42"), "ParsePlatform",
-           "Error parsing --platform: unknown option: iommufd_fd")
-    expect(lambda: PlatformConfig.parse("iommufd=on,iommufd_fd=42"), "ParsePlatform",
-           "Error parsing --platform: unknown option: iommufd")
+    expect(
+        lambda: PlatformConfig.parse("iommufd_fd=42"),
+        "ParsePlatform",
+        "Error parsing --platform: unknown option: iommufd_fd",
+    )
+    expect(
+        lambda: PlatformConfig.parse("iommufd=on,iommufd_fd=42"),
+        "ParsePlatform",
+        "Error parsing --platform: unknown option: iommufd",
+    )
 
 
 def test_rev_numa() -> None:
@@ -663,7 +868,9 @@ def test_rev_numa() -> None:
         "ParseNuma",
         "Error parsing --numa: unknown option: device_id",
     )
-    n = NumaConfig.parse("guest_numa_id=1,cpus=[2,3],distances=[0@20],memory_zones=[mem0],pci_segments=[0]")
+    n = NumaConfig.parse(
+        "guest_numa_id=1,cpus=[2,3],distances=[0@20],memory_zones=[mem0],pci_segments=[0]"
+    )
     assert n == NumaConfig(
         guest_numa_id=1,
         cpus=[2, 3],
@@ -672,8 +879,13 @@ def test_rev_numa() -> None:
         sgx_epc_sections=None,
         pci_segments=[0],
     )
-    expect(lambda: NumaConfig.parse("guest_numa_id=2,device_id=vfio1,distances=[0@30],pci_segments=[1]"),
-           "ParseNuma", "Error parsing --numa: unknown option: device_id")
+    expect(
+        lambda: NumaConfig.parse(
+            "guest_numa_id=2,device_id=vfio1,distances=[0@30],pci_segments=[1]"
+        ),
+        "ParseNuma",
+        "Error parsing --numa: unknown option: device_id",
+    )
 
 
 @pytest.mark.parametrize(
@@ -690,8 +902,11 @@ def test_rev_numa() -> None:
 )
 def test_rev_restore_unknown(suffix: str, key: str) -> None:
     # §5.2 #28-31, #33
-    expect(lambda: RestoreConfig.parse(f"source_url=/path/to/snapshot,{suffix}"), "ParseRestore",
-           f"Error parsing --restore: unknown option: {key}")
+    expect(
+        lambda: RestoreConfig.parse(f"source_url=/path/to/snapshot,{suffix}"),
+        "ParseRestore",
+        f"Error parsing --restore: unknown option: {key}",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -718,28 +933,49 @@ def bucket(size: int, refill: int, burst: int = 0) -> TokenBucketConfig:
         ("ops_one_time_burst=7", None, None),
     ],
 )
-def test_rate_limiter_buckets(text: str, bandwidth: TokenBucketConfig | None, ops: TokenBucketConfig | None) -> None:
+def test_rate_limiter_buckets(
+    text: str, bandwidth: TokenBucketConfig | None, ops: TokenBucketConfig | None
+) -> None:
     group = RateLimiterGroupConfig.parse(f"id=g,{text}")
     assert group.rate_limiter_config == RateLimiterConfig(bandwidth=bandwidth, ops=ops)
-    expected = None if bandwidth is None and ops is None else RateLimiterConfig(bandwidth=bandwidth, ops=ops)
+    expected = (
+        None
+        if bandwidth is None and ops is None
+        else RateLimiterConfig(bandwidth=bandwidth, ops=ops)
+    )
     assert DiskConfig.parse(f"path=/d,{text}").rate_limiter_config == expected
     assert NetConfig.parse(text).rate_limiter_config == expected
 
 
 def test_bucket_one_time_burst_is_a_number() -> None:
-    b = DiskConfig.parse("bw_size=1,bw_refill_time=1").rate_limiter_config.bandwidth
+    b = some(some(DiskConfig.parse("bw_size=1,bw_refill_time=1").rate_limiter_config).bandwidth)
     assert b.one_time_burst == 0
     assert b.to_dict() == {"size": 1, "one_time_burst": 0, "refill_time": 1}
 
 
 @pytest.mark.parametrize(
-    "key", ["bw_size", "bw_one_time_burst", "bw_refill_time", "ops_size", "ops_one_time_burst", "ops_refill_time"]
+    "key",
+    [
+        "bw_size",
+        "bw_one_time_burst",
+        "bw_refill_time",
+        "ops_size",
+        "ops_one_time_burst",
+        "ops_refill_time",
+    ],
 )
 def test_bucket_keys_are_u64(key: str) -> None:
     assert DiskConfig.parse(f"{key}=18446744073709551615") is not None
-    expect(lambda: DiskConfig.parse(f"{key}=-1"), "ParseDisk", f"Error parsing --disk: unable to convert -1 for {key}")
-    expect(lambda: RateLimiterGroupConfig.parse(f"{key}=1K"), "ParseRateLimiterGroup",
-           f"Error parsing --rate-limit-group: unable to convert 1K for {key}")
+    expect(
+        lambda: DiskConfig.parse(f"{key}=-1"),
+        "ParseDisk",
+        f"Error parsing --disk: unable to convert -1 for {key}",
+    )
+    expect(
+        lambda: RateLimiterGroupConfig.parse(f"{key}=1K"),
+        "ParseRateLimiterGroup",
+        f"Error parsing --rate-limit-group: unable to convert 1K for {key}",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -758,8 +994,8 @@ def test_net_random_mac(text: str) -> None:
 
 
 def test_net_random_mac_via_cli() -> None:
-    a = cli("--net", "tap=tap0").net[0].mac
-    b = cli("--net", "tap=tap0").net[0].mac
+    a = some(cli("--net", "tap=tap0").net)[0].mac
+    b = some(cli("--net", "tap=tap0").net)[0].mac
     assert a.startswith("2e:") and b.startswith("2e:")
     assert a != b
 
@@ -793,25 +1029,53 @@ def test_console_precedence(text: str, mode: str, file: str | None, socket: str 
 
 
 def test_console_errors() -> None:
-    expect(lambda: ConsoleConfig.parse("iommu=on"), "ParseConsoleInvalidModeGiven",
-           "Error parsing --console: invalid console mode given")
-    expect(lambda: ConsoleConfig.parse("tty,iommu=x"), "ParseConsole",
-           "Error parsing --console: unable to convert x for iommu")
-    expect(lambda: ConsoleConfig.parse("file="), "ConsoleFileMissing",
-           "Path missing when using file console mode", ValidationError)
-    expect(lambda: ConsoleConfig.parse("socket="), "ConsoleSocketPathMissing",
-           "Path missing when using socket console mode", ValidationError)
-    expect(lambda: ConsoleConfig.parse("iommu=on,file="), "ConsoleFileMissing",
-           "Path missing when using file console mode", ValidationError)
+    expect(
+        lambda: ConsoleConfig.parse("iommu=on"),
+        "ParseConsoleInvalidModeGiven",
+        "Error parsing --console: invalid console mode given",
+    )
+    expect(
+        lambda: ConsoleConfig.parse("tty,iommu=x"),
+        "ParseConsole",
+        "Error parsing --console: unable to convert x for iommu",
+    )
+    expect(
+        lambda: ConsoleConfig.parse("file="),
+        "ConsoleFileMissing",
+        "Path missing when using file console mode",
+        ValidationError,
+    )
+    expect(
+        lambda: ConsoleConfig.parse("socket="),
+        "ConsoleSocketPathMissing",
+        "Path missing when using socket console mode",
+        ValidationError,
+    )
+    expect(
+        lambda: ConsoleConfig.parse("iommu=on,file="),
+        "ConsoleFileMissing",
+        "Path missing when using file console mode",
+        ValidationError,
+    )
 
 
 def test_serial_errors_say_console() -> None:
-    expect(lambda: cli("--serial", "badmode"), "ParseConsole",
-           "Error parsing --console: unknown option: badmode")
-    expect(lambda: cli("--serial", ""), "ParseConsoleInvalidModeGiven",
-           "Error parsing --console: invalid console mode given")
-    expect(lambda: cli("--serial", "file="), "ConsoleFileMissing",
-           "Path missing when using file console mode", ValidationError)
+    expect(
+        lambda: cli("--serial", "badmode"),
+        "ParseConsole",
+        "Error parsing --console: unknown option: badmode",
+    )
+    expect(
+        lambda: cli("--serial", ""),
+        "ParseConsoleInvalidModeGiven",
+        "Error parsing --console: invalid console mode given",
+    )
+    expect(
+        lambda: cli("--serial", "file="),
+        "ConsoleFileMissing",
+        "Path missing when using file console mode",
+        ValidationError,
+    )
 
 
 def test_serial_and_console_defaults_and_overrides() -> None:
@@ -834,7 +1098,7 @@ def test_cli_defaults() -> None:
     assert (c.cpus.boot_vcpus, c.cpus.max_vcpus, c.cpus.max_phys_bits) == (1, 1, 46)
     assert c.memory.size == M512
     assert c.rng.src == "/dev/urandom"
-    assert c.payload.kernel == KERNEL
+    assert some(c.payload).kernel == KERNEL
 
 
 def test_cli_user_string_replaces_default() -> None:
@@ -848,26 +1112,43 @@ def test_cli_user_string_replaces_default() -> None:
 
 def test_cli_payload() -> None:
     c = VmConfig.from_cli(["--kernel", "/k", "--initramfs", "/i", "--cmdline", "a=b c"])
-    assert (c.payload.kernel, c.payload.initramfs, c.payload.cmdline, c.payload.firmware) == ("/k", "/i", "a=b c", None)
+    assert (
+        some(c.payload).kernel,
+        some(c.payload).initramfs,
+        some(c.payload).cmdline,
+        some(c.payload).firmware,
+    ) == (
+        "/k",
+        "/i",
+        "a=b c",
+        None,
+    )
     c = VmConfig.from_cli(["--firmware", "/fw"])
-    assert (c.payload.firmware, c.payload.kernel) == ("/fw", None)
+    assert (some(c.payload).firmware, some(c.payload).kernel) == ("/fw", None)
 
 
 def test_cli_payload_needs_kernel_or_firmware() -> None:
     # val §1 "Payload": initramfs and cmdline alone produce none -> rule 1 KernelMissing
-    expect(lambda: VmConfig.from_cli(["--initramfs", "/i", "--cmdline", "x"]), "KernelMissing",
-           "No kernel specified", ValidationError)
+    expect(
+        lambda: VmConfig.from_cli(["--initramfs", "/i", "--cmdline", "x"]),
+        "KernelMissing",
+        "No kernel specified",
+        ValidationError,
+    )
 
 
 def test_cli_memory_zones() -> None:
     c = cli("--memory", "size=0", "--memory-zone", "id=z0,size=1G", "id=z1,size=2G")
-    assert c.memory.zones == [MemoryZoneConfig(id="z0", size=G), MemoryZoneConfig(id="z1", size=2 * G)]
+    assert c.memory.zones == [
+        MemoryZoneConfig(id="z0", size=G),
+        MemoryZoneConfig(id="z1", size=2 * G),
+    ]
 
 
 def test_cli_multiple_values() -> None:
     c = cli("--disk", "path=/a", "path=/b", "--pmem", "file=/p1", "file=/p2,size=1G")
-    assert [d.path for d in c.disks] == ["/a", "/b"]
-    assert [(p.file, p.size) for p in c.pmem] == [("/p1", None), ("/p2", G)]
+    assert [d.path for d in some(c.disks)] == ["/a", "/b"]
+    assert [(p.file, p.size) for p in some(c.pmem)] == [("/p1", None), ("/p2", G)]
 
 
 def test_cli_flags() -> None:
@@ -883,7 +1164,11 @@ def test_cli_flags() -> None:
 
 # (flag args, expected message) in parse order; each has an error.
 ORDERED_FAILURES: list[tuple[list[str], str, str]] = [
-    (["--rate-limit-group", "a1=1"], "ParseRateLimiterGroup", "Error parsing --rate-limit-group: unknown option: a1"),
+    (
+        ["--rate-limit-group", "a1=1"],
+        "ParseRateLimiterGroup",
+        "Error parsing --rate-limit-group: unknown option: a1",
+    ),
     (["--disk", "a2=1"], "ParseDisk", "Error parsing --disk: unknown option: a2"),
     (["--net", "a3=1"], "ParseNetwork", "Error parsing --net: unknown option: a3"),
     (["--rng", "a4=1"], "ParseRng", "Error parsing --rng: unknown option: a4"),
@@ -893,7 +1178,11 @@ ORDERED_FAILURES: list[tuple[list[str], str, str]] = [
     (["--console", "a8=1"], "ParseConsole", "Error parsing --console: unknown option: a8"),
     (["--serial", "a9=1"], "ParseConsole", "Error parsing --console: unknown option: a9"),
     (["--device", "b1=1"], "ParseDevice", "Error parsing --device: unknown option: b1"),
-    (["--user-device", "b2=1"], "ParseUserDevice", "Error parsing --user-device: unknown option: b2"),
+    (
+        ["--user-device", "b2=1"],
+        "ParseUserDevice",
+        "Error parsing --user-device: unknown option: b2",
+    ),
     (["--vdpa", "b3=1"], "ParseVdpa", "Error parsing --vdpa: unknown option: b3"),
     (["--vsock", "b4=1"], "ParseVsock", "Error parsing --vsock: unknown option: b4"),
     (["--platform", "b5=1"], "ParsePlatform", "Error parsing --platform: unknown option: b5"),
@@ -902,7 +1191,11 @@ ORDERED_FAILURES: list[tuple[list[str], str, str]] = [
     (["--tpm", "b8=1"], "ParseTpm", "Error parsing --tpm: unknown option: b8"),
     (["--cpus", "b9=1"], "ParseCpus", "Error parsing --cpus: unknown option: b9"),
     (["--memory", "c1=1"], "ParseMemory", "Error parsing --memory: unknown option: c1"),
-    (["--memory-zone", "c2=1"], "ParseMemoryZone", "Error parsing --memory-zone: unknown option: c2"),
+    (
+        ["--memory-zone", "c2=1"],
+        "ParseMemoryZone",
+        "Error parsing --memory-zone: unknown option: c2",
+    ),
 ]
 
 
@@ -915,21 +1208,34 @@ def test_parse_order(index: int) -> None:
 
 
 def test_memory_errors_come_before_zone_errors() -> None:
-    expect(lambda: MemoryConfig.parse("size=x", zones=["size=1G"]), "ParseMemory",
-           "Error parsing --memory: unable to convert x for size")
-    expect(lambda: MemoryConfig.parse("size=0", zones=["id=a,size=1G", "id=b,size=x", "size=1G"]),
-           "ParseMemoryZone", "Error parsing --memory-zone: unable to convert x for size")
+    expect(
+        lambda: MemoryConfig.parse("size=x", zones=["size=1G"]),
+        "ParseMemory",
+        "Error parsing --memory: unable to convert x for size",
+    )
+    expect(
+        lambda: MemoryConfig.parse("size=0", zones=["id=a,size=1G", "id=b,size=x", "size=1G"]),
+        "ParseMemoryZone",
+        "Error parsing --memory-zone: unable to convert x for size",
+    )
 
 
 def test_parse_errors_come_before_validation() -> None:
-    expect(lambda: cli("--cpus", "boot=2,max=1", "--memory", "size=x"), "ParseMemory",
-           "Error parsing --memory: unable to convert x for size")
+    expect(
+        lambda: cli("--cpus", "boot=2,max=1", "--memory", "size=x"),
+        "ParseMemory",
+        "Error parsing --memory: unable to convert x for size",
+    )
 
 
 def test_console_validation_error_is_reported_before_serial_parse_error() -> None:
     # console is parsed before serial; `file=` fails at parse time with a ValidationError (val §1)
-    expect(lambda: cli("--serial", "bogus", "--console", "file="), "ConsoleFileMissing",
-           "Path missing when using file console mode", ValidationError)
+    expect(
+        lambda: cli("--serial", "bogus", "--console", "file="),
+        "ConsoleFileMissing",
+        "Path missing when using file console mode",
+        ValidationError,
+    )
 
 
 def test_cli_parse_errors_are_parse_errors() -> None:

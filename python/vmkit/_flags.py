@@ -300,8 +300,11 @@ def scan(argv: Sequence[str]) -> CommandLine:
             continue
         values: list[str] = [] if inline is None else [inline]
         if flag.arity == "many":
-            while i < count and not _is_flag_word(words[i]):
-                values.append(words[i])
+            while i < count:
+                value = words[i]
+                if value[:1] == "-" and value != "-":
+                    break
+                values.append(value)
                 i += 1
         elif inline is None and i < count and not _is_flag_word(words[i]):
             values.append(words[i])

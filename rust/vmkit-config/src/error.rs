@@ -345,17 +345,32 @@ impl std::error::Error for ValidationError {}
 pub struct JsonError {
     /// Where in the document (`disks[0].queue_size`); empty at the top.
     pub path: String,
-    /// serde_json's own text (what v37's API answers with).
+    /// serde_json's text without its position.
     pub message: String,
+    /// Position in the text (1-based; 0 when unknown).
+    pub line: usize,
+    pub column: usize,
+}
+
+impl JsonError {
+    /// The message with the field path but no text position (for documents
+    /// that were never text, such as Python dicts).
+    pub fn without_position(&self) -> String {
+        if self.path.is_empty() || self.path == "." {
+            self.message.clone()
+        } else {
+            format!("{}: {}", self.path, self.message)
+        }
+    }
 }
 
 impl fmt::Display for JsonError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() || self.path == "." {
-            write!(f, "{}", self.message)
-        } else {
-            write!(f, "{}: {}", self.path, self.message)
+        f.write_str(&self.without_position())?;
+        if self.line > 0 {
+            write!(f, " at line {} column {}", self.line, self.column)?;
         }
+        Ok(())
     }
 }
 

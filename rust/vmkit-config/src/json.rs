@@ -4,16 +4,50 @@ use serde::de::DeserializeOwned;
 
 use crate::error::JsonError;
 
+fn json_error(path: String, e: &serde_json::Error) -> JsonError {
+    let text = e.to_string();
+    let position = format!(" at line {} column {}", e.line(), e.column());
+    let message = text.strip_suffix(&position).unwrap_or(&text).to_owned();
+    JsonError {
+        path,
+        message,
+        line: e.line(),
+        column: e.column(),
+    }
+}
+
 /// Deserialises `text`; the error names the path of the offending field.
 pub fn from_json<T: DeserializeOwned>(text: &str) -> Result<T, JsonError> {
     let mut deserializer = serde_json::Deserializer::from_str(text);
-    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| JsonError {
-        path: e.path().to_string(),
-        message: e.inner().to_string(),
-    })?;
-    deserializer.end().map_err(|e| JsonError {
-        path: String::new(),
-        message: e.to_string(),
-    })?;
+    let value = serde_path_to_error::deserialize(&mut deserializer)
+        .map_err(|e| json_error(e.path().to_string(), e.inner()))?;
+    deserializer
+        .end()
+        .map_err(|e| json_error(String::new(), &e))?;
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::VmConfig;
+
+    #[test]
+    fn errors_name_the_field_and_position() {
+        let err = from_json::<VmConfig>(r#"{"disks": [{"queue_size": "x"}]}"#).unwrap_err();
+        assert_eq!(err.path, "disks[0].queue_size");
+        assert_eq!(err.message, "invalid type: string \"x\", expected u16");
+        assert_eq!(
+            err.to_string(),
+            "disks[0].queue_size: invalid type: string \"x\", expected u16 at line 1 column 29"
+        );
+        let err = from_json::<VmConfig>(r#"{"memory": {}}"#).unwrap_err();
+        assert_eq!(err.path, "memory");
+        assert_eq!(err.message, "missing field `size`");
+    }
+
+    #[test]
+    fn trailing_garbage_is_refused() {
+        assert!(from_json::<VmConfig>("{} x").is_err());
+    }
 }
