@@ -1111,20 +1111,11 @@ def test_cli_user_string_replaces_default() -> None:
 
 
 def test_cli_payload() -> None:
-    c = VmConfig.from_cli(["--kernel", "/k", "--initramfs", "/i", "--cmdline", "a=b c"])
-    assert (
-        some(c.payload).kernel,
-        some(c.payload).initramfs,
-        some(c.payload).cmdline,
-        some(c.payload).firmware,
-    ) == (
-        "/k",
-        "/i",
-        "a=b c",
-        None,
-    )
-    c = VmConfig.from_cli(["--firmware", "/fw"])
-    assert (some(c.payload).firmware, some(c.payload).kernel) == ("/fw", None)
+    argv = ["--kernel", "/k", "--initramfs", "/i", "--cmdline", "a=b c"]
+    p = some(VmConfig.from_cli(argv).payload)
+    assert (p.kernel, p.initramfs, p.cmdline, p.firmware) == ("/k", "/i", "a=b c", None)
+    p = some(VmConfig.from_cli(["--firmware", "/fw"]).payload)
+    assert (p.firmware, p.kernel) == ("/fw", None)
 
 
 def test_cli_payload_needs_kernel_or_firmware() -> None:

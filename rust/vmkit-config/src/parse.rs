@@ -858,3 +858,175 @@ impl VmConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(e: Error) -> String {
+        e.to_string()
+    }
+
+    #[test]
+    fn cpus() {
+        let c = CpusConfig::parse("").unwrap();
+        assert_eq!(c, CpusConfig::default());
+        let c = CpusConfig::parse("boot=8,topology=2:2:1:2").unwrap();
+        assert_eq!((c.boot_vcpus, c.max_vcpus), (8, 8));
+        assert_eq!(c.topology.unwrap().packages, 2);
+        assert_eq!(
+            text(CpusConfig::parse("boot=8,topology=2:2:1").unwrap_err()),
+            "Error parsing --cpus: unable to convert 2:2:1 for topology"
+        );
+        assert_eq!(
+            text(CpusConfig::parse("features=[amx,foo]").unwrap_err()),
+            "Invalid feature in --cpus features list: foo"
+        );
+        assert_eq!(
+            text(CpusConfig::parse("boot=1,core_scheduling=vm").unwrap_err()),
+            "Error parsing --cpus: unknown option: core_scheduling"
+        );
+    }
+
+    #[test]
+    fn memory_and_zones() {
+        let m = MemoryConfig::parse("hugepages=on,size=1G,hugepage_size=2M", None).unwrap();
+        assert_eq!(
+            (m.size, m.hugepages, m.hugepage_size),
+            (1 << 30, true, Some(2 << 20))
+        );
+        assert!(m.thp);
+        let zones = vec!["id=mem0,size=1G".to_owned()];
+        let m = MemoryConfig::parse("size=0,mergeable=on", Some(&zones)).unwrap();
+        assert_eq!(m.zones.unwrap()[0].size, 1 << 30);
+        assert_eq!(
+            text(MemoryConfig::parse("size=0", Some(&["size=1G".to_owned()])).unwrap_err()),
+            "Error parsing --memory-zone: id missing"
+        );
+        assert_eq!(
+            text(MemoryConfig::parse("size=17179869184G", None).unwrap_err()),
+            "Error parsing --memory: unable to convert 17179869184G for size"
+        );
+        // `key=` reads as absent, so the default applies.
+        assert_eq!(
+            MemoryConfig::parse("size=", None).unwrap().size,
+            DEFAULT_MEMORY_SIZE
+        );
+    }
+
+    #[test]
+    fn disk_keys_convert_in_table_order() {
+        let d =
+            DiskConfig::parse("path=/path/to_file,iommu=on,queue_size=256,num_queues=4").unwrap();
+        assert_eq!((d.iommu, d.queue_size, d.num_queues), (true, 256, 4));
+        // readonly comes before queue_size in v37's order.
+        assert_eq!(
+            text(DiskConfig::parse("queue_size=x,readonly=maybe").unwrap_err()),
+            "Error parsing --disk: unable to convert maybe for readonly"
+        );
+        let d =
+            DiskConfig::parse("bw_size=10,bw_refill_time=0,ops_size=5,ops_refill_time=7").unwrap();
+        let rl = d.rate_limiter_config.unwrap();
+        assert!(rl.bandwidth.is_none());
+        assert_eq!(rl.ops.unwrap().one_time_burst, Some(0));
+    }
+
+    #[test]
+    fn net() {
+        let n = NetConfig::parse("mac=de:ad:be:ef:12:34,fd=[3,7],num_queues=4").unwrap();
+        assert_eq!(n.fds, Some(vec![3, 7]));
+        assert_eq!(n.ip, DEFAULT_NET_IP);
+        assert_eq!(n.mac.to_string(), "de:ad:be:ef:12:34");
+        let random = NetConfig::parse("").unwrap();
+        assert_eq!(random.mac.0[0], 0x2e);
+        assert_eq!(
+            text(NetConfig::parse("fd=[2147483648]").unwrap_err()),
+            "Error parsing --net: unable to convert [2147483648] for fd"
+        );
+    }
+
+    #[test]
+    fn console_precedence_and_errors() {
+        let c = ConsoleConfig::parse("file=/x,tty").unwrap();
+        assert_eq!((c.mode, c.file), (ConsoleOutputMode::Tty, None));
+        assert_eq!(
+            text(ConsoleConfig::parse("").unwrap_err()),
+            "Error parsing --console: invalid console mode given"
+        );
+        assert_eq!(
+            text(ConsoleConfig::parse("badmode").unwrap_err()),
+            "Error parsing --console: unknown option: badmode"
+        );
+        assert_eq!(
+            ConsoleConfig::parse("file=").unwrap_err(),
+            Error::Validation(ValidationError::ConsoleFileMissing)
+        );
+    }
+
+    #[test]
+    fn required_keys() {
+        assert_eq!(
+            text(PmemConfig::parse("size=128M").unwrap_err()),
+            "Error parsing --pmem: file missing"
+        );
+        assert_eq!(
+            FsConfig::parse("socket=/s").unwrap_err(),
+            Error::ParseFsTagMissing
+        );
+        assert_eq!(
+            VsockConfig::parse("cid=3").unwrap_err(),
+            Error::ParseVsockSockMissing
+        );
+        assert_eq!(
+            VsockConfig::parse("socket=/s").unwrap_err(),
+            Error::ParseVsockCidMissing
+        );
+        assert_eq!(
+            DeviceConfig::parse("").unwrap_err(),
+            Error::ParseDevicePathMissing
+        );
+        assert_eq!(
+            TpmConfig::parse("").unwrap_err(),
+            Error::ParseTpmPathMissing
+        );
+    }
+
+    #[test]
+    fn numa_narrowing_is_refused() {
+        let n = NumaConfig::parse(
+            "guest_numa_id=1,cpus=[2,3],distances=[0@20],memory_zones=[mem0],pci_segments=[0]",
+        )
+        .unwrap();
+        assert_eq!(n.distances.unwrap()[0].distance, 20);
+        for bad in [
+            "cpus=[256]",
+            "distances=[0@256]",
+            "distances=[4294967296@1]",
+            "pci_segments=[65536]",
+        ] {
+            assert!(NumaConfig::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn whole_command_line_reports_first_error_in_v37_order() {
+        let params = VmParams {
+            cpus: "boot=x".into(),
+            disks: Some(vec!["bogus=1".into()]),
+            ..VmParams::default()
+        };
+        // Disks are parsed before cpus.
+        assert_eq!(VmConfig::parse(&params).unwrap_err().kind(), "ParseDisk");
+        let params = VmParams {
+            kernel: Some("/k".into()),
+            ..VmParams::default()
+        };
+        let config = VmConfig::parse(&params).unwrap();
+        assert_eq!(config.payload.unwrap().kernel.as_deref(), Some("/k"));
+        let params = VmParams {
+            cmdline: Some("quiet".into()),
+            ..VmParams::default()
+        };
+        assert!(VmConfig::parse(&params).unwrap().payload.is_none());
+    }
+}

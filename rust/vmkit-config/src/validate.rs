@@ -325,3 +325,126 @@ impl VmConfig {
                 .is_some_and(|p| p.iommu_segments.is_some())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::VmParams;
+
+    fn config(edit: impl FnOnce(&mut VmParams)) -> VmConfig {
+        let mut params = VmParams {
+            kernel: Some("/k".into()),
+            ..VmParams::default()
+        };
+        edit(&mut params);
+        VmConfig::parse(&params).unwrap()
+    }
+
+    fn error(edit: impl FnOnce(&mut VmParams)) -> ValidationError {
+        config(edit).validate().unwrap_err()
+    }
+
+    #[test]
+    fn defaults_validate() {
+        assert!(config(|_| {}).validate().unwrap().is_empty());
+        let mut no_kernel = config(|p| p.kernel = None);
+        assert_eq!(no_kernel.validate(), Err(ValidationError::KernelMissing));
+    }
+
+    #[test]
+    fn cpu_rules() {
+        assert_eq!(
+            error(|p| p.cpus = "boot=4,max=2".into()),
+            ValidationError::CpusMaxLowerThanBoot
+        );
+        assert_eq!(
+            error(|p| p.cpus = "boot=2,topology=1:0:1:2".into()),
+            ValidationError::CpuTopologyZeroPart
+        );
+        assert_eq!(
+            error(|p| p.cpus = "boot=2,topology=1:1:1:1".into()),
+            ValidationError::CpuTopologyCount
+        );
+        assert!(config(|p| p.cpus = "boot=2,max=4,topology=1:2:1:2".into())
+            .validate()
+            .is_ok());
+    }
+
+    #[test]
+    fn ids_are_collected_and_checked() {
+        let mut c = config(|p| {
+            p.disks = Some(vec!["path=/a,id=d0".into(), "path=/b".into()]);
+            p.memory_zones = Some(vec!["id=z0,size=1M".into()]);
+        });
+        let ids = c.validate().unwrap();
+        assert_eq!(ids.into_iter().collect::<Vec<_>>(), vec!["d0", "z0"]);
+        assert_eq!(
+            error(|p| p.disks = Some(vec!["path=/a,id=x".into(), "path=/b,id=x".into()])),
+            ValidationError::IdentifierNotUnique("x".into())
+        );
+        assert_eq!(
+            error(|p| p.disks = Some(vec!["path=/a,id=__x".into()])),
+            ValidationError::InvalidIdentifier("__x".into())
+        );
+    }
+
+    #[test]
+    fn net_rules_in_order() {
+        assert_eq!(
+            error(|p| p.net = Some(vec!["num_queues=1".into()])),
+            ValidationError::VnetQueueLowerThan2
+        );
+        assert_eq!(
+            error(|p| p.net = Some(vec!["fd=[3],num_queues=4".into()])),
+            ValidationError::VnetQueueFdMismatch
+        );
+        assert_eq!(
+            error(|p| p.net = Some(vec!["fd=[2]".into()])),
+            ValidationError::VnetReservedFd
+        );
+        assert_eq!(
+            error(|p| p.net = Some(vec!["mtu=1000".into()])),
+            ValidationError::InvalidMtu(1000)
+        );
+        assert_eq!(
+            error(|p| p.net = Some(vec!["offload_csum=off".into()])),
+            ValidationError::NoHardwareChecksumOffload
+        );
+    }
+
+    #[test]
+    fn iommu_is_derived() {
+        let mut c = config(|p| p.disks = Some(vec!["path=/a,iommu=on".into()]));
+        c.validate().unwrap();
+        assert!(c.iommu);
+        let mut c = config(|p| p.platform = Some("num_pci_segments=2,iommu_segments=[1]".into()));
+        c.validate().unwrap();
+        assert!(c.iommu);
+        let mut c = config(|_| {});
+        c.validate().unwrap();
+        assert!(!c.iommu);
+    }
+
+    #[test]
+    fn balloon_and_numa() {
+        assert_eq!(
+            error(|p| p.balloon = Some("size=512M".into())),
+            ValidationError::BalloonLargerThanRam(512 << 20, 512 << 20)
+        );
+        assert_eq!(
+            error(|p| {
+                p.memory = "size=0".into();
+                p.memory_zones = Some(vec!["id=z,size=1M".into()]);
+                p.numa = Some(vec![
+                    "guest_numa_id=0,memory_zones=[z]".into(),
+                    "guest_numa_id=1,memory_zones=[z]".into(),
+                ]);
+            }),
+            ValidationError::MemoryZoneReused("z".into(), 0, 1)
+        );
+        assert_eq!(
+            error(|p| p.numa = Some(vec!["guest_numa_id=1,pci_segments=[0]".into()])),
+            ValidationError::DefaultPciSegmentInvalidNode(1)
+        );
+    }
+}
