@@ -8,7 +8,7 @@ is an error; unknown flags are errors (exit status 2 in the CLI).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from vmkit.errors import UsageError
@@ -238,14 +238,20 @@ for _flag in FLAGS:
         _BY_NAME[_flag.short] = _flag
 
 
-@dataclass
 class CommandLine:
-    """What a command line said: values by flag (long name), in the order given."""
+    """What a command line said.
 
-    values: dict[str, list[str]] = field(default_factory=dict)
-    verbosity: int = 0
-    vm_params: dict[str, object] = field(default_factory=dict)
-    """The VM parameters for ``vmkit._native.parse_vm`` (absent flags omitted)."""
+    ``values``: the words given to each flag (by long name), in order;
+    ``verbosity``: how many ``-v``; ``vm_params``: the VM parameters for
+    ``vmkit._native.parse_vm`` (absent flags omitted).
+    """
+
+    __slots__ = ("values", "verbosity", "vm_params")
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[str]] = {}
+        self.verbosity = 0
+        self.vm_params: dict[str, object] = {}
 
     def has(self, long: str) -> bool:
         return long in self.values
@@ -259,6 +265,12 @@ def _is_flag_word(word: str) -> bool:
     return word[:1] == "-" and word != "-"
 
 
+# name → (long name, arity, VM parameter, choices): unpacked once per flag in `scan`.
+_SPECS: dict[str, tuple[str, Arity, str | None, tuple[str, ...] | None]] = {
+    name: (flag.long, flag.arity, flag.param, flag.choices) for name, flag in _BY_NAME.items()
+}
+
+
 def scan(argv: Sequence[str]) -> CommandLine:
     """Reads ``argv`` (without the program name) as clap does for v37."""
     result = CommandLine()
@@ -270,9 +282,9 @@ def scan(argv: Sequence[str]) -> CommandLine:
     while i < count:
         word = words[i]
         i += 1
-        flag = _BY_NAME.get(word)
+        spec = _SPECS.get(word)
         inline: str | None = None
-        if flag is None:
+        if spec is None:
             if word == "--":
                 if i < count:
                     raise UsageError(f"unexpected argument '{words[i]}' found")
@@ -283,23 +295,24 @@ def scan(argv: Sequence[str]) -> CommandLine:
             if not _is_flag_word(word):
                 raise UsageError(f"unexpected argument '{word}' found")
             name, _, inline = word.partition("=")
-            flag = _BY_NAME.get(name) if name != word else None
-            if flag is None or flag.long == "-v":
+            spec = _SPECS.get(name) if name != word else None
+            if spec is None or spec[0] == "-v":
                 raise UsageError(f"unexpected argument '{name}' found")
-        if flag.long == "-v":
+        long, arity, param, choices = spec
+        if long == "-v":
             result.verbosity += 1
             continue
-        if flag.long in values_by_flag:
-            raise UsageError(f"the argument '{flag.long}' cannot be used multiple times")
-        if flag.arity == "flag":
+        if long in values_by_flag:
+            raise UsageError(f"the argument '{long}' cannot be used multiple times")
+        if arity == "flag":
             if inline is not None:
-                raise UsageError(f"unexpected value '{inline}' for '{flag.long}' found")
-            values_by_flag[flag.long] = []
-            if flag.param is not None:
-                params[flag.param] = True
+                raise UsageError(f"unexpected value '{inline}' for '{long}' found")
+            values_by_flag[long] = []
+            if param is not None:
+                params[param] = True
             continue
         values: list[str] = [] if inline is None else [inline]
-        if flag.arity == "many":
+        if arity == "many":
             while i < count:
                 value = words[i]
                 if value[:1] == "-" and value != "-":
@@ -310,17 +323,15 @@ def scan(argv: Sequence[str]) -> CommandLine:
             values.append(words[i])
             i += 1
         if not values:
+            raise UsageError(f"a value is required for '{long} <{long[2:]}>' but none was supplied")
+        if choices is not None and values[0] not in choices:
             raise UsageError(
-                f"a value is required for '{flag.long} <{flag.long[2:]}>' but none was supplied"
+                f"invalid value '{values[0]}' for '{long} <{long[2:]}>'"
+                f" [possible values: {', '.join(choices)}]"
             )
-        if flag.choices is not None and values[0] not in flag.choices:
-            raise UsageError(
-                f"invalid value '{values[0]}' for '{flag.long} <{flag.long[2:]}>'"
-                f" [possible values: {', '.join(flag.choices)}]"
-            )
-        values_by_flag[flag.long] = values
-        if flag.param is not None:
-            params[flag.param] = values if flag.arity == "many" else values[0]
+        values_by_flag[long] = values
+        if param is not None:
+            params[param] = values if arity == "many" else values[0]
     return result
 
 

@@ -4,6 +4,7 @@
 //! nest, `key=` reads as absent, last duplicate wins), so that error texts and
 //! edge cases match what users of Cloud Hypervisor already see.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -28,52 +29,68 @@ impl std::error::Error for OptionParserError {}
 
 pub type OptionParserResult<T> = Result<T, OptionParserError>;
 
-struct OptionSlot {
+struct OptionSlot<'a> {
     name: &'static str,
-    value: Option<String>,
+    value: Option<Cow<'a, str>>,
     requires_value: bool,
 }
 
 /// A registry of known keys and the values one option string gave them.
 /// A short list scanned linearly: options have at most ~30 keys, and hashing
-/// cost more than the whole parse.
+/// cost more than the whole parse. Values borrow from the input unless quote
+/// removal changed them.
 #[derive(Default)]
-pub struct OptionParser {
-    options: Vec<OptionSlot>,
+pub struct OptionParser<'a> {
+    options: Vec<OptionSlot<'a>>,
+}
+
+fn unquote(raw: &str, has_quote: bool) -> Cow<'_, str> {
+    if has_quote {
+        Cow::Owned(raw.replace('"', ""))
+    } else {
+        Cow::Borrowed(raw)
+    }
 }
 
 /// Splits at top-level commas: brackets nest, `"` toggles quoting and is dropped.
-pub fn split_commas(input: &str) -> OptionParserResult<Vec<String>> {
+pub fn split_commas(input: &str) -> OptionParserResult<Vec<Cow<'_, str>>> {
+    let text = input.trim();
     let mut items = Vec::new();
-    let mut current = String::new();
+    let mut start = 0;
+    let mut item_has_quote = false;
     let mut depth: i64 = 0;
     let mut in_quotes = false;
-    for c in input.trim().chars() {
+    // Quote removal is just dropping every `"` of an item, so items without
+    // one are slices of the input.
+    for (index, c) in text.char_indices() {
         match c {
-            '[' => {
-                depth += 1;
-                current.push(c);
-            }
+            '[' => depth += 1,
             ']' => {
                 depth -= 1;
                 if depth < 0 {
                     return Err(OptionParserError::InvalidSyntax(input.to_owned()));
                 }
-                current.push(c);
             }
-            '"' => in_quotes = !in_quotes,
-            ',' if depth == 0 && !in_quotes => items.push(std::mem::take(&mut current)),
-            _ => current.push(c),
+            '"' => {
+                in_quotes = !in_quotes;
+                item_has_quote = true;
+            }
+            ',' if depth == 0 && !in_quotes => {
+                items.push(unquote(&text[start..index], item_has_quote));
+                start = index + 1;
+                item_has_quote = false;
+            }
+            _ => {}
         }
     }
-    items.push(current);
     if depth != 0 || in_quotes {
         return Err(OptionParserError::InvalidSyntax(input.to_owned()));
     }
+    items.push(unquote(&text[start..], item_has_quote));
     Ok(items)
 }
 
-impl OptionParser {
+impl<'a> OptionParser<'a> {
     pub fn new() -> Self {
         Self::default()
     }
@@ -109,30 +126,36 @@ impl OptionParser {
         }
     }
 
-    fn slot(&self, name: &str) -> Option<&OptionSlot> {
+    fn slot(&self, name: &str) -> Option<&OptionSlot<'a>> {
         self.options.iter().find(|slot| slot.name == name)
     }
 
-    pub fn parse(&mut self, input: &str) -> OptionParserResult<()> {
+    pub fn parse(&mut self, input: &'a str) -> OptionParserResult<()> {
         if input.trim().is_empty() {
             return Ok(());
         }
         for item in split_commas(input)? {
             let (name, value) = match item.split_once('=') {
                 Some((name, value)) => (name, Some(value)),
-                None => (item.as_str(), None),
+                None => (item.as_ref(), None),
             };
             let slot = self
                 .options
                 .iter_mut()
                 .find(|slot| slot.name == name)
                 .ok_or_else(|| OptionParserError::UnknownOption(name.to_owned()))?;
-            if slot.requires_value {
-                let value = value.ok_or_else(|| OptionParserError::InvalidSyntax(item.clone()))?;
-                slot.value = Some(value.trim().to_owned());
-            } else {
-                slot.value = Some(String::new());
+            if !slot.requires_value {
+                slot.value = Some(Cow::Borrowed(""));
+                continue;
             }
+            let Some(value) = value else {
+                return Err(OptionParserError::InvalidSyntax(item.into_owned()));
+            };
+            let start = value.as_ptr() as usize - item.as_ptr() as usize;
+            slot.value = Some(match &item {
+                Cow::Borrowed(item) => Cow::Borrowed(item[start..].trim()),
+                Cow::Owned(_) => Cow::Owned(value.trim().to_owned()),
+            });
         }
         Ok(())
     }
@@ -182,7 +205,7 @@ impl OptionParser {
 mod tests {
     use super::*;
 
-    fn parser() -> OptionParser {
+    fn parser() -> OptionParser<'static> {
         let mut p = OptionParser::new();
         p.add_all(&[
             "size",

@@ -17,7 +17,7 @@ const RATE_LIMITER_KEYS: [&str; 6] = [
     "ops_refill_time",
 ];
 
-fn parser(keys: &[&'static str], input: &str) -> OptionParserResult<OptionParser> {
+fn parser<'a>(keys: &[&'static str], input: &'a str) -> OptionParserResult<OptionParser<'a>> {
     let mut parser = OptionParser::new();
     parser.add_all(keys);
     parser.parse(input)?;
