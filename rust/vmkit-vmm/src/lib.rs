@@ -1,1 +1,17 @@
+//! vmkit's virtual machine monitor: KVM, guest memory, boot protocols, vCPUs
+//! and the legacy platform devices.
 
+pub mod acpi;
+pub mod boot;
+pub mod control;
+pub mod cpu;
+pub mod devices;
+pub mod error;
+pub mod layout;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use control::StopReason;
+pub use error::{Error, ErrorKind, Result};
+pub use vm::{Vm, VmInfo, VmOptions, VmState};

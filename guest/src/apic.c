@@ -1,0 +1,192 @@
+/*
+ * Local APIC (xAPIC, MMIO at 0xfee00000): AP start-up and the timer step.
+ */
+#include "guest.h"
+
+#define LAPIC_BASE 0xfee00000ULL
+#define LAPIC_ID 0x020
+#define LAPIC_EOI 0x0b0
+#define LAPIC_SVR 0x0f0
+#define LAPIC_ICR_LO 0x300
+#define LAPIC_ICR_HI 0x310
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_TIMER_INIT 0x380
+#define LAPIC_TIMER_CUR 0x390
+#define LAPIC_TIMER_DIV 0x3e0
+#define ICR_PENDING (1u << 12)
+#define ICR_INIT 0x00004500 /* INIT, level assert */
+#define ICR_SIPI 0x00004600 /* start-up, level assert; | vector */
+#define LVT_MASKED (1u << 16)
+#define TIMER_COUNT 100000
+
+extern u64 pml4[];
+
+static volatile u8 ap_up[MAX_APIC_ID + 1];
+
+static u32 lapic_read(u32 reg) { return mmio_read32(LAPIC_BASE + reg); }
+static void lapic_write(u32 reg, u32 v) { mmio_write32(LAPIC_BASE + reg, v); }
+
+u32 lapic_id(void) { return lapic_read(LAPIC_ID) >> 24; }
+
+/* The guest drives the LAPIC through xAPIC MMIO; check that is what is active. */
+static bool lapic_usable(struct result *r)
+{
+    u64 base = rdmsr(MSR_APIC_BASE);
+    if (!(base & (1 << 11))) {
+        res_str(r, "local APIC disabled in IA32_APIC_BASE");
+        return false;
+    }
+    if (base & (1 << 10)) {
+        res_str(r, "local APIC is in x2APIC mode");
+        return false;
+    }
+    if ((base & ~0xfffULL) != LAPIC_BASE) {
+        res_str(r, "local APIC not at 0xfee00000");
+        return false;
+    }
+    lapic_write(LAPIC_SVR, 0x100 | SPURIOUS_VECTOR); /* software-enable */
+    return true;
+}
+
+static bool icr_send(u32 apic_id, u32 low)
+{
+    u32 spins = 0;
+    while (lapic_read(LAPIC_ICR_LO) & ICR_PENDING)
+        if (++spins == 100000)
+            return false;
+    lapic_write(LAPIC_ICR_HI, apic_id << 24);
+    lapic_write(LAPIC_ICR_LO, low);
+    return true;
+}
+
+/* APs: print, then mark ourselves up (after the line, so the BSP's result follows it). */
+void ap_main(void)
+{
+    u32 id = lapic_id();
+    struct line l;
+    line_begin(&l);
+    line_str(&l, "smp cpu apic_id=");
+    line_dec(&l, id);
+    line_str(&l, " up");
+    line_end(&l);
+    if (id <= MAX_APIC_ID)
+        __atomic_store_n(&ap_up[id], 1, __ATOMIC_RELEASE);
+    halt_forever();
+}
+
+bool step_smp(struct result *r)
+{
+    static u32 ids[MAX_APIC_ID + 1];
+    const struct acpi_info *a = acpi_discover();
+    u32 n, i, enabled, listed, bsp, want = 0, unreachable = 0, up, size;
+    u64 deadline;
+    u8 *stacks;
+
+    if (!a->ok) {
+        res_str(r, a->err);
+        return false;
+    }
+    if (!a->madt) {
+        res_str(r, "no MADT");
+        return false;
+    }
+    if (!lapic_usable(r))
+        return false;
+    n = madt_cpus(ids, ARRAY_SIZE(ids), &enabled, &listed);
+    bsp = lapic_id();
+    for (i = 0; i < n; i++) {
+        if (ids[i] == bsp)
+            continue;
+        if (ids[i] < MAX_APIC_ID)
+            want++;
+        else
+            unreachable++; /* 0xff and x2APIC ids cannot be addressed through the xAPIC ICR */
+    }
+
+    /* Trampoline at 0x2000 (SIPI vector 2), running on our page tables. */
+    size = (u32)(tramp_end - tramp_start);
+    memcpy((void *)TRAMPOLINE_ADDR, tramp_start, size);
+    *(volatile u32 *)(TRAMPOLINE_ADDR + (tramp_cr3 - tramp_start)) = (u32)(u64)pml4;
+    stacks = want ? alloc_pages((u64)want * AP_STACK_SIZE / 4096) : NULL;
+    if (want && !stacks) {
+        res_str(r, "no memory for AP stacks");
+        return false;
+    }
+    ap_stack_base = (u64)stacks;
+    ap_slot = 0;
+    for (i = 0; i < n; i++)
+        if (ids[i] <= MAX_APIC_ID)
+            ap_up[ids[i]] = 0;
+
+    /* INIT, SIPI, SIPI (no delays: KVM latches INIT and SIPI in order). */
+    for (i = 0; i < n; i++)
+        if (ids[i] != bsp && ids[i] < MAX_APIC_ID)
+            icr_send(ids[i], ICR_INIT);
+    for (i = 0; i < n; i++)
+        if (ids[i] != bsp && ids[i] < MAX_APIC_ID)
+            icr_send(ids[i], ICR_SIPI | (TRAMPOLINE_ADDR >> 12));
+    for (i = 0; i < n; i++)
+        if (ids[i] != bsp && ids[i] < MAX_APIC_ID)
+            icr_send(ids[i], ICR_SIPI | (TRAMPOLINE_ADDR >> 12));
+
+    deadline = rdtsc() + ms_to_tsc(2000);
+    do {
+        up = 0;
+        for (i = 0; i < n; i++)
+            if (ids[i] != bsp && ids[i] < MAX_APIC_ID && __atomic_load_n(&ap_up[ids[i]], __ATOMIC_ACQUIRE))
+                up++;
+        if (up == want)
+            break;
+        cpu_relax();
+    } while (rdtsc() < deadline);
+
+    if (up == want && !unreachable) {
+        res_kv_dec(r, "cpus", up + 1);
+        return true;
+    }
+    res_str(r, "missing apic_id=");
+    {
+        bool first = true;
+        for (i = 0; i < n; i++) {
+            if (ids[i] == bsp || (ids[i] < MAX_APIC_ID && ap_up[ids[i]]))
+                continue;
+            if (!first)
+                res_str(r, ",");
+            res_dec(r, ids[i]);
+            first = false;
+        }
+    }
+    res_kv_dec(r, "cpus", up + 1);
+    return false;
+}
+
+bool step_timer(struct result *r)
+{
+    u64 deadline;
+    if (!lapic_usable(r))
+        return false;
+    timer_fired = 0;
+    lapic_write(LAPIC_TIMER_DIV, 0xb); /* divide by 1 */
+    lapic_write(LAPIC_LVT_TIMER, TIMER_VECTOR); /* one-shot, unmasked */
+    lapic_write(LAPIC_TIMER_INIT, TIMER_COUNT);
+    deadline = rdtsc() + ms_to_tsc(1000);
+    for (;;) {
+        cli();
+        if (timer_fired || rdtsc() > deadline)
+            break;
+        if (lapic_read(LAPIC_TIMER_CUR) == 0)
+            /* Expired but not delivered yet: hlt could sleep forever, so poll. */
+            __asm__ volatile("sti; pause" ::: "memory");
+        else
+            __asm__ volatile("sti; hlt" ::: "memory"); /* sti's shadow covers hlt */
+    }
+    cli();
+    lapic_write(LAPIC_LVT_TIMER, LVT_MASKED | TIMER_VECTOR);
+    if (!timer_fired) {
+        res_str(r, "no timer interrupt within 1000 ms");
+        return false;
+    }
+    res_str(r, " source=lapic vector=");
+    res_hex(r, TIMER_VECTOR);
+    return true;
+}

@@ -1,0 +1,273 @@
+/*
+ * vmkit test guest: shared declarations.
+ *
+ * Everything here runs freestanding. CPL0 code must stay inside what KVM's
+ * instruction emulator handles (see README.md): general-purpose registers
+ * only, no x87/SSE, no popcnt/BMI, no int3/int n, no xsave family.
+ */
+#ifndef VMKIT_GUEST_H
+#define VMKIT_GUEST_H
+
+#include "layout.h"
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef uint8_t u8;
+typedef uint16_t u16;
+typedef uint32_t u32;
+typedef uint64_t u64;
+
+#define NORETURN __attribute__((noreturn))
+#define PACKED __attribute__((packed))
+
+#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+#define ALIGN_UP(x, a) (((x) + (a) - 1) & ~((u64)(a) - 1))
+#define ALIGN_DOWN(x, a) ((x) & ~((u64)(a) - 1))
+#define KiB 1024ULL
+#define MiB (1024ULL * KiB)
+#define GiB (1024ULL * MiB)
+
+/* ---- low-level CPU access (inline asm; all emulator-safe) ---- */
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
+static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" ::"a"(v), "Nd"(port)); }
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port)
+{
+    u8 v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+static inline u16 inw(u16 port)
+{
+    u16 v;
+    __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+static inline u64 rdtsc(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((u64)hi << 32) | lo;
+}
+static inline u64 rdmsr(u32 msr)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+    return ((u64)hi << 32) | lo;
+}
+static inline void wrmsr(u32 msr, u64 v)
+{
+    __asm__ volatile("wrmsr" ::"c"(msr), "a"((u32)v), "d"((u32)(v >> 32)));
+}
+static inline void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d)
+{
+    __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
+}
+static inline u64 read_cr2(void)
+{
+    u64 v;
+    __asm__ volatile("mov %%cr2, %0" : "=r"(v));
+    return v;
+}
+static inline void write_cr3(u64 v) { __asm__ volatile("mov %0, %%cr3" ::"r"(v) : "memory"); }
+static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
+static inline void cli(void) { __asm__ volatile("cli" ::: "memory"); }
+static inline NORETURN void halt_forever(void)
+{
+    for (;;)
+        __asm__ volatile("cli; hlt" ::: "memory");
+}
+static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
+static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
+static inline u8 rd8(u64 addr) { return *(volatile u8 *)addr; }
+static inline u16 rd16(u64 addr) { return *(volatile u16 *)addr; }
+static inline u32 rd32(u64 addr) { return *(volatile u32 *)addr; }
+static inline u64 rd64(u64 addr) { return *(volatile u64 *)addr; }
+
+/* ---- lib.c ---- */
+void *memset(void *d, int c, size_t n);
+void *memcpy(void *d, const void *s, size_t n);
+size_t strlen(const char *s);
+bool str_eq(const char *a, const char *b);
+/* Compares the first n bytes of a with the NUL-terminated b (and n == strlen(b)). */
+bool word_eq(const char *a, size_t n, const char *b);
+bool parse_u64(const char *s, size_t n, u64 *out);
+
+/* ---- console.c: 16550 UART + line formatting ---- */
+struct line {
+    char buf[192];
+    size_t n;
+};
+void serial_init(void);
+/* Starts a line with "vmkit-guest: " and takes the console lock. */
+void line_begin(struct line *l);
+void line_str(struct line *l, const char *s);
+void line_strn(struct line *l, const char *s, size_t n);
+void line_char(struct line *l, char c);
+void line_dec(struct line *l, u64 v);
+void line_hex(struct line *l, u64 v); /* prints 0x... */
+/* Appends "\n", writes the line out and drops the console lock. */
+void line_end(struct line *l);
+/* One whole line from a plain string. */
+void say(const char *s);
+/* Exception path: forget a lock that this CPU may hold. */
+void console_break_lock(void);
+
+/* A step's result text: " key=value ..." on success, or the failure message. */
+struct result {
+    char buf[320];
+    size_t n;
+};
+void res_str(struct result *r, const char *s);
+void res_strn(struct result *r, const char *s, size_t n);
+void res_dec(struct result *r, u64 v);
+void res_hex(struct result *r, u64 v);
+void res_kv_dec(struct result *r, const char *key, u64 v); /* " key=<dec>" */
+void res_kv_hex(struct result *r, const char *key, u64 v); /* " key=0x<hex>" */
+
+/* ---- boot.c: what the VMM handed over, copied out of the boot structures ---- */
+struct mem_range {
+    u64 start;
+    u64 size;
+    u32 type; /* e820 type: 1 = RAM */
+};
+struct module_range {
+    u64 start;
+    u64 size;
+};
+struct boot_info {
+    u32 protocol;
+    u32 cmdline_len;
+    char cmdline[CMDLINE_MAX + 1];
+    u32 nmap;
+    struct mem_range map[MEMMAP_MAX];
+    u32 nmods;
+    struct module_range mods[MODULES_MAX];
+    u64 rsdp; /* 0 if the boot structure did not give one */
+    u64 ram_top; /* end of the highest RAM range */
+};
+extern struct boot_info boot;
+void boot_copy_info(u32 protocol, u64 info);
+
+/* ---- mm.c: page tables, GDT/TSS/IDT, simple page allocator ---- */
+extern u64 mapped_top;   /* identity map covers [0, mapped_top) plus the MMIO hole */
+extern u64 alloc_top;    /* end of everything the guest allocated (footprint end) */
+void mm_init(void);
+void cpu_tables_init(void);
+void *alloc_pages(u64 npages); /* NULL if no RAM is left */
+bool range_mapped(u64 addr, u64 len); /* mapped at all (CPL0) */
+bool user_mapped(u64 addr, u64 len);  /* mapped with U/S (CPL3) */
+extern char _image_start[], _image_end[], _end[];
+
+/* ---- entry.S ---- */
+/* Runs fn(arg) at CPL3 on the user stack and returns its value (entry.S explains how). */
+u64 run_user(u64 (*fn)(void *), void *arg);
+extern const u64 exception_stubs[32];
+void timer_irq_stub(void);
+void spurious_irq_stub(void);
+void ap_entry64(void);
+extern volatile u32 timer_fired;
+extern u64 ap_stack_base;
+extern volatile u32 ap_slot;
+extern char tramp_start[], tramp_end[], tramp_cr3[];
+extern u64 boot_gdt[];
+NORETURN void triple_fault(void);
+
+/* ---- user.c: code that runs at CPL3 (native speed) ---- */
+struct seg {
+    u64 start;
+    u64 end;
+};
+struct memtest_job {
+    u64 stride; /* one qword per stride between the fully tested ends */
+    u32 nseg;
+    struct seg segs[MEMTEST_SEGS_MAX];
+    /* results */
+    u64 checked_bytes;
+    u32 failed;
+    u64 fail_addr, fail_expected, fail_found;
+};
+u64 user_memtest(void *job);
+struct cpl3_job {
+    u64 iterations;
+    u64 tsc;
+};
+u64 user_spin(void *job);
+struct csum_job {
+    u32 n;
+    struct {
+        u64 addr;
+        u32 len;
+        u8 sum;
+    } t[ACPI_TABLES_MAX];
+};
+u64 user_checksum(void *job);
+struct scan_job {
+    u64 start, end;
+    u64 found; /* 0 if not found */
+};
+u64 user_find_rsdp(void *job);
+struct s5_job {
+    u64 addr;
+    u32 len;
+    u32 found;
+    u32 slp_typ;
+};
+u64 user_find_s5(void *job);
+
+/* ---- acpi.c ---- */
+struct acpi_table {
+    char sig[4];
+    u64 addr;
+    u32 len;
+};
+struct acpi_info {
+    bool ok;
+    char err[96];
+    u64 rsdp;
+    u32 rsdp_len;
+    u32 ntables;       /* root table first, then its entries, then the DSDT */
+    struct acpi_table tables[ACPI_TABLES_MAX];
+    u64 fadt, madt, dsdt, facs;
+    u32 fadt_len, madt_len, dsdt_len;
+};
+/* Finds the RSDP and walks the root table (cached; checksums are not checked here). */
+const struct acpi_info *acpi_discover(void);
+bool step_acpi(struct result *r);
+u32 madt_cpus(u32 *ids, u32 max, u32 *enabled, u32 *listed);
+
+/* ---- apic.c ---- */
+bool step_smp(struct result *r);
+bool step_timer(struct result *r);
+void ap_main(void);
+u32 lapic_id(void);
+
+/* ---- main.c ---- */
+struct config {
+    const char *steps; /* steps=a,b,c (not NUL-terminated: see steps_len) */
+    size_t steps_len;
+    const char *exit; /* exit=<how> */
+    size_t exit_len;
+    u64 pio_rounds;
+    u64 cpl3_iterations;
+    u64 memmap_stride;
+    bool pio_bad, cpl3_bad, stride_bad; /* value did not parse */
+};
+extern struct config cfg;
+extern u64 tsc_khz; /* 0 if unknown */
+bool step_cpl3(struct result *r);
+bool step_pio(struct result *r);
+/* Timeout helper: TSC ticks for ms milliseconds (over-estimates if the TSC rate is unknown). */
+u64 ms_to_tsc(u64 ms);
+NORETURN void exception_handler(u64 *frame);
+
+/* ---- memmap.c ---- */
+bool step_memmap(struct result *r);
+
+/* ---- exit.c ---- */
+NORETURN void do_exit(const char *how, size_t len);
+
+#endif

@@ -1,0 +1,290 @@
+/*
+ * guest_main: basic init, the command line, the step runner, the summary,
+ * and the exception handler.
+ *
+ * The path to "ready" is kept short: each CPL0 instruction is emulated on
+ * kvm_pvm (~0.55 us), each port access is a VM exit (~10 us).
+ */
+#include "guest.h"
+
+u64 tsc_khz;
+
+struct config cfg;
+
+static u32 passed, failed;
+static const char *cur_step; /* non-NULL while a step runs */
+static size_t cur_step_len;
+static u32 exc_depth;
+
+static void detect_tsc_khz(void)
+{
+    u32 a, b, c, d;
+    cpuid(1, 0, &a, &b, &c, &d);
+    if (!(c & (1u << 31))) /* no hypervisor: no 0x4000_00xx leaves */
+        return;
+    cpuid(0x40000000, 0, &a, &b, &c, &d);
+    if (a >= 0x40000010) {
+        cpuid(0x40000010, 0, &a, &b, &c, &d);
+        tsc_khz = a;
+    }
+}
+
+u64 ms_to_tsc(u64 ms)
+{
+    /* Unknown rate: assume 5 GHz, so a timeout is never shorter than asked. */
+    return ms * (tsc_khz ? tsc_khz : 5000000);
+}
+
+static bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+
+static bool starts_with(const char *w, size_t n, const char *prefix, size_t *plen)
+{
+    size_t k = strlen(prefix);
+    size_t i;
+    if (n < k)
+        return false;
+    for (i = 0; i < k; i++)
+        if (w[i] != prefix[i])
+            return false;
+    *plen = k;
+    return true;
+}
+
+static void parse_cmdline(void)
+{
+    const char *s = boot.cmdline;
+    size_t i = 0, n = boot.cmdline_len;
+
+    cfg.steps = "hello";
+    cfg.steps_len = 5;
+    cfg.exit = "poweroff";
+    cfg.exit_len = 8;
+    cfg.pio_rounds = 10000;
+    cfg.cpl3_iterations = 100000000;
+    cfg.memmap_stride = 64 * KiB;
+    while (i < n) {
+        size_t start, len, k;
+        while (i < n && is_space(s[i]))
+            i++;
+        start = i;
+        while (i < n && !is_space(s[i]))
+            i++;
+        len = i - start;
+        if (!len)
+            continue;
+        if (starts_with(s + start, len, "steps=", &k)) {
+            cfg.steps = s + start + k;
+            cfg.steps_len = len - k;
+        } else if (starts_with(s + start, len, "exit=", &k)) {
+            cfg.exit = s + start + k;
+            cfg.exit_len = len - k;
+        } else if (starts_with(s + start, len, "pio_rounds=", &k)) {
+            cfg.pio_bad = !parse_u64(s + start + k, len - k, &cfg.pio_rounds);
+        } else if (starts_with(s + start, len, "cpl3_iterations=", &k)) {
+            cfg.cpl3_bad = !parse_u64(s + start + k, len - k, &cfg.cpl3_iterations);
+        } else if (starts_with(s + start, len, "memmap_stride=", &k)) {
+            cfg.stride_bad = !parse_u64(s + start + k, len - k, &cfg.memmap_stride) ||
+                             cfg.memmap_stride < 8 || cfg.memmap_stride % 8;
+        }
+        /* anything else (console=ttyS0, ...) is ignored */
+    }
+}
+
+/* ---- steps ---- */
+
+static bool step_hello(struct result *r)
+{
+    (void)r;
+    return true;
+}
+
+bool step_cpl3(struct result *r)
+{
+    struct cpl3_job j;
+    if (cfg.cpl3_bad) {
+        res_str(r, "bad cpl3_iterations value");
+        return false;
+    }
+    j.iterations = cfg.cpl3_iterations;
+    run_user(user_spin, &j);
+    res_kv_dec(r, "iterations", j.iterations);
+    res_kv_dec(r, "tsc", j.tsc);
+    if (tsc_khz)
+        res_kv_dec(r, "ns", j.tsc * 1000000 / tsc_khz);
+    return true;
+}
+
+bool step_pio(struct result *r)
+{
+    u64 n = cfg.pio_rounds, t0, t1, per;
+    if (cfg.pio_bad) {
+        res_str(r, "bad pio_rounds value");
+        return false;
+    }
+    t0 = rdtsc();
+    if (n) /* 0x3e8 is unassigned: each outb is a plain exit to the VMM */
+        __asm__ volatile("1: outb %%al, %%dx\n\tdec %0\n\tjnz 1b" : "+c"(n) : "a"(0), "d"(0x3e8) : "memory");
+    t1 = rdtsc();
+    per = cfg.pio_rounds ? (t1 - t0) / cfg.pio_rounds : 0;
+    res_kv_dec(r, "rounds", cfg.pio_rounds);
+    res_kv_dec(r, "tsc_per_round", per);
+    if (tsc_khz)
+        res_kv_dec(r, "ns_per_round", per * 1000000 / tsc_khz);
+    return true;
+}
+
+static const struct {
+    const char *name;
+    bool (*fn)(struct result *);
+} steps[] = {
+    {"hello", step_hello}, {"memmap", step_memmap}, {"acpi", step_acpi}, {"smp", step_smp},
+    {"timer", step_timer}, {"cpl3", step_cpl3},     {"pio", step_pio},
+};
+
+static void print_step(const char *name, size_t len, bool ok, const struct result *r)
+{
+    struct line l;
+    line_begin(&l);
+    line_str(&l, "step ");
+    line_strn(&l, name, len);
+    line_str(&l, ok ? " ok" : " fail ");
+    line_strn(&l, r->buf, r->n);
+    line_end(&l);
+}
+
+static void run_step(const char *name, size_t len)
+{
+    struct result r;
+    bool ok = false, found = false;
+    u32 i;
+
+    r.n = 0;
+    cur_step = name;
+    cur_step_len = len;
+    for (i = 0; i < ARRAY_SIZE(steps); i++) {
+        if (word_eq(name, len, steps[i].name)) {
+            found = true;
+            ok = steps[i].fn(&r);
+            break;
+        }
+    }
+    if (!found)
+        res_str(&r, "unknown step");
+    cur_step = NULL;
+    if (ok)
+        passed++;
+    else
+        failed++;
+    print_step(name, len, ok, &r);
+}
+
+static void print_summary(void)
+{
+    struct line l;
+    line_begin(&l);
+    line_str(&l, "summary passed=");
+    line_dec(&l, passed);
+    line_str(&l, " failed=");
+    line_dec(&l, failed);
+    line_end(&l);
+}
+
+void guest_main(u32 protocol, u64 info);
+void guest_main(u32 protocol, u64 info)
+{
+    struct line l;
+    size_t i, start;
+
+    outb(0x21, 0xff); /* mask both 8259s: nothing may arrive as a stray vector */
+    outb(0xa1, 0xff);
+    serial_init();
+    boot_copy_info(protocol, info);
+
+    line_begin(&l);
+    line_str(&l, protocol == BOOT_PVH ? "boot protocol=pvh cmdline=\"" : "boot protocol=linux64 cmdline=\"");
+    for (i = 0; i < boot.cmdline_len; i++) {
+        char c = boot.cmdline[i];
+        line_char(&l, c < ' ' || c == 0x7f ? ' ' : c); /* keep the output one line */
+    }
+    line_str(&l, "\"");
+    line_end(&l);
+
+    mm_init();
+    cpu_tables_init();
+    outb(DEBUG_PORT, DBG_READY);
+    say("ready");
+
+    detect_tsc_khz();
+    parse_cmdline();
+    for (i = 0, start = 0; i <= cfg.steps_len; i++) {
+        if (i == cfg.steps_len || cfg.steps[i] == ',') {
+            if (i > start)
+                run_step(cfg.steps + start, i - start);
+            start = i + 1;
+        }
+    }
+    print_summary();
+    do_exit(cfg.exit, cfg.exit_len);
+}
+
+/*
+ * Exceptions 0-31 (from entry.S). On the BSP: report, count the running
+ * step as failed, print the summary and leave through the requested exit.
+ * On an AP: report and halt.
+ */
+NORETURN void exception_handler(u64 *f)
+{
+    struct line l;
+    u64 vector = f[15];
+    bool bsp = rdmsr(MSR_APIC_BASE) & (1 << 8);
+
+    console_break_lock(); /* this CPU may have faulted while printing */
+    if (bsp && ++exc_depth > 1) {
+        say("exception while handling an exception");
+        triple_fault();
+    }
+    line_begin(&l);
+    line_str(&l, "exception vector=");
+    line_hex(&l, vector);
+    line_str(&l, " error=");
+    line_hex(&l, f[16]);
+    line_str(&l, " rip=");
+    line_hex(&l, f[17]);
+    line_str(&l, " cr2=");
+    line_hex(&l, read_cr2());
+    line_str(&l, " cs=");
+    line_hex(&l, f[18]);
+    line_str(&l, " rsp=");
+    line_hex(&l, f[20]);
+    if (!bsp) {
+        line_str(&l, " apic_id=");
+        line_dec(&l, lapic_id());
+    }
+    line_end(&l);
+    if (!bsp)
+        halt_forever();
+
+    if (cur_step) {
+        struct result r;
+        r.n = 0;
+        res_str(&r, "exception vector=");
+        res_hex(&r, vector);
+        res_str(&r, " rip=");
+        res_hex(&r, f[17]);
+        failed++;
+        print_step(cur_step, cur_step_len, false, &r);
+    } else {
+        line_begin(&l);
+        line_str(&l, "fail exception vector=");
+        line_hex(&l, vector);
+        line_str(&l, " outside a step");
+        line_end(&l);
+        failed++;
+    }
+    print_summary();
+    if (!cfg.exit) { /* before the command line was parsed */
+        cfg.exit = "poweroff";
+        cfg.exit_len = 8;
+    }
+    do_exit(cfg.exit, cfg.exit_len);
+}

@@ -1,0 +1,236 @@
+//! ACPI tables: RSDP, XSDT, FADT (hardware-reduced, with Cloud Hypervisor's
+//! sleep and reset registers), MADT (one entry per possible vCPU) and a DSDT
+//! that describes the legacy devices, so a stock kernel finds every vCPU and
+//! can power the VM off.
+
+use acpi_tables::aml;
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::{GenericAddress, Sdt};
+use acpi_tables::Aml;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use zerocopy::IntoBytes;
+
+use crate::cpu::Topology;
+use crate::error::{Error, ErrorKind, Result};
+use crate::layout::{ACPI_TABLES_END, APIC_START, IOAPIC_START, RSDP_POINTER};
+
+const OEM_ID: [u8; 6] = *b"VMKIT ";
+/// The port of the shutdown device: sleep control, sleep status and reset register.
+pub const ACPI_SHUTDOWN_PORT: u16 = 0x3c0;
+/// Written to the reset register to reset the VM.
+pub const ACPI_RESET_VALUE: u8 = 1;
+/// SLP_TYP of S5 (soft off), announced in the DSDT's `_S5_`.
+pub const S5_SLEEP_TYPE: u8 = 5;
+
+fn table(signature: &[u8; 4], length: u32, revision: u8) -> Sdt {
+    let mut oem_table = [b' '; 8];
+    oem_table[..4].copy_from_slice(signature);
+    Sdt::new(*signature, length, revision, OEM_ID, oem_table, 1)
+}
+
+fn dsdt() -> Sdt {
+    let mut dsdt = table(b"DSDT", 36, 6);
+    // The AML builders borrow their children, so every node is a local.
+    let com1_io = aml::IO::new(0x3f8, 0x3f8, 0, 8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, 4);
+    let com1_crs = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
+    let com1_hid = aml::EISAName::new("PNP0501");
+    let com1_hid_name = aml::Name::new("_HID".into(), &com1_hid);
+    let com1_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let com1_crs_name = aml::Name::new("_CRS".into(), &com1_crs);
+    let com1 = aml::Device::new(
+        "COM1".into(),
+        vec![&com1_hid_name, &com1_uid, &com1_crs_name],
+    );
+    let kbd_data = aml::IO::new(0x60, 0x60, 0, 1);
+    let kbd_cmd = aml::IO::new(0x64, 0x64, 0, 1);
+    let kbd_irq = aml::Interrupt::new(true, true, false, false, 1);
+    let ps2_crs = aml::ResourceTemplate::new(vec![&kbd_data, &kbd_cmd, &kbd_irq]);
+    let ps2_hid = aml::EISAName::new("PNP0303");
+    let ps2_hid_name = aml::Name::new("_HID".into(), &ps2_hid);
+    let ps2_crs_name = aml::Name::new("_CRS".into(), &ps2_crs);
+    let ps2 = aml::Device::new("PS2K".into(), vec![&ps2_hid_name, &ps2_crs_name]);
+    let sb = aml::Scope::new("_SB_".into(), vec![&com1, &ps2]);
+    let s5_package = aml::Package::new(vec![&S5_SLEEP_TYPE]);
+    let s5 = aml::Name::new("_S5_".into(), &s5_package);
+    sb.to_aml_bytes(&mut dsdt);
+    s5.to_aml_bytes(&mut dsdt);
+    dsdt.update_checksum();
+    dsdt
+}
+
+fn fadt(dsdt_addr: u64) -> Sdt {
+    let mut fadt = table(b"FACP", 276, 6);
+    const HW_REDUCED_ACPI: u32 = 1 << 20;
+    const RESET_REG_SUP: u32 = 1 << 10;
+    const TMR_VAL_EXT: u32 = 1 << 8;
+    const SLP_BUTTON: u32 = 1 << 5;
+    const PWR_BUTTON: u32 = 1 << 4;
+    fadt.write_u32(40, dsdt_addr as u32);
+    // IAPC_BOOT_ARCH: an 8042 keyboard controller is present.
+    fadt.write_u16(109, 1 << 1);
+    fadt.write_u32(
+        112,
+        HW_REDUCED_ACPI | RESET_REG_SUP | TMR_VAL_EXT | SLP_BUTTON | PWR_BUTTON,
+    );
+    fadt.write(
+        116,
+        GenericAddress::io_port_address::<u8>(ACPI_SHUTDOWN_PORT),
+    );
+    fadt.write_u8(128, ACPI_RESET_VALUE);
+    fadt.write_u8(131, 3); // FADT minor version
+    fadt.write_u64(140, dsdt_addr); // X_DSDT
+    fadt.write(
+        244,
+        GenericAddress::io_port_address::<u8>(ACPI_SHUTDOWN_PORT),
+    );
+    fadt.write(
+        256,
+        GenericAddress::io_port_address::<u8>(ACPI_SHUTDOWN_PORT + 1),
+    );
+    fadt.write_bytes(268, b"VMKITVMM");
+    fadt.update_checksum();
+    fadt
+}
+
+fn madt(topology: &Topology, boot_vcpus: u8, max_vcpus: u8) -> Sdt {
+    let mut madt = table(b"APIC", 44, 5);
+    madt.write_u32(36, APIC_START as u32);
+    madt.write_u32(40, 0); // no dual 8259 set-up to honour
+    const ENABLED: u32 = 1;
+    const ONLINE_CAPABLE: u32 = 1 << 1;
+    for index in 0..max_vcpus {
+        let apic_id = topology.apic_id(index);
+        let flags = if index < boot_vcpus {
+            ENABLED
+        } else {
+            ONLINE_CAPABLE
+        };
+        if apic_id < 255 {
+            // Processor Local APIC: type, length, UID, APIC id, flags.
+            madt.append_slice(&[0, 8, index, apic_id as u8]);
+            madt.append_slice(&flags.to_le_bytes());
+        } else {
+            // Processor Local x2APIC: type, length, reserved, x2APIC id, flags, UID.
+            madt.append_slice(&[9, 16, 0, 0]);
+            madt.append_slice(&apic_id.to_le_bytes());
+            madt.append_slice(&flags.to_le_bytes());
+            madt.append_slice(&u32::from(index).to_le_bytes());
+        }
+    }
+    // I/O APIC: type, length, id, reserved, address, GSI base.
+    madt.append_slice(&[1, 12, 0, 0]);
+    madt.append_slice(&(IOAPIC_START as u32).to_le_bytes());
+    madt.append_slice(&0u32.to_le_bytes());
+    // Local APIC NMI on LINT1 for every processor.
+    madt.append_slice(&[4, 6, 0xff, 0, 0, 1]);
+    madt.update_checksum();
+    madt
+}
+
+fn xsdt(tables: &[u64]) -> Sdt {
+    let mut xsdt = table(b"XSDT", 36, 1);
+    for &addr in tables {
+        xsdt.append(addr);
+    }
+    xsdt.update_checksum();
+    xsdt
+}
+
+/// Writes the tables from `RSDP_POINTER` on; returns the RSDP address.
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    topology: &Topology,
+    boot_vcpus: u8,
+    max_vcpus: u8,
+) -> Result<u64> {
+    let write = |bytes: &[u8], addr: u64| -> Result<u64> {
+        let end = addr + bytes.len() as u64;
+        if end > ACPI_TABLES_END {
+            return Err(Error::new(
+                ErrorKind::Memory,
+                "The ACPI tables do not fit below 1 MiB",
+            ));
+        }
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(|e| Error::new(ErrorKind::Memory, format!("Cannot write ACPI tables: {e}")))?;
+        Ok((end + 7) & !7)
+    };
+    let mut next = RSDP_POINTER + Rsdp::len() as u64;
+    next = (next + 7) & !7;
+    let dsdt_addr = next;
+    next = write(dsdt().as_slice(), dsdt_addr)?;
+    let fadt_addr = next;
+    next = write(fadt(dsdt_addr).as_slice(), fadt_addr)?;
+    let madt_addr = next;
+    next = write(madt(topology, boot_vcpus, max_vcpus).as_slice(), madt_addr)?;
+    let xsdt_addr = next;
+    write(xsdt(&[fadt_addr, madt_addr]).as_slice(), xsdt_addr)?;
+    let rsdp = Rsdp::new(OEM_ID, xsdt_addr);
+    write(rsdp.as_bytes(), RSDP_POINTER)?;
+    Ok(RSDP_POINTER)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checksum_ok(bytes: &[u8]) -> bool {
+        bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
+    }
+
+    fn read_table(mem: &GuestMemoryMmap, addr: u64) -> Vec<u8> {
+        let len: u32 = mem.read_obj(GuestAddress(addr + 4)).unwrap();
+        let mut bytes = vec![0u8; len as usize];
+        mem.read_slice(&mut bytes, GuestAddress(addr)).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn tables_are_linked_and_checksummed() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let topology = Topology {
+            threads_per_core: 1,
+            cores_per_die: 4,
+            dies_per_package: 1,
+            packages: 1,
+        };
+        let rsdp_addr = write_tables(&mem, &topology, 2, 4).unwrap();
+        let mut rsdp = [0u8; 36];
+        mem.read_slice(&mut rsdp, GuestAddress(rsdp_addr)).unwrap();
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert!(checksum_ok(&rsdp[..20]) && checksum_ok(&rsdp));
+        let xsdt_addr = u64::from_le_bytes(rsdp[24..32].try_into().unwrap());
+        let xsdt = read_table(&mem, xsdt_addr);
+        assert!(checksum_ok(&xsdt));
+        let entries: Vec<u64> = xsdt[36..]
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let mut signatures = Vec::new();
+        for addr in entries {
+            let t = read_table(&mem, addr);
+            assert!(checksum_ok(&t), "{:?}", &t[..4]);
+            signatures.push(String::from_utf8_lossy(&t[..4]).into_owned());
+            if &t[..4] == b"FACP" {
+                let dsdt = read_table(&mem, u64::from_le_bytes(t[140..148].try_into().unwrap()));
+                assert_eq!(&dsdt[..4], b"DSDT");
+                assert!(checksum_ok(&dsdt));
+                assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+            }
+            if &t[..4] == b"APIC" {
+                let (mut enabled, mut listed) = (0, 0);
+                let mut i = 44;
+                while i < t.len() {
+                    if t[i] == 0 {
+                        listed += 1;
+                        enabled += (t[i + 4] & 1) as usize;
+                    }
+                    i += t[i + 1] as usize;
+                }
+                assert_eq!((enabled, listed), (2, 4));
+            }
+        }
+        assert_eq!(signatures, vec!["FACP", "APIC"]);
+    }
+}

@@ -1,0 +1,464 @@
+//! Loading the payload: a PVH ELF (vmlinux), an ELF without a PVH note
+//! (64-bit entry with a zero page) or a bzImage (64-bit boot protocol), plus
+//! the initramfs and the command line, and the boot structures each protocol
+//! hands the guest (hvm_start_info or boot_params).
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::elf::PvhBootCapability;
+use linux_loader::loader::{BzImage, Elf, KernelLoader, KernelLoaderResult};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmkit_config::PayloadConfig;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::layout::*;
+use crate::memory::GuestRam;
+
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
+const XLF_KERNEL_64: u16 = 1;
+const PAGE_SIZE: u64 = 4096;
+
+/// Where and how the boot vCPU starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryPoint {
+    /// 32-bit protected mode, paging off, EBX = hvm_start_info.
+    Pvh { entry: u64 },
+    /// 64-bit long mode with identity paging, RSI = boot_params.
+    Linux64 { entry: u64 },
+}
+
+/// What the payload turned out to be, for logs and `info()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    PvhElf,
+    Elf64,
+    BzImage,
+}
+
+impl KernelFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelFormat::PvhElf => "pvh-elf",
+            KernelFormat::Elf64 => "elf",
+            KernelFormat::BzImage => "bzimage",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadedPayload {
+    pub entry: EntryPoint,
+    pub format: KernelFormat,
+    pub kernel_end: u64,
+    /// Guest address and size of the initramfs, if any.
+    pub initramfs: Option<(u64, u64)>,
+}
+
+/// A memory map entry shared by both protocols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryMapEntry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: u32,
+}
+
+/// The map the guest is given: RAM below the BIOS area, RAM from 1 MiB, RAM
+/// above the hole; the BIOS area (where the ACPI tables are) is reserved.
+pub fn memory_map(ram: &GuestRam) -> Vec<MemoryMapEntry> {
+    let mut map = Vec::new();
+    for &(start, size) in &ram.ranges {
+        let end = start + size;
+        if start == 0 {
+            map.push(MemoryMapEntry {
+                addr: 0,
+                size: EBDA_START.min(end),
+                kind: E820_RAM,
+            });
+            map.push(MemoryMapEntry {
+                addr: EBDA_START,
+                size: HIGH_RAM_START - EBDA_START,
+                kind: E820_RESERVED,
+            });
+            if end > HIGH_RAM_START {
+                map.push(MemoryMapEntry {
+                    addr: HIGH_RAM_START,
+                    size: end - HIGH_RAM_START,
+                    kind: E820_RAM,
+                });
+            }
+        } else {
+            map.push(MemoryMapEntry {
+                addr: start,
+                size,
+                kind: E820_RAM,
+            });
+        }
+    }
+    map
+}
+
+fn kernel_error(path: &str, what: impl std::fmt::Display) -> Error {
+    Error::new(
+        ErrorKind::Kernel,
+        format!("Cannot load kernel {path}: {what}"),
+    )
+}
+
+fn open(path: &str, kind: ErrorKind, what: &str) -> Result<File> {
+    File::open(path).map_err(|e| Error::new(kind, format!("Cannot open {what} {path}: {e}")))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ImageKind {
+    Elf,
+    BzImage,
+}
+
+fn detect(file: &mut File, path: &str) -> Result<ImageKind> {
+    let mut head = [0u8; 0x206];
+    let read = file
+        .read(&mut head)
+        .map_err(|e| kernel_error(path, format!("reading it failed: {e}")))?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| kernel_error(path, e))?;
+    if read >= 4 && head[..4] == *b"\x7fELF" {
+        return Ok(ImageKind::Elf);
+    }
+    if read >= 0x206 && head[0x202..0x206] == *b"HdrS" {
+        return Ok(ImageKind::BzImage);
+    }
+    Err(kernel_error(
+        path,
+        "it is neither an ELF vmlinux nor a bzImage",
+    ))
+}
+
+fn write<T: vm_memory::ByteValued>(
+    mem: &GuestMemoryMmap,
+    value: T,
+    addr: u64,
+    what: &str,
+) -> Result<()> {
+    mem.write_obj(value, GuestAddress(addr)).map_err(|e| {
+        Error::new(
+            ErrorKind::Memory,
+            format!("Cannot write the {what} at {addr:#x}: {e}"),
+        )
+    })
+}
+
+/// Loads the payload and writes its boot structures. `rsdp` is where the
+/// ACPI tables start (0 without ACPI).
+pub fn load_payload(ram: &GuestRam, payload: &PayloadConfig, rsdp: u64) -> Result<LoadedPayload> {
+    if payload.firmware.is_some() {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            "Booting from --firmware is not supported yet: give a kernel with --kernel",
+        ));
+    }
+    let path = payload
+        .kernel
+        .as_deref()
+        .ok_or_else(|| Error::new(ErrorKind::Kernel, "No kernel specified"))?;
+    let mut file = open(path, ErrorKind::Kernel, "kernel")?;
+    let mem = &ram.memory;
+    let kind = detect(&mut file, path)?;
+    let result: KernelLoaderResult = match kind {
+        ImageKind::Elf => Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_RAM_START)))
+            .map_err(|e| kernel_error(path, e))?,
+        ImageKind::BzImage => {
+            BzImage::load(mem, None, &mut file, Some(GuestAddress(HIGH_RAM_START)))
+                .map_err(|e| kernel_error(path, e))?
+        }
+    };
+
+    let cmdline = payload.cmdline.as_deref().unwrap_or("");
+    if cmdline.len() >= CMDLINE_MAX_SIZE {
+        return Err(Error::new(
+            ErrorKind::Kernel,
+            format!(
+                "The kernel command line is {} bytes; at most {} fit",
+                cmdline.len(),
+                CMDLINE_MAX_SIZE - 1
+            ),
+        ));
+    }
+    if cmdline.contains('\0') {
+        return Err(Error::new(
+            ErrorKind::Kernel,
+            "The kernel command line contains a NUL byte",
+        ));
+    }
+    let mut bytes = cmdline.as_bytes().to_vec();
+    bytes.push(0);
+    mem.write_slice(&bytes, GuestAddress(CMDLINE_START))
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Memory,
+                format!("Cannot write the command line: {e}"),
+            )
+        })?;
+
+    let setup = result.setup_header;
+    let initrd_max = setup
+        .filter(|h| h.initrd_addr_max != 0)
+        .map_or(u64::MAX, |h| u64::from(h.initrd_addr_max) + 1);
+    let initramfs = match payload.initramfs.as_deref() {
+        Some(initramfs_path) => Some(load_initramfs(
+            ram,
+            initramfs_path,
+            result.kernel_end,
+            initrd_max,
+        )?),
+        None => None,
+    };
+
+    let map = memory_map(ram);
+    let (entry, format) = match (kind, result.pvh_boot_cap) {
+        (ImageKind::Elf, PvhBootCapability::PvhEntryPresent(entry)) => {
+            write_start_info(mem, &map, initramfs, rsdp)?;
+            (EntryPoint::Pvh { entry: entry.0 }, KernelFormat::PvhElf)
+        }
+        (ImageKind::Elf, _) => {
+            let mut hdr = setup_header {
+                boot_flag: KERNEL_BOOT_FLAG_MAGIC,
+                header: KERNEL_HDR_MAGIC,
+                kernel_alignment: KERNEL_MIN_ALIGNMENT,
+                ..Default::default()
+            };
+            hdr.type_of_loader = KERNEL_LOADER_OTHER;
+            write_zero_page(mem, hdr, &map, cmdline.len(), initramfs, rsdp)?;
+            (
+                EntryPoint::Linux64 {
+                    entry: result.kernel_load.0,
+                },
+                KernelFormat::Elf64,
+            )
+        }
+        (ImageKind::BzImage, _) => {
+            let hdr = setup.ok_or_else(|| kernel_error(path, "no setup header"))?;
+            if hdr.version < 0x0206 || hdr.xloadflags & XLF_KERNEL_64 == 0 {
+                return Err(kernel_error(
+                    path,
+                    "the bzImage has no 64-bit entry point (boot protocol 2.06+ with XLF_KERNEL_64 needed)",
+                ));
+            }
+            write_zero_page(mem, hdr, &map, cmdline.len(), initramfs, rsdp)?;
+            (
+                EntryPoint::Linux64 {
+                    entry: result.kernel_load.0 + 0x200,
+                },
+                KernelFormat::BzImage,
+            )
+        }
+    };
+    Ok(LoadedPayload {
+        entry,
+        format,
+        kernel_end: result.kernel_end,
+        initramfs,
+    })
+}
+
+/// Places the initramfs at the top of low RAM (page aligned), above the kernel.
+fn load_initramfs(ram: &GuestRam, path: &str, kernel_end: u64, max_end: u64) -> Result<(u64, u64)> {
+    let mut file = open(path, ErrorKind::Initramfs, "initramfs")?;
+    let size = file
+        .metadata()
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Initramfs,
+                format!("Cannot read initramfs {path}: {e}"),
+            )
+        })?
+        .len();
+    let top = ram.low_end().min(max_end);
+    let addr = top
+        .checked_sub(size)
+        .map(|a| a & !(PAGE_SIZE - 1))
+        .filter(|&a| a >= kernel_end.max(HIGH_RAM_START))
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Initramfs,
+                format!(
+                    "The initramfs {path} ({size} bytes) does not fit in guest memory \
+                     between the kernel end ({kernel_end:#x}) and {top:#x}"
+                ),
+            )
+        })?;
+    let len = usize::try_from(size).map_err(|_| {
+        Error::new(
+            ErrorKind::Initramfs,
+            format!("The initramfs {path} is too large"),
+        )
+    })?;
+    ram.memory
+        .read_exact_volatile_from(GuestAddress(addr), &mut file, len)
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Initramfs,
+                format!("Cannot read initramfs {path}: {e}"),
+            )
+        })?;
+    Ok((addr, size))
+}
+
+fn write_start_info(
+    mem: &GuestMemoryMmap,
+    map: &[MemoryMapEntry],
+    initramfs: Option<(u64, u64)>,
+    rsdp: u64,
+) -> Result<()> {
+    let mut info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC,
+        version: 1,
+        cmdline_paddr: CMDLINE_START,
+        rsdp_paddr: rsdp,
+        memmap_paddr: MEMMAP_START,
+        memmap_entries: map.len() as u32,
+        ..Default::default()
+    };
+    if let Some((addr, size)) = initramfs {
+        info.nr_modules = 1;
+        info.modlist_paddr = MODLIST_START;
+        let module = hvm_modlist_entry {
+            paddr: addr,
+            size,
+            ..Default::default()
+        };
+        write(mem, module, MODLIST_START, "PVH module list")?;
+    }
+    for (i, e) in map.iter().enumerate() {
+        let entry = hvm_memmap_table_entry {
+            addr: e.addr,
+            size: e.size,
+            type_: e.kind,
+            reserved: 0,
+        };
+        let at = MEMMAP_START + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
+        write(mem, entry, at, "PVH memory map")?;
+    }
+    write(mem, info, PVH_INFO_START, "PVH start info")
+}
+
+fn write_zero_page(
+    mem: &GuestMemoryMmap,
+    mut hdr: setup_header,
+    map: &[MemoryMapEntry],
+    cmdline_len: usize,
+    initramfs: Option<(u64, u64)>,
+    rsdp: u64,
+) -> Result<()> {
+    hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    hdr.cmd_line_ptr = CMDLINE_START as u32;
+    hdr.cmdline_size = cmdline_len as u32 + 1;
+    if let Some((addr, size)) = initramfs {
+        hdr.ramdisk_image = addr as u32;
+        hdr.ramdisk_size = size as u32;
+    }
+    let mut params = boot_params {
+        hdr,
+        acpi_rsdp_addr: rsdp,
+        ..Default::default()
+    };
+    if map.len() > params.e820_table.len() {
+        return Err(Error::new(ErrorKind::Memory, "too many memory map entries"));
+    }
+    for (slot, e) in params.e820_table.iter_mut().zip(map) {
+        *slot = boot_e820_entry {
+            addr: e.addr,
+            size: e.size,
+            r#type: e.kind,
+        };
+    }
+    params.e820_entries = map.len() as u8;
+    write(mem, params, ZERO_PAGE_START, "zero page")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::create_guest_ram;
+    use vmkit_config::MemoryConfig;
+
+    fn ram(size: &str) -> GuestRam {
+        create_guest_ram(&MemoryConfig::parse(size, None).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn memory_map_reserves_the_bios_area_and_skips_the_hole() {
+        let map = memory_map(&ram("size=3584M"));
+        let ram_entries: Vec<(u64, u64)> = map
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| (e.addr, e.size))
+            .collect();
+        assert_eq!(
+            ram_entries,
+            vec![
+                (0, EBDA_START),
+                (HIGH_RAM_START, 0xc000_0000 - HIGH_RAM_START),
+                (0x1_0000_0000, 0x2000_0000)
+            ]
+        );
+    }
+
+    fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("vmkit-boot-test-{}-{name}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn bad_kernels_get_clear_errors() {
+        let ram = ram("size=64M");
+        let payload = |kernel: &str| PayloadConfig {
+            kernel: Some(kernel.to_owned()),
+            ..Default::default()
+        };
+        let err = load_payload(&ram, &payload("/nonexistent/vmlinux"), 0).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Kernel);
+        assert!(
+            err.message.contains("/nonexistent/vmlinux"),
+            "{}",
+            err.message
+        );
+
+        let junk = temp_file("junk", &[0x42; 4096]);
+        let err = load_payload(&ram, &payload(junk.to_str().unwrap()), 0).unwrap_err();
+        assert!(
+            err.message.contains("neither an ELF vmlinux nor a bzImage"),
+            "{}",
+            err.message
+        );
+
+        let mut corrupt = vec![0u8; 4096];
+        corrupt[..4].copy_from_slice(b"\x7fELF");
+        let corrupt_path = temp_file("corrupt-elf", &corrupt);
+        let err = load_payload(&ram, &payload(corrupt_path.to_str().unwrap()), 0).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Kernel);
+        std::fs::remove_file(junk).unwrap();
+        std::fs::remove_file(corrupt_path).unwrap();
+
+        let firmware = PayloadConfig {
+            firmware: Some("/fw".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            load_payload(&ram, &firmware, 0).unwrap_err().kind,
+            ErrorKind::Unsupported
+        );
+    }
+}

@@ -1,0 +1,218 @@
+//! Shared run control between the VMM, its vCPU threads and its devices:
+//! what the vCPUs should be doing (run, park, stop) and why the VM stops.
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Why a VM (or one boot of it) ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset (i8042, ACPI reset register, KVM system event).
+    Reset,
+    /// The user asked for a shutdown.
+    Shutdown,
+    /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
+    TripleFault { vcpu: u8 },
+    /// KVM could not run the guest's instruction (KVM_EXIT_INTERNAL_ERROR) or
+    /// the entry failed; `message` has RIP and the instruction bytes.
+    InternalError { vcpu: u8, message: String },
+    /// No vCPU made progress for the watchdog's time.
+    Hang { message: String },
+    /// The VMM itself failed while running the VM.
+    VmmError { message: String },
+}
+
+impl StopReason {
+    /// A short machine-readable name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StopReason::PowerOff => "poweroff",
+            StopReason::Reset => "reset",
+            StopReason::Shutdown => "shutdown",
+            StopReason::TripleFault { .. } => "triple-fault",
+            StopReason::InternalError { .. } => "internal-error",
+            StopReason::Hang { .. } => "hang",
+            StopReason::VmmError { .. } => "vmm-error",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            StopReason::PowerOff => "The guest powered off".to_owned(),
+            StopReason::Reset => "The guest reset the VM".to_owned(),
+            StopReason::Shutdown => "The VM was shut down".to_owned(),
+            StopReason::TripleFault { vcpu } => {
+                format!("vCPU {vcpu} triple-faulted (KVM_EXIT_SHUTDOWN)")
+            }
+            StopReason::InternalError { message, .. }
+            | StopReason::Hang { message }
+            | StopReason::VmmError { message } => message.clone(),
+        }
+    }
+}
+
+/// What vCPU threads are asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuCommand {
+    Run,
+    Park,
+    Stop,
+}
+
+struct State {
+    command: VcpuCommand,
+    parked: usize,
+    running_threads: usize,
+    stop: Option<StopReason>,
+}
+
+/// The meeting point of the VMM thread, vCPU threads and devices of one boot.
+pub struct Control {
+    state: Mutex<State>,
+    changed: Condvar,
+    pub created: Instant,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Control {
+    pub fn new() -> Self {
+        Control {
+            state: Mutex::new(State {
+                command: VcpuCommand::Run,
+                parked: 0,
+                running_threads: 0,
+                stop: None,
+            }),
+            changed: Condvar::new(),
+            created: Instant::now(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records why the VM stops (the first reason wins) and stops the vCPUs.
+    pub fn request_stop(&self, reason: StopReason) {
+        let mut state = self.lock();
+        if state.stop.is_none() {
+            state.stop = Some(reason);
+        }
+        state.command = VcpuCommand::Stop;
+        self.changed.notify_all();
+    }
+
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.lock().stop.clone()
+    }
+
+    pub fn command(&self) -> VcpuCommand {
+        self.lock().command
+    }
+
+    pub fn set_command(&self, command: VcpuCommand) {
+        let mut state = self.lock();
+        if state.command != VcpuCommand::Stop {
+            state.command = command;
+        }
+        self.changed.notify_all();
+    }
+
+    pub fn thread_started(&self) {
+        self.lock().running_threads += 1;
+    }
+
+    pub fn thread_exited(&self) {
+        let mut state = self.lock();
+        state.running_threads -= 1;
+        self.changed.notify_all();
+    }
+
+    /// Called by a vCPU thread between runs: parks while asked to, and says
+    /// whether to keep running.
+    pub fn vcpu_gate(&self) -> bool {
+        let mut state = self.lock();
+        loop {
+            match state.command {
+                VcpuCommand::Run => return true,
+                VcpuCommand::Stop => return false,
+                VcpuCommand::Park => {
+                    state.parked += 1;
+                    self.changed.notify_all();
+                    while state.command == VcpuCommand::Park {
+                        state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+                    }
+                    state.parked -= 1;
+                }
+            }
+        }
+    }
+
+    /// Waits until every running vCPU thread is parked (or gone).
+    pub fn wait_parked(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        while state.parked < state.running_threads && state.command == VcpuCommand::Park {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Waits for a stop request; `None` on timeout.
+    pub fn wait_stop(&self, timeout: Option<Duration>) -> Option<StopReason> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut state = self.lock();
+        loop {
+            if let Some(reason) = &state.stop {
+                return Some(reason.clone());
+            }
+            match deadline {
+                None => state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner()),
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return None;
+                    }
+                    state = self
+                        .changed
+                        .wait_timeout(state, deadline - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+
+    /// Waits until every vCPU thread has exited.
+    pub fn wait_threads_exited(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        while state.running_threads > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+}

@@ -1,0 +1,151 @@
+//! The small legacy devices: the i8042 (its reset command resets the VM),
+//! the ACPI shutdown device (power-off and reset through FADT registers) and
+//! the 0x80 debug port (each write logged with the time since VM creation).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vm_superio::{I8042Device, Trigger};
+
+use crate::acpi::{ACPI_RESET_VALUE, S5_SLEEP_TYPE};
+use crate::control::{Control, StopReason};
+use crate::devices::BusDevice;
+
+/// Turns a device's "reset" line into a VM stop request.
+pub struct ResetTrigger(pub Arc<Control>);
+
+impl Trigger for ResetTrigger {
+    type E = std::convert::Infallible;
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.request_stop(StopReason::Reset);
+        Ok(())
+    }
+}
+
+/// The PS/2 controller at 0x60-0x64; only its CPU-reset command matters.
+pub struct I8042(pub I8042Device<ResetTrigger>);
+
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let value = u8::try_from(offset).map_or(0xff, |o| self.0.read(o));
+        data.fill(value);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Ok(offset), [value]) = (u8::try_from(offset), data) {
+            let _ = self.0.write(offset, *value);
+        }
+    }
+}
+
+/// Cloud Hypervisor's shutdown device: the FADT's sleep control register
+/// (SLP_TYP=S5 with SLP_EN powers off) and reset register (value 1 resets).
+pub struct AcpiShutdown {
+    pub control: Arc<Control>,
+}
+
+impl BusDevice for AcpiShutdown {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (0, [value]) = (offset, data) else {
+            return;
+        };
+        if *value == ACPI_RESET_VALUE {
+            self.control.request_stop(StopReason::Reset);
+            return;
+        }
+        const SLEEP_ENABLE: u8 = 1 << 5;
+        let sleep_type = (value >> 2) & 0x7;
+        if sleep_type == S5_SLEEP_TYPE && value & SLEEP_ENABLE != 0 {
+            self.control.request_stop(StopReason::PowerOff);
+        }
+    }
+}
+
+/// One write to the debug port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DebugPortWrite {
+    pub value: u8,
+    pub since_creation: Duration,
+}
+
+/// The most debug-port writes kept (a guest could write forever).
+const DEBUG_LOG_LIMIT: usize = 4096;
+
+/// Port 0x80: firmware and boot progress codes.
+pub struct DebugPort {
+    pub control: Arc<Control>,
+    pub log: Arc<Mutex<Vec<DebugPortWrite>>>,
+}
+
+impl BusDevice for DebugPort {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        let Some(&value) = data.first() else {
+            return;
+        };
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        if log.len() < DEBUG_LOG_LIMIT {
+            log.push(DebugPortWrite {
+                value,
+                since_creation: self.control.created.elapsed(),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shutdown_device_decodes_sleep_and_reset() {
+        let control = Arc::new(Control::new());
+        let mut device = AcpiShutdown {
+            control: control.clone(),
+        };
+        device.write(0, &[5 << 2]); // S5 without SLP_EN: nothing
+        device.write(1, &[0x34]); // wrong register: nothing
+        assert_eq!(control.stop_reason(), None);
+        device.write(0, &[(5 << 2) | (1 << 5)]);
+        assert_eq!(control.stop_reason(), Some(StopReason::PowerOff));
+
+        let control = Arc::new(Control::new());
+        let mut device = AcpiShutdown {
+            control: control.clone(),
+        };
+        device.write(0, &[1]);
+        assert_eq!(control.stop_reason(), Some(StopReason::Reset));
+    }
+
+    #[test]
+    fn i8042_reset_command() {
+        let control = Arc::new(Control::new());
+        let mut device = I8042(I8042Device::new(ResetTrigger(control.clone())));
+        device.write(4, &[0x01]);
+        assert_eq!(control.stop_reason(), None);
+        device.write(4, &[0xfe]);
+        assert_eq!(control.stop_reason(), Some(StopReason::Reset));
+    }
+
+    #[test]
+    fn debug_port_log_is_bounded() {
+        let control = Arc::new(Control::new());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut port = DebugPort {
+            control,
+            log: log.clone(),
+        };
+        for i in 0..(DEBUG_LOG_LIMIT + 10) {
+            port.write(0, &[i as u8]);
+        }
+        assert_eq!(log.lock().unwrap().len(), DEBUG_LOG_LIMIT);
+        assert_eq!(log.lock().unwrap()[3].value, 3);
+    }
+}

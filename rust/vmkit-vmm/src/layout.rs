@@ -1,0 +1,62 @@
+//! Guest physical memory layout (x86-64), following Cloud Hypervisor's choices
+//! so that guests and tools that know CH find things where they expect.
+
+/// Boot GDT and IDT for the VMM-built entry states.
+pub const BOOT_GDT_START: u64 = 0x500;
+pub const BOOT_IDT_START: u64 = 0x520;
+/// PVH `hvm_start_info`, its module list and memory map.
+pub const PVH_INFO_START: u64 = 0x6000;
+pub const MODLIST_START: u64 = 0x6040;
+pub const MEMMAP_START: u64 = 0x7000;
+/// The Linux zero page (`boot_params`) for 64-bit boot.
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Initial stack of the 64-bit entry.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// Identity-mapping page tables of the 64-bit entry (first 1 GiB, 2 MiB pages).
+pub const PML4_START: u64 = 0x9000;
+pub const PDPTE_START: u64 = 0xa000;
+pub const PDE_START: u64 = 0xb000;
+/// The kernel command line.
+pub const CMDLINE_START: u64 = 0x20000;
+pub const CMDLINE_MAX_SIZE: usize = 0x10000;
+/// RAM below this is usable; above it, up to 1 MiB, is the legacy BIOS area.
+pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables live in the BIOS area (reserved, never RAM in the map).
+pub const RSDP_POINTER: u64 = 0xe0000;
+pub const ACPI_TABLES_END: u64 = 0x100000;
+/// Kernels and everything else go at or above 1 MiB.
+pub const HIGH_RAM_START: u64 = 0x100000;
+/// The 32-bit MMIO hole: [3 GiB, 4 GiB).
+pub const MEM_32BIT_RESERVED_START: u64 = 0xc000_0000;
+pub const MEM_32BIT_RESERVED_SIZE: u64 = 0x4000_0000;
+/// RAM that does not fit below the hole continues here.
+pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+pub const APIC_START: u64 = 0xfee0_0000;
+/// KVM's TSS (needed on VMX hosts): three pages just below the IOAPIC hole top.
+pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+
+/// Guest physical ranges of RAM for `size` bytes: below the hole, then above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
+    let low = size.min(MEM_32BIT_RESERVED_START);
+    let mut ranges = vec![(0, low)];
+    if size > low {
+        ranges.push((RAM_64BIT_START, size - low));
+    }
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_splits_around_the_hole() {
+        assert_eq!(ram_ranges(64 << 20), vec![(0, 64 << 20)]);
+        assert_eq!(ram_ranges(3 << 30), vec![(0, 3 << 30)]);
+        assert_eq!(
+            ram_ranges(0xe000_0000),
+            vec![(0, 0xc000_0000), (0x1_0000_0000, 0x2000_0000)]
+        );
+    }
+}

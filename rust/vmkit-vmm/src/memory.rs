@@ -1,0 +1,370 @@
+//! Guest RAM from a `MemoryConfig`: anonymous, shared (memfd), huge pages
+//! (hugetlb memfd) or file-backed zones, laid out around the 32-bit MMIO hole.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::os::fd::FromRawFd;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vmkit_config::{MemoryConfig, MemoryZoneConfig};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::layout::{MEM_32BIT_RESERVED_START, RAM_64BIT_START};
+
+/// How one chunk of guest RAM is backed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Backing {
+    name: String,
+    size: u64,
+    file: Option<String>,
+    shared: bool,
+    hugepages: bool,
+    hugepage_size: Option<u64>,
+    prefault: bool,
+    mergeable: bool,
+    thp: bool,
+}
+
+/// Guest RAM and the physical ranges it covers (sorted, non-overlapping).
+pub struct GuestRam {
+    pub memory: GuestMemoryMmap,
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl GuestRam {
+    pub fn total_size(&self) -> u64 {
+        self.ranges.iter().map(|r| r.1).sum()
+    }
+
+    /// End of RAM below the MMIO hole.
+    pub fn low_end(&self) -> u64 {
+        self.ranges
+            .iter()
+            .filter(|r| r.0 < MEM_32BIT_RESERVED_START)
+            .map(|r| r.0 + r.1)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+fn backings(config: &MemoryConfig) -> Result<Vec<Backing>> {
+    if config.hotplug_size.is_some() || config.hotplugged_size.is_some() {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            "Memory hotplug (hotplug_size, hotplugged_size) is not supported yet",
+        ));
+    }
+    let mut list = Vec::new();
+    if config.size > 0 {
+        list.push(Backing {
+            name: "memory".to_owned(),
+            size: config.size,
+            file: None,
+            shared: config.shared,
+            hugepages: config.hugepages,
+            hugepage_size: config.hugepage_size,
+            prefault: config.prefault,
+            mergeable: config.mergeable,
+            thp: config.thp,
+        });
+    }
+    for zone in config.zones.iter().flatten() {
+        list.push(zone_backing(config, zone)?);
+    }
+    if list.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Memory,
+            "The VM has no memory: memory size is 0 and no memory zone is given",
+        ));
+    }
+    Ok(list)
+}
+
+fn zone_backing(config: &MemoryConfig, zone: &MemoryZoneConfig) -> Result<Backing> {
+    if zone.hotplug_size.is_some() || zone.hotplugged_size.is_some() {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("Memory zone {}: hotplug is not supported yet", zone.id),
+        ));
+    }
+    if zone.host_numa_node.is_some() {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "Memory zone {}: host_numa_node is not supported yet",
+                zone.id
+            ),
+        ));
+    }
+    Ok(Backing {
+        name: format!("memory zone {}", zone.id),
+        size: zone.size,
+        file: zone.file.clone(),
+        shared: zone.shared,
+        hugepages: zone.hugepages,
+        hugepage_size: zone.hugepage_size,
+        prefault: zone.prefault,
+        mergeable: config.mergeable,
+        thp: config.thp,
+    })
+}
+
+fn io_error(backing: &Backing, what: &str, e: std::io::Error) -> Error {
+    Error::new(ErrorKind::Memory, format!("{}: {what}: {e}", backing.name))
+}
+
+/// Huge page size in bytes: the configured one, or the host's default.
+fn huge_page_size(backing: &Backing) -> Result<u64> {
+    if let Some(size) = backing.hugepage_size {
+        return Ok(size);
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("Hugepagesize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib << 10)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Memory,
+                format!(
+                    "{}: huge pages requested but the host has none",
+                    backing.name
+                ),
+            )
+        })
+}
+
+/// Refuses huge-page backing the host cannot supply (it would SIGBUS later).
+fn check_free_huge_pages(backing: &Backing, page_size: u64) -> Result<()> {
+    let path = format!(
+        "/sys/kernel/mm/hugepages/hugepages-{}kB/free_hugepages",
+        page_size >> 10
+    );
+    let free = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let needed = backing.size.div_ceil(page_size);
+    match free {
+        None => Err(Error::new(
+            ErrorKind::Memory,
+            format!(
+                "{}: huge pages of {} KiB requested but the host has no such huge pages",
+                backing.name,
+                page_size >> 10
+            ),
+        )),
+        Some(free) if free < needed => Err(Error::new(
+            ErrorKind::Memory,
+            format!(
+                "{}: needs {needed} huge pages of {} KiB but the host has {free} free \
+                 (see /proc/sys/vm/nr_hugepages)",
+                backing.name,
+                page_size >> 10
+            ),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+fn memfd(backing: &Backing) -> Result<File> {
+    let name = CString::new("vmkit-guest-ram").expect("no NUL in name");
+    let mut flags = libc::MFD_CLOEXEC;
+    if backing.hugepages {
+        let page_size = huge_page_size(backing)?;
+        check_free_huge_pages(backing, page_size)?;
+        flags |= libc::MFD_HUGETLB | (page_size.trailing_zeros() << libc::MFD_HUGE_SHIFT);
+    }
+    // SAFETY: name is a valid NUL-terminated string; the result is checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io_error(
+            backing,
+            "memfd_create",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: fd is a new descriptor that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(backing.size)
+        .map_err(|e| io_error(backing, "sizing the memory file", e))?;
+    Ok(file)
+}
+
+fn backing_file(backing: &Backing) -> Result<Option<File>> {
+    if let Some(path) = &backing.file {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| io_error(backing, &format!("opening {path}"), e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| io_error(backing, &format!("reading {path}"), e))?
+            .len();
+        if len < backing.size {
+            file.set_len(backing.size)
+                .map_err(|e| io_error(backing, &format!("extending {path}"), e))?;
+        }
+        return Ok(Some(file));
+    }
+    if backing.shared || backing.hugepages {
+        return Ok(Some(memfd(backing)?));
+    }
+    Ok(None)
+}
+
+fn map_region(
+    backing: &Backing,
+    file: Option<&File>,
+    file_offset: u64,
+    guest_base: u64,
+    size: u64,
+) -> Result<GuestRegionMmap> {
+    let len = usize::try_from(size)
+        .map_err(|_| Error::new(ErrorKind::Memory, format!("{}: too large", backing.name)))?;
+    let mut flags = libc::MAP_NORESERVE;
+    flags |= if backing.shared || backing.hugepages {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE
+    };
+    if backing.prefault {
+        flags |= libc::MAP_POPULATE;
+    }
+    let mut builder = MmapRegionBuilder::new(len)
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_hugetlbfs(backing.hugepages);
+    match file {
+        Some(file) => {
+            let clone = file
+                .try_clone()
+                .map_err(|e| io_error(backing, "duplicating the memory file", e))?;
+            builder = builder
+                .with_mmap_flags(flags)
+                .with_file_offset(FileOffset::new(clone, file_offset));
+        }
+        None => builder = builder.with_mmap_flags(flags | libc::MAP_ANONYMOUS),
+    }
+    let region = builder.build().map_err(|e| {
+        Error::new(
+            ErrorKind::Memory,
+            format!("{}: cannot map {size} bytes: {e}", backing.name),
+        )
+    })?;
+    let advise = |advice: libc::c_int| {
+        // SAFETY: the range is the mapping just created; madvise only hints.
+        unsafe { libc::madvise(region.as_ptr().cast(), len, advice) };
+    };
+    if backing.mergeable {
+        advise(libc::MADV_MERGEABLE);
+    }
+    if backing.thp && !backing.hugepages && !backing.shared && backing.file.is_none() {
+        advise(libc::MADV_HUGEPAGE);
+    }
+    GuestRegionMmap::new(region, GuestAddress(guest_base)).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Memory,
+            format!("{}: invalid guest range at {guest_base:#x}", backing.name),
+        )
+    })
+}
+
+/// Creates guest RAM: each backing in turn from address 0, skipping the MMIO hole.
+pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
+    let mut regions = Vec::new();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut cursor = 0u64;
+    for backing in backings(config)? {
+        let file = backing_file(&backing)?;
+        let mut offset = 0u64;
+        while offset < backing.size {
+            if (MEM_32BIT_RESERVED_START..RAM_64BIT_START).contains(&cursor) {
+                cursor = RAM_64BIT_START;
+            }
+            let room = if cursor < MEM_32BIT_RESERVED_START {
+                MEM_32BIT_RESERVED_START - cursor
+            } else {
+                u64::MAX - cursor
+            };
+            let size = (backing.size - offset).min(room);
+            regions.push(map_region(&backing, file.as_ref(), offset, cursor, size)?);
+            match ranges.last_mut() {
+                Some(last) if last.0 + last.1 == cursor => last.1 += size,
+                _ => ranges.push((cursor, size)),
+            }
+            offset += size;
+            cursor = cursor.checked_add(size).ok_or_else(|| {
+                Error::new(ErrorKind::Memory, "guest memory exceeds the address space")
+            })?;
+        }
+    }
+    let memory = GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| Error::new(ErrorKind::Memory, format!("guest memory: {e}")))?;
+    Ok(GuestRam { memory, ranges })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    fn memory(text: &str, zones: Option<&[String]>) -> MemoryConfig {
+        MemoryConfig::parse(text, zones).unwrap()
+    }
+
+    #[test]
+    fn small_ram_is_one_range() {
+        let ram = create_guest_ram(&memory("size=64M", None)).unwrap();
+        assert_eq!(ram.ranges, vec![(0, 64 << 20)]);
+        assert_eq!(ram.total_size(), 64 << 20);
+        ram.memory
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(
+            ram.memory.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
+    }
+
+    #[test]
+    fn large_ram_spans_the_hole() {
+        let ram = create_guest_ram(&memory("size=3584M", None)).unwrap();
+        assert_eq!(
+            ram.ranges,
+            vec![(0, 0xc000_0000), (0x1_0000_0000, 0x2000_0000)]
+        );
+        assert_eq!(ram.low_end(), 0xc000_0000);
+        assert!(ram.memory.address_in_range(GuestAddress(0x1_1000_0000)));
+        assert!(!ram.memory.address_in_range(GuestAddress(0xd000_0000)));
+    }
+
+    #[test]
+    fn shared_memory_and_zones() {
+        let zones = vec![
+            "id=a,size=16M,shared=on".to_owned(),
+            "id=b,size=16M".to_owned(),
+        ];
+        let ram = create_guest_ram(&memory("size=32M,shared=on", Some(&zones))).unwrap();
+        assert_eq!(ram.ranges, vec![(0, 64 << 20)]);
+        ram.memory
+            .write_obj(7u8, GuestAddress((48 << 20) + 5))
+            .unwrap();
+    }
+
+    #[test]
+    fn unsupported_and_impossible_requests_are_refused() {
+        let err = create_guest_ram(&memory("size=64M,hotplug_size=1G", None))
+            .err()
+            .unwrap();
+        assert_eq!(err.kind, ErrorKind::Unsupported);
+        let err = create_guest_ram(&memory("size=0", None)).err().unwrap();
+        assert_eq!(err.kind, ErrorKind::Memory);
+        // A huge page size the host does not have is refused up front.
+        let err = create_guest_ram(&memory("size=64M,hugepages=on,hugepage_size=1G", None))
+            .err()
+            .unwrap();
+        assert!(err.message.contains("huge pages"), "{}", err.message);
+    }
+}

@@ -1,0 +1,776 @@
+//! A VM and its lifecycle: Cloud Hypervisor's state machine, one "boot"
+//! (KVM VM, memory, devices, vCPU threads) at a time, rebuilt on guest reset,
+//! and a VMM thread that waits for the boot to end and runs the watchdog.
+
+use std::fmt;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_superio::{I8042Device, Serial};
+use vmkit_config::VmConfig;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi::{self, ACPI_SHUTDOWN_PORT};
+use crate::boot::{self, LoadedPayload};
+use crate::control::{Control, StopReason, VcpuCommand};
+use crate::cpu::{self, HostCpu, Topology};
+use crate::devices::legacy::{AcpiShutdown, DebugPort, DebugPortWrite, ResetTrigger, I8042};
+use crate::devices::serial::{IrqTrigger, SerialBackend, SerialDevice, SerialSink};
+use crate::devices::Bus;
+use crate::error::{Error, ErrorKind, Result};
+use crate::memory::{create_guest_ram, GuestRam};
+use crate::vcpu::{self, Sample, VcpuThreadContext};
+
+/// Cloud Hypervisor's VM states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    Created,
+    Running,
+    Shutdown,
+    Paused,
+    BreakPoint,
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+impl VmState {
+    /// Cloud Hypervisor's transition rules and error text.
+    pub fn check_transition(self, to: VmState) -> Result<()> {
+        use VmState::*;
+        let ok = match self {
+            Created => matches!(to, Running | Shutdown | Paused | BreakPoint),
+            Running => matches!(to, Shutdown | Paused | BreakPoint),
+            Shutdown => matches!(to, Running),
+            Paused => matches!(to, Running | Shutdown),
+            BreakPoint => matches!(to, Created | Running),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::State,
+                format!("invalid VM state transition: {self} to {to}"),
+            ))
+        }
+    }
+}
+
+/// Knobs that are not part of Cloud Hypervisor's config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmOptions {
+    /// End the VM when no vCPU makes progress for this long (None: never).
+    pub watchdog_timeout: Option<Duration>,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        VmOptions {
+            watchdog_timeout: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// One boot of the VM.
+struct Instance {
+    _vm_fd: Arc<VmFd>,
+    _ram: GuestRam,
+    control: Arc<Control>,
+    threads: Vec<JoinHandle<()>>,
+    samples: Vec<Arc<Mutex<Sample>>>,
+    payload: LoadedPayload,
+    /// Keeps the irqfd eventfds open while the boot lives.
+    _irq_fds: Vec<EventFd>,
+}
+
+impl Instance {
+    fn kick_all(&self) {
+        for t in &self.threads {
+            vcpu::kick(t.as_pthread_t());
+        }
+    }
+
+    /// Stops every vCPU thread and joins it.
+    fn stop(mut self, reason: StopReason) {
+        self.control.request_stop(reason);
+        while !self.control.wait_threads_exited(Duration::from_millis(20)) {
+            self.kick_all();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Lifecycle {
+    state: VmState,
+    instance: Option<Instance>,
+    /// Why the VM last stopped, once it has.
+    exit: Option<StopReason>,
+    boots: u64,
+    vmm_thread: Option<JoinHandle<()>>,
+    last_payload: Option<LoadedPayload>,
+    /// The user asked for a shutdown (seen by a reboot in progress).
+    shutdown_requested: bool,
+}
+
+/// What `info()` reports beyond the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmInfo {
+    pub state: VmState,
+    pub boots: u64,
+    pub kernel_format: Option<&'static str>,
+    pub serial_pty: Option<PathBuf>,
+    pub memory_size: u64,
+}
+
+/// A VM: its config, serial backend (kept across reboots) and lifecycle.
+pub struct Vm {
+    config: VmConfig,
+    options: VmOptions,
+    kvm: Kvm,
+    host: HostCpu,
+    serial: Option<Arc<SerialBackend>>,
+    debug_log: Arc<Mutex<Vec<DebugPortWrite>>>,
+    life: Mutex<Lifecycle>,
+    changed: Condvar,
+}
+
+fn is_pvm_host() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+impl Vm {
+    /// Checks the config against what this VMM supports and opens KVM and the
+    /// serial backend. Nothing runs until `boot`.
+    pub fn new(mut config: VmConfig, options: VmOptions) -> Result<Arc<Vm>> {
+        config.validate().map_err(|e| {
+            Error::new(
+                ErrorKind::Unsupported,
+                format!("Invalid configuration: {e}"),
+            )
+        })?;
+        check_supported(&config)?;
+        let kvm = Kvm::new().map_err(|e| {
+            Error::new(
+                ErrorKind::Kvm,
+                format!(
+                    "Failed to open hypervisor interface (is hypervisor interface available?): {e}"
+                ),
+            )
+        })?;
+        if config.cpus.kvm_hyperv && !kvm.check_extension(Cap::Hyperv) {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "kvm_hyperv=on needs KVM's Hyper-V support (KVM_CAP_HYPERV), which this host's KVM lacks",
+            ));
+        }
+        if config.cpus.kvm_hyperv {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "kvm_hyperv=on is not supported yet",
+            ));
+        }
+        vcpu::register_kick_handler().map_err(|e| Error::new(ErrorKind::Kvm, e))?;
+        let serial = SerialBackend::open(&config.serial)?;
+        Ok(Arc::new(Vm {
+            config,
+            options,
+            kvm,
+            host: HostCpu {
+                pvm: is_pvm_host(),
+                tsc_khz: None,
+            },
+            serial,
+            debug_log: Arc::new(Mutex::new(Vec::new())),
+            life: Mutex::new(Lifecycle {
+                state: VmState::Created,
+                instance: None,
+                exit: None,
+                boots: 0,
+                vmm_thread: None,
+                last_payload: None,
+                shutdown_requested: false,
+            }),
+            changed: Condvar::new(),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Lifecycle> {
+        self.life.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    pub fn state(&self) -> VmState {
+        self.lock().state
+    }
+
+    pub fn serial(&self) -> Option<&Arc<SerialBackend>> {
+        self.serial.as_ref()
+    }
+
+    pub fn debug_port_writes(&self) -> Vec<DebugPortWrite> {
+        self.debug_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn info(&self) -> VmInfo {
+        let life = self.lock();
+        VmInfo {
+            state: life.state,
+            boots: life.boots,
+            kernel_format: life.last_payload.map(|p| p.format.name()),
+            serial_pty: self.serial.as_ref().and_then(|s| s.pty_path().cloned()),
+            memory_size: self.config.memory.total_size(),
+        }
+    }
+
+    /// Builds the VM and starts its vCPUs (Created or Shutdown → Running).
+    pub fn boot(self: &Arc<Self>) -> Result<()> {
+        let mut life = self.lock();
+        life.state.check_transition(VmState::Running)?;
+        if let Some(old) = life.vmm_thread.take() {
+            drop(life);
+            let _ = old.join();
+            life = self.lock();
+        }
+        let instance = self.build_instance()?;
+        life.last_payload = Some(instance.payload);
+        life.instance = Some(instance);
+        life.state = VmState::Running;
+        life.exit = None;
+        life.shutdown_requested = false;
+        life.boots += 1;
+        let vm = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("vmm".into())
+            .spawn(move || vm.vmm_loop())
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Device,
+                    format!("cannot start the VMM thread: {e}"),
+                )
+            })?;
+        life.vmm_thread = Some(thread);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    pub fn pause(&self) -> Result<()> {
+        let mut life = self.lock();
+        life.state.check_transition(VmState::Paused)?;
+        if let Some(instance) = &life.instance {
+            instance.control.set_command(VcpuCommand::Park);
+            instance.kick_all();
+            if !instance.control.wait_parked(Duration::from_secs(10)) {
+                instance.control.set_command(VcpuCommand::Run);
+                return Err(Error::new(
+                    ErrorKind::State,
+                    "vCPUs did not pause within 10 s",
+                ));
+            }
+        }
+        life.state = VmState::Paused;
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    pub fn resume(&self) -> Result<()> {
+        let mut life = self.lock();
+        if life.state != VmState::Paused {
+            return life
+                .state
+                .check_transition(VmState::Running)
+                .and(Err(Error::new(
+                    ErrorKind::State,
+                    format!("invalid VM state transition: {} to Running", life.state),
+                )));
+        }
+        if let Some(instance) = &life.instance {
+            instance.control.set_command(VcpuCommand::Run);
+        }
+        life.state = VmState::Running;
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Stops the VM and waits for every thread (Running/Paused → Shutdown).
+    pub fn shutdown(&self) -> Result<()> {
+        let thread = {
+            let mut life = self.lock();
+            if life.state == VmState::Shutdown {
+                return Ok(());
+            }
+            life.state.check_transition(VmState::Shutdown)?;
+            life.shutdown_requested = true;
+            match (&life.instance, &life.vmm_thread) {
+                (Some(instance), _) => instance.control.request_stop(StopReason::Shutdown),
+                // A reboot is in progress: the VMM thread sees the request.
+                (None, Some(_)) => {}
+                (None, None) => {
+                    life.state = VmState::Shutdown;
+                    life.exit.get_or_insert(StopReason::Shutdown);
+                }
+            }
+            life.vmm_thread.take()
+        };
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Reboots a running VM: the current boot stops and a new one starts.
+    pub fn reboot(&self) -> Result<()> {
+        let life = self.lock();
+        match &life.instance {
+            Some(instance) if matches!(life.state, VmState::Running | VmState::Paused) => {
+                instance.control.set_command(VcpuCommand::Run);
+                instance.control.request_stop(StopReason::Reset);
+                Ok(())
+            }
+            _ => Err(Error::new(ErrorKind::State, "VM is not running")),
+        }
+    }
+
+    /// Waits for the VM to stop for good; None on timeout.
+    pub fn wait(&self, timeout: Option<Duration>) -> Option<StopReason> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut life = self.lock();
+        loop {
+            if life.state == VmState::Shutdown {
+                return life.exit.clone();
+            }
+            if life.state == VmState::Created {
+                return None;
+            }
+            match deadline {
+                None => life = self.changed.wait(life).unwrap_or_else(|p| p.into_inner()),
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return None;
+                    }
+                    life = self
+                        .changed
+                        .wait_timeout(life, deadline - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+
+    /// Ends the VM and its backends; the VM cannot boot again.
+    pub fn close(&self) {
+        let _ = self.shutdown();
+        if let Some(serial) = &self.serial {
+            serial.close();
+        }
+    }
+
+    /// Waits for each boot to end; rebuilds on reset; runs the watchdog.
+    fn vmm_loop(self: Arc<Self>) {
+        loop {
+            let control = match &self.lock().instance {
+                Some(instance) => instance.control.clone(),
+                None => return,
+            };
+            let interval = self
+                .options
+                .watchdog_timeout
+                .map_or(Duration::from_secs(3600), |t| {
+                    (t / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+                });
+            let reason = match control.wait_stop(Some(interval)) {
+                Some(reason) => reason,
+                None => {
+                    self.watchdog_tick();
+                    continue;
+                }
+            };
+            let instance = self.lock().instance.take();
+            if let Some(instance) = instance {
+                instance.stop(reason.clone());
+            }
+            if reason == StopReason::Reset {
+                match self.build_instance() {
+                    Ok(instance) => {
+                        let mut life = self.lock();
+                        if life.shutdown_requested {
+                            drop(life);
+                            instance.stop(StopReason::Shutdown);
+                            self.finish(StopReason::Shutdown);
+                            return;
+                        }
+                        life.boots += 1;
+                        life.last_payload = Some(instance.payload);
+                        life.instance = Some(instance);
+                        if life.state == VmState::Paused {
+                            life.state = VmState::Running;
+                        }
+                        self.changed.notify_all();
+                        continue;
+                    }
+                    Err(e) => {
+                        self.finish(StopReason::VmmError {
+                            message: format!("Rebooting the VM failed: {e}"),
+                        });
+                        return;
+                    }
+                }
+            }
+            self.finish(reason);
+            return;
+        }
+    }
+
+    fn finish(&self, reason: StopReason) {
+        let mut life = self.lock();
+        life.state = VmState::Shutdown;
+        life.exit = Some(reason);
+        if let Some(serial) = &self.serial {
+            serial.attach(None);
+            serial.capture.wake();
+        }
+        self.changed.notify_all();
+    }
+
+    /// Samples every vCPU; ends the VM when none can make progress.
+    fn watchdog_tick(&self) {
+        let Some(timeout) = self.options.watchdog_timeout else {
+            return;
+        };
+        let life = self.lock();
+        if life.state != VmState::Running {
+            return;
+        }
+        let Some(instance) = &life.instance else {
+            return;
+        };
+        instance.kick_all();
+        let samples: Vec<Sample> = instance
+            .samples
+            .iter()
+            .map(|s| *s.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        let all_stuck = samples.iter().all(|s| s.stuck());
+        let since = samples.iter().map(|s| s.unchanged_since).max();
+        let running = samples.iter().any(|s| !s.waiting_for_sipi);
+        if let (true, true, Some(since)) = (all_stuck, running, since) {
+            let stalled = since.elapsed();
+            if stalled >= timeout {
+                let detail: Vec<String> = samples
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| !s.waiting_for_sipi)
+                    .map(|(i, s)| {
+                        format!(
+                            "vCPU {i} {} at RIP {:#x}",
+                            if s.halted { "halted" } else { "spinning" },
+                            s.rip
+                        )
+                    })
+                    .collect();
+                instance.control.request_stop(StopReason::Hang {
+                    message: format!(
+                        "No vCPU made progress for {:.1} s with interrupts disabled ({})",
+                        stalled.as_secs_f64(),
+                        detail.join(", ")
+                    ),
+                });
+            }
+        }
+    }
+
+    fn build_instance(&self) -> Result<Instance> {
+        let config = &self.config;
+        let vm_fd = Arc::new(
+            self.kvm
+                .create_vm()
+                .map_err(|e| Error::kvm("KVM_CREATE_VM", e))?,
+        );
+        vm_fd
+            .set_tss_address(crate::layout::KVM_TSS_ADDRESS as usize)
+            .map_err(|e| Error::kvm("KVM_SET_TSS_ADDR", e))?;
+        vm_fd
+            .set_identity_map_address(crate::layout::KVM_TSS_ADDRESS - 0x1000)
+            .map_err(|e| Error::kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(|e| Error::kvm("KVM_CREATE_IRQCHIP", e))?;
+        vm_fd
+            .create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(|e| Error::kvm("KVM_CREATE_PIT2", e))?;
+
+        let ram = create_guest_ram(&config.memory)?;
+        for (slot, region) in ram.memory.iter().enumerate() {
+            let host = ram
+                .memory
+                .get_host_address(region.start_addr())
+                .map_err(|e| Error::new(ErrorKind::Memory, format!("guest memory: {e}")))?;
+            let mem_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the mapping outlives the VM fd: both live in the Instance,
+            // and the VM fd is dropped (after its vCPUs) before the memory.
+            unsafe { vm_fd.set_user_memory_region(mem_region) }
+                .map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+
+        let topology = Topology::from_config(&config.cpus);
+        let rsdp = acpi::write_tables(
+            &ram.memory,
+            &topology,
+            config.cpus.boot_vcpus,
+            config.cpus.max_vcpus,
+        )?;
+        let payload_config = config
+            .payload
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::Kernel, "No kernel specified"))?;
+        let payload = boot::load_payload(&ram, payload_config, rsdp)?;
+
+        let control = Arc::new(Control::new());
+        let mut pio = Bus::new();
+        let mut irq_fds = Vec::new();
+        if let Some(backend) = &self.serial {
+            let irq = EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| Error::new(ErrorKind::Device, format!("serial irq: {e}")))?;
+            vm_fd
+                .register_irqfd(&irq, 4)
+                .map_err(|e| Error::kvm("KVM_IRQFD (serial)", e))?;
+            let trigger = IrqTrigger(
+                irq.try_clone()
+                    .map_err(|e| Error::new(ErrorKind::Device, format!("serial irq: {e}")))?,
+            );
+            irq_fds.push(irq);
+            let device = Arc::new(Mutex::new(SerialDevice {
+                uart: Serial::new(trigger, SerialSink(backend.clone())),
+            }));
+            pio.insert(0x3f8, 8, device.clone());
+            backend.attach(Some(device));
+        }
+        pio.insert(
+            0x60,
+            5,
+            Arc::new(Mutex::new(I8042(I8042Device::new(ResetTrigger(
+                control.clone(),
+            ))))),
+        );
+        pio.insert(
+            u64::from(ACPI_SHUTDOWN_PORT),
+            8,
+            Arc::new(Mutex::new(AcpiShutdown {
+                control: control.clone(),
+            })),
+        );
+        pio.insert(
+            0x80,
+            1,
+            Arc::new(Mutex::new(DebugPort {
+                control: control.clone(),
+                log: self.debug_log.clone(),
+            })),
+        );
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(Bus::new());
+
+        let mut vcpus = Vec::new();
+        let mut host = self.host;
+        for index in 0..config.cpus.boot_vcpus {
+            let apic_id = topology.apic_id(index);
+            let vcpu = vm_fd
+                .create_vcpu(u64::from(apic_id))
+                .map_err(|e| Error::kvm(&format!("KVM_CREATE_VCPU {index}"), e))?;
+            if host.tsc_khz.is_none() {
+                host.tsc_khz = vcpu.get_tsc_khz().ok();
+            }
+            let cpuid = cpu::cpuid_for(&self.kvm, &config.cpus, index, host)?;
+            vcpu.set_cpuid2(&cpuid)
+                .map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
+            cpu::setup_msrs(&vcpu)?;
+            cpu::setup_fpu(&vcpu)?;
+            cpu::setup_lapic(&vcpu)?;
+            if index == 0 {
+                cpu::setup_boot_vcpu(&vcpu, &ram.memory, payload.entry)?;
+            }
+            vcpus.push(vcpu);
+        }
+
+        let mut threads = Vec::new();
+        let mut samples = Vec::new();
+        for (index, vcpu) in vcpus.into_iter().enumerate() {
+            let index = index as u8;
+            let sample = Arc::new(Mutex::new(Sample::default()));
+            samples.push(sample.clone());
+            let host_cpus = config
+                .cpus
+                .affinity
+                .iter()
+                .flatten()
+                .find(|a| a.vcpu == index)
+                .map(|a| a.host_cpus.clone());
+            let ctx = VcpuThreadContext {
+                index,
+                control: control.clone(),
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                sample,
+                host_cpus,
+            };
+            control.thread_started();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu::run_vcpu(vcpu, ctx));
+            match spawned {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    control.thread_exited();
+                    let partial = Instance {
+                        _vm_fd: vm_fd,
+                        _ram: ram,
+                        control,
+                        threads,
+                        samples,
+                        payload,
+                        _irq_fds: irq_fds,
+                    };
+                    partial.stop(StopReason::VmmError {
+                        message: "cannot start vCPU threads".into(),
+                    });
+                    return Err(Error::new(
+                        ErrorKind::Device,
+                        format!("cannot start vCPU thread: {e}"),
+                    ));
+                }
+            }
+        }
+        Ok(Instance {
+            _vm_fd: vm_fd,
+            _ram: ram,
+            control,
+            threads,
+            samples,
+            payload,
+            _irq_fds: irq_fds,
+        })
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let life = self.life.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(instance) = life.instance.take() {
+            instance.stop(StopReason::Shutdown);
+        }
+        if let Some(serial) = &self.serial {
+            serial.close();
+        }
+    }
+}
+
+/// Refuses what this VMM cannot provide yet, naming the option.
+fn check_supported(config: &VmConfig) -> Result<()> {
+    let unsupported = |what: &str| {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("{what} is not supported yet"),
+        ))
+    };
+    if config.disks.as_ref().is_some_and(|d| !d.is_empty()) {
+        return unsupported("--disk (virtio-blk)");
+    }
+    if config.net.as_ref().is_some_and(|n| !n.is_empty()) {
+        return unsupported("--net (virtio-net)");
+    }
+    if config.fs.as_ref().is_some_and(|f| !f.is_empty()) {
+        return unsupported("--fs (virtio-fs)");
+    }
+    if config.pmem.as_ref().is_some_and(|p| !p.is_empty()) {
+        return unsupported("--pmem (virtio-pmem)");
+    }
+    if config.devices.as_ref().is_some_and(|d| !d.is_empty()) {
+        return unsupported("--device (VFIO)");
+    }
+    if config.user_devices.as_ref().is_some_and(|d| !d.is_empty()) {
+        return unsupported("--user-device (vfio-user)");
+    }
+    if config.vdpa.as_ref().is_some_and(|d| !d.is_empty()) {
+        return unsupported("--vdpa");
+    }
+    if config.vsock.is_some() {
+        return unsupported("--vsock");
+    }
+    if config.balloon.is_some() {
+        return unsupported("--balloon");
+    }
+    if config.sgx_epc.as_ref().is_some_and(|s| !s.is_empty()) {
+        return unsupported("--sgx-epc");
+    }
+    if config.numa.as_ref().is_some_and(|n| !n.is_empty()) {
+        return unsupported("--numa");
+    }
+    if config.tpm.is_some() {
+        return unsupported("--tpm");
+    }
+    if config.pvpanic {
+        return unsupported("--pvpanic");
+    }
+    if config.watchdog {
+        return unsupported("--watchdog (virtio-watchdog)");
+    }
+    if config.cpus.features.amx {
+        return unsupported("--cpus features=amx");
+    }
+    if config
+        .platform
+        .as_ref()
+        .is_some_and(|p| p.num_pci_segments > 1)
+    {
+        return unsupported("--platform num_pci_segments above 1");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_transitions_follow_cloud_hypervisor() {
+        use VmState::*;
+        assert!(Created.check_transition(Running).is_ok());
+        assert!(Paused.check_transition(Running).is_ok());
+        assert!(Shutdown.check_transition(Running).is_ok());
+        let err = Running.check_transition(Running).unwrap_err();
+        assert_eq!(
+            err.message,
+            "invalid VM state transition: Running to Running"
+        );
+        assert!(Shutdown.check_transition(Paused).is_err());
+        assert!(Created.check_transition(Created).is_err());
+    }
+}
