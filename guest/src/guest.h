@@ -254,7 +254,8 @@ struct config {
     u64 pio_rounds;
     u64 cpl3_iterations;
     u64 memmap_stride;
-    bool pio_bad, cpl3_bad, stride_bad; /* value did not parse */
+    u64 ticks, tick_ms;
+    bool pio_bad, cpl3_bad, stride_bad, ticks_bad; /* value did not parse */
 };
 extern struct config cfg;
 extern u64 tsc_khz; /* 0 if unknown */

@@ -62,6 +62,8 @@ static void parse_cmdline(void)
     cfg.pio_rounds = 10000;
     cfg.cpl3_iterations = 100000000;
     cfg.memmap_stride = 64 * KiB;
+    cfg.ticks = 50;
+    cfg.tick_ms = 20;
     while (i < n) {
         size_t start, len, k;
         while (i < n && is_space(s[i]))
@@ -85,6 +87,10 @@ static void parse_cmdline(void)
         } else if (starts_with(s + start, len, "memmap_stride=", &k)) {
             cfg.stride_bad = !parse_u64(s + start + k, len - k, &cfg.memmap_stride) ||
                              cfg.memmap_stride < 8 || cfg.memmap_stride % 8;
+        } else if (starts_with(s + start, len, "ticks=", &k)) {
+            cfg.ticks_bad |= !parse_u64(s + start + k, len - k, &cfg.ticks);
+        } else if (starts_with(s + start, len, "tick_ms=", &k)) {
+            cfg.ticks_bad |= !parse_u64(s + start + k, len - k, &cfg.tick_ms);
         }
         /* anything else (console=ttyS0, ...) is ignored */
     }
@@ -133,10 +139,35 @@ bool step_pio(struct result *r)
     return true;
 }
 
+/* Prints "tick <n>" every tick_ms: visible progress, so a VMM's pause and
+ * resume can be checked from outside. */
+static bool step_ticks(struct result *r)
+{
+    u64 i, next;
+    if (cfg.ticks_bad) {
+        res_str(r, "bad ticks or tick_ms value");
+        return false;
+    }
+    next = rdtsc();
+    for (i = 0; i < cfg.ticks; i++) {
+        struct line l;
+        next += ms_to_tsc(cfg.tick_ms);
+        while (rdtsc() < next)
+            __asm__ volatile("pause");
+        line_begin(&l);
+        line_str(&l, "tick ");
+        line_dec(&l, i);
+        line_end(&l);
+    }
+    res_kv_dec(r, "ticks", cfg.ticks);
+    return true;
+}
+
 static const struct {
     const char *name;
     bool (*fn)(struct result *);
 } steps[] = {
+    {"ticks", step_ticks},
     {"hello", step_hello}, {"memmap", step_memmap}, {"acpi", step_acpi}, {"smp", step_smp},
     {"timer", step_timer}, {"cpl3", step_cpl3},     {"pio", step_pio},
 };

@@ -22,6 +22,7 @@ use vmkit_config::{
 };
 
 mod to_python;
+mod vm;
 use to_python::ToPython;
 
 struct Registry {
@@ -464,5 +465,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(validate_json, m)?)?;
     m.add_function(wrap_pyfunction!(parse_vm, m)?)?;
     m.add_function(wrap_pyfunction!(random_mac, m)?)?;
+    m.add_function(wrap_pyfunction!(vm::register_vm_error, m)?)?;
+    m.add_function(wrap_pyfunction!(vm::test_guest_image, m)?)?;
+    m.add_class::<vm::VmHandle>()?;
     Ok(())
 }

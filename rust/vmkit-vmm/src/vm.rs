@@ -273,16 +273,17 @@ impl Vm {
     pub fn pause(&self) -> Result<()> {
         let mut life = self.lock();
         life.state.check_transition(VmState::Paused)?;
-        if let Some(instance) = &life.instance {
-            instance.control.set_command(VcpuCommand::Park);
-            instance.kick_all();
-            if !instance.control.wait_parked(Duration::from_secs(10)) {
-                instance.control.set_command(VcpuCommand::Run);
-                return Err(Error::new(
-                    ErrorKind::State,
-                    "vCPUs did not pause within 10 s",
-                ));
-            }
+        let Some(instance) = &life.instance else {
+            return Err(Error::new(ErrorKind::State, "VM is not running"));
+        };
+        instance.control.set_command(VcpuCommand::Park);
+        instance.kick_all();
+        if !instance.control.wait_parked(Duration::from_secs(10)) {
+            instance.control.set_command(VcpuCommand::Run);
+            return Err(Error::new(
+                ErrorKind::State,
+                "vCPUs did not pause within 10 s",
+            ));
         }
         life.state = VmState::Paused;
         self.changed.notify_all();
@@ -291,14 +292,10 @@ impl Vm {
 
     pub fn resume(&self) -> Result<()> {
         let mut life = self.lock();
-        if life.state != VmState::Paused {
-            return life
-                .state
-                .check_transition(VmState::Running)
-                .and(Err(Error::new(
-                    ErrorKind::State,
-                    format!("invalid VM state transition: {} to Running", life.state),
-                )));
+        match life.state {
+            VmState::Paused => {}
+            VmState::Running => VmState::Running.check_transition(VmState::Running)?,
+            _ => return Err(Error::new(ErrorKind::State, "VM is not running")),
         }
         if let Some(instance) = &life.instance {
             instance.control.set_command(VcpuCommand::Run);

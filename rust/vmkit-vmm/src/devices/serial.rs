@@ -366,11 +366,11 @@ impl SerialBackend {
     }
 
     fn serve_socket(&self, listener: UnixListener) {
-        let Output::Socket(client_slot) = &*self.output.lock().unwrap_or_else(|p| p.into_inner())
-        else {
-            return;
+        // Clone the slot out so that the output lock is not held while serving.
+        let client_slot = match &*self.output.lock().unwrap_or_else(|p| p.into_inner()) {
+            Output::Socket(slot) => slot.clone(),
+            _ => return,
         };
-        let client_slot = client_slot.clone();
         if set_nonblocking(listener.as_raw_fd()).is_err() {
             return;
         }
@@ -578,5 +578,42 @@ mod tests {
             backend.write_out(&chunk);
         }
         backend.close();
+    }
+}
+
+#[cfg(test)]
+mod socket_tests {
+    use super::*;
+
+    #[test]
+    fn socket_mode_serves_a_client_without_blocking_output() {
+        let path = std::env::temp_dir().join(format!("vmkit-serial-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut config = ConsoleConfig::with_mode(ConsoleOutputMode::Socket);
+        config.socket = Some(path.to_string_lossy().into_owned());
+        let backend = SerialBackend::open(&config).unwrap().unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        // Give the accept loop a moment to take the client.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = Vec::new();
+        while !got.ends_with(b"line 9\n") && Instant::now() < deadline {
+            for i in 0..10 {
+                backend.write_out(format!("line {i}\n").as_bytes());
+            }
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = client.read(&mut buf) {
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        assert!(
+            got.ends_with(b"line 9\n"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        backend.close();
+        assert!(!path.exists());
     }
 }

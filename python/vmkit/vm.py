@@ -1,0 +1,195 @@
+"""Running VMs from Python.
+
+    >>> from vmkit import Vm, VmConfig
+    >>> config = VmConfig.from_cli(["--kernel", "vmlinux", "--cmdline", "console=ttyS0"])
+    >>> with Vm(config) as vm:                    # doctest: +SKIP
+    ...     vm.boot()
+    ...     vm.serial.wait_for(r"login:", timeout=30)
+    ...     vm.shutdown()
+
+The VM runs in threads owned by the Rust extension; every blocking call here
+releases the GIL. Leaving the ``with`` block always shuts the VM down and
+releases what it holds (vCPU threads, guest memory, pty, socket).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from vmkit import _native
+from vmkit.config import VmConfig
+
+__all__ = ["SerialConsole", "Vm", "VmError", "VmExit"]
+
+
+class VmError(RuntimeError):
+    """The VMM could not do what was asked.
+
+    ``kind`` says which part failed: ``Unsupported``, ``Kernel``,
+    ``Initramfs``, ``Memory``, ``Kvm``, ``Device``, ``State`` (an invalid
+    state transition, with Cloud Hypervisor's text) or ``Stopped`` (the VM
+    stopped while something waited on it).
+    """
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return self.message
+
+
+_native.register_vm_error(VmError)
+
+
+@dataclass(frozen=True)
+class VmExit:
+    """Why a VM stopped.
+
+    ``reason`` is one of ``poweroff``, ``shutdown`` (asked for by the user),
+    ``triple-fault``, ``internal-error`` (KVM could not run the guest; the
+    message has RIP and the instruction bytes), ``hang`` (the watchdog saw no
+    vCPU make progress) or ``vmm-error``.
+    """
+
+    reason: str
+    message: str
+
+
+class SerialConsole:
+    """The guest's serial port output, readable while the VM runs.
+
+    ``wait_for`` consumes output line by line: each call continues after the
+    line the previous call matched.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self._cursor = 0
+
+    def read(self) -> bytes:
+        """Everything the guest has printed so far (the last 16 MiB)."""
+        _start, data = self._handle.serial_read(0)
+        result: bytes = data
+        return result
+
+    @property
+    def text(self) -> str:
+        """``read()`` decoded as UTF-8 (invalid bytes replaced)."""
+        return self.read().decode(errors="replace")
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 30.0) -> re.Match[str]:
+        """Waits for a whole output line matching ``pattern`` (``re.search``).
+
+        Raises TimeoutError when no line matches in time, and VmError (kind
+        ``Stopped``) when the VM stops first.
+        """
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        while True:
+            start, data = self._handle.serial_read(self._cursor)
+            consumed = 0
+            for line in data.splitlines(keepends=True):
+                if not line.endswith(b"\n"):
+                    break
+                consumed += len(line)
+                match = regex.search(line.rstrip(b"\r\n").decode(errors="replace"))
+                if match:
+                    self._cursor = start + consumed
+                    return match
+            self._cursor = start + consumed
+            if self._handle.state == "Shutdown":
+                exit_info = self._handle.wait(0.0)
+                why = exit_info[1] if exit_info else "it was shut down"
+                raise VmError(
+                    f"The VM stopped before printing a line matching {regex.pattern!r}: {why}",
+                    "Stopped",
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"No serial line matched {regex.pattern!r} within {timeout} s")
+            self._handle.serial_wait(start + len(data), min(remaining, 0.5))
+
+
+class Vm:
+    """One virtual machine, with Cloud Hypervisor's states and transitions.
+
+    ``Vm(config)`` validates the config and opens KVM and the serial backend;
+    ``boot()`` builds and starts the VM. ``watchdog_timeout`` (seconds, or
+    None to disable) ends a VM in which no vCPU makes progress with
+    interrupts disabled for that long.
+    """
+
+    def __init__(self, config: VmConfig, *, watchdog_timeout: float | None = 30.0) -> None:
+        config.validate()
+        self.config = config
+        self._handle = _native.VmHandle(config.to_json(), watchdog_timeout)
+        self.serial = SerialConsole(self._handle)
+
+    def boot(self) -> None:
+        """Builds the VM and starts it (Created or Shutdown → Running)."""
+        self._handle.boot()
+
+    def pause(self) -> None:
+        """Takes every vCPU out of the guest (Running → Paused)."""
+        self._handle.pause()
+
+    def resume(self) -> None:
+        """Lets the vCPUs run again (Paused → Running)."""
+        self._handle.resume()
+
+    def shutdown(self) -> None:
+        """Stops the VM and waits for its threads (→ Shutdown)."""
+        self._handle.shutdown()
+
+    def reboot(self) -> None:
+        """Resets the VM: the running boot stops and a fresh one starts."""
+        self._handle.reboot()
+
+    def wait(self, timeout: float | None = None) -> VmExit | None:
+        """Waits for the VM to stop; returns why, or None on timeout."""
+        result = self._handle.wait(timeout)
+        return None if result is None else VmExit(result[0], result[1])
+
+    @property
+    def state(self) -> str:
+        """``Created``, ``Running``, ``Paused`` or ``Shutdown``."""
+        state: str = self._handle.state
+        return state
+
+    def debug_port_writes(self) -> list[tuple[int, float]]:
+        """(value, seconds since the VM was created) of each port 0x80 write."""
+        writes: list[tuple[int, float]] = self._handle.debug_port_writes()
+        return writes
+
+    def info(self) -> dict[str, Any]:
+        """Cloud Hypervisor's VmInfo: config, state, memory_actual_size, device_tree.
+
+        vmkit adds ``vmkit``: boots so far, the kernel format, the serial pty path.
+        """
+        runtime: dict[str, Any] = self._handle.runtime_info()
+        return {
+            "config": self.config.to_dict(),
+            "state": runtime["state"],
+            "memory_actual_size": runtime["memory_size"],
+            "device_tree": None,
+            "vmkit": {
+                "boots": runtime["boots"],
+                "kernel_format": runtime["kernel_format"],
+                "serial_pty": runtime["serial_pty"],
+            },
+        }
+
+    def close(self) -> None:
+        """Shuts down and releases everything; the Vm cannot boot again."""
+        self._handle.close()
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,170 @@
+//! `vmkit._native.VmHandle`: a running VM owned by Rust. Every blocking call
+//! releases the GIL; Rust never calls back into Python from its threads.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyType};
+use vmkit_config::json::from_json;
+use vmkit_config::VmConfig;
+use vmkit_vmm::{StopReason, Vm, VmOptions};
+
+static VM_ERROR: OnceLock<Py<PyType>> = OnceLock::new();
+
+/// Gives the extension the Python class for VMM errors.
+#[pyfunction]
+pub fn register_vm_error(class: Bound<'_, PyType>) {
+    let _ = VM_ERROR.set(class.unbind());
+}
+
+fn vm_error(py: Python<'_>, error: vmkit_vmm::Error) -> PyErr {
+    let Some(class) = VM_ERROR.get() else {
+        return PyRuntimeError::new_err(error.message);
+    };
+    match class
+        .bind(py)
+        .call1((error.message.clone(), error.kind.name()))
+    {
+        Ok(value) => PyErr::from_value(value),
+        Err(e) => e,
+    }
+}
+
+fn exit_tuple(reason: StopReason) -> (String, String) {
+    (reason.kind().to_owned(), reason.message())
+}
+
+fn duration(seconds: Option<f64>) -> PyResult<Option<Duration>> {
+    seconds
+        .map(|s| {
+            Duration::try_from_secs_f64(s)
+                .map_err(|_| PyValueError::new_err(format!("invalid timeout {s}")))
+        })
+        .transpose()
+}
+
+#[pyclass(module = "vmkit._native", frozen)]
+pub struct VmHandle {
+    vm: Arc<Vm>,
+}
+
+#[pymethods]
+impl VmHandle {
+    /// Checks `config_json` (a VmConfig) and opens KVM; nothing runs yet.
+    #[new]
+    #[pyo3(signature = (config_json, watchdog_timeout=Some(30.0)))]
+    fn new(py: Python<'_>, config_json: &str, watchdog_timeout: Option<f64>) -> PyResult<Self> {
+        let config: VmConfig =
+            from_json(config_json).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let options = VmOptions {
+            watchdog_timeout: duration(watchdog_timeout)?,
+        };
+        let vm = py
+            .detach(|| Vm::new(config, options))
+            .map_err(|e| vm_error(py, e))?;
+        Ok(VmHandle { vm })
+    }
+
+    fn boot(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.vm.boot()).map_err(|e| vm_error(py, e))
+    }
+
+    fn pause(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.vm.pause()).map_err(|e| vm_error(py, e))
+    }
+
+    fn resume(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.vm.resume()).map_err(|e| vm_error(py, e))
+    }
+
+    fn shutdown(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.vm.shutdown())
+            .map_err(|e| vm_error(py, e))
+    }
+
+    fn reboot(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.vm.reboot()).map_err(|e| vm_error(py, e))
+    }
+
+    /// Shuts down and releases the backends (pty, socket); final.
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| self.vm.close());
+    }
+
+    /// Waits for the VM to stop: (reason, message), or None on timeout.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<(String, String)>> {
+        let timeout = duration(timeout)?;
+        Ok(py.detach(|| self.vm.wait(timeout)).map(exit_tuple))
+    }
+
+    #[getter]
+    fn state(&self) -> String {
+        self.vm.state().to_string()
+    }
+
+    /// Offset just past the serial output captured so far.
+    fn serial_end(&self) -> u64 {
+        self.vm.serial().map_or(0, |s| s.capture.end())
+    }
+
+    /// (offset of the first byte, bytes) of serial output from `offset` on.
+    fn serial_read<'py>(&self, py: Python<'py>, offset: u64) -> (u64, Bound<'py, PyBytes>) {
+        let (start, bytes) = self
+            .vm
+            .serial()
+            .map_or((offset, Vec::new()), |s| s.capture.read_from(offset));
+        (start, PyBytes::new(py, &bytes))
+    }
+
+    /// Waits until serial output goes past `offset`; False on timeout.
+    fn serial_wait(&self, py: Python<'_>, offset: u64, timeout: f64) -> PyResult<bool> {
+        let timeout = duration(Some(timeout))?.unwrap_or_default();
+        let Some(serial) = self.vm.serial().cloned() else {
+            return Ok(false);
+        };
+        Ok(py.detach(move || serial.capture.wait_past(offset, timeout)))
+    }
+
+    /// (value, seconds since VM creation) of each debug-port (0x80) write.
+    fn debug_port_writes(&self) -> Vec<(u8, f64)> {
+        self.vm
+            .debug_port_writes()
+            .iter()
+            .map(|w| (w.value, w.since_creation.as_secs_f64()))
+            .collect()
+    }
+
+    /// Runtime facts: state, boots, kernel format, serial pty path.
+    fn runtime_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let info = self.vm.info();
+        let dict = PyDict::new(py);
+        dict.set_item("state", info.state.to_string())?;
+        dict.set_item("boots", info.boots)?;
+        dict.set_item("kernel_format", info.kernel_format)?;
+        dict.set_item(
+            "serial_pty",
+            info.serial_pty.map(|p| p.to_string_lossy().into_owned()),
+        )?;
+        dict.set_item("memory_size", info.memory_size)?;
+        Ok(dict)
+    }
+}
+
+/// The built-in test guest in one of its formats: "pvh", "elf" or "bzimage".
+#[pyfunction]
+pub fn test_guest_image<'py>(py: Python<'py>, format: &str) -> PyResult<Bound<'py, PyBytes>> {
+    let bytes = match format {
+        "pvh" => vmkit_guest::PVH_ELF,
+        "elf" => vmkit_guest::ELF_NO_PVH,
+        "bzimage" => vmkit_guest::BZIMAGE,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown test guest format {other:?} (pvh, elf or bzimage)"
+            )))
+        }
+    };
+    Ok(PyBytes::new(py, bytes))
+}

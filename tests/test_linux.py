@@ -1,0 +1,107 @@
+"""Booting Debian's stock Linux kernel (built by vmkit.debian_guest).
+
+On any KVM host the kernel must print its early-boot checkpoints: they prove
+the boot protocol (PVH for vmlinux, the 64-bit protocol for the bzImage), the
+memory map, the initramfs placement, the command line and the ACPI tables.
+
+On kvm_pvm hosts stock Linux cannot get further (its CPL0 code runs through
+KVM's instruction emulator, which lacks instructions the kernel needs), and
+vmkit must report that emulation failure as a clear VM error. The full boot
+tests (to the init marker, SMP, power-off and reboot) need hardware KVM and
+skip on kvm_pvm, saying so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from vmkit import VmConfig
+from vmkit.debian_guest import DebianGuest, build_debian_guest
+from vmkit.vm import Vm
+
+if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+
+PVM = Path("/sys/module/kvm_pvm").exists()
+FULL_BOOT_SKIP = pytest.mark.skipif(
+    PVM, reason="/dev/kvm is kvm_pvm: stock Linux cannot boot to user space on it"
+)
+CMDLINE = "console=ttyS0 earlyprintk=ttyS0 panic=-1"
+
+
+@pytest.fixture(scope="module")
+def guest() -> DebianGuest:
+    return build_debian_guest(progress=False)
+
+
+def linux_config(guest: DebianGuest, kernel: str, cmdline: str, memory: str) -> VmConfig:
+    image = guest.vmlinux if kernel == "vmlinux" else guest.vmlinuz
+    return VmConfig.from_cli(
+        ["--kernel", str(image), "--initramfs", str(guest.initramfs),
+         "--cmdline", cmdline, "--cpus", "boot=2,max=4", "--memory", memory,
+         "--console", "off"]
+    )  # fmt: skip
+
+
+def e820_usable(text: str) -> list[tuple[int, int]]:
+    ranges = []
+    for m in re.finditer(r"BIOS-e820: \[mem 0x([0-9a-f]+)-0x([0-9a-f]+)\] usable", text):
+        ranges.append((int(m.group(1), 16), int(m.group(2), 16) + 1))
+    return ranges
+
+
+@pytest.mark.parametrize("kernel", ["vmlinux", "vmlinuz"])
+def test_linux_early_boot_checkpoints(guest: DebianGuest, kernel: str) -> None:
+    cfg = linux_config(guest, kernel, CMDLINE, "size=1G")
+    with Vm(cfg, watchdog_timeout=60) as vm:
+        vm.boot()
+        serial = vm.serial
+        serial.wait_for(r"Linux version 6\.1\.", timeout=150)
+        serial.wait_for(re.escape(f"Command line: {CMDLINE}"), timeout=30)
+        serial.wait_for(r"BIOS-e820: \[mem 0x0000000000100000-0x000000003fffffff\] usable", 30)
+        ramdisk = serial.wait_for(r"RAMDISK: \[mem 0x([0-9a-f]+)-0x([0-9a-f]+)\]", timeout=60)
+        for table in ("RSDP", "XSDT", "FACP", "DSDT", "APIC"):
+            serial.wait_for(rf"ACPI: {table} 0x", timeout=60)
+        serial.wait_for(r"smpboot: Allowing 4 CPUs, 2 hotplug CPUs", timeout=120)
+        text = serial.text
+        # The map is exactly the configured RAM: [0, 0x9fc00) and [1 MiB, 1 GiB).
+        assert e820_usable(text) == [(0, 0x9FC00), (0x100000, 1 << 30)]
+        # The initramfs sits page-aligned at the top of RAM, whole.
+        start, end = int(ramdisk.group(1), 16), int(ramdisk.group(2), 16) + 1
+        assert end == 1 << 30 and start % 4096 == 0
+        assert end - start >= guest.initramfs.stat().st_size
+        if PVM:
+            exit_info = vm.wait(180)
+            assert exit_info is not None, "no emulation failure within 3 minutes"
+            assert exit_info.reason == "internal-error"
+            assert "instruction emulation failed" in exit_info.message
+            assert re.search(r"at RIP 0x[0-9a-f]+ \(CPL 0", exit_info.message)
+            assert "instruction bytes:" in exit_info.message
+        else:
+            vm.shutdown()
+
+
+@FULL_BOOT_SKIP
+@pytest.mark.parametrize("kernel", ["vmlinux", "vmlinuz"])
+def test_linux_boots_to_init_with_every_vcpu(guest: DebianGuest, kernel: str) -> None:
+    cfg = linux_config(guest, kernel, CMDLINE + " vmkit.exit=poweroff", "size=512M")
+    with Vm(cfg) as vm:
+        vm.boot()
+        vm.serial.wait_for(r"VMKIT-GUEST-READY", timeout=60)
+        vm.serial.wait_for(r"VMKIT-GUEST cpus=2", timeout=30)
+        exit_info = vm.wait(60)
+        assert exit_info is not None and exit_info.reason == "poweroff"
+
+
+@FULL_BOOT_SKIP
+def test_linux_reboot_boots_again(guest: DebianGuest) -> None:
+    cfg = linux_config(guest, "vmlinux", CMDLINE + " reboot=k vmkit.exit=reboot", "size=512M")
+    with Vm(cfg) as vm:
+        vm.boot()
+        vm.serial.wait_for(r"VMKIT-GUEST-READY", timeout=60)
+        vm.serial.wait_for(r"VMKIT-GUEST-READY", timeout=60)
+        assert vm.info()["vmkit"]["boots"] >= 2
+        vm.shutdown()

@@ -1,0 +1,377 @@
+"""Booting the vmkit test guest: boot protocols, vCPUs, memory layouts, serial
+modes, pause/resume, exit paths, error paths and resource hygiene.
+
+These run wherever /dev/kvm works, including kvm_pvm hosts (the test guest
+keeps its CPL0 code to what PVM's emulator runs).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from vmkit import VmConfig, testguest
+from vmkit.testguest import GuestResults, parse_results
+from vmkit.vm import Vm, VmError, VmExit
+
+if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+
+ALL_STEPS = ["hello", "memmap", "acpi", "smp", "timer", "cpl3", "pio"]
+#: RAM the map gives below 1 MiB is [0, 0x9fc00); [0x9fc00, 1 MiB) is reserved.
+RESERVED_LOW = 0x100000 - 0x9FC00
+
+
+def config(
+    fmt: testguest.Format = "pvh",
+    steps: list[str] | tuple[str, ...] = ("hello",),
+    exit: str = "poweroff",
+    cpus: str = "boot=2",
+    memory: str = "size=256M",
+    serial: str | None = None,
+    **options: int,
+) -> VmConfig:
+    argv = [
+        "--kernel", str(testguest.image_path(fmt)),
+        "--cmdline", testguest.cmdline(steps, exit, **options),
+        "--cpus", cpus,
+        "--memory", memory,
+        "--console", "off",
+    ]  # fmt: skip
+    if serial is not None:
+        argv += ["--serial", serial]
+    return VmConfig.from_cli(argv)
+
+
+def run(
+    cfg: VmConfig, timeout: float = 60, watchdog: float | None = 30
+) -> tuple[VmExit, GuestResults]:
+    with Vm(cfg, watchdog_timeout=watchdog) as vm:
+        vm.boot()
+        exit_info = vm.wait(timeout)
+        if exit_info is None:
+            vm.shutdown()
+            pytest.fail(f"the VM did not stop within {timeout} s:\n{vm.serial.text}")
+        return exit_info, parse_results(vm.serial.text)
+
+
+@pytest.mark.parametrize("fmt", testguest.FORMATS)
+def test_every_step_passes(fmt: testguest.Format) -> None:
+    exit_info, results = run(config(fmt, ALL_STEPS))
+    assert exit_info.reason == "poweroff", exit_info
+    assert results.protocol == ("pvh" if fmt == "pvh" else "linux64")
+    assert results.ready
+    assert results.failed == 0 and results.passed == len(ALL_STEPS), results.lines
+    assert results.values("acpi")["tables"] == "XSDT,FACP,APIC,DSDT"
+    assert results.exit == "poweroff"
+
+
+@pytest.mark.parametrize("vcpus", [1, 2, 4])
+def test_smp_starts_every_vcpu(vcpus: int) -> None:
+    exit_info, results = run(config(steps=["acpi", "smp"], cpus=f"boot={vcpus}"))
+    assert exit_info.reason == "poweroff"
+    assert results.values("acpi")["cpus"] == str(vcpus)
+    assert results.values("smp")["cpus"] == str(vcpus)
+
+
+def test_max_vcpus_are_listed_but_not_started() -> None:
+    _, results = run(config(steps=["acpi", "smp"], cpus="boot=2,max=4"))
+    assert results.values("acpi")["cpus"] == "2"
+    assert results.values("acpi")["max_cpus"] == "4"
+    assert results.values("smp")["cpus"] == "2"
+
+
+@pytest.mark.parametrize(
+    ("size", "ram_ranges", "high"),
+    [(64 << 20, 2, False), (1 << 30, 2, False), (3584 << 20, 3, True)],
+    ids=["64M", "1G", "3.5G"],
+)
+def test_memory_map_matches_the_config(size: int, ram_ranges: int, high: bool) -> None:
+    # A coarse stride keeps first-touch costs low on the 3.5 GiB map.
+    cfg = config(steps=["memmap"], memory=f"size={size}", memmap_stride=16 << 20)
+    exit_info, results = run(cfg)
+    assert exit_info.reason == "poweroff", results.lines
+    values = results.values("memmap")
+    assert int(values["ram_bytes"]) == size - RESERVED_LOW
+    assert int(values["ranges"]) == ram_ranges
+    ranges = [line for line in results.lines if "memmap range" in line]
+    above_4g = [line for line in ranges if "start=0x100000000 " in line]
+    assert bool(above_4g) == high, ranges
+    if high:
+        assert f"end={hex(0x100000000 + size - 0xC0000000)} type=1" in above_4g[0]
+
+
+def test_serial_off_has_no_device() -> None:
+    cfg = config(serial="off")
+    with Vm(cfg) as vm:
+        vm.boot()
+        exit_info = vm.wait(30)
+        assert exit_info is not None and exit_info.reason == "poweroff"
+        assert vm.serial.read() == b""
+
+
+def test_serial_null_is_still_captured() -> None:
+    cfg = config(serial="null")
+    exit_info, results = run(cfg)
+    assert exit_info.reason == "poweroff" and results.ready
+
+
+def test_serial_file(tmp_path: Path) -> None:
+    out = tmp_path / "serial.log"
+    exit_info, _ = run(config(serial=f"file={out}"))
+    assert exit_info.reason == "poweroff"
+    text = out.read_text()
+    assert "vmkit-guest: ready" in text and "vmkit-guest: exit poweroff" in text
+
+
+def test_serial_pty() -> None:
+    cfg = config(steps=["ticks"], serial="pty", ticks=40, tick_ms=25)
+    with Vm(cfg) as vm:
+        vm.boot()
+        pty = vm.info()["vmkit"]["serial_pty"]
+        assert pty is not None and pty.startswith("/dev/pts/")
+        fd = os.open(pty, os.O_RDONLY | os.O_NOCTTY)
+        try:
+            received = b""
+            deadline = time.monotonic() + 20
+            while b"tick 30" not in received and time.monotonic() < deadline:
+                received += os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        assert b"tick 30" in received
+        exit_info = vm.wait(30)
+        assert exit_info is not None and exit_info.reason == "poweroff"
+
+
+def test_serial_socket(tmp_path: Path) -> None:
+    path = tmp_path / "serial.sock"
+    cfg = config(steps=["ticks"], serial=f"socket={path}", ticks=60, tick_ms=25)
+    with Vm(cfg) as vm:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(path))
+        vm.boot()
+        client.settimeout(20)
+        received = b""
+        while b"tick 50" not in received:
+            chunk = client.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+        client.close()
+        assert b"tick 50" in received
+        assert vm.wait(30) is not None
+    assert not path.exists(), "the socket file is removed when the VM is closed"
+
+
+def test_serial_tty_through_the_command_line() -> None:
+    kernel = testguest.image_path("pvh")
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmkit", "--kernel", str(kernel),
+         "--cmdline", testguest.cmdline(["hello"]), "--serial", "tty", "--console", "off"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "vmkit-guest: ready" in proc.stdout
+    assert "vmkit-guest: exit poweroff" in proc.stdout
+
+
+def test_pause_stops_progress_and_resume_continues() -> None:
+    cfg = config(steps=["ticks"], ticks=60, tick_ms=20)
+    with Vm(cfg) as vm:
+        vm.boot()
+        vm.serial.wait_for(r"tick 5$", timeout=20)
+        vm.pause()
+        assert vm.state == "Paused"
+        time.sleep(0.1)  # output already in flight
+        before = vm.serial.read()
+        time.sleep(0.6)
+        assert vm.serial.read() == before, "the guest printed while paused"
+        with pytest.raises(VmError, match="invalid VM state transition: Paused to Paused"):
+            vm.pause()
+        vm.resume()
+        assert vm.state == "Running"
+        vm.serial.wait_for(r"tick 59$", timeout=20)
+        exit_info = vm.wait(20)
+        assert exit_info is not None and exit_info.reason == "poweroff"
+        assert parse_results(vm.serial.text).ok("ticks")
+
+
+def test_state_transitions_follow_cloud_hypervisor() -> None:
+    with Vm(config(steps=["ticks"], ticks=1000, tick_ms=10)) as vm:
+        assert vm.state == "Created"
+        with pytest.raises(VmError) as e:
+            vm.pause()
+        assert e.value.kind == "State"
+        vm.boot()
+        with pytest.raises(VmError, match="invalid VM state transition: Running to Running"):
+            vm.boot()
+        with pytest.raises(VmError, match="invalid VM state transition: Running to Running"):
+            vm.resume()
+        vm.shutdown()
+        assert vm.state == "Shutdown"
+        exit_info = vm.wait(5)
+        assert exit_info == VmExit("shutdown", "The VM was shut down")
+        with pytest.raises(VmError, match="invalid VM state transition: Shutdown to Paused"):
+            vm.pause()
+        # Shutdown → Running: a fresh boot of the same config.
+        vm.boot()
+        vm.serial.wait_for(r"tick 3$", timeout=20)
+        assert vm.info()["vmkit"]["boots"] == 2
+
+
+@pytest.mark.parametrize(
+    ("exit", "reason", "words"),
+    [
+        ("poweroff", "poweroff", "powered off"),
+        ("triple-fault", "triple-fault", "triple-faulted"),
+        ("hang", "hang", "spinning"),
+        ("halt", "hang", "halted"),
+    ],
+)
+def test_exit_paths_end_the_vm_with_the_right_reason(exit: str, reason: str, words: str) -> None:
+    exit_info, results = run(config(exit=exit), timeout=30, watchdog=1.0)
+    assert exit_info.reason == reason, exit_info
+    assert words in exit_info.message
+    assert results.exit == exit
+
+
+@pytest.mark.parametrize("exit", ["reset", "acpi-reset"])
+def test_reset_reboots_the_vm(exit: str) -> None:
+    with Vm(config(exit=exit)) as vm:
+        vm.boot()
+        for _ in range(3):
+            vm.serial.wait_for(r"^vmkit-guest: ready$", timeout=20)
+        assert vm.info()["vmkit"]["boots"] >= 3
+        assert vm.state == "Running"
+        vm.shutdown()
+        exit_info = vm.wait(10)
+        assert exit_info is not None and exit_info.reason == "shutdown"
+
+
+def test_reboot_from_python() -> None:
+    with Vm(config(steps=["ticks"], ticks=1000, tick_ms=10)) as vm:
+        vm.boot()
+        vm.serial.wait_for(r"tick 2$", timeout=20)
+        vm.reboot()
+        vm.serial.wait_for(r"^vmkit-guest: ready$", timeout=20)
+        assert vm.info()["vmkit"]["boots"] == 2
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_corrupt_kernel_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
+    junk = tmp_path / "vmlinux"
+    junk.write_bytes(b"\x7fELF" + bytes(4092))
+    cfg = VmConfig.from_cli(["--kernel", str(junk), "--console", "off"])
+    fds, threads = open_fds(), thread_count()
+    with Vm(cfg) as vm:
+        with pytest.raises(VmError) as e:
+            vm.boot()
+        assert vm.state == "Created", "a failed boot leaves the VM as it was"
+    assert e.value.kind == "Kernel"
+    assert str(junk) in str(e.value)
+    gc.collect()
+    assert (open_fds(), thread_count()) == (fds, threads)
+
+
+def test_unbootable_file_is_named(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not a kernel\n" * 100)
+    cfg = VmConfig.from_cli(["--kernel", str(text), "--console", "off"])
+    with Vm(cfg) as vm, pytest.raises(VmError, match="neither an ELF vmlinux nor a bzImage"):
+        vm.boot()
+
+
+def test_missing_initramfs_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "initramfs.img"
+    cfg = VmConfig.from_cli(
+        ["--kernel", str(testguest.image_path("pvh")), "--initramfs", str(missing),
+         "--console", "off"]
+    )  # fmt: skip
+    fds, threads = open_fds(), thread_count()
+    with Vm(cfg) as vm, pytest.raises(VmError) as e:
+        vm.boot()
+    assert e.value.kind == "Initramfs"
+    assert str(missing) in str(e.value) and "No such file" in str(e.value)
+    gc.collect()
+    assert (open_fds(), thread_count()) == (fds, threads)
+
+
+def test_unsupported_devices_are_refused_clearly() -> None:
+    cfg = config()
+    cfg.disks = VmConfig.from_cli(["--kernel", "k", "--disk", "path=/x"]).disks
+    with pytest.raises(VmError, match=r"--disk \(virtio-blk\) is not supported yet"):
+        Vm(cfg)
+
+
+def test_firmware_is_refused_clearly() -> None:
+    cfg = VmConfig.from_cli(["--firmware", "/fw.bin", "--console", "off"])
+    with Vm(cfg) as vm, pytest.raises(VmError, match="--firmware is not supported yet"):
+        vm.boot()
+
+
+def test_waiting_for_output_after_the_vm_stopped_says_why() -> None:
+    with Vm(config()) as vm:
+        vm.boot()
+        assert vm.wait(30) is not None
+        with pytest.raises(VmError, match="stopped before printing") as e:
+            vm.serial.wait_for("never printed", timeout=5)
+        assert e.value.kind == "Stopped"
+
+
+def test_waiting_blocks_without_the_gil() -> None:
+    counter = 0
+    stop = threading.Event()
+
+    def spin() -> None:
+        nonlocal counter
+        while not stop.is_set():
+            counter += 1
+
+    with Vm(config(steps=["ticks"], ticks=20, tick_ms=20)) as vm:
+        vm.boot()
+        thread = threading.Thread(target=spin)
+        thread.start()
+        try:
+            vm.wait(30)
+        finally:
+            stop.set()
+            thread.join()
+    assert counter > 10_000, "another Python thread could not run while wait() blocked"
+
+
+def test_fifty_boot_cycles_leak_nothing() -> None:
+    cfg = config()
+    for _ in range(3):  # warm up allocator pools and caches
+        run(cfg)
+    gc.collect()
+    fds, threads, rss = open_fds(), thread_count(), rss_kib()
+    started = time.monotonic()
+    for _ in range(50):
+        exit_info, _ = run(cfg)
+        assert exit_info.reason == "poweroff"
+    gc.collect()
+    assert open_fds() == fds
+    assert thread_count() == threads
+    assert rss_kib() - rss < 16 << 10, "RSS grew by more than 16 MiB over 50 boots"
+    assert time.monotonic() - started < 120
