@@ -81,6 +81,20 @@ def test_smp_starts_every_vcpu(vcpus: int) -> None:
     assert results.values("smp")["cpus"] == str(vcpus)
 
 
+@pytest.mark.parametrize(("fmt", "entry"), [("pvh", 0x01), ("bzimage", 0x02)])
+def test_debug_port_writes_are_timed(fmt: testguest.Format, entry: int) -> None:
+    before = time.monotonic()
+    with Vm(config(fmt)) as vm:
+        vm.boot()
+        assert vm.wait(30) is not None
+        writes = vm.debug_port_writes()
+    after = time.monotonic()
+    assert [w.value for w in writes] == [entry, 0x7F]
+    first, ready = writes
+    assert 0 < first.seconds < ready.seconds < after - before
+    assert before < first.monotonic < ready.monotonic < after
+
+
 def test_max_vcpus_are_listed_but_not_started() -> None:
     _, results = run(config(steps=["acpi", "smp"], cpus="boot=2,max=4"))
     assert results.values("acpi")["cpus"] == "2"
@@ -375,3 +389,39 @@ def test_fifty_boot_cycles_leak_nothing() -> None:
     assert thread_count() == threads
     assert rss_kib() - rss < 16 << 10, "RSS grew by more than 16 MiB over 50 boots"
     assert time.monotonic() - started < 120
+
+
+def vmkit_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vmkit", *args],
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def test_demo_boots_the_test_guest() -> None:
+    proc = vmkit_cli("demo", "--steps", "hello,acpi")
+    assert proc.returncode == 0, proc.stderr
+    assert "vmkit-guest: step acpi ok" in proc.stdout
+    assert "Booted the pvh test guest: first guest instruction" in proc.stdout
+
+
+def test_cli_without_a_kernel_says_so() -> None:
+    proc = vmkit_cli("--cpus", "boot=2")
+    assert proc.returncode == 1
+    assert "No kernel specified" in proc.stderr
+
+
+def test_cli_reports_why_the_vm_stopped() -> None:
+    kernel = testguest.image_path("pvh")
+    proc = vmkit_cli(
+        "--kernel", str(kernel), "--cmdline", testguest.cmdline(["hello"], "triple-fault"),
+        "--serial", "null", "--console", "off",
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "VM stopped: vCPU 0 triple-faulted" in proc.stderr
+
+
+def test_cli_boot_error_uses_cloud_hypervisor_wording(tmp_path: Path) -> None:
+    proc = vmkit_cli("--kernel", str(tmp_path / "missing"), "--console", "off")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("Error booting VM: Cannot open kernel")

@@ -2,20 +2,25 @@
 
 vmkit speaks Cloud Hypervisor v37's configuration language: the same option
 strings, validation rules, error texts and JSON. The config objects live in
-``vmkit.config`` (importing it registers them with the Rust extension).
+``vmkit.config`` (importing it registers them with the Rust extension); VMs
+run through ``vmkit.Vm``.
 """
 
 from vmkit import config
 from vmkit._native import __version__
 from vmkit.config import VmConfig
 from vmkit.errors import ConfigError, ParseError, UsageError, ValidationError
+from vmkit.vm import Vm, VmError, VmExit
 
 __all__ = [
     "ConfigError",
     "ParseError",
     "UsageError",
     "ValidationError",
+    "Vm",
     "VmConfig",
+    "VmError",
+    "VmExit",
     "__version__",
     "config",
 ]

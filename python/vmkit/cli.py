@@ -113,8 +113,12 @@ def boot_and_wait(config: VmConfig, *, verbosity: int = 0) -> int:
         finally:
             signal.signal(signal.SIGTERM, previous)
         if verbosity:
-            for value, seconds in vm.debug_port_writes():
-                print(f"Debug I/O port: {value:#04x} at {seconds * 1e3:.3f} ms", file=sys.stderr)
+            for w in vm.debug_port_writes():
+                print(
+                    f"Debug I/O port: {w.value:#04x} at {w.seconds * 1e3:.3f} ms "
+                    f"(monotonic {w.monotonic:.6f})",
+                    file=sys.stderr,
+                )
     if exit_info is None or exit_info.reason in ("poweroff", "shutdown"):
         return 0
     print(f"VM stopped: {exit_info.message}", file=sys.stderr)
@@ -156,8 +160,8 @@ def demo(argv: Sequence[str]) -> int:
         print(f"Error: {e}", file=sys.stderr)
         return 1
     total = time.monotonic() - started
-    first = min((s for v, s in writes if v in (0x01, 0x02)), default=None)
-    ready = min((s for v, s in writes if v == 0x7F), default=None)
+    first = min((w.seconds for w in writes if w.value in (0x01, 0x02)), default=None)
+    ready = min((w.seconds for w in writes if w.value == 0x7F), default=None)
     print()
     if first is not None and ready is not None:
         print(

@@ -22,7 +22,7 @@ from typing import Any
 from vmkit import _native
 from vmkit.config import VmConfig
 
-__all__ = ["SerialConsole", "Vm", "VmError", "VmExit"]
+__all__ = ["DebugPortWrite", "SerialConsole", "Vm", "VmError", "VmExit"]
 
 
 class VmError(RuntimeError):
@@ -58,6 +58,16 @@ class VmExit:
 
     reason: str
     message: str
+
+
+@dataclass(frozen=True)
+class DebugPortWrite:
+    """A write to port 0x80: ``value``, ``seconds`` since the VM was created,
+    and ``monotonic`` (``time.monotonic()`` clock) when it happened."""
+
+    value: int
+    seconds: float
+    monotonic: float
 
 
 class SerialConsole:
@@ -161,10 +171,9 @@ class Vm:
         state: str = self._handle.state
         return state
 
-    def debug_port_writes(self) -> list[tuple[int, float]]:
-        """(value, seconds since the VM was created) of each port 0x80 write."""
-        writes: list[tuple[int, float]] = self._handle.debug_port_writes()
-        return writes
+    def debug_port_writes(self) -> list[DebugPortWrite]:
+        """Each write to the debug port 0x80, in order (at most 4096)."""
+        return [DebugPortWrite(*w) for w in self._handle.debug_port_writes()]
 
     def info(self) -> dict[str, Any]:
         """Cloud Hypervisor's VmInfo: config, state, memory_actual_size, device_tree.

@@ -128,12 +128,19 @@ impl VmHandle {
         Ok(py.detach(move || serial.capture.wait_past(offset, timeout)))
     }
 
-    /// (value, seconds since VM creation) of each debug-port (0x80) write.
-    fn debug_port_writes(&self) -> Vec<(u8, f64)> {
+    /// (value, seconds since VM creation, CLOCK_MONOTONIC seconds) of each
+    /// debug-port (0x80) write.
+    fn debug_port_writes(&self) -> Vec<(u8, f64, f64)> {
         self.vm
             .debug_port_writes()
             .iter()
-            .map(|w| (w.value, w.since_creation.as_secs_f64()))
+            .map(|w| {
+                (
+                    w.value,
+                    w.since_creation.as_secs_f64(),
+                    w.monotonic_ns as f64 / 1e9,
+                )
+            })
             .collect()
     }
 

@@ -70,6 +70,19 @@ impl BusDevice for AcpiShutdown {
 pub struct DebugPortWrite {
     pub value: u8,
     pub since_creation: Duration,
+    /// CLOCK_MONOTONIC at the write, in ns (comparable across processes).
+    pub monotonic_ns: u64,
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The most debug-port writes kept (a guest could write forever).
@@ -95,6 +108,7 @@ impl BusDevice for DebugPort {
             log.push(DebugPortWrite {
                 value,
                 since_creation: self.control.created.elapsed(),
+                monotonic_ns: monotonic_ns(),
             });
         }
     }

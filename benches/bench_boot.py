@@ -1,0 +1,225 @@
+"""Boot time and port-I/O exit cost: vmkit against QEMU, same test guest, one run.
+
+Run: ``python benches/bench_boot.py`` (``--markdown`` prints tables for
+RESULTS.md). Needs ``qemu-system-x86_64`` (Debian: qemu-system-x86).
+
+Both VMMs boot the vmkit test guest's PVH ELF with 1 vCPU and 256 MiB, the
+runs interleaved. QEMU runs its fastest-booting machine, ``microvm`` (with
+ACPI, so the guest powers it off), with ``-cpu host,-arch-capabilities``.
+
+Measured from process start (the benchmark's ``time.monotonic()`` just before
+spawning the VMM):
+- first guest instruction: the guest's first write to debug port 0x80. vmkit
+  stamps it with CLOCK_MONOTONIC (printed with ``-v``); QEMU's isa-debugcon at
+  0x80 writes it to a pipe that the benchmark timestamps on arrival.
+- ready: arrival of the guest's ``vmkit-guest: ready`` line on the serial pipe.
+- exit: the VMM process has exited after the guest powered off.
+
+Also, in-process: ``Vm.boot()`` to first instruction and to ready (vmkit only),
+and the guest-measured cost of one port-I/O exit round trip (``pio`` step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import vmkit
+from vmkit import VmConfig, testguest
+from vmkit.vm import Vm
+
+READY = b"vmkit-guest: ready"
+MEMORY_MIB = 256
+
+
+@dataclass
+class Sample:
+    first: float | None = None
+    ready: float | None = None
+    exit: float | None = None
+
+
+@dataclass
+class Series:
+    samples: list[Sample] = field(default_factory=list)
+
+    def median(self, name: str) -> float:
+        values = [getattr(s, name) for s in self.samples if getattr(s, name) is not None]
+        return statistics.median(values) * 1e3 if values else float("nan")
+
+
+def vmkit_command(kernel: Path, cmdline: str) -> list[str]:
+    return [
+        sys.executable, "-m", "vmkit", "-v",
+        "--kernel", str(kernel), "--cmdline", cmdline,
+        "--cpus", "boot=1", "--memory", f"size={MEMORY_MIB}M",
+        "--serial", "tty", "--console", "off",
+    ]  # fmt: skip
+
+
+def qemu_command(qemu: str, kernel: Path, cmdline: str) -> list[str]:
+    return [
+        qemu, "-M", "microvm,acpi=on", "-enable-kvm", "-cpu", "host,-arch-capabilities",
+        "-m", f"{MEMORY_MIB}M", "-smp", "1", "-nodefaults", "-no-user-config",
+        "-display", "none", "-no-reboot", "-serial", "stdio",
+        "-debugcon", "file:/dev/stderr", "-global", "isa-debugcon.iobase=0x80",
+        "-kernel", str(kernel), "-append", cmdline,
+    ]  # fmt: skip
+
+
+def timed_run(command: list[str], qemu: bool) -> tuple[Sample, bytes, bytes]:
+    sample = Sample()
+    out = bytearray()
+    err = bytearray()
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+
+    def read_err() -> None:
+        assert proc.stderr is not None
+        while chunk := os.read(proc.stderr.fileno(), 4096):
+            if qemu and sample.first is None and b"\x01" in chunk:
+                sample.first = time.monotonic() - start
+            err.extend(chunk)
+
+    reader = threading.Thread(target=read_err)
+    reader.start()
+    while chunk := os.read(proc.stdout.fileno(), 4096):
+        out.extend(chunk)
+        if sample.ready is None and READY in out:
+            sample.ready = time.monotonic() - start
+    proc.wait(timeout=60)
+    sample.exit = time.monotonic() - start
+    reader.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{command[0]} exited with {proc.returncode}: {err.decode(errors='replace')}")
+    if not qemu:
+        m = re.search(rb"Debug I/O port: 0x01 at [0-9.]+ ms \(monotonic ([0-9.]+)\)", bytes(err))
+        if m:
+            sample.first = float(m.group(1)) - start
+    return sample, bytes(out), bytes(err)
+
+
+def in_process(kernel: Path, cmdline: str) -> Sample:
+    cfg = VmConfig.from_cli(
+        ["--kernel", str(kernel), "--cmdline", cmdline, "--cpus", "boot=1",
+         "--memory", f"size={MEMORY_MIB}M", "--serial", "null", "--console", "off"]
+    )  # fmt: skip
+    with Vm(cfg) as vm:
+        start = time.monotonic()
+        vm.boot()
+        vm.wait(30)
+        writes = {w.value: w.monotonic for w in vm.debug_port_writes()}
+    return Sample(first=writes.get(0x01, start) - start, ready=writes.get(0x7F, start) - start)
+
+
+def pio_ns(output: bytes, tsc_khz: float) -> float:
+    m = re.search(rb"step pio ok rounds=\d+ tsc_per_round=(\d+)", output)
+    if not m:
+        raise RuntimeError(f"no pio result in: {output.decode(errors='replace')}")
+    return int(m.group(1)) * 1e6 / tsc_khz
+
+
+def host_tsc_khz(output: bytes) -> float:
+    m = re.search(rb"tsc_per_round=(\d+) ns_per_round=(\d+)", output)
+    if not m:
+        raise RuntimeError("vmkit's guest did not report ns (no TSC leaf?)")
+    return int(m.group(1)) * 1e6 / int(m.group(2))
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    kvm = "kvm_pvm" if Path("/sys/module/kvm_pvm").exists() else "hardware KVM"
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, /dev/kvm: {kvm}, "
+        f"Python {platform.python_version()}, vmkit {vmkit.__version__}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--pio-rounds", type=int, default=20000)
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        print("qemu-system-x86_64 is needed (apt-get install qemu-system-x86)", file=sys.stderr)
+        return 1
+    kernel = testguest.image_path("pvh")
+    boot_cmdline = testguest.cmdline(["hello"])
+    pio_cmdline = testguest.cmdline(["pio"], pio_rounds=args.pio_rounds)
+
+    series = {"vmkit": Series(), "qemu": Series(), "vmkit in-process": Series()}
+    timed_run(vmkit_command(kernel, boot_cmdline), qemu=False)  # warm caches
+    timed_run(qemu_command(qemu, kernel, boot_cmdline), qemu=True)
+    for _ in range(args.runs):
+        series["vmkit"].samples.append(timed_run(vmkit_command(kernel, boot_cmdline), False)[0])
+        series["qemu"].samples.append(timed_run(qemu_command(qemu, kernel, boot_cmdline), True)[0])
+        series["vmkit in-process"].samples.append(in_process(kernel, boot_cmdline))
+
+    pio_vmkit: list[float] = []
+    pio_qemu: list[float] = []
+    for _ in range(5):
+        _, out, _ = timed_run(vmkit_command(kernel, pio_cmdline), False)
+        khz = host_tsc_khz(out)
+        pio_vmkit.append(pio_ns(out, khz))
+        _, out, _ = timed_run(qemu_command(qemu, kernel, pio_cmdline), True)
+        pio_qemu.append(pio_ns(out, khz))
+
+    v, q = series["vmkit"], series["qemu"]
+    rows = [
+        ("process start → first guest instruction", v.median("first"), q.median("first")),
+        ("process start → guest ready line", v.median("ready"), q.median("ready")),
+        ("process start → VMM exited after power-off", v.median("exit"), q.median("exit")),
+    ]
+    ip = series["vmkit in-process"]
+    pv, pq = statistics.median(pio_vmkit) / 1e3, statistics.median(pio_qemu) / 1e3
+    if args.markdown:
+        print(f"Machine: {machine()}\n")
+        print(f"vmkit: `{' '.join(vmkit_command(kernel, boot_cmdline))}`\n")
+        print(f"QEMU: `{' '.join(qemu_command(qemu, kernel, boot_cmdline))}`\n")
+        print(f"Medians of {args.runs} interleaved runs each:\n")
+        print("| from process start | vmkit ms | QEMU ms | vmkit / QEMU |")
+        print("|---|---|---|---|")
+        for name, a, b in rows:
+            print(f"| {name} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
+        print()
+        print("| in-process (`Vm.boot()`) | vmkit ms |")
+        print("|---|---|")
+        print(f"| `Vm.boot()` → first guest instruction | {ip.median('first'):.2f} |")
+        print(f"| `Vm.boot()` → guest ready (debug port 0x7f) | {ip.median('ready'):.2f} |")
+        print()
+        print(f"Port-I/O exit round trip, guest-measured (`pio` step, {args.pio_rounds} `outb`, "
+              "median of 5 runs each):\n")  # fmt: skip
+        print("| | vmkit µs | QEMU µs | vmkit / QEMU |")
+        print("|---|---|---|---|")
+        print(f"| `outb` → user-space exit → back | {pv:.2f} | {pq:.2f} | {pv / pq:.2f} |")
+    else:
+        print(machine())
+        for name, a, b in rows:
+            print(f"{name:45s} vmkit {a:8.1f} ms   QEMU {b:8.1f} ms   ratio {a / b:.2f}")
+        print(f"{'Vm.boot() → first instruction (vmkit)':45s} {ip.median('first'):8.2f} ms")
+        print(f"{'Vm.boot() → ready (vmkit)':45s} {ip.median('ready'):8.2f} ms")
+        print(f"{'PIO exit round trip':45s} vmkit {pv:8.2f} µs   QEMU {pq:8.2f} µs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
