@@ -59,6 +59,9 @@ pub fn kick(thread: libc::pthread_t) {
 #[derive(Debug, Clone, Copy)]
 pub struct Sample {
     pub rip: u64,
+    /// All general-purpose registers folded together: a `rep movs` or a
+    /// counting loop at one RIP is still progress.
+    pub registers: u64,
     pub interrupts_enabled: bool,
     pub halted: bool,
     /// Not yet started by INIT/SIPI: cannot run by itself.
@@ -72,6 +75,7 @@ impl Default for Sample {
     fn default() -> Self {
         Sample {
             rip: 0,
+            registers: 0,
             interrupts_enabled: true,
             halted: false,
             waiting_for_sipi: false,
@@ -187,8 +191,15 @@ fn take_sample(vcpu: &VcpuFd, sample: &Mutex<Sample>) {
     let interrupts_enabled = regs.rflags & (1 << 9) != 0;
     let halted = mp_state == KVM_MP_STATE_HALTED;
     let waiting_for_sipi = mp_state != KVM_MP_STATE_RUNNABLE && !halted;
+    let registers = [
+        regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rsp, regs.rbp, regs.r8,
+        regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
+    ]
+    .iter()
+    .fold(0u64, |acc, r| acc.rotate_left(7) ^ r);
     let changed = !s.sampled
         || s.rip != regs.rip
+        || s.registers != registers
         || s.interrupts_enabled != interrupts_enabled
         || s.halted != halted
         || s.waiting_for_sipi != waiting_for_sipi;
@@ -196,6 +207,7 @@ fn take_sample(vcpu: &VcpuFd, sample: &Mutex<Sample>) {
         s.unchanged_since = now;
     }
     s.rip = regs.rip;
+    s.registers = registers;
     s.interrupts_enabled = interrupts_enabled;
     s.halted = halted;
     s.waiting_for_sipi = waiting_for_sipi;

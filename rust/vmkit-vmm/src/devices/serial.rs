@@ -108,6 +108,12 @@ impl SerialCapture {
     }
 }
 
+enum Wait {
+    Ready(libc::c_short),
+    Retry,
+    Stop,
+}
+
 /// Writes without blocking; drops what does not fit (EAGAIN).
 fn write_nonblocking(fd: RawFd, bytes: &[u8]) {
     let mut rest = bytes;
@@ -321,34 +327,44 @@ impl SerialBackend {
         }
     }
 
+    /// Waits until `fd` has input (or hangs up) or the backend is closed.
+    fn wait_readable(&self, fd: RawFd) -> Wait {
+        let mut fds = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.stop_input.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: fds is a valid array of two pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            return match io::Error::last_os_error().kind() {
+                io::ErrorKind::Interrupted => Wait::Retry,
+                _ => Wait::Stop,
+            };
+        }
+        if fds[1].revents != 0 {
+            return Wait::Stop;
+        }
+        Wait::Ready(fds[0].revents)
+    }
+
     /// Polls `fd` and the stop event; forwards input to the UART.
     fn pump_input(&self, fd: RawFd) {
         let mut buf = [0u8; 256];
         loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.stop_input.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: fds is a valid array of two pollfds.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if n < 0 {
-                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return;
-            }
-            if fds[1].revents != 0 {
-                return;
-            }
-            if fds[0].revents & libc::POLLIN != 0 {
+            let revents = match self.wait_readable(fd) {
+                Wait::Ready(revents) => revents,
+                Wait::Retry => continue,
+                Wait::Stop => return,
+            };
+            if revents & libc::POLLIN != 0 {
                 // SAFETY: reading into a valid buffer from an open fd.
                 let got = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
                 if got > 0 {
@@ -358,7 +374,7 @@ impl SerialBackend {
                 if got == 0 {
                     return;
                 }
-            } else if fds[0].revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+            } else if revents & (libc::POLLHUP | libc::POLLERR) != 0 {
                 // A pty with no reader attached reports HUP; wait and retry.
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -375,25 +391,10 @@ impl SerialBackend {
             return;
         }
         loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.stop_input.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: fds is a valid array of two pollfds.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if n < 0 {
-                continue;
-            }
-            if fds[1].revents != 0 {
-                return;
+            match self.wait_readable(listener.as_raw_fd()) {
+                Wait::Ready(_) => {}
+                Wait::Retry => continue,
+                Wait::Stop => return,
             }
             let Ok((mut stream, _)) = listener.accept() else {
                 continue;
@@ -407,25 +408,10 @@ impl SerialBackend {
             let fd = stream.as_raw_fd();
             let mut buf = [0u8; 256];
             loop {
-                let mut fds = [
-                    libc::pollfd {
-                        fd,
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                    libc::pollfd {
-                        fd: self.stop_input.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                ];
-                // SAFETY: fds is a valid array of two pollfds.
-                let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-                if n < 0 {
-                    continue;
-                }
-                if fds[1].revents != 0 {
-                    return;
+                match self.wait_readable(fd) {
+                    Wait::Ready(_) => {}
+                    Wait::Retry => continue,
+                    Wait::Stop => return,
                 }
                 match stream.read(&mut buf) {
                     Ok(0) => break,
