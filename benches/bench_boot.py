@@ -104,7 +104,9 @@ def timed_run(command: list[str], qemu: bool) -> tuple[Sample, bytes, bytes]:
     sample.exit = time.monotonic() - start
     reader.join()
     if proc.returncode != 0:
-        raise RuntimeError(f"{command[0]} exited with {proc.returncode}: {err.decode(errors='replace')}")
+        raise RuntimeError(
+            f"{command[0]} exited with {proc.returncode}: {err.decode(errors='replace')}"
+        )
     if not qemu:
         m = re.search(rb"Debug I/O port: 0x01 at [0-9.]+ ms \(monotonic ([0-9.]+)\)", bytes(err))
         if m:
