@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -425,3 +426,91 @@ def test_cli_boot_error_uses_cloud_hypervisor_wording(tmp_path: Path) -> None:
     proc = vmkit_cli("--kernel", str(tmp_path / "missing"), "--console", "off")
     assert proc.returncode == 1
     assert proc.stderr.startswith("Error booting VM: Cannot open kernel")
+
+
+@pytest.mark.parametrize(
+    "memory",
+    ["size=256M,shared=on", "size=256M,prefault=on", "size=256M,mergeable=on,thp=off"],
+)
+def test_memory_backings_boot(memory: str) -> None:
+    exit_info, results = run(config(steps=["memmap"], memory=memory))
+    assert exit_info.reason == "poweroff", results.lines
+    assert int(results.values("memmap")["ram_bytes"]) == (256 << 20) - RESERVED_LOW
+
+
+def test_memory_zones_make_up_guest_ram() -> None:
+    cfg = config(steps=["memmap"], memory="size=0")
+    cfg.memory = type(cfg.memory).parse("size=0", zones=["id=a,size=128M", "id=b,size=64M"])
+    exit_info, results = run(cfg)
+    assert exit_info.reason == "poweroff"
+    assert int(results.values("memmap")["ram_bytes"]) == (192 << 20) - RESERVED_LOW
+
+
+def free_huge_pages() -> int:
+    path = Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+    return int(path.read_text()) if path.exists() else 0
+
+
+def test_huge_pages_boot_or_fail_clearly() -> None:
+    cfg = config(steps=["memmap"], memory="size=64M,hugepages=on,hugepage_size=2M")
+    if free_huge_pages() >= 32:
+        exit_info, _ = run(cfg)
+        assert exit_info.reason == "poweroff"
+    else:
+        with pytest.raises(VmError) as e, Vm(cfg) as vm:
+            vm.boot()
+        assert e.value.kind == "Memory"
+        assert "needs 32 huge pages of 2048 KiB" in str(e.value)
+
+
+def test_affinity_pins_vcpu_threads() -> None:
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two host CPUs")
+    cfg = config(steps=["ticks"], cpus="boot=2,affinity=[0@[0],1@[1]]", ticks=100, tick_ms=10)
+    with Vm(cfg) as vm:
+        vm.boot()
+        vm.serial.wait_for(r"tick 1$", timeout=20)
+        pinned = {}
+        for task in Path("/proc/self/task").iterdir():
+            name = (task / "comm").read_text().strip()
+            if name.startswith("vcpu"):
+                status = (task / "status").read_text()
+                allowed = next(
+                    line.split(":")[1].strip()
+                    for line in status.splitlines()
+                    if line.startswith("Cpus_allowed_list")
+                )
+                pinned[name] = allowed
+        vm.shutdown()
+    assert pinned == {"vcpu0": "0", "vcpu1": "1"}
+
+
+def test_dropping_a_running_vm_stops_it() -> None:
+    threads = thread_count()
+    vm = Vm(config(steps=["ticks"], ticks=100000, tick_ms=10))
+    vm.boot()
+    vm.serial.wait_for(r"tick 1$", timeout=20)
+    del vm
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while thread_count() > threads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert thread_count() == threads, "vCPU or VMM threads outlived the Vm object"
+
+
+def test_ctrl_c_interrupts_the_command_line() -> None:
+    kernel = testguest.image_path("pvh")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmkit", "--kernel", str(kernel),
+         "--cmdline", testguest.cmdline(["ticks"], ticks=100000, tick_ms=10),
+         "--serial", "tty", "--console", "off"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    seen = b""
+    while b"tick 3" not in seen:
+        chunk = proc.stdout.read1(4096)
+        assert chunk, "vmkit exited before the guest ticked"
+        seen += chunk
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) == 0

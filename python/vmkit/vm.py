@@ -45,6 +45,9 @@ class VmError(RuntimeError):
 
 _native.register_vm_error(VmError)
 
+#: How long one blocking call into the VMM lasts before Python checks signals.
+_WAIT_SLICE = 0.25
+
 
 @dataclass(frozen=True)
 class VmExit:
@@ -161,9 +164,20 @@ class Vm:
         self._handle.reboot()
 
     def wait(self, timeout: float | None = None) -> VmExit | None:
-        """Waits for the VM to stop; returns why, or None on timeout."""
-        result = self._handle.wait(timeout)
-        return None if result is None else VmExit(result[0], result[1])
+        """Waits for the VM to stop; returns why, or None on timeout.
+
+        Waits in short slices so that Ctrl-C (KeyboardInterrupt) gets through.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = _WAIT_SLICE if deadline is None else deadline - time.monotonic()
+            result = self._handle.wait(max(0.0, min(remaining, _WAIT_SLICE)))
+            if result is not None:
+                return VmExit(result[0], result[1])
+            if self._handle.state == "Created":
+                return None
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
 
     @property
     def state(self) -> str:

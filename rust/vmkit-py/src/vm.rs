@@ -160,6 +160,13 @@ impl VmHandle {
     }
 }
 
+impl Drop for VmHandle {
+    /// A VM whose Python object goes away must not keep running unseen.
+    fn drop(&mut self) {
+        self.vm.close();
+    }
+}
+
 /// The built-in test guest in one of its formats: "pvh", "elf" or "bzimage".
 #[pyfunction]
 pub fn test_guest_image<'py>(py: Python<'py>, format: &str) -> PyResult<Bound<'py, PyBytes>> {
