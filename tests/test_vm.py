@@ -305,6 +305,7 @@ def test_corrupt_kernel_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> N
         assert vm.state == "Created", "a failed boot leaves the VM as it was"
     assert e.value.kind == "Kernel"
     assert str(junk) in str(e.value)
+    del vm, e  # the traceback holds the Vm
     gc.collect()
     assert (open_fds(), thread_count()) == (fds, threads)
 
@@ -328,6 +329,7 @@ def test_missing_initramfs_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -
         vm.boot()
     assert e.value.kind == "Initramfs"
     assert str(missing) in str(e.value) and "No such file" in str(e.value)
+    del vm, e  # the traceback holds the Vm
     gc.collect()
     assert (open_fds(), thread_count()) == (fds, threads)
 
