@@ -67,9 +67,11 @@ def vmkit_command(kernel: Path, cmdline: str) -> list[str]:
     ]  # fmt: skip
 
 
-def qemu_command(qemu: str, kernel: Path, cmdline: str) -> list[str]:
+def qemu_command(
+    qemu: str, kernel: Path, cmdline: str, machine: str = "microvm,acpi=on"
+) -> list[str]:
     return [
-        qemu, "-M", "microvm,acpi=on", "-enable-kvm", "-cpu", "host,-arch-capabilities",
+        qemu, "-M", machine, "-enable-kvm", "-cpu", "host,-arch-capabilities",
         "-m", f"{MEMORY_MIB}M", "-smp", "1", "-nodefaults", "-no-user-config",
         "-display", "none", "-no-reboot", "-serial", "stdio",
         "-debugcon", "file:/dev/stderr", "-global", "isa-debugcon.iobase=0x80",
@@ -168,12 +170,19 @@ def main() -> int:
     boot_cmdline = testguest.cmdline(["hello"])
     pio_cmdline = testguest.cmdline(["pio"], pio_rounds=args.pio_rounds)
 
-    series = {"vmkit": Series(), "qemu": Series(), "vmkit in-process": Series()}
+    series = {
+        "vmkit": Series(),
+        "qemu": Series(),
+        "qemu pc": Series(),
+        "vmkit in-process": Series(),
+    }
     timed_run(vmkit_command(kernel, boot_cmdline), qemu=False)  # warm caches
     timed_run(qemu_command(qemu, kernel, boot_cmdline), qemu=True)
     for _ in range(args.runs):
         series["vmkit"].samples.append(timed_run(vmkit_command(kernel, boot_cmdline), False)[0])
         series["qemu"].samples.append(timed_run(qemu_command(qemu, kernel, boot_cmdline), True)[0])
+        pc = qemu_command(qemu, kernel, boot_cmdline, machine="pc")
+        series["qemu pc"].samples.append(timed_run(pc, True)[0])
         series["vmkit in-process"].samples.append(in_process(kernel, boot_cmdline))
 
     pio_vmkit: list[float] = []
@@ -185,23 +194,30 @@ def main() -> int:
         _, out, _ = timed_run(qemu_command(qemu, kernel, pio_cmdline), True)
         pio_qemu.append(pio_ns(out, khz))
 
-    v, q = series["vmkit"], series["qemu"]
+    v, q, pc = series["vmkit"], series["qemu"], series["qemu pc"]
     rows = [
-        ("process start → first guest instruction", v.median("first"), q.median("first")),
-        ("process start → guest ready line", v.median("ready"), q.median("ready")),
-        ("process start → VMM exited after power-off", v.median("exit"), q.median("exit")),
-    ]
+        ("process start → first guest instruction", v.median("first"), q.median("first"),
+         pc.median("first")),
+        ("process start → guest ready line", v.median("ready"), q.median("ready"),
+         pc.median("ready")),
+        ("process start → VMM exited after power-off", v.median("exit"), q.median("exit"),
+         pc.median("exit")),
+    ]  # fmt: skip
     ip = series["vmkit in-process"]
     pv, pq = statistics.median(pio_vmkit) / 1e3, statistics.median(pio_qemu) / 1e3
     if args.markdown:
         print(f"Machine: {machine()}\n")
         print(f"vmkit: `{' '.join(vmkit_command(kernel, boot_cmdline))}`\n")
-        print(f"QEMU: `{' '.join(qemu_command(qemu, kernel, boot_cmdline))}`\n")
+        print(f"QEMU microvm: `{' '.join(qemu_command(qemu, kernel, boot_cmdline))}`\n")
+        print("QEMU pc: the same with `-M pc` (QEMU's default machine, with its firmware)\n")
         print(f"Medians of {args.runs} interleaved runs each:\n")
-        print("| from process start | vmkit ms | QEMU ms | vmkit / QEMU |")
-        print("|---|---|---|---|")
-        for name, a, b in rows:
-            print(f"| {name} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
+        print(
+            "| from process start | vmkit ms | QEMU microvm ms | vmkit / microvm "
+            "| QEMU pc ms | vmkit / pc |"
+        )
+        print("|---|---|---|---|---|---|")
+        for name, a, b, c in rows:
+            print(f"| {name} | {a:.1f} | {b:.1f} | {a / b:.2f} | {c:.1f} | {a / c:.2f} |")
         print()
         print("| in-process (`Vm.boot()`) | vmkit ms |")
         print("|---|---|")
@@ -215,8 +231,11 @@ def main() -> int:
         print(f"| `outb` → user-space exit → back | {pv:.2f} | {pq:.2f} | {pv / pq:.2f} |")
     else:
         print(machine())
-        for name, a, b in rows:
-            print(f"{name:45s} vmkit {a:8.1f} ms   QEMU {b:8.1f} ms   ratio {a / b:.2f}")
+        for name, a, b, c in rows:
+            print(
+                f"{name:45s} vmkit {a:8.1f} ms   QEMU microvm {b:8.1f} ms ({a / b:.2f})"
+                f"   QEMU pc {c:8.1f} ms ({a / c:.2f})"
+            )
         print(f"{'Vm.boot() → first instruction (vmkit)':45s} {ip.median('first'):8.2f} ms")
         print(f"{'Vm.boot() → ready (vmkit)':45s} {ip.median('ready'):8.2f} ms")
         print(f"{'PIO exit round trip':45s} vmkit {pv:8.2f} µs   QEMU {pq:8.2f} µs")

@@ -298,6 +298,7 @@ def test_corrupt_kernel_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> N
     junk = tmp_path / "vmlinux"
     junk.write_bytes(b"\x7fELF" + bytes(4092))
     cfg = VmConfig.from_cli(["--kernel", str(junk), "--console", "off"])
+    gc.collect()  # earlier tests' VMs must not count
     fds, threads = open_fds(), thread_count()
     with Vm(cfg) as vm:
         with pytest.raises(VmError) as e:
@@ -324,6 +325,7 @@ def test_missing_initramfs_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -
         ["--kernel", str(testguest.image_path("pvh")), "--initramfs", str(missing),
          "--console", "off"]
     )  # fmt: skip
+    gc.collect()  # earlier tests' VMs must not count
     fds, threads = open_fds(), thread_count()
     with Vm(cfg) as vm, pytest.raises(VmError) as e:
         vm.boot()
@@ -488,6 +490,7 @@ def test_affinity_pins_vcpu_threads() -> None:
 
 
 def test_dropping_a_running_vm_stops_it() -> None:
+    gc.collect()
     threads = thread_count()
     vm = Vm(config(steps=["ticks"], ticks=100000, tick_ms=10))
     vm.boot()

@@ -105,20 +105,32 @@ def boot_and_wait(config: VmConfig, *, verbosity: int = 0) -> int:
             pty = vm.info()["vmkit"]["serial_pty"]
             if pty:
                 print(f"Serial console on {pty}", file=sys.stderr)
+            logged = 0
+
+            def log_debug_port() -> None:
+                # Cloud Hypervisor logs each port 0x80 write at -v; so do we, as they come.
+                nonlocal logged
+                writes = vm.debug_port_writes()
+                for w in writes[logged:]:
+                    print(
+                        f"Debug I/O port: {w.value:#04x} at {w.seconds * 1e3:.3f} ms "
+                        f"(monotonic {w.monotonic:.6f})",
+                        file=sys.stderr,
+                    )
+                logged = len(writes)
+
             try:
-                exit_info = vm.wait()
+                while True:
+                    exit_info = vm.wait(0.1 if verbosity else None)
+                    if verbosity:
+                        log_debug_port()
+                    if exit_info is not None or vm.state == "Created":
+                        break
             except KeyboardInterrupt:
                 vm.shutdown()
                 exit_info = vm.wait()
         finally:
             signal.signal(signal.SIGTERM, previous)
-        if verbosity:
-            for w in vm.debug_port_writes():
-                print(
-                    f"Debug I/O port: {w.value:#04x} at {w.seconds * 1e3:.3f} ms "
-                    f"(monotonic {w.monotonic:.6f})",
-                    file=sys.stderr,
-                )
     if exit_info is None or exit_info.reason in ("poweroff", "shutdown"):
         return 0
     print(f"VM stopped: {exit_info.message}", file=sys.stderr)
