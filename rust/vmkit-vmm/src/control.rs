@@ -155,64 +155,51 @@ impl Control {
         }
     }
 
-    /// Waits until every running vCPU thread is parked (or gone).
-    pub fn wait_parked(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.lock();
-        while state.parked < state.running_threads && state.command == VcpuCommand::Park {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            state = self
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        true
-    }
-
-    /// Waits for a stop request; `None` on timeout.
-    pub fn wait_stop(&self, timeout: Option<Duration>) -> Option<StopReason> {
+    /// Waits (up to `timeout`, or forever for None) until `ready` returns
+    /// a value; None on timeout.
+    fn wait_for<T>(
+        &self,
+        timeout: Option<Duration>,
+        mut ready: impl FnMut(&State) -> Option<T>,
+    ) -> Option<T> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut state = self.lock();
         loop {
-            if let Some(reason) = &state.stop {
-                return Some(reason.clone());
+            if let Some(value) = ready(&state) {
+                return Some(value);
             }
-            match deadline {
-                None => state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner()),
+            state = match deadline {
+                None => self.changed.wait(state).unwrap_or_else(|p| p.into_inner()),
                 Some(deadline) => {
                     let now = Instant::now();
                     if now >= deadline {
                         return None;
                     }
-                    state = self
-                        .changed
+                    self.changed
                         .wait_timeout(state, deadline - now)
                         .unwrap_or_else(|p| p.into_inner())
-                        .0;
+                        .0
                 }
-            }
+            };
         }
+    }
+
+    /// Waits until every running vCPU thread is parked (or gone).
+    pub fn wait_parked(&self, timeout: Duration) -> bool {
+        self.wait_for(Some(timeout), |s| {
+            (s.parked >= s.running_threads || s.command != VcpuCommand::Park).then_some(())
+        })
+        .is_some()
+    }
+
+    /// Waits for a stop request; `None` on timeout.
+    pub fn wait_stop(&self, timeout: Option<Duration>) -> Option<StopReason> {
+        self.wait_for(timeout, |s| s.stop.clone())
     }
 
     /// Waits until every vCPU thread has exited.
     pub fn wait_threads_exited(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.lock();
-        while state.running_threads > 0 {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            state = self
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        true
+        self.wait_for(Some(timeout), |s| (s.running_threads == 0).then_some(()))
+            .is_some()
     }
 }

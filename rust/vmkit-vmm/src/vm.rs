@@ -691,65 +691,40 @@ impl Drop for Vm {
 
 /// Refuses what this VMM cannot provide yet, naming the option.
 fn check_supported(config: &VmConfig) -> Result<()> {
-    let unsupported = |what: &str| {
-        Err(Error::new(
+    fn some<T>(list: &Option<Vec<T>>) -> bool {
+        list.as_ref().is_some_and(|l| !l.is_empty())
+    }
+    let requested = [
+        (some(&config.disks), "--disk (virtio-blk)"),
+        (some(&config.net), "--net (virtio-net)"),
+        (some(&config.fs), "--fs (virtio-fs)"),
+        (some(&config.pmem), "--pmem (virtio-pmem)"),
+        (some(&config.devices), "--device (VFIO)"),
+        (some(&config.user_devices), "--user-device (vfio-user)"),
+        (some(&config.vdpa), "--vdpa"),
+        (config.vsock.is_some(), "--vsock"),
+        (config.balloon.is_some(), "--balloon"),
+        (some(&config.sgx_epc), "--sgx-epc"),
+        (some(&config.numa), "--numa"),
+        (config.tpm.is_some(), "--tpm"),
+        (config.pvpanic, "--pvpanic"),
+        (config.watchdog, "--watchdog (virtio-watchdog)"),
+        (config.cpus.features.amx, "--cpus features=amx"),
+        (
+            config
+                .platform
+                .as_ref()
+                .is_some_and(|p| p.num_pci_segments > 1),
+            "--platform num_pci_segments above 1",
+        ),
+    ];
+    match requested.iter().find(|(asked, _)| *asked) {
+        Some((_, what)) => Err(Error::new(
             ErrorKind::Unsupported,
             format!("{what} is not supported yet"),
-        ))
-    };
-    if config.disks.as_ref().is_some_and(|d| !d.is_empty()) {
-        return unsupported("--disk (virtio-blk)");
+        )),
+        None => Ok(()),
     }
-    if config.net.as_ref().is_some_and(|n| !n.is_empty()) {
-        return unsupported("--net (virtio-net)");
-    }
-    if config.fs.as_ref().is_some_and(|f| !f.is_empty()) {
-        return unsupported("--fs (virtio-fs)");
-    }
-    if config.pmem.as_ref().is_some_and(|p| !p.is_empty()) {
-        return unsupported("--pmem (virtio-pmem)");
-    }
-    if config.devices.as_ref().is_some_and(|d| !d.is_empty()) {
-        return unsupported("--device (VFIO)");
-    }
-    if config.user_devices.as_ref().is_some_and(|d| !d.is_empty()) {
-        return unsupported("--user-device (vfio-user)");
-    }
-    if config.vdpa.as_ref().is_some_and(|d| !d.is_empty()) {
-        return unsupported("--vdpa");
-    }
-    if config.vsock.is_some() {
-        return unsupported("--vsock");
-    }
-    if config.balloon.is_some() {
-        return unsupported("--balloon");
-    }
-    if config.sgx_epc.as_ref().is_some_and(|s| !s.is_empty()) {
-        return unsupported("--sgx-epc");
-    }
-    if config.numa.as_ref().is_some_and(|n| !n.is_empty()) {
-        return unsupported("--numa");
-    }
-    if config.tpm.is_some() {
-        return unsupported("--tpm");
-    }
-    if config.pvpanic {
-        return unsupported("--pvpanic");
-    }
-    if config.watchdog {
-        return unsupported("--watchdog (virtio-watchdog)");
-    }
-    if config.cpus.features.amx {
-        return unsupported("--cpus features=amx");
-    }
-    if config
-        .platform
-        .as_ref()
-        .is_some_and(|p| p.num_pci_segments > 1)
-    {
-        return unsupported("--platform num_pci_segments above 1");
-    }
-    Ok(())
 }
 
 #[cfg(test)]
