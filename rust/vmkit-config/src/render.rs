@@ -18,6 +18,10 @@ pub trait OptionString: Serialize + DeserializeOwned + PartialEq + Sized {
     fn parse_option(input: &str) -> Result<Self, Error>;
     /// The option key for a JSON field (`None`: the field has no key).
     fn key_for(field: &str) -> Option<&'static str>;
+    /// A rendering of its own, for options whose keys are not field-per-key.
+    fn render_whole(&self) -> Option<RenderResult<String>> {
+        None
+    }
 }
 
 macro_rules! option_string {
@@ -135,6 +139,9 @@ impl OptionString for ConsoleConfig {
     }
     fn key_for(_field: &str) -> Option<&'static str> {
         None
+    }
+    fn render_whole(&self) -> Option<RenderResult<String>> {
+        Some(render_console(self))
     }
 }
 
@@ -413,9 +420,9 @@ fn render_console(config: &ConsoleConfig) -> RenderResult<String> {
 }
 
 /// Renders `config` as an option string that parses back to an equal object.
-pub fn to_option_string<T: OptionString + 'static>(config: &T) -> RenderResult<String> {
-    if let Some(console) = (config as &dyn std::any::Any).downcast_ref::<ConsoleConfig>() {
-        return render_console(console);
+pub fn to_option_string<T: OptionString>(config: &T) -> RenderResult<String> {
+    if let Some(rendered) = config.render_whole() {
+        return rendered;
     }
     let fields = to_json(config);
     let (defaults, required) = defaults_like::<T>(&fields);
@@ -466,7 +473,7 @@ pub fn to_option_string<T: OptionString + 'static>(config: &T) -> RenderResult<S
 mod tests {
     use super::*;
 
-    fn round_trip<T: OptionString + std::fmt::Debug + 'static>(input: &str) -> String {
+    fn round_trip<T: OptionString + std::fmt::Debug>(input: &str) -> String {
         let parsed = T::parse_option(input).unwrap();
         let text = to_option_string(&parsed).unwrap();
         assert_eq!(T::parse_option(&text).unwrap(), parsed, "{input} -> {text}");

@@ -306,13 +306,6 @@ fn to_option_string(py: Python<'_>, kind: &str, text: &str) -> PyResult<String> 
     })
 }
 
-fn ids_list<'py>(
-    py: Python<'py>,
-    ids: std::collections::BTreeSet<String>,
-) -> PyResult<Bound<'py, PyList>> {
-    PyList::new(py, ids)
-}
-
 /// Validates a VmConfig JSON document: (the top-level iommu v37 derives, ids).
 #[pyfunction]
 fn validate_json(py: Python<'_>, text: &str) -> PyResult<(bool, Vec<String>)> {
@@ -442,7 +435,7 @@ fn parse_vm<'py>(
     let mut config = VmConfig::parse(&params).map_err(|e| config_error(py, e))?;
     let ids = if validate {
         let ids = config.validate().map_err(|e| validation_error(py, e))?;
-        ids_list(py, ids)?.into_any()
+        PyList::new(py, ids)?.into_any()
     } else {
         py.None().into_bound(py)
     };

@@ -105,11 +105,6 @@ impl VmHandle {
         self.vm.state().to_string()
     }
 
-    /// Offset just past the serial output captured so far.
-    fn serial_end(&self) -> u64 {
-        self.vm.serial().map_or(0, |s| s.capture.end())
-    }
-
     /// (offset of the first byte, bytes) of serial output from `offset` on.
     fn serial_read<'py>(&self, py: Python<'py>, offset: u64) -> (u64, Bound<'py, PyBytes>) {
         let (start, bytes) = self

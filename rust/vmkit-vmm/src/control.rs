@@ -113,10 +113,6 @@ impl Control {
         self.lock().stop.clone()
     }
 
-    pub fn command(&self) -> VcpuCommand {
-        self.lock().command
-    }
-
     pub fn set_command(&self, command: VcpuCommand) {
         let mut state = self.lock();
         if state.command != VcpuCommand::Stop {

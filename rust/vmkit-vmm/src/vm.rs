@@ -209,10 +209,6 @@ impl Vm {
         self.life.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn config(&self) -> &VmConfig {
-        &self.config
-    }
-
     pub fn state(&self) -> VmState {
         self.lock().state
     }

@@ -185,7 +185,6 @@ enum Output {
 /// Where serial output goes and input comes from; lives as long as the VM
 /// (across reboots, so a pty keeps its path).
 pub struct SerialBackend {
-    mode: ConsoleOutputMode,
     output: Mutex<Output>,
     pub capture: Arc<SerialCapture>,
     /// The UART of the current boot, for input.
@@ -239,7 +238,6 @@ impl SerialBackend {
             }
         };
         let backend = Arc::new(SerialBackend {
-            mode: config.mode,
             output: Mutex::new(output),
             capture: Arc::new(SerialCapture::new()),
             attached: Mutex::new(None),
@@ -277,10 +275,6 @@ impl SerialBackend {
                 .unwrap_or_else(|p| p.into_inner()) = Some(handle);
         }
         Ok(Some(backend))
-    }
-
-    pub fn mode(&self) -> ConsoleOutputMode {
-        self.mode
     }
 
     /// The pty's path (pty mode).
