@@ -10,6 +10,7 @@ pub mod error;
 pub mod layout;
 pub mod memory;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 pub use control::StopReason;

@@ -1,0 +1,98 @@
+//! virtio devices: the device-side contract between a transport (virtio-pci)
+//! and a device model (block, rng, console, net), and the worker threads that
+//! process a device's queues.
+//!
+//! A transport owns the guest-visible registers. When the driver sets
+//! DRIVER_OK it hands the device an [`Activation`]: guest memory, the queues
+//! the driver configured (each with the eventfd its notifications arrive on)
+//! and an [`Interrupt`] to signal used buffers. The device then processes its
+//! queues on its own worker thread(s) until [`VirtioDevice::reset`].
+
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Device types (virtio 1.2 §5).
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_CONSOLE: u32 = 3;
+pub const TYPE_RNG: u32 = 4;
+
+/// Transport and ring feature bits (virtio 1.2 §6).
+pub const F_RING_INDIRECT_DESC: u64 = 1 << 28;
+pub const F_RING_EVENT_IDX: u64 = 1 << 29;
+pub const F_VERSION_1: u64 = 1 << 32;
+pub const F_ACCESS_PLATFORM: u64 = 1 << 33;
+
+/// How a device tells the guest it has used buffers or changed its config.
+/// Implementations never block: an interrupt that cannot be delivered is
+/// dropped with an error, and the guest sees it as a lost interrupt.
+pub trait Interrupt: Send + Sync {
+    /// Signals a used-buffer notification for queue `queue`.
+    fn signal_queue(&self, queue: u16) -> std::io::Result<()>;
+    /// Signals a configuration change.
+    fn signal_config(&self) -> std::io::Result<()>;
+}
+
+/// One queue the driver enabled, ready for processing.
+pub struct ActiveQueue {
+    /// The queue's index on the device (0 = first queue).
+    pub index: u16,
+    /// Ring addresses, size and the negotiated ring features are already set;
+    /// `is_valid` held at activation.
+    pub queue: Queue,
+    /// Written (by KVM, through an ioeventfd) when the driver notifies the queue.
+    pub kick: EventFd,
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct Activation {
+    pub memory: GuestMemoryMmap,
+    pub interrupt: Arc<dyn Interrupt>,
+    /// Only the queues the driver enabled, in index order.
+    pub queues: Vec<ActiveQueue>,
+    /// The features the driver accepted (a subset of `features()`).
+    pub acked_features: u64,
+}
+
+/// Why a device could not start.
+#[derive(Debug)]
+pub struct ActivateError(pub String);
+
+impl fmt::Display for ActivateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ActivateError {}
+
+/// A virtio device model. Everything here is reachable by the guest (through
+/// the transport's registers), so no method may panic or block for long.
+pub trait VirtioDevice: Send {
+    /// The virtio device type (`TYPE_*`).
+    fn device_type(&self) -> u32;
+    /// The largest size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// The feature bits offered, including `F_VERSION_1` and ring features.
+    fn features(&self) -> u64;
+    /// Reads device configuration space at `offset`; bytes past its end read 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device configuration space; read-only fields ignore writes.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Starts processing the queues (worker threads).
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Stops processing (driver reset or VM teardown) and returns once the
+    /// workers are gone. The device can be activated again afterwards.
+    fn reset(&mut self);
+    /// Cloud Hypervisor's counters for this device (empty: none).
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        BTreeMap::new()
+    }
+}

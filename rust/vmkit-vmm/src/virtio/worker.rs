@@ -1,0 +1,144 @@
+//! A device worker: one thread with an epoll loop over queue-notification
+//! eventfds, any extra fds the device needs (a tap, an io_uring, a timer) and
+//! a kill eventfd that stops it.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+/// What a worker thread runs. Called only on the worker thread.
+pub trait WorkerHandler: Send + 'static {
+    /// Queue `index` (position in the `kicks` given to [`spawn`]) was
+    /// notified; its eventfd is already drained.
+    fn queue_notified(&mut self, index: usize);
+    /// Extra fds to watch for input, beyond the queue kicks.
+    fn extra_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+    /// Extra fd `index` (position in `extra_fds`) is readable.
+    fn extra_ready(&mut self, _index: usize) {}
+    /// Runs once before the loop: work that may already be pending.
+    fn started(&mut self) {}
+}
+
+/// A running worker; dropping it stops the thread and waits for it.
+pub struct Worker {
+    kill: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Stops the worker and joins its thread.
+    pub fn stop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = self.kill.write(1);
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+const KILL_TOKEN: u64 = u64::MAX;
+const EXTRA_BASE: u64 = 1 << 32;
+
+/// Starts a worker thread named `name` over the queue `kicks`.
+pub fn spawn<H: WorkerHandler>(
+    name: String,
+    kicks: Vec<EventFd>,
+    handler: H,
+) -> io::Result<Worker> {
+    let kill = EventFd::new(libc::EFD_NONBLOCK)?;
+    let epoll = Epoll::new()?;
+    epoll.ctl(
+        ControlOperation::Add,
+        kill.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, KILL_TOKEN),
+    )?;
+    for (index, kick) in kicks.iter().enumerate() {
+        epoll.ctl(
+            ControlOperation::Add,
+            kick.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, index as u64),
+        )?;
+    }
+    for (index, fd) in handler.extra_fds().into_iter().enumerate() {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, EXTRA_BASE + index as u64),
+        )?;
+    }
+    let thread_kill = kill.try_clone()?;
+    let thread = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || run(epoll, thread_kill, kicks, handler))?;
+    Ok(Worker {
+        kill,
+        thread: Some(thread),
+    })
+}
+
+fn run<H: WorkerHandler>(epoll: Epoll, kill: EventFd, kicks: Vec<EventFd>, mut handler: H) {
+    handler.started();
+    let mut events = vec![EpollEvent::default(); 32];
+    loop {
+        let count = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        for event in &events[..count] {
+            match event.data() {
+                KILL_TOKEN => {
+                    let _ = kill.read();
+                    return;
+                }
+                token if token >= EXTRA_BASE => handler.extra_ready((token - EXTRA_BASE) as usize),
+                token => {
+                    let index = token as usize;
+                    if let Some(kick) = kicks.get(index) {
+                        // Non-blocking: a spurious wake-up reads EAGAIN.
+                        let _ = kick.read();
+                        handler.queue_notified(index);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    struct Echo(mpsc::Sender<usize>);
+
+    impl WorkerHandler for Echo {
+        fn queue_notified(&mut self, index: usize) {
+            let _ = self.0.send(index);
+        }
+    }
+
+    #[test]
+    fn kicks_reach_the_handler_and_stop_joins() {
+        let kicks: Vec<EventFd> = (0..3)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let kick2 = kicks[2].try_clone().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let mut worker = spawn("test-worker".into(), kicks, Echo(tx)).unwrap();
+        kick2.write(1).unwrap();
+        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(5)), Ok(2));
+        worker.stop();
+        assert!(rx.recv().is_err(), "handler dropped with the thread");
+    }
+}
