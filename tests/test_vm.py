@@ -70,7 +70,7 @@ def test_every_step_passes(fmt: testguest.Format) -> None:
     assert results.protocol == ("pvh" if fmt == "pvh" else "linux64")
     assert results.ready
     assert results.failed == 0 and results.passed == len(ALL_STEPS), results.lines
-    assert results.values("acpi")["tables"] == "XSDT,FACP,APIC,DSDT"
+    assert results.values("acpi")["tables"] == "XSDT,FACP,APIC,MCFG,DSDT"
     assert results.exit == "poweroff"
 
 

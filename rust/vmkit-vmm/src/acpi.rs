@@ -4,6 +4,7 @@
 //! can power the VM off.
 
 use acpi_tables::aml;
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::{GenericAddress, Sdt};
 use acpi_tables::Aml;
@@ -12,7 +13,8 @@ use zerocopy::IntoBytes;
 
 use crate::cpu::Topology;
 use crate::error::{Error, ErrorKind, Result};
-use crate::layout::{ACPI_TABLES_END, APIC_START, IOAPIC_START, RSDP_POINTER};
+use crate::layout::{ACPI_TABLES_END, APIC_START, IOAPIC_START, PCI_MMCONFIG_START, RSDP_POINTER};
+use crate::pci::{SegmentLayout, ECAM_SIZE_PER_SEGMENT};
 
 const OEM_ID: [u8; 6] = *b"VMKIT ";
 /// The port of the shutdown device: sleep control, sleep status and reset register.
@@ -28,7 +30,81 @@ fn table(signature: &[u8; 4], length: u32, revision: u8) -> Sdt {
     Sdt::new(*signature, length, revision, OEM_ID, oem_table, 1)
 }
 
-fn dsdt() -> Sdt {
+/// Writes a PCI host bridge device (PNP0A08) for `segment` into `sink`.
+fn pci_host_bridge(segment: &SegmentLayout, sink: &mut Vec<u8>) {
+    let hid = aml::EISAName::new("PNP0A08");
+    let cid = aml::EISAName::new("PNP0A03");
+    let hid_name = aml::Name::new("_HID".into(), &hid);
+    let cid_name = aml::Name::new("_CID".into(), &cid);
+    let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let seg_value = u64::from(segment.id);
+    let seg = aml::Name::new("_SEG".into(), &seg_value);
+    let uid = aml::Name::new("_UID".into(), &seg_value);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let buses = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let config_io = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let io_low = aml::AddressSpace::new_io(0u16, 0x0cf7u16, None);
+    let io_high = aml::AddressSpace::new_io(0x0d00u16, 0xffffu16, None);
+    let mem32 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        segment.mem32.start as u32,
+        (segment.mem32.end() - 1) as u32,
+        None,
+    );
+    let mem64 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        segment.mem64.start,
+        segment.mem64.end() - 1,
+        None,
+    );
+    // Segment 0 also owns the legacy configuration ports and the I/O space.
+    let resources: Vec<&dyn Aml> = if segment.id == 0 {
+        vec![&buses, &config_io, &io_low, &io_high, &mem32, &mem64]
+    } else {
+        vec![&buses, &mem32, &mem64]
+    };
+    let crs = aml::ResourceTemplate::new(resources);
+    let crs_name = aml::Name::new("_CRS".into(), &crs);
+    let name = format!("PC{:02X}", segment.id);
+    let device = aml::Device::new(
+        name.as_str().into(),
+        vec![&hid_name, &cid_name, &adr, &seg, &uid, &bbn, &crs_name],
+    );
+    device.to_aml_bytes(sink);
+}
+
+/// Motherboard resources (PNP0C02): the ECAM window, so that kernels trust
+/// the MCFG table.
+fn motherboard_resources(segments: &[SegmentLayout], sink: &mut Vec<u8>) {
+    let hid = aml::EISAName::new("PNP0C02");
+    let hid_name = aml::Name::new("_HID".into(), &hid);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let ecam = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMCONFIG_START,
+        PCI_MMCONFIG_START + segments.len() as u64 * ECAM_SIZE_PER_SEGMENT - 1,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&ecam]);
+    let crs_name = aml::Name::new("_CRS".into(), &crs);
+    let device = aml::Device::new("MBRD".into(), vec![&hid_name, &uid, &crs_name]);
+    device.to_aml_bytes(sink);
+}
+
+fn mcfg(segments: &[SegmentLayout]) -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, *b"MCFG    ", 1);
+    for segment in segments {
+        mcfg.add_ecam(segment.ecam_base, segment.id, 0, 0);
+    }
+    let mut bytes = Vec::new();
+    mcfg.to_aml_bytes(&mut bytes);
+    bytes
+}
+
+fn dsdt(segments: &[SegmentLayout]) -> Sdt {
     let mut dsdt = table(b"DSDT", 36, 6);
     // The AML builders borrow their children, so every node is a local.
     let com1_io = aml::IO::new(0x3f8, 0x3f8, 0, 8);
@@ -50,13 +126,30 @@ fn dsdt() -> Sdt {
     let ps2_hid_name = aml::Name::new("_HID".into(), &ps2_hid);
     let ps2_crs_name = aml::Name::new("_CRS".into(), &ps2_crs);
     let ps2 = aml::Device::new("PS2K".into(), vec![&ps2_hid_name, &ps2_crs_name]);
-    let sb = aml::Scope::new("_SB_".into(), vec![&com1, &ps2]);
+    let mut pci = Vec::new();
+    for segment in segments {
+        pci_host_bridge(segment, &mut pci);
+    }
+    if !segments.is_empty() {
+        motherboard_resources(segments, &mut pci);
+    }
+    let pci = RawAml(pci);
+    let sb = aml::Scope::new("_SB_".into(), vec![&com1, &ps2, &pci]);
     let s5_package = aml::Package::new(vec![&S5_SLEEP_TYPE]);
     let s5 = aml::Name::new("_S5_".into(), &s5_package);
     sb.to_aml_bytes(&mut dsdt);
     s5.to_aml_bytes(&mut dsdt);
     dsdt.update_checksum();
     dsdt
+}
+
+/// Already-encoded AML, spliced into a scope.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
 }
 
 fn fadt(dsdt_addr: u64) -> Sdt {
@@ -143,6 +236,7 @@ pub fn write_tables(
     topology: &Topology,
     boot_vcpus: u8,
     max_vcpus: u8,
+    pci_segments: &[SegmentLayout],
 ) -> Result<u64> {
     let write = |bytes: &[u8], addr: u64| -> Result<u64> {
         let end = addr + bytes.len() as u64;
@@ -159,13 +253,19 @@ pub fn write_tables(
     let mut next = RSDP_POINTER + Rsdp::len() as u64;
     next = (next + 7) & !7;
     let dsdt_addr = next;
-    next = write(dsdt().as_slice(), dsdt_addr)?;
+    next = write(dsdt(pci_segments).as_slice(), dsdt_addr)?;
     let fadt_addr = next;
     next = write(fadt(dsdt_addr).as_slice(), fadt_addr)?;
     let madt_addr = next;
     next = write(madt(topology, boot_vcpus, max_vcpus).as_slice(), madt_addr)?;
+    let mut tables = vec![fadt_addr, madt_addr];
+    if !pci_segments.is_empty() {
+        let mcfg_addr = next;
+        next = write(&mcfg(pci_segments), mcfg_addr)?;
+        tables.push(mcfg_addr);
+    }
     let xsdt_addr = next;
-    write(xsdt(&[fadt_addr, madt_addr]).as_slice(), xsdt_addr)?;
+    write(xsdt(&tables).as_slice(), xsdt_addr)?;
     let rsdp = Rsdp::new(OEM_ID, xsdt_addr);
     write(rsdp.as_bytes(), RSDP_POINTER)?;
     Ok(RSDP_POINTER)
@@ -195,7 +295,8 @@ mod tests {
             dies_per_package: 1,
             packages: 1,
         };
-        let rsdp_addr = write_tables(&mem, &topology, 2, 4).unwrap();
+        let segments = crate::pci::plan_segments(2, 2 << 20, 40).unwrap();
+        let rsdp_addr = write_tables(&mem, &topology, 2, 4, &segments).unwrap();
         let mut rsdp = [0u8; 36];
         mem.read_slice(&mut rsdp, GuestAddress(rsdp_addr)).unwrap();
         assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -217,6 +318,15 @@ mod tests {
                 assert_eq!(&dsdt[..4], b"DSDT");
                 assert!(checksum_ok(&dsdt));
                 assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+                assert!(dsdt.windows(4).any(|w| w == b"PC00"));
+                assert!(dsdt.windows(4).any(|w| w == b"PC01"));
+            }
+            if &t[..4] == b"MCFG" {
+                // Header, 8 reserved bytes, then one 16-byte entry per segment.
+                assert_eq!(t.len(), 44 + 2 * 16);
+                let base = u64::from_le_bytes(t[44 + 16..52 + 16].try_into().unwrap());
+                assert_eq!(base, 0xe810_0000);
+                assert_eq!(u16::from_le_bytes([t[52 + 16], t[53 + 16]]), 1);
             }
             if &t[..4] == b"APIC" {
                 let (mut enabled, mut listed) = (0, 0);
@@ -231,6 +341,6 @@ mod tests {
                 assert_eq!((enabled, listed), (2, 4));
             }
         }
-        assert_eq!(signatures, vec!["FACP", "APIC"]);
+        assert_eq!(signatures, vec!["FACP", "APIC", "MCFG"]);
     }
 }

@@ -105,6 +105,13 @@ pub fn memory_map(ram: &GuestRam) -> Vec<MemoryMapEntry> {
             });
         }
     }
+    // ECAM is reserved, as kernels check before trusting the MCFG table.
+    map.push(MemoryMapEntry {
+        addr: PCI_MMCONFIG_START,
+        size: PCI_MMCONFIG_SIZE,
+        kind: E820_RESERVED,
+    });
+    map.sort_by_key(|e| e.addr);
     map
 }
 

@@ -96,6 +96,19 @@ const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
 const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
 
 /// The CPUID table for vCPU `index`, derived from KVM's supported set.
+/// The guest's physical address width: the host's, capped by `max_phys_bits`.
+pub fn guest_phys_bits(kvm: &Kvm, cpus: &CpusConfig) -> Result<u8> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| Error::kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+    let host = supported
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map_or(36, |e| (e.eax & 0xff) as u8);
+    Ok(host.min(cpus.max_phys_bits))
+}
+
 pub fn cpuid_for(kvm: &Kvm, cpus: &CpusConfig, index: u8, host: HostCpu) -> Result<CpuId> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

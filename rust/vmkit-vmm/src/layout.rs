@@ -31,6 +31,16 @@ pub const MEM_32BIT_RESERVED_START: u64 = 0xc000_0000;
 pub const MEM_32BIT_RESERVED_SIZE: u64 = 0x4000_0000;
 /// RAM that does not fit below the hole continues here.
 pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
+/// PCI devices' 32-bit BARs: the start of the hole, shared by the segments.
+pub const MEM_32BIT_DEVICES_START: u64 = MEM_32BIT_RESERVED_START;
+pub const MEM_32BIT_DEVICES_SIZE: u64 = 640 << 20;
+/// ECAM (PCI MMCONFIG): 1 MiB per segment, reserved in the memory map.
+pub const PCI_MMCONFIG_START: u64 = 0xe800_0000;
+pub const PCI_MMCONFIG_SIZE: u64 = 256 << 20;
+/// 64-bit BARs go above RAM, from here at the lowest.
+pub const MEM_64BIT_DEVICES_MIN_START: u64 = 1 << 36;
+/// Each segment's share of the 64-bit device space.
+pub const MEM_64BIT_DEVICES_SIZE_PER_SEGMENT: u64 = 16 << 30;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
 /// KVM's TSS (needed on VMX hosts): three pages just below the IOAPIC hole top.

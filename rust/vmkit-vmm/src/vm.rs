@@ -24,8 +24,12 @@ use crate::devices::legacy::{AcpiShutdown, DebugPort, DebugPortWrite, ResetTrigg
 use crate::devices::serial::{IrqTrigger, SerialBackend, SerialDevice, SerialSink};
 use crate::devices::Bus;
 use crate::error::{Error, ErrorKind, Result};
+use crate::interrupts::InterruptRoutes;
+use crate::layout::PCI_MMCONFIG_START;
 use crate::memory::{create_guest_ram, GuestRam};
+use crate::pci::{self, PciBarWindow, PciConfigIo, PciEcam, PciSegment, ECAM_SIZE_PER_SEGMENT};
 use crate::vcpu::{self, Sample, VcpuThreadContext};
+use crate::virtio::{self, pci::VirtioPciDevice, rng::Rng, VirtioDevice};
 
 /// Cloud Hypervisor's VM states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +94,7 @@ struct Instance {
     payload: LoadedPayload,
     /// Keeps the irqfd eventfds open while the boot lives.
     _irq_fds: Vec<EventFd>,
+    virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
 }
 
 impl Instance {
@@ -108,6 +113,8 @@ impl Instance {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        // Device workers stop before guest memory goes away.
+        self.virtio.clear();
     }
 }
 
@@ -534,11 +541,18 @@ impl Vm {
         }
 
         let topology = Topology::from_config(&config.cpus);
+        let routes = Arc::new(InterruptRoutes::new(
+            vm_fd.clone(),
+            self.kvm.check_extension_int(Cap::IrqRouting).max(0) as u32,
+        ));
+        let pci = self.build_pci(&ram, &routes)?;
+        let layouts: Vec<_> = pci.segments.iter().map(|s| s.layout).collect();
         let rsdp = acpi::write_tables(
             &ram.memory,
             &topology,
             config.cpus.boot_vcpus,
             config.cpus.max_vcpus,
+            &layouts,
         )?;
         let payload_config = config
             .payload
@@ -588,8 +602,33 @@ impl Vm {
                 log: self.debug_log.clone(),
             })),
         );
+        let mut mmio = Bus::new();
+        pio.insert(
+            PciConfigIo::PORT,
+            PciConfigIo::LEN,
+            Arc::new(Mutex::new(PciConfigIo::new(pci.segments[0].clone()))),
+        );
+        mmio.insert(
+            PCI_MMCONFIG_START,
+            pci.segments.len() as u64 * ECAM_SIZE_PER_SEGMENT,
+            Arc::new(Mutex::new(PciEcam {
+                segments: pci.segments.clone(),
+            })),
+        );
+        for segment in &pci.segments {
+            for window in [segment.layout.mem32, segment.layout.mem64] {
+                mmio.insert(
+                    window.start,
+                    window.size,
+                    Arc::new(Mutex::new(PciBarWindow {
+                        segment: segment.clone(),
+                        base: window.start,
+                    })),
+                );
+            }
+        }
         let pio = Arc::new(pio);
-        let mmio = Arc::new(Bus::new());
+        let mmio = Arc::new(mmio);
 
         let mut vcpus = Vec::new();
         let mut host = self.host;
@@ -650,6 +689,7 @@ impl Vm {
                         samples,
                         payload,
                         _irq_fds: irq_fds,
+                        virtio: pci.virtio,
                     };
                     partial.stop(StopReason::VmmError {
                         message: "cannot start vCPU threads".into(),
@@ -669,8 +709,71 @@ impl Vm {
             samples,
             payload,
             _irq_fds: irq_fds,
+            virtio: pci.virtio,
         })
     }
+
+    /// The PCI segments and the virtio devices on them.
+    fn build_pci(&self, ram: &GuestRam, routes: &Arc<InterruptRoutes>) -> Result<PciPlatform> {
+        let config = &self.config;
+        let count = config.platform.as_ref().map_or(1, |p| p.num_pci_segments);
+        let phys_bits = cpu::guest_phys_bits(&self.kvm, &config.cpus)?;
+        let ram_end = ram.ranges.iter().map(|&(s, l)| s + l).max().unwrap_or(0);
+        let layouts = pci::plan_segments(count, ram_end, phys_bits).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{count} PCI segments do not fit in the guest's {phys_bits}-bit physical address space"
+                ),
+            )
+        })?;
+        let mut segments: Vec<PciSegment> = layouts.into_iter().map(PciSegment::new).collect();
+        let mut virtio = Vec::new();
+        let mut add = |segment: u16, id: &str, device: Box<dyn VirtioDevice>| -> Result<()> {
+            let segment = segments.get_mut(usize::from(segment)).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Unsupported,
+                    format!("{id}: PCI segment {segment} does not exist"),
+                )
+            })?;
+            let slot = segment.free_slot().ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Device,
+                    format!("{id}: no free slot on PCI segment {}", segment.layout.id),
+                )
+            })?;
+            let bar = segment
+                .mem64_allocator
+                .allocate(virtio::pci::BAR_SIZE)
+                .ok_or_else(|| {
+                    Error::new(ErrorKind::Device, format!("{id}: PCI MMIO window full"))
+                })?;
+            let device = Arc::new(Mutex::new(VirtioPciDevice::new(
+                id.to_owned(),
+                device,
+                ram.memory.clone(),
+                routes.clone(),
+                bar,
+            )?));
+            segment.insert(slot, device.clone());
+            virtio.push(device);
+            Ok(())
+        };
+        add(
+            0,
+            "__rng",
+            Box::new(Rng::new("__rng".into(), &config.rng.src)?),
+        )?;
+        Ok(PciPlatform {
+            segments: segments.into_iter().map(Arc::new).collect(),
+            virtio,
+        })
+    }
+}
+
+struct PciPlatform {
+    segments: Vec<Arc<PciSegment>>,
+    virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
 }
 
 impl Drop for Vm {
@@ -706,13 +809,6 @@ fn check_supported(config: &VmConfig) -> Result<()> {
         (config.pvpanic, "--pvpanic"),
         (config.watchdog, "--watchdog (virtio-watchdog)"),
         (config.cpus.features.amx, "--cpus features=amx"),
-        (
-            config
-                .platform
-                .as_ref()
-                .is_some_and(|p| p.num_pci_segments > 1),
-            "--platform num_pci_segments above 1",
-        ),
     ];
     match requested.iter().find(|(asked, _)| *asked) {
         Some((_, what)) => Err(Error::new(

@@ -8,6 +8,9 @@
 //! and an [`Interrupt`] to signal used buffers. The device then processes its
 //! queues on its own worker thread(s) until [`VirtioDevice::reset`].
 
+pub mod block;
+pub mod pci;
+pub mod rng;
 pub mod worker;
 
 use std::collections::BTreeMap;

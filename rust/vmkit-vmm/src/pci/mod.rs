@@ -1,0 +1,415 @@
+//! PCI: one root bus per PCI segment, each behind a host bridge, with
+//! configuration space reachable through ECAM (every segment) and through
+//! ports 0xcf8/0xcfc (segment 0), and device BARs dispatched from the
+//! segment's MMIO windows.
+
+pub mod config;
+pub mod msix;
+
+use std::sync::{Arc, Mutex};
+
+use crate::devices::BusDevice;
+use config::{PciConfiguration, PciIdentity};
+
+/// Slots on a bus.
+pub const DEVICES_PER_BUS: usize = 32;
+/// ECAM space of one segment: bus 0 only (32 devices × 8 functions × 4 KiB).
+pub const ECAM_SIZE_PER_SEGMENT: u64 = 1 << 20;
+
+/// A PCI function as the bus sees it. Guest-reachable: never panic or block.
+pub trait PciDevice: Send {
+    fn config(&self) -> &PciConfiguration;
+    /// Reads configuration register `reg` (dword index).
+    fn config_read(&mut self, reg: usize) -> u32 {
+        self.config().read_register(reg)
+    }
+    /// Writes `data` at byte `offset` within configuration register `reg`.
+    fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]);
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
+}
+
+pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
+
+fn lock(device: &SharedPciDevice) -> std::sync::MutexGuard<'_, dyn PciDevice + 'static> {
+    device.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The host bridge at 00.0 of every segment (Cloud Hypervisor's IDs).
+pub struct HostBridge {
+    config: PciConfiguration,
+}
+
+impl HostBridge {
+    pub fn new() -> Self {
+        HostBridge {
+            config: PciConfiguration::new(PciIdentity {
+                vendor: 0x8086,
+                device: 0x0d57,
+                class: (0x06, 0x00, 0x00),
+                revision: 0,
+                subsystem_vendor: 0,
+                subsystem: 0,
+            }),
+        }
+    }
+}
+
+impl Default for HostBridge {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PciDevice for HostBridge {
+    fn config(&self) -> &PciConfiguration {
+        &self.config
+    }
+    fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
+        self.config.write_register(reg, offset, data);
+    }
+    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+}
+
+/// Where a segment's ECAM and BAR windows are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentLayout {
+    pub id: u16,
+    pub ecam_base: u64,
+    pub mem32: Window,
+    pub mem64: Window,
+}
+
+/// Splits the device windows between `count` segments: the 32-bit window
+/// evenly (1 MiB aligned), 16 GiB each above RAM (`ram_end`) and at or above
+/// 64 GiB, all below 2^`phys_bits`.
+pub fn plan_segments(count: u16, ram_end: u64, phys_bits: u8) -> Option<Vec<SegmentLayout>> {
+    use crate::layout::*;
+    if count == 0 || u64::from(count) * ECAM_SIZE_PER_SEGMENT > PCI_MMCONFIG_SIZE {
+        return None;
+    }
+    let mem32_share = (MEM_32BIT_DEVICES_SIZE / u64::from(count)) & !((1 << 20) - 1);
+    let mem64_start = ram_end
+        .checked_next_multiple_of(MEM_64BIT_DEVICES_SIZE_PER_SEGMENT)?
+        .max(MEM_64BIT_DEVICES_MIN_START);
+    let mem64_end =
+        mem64_start.checked_add(u64::from(count) * MEM_64BIT_DEVICES_SIZE_PER_SEGMENT)?;
+    if mem32_share == 0 || phys_bits >= 64 || mem64_end > 1u64 << phys_bits {
+        return None;
+    }
+    Some(
+        (0..count)
+            .map(|id| SegmentLayout {
+                id,
+                ecam_base: PCI_MMCONFIG_START + u64::from(id) * ECAM_SIZE_PER_SEGMENT,
+                mem32: Window {
+                    start: MEM_32BIT_DEVICES_START + u64::from(id) * mem32_share,
+                    size: mem32_share,
+                },
+                mem64: Window {
+                    start: mem64_start + u64::from(id) * MEM_64BIT_DEVICES_SIZE_PER_SEGMENT,
+                    size: MEM_64BIT_DEVICES_SIZE_PER_SEGMENT,
+                },
+            })
+            .collect(),
+    )
+}
+
+/// A window of guest-physical address space that BARs are carved from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start: u64,
+    pub size: u64,
+}
+
+impl Window {
+    pub fn end(&self) -> u64 {
+        self.start + self.size
+    }
+}
+
+/// Hands out naturally aligned ranges of a window, lowest first.
+pub struct WindowAllocator {
+    window: Window,
+    next: u64,
+}
+
+impl WindowAllocator {
+    pub fn new(window: Window) -> Self {
+        WindowAllocator {
+            window,
+            next: window.start,
+        }
+    }
+
+    pub fn allocate(&mut self, size: u64) -> Option<u64> {
+        let start = self.next.checked_next_multiple_of(size)?;
+        let end = start.checked_add(size)?;
+        (end <= self.window.end()).then(|| {
+            self.next = end;
+            start
+        })
+    }
+}
+
+/// One PCI segment: its root bus and the address windows of its devices.
+pub struct PciSegment {
+    pub layout: SegmentLayout,
+    slots: Vec<Option<SharedPciDevice>>,
+    pub mem32_allocator: WindowAllocator,
+    pub mem64_allocator: WindowAllocator,
+}
+
+impl PciSegment {
+    /// A segment with its host bridge in slot 0.
+    pub fn new(layout: SegmentLayout) -> Self {
+        let mut slots = vec![None; DEVICES_PER_BUS];
+        slots[0] = Some(Arc::new(Mutex::new(HostBridge::new())) as SharedPciDevice);
+        PciSegment {
+            layout,
+            slots,
+            mem32_allocator: WindowAllocator::new(layout.mem32),
+            mem64_allocator: WindowAllocator::new(layout.mem64),
+        }
+    }
+
+    /// The first free slot, if any.
+    pub fn free_slot(&self) -> Option<u8> {
+        self.slots.iter().position(Option::is_none).map(|s| s as u8)
+    }
+
+    pub fn insert(&mut self, slot: u8, device: SharedPciDevice) {
+        self.slots[usize::from(slot)] = Some(device);
+    }
+
+    fn device(&self, slot: usize, function: usize) -> Option<&SharedPciDevice> {
+        if function != 0 {
+            return None;
+        }
+        self.slots.get(slot)?.as_ref()
+    }
+
+    /// Reads `data` from function (slot, function)'s config space at byte `offset`.
+    pub fn config_read(&self, slot: usize, function: usize, offset: usize, data: &mut [u8]) {
+        let Some(device) = self.device(slot, function) else {
+            data.fill(0xff);
+            return;
+        };
+        if !matches!(data.len(), 1 | 2 | 4) || offset % data.len() != 0 {
+            data.fill(0xff);
+            return;
+        }
+        let value = lock(device).config_read(offset / 4);
+        let bytes = value.to_le_bytes();
+        let lane = offset % 4;
+        data.copy_from_slice(&bytes[lane..lane + data.len()]);
+    }
+
+    pub fn config_write(&self, slot: usize, function: usize, offset: usize, data: &[u8]) {
+        let Some(device) = self.device(slot, function) else {
+            return;
+        };
+        if !matches!(data.len(), 1 | 2 | 4) || offset % data.len() != 0 {
+            return;
+        }
+        lock(device).config_write(offset / 4, offset % 4, data);
+    }
+
+    fn bar_at(&self, address: u64) -> Option<(&SharedPciDevice, usize, u64)> {
+        self.slots.iter().flatten().find_map(|device| {
+            let (bar, offset) = lock(device).config().memory_bar_at(address)?;
+            Some((device, bar, offset))
+        })
+    }
+}
+
+/// ECAM: the configuration space of every segment, memory-mapped.
+pub struct PciEcam {
+    pub segments: Vec<Arc<PciSegment>>,
+}
+
+impl PciEcam {
+    fn locate(&self, offset: u64) -> Option<(&PciSegment, usize, usize, usize)> {
+        let segment = self
+            .segments
+            .get(usize::try_from(offset / ECAM_SIZE_PER_SEGMENT).ok()?)?;
+        let within = offset % ECAM_SIZE_PER_SEGMENT;
+        let slot = ((within >> 15) & 0x1f) as usize;
+        let function = ((within >> 12) & 0x7) as usize;
+        Some((segment, slot, function, (within & 0xfff) as usize))
+    }
+}
+
+impl BusDevice for PciEcam {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match self.locate(offset) {
+            Some((segment, slot, function, reg)) => segment.config_read(slot, function, reg, data),
+            None => data.fill(0xff),
+        }
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some((segment, slot, function, reg)) = self.locate(offset) {
+            segment.config_write(slot, function, reg, data);
+        }
+    }
+}
+
+/// Configuration mechanism #1: address at 0xcf8, data at 0xcfc (segment 0).
+pub struct PciConfigIo {
+    pub segment: Arc<PciSegment>,
+    address: u32,
+}
+
+impl PciConfigIo {
+    pub const PORT: u64 = 0xcf8;
+    pub const LEN: u64 = 8;
+
+    pub fn new(segment: Arc<PciSegment>) -> Self {
+        PciConfigIo {
+            segment,
+            address: 0,
+        }
+    }
+
+    /// (slot, function, register byte offset) when enabled and on bus 0.
+    fn target(&self) -> Option<(usize, usize, usize)> {
+        let enabled = self.address & 0x8000_0000 != 0;
+        let bus = (self.address >> 16) & 0xff;
+        (enabled && bus == 0).then_some((
+            ((self.address >> 11) & 0x1f) as usize,
+            ((self.address >> 8) & 0x7) as usize,
+            (self.address & 0xfc) as usize,
+        ))
+    }
+}
+
+impl BusDevice for PciConfigIo {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match offset {
+            0 if data.len() == 4 => data.copy_from_slice(&self.address.to_le_bytes()),
+            4..=7 => match self.target() {
+                Some((slot, function, reg)) => {
+                    let at = reg + (offset as usize - 4);
+                    self.segment.config_read(slot, function, at, data)
+                }
+                None => data.fill(0xff),
+            },
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match offset {
+            0 if data.len() == 4 => {
+                self.address = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            }
+            4..=7 => {
+                if let Some((slot, function, reg)) = self.target() {
+                    let at = reg + (offset as usize - 4);
+                    self.segment.config_write(slot, function, at, data);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A segment's MMIO window: accesses go to whichever BAR holds the address now.
+pub struct PciBarWindow {
+    pub segment: Arc<PciSegment>,
+    pub base: u64,
+}
+
+impl BusDevice for PciBarWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match self.segment.bar_at(self.base + offset) {
+            Some((device, bar, at)) => lock(device).bar_read(bar, at, data),
+            None => data.fill(0xff),
+        }
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some((device, bar, at)) = self.segment.bar_at(self.base + offset) {
+            lock(device).bar_write(bar, at, data);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segment() -> PciSegment {
+        PciSegment::new(plan_segments(1, 1 << 30, 40).unwrap()[0])
+    }
+
+    #[test]
+    fn segments_share_the_windows() {
+        let plan = plan_segments(3, 6 << 30, 40).unwrap();
+        assert_eq!(plan[0].ecam_base, 0xe800_0000);
+        assert_eq!(plan[2].ecam_base, 0xe820_0000);
+        assert_eq!(plan[1].mem32.start, plan[0].mem32.end());
+        assert!(plan[2].mem32.end() <= 0xe800_0000);
+        assert_eq!(plan[0].mem64.start, 1 << 36);
+        assert_eq!(plan[1].mem64.start, plan[0].mem64.end());
+        // Above a large RAM, and refused where the address width ends.
+        let big = plan_segments(1, 100 << 30, 40).unwrap();
+        assert_eq!(big.first().unwrap().mem64.start, 112 << 30);
+        assert!(plan_segments(1, 1 << 30, 36).is_none());
+        assert!(plan_segments(0, 1 << 30, 40).is_none());
+        assert!(plan_segments(257, 1 << 30, 40).is_none());
+    }
+
+    #[test]
+    fn host_bridge_answers_through_both_mechanisms() {
+        let segment = Arc::new(segment());
+        let mut ecam = PciEcam {
+            segments: vec![segment.clone()],
+        };
+        let mut data = [0u8; 4];
+        ecam.read(0, &mut data);
+        assert_eq!(u32::from_le_bytes(data), 0x0d57_8086);
+        ecam.read(1 << 15, &mut data);
+        assert_eq!(data, [0xff; 4], "empty slot");
+        ecam.read(ECAM_SIZE_PER_SEGMENT, &mut data);
+        assert_eq!(data, [0xff; 4], "no second segment");
+
+        let mut io = PciConfigIo::new(segment);
+        io.write(0, &0x8000_0008u32.to_le_bytes());
+        io.read(4, &mut data);
+        assert_eq!(data[3], 0x06, "bridge class");
+        let mut half = [0u8; 2];
+        io.write(0, &0x8000_0000u32.to_le_bytes());
+        io.read(6, &mut half);
+        assert_eq!(u16::from_le_bytes(half), 0x0d57);
+        io.write(0, &0x0000_0000u32.to_le_bytes());
+        io.read(4, &mut data);
+        assert_eq!(data, [0xff; 4], "disabled address");
+        io.write(0, &0x8001_0000u32.to_le_bytes());
+        io.read(4, &mut data);
+        assert_eq!(data, [0xff; 4], "bus 1 does not exist");
+    }
+
+    #[test]
+    fn misaligned_config_accesses_are_ignored() {
+        let segment = segment();
+        let mut data = [0u8; 4];
+        segment.config_read(0, 0, 2, &mut data);
+        assert_eq!(data, [0xff; 4]);
+    }
+
+    #[test]
+    fn allocator_aligns_and_stays_inside() {
+        let mut a = WindowAllocator::new(Window {
+            start: 0x1000,
+            size: 0x10000,
+        });
+        assert_eq!(a.allocate(0x100), Some(0x1000));
+        assert_eq!(a.allocate(0x8000), Some(0x8000));
+        assert_eq!(a.allocate(0x8000), None);
+        assert_eq!(a.allocate(0x1000), Some(0x10000));
+        assert_eq!(a.allocate(0x1000), None);
+    }
+}

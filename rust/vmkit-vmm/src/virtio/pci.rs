@@ -1,0 +1,904 @@
+//! The virtio 1.x PCI transport (virtio 1.2 §4.1): a modern-only PCI
+//! function whose BAR 0 holds the common, ISR, device and notify structures
+//! and the MSI-X table. Queue notifications are ioeventfds (a guest kick never
+//! reaches user space); interrupts are MSI-X vectors through irqfds.
+
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Activation, ActiveQueue, Interrupt, VirtioDevice, F_VERSION_1};
+use crate::error::{Error, ErrorKind, Result};
+use crate::interrupts::InterruptRoutes;
+use crate::pci::config::{Bar, BarKind, PciConfiguration, PciIdentity};
+use crate::pci::msix::{self, Msix};
+use crate::pci::PciDevice;
+
+pub const VENDOR_ID: u16 = 0x1af4;
+/// Modern device IDs are 0x1040 + device type.
+const DEVICE_ID_BASE: u16 = 0x1040;
+
+/// BAR 0 layout (Cloud Hypervisor's).
+pub const BAR_SIZE: u64 = 0x80000;
+const COMMON_OFFSET: u64 = 0x0000;
+const COMMON_SIZE: u64 = 0x3c;
+const ISR_OFFSET: u64 = 0x2000;
+const ISR_SIZE: u64 = 1;
+const DEVICE_CONFIG_OFFSET: u64 = 0x4000;
+const DEVICE_CONFIG_SIZE: u64 = 0x1000;
+const NOTIFY_OFFSET: u64 = 0x6000;
+const NOTIFY_SIZE: u64 = 0x1000;
+const NOTIFY_OFF_MULTIPLIER: u32 = 4;
+const MSIX_TABLE_OFFSET: u64 = 0x8000;
+const MSIX_PBA_OFFSET: u64 = 0x48000;
+
+/// Capability types (virtio_pci_cap.cfg_type).
+const CAP_COMMON: u8 = 1;
+const CAP_NOTIFY: u8 = 2;
+const CAP_ISR: u8 = 3;
+const CAP_DEVICE: u8 = 4;
+const CAP_PCI_CFG: u8 = 5;
+const CAP_VENDOR: u8 = 0x09;
+
+/// Device status bits.
+const STATUS_DRIVER: u8 = 2;
+const STATUS_DRIVER_OK: u8 = 4;
+const STATUS_FEATURES_OK: u8 = 8;
+const STATUS_NEEDS_RESET: u8 = 0x40;
+
+pub const NO_VECTOR: u16 = 0xffff;
+const ISR_QUEUE: u8 = 1;
+const ISR_CONFIG: u8 = 2;
+
+/// The interrupt side, shared with the device's worker threads.
+struct PciInterrupt {
+    msix: Arc<Mutex<Msix>>,
+    isr: AtomicU8,
+    config_vector: AtomicU16,
+    queue_vectors: Vec<AtomicU16>,
+}
+
+impl PciInterrupt {
+    fn trigger(&self, vector: u16) {
+        if vector != NO_VECTOR {
+            self.msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .trigger(vector);
+        }
+    }
+}
+
+impl Interrupt for PciInterrupt {
+    fn signal_queue(&self, queue: u16) -> std::io::Result<()> {
+        self.isr.fetch_or(ISR_QUEUE, Ordering::SeqCst);
+        if let Some(vector) = self.queue_vectors.get(usize::from(queue)) {
+            self.trigger(vector.load(Ordering::Acquire));
+        }
+        Ok(())
+    }
+
+    fn signal_config(&self) -> std::io::Result<()> {
+        self.isr.fetch_or(ISR_CONFIG, Ordering::SeqCst);
+        self.trigger(self.config_vector.load(Ordering::Acquire));
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct QueueRegisters {
+    max_size: u16,
+    size: u16,
+    enabled: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+pub struct VirtioPciDevice {
+    id: String,
+    config: PciConfiguration,
+    device: Box<dyn VirtioDevice>,
+    memory: GuestMemoryMmap,
+    vm_fd: Arc<VmFd>,
+    msix: Arc<Mutex<Msix>>,
+    msix_cap: usize,
+    pci_cfg_cap: usize,
+    interrupt: Arc<PciInterrupt>,
+    device_features: u64,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    config_generation: u8,
+    queue_select: u16,
+    queues: Vec<QueueRegisters>,
+    kicks: Vec<EventFd>,
+    /// Where the notify ioeventfds are registered now.
+    notify_base: Option<u64>,
+    active: bool,
+}
+
+fn le_value(data: &[u8]) -> u64 {
+    let mut bytes = [0u8; 8];
+    let n = data.len().min(8);
+    bytes[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(bytes)
+}
+
+fn put_le(data: &mut [u8], value: u64) {
+    let bytes = value.to_le_bytes();
+    let n = data.len().min(8);
+    data[..n].copy_from_slice(&bytes[..n]);
+}
+
+impl VirtioPciDevice {
+    /// Wraps `device` as a PCI function whose BAR 0 is at `bar_address`.
+    pub fn new(
+        id: String,
+        device: Box<dyn VirtioDevice>,
+        memory: GuestMemoryMmap,
+        routes: Arc<InterruptRoutes>,
+        bar_address: u64,
+    ) -> Result<VirtioPciDevice> {
+        let max_sizes = device.queue_max_sizes();
+        let queue_count = max_sizes.len();
+        let vectors = u16::try_from(queue_count + 1)
+            .ok()
+            .filter(|&v| u64::from(v) * msix::ENTRY_SIZE <= MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET)
+            .ok_or_else(|| Error::new(ErrorKind::Device, format!("{id}: too many queues")))?;
+        let msix = Arc::new(Mutex::new(Msix::new(vectors, routes.clone())?));
+        let device_type = device.device_type();
+        let mut config = PciConfiguration::new(PciIdentity {
+            vendor: VENDOR_ID,
+            device: DEVICE_ID_BASE + device_type as u16,
+            class: pci_class(device_type),
+            revision: 1,
+            subsystem_vendor: VENDOR_ID,
+            subsystem: 0x40,
+        });
+        config.add_bar(
+            0,
+            bar_address,
+            Bar {
+                size: BAR_SIZE,
+                kind: BarKind::Memory64,
+                prefetchable: false,
+            },
+        );
+        let msix_cap = config.add_capability(
+            &msix_capability(vectors),
+            // Message control: only MSI-X Enable and Function Mask are writable.
+            &[0, 0, 0, 0xc0],
+        );
+        config.add_capability(
+            &virtio_cap(CAP_COMMON, COMMON_OFFSET, COMMON_SIZE, None),
+            &[],
+        );
+        config.add_capability(&virtio_cap(CAP_ISR, ISR_OFFSET, ISR_SIZE, None), &[]);
+        config.add_capability(
+            &virtio_cap(CAP_DEVICE, DEVICE_CONFIG_OFFSET, DEVICE_CONFIG_SIZE, None),
+            &[],
+        );
+        config.add_capability(
+            &virtio_cap(
+                CAP_NOTIFY,
+                NOTIFY_OFFSET,
+                NOTIFY_SIZE,
+                Some(NOTIFY_OFF_MULTIPLIER),
+            ),
+            &[],
+        );
+        // The PCI configuration access capability: bar, offset, length and
+        // the data window are the driver's to write.
+        let pci_cfg_cap = config.add_capability(
+            &virtio_cap(CAP_PCI_CFG, 0, 0, Some(0)),
+            &[
+                0, 0, 0, 0, 0xff, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            ],
+        );
+
+        let kicks = (0..queue_count)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| Error::new(ErrorKind::Device, format!("{id}: eventfd: {e}")))?;
+        let interrupt = Arc::new(PciInterrupt {
+            msix: msix.clone(),
+            isr: AtomicU8::new(0),
+            config_vector: AtomicU16::new(NO_VECTOR),
+            queue_vectors: (0..queue_count)
+                .map(|_| AtomicU16::new(NO_VECTOR))
+                .collect(),
+        });
+        let mut pci = VirtioPciDevice {
+            id,
+            config,
+            device_features: device.features() | F_VERSION_1,
+            device,
+            memory,
+            vm_fd: routes.vm_fd().clone(),
+            msix,
+            msix_cap,
+            pci_cfg_cap,
+            interrupt,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            status: 0,
+            config_generation: 0,
+            queue_select: 0,
+            queues: max_sizes
+                .iter()
+                .map(|&max_size| QueueRegisters {
+                    max_size,
+                    size: max_size,
+                    ..Default::default()
+                })
+                .collect(),
+            kicks,
+            notify_base: None,
+            active: false,
+        };
+        pci.register_notifiers(bar_address)?;
+        Ok(pci)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    fn register_notifiers(&mut self, base: u64) -> Result<()> {
+        self.unregister_notifiers();
+        for (index, kick) in self.kicks.iter().enumerate() {
+            let address = base + NOTIFY_OFFSET + index as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
+            self.vm_fd
+                .register_ioevent(kick, &IoEventAddress::Mmio(address), NoDatamatch)
+                .map_err(|e| Error::kvm(&format!("{}: KVM_IOEVENTFD", self.id), e))?;
+        }
+        self.notify_base = Some(base);
+        Ok(())
+    }
+
+    fn unregister_notifiers(&mut self) {
+        if let Some(base) = self.notify_base.take() {
+            for (index, kick) in self.kicks.iter().enumerate() {
+                let address =
+                    base + NOTIFY_OFFSET + index as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
+                let _ = self.vm_fd.unregister_ioevent(
+                    kick,
+                    &IoEventAddress::Mmio(address),
+                    NoDatamatch,
+                );
+            }
+        }
+    }
+
+    fn msix(&self) -> MutexGuard<'_, Msix> {
+        self.msix.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn selected_queue(&self) -> Option<&QueueRegisters> {
+        self.queues.get(usize::from(self.queue_select))
+    }
+
+    fn valid_vector(&self, vector: u16) -> u16 {
+        if vector < self.msix().vector_count() {
+            vector
+        } else {
+            NO_VECTOR
+        }
+    }
+
+    /// Driver-initiated or VM reset: workers stop, registers clear.
+    fn reset(&mut self) {
+        if self.active {
+            self.device.reset();
+            self.active = false;
+        }
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.queue_select = 0;
+        for queue in &mut self.queues {
+            *queue = QueueRegisters {
+                max_size: queue.max_size,
+                size: queue.max_size,
+                ..Default::default()
+            };
+        }
+        self.interrupt.isr.store(0, Ordering::SeqCst);
+        self.interrupt
+            .config_vector
+            .store(NO_VECTOR, Ordering::SeqCst);
+        for vector in &self.interrupt.queue_vectors {
+            vector.store(NO_VECTOR, Ordering::SeqCst);
+        }
+        for kick in &self.kicks {
+            let _ = kick.read();
+        }
+    }
+
+    fn set_status(&mut self, value: u8) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let mut status = value;
+        let newly = value & !self.status;
+        if newly & STATUS_FEATURES_OK != 0 {
+            let acceptable = self.driver_features & !self.device_features == 0
+                && self.driver_features & F_VERSION_1 != 0
+                && self.status & STATUS_DRIVER != 0;
+            if !acceptable {
+                status &= !STATUS_FEATURES_OK;
+            }
+        }
+        if newly & STATUS_DRIVER_OK != 0 && status & STATUS_FEATURES_OK != 0 && !self.active {
+            if let Err(message) = self.activate() {
+                eprintln!("vmkit: {}: cannot start the device: {message}", self.id);
+                status |= STATUS_NEEDS_RESET;
+                self.status = status;
+                let _ = self.interrupt.signal_config();
+                return;
+            }
+        }
+        self.status = status;
+    }
+
+    fn activate(&mut self) -> std::result::Result<(), String> {
+        let event_idx = self.driver_features & super::F_RING_EVENT_IDX != 0;
+        let mut queues = Vec::new();
+        for (index, regs) in self.queues.iter().enumerate() {
+            if !regs.enabled {
+                continue;
+            }
+            let mut queue = Queue::new(regs.max_size).map_err(|e| format!("queue {index}: {e}"))?;
+            queue
+                .try_set_size(regs.size)
+                .map_err(|e| format!("queue {index} size {}: {e}", regs.size))?;
+            queue
+                .try_set_desc_table_address(GuestAddress(regs.desc))
+                .map_err(|e| format!("queue {index} descriptor table: {e}"))?;
+            queue
+                .try_set_avail_ring_address(GuestAddress(regs.driver))
+                .map_err(|e| format!("queue {index} available ring: {e}"))?;
+            queue
+                .try_set_used_ring_address(GuestAddress(regs.device))
+                .map_err(|e| format!("queue {index} used ring: {e}"))?;
+            queue.set_event_idx(event_idx);
+            queue.set_ready(true);
+            if !queue.is_valid(&self.memory) {
+                return Err(format!("queue {index} lies outside guest memory"));
+            }
+            let kick = self.kicks[index]
+                .try_clone()
+                .map_err(|e| format!("eventfd: {e}"))?;
+            queues.push(ActiveQueue {
+                index: index as u16,
+                queue,
+                kick,
+            });
+        }
+        self.device
+            .activate(Activation {
+                memory: self.memory.clone(),
+                interrupt: self.interrupt.clone(),
+                queues,
+                acked_features: self.driver_features,
+            })
+            .map_err(|e| e.to_string())?;
+        self.active = true;
+        Ok(())
+    }
+
+    fn configurable(&self) -> bool {
+        self.status & STATUS_DRIVER_OK == 0
+    }
+
+    fn common_read(&self, offset: u64, data: &mut [u8]) {
+        let queue = self.selected_queue().copied().unwrap_or_default();
+        let queue_vector = self
+            .interrupt
+            .queue_vectors
+            .get(usize::from(self.queue_select))
+            .map_or(NO_VECTOR, |v| v.load(Ordering::Acquire));
+        let half = |value: u64, high: bool| {
+            if high {
+                value >> 32
+            } else {
+                value & 0xffff_ffff
+            }
+        };
+        let value = match (offset, data.len()) {
+            (0x00, 4) => u64::from(self.device_feature_select),
+            (0x04, 4) => match self.device_feature_select {
+                0 => self.device_features & 0xffff_ffff,
+                1 => self.device_features >> 32,
+                _ => 0,
+            },
+            (0x08, 4) => u64::from(self.driver_feature_select),
+            (0x0c, 4) => match self.driver_feature_select {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            (0x10, 2) => u64::from(self.interrupt.config_vector.load(Ordering::Acquire)),
+            (0x12, 2) => self.queues.len() as u64,
+            (0x14, 1) => u64::from(self.status),
+            (0x15, 1) => u64::from(self.config_generation),
+            (0x16, 2) => u64::from(self.queue_select),
+            (0x18, 2) => u64::from(queue.size),
+            (0x1a, 2) => u64::from(queue_vector),
+            (0x1c, 2) => u64::from(queue.enabled),
+            // Queue i notifies at NOTIFY_OFFSET + i * multiplier.
+            (0x1e, 2) | (0x38, 2) if self.selected_queue().is_some() => {
+                u64::from(self.queue_select)
+            }
+            (0x20, 8) => queue.desc,
+            (0x28, 8) => queue.driver,
+            (0x30, 8) => queue.device,
+            (0x20 | 0x24, 4) => half(queue.desc, offset == 0x24),
+            (0x28 | 0x2c, 4) => half(queue.driver, offset == 0x2c),
+            (0x30 | 0x34, 4) => half(queue.device, offset == 0x34),
+            _ => 0,
+        };
+        put_le(data, value);
+    }
+
+    fn common_write(&mut self, offset: u64, data: &[u8]) {
+        let value = le_value(data);
+        let configurable = self.configurable();
+        let select = usize::from(self.queue_select);
+        let set_half = |field: &mut u64, high: bool| {
+            *field = if high {
+                (*field & 0xffff_ffff) | value << 32
+            } else {
+                (*field & !0xffff_ffff) | (value & 0xffff_ffff)
+            };
+        };
+        match (offset, data.len()) {
+            (0x00, 4) => self.device_feature_select = value as u32,
+            (0x08, 4) => self.driver_feature_select = value as u32,
+            (0x0c, 4) if self.status & STATUS_FEATURES_OK == 0 => {
+                match self.driver_feature_select {
+                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | value,
+                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | value << 32,
+                    _ => {}
+                }
+            }
+            (0x10, 2) => {
+                let vector = self.valid_vector(value as u16);
+                self.interrupt
+                    .config_vector
+                    .store(vector, Ordering::Release);
+            }
+            (0x14, 1) => self.set_status(value as u8),
+            (0x16, 2) => self.queue_select = value as u16,
+            (0x1a, 2) => {
+                let vector = self.valid_vector(value as u16);
+                if let Some(v) = self.interrupt.queue_vectors.get(select) {
+                    v.store(vector, Ordering::Release);
+                }
+            }
+            _ if !configurable => {}
+            (0x18, 2) => {
+                if let Some(queue) = self.queues.get_mut(select) {
+                    queue.size = value as u16;
+                }
+            }
+            (0x1c, 2) => {
+                if let Some(queue) = self.queues.get_mut(select) {
+                    queue.enabled = value == 1;
+                }
+            }
+            (0x20 | 0x28 | 0x30, 8) | (0x20..=0x37, 4) => {
+                if let Some(queue) = self.queues.get_mut(select) {
+                    let field = match offset & !0x7 {
+                        0x20 => &mut queue.desc,
+                        0x28 => &mut queue.driver,
+                        _ => &mut queue.device,
+                    };
+                    if data.len() == 8 {
+                        *field = value;
+                    } else if offset % 4 == 0 {
+                        set_half(field, offset % 8 == 4);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn read_bar0(&mut self, offset: u64, data: &mut [u8]) {
+        let len = data.len() as u64;
+        let inside = |start: u64, size: u64| offset >= start && offset + len <= start + size;
+        if inside(COMMON_OFFSET, COMMON_SIZE) {
+            self.common_read(offset - COMMON_OFFSET, data);
+        } else if inside(ISR_OFFSET, ISR_SIZE) {
+            // Reading the ISR acknowledges it.
+            data[0] = self.interrupt.isr.swap(0, Ordering::SeqCst);
+        } else if inside(DEVICE_CONFIG_OFFSET, DEVICE_CONFIG_SIZE) {
+            self.device.read_config(offset - DEVICE_CONFIG_OFFSET, data);
+        } else {
+            let msix = self.msix();
+            if inside(MSIX_TABLE_OFFSET, msix.table_size()) {
+                msix.table_read(offset - MSIX_TABLE_OFFSET, data);
+            } else if inside(MSIX_PBA_OFFSET, msix.pba_size()) {
+                msix.pba_read(offset - MSIX_PBA_OFFSET, data);
+            } else {
+                data.fill(0);
+            }
+        }
+    }
+
+    fn write_bar0(&mut self, offset: u64, data: &[u8]) {
+        let len = data.len() as u64;
+        let inside = |start: u64, size: u64| offset >= start && offset + len <= start + size;
+        if inside(COMMON_OFFSET, COMMON_SIZE) {
+            self.common_write(offset - COMMON_OFFSET, data);
+        } else if inside(DEVICE_CONFIG_OFFSET, DEVICE_CONFIG_SIZE) {
+            self.device
+                .write_config(offset - DEVICE_CONFIG_OFFSET, data);
+        } else if inside(NOTIFY_OFFSET, NOTIFY_SIZE) {
+            // Only reached when the ioeventfd is not in place (a BAR move in
+            // progress, or a config-window access): kick by hand.
+            let queue = (offset - NOTIFY_OFFSET) / u64::from(NOTIFY_OFF_MULTIPLIER);
+            if let Some(kick) = usize::try_from(queue).ok().and_then(|q| self.kicks.get(q)) {
+                let _ = kick.write(1);
+            }
+        } else {
+            let mut msix = self.msix();
+            if inside(MSIX_TABLE_OFFSET, msix.table_size()) {
+                msix.table_write(offset - MSIX_TABLE_OFFSET, data);
+            }
+        }
+    }
+
+    /// The PCI configuration access capability's window: (bar, offset, length).
+    fn pci_cfg_target(&self) -> (u8, u32, u32) {
+        let mut bytes = [0u8; 12];
+        self.config.read_bytes(self.pci_cfg_cap + 4, &mut bytes);
+        (
+            bytes[0],
+            u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]),
+        )
+    }
+}
+
+impl Drop for VirtioPciDevice {
+    fn drop(&mut self) {
+        if self.active {
+            self.device.reset();
+        }
+        self.unregister_notifiers();
+    }
+}
+
+fn pci_class(device_type: u32) -> (u8, u8, u8) {
+    match device_type {
+        super::TYPE_NET => (0x02, 0x00, 0x00),
+        super::TYPE_BLOCK => (0x01, 0x80, 0x00),
+        super::TYPE_CONSOLE => (0x07, 0x80, 0x00),
+        _ => (0xff, 0x00, 0x00),
+    }
+}
+
+fn msix_capability(vectors: u16) -> Vec<u8> {
+    let mut cap = vec![msix::CAPABILITY_ID, 0];
+    cap.extend_from_slice(&(vectors - 1).to_le_bytes());
+    cap.extend_from_slice(&(MSIX_TABLE_OFFSET as u32).to_le_bytes()); // BIR 0
+    cap.extend_from_slice(&(MSIX_PBA_OFFSET as u32).to_le_bytes()); // BIR 0
+    cap
+}
+
+/// struct virtio_pci_cap (+ notify_off_multiplier or pci_cfg_data).
+fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec<u8> {
+    let cap_len = if extra.is_some() { 20u8 } else { 16 };
+    let mut cap = vec![CAP_VENDOR, 0, cap_len, cfg_type, 0, 0, 0, 0];
+    cap.extend_from_slice(&(offset as u32).to_le_bytes());
+    cap.extend_from_slice(&(length as u32).to_le_bytes());
+    if let Some(extra) = extra {
+        cap.extend_from_slice(&extra.to_le_bytes());
+    }
+    cap
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn config(&self) -> &PciConfiguration {
+        &self.config
+    }
+
+    fn config_read(&mut self, reg: usize) -> u32 {
+        if reg == (self.pci_cfg_cap + 16) / 4 {
+            let (bar, offset, length) = self.pci_cfg_target();
+            if bar == 0 && matches!(length, 1 | 2 | 4) {
+                let mut data = [0u8; 4];
+                self.read_bar0(u64::from(offset), &mut data[..length as usize]);
+                return u32::from_le_bytes(data);
+            }
+            return 0;
+        }
+        self.config.read_register(reg)
+    }
+
+    fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
+        if reg == (self.pci_cfg_cap + 16) / 4 {
+            let (bar, window, length) = self.pci_cfg_target();
+            if bar == 0 && offset == 0 && data.len() as u32 >= length && length > 0 {
+                self.write_bar0(u64::from(window), &data[..length as usize]);
+            }
+            return;
+        }
+        let bar_before = self.config.bar_address(0);
+        self.config.write_register(reg, offset, data);
+        if reg == self.msix_cap / 4 {
+            let mut control = [0u8; 2];
+            self.config.read_bytes(self.msix_cap + 2, &mut control);
+            self.msix().set_message_control(u16::from_le_bytes(control));
+        }
+        let bar_after = self.config.bar_address(0);
+        if bar_after != bar_before {
+            if let Some(base) = bar_after {
+                // Sizing writes all-ones; only follow real placements.
+                if base.checked_add(BAR_SIZE).is_some() && base % BAR_SIZE == 0 {
+                    if let Err(e) = self.register_notifiers(base) {
+                        eprintln!("vmkit: {}: {e}", self.id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        if bar == 0 && !data.is_empty() && data.len() <= 8 {
+            self.read_bar0(offset, data);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if bar == 0 && !data.is_empty() && data.len() <= 8 {
+            self.write_bar0(offset, data);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::rng::Rng;
+    use kvm_ioctls::Kvm;
+    use std::time::{Duration, Instant};
+    use vm_memory::Bytes;
+
+    const BAR: u64 = 0x10_0000_0000;
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const BUFFER: u64 = 0x10000;
+
+    /// A VM with an irqchip; None (the test is skipped) only without /dev/kvm.
+    fn routes() -> Option<Arc<InterruptRoutes>> {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            eprintln!("skipped: no /dev/kvm");
+            return None;
+        }
+        let vm = Kvm::new().unwrap().create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        Some(Arc::new(InterruptRoutes::new(Arc::new(vm), 1024)))
+    }
+
+    fn rng_device(memory: &GuestMemoryMmap) -> Option<VirtioPciDevice> {
+        let routes = routes()?;
+        let rng = Rng::new("__rng".into(), "/dev/urandom").unwrap();
+        Some(
+            VirtioPciDevice::new("__rng".into(), Box::new(rng), memory.clone(), routes, BAR)
+                .unwrap(),
+        )
+    }
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap()
+    }
+
+    fn write(dev: &mut VirtioPciDevice, offset: u64, value: u64, len: usize) {
+        dev.bar_write(0, offset, &value.to_le_bytes()[..len]);
+    }
+
+    fn read(dev: &mut VirtioPciDevice, offset: u64, len: usize) -> u64 {
+        let mut data = [0u8; 8];
+        dev.bar_read(0, offset, &mut data[..len]);
+        u64::from_le_bytes(data)
+    }
+
+    /// Negotiates `features` and sets up queue 0 at DESC/AVAIL/USED with `size`.
+    fn set_up(dev: &mut VirtioPciDevice, features: u64, size: u16) -> u8 {
+        write(dev, 0x14, 0, 1);
+        write(dev, 0x14, 3, 1); // ACKNOWLEDGE | DRIVER
+        write(dev, 0x08, 0, 4);
+        write(dev, 0x0c, features & 0xffff_ffff, 4);
+        write(dev, 0x08, 1, 4);
+        write(dev, 0x0c, features >> 32, 4);
+        write(dev, 0x14, 0xb, 1);
+        let status = read(dev, 0x14, 1) as u8;
+        write(dev, 0x16, 0, 2);
+        write(dev, 0x18, u64::from(size), 2);
+        write(dev, 0x20, DESC, 8);
+        write(dev, 0x28, AVAIL & 0xffff_ffff, 4);
+        write(dev, 0x2c, AVAIL >> 32, 4);
+        write(dev, 0x30, USED, 8);
+        write(dev, 0x1c, 1, 2);
+        status
+    }
+
+    #[test]
+    fn pci_identity_and_capabilities() {
+        let memory = memory();
+        let Some(dev) = rng_device(&memory) else {
+            return;
+        };
+        let config = dev.config();
+        assert_eq!(config.read_register(0), 0x1044_1af4);
+        assert_eq!(config.bar_address(0), Some(BAR));
+        let mut types = Vec::new();
+        let mut byte = [0u8; 1];
+        config.read_bytes(0x34, &mut byte);
+        let mut at = usize::from(byte[0]);
+        while at != 0 {
+            let mut cap = [0u8; 4];
+            config.read_bytes(at, &mut cap);
+            types.push(if cap[0] == 0x09 { cap[3] } else { cap[0] });
+            at = usize::from(cap[1]);
+        }
+        assert_eq!(types, vec![0x11, 1, 3, 4, 2, 5]);
+    }
+
+    #[test]
+    fn features_ok_needs_version_1_and_offered_bits() {
+        let memory = memory();
+        let Some(mut dev) = rng_device(&memory) else {
+            return;
+        };
+        assert_eq!(set_up(&mut dev, 0, 16) & STATUS_FEATURES_OK, 0);
+        assert_eq!(
+            set_up(&mut dev, F_VERSION_1 | 1 << 40, 16) & STATUS_FEATURES_OK,
+            0
+        );
+        assert_ne!(set_up(&mut dev, F_VERSION_1, 16) & STATUS_FEATURES_OK, 0);
+        // Device features read back through the select window.
+        write(&mut dev, 0x00, 1, 4);
+        assert_eq!(read(&mut dev, 0x04, 4) & 1, 1);
+        assert_eq!(read(&mut dev, 0x12, 2), 1, "one queue");
+    }
+
+    #[test]
+    fn rng_fills_a_buffer_end_to_end() {
+        let memory = memory();
+        let Some(mut dev) = rng_device(&memory) else {
+            return;
+        };
+        set_up(&mut dev, F_VERSION_1, 16);
+        // Descriptor 0: 64 device-writable bytes; avail ring names it.
+        memory.write_obj(BUFFER, GuestAddress(DESC)).unwrap();
+        memory.write_obj(64u32, GuestAddress(DESC + 8)).unwrap();
+        memory.write_obj(2u16, GuestAddress(DESC + 12)).unwrap();
+        memory.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+        memory.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        write(&mut dev, 0x14, 0xf, 1);
+        assert_eq!(read(&mut dev, 0x14, 1), 0xf);
+        // The notify register kicks the queue even without the ioeventfd path.
+        write(&mut dev, NOTIFY_OFFSET, 0, 2);
+        let start = Instant::now();
+        while memory.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() != 1 {
+            assert!(start.elapsed() < Duration::from_secs(5), "no used buffer");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let len: u32 = memory.read_obj(GuestAddress(USED + 8)).unwrap();
+        assert_eq!(len, 64);
+        let mut bytes = [0u8; 64];
+        memory.read_slice(&mut bytes, GuestAddress(BUFFER)).unwrap();
+        assert!(bytes.iter().any(|&b| b != bytes[0]));
+        assert_eq!(
+            read(&mut dev, ISR_OFFSET, 1),
+            1,
+            "queue interrupt in the ISR"
+        );
+        assert_eq!(read(&mut dev, ISR_OFFSET, 1), 0, "reading acknowledged it");
+        // Reset stops the device and clears the registers.
+        write(&mut dev, 0x14, 0, 1);
+        assert_eq!(read(&mut dev, 0x14, 1), 0);
+        assert_eq!(read(&mut dev, 0x1c, 2), 0);
+        assert!(!dev.active);
+    }
+
+    #[test]
+    fn queues_outside_memory_need_reset() {
+        let memory = memory();
+        let Some(mut dev) = rng_device(&memory) else {
+            return;
+        };
+        set_up(&mut dev, F_VERSION_1, 16);
+        write(&mut dev, 0x30, 0xffff_0000, 8);
+        write(&mut dev, 0x14, 0xf, 1);
+        assert_ne!(read(&mut dev, 0x14, 1) as u8 & STATUS_NEEDS_RESET, 0);
+        assert!(!dev.active);
+        // A size that is not a power of two is refused the same way.
+        set_up(&mut dev, F_VERSION_1, 12);
+        write(&mut dev, 0x14, 0xf, 1);
+        assert_ne!(read(&mut dev, 0x14, 1) as u8 & STATUS_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn queue_registers_freeze_after_driver_ok() {
+        let memory = memory();
+        let Some(mut dev) = rng_device(&memory) else {
+            return;
+        };
+        set_up(&mut dev, F_VERSION_1, 16);
+        write(&mut dev, 0x14, 0xf, 1);
+        write(&mut dev, 0x20, 0x5000, 8);
+        write(&mut dev, 0x18, 4, 2);
+        assert_eq!(read(&mut dev, 0x20, 8), DESC);
+        assert_eq!(read(&mut dev, 0x18, 2), 16);
+        // Out-of-range queue selection reads zeros and ignores writes.
+        write(&mut dev, 0x16, 7, 2);
+        assert_eq!(read(&mut dev, 0x18, 2), 0);
+        assert_eq!(read(&mut dev, 0x1e, 2), 0);
+    }
+
+    #[test]
+    fn msix_vectors_and_table() {
+        let memory = memory();
+        let Some(mut dev) = rng_device(&memory) else {
+            return;
+        };
+        // Two vectors (one queue + config): 2 is out of range.
+        write(&mut dev, 0x10, 1, 2);
+        assert_eq!(read(&mut dev, 0x10, 2), 1);
+        write(&mut dev, 0x10, 2, 2);
+        assert_eq!(read(&mut dev, 0x10, 2), u64::from(NO_VECTOR));
+        write(&mut dev, MSIX_TABLE_OFFSET, 0xfee0_0000, 4);
+        write(&mut dev, MSIX_TABLE_OFFSET + 8, 0x41, 4);
+        assert_eq!(read(&mut dev, MSIX_TABLE_OFFSET, 4), 0xfee0_0000);
+        assert_eq!(
+            read(&mut dev, MSIX_TABLE_OFFSET + 12, 4),
+            1,
+            "masked after reset"
+        );
+        write(&mut dev, MSIX_TABLE_OFFSET + 12, 0, 4);
+        assert_eq!(read(&mut dev, MSIX_TABLE_OFFSET + 12, 4), 0);
+        // Past the table: reads ones... or zeros, never panics.
+        let _ = read(&mut dev, MSIX_TABLE_OFFSET + 0x1000, 4);
+        // Message control: enable through config space.
+        let msix_reg = dev.msix_cap / 4;
+        dev.config_write(msix_reg, 3, &[0x80]);
+        assert!(dev.msix().enabled());
+        assert_eq!(dev.config_read(msix_reg) >> 16, 0x8001);
+    }
+
+    #[test]
+    fn bar_moves_follow_the_guest() {
+        let memory = memory();
+        let Some(mut dev) = rng_device(&memory) else {
+            return;
+        };
+        dev.config_write(4, 0, &0xffff_ffffu32.to_le_bytes());
+        dev.config_write(5, 0, &0xffff_ffffu32.to_le_bytes());
+        assert_eq!(dev.config_read(4), 0xfff8_0004);
+        dev.config_write(4, 0, &0xc000_0000u32.to_le_bytes());
+        dev.config_write(5, 0, &0u32.to_le_bytes());
+        assert_eq!(dev.config().bar_address(0), Some(0xc000_0000));
+        assert_eq!(dev.notify_base, Some(0xc000_0000));
+    }
+}
