@@ -13,7 +13,7 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vm_superio::{I8042Device, Serial};
-use vmkit_config::VmConfig;
+use vmkit_config::{ConsoleOutputMode, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, ACPI_SHUTDOWN_PORT};
@@ -29,7 +29,7 @@ use crate::layout::PCI_MMCONFIG_START;
 use crate::memory::{create_guest_ram, GuestRam};
 use crate::pci::{self, PciBarWindow, PciConfigIo, PciEcam, PciSegment, ECAM_SIZE_PER_SEGMENT};
 use crate::vcpu::{self, Sample, VcpuThreadContext};
-use crate::virtio::{self, pci::VirtioPciDevice, rng::Rng, VirtioDevice};
+use crate::virtio::{self, console::Console, pci::VirtioPciDevice, rng::Rng, VirtioDevice};
 
 /// Cloud Hypervisor's VM states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +147,7 @@ pub struct Vm {
     kvm: Kvm,
     host: HostCpu,
     serial: Option<Arc<SerialBackend>>,
+    console: Option<Arc<SerialBackend>>,
     debug_log: Arc<Mutex<Vec<DebugPortWrite>>>,
     life: Mutex<Lifecycle>,
     changed: Condvar,
@@ -188,7 +189,10 @@ impl Vm {
             ));
         }
         vcpu::register_kick_handler().map_err(|e| Error::new(ErrorKind::Kvm, e))?;
-        let serial = SerialBackend::open(&config.serial)?;
+        let serial = SerialBackend::open(&config.serial, "serial", true)?;
+        // With both on the terminal, keyboard input goes to the serial port.
+        let console_stdin = config.serial.mode != ConsoleOutputMode::Tty;
+        let console = SerialBackend::open(&config.console, "console", console_stdin)?;
         Ok(Arc::new(Vm {
             config,
             options,
@@ -198,6 +202,7 @@ impl Vm {
                 tsc_khz: None,
             },
             serial,
+            console,
             debug_log: Arc::new(Mutex::new(Vec::new())),
             life: Mutex::new(Lifecycle {
                 state: VmState::Created,
@@ -379,8 +384,8 @@ impl Vm {
     /// Ends the VM and its backends; the VM cannot boot again.
     pub fn close(&self) {
         let _ = self.shutdown();
-        if let Some(serial) = &self.serial {
-            serial.close();
+        for backend in self.serial.iter().chain(&self.console) {
+            backend.close();
         }
     }
 
@@ -444,9 +449,9 @@ impl Vm {
         let mut life = self.lock();
         life.state = VmState::Shutdown;
         life.exit = Some(reason);
-        if let Some(serial) = &self.serial {
-            serial.attach(None);
-            serial.capture.wake();
+        for backend in self.serial.iter().chain(&self.console) {
+            backend.attach(None);
+            backend.capture.wake();
         }
         self.changed.notify_all();
     }
@@ -759,6 +764,14 @@ impl Vm {
             virtio.push(device);
             Ok(())
         };
+        // Cloud Hypervisor's order: console, disks, nets, then rng.
+        if let Some(backend) = &self.console {
+            add(
+                0,
+                "__console",
+                Box::new(Console::new("__console".into(), backend.clone())?),
+            )?;
+        }
         add(
             0,
             "__rng",
@@ -782,8 +795,8 @@ impl Drop for Vm {
         if let Some(instance) = life.instance.take() {
             instance.stop(StopReason::Shutdown);
         }
-        if let Some(serial) = &self.serial {
-            serial.close();
+        for backend in self.serial.iter().chain(&self.console) {
+            backend.close();
         }
     }
 }

@@ -187,8 +187,8 @@ enum Output {
 pub struct SerialBackend {
     output: Mutex<Output>,
     pub capture: Arc<SerialCapture>,
-    /// The UART of the current boot, for input.
-    attached: Mutex<Option<Arc<Mutex<SerialDevice>>>>,
+    /// The device of the current boot that takes input.
+    attached: Mutex<Option<Arc<dyn InputSink>>>,
     pty_path: Option<PathBuf>,
     socket_path: Option<PathBuf>,
     stop_input: EventFd,
@@ -197,11 +197,13 @@ pub struct SerialBackend {
 }
 
 impl SerialBackend {
-    /// Opens the backend `config` describes (None for mode Off).
-    pub fn open(config: &ConsoleConfig) -> Result<Option<Arc<Self>>> {
+    /// Opens the backend `config` describes (None for mode Off); `what` names
+    /// it in errors. `stdin`: whether tty mode reads the terminal (only one
+    /// backend may).
+    pub fn open(config: &ConsoleConfig, what: &str, stdin: bool) -> Result<Option<Arc<Self>>> {
         let device_error = |what: String| Error::new(ErrorKind::Device, what);
         let stop_input = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| device_error(format!("serial: eventfd: {e}")))?;
+            .map_err(|e| device_error(format!("{what}: eventfd: {e}")))?;
         let mut pty_path = None;
         let mut socket_path = None;
         let mut raw_terminal = None;
@@ -211,7 +213,7 @@ impl SerialBackend {
             ConsoleOutputMode::Null => Output::Null,
             ConsoleOutputMode::Tty => {
                 // SAFETY: isatty on stdin is always safe.
-                if unsafe { libc::isatty(libc::STDIN_FILENO) } == 1 {
+                if stdin && unsafe { libc::isatty(libc::STDIN_FILENO) } == 1 {
                     raw_terminal = RawTerminal::enter(libc::STDIN_FILENO);
                     input_fd = Some(libc::STDIN_FILENO);
                 }
@@ -220,13 +222,13 @@ impl SerialBackend {
             ConsoleOutputMode::File => {
                 let path = config.file.as_deref().unwrap_or_default();
                 let file = File::create(path).map_err(|e| {
-                    device_error(format!("Cannot create serial output file {path}: {e}"))
+                    device_error(format!("Cannot create {what} output file {path}: {e}"))
                 })?;
                 Output::File(file)
             }
             ConsoleOutputMode::Pty => {
                 let (master, path) =
-                    open_pty().map_err(|e| device_error(format!("serial pty: {e}")))?;
+                    open_pty().map_err(|e| device_error(format!("{what} pty: {e}")))?;
                 input_fd = Some(master.as_raw_fd());
                 pty_path = Some(path);
                 Output::Pty(master)
@@ -250,15 +252,15 @@ impl SerialBackend {
         if let Some(path) = socket_path {
             let listener = UnixListener::bind(&path).map_err(|e| {
                 device_error(format!(
-                    "Cannot listen on serial socket {}: {e}",
+                    "Cannot listen on {what} socket {}: {e}",
                     path.display()
                 ))
             })?;
             let b = backend.clone();
             let handle = std::thread::Builder::new()
-                .name("serial-socket".into())
+                .name(format!("{what}-socket"))
                 .spawn(move || b.serve_socket(listener))
-                .map_err(|e| device_error(format!("serial: {e}")))?;
+                .map_err(|e| device_error(format!("{what}: {e}")))?;
             *backend
                 .input_thread
                 .lock()
@@ -266,9 +268,9 @@ impl SerialBackend {
         } else if let Some(fd) = input_fd {
             let b = backend.clone();
             let handle = std::thread::Builder::new()
-                .name("serial-input".into())
+                .name(format!("{what}-input"))
                 .spawn(move || b.pump_input(fd))
-                .map_err(|e| device_error(format!("serial: {e}")))?;
+                .map_err(|e| device_error(format!("{what}: {e}")))?;
             *backend
                 .input_thread
                 .lock()
@@ -282,11 +284,12 @@ impl SerialBackend {
         self.pty_path.as_ref()
     }
 
-    pub fn attach(&self, device: Option<Arc<Mutex<SerialDevice>>>) {
+    pub fn attach(&self, device: Option<Arc<dyn InputSink>>) {
         *self.attached.lock().unwrap_or_else(|p| p.into_inner()) = device;
     }
 
-    fn write_out(&self, bytes: &[u8]) {
+    /// Sends guest output to the backend (never blocks on pty or socket).
+    pub fn write_out(&self, bytes: &[u8]) {
         self.capture.push(bytes);
         let mut output = self.output.lock().unwrap_or_else(|p| p.into_inner());
         match &mut *output {
@@ -315,9 +318,7 @@ impl SerialBackend {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         if let Some(device) = device {
-            let mut device = device.lock().unwrap_or_else(|p| p.into_inner());
-            // A full FIFO drops input, as a real UART would.
-            let _ = device.uart.enqueue_raw_bytes(bytes);
+            device.feed(bytes);
         }
     }
 
@@ -490,6 +491,20 @@ impl Write for SerialSink {
 }
 
 /// The 16550 on the port bus.
+/// A device that takes console input. Never blocks: input it has no room
+/// for is dropped.
+pub trait InputSink: Send + Sync {
+    fn feed(&self, bytes: &[u8]);
+}
+
+impl InputSink for Mutex<SerialDevice> {
+    fn feed(&self, bytes: &[u8]) {
+        let mut device = self.lock().unwrap_or_else(|p| p.into_inner());
+        // A full FIFO drops input, as a real UART would.
+        let _ = device.uart.enqueue_raw_bytes(bytes);
+    }
+}
+
 pub struct SerialDevice {
     pub uart: Serial<IrqTrigger, NoEvents, SerialSink>,
 }
@@ -528,7 +543,9 @@ mod tests {
     #[test]
     fn uart_output_reaches_the_capture() {
         let config = ConsoleConfig::with_mode(ConsoleOutputMode::Null);
-        let backend = SerialBackend::open(&config).unwrap().unwrap();
+        let backend = SerialBackend::open(&config, "serial", true)
+            .unwrap()
+            .unwrap();
         let trigger = IrqTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let mut device = SerialDevice {
             uart: Serial::new(trigger, SerialSink(backend.clone())),
@@ -549,7 +566,9 @@ mod tests {
     #[test]
     fn pty_mode_has_a_path_and_does_not_block_without_a_reader() {
         let config = ConsoleConfig::with_mode(ConsoleOutputMode::Pty);
-        let backend = SerialBackend::open(&config).unwrap().unwrap();
+        let backend = SerialBackend::open(&config, "serial", true)
+            .unwrap()
+            .unwrap();
         let path = backend.pty_path().unwrap().clone();
         assert!(path.starts_with("/dev/pts"));
         // Far more than a pty buffer holds: must return, not block.
@@ -571,7 +590,9 @@ mod socket_tests {
         let _ = std::fs::remove_file(&path);
         let mut config = ConsoleConfig::with_mode(ConsoleOutputMode::Socket);
         config.socket = Some(path.to_string_lossy().into_owned());
-        let backend = SerialBackend::open(&config).unwrap().unwrap();
+        let backend = SerialBackend::open(&config, "serial", true)
+            .unwrap()
+            .unwrap();
         let mut client = UnixStream::connect(&path).unwrap();
         client
             .set_read_timeout(Some(Duration::from_millis(100)))

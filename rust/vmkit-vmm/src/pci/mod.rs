@@ -198,7 +198,7 @@ impl PciSegment {
             data.fill(0xff);
             return;
         };
-        if !matches!(data.len(), 1 | 2 | 4) || offset % data.len() != 0 {
+        if !matches!(data.len(), 1 | 2 | 4) || !offset.is_multiple_of(data.len()) {
             data.fill(0xff);
             return;
         }
@@ -212,7 +212,7 @@ impl PciSegment {
         let Some(device) = self.device(slot, function) else {
             return;
         };
-        if !matches!(data.len(), 1 | 2 | 4) || offset % data.len() != 0 {
+        if !matches!(data.len(), 1 | 2 | 4) || !offset.is_multiple_of(data.len()) {
             return;
         }
         lock(device).config_write(offset / 4, offset % 4, data);

@@ -160,7 +160,7 @@ impl Msix {
         let field = ((offset % ENTRY_SIZE) / 4) as usize;
         match (data.len(), offset % 4) {
             (4, 0) => data.copy_from_slice(&words[field].to_le_bytes()),
-            (8, 0) if field % 2 == 0 => {
+            (8, 0) if field.is_multiple_of(2) => {
                 let value = u64::from(words[field]) | u64::from(words[field + 1]) << 32;
                 data.copy_from_slice(&value.to_le_bytes());
             }
@@ -185,7 +185,7 @@ impl Msix {
                 field,
                 u32::from_le_bytes([data[0], data[1], data[2], data[3]]),
             ),
-            (8, 0) if field % 2 == 0 => {
+            (8, 0) if field.is_multiple_of(2) => {
                 let mut bytes = [0u8; 8];
                 bytes.copy_from_slice(data);
                 let value = u64::from_le_bytes(bytes);

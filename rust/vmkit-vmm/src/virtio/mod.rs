@@ -9,6 +9,7 @@
 //! queues on its own worker thread(s) until [`VirtioDevice::reset`].
 
 pub mod block;
+pub mod console;
 pub mod pci;
 pub mod rng;
 pub mod worker;

@@ -509,7 +509,7 @@ impl VirtioPciDevice {
                     };
                     if data.len() == 8 {
                         *field = value;
-                    } else if offset % 4 == 0 {
+                    } else if offset.is_multiple_of(4) {
                         set_half(field, offset % 8 == 4);
                     }
                 }
