@@ -143,6 +143,20 @@ const struct acpi_info *acpi_discover(void)
     return &acpi;
 }
 
+u64 acpi_find_table(const char *sig, u32 *len)
+{
+    const struct acpi_info *a = acpi_discover();
+    u32 i;
+    for (i = 0; i < a->ntables; i++) {
+        const char *t = a->tables[i].sig;
+        if (t[0] == sig[0] && t[1] == sig[1] && t[2] == sig[2] && t[3] == sig[3]) {
+            *len = a->tables[i].len;
+            return a->tables[i].addr;
+        }
+    }
+    return 0;
+}
+
 /* Enabled CPUs' APIC ids into ids[]; counts of enabled and of all listed entries. */
 u32 madt_cpus(u32 *ids, u32 max, u32 *enabled, u32 *listed)
 {

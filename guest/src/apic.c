@@ -17,6 +17,7 @@
 #define ICR_INIT 0x00004500 /* INIT, level assert */
 #define ICR_SIPI 0x00004600 /* start-up, level assert; | vector */
 #define LVT_MASKED (1u << 16)
+#define LVT_PERIODIC (1u << 17)
 #define TIMER_COUNT 100000
 
 extern u64 pml4[];
@@ -29,7 +30,7 @@ static void lapic_write(u32 reg, u32 v) { mmio_write32(LAPIC_BASE + reg, v); }
 u32 lapic_id(void) { return lapic_read(LAPIC_ID) >> 24; }
 
 /* The guest drives the LAPIC through xAPIC MMIO; check that is what is active. */
-static bool lapic_usable(struct result *r)
+bool lapic_usable(struct result *r)
 {
     u64 base = rdmsr(MSR_APIC_BASE);
     if (!(base & (1 << 11))) {
@@ -158,6 +159,19 @@ bool step_smp(struct result *r)
     }
     res_kv_dec(r, "cpus", up + 1);
     return false;
+}
+
+void lapic_tick_start(u32 count)
+{
+    lapic_write(LAPIC_TIMER_DIV, 0xb); /* divide by 1 */
+    lapic_write(LAPIC_LVT_TIMER, LVT_PERIODIC | TIMER_VECTOR);
+    lapic_write(LAPIC_TIMER_INIT, count);
+}
+
+void lapic_tick_stop(void)
+{
+    lapic_write(LAPIC_LVT_TIMER, LVT_MASKED | TIMER_VECTOR);
+    lapic_write(LAPIC_TIMER_INIT, 0);
 }
 
 bool step_timer(struct result *r)

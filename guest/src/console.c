@@ -139,6 +139,14 @@ void line_hex(struct line *l, u64 v)
         line_char(l, tmp[--n]);
 }
 
+void line_hexpad(struct line *l, u64 v, u32 width)
+{
+    while (width--) {
+        u32 d = (u32)(v >> (width * 4)) & 15;
+        line_char(l, (char)(d < 10 ? '0' + d : 'a' + d - 10));
+    }
+}
+
 void line_end(struct line *l)
 {
     line_char(l, '\n');

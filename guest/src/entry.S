@@ -109,6 +109,32 @@ timer_irq_stub:
     popq %rax
     iretq
 
+/* ---- device interrupts (MSI-X test), vectors IRQ_VECTOR_BASE + n: count and EOI ---- */
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+irq\n:
+    pushq %rax
+    movl $\n, %eax
+    jmp irq_common
+    .endr
+irq_common:
+    lock incl irq_counts(,%rax,4)
+    movl $0xfee000b0, %eax              /* LAPIC EOI register */
+    movl $0, (%rax)
+    popq %rax
+    iretq
+
+    .section .rodata
+    .balign 8
+    .globl irq_stubs
+irq_stubs:
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .quad irq\n
+    .endr
+    .if (. - irq_stubs) - 8 * IRQ_VECTORS
+    .error "irq_stubs does not match IRQ_VECTORS"
+    .endif
+    .text
+
 /* ---- spurious LAPIC interrupt: no EOI ---- */
     .globl spurious_irq_stub
 spurious_irq_stub:
@@ -202,7 +228,9 @@ zero_idt_desc:
     .balign 8
 kernel_saved_rsp:
     .quad 0
-    .globl timer_fired, ap_stack_base, ap_slot
+    .globl timer_fired, ap_stack_base, ap_slot, irq_counts
+irq_counts:
+    .skip 4 * IRQ_VECTORS
 timer_fired:
     .long 0
 ap_slot:

@@ -46,6 +46,12 @@ static inline u16 inw(u16 port)
     __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port));
     return v;
 }
+static inline u32 inl(u16 port)
+{
+    u32 v;
+    __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
 static inline u64 rdtsc(void)
 {
     u32 lo, hi;
@@ -86,6 +92,12 @@ static inline u8 rd8(u64 addr) { return *(volatile u8 *)addr; }
 static inline u16 rd16(u64 addr) { return *(volatile u16 *)addr; }
 static inline u32 rd32(u64 addr) { return *(volatile u32 *)addr; }
 static inline u64 rd64(u64 addr) { return *(volatile u64 *)addr; }
+static inline void wr8(u64 addr, u8 v) { *(volatile u8 *)addr = v; }
+static inline void wr16(u64 addr, u16 v) { *(volatile u16 *)addr = v; }
+static inline void wr32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
+static inline void wr64(u64 addr, u64 v) { *(volatile u64 *)addr = v; }
+static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
+static inline void mfence(void) { __asm__ volatile("mfence" ::: "memory"); }
 
 /* ---- lib.c ---- */
 void *memset(void *d, int c, size_t n);
@@ -109,6 +121,7 @@ void line_strn(struct line *l, const char *s, size_t n);
 void line_char(struct line *l, char c);
 void line_dec(struct line *l, u64 v);
 void line_hex(struct line *l, u64 v); /* prints 0x... */
+void line_hexpad(struct line *l, u64 v, u32 width); /* exactly width hex digits, no 0x */
 /* Appends "\n", writes the line out and drops the console lock. */
 void line_end(struct line *l);
 /* One whole line from a plain string. */
@@ -160,6 +173,9 @@ void cpu_tables_init(void);
 void *alloc_pages(u64 npages); /* NULL if no RAM is left */
 bool range_mapped(u64 addr, u64 len); /* mapped at all (CPL0) */
 bool user_mapped(u64 addr, u64 len);  /* mapped with U/S (CPL3) */
+/* Identity-maps [addr, addr+len) uncached (2 MiB pages, below 2^46), user-accessible if asked. */
+bool map_mmio(u64 addr, u64 len, bool user);
+void idt_install(u32 vec, u64 handler);
 extern char _image_start[], _image_end[], _end[];
 
 /* ---- entry.S ---- */
@@ -167,6 +183,8 @@ extern char _image_start[], _image_end[], _end[];
 u64 run_user(u64 (*fn)(void *), void *arg);
 extern const u64 exception_stubs[32];
 void timer_irq_stub(void);
+extern const u64 irq_stubs[IRQ_VECTORS];       /* vectors IRQ_VECTOR_BASE.. (MSI-X test) */
+extern volatile u32 irq_counts[IRQ_VECTORS];   /* interrupts seen per vector */
 void spurious_irq_stub(void);
 void ap_entry64(void);
 extern volatile u32 timer_fired;
@@ -237,6 +255,8 @@ struct acpi_info {
 /* Finds the RSDP and walks the root table (cached; checksums are not checked here). */
 const struct acpi_info *acpi_discover(void);
 bool step_acpi(struct result *r);
+/* A table listed by the root table (or the DSDT): its address and length, 0 if absent. */
+u64 acpi_find_table(const char *sig, u32 *len);
 u32 madt_cpus(u32 *ids, u32 max, u32 *enabled, u32 *listed);
 
 /* ---- apic.c ---- */
@@ -244,6 +264,10 @@ bool step_smp(struct result *r);
 bool step_timer(struct result *r);
 void ap_main(void);
 u32 lapic_id(void);
+bool lapic_usable(struct result *r);
+/* Periodic LAPIC timer on TIMER_VECTOR: a wake-up for hlt loops. */
+void lapic_tick_start(u32 count);
+void lapic_tick_stop(void);
 
 /* ---- main.c ---- */
 struct config {
@@ -256,6 +280,12 @@ struct config {
     u64 memmap_stride;
     u64 ticks, tick_ms;
     bool pio_bad, cpl3_bad, stride_bad, ticks_bad; /* value did not parse */
+    u64 blk_sector, blk_count;
+    bool blk_bad;
+    const char *bench_mode; /* blkbench_mode= (not NUL-terminated) */
+    size_t bench_mode_len;
+    u64 bench_size, bench_depth, bench_count;
+    bool bench_bad;
 };
 extern struct config cfg;
 extern u64 tsc_khz; /* 0 if unknown */
@@ -264,6 +294,14 @@ bool step_pio(struct result *r);
 /* Timeout helper: TSC ticks for ms milliseconds (over-estimates if the TSC rate is unknown). */
 u64 ms_to_tsc(u64 ms);
 NORETURN void exception_handler(u64 *frame);
+
+/* ---- pci.c, virtio.c, vsteps.c, blk.c ---- */
+bool step_pci(struct result *r);
+bool step_rng(struct result *r);
+bool step_blk(struct result *r);
+bool step_console(struct result *r);
+bool step_msix(struct result *r);
+bool step_blkbench(struct result *r);
 
 /* ---- memmap.c ---- */
 bool step_memmap(struct result *r);

@@ -43,6 +43,8 @@
 /* Interrupt vectors. */
 #define TIMER_VECTOR 0x40
 #define SPURIOUS_VECTOR 0xff
+#define IRQ_VECTOR_BASE 0x50 /* device interrupts (MSI-X test): IRQ_VECTORS stubs */
+#define IRQ_VECTORS 32
 
 /* Sizes of the fixed tables. */
 #define CMDLINE_MAX 4095

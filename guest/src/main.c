@@ -64,6 +64,13 @@ static void parse_cmdline(void)
     cfg.memmap_stride = 64 * KiB;
     cfg.ticks = 50;
     cfg.tick_ms = 20;
+    cfg.blk_sector = 0;
+    cfg.blk_count = 8;
+    cfg.bench_mode = "read";
+    cfg.bench_mode_len = 4;
+    cfg.bench_size = 4096;
+    cfg.bench_depth = 1;
+    cfg.bench_count = 10000;
     while (i < n) {
         size_t start, len, k;
         while (i < n && is_space(s[i]))
@@ -91,6 +98,19 @@ static void parse_cmdline(void)
             cfg.ticks_bad |= !parse_u64(s + start + k, len - k, &cfg.ticks);
         } else if (starts_with(s + start, len, "tick_ms=", &k)) {
             cfg.ticks_bad |= !parse_u64(s + start + k, len - k, &cfg.tick_ms);
+        } else if (starts_with(s + start, len, "blk_sector=", &k)) {
+            cfg.blk_bad |= !parse_u64(s + start + k, len - k, &cfg.blk_sector);
+        } else if (starts_with(s + start, len, "blk_count=", &k)) {
+            cfg.blk_bad |= !parse_u64(s + start + k, len - k, &cfg.blk_count);
+        } else if (starts_with(s + start, len, "blkbench_mode=", &k)) {
+            cfg.bench_mode = s + start + k;
+            cfg.bench_mode_len = len - k;
+        } else if (starts_with(s + start, len, "blkbench_size=", &k)) {
+            cfg.bench_bad |= !parse_u64(s + start + k, len - k, &cfg.bench_size);
+        } else if (starts_with(s + start, len, "blkbench_depth=", &k)) {
+            cfg.bench_bad |= !parse_u64(s + start + k, len - k, &cfg.bench_depth);
+        } else if (starts_with(s + start, len, "blkbench_count=", &k)) {
+            cfg.bench_bad |= !parse_u64(s + start + k, len - k, &cfg.bench_count);
         }
         /* anything else (console=ttyS0, ...) is ignored */
     }
@@ -170,6 +190,8 @@ static const struct {
     {"ticks", step_ticks},
     {"hello", step_hello}, {"memmap", step_memmap}, {"acpi", step_acpi}, {"smp", step_smp},
     {"timer", step_timer}, {"cpl3", step_cpl3},     {"pio", step_pio},
+    {"pci", step_pci},     {"rng", step_rng},       {"blk", step_blk},
+    {"console", step_console}, {"msix", step_msix}, {"blkbench", step_blkbench},
 };
 
 static void print_step(const char *name, size_t len, bool ok, const struct result *r)

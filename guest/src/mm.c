@@ -12,7 +12,10 @@
 #define PTE_P 0x001ULL
 #define PTE_RW 0x002ULL
 #define PTE_US 0x004ULL
+#define PTE_PWT 0x008ULL
+#define PTE_PCD 0x010ULL
 #define PTE_PS 0x080ULL
+#define PTE_ADDR 0x000ffffffffff000ULL
 #define PTE_TABLE (PTE_P | PTE_RW | PTE_US)
 #define PTE_RAM (PTE_P | PTE_RW | PTE_US | PTE_PS)
 #define PAGE_2M (2 * MiB)
@@ -127,15 +130,62 @@ void mm_init(void)
     write_cr3((u64)pml4);
 }
 
+/* The 2 MiB page-directory entry for a (0 if a level is missing). */
 static u64 pte_of(u64 a)
 {
     u64 e;
-    if (a >= 512 * GiB)
+    if (a >= (1ULL << 48))
         return 0;
-    e = pdpt[a >> 30];
+    e = pml4[(a >> 39) & 511];
     if (!(e & PTE_P))
         return 0;
-    return ((const u64 *)(e & ~0xfffULL))[(a >> 21) & 511];
+    e = ((const u64 *)(e & PTE_ADDR))[(a >> 30) & 511];
+    if (!(e & PTE_P) || (e & PTE_PS))
+        return 0; /* 1 GiB pages are never used here */
+    return ((const u64 *)(e & PTE_ADDR))[(a >> 21) & 511];
+}
+
+/* The table entry t[i] points to, allocated (zeroed) if missing. */
+static u64 *next_table(u64 *t, u32 i)
+{
+    u64 *n;
+    if (t[i] & PTE_P)
+        return (t[i] & PTE_PS) ? NULL : (u64 *)(t[i] & PTE_ADDR);
+    n = alloc_pages(1);
+    if (!n)
+        return NULL;
+    zero_qwords(n, 512);
+    t[i] = (u64)n | PTE_TABLE;
+    return n;
+}
+
+/*
+ * Device memory (ECAM, BARs) may sit anywhere: in the 3-4 GiB hole, inside
+ * what the static map covers as RAM, or above RAM (64-bit BARs). Each 2 MiB
+ * page touched becomes uncached (PCD|PWT, PAT entry 3); U/S is kept if the
+ * page had it (it may share its 2 MiB with RAM).
+ */
+bool map_mmio(u64 addr, u64 len, bool user)
+{
+    u64 p, end = addr + len;
+    if (!len || end < addr || end > (1ULL << 46))
+        return false;
+    for (p = ALIGN_DOWN(addr, PAGE_2M); p < end; p += PAGE_2M) {
+        u64 *pdp = next_table(pml4, (u32)(p >> 39) & 511);
+        u64 *pd = pdp ? next_table(pdp, (u32)(p >> 30) & 511) : NULL;
+        u64 old, e;
+        if (!pd)
+            return false;
+        old = pd[(p >> 21) & 511];
+        e = p | PTE_P | PTE_RW | PTE_PWT | PTE_PCD | PTE_PS;
+        if (user || ((old & PTE_P) && (old & PTE_US)))
+            e |= PTE_US;
+        if (old != e) {
+            pd[(p >> 21) & 511] = e;
+            __asm__ volatile("invlpg (%0)" ::"r"(p) : "memory");
+        }
+    }
+    return true;
 }
 
 /* Whether [addr, addr+len) is mapped (for CPL3 if user). */
@@ -181,6 +231,8 @@ static void idt_set(u32 vec, u64 handler, u32 ist)
                    (((handler >> 16) & 0xffff) << 48);
     idt[vec * 2 + 1] = handler >> 32;
 }
+
+void idt_install(u32 vec, u64 handler) { idt_set(vec, handler, 0); }
 
 void cpu_tables_init(void)
 {

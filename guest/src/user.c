@@ -4,7 +4,7 @@
  * bytes live here. These functions must not do port I/O (it faults at
  * CPL3) and only touch user-accessible (U/S) pages.
  */
-#include "guest.h"
+#include "pci.h"
 
 /* ---- memmap: pattern test ---- */
 
@@ -163,4 +163,215 @@ u64 user_find_s5(void *arg)
         break;
     }
     return 0;
+}
+
+/* ---- blk: FNV-1a, the sector pattern, buffer compare ---- */
+
+static inline u64 blk_pattern(u64 sector, u64 j) { return BLK_PATTERN ^ (sector << 16) ^ j; }
+
+u64 user_buf(void *arg)
+{
+    struct buf_job *j = arg;
+    volatile u64 *p = (volatile u64 *)j->addr, *p2 = (volatile u64 *)j->addr2;
+    u64 i, n = j->len / 8;
+
+    j->bad = 0;
+    switch (j->op) {
+    case BUF_FNV: {
+        const volatile u8 *b = (const volatile u8 *)j->addr;
+        u64 h = 0xcbf29ce484222325ULL;
+        for (i = 0; i < j->len; i++)
+            h = (h ^ b[i]) * 0x100000001b3ULL;
+        j->hash = h;
+        break;
+    }
+    case BUF_ZERO:
+        for (i = 0; i < n; i++)
+            p[i] = 0;
+        break;
+    case BUF_NOT:
+        for (i = 0; i < n; i++)
+            p[i] = ~p2[i];
+        break;
+    case BUF_FILL:
+        for (i = 0; i < n; i++)
+            p[i] = blk_pattern(j->sector + i / 64, i % 64);
+        break;
+    case BUF_CHECK:
+    case BUF_CMP:
+        for (i = 0; i < n; i++) {
+            u64 want = j->op == BUF_CHECK ? blk_pattern(j->sector + i / 64, i % 64) : p2[i];
+            u64 got = p[i];
+            if (got != want) {
+                j->bad = 1;
+                j->bad_off = i * 8;
+                j->expected = want;
+                j->found = got;
+                break;
+            }
+        }
+        break;
+    }
+    return 0;
+}
+
+/* ---- blkbench: a polling virtio-blk driver, entirely at CPL3 ---- */
+
+struct blk_hdr {
+    u32 type;
+    u32 reserved;
+    u64 sector;
+};
+
+static inline void desc_set(volatile struct vring_desc *d, u64 addr, u32 len, u16 flags, u16 next)
+{
+    d->addr = addr;
+    d->len = len;
+    d->flags = flags;
+    d->next = next;
+}
+
+struct bench_state {
+    u64 issued, next_off, rnd, cap_bytes, nblocks;
+    u32 pending, inflight;
+    u16 mask;
+    bool rd;
+};
+
+/* Puts slot's request (next offset for the mode) on the avail ring, not yet published. */
+static void bench_submit(struct bench_job *j, struct bench_state *b, u32 slot)
+{
+    volatile struct blk_hdr *h = (volatile struct blk_hdr *)(j->hdrs + 16ULL * slot);
+    u64 off;
+    if (j->mode == BENCH_RANDREAD) {
+        b->rnd ^= b->rnd << 13; /* xorshift64 */
+        b->rnd ^= b->rnd >> 7;
+        b->rnd ^= b->rnd << 17;
+        off = (b->rnd % b->nblocks) * 4096;
+    } else {
+        if (b->next_off + j->size > b->cap_bytes)
+            b->next_off = 0; /* wrap around the disk */
+        off = b->next_off;
+        b->next_off += j->size;
+    }
+    h->type = b->rd ? 0 : 1; /* VIRTIO_BLK_T_IN / _OUT */
+    h->sector = off / 512;
+    ((volatile u8 *)j->status)[slot] = 0xff;
+    j->inflight[slot] = 1;
+    j->avail->ring[j->avail_idx & b->mask] = (u16)(j->indirect ? slot : 3 * slot);
+    j->avail_idx++;
+    b->issued++;
+    b->pending++;
+    b->inflight++;
+}
+
+/* Takes one used element: returns false (j->err set) if the device got it wrong. */
+static bool bench_complete(struct bench_job *j, struct bench_state *b)
+{
+    volatile struct vring_used_elem *e = &j->used->ring[j->last_used & b->mask];
+    u32 id = e->id, len = e->len, slot = j->indirect ? id : id / 3;
+    u32 wmax = b->rd ? (u32)j->size + 1 : 1;
+    u8 st;
+
+    j->last_used++;
+    if ((!j->indirect && id % 3) || slot >= j->depth || !j->inflight[slot]) {
+        j->err = BENCH_BAD_ID;
+        j->err_a = id;
+        return false;
+    }
+    if (len > wmax) {
+        j->err = BENCH_BAD_LEN;
+        j->err_a = len;
+        j->err_b = wmax;
+        return false;
+    }
+    st = ((volatile u8 *)j->status)[slot];
+    if (st != 0) {
+        j->err = BENCH_BAD_STATUS;
+        j->err_a = st;
+        j->err_b = ((volatile struct blk_hdr *)(j->hdrs + 16ULL * slot))->sector;
+        return false;
+    }
+    j->inflight[slot] = 0;
+    b->inflight--;
+    j->done++;
+    if (b->issued < j->count)
+        bench_submit(j, b, slot); /* keep depth requests in flight */
+    return true;
+}
+
+u64 user_blkbench(void *arg)
+{
+    struct bench_job *j = arg;
+    struct bench_state b;
+    u64 t0, last;
+    u32 s;
+
+    b.issued = b.next_off = 0;
+    b.rnd = 0x9e3779b97f4a7c15ULL;
+    b.cap_bytes = j->cap_sectors * 512;
+    b.nblocks = (b.cap_bytes - j->size) / 4096 + 1;
+    b.pending = b.inflight = 0;
+    b.mask = (u16)(j->qsize - 1);
+    b.rd = j->mode != BENCH_WRITE;
+
+    /* The descriptors never change; a request only rewrites its header. */
+    for (s = 0; s < j->depth; s++) {
+        u64 hdr = j->hdrs + 16ULL * s, data = j->data + j->size * s, st = j->status + s;
+        u16 dflags = b.rd ? VRING_DESC_F_WRITE : 0;
+        if (j->indirect) {
+            volatile struct vring_desc *t = (volatile struct vring_desc *)(j->tables + 48ULL * s);
+            desc_set(&t[0], hdr, 16, VRING_DESC_F_NEXT, 1);
+            desc_set(&t[1], data, (u32)j->size, dflags | VRING_DESC_F_NEXT, 2);
+            desc_set(&t[2], st, 1, VRING_DESC_F_WRITE, 0);
+            desc_set(&j->desc[s], (u64)t, 48, VRING_DESC_F_INDIRECT, 0);
+        } else {
+            u16 d = (u16)(3 * s);
+            desc_set(&j->desc[d], hdr, 16, VRING_DESC_F_NEXT, (u16)(d + 1));
+            desc_set(&j->desc[d + 1], data, (u32)j->size, dflags | VRING_DESC_F_NEXT, (u16)(d + 2));
+            desc_set(&j->desc[d + 2], st, 1, VRING_DESC_F_WRITE, 0);
+        }
+        j->inflight[s] = 0;
+    }
+
+    j->done = 0;
+    j->err = BENCH_OK;
+    t0 = rdtsc();
+    for (s = 0; s < j->depth && b.issued < j->count; s++)
+        bench_submit(j, &b, s);
+    last = t0;
+    while (j->done < j->count) {
+        u16 idx;
+        if (b.pending) { /* publish, then notify unless the device says it is polling */
+            barrier();
+            j->avail->idx = j->avail_idx;
+            mfence();
+            if (!(j->used->flags & VRING_USED_F_NO_NOTIFY))
+                *(volatile u16 *)j->notify = j->qindex;
+            b.pending = 0;
+        }
+        idx = j->used->idx;
+        if (idx == j->last_used) {
+            if (rdtsc() - last > j->timeout) {
+                j->err = BENCH_TIMEOUT;
+                break;
+            }
+            continue;
+        }
+        if ((u16)(idx - j->last_used) > b.inflight) {
+            j->err = BENCH_BAD_IDX;
+            j->err_a = j->last_used;
+            j->err_b = idx;
+            break;
+        }
+        barrier(); /* elements after the index */
+        while (j->last_used != idx)
+            if (!bench_complete(j, &b))
+                break;
+        if (j->err)
+            break;
+        last = rdtsc();
+    }
+    j->tsc = rdtsc() - t0;
+    return j->err;
 }
