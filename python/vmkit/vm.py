@@ -195,17 +195,51 @@ class Vm:
         vmkit adds ``vmkit``: boots so far, the kernel format, the serial pty path.
         """
         runtime: dict[str, Any] = self._handle.runtime_info()
+        config = self.config
+        if runtime["config_json"] is not None:
+            config = VmConfig.from_json(runtime["config_json"])
+        tree: dict[str, Any] | None = None
+        if runtime["devices"]:
+            tree = {}
+            for device in runtime["devices"]:
+                base, size = device["bar"]
+                tree[device["id"]] = {
+                    "id": device["id"],
+                    "resources": [
+                        {
+                            "PciBar": {
+                                "index": 0,
+                                "base": base,
+                                "size": size,
+                                "type_": "Mmio64",
+                                "prefetchable": False,
+                            }
+                        }
+                    ],
+                    "parent": None,
+                    "children": [],
+                    "pci_bdf": device["pci_bdf"],
+                }
         return {
-            "config": self.config.to_dict(),
+            "config": config.to_dict(),
             "state": runtime["state"],
             "memory_actual_size": runtime["memory_size"],
-            "device_tree": None,
+            "device_tree": tree,
             "vmkit": {
                 "boots": runtime["boots"],
                 "kernel_format": runtime["kernel_format"],
                 "serial_pty": runtime["serial_pty"],
+                "console_pty": runtime["console_pty"],
             },
         }
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Cloud Hypervisor's device counters, ``{device id: {counter: value}}``.
+
+        Raises VmError ("VM is not running") when no boot is running.
+        """
+        counters: dict[str, dict[str, int]] = self._handle.counters()
+        return counters
 
     def close(self) -> None:
         """Shuts down and releases everything; the Vm cannot boot again."""

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod ids;
 pub mod json;
 pub mod option_parser;
 pub mod parse;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyType};
+use pyo3::types::{PyBytes, PyDict, PyList, PyType};
 use vmkit_config::json::from_json;
 use vmkit_config::VmConfig;
 use vmkit_vmm::{StopReason, Vm, VmOptions};
@@ -150,7 +150,45 @@ impl VmHandle {
             "serial_pty",
             info.serial_pty.map(|p| p.to_string_lossy().into_owned()),
         )?;
+        dict.set_item(
+            "console_pty",
+            info.console_pty.map(|p| p.to_string_lossy().into_owned()),
+        )?;
         dict.set_item("memory_size", info.memory_size)?;
+        // Before the first boot the config has no automatic ids yet (as in
+        // Cloud Hypervisor, where they are given when the VM is built).
+        let config = if info.boots > 0 {
+            Some(
+                serde_json::to_string(self.vm.config())
+                    .map_err(|e| PyRuntimeError::new_err(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        dict.set_item("config_json", config)?;
+        let devices = PyList::empty(py);
+        for device in info.devices {
+            let node = PyDict::new(py);
+            node.set_item("id", device.id)?;
+            node.set_item("pci_bdf", device.pci_bdf)?;
+            node.set_item("bar", device.bar)?;
+            devices.append(node)?;
+        }
+        dict.set_item("devices", devices)?;
+        Ok(dict)
+    }
+
+    /// Cloud Hypervisor's counters: {device id: {counter: value}}.
+    fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let counters = self.vm.counters().map_err(|e| vm_error(py, e))?;
+        let dict = PyDict::new(py);
+        for (id, values) in counters {
+            let inner = PyDict::new(py);
+            for (name, value) in values {
+                inner.set_item(name, value)?;
+            }
+            dict.set_item(id, inner)?;
+        }
         Ok(dict)
     }
 }

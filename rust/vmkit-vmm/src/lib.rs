@@ -18,4 +18,4 @@ pub mod vm;
 
 pub use control::StopReason;
 pub use error::{Error, ErrorKind, Result};
-pub use vm::{Vm, VmInfo, VmOptions, VmState};
+pub use vm::{DeviceInfo, Vm, VmInfo, VmOptions, VmState};

@@ -2,6 +2,7 @@
 //! (KVM VM, memory, devices, vCPU threads) at a time, rebuilt on guest reset,
 //! and a VMM thread that waits for the boot to end and runs the watchdog.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
@@ -28,7 +29,10 @@ use crate::interrupts::InterruptRoutes;
 use crate::layout::PCI_MMCONFIG_START;
 use crate::memory::{create_guest_ram, GuestRam};
 use crate::pci::{self, PciBarWindow, PciConfigIo, PciEcam, PciSegment, ECAM_SIZE_PER_SEGMENT};
+use crate::rate_limiter::SharedRateLimiter;
 use crate::vcpu::{self, Sample, VcpuThreadContext};
+use crate::virtio::block::Block;
+use crate::virtio::net::Net;
 use crate::virtio::{self, console::Console, pci::VirtioPciDevice, rng::Rng, VirtioDevice};
 
 /// Cloud Hypervisor's VM states.
@@ -137,7 +141,20 @@ pub struct VmInfo {
     pub boots: u64,
     pub kernel_format: Option<&'static str>,
     pub serial_pty: Option<PathBuf>,
+    pub console_pty: Option<PathBuf>,
     pub memory_size: u64,
+    /// The PCI devices of the running boot (empty when none runs).
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// A device in `info()`'s device tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub id: String,
+    /// `ssss:bb:dd.f`
+    pub pci_bdf: String,
+    /// (base, size) of BAR 0.
+    pub bar: (u64, u64),
 }
 
 /// A VM: its config, serial backend (kept across reboots) and lifecycle.
@@ -168,6 +185,7 @@ impl Vm {
             )
         })?;
         check_supported(&config)?;
+        config.assign_device_ids();
         let kvm = Kvm::new().map_err(|e| {
             Error::new(
                 ErrorKind::Kvm,
@@ -243,8 +261,47 @@ impl Vm {
             boots: life.boots,
             kernel_format: life.last_payload.map(|p| p.format.name()),
             serial_pty: self.serial.as_ref().and_then(|s| s.pty_path().cloned()),
+            console_pty: self.console.as_ref().and_then(|s| s.pty_path().cloned()),
             memory_size: self.config.memory.total_size(),
+            devices: life
+                .instance
+                .iter()
+                .flat_map(|i| &i.virtio)
+                .map(|d| {
+                    let d = d.lock().unwrap_or_else(|p| p.into_inner());
+                    DeviceInfo {
+                        id: d.id().to_owned(),
+                        pci_bdf: d.bdf(),
+                        bar: (
+                            d.config_space().bar_address(0).unwrap_or(0),
+                            virtio::pci::BAR_SIZE,
+                        ),
+                    }
+                })
+                .collect(),
         }
+    }
+
+    /// The config with the automatic device ids filled in.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Cloud Hypervisor's counters of every device that has some.
+    pub fn counters(&self) -> Result<Vec<(String, BTreeMap<&'static str, u64>)>> {
+        let life = self.lock();
+        let Some(instance) = &life.instance else {
+            return Err(Error::new(ErrorKind::State, "VM is not running"));
+        };
+        Ok(instance
+            .virtio
+            .iter()
+            .filter_map(|d| {
+                let d = d.lock().unwrap_or_else(|p| p.into_inner());
+                let counters = d.device().counters();
+                (!counters.is_empty()).then(|| (d.id().to_owned(), counters))
+            })
+            .collect())
     }
 
     /// Builds the VM and starts its vCPUs (Created or Shutdown → Running).
@@ -753,13 +810,15 @@ impl Vm {
                 .ok_or_else(|| {
                     Error::new(ErrorKind::Device, format!("{id}: PCI MMIO window full"))
                 })?;
-            let device = Arc::new(Mutex::new(VirtioPciDevice::new(
+            let mut device = VirtioPciDevice::new(
                 id.to_owned(),
                 device,
                 ram.memory.clone(),
                 routes.clone(),
                 bar,
-            )?));
+            )?;
+            device.set_location(segment.layout.id, slot);
+            let device = Arc::new(Mutex::new(device));
             segment.insert(slot, device.clone());
             virtio.push(device);
             Ok(())
@@ -771,6 +830,38 @@ impl Vm {
                 "__console",
                 Box::new(Console::new("__console".into(), backend.clone())?),
             )?;
+        }
+        let groups: HashMap<&str, Arc<SharedRateLimiter>> = config
+            .rate_limit_groups
+            .iter()
+            .flatten()
+            .map(|g| {
+                let limiter = Arc::new(SharedRateLimiter::new(&g.rate_limiter_config));
+                (g.id.as_str(), limiter)
+            })
+            .collect();
+        for disk in config.disks.iter().flatten() {
+            let id = disk.id.as_deref().unwrap_or_default();
+            let group = match disk.rate_limit_group.as_deref() {
+                Some(name) => Some(groups.get(name).cloned().ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Unsupported,
+                        format!("{id}: no rate limit group {name}"),
+                    )
+                })?),
+                None => None,
+            };
+            add(
+                disk.pci_segment,
+                id,
+                Box::new(Block::new(disk, group).map_err(|e| {
+                    Error::new(e.kind, format!("Cannot create virtio-blk device {id}: {e}"))
+                })?),
+            )?;
+        }
+        for net in config.net.iter().flatten() {
+            let id = net.id.as_deref().unwrap_or_default();
+            add(net.pci_segment, id, Box::new(Net::new(net, id)?))?;
         }
         add(
             0,
@@ -807,8 +898,35 @@ fn check_supported(config: &VmConfig) -> Result<()> {
         list.as_ref().is_some_and(|l| !l.is_empty())
     }
     let requested = [
-        (some(&config.disks), "--disk (virtio-blk)"),
-        (some(&config.net), "--net (virtio-net)"),
+        (
+            config.disks.iter().flatten().any(|d| d.vhost_user),
+            "--disk vhost_user=on (vhost-user-blk)",
+        ),
+        (config.iommu, "--iommu"),
+        (
+            config.disks.iter().flatten().any(|d| d.iommu),
+            "--disk iommu=on",
+        ),
+        (config.rng.iommu, "--rng iommu=on"),
+        (
+            config.console.iommu || config.serial.iommu,
+            "--console/--serial iommu=on",
+        ),
+        (
+            config
+                .platform
+                .as_ref()
+                .is_some_and(|p| p.iommu_segments.as_ref().is_some_and(|s| !s.is_empty())),
+            "--platform iommu_segments",
+        ),
+        (
+            config.net.iter().flatten().any(|n| n.vhost_user),
+            "--net vhost_user=on (vhost-user-net)",
+        ),
+        (
+            config.net.iter().flatten().any(|n| n.iommu),
+            "--net iommu=on",
+        ),
         (some(&config.fs), "--fs (virtio-fs)"),
         (some(&config.pmem), "--pmem (virtio-pmem)"),
         (some(&config.devices), "--device (VFIO)"),

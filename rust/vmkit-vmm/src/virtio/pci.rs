@@ -121,6 +121,8 @@ pub struct VirtioPciDevice {
     /// Where the notify ioeventfds are registered now.
     notify_base: Option<u64>,
     active: bool,
+    /// (segment, slot), for the device tree.
+    location: (u16, u8),
 }
 
 fn le_value(data: &[u8]) -> u64 {
@@ -242,6 +244,7 @@ impl VirtioPciDevice {
             kicks,
             notify_base: None,
             active: false,
+            location: (0, 0),
         };
         pci.register_notifiers(bar_address)?;
         Ok(pci)
@@ -253,6 +256,20 @@ impl VirtioPciDevice {
 
     pub fn device(&self) -> &dyn VirtioDevice {
         self.device.as_ref()
+    }
+
+    pub fn config_space(&self) -> &PciConfiguration {
+        &self.config
+    }
+
+    /// Where the device sits: `ssss:bb:dd.f`.
+    pub fn bdf(&self) -> String {
+        let (segment, slot) = self.location;
+        format!("{segment:04x}:00:{slot:02x}.0")
+    }
+
+    pub fn set_location(&mut self, segment: u16, slot: u8) {
+        self.location = (segment, slot);
     }
 
     fn register_notifiers(&mut self, base: u64) -> Result<()> {

@@ -1,0 +1,188 @@
+"""virtio-blk throughput: vmkit against QEMU, same test guest, same image, one run.
+
+Run: ``python benches/bench_io.py`` (``--markdown`` prints the table for
+RESULTS.md). Needs ``qemu-system-x86_64`` (Debian: qemu-system-x86).
+
+The test guest's ``blkbench`` step is a polling virtio-blk driver running at
+CPL3 (natively, even on kvm_pvm): it keeps ``depth`` requests of ``size`` bytes
+in flight on queue 0, kicks through the notify register (an ioeventfd on both
+VMMs) and times the whole run with rdtsc. Each row boots a fresh VM per VMM,
+the runs interleaved; the figures are medians.
+
+Both VMMs get one queue of 256 entries on a raw image in the page cache: vmkit
+``--disk path=...,num_queues=1,queue_size=256`` (io_uring), QEMU ``-M q35``
+with ``virtio-blk-pci,disable-legacy=on,num-queues=1,queue-size=256`` on
+``-drive ...,cache=writeback,aio=io_uring``. TSC ticks become seconds with the
+TSC rate vmkit gives its guest (CPUID 0x40000010), which is the host's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import vmkit
+from vmkit import testguest
+
+IMAGE_SIZE = 256 << 20
+QUEUE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class Row:
+    mode: str
+    size: int
+    depth: int
+    count: int
+
+    @property
+    def label(self) -> str:
+        kind = {"read": "sequential read", "write": "sequential write", "randread": "random read"}
+        return f"{kind[self.mode]} {self.size // 1024} KiB, depth {self.depth}"
+
+    @property
+    def unit(self) -> str:
+        return "IOPS" if self.mode == "randread" else "MB/s"
+
+
+ROWS = [
+    Row("read", 128 << 10, 1, 1000),
+    Row("read", 128 << 10, 32, 2000),
+    Row("write", 128 << 10, 1, 1000),
+    Row("write", 128 << 10, 32, 2000),
+    Row("randread", 4096, 1, 10000),
+    Row("randread", 4096, 32, 20000),
+]
+
+RESULT = re.compile(
+    rb"step blkbench ok mode=\S+ size=\d+ depth=\d+ requests=(\d+) tsc=(\d+)(?: ns=(\d+))?"
+)
+
+
+def cmdline(row: Row) -> str:
+    return testguest.cmdline(
+        ["blkbench"],
+        "poweroff",
+        blkbench_mode=row.mode,
+        blkbench_size=row.size,
+        blkbench_depth=row.depth,
+        blkbench_count=row.count,
+    )
+
+
+def vmkit_command(kernel: Path, image: Path, row: Row) -> list[str]:
+    return [
+        sys.executable, "-m", "vmkit",
+        "--kernel", str(kernel), "--cmdline", cmdline(row),
+        "--cpus", "boot=1", "--memory", "size=512M",
+        "--disk", f"path={image},num_queues=1,queue_size={QUEUE_SIZE}",
+        "--serial", "tty", "--console", "off",
+    ]  # fmt: skip
+
+
+def qemu_command(qemu: str, kernel: Path, image: Path, row: Row) -> list[str]:
+    return [
+        qemu, "-M", "q35", "-enable-kvm", "-cpu", "host,-arch-capabilities",
+        "-m", "512M", "-smp", "1", "-nodefaults", "-no-user-config",
+        "-display", "none", "-no-reboot", "-serial", "stdio",
+        "-drive", f"if=none,id=d0,file={image},format=raw,cache=writeback,aio=io_uring",
+        "-device", "virtio-blk-pci,drive=d0,disable-legacy=on,num-queues=1,"
+        f"queue-size={QUEUE_SIZE}",
+        "-kernel", str(kernel), "-append", cmdline(row),
+    ]  # fmt: skip
+
+
+def run(command: list[str]) -> tuple[int, int, int | None]:
+    """(requests, tsc ticks, ns or None) from one boot."""
+    proc = subprocess.run(command, capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
+    m = RESULT.search(proc.stdout)
+    if proc.returncode != 0 or m is None:
+        raise RuntimeError(
+            f"{command[0]} exited with {proc.returncode}:\n"
+            f"{proc.stdout.decode(errors='replace')}\n{proc.stderr.decode(errors='replace')}"
+        )
+    return int(m.group(1)), int(m.group(2)), int(m.group(3)) if m.group(3) else None
+
+
+def rate(row: Row, requests: int, seconds: float) -> float:
+    if row.unit == "IOPS":
+        return requests / seconds
+    return requests * row.size / seconds / 1e6
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    kvm = "kvm_pvm" if Path("/sys/module/kvm_pvm").exists() else "hardware KVM"
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, /dev/kvm: {kvm}, "
+        f"Python {platform.python_version()}, vmkit {vmkit.__version__}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        print("qemu-system-x86_64 is needed (apt-get install qemu-system-x86)", file=sys.stderr)
+        return 1
+    kernel = testguest.image_path("pvh")
+    with tempfile.TemporaryDirectory(prefix="vmkit-bench-io-") as tmp:
+        image = Path(tmp) / "disk.img"
+        with image.open("wb") as f:
+            # Real data (not a sparse hole) so reads hit the page cache.
+            chunk = os.urandom(1 << 20)
+            for _ in range(IMAGE_SIZE >> 20):
+                f.write(chunk)
+        table = []
+        tsc_khz: float | None = None
+        for row in ROWS:
+            ours: list[int] = []
+            theirs: list[int] = []
+            requests = row.count
+            for _ in range(args.runs):
+                n, ticks, ns = run(vmkit_command(kernel, image, row))
+                if ns:
+                    tsc_khz = ticks * 1e6 / ns
+                ours.append(ticks)
+                requests = n
+                theirs.append(run(qemu_command(qemu, kernel, image, row))[1])
+            if tsc_khz is None:
+                raise RuntimeError("vmkit's guest reported no ns (no TSC leaf?)")
+            v = rate(row, requests, statistics.median(ours) / (tsc_khz * 1e3))
+            q = rate(row, requests, statistics.median(theirs) / (tsc_khz * 1e3))
+            table.append((row, v, q))
+            if not args.markdown:
+                print(
+                    f"{row.label:36} vmkit {v:12.1f} {row.unit:5} QEMU {q:12.1f}  ratio {v / q:.2f}"
+                )
+    if args.markdown:
+        print(f"Machine: {machine()}\n")
+        print(f"Runs per row and VMM: {args.runs} (medians); image {IMAGE_SIZE >> 20} MiB\n")
+        print("| workload | vmkit | QEMU q35 | vmkit / QEMU |")
+        print("|---|---|---|---|")
+        for row, v, q in table:
+            print(f"| {row.label} | {v:,.1f} {row.unit} | {q:,.1f} {row.unit} | {v / q:.2f} |")
+        sample = ROWS[0]
+        print(f"\nvmkit: `{' '.join(vmkit_command(kernel, Path('disk.img'), sample))}`\n")
+        print(f"QEMU: `{' '.join(qemu_command(qemu, kernel, Path('disk.img'), sample))}`")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

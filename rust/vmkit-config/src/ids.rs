@@ -1,0 +1,96 @@
+//! Cloud Hypervisor's automatic device ids: devices without an id are named
+//! when the VM is built, in its device creation order, with one counter
+//! shared by every prefix (`_disk0`, `_disk1`, `_net2`, ...).
+
+use std::collections::HashSet;
+
+use crate::types::VmConfig;
+
+impl VmConfig {
+    /// Gives every device without an id its automatic one; returns how many
+    /// were named.
+    pub fn assign_device_ids(&mut self) -> usize {
+        let mut taken: HashSet<String> = HashSet::new();
+        macro_rules! each_id {
+            ($f:expr) => {{
+                let mut f = $f;
+                for d in self.disks.iter_mut().flatten() {
+                    f("_disk", &mut d.id);
+                }
+                for d in self.net.iter_mut().flatten() {
+                    f("_net", &mut d.id);
+                }
+                for d in self.fs.iter_mut().flatten() {
+                    f("_fs", &mut d.id);
+                }
+                for d in self.pmem.iter_mut().flatten() {
+                    f("_pmem", &mut d.id);
+                }
+                if let Some(d) = self.vsock.as_mut() {
+                    f("_vsock", &mut d.id);
+                }
+                for d in self.vdpa.iter_mut().flatten() {
+                    f("_vdpa", &mut d.id);
+                }
+                for d in self.devices.iter_mut().flatten() {
+                    f("_vfio", &mut d.id);
+                }
+                for d in self.user_devices.iter_mut().flatten() {
+                    f("_vfio_user", &mut d.id);
+                }
+            }};
+        }
+        each_id!(|_: &str, id: &mut Option<String>| {
+            if let Some(id) = id {
+                taken.insert(id.clone());
+            }
+        });
+        let mut counter = 0usize;
+        let mut named = 0;
+        each_id!(|prefix: &str, id: &mut Option<String>| {
+            if id.is_none() {
+                let name = loop {
+                    let candidate = format!("{prefix}{counter}");
+                    counter += 1;
+                    if !taken.contains(&candidate) {
+                        break candidate;
+                    }
+                };
+                taken.insert(name.clone());
+                *id = Some(name);
+                named += 1;
+            }
+        });
+        named
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::types::{DiskConfig, NetConfig, VmConfig};
+
+    #[test]
+    fn one_counter_across_prefixes_skipping_taken_names() {
+        let mut config = VmConfig {
+            disks: Some(vec![
+                DiskConfig::default(),
+                DiskConfig {
+                    id: Some("_disk1".into()),
+                    ..Default::default()
+                },
+                DiskConfig::default(),
+            ]),
+            net: Some(vec![NetConfig::parse("tap=tap0").unwrap()]),
+            ..Default::default()
+        };
+        assert_eq!(config.assign_device_ids(), 3);
+        let disks: Vec<_> = config
+            .disks
+            .iter()
+            .flatten()
+            .map(|d| d.id.clone().unwrap())
+            .collect();
+        assert_eq!(disks, ["_disk0", "_disk1", "_disk2"]);
+        assert_eq!(config.net.unwrap()[0].id.as_deref(), Some("_net3"));
+    }
+}
