@@ -105,3 +105,57 @@ def test_linux_reboot_boots_again(guest: DebianGuest) -> None:
         vm.serial.wait_for(r"VMKIT-GUEST-READY", timeout=60)
         assert vm.info()["vmkit"]["boots"] >= 2
         vm.shutdown()
+
+
+def can_create_taps() -> bool:
+    return os.access("/dev/net/tun", os.R_OK | os.W_OK) and os.geteuid() == 0
+
+
+@FULL_BOOT_SKIP
+@pytest.mark.parametrize("kernel", ["vmlinux", "vmlinuz"])
+def test_linux_uses_every_virtio_device(guest: DebianGuest, kernel: str, tmp_path: Path) -> None:
+    disk = tmp_path / "vda.img"
+    with disk.open("wb") as f:
+        f.truncate(64 << 20)
+    console = tmp_path / "hvc0.txt"
+    image = guest.vmlinux if kernel == "vmlinux" else guest.vmlinuz
+    cfg = VmConfig.from_cli(
+        ["--kernel", str(image), "--initramfs", str(guest.initramfs),
+         "--cmdline", CMDLINE + " vmkit.exit=poweroff vmkit.vdawrite=linux-was-here",
+         "--cpus", "boot=2", "--memory", "size=512M", "--console", f"file={console}",
+         "--disk", f"path={disk},serial=vmkit-vda,num_queues=2"]
+    )  # fmt: skip
+    with Vm(cfg) as vm:
+        vm.boot()
+        serial = vm.serial
+        serial.wait_for(r"VMKIT-GUEST-READY", timeout=60)
+        serial.wait_for(r"VMKIT-GUEST vda sectors=131072 serial=vmkit-vda queues=2", 30)
+        serial.wait_for(r"VMKIT-GUEST vda wrote 14 bytes", 30)
+        serial.wait_for(r"VMKIT-GUEST hwrng virtio_rng\.\d+ bytes=32", 30)
+        serial.wait_for(r"VMKIT-GUEST hvc0 written", 30)
+        exit_info = vm.wait(60)
+        assert exit_info is not None and exit_info.reason == "poweroff"
+    # Flushed by the guest, so in the host file once the VM is gone.
+    assert disk.read_bytes()[4096 : 4096 + 14] == b"linux-was-here"
+    assert "VMKIT-GUEST hvc0 hello" in console.read_text()
+
+
+@FULL_BOOT_SKIP
+def test_linux_pings_the_host_over_a_tap(guest: DebianGuest) -> None:
+    if not can_create_taps():
+        pytest.skip("creating a tap needs /dev/net/tun and CAP_NET_ADMIN")
+    cfg = linux_config(
+        guest, "vmlinux",
+        CMDLINE + " vmkit.exit=poweroff vmkit.ip=192.168.249.2/24 vmkit.peer=192.168.249.1",
+        "size=512M",
+    )  # fmt: skip
+    cfg.net = VmConfig.from_cli(
+        ["--kernel", "k", "--net", "ip=192.168.249.1,mask=255.255.255.0,mac=12:34:56:78:9a:bc"]
+    ).net
+    with Vm(cfg) as vm:
+        vm.boot()
+        vm.serial.wait_for(r"VMKIT-GUEST ping 192\.168\.249\.1 ok", timeout=90)
+        counters = vm.counters()["_net0"]
+        assert counters["tx_frames"] >= 1 and counters["rx_frames"] >= 1
+        exit_info = vm.wait(60)
+        assert exit_info is not None and exit_info.reason == "poweroff"

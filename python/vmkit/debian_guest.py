@@ -11,8 +11,11 @@ Everything comes from Debian packages fetched with ``apt-get download`` and unpa
   Python so that it is byte-for-byte reproducible for fixed package versions.
 
 The guest's ``/init`` prints ``VMKIT-GUEST-READY uptime=<s>`` and a few ``VMKIT-GUEST ...``
-report lines on the console, then powers off, reboots or runs a shell as the kernel command
-line word ``vmkit.exit=poweroff|reboot|shell`` says (default ``poweroff``).
+report lines on the console (CPUs, virtio devices, ``/dev/vda`` with its serial and queues,
+the hwrng, ``/dev/hvc0``), then powers off, reboots or runs a shell as the kernel command line
+word ``vmkit.exit=poweroff|reboot|shell`` says (default ``poweroff``). ``vmkit.vdawrite=<text>``
+writes the text at byte 4096 of ``/dev/vda`` (flushed); ``vmkit.ip=<addr/len>`` with
+``vmkit.peer=<addr>`` configures ``eth0`` and pings the peer once.
 
 A finished build lives in ``<cache>/<kernel version>-<id>/`` with a ``manifest.json`` (package
 versions, file hashes) written last; builds happen in a temporary directory inside the cache
@@ -625,7 +628,8 @@ def _recover_vmlinux(vmlinuz: Path, lz4_root: Path, work: Path, out: Path) -> in
 
 _INIT_TEMPLATE = r"""#!/bin/busybox sh
 # /init of the vmkit Debian guest (written by vmkit.debian_guest).
-# Kernel command line: vmkit.exit=poweroff|reboot|shell (default poweroff).
+# Kernel command line: vmkit.exit=poweroff|reboot|shell (default poweroff),
+# vmkit.vdawrite=<text>, vmkit.ip=<addr/len> vmkit.peer=<addr>.
 [ -x /bin/mount ] || /bin/busybox --install -s
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 mount -t proc proc /proc || echo "VMKIT-GUEST error mount proc failed"
@@ -654,19 +658,46 @@ for d in /sys/bus/virtio/devices/*; do
   echo "VMKIT-GUEST virtio ${d##*/} $(cat "$d/device")"
 done
 
-if [ -b /dev/vda ]; then
-  serial=$(cat /sys/block/vda/serial 2>/dev/null)
-  echo "VMKIT-GUEST vda sectors=$(cat /sys/block/vda/size) serial=${serial:-none}"
-fi
-
 mode=poweroff
+ip=
+peer=
+vdawrite=
 set -f
 for w in $(cat /proc/cmdline); do
   case $w in
     vmkit.exit=*) mode=${w#vmkit.exit=} ;;
+    vmkit.ip=*) ip=${w#vmkit.ip=} ;;
+    vmkit.peer=*) peer=${w#vmkit.peer=} ;;
+    vmkit.vdawrite=*) vdawrite=${w#vmkit.vdawrite=} ;;
   esac
 done
 set +f
+
+if [ -b /dev/vda ]; then
+  serial=$(cat /sys/block/vda/serial 2>/dev/null)
+  queues=$(ls /sys/block/vda/mq 2>/dev/null | wc -l)
+  echo "VMKIT-GUEST vda sectors=$(cat /sys/block/vda/size) serial=${serial:-none} queues=$queues"
+  if [ -n "$vdawrite" ]; then
+    # vmkit.vdawrite=<text>: the text at byte 4096 of the disk, flushed.
+    printf '%s' "$vdawrite" | dd of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null &&
+      echo "VMKIT-GUEST vda wrote ${#vdawrite} bytes" || echo "VMKIT-GUEST error vda write failed"
+  fi
+fi
+if [ -c /dev/hwrng ]; then
+  n=$(dd if=/dev/hwrng bs=32 count=1 2>/dev/null | wc -c)
+  echo "VMKIT-GUEST hwrng $(cat /sys/class/misc/hw_random/rng_current) bytes=$n"
+fi
+if [ -c /dev/hvc0 ]; then
+  echo "VMKIT-GUEST hvc0 hello" > /dev/hvc0 && echo "VMKIT-GUEST hvc0 written"
+fi
+if [ -n "$ip" ] && [ -e /sys/class/net/eth0 ]; then
+  ip link set eth0 up && ip addr add "$ip" dev eth0
+  if ping -c 1 -W 5 "$peer" > /dev/null 2>&1; then
+    echo "VMKIT-GUEST ping $peer ok"
+  else
+    echo "VMKIT-GUEST ping $peer failed"
+  fi
+fi
 case $mode in
   poweroff|reboot|shell) ;;
   *) echo "VMKIT-GUEST error unknown vmkit.exit=$mode, using poweroff"; mode=poweroff ;;

@@ -54,7 +54,7 @@ def image_path(fmt: Format = "pvh") -> Path:
 def cmdline(
     steps: list[str] | tuple[str, ...] = ("hello",),
     exit: str = "poweroff",
-    **options: int,
+    **options: int | str,
 ) -> str:
     """The guest's command line: ``steps=a,b exit=... key=value``."""
     words = [f"steps={','.join(steps)}", f"exit={exit}"]

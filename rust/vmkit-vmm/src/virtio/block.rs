@@ -1170,8 +1170,14 @@ impl Uring {
 
     /// Hands queued entries to the kernel. A failure leaves them queued for
     /// the next call (each completion or kick makes one).
-    fn submit(&self) {
-        let _ = self.ring.submit();
+    fn submit(&mut self) {
+        if !self.ring.submission().is_empty() {
+            let _ = self.ring.submit();
+        }
+    }
+
+    fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
     }
 
     fn reap(&mut self) -> Vec<(InFlight, i32)> {
@@ -1238,6 +1244,8 @@ struct QueueHandler {
     /// until the device is reset.
     broken: bool,
     needs_signal: bool,
+    /// Buffered writes popped in this batch, not started yet.
+    buffered_writes: Vec<Request>,
 }
 
 impl QueueHandler {
@@ -1254,7 +1262,8 @@ impl QueueHandler {
                 break;
             }
             let (popped, stop) = self.pop_requests();
-            if let Some(uring) = &self.uring {
+            self.run_buffered_writes();
+            if let Some(uring) = &mut self.uring {
                 uring.submit();
             }
             if stop != Stop::Empty {
@@ -1343,6 +1352,19 @@ impl QueueHandler {
     }
 
     fn start(&mut self, request: Request) {
+        // Buffered writes are a copy into the page cache: io_uring hands most
+        // of them to its worker threads (a wake-up each), measured 1.5-3x
+        // slower than copying here. They wait for the end of the batch (see
+        // `run_buffered_writes`); O_DIRECT writes and reads go to io_uring.
+        if matches!(request.op, Op::Write { .. }) && !self.io.disk.direct && self.uring.is_some() {
+            self.buffered_writes.push(request);
+            return;
+        }
+        self.run(request);
+    }
+
+    /// Starts `request` on io_uring, or runs it here if that is not possible.
+    fn run(&mut self, request: Request) {
         let mut request = request;
         if let Some(uring) = &mut self.uring {
             if let Some(iovecs) = self.io.uring_iovecs(&self.mem, &request) {
@@ -1352,8 +1374,21 @@ impl QueueHandler {
                 }
             }
         }
+        self.run_here(request);
+    }
+
+    fn run_here(&mut self, request: Request) {
         let (status, used) = self.io.execute(&self.mem, &request);
         self.finish(request, status, used);
+    }
+
+    /// The batch's buffered writes, copied here one by one. (Merging
+    /// contiguous writes into one pwritev, as QEMU does, measured slower:
+    /// the guest then waits for the whole batch before refilling the queue.)
+    fn run_buffered_writes(&mut self) {
+        for write in std::mem::take(&mut self.buffered_writes) {
+            self.run_here(write);
+        }
     }
 
     fn finish(&mut self, request: Request, status: u8, used: u32) {
@@ -1391,6 +1426,14 @@ impl QueueHandler {
         };
         // Drained before reaping, so a completion racing with us re-signals.
         let _ = uring.eventfd.read();
+        self.reap_completions();
+    }
+
+    /// Finishes the requests io_uring has completed.
+    fn reap_completions(&mut self) {
+        let Some(uring) = &mut self.uring else {
+            return;
+        };
         let completed = uring.reap();
         uring.submit();
         for (mut in_flight, result) in completed {
@@ -1456,6 +1499,30 @@ impl WorkerHandler for QueueHandler {
 
     fn started(&mut self) {
         self.process_queue();
+    }
+
+    fn polls(&self) -> bool {
+        true
+    }
+
+    fn poll(&mut self) -> bool {
+        let mut worked = false;
+        if self.uring.as_mut().is_some_and(Uring::has_completions) {
+            // The eventfd stays signalled; the worker drains it later.
+            self.reap_completions();
+            worked = true;
+        }
+        if !self.throttled && !self.stalled && !self.broken {
+            let pending = self
+                .queue
+                .avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != self.queue.next_avail());
+            if pending {
+                self.process_queue();
+                worked = true;
+            }
+        }
+        worked
     }
 }
 
@@ -1632,6 +1699,7 @@ impl Block {
             stalled: false,
             broken: false,
             needs_signal: false,
+            buffered_writes: Vec::new(),
         })
     }
 }

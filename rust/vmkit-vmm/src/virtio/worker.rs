@@ -5,6 +5,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -22,6 +23,43 @@ pub trait WorkerHandler: Send + 'static {
     fn extra_ready(&mut self, _index: usize) {}
     /// Runs once before the loop: work that may already be pending.
     fn started(&mut self) {}
+    /// Looks for work without waiting (new buffers in a ring, finished IO)
+    /// and does it; returns whether there was any. Handlers that return true
+    /// here get adaptive polling: before the worker sleeps it keeps calling
+    /// `poll` for a while, as QEMU's event loop does, because a thread
+    /// wake-up costs more than the request it serves.
+    fn poll(&mut self) -> bool {
+        false
+    }
+    /// Whether `poll` is worth calling at all.
+    fn polls(&self) -> bool {
+        false
+    }
+}
+
+/// Adaptive polling: the window grows while polling finds work and shrinks
+/// while it does not, so an idle device stops spinning.
+struct PollWindow {
+    current: Duration,
+}
+
+const POLL_MAX: Duration = Duration::from_micros(64);
+const POLL_START: Duration = Duration::from_micros(4);
+/// While polling keeps finding work, the fds (the kill event among them) are
+/// still looked at this often.
+const LOOK_INTERVAL: Duration = Duration::from_micros(500);
+
+impl PollWindow {
+    fn grow(&mut self) {
+        self.current = (self.current * 2).clamp(POLL_START, POLL_MAX);
+    }
+
+    fn shrink(&mut self) {
+        self.current /= 2;
+        if self.current < POLL_START {
+            self.current = Duration::ZERO;
+        }
+    }
 }
 
 /// A running worker; dropping it stops the thread and waits for it.
@@ -89,12 +127,53 @@ pub fn spawn<H: WorkerHandler>(
 fn run<H: WorkerHandler>(epoll: Epoll, kill: EventFd, kicks: Vec<EventFd>, mut handler: H) {
     handler.started();
     let mut events = vec![EpollEvent::default(); 32];
+    let mut window = PollWindow {
+        current: Duration::ZERO,
+    };
+    let polls = handler.polls();
+    let mut last_look = Instant::now();
     loop {
-        let count = match epoll.wait(-1, &mut events) {
+        let mut found = false;
+        if polls && window.current > Duration::ZERO {
+            let start = Instant::now();
+            while start.elapsed() < window.current {
+                if handler.poll() {
+                    found = true;
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            if found {
+                window.grow();
+                // Polling found work: skip the syscall below, but not for long.
+                if last_look.elapsed() < LOOK_INTERVAL {
+                    continue;
+                }
+            } else {
+                window.shrink();
+            }
+        }
+        last_look = Instant::now();
+        // With polling on, look at the fds without sleeping first: the kill
+        // event must be seen even while polling keeps finding work.
+        let timeout = if polls { 0 } else { -1 };
+        let mut count = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => return,
         };
+        if count == 0 && polls && !found {
+            let slept = Instant::now();
+            count = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            // Work came soon after we gave up: a longer window would have caught it.
+            if slept.elapsed() < POLL_MAX {
+                window.grow();
+            }
+        }
         for event in &events[..count] {
             match event.data() {
                 KILL_TOKEN => {
