@@ -412,4 +412,35 @@ mod tests {
         assert_eq!(a.allocate(0x1000), Some(0x10000));
         assert_eq!(a.allocate(0x1000), None);
     }
+
+    #[test]
+    fn random_config_traffic_is_harmless() {
+        let segment = Arc::new(segment());
+        let mut ecam = PciEcam {
+            segments: vec![segment.clone()],
+        };
+        let mut io = PciConfigIo::new(segment);
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..50_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let len = [1usize, 2, 3, 4, 8][(state % 5) as usize];
+            let mut data = [0u8; 8];
+            let value = (state >> 8).to_le_bytes();
+            if state & (1 << 20) != 0 {
+                let offset = (state >> 24) % (2 * ECAM_SIZE_PER_SEGMENT);
+                ecam.write(offset, &value[..len]);
+                ecam.read(offset, &mut data[..len]);
+            } else {
+                let offset = (state >> 24) % PciConfigIo::LEN;
+                io.write(offset, &value[..len]);
+                io.read(offset, &mut data[..len]);
+            }
+        }
+        // The bridge's identity survived.
+        let mut id = [0u8; 4];
+        ecam.read(0, &mut id);
+        assert_eq!(u32::from_le_bytes(id), 0x0d57_8086);
+    }
 }

@@ -918,4 +918,56 @@ mod tests {
         assert_eq!(dev.config().bar_address(0), Some(0xc000_0000));
         assert_eq!(dev.notify_base, Some(0xc000_0000));
     }
+
+    /// A guest poking random registers with random values: no panic, no
+    /// stuck worker, and reset still brings the device back.
+    #[test]
+    fn random_register_traffic_is_harmless() {
+        let memory = memory();
+        let Some(mut dev) = rng_device(&memory) else {
+            return;
+        };
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let hot = [
+            0x00, 0x04, 0x08, 0x0c, 0x10, 0x12, 0x14, 0x16, 0x18, 0x1a, 0x1c, 0x20, 0x28,
+        ];
+        for _ in 0..20_000 {
+            let r = next();
+            let len = [1usize, 2, 4, 8][(r & 3) as usize];
+            let value = next();
+            let offset = match (r >> 2) % 6 {
+                0 => hot[((r >> 8) % hot.len() as u64) as usize],
+                1 => MSIX_TABLE_OFFSET + (r >> 8) % 0x40,
+                2 => (r >> 8) % BAR_SIZE,
+                3 => NOTIFY_OFFSET + (r >> 8) % 8,
+                _ => ISR_OFFSET,
+            };
+            let mut data = [0u8; 8];
+            if r & (1 << 40) != 0 {
+                dev.bar_write(0, offset, &value.to_le_bytes()[..len]);
+            } else {
+                dev.bar_read(0, offset, &mut data[..len]);
+            }
+            if r & (1 << 41) != 0 {
+                let reg = ((r >> 44) % 64) as usize;
+                dev.config_write(reg, 0, &(value as u32).to_le_bytes());
+                let _ = dev.config_read(reg);
+            }
+        }
+        write(&mut dev, 0x14, 0, 1);
+        assert_eq!(read(&mut dev, 0x14, 1), 0);
+        assert!(!dev.active);
+        // Still a working device afterwards (BAR 0 may have moved: put it back).
+        dev.config_write(4, 0, &(BAR as u32).to_le_bytes());
+        dev.config_write(5, 0, &((BAR >> 32) as u32).to_le_bytes());
+        set_up(&mut dev, F_VERSION_1, 16);
+        write(&mut dev, 0x14, 0xf, 1);
+        assert_eq!(read(&mut dev, 0x14, 1), 0xf);
+    }
 }
