@@ -286,6 +286,8 @@ struct config {
     size_t bench_mode_len;
     u64 bench_size, bench_depth, bench_count;
     bool bench_bad;
+    u64 net_timeout_ms;
+    bool net_bad;
 };
 extern struct config cfg;
 extern u64 tsc_khz; /* 0 if unknown */
@@ -302,6 +304,7 @@ bool step_blk(struct result *r);
 bool step_console(struct result *r);
 bool step_msix(struct result *r);
 bool step_blkbench(struct result *r);
+bool step_net(struct result *r);
 
 /* ---- memmap.c ---- */
 bool step_memmap(struct result *r);

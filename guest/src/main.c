@@ -71,6 +71,7 @@ static void parse_cmdline(void)
     cfg.bench_size = 4096;
     cfg.bench_depth = 1;
     cfg.bench_count = 10000;
+    cfg.net_timeout_ms = 5000;
     while (i < n) {
         size_t start, len, k;
         while (i < n && is_space(s[i]))
@@ -111,6 +112,8 @@ static void parse_cmdline(void)
             cfg.bench_bad |= !parse_u64(s + start + k, len - k, &cfg.bench_depth);
         } else if (starts_with(s + start, len, "blkbench_count=", &k)) {
             cfg.bench_bad |= !parse_u64(s + start + k, len - k, &cfg.bench_count);
+        } else if (starts_with(s + start, len, "net_timeout_ms=", &k)) {
+            cfg.net_bad = !parse_u64(s + start + k, len - k, &cfg.net_timeout_ms);
         }
         /* anything else (console=ttyS0, ...) is ignored */
     }
@@ -192,6 +195,7 @@ static const struct {
     {"timer", step_timer}, {"cpl3", step_cpl3},     {"pio", step_pio},
     {"pci", step_pci},     {"rng", step_rng},       {"blk", step_blk},
     {"console", step_console}, {"msix", step_msix}, {"blkbench", step_blkbench},
+    {"net", step_net},
 };
 
 static void print_step(const char *name, size_t len, bool ok, const struct result *r)

@@ -51,6 +51,7 @@ void line_bdf(struct line *l, const struct pci_dev *d); /* ssss:bb:dd.f */
 void res_bdf(struct result *r, const struct pci_dev *d);
 
 /* ---- virtio.c: virtio 1.x over PCI (modern), split virtqueues ---- */
+#define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLK 2
 #define VIRTIO_ID_CONSOLE 3
 #define VIRTIO_ID_RNG 4
@@ -144,6 +145,7 @@ bool virtio_check_status(struct vdev *v, struct result *r); /* DEVICE_NEEDS_RESE
 /* Device config bytes (generation-checked by the caller where it matters). */
 u32 virtio_cfg32(struct vdev *v, u32 off);
 u16 virtio_cfg16(struct vdev *v, u32 off);
+u8 virtio_cfg8(struct vdev *v, u32 off);
 u8 virtio_cfg_gen(struct vdev *v);
 /* One chain on q (one request in flight per queue); notifies the device. */
 bool vq_submit(struct vdev *v, struct virtq *q, const struct vbuf *b, u32 n, struct result *r);

@@ -380,6 +380,7 @@ void virtio_stop(struct vdev *v)
 u8 virtio_cfg_gen(struct vdev *v) { return rd8(v->common + VC_GEN); }
 u32 virtio_cfg32(struct vdev *v, u32 off) { return rd32(v->devcfg + off); }
 u16 virtio_cfg16(struct vdev *v, u32 off) { return rd16(v->devcfg + off); }
+u8 virtio_cfg8(struct vdev *v, u32 off) { return rd8(v->devcfg + off); }
 
 bool vq_submit(struct vdev *v, struct virtq *q, const struct vbuf *b, u32 n, struct result *r)
 {

@@ -13,6 +13,7 @@ pub mod console;
 pub mod net;
 pub mod pci;
 pub mod rng;
+pub mod tap;
 pub mod worker;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,270 @@
+"""virtio-net on a Linux tap under the vmkit test guest: a frame each way
+between the guest and an AF_PACKET socket on the host, counters, a tap that
+vmkit creates (configured, up, gone after the VM), a tap descriptor the
+caller opened (``fd=``), and clear errors for unusable taps and descriptors.
+
+They need /dev/kvm, /dev/net/tun and CAP_NET_ADMIN (to create taps), and
+skip with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import itertools
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vmkit import VmConfig, testguest
+from vmkit.testguest import GuestResults, parse_results
+from vmkit.vm import Vm, VmError
+
+if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+ETH_P_ALL = 0x0003
+ETHERTYPE = b"\x88\xb5"
+GUEST_MAC = "12:34:56:78:9a:bc"
+HOST_MAC = bytes.fromhex("020000564d4b")
+
+
+def open_tap(name: str, flags: int = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) -> tuple[int, str]:
+    """Opens /dev/net/tun and attaches it to the tap `name` (created if absent)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    try:
+        ifr = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd, ifr[:16].rstrip(b"\0").decode()
+
+
+def _tap_support() -> str | None:
+    """Why taps cannot be used here, or None."""
+    if shutil.which("ip") is None:
+        return "the ip command is missing"
+    try:
+        fd, _ = open_tap("vmtap%d")
+    except OSError as e:
+        return f"cannot create a tap (needs /dev/net/tun and CAP_NET_ADMIN): {e}"
+    os.close(fd)
+    return None
+
+
+_why = _tap_support()
+if _why is not None:
+    pytest.skip(_why, allow_module_level=True)
+
+_names = itertools.count()
+
+
+def unique_name() -> str:
+    return f"vmkn{os.getpid() % 100000}x{next(_names)}"
+
+
+def ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
+
+def quiet(name: str) -> None:
+    """No IPv6 chatter from the host on this interface (the guest ignores it anyway)."""
+    try:
+        Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1")
+    except OSError:
+        pass
+
+
+def interfaces() -> dict[str, dict[str, Any]]:
+    return {i["ifname"]: i for i in json.loads(ip("-j", "addr"))}
+
+
+@pytest.fixture
+def tap() -> Iterator[str]:
+    """A persistent tap made with `ip tuntap`, up, deleted afterwards."""
+    name = unique_name()
+    ip("tuntap", "add", "dev", name, "mode", "tap")
+    try:
+        quiet(name)
+        ip("link", "set", name, "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "del", name], capture_output=True)
+
+
+def packet_socket(name: str) -> socket.socket:
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    sock.bind((name, 0))
+    sock.settimeout(0.2)
+    return sock
+
+
+def config(steps: list[str], *extra: str, **options: int) -> VmConfig:
+    return VmConfig.from_cli(
+        ["--kernel", str(testguest.image_path("pvh")),
+         "--cmdline", testguest.cmdline(steps, "poweroff", **options),
+         "--cpus", "boot=1", "--memory", "size=256M", "--serial", "null", *extra]
+    )  # fmt: skip
+
+
+def answer_ping(vm: Vm, sock: socket.socket, timeout: float = 20) -> bytes:
+    """Waits for the guest's frame and answers it; returns the guest's frame."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            frame = sock.recv(65536)
+        except TimeoutError:
+            continue
+        if frame[12:14] == ETHERTYPE and frame[14:].startswith(b"vmkit-guest"):
+            pong = b"\xff" * 6 + HOST_MAC + ETHERTYPE + b"vmkit-host pong".ljust(46, b"\0")
+            sock.send(pong)
+            return frame
+    pytest.fail(f"no frame from the guest within {timeout} s:\n{vm.serial.text}")
+
+
+def net_rx_line(results: GuestResults) -> re.Match[str]:
+    for line in results.lines:
+        match = re.fullmatch(r"vmkit-guest: net rx len=(\d+) payload=(.*)", line)
+        if match:
+            return match
+    pytest.fail(f"no net rx line: {results.lines}")
+
+
+def check_exchange(vm: Vm, name: str) -> GuestResults:
+    """The guest's ping reaches `name`, the host's pong reaches the guest."""
+    with packet_socket(name) as sock:
+        vm.boot()
+        frame = answer_ping(vm, sock)
+    assert frame[:6] == b"\xff" * 6
+    assert frame[6:12] == bytes.fromhex(GUEST_MAC.replace(":", ""))
+    assert len(frame) == 60
+    assert frame[14:] == b"vmkit-guest net ping".ljust(46, b"\0")
+    vm.serial.wait_for(r"step net (ok|fail)", timeout=20)
+    results = parse_results(vm.serial.text)
+    assert results.ok("net"), results.lines
+    rx = net_rx_line(results)
+    assert rx.groups() == ("60", "vmkit-host pong")
+    values = results.values("net")
+    assert values["mac"] == GUEST_MAC and values["tx"] == "1"
+    assert int(values["rx"]) >= 1
+    return results
+
+
+def test_a_frame_each_way_and_counters(tap: str) -> None:
+    cfg = config(["net", "ticks"], "--net", f"tap={tap},mac={GUEST_MAC}", ticks=50, tick_ms=20)
+    with Vm(cfg) as vm:
+        check_exchange(vm, tap)
+        counters = vm.counters()["_net0"]
+        assert set(counters) == {"rx_bytes", "rx_frames", "tx_bytes", "tx_frames"}
+        # Payload bytes, without the 12-byte virtio-net header.
+        assert (counters["tx_frames"], counters["tx_bytes"]) == (1, 60)
+        assert counters["rx_frames"] >= 1 and counters["rx_bytes"] >= 60
+        exit_info = vm.wait(30)
+        assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+    # The user's tap outlives the VM.
+    assert tap in interfaces()
+
+
+def test_vmkit_creates_configures_and_removes_its_tap() -> None:
+    before = set(interfaces())
+    cfg = config(["ticks"], "--net", "ip=192.168.249.1,mask=255.255.255.0", ticks=1000, tick_ms=10)
+    with Vm(cfg) as vm:
+        vm.boot()
+        vm.serial.wait_for(r"tick 1\b", timeout=20)
+        new = {n: i for n, i in interfaces().items() if n not in before}
+        assert len(new) == 1, new
+        ((name, info),) = new.items()
+        assert name.startswith("vmtap")
+        assert "UP" in info["flags"]
+        addrs = [(a["local"], a["prefixlen"]) for a in info["addr_info"] if a["family"] == "inet"]
+        assert addrs == [("192.168.249.1", 24)]
+        vm.shutdown()
+        assert name not in interfaces(), "the tap vmkit created outlived the VM"
+
+
+def test_a_caller_opened_tap_descriptor() -> None:
+    fd, name = open_tap(unique_name())
+    try:
+        quiet(name)
+        ip("link", "set", name, "up")
+        cfg = config(["net"], "--net", f"fd=[{fd}],mac={GUEST_MAC}")
+        with Vm(cfg) as vm:
+            check_exchange(vm, name)
+            exit_info = vm.wait(30)
+            assert exit_info is not None and exit_info.reason == "poweroff"
+        # vmkit used a duplicate: the caller's descriptor is still open.
+        os.fstat(fd)
+        assert name in interfaces()
+    finally:
+        os.close(fd)
+
+
+def boot_error(*net: str) -> VmError:
+    vm = Vm(config(["hello"], "--net", *net))
+    try:
+        with pytest.raises(VmError) as info:
+            vm.boot()
+        return info.value
+    finally:
+        vm.close()
+
+
+def test_unusable_taps_and_descriptors_are_named() -> None:
+    with open("/dev/null", "rb") as f:
+        e = boot_error(f"fd=[{f.fileno()}]")
+    assert e.kind == "Device"
+    assert re.search(r"_net0: fd=\d+: not a tap device", e.message), e.message
+
+    closed = 999_999
+    with pytest.raises(OSError):
+        os.fstat(closed)
+    e = boot_error(f"fd=[{closed}]")
+    assert f"fd={closed}: not an open file descriptor" in e.message, e.message
+
+    e = boot_error("tap=lo")
+    assert "tap=lo: TUNSETIFF" in e.message and "not a tap" in e.message, e.message
+
+    e = boot_error("tap=averyveryverylongname")
+    assert "tap=averyveryverylongname" in e.message, e.message
+    assert "at most 15 bytes" in e.message, e.message
+
+    # A tap opened without a virtio-net header cannot be used.
+    fd, _ = open_tap(unique_name(), IFF_TAP | IFF_NO_PI)
+    try:
+        e = boot_error(f"fd=[{fd}]")
+        assert "without IFF_VNET_HDR" in e.message, e.message
+    finally:
+        os.close(fd)
+
+
+def test_boots_leak_no_descriptors_threads_or_taps(tap: str) -> None:
+    def run() -> None:
+        # Two devices: one on the user's tap, one on a tap vmkit creates.
+        with Vm(config(["hello"], "--net", f"tap={tap}", "ip=10.99.0.1")) as vm:
+            vm.boot()
+            exit_info = vm.wait(30)
+            assert exit_info is not None and exit_info.reason == "poweroff"
+
+    run()
+    gc.collect()
+    fds, threads, links = len(os.listdir("/proc/self/fd")), threading.active_count(), interfaces()
+    for _ in range(3):
+        run()
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert threading.active_count() == threads
+    assert interfaces().keys() == links.keys()
