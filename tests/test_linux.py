@@ -63,7 +63,7 @@ def test_linux_early_boot_checkpoints(guest: DebianGuest, kernel: str) -> None:
         serial.wait_for(re.escape(f"Command line: {CMDLINE}"), timeout=30)
         serial.wait_for(r"BIOS-e820: \[mem 0x0000000000100000-0x000000003fffffff\] usable", 30)
         ramdisk = serial.wait_for(r"RAMDISK: \[mem 0x([0-9a-f]+)-0x([0-9a-f]+)\]", timeout=60)
-        for table in ("RSDP", "XSDT", "FACP", "DSDT", "APIC"):
+        for table in ("RSDP", "XSDT", "FACP", "DSDT", "APIC", "MCFG"):
             serial.wait_for(rf"ACPI: {table} 0x", timeout=60)
         serial.wait_for(r"smpboot: Allowing 4 CPUs, 2 hotplug CPUs", timeout=120)
         text = serial.text

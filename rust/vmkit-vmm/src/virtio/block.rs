@@ -1244,6 +1244,8 @@ struct QueueHandler {
     /// until the device is reset.
     broken: bool,
     needs_signal: bool,
+    /// The worker is polling the ring: leave notifications off.
+    polling: bool,
     /// Buffered writes popped in this batch, not started yet.
     buffered_writes: Vec<Request>,
 }
@@ -1266,7 +1268,8 @@ impl QueueHandler {
             if let Some(uring) = &mut self.uring {
                 uring.submit();
             }
-            if stop != Stop::Empty {
+            if stop != Stop::Empty || self.polling {
+                // While the worker polls, notifications stay off.
                 break;
             }
             // Re-enabling and re-checking closes the race with a driver that
@@ -1505,6 +1508,28 @@ impl WorkerHandler for QueueHandler {
         true
     }
 
+    fn poll_start(&mut self) {
+        self.polling = true;
+    }
+
+    fn poll_stop(&mut self) -> bool {
+        self.polling = false;
+        if self.throttled || self.stalled || self.broken {
+            return false;
+        }
+        match self.queue.enable_notification(&self.mem) {
+            Ok(true) => {
+                self.process_queue();
+                true
+            }
+            Ok(false) => false,
+            Err(_) => {
+                self.broken = true;
+                false
+            }
+        }
+    }
+
     fn poll(&mut self) -> bool {
         let mut worked = false;
         if self.uring.as_mut().is_some_and(Uring::has_completions) {
@@ -1700,6 +1725,7 @@ impl Block {
             broken: false,
             needs_signal: false,
             buffered_writes: Vec::new(),
+            polling: false,
         })
     }
 }

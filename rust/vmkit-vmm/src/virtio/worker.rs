@@ -35,6 +35,14 @@ pub trait WorkerHandler: Send + 'static {
     fn polls(&self) -> bool {
         false
     }
+    /// Polling begins: the driver may stop notifying (its kicks cost it an
+    /// exit, and the poller will see the buffers anyway).
+    fn poll_start(&mut self) {}
+    /// Polling ends before the worker sleeps: notifications back on. Returns
+    /// whether work turned up meanwhile (it has been done).
+    fn poll_stop(&mut self) -> bool {
+        false
+    }
 }
 
 /// Adaptive polling: the window grows while polling finds work and shrinks
@@ -135,6 +143,7 @@ fn run<H: WorkerHandler>(epoll: Epoll, kill: EventFd, kicks: Vec<EventFd>, mut h
     loop {
         let mut found = false;
         if polls && window.current > Duration::ZERO {
+            handler.poll_start();
             let start = Instant::now();
             while start.elapsed() < window.current {
                 if handler.poll() {
@@ -151,6 +160,7 @@ fn run<H: WorkerHandler>(epoll: Epoll, kill: EventFd, kicks: Vec<EventFd>, mut h
                 }
             } else {
                 window.shrink();
+                found = handler.poll_stop();
             }
         }
         last_look = Instant::now();
