@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -34,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import vmkit
+from machine import machine
 from vmkit import VmConfig, testguest
 from vmkit.vm import Vm
 
@@ -141,19 +140,6 @@ def host_tsc_khz(output: bytes) -> float:
     if not m:
         raise RuntimeError("vmkit's guest did not report ns (no TSC leaf?)")
     return int(m.group(1)) * 1e6 / int(m.group(2))
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    kvm = "kvm_pvm" if Path("/sys/module/kvm_pvm").exists() else "hardware KVM"
-    return (
-        f"{cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, /dev/kvm: {kvm}, "
-        f"Python {platform.python_version()}, vmkit {vmkit.__version__}"
-    )
 
 
 def main() -> int:

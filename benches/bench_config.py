@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 
-import vmkit
+from machine import machine
 from vmkit import _native
 from vmkit._flags import scan
 from vmkit.config import (
@@ -101,22 +99,6 @@ def median_us(call: Callable[[], object], number: int, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
-        f"Python {platform.python_version()}, vmkit {vmkit.__version__}"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--number", type=int, default=2000)
@@ -143,7 +125,7 @@ def main() -> None:
         rows.append((f"{cls.__name__}.parse({text!r})", median_us(call, n, r)))
 
     if args.markdown:
-        print(f"Machine: {machine()}\n")
+        print(f"Machine: {machine(with_kvm=False)}\n")
         shown = " ".join(json.dumps(a) if " " in a else a for a in REALISTIC_ARGV)
         print(f"Command line: `vmkit {shown}`\n")
         print("| what | median µs per call |")
@@ -151,7 +133,7 @@ def main() -> None:
         for name, us in rows:
             print(f"| {name.replace('|', '/')} | {us:.2f} |")
     else:
-        print(machine(), file=sys.stderr)
+        print(machine(with_kvm=False), file=sys.stderr)
         for name, us in rows:
             print(f"{us:9.2f} µs  {name}")
 

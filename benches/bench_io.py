@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -30,7 +29,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import vmkit
+from machine import machine
 from vmkit import testguest
 
 IMAGE_SIZE = 256 << 20
@@ -117,19 +116,6 @@ def rate(row: Row, requests: int, seconds: float) -> float:
     if row.unit == "IOPS":
         return requests / seconds
     return requests * row.size / seconds / 1e6
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    kvm = "kvm_pvm" if Path("/sys/module/kvm_pvm").exists() else "hardware KVM"
-    return (
-        f"{cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, /dev/kvm: {kvm}, "
-        f"Python {platform.python_version()}, vmkit {vmkit.__version__}"
-    )
 
 
 def main() -> int:

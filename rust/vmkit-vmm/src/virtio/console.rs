@@ -251,27 +251,8 @@ mod tests {
         }
     }
 
-    /// Queue `index` with its rings at `base`, `base + 0x1000`, `base + 0x2000`.
     fn queue(memory: &GuestMemoryMmap, index: u16, base: u64) -> (ActiveQueue, EventFd) {
-        let mut queue = Queue::new(16).unwrap();
-        queue
-            .try_set_desc_table_address(GuestAddress(base))
-            .unwrap();
-        queue
-            .try_set_avail_ring_address(GuestAddress(base + 0x1000))
-            .unwrap();
-        queue
-            .try_set_used_ring_address(GuestAddress(base + 0x2000))
-            .unwrap();
-        queue.set_ready(true);
-        assert!(queue.is_valid(memory));
-        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let active = ActiveQueue {
-            index,
-            queue,
-            kick: kick.try_clone().unwrap(),
-        };
-        (active, kick)
+        crate::virtio::testing::ready_queue(memory, index, base, 16)
     }
 
     fn post(memory: &GuestMemoryMmap, base: u64, addr: u64, len: u32, flags: u16) {

@@ -14,6 +14,8 @@ pub mod net;
 pub mod pci;
 pub mod rng;
 pub mod tap;
+#[cfg(test)]
+pub mod testing;
 pub mod worker;
 
 use std::collections::BTreeMap;

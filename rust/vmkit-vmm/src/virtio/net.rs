@@ -1155,24 +1155,7 @@ mod tests {
 
     impl Ring {
         fn new(memory: &GuestMemoryMmap, index: u16, base: u64) -> (Ring, ActiveQueue) {
-            let mut queue = Queue::new(QSIZE).unwrap();
-            queue
-                .try_set_desc_table_address(GuestAddress(base))
-                .unwrap();
-            queue
-                .try_set_avail_ring_address(GuestAddress(base + 0x1000))
-                .unwrap();
-            queue
-                .try_set_used_ring_address(GuestAddress(base + 0x2000))
-                .unwrap();
-            queue.set_ready(true);
-            assert!(queue.is_valid(memory));
-            let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-            let active = ActiveQueue {
-                index,
-                queue,
-                kick: kick.try_clone().unwrap(),
-            };
+            let (active, kick) = crate::virtio::testing::ready_queue(memory, index, base, QSIZE);
             let ring = Ring {
                 base,
                 kick,

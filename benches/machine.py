@@ -1,0 +1,27 @@
+"""The machine line every benchmark prints beside its figures."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import vmkit
+
+
+def machine(with_kvm: bool = True) -> str:
+    """CPU, CPU count, kernel, the kind of /dev/kvm, Python and vmkit versions."""
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    kvm = "kvm_pvm" if Path("/sys/module/kvm_pvm").exists() else "hardware KVM"
+    kvm_part = f"/dev/kvm: {kvm}, " if with_kvm else ""
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, {kvm_part}"
+        f"Python {platform.python_version()}, vmkit {vmkit.__version__}"
+    )
