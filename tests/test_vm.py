@@ -520,3 +520,18 @@ def test_ctrl_c_interrupts_the_command_line() -> None:
         seen += chunk
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=10) == 0
+
+
+def test_power_button_reaches_the_guest() -> None:
+    cfg = config(steps=["powerbutton"])
+    with Vm(cfg) as vm:
+        with pytest.raises(VmError, match="VM is not running"):
+            vm.power_button()
+        vm.boot()
+        vm.serial.wait_for(r"vmkit-guest: powerbutton waiting", timeout=30)
+        vm.power_button()
+        exit_info = vm.wait(30)
+        results = parse_results(vm.serial.text)
+    assert exit_info is not None and exit_info.reason == "poweroff"
+    # One edge interrupt on the GED's pin, and the power-button bit (read once).
+    assert results.values("powerbutton") == {"event": "0x8", "interrupts": "1"}, results.lines

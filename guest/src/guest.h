@@ -306,6 +306,9 @@ bool step_msix(struct result *r);
 bool step_blkbench(struct result *r);
 bool step_net(struct result *r);
 
+/* ---- power.c ---- */
+bool step_powerbutton(struct result *r);
+
 /* ---- memmap.c ---- */
 bool step_memmap(struct result *r);
 

@@ -163,6 +163,14 @@ class Vm:
         """Resets the VM: the running boot stops and a fresh one starts."""
         self._handle.reboot()
 
+    def power_button(self) -> None:
+        """Presses the ACPI power button (a Generic Event Device event).
+
+        The guest decides what follows; Linux shuts down in an orderly way.
+        Raises VmError ("VM is not running") when no boot is running.
+        """
+        self._handle.power_button()
+
     def wait(self, timeout: float | None = None) -> VmExit | None:
         """Waits for the VM to stop; returns why, or None on timeout.
 

@@ -88,6 +88,11 @@ impl VmHandle {
         py.detach(|| self.vm.reboot()).map_err(|e| vm_error(py, e))
     }
 
+    fn power_button(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.vm.power_button())
+            .map_err(|e| vm_error(py, e))
+    }
+
     /// Shuts down and releases the backends (pty, socket); final.
     fn close(&self, py: Python<'_>) {
         py.detach(|| self.vm.close());

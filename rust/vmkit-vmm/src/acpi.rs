@@ -12,8 +12,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::IntoBytes;
 
 use crate::cpu::Topology;
+use crate::devices::legacy::GED_POWER_BUTTON;
 use crate::error::{Error, ErrorKind, Result};
-use crate::layout::{ACPI_TABLES_END, APIC_START, IOAPIC_START, PCI_MMCONFIG_START, RSDP_POINTER};
+use crate::layout::{
+    ACPI_TABLES_END, APIC_START, GED_ADDRESS, GED_IRQ, IOAPIC_START, PCI_MMCONFIG_START,
+    RSDP_POINTER,
+};
 use crate::pci::{SegmentLayout, ECAM_SIZE_PER_SEGMENT};
 
 const OEM_ID: [u8; 6] = *b"VMKIT ";
@@ -81,17 +85,63 @@ fn motherboard_resources(segments: &[SegmentLayout], sink: &mut Vec<u8>) {
     let hid = aml::EISAName::new("PNP0C02");
     let hid_name = aml::Name::new("_HID".into(), &hid);
     let uid = aml::Name::new("_UID".into(), &aml::ZERO);
-    let ecam = aml::AddressSpace::new_memory(
-        aml::AddressSpaceCacheable::NotCacheable,
+    let ecam = aml::Memory32Fixed::new(
         true,
-        PCI_MMCONFIG_START,
-        PCI_MMCONFIG_START + segments.len() as u64 * ECAM_SIZE_PER_SEGMENT - 1,
-        None,
+        PCI_MMCONFIG_START as u32,
+        (segments.len() as u64 * ECAM_SIZE_PER_SEGMENT) as u32,
     );
     let crs = aml::ResourceTemplate::new(vec![&ecam]);
     let crs_name = aml::Name::new("_CRS".into(), &crs);
     let device = aml::Device::new("MBRD".into(), vec![&hid_name, &uid, &crs_name]);
     device.to_aml_bytes(sink);
+}
+
+/// The Generic Event Device and the power button it notifies: `_EVT` reads
+/// the GED register and, for the power-button bit, sends PWRB notification
+/// 0x80 (a press), which the kernel turns into an orderly shutdown.
+fn ged_and_power_button(sink: &mut Vec<u8>) {
+    let ged_hid: &'static str = "ACPI0013";
+    let hid = aml::Name::new("_HID".into(), &ged_hid);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let irq = aml::Interrupt::new(true, true, false, false, GED_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let crs_name = aml::Name::new("_CRS".into(), &crs);
+    let address = GED_ADDRESS as usize;
+    let one = 1usize;
+    let region = aml::OpRegion::new(
+        "GDST".into(),
+        aml::OpRegionSpace::SystemMemory,
+        &address,
+        &one,
+    );
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let gdat: aml::Path = "GDAT".into();
+    let local0 = aml::Local(0);
+    let read = aml::Store::new(&local0, &gdat);
+    let bit = GED_POWER_BUTTON;
+    let masked = aml::And::new(&aml::ZERO, &local0, &bit);
+    let pressed = aml::Equal::new(&masked, &bit);
+    let pwrb: aml::Path = "\\_SB_.PWRB".into();
+    let press = 0x80u8;
+    let notify = aml::Notify::new(&pwrb, &press);
+    let check = aml::If::new(&pressed, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &check]);
+    let ged = aml::Device::new(
+        "GED_".into(),
+        vec![&hid, &uid, &crs_name, &region, &field, &evt],
+    );
+    ged.to_aml_bytes(sink);
+
+    let button_hid = aml::EISAName::new("PNP0C0C");
+    let button_hid_name = aml::Name::new("_HID".into(), &button_hid);
+    let button = aml::Device::new("PWRB".into(), vec![&button_hid_name, &uid]);
+    button.to_aml_bytes(sink);
 }
 
 fn mcfg(segments: &[SegmentLayout]) -> Vec<u8> {
@@ -133,6 +183,7 @@ fn dsdt(segments: &[SegmentLayout]) -> Sdt {
     if !segments.is_empty() {
         motherboard_resources(segments, &mut pci);
     }
+    ged_and_power_button(&mut pci);
     let pci = RawAml(pci);
     let sb = aml::Scope::new("_SB_".into(), vec![&com1, &ps2, &pci]);
     let s5_package = aml::Package::new(vec![&S5_SLEEP_TYPE]);
@@ -320,6 +371,9 @@ mod tests {
                 assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
                 assert!(dsdt.windows(4).any(|w| w == b"PC00"));
                 assert!(dsdt.windows(4).any(|w| w == b"PC01"));
+                assert!(dsdt.windows(8).any(|w| w == b"ACPI0013"));
+                assert!(dsdt.windows(4).any(|w| w == b"_EVT"));
+                assert!(dsdt.windows(4).any(|w| w == b"PWRB"));
             }
             if &t[..4] == b"MCFG" {
                 // Header, 8 reserved bytes, then one 16-byte entry per segment.
@@ -342,5 +396,14 @@ mod tests {
             }
         }
         assert_eq!(signatures, vec!["FACP", "APIC", "MCFG"]);
+    }
+
+    /// Writes the DSDT to $VMKIT_DUMP_DSDT for inspection with `iasl -d`.
+    #[test]
+    fn dump_dsdt_when_asked() {
+        if let Some(path) = std::env::var_os("VMKIT_DUMP_DSDT") {
+            let segments = crate::pci::plan_segments(2, 2 << 20, 40).unwrap();
+            std::fs::write(path, dsdt(&segments).as_slice()).unwrap();
+        }
     }
 }

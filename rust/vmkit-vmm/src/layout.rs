@@ -41,6 +41,11 @@ pub const PCI_MMCONFIG_SIZE: u64 = 256 << 20;
 pub const MEM_64BIT_DEVICES_MIN_START: u64 = 1 << 36;
 /// Each segment's share of the 64-bit device space.
 pub const MEM_64BIT_DEVICES_SIZE_PER_SEGMENT: u64 = 16 << 30;
+/// The ACPI Generic Event Device's register (one byte), below the IOAPIC.
+pub const GED_ADDRESS: u64 = 0xfeb0_0000;
+pub const GED_SIZE: u64 = 0x10;
+/// Its interrupt: an ISA line nothing else uses (COM1 is 4, the i8042 1).
+pub const GED_IRQ: u32 = 5;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
 /// KVM's TSS (needed on VMX hosts): three pages just below the IOAPIC hole top.

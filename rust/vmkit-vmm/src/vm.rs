@@ -21,12 +21,15 @@ use crate::acpi::{self, ACPI_SHUTDOWN_PORT};
 use crate::boot::{self, LoadedPayload};
 use crate::control::{Control, StopReason, VcpuCommand};
 use crate::cpu::{self, HostCpu, Topology};
-use crate::devices::legacy::{AcpiShutdown, DebugPort, DebugPortWrite, ResetTrigger, I8042};
+use crate::devices::legacy::{
+    AcpiShutdown, DebugPort, DebugPortWrite, Ged, GedRegister, ResetTrigger, GED_POWER_BUTTON,
+    I8042,
+};
 use crate::devices::serial::{IrqTrigger, SerialBackend, SerialDevice, SerialSink};
 use crate::devices::Bus;
 use crate::error::{Error, ErrorKind, Result};
 use crate::interrupts::InterruptRoutes;
-use crate::layout::PCI_MMCONFIG_START;
+use crate::layout::{GED_ADDRESS, GED_IRQ, GED_SIZE, PCI_MMCONFIG_START};
 use crate::memory::{create_guest_ram, GuestRam};
 use crate::pci::{self, PciBarWindow, PciConfigIo, PciEcam, PciSegment, ECAM_SIZE_PER_SEGMENT};
 use crate::rate_limiter::SharedRateLimiter;
@@ -99,6 +102,7 @@ struct Instance {
     /// Keeps the irqfd eventfds open while the boot lives.
     _irq_fds: Vec<EventFd>,
     virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    ged: Arc<Ged>,
 }
 
 impl Instance {
@@ -410,6 +414,19 @@ impl Vm {
         }
     }
 
+    /// Presses the guest's ACPI power button (a GED event); what happens next
+    /// is up to the guest (Linux shuts down in an orderly way).
+    pub fn power_button(&self) -> Result<()> {
+        let life = self.lock();
+        match &life.instance {
+            Some(instance) if matches!(life.state, VmState::Running | VmState::Paused) => instance
+                .ged
+                .notify(GED_POWER_BUTTON)
+                .map_err(|e| Error::new(ErrorKind::Device, format!("power button: {e}"))),
+            _ => Err(Error::new(ErrorKind::State, "VM is not running")),
+        }
+    }
+
     /// Waits for the VM to stop for good; None on timeout.
     pub fn wait(&self, timeout: Option<Duration>) -> Option<StopReason> {
         let deadline = timeout.map(|t| Instant::now() + t);
@@ -642,6 +659,16 @@ impl Vm {
             pio.insert(0x3f8, 8, device.clone());
             backend.attach(Some(device));
         }
+        let ged_irq = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| Error::new(ErrorKind::Device, format!("GED irq: {e}")))?;
+        vm_fd
+            .register_irqfd(&ged_irq, GED_IRQ)
+            .map_err(|e| Error::kvm("KVM_IRQFD (GED)", e))?;
+        let ged =
+            Arc::new(Ged::new(ged_irq.try_clone().map_err(|e| {
+                Error::new(ErrorKind::Device, format!("GED irq: {e}"))
+            })?));
+        irq_fds.push(ged_irq);
         pio.insert(
             0x60,
             5,
@@ -689,6 +716,11 @@ impl Vm {
                 );
             }
         }
+        mmio.insert(
+            GED_ADDRESS,
+            GED_SIZE,
+            Arc::new(Mutex::new(GedRegister(ged.clone()))),
+        );
         let pio = Arc::new(pio);
         let mmio = Arc::new(mmio);
 
@@ -752,6 +784,7 @@ impl Vm {
                         payload,
                         _irq_fds: irq_fds,
                         virtio: pci.virtio,
+                        ged,
                     };
                     partial.stop(StopReason::VmmError {
                         message: "cannot start vCPU threads".into(),
@@ -772,6 +805,7 @@ impl Vm {
             payload,
             _irq_fds: irq_fds,
             virtio: pci.virtio,
+            ged,
         })
     }
 

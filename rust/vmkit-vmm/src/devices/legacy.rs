@@ -163,3 +163,68 @@ mod tests {
         assert_eq!(log.lock().unwrap()[3].value, 3);
     }
 }
+
+/// The ACPI Generic Event Device (ACPI0013) of a hardware-reduced platform:
+/// one byte at `GED_ADDRESS` saying which event happened (reading clears
+/// it), signalled on `GED_IRQ`. The DSDT's `_EVT` reads it and notifies the
+/// power button (PNP0C0C), which is how `vm.power-button` reaches the guest.
+pub struct Ged {
+    pending: Mutex<u8>,
+    irq: vmm_sys_util::eventfd::EventFd,
+}
+
+/// Event bits (Cloud Hypervisor's).
+pub const GED_POWER_BUTTON: u8 = 1 << 3;
+
+impl Ged {
+    pub fn new(irq: vmm_sys_util::eventfd::EventFd) -> Self {
+        Ged {
+            pending: Mutex::new(0),
+            irq,
+        }
+    }
+
+    /// Records `event` and interrupts the guest.
+    pub fn notify(&self, event: u8) -> std::io::Result<()> {
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) |= event;
+        self.irq.write(1)
+    }
+}
+
+/// The guest's side of the GED, on the MMIO bus.
+pub struct GedRegister(pub Arc<Ged>);
+
+impl BusDevice for GedRegister {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if offset == 0 {
+            if let Some(first) = data.first_mut() {
+                *first =
+                    std::mem::take(&mut *self.0.pending.lock().unwrap_or_else(|p| p.into_inner()));
+            }
+        }
+    }
+
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
+#[cfg(test)]
+mod ged_tests {
+    use super::*;
+
+    #[test]
+    fn reading_the_event_clears_it() {
+        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let ged = Arc::new(Ged::new(irq.try_clone().unwrap()));
+        let mut register = GedRegister(ged.clone());
+        ged.notify(GED_POWER_BUTTON).unwrap();
+        assert_eq!(irq.read().unwrap(), 1, "the interrupt fired");
+        let mut byte = [0u8; 4];
+        register.read(0, &mut byte);
+        assert_eq!(byte, [GED_POWER_BUTTON, 0, 0, 0]);
+        register.read(0, &mut byte);
+        assert_eq!(byte[0], 0, "read once");
+        register.read(1, &mut byte);
+        assert_eq!(byte, [0; 4]);
+    }
+}

@@ -1,0 +1,76 @@
+/* The powerbutton step: waits for the VMM to press the ACPI power button.
+ *
+ * vmkit signals it through its Generic Event Device (ACPI0013): an edge
+ * interrupt on IOAPIC pin 5 and a one-byte event register at 0xfeb00000 whose
+ * bit 3 means "power button" (the DSDT's _EVT does the same reads). The
+ * address and pin are vmkit's layout; this guest does not interpret AML.
+ */
+#include "guest.h"
+
+#define IOAPIC_BASE 0xfec00000ULL
+#define GED_ADDRESS 0xfeb00000ULL
+#define GED_PIN 5
+#define GED_POWER_BUTTON 0x08
+#define POWERBUTTON_VECTOR (IRQ_VECTOR_BASE + IRQ_VECTORS - 1)
+#define POWERBUTTON_TIMEOUT_MS 10000
+
+static void ioapic_write(u32 reg, u32 v)
+{
+    mmio_write32(IOAPIC_BASE, reg);
+    mmio_write32(IOAPIC_BASE + 0x10, v);
+}
+
+/* Redirection entry: edge, active high, fixed delivery, physical destination. */
+static void ioapic_route(u32 pin, u32 vector, u32 apic_id, bool masked)
+{
+    ioapic_write(0x10 + 2 * pin + 1, apic_id << 24);
+    ioapic_write(0x10 + 2 * pin, vector | (masked ? 1u << 16 : 0));
+}
+
+bool step_powerbutton(struct result *r)
+{
+    u32 slot = POWERBUTTON_VECTOR - IRQ_VECTOR_BASE;
+    u64 deadline;
+    u8 event;
+
+    if (!lapic_usable(r))
+        return false;
+    if (!map_mmio(IOAPIC_BASE, 0x20, false) || !map_mmio(GED_ADDRESS, 1, false)) {
+        res_str(r, "cannot map the IOAPIC or the GED register");
+        return false;
+    }
+    idt_install(POWERBUTTON_VECTOR, irq_stubs[slot]);
+    irq_counts[slot] = 0;
+    (void)rd8(GED_ADDRESS); /* drop a stale event */
+    ioapic_route(GED_PIN, POWERBUTTON_VECTOR, lapic_id(), false);
+    say("powerbutton waiting");
+
+    lapic_tick_start(1000000); /* bounds each hlt */
+    deadline = rdtsc() + ms_to_tsc(POWERBUTTON_TIMEOUT_MS);
+    for (;;) {
+        cli();
+        if (irq_counts[slot] || rdtsc() > deadline)
+            break;
+        __asm__ volatile("sti; hlt" ::: "memory"); /* sti's shadow covers hlt */
+    }
+    cli();
+    lapic_tick_stop();
+    ioapic_route(GED_PIN, POWERBUTTON_VECTOR, lapic_id(), true);
+    if (!irq_counts[slot]) {
+        res_str(r, "no GED interrupt within 10000 ms");
+        return false;
+    }
+    event = rd8(GED_ADDRESS);
+    if (!(event & GED_POWER_BUTTON)) {
+        res_str(r, "GED interrupt without the power-button bit: event=");
+        res_hex(r, event);
+        return false;
+    }
+    if (rd8(GED_ADDRESS) != 0) {
+        res_str(r, "the GED event was not cleared by reading it");
+        return false;
+    }
+    res_kv_hex(r, "event", event);
+    res_kv_dec(r, "interrupts", irq_counts[slot]);
+    return true;
+}
