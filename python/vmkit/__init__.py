@@ -3,7 +3,8 @@
 vmkit speaks Cloud Hypervisor v37's configuration language: the same option
 strings, validation rules, error texts and JSON. The config objects live in
 ``vmkit.config`` (importing it registers them with the Rust extension); VMs
-run through ``vmkit.Vm``.
+run through ``vmkit.Vm`` (in this process) or ``vmkit.Vm.spawn`` (in a child
+VMM process driven over Cloud Hypervisor's HTTP API, see ``vmkit.Client``).
 """
 
 from vmkit import config
@@ -12,9 +13,15 @@ from vmkit.config import VmConfig
 from vmkit.errors import ConfigError, ParseError, UsageError, ValidationError
 from vmkit.vm import Vm, VmError, VmExit
 
+from vmkit.client import ApiConnectionError, ApiError, Client, SpawnedVm, spawn  # isort: skip
+
 __all__ = [
+    "ApiConnectionError",
+    "ApiError",
+    "Client",
     "ConfigError",
     "ParseError",
+    "SpawnedVm",
     "UsageError",
     "ValidationError",
     "Vm",
@@ -23,4 +30,5 @@ __all__ = [
     "VmExit",
     "__version__",
     "config",
+    "spawn",
 ]

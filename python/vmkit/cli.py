@@ -6,16 +6,24 @@ error (``Error parsing config: ...`` on stderr), 2 on a usage error.
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from types import FrameType
+from typing import TYPE_CHECKING, TextIO
 
 from vmkit import __version__, _native
-from vmkit._flags import help_text, scan
-from vmkit.config import VmConfig
+from vmkit._flags import CommandLine, help_text, scan
+from vmkit.config import RestoreConfig, VmConfig
 from vmkit.errors import ConfigError, UsageError, ValidationError
+
+if TYPE_CHECKING:
+    from vmkit.vmm import Vmm
 
 PROGRAM = "vmkit"
 
@@ -33,6 +41,9 @@ SUBCOMMANDS = """Subcommands:
           Boot the built-in test guest and show its console and boot time
   vmkit guest build [--cache-dir DIR] [--force] [--quiet]
           Build the Debian Linux guest (kernel + initramfs) into a cache directory
+  vmkit remote --api-socket PATH <subcommand> ...
+          Drive a VMM through its API, as Cloud Hypervisor's ch-remote does
+          (vmkit remote --help lists the subcommands)
 """
 
 
@@ -41,6 +52,10 @@ def run(argv: Sequence[str]) -> int:
     words = list(argv)
     if words[:1] == ["demo"]:
         return demo(words[1:])
+    if words[:1] == ["remote"]:
+        from vmkit import remote
+
+        return remote.run(words[1:])
     if words[:2] == ["guest", "build"]:
         from vmkit import debian_guest
 
@@ -58,15 +73,40 @@ def run(argv: Sequence[str]) -> int:
     if command.has("--version"):
         print(f"{PROGRAM} v{__version__}")
         return 0
+    if not command.has("--print-config") and (
+        command.has("--api-socket") or command.has("--event-monitor")
+    ):
+        return serve(command)
+    try:
+        sink = setup_logging(command.verbosity, command.one("--log-file"))
+    except StartupError as e:
+        print(e, file=sys.stderr)
+        return 1
+    try:
+        return _boot_from_command_line(command, sink)
+    finally:
+        close_logging()
+
+
+def _parse_config(command: CommandLine) -> VmConfig | None:
+    """The command line's VmConfig, validated; None after printing v37's error."""
     try:
         config, _ids = _native.parse_vm(command.vm_params, True)
     except ValidationError as e:
         print(f"Error parsing config: Error validating configuration: {e}", file=sys.stderr)
-        return 1
+        return None
     except ConfigError as e:
         print(f"Error parsing config: {e}", file=sys.stderr)
-        return 1
+        return None
     assert isinstance(config, VmConfig)
+    return config
+
+
+def _boot_from_command_line(command: CommandLine, sink: TextIO) -> int:
+    """``vmkit --kernel ...`` without an API: boots and runs until the guest stops."""
+    config = _parse_config(command)
+    if config is None:
+        return 1
     if command.has("--print-config"):
         print(config.to_json(indent=2))
         return 0
@@ -77,10 +117,10 @@ def run(argv: Sequence[str]) -> int:
             file=sys.stderr,
         )
         return 1
-    return boot_and_wait(config, verbosity=command.verbosity)
+    return boot_and_wait(config, verbosity=command.verbosity, log=sink)
 
 
-def boot_and_wait(config: VmConfig, *, verbosity: int = 0) -> int:
+def boot_and_wait(config: VmConfig, *, verbosity: int = 0, log: TextIO | None = None) -> int:
     """Boots ``config`` and runs until the guest stops: 0 on power-off, 1 otherwise."""
     from vmkit.vm import Vm, VmError
 
@@ -115,7 +155,8 @@ def boot_and_wait(config: VmConfig, *, verbosity: int = 0) -> int:
                     print(
                         f"Debug I/O port: {w.value:#04x} at {w.seconds * 1e3:.3f} ms "
                         f"(monotonic {w.monotonic:.6f})",
-                        file=sys.stderr,
+                        file=log or sys.stderr,
+                        flush=True,
                     )
                 logged = len(writes)
 
@@ -183,6 +224,379 @@ def demo(argv: Sequence[str]) -> int:
     reason = exit_info.reason if exit_info else "still running after 120 s"
     print(f"Stopped ({reason}) after {total * 1e3:.0f} ms in all")
     return 0 if exit_info is not None and exit_info.reason == "poweroff" else 1
+
+
+class StartupError(Exception):
+    """A start-up step failed; ``str(error)`` is what v37 prints before exiting with 1."""
+
+
+# -- -v and --log-file (ref §3.2) ---------------------------------------------------------
+
+TRACE = 5
+logging.addLevelName(TRACE, "TRACE")
+_LEVEL_NAMES = {
+    logging.CRITICAL: "ERROR",
+    logging.ERROR: "ERROR",
+    logging.WARNING: "WARN",
+    logging.INFO: "INFO",
+    logging.DEBUG: "DEBUG",
+    TRACE: "TRACE",
+}
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rust_duration(seconds: float) -> str:
+    """``seconds`` as Rust prints a Duration with ``{:.6?}``."""
+    nanos = max(0, round(seconds * 1e9))
+    if nanos >= 1_000_000_000:
+        return f"{nanos / 1e9:.6f}s"
+    if nanos >= 1_000_000:
+        return f"{nanos / 1e6:.6f}ms"
+    if nanos >= 1_000:
+        return f"{nanos / 1e3:.6f}\u00b5s"
+    return f"{nanos}.000000ns"
+
+
+class _LogFormatter(logging.Formatter):
+    """``vmkit: <elapsed>: <<thread>> <LEVEL>:<file>:<line> -- <message>`` (v37's log line)."""
+
+    def __init__(self, start: float) -> None:
+        super().__init__()
+        self.start = start
+
+    def format(self, record: logging.LogRecord) -> str:
+        thread = record.threadName or "anonymous"
+        if thread == "MainThread":
+            thread = "main"
+        level = _LEVEL_NAMES.get(record.levelno, record.levelname)
+        if record.pathname and record.lineno:
+            where = f"{os.path.relpath(record.pathname, _PACKAGE_PARENT)}:{record.lineno}"
+        else:
+            where = record.name
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        elapsed = rust_duration(record.created - self.start)
+        return f"{PROGRAM}: {elapsed}: <{thread}> {level}:{where} -- {message}"
+
+
+def _io_error(e: OSError) -> str:
+    """An OSError as Rust's io::Error Display prints it."""
+    if e.errno is None:
+        return str(e)
+    return f"{os.strerror(e.errno)} (os error {e.errno})"
+
+
+_ERROR_KINDS = {
+    errno.ENOENT: "NotFound",
+    errno.EACCES: "PermissionDenied",
+    errno.EPERM: "PermissionDenied",
+    errno.ECONNREFUSED: "ConnectionRefused",
+    errno.ECONNRESET: "ConnectionReset",
+    errno.EADDRINUSE: "AddrInUse",
+    errno.EADDRNOTAVAIL: "AddrNotAvailable",
+    errno.EEXIST: "AlreadyExists",
+    errno.EINVAL: "InvalidInput",
+    errno.ENOTDIR: "NotADirectory",
+    errno.EISDIR: "IsADirectory",
+    errno.EROFS: "ReadOnlyFilesystem",
+    errno.ENAMETOOLONG: "InvalidFilename",
+    errno.ELOOP: "FilesystemLoop",
+    errno.ENOSPC: "StorageFull",
+    errno.ENOTSOCK: "Uncategorized",
+}
+
+
+def _io_error_debug(e: OSError) -> str:
+    """An OSError as Rust's io::Error Debug prints it."""
+    if e.errno is None:
+        text = str(e)
+        if "too long" in text:
+            return 'Error { kind: InvalidInput, message: "path must be shorter than SUN_LEN" }'
+        return f"Custom {{ kind: Other, error: {json.dumps(text)} }}"
+    kind = _ERROR_KINDS.get(e.errno, "Uncategorized")
+    message = json.dumps(os.strerror(e.errno))
+    return f"Os {{ code: {e.errno}, kind: {kind}, message: {message} }}"
+
+
+def setup_logging(verbosity: int, log_file: str | None) -> TextIO:
+    """Sends the ``vmkit`` loggers to ``log_file`` (created or truncated) or stderr.
+
+    ``verbosity`` is the ``-v`` count: 0 warnings, 1 info, 2 debug, 3+ trace.
+    Returns the stream. Raises StartupError (``Error creating log file: ...``).
+    """
+    stream: TextIO
+    if log_file is not None:
+        try:
+            stream = open(log_file, "w", encoding="utf-8", newline="")
+        except OSError as e:
+            raise StartupError(f"Error creating log file: {_io_error(e)}") from None
+    else:
+        stream = sys.stderr
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[verbosity] if verbosity < 3 else TRACE
+    handler = logging.StreamHandler(stream)
+    handler.terminator = "\r\n"
+    handler.setFormatter(_LogFormatter(time.time()))
+    close_logging()
+    logger = logging.getLogger("vmkit")
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    _log_handlers.append(handler)
+    return stream
+
+
+_log_handlers: list[logging.StreamHandler[TextIO]] = []
+
+
+def close_logging() -> None:
+    """Detaches what ``setup_logging`` attached and closes its log file."""
+    logger = logging.getLogger("vmkit")
+    while _log_handlers:
+        handler = _log_handlers.pop()
+        logger.removeHandler(handler)
+        handler.flush()
+        if handler.stream is not sys.stderr:
+            handler.stream.close()
+
+
+# -- option strings of --api-socket and --event-monitor (ref §1.2) -----------------------
+
+
+class _OptionError(Exception):
+    pass
+
+
+def _split_commas(text: str) -> list[str]:
+    items: list[str] = []
+    current: list[str] = []
+    depth = 0
+    quoted = False
+    for ch in text.strip():
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise _OptionError(f"invalid syntax:{text}")
+        elif ch == '"':
+            quoted = not quoted
+            continue
+        elif ch == "," and depth == 0 and not quoted:
+            items.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    items.append("".join(current))
+    if depth != 0 or quoted:
+        raise _OptionError(f"invalid syntax:{text}")
+    return items
+
+
+def parse_options(text: str, names: Sequence[str], into: dict[str, str]) -> None:
+    """Parses an option string with v37's option_parser into ``into``.
+
+    Values stored before an error stay in ``into``; the error is raised as
+    _OptionError with v37's text (``unknown option: x``).
+    """
+    if not text.strip():
+        return
+    for item in _split_commas(text):
+        name, equals, value = item.partition("=")
+        if name not in names:
+            raise _OptionError(f"unknown option: {name}")
+        if not equals:
+            raise _OptionError(f"invalid syntax:{item}")
+        into[name] = value.strip()
+
+
+def _parse_i32(text: str) -> int:
+    """Rust's ``i32::from_str``; raises _OptionError with the ParseIntError text."""
+    if text == "":
+        raise _OptionError("cannot parse integer from empty string")
+    digits = text[1:] if text[0] in "+-" else text
+    if not digits or not all("0" <= c <= "9" for c in digits):
+        raise _OptionError("invalid digit found in string")
+    value = int(text)
+    if value > 0x7FFF_FFFF:
+        raise _OptionError("number too large to fit in target type")
+    if value < -0x8000_0000:
+        raise _OptionError("number too small to fit in target type")
+    return value
+
+
+def api_socket_option(text: str) -> tuple[str | None, int | None]:
+    """``--api-socket``: (path, None) or (None, fd). Parse errors are ignored, as in v37."""
+    values: dict[str, str] = {}
+    try:
+        parse_options(text, ("path", "fd"), values)
+    except _OptionError:
+        pass
+    if values.get("fd"):
+        try:
+            return None, _parse_i32(values["fd"])
+        except _OptionError as e:
+            raise StartupError(f"Error parsing --api-socket: {e}") from None
+    if values.get("path"):
+        return values["path"], None
+    return text, None
+
+
+def event_monitor_option(text: str) -> int:
+    """``--event-monitor``: opens the file (or takes the fd) and returns the descriptor."""
+    values: dict[str, str] = {}
+    try:
+        parse_options(text, ("path", "fd"), values)
+    except _OptionError as e:
+        raise StartupError(f"Error parsing --event-monitor: {e}") from None
+    if values.get("fd"):
+        try:
+            return _parse_i32(values["fd"])
+        except _OptionError:
+            raise StartupError(
+                f"Error parsing --event-monitor: unable to convert {values['fd']} for fd"
+            ) from None
+    if values.get("path"):
+        try:
+            return os.open(values["path"], os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as e:
+            raise StartupError(f"Error doing event monitor I/O: {_io_error(e)}") from None
+    raise StartupError("Error parsing --event-monitor: path or fd required")
+
+
+# -- the VMM with its API (ref §3.3) -------------------------------------------------------
+
+
+def serve(command: CommandLine) -> int:
+    """Runs the VMM as v37 does with ``--api-socket`` or ``--event-monitor``.
+
+    Start-up order (ref §3.3): umask 077, logger, ``--api-socket``, KVM,
+    ``--event-monitor``, the API server, then the VM config (only with
+    ``--kernel`` or ``--firmware``), create and boot. Runs until
+    ``vmm.shutdown``, SIGTERM/SIGINT, or the guest stopping; returns the
+    exit status.
+    """
+    os.umask(0o077)
+    try:
+        return _serve(command)
+    finally:
+        close_logging()
+
+
+def _serve(command: CommandLine) -> int:
+    from vmkit.api import ApiServer
+    from vmkit.vmm import EventMonitor, Vmm
+
+    try:
+        setup_logging(command.verbosity, command.one("--log-file"))
+        socket_text = command.one("--api-socket")
+        api = api_socket_option(socket_text) if socket_text is not None else None
+        try:
+            os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+        except OSError as e:
+            raise StartupError(
+                "Failed to open hypervisor interface (is hypervisor interface available?): "
+                f"{_io_error(e)}"
+            ) from None
+        monitor_text = command.one("--event-monitor")
+        events = (
+            EventMonitor(event_monitor_option(monitor_text)) if monitor_text is not None else None
+        )
+    except StartupError as e:
+        print(e, file=sys.stderr)
+        return 1
+    vmm = Vmm(events=events)
+    server: ApiServer | None = None
+    try:
+        vmm.emit("vmm", "starting")
+        if api is not None:
+            path, fd = api
+            server = ApiServer(vmm, path, fd=fd)
+            try:
+                server.bind()
+            except OSError as e:
+                server = None
+                print(
+                    "Failed to start the VMM thread: Error creation API server's socket "
+                    f"{_io_error_debug(e)}",
+                    file=sys.stderr,
+                )
+                return 1
+            server.start()
+        code = _start_vm(command, vmm)
+        if code is not None:
+            if server is not None:
+                server.path = None  # v37 leaves the socket file on the error path
+            return code
+        code = _run_until_exit(vmm)
+        if vmm.exit_message:
+            print(vmm.exit_message, file=sys.stderr)
+        return code
+    finally:
+        vmm.close()
+        if server is not None:
+            server.close()
+        if events is not None:
+            events.close()
+
+
+def _start_vm(command: CommandLine, vmm: Vmm) -> int | None:
+    """Creates and boots the VM the command line gives; an exit status on failure."""
+    from vmkit.vmm import ApiError
+
+    if command.has("--kernel") or command.has("--firmware"):
+        config = _parse_config(command)
+        if config is None:
+            return 1
+        try:
+            vmm.create(config)
+        except ApiError as e:
+            print(f"Error creating VM: {e}", file=sys.stderr)
+            return 1
+        try:
+            vmm.boot()
+        except ApiError as e:
+            print(f"Error booting VM: {e}", file=sys.stderr)
+            return 1
+        with vmm.lock:
+            vm = vmm.vm
+            pty = vm.info()["vmkit"]["serial_pty"] if vm is not None else None
+        if pty:
+            print(f"Serial console on {pty}", file=sys.stderr)
+        return None
+    restore = command.one("--restore")
+    if restore is not None:
+        try:
+            restore_config = RestoreConfig.parse(restore)
+        except ConfigError as e:
+            print(f"Error parsing restore: {e}", file=sys.stderr)
+            return 1
+        try:
+            vmm.restore(restore_config)
+        except ApiError as e:
+            print(f"Error restoring VM: {e}", file=sys.stderr)
+            return 1
+    return None
+
+
+def _run_until_exit(vmm: Vmm) -> int:
+    """Waits for an exit request (``vmm.shutdown``, the guest stopping) or SIGTERM/SIGINT."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        vmm.request_exit(0)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            code = vmm.wait_exit(0.25)
+            if code is not None:
+                return code
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main() -> None:

@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from vmkit import _native
 from vmkit.config import VmConfig
+
+if TYPE_CHECKING:
+    from vmkit.client import SpawnedVm
 
 __all__ = ["DebugPortWrite", "SerialConsole", "Vm", "VmError", "VmExit"]
 
@@ -258,3 +263,35 @@ class Vm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @classmethod
+    def spawn(
+        cls,
+        config: VmConfig | None,
+        *,
+        api_socket: str | Path | None = None,
+        serial_log: bool = True,
+        vmm_args: Sequence[str] = (),
+        startup_timeout: float = 30.0,
+        request_timeout: float | None = 60.0,
+        stop_timeout: float = 5.0,
+        env: Mapping[str, str] | None = None,
+    ) -> SpawnedVm:
+        """Runs the VM in a ``python -m vmkit --api-socket`` child process.
+
+        See ``vmkit.client.spawn``: the returned ``SpawnedVm`` has this
+        class's methods, carried out over the HTTP API, and its ``with``
+        block always ends the process and removes its files.
+        """
+        from vmkit.client import spawn
+
+        return spawn(
+            config,
+            api_socket=api_socket,
+            serial_log=serial_log,
+            vmm_args=vmm_args,
+            startup_timeout=startup_timeout,
+            request_timeout=request_timeout,
+            stop_timeout=stop_timeout,
+            env=env,
+        )

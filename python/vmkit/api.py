@@ -1,0 +1,734 @@
+"""Cloud Hypervisor v37's HTTP API on a UNIX socket (ch-reference §4).
+
+    >>> from vmkit.vmm import Vmm
+    >>> server = ApiServer(Vmm(), "/tmp/vmkit.sock")   # doctest: +SKIP
+    >>> server.start()                                  # doctest: +SKIP
+    >>> ...
+    >>> server.close()                                  # doctest: +SKIP
+
+HTTP/1.1 with keep-alive, one thread per connection. Routes are
+``/api/v1/<action>``; the methods, status codes and bodies follow v37 (§4.1):
+every answer carries ``Server: Cloud Hypervisor API`` and ``Content-Type:
+application/json``; an unknown path gets 404 ``Not Found``; a wrong method or
+a missing or unexpected body 400; a body that is not the expected JSON 400
+with the JSON error; a failed action 500 with its error text. Descriptors
+passed with SCM_RIGHTS on ``vm.add-net`` become the device's ``fds``.
+
+Malformed requests get a 400 and the connection is closed; a request must
+arrive whole within ``request_timeout`` seconds once it has started, and
+bodies are capped at ``max_body`` bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from vmkit.config import (
+    DeviceConfig,
+    DiskConfig,
+    FsConfig,
+    NetConfig,
+    PmemConfig,
+    RestoreConfig,
+    UserDeviceConfig,
+    VdpaConfig,
+    VmConfig,
+    VsockConfig,
+)
+from vmkit.errors import ConfigError
+from vmkit.vmm import ApiError, Vmm
+
+__all__ = ["API_ROOT", "ApiServer", "BodyError", "parse_body"]
+
+log = logging.getLogger("vmkit.api")
+
+API_ROOT = "/api/v1/"
+SERVER = "Cloud Hypervisor API"
+MAX_BODY = 1 << 20
+MAX_HEAD = 64 << 10
+MAX_FDS = 64
+
+_REASONS = {
+    100: "Continue",
+    200: "OK",
+    204: "No Content",
+    400: "Bad Request",
+    404: "Not Found",
+    500: "Internal Server Error",
+}
+
+_C = TypeVar("_C")
+
+
+class BodyError(ValueError):
+    """A request body that is not the JSON the action takes (400; the text is serde_json-like)."""
+
+
+@dataclass
+class Request:
+    method: str
+    target: str
+    version: str
+    headers: dict[str, str]
+    body: bytes | None
+    fds: list[int] = field(default_factory=list)
+
+    @property
+    def path(self) -> str:
+        target = self.target
+        if target.startswith(("http://", "https://")):
+            rest = target.split("://", 1)[1]
+            slash = rest.find("/")
+            target = rest[slash:] if slash >= 0 else "/"
+        return target
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    #: called once the answer is written (``vmm.shutdown`` ends the process then)
+    after: Callable[[], None] | None = None
+
+
+def _bad_request() -> Response:
+    return Response(400, b"Bad Request")
+
+
+def _error(status: int, message: str) -> Response:
+    return Response(status, message.encode())
+
+
+# -- request bodies --------------------------------------------------------------------------
+
+
+def _json_error_text(e: ConfigError) -> str:
+    message = str(e)
+    if e.path and message.startswith(f"{e.path}: "):
+        message = message[len(e.path) + 2 :]
+    return message
+
+
+def _config_from_body(cls: type[_C], body: bytes) -> _C:
+    try:
+        return cls.from_json(body)  # type: ignore[attr-defined, no-any-return]
+    except ConfigError as e:
+        raise BodyError(_json_error_text(e)) from None
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean `{str(value).lower()}`"
+    if isinstance(value, int):
+        return f"integer `{value}`"
+    if isinstance(value, float):
+        return f"floating point `{value}`"
+    if isinstance(value, str):
+        return f"string {json.dumps(value)}"
+    if isinstance(value, list):
+        return "sequence"
+    return "map"
+
+
+_UNSIGNED = {"u8": 0xFF, "u64": 0xFFFF_FFFF_FFFF_FFFF}
+_EXPECTED = {"string": "a string", "bool": "a boolean", "u8": "u8", "u64": "u64"}
+
+
+def _check_value(name: str, kind: str, value: object) -> object:
+    optional = kind.endswith("?")
+    kind = kind.rstrip("?")
+    if value is None and optional:
+        return None
+    expected = _EXPECTED[kind]
+    if kind == "string":
+        if isinstance(value, str):
+            return value
+    elif kind == "bool":
+        if isinstance(value, bool):
+            return value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value <= _UNSIGNED[kind]:
+            return value
+        raise BodyError(f"invalid value: integer `{value}`, expected {expected}")
+    raise BodyError(f"invalid type: {_describe(value)}, expected {expected}")
+
+
+def _reject_constant(name: str) -> object:
+    raise BodyError(f"expected value: {name} is not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise BodyError(f"duplicate field `{key}`")
+        result[key] = value
+    return result
+
+
+def parse_body(body: bytes, struct: str, fields: dict[str, tuple[str, object]]) -> dict[str, Any]:
+    """Reads a JSON object as serde reads struct ``struct``.
+
+    ``fields``: name → (kind, default), kind one of ``u8 u64 string bool``
+    with ``?`` for an Option; a default of ``...`` means required. Unknown
+    fields are ignored (as serde does without deny_unknown_fields).
+    """
+    try:
+        text = body.decode()
+    except UnicodeDecodeError as e:
+        raise BodyError(f"invalid unicode in the request body: {e}") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise BodyError(f"{e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise BodyError("recursion limit exceeded") from None
+    if isinstance(data, list):
+        # serde also reads a struct from an array of its fields, in order
+        if len(data) < len(fields):
+            raise BodyError(
+                f"invalid length {len(data)}, expected struct {struct} with "
+                f"{len(fields)} element{'s' if len(fields) != 1 else ''}"
+            )
+        if len(data) > len(fields):
+            raise BodyError(f"invalid length {len(data)}, expected fewer elements in array")
+        data = dict(zip(fields, data, strict=True))
+    if not isinstance(data, dict):
+        raise BodyError(f"invalid type: {_describe(data)}, expected struct {struct}")
+    result: dict[str, Any] = {}
+    for name, (kind, default) in fields.items():
+        if name in data:
+            result[name] = _check_value(name, kind, data[name])
+        elif kind.endswith("?"):
+            result[name] = None
+        elif default is ...:
+            raise BodyError(f"missing field `{name}`")
+        else:
+            result[name] = default
+    return result
+
+
+# -- routes ----------------------------------------------------------------------------------
+
+#: actions v37 routes to its generic VM action handler, and whether they take a body
+_BODYLESS = ("vm.boot", "vm.delete", "vm.shutdown", "vm.reboot", "vm.pause", "vm.resume")
+_BODYLESS_ALL = (*_BODYLESS, "vm.power-button")
+_WITH_BODY = (
+    "vm.add-device",
+    "vm.add-disk",
+    "vm.add-fs",
+    "vm.add-net",
+    "vm.add-pmem",
+    "vm.add-user-device",
+    "vm.add-vdpa",
+    "vm.add-vsock",
+    "vm.remove-device",
+    "vm.resize",
+    "vm.resize-zone",
+    "vm.restore",
+    "vm.snapshot",
+    "vm.send-migration",
+    "vm.receive-migration",
+)
+ACTIONS = frozenset(
+    ("vm.create", "vm.info", "vmm.ping", "vmm.shutdown", "vm.counters", *_BODYLESS_ALL, *_WITH_BODY)
+)
+
+
+class _Router:
+    def __init__(self, vmm: Vmm) -> None:
+        self.vmm = vmm
+
+    def dispatch(self, request: Request) -> Response:
+        path = request.path
+        if not path.startswith(API_ROOT) or path[len(API_ROOT) :] not in ACTIONS:
+            return _error(404, "Not Found")
+        action = path[len(API_ROOT) :]
+        method = request.method
+        body = request.body
+        try:
+            if action in ("vm.info", "vmm.ping"):
+                if method != "GET":
+                    return _bad_request()
+                result = self.vmm.info() if action == "vm.info" else self.vmm.ping()
+                return self._json(200, result)
+            if action == "vm.create":
+                if method != "PUT":
+                    return _bad_request()
+                if body is None:
+                    return Response(400)
+                self.vmm.create(_config_from_body(VmConfig, body))
+                return Response(204)
+            if action == "vmm.shutdown":
+                if method != "PUT":
+                    return _bad_request()
+                self.vmm.vmm_shutdown()
+                return Response(200, after=lambda: self.vmm.request_exit(0))
+            # v37's generic VM action handler
+            if method == "PATCH":
+                return Response(400)
+            if method == "GET":
+                if action != "vm.counters":
+                    return _bad_request()
+                return self._json(200, self.vmm.counters())
+            if body is None:
+                if action not in _BODYLESS_ALL:
+                    return _bad_request()
+                self._bodyless(action)
+                return Response(204)
+            if action not in _WITH_BODY:
+                return _bad_request()
+            added = self._with_body(action, body, request)
+            if added is None:
+                return Response(204)
+            return self._json(200, added)
+        except BodyError as e:
+            return _error(400, str(e))
+        except ApiError as e:
+            return _error(500, str(e))
+
+    @staticmethod
+    def _json(status: int, value: object) -> Response:
+        return Response(status, json.dumps(value, separators=(",", ":")).encode())
+
+    def _bodyless(self, action: str) -> None:
+        vmm = self.vmm
+        calls: dict[str, Callable[[], None]] = {
+            "vm.boot": vmm.boot,
+            "vm.delete": vmm.delete,
+            "vm.shutdown": vmm.shutdown,
+            "vm.reboot": vmm.reboot,
+            "vm.pause": vmm.pause,
+            "vm.resume": vmm.resume,
+            "vm.power-button": vmm.power_button,
+        }
+        calls[action]()
+
+    def _with_body(self, action: str, body: bytes, request: Request) -> dict[str, Any] | None:
+        vmm = self.vmm
+        if action == "vm.add-device":
+            return vmm.add_device(_config_from_body(DeviceConfig, body))
+        if action == "vm.add-disk":
+            return vmm.add_disk(_config_from_body(DiskConfig, body))
+        if action == "vm.add-fs":
+            return vmm.add_fs(_config_from_body(FsConfig, body))
+        if action == "vm.add-pmem":
+            return vmm.add_pmem(_config_from_body(PmemConfig, body))
+        if action == "vm.add-user-device":
+            return vmm.add_user_device(_config_from_body(UserDeviceConfig, body))
+        if action == "vm.add-vdpa":
+            return vmm.add_vdpa(_config_from_body(VdpaConfig, body))
+        if action == "vm.add-vsock":
+            return vmm.add_vsock(_config_from_body(VsockConfig, body))
+        if action == "vm.add-net":
+            net = _config_from_body(NetConfig, body)
+            if net.fds is not None:
+                log.warning("Ignoring FDs sent via the HTTP request body")
+                net.fds = None
+            if request.fds:
+                net.fds = list(request.fds)
+                request.fds = []  # the VMM owns them now
+            return vmm.add_net(net)
+        if action == "vm.remove-device":
+            data = parse_body(body, "VmRemoveDeviceData", {"id": ("string", ...)})
+            vmm.remove_device(data["id"])
+        elif action == "vm.resize":
+            data = parse_body(
+                body,
+                "VmResizeData",
+                {
+                    "desired_vcpus": ("u8?", None),
+                    "desired_ram": ("u64?", None),
+                    "desired_balloon": ("u64?", None),
+                },
+            )
+            vmm.resize(data["desired_vcpus"], data["desired_ram"], data["desired_balloon"])
+        elif action == "vm.resize-zone":
+            data = parse_body(
+                body, "VmResizeZoneData", {"id": ("string", ...), "desired_ram": ("u64", ...)}
+            )
+            vmm.resize_zone(data["id"], data["desired_ram"])
+        elif action == "vm.snapshot":
+            data = parse_body(body, "VmSnapshotConfig", {"destination_url": ("string", ...)})
+            vmm.snapshot(data["destination_url"])
+        elif action == "vm.restore":
+            vmm.restore(_config_from_body(RestoreConfig, body))
+        elif action == "vm.send-migration":
+            data = parse_body(
+                body,
+                "VmSendMigrationData",
+                {"destination_url": ("string", ...), "local": ("bool", False)},
+            )
+            vmm.send_migration(data["destination_url"], data["local"])
+        elif action == "vm.receive-migration":
+            data = parse_body(body, "VmReceiveMigrationData", {"receiver_url": ("string", ...)})
+            vmm.receive_migration(data["receiver_url"])
+        return None
+
+
+# -- the wire --------------------------------------------------------------------------------
+
+
+class _Malformed(Exception):
+    """The request cannot be read: answer 400 with this text and close."""
+
+
+class _Gone(Exception):
+    """The client went away (or never finished): close without answering."""
+
+
+_METHODS = ("GET", "PUT", "PATCH")
+
+
+class _Connection:
+    def __init__(self, sock: socket.socket, server: ApiServer) -> None:
+        self.sock = sock
+        self.server = server
+        self.buffer = bytearray()
+        self.fds: list[int] = []
+        self.eof = False
+
+    def _recv(self, deadline: float | None) -> None:
+        if deadline is None:
+            self.sock.settimeout(None)
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Gone("timed out")
+            self.sock.settimeout(remaining)
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, MAX_FDS)
+        except TimeoutError:
+            raise _Gone("timed out") from None
+        except OSError as e:
+            raise _Gone(str(e)) from None
+        for fd in fds:
+            if len(self.fds) >= MAX_FDS:  # more than one request may carry: drop the rest
+                os.close(fd)
+                continue
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass
+            self.fds.append(fd)
+        if not data:
+            self.eof = True
+        self.buffer += data
+
+    def read_request(self) -> Request | None:
+        """The next request; None at a clean end of the connection."""
+        deadline: float | None = None
+        timeout = self.server.request_timeout
+        # Tolerate empty lines before a request line (RFC 9112 §2.2).
+        while True:
+            while self.buffer[:2] == b"\r\n" or self.buffer[:1] == b"\n":
+                del self.buffer[: 2 if self.buffer[:1] == b"\r" else 1]
+            end = self.buffer.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+            if end >= 0:
+                break
+            if len(self.buffer) > MAX_HEAD:
+                raise _Malformed("Request headers are too large")
+            if self.eof:
+                if self.buffer:
+                    raise _Gone("incomplete request")
+                return None
+            if self.buffer and deadline is None:
+                deadline = time.monotonic() + timeout
+            self._recv(deadline)
+            if deadline is None and self.buffer:
+                deadline = time.monotonic() + timeout
+        head = bytes(self.buffer[:end])
+        del self.buffer[: end + 4]
+        lines = head.split(b"\r\n")
+        request_line = lines[0].decode("latin-1")
+        parts = request_line.split(" ")
+        if len(parts) != 3 or not all(parts):
+            raise _Malformed("Invalid request line")
+        method, target, version = parts
+        if version not in ("HTTP/1.0", "HTTP/1.1"):
+            raise _Malformed("Unsupported HTTP version")
+        if method not in _METHODS:
+            raise _Malformed("Invalid HTTP Method: Unsupported HTTP method")
+        if not (target.startswith("/") or target.startswith(("http://", "https://"))):
+            raise _Malformed("Invalid URI")
+        if any(ord(c) < 0x21 or ord(c) > 0x7E for c in target):
+            raise _Malformed("Invalid URI")
+        headers: dict[str, str] = {}
+        for raw in lines[1:]:
+            line = raw.decode("latin-1")
+            name, colon, value = line.partition(":")
+            if not colon or not name or name != name.strip() or any(c in name for c in " \t"):
+                raise _Malformed("Invalid header")
+            if any(ord(c) < 0x20 and c != "\t" for c in value):
+                raise _Malformed("Invalid header")
+            key = name.lower()
+            value = value.strip(" \t")
+            if key == "content-length" and key in headers and headers[key] != value:
+                raise _Malformed("Invalid value for Content-Length")
+            headers[key] = value
+        if "transfer-encoding" in headers:
+            raise _Malformed("Transfer-Encoding is not supported")
+        length = 0
+        if "content-length" in headers:
+            text = headers["content-length"]
+            if not text.isascii() or not text.isdigit() or len(text) > 20:
+                raise _Malformed("Invalid value for Content-Length")
+            length = int(text)
+        if length > self.server.max_body:
+            raise _Malformed(
+                f"Request payload with size {length} is larger than the limit of "
+                f"{self.server.max_body} allowed by server."
+            )
+        if length and headers.get("expect", "").lower() == "100-continue":
+            self.send(Response(100), close=False, interim=True)
+        if deadline is None:
+            deadline = time.monotonic() + timeout
+        while len(self.buffer) < length:
+            if self.eof:
+                raise _Gone("incomplete body")
+            self._recv(deadline)
+        body = bytes(self.buffer[:length]) if length else None
+        del self.buffer[:length]
+        fds, self.fds = self.fds, []
+        return Request(method, target, version, headers, body, fds)
+
+    def send(self, response: Response, *, close: bool, interim: bool = False) -> None:
+        reason = _REASONS.get(response.status, "Unknown")
+        lines = [f"HTTP/1.1 {response.status} {reason}"]
+        if not interim:
+            lines += [
+                f"Server: {SERVER}",
+                f"Connection: {'close' if close else 'keep-alive'}",
+                "Content-Type: application/json",
+            ]
+            if response.status != 204:
+                lines.append(f"Content-Length: {len(response.body)}")
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if interim else response.body)
+        self.sock.settimeout(self.server.request_timeout)
+        try:
+            self.sock.sendall(data)
+        except (OSError, TimeoutError) as e:
+            raise _Gone(str(e)) from None
+
+    def close_fds(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def serve(self) -> None:
+        router = self.server.router
+        try:
+            while not self.server.closing:
+                try:
+                    request = self.read_request()
+                except _Malformed as e:
+                    log.debug("Bad request: %s", e)
+                    self.send(_error(400, str(e)), close=True)
+                    return
+                if request is None:
+                    return
+                log.info("API request event: %s %s", request.method, request.path)
+                try:
+                    response = router.dispatch(request)
+                except Exception as e:  # a bug: answer it, keep serving
+                    log.exception("Internal error handling %s %s", request.method, request.path)
+                    response = _error(500, f"Internal error: {e}")
+                finally:
+                    for fd in request.fds:
+                        try:
+                            os.close(fd)
+                        except OSError:
+                            pass
+                close = (
+                    request.headers.get("connection", "").lower() == "close"
+                    or (
+                        request.version == "HTTP/1.0"
+                        and request.headers.get("connection", "").lower() != "keep-alive"
+                    )
+                    or response.after is not None
+                )
+                try:
+                    self.send(response, close=close)
+                finally:
+                    if response.after is not None:
+                        response.after()
+                if close:
+                    return
+        except _Gone:
+            return
+        finally:
+            self.close_fds()
+
+
+class ApiServer:
+    """v37's HTTP API for ``vmm`` on a UNIX socket at ``path``, or on the listening socket ``fd``.
+
+    ``start()`` binds (the socket file gets mode 0600) and serves from
+    background threads; ``close()`` stops serving, ends open connections and
+    removes the socket file it created. Also a context manager.
+    """
+
+    def __init__(
+        self,
+        vmm: Vmm,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        fd: int | None = None,
+        max_body: int = MAX_BODY,
+        request_timeout: float = 10.0,
+        max_connections: int = 256,
+    ) -> None:
+        if (path is None) == (fd is None):
+            raise ValueError("give exactly one of path and fd")
+        self.vmm = vmm
+        self.router = _Router(vmm)
+        self.path = None if path is None else os.fspath(path)
+        self.fd = fd
+        self.max_body = max_body
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self.closing = False
+        self._listener: socket.socket | None = None
+        self._inode: tuple[int, int] | None = None
+        self._wake_r, self._wake_w = -1, -1
+        self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def bind(self) -> None:
+        """Creates (or adopts) the listening socket; raises OSError as ``bind`` does."""
+        if self.fd is not None:
+            sock = socket.socket(fileno=self.fd)
+            if sock.family != socket.AF_UNIX:
+                sock.detach()
+                raise OSError(f"fd {self.fd} is not a UNIX domain socket")
+            sock.listen(128)
+        else:
+            assert self.path is not None
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(self.path)
+                info = os.stat(self.path)
+                self._inode = (info.st_dev, info.st_ino)
+                os.chmod(self.path, stat.S_IRUSR | stat.S_IWUSR)
+                sock.listen(128)
+            except BaseException:
+                sock.close()
+                raise
+        sock.set_inheritable(False)
+        self._listener = sock
+
+    def start(self) -> None:
+        """Binds if needed, then serves in a thread named ``http-server``."""
+        if self._listener is None:
+            self.bind()
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._accept_loop, name="http-server", daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        while not self.closing:
+            try:
+                ready, _, _ = select.select([listener.fileno(), self._wake_r], [], [])
+            except (OSError, ValueError):
+                return
+            if self._wake_r in ready or self.closing:  # woken by close()
+                return
+            try:
+                conn, _addr = listener.accept()
+            except OSError:
+                continue
+            if not self._slots.acquire(blocking=False):
+                conn.close()
+                continue
+            with self._lock:
+                self._connections.add(conn)
+            thread = threading.Thread(
+                target=self._serve_connection, args=(conn,), name="http-client", daemon=True
+            )
+            try:
+                thread.start()
+            except RuntimeError:
+                self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        with self._lock:
+            if conn not in self._connections:
+                return
+            self._connections.discard(conn)
+        try:
+            conn.close()
+        except OSError:
+            pass
+        self._slots.release()
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        try:
+            _Connection(conn, self).serve()
+        except Exception:
+            log.exception("API connection failed")
+        finally:
+            self._drop(conn)
+
+    def close(self) -> None:
+        """Stops serving and removes the socket file this server created."""
+        if self.closing:
+            return
+        self.closing = True
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"x")
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._listener is not None:
+            if self.fd is not None:
+                self._listener.detach()
+                try:
+                    os.close(self.fd)
+                except OSError:
+                    pass
+            else:
+                self._listener.close()
+            self._listener = None
+        if self.path is not None and self._inode is not None:
+            try:
+                info = os.stat(self.path)
+                if (info.st_dev, info.st_ino) == self._inode:
+                    os.unlink(self.path)
+            except OSError:
+                pass
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def __enter__(self) -> ApiServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,910 @@
+"""A client for Cloud Hypervisor v37's HTTP API, and VMMs in child processes.
+
+``Client`` talks to any VMM that serves the v37 API on a unix socket
+(``vmkit --api-socket PATH`` or ``cloud-hypervisor --api-socket PATH``)::
+
+    >>> from vmkit import Client
+    >>> client = Client("/tmp/vmm.sock")                     # doctest: +SKIP
+    >>> client.create(config); client.boot()                 # doctest: +SKIP
+    >>> client.info().state                                  # doctest: +SKIP
+    'Running'
+
+``spawn`` (also ``vmkit.Vm.spawn``) starts ``python -m vmkit --api-socket``
+as a child process, creates the VM there and hands back a ``SpawnedVm``
+with the in-process ``Vm``'s methods; leaving its ``with`` block always ends
+the process and removes its socket and temporary directory::
+
+    >>> with Vm.spawn(config) as vm:                         # doctest: +SKIP
+    ...     vm.boot()
+    ...     vm.serial.wait_for("login:", timeout=30)
+
+Every call is one HTTP/1.1 request on a fresh connection, written as
+ch-remote writes it. Errors: ``ApiError`` for an error status (``.status``
+400, 404 or 500, the server's text as the message), ``ApiConnectionError``
+(a subclass, ``.status`` None) when the socket cannot be reached or the
+exchange breaks off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from vmkit import _apiwire
+from vmkit.config import (
+    ConsoleConfig,
+    DeviceConfig,
+    DiskConfig,
+    FsConfig,
+    NetConfig,
+    PmemConfig,
+    RestoreConfig,
+    UserDeviceConfig,
+    VdpaConfig,
+    VmConfig,
+    VsockConfig,
+)
+from vmkit.vm import VmError, VmExit
+
+__all__ = [
+    "ApiConnectionError",
+    "ApiError",
+    "Client",
+    "FileSerialConsole",
+    "PciDeviceInfo",
+    "SpawnedVm",
+    "VmInfo",
+    "VmmPingResponse",
+    "openapi_spec",
+    "spawn",
+]
+
+_C = TypeVar("_C")
+
+#: How long ``Client`` waits on the socket by default (seconds, per call).
+DEFAULT_TIMEOUT = 60.0
+
+
+class ApiError(VmError):
+    """The VMM answered a request with an error status.
+
+    ``status`` is the HTTP status (500 for every VMM error, 400 for a
+    malformed request, 404 for an unknown path); the message is the
+    server's text, e.g. ``invalid VM state transition: Running to Running``
+    or ``VM is not created``. ``body`` is the raw body text ("" when none).
+    ``kind`` is ``Api``.
+    """
+
+    def __init__(
+        self, message: str, status: int | None, *, body: str = "", kind: str = "Api"
+    ) -> None:
+        super().__init__(message, kind)
+        self.status = status
+        self.body = body
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_api_error, (type(self), self.message, self.status, self.body, self.kind))
+
+
+def _rebuild_api_error(
+    cls: type[ApiError], message: str, status: int | None, body: str, kind: str
+) -> ApiError:
+    return cls(message, status, body=body, kind=kind)
+
+
+class ApiConnectionError(ApiError):
+    """The API socket could not be reached, or the exchange broke off.
+
+    ``status`` is None and ``kind`` is ``Connection``; the message names the
+    socket, e.g. ``Cannot connect to the VMM API socket /tmp/x.sock: No
+    such file or directory (os error 2)``.
+    """
+
+    def __init__(self, message: str, status: int | None = None, *, body: str = "") -> None:
+        super().__init__(message, status, body=body, kind="Connection")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.status), {"body": self.body})
+
+
+@dataclass(frozen=True)
+class VmmPingResponse:
+    """``vmm.ping``: the VMM's version, process id and build features."""
+
+    build_version: str
+    version: str
+    pid: int
+    features: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VmmPingResponse:
+        return cls(
+            build_version=str(data["build_version"]),
+            version=str(data["version"]),
+            pid=int(data["pid"]),
+            features=tuple(str(f) for f in data.get("features") or ()),
+        )
+
+
+@dataclass(frozen=True)
+class PciDeviceInfo:
+    """What a hot-plug ``vm.add-*`` on a booted VM returns: the id and PCI address."""
+
+    id: str
+    bdf: str
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PciDeviceInfo:
+        return cls(id=str(data["id"]), bdf=str(data["bdf"]))
+
+
+@dataclass
+class VmInfo:
+    """``vm.info``: the live config, the state, the memory size and the device tree.
+
+    ``state`` is ``Created`` (a config but no running VM), ``Running``,
+    ``Paused``, ``Shutdown`` or ``BreakPoint``. ``device_tree`` maps device
+    ids to DeviceNode objects (plain JSON), or is None without a VM.
+    """
+
+    config: VmConfig
+    state: str
+    memory_actual_size: int
+    device_tree: dict[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VmInfo:
+        return cls(
+            config=VmConfig.from_dict(data["config"]),
+            state=str(data["state"]),
+            memory_actual_size=int(data["memory_actual_size"]),
+            device_tree=data.get("device_tree"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The VmInfo JSON object."""
+        return {
+            "config": self.config.to_dict(),
+            "state": self.state,
+            "memory_actual_size": self.memory_actual_size,
+            "device_tree": self.device_tree,
+        }
+
+
+def openapi_spec() -> dict[str, Any]:
+    """The OpenAPI description of the API as vmkit implements it (a JSON object)."""
+    path = Path(__file__).with_name("openapi") / "cloud-hypervisor.json"
+    spec: dict[str, Any] = json.loads(path.read_text())
+    return spec
+
+
+def _compact(data: object) -> bytes:
+    """JSON as serde_json writes it: no spaces, UTF-8, fields in order."""
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _size(value: int | str, what: str) -> int:
+    if isinstance(value, str):
+        try:
+            return _apiwire.parse_byte_size(value)
+        except ValueError as e:
+            raise ValueError(f"Invalid {what} size {value!r}: {e}") from None
+    return int(value)
+
+
+def _as_config(value: _C | str, cls: type[_C]) -> _C:
+    if isinstance(value, str):
+        parsed: _C = cls.parse(value)  # type: ignore[attr-defined]
+        return parsed
+    return value
+
+
+class Client:
+    """A client for the Cloud Hypervisor v37 HTTP API served on ``api_socket``.
+
+    ``timeout`` bounds each call (connecting, sending, waiting for the
+    answer), in seconds; None waits forever. Methods raise ``ApiError`` for
+    an error answer and ``ApiConnectionError`` when the VMM cannot be reached.
+    """
+
+    def __init__(self, api_socket: str | Path, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        self.api_socket = Path(api_socket)
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"Client({str(self.api_socket)!r})"
+
+    # -- the transport ---------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        endpoint: str,
+        body: bytes | str | None = None,
+        *,
+        fds: Sequence[int] = (),
+    ) -> _apiwire.RawResponse:
+        """Sends one request (``endpoint`` like ``vm.info``) and returns the raw answer.
+
+        No status check: see ``call`` for that. ``fds`` are passed to the VMM
+        with SCM_RIGHTS (``vm.add-net``).
+        """
+        data = body.encode() if isinstance(body, str) else body
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(os.fspath(self.api_socket))
+            except OSError as e:
+                raise ApiConnectionError(
+                    f"Cannot connect to the VMM API socket {self.api_socket}: "
+                    f"{_apiwire.io_error_text(e)}"
+                ) from None
+            try:
+                _apiwire.send_request(sock, method, endpoint, data, fds)
+                return _apiwire.read_response(sock)
+            except _apiwire.WireError as e:
+                raise ApiConnectionError(
+                    f"{method} {endpoint} on the VMM API socket {self.api_socket} failed: {e}"
+                ) from None
+        finally:
+            sock.close()
+
+    def call(
+        self,
+        method: str,
+        endpoint: str,
+        body: bytes | str | None = None,
+        *,
+        fds: Sequence[int] = (),
+    ) -> bytes | None:
+        """Sends one request; returns the body of a 2xx answer (None when it had none).
+
+        Raises ApiError for any other status.
+        """
+        response = self.request(method, endpoint, body, fds=fds)
+        if response.ok:
+            return response.body
+        text = (response.body or b"").decode(errors="replace")
+        message = text or f"{response.status} {response.reason}".strip()
+        raise ApiError(message, response.status, body=text)
+
+    def _json(self, method: str, endpoint: str, body: bytes | None = None) -> Any:
+        data = self.call(method, endpoint, body)
+        if not data:
+            raise ApiConnectionError(
+                f"{method} {endpoint} on the VMM API socket {self.api_socket} "
+                "answered without a body"
+            )
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise ApiConnectionError(
+                f"{method} {endpoint} on the VMM API socket {self.api_socket} "
+                f"answered with invalid JSON: {e}"
+            ) from None
+
+    def _put(self, endpoint: str, payload: object = None) -> None:
+        self.call("PUT", endpoint, None if payload is None else _compact(payload))
+
+    def _add(self, endpoint: str, config: Any, fds: Sequence[int] = ()) -> PciDeviceInfo | None:
+        data = self.call("PUT", endpoint, _compact(config.to_dict()), fds=fds)
+        if not data:
+            return None
+        try:
+            return PciDeviceInfo.from_dict(json.loads(data))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ApiConnectionError(
+                f"PUT {endpoint} on the VMM API socket {self.api_socket} "
+                f"answered with an invalid PciDeviceInfo: {e}"
+            ) from None
+
+    # -- the VMM ---------------------------------------------------------------
+
+    def ping(self) -> VmmPingResponse:
+        """``vmm.ping``: the VMM's version and process id."""
+        return VmmPingResponse.from_dict(self._json("GET", "vmm.ping"))
+
+    def shutdown_vmm(self) -> None:
+        """``vmm.shutdown``: deletes the VM, then the VMM process exits."""
+        self.call("PUT", "vmm.shutdown")
+
+    # -- the VM's life -----------------------------------------------------------
+
+    def create(self, config: VmConfig | Mapping[str, Any] | str) -> None:
+        """``vm.create``: stores a config (a VmConfig, a JSON object or JSON text).
+
+        The VMM does not validate it until ``boot``.
+        """
+        if isinstance(config, VmConfig):
+            body = _compact(config.to_dict())
+        elif isinstance(config, str):
+            body = config.encode()
+        else:
+            body = _compact(dict(config))
+        self.call("PUT", "vm.create", body)
+
+    def boot(self) -> None:
+        """``vm.boot``: validates the config, builds the VM and starts it (resumes a Paused VM)."""
+        self._put("vm.boot")
+
+    def shutdown(self) -> None:
+        """``vm.shutdown``: stops the VM; the config stays (state ``Created``)."""
+        self._put("vm.shutdown")
+
+    def reboot(self) -> None:
+        """``vm.reboot``: a shutdown and a fresh boot."""
+        self._put("vm.reboot")
+
+    def pause(self) -> None:
+        """``vm.pause``: Running → Paused."""
+        self._put("vm.pause")
+
+    def resume(self) -> None:
+        """``vm.resume``: Paused → Running."""
+        self._put("vm.resume")
+
+    def power_button(self) -> None:
+        """``vm.power-button``: presses the guest's ACPI power button."""
+        self._put("vm.power-button")
+
+    def delete(self) -> None:
+        """``vm.delete``: shuts the VM down if one runs and forgets the config."""
+        self._put("vm.delete")
+
+    def info(self) -> VmInfo:
+        """``vm.info``: the live config, state, memory size and device tree."""
+        data = self._json("GET", "vm.info")
+        try:
+            return VmInfo.from_dict(data)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ApiConnectionError(
+                f"GET vm.info on the VMM API socket {self.api_socket} "
+                f"answered with an invalid VmInfo: {e}"
+            ) from None
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """``vm.counters``: ``{device id: {counter: value}}``."""
+        data: dict[str, dict[str, int]] = self._json("GET", "vm.counters")
+        return data
+
+    # -- sizes ---------------------------------------------------------------------
+
+    def resize(
+        self,
+        *,
+        cpus: int | None = None,
+        memory: int | str | None = None,
+        balloon: int | str | None = None,
+    ) -> None:
+        """``vm.resize``: new vCPU count, memory size or balloon size (bytes or ``"2G"``)."""
+        self._put(
+            "vm.resize",
+            {
+                "desired_vcpus": cpus,
+                "desired_ram": None if memory is None else _size(memory, "memory"),
+                "desired_balloon": None if balloon is None else _size(balloon, "balloon"),
+            },
+        )
+
+    def resize_zone(self, id: str, size: int | str) -> None:
+        """``vm.resize-zone``: a new size for the memory zone ``id`` (bytes or ``"1G"``)."""
+        self._put("vm.resize-zone", {"id": id, "desired_ram": _size(size, "memory zone")})
+
+    # -- devices --------------------------------------------------------------------
+    # Each add_* takes the config object or its option string (parsed as the CLI
+    # does). On a booted VM the device is hot-plugged and its PciDeviceInfo
+    # returned; before the first boot it joins the config and None is returned.
+
+    def add_device(self, config: DeviceConfig | str) -> PciDeviceInfo | None:
+        """``vm.add-device``: a VFIO device."""
+        return self._add("vm.add-device", _as_config(config, DeviceConfig))
+
+    def add_user_device(self, config: UserDeviceConfig | str) -> PciDeviceInfo | None:
+        """``vm.add-user-device``: a vfio-user device."""
+        return self._add("vm.add-user-device", _as_config(config, UserDeviceConfig))
+
+    def add_disk(self, config: DiskConfig | str) -> PciDeviceInfo | None:
+        """``vm.add-disk``: a virtio-blk device."""
+        return self._add("vm.add-disk", _as_config(config, DiskConfig))
+
+    def add_fs(self, config: FsConfig | str) -> PciDeviceInfo | None:
+        """``vm.add-fs``: a virtio-fs device."""
+        return self._add("vm.add-fs", _as_config(config, FsConfig))
+
+    def add_pmem(self, config: PmemConfig | str) -> PciDeviceInfo | None:
+        """``vm.add-pmem``: a virtio-pmem device."""
+        return self._add("vm.add-pmem", _as_config(config, PmemConfig))
+
+    def add_net(
+        self, config: NetConfig | str, fds: Sequence[int] | None = None
+    ) -> PciDeviceInfo | None:
+        """``vm.add-net``: a virtio-net device.
+
+        Tap file descriptors (``fds``, else the config's ``fds``) are passed to
+        the VMM with SCM_RIGHTS and left out of the JSON, as ch-remote does.
+        """
+        net = _as_config(config, NetConfig)
+        send = list(fds) if fds is not None else list(net.fds or ())
+        net = dataclasses.replace(net, fds=None)
+        return self._add("vm.add-net", net, send)
+
+    def add_vdpa(self, config: VdpaConfig | str) -> PciDeviceInfo | None:
+        """``vm.add-vdpa``: a vDPA device."""
+        return self._add("vm.add-vdpa", _as_config(config, VdpaConfig))
+
+    def add_vsock(self, config: VsockConfig | str) -> PciDeviceInfo | None:
+        """``vm.add-vsock``: a virtio-vsock device."""
+        return self._add("vm.add-vsock", _as_config(config, VsockConfig))
+
+    def remove_device(self, id: str) -> None:
+        """``vm.remove-device``: unplugs (or, before boot, drops) the device ``id``."""
+        self._put("vm.remove-device", {"id": id})
+
+    # -- snapshots and migration ------------------------------------------------------
+
+    def snapshot(self, destination_url: str) -> None:
+        """``vm.snapshot``: snapshots a Paused VM to ``destination_url``."""
+        self._put("vm.snapshot", {"destination_url": destination_url})
+
+    def restore(self, config: RestoreConfig | str) -> None:
+        """``vm.restore``: ``RestoreConfig`` or its option string ``source_url=...``."""
+        self._put("vm.restore", _as_config(config, RestoreConfig).to_dict())
+
+    def coredump(self, destination_url: str) -> None:
+        """``vm.coredump``: writes a guest core dump."""
+        self._put("vm.coredump", {"destination_url": destination_url})
+
+    def send_migration(self, destination_url: str, *, local: bool = False) -> None:
+        """``vm.send-migration``."""
+        self._put("vm.send-migration", {"destination_url": destination_url, "local": local})
+
+    def receive_migration(self, receiver_url: str) -> None:
+        """``vm.receive-migration``."""
+        self._put("vm.receive-migration", {"receiver_url": receiver_url})
+
+
+# ---------------------------------------------------------------------------
+# VMMs in child processes
+# ---------------------------------------------------------------------------
+
+
+class FileSerialConsole:
+    """A spawned VM's serial output, read from the file the VMM writes.
+
+    The same interface as ``vmkit.vm.SerialConsole``: ``read()``, ``text``
+    and ``wait_for``, which consumes output line by line. After the
+    SpawnedVm is closed the output read so far stays readable.
+    """
+
+    def __init__(self, path: Path | None, stopped: Callable[[], str | None]) -> None:
+        self.path = path
+        self._stopped = stopped
+        self._cursor = 0
+        self._frozen: bytes | None = None
+
+    def read(self) -> bytes:
+        """Everything the guest has printed so far."""
+        if self._frozen is not None:
+            return self._frozen
+        if self.path is None:
+            return b""
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    def _read_from(self, offset: int) -> bytes:
+        if self._frozen is not None or self.path is None:
+            return self.read()[offset:]
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                return f.read()
+        except FileNotFoundError:
+            return b""
+
+    @property
+    def text(self) -> str:
+        """``read()`` decoded as UTF-8 (invalid bytes replaced)."""
+        return self.read().decode(errors="replace")
+
+    def _freeze(self) -> None:
+        if self._frozen is None:
+            self._frozen = self.read()
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 30.0) -> re.Match[str]:
+        """Waits for a whole output line matching ``pattern`` (``re.search``).
+
+        Raises TimeoutError when no line matches in time, and VmError (kind
+        ``Stopped``) when the VM stops first.
+        """
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        if self.path is None:
+            raise VmError("The serial output of this VM is not captured", "Unsupported")
+        deadline = time.monotonic() + timeout
+        while True:
+            data = self._read_from(self._cursor)
+            consumed = 0
+            for line in data.splitlines(keepends=True):
+                if not line.endswith(b"\n"):
+                    break
+                consumed += len(line)
+                match = regex.search(line.rstrip(b"\r\n").decode(errors="replace"))
+                if match:
+                    self._cursor += consumed
+                    return match
+            self._cursor += consumed
+            why = self._stopped()
+            if why is not None:
+                # Output written just before the stop is still worth a last look.
+                if len(self._read_from(self._cursor)) > len(data) - consumed:
+                    continue
+                raise VmError(
+                    f"The VM stopped before printing a line matching {regex.pattern!r}: {why}",
+                    "Stopped",
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"No serial line matched {regex.pattern!r} within {timeout} s")
+            time.sleep(min(remaining, 0.02))
+
+
+def _exit_text(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"the VMM process was killed by {name}"
+    return f"the VMM process exited with status {returncode}"
+
+
+def _stop_process(process: subprocess.Popen[bytes], api_socket: Path, timeout: float) -> None:
+    """Ends the VMM process: vmm.shutdown, then SIGTERM, then SIGKILL."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ApiError):
+        Client(api_socket, timeout=timeout).shutdown_vmm()
+    for step in (None, process.terminate, process.kill):
+        if step is not None:
+            with contextlib.suppress(ProcessLookupError):
+                step()
+        try:
+            process.wait(timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    process.wait()
+
+
+def _end_process(
+    process: subprocess.Popen[bytes],
+    api_socket: Path,
+    tmpdir: Path | None,
+    log: IO[bytes] | None,
+    timeout: float,
+) -> None:
+    """Ends the VMM process (see ``_stop_process``) and removes its files."""
+    try:
+        _stop_process(process, api_socket, timeout)
+    finally:
+        if log is not None:
+            log.close()
+        with contextlib.suppress(OSError):
+            if api_socket.is_socket():
+                api_socket.unlink()
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+class SpawnedVm:
+    """A VM in a ``python -m vmkit --api-socket`` child process.
+
+    Made by ``spawn`` / ``Vm.spawn``. It has the in-process ``Vm``'s methods
+    (boot, pause, resume, shutdown, reboot, power_button, wait, state, info,
+    counters, close) carried out through the HTTP API (``client``), plus
+    ``serial`` (a ``FileSerialConsole``), ``process``, ``pid`` and
+    ``api_socket``. ``info()`` returns a ``VmInfo``.
+
+    ``close()`` (and leaving the ``with`` block) always ends the process:
+    ``vmm.shutdown``, then SIGTERM, then SIGKILL, each after
+    ``stop_timeout`` seconds; then removes the socket and the temporary
+    directory. The same happens if the object is garbage-collected or at
+    interpreter exit.
+    """
+
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        client: Client,
+        tmpdir: Path | None,
+        serial_path: Path | None,
+        log_path: Path | None,
+        log: IO[bytes] | None,
+        stop_timeout: float,
+    ) -> None:
+        self.process = process
+        self.client = client
+        self.api_socket = client.api_socket
+        self.tmpdir = tmpdir
+        self.log_path = log_path
+        self._booted = False
+        self._state_checked = 0.0
+        self._stop_timeout = stop_timeout
+        self._log_text: str | None = None
+        self.serial = FileSerialConsole(serial_path, self._stopped_reason)
+        self._finalizer = weakref.finalize(
+            self, _end_process, process, client.api_socket, tmpdir, log, stop_timeout
+        )
+
+    @property
+    def pid(self) -> int:
+        """The VMM process id."""
+        return self.process.pid
+
+    def __repr__(self) -> str:
+        return f"<SpawnedVm pid={self.pid} api_socket={str(self.api_socket)!r}>"
+
+    def _stopped_reason(self) -> str | None:
+        """Why the VM is no longer running, or None (for ``serial.wait_for``)."""
+        returncode = self.process.poll()
+        if returncode is not None:
+            return _exit_text(returncode)
+        if not self._booted:
+            return None
+        now = time.monotonic()
+        if now - self._state_checked < 0.5:
+            return None
+        self._state_checked = now
+        try:
+            state = self.client.info().state
+        except ApiConnectionError:
+            return None
+        except ApiError:
+            return "the VM was deleted"
+        if state in ("Created", "Shutdown"):
+            return "it was shut down"
+        return None
+
+    @property
+    def log(self) -> str:
+        """What the VMM process wrote to stdout and stderr."""
+        if self._log_text is not None:
+            return self._log_text
+        if self.log_path is None:
+            return ""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _exit(self, returncode: int) -> VmExit:
+        if returncode == 0:
+            return VmExit("poweroff", "The VMM process exited with status 0")
+        message = _exit_text(returncode)
+        tail = self.log.strip().splitlines()[-5:]
+        if tail:
+            message += ": " + " | ".join(tail)
+        return VmExit("vmm-error", message[0].upper() + message[1:])
+
+    def boot(self) -> None:
+        """``vm.boot``: builds and starts the VM (Created → Running)."""
+        self.client.boot()
+        self._booted = True
+
+    def pause(self) -> None:
+        """``vm.pause``: Running → Paused."""
+        self.client.pause()
+
+    def resume(self) -> None:
+        """``vm.resume``: Paused → Running."""
+        self.client.resume()
+
+    def shutdown(self) -> None:
+        """``vm.shutdown``: stops the VM (its config stays; state ``Created``)."""
+        self.client.shutdown()
+
+    def reboot(self) -> None:
+        """``vm.reboot``: the running boot stops and a fresh one starts."""
+        self.client.reboot()
+
+    def power_button(self) -> None:
+        """``vm.power-button``: presses the guest's ACPI power button."""
+        self.client.power_button()
+
+    def info(self) -> VmInfo:
+        """``vm.info``."""
+        return self.client.info()
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """``vm.counters``."""
+        return self.client.counters()
+
+    @property
+    def state(self) -> str:
+        """The VM's state from ``vm.info``; ``Shutdown`` once the VMM process is gone."""
+        if self.process.poll() is not None:
+            return "Shutdown"
+        try:
+            return self.client.info().state
+        except ApiConnectionError:
+            if self.process.poll() is not None:
+                return "Shutdown"
+            raise
+
+    def wait(self, timeout: float | None = None) -> VmExit | None:
+        """Waits for the VM to stop; returns why, or None on timeout.
+
+        The VM has stopped when the VMM process exits (reason ``poweroff``
+        for status 0, else ``vmm-error``), or when ``vm.info`` says
+        ``Created`` or ``Shutdown`` after a boot (reason ``shutdown``).
+        Returns None at once when the VM was never booted.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            returncode = self.process.poll()
+            if returncode is not None:
+                return self._exit(returncode)
+            try:
+                state: str | None = self.client.info().state
+            except ApiConnectionError:
+                state = None  # the process may be on its way out
+            except ApiError:
+                state = "Created"  # no config any more (vm.delete)
+            if state in ("Created", "Shutdown"):
+                if not self._booted:
+                    return None
+                return VmExit("shutdown", f"The VM is no longer running (state {state})")
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            pause = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+            time.sleep(max(0.0, pause))
+
+    def close(self) -> None:
+        """Ends the VMM process and removes its socket and temporary files.
+
+        The serial output and the VMM log stay readable afterwards.
+        """
+        if self._finalizer.alive:
+            try:
+                _stop_process(self.process, self.api_socket, self._stop_timeout)
+                self.serial._freeze()
+                self._log_text = self.log
+            finally:
+                self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def __enter__(self) -> SpawnedVm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _package_root() -> str:
+    return str(Path(__file__).resolve().parent.parent)
+
+
+def spawn(
+    config: VmConfig | None,
+    *,
+    api_socket: str | Path | None = None,
+    serial_log: bool = True,
+    vmm_args: Sequence[str] = (),
+    startup_timeout: float = 30.0,
+    request_timeout: float | None = DEFAULT_TIMEOUT,
+    stop_timeout: float = 5.0,
+    env: Mapping[str, str] | None = None,
+) -> SpawnedVm:
+    """Starts ``python -m vmkit --api-socket <path>`` and creates ``config`` there.
+
+    The VMM starts idle (no payload on its command line); once it answers
+    ``vmm.ping``, ``vm.create`` sends ``config`` (``None`` skips that). The
+    socket lives in a new temporary directory unless ``api_socket`` is given.
+    With ``serial_log`` (the default) the serial port is written to
+    ``<tmpdir>/serial.log`` (``--serial file=...``) so that ``serial`` can
+    read it; a config whose serial already goes to a file keeps its file.
+    The VMM's stdout and stderr go to ``<tmpdir>/vmm.log`` (``SpawnedVm.log``).
+    ``vmm_args`` are extra command-line words for the VMM (``-v``).
+
+    Raises VmError (kind ``Spawn``) when the VMM does not come up in
+    ``startup_timeout`` seconds, ApiError when ``vm.create`` fails; in both
+    cases the process is ended and its files removed.
+    """
+    tmpdir = Path(tempfile.mkdtemp(prefix="vmkit-vmm-"))
+    try:
+        socket_path = Path(api_socket) if api_socket is not None else tmpdir / "api.sock"
+        serial_path: Path | None = None
+        if config is not None and serial_log:
+            if config.serial.mode == "File" and config.serial.file:
+                serial_path = Path(config.serial.file)
+            else:
+                serial_path = tmpdir / "serial.log"
+                config = dataclasses.replace(
+                    config, serial=ConsoleConfig(mode="File", file=str(serial_path))
+                )
+        log_path = tmpdir / "vmm.log"
+        log = open(log_path, "wb")  # closed by the finalizer
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+    child_env = dict(os.environ if env is None else env)
+    root = _package_root()
+    if Path(root).name not in ("site-packages", "dist-packages"):
+        # A source tree or an editable install: make sure the child imports this vmkit.
+        child_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (root, child_env.get("PYTHONPATH", "")) if p
+        )
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vmkit", "--api-socket", str(socket_path), *vmm_args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env,
+            close_fds=True,
+        )
+    except BaseException:
+        log.close()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+    client = Client(socket_path, timeout=request_timeout)
+    vm = SpawnedVm(process, client, tmpdir, serial_path, log_path, log, stop_timeout)
+    try:
+        _wait_until_up(vm, startup_timeout)
+        if config is not None:
+            client.create(config)
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+def _wait_until_up(vm: SpawnedVm, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    probe = Client(vm.api_socket, timeout=max(1.0, min(5.0, timeout)))
+    last = ""
+    while True:
+        returncode = vm.process.poll()
+        if returncode is not None:
+            log = vm.log.strip()
+            raise VmError(
+                f"The VMM process ended before serving {vm.api_socket} "
+                f"({_exit_text(returncode)})" + (f": {log}" if log else ""),
+                "Spawn",
+            )
+        if vm.api_socket.exists():
+            try:
+                pong = probe.ping()
+            except ApiError as e:
+                last = str(e)
+            else:
+                if pong.pid == vm.pid:
+                    return
+                last = f"another VMM (pid {pong.pid}) answers on {vm.api_socket}"
+        if time.monotonic() >= deadline:
+            raise VmError(
+                f"The VMM did not answer on {vm.api_socket} within {timeout} s"
+                + (f" ({last})" if last else ""),
+                "Spawn",
+            )
+        time.sleep(0.02)

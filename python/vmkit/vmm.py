@@ -1,0 +1,689 @@
+"""The VMM: Cloud Hypervisor v37's API actions over one optional VM.
+
+A ``Vmm`` holds what a v37 VMM holds: a VM config (``config``, set by
+``create``) and a VM object (``vm``, built by ``boot``). Each method is one
+HTTP API action (ch-reference §4.2) with v37's preconditions and error texts
+(§4.4, §4.5); a failed action raises ``ApiError``, whose text is the body of
+the HTTP 500 answer.
+
+    >>> vmm = Vmm()
+    >>> vmm.create(VmConfig.from_cli(["--kernel", "vmlinux"]))   # doctest: +SKIP
+    >>> vmm.boot()                                                # doctest: +SKIP
+    >>> vmm.info()["state"]                                       # doctest: +SKIP
+    'Running'
+
+Every action takes one lock, so actions from several API clients run one at a
+time, as they do on v37's single VMM thread. A VM that stops by itself (the
+guest powers off, or vmkit ends it) makes the VMM delete it and ask to exit
+(``wait_exit``), as v37 does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import threading
+import time
+import unicodedata
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from vmkit import __version__
+from vmkit.config import (
+    DeviceConfig,
+    DiskConfig,
+    FsConfig,
+    NetConfig,
+    PmemConfig,
+    RestoreConfig,
+    UserDeviceConfig,
+    VdpaConfig,
+    VmConfig,
+    VsockConfig,
+)
+from vmkit.errors import ConfigError
+from vmkit.vm import Vm, VmError, VmExit
+
+__all__ = ["ApiError", "EventMonitor", "Vmm", "rust_debug_str"]
+
+log = logging.getLogger("vmkit.vmm")
+# Library use stays quiet; the vmkit command sends these loggers to stderr or --log-file.
+logging.getLogger("vmkit").addHandler(logging.NullHandler())
+
+#: The features vmkit reports in ``vmm.ping`` (those of a default v37 build).
+FEATURES = ("kvm", "io_uring")
+
+VM_NOT_CREATED = "VM is not created"
+VM_ALREADY_CREATED = "VM is already created"
+VM_NOT_RUNNING = "VM is not running"
+VM_CONFIG_MISSING = "VM config is missing"
+
+_T = TypeVar("_T")
+
+
+class ApiError(Exception):
+    """An API action failed; ``str(error)`` is v37's error Display (the HTTP 500 body)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def rust_debug_str(text: str) -> str:
+    """``text`` as Rust's ``{:?}`` prints a ``String``: quoted, with escapes."""
+    out = ['"']
+    for ch in text:
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\0":
+            out.append("\\0")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") or (
+            ch.isspace() and ch != " "
+        ):
+            out.append(f"\\u{{{ord(ch):x}}}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+class EventMonitor:
+    """v37's ``--event-monitor`` output: each event as pretty-printed JSON and a blank line.
+
+    ``fd`` is written with plain ``write`` calls (no buffering); ``timestamp``
+    is the time since the monitor was made. Thread-safe.
+    """
+
+    def __init__(self, fd: int, *, close: bool = True) -> None:
+        self._fd = fd
+        self._close = close
+        self._start = time.monotonic()
+        self._lock = threading.Lock()
+        self._broken = False
+
+    def emit(self, source: str, event: str, properties: Mapping[str, str] | None = None) -> None:
+        elapsed = time.monotonic() - self._start
+        secs = int(elapsed)
+        record = {
+            "timestamp": {"secs": secs, "nanos": int((elapsed - secs) * 1e9)},
+            "source": source,
+            "event": event,
+            "properties": None if properties is None else dict(properties),
+        }
+        data = (json.dumps(record, indent=2) + "\n\n").encode()
+        with self._lock:
+            if self._broken:
+                return
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
+            except OSError as e:
+                self._broken = True
+                log.error("Error doing event monitor I/O: %s", e)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._close and self._fd >= 0:
+                try:
+                    os.close(self._fd)
+                except OSError:
+                    pass
+            self._fd = -1
+            self._broken = True
+
+
+def _add_to_list(items: list[_T] | None, item: _T) -> list[_T]:
+    return [item] if items is None else [*items, item]
+
+
+def _memory_actual_size(config: VmConfig) -> int:
+    memory = config.memory
+    total = memory.size + (memory.hotplugged_size or 0)
+    for zone in memory.zones or []:
+        total += zone.size + (zone.hotplugged_size or 0)
+    return total
+
+
+def _close_fds(fds: list[int] | None) -> None:
+    for fd in fds or []:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Vmm:
+    """The API actions of one VMM (ch-reference §4.2), with v37's state rules (§4.5).
+
+    ``events``: where to report events (``--event-monitor``), or None.
+    ``watchdog_timeout``: passed to each ``Vm``. The attributes ``config``
+    and ``vm`` are the VMM's two layers; read them under ``lock``.
+    """
+
+    def __init__(
+        self,
+        *,
+        events: EventMonitor | None = None,
+        watchdog_timeout: float | None = 30.0,
+    ) -> None:
+        self.config: VmConfig | None = None
+        self.vm: Vm | None = None
+        self.events = events
+        self.watchdog_timeout = watchdog_timeout
+        self.lock = threading.RLock()
+        self._exit = threading.Event()
+        self._exit_code: int | None = None
+        self._exit_message: str | None = None
+        self._shut_down = False
+        #: descriptors received through the API (add-net), closed when their device goes.
+        self._owned_fds: set[int] = set()
+
+    # -- events and exit -------------------------------------------------------------------
+
+    def emit(self, source: str, event: str, properties: Mapping[str, str] | None = None) -> None:
+        """Reports an event on the event monitor, if there is one."""
+        if self.events is not None:
+            self.events.emit(source, event, properties)
+
+    def request_exit(self, code: int, message: str | None = None) -> None:
+        """Asks whoever runs this VMM (``wait_exit``) to end the process with ``code``."""
+        if self._exit_code is None:
+            self._exit_code = code
+            self._exit_message = message
+        self._exit.set()
+
+    def wait_exit(self, timeout: float | None = None) -> int | None:
+        """Waits for an exit request; returns its code, or None on timeout."""
+        if self._exit.wait(timeout):
+            return self._exit_code
+        return None
+
+    @property
+    def exit_message(self) -> str | None:
+        """Why the VMM exits, when that is an error (e.g. ``VM stopped: ...``)."""
+        return self._exit_message
+
+    # -- vmm.* -------------------------------------------------------------------------------
+
+    def ping(self) -> dict[str, Any]:
+        """``vmm.ping``: VmmPingResponse with vmkit's own version."""
+        return {
+            "build_version": f"vmkit v{__version__}",
+            "version": __version__,
+            "pid": os.getpid(),
+            "features": list(FEATURES),
+        }
+
+    def vmm_shutdown(self) -> None:
+        """``vmm.shutdown``: deletes the VM (shutting it down if booted).
+
+        The caller ends the process afterwards (``request_exit``), once the
+        answer is sent. ``vmm shutdown`` is reported once.
+        """
+        with self.lock:
+            self._delete_locked()
+            if not self._shut_down:
+                self._shut_down = True
+                self.emit("vmm", "shutdown")
+
+    def close(self) -> None:
+        """Shuts down and forgets any VM (``vmm_shutdown`` without exit)."""
+        self.vmm_shutdown()
+
+    # -- create / boot / delete / shutdown / reboot --------------------------------------
+
+    def create(self, config: VmConfig) -> None:
+        """``vm.create``: stores ``config`` without validating it; drops ``net[].fds``."""
+        with self.lock:
+            if self.config is not None:
+                raise ApiError(VM_ALREADY_CREATED)
+            config = copy.deepcopy(config)
+            if config.net and any(net.fds is not None for net in config.net):
+                log.warning("Ignoring FDs sent via the HTTP request body")
+            for net in config.net or []:
+                net.fds = None
+            self.config = config
+
+    def boot(self) -> None:
+        """``vm.boot``: builds the VM from the config and boots it; resumes a Paused VM."""
+        with self.lock:
+            self.emit("vm", "booting")
+            if self.config is None:
+                raise ApiError(VM_CONFIG_MISSING)
+            vm = self.vm
+            if vm is not None and vm.state == "Paused":
+                self._resume_locked(vm)
+                self.emit("vm", "booted")
+                return
+            if vm is not None:
+                try:
+                    vm.boot()
+                except VmError as e:
+                    raise ApiError(str(e)) from None
+                self._booted(vm)
+                return
+            config = copy.deepcopy(self.config)
+            try:
+                config.validate()
+            except ConfigError as e:
+                raise ApiError(f"Failed to validate config: {e}") from None
+            try:
+                vm = Vm(config, watchdog_timeout=self.watchdog_timeout)
+            except ConfigError as e:
+                raise ApiError(f"Failed to validate config: {e}") from None
+            except VmError as e:
+                raise ApiError(str(e)) from None
+            try:
+                vm.boot()
+            except VmError as e:
+                # v37 keeps a VM object that failed to boot; vmkit drops it (and its
+                # KVM resources): info still says Created, as it does in v37.
+                vm.close()
+                raise ApiError(str(e)) from None
+            self.vm = vm
+            self._booted(vm)
+            threading.Thread(target=self._watch, args=(vm,), name="vmm-watch", daemon=True).start()
+
+    def _booted(self, vm: Vm) -> None:
+        cpus = vm.config.cpus.boot_vcpus
+        for index in range(cpus):
+            self.emit("cpu_manager", "create_vcpu", {"id": str(index)})
+        self.emit("vm", "booted")
+
+    def delete(self) -> None:
+        """``vm.delete``: shuts down a VM if there is one, then forgets the config."""
+        with self.lock:
+            self._delete_locked()
+
+    def _delete_locked(self) -> None:
+        if self.config is None:
+            return
+        if self.vm is not None:
+            self._shutdown_locked()
+        if self.config is not None:
+            for net in self.config.net or []:
+                self._release_fds(net.fds)
+        self.config = None
+        self.emit("vm", "deleted")
+
+    def shutdown(self) -> None:
+        """``vm.shutdown``: shuts the VM down and drops it; the config stays."""
+        with self.lock:
+            if self.vm is None:
+                raise ApiError(VM_NOT_RUNNING)
+            self._shutdown_locked()
+
+    def _shutdown_locked(self) -> None:
+        vm = self.vm
+        assert vm is not None
+        live = self._live_config(vm)
+        self.vm = None
+        try:
+            vm.shutdown()
+        except VmError as e:
+            log.error("Error shutting down the VM: %s", e)
+        vm.close()
+        self.config = live
+        self.emit("vm", "shutdown")
+
+    def reboot(self) -> None:
+        """``vm.reboot``: a running or paused VM stops and boots again (same PTYs)."""
+        with self.lock:
+            vm = self.vm
+            if vm is None:
+                raise ApiError(VM_NOT_CREATED)
+            boots = vm.info()["vmkit"]["boots"]
+            try:
+                vm.reboot()
+            except VmError as e:
+                raise ApiError(str(e)) from None
+            # v37 answers once the new boot runs; vmkit rebuilds in its VMM thread.
+            deadline = time.monotonic() + 30
+            while vm.info()["vmkit"]["boots"] <= boots:
+                if vm.state == "Shutdown":
+                    exit_info = vm.wait(0)
+                    raise ApiError(exit_info.message if exit_info else VM_NOT_RUNNING)
+                if time.monotonic() > deadline:
+                    raise ApiError("The VM did not boot again within 30 s")
+                time.sleep(0.002)
+            self.emit("vm", "shutdown")
+            self.emit("vm", "booting")
+            self._booted(vm)
+
+    # -- pause / resume / power button / counters / info -----------------------------------
+
+    @staticmethod
+    def _check_transition(state: str, to: str) -> bool:
+        allowed = {
+            "Created": ("Running", "Shutdown", "Paused", "BreakPoint"),
+            "Running": ("Shutdown", "Paused", "BreakPoint"),
+            "Shutdown": ("Running",),
+            "Paused": ("Running", "Shutdown"),
+            "BreakPoint": ("Created", "Running"),
+        }
+        return to in allowed.get(state, ())
+
+    def pause(self) -> None:
+        """``vm.pause``: Running → Paused."""
+        with self.lock:
+            vm = self.vm
+            if vm is None:
+                raise ApiError(VM_NOT_RUNNING)
+            self.emit("vm", "pausing")
+            state = vm.state
+            prefix = "Cannot pause VM: Failed to pause migratable component: "
+            if not self._check_transition(state, "Paused"):
+                raise ApiError(
+                    f"{prefix}Invalid transition: InvalidStateTransition({state}, Paused)"
+                )
+            try:
+                vm.pause()
+            except VmError as e:
+                raise ApiError(f"{prefix}{e}") from None
+            self.emit("vm", "paused")
+
+    def resume(self) -> None:
+        """``vm.resume``: Paused → Running."""
+        with self.lock:
+            vm = self.vm
+            if vm is None:
+                raise ApiError(VM_NOT_RUNNING)
+            self._resume_locked(vm)
+
+    def _resume_locked(self, vm: Vm) -> None:
+        self.emit("vm", "resuming")
+        state = vm.state
+        prefix = "Cannot resume VM: Failed to resume migratable component: "
+        if not self._check_transition(state, "Running"):
+            raise ApiError(f"{prefix}Invalid transition: InvalidStateTransition({state}, Running)")
+        try:
+            vm.resume()
+        except VmError as e:
+            raise ApiError(f"{prefix}{e}") from None
+        self.emit("vm", "resumed")
+
+    def power_button(self) -> None:
+        """``vm.power-button``: presses the guest's ACPI power button."""
+        with self.lock:
+            vm = self.vm
+            if vm is None:
+                raise ApiError(VM_NOT_RUNNING)
+            try:
+                vm.power_button()
+            except VmError as e:
+                raise ApiError(f"Error triggering power button: {e}") from None
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """``vm.counters``: VmCounters of the booted VM."""
+        with self.lock:
+            vm = self.vm
+            if vm is None:
+                raise ApiError(VM_NOT_RUNNING)
+            try:
+                return vm.counters()
+            except VmError as e:
+                raise ApiError(str(e)) from None
+
+    def info(self) -> dict[str, Any]:
+        """``vm.info``: VmInfo (config, state, memory_actual_size, device_tree)."""
+        with self.lock:
+            if self.config is None:
+                raise ApiError(VM_NOT_CREATED)
+            vm = self.vm
+            if vm is None:
+                return {
+                    "config": self.config.to_dict(),
+                    "state": "Created",
+                    "memory_actual_size": _memory_actual_size(self.config),
+                    "device_tree": None,
+                }
+            raw = vm.info()
+            extra = raw.get("vmkit", {})
+            config: dict[str, Any] = raw["config"]
+            # v37 writes the path of a pty it opened into the live config.
+            for key, pty_key in (("serial", "serial_pty"), ("console", "console_pty")):
+                section = config.get(key)
+                if isinstance(section, dict) and section.get("mode") == "Pty":
+                    if extra.get(pty_key):
+                        section["file"] = extra[pty_key]
+            return {
+                "config": config,
+                "state": raw["state"],
+                "memory_actual_size": raw["memory_actual_size"],
+                "device_tree": raw["device_tree"] if raw["device_tree"] is not None else {},
+            }
+
+    def _live_config(self, vm: Vm) -> VmConfig:
+        """The VM's config as it stands (with the ids given at boot)."""
+        try:
+            return VmConfig.from_dict(vm.info()["config"])
+        except (ConfigError, VmError):
+            return copy.deepcopy(vm.config)
+
+    # -- resize ------------------------------------------------------------------------------
+
+    def resize(
+        self,
+        desired_vcpus: int | None = None,
+        desired_ram: int | None = None,
+        desired_balloon: int | None = None,
+    ) -> None:
+        """``vm.resize``: on a VM that is not booted, edits the config."""
+        with self.lock:
+            if self.config is None:
+                raise ApiError(VM_NOT_CREATED)
+            if self.vm is not None:
+                raise ApiError("Cannot resize VM: resizing a booted VM is not supported yet")
+            config = self.config
+            if desired_vcpus is not None:
+                config.cpus.boot_vcpus = desired_vcpus
+            if desired_ram is not None:
+                config.memory.size = desired_ram
+            if desired_balloon is not None and config.balloon is not None:
+                config.balloon.size = desired_balloon
+
+    def resize_zone(self, id: str, desired_ram: int) -> None:
+        """``vm.resize-zone``: on a VM that is not booted, edits the zone's size."""
+        with self.lock:
+            if self.config is None:
+                raise ApiError(VM_NOT_CREATED)
+            if self.vm is not None:
+                raise ApiError(
+                    "Cannot resize memory zone: resizing a booted VM is not supported yet"
+                )
+            for zone in self.config.memory.zones or []:
+                if zone.id == id:
+                    zone.size = desired_ram
+                    return
+            log.error("Could not find the memory zone %s for the resize", id)
+            raise ApiError("Failed resizing a memory zone")
+
+    # -- add / remove devices ----------------------------------------------------------------
+
+    def _add(
+        self, field: str, item: Any, what: str, *, check: Callable[[VmConfig], None] | None = None
+    ) -> dict[str, Any] | None:
+        with self.lock:
+            if self.config is None:
+                raise ApiError(VM_NOT_CREATED)
+            base = self._live_config(self.vm) if self.vm is not None else self.config
+            candidate = copy.deepcopy(base)
+            if check is not None:
+                check(candidate)
+            if field == "vsock":
+                candidate.vsock = copy.deepcopy(item)
+            else:
+                setattr(candidate, field, _add_to_list(getattr(candidate, field), item))
+            try:
+                candidate.validate()
+            except ConfigError as e:
+                raise ApiError(f"Failed to validate config: {e}") from None
+            if self.vm is not None:
+                raise ApiError(
+                    f"Failed to add {what}: hot-plugging devices into a booted VM "
+                    "is not supported yet"
+                )
+            config = self.config
+            if field == "vsock":
+                config.vsock = item
+            else:
+                setattr(config, field, _add_to_list(getattr(config, field), item))
+            return None
+
+    def add_device(self, device: DeviceConfig) -> dict[str, Any] | None:
+        """``vm.add-device``: cold: appends to the config (None = 204)."""
+        return self._add("devices", device, "VFIO device")
+
+    def add_user_device(self, device: UserDeviceConfig) -> dict[str, Any] | None:
+        """``vm.add-user-device``."""
+        return self._add("user_devices", device, "user device")
+
+    def add_disk(self, disk: DiskConfig) -> dict[str, Any] | None:
+        """``vm.add-disk``."""
+        return self._add("disks", disk, "disk")
+
+    def add_fs(self, fs: FsConfig) -> dict[str, Any] | None:
+        """``vm.add-fs``."""
+        return self._add("fs", fs, "virtio-fs device")
+
+    def add_pmem(self, pmem: PmemConfig) -> dict[str, Any] | None:
+        """``vm.add-pmem``."""
+        return self._add("pmem", pmem, "persistent memory device")
+
+    def add_net(self, net: NetConfig) -> dict[str, Any] | None:
+        """``vm.add-net``; descriptors in ``net.fds`` become the VMM's (closed with the device)."""
+        try:
+            result = self._add("net", net, "network device")
+        except ApiError:
+            self._release_fds(net.fds, force=True)
+            raise
+        with self.lock:
+            self._owned_fds.update(net.fds or [])
+        return result
+
+    def add_vdpa(self, vdpa: VdpaConfig) -> dict[str, Any] | None:
+        """``vm.add-vdpa``."""
+        return self._add("vdpa", vdpa, "vDPA device")
+
+    def add_vsock(self, vsock: VsockConfig) -> dict[str, Any] | None:
+        """``vm.add-vsock``: ``Too many virtio-vsock devices`` when one exists."""
+
+        def only_one(config: VmConfig) -> None:
+            if config.vsock is not None:
+                raise ApiError("Too many virtio-vsock devices")
+
+        return self._add("vsock", vsock, "vsock device", check=only_one)
+
+    def _release_fds(self, fds: list[int] | None, *, force: bool = False) -> None:
+        for fd in fds or []:
+            if force or fd in self._owned_fds:
+                self._owned_fds.discard(fd)
+                _close_fds([fd])
+
+    def remove_device(self, id: str) -> None:
+        """``vm.remove-device``: cold: removes the device with ``id`` from the config."""
+        with self.lock:
+            if self.vm is not None:
+                raise ApiError(
+                    "Failed to remove device: hot-unplugging devices from a booted VM "
+                    "is not supported yet"
+                )
+            config = self.config
+            if config is None:
+                raise ApiError(VM_NOT_CREATED)
+            removed = False
+            for field in ("devices", "user_devices", "disks", "fs", "net", "pmem", "vdpa"):
+                items: list[Any] | None = getattr(config, field)
+                if items is None:
+                    continue
+                kept = [item for item in items if item.id != id]
+                if len(kept) != len(items):
+                    removed = True
+                    if field == "net":
+                        for item in items:
+                            if item.id == id:
+                                self._release_fds(item.fds)
+                    setattr(config, field, kept)
+            if config.vsock is not None and config.vsock.id == id:
+                config.vsock = None
+                removed = True
+            if not removed:
+                raise ApiError(f"No device with id {rust_debug_str(id)} to remove")
+
+    # -- snapshot / restore / migration ------------------------------------------------------
+
+    def snapshot(self, destination_url: str) -> None:
+        """``vm.snapshot``: needs a Paused VM; vmkit cannot write snapshots yet."""
+        with self.lock:
+            vm = self.vm
+            if vm is None:
+                raise ApiError(VM_NOT_RUNNING)
+            prefix = "Cannot snapshot VM: Failed to snapshot migratable component: "
+            if vm.state != "Paused":
+                raise ApiError(f"{prefix}Trying to snapshot while VM is running")
+            raise ApiError(f"{prefix}snapshots are not supported by vmkit yet")
+
+    def restore(self, config: RestoreConfig) -> None:
+        """``vm.restore``: only without config and VM; vmkit cannot restore snapshots yet."""
+        with self.lock:
+            if self.config is not None or self.vm is not None:
+                raise ApiError(VM_ALREADY_CREATED)
+            raise ApiError(
+                f"Cannot restore VM from {config.source_url}: restoring snapshots is "
+                "not supported by vmkit yet"
+            )
+
+    def send_migration(self, destination_url: str, local: bool = False) -> None:
+        """``vm.send-migration``: not supported by vmkit."""
+        with self.lock:
+            if self.vm is None:
+                raise ApiError(f"Error sending migration: {VM_NOT_RUNNING}")
+            raise ApiError("Error sending migration: live migration is not supported by vmkit yet")
+
+    def receive_migration(self, receiver_url: str) -> None:
+        """``vm.receive-migration``: not supported by vmkit."""
+        with self.lock:
+            raise ApiError(
+                "Error receiving migration: live migration is not supported by vmkit yet"
+            )
+
+    # -- the VM ending by itself ---------------------------------------------------------------
+
+    def _watch(self, vm: Vm) -> None:
+        """Waits for ``vm`` to stop; when the guest (not the API) stopped it, the VMM exits."""
+        exit_info: VmExit | None = None
+        while exit_info is None:
+            try:
+                exit_info = vm.wait(1.0)
+            except VmError:
+                return
+            if exit_info is None and vm.state == "Created":
+                return
+        if exit_info.reason == "shutdown":
+            return
+        log.info("VM exit event: %s", exit_info.message)
+        with self.lock:
+            # v37's exit event: the VMM deletes the VM and exits.
+            self._delete_locked()
+            if not self._shut_down:
+                self._shut_down = True
+                self.emit("vmm", "shutdown")
+        if exit_info.reason == "poweroff":
+            self.request_exit(0)
+        else:
+            self.request_exit(1, f"VM stopped: {exit_info.message}")
