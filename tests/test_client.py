@@ -708,6 +708,37 @@ def test_spawned_vmm_killed_mid_run_leaves_nothing_behind() -> None:
 
 
 @needs_vmm
+def test_a_killed_parent_takes_its_spawned_vmm_with_it(tmp_path: Path) -> None:
+    """The spawning program dies by SIGKILL: its VMM notices and goes too."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import json, sys, time\n"
+        "from vmkit import Vm, VmConfig\n"
+        "vm = Vm.spawn(VmConfig.from_json(sys.argv[1]))\n"
+        "vm.boot()\n"
+        "vm.serial.wait_for(r'tick \\d+', timeout=20)\n"
+        "print(json.dumps([vm.pid, str(vm.tmpdir), str(vm.api_socket)]), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, str(script), guest_config(ticks=100_000).to_json()],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert parent.stdout is not None
+        pid, tmpdir, api_socket = json.loads(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+        assert time.monotonic() < deadline, "the orphaned VMM kept running"
+        time.sleep(0.05)
+    assert not Path(api_socket).exists()
+    assert not Path(tmpdir).exists()
+
+
+@needs_vmm
 def test_spawn_close_ends_an_unresponsive_vmm() -> None:
     vm = Vm.spawn(guest_config(ticks=5000), stop_timeout=1.0)
     tmpdir = vm.tmpdir

@@ -10,8 +10,10 @@ import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from types import FrameType
@@ -508,6 +510,7 @@ def _serve(command: CommandLine) -> int:
         print(e, file=sys.stderr)
         return 1
     vmm = Vmm(events=events)
+    orphaned = _watch_lifeline(vmm)
     server: ApiServer | None = None
     try:
         vmm.emit("vmm", "starting")
@@ -540,6 +543,35 @@ def _serve(command: CommandLine) -> int:
             server.close()
         if events is not None:
             events.close()
+        spawn_dir = os.environ.pop("VMKIT_SPAWN_DIR", None)
+        if orphaned.is_set() and spawn_dir:
+            shutil.rmtree(spawn_dir, ignore_errors=True)
+
+
+def _watch_lifeline(vmm: Vmm) -> threading.Event:
+    """For a VMM started by ``Vm.spawn``: when the parent's end of the lifeline
+    pipe closes (the parent exited or was killed), the VMM shuts down."""
+    orphaned = threading.Event()
+    text = os.environ.pop("VMKIT_LIFELINE_FD", None)
+    if text is None or not text.isdigit():
+        return orphaned
+    fd = int(text)
+
+    def watch() -> None:
+        while True:
+            try:
+                if os.read(fd, 1):
+                    continue
+            except InterruptedError:
+                continue
+            except OSError:
+                return
+            orphaned.set()
+            vmm.request_exit(1, "The process that started this VMM went away")
+            return
+
+    threading.Thread(target=watch, name="lifeline", daemon=True).start()
+    return orphaned
 
 
 def _start_vm(command: CommandLine, vmm: Vmm) -> int | None:

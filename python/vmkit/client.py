@@ -599,11 +599,15 @@ def _end_process(
     tmpdir: Path | None,
     log: IO[bytes] | None,
     timeout: float,
+    lifeline: int | None = None,
 ) -> None:
     """Ends the VMM process (see ``_stop_process``) and removes its files."""
     try:
         _stop_process(process, api_socket, timeout)
     finally:
+        if lifeline is not None:
+            with contextlib.suppress(OSError):
+                os.close(lifeline)
         if log is not None:
             log.close()
         with contextlib.suppress(OSError):
@@ -638,6 +642,7 @@ class SpawnedVm:
         log_path: Path | None,
         log: IO[bytes] | None,
         stop_timeout: float,
+        lifeline: int | None = None,
     ) -> None:
         self.process = process
         self.client = client
@@ -650,7 +655,7 @@ class SpawnedVm:
         self._log_text: str | None = None
         self.serial = FileSerialConsole(serial_path, self._stopped_reason)
         self._finalizer = weakref.finalize(
-            self, _end_process, process, client.api_socket, tmpdir, log, stop_timeout
+            self, _end_process, process, client.api_socket, tmpdir, log, stop_timeout, lifeline
         )
 
     @property
@@ -854,6 +859,11 @@ def spawn(
         child_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (root, child_env.get("PYTHONPATH", "")) if p
         )
+    # A lifeline: the child sees EOF on it when this process goes away, even
+    # by SIGKILL, and then shuts its VM down and removes the directory.
+    lifeline_read, lifeline = os.pipe()
+    child_env["VMKIT_LIFELINE_FD"] = str(lifeline_read)
+    child_env["VMKIT_SPAWN_DIR"] = str(tmpdir)
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "vmkit", "--api-socket", str(socket_path), *vmm_args],
@@ -862,13 +872,17 @@ def spawn(
             stderr=subprocess.STDOUT,
             env=child_env,
             close_fds=True,
+            pass_fds=(lifeline_read,),
         )
     except BaseException:
         log.close()
+        os.close(lifeline)
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
+    finally:
+        os.close(lifeline_read)
     client = Client(socket_path, timeout=request_timeout)
-    vm = SpawnedVm(process, client, tmpdir, serial_path, log_path, log, stop_timeout)
+    vm = SpawnedVm(process, client, tmpdir, serial_path, log_path, log, stop_timeout, lifeline)
     try:
         _wait_until_up(vm, startup_timeout)
         if config is not None:
