@@ -1288,6 +1288,28 @@ def test_cli_boots_through_the_vmm(workdir: Path, vmkit: Callable[..., Vmkit]) -
 
 
 @needs_kvm
+def test_virtio_device_events(workdir: Path, vmkit: Callable[..., Vmkit]) -> None:
+    sock = workdir / "api.sock"
+    events = workdir / "events"
+    process = vmkit("--api-socket", f"path={sock}", "--event-monitor", f"path={events}")
+    process.wait_ready(sock)
+    config = guest_config()
+    # The guest drives the rng (DRIVER_OK), then resets it, then powers off.
+    config["payload"]["cmdline"] = testguest.cmdline(["rng"], "poweroff")
+    assert_reply(call(sock, "PUT", "vm.create", config), 204)
+    assert_reply(call(sock, "PUT", "vm.boot"), 204)
+    assert process.wait(30) == 0
+    got = names(parse_events(events.read_text()))
+    assert got[got.index("vm booted") + 1 :] == [
+        "virtio-device activated id=__rng",
+        "virtio-device reset id=__rng",
+        "vm shutdown",
+        "vm deleted",
+        "vmm shutdown",
+    ]
+
+
+@needs_kvm
 def test_guest_power_off_ends_the_vmm(workdir: Path, vmkit: Callable[..., Vmkit]) -> None:
     sock = workdir / "api.sock"
     events = workdir / "events"

@@ -168,6 +168,12 @@ class Vm:
         """Resets the VM: the running boot stops and a fresh one starts."""
         self._handle.reboot()
 
+    def device_events(self, since: int = 0) -> list[tuple[str, str]]:
+        """virtio device events from index ``since`` on: ``(event, device id)``
+        with event ``activated`` (the driver set DRIVER_OK) or ``reset``."""
+        events: list[tuple[str, str]] = self._handle.device_events(since)
+        return events
+
     def power_button(self) -> None:
         """Presses the ACPI power button (a Generic Event Device event).
 

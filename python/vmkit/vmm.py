@@ -667,9 +667,18 @@ class Vmm:
     def _watch(self, vm: Vm) -> None:
         """Waits for ``vm`` to stop; when the guest (not the API) stopped it, the VMM exits."""
         exit_info: VmExit | None = None
+        seen = 0
+
+        def report_device_events() -> None:
+            nonlocal seen
+            for event, device in vm.device_events(seen):
+                self.emit("virtio-device", event, {"id": device})
+                seen += 1
+
         while exit_info is None:
             try:
-                exit_info = vm.wait(1.0)
+                exit_info = vm.wait(0.2)
+                report_device_events()
             except VmError:
                 return
             if exit_info is None and vm.state == "Created":

@@ -88,6 +88,11 @@ impl VmHandle {
         py.detach(|| self.vm.reboot()).map_err(|e| vm_error(py, e))
     }
 
+    /// Device events from index `since` on: [(event, device id)].
+    fn device_events(&self, since: usize) -> Vec<(&'static str, String)> {
+        self.vm.device_events(since)
+    }
+
     fn power_button(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| self.vm.power_button())
             .map_err(|e| vm_error(py, e))

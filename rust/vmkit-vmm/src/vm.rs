@@ -36,6 +36,7 @@ use crate::rate_limiter::SharedRateLimiter;
 use crate::vcpu::{self, Sample, VcpuThreadContext};
 use crate::virtio::block::Block;
 use crate::virtio::net::Net;
+use crate::virtio::pci::DeviceEvents;
 use crate::virtio::{self, console::Console, pci::VirtioPciDevice, rng::Rng, VirtioDevice};
 
 /// Cloud Hypervisor's VM states.
@@ -170,6 +171,7 @@ pub struct Vm {
     serial: Option<Arc<SerialBackend>>,
     console: Option<Arc<SerialBackend>>,
     debug_log: Arc<Mutex<Vec<DebugPortWrite>>>,
+    device_events: DeviceEvents,
     life: Mutex<Lifecycle>,
     changed: Condvar,
 }
@@ -226,6 +228,7 @@ impl Vm {
             serial,
             console,
             debug_log: Arc::new(Mutex::new(Vec::new())),
+            device_events: Arc::new(Mutex::new(Vec::new())),
             life: Mutex::new(Lifecycle {
                 state: VmState::Created,
                 instance: None,
@@ -249,6 +252,12 @@ impl Vm {
 
     pub fn serial(&self) -> Option<&Arc<SerialBackend>> {
         self.serial.as_ref()
+    }
+
+    /// Device events from index `since` on: (event, device id).
+    pub fn device_events(&self, since: usize) -> Vec<(&'static str, String)> {
+        let events = self.device_events.lock().unwrap_or_else(|p| p.into_inner());
+        events.get(since..).map(<[_]>::to_vec).unwrap_or_default()
     }
 
     pub fn debug_port_writes(&self) -> Vec<DebugPortWrite> {
@@ -852,6 +861,7 @@ impl Vm {
                 bar,
             )?;
             device.set_location(segment.layout.id, slot);
+            device.set_events(self.device_events.clone());
             let device = Arc::new(Mutex::new(device));
             segment.insert(slot, device.clone());
             virtio.push(device);

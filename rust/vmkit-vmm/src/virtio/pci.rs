@@ -99,8 +99,13 @@ struct QueueRegisters {
     device: u64,
 }
 
+/// Device lifecycle events (Cloud Hypervisor's `virtio-device` events):
+/// (`"activated"` or `"reset"`, device id), in order.
+pub type DeviceEvents = Arc<Mutex<Vec<(&'static str, String)>>>;
+
 pub struct VirtioPciDevice {
     id: String,
+    events: Option<DeviceEvents>,
     config: PciConfiguration,
     device: Box<dyn VirtioDevice>,
     memory: GuestMemoryMmap,
@@ -245,6 +250,7 @@ impl VirtioPciDevice {
             notify_base: None,
             active: false,
             location: (0, 0),
+            events: None,
         };
         pci.register_notifiers(bar_address)?;
         Ok(pci)
@@ -270,6 +276,20 @@ impl VirtioPciDevice {
 
     pub fn set_location(&mut self, segment: u16, slot: u8) {
         self.location = (segment, slot);
+    }
+
+    /// Where to record activations and driver resets.
+    pub fn set_events(&mut self, events: DeviceEvents) {
+        self.events = Some(events);
+    }
+
+    fn record(&self, event: &'static str) {
+        if let Some(events) = &self.events {
+            events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((event, self.id.clone()));
+        }
     }
 
     fn register_notifiers(&mut self, base: u64) -> Result<()> {
@@ -319,6 +339,7 @@ impl VirtioPciDevice {
         if self.active {
             self.device.reset();
             self.active = false;
+            self.record("reset");
         }
         self.status = 0;
         self.driver_features = 0;
@@ -414,6 +435,7 @@ impl VirtioPciDevice {
             })
             .map_err(|e| e.to_string())?;
         self.active = true;
+        self.record("activated");
         Ok(())
     }
 
@@ -805,6 +827,8 @@ mod tests {
         let Some(mut dev) = rng_device(&memory) else {
             return;
         };
+        let events = DeviceEvents::default();
+        dev.set_events(events.clone());
         set_up(&mut dev, F_VERSION_1, 16);
         // Descriptor 0: 64 device-writable bytes; avail ring names it.
         memory.write_obj(BUFFER, GuestAddress(DESC)).unwrap();
@@ -837,6 +861,13 @@ mod tests {
         assert_eq!(read(&mut dev, 0x14, 1), 0);
         assert_eq!(read(&mut dev, 0x1c, 2), 0);
         assert!(!dev.active);
+        assert_eq!(
+            *events.lock().unwrap(),
+            vec![
+                ("activated", "__rng".to_owned()),
+                ("reset", "__rng".to_owned())
+            ]
+        );
     }
 
     #[test]
