@@ -639,6 +639,76 @@ def test_vmkit_remote_against_vmkit(vmm: SpawnedVm, tmp_path: Path) -> None:
 
 
 @needs_vmm
+def test_every_remote_subcommand_against_vmkit(vmm: SpawnedVm, tmp_path: Path) -> None:
+    """Each ch-remote subcommand once against a real vmkit VMM: cold edits, the
+    features vmkit refuses (with their texts), and the booted VM's actions."""
+
+    def remote(*args: str) -> tuple[int, str, str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "vmkit", "remote", "--api-socket", str(vmm.api_socket), *args],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+        return done.returncode, done.stdout, done.stderr
+
+    def refused(*args: str) -> str:
+        code, out, err = remote(*args)
+        assert (code, out) == (1, ""), (args, err)
+        prefix = "Error running command: Server responded with an error: "
+        assert err.startswith(prefix), err
+        return err[len(prefix) :].strip()
+
+    ok = (0, "", "")
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    assert remote("create", "-") != ok  # nothing on stdin: not a config
+    vm_json = tmp_path / "vm.json"
+    cold = guest_config(ticks=5000)
+    cold.cpus.max_vcpus = 2  # room for the resize below
+    vm_json.write_text(cold.to_json())
+    assert remote("create", str(vm_json)) == ok
+    # Cold edits land in the config.
+    assert remote("add-disk", f"path={disk},id=d1") == ok
+    assert remote("add-net", "mac=12:34:56:78:9a:bc,id=n1") == ok
+    assert remote("add-pmem", f"file={disk},size=1M,id=p1") == ok
+    assert remote("add-vsock", "cid=3,socket=/tmp/vmkit-test-vsock.sock,id=v1") == ok
+    assert refused("add-vsock", "cid=4,socket=/tmp/x.sock") == (
+        "InternalServerError: Too many virtio-vsock devices"
+    )
+    assert remote("add-device", "path=/sys/bus/pci/devices/0000:00:01.0,id=f1") == ok
+    assert remote("add-vdpa", "path=/dev/vhost-vdpa-0,id=a1") == ok
+    assert "Failed to validate config" in refused("add-fs", "tag=t,socket=/tmp/fs.sock")
+    assert "Failed to validate config" in refused("add-user-device", "socket=/tmp/u.sock")
+    info = json.loads(remote("info")[1])
+    assert [d["id"] for d in info["config"]["disks"]] == ["d1"]
+    for device in ("d1", "n1", "p1", "v1", "f1", "a1"):
+        assert remote("remove-device", device) == ok, device
+    assert refused("remove-device", "d1") == (
+        'InternalServerError: No device with id "d1" to remove'
+    )
+    assert remote("resize", "--cpus", "2", "--memory", "256M") == ok
+    info = json.loads(remote("info")[1])
+    assert info["config"]["cpus"]["boot_vcpus"] == 2
+    assert info["config"]["memory"]["size"] == 256 << 20
+    assert refused("resize-zone", "--id", "z0", "--size", "1G") == (
+        "InternalServerError: Failed resizing a memory zone"
+    )
+    assert refused("restore", "source_url=file:///tmp/snap") == (
+        "InternalServerError: VM is already created"
+    )
+    assert refused("coredump", "/tmp/core") == "NotFound: Not Found"
+    # The booted VM.
+    assert remote("boot") == ok
+    assert remote("power-button") == ok  # the ticks step ignores it
+    assert remote("reboot") == ok
+    assert json.loads(remote("info")[1])["state"] == "Running"
+    assert "snapshot" in refused("snapshot", "file:///tmp/snap").lower()
+    assert "migration" in refused("send-migration", "unix:/tmp/m").lower()
+    assert "migration" in refused("receive-migration", "unix:/tmp/m").lower()
+    assert remote("shutdown-vmm") == ok
+    assert vmm.process.wait(30) == 0
+
+
+@needs_vmm
 def test_spawn_boots_and_the_guest_powers_off() -> None:
     with Vm.spawn(guest_config(ticks=50)) as vm:
         tmpdir = vm.tmpdir
