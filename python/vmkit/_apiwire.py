@@ -16,6 +16,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -88,23 +89,27 @@ def parse_rust_uint(text: str, bits: int) -> int:
 
 
 def rust_debug_str(text: str) -> str:
-    """``text`` quoted as Rust's ``{:?}`` prints a string."""
+    """``text`` as Rust's ``{:?}`` prints a ``String``: quoted, with escapes."""
     out = ['"']
-    for c in text:
-        if c == '"' or c == "\\":
-            out.append("\\" + c)
-        elif c == "\n":
+    for ch in text:
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch == "\n":
             out.append("\\n")
-        elif c == "\r":
+        elif ch == "\r":
             out.append("\\r")
-        elif c == "\t":
+        elif ch == "\t":
             out.append("\\t")
-        elif c == "\0":
+        elif ch == "\0":
             out.append("\\0")
-        elif not c.isprintable() and c != " ":
-            out.append(f"\\u{{{ord(c):x}}}")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") or (
+            ch.isspace() and ch != " "
+        ):
+            out.append(f"\\u{{{ord(ch):x}}}")
         else:
-            out.append(c)
+            out.append(ch)
     out.append('"')
     return "".join(out)
 

@@ -26,11 +26,11 @@ import logging
 import os
 import threading
 import time
-import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from vmkit import __version__
+from vmkit._apiwire import rust_debug_str
 from vmkit.config import (
     DeviceConfig,
     DiskConfig,
@@ -72,32 +72,6 @@ class ApiError(Exception):
 
     def __str__(self) -> str:
         return self.message
-
-
-def rust_debug_str(text: str) -> str:
-    """``text`` as Rust's ``{:?}`` prints a ``String``: quoted, with escapes."""
-    out = ['"']
-    for ch in text:
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\0":
-            out.append("\\0")
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") or (
-            ch.isspace() and ch != " "
-        ):
-            out.append(f"\\u{{{ord(ch):x}}}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
 
 
 class EventMonitor:
