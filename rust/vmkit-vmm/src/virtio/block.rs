@@ -500,6 +500,9 @@ fn write_stream(mem: &GuestMemoryMmap, segments: &[Segment], data: &[u8]) -> boo
     written == data.len()
 }
 
+/// Most bytes of contiguous writes merged into one io_uring writev.
+const MERGE_LIMIT: u64 = 32 << 20;
+
 /// Host iovecs over guest buffers.
 struct IoVecs(Vec<libc::iovec>);
 
@@ -1045,15 +1048,22 @@ impl QueueIo {
     }
 
     /// Finishes an io_uring read, write or flush that returned `result`.
-    fn complete_uring(&self, request: &Request, iovecs: &mut IoVecs, result: i32) -> u8 {
+    fn complete_uring(
+        &self,
+        request: &Request,
+        followers: &[Request],
+        iovecs: &mut IoVecs,
+        result: i32,
+    ) -> u8 {
         let Ok(done) = u64::try_from(result) else {
             return STATUS_IOERR;
         };
-        let (write, offset, len) = match request.op {
+        let (write, offset, mut len) = match request.op {
             Op::Read { offset, len, .. } => (false, offset, len),
             Op::Write { offset, len, .. } => (true, offset, len),
             _ => return STATUS_OK,
         };
+        len += followers.iter().map(|f| f.op.data_len()).sum::<u64>();
         if done >= len {
             return STATUS_OK;
         }
@@ -1078,6 +1088,9 @@ fn used_len(op: &Op, status: u8) -> u32 {
 struct InFlight {
     request: Request,
     iovecs: IoVecs,
+    /// Requests merged behind `request` (contiguous writes sent as one
+    /// writev); they share its result.
+    followers: Vec<Request>,
 }
 
 /// An io_uring with the requests it is running.
@@ -1164,7 +1177,56 @@ impl Uring {
             self.free.push(slot);
             return Err((request, iovecs));
         }
-        self.slots[slot] = Some(InFlight { request, iovecs });
+        self.slots[slot] = Some(InFlight {
+            request,
+            iovecs,
+            followers: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Queues `requests` (reads or writes, contiguous on the disk, in
+    /// order) as one readv or writev.
+    #[allow(clippy::result_large_err)]
+    fn push_merged(
+        &mut self,
+        fd: RawFd,
+        write: bool,
+        writes: Vec<Request>,
+        iovecs: IoVecs,
+    ) -> Result<(), Vec<Request>> {
+        let Some(Op::Read { offset, .. } | Op::Write { offset, .. }) =
+            writes.first().map(|w| &w.op)
+        else {
+            return Err(writes);
+        };
+        let offset = *offset;
+        let Some(slot) = self.free.pop() else {
+            return Err(writes);
+        };
+        let (fd, base, count) = (types::Fd(fd), iovecs.0.as_ptr(), iovecs.0.len() as u32);
+        let entry = if write {
+            opcode::Writev::new(fd, base, count).offset(offset).build()
+        } else {
+            opcode::Readv::new(fd, base, count).offset(offset).build()
+        }
+        .user_data(slot as u64);
+        // SAFETY: as in `push`: the iovecs and the guest memory they point
+        // into stay alive in `slots[slot]` until the completion is reaped.
+        if unsafe { self.ring.submission().push(&entry) }.is_err() {
+            self.free.push(slot);
+            return Err(writes);
+        }
+        let mut writes = writes.into_iter();
+        let Some(request) = writes.next() else {
+            self.free.push(slot);
+            return Ok(());
+        };
+        self.slots[slot] = Some(InFlight {
+            request,
+            iovecs,
+            followers: writes.collect(),
+        });
         Ok(())
     }
 
@@ -1248,6 +1310,8 @@ struct QueueHandler {
     polling: bool,
     /// Buffered writes popped in this batch, not started yet.
     buffered_writes: Vec<Request>,
+    /// Buffered reads popped in this batch, not started yet.
+    buffered_reads: Vec<Request>,
 }
 
 impl QueueHandler {
@@ -1264,7 +1328,7 @@ impl QueueHandler {
                 break;
             }
             let (popped, stop) = self.pop_requests();
-            self.run_buffered_writes();
+            self.run_deferred();
             if let Some(uring) = &mut self.uring {
                 uring.submit();
             }
@@ -1357,11 +1421,14 @@ impl QueueHandler {
     fn start(&mut self, request: Request) {
         // Buffered writes are a copy into the page cache: io_uring hands most
         // of them to its worker threads (a wake-up each), measured 1.5-3x
-        // slower than copying here. They wait for the end of the batch (see
-        // `run_buffered_writes`); O_DIRECT writes and reads go to io_uring.
-        if matches!(request.op, Op::Write { .. }) && !self.io.disk.direct && self.uring.is_some() {
-            self.buffered_writes.push(request);
-            return;
+        // slower than copying here. They and the buffered reads wait for the
+        // end of the batch (see `run_deferred`); O_DIRECT IO goes to io_uring.
+        if !self.io.disk.direct && self.uring.is_some() {
+            match request.op {
+                Op::Write { .. } => return self.buffered_writes.push(request),
+                Op::Read { .. } => return self.buffered_reads.push(request),
+                _ => {}
+            }
         }
         self.run(request);
     }
@@ -1385,12 +1452,86 @@ impl QueueHandler {
         self.finish(request, status, used);
     }
 
-    /// The batch's buffered writes, copied here one by one. (Merging
-    /// contiguous writes into one pwritev, as QEMU does, measured slower:
-    /// the guest then waits for the whole batch before refilling the queue.)
-    fn run_buffered_writes(&mut self) {
-        for write in std::mem::take(&mut self.buffered_writes) {
-            self.run_here(write);
+    /// The batch's deferred buffered reads and writes. Requests that
+    /// continue one another on the disk are merged, as QEMU does, into one
+    /// io_uring readv/writev of up to `MERGE_LIMIT` bytes, which the kernel
+    /// carries out while this thread serves the queue: fewer, larger page-cache
+    /// copies (on a freshly written image, with large folios, 128 KiB writes at
+    /// depth 32 went from 0.81 × to 0.93 × QEMU; level elsewhere). A lone read
+    /// goes to io_uring as before; a lone write is copied here, the cheapest
+    /// way for one request. (Merged writes copied here measured slower: the
+    /// guest then waits for the whole batch before refilling the queue.)
+    fn run_deferred(&mut self) {
+        let reads = std::mem::take(&mut self.buffered_reads);
+        self.merge_and_run(reads, false);
+        let writes = std::mem::take(&mut self.buffered_writes);
+        self.merge_and_run(writes, true);
+    }
+
+    fn run_alone(&mut self, request: Request, write: bool) {
+        if write {
+            self.run_here(request);
+        } else {
+            self.run(request);
+        }
+    }
+
+    fn merge_and_run(&mut self, mut requests: Vec<Request>, write: bool) {
+        if requests.len() < 2 {
+            requests.into_iter().for_each(|r| self.run_alone(r, write));
+            return;
+        }
+        let span = |op: &Op| match op {
+            Op::Read { offset, len, .. } | Op::Write { offset, len, .. } => (*offset, *len),
+            _ => (u64::MAX, 0),
+        };
+        requests.sort_by_key(|r| span(&r.op).0);
+        let mut run: Vec<Request> = Vec::new();
+        let mut run_bytes = 0;
+        for request in requests {
+            let (offset, len) = span(&request.op);
+            let continues = run.last().is_some_and(|last| {
+                let (start, last_len) = span(&last.op);
+                start.checked_add(last_len) == Some(offset)
+            });
+            if !continues || run_bytes + len > MERGE_LIMIT {
+                self.run_group(std::mem::take(&mut run), write);
+                run_bytes = 0;
+            }
+            run_bytes += len;
+            run.push(request);
+        }
+        self.run_group(run, write);
+    }
+
+    /// A contiguous run: one io_uring readv/writev; alone if it cannot be.
+    fn run_group(&mut self, run: Vec<Request>, write: bool) {
+        if run.len() < 2 {
+            run.into_iter().for_each(|r| self.run_alone(r, write));
+            return;
+        }
+        let mut iovecs = Vec::new();
+        for request in &run {
+            let (Op::Read { offset, data, .. } | Op::Write { offset, data, .. }) = &request.op
+            else {
+                continue;
+            };
+            match guest_iovecs(&self.mem, data) {
+                Some(more) if !self.io.needs_bounce(*offset, &more) => iovecs.extend(more.0),
+                _ => {
+                    run.into_iter().for_each(|r| self.run_alone(r, write));
+                    return;
+                }
+            }
+        }
+        let fd = self.io.file.as_raw_fd();
+        match &mut self.uring {
+            Some(uring) if iovecs.len() <= UIO_MAXIOV => {
+                if let Err(run) = uring.push_merged(fd, write, run, IoVecs(iovecs)) {
+                    run.into_iter().for_each(|r| self.run_alone(r, write));
+                }
+            }
+            _ => run.into_iter().for_each(|r| self.run_alone(r, write)),
         }
     }
 
@@ -1440,11 +1581,16 @@ impl QueueHandler {
         let completed = uring.reap();
         uring.submit();
         for (mut in_flight, result) in completed {
-            let status = self
-                .io
-                .complete_uring(&in_flight.request, &mut in_flight.iovecs, result);
-            let used = used_len(&in_flight.request.op, status);
-            self.finish(in_flight.request, status, used);
+            let status = self.io.complete_uring(
+                &in_flight.request,
+                &in_flight.followers,
+                &mut in_flight.iovecs,
+                result,
+            );
+            for request in std::iter::once(in_flight.request).chain(in_flight.followers) {
+                let used = used_len(&request.op, status);
+                self.finish(request, status, used);
+            }
         }
         self.signal_if_needed();
         if self.stalled {
@@ -1725,6 +1871,7 @@ impl Block {
             broken: false,
             needs_signal: false,
             buffered_writes: Vec::new(),
+            buffered_reads: Vec::new(),
             polling: false,
         })
     }
@@ -2232,6 +2379,11 @@ mod tests {
             );
         }
 
+        /// `request` finished with `status` (in whatever order it was used).
+        fn assert_done_any(&self, request: &Submitted, status: u8) {
+            assert_eq!(self.driver.status_of(request), status, "status");
+        }
+
         /// The chain was returned unused and nothing was written.
         fn assert_dropped(&self, head: u16) {
             assert_eq!(self.driver.last_used(), (u32::from(head), 0));
@@ -2277,6 +2429,50 @@ mod tests {
             assert!(h.interrupt.count(0) >= 4, "one signal per run at least");
             assert_eq!(h.image.contents().len() as u64, IMAGE_LEN);
         }
+    }
+
+    #[test]
+    fn contiguous_writes_in_one_batch_are_merged_and_all_complete() {
+        let mut h = harness(true);
+        if h.handler.uring.is_none() {
+            eprintln!("io_uring unavailable here: nothing to merge");
+            return;
+        }
+        // Three contiguous writes and one elsewhere, all in one batch.
+        let parts: Vec<Vec<u8>> = (0..4u8).map(|i| vec![0x10 + i; 1024]).collect();
+        let sectors = [8u64, 10, 12, 40];
+        let submitted: Vec<_> = parts
+            .iter()
+            .zip(sectors)
+            .map(|(data, sector)| {
+                h.driver
+                    .request(VIRTIO_BLK_T_OUT, sector, Data::Out(data.clone()))
+            })
+            .collect();
+        h.run();
+        for request in &submitted {
+            assert_eq!(h.driver.status_of(request), STATUS_OK);
+        }
+        let contents = h.image.contents();
+        for (data, sector) in parts.iter().zip(sectors) {
+            let at = sector as usize * 512;
+            assert_eq!(&contents[at..at + 1024], &data[..], "sector {sector}");
+        }
+        let counters = h.block.counters();
+        assert_eq!((counters["write_ops"], counters["write_bytes"]), (4, 4096));
+
+        // The same for reads: each request gets its own bytes back.
+        let reads: Vec<_> = sectors
+            .iter()
+            .map(|&sector| h.driver.request(VIRTIO_BLK_T_IN, sector, Data::In(1024)))
+            .collect();
+        h.run();
+        for ((read, data), sector) in reads.iter().zip(&parts).zip(sectors) {
+            h.assert_done_any(read, STATUS_OK);
+            assert_eq!(&h.driver.read(read.data, 1024), data, "sector {sector}");
+        }
+        let counters = h.block.counters();
+        assert_eq!((counters["read_ops"], counters["read_bytes"]), (4, 4096));
     }
 
     #[test]
@@ -2813,7 +3009,7 @@ mod tests {
         };
         let mut iovecs = guest_iovecs(&h.mem, &segments).unwrap();
         assert_eq!(
-            h.handler.io.complete_uring(&request, &mut iovecs, 512),
+            h.handler.io.complete_uring(&request, &[], &mut iovecs, 512),
             STATUS_OK
         );
         // Only the part the kernel "did not do" was read.
@@ -2822,11 +3018,13 @@ mod tests {
         assert_eq!(
             h.handler
                 .io
-                .complete_uring(&request, &mut iovecs, -libc::EIO),
+                .complete_uring(&request, &[], &mut iovecs, -libc::EIO),
             STATUS_IOERR
         );
         assert_eq!(
-            h.handler.io.complete_uring(&request, &mut iovecs, 1024),
+            h.handler
+                .io
+                .complete_uring(&request, &[], &mut iovecs, 1024),
             STATUS_OK
         );
     }
