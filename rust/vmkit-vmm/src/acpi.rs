@@ -397,13 +397,4 @@ mod tests {
         }
         assert_eq!(signatures, vec!["FACP", "APIC", "MCFG"]);
     }
-
-    /// Writes the DSDT to $VMKIT_DUMP_DSDT for inspection with `iasl -d`.
-    #[test]
-    fn dump_dsdt_when_asked() {
-        if let Some(path) = std::env::var_os("VMKIT_DUMP_DSDT") {
-            let segments = crate::pci::plan_segments(2, 2 << 20, 40).unwrap();
-            std::fs::write(path, dsdt(&segments).as_slice()).unwrap();
-        }
-    }
 }

@@ -79,12 +79,6 @@ impl InterruptRoutes {
         Ok(())
     }
 
-    /// Writes the legacy routes alone (the state KVM starts in, made explicit).
-    pub fn commit_initial(&self) -> Result<()> {
-        let routes = self.lock();
-        self.commit(&routes)
-    }
-
     fn commit(&self, routes: &Routes) -> Result<()> {
         let mut entries = Vec::new();
         for pin in 0..IOAPIC_PINS {

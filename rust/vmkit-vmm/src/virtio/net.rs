@@ -1154,6 +1154,21 @@ mod tests {
     }
 
     impl Ring {
+        /// Publishes `count` device-writable buffers of `len` bytes (64 KiB apart from 1 MiB).
+        fn post_receive_buffers(&mut self, memory: &GuestMemoryMmap, count: u16, len: u32) {
+            for i in 0..count {
+                self.desc(
+                    memory,
+                    i,
+                    0x100000 + u64::from(i) * 0x10000,
+                    len,
+                    F_DESC_WRITE,
+                    0,
+                );
+                self.publish(memory, i);
+            }
+        }
+
         fn new(memory: &GuestMemoryMmap, index: u16, base: u64) -> (Ring, ActiveQueue) {
             let (active, kick) = crate::virtio::testing::ready_queue(memory, index, base, QSIZE);
             let ring = Ring {
@@ -1548,17 +1563,7 @@ mod tests {
         assert_eq!(socket.expect(b"vmkit-unit indirect"), indirect);
 
         // Receive: the frame lands with a header (num_buffers 1).
-        for i in 0..4 {
-            rx.desc(
-                &memory,
-                i,
-                0x100000 + u64::from(i) * 0x10000,
-                2048,
-                F_DESC_WRITE,
-                0,
-            );
-            rx.publish(&memory, i);
-        }
+        rx.post_receive_buffers(&memory, 4, 2048);
         let back = frame([2, 0, 0, 0, 0, 1], b"vmkit-unit rx");
         socket.send(&back);
         let (header, got) = receive(&memory, &mut rx, b"vmkit-unit rx");
@@ -1599,17 +1604,7 @@ mod tests {
         // 1000-byte frame, 400-byte buffers: 1012 bytes in 3 buffers.
         let big = frame([2, 0, 0, 0, 0, 2], &[b'm'; 986]);
         assert_eq!(big.len(), 1000);
-        for i in 0..QSIZE {
-            rx.desc(
-                &memory,
-                i,
-                0x100000 + u64::from(i) * 0x10000,
-                400,
-                F_DESC_WRITE,
-                0,
-            );
-            rx.publish(&memory, i);
-        }
+        rx.post_receive_buffers(&memory, QSIZE, 400);
         socket.send(&big);
         let start = Instant::now();
         loop {
@@ -1857,17 +1852,7 @@ mod tests {
         let spent = thread_ticks("nospin_qp0") - before;
         assert!(spent <= 5, "the worker used {spent} ticks while waiting");
         // Buffers come: every frame arrives, in order.
-        for i in 0..QSIZE {
-            rx.desc(
-                &memory,
-                i,
-                0x100000 + u64::from(i) * 0x10000,
-                2048,
-                F_DESC_WRITE,
-                0,
-            );
-            rx.publish(&memory, i);
-        }
+        rx.post_receive_buffers(&memory, QSIZE, 2048);
         for i in 0..5u8 {
             let (_, got) = receive(&memory, &mut rx, &[b'w', b'0' + i]);
             assert_eq!(got.len(), 60);
@@ -1885,17 +1870,7 @@ mod tests {
         let memory = memory();
         let acked = F_VERSION_1 | F_MRG_RXBUF | F_RING_EVENT_IDX;
         let (mut rx, mut tx, _) = activate(&mut net, &memory, acked);
-        for i in 0..QSIZE {
-            rx.desc(
-                &memory,
-                i,
-                0x100000 + u64::from(i) * 0x10000,
-                512,
-                F_DESC_WRITE,
-                0,
-            );
-            rx.publish(&memory, i);
-        }
+        rx.post_receive_buffers(&memory, QSIZE, 512);
         let frames: Vec<Vec<u8>> = (0..100u32)
             .map(|n| {
                 let mut payload = format!("many {n:03} ").into_bytes();
