@@ -500,8 +500,37 @@ fn write_stream(mem: &GuestMemoryMmap, segments: &[Segment], data: &[u8]) -> boo
     written == data.len()
 }
 
-/// Most bytes of contiguous writes merged into one io_uring writev.
+/// Most bytes of contiguous requests merged into one readv or writev.
 const MERGE_LIMIT: u64 = 32 << 20;
+
+/// `requests` (reads or writes) sorted by offset and cut into runs that
+/// continue one another on the disk, each at most `MERGE_LIMIT` bytes (or one
+/// request).
+fn contiguous_runs(mut requests: Vec<Request>) -> Vec<Vec<Request>> {
+    let span = |op: &Op| match op {
+        Op::Read { offset, len, .. } | Op::Write { offset, len, .. } => (*offset, *len),
+        _ => (u64::MAX, 0),
+    };
+    requests.sort_by_key(|r| span(&r.op).0);
+    let mut runs: Vec<Vec<Request>> = Vec::new();
+    let mut run_bytes = 0;
+    for request in requests {
+        let (offset, len) = span(&request.op);
+        let joins = runs.last().and_then(|run| run.last()).is_some_and(|last| {
+            let (start, last_len) = span(&last.op);
+            start.checked_add(last_len) == Some(offset) && run_bytes + len <= MERGE_LIMIT
+        });
+        match runs.last_mut() {
+            Some(run) if joins => run.push(request),
+            _ => {
+                runs.push(vec![request]);
+                run_bytes = 0;
+            }
+        }
+        run_bytes += len;
+    }
+    runs
+}
 
 /// Host iovecs over guest buffers.
 struct IoVecs(Vec<libc::iovec>);
@@ -1088,8 +1117,8 @@ fn used_len(op: &Op, status: u8) -> u32 {
 struct InFlight {
     request: Request,
     iovecs: IoVecs,
-    /// Requests merged behind `request` (contiguous writes sent as one
-    /// writev); they share its result.
+    /// Requests merged behind `request` (contiguous reads sent as one
+    /// readv); they share its result.
     followers: Vec<Request>,
 }
 
@@ -1185,47 +1214,40 @@ impl Uring {
         Ok(())
     }
 
-    /// Queues `requests` (reads or writes, contiguous on the disk, in
-    /// order) as one readv or writev.
+    /// Queues `reads` (contiguous on the disk, in order) as one readv.
     #[allow(clippy::result_large_err)]
-    fn push_merged(
+    fn push_merged_reads(
         &mut self,
         fd: RawFd,
-        write: bool,
-        writes: Vec<Request>,
+        reads: Vec<Request>,
         iovecs: IoVecs,
     ) -> Result<(), Vec<Request>> {
-        let Some(Op::Read { offset, .. } | Op::Write { offset, .. }) =
-            writes.first().map(|w| &w.op)
-        else {
-            return Err(writes);
+        let Some(Op::Read { offset, .. }) = reads.first().map(|r| &r.op) else {
+            return Err(reads);
         };
         let offset = *offset;
         let Some(slot) = self.free.pop() else {
-            return Err(writes);
+            return Err(reads);
         };
-        let (fd, base, count) = (types::Fd(fd), iovecs.0.as_ptr(), iovecs.0.len() as u32);
-        let entry = if write {
-            opcode::Writev::new(fd, base, count).offset(offset).build()
-        } else {
-            opcode::Readv::new(fd, base, count).offset(offset).build()
-        }
-        .user_data(slot as u64);
+        let entry = opcode::Readv::new(types::Fd(fd), iovecs.0.as_ptr(), iovecs.0.len() as u32)
+            .offset(offset)
+            .build()
+            .user_data(slot as u64);
         // SAFETY: as in `push`: the iovecs and the guest memory they point
         // into stay alive in `slots[slot]` until the completion is reaped.
         if unsafe { self.ring.submission().push(&entry) }.is_err() {
             self.free.push(slot);
-            return Err(writes);
+            return Err(reads);
         }
-        let mut writes = writes.into_iter();
-        let Some(request) = writes.next() else {
+        let mut reads = reads.into_iter();
+        let Some(request) = reads.next() else {
             self.free.push(slot);
             return Ok(());
         };
         self.slots[slot] = Some(InFlight {
             request,
             iovecs,
-            followers: writes.collect(),
+            followers: reads.collect(),
         });
         Ok(())
     }
@@ -1419,14 +1441,14 @@ impl QueueHandler {
     }
 
     fn start(&mut self, request: Request) {
-        // Buffered writes are a copy into the page cache: io_uring hands most
-        // of them to its worker threads (a wake-up each), measured 1.5-3x
-        // slower than copying here. They and the buffered reads wait for the
-        // end of the batch (see `run_deferred`); O_DIRECT IO goes to io_uring.
-        if !self.io.disk.direct && self.uring.is_some() {
+        // Buffered writes (either engine) and buffered reads (io_uring) wait
+        // for the end of the batch, to be merged: see `run_deferred`.
+        if !self.io.disk.direct {
             match request.op {
                 Op::Write { .. } => return self.buffered_writes.push(request),
-                Op::Read { .. } => return self.buffered_reads.push(request),
+                Op::Read { .. } if self.uring.is_some() => {
+                    return self.buffered_reads.push(request)
+                }
                 _ => {}
             }
         }
@@ -1452,87 +1474,75 @@ impl QueueHandler {
         self.finish(request, status, used);
     }
 
-    /// The batch's deferred buffered reads and writes. Requests that
-    /// continue one another on the disk are merged, as QEMU does, into one
-    /// io_uring readv/writev of up to `MERGE_LIMIT` bytes, which the kernel
-    /// carries out while this thread serves the queue: fewer, larger page-cache
-    /// copies (on a freshly written image, with large folios, 128 KiB writes at
-    /// depth 32 went from 0.81 × to 0.93 × QEMU; level elsewhere). A lone read
-    /// goes to io_uring as before; a lone write is copied here, the cheapest
-    /// way for one request. (Merged writes copied here measured slower: the
-    /// guest then waits for the whole batch before refilling the queue.)
+    /// The batch's deferred buffered reads and writes, in runs that continue
+    /// one another on the disk (merged as QEMU merges them): fewer, larger
+    /// page-cache copies, which pay on images with large folios.
+    ///
+    /// A run of reads is one io_uring readv (page-cache hits complete inline).
+    /// A run of writes is copied here with one pwritev: io_uring would hand a
+    /// buffered write to a kernel worker thread, and that hand-off (a wake-up
+    /// each way, ~40 µs on the development machine) cost more than copying
+    /// while this thread serves the queue gained. 128 KiB writes at depth 32
+    /// went from 0.98 × to 1.07 × QEMU; see benches/RESULTS.md.
     fn run_deferred(&mut self) {
-        let reads = std::mem::take(&mut self.buffered_reads);
-        self.merge_and_run(reads, false);
-        let writes = std::mem::take(&mut self.buffered_writes);
-        self.merge_and_run(writes, true);
-    }
-
-    fn run_alone(&mut self, request: Request, write: bool) {
-        if write {
-            self.run_here(request);
-        } else {
-            self.run(request);
+        for run in contiguous_runs(std::mem::take(&mut self.buffered_reads)) {
+            self.read_run(run);
+        }
+        for run in contiguous_runs(std::mem::take(&mut self.buffered_writes)) {
+            self.write_run(run);
         }
     }
 
-    fn merge_and_run(&mut self, mut requests: Vec<Request>, write: bool) {
-        if requests.len() < 2 {
-            requests.into_iter().for_each(|r| self.run_alone(r, write));
-            return;
-        }
-        let span = |op: &Op| match op {
-            Op::Read { offset, len, .. } | Op::Write { offset, len, .. } => (*offset, *len),
-            _ => (u64::MAX, 0),
-        };
-        requests.sort_by_key(|r| span(&r.op).0);
-        let mut run: Vec<Request> = Vec::new();
-        let mut run_bytes = 0;
-        for request in requests {
-            let (offset, len) = span(&request.op);
-            let continues = run.last().is_some_and(|last| {
-                let (start, last_len) = span(&last.op);
-                start.checked_add(last_len) == Some(offset)
-            });
-            if !continues || run_bytes + len > MERGE_LIMIT {
-                self.run_group(std::mem::take(&mut run), write);
-                run_bytes = 0;
+    /// Contiguous reads: one readv on io_uring, else one by one.
+    fn read_run(&mut self, run: Vec<Request>) {
+        if run.len() > 1 {
+            let iovecs = self.run_iovecs(&run).filter(|v| v.0.len() <= UIO_MAXIOV);
+            if let (Some(iovecs), Some(uring)) = (iovecs, &mut self.uring) {
+                let fd = self.io.file.as_raw_fd();
+                match uring.push_merged_reads(fd, run, iovecs) {
+                    Ok(()) => return,
+                    Err(returned) => return returned.into_iter().for_each(|r| self.run(r)),
+                }
             }
-            run_bytes += len;
-            run.push(request);
         }
-        self.run_group(run, write);
+        run.into_iter().for_each(|r| self.run(r));
     }
 
-    /// A contiguous run: one io_uring readv/writev; alone if it cannot be.
-    fn run_group(&mut self, run: Vec<Request>, write: bool) {
-        if run.len() < 2 {
-            run.into_iter().for_each(|r| self.run_alone(r, write));
-            return;
+    /// Contiguous writes: one pwritev here, all sharing its status.
+    fn write_run(&mut self, run: Vec<Request>) {
+        let offset = match run.first().map(|r| &r.op) {
+            Some(Op::Write { offset, .. }) if run.len() > 1 => *offset,
+            _ => return run.into_iter().for_each(|r| self.run_here(r)),
+        };
+        let Some(mut iovecs) = self.run_iovecs(&run) else {
+            return run.into_iter().for_each(|r| self.run_here(r));
+        };
+        let status = match rw_vectored(&self.io.file, true, &mut iovecs.0, offset) {
+            Ok(()) => STATUS_OK,
+            Err(_) => STATUS_IOERR,
+        };
+        for request in run {
+            let used = used_len(&request.op, status);
+            self.finish(request, status, used);
         }
+    }
+
+    /// Host iovecs for a run of merged requests; None if one request's
+    /// buffers cannot be used directly (then each runs alone).
+    fn run_iovecs(&self, run: &[Request]) -> Option<IoVecs> {
         let mut iovecs = Vec::new();
-        for request in &run {
+        for request in run {
             let (Op::Read { offset, data, .. } | Op::Write { offset, data, .. }) = &request.op
             else {
-                continue;
+                return None;
             };
-            match guest_iovecs(&self.mem, data) {
-                Some(more) if !self.io.needs_bounce(*offset, &more) => iovecs.extend(more.0),
-                _ => {
-                    run.into_iter().for_each(|r| self.run_alone(r, write));
-                    return;
-                }
+            let more = guest_iovecs(&self.mem, data)?;
+            if self.io.needs_bounce(*offset, &more) {
+                return None;
             }
+            iovecs.extend(more.0);
         }
-        let fd = self.io.file.as_raw_fd();
-        match &mut self.uring {
-            Some(uring) if iovecs.len() <= UIO_MAXIOV => {
-                if let Err(run) = uring.push_merged(fd, write, run, IoVecs(iovecs)) {
-                    run.into_iter().for_each(|r| self.run_alone(r, write));
-                }
-            }
-            _ => run.into_iter().for_each(|r| self.run_alone(r, write)),
-        }
+        Some(IoVecs(iovecs))
     }
 
     fn finish(&mut self, request: Request, status: u8, used: u32) {
@@ -2432,12 +2442,14 @@ mod tests {
     }
 
     #[test]
-    fn contiguous_writes_in_one_batch_are_merged_and_all_complete() {
-        let mut h = harness(true);
-        if h.handler.uring.is_none() {
-            eprintln!("io_uring unavailable here: nothing to merge");
-            return;
+    fn contiguous_requests_in_one_batch_are_merged_and_all_complete() {
+        for io_uring in [true, false] {
+            merged_batch_round_trip(io_uring);
         }
+    }
+
+    fn merged_batch_round_trip(io_uring: bool) {
+        let mut h = harness(io_uring);
         // Three contiguous writes and one elsewhere, all in one batch.
         let parts: Vec<Vec<u8>> = (0..4u8).map(|i| vec![0x10 + i; 1024]).collect();
         let sectors = [8u64, 10, 12, 40];
@@ -2473,6 +2485,56 @@ mod tests {
         }
         let counters = h.block.counters();
         assert_eq!((counters["read_ops"], counters["read_bytes"]), (4, 4096));
+    }
+
+    fn write_at(offset: u64, len: u64) -> Request {
+        Request {
+            head: 0,
+            status: GuestAddress(0),
+            op: Op::Write {
+                offset,
+                len,
+                data: Vec::new(),
+            },
+            started: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn runs_join_only_adjacent_requests_up_to_the_merge_limit() {
+        let offsets = |runs: &[Vec<Request>]| -> Vec<Vec<u64>> {
+            runs.iter()
+                .map(|run| {
+                    run.iter()
+                        .map(|r| match r.op {
+                            Op::Write { offset, .. } => offset,
+                            _ => u64::MAX,
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        // Out of order, with a gap and an overlap: sorted, never merged across either.
+        let requests = [
+            (8192, 4096),
+            (0, 4096),
+            (4096, 4096),
+            (20480, 4096),
+            (22528, 4096),
+        ];
+        let runs = contiguous_runs(requests.iter().map(|&(o, l)| write_at(o, l)).collect());
+        assert_eq!(
+            offsets(&runs),
+            [vec![0, 4096, 8192], vec![20480], vec![22528]]
+        );
+
+        // A long sequential stream is cut at MERGE_LIMIT bytes.
+        let size = 1 << 20;
+        let count = 2 * MERGE_LIMIT / size + 1;
+        let runs = contiguous_runs((0..count).map(|i| write_at(i * size, size)).collect());
+        let lengths: Vec<u64> = runs.iter().map(|run| run.len() as u64).collect();
+        assert_eq!(lengths, [MERGE_LIMIT / size, MERGE_LIMIT / size, 1]);
+        assert!(contiguous_runs(Vec::new()).is_empty());
     }
 
     #[test]
