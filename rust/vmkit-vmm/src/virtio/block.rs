@@ -1483,7 +1483,7 @@ impl QueueHandler {
     /// buffered write to a kernel worker thread, and that hand-off (a wake-up
     /// each way, ~40 µs on the development machine) cost more than copying
     /// while this thread serves the queue gained. 128 KiB writes at depth 32
-    /// went from 0.98 × to 1.07 × QEMU; see benches/RESULTS.md.
+    /// went from 0.98 × to about 1.06 × QEMU; see benches/RESULTS.md.
     fn run_deferred(&mut self) {
         for run in contiguous_runs(std::mem::take(&mut self.buffered_reads)) {
             self.read_run(run);
