@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from machine import machine
+from machine import machine, qemu_binary
 from vmkit import VmConfig, testguest
 from vmkit.vm import Vm
 
@@ -148,9 +147,8 @@ def main() -> int:
     parser.add_argument("--pio-rounds", type=int, default=20000)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
-    qemu = shutil.which("qemu-system-x86_64")
+    qemu = qemu_binary()
     if qemu is None:
-        print("qemu-system-x86_64 is needed (apt-get install qemu-system-x86)", file=sys.stderr)
         return 1
     kernel = testguest.image_path("pvh")
     boot_cmdline = testguest.cmdline(["hello"])

@@ -28,7 +28,6 @@ import argparse
 import mmap
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from machine import machine
+from machine import machine, qemu_binary
 from vmkit import testguest
 
 IMAGE_SIZE = 256 << 20
@@ -157,9 +156,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
-    qemu = shutil.which("qemu-system-x86_64")
+    qemu = qemu_binary()
     if qemu is None:
-        print("qemu-system-x86_64 is needed (apt-get install qemu-system-x86)", file=sys.stderr)
         return 1
     kernel = testguest.image_path("pvh")
     with tempfile.TemporaryDirectory(prefix="vmkit-bench-io-") as tmp:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import sys
 from pathlib import Path
 
 import vmkit
@@ -25,3 +27,11 @@ def machine(with_kvm: bool = True) -> str:
         f"{cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, {kvm_part}"
         f"Python {platform.python_version()}, vmkit {vmkit.__version__}"
     )
+
+
+def qemu_binary() -> str | None:
+    """The peer VMM's path; None, having said how to install it, if it is missing."""
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        print("qemu-system-x86_64 is needed (apt-get install qemu-system-x86)", file=sys.stderr)
+    return qemu

@@ -88,22 +88,15 @@ def parse_rust_uint(text: str, bits: int) -> int:
     return value
 
 
+_RUST_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\0": "\\0"}
+
+
 def rust_debug_str(text: str) -> str:
     """``text`` as Rust's ``{:?}`` prints a ``String``: quoted, with escapes."""
     out = ['"']
     for ch in text:
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\0":
-            out.append("\\0")
+        if ch in _RUST_ESCAPES:
+            out.append(_RUST_ESCAPES[ch])
         elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") or (
             ch.isspace() and ch != " "
         ):

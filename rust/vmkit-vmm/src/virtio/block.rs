@@ -1977,11 +1977,8 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
-        // Each worker's handler is dropped on its thread before `stop`
-        // returns, and dropping waits for its io_uring operations.
-        for worker in &mut self.workers {
-            worker.stop();
-        }
+        // Dropping a worker stops and joins its thread; its handler is
+        // dropped there first, which waits for its io_uring operations.
         self.workers.clear();
         self.io_uring_active = false;
     }

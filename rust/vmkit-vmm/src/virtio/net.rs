@@ -1101,9 +1101,8 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
-        for mut worker in self.workers.drain(..) {
-            worker.stop();
-        }
+        // Dropping the workers stops and joins their threads.
+        self.workers.clear();
     }
 
     fn counters(&self) -> BTreeMap<&'static str, u64> {
@@ -1337,6 +1336,38 @@ mod tests {
 
     /// Activates `net` with rx0 (0x10000) and tx0 (0x20000) and, if asked,
     /// the control queue at index 2 (0x30000).
+    /// A device on a fresh tap (`tap=<name>` plus `options`) with a packet
+    /// socket on the host side and its first queue pair activated with `acked`;
+    /// None where taps cannot be made.
+    struct TapRig {
+        net: Net,
+        socket: PacketSocket,
+        memory: GuestMemoryMmap,
+        rx: Ring,
+        tx: Ring,
+        signals: Arc<Signals>,
+    }
+
+    fn tap_rig(options: &str, acked: u64) -> Option<TapRig> {
+        if !taps_usable() {
+            return None;
+        }
+        let name = tap_name();
+        let separator = if options.is_empty() { "" } else { "," };
+        let mut net = net(&format!("tap={name}{separator}{options}"));
+        let socket = PacketSocket::open(&name);
+        let memory = memory();
+        let (rx, tx, signals) = activate(&mut net, &memory, acked);
+        Some(TapRig {
+            net,
+            socket,
+            memory,
+            rx,
+            tx,
+            signals,
+        })
+    }
+
     fn activate(net: &mut Net, memory: &GuestMemoryMmap, acked: u64) -> (Ring, Ring, Arc<Signals>) {
         let (rx, rx_active) = Ring::new(memory, 0, 0x10000);
         let (tx, tx_active) = Ring::new(memory, 1, 0x20000);
@@ -1523,15 +1554,18 @@ mod tests {
 
     #[test]
     fn frames_go_both_ways_through_a_tap() {
-        if !taps_usable() {
+        let acked = F_VERSION_1 | F_MAC | F_RING_EVENT_IDX;
+        let Some(TapRig {
+            mut net,
+            socket,
+            memory,
+            mut rx,
+            mut tx,
+            signals,
+        }) = tap_rig("mac=12:34:56:78:9a:bc", acked)
+        else {
             return;
-        }
-        let name = tap_name();
-        let mut net = net(&format!("tap={name},mac=12:34:56:78:9a:bc"));
-        let socket = PacketSocket::open(&name);
-        let memory = memory();
-        let (mut rx, mut tx, signals) =
-            activate(&mut net, &memory, F_VERSION_1 | F_MAC | F_RING_EVENT_IDX);
+        };
 
         // Transmit: header and frame in two descriptors.
         let out = frame(GUEST_MAC, b"vmkit-unit tx");
@@ -1593,14 +1627,16 @@ mod tests {
 
     #[test]
     fn mergeable_buffers_spread_a_frame() {
-        if !taps_usable() {
+        let Some(TapRig {
+            net: _net,
+            socket,
+            memory,
+            mut rx,
+            ..
+        }) = tap_rig("", F_VERSION_1 | F_MRG_RXBUF)
+        else {
             return;
-        }
-        let name = tap_name();
-        let mut net = net(&format!("tap={name}"));
-        let socket = PacketSocket::open(&name);
-        let memory = memory();
-        let (mut rx, _tx, _) = activate(&mut net, &memory, F_VERSION_1 | F_MRG_RXBUF);
+        };
         // 1000-byte frame, 400-byte buffers: 1012 bytes in 3 buffers.
         let big = frame([2, 0, 0, 0, 0, 2], &[b'm'; 986]);
         assert_eq!(big.len(), 1000);
@@ -1628,14 +1664,17 @@ mod tests {
 
     #[test]
     fn malformed_chains_are_returned_empty() {
-        if !taps_usable() {
+        let Some(TapRig {
+            net,
+            socket,
+            memory,
+            mut rx,
+            mut tx,
+            ..
+        }) = tap_rig("", F_VERSION_1)
+        else {
             return;
-        }
-        let name = tap_name();
-        let mut net = net(&format!("tap={name}"));
-        let socket = PacketSocket::open(&name);
-        let memory = memory();
-        let (mut rx, mut tx, _) = activate(&mut net, &memory, F_VERSION_1);
+        };
 
         // Transmit: outside guest memory, a header cut short, a descriptor
         // loop, a next index past the ring, an address that wraps.
@@ -1861,15 +1900,18 @@ mod tests {
 
     #[test]
     fn many_frames_wrap_the_rings_intact_and_in_order() {
-        if !taps_usable() {
-            return;
-        }
-        let name = tap_name();
-        let mut net = net(&format!("tap={name}"));
-        let socket = PacketSocket::open(&name);
-        let memory = memory();
         let acked = F_VERSION_1 | F_MRG_RXBUF | F_RING_EVENT_IDX;
-        let (mut rx, mut tx, _) = activate(&mut net, &memory, acked);
+        let Some(TapRig {
+            net,
+            socket,
+            memory,
+            mut rx,
+            mut tx,
+            ..
+        }) = tap_rig("", acked)
+        else {
+            return;
+        };
         rx.post_receive_buffers(&memory, QSIZE, 512);
         let frames: Vec<Vec<u8>> = (0..100u32)
             .map(|n| {

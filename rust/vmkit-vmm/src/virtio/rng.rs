@@ -141,8 +141,7 @@ impl VirtioDevice for Rng {
     }
 
     fn reset(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
-            worker.stop();
-        }
+        // Dropping the worker stops and joins its thread.
+        self.worker = None;
     }
 }

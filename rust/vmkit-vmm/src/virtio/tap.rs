@@ -222,13 +222,7 @@ impl Tap {
             };
             io::Error::new(e.kind(), format!("TUNSETIFF: {e}{hint}"))
         })?;
-        let tap = Tap {
-            file,
-            name: req.name(),
-            attached: AtomicBool::new(true),
-        };
-        tap.set_vnet_hdr_len()?;
-        Ok(tap)
+        Tap::attached(file, req.name())
     }
 
     /// Adopts a tap descriptor the caller opened: it is duplicated (the
@@ -283,13 +277,7 @@ impl Tap {
                 return Err(io::Error::last_os_error());
             }
         }
-        let tap = Tap {
-            file,
-            name: req.name(),
-            attached: AtomicBool::new(true),
-        };
-        tap.set_vnet_hdr_len()?;
-        Ok(tap)
+        Tap::attached(file, req.name())
     }
 
     /// The interface name.
@@ -297,14 +285,20 @@ impl Tap {
         &self.name
     }
 
-    fn set_vnet_hdr_len(&self) -> io::Result<()> {
+    /// A tap attached to its queue, told the virtio-net header's size.
+    fn attached(file: File, name: String) -> io::Result<Tap> {
         let len: libc::c_int = VNET_HDR_LEN as libc::c_int;
         ioctl_int(
-            self.file.as_raw_fd(),
+            file.as_raw_fd(),
             TUNSETVNETHDRSZ,
             &len as *const libc::c_int as libc::c_ulong,
         )
-        .map_err(|e| io::Error::new(e.kind(), format!("TUNSETVNETHDRSZ: {e}")))
+        .map_err(|e| io::Error::new(e.kind(), format!("TUNSETVNETHDRSZ: {e}")))?;
+        Ok(Tap {
+            file,
+            name,
+            attached: AtomicBool::new(true),
+        })
     }
 
     /// Which offloads the kernel may hand us (`TUN_F_*`): what the guest
