@@ -15,6 +15,10 @@ pub trait WorkerHandler: Send + 'static {
     /// Queue `index` (position in the `kicks` given to [`spawn`]) was
     /// notified; its eventfd is already drained.
     fn queue_notified(&mut self, index: usize);
+    /// The worker stops because waiting for events failed: the handler
+    /// reports it (see [`super::queue_failed`]) so the guest is not left
+    /// waiting in silence.
+    fn failed(&mut self, cause: &io::Error);
     /// Extra fds to watch for input, beyond the queue kicks.
     fn extra_fds(&self) -> Vec<RawFd> {
         Vec::new()
@@ -80,8 +84,15 @@ impl Worker {
     /// Stops the worker and joins its thread.
     pub fn stop(&mut self) {
         if let Some(thread) = self.thread.take() {
-            let _ = self.kill.write(1);
-            let _ = thread.join();
+            let name = thread.thread().name().unwrap_or("worker").to_owned();
+            // Joining a thread that was never told to stop would hang the VMM.
+            if let Err(e) = self.kill.write(1) {
+                log::error!("{name}: cannot stop the worker thread: {e}; it is left running");
+                return;
+            }
+            if thread.join().is_err() {
+                log::error!("{name}: the worker thread panicked");
+            }
         }
     }
 }
@@ -170,14 +181,14 @@ fn run<H: WorkerHandler>(epoll: Epoll, kill: EventFd, kicks: Vec<EventFd>, mut h
         let mut count = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return,
+            Err(e) => return handler.failed(&e),
         };
         if count == 0 && polls && !found {
             let slept = Instant::now();
             count = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
+                Err(e) => return handler.failed(&e),
             };
             // Work came soon after we gave up: a longer window would have caught it.
             if slept.elapsed() < POLL_MAX {
@@ -215,6 +226,8 @@ mod tests {
         fn queue_notified(&mut self, index: usize) {
             let _ = self.0.send(index);
         }
+
+        fn failed(&mut self, _cause: &io::Error) {}
     }
 
     #[test]
