@@ -16,7 +16,7 @@ use super::{
     F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_CONSOLE,
 };
 use crate::devices::serial::{InputSink, SerialBackend};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, ModuleError, Result};
 
 const QUEUE_SIZE: u16 = 256;
 const RECEIVE_QUEUE: u16 = 0;
@@ -42,6 +42,19 @@ impl InputSink for ConsoleInput {
     }
 }
 
+/// Why a virtio-console device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error("console: cannot create the input eventfd")]
+    InputEvent(#[source] std::io::Error),
+}
+
+impl ModuleError for ConsoleError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Device
+    }
+}
+
 pub struct Console {
     id: String,
     backend: Arc<SerialBackend>,
@@ -51,8 +64,7 @@ pub struct Console {
 
 impl Console {
     pub fn new(id: String, backend: Arc<SerialBackend>) -> Result<Console> {
-        let ready = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| Error::new(ErrorKind::Device, format!("console: eventfd: {e}")))?;
+        let ready = EventFd::new(libc::EFD_NONBLOCK).map_err(ConsoleError::InputEvent)?;
         let input = Arc::new(ConsoleInput {
             bytes: Mutex::new(VecDeque::new()),
             ready,
@@ -266,7 +278,7 @@ impl VirtioDevice for Console {
             scratch: vec![0; MAX_CHAIN],
         };
         let worker = worker::spawn(self.id.clone(), kicks, handler)
-            .map_err(|e| ActivateError(format!("worker thread: {e}")))?;
+            .map_err(|e| ActivateError::io("worker thread", e))?;
         self.worker = Some(worker);
         Ok(())
     }

@@ -94,17 +94,31 @@ pub struct Activation {
     pub acked_features: u64,
 }
 
-/// Why a device could not start.
-#[derive(Debug)]
-pub struct ActivateError(pub String);
-
-impl fmt::Display for ActivateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why a device could not start: what failed, and the cause if there is one.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct ActivateError {
+    pub what: String,
+    #[source]
+    pub source: Option<std::io::Error>,
 }
 
-impl std::error::Error for ActivateError {}
+impl ActivateError {
+    pub fn new(what: impl Into<String>) -> ActivateError {
+        ActivateError {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// `what` failed because of `source`.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> ActivateError {
+        ActivateError {
+            what: what.into(),
+            source: Some(source),
+        }
+    }
+}
 
 /// A virtio device model. Everything here is reachable by the guest (through
 /// the transport's registers), so no method may panic or block for long.

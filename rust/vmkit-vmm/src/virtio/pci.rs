@@ -456,7 +456,7 @@ impl VirtioPciDevice {
                 queues,
                 acked_features: self.driver_features,
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| crate::error::chain_message(&e))?;
         self.active = true;
         self.record("activated");
         Ok(())

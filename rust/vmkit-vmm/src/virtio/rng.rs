@@ -13,11 +13,28 @@ use super::{
     pop_chain, queue_failed, ActivateError, Activation, Interrupt, VirtioDevice, F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_RNG,
 };
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, ModuleError, Result};
 
 const QUEUE_SIZE: u16 = 256;
 /// Most bytes one request gets: a guest cannot make us read unbounded data.
 const MAX_REQUEST: usize = 64 * 1024;
+
+/// Why a virtio-rng device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum RngError {
+    #[error("Error opening entropy source {path}")]
+    OpenSource {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ModuleError for RngError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Device
+    }
+}
 
 pub struct Rng {
     id: String,
@@ -27,11 +44,9 @@ pub struct Rng {
 
 impl Rng {
     pub fn new(id: String, src: &str) -> Result<Rng> {
-        let source = File::open(src).map_err(|e| {
-            Error::new(
-                ErrorKind::Device,
-                format!("Error opening entropy source {src}: {e}"),
-            )
+        let source = File::open(src).map_err(|source| RngError::OpenSource {
+            path: src.to_owned(),
+            source,
         })?;
         Ok(Rng {
             id,
@@ -144,7 +159,7 @@ impl VirtioDevice for Rng {
         let source = self
             .source
             .try_clone()
-            .map_err(|e| ActivateError(format!("entropy source: {e}")))?;
+            .map_err(|e| ActivateError::io("entropy source", e))?;
         let handler = RngQueue {
             device: self.id.clone(),
             memory: activation.memory,
@@ -155,7 +170,7 @@ impl VirtioDevice for Rng {
             broken: false,
         };
         let worker = worker::spawn(format!("{}_q0", self.id), vec![active.kick], handler)
-            .map_err(|e| ActivateError(format!("worker thread: {e}")))?;
+            .map_err(|e| ActivateError::io("worker thread", e))?;
         self.worker = Some(worker);
         Ok(())
     }
@@ -187,6 +202,18 @@ mod tests {
         })
         .unwrap();
         (rng, driver, interrupt)
+    }
+
+    #[test]
+    fn a_missing_source_is_named_with_its_cause() {
+        let Err(e) = Rng::new("__rng_missing".into(), "/nonexistent/entropy") else {
+            panic!("a missing source opened");
+        };
+        assert_eq!(e.kind, ErrorKind::Device);
+        assert_eq!(
+            e.to_string(),
+            "Error opening entropy source /nonexistent/entropy: No such file or directory (os error 2)"
+        );
     }
 
     #[test]

@@ -11,8 +11,8 @@ use std::ptr::NonNull;
 
 use vmkit_config::DiskConfig;
 
+use super::error::BlockError;
 use super::{SECTOR_SHIFT, SECTOR_SIZE};
-use crate::error::{Error, ErrorKind};
 
 vmm_sys_util::ioctl_io_nr!(BLKSSZGET, 0x12, 104);
 vmm_sys_util::ioctl_io_nr!(BLKDISCARD, 0x12, 119);
@@ -37,31 +37,18 @@ pub struct DiskImage {
     pub zero_range: bool,
 }
 
-pub fn open_failure(e: &io::Error, direct: bool) -> String {
-    match e.raw_os_error() {
-        Some(libc::ENOENT) => "no such file or directory".into(),
-        Some(libc::EACCES) | Some(libc::EPERM) => "permission denied".into(),
-        Some(libc::EROFS) => "read-only file system (use readonly=on)".into(),
-        Some(libc::EINVAL) if direct => {
-            "the file system does not support O_DIRECT (direct=on)".into()
-        }
-        _ => e.to_string(),
-    }
-}
-
 impl DiskImage {
-    pub fn open(config: &DiskConfig) -> crate::Result<DiskImage> {
-        let path = config
-            .path
-            .as_deref()
-            .ok_or_else(|| Error::new(ErrorKind::Device, "disk: no path given"))?;
-        let fail = |what: &str| Error::new(ErrorKind::Device, format!("disk image {path}: {what}"));
+    pub fn open(config: &DiskConfig) -> Result<DiskImage, BlockError> {
+        let path = config.path.as_deref().ok_or(BlockError::NoPath)?;
+        let not_a_file = || BlockError::NotAFile {
+            path: path.to_owned(),
+        };
 
         // Looked at before opening: opening a FIFO could block.
-        let metadata = std::fs::metadata(path).map_err(|e| fail(&open_failure(&e, false)))?;
+        let metadata = std::fs::metadata(path).map_err(|e| BlockError::open(path, e, false))?;
         let block_device = metadata.file_type().is_block_device();
         if !metadata.is_file() && !block_device {
-            return Err(fail("not a regular file or block device"));
+            return Err(not_a_file());
         }
         let mut options = OpenOptions::new();
         options.read(true).write(!config.readonly);
@@ -70,23 +57,34 @@ impl DiskImage {
         }
         let mut file = options
             .open(path)
-            .map_err(|e| fail(&open_failure(&e, config.direct)))?;
+            .map_err(|e| BlockError::open(path, e, config.direct))?;
         // The path may have been replaced in between.
-        let opened = file.metadata().map_err(|e| fail(&e.to_string()))?;
+        let opened = file
+            .metadata()
+            .map_err(|e| BlockError::open(path, e, config.direct))?;
         if opened.file_type().is_block_device() != block_device
             || !(opened.is_file() || block_device)
         {
-            return Err(fail("not a regular file or block device"));
+            return Err(not_a_file());
         }
         let size = file
             .seek(SeekFrom::End(0))
-            .map_err(|e| fail(&format!("cannot read its size: {e}")))?;
+            .map_err(|source| BlockError::Size {
+                path: path.to_owned(),
+                source,
+            })?;
 
         let (block_size, physical_block_size) = if block_device {
-            block_device_sizes(&file).map_err(|e| fail(&format!("block size: {e}")))?
+            block_device_sizes(&file).map_err(|source| BlockError::BlockSize {
+                path: path.to_owned(),
+                source,
+            })?
         } else if config.direct {
-            let align = direct_io_alignment(&file, size)
-                .map_err(|e| fail(&format!("O_DIRECT (direct=on): {e}")))?;
+            let align =
+                direct_io_alignment(&file, size).map_err(|source| BlockError::DirectAlignment {
+                    path: path.to_owned(),
+                    source,
+                })?;
             (align, align)
         } else {
             (SECTOR_SIZE as u32, SECTOR_SIZE as u32)

@@ -9,6 +9,7 @@
 
 mod counters;
 mod disk;
+mod error;
 mod io;
 mod merge;
 mod queue;
@@ -18,6 +19,7 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::io as stdio;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
@@ -31,6 +33,7 @@ use vmkit_config::DiskConfig;
 
 pub use self::counters::BlockCounters;
 use self::disk::DiskImage;
+pub use self::error::BlockError;
 use self::io::uring::Uring;
 use self::io::QueueIo;
 use self::queue::{nonblocking_timer, QueueHandler};
@@ -39,7 +42,6 @@ use super::{
     ActivateError, Activation, Interrupt, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC,
     F_VERSION_1, TYPE_BLOCK,
 };
-use crate::error::{Error, ErrorKind};
 use crate::rate_limiter::SharedRateLimiter;
 
 /// virtio-blk feature bits (virtio 1.2 §5.2.3).
@@ -105,19 +107,20 @@ impl Block {
     /// limiter of the disk's `rate_limit_group`, if it has one; a
     /// `rate_limiter_config` of its own is built here.
     pub fn new(config: &DiskConfig, group: Option<Arc<SharedRateLimiter>>) -> crate::Result<Block> {
-        let name = config.path.as_deref().unwrap_or("<no path>");
-        let invalid = |what: String| Error::new(ErrorKind::Device, format!("disk {name}: {what}"));
+        let path = || config.path.as_deref().unwrap_or("<no path>").to_owned();
         if config.num_queues == 0 || config.num_queues > MAX_QUEUES {
-            return Err(invalid(format!(
-                "num_queues={} is not between 1 and {MAX_QUEUES}",
-                config.num_queues
-            )));
+            return Err(BlockError::NumQueues {
+                path: path(),
+                value: config.num_queues,
+            }
+            .into());
         }
         if config.queue_size < 2 || !config.queue_size.is_power_of_two() {
-            return Err(invalid(format!(
-                "queue_size={} is not a power of two of at least 2",
-                config.queue_size
-            )));
+            return Err(BlockError::QueueSize {
+                path: path(),
+                value: config.queue_size,
+            }
+            .into());
         }
         let disk = DiskImage::open(config)?;
 
@@ -130,11 +133,10 @@ impl Block {
         }
         limiters.extend(group);
 
-        let mut serial = [0u8; ID_LEN];
-        if let Some(text) = &config.serial {
-            let len = text.len().min(ID_LEN);
-            serial[..len].copy_from_slice(&text.as_bytes()[..len]);
-        }
+        let serial = match &config.serial {
+            Some(text) => id_bytes(text),
+            None => id_bytes(&default_serial(&disk.file)),
+        };
 
         let num_queues = config.num_queues as u16;
         let mut features = F_VERSION_1
@@ -250,6 +252,27 @@ impl Block {
     }
 }
 
+/// The GET_ID answer: `text`'s first 20 bytes, NUL-padded.
+fn id_bytes(text: &str) -> [u8; ID_LEN] {
+    let mut id = [0u8; ID_LEN];
+    let len = text.len().min(ID_LEN);
+    id[..len].copy_from_slice(&text.as_bytes()[..len]);
+    id
+}
+
+/// Cloud Hypervisor's serial for a disk without `serial=` (kvmtool's
+/// scheme): the image's st_dev, st_rdev and st_ino in decimal, run
+/// together; empty (all NULs) if they cannot be read, as there.
+fn default_serial(file: &std::fs::File) -> String {
+    match file.metadata() {
+        Ok(m) => format!("{}{}{}", m.dev(), m.rdev(), m.ino()),
+        Err(e) => {
+            log::warn!("disk serial: cannot read the image's metadata: {e}");
+            String::new()
+        }
+    }
+}
+
 /// `struct virtio_blk_config` (virtio 1.2 §5.2.4), little-endian.
 fn config_space(disk: &DiskImage, seg_max: u16, num_queues: u16) -> [u8; CONFIG_SPACE_LEN] {
     let mut c = [0u8; CONFIG_SPACE_LEN];
@@ -306,7 +329,7 @@ impl VirtioDevice for Block {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         self.reset();
         if activation.queues.is_empty() {
-            return Err(ActivateError(format!(
+            return Err(ActivateError::new(format!(
                 "virtio-blk {}: no queue enabled",
                 self.id
             )));
@@ -315,10 +338,7 @@ impl VirtioDevice for Block {
         let mut all_uring = true;
         for active in activation.queues {
             let failed = |e: stdio::Error| {
-                ActivateError(format!(
-                    "virtio-blk {} queue {}: {e}",
-                    self.id, active.index
-                ))
+                ActivateError::io(format!("virtio-blk {} queue {}", self.id, active.index), e)
             };
             let handler = self
                 .queue_handler(

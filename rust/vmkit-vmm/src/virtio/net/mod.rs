@@ -40,7 +40,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 pub use self::counters::NetCounters;
 use self::ctrl::CtrlQueue;
-use self::host::open_taps;
+use self::host::{open_taps, HostError};
 use self::pair::{PairContext, PairHandler, Role};
 use self::rx::RxQueue;
 use self::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO};
@@ -51,7 +51,7 @@ use super::{
     ActivateError, Activation, ActiveQueue, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC,
     F_VERSION_1, TYPE_NET,
 };
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, ModuleError, Result};
 use crate::rate_limiter::RateLimiter;
 
 /// Feature bits (virtio 1.2 §5.1.3).
@@ -89,6 +89,25 @@ pub const MAX_FRAME: usize = 65562;
 const ETH_HLEN: usize = 14;
 /// Frames one queue moves before the worker looks at its other events.
 const BATCH: u32 = 256;
+
+/// Why a virtio-net device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("Cannot create virtio-net device {id}: num_queues={num_queues} is too many")]
+    TooManyQueues { id: String, num_queues: usize },
+    #[error("Cannot create virtio-net device {id}")]
+    Host {
+        id: String,
+        #[source]
+        source: HostError,
+    },
+}
+
+impl ModuleError for NetError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Device
+    }
+}
 
 /// The features offered for `config` with `pairs` queue pairs, as Cloud
 /// Hypervisor computes them: no checksum offload means no TSO or UFO either.
@@ -157,20 +176,17 @@ impl Net {
     /// Opens (or creates, or adopts from `fds`) the tap and configures its
     /// host side as Cloud Hypervisor does.
     pub fn new(config: &NetConfig, id: &str) -> Result<Net> {
-        Net::build(config, id).map_err(|message| {
-            Error::new(
-                ErrorKind::Device,
-                format!("Cannot create virtio-net device {id}: {message}"),
-            )
-        })
-    }
-
-    fn build(config: &NetConfig, id: &str) -> std::result::Result<Net, String> {
         let pairs = u16::try_from((config.num_queues / 2).max(1))
             .ok()
             .filter(|&p| p <= 0x7fff)
-            .ok_or_else(|| format!("num_queues={} is too many", config.num_queues))?;
-        let taps = open_taps(config, pairs)?;
+            .ok_or_else(|| NetError::TooManyQueues {
+                id: id.to_owned(),
+                num_queues: config.num_queues,
+            })?;
+        let taps = open_taps(config, pairs).map_err(|source| NetError::Host {
+            id: id.to_owned(),
+            source,
+        })?;
         let mtu = match config.mtu {
             Some(mtu) => mtu,
             None => taps[0].mtu().unwrap_or(1500),
@@ -183,10 +199,7 @@ impl Net {
         // Until the driver asks for more, only the first pair gets frames.
         for tap in taps.iter().skip(1) {
             if let Err(e) = tap.set_attached(false) {
-                eprintln!(
-                    "vmkit: {id}: cannot detach tap queue of {}: {e}",
-                    tap.name()
-                );
+                log::warn!("{id}: cannot detach a tap queue of {}: {e}", tap.name());
             }
         }
         Ok(Net {
@@ -253,10 +266,10 @@ impl VirtioDevice for Net {
         };
         self.taps[0]
             .set_offload(tun_offload_flags(acked))
-            .map_err(|e| ActivateError(format!("TUNSETOFFLOAD: {e}")))?;
+            .map_err(|e| ActivateError::io("TUNSETOFFLOAD", e))?;
         for (i, tap) in self.taps.iter().enumerate() {
             if let Err(e) = tap.set_attached(i == 0) {
-                eprintln!("vmkit: {}: tap queue {i}: {e}", self.id);
+                log::warn!("{}: tap queue {i}: {e}", self.id);
             }
         }
         let limiter = self
@@ -344,7 +357,7 @@ impl VirtioDevice for Net {
                 Ok(worker) => workers.push(worker),
                 Err(e) => {
                     drop(workers);
-                    return Err(ActivateError(format!("queue pair {pair} worker: {e}")));
+                    return Err(ActivateError::io(format!("queue pair {pair} worker"), e));
                 }
             }
         }

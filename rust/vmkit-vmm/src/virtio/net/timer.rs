@@ -74,10 +74,8 @@ mod tests {
         // SAFETY: itimerspec is plain data.
         let mut spec: libc::itimerspec = unsafe { std::mem::zeroed() };
         // SAFETY: timerfd_gettime(2) into a live itimerspec.
-        assert_eq!(
-            unsafe { libc::timerfd_gettime(timer.as_raw_fd(), &mut spec) },
-            0
-        );
+        let ret = unsafe { libc::timerfd_gettime(timer.as_raw_fd(), &mut spec) };
+        assert_eq!(ret, 0);
         Duration::new(spec.it_value.tv_sec as u64, spec.it_value.tv_nsec as u32)
     }
 

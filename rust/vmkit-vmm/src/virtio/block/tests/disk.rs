@@ -120,7 +120,7 @@ fn opening_reports_what_is_wrong_with_the_path() {
         message.contains("vmkit-block-test-no-such-image"),
         "{message}"
     );
-    assert!(message.contains("no such file"), "{message}");
+    assert!(message.contains("No such file or directory"), "{message}");
     for path in [std::env::temp_dir().to_str().unwrap(), "/dev/null"] {
         let message = error(DiskConfig {
             path: Some(path.into()),
@@ -147,8 +147,49 @@ fn opening_reports_what_is_wrong_with_the_path() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&image.path, std::fs::Permissions::from_mode(0o400)).unwrap();
         let message = error(disk_config(&image));
-        assert!(message.contains("permission denied"), "{message}");
+        assert!(message.contains("Permission denied"), "{message}");
     }
+}
+
+#[test]
+fn open_errors_keep_their_cause() {
+    use std::error::Error as _;
+    let missing = std::env::temp_dir().join("vmkit-block-test-missing-cause");
+    let path = missing.to_str().unwrap().to_owned();
+    let config = DiskConfig {
+        path: Some(path.clone()),
+        ..DiskConfig::default()
+    };
+    let Err(error) = Block::new(&config, None) else {
+        panic!("a missing image opened");
+    };
+    assert_eq!(
+        error.to_string(),
+        format!("Cannot open disk image {path}: No such file or directory (os error 2)")
+    );
+    let module = error
+        .source()
+        .unwrap()
+        .downcast_ref::<BlockError>()
+        .unwrap();
+    assert!(
+        matches!(module, BlockError::Open { hint: "", .. }),
+        "{module:?}"
+    );
+    let io = module
+        .source()
+        .unwrap()
+        .downcast_ref::<io::Error>()
+        .unwrap();
+    assert_eq!(io.raw_os_error(), Some(libc::ENOENT));
+    // Known remedies are named.
+    let erofs = BlockError::open("x.img", io::Error::from_raw_os_error(libc::EROFS), false);
+    assert!(erofs.to_string().contains("use readonly=on"), "{erofs}");
+    let einval = BlockError::open("x.img", io::Error::from_raw_os_error(libc::EINVAL), true);
+    assert!(
+        einval.to_string().contains("O_DIRECT (direct=on)"),
+        "{einval}"
+    );
 }
 
 #[test]

@@ -14,12 +14,14 @@ use self::super::io::sync::{bounce_read, bounce_write};
 use self::super::merge::{contiguous_runs, MERGE_LIMIT};
 use self::super::request::{Op, Request, Segment};
 use super::*;
+use crate::error::ErrorKind;
 use crate::virtio::testing::{
     capture_logs, guest_memory, logged, wait_until, Driver, FakeInterrupt, INDIRECT, NEXT, WRITE,
 };
 use crate::virtio::ActiveQueue;
 use io_uring::IoUring;
 use std::fs::OpenOptions;
+use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
