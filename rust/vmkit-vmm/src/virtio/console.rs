@@ -38,6 +38,7 @@ impl InputSink for ConsoleInput {
         let room = INPUT_LIMIT.saturating_sub(buffer.len());
         buffer.extend(&bytes[..bytes.len().min(room)]);
         drop(buffer);
+        // Fails only when the counter is full, and then a wake-up is pending.
         let _ = self.ready.write(1);
     }
 }

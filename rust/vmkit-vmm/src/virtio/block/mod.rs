@@ -6,6 +6,12 @@
 //! preadv/pwritev when io_uring is disabled or unavailable; the other request
 //! types run inline. A request a rate limiter refuses stays in the ring until
 //! the worker's timer fires.
+//!
+//! Here: the device (features, config space, activation). `request`:
+//! descriptor chains parsed into requests. `disk`: the image, O_DIRECT
+//! and aligned buffers. `merge`: contiguous requests joined. `io`: running
+//! requests, with `io/sync` (preadv/pwritev, bounce buffers) and
+//! `io/uring`. `queue`: a queue's worker. `counters`, `error`.
 
 mod counters;
 mod disk;

@@ -307,7 +307,9 @@ impl QueueHandler {
             return;
         }
         if self.queue.needs_notification(&self.mem).unwrap_or(true) {
-            let _ = self.interrupt.signal_queue(self.index);
+            if let Err(e) = self.interrupt.signal_queue(self.index) {
+                log::warn!("{}: queue {} interrupt lost: {e}", self.device, self.index);
+            }
         }
     }
 

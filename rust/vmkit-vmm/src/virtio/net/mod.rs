@@ -15,6 +15,11 @@
 //! outside the guest, too short for a header, a descriptor loop) is returned
 //! with length 0 and counted; nothing the guest writes makes a worker panic
 //! or spin.
+//!
+//! Here: the device (features, config space, activation). `chain`: walking
+//! descriptor chains. `rx`, `tx`, `ctrl`: the three kinds of queue. `pair`:
+//! a queue pair's worker. `tap`: the tap device; `host`: opening and
+//! configuring the taps for a `--net`. `timer`, `counters`.
 
 mod chain;
 mod counters;

@@ -109,6 +109,7 @@ impl RxQueue {
                 // Every buffer the ring can hold is ours and the frame still
                 // does not fit: give them back empty and drop it.
                 for (head, _) in std::mem::take(&mut self.held) {
+                    // Fails only for a head past the ring; popped ones are not.
                     let _ = self.queue.add_used(memory, head, 0);
                 }
                 self.held_bytes = 0;
@@ -137,6 +138,7 @@ impl RxQueue {
         let count = (self.held.len() as u16).to_le_bytes();
         for (addr, byte) in self.num_buffers_at.iter().zip(count) {
             if let Some(addr) = addr {
+                // Inside a descriptor `fill` just wrote to.
                 let _ = memory.write_obj(byte, *addr);
             }
         }
@@ -160,6 +162,7 @@ impl RxQueue {
             let mut elem = [0u8; 8];
             elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
             elem[4..].copy_from_slice(&len.to_le_bytes());
+            // The used ring was checked against guest memory at activation.
             let _ = memory.write_slice(&elem, GuestAddress(addr));
         }
         self.queue
@@ -170,6 +173,7 @@ impl RxQueue {
 
     fn return_bad(&mut self, memory: &GuestMemoryMmap, head: u16, counters: &NetCounters) {
         counters.rx_bad_chains.fetch_add(1, Ordering::Relaxed);
+        // Fails only for a head past the ring; a popped one is not.
         let _ = self.queue.add_used(memory, head, 0);
     }
 }
