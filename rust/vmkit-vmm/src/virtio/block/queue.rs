@@ -21,6 +21,9 @@ use crate::rate_limiter::SharedRateLimiter;
 use crate::virtio::worker::WorkerHandler;
 use crate::virtio::{pop_chain, queue_failed, Interrupt};
 
+/// The longest a rate limiter holds a queue before it looks again.
+const MAX_THROTTLE_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Why popping stopped.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Stop {
@@ -173,7 +176,19 @@ impl QueueHandler {
         let Some(timer) = &mut self.throttle_timer else {
             return false;
         };
-        self.throttled = timer.reset(wait, None).is_ok();
+        // Capped: a wait past what a timespec holds would fail to arm. A
+        // queue woken early is simply held again.
+        match timer.reset(wait.min(MAX_THROTTLE_WAIT), None) {
+            Ok(()) => self.throttled = true,
+            Err(e) => {
+                log::warn!(
+                    "{}: queue {}: cannot arm the rate-limit timer ({e}); the request runs now",
+                    self.device,
+                    self.index
+                );
+                self.throttled = false;
+            }
+        }
         self.throttled
     }
 

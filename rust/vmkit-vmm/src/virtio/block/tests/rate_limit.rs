@@ -104,3 +104,13 @@ fn a_bandwidth_limit_counts_bytes() {
     assert_eq!(h.driver.used_idx(), 2);
     assert!(h.handler.throttled);
 }
+
+#[test]
+fn a_wait_longer_than_a_timespec_still_holds_the_queue() {
+    let mut h = Harness::new(IMAGE_LEN, false, |c| {
+        c.rate_limiter_config = Some(ops_limit(1, 100))
+    });
+    // Duration::MAX is a negative time_t: unarmed, the request would run.
+    assert!(h.handler.throttle(Duration::MAX), "the timer was armed");
+    assert!(h.handler.throttled);
+}
