@@ -227,7 +227,14 @@ impl Block {
         // No io_uring is not an error: the synchronous path takes over.
         let uring = if self.use_io_uring {
             let entries = u32::from(queue.size()).clamp(8, MAX_RING_ENTRIES);
-            Uring::new(entries, memory.clone()).ok()
+            Uring::new(entries, memory.clone())
+                .inspect_err(|e| {
+                    log::info!(
+                        "{} queue {index}: no io_uring ({e}), preadv/pwritev",
+                        self.id
+                    )
+                })
+                .ok()
         } else {
             None
         };
