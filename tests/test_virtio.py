@@ -208,6 +208,16 @@ def test_long_serial_ids_are_cut_to_twenty_bytes(tmp_path: Path) -> None:
     assert lines(results, "blk dev")[0]["serial"] == serial[:20]
 
 
+def test_default_serial_is_cloud_hypervisors(tmp_path: Path) -> None:
+    # Cloud Hypervisor v37 answers GET_ID with st_dev, st_rdev and st_ino run
+    # together in decimal (checked against the real one).
+    disk = image(tmp_path / "d.img", 1 << 20)
+    exit_info, results, _ = boot(["blk"], "--console", "off", "--disk", f"path={disk}")
+    assert_passed(exit_info, results, "blk")
+    st = disk.stat()
+    assert lines(results, "blk dev")[0]["serial"] == f"{st.st_dev}{st.st_rdev}{st.st_ino}"[:20]
+
+
 def test_counters_ids_and_device_tree(tmp_path: Path) -> None:
     first = image(tmp_path / "a.img", 1 << 20)
     second = image(tmp_path / "b.img", 1 << 20)

@@ -12,11 +12,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::{self, Worker, WorkerHandler};
 use super::{
-    ActivateError, Activation, Interrupt, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC,
-    F_VERSION_1, TYPE_CONSOLE,
+    pop_chain, queue_failed, ActivateError, Activation, Interrupt, VirtioDevice, F_RING_EVENT_IDX,
+    F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_CONSOLE,
 };
 use crate::devices::serial::{InputSink, SerialBackend};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, ModuleError, Result};
 
 const QUEUE_SIZE: u16 = 256;
 const RECEIVE_QUEUE: u16 = 0;
@@ -38,7 +38,21 @@ impl InputSink for ConsoleInput {
         let room = INPUT_LIMIT.saturating_sub(buffer.len());
         buffer.extend(&bytes[..bytes.len().min(room)]);
         drop(buffer);
+        // Fails only when the counter is full, and then a wake-up is pending.
         let _ = self.ready.write(1);
+    }
+}
+
+/// Why a virtio-console device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error("console: cannot create the input eventfd")]
+    InputEvent(#[source] std::io::Error),
+}
+
+impl ModuleError for ConsoleError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Device
     }
 }
 
@@ -51,8 +65,7 @@ pub struct Console {
 
 impl Console {
     pub fn new(id: String, backend: Arc<SerialBackend>) -> Result<Console> {
-        let ready = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| Error::new(ErrorKind::Device, format!("console: eventfd: {e}")))?;
+        let ready = EventFd::new(libc::EFD_NONBLOCK).map_err(ConsoleError::InputEvent)?;
         let input = Arc::new(ConsoleInput {
             bytes: Mutex::new(VecDeque::new()),
             ready,
@@ -68,6 +81,8 @@ impl Console {
 }
 
 struct ConsoleQueues {
+    /// The device id, for the log.
+    id: String,
     memory: GuestMemoryMmap,
     receive: Option<Queue>,
     transmit: Option<Queue>,
@@ -84,34 +99,16 @@ impl ConsoleQueues {
         let Some(queue) = self.transmit.as_mut() else {
             return;
         };
-        let mut used = false;
-        loop {
-            if queue.disable_notification(&self.memory).is_err() {
-                break;
+        match transmit(queue, &self.memory, &self.backend, &mut self.scratch) {
+            Ok(true) if queue.needs_notification(&self.memory).unwrap_or(true) => {
+                signal(&self.id, &*self.interrupt, TRANSMIT_QUEUE);
             }
-            while let Some(chain) = queue.pop_descriptor_chain(&self.memory) {
-                let head = chain.head_index();
-                let mut taken = 0;
-                for descriptor in chain.readable() {
-                    let len = (descriptor.len() as usize).min(MAX_CHAIN - taken);
-                    let buffer = &mut self.scratch[..len];
-                    if len == 0 || self.memory.read_slice(buffer, descriptor.addr()).is_err() {
-                        break;
-                    }
-                    self.backend.write_out(buffer);
-                    taken += len;
-                }
-                if queue.add_used(&self.memory, head, 0).is_err() {
-                    return;
-                }
-                used = true;
+            Ok(_) => {}
+            Err(e) => {
+                // Dropped: a broken ring is not looked at again until a reset.
+                self.transmit = None;
+                queue_failed(&self.id, TRANSMIT_QUEUE, &e, &*self.interrupt);
             }
-            if !matches!(queue.enable_notification(&self.memory), Ok(true)) {
-                break;
-            }
-        }
-        if used && queue.needs_notification(&self.memory).unwrap_or(true) {
-            let _ = self.interrupt.signal_queue(TRANSMIT_QUEUE);
         }
     }
 
@@ -119,37 +116,90 @@ impl ConsoleQueues {
         let Some(queue) = self.receive.as_mut() else {
             return;
         };
-        let mut pending = self.input.bytes.lock().unwrap_or_else(|p| p.into_inner());
-        let mut used = false;
-        while !pending.is_empty() {
-            let Some(chain) = queue.pop_descriptor_chain(&self.memory) else {
-                break;
-            };
-            let head = chain.head_index();
-            let mut written = 0u32;
-            for descriptor in chain.writable() {
-                let len = (descriptor.len() as usize).min(pending.len());
-                if len == 0 {
-                    break;
-                }
-                let (front, back) = pending.as_slices();
-                let chunk: Vec<u8> = front.iter().chain(back).take(len).copied().collect();
-                if self.memory.write_slice(&chunk, descriptor.addr()).is_err() {
-                    break;
-                }
-                pending.drain(..len);
-                written += len as u32;
+        match receive(queue, &self.memory, &self.input) {
+            Ok(true) if queue.needs_notification(&self.memory).unwrap_or(true) => {
+                signal(&self.id, &*self.interrupt, RECEIVE_QUEUE);
             }
-            if queue.add_used(&self.memory, head, written).is_err() {
-                return;
+            Ok(_) => {}
+            Err(e) => {
+                self.receive = None;
+                queue_failed(&self.id, RECEIVE_QUEUE, &e, &*self.interrupt);
             }
-            used = true;
-        }
-        drop(pending);
-        if used && queue.needs_notification(&self.memory).unwrap_or(true) {
-            let _ = self.interrupt.signal_queue(RECEIVE_QUEUE);
         }
     }
+}
+
+fn signal(device: &str, interrupt: &dyn Interrupt, queue: u16) {
+    if let Err(e) = interrupt.signal_queue(queue) {
+        log::warn!("{device}: queue {queue} interrupt lost: {e}");
+    }
+}
+
+/// Sends every available transmit chain to the backend; returns whether
+/// any was used.
+fn transmit(
+    queue: &mut Queue,
+    memory: &GuestMemoryMmap,
+    backend: &SerialBackend,
+    scratch: &mut [u8],
+) -> std::result::Result<bool, virtio_queue::Error> {
+    let mut used = false;
+    loop {
+        queue.disable_notification(memory)?;
+        while let Some(chain) = pop_chain(queue, memory)? {
+            let head = chain.head_index();
+            let mut taken = 0;
+            for descriptor in chain.readable() {
+                let len = (descriptor.len() as usize).min(MAX_CHAIN - taken);
+                let buffer = &mut scratch[..len];
+                // A buffer outside guest memory ends the chain.
+                if len == 0 || memory.read_slice(buffer, descriptor.addr()).is_err() {
+                    break;
+                }
+                backend.write_out(buffer);
+                taken += len;
+            }
+            queue.add_used(memory, head, 0)?;
+            used = true;
+        }
+        if !queue.enable_notification(memory)? {
+            return Ok(used);
+        }
+    }
+}
+
+/// Moves pending input into the receive chains the guest posted; returns
+/// whether any was used.
+fn receive(
+    queue: &mut Queue,
+    memory: &GuestMemoryMmap,
+    input: &ConsoleInput,
+) -> std::result::Result<bool, virtio_queue::Error> {
+    let mut pending = input.bytes.lock().unwrap_or_else(|p| p.into_inner());
+    let mut used = false;
+    while !pending.is_empty() {
+        let Some(chain) = pop_chain(queue, memory)? else {
+            break;
+        };
+        let head = chain.head_index();
+        let mut written = 0u32;
+        for descriptor in chain.writable() {
+            let len = (descriptor.len() as usize).min(pending.len());
+            if len == 0 {
+                break;
+            }
+            let (front, back) = pending.as_slices();
+            let chunk: Vec<u8> = front.iter().chain(back).take(len).copied().collect();
+            if memory.write_slice(&chunk, descriptor.addr()).is_err() {
+                break;
+            }
+            pending.drain(..len);
+            written += len as u32;
+        }
+        queue.add_used(memory, head, written)?;
+        used = true;
+    }
+    Ok(used)
 }
 
 impl WorkerHandler for ConsoleQueues {
@@ -161,11 +211,20 @@ impl WorkerHandler for ConsoleQueues {
         }
     }
 
+    fn failed(&mut self, cause: &std::io::Error) {
+        for queue in std::mem::take(&mut self.kick_queues) {
+            queue_failed(&self.id, queue, cause, &*self.interrupt);
+        }
+        self.transmit = None;
+        self.receive = None;
+    }
+
     fn extra_fds(&self) -> Vec<RawFd> {
         vec![self.input.ready.as_raw_fd()]
     }
 
     fn extra_ready(&mut self, _index: usize) {
+        // Non-blocking: a spurious wake-up reads EAGAIN.
         let _ = self.input.ready.read();
         self.receive();
     }
@@ -209,6 +268,7 @@ impl VirtioDevice for Console {
             kick_queues.push(active.index);
         }
         let handler = ConsoleQueues {
+            id: self.id.clone(),
             memory: activation.memory,
             receive,
             transmit,
@@ -219,7 +279,7 @@ impl VirtioDevice for Console {
             scratch: vec![0; MAX_CHAIN],
         };
         let worker = worker::spawn(self.id.clone(), kicks, handler)
-            .map_err(|e| ActivateError(format!("worker thread: {e}")))?;
+            .map_err(|e| ActivateError::io("worker thread", e))?;
         self.worker = Some(worker);
         Ok(())
     }
@@ -233,47 +293,11 @@ impl VirtioDevice for Console {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::ActiveQueue;
-    use std::time::{Duration, Instant};
+    use crate::virtio::testing::{guest_memory, wait_until, Driver, FakeInterrupt, WRITE};
     use vm_memory::GuestAddress;
     use vmkit_config::{ConsoleConfig, ConsoleOutputMode};
 
-    struct Counting(std::sync::atomic::AtomicU32);
-
-    impl Interrupt for Counting {
-        fn signal_queue(&self, _queue: u16) -> std::io::Result<()> {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Ok(())
-        }
-        fn signal_config(&self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    fn queue(memory: &GuestMemoryMmap, index: u16, base: u64) -> (ActiveQueue, EventFd) {
-        crate::virtio::testing::ready_queue(memory, index, base, 16)
-    }
-
-    fn post(memory: &GuestMemoryMmap, base: u64, addr: u64, len: u32, flags: u16) {
-        memory.write_obj(addr, GuestAddress(base)).unwrap();
-        memory.write_obj(len, GuestAddress(base + 8)).unwrap();
-        memory.write_obj(flags, GuestAddress(base + 12)).unwrap();
-        memory.write_obj(0u16, GuestAddress(base + 0x1004)).unwrap();
-        memory.write_obj(1u16, GuestAddress(base + 0x1002)).unwrap();
-    }
-
-    fn wait_used(memory: &GuestMemoryMmap, base: u64) -> u32 {
-        let start = Instant::now();
-        while memory.read_obj::<u16>(GuestAddress(base + 0x2002)).unwrap() != 1 {
-            assert!(start.elapsed() < Duration::from_secs(5), "no used buffer");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        memory.read_obj(GuestAddress(base + 0x2008)).unwrap()
-    }
-
-    #[test]
-    fn output_reaches_the_backend_and_input_the_guest() {
-        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap();
+    fn console() -> (Console, Arc<SerialBackend>) {
         let backend = SerialBackend::open(
             &ConsoleConfig::with_mode(ConsoleOutputMode::Null),
             "console",
@@ -281,15 +305,25 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        let mut console = Console::new("__console".into(), backend.clone()).unwrap();
-        let (rx, _rx_kick) = queue(&memory, RECEIVE_QUEUE, 0x10000);
-        let (tx, tx_kick) = queue(&memory, TRANSMIT_QUEUE, 0x20000);
-        let interrupt = Arc::new(Counting(Default::default()));
+        let console = Console::new("__console".into(), backend.clone()).unwrap();
+        (console, backend)
+    }
+
+    #[test]
+    fn output_reaches_the_backend_and_input_the_guest() {
+        let memory = guest_memory(0x100000);
+        let (mut console, backend) = console();
+        let mut rx = Driver::small(&memory, 16, 0x10000);
+        let mut tx = Driver::small(&memory, 16, 0x20000);
+        let interrupt = Arc::new(FakeInterrupt::default());
         console
             .activate(Activation {
                 memory: memory.clone(),
                 interrupt: interrupt.clone(),
-                queues: vec![rx, tx],
+                queues: vec![
+                    rx.activate(RECEIVE_QUEUE, false),
+                    tx.activate(TRANSMIT_QUEUE, false),
+                ],
                 acked_features: F_VERSION_1,
             })
             .unwrap();
@@ -297,20 +331,42 @@ mod tests {
         memory
             .write_slice(b"hello\n", GuestAddress(0x40000))
             .unwrap();
-        post(&memory, 0x20000, 0x40000, 6, 0);
-        tx_kick.write(1).unwrap();
-        assert_eq!(wait_used(&memory, 0x20000), 0);
+        tx.add_chain(&[(0x40000, 6, 0)]);
+        assert_eq!(tx.next_used(), (0, 0));
         assert_eq!(backend.capture.read_from(0).1, b"hello\n");
 
         // Input arrives before any receive buffer: it waits, then lands.
         console.input.feed(b"typed");
-        post(&memory, 0x10000, 0x50000, 64, 2);
+        rx.add_chain(&[(0x50000, 64, WRITE)]);
         console.input.feed(b"");
-        assert_eq!(wait_used(&memory, 0x10000), 5);
-        let mut got = [0u8; 5];
-        memory.read_slice(&mut got, GuestAddress(0x50000)).unwrap();
-        assert_eq!(&got, b"typed");
-        assert!(interrupt.0.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+        assert_eq!(rx.next_used(), (0, 5));
+        assert_eq!(rx.read(0x50000, 5), b"typed");
+        assert!(interrupt.total() >= 2);
+        console.reset();
+        backend.close();
+    }
+
+    #[test]
+    fn a_broken_ring_needs_a_reset() {
+        let memory = guest_memory(0x100000);
+        let (mut console, backend) = console();
+        let mut tx = Driver::small(&memory, 16, 0x20000);
+        let interrupt = Arc::new(FakeInterrupt::default());
+        console
+            .activate(Activation {
+                memory: memory.clone(),
+                interrupt: interrupt.clone(),
+                queues: vec![tx.activate(TRANSMIT_QUEUE, false)],
+                acked_features: F_VERSION_1,
+            })
+            .unwrap();
+        // An available index more than a ring ahead of the device.
+        memory
+            .write_obj(100u16, GuestAddress(tx.avail + 2))
+            .unwrap();
+        tx.kick();
+        wait_until("the reset request", || interrupt.needs_reset_count() == 1);
+        assert_eq!(interrupt.config_count(), 1);
         console.reset();
         backend.close();
     }

@@ -13,7 +13,6 @@ pub mod console;
 pub mod net;
 pub mod pci;
 pub mod rng;
-pub mod tap;
 #[cfg(test)]
 pub mod testing;
 pub mod worker;
@@ -22,7 +21,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -46,6 +45,32 @@ pub trait Interrupt: Send + Sync {
     fn signal_queue(&self, queue: u16) -> std::io::Result<()>;
     /// Signals a configuration change.
     fn signal_config(&self) -> std::io::Result<()>;
+    /// The device cannot go on until the driver resets it (virtio 1.2
+    /// §2.1.2): the transport sets DEVICE_NEEDS_RESET in device_status and,
+    /// the driver having set DRIVER_OK, signals a configuration change.
+    fn signal_needs_reset(&self) -> std::io::Result<()>;
+}
+
+/// A queue stopped for good (until the driver resets the device): says
+/// which and why in the log and asks the driver for a reset, so a guest is
+/// never left waiting on a queue nobody serves. The transport counts these
+/// requests per device.
+pub fn queue_failed(device: &str, queue: u16, cause: &dyn fmt::Display, interrupt: &dyn Interrupt) {
+    log::error!("{device}: queue {queue} stopped: {cause}; the device needs a reset");
+    if let Err(e) = interrupt.signal_needs_reset() {
+        log::error!("{device}: cannot tell the driver the device needs a reset: {e}");
+    }
+}
+
+/// Pops the next available chain. An available index the driver set more
+/// than a ring ahead is an error here, where `Queue::pop_descriptor_chain`
+/// would report an empty ring for ever (and a loop re-checking with
+/// `enable_notification` would spin).
+pub fn pop_chain<'a>(
+    queue: &mut Queue,
+    memory: &'a GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, virtio_queue::Error> {
+    Ok(queue.iter(memory)?.next())
 }
 
 /// One queue the driver enabled, ready for processing.
@@ -69,17 +94,31 @@ pub struct Activation {
     pub acked_features: u64,
 }
 
-/// Why a device could not start.
-#[derive(Debug)]
-pub struct ActivateError(pub String);
-
-impl fmt::Display for ActivateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why a device could not start: what failed, and the cause if there is one.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct ActivateError {
+    pub what: String,
+    #[source]
+    pub source: Option<std::io::Error>,
 }
 
-impl std::error::Error for ActivateError {}
+impl ActivateError {
+    pub fn new(what: impl Into<String>) -> ActivateError {
+        ActivateError {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// `what` failed because of `source`.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> ActivateError {
+        ActivateError {
+            what: what.into(),
+            source: Some(source),
+        }
+    }
+}
 
 /// A virtio device model. Everything here is reachable by the guest (through
 /// the transport's registers), so no method may panic or block for long.

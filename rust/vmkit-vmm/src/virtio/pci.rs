@@ -3,7 +3,7 @@
 //! and the MSI-X table. Queue notifications are ioeventfds (a guest kick never
 //! reaches user space); interrupts are MSI-X vectors through irqfds.
 
-use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
@@ -60,6 +60,10 @@ struct PciInterrupt {
     isr: AtomicU8,
     config_vector: AtomicU16,
     queue_vectors: Vec<AtomicU16>,
+    /// DEVICE_NEEDS_RESET, set by a failing device until the driver resets it.
+    needs_reset: AtomicBool,
+    /// How often the device asked for a reset (failed queues or activations).
+    reset_requests: AtomicU64,
 }
 
 impl PciInterrupt {
@@ -85,6 +89,15 @@ impl Interrupt for PciInterrupt {
     fn signal_config(&self) -> std::io::Result<()> {
         self.isr.fetch_or(ISR_CONFIG, Ordering::SeqCst);
         self.trigger(self.config_vector.load(Ordering::Acquire));
+        Ok(())
+    }
+
+    fn signal_needs_reset(&self) -> std::io::Result<()> {
+        self.reset_requests.fetch_add(1, Ordering::Relaxed);
+        // Devices only run after DRIVER_OK, so the driver is told (§2.1.2).
+        if !self.needs_reset.swap(true, Ordering::SeqCst) {
+            self.signal_config()?;
+        }
         Ok(())
     }
 }
@@ -220,6 +233,8 @@ impl VirtioPciDevice {
             queue_vectors: (0..queue_count)
                 .map(|_| AtomicU16::new(NO_VECTOR))
                 .collect(),
+            needs_reset: AtomicBool::new(false),
+            reset_requests: AtomicU64::new(0),
         });
         let mut pci = VirtioPciDevice {
             id,
@@ -258,6 +273,12 @@ impl VirtioPciDevice {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// How often the device asked the driver for a reset (a queue it had to
+    /// stop, an activation that failed); each is also logged.
+    pub fn reset_requests(&self) -> u64 {
+        self.interrupt.reset_requests.load(Ordering::Relaxed)
     }
 
     pub fn device(&self) -> &dyn VirtioDevice {
@@ -354,6 +375,7 @@ impl VirtioPciDevice {
             };
         }
         self.interrupt.isr.store(0, Ordering::SeqCst);
+        self.interrupt.needs_reset.store(false, Ordering::SeqCst);
         self.interrupt
             .config_vector
             .store(NO_VECTOR, Ordering::SeqCst);
@@ -382,10 +404,11 @@ impl VirtioPciDevice {
         }
         if newly & STATUS_DRIVER_OK != 0 && status & STATUS_FEATURES_OK != 0 && !self.active {
             if let Err(message) = self.activate() {
-                eprintln!("vmkit: {}: cannot start the device: {message}", self.id);
-                status |= STATUS_NEEDS_RESET;
+                log::error!("{}: cannot start the device: {message}", self.id);
                 self.status = status;
-                let _ = self.interrupt.signal_config();
+                if let Err(e) = self.interrupt.signal_needs_reset() {
+                    log::error!("{}: cannot signal the driver: {e}", self.id);
+                }
                 return;
             }
         }
@@ -433,10 +456,18 @@ impl VirtioPciDevice {
                 queues,
                 acked_features: self.driver_features,
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| crate::error::chain_message(&e))?;
         self.active = true;
         self.record("activated");
         Ok(())
+    }
+
+    fn needs_reset_bit(&self) -> u8 {
+        if self.interrupt.needs_reset.load(Ordering::SeqCst) {
+            STATUS_NEEDS_RESET
+        } else {
+            0
+        }
     }
 
     fn configurable(&self) -> bool {
@@ -472,7 +503,7 @@ impl VirtioPciDevice {
             },
             (0x10, 2) => u64::from(self.interrupt.config_vector.load(Ordering::Acquire)),
             (0x12, 2) => self.queues.len() as u64,
-            (0x14, 1) => u64::from(self.status),
+            (0x14, 1) => u64::from(self.status | self.needs_reset_bit()),
             (0x15, 1) => u64::from(self.config_generation),
             (0x16, 2) => u64::from(self.queue_select),
             (0x18, 2) => u64::from(queue.size),
@@ -881,10 +912,13 @@ mod tests {
         write(&mut dev, 0x14, 0xf, 1);
         assert_ne!(read(&mut dev, 0x14, 1) as u8 & STATUS_NEEDS_RESET, 0);
         assert!(!dev.active);
+        assert_eq!(dev.reset_requests(), 1);
         // A size that is not a power of two is refused the same way.
         set_up(&mut dev, F_VERSION_1, 12);
+        assert_eq!(read(&mut dev, 0x14, 1) as u8 & STATUS_NEEDS_RESET, 0);
         write(&mut dev, 0x14, 0xf, 1);
         assert_ne!(read(&mut dev, 0x14, 1) as u8 & STATUS_NEEDS_RESET, 0);
+        assert_eq!(dev.reset_requests(), 2);
     }
 
     #[test]
@@ -1000,5 +1034,39 @@ mod tests {
         set_up(&mut dev, F_VERSION_1, 16);
         write(&mut dev, 0x14, 0xf, 1);
         assert_eq!(read(&mut dev, 0x14, 1), 0xf);
+    }
+
+    mod needs_kvm {
+        use super::*;
+
+        #[test]
+        #[ignore = "needs /dev/kvm"]
+        fn a_failed_queue_sets_needs_reset_until_the_driver_resets() {
+            let memory = memory();
+            let mut dev = rng_device(&memory).expect("a VM on /dev/kvm");
+            set_up(&mut dev, F_VERSION_1, 16);
+            write(&mut dev, 0x14, 0xf, 1);
+            assert!(dev.active);
+            assert_eq!(read(&mut dev, 0x14, 1) as u8 & STATUS_NEEDS_RESET, 0);
+            // An available index far ahead of the device breaks the ring.
+            memory.write_obj(100u16, GuestAddress(AVAIL + 2)).unwrap();
+            write(&mut dev, NOTIFY_OFFSET, 0, 2);
+            let start = Instant::now();
+            while read(&mut dev, 0x14, 1) as u8 & STATUS_NEEDS_RESET == 0 {
+                assert!(start.elapsed() < Duration::from_secs(5), "no NEEDS_RESET");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(read(&mut dev, 0x14, 1) as u8, 0xf | STATUS_NEEDS_RESET);
+            assert_eq!(
+                read(&mut dev, ISR_OFFSET, 1) as u8 & ISR_CONFIG,
+                ISR_CONFIG,
+                "configuration change in the ISR"
+            );
+            assert_eq!(dev.reset_requests(), 1);
+            // The driver's reset clears it; the count stays.
+            write(&mut dev, 0x14, 0, 1);
+            assert_eq!(read(&mut dev, 0x14, 1), 0);
+            assert_eq!(dev.reset_requests(), 1);
+        }
     }
 }

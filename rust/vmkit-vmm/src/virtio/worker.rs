@@ -15,6 +15,10 @@ pub trait WorkerHandler: Send + 'static {
     /// Queue `index` (position in the `kicks` given to [`spawn`]) was
     /// notified; its eventfd is already drained.
     fn queue_notified(&mut self, index: usize);
+    /// The worker stops because waiting for events failed: the handler
+    /// reports it (see [`super::queue_failed`]) so the guest is not left
+    /// waiting in silence.
+    fn failed(&mut self, cause: &io::Error);
     /// Extra fds to watch for input, beyond the queue kicks.
     fn extra_fds(&self) -> Vec<RawFd> {
         Vec::new()
@@ -80,8 +84,15 @@ impl Worker {
     /// Stops the worker and joins its thread.
     pub fn stop(&mut self) {
         if let Some(thread) = self.thread.take() {
-            let _ = self.kill.write(1);
-            let _ = thread.join();
+            let name = thread.thread().name().unwrap_or("worker").to_owned();
+            // Joining a thread that was never told to stop would hang the VMM.
+            if let Err(e) = self.kill.write(1) {
+                log::error!("{name}: cannot stop the worker thread: {e}; it is left running");
+                return;
+            }
+            if thread.join().is_err() {
+                log::error!("{name}: the worker thread panicked");
+            }
         }
     }
 }
@@ -132,7 +143,23 @@ pub fn spawn<H: WorkerHandler>(
     })
 }
 
-fn run<H: WorkerHandler>(epoll: Epoll, kill: EventFd, kicks: Vec<EventFd>, mut handler: H) {
+/// Waiting for the worker's events: its epoll (a stand-in in tests).
+trait WaitEvents {
+    fn wait_events(&self, timeout_ms: i32, events: &mut [EpollEvent]) -> io::Result<usize>;
+}
+
+impl WaitEvents for Epoll {
+    fn wait_events(&self, timeout_ms: i32, events: &mut [EpollEvent]) -> io::Result<usize> {
+        self.wait(timeout_ms, events)
+    }
+}
+
+fn run<W: WaitEvents, H: WorkerHandler>(
+    epoll: W,
+    kill: EventFd,
+    kicks: Vec<EventFd>,
+    mut handler: H,
+) {
     handler.started();
     let mut events = vec![EpollEvent::default(); 32];
     let mut window = PollWindow {
@@ -167,17 +194,17 @@ fn run<H: WorkerHandler>(epoll: Epoll, kill: EventFd, kicks: Vec<EventFd>, mut h
         // With polling on, look at the fds without sleeping first: the kill
         // event must be seen even while polling keeps finding work.
         let timeout = if polls { 0 } else { -1 };
-        let mut count = match epoll.wait(timeout, &mut events) {
+        let mut count = match epoll.wait_events(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return,
+            Err(e) => return handler.failed(&e),
         };
         if count == 0 && polls && !found {
             let slept = Instant::now();
-            count = match epoll.wait(-1, &mut events) {
+            count = match epoll.wait_events(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
+                Err(e) => return handler.failed(&e),
             };
             // Work came soon after we gave up: a longer window would have caught it.
             if slept.elapsed() < POLL_MAX {
@@ -215,6 +242,43 @@ mod tests {
         fn queue_notified(&mut self, index: usize) {
             let _ = self.0.send(index);
         }
+
+        fn failed(&mut self, _cause: &io::Error) {}
+    }
+
+    /// Fails every wait with `errors`, in order, then with EBADF.
+    struct FailingWait(std::sync::Mutex<Vec<i32>>);
+
+    impl WaitEvents for FailingWait {
+        fn wait_events(&self, _: i32, _: &mut [EpollEvent]) -> io::Result<usize> {
+            let errno = self.0.lock().unwrap().pop().unwrap_or(libc::EBADF);
+            Err(io::Error::from_raw_os_error(errno))
+        }
+    }
+
+    /// Records the causes it is told the worker failed with.
+    struct Failures(mpsc::Sender<Option<i32>>);
+
+    impl WorkerHandler for Failures {
+        fn queue_notified(&mut self, _index: usize) {}
+
+        fn failed(&mut self, cause: &io::Error) {
+            let _ = self.0.send(cause.raw_os_error());
+        }
+    }
+
+    #[test]
+    fn a_failing_wait_is_reported_to_the_handler_and_ends_the_loop() {
+        let (tx, rx) = mpsc::channel();
+        let kill = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        // EINTR is retried; the EBADF after it ends the worker.
+        let wait = FailingWait(std::sync::Mutex::new(vec![libc::EINTR]));
+        run(wait, kill, Vec::new(), Failures(tx));
+        assert_eq!(rx.try_recv(), Ok(Some(libc::EBADF)));
+        assert!(
+            rx.try_recv().is_err(),
+            "reported once, and the handler is gone"
+        );
     }
 
     #[test]

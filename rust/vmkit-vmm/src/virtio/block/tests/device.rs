@@ -1,0 +1,165 @@
+//! The device with its worker threads: activation, reset, every queue.
+
+use super::*;
+
+#[test]
+fn activation_runs_workers_that_stop_on_reset() {
+    for io_uring in [false, true] {
+        let image = TempImage::new(IMAGE_LEN);
+        let mut config = disk_config(&image);
+        config.disable_io_uring = !io_uring;
+        let mut block = Block::new(&config, None).unwrap();
+        let mem = guest_memory(MEM_SIZE);
+        let mut driver = Driver::new(&mem, 16, 0);
+        let interrupt = Arc::new(FakeInterrupt::default());
+        let kicks = activate(&mut block, &mem, &interrupt, vec![(0, driver.queue(true))]);
+        if io_uring && IoUring::new(8).is_ok() {
+            assert!(block.io_uring_active());
+        }
+
+        let write = driver.request(VIRTIO_BLK_T_OUT, 1, Data::Out(vec![0xab; 512]));
+        kicks[0].write(1).unwrap();
+        wait_until("the write", || driver.used_idx() == 1);
+        wait_until("the interrupt", || interrupt.count(0) == 1);
+        assert_eq!(driver.status_of(&write), STATUS_OK);
+        assert_eq!(&image.contents()[512..1024], &[0xab; 512][..]);
+        assert_eq!(block.counters()["write_ops"], 1);
+
+        // After reset nothing is processed.
+        block.reset();
+        assert!(!block.io_uring_active());
+        let read = driver.request(VIRTIO_BLK_T_IN, 1, Data::In(512));
+        kicks[0].write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(driver.used_idx(), 1);
+        assert_eq!(driver.status_of(&read), UNTOUCHED);
+
+        // Activated again (on rings the driver set up again, here the
+        // same ones where they were), the pending read is served.
+        let mut queue = driver.queue(true);
+        queue.set_next_avail(1);
+        queue.set_next_used(1);
+        let kicks = activate(&mut block, &mem, &interrupt, vec![(0, queue)]);
+        kicks[0].write(1).unwrap();
+        wait_until("the read", || driver.used_idx() == 2);
+        assert_eq!(driver.status_of(&read), STATUS_OK);
+        assert_eq!(driver.read(read.data, 512), vec![0xab; 512]);
+        drop(block);
+    }
+}
+
+#[test]
+fn reset_with_requests_in_flight_returns_cleanly() {
+    let image = TempImage::new(1 << 20);
+    let mut block = Block::new(&disk_config(&image), None).unwrap();
+    let mem = guest_memory(MEM_SIZE);
+    let interrupt = Arc::new(FakeInterrupt::default());
+    for _ in 0..20 {
+        let mut driver = Driver::new(&mem, 16, 0);
+        let kicks = activate(&mut block, &mem, &interrupt, vec![(0, driver.queue(false))]);
+        for sector in 0..5 {
+            driver.request(VIRTIO_BLK_T_IN, sector * 64, Data::In(64 * 1024));
+        }
+        kicks[0].write(1).unwrap();
+        block.reset();
+        let used = driver.used_idx();
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(driver.used_idx(), used, "nothing completes after reset");
+    }
+}
+
+#[test]
+fn every_queue_is_processed() {
+    let image = TempImage::new(IMAGE_LEN);
+    let mut config = disk_config(&image);
+    config.num_queues = 2;
+    let mut block = Block::new(&config, None).unwrap();
+    assert_ne!(block.features() & F_MQ, 0);
+    let mem = guest_memory(MEM_SIZE);
+    let mut drivers = [Driver::new(&mem, 16, 0), Driver::new(&mem, 16, 0x8_0000)];
+    let interrupt = Arc::new(FakeInterrupt::default());
+    let queues = vec![(0, drivers[0].queue(false)), (1, drivers[1].queue(false))];
+    let kicks = activate(&mut block, &mem, &interrupt, queues);
+    let writes: Vec<Submitted> = drivers
+        .iter_mut()
+        .enumerate()
+        .map(|(i, driver)| {
+            driver.request(
+                VIRTIO_BLK_T_OUT,
+                10 + i as u64,
+                Data::Out(vec![i as u8 + 1; 512]),
+            )
+        })
+        .collect();
+    for kick in &kicks {
+        kick.write(1).unwrap();
+    }
+    for (i, driver) in drivers.iter().enumerate() {
+        wait_until("both queues", || driver.used_idx() == 1);
+        assert_eq!(driver.status_of(&writes[i]), STATUS_OK);
+    }
+    wait_until("both interrupts", || {
+        interrupt.count(0) == 1 && interrupt.count(1) == 1
+    });
+    let contents = image.contents();
+    assert_eq!(&contents[10 * 512..11 * 512], &[1; 512][..]);
+    assert_eq!(&contents[11 * 512..12 * 512], &[2; 512][..]);
+    assert_eq!(block.counters()["write_ops"], 2);
+}
+
+#[test]
+fn a_broken_ring_is_reported_and_needs_a_reset() {
+    capture_logs();
+    for io_uring in [false, true] {
+        let image = TempImage::new(IMAGE_LEN);
+        let mut config = disk_config(&image);
+        config.id = Some(format!("__blk_broken_{io_uring}"));
+        config.disable_io_uring = !io_uring;
+        let mut block = Block::new(&config, None).unwrap();
+        let mem = guest_memory(MEM_SIZE);
+        let mut driver = Driver::new(&mem, 16, 0);
+        let interrupt = Arc::new(FakeInterrupt::default());
+        let queues = vec![
+            (0, driver.queue(false)),
+            (1, Driver::new(&mem, 16, 0x8_0000).queue(false)),
+        ];
+        let kicks = activate(&mut block, &mem, &interrupt, queues);
+        // One good request, then an available index far ahead of the device.
+        let write = driver.request(VIRTIO_BLK_T_OUT, 1, Data::Out(vec![0xcd; 512]));
+        kicks[0].write(1).unwrap();
+        wait_until("the write", || driver.used_idx() == 1);
+        assert_eq!(driver.status_of(&write), STATUS_OK);
+        mem.write_obj(100u16, GuestAddress(driver.avail + 2))
+            .unwrap();
+        kicks[0].write(1).unwrap();
+        wait_until("the reset request", || interrupt.needs_reset_count() == 1);
+        assert_eq!(interrupt.config_count(), 1, "configuration change");
+        let lines = logged(&format!("__blk_broken_{io_uring}: queue 0 stopped"));
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].starts_with("ERROR"), "{lines:?}");
+        // The broken queue is left alone; more kicks report nothing more.
+        kicks[0].write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(interrupt.needs_reset_count(), 1);
+        block.reset();
+    }
+}
+
+#[test]
+fn a_queue_error_in_the_handler_is_reported_once() {
+    capture_logs();
+    let mut h = Harness::new(IMAGE_LEN, false, |c| c.id = Some("__blk_handler".into()));
+    h.driver
+        .mem
+        .write_obj(40u16, GuestAddress(h.driver.avail + 2))
+        .unwrap();
+    h.run();
+    assert!(h.handler.broken);
+    assert_eq!(h.interrupt.needs_reset_count(), 1);
+    assert_eq!(h.interrupt.config_count(), 1);
+    assert_eq!(logged("__blk_handler: queue 0 stopped").len(), 1);
+    // Ignored from now on: no second report, nothing used.
+    h.run();
+    assert_eq!(h.interrupt.needs_reset_count(), 1);
+    assert_eq!(h.driver.used_idx(), 0);
+}
