@@ -150,7 +150,7 @@ def test_serial_pty() -> None:
     cfg = config(steps=["ticks"], serial="pty", ticks=40, tick_ms=25)
     with Vm(cfg) as vm:
         vm.boot()
-        pty = vm.info()["vmkit"]["serial_pty"]
+        pty = vm.serial_pty
         assert pty is not None and pty.startswith("/dev/pts/")
         fd = os.open(pty, os.O_RDONLY | os.O_NOCTTY)
         try:
@@ -238,7 +238,7 @@ def test_state_transitions_follow_cloud_hypervisor() -> None:
         # Shutdown → Running: a fresh boot of the same config.
         vm.boot()
         vm.serial.wait_for(r"tick 3$", timeout=20)
-        assert vm.info()["vmkit"]["boots"] == 2
+        assert vm.boots == 2
 
 
 @pytest.mark.parametrize(
@@ -263,7 +263,7 @@ def test_reset_reboots_the_vm(exit: str) -> None:
         vm.boot()
         for _ in range(3):
             vm.serial.wait_for(r"^vmkit-guest: ready$", timeout=20)
-        assert vm.info()["vmkit"]["boots"] >= 3
+        assert vm.boots >= 3
         assert vm.state == "Running"
         vm.shutdown()
         exit_info = vm.wait(10)
@@ -276,7 +276,7 @@ def test_reboot_from_python() -> None:
         vm.serial.wait_for(r"tick 2$", timeout=20)
         vm.reboot()
         vm.serial.wait_for(r"^vmkit-guest: ready$", timeout=20)
-        assert vm.info()["vmkit"]["boots"] == 2
+        assert vm.boots == 2
 
 
 def open_fds() -> int:
