@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,9 +86,9 @@ class SerialConsole:
     line the previous call matched.
     """
 
-    def __init__(self, handle: _native.VmHandle, closed: Callable[[], bool]) -> None:
+    def __init__(self, handle: _native.VmHandle) -> None:
         self._handle = handle
-        self._closed = closed
+        self._closed = False  # set by Vm.close()
         self._cursor = 0
 
     def read(self) -> bytes:
@@ -108,7 +108,7 @@ class SerialConsole:
         Raises TimeoutError when no line matches in time, VmError (kind
         ``Stopped``) when the VM stops first, and ValueError once the VM is closed.
         """
-        if self._closed():
+        if self._closed:
             raise ValueError("I/O operation on closed VM")
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
@@ -217,7 +217,7 @@ class Vm:
         config.iommu = self._handle.iommu
         self.config = config
         self._closed = False
-        self.serial = SerialConsole(self._handle, lambda: self._closed)
+        self.serial = SerialConsole(self._handle)
 
     def _live(self) -> _native.VmHandle:
         if self._closed:
@@ -341,7 +341,7 @@ class Vm:
 
         Closing again does nothing.
         """
-        self._closed = True
+        self._closed = self.serial._closed = True
         self._handle.close()
 
     def __enter__(self) -> Vm:

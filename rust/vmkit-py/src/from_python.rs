@@ -99,6 +99,21 @@ impl<'a, 'py> FromPython<'a, 'py> {
     }
 }
 
+/// Typed reads of None fail as serde_json's do ("invalid type: null"); other
+/// values go to `deserialize_any`, whose visits give serde_json's texts.
+macro_rules! forward_unless_null {
+    ($($method:ident)*) => {
+        $(
+            fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value> {
+                if self.value.is_none() {
+                    return Err(de::Error::invalid_type(Unexpected::Other("null"), &visitor));
+                }
+                self.deserialize_any(visitor)
+            }
+        )*
+    };
+}
+
 impl<'de> de::Deserializer<'de> for FromPython<'_, '_> {
     type Error = DeError;
 
@@ -177,8 +192,11 @@ impl<'de> de::Deserializer<'de> for FromPython<'_, '_> {
             return visitor.visit_map(MapAccess::new(self, &fields));
         }
         // A struct is an object: unlike serde_json, an array is not read as its fields.
-        if self.value.is_instance_of::<PyList>() || self.value.is_instance_of::<PyTuple>() {
-            return Err(de::Error::invalid_type(Unexpected::Seq, &visitor));
+        if self.value.is_none()
+            || self.value.is_instance_of::<PyList>()
+            || self.value.is_instance_of::<PyTuple>()
+        {
+            return Err(de::Error::invalid_type(unexpected(self.value), &visitor));
         }
         self.deserialize_any(visitor)
     }
@@ -205,16 +223,23 @@ impl<'de> de::Deserializer<'de> for FromPython<'_, '_> {
         visitor.visit_unit()
     }
 
+    forward_unless_null! {
+        deserialize_bool deserialize_i8 deserialize_i16 deserialize_i32 deserialize_i64
+        deserialize_i128 deserialize_u8 deserialize_u16 deserialize_u32 deserialize_u64
+        deserialize_u128 deserialize_f32 deserialize_f64 deserialize_char deserialize_str
+        deserialize_string deserialize_bytes deserialize_byte_buf deserialize_seq
+        deserialize_identifier
+    }
+
     serde::forward_to_deserialize_any! {
-        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
-        bytes byte_buf unit unit_struct seq tuple tuple_struct identifier
+        unit unit_struct tuple tuple_struct
     }
 }
 
 /// What a value is, in serde's words for "invalid type" errors.
 fn unexpected<'a>(value: &Bound<'_, PyAny>) -> Unexpected<'a> {
     if value.is_none() {
-        Unexpected::Unit
+        Unexpected::Other("null")
     } else if value.is_instance_of::<PyBool>() {
         Unexpected::Bool(value.is_truthy().unwrap_or(false))
     } else if value.is_instance_of::<PyInt>() {
