@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vmkit import _native
+from vmkit import _native, logs
 from vmkit.config import VmConfig
 
 if TYPE_CHECKING:
@@ -212,6 +212,7 @@ class Vm:
     """
 
     def __init__(self, config: VmConfig, *, watchdog_timeout: float | None = 30.0) -> None:
+        logs.sync_level()
         self._handle = _native.VmHandle(config, watchdog_timeout)
         # Validation derives the top-level iommu, as VmConfig.validate() does.
         config.iommu = self._handle.iommu

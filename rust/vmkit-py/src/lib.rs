@@ -23,6 +23,7 @@ use vmkit_config::{
 };
 
 mod from_python;
+mod logging;
 mod to_python;
 mod vm;
 use from_python::FromPython;
@@ -506,6 +507,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(random_mac, m)?)?;
     m.add_function(wrap_pyfunction!(vm::register_vm_error, m)?)?;
     m.add_function(wrap_pyfunction!(vm::test_guest_image, m)?)?;
+    m.add_function(wrap_pyfunction!(logging::install_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(logging::set_log_level, m)?)?;
+    m.add_function(wrap_pyfunction!(logging::flush_logs, m)?)?;
+    m.add_function(wrap_pyfunction!(logging::stop_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(logging::test_hook_log, m)?)?;
     m.add_class::<vm::VmHandle>()?;
     Ok(())
 }
