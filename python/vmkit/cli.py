@@ -272,7 +272,11 @@ class _LogFormatter(logging.Formatter):
             thread = "main"
         level = _LEVEL_NAMES.get(record.levelno, record.levelname)
         if record.pathname and record.lineno:
-            where = f"{os.path.relpath(record.pathname, _PACKAGE_PARENT)}:{record.lineno}"
+            # Rust records carry workspace-relative paths already.
+            path = record.pathname
+            if os.path.isabs(path):
+                path = os.path.relpath(path, _PACKAGE_PARENT)
+            where = f"{path}:{record.lineno}"
         else:
             where = record.name
         message = record.getMessage()
