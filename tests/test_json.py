@@ -1146,3 +1146,17 @@ def test_validate_and_to_option_string_read_the_objects() -> None:
     cfg.disks[0].queue_size = 64
     assert cfg.validate() == set()
     assert DiskConfig.parse(cfg.disks[0].to_option_string()) == cfg.disks[0]
+
+
+def test_a_config_object_of_another_class_is_refused() -> None:
+    cfg = cli("--disk", "path=/d")
+    cfg.disks = [NetConfig(tap="tap0")]  # type: ignore[list-item]
+    err = json_err(cfg.validate, "disks[0]")
+    assert str(err) == "disks[0]: invalid type: NetConfig object, expected struct DiskConfig"
+
+    class MyDisk(DiskConfig):
+        pass
+
+    cfg.disks = [MyDisk(path="/d", readonly=True)]
+    assert cfg.validate() == set()
+    assert VmConfig.from_dict({"disks": cfg.disks}).disks == [DiskConfig(path="/d", readonly=True)]

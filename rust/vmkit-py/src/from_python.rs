@@ -4,6 +4,8 @@
 //! types and validator in one pass, without JSON text in between; the errors
 //! are the ones serde_json gives for the same document, so texts stay as v37's.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt;
 
 use pyo3::intern;
@@ -181,7 +183,7 @@ impl<'de> de::Deserializer<'de> for FromPython<'_, '_> {
 
     fn deserialize_struct<V: Visitor<'de>>(
         self,
-        _name: &'static str,
+        name: &'static str,
         _fields: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value> {
@@ -189,6 +191,11 @@ impl<'de> de::Deserializer<'de> for FromPython<'_, '_> {
             return visitor.visit_map(MapAccess::new(self, dict));
         }
         if let Some(fields) = self.config_fields()? {
+            if !is_class_of(self.value, name)? {
+                let class = self.value.get_type().name()?;
+                let what = format!("{class} object");
+                return Err(de::Error::invalid_type(Unexpected::Other(&what), &visitor));
+            }
             return visitor.visit_map(MapAccess::new(self, &fields));
         }
         // A struct is an object: unlike serde_json, an array is not read as its fields.
@@ -234,6 +241,33 @@ impl<'de> de::Deserializer<'de> for FromPython<'_, '_> {
     serde::forward_to_deserialize_any! {
         unit unit_struct tuple tuple_struct
     }
+}
+
+thread_local! {
+    /// Struct name address → address of the class registered for it.
+    static CLASSES: RefCell<HashMap<usize, usize>> = RefCell::new(HashMap::new());
+}
+
+/// Whether `value` is an instance of the class registered as `name` (a config
+/// object of another class is refused, not read field by field).
+fn is_class_of(value: &Bound<'_, PyAny>, name: &'static str) -> Result<bool> {
+    if name.is_empty() {
+        return Ok(true); // a map, not a struct
+    }
+    // Fast path: the exact class, remembered by address (the registry keeps
+    // the classes alive for good).
+    let key = name.as_ptr() as usize;
+    let exact = value.get_type().as_ptr() as usize;
+    if CLASSES.with(|classes| classes.borrow().get(&key) == Some(&exact)) {
+        return Ok(true);
+    }
+    let registered = crate::registry()?.classes.bind(value.py()).get_item(name)?;
+    let Some(registered) = registered else {
+        return Ok(true); // no class for this struct: any config object will do
+    };
+    let class = registered.as_ptr() as usize;
+    CLASSES.with(|classes| classes.borrow_mut().insert(key, class));
+    Ok(exact == class || value.is_instance(&registered)?)
 }
 
 /// What a value is, in serde's words for "invalid type" errors.

@@ -29,8 +29,8 @@ mod vm;
 use from_python::FromPython;
 use to_python::ToPython;
 
-struct Registry {
-    classes: Py<PyDict>,
+pub(crate) struct Registry {
+    pub(crate) classes: Py<PyDict>,
     /// The base class of the config classes (their instances read as structs).
     config_base: Py<PyType>,
     config_error: Py<PyType>,
@@ -40,7 +40,7 @@ struct Registry {
 
 static REGISTRY: OnceLock<Registry> = OnceLock::new();
 
-fn registry() -> PyResult<&'static Registry> {
+pub(crate) fn registry() -> PyResult<&'static Registry> {
     REGISTRY
         .get()
         .ok_or_else(|| PyRuntimeError::new_err("vmkit._native.register() was not called"))
