@@ -642,7 +642,7 @@ class Vmm:
             try:
                 exit_info = vm.wait(0.2)
                 report_device_events()
-            except VmError:
+            except (VmError, ValueError):  # ValueError: the API closed the VM meanwhile
                 return
             if exit_info is None and vm.state == "Created":
                 return
