@@ -2,8 +2,8 @@
 
 Every class is a dataclass whose fields are the v37 JSON field names, in JSON
 order, with v37's JSON defaults. Parsing, JSON reading, rendering and
-validation all run in Rust (``vmkit._native``); this module only holds the
-typed objects and hands plain data across.
+validation all run in Rust (``vmkit._native``), which reads these objects
+(and ``from_dict``'s dicts) directly: this module only holds the typed view.
 
     >>> disk = DiskConfig.parse("path=/images/root.img,readonly=on")
     >>> disk.readonly
