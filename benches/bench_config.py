@@ -110,6 +110,7 @@ def main() -> None:
     params = scan(REALISTIC_ARGV).vm_params
     config = VmConfig.from_cli(REALISTIC_ARGV)
     config_json = config.to_json()
+    config_dict = config.to_dict()
     rows: list[tuple[str, float]] = [
         ("VmConfig.from_cli(argv): scan + parse + validate", median_us(
             lambda: VmConfig.from_cli(REALISTIC_ARGV), n, r)),
@@ -117,8 +118,10 @@ def main() -> None:
             lambda: _native.parse_vm(params, True), n, r)),
         ("  of which argv scan (Python)", median_us(lambda: scan(REALISTIC_ARGV), n, r)),
         ("VmConfig.from_json(text)", median_us(lambda: VmConfig.from_json(config_json), n, r)),
+        ("VmConfig.from_dict(dict)", median_us(lambda: VmConfig.from_dict(config_dict), n, r)),
         ("VmConfig.to_json()", median_us(config.to_json, n, r)),
-        ("VmConfig.validate()", median_us(config.validate, n, r)),
+        ("VmConfig.validate(): the objects read by Rust, then validated",
+         median_us(config.validate, n, r)),
     ]  # fmt: skip
     for cls, text in OPTION_STRINGS:
         call = functools.partial(cls.parse, text)

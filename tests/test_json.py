@@ -1080,3 +1080,83 @@ def test_json_validate_sets_iommu_to_match_cli() -> None:
     assert cfg != cli(*args)
     cfg.validate()
     assert cfg == cli(*args)
+
+
+# ---------------------------------------------------------------------------
+# from_dict reads Python objects directly (no JSON text in between)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", [[], [1], (), "{}", 5, None, {1, 2}])
+def test_from_dict_refuses_what_is_not_an_object(data: Any) -> None:
+    err = json_err(lambda: VmConfig.from_dict(data))
+    assert "VmConfig" in str(err) or "JSON value" in str(err), str(err)
+
+
+def test_from_dict_refuses_an_array_for_a_nested_object() -> None:
+    err = json_err(lambda: VmConfig.from_dict({"cpus": []}), "cpus")
+    assert str(err) == "cpus: invalid type: sequence, expected struct CpusConfig"
+
+
+@pytest.mark.parametrize("big", [2**64, 2**70, -(2**70)])
+def test_from_dict_names_a_huge_integer_as_an_integer(big: int) -> None:
+    err = json_err(lambda: VmConfig.from_dict({"memory": {"size": big}}), "memory.size")
+    assert f"integer `{big}`" in str(err), str(err)
+    assert "floating point" not in str(err)
+
+
+def test_from_dict_errors_match_json_text_errors() -> None:
+    for data in (
+        {"disks": [{"queue_size": "x"}]},
+        {"cpus": {"boot_vcpus": 256, "max_vcpus": 1}},
+        {"cpus": {"boot_vcpus": 1.5, "max_vcpus": 1}},
+        {"net": [{"mac": "zz:zz:zz:zz:zz:zz"}]},
+        {"serial": {"mode": "Loud"}},
+        {"memory": {}},
+        {"pvpanic": None},
+        {"cpus": None},
+        {"disks": {"path": "/d"}},
+        {"disks": [None]},
+        {"payload": {"kernel": 5}},
+        {"memory": {"size": True}},
+        {"rate_limit_groups": [{"id": "g", "rate_limiter_config": {"foo": 1}}]},
+    ):
+        from_text = json_err(lambda d=data: VmConfig.from_json(json.dumps(d)))  # type: ignore[misc]
+        from_object = json_err(lambda d=data: VmConfig.from_dict(d))  # type: ignore[misc]
+        assert str(from_object) == from_text.message.rsplit(" at line ", 1)[0]
+        assert from_object.path == from_text.path
+
+
+def test_from_dict_reads_config_objects_tuples_and_non_json_values() -> None:
+    disk = DiskConfig(path="/d", readonly=True)
+    cfg = VmConfig.from_dict({"disks": (disk,), "cpus": CpusConfig(boot_vcpus=2, max_vcpus=2)})
+    assert cfg.disks == [disk] and cfg.disks[0] is not disk
+    assert cfg.cpus.boot_vcpus == 2
+    json_err(lambda: VmConfig.from_dict({"disks": [{"path": object()}]}), "disks[0].path")
+    json_err(lambda: VmConfig.from_dict({"memory": {"size": float("nan")}}), "memory.size")
+    json_err(lambda: VmConfig.from_dict({1: 2}), "keys must be strings")
+
+
+def test_validate_and_to_option_string_read_the_objects() -> None:
+    cfg = cli("--disk", "path=/d,readonly=on")
+    assert cfg.disks is not None
+    cfg.disks[0].queue_size = 70000  # not a u16
+    json_err(cfg.validate, "disks[0].queue_size")
+    json_err(cfg.disks[0].to_option_string, "queue_size")
+    cfg.disks[0].queue_size = 64
+    assert cfg.validate() == set()
+    assert DiskConfig.parse(cfg.disks[0].to_option_string()) == cfg.disks[0]
+
+
+def test_a_config_object_of_another_class_is_refused() -> None:
+    cfg = cli("--disk", "path=/d")
+    cfg.disks = [NetConfig(tap="tap0")]  # type: ignore[list-item]
+    err = json_err(cfg.validate, "disks[0]")
+    assert str(err) == "disks[0]: invalid type: NetConfig object, expected struct DiskConfig"
+
+    class MyDisk(DiskConfig):
+        pass
+
+    cfg.disks = [MyDisk(path="/d", readonly=True)]
+    assert cfg.validate() == set()
+    assert VmConfig.from_dict({"disks": cfg.disks}).disks == [DiskConfig(path="/d", readonly=True)]

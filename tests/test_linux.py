@@ -103,7 +103,7 @@ def test_linux_reboot_boots_again(guest: DebianGuest) -> None:
         vm.boot()
         vm.serial.wait_for(r"VMKIT-GUEST-READY", timeout=60)
         vm.serial.wait_for(r"VMKIT-GUEST-READY", timeout=60)
-        assert vm.info()["vmkit"]["boots"] >= 2
+        assert vm.boots >= 2
         vm.shutdown()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from vmkit import VmConfig, testguest
 from vmkit.testguest import GuestResults, parse_results
-from vmkit.vm import Vm, VmError, VmExit
+from vmkit.vm import Vm, VmError, VmExit, VmInfo
 
 if not os.access("/dev/kvm", os.R_OK | os.W_OK):
     pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
@@ -229,15 +229,18 @@ def test_counters_ids_and_device_tree(tmp_path: Path) -> None:
     )  # fmt: skip
     with Vm(cfg) as vm:
         before = vm.info()
-        assert before["device_tree"] is None
-        assert [d["id"] for d in before["config"]["disks"]] == [None, "named"]
+        assert isinstance(before, VmInfo) and before.device_tree is None
+        assert before.config.disks is not None
+        assert [d.id for d in before.config.disks] == [None, "named"]
         with pytest.raises(VmError, match="VM is not running"):
             vm.counters()
         vm.boot()
         vm.serial.wait_for(r"step blk ok", timeout=30)
         info = vm.info()
-        assert [d["id"] for d in info["config"]["disks"]] == ["_disk0", "named"]
-        tree = info["device_tree"]
+        assert info.config.disks is not None
+        assert [d.id for d in info.config.disks] == ["_disk0", "named"]
+        tree = info.device_tree
+        assert tree is not None
         assert tree["_disk0"]["pci_bdf"] == "0000:00:01.0"
         assert tree["named"]["pci_bdf"] == "0000:00:02.0"
         assert tree["__rng"]["pci_bdf"] == "0000:00:03.0"
@@ -277,7 +280,7 @@ def test_console_pty_carries_output(tmp_path: Path) -> None:
     got = bytearray()
     with Vm(cfg) as vm:
         vm.boot()
-        pty = vm.info()["vmkit"]["console_pty"]
+        pty = vm.console_pty
         assert pty and Path(pty).exists()
         fd = os.open(pty, os.O_RDONLY | os.O_NOCTTY)
         try:

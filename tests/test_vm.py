@@ -15,12 +15,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from vmkit import VmConfig, testguest
 from vmkit.testguest import GuestResults, parse_results
-from vmkit.vm import Vm, VmError, VmExit
+from vmkit.vm import Vm, VmError, VmExit, VmInfo
 
 if not os.access("/dev/kvm", os.R_OK | os.W_OK):
     pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
@@ -150,7 +151,7 @@ def test_serial_pty() -> None:
     cfg = config(steps=["ticks"], serial="pty", ticks=40, tick_ms=25)
     with Vm(cfg) as vm:
         vm.boot()
-        pty = vm.info()["vmkit"]["serial_pty"]
+        pty = vm.serial_pty
         assert pty is not None and pty.startswith("/dev/pts/")
         fd = os.open(pty, os.O_RDONLY | os.O_NOCTTY)
         try:
@@ -238,7 +239,7 @@ def test_state_transitions_follow_cloud_hypervisor() -> None:
         # Shutdown → Running: a fresh boot of the same config.
         vm.boot()
         vm.serial.wait_for(r"tick 3$", timeout=20)
-        assert vm.info()["vmkit"]["boots"] == 2
+        assert vm.boots == 2
 
 
 @pytest.mark.parametrize(
@@ -263,7 +264,7 @@ def test_reset_reboots_the_vm(exit: str) -> None:
         vm.boot()
         for _ in range(3):
             vm.serial.wait_for(r"^vmkit-guest: ready$", timeout=20)
-        assert vm.info()["vmkit"]["boots"] >= 3
+        assert vm.boots >= 3
         assert vm.state == "Running"
         vm.shutdown()
         exit_info = vm.wait(10)
@@ -276,7 +277,7 @@ def test_reboot_from_python() -> None:
         vm.serial.wait_for(r"tick 2$", timeout=20)
         vm.reboot()
         vm.serial.wait_for(r"^vmkit-guest: ready$", timeout=20)
-        assert vm.info()["vmkit"]["boots"] == 2
+        assert vm.boots == 2
 
 
 def open_fds() -> int:
@@ -502,6 +503,81 @@ def test_dropping_a_running_vm_stops_it() -> None:
     while thread_count() > threads and time.monotonic() < deadline:
         time.sleep(0.05)
     assert thread_count() == threads, "vCPU or VMM threads outlived the Vm object"
+
+
+def test_a_closed_vm_refuses_every_call_but_close() -> None:
+    vm = Vm(config())
+    vm.boot()
+    assert vm.wait(30) is not None
+    printed = vm.serial.read()
+    vm.close()
+    vm.close()  # idempotent
+    calls: list[tuple[str, Callable[[], object]]] = [
+        ("boot", vm.boot), ("pause", vm.pause), ("resume", vm.resume),
+        ("shutdown", vm.shutdown), ("reboot", vm.reboot), ("power_button", vm.power_button),
+        ("wait", lambda: vm.wait(0)), ("info", vm.info), ("counters", vm.counters),
+        ("device_events", vm.device_events), ("debug_port_writes", vm.debug_port_writes),
+        ("serial_pty", lambda: vm.serial_pty), ("console_pty", lambda: vm.console_pty),
+        ("serial.wait_for", lambda: vm.serial.wait_for("x", timeout=1)),
+    ]  # fmt: skip
+    for name, call in calls:
+        with pytest.raises(ValueError, match="I/O operation on closed VM"):
+            call()
+        assert vm.state == "Shutdown", f"{name} changed the state of a closed VM"
+    # What stays true after closing stays readable.
+    assert vm.state == "Shutdown"
+    assert vm.boots == 1
+    assert vm.serial.read() == printed and b"hello" in printed
+    assert vm.config.payload is not None
+
+
+def test_info_is_the_typed_vm_info() -> None:
+    cfg = config(steps=["ticks"], ticks=100000, tick_ms=10)
+    with Vm(cfg) as vm:
+        before = vm.info()
+        assert isinstance(before, VmInfo) and isinstance(before.config, VmConfig)
+        assert (before.state, before.device_tree) == ("Created", None)
+        assert before.config == cfg and before.config is not cfg
+        assert before.memory_actual_size == 256 << 20
+        vm.boot()
+        vm.serial.wait_for(r"tick 1$", timeout=20)
+        info = vm.info()
+        assert info.state == "Running"
+        assert info.config.cpus.boot_vcpus == 2
+        assert info.device_tree is not None and "__rng" in info.device_tree
+        assert VmInfo.from_dict(info.to_dict()) == info
+
+
+def test_dropping_a_busy_vm_lets_other_threads_run() -> None:
+    vm = Vm(config(steps=["ticks"], ticks=100000, tick_ms=10))
+    vm.boot()
+    vm.serial.wait_for(r"tick 1$", timeout=20)
+    beats: list[float] = []
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            beats.append(time.monotonic())
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    try:
+        time.sleep(0.02)
+        started = time.monotonic()
+        del vm  # no reference cycle: this ends the VM, joining its threads
+        ended = time.monotonic()
+    finally:
+        stop.set()
+        thread.join()
+    took = ended - started
+    if took < 0.01:
+        pytest.skip(f"dropping the VM took {took * 1e3:.1f} ms: too quick to observe other threads")
+    during = [t for t in beats if started < t < ended]
+    assert len(during) >= 3, (
+        f"another Python thread ran {len(during)} times in the {took * 1e3:.0f} ms "
+        "the drop took: the drop held the GIL"
+    )
 
 
 def test_ctrl_c_interrupts_the_command_line() -> None:

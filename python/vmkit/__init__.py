@@ -11,7 +11,7 @@ from vmkit import config
 from vmkit._native import __version__
 from vmkit.config import VmConfig
 from vmkit.errors import ConfigError, ParseError, UsageError, ValidationError
-from vmkit.vm import Vm, VmError, VmExit
+from vmkit.vm import Vm, VmError, VmExit, VmInfo
 
 from vmkit.client import ApiConnectionError, ApiError, Client, SpawnedVm, spawn  # isort: skip
 
@@ -28,6 +28,7 @@ __all__ = [
     "VmConfig",
     "VmError",
     "VmExit",
+    "VmInfo",
     "__version__",
     "config",
     "spawn",

@@ -144,7 +144,7 @@ def boot_and_wait(config: VmConfig, *, verbosity: int = 0, log: TextIO | None = 
             except VmError as e:
                 print(f"Error booting VM: {e}", file=sys.stderr)
                 return 1
-            pty = vm.info()["vmkit"]["serial_pty"]
+            pty = vm.serial_pty
             if pty:
                 print(f"Serial console on {pty}", file=sys.stderr)
             logged = 0
@@ -272,7 +272,11 @@ class _LogFormatter(logging.Formatter):
             thread = "main"
         level = _LEVEL_NAMES.get(record.levelno, record.levelname)
         if record.pathname and record.lineno:
-            where = f"{os.path.relpath(record.pathname, _PACKAGE_PARENT)}:{record.lineno}"
+            # Rust records carry workspace-relative paths already.
+            path = record.pathname
+            if os.path.isabs(path):
+                path = os.path.relpath(path, _PACKAGE_PARENT)
+            where = f"{path}:{record.lineno}"
         else:
             where = record.name
         message = record.getMessage()
@@ -594,7 +598,7 @@ def _start_vm(command: CommandLine, vmm: Vmm) -> int | None:
             return 1
         with vmm.lock:
             vm = vmm.vm
-            pty = vm.info()["vmkit"]["serial_pty"] if vm is not None else None
+            pty = vm.serial_pty if vm is not None else None
         if pty:
             print(f"Serial console on {pty}", file=sys.stderr)
         return None

@@ -59,7 +59,7 @@ from vmkit.config import (
     VmConfig,
     VsockConfig,
 )
-from vmkit.vm import VmError, VmExit
+from vmkit.vm import VmError, VmExit, VmInfo
 
 __all__ = [
     "ApiConnectionError",
@@ -151,39 +151,6 @@ class PciDeviceInfo:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PciDeviceInfo:
         return cls(id=str(data["id"]), bdf=str(data["bdf"]))
-
-
-@dataclass
-class VmInfo:
-    """``vm.info``: the live config, the state, the memory size and the device tree.
-
-    ``state`` is ``Created`` (a config but no running VM), ``Running``,
-    ``Paused``, ``Shutdown`` or ``BreakPoint``. ``device_tree`` maps device
-    ids to DeviceNode objects (plain JSON), or is None without a VM.
-    """
-
-    config: VmConfig
-    state: str
-    memory_actual_size: int
-    device_tree: dict[str, Any] | None = None
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> VmInfo:
-        return cls(
-            config=VmConfig.from_dict(data["config"]),
-            state=str(data["state"]),
-            memory_actual_size=int(data["memory_actual_size"]),
-            device_tree=data.get("device_tree"),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The VmInfo JSON object."""
-        return {
-            "config": self.config.to_dict(),
-            "state": self.state,
-            "memory_actual_size": self.memory_actual_size,
-            "device_tree": self.device_tree,
-        }
 
 
 def openapi_spec() -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 Every class is a dataclass whose fields are the v37 JSON field names, in JSON
 order, with v37's JSON defaults. Parsing, JSON reading, rendering and
-validation all run in Rust (``vmkit._native``); this module only holds the
-typed objects and hands plain data across.
+validation all run in Rust (``vmkit._native``), which reads these objects
+(and ``from_dict``'s dicts) directly: this module only holds the typed view.
 
     >>> disk = DiskConfig.parse("path=/images/root.img,readonly=on")
     >>> disk.readonly
@@ -83,19 +83,6 @@ def _field_names(cls: type) -> tuple[str, ...]:
     return names
 
 
-def _json_default(value: object) -> object:
-    if isinstance(value, _Config):
-        return value.to_dict()
-    raise TypeError(f"{type(value).__name__} is not a JSON value")
-
-
-def _dumps(data: object, what: str) -> str:
-    try:
-        return json.dumps(data, default=_json_default, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{what}: {e}", "InvalidJson") from None
-
-
 class _Config:
     """JSON conversions shared by every config class."""
 
@@ -111,9 +98,11 @@ class _Config:
     def from_dict(cls: type[_C], data: Mapping[str, Any]) -> _C:
         """Reads a v37 JSON object (absent fields take v37's defaults).
 
-        Raises ConfigError (kind ``InvalidJson``) naming the offending field.
+        ``data`` is a dict of JSON values (config objects may stand for their
+        dicts); Rust reads it directly. Raises ConfigError (kind ``InvalidJson``)
+        naming the offending field, also when ``data`` is not a dict.
         """
-        result: _C = _native.from_json(cls.__name__, _dumps(data, cls.__name__), False)
+        result: _C = _native.from_object(cls, data)
         return result
 
     @classmethod
@@ -124,7 +113,7 @@ class _Config:
                 text = text.decode()
             except UnicodeDecodeError as e:
                 raise ConfigError(f"{cls.__name__}: {e}", "InvalidJson") from None
-        result: _C = _native.from_json(cls.__name__, text)
+        result: _C = _native.from_json(cls, text)
         return result
 
 
@@ -139,7 +128,7 @@ class _OptionConfig(_Config):
 
         Raises ParseError (or ValidationError for v37's console path checks).
         """
-        result: _C = _native.parse_option(cls.__name__, text)
+        result: _C = _native.parse_option(cls, text)
         return result
 
     def to_option_string(self) -> str:
@@ -148,7 +137,7 @@ class _OptionConfig(_Config):
         Raises ConfigError (kind ``Unrepresentable``) when a value has no
         option-string spelling, e.g. a path containing ``"``.
         """
-        return _native.to_option_string(type(self).__name__, self.to_json())
+        return _native.to_option_string(self)
 
 
 @dataclass(kw_only=True)
@@ -244,7 +233,7 @@ class MemoryConfig(_OptionConfig):
         ``[z.to_option_string() for z in config.zones]``.
         """
         zone_list = None if zones is None else list(zones)
-        result: MemoryConfig = _native.parse_option(cls.__name__, text, zone_list)
+        result: MemoryConfig = _native.parse_option(cls, text, zone_list)
         return result
 
 
@@ -539,7 +528,7 @@ class VmConfig(_Config):
         Also sets ``iommu`` when any device sits behind the IOMMU, as v37 does.
         Raises ValidationError (or ConfigError for ill-typed fields).
         """
-        self.iommu, ids = _native.validate_json(self.to_json())
+        self.iommu, ids = _native.validate(self)
         return set(ids)
 
 
@@ -577,7 +566,7 @@ def _register() -> None:
             RestoreConfig,
         )
     }
-    _native.register(classes, ConfigError, ParseError, ValidationError)
+    _native.register(classes, _Config, ConfigError, ParseError, ValidationError)
 
 
 _register()

@@ -14,6 +14,7 @@ releases what it holds (vCPU threads, guest memory, pty, socket).
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -21,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vmkit import _native
+from vmkit import _native, logs
 from vmkit.config import VmConfig
 
 if TYPE_CHECKING:
     from vmkit.client import SpawnedVm
 
-__all__ = ["DebugPortWrite", "SerialConsole", "Vm", "VmError", "VmExit"]
+__all__ = ["DebugPortWrite", "SerialConsole", "Vm", "VmError", "VmExit", "VmInfo"]
 
 
 class VmError(RuntimeError):
@@ -79,14 +80,15 @@ class DebugPortWrite:
 
 
 class SerialConsole:
-    """The guest's serial port output, readable while the VM runs.
+    """The guest's serial port output, readable while the VM runs and after it closes.
 
     ``wait_for`` consumes output line by line: each call continues after the
     line the previous call matched.
     """
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: _native.VmHandle) -> None:
         self._handle = handle
+        self._closed = False  # set by Vm.close()
         self._cursor = 0
 
     def read(self) -> bytes:
@@ -103,9 +105,11 @@ class SerialConsole:
     def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 30.0) -> re.Match[str]:
         """Waits for a whole output line matching ``pattern`` (``re.search``).
 
-        Raises TimeoutError when no line matches in time, and VmError (kind
-        ``Stopped``) when the VM stops first.
+        Raises TimeoutError when no line matches in time, VmError (kind
+        ``Stopped``) when the VM stops first, and ValueError once the VM is closed.
         """
+        if self._closed:
+            raise ValueError("I/O operation on closed VM")
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
         while True:
@@ -133,6 +137,67 @@ class SerialConsole:
             self._handle.serial_wait(start + len(data), min(remaining, 0.5))
 
 
+@dataclass
+class VmInfo:
+    """``vm.info``: the live config, the state, the memory size and the device tree.
+
+    ``state`` is ``Created`` (a config but no running VM), ``Running``,
+    ``Paused``, ``Shutdown`` or ``BreakPoint``. ``device_tree`` maps device
+    ids to DeviceNode objects (plain JSON), or is None without a VM.
+    ``Vm.info()`` and ``SpawnedVm.info()`` both return one.
+    """
+
+    config: VmConfig
+    state: str
+    memory_actual_size: int
+    device_tree: dict[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VmInfo:
+        return cls(
+            config=VmConfig.from_dict(data["config"]),
+            state=str(data["state"]),
+            memory_actual_size=int(data["memory_actual_size"]),
+            device_tree=data.get("device_tree"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The VmInfo JSON object."""
+        return {
+            "config": self.config.to_dict(),
+            "state": self.state,
+            "memory_actual_size": self.memory_actual_size,
+            "device_tree": self.device_tree,
+        }
+
+
+def _device_tree(devices: list[_native.DeviceInfo]) -> dict[str, Any] | None:
+    """Cloud Hypervisor's DeviceNode objects of the virtio-pci devices."""
+    if not devices:
+        return None
+    tree: dict[str, Any] = {}
+    for device in devices:
+        base, size = device["bar"]
+        tree[device["id"]] = {
+            "id": device["id"],
+            "resources": [
+                {
+                    "PciBar": {
+                        "index": 0,
+                        "base": base,
+                        "size": size,
+                        "type_": "Mmio64",
+                        "prefetchable": False,
+                    }
+                }
+            ],
+            "parent": None,
+            "children": [],
+            "pci_bdf": device["pci_bdf"],
+        }
+    return tree
+
+
 class Vm:
     """One virtual machine, with Cloud Hypervisor's states and transitions.
 
@@ -140,39 +205,50 @@ class Vm:
     ``boot()`` builds and starts the VM. ``watchdog_timeout`` (seconds, or
     None to disable) ends a VM in which no vCPU makes progress with
     interrupts disabled for that long.
+
+    After ``close()`` every method but ``close()`` raises ValueError; ``state``,
+    ``config``, ``boots``, ``kernel_format`` and the serial output
+    (``serial.read()``, ``serial.text``) stay readable.
     """
 
     def __init__(self, config: VmConfig, *, watchdog_timeout: float | None = 30.0) -> None:
-        config.validate()
+        logs.sync_level()
+        self._handle = _native.VmHandle(config, watchdog_timeout)
+        # Validation derives the top-level iommu, as VmConfig.validate() does.
+        config.iommu = self._handle.iommu
         self.config = config
-        self._handle = _native.VmHandle(config.to_json(), watchdog_timeout)
+        self._closed = False
         self.serial = SerialConsole(self._handle)
+
+    def _live(self) -> _native.VmHandle:
+        if self._closed:
+            raise ValueError("I/O operation on closed VM")
+        return self._handle
 
     def boot(self) -> None:
         """Builds the VM and starts it (Created or Shutdown → Running)."""
-        self._handle.boot()
+        self._live().boot()
 
     def pause(self) -> None:
         """Takes every vCPU out of the guest (Running → Paused)."""
-        self._handle.pause()
+        self._live().pause()
 
     def resume(self) -> None:
         """Lets the vCPUs run again (Paused → Running)."""
-        self._handle.resume()
+        self._live().resume()
 
     def shutdown(self) -> None:
         """Stops the VM and waits for its threads (→ Shutdown)."""
-        self._handle.shutdown()
+        self._live().shutdown()
 
     def reboot(self) -> None:
         """Resets the VM: the running boot stops and a fresh one starts."""
-        self._handle.reboot()
+        self._live().reboot()
 
     def device_events(self, since: int = 0) -> list[tuple[str, str]]:
         """virtio device events from index ``since`` on: ``(event, device id)``
         with event ``activated`` (the driver set DRIVER_OK) or ``reset``."""
-        events: list[tuple[str, str]] = self._handle.device_events(since)
-        return events
+        return self._live().device_events(since)
 
     def power_button(self) -> None:
         """Presses the ACPI power button (a Generic Event Device event).
@@ -180,20 +256,21 @@ class Vm:
         The guest decides what follows; Linux shuts down in an orderly way.
         Raises VmError ("VM is not running") when no boot is running.
         """
-        self._handle.power_button()
+        self._live().power_button()
 
     def wait(self, timeout: float | None = None) -> VmExit | None:
         """Waits for the VM to stop; returns why, or None on timeout.
 
         Waits in short slices so that Ctrl-C (KeyboardInterrupt) gets through.
         """
+        handle = self._live()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = _WAIT_SLICE if deadline is None else deadline - time.monotonic()
-            result = self._handle.wait(max(0.0, min(remaining, _WAIT_SLICE)))
+            result = handle.wait(max(0.0, min(remaining, _WAIT_SLICE)))
             if result is not None:
                 return VmExit(result[0], result[1])
-            if self._handle.state == "Created":
+            if handle.state == "Created":
                 return None
             if deadline is not None and time.monotonic() >= deadline:
                 return None
@@ -201,67 +278,71 @@ class Vm:
     @property
     def state(self) -> str:
         """``Created``, ``Running``, ``Paused`` or ``Shutdown``."""
-        state: str = self._handle.state
-        return state
+        return self._handle.state
 
     def debug_port_writes(self) -> list[DebugPortWrite]:
         """Each write to the debug port 0x80, in order (at most 4096)."""
-        return [DebugPortWrite(*w) for w in self._handle.debug_port_writes()]
+        return [DebugPortWrite(*w) for w in self._live().debug_port_writes()]
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> VmInfo:
         """Cloud Hypervisor's VmInfo: config, state, memory_actual_size, device_tree.
 
-        vmkit adds ``vmkit``: boots so far, the kernel format, the serial pty path.
+        Once booted, ``config`` is the live one: with the ids given at boot
+        and, as v37 writes it, the path of a pty the VM opened as ``file``.
         """
-        runtime: dict[str, Any] = self._handle.runtime_info()
-        config = self.config
-        if runtime["config_json"] is not None:
-            config = VmConfig.from_json(runtime["config_json"])
-        tree: dict[str, Any] | None = None
-        if runtime["devices"]:
-            tree = {}
-            for device in runtime["devices"]:
-                base, size = device["bar"]
-                tree[device["id"]] = {
-                    "id": device["id"],
-                    "resources": [
-                        {
-                            "PciBar": {
-                                "index": 0,
-                                "base": base,
-                                "size": size,
-                                "type_": "Mmio64",
-                                "prefetchable": False,
-                            }
-                        }
-                    ],
-                    "parent": None,
-                    "children": [],
-                    "pci_bdf": device["pci_bdf"],
-                }
-        return {
-            "config": config.to_dict(),
-            "state": runtime["state"],
-            "memory_actual_size": runtime["memory_size"],
-            "device_tree": tree,
-            "vmkit": {
-                "boots": runtime["boots"],
-                "kernel_format": runtime["kernel_format"],
-                "serial_pty": runtime["serial_pty"],
-                "console_pty": runtime["console_pty"],
-            },
-        }
+        handle = self._live()
+        runtime = handle.runtime_info()
+        config = handle.live_config()
+        if config is None:
+            config = copy.deepcopy(self.config)
+        else:
+            ptys = (
+                (config.serial, runtime["serial_pty"]),
+                (config.console, runtime["console_pty"]),
+            )
+            for console, pty in ptys:
+                if console.mode == "Pty" and pty:
+                    console.file = pty
+        return VmInfo(
+            config=config,
+            state=runtime["state"],
+            memory_actual_size=runtime["memory_size"],
+            device_tree=_device_tree(runtime["devices"]),
+        )
+
+    @property
+    def boots(self) -> int:
+        """How many times the VM has been built (boot and each guest reset)."""
+        return self._handle.runtime_info()["boots"]
+
+    @property
+    def kernel_format(self) -> str | None:
+        """How the last boot loaded the kernel (``pvh``, ``elf``, ``bzimage``)."""
+        return self._handle.runtime_info()["kernel_format"]
+
+    @property
+    def serial_pty(self) -> str | None:
+        """The path of the serial port's pty (``--serial pty``), once opened."""
+        return self._live().runtime_info()["serial_pty"]
+
+    @property
+    def console_pty(self) -> str | None:
+        """The path of the virtio console's pty (``--console pty``), once opened."""
+        return self._live().runtime_info()["console_pty"]
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Cloud Hypervisor's device counters, ``{device id: {counter: value}}``.
 
         Raises VmError ("VM is not running") when no boot is running.
         """
-        counters: dict[str, dict[str, int]] = self._handle.counters()
-        return counters
+        return self._live().counters()
 
     def close(self) -> None:
-        """Shuts down and releases everything; the Vm cannot boot again."""
+        """Shuts down and releases everything; the Vm cannot boot again.
+
+        Closing again does nothing.
+        """
+        self._closed = self.serial._closed = True
         self._handle.close()
 
     def __enter__(self) -> Vm:

@@ -321,14 +321,14 @@ class Vmm:
             vm = self.vm
             if vm is None:
                 raise ApiError(VM_NOT_CREATED)
-            boots = vm.info()["vmkit"]["boots"]
+            boots = vm.boots
             try:
                 vm.reboot()
             except VmError as e:
                 raise ApiError(str(e)) from None
             # v37 answers once the new boot runs; vmkit rebuilds in its VMM thread.
             deadline = time.monotonic() + 30
-            while vm.info()["vmkit"]["boots"] <= boots:
+            while vm.boots <= boots:
                 if vm.state == "Shutdown":
                     exit_info = vm.wait(0)
                     raise ApiError(exit_info.message if exit_info else VM_NOT_RUNNING)
@@ -426,26 +426,15 @@ class Vmm:
                     "memory_actual_size": _memory_actual_size(self.config),
                     "device_tree": None,
                 }
-            raw = vm.info()
-            extra = raw.get("vmkit", {})
-            config: dict[str, Any] = raw["config"]
-            # v37 writes the path of a pty it opened into the live config.
-            for key, pty_key in (("serial", "serial_pty"), ("console", "console_pty")):
-                section = config.get(key)
-                if isinstance(section, dict) and section.get("mode") == "Pty":
-                    if extra.get(pty_key):
-                        section["file"] = extra[pty_key]
-            return {
-                "config": config,
-                "state": raw["state"],
-                "memory_actual_size": raw["memory_actual_size"],
-                "device_tree": raw["device_tree"] if raw["device_tree"] is not None else {},
-            }
+            info = vm.info().to_dict()
+            if info["device_tree"] is None:
+                info["device_tree"] = {}
+            return info
 
     def _live_config(self, vm: Vm) -> VmConfig:
         """The VM's config as it stands (with the ids given at boot)."""
         try:
-            return VmConfig.from_dict(vm.info()["config"])
+            return vm.info().config
         except (ConfigError, VmError):
             return copy.deepcopy(vm.config)
 
@@ -653,7 +642,7 @@ class Vmm:
             try:
                 exit_info = vm.wait(0.2)
                 report_device_events()
-            except VmError:
+            except (VmError, ValueError):  # ValueError: the API closed the VM meanwhile
                 return
             if exit_info is None and vm.state == "Created":
                 return

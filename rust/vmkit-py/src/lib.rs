@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple, PyType};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use vmkit_config::json::from_json as parse_json;
@@ -21,12 +22,17 @@ use vmkit_config::{
     VdpaConfig, VmConfig, VmParams, VsockConfig,
 };
 
+mod from_python;
+mod logging;
 mod to_python;
 mod vm;
+use from_python::FromPython;
 use to_python::ToPython;
 
-struct Registry {
-    classes: Py<PyDict>,
+pub(crate) struct Registry {
+    pub(crate) classes: Py<PyDict>,
+    /// The base class of the config classes (their instances read as structs).
+    config_base: Py<PyType>,
     config_error: Py<PyType>,
     parse_error: Py<PyType>,
     validation_error: Py<PyType>,
@@ -34,7 +40,7 @@ struct Registry {
 
 static REGISTRY: OnceLock<Registry> = OnceLock::new();
 
-fn registry() -> PyResult<&'static Registry> {
+pub(crate) fn registry() -> PyResult<&'static Registry> {
     REGISTRY
         .get()
         .ok_or_else(|| PyRuntimeError::new_err("vmkit._native.register() was not called"))
@@ -44,6 +50,7 @@ fn registry() -> PyResult<&'static Registry> {
 #[pyfunction]
 fn register(
     classes: Bound<'_, PyDict>,
+    config_base: Bound<'_, PyType>,
     config_error: Bound<'_, PyType>,
     parse_error: Bound<'_, PyType>,
     validation_error: Bound<'_, PyType>,
@@ -51,6 +58,7 @@ fn register(
     // A second import of the package (e.g. importlib.reload) keeps the first registry.
     let _ = REGISTRY.set(Registry {
         classes: classes.unbind(),
+        config_base: config_base.unbind(),
         config_error: config_error.unbind(),
         parse_error: parse_error.unbind(),
         validation_error: validation_error.unbind(),
@@ -107,7 +115,7 @@ fn config_error(py: Python<'_>, error: Error) -> PyErr {
     }
 }
 
-fn validation_error(py: Python<'_>, error: ValidationError) -> PyErr {
+pub(crate) fn validation_error(py: Python<'_>, error: ValidationError) -> PyErr {
     config_error(py, Error::Validation(error))
 }
 
@@ -145,12 +153,31 @@ fn unrepresentable_error(py: Python<'_>, error: UnrepresentableError) -> PyErr {
     }
 }
 
-fn to_py<'py, T: Serialize>(py: Python<'py>, value: &T) -> PyResult<Bound<'py, PyAny>> {
+pub(crate) fn to_py<'py, T: Serialize>(py: Python<'py>, value: &T) -> PyResult<Bound<'py, PyAny>> {
     let reg = registry()?;
     let classes = reg.classes.bind(py);
     ToPython::new(py, classes)
         .convert(value)
         .map_err(|e| PyRuntimeError::new_err(e.0))
+}
+
+/// Reads a Python value (a config object, or dicts, lists and scalars in the
+/// v37 JSON shape) as `T`; errors are serde_json's, with the field path.
+pub(crate) fn from_py<T: DeserializeOwned>(
+    py: Python<'_>,
+    value: &Bound<'_, PyAny>,
+) -> PyResult<T> {
+    let reg = registry()?;
+    let base = reg.config_base.bind(py).as_any();
+    serde_path_to_error::deserialize(FromPython::new(value, base)).map_err(|e| {
+        let error = JsonError {
+            path: e.path().to_string(),
+            message: e.into_inner().0,
+            line: 0,
+            column: 0,
+        };
+        json_error(py, error, false)
+    })
 }
 
 /// Runs `$body` with `$T` bound to the config type named `$kind` (option types only).
@@ -263,13 +290,15 @@ macro_rules! with_any_type {
 
 /// Parses one option string into its config object.
 #[pyfunction]
-#[pyo3(signature = (kind, text, zones=None))]
+#[pyo3(signature = (cls, text, zones=None))]
 fn parse_option<'py>(
     py: Python<'py>,
-    kind: &str,
+    cls: &Bound<'py, PyType>,
     text: &str,
     zones: Option<Vec<String>>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let kind = cls.name()?;
+    let kind = kind.to_str()?;
     if kind == "MemoryConfig" {
         let config =
             MemoryConfig::parse(text, zones.as_deref()).map_err(|e| config_error(py, e))?;
@@ -281,35 +310,52 @@ fn parse_option<'py>(
     })
 }
 
-/// Reads a JSON document as the config type named `kind`; `positions`: whether
-/// errors cite line and column (pointless when the text came from a dict).
+/// Reads a JSON document as the config class `cls`; `positions`: whether
+/// errors cite line and column.
 #[pyfunction]
-#[pyo3(signature = (kind, text, positions=true))]
+#[pyo3(signature = (cls, text, positions=true))]
 fn from_json<'py>(
     py: Python<'py>,
-    kind: &str,
+    cls: &Bound<'py, PyType>,
     text: &str,
     positions: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
-    with_any_type!(kind, T => {
+    let kind = cls.name()?;
+    with_any_type!(kind.to_str()?, T => {
         let config: T = parse_json(text).map_err(|e| json_error(py, e, positions))?;
         to_py(py, &config)
     })
 }
 
-/// Renders the JSON document of an option type as an option string.
+/// Reads a Python value (a dict in the JSON shape, or a config object) as the
+/// config class `cls`, returning a new config object.
 #[pyfunction]
-fn to_option_string(py: Python<'_>, kind: &str, text: &str) -> PyResult<String> {
-    with_option_type!(kind, T => {
-        let config: T = parse_json(text).map_err(|e| json_error(py, e, false))?;
+fn from_object<'py>(
+    py: Python<'py>,
+    cls: &Bound<'py, PyType>,
+    value: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let kind = cls.name()?;
+    with_any_type!(kind.to_str()?, T => {
+        let config: T = from_py(py, value)?;
+        to_py(py, &config)
+    })
+}
+
+/// Renders a config object of an option type as an option string.
+#[pyfunction]
+fn to_option_string(py: Python<'_>, config: &Bound<'_, PyAny>) -> PyResult<String> {
+    let kind = config.get_type().name()?;
+    with_option_type!(kind.to_str()?, T => {
+        let config: T = from_py(py, config)?;
         render::to_option_string(&config).map_err(|e| unrepresentable_error(py, e))
     })
 }
 
-/// Validates a VmConfig JSON document: (the top-level iommu v37 derives, ids).
+/// Validates a VmConfig object: (the top-level iommu v37 derives, ids).
 #[pyfunction]
-fn validate_json(py: Python<'_>, text: &str) -> PyResult<(bool, Vec<String>)> {
-    let mut config: VmConfig = parse_json(text).map_err(|e| json_error(py, e, false))?;
+fn validate(py: Python<'_>, config: &Bound<'_, PyAny>) -> PyResult<(bool, Vec<String>)> {
+    let mut config: VmConfig = from_py(py, config)?;
     let ids = config.validate().map_err(|e| validation_error(py, e))?;
     Ok((config.iommu, ids.into_iter().collect()))
 }
@@ -455,11 +501,17 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parse_option, m)?)?;
     m.add_function(wrap_pyfunction!(from_json, m)?)?;
     m.add_function(wrap_pyfunction!(to_option_string, m)?)?;
-    m.add_function(wrap_pyfunction!(validate_json, m)?)?;
+    m.add_function(wrap_pyfunction!(validate, m)?)?;
+    m.add_function(wrap_pyfunction!(from_object, m)?)?;
     m.add_function(wrap_pyfunction!(parse_vm, m)?)?;
     m.add_function(wrap_pyfunction!(random_mac, m)?)?;
     m.add_function(wrap_pyfunction!(vm::register_vm_error, m)?)?;
     m.add_function(wrap_pyfunction!(vm::test_guest_image, m)?)?;
+    m.add_function(wrap_pyfunction!(logging::install_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(logging::set_log_level, m)?)?;
+    m.add_function(wrap_pyfunction!(logging::flush_logs, m)?)?;
+    m.add_function(wrap_pyfunction!(logging::stop_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(logging::test_hook_log, m)?)?;
     m.add_class::<vm::VmHandle>()?;
     Ok(())
 }

@@ -70,7 +70,8 @@ struct StructInfo {
     /// Field name addresses, to notice a different struct with the same name.
     addresses: Vec<usize>,
     names: Vec<Py<PyString>>,
-    /// `{field: None, ...}`: copying it gives a dict already sized and keyed.
+    /// `{field: None, ...}` for structs without a class: copying it gives a
+    /// dict already sized and keyed.
     template: Py<PyDict>,
     class: Option<Py<PyType>>,
 }
@@ -128,7 +129,7 @@ impl<'a, 'py> ToPython<'a, 'py> {
         values: Vec<Bound<'py, PyAny>>,
     ) -> Result<Bound<'py, PyAny>> {
         let py = self.py;
-        let (dict, class) = STRUCTS.with(|cache| -> Result<_> {
+        STRUCTS.with(|cache| -> Result<_> {
             let mut cache = cache.borrow_mut();
             let key = name.as_ptr() as usize;
             let stale = cache.get(&key).is_none_or(|info| {
@@ -143,46 +144,58 @@ impl<'a, 'py> ToPython<'a, 'py> {
                 cache.insert(key, ManuallyDrop::new(self.struct_info(name, fields)?));
             }
             let info = &cache[&key];
+            // Building the object cannot run Python code that converts again,
+            // so the cache stays borrowed meanwhile.
+            if let Some(class) = &info.class {
+                return Ok(new_instance(class.bind(py), &info.names, values)?);
+            }
             let dict = info.template.bind(py).copy()?;
             for (field, value) in info.names.iter().zip(values) {
                 dict.set_item(field.bind(py), value)?;
             }
-            Ok((dict, info.class.as_ref().map(|c| c.bind(py).clone())))
-        })?;
-        match class {
-            Some(class) => Ok(new_instance(&class, dict)?),
-            None => Ok(dict.into_any()),
-        }
+            Ok(dict.into_any())
+        })
     }
 }
 
-/// `object.__new__(class)` with `__dict__` set to `dict`: no `__init__` runs,
-/// as the values are already checked and complete.
+/// `object.__new__(class)` with its fields stored in the instance dict: no
+/// `__init__` runs, as the values are already checked and complete.
+///
+/// The values go into the dict the instance hands out (`PyObject_GenericGetDict`)
+/// rather than replacing it: CPython 3.13 keeps attributes in inline values
+/// that a replaced dict does not update, so the object would not see them.
 fn new_instance<'py>(
     class: &Bound<'py, PyType>,
-    dict: Bound<'py, PyDict>,
+    names: &[Py<PyString>],
+    values: Vec<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let py = class.py();
     let empty = PyTuple::empty(py);
-    // SAFETY: `class` is a live type object (a plain Python class, so object's
-    // tp_new can allocate it); the argument tuple is a valid empty tuple and
-    // kwargs may be NULL. The result is a new reference or NULL with an
-    // exception set, which `from_owned_ptr_or_err` handles.
+    // SAFETY: `PyBaseObject_Type` is the static `object` type, from which
+    // PyType_GetSlot may read tp_new (allowed for static types since 3.10).
+    // The slot is object.__new__, which allocates an instance of any plain
+    // Python class; the argument tuple is a valid empty tuple and kwargs may be
+    // NULL. The result is a new reference or NULL with an exception set, which
+    // `from_owned_ptr_or_err` handles.
     let object = unsafe {
         let object_type = std::ptr::addr_of_mut!(ffi::PyBaseObject_Type);
-        let tp_new = (*object_type)
-            .tp_new
-            .ok_or_else(|| PyRuntimeError::new_err("object has no tp_new"))?;
+        let slot = ffi::PyType_GetSlot(object_type, ffi::Py_tp_new);
+        if slot.is_null() {
+            return Err(PyRuntimeError::new_err("object has no tp_new"));
+        }
+        let tp_new = std::mem::transmute::<*mut std::ffi::c_void, ffi::newfunc>(slot);
         let raw = tp_new(class.as_type_ptr(), empty.as_ptr(), std::ptr::null_mut());
         Bound::from_owned_ptr_or_err(py, raw)?
     };
-    // SAFETY: both pointers are live objects; GenericSetDict checks that the
-    // value is a dict and that the instance has a __dict__ slot.
-    let status = unsafe {
-        ffi::PyObject_GenericSetDict(object.as_ptr(), dict.as_ptr(), std::ptr::null_mut())
+    // SAFETY: `object` is a live instance; GenericGetDict returns a new
+    // reference to its (possibly just created) `__dict__`, or NULL with an
+    // exception set when it has none.
+    let dict = unsafe {
+        let raw = ffi::PyObject_GenericGetDict(object.as_ptr(), std::ptr::null_mut());
+        Bound::from_owned_ptr_or_err(py, raw)?.cast_into::<PyDict>()?
     };
-    if status != 0 {
-        return Err(PyErr::fetch(py));
+    for (name, value) in names.iter().zip(values) {
+        dict.set_item(name.bind(py), value)?;
     }
     Ok(object)
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyType};
-use vmkit_config::json::from_json;
 use vmkit_config::VmConfig;
 use vmkit_vmm::{StopReason, Vm, VmOptions};
 
@@ -52,12 +51,20 @@ pub struct VmHandle {
 
 #[pymethods]
 impl VmHandle {
-    /// Checks `config_json` (a VmConfig) and opens KVM; nothing runs yet.
+    /// Reads and validates `config` (a VmConfig object) and opens KVM;
+    /// nothing runs yet. Raises ConfigError/ValidationError for a bad config.
     #[new]
-    #[pyo3(signature = (config_json, watchdog_timeout=Some(30.0)))]
-    fn new(py: Python<'_>, config_json: &str, watchdog_timeout: Option<f64>) -> PyResult<Self> {
-        let config: VmConfig =
-            from_json(config_json).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    #[pyo3(signature = (config, watchdog_timeout=Some(30.0)))]
+    fn new(
+        py: Python<'_>,
+        config: &Bound<'_, PyAny>,
+        watchdog_timeout: Option<f64>,
+    ) -> PyResult<Self> {
+        let mut config: VmConfig = crate::from_py(py, config)?;
+        // Validated here for typed errors; Vm::new checks its input again.
+        config
+            .validate()
+            .map_err(|e| crate::validation_error(py, e))?;
         let options = VmOptions {
             watchdog_timeout: duration(watchdog_timeout)?,
         };
@@ -165,17 +172,6 @@ impl VmHandle {
             info.console_pty.map(|p| p.to_string_lossy().into_owned()),
         )?;
         dict.set_item("memory_size", info.memory_size)?;
-        // Before the first boot the config has no automatic ids yet (as in
-        // Cloud Hypervisor, where they are given when the VM is built).
-        let config = if info.boots > 0 {
-            Some(
-                serde_json::to_string(self.vm.config())
-                    .map_err(|e| PyRuntimeError::new_err(e.to_string()))?,
-            )
-        } else {
-            None
-        };
-        dict.set_item("config_json", config)?;
         let devices = PyList::empty(py);
         for device in info.devices {
             let node = PyDict::new(py);
@@ -186,6 +182,21 @@ impl VmHandle {
         }
         dict.set_item("devices", devices)?;
         Ok(dict)
+    }
+
+    /// The config of the booted VM (with the ids given at boot), or None
+    /// before the first boot: only then does Cloud Hypervisor give the ids.
+    fn live_config<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        if self.vm.info().boots == 0 {
+            return Ok(None);
+        }
+        crate::to_py(py, self.vm.config()).map(Some)
+    }
+
+    /// The top-level `iommu` of the validated config (v37 derives it).
+    #[getter]
+    fn iommu(&self) -> bool {
+        self.vm.config().iommu
     }
 
     /// Cloud Hypervisor's counters: {device id: {counter: value}}.
@@ -205,8 +216,13 @@ impl VmHandle {
 
 impl Drop for VmHandle {
     /// A VM whose Python object goes away must not keep running unseen.
+    /// Closing joins the VM's threads, so other Python threads run meanwhile
+    /// (no GIL to release once the interpreter is finalizing).
     fn drop(&mut self) {
-        self.vm.close();
+        let vm = &self.vm;
+        if Python::try_attach(|py| py.detach(|| vm.close())).is_none() {
+            vm.close();
+        }
     }
 }
 

@@ -1,0 +1,95 @@
+"""The VMM's Rust log records, in Python's ``logging``.
+
+Records logged in Rust (vCPU and device threads included) reach the logger
+named after their Rust module: ``vmkit_vmm::virtio::block`` logs to
+``vmkit.vmm.virtio.block``, other crates to ``vmkit.<crate>...``; all are
+children of the ``vmkit`` logger, so ``logging.getLogger("vmkit")`` (what
+``vmkit -v`` and ``--log-file`` configure) sees them all. Rust levels map to
+``ERROR``, ``WARNING``, ``INFO``, ``DEBUG`` and ``TRACE`` (5).
+
+Rust threads never wait for Python: a record goes into a bounded queue that
+one thread drains into ``logging``; when the queue is full the record is
+dropped and a later warning says how many were. Rust skips records below the
+level of the ``vmkit`` loggers as they stood when the last VM was created (or
+``sync_level()`` was last called): call it after lowering a level while a VM
+runs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+
+from vmkit import _native
+
+__all__ = ["TRACE", "flush", "sync_level"]
+
+#: Rust's ``trace`` level, below ``DEBUG``.
+TRACE = 5
+logging.addLevelName(TRACE, "TRACE")
+
+# log::Level as a number (1 = error ... 5 = trace) → Python level.
+_LEVELS = (logging.NOTSET, logging.ERROR, logging.WARNING, logging.INFO, logging.DEBUG, TRACE)
+
+_installed = False
+
+
+@functools.lru_cache(maxsize=256)
+def _logger_for(target: str) -> logging.Logger:
+    """The logger of a Rust log target (``vmkit_vmm::vcpu`` → ``vmkit.vmm.vcpu``)."""
+    parts = target.split("::")
+    crate = parts[0].removeprefix("vmkit_")
+    if crate == "vmkit":
+        crate = ""
+    name = ".".join(p for p in ["vmkit", crate, *parts[1:]] if p)
+    return logging.getLogger(name)
+
+
+def _emit(batch: list[tuple[int, str, str, str | None, int | None, str]], dropped: int) -> None:
+    """Hands a batch of Rust records to their loggers (on the log thread)."""
+    for level_number, target, message, file, line, thread in batch:
+        level = _LEVELS[level_number] if 0 < level_number < len(_LEVELS) else logging.ERROR
+        logger = _logger_for(target)
+        if not logger.isEnabledFor(level):
+            continue
+        record = logger.makeRecord(logger.name, level, file or "", line or 0, message, (), None)
+        record.threadName = thread
+        logger.handle(record)
+    if dropped:
+        logging.getLogger("vmkit").warning(
+            "%d log records from the VMM were dropped: Python's logging did not keep up", dropped
+        )
+
+
+def _lowest_level() -> int:
+    """The lowest effective level of the ``vmkit`` logger and its descendants."""
+    level = logging.getLogger("vmkit").getEffectiveLevel()
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("vmkit.") and isinstance(logger, logging.Logger):
+            level = min(level, logger.getEffectiveLevel())
+    if logging.root.manager.disable >= level:
+        level = logging.root.manager.disable + 1
+    return level
+
+
+def sync_level() -> None:
+    """Lets Rust pass the records that the ``vmkit`` loggers now want (and
+    starts routing them to Python on first use)."""
+    global _installed
+    if not _installed:
+        _native.install_logging(_emit)
+        atexit.register(_stop)
+        _installed = True
+    _native.set_log_level(_lowest_level())
+
+
+def flush(timeout: float = 1.0) -> bool:
+    """Waits until the records Rust has logged so far reached their loggers
+    (or were dropped); False when ``timeout`` seconds were not enough."""
+    return _native.flush_logs(timeout)
+
+
+def _stop() -> None:
+    _native.flush_logs(0.5)
+    _native.stop_logging()
