@@ -52,8 +52,8 @@ log = logging.getLogger("vmkit.vmm")
 # Library use stays quiet; the vmkit command sends these loggers to stderr or --log-file.
 logging.getLogger("vmkit").addHandler(logging.NullHandler())
 
-#: The features vmkit reports in ``vmm.ping`` (those of a default v37 build).
-FEATURES = ("kvm", "io_uring")
+#: The features vmkit reports in ``vmm.ping``: a default v37 build's, in its (sorted) order.
+FEATURES = ("io_uring", "kvm")
 
 VM_NOT_CREATED = "VM is not created"
 VM_ALREADY_CREATED = "VM is already created"
@@ -476,16 +476,17 @@ class Vmm:
         with self.lock:
             if self.config is None:
                 raise ApiError(VM_NOT_CREATED)
+            base = self._live_config(self.vm) if self.vm is not None else self.config
+            zones = [zone for zone in base.memory.zones or [] if zone.id == id]
+            if not zones:
+                # v37's answer for an unknown zone, booted or not
+                log.error("Could not find the memory zone %s for the resize", id)
+                raise ApiError("Failed resizing a memory zone")
             if self.vm is not None:
                 raise ApiError(
                     "Cannot resize memory zone: resizing a booted VM is not supported yet"
                 )
-            for zone in self.config.memory.zones or []:
-                if zone.id == id:
-                    zone.size = desired_ram
-                    return
-            log.error("Could not find the memory zone %s for the resize", id)
-            raise ApiError("Failed resizing a memory zone")
+            zones[0].size = desired_ram
 
     # -- add / remove devices ----------------------------------------------------------------
 
@@ -573,6 +574,14 @@ class Vmm:
         """``vm.remove-device``: cold: removes the device with ``id`` from the config."""
         with self.lock:
             if self.vm is not None:
+                try:
+                    tree = self.vm.info()["device_tree"] or {}
+                except VmError:
+                    tree = {}
+                if id not in tree:  # v37's device manager looks the id up first
+                    raise ApiError(
+                        f"Error from device manager: UnknownDeviceId({rust_debug_str(id)})"
+                    )
                 raise ApiError(
                     "Failed to remove device: hot-unplugging devices from a booted VM "
                     "is not supported yet"
