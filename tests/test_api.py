@@ -840,7 +840,6 @@ ADD_BODIES: dict[str, dict[str, Any]] = {
 }
 RESIZES: dict[str, dict[str, Any]] = {
     "vm.resize": {"desired_vcpus": 1},
-    "vm.resize-zone": {"id": "z0", "desired_ram": 1 << 30},
 }
 
 
@@ -919,9 +918,14 @@ def test_row_vm_present(api: Api) -> None:
         reply = api.put(action, body)
         assert_reply(reply, 500)
         assert reply.text.endswith("not supported yet")
-    reply = api.put("vm.remove-device", {"id": "_disk0"})
+    reply = api.put("vm.resize-zone", {"id": "z0", "desired_ram": 1 << 30})
+    assert_reply(reply, 500, "Failed resizing a memory zone")  # v37's text: no such zone
+    # v37 looks the id up before anything else
+    reply = api.put("vm.remove-device", {"id": "__rng"})
     assert_reply(reply, 500)
     assert reply.text.endswith("not supported yet")
+    reply = api.put("vm.remove-device", {"id": "nope"})
+    assert_reply(reply, 500, 'Error from device manager: UnknownDeviceId("nope")')
     # the power button reaches the guest (test_power_button_powers_the_guest_off)
     assert_reply(api.put("vm.power-button"), 204, "")
     reply = api.put("vm.send-migration", {"destination_url": "unix:/tmp/m"})
