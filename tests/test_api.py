@@ -1104,6 +1104,27 @@ def test_unsupported_devices_are_refused_at_boot(api: Api) -> None:
     assert api.state() == "Created"
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--console", "socket=/tmp/absent.sock"), "The virtio console cannot use a socket"),
+        (("--platform", "uuid=1-2"), "--platform serial_number, uuid and oem_strings"),
+    ],
+)
+def test_boot_refuses_what_v37_refuses_when_it_builds_the_vm(
+    api: Api, extra: tuple[str, ...], message: str
+) -> None:
+    config = guest_config()
+    config.update(VmConfig.from_cli(["--kernel", "k", *extra]).to_dict())
+    for key in ("payload", "cpus", "memory"):
+        config[key] = guest_config()[key]
+    assert_reply(api.put("vm.create", config), 204)
+    reply = api.put("vm.boot")
+    assert_reply(reply, 500)
+    assert reply.text.startswith(message), reply.text
+    assert api.state() == "Created"
+
+
 def test_create_drops_net_fds(api: Api) -> None:
     config = cold_config("--net", "fd=[5,6],num_queues=4")
     assert config["net"][0]["fds"] == [5, 6]
@@ -1548,6 +1569,8 @@ def test_api_socket_fd_errors(value: str, message: str) -> None:
             "path={dir}/missing/e",
             "Error doing event monitor I/O: No such file or directory (os error 2)",
         ),
+        # a descriptor that is not open: v37 exits when the first event cannot be written
+        ("fd=987", "Error doing event monitor I/O: Bad file descriptor (os error 9)"),
     ],
 )
 def test_event_monitor_errors(workdir: Path, value: str, message: str) -> None:
