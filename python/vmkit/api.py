@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from vmkit._serde_json import JsonError, read_struct
 from vmkit.config import (
     DeviceConfig,
     DiskConfig,
@@ -130,98 +131,18 @@ def _config_from_body(cls: type[_C], body: bytes) -> _C:
         raise BodyError(_json_error_text(e)) from None
 
 
-def _describe(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean `{str(value).lower()}`"
-    if isinstance(value, int):
-        return f"integer `{value}`"
-    if isinstance(value, float):
-        return f"floating point `{value}`"
-    if isinstance(value, str):
-        return f"string {json.dumps(value)}"
-    if isinstance(value, list):
-        return "sequence"
-    return "map"
-
-
-_UNSIGNED = {"u8": 0xFF, "u64": 0xFFFF_FFFF_FFFF_FFFF}
-_EXPECTED = {"string": "a string", "bool": "a boolean", "u8": "u8", "u64": "u64"}
-
-
-def _check_value(name: str, kind: str, value: object) -> object:
-    optional = kind.endswith("?")
-    kind = kind.rstrip("?")
-    if value is None and optional:
-        return None
-    expected = _EXPECTED[kind]
-    if kind == "string":
-        if isinstance(value, str):
-            return value
-    elif kind == "bool":
-        if isinstance(value, bool):
-            return value
-    elif isinstance(value, int) and not isinstance(value, bool):
-        if 0 <= value <= _UNSIGNED[kind]:
-            return value
-        raise BodyError(f"invalid value: integer `{value}`, expected {expected}")
-    raise BodyError(f"invalid type: {_describe(value)}, expected {expected}")
-
-
-def _reject_constant(name: str) -> object:
-    raise BodyError(f"expected value: {name} is not JSON")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise BodyError(f"duplicate field `{key}`")
-        result[key] = value
-    return result
-
-
 def parse_body(body: bytes, struct: str, fields: dict[str, tuple[str, object]]) -> dict[str, Any]:
-    """Reads a JSON object as serde reads struct ``struct``.
+    """Reads a JSON object as serde_json reads struct ``struct`` (see ``_serde_json``).
 
     ``fields``: name → (kind, default), kind one of ``u8 u64 string bool``
     with ``?`` for an Option; a default of ``...`` means required. Unknown
-    fields are ignored (as serde does without deny_unknown_fields).
+    fields are ignored (as serde does without deny_unknown_fields). Raises
+    BodyError with serde_json's text and position.
     """
     try:
-        text = body.decode()
-    except UnicodeDecodeError as e:
-        raise BodyError(f"invalid unicode in the request body: {e}") from None
-    try:
-        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except json.JSONDecodeError as e:
-        raise BodyError(f"{e.msg} at line {e.lineno} column {e.colno}") from None
-    except RecursionError:
-        raise BodyError("recursion limit exceeded") from None
-    if isinstance(data, list):
-        # serde also reads a struct from an array of its fields, in order
-        if len(data) < len(fields):
-            raise BodyError(
-                f"invalid length {len(data)}, expected struct {struct} with "
-                f"{len(fields)} element{'s' if len(fields) != 1 else ''}"
-            )
-        if len(data) > len(fields):
-            raise BodyError(f"invalid length {len(data)}, expected fewer elements in array")
-        data = dict(zip(fields, data, strict=True))
-    if not isinstance(data, dict):
-        raise BodyError(f"invalid type: {_describe(data)}, expected struct {struct}")
-    result: dict[str, Any] = {}
-    for name, (kind, default) in fields.items():
-        if name in data:
-            result[name] = _check_value(name, kind, data[name])
-        elif kind.endswith("?"):
-            result[name] = None
-        elif default is ...:
-            raise BodyError(f"missing field `{name}`")
-        else:
-            result[name] = default
-    return result
+        return read_struct(body, struct, fields)
+    except JsonError as e:
+        raise BodyError(str(e)) from None
 
 
 # -- routes ----------------------------------------------------------------------------------
