@@ -729,6 +729,23 @@ def test_chunked_bodies_are_read(api: Api, chunks: list[bytes]) -> None:
         assert_reply(reply, 400, "EOF while parsing a list at line 1 column 1")
 
 
+def test_go_net_http_chunked_put(api: Api) -> None:
+    """Go's net/http sends a body of unknown length (an io.Reader that is not a bytes or
+    strings reader, such as a pipe) chunked, with its own headers; v37 refuses that
+    ("Invalid request."), vmkit reads it."""
+    body = json.dumps(cold_config()).encode()
+    with Client(api.path) as client:
+        client.sock.sendall(
+            b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: localhost\r\n"
+            b"User-Agent: Go-http-client/1.1\r\nTransfer-Encoding: chunked\r\n"
+            b"Accept-Encoding: gzip\r\n\r\n"
+            + b"%x\r\n%s\r\n" % (len(body), body)
+            + b"0\r\n\r\n"
+        )
+        assert_reply(read_reply(client.sock), 204)
+        assert client.send("GET", "vm.info").json()["config"] == cold_config()
+
+
 def test_http_client_and_curl_bodies(api: Api) -> None:
     """Python's http.client (chunked for an iterable) and curl (Content-Length, Expect)."""
     import http.client
