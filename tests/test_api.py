@@ -738,9 +738,7 @@ def test_go_net_http_chunked_put(api: Api) -> None:
         client.sock.sendall(
             b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: localhost\r\n"
             b"User-Agent: Go-http-client/1.1\r\nTransfer-Encoding: chunked\r\n"
-            b"Accept-Encoding: gzip\r\n\r\n"
-            + b"%x\r\n%s\r\n" % (len(body), body)
-            + b"0\r\n\r\n"
+            b"Accept-Encoding: gzip\r\n\r\n" + b"%x\r\n%s\r\n" % (len(body), body) + b"0\r\n\r\n"
         )
         assert_reply(read_reply(client.sock), 204)
         assert client.send("GET", "vm.info").json()["config"] == cold_config()
