@@ -21,6 +21,7 @@ Python (``VmResizeData``, ``VmRemoveDeviceData``, ...), whose fields are all
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Any
 
@@ -29,6 +30,11 @@ from vmkit._apiwire import rust_debug_str
 __all__ = ["JsonError", "read_struct", "rust_float"]
 
 _WHITESPACE = b" \t\n\r"
+#: the bytes that end a run of plain string content: a quote, a backslash, a control byte
+_STRING_SPECIAL = re.compile(rb'["\\\x00-\x1f]')
+_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+#: bytes after a number's match that make it malformed (left to the byte-wise reader)
+_NUMBER_CONTINUES = frozenset(b"0123456789.eE+-")
 _DIGITS = b"0123456789"
 _HEX = b"0123456789abcdefABCDEF"
 _ESCAPES = {
@@ -60,6 +66,33 @@ def rust_float(value: float) -> str:
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return text
+
+
+class _Nested:
+    """A map or sequence where a scalar was expected (never read into a value)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+MAP = _Nested("map")
+SEQUENCE = _Nested("sequence")
+
+
+def unexpected(value: object) -> str:
+    """serde's ``Unexpected`` text for a value: ``integer `1```, ``string "x"``, ..."""
+    if isinstance(value, _Nested):
+        return value.name
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean `{'true' if value else 'false'}`"
+    if isinstance(value, int):
+        return f"integer `{value}`"
+    if isinstance(value, float):
+        return f"floating point `{rust_float(value)}`"
+    assert isinstance(value, str)
+    return f"string {rust_debug_str(value)}"
 
 
 class _Reader:
@@ -134,6 +167,8 @@ class _Reader:
         parts: list[str] = []
         start = self.i
         while True:
+            special = _STRING_SPECIAL.search(self.data, self.i)  # skip plain bytes at C speed
+            self.i = special.start() if special else len(self.data)
             byte = self.next()
             if byte is None:
                 raise self.error("EOF while parsing a string")
@@ -230,6 +265,12 @@ class _Reader:
 
     def skip_number(self) -> None:
         """A number's syntax only (serde_json computes no value for an ignored field)."""
+        match = _NUMBER.match(self.data, self.i)
+        if match is not None:
+            end = match.end()
+            if end == len(self.data) or self.data[end] not in _NUMBER_CONTINUES:
+                self.i = end  # well-formed: done without looking at each byte
+                return
         if self.peek() == ord("-"):
             self.i += 1
         self._need_digit()
@@ -344,33 +385,29 @@ class _Reader:
         else:
             raise self.peek_error("expected value")
 
-    def scalar(self) -> tuple[object, str]:
-        """The next value as (value, serde's Unexpected text); maps and sequences are
-        not consumed (serde_json reports them where they start)."""
+    def scalar(self) -> object:
+        """The next value; a map or a sequence is not consumed (serde_json reports those
+        where they start) and comes back as ``MAP`` or ``SEQUENCE``."""
         byte = self.skip_whitespace()
         if byte is None:
             raise self.error("EOF while parsing a value")
         if byte == ord('"'):
             self.i += 1
-            text = self.string()
-            return text, f"string {rust_debug_str(text)}"
+            return self.string()
         if byte == ord("-") or byte in _DIGITS:
-            number = self.number()
-            if isinstance(number, float):
-                return number, f"floating point `{rust_float(number)}`"
-            return number, f"integer `{number}`"
+            return self.number()
         if byte in (ord("t"), ord("f")):
             self.i += 1
             self.ident(b"rue" if byte == ord("t") else b"alse")
-            return byte == ord("t"), f"boolean `{'true' if byte == ord('t') else 'false'}`"
+            return byte == ord("t")
         if byte == ord("n"):
             self.i += 1
             self.ident(b"ull")
-            return None, "null"
+            return None
         if byte == ord("["):
-            return ..., "sequence"
+            return SEQUENCE
         if byte == ord("{"):
-            return ..., "map"
+            return MAP
         raise self.peek_error("expected value")
 
     def field(self, kind: str) -> object:
@@ -378,7 +415,7 @@ class _Reader:
         optional = kind.endswith("?")
         kind = kind.rstrip("?")
         expected = _EXPECTED[kind]
-        value, unexpected = self.scalar()
+        value = self.scalar()
         if value is None and optional:
             return None
         if kind == "string" and isinstance(value, str):
@@ -388,8 +425,8 @@ class _Reader:
         if kind in _UNSIGNED_MAX and isinstance(value, int) and not isinstance(value, bool):
             if 0 <= value <= _UNSIGNED_MAX[kind]:
                 return value
-            raise self.error(f"invalid value: {unexpected}, expected {expected}")
-        raise self.error(f"invalid type: {unexpected}, expected {expected}")
+            raise self.error(f"invalid value: {unexpected(value)}, expected {expected}")
+        raise self.error(f"invalid type: {unexpected(value)}, expected {expected}")
 
     def end_of(self, close: int) -> None:
         """What serde_json does after a struct's map or sequence, even after an error:
@@ -428,8 +465,8 @@ def read_struct(body: bytes, struct: str, fields: dict[str, tuple[str, object]])
             reader.end_of(ord("]"))
             raise reader.error(str(e)) from None
     else:
-        _value, unexpected = reader.scalar()
-        raise reader.error(f"invalid type: {unexpected}, expected struct {struct}")
+        value = reader.scalar()
+        raise reader.error(f"invalid type: {unexpected(value)}, expected struct {struct}")
     if reader.skip_whitespace() is not None:
         raise reader.peek_error("trailing characters")
     return result
