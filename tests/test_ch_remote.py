@@ -253,6 +253,7 @@ SCRIPT: list[tuple[str, str]] = [
     ("running", "add-vdpa path=@W/absent-vdpa,id=vdpa9"),
     ("running", "remove-device disk0"),
     ("running", "remove-device nope"),
+    ("running", "remove-device __rng"),
     ("running", "resize --cpus 4"),
     ("running", "resize --memory 128M"),
     ("running", "resize-zone --id zone0 --size 1G"),

@@ -630,6 +630,10 @@ class Vmm:
                     raise ApiError(
                         f"Error from device manager: UnknownDeviceId({rust_debug_str(id)})"
                     )
+                # then refuses the virtio types that can never be unplugged
+                fixed = {"__rng": "Rng", "__console": "Console"}.get(id)
+                if fixed is not None:
+                    raise ApiError(f"Error from device manager: RemovalNotAllowed({fixed})")
                 raise ApiError(
                     "Failed to remove device: hot-unplugging devices from a booted VM "
                     "is not supported yet"
