@@ -163,11 +163,24 @@ def call(
 
 def assert_reply(reply: Reply, status: int, body: str | bytes | None = None) -> None:
     assert reply.headers["server"] == "Cloud Hypervisor API"
-    assert reply.headers["content-type"] == "application/json"
     assert reply.status == status, reply
+    if reply.body:
+        assert reply.headers["content-type"] == "application/json"
+    else:  # v37 sends neither header with an empty answer
+        assert "content-type" not in reply.headers, reply
+        assert "content-length" not in reply.headers, reply
     if body is not None:
         expected = body.encode() if isinstance(body, str) else body
         assert reply.body == expected, reply
+
+
+def assert_http_error(reply: Reply, message: str) -> None:
+    """micro_http's own 400 for a request it cannot read (bytes as v37 sends them)."""
+    assert reply.status == 400, reply
+    assert reply.headers["server"] == "Firecracker API"
+    assert reply.headers["content-type"] == "application/json"
+    expected = f'{{ "error": "{message}\nAll previous unanswered requests will be dropped." }}'
+    assert reply.text == expected
 
 
 def parse_events(text: str) -> list[dict[str, Any]]:
@@ -375,11 +388,11 @@ def run_vmkit(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[st
 def test_ping(api: Api) -> None:
     reply = api.get("vmm.ping")
     assert_reply(reply, 200)
-    assert reply.reason == "OK"
+    assert reply.reason == ""  # micro_http writes no reason phrase; ch-remote relies on it
     data = reply.json()
     assert list(data) == ["build_version", "version", "pid", "features"]
     assert data["pid"] == os.getpid()
-    assert data["features"] == ["kvm", "io_uring"]
+    assert data["features"] == ["io_uring", "kvm"]  # as a default v37 build lists them
     assert data["build_version"] == f"vmkit v{data['version']}"
     assert data["version"] != "37.0.0"
     assert int(reply.headers["content-length"]) == len(reply.body)
@@ -406,7 +419,7 @@ def test_unknown_paths_are_404(api: Api, target: str, method: str) -> None:
     with Client(api.path) as client:
         reply = client.raw(f"{method} {target} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
     assert_reply(reply, 404, "Not Found")
-    assert reply.reason == "Not Found"
+    assert reply.reason == ""
 
 
 def test_absolute_form_target_is_routed(api: Api) -> None:
@@ -464,8 +477,6 @@ def test_method_and_body_rules(
 ) -> None:
     reply = api(method, action, body)
     assert_reply(reply, status, expected)
-    if status == 400:
-        assert reply.reason == "Bad Request"
 
 
 def test_content_length_zero_means_no_body(api: Api) -> None:
@@ -480,7 +491,7 @@ def test_content_length_zero_means_no_body(api: Api) -> None:
 def test_methods_other_than_get_put_patch_are_refused(api: Api, method: str) -> None:
     with Client(api.path) as client:
         reply = client.raw(f"{method} /api/v1/vmm.ping HTTP/1.1\r\n\r\n".encode())
-        assert_reply(reply, 400)
+        assert_http_error(reply, BAD_METHOD)
         assert client.closed_by_server()
 
 
@@ -505,7 +516,7 @@ def test_methods_other_than_get_put_patch_are_refused(api: Api, method: str) -> 
         ("vm.resize", '{"desired_vcpus":256}', "invalid value: integer `256`, expected u8"),
         ("vm.resize", '{"desired_ram":1.5}', "invalid type: floating point `1.5`, expected u64"),
         ("vm.resize", "[1]", "invalid length 1, expected struct VmResizeData with 3 elements"),
-            ("vm.resize", "[1, 2, 3, 4]", "invalid length 4, expected fewer elements in array"),
+            ("vm.resize", "[1, 2, 3, 4]", "trailing characters at line 1 column 11"),
             ("vm.resize", "true", "invalid type: boolean `true`, expected struct VmResizeData"),
         ("vm.resize", '{"desired_ram":1,"desired_ram":2}', "duplicate field `desired_ram`"),
         ("vm.resize-zone", '{"id":"z"}', "missing field `desired_ram`"),
@@ -513,7 +524,23 @@ def test_methods_other_than_get_put_patch_are_refused(api: Api, method: str) -> 
          "invalid type: integer `1`, expected a string"),
         ("vm.remove-device", "{}", "missing field `id`"),
         ("vm.remove-device", '{"id":null}', "invalid type: null, expected a string"),
-        ("vm.remove-device", "nope", "Expecting value at line 1 column 1"),
+        ("vm.remove-device", "nope", "expected ident at line 1 column 2"),
+        # serde_json's limits (texts from v37): no 4,300-digit Python ints, no lone surrogates
+        ("vm.resize", '{"desired_ram":' + "1" * 4380 + "}",
+         "number out of range at line 1 column 4395"),
+        ("vm.resize", '{"desired_ram":' + "9" * 5000 + "}",
+         "number out of range at line 1 column 5015"),
+        ("vm.resize", '{"desired_ram":' + "1" * 100 + "}",
+         "invalid type: floating point `1111111111111111" + "0" * 84 + "`, expected u64 at "
+         "line 1 column 115"),
+        ("vm.remove-device", '{"id":"\\ud800"}',
+         "unexpected end of hex escape at line 1 column 14"),
+        ("vm.remove-device", '{"id":"\\udc00x"}',
+         "lone leading surrogate in hex escape at line 1 column 13"),
+        ("vm.remove-device", '{"id":"\\ud800\\u0041"}',
+         "lone leading surrogate in hex escape at line 1 column 19"),
+        ("vm.remove-device", '{"x":' + "[" * 5000,
+         "EOF while parsing a list at line 1 column 5005"),
         ("vm.snapshot", '"x"', 'invalid type: string "x", expected struct VmSnapshotConfig'),
         ("vm.restore", "{}", "missing field `source_url`"),
         ("vm.send-migration", '{"destination_url":"x","local":1}',
@@ -561,7 +588,9 @@ def test_expect_100_continue(api: Api) -> None:
         interim = b""
         while not interim.endswith(b"\r\n\r\n"):
             interim += client.sock.recv(1)
-        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert interim == (
+            b"HTTP/1.1 100 \r\nServer: Firecracker API\r\nConnection: keep-alive\r\n\r\n"
+        )
         assert_reply(client.raw(body), 204)
 
 
@@ -589,48 +618,176 @@ def test_many_concurrent_clients(api: Api) -> None:
         t.start()
     for t in threads:
         t.join(60)
+    stuck = [t.name for t in threads if t.is_alive()]
+    assert not stuck, f"clients still waiting for answers after 60 s: {stuck}"
     assert not failures
 
 
+INVALID_REQUEST = "Invalid request."
+BAD_METHOD = "Invalid HTTP Method: Unsupported HTTP method."
+BAD_VERSION = "Invalid HTTP Version: Unsupported HTTP version."
+BAD_HEADER = "Invalid header. Reason: Header is incorrectly formatted. Key: "
+BAD_VALUE = "Invalid header. Reason: Invalid value. Key:"
+
+
 @pytest.mark.parametrize(
-    "request_bytes",
+    ("request_bytes", "message"),
     [
-        b"GET /api/v1/vmm.ping\r\n\r\n",  # two parts
-        b"GET  /api/v1/vmm.ping HTTP/1.1\r\n\r\n",
-        b"GET /api/v1/vmm.ping HTTP/2.0\r\n\r\n",
-        b"GET /api/v1/vmm.ping HTTP/1.1 x\r\n\r\n",
-        b"GET api/v1/vmm.ping HTTP/1.1\r\n\r\n",
-        b"\x00\x01\x02 / HTTP/1.1\r\n\r\n",
-        b"GET /api/v1/vmm.ping HTTP/1.1\r\nNo colon here\r\n\r\n",
-        b"GET /api/v1/vmm.ping HTTP/1.1\r\n: empty name\r\n\r\n",
-        b"GET /api/v1/vmm.ping HTTP/1.1\r\nBad Name: x\r\n\r\n",
-        b"GET /api/v1/vmm.ping HTTP/1.1\r\n folded: x\r\n\r\n",
-        b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
-        b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-        b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
-        b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
-        b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
-        b"PUT /api/v1/vm.create HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
-        b"GET /api/v1/vmm.ping HTTP/1.1\r\nX: " + b"a" * 100_000 + b"\r\n\r\n",
+        # the texts are those v37's cloud-hypervisor answers (checked against it)
+        (b"GET /api/v1/vmm.ping\r\n\r\n", INVALID_REQUEST),  # two parts
+        (b"GARBAGE\r\n\r\n", INVALID_REQUEST),
+        (b"GET  /api/v1/vmm.ping HTTP/1.1\r\n\r\n", INVALID_REQUEST),
+        (b"GET /api/v1/vmm.ping HTTP/2.0\r\n\r\n", BAD_VERSION),
+        (b"GET /api/v1/vmm.ping HTTP/1.1 x\r\n\r\n", BAD_VERSION),
+        (b"POST /api/v1/vm.delete HTTP/1.1\r\n\r\n", BAD_METHOD),
+        (b"\x00\x01\x02 / HTTP/1.1\r\n\r\n", BAD_METHOD),
+        (b"GET /api/v1/vmm.ping HTTP/1.1\r\nBadheader\r\n\r\n", BAD_HEADER + "Badheader"),
+        (b"GET /api/v1/vmm.ping HTTP/1.1\r\n: empty name\r\n\r\n", BAD_HEADER + ": empty name"),
+        (b"GET /api/v1/vmm.ping HTTP/1.1\r\nBad Name: x\r\n\r\n", BAD_HEADER + "Bad Name: x"),
+        (b"GET /api/v1/vmm.ping HTTP/1.1\r\n folded: x\r\n\r\n", BAD_HEADER + " folded: x"),
+        (
+            b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
+            BAD_VALUE + "Content-Length; Value: abc",
+        ),
+        (
+            b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            BAD_VALUE + "Content-Length; Value: -1",
+        ),
+        (
+            b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+            BAD_VALUE + "Content-Length; Value: +5",
+        ),
+        (
+            b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+            BAD_VALUE + "Content-Length; Value: 3",
+        ),
+        (
+            b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+            BAD_VALUE + "Content-Length; Value: 99999999999999999999999",
+        ),
+        (
+            b"PUT /api/v1/vm.create HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n{}",
+            BAD_VALUE + "Transfer-Encoding; Value: gzip",
+        ),
+        (
+            b"PUT /api/v1/vm.create HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Length: 2\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+            BAD_VALUE + "Transfer-Encoding; Value: chunked",
+        ),
+        (
+            b"PUT /api/v1/vm.create HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n",
+            INVALID_REQUEST,
+        ),
+        (
+            b"PUT /api/v1/vm.create HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}xx",
+            INVALID_REQUEST,
+        ),
+        (b"GET /api/v1/vmm.ping HTTP/1.1\r\nX: " + b"a" * 100_000 + b"\r\n\r\n", INVALID_REQUEST),
     ],
 )
-def test_malformed_requests_get_400_and_a_closed_connection(api: Api, request_bytes: bytes) -> None:
+def test_malformed_requests_get_400_and_a_closed_connection(
+    api: Api, request_bytes: bytes, message: str
+) -> None:
     with Client(api.path) as client:
         try:
             reply = client.raw(request_bytes)
         except (BrokenPipeError, ConnectionResetError):
             pass  # refused before it was all sent
         else:
-            assert_reply(reply, 400)
+            assert_http_error(reply, message)
+            # v37 reads on after such an error; vmkit closes, as the framing is lost
             assert client.closed_by_server()
     assert_reply(api.get("vmm.ping"), 200)
+
+
+def test_origin_form_without_slash_is_404_as_in_v37(api: Api) -> None:
+    with Client(api.path) as client:
+        assert_reply(client.raw(b"GET api/v1/vmm.ping HTTP/1.1\r\n\r\n"), 404, "Not Found")
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [b"2\r\n{}\r\n", b"0\r\n\r\n"],
+        [b"1\r\n{\r\n", b"1;ext=1\r\n}\r\n", b"0\r\nTrailer: x\r\n\r\n"],
+        [b"0000000000000001\r\n{\r\n1\r\n}\r\n0\r\n\r\n"],
+    ],
+)
+def test_chunked_bodies_are_read(api: Api, chunks: list[bytes]) -> None:
+    """HTTP/1.1 clients send chunked bodies when they do not know the length up front."""
+    with Client(api.path) as client:
+        client.sock.sendall(b"PUT /api/v1/vm.create HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for chunk in chunks:
+            client.sock.sendall(chunk)
+        assert_reply(read_reply(client.sock), 204)
+        assert client.send("GET", "vm.info").json()["state"] == "Created"  # still in step
+        # the body was `{}` exactly: a second one is refused for the VM that exists
+        reply = client.raw(
+            b"PUT /api/v1/vm.create HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"1\r\n[\r\n0\r\n\r\n"
+        )
+        assert_reply(reply, 400, "EOF while parsing a list at line 1 column 1")
+
+
+def test_go_net_http_chunked_put(api: Api) -> None:
+    """Go's net/http sends a body of unknown length (an io.Reader that is not a bytes or
+    strings reader, such as a pipe) chunked, with its own headers; v37 refuses that
+    ("Invalid request."), vmkit reads it."""
+    body = json.dumps(cold_config()).encode()
+    with Client(api.path) as client:
+        client.sock.sendall(
+            b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: localhost\r\n"
+            b"User-Agent: Go-http-client/1.1\r\nTransfer-Encoding: chunked\r\n"
+            b"Accept-Encoding: gzip\r\n\r\n" + b"%x\r\n%s\r\n" % (len(body), body) + b"0\r\n\r\n"
+        )
+        assert_reply(read_reply(client.sock), 204)
+        assert client.send("GET", "vm.info").json()["config"] == cold_config()
+
+
+def test_http_client_and_curl_bodies(api: Api) -> None:
+    """Python's http.client (chunked for an iterable) and curl (Content-Length, Expect)."""
+    import http.client
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(os.fspath(api.path))
+
+    body = json.dumps(cold_config()).encode()
+    conn = UnixConnection("localhost")
+    try:
+        conn.request("PUT", "/api/v1/vm.create", body=iter([body[:10], body[10:]]))
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (204, b"")
+        conn.request("GET", "/api/v1/vm.info")
+        response = conn.getresponse()
+        assert response.status == 200
+        assert json.loads(response.read())["state"] == "Created"
+        conn.request("PUT", "/api/v1/vm.delete")
+        assert conn.getresponse().status == 204
+    finally:
+        conn.close()
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    big = json.dumps(cold_config("--cmdline", "x" * 2000)).encode()  # curl: Expect over 1 KiB
+    result = subprocess.run(
+        [curl, "-sS", "--unix-socket", str(api.path), "-X", "PUT", "--data-binary", "@-",
+         "-w", "%{http_code}", "http://localhost/api/v1/vm.create"],
+        input=big, capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert (result.returncode, result.stdout) == (0, b"204"), result.stderr
+    assert api.state() == "Created"
 
 
 def test_oversized_body_is_refused_unread(api: Api) -> None:
     with Client(api.path) as client:
         reply = client.raw(b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: 2097152\r\n\r\n{")
-        assert_reply(reply, 400)
-        assert "larger than the limit of 1048576" in reply.text
+        assert_http_error(
+            reply,
+            "Request payload with size 2097152 is larger than the limit of 1048576 "
+            "allowed by server.",
+        )
         assert client.closed_by_server()
     # a body just under the cap is read (and is bad JSON)
     body = b"[" * 10 + b" " * (1048576 - 10)
@@ -714,7 +871,6 @@ ADD_BODIES: dict[str, dict[str, Any]] = {
 }
 RESIZES: dict[str, dict[str, Any]] = {
     "vm.resize": {"desired_vcpus": 1},
-    "vm.resize-zone": {"id": "z0", "desired_ram": 1 << 30},
 }
 
 
@@ -793,9 +949,13 @@ def test_row_vm_present(api: Api) -> None:
         reply = api.put(action, body)
         assert_reply(reply, 500)
         assert reply.text.endswith("not supported yet")
-    reply = api.put("vm.remove-device", {"id": "_disk0"})
-    assert_reply(reply, 500)
-    assert reply.text.endswith("not supported yet")
+    reply = api.put("vm.resize-zone", {"id": "z0", "desired_ram": 1 << 30})
+    assert_reply(reply, 500, "Failed resizing a memory zone")  # v37's text: no such zone
+    # v37 looks the id up before anything else
+    reply = api.put("vm.remove-device", {"id": "__rng"})
+    assert_reply(reply, 500, "Error from device manager: RemovalNotAllowed(Rng)")
+    reply = api.put("vm.remove-device", {"id": "nope"})
+    assert_reply(reply, 500, 'Error from device manager: UnknownDeviceId("nope")')
     # the power button reaches the guest (test_power_button_powers_the_guest_off)
     assert_reply(api.put("vm.power-button"), 204, "")
     reply = api.put("vm.send-migration", {"destination_url": "unix:/tmp/m"})
@@ -909,7 +1069,8 @@ def test_concurrent_state_changes(api: Api) -> None:
         t.start()
     for t in threads:
         t.join(120)
-    assert not any(t.is_alive() for t in threads)
+    stuck = [t.name for t in threads if t.is_alive()]
+    assert not stuck, f"clients still waiting for answers after 120 s: {stuck}"
     assert not failures
     assert api.state() in ("Running", "Paused")
     assert_reply(api.put("vm.shutdown"), 204)
@@ -970,6 +1131,27 @@ def test_unsupported_devices_are_refused_at_boot(api: Api) -> None:
     reply = api.put("vm.boot")
     assert_reply(reply, 500)
     assert "--vsock is not supported yet" in reply.text
+    assert api.state() == "Created"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--console", "socket=/tmp/absent.sock"), "The virtio console cannot use a socket"),
+        (("--platform", "uuid=1-2"), "--platform serial_number, uuid and oem_strings"),
+    ],
+)
+def test_boot_refuses_what_v37_refuses_when_it_builds_the_vm(
+    api: Api, extra: tuple[str, ...], message: str
+) -> None:
+    config = guest_config()
+    config.update(VmConfig.from_cli(["--kernel", "k", *extra]).to_dict())
+    for key in ("payload", "cpus", "memory"):
+        config[key] = guest_config()[key]
+    assert_reply(api.put("vm.create", config), 204)
+    reply = api.put("vm.boot")
+    assert_reply(reply, 500)
+    assert reply.text.startswith(message), reply.text
     assert api.state() == "Created"
 
 
@@ -1230,8 +1412,7 @@ def test_idle_vmm_serves_until_vmm_shutdown(workdir: Path, vmkit: Callable[..., 
     assert_reply(call(sock, "GET", "vm.info"), 500, NOT_CREATED)
     assert_reply(call(sock, "PUT", "vm.create", cold_config()), 204)
     reply = call(sock, "PUT", "vmm.shutdown", "ignored body")
-    assert_reply(reply, 200, "")
-    assert reply.headers["content-length"] == "0"
+    assert_reply(reply, 200, "")  # no Content-Length: ch-remote then prints nothing
     assert process.wait(20) == 0
     assert not sock.exists()
     assert names(parse_events(events.read_text())) == ["vmm starting", "vm deleted", "vmm shutdown"]
@@ -1418,6 +1599,8 @@ def test_api_socket_fd_errors(value: str, message: str) -> None:
             "path={dir}/missing/e",
             "Error doing event monitor I/O: No such file or directory (os error 2)",
         ),
+        # a descriptor that is not open: v37 exits when the first event cannot be written
+        ("fd=987", "Error doing event monitor I/O: Bad file descriptor (os error 9)"),
     ],
 )
 def test_event_monitor_errors(workdir: Path, value: str, message: str) -> None:

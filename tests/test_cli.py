@@ -296,3 +296,73 @@ def test_from_cli_usage_error(argv: list[str]) -> None:
     with pytest.raises(UsageError) as info:
         VmConfig.from_cli(argv)
     assert not isinstance(info.value, ConfigError)
+
+
+# -- options vmkit cannot honour are refused, never silently left out -------------------------
+
+GUEST = ["--kernel", "./absent-vmlinux", "--serial", "null", "--console", "off"]
+
+
+def test_seccomp_true_is_refused_before_anything_starts() -> None:
+    proc = run(*GUEST, "--seccomp", "true")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("Error: --seccomp true is not supported yet: ")
+    # false and log only relax filters: the boot goes on (and fails on the absent kernel)
+    for value in ("false", "log"):
+        proc = run(*GUEST, "--seccomp", value)
+        assert proc.returncode == 1
+        assert proc.stderr.startswith("Error booting VM: Cannot open kernel"), proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--restore", "source_url=file:///tmp/absent"],
+        [*GUEST, "--restore", "source_url=file:///tmp/absent"],
+        ["--restore", "source_url=file:///tmp/absent", "--memory", "size=64M"],
+    ],
+)
+def test_restore_is_refused(args: list[str]) -> None:
+    proc = run(*args)
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "Error restoring VM: Cannot restore VM from file:///tmp/absent: restoring snapshots "
+        "is not supported by vmkit yet\n"
+    )
+
+
+def test_restore_syntax_errors_come_first() -> None:
+    proc = run("--restore", "bogus=1")
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        "Error parsing restore: Error parsing --restore: unknown option: bogus\n",
+    )
+
+
+@pytest.mark.skipif(
+    not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="boots VMs: needs read-write /dev/kvm"
+)
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--serial", "null", "--console", "socket=/tmp/absent.sock"],
+         "The virtio console cannot use a socket"),
+        (["--memory", "size=1000000"], "--memory size 1000000 is not a multiple of the page size"),
+        (
+            ["--memory", "size=4M,hugepages=on,hugepage_size=2M", "--memory-zone",
+             "id=z0,size=1M,hugepage_size=2M"],
+            "--memory-zone z0 size 1048576 is not a multiple of the page size 2097152",
+        ),
+        (["--platform", "serial_number=x"], "--platform serial_number, uuid and oem_strings"),
+        (["--platform", "uuid=1-2"], "--platform serial_number, uuid and oem_strings"),
+        (["--platform", "oem_strings=[a]"], "--platform serial_number, uuid and oem_strings"),
+    ],
+)  # fmt: skip
+def test_boot_refusals(args: list[str], message: str) -> None:
+    from vmkit import testguest
+
+    kernel = str(testguest.image_path("pvh"))
+    defaults = [] if "--console" in args else ["--serial", "null", "--console", "off"]
+    proc = run("--kernel", kernel, *defaults, *args)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"Error booting VM: {message}"), proc.stderr

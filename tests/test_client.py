@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -840,3 +841,70 @@ def test_spawn_create_error_cleans_up() -> None:
         Vm.spawn(bad)
     assert raised.value.status == 400
     assert set(os.listdir(tempfile.gettempdir())) - before == set()
+
+
+# -- Vm.spawn never drives or removes what it did not create ----------------------------------
+
+
+@pytest.fixture
+def other_vmm(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """Another VMM, not started by Vm.spawn, serving on its own socket."""
+    path = Path(tempfile.mkdtemp(prefix="vmkit-other-", dir="/tmp")) / "api.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmkit", "--api-socket", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no other VMM"
+            time.sleep(0.02)
+        yield proc, path
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def assert_still_serving(proc: subprocess.Popen[bytes], path: Path) -> None:
+    assert proc.poll() is None, "the other VMM was ended"
+    assert path.is_socket(), "the other VMM's socket was removed"
+    assert Client(path).ping().pid == proc.pid
+
+
+@needs_vmm
+def test_spawn_refuses_a_socket_path_that_exists(
+    other_vmm: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    proc, path = other_vmm
+    for timeout in (30.0, 0.01):  # a short startup_timeout must not change anything
+        with pytest.raises(VmError, match="the path exists") as raised:
+            Vm.spawn(guest_config(), api_socket=path, startup_timeout=timeout)
+        assert raised.value.kind == "Spawn"
+        assert_still_serving(proc, path)
+
+
+@needs_vmm
+def test_spawned_vm_talks_only_to_its_own_process(
+    other_vmm: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    """Another VMM's socket put where the child's was: no request reaches it, close()
+    ends only the child and removes nothing of the other's."""
+    proc, other_path = other_vmm
+    own_path = other_path.with_name("own.sock")  # outside the directory spawn makes and removes
+    vm = Vm.spawn(None, api_socket=own_path)
+    try:
+        assert vm.client.ping().pid == vm.pid
+        os.rename(own_path, own_path.with_name("moved.sock"))
+        os.rename(other_path, own_path)  # the other VMM now listens on the child's path
+        with pytest.raises(ApiConnectionError, match=f"served by process {proc.pid}"):
+            vm.info()
+        vm.close()
+        assert vm.process.returncode is not None
+        assert_still_serving(proc, own_path)
+    finally:
+        vm.close()
+        if own_path.exists() and not other_path.exists():
+            os.rename(own_path, other_path)  # give it back for the fixture's clean-up
+        own_path.with_name("moved.sock").unlink(missing_ok=True)

@@ -303,7 +303,13 @@ def scan(argv: Sequence[str]) -> CommandLine:
             result.verbosity += 1
             continue
         if long in values_by_flag:
-            raise UsageError(f"the argument '{long}' cannot be used multiple times")
+            # clap names the flag with its value, as its help does: '--disk <disk>...'
+            shown = long
+            if arity == "one":
+                shown += f" <{long[2:]}>"
+            elif arity == "many":
+                shown += f" <{long[2:]}>..."
+            raise UsageError(f"the argument '{shown}' cannot be used multiple times")
         if arity == "flag":
             if inline is not None:
                 raise UsageError(f"unexpected value '{inline}' for '{long}' found")

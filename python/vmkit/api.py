@@ -7,16 +7,26 @@
     >>> server.close()                                  # doctest: +SKIP
 
 HTTP/1.1 with keep-alive, one thread per connection. Routes are
-``/api/v1/<action>``; the methods, status codes and bodies follow v37 (§4.1):
-every answer carries ``Server: Cloud Hypervisor API`` and ``Content-Type:
-application/json``; an unknown path gets 404 ``Not Found``; a wrong method or
+``/api/v1/<action>``; the methods, status codes and bodies follow v37 (§4.1).
+Answers are written byte for byte as v37's server (micro_http) writes them,
+because ch-remote reads them strictly: the status line has no reason phrase
+(``HTTP/1.1 204 \r\n``; ch-remote parses everything up to ``\r`` as the
+code), then ``Server: Cloud Hypervisor API``, ``Connection: keep-alive`` and,
+only when there is a body, ``Content-Type: application/json`` and
+``Content-Length``. An unknown path gets 404 ``Not Found``; a wrong method or
 a missing or unexpected body 400; a body that is not the expected JSON 400
-with the JSON error; a failed action 500 with its error text. Descriptors
-passed with SCM_RIGHTS on ``vm.add-net`` become the device's ``fds``.
+with serde_json's error text; a failed action 500 with its error text.
+Descriptors passed with SCM_RIGHTS on ``vm.add-net`` become the device's
+``fds``.
 
-Malformed requests get a 400 and the connection is closed; a request must
-arrive whole within ``request_timeout`` seconds once it has started, and
-bodies are capped at ``max_body`` bytes.
+A request micro_http cannot read gets its 400 (``Server: Firecracker API``
+and ``{ "error": "<why>\nAll previous unanswered requests will be dropped."
+}``); vmkit then closes the connection, where v37 reads on from wherever it
+stopped. Unlike v37, vmkit reads chunked bodies (``Transfer-Encoding:
+chunked``, which Python's http.client and Go's net/http send for bodies of
+unknown length) and honours ``Connection: close`` and HTTP/1.0. A request
+must arrive whole within ``request_timeout`` seconds once it has started,
+and bodies are capped at ``max_body`` bytes.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from vmkit._serde_json import JsonError, read_struct
 from vmkit.config import (
     DeviceConfig,
     DiskConfig,
@@ -54,18 +65,11 @@ log = logging.getLogger("vmkit.api")
 
 API_ROOT = "/api/v1/"
 SERVER = "Cloud Hypervisor API"
+#: micro_http's own answers (request errors, 100 Continue) name Firecracker, as in v37
+HTTP_LAYER_SERVER = "Firecracker API"
 MAX_BODY = 1 << 20
 MAX_HEAD = 64 << 10
 MAX_FDS = 64
-
-_REASONS = {
-    100: "Continue",
-    200: "OK",
-    204: "No Content",
-    400: "Bad Request",
-    404: "Not Found",
-    500: "Internal Server Error",
-}
 
 _C = TypeVar("_C")
 
@@ -99,6 +103,7 @@ class Response:
     body: bytes = b""
     #: called once the answer is written (``vmm.shutdown`` ends the process then)
     after: Callable[[], None] | None = None
+    server: str = SERVER
 
 
 def _bad_request() -> Response:
@@ -126,98 +131,18 @@ def _config_from_body(cls: type[_C], body: bytes) -> _C:
         raise BodyError(_json_error_text(e)) from None
 
 
-def _describe(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean `{str(value).lower()}`"
-    if isinstance(value, int):
-        return f"integer `{value}`"
-    if isinstance(value, float):
-        return f"floating point `{value}`"
-    if isinstance(value, str):
-        return f"string {json.dumps(value)}"
-    if isinstance(value, list):
-        return "sequence"
-    return "map"
-
-
-_UNSIGNED = {"u8": 0xFF, "u64": 0xFFFF_FFFF_FFFF_FFFF}
-_EXPECTED = {"string": "a string", "bool": "a boolean", "u8": "u8", "u64": "u64"}
-
-
-def _check_value(name: str, kind: str, value: object) -> object:
-    optional = kind.endswith("?")
-    kind = kind.rstrip("?")
-    if value is None and optional:
-        return None
-    expected = _EXPECTED[kind]
-    if kind == "string":
-        if isinstance(value, str):
-            return value
-    elif kind == "bool":
-        if isinstance(value, bool):
-            return value
-    elif isinstance(value, int) and not isinstance(value, bool):
-        if 0 <= value <= _UNSIGNED[kind]:
-            return value
-        raise BodyError(f"invalid value: integer `{value}`, expected {expected}")
-    raise BodyError(f"invalid type: {_describe(value)}, expected {expected}")
-
-
-def _reject_constant(name: str) -> object:
-    raise BodyError(f"expected value: {name} is not JSON")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise BodyError(f"duplicate field `{key}`")
-        result[key] = value
-    return result
-
-
 def parse_body(body: bytes, struct: str, fields: dict[str, tuple[str, object]]) -> dict[str, Any]:
-    """Reads a JSON object as serde reads struct ``struct``.
+    """Reads a JSON object as serde_json reads struct ``struct`` (see ``_serde_json``).
 
     ``fields``: name → (kind, default), kind one of ``u8 u64 string bool``
     with ``?`` for an Option; a default of ``...`` means required. Unknown
-    fields are ignored (as serde does without deny_unknown_fields).
+    fields are ignored (as serde does without deny_unknown_fields). Raises
+    BodyError with serde_json's text and position.
     """
     try:
-        text = body.decode()
-    except UnicodeDecodeError as e:
-        raise BodyError(f"invalid unicode in the request body: {e}") from None
-    try:
-        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except json.JSONDecodeError as e:
-        raise BodyError(f"{e.msg} at line {e.lineno} column {e.colno}") from None
-    except RecursionError:
-        raise BodyError("recursion limit exceeded") from None
-    if isinstance(data, list):
-        # serde also reads a struct from an array of its fields, in order
-        if len(data) < len(fields):
-            raise BodyError(
-                f"invalid length {len(data)}, expected struct {struct} with "
-                f"{len(fields)} element{'s' if len(fields) != 1 else ''}"
-            )
-        if len(data) > len(fields):
-            raise BodyError(f"invalid length {len(data)}, expected fewer elements in array")
-        data = dict(zip(fields, data, strict=True))
-    if not isinstance(data, dict):
-        raise BodyError(f"invalid type: {_describe(data)}, expected struct {struct}")
-    result: dict[str, Any] = {}
-    for name, (kind, default) in fields.items():
-        if name in data:
-            result[name] = _check_value(name, kind, data[name])
-        elif kind.endswith("?"):
-            result[name] = None
-        elif default is ...:
-            raise BodyError(f"missing field `{name}`")
-        else:
-            result[name] = default
-    return result
+        return read_struct(body, struct, fields)
+    except JsonError as e:
+        raise BodyError(str(e)) from None
 
 
 # -- routes ----------------------------------------------------------------------------------
@@ -382,7 +307,18 @@ class _Router:
 
 
 class _Malformed(Exception):
-    """The request cannot be read: answer 400 with this text and close."""
+    """The request cannot be read: answer micro_http's 400 with this text and close."""
+
+    def response(self) -> Response:
+        body = f'{{ "error": "{self}\nAll previous unanswered requests will be dropped." }}'
+        return Response(400, body.encode(), server=HTTP_LAYER_SERVER)
+
+
+def _invalid_value(name: str, value: str) -> str:
+    return f"Invalid header. Reason: Invalid value. Key:{name}; Value: {value}"
+
+
+_HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
 class _Gone(Exception):
@@ -439,7 +375,7 @@ class _Connection:
             if end >= 0:
                 break
             if len(self.buffer) > MAX_HEAD:
-                raise _Malformed("Request headers are too large")
+                raise _Malformed("Invalid request.")
             if self.eof:
                 if self.buffer:
                     raise _Gone("incomplete request")
@@ -454,68 +390,122 @@ class _Connection:
         lines = head.split(b"\r\n")
         request_line = lines[0].decode("latin-1")
         parts = request_line.split(" ")
-        if len(parts) != 3 or not all(parts):
-            raise _Malformed("Invalid request line")
-        method, target, version = parts
-        if version not in ("HTTP/1.0", "HTTP/1.1"):
-            raise _Malformed("Unsupported HTTP version")
+        if len(parts) < 3 or not all(parts[:2]):
+            raise _Malformed("Invalid request.")
+        method, target, version = parts[0], parts[1], " ".join(parts[2:])
         if method not in _METHODS:
-            raise _Malformed("Invalid HTTP Method: Unsupported HTTP method")
-        if not (target.startswith("/") or target.startswith(("http://", "https://"))):
-            raise _Malformed("Invalid URI")
+            raise _Malformed("Invalid HTTP Method: Unsupported HTTP method.")
+        if version not in ("HTTP/1.0", "HTTP/1.1"):
+            raise _Malformed("Invalid HTTP Version: Unsupported HTTP version.")
         if any(ord(c) < 0x21 or ord(c) > 0x7E for c in target):
-            raise _Malformed("Invalid URI")
+            raise _Malformed("Invalid URI.")
         headers: dict[str, str] = {}
         for raw in lines[1:]:
             line = raw.decode("latin-1")
             name, colon, value = line.partition(":")
             if not colon or not name or name != name.strip() or any(c in name for c in " \t"):
-                raise _Malformed("Invalid header")
+                raise _Malformed(
+                    f"Invalid header. Reason: Header is incorrectly formatted. Key: {line}"
+                )
             if any(ord(c) < 0x20 and c != "\t" for c in value):
-                raise _Malformed("Invalid header")
+                raise _Malformed(
+                    f"Invalid header. Reason: Header is incorrectly formatted. Key: {name}"
+                )
             key = name.lower()
             value = value.strip(" \t")
             if key == "content-length" and key in headers and headers[key] != value:
-                raise _Malformed("Invalid value for Content-Length")
+                raise _Malformed(_invalid_value("Content-Length", value))
+            if key == "transfer-encoding" and key in headers:
+                value = f"{headers[key]}, {value}"
             headers[key] = value
+        chunked = False
         if "transfer-encoding" in headers:
-            raise _Malformed("Transfer-Encoding is not supported")
+            # Only chunked alone, and never with Content-Length: anything else
+            # would let a proxy and vmkit disagree where the request ends.
+            if headers["transfer-encoding"].lower() != "chunked" or "content-length" in headers:
+                raise _Malformed(_invalid_value("Transfer-Encoding", headers["transfer-encoding"]))
+            chunked = True
         length = 0
         if "content-length" in headers:
             text = headers["content-length"]
             if not text.isascii() or not text.isdigit() or len(text) > 20:
-                raise _Malformed("Invalid value for Content-Length")
+                raise _Malformed(_invalid_value("Content-Length", text))
             length = int(text)
         if length > self.server.max_body:
-            raise _Malformed(
-                f"Request payload with size {length} is larger than the limit of "
-                f"{self.server.max_body} allowed by server."
-            )
-        if length and headers.get("expect", "").lower() == "100-continue":
-            self.send(Response(100), close=False, interim=True)
+            raise _Malformed(self._too_large(length))
+        if (length or chunked) and headers.get("expect", "").lower() == "100-continue":
+            self.send(Response(100, server=HTTP_LAYER_SERVER), close=False)
         if deadline is None:
             deadline = time.monotonic() + timeout
+        body: bytes | None
+        if chunked:
+            body = self._read_chunked(deadline) or None
+        else:
+            self._fill(length, deadline)
+            body = bytes(self.buffer[:length]) if length else None
+            del self.buffer[:length]
+        fds, self.fds = self.fds, []
+        return Request(method, target, version, headers, body, fds)
+
+    def _too_large(self, length: int) -> str:
+        return (
+            f"Request payload with size {length} is larger than the limit of "
+            f"{self.server.max_body} allowed by server."
+        )
+
+    def _fill(self, length: int, deadline: float) -> None:
+        """Reads until the buffer holds ``length`` bytes."""
         while len(self.buffer) < length:
             if self.eof:
                 raise _Gone("incomplete body")
             self._recv(deadline)
-        body = bytes(self.buffer[:length]) if length else None
-        del self.buffer[:length]
-        fds, self.fds = self.fds, []
-        return Request(method, target, version, headers, body, fds)
 
-    def send(self, response: Response, *, close: bool, interim: bool = False) -> None:
-        reason = _REASONS.get(response.status, "Unknown")
-        lines = [f"HTTP/1.1 {response.status} {reason}"]
-        if not interim:
-            lines += [
-                f"Server: {SERVER}",
-                f"Connection: {'close' if close else 'keep-alive'}",
-                "Content-Type: application/json",
-            ]
-            if response.status != 204:
-                lines.append(f"Content-Length: {len(response.body)}")
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if interim else response.body)
+    def _line(self, deadline: float) -> bytes:
+        """The next CRLF-terminated line of a chunked body (without the CRLF)."""
+        while True:
+            end = self.buffer.find(b"\r\n", 0, MAX_HEAD)
+            if end >= 0:
+                line = bytes(self.buffer[:end])
+                del self.buffer[: end + 2]
+                return line
+            if len(self.buffer) >= MAX_HEAD:
+                raise _Malformed("Invalid request.")
+            if self.eof:
+                raise _Gone("incomplete body")
+            self._recv(deadline)
+
+    def _read_chunked(self, deadline: float) -> bytes:
+        """A ``Transfer-Encoding: chunked`` body (RFC 9112 §7.1); trailers are dropped."""
+        body = bytearray()
+        while True:
+            size_text = self._line(deadline).split(b";", 1)[0].strip(b" \t")
+            if not size_text or len(size_text) > 16 or any(c not in _HEX for c in size_text):
+                raise _Malformed("Invalid request.")
+            size = int(size_text, 16)
+            if size == 0:
+                while self._line(deadline):
+                    pass
+                return bytes(body)
+            if len(body) + size > self.server.max_body:
+                raise _Malformed(self._too_large(len(body) + size))
+            self._fill(size + 2, deadline)
+            if self.buffer[size : size + 2] != b"\r\n":
+                raise _Malformed("Invalid request.")
+            body += self.buffer[:size]
+            del self.buffer[: size + 2]
+
+    def send(self, response: Response, *, close: bool) -> None:
+        # micro_http's framing: no reason phrase, and no Content-Type or
+        # Content-Length on an answer without a body.
+        lines = [
+            f"HTTP/1.1 {response.status} ",
+            f"Server: {response.server}",
+            f"Connection: {'close' if close else 'keep-alive'}",
+        ]
+        if response.body:
+            lines.append("Content-Type: application/json")
+            lines.append(f"Content-Length: {len(response.body)}")
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode() + response.body
         self.sock.settimeout(self.server.request_timeout)
         try:
             self.sock.sendall(data)
@@ -538,7 +528,7 @@ class _Connection:
                     request = self.read_request()
                 except _Malformed as e:
                     log.debug("Bad request: %s", e)
-                    self.send(_error(400, str(e)), close=True)
+                    self.send(e.response(), close=True)
                     return
                 if request is None:
                     return

@@ -75,6 +75,11 @@ def run(argv: Sequence[str]) -> int:
     if command.has("--version"):
         print(f"{PROGRAM} v{__version__}")
         return 0
+    if not command.has("--print-config"):
+        refusal = _refuse_unsupported(command)
+        if refusal is not None:
+            print(refusal, file=sys.stderr)
+            return 1
     if not command.has("--print-config") and (
         command.has("--api-socket") or command.has("--event-monitor")
     ):
@@ -88,6 +93,37 @@ def run(argv: Sequence[str]) -> int:
         return _boot_from_command_line(command, sink)
     finally:
         close_logging()
+
+
+def _refuse_unsupported(command: CommandLine) -> str | None:
+    """What the command line asks for that vmkit cannot do, as the error to print; or None.
+
+    Checked before anything starts, so that nothing asked for is silently left out.
+    """
+    if command.one("--seccomp") == "true":
+        # `log` and `false` only relax filters; vmkit installs none to relax.
+        return (
+            "Error: --seccomp true is not supported yet: vmkit installs no seccomp filters "
+            "(leave the flag out, or give --seccomp false)"
+        )
+    restore = command.one("--restore")
+    if restore is not None:
+        if command.has("--api-socket") or command.has("--event-monitor"):
+            return None  # refused after the VMM's start-up steps (`_start_vm`), in v37's order
+        return _restore_refusal(restore)
+    return None
+
+
+def _restore_refusal(text: str) -> str:
+    """``--restore``: v37's parse error for a bad option string, else vmkit's refusal."""
+    try:
+        restore_config = RestoreConfig.parse(text)
+    except ConfigError as e:
+        return f"Error parsing restore: {e}"
+    return (
+        f"Error restoring VM: Cannot restore VM from {restore_config.source_url}: "
+        "restoring snapshots is not supported by vmkit yet"
+    )
 
 
 def _parse_config(command: CommandLine) -> VmConfig | None:
@@ -118,6 +154,12 @@ def _boot_from_command_line(command: CommandLine, sink: TextIO) -> int:
             "'vmkit demo' to boot the built-in test guest)",
             file=sys.stderr,
         )
+        return 1
+    from vmkit.vmm import boot_refusal
+
+    refusal = boot_refusal(config)
+    if refusal is not None:
+        print(f"Error booting VM: {refusal}", file=sys.stderr)
         return 1
     return boot_and_wait(config, verbosity=command.verbosity, log=sink)
 
@@ -517,7 +559,15 @@ def _serve(command: CommandLine) -> int:
     orphaned = _watch_lifeline(vmm)
     server: ApiServer | None = None
     try:
+        if events is not None:
+            events.log_errors = False
         vmm.emit("vmm", "starting")
+        if events is not None:
+            if events.error is not None:
+                # v37 exits when it cannot write its first event (a closed --event-monitor fd)
+                print(events.error, file=sys.stderr)
+                return 1
+            events.log_errors = True
         if api is not None:
             path, fd = api
             server = ApiServer(vmm, path, fd=fd)
@@ -582,6 +632,11 @@ def _start_vm(command: CommandLine, vmm: Vmm) -> int | None:
     """Creates and boots the VM the command line gives; an exit status on failure."""
     from vmkit.vmm import ApiError
 
+    restore = command.one("--restore")
+    if restore is not None:
+        # v37 would restore (or, given --kernel too, boot and ignore --restore)
+        print(_restore_refusal(restore), file=sys.stderr)
+        return 1
     if command.has("--kernel") or command.has("--firmware"):
         config = _parse_config(command)
         if config is None:
@@ -601,19 +656,6 @@ def _start_vm(command: CommandLine, vmm: Vmm) -> int | None:
             pty = vm.serial_pty if vm is not None else None
         if pty:
             print(f"Serial console on {pty}", file=sys.stderr)
-        return None
-    restore = command.one("--restore")
-    if restore is not None:
-        try:
-            restore_config = RestoreConfig.parse(restore)
-        except ConfigError as e:
-            print(f"Error parsing restore: {e}", file=sys.stderr)
-            return 1
-        try:
-            vmm.restore(restore_config)
-        except ApiError as e:
-            print(f"Error restoring VM: {e}", file=sys.stderr)
-            return 1
     return None
 
 

@@ -35,6 +35,8 @@ import re
 import shutil
 import signal
 import socket
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -222,6 +224,7 @@ class Client:
                     f"Cannot connect to the VMM API socket {self.api_socket}: "
                     f"{_apiwire.io_error_text(e)}"
                 ) from None
+            self._check_peer(sock)
             try:
                 _apiwire.send_request(sock, method, endpoint, data, fds)
                 return _apiwire.read_response(sock)
@@ -231,6 +234,9 @@ class Client:
                 ) from None
         finally:
             sock.close()
+
+    def _check_peer(self, sock: socket.socket) -> None:
+        """Hook: refuse a connection before anything is sent (``_ChildClient``)."""
 
     def call(
         self,
@@ -542,12 +548,43 @@ def _exit_text(returncode: int) -> str:
     return f"the VMM process exited with status {returncode}"
 
 
+class _ChildClient(Client):
+    """A client that talks only to the VMM process ``pid``.
+
+    Before each request it asks the kernel who listens on the other end
+    (SO_PEERCRED): a path may name another VMM's socket (given by the
+    caller, or put there since), and that VMM is not ours to drive or end.
+    """
+
+    def __init__(self, api_socket: str | Path, pid: int, timeout: float | None) -> None:
+        super().__init__(api_socket, timeout)
+        self.pid = pid
+
+    def _check_peer(self, sock: socket.socket) -> None:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        peer_pid = struct.unpack("3i", creds)[0]
+        if peer_pid != self.pid:
+            raise ApiConnectionError(
+                f"The VMM API socket {self.api_socket} is served by process {peer_pid}, "
+                f"not by the VMM process {self.pid} that vmkit started"
+            )
+
+
+def _socket_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the socket file at ``path``, or None."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISSOCK(info.st_mode) else None
+
+
 def _stop_process(process: subprocess.Popen[bytes], api_socket: Path, timeout: float) -> None:
-    """Ends the VMM process: vmm.shutdown, then SIGTERM, then SIGKILL."""
+    """Ends the VMM process: vmm.shutdown (to that process only), then SIGTERM, then SIGKILL."""
     if process.poll() is not None:
         return
     with contextlib.suppress(ApiError):
-        Client(api_socket, timeout=timeout).shutdown_vmm()
+        _ChildClient(api_socket, process.pid, timeout=timeout).shutdown_vmm()
     for step in (None, process.terminate, process.kill):
         if step is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -567,8 +604,13 @@ def _end_process(
     log: IO[bytes] | None,
     timeout: float,
     lifeline: int | None = None,
+    owned: list[tuple[int, int]] | None = None,
 ) -> None:
-    """Ends the VMM process (see ``_stop_process``) and removes its files."""
+    """Ends the VMM process (see ``_stop_process``) and removes its files.
+
+    The socket file goes only if it is the one the child was seen serving
+    on (its identity is in ``owned``): a path vmkit did not create stays.
+    """
     try:
         _stop_process(process, api_socket, timeout)
     finally:
@@ -578,7 +620,7 @@ def _end_process(
         if log is not None:
             log.close()
         with contextlib.suppress(OSError):
-            if api_socket.is_socket():
+            if owned and _socket_identity(api_socket) == owned[0]:
                 api_socket.unlink()
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
@@ -621,8 +663,18 @@ class SpawnedVm:
         self._stop_timeout = stop_timeout
         self._log_text: str | None = None
         self.serial = FileSerialConsole(serial_path, self._stopped_reason)
+        #: the socket file's identity once the child is seen serving on it (then it is ours)
+        self._owned_socket: list[tuple[int, int]] = []
         self._finalizer = weakref.finalize(
-            self, _end_process, process, client.api_socket, tmpdir, log, stop_timeout, lifeline
+            self,
+            _end_process,
+            process,
+            client.api_socket,
+            tmpdir,
+            log,
+            stop_timeout,
+            lifeline,
+            self._owned_socket,
         )
 
     @property
@@ -791,7 +843,10 @@ def spawn(
 
     The VMM starts idle (no payload on its command line); once it answers
     ``vmm.ping``, ``vm.create`` sends ``config`` (``None`` skips that). The
-    socket lives in a new temporary directory unless ``api_socket`` is given.
+    socket lives in a new temporary directory unless ``api_socket`` is given
+    (a path that must not exist yet). Requests go only to the child process
+    (checked with SO_PEERCRED on each connection), and only the socket file
+    the child was seen serving on is removed at the end.
     With ``serial_log`` (the default) the serial port is written to
     ``<tmpdir>/serial.log`` (``--serial file=...``) so that ``serial`` can
     read it; a config whose serial already goes to a file keeps its file.
@@ -802,6 +857,13 @@ def spawn(
     ``startup_timeout`` seconds, ApiError when ``vm.create`` fails; in both
     cases the process is ended and its files removed.
     """
+    if api_socket is not None and os.path.lexists(api_socket):
+        # Perhaps another VMM's socket: never bind over it, talk to it or remove it.
+        raise VmError(
+            f"Cannot start a VMM on {api_socket}: the path exists (another VMM's socket?); "
+            "give a path that does not exist yet",
+            "Spawn",
+        )
     tmpdir = Path(tempfile.mkdtemp(prefix="vmkit-vmm-"))
     try:
         socket_path = Path(api_socket) if api_socket is not None else tmpdir / "api.sock"
@@ -848,7 +910,7 @@ def spawn(
         raise
     finally:
         os.close(lifeline_read)
-    client = Client(socket_path, timeout=request_timeout)
+    client = _ChildClient(socket_path, process.pid, timeout=request_timeout)
     vm = SpawnedVm(process, client, tmpdir, serial_path, log_path, log, stop_timeout, lifeline)
     try:
         _wait_until_up(vm, startup_timeout)
@@ -862,7 +924,7 @@ def spawn(
 
 def _wait_until_up(vm: SpawnedVm, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    probe = Client(vm.api_socket, timeout=max(1.0, min(5.0, timeout)))
+    probe = _ChildClient(vm.api_socket, vm.pid, timeout=max(1.0, min(5.0, timeout)))
     last = ""
     while True:
         returncode = vm.process.poll()
@@ -873,13 +935,15 @@ def _wait_until_up(vm: SpawnedVm, timeout: float) -> None:
                 f"({_exit_text(returncode)})" + (f": {log}" if log else ""),
                 "Spawn",
             )
-        if vm.api_socket.exists():
+        identity = _socket_identity(vm.api_socket)
+        if identity is not None:
             try:
                 pong = probe.ping()
             except ApiError as e:
                 last = str(e)
             else:
-                if pong.pid == vm.pid:
+                if pong.pid == vm.pid and _socket_identity(vm.api_socket) == identity:
+                    vm._owned_socket.append(identity)
                     return
                 last = f"another VMM (pid {pong.pid}) answers on {vm.api_socket}"
         if time.monotonic() >= deadline:

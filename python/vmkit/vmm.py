@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from vmkit import __version__
+from vmkit._apiwire import io_error_text as _io_error_text
 from vmkit._apiwire import rust_debug_str
 from vmkit.config import (
     DeviceConfig,
@@ -46,14 +47,14 @@ from vmkit.config import (
 from vmkit.errors import ConfigError
 from vmkit.vm import Vm, VmError, VmExit
 
-__all__ = ["ApiError", "EventMonitor", "Vmm", "rust_debug_str"]
+__all__ = ["ApiError", "EventMonitor", "Vmm", "boot_refusal", "rust_debug_str"]
 
 log = logging.getLogger("vmkit.vmm")
 # Library use stays quiet; the vmkit command sends these loggers to stderr or --log-file.
 logging.getLogger("vmkit").addHandler(logging.NullHandler())
 
-#: The features vmkit reports in ``vmm.ping`` (those of a default v37 build).
-FEATURES = ("kvm", "io_uring")
+#: The features vmkit reports in ``vmm.ping``: a default v37 build's, in its (sorted) order.
+FEATURES = ("io_uring", "kvm")
 
 VM_NOT_CREATED = "VM is not created"
 VM_ALREADY_CREATED = "VM is already created"
@@ -87,6 +88,10 @@ class EventMonitor:
         self._start = time.monotonic()
         self._lock = threading.Lock()
         self._broken = False
+        #: the first write error, as v37 prints it (``Error doing event monitor I/O: ...``)
+        self.error: str | None = None
+        #: whether a write error is logged (off while the caller reports it itself)
+        self.log_errors = True
 
     def emit(self, source: str, event: str, properties: Mapping[str, str] | None = None) -> None:
         elapsed = time.monotonic() - self._start
@@ -108,7 +113,9 @@ class EventMonitor:
                     view = view[written:]
             except OSError as e:
                 self._broken = True
-                log.error("Error doing event monitor I/O: %s", e)
+                self.error = f"Error doing event monitor I/O: {_io_error_text(e)}"
+                if self.log_errors:
+                    log.error("%s", self.error)
 
     def close(self) -> None:
         with self._lock:
@@ -131,6 +138,44 @@ def _memory_actual_size(config: VmConfig) -> int:
     for zone in memory.zones or []:
         total += zone.size + (zone.hotplugged_size or 0)
     return total
+
+
+#: The page size guest memory is mapped in when no hugepage size is given.
+PAGE_SIZE = 4096
+
+
+def boot_refusal(config: VmConfig) -> str | None:
+    """Why v37 (or vmkit) refuses to boot ``config`` where vmkit's VMM would not say so
+    clearly itself; None when there is nothing to refuse here.
+
+    v37 accepts these when it parses the config and refuses them when it
+    builds the VM; vmkit refuses them at the same point, with a sentence.
+    """
+    if config.console.mode == "Socket":
+        return (
+            "The virtio console cannot use a socket (--console socket=...): only --serial "
+            "can (NoSocketOptionSupportForConsoleDevice)"
+        )
+    memory = config.memory
+    sizes = [("--memory size", memory.size, memory.hugepage_size)]
+    sizes += [
+        (f"--memory-zone {zone.id} size", zone.size, zone.hugepage_size)
+        for zone in memory.zones or []
+    ]
+    for what, size, hugepage_size in sizes:
+        page = hugepage_size or PAGE_SIZE
+        if size % page:
+            return f"{what} {size} is not a multiple of the page size {page} (MisalignedMemorySize)"
+    platform = config.platform
+    if platform is not None and (
+        platform.serial_number is not None
+        or platform.uuid is not None
+        or platform.oem_strings is not None
+    ):
+        return (
+            "--platform serial_number, uuid and oem_strings (SMBIOS tables) are not supported yet"
+        )
+    return None
 
 
 def _close_fds(fds: list[int] | None) -> None:
@@ -256,6 +301,9 @@ class Vmm:
                 config.validate()
             except ConfigError as e:
                 raise ApiError(f"Failed to validate config: {e}") from None
+            refusal = boot_refusal(config)
+            if refusal is not None:
+                raise ApiError(refusal)
             try:
                 vm = Vm(config, watchdog_timeout=self.watchdog_timeout)
             except ConfigError as e:
@@ -465,16 +513,17 @@ class Vmm:
         with self.lock:
             if self.config is None:
                 raise ApiError(VM_NOT_CREATED)
+            base = self._live_config(self.vm) if self.vm is not None else self.config
+            zones = [zone for zone in base.memory.zones or [] if zone.id == id]
+            if not zones:
+                # v37's answer for an unknown zone, booted or not
+                log.error("Could not find the memory zone %s for the resize", id)
+                raise ApiError("Failed resizing a memory zone")
             if self.vm is not None:
                 raise ApiError(
                     "Cannot resize memory zone: resizing a booted VM is not supported yet"
                 )
-            for zone in self.config.memory.zones or []:
-                if zone.id == id:
-                    zone.size = desired_ram
-                    return
-            log.error("Could not find the memory zone %s for the resize", id)
-            raise ApiError("Failed resizing a memory zone")
+            zones[0].size = desired_ram
 
     # -- add / remove devices ----------------------------------------------------------------
 
@@ -562,6 +611,18 @@ class Vmm:
         """``vm.remove-device``: cold: removes the device with ``id`` from the config."""
         with self.lock:
             if self.vm is not None:
+                try:
+                    tree = self.vm.info()["device_tree"] or {}
+                except VmError:
+                    tree = {}
+                if id not in tree:  # v37's device manager looks the id up first
+                    raise ApiError(
+                        f"Error from device manager: UnknownDeviceId({rust_debug_str(id)})"
+                    )
+                # then refuses the virtio types that can never be unplugged
+                fixed = {"__rng": "Rng", "__console": "Console"}.get(id)
+                if fixed is not None:
+                    raise ApiError(f"Error from device manager: RemovalNotAllowed({fixed})")
                 raise ApiError(
                     "Failed to remove device: hot-unplugging devices from a booted VM "
                     "is not supported yet"
