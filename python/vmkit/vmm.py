@@ -612,7 +612,7 @@ class Vmm:
         with self.lock:
             if self.vm is not None:
                 try:
-                    tree = self.vm.info()["device_tree"] or {}
+                    tree = self.vm.info().device_tree or {}
                 except VmError:
                     tree = {}
                 if id not in tree:  # v37's device manager looks the id up first
