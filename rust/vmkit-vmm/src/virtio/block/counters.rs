@@ -26,7 +26,6 @@ struct Latency {
 impl Default for Latency {
     fn default() -> Self {
         Latency {
-            // Cloud Hypervisor reports u64::MAX until the first operation.
             min: AtomicU64::new(u64::MAX),
             max: AtomicU64::new(0),
             total: AtomicU64::new(0),
@@ -41,11 +40,19 @@ impl Latency {
         self.total.fetch_add(micros, Ordering::Relaxed);
     }
 
-    fn average(&self, ops: u64) -> u64 {
-        self.total
-            .load(Ordering::Relaxed)
-            .checked_div(ops)
-            .unwrap_or(0)
+    /// (min, max, avg) as Cloud Hypervisor reports them: before the first
+    /// operation its min and max are u64::MAX and its average, kept scaled
+    /// by 10,000 and starting at u64::MAX, reads u64::MAX / 10,000.
+    fn report(&self, ops: u64) -> (u64, u64, u64) {
+        if ops == 0 {
+            return (u64::MAX, u64::MAX, u64::MAX / 10_000);
+        }
+        let total = self.total.load(Ordering::Relaxed);
+        (
+            self.min.load(Ordering::Relaxed),
+            self.max.load(Ordering::Relaxed),
+            total / ops,
+        )
     }
 }
 
@@ -67,17 +74,19 @@ impl BlockCounters {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let read_ops = load(&self.read_ops);
         let write_ops = load(&self.write_ops);
+        let (read_min, read_max, read_avg) = self.read_latency.report(read_ops);
+        let (write_min, write_max, write_avg) = self.write_latency.report(write_ops);
         BTreeMap::from([
             ("read_bytes", load(&self.read_bytes)),
             ("write_bytes", load(&self.write_bytes)),
             ("read_ops", read_ops),
             ("write_ops", write_ops),
-            ("read_latency_min", load(&self.read_latency.min)),
-            ("read_latency_max", load(&self.read_latency.max)),
-            ("read_latency_avg", self.read_latency.average(read_ops)),
-            ("write_latency_min", load(&self.write_latency.min)),
-            ("write_latency_max", load(&self.write_latency.max)),
-            ("write_latency_avg", self.write_latency.average(write_ops)),
+            ("read_latency_min", read_min),
+            ("read_latency_max", read_max),
+            ("read_latency_avg", read_avg),
+            ("write_latency_min", write_min),
+            ("write_latency_max", write_max),
+            ("write_latency_avg", write_avg),
         ])
     }
 }
