@@ -1,7 +1,7 @@
 """Type stubs of the Rust extension module (see rust/vmkit-py)."""
 
 from collections.abc import Callable, Mapping
-from typing import TypedDict, TypeVar
+from typing import Literal, TypedDict, TypeVar, overload
 
 from vmkit.config import VmConfig, _Config
 
@@ -25,6 +25,45 @@ def parse_vm(
     params: Mapping[str, object], validate: bool = True
 ) -> tuple[VmConfig, list[str] | None]: ...
 def random_mac() -> str: ...
+
+# API action bodies (v37's vmm/src/api/mod.rs structs), read by serde_json:
+# a bad body raises ConfigError (kind InvalidJson) with serde_json's text.
+class VmResizeData(TypedDict):
+    desired_vcpus: int | None
+    desired_ram: int | None
+    desired_balloon: int | None
+
+class VmResizeZoneData(TypedDict):
+    id: str
+    desired_ram: int
+
+class VmRemoveDeviceData(TypedDict):
+    id: str
+
+class VmSnapshotConfig(TypedDict):
+    destination_url: str
+
+class VmReceiveMigrationData(TypedDict):
+    receiver_url: str
+
+class VmSendMigrationData(TypedDict):
+    destination_url: str
+    local: bool
+
+@overload
+def parse_api_body(name: Literal["VmResizeData"], body: bytes) -> VmResizeData: ...
+@overload
+def parse_api_body(name: Literal["VmResizeZoneData"], body: bytes) -> VmResizeZoneData: ...
+@overload
+def parse_api_body(name: Literal["VmRemoveDeviceData"], body: bytes) -> VmRemoveDeviceData: ...
+@overload
+def parse_api_body(name: Literal["VmSnapshotConfig"], body: bytes) -> VmSnapshotConfig: ...
+@overload
+def parse_api_body(
+    name: Literal["VmReceiveMigrationData"], body: bytes
+) -> VmReceiveMigrationData: ...
+@overload
+def parse_api_body(name: Literal["VmSendMigrationData"], body: bytes) -> VmSendMigrationData: ...
 def register_vm_error(cls: type[BaseException]) -> None: ...
 def test_guest_image(format: str) -> bytes: ...
 

@@ -4,7 +4,8 @@ use serde::de::DeserializeOwned;
 
 use crate::error::JsonError;
 
-fn json_error(path: String, e: &serde_json::Error) -> JsonError {
+/// serde_json's error as a `JsonError` (message and position apart).
+pub(crate) fn json_error(path: String, e: &serde_json::Error) -> JsonError {
     let text = e.to_string();
     let position = format!(" at line {} column {}", e.line(), e.column());
     let message = text.strip_suffix(&position).unwrap_or(&text).to_owned();
@@ -44,6 +45,23 @@ mod tests {
         let err = from_json::<VmConfig>(r#"{"memory": {}}"#).unwrap_err();
         assert_eq!(err.path, "memory");
         assert_eq!(err.message, "missing field `size`");
+    }
+
+    #[test]
+    fn floats_are_written_as_v37s_serde_wrote_them() {
+        // serde 1.0.198 and later would write `1.0` (see the pins in Cargo.toml).
+        let err = from_json::<VmConfig>(r#"{"cpus": {"boot_vcpus": 1.0}}"#).unwrap_err();
+        assert_eq!(err.message, "invalid type: floating point `1`, expected u8");
+        let err = from_json::<VmConfig>(r#"{"cpus": {"boot_vcpus": 1.5}}"#).unwrap_err();
+        assert_eq!(
+            err.message,
+            "invalid type: floating point `1.5`, expected u8"
+        );
+        let err = from_json::<VmConfig>(r#"{"cpus": {"boot_vcpus": -1e2}}"#).unwrap_err();
+        assert_eq!(
+            err.message,
+            "invalid type: floating point `-100`, expected u8"
+        );
     }
 
     #[test]
