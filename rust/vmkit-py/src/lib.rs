@@ -6,12 +6,12 @@ use std::sync::OnceLock;
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString, PyTuple, PyType};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple, PyType};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use vmkit_config::api::{ApiBody, ApiBodyError};
-use vmkit_config::json::from_json as parse_json;
+use vmkit_config::json::from_json_bytes as parse_json;
 use vmkit_config::option_parser;
 use vmkit_config::values::MacAddr;
 use vmkit_config::{
@@ -311,16 +311,20 @@ fn parse_option<'py>(
     })
 }
 
-/// Reads a JSON document as the config class `cls`; `positions`: whether
-/// errors cite line and column.
+/// Reads a JSON document (str, or bytes that may not be UTF-8) as the config
+/// class `cls`; `positions`: whether errors cite line and column.
 #[pyfunction]
 #[pyo3(signature = (cls, text, positions=true))]
 fn from_json<'py>(
     py: Python<'py>,
     cls: &Bound<'py, PyType>,
-    text: &str,
+    text: &Bound<'py, PyAny>,
     positions: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let text = match text.cast::<PyBytes>() {
+        Ok(bytes) => bytes.as_bytes(),
+        Err(_) => text.cast::<PyString>()?.to_str()?.as_bytes(),
+    };
     let kind = cls.name()?;
     with_any_type!(kind.to_str()?, T => {
         let config: T = parse_json(text).map_err(|e| json_error(py, e, positions))?;
