@@ -697,6 +697,17 @@ def test_invalid_json_documents(text: str) -> None:
     json_err(lambda: VmConfig.from_json(text))
 
 
+def test_bytes_are_read_as_v37_reads_a_request_body() -> None:
+    body = b'{"payload":{"kernel":"\xff"}}'
+    with pytest.raises(ConfigError) as info:
+        VmConfig.from_json(body)
+    assert (info.value.kind, info.value.path) == ("InvalidJson", "payload.kernel")
+    # v37 (serde_json 1.0.109) places it at the string's closing quote
+    assert str(info.value) == "payload.kernel: invalid unicode code point at line 1 column 24"
+    text = b'{"payload":{"kernel":"\xc3\xa9"}}'
+    assert VmConfig.from_json(bytearray(text)).payload == VmConfig.from_json(text.decode()).payload
+
+
 @pytest.mark.parametrize(
     "data",
     [

@@ -1,7 +1,7 @@
 """Type stubs of the Rust extension module (see rust/vmkit-py)."""
 
 from collections.abc import Callable, Mapping
-from typing import TypedDict, TypeVar
+from typing import Literal, TypedDict, TypeVar, overload
 
 from vmkit.config import VmConfig, _Config
 
@@ -17,7 +17,7 @@ def register(
     validation_error: type[BaseException],
 ) -> None: ...
 def parse_option(cls: type[_C], text: str, zones: list[str] | None = None) -> _C: ...
-def from_json(cls: type[_C], text: str, positions: bool = True) -> _C: ...
+def from_json(cls: type[_C], text: str | bytes, positions: bool = True) -> _C: ...
 def from_object(cls: type[_C], value: object) -> _C: ...
 def to_option_string(config: _Config) -> str: ...
 def validate(config: VmConfig) -> tuple[bool, list[str]]: ...
@@ -25,6 +25,45 @@ def parse_vm(
     params: Mapping[str, object], validate: bool = True
 ) -> tuple[VmConfig, list[str] | None]: ...
 def random_mac() -> str: ...
+
+# API action bodies (v37's vmm/src/api/mod.rs structs), read by serde_json:
+# a bad body raises ConfigError (kind InvalidJson) with serde_json's text.
+class VmResizeData(TypedDict):
+    desired_vcpus: int | None
+    desired_ram: int | None
+    desired_balloon: int | None
+
+class VmResizeZoneData(TypedDict):
+    id: str
+    desired_ram: int
+
+class VmRemoveDeviceData(TypedDict):
+    id: str
+
+class VmSnapshotConfig(TypedDict):
+    destination_url: str
+
+class VmReceiveMigrationData(TypedDict):
+    receiver_url: str
+
+class VmSendMigrationData(TypedDict):
+    destination_url: str
+    local: bool
+
+@overload
+def parse_api_body(name: Literal["VmResizeData"], body: bytes) -> VmResizeData: ...
+@overload
+def parse_api_body(name: Literal["VmResizeZoneData"], body: bytes) -> VmResizeZoneData: ...
+@overload
+def parse_api_body(name: Literal["VmRemoveDeviceData"], body: bytes) -> VmRemoveDeviceData: ...
+@overload
+def parse_api_body(name: Literal["VmSnapshotConfig"], body: bytes) -> VmSnapshotConfig: ...
+@overload
+def parse_api_body(
+    name: Literal["VmReceiveMigrationData"], body: bytes
+) -> VmReceiveMigrationData: ...
+@overload
+def parse_api_body(name: Literal["VmSendMigrationData"], body: bytes) -> VmSendMigrationData: ...
 def register_vm_error(cls: type[BaseException]) -> None: ...
 def test_guest_image(format: str) -> bytes: ...
 

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from vmkit._serde_json import JsonError, read_struct
+from vmkit import _native
 from vmkit.config import (
     DeviceConfig,
     DiskConfig,
@@ -59,7 +59,7 @@ from vmkit.config import (
 from vmkit.errors import ConfigError
 from vmkit.vmm import ApiError, Vmm
 
-__all__ = ["API_ROOT", "ApiServer", "BodyError", "parse_body"]
+__all__ = ["API_ROOT", "ApiServer", "BodyError"]
 
 log = logging.getLogger("vmkit.api")
 
@@ -72,6 +72,7 @@ MAX_HEAD = 64 << 10
 MAX_FDS = 64
 
 _C = TypeVar("_C")
+_B = TypeVar("_B")
 
 
 class BodyError(ValueError):
@@ -131,17 +132,12 @@ def _config_from_body(cls: type[_C], body: bytes) -> _C:
         raise BodyError(_json_error_text(e)) from None
 
 
-def parse_body(body: bytes, struct: str, fields: dict[str, tuple[str, object]]) -> dict[str, Any]:
-    """Reads a JSON object as serde_json reads struct ``struct`` (see ``_serde_json``).
-
-    ``fields``: name → (kind, default), kind one of ``u8 u64 string bool``
-    with ``?`` for an Option; a default of ``...`` means required. Unknown
-    fields are ignored (as serde does without deny_unknown_fields). Raises
-    BodyError with serde_json's text and position.
-    """
+def _action_body(read: Callable[[], _B]) -> _B:
+    """Runs ``read`` (a ``_native.parse_api_body`` call: serde_json reading
+    one of v37's action structs); its error text becomes the BodyError."""
     try:
-        return read_struct(body, struct, fields)
-    except JsonError as e:
+        return read()
+    except ConfigError as e:
         raise BodyError(str(e)) from None
 
 
@@ -267,39 +263,25 @@ class _Router:
                 request.fds = []  # the VMM owns them now
             return vmm.add_net(net)
         if action == "vm.remove-device":
-            data = parse_body(body, "VmRemoveDeviceData", {"id": ("string", ...)})
-            vmm.remove_device(data["id"])
+            removal = _action_body(lambda: _native.parse_api_body("VmRemoveDeviceData", body))
+            vmm.remove_device(removal["id"])
         elif action == "vm.resize":
-            data = parse_body(
-                body,
-                "VmResizeData",
-                {
-                    "desired_vcpus": ("u8?", None),
-                    "desired_ram": ("u64?", None),
-                    "desired_balloon": ("u64?", None),
-                },
-            )
-            vmm.resize(data["desired_vcpus"], data["desired_ram"], data["desired_balloon"])
+            resize = _action_body(lambda: _native.parse_api_body("VmResizeData", body))
+            vmm.resize(resize["desired_vcpus"], resize["desired_ram"], resize["desired_balloon"])
         elif action == "vm.resize-zone":
-            data = parse_body(
-                body, "VmResizeZoneData", {"id": ("string", ...), "desired_ram": ("u64", ...)}
-            )
-            vmm.resize_zone(data["id"], data["desired_ram"])
+            zone = _action_body(lambda: _native.parse_api_body("VmResizeZoneData", body))
+            vmm.resize_zone(zone["id"], zone["desired_ram"])
         elif action == "vm.snapshot":
-            data = parse_body(body, "VmSnapshotConfig", {"destination_url": ("string", ...)})
-            vmm.snapshot(data["destination_url"])
+            snapshot = _action_body(lambda: _native.parse_api_body("VmSnapshotConfig", body))
+            vmm.snapshot(snapshot["destination_url"])
         elif action == "vm.restore":
             vmm.restore(_config_from_body(RestoreConfig, body))
         elif action == "vm.send-migration":
-            data = parse_body(
-                body,
-                "VmSendMigrationData",
-                {"destination_url": ("string", ...), "local": ("bool", False)},
-            )
-            vmm.send_migration(data["destination_url"], data["local"])
+            send = _action_body(lambda: _native.parse_api_body("VmSendMigrationData", body))
+            vmm.send_migration(send["destination_url"], send["local"])
         elif action == "vm.receive-migration":
-            data = parse_body(body, "VmReceiveMigrationData", {"receiver_url": ("string", ...)})
-            vmm.receive_migration(data["receiver_url"])
+            receive = _action_body(lambda: _native.parse_api_body("VmReceiveMigrationData", body))
+            vmm.receive_migration(receive["receiver_url"])
         return None
 
 

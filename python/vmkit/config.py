@@ -107,12 +107,10 @@ class _Config:
 
     @classmethod
     def from_json(cls: type[_C], text: str | bytes) -> _C:
-        """Reads v37 JSON text; see ``from_dict``."""
-        if isinstance(text, bytes | bytearray):
-            try:
-                text = text.decode()
-            except UnicodeDecodeError as e:
-                raise ConfigError(f"{cls.__name__}: {e}", "InvalidJson") from None
+        """Reads v37 JSON text; see ``from_dict``. Bytes are read as v37 reads a
+        request body: invalid UTF-8 is an error at its place in a string."""
+        if isinstance(text, bytearray):
+            text = bytes(text)
         result: _C = _native.from_json(cls, text)
         return result
 

@@ -6,11 +6,12 @@ use std::sync::OnceLock;
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString, PyTuple, PyType};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple, PyType};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use vmkit_config::json::from_json as parse_json;
+use vmkit_config::api::{ApiBody, ApiBodyError};
+use vmkit_config::json::from_json_bytes as parse_json;
 use vmkit_config::option_parser;
 use vmkit_config::values::MacAddr;
 use vmkit_config::{
@@ -310,16 +311,20 @@ fn parse_option<'py>(
     })
 }
 
-/// Reads a JSON document as the config class `cls`; `positions`: whether
-/// errors cite line and column.
+/// Reads a JSON document (str, or bytes that may not be UTF-8) as the config
+/// class `cls`; `positions`: whether errors cite line and column.
 #[pyfunction]
 #[pyo3(signature = (cls, text, positions=true))]
 fn from_json<'py>(
     py: Python<'py>,
     cls: &Bound<'py, PyType>,
-    text: &str,
+    text: &Bound<'py, PyAny>,
     positions: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let text = match text.cast::<PyBytes>() {
+        Ok(bytes) => bytes.as_bytes(),
+        Err(_) => text.cast::<PyString>()?.to_str()?.as_bytes(),
+    };
     let kind = cls.name()?;
     with_any_type!(kind.to_str()?, T => {
         let config: T = parse_json(text).map_err(|e| json_error(py, e, positions))?;
@@ -488,6 +493,23 @@ fn parse_vm<'py>(
     PyTuple::new(py, [to_py(py, &config)?, ids])
 }
 
+/// Reads an API action's request body as v37 reads the struct `name`
+/// (`VmResizeData`, ...): a dict of its fields, or ConfigError (kind
+/// `InvalidJson`) whose text is serde_json's, with its position.
+#[pyfunction]
+fn parse_api_body<'py>(py: Python<'py>, name: &str, body: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    // Up to a MiB of JSON: other API connections may run meanwhile.
+    let parsed = py.detach(|| ApiBody::parse(name, body));
+    let parsed = parsed.map_err(|e| match e {
+        ApiBodyError::Json(error) => json_error(py, error, true),
+        unknown @ ApiBodyError::UnknownStruct(_) => PyValueError::new_err(unknown.to_string()),
+    })?;
+    // Plain dicts: no config class stands for these structs.
+    ToPython::new(py, &PyDict::new(py))
+        .convert(&parsed)
+        .map_err(|e| PyRuntimeError::new_err(e.0))
+}
+
 /// A random locally administered MAC address (v37's default for `--net`).
 #[pyfunction]
 fn random_mac() -> String {
@@ -505,6 +527,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(from_object, m)?)?;
     m.add_function(wrap_pyfunction!(parse_vm, m)?)?;
     m.add_function(wrap_pyfunction!(random_mac, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_api_body, m)?)?;
     m.add_function(wrap_pyfunction!(vm::register_vm_error, m)?)?;
     m.add_function(wrap_pyfunction!(vm::test_guest_image, m)?)?;
     m.add_function(wrap_pyfunction!(logging::install_logging, m)?)?;
