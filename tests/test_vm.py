@@ -270,6 +270,29 @@ def test_reset_reboots_the_vm(exit: str) -> None:
         assert exit_info is not None and exit_info.reason == "shutdown"
 
 
+@pytest.mark.parametrize("exit", ["reset", "acpi-reset"])
+def test_control_calls_across_guest_resets_never_find_no_boot(exit: str) -> None:
+    """While the guest resets over and over, every control call acts on a
+    boot: none answers "VM is not running" while the VM is up."""
+    with Vm(config(exit=exit)) as vm:
+        vm.boot()
+        failures: list[str] = []
+        calls = 0
+        deadline = time.monotonic() + 20
+        while vm.info()["vmkit"]["boots"] < 12 and time.monotonic() < deadline:
+            for call in (vm.pause, vm.resume, vm.counters, vm.power_button, vm.info):
+                try:
+                    call()
+                except VmError as e:
+                    failures.append(f"{call.__name__}: {e} (state {vm.state})")
+                calls += 1
+        boots = vm.info()["vmkit"]["boots"]
+        assert vm.state == "Running"
+        vm.shutdown()
+    assert boots >= 12, f"the guest reset only {boots - 1} times in 20 s"
+    assert not failures, f"{len(failures)} of {calls} calls failed: {failures[:5]}"
+
+
 def test_reboot_from_python() -> None:
     with Vm(config(steps=["ticks"], ticks=1000, tick_ms=10)) as vm:
         vm.boot()

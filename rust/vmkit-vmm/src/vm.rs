@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vm_superio::{I8042Device, Serial};
 use vmkit_config::{ConsoleOutputMode, VmConfig};
@@ -104,9 +104,43 @@ struct Instance {
     _irq_fds: Vec<EventFd>,
     virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
     ged: Arc<Ged>,
+    /// vCPUs built but not yet running: started once the boot is recorded.
+    unstarted: Vec<UnstartedVcpu>,
+}
+
+/// A vCPU whose thread has not been started.
+struct UnstartedVcpu {
+    fd: VcpuFd,
+    context: VcpuThreadContext,
 }
 
 impl Instance {
+    /// Starts a thread per built vCPU; with `parked`, they wait at their gate
+    /// (a pause that arrived while the previous boot was ending).
+    fn start_vcpus(&mut self, parked: bool) -> Result<()> {
+        if parked {
+            self.control.set_command(VcpuCommand::Park);
+        }
+        for vcpu in self.unstarted.drain(..) {
+            let index = vcpu.context.index;
+            self.control.thread_started();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu::run_vcpu(vcpu.fd, vcpu.context));
+            match spawned {
+                Ok(handle) => self.threads.push(handle),
+                Err(e) => {
+                    self.control.thread_exited();
+                    return Err(Error::new(
+                        ErrorKind::Device,
+                        format!("cannot start vCPU thread: {e}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn kick_all(&self) {
         for t in &self.threads {
             vcpu::kick(t.as_pthread_t());
@@ -137,7 +171,28 @@ struct Lifecycle {
     last_payload: Option<LoadedPayload>,
     /// The user asked for a shutdown (seen by a reboot in progress).
     shutdown_requested: bool,
+    /// The VMM thread is between two boots: the old one stopped, the new
+    /// one not yet recorded.
+    rebooting: bool,
 }
+
+impl Lifecycle {
+    /// A reboot is under way: the boot is ending for a reset or the next
+    /// one is being built. Control calls wait for the new boot.
+    fn reboot_pending(&self) -> bool {
+        if self.shutdown_requested || self.state == VmState::Shutdown {
+            return false;
+        }
+        self.rebooting
+            || self
+                .instance
+                .as_ref()
+                .is_some_and(|i| i.control.stop_reason() == Some(StopReason::Reset))
+    }
+}
+
+/// How long a control call waits for a reboot in progress to finish.
+const REBOOT_WAIT: Duration = Duration::from_secs(30);
 
 /// What `info()` reports beyond the config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -237,6 +292,7 @@ impl Vm {
                 vmm_thread: None,
                 last_payload: None,
                 shutdown_requested: false,
+                rebooting: false,
             }),
             changed: Condvar::new(),
         }))
@@ -244,6 +300,28 @@ impl Vm {
 
     fn lock(&self) -> MutexGuard<'_, Lifecycle> {
         self.life.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The lifecycle once no reboot is in progress (or after `REBOOT_WAIT`),
+    /// so that a call never finds no boot while the state says Running.
+    fn lock_settled(&self) -> MutexGuard<'_, Lifecycle> {
+        let deadline = Instant::now() + REBOOT_WAIT;
+        let mut life = self.lock();
+        while life.reboot_pending() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            // The VMM thread notifies when the new boot is recorded; the
+            // short timeout covers the moment before it has seen the reset.
+            let wait = (deadline - now).min(Duration::from_millis(20));
+            life = self
+                .changed
+                .wait_timeout(life, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        life
     }
 
     pub fn state(&self) -> VmState {
@@ -268,7 +346,7 @@ impl Vm {
     }
 
     pub fn info(&self) -> VmInfo {
-        let life = self.lock();
+        let life = self.lock_settled();
         VmInfo {
             state: life.state,
             boots: life.boots,
@@ -302,7 +380,7 @@ impl Vm {
 
     /// Cloud Hypervisor's counters of every device that has some.
     pub fn counters(&self) -> Result<Vec<(String, BTreeMap<&'static str, u64>)>> {
-        let life = self.lock();
+        let life = self.lock_settled();
         let Some(instance) = &life.instance else {
             return Err(Error::new(ErrorKind::State, "VM is not running"));
         };
@@ -326,7 +404,13 @@ impl Vm {
             let _ = old.join();
             life = self.lock();
         }
-        let instance = self.build_instance()?;
+        let mut instance = self.build_instance()?;
+        if let Err(e) = instance.start_vcpus(false) {
+            instance.stop(StopReason::VmmError {
+                message: e.message.clone(),
+            });
+            return Err(e);
+        }
         life.last_payload = Some(instance.payload);
         life.instance = Some(instance);
         life.state = VmState::Running;
@@ -349,7 +433,7 @@ impl Vm {
     }
 
     pub fn pause(&self) -> Result<()> {
-        let mut life = self.lock();
+        let mut life = self.lock_settled();
         life.state.check_transition(VmState::Paused)?;
         let Some(instance) = &life.instance else {
             return Err(Error::new(ErrorKind::State, "VM is not running"));
@@ -369,7 +453,7 @@ impl Vm {
     }
 
     pub fn resume(&self) -> Result<()> {
-        let mut life = self.lock();
+        let mut life = self.lock_settled();
         match life.state {
             VmState::Paused => {}
             VmState::Running => VmState::Running.check_transition(VmState::Running)?,
@@ -412,11 +496,14 @@ impl Vm {
 
     /// Reboots a running VM: the current boot stops and a new one starts.
     pub fn reboot(&self) -> Result<()> {
-        let life = self.lock();
+        let mut life = self.lock_settled();
         match &life.instance {
             Some(instance) if matches!(life.state, VmState::Running | VmState::Paused) => {
                 instance.control.set_command(VcpuCommand::Run);
                 instance.control.request_stop(StopReason::Reset);
+                // The new boot runs, as in Cloud Hypervisor.
+                life.state = VmState::Running;
+                self.changed.notify_all();
                 Ok(())
             }
             _ => Err(Error::new(ErrorKind::State, "VM is not running")),
@@ -426,7 +513,7 @@ impl Vm {
     /// Presses the guest's ACPI power button (a GED event); what happens next
     /// is up to the guest (Linux shuts down in an orderly way).
     pub fn power_button(&self) -> Result<()> {
-        let life = self.lock();
+        let life = self.lock_settled();
         match &life.instance {
             Some(instance) if matches!(life.state, VmState::Running | VmState::Paused) => instance
                 .ged
@@ -492,13 +579,17 @@ impl Vm {
                     continue;
                 }
             };
-            let instance = self.lock().instance.take();
+            let instance = {
+                let mut life = self.lock();
+                life.rebooting = reason == StopReason::Reset;
+                life.instance.take()
+            };
             if let Some(instance) = instance {
                 instance.stop(reason.clone());
             }
             if reason == StopReason::Reset {
                 match self.build_instance() {
-                    Ok(instance) => {
+                    Ok(mut instance) => {
                         let mut life = self.lock();
                         if life.shutdown_requested {
                             drop(life);
@@ -506,12 +597,21 @@ impl Vm {
                             self.finish(StopReason::Shutdown);
                             return;
                         }
+                        // Recorded and started under the lock: nobody sees the
+                        // new boot half-started. A pause that landed while the
+                        // old boot was ending holds for the new one.
+                        if let Err(e) = instance.start_vcpus(life.state == VmState::Paused) {
+                            drop(life);
+                            instance.stop(StopReason::Shutdown);
+                            self.finish(StopReason::VmmError {
+                                message: format!("Rebooting the VM failed: {e}"),
+                            });
+                            return;
+                        }
                         life.boots += 1;
                         life.last_payload = Some(instance.payload);
                         life.instance = Some(instance);
-                        if life.state == VmState::Paused {
-                            life.state = VmState::Running;
-                        }
+                        life.rebooting = false;
                         self.changed.notify_all();
                         continue;
                     }
@@ -530,6 +630,7 @@ impl Vm {
 
     fn finish(&self, reason: StopReason) {
         let mut life = self.lock();
+        life.rebooting = false;
         life.state = VmState::Shutdown;
         life.exit = Some(reason);
         for backend in self.serial.iter().chain(&self.console) {
@@ -755,9 +856,9 @@ impl Vm {
             vcpus.push(vcpu);
         }
 
-        let mut threads = Vec::new();
         let mut samples = Vec::new();
-        for (index, vcpu) in vcpus.into_iter().enumerate() {
+        let mut unstarted = Vec::new();
+        for (index, fd) in vcpus.into_iter().enumerate() {
             let index = index as u8;
             let sample = Arc::new(Mutex::new(Sample::default()));
             samples.push(sample.clone());
@@ -768,7 +869,7 @@ impl Vm {
                 .flatten()
                 .find(|a| a.vcpu == index)
                 .map(|a| a.host_cpus.clone());
-            let ctx = VcpuThreadContext {
+            let context = VcpuThreadContext {
                 index,
                 control: control.clone(),
                 pio: pio.clone(),
@@ -776,45 +877,19 @@ impl Vm {
                 sample,
                 host_cpus,
             };
-            control.thread_started();
-            let spawned = std::thread::Builder::new()
-                .name(format!("vcpu{index}"))
-                .spawn(move || vcpu::run_vcpu(vcpu, ctx));
-            match spawned {
-                Ok(handle) => threads.push(handle),
-                Err(e) => {
-                    control.thread_exited();
-                    let partial = Instance {
-                        _vm_fd: vm_fd,
-                        _ram: ram,
-                        control,
-                        threads,
-                        samples,
-                        payload,
-                        _irq_fds: irq_fds,
-                        virtio: pci.virtio,
-                        ged,
-                    };
-                    partial.stop(StopReason::VmmError {
-                        message: "cannot start vCPU threads".into(),
-                    });
-                    return Err(Error::new(
-                        ErrorKind::Device,
-                        format!("cannot start vCPU thread: {e}"),
-                    ));
-                }
-            }
+            unstarted.push(UnstartedVcpu { fd, context });
         }
         Ok(Instance {
             _vm_fd: vm_fd,
             _ram: ram,
             control,
-            threads,
+            threads: Vec::new(),
             samples,
             payload,
             _irq_fds: irq_fds,
             virtio: pci.virtio,
             ged,
+            unstarted,
         })
     }
 
