@@ -217,33 +217,11 @@ class Vm:
         config = self.config
         if runtime["config_json"] is not None:
             config = VmConfig.from_json(runtime["config_json"])
-        tree: dict[str, Any] | None = None
-        if runtime["devices"]:
-            tree = {}
-            for device in runtime["devices"]:
-                base, size = device["bar"]
-                tree[device["id"]] = {
-                    "id": device["id"],
-                    "resources": [
-                        {
-                            "PciBar": {
-                                "index": 0,
-                                "base": base,
-                                "size": size,
-                                "type_": "Mmio64",
-                                "prefetchable": False,
-                            }
-                        }
-                    ],
-                    "parent": None,
-                    "children": [],
-                    "pci_bdf": device["pci_bdf"],
-                }
         return {
             "config": config.to_dict(),
             "state": runtime["state"],
             "memory_actual_size": runtime["memory_size"],
-            "device_tree": tree,
+            "device_tree": runtime["device_tree"],
             "vmkit": {
                 "boots": runtime["boots"],
                 "kernel_format": runtime["kernel_format"],

@@ -176,15 +176,18 @@ impl VmHandle {
             None
         };
         dict.set_item("config_json", config)?;
-        let devices = PyList::empty(py);
-        for device in info.devices {
-            let node = PyDict::new(py);
-            node.set_item("id", device.id)?;
-            node.set_item("pci_bdf", device.pci_bdf)?;
-            node.set_item("bar", device.bar)?;
-            devices.append(node)?;
-        }
-        dict.set_item("devices", devices)?;
+        // Cloud Hypervisor's device_tree ({id: node}), None when no boot runs.
+        let tree = if info.device_tree.is_empty() {
+            None
+        } else {
+            let tree = PyDict::new(py);
+            for node in info.device_tree {
+                let id = node.id.clone();
+                tree.set_item(id, device_node(py, node)?)?;
+            }
+            Some(tree)
+        };
+        dict.set_item("device_tree", tree)?;
         Ok(dict)
     }
 
@@ -201,6 +204,36 @@ impl VmHandle {
         }
         Ok(dict)
     }
+}
+
+/// One node of the device tree in Cloud Hypervisor's JSON shape.
+fn device_node(py: Python<'_>, node: vmkit_vmm::DeviceNode) -> PyResult<Bound<'_, PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item("id", node.id)?;
+    let resources = PyList::empty(py);
+    for resource in node.resources {
+        let vmkit_vmm::Resource::PciBar {
+            index,
+            base,
+            size,
+            kind,
+            prefetchable,
+        } = resource;
+        let bar = PyDict::new(py);
+        bar.set_item("index", index)?;
+        bar.set_item("base", base)?;
+        bar.set_item("size", size)?;
+        bar.set_item("type_", vmkit_vmm::device_manager::bar_type_name(kind))?;
+        bar.set_item("prefetchable", prefetchable)?;
+        let wrapped = PyDict::new(py);
+        wrapped.set_item("PciBar", bar)?;
+        resources.append(wrapped)?;
+    }
+    dict.set_item("resources", resources)?;
+    dict.set_item("parent", node.parent)?;
+    dict.set_item("children", node.children)?;
+    dict.set_item("pci_bdf", node.pci_bdf)?;
+    Ok(dict)
 }
 
 impl Drop for VmHandle {

@@ -73,8 +73,9 @@ pub struct MemoryMapEntry {
     pub kind: u32,
 }
 
-/// The map the guest is given: RAM below the BIOS area, RAM from 1 MiB, RAM
-/// above the hole; the BIOS area (where the ACPI tables are) is reserved.
+/// The map the guest is given, as Cloud Hypervisor's: RAM below 640 KiB, RAM
+/// from 1 MiB, RAM above the hole. [640 KiB, 1 MiB), where the ACPI tables
+/// are, is not listed at all (kernels never use it as RAM).
 pub fn memory_map(ram: &GuestRam) -> Vec<MemoryMapEntry> {
     let mut map = Vec::new();
     for &(start, size) in &ram.ranges {
@@ -84,11 +85,6 @@ pub fn memory_map(ram: &GuestRam) -> Vec<MemoryMapEntry> {
                 addr: 0,
                 size: EBDA_START.min(end),
                 kind: E820_RAM,
-            });
-            map.push(MemoryMapEntry {
-                addr: EBDA_START,
-                size: HIGH_RAM_START - EBDA_START,
-                kind: E820_RESERVED,
             });
             if end > HIGH_RAM_START {
                 map.push(MemoryMapEntry {
@@ -106,12 +102,12 @@ pub fn memory_map(ram: &GuestRam) -> Vec<MemoryMapEntry> {
         }
     }
     // ECAM is reserved, as kernels check before trusting the MCFG table.
+    // Last, after all RAM, in Cloud Hypervisor's order.
     map.push(MemoryMapEntry {
         addr: PCI_MMCONFIG_START,
         size: PCI_MMCONFIG_SIZE,
         kind: E820_RESERVED,
     });
-    map.sort_by_key(|e| e.addr);
     map
 }
 
@@ -404,19 +400,17 @@ mod tests {
     }
 
     #[test]
-    fn memory_map_reserves_the_bios_area_and_skips_the_hole() {
+    fn memory_map_is_cloud_hypervisors() {
         let map = memory_map(&ram("size=3584M"));
-        let ram_entries: Vec<(u64, u64)> = map
-            .iter()
-            .filter(|e| e.kind == E820_RAM)
-            .map(|e| (e.addr, e.size))
-            .collect();
+        let entries: Vec<(u64, u64, u32)> = map.iter().map(|e| (e.addr, e.size, e.kind)).collect();
+        // RAM below 640 KiB, from 1 MiB to the hole, above 4 GiB; then ECAM.
         assert_eq!(
-            ram_entries,
+            entries,
             vec![
-                (0, EBDA_START),
-                (HIGH_RAM_START, 0xc000_0000 - HIGH_RAM_START),
-                (0x1_0000_0000, 0x2000_0000)
+                (0, 0xa_0000, E820_RAM),
+                (HIGH_RAM_START, 0xc000_0000 - HIGH_RAM_START, E820_RAM),
+                (0x1_0000_0000, 0x2000_0000, E820_RAM),
+                (PCI_MMCONFIG_START, PCI_MMCONFIG_SIZE, E820_RESERVED),
             ]
         );
     }

@@ -2,7 +2,7 @@
 //! (KVM VM, memory, devices, vCPU threads) at a time, rebuilt on guest reset,
 //! and a VMM thread that waits for the boot to end and runs the watchdog.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
@@ -13,31 +13,19 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-use vm_superio::{I8042Device, Serial};
 use vmkit_config::{ConsoleOutputMode, VmConfig};
-use vmm_sys_util::eventfd::EventFd;
 
-use crate::acpi::{self, ACPI_SHUTDOWN_PORT};
+use crate::acpi;
 use crate::boot::{self, LoadedPayload};
 use crate::control::{Control, StopReason, VcpuCommand};
 use crate::cpu::{self, HostCpu, Topology};
-use crate::devices::legacy::{
-    AcpiShutdown, DebugPort, DebugPortWrite, Ged, GedRegister, ResetTrigger, GED_POWER_BUTTON,
-    I8042,
-};
-use crate::devices::serial::{IrqTrigger, SerialBackend, SerialDevice, SerialSink};
-use crate::devices::Bus;
+use crate::device_manager::{DeviceContext, DeviceManager, DeviceNode};
+use crate::devices::legacy::{DebugPortWrite, GED_POWER_BUTTON};
+use crate::devices::serial::SerialBackend;
 use crate::error::{Error, ErrorKind, Result};
-use crate::interrupts::InterruptRoutes;
-use crate::layout::{GED_ADDRESS, GED_IRQ, GED_SIZE, PCI_MMCONFIG_START};
 use crate::memory::{create_guest_ram, GuestRam};
-use crate::pci::{self, PciBarWindow, PciConfigIo, PciEcam, PciSegment, ECAM_SIZE_PER_SEGMENT};
-use crate::rate_limiter::SharedRateLimiter;
 use crate::vcpu::{self, Sample, VcpuThreadContext};
-use crate::virtio::block::Block;
-use crate::virtio::net::Net;
 use crate::virtio::pci::DeviceEvents;
-use crate::virtio::{self, console::Console, pci::VirtioPciDevice, rng::Rng, VirtioDevice};
 
 /// Cloud Hypervisor's VM states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,10 +88,7 @@ struct Instance {
     threads: Vec<JoinHandle<()>>,
     samples: Vec<Arc<Mutex<Sample>>>,
     payload: LoadedPayload,
-    /// Keeps the irqfd eventfds open while the boot lives.
-    _irq_fds: Vec<EventFd>,
-    virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
-    ged: Arc<Ged>,
+    devices: DeviceManager,
     /// vCPUs built but not yet running: started once the boot is recorded.
     unstarted: Vec<UnstartedVcpu>,
 }
@@ -157,7 +142,7 @@ impl Instance {
             let _ = t.join();
         }
         // Device workers stop before guest memory goes away.
-        self.virtio.clear();
+        self.devices.stop_devices();
     }
 }
 
@@ -203,18 +188,8 @@ pub struct VmInfo {
     pub serial_pty: Option<PathBuf>,
     pub console_pty: Option<PathBuf>,
     pub memory_size: u64,
-    /// The PCI devices of the running boot (empty when none runs).
-    pub devices: Vec<DeviceInfo>,
-}
-
-/// A device in `info()`'s device tree.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceInfo {
-    pub id: String,
-    /// `ssss:bb:dd.f`
-    pub pci_bdf: String,
-    /// (base, size) of BAR 0.
-    pub bar: (u64, u64),
+    /// Cloud Hypervisor's device tree of the running boot (empty when none runs).
+    pub device_tree: Vec<DeviceNode>,
 }
 
 /// A VM: its config, serial backend (kept across reboots) and lifecycle.
@@ -354,22 +329,11 @@ impl Vm {
             serial_pty: self.serial.as_ref().and_then(|s| s.pty_path().cloned()),
             console_pty: self.console.as_ref().and_then(|s| s.pty_path().cloned()),
             memory_size: self.config.memory.total_size(),
-            devices: life
+            device_tree: life
                 .instance
-                .iter()
-                .flat_map(|i| &i.virtio)
-                .map(|d| {
-                    let d = d.lock().unwrap_or_else(|p| p.into_inner());
-                    DeviceInfo {
-                        id: d.id().to_owned(),
-                        pci_bdf: d.bdf(),
-                        bar: (
-                            d.config_space().bar_address(0).unwrap_or(0),
-                            virtio::pci::BAR_SIZE,
-                        ),
-                    }
-                })
-                .collect(),
+                .as_ref()
+                .map(|i| i.devices.device_tree())
+                .unwrap_or_default(),
         }
     }
 
@@ -384,15 +348,7 @@ impl Vm {
         let Some(instance) = &life.instance else {
             return Err(Error::new(ErrorKind::State, "VM is not running"));
         };
-        Ok(instance
-            .virtio
-            .iter()
-            .filter_map(|d| {
-                let d = d.lock().unwrap_or_else(|p| p.into_inner());
-                let counters = d.device().counters();
-                (!counters.is_empty()).then(|| (d.id().to_owned(), counters))
-            })
-            .collect())
+        Ok(instance.devices.counters())
     }
 
     /// Builds the VM and starts its vCPUs (Created or Shutdown → Running).
@@ -516,7 +472,8 @@ impl Vm {
         let life = self.lock_settled();
         match &life.instance {
             Some(instance) if matches!(life.state, VmState::Running | VmState::Paused) => instance
-                .ged
+                .devices
+                .ged()
                 .notify(GED_POWER_BUTTON)
                 .map_err(|e| Error::new(ErrorKind::Device, format!("power button: {e}"))),
             _ => Err(Error::new(ErrorKind::State, "VM is not running")),
@@ -687,6 +644,8 @@ impl Vm {
         }
     }
 
+    /// Builds one boot (KVM VM, memory, devices, tables, payload, vCPUs)
+    /// without starting its vCPUs.
     fn build_instance(&self) -> Result<Instance> {
         let config = &self.config;
         let vm_fd = Arc::new(
@@ -729,19 +688,26 @@ impl Vm {
                 .map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
         }
 
+        let control = Arc::new(Control::new());
+        let devices = DeviceManager::build(&DeviceContext {
+            config,
+            vm_fd: &vm_fd,
+            ram: &ram,
+            control: &control,
+            gsi_limit: self.kvm.check_extension_int(Cap::IrqRouting).max(0) as u32,
+            phys_bits: cpu::guest_phys_bits(&self.kvm, &config.cpus)?,
+            serial: self.serial.as_ref(),
+            console: self.console.as_ref(),
+            debug_log: &self.debug_log,
+            device_events: &self.device_events,
+        })?;
         let topology = Topology::from_config(&config.cpus);
-        let routes = Arc::new(InterruptRoutes::new(
-            vm_fd.clone(),
-            self.kvm.check_extension_int(Cap::IrqRouting).max(0) as u32,
-        ));
-        let pci = self.build_pci(&ram, &routes)?;
-        let layouts: Vec<_> = pci.segments.iter().map(|s| s.layout).collect();
         let rsdp = acpi::write_tables(
             &ram.memory,
             &topology,
             config.cpus.boot_vcpus,
             config.cpus.max_vcpus,
-            &layouts,
+            &devices.segment_layouts(),
         )?;
         let payload_config = config
             .payload
@@ -749,117 +715,26 @@ impl Vm {
             .ok_or_else(|| Error::new(ErrorKind::Kernel, "No kernel specified"))?;
         let payload = boot::load_payload(&ram, payload_config, rsdp)?;
 
-        let control = Arc::new(Control::new());
-        let mut pio = Bus::new();
-        let mut irq_fds = Vec::new();
-        if let Some(backend) = &self.serial {
-            let irq = EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(|e| Error::new(ErrorKind::Device, format!("serial irq: {e}")))?;
-            vm_fd
-                .register_irqfd(&irq, 4)
-                .map_err(|e| Error::kvm("KVM_IRQFD (serial)", e))?;
-            let trigger = IrqTrigger(
-                irq.try_clone()
-                    .map_err(|e| Error::new(ErrorKind::Device, format!("serial irq: {e}")))?,
-            );
-            irq_fds.push(irq);
-            let device = Arc::new(Mutex::new(SerialDevice {
-                uart: Serial::new(trigger, SerialSink(backend.clone())),
-            }));
-            pio.insert(0x3f8, 8, device.clone());
-            backend.attach(Some(device));
-        }
-        let ged_irq = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| Error::new(ErrorKind::Device, format!("GED irq: {e}")))?;
-        vm_fd
-            .register_irqfd(&ged_irq, GED_IRQ)
-            .map_err(|e| Error::kvm("KVM_IRQFD (GED)", e))?;
-        let ged =
-            Arc::new(Ged::new(ged_irq.try_clone().map_err(|e| {
-                Error::new(ErrorKind::Device, format!("GED irq: {e}"))
-            })?));
-        irq_fds.push(ged_irq);
-        pio.insert(
-            0x60,
-            5,
-            Arc::new(Mutex::new(I8042(I8042Device::new(ResetTrigger(
-                control.clone(),
-            ))))),
-        );
-        pio.insert(
-            u64::from(ACPI_SHUTDOWN_PORT),
-            8,
-            Arc::new(Mutex::new(AcpiShutdown {
-                control: control.clone(),
-            })),
-        );
-        pio.insert(
-            0x80,
-            1,
-            Arc::new(Mutex::new(DebugPort {
-                control: control.clone(),
-                log: self.debug_log.clone(),
-            })),
-        );
-        let mut mmio = Bus::new();
-        pio.insert(
-            PciConfigIo::PORT,
-            PciConfigIo::LEN,
-            Arc::new(Mutex::new(PciConfigIo::new(pci.segments[0].clone()))),
-        );
-        mmio.insert(
-            PCI_MMCONFIG_START,
-            pci.segments.len() as u64 * ECAM_SIZE_PER_SEGMENT,
-            Arc::new(Mutex::new(PciEcam {
-                segments: pci.segments.clone(),
-            })),
-        );
-        for segment in &pci.segments {
-            for window in [segment.layout.mem32, segment.layout.mem64] {
-                mmio.insert(
-                    window.start,
-                    window.size,
-                    Arc::new(Mutex::new(PciBarWindow {
-                        segment: segment.clone(),
-                        base: window.start,
-                    })),
-                );
-            }
-        }
-        mmio.insert(
-            GED_ADDRESS,
-            GED_SIZE,
-            Arc::new(Mutex::new(GedRegister(ged.clone()))),
-        );
-        let pio = Arc::new(pio);
-        let mmio = Arc::new(mmio);
-
-        let mut vcpus = Vec::new();
         let mut host = self.host;
+        let mut samples = Vec::new();
+        let mut unstarted = Vec::new();
         for index in 0..config.cpus.boot_vcpus {
             let apic_id = topology.apic_id(index);
-            let vcpu = vm_fd
+            let fd = vm_fd
                 .create_vcpu(u64::from(apic_id))
                 .map_err(|e| Error::kvm(&format!("KVM_CREATE_VCPU {index}"), e))?;
             if host.tsc_khz.is_none() {
-                host.tsc_khz = vcpu.get_tsc_khz().ok();
+                host.tsc_khz = fd.get_tsc_khz().ok();
             }
             let cpuid = cpu::cpuid_for(&self.kvm, &config.cpus, index, host)?;
-            vcpu.set_cpuid2(&cpuid)
+            fd.set_cpuid2(&cpuid)
                 .map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
-            cpu::setup_msrs(&vcpu)?;
-            cpu::setup_fpu(&vcpu)?;
-            cpu::setup_lapic(&vcpu)?;
+            cpu::setup_msrs(&fd)?;
+            cpu::setup_fpu(&fd)?;
+            cpu::setup_lapic(&fd)?;
             if index == 0 {
-                cpu::setup_boot_vcpu(&vcpu, &ram.memory, payload.entry)?;
+                cpu::setup_boot_vcpu(&fd, &ram.memory, payload.entry)?;
             }
-            vcpus.push(vcpu);
-        }
-
-        let mut samples = Vec::new();
-        let mut unstarted = Vec::new();
-        for (index, fd) in vcpus.into_iter().enumerate() {
-            let index = index as u8;
             let sample = Arc::new(Mutex::new(Sample::default()));
             samples.push(sample.clone());
             let host_cpus = config
@@ -872,8 +747,8 @@ impl Vm {
             let context = VcpuThreadContext {
                 index,
                 control: control.clone(),
-                pio: pio.clone(),
-                mmio: mmio.clone(),
+                pio: devices.pio_bus().clone(),
+                mmio: devices.mmio_bus().clone(),
                 sample,
                 host_cpus,
             };
@@ -886,117 +761,10 @@ impl Vm {
             threads: Vec::new(),
             samples,
             payload,
-            _irq_fds: irq_fds,
-            virtio: pci.virtio,
-            ged,
+            devices,
             unstarted,
         })
     }
-
-    /// The PCI segments and the virtio devices on them.
-    fn build_pci(&self, ram: &GuestRam, routes: &Arc<InterruptRoutes>) -> Result<PciPlatform> {
-        let config = &self.config;
-        let count = config.platform.as_ref().map_or(1, |p| p.num_pci_segments);
-        let phys_bits = cpu::guest_phys_bits(&self.kvm, &config.cpus)?;
-        let ram_end = ram.ranges.iter().map(|&(s, l)| s + l).max().unwrap_or(0);
-        let layouts = pci::plan_segments(count, ram_end, phys_bits).ok_or_else(|| {
-            Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "{count} PCI segments do not fit in the guest's {phys_bits}-bit physical address space"
-                ),
-            )
-        })?;
-        let mut segments: Vec<PciSegment> = layouts.into_iter().map(PciSegment::new).collect();
-        let mut virtio = Vec::new();
-        let mut add = |segment: u16, id: &str, device: Box<dyn VirtioDevice>| -> Result<()> {
-            let segment = segments.get_mut(usize::from(segment)).ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Unsupported,
-                    format!("{id}: PCI segment {segment} does not exist"),
-                )
-            })?;
-            let slot = segment.free_slot().ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Device,
-                    format!("{id}: no free slot on PCI segment {}", segment.layout.id),
-                )
-            })?;
-            let bar = segment
-                .mem64_allocator
-                .allocate(virtio::pci::BAR_SIZE)
-                .ok_or_else(|| {
-                    Error::new(ErrorKind::Device, format!("{id}: PCI MMIO window full"))
-                })?;
-            let mut device = VirtioPciDevice::new(
-                id.to_owned(),
-                device,
-                ram.memory.clone(),
-                routes.clone(),
-                bar,
-            )?;
-            device.set_location(segment.layout.id, slot);
-            device.set_events(self.device_events.clone());
-            let device = Arc::new(Mutex::new(device));
-            segment.insert(slot, device.clone());
-            virtio.push(device);
-            Ok(())
-        };
-        // Cloud Hypervisor's order: console, disks, nets, then rng.
-        if let Some(backend) = &self.console {
-            add(
-                0,
-                "__console",
-                Box::new(Console::new("__console".into(), backend.clone())?),
-            )?;
-        }
-        let groups: HashMap<&str, Arc<SharedRateLimiter>> = config
-            .rate_limit_groups
-            .iter()
-            .flatten()
-            .map(|g| {
-                let limiter = Arc::new(SharedRateLimiter::new(&g.rate_limiter_config));
-                (g.id.as_str(), limiter)
-            })
-            .collect();
-        for disk in config.disks.iter().flatten() {
-            let id = disk.id.as_deref().unwrap_or_default();
-            let group = match disk.rate_limit_group.as_deref() {
-                Some(name) => Some(groups.get(name).cloned().ok_or_else(|| {
-                    Error::new(
-                        ErrorKind::Unsupported,
-                        format!("{id}: no rate limit group {name}"),
-                    )
-                })?),
-                None => None,
-            };
-            add(
-                disk.pci_segment,
-                id,
-                Box::new(Block::new(disk, group).map_err(|e| {
-                    Error::new(e.kind, format!("Cannot create virtio-blk device {id}: {e}"))
-                })?),
-            )?;
-        }
-        for net in config.net.iter().flatten() {
-            let id = net.id.as_deref().unwrap_or_default();
-            add(net.pci_segment, id, Box::new(Net::new(net, id)?))?;
-        }
-        add(
-            0,
-            "__rng",
-            Box::new(Rng::new("__rng".into(), &config.rng.src)?),
-        )?;
-        Ok(PciPlatform {
-            segments: segments.into_iter().map(Arc::new).collect(),
-            virtio,
-        })
-    }
-}
-
-struct PciPlatform {
-    segments: Vec<Arc<PciSegment>>,
-    virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
 }
 
 impl Drop for Vm {

@@ -35,6 +35,9 @@ const NOTIFY_SIZE: u64 = 0x1000;
 const NOTIFY_OFF_MULTIPLIER: u32 = 4;
 const MSIX_TABLE_OFFSET: u64 = 0x8000;
 const MSIX_PBA_OFFSET: u64 = 0x48000;
+/// Configuration registers (dwords) of BAR 0 and, for a 64-bit BAR, its high half.
+const BAR0_REG: usize = 4;
+const BAR0_HIGH_REG: usize = 5;
 
 /// Capability types (virtio_pci_cap.cfg_type).
 const CAP_COMMON: u8 = 1;
@@ -144,13 +147,15 @@ fn put_le(data: &mut [u8], value: u64) {
 }
 
 impl VirtioPciDevice {
-    /// Wraps `device` as a PCI function whose BAR 0 is at `bar_address`.
+    /// Wraps `device` as a PCI function whose BAR 0 (of `bar_kind`, 32- or
+    /// 64-bit memory) is at `bar_address`.
     pub fn new(
         id: String,
         device: Box<dyn VirtioDevice>,
         memory: GuestMemoryMmap,
         routes: Arc<InterruptRoutes>,
         bar_address: u64,
+        bar_kind: BarKind,
     ) -> Result<VirtioPciDevice> {
         let max_sizes = device.queue_max_sizes();
         let queue_count = max_sizes.len();
@@ -158,7 +163,7 @@ impl VirtioPciDevice {
             .ok()
             .filter(|&v| u64::from(v) * msix::ENTRY_SIZE <= MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET)
             .ok_or_else(|| Error::new(ErrorKind::Device, format!("{id}: too many queues")))?;
-        let msix = Arc::new(Mutex::new(Msix::new(vectors, routes.clone())?));
+        let msix = Arc::new(Mutex::new(Msix::new(&id, vectors, routes.clone())?));
         let device_type = device.device_type();
         let mut config = PciConfiguration::new(PciIdentity {
             vendor: VENDOR_ID,
@@ -173,7 +178,7 @@ impl VirtioPciDevice {
             bar_address,
             Bar {
                 size: BAR_SIZE,
-                kind: BarKind::Memory64,
+                kind: bar_kind,
                 prefetchable: false,
             },
         );
@@ -362,6 +367,15 @@ impl VirtioPciDevice {
         }
         for kick in &self.kicks {
             let _ = kick.read();
+        }
+    }
+
+    /// An MSI-X vector could not be routed (already logged by `Msix`): the
+    /// device cannot interrupt the driver as it asked, so it needs a reset.
+    fn interrupts_lost(&mut self) {
+        if self.status & STATUS_DRIVER != 0 {
+            self.status |= STATUS_NEEDS_RESET;
+            let _ = self.interrupt.signal_config();
         }
     }
 
@@ -597,7 +611,11 @@ impl VirtioPciDevice {
         } else {
             let mut msix = self.msix();
             if inside(MSIX_TABLE_OFFSET, msix.table_size()) {
-                msix.table_write(offset - MSIX_TABLE_OFFSET, data);
+                let routed = msix.table_write(offset - MSIX_TABLE_OFFSET, data);
+                drop(msix);
+                if routed.is_err() {
+                    self.interrupts_lost();
+                }
             }
         }
     }
@@ -623,12 +641,13 @@ impl Drop for VirtioPciDevice {
     }
 }
 
+/// Cloud Hypervisor's class codes: network and mass storage for net and
+/// block, "other" with the non-transitional virtio subclass (0xff) else.
 fn pci_class(device_type: u32) -> (u8, u8, u8) {
     match device_type {
         super::TYPE_NET => (0x02, 0x00, 0x00),
         super::TYPE_BLOCK => (0x01, 0x80, 0x00),
-        super::TYPE_CONSOLE => (0x07, 0x80, 0x00),
-        _ => (0xff, 0x00, 0x00),
+        _ => (0xff, 0xff, 0x00),
     }
 }
 
@@ -683,15 +702,23 @@ impl PciDevice for VirtioPciDevice {
         if reg == self.msix_cap / 4 {
             let mut control = [0u8; 2];
             self.config.read_bytes(self.msix_cap + 2, &mut control);
-            self.msix().set_message_control(u16::from_le_bytes(control));
+            let routed = self.msix().set_message_control(u16::from_le_bytes(control));
+            if routed.is_err() {
+                self.interrupts_lost();
+            }
         }
         let bar_after = self.config.bar_address(0);
-        if bar_after != bar_before {
+        // Sizing writes all-ones to one half of the BAR; the address it makes
+        // for a moment can be another device's, so only follow real placements.
+        let sizing = matches!(reg, BAR0_REG | BAR0_HIGH_REG)
+            && data.len() == 4
+            && data.iter().all(|&b| b == 0xff);
+        if bar_after != bar_before && !sizing {
             if let Some(base) = bar_after {
-                // Sizing writes all-ones; only follow real placements.
                 if base.checked_add(BAR_SIZE).is_some() && base % BAR_SIZE == 0 {
+                    // Kicks still arrive through MMIO without the ioeventfds.
                     if let Err(e) = self.register_notifiers(base) {
-                        eprintln!("vmkit: {}: {e}", self.id);
+                        log::warn!("{e}");
                     }
                 }
             }
@@ -742,8 +769,15 @@ mod tests {
         let routes = routes()?;
         let rng = Rng::new("__rng".into(), "/dev/urandom").unwrap();
         Some(
-            VirtioPciDevice::new("__rng".into(), Box::new(rng), memory.clone(), routes, BAR)
-                .unwrap(),
+            VirtioPciDevice::new(
+                "__rng".into(),
+                Box::new(rng),
+                memory.clone(),
+                routes,
+                BAR,
+                BarKind::Memory64,
+            )
+            .unwrap(),
         )
     }
 
