@@ -1,7 +1,6 @@
 //! Guest RAM from a `MemoryConfig`: anonymous, shared (memfd), huge pages
 //! (hugetlb memfd) or file-backed zones, laid out around the 32-bit MMIO hole.
 
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::os::fd::FromRawFd;
 
@@ -169,7 +168,7 @@ fn check_free_huge_pages(backing: &Backing, page_size: u64) -> Result<()> {
 }
 
 fn memfd(backing: &Backing) -> Result<File> {
-    let name = CString::new("vmkit-guest-ram").expect("no NUL in name");
+    let name = c"vmkit-guest-ram";
     let mut flags = libc::MFD_CLOEXEC;
     if backing.hugepages {
         let page_size = huge_page_size(backing)?;
