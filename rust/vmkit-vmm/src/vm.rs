@@ -22,10 +22,82 @@ use crate::cpu::{self, HostCpu, Topology};
 use crate::device_manager::{DeviceContext, DeviceManager, DeviceNode};
 use crate::devices::legacy::{DebugPortWrite, GED_POWER_BUTTON};
 use crate::devices::serial::SerialBackend;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, ModuleError, Result};
 use crate::memory::{create_guest_ram, GuestRam};
 use crate::vcpu::{self, Sample, VcpuThreadContext};
 use crate::virtio::pci::DeviceEvents;
+
+/// Why a VM could not be created, booted or controlled.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("invalid VM state transition: {from} to {to}")]
+    InvalidTransition { from: VmState, to: VmState },
+    #[error("VM is not running")]
+    NotRunning,
+    #[error("vCPUs did not pause within 10 s")]
+    PauseTimeout,
+    #[error("cannot start {what}")]
+    Thread {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Invalid configuration")]
+    InvalidConfig {
+        #[source]
+        source: vmkit_config::ValidationError,
+    },
+    #[error("{what} is not supported yet")]
+    NotSupported { what: &'static str },
+    #[error(
+        "kvm_hyperv=on needs KVM's Hyper-V support (KVM_CAP_HYPERV), which this host's KVM lacks"
+    )]
+    NoHyperv,
+    #[error("Failed to open hypervisor interface (is hypervisor interface available?)")]
+    OpenKvm {
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{0}")]
+    KickHandler(String),
+    #[error("{what}")]
+    Kvm {
+        what: String,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("guest memory")]
+    HostAddress {
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("No kernel specified")]
+    NoKernel,
+    #[error("power button")]
+    PowerButton {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ModuleError for VmError {
+    fn kind(&self) -> ErrorKind {
+        use VmError::*;
+        match self {
+            InvalidTransition { .. } | NotRunning | PauseTimeout => ErrorKind::State,
+            Thread { .. } | PowerButton { .. } => ErrorKind::Device,
+            InvalidConfig { .. } | NotSupported { .. } | NoHyperv => ErrorKind::Unsupported,
+            OpenKvm { .. } | KickHandler(_) | Kvm { .. } => ErrorKind::Kvm,
+            HostAddress { .. } => ErrorKind::Memory,
+            NoKernel => ErrorKind::Kernel,
+        }
+    }
+}
+
+fn kvm_error(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    let what = what.into();
+    move |source| VmError::Kvm { what, source }
+}
 
 /// Cloud Hypervisor's VM states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,10 +129,7 @@ impl VmState {
         if ok {
             Ok(())
         } else {
-            Err(Error::new(
-                ErrorKind::State,
-                format!("invalid VM state transition: {self} to {to}"),
-            ))
+            Err(VmError::InvalidTransition { from: self, to }.into())
         }
     }
 }
@@ -116,10 +185,11 @@ impl Instance {
                 Ok(handle) => self.threads.push(handle),
                 Err(e) => {
                     self.control.thread_exited();
-                    return Err(Error::new(
-                        ErrorKind::Device,
-                        format!("cannot start vCPU thread: {e}"),
-                    ));
+                    return Err(VmError::Thread {
+                        what: "vCPU thread",
+                        source: e,
+                    }
+                    .into());
                 }
             }
         }
@@ -214,35 +284,22 @@ impl Vm {
     /// Checks the config against what this VMM supports and opens KVM and the
     /// serial backend. Nothing runs until `boot`.
     pub fn new(mut config: VmConfig, options: VmOptions) -> Result<Arc<Vm>> {
-        config.validate().map_err(|e| {
-            Error::new(
-                ErrorKind::Unsupported,
-                format!("Invalid configuration: {e}"),
-            )
-        })?;
+        config
+            .validate()
+            .map_err(|source| VmError::InvalidConfig { source })?;
         check_supported(&config)?;
         config.assign_device_ids();
-        let kvm = Kvm::new().map_err(|e| {
-            Error::new(
-                ErrorKind::Kvm,
-                format!(
-                    "Failed to open hypervisor interface (is hypervisor interface available?): {e}"
-                ),
-            )
-        })?;
+        let kvm = Kvm::new().map_err(|source| VmError::OpenKvm { source })?;
         if config.cpus.kvm_hyperv && !kvm.check_extension(Cap::Hyperv) {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "kvm_hyperv=on needs KVM's Hyper-V support (KVM_CAP_HYPERV), which this host's KVM lacks",
-            ));
+            return Err(VmError::NoHyperv.into());
         }
         if config.cpus.kvm_hyperv {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "kvm_hyperv=on is not supported yet",
-            ));
+            return Err(VmError::NotSupported {
+                what: "kvm_hyperv=on",
+            }
+            .into());
         }
-        vcpu::register_kick_handler().map_err(|e| Error::new(ErrorKind::Kvm, e))?;
+        vcpu::register_kick_handler().map_err(VmError::KickHandler)?;
         let serial = SerialBackend::open(&config.serial, "serial", true)?;
         // With both on the terminal, keyboard input goes to the serial port.
         let console_stdin = config.serial.mode != ConsoleOutputMode::Tty;
@@ -346,7 +403,7 @@ impl Vm {
     pub fn counters(&self) -> Result<Vec<(String, BTreeMap<&'static str, u64>)>> {
         let life = self.lock_settled();
         let Some(instance) = &life.instance else {
-            return Err(Error::new(ErrorKind::State, "VM is not running"));
+            return Err(VmError::NotRunning.into());
         };
         Ok(instance.devices.counters())
     }
@@ -377,11 +434,9 @@ impl Vm {
         let thread = std::thread::Builder::new()
             .name("vmm".into())
             .spawn(move || vm.vmm_loop())
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Device,
-                    format!("cannot start the VMM thread: {e}"),
-                )
+            .map_err(|source| VmError::Thread {
+                what: "the VMM thread",
+                source,
             })?;
         life.vmm_thread = Some(thread);
         self.changed.notify_all();
@@ -392,16 +447,13 @@ impl Vm {
         let mut life = self.lock_settled();
         life.state.check_transition(VmState::Paused)?;
         let Some(instance) = &life.instance else {
-            return Err(Error::new(ErrorKind::State, "VM is not running"));
+            return Err(VmError::NotRunning.into());
         };
         instance.control.set_command(VcpuCommand::Park);
         instance.kick_all();
         if !instance.control.wait_parked(Duration::from_secs(10)) {
             instance.control.set_command(VcpuCommand::Run);
-            return Err(Error::new(
-                ErrorKind::State,
-                "vCPUs did not pause within 10 s",
-            ));
+            return Err(VmError::PauseTimeout.into());
         }
         life.state = VmState::Paused;
         self.changed.notify_all();
@@ -413,7 +465,7 @@ impl Vm {
         match life.state {
             VmState::Paused => {}
             VmState::Running => VmState::Running.check_transition(VmState::Running)?,
-            _ => return Err(Error::new(ErrorKind::State, "VM is not running")),
+            _ => return Err(VmError::NotRunning.into()),
         }
         if let Some(instance) = &life.instance {
             instance.control.set_command(VcpuCommand::Run);
@@ -462,7 +514,7 @@ impl Vm {
                 self.changed.notify_all();
                 Ok(())
             }
-            _ => Err(Error::new(ErrorKind::State, "VM is not running")),
+            _ => Err(VmError::NotRunning.into()),
         }
     }
 
@@ -475,8 +527,8 @@ impl Vm {
                 .devices
                 .ged()
                 .notify(GED_POWER_BUTTON)
-                .map_err(|e| Error::new(ErrorKind::Device, format!("power button: {e}"))),
-            _ => Err(Error::new(ErrorKind::State, "VM is not running")),
+                .map_err(|source| VmError::PowerButton { source }.into()),
+            _ => Err(VmError::NotRunning.into()),
         }
     }
 
@@ -648,33 +700,29 @@ impl Vm {
     /// without starting its vCPUs.
     fn build_instance(&self) -> Result<Instance> {
         let config = &self.config;
-        let vm_fd = Arc::new(
-            self.kvm
-                .create_vm()
-                .map_err(|e| Error::kvm("KVM_CREATE_VM", e))?,
-        );
+        let vm_fd = Arc::new(self.kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?);
         vm_fd
             .set_tss_address(crate::layout::KVM_TSS_ADDRESS as usize)
-            .map_err(|e| Error::kvm("KVM_SET_TSS_ADDR", e))?;
+            .map_err(kvm_error("KVM_SET_TSS_ADDR"))?;
         vm_fd
             .set_identity_map_address(crate::layout::KVM_TSS_ADDRESS - 0x1000)
-            .map_err(|e| Error::kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+            .map_err(kvm_error("KVM_SET_IDENTITY_MAP_ADDR"))?;
         vm_fd
             .create_irq_chip()
-            .map_err(|e| Error::kvm("KVM_CREATE_IRQCHIP", e))?;
+            .map_err(kvm_error("KVM_CREATE_IRQCHIP"))?;
         vm_fd
             .create_pit2(kvm_pit_config {
                 flags: KVM_PIT_SPEAKER_DUMMY,
                 ..Default::default()
             })
-            .map_err(|e| Error::kvm("KVM_CREATE_PIT2", e))?;
+            .map_err(kvm_error("KVM_CREATE_PIT2"))?;
 
         let ram = create_guest_ram(&config.memory)?;
         for (slot, region) in ram.memory.iter().enumerate() {
             let host = ram
                 .memory
                 .get_host_address(region.start_addr())
-                .map_err(|e| Error::new(ErrorKind::Memory, format!("guest memory: {e}")))?;
+                .map_err(|source| VmError::HostAddress { source })?;
             let mem_region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,
@@ -685,7 +733,7 @@ impl Vm {
             // SAFETY: the mapping outlives the VM fd: both live in the Instance,
             // and the VM fd is dropped (after its vCPUs) before the memory.
             unsafe { vm_fd.set_user_memory_region(mem_region) }
-                .map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+                .map_err(kvm_error("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
         let control = Arc::new(Control::new());
@@ -709,10 +757,7 @@ impl Vm {
             config.cpus.max_vcpus,
             &devices.segment_layouts(),
         )?;
-        let payload_config = config
-            .payload
-            .as_ref()
-            .ok_or_else(|| Error::new(ErrorKind::Kernel, "No kernel specified"))?;
+        let payload_config = config.payload.as_ref().ok_or(VmError::NoKernel)?;
         let payload = boot::load_payload(&ram, payload_config, rsdp)?;
 
         let mut host = self.host;
@@ -722,13 +767,12 @@ impl Vm {
             let apic_id = topology.apic_id(index);
             let fd = vm_fd
                 .create_vcpu(u64::from(apic_id))
-                .map_err(|e| Error::kvm(&format!("KVM_CREATE_VCPU {index}"), e))?;
+                .map_err(kvm_error(format!("KVM_CREATE_VCPU {index}")))?;
             if host.tsc_khz.is_none() {
                 host.tsc_khz = fd.get_tsc_khz().ok();
             }
             let cpuid = cpu::cpuid_for(&self.kvm, &config.cpus, index, host)?;
-            fd.set_cpuid2(&cpuid)
-                .map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
+            fd.set_cpuid2(&cpuid).map_err(kvm_error("KVM_SET_CPUID2"))?;
             cpu::setup_msrs(&fd)?;
             cpu::setup_fpu(&fd)?;
             cpu::setup_lapic(&fd)?;
@@ -829,10 +873,7 @@ fn check_supported(config: &VmConfig) -> Result<()> {
         (config.cpus.features.amx, "--cpus features=amx"),
     ];
     match requested.iter().find(|(asked, _)| *asked) {
-        Some((_, what)) => Err(Error::new(
-            ErrorKind::Unsupported,
-            format!("{what} is not supported yet"),
-        )),
+        Some(&(_, what)) => Err(VmError::NotSupported { what }.into()),
         None => Ok(()),
     }
 }

@@ -12,7 +12,36 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Activation, ActiveQueue, Interrupt, VirtioDevice, F_VERSION_1};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, ModuleError, Result};
+
+/// Why a virtio-pci function could not be built or placed.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioPciError {
+    #[error("{id}: too many queues")]
+    TooManyQueues { id: String },
+    #[error("{id}: eventfd")]
+    EventFd {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{id}: KVM_IOEVENTFD at {address:#x}")]
+    IoEventFd {
+        id: String,
+        address: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+impl ModuleError for VirtioPciError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            VirtioPciError::IoEventFd { .. } => ErrorKind::Kvm,
+            _ => ErrorKind::Device,
+        }
+    }
+}
 use crate::interrupts::InterruptRoutes;
 use crate::pci::config::{Bar, BarKind, PciConfiguration, PciIdentity};
 use crate::pci::msix::{self, Msix};
@@ -162,7 +191,7 @@ impl VirtioPciDevice {
         let vectors = u16::try_from(queue_count + 1)
             .ok()
             .filter(|&v| u64::from(v) * msix::ENTRY_SIZE <= MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET)
-            .ok_or_else(|| Error::new(ErrorKind::Device, format!("{id}: too many queues")))?;
+            .ok_or_else(|| VirtioPciError::TooManyQueues { id: id.clone() })?;
         let msix = Arc::new(Mutex::new(Msix::new(&id, vectors, routes.clone())?));
         let device_type = device.device_type();
         let mut config = PciConfiguration::new(PciIdentity {
@@ -217,7 +246,10 @@ impl VirtioPciDevice {
         let kicks = (0..queue_count)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
             .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|e| Error::new(ErrorKind::Device, format!("{id}: eventfd: {e}")))?;
+            .map_err(|source| VirtioPciError::EventFd {
+                id: id.clone(),
+                source,
+            })?;
         let interrupt = Arc::new(PciInterrupt {
             msix: msix.clone(),
             isr: AtomicU8::new(0),
@@ -303,7 +335,11 @@ impl VirtioPciDevice {
             let address = base + NOTIFY_OFFSET + index as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
             self.vm_fd
                 .register_ioevent(kick, &IoEventAddress::Mmio(address), NoDatamatch)
-                .map_err(|e| Error::kvm(&format!("{}: KVM_IOEVENTFD", self.id), e))?;
+                .map_err(|source| VirtioPciError::IoEventFd {
+                    id: self.id.clone(),
+                    address,
+                    source,
+                })?;
         }
         self.notify_base = Some(base);
         Ok(())
