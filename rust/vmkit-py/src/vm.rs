@@ -151,7 +151,8 @@ impl VmHandle {
 
     /// Runtime facts: state, boots, kernel format, serial pty path.
     fn runtime_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let info = self.vm.info();
+        // Waits out a reboot in progress: without the GIL.
+        let info = py.detach(|| self.vm.info());
         let dict = PyDict::new(py);
         dict.set_item("state", info.state.to_string())?;
         dict.set_item("boots", info.boots)?;
@@ -193,7 +194,9 @@ impl VmHandle {
 
     /// Cloud Hypervisor's counters: {device id: {counter: value}}.
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let counters = self.vm.counters().map_err(|e| vm_error(py, e))?;
+        let counters = py
+            .detach(|| self.vm.counters())
+            .map_err(|e| vm_error(py, e))?;
         let dict = PyDict::new(py);
         for (id, values) in counters {
             let inner = PyDict::new(py);
