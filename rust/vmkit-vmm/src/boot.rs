@@ -503,11 +503,18 @@ mod tests {
         };
         let err = load_payload(&ram, &payload("/nonexistent/vmlinux"), 0).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Kernel);
-        assert!(
-            err.message.contains("/nonexistent/vmlinux"),
-            "{}",
-            err.message
+        assert_eq!(
+            err.message,
+            "Cannot open kernel /nonexistent/vmlinux: No such file or directory (os error 2)"
         );
+        // The cause is kept, typed: the boot error, then the OS error under it.
+        let boot = std::error::Error::source(&err).unwrap();
+        assert!(matches!(
+            boot.downcast_ref::<BootError>(),
+            Some(BootError::OpenKernel { .. })
+        ));
+        let io = boot.source().unwrap().downcast_ref::<io::Error>().unwrap();
+        assert_eq!(io.kind(), io::ErrorKind::NotFound);
 
         let junk = temp_file("junk", &[0x42; 4096]);
         let err = load_payload(&ram, &payload(junk.to_str().unwrap()), 0).unwrap_err();
