@@ -279,8 +279,8 @@ def test_control_calls_across_guest_resets_never_find_no_boot(exit: str) -> None
         vm.boot()
         failures: list[str] = []
         calls = 0
-        deadline = time.monotonic() + 20
-        while vm.info()["vmkit"]["boots"] < 12 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        while vm.info()["vmkit"]["boots"] < 8 and time.monotonic() < deadline:
             for call in (vm.pause, vm.resume, vm.counters, vm.power_button, vm.info):
                 try:
                     call()
@@ -290,7 +290,7 @@ def test_control_calls_across_guest_resets_never_find_no_boot(exit: str) -> None
         boots = vm.info()["vmkit"]["boots"]
         assert vm.state == "Running"
         vm.shutdown()
-    assert boots >= 12, f"the guest reset only {boots - 1} times in 20 s"
+    assert boots >= 8, f"the guest reset only {boots - 1} times in 30 s"
     assert not failures, f"{len(failures)} of {calls} calls failed: {failures[:5]}"
 
 
