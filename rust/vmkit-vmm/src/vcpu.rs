@@ -214,7 +214,6 @@ fn take_sample(vcpu: &VcpuFd, sample: &Mutex<Sample>) {
     s.sampled = true;
 }
 
-/// The body of a vCPU thread: runs until told to stop or the VM stops.
 /// Tells the boot this vCPU thread is done however it ends: a panic that
 /// skipped it would leave the VMM waiting for the thread forever.
 struct ExitGuard<'a> {
@@ -234,6 +233,7 @@ impl Drop for ExitGuard<'_> {
     }
 }
 
+/// The body of a vCPU thread: runs until told to stop or the VM stops.
 pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuThreadContext) {
     let _exit = ExitGuard {
         control: &ctx.control,
