@@ -211,6 +211,8 @@ impl Instance {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        // vCPUs never started still hold the buses.
+        self.unstarted.clear();
         // Device workers stop before guest memory goes away.
         self.devices.stop_devices();
     }

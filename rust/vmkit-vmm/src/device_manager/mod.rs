@@ -274,9 +274,13 @@ impl DeviceManager {
             .collect()
     }
 
-    /// Stops the device workers (before guest memory goes away).
+    /// Drops every device (their workers stop) once the vCPUs are gone:
+    /// the buses and segments hold them too, so all of those go.
     pub fn stop_devices(&mut self) {
         self.virtio.clear();
+        self.segments.clear();
+        self.pio = Arc::new(Bus::new());
+        self.mmio = Arc::new(Bus::new());
     }
 }
 
