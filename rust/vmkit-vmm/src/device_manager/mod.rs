@@ -448,3 +448,6 @@ fn add_pci_buses(wiring: &mut Wiring<'_>, segments: &[Arc<PciSegment>]) -> Resul
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
