@@ -128,13 +128,13 @@ def test_guest_sees_cloud_hypervisors_layout(vmkit_vm: tuple[dict[str, Any], str
     }
 
 
-def run_cloud_hypervisor(tmp_path: Path) -> tuple[dict[str, Any], str]:
-    """(info, serial text) of the real CH running the same guest and config."""
+def run_cloud_hypervisor(tmp_path: Path, args: list[str]) -> tuple[dict[str, Any], str]:
+    """(info, serial text) of the real CH running the guest with `args`."""
     socket = tmp_path / "ch.sock"
     serial = tmp_path / "ch-serial.txt"
     argv = [
         str(CH_DIR / "cloud-hypervisor"),
-        *guest_args(tmp_path, "ch"),
+        *args,
         "--serial", f"file={serial}",
         "--api-socket", f"path={socket}",
         "--seccomp", "log",
@@ -163,16 +163,50 @@ def run_cloud_hypervisor(tmp_path: Path) -> tuple[dict[str, Any], str]:
             process.stderr.close()
 
 
-@pytest.mark.skipif(
+needs_ch = pytest.mark.skipif(
     not (CH_DIR / "cloud-hypervisor").exists() or not (CH_DIR / "ch-remote").exists(),
     reason=f"needs Cloud Hypervisor's binaries in {CH_DIR} (or $VMKIT_CH_DIR)",
 )
+
+
+def assert_same(ours: tuple[dict[str, Any], str], theirs: tuple[dict[str, Any], str]) -> None:
+    """The device trees agree key by key; the guest saw the same layout."""
+    our_tree, their_tree = ours[0]["device_tree"], theirs[0]["device_tree"]
+    assert set(our_tree) == set(their_tree)
+    for node_id, node in their_tree.items():
+        assert our_tree[node_id] == node, node_id
+    assert LAYOUT_LINE.findall(ours[1]) == LAYOUT_LINE.findall(theirs[1])
+
+
+@needs_ch
 def test_device_tree_and_layout_match_cloud_hypervisor(
     vmkit_vm: tuple[dict[str, Any], str], tmp_path: Path
 ) -> None:
-    ours, our_serial = vmkit_vm
-    theirs, their_serial = run_cloud_hypervisor(tmp_path)
-    assert set(ours["device_tree"]) == set(theirs["device_tree"])
-    for node_id, node in theirs["device_tree"].items():
-        assert ours["device_tree"][node_id] == node, node_id
-    assert LAYOUT_LINE.findall(our_serial) == LAYOUT_LINE.findall(their_serial)
+    assert_same(vmkit_vm, run_cloud_hypervisor(tmp_path, guest_args(tmp_path, "ch")))
+
+
+def can_make_taps() -> bool:
+    status = Path("/proc/self/status").read_text()
+    cap_eff = next(line for line in status.splitlines() if line.startswith("CapEff:"))
+    cap_net_admin = bool(int(cap_eff.split()[1], 16) >> 12 & 1)
+    return cap_net_admin and os.access("/dev/net/tun", os.R_OK | os.W_OK)
+
+
+@needs_ch
+@pytest.mark.skipif(not can_make_taps(), reason="needs CAP_NET_ADMIN and /dev/net/tun (taps)")
+def test_a_net_device_matches_cloud_hypervisor(tmp_path: Path) -> None:
+    # Each VMM makes a tap of its own; the guest only reads the PCI function.
+    args = [
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["acpi", "pci", "ticks"], "poweroff", **GUEST_OPTIONS),
+        "--memory", "size=512M",
+        "--console", "off",
+        "--net", "mac=12:34:56:78:9a:bc",
+    ]  # fmt: skip
+    with Vm(VmConfig.from_cli(args)) as vm:
+        vm.boot()
+        vm.serial.wait_for(r"step pci ok", timeout=60)
+        ours = (vm.info(), vm.serial.text)
+    theirs = run_cloud_hypervisor(tmp_path, args)
+    assert "_net0" in theirs[0]["device_tree"]
+    assert_same(ours, theirs)
