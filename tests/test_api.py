@@ -1086,8 +1086,8 @@ def test_shutdown_keeps_the_config_with_its_ids(api: Api, workdir: Path) -> None
     assert_reply(api.put("vm.boot"), 204)
     info = api.info()
     assert info["config"]["disks"][0]["id"] == "_disk0"
-    assert "_disk0" in info["device_tree"]
-    node = info["device_tree"]["_disk0"]
+    assert info["device_tree"]["_disk0"]["parent"] == "_virtio-pci-_disk0"
+    node = info["device_tree"]["_virtio-pci-_disk0"]
     assert re.fullmatch(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]", node["pci_bdf"])
     counters = api.get("vm.counters").json()
     assert set(counters["_disk0"]) >= {"read_bytes", "write_bytes", "read_ops", "write_ops"}

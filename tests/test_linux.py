@@ -67,8 +67,8 @@ def test_linux_early_boot_checkpoints(guest: DebianGuest, kernel: str) -> None:
             serial.wait_for(rf"ACPI: {table} 0x", timeout=60)
         serial.wait_for(r"smpboot: Allowing 4 CPUs, 2 hotplug CPUs", timeout=120)
         text = serial.text
-        # The map is exactly the configured RAM: [0, 0x9fc00) and [1 MiB, 1 GiB).
-        assert e820_usable(text) == [(0, 0x9FC00), (0x100000, 1 << 30)]
+        # The map is exactly the configured RAM: [0, 640 KiB) and [1 MiB, 1 GiB).
+        assert e820_usable(text) == [(0, 0xA0000), (0x100000, 1 << 30)]
         # The initramfs sits page-aligned at the top of RAM, whole.
         start, end = int(ramdisk.group(1), 16), int(ramdisk.group(2), 16) + 1
         assert end == 1 << 30 and start % 4096 == 0

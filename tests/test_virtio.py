@@ -122,12 +122,12 @@ def test_pci_layout_follows_cloud_hypervisor(tmp_path: Path) -> None:
         ("0000:00:02.0", "0x1042"),
         ("0000:00:03.0", "0x1044"),
     ]
-    # Modern-only virtio: one 512 KiB 64-bit memory BAR each, above 4 GiB.
-    for bdf, _ in kinds:
-        bar = devices[bdf]["bar0"]
-        address, rest = bar.split("/")
-        assert rest == "0x80000,64"
-        assert int(address, 16) >= 1 << 32
+    # Modern-only virtio: one 512 KiB memory BAR each, from the top of the windows
+    # down; the disk (on segment 0) has a 32-bit one, the others 64-bit ones.
+    assert devices["0000:00:02.0"]["bar0"] == "0xe7f80000/0x80000"
+    console, rng = (devices[bdf]["bar0"].split("/") for bdf in ("0000:00:01.0", "0000:00:03.0"))
+    assert console[1] == rng[1] == "0x80000,64"
+    assert int(rng[0], 16) == int(console[0], 16) - 0x80000 >= 1 << 32
 
 
 def test_two_disks_on_two_pci_segments(tmp_path: Path) -> None:
@@ -241,11 +241,17 @@ def test_counters_ids_and_device_tree(tmp_path: Path) -> None:
         assert [d.id for d in info.config.disks] == ["_disk0", "named"]
         tree = info.device_tree
         assert tree is not None
-        assert tree["_disk0"]["pci_bdf"] == "0000:00:01.0"
-        assert tree["named"]["pci_bdf"] == "0000:00:02.0"
-        assert tree["__rng"]["pci_bdf"] == "0000:00:03.0"
-        bar = tree["_disk0"]["resources"][0]["PciBar"]
-        assert bar["size"] == 0x80000 and bar["base"] >= 1 << 32
+        # Cloud Hypervisor's nodes: the PCI function holds the BDF and BARs.
+        assert tree["_virtio-pci-_disk0"]["pci_bdf"] == "0000:00:01.0"
+        assert tree["_virtio-pci-named"]["pci_bdf"] == "0000:00:02.0"
+        assert tree["_virtio-pci-__rng"]["pci_bdf"] == "0000:00:03.0"
+        assert tree["named"]["parent"] == "_virtio-pci-named"
+        bar = tree["_virtio-pci-_disk0"]["resources"][0]["PciBar"]
+        # A disk on segment 0 has a 32-bit BAR, at the top of the 32-bit window.
+        assert bar == {
+            "index": 0, "base": 0xE7F8_0000, "size": 0x80000, "type_": "Mmio32",
+            "prefetchable": False,
+        }  # fmt: skip
         counters = vm.counters()
         assert set(counters) == {"_disk0", "named"}
         disk0 = counters["_disk0"]

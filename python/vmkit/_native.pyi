@@ -75,11 +75,6 @@ def flush_logs(timeout: float) -> bool: ...
 def stop_logging() -> None: ...
 def test_hook_log(level: str, message: str, count: int) -> None: ...
 
-class DeviceInfo(TypedDict):
-    id: str
-    pci_bdf: str
-    bar: tuple[int, int]
-
 class RuntimeInfo(TypedDict):
     state: str
     boots: int
@@ -87,7 +82,8 @@ class RuntimeInfo(TypedDict):
     serial_pty: str | None
     console_pty: str | None
     memory_size: int
-    devices: list[DeviceInfo]
+    #: Cloud Hypervisor's device tree ({id: DeviceNode JSON}), None when no boot runs.
+    device_tree: dict[str, Any] | None
 
 class VmHandle:
     @property

@@ -171,33 +171,6 @@ class VmInfo:
         }
 
 
-def _device_tree(devices: list[_native.DeviceInfo]) -> dict[str, Any] | None:
-    """Cloud Hypervisor's DeviceNode objects of the virtio-pci devices."""
-    if not devices:
-        return None
-    tree: dict[str, Any] = {}
-    for device in devices:
-        base, size = device["bar"]
-        tree[device["id"]] = {
-            "id": device["id"],
-            "resources": [
-                {
-                    "PciBar": {
-                        "index": 0,
-                        "base": base,
-                        "size": size,
-                        "type_": "Mmio64",
-                        "prefetchable": False,
-                    }
-                }
-            ],
-            "parent": None,
-            "children": [],
-            "pci_bdf": device["pci_bdf"],
-        }
-    return tree
-
-
 class Vm:
     """One virtual machine, with Cloud Hypervisor's states and transitions.
 
@@ -307,7 +280,7 @@ class Vm:
             config=config,
             state=runtime["state"],
             memory_actual_size=runtime["memory_size"],
-            device_tree=_device_tree(runtime["devices"]),
+            device_tree=runtime["device_tree"],
         )
 
     @property

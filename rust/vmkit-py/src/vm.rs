@@ -158,7 +158,8 @@ impl VmHandle {
 
     /// Runtime facts: state, boots, kernel format, serial pty path.
     fn runtime_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let info = self.vm.info();
+        // Waits out a reboot in progress: without the GIL.
+        let info = py.detach(|| self.vm.info());
         let dict = PyDict::new(py);
         dict.set_item("state", info.state.to_string())?;
         dict.set_item("boots", info.boots)?;
@@ -172,22 +173,25 @@ impl VmHandle {
             info.console_pty.map(|p| p.to_string_lossy().into_owned()),
         )?;
         dict.set_item("memory_size", info.memory_size)?;
-        let devices = PyList::empty(py);
-        for device in info.devices {
-            let node = PyDict::new(py);
-            node.set_item("id", device.id)?;
-            node.set_item("pci_bdf", device.pci_bdf)?;
-            node.set_item("bar", device.bar)?;
-            devices.append(node)?;
-        }
-        dict.set_item("devices", devices)?;
+        // Cloud Hypervisor's device_tree ({id: node}), None when no boot runs.
+        let tree = if info.device_tree.is_empty() {
+            None
+        } else {
+            let tree = PyDict::new(py);
+            for node in info.device_tree {
+                let id = node.id.clone();
+                tree.set_item(id, device_node(py, node)?)?;
+            }
+            Some(tree)
+        };
+        dict.set_item("device_tree", tree)?;
         Ok(dict)
     }
 
     /// The config of the booted VM (with the ids given at boot), or None
     /// before the first boot: only then does Cloud Hypervisor give the ids.
     fn live_config<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
-        if self.vm.info().boots == 0 {
+        if py.detach(|| self.vm.info()).boots == 0 {
             return Ok(None);
         }
         crate::to_py(py, self.vm.config()).map(Some)
@@ -201,7 +205,9 @@ impl VmHandle {
 
     /// Cloud Hypervisor's counters: {device id: {counter: value}}.
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let counters = self.vm.counters().map_err(|e| vm_error(py, e))?;
+        let counters = py
+            .detach(|| self.vm.counters())
+            .map_err(|e| vm_error(py, e))?;
         let dict = PyDict::new(py);
         for (id, values) in counters {
             let inner = PyDict::new(py);
@@ -212,6 +218,36 @@ impl VmHandle {
         }
         Ok(dict)
     }
+}
+
+/// One node of the device tree in Cloud Hypervisor's JSON shape.
+fn device_node(py: Python<'_>, node: vmkit_vmm::DeviceNode) -> PyResult<Bound<'_, PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item("id", node.id)?;
+    let resources = PyList::empty(py);
+    for resource in node.resources {
+        let vmkit_vmm::Resource::PciBar {
+            index,
+            base,
+            size,
+            kind,
+            prefetchable,
+        } = resource;
+        let bar = PyDict::new(py);
+        bar.set_item("index", index)?;
+        bar.set_item("base", base)?;
+        bar.set_item("size", size)?;
+        bar.set_item("type_", vmkit_vmm::device_manager::bar_type_name(kind))?;
+        bar.set_item("prefetchable", prefetchable)?;
+        let wrapped = PyDict::new(py);
+        wrapped.set_item("PciBar", bar)?;
+        resources.append(wrapped)?;
+    }
+    dict.set_item("resources", resources)?;
+    dict.set_item("parent", node.parent)?;
+    dict.set_item("children", node.children)?;
+    dict.set_item("pci_bdf", node.pci_bdf)?;
+    Ok(dict)
 }
 
 impl Drop for VmHandle {

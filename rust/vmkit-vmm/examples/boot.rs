@@ -6,7 +6,7 @@ use std::time::Duration;
 use vmkit_config::{VmConfig, VmParams};
 use vmkit_vmm::{Vm, VmOptions};
 
-fn main() {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let params = VmParams {
         kernel: args.first().cloned(),
@@ -15,20 +15,23 @@ fn main() {
         memory: format!("size={}", args.get(3).map_or("256M", String::as_str)),
         ..VmParams::default()
     };
-    let config = VmConfig::parse(&params).expect("config");
+    let config = VmConfig::parse(&params)?;
     let options = VmOptions {
         watchdog_timeout: Some(Duration::from_secs(5)),
     };
-    let vm = Vm::new(config, options).expect("create");
+    let vm = Vm::new(config, options)?;
     let start = std::time::Instant::now();
-    vm.boot().expect("boot");
+    vm.boot()?;
     let reason = vm.wait(Some(Duration::from_secs(60)));
     let elapsed = start.elapsed();
-    let (_, out) = vm.serial().unwrap().capture.read_from(0);
-    print!("{}", String::from_utf8_lossy(&out));
+    if let Some(serial) = vm.serial() {
+        let (_, out) = serial.capture.read_from(0);
+        print!("{}", String::from_utf8_lossy(&out));
+    }
     println!("--- stopped after {elapsed:?}: {reason:?}");
     for w in vm.debug_port_writes() {
         println!("debug port {:#04x} at {:?}", w.value, w.since_creation);
     }
     vm.close();
+    Ok(())
 }

@@ -13,12 +13,30 @@ use zerocopy::IntoBytes;
 
 use crate::cpu::Topology;
 use crate::devices::legacy::GED_POWER_BUTTON;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, ModuleError, Result};
 use crate::layout::{
     ACPI_TABLES_END, APIC_START, GED_ADDRESS, GED_IRQ, IOAPIC_START, PCI_MMCONFIG_START,
     RSDP_POINTER,
 };
 use crate::pci::{SegmentLayout, ECAM_SIZE_PER_SEGMENT};
+
+/// Why the ACPI tables could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    #[error("The ACPI tables do not fit below 1 MiB")]
+    DoNotFit,
+    #[error("Cannot write ACPI tables")]
+    Write {
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+impl ModuleError for AcpiError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Memory
+    }
+}
 
 const OEM_ID: [u8; 6] = *b"VMKIT ";
 /// The port of the shutdown device: sleep control, sleep status and reset register.
@@ -292,13 +310,10 @@ pub fn write_tables(
     let write = |bytes: &[u8], addr: u64| -> Result<u64> {
         let end = addr + bytes.len() as u64;
         if end > ACPI_TABLES_END {
-            return Err(Error::new(
-                ErrorKind::Memory,
-                "The ACPI tables do not fit below 1 MiB",
-            ));
+            return Err(AcpiError::DoNotFit.into());
         }
         mem.write_slice(bytes, GuestAddress(addr))
-            .map_err(|e| Error::new(ErrorKind::Memory, format!("Cannot write ACPI tables: {e}")))?;
+            .map_err(|source| AcpiError::Write { source })?;
         Ok((end + 7) & !7)
     };
     let mut next = RSDP_POINTER + Rsdp::len() as u64;

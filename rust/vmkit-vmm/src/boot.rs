@@ -4,7 +4,7 @@
 //! hands the guest (hvm_start_info or boot_params).
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom};
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{
@@ -12,12 +12,103 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{BzImage, Elf, KernelLoader, KernelLoaderResult};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 use vmkit_config::PayloadConfig;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, ModuleError, Result};
 use crate::layout::*;
 use crate::memory::GuestRam;
+
+/// Why the payload could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("Booting from --firmware is not supported yet: give a kernel with --kernel")]
+    Firmware,
+    #[error("No kernel specified")]
+    NoKernel,
+    #[error("Cannot open kernel {path}")]
+    OpenKernel {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Cannot load kernel {path}: reading it failed")]
+    ReadKernel {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Cannot load kernel {path}")]
+    LoadKernel {
+        path: String,
+        #[source]
+        source: linux_loader::loader::Error,
+    },
+    #[error("Cannot load kernel {path}: {reason}")]
+    BadKernel { path: String, reason: &'static str },
+    #[error("The kernel command line is {len} bytes; at most {max} fit")]
+    CmdlineTooLong { len: usize, max: usize },
+    #[error("The kernel command line contains a NUL byte")]
+    CmdlineNul,
+    #[error("Cannot write the {what} at {addr:#x}")]
+    WriteGuest {
+        what: &'static str,
+        addr: u64,
+        #[source]
+        source: GuestMemoryError,
+    },
+    #[error("too many memory map entries")]
+    TooManyMapEntries,
+    #[error("Cannot open initramfs {path}")]
+    OpenInitramfs {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Cannot read initramfs {path}")]
+    InitramfsSize {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Cannot read initramfs {path}")]
+    ReadInitramfs {
+        path: String,
+        #[source]
+        source: GuestMemoryError,
+    },
+    #[error(
+        "The initramfs {path} ({size} bytes) does not fit in guest memory between the \
+         kernel end ({kernel_end:#x}) and {top:#x}"
+    )]
+    InitramfsDoesNotFit {
+        path: String,
+        size: u64,
+        kernel_end: u64,
+        top: u64,
+    },
+}
+
+impl ModuleError for BootError {
+    fn kind(&self) -> ErrorKind {
+        use BootError::*;
+        match self {
+            Firmware => ErrorKind::Unsupported,
+            NoKernel
+            | OpenKernel { .. }
+            | ReadKernel { .. }
+            | LoadKernel { .. }
+            | BadKernel { .. }
+            | CmdlineTooLong { .. }
+            | CmdlineNul => ErrorKind::Kernel,
+            WriteGuest { .. } | TooManyMapEntries => ErrorKind::Memory,
+            OpenInitramfs { .. }
+            | InitramfsSize { .. }
+            | ReadInitramfs { .. }
+            | InitramfsDoesNotFit { .. } => ErrorKind::Initramfs,
+        }
+    }
+}
 
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
@@ -73,8 +164,9 @@ pub struct MemoryMapEntry {
     pub kind: u32,
 }
 
-/// The map the guest is given: RAM below the BIOS area, RAM from 1 MiB, RAM
-/// above the hole; the BIOS area (where the ACPI tables are) is reserved.
+/// The map the guest is given, as Cloud Hypervisor's: RAM below 640 KiB, RAM
+/// from 1 MiB, RAM above the hole. [640 KiB, 1 MiB), where the ACPI tables
+/// are, is not listed at all (kernels never use it as RAM).
 pub fn memory_map(ram: &GuestRam) -> Vec<MemoryMapEntry> {
     let mut map = Vec::new();
     for &(start, size) in &ram.ranges {
@@ -84,11 +176,6 @@ pub fn memory_map(ram: &GuestRam) -> Vec<MemoryMapEntry> {
                 addr: 0,
                 size: EBDA_START.min(end),
                 kind: E820_RAM,
-            });
-            map.push(MemoryMapEntry {
-                addr: EBDA_START,
-                size: HIGH_RAM_START - EBDA_START,
-                kind: E820_RESERVED,
             });
             if end > HIGH_RAM_START {
                 map.push(MemoryMapEntry {
@@ -106,24 +193,20 @@ pub fn memory_map(ram: &GuestRam) -> Vec<MemoryMapEntry> {
         }
     }
     // ECAM is reserved, as kernels check before trusting the MCFG table.
+    // Last, after all RAM, in Cloud Hypervisor's order.
     map.push(MemoryMapEntry {
         addr: PCI_MMCONFIG_START,
         size: PCI_MMCONFIG_SIZE,
         kind: E820_RESERVED,
     });
-    map.sort_by_key(|e| e.addr);
     map
 }
 
-fn kernel_error(path: &str, what: impl std::fmt::Display) -> Error {
-    Error::new(
-        ErrorKind::Kernel,
-        format!("Cannot load kernel {path}: {what}"),
-    )
-}
-
-fn open(path: &str, kind: ErrorKind, what: &str) -> Result<File> {
-    File::open(path).map_err(|e| Error::new(kind, format!("Cannot open {what} {path}: {e}")))
+fn bad_kernel(path: &str, reason: &'static str) -> BootError {
+    BootError::BadKernel {
+        path: path.to_owned(),
+        reason,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,87 +217,79 @@ enum ImageKind {
 
 fn detect(file: &mut File, path: &str) -> Result<ImageKind> {
     let mut head = [0u8; 0x206];
-    let read = file
-        .read(&mut head)
-        .map_err(|e| kernel_error(path, format!("reading it failed: {e}")))?;
-    file.seek(SeekFrom::Start(0))
-        .map_err(|e| kernel_error(path, e))?;
+    let read_error = |source| BootError::ReadKernel {
+        path: path.to_owned(),
+        source,
+    };
+    let read = file.read(&mut head).map_err(read_error)?;
+    file.seek(SeekFrom::Start(0)).map_err(read_error)?;
     if read >= 4 && head[..4] == *b"\x7fELF" {
         return Ok(ImageKind::Elf);
     }
     if read >= 0x206 && head[0x202..0x206] == *b"HdrS" {
         return Ok(ImageKind::BzImage);
     }
-    Err(kernel_error(
-        path,
-        "it is neither an ELF vmlinux nor a bzImage",
-    ))
+    Err(bad_kernel(path, "it is neither an ELF vmlinux nor a bzImage").into())
 }
 
 fn write<T: vm_memory::ByteValued>(
     mem: &GuestMemoryMmap,
     value: T,
     addr: u64,
-    what: &str,
+    what: &'static str,
 ) -> Result<()> {
-    mem.write_obj(value, GuestAddress(addr)).map_err(|e| {
-        Error::new(
-            ErrorKind::Memory,
-            format!("Cannot write the {what} at {addr:#x}: {e}"),
-        )
-    })
+    mem.write_obj(value, GuestAddress(addr))
+        .map_err(|source| BootError::WriteGuest { what, addr, source })?;
+    Ok(())
 }
 
 /// Loads the payload and writes its boot structures. `rsdp` is where the
 /// ACPI tables start (0 without ACPI).
 pub fn load_payload(ram: &GuestRam, payload: &PayloadConfig, rsdp: u64) -> Result<LoadedPayload> {
     if payload.firmware.is_some() {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            "Booting from --firmware is not supported yet: give a kernel with --kernel",
-        ));
+        return Err(BootError::Firmware.into());
     }
-    let path = payload
-        .kernel
-        .as_deref()
-        .ok_or_else(|| Error::new(ErrorKind::Kernel, "No kernel specified"))?;
-    let mut file = open(path, ErrorKind::Kernel, "kernel")?;
+    let path = payload.kernel.as_deref().ok_or(BootError::NoKernel)?;
+    let mut file = File::open(path).map_err(|source| BootError::OpenKernel {
+        path: path.to_owned(),
+        source,
+    })?;
     let mem = &ram.memory;
     let kind = detect(&mut file, path)?;
     let result: KernelLoaderResult = match kind {
         ImageKind::Elf => Elf::load(mem, None, &mut file, Some(GuestAddress(HIGH_RAM_START)))
-            .map_err(|e| kernel_error(path, e))?,
+            .map_err(|source| BootError::LoadKernel {
+                path: path.to_owned(),
+                source,
+            })?,
         ImageKind::BzImage => {
-            BzImage::load(mem, None, &mut file, Some(GuestAddress(HIGH_RAM_START)))
-                .map_err(|e| kernel_error(path, e))?
+            BzImage::load(mem, None, &mut file, Some(GuestAddress(HIGH_RAM_START))).map_err(
+                |source| BootError::LoadKernel {
+                    path: path.to_owned(),
+                    source,
+                },
+            )?
         }
     };
 
     let cmdline = payload.cmdline.as_deref().unwrap_or("");
     if cmdline.len() >= CMDLINE_MAX_SIZE {
-        return Err(Error::new(
-            ErrorKind::Kernel,
-            format!(
-                "The kernel command line is {} bytes; at most {} fit",
-                cmdline.len(),
-                CMDLINE_MAX_SIZE - 1
-            ),
-        ));
+        return Err(BootError::CmdlineTooLong {
+            len: cmdline.len(),
+            max: CMDLINE_MAX_SIZE - 1,
+        }
+        .into());
     }
     if cmdline.contains('\0') {
-        return Err(Error::new(
-            ErrorKind::Kernel,
-            "The kernel command line contains a NUL byte",
-        ));
+        return Err(BootError::CmdlineNul.into());
     }
     let mut bytes = cmdline.as_bytes().to_vec();
     bytes.push(0);
     mem.write_slice(&bytes, GuestAddress(CMDLINE_START))
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Memory,
-                format!("Cannot write the command line: {e}"),
-            )
+        .map_err(|source| BootError::WriteGuest {
+            what: "command line",
+            addr: CMDLINE_START,
+            source,
         })?;
 
     let setup = result.setup_header;
@@ -254,12 +329,13 @@ pub fn load_payload(ram: &GuestRam, payload: &PayloadConfig, rsdp: u64) -> Resul
             )
         }
         (ImageKind::BzImage, _) => {
-            let hdr = setup.ok_or_else(|| kernel_error(path, "no setup header"))?;
+            let hdr = setup.ok_or_else(|| bad_kernel(path, "no setup header"))?;
             if hdr.version < 0x0206 || hdr.xloadflags & XLF_KERNEL_64 == 0 {
-                return Err(kernel_error(
+                return Err(bad_kernel(
                     path,
                     "the bzImage has no 64-bit entry point (boot protocol 2.06+ with XLF_KERNEL_64 needed)",
-                ));
+                )
+                .into());
             }
             write_zero_page(mem, hdr, &map, cmdline.len(), initramfs, rsdp)?;
             (
@@ -280,14 +356,15 @@ pub fn load_payload(ram: &GuestRam, payload: &PayloadConfig, rsdp: u64) -> Resul
 
 /// Places the initramfs at the top of low RAM (page aligned), above the kernel.
 fn load_initramfs(ram: &GuestRam, path: &str, kernel_end: u64, max_end: u64) -> Result<(u64, u64)> {
-    let mut file = open(path, ErrorKind::Initramfs, "initramfs")?;
+    let mut file = File::open(path).map_err(|source| BootError::OpenInitramfs {
+        path: path.to_owned(),
+        source,
+    })?;
     let size = file
         .metadata()
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Initramfs,
-                format!("Cannot read initramfs {path}: {e}"),
-            )
+        .map_err(|source| BootError::InitramfsSize {
+            path: path.to_owned(),
+            source,
         })?
         .len();
     let top = ram.low_end().min(max_end);
@@ -295,28 +372,19 @@ fn load_initramfs(ram: &GuestRam, path: &str, kernel_end: u64, max_end: u64) -> 
         .checked_sub(size)
         .map(|a| a & !(PAGE_SIZE - 1))
         .filter(|&a| a >= kernel_end.max(HIGH_RAM_START))
-        .ok_or_else(|| {
-            Error::new(
-                ErrorKind::Initramfs,
-                format!(
-                    "The initramfs {path} ({size} bytes) does not fit in guest memory \
-                     between the kernel end ({kernel_end:#x}) and {top:#x}"
-                ),
-            )
+        .ok_or_else(|| BootError::InitramfsDoesNotFit {
+            path: path.to_owned(),
+            size,
+            kernel_end,
+            top,
         })?;
-    let len = usize::try_from(size).map_err(|_| {
-        Error::new(
-            ErrorKind::Initramfs,
-            format!("The initramfs {path} is too large"),
-        )
-    })?;
+    // It fits in guest memory, so in the address space.
+    let len = size as usize;
     ram.memory
         .read_exact_volatile_from(GuestAddress(addr), &mut file, len)
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Initramfs,
-                format!("Cannot read initramfs {path}: {e}"),
-            )
+        .map_err(|source| BootError::ReadInitramfs {
+            path: path.to_owned(),
+            source,
         })?;
     Ok((addr, size))
 }
@@ -380,7 +448,7 @@ fn write_zero_page(
         ..Default::default()
     };
     if map.len() > params.e820_table.len() {
-        return Err(Error::new(ErrorKind::Memory, "too many memory map entries"));
+        return Err(BootError::TooManyMapEntries.into());
     }
     for (slot, e) in params.e820_table.iter_mut().zip(map) {
         *slot = boot_e820_entry {
@@ -404,19 +472,17 @@ mod tests {
     }
 
     #[test]
-    fn memory_map_reserves_the_bios_area_and_skips_the_hole() {
+    fn memory_map_is_cloud_hypervisors() {
         let map = memory_map(&ram("size=3584M"));
-        let ram_entries: Vec<(u64, u64)> = map
-            .iter()
-            .filter(|e| e.kind == E820_RAM)
-            .map(|e| (e.addr, e.size))
-            .collect();
+        let entries: Vec<(u64, u64, u32)> = map.iter().map(|e| (e.addr, e.size, e.kind)).collect();
+        // RAM below 640 KiB, from 1 MiB to the hole, above 4 GiB; then ECAM.
         assert_eq!(
-            ram_entries,
+            entries,
             vec![
-                (0, EBDA_START),
-                (HIGH_RAM_START, 0xc000_0000 - HIGH_RAM_START),
-                (0x1_0000_0000, 0x2000_0000)
+                (0, 0xa_0000, E820_RAM),
+                (HIGH_RAM_START, 0xc000_0000 - HIGH_RAM_START, E820_RAM),
+                (0x1_0000_0000, 0x2000_0000, E820_RAM),
+                (PCI_MMCONFIG_START, PCI_MMCONFIG_SIZE, E820_RESERVED),
             ]
         );
     }
@@ -437,11 +503,18 @@ mod tests {
         };
         let err = load_payload(&ram, &payload("/nonexistent/vmlinux"), 0).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Kernel);
-        assert!(
-            err.message.contains("/nonexistent/vmlinux"),
-            "{}",
-            err.message
+        assert_eq!(
+            err.message,
+            "Cannot open kernel /nonexistent/vmlinux: No such file or directory (os error 2)"
         );
+        // The cause is kept, typed: the boot error, then the OS error under it.
+        let boot = std::error::Error::source(&err).unwrap();
+        assert!(matches!(
+            boot.downcast_ref::<BootError>(),
+            Some(BootError::OpenKernel { .. })
+        ));
+        let io = boot.source().unwrap().downcast_ref::<io::Error>().unwrap();
+        assert_eq!(io.kind(), io::ErrorKind::NotFound);
 
         let junk = temp_file("junk", &[0x42; 4096]);
         let err = load_payload(&ram, &payload(junk.to_str().unwrap()), 0).unwrap_err();

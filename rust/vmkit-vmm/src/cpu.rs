@@ -10,8 +10,44 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmkit_config::CpusConfig;
 
 use crate::boot::EntryPoint;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, ModuleError, Result};
 use crate::layout::*;
+
+/// Why a vCPU could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum CpuError {
+    #[error("{what}")]
+    Kvm {
+        what: String,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A table KVM takes as a flexible array could not be built (`what`).
+    #[error("{what}: {detail}")]
+    Table { what: &'static str, detail: String },
+    #[error("KVM refused to set MSR {index:#x} to {data:#x}")]
+    MsrRefused { index: u32, data: u64 },
+    #[error("boot tables at {addr:#x}")]
+    BootTables {
+        addr: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+impl ModuleError for CpuError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            CpuError::BootTables { .. } => ErrorKind::Memory,
+            _ => ErrorKind::Kvm,
+        }
+    }
+}
+
+fn kvm_error(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> CpuError {
+    let what = what.into();
+    move |source| CpuError::Kvm { what, source }
+}
 
 /// The guest's CPU topology (threads per core, cores per die, dies per package, packages).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,7 +136,7 @@ const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
 pub fn guest_phys_bits(kvm: &Kvm, cpus: &CpusConfig) -> Result<u8> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| Error::kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        .map_err(kvm_error("KVM_GET_SUPPORTED_CPUID"))?;
     let host = supported
         .as_slice()
         .iter()
@@ -112,7 +148,7 @@ pub fn guest_phys_bits(kvm: &Kvm, cpus: &CpusConfig) -> Result<u8> {
 pub fn cpuid_for(kvm: &Kvm, cpus: &CpusConfig, index: u8, host: HostCpu) -> Result<CpuId> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| Error::kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        .map_err(kvm_error("KVM_GET_SUPPORTED_CPUID"))?;
     let topology = Topology::from_config(cpus);
     let apic_id = topology.apic_id(index);
     let logical = topology.logical_per_package();
@@ -184,8 +220,13 @@ pub fn cpuid_for(kvm: &Kvm, cpus: &CpusConfig, index: u8, host: HostCpu) -> Resu
             ..Default::default()
         });
     }
-    CpuId::from_entries(&entries)
-        .map_err(|e| Error::kvm("building the CPUID table", format!("{e:?}")))
+    CpuId::from_entries(&entries).map_err(|e| {
+        CpuError::Table {
+            what: "building the CPUID table",
+            detail: format!("{e:?}"),
+        }
+        .into()
+    })
 }
 
 /// MSRs set at boot (never ARCH_CAPABILITIES or FEATURE_CONTROL: not settable on PVM).
@@ -211,15 +252,15 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<()> {
             data,
             ..Default::default()
         }])
-        .map_err(|e| Error::kvm("building MSR list", format!("{e:?}")))?;
+        .map_err(|e| CpuError::Table {
+            what: "building MSR list",
+            detail: format!("{e:?}"),
+        })?;
         let set = vcpu
             .set_msrs(&msrs)
-            .map_err(|e| Error::kvm(&format!("KVM_SET_MSRS {index:#x}"), e))?;
+            .map_err(kvm_error(format!("KVM_SET_MSRS {index:#x}")))?;
         if set != 1 {
-            return Err(Error::new(
-                ErrorKind::Kvm,
-                format!("KVM refused to set MSR {index:#x} to {data:#x}"),
-            ));
+            return Err(CpuError::MsrRefused { index, data }.into());
         }
     }
     Ok(())
@@ -231,7 +272,8 @@ pub fn setup_fpu(vcpu: &VcpuFd) -> Result<()> {
         mxcsr: 0x1f80,
         ..Default::default()
     };
-    vcpu.set_fpu(&fpu).map_err(|e| Error::kvm("KVM_SET_FPU", e))
+    vcpu.set_fpu(&fpu).map_err(kvm_error("KVM_SET_FPU"))?;
+    Ok(())
 }
 
 const APIC_LVT0: usize = 0x350;
@@ -241,9 +283,7 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 
 /// LINT0 as ExtINT and LINT1 as NMI, as a PC's firmware leaves them.
 pub fn setup_lapic(vcpu: &VcpuFd) -> Result<()> {
-    let mut lapic = vcpu
-        .get_lapic()
-        .map_err(|e| Error::kvm("KVM_GET_LAPIC", e))?;
+    let mut lapic = vcpu.get_lapic().map_err(kvm_error("KVM_GET_LAPIC"))?;
     let mut set_mode = |offset: usize, mode: u32| {
         let bytes: Vec<u8> = lapic.regs[offset..offset + 4]
             .iter()
@@ -260,8 +300,8 @@ pub fn setup_lapic(vcpu: &VcpuFd) -> Result<()> {
     };
     set_mode(APIC_LVT0, APIC_MODE_EXTINT);
     set_mode(APIC_LVT1, APIC_MODE_NMI);
-    vcpu.set_lapic(&lapic)
-        .map_err(|e| Error::kvm("KVM_SET_LAPIC", e))
+    vcpu.set_lapic(&lapic).map_err(kvm_error("KVM_SET_LAPIC"))?;
+    Ok(())
 }
 
 fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
@@ -299,7 +339,7 @@ fn segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
 
 fn write_u64(mem: &GuestMemoryMmap, value: u64, addr: u64) -> Result<()> {
     mem.write_obj(value, GuestAddress(addr))
-        .map_err(|e| Error::new(ErrorKind::Memory, format!("boot tables at {addr:#x}: {e}")))
+        .map_err(|source| CpuError::BootTables { addr, source }.into())
 }
 
 const X86_CR0_PE: u64 = 0x1;
@@ -329,9 +369,7 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: EntryPoint) 
     }
     write_u64(mem, 0, BOOT_IDT_START)?;
 
-    let mut sregs: kvm_sregs = vcpu
-        .get_sregs()
-        .map_err(|e| Error::kvm("KVM_GET_SREGS", e))?;
+    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(kvm_error("KVM_GET_SREGS"))?;
     sregs.gdt.base = BOOT_GDT_START;
     sregs.gdt.limit = (std::mem::size_of_val(&gdt) - 1) as u16;
     sregs.idt.base = BOOT_IDT_START;
@@ -374,10 +412,9 @@ pub fn setup_boot_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: EntryPoint) 
             regs.rsi = ZERO_PAGE_START;
         }
     }
-    vcpu.set_sregs(&sregs)
-        .map_err(|e| Error::kvm("KVM_SET_SREGS", e))?;
-    vcpu.set_regs(&regs)
-        .map_err(|e| Error::kvm("KVM_SET_REGS", e))
+    vcpu.set_sregs(&sregs).map_err(kvm_error("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&regs).map_err(kvm_error("KVM_SET_REGS"))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -78,7 +78,8 @@ impl Error {
 }
 
 /// "outer: cause: root cause", skipping a cause whose text its parent
-/// already ends with (thiserror's `{0}` formats often repeat it).
+/// already ends with (thiserror's `{0}` formats often repeat it). A cause
+/// that is a crate [`Error`] already spells its whole chain, so it ends it.
 pub fn chain_message(error: &(dyn StdError + 'static)) -> String {
     let mut message = error.to_string();
     let mut cause = error.source();
@@ -87,6 +88,9 @@ pub fn chain_message(error: &(dyn StdError + 'static)) -> String {
         if !message.ends_with(&text) {
             message.push_str(": ");
             message.push_str(&text);
+        }
+        if e.is::<Error>() {
+            break;
         }
         cause = e.source();
     }
@@ -154,5 +158,39 @@ mod tests {
         );
         let source = error.source().expect("the module error is the source");
         assert!(source.source().is_some(), "the io::Error is kept below it");
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("Cannot create virtio-blk device {id}")]
+    struct WrapError {
+        id: String,
+        #[source]
+        source: Error,
+    }
+
+    impl ModuleError for WrapError {
+        fn kind(&self) -> ErrorKind {
+            self.source.kind
+        }
+    }
+
+    #[test]
+    fn a_wrapped_crate_error_is_spelt_once() {
+        let inner: Error = OpenError::Open {
+            path: "a.img".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        }
+        .into();
+        let error: Error = WrapError {
+            id: "_disk0".into(),
+            source: inner,
+        }
+        .into();
+        assert_eq!(error.kind, ErrorKind::Device);
+        assert_eq!(
+            error.to_string(),
+            "Cannot create virtio-blk device _disk0: Cannot open disk file a.img: \
+             No such file or directory (os error 2)"
+        );
     }
 }

@@ -12,7 +12,30 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 
-use crate::error::{Error, Result};
+use crate::error::{ErrorKind, ModuleError, Result};
+
+/// Why an interrupt route could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum InterruptError {
+    #[error("out of interrupt routes ({limit} available)")]
+    OutOfRoutes { limit: u32 },
+    #[error("KVM_SET_GSI_ROUTING: cannot build a table of {entries} routes")]
+    Table { entries: usize },
+    #[error("KVM_SET_GSI_ROUTING")]
+    SetRouting {
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+impl ModuleError for InterruptError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            InterruptError::OutOfRoutes { .. } => ErrorKind::Device,
+            InterruptError::Table { .. } | InterruptError::SetRouting { .. } => ErrorKind::Kvm,
+        }
+    }
+}
 
 /// GSIs below this belong to the IOAPIC's pins.
 pub const IOAPIC_PINS: u32 = 24;
@@ -56,11 +79,8 @@ impl InterruptRoutes {
         let end = first
             .checked_add(count)
             .filter(|&end| end <= routes.limit)
-            .ok_or_else(|| {
-                Error::new(
-                    crate::error::ErrorKind::Device,
-                    format!("out of interrupt routes ({} available)", routes.limit),
-                )
+            .ok_or(InterruptError::OutOfRoutes {
+                limit: routes.limit,
             })?;
         routes.next_gsi = end;
         Ok(first)
@@ -104,12 +124,14 @@ impl InterruptRoutes {
             entry.u.msi.data = data;
             entries.push(entry);
         }
-        let mut table = KvmIrqRouting::new(entries.len())
-            .map_err(|e| Error::kvm("KVM_SET_GSI_ROUTING", format!("{e:?}")))?;
+        let mut table = KvmIrqRouting::new(entries.len()).map_err(|_| InterruptError::Table {
+            entries: entries.len(),
+        })?;
         table.as_mut_slice().copy_from_slice(&entries);
         self.vm_fd
             .set_gsi_routing(&table)
-            .map_err(|e| Error::kvm("KVM_SET_GSI_ROUTING", e))
+            .map_err(|source| InterruptError::SetRouting { source })?;
+        Ok(())
     }
 }
 

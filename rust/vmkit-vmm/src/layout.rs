@@ -19,10 +19,11 @@ pub const PDE_START: u64 = 0xb000;
 /// The kernel command line.
 pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 0x10000;
-/// RAM below this is usable; above it, up to 1 MiB, is the legacy BIOS area.
-pub const EBDA_START: u64 = 0x9fc00;
-/// ACPI tables live in the BIOS area (reserved, never RAM in the map).
-pub const RSDP_POINTER: u64 = 0xe0000;
+/// RAM below this is usable; [this, 1 MiB) is not RAM (Cloud Hypervisor's
+/// map lists nothing there).
+pub const EBDA_START: u64 = 0xa0000;
+/// The ACPI tables start here, in that hole, as in Cloud Hypervisor.
+pub const RSDP_POINTER: u64 = EBDA_START;
 pub const ACPI_TABLES_END: u64 = 0x100000;
 /// Kernels and everything else go at or above 1 MiB.
 pub const HIGH_RAM_START: u64 = 0x100000;
@@ -37,15 +38,18 @@ pub const MEM_32BIT_DEVICES_SIZE: u64 = 640 << 20;
 /// ECAM (PCI MMCONFIG): 1 MiB per segment, reserved in the memory map.
 pub const PCI_MMCONFIG_START: u64 = 0xe800_0000;
 pub const PCI_MMCONFIG_SIZE: u64 = 256 << 20;
-/// 64-bit BARs go above RAM, from here at the lowest.
-pub const MEM_64BIT_DEVICES_MIN_START: u64 = 1 << 36;
-/// Each segment's share of the 64-bit device space.
-pub const MEM_64BIT_DEVICES_SIZE_PER_SEGMENT: u64 = 16 << 30;
+/// The top of the guest's address space that Cloud Hypervisor keeps for
+/// platform devices, above the 64-bit PCI windows.
+pub const PLATFORM_DEVICE_AREA_SIZE: u64 = 1 << 20;
+/// Each segment's share of the 64-bit device space is a multiple of this.
+pub const MEM_64BIT_DEVICES_ALIGNMENT: u64 = 4 << 30;
 /// The ACPI Generic Event Device's register (one byte), below the IOAPIC.
 pub const GED_ADDRESS: u64 = 0xfeb0_0000;
 pub const GED_SIZE: u64 = 0x10;
 /// Its interrupt: an ISA line nothing else uses (COM1 is 4, the i8042 1).
 pub const GED_IRQ: u32 = 5;
+/// COM1's interrupt (ISA IRQ 4, as on a PC and in Cloud Hypervisor).
+pub const SERIAL_IRQ: u32 = 4;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const APIC_START: u64 = 0xfee0_0000;
 /// KVM's TSS (needed on VMX hosts): three pages just below the IOAPIC hole top.

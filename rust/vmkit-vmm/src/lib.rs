@@ -5,6 +5,7 @@ pub mod acpi;
 pub mod boot;
 pub mod control;
 pub mod cpu;
+pub mod device_manager;
 pub mod devices;
 pub mod error;
 pub mod interrupts;
@@ -17,5 +18,6 @@ pub mod virtio;
 pub mod vm;
 
 pub use control::StopReason;
+pub use device_manager::{DeviceNode, Resource};
 pub use error::{Error, ErrorKind, Result};
-pub use vm::{DeviceInfo, Vm, VmInfo, VmOptions, VmState};
+pub use vm::{Vm, VmInfo, VmOptions, VmState};

@@ -1,7 +1,6 @@
 //! Guest RAM from a `MemoryConfig`: anonymous, shared (memfd), huge pages
 //! (hugetlb memfd) or file-backed zones, laid out around the 32-bit MMIO hole.
 
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::os::fd::FromRawFd;
 
@@ -9,8 +8,67 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use vmkit_config::{MemoryConfig, MemoryZoneConfig};
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, ModuleError, Result};
 use crate::layout::{MEM_32BIT_RESERVED_START, RAM_64BIT_START};
+
+/// Why guest RAM could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("Memory hotplug (hotplug_size, hotplugged_size) is not supported yet")]
+    Hotplug,
+    #[error("Memory zone {zone}: {what} is not supported yet")]
+    ZoneUnsupported { zone: String, what: &'static str },
+    #[error("The VM has no memory: memory size is 0 and no memory zone is given")]
+    NoMemory,
+    #[error("{backing}: {what}")]
+    Io {
+        backing: String,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{backing}: huge pages requested but the host has none")]
+    NoHugePages { backing: String },
+    #[error("{backing}: huge pages of {kib} KiB requested but the host has no such huge pages")]
+    NoHugePagesOfSize { backing: String, kib: u64 },
+    #[error(
+        "{backing}: needs {needed} huge pages of {kib} KiB but the host has {free} free \
+         (see /proc/sys/vm/nr_hugepages)"
+    )]
+    TooFewHugePages {
+        backing: String,
+        needed: u64,
+        kib: u64,
+        free: u64,
+    },
+    #[error("{backing}: too large")]
+    TooLarge { backing: String },
+    #[error("{backing}: cannot map {size} bytes")]
+    Map {
+        backing: String,
+        size: u64,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("{backing}: invalid guest range at {base:#x}")]
+    InvalidRange { backing: String, base: u64 },
+    #[error("guest memory exceeds the address space")]
+    AddressSpace,
+    #[error("guest memory")]
+    Regions {
+        #[source]
+        source: vm_memory::GuestRegionCollectionError,
+    },
+}
+
+impl ModuleError for MemoryError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            MemoryError::Hotplug | MemoryError::ZoneUnsupported { .. } => ErrorKind::Unsupported,
+            _ => ErrorKind::Memory,
+        }
+    }
+}
 
 /// How one chunk of guest RAM is backed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,10 +108,7 @@ impl GuestRam {
 
 fn backings(config: &MemoryConfig) -> Result<Vec<Backing>> {
     if config.hotplug_size.is_some() || config.hotplugged_size.is_some() {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            "Memory hotplug (hotplug_size, hotplugged_size) is not supported yet",
-        ));
+        return Err(MemoryError::Hotplug.into());
     }
     let mut list = Vec::new();
     if config.size > 0 {
@@ -73,29 +128,25 @@ fn backings(config: &MemoryConfig) -> Result<Vec<Backing>> {
         list.push(zone_backing(config, zone)?);
     }
     if list.is_empty() {
-        return Err(Error::new(
-            ErrorKind::Memory,
-            "The VM has no memory: memory size is 0 and no memory zone is given",
-        ));
+        return Err(MemoryError::NoMemory.into());
     }
     Ok(list)
 }
 
 fn zone_backing(config: &MemoryConfig, zone: &MemoryZoneConfig) -> Result<Backing> {
     if zone.hotplug_size.is_some() || zone.hotplugged_size.is_some() {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!("Memory zone {}: hotplug is not supported yet", zone.id),
-        ));
+        return Err(MemoryError::ZoneUnsupported {
+            zone: zone.id.clone(),
+            what: "hotplug",
+        }
+        .into());
     }
     if zone.host_numa_node.is_some() {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!(
-                "Memory zone {}: host_numa_node is not supported yet",
-                zone.id
-            ),
-        ));
+        return Err(MemoryError::ZoneUnsupported {
+            zone: zone.id.clone(),
+            what: "host_numa_node",
+        }
+        .into());
     }
     Ok(Backing {
         name: format!("memory zone {}", zone.id),
@@ -110,8 +161,12 @@ fn zone_backing(config: &MemoryConfig, zone: &MemoryZoneConfig) -> Result<Backin
     })
 }
 
-fn io_error(backing: &Backing, what: &str, e: std::io::Error) -> Error {
-    Error::new(ErrorKind::Memory, format!("{}: {what}: {e}", backing.name))
+fn io_error(backing: &Backing, what: &str, source: std::io::Error) -> MemoryError {
+    MemoryError::Io {
+        backing: backing.name.clone(),
+        what: what.to_owned(),
+        source,
+    }
 }
 
 /// Huge page size in bytes: the configured one, or the host's default.
@@ -126,13 +181,10 @@ fn huge_page_size(backing: &Backing) -> Result<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kib| kib << 10)
         .ok_or_else(|| {
-            Error::new(
-                ErrorKind::Memory,
-                format!(
-                    "{}: huge pages requested but the host has none",
-                    backing.name
-                ),
-            )
+            MemoryError::NoHugePages {
+                backing: backing.name.clone(),
+            }
+            .into()
         })
 }
 
@@ -147,29 +199,24 @@ fn check_free_huge_pages(backing: &Backing, page_size: u64) -> Result<()> {
         .and_then(|s| s.trim().parse::<u64>().ok());
     let needed = backing.size.div_ceil(page_size);
     match free {
-        None => Err(Error::new(
-            ErrorKind::Memory,
-            format!(
-                "{}: huge pages of {} KiB requested but the host has no such huge pages",
-                backing.name,
-                page_size >> 10
-            ),
-        )),
-        Some(free) if free < needed => Err(Error::new(
-            ErrorKind::Memory,
-            format!(
-                "{}: needs {needed} huge pages of {} KiB but the host has {free} free \
-                 (see /proc/sys/vm/nr_hugepages)",
-                backing.name,
-                page_size >> 10
-            ),
-        )),
+        None => Err(MemoryError::NoHugePagesOfSize {
+            backing: backing.name.clone(),
+            kib: page_size >> 10,
+        }
+        .into()),
+        Some(free) if free < needed => Err(MemoryError::TooFewHugePages {
+            backing: backing.name.clone(),
+            needed,
+            kib: page_size >> 10,
+            free,
+        }
+        .into()),
         Some(_) => Ok(()),
     }
 }
 
 fn memfd(backing: &Backing) -> Result<File> {
-    let name = CString::new("vmkit-guest-ram").expect("no NUL in name");
+    let name = c"vmkit-guest-ram";
     let mut flags = libc::MFD_CLOEXEC;
     if backing.hugepages {
         let page_size = huge_page_size(backing)?;
@@ -179,11 +226,7 @@ fn memfd(backing: &Backing) -> Result<File> {
     // SAFETY: name is a valid NUL-terminated string; the result is checked.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
     if fd < 0 {
-        return Err(io_error(
-            backing,
-            "memfd_create",
-            std::io::Error::last_os_error(),
-        ));
+        return Err(io_error(backing, "memfd_create", std::io::Error::last_os_error()).into());
     }
     // SAFETY: fd is a new descriptor that nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
@@ -222,8 +265,9 @@ fn map_region(
     guest_base: u64,
     size: u64,
 ) -> Result<GuestRegionMmap> {
-    let len = usize::try_from(size)
-        .map_err(|_| Error::new(ErrorKind::Memory, format!("{}: too large", backing.name)))?;
+    let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge {
+        backing: backing.name.clone(),
+    })?;
     let mut flags = libc::MAP_NORESERVE;
     flags |= if backing.shared || backing.hugepages {
         libc::MAP_SHARED
@@ -247,11 +291,10 @@ fn map_region(
         }
         None => builder = builder.with_mmap_flags(flags | libc::MAP_ANONYMOUS),
     }
-    let region = builder.build().map_err(|e| {
-        Error::new(
-            ErrorKind::Memory,
-            format!("{}: cannot map {size} bytes: {e}", backing.name),
-        )
+    let region = builder.build().map_err(|source| MemoryError::Map {
+        backing: backing.name.clone(),
+        size,
+        source,
     })?;
     let advise = |advice: libc::c_int| {
         // SAFETY: the range is the mapping just created; madvise only hints.
@@ -264,10 +307,11 @@ fn map_region(
         advise(libc::MADV_HUGEPAGE);
     }
     GuestRegionMmap::new(region, GuestAddress(guest_base)).ok_or_else(|| {
-        Error::new(
-            ErrorKind::Memory,
-            format!("{}: invalid guest range at {guest_base:#x}", backing.name),
-        )
+        MemoryError::InvalidRange {
+            backing: backing.name.clone(),
+            base: guest_base,
+        }
+        .into()
     })
 }
 
@@ -295,13 +339,11 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
                 _ => ranges.push((cursor, size)),
             }
             offset += size;
-            cursor = cursor.checked_add(size).ok_or_else(|| {
-                Error::new(ErrorKind::Memory, "guest memory exceeds the address space")
-            })?;
+            cursor = cursor.checked_add(size).ok_or(MemoryError::AddressSpace)?;
         }
     }
-    let memory = GuestMemoryMmap::from_regions(regions)
-        .map_err(|e| Error::new(ErrorKind::Memory, format!("guest memory: {e}")))?;
+    let memory =
+        GuestMemoryMmap::from_regions(regions).map_err(|source| MemoryError::Regions { source })?;
     Ok(GuestRam { memory, ranges })
 }
 

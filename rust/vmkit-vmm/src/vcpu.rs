@@ -214,8 +214,31 @@ fn take_sample(vcpu: &VcpuFd, sample: &Mutex<Sample>) {
     s.sampled = true;
 }
 
+/// Tells the boot this vCPU thread is done however it ends: a panic that
+/// skipped it would leave the VMM waiting for the thread forever.
+struct ExitGuard<'a> {
+    control: &'a Control,
+    index: u8,
+}
+
+impl Drop for ExitGuard<'_> {
+    fn drop(&mut self) {
+        IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
+        if std::thread::panicking() {
+            self.control.request_stop(StopReason::VmmError {
+                message: format!("vCPU {}: the VMM failed (panic)", self.index),
+            });
+        }
+        self.control.thread_exited();
+    }
+}
+
 /// The body of a vCPU thread: runs until told to stop or the VM stops.
 pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuThreadContext) {
+    let _exit = ExitGuard {
+        control: &ctx.control,
+        index: ctx.index,
+    };
     unblock_kick_signal();
     if let Some(cpus) = &ctx.host_cpus {
         if let Err(e) = set_affinity(cpus) {
@@ -291,5 +314,4 @@ pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuThreadContext) {
     }
     IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
     drop(vcpu);
-    ctx.control.thread_exited();
 }

@@ -2,7 +2,7 @@
 //! (KVM VM, memory, devices, vCPU threads) at a time, rebuilt on guest reset,
 //! and a VMM thread that waits for the boot to end and runs the watchdog.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
@@ -11,33 +11,93 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-use vm_superio::{I8042Device, Serial};
 use vmkit_config::{ConsoleOutputMode, VmConfig};
-use vmm_sys_util::eventfd::EventFd;
 
-use crate::acpi::{self, ACPI_SHUTDOWN_PORT};
+use crate::acpi;
 use crate::boot::{self, LoadedPayload};
 use crate::control::{Control, StopReason, VcpuCommand};
 use crate::cpu::{self, HostCpu, Topology};
-use crate::devices::legacy::{
-    AcpiShutdown, DebugPort, DebugPortWrite, Ged, GedRegister, ResetTrigger, GED_POWER_BUTTON,
-    I8042,
-};
-use crate::devices::serial::{IrqTrigger, SerialBackend, SerialDevice, SerialSink};
-use crate::devices::Bus;
-use crate::error::{Error, ErrorKind, Result};
-use crate::interrupts::InterruptRoutes;
-use crate::layout::{GED_ADDRESS, GED_IRQ, GED_SIZE, PCI_MMCONFIG_START};
+use crate::device_manager::{DeviceContext, DeviceManager, DeviceNode};
+use crate::devices::legacy::{DebugPortWrite, GED_POWER_BUTTON};
+use crate::devices::serial::SerialBackend;
+use crate::error::{ErrorKind, ModuleError, Result};
 use crate::memory::{create_guest_ram, GuestRam};
-use crate::pci::{self, PciBarWindow, PciConfigIo, PciEcam, PciSegment, ECAM_SIZE_PER_SEGMENT};
-use crate::rate_limiter::SharedRateLimiter;
 use crate::vcpu::{self, Sample, VcpuThreadContext};
-use crate::virtio::block::Block;
-use crate::virtio::net::Net;
 use crate::virtio::pci::DeviceEvents;
-use crate::virtio::{self, console::Console, pci::VirtioPciDevice, rng::Rng, VirtioDevice};
+
+/// Why a VM could not be created, booted or controlled.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("invalid VM state transition: {from} to {to}")]
+    InvalidTransition { from: VmState, to: VmState },
+    #[error("VM is not running")]
+    NotRunning,
+    #[error("vCPUs did not pause within 10 s")]
+    PauseTimeout,
+    #[error("cannot start {what}")]
+    Thread {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Invalid configuration")]
+    InvalidConfig {
+        #[source]
+        source: vmkit_config::ValidationError,
+    },
+    #[error("{what} is not supported yet")]
+    NotSupported { what: &'static str },
+    #[error(
+        "kvm_hyperv=on needs KVM's Hyper-V support (KVM_CAP_HYPERV), which this host's KVM lacks"
+    )]
+    NoHyperv,
+    #[error("Failed to open hypervisor interface (is hypervisor interface available?)")]
+    OpenKvm {
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{0}")]
+    KickHandler(String),
+    #[error("{what}")]
+    Kvm {
+        what: String,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("guest memory")]
+    HostAddress {
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("No kernel specified")]
+    NoKernel,
+    #[error("power button")]
+    PowerButton {
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ModuleError for VmError {
+    fn kind(&self) -> ErrorKind {
+        use VmError::*;
+        match self {
+            InvalidTransition { .. } | NotRunning | PauseTimeout => ErrorKind::State,
+            Thread { .. } | PowerButton { .. } => ErrorKind::Device,
+            InvalidConfig { .. } | NotSupported { .. } | NoHyperv => ErrorKind::Unsupported,
+            OpenKvm { .. } | KickHandler(_) | Kvm { .. } => ErrorKind::Kvm,
+            HostAddress { .. } => ErrorKind::Memory,
+            NoKernel => ErrorKind::Kernel,
+        }
+    }
+}
+
+fn kvm_error(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    let what = what.into();
+    move |source| VmError::Kvm { what, source }
+}
 
 /// Cloud Hypervisor's VM states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,10 +129,7 @@ impl VmState {
         if ok {
             Ok(())
         } else {
-            Err(Error::new(
-                ErrorKind::State,
-                format!("invalid VM state transition: {self} to {to}"),
-            ))
+            Err(VmError::InvalidTransition { from: self, to }.into())
         }
     }
 }
@@ -100,13 +157,45 @@ struct Instance {
     threads: Vec<JoinHandle<()>>,
     samples: Vec<Arc<Mutex<Sample>>>,
     payload: LoadedPayload,
-    /// Keeps the irqfd eventfds open while the boot lives.
-    _irq_fds: Vec<EventFd>,
-    virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
-    ged: Arc<Ged>,
+    devices: DeviceManager,
+    /// vCPUs built but not yet running: started once the boot is recorded.
+    unstarted: Vec<UnstartedVcpu>,
+}
+
+/// A vCPU whose thread has not been started.
+struct UnstartedVcpu {
+    fd: VcpuFd,
+    context: VcpuThreadContext,
 }
 
 impl Instance {
+    /// Starts a thread per built vCPU; with `parked`, they wait at their gate
+    /// (a pause that arrived while the previous boot was ending).
+    fn start_vcpus(&mut self, parked: bool) -> Result<()> {
+        if parked {
+            self.control.set_command(VcpuCommand::Park);
+        }
+        for vcpu in self.unstarted.drain(..) {
+            let index = vcpu.context.index;
+            self.control.thread_started();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu::run_vcpu(vcpu.fd, vcpu.context));
+            match spawned {
+                Ok(handle) => self.threads.push(handle),
+                Err(e) => {
+                    self.control.thread_exited();
+                    return Err(VmError::Thread {
+                        what: "vCPU thread",
+                        source: e,
+                    }
+                    .into());
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn kick_all(&self) {
         for t in &self.threads {
             vcpu::kick(t.as_pthread_t());
@@ -122,8 +211,10 @@ impl Instance {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        // vCPUs never started still hold the buses.
+        self.unstarted.clear();
         // Device workers stop before guest memory goes away.
-        self.virtio.clear();
+        self.devices.stop_devices();
     }
 }
 
@@ -137,7 +228,28 @@ struct Lifecycle {
     last_payload: Option<LoadedPayload>,
     /// The user asked for a shutdown (seen by a reboot in progress).
     shutdown_requested: bool,
+    /// The VMM thread is between two boots: the old one stopped, the new
+    /// one not yet recorded.
+    rebooting: bool,
 }
+
+impl Lifecycle {
+    /// A reboot is under way: the boot is ending for a reset or the next
+    /// one is being built. Control calls wait for the new boot.
+    fn reboot_pending(&self) -> bool {
+        if self.shutdown_requested || self.state == VmState::Shutdown {
+            return false;
+        }
+        self.rebooting
+            || self
+                .instance
+                .as_ref()
+                .is_some_and(|i| i.control.stop_reason() == Some(StopReason::Reset))
+    }
+}
+
+/// How long a control call waits for a reboot in progress to finish.
+const REBOOT_WAIT: Duration = Duration::from_secs(30);
 
 /// What `info()` reports beyond the config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,18 +260,8 @@ pub struct VmInfo {
     pub serial_pty: Option<PathBuf>,
     pub console_pty: Option<PathBuf>,
     pub memory_size: u64,
-    /// The PCI devices of the running boot (empty when none runs).
-    pub devices: Vec<DeviceInfo>,
-}
-
-/// A device in `info()`'s device tree.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceInfo {
-    pub id: String,
-    /// `ssss:bb:dd.f`
-    pub pci_bdf: String,
-    /// (base, size) of BAR 0.
-    pub bar: (u64, u64),
+    /// Cloud Hypervisor's device tree of the running boot (empty when none runs).
+    pub device_tree: Vec<DeviceNode>,
 }
 
 /// A VM: its config, serial backend (kept across reboots) and lifecycle.
@@ -184,35 +286,22 @@ impl Vm {
     /// Checks the config against what this VMM supports and opens KVM and the
     /// serial backend. Nothing runs until `boot`.
     pub fn new(mut config: VmConfig, options: VmOptions) -> Result<Arc<Vm>> {
-        config.validate().map_err(|e| {
-            Error::new(
-                ErrorKind::Unsupported,
-                format!("Invalid configuration: {e}"),
-            )
-        })?;
+        config
+            .validate()
+            .map_err(|source| VmError::InvalidConfig { source })?;
         check_supported(&config)?;
         config.assign_device_ids();
-        let kvm = Kvm::new().map_err(|e| {
-            Error::new(
-                ErrorKind::Kvm,
-                format!(
-                    "Failed to open hypervisor interface (is hypervisor interface available?): {e}"
-                ),
-            )
-        })?;
+        let kvm = Kvm::new().map_err(|source| VmError::OpenKvm { source })?;
         if config.cpus.kvm_hyperv && !kvm.check_extension(Cap::Hyperv) {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "kvm_hyperv=on needs KVM's Hyper-V support (KVM_CAP_HYPERV), which this host's KVM lacks",
-            ));
+            return Err(VmError::NoHyperv.into());
         }
         if config.cpus.kvm_hyperv {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "kvm_hyperv=on is not supported yet",
-            ));
+            return Err(VmError::NotSupported {
+                what: "kvm_hyperv=on",
+            }
+            .into());
         }
-        vcpu::register_kick_handler().map_err(|e| Error::new(ErrorKind::Kvm, e))?;
+        vcpu::register_kick_handler().map_err(VmError::KickHandler)?;
         let serial = SerialBackend::open(&config.serial, "serial", true)?;
         // With both on the terminal, keyboard input goes to the serial port.
         let console_stdin = config.serial.mode != ConsoleOutputMode::Tty;
@@ -237,6 +326,7 @@ impl Vm {
                 vmm_thread: None,
                 last_payload: None,
                 shutdown_requested: false,
+                rebooting: false,
             }),
             changed: Condvar::new(),
         }))
@@ -244,6 +334,28 @@ impl Vm {
 
     fn lock(&self) -> MutexGuard<'_, Lifecycle> {
         self.life.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The lifecycle once no reboot is in progress (or after `REBOOT_WAIT`),
+    /// so that a call never finds no boot while the state says Running.
+    fn lock_settled(&self) -> MutexGuard<'_, Lifecycle> {
+        let deadline = Instant::now() + REBOOT_WAIT;
+        let mut life = self.lock();
+        while life.reboot_pending() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            // The VMM thread notifies when the new boot is recorded; the
+            // short timeout covers the moment before it has seen the reset.
+            let wait = (deadline - now).min(Duration::from_millis(20));
+            life = self
+                .changed
+                .wait_timeout(life, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        life
     }
 
     pub fn state(&self) -> VmState {
@@ -268,7 +380,7 @@ impl Vm {
     }
 
     pub fn info(&self) -> VmInfo {
-        let life = self.lock();
+        let life = self.lock_settled();
         VmInfo {
             state: life.state,
             boots: life.boots,
@@ -276,22 +388,11 @@ impl Vm {
             serial_pty: self.serial.as_ref().and_then(|s| s.pty_path().cloned()),
             console_pty: self.console.as_ref().and_then(|s| s.pty_path().cloned()),
             memory_size: self.config.memory.total_size(),
-            devices: life
+            device_tree: life
                 .instance
-                .iter()
-                .flat_map(|i| &i.virtio)
-                .map(|d| {
-                    let d = d.lock().unwrap_or_else(|p| p.into_inner());
-                    DeviceInfo {
-                        id: d.id().to_owned(),
-                        pci_bdf: d.bdf(),
-                        bar: (
-                            d.config_space().bar_address(0).unwrap_or(0),
-                            virtio::pci::BAR_SIZE,
-                        ),
-                    }
-                })
-                .collect(),
+                .as_ref()
+                .map(|i| i.devices.device_tree())
+                .unwrap_or_default(),
         }
     }
 
@@ -302,19 +403,11 @@ impl Vm {
 
     /// Cloud Hypervisor's counters of every device that has some.
     pub fn counters(&self) -> Result<Vec<(String, BTreeMap<&'static str, u64>)>> {
-        let life = self.lock();
+        let life = self.lock_settled();
         let Some(instance) = &life.instance else {
-            return Err(Error::new(ErrorKind::State, "VM is not running"));
+            return Err(VmError::NotRunning.into());
         };
-        Ok(instance
-            .virtio
-            .iter()
-            .filter_map(|d| {
-                let d = d.lock().unwrap_or_else(|p| p.into_inner());
-                let counters = d.device().counters();
-                (!counters.is_empty()).then(|| (d.id().to_owned(), counters))
-            })
-            .collect())
+        Ok(instance.devices.counters())
     }
 
     /// Builds the VM and starts its vCPUs (Created or Shutdown → Running).
@@ -326,7 +419,13 @@ impl Vm {
             let _ = old.join();
             life = self.lock();
         }
-        let instance = self.build_instance()?;
+        let mut instance = self.build_instance()?;
+        if let Err(e) = instance.start_vcpus(false) {
+            instance.stop(StopReason::VmmError {
+                message: e.message.clone(),
+            });
+            return Err(e);
+        }
         life.last_payload = Some(instance.payload);
         life.instance = Some(instance);
         life.state = VmState::Running;
@@ -337,11 +436,9 @@ impl Vm {
         let thread = std::thread::Builder::new()
             .name("vmm".into())
             .spawn(move || vm.vmm_loop())
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Device,
-                    format!("cannot start the VMM thread: {e}"),
-                )
+            .map_err(|source| VmError::Thread {
+                what: "the VMM thread",
+                source,
             })?;
         life.vmm_thread = Some(thread);
         self.changed.notify_all();
@@ -349,19 +446,16 @@ impl Vm {
     }
 
     pub fn pause(&self) -> Result<()> {
-        let mut life = self.lock();
+        let mut life = self.lock_settled();
         life.state.check_transition(VmState::Paused)?;
         let Some(instance) = &life.instance else {
-            return Err(Error::new(ErrorKind::State, "VM is not running"));
+            return Err(VmError::NotRunning.into());
         };
         instance.control.set_command(VcpuCommand::Park);
         instance.kick_all();
         if !instance.control.wait_parked(Duration::from_secs(10)) {
             instance.control.set_command(VcpuCommand::Run);
-            return Err(Error::new(
-                ErrorKind::State,
-                "vCPUs did not pause within 10 s",
-            ));
+            return Err(VmError::PauseTimeout.into());
         }
         life.state = VmState::Paused;
         self.changed.notify_all();
@@ -369,11 +463,11 @@ impl Vm {
     }
 
     pub fn resume(&self) -> Result<()> {
-        let mut life = self.lock();
+        let mut life = self.lock_settled();
         match life.state {
             VmState::Paused => {}
             VmState::Running => VmState::Running.check_transition(VmState::Running)?,
-            _ => return Err(Error::new(ErrorKind::State, "VM is not running")),
+            _ => return Err(VmError::NotRunning.into()),
         }
         if let Some(instance) = &life.instance {
             instance.control.set_command(VcpuCommand::Run);
@@ -412,27 +506,31 @@ impl Vm {
 
     /// Reboots a running VM: the current boot stops and a new one starts.
     pub fn reboot(&self) -> Result<()> {
-        let life = self.lock();
+        let mut life = self.lock_settled();
         match &life.instance {
             Some(instance) if matches!(life.state, VmState::Running | VmState::Paused) => {
                 instance.control.set_command(VcpuCommand::Run);
                 instance.control.request_stop(StopReason::Reset);
+                // The new boot runs, as in Cloud Hypervisor.
+                life.state = VmState::Running;
+                self.changed.notify_all();
                 Ok(())
             }
-            _ => Err(Error::new(ErrorKind::State, "VM is not running")),
+            _ => Err(VmError::NotRunning.into()),
         }
     }
 
     /// Presses the guest's ACPI power button (a GED event); what happens next
     /// is up to the guest (Linux shuts down in an orderly way).
     pub fn power_button(&self) -> Result<()> {
-        let life = self.lock();
+        let life = self.lock_settled();
         match &life.instance {
             Some(instance) if matches!(life.state, VmState::Running | VmState::Paused) => instance
-                .ged
+                .devices
+                .ged()
                 .notify(GED_POWER_BUTTON)
-                .map_err(|e| Error::new(ErrorKind::Device, format!("power button: {e}"))),
-            _ => Err(Error::new(ErrorKind::State, "VM is not running")),
+                .map_err(|source| VmError::PowerButton { source }.into()),
+            _ => Err(VmError::NotRunning.into()),
         }
     }
 
@@ -492,13 +590,17 @@ impl Vm {
                     continue;
                 }
             };
-            let instance = self.lock().instance.take();
+            let instance = {
+                let mut life = self.lock();
+                life.rebooting = reason == StopReason::Reset;
+                life.instance.take()
+            };
             if let Some(instance) = instance {
                 instance.stop(reason.clone());
             }
             if reason == StopReason::Reset {
                 match self.build_instance() {
-                    Ok(instance) => {
+                    Ok(mut instance) => {
                         let mut life = self.lock();
                         if life.shutdown_requested {
                             drop(life);
@@ -506,12 +608,21 @@ impl Vm {
                             self.finish(StopReason::Shutdown);
                             return;
                         }
+                        // Recorded and started under the lock: nobody sees the
+                        // new boot half-started. A pause that landed while the
+                        // old boot was ending holds for the new one.
+                        if let Err(e) = instance.start_vcpus(life.state == VmState::Paused) {
+                            drop(life);
+                            instance.stop(StopReason::Shutdown);
+                            self.finish(StopReason::VmmError {
+                                message: format!("Rebooting the VM failed: {e}"),
+                            });
+                            return;
+                        }
                         life.boots += 1;
                         life.last_payload = Some(instance.payload);
                         life.instance = Some(instance);
-                        if life.state == VmState::Paused {
-                            life.state = VmState::Running;
-                        }
+                        life.rebooting = false;
                         self.changed.notify_all();
                         continue;
                     }
@@ -530,6 +641,7 @@ impl Vm {
 
     fn finish(&self, reason: StopReason) {
         let mut life = self.lock();
+        life.rebooting = false;
         life.state = VmState::Shutdown;
         life.exit = Some(reason);
         for backend in self.serial.iter().chain(&self.console) {
@@ -586,35 +698,33 @@ impl Vm {
         }
     }
 
+    /// Builds one boot (KVM VM, memory, devices, tables, payload, vCPUs)
+    /// without starting its vCPUs.
     fn build_instance(&self) -> Result<Instance> {
         let config = &self.config;
-        let vm_fd = Arc::new(
-            self.kvm
-                .create_vm()
-                .map_err(|e| Error::kvm("KVM_CREATE_VM", e))?,
-        );
+        let vm_fd = Arc::new(self.kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?);
         vm_fd
             .set_tss_address(crate::layout::KVM_TSS_ADDRESS as usize)
-            .map_err(|e| Error::kvm("KVM_SET_TSS_ADDR", e))?;
+            .map_err(kvm_error("KVM_SET_TSS_ADDR"))?;
         vm_fd
             .set_identity_map_address(crate::layout::KVM_TSS_ADDRESS - 0x1000)
-            .map_err(|e| Error::kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+            .map_err(kvm_error("KVM_SET_IDENTITY_MAP_ADDR"))?;
         vm_fd
             .create_irq_chip()
-            .map_err(|e| Error::kvm("KVM_CREATE_IRQCHIP", e))?;
+            .map_err(kvm_error("KVM_CREATE_IRQCHIP"))?;
         vm_fd
             .create_pit2(kvm_pit_config {
                 flags: KVM_PIT_SPEAKER_DUMMY,
                 ..Default::default()
             })
-            .map_err(|e| Error::kvm("KVM_CREATE_PIT2", e))?;
+            .map_err(kvm_error("KVM_CREATE_PIT2"))?;
 
         let ram = create_guest_ram(&config.memory)?;
         for (slot, region) in ram.memory.iter().enumerate() {
             let host = ram
                 .memory
                 .get_host_address(region.start_addr())
-                .map_err(|e| Error::new(ErrorKind::Memory, format!("guest memory: {e}")))?;
+                .map_err(|source| VmError::HostAddress { source })?;
             let mem_region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,
@@ -625,140 +735,52 @@ impl Vm {
             // SAFETY: the mapping outlives the VM fd: both live in the Instance,
             // and the VM fd is dropped (after its vCPUs) before the memory.
             unsafe { vm_fd.set_user_memory_region(mem_region) }
-                .map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+                .map_err(kvm_error("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
+        let control = Arc::new(Control::new());
+        let devices = DeviceManager::build(&DeviceContext {
+            config,
+            vm_fd: &vm_fd,
+            ram: &ram,
+            control: &control,
+            gsi_limit: self.kvm.check_extension_int(Cap::IrqRouting).max(0) as u32,
+            phys_bits: cpu::guest_phys_bits(&self.kvm, &config.cpus)?,
+            serial: self.serial.as_ref(),
+            console: self.console.as_ref(),
+            debug_log: &self.debug_log,
+            device_events: &self.device_events,
+        })?;
         let topology = Topology::from_config(&config.cpus);
-        let routes = Arc::new(InterruptRoutes::new(
-            vm_fd.clone(),
-            self.kvm.check_extension_int(Cap::IrqRouting).max(0) as u32,
-        ));
-        let pci = self.build_pci(&ram, &routes)?;
-        let layouts: Vec<_> = pci.segments.iter().map(|s| s.layout).collect();
         let rsdp = acpi::write_tables(
             &ram.memory,
             &topology,
             config.cpus.boot_vcpus,
             config.cpus.max_vcpus,
-            &layouts,
+            &devices.segment_layouts(),
         )?;
-        let payload_config = config
-            .payload
-            .as_ref()
-            .ok_or_else(|| Error::new(ErrorKind::Kernel, "No kernel specified"))?;
+        let payload_config = config.payload.as_ref().ok_or(VmError::NoKernel)?;
         let payload = boot::load_payload(&ram, payload_config, rsdp)?;
 
-        let control = Arc::new(Control::new());
-        let mut pio = Bus::new();
-        let mut irq_fds = Vec::new();
-        if let Some(backend) = &self.serial {
-            let irq = EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(|e| Error::new(ErrorKind::Device, format!("serial irq: {e}")))?;
-            vm_fd
-                .register_irqfd(&irq, 4)
-                .map_err(|e| Error::kvm("KVM_IRQFD (serial)", e))?;
-            let trigger = IrqTrigger(
-                irq.try_clone()
-                    .map_err(|e| Error::new(ErrorKind::Device, format!("serial irq: {e}")))?,
-            );
-            irq_fds.push(irq);
-            let device = Arc::new(Mutex::new(SerialDevice {
-                uart: Serial::new(trigger, SerialSink(backend.clone())),
-            }));
-            pio.insert(0x3f8, 8, device.clone());
-            backend.attach(Some(device));
-        }
-        let ged_irq = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| Error::new(ErrorKind::Device, format!("GED irq: {e}")))?;
-        vm_fd
-            .register_irqfd(&ged_irq, GED_IRQ)
-            .map_err(|e| Error::kvm("KVM_IRQFD (GED)", e))?;
-        let ged =
-            Arc::new(Ged::new(ged_irq.try_clone().map_err(|e| {
-                Error::new(ErrorKind::Device, format!("GED irq: {e}"))
-            })?));
-        irq_fds.push(ged_irq);
-        pio.insert(
-            0x60,
-            5,
-            Arc::new(Mutex::new(I8042(I8042Device::new(ResetTrigger(
-                control.clone(),
-            ))))),
-        );
-        pio.insert(
-            u64::from(ACPI_SHUTDOWN_PORT),
-            8,
-            Arc::new(Mutex::new(AcpiShutdown {
-                control: control.clone(),
-            })),
-        );
-        pio.insert(
-            0x80,
-            1,
-            Arc::new(Mutex::new(DebugPort {
-                control: control.clone(),
-                log: self.debug_log.clone(),
-            })),
-        );
-        let mut mmio = Bus::new();
-        pio.insert(
-            PciConfigIo::PORT,
-            PciConfigIo::LEN,
-            Arc::new(Mutex::new(PciConfigIo::new(pci.segments[0].clone()))),
-        );
-        mmio.insert(
-            PCI_MMCONFIG_START,
-            pci.segments.len() as u64 * ECAM_SIZE_PER_SEGMENT,
-            Arc::new(Mutex::new(PciEcam {
-                segments: pci.segments.clone(),
-            })),
-        );
-        for segment in &pci.segments {
-            for window in [segment.layout.mem32, segment.layout.mem64] {
-                mmio.insert(
-                    window.start,
-                    window.size,
-                    Arc::new(Mutex::new(PciBarWindow {
-                        segment: segment.clone(),
-                        base: window.start,
-                    })),
-                );
-            }
-        }
-        mmio.insert(
-            GED_ADDRESS,
-            GED_SIZE,
-            Arc::new(Mutex::new(GedRegister(ged.clone()))),
-        );
-        let pio = Arc::new(pio);
-        let mmio = Arc::new(mmio);
-
-        let mut vcpus = Vec::new();
         let mut host = self.host;
+        let mut samples = Vec::new();
+        let mut unstarted = Vec::new();
         for index in 0..config.cpus.boot_vcpus {
             let apic_id = topology.apic_id(index);
-            let vcpu = vm_fd
+            let fd = vm_fd
                 .create_vcpu(u64::from(apic_id))
-                .map_err(|e| Error::kvm(&format!("KVM_CREATE_VCPU {index}"), e))?;
+                .map_err(kvm_error(format!("KVM_CREATE_VCPU {index}")))?;
             if host.tsc_khz.is_none() {
-                host.tsc_khz = vcpu.get_tsc_khz().ok();
+                host.tsc_khz = fd.get_tsc_khz().ok();
             }
             let cpuid = cpu::cpuid_for(&self.kvm, &config.cpus, index, host)?;
-            vcpu.set_cpuid2(&cpuid)
-                .map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
-            cpu::setup_msrs(&vcpu)?;
-            cpu::setup_fpu(&vcpu)?;
-            cpu::setup_lapic(&vcpu)?;
+            fd.set_cpuid2(&cpuid).map_err(kvm_error("KVM_SET_CPUID2"))?;
+            cpu::setup_msrs(&fd)?;
+            cpu::setup_fpu(&fd)?;
+            cpu::setup_lapic(&fd)?;
             if index == 0 {
-                cpu::setup_boot_vcpu(&vcpu, &ram.memory, payload.entry)?;
+                cpu::setup_boot_vcpu(&fd, &ram.memory, payload.entry)?;
             }
-            vcpus.push(vcpu);
-        }
-
-        let mut threads = Vec::new();
-        let mut samples = Vec::new();
-        for (index, vcpu) in vcpus.into_iter().enumerate() {
-            let index = index as u8;
             let sample = Arc::new(Mutex::new(Sample::default()));
             samples.push(sample.clone());
             let host_cpus = config
@@ -768,160 +790,27 @@ impl Vm {
                 .flatten()
                 .find(|a| a.vcpu == index)
                 .map(|a| a.host_cpus.clone());
-            let ctx = VcpuThreadContext {
+            let context = VcpuThreadContext {
                 index,
                 control: control.clone(),
-                pio: pio.clone(),
-                mmio: mmio.clone(),
+                pio: devices.pio_bus().clone(),
+                mmio: devices.mmio_bus().clone(),
                 sample,
                 host_cpus,
             };
-            control.thread_started();
-            let spawned = std::thread::Builder::new()
-                .name(format!("vcpu{index}"))
-                .spawn(move || vcpu::run_vcpu(vcpu, ctx));
-            match spawned {
-                Ok(handle) => threads.push(handle),
-                Err(e) => {
-                    control.thread_exited();
-                    let partial = Instance {
-                        _vm_fd: vm_fd,
-                        _ram: ram,
-                        control,
-                        threads,
-                        samples,
-                        payload,
-                        _irq_fds: irq_fds,
-                        virtio: pci.virtio,
-                        ged,
-                    };
-                    partial.stop(StopReason::VmmError {
-                        message: "cannot start vCPU threads".into(),
-                    });
-                    return Err(Error::new(
-                        ErrorKind::Device,
-                        format!("cannot start vCPU thread: {e}"),
-                    ));
-                }
-            }
+            unstarted.push(UnstartedVcpu { fd, context });
         }
         Ok(Instance {
             _vm_fd: vm_fd,
             _ram: ram,
             control,
-            threads,
+            threads: Vec::new(),
             samples,
             payload,
-            _irq_fds: irq_fds,
-            virtio: pci.virtio,
-            ged,
+            devices,
+            unstarted,
         })
     }
-
-    /// The PCI segments and the virtio devices on them.
-    fn build_pci(&self, ram: &GuestRam, routes: &Arc<InterruptRoutes>) -> Result<PciPlatform> {
-        let config = &self.config;
-        let count = config.platform.as_ref().map_or(1, |p| p.num_pci_segments);
-        let phys_bits = cpu::guest_phys_bits(&self.kvm, &config.cpus)?;
-        let ram_end = ram.ranges.iter().map(|&(s, l)| s + l).max().unwrap_or(0);
-        let layouts = pci::plan_segments(count, ram_end, phys_bits).ok_or_else(|| {
-            Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "{count} PCI segments do not fit in the guest's {phys_bits}-bit physical address space"
-                ),
-            )
-        })?;
-        let mut segments: Vec<PciSegment> = layouts.into_iter().map(PciSegment::new).collect();
-        let mut virtio = Vec::new();
-        let mut add = |segment: u16, id: &str, device: Box<dyn VirtioDevice>| -> Result<()> {
-            let segment = segments.get_mut(usize::from(segment)).ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Unsupported,
-                    format!("{id}: PCI segment {segment} does not exist"),
-                )
-            })?;
-            let slot = segment.free_slot().ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Device,
-                    format!("{id}: no free slot on PCI segment {}", segment.layout.id),
-                )
-            })?;
-            let bar = segment
-                .mem64_allocator
-                .allocate(virtio::pci::BAR_SIZE)
-                .ok_or_else(|| {
-                    Error::new(ErrorKind::Device, format!("{id}: PCI MMIO window full"))
-                })?;
-            let mut device = VirtioPciDevice::new(
-                id.to_owned(),
-                device,
-                ram.memory.clone(),
-                routes.clone(),
-                bar,
-            )?;
-            device.set_location(segment.layout.id, slot);
-            device.set_events(self.device_events.clone());
-            let device = Arc::new(Mutex::new(device));
-            segment.insert(slot, device.clone());
-            virtio.push(device);
-            Ok(())
-        };
-        // Cloud Hypervisor's order: console, disks, nets, then rng.
-        if let Some(backend) = &self.console {
-            add(
-                0,
-                "__console",
-                Box::new(Console::new("__console".into(), backend.clone())?),
-            )?;
-        }
-        let groups: HashMap<&str, Arc<SharedRateLimiter>> = config
-            .rate_limit_groups
-            .iter()
-            .flatten()
-            .map(|g| {
-                let limiter = Arc::new(SharedRateLimiter::new(&g.rate_limiter_config));
-                (g.id.as_str(), limiter)
-            })
-            .collect();
-        for disk in config.disks.iter().flatten() {
-            let id = disk.id.as_deref().unwrap_or_default();
-            let group = match disk.rate_limit_group.as_deref() {
-                Some(name) => Some(groups.get(name).cloned().ok_or_else(|| {
-                    Error::new(
-                        ErrorKind::Unsupported,
-                        format!("{id}: no rate limit group {name}"),
-                    )
-                })?),
-                None => None,
-            };
-            add(
-                disk.pci_segment,
-                id,
-                Box::new(Block::new(disk, group).map_err(|e| {
-                    Error::new(e.kind, format!("Cannot create virtio-blk device {id}: {e}"))
-                })?),
-            )?;
-        }
-        for net in config.net.iter().flatten() {
-            let id = net.id.as_deref().unwrap_or_default();
-            add(net.pci_segment, id, Box::new(Net::new(net, id)?))?;
-        }
-        add(
-            0,
-            "__rng",
-            Box::new(Rng::new("__rng".into(), &config.rng.src)?),
-        )?;
-        Ok(PciPlatform {
-            segments: segments.into_iter().map(Arc::new).collect(),
-            virtio,
-        })
-    }
-}
-
-struct PciPlatform {
-    segments: Vec<Arc<PciSegment>>,
-    virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
 }
 
 impl Drop for Vm {
@@ -986,30 +875,10 @@ fn check_supported(config: &VmConfig) -> Result<()> {
         (config.cpus.features.amx, "--cpus features=amx"),
     ];
     match requested.iter().find(|(asked, _)| *asked) {
-        Some((_, what)) => Err(Error::new(
-            ErrorKind::Unsupported,
-            format!("{what} is not supported yet"),
-        )),
+        Some(&(_, what)) => Err(VmError::NotSupported { what }.into()),
         None => Ok(()),
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn state_transitions_follow_cloud_hypervisor() {
-        use VmState::*;
-        assert!(Created.check_transition(Running).is_ok());
-        assert!(Paused.check_transition(Running).is_ok());
-        assert!(Shutdown.check_transition(Running).is_ok());
-        let err = Running.check_transition(Running).unwrap_err();
-        assert_eq!(
-            err.message,
-            "invalid VM state transition: Running to Running"
-        );
-        assert!(Shutdown.check_transition(Paused).is_err());
-        assert!(Created.check_transition(Created).is_err());
-    }
-}
+mod tests;

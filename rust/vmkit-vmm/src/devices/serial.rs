@@ -21,7 +21,25 @@ use vmkit_config::{ConsoleConfig, ConsoleOutputMode};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::BusDevice;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, ModuleError, Result};
+
+/// Why a serial or console backend could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    /// `what` says which backend and what failed ("serial: eventfd").
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ModuleError for SerialError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Device
+    }
+}
 
 /// Everything the guest wrote to the serial port, up to a bound.
 pub struct SerialCapture {
@@ -201,9 +219,9 @@ impl SerialBackend {
     /// it in errors. `stdin`: whether tty mode reads the terminal (only one
     /// backend may).
     pub fn open(config: &ConsoleConfig, what: &str, stdin: bool) -> Result<Option<Arc<Self>>> {
-        let device_error = |what: String| Error::new(ErrorKind::Device, what);
-        let stop_input = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| device_error(format!("{what}: eventfd: {e}")))?;
+        let device_error = |what: String| move |source| SerialError::Io { what, source };
+        let stop_input =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(device_error(format!("{what}: eventfd")))?;
         let mut pty_path = None;
         let mut socket_path = None;
         let mut raw_terminal = None;
@@ -221,14 +239,13 @@ impl SerialBackend {
             }
             ConsoleOutputMode::File => {
                 let path = config.file.as_deref().unwrap_or_default();
-                let file = File::create(path).map_err(|e| {
-                    device_error(format!("Cannot create {what} output file {path}: {e}"))
-                })?;
+                let file = File::create(path).map_err(device_error(format!(
+                    "Cannot create {what} output file {path}"
+                )))?;
                 Output::File(file)
             }
             ConsoleOutputMode::Pty => {
-                let (master, path) =
-                    open_pty().map_err(|e| device_error(format!("{what} pty: {e}")))?;
+                let (master, path) = open_pty().map_err(device_error(format!("{what} pty")))?;
                 input_fd = Some(master.as_raw_fd());
                 pty_path = Some(path);
                 Output::Pty(master)
@@ -250,17 +267,15 @@ impl SerialBackend {
             _raw_terminal: raw_terminal,
         });
         if let Some(path) = socket_path {
-            let listener = UnixListener::bind(&path).map_err(|e| {
-                device_error(format!(
-                    "Cannot listen on {what} socket {}: {e}",
-                    path.display()
-                ))
-            })?;
+            let listener = UnixListener::bind(&path).map_err(device_error(format!(
+                "Cannot listen on {what} socket {}",
+                path.display()
+            )))?;
             let b = backend.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("{what}-socket"))
                 .spawn(move || b.serve_socket(listener))
-                .map_err(|e| device_error(format!("{what}: {e}")))?;
+                .map_err(device_error(what.to_owned()))?;
             *backend
                 .input_thread
                 .lock()
@@ -270,7 +285,7 @@ impl SerialBackend {
             let handle = std::thread::Builder::new()
                 .name(format!("{what}-input"))
                 .spawn(move || b.pump_input(fd))
-                .map_err(|e| device_error(format!("{what}: {e}")))?;
+                .map_err(device_error(what.to_owned()))?;
             *backend
                 .input_thread
                 .lock()

@@ -83,21 +83,24 @@ pub struct SegmentLayout {
     pub mem64: Window,
 }
 
-/// Splits the device windows between `count` segments: the 32-bit window
-/// evenly (1 MiB aligned), 16 GiB each above RAM (`ram_end`) and at or above
-/// 64 GiB, all below 2^`phys_bits`.
+/// Splits the device windows between `count` segments as Cloud Hypervisor
+/// does: the 32-bit window evenly (1 MiB aligned); the 64-bit space from the
+/// end of RAM (at least 4 GiB) to the top of the guest's `phys_bits` address
+/// space (less CH's platform area) evenly, in multiples of 4 GiB.
 pub fn plan_segments(count: u16, ram_end: u64, phys_bits: u8) -> Option<Vec<SegmentLayout>> {
     use crate::layout::*;
     if count == 0 || u64::from(count) * ECAM_SIZE_PER_SEGMENT > PCI_MMCONFIG_SIZE {
         return None;
     }
     let mem32_share = (MEM_32BIT_DEVICES_SIZE / u64::from(count)) & !((1 << 20) - 1);
-    let mem64_start = ram_end
-        .checked_next_multiple_of(MEM_64BIT_DEVICES_SIZE_PER_SEGMENT)?
-        .max(MEM_64BIT_DEVICES_MIN_START);
-    let mem64_end =
-        mem64_start.checked_add(u64::from(count) * MEM_64BIT_DEVICES_SIZE_PER_SEGMENT)?;
-    if mem32_share == 0 || phys_bits >= 64 || mem64_end > 1u64 << phys_bits {
+    let mem64_start = ram_end.max(RAM_64BIT_START);
+    let mem64_end = 1u64
+        .checked_shl(u32::from(phys_bits))
+        .filter(|_| phys_bits < 64)?
+        .checked_sub(PLATFORM_DEVICE_AREA_SIZE)?;
+    let mem64_share = (mem64_end.checked_sub(mem64_start)? / u64::from(count))
+        & !(MEM_64BIT_DEVICES_ALIGNMENT - 1);
+    if mem32_share == 0 || mem64_share == 0 {
         return None;
     }
     Some(
@@ -110,8 +113,8 @@ pub fn plan_segments(count: u16, ram_end: u64, phys_bits: u8) -> Option<Vec<Segm
                     size: mem32_share,
                 },
                 mem64: Window {
-                    start: mem64_start + u64::from(id) * MEM_64BIT_DEVICES_SIZE_PER_SEGMENT,
-                    size: MEM_64BIT_DEVICES_SIZE_PER_SEGMENT,
+                    start: mem64_start + u64::from(id) * mem64_share,
+                    size: mem64_share,
                 },
             })
             .collect(),
@@ -131,25 +134,30 @@ impl Window {
     }
 }
 
-/// Hands out naturally aligned ranges of a window, lowest first.
+/// Hands out naturally aligned ranges of a window from its top down, as
+/// Cloud Hypervisor's allocator does.
 pub struct WindowAllocator {
     window: Window,
-    next: u64,
+    /// The next range ends at or below this.
+    top: u64,
 }
 
 impl WindowAllocator {
     pub fn new(window: Window) -> Self {
         WindowAllocator {
             window,
-            next: window.start,
+            top: window.end(),
         }
     }
 
+    /// A range of `size` (a power of two) aligned to its size, if one fits.
     pub fn allocate(&mut self, size: u64) -> Option<u64> {
-        let start = self.next.checked_next_multiple_of(size)?;
-        let end = start.checked_add(size)?;
-        (end <= self.window.end()).then(|| {
-            self.next = end;
+        if !size.is_power_of_two() {
+            return None;
+        }
+        let start = self.top.checked_sub(size)? & !(size - 1);
+        (start >= self.window.start).then(|| {
+            self.top = start;
             start
         })
     }
@@ -346,18 +354,41 @@ mod tests {
     }
 
     #[test]
-    fn segments_share_the_windows() {
-        let plan = plan_segments(3, 6 << 30, 40).unwrap();
-        assert_eq!(plan[0].ecam_base, 0xe800_0000);
-        assert_eq!(plan[2].ecam_base, 0xe820_0000);
-        assert_eq!(plan[1].mem32.start, plan[0].mem32.end());
-        assert!(plan[2].mem32.end() <= 0xe800_0000);
-        assert_eq!(plan[0].mem64.start, 1 << 36);
-        assert_eq!(plan[1].mem64.start, plan[0].mem64.end());
-        // Above a large RAM, and refused where the address width ends.
-        let big = plan_segments(1, 100 << 30, 40).unwrap();
-        assert_eq!(big.first().unwrap().mem64.start, 112 << 30);
-        assert!(plan_segments(1, 1 << 30, 36).is_none());
+    fn segments_share_the_windows_as_cloud_hypervisor() {
+        // Figures from Cloud Hypervisor v37 (max_phys_bits 46).
+        let one = plan_segments(1, 512 << 20, 46).unwrap();
+        assert_eq!(one[0].ecam_base, 0xe800_0000);
+        assert_eq!(
+            one[0].mem32,
+            Window {
+                start: 0xc000_0000,
+                size: 640 << 20
+            }
+        );
+        assert_eq!(
+            one[0].mem64.start,
+            1 << 32,
+            "above the hole when RAM is below it"
+        );
+        assert_eq!(one[0].mem64.end(), 0x3fff_0000_0000);
+        let two = plan_segments(2, 0x1_8000_0000, 46).unwrap();
+        assert_eq!(two[0].mem32.end(), 0xd400_0000);
+        assert_eq!(
+            two[1].mem32,
+            Window {
+                start: 0xd400_0000,
+                size: 320 << 20
+            }
+        );
+        assert_eq!(two[0].mem64.start, 0x1_8000_0000, "from the end of RAM");
+        assert_eq!(two[0].mem64.end(), 0x2000_8000_0000);
+        assert_eq!(two[1].mem64.start, two[0].mem64.end());
+        assert_eq!(two[1].mem64.end(), 0x3fff_8000_0000);
+        let three = plan_segments(3, 6 << 30, 40).unwrap();
+        assert_eq!(three[2].ecam_base, 0xe820_0000);
+        assert!(three[2].mem32.end() <= 0xe800_0000);
+        // Refused where the address width ends, or with no segment at all.
+        assert!(plan_segments(1, 1 << 36, 36).is_none());
         assert!(plan_segments(0, 1 << 30, 40).is_none());
         assert!(plan_segments(257, 1 << 30, 40).is_none());
     }
@@ -401,16 +432,18 @@ mod tests {
     }
 
     #[test]
-    fn allocator_aligns_and_stays_inside() {
+    fn allocator_hands_out_from_the_top_aligned_and_inside() {
         let mut a = WindowAllocator::new(Window {
             start: 0x1000,
             size: 0x10000,
         });
-        assert_eq!(a.allocate(0x100), Some(0x1000));
+        assert_eq!(a.allocate(0x100), Some(0x10f00));
         assert_eq!(a.allocate(0x8000), Some(0x8000));
         assert_eq!(a.allocate(0x8000), None);
-        assert_eq!(a.allocate(0x1000), Some(0x10000));
-        assert_eq!(a.allocate(0x1000), None);
+        assert_eq!(a.allocate(0x1000), Some(0x7000));
+        assert_eq!(a.allocate(0x3000), None, "not a power of two");
+        assert_eq!(a.allocate(0x4000), None, "would go below the window");
+        assert_eq!(a.allocate(0x2000), Some(0x4000));
     }
 
     #[test]

@@ -2,12 +2,53 @@
 //! BAR, each vector backed by a KVM GSI with an MSI route and an irqfd, so a
 //! device thread raises an interrupt with one eventfd write.
 
+use std::io;
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, ModuleError};
 use crate::interrupts::InterruptRoutes;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MsixError {
+    #[error("{device}: MSI-X eventfd")]
+    EventFd {
+        device: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{device}: KVM_IRQFD (MSI-X)")]
+    Irqfd {
+        device: String,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{device}: MSI-X vectors")]
+    Allocate {
+        device: String,
+        #[source]
+        source: Error,
+    },
+    /// The vector cannot interrupt the guest until a later update succeeds.
+    #[error("{device}: cannot route MSI-X vector {vector}")]
+    Route {
+        device: String,
+        vector: usize,
+        #[source]
+        source: Error,
+    },
+}
+
+impl ModuleError for MsixError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            MsixError::EventFd { .. } => ErrorKind::Device,
+            MsixError::Irqfd { .. } => ErrorKind::Kvm,
+            MsixError::Allocate { source, .. } | MsixError::Route { source, .. } => source.kind,
+        }
+    }
+}
 
 pub const CAPABILITY_ID: u8 = 0x11;
 /// Bytes per table entry: address low/high, data, vector control.
@@ -30,6 +71,8 @@ impl Entry {
 }
 
 pub struct Msix {
+    /// The device's id, for errors.
+    owner: String,
     entries: Vec<Entry>,
     pending: Vec<bool>,
     enabled: bool,
@@ -40,20 +83,32 @@ pub struct Msix {
 }
 
 impl Msix {
-    /// `count` vectors (1..=2048), all masked, as after reset.
-    pub fn new(count: u16, routes: Arc<InterruptRoutes>) -> Result<Msix> {
-        let gsi_base = routes.allocate(u32::from(count))?;
+    /// `count` vectors (1..=2048) of device `owner`, all masked, as after reset.
+    pub fn new(owner: &str, count: u16, routes: Arc<InterruptRoutes>) -> Result<Msix, MsixError> {
+        let device = || owner.to_owned();
+        let gsi_base = routes
+            .allocate(u32::from(count))
+            .map_err(|source| MsixError::Allocate {
+                device: device(),
+                source,
+            })?;
         let mut irqfds = Vec::with_capacity(usize::from(count));
         for i in 0..u32::from(count) {
-            let fd = EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(|e| Error::new(ErrorKind::Device, format!("MSI-X eventfd: {e}")))?;
+            let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| MsixError::EventFd {
+                device: device(),
+                source,
+            })?;
             routes
                 .vm_fd()
                 .register_irqfd(&fd, gsi_base + i)
-                .map_err(|e| Error::kvm("KVM_IRQFD (MSI-X)", e))?;
+                .map_err(|source| MsixError::Irqfd {
+                    device: device(),
+                    source,
+                })?;
             irqfds.push(fd);
         }
         Ok(Msix {
+            owner: device(),
             entries: vec![
                 Entry {
                     control: VECTOR_MASKED,
@@ -86,14 +141,24 @@ impl Msix {
         control
     }
 
-    /// The driver wrote the message control word.
-    pub fn set_message_control(&mut self, control: u16) {
+    /// The driver wrote the message control word. Every vector's route is
+    /// updated; the first that could not be is returned.
+    pub fn set_message_control(&mut self, control: u16) -> Result<(), MsixError> {
         self.enabled = control & CONTROL_ENABLE != 0;
         self.function_masked = control & CONTROL_FUNCTION_MASK != 0;
-        for vector in 0..self.entries.len() {
-            self.update_route(vector);
-        }
+        let result = self.update_all_routes();
         self.deliver_pending();
+        result
+    }
+
+    fn update_all_routes(&self) -> Result<(), MsixError> {
+        let mut result = Ok(());
+        for vector in 0..self.entries.len() {
+            if let Err(e) = self.update_route(vector) {
+                result = result.and(Err(e));
+            }
+        }
+        result
     }
 
     fn live(&self) -> bool {
@@ -104,12 +169,25 @@ impl Msix {
         self.enabled
     }
 
-    fn update_route(&self, vector: usize) {
-        let entry = self.entries[vector];
+    /// Routes `vector`'s GSI to its message, or unroutes it while it is masked
+    /// or MSI-X is off. A failure is logged here (the vector loses its
+    /// interrupts) and returned for the device to act on.
+    fn update_route(&self, vector: usize) -> Result<(), MsixError> {
+        let Some(entry) = self.entries.get(vector) else {
+            return Ok(());
+        };
         let message = (self.enabled && !entry.masked()).then_some((entry.address, entry.data));
-        // A failed route update leaves the vector undeliverable; the guest sees
-        // a lost interrupt, which is all a bad route could give it anyway.
-        let _ = self.routes.set_msi(self.gsi_base + vector as u32, message);
+        self.routes
+            .set_msi(self.gsi_base + vector as u32, message)
+            .map_err(|source| {
+                let error = MsixError::Route {
+                    device: self.owner.clone(),
+                    vector,
+                    source,
+                };
+                log::error!("{}", crate::error::chain_message(&error));
+                error
+            })
     }
 
     fn deliver_pending(&mut self) {
@@ -168,10 +246,12 @@ impl Msix {
         }
     }
 
-    pub fn table_write(&mut self, offset: u64, data: &[u8]) {
+    /// Writes the table at `offset`; the vector's route follows (its failure
+    /// is returned).
+    pub fn table_write(&mut self, offset: u64, data: &[u8]) -> Result<(), MsixError> {
         let vector = (offset / ENTRY_SIZE) as usize;
         let Some(entry) = self.entries.get_mut(vector) else {
-            return;
+            return Ok(());
         };
         let field = ((offset % ENTRY_SIZE) / 4) as usize;
         let mut set = |field: usize, value: u32| match field {
@@ -192,10 +272,11 @@ impl Msix {
                 set(field, value as u32);
                 set(field + 1, (value >> 32) as u32);
             }
-            _ => return,
+            _ => return Ok(()),
         }
-        self.update_route(vector);
+        let result = self.update_route(vector);
         self.deliver_pending();
+        result
     }
 
     pub fn pba_read(&self, offset: u64, data: &mut [u8]) {
@@ -214,7 +295,7 @@ impl Msix {
     }
 
     /// Back to the reset state: disabled, every vector masked, nothing pending.
-    pub fn reset(&mut self) {
+    pub fn reset(&mut self) -> Result<(), MsixError> {
         self.enabled = false;
         self.function_masked = false;
         for entry in &mut self.entries {
@@ -224,20 +305,91 @@ impl Msix {
             };
         }
         self.pending.fill(false);
-        for vector in 0..self.entries.len() {
-            self.update_route(vector);
-        }
+        self.update_all_routes()
     }
 }
 
 impl Drop for Msix {
     fn drop(&mut self) {
         for (i, fd) in self.irqfds.iter().enumerate() {
-            let _ = self
-                .routes
-                .vm_fd()
-                .unregister_irqfd(fd, self.gsi_base + i as u32);
-            let _ = self.routes.set_msi(self.gsi_base + i as u32, None);
+            let gsi = self.gsi_base + i as u32;
+            // Nothing can act on these any more (the VM is going away with
+            // the device); they only say why a route or irqfd stayed.
+            if let Err(e) = self.routes.vm_fd().unregister_irqfd(fd, gsi) {
+                log::warn!(
+                    "{}: MSI-X vector {i}: KVM_IRQFD (deassign): {e}",
+                    self.owner
+                );
+            }
+            if let Err(e) = self.routes.set_msi(gsi, None) {
+                log::warn!("{}: MSI-X vector {i}: {e}", self.owner);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    mod needs_kvm {
+        use std::sync::{Arc, Mutex, OnceLock};
+
+        use kvm_ioctls::Kvm;
+
+        use super::super::*;
+
+        /// Every log record of this test binary, as "LEVEL message".
+        fn captured() -> &'static Mutex<Vec<String>> {
+            struct Capture(Mutex<Vec<String>>);
+            impl log::Log for Capture {
+                fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+                    true
+                }
+                fn log(&self, record: &log::Record<'_>) {
+                    let line = format!("{} {}", record.level(), record.args());
+                    self.0.lock().unwrap().push(line);
+                }
+                fn flush(&self) {}
+            }
+            static LOGGER: OnceLock<&'static Capture> = OnceLock::new();
+            let logger = LOGGER.get_or_init(|| {
+                let logger: &'static Capture = Box::leak(Box::new(Capture(Mutex::new(Vec::new()))));
+                if log::set_logger(logger).is_ok() {
+                    log::set_max_level(log::LevelFilter::Trace);
+                }
+                logger
+            });
+            &logger.0
+        }
+
+        #[test]
+        #[ignore = "needs /dev/kvm"]
+        fn a_route_kvm_refuses_is_logged_and_returned_with_device_and_vector() {
+            let log = captured();
+            let vm = Kvm::new().unwrap().create_vm().unwrap();
+            vm.create_irq_chip().unwrap();
+            let routes = Arc::new(InterruptRoutes::new(Arc::new(vm), 1 << 20));
+            // KVM routes GSIs below KVM_MAX_IRQ_ROUTES (4096) only.
+            routes.allocate(5000).unwrap();
+            let mut msix = Msix::new("_disk0", 2, routes).unwrap();
+            // Vector 1: address, data, unmasked; MSI-X still off, so no route yet.
+            msix.table_write(ENTRY_SIZE, &0xfee0_0000u32.to_le_bytes())
+                .unwrap();
+            msix.table_write(ENTRY_SIZE + 8, &0x41u32.to_le_bytes())
+                .unwrap();
+            msix.table_write(ENTRY_SIZE + 12, &0u32.to_le_bytes())
+                .unwrap();
+            let error = msix.set_message_control(CONTROL_ENABLE).unwrap_err();
+            let message = crate::error::chain_message(&error);
+            assert!(
+                message.starts_with("_disk0: cannot route MSI-X vector 1: KVM_SET_GSI_ROUTING: "),
+                "{message}"
+            );
+            assert!(matches!(error, MsixError::Route { vector: 1, .. }));
+            let logged = log.lock().unwrap();
+            assert!(
+                logged.iter().any(|l| l == &format!("ERROR {message}")),
+                "{logged:?}"
+            );
         }
     }
 }

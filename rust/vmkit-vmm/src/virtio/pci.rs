@@ -12,7 +12,36 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Activation, ActiveQueue, Interrupt, VirtioDevice, F_VERSION_1};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, ModuleError, Result};
+
+/// Why a virtio-pci function could not be built or placed.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioPciError {
+    #[error("{id}: too many queues")]
+    TooManyQueues { id: String },
+    #[error("{id}: eventfd")]
+    EventFd {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{id}: KVM_IOEVENTFD at {address:#x}")]
+    IoEventFd {
+        id: String,
+        address: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+impl ModuleError for VirtioPciError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            VirtioPciError::IoEventFd { .. } => ErrorKind::Kvm,
+            _ => ErrorKind::Device,
+        }
+    }
+}
 use crate::interrupts::InterruptRoutes;
 use crate::pci::config::{Bar, BarKind, PciConfiguration, PciIdentity};
 use crate::pci::msix::{self, Msix};
@@ -35,6 +64,9 @@ const NOTIFY_SIZE: u64 = 0x1000;
 const NOTIFY_OFF_MULTIPLIER: u32 = 4;
 const MSIX_TABLE_OFFSET: u64 = 0x8000;
 const MSIX_PBA_OFFSET: u64 = 0x48000;
+/// Configuration registers (dwords) of BAR 0 and, for a 64-bit BAR, its high half.
+const BAR0_REG: usize = 4;
+const BAR0_HIGH_REG: usize = 5;
 
 /// Capability types (virtio_pci_cap.cfg_type).
 const CAP_COMMON: u8 = 1;
@@ -157,21 +189,23 @@ fn put_le(data: &mut [u8], value: u64) {
 }
 
 impl VirtioPciDevice {
-    /// Wraps `device` as a PCI function whose BAR 0 is at `bar_address`.
+    /// Wraps `device` as a PCI function whose BAR 0 (of `bar_kind`, 32- or
+    /// 64-bit memory) is at `bar_address`.
     pub fn new(
         id: String,
         device: Box<dyn VirtioDevice>,
         memory: GuestMemoryMmap,
         routes: Arc<InterruptRoutes>,
         bar_address: u64,
+        bar_kind: BarKind,
     ) -> Result<VirtioPciDevice> {
         let max_sizes = device.queue_max_sizes();
         let queue_count = max_sizes.len();
         let vectors = u16::try_from(queue_count + 1)
             .ok()
             .filter(|&v| u64::from(v) * msix::ENTRY_SIZE <= MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET)
-            .ok_or_else(|| Error::new(ErrorKind::Device, format!("{id}: too many queues")))?;
-        let msix = Arc::new(Mutex::new(Msix::new(vectors, routes.clone())?));
+            .ok_or_else(|| VirtioPciError::TooManyQueues { id: id.clone() })?;
+        let msix = Arc::new(Mutex::new(Msix::new(&id, vectors, routes.clone())?));
         let device_type = device.device_type();
         let mut config = PciConfiguration::new(PciIdentity {
             vendor: VENDOR_ID,
@@ -186,7 +220,7 @@ impl VirtioPciDevice {
             bar_address,
             Bar {
                 size: BAR_SIZE,
-                kind: BarKind::Memory64,
+                kind: bar_kind,
                 prefetchable: false,
             },
         );
@@ -225,7 +259,10 @@ impl VirtioPciDevice {
         let kicks = (0..queue_count)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
             .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|e| Error::new(ErrorKind::Device, format!("{id}: eventfd: {e}")))?;
+            .map_err(|source| VirtioPciError::EventFd {
+                id: id.clone(),
+                source,
+            })?;
         let interrupt = Arc::new(PciInterrupt {
             msix: msix.clone(),
             isr: AtomicU8::new(0),
@@ -319,7 +356,11 @@ impl VirtioPciDevice {
             let address = base + NOTIFY_OFFSET + index as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
             self.vm_fd
                 .register_ioevent(kick, &IoEventAddress::Mmio(address), NoDatamatch)
-                .map_err(|e| Error::kvm(&format!("{}: KVM_IOEVENTFD", self.id), e))?;
+                .map_err(|source| VirtioPciError::IoEventFd {
+                    id: self.id.clone(),
+                    address,
+                    source,
+                })?;
         }
         self.notify_base = Some(base);
         Ok(())
@@ -384,6 +425,15 @@ impl VirtioPciDevice {
         }
         for kick in &self.kicks {
             let _ = kick.read();
+        }
+    }
+
+    /// An MSI-X vector could not be routed (already logged by `Msix`): the
+    /// device cannot interrupt the driver as it asked, so it needs a reset.
+    fn interrupts_lost(&mut self) {
+        if self.status & STATUS_DRIVER != 0 {
+            self.status |= STATUS_NEEDS_RESET;
+            let _ = self.interrupt.signal_config();
         }
     }
 
@@ -628,7 +678,11 @@ impl VirtioPciDevice {
         } else {
             let mut msix = self.msix();
             if inside(MSIX_TABLE_OFFSET, msix.table_size()) {
-                msix.table_write(offset - MSIX_TABLE_OFFSET, data);
+                let routed = msix.table_write(offset - MSIX_TABLE_OFFSET, data);
+                drop(msix);
+                if routed.is_err() {
+                    self.interrupts_lost();
+                }
             }
         }
     }
@@ -654,12 +708,13 @@ impl Drop for VirtioPciDevice {
     }
 }
 
+/// Cloud Hypervisor's class codes: network and mass storage for net and
+/// block, "other" with the non-transitional virtio subclass (0xff) else.
 fn pci_class(device_type: u32) -> (u8, u8, u8) {
     match device_type {
         super::TYPE_NET => (0x02, 0x00, 0x00),
         super::TYPE_BLOCK => (0x01, 0x80, 0x00),
-        super::TYPE_CONSOLE => (0x07, 0x80, 0x00),
-        _ => (0xff, 0x00, 0x00),
+        _ => (0xff, 0xff, 0x00),
     }
 }
 
@@ -714,15 +769,23 @@ impl PciDevice for VirtioPciDevice {
         if reg == self.msix_cap / 4 {
             let mut control = [0u8; 2];
             self.config.read_bytes(self.msix_cap + 2, &mut control);
-            self.msix().set_message_control(u16::from_le_bytes(control));
+            let routed = self.msix().set_message_control(u16::from_le_bytes(control));
+            if routed.is_err() {
+                self.interrupts_lost();
+            }
         }
         let bar_after = self.config.bar_address(0);
-        if bar_after != bar_before {
+        // Sizing writes all-ones to one half of the BAR; the address it makes
+        // for a moment can be another device's, so only follow real placements.
+        let sizing = matches!(reg, BAR0_REG | BAR0_HIGH_REG)
+            && data.len() == 4
+            && data.iter().all(|&b| b == 0xff);
+        if bar_after != bar_before && !sizing {
             if let Some(base) = bar_after {
-                // Sizing writes all-ones; only follow real placements.
                 if base.checked_add(BAR_SIZE).is_some() && base % BAR_SIZE == 0 {
+                    // Kicks still arrive through MMIO without the ioeventfds.
                     if let Err(e) = self.register_notifiers(base) {
-                        eprintln!("vmkit: {}: {e}", self.id);
+                        log::warn!("{e}");
                     }
                 }
             }
@@ -745,328 +808,4 @@ impl PciDevice for VirtioPciDevice {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::virtio::rng::Rng;
-    use kvm_ioctls::Kvm;
-    use std::time::{Duration, Instant};
-    use vm_memory::Bytes;
-
-    const BAR: u64 = 0x10_0000_0000;
-    const DESC: u64 = 0x1000;
-    const AVAIL: u64 = 0x2000;
-    const USED: u64 = 0x3000;
-    const BUFFER: u64 = 0x10000;
-
-    /// A VM with an irqchip; None (the test is skipped) only without /dev/kvm.
-    fn routes() -> Option<Arc<InterruptRoutes>> {
-        if !std::path::Path::new("/dev/kvm").exists() {
-            eprintln!("skipped: no /dev/kvm");
-            return None;
-        }
-        let vm = Kvm::new().unwrap().create_vm().unwrap();
-        vm.create_irq_chip().unwrap();
-        Some(Arc::new(InterruptRoutes::new(Arc::new(vm), 1024)))
-    }
-
-    fn rng_device(memory: &GuestMemoryMmap) -> Option<VirtioPciDevice> {
-        let routes = routes()?;
-        let rng = Rng::new("__rng".into(), "/dev/urandom").unwrap();
-        Some(
-            VirtioPciDevice::new("__rng".into(), Box::new(rng), memory.clone(), routes, BAR)
-                .unwrap(),
-        )
-    }
-
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap()
-    }
-
-    fn write(dev: &mut VirtioPciDevice, offset: u64, value: u64, len: usize) {
-        dev.bar_write(0, offset, &value.to_le_bytes()[..len]);
-    }
-
-    fn read(dev: &mut VirtioPciDevice, offset: u64, len: usize) -> u64 {
-        let mut data = [0u8; 8];
-        dev.bar_read(0, offset, &mut data[..len]);
-        u64::from_le_bytes(data)
-    }
-
-    /// Negotiates `features` and sets up queue 0 at DESC/AVAIL/USED with `size`.
-    fn set_up(dev: &mut VirtioPciDevice, features: u64, size: u16) -> u8 {
-        write(dev, 0x14, 0, 1);
-        write(dev, 0x14, 3, 1); // ACKNOWLEDGE | DRIVER
-        write(dev, 0x08, 0, 4);
-        write(dev, 0x0c, features & 0xffff_ffff, 4);
-        write(dev, 0x08, 1, 4);
-        write(dev, 0x0c, features >> 32, 4);
-        write(dev, 0x14, 0xb, 1);
-        let status = read(dev, 0x14, 1) as u8;
-        write(dev, 0x16, 0, 2);
-        write(dev, 0x18, u64::from(size), 2);
-        write(dev, 0x20, DESC, 8);
-        write(dev, 0x28, AVAIL & 0xffff_ffff, 4);
-        write(dev, 0x2c, AVAIL >> 32, 4);
-        write(dev, 0x30, USED, 8);
-        write(dev, 0x1c, 1, 2);
-        status
-    }
-
-    #[test]
-    fn pci_identity_and_capabilities() {
-        let memory = memory();
-        let Some(dev) = rng_device(&memory) else {
-            return;
-        };
-        let config = dev.config();
-        assert_eq!(config.read_register(0), 0x1044_1af4);
-        assert_eq!(config.bar_address(0), Some(BAR));
-        let mut types = Vec::new();
-        let mut byte = [0u8; 1];
-        config.read_bytes(0x34, &mut byte);
-        let mut at = usize::from(byte[0]);
-        while at != 0 {
-            let mut cap = [0u8; 4];
-            config.read_bytes(at, &mut cap);
-            types.push(if cap[0] == 0x09 { cap[3] } else { cap[0] });
-            at = usize::from(cap[1]);
-        }
-        assert_eq!(types, vec![0x11, 1, 3, 4, 2, 5]);
-    }
-
-    #[test]
-    fn features_ok_needs_version_1_and_offered_bits() {
-        let memory = memory();
-        let Some(mut dev) = rng_device(&memory) else {
-            return;
-        };
-        assert_eq!(set_up(&mut dev, 0, 16) & STATUS_FEATURES_OK, 0);
-        assert_eq!(
-            set_up(&mut dev, F_VERSION_1 | 1 << 40, 16) & STATUS_FEATURES_OK,
-            0
-        );
-        assert_ne!(set_up(&mut dev, F_VERSION_1, 16) & STATUS_FEATURES_OK, 0);
-        // Device features read back through the select window.
-        write(&mut dev, 0x00, 1, 4);
-        assert_eq!(read(&mut dev, 0x04, 4) & 1, 1);
-        assert_eq!(read(&mut dev, 0x12, 2), 1, "one queue");
-    }
-
-    #[test]
-    fn rng_fills_a_buffer_end_to_end() {
-        let memory = memory();
-        let Some(mut dev) = rng_device(&memory) else {
-            return;
-        };
-        let events = DeviceEvents::default();
-        dev.set_events(events.clone());
-        set_up(&mut dev, F_VERSION_1, 16);
-        // Descriptor 0: 64 device-writable bytes; avail ring names it.
-        memory.write_obj(BUFFER, GuestAddress(DESC)).unwrap();
-        memory.write_obj(64u32, GuestAddress(DESC + 8)).unwrap();
-        memory.write_obj(2u16, GuestAddress(DESC + 12)).unwrap();
-        memory.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
-        memory.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
-        write(&mut dev, 0x14, 0xf, 1);
-        assert_eq!(read(&mut dev, 0x14, 1), 0xf);
-        // The notify register kicks the queue even without the ioeventfd path.
-        write(&mut dev, NOTIFY_OFFSET, 0, 2);
-        let start = Instant::now();
-        while memory.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() != 1 {
-            assert!(start.elapsed() < Duration::from_secs(5), "no used buffer");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let len: u32 = memory.read_obj(GuestAddress(USED + 8)).unwrap();
-        assert_eq!(len, 64);
-        let mut bytes = [0u8; 64];
-        memory.read_slice(&mut bytes, GuestAddress(BUFFER)).unwrap();
-        assert!(bytes.iter().any(|&b| b != bytes[0]));
-        assert_eq!(
-            read(&mut dev, ISR_OFFSET, 1),
-            1,
-            "queue interrupt in the ISR"
-        );
-        assert_eq!(read(&mut dev, ISR_OFFSET, 1), 0, "reading acknowledged it");
-        // Reset stops the device and clears the registers.
-        write(&mut dev, 0x14, 0, 1);
-        assert_eq!(read(&mut dev, 0x14, 1), 0);
-        assert_eq!(read(&mut dev, 0x1c, 2), 0);
-        assert!(!dev.active);
-        assert_eq!(
-            *events.lock().unwrap(),
-            vec![
-                ("activated", "__rng".to_owned()),
-                ("reset", "__rng".to_owned())
-            ]
-        );
-    }
-
-    #[test]
-    fn queues_outside_memory_need_reset() {
-        let memory = memory();
-        let Some(mut dev) = rng_device(&memory) else {
-            return;
-        };
-        set_up(&mut dev, F_VERSION_1, 16);
-        write(&mut dev, 0x30, 0xffff_0000, 8);
-        write(&mut dev, 0x14, 0xf, 1);
-        assert_ne!(read(&mut dev, 0x14, 1) as u8 & STATUS_NEEDS_RESET, 0);
-        assert!(!dev.active);
-        assert_eq!(dev.reset_requests(), 1);
-        // A size that is not a power of two is refused the same way.
-        set_up(&mut dev, F_VERSION_1, 12);
-        assert_eq!(read(&mut dev, 0x14, 1) as u8 & STATUS_NEEDS_RESET, 0);
-        write(&mut dev, 0x14, 0xf, 1);
-        assert_ne!(read(&mut dev, 0x14, 1) as u8 & STATUS_NEEDS_RESET, 0);
-        assert_eq!(dev.reset_requests(), 2);
-    }
-
-    #[test]
-    fn queue_registers_freeze_after_driver_ok() {
-        let memory = memory();
-        let Some(mut dev) = rng_device(&memory) else {
-            return;
-        };
-        set_up(&mut dev, F_VERSION_1, 16);
-        write(&mut dev, 0x14, 0xf, 1);
-        write(&mut dev, 0x20, 0x5000, 8);
-        write(&mut dev, 0x18, 4, 2);
-        assert_eq!(read(&mut dev, 0x20, 8), DESC);
-        assert_eq!(read(&mut dev, 0x18, 2), 16);
-        // Out-of-range queue selection reads zeros and ignores writes.
-        write(&mut dev, 0x16, 7, 2);
-        assert_eq!(read(&mut dev, 0x18, 2), 0);
-        assert_eq!(read(&mut dev, 0x1e, 2), 0);
-    }
-
-    #[test]
-    fn msix_vectors_and_table() {
-        let memory = memory();
-        let Some(mut dev) = rng_device(&memory) else {
-            return;
-        };
-        // Two vectors (one queue + config): 2 is out of range.
-        write(&mut dev, 0x10, 1, 2);
-        assert_eq!(read(&mut dev, 0x10, 2), 1);
-        write(&mut dev, 0x10, 2, 2);
-        assert_eq!(read(&mut dev, 0x10, 2), u64::from(NO_VECTOR));
-        write(&mut dev, MSIX_TABLE_OFFSET, 0xfee0_0000, 4);
-        write(&mut dev, MSIX_TABLE_OFFSET + 8, 0x41, 4);
-        assert_eq!(read(&mut dev, MSIX_TABLE_OFFSET, 4), 0xfee0_0000);
-        assert_eq!(
-            read(&mut dev, MSIX_TABLE_OFFSET + 12, 4),
-            1,
-            "masked after reset"
-        );
-        write(&mut dev, MSIX_TABLE_OFFSET + 12, 0, 4);
-        assert_eq!(read(&mut dev, MSIX_TABLE_OFFSET + 12, 4), 0);
-        // Past the table: reads ones... or zeros, never panics.
-        let _ = read(&mut dev, MSIX_TABLE_OFFSET + 0x1000, 4);
-        // Message control: enable through config space.
-        let msix_reg = dev.msix_cap / 4;
-        dev.config_write(msix_reg, 3, &[0x80]);
-        assert!(dev.msix().enabled());
-        assert_eq!(dev.config_read(msix_reg) >> 16, 0x8001);
-    }
-
-    #[test]
-    fn bar_moves_follow_the_guest() {
-        let memory = memory();
-        let Some(mut dev) = rng_device(&memory) else {
-            return;
-        };
-        dev.config_write(4, 0, &0xffff_ffffu32.to_le_bytes());
-        dev.config_write(5, 0, &0xffff_ffffu32.to_le_bytes());
-        assert_eq!(dev.config_read(4), 0xfff8_0004);
-        dev.config_write(4, 0, &0xc000_0000u32.to_le_bytes());
-        dev.config_write(5, 0, &0u32.to_le_bytes());
-        assert_eq!(dev.config().bar_address(0), Some(0xc000_0000));
-        assert_eq!(dev.notify_base, Some(0xc000_0000));
-    }
-
-    /// A guest poking random registers with random values: no panic, no
-    /// stuck worker, and reset still brings the device back.
-    #[test]
-    fn random_register_traffic_is_harmless() {
-        let memory = memory();
-        let Some(mut dev) = rng_device(&memory) else {
-            return;
-        };
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        let hot = [
-            0x00, 0x04, 0x08, 0x0c, 0x10, 0x12, 0x14, 0x16, 0x18, 0x1a, 0x1c, 0x20, 0x28,
-        ];
-        for _ in 0..20_000 {
-            let r = next();
-            let len = [1usize, 2, 4, 8][(r & 3) as usize];
-            let value = next();
-            let offset = match (r >> 2) % 6 {
-                0 => hot[((r >> 8) % hot.len() as u64) as usize],
-                1 => MSIX_TABLE_OFFSET + (r >> 8) % 0x40,
-                2 => (r >> 8) % BAR_SIZE,
-                3 => NOTIFY_OFFSET + (r >> 8) % 8,
-                _ => ISR_OFFSET,
-            };
-            let mut data = [0u8; 8];
-            if r & (1 << 40) != 0 {
-                dev.bar_write(0, offset, &value.to_le_bytes()[..len]);
-            } else {
-                dev.bar_read(0, offset, &mut data[..len]);
-            }
-            if r & (1 << 41) != 0 {
-                let reg = ((r >> 44) % 64) as usize;
-                dev.config_write(reg, 0, &(value as u32).to_le_bytes());
-                let _ = dev.config_read(reg);
-            }
-        }
-        write(&mut dev, 0x14, 0, 1);
-        assert_eq!(read(&mut dev, 0x14, 1), 0);
-        assert!(!dev.active);
-        // Still a working device afterwards (BAR 0 may have moved: put it back).
-        dev.config_write(4, 0, &(BAR as u32).to_le_bytes());
-        dev.config_write(5, 0, &((BAR >> 32) as u32).to_le_bytes());
-        set_up(&mut dev, F_VERSION_1, 16);
-        write(&mut dev, 0x14, 0xf, 1);
-        assert_eq!(read(&mut dev, 0x14, 1), 0xf);
-    }
-
-    mod needs_kvm {
-        use super::*;
-
-        #[test]
-        #[ignore = "needs /dev/kvm"]
-        fn a_failed_queue_sets_needs_reset_until_the_driver_resets() {
-            let memory = memory();
-            let mut dev = rng_device(&memory).expect("a VM on /dev/kvm");
-            set_up(&mut dev, F_VERSION_1, 16);
-            write(&mut dev, 0x14, 0xf, 1);
-            assert!(dev.active);
-            assert_eq!(read(&mut dev, 0x14, 1) as u8 & STATUS_NEEDS_RESET, 0);
-            // An available index far ahead of the device breaks the ring.
-            memory.write_obj(100u16, GuestAddress(AVAIL + 2)).unwrap();
-            write(&mut dev, NOTIFY_OFFSET, 0, 2);
-            let start = Instant::now();
-            while read(&mut dev, 0x14, 1) as u8 & STATUS_NEEDS_RESET == 0 {
-                assert!(start.elapsed() < Duration::from_secs(5), "no NEEDS_RESET");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            assert_eq!(read(&mut dev, 0x14, 1) as u8, 0xf | STATUS_NEEDS_RESET);
-            assert_eq!(
-                read(&mut dev, ISR_OFFSET, 1) as u8 & ISR_CONFIG,
-                ISR_CONFIG,
-                "configuration change in the ISR"
-            );
-            assert_eq!(dev.reset_requests(), 1);
-            // The driver's reset clears it; the count stays.
-            write(&mut dev, 0x14, 0, 1);
-            assert_eq!(read(&mut dev, 0x14, 1), 0);
-            assert_eq!(dev.reset_requests(), 1);
-        }
-    }
-}
+mod tests;

@@ -1,0 +1,453 @@
+//! The device manager: the one place that builds and wires the devices of a
+//! boot. It owns the port-I/O and MMIO buses, the interrupts (irqfds and
+//! KVM's GSI routes), the legacy platform devices, the PCI segments with
+//! their slots and BAR windows, the virtio devices, and the device tree.
+//!
+//! Devices are created in Cloud Hypervisor's order (legacy, then the virtio
+//! kinds of `virtio_devices::VIRTIO_KINDS`), so that slots, BAR addresses
+//! and ids come out as CH's.
+
+mod tree;
+mod virtio_devices;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::VmFd;
+use vm_superio::{I8042Device, Serial};
+use vmkit_config::VmConfig;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi::ACPI_SHUTDOWN_PORT;
+use crate::control::Control;
+use crate::devices::legacy::{
+    AcpiShutdown, DebugPort, DebugPortWrite, Ged, GedRegister, ResetTrigger, I8042,
+};
+use crate::devices::serial::{IrqTrigger, SerialBackend, SerialDevice, SerialSink};
+use crate::devices::{Bus, BusDevice};
+use crate::error::{Error, ErrorKind, ModuleError, Result};
+use crate::interrupts::InterruptRoutes;
+use crate::layout::{GED_ADDRESS, GED_IRQ, GED_SIZE, PCI_MMCONFIG_START, SERIAL_IRQ};
+use crate::memory::GuestRam;
+use crate::pci::config::BarKind;
+use crate::pci::{
+    self, PciBarWindow, PciConfigIo, PciEcam, PciSegment, SegmentLayout, ECAM_SIZE_PER_SEGMENT,
+};
+use crate::virtio::pci::{DeviceEvents, VirtioPciDevice};
+use crate::virtio::TYPE_BLOCK;
+
+pub use tree::{bar_type_name, virtio_pci_node_id, DeviceNode, Resource};
+use virtio_devices::{VirtioSpec, VIRTIO_KINDS};
+
+/// What went wrong while building the devices.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceManagerError {
+    #[error(
+        "{count} PCI segments do not fit in the guest's {phys_bits}-bit physical address space"
+    )]
+    SegmentsDoNotFit { count: u16, phys_bits: u8 },
+    #[error("{id}: PCI segment {segment} does not exist")]
+    NoSuchSegment { id: String, segment: u16 },
+    #[error("{id}: no free slot on PCI segment {segment}")]
+    NoFreeSlot { id: String, segment: u16 },
+    #[error("{id}: PCI MMIO window full")]
+    WindowFull { id: String },
+    #[error("{id}: no rate limit group {group}")]
+    NoRateLimitGroup { id: String, group: String },
+    #[error("Cannot create virtio-blk device {id}")]
+    Block {
+        id: String,
+        #[source]
+        source: Error,
+    },
+    #[error("{what}: interrupt eventfd")]
+    EventFd {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("KVM_IRQFD ({what})")]
+    Irqfd {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Two devices claim one range: a bug in this table, never the guest's doing.
+    #[error("{what} at {base:#x} overlaps another device")]
+    Overlap { what: String, base: u64 },
+}
+
+impl ModuleError for DeviceManagerError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            DeviceManagerError::SegmentsDoNotFit { .. }
+            | DeviceManagerError::NoSuchSegment { .. }
+            | DeviceManagerError::NoRateLimitGroup { .. } => ErrorKind::Unsupported,
+            DeviceManagerError::Block { source, .. } => source.kind,
+            DeviceManagerError::Irqfd { .. } => ErrorKind::Kvm,
+            DeviceManagerError::NoFreeSlot { .. }
+            | DeviceManagerError::WindowFull { .. }
+            | DeviceManagerError::EventFd { .. }
+            | DeviceManagerError::Overlap { .. } => ErrorKind::Device,
+        }
+    }
+}
+
+/// What the devices of a boot are built from.
+pub struct DeviceContext<'a> {
+    pub config: &'a VmConfig,
+    pub vm_fd: &'a Arc<VmFd>,
+    pub ram: &'a GuestRam,
+    pub control: &'a Arc<Control>,
+    /// KVM_CAP_IRQ_ROUTING: how many GSIs the routing table may hold.
+    pub gsi_limit: u32,
+    /// The guest's physical address width (the 64-bit BAR windows end there).
+    pub phys_bits: u8,
+    pub serial: Option<&'a Arc<SerialBackend>>,
+    pub console: Option<&'a Arc<SerialBackend>>,
+    pub debug_log: &'a Arc<Mutex<Vec<DebugPortWrite>>>,
+    pub device_events: &'a DeviceEvents,
+}
+
+/// The devices of one boot, wired.
+pub struct DeviceManager {
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    segments: Vec<Arc<PciSegment>>,
+    virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    ged: Arc<Ged>,
+    /// Platform devices' nodes (`__ioapic`, `__serial`).
+    platform_nodes: Vec<DeviceNode>,
+    /// Keeps the legacy devices' irqfds registered while the boot lives.
+    _irq_fds: Vec<EventFd>,
+}
+
+/// Buses and interrupts being wired.
+struct Wiring<'a> {
+    vm_fd: &'a Arc<VmFd>,
+    pio: Bus,
+    mmio: Bus,
+    irq_fds: Vec<EventFd>,
+    nodes: Vec<DeviceNode>,
+}
+
+impl Wiring<'_> {
+    fn pio(
+        &mut self,
+        what: &str,
+        base: u64,
+        len: u64,
+        device: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<()> {
+        if self.pio.insert(base, len, device) {
+            Ok(())
+        } else {
+            Err(DeviceManagerError::Overlap {
+                what: what.to_owned(),
+                base,
+            }
+            .into())
+        }
+    }
+
+    fn mmio(
+        &mut self,
+        what: &str,
+        base: u64,
+        len: u64,
+        device: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<()> {
+        if self.mmio.insert(base, len, device) {
+            Ok(())
+        } else {
+            Err(DeviceManagerError::Overlap {
+                what: what.to_owned(),
+                base,
+            }
+            .into())
+        }
+    }
+
+    /// An eventfd wired to `gsi` (KVM's in-kernel IOAPIC line); the device
+    /// gets a clone and this keeps the registered one.
+    fn legacy_irq(&mut self, what: &'static str, gsi: u32) -> Result<EventFd> {
+        let eventfd_error = |source| DeviceManagerError::EventFd { what, source };
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(eventfd_error)?;
+        self.vm_fd
+            .register_irqfd(&irq, gsi)
+            .map_err(|source| DeviceManagerError::Irqfd { what, source })?;
+        let for_device = irq.try_clone().map_err(eventfd_error)?;
+        self.irq_fds.push(irq);
+        Ok(for_device)
+    }
+}
+
+impl DeviceManager {
+    /// Builds every device of `ctx.config` and puts it on its bus.
+    pub fn build(ctx: &DeviceContext<'_>) -> Result<DeviceManager> {
+        let mut wiring = Wiring {
+            vm_fd: ctx.vm_fd,
+            pio: Bus::new(),
+            mmio: Bus::new(),
+            irq_fds: Vec::new(),
+            nodes: vec![DeviceNode::leaf("__ioapic")],
+        };
+        let ged = add_legacy_devices(&mut wiring, ctx)?;
+        add_serial(&mut wiring, ctx)?;
+
+        let routes = Arc::new(InterruptRoutes::new(ctx.vm_fd.clone(), ctx.gsi_limit));
+        let mut segments = plan_pci(ctx)?;
+        let mut virtio = Vec::new();
+        for kind in VIRTIO_KINDS {
+            for spec in kind(ctx)? {
+                virtio.push(add_virtio_pci(ctx, &routes, &mut segments, spec)?);
+            }
+        }
+        let segments: Vec<Arc<PciSegment>> = segments.into_iter().map(Arc::new).collect();
+        add_pci_buses(&mut wiring, &segments)?;
+
+        Ok(DeviceManager {
+            pio: Arc::new(wiring.pio),
+            mmio: Arc::new(wiring.mmio),
+            segments,
+            virtio,
+            ged,
+            platform_nodes: wiring.nodes,
+            _irq_fds: wiring.irq_fds,
+        })
+    }
+
+    pub fn pio_bus(&self) -> &Arc<Bus> {
+        &self.pio
+    }
+
+    pub fn mmio_bus(&self) -> &Arc<Bus> {
+        &self.mmio
+    }
+
+    /// Where each PCI segment's ECAM and windows are (for the ACPI tables).
+    pub fn segment_layouts(&self) -> Vec<SegmentLayout> {
+        self.segments.iter().map(|s| s.layout).collect()
+    }
+
+    pub fn ged(&self) -> &Arc<Ged> {
+        &self.ged
+    }
+
+    pub fn virtio_devices(&self) -> &[Arc<Mutex<VirtioPciDevice>>] {
+        &self.virtio
+    }
+
+    /// Cloud Hypervisor's device tree, with the BARs where the guest has them now.
+    pub fn device_tree(&self) -> Vec<DeviceNode> {
+        let mut nodes = self.platform_nodes.clone();
+        for device in &self.virtio {
+            let device = device.lock().unwrap_or_else(|p| p.into_inner());
+            let config = device.config_space();
+            let bars = (0..6)
+                .filter_map(|index| {
+                    let bar = config.bar(index)?;
+                    Some(Resource::PciBar {
+                        index,
+                        base: config.bar_address(index)?,
+                        size: bar.size,
+                        kind: bar.kind,
+                        prefetchable: bar.prefetchable,
+                    })
+                })
+                .collect();
+            nodes.extend(tree::virtio_nodes(device.id(), device.bdf(), bars));
+        }
+        nodes
+    }
+
+    /// Cloud Hypervisor's counters of every device that has some.
+    pub fn counters(&self) -> Vec<(String, BTreeMap<&'static str, u64>)> {
+        self.virtio
+            .iter()
+            .filter_map(|d| {
+                let d = d.lock().unwrap_or_else(|p| p.into_inner());
+                let counters = d.device().counters();
+                (!counters.is_empty()).then(|| (d.id().to_owned(), counters))
+            })
+            .collect()
+    }
+
+    /// Drops every device (their workers stop) once the vCPUs are gone:
+    /// the buses and segments hold them too, so all of those go.
+    pub fn stop_devices(&mut self) {
+        self.virtio.clear();
+        self.segments.clear();
+        self.pio = Arc::new(Bus::new());
+        self.mmio = Arc::new(Bus::new());
+    }
+}
+
+/// The ACPI shutdown device, the GED (power button), the i8042 and the
+/// debug port, as Cloud Hypervisor has them.
+fn add_legacy_devices(wiring: &mut Wiring<'_>, ctx: &DeviceContext<'_>) -> Result<Arc<Ged>> {
+    wiring.pio(
+        "ACPI shutdown device",
+        u64::from(ACPI_SHUTDOWN_PORT),
+        8,
+        Arc::new(Mutex::new(AcpiShutdown {
+            control: ctx.control.clone(),
+        })),
+    )?;
+    let ged = Arc::new(Ged::new(wiring.legacy_irq("GED", GED_IRQ)?));
+    wiring.mmio(
+        "GED",
+        GED_ADDRESS,
+        GED_SIZE,
+        Arc::new(Mutex::new(GedRegister(ged.clone()))),
+    )?;
+    wiring.pio(
+        "i8042",
+        0x60,
+        5,
+        Arc::new(Mutex::new(I8042(I8042Device::new(ResetTrigger(
+            ctx.control.clone(),
+        ))))),
+    )?;
+    wiring.pio(
+        "debug port",
+        0x80,
+        1,
+        Arc::new(Mutex::new(DebugPort {
+            control: ctx.control.clone(),
+            log: ctx.debug_log.clone(),
+        })),
+    )?;
+    Ok(ged)
+}
+
+/// COM1 (0x3f8, IRQ 4) when the serial port is not off.
+fn add_serial(wiring: &mut Wiring<'_>, ctx: &DeviceContext<'_>) -> Result<()> {
+    let Some(backend) = ctx.serial else {
+        return Ok(());
+    };
+    let trigger = IrqTrigger(wiring.legacy_irq("serial", SERIAL_IRQ)?);
+    let device = Arc::new(Mutex::new(SerialDevice {
+        uart: Serial::new(trigger, SerialSink(backend.clone())),
+    }));
+    wiring.pio("serial", 0x3f8, 8, device.clone())?;
+    backend.attach(Some(device));
+    wiring.nodes.push(DeviceNode::leaf("__serial"));
+    Ok(())
+}
+
+/// The PCI segments of the config, empty but for their host bridges.
+fn plan_pci(ctx: &DeviceContext<'_>) -> Result<Vec<PciSegment>> {
+    let count = ctx
+        .config
+        .platform
+        .as_ref()
+        .map_or(1, |p| p.num_pci_segments);
+    let ram_end = ctx
+        .ram
+        .ranges
+        .iter()
+        .map(|&(s, l)| s + l)
+        .max()
+        .unwrap_or(0);
+    let layouts = pci::plan_segments(count, ram_end, ctx.phys_bits).ok_or(
+        DeviceManagerError::SegmentsDoNotFit {
+            count,
+            phys_bits: ctx.phys_bits,
+        },
+    )?;
+    Ok(layouts.into_iter().map(PciSegment::new).collect())
+}
+
+/// Puts a virtio device in the first free slot of its segment, with its BAR
+/// where Cloud Hypervisor puts it: block devices on segment 0 get a 32-bit
+/// BAR (firmware reaches them), every other device a 64-bit one, each taken
+/// from the top of the segment's window down.
+fn add_virtio_pci(
+    ctx: &DeviceContext<'_>,
+    routes: &Arc<InterruptRoutes>,
+    segments: &mut [PciSegment],
+    spec: VirtioSpec,
+) -> Result<Arc<Mutex<VirtioPciDevice>>> {
+    let VirtioSpec {
+        id,
+        segment: segment_id,
+        device,
+    } = spec;
+    let segment = segments.get_mut(usize::from(segment_id)).ok_or_else(|| {
+        DeviceManagerError::NoSuchSegment {
+            id: id.clone(),
+            segment: segment_id,
+        }
+    })?;
+    let slot = segment
+        .free_slot()
+        .ok_or_else(|| DeviceManagerError::NoFreeSlot {
+            id: id.clone(),
+            segment: segment_id,
+        })?;
+    let kind = if device.device_type() == TYPE_BLOCK && segment_id == 0 {
+        BarKind::Memory32
+    } else {
+        BarKind::Memory64
+    };
+    let allocator = match kind {
+        BarKind::Memory32 => &mut segment.mem32_allocator,
+        _ => &mut segment.mem64_allocator,
+    };
+    let bar = allocator
+        .allocate(crate::virtio::pci::BAR_SIZE)
+        .ok_or_else(|| DeviceManagerError::WindowFull { id: id.clone() })?;
+    let mut device = VirtioPciDevice::new(
+        id,
+        device,
+        ctx.ram.memory.clone(),
+        routes.clone(),
+        bar,
+        kind,
+    )?;
+    device.set_location(segment_id, slot);
+    device.set_events(ctx.device_events.clone());
+    let device = Arc::new(Mutex::new(device));
+    segment.insert(slot, device.clone());
+    Ok(device)
+}
+
+/// Configuration space (ECAM for every segment, 0xcf8 for segment 0) and
+/// each segment's BAR windows.
+fn add_pci_buses(wiring: &mut Wiring<'_>, segments: &[Arc<PciSegment>]) -> Result<()> {
+    if let Some(first) = segments.first() {
+        wiring.pio(
+            "PCI config I/O",
+            PciConfigIo::PORT,
+            PciConfigIo::LEN,
+            Arc::new(Mutex::new(PciConfigIo::new(first.clone()))),
+        )?;
+    }
+    wiring.mmio(
+        "PCI ECAM",
+        PCI_MMCONFIG_START,
+        segments.len() as u64 * ECAM_SIZE_PER_SEGMENT,
+        Arc::new(Mutex::new(PciEcam {
+            segments: segments.to_vec(),
+        })),
+    )?;
+    for segment in segments {
+        for window in [segment.layout.mem32, segment.layout.mem64] {
+            wiring.mmio(
+                &format!("PCI segment {} window", segment.layout.id),
+                window.start,
+                window.size,
+                Arc::new(Mutex::new(PciBarWindow {
+                    segment: segment.clone(),
+                    base: window.start,
+                })),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,98 @@
+//! The virtio devices of a config, one function per kind. The table's order
+//! is Cloud Hypervisor's, which decides the PCI slots: console, disks, nets,
+//! then rng. A new kind is a new device module plus one entry here.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::rate_limiter::SharedRateLimiter;
+use crate::virtio::block::Block;
+use crate::virtio::console::Console;
+use crate::virtio::net::Net;
+use crate::virtio::rng::Rng;
+use crate::virtio::VirtioDevice;
+
+use super::{DeviceContext, DeviceManagerError};
+
+/// A virtio device to put on a PCI segment.
+pub struct VirtioSpec {
+    pub id: String,
+    pub segment: u16,
+    pub device: Box<dyn VirtioDevice>,
+}
+
+type VirtioKind = fn(&DeviceContext<'_>) -> Result<Vec<VirtioSpec>>;
+
+/// Every virtio device kind, in Cloud Hypervisor's order.
+pub const VIRTIO_KINDS: [VirtioKind; 4] = [console, disks, nets, rng];
+
+fn console(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
+    let Some(backend) = ctx.console else {
+        return Ok(Vec::new());
+    };
+    let id = "__console".to_owned();
+    Ok(vec![VirtioSpec {
+        device: Box::new(Console::new(id.clone(), backend.clone())?),
+        id,
+        segment: 0,
+    }])
+}
+
+fn disks(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
+    let groups: HashMap<&str, Arc<SharedRateLimiter>> = ctx
+        .config
+        .rate_limit_groups
+        .iter()
+        .flatten()
+        .map(|g| {
+            let limiter = Arc::new(SharedRateLimiter::new(&g.rate_limiter_config));
+            (g.id.as_str(), limiter)
+        })
+        .collect();
+    let mut specs = Vec::new();
+    for disk in ctx.config.disks.iter().flatten() {
+        let id = disk.id.clone().unwrap_or_default();
+        let group = match disk.rate_limit_group.as_deref() {
+            Some(name) => Some(groups.get(name).cloned().ok_or_else(|| {
+                DeviceManagerError::NoRateLimitGroup {
+                    id: id.clone(),
+                    group: name.to_owned(),
+                }
+            })?),
+            None => None,
+        };
+        let device = Block::new(disk, group).map_err(|source| DeviceManagerError::Block {
+            id: id.clone(),
+            source,
+        })?;
+        specs.push(VirtioSpec {
+            id,
+            segment: disk.pci_segment,
+            device: Box::new(device),
+        });
+    }
+    Ok(specs)
+}
+
+fn nets(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
+    let mut specs = Vec::new();
+    for net in ctx.config.net.iter().flatten() {
+        let id = net.id.clone().unwrap_or_default();
+        specs.push(VirtioSpec {
+            device: Box::new(Net::new(net, &id)?),
+            id,
+            segment: net.pci_segment,
+        });
+    }
+    Ok(specs)
+}
+
+fn rng(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
+    let id = "__rng".to_owned();
+    Ok(vec![VirtioSpec {
+        device: Box::new(Rng::new(id.clone(), &ctx.config.rng.src)?),
+        id,
+        segment: 0,
+    }])
+}

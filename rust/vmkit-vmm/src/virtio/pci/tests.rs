@@ -1,0 +1,331 @@
+//! The virtio-pci transport's tests; every one opens /dev/kvm (a VM with an
+//! irqchip for the MSI-X routes), so they are ignored unless asked for.
+
+mod needs_kvm {
+    use super::super::*;
+    use crate::virtio::rng::Rng;
+    use kvm_ioctls::Kvm;
+    use std::time::{Duration, Instant};
+    use vm_memory::Bytes;
+
+    const BAR: u64 = 0x10_0000_0000;
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const BUFFER: u64 = 0x10000;
+
+    /// A VM with an irqchip.
+    fn routes() -> Arc<InterruptRoutes> {
+        let vm = Kvm::new().unwrap().create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        Arc::new(InterruptRoutes::new(Arc::new(vm), 1024))
+    }
+
+    fn rng_device(memory: &GuestMemoryMmap) -> VirtioPciDevice {
+        let rng = Rng::new("__rng".into(), "/dev/urandom").unwrap();
+        VirtioPciDevice::new(
+            "__rng".into(),
+            Box::new(rng),
+            memory.clone(),
+            routes(),
+            BAR,
+            BarKind::Memory64,
+        )
+        .unwrap()
+    }
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100000)]).unwrap()
+    }
+
+    fn write(dev: &mut VirtioPciDevice, offset: u64, value: u64, len: usize) {
+        dev.bar_write(0, offset, &value.to_le_bytes()[..len]);
+    }
+
+    fn read(dev: &mut VirtioPciDevice, offset: u64, len: usize) -> u64 {
+        let mut data = [0u8; 8];
+        dev.bar_read(0, offset, &mut data[..len]);
+        u64::from_le_bytes(data)
+    }
+
+    /// Negotiates `features` and sets up queue 0 at DESC/AVAIL/USED with `size`.
+    fn set_up(dev: &mut VirtioPciDevice, features: u64, size: u16) -> u8 {
+        write(dev, 0x14, 0, 1);
+        write(dev, 0x14, 3, 1); // ACKNOWLEDGE | DRIVER
+        write(dev, 0x08, 0, 4);
+        write(dev, 0x0c, features & 0xffff_ffff, 4);
+        write(dev, 0x08, 1, 4);
+        write(dev, 0x0c, features >> 32, 4);
+        write(dev, 0x14, 0xb, 1);
+        let status = read(dev, 0x14, 1) as u8;
+        write(dev, 0x16, 0, 2);
+        write(dev, 0x18, u64::from(size), 2);
+        write(dev, 0x20, DESC, 8);
+        write(dev, 0x28, AVAIL & 0xffff_ffff, 4);
+        write(dev, 0x2c, AVAIL >> 32, 4);
+        write(dev, 0x30, USED, 8);
+        write(dev, 0x1c, 1, 2);
+        status
+    }
+
+    #[test]
+    #[ignore = "needs /dev/kvm"]
+    fn pci_identity_and_capabilities() {
+        let memory = memory();
+        let dev = rng_device(&memory);
+        let config = dev.config();
+        assert_eq!(config.read_register(0), 0x1044_1af4);
+        assert_eq!(config.bar_address(0), Some(BAR));
+        let mut types = Vec::new();
+        let mut byte = [0u8; 1];
+        config.read_bytes(0x34, &mut byte);
+        let mut at = usize::from(byte[0]);
+        while at != 0 {
+            let mut cap = [0u8; 4];
+            config.read_bytes(at, &mut cap);
+            types.push(if cap[0] == 0x09 { cap[3] } else { cap[0] });
+            at = usize::from(cap[1]);
+        }
+        assert_eq!(types, vec![0x11, 1, 3, 4, 2, 5]);
+    }
+
+    #[test]
+    #[ignore = "needs /dev/kvm"]
+    fn features_ok_needs_version_1_and_offered_bits() {
+        let memory = memory();
+        let mut dev = rng_device(&memory);
+        assert_eq!(set_up(&mut dev, 0, 16) & STATUS_FEATURES_OK, 0);
+        assert_eq!(
+            set_up(&mut dev, F_VERSION_1 | 1 << 40, 16) & STATUS_FEATURES_OK,
+            0
+        );
+        assert_ne!(set_up(&mut dev, F_VERSION_1, 16) & STATUS_FEATURES_OK, 0);
+        // Device features read back through the select window.
+        write(&mut dev, 0x00, 1, 4);
+        assert_eq!(read(&mut dev, 0x04, 4) & 1, 1);
+        assert_eq!(read(&mut dev, 0x12, 2), 1, "one queue");
+    }
+
+    #[test]
+    #[ignore = "needs /dev/kvm"]
+    fn rng_fills_a_buffer_end_to_end() {
+        let memory = memory();
+        let mut dev = rng_device(&memory);
+        let events = DeviceEvents::default();
+        dev.set_events(events.clone());
+        set_up(&mut dev, F_VERSION_1, 16);
+        // Descriptor 0: 64 device-writable bytes; avail ring names it.
+        memory.write_obj(BUFFER, GuestAddress(DESC)).unwrap();
+        memory.write_obj(64u32, GuestAddress(DESC + 8)).unwrap();
+        memory.write_obj(2u16, GuestAddress(DESC + 12)).unwrap();
+        memory.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+        memory.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        write(&mut dev, 0x14, 0xf, 1);
+        assert_eq!(read(&mut dev, 0x14, 1), 0xf);
+        // The notify register kicks the queue even without the ioeventfd path.
+        write(&mut dev, NOTIFY_OFFSET, 0, 2);
+        let start = Instant::now();
+        while memory.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() != 1 {
+            assert!(start.elapsed() < Duration::from_secs(5), "no used buffer");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let len: u32 = memory.read_obj(GuestAddress(USED + 8)).unwrap();
+        assert_eq!(len, 64);
+        let mut bytes = [0u8; 64];
+        memory.read_slice(&mut bytes, GuestAddress(BUFFER)).unwrap();
+        assert!(bytes.iter().any(|&b| b != bytes[0]));
+        assert_eq!(
+            read(&mut dev, ISR_OFFSET, 1),
+            1,
+            "queue interrupt in the ISR"
+        );
+        assert_eq!(read(&mut dev, ISR_OFFSET, 1), 0, "reading acknowledged it");
+        // Reset stops the device and clears the registers.
+        write(&mut dev, 0x14, 0, 1);
+        assert_eq!(read(&mut dev, 0x14, 1), 0);
+        assert_eq!(read(&mut dev, 0x1c, 2), 0);
+        assert!(!dev.active);
+        assert_eq!(
+            *events.lock().unwrap(),
+            vec![
+                ("activated", "__rng".to_owned()),
+                ("reset", "__rng".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    #[ignore = "needs /dev/kvm"]
+    fn queues_outside_memory_need_reset() {
+        let memory = memory();
+        let mut dev = rng_device(&memory);
+        set_up(&mut dev, F_VERSION_1, 16);
+        write(&mut dev, 0x30, 0xffff_0000, 8);
+        write(&mut dev, 0x14, 0xf, 1);
+        assert_ne!(read(&mut dev, 0x14, 1) as u8 & STATUS_NEEDS_RESET, 0);
+        assert!(!dev.active);
+        assert_eq!(dev.reset_requests(), 1);
+        // A size that is not a power of two is refused the same way.
+        set_up(&mut dev, F_VERSION_1, 12);
+        assert_eq!(read(&mut dev, 0x14, 1) as u8 & STATUS_NEEDS_RESET, 0);
+        write(&mut dev, 0x14, 0xf, 1);
+        assert_ne!(read(&mut dev, 0x14, 1) as u8 & STATUS_NEEDS_RESET, 0);
+        assert_eq!(dev.reset_requests(), 2);
+    }
+
+    #[test]
+    #[ignore = "needs /dev/kvm"]
+    fn queue_registers_freeze_after_driver_ok() {
+        let memory = memory();
+        let mut dev = rng_device(&memory);
+        set_up(&mut dev, F_VERSION_1, 16);
+        write(&mut dev, 0x14, 0xf, 1);
+        write(&mut dev, 0x20, 0x5000, 8);
+        write(&mut dev, 0x18, 4, 2);
+        assert_eq!(read(&mut dev, 0x20, 8), DESC);
+        assert_eq!(read(&mut dev, 0x18, 2), 16);
+        // Out-of-range queue selection reads zeros and ignores writes.
+        write(&mut dev, 0x16, 7, 2);
+        assert_eq!(read(&mut dev, 0x18, 2), 0);
+        assert_eq!(read(&mut dev, 0x1e, 2), 0);
+    }
+
+    #[test]
+    #[ignore = "needs /dev/kvm"]
+    fn msix_vectors_and_table() {
+        let memory = memory();
+        let mut dev = rng_device(&memory);
+        // Two vectors (one queue + config): 2 is out of range.
+        write(&mut dev, 0x10, 1, 2);
+        assert_eq!(read(&mut dev, 0x10, 2), 1);
+        write(&mut dev, 0x10, 2, 2);
+        assert_eq!(read(&mut dev, 0x10, 2), u64::from(NO_VECTOR));
+        write(&mut dev, MSIX_TABLE_OFFSET, 0xfee0_0000, 4);
+        write(&mut dev, MSIX_TABLE_OFFSET + 8, 0x41, 4);
+        assert_eq!(read(&mut dev, MSIX_TABLE_OFFSET, 4), 0xfee0_0000);
+        assert_eq!(
+            read(&mut dev, MSIX_TABLE_OFFSET + 12, 4),
+            1,
+            "masked after reset"
+        );
+        write(&mut dev, MSIX_TABLE_OFFSET + 12, 0, 4);
+        assert_eq!(read(&mut dev, MSIX_TABLE_OFFSET + 12, 4), 0);
+        // Past the table: reads ones... or zeros, never panics.
+        let _ = read(&mut dev, MSIX_TABLE_OFFSET + 0x1000, 4);
+        // Message control: enable through config space.
+        let msix_reg = dev.msix_cap / 4;
+        dev.config_write(msix_reg, 3, &[0x80]);
+        assert!(dev.msix().enabled());
+        assert_eq!(dev.config_read(msix_reg) >> 16, 0x8001);
+    }
+
+    #[test]
+    #[ignore = "needs /dev/kvm"]
+    fn bar_moves_follow_the_guest() {
+        let memory = memory();
+        let mut dev = rng_device(&memory);
+        dev.config_write(4, 0, &0xffff_ffffu32.to_le_bytes());
+        dev.config_write(5, 0, &0xffff_ffffu32.to_le_bytes());
+        assert_eq!(dev.config_read(4), 0xfff8_0004);
+        dev.config_write(4, 0, &0xc000_0000u32.to_le_bytes());
+        dev.config_write(5, 0, &0u32.to_le_bytes());
+        assert_eq!(dev.config().bar_address(0), Some(0xc000_0000));
+        assert_eq!(dev.notify_base, Some(0xc000_0000));
+    }
+
+    #[test]
+    #[ignore = "needs /dev/kvm"]
+    fn sizing_a_bar_leaves_the_notifiers_where_they_are() {
+        let memory = memory();
+        let mut dev = rng_device(&memory);
+        // All-ones in the low half makes 0x10_fff8_0000 for a moment: a
+        // placement-looking address the notifiers must not follow.
+        dev.config_write(4, 0, &0xffff_ffffu32.to_le_bytes());
+        assert_eq!(dev.config().bar_address(0), Some(0x10_fff8_0000));
+        assert_eq!(dev.notify_base, Some(BAR));
+        dev.config_write(4, 0, &(BAR as u32 | 0x4).to_le_bytes());
+        assert_eq!(dev.config().bar_address(0), Some(BAR));
+        assert_eq!(dev.notify_base, Some(BAR));
+    }
+
+    /// A guest poking random registers with random values: no panic, no
+    /// stuck worker, and reset still brings the device back.
+    #[test]
+    #[ignore = "needs /dev/kvm"]
+    fn random_register_traffic_is_harmless() {
+        let memory = memory();
+        let mut dev = rng_device(&memory);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let hot = [
+            0x00, 0x04, 0x08, 0x0c, 0x10, 0x12, 0x14, 0x16, 0x18, 0x1a, 0x1c, 0x20, 0x28,
+        ];
+        for _ in 0..20_000 {
+            let r = next();
+            let len = [1usize, 2, 4, 8][(r & 3) as usize];
+            let value = next();
+            let offset = match (r >> 2) % 6 {
+                0 => hot[((r >> 8) % hot.len() as u64) as usize],
+                1 => MSIX_TABLE_OFFSET + (r >> 8) % 0x40,
+                2 => (r >> 8) % BAR_SIZE,
+                3 => NOTIFY_OFFSET + (r >> 8) % 8,
+                _ => ISR_OFFSET,
+            };
+            let mut data = [0u8; 8];
+            if r & (1 << 40) != 0 {
+                dev.bar_write(0, offset, &value.to_le_bytes()[..len]);
+            } else {
+                dev.bar_read(0, offset, &mut data[..len]);
+            }
+            if r & (1 << 41) != 0 {
+                let reg = ((r >> 44) % 64) as usize;
+                dev.config_write(reg, 0, &(value as u32).to_le_bytes());
+                let _ = dev.config_read(reg);
+            }
+        }
+        write(&mut dev, 0x14, 0, 1);
+        assert_eq!(read(&mut dev, 0x14, 1), 0);
+        assert!(!dev.active);
+        // Still a working device afterwards (BAR 0 may have moved: put it back).
+        dev.config_write(4, 0, &(BAR as u32).to_le_bytes());
+        dev.config_write(5, 0, &((BAR >> 32) as u32).to_le_bytes());
+        set_up(&mut dev, F_VERSION_1, 16);
+        write(&mut dev, 0x14, 0xf, 1);
+        assert_eq!(read(&mut dev, 0x14, 1), 0xf);
+    }
+
+    #[test]
+    #[ignore = "needs /dev/kvm"]
+    fn a_failed_queue_sets_needs_reset_until_the_driver_resets() {
+        let memory = memory();
+        let mut dev = rng_device(&memory);
+        set_up(&mut dev, F_VERSION_1, 16);
+        write(&mut dev, 0x14, 0xf, 1);
+        assert!(dev.active);
+        assert_eq!(read(&mut dev, 0x14, 1) as u8 & STATUS_NEEDS_RESET, 0);
+        // An available index far ahead of the device breaks the ring.
+        memory.write_obj(100u16, GuestAddress(AVAIL + 2)).unwrap();
+        write(&mut dev, NOTIFY_OFFSET, 0, 2);
+        let start = Instant::now();
+        while read(&mut dev, 0x14, 1) as u8 & STATUS_NEEDS_RESET == 0 {
+            assert!(start.elapsed() < Duration::from_secs(5), "no NEEDS_RESET");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(read(&mut dev, 0x14, 1) as u8, 0xf | STATUS_NEEDS_RESET);
+        assert_eq!(
+            read(&mut dev, ISR_OFFSET, 1) as u8 & ISR_CONFIG,
+            ISR_CONFIG,
+            "configuration change in the ISR"
+        );
+        assert_eq!(dev.reset_requests(), 1);
+        // The driver's reset clears it; the count stays.
+        write(&mut dev, 0x14, 0, 1);
+        assert_eq!(read(&mut dev, 0x14, 1), 0);
+        assert_eq!(dev.reset_requests(), 1);
+    }
+}
