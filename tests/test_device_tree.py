@@ -58,7 +58,7 @@ def vmkit_vm(tmp_path: Path) -> Iterator[tuple[dict[str, Any], str]]:
     with Vm(VmConfig.from_cli(guest_args(tmp_path, "vmkit"))) as vm:
         vm.boot()
         vm.serial.wait_for(r"step pci ok", timeout=60)
-        yield vm.info(), vm.serial.text
+        yield vm.info().to_dict(), vm.serial.text
 
 
 def test_device_tree_has_cloud_hypervisors_shape(
@@ -206,7 +206,7 @@ def test_a_net_device_matches_cloud_hypervisor(tmp_path: Path) -> None:
     with Vm(VmConfig.from_cli(args)) as vm:
         vm.boot()
         vm.serial.wait_for(r"step pci ok", timeout=60)
-        ours = (vm.info(), vm.serial.text)
+        ours = (vm.info().to_dict(), vm.serial.text)
     theirs = run_cloud_hypervisor(tmp_path, args)
     assert "_net0" in theirs[0]["device_tree"]
     assert_same(ours, theirs)
