@@ -281,14 +281,14 @@ def test_control_calls_across_guest_resets_never_find_no_boot(exit: str) -> None
         failures: list[str] = []
         calls = 0
         deadline = time.monotonic() + 30
-        while vm.info()["vmkit"]["boots"] < 8 and time.monotonic() < deadline:
+        while vm.boots < 8 and time.monotonic() < deadline:
             for call in (vm.pause, vm.resume, vm.counters, vm.power_button, vm.info):
                 try:
                     call()
                 except VmError as e:
                     failures.append(f"{call.__name__}: {e} (state {vm.state})")
                 calls += 1
-        boots = vm.info()["vmkit"]["boots"]
+        boots = vm.boots
         assert vm.state == "Running"
         vm.shutdown()
     assert boots >= 8, f"the guest reset only {boots - 1} times in 30 s"
