@@ -75,6 +75,25 @@ def flush_logs(timeout: float) -> bool: ...
 def stop_logging() -> None: ...
 def test_hook_log(level: str, message: str, count: int) -> None: ...
 
+class PciBar(TypedDict):
+    index: int
+    base: int
+    size: int
+    type_: str
+    prefetchable: bool
+
+class Resource(TypedDict):
+    PciBar: PciBar
+
+class DeviceNode(TypedDict):
+    """A node of Cloud Hypervisor's device tree."""
+
+    id: str
+    resources: list[Resource]
+    parent: str | None
+    children: list[str]
+    pci_bdf: str | None
+
 class RuntimeInfo(TypedDict):
     state: str
     boots: int
@@ -83,7 +102,7 @@ class RuntimeInfo(TypedDict):
     console_pty: str | None
     memory_size: int
     #: Cloud Hypervisor's device tree ({id: DeviceNode JSON}), None when no boot runs.
-    device_tree: dict[str, Any] | None
+    device_tree: dict[str, DeviceNode] | None
 
 class VmHandle:
     @property
