@@ -123,6 +123,25 @@ pub struct DeviceManager {
     _irq_fds: Vec<EventFd>,
 }
 
+/// Puts `device` on `bus`; a range that overlaps another device's is an error.
+fn insert(
+    bus: &mut Bus,
+    what: &str,
+    base: u64,
+    len: u64,
+    device: Arc<Mutex<dyn BusDevice>>,
+) -> Result<()> {
+    if bus.insert(base, len, device) {
+        Ok(())
+    } else {
+        Err(DeviceManagerError::Overlap {
+            what: what.to_owned(),
+            base,
+        }
+        .into())
+    }
+}
+
 /// Buses and interrupts being wired.
 struct Wiring<'a> {
     vm_fd: &'a Arc<VmFd>,
@@ -140,15 +159,7 @@ impl Wiring<'_> {
         len: u64,
         device: Arc<Mutex<dyn BusDevice>>,
     ) -> Result<()> {
-        if self.pio.insert(base, len, device) {
-            Ok(())
-        } else {
-            Err(DeviceManagerError::Overlap {
-                what: what.to_owned(),
-                base,
-            }
-            .into())
-        }
+        insert(&mut self.pio, what, base, len, device)
     }
 
     fn mmio(
@@ -158,15 +169,7 @@ impl Wiring<'_> {
         len: u64,
         device: Arc<Mutex<dyn BusDevice>>,
     ) -> Result<()> {
-        if self.mmio.insert(base, len, device) {
-            Ok(())
-        } else {
-            Err(DeviceManagerError::Overlap {
-                what: what.to_owned(),
-                base,
-            }
-            .into())
-        }
+        insert(&mut self.mmio, what, base, len, device)
     }
 
     /// An eventfd wired to `gsi` (KVM's in-kernel IOAPIC line); the device
