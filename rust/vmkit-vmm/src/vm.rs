@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-use vmkit_config::{ConsoleOutputMode, VmConfig};
+use vmkit_config::{ConsoleOutputMode, ValidatedConfig, VmConfig};
 
 use crate::acpi;
 use crate::boot::{self, LoadedPayload};
@@ -41,11 +41,6 @@ pub enum VmError {
         what: &'static str,
         #[source]
         source: std::io::Error,
-    },
-    #[error("Invalid configuration")]
-    InvalidConfig {
-        #[source]
-        source: vmkit_config::ValidationError,
     },
     #[error("{what} is not supported yet")]
     NotSupported { what: &'static str },
@@ -86,7 +81,7 @@ impl ModuleError for VmError {
         match self {
             InvalidTransition { .. } | NotRunning | PauseTimeout => ErrorKind::State,
             Thread { .. } | PowerButton { .. } => ErrorKind::Device,
-            InvalidConfig { .. } | NotSupported { .. } | NoHyperv => ErrorKind::Unsupported,
+            NotSupported { .. } | NoHyperv => ErrorKind::Unsupported,
             OpenKvm { .. } | KickHandler(_) | Kvm { .. } => ErrorKind::Kvm,
             HostAddress { .. } => ErrorKind::Memory,
             NoKernel => ErrorKind::Kernel,
@@ -266,7 +261,7 @@ pub struct VmInfo {
 
 /// A VM: its config, serial backend (kept across reboots) and lifecycle.
 pub struct Vm {
-    config: VmConfig,
+    config: ValidatedConfig,
     options: VmOptions,
     kvm: Kvm,
     host: HostCpu,
@@ -285,12 +280,10 @@ fn is_pvm_host() -> bool {
 impl Vm {
     /// Checks the config against what this VMM supports and opens KVM and the
     /// serial backend. Nothing runs until `boot`.
-    pub fn new(mut config: VmConfig, options: VmOptions) -> Result<Arc<Vm>> {
-        config
-            .validate()
-            .map_err(|source| VmError::InvalidConfig { source })?;
-        check_supported(&config)?;
-        config.assign_device_ids();
+    pub fn new(mut validated: ValidatedConfig, options: VmOptions) -> Result<Arc<Vm>> {
+        check_supported(validated.config())?;
+        validated.assign_device_ids();
+        let config = validated.config();
         let kvm = Kvm::new().map_err(|source| VmError::OpenKvm { source })?;
         if config.cpus.kvm_hyperv && !kvm.check_extension(Cap::Hyperv) {
             return Err(VmError::NoHyperv.into());
@@ -307,7 +300,7 @@ impl Vm {
         let console_stdin = config.serial.mode != ConsoleOutputMode::Tty;
         let console = SerialBackend::open(&config.console, "console", console_stdin)?;
         Ok(Arc::new(Vm {
-            config,
+            config: validated,
             options,
             kvm,
             host: HostCpu {
@@ -387,7 +380,7 @@ impl Vm {
             kernel_format: life.last_payload.map(|p| p.format.name()),
             serial_pty: self.serial.as_ref().and_then(|s| s.pty_path().cloned()),
             console_pty: self.console.as_ref().and_then(|s| s.pty_path().cloned()),
-            memory_size: self.config.memory.total_size(),
+            memory_size: self.config().memory.total_size(),
             device_tree: life
                 .instance
                 .as_ref()
@@ -398,7 +391,7 @@ impl Vm {
 
     /// The config with the automatic device ids filled in.
     pub fn config(&self) -> &VmConfig {
-        &self.config
+        self.config.config()
     }
 
     /// Cloud Hypervisor's counters of every device that has some.
@@ -701,7 +694,7 @@ impl Vm {
     /// Builds one boot (KVM VM, memory, devices, tables, payload, vCPUs)
     /// without starting its vCPUs.
     fn build_instance(&self) -> Result<Instance> {
-        let config = &self.config;
+        let config = self.config();
         let vm_fd = Arc::new(self.kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?);
         vm_fd
             .set_tss_address(crate::layout::KVM_TSS_ADDRESS as usize)
