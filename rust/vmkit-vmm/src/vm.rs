@@ -45,6 +45,21 @@ pub enum VmError {
     #[error("{what} is not supported yet")]
     NotSupported { what: &'static str },
     #[error(
+        "The virtio console cannot use a socket (--console socket=...): only --serial can \
+         (NoSocketOptionSupportForConsoleDevice)"
+    )]
+    ConsoleSocket,
+    #[error(
+        "--platform serial_number, uuid and oem_strings (SMBIOS tables) are not supported yet"
+    )]
+    Smbios,
+    #[error("{what} {size} is not a multiple of the page size {page_size} (MisalignedMemorySize)")]
+    MisalignedMemorySize {
+        what: String,
+        size: u64,
+        page_size: u64,
+    },
+    #[error(
         "kvm_hyperv=on needs KVM's Hyper-V support (KVM_CAP_HYPERV), which this host's KVM lacks"
     )]
     NoHyperv,
@@ -81,9 +96,9 @@ impl ModuleError for VmError {
         match self {
             InvalidTransition { .. } | NotRunning | PauseTimeout => ErrorKind::State,
             Thread { .. } | PowerButton { .. } => ErrorKind::Device,
-            NotSupported { .. } | NoHyperv => ErrorKind::Unsupported,
+            NotSupported { .. } | ConsoleSocket | Smbios | NoHyperv => ErrorKind::Unsupported,
             OpenKvm { .. } | KickHandler(_) | Kvm { .. } => ErrorKind::Kvm,
-            HostAddress { .. } => ErrorKind::Memory,
+            HostAddress { .. } | MisalignedMemorySize { .. } => ErrorKind::Memory,
             NoKernel => ErrorKind::Kernel,
         }
     }
@@ -820,6 +835,17 @@ impl Drop for Vm {
 
 /// Refuses what this VMM cannot provide yet, naming the option.
 fn check_supported(config: &VmConfig) -> Result<()> {
+    if config.console.mode == ConsoleOutputMode::Socket {
+        return Err(VmError::ConsoleSocket.into());
+    }
+    check_memory_sizes(config)?;
+    let platform = config.platform.as_ref();
+    // v37 would build SMBIOS tables from these; vmkit has none to give.
+    if platform
+        .is_some_and(|p| p.serial_number.is_some() || p.uuid.is_some() || p.oem_strings.is_some())
+    {
+        return Err(VmError::Smbios.into());
+    }
     fn some<T>(list: &Option<Vec<T>>) -> bool {
         list.as_ref().is_some_and(|l| !l.is_empty())
     }
@@ -871,6 +897,39 @@ fn check_supported(config: &VmConfig) -> Result<()> {
         Some(&(_, what)) => Err(VmError::NotSupported { what }.into()),
         None => Ok(()),
     }
+}
+
+/// v37 maps RAM in whole pages; a size that is not a multiple of the page
+/// size would otherwise fail later with KVM's bare EINVAL.
+fn check_memory_sizes(config: &VmConfig) -> Result<()> {
+    let memory = &config.memory;
+    let main = (
+        String::from("--memory size"),
+        memory.size,
+        memory.hugepage_size,
+    );
+    let zones = memory.zones.iter().flatten().map(|zone| {
+        (
+            format!("--memory-zone {} size", zone.id),
+            zone.size,
+            zone.hugepage_size,
+        )
+    });
+    for (what, size, hugepage_size) in std::iter::once(main).chain(zones) {
+        // A zero huge page size counts as none given.
+        let page_size = hugepage_size
+            .filter(|&s| s != 0)
+            .unwrap_or(crate::layout::PAGE_SIZE);
+        if size % page_size != 0 {
+            return Err(VmError::MisalignedMemorySize {
+                what,
+                size,
+                page_size,
+            }
+            .into());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
