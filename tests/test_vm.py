@@ -369,6 +369,43 @@ def test_unsupported_devices_are_refused_clearly() -> None:
     assert e.value.kind == "Unsupported"
 
 
+SMBIOS_REFUSAL = (
+    "--platform serial_number, uuid and oem_strings (SMBIOS tables) are not supported yet"
+)
+
+
+@pytest.mark.parametrize(
+    ("args", "kind", "message"),
+    [
+        (["--console", "socket=/tmp/vmkit-absent.sock"], "Unsupported",
+         "The virtio console cannot use a socket (--console socket=...): only --serial can "
+         "(NoSocketOptionSupportForConsoleDevice)"),
+        (["--memory", "size=1000000"], "Memory",
+         "--memory size 1000000 is not a multiple of the page size 4096 (MisalignedMemorySize)"),
+        (["--memory", "size=4M,hugepages=on,hugepage_size=2M",
+          "--memory-zone", "id=z0,size=1M,hugepage_size=2M"], "Memory",
+         "--memory-zone z0 size 1048576 is not a multiple of the page size 2097152 "
+         "(MisalignedMemorySize)"),
+        (["--platform", "serial_number=x"], "Unsupported", SMBIOS_REFUSAL),
+        (["--platform", "uuid=1-2"], "Unsupported", SMBIOS_REFUSAL),
+        (["--platform", "oem_strings=[a]"], "Unsupported", SMBIOS_REFUSAL),
+    ],
+)  # fmt: skip
+def test_what_v37_refuses_at_boot_an_in_process_vm_refuses(
+    args: list[str], kind: str, message: str
+) -> None:
+    argv = ["--kernel", str(testguest.image_path("pvh")), "--serial", "null"]
+    if "--console" not in args:
+        argv += ["--console", "off"]
+    cfg = VmConfig.from_cli([*argv, *args])
+    fds = open_fds()
+    with pytest.raises(VmError) as e:
+        Vm(cfg)
+    assert (e.value.kind, str(e.value)) == (kind, message)
+    del e
+    assert open_fds() == fds
+
+
 def test_firmware_is_refused_clearly() -> None:
     cfg = VmConfig.from_cli(["--firmware", "/fw.bin", "--console", "off"])
     with Vm(cfg) as vm, pytest.raises(VmError, match="--firmware is not supported yet"):

@@ -155,12 +155,6 @@ def _boot_from_command_line(command: CommandLine, sink: TextIO) -> int:
             file=sys.stderr,
         )
         return 1
-    from vmkit.vmm import boot_refusal
-
-    refusal = boot_refusal(config)
-    if refusal is not None:
-        print(f"Error booting VM: {refusal}", file=sys.stderr)
-        return 1
     return boot_and_wait(config, verbosity=command.verbosity, log=sink)
 
 
@@ -171,7 +165,8 @@ def boot_and_wait(config: VmConfig, *, verbosity: int = 0, log: TextIO | None = 
     try:
         vm = Vm(config)
     except VmError as e:
-        print(f"Error creating VM: {e}", file=sys.stderr)
+        # v37 builds the VM when it boots it: what the VMM refuses is a boot error.
+        print(f"Error booting VM: {e}", file=sys.stderr)
         return 1
     with vm:
         previous = signal.getsignal(signal.SIGTERM)

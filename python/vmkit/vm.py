@@ -174,7 +174,8 @@ class VmInfo:
 class Vm:
     """One virtual machine, with Cloud Hypervisor's states and transitions.
 
-    ``Vm(config)`` validates the config and opens KVM and the serial backend;
+    ``Vm(config)`` validates the config (ConfigError), refuses what the VMM cannot
+    do (VmError naming the option) and opens KVM and the serial backend;
     ``boot()`` builds and starts the VM. ``watchdog_timeout`` (seconds, or
     None to disable) ends a VM in which no vCPU makes progress with
     interrupts disabled for that long.

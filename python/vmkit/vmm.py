@@ -47,7 +47,7 @@ from vmkit.config import (
 from vmkit.errors import ConfigError
 from vmkit.vm import Vm, VmError, VmExit
 
-__all__ = ["ApiError", "EventMonitor", "Vmm", "boot_refusal", "rust_debug_str"]
+__all__ = ["ApiError", "EventMonitor", "Vmm", "rust_debug_str"]
 
 log = logging.getLogger("vmkit.vmm")
 # Library use stays quiet; the vmkit command sends these loggers to stderr or --log-file.
@@ -138,44 +138,6 @@ def _memory_actual_size(config: VmConfig) -> int:
     for zone in memory.zones or []:
         total += zone.size + (zone.hotplugged_size or 0)
     return total
-
-
-#: The page size guest memory is mapped in when no hugepage size is given.
-PAGE_SIZE = 4096
-
-
-def boot_refusal(config: VmConfig) -> str | None:
-    """Why v37 (or vmkit) refuses to boot ``config`` where vmkit's VMM would not say so
-    clearly itself; None when there is nothing to refuse here.
-
-    v37 accepts these when it parses the config and refuses them when it
-    builds the VM; vmkit refuses them at the same point, with a sentence.
-    """
-    if config.console.mode == "Socket":
-        return (
-            "The virtio console cannot use a socket (--console socket=...): only --serial "
-            "can (NoSocketOptionSupportForConsoleDevice)"
-        )
-    memory = config.memory
-    sizes = [("--memory size", memory.size, memory.hugepage_size)]
-    sizes += [
-        (f"--memory-zone {zone.id} size", zone.size, zone.hugepage_size)
-        for zone in memory.zones or []
-    ]
-    for what, size, hugepage_size in sizes:
-        page = hugepage_size or PAGE_SIZE
-        if size % page:
-            return f"{what} {size} is not a multiple of the page size {page} (MisalignedMemorySize)"
-    platform = config.platform
-    if platform is not None and (
-        platform.serial_number is not None
-        or platform.uuid is not None
-        or platform.oem_strings is not None
-    ):
-        return (
-            "--platform serial_number, uuid and oem_strings (SMBIOS tables) are not supported yet"
-        )
-    return None
 
 
 def _close_fds(fds: list[int] | None) -> None:
@@ -297,13 +259,7 @@ class Vmm:
                 self._booted(vm)
                 return
             config = copy.deepcopy(self.config)
-            try:
-                config.validate()
-            except ConfigError as e:
-                raise ApiError(f"Failed to validate config: {e}") from None
-            refusal = boot_refusal(config)
-            if refusal is not None:
-                raise ApiError(refusal)
+            # Vm validates the config (ConfigError) and refuses what the VMM cannot do.
             try:
                 vm = Vm(config, watchdog_timeout=self.watchdog_timeout)
             except ConfigError as e:

@@ -30,8 +30,8 @@ fn main() {
     let rounds = 100_000;
     let start = Instant::now();
     for _ in 0..rounds {
-        let mut config = VmConfig::parse(std::hint::black_box(&params)).unwrap();
-        std::hint::black_box(config.validate().unwrap());
+        let config = VmConfig::parse(std::hint::black_box(&params)).unwrap();
+        std::hint::black_box(config.validated().unwrap());
     }
     let per = start.elapsed().as_secs_f64() / rounds as f64 * 1e6;
     println!("parse + validate: {per:.2} µs per command line");

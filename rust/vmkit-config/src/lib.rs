@@ -19,3 +19,4 @@ pub use error::{Error, JsonError, UnrepresentableError, ValidationError};
 pub use parse::VmParams;
 pub use render::{to_option_string, OptionString};
 pub use types::*;
+pub use validate::ValidatedConfig;

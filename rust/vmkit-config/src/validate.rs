@@ -7,6 +7,43 @@ use crate::types::*;
 
 type Result<T> = std::result::Result<T, ValidationError>;
 
+/// A config that passed validation, with what validation derived (the
+/// top-level `iommu`, set in the config, and the user-given identifiers).
+/// Only [`VmConfig::validated`] makes one, and it can only be read, so
+/// whoever holds one need not validate again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidatedConfig {
+    config: VmConfig,
+    ids: BTreeSet<String>,
+}
+
+impl ValidatedConfig {
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Whether any device sits behind the virtual IOMMU (v37 derives it).
+    pub fn iommu(&self) -> bool {
+        self.config.iommu
+    }
+
+    /// Every identifier the user gave, sorted.
+    pub fn ids(&self) -> &BTreeSet<String> {
+        &self.ids
+    }
+
+    /// Names the devices that have no id, as v37 does when it builds the VM;
+    /// returns how many were named. The config stays valid: automatic ids
+    /// never start with `__` and never repeat a taken one.
+    pub fn assign_device_ids(&mut self) -> usize {
+        self.config.assign_device_ids()
+    }
+
+    pub fn into_config(self) -> VmConfig {
+        self.config
+    }
+}
+
 fn check_identifier(ids: &mut BTreeSet<String>, id: &Option<String>) -> Result<()> {
     if let Some(id) = id {
         check_identifier_str(ids, id)?;
@@ -68,9 +105,14 @@ impl VmConfig {
         Ok(())
     }
 
-    /// Validates in v37's order, sets the top-level `iommu` as v37 does, and
-    /// returns every user-given identifier.
-    pub fn validate(&mut self) -> Result<BTreeSet<String>> {
+    /// Validates in v37's order and sets the top-level `iommu` as v37 does.
+    pub fn validated(mut self) -> Result<ValidatedConfig> {
+        let ids = self.validate()?;
+        Ok(ValidatedConfig { config: self, ids })
+    }
+
+    /// The rules of [`VmConfig::validated`]; returns every user-given identifier.
+    fn validate(&mut self) -> Result<BTreeSet<String>> {
         let mut ids = BTreeSet::new();
 
         if self.payload.is_none() {
@@ -341,14 +383,13 @@ mod tests {
     }
 
     fn error(edit: impl FnOnce(&mut VmParams)) -> ValidationError {
-        config(edit).validate().unwrap_err()
+        config(edit).validated().unwrap_err()
     }
 
     #[test]
     fn defaults_validate() {
-        assert!(config(|_| {}).validate().unwrap().is_empty());
-        let mut no_kernel = config(|p| p.kernel = None);
-        assert_eq!(no_kernel.validate(), Err(ValidationError::KernelMissing));
+        assert!(config(|_| {}).validated().unwrap().ids().is_empty());
+        assert_eq!(error(|p| p.kernel = None), ValidationError::KernelMissing);
     }
 
     #[test]
@@ -366,18 +407,18 @@ mod tests {
             ValidationError::CpuTopologyCount
         );
         assert!(config(|p| p.cpus = "boot=2,max=4,topology=1:2:1:2".into())
-            .validate()
+            .validated()
             .is_ok());
     }
 
     #[test]
     fn ids_are_collected_and_checked() {
-        let mut c = config(|p| {
+        let c = config(|p| {
             p.disks = Some(vec!["path=/a,id=d0".into(), "path=/b".into()]);
             p.memory_zones = Some(vec!["id=z0,size=1M".into()]);
         });
-        let ids = c.validate().unwrap();
-        assert_eq!(ids.into_iter().collect::<Vec<_>>(), vec!["d0", "z0"]);
+        let validated = c.validated().unwrap();
+        assert_eq!(validated.ids().iter().collect::<Vec<_>>(), ["d0", "z0"]);
         assert_eq!(
             error(|p| p.disks = Some(vec!["path=/a,id=x".into(), "path=/b,id=x".into()])),
             ValidationError::IdentifierNotUnique("x".into())
@@ -414,15 +455,28 @@ mod tests {
 
     #[test]
     fn iommu_is_derived() {
-        let mut c = config(|p| p.disks = Some(vec!["path=/a,iommu=on".into()]));
-        c.validate().unwrap();
-        assert!(c.iommu);
-        let mut c = config(|p| p.platform = Some("num_pci_segments=2,iommu_segments=[1]".into()));
-        c.validate().unwrap();
-        assert!(c.iommu);
-        let mut c = config(|_| {});
-        c.validate().unwrap();
-        assert!(!c.iommu);
+        let iommu = |edit: fn(&mut VmParams)| config(edit).validated().unwrap().iommu();
+        assert!(iommu(|p| p.disks = Some(vec!["path=/a,iommu=on".into()])));
+        assert!(iommu(
+            |p| p.platform = Some("num_pci_segments=2,iommu_segments=[1]".into())
+        ));
+        assert!(!iommu(|_| {}));
+    }
+
+    #[test]
+    fn validated_config_carries_the_config_and_what_validation_derived() {
+        let given = config(|p| {
+            p.disks = Some(vec!["path=/a,id=d0,iommu=on".into(), "path=/b".into()]);
+        });
+        let mut validated = given.clone().validated().unwrap();
+        assert!(validated.config().iommu && !given.iommu);
+        assert_eq!(validated.ids().iter().collect::<Vec<_>>(), ["d0"]);
+        assert_eq!(validated.assign_device_ids(), 1);
+        let disks = validated.config().disks.as_ref().unwrap();
+        assert_eq!(disks[1].id.as_deref(), Some("_disk0"));
+        // Automatic ids leave the config valid.
+        let config = validated.into_config();
+        assert!(config.validated().is_ok());
     }
 
     #[test]

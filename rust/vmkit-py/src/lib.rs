@@ -360,9 +360,9 @@ fn to_option_string(py: Python<'_>, config: &Bound<'_, PyAny>) -> PyResult<Strin
 /// Validates a VmConfig object: (the top-level iommu v37 derives, ids).
 #[pyfunction]
 fn validate(py: Python<'_>, config: &Bound<'_, PyAny>) -> PyResult<(bool, Vec<String>)> {
-    let mut config: VmConfig = from_py(py, config)?;
-    let ids = config.validate().map_err(|e| validation_error(py, e))?;
-    Ok((config.iommu, ids.into_iter().collect()))
+    let config: VmConfig = from_py(py, config)?;
+    let validated = config.validated().map_err(|e| validation_error(py, e))?;
+    Ok((validated.iommu(), validated.ids().iter().cloned().collect()))
 }
 
 /// Reads `--flag` values out of the parameter dict, counting what it used.
@@ -483,14 +483,13 @@ fn parse_vm<'py>(
     validate: bool,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let params = vm_params(py, &params)?;
-    let mut config = VmConfig::parse(&params).map_err(|e| config_error(py, e))?;
-    let ids = if validate {
-        let ids = config.validate().map_err(|e| validation_error(py, e))?;
-        PyList::new(py, ids)?.into_any()
-    } else {
-        py.None().into_bound(py)
-    };
-    PyTuple::new(py, [to_py(py, &config)?, ids])
+    let config = VmConfig::parse(&params).map_err(|e| config_error(py, e))?;
+    if !validate {
+        return PyTuple::new(py, [to_py(py, &config)?, py.None().into_bound(py)]);
+    }
+    let validated = config.validated().map_err(|e| validation_error(py, e))?;
+    let ids = PyList::new(py, validated.ids())?.into_any();
+    PyTuple::new(py, [to_py(py, validated.config())?, ids])
 }
 
 /// Reads an API action's request body as v37 reads the struct `name`

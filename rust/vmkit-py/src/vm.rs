@@ -60,10 +60,10 @@ impl VmHandle {
         config: &Bound<'_, PyAny>,
         watchdog_timeout: Option<f64>,
     ) -> PyResult<Self> {
-        let mut config: VmConfig = crate::from_py(py, config)?;
-        // Validated here for typed errors; Vm::new checks its input again.
-        config
-            .validate()
+        let config: VmConfig = crate::from_py(py, config)?;
+        // Validated here, once, for Python's typed ValidationError.
+        let config = config
+            .validated()
             .map_err(|e| crate::validation_error(py, e))?;
         let options = VmOptions {
             watchdog_timeout: duration(watchdog_timeout)?,

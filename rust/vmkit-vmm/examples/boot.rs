@@ -15,7 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         memory: format!("size={}", args.get(3).map_or("256M", String::as_str)),
         ..VmParams::default()
     };
-    let config = VmConfig::parse(&params)?;
+    let config = VmConfig::parse(&params)?.validated()?;
     let options = VmOptions {
         watchdog_timeout: Some(Duration::from_secs(5)),
     };

@@ -1,6 +1,8 @@
 //! Guest physical memory layout (x86-64), following Cloud Hypervisor's choices
 //! so that guests and tools that know CH find things where they expect.
 
+/// The page size guest RAM is mapped in when no huge page size is given.
+pub const PAGE_SIZE: u64 = 4096;
 /// Boot GDT and IDT for the VMM-built entry states.
 pub const BOOT_GDT_START: u64 = 0x500;
 pub const BOOT_IDT_START: u64 = 0x520;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-use vmkit_config::{ConsoleOutputMode, VmConfig};
+use vmkit_config::{ConsoleOutputMode, ValidatedConfig, VmConfig};
 
 use crate::acpi;
 use crate::boot::{self, LoadedPayload};
@@ -42,13 +42,23 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
-    #[error("Invalid configuration")]
-    InvalidConfig {
-        #[source]
-        source: vmkit_config::ValidationError,
-    },
     #[error("{what} is not supported yet")]
     NotSupported { what: &'static str },
+    #[error(
+        "The virtio console cannot use a socket (--console socket=...): only --serial can \
+         (NoSocketOptionSupportForConsoleDevice)"
+    )]
+    ConsoleSocket,
+    #[error(
+        "--platform serial_number, uuid and oem_strings (SMBIOS tables) are not supported yet"
+    )]
+    Smbios,
+    #[error("{what} {size} is not a multiple of the page size {page_size} (MisalignedMemorySize)")]
+    MisalignedMemorySize {
+        what: String,
+        size: u64,
+        page_size: u64,
+    },
     #[error(
         "kvm_hyperv=on needs KVM's Hyper-V support (KVM_CAP_HYPERV), which this host's KVM lacks"
     )]
@@ -86,9 +96,9 @@ impl ModuleError for VmError {
         match self {
             InvalidTransition { .. } | NotRunning | PauseTimeout => ErrorKind::State,
             Thread { .. } | PowerButton { .. } => ErrorKind::Device,
-            InvalidConfig { .. } | NotSupported { .. } | NoHyperv => ErrorKind::Unsupported,
+            NotSupported { .. } | ConsoleSocket | Smbios | NoHyperv => ErrorKind::Unsupported,
             OpenKvm { .. } | KickHandler(_) | Kvm { .. } => ErrorKind::Kvm,
-            HostAddress { .. } => ErrorKind::Memory,
+            HostAddress { .. } | MisalignedMemorySize { .. } => ErrorKind::Memory,
             NoKernel => ErrorKind::Kernel,
         }
     }
@@ -266,7 +276,7 @@ pub struct VmInfo {
 
 /// A VM: its config, serial backend (kept across reboots) and lifecycle.
 pub struct Vm {
-    config: VmConfig,
+    config: ValidatedConfig,
     options: VmOptions,
     kvm: Kvm,
     host: HostCpu,
@@ -285,12 +295,10 @@ fn is_pvm_host() -> bool {
 impl Vm {
     /// Checks the config against what this VMM supports and opens KVM and the
     /// serial backend. Nothing runs until `boot`.
-    pub fn new(mut config: VmConfig, options: VmOptions) -> Result<Arc<Vm>> {
-        config
-            .validate()
-            .map_err(|source| VmError::InvalidConfig { source })?;
-        check_supported(&config)?;
-        config.assign_device_ids();
+    pub fn new(mut validated: ValidatedConfig, options: VmOptions) -> Result<Arc<Vm>> {
+        check_supported(validated.config())?;
+        validated.assign_device_ids();
+        let config = validated.config();
         let kvm = Kvm::new().map_err(|source| VmError::OpenKvm { source })?;
         if config.cpus.kvm_hyperv && !kvm.check_extension(Cap::Hyperv) {
             return Err(VmError::NoHyperv.into());
@@ -307,7 +315,7 @@ impl Vm {
         let console_stdin = config.serial.mode != ConsoleOutputMode::Tty;
         let console = SerialBackend::open(&config.console, "console", console_stdin)?;
         Ok(Arc::new(Vm {
-            config,
+            config: validated,
             options,
             kvm,
             host: HostCpu {
@@ -387,7 +395,7 @@ impl Vm {
             kernel_format: life.last_payload.map(|p| p.format.name()),
             serial_pty: self.serial.as_ref().and_then(|s| s.pty_path().cloned()),
             console_pty: self.console.as_ref().and_then(|s| s.pty_path().cloned()),
-            memory_size: self.config.memory.total_size(),
+            memory_size: self.config().memory.total_size(),
             device_tree: life
                 .instance
                 .as_ref()
@@ -398,7 +406,7 @@ impl Vm {
 
     /// The config with the automatic device ids filled in.
     pub fn config(&self) -> &VmConfig {
-        &self.config
+        self.config.config()
     }
 
     /// Cloud Hypervisor's counters of every device that has some.
@@ -701,7 +709,7 @@ impl Vm {
     /// Builds one boot (KVM VM, memory, devices, tables, payload, vCPUs)
     /// without starting its vCPUs.
     fn build_instance(&self) -> Result<Instance> {
-        let config = &self.config;
+        let config = self.config();
         let vm_fd = Arc::new(self.kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?);
         vm_fd
             .set_tss_address(crate::layout::KVM_TSS_ADDRESS as usize)
@@ -827,6 +835,17 @@ impl Drop for Vm {
 
 /// Refuses what this VMM cannot provide yet, naming the option.
 fn check_supported(config: &VmConfig) -> Result<()> {
+    if config.console.mode == ConsoleOutputMode::Socket {
+        return Err(VmError::ConsoleSocket.into());
+    }
+    check_memory_sizes(config)?;
+    let platform = config.platform.as_ref();
+    // v37 would build SMBIOS tables from these; vmkit has none to give.
+    if platform
+        .is_some_and(|p| p.serial_number.is_some() || p.uuid.is_some() || p.oem_strings.is_some())
+    {
+        return Err(VmError::Smbios.into());
+    }
     fn some<T>(list: &Option<Vec<T>>) -> bool {
         list.as_ref().is_some_and(|l| !l.is_empty())
     }
@@ -878,6 +897,39 @@ fn check_supported(config: &VmConfig) -> Result<()> {
         Some(&(_, what)) => Err(VmError::NotSupported { what }.into()),
         None => Ok(()),
     }
+}
+
+/// v37 maps RAM in whole pages; a size that is not a multiple of the page
+/// size would otherwise fail later with KVM's bare EINVAL.
+fn check_memory_sizes(config: &VmConfig) -> Result<()> {
+    let memory = &config.memory;
+    let main = (
+        String::from("--memory size"),
+        memory.size,
+        memory.hugepage_size,
+    );
+    let zones = memory.zones.iter().flatten().map(|zone| {
+        (
+            format!("--memory-zone {} size", zone.id),
+            zone.size,
+            zone.hugepage_size,
+        )
+    });
+    for (what, size, hugepage_size) in std::iter::once(main).chain(zones) {
+        // A zero huge page size counts as none given.
+        let page_size = hugepage_size
+            .filter(|&s| s != 0)
+            .unwrap_or(crate::layout::PAGE_SIZE);
+        if size % page_size != 0 {
+            return Err(VmError::MisalignedMemorySize {
+                what,
+                size,
+                page_size,
+            }
+            .into());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -14,3 +14,97 @@ fn state_transitions_follow_cloud_hypervisor() {
     assert!(Shutdown.check_transition(Paused).is_err());
     assert!(Created.check_transition(Created).is_err());
 }
+
+/// A validated config of `params` over a kernel path (never opened here).
+fn validated(edit: impl FnOnce(&mut vmkit_config::VmParams)) -> ValidatedConfig {
+    let mut params = vmkit_config::VmParams {
+        kernel: Some("/nonexistent/vmlinux".into()),
+        serial: "null".into(),
+        console: "off".into(),
+        ..Default::default()
+    };
+    edit(&mut params);
+    VmConfig::parse(&params).unwrap().validated().unwrap()
+}
+
+/// The error `Vm::new` refuses `config` with (before it opens KVM).
+fn refusal(config: ValidatedConfig) -> crate::Error {
+    match Vm::new(config, VmOptions::default()) {
+        Ok(_) => panic!("the config was accepted"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn a_console_socket_is_refused_with_v37s_variant_named() {
+    let err = refusal(validated(|p| {
+        p.console = "socket=/tmp/vmkit-absent.sock".into()
+    }));
+    assert_eq!(err.kind, ErrorKind::Unsupported);
+    assert_eq!(
+        err.message,
+        "The virtio console cannot use a socket (--console socket=...): only --serial can \
+         (NoSocketOptionSupportForConsoleDevice)"
+    );
+    // Only the console: the serial port serves a socket.
+    let serial_socket = validated(|p| p.serial = "socket=/tmp/vmkit-absent.sock".into());
+    assert!(check_supported(serial_socket.config()).is_ok());
+}
+
+#[test]
+fn memory_sizes_must_be_whole_pages() {
+    let err = refusal(validated(|p| p.memory = "size=1000000".into()));
+    assert_eq!(err.kind, ErrorKind::Memory);
+    assert_eq!(
+        err.message,
+        "--memory size 1000000 is not a multiple of the page size 4096 (MisalignedMemorySize)"
+    );
+    let err = refusal(validated(|p| {
+        p.memory = "size=4M,hugepages=on,hugepage_size=2M".into();
+        p.memory_zones = Some(vec!["id=z0,size=1M,hugepage_size=2M".into()]);
+    }));
+    assert_eq!(
+        err.message,
+        "--memory-zone z0 size 1048576 is not a multiple of the page size 2097152 \
+         (MisalignedMemorySize)"
+    );
+    let err = refusal(validated(|p| {
+        p.memory = "size=3M,hugepages=on,hugepage_size=2M".into()
+    }));
+    assert!(err
+        .message
+        .starts_with("--memory size 3145728 is not a multiple of the page size 2097152"));
+    for memory in ["size=4M,hugepages=on,hugepage_size=2M", "size=12K"] {
+        let whole_pages = validated(|p| p.memory = memory.into());
+        assert!(check_supported(whole_pages.config()).is_ok(), "{memory}");
+    }
+}
+
+#[test]
+fn smbios_fields_of_platform_are_refused() {
+    for platform in ["serial_number=x", "uuid=1-2", "oem_strings=[a]"] {
+        let err = refusal(validated(|p| p.platform = Some(platform.into())));
+        assert_eq!(err.kind, ErrorKind::Unsupported, "{platform}");
+        assert_eq!(
+            err.message,
+            "--platform serial_number, uuid and oem_strings (SMBIOS tables) are not supported yet"
+        );
+    }
+    let segments = validated(|p| p.platform = Some("num_pci_segments=2".into()));
+    assert!(check_supported(segments.config()).is_ok());
+}
+
+#[test]
+fn the_console_socket_is_named_before_other_refusals() {
+    let err = refusal(validated(|p| {
+        p.console = "socket=/tmp/vmkit-absent.sock".into();
+        p.memory = "size=1000000".into();
+        p.pvpanic = true;
+    }));
+    assert!(
+        err.message
+            .contains("NoSocketOptionSupportForConsoleDevice"),
+        "{}",
+        err.message
+    );
+}
