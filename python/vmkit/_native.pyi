@@ -1,7 +1,7 @@
 """Type stubs of the Rust extension module (see rust/vmkit-py)."""
 
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, TypedDict, TypeVar, overload
+from typing import Literal, TypedDict, TypeVar, overload
 
 from vmkit.config import VmConfig, _Config
 
