@@ -6,7 +6,7 @@
     >>> ...
     >>> server.close()                                  # doctest: +SKIP
 
-HTTP/1.1 with keep-alive, one thread per connection (at most ``max_connections``). Routes are
+HTTP/1.1 with keep-alive, one thread per connection. Routes are
 ``/api/v1/<action>``; the methods, status codes and bodies follow v37 (§4.1).
 Answers are written byte for byte as v37's server (micro_http) writes them,
 because ch-remote reads them strictly: the status line has no reason phrase
@@ -26,7 +26,11 @@ stopped. Unlike v37, vmkit reads chunked bodies (``Transfer-Encoding:
 chunked``, which Python's http.client and Go's net/http send for bodies of
 unknown length) and honours ``Connection: close`` and HTTP/1.0. A request
 must arrive whole within ``request_timeout`` seconds once it has started,
-and bodies are capped at ``max_body`` bytes.
+and bodies are capped at ``max_body`` bytes. A request head must arrive
+within ``header_timeout`` seconds (of the connect, or of its first byte on a
+reused connection), a kept-alive connection is closed after ``idle_timeout``
+seconds without a request, and when ``max_connections`` are open a new
+client takes the place of the one idle longest.
 """
 
 from __future__ import annotations
@@ -374,18 +378,11 @@ class _Connection:
                 if self.buffer:
                     raise _Gone("incomplete request")
                 return None
-            if self.buffer and deadline is None:
+            if self.buffer and deadline is None:  # the request has begun
                 deadline = time.monotonic() + timeout
                 if not first:
                     head_deadline = time.monotonic() + self.server.header_timeout
-            if deadline is None:
-                self._recv(wait_deadline)
-            else:
-                self._recv(min(deadline, head_deadline))
-            if deadline is None and self.buffer:
-                deadline = time.monotonic() + timeout
-                if not first:
-                    head_deadline = time.monotonic() + self.server.header_timeout
+            self._recv(wait_deadline if deadline is None else min(deadline, head_deadline))
         head = bytes(self.buffer[:end])
         del self.buffer[: end + 4]
         lines = head.split(b"\r\n")
