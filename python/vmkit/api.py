@@ -26,11 +26,16 @@ stopped. Unlike v37, vmkit reads chunked bodies (``Transfer-Encoding:
 chunked``, which Python's http.client and Go's net/http send for bodies of
 unknown length) and honours ``Connection: close`` and HTTP/1.0. A request
 must arrive whole within ``request_timeout`` seconds once it has started,
-and bodies are capped at ``max_body`` bytes.
+and bodies are capped at ``max_body`` bytes. A request head must arrive
+within ``header_timeout`` seconds (of the connect, or of its first byte on a
+reused connection), a kept-alive connection is closed after ``idle_timeout``
+seconds without a request, and when ``max_connections`` are open a new
+client takes the place of the one idle longest.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -70,6 +75,8 @@ HTTP_LAYER_SERVER = "Firecracker API"
 MAX_BODY = 1 << 20
 MAX_HEAD = 64 << 10
 MAX_FDS = 64
+#: accept() errors that last until some descriptor or memory is freed
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 _C = TypeVar("_C")
 _B = TypeVar("_B")
@@ -345,10 +352,19 @@ class _Connection:
             self.eof = True
         self.buffer += data
 
-    def read_request(self) -> Request | None:
-        """The next request; None at a clean end of the connection."""
+    def read_request(self, first: bool) -> Request | None:
+        """The next request; None at a clean end of the connection.
+
+        The first request's head must arrive within ``header_timeout`` of the
+        connect; a later one may wait ``idle_timeout`` for its first byte,
+        then has ``header_timeout`` for its head. Silent or trickling clients
+        cannot hold a connection (and its thread) for long.
+        """
         deadline: float | None = None
         timeout = self.server.request_timeout
+        started = time.monotonic()
+        head_deadline = started + self.server.header_timeout
+        wait_deadline = head_deadline if first else started + self.server.idle_timeout
         # Tolerate empty lines before a request line (RFC 9112 §2.2).
         while True:
             while self.buffer[:2] == b"\r\n" or self.buffer[:1] == b"\n":
@@ -362,11 +378,11 @@ class _Connection:
                 if self.buffer:
                     raise _Gone("incomplete request")
                 return None
-            if self.buffer and deadline is None:
+            if self.buffer and deadline is None:  # the request has begun
                 deadline = time.monotonic() + timeout
-            self._recv(deadline)
-            if deadline is None and self.buffer:
-                deadline = time.monotonic() + timeout
+                if not first:
+                    head_deadline = time.monotonic() + self.server.header_timeout
+            self._recv(wait_deadline if deadline is None else min(deadline, head_deadline))
         head = bytes(self.buffer[:end])
         del self.buffer[: end + 4]
         lines = head.split(b"\r\n")
@@ -504,15 +520,24 @@ class _Connection:
 
     def serve(self) -> None:
         router = self.server.router
+        first = True
         try:
             while not self.server.closing:
                 try:
-                    request = self.read_request()
+                    request = self.read_request(first)
                 except _Malformed as e:
                     log.debug("Bad request: %s", e)
                     self.send(e.response(), close=True)
                     return
                 if request is None:
+                    return
+                first = False
+                if not self.server._mark_busy(self.sock, True):  # evicted meanwhile
+                    for fd in request.fds:
+                        try:
+                            os.close(fd)
+                        except OSError:
+                            pass
                     return
                 log.info("API request event: %s %s", request.method, request.path)
                 try:
@@ -541,6 +566,7 @@ class _Connection:
                         response.after()
                 if close:
                     return
+                self.server._mark_busy(self.sock, False)
         except _Gone:
             return
         finally:
@@ -563,6 +589,8 @@ class ApiServer:
         fd: int | None = None,
         max_body: int = MAX_BODY,
         request_timeout: float = 10.0,
+        header_timeout: float = 5.0,
+        idle_timeout: float = 60.0,
         max_connections: int = 256,
     ) -> None:
         if (path is None) == (fd is None):
@@ -573,15 +601,17 @@ class ApiServer:
         self.fd = fd
         self.max_body = max_body
         self.request_timeout = request_timeout
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.closing = False
         self._listener: socket.socket | None = None
         self._inode: tuple[int, int] | None = None
         self._wake_r, self._wake_w = -1, -1
         self._thread: threading.Thread | None = None
-        self._connections: set[socket.socket] = set()
+        # open connection -> (busy with a request, when it last became idle)
+        self._connections: dict[socket.socket, tuple[bool, float]] = {}
         self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(max_connections)
 
     def bind(self) -> None:
         """Creates (or adopts) the listening socket; raises OSError as ``bind`` does."""
@@ -617,22 +647,36 @@ class ApiServer:
     def _accept_loop(self) -> None:
         listener = self._listener
         assert listener is not None
+        poller = select.poll()  # not select(): fds above 1023 must work too
+        poller.register(listener.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        wake_only = select.poll()
+        wake_only.register(self._wake_r, select.POLLIN)
+        backoff = 0.0
         while not self.closing:
             try:
-                ready, _, _ = select.select([listener.fileno(), self._wake_r], [], [])
-            except (OSError, ValueError):
-                return
-            if self._wake_r in ready or self.closing:  # woken by close()
-                return
-            try:
+                events = poller.poll()
+                if any(fd == self._wake_r for fd, _ in events) or self.closing:  # close()
+                    return
                 conn, _addr = listener.accept()
-            except OSError:
+            except OSError as e:
+                if e.errno == errno.EBADF:
+                    return
+                if e.errno not in _OUT_OF_RESOURCES:
+                    continue
+                # The client stays queued and the listener stays readable:
+                # retrying at once would spin. Wait (growing to 100 ms) for an
+                # fd to come free, waking early only for close().
+                backoff = min(max(backoff * 2, 0.001), 0.1)
+                try:
+                    wake_only.poll(backoff * 1000)
+                except OSError:
+                    return
                 continue
-            if not self._slots.acquire(blocking=False):
+            backoff = 0.0
+            if not self._admit(conn):
                 conn.close()
                 continue
-            with self._lock:
-                self._connections.add(conn)
             thread = threading.Thread(
                 target=self._serve_connection, args=(conn,), name="http-client", daemon=True
             )
@@ -641,16 +685,42 @@ class ApiServer:
             except RuntimeError:
                 self._drop(conn)
 
-    def _drop(self, conn: socket.socket) -> None:
+    def _admit(self, conn: socket.socket) -> bool:
+        """Registers ``conn``; when full, makes room by ending the connection idle longest.
+
+        Connections not yet handling a request give way, so clients that hold
+        connections open cannot lock the owner out; those handling one (each
+        bounded by ``request_timeout``) are never ended early.
+        """
+        with self._lock:
+            if len(self._connections) >= self.max_connections:
+                idle = [(since, c) for c, (busy, since) in self._connections.items() if not busy]
+                if not idle:
+                    return False
+                _since, victim = min(idle, key=lambda item: item[0])
+                del self._connections[victim]
+                try:  # its thread sees EOF and closes it
+                    victim.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self._connections[conn] = (False, time.monotonic())
+        return True
+
+    def _mark_busy(self, conn: socket.socket, busy: bool) -> bool:
+        """Marks ``conn`` busy or idle; False when it was evicted (or the server closed)."""
         with self._lock:
             if conn not in self._connections:
-                return
-            self._connections.discard(conn)
+                return False
+            self._connections[conn] = (busy, time.monotonic())
+        return True
+
+    def _drop(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._connections.pop(conn, None)
         try:
             conn.close()
         except OSError:
             pass
-        self._slots.release()
 
     def _serve_connection(self, conn: socket.socket) -> None:
         try:
