@@ -127,6 +127,7 @@ def image(path: Path, size: int = 1 << 20) -> Path:
 
 def lock_refusal(what: str, disk: Path) -> str:
     return (
+        "Cannot create virtio-blk device _disk0: "
         f"Cannot get the {what} lock on disk image {disk} (--disk): "
         "is another VM or process using the image?"
     )

@@ -19,7 +19,7 @@ use crate::acpi;
 use crate::boot::{self, LoadedPayload};
 use crate::control::{Control, StopReason, VcpuCommand};
 use crate::cpu::{self, HostCpu, Topology};
-use crate::device_manager::{DeviceContext, DeviceManager, DeviceNode};
+use crate::device_manager::{DeviceContext, DeviceManager, DeviceManagerError, DeviceNode};
 use crate::devices::legacy::{DebugPortWrite, GED_POWER_BUTTON};
 use crate::devices::serial::SerialBackend;
 use crate::error::{ErrorKind, ModuleError, Result};
@@ -726,7 +726,12 @@ impl Vm {
         }
         let mut locks = Vec::new();
         for disk in self.config().disks.iter().flatten() {
-            locks.push(ImageLock::take(disk)?);
+            // Named as when the device itself fails to open the image.
+            let lock = ImageLock::take(disk).map_err(|source| DeviceManagerError::Block {
+                id: disk.id.clone().unwrap_or_default(),
+                source: source.into(),
+            })?;
+            locks.push(lock);
         }
         Ok(locks)
     }
