@@ -178,16 +178,25 @@ class Vm:
     do (VmError naming the option) and opens KVM and the serial backend;
     ``boot()`` builds and starts the VM. ``watchdog_timeout`` (seconds, or
     None to disable) ends a VM in which no vCPU makes progress with
-    interrupts disabled for that long.
+    interrupts disabled for that long. ``lock_disks`` (default True) takes an
+    advisory lock on each disk image while the VM runs (shared for
+    ``readonly=on``, else exclusive) and refuses an image another VM or
+    process holds; False skips it, for users who share images knowingly.
 
     After ``close()`` every method but ``close()`` raises ValueError; ``state``,
     ``config``, ``boots``, ``kernel_format`` and the serial output
     (``serial.read()``, ``serial.text``) stay readable.
     """
 
-    def __init__(self, config: VmConfig, *, watchdog_timeout: float | None = 30.0) -> None:
+    def __init__(
+        self,
+        config: VmConfig,
+        *,
+        watchdog_timeout: float | None = 30.0,
+        lock_disks: bool = True,
+    ) -> None:
         logs.sync_level()
-        self._handle = _native.VmHandle(config, watchdog_timeout)
+        self._handle = _native.VmHandle(config, watchdog_timeout, lock_disks)
         # Validation derives the top-level iommu, as VmConfig.validate() does.
         config.iommu = self._handle.iommu
         self.config = config

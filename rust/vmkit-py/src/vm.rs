@@ -54,11 +54,12 @@ impl VmHandle {
     /// Reads and validates `config` (a VmConfig object) and opens KVM;
     /// nothing runs yet. Raises ConfigError/ValidationError for a bad config.
     #[new]
-    #[pyo3(signature = (config, watchdog_timeout=Some(30.0)))]
+    #[pyo3(signature = (config, watchdog_timeout=Some(30.0), lock_disks=true))]
     fn new(
         py: Python<'_>,
         config: &Bound<'_, PyAny>,
         watchdog_timeout: Option<f64>,
+        lock_disks: bool,
     ) -> PyResult<Self> {
         let config: VmConfig = crate::from_py(py, config)?;
         // Validated here, once, for Python's typed ValidationError.
@@ -67,6 +68,7 @@ impl VmHandle {
             .map_err(|e| crate::validation_error(py, e))?;
         let options = VmOptions {
             watchdog_timeout: duration(watchdog_timeout)?,
+            lock_disks,
         };
         let vm = py
             .detach(|| Vm::new(config, options))

@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = VmConfig::parse(&params)?.validated()?;
     let options = VmOptions {
         watchdog_timeout: Some(Duration::from_secs(5)),
+        ..VmOptions::default()
     };
     let vm = Vm::new(config, options)?;
     let start = std::time::Instant::now();

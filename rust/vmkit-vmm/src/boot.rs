@@ -3,8 +3,9 @@
 //! the initramfs and the command line, and the boot structures each protocol
 //! hands the guest (hvm_start_info or boot_params).
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{
@@ -32,6 +33,8 @@ pub enum BootError {
         #[source]
         source: io::Error,
     },
+    #[error("Cannot open kernel {path} (--kernel): not a regular file")]
+    KernelNotAFile { path: String },
     #[error("Cannot load kernel {path}: reading it failed")]
     ReadKernel {
         path: String,
@@ -65,6 +68,8 @@ pub enum BootError {
         #[source]
         source: io::Error,
     },
+    #[error("Cannot open initramfs {path} (--initramfs): not a regular file")]
+    InitramfsNotAFile { path: String },
     #[error("Cannot read initramfs {path}")]
     InitramfsSize {
         path: String,
@@ -96,6 +101,7 @@ impl ModuleError for BootError {
             Firmware => ErrorKind::Unsupported,
             NoKernel
             | OpenKernel { .. }
+            | KernelNotAFile { .. }
             | ReadKernel { .. }
             | LoadKernel { .. }
             | BadKernel { .. }
@@ -103,6 +109,7 @@ impl ModuleError for BootError {
             | CmdlineNul => ErrorKind::Kernel,
             WriteGuest { .. } | TooManyMapEntries => ErrorKind::Memory,
             OpenInitramfs { .. }
+            | InitramfsNotAFile { .. }
             | InitramfsSize { .. }
             | ReadInitramfs { .. }
             | InitramfsDoesNotFit { .. } => ErrorKind::Initramfs,
@@ -242,6 +249,20 @@ fn write<T: vm_memory::ByteValued>(
     Ok(())
 }
 
+/// Opens `path` for reading if it is a regular file (None if it is not).
+/// O_NONBLOCK keeps a FIFO from blocking the open, and the check on the
+/// opened file keeps one from blocking the reads.
+fn open_regular(path: &str) -> io::Result<Option<File>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Ok(None);
+    }
+    Ok(Some(file))
+}
+
 /// Loads the payload and writes its boot structures. `rsdp` is where the
 /// ACPI tables start (0 without ACPI).
 pub fn load_payload(ram: &GuestRam, payload: &PayloadConfig, rsdp: u64) -> Result<LoadedPayload> {
@@ -249,10 +270,22 @@ pub fn load_payload(ram: &GuestRam, payload: &PayloadConfig, rsdp: u64) -> Resul
         return Err(BootError::Firmware.into());
     }
     let path = payload.kernel.as_deref().ok_or(BootError::NoKernel)?;
-    let mut file = File::open(path).map_err(|source| BootError::OpenKernel {
-        path: path.to_owned(),
-        source,
-    })?;
+    let mut file = match open_regular(path) {
+        Ok(Some(file)) => file,
+        Ok(None) => {
+            return Err(BootError::KernelNotAFile {
+                path: path.to_owned(),
+            }
+            .into())
+        }
+        Err(source) => {
+            return Err(BootError::OpenKernel {
+                path: path.to_owned(),
+                source,
+            }
+            .into())
+        }
+    };
     let mem = &ram.memory;
     let kind = detect(&mut file, path)?;
     let result: KernelLoaderResult = match kind {
@@ -355,10 +388,22 @@ pub fn load_payload(ram: &GuestRam, payload: &PayloadConfig, rsdp: u64) -> Resul
 
 /// Places the initramfs at the top of low RAM (page aligned), above the kernel.
 fn load_initramfs(ram: &GuestRam, path: &str, kernel_end: u64, max_end: u64) -> Result<(u64, u64)> {
-    let mut file = File::open(path).map_err(|source| BootError::OpenInitramfs {
-        path: path.to_owned(),
-        source,
-    })?;
+    let mut file = match open_regular(path) {
+        Ok(Some(file)) => file,
+        Ok(None) => {
+            return Err(BootError::InitramfsNotAFile {
+                path: path.to_owned(),
+            }
+            .into())
+        }
+        Err(source) => {
+            return Err(BootError::OpenInitramfs {
+                path: path.to_owned(),
+                source,
+            }
+            .into())
+        }
+    };
     let size = file
         .metadata()
         .map_err(|source| BootError::InitramfsSize {
@@ -539,5 +584,38 @@ mod tests {
             load_payload(&ram, &firmware, 0).unwrap_err().kind,
             ErrorKind::Unsupported
         );
+    }
+
+    #[test]
+    fn a_fifo_payload_is_refused_at_once() {
+        let ram = ram("size=64M");
+        let fifo =
+            std::env::temp_dir().join(format!("vmkit-boot-test-{}-fifo", std::process::id()));
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let fifo_str = fifo.to_str().unwrap().to_owned();
+        // Nobody writes to the FIFO: a blocking open or read would hang here.
+        let err = load_payload(
+            &ram,
+            &PayloadConfig {
+                kernel: Some(fifo_str.clone()),
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Kernel);
+        assert_eq!(
+            err.message,
+            format!("Cannot open kernel {fifo_str} (--kernel): not a regular file")
+        );
+        let err = load_initramfs(&ram, &fifo_str, HIGH_RAM_START, u64::MAX).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Initramfs);
+        assert_eq!(
+            err.message,
+            format!("Cannot open initramfs {fifo_str} (--initramfs): not a regular file")
+        );
+        std::fs::remove_file(fifo).unwrap();
     }
 }

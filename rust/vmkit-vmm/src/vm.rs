@@ -19,12 +19,13 @@ use crate::acpi;
 use crate::boot::{self, LoadedPayload};
 use crate::control::{Control, StopReason, VcpuCommand};
 use crate::cpu::{self, HostCpu, Topology};
-use crate::device_manager::{DeviceContext, DeviceManager, DeviceNode};
+use crate::device_manager::{DeviceContext, DeviceManager, DeviceManagerError, DeviceNode};
 use crate::devices::legacy::{DebugPortWrite, GED_POWER_BUTTON};
 use crate::devices::serial::SerialBackend;
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::memory::{create_guest_ram, GuestRam};
 use crate::vcpu::{self, Sample, VcpuThreadContext};
+use crate::virtio::block::ImageLock;
 use crate::virtio::pci::DeviceEvents;
 
 /// Why a VM could not be created, booted or controlled.
@@ -149,12 +150,16 @@ impl VmState {
 pub struct VmOptions {
     /// End the VM when no vCPU makes progress for this long (None: never).
     pub watchdog_timeout: Option<Duration>,
+    /// Lock each disk image (shared if read-only, else exclusive) while its
+    /// device lives, refusing an image another VM or process holds.
+    pub lock_disks: bool,
 }
 
 impl Default for VmOptions {
     fn default() -> Self {
         VmOptions {
             watchdog_timeout: Some(Duration::from_secs(30)),
+            lock_disks: true,
         }
     }
 }
@@ -286,6 +291,9 @@ pub struct Vm {
     device_events: DeviceEvents,
     life: Mutex<Lifecycle>,
     changed: Condvar,
+    /// The disk images' locks (VmOptions::lock_disks), held from boot until
+    /// the VM stops: a reset rebuilds the devices but keeps the images.
+    disk_locks: Mutex<Vec<ImageLock>>,
 }
 
 fn is_pvm_host() -> bool {
@@ -337,6 +345,7 @@ impl Vm {
                 rebooting: false,
             }),
             changed: Condvar::new(),
+            disk_locks: Mutex::new(Vec::new()),
         }))
     }
 
@@ -427,6 +436,8 @@ impl Vm {
             let _ = old.join();
             life = self.lock();
         }
+        // Dropped, so released, if this boot fails.
+        let disk_locks = self.lock_disk_images()?;
         let mut instance = self.build_instance()?;
         if let Err(e) = instance.start_vcpus(false) {
             instance.stop(StopReason::VmmError {
@@ -434,6 +445,7 @@ impl Vm {
             });
             return Err(e);
         }
+        *self.held_disk_locks() = disk_locks;
         life.last_payload = Some(instance.payload);
         life.instance = Some(instance);
         life.state = VmState::Running;
@@ -648,6 +660,7 @@ impl Vm {
     }
 
     fn finish(&self, reason: StopReason) {
+        self.held_disk_locks().clear();
         let mut life = self.lock();
         life.rebooting = false;
         life.state = VmState::Shutdown;
@@ -704,6 +717,27 @@ impl Vm {
                 });
             }
         }
+    }
+
+    /// Locks every disk image, or none without `lock_disks`.
+    fn lock_disk_images(&self) -> Result<Vec<ImageLock>> {
+        if !self.options.lock_disks {
+            return Ok(Vec::new());
+        }
+        let mut locks = Vec::new();
+        for disk in self.config().disks.iter().flatten() {
+            // Named as when the device itself fails to open the image.
+            let lock = ImageLock::take(disk).map_err(|source| DeviceManagerError::Block {
+                id: disk.id.clone().unwrap_or_default(),
+                source: source.into(),
+            })?;
+            locks.push(lock);
+        }
+        Ok(locks)
+    }
+
+    fn held_disk_locks(&self) -> MutexGuard<'_, Vec<ImageLock>> {
+        self.disk_locks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Builds one boot (KVM VM, memory, devices, tables, payload, vCPUs)

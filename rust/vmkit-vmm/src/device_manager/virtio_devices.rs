@@ -62,10 +62,13 @@ fn disks(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
             })?),
             None => None,
         };
-        let device = Block::new(disk, group).map_err(|source| DeviceManagerError::Block {
-            id: id.clone(),
-            source,
-        })?;
+        // Unlocked: the Vm holds the image locks, across the resets that
+        // rebuild this device.
+        let device =
+            Block::with_lock(disk, group, false).map_err(|source| DeviceManagerError::Block {
+                id: id.clone(),
+                source,
+            })?;
         specs.push(VirtioSpec {
             id,
             segment: disk.pci_segment,

@@ -19,6 +19,87 @@ vmm_sys_util::ioctl_io_nr!(BLKDISCARD, 0x12, 119);
 vmm_sys_util::ioctl_io_nr!(BLKPBSZGET, 0x12, 123);
 vmm_sys_util::ioctl_io_nr!(BLKZEROOUT, 0x12, 127);
 
+/// Opens the image `config` names (a regular file or block device); returns
+/// its path, the file and whether it is a block device.
+fn open_image(config: &DiskConfig) -> Result<(&str, File, bool), BlockError> {
+    let path = config.path.as_deref().ok_or(BlockError::NoPath)?;
+    let not_a_file = || BlockError::NotAFile {
+        path: path.to_owned(),
+    };
+
+    // Looked at before opening: opening a FIFO could block.
+    let metadata = std::fs::metadata(path).map_err(|e| BlockError::open(path, e, false))?;
+    let block_device = metadata.file_type().is_block_device();
+    if !metadata.is_file() && !block_device {
+        return Err(not_a_file());
+    }
+    let mut options = OpenOptions::new();
+    options.read(true).write(!config.readonly);
+    if config.direct {
+        options.custom_flags(libc::O_DIRECT);
+    }
+    let file = options
+        .open(path)
+        .map_err(|e| BlockError::open(path, e, config.direct))?;
+    // The path may have been replaced in between.
+    let opened = file
+        .metadata()
+        .map_err(|e| BlockError::open(path, e, config.direct))?;
+    if opened.file_type().is_block_device() != block_device || !(opened.is_file() || block_device) {
+        return Err(not_a_file());
+    }
+    Ok((path, file, block_device))
+}
+
+/// The advisory lock on one disk image, held by an open file of its own for
+/// as long as this lives (a VM keeps it across the resets that rebuild its
+/// devices).
+#[derive(Debug)]
+pub struct ImageLock {
+    _file: File,
+}
+
+impl ImageLock {
+    pub fn take(config: &DiskConfig) -> Result<ImageLock, BlockError> {
+        let (path, file, _) = open_image(config)?;
+        lock_image(&file, path, config.readonly)?;
+        Ok(ImageLock { _file: file })
+    }
+}
+
+/// Takes an open file description (OFD) lock on the whole image: shared
+/// for a read-only disk, exclusive for a writable one, so two VMs never
+/// write one image at once. It lives as long as `file`'s description, i.e.
+/// the device, and is not inherited by a fork.
+fn lock_image(file: &File, path: &str, readonly: bool) -> Result<(), BlockError> {
+    let (kind, what) = if readonly {
+        (libc::F_RDLCK, "read")
+    } else {
+        (libc::F_WRLCK, "write")
+    };
+    // SAFETY: flock is plain data; all zeroes is a valid value.
+    let mut request: libc::flock = unsafe { std::mem::zeroed() };
+    request.l_type = kind as libc::c_short;
+    request.l_whence = libc::SEEK_SET as libc::c_short;
+    // l_start 0 and l_len 0: the whole file, however it grows; l_pid must be 0.
+    // SAFETY: the fd is open for the call and `request` outlives it.
+    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &request) };
+    if ret == 0 {
+        return Ok(());
+    }
+    let source = io::Error::last_os_error();
+    match source.raw_os_error() {
+        Some(libc::EAGAIN | libc::EACCES) => Err(BlockError::Locked {
+            path: path.to_owned(),
+            what,
+        }),
+        _ => Err(BlockError::Lock {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
 /// The backing file or block device and what it can do, fixed at open.
 #[derive(Debug)]
 pub struct DiskImage {
@@ -38,34 +119,11 @@ pub struct DiskImage {
 }
 
 impl DiskImage {
-    pub fn open(config: &DiskConfig) -> Result<DiskImage, BlockError> {
-        let path = config.path.as_deref().ok_or(BlockError::NoPath)?;
-        let not_a_file = || BlockError::NotAFile {
-            path: path.to_owned(),
-        };
-
-        // Looked at before opening: opening a FIFO could block.
-        let metadata = std::fs::metadata(path).map_err(|e| BlockError::open(path, e, false))?;
-        let block_device = metadata.file_type().is_block_device();
-        if !metadata.is_file() && !block_device {
-            return Err(not_a_file());
-        }
-        let mut options = OpenOptions::new();
-        options.read(true).write(!config.readonly);
-        if config.direct {
-            options.custom_flags(libc::O_DIRECT);
-        }
-        let mut file = options
-            .open(path)
-            .map_err(|e| BlockError::open(path, e, config.direct))?;
-        // The path may have been replaced in between.
-        let opened = file
-            .metadata()
-            .map_err(|e| BlockError::open(path, e, config.direct))?;
-        if opened.file_type().is_block_device() != block_device
-            || !(opened.is_file() || block_device)
-        {
-            return Err(not_a_file());
+    /// Opens the image; with `lock`, takes its advisory lock (see `lock_image`).
+    pub fn open(config: &DiskConfig, lock: bool) -> Result<DiskImage, BlockError> {
+        let (path, mut file, block_device) = open_image(config)?;
+        if lock {
+            lock_image(&file, path, config.readonly)?;
         }
         let size = file
             .seek(SeekFrom::End(0))

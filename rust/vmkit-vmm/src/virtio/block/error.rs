@@ -23,6 +23,17 @@ pub enum BlockError {
     },
     #[error("disk image {path}: not a regular file or block device")]
     NotAFile { path: String },
+    #[error(
+        "Cannot get the {what} lock on disk image {path} (--disk): \
+         is another VM or process using the image?"
+    )]
+    Locked { path: String, what: &'static str },
+    #[error("Cannot lock disk image {path} (--disk)")]
+    Lock {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("disk image {path}: cannot read its size")]
     Size {
         path: String,

@@ -39,6 +39,7 @@ use vmkit_config::DiskConfig;
 
 pub use self::counters::BlockCounters;
 use self::disk::DiskImage;
+pub use self::disk::ImageLock;
 pub use self::error::BlockError;
 use self::io::uring::Uring;
 use self::io::QueueIo;
@@ -113,6 +114,15 @@ impl Block {
     /// limiter of the disk's `rate_limit_group`, if it has one; a
     /// `rate_limiter_config` of its own is built here.
     pub fn new(config: &DiskConfig, group: Option<Arc<SharedRateLimiter>>) -> crate::Result<Block> {
+        Block::with_lock(config, group, true)
+    }
+
+    /// As `new`; `lock_disks` false skips the image's advisory lock.
+    pub fn with_lock(
+        config: &DiskConfig,
+        group: Option<Arc<SharedRateLimiter>>,
+        lock_disks: bool,
+    ) -> crate::Result<Block> {
         let path = || config.path.as_deref().unwrap_or("<no path>").to_owned();
         if config.num_queues == 0 || config.num_queues > MAX_QUEUES {
             return Err(BlockError::NumQueues {
@@ -128,7 +138,7 @@ impl Block {
             }
             .into());
         }
-        let disk = DiskImage::open(config)?;
+        let disk = DiskImage::open(config, lock_disks)?;
 
         let mut limiters = Vec::new();
         if let Some(own) = &config.rate_limiter_config {

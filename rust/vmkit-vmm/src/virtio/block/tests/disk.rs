@@ -246,3 +246,46 @@ fn config_space_and_features_follow_the_spec_layout() {
     block.read_config(12, &mut seg_max);
     assert_eq!(u32::from_le_bytes(seg_max), u32::from(MAX_SEGMENTS));
 }
+
+#[test]
+fn an_image_is_locked_while_its_device_lives() {
+    let image = TempImage::new(4096);
+    let writable = disk_config(&image);
+    let readonly = DiskConfig {
+        readonly: true,
+        ..disk_config(&image)
+    };
+    let refused = |config: &DiskConfig, what: &str| match Block::new(config, None) {
+        Ok(_) => panic!("{config:?} opened while the image is locked"),
+        Err(e) => {
+            assert_eq!(e.kind, ErrorKind::Device);
+            assert_eq!(
+                e.message,
+                format!(
+                    "Cannot get the {what} lock on disk image {} (--disk): \
+                     is another VM or process using the image?",
+                    image.path()
+                )
+            );
+        }
+    };
+
+    let first = Block::new(&writable, None).unwrap();
+    refused(&writable, "write");
+    refused(&readonly, "read");
+    // The opt-out opens it anyway.
+    let unlocked = Block::with_lock(&writable, None, false).unwrap();
+    drop(unlocked);
+    // Dropping the device releases the lock.
+    drop(first);
+    let second = Block::new(&writable, None).unwrap();
+    drop(second);
+
+    // Read-only disks share the image, and keep writers out.
+    let reader = Block::new(&readonly, None).unwrap();
+    let other_reader = Block::new(&readonly, None).unwrap();
+    refused(&writable, "write");
+    drop(reader);
+    drop(other_reader);
+    drop(Block::new(&writable, None).unwrap());
+}

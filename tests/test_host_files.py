@@ -1,0 +1,225 @@
+"""Host files a user names: a FIFO as --kernel or --initramfs is refused at
+once (it would block the boot, and the VMM's lock, forever), and disk images
+are locked while a VM uses them (exclusive when writable, shared when
+readonly=on), with ``lock_disks=False`` to opt out.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from vmkit import VmConfig, testguest
+from vmkit.vm import Vm, VmError
+from vmkit.vmm import ApiError, Vmm
+
+if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Far longer than a refusal takes; a FIFO that blocks the boot waits forever.
+PROMPT = 15.0
+
+
+def argv(
+    *extra: str,
+    kernel: str | None = None,
+    steps: tuple[str, ...] = ("hello",),
+    exit: str = "poweroff",
+    **options: int,
+) -> list[str]:
+    return [
+        "--kernel", kernel or str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(steps, exit, **options),
+        "--cpus", "boot=1", "--memory", "size=256M",
+        "--serial", "null", "--console", "off", *extra,
+    ]  # fmt: skip
+
+
+def call_promptly(call: Callable[[], None], fifo: Path) -> BaseException | None:
+    """Runs `call` in a thread and returns what it raised. Fails the test if it
+    is still running after PROMPT seconds, after unblocking it: opening the FIFO
+    for writing and closing it again ends a reader blocked on it."""
+    raised: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            call()
+        except BaseException as e:  # handed to the test
+            raised.append(e)
+
+    thread = threading.Thread(target=target, name="fifo-boot")
+    thread.start()
+    thread.join(PROMPT)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY))
+        thread.join(PROMPT)
+        pytest.fail(f"the boot blocked on the FIFO {fifo}")
+    return raised[0] if raised else None
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Path:
+    path = tmp_path / "payload.fifo"
+    os.mkfifo(path)
+    return path
+
+
+def payload_argv(option: str, fifo: Path) -> list[str]:
+    if option == "kernel":
+        return argv(kernel=str(fifo))
+    return argv("--initramfs", str(fifo))
+
+
+@pytest.mark.parametrize("option", ["kernel", "initramfs"])
+def test_a_fifo_payload_is_refused_at_once(option: str, fifo: Path) -> None:
+    vm = Vm(VmConfig.from_cli(payload_argv(option, fifo)))
+    try:
+        error = call_promptly(vm.boot, fifo)
+    finally:
+        vm.close()
+    assert isinstance(error, VmError), error
+    assert str(error) == f"Cannot open {option} {fifo} (--{option}): not a regular file"
+
+
+@pytest.mark.parametrize("option", ["kernel", "initramfs"])
+def test_a_fifo_payload_leaves_the_vmm_answering(option: str, fifo: Path) -> None:
+    """Through the API layer: vm.boot fails at once, and the VMM's lock is free
+    again for info and vmm.shutdown."""
+    vmm = Vmm()
+    vmm.create(VmConfig.from_cli(payload_argv(option, fifo)))
+    error = call_promptly(vmm.boot, fifo)
+    assert isinstance(error, ApiError), error
+    assert "not a regular file" in str(error) and str(fifo) in str(error)
+    acquired = vmm.lock.acquire(timeout=PROMPT)
+    assert acquired, "the VMM's lock is still held"
+    vmm.lock.release()
+    vmm.vmm_shutdown()
+
+
+@pytest.mark.parametrize("option", ["kernel", "initramfs"])
+def test_the_cli_refuses_a_fifo_payload_at_once(option: str, fifo: Path) -> None:
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "vmkit", *payload_argv(option, fifo)],
+            capture_output=True,
+            text=True,
+            timeout=PROMPT * 2,
+            cwd=ROOT,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"vmkit blocked on the FIFO given as --{option}")
+    assert result.returncode != 0
+    assert f"Cannot open {option} {fifo} (--{option}): not a regular file" in result.stderr
+
+
+def image(path: Path, size: int = 1 << 20) -> Path:
+    with path.open("wb") as f:
+        f.truncate(size)
+    return path
+
+
+def lock_refusal(what: str, disk: Path) -> str:
+    return (
+        "Cannot create virtio-blk device _disk0: "
+        f"Cannot get the {what} lock on disk image {disk} (--disk): "
+        "is another VM or process using the image?"
+    )
+
+
+@contextmanager
+def running(disk_option: str, lock_disks: bool = True) -> Iterator[Vm]:
+    """A VM that keeps running (its guest ticks) with `disk_option` as --disk."""
+    vm = Vm(
+        VmConfig.from_cli(argv("--disk", disk_option, steps=("ticks",), ticks=100_000, tick_ms=10)),
+        lock_disks=lock_disks,
+    )
+    try:
+        vm.boot()
+        vm.serial.wait_for(r"tick 1$", timeout=20)
+        assert vm.state == "Running"
+        yield vm
+    finally:
+        vm.close()
+
+
+def boot_error(disk_option: str, lock_disks: bool = True) -> str | None:
+    """Boots a VM on `disk_option` and shuts it down; returns why it failed to
+    boot, if it did."""
+    vm = Vm(VmConfig.from_cli(argv("--disk", disk_option)), lock_disks=lock_disks)
+    try:
+        vm.boot()
+    except VmError as e:
+        return str(e)
+    finally:
+        vm.close()
+    return None
+
+
+def test_a_second_vm_on_a_writable_image_is_refused_until_the_first_stops(
+    tmp_path: Path,
+) -> None:
+    disk = image(tmp_path / "disk.img")
+    with running(f"path={disk}") as first:
+        assert boot_error(f"path={disk}") == lock_refusal("write", disk)
+        assert boot_error(f"path={disk},readonly=on") == lock_refusal("read", disk)
+        first.shutdown()
+        assert first.wait(10) is not None
+    assert boot_error(f"path={disk}") is None
+
+
+def test_another_process_is_refused_too(tmp_path: Path) -> None:
+    disk = image(tmp_path / "disk.img")
+    with running(f"path={disk}"):
+        result = subprocess.run(
+            [sys.executable, "-m", "vmkit", *argv("--disk", f"path={disk}")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+    assert result.returncode != 0
+    assert lock_refusal("write", disk) in result.stderr
+
+
+def test_read_only_disks_share_an_image(tmp_path: Path) -> None:
+    disk = image(tmp_path / "disk.img")
+    with running(f"path={disk},readonly=on"):
+        assert boot_error(f"path={disk},readonly=on") is None
+        assert boot_error(f"path={disk}") == lock_refusal("write", disk)
+
+
+def test_lock_disks_false_opts_out(tmp_path: Path) -> None:
+    disk = image(tmp_path / "disk.img")
+    with running(f"path={disk}", lock_disks=False):
+        # Neither the unlocked VM holds a lock, nor does this one take one.
+        assert boot_error(f"path={disk}") is None
+        assert boot_error(f"path={disk}", lock_disks=False) is None
+    with running(f"path={disk}"):
+        assert boot_error(f"path={disk}", lock_disks=False) is None
+
+
+def test_a_guest_reset_keeps_its_own_image(tmp_path: Path) -> None:
+    """A reset rebuilds the devices: the new disk must not be refused the lock
+    the old one held."""
+    disk = image(tmp_path / "disk.img")
+    vm = Vm(VmConfig.from_cli(argv("--disk", f"path={disk}", exit="reset")))
+    try:
+        vm.boot()
+        for _ in range(3):
+            vm.serial.wait_for(r"^vmkit-guest: ready$", timeout=20)
+        assert vm.boots >= 3
+        assert vm.state == "Running", vm.wait(0)
+        # Still locked while it runs.
+        assert boot_error(f"path={disk}") == lock_refusal("write", disk)
+        vm.shutdown()
+        assert vm.wait(10) is not None
+    finally:
+        vm.close()
+    assert boot_error(f"path={disk}") is None
