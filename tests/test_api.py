@@ -1326,12 +1326,13 @@ def test_cold_resize_zone(api: Api) -> None:
     )
 
 
-def fd_open(fd: int) -> bool:
+def holds(fd: int, sock: socket.socket) -> bool:
+    """Whether descriptor ``fd`` refers to ``sock``'s file. The server runs in
+    this process, so a closed number may already be reused by another thread."""
     try:
-        os.fstat(fd)
+        return os.path.samestat(os.fstat(fd), os.fstat(sock.fileno()))
     except OSError:
         return False
-    return True
 
 
 def test_add_net_takes_scm_rights_descriptors(api: Api) -> None:
@@ -1347,7 +1348,7 @@ def test_add_net_takes_scm_rights_descriptors(api: Api) -> None:
         assert os.path.samestat(os.fstat(received), os.fstat(ours[0].fileno()))
         # removing the device closes the VMM's descriptor
         assert_reply(api.put("vm.remove-device", {"id": "net9"}), 204)
-        assert not fd_open(received)
+        assert not holds(received, ours[0])
         # fds only in the body are dropped
         assert_reply(api.put("vm.add-net", {"id": "net8", "fds": [7, 8]}), 204)
         assert api.info()["config"]["net"][-1]["fds"] is None
@@ -1365,9 +1366,9 @@ def test_add_net_takes_scm_rights_descriptors(api: Api) -> None:
         # a delete closes what the VMM holds
         api.put("vm.add-net", {"id": "net6"}, fds=[ours[1].fileno()])
         (held,) = api.info()["config"]["net"][-1]["fds"]
-        assert fd_open(held)
+        assert holds(held, ours[1])
         api.put("vm.delete")
-        assert not fd_open(held)
+        assert not holds(held, ours[1])
     finally:
         ours[0].close()
         ours[1].close()
