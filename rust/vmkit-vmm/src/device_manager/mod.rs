@@ -152,26 +152,6 @@ struct Wiring<'a> {
 }
 
 impl Wiring<'_> {
-    fn pio(
-        &mut self,
-        what: &str,
-        base: u64,
-        len: u64,
-        device: Arc<Mutex<dyn BusDevice>>,
-    ) -> Result<()> {
-        insert(&mut self.pio, what, base, len, device)
-    }
-
-    fn mmio(
-        &mut self,
-        what: &str,
-        base: u64,
-        len: u64,
-        device: Arc<Mutex<dyn BusDevice>>,
-    ) -> Result<()> {
-        insert(&mut self.mmio, what, base, len, device)
-    }
-
     /// An eventfd wired to `gsi` (KVM's in-kernel IOAPIC line); the device
     /// gets a clone and this keeps the registered one.
     fn legacy_irq(&mut self, what: &'static str, gsi: u32) -> Result<EventFd> {
@@ -290,7 +270,8 @@ impl DeviceManager {
 /// The ACPI shutdown device, the GED (power button), the i8042 and the
 /// debug port, as Cloud Hypervisor has them.
 fn add_legacy_devices(wiring: &mut Wiring<'_>, ctx: &DeviceContext<'_>) -> Result<Arc<Ged>> {
-    wiring.pio(
+    insert(
+        &mut wiring.pio,
         "ACPI shutdown device",
         u64::from(ACPI_SHUTDOWN_PORT),
         8,
@@ -299,13 +280,15 @@ fn add_legacy_devices(wiring: &mut Wiring<'_>, ctx: &DeviceContext<'_>) -> Resul
         })),
     )?;
     let ged = Arc::new(Ged::new(wiring.legacy_irq("GED", GED_IRQ)?));
-    wiring.mmio(
+    insert(
+        &mut wiring.mmio,
         "GED",
         GED_ADDRESS,
         GED_SIZE,
         Arc::new(Mutex::new(GedRegister(ged.clone()))),
     )?;
-    wiring.pio(
+    insert(
+        &mut wiring.pio,
         "i8042",
         0x60,
         5,
@@ -313,7 +296,8 @@ fn add_legacy_devices(wiring: &mut Wiring<'_>, ctx: &DeviceContext<'_>) -> Resul
             ctx.control.clone(),
         ))))),
     )?;
-    wiring.pio(
+    insert(
+        &mut wiring.pio,
         "debug port",
         0x80,
         1,
@@ -334,7 +318,7 @@ fn add_serial(wiring: &mut Wiring<'_>, ctx: &DeviceContext<'_>) -> Result<()> {
     let device = Arc::new(Mutex::new(SerialDevice {
         uart: Serial::new(trigger, SerialSink(backend.clone())),
     }));
-    wiring.pio("serial", 0x3f8, 8, device.clone())?;
+    insert(&mut wiring.pio, "serial", 0x3f8, 8, device.clone())?;
     backend.attach(Some(device));
     wiring.nodes.push(DeviceNode::leaf("__serial"));
     Ok(())
@@ -421,14 +405,16 @@ fn add_virtio_pci(
 /// each segment's BAR windows.
 fn add_pci_buses(wiring: &mut Wiring<'_>, segments: &[Arc<PciSegment>]) -> Result<()> {
     if let Some(first) = segments.first() {
-        wiring.pio(
+        insert(
+            &mut wiring.pio,
             "PCI config I/O",
             PciConfigIo::PORT,
             PciConfigIo::LEN,
             Arc::new(Mutex::new(PciConfigIo::new(first.clone()))),
         )?;
     }
-    wiring.mmio(
+    insert(
+        &mut wiring.mmio,
         "PCI ECAM",
         PCI_MMCONFIG_START,
         segments.len() as u64 * ECAM_SIZE_PER_SEGMENT,
@@ -438,7 +424,8 @@ fn add_pci_buses(wiring: &mut Wiring<'_>, segments: &[Arc<PciSegment>]) -> Resul
     )?;
     for segment in segments {
         for window in [segment.layout.mem32, segment.layout.mem64] {
-            wiring.mmio(
+            insert(
+                &mut wiring.mmio,
                 &format!("PCI segment {} window", segment.layout.id),
                 window.start,
                 window.size,
