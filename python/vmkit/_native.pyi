@@ -104,13 +104,19 @@ class RuntimeInfo(TypedDict):
     #: Cloud Hypervisor's device tree ({id: DeviceNode JSON}), None when no boot runs.
     device_tree: dict[str, DeviceNode] | None
 
+def confine_process(mode: str) -> None: ...
+
 class VmHandle:
     @property
     def state(self) -> str: ...
     @property
     def iommu(self) -> bool: ...
     def __init__(
-        self, config: VmConfig, watchdog_timeout: float | None = 30.0, lock_disks: bool = True
+        self,
+        config: VmConfig,
+        watchdog_timeout: float | None = 30.0,
+        lock_disks: bool = True,
+        seccomp: str = "true",
     ) -> None: ...
     def boot(self) -> None: ...
     def pause(self) -> None: ...

@@ -100,12 +100,6 @@ def _refuse_unsupported(command: CommandLine) -> str | None:
 
     Checked before anything starts, so that nothing asked for is silently left out.
     """
-    if command.one("--seccomp") == "true":
-        # `log` and `false` only relax filters; vmkit installs none to relax.
-        return (
-            "Error: --seccomp true is not supported yet: vmkit installs no seccomp filters "
-            "(leave the flag out, or give --seccomp false)"
-        )
     restore = command.one("--restore")
     if restore is not None:
         if command.has("--api-socket") or command.has("--event-monitor"):
@@ -155,15 +149,35 @@ def _boot_from_command_line(command: CommandLine, sink: TextIO) -> int:
             file=sys.stderr,
         )
         return 1
-    return boot_and_wait(config, verbosity=command.verbosity, log=sink)
+    return boot_and_wait(
+        config, verbosity=command.verbosity, log=sink, seccomp=_seccomp_mode(command)
+    )
 
 
-def boot_and_wait(config: VmConfig, *, verbosity: int = 0, log: TextIO | None = None) -> int:
+def _seccomp_mode(command: CommandLine) -> str:
+    return command.one("--seccomp") or "true"
+
+
+def confine(seccomp: str) -> None:
+    """Puts every thread of this process under the VMM's seccomp filter
+    (``--seccomp``), once start-up is done: the VMM process as a whole is
+    confined, as Cloud Hypervisor's is; threads started later add their own."""
+    _native.confine_process(seccomp)
+
+
+def boot_and_wait(
+    config: VmConfig,
+    *,
+    verbosity: int = 0,
+    log: TextIO | None = None,
+    seccomp: str = "true",
+) -> int:
     """Boots ``config`` and runs until the guest stops: 0 on power-off, 1 otherwise."""
     from vmkit.vm import Vm, VmError
 
+    confine(seccomp)
     try:
-        vm = Vm(config)
+        vm = Vm(config, seccomp=seccomp)
     except VmError as e:
         # v37 builds the VM when it boots it: what the VMM refuses is a boot error.
         print(f"Error booting VM: {e}", file=sys.stderr)
@@ -550,7 +564,7 @@ def _serve(command: CommandLine) -> int:
     except StartupError as e:
         print(e, file=sys.stderr)
         return 1
-    vmm = Vmm(events=events)
+    vmm = Vmm(events=events, seccomp=_seccomp_mode(command))
     orphaned = _watch_lifeline(vmm)
     server: ApiServer | None = None
     try:
@@ -577,6 +591,7 @@ def _serve(command: CommandLine) -> int:
                 )
                 return 1
             server.start()
+        confine(_seccomp_mode(command))
         code = _start_vm(command, vmm)
         if code is not None:
             if server is not None:

@@ -171,6 +171,13 @@ class VmInfo:
         }
 
 
+def seccomp_value(seccomp: bool | str) -> str:
+    """``--seccomp``'s spelling of ``seccomp``: True/False become "true"/"false"."""
+    if isinstance(seccomp, bool):
+        return "true" if seccomp else "false"
+    return seccomp
+
+
 class Vm:
     """One virtual machine, with Cloud Hypervisor's states and transitions.
 
@@ -182,6 +189,12 @@ class Vm:
     advisory lock on each disk image while the VM runs (shared for
     ``readonly=on``, else exclusive) and refuses an image another VM or
     process holds; False skips it, for users who share images knowingly.
+    ``seccomp`` (Cloud Hypervisor's ``--seccomp``: True, False or ``"log"``)
+    confines each of the VM's own threads (vCPUs, device workers, serial
+    input) to the system calls its job needs: a call outside them kills the
+    process with SIGSYS after printing why (True), is let through and logged
+    by the kernel (``"log"``), or nothing is installed (False). Your program's
+    own threads are never filtered.
 
     After ``close()`` every method but ``close()`` raises ValueError; ``state``,
     ``config``, ``boots``, ``kernel_format`` and the serial output
@@ -194,9 +207,12 @@ class Vm:
         *,
         watchdog_timeout: float | None = 30.0,
         lock_disks: bool = True,
+        seccomp: bool | str = True,
     ) -> None:
         logs.sync_level()
-        self._handle = _native.VmHandle(config, watchdog_timeout, lock_disks)
+        self._handle = _native.VmHandle(
+            config, watchdog_timeout, lock_disks, seccomp_value(seccomp)
+        )
         # Validation derives the top-level iommu, as VmConfig.validate() does.
         config.iommu = self._handle.iommu
         self.config = config

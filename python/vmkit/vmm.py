@@ -152,8 +152,8 @@ class Vmm:
     """The API actions of one VMM (ch-reference §4.2), with v37's state rules (§4.5).
 
     ``events``: where to report events (``--event-monitor``), or None.
-    ``watchdog_timeout``, ``lock_disks``: passed to each ``Vm``. The attributes ``config``
-    and ``vm`` are the VMM's two layers; read them under ``lock``.
+    ``watchdog_timeout``, ``lock_disks``, ``seccomp``: passed to each ``Vm``. The attributes
+    ``config`` and ``vm`` are the VMM's two layers; read them under ``lock``.
     """
 
     def __init__(
@@ -162,12 +162,14 @@ class Vmm:
         events: EventMonitor | None = None,
         watchdog_timeout: float | None = 30.0,
         lock_disks: bool = True,
+        seccomp: bool | str = True,
     ) -> None:
         self.config: VmConfig | None = None
         self.vm: Vm | None = None
         self.events = events
         self.watchdog_timeout = watchdog_timeout
         self.lock_disks = lock_disks
+        self.seccomp = seccomp
         self.lock = threading.RLock()
         self._exit = threading.Event()
         self._exit_code: int | None = None
@@ -263,7 +265,12 @@ class Vmm:
             config = copy.deepcopy(self.config)
             # Vm validates the config (ConfigError) and refuses what the VMM cannot do.
             try:
-                vm = Vm(config, watchdog_timeout=self.watchdog_timeout, lock_disks=self.lock_disks)
+                vm = Vm(
+                    config,
+                    watchdog_timeout=self.watchdog_timeout,
+                    lock_disks=self.lock_disks,
+                    seccomp=self.seccomp,
+                )
             except ConfigError as e:
                 raise ApiError(f"Failed to validate config: {e}") from None
             except VmError as e:

@@ -4,10 +4,11 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyType};
 use vmkit_config::VmConfig;
+use vmkit_vmm::seccomp::SeccompMode;
 use vmkit_vmm::{StopReason, Vm, VmOptions};
 
 static VM_ERROR: OnceLock<Py<PyType>> = OnceLock::new();
@@ -54,13 +55,15 @@ impl VmHandle {
     /// Reads and validates `config` (a VmConfig object) and opens KVM;
     /// nothing runs yet. Raises ConfigError/ValidationError for a bad config.
     #[new]
-    #[pyo3(signature = (config, watchdog_timeout=Some(30.0), lock_disks=true))]
+    #[pyo3(signature = (config, watchdog_timeout=Some(30.0), lock_disks=true, seccomp="true"))]
     fn new(
         py: Python<'_>,
         config: &Bound<'_, PyAny>,
         watchdog_timeout: Option<f64>,
         lock_disks: bool,
+        seccomp: &str,
     ) -> PyResult<Self> {
+        let seccomp = seccomp_mode(seccomp)?;
         let config: VmConfig = crate::from_py(py, config)?;
         // Validated here, once, for Python's typed ValidationError.
         let config = config
@@ -69,6 +72,7 @@ impl VmHandle {
         let options = VmOptions {
             watchdog_timeout: duration(watchdog_timeout)?,
             lock_disks,
+            seccomp,
         };
         let vm = py
             .detach(|| Vm::new(config, options))
@@ -278,4 +282,20 @@ pub fn test_guest_image<'py>(py: Python<'py>, format: &str) -> PyResult<Bound<'p
         }
     };
     Ok(PyBytes::new(py, bytes))
+}
+
+fn seccomp_mode(value: &str) -> PyResult<SeccompMode> {
+    SeccompMode::parse(value).ok_or_else(|| {
+        PyValueError::new_err(format!("seccomp must be true, false or log, not {value:?}"))
+    })
+}
+
+/// Confines every thread of this process to the `vmkit` command's seccomp
+/// filter (`mode`: true, log or false). For the `vmkit` process only, once
+/// its start-up is done: a program that hosts a `Vm` must not call it.
+#[pyfunction]
+pub fn confine_process(mode: &str) -> PyResult<()> {
+    let mode = seccomp_mode(mode)?;
+    vmkit_vmm::seccomp::confine_process(vmkit_vmm::seccomp::ThreadKind::Process, mode)
+        .map_err(|e| PyOSError::new_err(e.to_string()))
 }

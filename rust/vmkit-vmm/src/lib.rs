@@ -13,6 +13,7 @@ pub mod layout;
 pub mod memory;
 pub mod pci;
 pub mod rate_limiter;
+pub mod seccomp;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

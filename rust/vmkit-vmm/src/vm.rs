@@ -24,6 +24,7 @@ use crate::devices::legacy::{DebugPortWrite, GED_POWER_BUTTON};
 use crate::devices::serial::SerialBackend;
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::memory::{create_guest_ram, GuestRam};
+use crate::seccomp::{self, SeccompMode, Spawner, ThreadKind};
 use crate::vcpu::{self, Sample, VcpuThreadContext};
 use crate::virtio::block::ImageLock;
 use crate::virtio::pci::DeviceEvents;
@@ -153,6 +154,9 @@ pub struct VmOptions {
     /// Lock each disk image (shared if read-only, else exclusive) while its
     /// device lives, refusing an image another VM or process holds.
     pub lock_disks: bool,
+    /// `--seccomp`: the filter every VM thread runs under, and what a call
+    /// outside it does.
+    pub seccomp: SeccompMode,
 }
 
 impl Default for VmOptions {
@@ -160,6 +164,7 @@ impl Default for VmOptions {
         VmOptions {
             watchdog_timeout: Some(Duration::from_secs(30)),
             lock_disks: true,
+            seccomp: SeccompMode::Trap,
         }
     }
 }
@@ -175,6 +180,7 @@ struct Instance {
     devices: DeviceManager,
     /// vCPUs built but not yet running: started once the boot is recorded.
     unstarted: Vec<UnstartedVcpu>,
+    seccomp: SeccompMode,
 }
 
 /// A vCPU whose thread has not been started.
@@ -193,9 +199,12 @@ impl Instance {
         for vcpu in self.unstarted.drain(..) {
             let index = vcpu.context.index;
             self.control.thread_started();
-            let spawned = std::thread::Builder::new()
-                .name(format!("vcpu{index}"))
-                .spawn(move || vcpu::run_vcpu(vcpu.fd, vcpu.context));
+            let spawned = seccomp::spawn_confined(
+                format!("vcpu{index}"),
+                ThreadKind::Vcpu,
+                self.seccomp,
+                move || vcpu::run_vcpu(vcpu.fd, vcpu.context),
+            );
             match spawned {
                 Ok(handle) => self.threads.push(handle),
                 Err(e) => {
@@ -294,6 +303,8 @@ pub struct Vm {
     /// The disk images' locks (VmOptions::lock_disks), held from boot until
     /// the VM stops: a reset rebuilds the devices but keeps the images.
     disk_locks: Mutex<Vec<ImageLock>>,
+    /// Starts the device workers that vCPU threads activate.
+    spawner: Spawner,
 }
 
 fn is_pvm_host() -> bool {
@@ -318,10 +329,15 @@ impl Vm {
             .into());
         }
         vcpu::register_kick_handler().map_err(VmError::KickHandler)?;
-        let serial = SerialBackend::open(&config.serial, "serial", true)?;
+        let spawner = Spawner::start(options.seccomp).map_err(|source| VmError::Thread {
+            what: "the device worker spawner",
+            source,
+        })?;
+        let serial = SerialBackend::open(&config.serial, "serial", true, options.seccomp)?;
         // With both on the terminal, keyboard input goes to the serial port.
         let console_stdin = config.serial.mode != ConsoleOutputMode::Tty;
-        let console = SerialBackend::open(&config.console, "console", console_stdin)?;
+        let console =
+            SerialBackend::open(&config.console, "console", console_stdin, options.seccomp)?;
         Ok(Arc::new(Vm {
             config: validated,
             options,
@@ -346,6 +362,7 @@ impl Vm {
             }),
             changed: Condvar::new(),
             disk_locks: Mutex::new(Vec::new()),
+            spawner,
         }))
     }
 
@@ -453,13 +470,16 @@ impl Vm {
         life.shutdown_requested = false;
         life.boots += 1;
         let vm = self.clone();
-        let thread = std::thread::Builder::new()
-            .name("vmm".into())
-            .spawn(move || vm.vmm_loop())
-            .map_err(|source| VmError::Thread {
-                what: "the VMM thread",
-                source,
-            })?;
+        let thread = seccomp::spawn_confined(
+            "vmm".into(),
+            ThreadKind::Vmm,
+            self.options.seccomp,
+            move || vm.vmm_loop(),
+        )
+        .map_err(|source| VmError::Thread {
+            what: "the VMM thread",
+            source,
+        })?;
         life.vmm_thread = Some(thread);
         self.changed.notify_all();
         Ok(())
@@ -792,6 +812,7 @@ impl Vm {
             console: self.console.as_ref(),
             debug_log: &self.debug_log,
             device_events: &self.device_events,
+            spawner: &self.spawner,
         })?;
         let topology = Topology::from_config(&config.cpus);
         let rsdp = acpi::write_tables(
@@ -851,6 +872,7 @@ impl Vm {
             payload,
             devices,
             unstarted,
+            seccomp: self.options.seccomp,
         })
     }
 }

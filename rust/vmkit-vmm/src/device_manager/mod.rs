@@ -108,6 +108,8 @@ pub struct DeviceContext<'a> {
     pub console: Option<&'a Arc<SerialBackend>>,
     pub debug_log: &'a Arc<Mutex<Vec<DebugPortWrite>>>,
     pub device_events: &'a DeviceEvents,
+    /// Starts device workers confined to their seccomp filters.
+    pub spawner: &'a crate::seccomp::Spawner,
 }
 
 /// The devices of one boot, wired.
@@ -396,6 +398,7 @@ fn add_virtio_pci(
     )?;
     device.set_location(segment_id, slot);
     device.set_events(ctx.device_events.clone());
+    device.set_spawner(ctx.spawner.clone());
     let device = Arc::new(Mutex::new(device));
     segment.insert(slot, device.clone());
     Ok(device)

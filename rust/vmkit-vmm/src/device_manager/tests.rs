@@ -25,11 +25,17 @@ mod needs_kvm {
         let vm_fd = Arc::new(Kvm::new().unwrap().create_vm().unwrap());
         vm_fd.create_irq_chip().unwrap();
         let ram = create_guest_ram(&config.memory).unwrap();
-        let serial = SerialBackend::open(&config.serial, "serial", false)
-            .unwrap()
-            .unwrap();
+        let serial = SerialBackend::open(
+            &config.serial,
+            "serial",
+            false,
+            crate::seccomp::SeccompMode::Off,
+        )
+        .unwrap()
+        .unwrap();
         let control = Arc::new(Control::new());
         let mut devices = DeviceManager::build(&DeviceContext {
+            spawner: &crate::seccomp::Spawner::unconfined(),
             config: &config,
             vm_fd: &vm_fd,
             ram: &ram,

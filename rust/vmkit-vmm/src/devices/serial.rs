@@ -5,6 +5,7 @@
 //! Output never blocks a vCPU on a slow reader: pty and socket writes are
 //! non-blocking and drop what does not fit.
 
+use crate::seccomp::{self, SeccompMode, ThreadKind};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -218,7 +219,12 @@ impl SerialBackend {
     /// Opens the backend `config` describes (None for mode Off); `what` names
     /// it in errors. `stdin`: whether tty mode reads the terminal (only one
     /// backend may).
-    pub fn open(config: &ConsoleConfig, what: &str, stdin: bool) -> Result<Option<Arc<Self>>> {
+    pub fn open(
+        config: &ConsoleConfig,
+        what: &str,
+        stdin: bool,
+        seccomp: SeccompMode,
+    ) -> Result<Option<Arc<Self>>> {
         let device_error = |what: String| move |source| SerialError::Io { what, source };
         let stop_input =
             EventFd::new(libc::EFD_NONBLOCK).map_err(device_error(format!("{what}: eventfd")))?;
@@ -272,20 +278,26 @@ impl SerialBackend {
                 path.display()
             )))?;
             let b = backend.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("{what}-socket"))
-                .spawn(move || b.serve_socket(listener))
-                .map_err(device_error(what.to_owned()))?;
+            let handle = seccomp::spawn_confined(
+                format!("{what}-socket"),
+                ThreadKind::SerialSocket,
+                seccomp,
+                move || b.serve_socket(listener),
+            )
+            .map_err(device_error(what.to_owned()))?;
             *backend
                 .input_thread
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = Some(handle);
         } else if let Some(fd) = input_fd {
             let b = backend.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("{what}-input"))
-                .spawn(move || b.pump_input(fd))
-                .map_err(device_error(what.to_owned()))?;
+            let handle = seccomp::spawn_confined(
+                format!("{what}-input"),
+                ThreadKind::SerialInput,
+                seccomp,
+                move || b.pump_input(fd),
+            )
+            .map_err(device_error(what.to_owned()))?;
             *backend
                 .input_thread
                 .lock()
@@ -558,9 +570,10 @@ mod tests {
     #[test]
     fn uart_output_reaches_the_capture() {
         let config = ConsoleConfig::with_mode(ConsoleOutputMode::Null);
-        let backend = SerialBackend::open(&config, "serial", true)
-            .unwrap()
-            .unwrap();
+        let backend =
+            SerialBackend::open(&config, "serial", true, crate::seccomp::SeccompMode::Off)
+                .unwrap()
+                .unwrap();
         let trigger = IrqTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let mut device = SerialDevice {
             uart: Serial::new(trigger, SerialSink(backend.clone())),
@@ -581,9 +594,10 @@ mod tests {
     #[test]
     fn pty_mode_has_a_path_and_does_not_block_without_a_reader() {
         let config = ConsoleConfig::with_mode(ConsoleOutputMode::Pty);
-        let backend = SerialBackend::open(&config, "serial", true)
-            .unwrap()
-            .unwrap();
+        let backend =
+            SerialBackend::open(&config, "serial", true, crate::seccomp::SeccompMode::Off)
+                .unwrap()
+                .unwrap();
         let path = backend.pty_path().unwrap().clone();
         assert!(path.starts_with("/dev/pts"));
         // Far more than a pty buffer holds: must return, not block.
@@ -605,9 +619,10 @@ mod socket_tests {
         let _ = std::fs::remove_file(&path);
         let mut config = ConsoleConfig::with_mode(ConsoleOutputMode::Socket);
         config.socket = Some(path.to_string_lossy().into_owned());
-        let backend = SerialBackend::open(&config, "serial", true)
-            .unwrap()
-            .unwrap();
+        let backend =
+            SerialBackend::open(&config, "serial", true, crate::seccomp::SeccompMode::Off)
+                .unwrap()
+                .unwrap();
         let mut client = UnixStream::connect(&path).unwrap();
         client
             .set_read_timeout(Some(Duration::from_millis(100)))

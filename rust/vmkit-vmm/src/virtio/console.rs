@@ -2,6 +2,7 @@
 //! `--console` backend (off, null, tty, pty, file, socket), backend input is
 //! buffered and handed to the receive queue as the guest posts buffers.
 
+use crate::seccomp::ThreadKind;
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -278,8 +279,14 @@ impl VirtioDevice for Console {
             input: self.input.clone(),
             scratch: vec![0; MAX_CHAIN],
         };
-        let worker = worker::spawn(self.id.clone(), kicks, handler)
-            .map_err(|e| ActivateError::io("worker thread", e))?;
+        let worker = worker::spawn(
+            &activation.spawner,
+            self.id.clone(),
+            ThreadKind::Console,
+            kicks,
+            handler,
+        )
+        .map_err(|e| ActivateError::io("worker thread", e))?;
         self.worker = Some(worker);
         Ok(())
     }
@@ -302,6 +309,7 @@ mod tests {
             &ConsoleConfig::with_mode(ConsoleOutputMode::Null),
             "console",
             false,
+            crate::seccomp::SeccompMode::Off,
         )
         .unwrap()
         .unwrap();
@@ -318,6 +326,7 @@ mod tests {
         let interrupt = Arc::new(FakeInterrupt::default());
         console
             .activate(Activation {
+                spawner: crate::seccomp::Spawner::unconfined(),
                 memory: memory.clone(),
                 interrupt: interrupt.clone(),
                 queues: vec![
@@ -354,6 +363,7 @@ mod tests {
         let interrupt = Arc::new(FakeInterrupt::default());
         console
             .activate(Activation {
+                spawner: crate::seccomp::Spawner::unconfined(),
                 memory: memory.clone(),
                 interrupt: interrupt.clone(),
                 queues: vec![tx.activate(TRANSMIT_QUEUE, false)],

@@ -92,6 +92,8 @@ pub struct Activation {
     pub queues: Vec<ActiveQueue>,
     /// The features the driver accepted (a subset of `features()`).
     pub acked_features: u64,
+    /// Starts the device's worker threads (not the vCPU thread activating it).
+    pub spawner: crate::seccomp::Spawner,
 }
 
 /// Why a device could not start: what failed, and the cause if there is one.

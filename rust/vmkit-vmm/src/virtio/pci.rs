@@ -151,6 +151,8 @@ pub type DeviceEvents = Arc<Mutex<Vec<(&'static str, String)>>>;
 pub struct VirtioPciDevice {
     id: String,
     events: Option<DeviceEvents>,
+    /// Starts the device's workers on activation.
+    spawner: crate::seccomp::Spawner,
     config: PciConfiguration,
     device: Box<dyn VirtioDevice>,
     memory: GuestMemoryMmap,
@@ -303,6 +305,7 @@ impl VirtioPciDevice {
             active: false,
             location: (0, 0),
             events: None,
+            spawner: crate::seccomp::Spawner::unconfined(),
         };
         pci.register_notifiers(bar_address)?;
         Ok(pci)
@@ -339,6 +342,11 @@ impl VirtioPciDevice {
     /// Where to record activations and driver resets.
     pub fn set_events(&mut self, events: DeviceEvents) {
         self.events = Some(events);
+    }
+
+    /// Who starts the device's worker threads (and confines them).
+    pub fn set_spawner(&mut self, spawner: crate::seccomp::Spawner) {
+        self.spawner = spawner;
     }
 
     fn record(&self, event: &'static str) {
@@ -505,6 +513,7 @@ impl VirtioPciDevice {
                 interrupt: self.interrupt.clone(),
                 queues,
                 acked_features: self.driver_features,
+                spawner: self.spawner.clone(),
             })
             .map_err(|e| crate::error::chain_message(&e))?;
         self.active = true;

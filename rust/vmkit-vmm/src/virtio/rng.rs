@@ -1,6 +1,7 @@
 //! virtio-rng (virtio 1.2 §5.4): one queue of device-writable buffers, filled
 //! from the `--rng src=` file (by default /dev/urandom).
 
+use crate::seccomp::ThreadKind;
 use std::fs::File;
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -169,8 +170,14 @@ impl VirtioDevice for Rng {
             buffer: vec![0; MAX_REQUEST],
             broken: false,
         };
-        let worker = worker::spawn(format!("{}_q0", self.id), vec![active.kick], handler)
-            .map_err(|e| ActivateError::io("worker thread", e))?;
+        let worker = worker::spawn(
+            &activation.spawner,
+            format!("{}_q0", self.id),
+            ThreadKind::Rng,
+            vec![active.kick],
+            handler,
+        )
+        .map_err(|e| ActivateError::io("worker thread", e))?;
         self.worker = Some(worker);
         Ok(())
     }
@@ -195,6 +202,7 @@ mod tests {
         let mut driver = Driver::small(&memory, 16, 0x10000);
         let interrupt = Arc::new(FakeInterrupt::default());
         rng.activate(Activation {
+            spawner: crate::seccomp::Spawner::unconfined(),
             memory,
             interrupt: interrupt.clone(),
             queues: vec![driver.activate(0, false)],

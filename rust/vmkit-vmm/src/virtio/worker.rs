@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::seccomp::{Spawner, ThreadKind};
+
 /// What a worker thread runs. Called only on the worker thread.
 pub trait WorkerHandler: Send + 'static {
     /// Queue `index` (position in the `kicks` given to [`spawn`]) was
@@ -106,9 +108,12 @@ impl Drop for Worker {
 const KILL_TOKEN: u64 = u64::MAX;
 const EXTRA_BASE: u64 = 1 << 32;
 
-/// Starts a worker thread named `name` over the queue `kicks`.
+/// Starts a worker thread named `name` over the queue `kicks`, confined to
+/// `kind`'s seccomp filter; `spawner` creates it.
 pub fn spawn<H: WorkerHandler>(
+    spawner: &Spawner,
     name: String,
+    kind: ThreadKind,
     kicks: Vec<EventFd>,
     handler: H,
 ) -> io::Result<Worker> {
@@ -134,9 +139,7 @@ pub fn spawn<H: WorkerHandler>(
         )?;
     }
     let thread_kill = kill.try_clone()?;
-    let thread = std::thread::Builder::new()
-        .name(name)
-        .spawn(move || run(epoll, thread_kill, kicks, handler))?;
+    let thread = spawner.spawn(name, kind, move || run(epoll, thread_kill, kicks, handler))?;
     Ok(Worker {
         kill,
         thread: Some(thread),
@@ -288,7 +291,14 @@ mod tests {
             .collect();
         let kick2 = kicks[2].try_clone().unwrap();
         let (tx, rx) = mpsc::channel();
-        let mut worker = spawn("test-worker".into(), kicks, Echo(tx)).unwrap();
+        let mut worker = spawn(
+            &Spawner::unconfined(),
+            "test-worker".into(),
+            ThreadKind::Rng,
+            kicks,
+            Echo(tx),
+        )
+        .unwrap();
         kick2.write(1).unwrap();
         assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(5)), Ok(2));
         worker.stop();

@@ -14,7 +14,7 @@
 //! `io/uring`. `queue`: a queue's worker. `counters`, `error`.
 
 mod counters;
-mod disk;
+pub(crate) mod disk;
 mod error;
 mod io;
 mod merge;
@@ -23,6 +23,7 @@ mod request;
 #[cfg(test)]
 mod tests;
 
+use crate::seccomp::ThreadKind;
 use std::collections::BTreeMap;
 use std::io as stdio;
 use std::os::unix::fs::MetadataExt;
@@ -372,10 +373,16 @@ impl VirtioDevice for Block {
                     active.queue,
                 )
                 .map_err(failed)?;
+            let kind = if handler.uring.is_some() {
+                ThreadKind::BlockIoUring
+            } else {
+                ThreadKind::BlockSync
+            };
             all_uring &= handler.uring.is_some();
             let name = format!("{}-q{}", self.id, active.index);
             // On failure `workers` is dropped, which stops those started.
-            workers.push(worker::spawn(name, vec![active.kick], handler).map_err(failed)?);
+            let worker = worker::spawn(&activation.spawner, name, kind, vec![active.kick], handler);
+            workers.push(worker.map_err(failed)?);
         }
         self.workers = workers;
         self.io_uring_active = all_uring;

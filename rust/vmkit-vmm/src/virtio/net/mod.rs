@@ -33,6 +33,7 @@ mod tests;
 mod timer;
 mod tx;
 
+use crate::seccomp::ThreadKind;
 use std::collections::BTreeMap;
 use std::io;
 use std::num::Wrapping;
@@ -356,7 +357,13 @@ impl VirtioDevice for Net {
                     roles,
                     tap_events,
                 };
-                worker::spawn(format!("{}_qp{pair}", self.id), kicks, handler)
+                worker::spawn(
+                    &activation.spawner,
+                    format!("{}_qp{pair}", self.id),
+                    ThreadKind::Net,
+                    kicks,
+                    handler,
+                )
             };
             match start() {
                 Ok(worker) => workers.push(worker),

@@ -45,21 +45,21 @@ const fn iow(nr: u64) -> u64 {
 const fn ior(nr: u64) -> u64 {
     (2 << 30) | (4 << 16) | ((b'T' as u64) << 8) | nr
 }
-const TUNSETIFF: u64 = iow(202);
-const TUNSETOFFLOAD: u64 = iow(208);
-const TUNGETIFF: u64 = ior(210);
-const TUNSETVNETHDRSZ: u64 = iow(216);
-const TUNSETQUEUE: u64 = iow(217);
+pub(crate) const TUNSETIFF: u64 = iow(202);
+pub(crate) const TUNSETOFFLOAD: u64 = iow(208);
+pub(crate) const TUNGETIFF: u64 = ior(210);
+pub(crate) const TUNSETVNETHDRSZ: u64 = iow(216);
+pub(crate) const TUNSETQUEUE: u64 = iow(217);
 
 // <linux/sockios.h>
-const SIOCGIFFLAGS: u64 = 0x8913;
-const SIOCSIFFLAGS: u64 = 0x8914;
-const SIOCSIFADDR: u64 = 0x8916;
-const SIOCSIFNETMASK: u64 = 0x891c;
-const SIOCGIFMTU: u64 = 0x8921;
-const SIOCSIFMTU: u64 = 0x8922;
-const SIOCSIFHWADDR: u64 = 0x8924;
-const SIOCGIFHWADDR: u64 = 0x8927;
+pub(crate) const SIOCGIFFLAGS: u64 = 0x8913;
+pub(crate) const SIOCSIFFLAGS: u64 = 0x8914;
+pub(crate) const SIOCSIFADDR: u64 = 0x8916;
+pub(crate) const SIOCSIFNETMASK: u64 = 0x891c;
+pub(crate) const SIOCGIFMTU: u64 = 0x8921;
+pub(crate) const SIOCSIFMTU: u64 = 0x8922;
+pub(crate) const SIOCSIFHWADDR: u64 = 0x8924;
+pub(crate) const SIOCGIFHWADDR: u64 = 0x8927;
 const IFF_UP: u16 = 0x1;
 const ARPHRD_ETHER: u16 = 1;
 

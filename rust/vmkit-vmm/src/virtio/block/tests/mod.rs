@@ -255,6 +255,7 @@ fn activate(
     }
     block
         .activate(Activation {
+            spawner: crate::seccomp::Spawner::unconfined(),
             memory: mem.clone(),
             interrupt: interrupt.clone(),
             queues: active,

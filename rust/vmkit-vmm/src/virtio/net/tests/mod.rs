@@ -174,6 +174,7 @@ fn activate(
     let (tx, tx_active) = ring(memory, 1, 0x20000);
     let signals = Arc::new(FakeInterrupt::default());
     net.activate(Activation {
+        spawner: crate::seccomp::Spawner::unconfined(),
         memory: memory.clone(),
         interrupt: signals.clone(),
         queues: vec![rx_active, tx_active],

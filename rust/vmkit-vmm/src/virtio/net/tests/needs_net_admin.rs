@@ -306,6 +306,7 @@ fn control_queue_sets_pairs_and_offloads() {
         queues.push(active);
     }
     net.activate(Activation {
+        spawner: crate::seccomp::Spawner::unconfined(),
         memory: memory.clone(),
         interrupt: Arc::new(FakeInterrupt::default()),
         queues,

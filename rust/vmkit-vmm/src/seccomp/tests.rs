@@ -1,0 +1,136 @@
+use super::*;
+
+#[test]
+fn every_kind_compiles_in_both_modes() {
+    for kind in ThreadKind::ALL {
+        for mode in [SeccompMode::Trap, SeccompMode::Log] {
+            let programs = filters::compile(kind, mode).unwrap();
+            assert!(!programs.is_empty() && programs.iter().all(|p| !p.is_empty()));
+        }
+    }
+}
+
+#[test]
+fn a_creator_allows_what_its_children_do() {
+    for kind in ThreadKind::ALL {
+        let rules = filters::rules(kind);
+        for child in [ThreadKind::Vcpu, ThreadKind::Net, ThreadKind::BlockIoUring] {
+            let child_rules = filters::rules(child);
+            let inherited = matches!(
+                (kind, child),
+                (ThreadKind::Vmm | ThreadKind::Process, ThreadKind::Vcpu)
+                    | (
+                        ThreadKind::Spawner | ThreadKind::Vmm | ThreadKind::Process,
+                        _
+                    )
+            );
+            if inherited {
+                for syscall in [libc::SYS_ioctl, libc::SYS_io_uring_enter, libc::SYS_writev] {
+                    if child_rules.allows(syscall) {
+                        assert!(rules.allows(syscall), "{kind} lacks {syscall} of {child}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn device_workers_cannot_open_files_or_start_programs() {
+    for kind in [
+        ThreadKind::Vcpu,
+        ThreadKind::BlockSync,
+        ThreadKind::BlockIoUring,
+        ThreadKind::Net,
+        ThreadKind::Rng,
+        ThreadKind::Console,
+        ThreadKind::SerialInput,
+        ThreadKind::SerialSocket,
+    ] {
+        let rules = filters::rules(kind);
+        for syscall in [
+            libc::SYS_openat,
+            libc::SYS_execve,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_socket,
+            libc::SYS_connect,
+        ] {
+            assert!(!rules.allows(syscall), "{kind} allows {syscall}");
+        }
+    }
+    for kind in ThreadKind::ALL {
+        let rules = filters::rules(kind);
+        for syscall in [
+            libc::SYS_execve,
+            libc::SYS_execveat,
+            libc::SYS_ptrace,
+            libc::SYS_fork,
+        ] {
+            assert!(!rules.allows(syscall), "{kind} allows {syscall}");
+        }
+    }
+}
+
+#[test]
+fn decimal_formats_without_allocating() {
+    for value in [0, 7, 42, 435, i32::MAX, -1, i32::MIN] {
+        let (digits, len) = decimal(value);
+        assert_eq!(
+            std::str::from_utf8(&digits[..len]).unwrap(),
+            value.to_string()
+        );
+    }
+}
+
+#[test]
+fn modes_parse_as_the_command_line_spells_them() {
+    assert_eq!(SeccompMode::parse("true"), Some(SeccompMode::Trap));
+    assert_eq!(SeccompMode::parse("log"), Some(SeccompMode::Log));
+    assert_eq!(SeccompMode::parse("false"), Some(SeccompMode::Off));
+    assert_eq!(SeccompMode::parse("yes"), None);
+    for mode in [SeccompMode::Trap, SeccompMode::Log, SeccompMode::Off] {
+        assert_eq!(SeccompMode::parse(mode.as_str()), Some(mode));
+    }
+}
+
+/// A confined thread makes an allowed call and one outside its filter; in
+/// log mode both go through (the kernel logs the second).
+#[test]
+fn a_thread_confined_in_log_mode_keeps_running() {
+    let handle = spawn_confined("log-test".into(), ThreadKind::Rng, SeccompMode::Log, || {
+        // SAFETY: getppid has no arguments and no effect.
+        let parent = unsafe { libc::syscall(libc::SYS_getppid) };
+        assert!(parent > 0);
+        let status = std::fs::read_to_string("/proc/thread-self/status");
+        // openat is outside the rng filter too, and logged, not refused.
+        assert!(status.unwrap().contains("Seccomp:\t2"));
+    })
+    .unwrap();
+    handle.join().unwrap();
+}
+
+#[test]
+fn the_spawner_starts_confined_threads() {
+    let spawner = Spawner::start(SeccompMode::Log).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let handle = spawner
+        .spawn("spawned".into(), ThreadKind::Rng, move || {
+            tx.send(std::fs::read_to_string("/proc/thread-self/status").unwrap())
+                .unwrap();
+        })
+        .unwrap();
+    handle.join().unwrap();
+    let status = rx.recv().unwrap();
+    // The spawner's filters and the worker's own: two on top of none.
+    assert!(status.contains("Seccomp:\t2"));
+    let filters: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(filters >= 3, "{status}");
+    drop(spawner);
+}

@@ -1,0 +1,278 @@
+"""Seccomp confinement, with Cloud Hypervisor's ``--seccomp`` semantics.
+
+Each VMM thread kind runs under its own filter. To show that a filter is
+there and does what ``--seccomp`` says, a real thread of a running VMM (the
+release build users run, no test-only code) is made to execute a system call
+its filter does not allow, through ptrace (tests/_inject.py): ``getpgid``,
+which no vmkit filter allows and which changes nothing when it goes through.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from _inject import Injected, inject_syscall, seccomp_mode, threads
+from vmkit import testguest
+
+if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+if not Path("/proc/self/status").read_text().count("Seccomp:"):
+    pytest.skip("this kernel has no seccomp", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parent.parent
+GETPGID = 121  # x86_64; outside every vmkit filter (checked in the Rust tests)
+CH_MESSAGE = (
+    "\n==== Possible seccomp violation ====\n"
+    "Try running with `strace -ff` to identify the cause and open an issue: "
+    "https://github.com/cloud-hypervisor/cloud-hypervisor/issues/new\n"
+)
+
+#: Thread kind (as the SIGSYS message names it) -> its threads' names.
+KINDS: dict[str, str] = {
+    "vcpu": r"vcpu\d+",
+    "vmm": r"vmm",
+    "spawner": r"vmkit-spawner",
+    "block (io_uring)": r"_disk0-q\d+",
+    "block (sync)": r"_disk1-q\d+",
+    "net": r"_net\d+_qp\d+",
+    "rng": r"_+rng\d*_q0",
+    "console": r"_+console\d*",
+    "serial input": r"console-input",
+    "serial socket": r"serial-socket",
+    "vmkit process": r"python[\d.]*|vmkit(-log)?",
+}
+
+
+def _can_make_taps() -> bool:
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return os.geteuid() == 0
+
+
+TAPS = _can_make_taps()
+
+
+def vmm_argv(tmp_path: Path, mode: str, ticks: int = 100) -> list[str]:
+    """A `vmkit` command line with a thread of every kind (net where taps can be made)."""
+    disks = []
+    for i in range(2):
+        image = tmp_path / f"disk{i}.img"
+        image.write_bytes(b"\0" * (1 << 20))
+        disks.append(f"path={image}" + (",_disable_io_uring=on" if i else ""))
+    # The test guest resets each device after its step, which stops the
+    # device's worker: the steps repeat, so that every worker keeps coming back.
+    steps = (["rng", "blk", "console"] + (["net"] if TAPS else [])) * 60 + ["ticks"]
+    argv = [
+        sys.executable, "-m", "vmkit",
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(steps, "poweroff", ticks=ticks, net_timeout_ms=20),
+        "--cpus", "boot=1", "--memory", "size=64M",
+        "--disk", *disks,
+        "--rng", "src=/dev/urandom",
+        "--serial", f"socket={tmp_path / 'serial.sock'}",
+        "--console", "pty",
+        "--seccomp", mode,
+    ]  # fmt: skip
+    if TAPS:
+        argv += ["--net", f"tap=vmksc{os.getpid() % 10000}x{len(str(tmp_path)) % 10}"]
+    return argv
+
+
+def expected_kinds() -> list[str]:
+    return [kind for kind in KINDS if kind != "net" or TAPS]
+
+
+def find_thread(process: subprocess.Popen[str], kind: str, deadline: float) -> int:
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        for name, tids in threads(process.pid).items():
+            if re.fullmatch(KINDS[kind], name):
+                return tids[0]
+        time.sleep(0.002)
+    raise AssertionError(f"no {kind} thread in {threads(process.pid)}")
+
+
+def inject_into(process: subprocess.Popen[str], kind: str) -> Injected:
+    """Makes a thread of ``kind`` call getpgid(0); device workers come and go,
+    so a thread that ended before it could be stopped is replaced by the next."""
+    deadline = time.monotonic() + 30
+    # The interpreter is confined once start-up is done: by the time vCPUs run.
+    find_thread(process, "vcpu", deadline)
+    while True:
+        tid = find_thread(process, kind, deadline)
+        try:
+            return inject_syscall(process.pid, tid, GETPGID, 0)
+        except (ProcessLookupError, ChildProcessError) as e:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"every {kind} thread ended before it could be stopped") from e
+        except OSError as e:
+            if e.errno != errno.ESRCH or time.monotonic() > deadline:
+                raise
+
+
+@contextmanager
+def vmm(tmp_path: Path, mode: str, ticks: int = 100) -> Iterator[subprocess.Popen[str]]:
+    process = subprocess.Popen(
+        vmm_argv(tmp_path, mode, ticks),
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+
+
+def kernel_log() -> str | None:
+    result = subprocess.run(["dmesg"], capture_output=True, text=True)
+    return result.stdout if result.returncode == 0 else None
+
+
+@pytest.mark.parametrize("kind", expected_kinds())
+def test_a_call_outside_the_filter_kills_the_vmm_with_sigsys(tmp_path: Path, kind: str) -> None:
+    with vmm(tmp_path, "true") as process:
+        injected = inject_into(process, kind)
+        assert injected.killed_by == signal.SIGSYS
+        _, stderr = process.communicate(timeout=20)
+    assert process.returncode == -signal.SIGSYS
+    assert CH_MESSAGE in stderr
+    assert f"vmkit: system call {GETPGID} is outside the seccomp filter of this {kind} thread" in (
+        stderr
+    )
+
+
+def test_every_thread_of_a_running_vmkit_is_confined(tmp_path: Path) -> None:
+    seen: dict[str, int] = {}
+    with vmm(tmp_path, "true") as process:
+        deadline = time.monotonic() + 30
+        for kind in expected_kinds():
+            find_thread(process, kind, deadline)
+            for name, tids in threads(process.pid).items():
+                for tid in tids:
+                    try:
+                        seen[name] = seccomp_mode(process.pid, tid)
+                    except FileNotFoundError:
+                        pass  # a worker that just ended
+    assert all(re.fullmatch("|".join(KINDS.values()) + "|kvm-.*", name) for name in seen), seen
+    assert seen and set(seen.values()) == {2}, seen
+
+
+def test_log_mode_lets_the_call_through_and_the_kernel_logs_it(tmp_path: Path) -> None:
+    log_before = kernel_log()
+    with vmm(tmp_path, "log", ticks=1200) as process:
+        for i, kind in enumerate(expected_kinds()):
+            if i and i % 5 == 0:
+                # The kernel prints at most 10 audit records per 5 s.
+                time.sleep(5.5)
+            injected = inject_into(process, kind)
+            assert injected.killed_by is None, kind
+            assert injected.result == os.getpgid(process.pid), kind
+        # The VM runs on to its end: every step and tick, then power-off (exit 0).
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr
+        assert "seccomp violation" not in stderr
+    log = kernel_log()
+    if log is None or log_before is None:
+        pytest.skip("the kernel log (dmesg) is not readable here")
+    records = re.findall(
+        rf"type=1326 .*pid={process.pid} comm=\"([^\"]+)\".* syscall={GETPGID} ", log
+    )
+    for kind in expected_kinds():
+        assert any(re.fullmatch(KINDS[kind], comm) for comm in records), (kind, records)
+
+
+def test_false_installs_nothing(tmp_path: Path) -> None:
+    with vmm(tmp_path, "false") as process:
+        find_thread(process, "vcpu", time.monotonic() + 30)
+        for name, ids in threads(process.pid).items():
+            for tid in ids:
+                assert seccomp_mode(process.pid, tid) == 0, name
+        injected = inject_into(process, "vcpu")
+        assert injected.killed_by is None
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+
+
+IN_PROCESS = textwrap.dedent(
+    """
+    import sys, threading, time
+    from vmkit import VmConfig, testguest
+    from vmkit.vm import Vm
+
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["rng"] * 300 + ["ticks"], "poweroff", ticks=100),
+        "--cpus", "boot=1", "--memory", "size=64M", "--serial", "null",
+        "--console", "off", "--rng", "src=/dev/urandom",
+    ])
+    mine = threading.Thread(target=time.sleep, args=(60,), name="users-thread", daemon=True)
+    mine.start()
+    with Vm(config, seccomp=sys.argv[1] if sys.argv[1] == "log" else sys.argv[1] == "true") as vm:
+        vm.boot()
+        print("booted", flush=True)
+        vm.wait(timeout=60)
+    print("stopped", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["true", "log"])
+def test_an_in_process_vm_confines_its_own_threads_only(mode: str) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-c", IN_PROCESS, mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "booted\n"
+        kinds = ["vcpu", "vmm", "spawner"]
+        deadline = time.monotonic() + 30
+        tids = {kind: find_thread(process, kind, deadline) for kind in kinds}
+        names = threads(process.pid)
+        # The program's own threads: the main thread and the one it started.
+        for name in ("python", "users-thread"):
+            for tid in names.get(name, []) + names.get(name[:15], []):
+                assert seccomp_mode(process.pid, tid) == 0, name
+        assert seccomp_mode(process.pid, process.pid) == 0
+        for kind, tid in tids.items():
+            assert seccomp_mode(process.pid, tid) == 2, kind
+        injected = inject_into(process, "rng")
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    if mode == "true":
+        assert injected.killed_by == signal.SIGSYS
+        assert process.returncode == -signal.SIGSYS
+        assert CH_MESSAGE in stderr
+        assert "outside the seccomp filter of this rng thread" in stderr
+    else:
+        assert injected.killed_by is None
+        assert process.returncode == 0, stderr
+        assert stdout == "stopped\n"
