@@ -564,6 +564,7 @@ fn interpreter() -> Rules {
         libc::SYS_fdatasync,
         libc::SYS_flock,
         libc::SYS_unlinkat,
+        libc::SYS_rmdir,
         libc::SYS_rename,
         libc::SYS_renameat2,
         libc::SYS_fchmod,
