@@ -824,6 +824,17 @@ class SpawnedVm:
         self.close()
 
 
+#: The VMM's entry point, as ``python -m vmkit`` but without the current
+#: directory on ``sys.path`` (``-m`` and ``-c`` put it first, so a ``vmkit``
+#: folder there would run instead); ``-P`` does that only from Python 3.11 on.
+_VMM_MAIN = (
+    "import sys\n"
+    "if not getattr(sys.flags, 'safe_path', False): del sys.path[0]\n"
+    "from vmkit.cli import main\n"
+    "main()\n"
+)
+
+
 def _package_root() -> str:
     return str(Path(__file__).resolve().parent.parent)
 
@@ -857,6 +868,14 @@ def spawn(
     ``startup_timeout`` seconds, ApiError when ``vm.create`` fails; in both
     cases the process is ended and its files removed.
     """
+    interpreter = sys.executable
+    if not interpreter or not os.path.isabs(interpreter):
+        # Never a PATH lookup: that could start another program than this Python.
+        raise VmError(
+            f"Cannot start a VMM: this Python's interpreter path is unknown or relative "
+            f"(sys.executable is {interpreter!r})",
+            "Spawn",
+        )
     if api_socket is not None and os.path.lexists(api_socket):
         # Perhaps another VMM's socket: never bind over it, talk to it or remove it.
         raise VmError(
@@ -895,7 +914,7 @@ def spawn(
     child_env["VMKIT_SPAWN_DIR"] = str(tmpdir)
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "vmkit", "--api-socket", str(socket_path), *vmm_args],
+            [interpreter, "-c", _VMM_MAIN, "--api-socket", str(socket_path), *vmm_args],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

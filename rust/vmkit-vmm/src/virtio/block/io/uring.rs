@@ -46,7 +46,7 @@ impl Uring {
                 }
             }
         }
-        let eventfd = EventFd::new(libc::EFD_NONBLOCK)?;
+        let eventfd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         let capacity = ring.params().sq_entries() as usize;
         Ok(Uring {
