@@ -360,3 +360,22 @@ def test_a_stuck_event_reader_costs_events_not_the_vmm(fifo: Path, stuck_reader:
     events = [json.loads(text) for text in got.decode().split("\n\n") if text]
     assert len(events) == 200 - monitor.dropped
     assert [e["properties"]["index"] for e in events] == [str(i) for i in range(len(events))]
+
+
+def test_a_spawned_vm_does_not_read_back_a_fifo_its_serial_goes_to(
+    fifo: Path, stuck_reader: int
+) -> None:
+    """``Vm.spawn`` reads the serial file back for ``vm.serial``; a FIFO there
+    is someone else's stream: reading it would block (and steal from it)."""
+    from vmkit.client import spawn
+
+    vm = spawn(VmConfig.from_cli(ticking(f"file={fifo}")))
+    try:
+        vm.boot()
+        wait_until_full(stuck_reader)
+        got: list[bytes] = []
+        assert call_promptly(lambda: got.append(vm.serial.read()), lambda: None) is None
+        assert got == [b""]
+        assert queued(stuck_reader) >= PIPE_SIZE, "the guest's output was taken from the FIFO"
+    finally:
+        vm.close()

@@ -457,6 +457,21 @@ class Client:
 # ---------------------------------------------------------------------------
 
 
+def _read_regular_file(path: Path, offset: int) -> bytes:
+    """``path``'s bytes from ``offset``; nothing if it is missing or not a
+    regular file: the serial port may go to a FIFO or a device, and reading
+    one back would block, or take what a reader there waits for."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        return b""
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b""
+        f.seek(offset)
+        return f.read()
+
+
 class FileSerialConsole:
     """A spawned VM's serial output, read from the file the VMM writes.
 
@@ -477,20 +492,12 @@ class FileSerialConsole:
             return self._frozen
         if self.path is None:
             return b""
-        try:
-            return self.path.read_bytes()
-        except FileNotFoundError:
-            return b""
+        return _read_regular_file(self.path, 0)
 
     def _read_from(self, offset: int) -> bytes:
         if self._frozen is not None or self.path is None:
             return self.read()[offset:]
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(offset)
-                return f.read()
-        except FileNotFoundError:
-            return b""
+        return _read_regular_file(self.path, offset)
 
     @property
     def text(self) -> str:
