@@ -309,6 +309,36 @@ def test_sigterm_ends_the_cli_while_its_serial_reader_is_stuck(
         process.stderr.close()
 
 
+def test_sigterm_ends_the_cli_while_the_reader_of_its_stdout_is_stuck() -> None:
+    """``--serial tty`` into a pipe nobody reads (``vmkit ... | stuck``): stdout
+    is shared with other programs and stays blocking, so vmkit writes only
+    while it has room."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vmkit", *ticking("tty")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    assert process.stdout is not None
+    try:
+        # Two pages: poll reports room only while a page of the pipe is free,
+        # so vmkit stops writing once the second page has a byte in it.
+        fcntl.fcntl(process.stdout.fileno(), F_SETPIPE_SZ, 2 * PIPE_SIZE)
+        wait_until_full(process.stdout.fileno())
+        time.sleep(0.5)  # the guest prints on: far more than the pipe holds
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(PROMPT)
+        except subprocess.TimeoutExpired:
+            pytest.fail("vmkit did not end on SIGTERM while its stdout was stuck")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
 # -- --event-monitor path= ----------------------------------------------------------------
 
 

@@ -3,7 +3,8 @@
 //! Python can read the console while the VM runs.
 //!
 //! Output never blocks a vCPU on a slow reader: pty, socket and file writes
-//! are non-blocking and drop what does not fit. A vCPU blocked in `write`
+//! are non-blocking and drop what does not fit; stdout, which other programs
+//! share, is written only while it has room. A vCPU blocked in `write`
 //! would hold the device's lock and could not be parked, so pause, reboot
 //! and shutdown would wait on whoever reads the other end; the capture
 //! below still has everything. What vmkit creates (`file=` outputs,
@@ -152,6 +153,33 @@ fn write_nonblocking(fd: RawFd, bytes: &[u8]) {
             return;
         }
         rest = &rest[n as usize..];
+    }
+}
+
+/// Writes to a descriptor shared with other programs (stdout), which must
+/// stay blocking for them: a chunk at a time while poll says there is room,
+/// dropping the rest otherwise (a stuck pipe, a terminal stopped by ^S). A
+/// write that blocks all the same is ended by the vCPU's kick (EINTR, no
+/// SA_RESTART), and not retried.
+fn write_when_ready(fd: RawFd, bytes: &[u8]) {
+    // Small enough that a pipe or terminal reporting room takes it whole.
+    const CHUNK: usize = 256;
+    for chunk in bytes.chunks(CHUNK) {
+        let mut ready = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; no wait.
+        let n = unsafe { libc::poll(&mut ready, 1, 0) };
+        if n != 1 || ready.revents & libc::POLLOUT == 0 {
+            return;
+        }
+        // SAFETY: fd is open for the backend's lifetime; the buffer is valid.
+        let written = unsafe { libc::write(fd, chunk.as_ptr().cast(), chunk.len()) };
+        if written != chunk.len() as isize {
+            return;
+        }
     }
 }
 
@@ -318,8 +346,8 @@ impl SerialBackend {
             Output::Null => {}
             Output::Stdout => {
                 let mut stdout = io::stdout().lock();
-                let _ = stdout.write_all(bytes);
                 let _ = stdout.flush();
+                write_when_ready(libc::STDOUT_FILENO, bytes);
             }
             Output::File(file) => write_nonblocking(file.as_raw_fd(), bytes),
             Output::Pty(master) => write_nonblocking(master.as_raw_fd(), bytes),
