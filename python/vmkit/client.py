@@ -903,7 +903,8 @@ def spawn(
                     config, serial=ConsoleConfig(mode="File", file=str(serial_path))
                 )
         log_path = tmpdir / "vmm.log"
-        log = open(log_path, "wb")  # closed by the finalizer
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        log = open(os.open(log_path, flags, 0o600), "wb")  # closed by the finalizer
     except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
