@@ -102,7 +102,8 @@ def main() -> int:
                 khz = bench_boot.host_tsc_khz(out)
                 add("port-I/O exit round trip (µs)", vmm, mode, bench_boot.pio_ns(out, khz) / 1e3)
         for mode in MODES:
-            add("`Vm.boot()` → guest ready", "vmkit", mode, in_process_ready(kernel, boot, mode == "true"))
+            ready = in_process_ready(kernel, boot, mode == "true")
+            add("`Vm.boot()` → guest ready", "vmkit", mode, ready)
 
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "disk.img"
@@ -115,7 +116,8 @@ def main() -> int:
                     command = [*bench_io.vmkit_command(kernel, image, row), "--seccomp", mode]
                     requests, _, ns = bench_io.run(command)
                     assert ns is not None
-                    add(f"{row.label} ({row.unit})", "vmkit", mode, bench_io.rate(row, requests, ns / 1e9))
+                    speed = bench_io.rate(row, requests, ns / 1e9)
+                    add(f"{row.label} ({row.unit})", "vmkit", mode, speed)
 
     rows = list(dict.fromkeys(row for row, _, _ in samples))
 
@@ -134,7 +136,7 @@ def main() -> int:
         cells = []
         for vmm in ("vmkit", "ch"):
             on, off = figure(row, vmm, "true"), figure(row, vmm, "false")
-            cells += ["–", "–", "–"] if on != on else [f"{on:.2f}", f"{off:.2f}", f"{on / off:.3f}"]
+            cells += ["n/a"] * 3 if on != on else [f"{on:.2f}", f"{off:.2f}", f"{on / off:.3f}"]
         if args.markdown:
             print(f"| {row} | {' | '.join(cells)} |")
         else:

@@ -144,8 +144,8 @@ def threads(pid: int) -> dict[str, list[int]]:
         try:
             with open(f"/proc/{pid}/task/{entry}/comm") as f:
                 name = f.read().strip()
-        except FileNotFoundError:
-            continue
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that just ended
         found.setdefault(name, []).append(int(entry))
     return found
 

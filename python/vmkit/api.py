@@ -334,7 +334,10 @@ class _Connection:
                 raise _Gone("timed out")
             self.sock.settimeout(remaining)
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, MAX_FDS)
+            # MSG_CMSG_CLOEXEC: descriptors a client sends are the VMM's, not its children's.
+            data, fds, _flags, _addr = socket.recv_fds(
+                self.sock, 65536, MAX_FDS, socket.MSG_CMSG_CLOEXEC
+            )
         except TimeoutError:
             raise _Gone("timed out") from None
         except OSError as e:
@@ -625,10 +628,12 @@ class ApiServer:
             assert self.path is not None
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
+                # Owner-only from the moment the file exists, whatever the umask:
+                # Linux gives the socket file the socket's mode (less the umask).
+                os.fchmod(sock.fileno(), stat.S_IRUSR | stat.S_IWUSR)
                 sock.bind(self.path)
                 info = os.stat(self.path)
                 self._inode = (info.st_dev, info.st_ino)
-                os.chmod(self.path, stat.S_IRUSR | stat.S_IWUSR)
                 sock.listen(128)
             except BaseException:
                 sock.close()

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import sys
 import threading
 import time
@@ -384,10 +385,7 @@ def setup_logging(verbosity: int, log_file: str | None) -> TextIO:
     """
     stream: TextIO
     if log_file is not None:
-        try:
-            stream = open(log_file, "w", encoding="utf-8", newline="")
-        except OSError as e:
-            raise StartupError(f"Error creating log file: {_io_error(e)}") from None
+        stream = open(_open_log_file(log_file), "w", encoding="utf-8", newline="")
     else:
         stream = sys.stderr
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[verbosity] if verbosity < 3 else TRACE
@@ -403,6 +401,23 @@ def setup_logging(verbosity: int, log_file: str | None) -> TextIO:
     logger.propagate = False
     _log_handlers.append(handler)
     return stream
+
+
+def _open_log_file(path: str) -> int:
+    """Creates (mode 0600, whatever the umask) or truncates ``path``; a FIFO
+    with no reader is refused at once instead of waiting for one."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        if e.errno == errno.ENXIO and _is_fifo(path):
+            raise StartupError(
+                f"Error creating log file: {path} (--log-file) is a FIFO "
+                "that no process has open for reading"
+            ) from None
+        raise StartupError(f"Error creating log file: {_io_error(e)}") from None
+    os.set_blocking(fd, True)  # log lines are not dropped: a reader gets them all
+    return fd
 
 
 _log_handlers: list[logging.StreamHandler[TextIO]] = []
@@ -501,6 +516,13 @@ def api_socket_option(text: str) -> tuple[str | None, int | None]:
     return text, None
 
 
+def _is_fifo(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def event_monitor_option(text: str) -> int:
     """``--event-monitor``: opens the file (or takes the fd) and returns the descriptor."""
     values: dict[str, str] = {}
@@ -510,15 +532,30 @@ def event_monitor_option(text: str) -> int:
         raise StartupError(f"Error parsing --event-monitor: {e}") from None
     if values.get("fd"):
         try:
-            return _parse_i32(values["fd"])
+            fd = _parse_i32(values["fd"])
         except _OptionError:
             raise StartupError(
                 f"Error parsing --event-monitor: unable to convert {values['fd']} for fd"
             ) from None
-    if values.get("path"):
         try:
-            return os.open(values["path"], os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            os.set_inheritable(fd, False)  # the VMM's now: not for its children
+        except OSError:
+            pass  # a bad fd fails at the first event, as in v37
+        return fd
+    if values.get("path"):
+        path = values["path"]
+        # Owner-only whatever the umask; O_NONBLOCK: a FIFO nobody reads must
+        # not hold up start-up (ENXIO), and one whose reader stalls must not
+        # hold up the VMM (EventMonitor drops what the pipe cannot take).
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+        try:
+            return os.open(path, flags, 0o600)
         except OSError as e:
+            if e.errno == errno.ENXIO and _is_fifo(path):
+                raise StartupError(
+                    f"Error doing event monitor I/O: {path} (--event-monitor path) is a FIFO "
+                    "that no process has open for reading"
+                ) from None
             raise StartupError(f"Error doing event monitor I/O: {_io_error(e)}") from None
     raise StartupError("Error parsing --event-monitor: path or fd required")
 
@@ -620,6 +657,10 @@ def _watch_lifeline(vmm: Vmm) -> threading.Event:
     if text is None or not text.isdigit():
         return orphaned
     fd = int(text)
+    try:
+        os.set_inheritable(fd, False)
+    except OSError:
+        return orphaned
 
     def watch() -> None:
         while True:

@@ -457,6 +457,21 @@ class Client:
 # ---------------------------------------------------------------------------
 
 
+def _read_regular_file(path: Path, offset: int) -> bytes:
+    """``path``'s bytes from ``offset``; nothing if it is missing or not a
+    regular file: the serial port may go to a FIFO or a device, and reading
+    one back would block, or take what a reader there waits for."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        return b""
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b""
+        f.seek(offset)
+        return f.read()
+
+
 class FileSerialConsole:
     """A spawned VM's serial output, read from the file the VMM writes.
 
@@ -477,20 +492,12 @@ class FileSerialConsole:
             return self._frozen
         if self.path is None:
             return b""
-        try:
-            return self.path.read_bytes()
-        except FileNotFoundError:
-            return b""
+        return _read_regular_file(self.path, 0)
 
     def _read_from(self, offset: int) -> bytes:
         if self._frozen is not None or self.path is None:
             return self.read()[offset:]
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(offset)
-                return f.read()
-        except FileNotFoundError:
-            return b""
+        return _read_regular_file(self.path, offset)
 
     @property
     def text(self) -> str:
@@ -824,6 +831,17 @@ class SpawnedVm:
         self.close()
 
 
+#: The VMM's entry point, as ``python -m vmkit`` but without the current
+#: directory on ``sys.path`` (``-m`` and ``-c`` put it first, so a ``vmkit``
+#: folder there would run instead); ``-P`` does that only from Python 3.11 on.
+_VMM_MAIN = (
+    "import sys\n"
+    "if not getattr(sys.flags, 'safe_path', False): del sys.path[0]\n"
+    "from vmkit.cli import main\n"
+    "main()\n"
+)
+
+
 def _package_root() -> str:
     return str(Path(__file__).resolve().parent.parent)
 
@@ -857,6 +875,14 @@ def spawn(
     ``startup_timeout`` seconds, ApiError when ``vm.create`` fails; in both
     cases the process is ended and its files removed.
     """
+    interpreter = sys.executable
+    if not interpreter or not os.path.isabs(interpreter):
+        # Never a PATH lookup: that could start another program than this Python.
+        raise VmError(
+            f"Cannot start a VMM: this Python's interpreter path is unknown or relative "
+            f"(sys.executable is {interpreter!r})",
+            "Spawn",
+        )
     if api_socket is not None and os.path.lexists(api_socket):
         # Perhaps another VMM's socket: never bind over it, talk to it or remove it.
         raise VmError(
@@ -877,7 +903,8 @@ def spawn(
                     config, serial=ConsoleConfig(mode="File", file=str(serial_path))
                 )
         log_path = tmpdir / "vmm.log"
-        log = open(log_path, "wb")  # closed by the finalizer
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        log = open(os.open(log_path, flags, 0o600), "wb")  # closed by the finalizer
     except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
@@ -895,7 +922,7 @@ def spawn(
     child_env["VMKIT_SPAWN_DIR"] = str(tmpdir)
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "vmkit", "--api-socket", str(socket_path), *vmm_args],
+            [interpreter, "-c", _VMM_MAIN, "--api-socket", str(socket_path), *vmm_args],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

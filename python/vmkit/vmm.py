@@ -24,6 +24,7 @@ import copy
 import json
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -80,7 +81,16 @@ class EventMonitor:
 
     ``fd`` is written with plain ``write`` calls (no buffering); ``timestamp``
     is the time since the monitor was made. Thread-safe.
+
+    On a non-blocking ``fd`` (``--event-monitor path=`` opens one) an event
+    that a full pipe cannot take is dropped whole and counted in ``dropped``:
+    events are written under the VMM's lock, which a reader that stalls must
+    not hold. One that only partly fits is finished within
+    ``PARTIAL_WRITE_TIMEOUT`` seconds (else the monitor fails as on any write
+    error), so the stream never holds a torn event.
     """
+
+    PARTIAL_WRITE_TIMEOUT = 1.0
 
     def __init__(self, fd: int, *, close: bool = True) -> None:
         self._fd = fd
@@ -88,6 +98,8 @@ class EventMonitor:
         self._start = time.monotonic()
         self._lock = threading.Lock()
         self._broken = False
+        #: events dropped because the reader was not keeping up
+        self.dropped = 0
         #: the first write error, as v37 prints it (``Error doing event monitor I/O: ...``)
         self.error: str | None = None
         #: whether a write error is logged (off while the caller reports it itself)
@@ -108,14 +120,28 @@ class EventMonitor:
                 return
             try:
                 view = memoryview(data)
+                deadline = time.monotonic() + self.PARTIAL_WRITE_TIMEOUT
                 while view:
-                    written = os.write(self._fd, view)
+                    try:
+                        written = os.write(self._fd, view)
+                    except BlockingIOError:
+                        if len(view) == len(data):
+                            self._drop_event()
+                            return
+                        if not _wait_writable(self._fd, deadline):
+                            raise
+                        continue
                     view = view[written:]
             except OSError as e:
                 self._broken = True
                 self.error = f"Error doing event monitor I/O: {_io_error_text(e)}"
                 if self.log_errors:
                     log.error("%s", self.error)
+
+    def _drop_event(self) -> None:
+        if self.dropped == 0:
+            log.warning("The event monitor's reader is not keeping up: dropping events")
+        self.dropped += 1
 
     def close(self) -> None:
         with self._lock:
@@ -126,6 +152,18 @@ class EventMonitor:
                     pass
             self._fd = -1
             self._broken = True
+
+
+def _wait_writable(fd: int, deadline: float) -> bool:
+    """Waits until ``fd`` takes more data or ``deadline`` passes; whether it does."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        if poller.poll(remaining * 1000):
+            return True
 
 
 def _add_to_list(items: list[_T] | None, item: _T) -> list[_T]:

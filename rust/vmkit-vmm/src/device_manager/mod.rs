@@ -158,7 +158,7 @@ impl Wiring<'_> {
     /// gets a clone and this keeps the registered one.
     fn legacy_irq(&mut self, what: &'static str, gsi: u32) -> Result<EventFd> {
         let eventfd_error = |source| DeviceManagerError::EventFd { what, source };
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(eventfd_error)?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(eventfd_error)?;
         self.vm_fd
             .register_irqfd(&irq, gsi)
             .map_err(|source| DeviceManagerError::Irqfd { what, source })?;

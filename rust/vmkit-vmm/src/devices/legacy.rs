@@ -214,7 +214,8 @@ mod ged_tests {
 
     #[test]
     fn reading_the_event_clears_it() {
-        let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq =
+            vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
         let ged = Arc::new(Ged::new(irq.try_clone().unwrap()));
         let mut register = GedRegister(ged.clone());
         ged.notify(GED_POWER_BUTTON).unwrap();

@@ -2,16 +2,24 @@
 //! modes), plus an in-memory capture of everything the guest prints so that
 //! Python can read the console while the VM runs.
 //!
-//! Output never blocks a vCPU on a slow reader: pty and socket writes are
-//! non-blocking and drop what does not fit.
+//! Output never blocks a vCPU on a slow reader: pty, socket and file writes
+//! are non-blocking and drop what does not fit; stdout, which other programs
+//! share, is written only while it has room. A vCPU blocked in `write`
+//! would hold the device's lock and could not be parked, so pause, reboot
+//! and shutdown would wait on whoever reads the other end; the capture
+//! below still has everything. What vmkit creates (`file=` outputs,
+//! `socket=` sockets) is readable and writable by its owner only, whatever
+//! the umask (Cloud Hypervisor gets the same by setting umask 077).
 
 use crate::seccomp::{self, SeccompMode, ThreadKind};
 use std::collections::VecDeque;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -34,6 +42,9 @@ pub enum SerialError {
         #[source]
         source: io::Error,
     },
+    /// `file=` names a FIFO that nobody reads: writing would block.
+    #[error("Cannot create {what} output file {path} (--{what} file): it is a FIFO that no process has open for reading")]
+    FifoWithoutReader { what: String, path: String },
 }
 
 impl ModuleError for SerialError {
@@ -146,6 +157,33 @@ fn write_nonblocking(fd: RawFd, bytes: &[u8]) {
     }
 }
 
+/// Writes to a descriptor shared with other programs (stdout), which must
+/// stay blocking for them: a chunk at a time while poll says there is room,
+/// dropping the rest otherwise (a stuck pipe, a terminal stopped by ^S). A
+/// write that blocks all the same is ended by the vCPU's kick (EINTR, no
+/// SA_RESTART), and not retried.
+fn write_when_ready(fd: RawFd, bytes: &[u8]) {
+    // Small enough that a pipe or terminal reporting room takes it whole.
+    const CHUNK: usize = 256;
+    for chunk in bytes.chunks(CHUNK) {
+        let mut ready = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; no wait.
+        let n = unsafe { libc::poll(&mut ready, 1, 0) };
+        if n != 1 || ready.revents & libc::POLLOUT == 0 {
+            return;
+        }
+        // SAFETY: fd is open for the backend's lifetime; the buffer is valid.
+        let written = unsafe { libc::write(fd, chunk.as_ptr().cast(), chunk.len()) };
+        if written != chunk.len() as isize {
+            return;
+        }
+    }
+}
+
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     // SAFETY: fcntl on an fd we own, with checked results.
     unsafe {
@@ -226,8 +264,8 @@ impl SerialBackend {
         seccomp: SeccompMode,
     ) -> Result<Option<Arc<Self>>> {
         let device_error = |what: String| move |source| SerialError::Io { what, source };
-        let stop_input =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(device_error(format!("{what}: eventfd")))?;
+        let stop_input = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(device_error(format!("{what}: eventfd")))?;
         let mut pty_path = None;
         let mut socket_path = None;
         let mut raw_terminal = None;
@@ -245,10 +283,7 @@ impl SerialBackend {
             }
             ConsoleOutputMode::File => {
                 let path = config.file.as_deref().unwrap_or_default();
-                let file = File::create(path).map_err(device_error(format!(
-                    "Cannot create {what} output file {path}"
-                )))?;
-                Output::File(file)
+                Output::File(open_output_file(path, what)?)
             }
             ConsoleOutputMode::Pty => {
                 let (master, path) = open_pty().map_err(device_error(format!("{what} pty")))?;
@@ -273,7 +308,7 @@ impl SerialBackend {
             _raw_terminal: raw_terminal,
         });
         if let Some(path) = socket_path {
-            let listener = UnixListener::bind(&path).map_err(device_error(format!(
+            let listener = bind_private(&path).map_err(device_error(format!(
                 "Cannot listen on {what} socket {}",
                 path.display()
             )))?;
@@ -323,12 +358,10 @@ impl SerialBackend {
             Output::Null => {}
             Output::Stdout => {
                 let mut stdout = io::stdout().lock();
-                let _ = stdout.write_all(bytes);
                 let _ = stdout.flush();
+                write_when_ready(libc::STDOUT_FILENO, bytes);
             }
-            Output::File(file) => {
-                let _ = file.write_all(bytes);
-            }
+            Output::File(file) => write_nonblocking(file.as_raw_fd(), bytes),
             Output::Pty(master) => write_nonblocking(master.as_raw_fd(), bytes),
             Output::Socket(client) => {
                 if let Some(stream) = &*client.lock().unwrap_or_else(|p| p.into_inner()) {
@@ -465,6 +498,82 @@ impl SerialBackend {
     }
 }
 
+/// Opens (creating with mode 0600, or truncating) a `file=` output without
+/// blocking: a FIFO with a reader is accepted and written without blocking,
+/// one without a reader is refused (opening it would wait for one).
+fn open_output_file(path: &str, what: &str) -> Result<File> {
+    let opened = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        // O_NOCTTY: a terminal named here must not become ours.
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path);
+    match opened {
+        Ok(file) => Ok(file),
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) && is_fifo(path) => {
+            Err(SerialError::FifoWithoutReader {
+                what: what.to_owned(),
+                path: path.to_owned(),
+            }
+            .into())
+        }
+        Err(source) => Err(SerialError::Io {
+            what: format!("Cannot create {what} output file {path}"),
+            source,
+        }
+        .into()),
+    }
+}
+
+fn is_fifo(path: &str) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo())
+}
+
+/// Binds a listening unix socket at `path` that only its owner can connect
+/// to, whatever the umask: the mode is set on the socket before `bind`
+/// creates the file (Linux gives the file the socket's mode less the umask),
+/// so there is no moment at which another user could connect.
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    let path_bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if path_bytes.len() >= address.sun_path.len() || path_bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "path must be shorter than SUN_LEN and contain no NUL",
+        ));
+    }
+    address.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (slot, byte) in address.sun_path.iter_mut().zip(path_bytes) {
+        *slot = *byte as libc::c_char;
+    }
+    let length = std::mem::size_of::<libc::sa_family_t>() + path_bytes.len() + 1;
+    // SAFETY: socket(2) with checked result; the fd is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor that nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: fchmod, bind and listen on the socket just made, with a valid
+    // address of `length` bytes; results are checked.
+    unsafe {
+        if libc::fchmod(socket.as_raw_fd(), 0o600) != 0
+            || libc::bind(
+                socket.as_raw_fd(),
+                (&address as *const libc::sockaddr_un).cast(),
+                length as libc::socklen_t,
+            ) != 0
+            || libc::listen(socket.as_raw_fd(), 128) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(UnixListener::from(socket))
+}
+
 fn open_pty() -> io::Result<(OwnedFd, PathBuf)> {
     // SAFETY: standard pty allocation with checked results; ptsname_r
     // writes at most buf.len() bytes.
@@ -574,7 +683,7 @@ mod tests {
             SerialBackend::open(&config, "serial", true, crate::seccomp::SeccompMode::Off)
                 .unwrap()
                 .unwrap();
-        let trigger = IrqTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let trigger = IrqTrigger(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap());
         let mut device = SerialDevice {
             uart: Serial::new(trigger, SerialSink(backend.clone())),
         };
@@ -606,6 +715,78 @@ mod tests {
             backend.write_out(&chunk);
         }
         backend.close();
+    }
+}
+
+#[cfg(test)]
+mod file_tests {
+    use super::*;
+
+    fn fifo(name: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("vmkit-{name}-{}.fifo", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        path
+    }
+
+    fn file_config(path: &Path) -> ConsoleConfig {
+        let mut config = ConsoleConfig::with_mode(ConsoleOutputMode::File);
+        config.file = Some(path.to_string_lossy().into_owned());
+        config
+    }
+
+    #[test]
+    fn a_fifo_without_a_reader_is_refused_at_once() {
+        let path = fifo("noreader");
+        let Err(e) = SerialBackend::open(
+            &file_config(&path),
+            "serial",
+            false,
+            crate::seccomp::SeccompMode::Off,
+        ) else {
+            panic!("a FIFO without a reader was accepted");
+        };
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "Cannot create serial output file {} (--serial file): \
+                 it is a FIFO that no process has open for reading",
+                path.display()
+            )
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_fifo_whose_reader_is_stuck_never_blocks_output() {
+        let path = fifo("stuck");
+        // A reader that never reads.
+        let reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        let backend = SerialBackend::open(
+            &file_config(&path),
+            "console",
+            false,
+            crate::seccomp::SeccompMode::Off,
+        )
+        .unwrap()
+        .unwrap();
+        // Far more than a pipe holds: must return, not block.
+        let chunk = vec![b'x'; 64 << 10];
+        for _ in 0..16 {
+            backend.write_out(&chunk);
+        }
+        assert_eq!(backend.capture.end(), 16 * (64 << 10));
+        // What fitted reached the reader.
+        let mut got = vec![0u8; 4096];
+        assert_eq!((&reader).read(&mut got).unwrap(), 4096);
+        backend.close();
+        std::fs::remove_file(&path).unwrap();
     }
 }
 

@@ -94,9 +94,11 @@ impl Msix {
             })?;
         let mut irqfds = Vec::with_capacity(usize::from(count));
         for i in 0..u32::from(count) {
-            let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| MsixError::EventFd {
-                device: device(),
-                source,
+            let fd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| {
+                MsixError::EventFd {
+                    device: device(),
+                    source,
+                }
             })?;
             routes
                 .vm_fd()

@@ -344,6 +344,9 @@ fn own_rules(kind: ThreadKind) -> Rules {
                 libc::SYS_read,
                 // Serial output to a `socket=` client (std sends with send(2)).
                 libc::SYS_sendto,
+                // Serial output to stdout: written only while it has room.
+                libc::SYS_poll,
+                libc::SYS_ppoll,
             ]);
             // `--cpus affinity=`: the thread pins itself (pid 0), no other.
             r.allow_if(libc::SYS_sched_setaffinity, vec![arg_eq(0, 0)]);

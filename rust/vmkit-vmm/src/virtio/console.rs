@@ -66,7 +66,8 @@ pub struct Console {
 
 impl Console {
     pub fn new(id: String, backend: Arc<SerialBackend>) -> Result<Console> {
-        let ready = EventFd::new(libc::EFD_NONBLOCK).map_err(ConsoleError::InputEvent)?;
+        let ready = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(ConsoleError::InputEvent)?;
         let input = Arc::new(ConsoleInput {
             bytes: Mutex::new(VecDeque::new()),
             ready,

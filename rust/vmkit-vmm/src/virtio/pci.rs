@@ -259,7 +259,7 @@ impl VirtioPciDevice {
         );
 
         let kicks = (0..queue_count)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|source| VirtioPciError::EventFd {
                 id: id.clone(),

@@ -1,9 +1,16 @@
 //! virtio-rng (virtio 1.2 §5.4): one queue of device-writable buffers, filled
 //! from the `--rng src=` file (by default /dev/urandom).
+//!
+//! The source is opened and read without blocking: a FIFO, socket or
+//! directory is refused at once (opening a FIFO would wait for a writer with
+//! the VMM's lock held), and a character device with nothing to give (a
+//! quiet /dev/hwrng, a terminal) leaves the guest's buffer short instead of
+//! holding the queue's worker, which a reset or shutdown must join.
 
 use crate::seccomp::ThreadKind;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
@@ -29,6 +36,10 @@ pub enum RngError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "Error opening entropy source {path} (--rng src): not a regular file or character device"
+    )]
+    NotAFileOrCharDevice { path: String },
 }
 
 impl ModuleError for RngError {
@@ -45,10 +56,30 @@ pub struct Rng {
 
 impl Rng {
     pub fn new(id: String, src: &str) -> Result<Rng> {
-        let source = File::open(src).map_err(|source| RngError::OpenSource {
+        let open_error = |source| RngError::OpenSource {
             path: src.to_owned(),
             source,
-        })?;
+        };
+        let source = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(src)
+            .map_err(|e| match std::fs::metadata(src) {
+                // A unix socket cannot be opened (ENXIO): say what it is.
+                Ok(m) if !m.is_file() && !m.file_type().is_char_device() => {
+                    RngError::NotAFileOrCharDevice {
+                        path: src.to_owned(),
+                    }
+                }
+                _ => open_error(e),
+            })?;
+        let file_type = source.metadata().map_err(open_error)?.file_type();
+        if !file_type.is_file() && !file_type.is_char_device() {
+            return Err(RngError::NotAFileOrCharDevice {
+                path: src.to_owned(),
+            }
+            .into());
+        }
         Ok(Rng {
             id,
             source,
@@ -85,15 +116,25 @@ impl RngQueue {
                     if len == 0 {
                         break;
                     }
-                    let buffer = &mut self.buffer[..len];
-                    // A short source or a buffer outside guest memory ends
-                    // the chain with what was written so far.
-                    if self.source.read_exact(buffer).is_err()
-                        || self.memory.write_slice(buffer, descriptor.addr()).is_err()
+                    // A source with less to give right now (end of a file,
+                    // a device that would block) or a buffer outside guest
+                    // memory ends the chain with what was written so far.
+                    let got = match self.source.read(&mut self.buffer[..len]) {
+                        Ok(got) => got,
+                        Err(_) => break,
+                    };
+                    if got == 0
+                        || self
+                            .memory
+                            .write_slice(&self.buffer[..got], descriptor.addr())
+                            .is_err()
                     {
                         break;
                     }
-                    written += len as u32;
+                    written += got as u32;
+                    if got < len {
+                        break;
+                    }
                 }
                 self.queue.add_used(&self.memory, head, written)?;
                 used_any = true;
@@ -222,6 +263,72 @@ mod tests {
             e.to_string(),
             "Error opening entropy source /nonexistent/entropy: No such file or directory (os error 2)"
         );
+    }
+
+    #[test]
+    fn fifos_sockets_and_directories_are_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("vmkit-rng-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let fifo_c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o600) }, 0);
+        let socket = dir.join("socket");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        for path in [&fifo, &socket, &dir] {
+            let path = path.to_str().unwrap();
+            let Err(e) = Rng::new("__rng_refused".into(), path) else {
+                panic!("{path} accepted as an entropy source");
+            };
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "Error opening entropy source {path} (--rng src): \
+                     not a regular file or character device"
+                )
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_character_device_with_nothing_to_read_leaves_the_buffer_empty() {
+        // A pty's far end with no input: a blocking read would wait forever.
+        // SAFETY: standard pty allocation; results are checked below.
+        let (master, path) = unsafe {
+            let fd = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+            assert!(fd >= 0);
+            assert_eq!(libc::grantpt(fd), 0);
+            assert_eq!(libc::unlockpt(fd), 0);
+            let mut name = [0 as libc::c_char; 128];
+            assert_eq!(libc::ptsname_r(fd, name.as_mut_ptr(), name.len()), 0);
+            let path = std::ffi::CStr::from_ptr(name.as_ptr())
+                .to_str()
+                .unwrap()
+                .to_owned();
+            (
+                <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd),
+                path,
+            )
+        };
+        let memory = guest_memory(0x100000);
+        let mut rng = Rng::new("__rng_quiet".into(), &path).unwrap();
+        // Dropped before `rng` if the test fails: a read blocked on the pty
+        // then ends (EIO) and the worker can be joined.
+        let _master = master;
+        let mut driver = Driver::small(&memory, 16, 0x10000);
+        rng.activate(Activation {
+            spawner: crate::seccomp::Spawner::unconfined(),
+            memory,
+            interrupt: Arc::new(FakeInterrupt::default()),
+            queues: vec![driver.activate(0, false)],
+            acked_features: F_VERSION_1,
+        })
+        .unwrap();
+        driver.add_chain(&[(0x40000, 256, WRITE)]);
+        assert_eq!(driver.next_used(), (0, 0));
+        // The worker is free: a reset joins it at once.
+        rng.reset();
     }
 
     #[test]

@@ -195,7 +195,7 @@ impl Driver {
     /// The queue as activation hands it over (index `index`); from now on
     /// every `publish` kicks it.
     pub fn activate(&mut self, index: u16, event_idx: bool) -> ActiveQueue {
-        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
         self.kick = Some(kick.try_clone().unwrap());
         ActiveQueue {
             index,

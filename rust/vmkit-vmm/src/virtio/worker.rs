@@ -117,7 +117,7 @@ pub fn spawn<H: WorkerHandler>(
     kicks: Vec<EventFd>,
     handler: H,
 ) -> io::Result<Worker> {
-    let kill = EventFd::new(libc::EFD_NONBLOCK)?;
+    let kill = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
     let epoll = Epoll::new()?;
     epoll.ctl(
         ControlOperation::Add,
@@ -273,7 +273,7 @@ mod tests {
     #[test]
     fn a_failing_wait_is_reported_to_the_handler_and_ends_the_loop() {
         let (tx, rx) = mpsc::channel();
-        let kill = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let kill = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
         // EINTR is retried; the EBADF after it ends the worker.
         let wait = FailingWait(std::sync::Mutex::new(vec![libc::EINTR]));
         run(wait, kill, Vec::new(), Failures(tx));
@@ -287,7 +287,7 @@ mod tests {
     #[test]
     fn kicks_reach_the_handler_and_stop_joins() {
         let kicks: Vec<EventFd> = (0..3)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap())
             .collect();
         let kick2 = kicks[2].try_clone().unwrap();
         let (tx, rx) = mpsc::channel();

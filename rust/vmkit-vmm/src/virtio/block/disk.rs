@@ -35,20 +35,33 @@ fn open_image(config: &DiskConfig) -> Result<(&str, File, bool), BlockError> {
     }
     let mut options = OpenOptions::new();
     options.read(true).write(!config.readonly);
-    if config.direct {
-        options.custom_flags(libc::O_DIRECT);
-    }
+    // O_NONBLOCK: the path may have been replaced by a FIFO since.
+    let direct = if config.direct { libc::O_DIRECT } else { 0 };
+    options.custom_flags(direct | libc::O_NONBLOCK);
     let file = options
         .open(path)
         .map_err(|e| BlockError::open(path, e, config.direct))?;
-    // The path may have been replaced in between.
     let opened = file
         .metadata()
         .map_err(|e| BlockError::open(path, e, config.direct))?;
     if opened.file_type().is_block_device() != block_device || !(opened.is_file() || block_device) {
         return Err(not_a_file());
     }
+    // io_uring would answer EAGAIN instead of waiting for an O_NONBLOCK file.
+    clear_nonblocking(&file).map_err(|e| BlockError::open(path, e, config.direct))?;
     Ok((path, file, block_device))
+}
+
+fn clear_nonblocking(file: &File) -> std::io::Result<()> {
+    // SAFETY: fcntl on an open descriptor, with checked results.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// The advisory lock on one disk image, held by an open file of its own for

@@ -54,7 +54,7 @@ impl Uring {
                 }
             }
         }
-        let eventfd = EventFd::new(libc::EFD_NONBLOCK)?;
+        let eventfd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         if restrict {
             let mut allowed = [

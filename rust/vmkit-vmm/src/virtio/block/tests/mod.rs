@@ -249,7 +249,7 @@ fn activate(
     let mut kicks = Vec::new();
     let mut active = Vec::new();
     for (index, queue) in queues {
-        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
         kicks.push(kick.try_clone().unwrap());
         active.push(ActiveQueue { index, queue, kick });
     }
