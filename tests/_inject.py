@@ -152,7 +152,16 @@ def threads(pid: int) -> dict[str, list[int]]:
 
 def seccomp_mode(pid: int, tid: int) -> int:
     """The ``Seccomp:`` field of a thread's status (0 none, 2 filter)."""
+    return _status_number(pid, tid, "Seccomp")
+
+
+def seccomp_filters(pid: int, tid: int) -> int:
+    """How many seccomp filters a thread runs under (its own and inherited)."""
+    return _status_number(pid, tid, "Seccomp_filters")
+
+
+def _status_number(pid: int, tid: int, field: str) -> int:
     with open(f"/proc/{pid}/task/{tid}/status") as f:
-        match = re.search(r"^Seccomp:\s+(\d+)", f.read(), re.M)
+        match = re.search(rf"^{field}:\s+(\d+)", f.read(), re.M)
     assert match is not None
     return int(match.group(1))

@@ -163,7 +163,13 @@ impl Rules {
     fn allow_if(&mut self, syscall: libc::c_long, rules: Vec<SeccompRule>) -> &mut Self {
         match self.0.get_mut(&syscall) {
             Some(None) => {}
-            Some(Some(existing)) => existing.extend(rules),
+            Some(Some(existing)) => {
+                for rule in rules {
+                    if !existing.contains(&rule) {
+                        existing.push(rule);
+                    }
+                }
+            }
             None => {
                 self.0.insert(syscall, Some(rules));
             }
@@ -197,10 +203,21 @@ impl Rules {
     }
 
     fn into_map(self) -> BTreeMap<i64, Vec<SeccompRule>> {
-        self.0
+        let mut map: BTreeMap<i64, Vec<SeccompRule>> = self
+            .0
             .into_iter()
             .map(|(syscall, rules)| (syscall, rules.unwrap_or_default()))
-            .collect()
+            .collect();
+        // Rules are tried in order: KVM_RUN, made on every exit of every
+        // vCPU, goes first in each filter that has it.
+        if let Some(ioctls) = map.get_mut(&libc::SYS_ioctl) {
+            let run = arg_eq(1, KVM_RUN());
+            if let Some(at) = ioctls.iter().position(|rule| *rule == run) {
+                let rule = ioctls.remove(at);
+                ioctls.insert(0, rule);
+            }
+        }
+        map
     }
 }
 
