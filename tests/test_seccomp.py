@@ -301,3 +301,26 @@ def test_an_in_process_vm_confines_its_own_threads_only(mode: str) -> None:
         assert injected.killed_by is None
         assert process.returncode == 0, stderr
         assert stdout == "stopped\n"
+
+
+def test_a_spawned_vmm_is_confined_as_a_whole() -> None:
+    """``Vm.spawn``'s VMM process: the API server's threads too."""
+    from vmkit import VmConfig
+    from vmkit.vm import Vm
+
+    config = VmConfig.from_cli(
+        ["--kernel", str(testguest.image_path("pvh")),
+         "--cmdline", testguest.cmdline(["ticks"], "poweroff", ticks=200),
+         "--cpus", "boot=1", "--memory", "size=64M", "--console", "off"]
+    )  # fmt: skip
+    with Vm.spawn(config) as vm:
+        vm.boot()
+        assert vm.info().state == "Running"  # an API request: its thread exists now
+        names = threads(vm.pid)
+        assert "vcpu0" in names and "vmm" in names
+        modes = {
+            f"{name}/{tid}": seccomp_mode(vm.pid, tid)
+            for name, tids in names.items()
+            for tid in tids
+        }
+        assert set(modes.values()) == {2}, modes
