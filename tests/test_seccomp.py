@@ -324,3 +324,12 @@ def test_a_spawned_vmm_is_confined_as_a_whole() -> None:
             for tid in tids
         }
         assert set(modes.values()) == {2}, modes
+
+
+def test_a_bad_seccomp_value_is_refused_by_name() -> None:
+    from vmkit import VmConfig
+    from vmkit.vm import Vm
+
+    config = VmConfig.from_cli(["--kernel", str(testguest.image_path("pvh"))])
+    with pytest.raises(ValueError, match='seccomp must be true, false or log, not "maybe"'):
+        Vm(config, seccomp="maybe")

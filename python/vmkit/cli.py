@@ -259,6 +259,7 @@ def demo(argv: Sequence[str]) -> int:
                 "--console", "off",
             ]
         )  # fmt: skip
+        confine("true")  # the test guest is built (if need be) by now
         with Vm(config) as vm:
             vm.boot()
             exit_info = vm.wait(timeout=120)
