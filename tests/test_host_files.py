@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from _prompt import PROMPT, call_promptly, unblock_reader_of
 from vmkit import VmConfig, testguest
 from vmkit.vm import Vm, VmError
 from vmkit.vmm import ApiError, Vmm
@@ -23,8 +23,6 @@ if not os.access("/dev/kvm", os.R_OK | os.W_OK):
     pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parent.parent
-#: Far longer than a refusal takes; a FIFO that blocks the boot waits forever.
-PROMPT = 15.0
 
 
 def argv(
@@ -40,28 +38,6 @@ def argv(
         "--cpus", "boot=1", "--memory", "size=256M",
         "--serial", "null", "--console", "off", *extra,
     ]  # fmt: skip
-
-
-def call_promptly(call: Callable[[], None], fifo: Path) -> BaseException | None:
-    """Runs `call` in a thread and returns what it raised. Fails the test if it
-    is still running after PROMPT seconds, after unblocking it: opening the FIFO
-    for writing and closing it again ends a reader blocked on it."""
-    raised: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            call()
-        except BaseException as e:  # handed to the test
-            raised.append(e)
-
-    thread = threading.Thread(target=target, name="fifo-boot")
-    thread.start()
-    thread.join(PROMPT)
-    if thread.is_alive():
-        os.close(os.open(fifo, os.O_WRONLY))
-        thread.join(PROMPT)
-        pytest.fail(f"the boot blocked on the FIFO {fifo}")
-    return raised[0] if raised else None
 
 
 @pytest.fixture
@@ -81,7 +57,7 @@ def payload_argv(option: str, fifo: Path) -> list[str]:
 def test_a_fifo_payload_is_refused_at_once(option: str, fifo: Path) -> None:
     vm = Vm(VmConfig.from_cli(payload_argv(option, fifo)))
     try:
-        error = call_promptly(vm.boot, fifo)
+        error = call_promptly(vm.boot, unblock_reader_of(fifo))
     finally:
         vm.close()
     assert isinstance(error, VmError), error
@@ -94,7 +70,7 @@ def test_a_fifo_payload_leaves_the_vmm_answering(option: str, fifo: Path) -> Non
     again for info and vmm.shutdown."""
     vmm = Vmm()
     vmm.create(VmConfig.from_cli(payload_argv(option, fifo)))
-    error = call_promptly(vmm.boot, fifo)
+    error = call_promptly(vmm.boot, unblock_reader_of(fifo))
     assert isinstance(error, ApiError), error
     assert "not a regular file" in str(error) and str(fifo) in str(error)
     acquired = vmm.lock.acquire(timeout=PROMPT)

@@ -20,12 +20,18 @@ import signal
 import subprocess
 import sys
 import termios
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _prompt import (
+    PROMPT,
+    call_promptly,
+    run_vmkit_promptly,
+    unblock_reader_of,
+    unblock_writer_of,
+)
 from vmkit import VmConfig, testguest
 from vmkit.vm import Vm, VmError
 from vmkit.vmm import ApiError, EventMonitor, Vmm
@@ -35,7 +41,6 @@ if not os.access("/dev/kvm", os.R_OK | os.W_OK):
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Far longer than a refusal or a shutdown takes; a blocked call never returns.
-PROMPT = 15.0
 F_SETPIPE_SZ = 1031
 #: The smallest pipe the kernel makes: a stuck reader's pipe fills in moments.
 PIPE_SIZE = 4096
@@ -61,42 +66,11 @@ def ticking(serial: str) -> list[str]:
     return argv(serial=serial, steps=("ticks",), ticks=1_000_000, tick_ms=1)
 
 
-def call_promptly(call: Callable[[], object], unblock: Callable[[], None]) -> BaseException | None:
-    """Runs `call` in a thread; returns what it raised. Fails the test if it is
-    still running after PROMPT seconds, after `unblock`ing it."""
-    raised: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            call()
-        except BaseException as e:  # handed to the test
-            raised.append(e)
-
-    thread = threading.Thread(target=target, name="prompt-call")
-    thread.start()
-    thread.join(PROMPT)
-    if thread.is_alive():
-        unblock()
-        thread.join(PROMPT)
-        pytest.fail(f"{call} blocked")
-    return raised[0] if raised else None
-
-
 @pytest.fixture
 def fifo(tmp_path: Path) -> Path:
     path = tmp_path / "out.fifo"
     os.mkfifo(path)
     return path
-
-
-def unblock_reader_of(fifo: Path) -> Callable[[], None]:
-    """Ends an open() blocked waiting for a writer of `fifo`."""
-    return lambda: os.close(os.open(fifo, os.O_WRONLY))
-
-
-def unblock_writer_of(fifo: Path) -> Callable[[], None]:
-    """Ends an open() blocked waiting for a reader of `fifo`."""
-    return lambda: os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
 
 
 @pytest.fixture
@@ -175,17 +149,9 @@ def test_a_fifo_rng_source_leaves_the_vmm_answering(fifo: Path) -> None:
 
 
 def test_the_cli_refuses_a_fifo_rng_source_at_once(fifo: Path) -> None:
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "vmkit", *argv("--rng", f"src={fifo}")],
-            capture_output=True,
-            text=True,
-            timeout=PROMPT * 2,
-            cwd=ROOT,
-        )
-    except subprocess.TimeoutExpired:
-        unblock_reader_of(fifo)()
-        pytest.fail("vmkit blocked on the FIFO given as --rng src")
+    result = run_vmkit_promptly(
+        argv("--rng", f"src={fifo}"), unblock_reader_of(fifo), "the FIFO given as --rng src"
+    )
     assert result.returncode == 1
     assert rng_refusal(fifo) in result.stderr
 
@@ -225,17 +191,9 @@ def test_an_output_fifo_without_a_reader_is_refused_at_once(what: str, fifo: Pat
 
 
 def test_the_cli_refuses_an_output_fifo_without_a_reader(fifo: Path) -> None:
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "vmkit", *argv(serial=f"file={fifo}")],
-            capture_output=True,
-            text=True,
-            timeout=PROMPT * 2,
-            cwd=ROOT,
-        )
-    except subprocess.TimeoutExpired:
-        unblock_writer_of(fifo)()
-        pytest.fail("vmkit blocked on the FIFO given as --serial file")
+    result = run_vmkit_promptly(
+        argv(serial=f"file={fifo}"), unblock_writer_of(fifo), "the FIFO given as --serial file"
+    )
     assert result.returncode == 1
     assert fifo_refusal("serial", fifo) in result.stderr
 

@@ -404,19 +404,27 @@ def setup_logging(verbosity: int, log_file: str | None) -> TextIO:
     return stream
 
 
-def _open_log_file(path: str) -> int:
-    """Creates (mode 0600, whatever the umask) or truncates ``path``; a FIFO
-    with no reader is refused at once instead of waiting for one."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+def _create_output(path: str, *, truncate: bool, error: str, option: str) -> int:
+    """Opens ``path`` to write, creating it owner-only (0600, whatever the
+    umask); O_NONBLOCK, so that a FIFO no process reads is refused at once
+    (ENXIO) instead of holding up start-up. ``error`` and ``option`` word
+    the StartupError."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    if truncate:
+        flags |= os.O_TRUNC
     try:
-        fd = os.open(path, flags, 0o600)
+        return os.open(path, flags, 0o600)
     except OSError as e:
         if e.errno == errno.ENXIO and _is_fifo(path):
             raise StartupError(
-                f"Error creating log file: {path} (--log-file) is a FIFO "
-                "that no process has open for reading"
+                f"{error}: {path} ({option}) is a FIFO that no process has open for reading"
             ) from None
-        raise StartupError(f"Error creating log file: {_io_error(e)}") from None
+        raise StartupError(f"{error}: {_io_error(e)}") from None
+
+
+def _open_log_file(path: str) -> int:
+    """Creates or truncates ``path`` for the log (see ``_create_output``)."""
+    fd = _create_output(path, truncate=True, error="Error creating log file", option="--log-file")
     os.set_blocking(fd, True)  # log lines are not dropped: a reader gets them all
     return fd
 
@@ -545,19 +553,14 @@ def event_monitor_option(text: str) -> int:
         return fd
     if values.get("path"):
         path = values["path"]
-        # Owner-only whatever the umask; O_NONBLOCK: a FIFO nobody reads must
-        # not hold up start-up (ENXIO), and one whose reader stalls must not
-        # hold up the VMM (EventMonitor drops what the pipe cannot take).
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
-        try:
-            return os.open(path, flags, 0o600)
-        except OSError as e:
-            if e.errno == errno.ENXIO and _is_fifo(path):
-                raise StartupError(
-                    f"Error doing event monitor I/O: {path} (--event-monitor path) is a FIFO "
-                    "that no process has open for reading"
-                ) from None
-            raise StartupError(f"Error doing event monitor I/O: {_io_error(e)}") from None
+        # Left non-blocking: a reader that stalls must not hold up the VMM
+        # (EventMonitor drops what the pipe cannot take).
+        return _create_output(
+            path,
+            truncate=False,
+            error="Error doing event monitor I/O",
+            option="--event-monitor path",
+        )
     raise StartupError("Error parsing --event-monitor: path or fd required")
 
 

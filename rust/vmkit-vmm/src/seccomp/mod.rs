@@ -243,26 +243,20 @@ fn programs(kind: ThreadKind, mode: SeccompMode) -> io::Result<Programs> {
 
 /// Confines the calling thread to `kind`'s filter (nothing with `Off`).
 pub fn confine_thread(kind: ThreadKind, mode: SeccompMode) -> io::Result<()> {
-    if mode == SeccompMode::Off {
-        return Ok(());
-    }
-    let programs = programs(kind, mode)?;
-    if mode == SeccompMode::Trap {
-        install_sigsys_handler()?;
-    }
-    for program in programs.iter() {
-        seccompiler::apply_filter(program).map_err(|e| {
-            io::Error::other(format!(
-                "cannot install the seccomp filter of {kind} threads: {e}"
-            ))
-        })?;
-    }
-    Ok(())
+    install(kind, mode, seccompiler::apply_filter)
 }
 
 /// Confines every thread of the process to `kind`'s filter (TSYNC): the
 /// `vmkit` command's interpreter threads, once its start-up is done.
 pub fn confine_process(kind: ThreadKind, mode: SeccompMode) -> io::Result<()> {
+    install(kind, mode, seccompiler::apply_filter_all_threads)
+}
+
+fn install(
+    kind: ThreadKind,
+    mode: SeccompMode,
+    apply: fn(&[seccompiler::sock_filter]) -> seccompiler::Result<()>,
+) -> io::Result<()> {
     if mode == SeccompMode::Off {
         return Ok(());
     }
@@ -271,7 +265,7 @@ pub fn confine_process(kind: ThreadKind, mode: SeccompMode) -> io::Result<()> {
         install_sigsys_handler()?;
     }
     for program in programs.iter() {
-        seccompiler::apply_filter_all_threads(program).map_err(|e| {
+        apply(program).map_err(|e| {
             io::Error::other(format!(
                 "cannot install the seccomp filter of {kind} threads: {e}"
             ))
