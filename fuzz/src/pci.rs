@@ -1,0 +1,175 @@
+//! The virtio-pci transport: a sequence of PCI configuration-space and
+//! BAR 0 accesses (common configuration, ISR, device configuration,
+//! notifications, MSI-X table and PBA) decoded from the input, against a
+//! real virtio-pci function around a real device. The function needs a KVM
+//! VM (ioeventfds, MSI routes): one per process.
+
+use std::sync::{Arc, OnceLock};
+
+use kvm_ioctls::Kvm;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmkit_config::{ConsoleConfig, ConsoleOutputMode, DiskConfig, NetConfig};
+use vmkit_vmm::devices::serial::SerialBackend;
+use vmkit_vmm::fuzzing::{inline_worker_count, run_inline_workers, set_inline_workers};
+use vmkit_vmm::interrupts::InterruptRoutes;
+use vmkit_vmm::pci::config::BarKind;
+use vmkit_vmm::pci::PciDevice;
+use vmkit_vmm::virtio::block::Block;
+use vmkit_vmm::virtio::console::Console;
+use vmkit_vmm::virtio::net::Net;
+use vmkit_vmm::virtio::pci::{VirtioPciDevice, BAR_SIZE};
+use vmkit_vmm::virtio::rng::Rng;
+use vmkit_vmm::virtio::VirtioDevice;
+
+use crate::input::Input;
+use crate::ring::guest_memory;
+
+const BAR_ADDRESS: u64 = 0x10_0000_0000;
+
+/// Where BAR 0's regions start (Cloud Hypervisor's layout).
+const REGIONS: [u64; 6] = [0x0, 0x2000, 0x4000, 0x6000, 0x8000, 0x48000];
+
+static ROUTES: OnceLock<Result<Arc<InterruptRoutes>, String>> = OnceLock::new();
+
+fn routes() -> Result<Arc<InterruptRoutes>, String> {
+    ROUTES
+        .get_or_init(|| {
+            let kvm = Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
+            let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+            vm.create_irq_chip()
+                .map_err(|e| format!("KVM_CREATE_IRQCHIP: {e}"))?;
+            Ok(Arc::new(InterruptRoutes::new(Arc::new(vm), 1024)))
+        })
+        .clone()
+}
+
+/// The target needs a KVM VM with an irqchip.
+pub fn kvm_available() -> Result<(), String> {
+    routes().map(|_| ())
+}
+
+/// The device behind the function, by the input's first byte.
+fn device(kind: u8) -> (Box<dyn VirtioDevice>, Option<Arc<SerialBackend>>) {
+    match kind % 4 {
+        0 => (
+            Box::new(Rng::new("fuzz-rng".into(), "/dev/urandom").expect("/dev/urandom")),
+            None,
+        ),
+        1 => {
+            let backend = SerialBackend::open(
+                &ConsoleConfig::with_mode(ConsoleOutputMode::Null),
+                "console",
+                false,
+            )
+            .expect("a null backend")
+            .expect("a backend for mode null");
+            let console = Console::new("fuzz-console".into(), backend.clone()).expect("console");
+            (Box::new(console), Some(backend))
+        }
+        2 => {
+            let text = format!(
+                "path={},queue_size=16,num_queues=2,_disable_io_uring=on",
+                crate::virtio::image_path()
+            );
+            let config = DiskConfig::parse(&text).expect("a valid disk option");
+            (
+                Box::new(Block::with_lock(&config, None, false).expect("the image opens")),
+                None,
+            )
+        }
+        _ => {
+            let config = NetConfig::parse("mac=12:34:56:78:9a:bc,num_queues=4,queue_size=16")
+                .expect("a valid net option");
+            let (net, _peers) = Net::over_socketpairs(&config, "fuzz-net").expect("socketpairs");
+            (Box::new(net), None)
+        }
+    }
+}
+
+fn access_len(input: &mut Input<'_>) -> usize {
+    [1, 2, 4, 8, 4, 4, 3, 0][usize::from(input.u8() % 8)]
+}
+
+fn bar_offset(input: &mut Input<'_>) -> u64 {
+    let selector = input.u8();
+    if selector == 0xff {
+        return input.u64();
+    }
+    let region = REGIONS[usize::from(selector) % REGIONS.len()];
+    (region + u64::from(input.u16() % 0x400)) % BAR_SIZE
+}
+
+pub fn virtio_pci(data: &[u8]) {
+    let Ok(routes) = routes() else {
+        return;
+    };
+    let mut input = Input::new(data);
+    let memory: GuestMemoryMmap = guest_memory();
+    set_inline_workers(true);
+    let (device, backend) = device(input.u8());
+    let bar_kind = if input.u8() & 1 == 0 {
+        BarKind::Memory64
+    } else {
+        BarKind::Memory32
+    };
+    let address = if bar_kind == BarKind::Memory64 {
+        BAR_ADDRESS
+    } else {
+        0xc000_0000
+    };
+    let mut pci = match VirtioPciDevice::new(
+        "fuzz-pci".into(),
+        device,
+        memory.clone(),
+        routes,
+        address,
+        bar_kind,
+    ) {
+        Ok(pci) => pci,
+        Err(e) => panic!("cannot build the function: {e}"),
+    };
+    let mut steps = 0;
+    while !input.is_empty() && steps < 1024 {
+        steps += 1;
+        match input.u8() % 8 {
+            0 => {
+                let reg = usize::from(input.u16() % 1024);
+                let _ = pci.config_read(reg);
+            }
+            1 => {
+                let reg = usize::from(input.u16() % 1024);
+                let offset = usize::from(input.u8() % 4);
+                let len = access_len(&mut input).min(4 - offset);
+                let data = input.bytes(len).to_vec();
+                pci.config_write(reg, offset, &data);
+            }
+            2 | 3 => {
+                let offset = bar_offset(&mut input);
+                let mut data = vec![0u8; access_len(&mut input)];
+                pci.bar_read(0, offset, &mut data);
+            }
+            4 | 5 => {
+                let offset = bar_offset(&mut input);
+                let len = access_len(&mut input);
+                let data = input.bytes(len).to_vec();
+                pci.bar_write(0, offset, &data);
+            }
+            6 => {
+                // Rings and buffers for the queues the driver sets up.
+                let at = u64::from(input.u16()) * 16;
+                let len = usize::from(input.u8());
+                let _ = memory.write_slice(input.bytes(len), GuestAddress(at));
+            }
+            _ => {
+                run_inline_workers(16);
+            }
+        }
+    }
+    run_inline_workers(16);
+    drop(pci);
+    set_inline_workers(false);
+    assert_eq!(inline_worker_count(), 0, "a worker outlived its function");
+    if let Some(backend) = backend {
+        backend.close();
+    }
+}

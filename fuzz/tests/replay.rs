@@ -1,0 +1,79 @@
+//! Every seed in `corpus/<target>/` and every saved crash in
+//! `regressions/<target>/` through its target, without a fuzzer: a
+//! regression shows up in plain `cargo test`.
+
+use std::path::{Path, PathBuf};
+
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .map(|e| e.expect("a directory entry").path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    files
+}
+
+fn replay(folder: &str, name: &str) -> usize {
+    let target = vmkit_fuzz::target(name).expect("a target");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(folder)
+        .join(name);
+    let files = files(&dir);
+    for file in &files {
+        let data = std::fs::read(file).expect("a readable input");
+        eprintln!("{}", file.display());
+        (target.run)(&data);
+    }
+    files.len()
+}
+
+/// Runs `name`'s seeds and regressions; false (after saying why) when
+/// the machine lacks what the target needs.
+fn replay_target(name: &str) -> bool {
+    let target = vmkit_fuzz::target(name).expect("a target");
+    if let Some(needs) = target.needs {
+        if let Err(why) = needs() {
+            eprintln!("SKIPPED {name}: {why}");
+            return false;
+        }
+    }
+    let seeds = replay("corpus", name);
+    assert!(seeds > 0, "{name} has no seed corpus");
+    replay("regressions", name);
+    true
+}
+
+macro_rules! replay_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                replay_target(stringify!($name));
+            }
+        )*
+
+        #[test]
+        fn every_target_is_replayed() {
+            let tested = [$(stringify!($name)),*];
+            for target in vmkit_fuzz::TARGETS {
+                assert!(tested.contains(&target.name), "{} is not replayed", target.name);
+            }
+        }
+    };
+}
+
+replay_tests!(
+    option_string,
+    cli,
+    json_config,
+    api_body,
+    virtio_block,
+    virtio_net,
+    virtio_rng,
+    virtio_console,
+    virtio_pci,
+    boot_loader,
+);
