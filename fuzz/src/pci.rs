@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmkit_config::{ConsoleConfig, ConsoleOutputMode, DiskConfig, NetConfig};
 use vmkit_vmm::devices::serial::SerialBackend;
@@ -29,18 +29,21 @@ const BAR_ADDRESS: u64 = 0x10_0000_0000;
 /// Where BAR 0's regions start (Cloud Hypervisor's layout).
 const REGIONS: [u64; 6] = [0x0, 0x2000, 0x4000, 0x6000, 0x8000, 0x48000];
 
-static ROUTES: OnceLock<Result<Arc<InterruptRoutes>, String>> = OnceLock::new();
+static VM: OnceLock<Result<Arc<VmFd>, String>> = OnceLock::new();
 
+/// A fresh routing table (GSIs are never given back, as in a VM, where
+/// devices live as long as it) on the process's VM.
 fn routes() -> Result<Arc<InterruptRoutes>, String> {
-    ROUTES
+    let vm = VM
         .get_or_init(|| {
             let kvm = Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
             let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
             vm.create_irq_chip()
                 .map_err(|e| format!("KVM_CREATE_IRQCHIP: {e}"))?;
-            Ok(Arc::new(InterruptRoutes::new(Arc::new(vm), 1024)))
+            Ok(Arc::new(vm))
         })
-        .clone()
+        .clone()?;
+    Ok(Arc::new(InterruptRoutes::new(vm, 1024)))
 }
 
 /// The target needs a KVM VM with an irqchip.

@@ -3,6 +3,9 @@
 //! regression shows up in plain `cargo test`.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(10);
 
 fn files(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -25,7 +28,12 @@ fn replay(folder: &str, name: &str) -> usize {
     for file in &files {
         let data = std::fs::read(file).expect("a readable input");
         eprintln!("{}", file.display());
+        let started = Instant::now();
         (target.run)(&data);
+        // AFL++ calls an input slower than 2 s a hang; unoptimised builds
+        // get more room.
+        let elapsed = started.elapsed();
+        assert!(elapsed < LIMIT, "{} took {elapsed:?}", file.display());
     }
     files.len()
 }
