@@ -22,10 +22,17 @@ CORPUS = Path(__file__).resolve().parent / "corpus"
 # The option kinds, in the order of OPTIONS in fuzz/src/config.rs.
 OPTION_EXAMPLES: list[list[str]] = [
     ["boot=2,max=4", "boot=1,topology=1:1:1:1,max_phys_bits=40", "boot=2,affinity=[0@[0-3],1@[4]]"],
-    ["size=1G", "size=512M,shared=on,hugepages=off", "size=0,hotplug_method=virtio-mem,hotplug_size=1G"],
+    [
+        "size=1G",
+        "size=512M,shared=on,hugepages=off",
+        "size=0,hotplug_method=virtio-mem,hotplug_size=1G",
+    ],
     ["id=mem0,size=1G,shared=on", "id=z1,size=256M,host_numa_node=0,hotplug_size=512M"],
     ["num_pci_segments=2", "num_pci_segments=4,iommu_segments=[2-3]"],
-    ["id=group0,bw_size=1000,bw_refill_time=100", "id=g,ops_size=10,ops_refill_time=50,ops_one_time_burst=5"],
+    [
+        "id=group0,bw_size=1000,bw_refill_time=100",
+        "id=g,ops_size=10,ops_refill_time=50,ops_one_time_burst=5",
+    ],
     [
         "path=/var/disk.img",
         "path=/d.img,readonly=on,num_queues=4,queue_size=256,id=disk0,serial=abc",
@@ -57,22 +64,67 @@ OPTION_EXAMPLES: list[list[str]] = [
 ]
 
 CLI_EXAMPLES: list[list[str]] = [
-    ["--kernel", "/vmlinux", "--cmdline", "console=ttyS0", "--cpus", "boot=2", "--memory", "size=512M"],
     [
-        "--kernel", "/vmlinux", "--disk", "path=/a.img", "path=/b.img,readonly=on",
-        "--net", "tap=tap0", "--rng", "src=/dev/urandom", "--serial", "tty", "--console", "off",
+        "--kernel",
+        "/vmlinux",
+        "--cmdline",
+        "console=ttyS0",
+        "--cpus",
+        "boot=2",
+        "--memory",
+        "size=512M",
     ],
     [
-        "--kernel", "/vmlinux", "--memory", "size=0", "--memory-zone", "id=mem0,size=1G",
-        "id=mem1,size=1G", "--numa", "guest_numa_id=0,memory_zones=[mem0]",
-        "guest_numa_id=1,memory_zones=[mem1]", "--cpus", "boot=2",
+        "--kernel",
+        "/vmlinux",
+        "--disk",
+        "path=/a.img",
+        "path=/b.img,readonly=on",
+        "--net",
+        "tap=tap0",
+        "--rng",
+        "src=/dev/urandom",
+        "--serial",
+        "tty",
+        "--console",
+        "off",
     ],
     [
-        "--kernel", "/vmlinux", "--platform", "num_pci_segments=2", "--disk",
-        "path=/a.img,pci_segment=1", "--rate-limit-group", "id=g0,bw_size=1000,bw_refill_time=100",
-        "--pvpanic", "--watchdog",
+        "--kernel",
+        "/vmlinux",
+        "--memory",
+        "size=0",
+        "--memory-zone",
+        "id=mem0,size=1G",
+        "id=mem1,size=1G",
+        "--numa",
+        "guest_numa_id=0,memory_zones=[mem0]",
+        "guest_numa_id=1,memory_zones=[mem1]",
+        "--cpus",
+        "boot=2",
     ],
-    ["--firmware", "/fw.bin", "--fs", "tag=t,socket=/s", "--vsock", "cid=3,socket=/v", "--tpm", "socket=/t"],
+    [
+        "--kernel",
+        "/vmlinux",
+        "--platform",
+        "num_pci_segments=2",
+        "--disk",
+        "path=/a.img,pci_segment=1",
+        "--rate-limit-group",
+        "id=g0,bw_size=1000,bw_refill_time=100",
+        "--pvpanic",
+        "--watchdog",
+    ],
+    [
+        "--firmware",
+        "/fw.bin",
+        "--fs",
+        "tag=t,socket=/s",
+        "--vsock",
+        "cid=3,socket=/v",
+        "--tpm",
+        "socket=/t",
+    ],
 ]
 
 JSON_CONFIGS = [
@@ -87,7 +139,16 @@ JSON_CONFIGS = [
         "console": {"mode": "Off"},
     },
     {
-        "cpus": {"boot_vcpus": 1, "max_vcpus": 1, "topology": {"threads_per_core": 1, "cores_per_die": 1, "dies_per_package": 1, "packages": 1}},
+        "cpus": {
+            "boot_vcpus": 1,
+            "max_vcpus": 1,
+            "topology": {
+                "threads_per_core": 1,
+                "cores_per_die": 1,
+                "dies_per_package": 1,
+                "packages": 1,
+            },
+        },
         "memory": {"size": 0, "zones": [{"id": "mem0", "size": 536870912}]},
         "payload": {"kernel": "/vmlinux"},
         "numa": [{"guest_numa_id": 0, "cpus": [0], "memory_zones": ["mem0"]}],
@@ -131,7 +192,9 @@ class Ops:
         self.out += bytes([ring << 4 | 0, index, 10, table * 16])
         self.out += bytes([4]) + struct.pack("<H", 48) + bytes([INDIRECT, 0])
 
-    def table_desc(self, ring: int, table: int, index: int, addr: int, length: int, flags: int) -> None:
+    def table_desc(
+        self, ring: int, table: int, index: int, addr: int, length: int, flags: int
+    ) -> None:
         self.out += bytes([ring << 4 | 10, table, index, 0]) + struct.pack("<H", (addr - DATA) // 8)
         self.out += bytes([4]) + struct.pack("<H", length) + bytes([flags, index + 1])
 
@@ -150,9 +213,10 @@ class Ops:
         self.out += bytes([13]) + payload
 
 
-def header(size_log2: int, options: int, features: int = (1 << 64) - 1) -> bytes:
-    """Queue size, device options and the features the driver accepts."""
-    return bytes([size_log2, options]) + struct.pack("<Q", features)
+def header(size_log2: int, options: int | None, features: int = (1 << 64) - 1) -> bytes:
+    """Queue size, device options (block and net only) and the features the driver accepts."""
+    options_byte = b"" if options is None else bytes([options])
+    return bytes([size_log2]) + options_byte + struct.pack("<Q", features)
 
 
 def block_request(kind: int, sector: int, data_len: int, *, indirect: bool = False) -> bytes:
@@ -184,8 +248,13 @@ def block_request(kind: int, sector: int, data_len: int, *, indirect: bool = Fal
 def block_seeds() -> dict[str, bytes]:
     seeds = {}
     for name, kind, length in [
-        ("read", 0, 512), ("write", 1, 512), ("flush", 4, 0), ("get_id", 8, 20),
-        ("discard", 11, 16), ("write_zeroes", 13, 16), ("unsupported", 99, 0),
+        ("read", 0, 512),
+        ("write", 1, 512),
+        ("flush", 4, 0),
+        ("get_id", 8, 20),
+        ("discard", 11, 16),
+        ("write_zeroes", 13, 16),
+        ("unsupported", 99, 0),
     ]:
         seeds[f"{name}-sync"] = header(4, 0) + block_request(kind, 0, length)
     seeds["read-io_uring"] = header(4, 2) + block_request(0, 8, 1024)
@@ -250,14 +319,14 @@ def rng_seeds() -> dict[str, bytes]:
     ops.desc(0, 1, DATA + 0x100, 512, WRITE)
     ops.publish(0, 0)
     ops.kick(0)
-    plain = header(4, 0) + bytes(ops.out)
+    plain = header(4, None) + bytes(ops.out)
     ops = Ops()
     ops.table_desc(0, 1, 0, DATA, 256, WRITE | NEXT)
     ops.table_desc(0, 1, 1, DATA + 0x200, 256, WRITE)
     ops.indirect(0, 0, 1)
     ops.publish(0, 0)
     ops.kick(0)
-    return {"fill": plain, "indirect": header(3, 0) + bytes(ops.out)}
+    return {"fill": plain, "indirect": header(3, None) + bytes(ops.out)}
 
 
 def console_seeds() -> dict[str, bytes]:
@@ -270,7 +339,7 @@ def console_seeds() -> dict[str, bytes]:
     ops.publish(0, 0)
     ops.action(bytes([5]) + b"typed")
     ops.kick(0)
-    return {"tx-rx": header(4, 0) + bytes(ops.out)}
+    return {"tx-rx": header(4, None) + bytes(ops.out)}
 
 
 # --- virtio-pci (fuzz/src/pci.rs) -------------------------------------------
@@ -354,6 +423,7 @@ def pci_seed(device: int, queues: int, bar32: bool = False) -> bytes:
 
 # --- kernels (fuzz/src/boot.rs) ---------------------------------------------
 
+
 def elf(pvh: bool) -> bytes:
     code = b"\xf4" * 16  # hlt
     phnum = 2 if pvh else 1
@@ -364,10 +434,13 @@ def elf(pvh: bool) -> bytes:
     image = bytearray(code_off + len(code))
     entry = 0x100000 + code_off
     image[0:64] = (
-        b"\x7fELF\x02\x01\x01" + bytes(9)
+        b"\x7fELF\x02\x01\x01"
+        + bytes(9)
         + struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, entry, phoff, 0, 0, 64, 56, phnum, 64, 0, 0)
     )
-    load = struct.pack("<IIQQQQQQ", 1, 7, 0, 0x100000, 0x100000, len(image), len(image) + 0x1000, 0x1000)
+    load = struct.pack(
+        "<IIQQQQQQ", 1, 7, 0, 0x100000, 0x100000, len(image), len(image) + 0x1000, 0x1000
+    )
     image[phoff : phoff + 56] = load
     if pvh:
         image[phoff + 56 : phoff + 112] = struct.pack(
@@ -406,9 +479,12 @@ def main() -> None:
         for i, text in enumerate(texts)
     }
     corpora["cli"] = {f"cli-{i}": "\0".join(args).encode() for i, args in enumerate(CLI_EXAMPLES)}
-    corpora["json_config"] = {f"config-{i}": json.dumps(c).encode() for i, c in enumerate(JSON_CONFIGS)}
+    corpora["json_config"] = {
+        f"config-{i}": json.dumps(c).encode() for i, c in enumerate(JSON_CONFIGS)
+    }
     corpora["api_body"] = {
-        f"body-{i}": bytes([kind]) + json.dumps(body).encode() for i, (kind, body) in enumerate(API_BODIES)
+        f"body-{i}": bytes([kind]) + json.dumps(body).encode()
+        for i, (kind, body) in enumerate(API_BODIES)
     }
     corpora["virtio_block"] = block_seeds()
     corpora["virtio_net"] = net_seeds()

@@ -169,6 +169,14 @@ pub fn virtio_pci(data: &[u8]) {
         }
     }
     run_inline_workers(16);
+    if std::env::var_os("VMKIT_FUZZ_DEBUG").is_some() {
+        let used: u16 = memory.read_obj(GuestAddress(0x3002)).unwrap_or(0);
+        eprintln!(
+            "queue 0 used index {used}, {} reset requests, {} workers",
+            pci.reset_requests(),
+            inline_worker_count()
+        );
+    }
     drop(pci);
     set_inline_workers(false);
     assert_eq!(inline_worker_count(), 0, "a worker outlived its function");

@@ -113,6 +113,12 @@ impl Ring {
     /// descriptor of the ring.
     pub fn check(&self, memory: &GuestMemoryMmap) {
         let used = self.used_idx(memory);
+        if std::env::var_os("VMKIT_FUZZ_DEBUG").is_some() {
+            eprintln!(
+                "ring at {:#x}: {} chains made available, {used} used",
+                self.desc, self.published
+            );
+        }
         if !self.raw_index && self.published < 0x8000 {
             assert!(
                 u32::from(used) <= self.published,
