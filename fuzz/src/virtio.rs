@@ -158,7 +158,7 @@ pub fn block(data: &[u8]) {
         text.push_str(",readonly=on");
     }
     if options & 2 == 0 {
-        // io_uring costs a ring setup per input: one input in four.
+        // Half the inputs take the synchronous engine, half io_uring.
         text.push_str(",_disable_io_uring=on");
     }
     if options & 4 != 0 {

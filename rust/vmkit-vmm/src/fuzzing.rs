@@ -137,3 +137,55 @@ pub fn run_inline_workers(max_rounds: usize) -> usize {
     }
     total
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::worker;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    struct Counting {
+        started: Arc<AtomicUsize>,
+        notified: Arc<AtomicUsize>,
+    }
+
+    impl WorkerHandler for Counting {
+        fn queue_notified(&mut self, _index: usize) {
+            self.notified.fetch_add(1, Ordering::SeqCst);
+        }
+
+        fn failed(&mut self, _cause: &std::io::Error) {}
+
+        fn started(&mut self) {
+            self.started.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn inline_workers_run_on_the_callers_thread_until_stopped() {
+        let started = Arc::new(AtomicUsize::new(0));
+        let notified = Arc::new(AtomicUsize::new(0));
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        set_inline_workers(true);
+        let handler = Counting {
+            started: started.clone(),
+            notified: notified.clone(),
+        };
+        let mut worker =
+            worker::spawn("inline".into(), vec![kick.try_clone().unwrap()], handler).unwrap();
+        set_inline_workers(false);
+        assert_eq!(inline_worker_count(), 1);
+        // Nothing runs until asked: no thread.
+        kick.write(1).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        assert_eq!(started.load(Ordering::SeqCst), 0);
+        assert_eq!(run_inline_workers(8), 2, "started, then one kick");
+        assert_eq!(notified.load(Ordering::SeqCst), 1);
+        assert_eq!(run_inline_workers(8), 0, "the kick was consumed");
+        worker.stop();
+        assert_eq!(inline_worker_count(), 0);
+        kick.write(1).unwrap();
+        assert_eq!(run_inline_workers(8), 0, "a stopped worker gets nothing");
+    }
+}
