@@ -3,12 +3,12 @@
 
 use std::cell::RefCell;
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmkit_config::PayloadConfig;
-use vmkit_vmm::boot::load_payload;
+use vmkit_vmm::boot::{load_payload, LoadedPayload};
 use vmkit_vmm::memory::GuestRam;
 
 const RAM_SIZE: u64 = 32 << 20;
@@ -41,13 +41,14 @@ fn fixture() -> Fixture {
     }
 }
 
-pub fn boot_loader(data: &[u8]) {
+/// Loads `kernel` as the payload, as `Vm::boot` does.
+pub fn load(kernel: &[u8]) -> vmkit_vmm::Result<LoadedPayload> {
     FIXTURE.with(|fixture_cell| {
         let mut cell = fixture_cell.borrow_mut();
         let fixture = cell.get_or_insert_with(fixture);
         fixture.kernel.set_len(0).expect("truncate the kernel file");
         (&fixture.kernel)
-            .write_all(data)
+            .write_all_at(kernel, 0)
             .expect("write the kernel file");
         let payload = PayloadConfig {
             firmware: None,
@@ -55,9 +56,13 @@ pub fn boot_loader(data: &[u8]) {
             cmdline: Some("console=ttyS0 reboot=k panic=1".into()),
             initramfs: None,
         };
-        // Refused or loaded, never a panic or a hang; a refusal names the file.
-        if let Err(e) = load_payload(&fixture.ram, &payload, RSDP) {
-            assert!(e.to_string().contains("/proc/self/fd/"), "{e}");
-        }
-    });
+        load_payload(&fixture.ram, &payload, RSDP)
+    })
+}
+
+pub fn boot_loader(data: &[u8]) {
+    // Refused or loaded, never a panic or a hang; a refusal names the file.
+    if let Err(e) = load(data) {
+        assert!(e.to_string().contains("/proc/self/fd/"), "{e}");
+    }
 }

@@ -85,3 +85,29 @@ replay_tests!(
     virtio_pci,
     boot_loader,
 );
+
+/// The boot target reaches the loaders' success paths: the test guest's
+/// real images load, each in its format.
+#[test]
+fn real_kernels_load() {
+    use vmkit_vmm::boot::KernelFormat;
+    for (image, format) in [
+        (vmkit_guest::PVH_ELF, KernelFormat::PvhElf),
+        (vmkit_guest::ELF_NO_PVH, KernelFormat::Elf64),
+        (vmkit_guest::BZIMAGE, KernelFormat::BzImage),
+    ] {
+        let loaded = vmkit_fuzz::boot::load(image).expect("the test guest loads");
+        assert_eq!(loaded.format, format);
+    }
+    // The seeds are minimal kernels of each format, and load too.
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/boot_loader");
+    for (seed, format) in [
+        ("pvh-elf", KernelFormat::PvhElf),
+        ("elf64", KernelFormat::Elf64),
+        ("bzimage", KernelFormat::BzImage),
+    ] {
+        let image = std::fs::read(seeds.join(seed)).expect("a seed");
+        let loaded = vmkit_fuzz::boot::load(&image).unwrap_or_else(|e| panic!("{seed}: {e}"));
+        assert_eq!(loaded.format, format, "{seed}");
+    }
+}
