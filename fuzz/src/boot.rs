@@ -47,7 +47,8 @@ pub fn load(kernel: &[u8]) -> vmkit_vmm::Result<LoadedPayload> {
         let mut cell = fixture_cell.borrow_mut();
         let fixture = cell.get_or_insert_with(fixture);
         fixture.kernel.set_len(0).expect("truncate the kernel file");
-        (&fixture.kernel)
+        fixture
+            .kernel
             .write_all_at(kernel, 0)
             .expect("write the kernel file");
         let payload = PayloadConfig {
