@@ -261,6 +261,7 @@ def block_seeds() -> dict[str, bytes]:
     seeds["write-io_uring"] = header(4, 2) + block_request(1, 1, 512)
     seeds["read-indirect"] = header(4, 0) + block_request(0, 2, 512, indirect=True)
     seeds["write-readonly"] = header(4, 1) + block_request(1, 0, 512)
+    seeds["reads-rate-limited"] = header(4, 8) + block_request(0, 0, 512) * 4
     return seeds
 
 
@@ -283,6 +284,7 @@ def net_seeds() -> dict[str, bytes]:
     ops.action(bytes([0]) + struct.pack("<H", len(frame)) + frame)
     ops.kick(0)
     seeds["tx-rx"] = header(4, 0) + bytes(ops.out)
+    seeds["tx-rx-rate-limited"] = header(4, 8) + bytes(ops.out) * 3
     # Mergeable receive buffers spread over small descriptors.
     ops = Ops()
     for i in range(4):

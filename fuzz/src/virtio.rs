@@ -164,6 +164,10 @@ pub fn block(data: &[u8]) {
     if options & 4 != 0 {
         text.push_str(",serial=fuzz-serial");
     }
+    if options & 8 != 0 {
+        // Small buckets: requests get throttled within one input.
+        text.push_str(",bw_size=4096,bw_refill_time=10,ops_size=2,ops_refill_time=10");
+    }
     let config = DiskConfig::parse(&text).expect("a valid disk option");
     let mut device = Block::with_lock(&config, None, false).expect("the image opens");
     let mut rings = [Ring::new(0, size)];
@@ -208,6 +212,9 @@ pub fn net(data: &[u8]) {
     }
     if options & 4 != 0 {
         text.push_str(",offload_tso=off,offload_ufo=off,offload_csum=off");
+    }
+    if options & 8 != 0 {
+        text.push_str(",bw_size=4096,bw_refill_time=10,ops_size=2,ops_refill_time=10");
     }
     let config = NetConfig::parse(&text).expect("a valid net option");
     let (mut device, peers) = Net::over_socketpairs(&config, "fuzz-net").expect("socketpairs");
