@@ -351,34 +351,46 @@ REGION = {"common": 0, "isr": 1, "device": 2, "notify": 3, "msix": 4, "pba": 5}
 
 
 class Pci:
+    """A virtio-pci driver's accesses, encoded as fuzz/src/pci.rs decodes them."""
+
     def __init__(self, device: int, bar32: bool = False) -> None:
         self.out = bytearray([device, 1 if bar32 else 0])
 
     def bar_write(self, region: str, offset: int, value: int, length: int) -> None:
-        self.out += bytes([4, REGION[region]]) + struct.pack("<H", offset)
+        self.out += bytes([7, REGION[region]]) + struct.pack("<H", offset)
         self.out += bytes([LENS[length]]) + value.to_bytes(8, "little")[:length]
 
     def bar_read(self, region: str, offset: int, length: int) -> None:
-        self.out += bytes([2, REGION[region]]) + struct.pack("<H", offset) + bytes([LENS[length]])
+        self.out += bytes([5, REGION[region]]) + struct.pack("<H", offset) + bytes([LENS[length]])
 
     def config_write(self, reg: int, offset: int, data: bytes) -> None:
-        self.out += bytes([1]) + struct.pack("<H", reg) + bytes([offset, LENS[len(data)]]) + data
+        """ECAM write to slot 1 (the function)."""
+        self.out += bytes([1, 1, 0]) + struct.pack("<H", 4 * reg + offset)
+        self.out += bytes([LENS[len(data)]]) + data
 
-    def config_read(self, reg: int) -> None:
-        self.out += bytes([0]) + struct.pack("<H", reg)
+    def config_read(self, reg: int, slot: int = 1) -> None:
+        self.out += bytes([0, slot, 0]) + struct.pack("<H", 4 * reg) + bytes([LENS[4]])
+
+    def port_read(self, slot: int, reg: int) -> None:
+        """Configuration mechanism #1: address to 0xcf8, data from 0xcfc."""
+        self.out += bytes([2]) + struct.pack("<I", 0x8000_0000 | slot << 11 | 4 * reg)
+        self.out += bytes([3, 4, LENS[4]])
 
     def memory(self, addr: int, data: bytes) -> None:
         assert addr % 16 == 0 and len(data) < 256
-        self.out += bytes([6]) + struct.pack("<H", addr // 16) + bytes([len(data)]) + data
+        self.out += bytes([9]) + struct.pack("<H", addr // 16) + bytes([len(data)]) + data
 
     def run(self) -> None:
-        self.out += bytes([7])
+        self.out += bytes([10])
 
 
 def pci_seed(device: int, queues: int, bar32: bool = False) -> bytes:
     p = Pci(device, bar32)
     for reg in range(0, 64):
         p.config_read(reg)
+    for slot in (0, 1):
+        p.port_read(slot, 0)
+        p.port_read(slot, 2)
     # Memory space on, MSI-X enabled (capability at 0x40: control at +2).
     p.config_write(1, 0, bytes([0x06, 0]))
     p.config_write(0x40 // 4, 2, bytes([0, 0x80]))

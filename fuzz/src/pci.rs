@@ -1,19 +1,22 @@
-//! The virtio-pci transport: a sequence of PCI configuration-space and
-//! BAR 0 accesses (common configuration, ISR, device configuration,
+//! The virtio-pci transport: a sequence of PCI configuration-space
+//! accesses (ECAM and ports 0xcf8/0xcfc) and BAR 0 accesses through the
+//! segment's MMIO windows (common configuration, ISR, device configuration,
 //! notifications, MSI-X table and PBA) decoded from the input, against a
-//! real virtio-pci function around a real device. The function needs a KVM
-//! VM (ioeventfds, MSI routes): one per process.
+//! real virtio-pci function around a real device, in slot 1 of a real PCI
+//! segment. The function needs a KVM VM (ioeventfds, MSI routes): one per
+//! process.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmkit_config::{ConsoleConfig, ConsoleOutputMode, DiskConfig, NetConfig};
 use vmkit_vmm::devices::serial::SerialBackend;
+use vmkit_vmm::devices::BusDevice;
 use vmkit_vmm::fuzzing::{inline_worker_count, run_inline_workers, set_inline_workers};
 use vmkit_vmm::interrupts::InterruptRoutes;
 use vmkit_vmm::pci::config::BarKind;
-use vmkit_vmm::pci::PciDevice;
+use vmkit_vmm::pci::{plan_segments, PciBarWindow, PciConfigIo, PciEcam, PciSegment};
 use vmkit_vmm::virtio::block::Block;
 use vmkit_vmm::virtio::console::Console;
 use vmkit_vmm::virtio::net::Net;
@@ -23,8 +26,6 @@ use vmkit_vmm::virtio::VirtioDevice;
 
 use crate::input::Input;
 use crate::ring::guest_memory;
-
-const BAR_ADDRESS: u64 = 0x10_0000_0000;
 
 /// Where BAR 0's regions start (Cloud Hypervisor's layout).
 const REGIONS: [u64; 6] = [0x0, 0x2000, 0x4000, 0x6000, 0x8000, 0x48000];
@@ -93,6 +94,7 @@ fn access_len(input: &mut Input<'_>) -> usize {
     [1, 2, 4, 8, 4, 4, 3, 0][usize::from(input.u8() % 8)]
 }
 
+/// An offset into BAR 0: mostly inside one of its regions.
 fn bar_offset(input: &mut Input<'_>) -> u64 {
     let selector = input.u8();
     if selector == 0xff {
@@ -100,6 +102,36 @@ fn bar_offset(input: &mut Input<'_>) -> u64 {
     }
     let region = REGIONS[usize::from(selector) % REGIONS.len()];
     (region + u64::from(input.u16() % 0x400)) % BAR_SIZE
+}
+
+/// The guest's view: configuration space through ECAM (MMIO) and ports
+/// 0xcf8/0xcfc, BARs through the segment's MMIO windows, as the vCPU
+/// threads reach them.
+struct Platform {
+    ecam: PciEcam,
+    io: PciConfigIo,
+    mem32: PciBarWindow,
+    mem64: PciBarWindow,
+    device: Arc<Mutex<VirtioPciDevice>>,
+}
+
+impl Platform {
+    /// BAR 0's address now (the guest may have moved it).
+    fn bar_address(&self) -> u64 {
+        let device = self.device.lock().unwrap_or_else(|p| p.into_inner());
+        device.config_space().bar_address(0).unwrap_or(0)
+    }
+
+    /// The window holding `address`, and the offset in it.
+    fn window(&mut self, address: u64) -> (&mut PciBarWindow, u64) {
+        if address >= self.mem64.base {
+            let base = self.mem64.base;
+            (&mut self.mem64, address - base)
+        } else {
+            let base = self.mem32.base;
+            (&mut self.mem32, address.wrapping_sub(base))
+        }
+    }
 }
 
 pub fn virtio_pci(data: &[u8]) {
@@ -110,17 +142,20 @@ pub fn virtio_pci(data: &[u8]) {
     let memory: GuestMemoryMmap = guest_memory();
     set_inline_workers(true);
     let (device, backend) = device(input.u8());
+    let layout = plan_segments(1, 1 << 30, 40).expect("one segment")[0];
+    let mut segment = PciSegment::new(layout);
     let bar_kind = if input.u8() & 1 == 0 {
         BarKind::Memory64
     } else {
         BarKind::Memory32
     };
     let address = if bar_kind == BarKind::Memory64 {
-        BAR_ADDRESS
+        segment.mem64_allocator.allocate(BAR_SIZE)
     } else {
-        0xc000_0000
-    };
-    let mut pci = match VirtioPciDevice::new(
+        segment.mem32_allocator.allocate(BAR_SIZE)
+    }
+    .expect("room for BAR 0");
+    let function = match VirtioPciDevice::new(
         "fuzz-pci".into(),
         device,
         memory.clone(),
@@ -128,36 +163,67 @@ pub fn virtio_pci(data: &[u8]) {
         address,
         bar_kind,
     ) {
-        Ok(pci) => pci,
+        Ok(function) => Arc::new(Mutex::new(function)),
         Err(e) => panic!("cannot build the function: {e}"),
     };
+    segment.insert(1, function.clone());
+    let segment = Arc::new(segment);
+    let mut platform = Platform {
+        ecam: PciEcam {
+            segments: vec![segment.clone()],
+        },
+        io: PciConfigIo::new(segment.clone()),
+        mem32: PciBarWindow {
+            segment: segment.clone(),
+            base: layout.mem32.start,
+        },
+        mem64: PciBarWindow {
+            segment,
+            base: layout.mem64.start,
+        },
+        device: function,
+    };
+    let mut buffer = [0u8; 8];
     let mut steps = 0;
     while !input.is_empty() && steps < 1024 {
         steps += 1;
-        match input.u8() % 8 {
-            0 => {
-                let reg = usize::from(input.u16() % 1024);
-                let _ = pci.config_read(reg);
-            }
-            1 => {
-                let reg = usize::from(input.u16() % 1024);
-                let offset = usize::from(input.u8() % 4);
-                let len = access_len(&mut input).min(4 - offset);
-                let data = input.bytes(len).to_vec();
-                pci.config_write(reg, offset, &data);
-            }
-            2 | 3 => {
-                let offset = bar_offset(&mut input);
-                let mut data = vec![0u8; access_len(&mut input)];
-                pci.bar_read(0, offset, &mut data);
-            }
-            4 | 5 => {
-                let offset = bar_offset(&mut input);
+        match input.u8() % 11 {
+            op @ (0 | 1) => {
+                let slot = u64::from(input.u8() % 4);
+                let function = u64::from(input.u8() % 8);
+                let reg = u64::from(input.u16() % 4096);
+                let offset = (slot << 15) | (function << 12) | reg;
                 let len = access_len(&mut input);
-                let data = input.bytes(len).to_vec();
-                pci.bar_write(0, offset, &data);
+                if op == 0 {
+                    platform.ecam.read(offset, &mut buffer[..len]);
+                } else {
+                    platform.ecam.write(offset, input.bytes(len));
+                }
             }
-            6 => {
+            2 => {
+                let address = input.u32();
+                platform.io.write(0, &address.to_le_bytes());
+            }
+            op @ (3 | 4) => {
+                let port = u64::from(input.u8() % 8);
+                let len = access_len(&mut input);
+                if op == 3 {
+                    platform.io.read(port, &mut buffer[..len]);
+                } else {
+                    platform.io.write(port, input.bytes(len));
+                }
+            }
+            op @ 5..=8 => {
+                let address = platform.bar_address().wrapping_add(bar_offset(&mut input));
+                let len = access_len(&mut input);
+                let (window, offset) = platform.window(address);
+                if op <= 6 {
+                    window.read(offset, &mut buffer[..len]);
+                } else {
+                    window.write(offset, input.bytes(len));
+                }
+            }
+            9 => {
                 // Rings and buffers for the queues the driver sets up.
                 let at = u64::from(input.u16()) * 16;
                 let len = usize::from(input.u8());
@@ -171,13 +237,15 @@ pub fn virtio_pci(data: &[u8]) {
     run_inline_workers(16);
     if std::env::var_os("VMKIT_FUZZ_DEBUG").is_some() {
         let used: u16 = memory.read_obj(GuestAddress(0x3002)).unwrap_or(0);
+        let device = platform.device.lock().unwrap_or_else(|p| p.into_inner());
         eprintln!(
-            "queue 0 used index {used}, {} reset requests, {} workers",
-            pci.reset_requests(),
+            "BAR 0 at {:#x}, queue 0 used index {used}, {} reset requests, {} workers",
+            device.config_space().bar_address(0).unwrap_or(0),
+            device.reset_requests(),
             inline_worker_count()
         );
     }
-    drop(pci);
+    drop(platform);
     set_inline_workers(false);
     assert_eq!(inline_worker_count(), 0, "a worker outlived its function");
     if let Some(backend) = backend {
