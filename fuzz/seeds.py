@@ -435,6 +435,55 @@ def pci_seed(device: int, queues: int, bar32: bool = False) -> bytes:
     return bytes(p.out)
 
 
+# --- legacy devices (fuzz/src/legacy.rs) ------------------------------------
+
+PORT_INDEX = {0x3F8: 0, 0x60: 1, 0x3C0: 2, 0x80: 3}
+
+
+def port_write(port: int, offset: int, value: int) -> bytes:
+    return bytes([2, PORT_INDEX[port], offset, value])
+
+
+def port_read(port: int, offset: int) -> bytes:
+    return bytes([0, PORT_INDEX[port], offset])
+
+
+def legacy_seeds() -> dict[str, bytes]:
+    uart = b"".join(
+        [
+            port_write(0x3F8, 3, 0x80),  # LCR: divisor latch
+            port_write(0x3F8, 0, 0x01),
+            port_write(0x3F8, 1, 0x00),
+            port_write(0x3F8, 3, 0x03),  # 8N1
+            port_write(0x3F8, 1, 0x0F),  # IER: every interrupt
+            port_write(0x3F8, 4, 0x0B),  # MCR
+            *[port_write(0x3F8, 0, c) for c in b"hello\n"],
+            port_read(0x3F8, 5),  # LSR
+            port_read(0x3F8, 2),  # IIR
+            bytes([4, 0, 0, 5]) + b"typed",  # host input
+            port_read(0x3F8, 5),
+            *[port_read(0x3F8, 0) for _ in range(6)],
+            port_write(0x3F8, 4, 0x10),  # loopback
+            port_write(0x3F8, 0, 0x41),
+            port_read(0x3F8, 0),
+        ]
+    )
+    platform = b"".join(
+        [
+            *[port_write(0x80, 0, v) for v in (0x01, 0x7F)],
+            port_read(0x60, 4),
+            port_write(0x60, 4, 0x01),
+            bytes([4, 0, 0, 0]),  # power button
+            bytes([5, 0, 0, 0]),  # GED read
+            port_write(0x3C0, 0, 5 << 2),
+            port_write(0x3C0, 0, 5 << 2 | 1 << 5),  # S5: power off
+            port_write(0x60, 4, 0xFE),  # i8042 reset
+            port_write(0x3C0, 0, 1),  # ACPI reset
+        ]
+    )
+    return {"uart": uart, "platform": platform}
+
+
 # --- kernels (fuzz/src/boot.rs) ---------------------------------------------
 
 
@@ -510,6 +559,7 @@ def main() -> None:
         "block-bar32": pci_seed(2, 2, bar32=True),
         "net": pci_seed(3, 5),
     }
+    corpora["legacy_io"] = legacy_seeds()
     corpora["boot_loader"] = {"pvh-elf": elf(True), "elf64": elf(False), "bzimage": bzimage()}
     for target, seeds in corpora.items():
         folder = CORPUS / target

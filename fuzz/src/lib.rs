@@ -7,6 +7,7 @@
 pub mod boot;
 pub mod config;
 pub mod input;
+pub mod legacy;
 pub mod pci;
 pub mod ring;
 pub mod virtio;
@@ -65,6 +66,11 @@ pub const TARGETS: &[Target] = &[
         name: "virtio_pci",
         run: pci::virtio_pci,
         needs: Some(pci::kvm_available),
+    },
+    Target {
+        name: "legacy_io",
+        run: legacy::legacy_io,
+        needs: None,
     },
     Target {
         name: "boot_loader",

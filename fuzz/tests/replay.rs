@@ -83,6 +83,7 @@ replay_tests!(
     virtio_rng,
     virtio_console,
     virtio_pci,
+    legacy_io,
     boot_loader,
 );
 
