@@ -12,11 +12,13 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmkit_config::{ConsoleConfig, ConsoleOutputMode, DiskConfig, NetConfig};
 use vmkit_vmm::devices::serial::SerialBackend;
-use vmkit_vmm::devices::BusDevice;
+use vmkit_vmm::devices::Bus;
 use vmkit_vmm::fuzzing::{inline_worker_count, run_inline_workers, set_inline_workers};
 use vmkit_vmm::interrupts::InterruptRoutes;
 use vmkit_vmm::pci::config::BarKind;
-use vmkit_vmm::pci::{plan_segments, PciBarWindow, PciConfigIo, PciEcam, PciSegment};
+use vmkit_vmm::pci::{
+    plan_segments, PciBarWindow, PciConfigIo, PciEcam, PciSegment, ECAM_SIZE_PER_SEGMENT,
+};
 use vmkit_vmm::virtio::block::Block;
 use vmkit_vmm::virtio::console::Console;
 use vmkit_vmm::virtio::net::Net;
@@ -105,13 +107,12 @@ fn bar_offset(input: &mut Input<'_>) -> u64 {
 }
 
 /// The guest's view: configuration space through ECAM (MMIO) and ports
-/// 0xcf8/0xcfc, BARs through the segment's MMIO windows, as the vCPU
-/// threads reach them.
+/// 0xcf8/0xcfc, BARs through the segment's MMIO windows, on real buses at
+/// the segment's addresses, as the vCPU threads reach them.
 struct Platform {
-    ecam: PciEcam,
-    io: PciConfigIo,
-    mem32: PciBarWindow,
-    mem64: PciBarWindow,
+    mmio: Bus,
+    pio: Bus,
+    ecam_base: u64,
     device: Arc<Mutex<VirtioPciDevice>>,
 }
 
@@ -120,17 +121,6 @@ impl Platform {
     fn bar_address(&self) -> u64 {
         let device = self.device.lock().unwrap_or_else(|p| p.into_inner());
         device.config_space().bar_address(0).unwrap_or(0)
-    }
-
-    /// The window holding `address`, and the offset in it.
-    fn window(&mut self, address: u64) -> (&mut PciBarWindow, u64) {
-        if address >= self.mem64.base {
-            let base = self.mem64.base;
-            (&mut self.mem64, address - base)
-        } else {
-            let base = self.mem32.base;
-            (&mut self.mem32, address.wrapping_sub(base))
-        }
     }
 }
 
@@ -168,19 +158,46 @@ pub fn virtio_pci(data: &[u8]) {
     };
     segment.insert(1, function.clone());
     let segment = Arc::new(segment);
-    let mut platform = Platform {
-        ecam: PciEcam {
-            segments: vec![segment.clone()],
-        },
-        io: PciConfigIo::new(segment.clone()),
-        mem32: PciBarWindow {
-            segment: segment.clone(),
-            base: layout.mem32.start,
-        },
-        mem64: PciBarWindow {
-            segment,
-            base: layout.mem64.start,
-        },
+    let mut mmio = Bus::new();
+    let mut pio = Bus::new();
+    let ecam = PciEcam {
+        segments: vec![segment.clone()],
+    };
+    let mem32 = PciBarWindow {
+        segment: segment.clone(),
+        base: layout.mem32.start,
+    };
+    let mem64 = PciBarWindow {
+        segment: segment.clone(),
+        base: layout.mem64.start,
+    };
+    let placed = [
+        mmio.insert(
+            layout.ecam_base,
+            ECAM_SIZE_PER_SEGMENT,
+            Arc::new(Mutex::new(ecam)),
+        ),
+        mmio.insert(
+            layout.mem32.start,
+            layout.mem32.size,
+            Arc::new(Mutex::new(mem32)),
+        ),
+        mmio.insert(
+            layout.mem64.start,
+            layout.mem64.size,
+            Arc::new(Mutex::new(mem64)),
+        ),
+        pio.insert(
+            PciConfigIo::PORT,
+            PciConfigIo::LEN,
+            Arc::new(Mutex::new(PciConfigIo::new(segment))),
+        ),
+    ];
+    assert!(placed.iter().all(|&p| p), "the PCI ranges overlap");
+    let platform = Platform {
+        mmio,
+        pio,
+        ecam_base: layout.ecam_base,
         device: function,
     };
     let mut buffer = [0u8; 8];
@@ -194,33 +211,39 @@ pub fn virtio_pci(data: &[u8]) {
                 let reg = u64::from(input.u16() % 4096);
                 let offset = (slot << 15) | (function << 12) | reg;
                 let len = access_len(&mut input);
+                let address = platform.ecam_base + offset;
                 if op == 0 {
-                    platform.ecam.read(offset, &mut buffer[..len]);
+                    platform.mmio.read(address, &mut buffer[..len]);
                 } else {
-                    platform.ecam.write(offset, input.bytes(len));
+                    platform.mmio.write(address, input.bytes(len));
                 }
             }
             2 => {
                 let address = input.u32();
-                platform.io.write(0, &address.to_le_bytes());
+                platform
+                    .pio
+                    .write(PciConfigIo::PORT, &address.to_le_bytes());
             }
             op @ (3 | 4) => {
                 let port = u64::from(input.u8() % 8);
                 let len = access_len(&mut input);
                 if op == 3 {
-                    platform.io.read(port, &mut buffer[..len]);
+                    platform
+                        .pio
+                        .read(PciConfigIo::PORT + port, &mut buffer[..len]);
                 } else {
-                    platform.io.write(port, input.bytes(len));
+                    platform
+                        .pio
+                        .write(PciConfigIo::PORT + port, input.bytes(len));
                 }
             }
             op @ 5..=8 => {
                 let address = platform.bar_address().wrapping_add(bar_offset(&mut input));
                 let len = access_len(&mut input);
-                let (window, offset) = platform.window(address);
                 if op <= 6 {
-                    window.read(offset, &mut buffer[..len]);
+                    platform.mmio.read(address, &mut buffer[..len]);
                 } else {
-                    window.write(offset, input.bytes(len));
+                    platform.mmio.write(address, input.bytes(len));
                 }
             }
             9 => {
