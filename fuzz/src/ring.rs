@@ -151,6 +151,14 @@ fn covers_rings(addr: u64, len: u32) -> bool {
     addr < TABLES + 16 * 256 && addr.saturating_add(u64::from(len)) > RING_BASE
 }
 
+/// Whether descriptor (addr, len, flags) may let the device's own output
+/// become descriptors: a buffer over the rings or tables, or an indirect
+/// table outside the tables area (in buffers the device may have filled).
+fn clobbers(addr: u64, len: u32, flags: u16) -> bool {
+    let table_outside = flags & INDIRECT != 0 && !(TABLES..TABLES + 16 * 256).contains(&addr);
+    covers_rings(addr, len) || table_outside
+}
+
 /// What one fuzz input does to a device's queues.
 pub trait Device {
     /// Processes what is pending (runs the inline workers).
@@ -170,7 +178,8 @@ pub fn play(
     let count = rings.len();
     let mut steps = 0;
     // A buffer over the rings lets the device overwrite them (rng bytes,
-    // frames, input): what the used rings hold proves nothing then.
+    // frames, input), and an indirect table in a buffer lets device output
+    // become descriptors: what the used rings hold proves nothing then.
     let mut clobbered = false;
     while !input.is_empty() && steps < 512 {
         steps += 1;
@@ -182,8 +191,8 @@ pub fn play(
                 let index = u16::from(input.u8()) % ring.size;
                 let addr = addr(input);
                 let len = len(input);
-                clobbered |= covers_rings(addr, len);
                 let flags = flags(input);
+                clobbered |= clobbers(addr, len, flags);
                 let next = if input.u8() < 192 {
                     (index + 1) % ring.size
                 } else {
@@ -216,8 +225,8 @@ pub fn play(
                 let index = u16::from(input.u8() % 16);
                 let addr = addr(input);
                 let len = len(input);
-                clobbered |= covers_rings(addr, len);
                 let flags = flags(input);
+                clobbered |= clobbers(addr, len, flags);
                 let next = u16::from(input.u8() % 20);
                 ring.descriptor(
                     memory,
