@@ -71,6 +71,11 @@ impl FromStr for ByteSized {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IntegerList(pub Vec<u64>);
 
+/// The most elements a list may expand to. v37 expands any range, so
+/// `cpus=[0-4000000000]` has it allocate 32 GB; no list vmkit takes (vCPU,
+/// host CPU, segment and fd numbers) can use more than this.
+pub const MAX_LIST_ELEMENTS: u64 = 1 << 16;
+
 impl FromStr for IntegerList {
     type Err = InvalidValue;
     fn from_str(s: &str) -> Result<Self, InvalidValue> {
@@ -79,11 +84,15 @@ impl FromStr for IntegerList {
         for element in body.split(',') {
             let parts: Vec<&str> = element.split('-').collect();
             match parts.as_slice() {
+                [_] if values.len() as u64 >= MAX_LIST_ELEMENTS => return Err(InvalidValue),
                 [single] => values.push(single.parse::<u64>().map_err(|_| InvalidValue)?),
                 [start, end] => {
                     let start = start.parse::<u64>().map_err(|_| InvalidValue)?;
                     let end = end.parse::<u64>().map_err(|_| InvalidValue)?;
                     if start >= end {
+                        return Err(InvalidValue);
+                    }
+                    if end - start >= MAX_LIST_ELEMENTS - values.len() as u64 {
                         return Err(InvalidValue);
                     }
                     values.extend(start..=end);
@@ -344,6 +353,22 @@ mod tests {
         ] {
             assert!(s.parse::<IntegerList>().is_err(), "{s}");
         }
+    }
+
+    /// Found by the option_string fuzz target: a huge range made the
+    /// parser allocate gigabytes (and take seconds) before any check.
+    #[test]
+    fn integer_lists_longer_than_the_limit_are_refused_at_once() {
+        let started = std::time::Instant::now();
+        for s in ["[0-1111111111]", "[0-18446744073709551615]", "[5,0-65535]"] {
+            assert!(s.parse::<IntegerList>().is_err(), "{s}");
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let longest = format!("[0-{}]", MAX_LIST_ELEMENTS - 1);
+        let list: IntegerList = longest.parse().unwrap();
+        assert_eq!(list.0.len() as u64, MAX_LIST_ELEMENTS);
+        let many_singles = vec!["1"; MAX_LIST_ELEMENTS as usize + 1].join(",");
+        assert!(many_singles.parse::<IntegerList>().is_err());
     }
 
     #[test]

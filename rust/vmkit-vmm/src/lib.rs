@@ -8,6 +8,8 @@ pub mod cpu;
 pub mod device_manager;
 pub mod devices;
 pub mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod interrupts;
 pub mod layout;
 pub mod memory;

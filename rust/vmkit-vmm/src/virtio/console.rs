@@ -82,6 +82,14 @@ impl Console {
     }
 }
 
+#[cfg(feature = "fuzzing")]
+impl Console {
+    /// Where backend input goes (the fuzz targets feed it directly).
+    pub fn input_sink(&self) -> Arc<ConsoleInput> {
+        self.input.clone()
+    }
+}
+
 struct ConsoleQueues {
     /// The device id, for the log.
     id: String,

@@ -80,11 +80,18 @@ impl PollWindow {
 pub struct Worker {
     kill: EventFd,
     thread: Option<JoinHandle<()>>,
+    /// Run on the caller's thread by the fuzz targets instead.
+    #[cfg(feature = "fuzzing")]
+    inline: Option<u64>,
 }
 
 impl Worker {
     /// Stops the worker and joins its thread.
     pub fn stop(&mut self) {
+        #[cfg(feature = "fuzzing")]
+        if let Some(id) = self.inline.take() {
+            crate::fuzzing::remove_inline_worker(id);
+        }
         if let Some(thread) = self.thread.take() {
             let name = thread.thread().name().unwrap_or("worker").to_owned();
             // Joining a thread that was never told to stop would hang the VMM.
@@ -118,6 +125,17 @@ pub fn spawn<H: WorkerHandler>(
     handler: H,
 ) -> io::Result<Worker> {
     let kill = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+    #[cfg(feature = "fuzzing")]
+    if crate::fuzzing::inline_workers() {
+        let _ = (spawner, kind);
+        let extra = handler.extra_fds();
+        let id = crate::fuzzing::add_inline_worker(kicks, extra, Box::new(handler));
+        return Ok(Worker {
+            kill,
+            thread: None,
+            inline: Some(id),
+        });
+    }
     let epoll = Epoll::new()?;
     epoll.ctl(
         ControlOperation::Add,
@@ -143,6 +161,8 @@ pub fn spawn<H: WorkerHandler>(
     Ok(Worker {
         kill,
         thread: Some(thread),
+        #[cfg(feature = "fuzzing")]
+        inline: None,
     })
 }
 

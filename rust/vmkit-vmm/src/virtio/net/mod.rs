@@ -165,6 +165,17 @@ pub fn tun_offload_flags(features: u64) -> u32 {
     flags
 }
 
+/// Queue pairs for `num_queues` (one for 0 or 1).
+fn queue_pairs(config: &NetConfig, id: &str) -> Result<u16> {
+    Ok(u16::try_from((config.num_queues / 2).max(1))
+        .ok()
+        .filter(|&p| p <= 0x7fff)
+        .ok_or_else(|| NetError::TooManyQueues {
+            id: id.to_owned(),
+            num_queues: config.num_queues,
+        })?)
+}
+
 pub struct Net {
     id: String,
     /// One tap queue per queue pair.
@@ -182,17 +193,36 @@ impl Net {
     /// Opens (or creates, or adopts from `fds`) the tap and configures its
     /// host side as Cloud Hypervisor does.
     pub fn new(config: &NetConfig, id: &str) -> Result<Net> {
-        let pairs = u16::try_from((config.num_queues / 2).max(1))
-            .ok()
-            .filter(|&p| p <= 0x7fff)
-            .ok_or_else(|| NetError::TooManyQueues {
-                id: id.to_owned(),
-                num_queues: config.num_queues,
-            })?;
+        let pairs = queue_pairs(config, id)?;
         let taps = open_taps(config, pairs).map_err(|source| NetError::Host {
             id: id.to_owned(),
             source,
         })?;
+        Ok(Net::with_taps(config, id, pairs, taps))
+    }
+
+    /// A device over a socketpair per queue pair (see `Tap::socketpair`)
+    /// and the network ends of them, for the fuzz targets.
+    #[cfg(feature = "fuzzing")]
+    pub fn over_socketpairs(config: &NetConfig, id: &str) -> Result<(Net, Vec<std::fs::File>)> {
+        let pairs = queue_pairs(config, id)?;
+        let mut taps = Vec::new();
+        let mut peers = Vec::new();
+        for _ in 0..pairs {
+            let (tap, peer) = Tap::socketpair().map_err(|source| NetError::Host {
+                id: id.to_owned(),
+                source: HostError::Tap {
+                    what: "a socketpair".to_owned(),
+                    source,
+                },
+            })?;
+            taps.push(tap);
+            peers.push(peer);
+        }
+        Ok((Net::with_taps(config, id, pairs, taps), peers))
+    }
+
+    fn with_taps(config: &NetConfig, id: &str, pairs: u16, taps: Vec<Tap>) -> Net {
         let mtu = match config.mtu {
             Some(mtu) => mtu,
             None => taps[0].mtu().unwrap_or(1500),
@@ -208,7 +238,7 @@ impl Net {
                 log::warn!("{id}: cannot detach a tap queue of {}: {e}", tap.name());
             }
         }
-        Ok(Net {
+        Net {
             id: id.to_owned(),
             taps: taps.into_iter().map(Arc::new).collect(),
             pairs,
@@ -218,7 +248,7 @@ impl Net {
             rate_limiter: config.rate_limiter_config.clone(),
             counters: Arc::new(NetCounters::default()),
             workers: Vec::new(),
-        })
+        }
     }
 
     /// The tap's interface name.

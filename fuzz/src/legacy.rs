@@ -1,0 +1,109 @@
+//! The legacy platform devices a guest reaches through port I/O and MMIO:
+//! the 16550 serial port (with host input), the i8042, the ACPI shutdown
+//! device, the debug port and the GED, at their addresses on real buses.
+//! Accesses of any size at any port; the devices may only stop the VM
+//! (power-off, reset), never panic.
+
+use std::sync::{Arc, Mutex};
+
+use vm_superio::{I8042Device, Serial};
+use vmkit_config::{ConsoleConfig, ConsoleOutputMode};
+use vmkit_vmm::acpi::ACPI_SHUTDOWN_PORT;
+use vmkit_vmm::control::Control;
+use vmkit_vmm::devices::legacy::{
+    AcpiShutdown, DebugPort, Ged, GedRegister, ResetTrigger, GED_POWER_BUTTON, I8042,
+};
+use vmkit_vmm::devices::serial::{InputSink, IrqTrigger, SerialBackend, SerialDevice, SerialSink};
+use vmkit_vmm::devices::Bus;
+use vmkit_vmm::layout::{GED_ADDRESS, GED_SIZE};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::input::Input;
+
+/// Ports worth hitting: each device's range and its neighbours.
+const PORTS: [u64; 6] = [0x3f8, 0x60, ACPI_SHUTDOWN_PORT as u64, 0x80, 0x3f0, 0];
+
+pub fn legacy_io(data: &[u8]) {
+    let mut input = Input::new(data);
+    let control = Arc::new(Control::new());
+    let backend = SerialBackend::open(
+        &ConsoleConfig::with_mode(ConsoleOutputMode::Null),
+        "serial",
+        false,
+        vmkit_vmm::seccomp::SeccompMode::Off,
+    )
+    .expect("a null backend")
+    .expect("a backend for mode null");
+    let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    let serial = Arc::new(Mutex::new(SerialDevice {
+        uart: Serial::new(IrqTrigger(irq), SerialSink(backend.clone())),
+    }));
+    let ged = Arc::new(Ged::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")));
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    let placed = [
+        pio.insert(0x3f8, 8, serial.clone()),
+        pio.insert(
+            0x60,
+            5,
+            Arc::new(Mutex::new(I8042(I8042Device::new(ResetTrigger(
+                control.clone(),
+            ))))),
+        ),
+        pio.insert(
+            u64::from(ACPI_SHUTDOWN_PORT),
+            8,
+            Arc::new(Mutex::new(AcpiShutdown {
+                control: control.clone(),
+            })),
+        ),
+        pio.insert(
+            0x80,
+            1,
+            Arc::new(Mutex::new(DebugPort {
+                control: control.clone(),
+                log: Arc::new(Mutex::new(Vec::new())),
+            })),
+        ),
+        mmio.insert(
+            GED_ADDRESS,
+            GED_SIZE,
+            Arc::new(Mutex::new(GedRegister(ged.clone()))),
+        ),
+    ];
+    assert!(placed.iter().all(|&p| p), "the devices overlap");
+    let mut buffer = [0u8; 8];
+    let mut steps = 0;
+    while !input.is_empty() && steps < 2048 {
+        steps += 1;
+        let op = input.u8();
+        let len = [1usize, 1, 1, 2, 4, 8, 3, 0][usize::from(op >> 5)];
+        let port = PORTS[usize::from(input.u8()) % PORTS.len()] + u64::from(input.u8() % 16);
+        match op % 6 {
+            0 | 1 => {
+                pio.read(port, &mut buffer[..len]);
+            }
+            2 | 3 => {
+                pio.write(port, input.bytes(len));
+            }
+            4 => {
+                // Host input for the serial port, or a power-button press.
+                let count = usize::from(input.u8() % 64);
+                if count == 0 {
+                    let _ = ged.notify(GED_POWER_BUTTON);
+                } else {
+                    serial.feed(input.bytes(count));
+                }
+            }
+            _ => {
+                let offset = u64::from(input.u8() % 8);
+                if input.u8() & 1 == 0 {
+                    mmio.read(GED_ADDRESS + offset, &mut buffer[..len]);
+                } else {
+                    mmio.write(GED_ADDRESS + offset, input.bytes(len));
+                }
+            }
+        }
+    }
+    backend.close();
+}

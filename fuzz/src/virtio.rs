@@ -1,0 +1,266 @@
+//! Queue processing of every virtio device: the real device, activated on
+//! rings that a hostile driver lays out from the input, its real queue
+//! handlers run inline (see `vmkit_vmm::fuzzing`).
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+use vmkit_config::{ConsoleConfig, ConsoleOutputMode, DiskConfig, NetConfig};
+use vmkit_vmm::devices::serial::InputSink;
+use vmkit_vmm::devices::serial::SerialBackend;
+use vmkit_vmm::fuzzing::{inline_worker_count, run_inline_workers, set_inline_workers};
+use vmkit_vmm::virtio::block::Block;
+use vmkit_vmm::virtio::console::{Console, ConsoleInput};
+use vmkit_vmm::virtio::net::Net;
+use vmkit_vmm::virtio::rng::Rng;
+use vmkit_vmm::virtio::{Activation, Interrupt, VirtioDevice, F_RING_EVENT_IDX, F_VERSION_1};
+
+use crate::input::Input;
+use crate::ring::{guest_memory, play, Device, Ring};
+
+/// Rounds of inline worker events per run: enough to drain what a step
+/// queued, bounded for devices that re-arm timers.
+const ROUNDS: usize = 16;
+
+/// Counts what the device signalled; never fails.
+#[derive(Default)]
+pub struct Signals {
+    queue: AtomicUsize,
+    config: AtomicUsize,
+    needs_reset: AtomicUsize,
+}
+
+impl Interrupt for Signals {
+    fn signal_queue(&self, _queue: u16) -> std::io::Result<()> {
+        self.queue.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn signal_config(&self) -> std::io::Result<()> {
+        self.config.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn signal_needs_reset(&self) -> std::io::Result<()> {
+        self.needs_reset.fetch_add(1, Ordering::Relaxed);
+        self.signal_config()
+    }
+}
+
+/// A queue size the driver picks: a power of two up to `max`.
+fn ring_size(input: &mut Input<'_>, max: u16) -> u16 {
+    (1u16 << (input.u8() % 9)).min(max)
+}
+
+/// Activates `device` on `rings` (queue i = ring i) with the features the
+/// input accepts, plays the input, resets the device and checks that every
+/// worker is gone.
+fn exercise(
+    device: &mut dyn VirtioDevice,
+    rings: &mut [Ring],
+    actor: &mut dyn Actor,
+    input: &mut Input<'_>,
+) {
+    let memory = guest_memory();
+    let offered = device.features();
+    let acked = (offered & input.u64()) | F_VERSION_1;
+    let event_idx = acked & F_RING_EVENT_IDX != 0;
+    let queues = rings
+        .iter()
+        .enumerate()
+        .map(|(i, ring)| ring.active(&memory, i as u16, event_idx))
+        .collect();
+    set_inline_workers(true);
+    let activated = device.activate(Activation {
+        memory: memory.clone(),
+        interrupt: Arc::new(Signals::default()),
+        queues,
+        acked_features: acked,
+        spawner: vmkit_vmm::seccomp::Spawner::unconfined(),
+    });
+    if activated.is_ok() {
+        let mut driven = Driven {
+            actor,
+            memory: &memory,
+        };
+        play(&memory, rings, &mut driven, input);
+    }
+    device.reset();
+    set_inline_workers(false);
+    assert_eq!(
+        inline_worker_count(),
+        0,
+        "a worker outlived its device's reset"
+    );
+}
+
+/// Device-specific actions beside the rings.
+trait Actor {
+    fn action(&mut self, _memory: &GuestMemoryMmap, _input: &mut Input<'_>) {}
+    /// After the workers ran (drain what the device sent out).
+    fn after_run(&mut self) {}
+}
+
+struct Driven<'a> {
+    actor: &'a mut dyn Actor,
+    memory: &'a GuestMemoryMmap,
+}
+
+impl Device for Driven<'_> {
+    fn run(&mut self) {
+        run_inline_workers(ROUNDS);
+        self.actor.after_run();
+    }
+
+    fn action(&mut self, input: &mut Input<'_>) {
+        self.actor.action(self.memory, input);
+    }
+}
+
+struct NoActions;
+impl Actor for NoActions {}
+
+thread_local! {
+    /// The disk image (a memfd), created once per process, emptied per input.
+    static IMAGE: RefCell<Option<File>> = const { RefCell::new(None) };
+}
+
+const IMAGE_LEN: i64 = 64 * 1024;
+
+pub fn image_path() -> String {
+    IMAGE.with(|image| {
+        let mut image = image.borrow_mut();
+        let file = image.get_or_insert_with(|| {
+            // SAFETY: memfd_create with a NUL-terminated name; checked.
+            let fd = unsafe { libc::memfd_create(c"vmkit-fuzz-disk".as_ptr(), libc::MFD_CLOEXEC) };
+            assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+            // SAFETY: a fresh descriptor nobody else owns.
+            unsafe { File::from_raw_fd(fd) }
+        });
+        // A fresh, zeroed image for every input.
+        file.set_len(0).expect("truncate the image");
+        file.set_len(IMAGE_LEN as u64).expect("size the image");
+        format!("/proc/self/fd/{}", file.as_raw_fd())
+    })
+}
+
+/// virtio-blk on a 64 KiB image, synchronous engine or io_uring.
+pub fn block(data: &[u8]) {
+    let mut input = Input::new(data);
+    let size = ring_size(&mut input, 256).max(2);
+    let options = input.u8();
+    let mut text = format!("path={},queue_size={size}", image_path());
+    if options & 1 != 0 {
+        text.push_str(",readonly=on");
+    }
+    if options & 2 == 0 {
+        // Half the inputs take the synchronous engine, half io_uring.
+        text.push_str(",_disable_io_uring=on");
+    }
+    if options & 4 != 0 {
+        text.push_str(",serial=fuzz-serial");
+    }
+    if options & 8 != 0 {
+        // Small buckets: requests get throttled within one input.
+        text.push_str(",bw_size=4096,bw_refill_time=10,ops_size=2,ops_refill_time=10");
+    }
+    let config = DiskConfig::parse(&text).expect("a valid disk option");
+    let mut device = Block::with_lock(&config, None, false).expect("the image opens");
+    let mut rings = [Ring::new(0, size)];
+    exercise(&mut device, &mut rings, &mut NoActions, &mut input);
+}
+
+/// The network ends of the device's socketpairs.
+struct Network {
+    peers: Vec<File>,
+    scratch: Vec<u8>,
+}
+
+impl Actor for Network {
+    /// A frame from the network (virtio-net header first) to pair `n`.
+    fn action(&mut self, _memory: &GuestMemoryMmap, input: &mut Input<'_>) {
+        let pair = usize::from(input.u8()) % self.peers.len();
+        let len = usize::from(input.u16() % 2048);
+        let frame = input.bytes(len);
+        let _ = self.peers[pair].write(frame);
+    }
+
+    fn after_run(&mut self) {
+        // What the guest sent: read so the socket never fills.
+        for peer in &mut self.peers {
+            while peer.read(&mut self.scratch).is_ok_and(|n| n > 0) {}
+        }
+    }
+}
+
+/// virtio-net over socketpairs: rx, tx and control queues, one or two pairs.
+pub fn net(data: &[u8]) {
+    let mut input = Input::new(data);
+    let size = ring_size(&mut input, 256).max(2);
+    let options = input.u8();
+    let pairs: u16 = if options & 1 != 0 { 2 } else { 1 };
+    let mut text = format!(
+        "mac=12:34:56:78:9a:bc,num_queues={},queue_size={size}",
+        2 * pairs
+    );
+    if options & 2 != 0 {
+        text.push_str(",mtu=1280");
+    }
+    if options & 4 != 0 {
+        text.push_str(",offload_tso=off,offload_ufo=off,offload_csum=off");
+    }
+    if options & 8 != 0 {
+        text.push_str(",bw_size=4096,bw_refill_time=10,ops_size=2,ops_refill_time=10");
+    }
+    let config = NetConfig::parse(&text).expect("a valid net option");
+    let (mut device, peers) = Net::over_socketpairs(&config, "fuzz-net").expect("socketpairs");
+    let mut rings: Vec<Ring> = (0..2 * pairs + 1).map(|i| Ring::new(i, size)).collect();
+    let mut network = Network {
+        peers,
+        scratch: vec![0; 65536],
+    };
+    exercise(&mut device, &mut rings, &mut network, &mut input);
+}
+
+/// virtio-rng from /dev/urandom.
+pub fn rng(data: &[u8]) {
+    let mut input = Input::new(data);
+    let size = ring_size(&mut input, 256);
+    let mut device = Rng::new("fuzz-rng".into(), "/dev/urandom").expect("/dev/urandom");
+    let mut rings = [Ring::new(0, size)];
+    exercise(&mut device, &mut rings, &mut NoActions, &mut input);
+}
+
+struct Typing(Arc<ConsoleInput>);
+
+impl Actor for Typing {
+    /// Typed input from the backend.
+    fn action(&mut self, _memory: &GuestMemoryMmap, input: &mut Input<'_>) {
+        let len = usize::from(input.u8());
+        self.0.feed(input.bytes(len));
+    }
+}
+
+/// virtio-console with a null backend (output captured) and typed input.
+pub fn console(data: &[u8]) {
+    let mut input = Input::new(data);
+    let size = ring_size(&mut input, 256);
+    let backend = SerialBackend::open(
+        &ConsoleConfig::with_mode(ConsoleOutputMode::Null),
+        "console",
+        false,
+        vmkit_vmm::seccomp::SeccompMode::Off,
+    )
+    .expect("a null backend")
+    .expect("a backend for mode null");
+    let mut device = Console::new("fuzz-console".into(), backend.clone()).expect("console");
+    let mut rings = [Ring::new(0, size), Ring::new(1, size)];
+    let mut actor = Typing(device.input_sink());
+    exercise(&mut device, &mut rings, &mut actor, &mut input);
+    backend.close();
+}
