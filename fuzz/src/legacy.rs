@@ -7,13 +7,12 @@
 use std::sync::{Arc, Mutex};
 
 use vm_superio::{I8042Device, Serial};
-use vmkit_config::{ConsoleConfig, ConsoleOutputMode};
 use vmkit_vmm::acpi::ACPI_SHUTDOWN_PORT;
 use vmkit_vmm::control::Control;
 use vmkit_vmm::devices::legacy::{
     AcpiShutdown, DebugPort, Ged, GedRegister, ResetTrigger, GED_POWER_BUTTON, I8042,
 };
-use vmkit_vmm::devices::serial::{InputSink, IrqTrigger, SerialBackend, SerialDevice, SerialSink};
+use vmkit_vmm::devices::serial::{InputSink, IrqTrigger, SerialDevice, SerialSink};
 use vmkit_vmm::devices::Bus;
 use vmkit_vmm::layout::{GED_ADDRESS, GED_SIZE};
 use vmm_sys_util::eventfd::EventFd;
@@ -26,14 +25,7 @@ const PORTS: [u64; 6] = [0x3f8, 0x60, ACPI_SHUTDOWN_PORT as u64, 0x80, 0x3f0, 0]
 pub fn legacy_io(data: &[u8]) {
     let mut input = Input::new(data);
     let control = Arc::new(Control::new());
-    let backend = SerialBackend::open(
-        &ConsoleConfig::with_mode(ConsoleOutputMode::Null),
-        "serial",
-        false,
-        vmkit_vmm::seccomp::SeccompMode::Off,
-    )
-    .expect("a null backend")
-    .expect("a backend for mode null");
+    let backend = crate::null_backend("serial");
     let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
     let serial = Arc::new(Mutex::new(SerialDevice {
         uart: Serial::new(IrqTrigger(irq), SerialSink(backend.clone())),

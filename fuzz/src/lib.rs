@@ -83,3 +83,15 @@ pub const TARGETS: &[Target] = &[
 pub fn target(name: &str) -> Option<&'static Target> {
     TARGETS.iter().find(|t| t.name == name)
 }
+
+/// A serial/console backend in mode null (output captured, no host side).
+pub fn null_backend(what: &str) -> std::sync::Arc<vmkit_vmm::devices::serial::SerialBackend> {
+    vmkit_vmm::devices::serial::SerialBackend::open(
+        &vmkit_config::ConsoleConfig::with_mode(vmkit_config::ConsoleOutputMode::Null),
+        what,
+        false,
+        vmkit_vmm::seccomp::SeccompMode::Off,
+    )
+    .expect("a null backend")
+    .expect("a backend for mode null")
+}

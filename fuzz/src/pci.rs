@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmkit_config::{ConsoleConfig, ConsoleOutputMode, DiskConfig, NetConfig};
+use vmkit_config::{DiskConfig, NetConfig};
 use vmkit_vmm::devices::serial::SerialBackend;
 use vmkit_vmm::devices::Bus;
 use vmkit_vmm::fuzzing::{inline_worker_count, run_inline_workers, set_inline_workers};
@@ -62,14 +62,7 @@ fn device(kind: u8) -> (Box<dyn VirtioDevice>, Option<Arc<SerialBackend>>) {
             None,
         ),
         1 => {
-            let backend = SerialBackend::open(
-                &ConsoleConfig::with_mode(ConsoleOutputMode::Null),
-                "console",
-                false,
-                vmkit_vmm::seccomp::SeccompMode::Off,
-            )
-            .expect("a null backend")
-            .expect("a backend for mode null");
+            let backend = crate::null_backend("console");
             let console = Console::new("fuzz-console".into(), backend.clone()).expect("console");
             (Box::new(console), Some(backend))
         }

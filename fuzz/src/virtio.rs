@@ -10,9 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
-use vmkit_config::{ConsoleConfig, ConsoleOutputMode, DiskConfig, NetConfig};
+use vmkit_config::{DiskConfig, NetConfig};
 use vmkit_vmm::devices::serial::InputSink;
-use vmkit_vmm::devices::serial::SerialBackend;
 use vmkit_vmm::fuzzing::{inline_worker_count, run_inline_workers, set_inline_workers};
 use vmkit_vmm::virtio::block::Block;
 use vmkit_vmm::virtio::console::{Console, ConsoleInput};
@@ -250,14 +249,7 @@ impl Actor for Typing {
 pub fn console(data: &[u8]) {
     let mut input = Input::new(data);
     let size = ring_size(&mut input, 256);
-    let backend = SerialBackend::open(
-        &ConsoleConfig::with_mode(ConsoleOutputMode::Null),
-        "console",
-        false,
-        vmkit_vmm::seccomp::SeccompMode::Off,
-    )
-    .expect("a null backend")
-    .expect("a backend for mode null");
+    let backend = crate::null_backend("console");
     let mut device = Console::new("fuzz-console".into(), backend.clone()).expect("console");
     let mut rings = [Ring::new(0, size), Ring::new(1, size)];
     let mut actor = Typing(device.input_sink());
