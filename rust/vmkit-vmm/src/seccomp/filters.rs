@@ -83,7 +83,7 @@ impl ThreadKind {
     }
 
     /// The kinds whose threads this kind creates (their filters stack on its).
-    fn children(self) -> &'static [ThreadKind] {
+    pub(super) fn children(self) -> &'static [ThreadKind] {
         use ThreadKind::*;
         match self {
             Vmm => &[Vcpu, Spawner],
@@ -196,6 +196,11 @@ impl Rules {
             }
         }
         self
+    }
+
+    /// The system calls allowed (with or without argument rules).
+    pub fn syscalls(&self) -> impl Iterator<Item = libc::c_long> + '_ {
+        self.0.keys().copied()
     }
 
     pub fn allows(&self, syscall: libc::c_long) -> bool {
