@@ -13,7 +13,9 @@ from vmkit.config import VmConfig
 from vmkit.errors import ConfigError, ParseError, UsageError, ValidationError
 from vmkit.vm import Vm, VmError, VmExit, VmInfo
 
-from vmkit.client import ApiConnectionError, ApiError, Client, SpawnedVm, spawn  # isort: skip
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from vmkit.client import ApiConnectionError, ApiError, Client, SpawnedVm, spawn
 
 __all__ = [
     "ApiConnectionError",
@@ -33,3 +35,16 @@ __all__ = [
     "config",
     "spawn",
 ]
+
+_CLIENT_NAMES = ("ApiConnectionError", "ApiError", "Client", "SpawnedVm", "spawn")
+
+
+def __getattr__(name: str) -> object:
+    # The HTTP client (sockets, subprocesses) is not needed to boot a VM: loaded on first use.
+    if name in _CLIENT_NAMES:
+        from vmkit import client
+
+        value = getattr(client, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vmkit' has no attribute {name!r}")

@@ -1,6 +1,7 @@
 """VM configuration objects in Cloud Hypervisor v37's shape.
 
-Every class is a dataclass whose fields are the v37 JSON field names, in JSON
+Every class is a record (``dataclasses.fields``, ``replace`` and ``asdict``
+work on it, as on a ``@dataclass(kw_only=True)``) whose fields are the v37 JSON field names, in JSON
 order, with v37's JSON defaults. Parsing, JSON reading, rendering and
 validation all run in Rust (``vmkit._native``), which reads these objects
 (and ``from_dict``'s dicts) directly: this module only holds the typed view.
@@ -14,15 +15,21 @@ validation all run in Rust (``vmkit._native``), which reads these objects
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, TypeVar
-
 from vmkit import _native
-from vmkit._flags import scan as _scan
+from vmkit._record import field, record
 from vmkit.errors import ConfigError, ParseError, ValidationError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from typing import Any, ClassVar, Literal, TypeVar
+
+    ConsoleMode = Literal["Off", "Pty", "Tty", "File", "Socket", "Null"]
+    HotplugMethod = Literal["Acpi", "VirtioMem"]
+    VhostMode = Literal["Client", "Server"]
+
+    _C = TypeVar("_C", bound="_Config")
 
 __all__ = [
     "BalloonConfig",
@@ -58,11 +65,22 @@ __all__ = [
     "VsockConfig",
 ]
 
-ConsoleMode = Literal["Off", "Pty", "Tty", "File", "Socket", "Null"]
-HotplugMethod = Literal["Acpi", "VirtioMem"]
-VhostMode = Literal["Client", "Server"]
+_LITERALS = {
+    "ConsoleMode": ("Off", "Pty", "Tty", "File", "Socket", "Null"),
+    "HotplugMethod": ("Acpi", "VirtioMem"),
+    "VhostMode": ("Client", "Server"),
+}
 
-_C = TypeVar("_C", bound="_Config")
+
+def __getattr__(name: str) -> object:
+    # The Literal aliases need ``typing``, which a boot does not: made on first use.
+    if name in _LITERALS:
+        from typing import Literal
+
+        alias = Literal[_LITERALS[name]]  # type: ignore[valid-type]
+        globals()[name] = alias
+        return alias
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _plain(value: object) -> object:
@@ -73,25 +91,21 @@ def _plain(value: object) -> object:
     return value
 
 
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
-
-
-def _field_names(cls: type) -> tuple[str, ...]:
-    names = _FIELD_NAMES.get(cls)
-    if names is None:
-        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
-    return names
-
-
 class _Config:
     """JSON conversions shared by every config class."""
 
+    __record_fields__: ClassVar[tuple[tuple[str, Any], ...]]
+
     def to_dict(self) -> dict[str, Any]:
         """The v37 JSON object: every field, in declaration order, None as null."""
-        return {name: _plain(getattr(self, name)) for name in _field_names(type(self))}
+        return {
+            name: _plain(getattr(self, name)) for name, _default in type(self).__record_fields__
+        }
 
     def to_json(self, *, indent: int | None = None) -> str:
         """The v37 JSON text of this object."""
+        import json
+
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
@@ -138,7 +152,7 @@ class _OptionConfig(_Config):
         return _native.to_option_string(self)
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class CpuTopology(_Config):
     """``topology=threads_per_core:cores_per_die:dies_per_package:packages``."""
 
@@ -148,7 +162,7 @@ class CpuTopology(_Config):
     packages: int
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class CpuAffinity(_Config):
     """Host CPUs one vCPU's thread may run on."""
 
@@ -156,14 +170,14 @@ class CpuAffinity(_Config):
     host_cpus: list[int]
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class CpuFeatures(_Config):
     """Optional CPU features exposed to the guest."""
 
     amx: bool = False
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class CpusConfig(_OptionConfig):
     """``--cpus``: vCPU counts, topology, affinity and features."""
 
@@ -177,7 +191,7 @@ class CpusConfig(_OptionConfig):
     features: CpuFeatures = field(default_factory=CpuFeatures)
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class PlatformConfig(_OptionConfig):
     """``--platform``: PCI segments, IOMMU segments and DMI strings."""
 
@@ -189,7 +203,7 @@ class PlatformConfig(_OptionConfig):
     oem_strings: list[str] | None = None
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class MemoryZoneConfig(_OptionConfig):
     """``--memory-zone``: one user-defined guest memory region."""
 
@@ -206,7 +220,7 @@ class MemoryZoneConfig(_OptionConfig):
     prefault: bool = False
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class MemoryConfig(_OptionConfig):
     """``--memory`` (sizes in bytes), with the ``--memory-zone`` regions in ``zones``."""
 
@@ -235,7 +249,7 @@ class MemoryConfig(_OptionConfig):
         return result
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class TokenBucketConfig(_Config):
     """A token bucket: ``size`` tokens refilled every ``refill_time`` milliseconds."""
 
@@ -244,7 +258,7 @@ class TokenBucketConfig(_Config):
     refill_time: int
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class RateLimiterConfig(_Config):
     """Bandwidth (bytes) and operations buckets; either may be absent."""
 
@@ -252,7 +266,7 @@ class RateLimiterConfig(_Config):
     ops: TokenBucketConfig | None = None
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class RateLimiterGroupConfig(_OptionConfig):
     """``--rate-limit-group``: a limiter shared by the disks that name its id."""
 
@@ -261,7 +275,7 @@ class RateLimiterGroupConfig(_OptionConfig):
     rate_limiter_config: RateLimiterConfig = field(default_factory=RateLimiterConfig)
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class DiskConfig(_OptionConfig):
     """``--disk``: a virtio-blk device (``vhost_socket`` is the option key ``socket``)."""
 
@@ -283,7 +297,7 @@ class DiskConfig(_OptionConfig):
     serial: str | None = None
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class NetConfig(_OptionConfig):
     """``--net``: a virtio-net device; ``mac`` defaults to a random 2e:... address."""
 
@@ -309,7 +323,7 @@ class NetConfig(_OptionConfig):
     offload_csum: bool = True
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class RngConfig(_OptionConfig):
     """``--rng``: a virtio-rng device fed from ``src``."""
 
@@ -318,7 +332,7 @@ class RngConfig(_OptionConfig):
     iommu: bool = False
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class BalloonConfig(_OptionConfig):
     """``--balloon``: a virtio-balloon device of ``size`` bytes."""
 
@@ -328,7 +342,7 @@ class BalloonConfig(_OptionConfig):
     free_page_reporting: bool = False
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class FsConfig(_OptionConfig):
     """``--fs``: a virtio-fs device backed by a vhost-user daemon."""
 
@@ -341,7 +355,7 @@ class FsConfig(_OptionConfig):
     pci_segment: int = 0
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class PmemConfig(_OptionConfig):
     """``--pmem``: a virtio-pmem device backed by ``file``."""
 
@@ -354,7 +368,7 @@ class PmemConfig(_OptionConfig):
     pci_segment: int = 0
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class ConsoleConfig(_OptionConfig):
     """``--serial`` and ``--console``: where a console's output goes.
 
@@ -368,7 +382,7 @@ class ConsoleConfig(_OptionConfig):
     socket: str | None = None
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class DeviceConfig(_OptionConfig):
     """``--device``: a VFIO device assigned to the guest."""
 
@@ -379,7 +393,7 @@ class DeviceConfig(_OptionConfig):
     pci_segment: int = 0
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class UserDeviceConfig(_OptionConfig):
     """``--user-device``: a vfio-user device served over ``socket``."""
 
@@ -389,7 +403,7 @@ class UserDeviceConfig(_OptionConfig):
     pci_segment: int = 0
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class VdpaConfig(_OptionConfig):
     """``--vdpa``: a vDPA device."""
 
@@ -401,7 +415,7 @@ class VdpaConfig(_OptionConfig):
     pci_segment: int = 0
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class VsockConfig(_OptionConfig):
     """``--vsock``: a virtio-vsock device with context id ``cid``."""
 
@@ -413,7 +427,7 @@ class VsockConfig(_OptionConfig):
     pci_segment: int = 0
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class SgxEpcConfig(_OptionConfig):
     """``--sgx-epc``: an SGX enclave page cache section."""
 
@@ -423,7 +437,7 @@ class SgxEpcConfig(_OptionConfig):
     prefault: bool = False
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class NumaDistance(_Config):
     """The distance from a NUMA node to ``destination``."""
 
@@ -431,7 +445,7 @@ class NumaDistance(_Config):
     distance: int = 0
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class NumaConfig(_OptionConfig):
     """``--numa``: one guest NUMA node."""
 
@@ -444,7 +458,7 @@ class NumaConfig(_OptionConfig):
     pci_segments: list[int] | None = None
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class PayloadConfig(_Config):
     """``--firmware``, ``--kernel``, ``--cmdline`` and ``--initramfs``."""
 
@@ -454,7 +468,7 @@ class PayloadConfig(_Config):
     initramfs: str | None = None
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class TpmConfig(_OptionConfig):
     """``--tpm``: a TPM served by swtpm over ``socket``."""
 
@@ -462,7 +476,7 @@ class TpmConfig(_OptionConfig):
     socket: str
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class RestoreConfig(_OptionConfig):
     """``--restore``: a snapshot to restore instead of booting."""
 
@@ -479,7 +493,7 @@ def _default_console() -> ConsoleConfig:
     return ConsoleConfig(mode="Tty")
 
 
-@dataclass(kw_only=True)
+@record(kw_only=True)
 class VmConfig(_Config):
     """A whole VM: what ``cloud-hypervisor`` builds from its command line or ``vm.create``."""
 
@@ -516,8 +530,10 @@ class VmConfig(_Config):
         UsageError for a malformed command line, ParseError or
         ValidationError for a bad configuration.
         """
+        from vmkit._flags import scan
+
         config: VmConfig
-        config, _ids = _native.parse_vm(_scan(argv).vm_params, True)
+        config, _ids = _native.parse_vm(scan(argv).vm_params, True)
         return config
 
     def validate(self) -> set[str]:

@@ -17,37 +17,59 @@ runs.
 
 from __future__ import annotations
 
-import atexit
-import functools
-import logging
+import sys
 
 from vmkit import _native
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import logging
 
 __all__ = ["TRACE", "flush", "sync_level"]
 
 #: Rust's ``trace`` level, below ``DEBUG``.
 TRACE = 5
-logging.addLevelName(TRACE, "TRACE")
 
-# log::Level as a number (1 = error ... 5 = trace) → Python level.
-_LEVELS = (logging.NOTSET, logging.ERROR, logging.WARNING, logging.INFO, logging.DEBUG, TRACE)
+# log::Level as a number (1 = error ... 5 = trace) → Python level
+# (logging's NOTSET, ERROR, WARNING, INFO, DEBUG, then TRACE).
+_LEVELS = (0, 40, 30, 20, 10, TRACE)
+
+#: The level of a ``vmkit`` logger while nobody has imported ``logging``:
+#: the root logger's default, WARNING.
+_UNCONFIGURED_LEVEL = 30
 
 _installed = False
+_loggers: dict[str, logging.Logger] = {}
 
 
-@functools.lru_cache(maxsize=256)
+def _import_logging() -> None:
+    """Imports ``logging`` on first need (a boot that logs nothing never does)."""
+    import logging
+
+    if logging.getLevelName(TRACE) != "TRACE":
+        logging.addLevelName(TRACE, "TRACE")
+
+
 def _logger_for(target: str) -> logging.Logger:
     """The logger of a Rust log target (``vmkit_vmm::vcpu`` → ``vmkit.vmm.vcpu``)."""
-    parts = target.split("::")
-    crate = parts[0].removeprefix("vmkit_")
-    if crate == "vmkit":
-        crate = ""
-    name = ".".join(p for p in ["vmkit", crate, *parts[1:]] if p)
-    return logging.getLogger(name)
+    logger = _loggers.get(target)
+    if logger is None:
+        import logging
+
+        parts = target.split("::")
+        crate = parts[0].removeprefix("vmkit_")
+        if crate == "vmkit":
+            crate = ""
+        name = ".".join(p for p in ["vmkit", crate, *parts[1:]] if p)
+        logger = _loggers[target] = logging.getLogger(name)
+    return logger
 
 
 def _emit(batch: list[tuple[int, str, str, str | None, int | None, str]], dropped: int) -> None:
     """Hands a batch of Rust records to their loggers (on the log thread)."""
+    _import_logging()
+    import logging
+
     for level_number, target, message, file, line, thread in batch:
         level = _LEVELS[level_number] if 0 < level_number < len(_LEVELS) else logging.ERROR
         logger = _logger_for(target)
@@ -64,6 +86,11 @@ def _emit(batch: list[tuple[int, str, str, str | None, int | None, str]], droppe
 
 def _lowest_level() -> int:
     """The lowest effective level of the ``vmkit`` logger and its descendants."""
+    if "logging" not in sys.modules:
+        return _UNCONFIGURED_LEVEL  # nothing can have configured a logger yet
+    _import_logging()
+    import logging
+
     level = logging.getLogger("vmkit").getEffectiveLevel()
     for name, logger in list(logging.Logger.manager.loggerDict.items()):
         if name.startswith("vmkit.") and isinstance(logger, logging.Logger):
@@ -78,6 +105,8 @@ def sync_level() -> None:
     starts routing them to Python on first use)."""
     global _installed
     if not _installed:
+        import atexit
+
         _native.install_logging(_emit)
         atexit.register(_stop)
         _installed = True

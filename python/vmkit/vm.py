@@ -14,18 +14,19 @@ releases what it holds (vCPU threads, guest memory, pty, socket).
 
 from __future__ import annotations
 
-import copy
-import re
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from vmkit import _native, logs
+from vmkit._record import record
 from vmkit.config import VmConfig
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import re
+    from collections.abc import Mapping, Sequence
+    from pathlib import Path
+    from typing import Any
+
     from vmkit.client import SpawnedVm
 
 __all__ = ["DebugPortWrite", "SerialConsole", "Vm", "VmError", "VmExit", "VmInfo"]
@@ -55,7 +56,7 @@ _native.register_vm_error(VmError)
 _WAIT_SLICE = 0.25
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VmExit:
     """Why a VM stopped.
 
@@ -69,7 +70,7 @@ class VmExit:
     message: str
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DebugPortWrite:
     """A write to port 0x80: ``value``, ``seconds`` since the VM was created,
     and ``monotonic`` (``time.monotonic()`` clock) when it happened."""
@@ -110,6 +111,8 @@ class SerialConsole:
         """
         if self._closed:
             raise ValueError("I/O operation on closed VM")
+        import re
+
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
         while True:
@@ -137,7 +140,7 @@ class SerialConsole:
             self._handle.serial_wait(start + len(data), min(remaining, 0.5))
 
 
-@dataclass
+@record
 class VmInfo:
     """``vm.info``: the live config, the state, the memory size and the device tree.
 
@@ -293,6 +296,8 @@ class Vm:
         runtime = handle.runtime_info()
         config = handle.live_config()
         if config is None:
+            import copy
+
             config = copy.deepcopy(self.config)
         else:
             ptys = (
