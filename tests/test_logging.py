@@ -128,3 +128,37 @@ def test_a_full_queue_drops_records_and_the_vm_still_runs(
     assert dropped, "no warning said records were dropped"
     reported = sum(int(r.getMessage().split()[0]) for r in dropped)
     assert len(floods) + reported == 10_000
+
+
+def test_quiet_cli_imports_logging_only_when_rust_logs() -> None:
+    # The CLI without -v sets its log handler up on the first Rust record: a
+    # quiet boot never pays for importing logging, a warning still reads as v37's.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from vmkit import cli, logs, _native\n"
+        "cli.setup_logging(0, None, lazy=True)\n"
+        "logs.sync_level()\n"
+        "before = 'logging' in sys.modules\n"
+        "_native.test_hook_log('info', 'below the level', 1)\n"
+        "_native.test_hook_log('warn', 'disk is on fire', 1)\n"
+        "assert logs.flush(5)\n"
+        "print(before, 'logging' in sys.modules)\n"
+    )
+    # -S: no site-packages hooks, which in some environments import logging themselves.
+    python_dir = os.path.dirname(os.path.dirname(os.path.abspath(logs.__file__)))
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        env={**os.environ, "PYTHONPATH": python_dir},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.split() == ["False", "True"]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("vmkit: ") and "<vmkit-test-log> WARN:" in lines[0]
+    assert lines[0].endswith(" -- disk is on fire"), lines[0]

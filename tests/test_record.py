@@ -13,7 +13,7 @@ import sys
 from typing import ClassVar
 
 import pytest
-
+import vmkit
 from vmkit._record import FrozenInstanceError, field, record
 from vmkit.config import ConsoleConfig, CpusConfig, DiskConfig, VmConfig
 from vmkit.vm import VmExit, VmInfo
@@ -152,7 +152,7 @@ NOT_AT_IMPORT = (
 
 def test_import_vmkit_loads_only_what_a_boot_needs() -> None:
     # -S: no site-packages hooks (some environments import pathlib, re... from .pth files).
-    python_dir = os.path.dirname(os.path.dirname(os.path.abspath(sys.modules["vmkit"].__file__ or "")))
+    python_dir = os.path.dirname(os.path.dirname(os.path.abspath(vmkit.__file__ or "")))
     code = (
         "import sys, vmkit\n"
         "from vmkit import Vm, VmConfig\n"

@@ -7,16 +7,18 @@ is an error; unknown flags are errors (exit status 2 in the CLI).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
-
+from vmkit._record import record
 from vmkit.errors import UsageError
 
-Arity = Literal["one", "many", "flag", "count"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Literal
+
+    Arity = Literal["one", "many", "flag", "count"]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Flag:
     long: str
     arity: Arity

@@ -7,25 +7,27 @@ error (``Error parsing config: ...`` on stderr), 2 on a usage error.
 from __future__ import annotations
 
 import errno
-import json
-import logging
 import os
-import shutil
 import signal
 import stat
 import sys
-import threading
 import time
-from collections.abc import Sequence
-from types import FrameType
-from typing import TYPE_CHECKING, TextIO
 
-from vmkit import __version__, _native
+from vmkit import __version__, _native, logs
 from vmkit._flags import CommandLine, help_text, scan
 from vmkit.config import RestoreConfig, VmConfig
 from vmkit.errors import ConfigError, UsageError, ValidationError
 
+# What only some commands need (logging, json, threading...) is imported where
+# it is used: a plain boot imports little beyond the Rust extension.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import logging
+    import threading
+    from collections.abc import Sequence
+    from types import FrameType
+    from typing import TextIO
+
     from vmkit.vmm import Vmm
 
 PROGRAM = "vmkit"
@@ -86,7 +88,7 @@ def run(argv: Sequence[str]) -> int:
     ):
         return serve(command)
     try:
-        sink = setup_logging(command.verbosity, command.one("--log-file"))
+        sink = setup_logging(command.verbosity, command.one("--log-file"), lazy=True)
     except StartupError as e:
         print(e, file=sys.stderr)
         return 1
@@ -287,16 +289,9 @@ class StartupError(Exception):
 
 # -- -v and --log-file (ref §3.2) ---------------------------------------------------------
 
-TRACE = 5
-logging.addLevelName(TRACE, "TRACE")
-_LEVEL_NAMES = {
-    logging.CRITICAL: "ERROR",
-    logging.ERROR: "ERROR",
-    logging.WARNING: "WARN",
-    logging.INFO: "INFO",
-    logging.DEBUG: "DEBUG",
-    TRACE: "TRACE",
-}
+TRACE = logs.TRACE
+# logging's CRITICAL, ERROR, WARNING, INFO, DEBUG and TRACE as v37 names them.
+_LEVEL_NAMES = {50: "ERROR", 40: "ERROR", 30: "WARN", 20: "INFO", 10: "DEBUG", TRACE: "TRACE"}
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -312,31 +307,35 @@ def rust_duration(seconds: float) -> str:
     return f"{nanos}.000000ns"
 
 
-class _LogFormatter(logging.Formatter):
-    """``vmkit: <elapsed>: <<thread>> <LEVEL>:<file>:<line> -- <message>`` (v37's log line)."""
+def _log_handler(stream: TextIO, start: float) -> logging.StreamHandler[TextIO]:
+    """A handler writing v37's log lines to ``stream``:
+    ``vmkit: <elapsed>: <<thread>> <LEVEL>:<file>:<line> -- <message>``."""
+    import logging
 
-    def __init__(self, start: float) -> None:
-        super().__init__()
-        self.start = start
+    class LogFormatter(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            thread = record.threadName or "anonymous"
+            if thread == "MainThread":
+                thread = "main"
+            level = _LEVEL_NAMES.get(record.levelno, record.levelname)
+            if record.pathname and record.lineno:
+                # Rust records carry workspace-relative paths already.
+                path = record.pathname
+                if os.path.isabs(path):
+                    path = os.path.relpath(path, _PACKAGE_PARENT)
+                where = f"{path}:{record.lineno}"
+            else:
+                where = record.name
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + self.formatException(record.exc_info)
+            elapsed = rust_duration(record.created - start)
+            return f"{PROGRAM}: {elapsed}: <{thread}> {level}:{where} -- {message}"
 
-    def format(self, record: logging.LogRecord) -> str:
-        thread = record.threadName or "anonymous"
-        if thread == "MainThread":
-            thread = "main"
-        level = _LEVEL_NAMES.get(record.levelno, record.levelname)
-        if record.pathname and record.lineno:
-            # Rust records carry workspace-relative paths already.
-            path = record.pathname
-            if os.path.isabs(path):
-                path = os.path.relpath(path, _PACKAGE_PARENT)
-            where = f"{path}:{record.lineno}"
-        else:
-            where = record.name
-        message = record.getMessage()
-        if record.exc_info:
-            message += "\n" + self.formatException(record.exc_info)
-        elapsed = rust_duration(record.created - self.start)
-        return f"{PROGRAM}: {elapsed}: <{thread}> {level}:{where} -- {message}"
+    handler = logging.StreamHandler(stream)
+    handler.terminator = "\r\n"
+    handler.setFormatter(LogFormatter())
+    return handler
 
 
 def _io_error(e: OSError) -> str:
@@ -368,6 +367,8 @@ _ERROR_KINDS = {
 
 def _io_error_debug(e: OSError) -> str:
     """An OSError as Rust's io::Error Debug prints it."""
+    import json
+
     if e.errno is None:
         text = str(e)
         if "too long" in text:
@@ -378,22 +379,33 @@ def _io_error_debug(e: OSError) -> str:
     return f"Os {{ code: {e.errno}, kind: {kind}, message: {message} }}"
 
 
-def setup_logging(verbosity: int, log_file: str | None) -> TextIO:
+def setup_logging(verbosity: int, log_file: str | None, *, lazy: bool = False) -> TextIO:
     """Sends the ``vmkit`` loggers to ``log_file`` (created or truncated) or stderr.
 
     ``verbosity`` is the ``-v`` count: 0 warnings, 1 info, 2 debug, 3+ trace.
     Returns the stream. Raises StartupError (``Error creating log file: ...``).
+    With ``lazy``, warnings to stderr (no ``-v``, no file) are set up only
+    when the first Rust record arrives: a quiet boot never imports ``logging``.
     """
     stream: TextIO
     if log_file is not None:
         stream = open(_open_log_file(log_file), "w", encoding="utf-8", newline="")
     else:
         stream = sys.stderr
-    level = (logging.WARNING, logging.INFO, logging.DEBUG)[verbosity] if verbosity < 3 else TRACE
-    handler = logging.StreamHandler(stream)
-    handler.terminator = "\r\n"
-    handler.setFormatter(_LogFormatter(time.time()))
+    start = time.time()
     close_logging()
+    if lazy and verbosity == 0 and log_file is None:
+        logs.when_logging_imported(lambda: _attach_handler(stream, start, 30))
+        return stream
+    level = (30, 20, 10)[verbosity] if verbosity < 3 else TRACE  # WARNING, INFO, DEBUG
+    _attach_handler(stream, start, level)
+    return stream
+
+
+def _attach_handler(stream: TextIO, start: float, level: int) -> None:
+    import logging
+
+    handler = _log_handler(stream, start)
     logger = logging.getLogger("vmkit")
     for old in list(logger.handlers):
         logger.removeHandler(old)
@@ -401,7 +413,6 @@ def setup_logging(verbosity: int, log_file: str | None) -> TextIO:
     logger.setLevel(level)
     logger.propagate = False
     _log_handlers.append(handler)
-    return stream
 
 
 def _create_output(path: str, *, truncate: bool, error: str, option: str) -> int:
@@ -434,6 +445,11 @@ _log_handlers: list[logging.StreamHandler[TextIO]] = []
 
 def close_logging() -> None:
     """Detaches what ``setup_logging`` attached and closes its log file."""
+    logs.when_logging_imported(None)
+    if not _log_handlers:
+        return
+    import logging
+
     logger = logging.getLogger("vmkit")
     while _log_handlers:
         handler = _log_handlers.pop()
@@ -650,12 +666,16 @@ def _serve(command: CommandLine) -> int:
             events.close()
         spawn_dir = os.environ.pop("VMKIT_SPAWN_DIR", None)
         if orphaned.is_set() and spawn_dir:
+            import shutil
+
             shutil.rmtree(spawn_dir, ignore_errors=True)
 
 
 def _watch_lifeline(vmm: Vmm) -> threading.Event:
     """For a VMM started by ``Vm.spawn``: when the parent's end of the lifeline
     pipe closes (the parent exited or was killed), the VMM shuts down."""
+    import threading
+
     orphaned = threading.Event()
     text = os.environ.pop("VMKIT_LIFELINE_FD", None)
     if text is None or not text.isdigit():

@@ -24,6 +24,7 @@ from vmkit import _native
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import logging
+    from collections.abc import Callable
 
 __all__ = ["TRACE", "flush", "sync_level"]
 
@@ -39,15 +40,36 @@ _LEVELS = (0, 40, 30, 20, 10, TRACE)
 _UNCONFIGURED_LEVEL = 30
 
 _installed = False
+_on_logging_import: Callable[[], None] | None = None
 _loggers: dict[str, logging.Logger] = {}
+
+
+def when_logging_imported(callback: Callable[[], None] | None) -> None:
+    """Runs ``callback`` (which configures logging) once Rust logs its first
+    record, or now if ``logging`` is imported already; None cancels it.
+
+    For a program that must not pay for ``logging`` until something is
+    logged (the ``vmkit`` CLI without ``-v``); until then ``vmkit`` loggers
+    count as unconfigured (WARNING).
+    """
+    global _on_logging_import
+    if callback is not None and "logging" in sys.modules:
+        _on_logging_import = None
+        callback()
+    else:
+        _on_logging_import = callback
 
 
 def _import_logging() -> None:
     """Imports ``logging`` on first need (a boot that logs nothing never does)."""
+    global _on_logging_import
     import logging
 
     if logging.getLevelName(TRACE) != "TRACE":
         logging.addLevelName(TRACE, "TRACE")
+    callback, _on_logging_import = _on_logging_import, None
+    if callback is not None:
+        callback()
 
 
 def _logger_for(target: str) -> logging.Logger:
