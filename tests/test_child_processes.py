@@ -190,12 +190,13 @@ def test_a_running_vm_leaks_no_descriptor_into_children(
 
 
 @needs_kvm
+@pytest.mark.parametrize("fresh_interpreter", [False, True], ids=["forked", "fresh"])
 def test_the_spawned_vmm_inherits_nothing_and_leaks_nothing(
-    tmp_path: Path, inheritable_pipe: tuple[int, int]
+    tmp_path: Path, inheritable_pipe: tuple[int, int], fresh_interpreter: bool
 ) -> None:
     config = VmConfig.from_cli(device_argv(tmp_path, "null", "pty"))
     mine = os.readlink(f"/proc/self/fd/{inheritable_pipe[0]}")
-    vm = spawn(config, serial_log=True)
+    vm = spawn(config, serial_log=True, fresh_interpreter=fresh_interpreter)
     try:
         vm.boot()
         deadline = time.monotonic() + 30

@@ -105,6 +105,7 @@ class RuntimeInfo(TypedDict):
     device_tree: dict[str, DeviceNode] | None
 
 def confine_process(mode: str) -> None: ...
+def fork_sibling() -> int: ...
 
 class VmHandle:
     @property

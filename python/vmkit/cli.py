@@ -649,6 +649,7 @@ def _serve(command: CommandLine) -> int:
                 return 1
             server.start()
         confine(_seccomp_mode(command))
+        _tell_spawner_ready()
         code = _start_vm(command, vmm)
         if code is not None:
             if server is not None:
@@ -669,6 +670,23 @@ def _serve(command: CommandLine) -> int:
             import shutil
 
             shutil.rmtree(spawn_dir, ignore_errors=True)
+
+
+def _tell_spawner_ready() -> None:
+    """For a VMM started by ``Vm.spawn``: says on the ready pipe that the API
+    socket is listening, so the spawner needs no polling to know."""
+    text = os.environ.pop("VMKIT_READY_FD", None)
+    if text is None or not text.isdigit():
+        return
+    fd = int(text)
+    try:
+        os.write(fd, b"r")
+    except OSError:
+        pass  # the spawner gave up waiting; it sees the socket anyway
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _watch_lifeline(vmm: Vmm) -> threading.Event:

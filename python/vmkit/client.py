@@ -32,6 +32,7 @@ import dataclasses
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -47,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from vmkit import _apiwire
+from vmkit import _apiwire, _forkserver
 from vmkit.config import (
     ConsoleConfig,
     DeviceConfig,
@@ -77,6 +78,9 @@ __all__ = [
 ]
 
 _C = TypeVar("_C")
+
+#: A spawned VMM's process: forked by the fork server, or a fresh interpreter.
+VmmProcess = _forkserver.ForkedProcess | subprocess.Popen[bytes]
 
 #: How long ``Client`` waits on the socket by default (seconds, per call).
 DEFAULT_TIMEOUT = 60.0
@@ -472,6 +476,17 @@ def _read_regular_file(path: Path, offset: int) -> bytes:
         return f.read()
 
 
+#: How long a VMM whose guest stopped the VM gets to exit before ``wait``
+#: calls the stop a shutdown (another API client's ``vm.shutdown``).
+_EXIT_AFTER_POWEROFF = 1.0
+
+#: How often a file is polled for new output: soon after output came, then
+#: less often (a file gives no wake-up; a line is seen within ~1 ms while
+#: the guest prints, within 20 ms after a quiet spell).
+_FIRST_PAUSE = 0.001
+_LONGEST_PAUSE = 0.02
+
+
 class FileSerialConsole:
     """A spawned VM's serial output, read from the file the VMM writes.
 
@@ -518,8 +533,11 @@ class FileSerialConsole:
         if self.path is None:
             raise VmError("The serial output of this VM is not captured", "Unsupported")
         deadline = time.monotonic() + timeout
+        pause = _FIRST_PAUSE
         while True:
             data = self._read_from(self._cursor)
+            if data:
+                pause = _FIRST_PAUSE  # output is coming: look again soon
             consumed = 0
             for line in data.splitlines(keepends=True):
                 if not line.endswith(b"\n"):
@@ -542,7 +560,8 @@ class FileSerialConsole:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"No serial line matched {regex.pattern!r} within {timeout} s")
-            time.sleep(min(remaining, 0.02))
+            time.sleep(min(remaining, pause))
+            pause = min(pause * 2, _LONGEST_PAUSE)
 
 
 def _exit_text(returncode: int) -> str:
@@ -586,7 +605,7 @@ def _socket_identity(path: Path) -> tuple[int, int] | None:
     return (info.st_dev, info.st_ino) if stat.S_ISSOCK(info.st_mode) else None
 
 
-def _stop_process(process: subprocess.Popen[bytes], api_socket: Path, timeout: float) -> None:
+def _stop_process(process: VmmProcess, api_socket: Path, timeout: float) -> None:
     """Ends the VMM process: vmm.shutdown (to that process only), then SIGTERM, then SIGKILL."""
     if process.poll() is not None:
         return
@@ -605,7 +624,7 @@ def _stop_process(process: subprocess.Popen[bytes], api_socket: Path, timeout: f
 
 
 def _end_process(
-    process: subprocess.Popen[bytes],
+    process: VmmProcess,
     api_socket: Path,
     tmpdir: Path | None,
     log: IO[bytes] | None,
@@ -634,7 +653,7 @@ def _end_process(
 
 
 class SpawnedVm:
-    """A VM in a ``python -m vmkit --api-socket`` child process.
+    """A VM in a ``vmkit --api-socket`` child process.
 
     Made by ``spawn`` / ``Vm.spawn``. It has the in-process ``Vm``'s methods
     (boot, pause, resume, shutdown, reboot, power_button, wait, state, info,
@@ -651,7 +670,7 @@ class SpawnedVm:
 
     def __init__(
         self,
-        process: subprocess.Popen[bytes],
+        process: VmmProcess,
         client: Client,
         tmpdir: Path | None,
         serial_path: Path | None,
@@ -666,6 +685,7 @@ class SpawnedVm:
         self.tmpdir = tmpdir
         self.log_path = log_path
         self._booted = False
+        self._stop_asked = False  # shutdown() or delete through this object
         self._state_checked = 0.0
         self._stop_timeout = stop_timeout
         self._log_text: str | None = None
@@ -738,6 +758,7 @@ class SpawnedVm:
         """``vm.boot``: builds and starts the VM (Created → Running)."""
         self.client.boot()
         self._booted = True
+        self._stop_asked = False
 
     def pause(self) -> None:
         """``vm.pause``: Running → Paused."""
@@ -749,6 +770,7 @@ class SpawnedVm:
 
     def shutdown(self) -> None:
         """``vm.shutdown``: stops the VM (its config stays; state ``Created``)."""
+        self._stop_asked = True
         self.client.shutdown()
 
     def reboot(self) -> None:
@@ -801,11 +823,21 @@ class SpawnedVm:
             if state in ("Created", "Shutdown"):
                 if not self._booted:
                     return None
+                if not self._stop_asked:
+                    # Not stopped through this object: the guest powered off, and
+                    # the VMM process is on its way out; its status says how.
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.process.wait(_EXIT_AFTER_POWEROFF)
+                    returncode = self.process.poll()
+                    if returncode is not None:
+                        return self._exit(returncode)
                 return VmExit("shutdown", f"The VM is no longer running (state {state})")
             if deadline is not None and time.monotonic() >= deadline:
                 return None
             pause = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
-            time.sleep(max(0.0, pause))
+            # Returns as soon as the process exits (a power-off ends it).
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(max(0.0, pause))
 
     def close(self) -> None:
         """Ends the VMM process and removes its socket and temporary files.
@@ -856,8 +888,18 @@ def spawn(
     request_timeout: float | None = DEFAULT_TIMEOUT,
     stop_timeout: float = 5.0,
     env: Mapping[str, str] | None = None,
+    fresh_interpreter: bool = False,
 ) -> SpawnedVm:
-    """Starts ``python -m vmkit --api-socket <path>`` and creates ``config`` there.
+    """Starts ``vmkit --api-socket <path>`` in a new process and creates ``config`` there.
+
+    The process is forked from this program's VMM fork server (started on the
+    first spawn: a pre-imported interpreter, so each VMM costs a fork instead
+    of an interpreter start and an import): it is this program's child and
+    starts as a fresh one would, with nothing of the server's or this
+    program's but what is listed below, and this program's environment (or
+    ``env``), working directory, umask, CPU affinity and niceness as they are
+    now. ``fresh_interpreter=True`` starts ``python -m vmkit`` instead, as
+    does an ``env`` whose ``PYTHON*`` variables differ from the server's.
 
     The VMM starts idle (no payload on its command line); once it answers
     ``vmm.ping``, ``vm.create`` sends ``config`` (``None`` skips that). The
@@ -918,29 +960,43 @@ def spawn(
     # A lifeline: the child sees EOF on it when this process goes away, even
     # by SIGKILL, and then shuts its VM down and removes the directory.
     lifeline_read, lifeline = os.pipe()
-    child_env["VMKIT_LIFELINE_FD"] = str(lifeline_read)
+    # The ready pipe: the child writes to it once its API socket listens.
+    ready, ready_write = os.pipe()
     child_env["VMKIT_SPAWN_DIR"] = str(tmpdir)
+    argv = ["--api-socket", str(socket_path), *vmm_args]
+    process: VmmProcess
     try:
-        process = subprocess.Popen(
-            [interpreter, "-c", _VMM_MAIN, "--api-socket", str(socket_path), *vmm_args],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=child_env,
-            close_fds=True,
-            pass_fds=(lifeline_read,),
-        )
-    except BaseException:
+        server = None if fresh_interpreter else _forkserver.shared_server(child_env)
+        if server is not None:
+            pid = server.fork(argv, child_env, log.fileno(), lifeline_read, ready_write)
+            process = _forkserver.ForkedProcess(pid, ["vmkit", *argv])
+        else:
+            child_env["VMKIT_LIFELINE_FD"] = str(lifeline_read)
+            child_env["VMKIT_READY_FD"] = str(ready_write)
+            process = subprocess.Popen(
+                [interpreter, "-c", _VMM_MAIN, *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=child_env,
+                close_fds=True,
+                pass_fds=(lifeline_read, ready_write),
+            )
+    except BaseException as e:
         log.close()
         os.close(lifeline)
+        os.close(ready)
         shutil.rmtree(tmpdir, ignore_errors=True)
+        if isinstance(e, _forkserver.ForkServerError):
+            raise VmError(f"Cannot start a VMM: {e}", "Spawn") from e
         raise
     finally:
         os.close(lifeline_read)
+        os.close(ready_write)
     client = _ChildClient(socket_path, process.pid, timeout=request_timeout)
     vm = SpawnedVm(process, client, tmpdir, serial_path, log_path, log, stop_timeout, lifeline)
     try:
-        _wait_until_up(vm, startup_timeout)
+        _wait_until_up(vm, startup_timeout, ready)
         if config is not None:
             client.create(config)
     except BaseException:
@@ -949,34 +1005,51 @@ def spawn(
     return vm
 
 
-def _wait_until_up(vm: SpawnedVm, timeout: float) -> None:
+def _wait_until_up(vm: SpawnedVm, timeout: float, ready: int) -> None:
+    """Waits until the child serves its socket (it says so on the ``ready``
+    pipe, which this closes) and answers ``vmm.ping`` as itself."""
     deadline = time.monotonic() + timeout
     probe = _ChildClient(vm.api_socket, vm.pid, timeout=max(1.0, min(5.0, timeout)))
     last = ""
-    while True:
-        returncode = vm.process.poll()
-        if returncode is not None:
-            log = vm.log.strip()
-            raise VmError(
-                f"The VMM process ended before serving {vm.api_socket} "
-                f"({_exit_text(returncode)})" + (f": {log}" if log else ""),
-                "Spawn",
-            )
-        identity = _socket_identity(vm.api_socket)
-        if identity is not None:
-            try:
-                pong = probe.ping()
-            except ApiError as e:
-                last = str(e)
+    waiter = select.poll()
+    waiter.register(ready, select.POLLIN)
+    try:
+        while True:
+            returncode = vm.process.poll()
+            if returncode is not None:
+                log = vm.log.strip()
+                raise VmError(
+                    f"The VMM process ended before serving {vm.api_socket} "
+                    f"({_exit_text(returncode)})" + (f": {log}" if log else ""),
+                    "Spawn",
+                )
+            if ready >= 0 and waiter.poll(0):
+                os.read(ready, 1)  # b"r", or b"" when the child exited or closed it unused
+                waiter.unregister(ready)
+                os.close(ready)
+                ready = -1
+            identity = _socket_identity(vm.api_socket) if ready < 0 else None
+            if identity is not None:
+                try:
+                    pong = probe.ping()
+                except ApiError as e:
+                    last = str(e)
+                else:
+                    if pong.pid == vm.pid and _socket_identity(vm.api_socket) == identity:
+                        vm._owned_socket.append(identity)
+                        return
+                    last = f"another VMM (pid {pong.pid}) answers on {vm.api_socket}"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise VmError(
+                    f"The VMM did not answer on {vm.api_socket} within {timeout} s"
+                    + (f" ({last})" if last else ""),
+                    "Spawn",
+                )
+            if ready >= 0:
+                waiter.poll(max(1, int(min(remaining, 0.05) * 1000)))
             else:
-                if pong.pid == vm.pid and _socket_identity(vm.api_socket) == identity:
-                    vm._owned_socket.append(identity)
-                    return
-                last = f"another VMM (pid {pong.pid}) answers on {vm.api_socket}"
-        if time.monotonic() >= deadline:
-            raise VmError(
-                f"The VMM did not answer on {vm.api_socket} within {timeout} s"
-                + (f" ({last})" if last else ""),
-                "Spawn",
-            )
-        time.sleep(0.02)
+                time.sleep(min(remaining, 0.02))
+    finally:
+        if ready >= 0:
+            os.close(ready)

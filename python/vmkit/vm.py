@@ -367,12 +367,15 @@ class Vm:
         request_timeout: float | None = 60.0,
         stop_timeout: float = 5.0,
         env: Mapping[str, str] | None = None,
+        fresh_interpreter: bool = False,
     ) -> SpawnedVm:
-        """Runs the VM in a ``python -m vmkit --api-socket`` child process.
+        """Runs the VM in a ``vmkit --api-socket`` child process.
 
-        See ``vmkit.client.spawn``: the returned ``SpawnedVm`` has this
-        class's methods, carried out over the HTTP API, and its ``with``
-        block always ends the process and removes its files.
+        See ``vmkit.client.spawn``: the process is forked from a pre-imported
+        VMM server (or, with ``fresh_interpreter``, a new interpreter); the
+        returned ``SpawnedVm`` has this class's methods, carried out over the
+        HTTP API, and its ``with`` block always ends the process and removes
+        its files.
         """
         from vmkit.client import spawn
 
@@ -385,4 +388,5 @@ class Vm:
             request_timeout=request_timeout,
             stop_timeout=stop_timeout,
             env=env,
+            fresh_interpreter=fresh_interpreter,
         )

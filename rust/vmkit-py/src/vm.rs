@@ -299,3 +299,37 @@ pub fn confine_process(mode: &str) -> PyResult<()> {
     vmkit_vmm::seccomp::confine_process(vmkit_vmm::seccomp::ThreadKind::Process, mode)
         .map_err(|e| PyOSError::new_err(e.to_string()))
 }
+
+/// Forks this interpreter into a process whose parent is this process's
+/// parent (the fork server's `clone(CLONE_PARENT)`); returns the new
+/// process's pid here and 0 in it. Raises RuntimeError when this process
+/// runs more than one thread, OSError when clone fails.
+#[pyfunction]
+pub fn fork_sibling(py: Python<'_>) -> PyResult<i32> {
+    let _ = py; // the GIL is held across the fork, as os.fork holds it
+                // SAFETY: PyOS_BeforeFork/AfterFork_* are CPython's fork bookkeeping,
+                // called with the GIL held around the fork, one AfterFork call on each
+                // side, as os.fork does. fork_sibling refuses a multi-threaded process,
+                // and the child is a CPython interpreter that PyOS_AfterFork_Child
+                // re-initialises for its single thread.
+    unsafe {
+        pyo3::ffi::PyOS_BeforeFork();
+        match vmkit_vmm::process::fork_sibling() {
+            Ok(vmkit_vmm::process::Forked::Child) => {
+                pyo3::ffi::PyOS_AfterFork_Child();
+                Ok(0)
+            }
+            Ok(vmkit_vmm::process::Forked::Caller { child }) => {
+                pyo3::ffi::PyOS_AfterFork_Parent();
+                Ok(child)
+            }
+            Err(e) => {
+                pyo3::ffi::PyOS_AfterFork_Parent();
+                Err(match e.raw_os_error() {
+                    Some(code) => PyOSError::new_err((code, e.to_string())),
+                    None => PyRuntimeError::new_err(e.to_string()),
+                })
+            }
+        }
+    }
+}

@@ -14,6 +14,7 @@ pub mod interrupts;
 pub mod layout;
 pub mod memory;
 pub mod pci;
+pub mod process;
 pub mod rate_limiter;
 pub mod seccomp;
 pub mod vcpu;
