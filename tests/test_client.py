@@ -479,6 +479,11 @@ def error_text(call: Any, *args: Any) -> str:
     return str(raised.value)
 
 
+def spawn_dirs() -> set[str]:
+    """The temporary directories Vm.spawn makes (other programs' entries in /tmp come and go)."""
+    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("vmkit-vmm-")}
+
+
 @needs_vmm
 def test_client_lifecycle_against_vmkit(vmm: SpawnedVm) -> None:
     client = vmm.client
@@ -757,7 +762,7 @@ def test_spawned_vm_methods() -> None:
 
 @needs_vmm
 def test_spawned_vmm_killed_mid_run_leaves_nothing_behind() -> None:
-    before = set(os.listdir(tempfile.gettempdir()))
+    before = spawn_dirs()
     with Vm.spawn(guest_config(ticks=5000)) as vm:
         tmpdir = vm.tmpdir
         assert tmpdir is not None
@@ -773,7 +778,7 @@ def test_spawned_vmm_killed_mid_run_leaves_nothing_behind() -> None:
     assert vm.process.returncode == -signal.SIGKILL
     assert not tmpdir.exists()
     assert not vm.api_socket.exists()
-    assert set(os.listdir(tempfile.gettempdir())) - before == set()
+    assert spawn_dirs() - before == set()
     with pytest.raises(ProcessLookupError):
         os.kill(vm.pid, 0)
 
@@ -836,11 +841,11 @@ def test_spawn_reports_a_vmm_that_does_not_start() -> None:
 def test_spawn_create_error_cleans_up() -> None:
     bad = guest_config()
     bad.memory.size = -1
-    before = set(os.listdir(tempfile.gettempdir()))
+    before = spawn_dirs()
     with pytest.raises(ApiError) as raised:
         Vm.spawn(bad)
     assert raised.value.status == 400
-    assert set(os.listdir(tempfile.gettempdir())) - before == set()
+    assert spawn_dirs() - before == set()
 
 
 # -- Vm.spawn never drives or removes what it did not create ----------------------------------

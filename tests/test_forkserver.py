@@ -82,6 +82,11 @@ def settled(vm: SpawnedVm) -> None:
         time.sleep(0.05)
 
 
+def spawn_dirs() -> set[str]:
+    """The temporary directories Vm.spawn makes (other programs' entries in /tmp come and go)."""
+    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("vmkit-vmm-")}
+
+
 def test_a_forked_vmm_looks_like_a_fresh_one() -> None:
     with Vm.spawn(None) as forked, Vm.spawn(None, fresh_interpreter=True) as fresh:
         assert isinstance(forked.process, _forkserver.ForkedProcess)
@@ -177,7 +182,7 @@ def test_200_spawn_and_stop_cycles_leave_nothing_behind() -> None:
     fds, server_fds = open_descriptors(), open_descriptors(server.process.pid)
     threads = thread_names(os.getpid())
     children = children_of(os.getpid())
-    temp = set(os.listdir(tempfile.gettempdir()))
+    temp = spawn_dirs()
     for _ in range(200):
         with Vm.spawn(config) as vm:
             vm.boot()
@@ -188,7 +193,7 @@ def test_200_spawn_and_stop_cycles_leave_nothing_behind() -> None:
     assert open_descriptors(server.process.pid) == server_fds
     assert thread_names(os.getpid()) == threads
     assert children_of(os.getpid()) == children, "a VMM process (or zombie) is left"
-    assert set(os.listdir(tempfile.gettempdir())) - temp == set()
+    assert spawn_dirs() - temp == set()
 
 
 def test_forked_process_waits_and_signals_like_popen() -> None:

@@ -1023,12 +1023,19 @@ def _wait_until_up(vm: SpawnedVm, timeout: float, ready: int) -> None:
                     f"({_exit_text(returncode)})" + (f": {log}" if log else ""),
                     "Spawn",
                 )
+            said_ready = False
             if ready >= 0 and waiter.poll(0):
-                os.read(ready, 1)  # b"r", or b"" when the child exited or closed it unused
+                # b"r" once the socket listens; b"" when the child exited or did not say.
+                said_ready = os.read(ready, 1) == b"r"
                 waiter.unregister(ready)
                 os.close(ready)
                 ready = -1
             identity = _socket_identity(vm.api_socket) if ready < 0 else None
+            if identity is not None and said_ready:
+                # The child listens there now: no ping needed (each request
+                # still checks who serves the socket, SO_PEERCRED).
+                vm._owned_socket.append(identity)
+                return
             if identity is not None:
                 try:
                     pong = probe.ping()

@@ -1,0 +1,399 @@
+"""Fleet figures: N VMs started at once, their memory, and stopping them.
+
+vmkit's three ways to run a VM (the ``vmkit`` CLI, ``Vm.spawn()``, an
+in-process ``Vm``) against Cloud Hypervisor (``../shared/ch/cloud-hypervisor``)
+and QEMU microvm, same test guest, same run, N = 1, 4, 16, 32.
+
+Run: ``python benches/bench_density.py`` (prints a markdown table for
+RESULTS.md; ``--counts 1,4`` and ``--runs`` change the sweep). A missing peer
+binary leaves its column out, with a note. Run it from a virtual environment
+(``python -m venv``): a site-packages ``.pth`` hook (some images install one)
+adds its cost to every interpreter start, which would be charged to vmkit's
+CLI.
+
+Each VM: the test guest's PVH image, 1 vCPU, 256 MiB, command line
+``steps=hello exit=halt``: it prints its ``ready`` line, then halts with
+interrupts off, idle. Figures per mode and N, medians over ``--runs``
+interleaved rounds:
+
+- start: from launching all N at once (processes started back to back; for
+  ``Vm.spawn`` and in-process VMs one thread per VM, each making its VM and
+  booting it) until every guest's ``ready`` line has arrived. Serial output
+  goes to a pipe (a FIFO for ``Vm.spawn``) read by one selector thread that
+  stamps arrivals; in process, ``serial.wait_for``.
+- memory: Pss per VM once all are up: the VMM processes' Pss (``Vm.spawn``:
+  the forked VMMs, with the fork server's own Pss in a note), in process the
+  growth of this process's Pss, over N.
+- stop: from asking every VM to stop at once (SIGTERM to each process;
+  ``SpawnedVm.close()`` from N threads; ``Vm.close()`` of each in-process VM
+  in turn) until every process has exited and been reaped (every close
+  returned).
+
+Also: ``import vmkit`` (a fresh interpreter's ``import vmkit`` minus
+``pass``) and the fork server's start (the first ``Vm.spawn``'s extra cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import selectors
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench_boot import qemu_command
+from machine import machine
+from vmkit import Vm, VmConfig, _forkserver, testguest
+from vmkit.client import SpawnedVm
+from vmkit.config import ConsoleConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CH = ROOT.parent / "shared" / "ch" / "cloud-hypervisor"
+READY = b"vmkit-guest: ready"
+MEMORY_MIB = 256
+MODES = ("vmkit CLI", "Vm.spawn", "in process", "Cloud Hypervisor", "QEMU microvm")
+
+
+def pss_mib(pid: int | str) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class Arrivals:
+    """One thread that reads every serial pipe and stamps each VM's ready line."""
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.lock = threading.Lock()
+        self.ready: dict[int, float] = {}
+        self.buffers: dict[int, bytes] = {}
+        self.stop = False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def watch(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        with self.lock:
+            self.buffers[fd] = b""
+            self.selector.register(fd, selectors.EVENT_READ)
+
+    def run(self) -> None:
+        while not self.stop:
+            with self.lock:
+                empty = not self.buffers
+            if empty:
+                time.sleep(0.001)
+                continue
+            for key, _ in self.selector.select(0.01):
+                fd = key.fd
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    chunk = b""
+                now = time.monotonic()
+                with self.lock:
+                    if not chunk:
+                        self.selector.unregister(fd)
+                        self.buffers.pop(fd, None)
+                        continue
+                    data = self.buffers[fd] + chunk
+                    if fd not in self.ready and READY in data:
+                        self.ready[fd] = now
+                    self.buffers[fd] = data[-256:]
+
+    def wait_all(self, fds: list[int], timeout: float = 120.0) -> float:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                if all(fd in self.ready for fd in fds):
+                    return max(self.ready[fd] for fd in fds)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{sum(fd in self.ready for fd in fds)}/{len(fds)} ready")
+            time.sleep(0.0005)
+
+    def forget(self, fds: list[int]) -> None:
+        with self.lock:
+            for fd in fds:
+                self.ready.pop(fd, None)
+                if fd in self.buffers:
+                    self.selector.unregister(fd)
+                    del self.buffers[fd]
+
+
+class Result:
+    def __init__(self) -> None:
+        self.start: list[float] = []
+        self.memory: list[float] = []
+        self.stop: list[float] = []
+
+
+def vmm_args(kernel: Path, cmdline: str) -> list[str]:
+    return [
+        "--kernel", str(kernel), "--cmdline", cmdline, "--cpus", "boot=1",
+        "--memory", f"size={MEMORY_MIB}M", "--serial", "tty", "--console", "off",
+    ]  # fmt: skip
+
+
+def run_processes(
+    commands: list[list[str]], arrivals: Arrivals, result: Result, settle: float
+) -> None:
+    """Starts every command at once (serial on stdout), waits for all ready, stops them."""
+    errors = tempfile.TemporaryFile()
+    start = time.monotonic()
+    procs = [
+        subprocess.Popen(c, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
+        for c in commands
+    ]
+    fds = [p.stdout.fileno() for p in procs if p.stdout is not None]
+    for fd in fds:
+        arrivals.watch(fd)
+    try:
+        try:
+            last = arrivals.wait_all(fds)
+        except TimeoutError as e:
+            errors.seek(0)
+            raise TimeoutError(f"{commands[0][0]}: {e}: {errors.read()[-2000:]!r}") from None
+        result.start.append(last - start)
+        time.sleep(settle)
+        result.memory.append(sum(pss_mib(p.pid) for p in procs) / len(procs))
+        stop = time.monotonic()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(60)
+        result.stop.append(time.monotonic() - stop)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        arrivals.forget(fds)
+        for p in procs:
+            if p.stdout is not None:
+                p.stdout.close()
+        errors.close()
+
+
+def in_threads(count: int, work: Callable[[int], None]) -> None:
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as e:  # reported below, in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def run_spawned(
+    config: VmConfig, count: int, arrivals: Arrivals, result: Result, settle: float
+) -> None:
+    fifo_dir = Path(tempfile.mkdtemp(prefix="vmkit-density-"))
+    fifos = []
+    for i in range(count):
+        path = fifo_dir / f"serial{i}"
+        os.mkfifo(path, 0o600)
+        fifos.append((path, os.open(path, os.O_RDONLY | os.O_NONBLOCK)))
+    for _, fd in fifos:
+        arrivals.watch(fd)
+    vms: list[SpawnedVm | None] = [None] * count
+
+    def start(i: int) -> None:
+        own = ConsoleConfig(mode="File", file=str(fifos[i][0]))
+        vm = Vm.spawn(dataclasses.replace(config, serial=own))
+        vms[i] = vm
+        vm.boot()
+
+    try:
+        started = time.monotonic()
+        in_threads(count, start)
+        last = arrivals.wait_all([fd for _, fd in fifos])
+        result.start.append(last - started)
+        time.sleep(settle)
+        result.memory.append(sum(pss_mib(vm.pid) for vm in vms if vm) / count)
+        stop = time.monotonic()
+        in_threads(count, lambda i: vms[i].close() if vms[i] else None)  # type: ignore[union-attr]
+        result.stop.append(time.monotonic() - stop)
+    finally:
+        for vm in vms:
+            if vm is not None:
+                vm.close()
+        arrivals.forget([fd for _, fd in fifos])
+        for _, fd in fifos:
+            os.close(fd)
+        shutil.rmtree(fifo_dir, ignore_errors=True)
+
+
+def run_in_process(config: VmConfig, count: int, result: Result, settle: float) -> None:
+    vms: list[Vm | None] = [None] * count
+    before = pss_mib("self")
+
+    def start(i: int) -> None:
+        vm = Vm(copy.deepcopy(config))
+        vms[i] = vm
+        vm.boot()
+        vm.serial.wait_for("vmkit-guest: ready", timeout=120)
+
+    try:
+        started = time.monotonic()
+        in_threads(count, start)
+        result.start.append(time.monotonic() - started)
+        time.sleep(settle)
+        result.memory.append((pss_mib("self") - before) / count)
+        stop = time.monotonic()
+        for vm in vms:
+            if vm is not None:
+                vm.close()
+        result.stop.append(time.monotonic() - stop)
+    finally:
+        for vm in vms:
+            if vm is not None:
+                vm.close()
+
+
+def import_time(python: str, runs: int = 15) -> float:
+    """``import vmkit`` in a fresh interpreter, minus the interpreter's own start (ms)."""
+
+    def timed(code: str) -> float:
+        start = time.monotonic()
+        subprocess.run([python, "-c", code], check=True)
+        return time.monotonic() - start
+
+    bare, imported = [], []
+    for _ in range(runs):
+        bare.append(timed("pass"))
+        imported.append(timed("import vmkit"))
+    return (statistics.median(imported) - statistics.median(bare)) * 1e3
+
+
+def fmt(value: float, unit: str) -> str:
+    if value != value:  # NaN
+        return "n/a"
+    return f"{value:.1f} {unit}" if unit == "MiB" else f"{value * 1e3:.0f} ms"
+
+
+def ratio(a: float, b: float) -> str:
+    if a != a or b != b or b == 0:
+        return "n/a"
+    return f"{a / b:.2f} \u00d7"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--counts", default="1,4,16,32")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--settle", type=float, default=0.5, help="s between ready and Pss")
+    args = parser.parse_args()
+    counts = [int(c) for c in args.counts.split(",")]
+    kernel = testguest.image_path("pvh")
+    cmdline = testguest.cmdline(["hello"], exit="halt")
+    config = VmConfig.from_cli(
+        [*vmm_args(kernel, cmdline)[:-4], "--serial", "null", "--console", "off"]
+    )
+    vmkit_cli = Path(sys.executable).parent / "vmkit"
+    qemu = shutil.which("qemu-system-x86_64")
+    notes = []
+    modes = list(MODES)
+    if not CH.exists():
+        modes.remove("Cloud Hypervisor")
+        notes.append(f"Cloud Hypervisor left out: {CH} is missing.")
+    if qemu is None:
+        modes.remove("QEMU microvm")
+        notes.append("QEMU left out: qemu-system-x86_64 is missing.")
+    if not vmkit_cli.exists():
+        modes.remove("vmkit CLI")
+        notes.append(f"vmkit CLI left out: no {vmkit_cli} beside this Python.")
+
+    started = time.monotonic()
+    Vm.spawn(None).close()
+    server_start = time.monotonic() - started
+    server = _forkserver._shared
+    server_pss = pss_mib(server.process.pid) if server is not None else float("nan")
+    imported = import_time(sys.executable)
+
+    arrivals = Arrivals()
+    results: dict[tuple[str, int], Result] = {}
+    for count in counts:
+        for mode in modes:
+            results[(mode, count)] = Result()
+        for _ in range(args.runs):
+            for mode in modes:
+                result = results[(mode, count)]
+                if mode == "vmkit CLI":
+                    cmd = [str(vmkit_cli), *vmm_args(kernel, cmdline)]
+                    run_processes([cmd] * count, arrivals, result, args.settle)
+                elif mode == "Cloud Hypervisor":
+                    cmd = [str(CH), *vmm_args(kernel, cmdline)]
+                    run_processes([cmd] * count, arrivals, result, args.settle)
+                elif mode == "QEMU microvm":
+                    assert qemu is not None
+                    cmd = qemu_command(qemu, kernel, cmdline)
+                    cmd[cmd.index("-debugcon") + 1] = "null"
+                    run_processes([cmd] * count, arrivals, result, args.settle)
+                elif mode == "Vm.spawn":
+                    run_spawned(config, count, arrivals, result, args.settle)
+                else:
+                    run_in_process(config, count, result, args.settle)
+
+    def med(mode: str, count: int, what: str) -> float:
+        values = getattr(results[(mode, count)], what)
+        return statistics.median(values) if values else float("nan")
+
+    peers = [m for m in ("Cloud Hypervisor", "QEMU microvm") if m in modes]
+    print(f"Machine: {machine()}\n")
+    print(
+        f"`import vmkit`: {imported:.1f} ms; fork server start (first `Vm.spawn` only): "
+        f"{server_start * 1e3:.0f} ms, its Pss {server_pss:.1f} MiB. "
+        f"Medians of {args.runs} interleaved rounds; ratios are vmkit's figure over the peer's.\n"
+    )
+    for note in notes:
+        print(note + "\n")
+    columns = (
+        ("start", "ms", "N started → all ready"),
+        ("memory", "MiB", "Pss per VM"),
+        ("stop", "ms", "N stopped → all gone"),
+    )
+    header = "| N | VMM |"
+    for _what, _unit, title in columns:
+        header += f" {title} |" + "".join(f" vs {p.split()[0]} |" for p in peers)
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for count in counts:
+        for mode in modes:
+            row = f"| {count} | {mode} |"
+            for what, unit, _title in columns:
+                value = med(mode, count, what)
+                row += f" {fmt(value, unit)} |"
+                for peer in peers:
+                    row += " |" if mode in peers else f" {ratio(value, med(peer, count, what))} |"
+            print(row)
+    arrivals.stop = True
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
