@@ -41,7 +41,8 @@ _MAX_MESSAGE = 1 << 20
 #: The server's entry point; as the spawned VMM's, without the current
 #: directory on ``sys.path`` (``-c`` puts it first).
 _SERVER_MAIN = (
-    "import sys\n"
+    "import gc, sys\n"
+    "gc.disable()\n"  # no collection leaves holes in pages that forks would then fill
     "if not getattr(sys.flags, 'safe_path', False): del sys.path[0]\n"
     "from vmkit._forkserver import serve\n"
     "serve(int(sys.argv[1]))\n"
@@ -319,8 +320,11 @@ def serve(fd: int) -> None:
     import vmkit.vmm  # noqa: F401
 
     requests = socket.socket(fileno=fd)
-    gc.collect()
-    gc.freeze()  # the forks' collections leave the server's objects (and their pages) alone
+    # What Python's gc.freeze documents for fork servers: collections were off
+    # while importing (freed objects would leave holes that the forks' new
+    # objects then fill, copying the page); frozen objects are left out of the
+    # forks' collections (which would write to every object's header).
+    gc.freeze()
     requests.send(_READY)
     while True:
         try:
@@ -352,6 +356,9 @@ def _fork_vmm(request: dict[str, Any], fds: list[int], requests: socket.socket) 
         return pid
     code = 1
     try:
+        import gc
+
+        gc.enable()
         # The request socket is the server's: its fd is closed below, and no
         # socket object may close that number again once it is reused.
         requests.detach()
