@@ -244,3 +244,27 @@ def test_out_of_file_descriptors_the_server_waits_instead_of_spinning(tmp_path: 
         for stream in (proc.stdin, proc.stdout):
             if stream is not None:
                 stream.close()
+
+
+def test_closing_the_server_lets_an_answer_in_progress_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VMM exiting (a guest that powers off right after vm.boot) while a
+    request is being answered: the client still gets the whole answer."""
+    path = tmp_path / "api.sock"
+    with running(path) as server:
+        answering = threading.Event()
+        dispatch = server.router.dispatch
+
+        def slow_dispatch(request: Any) -> Any:
+            answering.set()
+            time.sleep(0.3)
+            return dispatch(request)
+
+        monkeypatch.setattr(server.router, "dispatch", slow_dispatch)
+        with connect(path) as sock, connect(path) as idle:
+            sock.sendall(PING)
+            assert answering.wait(10)
+            server.close()  # while the answer is being made
+            assert read_status(sock) == 200
+            assert closed_by_server(idle, 5), "an idle connection stays open after close"

@@ -576,6 +576,10 @@ class _Connection:
             self.close_fds()
 
 
+#: How long closing the server waits for requests being answered (seconds).
+ANSWER_GRACE = 2.0
+
+
 class ApiServer:
     """v37's HTTP API for ``vmm`` on a UNIX socket at ``path``, or on the listening socket ``fd``.
 
@@ -615,6 +619,8 @@ class ApiServer:
         # open connection -> (busy with a request, when it last became idle)
         self._connections: dict[socket.socket, tuple[bool, float]] = {}
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)  # a connection went idle or away
+        self._handlers: dict[socket.socket, threading.Thread] = {}
 
     def bind(self) -> None:
         """Creates (or adopts) the listening socket; raises OSError as ``bind`` does."""
@@ -717,17 +723,22 @@ class ApiServer:
             if conn not in self._connections:
                 return False
             self._connections[conn] = (busy, time.monotonic())
+            self._settled.notify_all()
         return True
 
     def _drop(self, conn: socket.socket) -> None:
         with self._lock:
             self._connections.pop(conn, None)
+            self._handlers.pop(conn, None)
+            self._settled.notify_all()
         try:
             conn.close()
         except OSError:
             pass
 
     def _serve_connection(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._handlers[conn] = threading.current_thread()
         try:
             _Connection(conn, self).serve()
         except Exception:
@@ -744,7 +755,18 @@ class ApiServer:
             os.write(self._wake_w, b"x")
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
+        # A request being answered gets its answer out first (a guest that powers
+        # off right after vm.boot must not cost the client the boot's reply); one
+        # that takes longer than ANSWER_GRACE is cut like the idle ones.
+        deadline = time.monotonic() + ANSWER_GRACE
         with self._lock:
+            while True:
+                busy = [c for c, (is_busy, _since) in self._connections.items() if is_busy]
+                current = [c for c in busy if self._handlers.get(c) is threading.current_thread()]
+                remaining = deadline - time.monotonic()
+                if len(busy) == len(current) or remaining <= 0:
+                    break
+                self._settled.wait(remaining)
             connections = list(self._connections)
         for conn in connections:
             try:
