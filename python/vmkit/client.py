@@ -968,7 +968,16 @@ def spawn(
     try:
         server = None if fresh_interpreter else _forkserver.shared_server(child_env)
         if server is not None:
-            pid = server.fork(argv, child_env, log.fileno(), lifeline_read, ready_write)
+            try:
+                pid = server.fork(argv, child_env, log.fileno(), lifeline_read, ready_write)
+            except _forkserver.ForkServerError:
+                if server.alive:
+                    raise
+                # The server was gone (killed, or ended with its terminal): a new one.
+                server = _forkserver.shared_server(child_env)
+                if server is None:
+                    raise
+                pid = server.fork(argv, child_env, log.fileno(), lifeline_read, ready_write)
             process = _forkserver.ForkedProcess(pid, ["vmkit", *argv])
         else:
             child_env["VMKIT_LIFELINE_FD"] = str(lifeline_read)
