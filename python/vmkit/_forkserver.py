@@ -36,6 +36,7 @@ __all__ = ["ForkServer", "ForkedProcess", "shared_server"]
 LIFELINE_FD = 3
 READY_FD = 4
 _READY = b"ready"
+_PER_VMM_VARIABLES = ("VMKIT_SPAWN_DIR", "VMKIT_LIFELINE_FD", "VMKIT_READY_FD")
 _MAX_MESSAGE = 1 << 20
 
 #: The server's entry point; as the spawned VMM's, without the current
@@ -72,7 +73,8 @@ class ForkServer:
     """The caller's side of one fork server process."""
 
     def __init__(self, env: Mapping[str, str], timeout: float = 30.0) -> None:
-        self.env = dict(env)
+        # Not one VMM's own variables (its directory, descriptors): each request brings those.
+        self.env = {k: v for k, v in env.items() if k not in _PER_VMM_VARIABLES}
         self.startup_env = startup_environment(env)
         self.owner = os.getpid()
         self._lock = threading.Lock()
