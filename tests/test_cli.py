@@ -425,10 +425,11 @@ def test_no_watchdog_by_default_a_halted_guest_keeps_running(tmp_path: Path, api
 
 
 @needs_kvm
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("target", ["process", "vcpu-thread"])
 @pytest.mark.parametrize("api", [False, True], ids=["boot", "api-socket"])
-def test_sigterm_ends_the_vmm_whichever_thread_takes_it(
-    tmp_path: Path, api: bool, target: str
+def test_signals_end_the_vmm_whichever_thread_takes_them(
+    tmp_path: Path, api: bool, target: str, sig: signal.Signals
 ) -> None:
     # The main thread waits in poll(): a signal that a vCPU thread takes must still wake it.
     process = halting_vmm(tmp_path, api)
@@ -436,9 +437,9 @@ def test_sigterm_ends_the_vmm_whichever_thread_takes_it(
         assert process.stdout is not None
         printed = read_until(process.stdout, b"vmkit-guest: exit halt", timeout=30)
         if target == "process":
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(sig)
         else:
-            tgkill(process.pid, vcpu_tids(process.pid)[0], signal.SIGTERM)
+            tgkill(process.pid, vcpu_tids(process.pid)[0], sig)
         out, err = process.communicate(timeout=20)
     finally:
         end(process)
