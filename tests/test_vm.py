@@ -317,6 +317,7 @@ def test_shutdown_returns_stopped_and_release_frees_the_kvm_vm() -> None:
         # A fresh boot after the release works as before.
         vm.boot()
         vm.serial.wait_for(r"tick 3$", timeout=20)
+    vm.release()  # after close() too
     assert kvm_fds() == before
 
 

@@ -676,6 +676,10 @@ impl Vm {
 
     /// Waits for each boot to end; rebuilds on reset; runs the watchdog.
     fn vmm_loop(self: Arc<Self>) {
+        let mut reporter = StopReporter {
+            vm: &self,
+            reported: false,
+        };
         loop {
             let control = match &self.lock().instance {
                 Some(instance) => instance.control.clone(),
@@ -711,7 +715,7 @@ impl Vm {
                         if life.shutdown_requested {
                             drop(life);
                             instance.stop(StopReason::Shutdown);
-                            self.finish(StopReason::Shutdown);
+                            reporter.finish(StopReason::Shutdown);
                             return;
                         }
                         // Recorded and started under the lock: nobody sees the
@@ -720,7 +724,7 @@ impl Vm {
                         if let Err(e) = instance.start_vcpus(life.state == VmState::Paused) {
                             drop(life);
                             instance.stop(StopReason::Shutdown);
-                            self.finish(StopReason::VmmError {
+                            reporter.finish(StopReason::VmmError {
                                 message: format!("Rebooting the VM failed: {e}"),
                             });
                             return;
@@ -733,14 +737,14 @@ impl Vm {
                         continue;
                     }
                     Err(e) => {
-                        self.finish(StopReason::VmmError {
+                        reporter.finish(StopReason::VmmError {
                             message: format!("Rebooting the VM failed: {e}"),
                         });
                         return;
                     }
                 }
             }
-            self.finish(reason);
+            reporter.finish(reason);
             // Reported stopped; what is left is the kernel's (slow) part:
             // closing the KVM VM and unmapping guest memory.
             drop(ended);
@@ -963,6 +967,36 @@ impl Drop for Vm {
         for backend in self.serial.iter().chain(&self.console) {
             backend.close();
         }
+    }
+}
+
+/// Reports the VM stopped if its VMM thread ends without having done so (a
+/// panic), so that `shutdown` and `wait`, which wait for that, never hang.
+struct StopReporter<'a> {
+    vm: &'a Vm,
+    reported: bool,
+}
+
+impl StopReporter<'_> {
+    fn finish(&mut self, reason: StopReason) {
+        self.vm.finish(reason);
+        self.reported = true;
+    }
+}
+
+impl Drop for StopReporter<'_> {
+    fn drop(&mut self) {
+        if self.reported {
+            return;
+        }
+        let instance = self.vm.lock().instance.take();
+        let reason = StopReason::VmmError {
+            message: "The VMM thread ended unexpectedly".to_owned(),
+        };
+        if let Some(mut instance) = instance {
+            instance.stop(reason.clone());
+        }
+        self.vm.finish(reason);
     }
 }
 
