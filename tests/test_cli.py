@@ -443,7 +443,7 @@ def test_signals_end_the_vmm_whichever_thread_takes_them(
         out, err = process.communicate(timeout=20)
     finally:
         end(process)
-    assert process.returncode == 0, err
+    assert process.returncode == 0, err.decode()
     assert err == b""
     assert (printed + out).count(b"vmkit-guest: ready") == 1
     assert not (tmp_path / "api.sock").exists()

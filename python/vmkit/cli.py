@@ -193,14 +193,6 @@ def boot_and_wait(
 
         signal.signal(signal.SIGTERM, stop)
         try:
-            try:
-                vm.boot()
-            except VmError as e:
-                print(f"Error booting VM: {e}", file=sys.stderr)
-                return 1
-            pty = vm.serial_pty
-            if pty:
-                print(f"Serial console on {pty}", file=sys.stderr)
             logged = 0
 
             def log_debug_port() -> None:
@@ -216,7 +208,16 @@ def boot_and_wait(
                     )
                 logged = len(writes)
 
+            # A signal may come as soon as the guest runs: from the boot on.
             try:
+                try:
+                    vm.boot()
+                except VmError as e:
+                    print(f"Error booting VM: {e}", file=sys.stderr)
+                    return 1
+                pty = vm.serial_pty
+                if pty:
+                    print(f"Serial console on {pty}", file=sys.stderr)
                 with _SignalWakeup() as woken:
                     poller = select.poll()
                     poller.register(woken, select.POLLIN)
@@ -615,6 +616,13 @@ def _serve(command: CommandLine) -> int:
         print(e, file=sys.stderr)
         return 1
     vmm = Vmm(events=events, seccomp=_seccomp_mode(command))
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        vmm.request_exit(0)
+
+    # From here on SIGTERM asks the VMM to exit, during start-up too: the
+    # guest may run (and someone signal the process) before the wait begins.
+    previous_sigterm = signal.signal(signal.SIGTERM, stop)
     orphaned = _watch_lifeline(vmm)
     server: ApiServer | None = None
     try:
@@ -651,7 +659,10 @@ def _serve(command: CommandLine) -> int:
         if vmm.exit_message:
             print(vmm.exit_message, file=sys.stderr)
         return code
+    except KeyboardInterrupt:  # SIGINT during start-up
+        return 0
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         vmm.close()
         if server is not None:
             server.close()
@@ -724,14 +735,10 @@ def _start_vm(command: CommandLine, vmm: Vmm) -> int | None:
 
 
 def _run_until_exit(vmm: Vmm) -> int:
-    """Waits for an exit request (``vmm.shutdown``, the guest stopping) or SIGTERM/SIGINT."""
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        vmm.request_exit(0)
-
+    """Waits for an exit request (``vmm.shutdown``, the guest stopping, SIGTERM
+    through the handler ``_serve`` installs) or SIGINT."""
     import select
 
-    previous = signal.signal(signal.SIGTERM, stop)
     try:
         with _SignalWakeup() as woken:
             poller = select.poll()
@@ -745,8 +752,6 @@ def _run_until_exit(vmm: Vmm) -> int:
                 _drain(woken)  # the signal's handler runs on the way back
     except KeyboardInterrupt:
         return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class _SignalWakeup:
