@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -1429,6 +1430,32 @@ def test_signals_end_the_vmm_cleanly(workdir: Path, vmkit: Callable[..., Vmkit],
     process.proc.send_signal(sig)
     assert process.wait(20) == 0
     assert not sock.exists()
+
+
+def test_exit_fd_turns_readable_on_an_exit_request() -> None:
+    # The vmkit command polls it beside its signal wake-up pipe.
+    vmm = Vmm()
+    try:
+        fd = vmm.exit_fd()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        assert poller.poll(0) == []
+        assert vmm.wait_exit(0) is None
+        vmm.request_exit(3, "why")
+        assert poller.poll(0) == [(fd, select.POLLIN)]
+        assert (vmm.wait_exit(0), vmm.exit_message) == (3, "why")
+        assert vmm.exit_fd() == fd
+    finally:
+        vmm.close()
+    late = Vmm()  # asked for after the request: readable at once
+    try:
+        late.request_exit(0)
+        poller = select.poll()
+        poller.register(late.exit_fd(), select.POLLIN)
+        assert poller.poll(0) == [(late.exit_fd(), select.POLLIN)]
+    finally:
+        late.close()
+    late.request_exit(1)  # after close: nothing to wake, no error
 
 
 @needs_kvm

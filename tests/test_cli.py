@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from _vcpus import quiet_vcpus, read_until, tgkill, vcpu_switches, vcpu_tids
 from vmkit import ConfigError, UsageError
 from vmkit.config import VmConfig
 
@@ -366,3 +369,81 @@ def test_boot_refusals(args: list[str], message: str) -> None:
     proc = run("--kernel", kernel, *defaults, *args)
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"Error booting VM: {message}"), proc.stderr
+
+
+# -- a running VMM: no watchdog by default, stops on SIGTERM whichever thread takes it ---------
+
+needs_kvm = pytest.mark.skipif(
+    not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="boots VMs: needs read-write /dev/kvm"
+)
+
+
+def halting_vmm(tmp_path: Path, api: bool) -> subprocess.Popen[bytes]:
+    """``vmkit`` booting the test guest, which halts with interrupts off once done."""
+    from vmkit import testguest
+
+    argv = [
+        sys.executable, "-m", "vmkit",
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["hello"], "halt"),
+        "--cpus", "boot=2", "--memory", "size=128M", "--serial", "tty", "--console", "off",
+    ]  # fmt: skip
+    if api:
+        argv += ["--api-socket", str(tmp_path / "api.sock")]
+    return subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def end(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.communicate()
+
+
+@needs_kvm
+@pytest.mark.parametrize("api", [False, True], ids=["boot", "api-socket"])
+def test_no_watchdog_by_default_a_halted_guest_keeps_running(tmp_path: Path, api: bool) -> None:
+    process = halting_vmm(tmp_path, api)
+    try:
+        assert process.stdout is not None
+        read_until(process.stdout, b"vmkit-guest: exit halt", timeout=30)
+        before = quiet_vcpus(process.pid)
+        # A watchdog armed with the old 30 s default samples every vCPU each second.
+        time.sleep(3.0)
+        assert process.poll() is None, "the VMM ended a guest that halted with interrupts off"
+        woken = vcpu_switches(process.pid) - before
+        assert woken <= 1, f"the vCPU threads were woken {woken} times: a watchdog samples them"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    finally:
+        end(process)
+
+
+@needs_kvm
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("target", ["process", "vcpu-thread"])
+@pytest.mark.parametrize("api", [False, True], ids=["boot", "api-socket"])
+def test_signals_end_the_vmm_whichever_thread_takes_them(
+    tmp_path: Path, api: bool, target: str, sig: signal.Signals
+) -> None:
+    # The main thread waits in poll(): a signal that a vCPU thread takes must still wake it.
+    process = halting_vmm(tmp_path, api)
+    try:
+        assert process.stdout is not None
+        printed = read_until(process.stdout, b"vmkit-guest: exit halt", timeout=30)
+        if target == "process":
+            process.send_signal(sig)
+        else:
+            tgkill(process.pid, vcpu_tids(process.pid)[0], sig)
+        out, err = process.communicate(timeout=20)
+    finally:
+        end(process)
+    assert process.returncode == 0, err.decode()
+    assert err == b""
+    assert (printed + out).count(b"vmkit-guest: ready") == 1
+    assert not (tmp_path / "api.sock").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _vcpus import quiet_vcpus, vcpu_switches
 from vmkit import VmConfig, testguest
 from vmkit.testguest import GuestResults, parse_results
 from vmkit.vm import Vm, VmError, VmExit, VmInfo
@@ -257,6 +259,86 @@ def test_exit_paths_end_the_vm_with_the_right_reason(exit: str, reason: str, wor
     assert exit_info.reason == reason, exit_info
     assert words in exit_info.message
     assert results.exit == exit
+
+
+#: Long enough that a watchdog armed with the old 30 s default, which samples
+#: every vCPU once a second, would have kicked them at least twice.
+QUIET_WINDOW = 3.0
+
+
+def test_no_watchdog_by_default_a_guest_halted_with_interrupts_off_keeps_running() -> None:
+    # As in Cloud Hypervisor: the VM runs on, and nothing samples its vCPUs.
+    with Vm(config(exit="halt")) as vm:
+        vm.boot()
+        vm.serial.wait_for(r"exit halt$", timeout=20)
+        before = quiet_vcpus()
+        assert vm.wait(QUIET_WINDOW) is None
+        assert vm.state == "Running"
+        woken = vcpu_switches() - before
+    assert woken <= 1, f"the vCPU threads were woken {woken} times: a watchdog samples them"
+
+
+def test_a_watchdog_asked_for_ends_a_halted_guest() -> None:
+    with Vm(config(exit="halt"), watchdog_timeout=0.5) as vm:
+        vm.boot()
+        exit_info = vm.wait(20)
+    assert exit_info is not None and exit_info.reason == "hang", exit_info
+    assert "halted" in exit_info.message
+
+
+def kvm_fds() -> list[str]:
+    """What this process's KVM VM and vCPU descriptors are."""
+    targets = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except FileNotFoundError:
+            continue
+        if "kvm-vm" in target or "kvm-vcpu" in target:
+            targets.append(target)
+    return sorted(targets)
+
+
+def test_shutdown_returns_stopped_and_release_frees_the_kvm_vm() -> None:
+    gc.collect()
+    before = kvm_fds()
+    with Vm(config(steps=["ticks"], ticks=100000, tick_ms=1)) as vm:
+        vm.boot()
+        vm.serial.wait_for(r"tick 3$", timeout=20)
+        vm.shutdown()
+        assert vm.state == "Shutdown"
+        assert vm.wait(0) == VmExit("shutdown", "The VM was shut down")
+        # The vCPUs were stopped and joined: the guest prints nothing more.
+        printed = vm.serial.read()
+        time.sleep(0.05)
+        assert vm.serial.read() == printed
+        vm.release()
+        assert kvm_fds() == before, "the KVM VM outlived release()"
+        # A fresh boot after the release works as before.
+        vm.boot()
+        vm.serial.wait_for(r"tick 3$", timeout=20)
+    vm.release()  # after close() too
+    assert kvm_fds() == before
+
+
+def test_exit_fd_is_readable_exactly_while_the_vm_is_stopped() -> None:
+    with Vm(config(steps=["ticks"], ticks=100000, tick_ms=10)) as vm:
+        poller = select.poll()
+        poller.register(vm.exit_fd, select.POLLIN)
+        assert poller.poll(0) == [], "readable before the first boot"
+        vm.boot()
+        vm.serial.wait_for(r"tick 1$", timeout=20)
+        assert poller.poll(0) == [], "readable while running"
+        vm.shutdown()
+        assert poller.poll(0) == [(vm.exit_fd, select.POLLIN)], "not readable once stopped"
+        vm.boot()
+        assert poller.poll(0) == [], "still readable after booting again"
+    with Vm(config()) as vm:  # the guest powers off by itself
+        poller = select.poll()
+        poller.register(vm.exit_fd, select.POLLIN)
+        vm.boot()
+        assert poller.poll(30_000) == [(vm.exit_fd, select.POLLIN)]
+        assert vm.wait(0) == VmExit("poweroff", "The guest powered off")
 
 
 @pytest.mark.parametrize("exit", ["reset", "acpi-reset"])

@@ -176,6 +176,8 @@ def boot_and_wait(
     seccomp: str = "true",
 ) -> int:
     """Boots ``config`` and runs until the guest stops: 0 on power-off, 1 otherwise."""
+    import select
+
     from vmkit.vm import Vm, VmError
 
     confine(seccomp)
@@ -193,14 +195,6 @@ def boot_and_wait(
 
         signal.signal(signal.SIGTERM, stop)
         try:
-            try:
-                vm.boot()
-            except VmError as e:
-                print(f"Error booting VM: {e}", file=sys.stderr)
-                return 1
-            pty = vm.serial_pty
-            if pty:
-                print(f"Serial console on {pty}", file=sys.stderr)
             logged = 0
 
             def log_debug_port() -> None:
@@ -216,13 +210,29 @@ def boot_and_wait(
                     )
                 logged = len(writes)
 
+            # A signal may come as soon as the guest runs: from the boot on.
             try:
-                while True:
-                    exit_info = vm.wait(0.1 if verbosity else None)
-                    if verbosity:
-                        log_debug_port()
-                    if exit_info is not None or vm.state == "Created":
-                        break
+                try:
+                    vm.boot()
+                except VmError as e:
+                    print(f"Error booting VM: {e}", file=sys.stderr)
+                    return 1
+                pty = vm.serial_pty
+                if pty:
+                    print(f"Serial console on {pty}", file=sys.stderr)
+                with _SignalWakeup() as woken:
+                    poller = select.poll()
+                    poller.register(woken, select.POLLIN)
+                    poller.register(vm.exit_fd, select.POLLIN)
+                    while True:
+                        exit_info = vm.wait(0)
+                        if verbosity:
+                            log_debug_port()
+                        if exit_info is not None or vm.state == "Created":
+                            break
+                        # Debug-port writes are logged as they come, at -v.
+                        poller.poll(100 if verbosity else None)
+                        _drain(woken)  # the signal's handler runs on the way back
             except KeyboardInterrupt:
                 vm.shutdown()
                 exit_info = vm.wait()
@@ -622,6 +632,13 @@ def _serve(command: CommandLine) -> int:
         print(e, file=sys.stderr)
         return 1
     vmm = Vmm(events=events, seccomp=_seccomp_mode(command))
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        vmm.request_exit(0)
+
+    # From here on SIGTERM asks the VMM to exit, during start-up too: the
+    # guest may run (and someone signal the process) before the wait begins.
+    previous_sigterm = signal.signal(signal.SIGTERM, stop)
     orphaned = _watch_lifeline(vmm)
     server: ApiServer | None = None
     try:
@@ -659,7 +676,10 @@ def _serve(command: CommandLine) -> int:
         if vmm.exit_message:
             print(vmm.exit_message, file=sys.stderr)
         return code
+    except KeyboardInterrupt:  # SIGINT during start-up
+        return 0
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         vmm.close()
         if server is not None:
             server.close()
@@ -753,23 +773,78 @@ def _start_vm(command: CommandLine, vmm: Vmm) -> int | None:
 
 
 def _run_until_exit(vmm: Vmm) -> int:
-    """Waits for an exit request (``vmm.shutdown``, the guest stopping) or SIGTERM/SIGINT."""
+    """Waits for an exit request (``vmm.shutdown``, the guest stopping, SIGTERM
+    through the handler ``_serve`` installs) or SIGINT."""
+    import select
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        vmm.request_exit(0)
-
-    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        while True:
-            code = vmm.wait_exit(0.25)
-            if code is not None:
-                return code
+        with _SignalWakeup() as woken:
+            poller = select.poll()
+            poller.register(woken, select.POLLIN)
+            poller.register(vmm.exit_fd(), select.POLLIN)
+            while True:
+                code = vmm.wait_exit(0)
+                if code is not None:
+                    return code
+                poller.poll()
+                _drain(woken)  # the signal's handler runs on the way back
     except KeyboardInterrupt:
         return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+
+
+class _SignalWakeup:
+    """``with _SignalWakeup() as fd``: a descriptor that turns readable when
+    a signal arrives, for the main thread to poll.
+
+    Python runs a signal's handler in the main thread, but only once that
+    thread is back in Python code: a signal the kernel delivers to another
+    thread (a vCPU, the API server) does not interrupt the main thread's
+    ``poll``. ``signal.set_wakeup_fd`` makes every signal write a byte here,
+    whichever thread takes it.
+    """
+
+    def __enter__(self) -> int:
+        self._read_end, self._write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self._previous = signal.set_wakeup_fd(self._write_end, warn_on_full_buffer=False)
+        except BaseException:
+            self._close()
+            raise
+        return self._read_end
+
+    def __exit__(self, *exc: object) -> None:
+        signal.set_wakeup_fd(self._previous)
+        self._close()
+
+    def _close(self) -> None:
+        os.close(self._read_end)
+        os.close(self._write_end)
+
+
+def _drain(fd: int) -> None:
+    """Empties the non-blocking wake-up pipe ``fd``."""
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def main() -> None:
-    """Console-script entry point."""
-    sys.exit(run(sys.argv[1:]))
+    """Console-script entry point.
+
+    Ends the process once the exit handlers have run and the output is
+    flushed, without tearing the interpreter down (freeing every module and
+    object takes tens of milliseconds of CPU, which would delay the exit that
+    SIGTERM asked for and, with many VMMs stopping at once, add up).
+    """
+    import atexit
+
+    code = run(sys.argv[1:])
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken stream: nothing more can be written
+    os._exit(code)

@@ -52,7 +52,8 @@ class VmError(RuntimeError):
 
 _native.register_vm_error(VmError)
 
-#: How long one blocking call into the VMM lasts before Python checks signals.
+#: How long ``Vm.wait`` blocks at most before Python checks for signals that
+#: another thread received (one the main thread receives ends the wait at once).
 _WAIT_SLICE = 0.25
 
 
@@ -186,12 +187,13 @@ class Vm:
 
     ``Vm(config)`` validates the config (ConfigError), refuses what the VMM cannot
     do (VmError naming the option) and opens KVM and the serial backend;
-    ``boot()`` builds and starts the VM. ``watchdog_timeout`` (seconds, or
-    None to disable) ends a VM in which no vCPU makes progress with
-    interrupts disabled for that long. ``lock_disks`` (default True) takes an
-    advisory lock on each disk image while the VM runs (shared for
-    ``readonly=on``, else exclusive) and refuses an image another VM or
-    process holds; False skips it, for users who share images knowingly.
+    ``boot()`` builds and starts the VM. ``watchdog_timeout`` (seconds; None,
+    the default, for none, as in Cloud Hypervisor) ends a VM in which no
+    vCPU makes progress with interrupts disabled for that long (``hang``).
+    ``lock_disks`` (default True) takes an advisory lock on each disk image
+    while the VM runs (shared for ``readonly=on``, else exclusive) and
+    refuses an image another VM or process holds; False skips it, for users
+    who share images knowingly.
     ``seccomp`` (Cloud Hypervisor's ``--seccomp``: True, False or ``"log"``)
     confines each of the VM's own threads (vCPUs, device workers, serial
     input) to the system calls its job needs: a call outside them kills the
@@ -208,7 +210,7 @@ class Vm:
         self,
         config: VmConfig,
         *,
-        watchdog_timeout: float | None = 30.0,
+        watchdog_timeout: float | None = None,
         lock_disks: bool = True,
         seccomp: bool | str = True,
     ) -> None:
@@ -240,7 +242,13 @@ class Vm:
         self._live().resume()
 
     def shutdown(self) -> None:
-        """Stops the VM and waits for its threads (→ Shutdown)."""
+        """Stops the VM (→ Shutdown): returns once its vCPU and device threads
+        have stopped, serial output and disk writes done.
+
+        Closing the KVM VM and freeing guest memory (the kernel takes 15-25 ms
+        for that on some hosts) goes on in the background; ``release()`` waits
+        for it, and the Vm object does when it goes away.
+        """
         self._live().shutdown()
 
     def reboot(self) -> None:
@@ -261,21 +269,48 @@ class Vm:
         self._live().power_button()
 
     def wait(self, timeout: float | None = None) -> VmExit | None:
-        """Waits for the VM to stop; returns why, or None on timeout.
+        """Waits for the VM to stop; returns why, or None on timeout (or when
+        it was never booted).
 
-        Waits in short slices so that Ctrl-C (KeyboardInterrupt) gets through.
+        Returns as soon as the VM stops. Ctrl-C (KeyboardInterrupt) ends the
+        wait at once in the main thread, within ``_WAIT_SLICE`` when another
+        thread received the signal.
         """
+        import select
+
         handle = self._live()
         deadline = None if timeout is None else time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(handle.exit_fd, select.POLLIN)
         while True:
-            remaining = _WAIT_SLICE if deadline is None else deadline - time.monotonic()
-            result = handle.wait(max(0.0, min(remaining, _WAIT_SLICE)))
+            result = handle.wait(0.0)
             if result is not None:
                 return VmExit(result[0], result[1])
             if handle.state == "Created":
                 return None
-            if deadline is not None and time.monotonic() >= deadline:
+            remaining = _WAIT_SLICE if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
                 return None
+            poller.poll(min(remaining, _WAIT_SLICE) * 1000)
+
+    @property
+    def exit_fd(self) -> int:
+        """A descriptor that polls readable while the VM is stopped (``Shutdown``).
+
+        For waiting on the VM beside other descriptors (``select``,
+        ``asyncio``'s ``add_reader``); never read or close it. Valid until
+        the Vm object goes away.
+        """
+        return self._handle.exit_fd
+
+    def release(self) -> None:
+        """Waits until a stopped VM's KVM VM and guest memory are released.
+
+        ``shutdown()`` and ``close()`` return once the VM has stopped; the
+        kernel's part of the teardown follows in the background. Does
+        nothing while the VM runs.
+        """
+        self._handle.release()
 
     @property
     def state(self) -> str:

@@ -190,7 +190,8 @@ class Vmm:
     """The API actions of one VMM (ch-reference §4.2), with v37's state rules (§4.5).
 
     ``events``: where to report events (``--event-monitor``), or None.
-    ``watchdog_timeout``, ``lock_disks``, ``seccomp``: passed to each ``Vm``. The attributes
+    ``watchdog_timeout`` (None: no hang detector, as in Cloud Hypervisor), ``lock_disks``,
+    ``seccomp``: passed to each ``Vm``. The attributes
     ``config`` and ``vm`` are the VMM's two layers; read them under ``lock``.
     """
 
@@ -198,7 +199,7 @@ class Vmm:
         self,
         *,
         events: EventMonitor | None = None,
-        watchdog_timeout: float | None = 30.0,
+        watchdog_timeout: float | None = None,
         lock_disks: bool = True,
         seccomp: bool | str = True,
     ) -> None:
@@ -212,6 +213,10 @@ class Vmm:
         self._exit = threading.Event()
         self._exit_code: int | None = None
         self._exit_message: str | None = None
+        # Reentrant: request_exit also runs from a signal handler, which may
+        # interrupt this thread while it holds the lock.
+        self._exit_lock = threading.RLock()
+        self._exit_fd: int | None = None
         self._shut_down = False
         #: descriptors received through the API (add-net), closed when their device goes.
         self._owned_fds: set[int] = set()
@@ -225,16 +230,30 @@ class Vmm:
 
     def request_exit(self, code: int, message: str | None = None) -> None:
         """Asks whoever runs this VMM (``wait_exit``) to end the process with ``code``."""
-        if self._exit_code is None:
-            self._exit_code = code
-            self._exit_message = message
-        self._exit.set()
+        with self._exit_lock:
+            if self._exit_code is None:
+                self._exit_code = code
+                self._exit_message = message
+            self._exit.set()
+            if self._exit_fd is not None:
+                os.eventfd_write(self._exit_fd, 1)
 
     def wait_exit(self, timeout: float | None = None) -> int | None:
         """Waits for an exit request; returns its code, or None on timeout."""
         if self._exit.wait(timeout):
             return self._exit_code
         return None
+
+    def exit_fd(self) -> int:
+        """A descriptor that polls readable once an exit is requested, to wait
+        for it beside others; never read it. ``close()`` closes it."""
+        with self._exit_lock:
+            if self._exit_fd is None:
+                fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                self._exit_fd = fd
+                if self._exit.is_set():
+                    os.eventfd_write(fd, 1)
+            return self._exit_fd
 
     @property
     def exit_message(self) -> str | None:
@@ -267,6 +286,10 @@ class Vmm:
     def close(self) -> None:
         """Shuts down and forgets any VM (``vmm_shutdown`` without exit)."""
         self.vmm_shutdown()
+        with self._exit_lock:
+            if self._exit_fd is not None:
+                os.close(self._exit_fd)
+                self._exit_fd = None
 
     # -- create / boot / delete / shutdown / reboot --------------------------------------
 

@@ -55,7 +55,7 @@ impl VmHandle {
     /// Reads and validates `config` (a VmConfig object) and opens KVM;
     /// nothing runs yet. Raises ConfigError/ValidationError for a bad config.
     #[new]
-    #[pyo3(signature = (config, watchdog_timeout=Some(30.0), lock_disks=true, seccomp="true"))]
+    #[pyo3(signature = (config, watchdog_timeout=None, lock_disks=true, seccomp="true"))]
     fn new(
         py: Python<'_>,
         config: &Bound<'_, PyAny>,
@@ -114,6 +114,18 @@ impl VmHandle {
     /// Shuts down and releases the backends (pty, socket); final.
     fn close(&self, py: Python<'_>) {
         py.detach(|| self.vm.close());
+    }
+
+    /// Waits until a stopped VM's KVM VM and guest memory are released.
+    fn release(&self, py: Python<'_>) {
+        py.detach(|| self.vm.release());
+    }
+
+    /// A descriptor that is readable while the VM is stopped (to poll; never
+    /// read or close it). Valid while this handle lives.
+    #[getter]
+    fn exit_fd(&self) -> i32 {
+        self.vm.exit_fd()
     }
 
     /// Waits for the VM to stop: (reason, message), or None on timeout.
@@ -257,13 +269,18 @@ fn device_node(py: Python<'_>, node: vmkit_vmm::DeviceNode) -> PyResult<Bound<'_
 }
 
 impl Drop for VmHandle {
-    /// A VM whose Python object goes away must not keep running unseen.
-    /// Closing joins the VM's threads, so other Python threads run meanwhile
-    /// (no GIL to release once the interpreter is finalizing).
+    /// A VM whose Python object goes away must not keep running unseen, nor
+    /// leave its KVM VM, memory or threads behind. Closing joins the VM's
+    /// threads, so other Python threads run meanwhile (no GIL to release
+    /// once the interpreter is finalizing).
     fn drop(&mut self) {
         let vm = &self.vm;
-        if Python::try_attach(|py| py.detach(|| vm.close())).is_none() {
+        let close = || {
             vm.close();
+            vm.release();
+        };
+        if Python::try_attach(|py| py.detach(close)).is_none() {
+            close();
         }
     }
 }

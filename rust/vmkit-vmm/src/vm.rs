@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -14,6 +15,7 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmkit_config::{ConsoleOutputMode, ValidatedConfig, VmConfig};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi;
 use crate::boot::{self, LoadedPayload};
@@ -90,6 +92,11 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot create the VM's exit event")]
+    ExitEvent {
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ModuleError for VmError {
@@ -97,7 +104,7 @@ impl ModuleError for VmError {
         use VmError::*;
         match self {
             InvalidTransition { .. } | NotRunning | PauseTimeout => ErrorKind::State,
-            Thread { .. } | PowerButton { .. } => ErrorKind::Device,
+            Thread { .. } | PowerButton { .. } | ExitEvent { .. } => ErrorKind::Device,
             NotSupported { .. } | ConsoleSocket | Smbios | NoHyperv => ErrorKind::Unsupported,
             OpenKvm { .. } | KickHandler(_) | Kvm { .. } => ErrorKind::Kvm,
             HostAddress { .. } | MisalignedMemorySize { .. } => ErrorKind::Memory,
@@ -149,7 +156,8 @@ impl VmState {
 /// Knobs that are not part of Cloud Hypervisor's config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VmOptions {
-    /// End the VM when no vCPU makes progress for this long (None: never).
+    /// End the VM when no vCPU makes progress for this long (None, the
+    /// default: never, as in Cloud Hypervisor).
     pub watchdog_timeout: Option<Duration>,
     /// Lock each disk image (shared if read-only, else exclusive) while its
     /// device lives, refusing an image another VM or process holds.
@@ -162,7 +170,7 @@ pub struct VmOptions {
 impl Default for VmOptions {
     fn default() -> Self {
         VmOptions {
-            watchdog_timeout: Some(Duration::from_secs(30)),
+            watchdog_timeout: None,
             lock_disks: true,
             seccomp: SeccompMode::Trap,
         }
@@ -226,10 +234,15 @@ impl Instance {
         }
     }
 
-    /// Stops every vCPU thread and joins it.
-    fn stop(mut self, reason: StopReason) {
+    /// Stops every vCPU thread and device worker and joins them. What is
+    /// left (the KVM VM and guest memory) goes when the Instance is dropped.
+    fn stop(&mut self, reason: StopReason) {
         self.control.request_stop(reason);
-        while !self.control.wait_threads_exited(Duration::from_millis(20)) {
+        // Every vCPU checks the stop command before each KVM_RUN and the kick
+        // ends a KVM_RUN in progress (or the next one), so one kick suffices;
+        // kicking again is only a safety net for a thread that is slow to go.
+        self.kick_all();
+        while !self.control.wait_threads_exited(STOP_REKICK) {
             self.kick_all();
         }
         for t in self.threads.drain(..) {
@@ -237,8 +250,18 @@ impl Instance {
         }
         // vCPUs never started still hold the buses.
         self.unstarted.clear();
-        // Device workers stop before guest memory goes away.
+        // Device workers stop (their IO done) before guest memory goes away.
         self.devices.stop_devices();
+    }
+}
+
+/// How long `Instance::stop` waits for vCPU threads before kicking again.
+const STOP_REKICK: Duration = Duration::from_millis(100);
+
+impl Instance {
+    /// Stops the boot and releases it (KVM VM, guest memory) at once.
+    fn stop_and_release(mut self, reason: StopReason) {
+        self.stop(reason);
     }
 }
 
@@ -305,6 +328,9 @@ pub struct Vm {
     disk_locks: Mutex<Vec<ImageLock>>,
     /// Starts the device workers that vCPU threads activate.
     spawner: Spawner,
+    /// Readable while the VM is stopped (Shutdown): lets a caller wait for
+    /// the VM beside other descriptors (a signal's wake-up pipe, say).
+    exit_event: EventFd,
 }
 
 fn is_pvm_host() -> bool {
@@ -338,6 +364,8 @@ impl Vm {
         let console_stdin = config.serial.mode != ConsoleOutputMode::Tty;
         let console =
             SerialBackend::open(&config.console, "console", console_stdin, options.seccomp)?;
+        let exit_event = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|source| VmError::ExitEvent { source })?;
         Ok(Arc::new(Vm {
             config: validated,
             options,
@@ -363,6 +391,7 @@ impl Vm {
             changed: Condvar::new(),
             disk_locks: Mutex::new(Vec::new()),
             spawner,
+            exit_event,
         }))
     }
 
@@ -457,11 +486,30 @@ impl Vm {
         let disk_locks = self.lock_disk_images()?;
         let mut instance = self.build_instance()?;
         if let Err(e) = instance.start_vcpus(false) {
-            instance.stop(StopReason::VmmError {
+            instance.stop_and_release(StopReason::VmmError {
                 message: e.message.clone(),
             });
             return Err(e);
         }
+        // The VMM thread waits for this lock before it looks at the boot.
+        let vm = self.clone();
+        let spawned = seccomp::spawn_confined(
+            "vmm".into(),
+            ThreadKind::Vmm,
+            self.options.seccomp,
+            move || vm.vmm_loop(),
+        );
+        let thread = match spawned {
+            Ok(thread) => thread,
+            Err(source) => {
+                instance.stop_and_release(StopReason::Shutdown);
+                return Err(VmError::Thread {
+                    what: "the VMM thread",
+                    source,
+                }
+                .into());
+            }
+        };
         *self.held_disk_locks() = disk_locks;
         life.last_payload = Some(instance.payload);
         life.instance = Some(instance);
@@ -469,18 +517,9 @@ impl Vm {
         life.exit = None;
         life.shutdown_requested = false;
         life.boots += 1;
-        let vm = self.clone();
-        let thread = seccomp::spawn_confined(
-            "vmm".into(),
-            ThreadKind::Vmm,
-            self.options.seccomp,
-            move || vm.vmm_loop(),
-        )
-        .map_err(|source| VmError::Thread {
-            what: "the VMM thread",
-            source,
-        })?;
         life.vmm_thread = Some(thread);
+        // Not readable again until this boot stops (EAGAIN when it was not).
+        let _ = self.exit_event.read();
         self.changed.notify_all();
         Ok(())
     }
@@ -517,31 +556,56 @@ impl Vm {
         Ok(())
     }
 
-    /// Stops the VM and waits for every thread (Running/Paused → Shutdown).
+    /// Stops the VM (Running/Paused → Shutdown). Returns once every vCPU
+    /// thread and device worker has stopped and been joined, their output
+    /// and IO done. The VMM thread then releases the KVM VM and guest memory
+    /// ([`Vm::release`] waits for that): closing a VM with an in-kernel
+    /// irqchip waits for RCU grace periods (15-25 ms on kvm_pvm hosts), which
+    /// no caller needs to wait for to know the VM has stopped.
     pub fn shutdown(&self) -> Result<()> {
+        let mut life = self.lock();
+        if life.state == VmState::Shutdown {
+            return Ok(());
+        }
+        life.state.check_transition(VmState::Shutdown)?;
+        life.shutdown_requested = true;
+        match (&life.instance, &life.vmm_thread) {
+            (Some(instance), _) => instance.control.request_stop(StopReason::Shutdown),
+            // A reboot is in progress: the VMM thread sees the request.
+            (None, Some(_)) => {}
+            (None, None) => {
+                let reason = life.exit.clone().unwrap_or(StopReason::Shutdown);
+                self.mark_stopped(&mut life, reason);
+            }
+        }
+        // The VMM thread stops the boot and reports it (`finish`).
+        while life.state != VmState::Shutdown {
+            life = self.changed.wait(life).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(())
+    }
+
+    /// Waits until a stopped VM's last boot is released: the VMM thread has
+    /// closed the KVM VM, unmapped guest memory and ended. Does nothing
+    /// while the VM runs.
+    pub fn release(&self) {
         let thread = {
             let mut life = self.lock();
-            if life.state == VmState::Shutdown {
-                return Ok(());
-            }
-            life.state.check_transition(VmState::Shutdown)?;
-            life.shutdown_requested = true;
-            match (&life.instance, &life.vmm_thread) {
-                (Some(instance), _) => instance.control.request_stop(StopReason::Shutdown),
-                // A reboot is in progress: the VMM thread sees the request.
-                (None, Some(_)) => {}
-                (None, None) => {
-                    life.state = VmState::Shutdown;
-                    life.exit.get_or_insert(StopReason::Shutdown);
-                }
+            if !matches!(life.state, VmState::Shutdown | VmState::Created) {
+                return;
             }
             life.vmm_thread.take()
         };
         if let Some(thread) = thread {
             let _ = thread.join();
         }
-        self.changed.notify_all();
-        Ok(())
+    }
+
+    /// A descriptor that is readable while the VM is stopped (Shutdown, after
+    /// a boot or a shutdown), for `poll` beside others; never read it. It
+    /// lives as long as the Vm.
+    pub fn exit_fd(&self) -> RawFd {
+        self.exit_event.as_raw_fd()
     }
 
     /// Reboots a running VM: the current boot stops and a new one starts.
@@ -612,6 +676,10 @@ impl Vm {
 
     /// Waits for each boot to end; rebuilds on reset; runs the watchdog.
     fn vmm_loop(self: Arc<Self>) {
+        let mut reporter = StopReporter {
+            vm: &self,
+            reported: false,
+        };
         loop {
             let control = match &self.lock().instance {
                 Some(instance) => instance.control.clone(),
@@ -630,22 +698,24 @@ impl Vm {
                     continue;
                 }
             };
-            let instance = {
+            let mut ended = {
                 let mut life = self.lock();
                 life.rebooting = reason == StopReason::Reset;
                 life.instance.take()
             };
-            if let Some(instance) = instance {
+            if let Some(instance) = &mut ended {
                 instance.stop(reason.clone());
             }
             if reason == StopReason::Reset {
+                // The old boot's VM and memory go before the new ones come.
+                drop(ended);
                 match self.build_instance() {
                     Ok(mut instance) => {
                         let mut life = self.lock();
                         if life.shutdown_requested {
                             drop(life);
                             instance.stop(StopReason::Shutdown);
-                            self.finish(StopReason::Shutdown);
+                            reporter.finish(StopReason::Shutdown);
                             return;
                         }
                         // Recorded and started under the lock: nobody sees the
@@ -654,7 +724,7 @@ impl Vm {
                         if let Err(e) = instance.start_vcpus(life.state == VmState::Paused) {
                             drop(life);
                             instance.stop(StopReason::Shutdown);
-                            self.finish(StopReason::VmmError {
+                            reporter.finish(StopReason::VmmError {
                                 message: format!("Rebooting the VM failed: {e}"),
                             });
                             return;
@@ -667,28 +737,39 @@ impl Vm {
                         continue;
                     }
                     Err(e) => {
-                        self.finish(StopReason::VmmError {
+                        reporter.finish(StopReason::VmmError {
                             message: format!("Rebooting the VM failed: {e}"),
                         });
                         return;
                     }
                 }
             }
-            self.finish(reason);
+            reporter.finish(reason);
+            // Reported stopped; what is left is the kernel's (slow) part:
+            // closing the KVM VM and unmapping guest memory.
+            drop(ended);
             return;
         }
     }
 
+    /// Reports a stopped boot (its threads joined, its devices stopped).
     fn finish(&self, reason: StopReason) {
         self.held_disk_locks().clear();
         let mut life = self.lock();
-        life.rebooting = false;
-        life.state = VmState::Shutdown;
-        life.exit = Some(reason);
         for backend in self.serial.iter().chain(&self.console) {
             backend.attach(None);
             backend.capture.wake();
         }
+        self.mark_stopped(&mut life, reason);
+    }
+
+    /// Records the VM as stopped for `reason` and wakes its waiters.
+    fn mark_stopped(&self, life: &mut Lifecycle, reason: StopReason) {
+        life.rebooting = false;
+        life.state = VmState::Shutdown;
+        life.exit = Some(reason);
+        // Only fails when the counter would overflow: it is readable then.
+        let _ = self.exit_event.write(1);
         self.changed.notify_all();
     }
 
@@ -881,11 +962,41 @@ impl Drop for Vm {
     fn drop(&mut self) {
         let life = self.life.get_mut().unwrap_or_else(|p| p.into_inner());
         if let Some(instance) = life.instance.take() {
-            instance.stop(StopReason::Shutdown);
+            instance.stop_and_release(StopReason::Shutdown);
         }
         for backend in self.serial.iter().chain(&self.console) {
             backend.close();
         }
+    }
+}
+
+/// Reports the VM stopped if its VMM thread ends without having done so (a
+/// panic), so that `shutdown` and `wait`, which wait for that, never hang.
+struct StopReporter<'a> {
+    vm: &'a Vm,
+    reported: bool,
+}
+
+impl StopReporter<'_> {
+    fn finish(&mut self, reason: StopReason) {
+        self.vm.finish(reason);
+        self.reported = true;
+    }
+}
+
+impl Drop for StopReporter<'_> {
+    fn drop(&mut self) {
+        if self.reported {
+            return;
+        }
+        let instance = self.vm.lock().instance.take();
+        let reason = StopReason::VmmError {
+            message: "The VMM thread ended unexpectedly".to_owned(),
+        };
+        if let Some(mut instance) = instance {
+            instance.stop(reason.clone());
+        }
+        self.vm.finish(reason);
     }
 }
 

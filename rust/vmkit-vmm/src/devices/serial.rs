@@ -67,6 +67,8 @@ struct CaptureInner {
 
 /// Keep the last 16 MiB; older output is dropped (offsets stay absolute).
 const CAPTURE_LIMIT: usize = 16 << 20;
+/// How often input from a pty that no one has open is tried again.
+const HUP_RETRY: Duration = Duration::from_millis(100);
 
 impl Default for SerialCapture {
     fn default() -> Self {
@@ -410,6 +412,19 @@ impl SerialBackend {
         Wait::Ready(fds[0].revents)
     }
 
+    /// Waits up to `timeout` for the stop event; whether it came.
+    fn stop_requested(&self, timeout: Duration) -> bool {
+        let mut fds = [libc::pollfd {
+            fd: self.stop_input.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let millis = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: fds is a valid array of one pollfd.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, millis) };
+        n > 0 && fds[0].revents != 0
+    }
+
     /// Polls `fd` and the stop event; forwards input to the UART.
     fn pump_input(&self, fd: RawFd) {
         let mut buf = [0u8; 256];
@@ -430,8 +445,11 @@ impl SerialBackend {
                     return;
                 }
             } else if revents & (libc::POLLHUP | libc::POLLERR) != 0 {
-                // A pty with no reader attached reports HUP; wait and retry.
-                std::thread::sleep(Duration::from_millis(100));
+                // A pty with no reader attached reports HUP; wait and retry,
+                // but stop at once when the backend closes.
+                if self.stop_requested(HUP_RETRY) {
+                    return;
+                }
             }
         }
     }

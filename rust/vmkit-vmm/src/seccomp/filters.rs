@@ -261,7 +261,9 @@ fn every_thread() -> Rules {
         libc::SYS_nanosleep,
         // Per-thread hash keys of std collections.
         libc::SYS_getrandom,
-        // Log lines and the SIGSYS message on stderr; eventfd signals.
+        // Log lines and the SIGSYS message on stderr; eventfd signals;
+        // the byte Python's signal handler writes to the `vmkit` command's
+        // wake-up pipe, in whichever thread the kernel delivers a signal to.
         libc::SYS_write,
         // Dropping fds and the owned objects that hold them.
         libc::SYS_close,
