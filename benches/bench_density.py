@@ -26,8 +26,8 @@ interleaved rounds:
   growth of this process's Pss, over N.
 - stop: from asking every VM to stop at once (SIGTERM to each process;
   ``SpawnedVm.close()`` from N threads; ``Vm.close()`` of each in-process VM
-  in turn) until every process has exited and been reaped (every close
-  returned).
+  in turn, then ``release()`` of each) until every process has exited and
+  been reaped (every in-process VM's KVM VM and memory freed).
 
 Also: ``import vmkit`` (a fresh interpreter's ``import vmkit`` minus
 ``pass``) and the fork server's start (the first ``Vm.spawn``'s extra cost).
@@ -267,7 +267,10 @@ def run_in_process(config: VmConfig, count: int, result: Result, settle: float) 
         stop = time.monotonic()
         for vm in vms:
             if vm is not None:
-                vm.close()
+                vm.close()  # returns once stopped; the kernel's teardown goes on
+        for vm in vms:
+            if vm is not None:
+                vm.release()  # gone: KVM VM and guest memory freed, as a reaped process's
         result.stop.append(time.monotonic() - stop)
     finally:
         for vm in vms:
