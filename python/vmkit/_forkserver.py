@@ -233,6 +233,11 @@ class ForkedProcess:
     def __repr__(self) -> str:
         return f"<ForkedProcess pid={self.pid} returncode={self.returncode}>"
 
+    def __del__(self) -> None:
+        pidfd, self._pidfd = self._pidfd, None
+        if pidfd is not None:
+            os.close(pidfd)
+
     def poll(self) -> int | None:
         """The exit status (negative: the signal that ended it), or None while it runs."""
         if self.returncode is not None or not self._lock.acquire(blocking=False):
