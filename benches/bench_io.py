@@ -26,6 +26,8 @@ Modes (one per invocation):
   VM's start to the last VM's end (guest-timed, placed on the host clock by the
   arrival of each result line);
 - ``--hog``: one busy-loop process per CPU, at normal priority, during the row.
+Contended modes divide each VM's request count by the VMs and by 2 with
+``--hog``, so that a mode takes minutes.
 
 Beside each figure: the VMM's CPU seconds per GiB moved: the CPU time
 (utime + stime, ``/proc/<pid>/stat``, exited threads included) of the VMM
@@ -209,10 +211,14 @@ class VmResult:
 class Running:
     """One VMM process, its serial output read as it comes."""
 
-    def __init__(self, command: list[str], log: IO[bytes]) -> None:
+    def __init__(self, command: list[str], log: IO[bytes], env: dict[str, str] | None) -> None:
         self.command = command
         self.proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=None if env is None else {**os.environ, **env},
         )
         self.log = log
         self.out = bytearray()
@@ -239,11 +245,12 @@ class Running:
         )
 
 
-def run_group(commands: list[list[str]]) -> list[VmResult]:
-    """Starts every command at once; their results once all have exited."""
+def run_group(commands: list[list[str]], env: dict[str, str] | None = None) -> list[VmResult]:
+    """Starts every command at once (with `env` added to the environment); their
+    results once all have exited."""
     logs = [tempfile.TemporaryFile() for _ in commands]
     try:
-        vms = [Running(command, log) for command, log in zip(commands, logs, strict=True)]
+        vms = [Running(command, log, env) for command, log in zip(commands, logs, strict=True)]
         with selectors.DefaultSelector() as selector:
             for vm in vms:
                 assert vm.proc.stdout is not None
@@ -327,8 +334,10 @@ class Sample:
     cpu_per_gib: float
 
 
-def measure(row: Row, commands: list[list[str]], tsc_khz: float) -> Sample:
-    results = run_group(commands)
+def measure(
+    row: Row, commands: list[list[str]], tsc_khz: float, env: dict[str, str] | None = None
+) -> Sample:
+    results = run_group(commands, env)
     starts = [r.end - r.ticks / (tsc_khz * 1e3) for r in results]
     window = max(r.end for r in results) - min(starts)
     requests = sum(r.requests for r in results)
@@ -353,12 +362,26 @@ def main() -> int:
     parser.add_argument("--hog", action="store_true", help="a busy loop per CPU during each row")
     parser.add_argument("--vmm", action="append", choices=VMMS, help="only these VMMs")
     parser.add_argument("--row", action="append", type=int, help="only these rows (0-5)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:NAME=VALUE[,NAME=VALUE]",
+        help="also run vmkit with these environment variables, as VMM LABEL (A/B runs)",
+    )
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
+    variants: dict[str, dict[str, str]] = {}
+    for spec in args.variant:
+        label, _, assignments = spec.partition(":")
+        pairs = [a.partition("=") for a in assignments.split(",") if a]
+        if not label or label in VMMS or any(not name or not eq for name, eq, _ in pairs):
+            parser.error(f"--variant {spec!r}: expected LABEL:NAME=VALUE[,NAME=VALUE]")
+        variants[label] = {name: value for name, _, value in pairs}
     if args.vms < 1:
         parser.error(f"--vms {args.vms}: at least 1")
     qemu = qemu_binary()
-    vmms = [v for v in args.vmm or VMMS if v != "ch" or CH.exists()]
+    vmms = [v for v in args.vmm or VMMS if v != "ch" or CH.exists()] + list(variants)
     if qemu is None and "qemu" in vmms:
         return 1
     if not CH.exists():
@@ -367,7 +390,7 @@ def main() -> int:
     kernel = testguest.image_path("pvh")
 
     def command(vmm: str, image: Path, row: Row) -> list[str]:
-        if vmm == "vmkit":
+        if vmm == "vmkit" or vmm in variants:
             return vmkit_command(kernel, image, row)
         if vmm == "ch":
             return ch_command(kernel, image, row)
@@ -386,13 +409,16 @@ def main() -> int:
             raise RuntimeError("vmkit's guest reported no ns (no TSC leaf?)")
         tsc_khz = ticks * 1e6 / ns
         for row in rows:
+            # Contended rows move less per VM, so that a mode takes minutes.
+            share = args.vms * (2 if args.hog else 1)
+            scaled = Row(row.mode, row.size, row.depth, max(1000, row.count // share))
             samples: dict[str, list[Sample]] = {vmm: [] for vmm in vmms}
             host: list[float] = []
             for _ in range(args.runs):
                 for vmm in vmms:
                     with Hogs(args.hog):
-                        commands = [command(vmm, image, row) for image in images]
-                        samples[vmm].append(measure(row, commands, tsc_khz))
+                        commands = [command(vmm, image, scaled) for image in images]
+                        samples[vmm].append(measure(row, commands, tsc_khz, variants.get(vmm)))
                 if idle and (h := host_rate(images[0], row)) is not None:
                     host.append(h)
             medians = {
@@ -436,8 +462,12 @@ def print_markdown(
     print(f"Mode: {mode}; runs per row and VMM: {args.runs} (medians); "
           f"image {IMAGE_SIZE >> 20} MiB per VM\n")  # fmt: skip
     others = [v for v in vmms if v != "vmkit"]
-    head = [NAMES[v] for v in vmms] + [f"vmkit / {NAMES[v]}" for v in others]
-    head += [f"{NAMES[v]} CPU s/GiB" for v in vmms]
+
+    def name(vmm: str) -> str:
+        return NAMES.get(vmm, vmm)
+
+    head = [name(v) for v in vmms] + [f"vmkit / {name(v)}" for v in others]
+    head += [f"{name(v)} CPU s/GiB" for v in vmms]
     with_host = any(h for _, _, h in table)
     if with_host:
         head.append("host thread")
