@@ -41,6 +41,11 @@ pub trait WorkerHandler: Send + 'static {
     fn polls(&self) -> bool {
         false
     }
+    /// Whether polling is worth it right now (asked before each window);
+    /// false: the worker sleeps until an fd is ready.
+    fn poll_now(&self) -> bool {
+        true
+    }
     /// The worker's CPU became contended (`true`: the thread is being
     /// preempted) or free again. Handlers may hand work to other threads
     /// meanwhile. Called only for handlers that poll.
@@ -257,10 +262,15 @@ fn run<W: WaitEvents, H: WorkerHandler>(
     // Only polling workers count preemptions (their filters allow getrusage).
     let mut contention = Contention::new(if polls { preemptions().unwrap_or(0) } else { 0 });
     let mut last_look = Instant::now();
+    // Between poll_start and poll_stop: the driver may not be notifying.
+    let mut polling = false;
     loop {
         let mut found = false;
-        if polls && window.current > Duration::ZERO {
-            handler.poll_start();
+        if polls && window.current > Duration::ZERO && handler.poll_now() {
+            if !polling {
+                handler.poll_start();
+                polling = true;
+            }
             let start = Instant::now();
             while start.elapsed() < window.current {
                 if handler.poll() {
@@ -281,10 +291,14 @@ fn run<W: WaitEvents, H: WorkerHandler>(
             } else {
                 window.shrink();
                 found = handler.poll_stop();
+                polling = false;
             }
         } else if polls {
             if let Some(contended) = contention.update() {
                 handler.contended(contended);
+            }
+            if std::mem::take(&mut polling) {
+                found = handler.poll_stop();
             }
         }
         last_look = Instant::now();

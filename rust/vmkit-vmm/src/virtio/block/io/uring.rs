@@ -17,6 +17,8 @@ pub struct InFlight {
     /// Requests merged behind `request` (contiguous reads sent as one
     /// readv); they share its result.
     pub followers: Vec<Request>,
+    /// Sent straight to io_uring's worker threads (IOSQE_ASYNC).
+    pub offloaded: bool,
 }
 
 /// An io_uring with the requests it is running.
@@ -28,6 +30,8 @@ pub struct Uring {
     pub free: Vec<usize>,
     /// Keeps the guest memory mapped while the kernel may still use it.
     pub memory: GuestMemoryMmap,
+    /// Operations in flight on io_uring's worker threads.
+    pub offloaded: usize,
 }
 
 impl Uring {
@@ -74,6 +78,7 @@ impl Uring {
             slots: (0..capacity).map(|_| None).collect(),
             free: (0..capacity).rev().collect(),
             memory,
+            offloaded: 0,
         })
     }
 
@@ -126,6 +131,7 @@ impl Uring {
             request,
             iovecs,
             followers: Vec::new(),
+            offloaded: false,
         });
         Ok(())
     }
@@ -176,7 +182,9 @@ impl Uring {
             request,
             iovecs,
             followers: run.collect(),
+            offloaded: offload,
         });
+        self.offloaded += usize::from(offload);
         Ok(())
     }
 
@@ -198,6 +206,7 @@ impl Uring {
             let slot = cqe.user_data() as usize;
             if let Some(in_flight) = self.slots.get_mut(slot).and_then(Option::take) {
                 self.free.push(slot);
+                self.offloaded -= usize::from(in_flight.offloaded);
                 done.push((in_flight, cqe.result()));
             }
         }
