@@ -481,6 +481,12 @@ impl WorkerHandler for QueueHandler {
         true
     }
 
+    /// Not while copies run on io_uring's workers on a contended CPU: the
+    /// poller would take CPU time from them, and their completions wake us.
+    fn poll_now(&self) -> bool {
+        !(self.contended && self.uring.as_ref().is_some_and(|u| u.offloaded > 0))
+    }
+
     fn contended(&mut self, contended: bool) {
         self.contended = contended;
     }
