@@ -206,7 +206,9 @@ impl Uring {
             let slot = cqe.user_data() as usize;
             if let Some(in_flight) = self.slots.get_mut(slot).and_then(Option::take) {
                 self.free.push(slot);
-                self.offloaded -= usize::from(in_flight.offloaded);
+                self.offloaded = self
+                    .offloaded
+                    .saturating_sub(usize::from(in_flight.offloaded));
                 done.push((in_flight, cqe.result()));
             }
         }
