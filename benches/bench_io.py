@@ -1,25 +1,48 @@
-"""virtio-blk throughput: vmkit against QEMU, same test guest, same image, one run.
+"""virtio-blk throughput: vmkit against Cloud Hypervisor and QEMU, same test guest, one run.
 
 Run: ``python benches/bench_io.py`` (``--markdown`` prints the table for
-RESULTS.md). Needs ``qemu-system-x86_64`` (Debian: qemu-system-x86).
+RESULTS.md). Needs ``qemu-system-x86_64`` (Debian: qemu-system-x86); Cloud
+Hypervisor (``../shared/ch/cloud-hypervisor``) joins when present.
 
 The test guest's ``blkbench`` step is a polling virtio-blk driver running at
 CPL3 (natively, even on kvm_pvm): it keeps ``depth`` requests of ``size`` bytes
-in flight on queue 0, kicks through the notify register (an ioeventfd on both
-VMMs) and times the whole run with rdtsc. Each row boots a fresh VM per VMM,
-the runs interleaved; the figures are medians.
+in flight on queue 0, kicks through the notify register (an ioeventfd on every
+VMM) and times the whole run with rdtsc. Each row boots fresh VMs per VMM, the
+VMMs' runs interleaved; the figures are medians, ratios are of medians of the
+same run.
 
-Both VMMs get one queue of 256 entries on a raw image in the page cache: vmkit
-``--disk path=...,num_queues=1,queue_size=256`` (io_uring), QEMU ``-M q35``
-with ``virtio-blk-pci,disable-legacy=on,num-queues=1,queue-size=256`` on
-``-drive ...,cache=writeback,aio=io_uring``. TSC ticks become seconds with the
-TSC rate vmkit gives its guest (CPUID 0x40000010), which is the host's.
+Every VMM gets one queue of 256 entries on a raw image in the page cache: vmkit
+``--disk path=...,num_queues=1,queue_size=256`` (io_uring), Cloud Hypervisor
+the same option (its raw-file backend on io_uring), QEMU ``-M q35`` with
+``virtio-blk-pci,disable-legacy=on,num-queues=1,queue-size=256`` on
+``-drive ...,cache=writeback,aio=io_uring``. Cloud Hypervisor v37 reports a
+write's data length as its used length (the spec says 1), so its guest gets
+``blkbench_lax_len=1``; the others are held to the spec.
 
-For the sequential rows a third figure, "host thread", is the same transfer by
-one host thread with ``preadv``/``pwritev`` on the same image from
+Modes (one per invocation):
+- idle (default): one VM at a time on an otherwise idle host;
+- ``--vms N``: N VMs of the same VMM do the row at once (each on its own image);
+  the figure is their aggregate: all bytes moved over the window from the first
+  VM's start to the last VM's end (guest-timed, placed on the host clock by the
+  arrival of each result line);
+- ``--hog``: one busy-loop process per CPU, at normal priority, during the row.
+Contended modes divide each VM's request count by the VMs and by 2 with
+``--hog``, so that a mode takes minutes.
+
+Beside each figure: the VMM's CPU seconds per GiB moved: the CPU time
+(utime + stime, ``/proc/<pid>/stat``, exited threads included) of the VMM
+process less its vCPU threads' (``/proc/<pid>/task/*/stat``), so its device
+workers, event loops and io_uring workers, between the guest's first serial
+line and its result line (process start-up, an interpreter for vmkit, is not
+counted). The vCPU threads are left out: they spin in the guest's polling loop,
+and on kvm_pvm their guest time cannot be told from their exits. Clock ticks:
+10 ms resolution, a few per cent of a run.
+
+For the sequential rows in idle mode, "host thread" is the same transfer by one
+host thread with ``preadv``/``pwritev`` on the same image from
 huge-page-backed memory, ``depth`` requests per call (what a VMM that merges a
-full queue issues). Both VMMs end in such calls, and ext4 serialises buffered
-writes to one file, so for writes it is a ceiling neither can pass.
+full queue issues); for writes it is a ceiling (ext4 serialises buffered
+writes to one file).
 """
 
 from __future__ import annotations
@@ -28,6 +51,7 @@ import argparse
 import mmap
 import os
 import re
+import selectors
 import statistics
 import subprocess
 import sys
@@ -35,12 +59,25 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from machine import machine, qemu_binary
 from vmkit import testguest
 
 IMAGE_SIZE = 256 << 20
 QUEUE_SIZE = 256
+ROOT = Path(__file__).resolve().parent.parent
+# The checkout's sibling `shared/` (the main tree), or a worktree's two levels up.
+CH = next(
+    (
+        path
+        for base in (ROOT.parent, ROOT.parent.parent)
+        if (path := base / "shared" / "ch" / "cloud-hypervisor").exists()
+    ),
+    ROOT.parent / "shared" / "ch" / "cloud-hypervisor",
+)
+VMMS = ("vmkit", "ch", "qemu")
+NAMES = {"vmkit": "vmkit", "ch": "Cloud Hypervisor", "qemu": "QEMU q35"}
 
 
 @dataclass(frozen=True)
@@ -60,8 +97,8 @@ class Row:
         return "IOPS" if self.mode == "randread" else "MB/s"
 
 
-# Each run moves several GiB or a few hundred thousand requests (a few tenths of a second):
-# steady state, not the first pass through the page cache.
+# Each run moves several GiB or a few hundred thousand requests (a few tenths of a second
+# idle): steady state, not the first pass through the page cache.
 ROWS = [
     Row("read", 128 << 10, 1, 20000),
     Row("read", 128 << 10, 32, 40000),
@@ -72,11 +109,12 @@ ROWS = [
 ]
 
 RESULT = re.compile(
-    rb"step blkbench ok mode=\S+ size=\d+ depth=\d+ requests=(\d+) tsc=(\d+)(?: ns=(\d+))?"
+    rb"step blkbench ok mode=\S+ size=\d+ depth=\d+ requests=(\d+) tsc=(\d+)(?: ns=(\d+))?[^\n]*\n"
 )
+FAILED = re.compile(rb"step blkbench fail[^\n]*")
 
 
-def cmdline(row: Row) -> str:
+def cmdline(row: Row, lax_len: bool = False) -> str:
     return testguest.cmdline(
         ["blkbench"],
         "poweroff",
@@ -84,6 +122,7 @@ def cmdline(row: Row) -> str:
         blkbench_size=row.size,
         blkbench_depth=row.depth,
         blkbench_count=row.count,
+        **({"blkbench_lax_len": 1} if lax_len else {}),
     )
 
 
@@ -91,6 +130,16 @@ def vmkit_command(kernel: Path, image: Path, row: Row) -> list[str]:
     return [
         sys.executable, "-m", "vmkit",
         "--kernel", str(kernel), "--cmdline", cmdline(row),
+        "--cpus", "boot=1", "--memory", "size=512M",
+        "--disk", f"path={image},num_queues=1,queue_size={QUEUE_SIZE}",
+        "--serial", "tty", "--console", "off",
+    ]  # fmt: skip
+
+
+def ch_command(kernel: Path, image: Path, row: Row) -> list[str]:
+    return [
+        str(CH),
+        "--kernel", str(kernel), "--cmdline", cmdline(row, lax_len=True),
         "--cpus", "boot=1", "--memory", "size=512M",
         "--disk", f"path={image},num_queues=1,queue_size={QUEUE_SIZE}",
         "--serial", "tty", "--console", "off",
@@ -127,6 +176,112 @@ def rate(row: Row, requests: int, seconds: float) -> float:
     return requests * row.size / seconds / 1e6
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+VCPU_THREAD = re.compile(r"vcpu\d+|CPU \d+/KVM")
+
+
+def cpu_ticks(stat_path: Path) -> int:
+    """utime + stime from a proc(5) stat file (fields 14 and 15)."""
+    stat = stat_path.read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def vmm_cpu_seconds(pid: int) -> float:
+    """The process's CPU time (its exited threads' included) less its vCPU threads'."""
+    total = cpu_ticks(Path(f"/proc/{pid}/stat"))
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if VCPU_THREAD.fullmatch((task / "comm").read_text().strip()):
+                total -= cpu_ticks(task / "stat")
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread has just exited
+    return total / CLOCK_TICKS
+
+
+@dataclass
+class VmResult:
+    requests: int
+    ticks: int
+    ns: int | None
+    end: float  # host monotonic time its result line arrived
+    cpu: float  # VMM CPU seconds from the first serial line to the result line
+
+
+class Running:
+    """One VMM process, its serial output read as it comes."""
+
+    def __init__(self, command: list[str], log: IO[bytes], env: dict[str, str] | None) -> None:
+        self.command = command
+        self.proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=None if env is None else {**os.environ, **env},
+        )
+        self.log = log
+        self.out = bytearray()
+        self.cpu_start: float | None = None
+        self.result: VmResult | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        self.out.extend(chunk)
+        if self.cpu_start is None and b"\n" in self.out:
+            self.cpu_start = vmm_cpu_seconds(self.proc.pid)
+        if self.result is None and (m := RESULT.search(self.out)):
+            now = time.monotonic()
+            cpu = vmm_cpu_seconds(self.proc.pid) - (self.cpu_start or 0.0)
+            ns = int(m.group(3)) if m.group(3) else None
+            self.result = VmResult(int(m.group(1)), int(m.group(2)), ns, now, cpu)
+
+    def failure(self) -> str:
+        self.log.seek(0)
+        m = FAILED.search(self.out)
+        detail = m.group(0) if m else bytes(self.out[-2000:])
+        return (
+            f"{self.command[0]} exited with {self.proc.returncode}: "
+            f"{detail.decode(errors='replace')}\n{self.log.read()[-2000:].decode(errors='replace')}"
+        )
+
+
+def run_group(commands: list[list[str]], env: dict[str, str] | None = None) -> list[VmResult]:
+    """Starts every command at once (with `env` added to the environment); their
+    results once all have exited."""
+    logs = [tempfile.TemporaryFile() for _ in commands]
+    try:
+        vms = [Running(command, log, env) for command, log in zip(commands, logs, strict=True)]
+        with selectors.DefaultSelector() as selector:
+            for vm in vms:
+                assert vm.proc.stdout is not None
+                selector.register(vm.proc.stdout, selectors.EVENT_READ, vm)
+            deadline = time.monotonic() + 300
+            while selector.get_map() and time.monotonic() < deadline:
+                for key, _ in selector.select(timeout=1):
+                    vm = key.data
+                    chunk = os.read(key.fd, 65536)
+                    if chunk:
+                        vm.feed(chunk)
+                    else:
+                        selector.unregister(key.fileobj)
+        results = []
+        for vm in vms:
+            try:
+                vm.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                vm.proc.kill()
+                vm.proc.wait()
+            assert vm.proc.stdout is not None
+            vm.proc.stdout.close()
+            if vm.proc.returncode != 0 or vm.result is None:
+                raise RuntimeError(vm.failure())
+            results.append(vm.result)
+        return results
+    finally:
+        for log in logs:
+            log.close()
+
+
 def host_rate(image: Path, row: Row) -> float | None:
     """MB/s of one host thread doing the row's transfer; None for random rows."""
     if row.mode == "randread":
@@ -151,64 +306,186 @@ def host_rate(image: Path, row: Row) -> float | None:
     return done / elapsed / 1e6
 
 
+class Hogs:
+    """One busy-loop process per CPU at normal priority, while the block runs."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Hogs:
+        if self.enabled:
+            for _ in range(os.cpu_count() or 1):
+                self.procs.append(
+                    subprocess.Popen([sys.executable, "-S", "-c", "while True: pass"])
+                )
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for proc in self.procs:
+            proc.kill()
+        for proc in self.procs:
+            proc.wait()
+
+
+@dataclass
+class Sample:
+    rate: float  # aggregate, the row's unit
+    cpu_per_gib: float
+
+
+def measure(
+    row: Row, commands: list[list[str]], tsc_khz: float, env: dict[str, str] | None = None
+) -> Sample:
+    results = run_group(commands, env)
+    starts = [r.end - r.ticks / (tsc_khz * 1e3) for r in results]
+    window = max(r.end for r in results) - min(starts)
+    requests = sum(r.requests for r in results)
+    gib = requests * row.size / (1 << 30)
+    return Sample(rate(row, requests, window), sum(r.cpu for r in results) / gib)
+
+
+def make_image(path: Path) -> None:
+    with path.open("wb") as f:
+        # Real data (not a sparse hole) so reads hit the page cache.
+        chunk = os.urandom(1 << 20)
+        for _ in range(IMAGE_SIZE >> 20):
+            f.write(chunk)
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--vms", type=int, default=1, help="VMs per VMM doing each row at once")
+    parser.add_argument("--hog", action="store_true", help="a busy loop per CPU during each row")
+    parser.add_argument("--vmm", action="append", choices=VMMS, help="only these VMMs")
+    parser.add_argument("--row", action="append", type=int, help="only these rows (0-5)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:NAME=VALUE[,NAME=VALUE]",
+        help="also run vmkit with these environment variables, as VMM LABEL (A/B runs)",
+    )
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
+    variants: dict[str, dict[str, str]] = {}
+    for spec in args.variant:
+        label, _, assignments = spec.partition(":")
+        pairs = [a.partition("=") for a in assignments.split(",") if a]
+        if not label or label in VMMS or any(not name or not eq for name, eq, _ in pairs):
+            parser.error(f"--variant {spec!r}: expected LABEL:NAME=VALUE[,NAME=VALUE]")
+        variants[label] = {name: value for name, _, value in pairs}
+    if args.vms < 1:
+        parser.error(f"--vms {args.vms}: at least 1")
     qemu = qemu_binary()
-    if qemu is None:
+    vmms = [v for v in args.vmm or VMMS if v != "ch" or CH.exists()] + list(variants)
+    if qemu is None and "qemu" in vmms:
         return 1
+    if not CH.exists():
+        print(f"{CH} is missing: no Cloud Hypervisor column", file=sys.stderr)
+    rows = [ROWS[i] for i in args.row] if args.row else ROWS
     kernel = testguest.image_path("pvh")
+
+    def command(vmm: str, image: Path, row: Row) -> list[str]:
+        if vmm == "vmkit" or vmm in variants:
+            return vmkit_command(kernel, image, row)
+        if vmm == "ch":
+            return ch_command(kernel, image, row)
+        assert qemu is not None
+        return qemu_command(qemu, kernel, image, row)
+
+    idle = args.vms == 1 and not args.hog
+    table: list[tuple[Row, dict[str, Sample], float | None]] = []
     with tempfile.TemporaryDirectory(prefix="vmkit-bench-io-") as tmp:
-        image = Path(tmp) / "disk.img"
-        with image.open("wb") as f:
-            # Real data (not a sparse hole) so reads hit the page cache.
-            chunk = os.urandom(1 << 20)
-            for _ in range(IMAGE_SIZE >> 20):
-                f.write(chunk)
-        table = []
-        tsc_khz: float | None = None
-        for row in ROWS:
-            ours: list[int] = []
-            theirs: list[int] = []
+        images = [Path(tmp) / f"disk{i}.img" for i in range(args.vms)]
+        for image in images:
+            make_image(image)
+        # The TSC rate vmkit gives its guest (CPUID 0x40000010), which is the host's.
+        _, ticks, ns = run(vmkit_command(kernel, images[0], Row("randread", 4096, 1, 1000)))
+        if not ns:
+            raise RuntimeError("vmkit's guest reported no ns (no TSC leaf?)")
+        tsc_khz = ticks * 1e6 / ns
+        for row in rows:
+            # Contended rows move less per VM, so that a mode takes minutes.
+            share = args.vms * (2 if args.hog else 1)
+            scaled = Row(row.mode, row.size, row.depth, max(1000, row.count // share))
+            samples: dict[str, list[Sample]] = {vmm: [] for vmm in vmms}
             host: list[float] = []
-            requests = row.count
             for _ in range(args.runs):
-                n, ticks, ns = run(vmkit_command(kernel, image, row))
-                if ns:
-                    tsc_khz = ticks * 1e6 / ns
-                ours.append(ticks)
-                requests = n
-                theirs.append(run(qemu_command(qemu, kernel, image, row))[1])
-                if (h := host_rate(image, row)) is not None:
+                for vmm in vmms:
+                    with Hogs(args.hog):
+                        commands = [command(vmm, image, scaled) for image in images]
+                        samples[vmm].append(measure(row, commands, tsc_khz, variants.get(vmm)))
+                if idle and (h := host_rate(images[0], row)) is not None:
                     host.append(h)
-            if tsc_khz is None:
-                raise RuntimeError("vmkit's guest reported no ns (no TSC leaf?)")
-            v = rate(row, requests, statistics.median(ours) / (tsc_khz * 1e3))
-            q = rate(row, requests, statistics.median(theirs) / (tsc_khz * 1e3))
-            h = statistics.median(host) if host else None
-            table.append((row, v, q, h))
-            if not args.markdown:
-                print(
-                    f"{row.label:36} vmkit {v:12.1f} {row.unit:5} QEMU {q:12.1f}  ratio {v / q:.2f}"
-                    + (f"  host {h:9.1f}" if h else "")
+            medians = {
+                vmm: Sample(
+                    statistics.median(s.rate for s in got),
+                    statistics.median(s.cpu_per_gib for s in got),
                 )
+                for vmm, got in samples.items()
+            }
+            h = statistics.median(host) if host else None
+            table.append((row, medians, h))
+            if not args.markdown:
+                cells = "  ".join(
+                    f"{vmm} {m.rate:11.1f} ({m.cpu_per_gib:5.2f} s/GiB)"
+                    for vmm, m in medians.items()
+                )
+                ratios = "  ".join(
+                    f"/{vmm} {medians['vmkit'].rate / medians[vmm].rate:.2f}"
+                    for vmm in vmms
+                    if vmm != "vmkit" and "vmkit" in medians
+                )
+                print(f"{row.label:36} {row.unit:4} {cells}  {ratios}", flush=True)
     if args.markdown:
-        print(f"Machine: {machine()}\n")
-        print(f"Runs per row and VMM: {args.runs} (medians); image {IMAGE_SIZE >> 20} MiB\n")
-        print("| workload | vmkit | QEMU q35 | vmkit / QEMU | host thread |")
-        print("|---|---|---|---|---|")
-        for row, v, q, h in table:
-            host_cell = f"{h:,.1f} {row.unit}" if h else "—"
-            print(
-                f"| {row.label} | {v:,.1f} {row.unit} | {q:,.1f} {row.unit} | {v / q:.2f} "
-                f"| {host_cell} |"
-            )
-        sample = ROWS[0]
-        print(f"\nvmkit: `{' '.join(vmkit_command(kernel, Path('disk.img'), sample))}`\n")
-        print(f"QEMU: `{' '.join(qemu_command(qemu, kernel, Path('disk.img'), sample))}`")
+        print_markdown(args, vmms, table, kernel, qemu)
     return 0
+
+
+def print_markdown(
+    args: argparse.Namespace,
+    vmms: list[str],
+    table: list[tuple[Row, dict[str, Sample], float | None]],
+    kernel: Path,
+    qemu: str | None,
+) -> None:
+    mode = "idle host"
+    if args.vms > 1:
+        mode = f"{args.vms} VMs per VMM at once (aggregate)"
+    if args.hog:
+        mode += f", a busy loop on each of the {os.cpu_count()} CPUs"
+    print(f"Machine: {machine()}\n")
+    print(f"Mode: {mode}; runs per row and VMM: {args.runs} (medians); "
+          f"image {IMAGE_SIZE >> 20} MiB per VM\n")  # fmt: skip
+    others = [v for v in vmms if v != "vmkit"]
+
+    def name(vmm: str) -> str:
+        return NAMES.get(vmm, vmm)
+
+    head = [name(v) for v in vmms] + [f"vmkit / {name(v)}" for v in others]
+    head += [f"{name(v)} CPU s/GiB" for v in vmms]
+    with_host = any(h for _, _, h in table)
+    if with_host:
+        head.append("host thread")
+    print("| workload | " + " | ".join(head) + " |")
+    print("|---" * (len(head) + 1) + "|")
+    for row, medians, h in table:
+        cells = [f"{medians[v].rate:,.1f} {row.unit}" for v in vmms]
+        cells += [f"{medians['vmkit'].rate / medians[v].rate:.2f}" for v in others]
+        cells += [f"{medians[v].cpu_per_gib:.2f}" for v in vmms]
+        if with_host:
+            cells.append(f"{h:,.1f} {row.unit}" if h else "—")
+        print(f"| {row.label} | " + " | ".join(cells) + " |")
+    sample = ROWS[0]
+    print(f"\nvmkit: `{' '.join(vmkit_command(kernel, Path('disk.img'), sample))}`\n")
+    if "ch" in vmms:
+        print(f"Cloud Hypervisor: `{' '.join(ch_command(kernel, Path('disk.img'), sample))}`\n")
+    if qemu is not None and "qemu" in vmms:
+        print(f"QEMU: `{' '.join(qemu_command(qemu, kernel, Path('disk.img'), sample))}`")
 
 
 if __name__ == "__main__":

@@ -384,8 +384,8 @@ static const char *const bench_modes[] = {"read", "write", "randread"};
 
 static bool bench_alloc(u64 depth, u64 size, struct result *r)
 {
-    /* headers 16 + status 1 + indirect table 48 + in-flight flag 1, per slot */
-    u64 mem_pages = ALIGN_UP(depth * 66, 4096) / 4096, data_pages = ALIGN_UP(depth * size, 4096) / 4096;
+    /* headers 16 + status 4 + indirect table 48 + in-flight flag 1, per slot */
+    u64 mem_pages = ALIGN_UP(depth * 69, 4096) / 4096, data_pages = ALIGN_UP(depth * size, 4096) / 4096;
     if (depth > bench_mem_depth) {
         bench_mem = alloc_pages(mem_pages);
         bench_mem_depth = bench_mem ? depth : 0;
@@ -404,7 +404,8 @@ static bool bench_alloc(u64 depth, u64 size, struct result *r)
     bench.hdrs = (u64)bench_mem;
     bench.tables = bench.hdrs + 16 * depth;
     bench.status = bench.tables + 48 * depth;
-    bench.inflight = (u8 *)(bench.status + depth);
+    /* 4 bytes per status: Cloud Hypervisor v37 writes the status as a le32. */
+    bench.inflight = (u8 *)(bench.status + 4 * depth);
     bench.data = (u64)bench_data;
     return true;
 }
@@ -538,6 +539,7 @@ bool step_blkbench(struct result *r)
     bench.count = cfg.bench_count;
     bench.cap_sectors = k.capacity;
     bench.timeout = ms_to_tsc(2000);
+    bench.lax_len = cfg.bench_lax_len != 0;
     run_user(user_blkbench, &bench);
     ok = bench.err == BENCH_OK && virtio_check_status(k.v, r);
     if (bench.err != BENCH_OK)

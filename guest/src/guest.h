@@ -284,7 +284,7 @@ struct config {
     bool blk_bad;
     const char *bench_mode; /* blkbench_mode= (not NUL-terminated) */
     size_t bench_mode_len;
-    u64 bench_size, bench_depth, bench_count;
+    u64 bench_size, bench_depth, bench_count, bench_lax_len;
     bool bench_bad;
     u64 net_timeout_ms;
     bool net_bad;

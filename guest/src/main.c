@@ -112,6 +112,8 @@ static void parse_cmdline(void)
             cfg.bench_bad |= !parse_u64(s + start + k, len - k, &cfg.bench_depth);
         } else if (starts_with(s + start, len, "blkbench_count=", &k)) {
             cfg.bench_bad |= !parse_u64(s + start + k, len - k, &cfg.bench_count);
+        } else if (starts_with(s + start, len, "blkbench_lax_len=", &k)) {
+            cfg.bench_bad |= !parse_u64(s + start + k, len - k, &cfg.bench_lax_len);
         } else if (starts_with(s + start, len, "net_timeout_ms=", &k)) {
             cfg.net_bad = !parse_u64(s + start + k, len - k, &cfg.net_timeout_ms);
         }

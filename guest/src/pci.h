@@ -189,13 +189,14 @@ struct bench_job {
     u16 avail_idx, last_used;
     bool indirect;      /* one descriptor per request, pointing at a table of 3 */
     u64 hdrs;           /* depth x 16-byte request headers */
-    u64 status;         /* depth status bytes */
+    u64 status;         /* depth status bytes, 4 apart */
     u64 tables;         /* depth x 3 descriptors (indirect) */
     u64 data;           /* depth x size */
     u8 *inflight;       /* depth flags */
     u32 mode, depth;
     u64 size, count, cap_sectors;
     u64 timeout;        /* TSC ticks without a completion */
+    bool lax_len;       /* writes: accept a used len up to the data length + 1 */
     /* results */
     u64 tsc, done;
     u32 err;

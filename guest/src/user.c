@@ -256,7 +256,7 @@ static void bench_submit(struct bench_job *j, struct bench_state *b, u32 slot)
     }
     h->type = b->rd ? 0 : 1; /* VIRTIO_BLK_T_IN / _OUT */
     h->sector = off / 512;
-    ((volatile u8 *)j->status)[slot] = 0xff;
+    ((volatile u8 *)j->status)[4 * slot] = 0xff;
     j->inflight[slot] = 1;
     j->avail->ring[j->avail_idx & b->mask] = (u16)(j->indirect ? slot : 3 * slot);
     j->avail_idx++;
@@ -270,7 +270,7 @@ static bool bench_complete(struct bench_job *j, struct bench_state *b)
 {
     volatile struct vring_used_elem *e = &j->used->ring[j->last_used & b->mask];
     u32 id = e->id, len = e->len, slot = j->indirect ? id : id / 3;
-    u32 wmax = b->rd ? (u32)j->size + 1 : 1;
+    u32 wmax = b->rd || j->lax_len ? (u32)j->size + 1 : 1;
     u8 st;
 
     j->last_used++;
@@ -285,7 +285,7 @@ static bool bench_complete(struct bench_job *j, struct bench_state *b)
         j->err_b = wmax;
         return false;
     }
-    st = ((volatile u8 *)j->status)[slot];
+    st = ((volatile u8 *)j->status)[4 * slot];
     if (st != 0) {
         j->err = BENCH_BAD_STATUS;
         j->err_a = st;
@@ -317,7 +317,7 @@ u64 user_blkbench(void *arg)
 
     /* The descriptors never change; a request only rewrites its header. */
     for (s = 0; s < j->depth; s++) {
-        u64 hdr = j->hdrs + 16ULL * s, data = j->data + j->size * s, st = j->status + s;
+        u64 hdr = j->hdrs + 16ULL * s, data = j->data + j->size * s, st = j->status + 4ULL * s;
         u16 dflags = b.rd ? VRING_DESC_F_WRITE : 0;
         if (j->indirect) {
             volatile struct vring_desc *t = (volatile struct vring_desc *)(j->tables + 48ULL * s);

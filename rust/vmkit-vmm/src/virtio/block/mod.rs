@@ -272,6 +272,7 @@ impl Block {
             buffered_writes: Vec::new(),
             buffered_reads: Vec::new(),
             polling: false,
+            contended: false,
         })
     }
 }

@@ -466,3 +466,52 @@ fn a_short_io_uring_transfer_is_finished_synchronously() {
         STATUS_OK
     );
 }
+
+#[test]
+fn a_contended_worker_hands_large_runs_to_io_uring_workers_in_pieces() {
+    use super::super::queue::OFFLOAD_PIECE;
+    // Five contiguous requests, two per piece: a run of 2.5 pieces.
+    let len = OFFLOAD_PIECE / 2;
+    let sector = |i: u64| i * len / 512;
+    for contended in [true, false] {
+        let mut h = Harness::new(8 * OFFLOAD_PIECE, true, |_| {});
+        if h.handler.uring.is_none() {
+            eprintln!("io_uring unavailable here: nothing to hand over");
+            return;
+        }
+        h.handler.contended = contended;
+        let parts: Vec<Vec<u8>> = (0..5u8).map(|i| vec![0x40 + i; len as usize]).collect();
+        let writes: Vec<_> = (0..)
+            .zip(&parts)
+            .map(|(i, data)| {
+                h.driver
+                    .request(VIRTIO_BLK_T_OUT, sector(i), Data::Out(data.clone()))
+            })
+            .collect();
+        h.handler.process_queue();
+        // Contended: three io_uring operations; otherwise one pwritev here.
+        let in_flight = h.handler.uring.as_ref().map(Uring::in_flight);
+        assert_eq!(in_flight, Some(if contended { 3 } else { 0 }), "writes");
+        h.run();
+        for write in &writes {
+            assert_eq!(h.driver.status_of(write), STATUS_OK);
+        }
+        let contents = h.image.contents();
+        for (i, data) in (0..).zip(&parts) {
+            let at = (i * len) as usize;
+            assert_eq!(&contents[at..at + len as usize], &data[..], "write {i}");
+        }
+        let reads: Vec<_> = (0..5)
+            .map(|i| h.driver.request(VIRTIO_BLK_T_IN, sector(i), Data::In(len)))
+            .collect();
+        h.handler.process_queue();
+        // Contended: three; otherwise one readv (which may complete inline).
+        let in_flight = h.handler.uring.as_ref().map(Uring::in_flight);
+        assert_eq!(in_flight, Some(if contended { 3 } else { 1 }), "reads");
+        h.run();
+        for ((read, data), i) in reads.iter().zip(&parts).zip(0..) {
+            h.assert_done_any(read, STATUS_OK);
+            assert_eq!(&h.driver.read(read.data, len), data, "read {i}");
+        }
+    }
+}
