@@ -3,9 +3,9 @@
 Run: ``python benches/bench_seccomp.py`` (``--markdown`` prints the tables for
 RESULTS.md). Cloud Hypervisor (``../shared/ch/cloud-hypervisor``, when present)
 runs the same boot and port-I/O rows with its own filters on and off, in the same
-interleaved run: its on/off ratio is the reference for vmkit's. Its virtio-blk
-does not pass the test guest's strict ``blkbench`` checks, so the IO rows are
-vmkit's alone.
+interleaved run: its on/off ratio is the reference for vmkit's. The IO rows are
+vmkit's alone (Cloud Hypervisor runs ``blkbench`` only with the guest's
+``blkbench_lax_len=1``: see benches/bench_io.py).
 
 Rows (medians of ``--runs`` interleaved runs each):
 - process start → guest ready line, and → VMM exited after power-off;
