@@ -393,12 +393,6 @@ fn own_rules(kind: ThreadKind) -> Rules {
                 libc::SYS_timerfd_settime,
                 libc::SYS_timerfd_gettime,
             ]);
-            // The polling worker counts its own preemptions, to stop polling
-            // on a contended CPU (virtio/worker.rs).
-            r.allow_if(
-                libc::SYS_getrusage,
-                vec![arg_eq(0, libc::RUSAGE_THREAD as u64)],
-            );
             // DISCARD and WRITE_ZEROES on block devices.
             r.ioctls(&[BLKDISCARD(), BLKZEROOUT()]);
             if kind == ThreadKind::BlockIoUring {

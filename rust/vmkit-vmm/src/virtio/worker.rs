@@ -41,15 +41,6 @@ pub trait WorkerHandler: Send + 'static {
     fn polls(&self) -> bool {
         false
     }
-    /// Whether polling is worth it right now (asked before each window);
-    /// false: the worker sleeps until an fd is ready.
-    fn poll_now(&self) -> bool {
-        true
-    }
-    /// The worker's CPU became contended (`true`: the thread is being
-    /// preempted) or free again. Handlers may hand work to other threads
-    /// meanwhile. Called only for handlers that poll.
-    fn contended(&mut self, _contended: bool) {}
     /// Polling begins: the driver may stop notifying (its kicks cost it an
     /// exit, and the poller will see the buffers anyway).
     fn poll_start(&mut self) {}
@@ -82,67 +73,6 @@ impl PollWindow {
         if self.current < POLL_START {
             self.current = Duration::ZERO;
         }
-    }
-}
-
-/// Whether the worker's CPU is contended: the thread was preempted (an
-/// involuntary context switch) within the last `CONTENDED_HOLD`. The handler
-/// is told, to hand work to other threads meanwhile. Polling stays on: with
-/// 4 VMs on 2 CPUs, a worker that slept instead paid a wake-up per request
-/// and lost up to 30 % on small requests (benches/RESULTS.md).
-struct Contention {
-    preemptions: i64,
-    last_check: Instant,
-    last_preempted: Option<Instant>,
-    contended: bool,
-}
-
-/// How long one preemption keeps the CPU counted as contended.
-const CONTENDED_HOLD: Duration = Duration::from_millis(50);
-/// Preemptions are counted at most this often (a system call each).
-const CONTENTION_CHECK: Duration = Duration::from_micros(100);
-
-/// Involuntary context switches of the calling thread so far; None if the
-/// kernel cannot tell.
-fn preemptions() -> Option<i64> {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage fills the rusage we pass, which lives on our stack.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) };
-    // SAFETY: zero-initialised, and filled by the kernel on success.
-    (rc == 0).then(|| unsafe { usage.assume_init() }.ru_nivcsw)
-}
-
-impl Contention {
-    fn new(preemptions: i64) -> Contention {
-        Contention {
-            preemptions,
-            last_check: Instant::now(),
-            last_preempted: None,
-            contended: false,
-        }
-    }
-
-    /// Updates the state (at most every `CONTENTION_CHECK`); returns the new
-    /// state when it changed.
-    fn update(&mut self) -> Option<bool> {
-        let now = Instant::now();
-        if now.duration_since(self.last_check) < CONTENTION_CHECK {
-            return None;
-        }
-        self.last_check = now;
-        self.observe(now, preemptions()?)
-    }
-
-    /// The thread has been preempted `count` times so far, at `now`.
-    fn observe(&mut self, now: Instant, count: i64) -> Option<bool> {
-        if count != self.preemptions {
-            self.preemptions = count;
-            self.last_preempted = Some(now);
-        }
-        let contended = self
-            .last_preempted
-            .is_some_and(|at| now.duration_since(at) < CONTENDED_HOLD);
-        (contended != std::mem::replace(&mut self.contended, contended)).then_some(contended)
     }
 }
 
@@ -259,18 +189,11 @@ fn run<W: WaitEvents, H: WorkerHandler>(
         current: Duration::ZERO,
     };
     let polls = handler.polls();
-    // Only polling workers count preemptions (their filters allow getrusage).
-    let mut contention = Contention::new(if polls { preemptions().unwrap_or(0) } else { 0 });
     let mut last_look = Instant::now();
-    // Between poll_start and poll_stop: the driver may not be notifying.
-    let mut polling = false;
     loop {
         let mut found = false;
-        if polls && window.current > Duration::ZERO && handler.poll_now() {
-            if !polling {
-                handler.poll_start();
-                polling = true;
-            }
+        if polls && window.current > Duration::ZERO {
+            handler.poll_start();
             let start = Instant::now();
             while start.elapsed() < window.current {
                 if handler.poll() {
@@ -278,9 +201,6 @@ fn run<W: WaitEvents, H: WorkerHandler>(
                     break;
                 }
                 std::hint::spin_loop();
-            }
-            if let Some(contended) = contention.update() {
-                handler.contended(contended);
             }
             if found {
                 window.grow();
@@ -290,14 +210,6 @@ fn run<W: WaitEvents, H: WorkerHandler>(
                 }
             } else {
                 window.shrink();
-                found = handler.poll_stop();
-                polling = false;
-            }
-        } else if polls {
-            if let Some(contended) = contention.update() {
-                handler.contended(contended);
-            }
-            if std::mem::take(&mut polling) {
                 found = handler.poll_stop();
             }
         }
@@ -390,35 +302,6 @@ mod tests {
             rx.try_recv().is_err(),
             "reported once, and the handler is gone"
         );
-    }
-
-    #[test]
-    fn a_preemption_counts_as_contention_until_the_cpu_has_been_free_for_a_while() {
-        let start = Instant::now();
-        let mut contention = Contention {
-            preemptions: 7,
-            last_check: start,
-            last_preempted: None,
-            contended: false,
-        };
-        assert_eq!(
-            contention.observe(start, 7),
-            None,
-            "not preempted: no change"
-        );
-        let preempted = start + Duration::from_millis(1);
-        assert_eq!(contention.observe(preempted, 8), Some(true));
-        let during = preempted + CONTENDED_HOLD / 2;
-        assert_eq!(contention.observe(during, 8), None, "still contended");
-        assert!(contention.contended);
-        let after = preempted + CONTENDED_HOLD + Duration::from_millis(1);
-        assert_eq!(contention.observe(after, 8), Some(false));
-        assert!(!contention.contended);
-    }
-
-    #[test]
-    fn this_threads_preemptions_can_be_counted() {
-        assert!(preemptions().is_some_and(|n| n >= 0));
     }
 
     #[test]

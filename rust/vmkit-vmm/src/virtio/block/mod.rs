@@ -272,7 +272,6 @@ impl Block {
             buffered_writes: Vec::new(),
             buffered_reads: Vec::new(),
             polling: false,
-            contended: false,
         })
     }
 }

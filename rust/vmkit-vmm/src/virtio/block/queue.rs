@@ -21,14 +21,6 @@ use crate::rate_limiter::SharedRateLimiter;
 use crate::virtio::worker::WorkerHandler;
 use crate::virtio::{pop_chain, queue_failed, Interrupt};
 
-/// Bytes per io_uring operation when a contended worker hands a run of
-/// buffered requests to io_uring's worker threads (`run_deferred`).
-#[cfg(not(test))]
-const OFFLOAD_PIECE: u64 = 512 << 10;
-/// Smaller in tests, whose drivers have a few hundred KiB for buffers.
-#[cfg(test)]
-pub const OFFLOAD_PIECE: u64 = 64 << 10;
-
 /// The longest a rate limiter holds a queue before it looks again.
 const MAX_THROTTLE_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
 
@@ -66,9 +58,6 @@ pub struct QueueHandler {
     pub needs_signal: bool,
     /// The worker is polling the ring: leave notifications off.
     pub polling: bool,
-    /// The worker's CPU is contended (it is being preempted): large runs go
-    /// to io_uring's worker threads (`run_deferred`).
-    pub contended: bool,
     /// Buffered writes popped in this batch, not started yet.
     pub buffered_writes: Vec<Request>,
     /// Buffered reads popped in this batch, not started yet.
@@ -241,82 +230,34 @@ impl QueueHandler {
     /// one another on the disk (merged as QEMU merges them): fewer, larger
     /// page-cache copies, which pay on images with large folios.
     ///
-    /// Where a run is copied depends on whether the worker's CPU is
-    /// contended (it is being preempted):
-    /// - Free CPU: a run of reads is one io_uring readv (page-cache hits
-    ///   complete inline); a run of writes is copied here with one pwritev.
-    ///   io_uring would hand a buffered write to a kernel worker thread, and
-    ///   that hand-off (a wake-up each way, ~40 µs on the development
-    ///   machine) costs more than copying here.
-    /// - Contended CPU, a run larger than `OFFLOAD_PIECE`: it goes to
-    ///   io_uring's worker threads at once (IOSQE_ASYNC), in pieces of that
-    ///   size. The copies then run beside this thread instead of inside its
-    ///   share of the CPU (reads on several workers at once), and the first
-    ///   pieces complete, so the guest refills, while the rest are copied.
-    ///   With 4 VMs on 2 CPUs, 128 KiB requests at depth 32 moved about 2 ×
-    ///   as much this way; see benches/RESULTS.md.
+    /// A run of reads is one io_uring readv (page-cache hits complete inline).
+    /// A run of writes is copied here with one pwritev: io_uring would hand a
+    /// buffered write to a kernel worker thread, and that hand-off (a wake-up
+    /// each way, ~40 µs on the development machine) cost more than copying
+    /// while this thread serves the queue gained. 128 KiB writes at depth 32
+    /// went from 0.98 × to about 1.06 × QEMU; see benches/RESULTS.md.
     pub fn run_deferred(&mut self) {
         for run in contiguous_runs(std::mem::take(&mut self.buffered_reads)) {
-            if self.offloads(&run) {
-                self.offload_run(run);
-            } else {
-                self.read_run(run);
-            }
+            self.read_run(run);
         }
         for run in contiguous_runs(std::mem::take(&mut self.buffered_writes)) {
-            if self.offloads(&run) {
-                self.offload_run(run);
-            } else {
-                self.write_run(run);
-            }
+            self.write_run(run);
         }
-    }
-
-    /// Whether `run` goes to io_uring's worker threads (see `run_deferred`).
-    fn offloads(&self, run: &[Request]) -> bool {
-        self.contended
-            && self.uring.is_some()
-            && run.iter().map(|r| r.op.data_len()).sum::<u64>() > OFFLOAD_PIECE
-    }
-
-    /// `run` on io_uring's worker threads, in pieces of about `OFFLOAD_PIECE`.
-    fn offload_run(&mut self, run: Vec<Request>) {
-        let mut piece = Vec::new();
-        let mut bytes = 0;
-        for request in run {
-            bytes += request.op.data_len();
-            piece.push(request);
-            if bytes >= OFFLOAD_PIECE {
-                self.push_run(std::mem::take(&mut piece), true);
-                bytes = 0;
-            }
-        }
-        if !piece.is_empty() {
-            self.push_run(piece, true);
-        }
-    }
-
-    /// Contiguous requests as one readv or writev on io_uring (`offload`:
-    /// straight to its worker threads), else one by one.
-    fn push_run(&mut self, run: Vec<Request>, offload: bool) {
-        let iovecs = self.run_iovecs(&run).filter(|v| v.0.len() <= UIO_MAXIOV);
-        if let (Some(iovecs), Some(uring)) = (iovecs, &mut self.uring) {
-            let fd = self.io.file.as_raw_fd();
-            match uring.push_run(fd, run, iovecs, offload) {
-                Ok(()) => return,
-                Err(returned) => return returned.into_iter().for_each(|r| self.run(r)),
-            }
-        }
-        run.into_iter().for_each(|r| self.run(r));
     }
 
     /// Contiguous reads: one readv on io_uring, else one by one.
     pub fn read_run(&mut self, run: Vec<Request>) {
         if run.len() > 1 {
-            self.push_run(run, false);
-        } else {
-            run.into_iter().for_each(|r| self.run(r));
+            let iovecs = self.run_iovecs(&run).filter(|v| v.0.len() <= UIO_MAXIOV);
+            if let (Some(iovecs), Some(uring)) = (iovecs, &mut self.uring) {
+                let fd = self.io.file.as_raw_fd();
+                match uring.push_merged_reads(fd, run, iovecs) {
+                    Ok(()) => return,
+                    Err(returned) => return returned.into_iter().for_each(|r| self.run(r)),
+                }
+            }
         }
+        run.into_iter().for_each(|r| self.run(r));
     }
 
     /// Contiguous writes: one pwritev here, all sharing its status.
@@ -479,16 +420,6 @@ impl WorkerHandler for QueueHandler {
 
     fn polls(&self) -> bool {
         true
-    }
-
-    /// Not while copies run on io_uring's workers on a contended CPU: the
-    /// poller would take CPU time from them, and their completions wake us.
-    fn poll_now(&self) -> bool {
-        !(self.contended && self.uring.as_ref().is_some_and(|u| u.offloaded > 0))
-    }
-
-    fn contended(&mut self, contended: bool) {
-        self.contended = contended;
     }
 
     fn poll_start(&mut self) {

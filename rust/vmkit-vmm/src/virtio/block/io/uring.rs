@@ -4,7 +4,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{opcode, types, IoUring};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -17,8 +17,6 @@ pub struct InFlight {
     /// Requests merged behind `request` (contiguous reads sent as one
     /// readv); they share its result.
     pub followers: Vec<Request>,
-    /// Sent straight to io_uring's worker threads (IOSQE_ASYNC).
-    pub offloaded: bool,
 }
 
 /// An io_uring with the requests it is running.
@@ -30,8 +28,6 @@ pub struct Uring {
     pub free: Vec<usize>,
     /// Keeps the guest memory mapped while the kernel may still use it.
     pub memory: GuestMemoryMmap,
-    /// Operations in flight on io_uring's worker threads.
-    pub offloaded: usize,
 }
 
 impl Uring {
@@ -65,8 +61,6 @@ impl Uring {
                 io_uring::register::Restriction::sqe_op(opcode::Readv::CODE),
                 io_uring::register::Restriction::sqe_op(opcode::Writev::CODE),
                 io_uring::register::Restriction::sqe_op(opcode::Fsync::CODE),
-                // Handing an operation to an io_uring worker thread at once.
-                io_uring::register::Restriction::sqe_flags_allowed(squeue::Flags::ASYNC.bits()),
             ];
             ring.submitter().register_restrictions(&mut allowed)?;
             ring.submitter().register_enable_rings()?;
@@ -78,7 +72,6 @@ impl Uring {
             slots: (0..capacity).map(|_| None).collect(),
             free: (0..capacity).rev().collect(),
             memory,
-            offloaded: 0,
         })
     }
 
@@ -131,60 +124,45 @@ impl Uring {
             request,
             iovecs,
             followers: Vec::new(),
-            offloaded: false,
         });
         Ok(())
     }
 
-    /// Queues `run` (reads or writes, contiguous on the disk, in order) as
-    /// one readv or writev over `iovecs`, which cover them all. With
-    /// `offload` the kernel runs it on an io_uring worker thread at once
-    /// (IOSQE_ASYNC) instead of trying it inline first.
+    /// Queues `reads` (contiguous on the disk, in order) as one readv.
     #[allow(clippy::result_large_err)]
-    pub fn push_run(
+    pub fn push_merged_reads(
         &mut self,
         fd: RawFd,
-        run: Vec<Request>,
+        reads: Vec<Request>,
         iovecs: IoVecs,
-        offload: bool,
     ) -> Result<(), Vec<Request>> {
-        let fd = types::Fd(fd);
-        let count = iovecs.0.len() as u32;
-        let entry = match run.first().map(|r| &r.op) {
-            Some(Op::Read { offset, .. }) => opcode::Readv::new(fd, iovecs.0.as_ptr(), count)
-                .offset(*offset)
-                .build(),
-            Some(Op::Write { offset, .. }) => opcode::Writev::new(fd, iovecs.0.as_ptr(), count)
-                .offset(*offset)
-                .build(),
-            _ => return Err(run),
+        let Some(Op::Read { offset, .. }) = reads.first().map(|r| &r.op) else {
+            return Err(reads);
         };
-        let entry = if offload {
-            entry.flags(squeue::Flags::ASYNC)
-        } else {
-            entry
-        };
+        let offset = *offset;
         let Some(slot) = self.free.pop() else {
-            return Err(run);
+            return Err(reads);
         };
+        let entry = opcode::Readv::new(types::Fd(fd), iovecs.0.as_ptr(), iovecs.0.len() as u32)
+            .offset(offset)
+            .build()
+            .user_data(slot as u64);
         // SAFETY: as in `push`: the iovecs and the guest memory they point
         // into stay alive in `slots[slot]` until the completion is reaped.
-        if unsafe { self.ring.submission().push(&entry.user_data(slot as u64)) }.is_err() {
+        if unsafe { self.ring.submission().push(&entry) }.is_err() {
             self.free.push(slot);
-            return Err(run);
+            return Err(reads);
         }
-        let mut run = run.into_iter();
-        let Some(request) = run.next() else {
+        let mut reads = reads.into_iter();
+        let Some(request) = reads.next() else {
             self.free.push(slot);
             return Ok(());
         };
         self.slots[slot] = Some(InFlight {
             request,
             iovecs,
-            followers: run.collect(),
-            offloaded: offload,
+            followers: reads.collect(),
         });
-        self.offloaded += usize::from(offload);
         Ok(())
     }
 
@@ -206,9 +184,6 @@ impl Uring {
             let slot = cqe.user_data() as usize;
             if let Some(in_flight) = self.slots.get_mut(slot).and_then(Option::take) {
                 self.free.push(slot);
-                self.offloaded = self
-                    .offloaded
-                    .saturating_sub(usize::from(in_flight.offloaded));
                 done.push((in_flight, cqe.result()));
             }
         }
