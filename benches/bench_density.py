@@ -52,13 +52,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench_boot import qemu_command
-from machine import machine
+from machine import CH, machine
 from vmkit import Vm, VmConfig, _forkserver, testguest
 from vmkit.client import SpawnedVm
 from vmkit.config import ConsoleConfig
 
-ROOT = Path(__file__).resolve().parent.parent
-CH = ROOT.parent / "shared" / "ch" / "cloud-hypervisor"
 READY = b"vmkit-guest: ready"
 MEMORY_MIB = 256
 MODES = ("vmkit CLI", "Vm.spawn", "in process", "Cloud Hypervisor", "QEMU microvm")

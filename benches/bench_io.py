@@ -61,21 +61,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from machine import machine, qemu_binary
+from machine import CH, machine, qemu_binary
 from vmkit import testguest
 
 IMAGE_SIZE = 256 << 20
 QUEUE_SIZE = 256
-ROOT = Path(__file__).resolve().parent.parent
-# The checkout's sibling `shared/` (the main tree), or a worktree's two levels up.
-CH = next(
-    (
-        path
-        for base in (ROOT.parent, ROOT.parent.parent)
-        if (path := base / "shared" / "ch" / "cloud-hypervisor").exists()
-    ),
-    ROOT.parent / "shared" / "ch" / "cloud-hypervisor",
-)
 VMMS = ("vmkit", "ch", "qemu")
 NAMES = {"vmkit": "vmkit", "ch": "Cloud Hypervisor", "qemu": "QEMU q35"}
 

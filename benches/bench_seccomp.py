@@ -27,12 +27,10 @@ from pathlib import Path
 
 import bench_boot
 import bench_io
-from machine import machine
+from machine import CH, machine
 from vmkit import VmConfig, testguest
 from vmkit.vm import Vm
 
-ROOT = Path(__file__).resolve().parent.parent
-CH = ROOT.parent / "shared" / "ch" / "cloud-hypervisor"
 MODES = ("true", "false")
 IO_ROWS = [
     bench_io.Row("read", 128 << 10, 32, 40000),

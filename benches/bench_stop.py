@@ -31,19 +31,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import machine
 from vmkit import VmConfig, testguest
 from vmkit.vm import Vm
 
-ROOT = Path(__file__).resolve().parent.parent
-#: ``shared/`` sits beside the repository (a git worktree is one level deeper).
-CH_DEFAULT = next(
-    (
-        candidate
-        for base in (ROOT.parent, ROOT.parent.parent)
-        if (candidate := base / "shared" / "ch" / "cloud-hypervisor").is_file()
-    ),
-    ROOT.parent / "shared" / "ch" / "cloud-hypervisor",
-)
 MEMORY = "size=128M"
 READY = b"vmkit-guest: exit halt"
 POWEROFF_LINE = b"vmkit-guest: exit poweroff"
@@ -164,7 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vms", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--ch", type=Path, default=CH_DEFAULT)
+    parser.add_argument("--ch", type=Path, default=machine.CH)
     args = parser.parse_args()
     CH = args.ch
     kinds = ["vmkit", "vmkit-api"] + (["ch"] if CH.exists() else [])
@@ -192,7 +183,7 @@ def main() -> None:
             print(f"  {name:42} {statistics.median(values) * 1e3:8.2f} ms")
 
 
-CH = CH_DEFAULT
+CH = machine.CH
 
 if __name__ == "__main__":
     main()

@@ -29,6 +29,19 @@ def machine(with_kvm: bool = True) -> str:
     )
 
 
+_ROOT = Path(__file__).resolve().parent.parent
+#: The real Cloud Hypervisor, the peer of every benchmark: in the ``shared/``
+#: beside the checkout (a git worktree's is one level further up).
+CH = next(
+    (
+        path
+        for base in (_ROOT.parent, _ROOT.parent.parent)
+        if (path := base / "shared" / "ch" / "cloud-hypervisor").is_file()
+    ),
+    _ROOT.parent / "shared" / "ch" / "cloud-hypervisor",
+)
+
+
 def qemu_binary() -> str | None:
     """The peer VMM's path; None, having said how to install it, if it is missing."""
     qemu = shutil.which("qemu-system-x86_64")

@@ -242,6 +242,20 @@ def test_a_stuck_serial_reader_leaves_the_vmm_answering(fifo: Path, stuck_reader
         vmm.close()
 
 
+def assert_ends_on_sigterm(process: subprocess.Popen[bytes], while_what: str) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(PROMPT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"vmkit did not end on SIGTERM while {while_what}")
+
+
+def kill_if_running(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
 def test_sigterm_ends_the_cli_while_its_serial_reader_is_stuck(
     fifo: Path, stuck_reader: int
 ) -> None:
@@ -254,15 +268,9 @@ def test_sigterm_ends_the_cli_while_its_serial_reader_is_stuck(
     try:
         wait_until_full(stuck_reader)
         time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(PROMPT)
-        except subprocess.TimeoutExpired:
-            pytest.fail("vmkit did not end on SIGTERM while its serial reader was stuck")
+        assert_ends_on_sigterm(process, "its serial reader was stuck")
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        kill_if_running(process)
         assert process.stderr is not None
         process.stderr.close()
 
@@ -285,15 +293,9 @@ def test_sigterm_ends_the_cli_while_the_reader_of_its_stdout_is_stuck() -> None:
         fcntl.fcntl(process.stdout.fileno(), F_SETPIPE_SZ, 2 * PIPE_SIZE)
         wait_until_full(process.stdout.fileno())
         time.sleep(0.5)  # the guest prints on: far more than the pipe holds
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(PROMPT)
-        except subprocess.TimeoutExpired:
-            pytest.fail("vmkit did not end on SIGTERM while its stdout was stuck")
+        assert_ends_on_sigterm(process, "its stdout was stuck")
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        kill_if_running(process)
         process.stdout.close()
 
 

@@ -692,13 +692,19 @@ def _serve(command: CommandLine) -> int:
             shutil.rmtree(spawn_dir, ignore_errors=True)
 
 
+def _spawner_fd(variable: str) -> int | None:
+    """The descriptor ``Vm.spawn`` passed in ``variable`` (removed from the
+    environment, so the VMM's own children do not see it), or None."""
+    text = os.environ.pop(variable, None)
+    return int(text) if text is not None and text.isdigit() else None
+
+
 def _tell_spawner_ready() -> None:
     """For a VMM started by ``Vm.spawn``: says on the ready pipe that the API
     socket is listening, so the spawner needs no polling to know."""
-    text = os.environ.pop("VMKIT_READY_FD", None)
-    if text is None or not text.isdigit():
+    fd = _spawner_fd("VMKIT_READY_FD")
+    if fd is None:
         return
-    fd = int(text)
     try:
         os.write(fd, b"r")
     except OSError:
@@ -715,10 +721,9 @@ def _watch_lifeline(vmm: Vmm) -> threading.Event:
     import threading
 
     orphaned = threading.Event()
-    text = os.environ.pop("VMKIT_LIFELINE_FD", None)
-    if text is None or not text.isdigit():
+    fd = _spawner_fd("VMKIT_LIFELINE_FD")
+    if fd is None:
         return orphaned
-    fd = int(text)
     try:
         os.set_inheritable(fd, False)
     except OSError:
