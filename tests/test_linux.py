@@ -67,6 +67,11 @@ def test_linux_early_boot_checkpoints(guest: DebianGuest, kernel: str) -> None:
         ramdisk = serial.wait_for(r"RAMDISK: \[mem 0x([0-9a-f]+)-0x([0-9a-f]+)\]", timeout=60)
         for table in ("RSDP", "XSDT", "FACP", "DSDT", "APIC", "MCFG"):
             serial.wait_for(rf"ACPI: {table} 0x", timeout=60)
+        # Linux reads the version register of vmkit's IOAPIC (0x11, 24 pins).
+        serial.wait_for(
+            r"IOAPIC\[0\]: apic_id 0, version 17, address 0xfec00000, GSI 0-23", timeout=120
+        )
+        serial.wait_for(r"TSC deadline timer available", timeout=30)
         serial.wait_for(r"smpboot: Allowing 4 CPUs, 2 hotplug CPUs", timeout=120)
         text = serial.text
         # The map is exactly the configured RAM: [0, 640 KiB) and [1 MiB, 1 GiB).

@@ -1,6 +1,7 @@
 //! The legacy platform devices a guest reaches through port I/O and MMIO:
 //! the 16550 serial port (with host input), the i8042, the ACPI shutdown
-//! device, the debug port and the GED, at their addresses on real buses.
+//! device, the debug port, the GED and the IOAPIC (its routes in a real KVM
+//! VM's table), at their addresses on real buses.
 //! Accesses of any size at any port; the devices may only stop the VM
 //! (power-off, reset), never panic.
 
@@ -9,12 +10,13 @@ use std::sync::{Arc, Mutex};
 use vm_superio::{I8042Device, Serial};
 use vmkit_vmm::acpi::ACPI_SHUTDOWN_PORT;
 use vmkit_vmm::control::Control;
+use vmkit_vmm::devices::ioapic::{Ioapic, IOAPIC_SIZE};
 use vmkit_vmm::devices::legacy::{
     AcpiShutdown, DebugPort, Ged, GedRegister, ResetTrigger, GED_POWER_BUTTON, I8042,
 };
 use vmkit_vmm::devices::serial::{InputSink, IrqTrigger, SerialDevice, SerialSink};
 use vmkit_vmm::devices::Bus;
-use vmkit_vmm::layout::{GED_ADDRESS, GED_SIZE};
+use vmkit_vmm::layout::{GED_ADDRESS, GED_SIZE, IOAPIC_START};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::input::Input;
@@ -31,6 +33,7 @@ pub fn legacy_io(data: &[u8]) {
         uart: Serial::new(IrqTrigger(irq), SerialSink(backend.clone())),
     }));
     let ged = Arc::new(Ged::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")));
+    let routes = crate::pci::routes().expect("the target needs /dev/kvm");
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
     let placed = [
@@ -62,6 +65,11 @@ pub fn legacy_io(data: &[u8]) {
             GED_SIZE,
             Arc::new(Mutex::new(GedRegister(ged.clone()))),
         ),
+        mmio.insert(
+            IOAPIC_START,
+            IOAPIC_SIZE,
+            Arc::new(Mutex::new(Ioapic::new(routes))),
+        ),
     ];
     assert!(placed.iter().all(|&p| p), "the devices overlap");
     let mut buffer = [0u8; 8];
@@ -88,11 +96,18 @@ pub fn legacy_io(data: &[u8]) {
                 }
             }
             _ => {
-                let offset = u64::from(input.u8() % 8);
-                if input.u8() & 1 == 0 {
-                    mmio.read(GED_ADDRESS + offset, &mut buffer[..len]);
+                // The GED, or the IOAPIC's selector, window and beyond.
+                let how = input.u8();
+                let offset = u64::from(input.u8() % 0x20);
+                let addr = if how & 2 == 0 {
+                    GED_ADDRESS + offset % 8
                 } else {
-                    mmio.write(GED_ADDRESS + offset, input.bytes(len));
+                    IOAPIC_START + offset
+                };
+                if how & 1 == 0 {
+                    mmio.read(addr, &mut buffer[..len]);
+                } else {
+                    mmio.write(addr, input.bytes(len));
                 }
             }
         }

@@ -70,7 +70,7 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "legacy_io",
         run: legacy::legacy_io,
-        needs: None,
+        needs: Some(pci::kvm_available),
     },
     Target {
         name: "boot_loader",

@@ -36,20 +36,20 @@ static VM: OnceLock<Result<Arc<VmFd>, String>> = OnceLock::new();
 
 /// A fresh routing table (GSIs are never given back, as in a VM, where
 /// devices live as long as it) on the process's VM.
-fn routes() -> Result<Arc<InterruptRoutes>, String> {
+pub fn routes() -> Result<Arc<InterruptRoutes>, String> {
     let vm = VM
         .get_or_init(|| {
             let kvm = Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
             let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
-            vm.create_irq_chip()
-                .map_err(|e| format!("KVM_CREATE_IRQCHIP: {e}"))?;
+            vmkit_vmm::interrupts::enable_split_irqchip(&vm)
+                .map_err(|e| format!("KVM_CAP_SPLIT_IRQCHIP: {e}"))?;
             Ok(Arc::new(vm))
         })
         .clone()?;
     Ok(Arc::new(InterruptRoutes::new(vm, 1024)))
 }
 
-/// The target needs a KVM VM with an irqchip.
+/// The target needs a KVM VM with (KVM's split) irqchip.
 pub fn kvm_available() -> Result<(), String> {
     routes().map(|_| ())
 }

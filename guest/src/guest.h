@@ -306,6 +306,15 @@ bool step_msix(struct result *r);
 bool step_blkbench(struct result *r);
 bool step_net(struct result *r);
 
+/* ---- ioapic.c ---- */
+#define ENTRY_MASKED (1u << 16)
+#define ENTRY_LEVEL (1u << 15)
+bool ioapic_map(void);
+u32 ioapic_read(u32 reg);
+void ioapic_write(u32 reg, u32 v);
+void ioapic_route(u32 pin, u32 vector, u32 apic_id, u32 flags);
+bool step_ioapic(struct result *r);
+
 /* ---- power.c ---- */
 bool step_powerbutton(struct result *r);
 

@@ -197,7 +197,7 @@ static const struct {
     {"timer", step_timer}, {"cpl3", step_cpl3},     {"pio", step_pio},
     {"pci", step_pci},     {"rng", step_rng},       {"blk", step_blk},
     {"console", step_console}, {"msix", step_msix}, {"blkbench", step_blkbench},
-    {"net", step_net}, {"powerbutton", step_powerbutton},
+    {"net", step_net}, {"powerbutton", step_powerbutton}, {"ioapic", step_ioapic},
 };
 
 static void print_step(const char *name, size_t len, bool ok, const struct result *r)

@@ -7,25 +7,11 @@
  */
 #include "guest.h"
 
-#define IOAPIC_BASE 0xfec00000ULL
 #define GED_ADDRESS 0xfeb00000ULL
 #define GED_PIN 5
 #define GED_POWER_BUTTON 0x08
 #define POWERBUTTON_VECTOR (IRQ_VECTOR_BASE + IRQ_VECTORS - 1)
 #define POWERBUTTON_TIMEOUT_MS 10000
-
-static void ioapic_write(u32 reg, u32 v)
-{
-    mmio_write32(IOAPIC_BASE, reg);
-    mmio_write32(IOAPIC_BASE + 0x10, v);
-}
-
-/* Redirection entry: edge, active high, fixed delivery, physical destination. */
-static void ioapic_route(u32 pin, u32 vector, u32 apic_id, bool masked)
-{
-    ioapic_write(0x10 + 2 * pin + 1, apic_id << 24);
-    ioapic_write(0x10 + 2 * pin, vector | (masked ? 1u << 16 : 0));
-}
 
 bool step_powerbutton(struct result *r)
 {
@@ -35,14 +21,14 @@ bool step_powerbutton(struct result *r)
 
     if (!lapic_usable(r))
         return false;
-    if (!map_mmio(IOAPIC_BASE, 0x20, false) || !map_mmio(GED_ADDRESS, 1, false)) {
+    if (!ioapic_map() || !map_mmio(GED_ADDRESS, 1, false)) {
         res_str(r, "cannot map the IOAPIC or the GED register");
         return false;
     }
     idt_install(POWERBUTTON_VECTOR, irq_stubs[slot]);
     irq_counts[slot] = 0;
     (void)rd8(GED_ADDRESS); /* drop a stale event */
-    ioapic_route(GED_PIN, POWERBUTTON_VECTOR, lapic_id(), false);
+    ioapic_route(GED_PIN, POWERBUTTON_VECTOR, lapic_id(), 0);
     say("powerbutton waiting");
 
     lapic_tick_start(1000000); /* bounds each hlt */
@@ -55,7 +41,7 @@ bool step_powerbutton(struct result *r)
     }
     cli();
     lapic_tick_stop();
-    ioapic_route(GED_PIN, POWERBUTTON_VECTOR, lapic_id(), true);
+    ioapic_route(GED_PIN, POWERBUTTON_VECTOR, lapic_id(), ENTRY_MASKED);
     if (!irq_counts[slot]) {
         res_str(r, "no GED interrupt within 10000 ms");
         return false;

@@ -245,9 +245,9 @@ class Vm:
         """Stops the VM (→ Shutdown): returns once its vCPU and device threads
         have stopped, serial output and disk writes done.
 
-        Closing the KVM VM and freeing guest memory (the kernel takes 15-25 ms
-        for that on some hosts) goes on in the background; ``release()`` waits
-        for it, and the Vm object does when it goes away.
+        Closing the KVM VM and freeing guest memory (milliseconds for large,
+        touched memory) goes on in the background; ``release()`` waits for it,
+        and the Vm object does when it goes away.
         """
         self._live().shutdown()
 

@@ -1,14 +1,14 @@
-//! KVM's GSI routing table, owned in one place: the in-kernel IOAPIC and PIC
-//! routes for the legacy GSIs, plus one MSI route per allocated GSI (one per
-//! MSI-X vector). `KVM_SET_GSI_ROUTING` replaces the whole table, so every
-//! change rewrites it from here.
+//! KVM's GSI routing table, owned in one place: one MSI route per unmasked
+//! IOAPIC pin (GSIs 0..24, kept by the user-space IOAPIC) and per allocated
+//! GSI above them (one per MSI-X vector). `KVM_SET_GSI_ROUTING` replaces the
+//! whole table, so every change rewrites it from here.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
-    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    kvm_enable_cap, kvm_irq_routing_entry, KvmIrqRouting, KVM_CAP_SPLIT_IRQCHIP,
+    KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
 
@@ -39,6 +39,18 @@ impl ModuleError for InterruptError {
 
 /// GSIs below this belong to the IOAPIC's pins.
 pub const IOAPIC_PINS: u32 = 24;
+
+/// KVM's split irqchip: local APICs in the kernel, the IOAPIC in user space
+/// (`devices::ioapic`), no PIC or PIT. Must precede the first vCPU.
+pub fn enable_split_irqchip(vm_fd: &VmFd) -> std::result::Result<(), kvm_ioctls::Error> {
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_SPLIT_IRQCHIP,
+        ..Default::default()
+    };
+    // The pins whose level-triggered MSI routes KVM reports EOIs for.
+    cap.args[0] = u64::from(IOAPIC_PINS);
+    vm_fd.enable_cap(&cap)
+}
 
 pub struct InterruptRoutes {
     vm_fd: Arc<VmFd>,
@@ -99,20 +111,13 @@ impl InterruptRoutes {
         Ok(())
     }
 
+    /// The MSI message `gsi` is routed to now, if any.
+    pub fn msi_route(&self, gsi: u32) -> Option<(u64, u32)> {
+        self.lock().msi.get(&gsi).copied()
+    }
+
     fn commit(&self, routes: &Routes) -> Result<()> {
-        let mut entries = Vec::new();
-        for pin in 0..IOAPIC_PINS {
-            entries.push(irqchip_route(pin, KVM_IRQCHIP_IOAPIC, pin));
-        }
-        // The PIC answers the 16 ISA GSIs too, except GSI 2 (the cascade).
-        for pin in (0..16).filter(|&p| p != 2) {
-            let chip = if pin < 8 {
-                KVM_IRQCHIP_PIC_MASTER
-            } else {
-                KVM_IRQCHIP_PIC_SLAVE
-            };
-            entries.push(irqchip_route(pin, chip, pin % 8));
-        }
+        let mut entries = Vec::with_capacity(routes.msi.len());
         for (&gsi, &(address, data)) in &routes.msi {
             let mut entry = kvm_irq_routing_entry {
                 gsi,
@@ -133,15 +138,4 @@ impl InterruptRoutes {
             .map_err(|source| InterruptError::SetRouting { source })?;
         Ok(())
     }
-}
-
-fn irqchip_route(gsi: u32, irqchip: u32, pin: u32) -> kvm_irq_routing_entry {
-    let mut entry = kvm_irq_routing_entry {
-        gsi,
-        type_: KVM_IRQ_ROUTING_IRQCHIP,
-        ..Default::default()
-    };
-    entry.u.irqchip.irqchip = irqchip;
-    entry.u.irqchip.pin = pin;
-    entry
 }

@@ -265,6 +265,10 @@ pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuThreadContext) {
                 ctx.mmio.write(addr, data);
             }
             Ok(VcpuExit::Hlt) => {}
+            // The EOI of a level-triggered IOAPIC vector: the pins' sources
+            // are edge sources, so there is no remote IRR to clear
+            // (devices::ioapic).
+            Ok(VcpuExit::IoapicEoi(_)) => {}
             Ok(VcpuExit::Shutdown) => {
                 ctx.control
                     .request_stop(StopReason::TripleFault { vcpu: index });

@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmkit_config::{ConsoleOutputMode, ValidatedConfig, VmConfig};
@@ -559,9 +559,8 @@ impl Vm {
     /// Stops the VM (Running/Paused → Shutdown). Returns once every vCPU
     /// thread and device worker has stopped and been joined, their output
     /// and IO done. The VMM thread then releases the KVM VM and guest memory
-    /// ([`Vm::release`] waits for that): closing a VM with an in-kernel
-    /// irqchip waits for RCU grace periods (15-25 ms on kvm_pvm hosts), which
-    /// no caller needs to wait for to know the VM has stopped.
+    /// ([`Vm::release`] waits for that): unmapping large touched memory
+    /// takes time no caller needs to wait for to know the VM has stopped.
     pub fn shutdown(&self) -> Result<()> {
         let mut life = self.lock();
         if life.state == VmState::Shutdown {
@@ -852,15 +851,8 @@ impl Vm {
         vm_fd
             .set_identity_map_address(crate::layout::KVM_TSS_ADDRESS - 0x1000)
             .map_err(kvm_error("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(kvm_error("KVM_CREATE_IRQCHIP"))?;
-        vm_fd
-            .create_pit2(kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            })
-            .map_err(kvm_error("KVM_CREATE_PIT2"))?;
+        crate::interrupts::enable_split_irqchip(&vm_fd)
+            .map_err(kvm_error("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
 
         let ram = create_guest_ram(&config.memory)?;
         for (slot, region) in ram.memory.iter().enumerate() {

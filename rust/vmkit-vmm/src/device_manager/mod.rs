@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::ACPI_SHUTDOWN_PORT;
 use crate::control::Control;
+use crate::devices::ioapic::{Ioapic, IOAPIC_SIZE};
 use crate::devices::legacy::{
     AcpiShutdown, DebugPort, DebugPortWrite, Ged, GedRegister, ResetTrigger, I8042,
 };
@@ -28,7 +29,7 @@ use crate::devices::serial::{IrqTrigger, SerialBackend, SerialDevice, SerialSink
 use crate::devices::{Bus, BusDevice};
 use crate::error::{Error, ErrorKind, ModuleError, Result};
 use crate::interrupts::InterruptRoutes;
-use crate::layout::{GED_ADDRESS, GED_IRQ, GED_SIZE, PCI_MMCONFIG_START, SERIAL_IRQ};
+use crate::layout::{GED_ADDRESS, GED_IRQ, GED_SIZE, IOAPIC_START, PCI_MMCONFIG_START, SERIAL_IRQ};
 use crate::memory::GuestRam;
 use crate::pci::config::BarKind;
 use crate::pci::{
@@ -154,7 +155,8 @@ struct Wiring<'a> {
 }
 
 impl Wiring<'_> {
-    /// An eventfd wired to `gsi` (KVM's in-kernel IOAPIC line); the device
+    /// An eventfd wired to `gsi` (an IOAPIC pin, routed as the guest
+    /// programs it); the device
     /// gets a clone and this keeps the registered one.
     fn legacy_irq(&mut self, what: &'static str, gsi: u32) -> Result<EventFd> {
         let eventfd_error = |source| DeviceManagerError::EventFd { what, source };
@@ -176,12 +178,13 @@ impl DeviceManager {
             pio: Bus::new(),
             mmio: Bus::new(),
             irq_fds: Vec::new(),
-            nodes: vec![DeviceNode::leaf("__ioapic")],
+            nodes: Vec::new(),
         };
+        let routes = Arc::new(InterruptRoutes::new(ctx.vm_fd.clone(), ctx.gsi_limit));
+        add_ioapic(&mut wiring, &routes)?;
         let ged = add_legacy_devices(&mut wiring, ctx)?;
         add_serial(&mut wiring, ctx)?;
 
-        let routes = Arc::new(InterruptRoutes::new(ctx.vm_fd.clone(), ctx.gsi_limit));
         let mut segments = plan_pci(ctx)?;
         let mut virtio = Vec::new();
         for kind in VIRTIO_KINDS {
@@ -267,6 +270,19 @@ impl DeviceManager {
         self.pio = Arc::new(Bus::new());
         self.mmio = Arc::new(Bus::new());
     }
+}
+
+/// The IOAPIC the MADT announces; it routes GSIs 0..24 (COM1, the GED).
+fn add_ioapic(wiring: &mut Wiring<'_>, routes: &Arc<InterruptRoutes>) -> Result<()> {
+    insert(
+        &mut wiring.mmio,
+        "IOAPIC",
+        IOAPIC_START,
+        IOAPIC_SIZE,
+        Arc::new(Mutex::new(Ioapic::new(routes.clone()))),
+    )?;
+    wiring.nodes.push(DeviceNode::leaf("__ioapic"));
+    Ok(())
 }
 
 /// The ACPI shutdown device, the GED (power button), the i8042 and the

@@ -23,7 +23,7 @@ mod needs_kvm {
         .unwrap();
         config.assign_device_ids();
         let vm_fd = Arc::new(Kvm::new().unwrap().create_vm().unwrap());
-        vm_fd.create_irq_chip().unwrap();
+        crate::interrupts::enable_split_irqchip(&vm_fd).unwrap();
         let ram = create_guest_ram(&config.memory).unwrap();
         let serial = SerialBackend::open(
             &config.serial,

@@ -368,7 +368,7 @@ mod tests {
         fn a_route_kvm_refuses_is_logged_and_returned_with_device_and_vector() {
             let log = captured();
             let vm = Kvm::new().unwrap().create_vm().unwrap();
-            vm.create_irq_chip().unwrap();
+            crate::interrupts::enable_split_irqchip(&vm).unwrap();
             let routes = Arc::new(InterruptRoutes::new(Arc::new(vm), 1 << 20));
             // KVM routes GSIs below KVM_MAX_IRQ_ROUTES (4096) only.
             routes.allocate(5000).unwrap();

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use kvm_bindings::{
-    kvm_cpuid2, kvm_fpu, kvm_ioeventfd, kvm_irq_level, kvm_irq_routing, kvm_irqfd, kvm_lapic_state,
-    kvm_mp_state, kvm_msi, kvm_msrs, kvm_pit_config, kvm_regs, kvm_sregs,
+    kvm_cpuid2, kvm_enable_cap, kvm_fpu, kvm_ioeventfd, kvm_irq_routing, kvm_irqfd,
+    kvm_lapic_state, kvm_mp_state, kvm_msi, kvm_msrs, kvm_regs, kvm_sregs,
     kvm_userspace_memory_region, KVMIO,
 };
 use seccompiler::{
@@ -115,11 +115,9 @@ ioctl_iow_nr!(
 );
 ioctl_io_nr!(KVM_SET_TSS_ADDR, KVMIO, 0x47);
 ioctl_iow_nr!(KVM_SET_IDENTITY_MAP_ADDR, KVMIO, 0x48, u64);
-ioctl_io_nr!(KVM_CREATE_IRQCHIP, KVMIO, 0x60);
-ioctl_iow_nr!(KVM_IRQ_LINE, KVMIO, 0x61, kvm_irq_level);
 ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
 ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
-ioctl_iow_nr!(KVM_CREATE_PIT2, KVMIO, 0x77, kvm_pit_config);
+ioctl_iow_nr!(KVM_ENABLE_CAP, KVMIO, 0xa3, kvm_enable_cap);
 ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
@@ -346,7 +344,6 @@ fn own_rules(kind: ThreadKind) -> Rules {
                 KVM_IRQFD(),
                 KVM_SET_GSI_ROUTING(),
                 KVM_SIGNAL_MSI(),
-                KVM_IRQ_LINE(),
                 // virtio-net activation and reset: offloads, header size,
                 // multi-queue attach/detach.
                 TUNSETOFFLOAD,
@@ -526,8 +523,8 @@ fn builds_vm() -> Rules {
         KVM_SET_USER_MEMORY_REGION(),
         KVM_SET_TSS_ADDR(),
         KVM_SET_IDENTITY_MAP_ADDR(),
-        KVM_CREATE_IRQCHIP(),
-        KVM_CREATE_PIT2(),
+        // KVM_CAP_SPLIT_IRQCHIP (interrupts::enable_split_irqchip).
+        KVM_ENABLE_CAP(),
         KVM_IRQFD(),
         KVM_IOEVENTFD(),
         KVM_SET_GSI_ROUTING(),

@@ -14,10 +14,10 @@ mod needs_kvm {
     const USED: u64 = 0x3000;
     const BUFFER: u64 = 0x10000;
 
-    /// A VM with an irqchip.
+    /// A VM with KVM's split irqchip, as a boot has.
     fn routes() -> Arc<InterruptRoutes> {
         let vm = Kvm::new().unwrap().create_vm().unwrap();
-        vm.create_irq_chip().unwrap();
+        crate::interrupts::enable_split_irqchip(&vm).unwrap();
         Arc::new(InterruptRoutes::new(Arc::new(vm), 1024))
     }
 
