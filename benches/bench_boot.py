@@ -1,9 +1,12 @@
-"""Boot time and port-I/O exit cost: vmkit against QEMU, same test guest, one run.
+"""Boot time and port-I/O exit cost: vmkit against Cloud Hypervisor and QEMU,
+same test guest, one run.
 
 Run: ``python benches/bench_boot.py`` (``--markdown`` prints tables for
-RESULTS.md). Needs ``qemu-system-x86_64`` (Debian: qemu-system-x86).
+RESULTS.md). Needs ``qemu-system-x86_64`` (Debian: qemu-system-x86); Cloud
+Hypervisor (``../shared/ch/cloud-hypervisor``) is left out, with a note, where
+it is missing.
 
-Both VMMs boot the vmkit test guest's PVH ELF with 1 vCPU and 256 MiB, the
+Every VMM boots the vmkit test guest's PVH ELF with 1 vCPU and 256 MiB, the
 runs interleaved. QEMU runs its fastest-booting machine, ``microvm`` (with
 ACPI, so the guest powers it off), with ``-cpu host,-arch-capabilities``.
 
@@ -11,7 +14,8 @@ Measured from process start (the benchmark's ``time.monotonic()`` just before
 spawning the VMM):
 - first guest instruction: the guest's first write to debug port 0x80. vmkit
   stamps it with CLOCK_MONOTONIC (printed with ``-v``); QEMU's isa-debugcon at
-  0x80 writes it to a pipe that the benchmark timestamps on arrival.
+  0x80 writes it to a pipe, and Cloud Hypervisor logs it on stderr (``Firmware
+  code 0x1``), which the benchmark timestamps on arrival.
 - ready: arrival of the guest's ``vmkit-guest: ready`` line on the serial pipe.
 - exit: the VMM process has exited after the guest powered off.
 
@@ -32,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from machine import machine, qemu_binary
+from machine import CH, machine, qemu_binary
 from vmkit import VmConfig, testguest
 from vmkit.vm import Vm
 
@@ -77,7 +81,19 @@ def qemu_command(
     ]  # fmt: skip
 
 
-def timed_run(command: list[str], qemu: bool) -> tuple[Sample, bytes, bytes]:
+def ch_command(kernel: Path, cmdline: str) -> list[str]:
+    return [
+        str(CH), "--kernel", str(kernel), "--cmdline", cmdline,
+        "--cpus", "boot=1", "--memory", f"size={MEMORY_MIB}M",
+        "--serial", "tty", "--console", "off",
+    ]  # fmt: skip
+
+
+#: How each peer reports the guest's first debug-port write on stderr.
+FIRST_WRITE = {"qemu": b"\x01", "ch": b"Firmware code 0x1]"}
+
+
+def timed_run(command: list[str], kind: str) -> tuple[Sample, bytes, bytes]:
     sample = Sample()
     out = bytearray()
     err = bytearray()
@@ -90,9 +106,10 @@ def timed_run(command: list[str], qemu: bool) -> tuple[Sample, bytes, bytes]:
     def read_err() -> None:
         assert proc.stderr is not None
         while chunk := os.read(proc.stderr.fileno(), 4096):
-            if qemu and sample.first is None and b"\x01" in chunk:
-                sample.first = time.monotonic() - start
             err.extend(chunk)
+            marker = FIRST_WRITE.get(kind)
+            if marker is not None and sample.first is None and marker in err:
+                sample.first = time.monotonic() - start
 
     reader = threading.Thread(target=read_err)
     reader.start()
@@ -107,7 +124,7 @@ def timed_run(command: list[str], qemu: bool) -> tuple[Sample, bytes, bytes]:
         raise RuntimeError(
             f"{command[0]} exited with {proc.returncode}: {err.decode(errors='replace')}"
         )
-    if not qemu:
+    if kind == "vmkit":
         m = re.search(rb"Debug I/O port: 0x01 at [0-9.]+ ms \(monotonic ([0-9.]+)\)", bytes(err))
         if m:
             sample.first = float(m.group(1)) - start
@@ -154,54 +171,60 @@ def main() -> int:
     boot_cmdline = testguest.cmdline(["hello"])
     pio_cmdline = testguest.cmdline(["pio"], pio_rounds=args.pio_rounds)
 
-    series = {
-        "vmkit": Series(),
-        "qemu": Series(),
-        "qemu pc": Series(),
-        "vmkit in-process": Series(),
+    kinds = ["vmkit", "ch", "qemu", "qemu pc"] if CH.exists() else ["vmkit", "qemu", "qemu pc"]
+    commands = {
+        "vmkit": lambda c: vmkit_command(kernel, c),
+        "ch": lambda c: ch_command(kernel, c),
+        "qemu": lambda c: qemu_command(qemu, kernel, c),
+        "qemu pc": lambda c: qemu_command(qemu, kernel, c, machine="pc"),
     }
-    timed_run(vmkit_command(kernel, boot_cmdline), qemu=False)  # warm caches
-    timed_run(qemu_command(qemu, kernel, boot_cmdline), qemu=True)
+    series = {kind: Series() for kind in [*kinds, "vmkit in-process"]}
+    for kind in kinds[:-1]:
+        timed_run(commands[kind](boot_cmdline), kind.split()[0])  # warm caches
     for _ in range(args.runs):
-        series["vmkit"].samples.append(timed_run(vmkit_command(kernel, boot_cmdline), False)[0])
-        series["qemu"].samples.append(timed_run(qemu_command(qemu, kernel, boot_cmdline), True)[0])
-        pc = qemu_command(qemu, kernel, boot_cmdline, machine="pc")
-        series["qemu pc"].samples.append(timed_run(pc, True)[0])
+        for kind in kinds:
+            run = timed_run(commands[kind](boot_cmdline), kind.split()[0])
+            series[kind].samples.append(run[0])
         series["vmkit in-process"].samples.append(in_process(kernel, boot_cmdline))
 
-    pio_vmkit: list[float] = []
-    pio_qemu: list[float] = []
+    pio: dict[str, list[float]] = {kind: [] for kind in kinds[:-1]}
     for _ in range(5):
-        _, out, _ = timed_run(vmkit_command(kernel, pio_cmdline), False)
+        _, out, _ = timed_run(vmkit_command(kernel, pio_cmdline), "vmkit")
         khz = host_tsc_khz(out)
-        pio_vmkit.append(pio_ns(out, khz))
-        _, out, _ = timed_run(qemu_command(qemu, kernel, pio_cmdline), True)
-        pio_qemu.append(pio_ns(out, khz))
+        pio["vmkit"].append(pio_ns(out, khz))
+        for kind in kinds[1:-1]:
+            _, out, _ = timed_run(commands[kind](pio_cmdline), kind)
+            pio[kind].append(pio_ns(out, khz))
 
-    v, q, pc = series["vmkit"], series["qemu"], series["qemu pc"]
-    rows = [
-        ("process start → first guest instruction", v.median("first"), q.median("first"),
-         pc.median("first")),
-        ("process start → guest ready line", v.median("ready"), q.median("ready"),
-         pc.median("ready")),
-        ("process start → VMM exited after power-off", v.median("exit"), q.median("exit"),
-         pc.median("exit")),
-    ]  # fmt: skip
+    stages = [
+        ("process start → first guest instruction", "first"),
+        ("process start → guest ready line", "ready"),
+        ("process start → VMM exited after power-off", "exit"),
+    ]
+    peers = kinds[1:]
+    names = {"ch": "Cloud Hypervisor", "qemu": "QEMU microvm", "qemu pc": "QEMU pc"}
     ip = series["vmkit in-process"]
-    pv, pq = statistics.median(pio_vmkit) / 1e3, statistics.median(pio_qemu) / 1e3
+    pio_us = {kind: statistics.median(values) / 1e3 for kind, values in pio.items()}
     if args.markdown:
         print(f"Machine: {machine()}\n")
         print(f"vmkit: `{' '.join(vmkit_command(kernel, boot_cmdline))}`\n")
+        if "ch" in peers:
+            print(f"Cloud Hypervisor: `{' '.join(ch_command(kernel, boot_cmdline))}`\n")
+        else:
+            print(f"Cloud Hypervisor left out: {CH} is missing.\n")
         print(f"QEMU microvm: `{' '.join(qemu_command(qemu, kernel, boot_cmdline))}`\n")
         print("QEMU pc: the same with `-M pc` (QEMU's default machine, with its firmware)\n")
         print(f"Medians of {args.runs} interleaved runs each:\n")
-        print(
-            "| from process start | vmkit ms | QEMU microvm ms | vmkit / microvm "
-            "| QEMU pc ms | vmkit / pc |"
-        )
-        print("|---|---|---|---|---|---|")
-        for name, a, b, c in rows:
-            print(f"| {name} | {a:.1f} | {b:.1f} | {a / b:.2f} | {c:.1f} | {a / c:.2f} |")
+        head = "".join(f" {names[p]} ms | vmkit / {names[p]} |" for p in peers)
+        print(f"| from process start | vmkit ms |{head}")
+        print("|---|---|" + "---|---|" * len(peers))
+        for label, stage in stages:
+            a = series["vmkit"].median(stage)
+            cells = "".join(
+                f" {series[p].median(stage):.1f} | {a / series[p].median(stage):.2f} |"
+                for p in peers
+            )
+            print(f"| {label} | {a:.1f} |{cells}")
         print()
         print("| in-process (`Vm.boot()`) | vmkit ms |")
         print("|---|---|")
@@ -210,19 +233,29 @@ def main() -> int:
         print()
         print(f"Port-I/O exit round trip, guest-measured (`pio` step, {args.pio_rounds} `outb`, "
               "median of 5 runs each):\n")  # fmt: skip
-        print("| | vmkit µs | QEMU µs | vmkit / QEMU |")
-        print("|---|---|---|---|")
-        print(f"| `outb` → user-space exit → back | {pv:.2f} | {pq:.2f} | {pv / pq:.2f} |")
+        pio_peers = [p for p in peers if p in pio_us]
+        head = "".join(f" {names[p]} µs | vmkit / {names[p]} |" for p in pio_peers)
+        print(f"| | vmkit µs |{head}")
+        print("|---|---|" + "---|---|" * len(pio_peers))
+        pv = pio_us["vmkit"]
+        cells = "".join(f" {pio_us[p]:.2f} | {pv / pio_us[p]:.2f} |" for p in pio_peers)
+        print(f"| `outb` → user-space exit → back | {pv:.2f} |{cells}")
     else:
         print(machine())
-        for name, a, b, c in rows:
-            print(
-                f"{name:45s} vmkit {a:8.1f} ms   QEMU microvm {b:8.1f} ms ({a / b:.2f})"
-                f"   QEMU pc {c:8.1f} ms ({a / c:.2f})"
-            )
+        for label, stage in stages:
+            a = series["vmkit"].median(stage)
+            line = f"{label:45s} vmkit {a:8.1f} ms"
+            for p in peers:
+                b = series[p].median(stage)
+                line += f"   {names[p]} {b:8.1f} ms ({a / b:.2f})"
+            print(line)
         print(f"{'Vm.boot() → first instruction (vmkit)':45s} {ip.median('first'):8.2f} ms")
         print(f"{'Vm.boot() → ready (vmkit)':45s} {ip.median('ready'):8.2f} ms")
-        print(f"{'PIO exit round trip':45s} vmkit {pv:8.2f} µs   QEMU {pq:8.2f} µs")
+        line = f"{'PIO exit round trip':45s} vmkit {pio_us['vmkit']:8.2f} µs"
+        for p in peers:
+            if p in pio_us:
+                line += f"   {names[p]} {pio_us[p]:8.2f} µs"
+        print(line)
     return 0
 
 

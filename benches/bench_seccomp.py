@@ -88,15 +88,15 @@ def main() -> int:
 
     vmms = [("vmkit", vmkit_boot)] + ([("ch", ch_boot)] if have_ch else [])
     for _, command in vmms:  # warm caches
-        bench_boot.timed_run(command(kernel, boot, "true"), qemu=False)
+        bench_boot.timed_run(command(kernel, boot, "true"), "vmkit")
     for _ in range(args.runs):
         for vmm, command in vmms:
             for mode in MODES:
-                sample, _, _ = bench_boot.timed_run(command(kernel, boot, mode), qemu=False)
+                sample, _, _ = bench_boot.timed_run(command(kernel, boot, mode), "vmkit")
                 assert sample.ready is not None and sample.exit is not None
                 add("process start → guest ready", vmm, mode, sample.ready * 1e3)
                 add("process start → VMM exited after power-off", vmm, mode, sample.exit * 1e3)
-                _, out, _ = bench_boot.timed_run(command(kernel, pio, mode), qemu=False)
+                _, out, _ = bench_boot.timed_run(command(kernel, pio, mode), "vmkit")
                 khz = bench_boot.host_tsc_khz(out)
                 add("port-I/O exit round trip (µs)", vmm, mode, bench_boot.pio_ns(out, khz) / 1e3)
         for mode in MODES:

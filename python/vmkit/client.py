@@ -605,16 +605,19 @@ def _socket_identity(path: Path) -> tuple[int, int] | None:
     return (info.st_dev, info.st_ino) if stat.S_ISSOCK(info.st_mode) else None
 
 
-def _stop_process(process: VmmProcess, api_socket: Path, timeout: float) -> None:
-    """Ends the VMM process: vmm.shutdown (to that process only), then SIGTERM, then SIGKILL."""
+def _stop_process(process: VmmProcess, timeout: float) -> None:
+    """Ends the VMM process: SIGTERM, then SIGKILL.
+
+    On SIGTERM the VMM does what ``vmm.shutdown`` makes it do (shuts the VM
+    down, flushes its output, removes its socket, exits) without an HTTP
+    exchange on either side; the signal reaches that process only (a pidfd
+    for forked VMMs).
+    """
     if process.poll() is not None:
         return
-    with contextlib.suppress(ApiError):
-        _ChildClient(api_socket, process.pid, timeout=timeout).shutdown_vmm()
-    for step in (None, process.terminate, process.kill):
-        if step is not None:
-            with contextlib.suppress(ProcessLookupError):
-                step()
+    for step in (process.terminate, process.kill):
+        with contextlib.suppress(ProcessLookupError):
+            step()
         try:
             process.wait(timeout)
             return
@@ -638,7 +641,7 @@ def _end_process(
     on (its identity is in ``owned``): a path vmkit did not create stays.
     """
     try:
-        _stop_process(process, api_socket, timeout)
+        _stop_process(process, timeout)
     finally:
         if lifeline is not None:
             with contextlib.suppress(OSError):
@@ -662,8 +665,8 @@ class SpawnedVm:
     ``api_socket``. ``info()`` returns a ``VmInfo``.
 
     ``close()`` (and leaving the ``with`` block) always ends the process:
-    ``vmm.shutdown``, then SIGTERM, then SIGKILL, each after
-    ``stop_timeout`` seconds; then removes the socket and the temporary
+    SIGTERM (the VMM shuts its VM down and exits, as on ``vmm.shutdown``),
+    then SIGKILL after ``stop_timeout`` seconds; then removes the socket and the temporary
     directory. The same happens if the object is garbage-collected or at
     interpreter exit.
     """
@@ -846,7 +849,7 @@ class SpawnedVm:
         """
         if self._finalizer.alive:
             try:
-                _stop_process(self.process, self.api_socket, self._stop_timeout)
+                _stop_process(self.process, self._stop_timeout)
                 self.serial._freeze()
                 self._log_text = self.log
             finally:
