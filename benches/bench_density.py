@@ -22,8 +22,8 @@ interleaved rounds:
   goes to a pipe (a FIFO for ``Vm.spawn``) read by one selector thread that
   stamps arrivals; in process, ``serial.wait_for``.
 - memory: Pss per VM once all are up: the VMM processes' Pss (``Vm.spawn``:
-  the forked VMMs, with the fork server's own Pss in a note), in process the
-  growth of this process's Pss, over N.
+  the VM processes, with the fork server's own Pss and this program's growth
+  per VM in notes), in process the growth of this process's Pss, over N.
 - stop: from asking every VM to stop at once (SIGTERM to each process;
   ``SpawnedVm.close()`` from N threads; ``Vm.close()`` of each in-process VM
   in turn, then ``release()`` of each) until every process has exited and
@@ -140,6 +140,8 @@ class Result:
         self.start: list[float] = []
         self.memory: list[float] = []
         self.stop: list[float] = []
+        #: Vm.spawn: this (the spawning) program's own Pss growth per VM
+        self.caller_memory: list[float] = []
 
 
 def vmm_args(kernel: Path, cmdline: str) -> list[str]:
@@ -219,6 +221,7 @@ def run_spawned(
     for _, fd in fifos:
         arrivals.watch(fd)
     vms: list[SpawnedVm | None] = [None] * count
+    caller_before = pss_mib("self")
 
     def start(i: int) -> None:
         own = ConsoleConfig(mode="File", file=str(fifos[i][0]))
@@ -229,10 +232,18 @@ def run_spawned(
     try:
         started = time.monotonic()
         in_threads(count, start)
-        last = arrivals.wait_all([fd for _, fd in fifos])
+        try:
+            last = arrivals.wait_all([fd for _, fd in fifos])
+        except TimeoutError:
+            for (path, fd), vm in zip(fifos, vms, strict=True):
+                if fd not in arrivals.ready and vm is not None:
+                    state = vm.state
+                    print(f"not ready: pid {vm.pid} {path} state {state} log {vm.log!r}")
+            raise
         result.start.append(last - started)
         time.sleep(settle)
         result.memory.append(sum(pss_mib(vm.pid) for vm in vms if vm) / count)
+        result.caller_memory.append((pss_mib("self") - caller_before) / count)
         stop = time.monotonic()
         in_threads(count, lambda i: vms[i].close() if vms[i] else None)  # type: ignore[union-attr]
         result.stop.append(time.monotonic() - stop)
@@ -393,6 +404,15 @@ def main() -> int:
                 for peer in peers:
                     row += " |" if mode in peers else f" {ratio(value, med(peer, count, what))} |"
             print(row)
+    if "Vm.spawn" in modes:
+        growth = ", ".join(
+            f"N = {count}: {fmt(med('Vm.spawn', count, 'caller_memory'), 'MiB')}"
+            for count in counts
+        )
+        print(
+            "\n`Vm.spawn`'s Pss is the VM processes'; the spawning program holds each VM's "
+            f"API server and VMM state, and grew by this much per VM: {growth}."
+        )
     arrivals.stop = True
     return 0
 

@@ -87,23 +87,44 @@ def spawn_dirs() -> set[str]:
     return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("vmkit-vmm-")}
 
 
-def test_a_forked_vmm_looks_like_a_fresh_one() -> None:
-    with Vm.spawn(None) as forked, Vm.spawn(None, fresh_interpreter=True) as fresh:
-        assert isinstance(forked.process, _forkserver.ForkedProcess)
+SIGINT, SIGTERM = 1 << (signal.SIGINT - 1), 1 << (signal.SIGTERM - 1)
+
+
+def test_a_vm_process_holds_only_what_it_needs() -> None:
+    with Vm.spawn(guest_config()) as vm, Vm.spawn(None, fresh_interpreter=True) as fresh:
+        assert isinstance(vm.process, _forkserver.ForkedProcess)
         assert not isinstance(fresh.process, _forkserver.ForkedProcess)
-        settled(forked)
         settled(fresh)
-        forked_status, fresh_status = status_fields(forked.pid), status_fields(fresh.pid)
-        for field in ("SigBlk", "SigIgn", "SigCgt", "Seccomp", "NoNewPrivs", "Umask"):
-            assert forked_status[field] == fresh_status[field], field
-        assert forked_status["PPid"] == fresh_status["PPid"] == str(os.getpid())
-        assert thread_names(forked.pid) == thread_names(fresh.pid)
-        forked_fds, fresh_fds = descriptor_kinds(forked.pid), descriptor_kinds(fresh.pid)
-        # The log and the API socket's directory differ by name only.
-        assert sum(forked_fds.values()) == sum(fresh_fds.values()), (forked_fds, fresh_fds)
-        assert forked_fds["socket"] == fresh_fds["socket"]
-        assert forked_fds["pipe"] == fresh_fds["pipe"]
-        assert forked.client.ping().pid == forked.pid
+        status = status_fields(vm.pid)
+        # This program's child, confined, its files its own only (as a fresh VMM).
+        assert status["PPid"] == status_fields(fresh.pid)["PPid"] == str(os.getpid())
+        assert status["Seccomp"] == status_fields(fresh.pid)["Seccomp"] == "2"
+        assert status["NoNewPrivs"] == "1"
+        assert status["Umask"] == status_fields(fresh.pid)["Umask"] == "0077"
+        # No Python: SIGPIPE ignored; handlers only for SIGSYS (the seccomp
+        # report) and glibc's own two (32, 33); SIGTERM and SIGINT blocked
+        # everywhere and taken from a signalfd.
+        assert int(status["SigIgn"], 16) == 1 << (signal.SIGPIPE - 1)
+        sigsys, glibc = 1 << (signal.SIGSYS - 1), (1 << 31) | (1 << 32)
+        assert int(status["SigCgt"], 16) & ~glibc == sigsys
+        assert int(status["SigBlk"], 16) == SIGINT | SIGTERM
+        assert thread_names(vm.pid) == Counter({"python": 1, "vmm-control": 1})
+        # stdin (/dev/null), the log twice, the control socket, the signalfd: nothing
+        # of the fork server's or of this program's.
+        fds = descriptor_kinds(vm.pid)
+        assert fds == Counter(
+            {"/dev/null": 1, str(vm.log_path): 2, "socket": 1, "anon_inode": 1}
+        ), fds
+        links = {os.readlink(f"/proc/{vm.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{vm.pid}/fd")}
+        assert "anon_inode:[signalfd]" in links
+        assert vm.client.ping().pid == vm.pid
+        # Its VM's threads, each under its own filter too, once booted.
+        vm.boot()
+        vm.serial.wait_for(r"tick \d+", timeout=30)
+        assert thread_names(vm.pid)["vcpu0"] == 1
+        for tid in os.listdir(f"/proc/{vm.pid}/task"):
+            task = Path(f"/proc/{vm.pid}/task/{tid}/status").read_text()
+            assert re.search(r"^Seccomp:\s+2$", task, re.M), (tid, task)
 
 
 def test_the_vmm_takes_the_callers_working_directory(

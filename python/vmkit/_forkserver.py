@@ -4,7 +4,9 @@ Starting ``python -m vmkit`` for each VM costs a fresh interpreter and a cold
 import (~100 ms, ~9 MiB private memory each). The fork server pays that once:
 it imports everything the VMM's API path needs, freezes those objects out of
 the garbage collector's reach (so that forks keep sharing their pages), and
-then, for each spawn, forks a process that becomes ``vmkit --api-socket``.
+then, for each spawn, forks either a VM process that goes straight into Rust
+and never runs Python (``fork_vm``; ``_vmproc``), or a process that becomes
+``vmkit --api-socket`` (``fork``).
 
 The fork is ``clone(CLONE_PARENT)``: the VMM is the *caller's* child, not the
 server's. The caller waits for it and reads its exit status as for any child
@@ -130,14 +132,40 @@ class ForkServer:
             "affinity": sorted(os.sched_getaffinity(0)),
             "nice": os.getpriority(os.PRIO_PROCESS, 0),
         }
-        fds = [stdout, lifeline, ready]
+        return self._request(request, [stdout, lifeline, ready])
+
+    def fork_vm(
+        self,
+        control: int,
+        log: int,
+        api_socket: str,
+        spawn_dir: str | None,
+        verbosity: int,
+        seccomp: str,
+    ) -> int:
+        """Forks a VM process (no Python: ``_vmproc``); returns its pid (a child
+        of this process). ``control`` becomes its control socket, ``log`` its
+        stdout and stderr; it listens on ``api_socket`` and removes
+        ``spawn_dir`` when the control socket closes."""
+        request = {
+            "kind": "vm",
+            "api_socket": api_socket,
+            "spawn_dir": spawn_dir,
+            "verbosity": verbosity,
+            "seccomp": seccomp,
+            "affinity": sorted(os.sched_getaffinity(0)),
+            "nice": os.getpriority(os.PRIO_PROCESS, 0),
+        }
+        return self._request(request, [control, log])
+
+    def _request(self, request: dict[str, Any], fds: list[int]) -> int:
         cwd: int | None
         try:
             cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             cwd = None  # an unreachable working directory: the server's stays
         else:
-            fds.append(cwd)
+            fds = [*fds, cwd]
         try:
             with self._lock:
                 socket.send_fds(self._socket, [json.dumps(request).encode()], fds)
@@ -342,13 +370,37 @@ def serve(fd: int) -> None:
             return  # the caller closed its end or exited
         reply: dict[str, object]
         try:
-            reply = {"pid": _fork_vmm(json.loads(message), fds, requests)}
+            request = json.loads(message)
+            if request.get("kind") == "vm":
+                reply = {"pid": _fork_vm_process(request, fds)}
+            else:
+                reply = {"pid": _fork_vmm(request, fds, requests)}
         except Exception as e:  # a refusal for this request, not the server's end
             reply = {"error": f"{type(e).__name__}: {e}"}
         finally:
             for received in fds:
                 os.close(received)
         requests.send(json.dumps(reply).encode())
+
+
+def _fork_vm_process(request: dict[str, Any], fds: list[int]) -> int:
+    """A VM process: forked straight into Rust, it never runs Python."""
+    from vmkit import _native
+
+    if len(fds) not in (2, 3):
+        raise ValueError(f"expected 2 or 3 descriptors, got {len(fds)}")
+    pid: int = _native.fork_vm_process(
+        fds[0],
+        fds[1],
+        fds[2] if len(fds) == 3 else None,
+        request["api_socket"],
+        request.get("spawn_dir"),
+        list(request.get("affinity") or []),
+        int(request["nice"]),
+        int(request["verbosity"]),
+        str(request["seccomp"]),
+    )
+    return pid
 
 
 def _fork_vmm(request: dict[str, Any], fds: list[int], requests: socket.socket) -> int:

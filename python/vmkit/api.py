@@ -629,7 +629,10 @@ class ApiServer:
             if sock.family != socket.AF_UNIX:
                 sock.detach()
                 raise OSError(f"fd {self.fd} is not a UNIX domain socket")
-            sock.listen(128)
+            # listen() again would also make this process the one clients'
+            # SO_PEERCRED names: a socket a VM process listens on stays its.
+            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                sock.listen(128)
         else:
             assert self.path is not None
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

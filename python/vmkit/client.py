@@ -46,7 +46,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from vmkit import _apiwire, _forkserver
 from vmkit.config import (
@@ -63,6 +63,9 @@ from vmkit.config import (
     VsockConfig,
 )
 from vmkit.vm import VmError, VmExit, VmInfo
+
+if TYPE_CHECKING:
+    from vmkit import _vmproc
 
 __all__ = [
     "ApiConnectionError",
@@ -634,6 +637,7 @@ def _end_process(
     timeout: float,
     lifeline: int | None = None,
     owned: list[tuple[int, int]] | None = None,
+    vm_process: _vmproc.VmProcess | None = None,
 ) -> None:
     """Ends the VMM process (see ``_stop_process``) and removes its files.
 
@@ -641,6 +645,12 @@ def _end_process(
     on (its identity is in ``owned``): a path vmkit did not create stays.
     """
     try:
+        if vm_process is not None and process.poll() is None:
+            # The VM process shuts its VM down and exits while this side closes.
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+        if vm_process is not None:
+            vm_process.close()
         _stop_process(process, timeout)
     finally:
         if lifeline is not None:
@@ -656,7 +666,7 @@ def _end_process(
 
 
 class SpawnedVm:
-    """A VM in a ``vmkit --api-socket`` child process.
+    """A VM in a VMM child process (see ``spawn``).
 
     Made by ``spawn`` / ``Vm.spawn``. It has the in-process ``Vm``'s methods
     (boot, pause, resume, shutdown, reboot, power_button, wait, state, info,
@@ -681,6 +691,7 @@ class SpawnedVm:
         log: IO[bytes] | None,
         stop_timeout: float,
         lifeline: int | None = None,
+        vm_process: _vmproc.VmProcess | None = None,
     ) -> None:
         self.process = process
         self.client = client
@@ -705,6 +716,7 @@ class SpawnedVm:
             stop_timeout,
             lifeline,
             self._owned_socket,
+            vm_process,
         )
 
     @property
@@ -893,16 +905,23 @@ def spawn(
     env: Mapping[str, str] | None = None,
     fresh_interpreter: bool = False,
 ) -> SpawnedVm:
-    """Starts ``vmkit --api-socket <path>`` in a new process and creates ``config`` there.
+    """Starts a VMM process serving the HTTP API on ``<path>`` and creates ``config`` there.
 
     The process is forked from this program's VMM fork server (started on the
-    first spawn: a pre-imported interpreter, so each VMM costs a fork instead
-    of an interpreter start and an import): it is this program's child and
-    starts as a fresh one would, with nothing of the server's or this
-    program's but what is listed below, and this program's environment (or
-    ``env``), working directory, umask, CPU affinity and niceness as they are
-    now. ``fresh_interpreter=True`` starts ``python -m vmkit`` instead, as
-    does an ``env`` whose ``PYTHON*`` variables differ from the server's.
+    first spawn, once) straight into Rust: a VM process that runs the VM and
+    no Python (``vmkit._vmproc``), so that it costs about what a Cloud
+    Hypervisor process costs. It is this program's child, holds nothing of
+    the server's or this program's but its log, /dev/null and its control
+    socket, and takes this program's working directory, CPU affinity and
+    niceness as they are now (umask 077, as v37). This program keeps the
+    VMM's policy for it: the HTTP API on the socket the VM process made and
+    listens on (so connections name the VM process), and Cloud Hypervisor's
+    state rules; the VM process stops its VM and exits when this program
+    goes away. ``vmm_args`` other than ``-v``, an ``env``, or
+    ``fresh_interpreter=True`` run the ``vmkit --api-socket`` command instead
+    (forked from the server as a pre-imported interpreter, or started fresh
+    with ``fresh_interpreter`` or ``PYTHON*`` variables that differ from the
+    server's), which serves the API itself.
 
     The VMM starts idle (no payload on its command line); once it answers
     ``vmm.ping``, ``vm.create`` sends ``config`` (``None`` skips that). The
@@ -960,6 +979,27 @@ def spawn(
         child_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (root, child_env.get("PYTHONPATH", "")) if p
         )
+    verbosity = _vm_process_verbosity(vmm_args)
+    if not fresh_interpreter and env is None and verbosity is not None:
+        vm_process = _start_vm_process(
+            child_env, socket_path, tmpdir, log, verbosity, startup_timeout
+        )
+        if vm_process is not None:
+            client = _ChildClient(socket_path, vm_process.process.pid, timeout=request_timeout)
+            vm = SpawnedVm(
+                vm_process.process, client, tmpdir, serial_path, log_path, log, stop_timeout,
+                vm_process=vm_process,
+            )  # fmt: skip
+            try:
+                identity = _socket_identity(socket_path)
+                if identity is not None:
+                    vm._owned_socket.append(identity)
+                if config is not None:
+                    client.create(config)
+            except BaseException:
+                vm.close()
+                raise
+            return vm
     # A lifeline: the child sees EOF on it when this process goes away, even
     # by SIGKILL, and then shuts its VM down and removes the directory.
     lifeline_read, lifeline = os.pipe()
@@ -1015,6 +1055,51 @@ def spawn(
         vm.close()
         raise
     return vm
+
+
+def _vm_process_verbosity(vmm_args: Sequence[str]) -> int | None:
+    """The ``-v`` count when ``vmm_args`` holds nothing else (a VM process
+    takes only that); None when another option needs the Python VMM."""
+    count = 0
+    for word in vmm_args:
+        if word.startswith("-") and word[1:] and set(word[1:]) == {"v"}:
+            count += len(word) - 1
+        else:
+            return None
+    return count
+
+
+def _start_vm_process(
+    env: Mapping[str, str],
+    socket_path: Path,
+    tmpdir: Path,
+    log: IO[bytes],
+    verbosity: int,
+    timeout: float,
+) -> _vmproc.VmProcess | None:
+    """A VM process from this program's fork server, or None when the server
+    cannot start one (``env``'s PYTHON* differ from its own)."""
+    from vmkit import _vmproc
+
+    for attempt in (1, 2):
+        server = _forkserver.shared_server(env)
+        if server is None:
+            return None
+        try:
+            return _vmproc.VmProcess(
+                server,
+                api_socket=str(socket_path),
+                spawn_dir=str(tmpdir),
+                log=log.fileno(),
+                verbosity=verbosity,
+                seccomp="true",
+                timeout=timeout,
+            )
+        except _forkserver.ForkServerError as e:
+            if server.alive or attempt == 2:
+                raise VmError(f"Cannot start a VMM: {e}", "Spawn") from e
+            # The server was gone (killed, or ended with its terminal): a new one.
+    return None
 
 
 def _wait_until_up(vm: SpawnedVm, timeout: float, ready: int) -> None:

@@ -224,6 +224,18 @@ class Vm:
         self._closed = False
         self.serial = SerialConsole(self._handle)
 
+    @classmethod
+    def _adopt(cls, config: VmConfig, handle: Any) -> Vm:
+        """A Vm around ``handle``, which behaves as ``_native.VmHandle`` (a VM
+        in a VM process: ``_vmproc.RemoteVmHandle``) and has validated ``config``."""
+        vm = cls.__new__(cls)
+        config.iommu = handle.iommu
+        vm._handle = handle
+        vm.config = config
+        vm._closed = False
+        vm.serial = SerialConsole(handle)
+        return vm
+
     def _live(self) -> _native.VmHandle:
         if self._closed:
             raise ValueError("I/O operation on closed VM")

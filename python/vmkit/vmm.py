@@ -46,7 +46,7 @@ from vmkit.config import (
     VsockConfig,
 )
 from vmkit.errors import ConfigError
-from vmkit.vm import Vm, VmError, VmExit
+from vmkit.vm import Vm, VmError, VmExit, seccomp_value
 
 __all__ = ["ApiError", "EventMonitor", "Vmm", "rust_debug_str"]
 
@@ -191,7 +191,10 @@ class Vmm:
 
     ``events``: where to report events (``--event-monitor``), or None.
     ``watchdog_timeout`` (None: no hang detector, as in Cloud Hypervisor), ``lock_disks``,
-    ``seccomp``: passed to each ``Vm``. The attributes
+    ``seccomp``: passed to each ``Vm``. ``vm_factory(config, watchdog_timeout,
+    lock_disks, seccomp)`` makes the ``Vm`` instead of ``Vm(...)`` (a VM process's,
+    ``_vmproc``), and ``pid`` is the VMM process ``vmm.ping`` names (this one by
+    default). The attributes
     ``config`` and ``vm`` are the VMM's two layers; read them under ``lock``.
     """
 
@@ -202,7 +205,11 @@ class Vmm:
         watchdog_timeout: float | None = None,
         lock_disks: bool = True,
         seccomp: bool | str = True,
+        vm_factory: Callable[[VmConfig, float | None, bool, str], Vm] | None = None,
+        pid: int | None = None,
     ) -> None:
+        self.vm_factory = vm_factory
+        self.pid = pid
         self.config: VmConfig | None = None
         self.vm: Vm | None = None
         self.events = events
@@ -220,6 +227,8 @@ class Vmm:
         self._shut_down = False
         #: descriptors received through the API (add-net), closed when their device goes.
         self._owned_fds: set[int] = set()
+        #: the threads waiting for a booted VM to stop (``_watch``); ``close`` joins them.
+        self._watchers: list[threading.Thread] = []
 
     # -- events and exit -------------------------------------------------------------------
 
@@ -267,7 +276,7 @@ class Vmm:
         return {
             "build_version": f"vmkit v{__version__}",
             "version": __version__,
-            "pid": os.getpid(),
+            "pid": os.getpid() if self.pid is None else self.pid,
             "features": list(FEATURES),
         }
 
@@ -284,8 +293,13 @@ class Vmm:
                 self.emit("vmm", "shutdown")
 
     def close(self) -> None:
-        """Shuts down and forgets any VM (``vmm_shutdown`` without exit)."""
+        """Shuts down and forgets any VM (``vmm_shutdown`` without exit);
+        returns once the threads that waited for it are gone."""
         self.vmm_shutdown()
+        current = threading.current_thread()
+        for watcher in self._watchers:
+            if watcher is not current:
+                watcher.join()
         with self._exit_lock:
             if self._exit_fd is not None:
                 os.close(self._exit_fd)
@@ -326,12 +340,17 @@ class Vmm:
             config = copy.deepcopy(self.config)
             # Vm validates the config (ConfigError) and refuses what the VMM cannot do.
             try:
-                vm = Vm(
-                    config,
-                    watchdog_timeout=self.watchdog_timeout,
-                    lock_disks=self.lock_disks,
-                    seccomp=self.seccomp,
-                )
+                if self.vm_factory is not None:
+                    vm = self.vm_factory(
+                        config, self.watchdog_timeout, self.lock_disks, seccomp_value(self.seccomp)
+                    )
+                else:
+                    vm = Vm(
+                        config,
+                        watchdog_timeout=self.watchdog_timeout,
+                        lock_disks=self.lock_disks,
+                        seccomp=self.seccomp,
+                    )
             except ConfigError as e:
                 raise ApiError(f"Failed to validate config: {e}") from None
             except VmError as e:
@@ -345,7 +364,11 @@ class Vmm:
                 raise ApiError(str(e)) from None
             self.vm = vm
             self._booted(vm)
-            threading.Thread(target=self._watch, args=(vm,), name="vmm-watch", daemon=True).start()
+            watcher = threading.Thread(
+                target=self._watch, args=(vm,), name="vmm-watch", daemon=True
+            )
+            self._watchers = [t for t in self._watchers if t.is_alive()] + [watcher]
+            watcher.start()
 
     def _booted(self, vm: Vm) -> None:
         cpus = vm.config.cpus.boot_vcpus

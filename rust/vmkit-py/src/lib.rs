@@ -23,6 +23,7 @@ use vmkit_config::{
     VdpaConfig, VmConfig, VmParams, VsockConfig,
 };
 
+mod child;
 mod from_python;
 mod logging;
 mod to_python;
@@ -531,6 +532,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(vm::test_guest_image, m)?)?;
     m.add_function(wrap_pyfunction!(vm::confine_process, m)?)?;
     m.add_function(wrap_pyfunction!(vm::fork_sibling, m)?)?;
+    m.add_function(wrap_pyfunction!(child::fork_vm_process, m)?)?;
     m.add_function(wrap_pyfunction!(logging::install_logging, m)?)?;
     m.add_function(wrap_pyfunction!(logging::set_log_level, m)?)?;
     m.add_function(wrap_pyfunction!(logging::flush_logs, m)?)?;

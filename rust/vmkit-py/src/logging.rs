@@ -34,6 +34,8 @@ struct QueueLogger {
     done: AtomicU64,
     dropped_since_report: AtomicU64,
     stopped: AtomicBool,
+    /// Set in a VM process (`child`): no Python there, records go to stderr.
+    to_stderr: AtomicBool,
 }
 
 static LOGGER: OnceLock<&'static QueueLogger> = OnceLock::new();
@@ -45,6 +47,10 @@ impl log::Log for QueueLogger {
 
     fn log(&self, record: &log::Record<'_>) {
         if !self.enabled(record.metadata()) || self.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.to_stderr.load(Ordering::Relaxed) {
+            write_stderr(record);
             return;
         }
         let thread = thread::current();
@@ -107,6 +113,7 @@ pub fn install_logging(emit: Bound<'_, PyAny>) -> PyResult<()> {
             done: AtomicU64::new(0),
             dropped_since_report: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
+            to_stderr: AtomicBool::new(false),
         }));
         if let Err(e) = log::set_logger(logger) {
             result = Err(PyRuntimeError::new_err(format!(
@@ -193,4 +200,63 @@ pub fn test_hook_log(py: Python<'_>, level: &str, message: &str, count: usize) -
             .join()
             .map_err(|_| PyRuntimeError::new_err("the test log thread panicked"))
     })
+}
+
+/// When the process's stderr log began (`log_to_stderr`).
+static STDERR_START: OnceLock<Instant> = OnceLock::new();
+
+/// Writes `record` to stderr as the `vmkit` command's log handler does:
+/// `vmkit: <elapsed>: <<thread>> <LEVEL>:<file>:<line> -- <message>`.
+fn write_stderr(record: &log::Record<'_>) {
+    use std::io::Write;
+
+    let elapsed = STDERR_START.get_or_init(Instant::now).elapsed();
+    let thread = thread::current();
+    let name = thread.name().unwrap_or("anonymous");
+    let line = match (record.file(), record.line()) {
+        (Some(file), Some(line)) => format!(
+            "vmkit: {elapsed:.6?}: <{name}> {}:{file}:{line} -- {}\r\n",
+            record.level(),
+            record.args()
+        ),
+        _ => format!(
+            "vmkit: {elapsed:.6?}: <{name}> {}:{} -- {}\r\n",
+            record.level(),
+            record.target(),
+            record.args()
+        ),
+    };
+    // One write per record, so that lines of different threads do not mix.
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            write_stderr(record);
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// In a process without Python (a VM process): every record from now on goes
+/// to stderr at `level` and above, whether or not the Python bridge was
+/// installed before the fork (its drain thread did not survive it).
+pub(crate) fn log_to_stderr(level: log::LevelFilter) {
+    STDERR_START.get_or_init(Instant::now);
+    match LOGGER.get() {
+        Some(logger) => logger.to_stderr.store(true, Ordering::Relaxed),
+        None => {
+            static STDERR_LOGGER: StderrLogger = StderrLogger;
+            let _ = log::set_logger(&STDERR_LOGGER);
+        }
+    }
+    log::set_max_level(level);
 }

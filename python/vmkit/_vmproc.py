@@ -1,0 +1,327 @@
+"""VM processes without Python: what ``Vm.spawn`` runs.
+
+A VM process is forked from the fork server straight into Rust
+(``rust/vmkit-py/src/child.rs``) and runs one VM; a forked interpreter would
+write megabytes of the server's pages as it runs, a process that runs no
+Python writes almost none. This program keeps the VMM's policy: a ``Vmm``
+(Cloud Hypervisor's rules and states) whose ``Vm`` objects drive the VM
+process over its control socket (``RemoteVmHandle``), and the HTTP API served
+on the socket the VM process listens on. The VM process made and listens on
+that socket, so connections to it name the VM process (SO_PEERCRED), and
+``ch-remote``, ``vmkit remote`` and ``SpawnedVm`` talk to it as to any VMM.
+
+The VM process shuts its VM down and exits when this program says so (the
+``Vmm`` asked to exit: ``vmm.shutdown``, the guest powering off), on SIGTERM
+or SIGINT, or when the control socket closes (this program is gone; it then
+removes the spawn directory too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import threading
+
+from vmkit.vm import Vm, VmError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from vmkit._forkserver import ForkedProcess, ForkServer
+    from vmkit.api import ApiServer
+    from vmkit.config import VmConfig
+    from vmkit.vmm import Vmm
+
+__all__ = ["RemoteVmHandle", "VmProcess"]
+
+_MAX_MESSAGE = 1 << 20
+
+
+class _Gone(VmError):
+    def __init__(self, detail: str = "") -> None:
+        super().__init__("The VM process is gone" + (f": {detail}" if detail else ""), "Stopped")
+
+
+class ControlChannel:
+    """Requests to a VM process, one at a time: ``call`` returns the answer
+    (and a descriptor it carried) or raises the VM's VmError."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._socket = sock
+        self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def call(self, op: str, **fields: Any) -> tuple[Any, int | None]:
+        message = json.dumps({"op": op, **fields}).encode()
+        with self._lock:
+            try:
+                self._socket.send(message)
+                data, fds, _flags, _address = socket.recv_fds(self._socket, _MAX_MESSAGE, 1)
+            except OSError as e:
+                raise _Gone(str(e)) from None
+        if not data:
+            for received in fds:
+                os.close(received)
+            raise _Gone()
+        reply = json.loads(data)
+        fd = fds[0] if fds else None
+        if "error" in reply:
+            if fd is not None:
+                os.close(fd)
+            error = reply["error"]
+            raise VmError(str(error["message"]), str(error["kind"]))
+        return reply["ok"], fd
+
+    def value(self, op: str, **fields: Any) -> Any:
+        return self.call(op, **fields)[0]
+
+    def exit(self, code: int) -> None:
+        """Tells the VM process to end with status ``code`` (no answer comes)."""
+        with self._lock:
+            try:
+                self._socket.send(json.dumps({"op": "exit", "code": code}).encode())
+            except OSError:
+                pass  # gone already
+
+    def close(self) -> None:
+        with self._lock:
+            self._socket.close()
+
+
+class RemoteVmHandle:
+    """``_native.VmHandle``'s interface, carried out in a VM process.
+
+    Waits happen here, on the VM's exit eventfd (received with ``new``), so
+    that the VM process answers every request at once. The serial capture
+    stays in the VM process: a spawned VM's serial output goes to its file.
+    """
+
+    def __init__(
+        self,
+        channel: ControlChannel,
+        config: VmConfig,
+        watchdog_timeout: float | None,
+        lock_disks: bool,
+        seccomp: str,
+    ) -> None:
+        self._channel = channel
+        # Validation errors as Vm(config) raises them, from Rust in this process.
+        config.validate()
+        _ok, fd = channel.call(
+            "new",
+            config=config.to_dict(),
+            watchdog_timeout=watchdog_timeout,
+            lock_disks=lock_disks,
+            seccomp=seccomp,
+        )
+        if fd is None:
+            raise VmError("The VM process sent no exit descriptor", "Device")
+        self._exit_fd = fd
+        self.iommu: bool = bool(channel.value("iommu"))
+        self._closed = False
+
+    def __del__(self) -> None:
+        fd, self._exit_fd = self._exit_fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    @property
+    def exit_fd(self) -> int:
+        return self._exit_fd
+
+    def boot(self) -> None:
+        self._channel.call("boot")
+
+    def pause(self) -> None:
+        self._channel.call("pause")
+
+    def resume(self) -> None:
+        self._channel.call("resume")
+
+    def shutdown(self) -> None:
+        try:
+            self._channel.call("shutdown")
+        except _Gone:
+            pass  # the process ended, and its VM with it: stopped either way
+
+    def reboot(self) -> None:
+        self._channel.call("reboot")
+
+    def power_button(self) -> None:
+        self._channel.call("power_button")
+
+    def device_events(self, since: int) -> list[tuple[str, str]]:
+        try:
+            events = self._channel.value("device_events", since=since)
+        except _Gone:
+            return []
+        return [(str(kind), str(device)) for kind, device in events]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._channel.call("close")
+        except _Gone:
+            pass  # the process took its VM with it
+
+    def release(self) -> None:
+        try:
+            self._channel.call("release")
+        except _Gone:
+            pass
+
+    def wait(self, timeout: float | None = None) -> tuple[str, str] | None:
+        poller = select.poll()
+        poller.register(self._exit_fd, select.POLLIN)
+        if not poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
+            return None
+        try:
+            result = self._channel.value("wait")
+        except _Gone as e:
+            return ("vmm-error", str(e))
+        return None if result is None else (str(result[0]), str(result[1]))
+
+    @property
+    def state(self) -> str:
+        try:
+            return str(self._channel.value("state"))
+        except _Gone:
+            return "Shutdown"
+
+    def serial_read(self, offset: int) -> tuple[int, bytes]:
+        raise VmError(
+            "A spawned VM's serial output is in its file (SpawnedVm.serial)", "Unsupported"
+        )
+
+    def serial_wait(self, offset: int, timeout: float) -> bool:
+        return False
+
+    def debug_port_writes(self) -> list[tuple[int, float, float]]:
+        writes = self._channel.value("debug_port_writes")
+        return [(int(v), float(s), float(m)) for v, s, m in writes]
+
+    def runtime_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = self._channel.value("runtime_info")
+        return info
+
+    def live_config(self) -> VmConfig | None:
+        from vmkit.config import VmConfig
+
+        data = self._channel.value("live_config")
+        return None if data is None else VmConfig.from_dict(data)
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        counters: dict[str, dict[str, int]] = self._channel.value("counters")
+        return counters
+
+
+class VmProcess:
+    """This program's side of one VM process: the control channel, the
+    ``Vmm`` whose VMs run there, the HTTP API on its socket, and a thread that
+    ends the process when the ``Vmm`` asks to exit (and closes this side
+    when the process ends by itself)."""
+
+    def __init__(
+        self,
+        server: ForkServer,
+        *,
+        api_socket: str,
+        spawn_dir: str | None,
+        log: int,
+        verbosity: int,
+        seccomp: str,
+        timeout: float,
+    ) -> None:
+        from vmkit._forkserver import ForkedProcess
+        from vmkit.api import ApiServer
+        from vmkit.vmm import Vmm
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = server.fork_vm(theirs.fileno(), log, api_socket, spawn_dir, verbosity, seccomp)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.process: ForkedProcess = ForkedProcess(pid, ["vmkit", "--api-socket", api_socket])
+        try:
+            ours.settimeout(timeout)
+            data, fds, _flags, _address = socket.recv_fds(ours, _MAX_MESSAGE, 1)
+            ours.settimeout(None)
+        except OSError as e:
+            ours.close()
+            self.process.kill()
+            self.process.wait()
+            raise VmError(f"The VM process did not start in {timeout} s: {e}", "Spawn") from e
+        reply = json.loads(data) if data else {}
+        if "ready" not in reply or not fds:
+            for fd in fds:
+                os.close(fd)
+            ours.close()
+            status = self.process.wait()
+            detail = reply.get("error") or f"it exited with status {status}"
+            raise VmError(f"The VM process did not start: {detail}", "Spawn")
+        self.channel = ControlChannel(ours)
+        self.vmm: Vmm = Vmm(seccomp=seccomp, vm_factory=self._new_vm, pid=pid)
+        self.server: ApiServer = ApiServer(self.vmm, fd=fds[0])
+        self.server.start()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._supervisor = threading.Thread(
+            target=self._supervise, name=f"vm-process-{pid}", daemon=True
+        )
+        self._supervisor.start()
+
+    def _new_vm(
+        self, config: VmConfig, watchdog_timeout: float | None, lock_disks: bool, seccomp: str
+    ) -> Vm:
+        handle = RemoteVmHandle(self.channel, config, watchdog_timeout, lock_disks, seccomp)
+        return Vm._adopt(config, handle)
+
+    def _supervise(self) -> None:
+        """Ends the VM process with the Vmm's exit status when it asks to
+        exit; closes this side once the process is gone either way."""
+        poller = select.poll()
+        poller.register(self.vmm.exit_fd(), select.POLLIN)
+        poller.register(self.channel.fileno(), 0)  # POLLHUP: the process ended
+        poller.register(self._wake_r, select.POLLIN)  # close()
+        try:
+            poller.poll()
+            self._close(self.vmm.wait_exit(0))
+        finally:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _close(self, code: int | None) -> None:
+        # Held throughout: a second caller returns once everything is closed.
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            if threading.current_thread() is not self._supervisor:
+                os.write(self._wake_w, b"x")  # the supervisor ends
+            if code is None:
+                # Not the Vmm's own exit: the VM process stops as this side
+                # closes (its control socket's end), in parallel.
+                self.channel.close()
+            self.server.close()
+            self.vmm.close()
+            if code is not None:
+                self.channel.exit(code)
+                self.channel.close()
+
+    def close(self) -> None:
+        """Closes this side (the process, if still running, sees its control
+        socket close and shuts its VM down); returns once its threads are gone."""
+        self._close(None)
+        if threading.current_thread() is not self._supervisor:
+            self._supervisor.join()

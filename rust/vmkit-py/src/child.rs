@@ -1,0 +1,461 @@
+//! `Vm.spawn`'s VM process: forked from the fork server straight into Rust,
+//! it runs one VM and no Python at all, so it costs about what Cloud
+//! Hypervisor's process costs (a forked interpreter writes megabytes of the
+//! server's pages as it runs).
+//!
+//! The program that spawned it keeps the policy (Cloud Hypervisor's VMM
+//! rules, the HTTP API on the socket this process listens on, events): it
+//! drives this process's VM over the control socket, one JSON request at a
+//! time (`vmkit._vmproc`). This process does what it is told, and shuts its
+//! VM down and exits when told to, on SIGTERM or SIGINT, or when the control
+//! socket closes (the spawning program is gone).
+//!
+//! Requests are `{"op": ..., ...}` objects; each is answered with
+//! `{"ok": value}` or `{"error": {"kind": ..., "message": ...}}`. The answer
+//! to `new` carries the VM's exit eventfd (SCM_RIGHTS); `exit` is not
+//! answered: the process ends with the given status.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::exceptions::{PyOSError, PyRuntimeError};
+use pyo3::prelude::*;
+use serde_json::{json, Value};
+use vmkit_config::VmConfig;
+use vmkit_vmm::process::{Forked, SeqPacket, SignalFd, VmProcessSetup, CONTROL_FD};
+use vmkit_vmm::seccomp::{SeccompMode, ThreadKind};
+use vmkit_vmm::{StopReason, Vm, VmOptions};
+
+/// The largest request or answer (a config with many devices fits).
+const MAX_MESSAGE: usize = 1 << 20;
+
+/// What the VM process is set up with, copied before the fork.
+struct Setup {
+    process: VmProcessSetup,
+    api_socket: PathBuf,
+    spawn_dir: Option<PathBuf>,
+    log_level: log::LevelFilter,
+    seccomp: SeccompMode,
+}
+
+/// Forks the VM process (a sibling of this process: the caller of the fork
+/// server is its parent) and returns its pid. The new process never returns
+/// to Python: it is this module's `vm_process_main`. `control` becomes its
+/// control socket, `log` its stdout and stderr, `cwd` (a directory fd) its
+/// working directory; it listens on `api_socket` and sends the listening
+/// socket back first; when the control socket closes it also removes
+/// `spawn_dir`.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (control, log, cwd, api_socket, spawn_dir, affinity, nice, verbosity, seccomp))]
+pub fn fork_vm_process(
+    py: Python<'_>,
+    control: RawFd,
+    log: RawFd,
+    cwd: Option<RawFd>,
+    api_socket: PathBuf,
+    spawn_dir: Option<PathBuf>,
+    affinity: Vec<usize>,
+    nice: i32,
+    verbosity: u8,
+    seccomp: &str,
+) -> PyResult<i32> {
+    let _ = py; // held across the fork; the child never uses it again
+    let seccomp = SeccompMode::parse(seccomp)
+        .ok_or_else(|| PyRuntimeError::new_err(format!("bad seccomp mode {seccomp:?}")))?;
+    let log_level = match verbosity {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    let setup = Setup {
+        process: VmProcessSetup {
+            control,
+            log,
+            cwd,
+            affinity,
+            nice,
+        },
+        api_socket,
+        spawn_dir,
+        log_level,
+        seccomp,
+    };
+    // SAFETY: fork_sibling refuses a multi-threaded process (the fork server
+    // is single-threaded), so no lock is held by a thread that the child
+    // lacks; the child runs only Rust (`vm_process_main`) and ends with
+    // _exit, never returning into the interpreter, whose fork bookkeeping
+    // (PyOS_AfterFork_Child) it therefore does not need.
+    match unsafe { vmkit_vmm::process::fork_sibling() } {
+        Ok(Forked::Caller { child }) => Ok(child),
+        Ok(Forked::Child) => {
+            let code = std::panic::catch_unwind(move || vm_process_main(setup)).unwrap_or(70);
+            vmkit_vmm::process::exit_now(code)
+        }
+        Err(e) => Err(match e.raw_os_error() {
+            Some(code) => PyOSError::new_err((code, e.to_string())),
+            None => PyRuntimeError::new_err(e.to_string()),
+        }),
+    }
+}
+
+/// The VM process: set up as a fresh process would be, then served until
+/// told to exit. Returns the exit status.
+///
+/// Everything runs on a thread of its own: glibc gives it a fresh malloc
+/// arena, where the VM process's allocations do not land in free chunks all
+/// over the fork server's heap (the main thread's arena), each copying the
+/// page it is on. Signals are set up first, here: the mask is per thread.
+fn vm_process_main(setup: Setup) -> i32 {
+    if let Err(e) = vmkit_vmm::process::reset_signals() {
+        eprintln!("vmkit: cannot set up the VM process's signals: {e}");
+        return 1;
+    }
+    let body = std::thread::Builder::new()
+        .name("vmm-control".to_owned())
+        .spawn(move || vm_process_body(setup));
+    match body {
+        Ok(thread) => thread.join().unwrap_or(70),
+        Err(e) => {
+            eprintln!("vmkit: cannot start the VM process's thread: {e}");
+            1
+        }
+    }
+}
+
+fn vm_process_body(setup: Setup) -> i32 {
+    if let Err(e) = vmkit_vmm::process::set_up_vm_process(&setup.process) {
+        eprintln!("vmkit: cannot set up the VM process: {e}");
+        return 1;
+    }
+    crate::logging::log_to_stderr(setup.log_level);
+    let control = Control(SeqPacket(CONTROL_FD));
+    let signals = match SignalFd::new() {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("vmkit: signalfd: {e}");
+            return 1;
+        }
+    };
+    let listener = match UnixListener::bind(&setup.api_socket) {
+        Ok(listener) => listener,
+        Err(e) => {
+            // As the `vmkit` command words it (see cli._serve).
+            let message =
+                format!("Failed to start the VMM thread: Error creation API server's socket {e:?}");
+            let _ = control.send(&json!({ "error": message }), None);
+            eprintln!("{message}");
+            return 1;
+        }
+    };
+    let socket_file = SocketFile::new(&setup.api_socket);
+    let ready = json!({ "ready": { "pid": std::process::id() } });
+    let sent = control.send(&ready, Some(listener.as_raw_fd()));
+    // The spawning program accepts on its copy; the socket file is ours.
+    drop(listener);
+    if sent.is_err() {
+        socket_file.remove();
+        return 1;
+    }
+    // Every thread (the main one waits for this one) under the filter.
+    if let Err(e) = vmkit_vmm::seccomp::confine_process(ThreadKind::Process, setup.seccomp) {
+        eprintln!("vmkit: seccomp: {e}");
+        socket_file.remove();
+        return 1;
+    }
+    let mut state = State { vm: None };
+    let (code, orphaned) = serve(&control, &signals, &mut state);
+    if let Some(vm) = state.vm.take() {
+        vm.close();
+    }
+    socket_file.remove();
+    if orphaned {
+        if let Some(dir) = &setup.spawn_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    code
+}
+
+/// The API socket's file, removed at the end only if it is still the one
+/// this process made (someone may have put another socket in its place).
+struct SocketFile {
+    path: PathBuf,
+    identity: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    fn new(path: &std::path::Path) -> SocketFile {
+        use std::os::unix::fs::MetadataExt;
+
+        let identity = std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        SocketFile {
+            path: path.to_owned(),
+            identity,
+        }
+    }
+
+    fn remove(&self) {
+        use std::os::unix::fs::MetadataExt;
+
+        let now = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if now.is_some() && now == self.identity {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The control socket, in JSON messages.
+struct Control(SeqPacket);
+
+impl Control {
+    fn send(&self, value: &Value, fd: Option<RawFd>) -> std::io::Result<()> {
+        let text = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+        self.0.send(&text, fd)
+    }
+}
+
+struct State {
+    vm: Option<Arc<Vm>>,
+}
+
+/// Answers requests until told to exit, a signal, or the end of the control
+/// socket. Returns (exit status, whether the spawning program is gone).
+fn serve(control: &Control, signals: &SignalFd, state: &mut State) -> (i32, bool) {
+    // One buffer for every request: allocated once (untouched zero pages
+    // until a request fills them), never the size of the largest each time.
+    let mut buffer = vec![0u8; MAX_MESSAGE];
+    loop {
+        let Ok(ready) = vmkit_vmm::process::wait_readable(&[CONTROL_FD, signals.as_raw_fd()])
+        else {
+            return (1, false);
+        };
+        if ready[1] {
+            // SIGTERM or SIGINT: what `vmm.shutdown` does, then status 0.
+            return (0, false);
+        }
+        if !ready[0] {
+            continue;
+        }
+        let message = match control.0.receive_into(&mut buffer) {
+            Ok((length, _fd)) => &buffer[..length],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                let _ = control.send(&error("Unsupported", &format!("request: {e}")), None);
+                continue;
+            }
+            Err(_) => return (0, true),
+        };
+        if message.is_empty() {
+            return (0, true); // the spawning program closed its end or exited
+        }
+        let request: Value = match serde_json::from_slice(message) {
+            Ok(request) => request,
+            Err(e) => {
+                let _ = control.send(&error("Unsupported", &format!("bad request: {e}")), None);
+                continue;
+            }
+        };
+        if request["op"] == "exit" {
+            let code = request["code"].as_i64().unwrap_or(0);
+            return (i32::try_from(code).unwrap_or(1), false);
+        }
+        let (answer, fd) = handle(state, &request);
+        if control.send(&answer, fd).is_err() {
+            return (0, true);
+        }
+    }
+}
+
+fn error(kind: &str, message: &str) -> Value {
+    json!({ "error": { "kind": kind, "message": message } })
+}
+
+fn vm_error(e: vmkit_vmm::Error) -> Value {
+    error(e.kind.name(), &e.message)
+}
+
+fn done(result: vmkit_vmm::Result<()>) -> Value {
+    match result {
+        Ok(()) => json!({ "ok": null }),
+        Err(e) => vm_error(e),
+    }
+}
+
+fn exit_value(reason: Option<StopReason>) -> Value {
+    match reason {
+        Some(reason) => json!([reason.kind(), reason.message()]),
+        None => Value::Null,
+    }
+}
+
+/// One request on the VM; the answer and a descriptor to send with it.
+fn handle(state: &mut State, request: &Value) -> (Value, Option<RawFd>) {
+    let op = request["op"].as_str().unwrap_or("");
+    if op == "new" {
+        return new_vm(state, request);
+    }
+    let Some(vm) = state.vm.clone() else {
+        return (error("State", "no VM in this process"), None);
+    };
+    let answer = match op {
+        "boot" => done(vm.boot()),
+        "pause" => done(vm.pause()),
+        "resume" => done(vm.resume()),
+        "shutdown" => done(vm.shutdown()),
+        "reboot" => done(vm.reboot()),
+        "power_button" => done(vm.power_button()),
+        "close" => {
+            vm.close();
+            json!({ "ok": null })
+        }
+        "release" => {
+            vm.release();
+            json!({ "ok": null })
+        }
+        // Never blocks: the spawning program waits on the exit eventfd.
+        "wait" => json!({ "ok": exit_value(vm.wait(Some(Duration::ZERO))) }),
+        "state" => json!({ "ok": vm.state().to_string() }),
+        "device_events" => {
+            let since = request["since"].as_u64().unwrap_or(0) as usize;
+            json!({ "ok": vm.device_events(since) })
+        }
+        "debug_port_writes" => {
+            let writes: Vec<Value> = vm
+                .debug_port_writes()
+                .iter()
+                .map(|w| {
+                    json!([
+                        w.value,
+                        w.since_creation.as_secs_f64(),
+                        w.monotonic_ns as f64 / 1e9
+                    ])
+                })
+                .collect();
+            json!({ "ok": writes })
+        }
+        "runtime_info" => json!({ "ok": runtime_info(&vm) }),
+        "live_config" => {
+            if vm.info().boots == 0 {
+                json!({ "ok": null })
+            } else {
+                match serde_json::to_value(vm.config()) {
+                    Ok(config) => json!({ "ok": config }),
+                    Err(e) => error("Device", &e.to_string()),
+                }
+            }
+        }
+        "iommu" => json!({ "ok": vm.config().iommu }),
+        "counters" => match vm.counters() {
+            Ok(counters) => {
+                let map: serde_json::Map<String, Value> = counters
+                    .into_iter()
+                    .map(|(id, values)| (id, json!(values)))
+                    .collect();
+                json!({ "ok": map })
+            }
+            Err(e) => vm_error(e),
+        },
+        other => error("Unsupported", &format!("unknown request {other:?}")),
+    };
+    (answer, None)
+}
+
+/// `new`: the VM of `config` (Cloud Hypervisor's JSON, validated by the
+/// spawning program already), replacing a previous one.
+fn new_vm(state: &mut State, request: &Value) -> (Value, Option<RawFd>) {
+    let config: VmConfig = match serde_json::from_value(request["config"].clone()) {
+        Ok(config) => config,
+        Err(e) => return (error("Unsupported", &format!("config: {e}")), None),
+    };
+    let config = match config.validated() {
+        Ok(config) => config,
+        Err(e) => return (error("Unsupported", &e.to_string()), None),
+    };
+    let watchdog_timeout = request["watchdog_timeout"]
+        .as_f64()
+        .and_then(|s| Duration::try_from_secs_f64(s).ok());
+    let seccomp = request["seccomp"]
+        .as_str()
+        .and_then(SeccompMode::parse)
+        .unwrap_or_default();
+    let options = VmOptions {
+        watchdog_timeout,
+        lock_disks: request["lock_disks"].as_bool().unwrap_or(true),
+        seccomp,
+    };
+    if let Some(old) = state.vm.take() {
+        old.close();
+        old.release();
+    }
+    match Vm::new(config, options) {
+        Ok(vm) => {
+            let fd = vm.exit_fd();
+            state.vm = Some(vm);
+            (json!({ "ok": null }), Some(fd))
+        }
+        Err(e) => (vm_error(e), None),
+    }
+}
+
+/// The same facts as `VmHandle.runtime_info`, as JSON.
+fn runtime_info(vm: &Vm) -> Value {
+    let info = vm.info();
+    let tree = if info.device_tree.is_empty() {
+        Value::Null
+    } else {
+        let nodes: serde_json::Map<String, Value> = info
+            .device_tree
+            .into_iter()
+            .map(|node| (node.id.clone(), device_node(node)))
+            .collect();
+        Value::Object(nodes)
+    };
+    json!({
+        "state": info.state.to_string(),
+        "boots": info.boots,
+        "kernel_format": info.kernel_format,
+        "serial_pty": info.serial_pty.map(|p| p.to_string_lossy().into_owned()),
+        "console_pty": info.console_pty.map(|p| p.to_string_lossy().into_owned()),
+        "memory_size": info.memory_size,
+        "device_tree": tree,
+    })
+}
+
+fn device_node(node: vmkit_vmm::DeviceNode) -> Value {
+    let resources: Vec<Value> = node
+        .resources
+        .into_iter()
+        .map(|resource| {
+            let vmkit_vmm::Resource::PciBar {
+                index,
+                base,
+                size,
+                kind,
+                prefetchable,
+            } = resource;
+            json!({ "PciBar": {
+                "index": index,
+                "base": base,
+                "size": size,
+                "type_": vmkit_vmm::device_manager::bar_type_name(kind),
+                "prefetchable": prefetchable,
+            }})
+        })
+        .collect();
+    json!({
+        "id": node.id,
+        "resources": resources,
+        "parent": node.parent,
+        "children": node.children,
+        "pci_bdf": node.pci_bdf,
+    })
+}
