@@ -159,7 +159,8 @@ def test_the_servers_death_leaves_running_vmms_alone() -> None:
         vm.boot()
         vm.serial.wait_for(r"tick \d+", timeout=30)
         server = _forkserver._shared
-        assert server is not None
+        assert server is not None and server.forker is not None
+        forker = server.forker.pid
         os.kill(server.process.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while Path(f"/proc/{server.process.pid}/stat").read_text().split()[2] != "Z":
@@ -171,6 +172,8 @@ def test_the_servers_death_leaves_running_vmms_alone() -> None:
             assert isinstance(another.process, _forkserver.ForkedProcess)
             assert another.client.ping().pid == another.pid
         assert _forkserver._shared is not server
+        # The dead server's VM forker ended with it and was reaped: nothing left.
+        assert not Path(f"/proc/{forker}").exists()
     assert vm.process.returncode == 0
 
 

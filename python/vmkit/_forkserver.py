@@ -4,9 +4,12 @@ Starting ``python -m vmkit`` for each VM costs a fresh interpreter and a cold
 import (~100 ms, ~9 MiB private memory each). The fork server pays that once:
 it imports everything the VMM's API path needs, freezes those objects out of
 the garbage collector's reach (so that forks keep sharing their pages), and
-then, for each spawn, forks either a VM process that goes straight into Rust
-and never runs Python (``fork_vm``; ``_vmproc``), or a process that becomes
-``vmkit --api-socket`` (``fork``).
+then, for each spawn, forks a process that becomes ``vmkit --api-socket``
+(``fork``). VM processes (``fork_vm``; ``_vmproc``), which never run Python,
+come from the VM forker instead: a process that the server forks once, before
+it imports the VMM's Python, and that runs only Rust, so that the pages VM
+processes share with it stay shared (the server's Python writes many of its
+pages while it handles each request).
 
 The fork is ``clone(CLONE_PARENT)``: the VMM is the *caller's* child, not the
 server's. The caller waits for it and reads its exit status as for any child
@@ -48,7 +51,7 @@ _SERVER_MAIN = (
     "gc.disable()\n"  # no collection leaves holes in pages that forks would then fill
     "if not getattr(sys.flags, 'safe_path', False): del sys.path[0]\n"
     "from vmkit._forkserver import serve\n"
-    "serve(int(sys.argv[1]))\n"
+    "serve(int(sys.argv[1]), int(sys.argv[2]))\n"
 )
 
 
@@ -80,37 +83,51 @@ class ForkServer:
         self.startup_env = startup_environment(env)
         self.owner = os.getpid()
         self._lock = threading.Lock()
+        self._vm_lock = threading.Lock()
+        self.forker: ForkedProcess | None = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        vm_ours, vm_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", _SERVER_MAIN, str(theirs.fileno())],
+                [sys.executable, "-c", _SERVER_MAIN, str(theirs.fileno()), str(vm_theirs.fileno())],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 env=self.env,
                 close_fds=True,
-                pass_fds=(theirs.fileno(),),
+                pass_fds=(theirs.fileno(), vm_theirs.fileno()),
             )
         except BaseException:
             ours.close()
+            vm_ours.close()
             raise
         finally:
             theirs.close()
+            vm_theirs.close()
         self._socket = ours
+        #: requests for VM processes go to the VM forker (see ``serve``)
+        self._vm_socket = vm_ours
         try:
             ours.settimeout(timeout)
             message = ours.recv(_MAX_MESSAGE)
         except OSError as e:
             self.close()
             raise ForkServerError(f"The VMM fork server did not start in {timeout} s: {e}") from e
-        if message != _READY:
+        ready, _, forker = message.partition(b" ")
+        if ready != _READY or not forker.isdigit():
             status = self.process.wait()
             self.close()
             raise ForkServerError(f"The VMM fork server exited at start-up (status {status})")
+        # The server forked it as this process's child, as the VMMs will be.
+        self.forker = ForkedProcess(int(forker), ["vmkit-vm-forker"])
         ours.settimeout(None)
 
     @property
     def alive(self) -> bool:
-        return self.process.poll() is None and self._socket.fileno() >= 0
+        return (
+            self.process.poll() is None
+            and self._socket.fileno() >= 0
+            and (self.forker is None or self.forker.poll() is None)
+        )
 
     def fork(
         self,
@@ -148,7 +165,6 @@ class ForkServer:
         stdout and stderr; it listens on ``api_socket`` and removes
         ``spawn_dir`` when the control socket closes."""
         request = {
-            "kind": "vm",
             "api_socket": api_socket,
             "spawn_dir": spawn_dir,
             "verbosity": verbosity,
@@ -156,9 +172,9 @@ class ForkServer:
             "affinity": sorted(os.sched_getaffinity(0)),
             "nice": os.getpriority(os.PRIO_PROCESS, 0),
         }
-        return self._request(request, [control, log])
+        return self._request(request, [control, log], vm=True)
 
-    def _request(self, request: dict[str, Any], fds: list[int]) -> int:
+    def _request(self, request: dict[str, Any], fds: list[int], vm: bool = False) -> int:
         cwd: int | None
         try:
             cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -166,17 +182,19 @@ class ForkServer:
             cwd = None  # an unreachable working directory: the server's stays
         else:
             fds = [*fds, cwd]
+        lock, sock = (self._vm_lock, self._vm_socket) if vm else (self._lock, self._socket)
         try:
-            with self._lock:
-                socket.send_fds(self._socket, [json.dumps(request).encode()], fds)
-                message = self._socket.recv(_MAX_MESSAGE)
+            with lock:
+                socket.send_fds(sock, [json.dumps(request).encode()], fds)
+                message = sock.recv(_MAX_MESSAGE)
         except OSError as e:
             raise ForkServerError(f"The VMM fork server failed: {e}") from e
         finally:
             if cwd is not None:
                 os.close(cwd)
         if not message:
-            raise ForkServerError(f"The VMM fork server exited (status {self.process.wait()})")
+            ended = self.forker if vm and self.forker is not None else self.process
+            raise ForkServerError(f"The VMM fork server exited (status {ended.wait()})")
         reply = json.loads(message)
         if "error" in reply:
             raise ForkServerError(f"The VMM fork server could not fork: {reply['error']}")
@@ -184,15 +202,20 @@ class ForkServer:
         return pid
 
     def close(self) -> None:
-        """Ends the server (it exits when its socket closes); running VMMs stay."""
+        """Ends the server and its VM forker (each exits when its socket
+        closes); running VMMs stay."""
         self._socket.close()
+        self._vm_socket.close()
         if os.getpid() != self.owner:
             return  # a forked copy of the caller: the server is the original's
-        try:
-            self.process.wait(5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        for process in (self.process, self.forker):
+            if process is None:
+                continue
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 _shared: ForkServer | None = None
@@ -345,10 +368,17 @@ class ForkedProcess:
 # -- the server process -------------------------------------------------------------------
 
 
-def serve(fd: int) -> None:
-    """The fork server's main loop on the request socket ``fd``."""
+def serve(fd: int, vm_fd: int) -> None:
+    """The fork server's main loop on the request socket ``fd``; first it
+    forks the VM forker, which serves ``vm_fd``."""
     import gc
 
+    from vmkit import _native
+
+    # Before the VMM's Python is imported: VM processes, forked from the
+    # forker, then share pages with a small process that writes none of them.
+    forker = _native.fork_vm_forker(vm_fd)
+    os.close(vm_fd)
     # Everything the VMM's API path imports, so that no fork imports anything.
     import vmkit.api
     import vmkit.cli
@@ -360,7 +390,7 @@ def serve(fd: int) -> None:
     # objects then fill, copying the page); frozen objects are left out of the
     # forks' collections (which would write to every object's header).
     gc.freeze()
-    requests.send(_READY)
+    requests.send(_READY + b" " + str(forker).encode())
     while True:
         try:
             message, fds, _flags, _address = socket.recv_fds(requests, _MAX_MESSAGE, 4)
@@ -370,37 +400,13 @@ def serve(fd: int) -> None:
             return  # the caller closed its end or exited
         reply: dict[str, object]
         try:
-            request = json.loads(message)
-            if request.get("kind") == "vm":
-                reply = {"pid": _fork_vm_process(request, fds)}
-            else:
-                reply = {"pid": _fork_vmm(request, fds, requests)}
+            reply = {"pid": _fork_vmm(json.loads(message), fds, requests)}
         except Exception as e:  # a refusal for this request, not the server's end
             reply = {"error": f"{type(e).__name__}: {e}"}
         finally:
             for received in fds:
                 os.close(received)
         requests.send(json.dumps(reply).encode())
-
-
-def _fork_vm_process(request: dict[str, Any], fds: list[int]) -> int:
-    """A VM process: forked straight into Rust, it never runs Python."""
-    from vmkit import _native
-
-    if len(fds) not in (2, 3):
-        raise ValueError(f"expected 2 or 3 descriptors, got {len(fds)}")
-    pid: int = _native.fork_vm_process(
-        fds[0],
-        fds[1],
-        fds[2] if len(fds) == 3 else None,
-        request["api_socket"],
-        request.get("spawn_dir"),
-        list(request.get("affinity") or []),
-        int(request["nice"]),
-        int(request["verbosity"]),
-        str(request["seccomp"]),
-    )
-    return pid
 
 
 def _fork_vmm(request: dict[str, Any], fds: list[int], requests: socket.socket) -> int:

@@ -106,17 +106,7 @@ class RuntimeInfo(TypedDict):
 
 def confine_process(mode: str) -> None: ...
 def fork_sibling() -> int: ...
-def fork_vm_process(
-    control: int,
-    log: int,
-    cwd: int | None,
-    api_socket: str,
-    spawn_dir: str | None,
-    affinity: list[int],
-    nice: int,
-    verbosity: int,
-    seccomp: str,
-) -> int: ...
+def fork_vm_forker(socket: int) -> int: ...
 
 class VmHandle:
     @property

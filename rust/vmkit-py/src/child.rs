@@ -1,7 +1,8 @@
-//! `Vm.spawn`'s VM process: forked from the fork server straight into Rust,
-//! it runs one VM and no Python at all, so it costs about what Cloud
-//! Hypervisor's process costs (a forked interpreter writes megabytes of the
-//! server's pages as it runs).
+//! `Vm.spawn`'s VM process: forked by the VM forker (itself forked from the
+//! fork server before that imports the VMM's Python) and never running
+//! Python, it runs one VM, so it costs about what a Cloud Hypervisor
+//! process costs (a forked interpreter writes megabytes of the server's
+//! pages as it runs).
 //!
 //! The program that spawned it keeps the policy (Cloud Hypervisor's VMM
 //! rules, the HTTP API on the socket this process listens on, events): it
@@ -41,65 +42,129 @@ struct Setup {
     seccomp: SeccompMode,
 }
 
-/// Forks the VM process (a sibling of this process: the caller of the fork
-/// server is its parent) and returns its pid. The new process never returns
-/// to Python: it is this module's `vm_process_main`. `control` becomes its
-/// control socket, `log` its stdout and stderr, `cwd` (a directory fd) its
-/// working directory; it listens on `api_socket` and sends the listening
-/// socket back first; when the control socket closes it also removes
-/// `spawn_dir`.
+/// Forks the VM forker (a sibling of this process, as the VM processes it
+/// forks will be): a process that never runs Python and, for each request on
+/// `socket` (`{"api_socket", "spawn_dir", "affinity", "nice", "verbosity",
+/// "seccomp"}` with the control, log and optional working-directory
+/// descriptors), forks a VM process and answers `{"pid": n}`. The fork
+/// server calls this once, before it imports the VMM's Python: a VM process
+/// then shares pages with a small process that writes almost none of them
+/// (a forked VM process's copy of a page stays shared until one side
+/// writes it; the Python server writes many as it handles each request).
+/// The forker exits when `socket` reaches its end.
 #[pyfunction]
-#[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (control, log, cwd, api_socket, spawn_dir, affinity, nice, verbosity, seccomp))]
-pub fn fork_vm_process(
-    py: Python<'_>,
-    control: RawFd,
-    log: RawFd,
-    cwd: Option<RawFd>,
-    api_socket: PathBuf,
-    spawn_dir: Option<PathBuf>,
-    affinity: Vec<usize>,
-    nice: i32,
-    verbosity: u8,
-    seccomp: &str,
-) -> PyResult<i32> {
+pub fn fork_vm_forker(py: Python<'_>, socket: RawFd) -> PyResult<i32> {
     let _ = py; // held across the fork; the child never uses it again
-    let seccomp = SeccompMode::parse(seccomp)
-        .ok_or_else(|| PyRuntimeError::new_err(format!("bad seccomp mode {seccomp:?}")))?;
-    let log_level = match verbosity {
-        0 => log::LevelFilter::Warn,
-        1 => log::LevelFilter::Info,
-        2 => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Trace,
-    };
-    let setup = Setup {
-        process: VmProcessSetup {
-            control,
-            log,
-            cwd,
-            affinity,
-            nice,
-        },
-        api_socket,
-        spawn_dir,
-        log_level,
-        seccomp,
-    };
-    // SAFETY: fork_sibling refuses a multi-threaded process (the fork server
-    // is single-threaded), so no lock is held by a thread that the child
-    // lacks; the child runs only Rust (`vm_process_main`) and ends with
-    // _exit, never returning into the interpreter, whose fork bookkeeping
-    // (PyOS_AfterFork_Child) it therefore does not need.
+                // SAFETY: as in fork_vm_process: a single-threaded fork server, and a
+                // child that runs only Rust and ends with _exit.
     match unsafe { vmkit_vmm::process::fork_sibling() } {
         Ok(Forked::Caller { child }) => Ok(child),
         Ok(Forked::Child) => {
-            let code = std::panic::catch_unwind(move || vm_process_main(setup)).unwrap_or(70);
+            let code = std::panic::catch_unwind(move || forker_main(socket)).unwrap_or(70);
             vmkit_vmm::process::exit_now(code)
         }
         Err(e) => Err(match e.raw_os_error() {
             Some(code) => PyOSError::new_err((code, e.to_string())),
             None => PyRuntimeError::new_err(e.to_string()),
         }),
+    }
+}
+
+/// The largest VM process request (paths and a few numbers).
+const MAX_FORK_REQUEST: usize = 1 << 16;
+
+fn forker_main(socket: RawFd) -> i32 {
+    // Only the request socket (and stdio) stays: not the fork server's.
+    let socket = match vmkit_vmm::process::keep_only(socket) {
+        Ok(socket) => SeqPacket(socket),
+        Err(e) => {
+            eprintln!("vmkit: VM forker: {e}");
+            return 1;
+        }
+    };
+    let mut buffer = vec![0u8; MAX_FORK_REQUEST];
+    loop {
+        let (length, fds) = match socket.receive_with_fds(&mut buffer) {
+            Ok(received) => received,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                let _ = socket.send(br#"{"error": "request too long"}"#, None);
+                continue;
+            }
+            Err(_) => return 1,
+        };
+        if length == 0 {
+            return 0; // the fork server's owner closed its end or exited
+        }
+        let answer = match fork_from_request(&buffer[..length], &fds) {
+            Ok(pid) => json!({ "pid": pid }),
+            Err(message) => json!({ "error": message }),
+        };
+        drop(fds);
+        let text = serde_json::to_vec(&answer).unwrap_or_default();
+        if socket.send(&text, None).is_err() {
+            return 1;
+        }
+    }
+}
+
+/// One VM process from a forker request; its pid.
+fn fork_from_request(
+    request: &[u8],
+    fds: &[std::os::fd::OwnedFd],
+) -> std::result::Result<i32, String> {
+    let request: Value = serde_json::from_slice(request).map_err(|e| e.to_string())?;
+    if !(2..=3).contains(&fds.len()) {
+        return Err(format!("expected 2 or 3 descriptors, got {}", fds.len()));
+    }
+    let seccomp = request["seccomp"]
+        .as_str()
+        .and_then(SeccompMode::parse)
+        .ok_or("bad seccomp mode")?;
+    let api_socket = request["api_socket"]
+        .as_str()
+        .ok_or("no api_socket")?
+        .into();
+    let affinity = request["affinity"]
+        .as_array()
+        .map(|cpus| {
+            cpus.iter()
+                .filter_map(|c| c.as_u64())
+                .map(|c| c as usize)
+                .collect()
+        })
+        .unwrap_or_default();
+    let setup = Setup {
+        process: VmProcessSetup {
+            control: fds[0].as_raw_fd(),
+            log: fds[1].as_raw_fd(),
+            cwd: fds.get(2).map(|fd| fd.as_raw_fd()),
+            affinity,
+            nice: request["nice"].as_i64().unwrap_or(0) as i32,
+        },
+        api_socket,
+        spawn_dir: request["spawn_dir"].as_str().map(PathBuf::from),
+        log_level: log_level(request["verbosity"].as_u64().unwrap_or(0) as u8),
+        seccomp,
+    };
+    // SAFETY: the forker is single-threaded; the child runs only Rust and
+    // ends with _exit.
+    match unsafe { vmkit_vmm::process::fork_sibling() } {
+        Ok(Forked::Caller { child }) => Ok(child),
+        Ok(Forked::Child) => {
+            let code = std::panic::catch_unwind(move || vm_process_main(setup)).unwrap_or(70);
+            vmkit_vmm::process::exit_now(code)
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn log_level(verbosity: u8) -> log::LevelFilter {
+    match verbosity {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
     }
 }
 

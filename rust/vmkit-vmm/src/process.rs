@@ -216,7 +216,20 @@ impl SeqPacket {
     /// The next message into `buffer` (its length; 0 at end of file), with a
     /// descriptor it carried.
     pub fn receive_into(&self, buffer: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
-        let mut control = [0u8; 64];
+        let (length, mut fds) = self.receive_with_fds(buffer)?;
+        Ok((
+            length,
+            if fds.is_empty() {
+                None
+            } else {
+                Some(fds.remove(0))
+            },
+        ))
+    }
+
+    /// As `receive_into`, with every descriptor the message carried (at most 8).
+    pub fn receive_with_fds(&self, buffer: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+        let mut control = [0u8; 128];
         let mut iov = libc::iovec {
             iov_base: buffer.as_mut_ptr().cast(),
             iov_len: buffer.len(),
@@ -232,7 +245,7 @@ impl SeqPacket {
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut fd = None;
+        let mut received = Vec::new();
         // SAFETY: walking the control messages recvmsg wrote, within its length.
         unsafe {
             let mut cmsg = libc::CMSG_FIRSTHDR(&header);
@@ -242,10 +255,7 @@ impl SeqPacket {
                         / std::mem::size_of::<RawFd>();
                     let fds = libc::CMSG_DATA(cmsg).cast::<RawFd>();
                     for i in 0..count {
-                        let received = OwnedFd::from_raw_fd(fds.add(i).read_unaligned());
-                        if fd.is_none() {
-                            fd = Some(received); // one is expected; others close
-                        }
+                        received.push(OwnedFd::from_raw_fd(fds.add(i).read_unaligned()));
                     }
                 }
                 cmsg = libc::CMSG_NXTHDR(&header, cmsg);
@@ -257,7 +267,7 @@ impl SeqPacket {
                 format!("a message longer than {} bytes", buffer.len()),
             ));
         }
-        Ok((n as usize, fd))
+        Ok((n as usize, received))
     }
 
     /// Sends `text` as one message, with `fd` attached when given.
@@ -323,6 +333,28 @@ pub fn wait_readable(fds: &[RawFd]) -> io::Result<Vec<bool>> {
             return Err(error);
         }
     }
+}
+
+/// Moves `fd` to 3 and closes every other descriptor above stderr; returns 3.
+pub fn keep_only(fd: RawFd) -> io::Result<RawFd> {
+    if fd != CONTROL_FD {
+        // SAFETY: dup2 onto 3, whatever was there is closed below anyway.
+        if unsafe { libc::dup2(fd, CONTROL_FD) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // SAFETY: F_SETFD on the descriptor just placed.
+    if unsafe { libc::fcntl(CONTROL_FD, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: close_range closes this process's descriptors from 4 up.
+    if unsafe { libc::syscall(libc::SYS_close_range, CONTROL_FD + 1, u32::MAX, 0) } != 0 {
+        for other in (CONTROL_FD + 1)..1024 {
+            // SAFETY: closing numbers that this process does not use any more.
+            unsafe { libc::close(other) };
+        }
+    }
+    Ok(CONTROL_FD)
 }
 
 #[cfg(test)]
