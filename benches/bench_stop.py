@@ -1,8 +1,9 @@
-"""Stopping VMs: vmkit against Cloud Hypervisor, same test guest, one run.
+"""Stopping VMs: vmkit against Cloud Hypervisor and QEMU, same test guest, one run.
 
 Run: ``python benches/bench_stop.py`` (``--vms N``, ``--rounds R``). Needs
 /dev/kvm; Cloud Hypervisor's figures need ``../shared/ch/cloud-hypervisor``
-(or ``--ch PATH``) and are left out without it.
+(or ``--ch PATH``), QEMU's ``qemu-system-x86_64`` (microvm, as in
+``bench_boot``); each is left out, with a note, without it.
 
 Every VM boots the vmkit test guest's PVH ELF with 1 vCPU and 128 MiB; the
 guest prints its ready line and halts with interrupts off, so nothing ends
@@ -12,7 +13,7 @@ it but the VMM. Measured, as medians over the rounds (runs interleaved):
   all N), then ``close()``, then ``release()`` (the kernel's teardown of the
   KVM VMs, which goes on in the background after ``shutdown()``);
 - SIGTERM, one process: from ``kill`` to the process reaped, for ``vmkit``
-  (plain boot, and with ``--api-socket``) and ``cloud-hypervisor``;
+  (plain boot, and with ``--api-socket``), ``cloud-hypervisor`` and QEMU;
 - SIGTERM, N processes at once: from the first ``kill`` to the last reaped;
 - guest power-off: from the arrival of the guest's last serial line before
   its power-off to the process reaped.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -32,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import machine
+from bench_boot import qemu_command
 from vmkit import VmConfig, testguest
 from vmkit.vm import Vm
 
@@ -51,6 +54,12 @@ def guest_args(cmdline: str) -> list[str]:
 def command(which: str, cmdline: str, workdir: Path, index: int) -> list[str]:
     if which == "ch":
         return [str(CH), *guest_args(cmdline)]
+    if which == "qemu":
+        assert QEMU is not None
+        qemu = qemu_command(QEMU, testguest.image_path("pvh"), cmdline)
+        qemu[qemu.index("-m") + 1] = MEMORY.removeprefix("size=")
+        qemu[qemu.index("-debugcon") + 1] = "null"
+        return qemu
     argv = [sys.executable, "-m", "vmkit", *guest_args(cmdline)]
     if which == "vmkit-api":
         argv += ["--api-socket", str(workdir / f"api-{index}.sock")]
@@ -151,16 +160,19 @@ def median_of(rounds: int, measure: Callable[[], float]) -> float:
 
 
 def main() -> None:
-    global CH
+    global CH, QEMU
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vms", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--ch", type=Path, default=machine.CH)
     args = parser.parse_args()
     CH = args.ch
-    kinds = ["vmkit", "vmkit-api"] + (["ch"] if CH.exists() else [])
+    QEMU = shutil.which("qemu-system-x86_64")
+    kinds = ["vmkit", "vmkit-api"] + (["ch"] if CH.exists() else []) + (["qemu"] if QEMU else [])
     if not CH.exists():
         print(f"{CH} is missing: Cloud Hypervisor's figures are left out")
+    if QEMU is None:
+        print("qemu-system-x86_64 is missing: QEMU's figures are left out")
     results: dict[str, dict[str, list[float]]] = {k: {} for k in ["in-process", *kinds]}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -184,6 +196,7 @@ def main() -> None:
 
 
 CH = machine.CH
+QEMU: str | None = None
 
 if __name__ == "__main__":
     main()
