@@ -107,9 +107,11 @@ class Arrivals:
                     chunk = b""
                 now = time.monotonic()
                 with self.lock:
+                    if fd not in self.buffers:
+                        continue  # forgotten since select() returned it
                     if not chunk:
                         self.selector.unregister(fd)
-                        self.buffers.pop(fd, None)
+                        del self.buffers[fd]
                         continue
                     data = self.buffers[fd] + chunk
                     if fd not in self.ready and READY in data:

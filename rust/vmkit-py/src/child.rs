@@ -54,9 +54,13 @@ struct Setup {
 /// The forker exits when `socket` reaches its end.
 #[pyfunction]
 pub fn fork_vm_forker(py: Python<'_>, socket: RawFd) -> PyResult<i32> {
-    let _ = py; // held across the fork; the child never uses it again
-                // SAFETY: as in fork_vm_process: a single-threaded fork server, and a
-                // child that runs only Rust and ends with _exit.
+    // The GIL stays held across the fork; the child never uses it again.
+    let _ = py;
+    // SAFETY: fork_sibling refuses a multi-threaded process (the fork server
+    // is single-threaded), so no lock is held by a thread the child lacks;
+    // the child runs only Rust and ends with _exit, never returning into the
+    // interpreter, whose fork bookkeeping (PyOS_AfterFork_Child) it
+    // therefore does not need.
     match unsafe { vmkit_vmm::process::fork_sibling() } {
         Ok(Forked::Caller { child }) => Ok(child),
         Ok(Forked::Child) => {
