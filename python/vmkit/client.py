@@ -911,8 +911,8 @@ def spawn(
     first spawn, once) straight into Rust: a VM process that runs the VM and
     no Python (``vmkit._vmproc``), so that it costs about what a Cloud
     Hypervisor process costs. It is this program's child, holds nothing of
-    the server's or this program's but its log, /dev/null and its control
-    socket, and takes this program's working directory, CPU affinity and
+    the server's or this program's but its log, /dev/null, its control
+    socket and a signalfd, and takes this program's working directory, CPU affinity and
     niceness as they are now (umask 077, as v37). This program keeps the
     VMM's policy for it: the HTTP API on the socket the VM process made and
     listens on (so connections name the VM process), and Cloud Hypervisor's
