@@ -1362,7 +1362,11 @@ def test_add_net_takes_scm_rights_descriptors(api: Api) -> None:
             "Failed to validate config: Number of queues to virtio_net does not match the "
             "number of input FDs",
         )
-        time.sleep(0.1)
+        # The request's connection is closed by the server's thread once the
+        # client has gone: wait for that, not a fixed time.
+        deadline = time.monotonic() + 5
+        while not set(os.listdir("/proc/self/fd")) <= before and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert set(os.listdir("/proc/self/fd")) <= before
         # a delete closes what the VMM holds
         api.put("vm.add-net", {"id": "net6"}, fds=[ours[1].fileno()])
