@@ -143,8 +143,19 @@ def inject_into(process: subprocess.Popen[str], kind: str) -> Injected:
             if time.monotonic() > deadline:
                 raise AssertionError(f"every {kind} thread ended before it could be stopped") from e
         except OSError as e:
-            if e.errno != errno.ESRCH or time.monotonic() > deadline:
+            # A thread in the middle of exiting refuses a tracer with EPERM.
+            ended = e.errno == errno.ESRCH or (e.errno == errno.EPERM and exiting(process.pid, tid))
+            if not ended or time.monotonic() > deadline:
                 raise
+
+
+def exiting(pid: int, tid: int) -> bool:
+    """Whether thread ``tid`` is gone or on its way out (zombie or dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 @contextmanager
