@@ -990,16 +990,10 @@ def spawn(
                 vm_process.process, client, tmpdir, serial_path, log_path, log, stop_timeout,
                 vm_process=vm_process,
             )  # fmt: skip
-            try:
-                identity = _socket_identity(socket_path)
-                if identity is not None:
-                    vm._owned_socket.append(identity)
-                if config is not None:
-                    client.create(config)
-            except BaseException:
-                vm.close()
-                raise
-            return vm
+            identity = _socket_identity(socket_path)
+            if identity is not None:
+                vm._owned_socket.append(identity)
+            return _with_config(vm, config, lambda: None)
     # A lifeline: the child sees EOF on it when this process goes away, even
     # by SIGKILL, and then shuts its VM down and removes the directory.
     lifeline_read, lifeline = os.pipe()
@@ -1047,10 +1041,16 @@ def spawn(
         os.close(ready_write)
     client = _ChildClient(socket_path, process.pid, timeout=request_timeout)
     vm = SpawnedVm(process, client, tmpdir, serial_path, log_path, log, stop_timeout, lifeline)
+    return _with_config(vm, config, lambda: _wait_until_up(vm, startup_timeout, ready))
+
+
+def _with_config(vm: SpawnedVm, config: VmConfig | None, wait_up: Callable[[], None]) -> SpawnedVm:
+    """``vm`` once ``wait_up()`` says its VMM serves and ``config`` is created
+    there; ends the process (and raises) if either fails."""
     try:
-        _wait_until_up(vm, startup_timeout, ready)
+        wait_up()
         if config is not None:
-            client.create(config)
+            vm.client.create(config)
     except BaseException:
         vm.close()
         raise

@@ -123,19 +123,9 @@ pub fn set_up_vm_process(setup: &VmProcessSetup) -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
     }
-    // SAFETY: F_SETFD on the descriptor just placed; stdio alone is inherited.
-    if unsafe { libc::fcntl(CONTROL_FD, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
     // Nothing else: not the fork server's request socket, not what it or
     // the spawning program held.
-    // SAFETY: close_range closes this process's descriptors from 4 up.
-    if unsafe { libc::syscall(libc::SYS_close_range, CONTROL_FD + 1, u32::MAX, 0) } != 0 {
-        for fd in (CONTROL_FD + 1)..1024 {
-            // SAFETY: closing numbers that this process does not use any more.
-            unsafe { libc::close(fd) };
-        }
-    }
+    seal_control_fd()?;
     // SAFETY: umask cannot fail.
     unsafe { libc::umask(VM_PROCESS_UMASK) };
     if !setup.affinity.is_empty() {
@@ -343,18 +333,25 @@ pub fn keep_only(fd: RawFd) -> io::Result<RawFd> {
             return Err(io::Error::last_os_error());
         }
     }
-    // SAFETY: F_SETFD on the descriptor just placed.
+    seal_control_fd()?;
+    Ok(CONTROL_FD)
+}
+
+/// Makes the control socket (3) close-on-exec, as all but stdio are, and
+/// closes every descriptor above it.
+fn seal_control_fd() -> io::Result<()> {
+    // SAFETY: F_SETFD on the descriptor the caller just placed.
     if unsafe { libc::fcntl(CONTROL_FD, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: close_range closes this process's descriptors from 4 up.
     if unsafe { libc::syscall(libc::SYS_close_range, CONTROL_FD + 1, u32::MAX, 0) } != 0 {
-        for other in (CONTROL_FD + 1)..1024 {
+        for fd in (CONTROL_FD + 1)..1024 {
             // SAFETY: closing numbers that this process does not use any more.
-            unsafe { libc::close(other) };
+            unsafe { libc::close(fd) };
         }
     }
-    Ok(CONTROL_FD)
+    Ok(())
 }
 
 #[cfg(test)]
