@@ -9,10 +9,12 @@ that spawning and stopping leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -141,6 +143,44 @@ def test_a_python_startup_variable_needs_a_fresh_interpreter() -> None:
     with Vm.spawn(None, env=env) as vm:
         assert not isinstance(vm.process, _forkserver.ForkedProcess)
         assert vm.client.ping().pid == vm.pid
+
+
+def context_switches(pid: int, tid: int) -> int:
+    """Every context switch so far of thread ``tid`` of ``pid``."""
+    status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+    return sum(int(n) for n in re.findall(r"^\w+_ctxt_switches:\s+(\d+)$", status, re.M))
+
+
+def thread_ids(pid: int, name: str) -> list[int]:
+    ids = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() == name:
+                ids.append(int(tid))
+    return ids
+
+
+def test_an_idle_vm_wakes_neither_its_process_nor_this_one() -> None:
+    # Waiting for the VM to stop and for its device events is done on their
+    # eventfds, not by asking the VM process again and again: a fleet of idle
+    # VMs costs no CPU.
+    config = guest_config("hello")
+    assert config.payload is not None
+    config.payload.cmdline = testguest.cmdline(["hello"], exit="halt")
+    with Vm.spawn(config) as vm:
+        vm.boot()
+        vm.serial.wait_for("exit halt", timeout=30)
+        time.sleep(0.2)
+        # This program's thread that waits for the VM to stop (and reports its
+        # device events), and the VM process's thread that answers requests.
+        (control,) = thread_ids(vm.pid, "vmm-control")
+        watchers = [t.native_id for t in threading.enumerate() if t.name == "vmm-watch"]
+        assert len(watchers) == 1 and watchers[0] is not None
+        watcher = watchers[0]
+        before = context_switches(vm.pid, control), context_switches(os.getpid(), watcher)
+        time.sleep(1.0)
+        assert (context_switches(vm.pid, control), context_switches(os.getpid(), watcher)) == before
+        assert vm.state == "Running"
 
 
 def test_one_vmm_crashing_leaves_the_others_running() -> None:

@@ -122,17 +122,29 @@ class RemoteVmHandle:
         if fd is None:
             raise VmError("The VM process sent no exit descriptor", "Device")
         self._exit_fd = fd
+        self._events_fd = -1
         self.iommu: bool = bool(channel.value("iommu"))
         self._closed = False
 
     def __del__(self) -> None:
-        fd, self._exit_fd = self._exit_fd, -1
-        if fd >= 0:
-            os.close(fd)
+        for name in ("_exit_fd", "_events_fd"):
+            fd = getattr(self, name, -1)
+            setattr(self, name, -1)
+            if fd >= 0:
+                os.close(fd)
 
     @property
     def exit_fd(self) -> int:
         return self._exit_fd
+
+    @property
+    def device_events_fd(self) -> int:
+        if self._events_fd < 0:
+            _ok, fd = self._channel.call("device_events_fd")
+            if fd is None:
+                raise VmError("The VM process sent no device event descriptor", "Device")
+            self._events_fd = fd
+        return self._events_fd
 
     def boot(self) -> None:
         self._channel.call("boot")
@@ -275,11 +287,7 @@ class VmProcess:
         self.server.start()
         self._closed = False
         self._close_lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._supervisor = threading.Thread(
-            target=self._supervise, name=f"vm-process-{pid}", daemon=True
-        )
-        self._supervisor.start()
+        _monitor().watch(self)
 
     def _new_vm(
         self, config: VmConfig, watchdog_timeout: float | None, lock_disks: bool, seccomp: str
@@ -287,19 +295,14 @@ class VmProcess:
         handle = RemoteVmHandle(self.channel, config, watchdog_timeout, lock_disks, seccomp)
         return Vm._adopt(config, handle)
 
-    def _supervise(self) -> None:
-        """Ends the VM process with the Vmm's exit status when it asks to
-        exit; closes this side once the process is gone either way."""
-        poller = select.poll()
-        poller.register(self.vmm.exit_fd(), select.POLLIN)
-        poller.register(self.channel.fileno(), 0)  # POLLHUP: the process ended
-        poller.register(self._wake_r, select.POLLIN)  # close()
-        try:
-            poller.poll()
-            self._close(self.vmm.wait_exit(0))
-        finally:
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+    def _ended(self) -> None:
+        """The Vmm asked to exit, or the process ended: close this side (on
+        a thread of its own; the monitor never blocks)."""
+        threading.Thread(
+            target=lambda: self._close(self.vmm.wait_exit(0)),
+            name=f"vm-process-{self.process.pid}",
+            daemon=True,
+        ).start()
 
     def _close(self, code: int | None) -> None:
         # Held throughout: a second caller returns once everything is closed.
@@ -307,15 +310,15 @@ class VmProcess:
             if self._closed:
                 return
             self._closed = True
-            if threading.current_thread() is not self._supervisor:
-                os.write(self._wake_w, b"x")  # the supervisor ends
-            if code is None:
-                # Not the Vmm's own exit: the VM process stops as this side
-                # closes (its control socket's end), in parallel.
-                self.channel.close()
+            _monitor().forget(self)
             self.server.close()
-            self.vmm.close()
-            if code is not None:
+            if code is None:
+                # Not the Vmm's own exit: the VM process shuts its VM down and
+                # exits as its control socket closes, which ends every request.
+                self.vmm.close(vm_gone=True)
+                self.channel.close()
+            else:
+                self.vmm.close()
                 self.channel.exit(code)
                 self.channel.close()
 
@@ -323,5 +326,71 @@ class VmProcess:
         """Closes this side (the process, if still running, sees its control
         socket close and shuts its VM down); returns once its threads are gone."""
         self._close(None)
-        if threading.current_thread() is not self._supervisor:
-            self._supervisor.join()
+
+
+class _Monitor:
+    """One thread that waits for every VM process of this program to end
+    or its ``Vmm`` to ask to exit (a thread per VM process would cost a start
+    and a join each, and stacks)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._epoll = select.epoll()
+        self._watched: dict[int, VmProcess] = {}
+        self._thread = threading.Thread(target=self._run, name="vm-processes", daemon=True)
+        self._thread.start()
+
+    def watch(self, process: VmProcess) -> None:
+        with self._lock:
+            for fd, events in (
+                (process.vmm.exit_fd(), select.EPOLLIN),
+                (process.channel.fileno(), 0),  # EPOLLHUP: the process ended
+            ):
+                self._epoll.register(fd, events)
+                self._watched[fd] = process
+
+    def forget(self, process: VmProcess) -> None:
+        """After this, the process's descriptors may close: no event of
+        theirs reaches ``_ended`` any more."""
+        with self._lock:
+            for fd in [fd for fd, watched in self._watched.items() if watched is process]:
+                del self._watched[fd]
+                self._epoll.unregister(fd)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                events = self._epoll.poll()
+            except InterruptedError:
+                continue
+            ended = []
+            with self._lock:
+                for fd, _event in events:
+                    process = self._watched.get(fd)
+                    if process is not None and process not in ended:
+                        ended.append(process)
+            for process in ended:
+                self.forget(process)
+                process._ended()
+
+
+_the_monitor: _Monitor | None = None
+_monitor_lock = threading.Lock()
+
+
+def _monitor() -> _Monitor:
+    global _the_monitor
+    with _monitor_lock:
+        if _the_monitor is None:
+            _the_monitor = _Monitor()
+        return _the_monitor
+
+
+def _forget_monitor_in_child() -> None:
+    # A forked child has the object but not its thread (nor its processes).
+    global _the_monitor, _monitor_lock
+    _the_monitor = None
+    _monitor_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_monitor_in_child)

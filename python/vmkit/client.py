@@ -629,6 +629,14 @@ def _stop_process(process: VmmProcess, timeout: float) -> None:
     process.wait()
 
 
+def _close_vm_process(vm_process: _vmproc.VmProcess, timeout: float) -> None:
+    """Closes this side of a VM process, which then shuts its VM down and
+    exits (``_stop_process`` signals it only if it has not in ``timeout``)."""
+    vm_process.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        vm_process.process.wait(timeout)
+
+
 def _end_process(
     process: VmmProcess,
     api_socket: Path,
@@ -645,12 +653,8 @@ def _end_process(
     on (its identity is in ``owned``): a path vmkit did not create stays.
     """
     try:
-        if vm_process is not None and process.poll() is None:
-            # The VM process shuts its VM down and exits while this side closes.
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
         if vm_process is not None:
-            vm_process.close()
+            _close_vm_process(vm_process, timeout)
         _stop_process(process, timeout)
     finally:
         if lifeline is not None:
@@ -662,7 +666,25 @@ def _end_process(
             if owned and _socket_identity(api_socket) == owned[0]:
                 api_socket.unlink()
         if tmpdir is not None:
-            shutil.rmtree(tmpdir, ignore_errors=True)
+            _remove_spawn_dir(tmpdir)
+
+
+def _remove_spawn_dir(tmpdir: Path) -> None:
+    """Removes the directory ``spawn`` made: its known files, then itself
+    (a directory walk only when something else is in it)."""
+    for name in _SPAWN_DIR_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(tmpdir, name))
+    try:
+        os.rmdir(tmpdir)
+    except FileNotFoundError:
+        pass  # the VM process removed it
+    except OSError:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+#: What ``spawn`` puts in its directory.
+_SPAWN_DIR_FILES = ("api.sock", "serial.log", "vmm.log")
 
 
 class SpawnedVm:
@@ -675,10 +697,11 @@ class SpawnedVm:
     ``api_socket``. ``info()`` returns a ``VmInfo``.
 
     ``close()`` (and leaving the ``with`` block) always ends the process:
-    SIGTERM (the VMM shuts its VM down and exits, as on ``vmm.shutdown``),
-    then SIGKILL after ``stop_timeout`` seconds; then removes the socket and the temporary
-    directory. The same happens if the object is garbage-collected or at
-    interpreter exit.
+    a VM process shuts its VM down and exits as this program closes its
+    control socket, a Python VMM on SIGTERM (as on ``vmm.shutdown``); SIGTERM,
+    then SIGKILL, each after ``stop_timeout`` seconds without an exit; then
+    removes the socket and the temporary directory. The same happens if the
+    object is garbage-collected or at interpreter exit.
     """
 
     def __init__(
@@ -706,6 +729,7 @@ class SpawnedVm:
         self.serial = FileSerialConsole(serial_path, self._stopped_reason)
         #: the socket file's identity once the child is seen serving on it (then it is ours)
         self._owned_socket: list[tuple[int, int]] = []
+        self._vm_process = vm_process
         self._finalizer = weakref.finalize(
             self,
             _end_process,
@@ -861,6 +885,8 @@ class SpawnedVm:
         """
         if self._finalizer.alive:
             try:
+                if self._vm_process is not None:
+                    _close_vm_process(self._vm_process, self._stop_timeout)
                 _stop_process(self.process, self._stop_timeout)
                 self.serial._freeze()
                 self._log_text = self.log

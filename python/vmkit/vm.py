@@ -294,12 +294,14 @@ class Vm:
         deadline = None if timeout is None else time.monotonic() + timeout
         poller = select.poll()
         poller.register(handle.exit_fd, select.POLLIN)
+        # A VM never goes back to Created: one look is enough (and one
+        # request for a spawned VM's handle, not one per slice).
+        if handle.state == "Created":
+            return None
         while True:
             result = handle.wait(0.0)
             if result is not None:
                 return VmExit(result[0], result[1])
-            if handle.state == "Created":
-                return None
             remaining = _WAIT_SLICE if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 return None
@@ -314,6 +316,15 @@ class Vm:
         the Vm object goes away.
         """
         return self._handle.exit_fd
+
+    @property
+    def device_events_fd(self) -> int:
+        """A descriptor that polls readable after a device event (``device_events``).
+
+        Whoever reports the events reads it (8 bytes) to wait for the next
+        ones; never close it. Valid until the Vm object goes away.
+        """
+        return self._handle.device_events_fd
 
     def release(self) -> None:
         """Waits until a stopped VM's KVM VM and guest memory are released.

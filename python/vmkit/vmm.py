@@ -20,6 +20,7 @@ guest powers off, or vmkit ends it) makes the VMM delete it and ask to exit
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -229,6 +230,10 @@ class Vmm:
         self._owned_fds: set[int] = set()
         #: the threads waiting for a booted VM to stop (``_watch``); ``close`` joins them.
         self._watchers: list[threading.Thread] = []
+        #: an eventfd ``close`` writes to end the watchers (made with the first one).
+        self._watch_wake: int | None = None
+        #: ``close(vm_gone=True)``: the VM's stop is not an exit event.
+        self._vm_gone = False
 
     # -- events and exit -------------------------------------------------------------------
 
@@ -292,14 +297,28 @@ class Vmm:
                 self._shut_down = True
                 self.emit("vmm", "shutdown")
 
-    def close(self) -> None:
+    def close(self, *, vm_gone: bool = False) -> None:
         """Shuts down and forgets any VM (``vmm_shutdown`` without exit);
-        returns once the threads that waited for it are gone."""
+        returns once the threads that waited for it are gone.
+
+        ``vm_gone``: the VM ends with the process that runs it, which the
+        caller ends next; it is forgotten without a request to it.
+        """
+        if vm_gone:
+            with self.lock:
+                self._vm_gone = True
+                self.vm = None
         self.vmm_shutdown()
+        with self.lock:
+            wake, self._watch_wake = self._watch_wake, None
+        if wake is not None:
+            os.eventfd_write(wake, 1)
         current = threading.current_thread()
         for watcher in self._watchers:
             if watcher is not current:
                 watcher.join()
+        if wake is not None:
+            os.close(wake)
         with self._exit_lock:
             if self._exit_fd is not None:
                 os.close(self._exit_fd)
@@ -385,7 +404,7 @@ class Vmm:
         if self.config is None:
             return
         if self.vm is not None:
-            self._shutdown_locked()
+            self._shutdown_locked(keep_config=False)
         if self.config is not None:
             for net in self.config.net or []:
                 self._release_fds(net.fds)
@@ -399,10 +418,11 @@ class Vmm:
                 raise ApiError(VM_NOT_RUNNING)
             self._shutdown_locked()
 
-    def _shutdown_locked(self) -> None:
+    def _shutdown_locked(self, keep_config: bool = True) -> None:
         vm = self.vm
         assert vm is not None
-        live = self._live_config(vm)
+        # The config as it ran (with the ids given at boot) stays for a next boot.
+        live = self._live_config(vm) if keep_config else self.config
         self.vm = None
         try:
             vm.shutdown()
@@ -737,24 +757,44 @@ class Vmm:
 
     # -- the VM ending by itself ---------------------------------------------------------------
 
+    def _watch_wake_fd(self) -> int:
+        with self.lock:
+            if self._watch_wake is None:
+                self._watch_wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            return self._watch_wake
+
     def _watch(self, vm: Vm) -> None:
-        """Waits for ``vm`` to stop; when the guest (not the API) stopped it, the VMM exits."""
-        exit_info: VmExit | None = None
+        """Waits for ``vm`` to stop, reporting its device events meanwhile;
+        when the guest (not the API) stopped it, the VMM exits.
+
+        Sleeps until the VM stops, a device event comes or ``close`` wakes
+        it: an idle VM costs nothing here (a spawned VM's would otherwise
+        cost requests to its process).
+        """
         seen = 0
-
-        def report_device_events() -> None:
-            nonlocal seen
-            for event, device in vm.device_events(seen):
-                self.emit("virtio-device", event, {"id": device})
-                seen += 1
-
+        try:
+            exit_fd, events_fd = vm.exit_fd, vm.device_events_fd
+        except (VmError, ValueError):  # the VM process is gone, or the API closed the VM
+            return
+        wake = self._watch_wake_fd()
+        poller = select.poll()
+        for fd in (exit_fd, events_fd, wake):
+            poller.register(fd, select.POLLIN)
+        exit_info: VmExit | None = None
         while exit_info is None:
+            ready = {fd for fd, _events in poller.poll()}
+            if wake in ready or self._vm_gone:
+                return  # close(): the VM goes with the Vmm
             try:
-                exit_info = vm.wait(0.2)
-                report_device_events()
+                if events_fd in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(events_fd, 8)
+                if exit_fd in ready:
+                    exit_info = vm.wait(0)
+                for event, device in vm.device_events(seen):
+                    self.emit("virtio-device", event, {"id": device})
+                    seen += 1
             except (VmError, ValueError):  # ValueError: the API closed the VM meanwhile
-                return
-            if exit_info is None and vm.state == "Created":
                 return
         if exit_info.reason == "shutdown":
             return

@@ -375,6 +375,9 @@ fn handle(state: &mut State, request: &Value) -> (Value, Option<RawFd>) {
     let Some(vm) = state.vm.clone() else {
         return (error("State", "no VM in this process"), None);
     };
+    if op == "device_events_fd" {
+        return (json!({ "ok": null }), Some(vm.device_events_fd()));
+    }
     let answer = match op {
         "boot" => done(vm.boot()),
         "pause" => done(vm.pause()),

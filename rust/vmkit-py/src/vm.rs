@@ -128,6 +128,14 @@ impl VmHandle {
         self.vm.exit_fd()
     }
 
+    /// A descriptor that is readable after a device event until read (8
+    /// bytes): to wait for `device_events` instead of polling. Valid while
+    /// this handle lives.
+    #[getter]
+    fn device_events_fd(&self) -> i32 {
+        self.vm.device_events_fd()
+    }
+
     /// Waits for the VM to stop: (reason, message), or None on timeout.
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<(String, String)>> {

@@ -29,7 +29,7 @@ use crate::memory::{create_guest_ram, GuestRam};
 use crate::seccomp::{self, SeccompMode, Spawner, ThreadKind};
 use crate::vcpu::{self, Sample, VcpuThreadContext};
 use crate::virtio::block::ImageLock;
-use crate::virtio::pci::DeviceEvents;
+use crate::virtio::pci::{DeviceEventLog, DeviceEvents};
 
 /// Why a VM could not be created, booted or controlled.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +97,11 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot create the VM's device event signal")]
+    DeviceEvents {
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ModuleError for VmError {
@@ -104,7 +109,9 @@ impl ModuleError for VmError {
         use VmError::*;
         match self {
             InvalidTransition { .. } | NotRunning | PauseTimeout => ErrorKind::State,
-            Thread { .. } | PowerButton { .. } | ExitEvent { .. } => ErrorKind::Device,
+            Thread { .. } | PowerButton { .. } | ExitEvent { .. } | DeviceEvents { .. } => {
+                ErrorKind::Device
+            }
             NotSupported { .. } | ConsoleSocket | Smbios | NoHyperv => ErrorKind::Unsupported,
             OpenKvm { .. } | KickHandler(_) | Kvm { .. } => ErrorKind::Kvm,
             HostAddress { .. } | MisalignedMemorySize { .. } => ErrorKind::Memory,
@@ -366,6 +373,8 @@ impl Vm {
             SerialBackend::open(&config.console, "console", console_stdin, options.seccomp)?;
         let exit_event = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map_err(|source| VmError::ExitEvent { source })?;
+        let device_events =
+            DeviceEventLog::new().map_err(|source| VmError::DeviceEvents { source })?;
         Ok(Arc::new(Vm {
             config: validated,
             options,
@@ -377,7 +386,7 @@ impl Vm {
             serial,
             console,
             debug_log: Arc::new(Mutex::new(Vec::new())),
-            device_events: Arc::new(Mutex::new(Vec::new())),
+            device_events: Arc::new(device_events),
             life: Mutex::new(Lifecycle {
                 state: VmState::Created,
                 instance: None,
@@ -431,8 +440,13 @@ impl Vm {
 
     /// Device events from index `since` on: (event, device id).
     pub fn device_events(&self, since: usize) -> Vec<(&'static str, String)> {
-        let events = self.device_events.lock().unwrap_or_else(|p| p.into_inner());
-        events.get(since..).map(<[_]>::to_vec).unwrap_or_default()
+        self.device_events.since(since)
+    }
+
+    /// Readable after a device event, until read (8 bytes): to wait for
+    /// events beside `exit_fd` instead of polling `device_events`.
+    pub fn device_events_fd(&self) -> RawFd {
+        self.device_events.signal_fd()
     }
 
     pub fn debug_port_writes(&self) -> Vec<DebugPortWrite> {

@@ -3,6 +3,8 @@
 mod needs_kvm {
     use std::sync::{Arc, Mutex};
 
+    use crate::virtio::pci::DeviceEventLog;
+
     use kvm_ioctls::Kvm;
     use vmkit_config::{VmConfig, VmParams};
 
@@ -45,7 +47,7 @@ mod needs_kvm {
             serial: Some(&serial),
             console: None,
             debug_log: &Arc::new(Mutex::new(Vec::new())),
-            device_events: &Arc::new(Mutex::new(Vec::new())),
+            device_events: &Arc::new(DeviceEventLog::new().unwrap()),
         })
         .unwrap();
 

@@ -145,8 +145,44 @@ struct QueueRegisters {
 }
 
 /// Device lifecycle events (Cloud Hypervisor's `virtio-device` events):
-/// (`"activated"` or `"reset"`, device id), in order.
-pub type DeviceEvents = Arc<Mutex<Vec<(&'static str, String)>>>;
+/// (`"activated"` or `"reset"`, device id), in order. Each one also signals
+/// an eventfd, so that whoever reports them waits on it instead of polling.
+pub struct DeviceEventLog {
+    events: Mutex<Vec<(&'static str, String)>>,
+    signal: EventFd,
+}
+
+pub type DeviceEvents = Arc<DeviceEventLog>;
+
+impl DeviceEventLog {
+    pub fn new() -> std::io::Result<DeviceEventLog> {
+        Ok(DeviceEventLog {
+            events: Mutex::new(Vec::new()),
+            signal: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+        })
+    }
+
+    pub fn push(&self, event: &'static str, device: String) {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((event, device));
+        // Only fails when the counter is near overflow: still readable then.
+        let _ = self.signal.write(1);
+    }
+
+    /// The events from index `since` on.
+    pub fn since(&self, since: usize) -> Vec<(&'static str, String)> {
+        let events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        events.get(since..).map(<[_]>::to_vec).unwrap_or_default()
+    }
+
+    /// Readable once an event was pushed since the last read of it.
+    pub fn signal_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.signal.as_raw_fd()
+    }
+}
 
 pub struct VirtioPciDevice {
     id: String,
@@ -351,10 +387,7 @@ impl VirtioPciDevice {
 
     fn record(&self, event: &'static str) {
         if let Some(events) = &self.events {
-            events
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((event, self.id.clone()));
+            events.push(event, self.id.clone());
         }
     }
 

@@ -111,7 +111,7 @@ mod needs_kvm {
     fn rng_fills_a_buffer_end_to_end() {
         let memory = memory();
         let mut dev = rng_device(&memory);
-        let events = DeviceEvents::default();
+        let events: DeviceEvents = Arc::new(DeviceEventLog::new().unwrap());
         dev.set_events(events.clone());
         set_up(&mut dev, F_VERSION_1, 16);
         // Descriptor 0: 64 device-writable bytes; avail ring names it.
@@ -146,12 +146,19 @@ mod needs_kvm {
         assert_eq!(read(&mut dev, 0x1c, 2), 0);
         assert!(!dev.active);
         assert_eq!(
-            *events.lock().unwrap(),
+            events.since(0),
             vec![
                 ("activated", "__rng".to_owned()),
                 ("reset", "__rng".to_owned())
             ]
         );
+        assert_eq!(events.since(1), vec![("reset", "__rng".to_owned())]);
+        assert!(events.since(3).is_empty());
+        // Each event signalled the eventfd a watcher waits on.
+        let mut count = 0u64;
+        // SAFETY: an 8-byte read of the log's own eventfd into a u64.
+        let n = unsafe { libc::read(events.signal_fd(), (&mut count as *mut u64).cast(), 8) };
+        assert_eq!((n, count), (8, 2));
     }
 
     #[test]
