@@ -27,7 +27,8 @@ Modes (one per invocation):
   arrival of each result line);
 - ``--hog``: one busy-loop process per CPU, at normal priority, during the row.
 Contended modes divide each VM's request count by the VMs and by 2 with
-``--hog``, so that a mode takes minutes.
+``--hog``, so that a mode takes minutes; ``--scale F`` multiplies every count
+(each VM's run should last well over the VMs' start-up skew).
 
 Beside each figure: the VMM's CPU seconds per GiB moved: the CPU time
 (utime + stime, ``/proc/<pid>/stat``, exited threads included) of the VMM
@@ -350,6 +351,12 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--vms", type=int, default=1, help="VMs per VMM doing each row at once")
     parser.add_argument("--hog", action="store_true", help="a busy loop per CPU during each row")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply every row's request count (longer runs: less start-up skew between VMs)",
+    )
     parser.add_argument("--vmm", action="append", choices=VMMS, help="only these VMMs")
     parser.add_argument("--row", action="append", type=int, help="only these rows (0-5)")
     parser.add_argument(
@@ -401,7 +408,8 @@ def main() -> int:
         for row in rows:
             # Contended rows move less per VM, so that a mode takes minutes.
             share = args.vms * (2 if args.hog else 1)
-            scaled = Row(row.mode, row.size, row.depth, max(1000, row.count // share))
+            count = int(row.count * args.scale) // share
+            scaled = Row(row.mode, row.size, row.depth, max(1000, count))
             samples: dict[str, list[Sample]] = {vmm: [] for vmm in vmms}
             host: list[float] = []
             for _ in range(args.runs):

@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -127,6 +128,27 @@ def test_a_vm_process_holds_only_what_it_needs() -> None:
         for tid in os.listdir(f"/proc/{vm.pid}/task"):
             task = Path(f"/proc/{vm.pid}/task/{tid}/status").read_text()
             assert re.search(r"^Seccomp:\s+2$", task, re.M), (tid, task)
+
+
+def test_the_vm_forker_is_a_fresh_interpreter_that_holds_only_its_socket() -> None:
+    with Vm.spawn(None) as vm:
+        server = _forkserver._shared
+        assert server is not None and server.forker is not None
+        forker = server.forker.pid
+        # This program's child, as the VM processes it forks.
+        assert status_fields(forker)["PPid"] == status_fields(vm.pid)["PPid"] == str(os.getpid())
+        # Its own isolated interpreter (no site, no PYTHON* variables), not a
+        # copy of the fork server's memory: VM processes map less of it.
+        words = Path(f"/proc/{forker}/cmdline").read_bytes().split(b"\0")
+        assert words[1:4] == [b"-I", b"-S", b"-c"], words
+        assert os.path.samefile(words[0].decode(), sys.executable)
+        # Beside stdio, only its request socket.
+        beyond_stdio = [
+            os.readlink(f"/proc/{forker}/fd/{fd}")
+            for fd in os.listdir(f"/proc/{forker}/fd")
+            if int(fd) > 2
+        ]
+        assert len(beyond_stdio) == 1 and beyond_stdio[0].startswith("socket:"), beyond_stdio
 
 
 def test_the_vmm_takes_the_callers_working_directory(

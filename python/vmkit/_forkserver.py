@@ -55,6 +55,16 @@ _SERVER_MAIN = (
 )
 
 
+#: The VM forker's interpreter: isolated (no site, no PYTHON* variables),
+#: it imports this vmkit's extension only.
+_FORKER_MAIN = (
+    "import sys\n"
+    "sys.path[:0] = [sys.argv[2]]\n"
+    "from vmkit._native import vm_forker_main\n"
+    "vm_forker_main(int(sys.argv[1]))\n"
+)
+
+
 def startup_environment(env: Mapping[str, str]) -> dict[str, str]:
     """The variables Python reads when it starts (``PYTHON*``): a fork of a
     server started with other values would not be what a fresh start gives."""
@@ -375,9 +385,12 @@ def serve(fd: int, vm_fd: int) -> None:
 
     from vmkit import _native
 
-    # Before the VMM's Python is imported: VM processes, forked from the
-    # forker, then share pages with a small process that writes none of them.
-    forker = _native.fork_vm_forker(vm_fd)
+    # Before the VMM's Python is imported, in a fresh interpreter that imports
+    # nothing else: VM processes, forked from the forker, then share pages
+    # with a small process that writes none of them.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(_native.__file__)))
+    program = [sys.executable, "-I", "-S", "-c", _FORKER_MAIN, str(vm_fd), root]
+    forker = _native.fork_vm_forker(vm_fd, program if os.path.isabs(sys.executable) else None)
     os.close(vm_fd)
     # Everything the VMM's API path imports, so that no fork imports anything.
     import vmkit.api

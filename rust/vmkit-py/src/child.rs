@@ -16,13 +16,14 @@
 //! to `new` carries the VM's exit eventfd (SCM_RIGHTS); `exit` is not
 //! answered: the process ends with the given status.
 
+use std::ffi::CString;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pyo3::exceptions::{PyOSError, PyRuntimeError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use serde_json::{json, Value};
 use vmkit_config::VmConfig;
@@ -52,10 +53,24 @@ struct Setup {
 /// (a forked VM process's copy of a page stays shared until one side
 /// writes it; the Python server writes many as it handles each request).
 /// The forker exits when `socket` reaches its end.
+///
+/// With `program` (an interpreter's command line that ends in
+/// `vm_forker_main`), the forker runs it instead of going on from this
+/// process's memory: a fresh, small interpreter leaves the VM processes less
+/// to map and share than a copy of the fork server's.
 #[pyfunction]
-pub fn fork_vm_forker(py: Python<'_>, socket: RawFd) -> PyResult<i32> {
+#[pyo3(signature = (socket, program=None))]
+pub fn fork_vm_forker(
+    py: Python<'_>,
+    socket: RawFd,
+    program: Option<Vec<String>>,
+) -> PyResult<i32> {
     // The GIL stays held across the fork; the child never uses it again.
     let _ = py;
+    let program: Option<Vec<CString>> = program
+        .map(|words| words.into_iter().map(CString::new).collect())
+        .transpose()
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
     // SAFETY: fork_sibling refuses a multi-threaded process (the fork server
     // is single-threaded), so no lock is held by a thread the child lacks;
     // the child runs only Rust and ends with _exit, never returning into the
@@ -64,6 +79,10 @@ pub fn fork_vm_forker(py: Python<'_>, socket: RawFd) -> PyResult<i32> {
     match unsafe { vmkit_vmm::process::fork_sibling() } {
         Ok(Forked::Caller { child }) => Ok(child),
         Ok(Forked::Child) => {
+            if let Some(program) = &program {
+                // Only returns if the interpreter cannot start: go on here.
+                let _ = vmkit_vmm::process::exec_keeping(program, socket);
+            }
             let code = std::panic::catch_unwind(move || forker_main(socket)).unwrap_or(70);
             vmkit_vmm::process::exit_now(code)
         }
@@ -72,6 +91,14 @@ pub fn fork_vm_forker(py: Python<'_>, socket: RawFd) -> PyResult<i32> {
             None => PyRuntimeError::new_err(e.to_string()),
         }),
     }
+}
+
+/// The VM forker in an interpreter of its own (`fork_vm_forker`'s
+/// `program`): serves `socket` until its end, then exits the process.
+#[pyfunction]
+pub fn vm_forker_main(socket: RawFd) -> PyResult<()> {
+    let code = std::panic::catch_unwind(move || forker_main(socket)).unwrap_or(70);
+    vmkit_vmm::process::exit_now(code)
 }
 
 /// The largest VM process request (paths and a few numbers).

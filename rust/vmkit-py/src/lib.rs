@@ -533,6 +533,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(vm::confine_process, m)?)?;
     m.add_function(wrap_pyfunction!(vm::fork_sibling, m)?)?;
     m.add_function(wrap_pyfunction!(child::fork_vm_forker, m)?)?;
+    m.add_function(wrap_pyfunction!(child::vm_forker_main, m)?)?;
     m.add_function(wrap_pyfunction!(logging::install_logging, m)?)?;
     m.add_function(wrap_pyfunction!(logging::set_log_level, m)?)?;
     m.add_function(wrap_pyfunction!(logging::flush_logs, m)?)?;
