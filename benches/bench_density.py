@@ -25,9 +25,10 @@ interleaved rounds:
   the VM processes, with the fork server's own Pss and this program's growth
   per VM in notes), in process the growth of this process's Pss, over N.
 - stop: from asking every VM to stop at once (SIGTERM to each process;
-  ``SpawnedVm.close()`` from N threads; ``Vm.close()`` of each in-process VM
-  in turn, then ``release()`` of each) until every process has exited and
-  been reaped (every in-process VM's KVM VM and memory freed).
+  ``vmkit.close_all`` of the spawned VMs, which returns once every process is
+  reaped and its files removed; ``Vm.close()`` of each in-process VM in turn,
+  then ``release()`` of each) until every process has exited and been reaped
+  (every in-process VM's KVM VM and memory freed).
 
 Also: ``import vmkit`` (a fresh interpreter's ``import vmkit`` minus
 ``pass``) and the fork server's start (the first ``Vm.spawn``'s extra cost).
@@ -51,6 +52,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import vmkit
 from bench_boot import qemu_command
 from machine import CH, machine
 from vmkit import Vm, VmConfig, _forkserver, testguest
@@ -247,7 +249,7 @@ def run_spawned(
         result.memory.append(sum(pss_mib(vm.pid) for vm in vms if vm) / count)
         result.caller_memory.append((pss_mib("self") - caller_before) / count)
         stop = time.monotonic()
-        in_threads(count, lambda i: vms[i].close() if vms[i] else None)  # type: ignore[union-attr]
+        vmkit.close_all(vm for vm in vms if vm is not None)
         result.stop.append(time.monotonic() - stop)
     finally:
         for vm in vms:

@@ -891,20 +891,27 @@ def test_spawn_refuses_a_socket_path_that_exists(
 
 
 @needs_vmm
+@pytest.mark.parametrize("fresh_interpreter", [False, True], ids=["vm-process", "python-vmm"])
 def test_spawned_vm_talks_only_to_its_own_process(
-    other_vmm: tuple[subprocess.Popen[bytes], Path],
+    other_vmm: tuple[subprocess.Popen[bytes], Path], fresh_interpreter: bool
 ) -> None:
     """Another VMM's socket put where the child's was: no request reaches it, close()
     ends only the child and removes nothing of the other's."""
     proc, other_path = other_vmm
     own_path = other_path.with_name("own.sock")  # outside the directory spawn makes and removes
-    vm = Vm.spawn(None, api_socket=own_path)
+    vm = Vm.spawn(None, api_socket=own_path, fresh_interpreter=fresh_interpreter)
     try:
         assert vm.client.ping().pid == vm.pid
         os.rename(own_path, own_path.with_name("moved.sock"))
         os.rename(other_path, own_path)  # the other VMM now listens on the child's path
-        with pytest.raises(ApiConnectionError, match=f"served by process {proc.pid}"):
-            vm.info()
+        if fresh_interpreter:
+            # Requests go through the path: the peer is checked before each.
+            with pytest.raises(ApiConnectionError, match=f"served by process {proc.pid}"):
+                vm.info()
+        else:
+            # This program serves the VM process's API: its requests go to that
+            # server here, never through the path.
+            assert vm.client.ping().pid == vm.pid
         vm.close()
         assert vm.process.returncode is not None
         assert_still_serving(proc, own_path)

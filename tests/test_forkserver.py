@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import vmkit
 from vmkit import Vm, VmConfig, _forkserver, testguest
 from vmkit.client import SpawnedVm
 
@@ -193,16 +194,54 @@ def test_an_idle_vm_wakes_neither_its_process_nor_this_one() -> None:
         vm.boot()
         vm.serial.wait_for("exit halt", timeout=30)
         time.sleep(0.2)
-        # This program's thread that waits for the VM to stop (and reports its
-        # device events), and the VM process's thread that answers requests.
+        # The thread of this program that waits for the VM to stop, for its
+        # device events and for its process to end (one for every VM), and
+        # the VM process's thread that answers requests. No other thread
+        # waits for this VM here.
         (control,) = thread_ids(vm.pid, "vmm-control")
-        watchers = [t.native_id for t in threading.enumerate() if t.name == "vmm-watch"]
+        names = [t.name for t in threading.enumerate()]
+        assert "vmm-watch" not in names and not any(n.startswith("vm-process") for n in names)
+        watchers = [t.native_id for t in threading.enumerate() if t.name == "vmkit-reactor"]
         assert len(watchers) == 1 and watchers[0] is not None
         watcher = watchers[0]
         before = context_switches(vm.pid, control), context_switches(os.getpid(), watcher)
         time.sleep(1.0)
         assert (context_switches(vm.pid, control), context_switches(os.getpid(), watcher)) == before
         assert vm.state == "Running"
+
+
+def test_close_all_ends_a_fleet_and_leaves_nothing_behind() -> None:
+    Vm.spawn(None).close()  # the fork server and the reactor stay: start them first
+    before_dirs, before_fds = spawn_dirs(), open_descriptors()
+    before_threads = {t.ident for t in threading.enumerate()}
+    spawned = [Vm.spawn(guest_config()) for _ in range(4)]
+    python_vmm = Vm.spawn(guest_config(), fresh_interpreter=True)
+    here = Vm(guest_config())
+    vms = [*spawned, python_vmm, here]
+    for vm in vms:
+        vm.boot()
+    for vm in [*spawned, python_vmm]:
+        vm.serial.wait_for(r"tick \d+", timeout=30)
+    spawned[0].close()  # closing one again does nothing
+    vmkit.close_all(vms)
+    for vm in [*spawned, python_vmm]:
+        assert vm.closed and vm.process.returncode is not None
+        assert not Path(f"/proc/{vm.pid}").exists()
+    assert here.state == "Shutdown"
+    assert spawn_dirs() == before_dirs
+    # An in-process Vm's descriptors go with the object (its exit_fd stays
+    # valid until then); a spawned VM's with its close.
+    del here, vms
+    assert open_descriptors() == before_fds
+    deadline = time.monotonic() + 5
+    while {t.ident for t in threading.enumerate()} - before_threads - {_reactor_ident()}:
+        assert time.monotonic() < deadline, threading.enumerate()
+        time.sleep(0.01)
+
+
+def _reactor_ident() -> int | None:
+    # The program's one reactor thread stays (it started with the first VM).
+    return next((t.ident for t in threading.enumerate() if t.name == "vmkit-reactor"), None)
 
 
 def test_one_vmm_crashing_leaves_the_others_running() -> None:

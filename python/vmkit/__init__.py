@@ -15,7 +15,7 @@ from vmkit.vm import Vm, VmError, VmExit, VmInfo
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from vmkit.client import ApiConnectionError, ApiError, Client, SpawnedVm, spawn
+    from vmkit.client import ApiConnectionError, ApiError, Client, SpawnedVm, close_all, spawn
 
 __all__ = [
     "ApiConnectionError",
@@ -32,11 +32,12 @@ __all__ = [
     "VmExit",
     "VmInfo",
     "__version__",
+    "close_all",
     "config",
     "spawn",
 ]
 
-_CLIENT_NAMES = ("ApiConnectionError", "ApiError", "Client", "SpawnedVm", "spawn")
+_CLIENT_NAMES = ("ApiConnectionError", "ApiError", "Client", "SpawnedVm", "close_all", "spawn")
 
 
 def __getattr__(name: str) -> object:

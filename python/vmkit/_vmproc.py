@@ -24,6 +24,7 @@ import select
 import socket
 import threading
 
+from vmkit import _reactor
 from vmkit.vm import Vm, VmError
 
 TYPE_CHECKING = False
@@ -62,6 +63,12 @@ class ControlChannel:
             try:
                 self._socket.send(message)
                 data, fds, _flags, _address = socket.recv_fds(self._socket, _MAX_MESSAGE, 1)
+            except TimeoutError:
+                # Its late answer would be taken for the next request's: a VM
+                # process that does not answer is closed (it then exits).
+                timeout = self._socket.gettimeout()
+                self._socket.shutdown(socket.SHUT_RDWR)
+                raise _Gone(f"it did not answer {op!r} within {timeout} s") from None
             except OSError as e:
                 raise _Gone(str(e)) from None
         if not data:
@@ -250,6 +257,7 @@ class VmProcess:
         verbosity: int,
         seccomp: str,
         timeout: float,
+        request_timeout: float | None = None,
     ) -> None:
         from vmkit._forkserver import ForkedProcess
         from vmkit.api import ApiServer
@@ -267,7 +275,7 @@ class VmProcess:
         try:
             ours.settimeout(timeout)
             data, fds, _flags, _address = socket.recv_fds(ours, _MAX_MESSAGE, 1)
-            ours.settimeout(None)
+            ours.settimeout(request_timeout)
         except OSError as e:
             ours.close()
             self.process.kill()
@@ -283,11 +291,18 @@ class VmProcess:
             raise VmError(f"The VM process did not start: {detail}", "Spawn")
         self.channel = ControlChannel(ours)
         self.vmm: Vmm = Vmm(seccomp=seccomp, vm_factory=self._new_vm, pid=pid)
-        self.server: ApiServer = ApiServer(self.vmm, fd=fds[0])
+        self.server: ApiServer = ApiServer(self.vmm, fd=fds[0], reactor=_reactor.shared())
         self.server.start()
         self._closed = False
         self._close_lock = threading.Lock()
-        _monitor().watch(self)
+        self._ending: threading.Thread | None = None
+        # The shared reactor waits for the process to end (its control socket
+        # hangs up) or the Vmm to ask to exit: no thread of its own per VM.
+        reactor = _reactor.shared()
+        self._watched = (self.vmm.exit_fd(), self.channel.fileno())
+        with reactor.held():
+            reactor.add(self._watched[0], select.EPOLLIN, self._ended)
+            reactor.add(self._watched[1], 0, self._ended)
 
     def _new_vm(
         self, config: VmConfig, watchdog_timeout: float | None, lock_disks: bool, seccomp: str
@@ -295,14 +310,23 @@ class VmProcess:
         handle = RemoteVmHandle(self.channel, config, watchdog_timeout, lock_disks, seccomp)
         return Vm._adopt(config, handle)
 
-    def _ended(self) -> None:
-        """The Vmm asked to exit, or the process ended: close this side (on
-        a thread of its own; the monitor never blocks)."""
-        threading.Thread(
+    def _forget(self) -> None:
+        """After this, the descriptors may close: no event of theirs reaches
+        ``_ended`` any more."""
+        reactor = _reactor.shared()
+        for fd in self._watched:
+            reactor.remove(fd)
+
+    def _ended(self, _fd: int) -> None:
+        """On the reactor's thread: the Vmm asked to exit, or the process
+        ended. Closes this side on a thread of its own (it may block)."""
+        self._forget()
+        self._ending = threading.Thread(
             target=lambda: self._close(self.vmm.wait_exit(0)),
             name=f"vm-process-{self.process.pid}",
             daemon=True,
-        ).start()
+        )
+        self._ending.start()
 
     def _close(self, code: int | None) -> None:
         # Held throughout: a second caller returns once everything is closed.
@@ -310,7 +334,7 @@ class VmProcess:
             if self._closed:
                 return
             self._closed = True
-            _monitor().forget(self)
+            self._forget()
             self.server.close()
             if code is None:
                 # Not the Vmm's own exit: the VM process shuts its VM down and
@@ -326,71 +350,6 @@ class VmProcess:
         """Closes this side (the process, if still running, sees its control
         socket close and shuts its VM down); returns once its threads are gone."""
         self._close(None)
-
-
-class _Monitor:
-    """One thread that waits for every VM process of this program to end
-    or its ``Vmm`` to ask to exit (a thread per VM process would cost a start
-    and a join each, and stacks)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._epoll = select.epoll()
-        self._watched: dict[int, VmProcess] = {}
-        self._thread = threading.Thread(target=self._run, name="vm-processes", daemon=True)
-        self._thread.start()
-
-    def watch(self, process: VmProcess) -> None:
-        with self._lock:
-            for fd, events in (
-                (process.vmm.exit_fd(), select.EPOLLIN),
-                (process.channel.fileno(), 0),  # EPOLLHUP: the process ended
-            ):
-                self._epoll.register(fd, events)
-                self._watched[fd] = process
-
-    def forget(self, process: VmProcess) -> None:
-        """After this, the process's descriptors may close: no event of
-        theirs reaches ``_ended`` any more."""
-        with self._lock:
-            for fd in [fd for fd, watched in self._watched.items() if watched is process]:
-                del self._watched[fd]
-                self._epoll.unregister(fd)
-
-    def _run(self) -> None:
-        while True:
-            try:
-                events = self._epoll.poll()
-            except InterruptedError:
-                continue
-            ended = []
-            with self._lock:
-                for fd, _event in events:
-                    process = self._watched.get(fd)
-                    if process is not None and process not in ended:
-                        ended.append(process)
-            for process in ended:
-                self.forget(process)
-                process._ended()
-
-
-_the_monitor: _Monitor | None = None
-_monitor_lock = threading.Lock()
-
-
-def _monitor() -> _Monitor:
-    global _the_monitor
-    with _monitor_lock:
-        if _the_monitor is None:
-            _the_monitor = _Monitor()
-        return _the_monitor
-
-
-def _forget_monitor_in_child() -> None:
-    # A forked child has the object but not its thread (nor its processes).
-    global _the_monitor, _monitor_lock
-    _the_monitor = None
-    _monitor_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_monitor_in_child)
+        ending = self._ending
+        if ending is not None and ending is not threading.current_thread():
+            ending.join()

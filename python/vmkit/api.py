@@ -44,11 +44,12 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from vmkit import _native
+from vmkit._reactor import Reactor
 from vmkit.config import (
     DeviceConfig,
     DiskConfig,
@@ -62,6 +63,7 @@ from vmkit.config import (
     VsockConfig,
 )
 from vmkit.errors import ConfigError
+from vmkit.vm import VmError
 from vmkit.vmm import ApiError, Vmm
 
 __all__ = ["API_ROOT", "ApiServer", "BodyError"]
@@ -112,6 +114,49 @@ class Response:
     #: called once the answer is written (``vmm.shutdown`` ends the process then)
     after: Callable[[], None] | None = None
     server: str = SERVER
+
+
+def response_headers(response: Response, close: bool) -> list[tuple[str, str]]:
+    """micro_http's framing: no reason phrase, and no Content-Type or
+    Content-Length on an answer without a body."""
+    headers = [("Server", response.server), ("Connection", "close" if close else "keep-alive")]
+    if response.body:
+        headers.append(("Content-Type", "application/json"))
+        headers.append(("Content-Length", str(len(response.body))))
+    return headers
+
+
+def response_bytes(response: Response, close: bool) -> bytes:
+    lines = [f"HTTP/1.1 {response.status} "]
+    lines += [f"{name}: {value}" for name, value in response_headers(response, close)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + response.body
+
+
+def answer_here(
+    server: ApiServer, method: str, endpoint: str, body: bytes | None, fds: Sequence[int]
+) -> tuple[Response, bytes]:
+    """``server``'s answer to a request made in this program, as if it had
+    come on a connection (the same router, the descriptors received as
+    copies); runs the answer's ``after`` step before returning."""
+    received = [os.dup(fd) for fd in fds]
+    request = Request(method, API_ROOT + endpoint, "HTTP/1.1", {}, body, received)
+    log.info("API request event: %s %s", request.method, request.path)
+    try:
+        response = server.router.dispatch(request)
+    except Exception as e:  # a bug: answer it, as for a connection
+        log.exception("Internal error handling %s %s", request.method, request.path)
+        response = _error(500, f"Internal error: {e}")
+    finally:
+        for fd in received:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    try:
+        return response, response_bytes(response, response.after is not None)
+    finally:
+        if response.after is not None:
+            response.after()
 
 
 def _bad_request() -> Response:
@@ -225,6 +270,8 @@ class _Router:
         except BodyError as e:
             return _error(400, str(e))
         except ApiError as e:
+            return _error(500, str(e))
+        except VmError as e:  # e.g. a VM process that ended during the request
             return _error(500, str(e))
 
     @staticmethod
@@ -496,17 +543,7 @@ class _Connection:
             del self.buffer[: size + 2]
 
     def send(self, response: Response, *, close: bool) -> None:
-        # micro_http's framing: no reason phrase, and no Content-Type or
-        # Content-Length on an answer without a body.
-        lines = [
-            f"HTTP/1.1 {response.status} ",
-            f"Server: {response.server}",
-            f"Connection: {'close' if close else 'keep-alive'}",
-        ]
-        if response.body:
-            lines.append("Content-Type: application/json")
-            lines.append(f"Content-Length: {len(response.body)}")
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode() + response.body
+        data = response_bytes(response, close)
         self.sock.settimeout(self.server.request_timeout)
         try:
             self.sock.sendall(data)
@@ -599,6 +636,7 @@ class ApiServer:
         header_timeout: float = 5.0,
         idle_timeout: float = 60.0,
         max_connections: int = 256,
+        reactor: Reactor | None = None,
     ) -> None:
         if (path is None) == (fd is None):
             raise ValueError("give exactly one of path and fd")
@@ -621,6 +659,9 @@ class ApiServer:
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)  # a connection went idle or away
         self._handlers: dict[socket.socket, threading.Thread] = {}
+        #: accepts on this reactor's thread instead of a thread of its own
+        self._reactor = reactor
+        self._backoff = 0.0
 
     def bind(self) -> None:
         """Creates (or adopts) the listening socket; raises OSError as ``bind`` does."""
@@ -651,9 +692,15 @@ class ApiServer:
         self._listener = sock
 
     def start(self) -> None:
-        """Binds if needed, then serves in a thread named ``http-server``."""
+        """Binds if needed, then serves in a thread named ``http-server`` (or
+        on the reactor's thread, given one)."""
         if self._listener is None:
             self.bind()
+        if self._reactor is not None:
+            assert self._listener is not None
+            self._listener.setblocking(False)
+            self._reactor.add(self._listener.fileno(), select.EPOLLIN, self._accept_one)
+            return
         self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._accept_loop, name="http-server", daemon=True)
         self._thread.start()
@@ -688,16 +735,55 @@ class ApiServer:
                     return
                 continue
             backoff = 0.0
-            if not self._admit(conn):
-                conn.close()
-                continue
-            thread = threading.Thread(
-                target=self._serve_connection, args=(conn,), name="http-client", daemon=True
-            )
-            try:
-                thread.start()
-            except RuntimeError:
-                self._drop(conn)
+            self._start_connection(conn)
+
+    def _accept_one(self, _fd: int) -> None:
+        """On the reactor's thread: one connection is waiting (the reactor
+        calls again while more are)."""
+        listener = self._listener
+        if listener is None or self.closing:
+            return
+        try:
+            conn, _addr = listener.accept()
+        except BlockingIOError:
+            return  # another accept took it
+        except OSError as e:
+            if e.errno in _OUT_OF_RESOURCES:
+                self._pause_accepting()
+            return
+        self._backoff = 0.0
+        self._start_connection(conn)
+
+    def _pause_accepting(self) -> None:
+        """Out of descriptors: the client stays queued and the listener stays
+        readable, so accepting again at once would spin. Waits (growing to
+        100 ms) before it looks again."""
+        reactor, listener = self._reactor, self._listener
+        assert reactor is not None and listener is not None
+        fd = listener.fileno()
+        reactor.remove(fd)
+        self._backoff = min(max(self._backoff * 2, 0.001), 0.1)
+
+        def resume() -> None:
+            with reactor.held():
+                if not self.closing and self._listener is listener:
+                    reactor.add(fd, select.EPOLLIN, self._accept_one)
+
+        timer = threading.Timer(self._backoff, resume)
+        timer.daemon = True
+        timer.start()
+
+    def _start_connection(self, conn: socket.socket) -> None:
+        if not self._admit(conn):
+            conn.close()
+            return
+        thread = threading.Thread(
+            target=self._serve_connection, args=(conn,), name="http-client", daemon=True
+        )
+        try:
+            thread.start()
+        except RuntimeError:
+            self._drop(conn)
 
     def _admit(self, conn: socket.socket) -> bool:
         """Registers ``conn``; when full, makes room by ending the connection idle longest.
@@ -754,6 +840,8 @@ class ApiServer:
         if self.closing:
             return
         self.closing = True
+        if self._reactor is not None and self._listener is not None:
+            self._reactor.remove(self._listener.fileno())
         if self._wake_w >= 0:
             os.write(self._wake_w, b"x")
         if self._thread is not None and self._thread is not threading.current_thread():

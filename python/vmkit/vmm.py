@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from vmkit import __version__
+from vmkit import __version__, _reactor
 from vmkit._apiwire import io_error_text as _io_error_text
 from vmkit._apiwire import rust_debug_str
 from vmkit.config import (
@@ -47,7 +47,7 @@ from vmkit.config import (
     VsockConfig,
 )
 from vmkit.errors import ConfigError
-from vmkit.vm import Vm, VmError, VmExit, seccomp_value
+from vmkit.vm import Vm, VmError, seccomp_value
 
 __all__ = ["ApiError", "EventMonitor", "Vmm", "rust_debug_str"]
 
@@ -228,10 +228,12 @@ class Vmm:
         self._shut_down = False
         #: descriptors received through the API (add-net), closed when their device goes.
         self._owned_fds: set[int] = set()
-        #: the threads waiting for a booted VM to stop (``_watch``); ``close`` joins them.
+        #: watching a booted VM (``_watch``): the descriptors the shared reactor
+        #: waits on for it, and the threads that handle what they report.
+        self._watch_lock = threading.Lock()
+        self._watched_fds: tuple[int, ...] = ()
+        self._watch_closed = False
         self._watchers: list[threading.Thread] = []
-        #: an eventfd ``close`` writes to end the watchers (made with the first one).
-        self._watch_wake: int | None = None
         #: ``close(vm_gone=True)``: the VM's stop is not an exit event.
         self._vm_gone = False
 
@@ -304,21 +306,24 @@ class Vmm:
         ``vm_gone``: the VM ends with the process that runs it, which the
         caller ends next; it is forgotten without a request to it.
         """
+        # First, while the VM's descriptors are open: no more watching.
+        with self._watch_lock:
+            self._watch_closed = True
+            fds, self._watched_fds = self._watched_fds, ()
+            watchers, self._watchers = self._watchers, []
+        for fd in fds:
+            _reactor.shared().remove(fd)
+        current = threading.current_thread()
+        for watcher in watchers:
+            if watcher is not current:
+                watcher.join()
         if vm_gone:
             with self.lock:
                 self._vm_gone = True
                 self.vm = None
         self.vmm_shutdown()
-        with self.lock:
-            wake, self._watch_wake = self._watch_wake, None
-        if wake is not None:
-            os.eventfd_write(wake, 1)
-        current = threading.current_thread()
-        for watcher in self._watchers:
-            if watcher is not current:
-                watcher.join()
-        if wake is not None:
-            os.close(wake)
+        with self._watch_lock:
+            self._watch_closed = False  # a VM created after this is watched again
         with self._exit_lock:
             if self._exit_fd is not None:
                 os.close(self._exit_fd)
@@ -383,11 +388,7 @@ class Vmm:
                 raise ApiError(str(e)) from None
             self.vm = vm
             self._booted(vm)
-            watcher = threading.Thread(
-                target=self._watch, args=(vm,), name="vmm-watch", daemon=True
-            )
-            self._watchers = [t for t in self._watchers if t.is_alive()] + [watcher]
-            watcher.start()
+            self._watch(vm)
 
     def _booted(self, vm: Vm) -> None:
         cpus = vm.config.cpus.boot_vcpus
@@ -757,45 +758,56 @@ class Vmm:
 
     # -- the VM ending by itself ---------------------------------------------------------------
 
-    def _watch_wake_fd(self) -> int:
-        with self.lock:
-            if self._watch_wake is None:
-                self._watch_wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-            return self._watch_wake
-
-    def _watch(self, vm: Vm) -> None:
-        """Waits for ``vm`` to stop, reporting its device events meanwhile;
-        when the guest (not the API) stopped it, the VMM exits.
-
-        Sleeps until the VM stops, a device event comes or ``close`` wakes
-        it: an idle VM costs nothing here (a spawned VM's would otherwise
-        cost requests to its process).
-        """
-        seen = 0
+    def _watch(self, vm: Vm, seen: int = 0) -> None:
+        """Has the shared reactor wait for ``vm`` to stop or report device
+        events (``seen`` of them are reported): no thread waits per VM, and an
+        idle VM costs nothing (a spawned VM's would otherwise cost requests to
+        its process)."""
         try:
-            exit_fd, events_fd = vm.exit_fd, vm.device_events_fd
+            fds = (vm.exit_fd, vm.device_events_fd)
         except (VmError, ValueError):  # the VM process is gone, or the API closed the VM
             return
-        wake = self._watch_wake_fd()
-        poller = select.poll()
-        for fd in (exit_fd, events_fd, wake):
-            poller.register(fd, select.POLLIN)
-        exit_info: VmExit | None = None
-        while exit_info is None:
-            ready = {fd for fd, _events in poller.poll()}
-            if wake in ready or self._vm_gone:
-                return  # close(): the VM goes with the Vmm
-            try:
-                if events_fd in ready:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(events_fd, 8)
-                if exit_fd in ready:
-                    exit_info = vm.wait(0)
-                for event, device in vm.device_events(seen):
-                    self.emit("virtio-device", event, {"id": device})
-                    seen += 1
-            except (VmError, ValueError):  # ValueError: the API closed the VM meanwhile
+        reactor = _reactor.shared()
+
+        def ready(_fd: int) -> None:
+            # On the reactor's thread: hand the work to a thread of its own.
+            with self._watch_lock:
+                for fd in fds:
+                    reactor.remove(fd)
+                self._watched_fds = ()
+                if self._watch_closed:
+                    return
+                thread = threading.Thread(
+                    target=self._watch_step, args=(vm, seen), name="vmm-watch", daemon=True
+                )
+                self._watchers = [t for t in self._watchers if t.is_alive()] + [thread]
+                thread.start()
+
+        # The reactor's lock first, as when it calls ``ready``.
+        with reactor.held(), self._watch_lock:
+            if self._watch_closed:
                 return
+            self._watched_fds = fds
+            for fd in fds:
+                reactor.add(fd, select.EPOLLIN, ready)
+
+    def _watch_step(self, vm: Vm, seen: int) -> None:
+        """Reports ``vm``'s new device events; when the guest (not the API)
+        stopped it, the VMM exits; otherwise it is watched again."""
+        try:
+            with contextlib.suppress(BlockingIOError):
+                os.read(vm.device_events_fd, 8)
+            for event, device in vm.device_events(seen):
+                self.emit("virtio-device", event, {"id": device})
+                seen += 1
+            exit_info = vm.wait(0)
+        except (VmError, ValueError):  # ValueError: the API closed the VM meanwhile
+            return
+        if exit_info is None:
+            self._watch(vm, seen)
+            return
+        if self._vm_gone:
+            return  # close(vm_gone=True): the VM goes with the Vmm
         if exit_info.reason == "shutdown":
             return
         log.info("VM exit event: %s", exit_info.message)
