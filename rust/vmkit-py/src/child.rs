@@ -441,7 +441,7 @@ fn handle(state: &mut State, request: &Value) -> (Value, Option<RawFd>) {
                 .collect();
             json!({ "ok": writes })
         }
-        "runtime_info" => json!({ "ok": runtime_info(&vm) }),
+        "runtime_info" => json!({ "ok": crate::vm::runtime_info(&vm) }),
         "live_config" => {
             if vm.info().boots == 0 {
                 json!({ "ok": null })
@@ -503,58 +503,4 @@ fn new_vm(state: &mut State, request: &Value) -> (Value, Option<RawFd>) {
         }
         Err(e) => (vm_error(e), None),
     }
-}
-
-/// The same facts as `VmHandle.runtime_info`, as JSON.
-fn runtime_info(vm: &Vm) -> Value {
-    let info = vm.info();
-    let tree = if info.device_tree.is_empty() {
-        Value::Null
-    } else {
-        let nodes: serde_json::Map<String, Value> = info
-            .device_tree
-            .into_iter()
-            .map(|node| (node.id.clone(), device_node(node)))
-            .collect();
-        Value::Object(nodes)
-    };
-    json!({
-        "state": info.state.to_string(),
-        "boots": info.boots,
-        "kernel_format": info.kernel_format,
-        "serial_pty": info.serial_pty.map(|p| p.to_string_lossy().into_owned()),
-        "console_pty": info.console_pty.map(|p| p.to_string_lossy().into_owned()),
-        "memory_size": info.memory_size,
-        "device_tree": tree,
-    })
-}
-
-fn device_node(node: vmkit_vmm::DeviceNode) -> Value {
-    let resources: Vec<Value> = node
-        .resources
-        .into_iter()
-        .map(|resource| {
-            let vmkit_vmm::Resource::PciBar {
-                index,
-                base,
-                size,
-                kind,
-                prefetchable,
-            } = resource;
-            json!({ "PciBar": {
-                "index": index,
-                "base": base,
-                "size": size,
-                "type_": vmkit_vmm::device_manager::bar_type_name(kind),
-                "prefetchable": prefetchable,
-            }})
-        })
-        .collect();
-    json!({
-        "id": node.id,
-        "resources": resources,
-        "parent": node.parent,
-        "children": node.children,
-        "pci_bdf": node.pci_bdf,
-    })
 }

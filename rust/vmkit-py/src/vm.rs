@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyType};
+use pyo3::types::{PyBytes, PyDict, PyType};
+use serde_json::{json, Value};
 use vmkit_config::VmConfig;
 use vmkit_vmm::seccomp::SeccompMode;
 use vmkit_vmm::{StopReason, Vm, VmOptions};
@@ -183,35 +184,10 @@ impl VmHandle {
     }
 
     /// Runtime facts: state, boots, kernel format, serial pty path.
-    fn runtime_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    fn runtime_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         // Waits out a reboot in progress: without the GIL.
-        let info = py.detach(|| self.vm.info());
-        let dict = PyDict::new(py);
-        dict.set_item("state", info.state.to_string())?;
-        dict.set_item("boots", info.boots)?;
-        dict.set_item("kernel_format", info.kernel_format)?;
-        dict.set_item(
-            "serial_pty",
-            info.serial_pty.map(|p| p.to_string_lossy().into_owned()),
-        )?;
-        dict.set_item(
-            "console_pty",
-            info.console_pty.map(|p| p.to_string_lossy().into_owned()),
-        )?;
-        dict.set_item("memory_size", info.memory_size)?;
-        // Cloud Hypervisor's device_tree ({id: node}), None when no boot runs.
-        let tree = if info.device_tree.is_empty() {
-            None
-        } else {
-            let tree = PyDict::new(py);
-            for node in info.device_tree {
-                let id = node.id.clone();
-                tree.set_item(id, device_node(py, node)?)?;
-            }
-            Some(tree)
-        };
-        dict.set_item("device_tree", tree)?;
-        Ok(dict)
+        let info = py.detach(|| runtime_info(&self.vm));
+        crate::to_py(py, &info)
     }
 
     /// The config of the booted VM (with the ids given at boot), or None
@@ -247,33 +223,60 @@ impl VmHandle {
 }
 
 /// One node of the device tree in Cloud Hypervisor's JSON shape.
-fn device_node(py: Python<'_>, node: vmkit_vmm::DeviceNode) -> PyResult<Bound<'_, PyDict>> {
-    let dict = PyDict::new(py);
-    dict.set_item("id", node.id)?;
-    let resources = PyList::empty(py);
-    for resource in node.resources {
-        let vmkit_vmm::Resource::PciBar {
-            index,
-            base,
-            size,
-            kind,
-            prefetchable,
-        } = resource;
-        let bar = PyDict::new(py);
-        bar.set_item("index", index)?;
-        bar.set_item("base", base)?;
-        bar.set_item("size", size)?;
-        bar.set_item("type_", vmkit_vmm::device_manager::bar_type_name(kind))?;
-        bar.set_item("prefetchable", prefetchable)?;
-        let wrapped = PyDict::new(py);
-        wrapped.set_item("PciBar", bar)?;
-        resources.append(wrapped)?;
-    }
-    dict.set_item("resources", resources)?;
-    dict.set_item("parent", node.parent)?;
-    dict.set_item("children", node.children)?;
-    dict.set_item("pci_bdf", node.pci_bdf)?;
-    Ok(dict)
+/// What `VmHandle.runtime_info` answers, as JSON (a VM process sends it as
+/// is): state, boots, kernel format, PTYs, memory size and Cloud
+/// Hypervisor's device tree ({id: node}; null when no boot runs).
+pub(crate) fn runtime_info(vm: &Vm) -> Value {
+    let info = vm.info();
+    let tree = if info.device_tree.is_empty() {
+        Value::Null
+    } else {
+        let nodes: serde_json::Map<String, Value> = info
+            .device_tree
+            .into_iter()
+            .map(|node| (node.id.clone(), device_node(node)))
+            .collect();
+        Value::Object(nodes)
+    };
+    json!({
+        "state": info.state.to_string(),
+        "boots": info.boots,
+        "kernel_format": info.kernel_format,
+        "serial_pty": info.serial_pty.map(|p| p.to_string_lossy().into_owned()),
+        "console_pty": info.console_pty.map(|p| p.to_string_lossy().into_owned()),
+        "memory_size": info.memory_size,
+        "device_tree": tree,
+    })
+}
+
+fn device_node(node: vmkit_vmm::DeviceNode) -> Value {
+    let resources: Vec<Value> = node
+        .resources
+        .into_iter()
+        .map(|resource| {
+            let vmkit_vmm::Resource::PciBar {
+                index,
+                base,
+                size,
+                kind,
+                prefetchable,
+            } = resource;
+            json!({ "PciBar": {
+                "index": index,
+                "base": base,
+                "size": size,
+                "type_": vmkit_vmm::device_manager::bar_type_name(kind),
+                "prefetchable": prefetchable,
+            }})
+        })
+        .collect();
+    json!({
+        "id": node.id,
+        "resources": resources,
+        "parent": node.parent,
+        "children": node.children,
+        "pci_bdf": node.pci_bdf,
+    })
 }
 
 impl Drop for VmHandle {
