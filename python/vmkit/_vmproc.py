@@ -243,9 +243,9 @@ class RemoteVmHandle:
 
 class VmProcess:
     """This program's side of one VM process: the control channel, the
-    ``Vmm`` whose VMs run there, the HTTP API on its socket, and a thread that
-    ends the process when the ``Vmm`` asks to exit (and closes this side
-    when the process ends by itself)."""
+    ``Vmm`` whose VMs run there, and the HTTP API on its socket. The shared
+    reactor ends the process when the ``Vmm`` asks to exit, and closes this
+    side when the process ends by itself."""
 
     def __init__(
         self,
