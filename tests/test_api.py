@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _http import Reply, read_reply
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vmkit import VmConfig, testguest
@@ -57,45 +58,6 @@ SNAPSHOT_RUNNING = (
 
 
 # -- a raw HTTP client ---------------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    reason: str
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def text(self) -> str:
-        return self.body.decode()
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def read_reply(sock: socket.socket) -> Reply:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"connection closed after {data!r}")
-        data += chunk
-    head, rest = data.split(b"\r\n\r\n", 1)
-    lines = head.decode("latin-1").split("\r\n")
-    _version, status, reason = lines[0].split(" ", 2)
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.lower()] = value.strip()
-    length = int(headers.get("content-length", "0"))
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("connection closed inside the body")
-        rest += chunk
-    assert len(rest) == length, "the server sent more than Content-Length"
-    return Reply(int(status), reason, headers, rest)
 
 
 Body = bytes | str | dict[str, Any] | None

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _http import read_reply
 from vmkit.api import ApiServer
 from vmkit.vmm import Vmm
 
@@ -38,28 +39,6 @@ def connect(path: Path, timeout: float = 10) -> socket.socket:
     return sock
 
 
-def read_status(sock: socket.socket) -> int:
-    """The status code of one answer (read whole, so the connection can be reused)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionError(f"closed after {data!r}")
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.lower() == b"content-length":
-            length = int(value)
-    while len(rest) < length:
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionError("closed mid-body")
-        rest += chunk
-    return int(head.split(b" ")[1])
-
-
 def closed_by_server(sock: socket.socket, timeout: float) -> bool:
     sock.settimeout(timeout)
     try:
@@ -75,7 +54,7 @@ def timed_ping(path: Path) -> float:
     started = time.monotonic()
     with connect(path) as sock:
         sock.sendall(PING)
-        assert read_status(sock) == 200
+        assert read_reply(sock).status == 200
     return time.monotonic() - started
 
 
@@ -155,7 +134,7 @@ def test_when_full_the_longest_idle_connection_makes_room(tmp_path: Path) -> Non
             assert closed_by_server(oldest, 5)
             for sock in others:  # the younger ones are still served
                 sock.sendall(PING)
-                assert read_status(sock) == 200
+                assert read_reply(sock).status == 200
         finally:
             oldest.close()
             for sock in others:
@@ -167,10 +146,10 @@ def test_an_idle_keep_alive_connection_is_closed_after_idle_timeout(tmp_path: Pa
     with running(path, idle_timeout=0.5, header_timeout=5.0):
         with connect(path) as sock:
             sock.sendall(PING)
-            assert read_status(sock) == 200
+            assert read_reply(sock).status == 200
             time.sleep(0.2)  # idle, but not long: still usable
             sock.sendall(PING)
-            assert read_status(sock) == 200
+            assert read_reply(sock).status == 200
             started = time.monotonic()
             assert closed_by_server(sock, 5)
             assert 0.3 < time.monotonic() - started < 3
@@ -266,5 +245,5 @@ def test_closing_the_server_lets_an_answer_in_progress_out(
             sock.sendall(PING)
             assert answering.wait(10)
             server.close()  # while the answer is being made
-            assert read_status(sock) == 200
+            assert read_reply(sock).status == 200
             assert closed_by_server(idle, 5), "an idle connection stays open after close"
