@@ -6,10 +6,11 @@ it imports everything the VMM's API path needs, freezes those objects out of
 the garbage collector's reach (so that forks keep sharing their pages), and
 then, for each spawn, forks a process that becomes ``vmkit --api-socket``
 (``fork``). VM processes (``fork_vm``; ``_vmproc``), which never run Python,
-come from the VM forker instead: a process that the server forks once, before
-it imports the VMM's Python, and that runs only Rust, so that the pages VM
-processes share with it stay shared (the server's Python writes many of its
-pages while it handles each request).
+come from the VM forker instead: a small isolated interpreter (``python -I
+-S``, importing only the extension) that the server starts once, before it
+imports the VMM's Python, and that then serves requests in Rust, so that the
+few pages VM processes share with it stay shared (the server's Python writes
+many of its pages while it handles each request).
 
 The fork is ``clone(CLONE_PARENT)``: the VMM is the *caller's* child, not the
 server's. The caller waits for it and reads its exit status as for any child

@@ -48,7 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from vmkit import _native
+from vmkit import _apiwire, _native
 from vmkit._reactor import Reactor
 from vmkit.config import (
     DeviceConfig,
@@ -132,28 +132,40 @@ def response_bytes(response: Response, close: bool) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + response.body
 
 
-def answer_here(
-    server: ApiServer, method: str, endpoint: str, body: bytes | None, fds: Sequence[int]
-) -> tuple[Response, bytes]:
-    """``server``'s answer to a request made in this program, as if it had
-    come on a connection (the same router, the descriptors received as
-    copies); runs the answer's ``after`` step before returning."""
-    received = [os.dup(fd) for fd in fds]
-    request = Request(method, API_ROOT + endpoint, "HTTP/1.1", {}, body, received)
+def answer(router: _Router, request: Request) -> Response:
+    """The router's answer to ``request``; closes the descriptors it carried
+    (what the VMM keeps, it has duplicated)."""
     log.info("API request event: %s %s", request.method, request.path)
     try:
-        response = server.router.dispatch(request)
-    except Exception as e:  # a bug: answer it, as for a connection
+        return router.dispatch(request)
+    except Exception as e:  # a bug: answer it, keep serving
         log.exception("Internal error handling %s %s", request.method, request.path)
-        response = _error(500, f"Internal error: {e}")
+        return _error(500, f"Internal error: {e}")
     finally:
-        for fd in received:
+        for fd in request.fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def answer_here(
+    server: ApiServer, method: str, endpoint: str, body: bytes | None, fds: Sequence[int]
+) -> _apiwire.RawResponse:
+    """``server``'s answer to a request made in this program, as a client on
+    a connection would read it (the same router, the descriptors received as
+    copies); runs the answer's ``after`` step before returning."""
+    request = Request(method, API_ROOT + endpoint, "HTTP/1.1", {}, body, [os.dup(fd) for fd in fds])
+    response = answer(server.router, request)
+    close = response.after is not None
     try:
-        return response, response_bytes(response, response.after is not None)
+        return _apiwire.RawResponse(
+            response.status,
+            "",
+            tuple(response_headers(response, close)),
+            response.body or None,
+            response_bytes(response, close),
+        )
     finally:
         if response.after is not None:
             response.after()
@@ -579,18 +591,7 @@ class _Connection:
                         except OSError:
                             pass
                     return
-                log.info("API request event: %s %s", request.method, request.path)
-                try:
-                    response = router.dispatch(request)
-                except Exception as e:  # a bug: answer it, keep serving
-                    log.exception("Internal error handling %s %s", request.method, request.path)
-                    response = _error(500, f"Internal error: {e}")
-                finally:
-                    for fd in request.fds:
-                        try:
-                            os.close(fd)
-                        except OSError:
-                            pass
+                response = answer(router, request)
                 close = (
                     request.headers.get("connection", "").lower() == "close"
                     or (

@@ -223,6 +223,12 @@ class Client:
         with SCM_RIGHTS (``vm.add-net``).
         """
         data = body.encode() if isinstance(body, str) else body
+        return self._exchange(method, endpoint, data, fds)
+
+    def _exchange(
+        self, method: str, endpoint: str, data: bytes | None, fds: Sequence[int]
+    ) -> _apiwire.RawResponse:
+        """The transport: one connection to the socket per request."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(self.timeout)
@@ -637,24 +643,16 @@ class _LocalClient(Client):
         self._process = process
         self.pid = process.pid
 
-    def request(
-        self,
-        method: str,
-        endpoint: str,
-        body: bytes | str | None = None,
-        *,
-        fds: Sequence[int] = (),
+    def _exchange(
+        self, method: str, endpoint: str, data: bytes | None, fds: Sequence[int]
     ) -> _apiwire.RawResponse:
-        from vmkit.api import answer_here, response_headers
+        from vmkit.api import answer_here
 
         if self._server.closing or self._process.poll() is not None:
             raise ApiConnectionError(
                 f"Cannot connect to the VMM API socket {self.api_socket}: the VMM has exited"
             )
-        data = body.encode() if isinstance(body, str) else body
-        response, raw = answer_here(self._server, method, endpoint, data, fds)
-        headers = response_headers(response, response.after is not None)
-        return _apiwire.RawResponse(response.status, "", tuple(headers), response.body or None, raw)
+        return answer_here(self._server, method, endpoint, data, fds)
 
 
 def _socket_identity(path: Path) -> tuple[int, int] | None:

@@ -1,8 +1,8 @@
-//! `Vm.spawn`'s VM process: forked by the VM forker (itself forked from the
-//! fork server before that imports the VMM's Python) and never running
-//! Python, it runs one VM, so it costs about what a Cloud Hypervisor
-//! process costs (a forked interpreter writes megabytes of the server's
-//! pages as it runs).
+//! `Vm.spawn`'s VM process: forked by the VM forker (a small isolated
+//! interpreter that the fork server starts once and that serves requests in
+//! Rust) and never running Python, it runs one VM, so it costs about what a
+//! Cloud Hypervisor process costs (a forked interpreter writes megabytes of
+//! the server's pages as it runs).
 //!
 //! The program that spawned it keeps the policy (Cloud Hypervisor's VMM
 //! rules, the HTTP API on the socket this process listens on, events): it
@@ -44,7 +44,7 @@ struct Setup {
 }
 
 /// Forks the VM forker (a sibling of this process, as the VM processes it
-/// forks will be): a process that never runs Python and, for each request on
+/// forks will be): a process that serves, in Rust, each request on
 /// `socket` (`{"api_socket", "spawn_dir", "affinity", "nice", "verbosity",
 /// "seccomp"}` with the control, log and optional working-directory
 /// descriptors), forks a VM process and answers `{"pid": n}`. The fork

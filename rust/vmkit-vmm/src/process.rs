@@ -300,15 +300,15 @@ impl SeqPacket {
 /// Replaces this process's program with `argv` (`argv[0]` the path), with
 /// `keep` left open across it; returns only on failure.
 pub fn exec_keeping(argv: &[CString], keep: RawFd) -> io::Error {
+    if argv.is_empty() {
+        return io::Error::from(io::ErrorKind::InvalidInput);
+    }
     // SAFETY: F_SETFD on a descriptor this process holds.
     if unsafe { libc::fcntl(keep, libc::F_SETFD, 0) } != 0 {
         return io::Error::last_os_error();
     }
     let mut pointers: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     pointers.push(std::ptr::null());
-    if argv.is_empty() {
-        return io::Error::from(io::ErrorKind::InvalidInput);
-    }
     // SAFETY: a NULL-terminated array of NUL-terminated strings that outlive
     // the call (execv does not return on success).
     unsafe { libc::execv(pointers[0], pointers.as_ptr()) };
