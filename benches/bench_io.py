@@ -26,6 +26,9 @@ Modes (one per invocation):
   VM's start to the last VM's end (guest-timed, placed on the host clock by the
   arrival of each result line);
 - ``--hog``: one busy-loop process per CPU, at normal priority, during the row.
+
+``--vmm vmkit-cg`` adds vmkit with ``--cpu-groups true`` (its vCPU threads at
+an eighth of its device threads' CPU weight, in cgroups of their own).
 Contended modes divide each VM's request count by the VMs and by 2 with
 ``--hog``, so that a mode takes minutes; ``--scale F`` multiplies every count
 (each VM's run should last well over the VMs' start-up skew).
@@ -67,8 +70,17 @@ from vmkit import testguest
 
 IMAGE_SIZE = 256 << 20
 QUEUE_SIZE = 256
-VMMS = ("vmkit", "ch", "qemu")
-NAMES = {"vmkit": "vmkit", "ch": "Cloud Hypervisor", "qemu": "QEMU q35"}
+VMMS = ("vmkit", "vmkit-cg", "ch", "qemu")
+#: Run unless --vmm names others (vmkit-cg, vmkit --cpu-groups true, needs a writable cpu cgroup).
+DEFAULT_VMMS = ("vmkit", "ch", "qemu")
+#: The columns whose ratios to each other VMM are reported.
+VMKITS = ("vmkit", "vmkit-cg")
+NAMES = {
+    "vmkit": "vmkit",
+    "vmkit-cg": "vmkit --cpu-groups",
+    "ch": "Cloud Hypervisor",
+    "qemu": "QEMU q35",
+}
 
 
 @dataclass(frozen=True)
@@ -378,7 +390,7 @@ def main() -> int:
     if args.vms < 1:
         parser.error(f"--vms {args.vms}: at least 1")
     qemu = qemu_binary()
-    vmms = [v for v in args.vmm or VMMS if v != "ch" or CH.exists()] + list(variants)
+    vmms = [v for v in args.vmm or DEFAULT_VMMS if v != "ch" or CH.exists()] + list(variants)
     if qemu is None and "qemu" in vmms:
         return 1
     if not CH.exists():
@@ -389,6 +401,8 @@ def main() -> int:
     def command(vmm: str, image: Path, row: Row) -> list[str]:
         if vmm == "vmkit" or vmm in variants:
             return vmkit_command(kernel, image, row)
+        if vmm == "vmkit-cg":
+            return [*vmkit_command(kernel, image, row), "--cpu-groups", "true"]
         if vmm == "ch":
             return ch_command(kernel, image, row)
         assert qemu is not None
@@ -434,9 +448,11 @@ def main() -> int:
                     for vmm, m in medians.items()
                 )
                 ratios = "  ".join(
-                    f"/{vmm} {medians['vmkit'].rate / medians[vmm].rate:.2f}"
+                    f"{kit}/{vmm} {medians[kit].rate / medians[vmm].rate:.2f}"
+                    for kit in VMKITS
+                    if kit in medians
                     for vmm in vmms
-                    if vmm != "vmkit" and "vmkit" in medians
+                    if vmm not in VMKITS
                 )
                 print(f"{row.label:36} {row.unit:4} {cells}  {ratios}", flush=True)
     if args.markdown:
@@ -459,12 +475,13 @@ def print_markdown(
     print(f"Machine: {machine()}\n")
     print(f"Mode: {mode}; runs per row and VMM: {args.runs} (medians); "
           f"image {IMAGE_SIZE >> 20} MiB per VM\n")  # fmt: skip
-    others = [v for v in vmms if v != "vmkit"]
+    kits = [v for v in VMKITS if v in vmms]
+    others = [v for v in vmms if v not in VMKITS]
 
     def name(vmm: str) -> str:
         return NAMES.get(vmm, vmm)
 
-    head = [name(v) for v in vmms] + [f"vmkit / {name(v)}" for v in others]
+    head = [name(v) for v in vmms] + [f"{name(k)} / {name(v)}" for k in kits for v in others]
     head += [f"{name(v)} CPU s/GiB" for v in vmms]
     with_host = any(h for _, _, h in table)
     if with_host:
@@ -473,7 +490,7 @@ def print_markdown(
     print("|---" * (len(head) + 1) + "|")
     for row, medians, h in table:
         cells = [f"{medians[v].rate:,.1f} {row.unit}" for v in vmms]
-        cells += [f"{medians['vmkit'].rate / medians[v].rate:.2f}" for v in others]
+        cells += [f"{medians[k].rate / medians[v].rate:.2f}" for k in kits for v in others]
         cells += [f"{medians[v].cpu_per_gib:.2f}" for v in vmms]
         if with_host:
             cells.append(f"{h:,.1f} {row.unit}" if h else "—")

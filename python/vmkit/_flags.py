@@ -212,6 +212,15 @@ FLAGS: tuple[Flag, ...] = (
     ),
     Flag("--seccomp", "one", "", default="true", choices=("true", "false", "log")),
     Flag(
+        "--cpu-groups",
+        "one",
+        "vmkit: put the VM's vCPU threads and its device threads in cgroups of their own, "
+        "the vCPUs at an eighth of the devices' CPU weight, so that IO is served first "
+        "when the host's CPUs are contended (needs a writable cpu cgroup)",
+        default="false",
+        choices=("true", "false"),
+    ),
+    Flag(
         "--tpm",
         "one",
         'TPM device "(UNIX Domain Socket from swtpm) socket=</path/to/a/socket>"',

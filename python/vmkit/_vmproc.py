@@ -23,14 +23,17 @@ import os
 import select
 import socket
 import threading
+import weakref
 
 from vmkit import _reactor
 from vmkit.vm import Vm, VmError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import Any
 
+    from vmkit._cgroups import CpuGroups
     from vmkit._forkserver import ForkedProcess, ForkServer
     from vmkit.api import ApiServer
     from vmkit.config import VmConfig
@@ -57,11 +60,15 @@ class ControlChannel:
     def fileno(self) -> int:
         return self._socket.fileno()
 
-    def call(self, op: str, **fields: Any) -> tuple[Any, int | None]:
+    def call(self, op: str, attach: Sequence[int] = (), **fields: Any) -> tuple[Any, int | None]:
+        """``attach``: descriptors that go with the request (SCM_RIGHTS)."""
         message = json.dumps({"op": op, **fields}).encode()
         with self._lock:
             try:
-                self._socket.send(message)
+                if attach:
+                    socket.send_fds(self._socket, [message], list(attach))
+                else:
+                    self._socket.send(message)
                 data, fds, _flags, _address = socket.recv_fds(self._socket, _MAX_MESSAGE, 1)
             except TimeoutError:
                 # Its late answer would be taken for the next request's: a VM
@@ -115,25 +122,48 @@ class RemoteVmHandle:
         watchdog_timeout: float | None,
         lock_disks: bool,
         seccomp: str,
+        cpu_groups_of: int | None = None,
     ) -> None:
+        """``cpu_groups_of``: the VM process's pid, to give the VM CPU groups
+        (``Vm``'s ``cpu_groups``), made here and removed when the VM is closed."""
         self._channel = channel
+        self._cpu_groups: CpuGroups | None = None
         # Validation errors as Vm(config) raises them, from Rust in this process.
         config.validate()
-        _ok, fd = channel.call(
-            "new",
-            config=config.to_dict(),
-            watchdog_timeout=watchdog_timeout,
-            lock_disks=lock_disks,
-            seccomp=seccomp,
-        )
+        if cpu_groups_of is not None:
+            from vmkit._cgroups import CpuGroups
+
+            self._cpu_groups = CpuGroups.create(cpu_groups_of, config.cpus.boot_vcpus)
+        try:
+            _ok, fd = channel.call(
+                "new",
+                attach=() if self._cpu_groups is None else self._cpu_groups.files(),
+                config=config.to_dict(),
+                watchdog_timeout=watchdog_timeout,
+                lock_disks=lock_disks,
+                seccomp=seccomp,
+                thread_groups=self._cpu_groups is not None,
+            )
+        except BaseException:
+            self.remove_cpu_groups()
+            raise
+        if self._cpu_groups is not None:
+            self._cpu_groups.close_files()
         if fd is None:
+            self.remove_cpu_groups()
             raise VmError("The VM process sent no exit descriptor", "Device")
         self._exit_fd = fd
         self._events_fd = -1
         self.iommu: bool = bool(channel.value("iommu"))
         self._closed = False
 
+    def remove_cpu_groups(self) -> None:
+        groups, self._cpu_groups = self._cpu_groups, None
+        if groups is not None:
+            groups.remove()
+
     def __del__(self) -> None:
+        self.remove_cpu_groups()
         for name in ("_exit_fd", "_events_fd"):
             fd = getattr(self, name, -1)
             setattr(self, name, -1)
@@ -189,6 +219,8 @@ class RemoteVmHandle:
             self._channel.call("close")
         except _Gone:
             pass  # the process took its VM with it
+        finally:
+            self.remove_cpu_groups()
 
     def release(self) -> None:
         try:
@@ -258,6 +290,7 @@ class VmProcess:
         seccomp: str,
         timeout: float,
         request_timeout: float | None = None,
+        cpu_groups: bool = False,
     ) -> None:
         from vmkit._forkserver import ForkedProcess
         from vmkit.api import ApiServer
@@ -290,7 +323,11 @@ class VmProcess:
             detail = reply.get("error") or f"it exited with status {status}"
             raise VmError(f"The VM process did not start: {detail}", "Spawn")
         self.channel = ControlChannel(ours)
-        self.vmm: Vmm = Vmm(seccomp=seccomp, vm_factory=self._new_vm, pid=pid)
+        #: the latest VM's handle (while it lives), whose CPU groups go when the process does.
+        self._handle: weakref.ref[RemoteVmHandle] | None = None
+        self.vmm: Vmm = Vmm(
+            seccomp=seccomp, cpu_groups=cpu_groups, vm_factory=self._new_vm, pid=pid
+        )
         self.server: ApiServer = ApiServer(self.vmm, fd=fds[0], reactor=_reactor.shared())
         self.server.start()
         self._closed = False
@@ -305,9 +342,22 @@ class VmProcess:
             reactor.add(self._watched[1], 0, self._ended)
 
     def _new_vm(
-        self, config: VmConfig, watchdog_timeout: float | None, lock_disks: bool, seccomp: str
+        self,
+        config: VmConfig,
+        watchdog_timeout: float | None,
+        lock_disks: bool,
+        seccomp: str,
+        cpu_groups: bool,
     ) -> Vm:
-        handle = RemoteVmHandle(self.channel, config, watchdog_timeout, lock_disks, seccomp)
+        handle = RemoteVmHandle(
+            self.channel,
+            config,
+            watchdog_timeout,
+            lock_disks,
+            seccomp,
+            cpu_groups_of=self.process.pid if cpu_groups else None,
+        )
+        self._handle = weakref.ref(handle)
         return Vm._adopt(config, handle)
 
     def _forget(self) -> None:
@@ -345,6 +395,9 @@ class VmProcess:
                 self.vmm.close()
                 self.channel.exit(code)
                 self.channel.close()
+            handle = self._handle() if self._handle is not None else None
+            if handle is not None:
+                handle.remove_cpu_groups()
 
     def close(self) -> None:
         """Closes this side (the process, if still running, sees its control

@@ -153,12 +153,20 @@ def _boot_from_command_line(command: CommandLine, sink: TextIO) -> int:
         )
         return 1
     return boot_and_wait(
-        config, verbosity=command.verbosity, log=sink, seccomp=_seccomp_mode(command)
+        config,
+        verbosity=command.verbosity,
+        log=sink,
+        seccomp=_seccomp_mode(command),
+        cpu_groups=_cpu_groups(command),
     )
 
 
 def _seccomp_mode(command: CommandLine) -> str:
     return command.one("--seccomp") or "true"
+
+
+def _cpu_groups(command: CommandLine) -> bool:
+    return command.one("--cpu-groups") == "true"
 
 
 def confine(seccomp: str) -> None:
@@ -174,6 +182,7 @@ def boot_and_wait(
     verbosity: int = 0,
     log: TextIO | None = None,
     seccomp: str = "true",
+    cpu_groups: bool = False,
 ) -> int:
     """Boots ``config`` and runs until the guest stops: 0 on power-off, 1 otherwise."""
     import select
@@ -182,7 +191,7 @@ def boot_and_wait(
 
     confine(seccomp)
     try:
-        vm = Vm(config, seccomp=seccomp)
+        vm = Vm(config, seccomp=seccomp, cpu_groups=cpu_groups)
     except VmError as e:
         # v37 builds the VM when it boots it: what the VMM refuses is a boot error.
         print(f"Error booting VM: {e}", file=sys.stderr)
@@ -631,7 +640,7 @@ def _serve(command: CommandLine) -> int:
     except StartupError as e:
         print(e, file=sys.stderr)
         return 1
-    vmm = Vmm(events=events, seccomp=_seccomp_mode(command))
+    vmm = Vmm(events=events, seccomp=_seccomp_mode(command), cpu_groups=_cpu_groups(command))
 
     def stop(signum: int, frame: FrameType | None) -> None:
         vmm.request_exit(0)

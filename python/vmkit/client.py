@@ -997,6 +997,7 @@ def spawn(
     stop_timeout: float = 5.0,
     env: Mapping[str, str] | None = None,
     fresh_interpreter: bool = False,
+    cpu_groups: bool = False,
 ) -> SpawnedVm:
     """Starts a VMM process serving the HTTP API on ``<path>`` and creates ``config`` there.
 
@@ -1030,6 +1031,9 @@ def spawn(
     ``request_timeout`` bounds each request (seconds; None: no bound): for a
     VM process, each of its answers to this program, and one that does not
     answer in time is closed (it then exits).
+    ``cpu_groups``: the VM's threads in CPU groups of their own (see ``Vm``),
+    made under this program's cpu cgroup (``--cpu-groups true`` for the
+    ``vmkit`` command).
 
     Raises VmError (kind ``Spawn``) when the VMM does not come up in
     ``startup_timeout`` seconds, ApiError when ``vm.create`` fails; in both
@@ -1078,7 +1082,14 @@ def spawn(
     verbosity = _vm_process_verbosity(vmm_args)
     if not fresh_interpreter and env is None and verbosity is not None:
         vm_process = _start_vm_process(
-            child_env, socket_path, tmpdir, log, verbosity, startup_timeout, request_timeout
+            child_env,
+            socket_path,
+            tmpdir,
+            log,
+            verbosity,
+            startup_timeout,
+            request_timeout,
+            cpu_groups,
         )
         if vm_process is not None:
             client: Client = _LocalClient(vm_process.server, socket_path, vm_process.process)
@@ -1097,6 +1108,8 @@ def spawn(
     ready, ready_write = os.pipe()
     child_env["VMKIT_SPAWN_DIR"] = str(tmpdir)
     argv = ["--api-socket", str(socket_path), *vmm_args]
+    if cpu_groups:
+        argv += ["--cpu-groups", "true"]
     process: VmmProcess
     try:
         server = None if fresh_interpreter else _forkserver.shared_server(child_env)
@@ -1173,6 +1186,7 @@ def _start_vm_process(
     verbosity: int,
     timeout: float,
     request_timeout: float | None,
+    cpu_groups: bool,
 ) -> _vmproc.VmProcess | None:
     """A VM process from this program's fork server, or None when the server
     cannot start one (``env``'s PYTHON* differ from its own)."""
@@ -1192,6 +1206,7 @@ def _start_vm_process(
                 seccomp="true",
                 timeout=timeout,
                 request_timeout=request_timeout,
+                cpu_groups=cpu_groups,
             )
         except _forkserver.ForkServerError as e:
             if server.alive or attempt == 2:

@@ -14,6 +14,7 @@ releases what it holds (vCPU threads, guest memory, pty, socket).
 
 from __future__ import annotations
 
+import os
 import time
 
 from vmkit import _native, logs
@@ -23,7 +24,7 @@ from vmkit.config import VmConfig
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import re
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from pathlib import Path
     from typing import Any
 
@@ -37,8 +38,9 @@ class VmError(RuntimeError):
 
     ``kind`` says which part failed: ``Unsupported``, ``Kernel``,
     ``Initramfs``, ``Memory``, ``Kvm``, ``Device``, ``State`` (an invalid
-    state transition, with Cloud Hypervisor's text) or ``Stopped`` (the VM
-    stopped while something waited on it).
+    state transition, with Cloud Hypervisor's text), ``Stopped`` (the VM
+    stopped while something waited on it) or ``CpuGroups`` (``cpu_groups``
+    could not be set up).
     """
 
     def __init__(self, message: str, kind: str) -> None:
@@ -200,6 +202,12 @@ class Vm:
     process with SIGSYS after printing why (True), is let through and logged
     by the kernel (``"log"``), or nothing is installed (False). Your program's
     own threads are never filtered.
+    ``cpu_groups`` (default False) gives the VM a cgroup of its own under this
+    process's cpu cgroup, with its vCPU threads at an eighth of the CPU weight
+    of its device threads: when the host's CPUs are contended (many VMs,
+    busy hosts), a VM's IO is served before its vCPUs run. It needs a
+    writable cpu cgroup (root, or a delegated cgroup v2); VmError (kind
+    ``CpuGroups``) says why when there is none. The groups go with the VM.
 
     After ``close()`` every method but ``close()`` raises ValueError; ``state``,
     ``config``, ``boots``, ``kernel_format`` and the serial output
@@ -213,11 +221,33 @@ class Vm:
         watchdog_timeout: float | None = None,
         lock_disks: bool = True,
         seccomp: bool | str = True,
+        cpu_groups: bool = False,
     ) -> None:
         logs.sync_level()
-        self._handle = _native.VmHandle(
-            config, watchdog_timeout, lock_disks, seccomp_value(seccomp)
-        )
+        groups = None
+        if cpu_groups:
+            from vmkit._cgroups import CpuGroups
+
+            groups = CpuGroups.create(os.getpid(), config.cpus.boot_vcpus)
+        try:
+            self._handle = _native.VmHandle(
+                config,
+                watchdog_timeout,
+                lock_disks,
+                seccomp_value(seccomp),
+                None if groups is None else groups.files(),
+            )
+        except BaseException:
+            if groups is not None:
+                groups.remove()
+            raise
+        self._release_groups: Callable[[], None] | None = None
+        if groups is not None:
+            groups.close_files()
+            # Also when the Vm goes away unclosed (or at exit).
+            import weakref
+
+            self._release_groups = weakref.finalize(self, groups.remove)
         # Validation derives the top-level iommu, as VmConfig.validate() does.
         config.iommu = self._handle.iommu
         self.config = config
@@ -231,6 +261,7 @@ class Vm:
         vm = cls.__new__(cls)
         config.iommu = handle.iommu
         vm._handle = handle
+        vm._release_groups = None
         vm.config = config
         vm._closed = False
         vm.serial = SerialConsole(handle)
@@ -406,6 +437,8 @@ class Vm:
         """
         self._closed = self.serial._closed = True
         self._handle.close()
+        if self._release_groups is not None:
+            self._release_groups()
 
     def __enter__(self) -> Vm:
         return self
@@ -426,6 +459,7 @@ class Vm:
         stop_timeout: float = 5.0,
         env: Mapping[str, str] | None = None,
         fresh_interpreter: bool = False,
+        cpu_groups: bool = False,
     ) -> SpawnedVm:
         """Runs the VM in a ``vmkit --api-socket`` child process.
 
@@ -447,4 +481,5 @@ class Vm:
             stop_timeout=stop_timeout,
             env=env,
             fresh_interpreter=fresh_interpreter,
+            cpu_groups=cpu_groups,
         )

@@ -192,8 +192,8 @@ class Vmm:
 
     ``events``: where to report events (``--event-monitor``), or None.
     ``watchdog_timeout`` (None: no hang detector, as in Cloud Hypervisor), ``lock_disks``,
-    ``seccomp``: passed to each ``Vm``. ``vm_factory(config, watchdog_timeout,
-    lock_disks, seccomp)`` makes the ``Vm`` instead of ``Vm(...)`` (a VM process's,
+    ``seccomp``, ``cpu_groups``: passed to each ``Vm``. ``vm_factory(config, watchdog_timeout,
+    lock_disks, seccomp, cpu_groups)`` makes the ``Vm`` instead of ``Vm(...)`` (a VM process's,
     ``_vmproc``), and ``pid`` is the VMM process ``vmm.ping`` names (this one by
     default). The attributes
     ``config`` and ``vm`` are the VMM's two layers; read them under ``lock``.
@@ -206,7 +206,8 @@ class Vmm:
         watchdog_timeout: float | None = None,
         lock_disks: bool = True,
         seccomp: bool | str = True,
-        vm_factory: Callable[[VmConfig, float | None, bool, str], Vm] | None = None,
+        cpu_groups: bool = False,
+        vm_factory: Callable[[VmConfig, float | None, bool, str, bool], Vm] | None = None,
         pid: int | None = None,
     ) -> None:
         self.vm_factory = vm_factory
@@ -217,6 +218,7 @@ class Vmm:
         self.watchdog_timeout = watchdog_timeout
         self.lock_disks = lock_disks
         self.seccomp = seccomp
+        self.cpu_groups = cpu_groups
         self.lock = threading.RLock()
         self._exit = threading.Event()
         self._exit_code: int | None = None
@@ -366,7 +368,11 @@ class Vmm:
             try:
                 if self.vm_factory is not None:
                     vm = self.vm_factory(
-                        config, self.watchdog_timeout, self.lock_disks, seccomp_value(self.seccomp)
+                        config,
+                        self.watchdog_timeout,
+                        self.lock_disks,
+                        seccomp_value(self.seccomp),
+                        self.cpu_groups,
                     )
                 else:
                     vm = Vm(
@@ -374,6 +380,7 @@ class Vmm:
                         watchdog_timeout=self.watchdog_timeout,
                         lock_disks=self.lock_disks,
                         seccomp=self.seccomp,
+                        cpu_groups=self.cpu_groups,
                     )
             except ConfigError as e:
                 raise ApiError(f"Failed to validate config: {e}") from None

@@ -17,7 +17,7 @@
 //! answered: the process ends with the given status.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,7 +28,7 @@ use pyo3::prelude::*;
 use serde_json::{json, Value};
 use vmkit_config::VmConfig;
 use vmkit_vmm::process::{Forked, SeqPacket, SignalFd, VmProcessSetup, CONTROL_FD};
-use vmkit_vmm::seccomp::{SeccompMode, ThreadKind};
+use vmkit_vmm::seccomp::{SeccompMode, ThreadGroups, ThreadKind};
 use vmkit_vmm::{StopReason, Vm, VmOptions};
 
 /// The largest request or answer (a config with many devices fits).
@@ -341,8 +341,8 @@ fn serve(control: &Control, signals: &SignalFd, state: &mut State) -> (i32, bool
         if !ready[0] {
             continue;
         }
-        let message = match control.0.receive_into(&mut buffer) {
-            Ok((length, _fd)) => &buffer[..length],
+        let (message, fds) = match control.0.receive_with_fds(&mut buffer) {
+            Ok((length, fds)) => (&buffer[..length], fds),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 let _ = control.send(&error("Unsupported", &format!("request: {e}")), None);
@@ -364,7 +364,7 @@ fn serve(control: &Control, signals: &SignalFd, state: &mut State) -> (i32, bool
             let code = request["code"].as_i64().unwrap_or(0);
             return (i32::try_from(code).unwrap_or(1), false);
         }
-        let (answer, fd) = handle(state, &request);
+        let (answer, fd) = handle(state, &request, fds);
         if control.send(&answer, fd).is_err() {
             return (0, true);
         }
@@ -394,10 +394,11 @@ fn exit_value(reason: Option<StopReason>) -> Value {
 }
 
 /// One request on the VM; the answer and a descriptor to send with it.
-fn handle(state: &mut State, request: &Value) -> (Value, Option<RawFd>) {
+/// `fds`: the descriptors the request carried (only `new` takes any).
+fn handle(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Option<RawFd>) {
     let op = request["op"].as_str().unwrap_or("");
     if op == "new" {
-        return new_vm(state, request);
+        return new_vm(state, request, fds);
     }
     let Some(vm) = state.vm.clone() else {
         return (error("State", "no VM in this process"), None);
@@ -469,8 +470,10 @@ fn handle(state: &mut State, request: &Value) -> (Value, Option<RawFd>) {
 }
 
 /// `new`: the VM of `config` (Cloud Hypervisor's JSON, validated by the
-/// spawning program already), replacing a previous one.
-fn new_vm(state: &mut State, request: &Value) -> (Value, Option<RawFd>) {
+/// spawning program already), replacing a previous one. With
+/// `"thread_groups": true` the request carries the vCPU and device CPU
+/// groups' thread files.
+fn new_vm(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Option<RawFd>) {
     let config: VmConfig = match serde_json::from_value(request["config"].clone()) {
         Ok(config) => config,
         Err(e) => return (error("Unsupported", &format!("config: {e}")), None),
@@ -486,10 +489,22 @@ fn new_vm(state: &mut State, request: &Value) -> (Value, Option<RawFd>) {
         .as_str()
         .and_then(SeccompMode::parse)
         .unwrap_or_default();
+    let thread_groups = if request["thread_groups"].as_bool().unwrap_or(false) {
+        let Ok::<[OwnedFd; 2], _>([vcpu, device]) = fds.try_into() else {
+            return (
+                error("Unsupported", "thread_groups: expected 2 descriptors"),
+                None,
+            );
+        };
+        ThreadGroups::new(vcpu, device)
+    } else {
+        ThreadGroups::default()
+    };
     let options = VmOptions {
         watchdog_timeout,
         lock_disks: request["lock_disks"].as_bool().unwrap_or(true),
         seccomp,
+        thread_groups,
     };
     if let Some(old) = state.vm.take() {
         old.close();

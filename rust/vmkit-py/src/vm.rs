@@ -8,8 +8,9 @@ use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyType};
 use serde_json::{json, Value};
+use std::os::fd::RawFd;
 use vmkit_config::VmConfig;
-use vmkit_vmm::seccomp::SeccompMode;
+use vmkit_vmm::seccomp::{SeccompMode, ThreadGroups};
 use vmkit_vmm::{StopReason, Vm, VmOptions};
 
 static VM_ERROR: OnceLock<Py<PyType>> = OnceLock::new();
@@ -55,16 +56,30 @@ pub struct VmHandle {
 impl VmHandle {
     /// Reads and validates `config` (a VmConfig object) and opens KVM;
     /// nothing runs yet. Raises ConfigError/ValidationError for a bad config.
+    /// `thread_groups`: the vCPU and device CPU groups' thread files, open
+    /// for writing (duplicated here; the caller closes its own).
     #[new]
-    #[pyo3(signature = (config, watchdog_timeout=None, lock_disks=true, seccomp="true"))]
+    #[pyo3(signature = (config, watchdog_timeout=None, lock_disks=true, seccomp="true", thread_groups=None))]
     fn new(
         py: Python<'_>,
         config: &Bound<'_, PyAny>,
         watchdog_timeout: Option<f64>,
         lock_disks: bool,
         seccomp: &str,
+        thread_groups: Option<(RawFd, RawFd)>,
     ) -> PyResult<Self> {
         let seccomp = seccomp_mode(seccomp)?;
+        let thread_groups = match thread_groups {
+            Some((vcpu, device)) => {
+                let duplicate = |fd| {
+                    vmkit_vmm::process::duplicate_fd(fd).map_err(|e| {
+                        PyValueError::new_err(format!("thread_groups: descriptor {fd}: {e}"))
+                    })
+                };
+                ThreadGroups::new(duplicate(vcpu)?, duplicate(device)?)
+            }
+            None => ThreadGroups::default(),
+        };
         let config: VmConfig = crate::from_py(py, config)?;
         // Validated here, once, for Python's typed ValidationError.
         let config = config
@@ -74,6 +89,7 @@ impl VmHandle {
             watchdog_timeout: duration(watchdog_timeout)?,
             lock_disks,
             seccomp,
+            thread_groups,
         };
         let vm = py
             .detach(|| Vm::new(config, options))

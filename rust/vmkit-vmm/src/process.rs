@@ -199,6 +199,25 @@ impl SignalFd {
     }
 }
 
+/// A descriptor of our own (close-on-exec) for the open descriptor `fd`
+/// that a caller passed by number; the caller keeps theirs.
+pub fn duplicate_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{fd} is not an open file descriptor"),
+        ));
+    }
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a number the caller gave; a bad one
+    // fails with EBADF, a good one yields a descriptor nobody else owns.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `dup` is the fresh descriptor fcntl returned.
+    Ok(unsafe { OwnedFd::from_raw_fd(dup) })
+}
+
 /// The SOCK_SEQPACKET control socket: one message per request or answer.
 pub struct SeqPacket(pub RawFd);
 

@@ -26,7 +26,7 @@ use crate::devices::legacy::{DebugPortWrite, GED_POWER_BUTTON};
 use crate::devices::serial::SerialBackend;
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::memory::{create_guest_ram, GuestRam};
-use crate::seccomp::{self, SeccompMode, Spawner, ThreadKind};
+use crate::seccomp::{self, SeccompMode, Spawner, ThreadGroups, ThreadKind};
 use crate::vcpu::{self, Sample, VcpuThreadContext};
 use crate::virtio::block::ImageLock;
 use crate::virtio::pci::{DeviceEventLog, DeviceEvents};
@@ -161,7 +161,7 @@ impl VmState {
 }
 
 /// Knobs that are not part of Cloud Hypervisor's config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct VmOptions {
     /// End the VM when no vCPU makes progress for this long (None, the
     /// default: never, as in Cloud Hypervisor).
@@ -172,6 +172,9 @@ pub struct VmOptions {
     /// `--seccomp`: the filter every VM thread runs under, and what a call
     /// outside it does.
     pub seccomp: SeccompMode,
+    /// The CPU groups the VM's threads move into (vCPUs to one, the rest to
+    /// the other); empty: they stay where their creator runs.
+    pub thread_groups: ThreadGroups,
 }
 
 impl Default for VmOptions {
@@ -180,6 +183,7 @@ impl Default for VmOptions {
             watchdog_timeout: None,
             lock_disks: true,
             seccomp: SeccompMode::Trap,
+            thread_groups: ThreadGroups::default(),
         }
     }
 }
@@ -196,6 +200,7 @@ struct Instance {
     /// vCPUs built but not yet running: started once the boot is recorded.
     unstarted: Vec<UnstartedVcpu>,
     seccomp: SeccompMode,
+    thread_groups: ThreadGroups,
 }
 
 /// A vCPU whose thread has not been started.
@@ -218,6 +223,7 @@ impl Instance {
                 format!("vcpu{index}"),
                 ThreadKind::Vcpu,
                 self.seccomp,
+                &self.thread_groups,
                 move || vcpu::run_vcpu(vcpu.fd, vcpu.context),
             );
             match spawned {
@@ -362,15 +368,29 @@ impl Vm {
             .into());
         }
         vcpu::register_kick_handler().map_err(VmError::KickHandler)?;
-        let spawner = Spawner::start(options.seccomp).map_err(|source| VmError::Thread {
-            what: "the device worker spawner",
-            source,
-        })?;
-        let serial = SerialBackend::open(&config.serial, "serial", true, options.seccomp)?;
+        let spawner =
+            Spawner::start(options.seccomp, options.thread_groups.clone()).map_err(|source| {
+                VmError::Thread {
+                    what: "the device worker spawner",
+                    source,
+                }
+            })?;
+        let serial = SerialBackend::open(
+            &config.serial,
+            "serial",
+            true,
+            options.seccomp,
+            &options.thread_groups,
+        )?;
         // With both on the terminal, keyboard input goes to the serial port.
         let console_stdin = config.serial.mode != ConsoleOutputMode::Tty;
-        let console =
-            SerialBackend::open(&config.console, "console", console_stdin, options.seccomp)?;
+        let console = SerialBackend::open(
+            &config.console,
+            "console",
+            console_stdin,
+            options.seccomp,
+            &options.thread_groups,
+        )?;
         let exit_event = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map_err(|source| VmError::ExitEvent { source })?;
         let device_events =
@@ -511,6 +531,7 @@ impl Vm {
             "vmm".into(),
             ThreadKind::Vmm,
             self.options.seccomp,
+            &self.options.thread_groups,
             move || vm.vmm_loop(),
         );
         let thread = match spawned {
@@ -960,6 +981,7 @@ impl Vm {
             devices,
             unstarted,
             seccomp: self.options.seccomp,
+            thread_groups: self.options.thread_groups.clone(),
         })
     }
 }

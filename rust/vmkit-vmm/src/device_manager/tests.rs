@@ -32,6 +32,7 @@ mod needs_kvm {
             "serial",
             false,
             crate::seccomp::SeccompMode::Off,
+            &Default::default(),
         )
         .unwrap()
         .unwrap();

@@ -11,7 +11,7 @@
 //! `socket=` sockets) is readable and writable by its owner only, whatever
 //! the umask (Cloud Hypervisor gets the same by setting umask 077).
 
-use crate::seccomp::{self, SeccompMode, ThreadKind};
+use crate::seccomp::{self, SeccompMode, ThreadGroups, ThreadKind};
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -264,6 +264,7 @@ impl SerialBackend {
         what: &str,
         stdin: bool,
         seccomp: SeccompMode,
+        groups: &ThreadGroups,
     ) -> Result<Option<Arc<Self>>> {
         let device_error = |what: String| move |source| SerialError::Io { what, source };
         let stop_input = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
@@ -319,6 +320,7 @@ impl SerialBackend {
                 format!("{what}-socket"),
                 ThreadKind::SerialSocket,
                 seccomp,
+                groups,
                 move || b.serve_socket(listener),
             )
             .map_err(device_error(what.to_owned()))?;
@@ -332,6 +334,7 @@ impl SerialBackend {
                 format!("{what}-input"),
                 ThreadKind::SerialInput,
                 seccomp,
+                groups,
                 move || b.pump_input(fd),
             )
             .map_err(device_error(what.to_owned()))?;
@@ -697,10 +700,15 @@ mod tests {
     #[test]
     fn uart_output_reaches_the_capture() {
         let config = ConsoleConfig::with_mode(ConsoleOutputMode::Null);
-        let backend =
-            SerialBackend::open(&config, "serial", true, crate::seccomp::SeccompMode::Off)
-                .unwrap()
-                .unwrap();
+        let backend = SerialBackend::open(
+            &config,
+            "serial",
+            true,
+            crate::seccomp::SeccompMode::Off,
+            &Default::default(),
+        )
+        .unwrap()
+        .unwrap();
         let trigger = IrqTrigger(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap());
         let mut device = SerialDevice {
             uart: Serial::new(trigger, SerialSink(backend.clone())),
@@ -721,10 +729,15 @@ mod tests {
     #[test]
     fn pty_mode_has_a_path_and_does_not_block_without_a_reader() {
         let config = ConsoleConfig::with_mode(ConsoleOutputMode::Pty);
-        let backend =
-            SerialBackend::open(&config, "serial", true, crate::seccomp::SeccompMode::Off)
-                .unwrap()
-                .unwrap();
+        let backend = SerialBackend::open(
+            &config,
+            "serial",
+            true,
+            crate::seccomp::SeccompMode::Off,
+            &Default::default(),
+        )
+        .unwrap()
+        .unwrap();
         let path = backend.pty_path().unwrap().clone();
         assert!(path.starts_with("/dev/pts"));
         // Far more than a pty buffer holds: must return, not block.
@@ -763,6 +776,7 @@ mod file_tests {
             "serial",
             false,
             crate::seccomp::SeccompMode::Off,
+            &Default::default(),
         ) else {
             panic!("a FIFO without a reader was accepted");
         };
@@ -791,6 +805,7 @@ mod file_tests {
             "console",
             false,
             crate::seccomp::SeccompMode::Off,
+            &Default::default(),
         )
         .unwrap()
         .unwrap();
@@ -818,10 +833,15 @@ mod socket_tests {
         let _ = std::fs::remove_file(&path);
         let mut config = ConsoleConfig::with_mode(ConsoleOutputMode::Socket);
         config.socket = Some(path.to_string_lossy().into_owned());
-        let backend =
-            SerialBackend::open(&config, "serial", true, crate::seccomp::SeccompMode::Off)
-                .unwrap()
-                .unwrap();
+        let backend = SerialBackend::open(
+            &config,
+            "serial",
+            true,
+            crate::seccomp::SeccompMode::Off,
+            &Default::default(),
+        )
+        .unwrap()
+        .unwrap();
         let mut client = UnixStream::connect(&path).unwrap();
         client
             .set_read_timeout(Some(Duration::from_millis(100)))

@@ -589,6 +589,9 @@ fn interpreter() -> Rules {
         libc::SYS_flock,
         libc::SYS_unlinkat,
         libc::SYS_rmdir,
+        // cpu_groups: each VM's cgroups, made when the API creates the VM.
+        libc::SYS_mkdir,
+        libc::SYS_mkdirat,
         libc::SYS_rename,
         libc::SYS_renameat2,
         libc::SYS_fchmod,

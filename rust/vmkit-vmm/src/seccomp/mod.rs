@@ -11,6 +11,7 @@
 //! the union of the workers' filters: the vCPU filter stays small.
 
 pub mod filters;
+mod groups;
 
 use std::collections::HashMap;
 use std::io;
@@ -21,6 +22,7 @@ use std::thread::JoinHandle;
 use seccompiler::BpfProgram;
 
 pub use filters::ThreadKind;
+pub use groups::ThreadGroups;
 
 /// `--seccomp`: what a system call outside a thread's filter does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -274,26 +276,32 @@ fn install(
     Ok(())
 }
 
-/// Starts a thread named `name` that confines itself to `kind`'s filter
-/// before it runs `body`; returns once the filter is in place.
+/// Starts a thread named `name` that joins its CPU group in `groups` and
+/// confines itself to `kind`'s filter before it runs `body`; returns once
+/// both are done.
 pub fn spawn_confined<F>(
     name: String,
     kind: ThreadKind,
     mode: SeccompMode,
+    groups: &ThreadGroups,
     body: F,
 ) -> io::Result<JoinHandle<()>>
 where
     F: FnOnce() + Send + 'static,
 {
-    if mode == SeccompMode::Off {
+    if mode == SeccompMode::Off && !groups.places(kind) {
         return std::thread::Builder::new().name(name).spawn(body);
     }
-    // Compiled here, so that the new thread only installs it.
-    programs(kind, mode)?;
+    if mode != SeccompMode::Off {
+        // Compiled here, so that the new thread only installs it.
+        programs(kind, mode)?;
+    }
+    let groups = groups.clone();
     let (ready, installed) = mpsc::sync_channel(1);
     let handle = std::thread::Builder::new().name(name).spawn(move || {
         let _record = record_kind(kind);
-        let result = confine_thread(kind, mode);
+        let result = groups.join(kind).and_then(|()| confine_thread(kind, mode));
+        drop(groups);
         let confined = result.is_ok();
         let _ = ready.send(result);
         // A thread whose filter failed never runs unconfined.
@@ -336,21 +344,28 @@ impl Drop for SpawnService {
 #[derive(Clone)]
 pub struct Spawner {
     mode: SeccompMode,
+    groups: ThreadGroups,
     service: Option<Arc<SpawnService>>,
 }
 
 impl Spawner {
-    /// A spawner whose threads are confined with `mode`; with `Off` it starts
-    /// them directly and has no thread of its own.
-    pub fn start(mode: SeccompMode) -> io::Result<Spawner> {
+    /// A spawner whose threads join their group in `groups` and are confined
+    /// with `mode`; with `Off` it starts them directly and has no thread of
+    /// its own.
+    pub fn start(mode: SeccompMode, groups: ThreadGroups) -> io::Result<Spawner> {
         if mode == SeccompMode::Off {
-            return Ok(Spawner::unconfined());
+            return Ok(Spawner {
+                mode,
+                groups,
+                service: None,
+            });
         }
         let (jobs, incoming) = mpsc::channel::<Job>();
         let thread = spawn_confined(
             "vmkit-spawner".into(),
             ThreadKind::Spawner,
             mode,
+            &groups,
             move || {
                 while let Ok(job) = incoming.recv() {
                     job();
@@ -359,6 +374,7 @@ impl Spawner {
         )?;
         Ok(Spawner {
             mode,
+            groups,
             service: Some(Arc::new(SpawnService {
                 jobs: Mutex::new(Some(jobs)),
                 thread: Mutex::new(Some(thread)),
@@ -370,6 +386,7 @@ impl Spawner {
     pub fn unconfined() -> Spawner {
         Spawner {
             mode: SeccompMode::Off,
+            groups: ThreadGroups::default(),
             service: None,
         }
     }
@@ -384,12 +401,13 @@ impl Spawner {
         F: FnOnce() + Send + 'static,
     {
         let Some(service) = &self.service else {
-            return spawn_confined(name, kind, self.mode, body);
+            return spawn_confined(name, kind, self.mode, &self.groups, body);
         };
         let (reply, started) = mpsc::sync_channel(1);
         let mode = self.mode;
+        let groups = self.groups.clone();
         let job: Job = Box::new(move || {
-            let _ = reply.send(spawn_confined(name, kind, mode, body));
+            let _ = reply.send(spawn_confined(name, kind, mode, &groups, body));
         });
         let sent = match service
             .jobs

@@ -84,21 +84,27 @@ fn modes_parse_as_the_command_line_spells_them() {
 /// log mode both go through (the kernel logs the second).
 #[test]
 fn a_thread_confined_in_log_mode_keeps_running() {
-    let handle = spawn_confined("log-test".into(), ThreadKind::Rng, SeccompMode::Log, || {
-        // SAFETY: getppid has no arguments and no effect.
-        let parent = unsafe { libc::syscall(libc::SYS_getppid) };
-        assert!(parent > 0);
-        let status = std::fs::read_to_string("/proc/thread-self/status");
-        // openat is outside the rng filter too, and logged, not refused.
-        assert!(status.unwrap().contains("Seccomp:\t2"));
-    })
+    let handle = spawn_confined(
+        "log-test".into(),
+        ThreadKind::Rng,
+        SeccompMode::Log,
+        &ThreadGroups::default(),
+        || {
+            // SAFETY: getppid has no arguments and no effect.
+            let parent = unsafe { libc::syscall(libc::SYS_getppid) };
+            assert!(parent > 0);
+            let status = std::fs::read_to_string("/proc/thread-self/status");
+            // openat is outside the rng filter too, and logged, not refused.
+            assert!(status.unwrap().contains("Seccomp:\t2"));
+        },
+    )
     .unwrap();
     handle.join().unwrap();
 }
 
 #[test]
 fn the_spawner_starts_confined_threads() {
-    let spawner = Spawner::start(SeccompMode::Log).unwrap();
+    let spawner = Spawner::start(SeccompMode::Log, ThreadGroups::default()).unwrap();
     let (tx, rx) = mpsc::channel();
     let handle = spawner
         .spawn("spawned".into(), ThreadKind::Rng, move || {
@@ -134,4 +140,48 @@ fn every_filter_fits_the_kernels_program_limit() {
             );
         }
     }
+}
+
+/// Each thread writes "0" (itself) to its kind's group file before its body
+/// runs: vCPU threads to the vCPU group's, every other kind to the device
+/// group's. Plain files stand in for the cgroup files here.
+#[test]
+fn each_thread_joins_its_kinds_group_before_it_runs() {
+    let dir = std::env::temp_dir().join(format!("vmkit-groups-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let open = |name: &str| -> std::os::fd::OwnedFd {
+        std::fs::File::create(dir.join(name)).unwrap().into()
+    };
+    let groups = ThreadGroups::new(open("vcpu"), open("device"));
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    for (kind, vcpu, device) in [(ThreadKind::Vcpu, "0", ""), (ThreadKind::Net, "0", "0")] {
+        let seen = Arc::new(Mutex::new(None));
+        let in_body = seen.clone();
+        let files = dir.clone();
+        spawn_confined(
+            "group-test".into(),
+            kind,
+            SeccompMode::Off,
+            &groups,
+            move || {
+                let read = |name: &str| std::fs::read_to_string(files.join(name)).unwrap();
+                *in_body.lock().unwrap() = Some((read("vcpu"), read("device")));
+            },
+        )
+        .unwrap()
+        .join()
+        .unwrap();
+        let expected = (vcpu.to_owned(), device.to_owned());
+        assert_eq!(seen.lock().unwrap().take(), Some(expected), "{kind}");
+    }
+    // The spawner (a device thread) and what it starts join the device group.
+    let spawner = Spawner::start(SeccompMode::Log, groups).unwrap();
+    spawner
+        .spawn("spawned".into(), ThreadKind::Rng, || {})
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!((read("vcpu"), read("device")), ("0".into(), "000".into()));
+    drop(spawner);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

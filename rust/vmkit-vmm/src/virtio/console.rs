@@ -319,6 +319,7 @@ mod tests {
             "console",
             false,
             crate::seccomp::SeccompMode::Off,
+            &Default::default(),
         )
         .unwrap()
         .unwrap();
