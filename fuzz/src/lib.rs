@@ -91,6 +91,7 @@ pub fn null_backend(what: &str) -> std::sync::Arc<vmkit_vmm::devices::serial::Se
         what,
         false,
         vmkit_vmm::seccomp::SeccompMode::Off,
+        &Default::default(),
     )
     .expect("a null backend")
     .expect("a backend for mode null")
