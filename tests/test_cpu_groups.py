@@ -207,7 +207,7 @@ def test_a_cgroup_v2_without_the_cpu_controller_is_refused() -> None:
         cgroups.find_cpu_cgroup("0::/\n", unified[0] + "\n")
     assert str(caught.value) == (
         f"cpu_groups: the cpu controller is not available in this process's cgroup "
-        f"{mount_point}/ (its cgroup.controllers: {' '.join(available) or 'none'})"
+        f"{mount_point} (its cgroup.controllers: {' '.join(available) or 'none'})"
     )
     assert caught.value.kind == "CpuGroups"
 

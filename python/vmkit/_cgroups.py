@@ -112,7 +112,8 @@ def _inside(mount: tuple[str, str], path: str) -> str:
     root, mount_point = mount
     if root != "/" and (path == root or path.startswith(root + "/")):
         path = path[len(root) :]
-    return os.path.join(mount_point, path.lstrip("/"))
+    inner = path.strip("/")
+    return os.path.join(mount_point, inner) if inner else mount_point
 
 
 class CpuGroups:
@@ -127,12 +128,12 @@ class CpuGroups:
         self._fds: list[int] = [vcpu_fd, device_fd]
 
     @classmethod
-    def create(cls, owner: int, vcpus: int, label: str | None = None) -> CpuGroups:
-        """Groups for a VM whose threads run in process ``owner``, named
-        ``vmkit-<owner>-<label>`` (a serial number by default)."""
+    def create(cls, owner: int, vcpus: int) -> CpuGroups:
+        """Groups for a VM with ``vcpus`` boot vCPUs whose threads run in
+        process ``owner``, named ``vmkit-<owner>-<serial number>``."""
         version, parent = own_cpu_cgroup()
         _sweep(parent)
-        name = f"vmkit-{owner}-{label if label is not None else next(_serial)}"
+        name = f"vmkit-{owner}-{next(_serial)}"
         path = os.path.join(parent, name)
         try:
             os.mkdir(path, 0o755)
