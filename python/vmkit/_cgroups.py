@@ -23,8 +23,8 @@ domain controllers enabled below it.
 
 Each VM thread moves itself into its group (it writes ``0`` to the group's
 ``tasks`` or ``cgroup.threads``, opened here) before it starts its work. When
-the VM is closed, the threads it still has (idle, about to end) go back to
-``<cgroup>`` and the groups are removed. ``<pid>`` names the process whose
+the VM is closed and released, the groups are removed (a thread still in them
+goes back to ``<cgroup>`` first). ``<pid>`` names the process whose
 VM threads they hold (a VM process's for ``Vm.spawn``), so that groups left by
 a process that died are removed the next time groups are made beside them.
 """

@@ -217,6 +217,9 @@ class RemoteVmHandle:
         self._closed = True
         try:
             self._channel.call("close")
+            if self._cpu_groups is not None:
+                # Once released, the VM has no thread left to move out of its groups.
+                self._channel.call("release")
         except _Gone:
             pass  # the process took its VM with it
         finally:

@@ -438,6 +438,8 @@ class Vm:
         self._closed = self.serial._closed = True
         self._handle.close()
         if self._release_groups is not None:
+            # Once released, the VM has no thread left to move out of its groups.
+            self._handle.release()
             self._release_groups()
 
     def __enter__(self) -> Vm:

@@ -706,6 +706,12 @@ impl Vm {
         for backend in self.serial.iter().chain(&self.console) {
             backend.close();
         }
+        // No device starts again. With CPU groups, their owner removes them
+        // after `release`, once no VM thread is left in them: the spawner
+        // thread ends now rather than when the Vm is dropped.
+        if !self.options.thread_groups.is_empty() {
+            self.spawner.stop();
+        }
     }
 
     /// Waits for each boot to end; rebuilds on reset; runs the watchdog.

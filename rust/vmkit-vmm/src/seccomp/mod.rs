@@ -328,13 +328,19 @@ struct SpawnService {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl Drop for SpawnService {
-    fn drop(&mut self) {
+impl SpawnService {
+    fn stop(&self) {
         // Closing the channel ends the thread's loop.
         drop(self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take());
         if let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = thread.join();
         }
+    }
+}
+
+impl Drop for SpawnService {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -393,6 +399,13 @@ impl Spawner {
 
     pub fn mode(&self) -> SeccompMode {
         self.mode
+    }
+
+    /// Ends the spawner thread (for every clone); later spawns fail.
+    pub fn stop(&self) {
+        if let Some(service) = &self.service {
+            service.stop();
+        }
     }
 
     /// Starts `body` on a new thread confined to `kind`'s filter.
