@@ -86,12 +86,10 @@ pub fn target(name: &str) -> Option<&'static Target> {
 
 /// A serial/console backend in mode null (output captured, no host side).
 pub fn null_backend(what: &str) -> std::sync::Arc<vmkit_vmm::devices::serial::SerialBackend> {
-    vmkit_vmm::devices::serial::SerialBackend::open(
+    vmkit_vmm::devices::serial::SerialBackend::open_unconfined(
         &vmkit_config::ConsoleConfig::with_mode(vmkit_config::ConsoleOutputMode::Null),
         what,
         false,
-        vmkit_vmm::seccomp::SeccompMode::Off,
-        &Default::default(),
     )
     .expect("a null backend")
     .expect("a backend for mode null")

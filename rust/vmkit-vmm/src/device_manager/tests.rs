@@ -27,15 +27,9 @@ mod needs_kvm {
         let vm_fd = Arc::new(Kvm::new().unwrap().create_vm().unwrap());
         crate::interrupts::enable_split_irqchip(&vm_fd).unwrap();
         let ram = create_guest_ram(&config.memory).unwrap();
-        let serial = SerialBackend::open(
-            &config.serial,
-            "serial",
-            false,
-            crate::seccomp::SeccompMode::Off,
-            &Default::default(),
-        )
-        .unwrap()
-        .unwrap();
+        let serial = SerialBackend::open_unconfined(&config.serial, "serial", false)
+            .unwrap()
+            .unwrap();
         let control = Arc::new(Control::new());
         let mut devices = DeviceManager::build(&DeviceContext {
             spawner: &crate::seccomp::Spawner::unconfined(),

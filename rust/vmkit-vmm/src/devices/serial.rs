@@ -500,6 +500,23 @@ impl SerialBackend {
         }
     }
 
+    /// `open` with its threads unconfined and left in their creator's CPU
+    /// group (tests and fuzzing).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn open_unconfined(
+        config: &ConsoleConfig,
+        what: &str,
+        stdin: bool,
+    ) -> Result<Option<Arc<Self>>> {
+        Self::open(
+            config,
+            what,
+            stdin,
+            SeccompMode::Off,
+            &ThreadGroups::default(),
+        )
+    }
+
     /// Stops the input thread and removes the socket file.
     pub fn close(&self) {
         let _ = self.stop_input.write(1);
@@ -700,15 +717,9 @@ mod tests {
     #[test]
     fn uart_output_reaches_the_capture() {
         let config = ConsoleConfig::with_mode(ConsoleOutputMode::Null);
-        let backend = SerialBackend::open(
-            &config,
-            "serial",
-            true,
-            crate::seccomp::SeccompMode::Off,
-            &Default::default(),
-        )
-        .unwrap()
-        .unwrap();
+        let backend = SerialBackend::open_unconfined(&config, "serial", true)
+            .unwrap()
+            .unwrap();
         let trigger = IrqTrigger(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap());
         let mut device = SerialDevice {
             uart: Serial::new(trigger, SerialSink(backend.clone())),
@@ -729,15 +740,9 @@ mod tests {
     #[test]
     fn pty_mode_has_a_path_and_does_not_block_without_a_reader() {
         let config = ConsoleConfig::with_mode(ConsoleOutputMode::Pty);
-        let backend = SerialBackend::open(
-            &config,
-            "serial",
-            true,
-            crate::seccomp::SeccompMode::Off,
-            &Default::default(),
-        )
-        .unwrap()
-        .unwrap();
+        let backend = SerialBackend::open_unconfined(&config, "serial", true)
+            .unwrap()
+            .unwrap();
         let path = backend.pty_path().unwrap().clone();
         assert!(path.starts_with("/dev/pts"));
         // Far more than a pty buffer holds: must return, not block.
@@ -771,13 +776,7 @@ mod file_tests {
     #[test]
     fn a_fifo_without_a_reader_is_refused_at_once() {
         let path = fifo("noreader");
-        let Err(e) = SerialBackend::open(
-            &file_config(&path),
-            "serial",
-            false,
-            crate::seccomp::SeccompMode::Off,
-            &Default::default(),
-        ) else {
+        let Err(e) = SerialBackend::open_unconfined(&file_config(&path), "serial", false) else {
             panic!("a FIFO without a reader was accepted");
         };
         assert_eq!(
@@ -800,15 +799,9 @@ mod file_tests {
             .custom_flags(libc::O_NONBLOCK)
             .open(&path)
             .unwrap();
-        let backend = SerialBackend::open(
-            &file_config(&path),
-            "console",
-            false,
-            crate::seccomp::SeccompMode::Off,
-            &Default::default(),
-        )
-        .unwrap()
-        .unwrap();
+        let backend = SerialBackend::open_unconfined(&file_config(&path), "console", false)
+            .unwrap()
+            .unwrap();
         // Far more than a pipe holds: must return, not block.
         let chunk = vec![b'x'; 64 << 10];
         for _ in 0..16 {
@@ -833,15 +826,9 @@ mod socket_tests {
         let _ = std::fs::remove_file(&path);
         let mut config = ConsoleConfig::with_mode(ConsoleOutputMode::Socket);
         config.socket = Some(path.to_string_lossy().into_owned());
-        let backend = SerialBackend::open(
-            &config,
-            "serial",
-            true,
-            crate::seccomp::SeccompMode::Off,
-            &Default::default(),
-        )
-        .unwrap()
-        .unwrap();
+        let backend = SerialBackend::open_unconfined(&config, "serial", true)
+            .unwrap()
+            .unwrap();
         let mut client = UnixStream::connect(&path).unwrap();
         client
             .set_read_timeout(Some(Duration::from_millis(100)))

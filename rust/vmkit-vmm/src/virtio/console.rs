@@ -314,12 +314,10 @@ mod tests {
     use vmkit_config::{ConsoleConfig, ConsoleOutputMode};
 
     fn console() -> (Console, Arc<SerialBackend>) {
-        let backend = SerialBackend::open(
+        let backend = SerialBackend::open_unconfined(
             &ConsoleConfig::with_mode(ConsoleOutputMode::Null),
             "console",
             false,
-            crate::seccomp::SeccompMode::Off,
-            &Default::default(),
         )
         .unwrap()
         .unwrap();
