@@ -140,10 +140,7 @@ class CpuGroups:
         except OSError as e:
             raise _error(f"cannot create the VM's cgroup {path}: {e.strerror}") from None
         try:
-            if version == 1:
-                fds = _set_up_v1(path, vcpus)
-            else:
-                fds = _set_up_v2(parent, path, vcpus)
+            fds = _set_up(version, parent, path, vcpus)
         except OSError as e:
             _remove_tree(path, patience=0.0)
             where = f" {e.filename}" if e.filename else ""
@@ -185,52 +182,38 @@ class CpuGroups:
         self.close_files()
 
 
-def _open_threads(path: str) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-
-
-def _set_up_v1(path: str, vcpus: int) -> tuple[int, int]:
-    shares = min(262144, _V1_SHARES["vm_per_thread"] * (max(1, vcpus) + 1))
-    _write(os.path.join(path, "cpu.shares"), str(shares))
-    fds: list[int] = []
-    try:
-        for group in ("vcpu", "device"):
-            group_path = os.path.join(path, group)
-            os.mkdir(group_path, 0o755)
-            _write(os.path.join(group_path, "cpu.shares"), str(_V1_SHARES[group]))
-            fds.append(_open_threads(os.path.join(group_path, "tasks")))
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return fds[0], fds[1]
-
-
-def _set_up_v2(parent: str, path: str, vcpus: int) -> tuple[int, int]:
-    # Threads of one process may sit in different cgroups only inside one
-    # threaded subtree: the VM's group is threaded, and its parent (this
-    # process's cgroup) becomes their threaded domain.
-    _write(os.path.join(path, "cgroup.type"), "threaded")
-    if "cpu" not in _read(os.path.join(parent, "cgroup.subtree_control")).split():
-        _write(os.path.join(parent, "cgroup.subtree_control"), "+cpu")
-    weight = min(10000, _V2_WEIGHTS["vm_per_thread"] * (max(1, vcpus) + 1))
-    _write(os.path.join(path, "cpu.weight"), str(weight))
-    fds: list[int] = []
-    try:
-        for group in ("vcpu", "device"):
-            group_path = os.path.join(path, group)
-            os.mkdir(group_path, 0o755)
-            _write(os.path.join(group_path, "cgroup.type"), "threaded")
+def _set_up(version: int, parent: str, path: str, vcpus: int) -> tuple[int, int]:
+    """Makes the VM's ``vcpu`` and ``device`` groups in ``path`` with their
+    weights; their thread files, opened for writing."""
+    if version == 1:
+        weights, weight_file, threads_file, cap = _V1_SHARES, "cpu.shares", "tasks", 262144
+    else:
+        weights, weight_file, threads_file = _V2_WEIGHTS, "cpu.weight", "cgroup.threads"
+        cap = 10000
+        # Threads of one process may sit in different cgroups only inside one
+        # threaded subtree: the VM's group is threaded, and its parent (this
+        # process's cgroup) becomes their threaded domain.
+        _write(os.path.join(path, "cgroup.type"), "threaded")
+        if "cpu" not in _read(os.path.join(parent, "cgroup.subtree_control")).split():
+            _write(os.path.join(parent, "cgroup.subtree_control"), "+cpu")
+    vm_weight = min(cap, weights["vm_per_thread"] * (max(1, vcpus) + 1))
+    _write(os.path.join(path, weight_file), str(vm_weight))
+    vcpu, device = os.path.join(path, "vcpu"), os.path.join(path, "device")
+    for group in (vcpu, device):
+        os.mkdir(group, 0o755)
+        if version == 2:
+            _write(os.path.join(group, "cgroup.type"), "threaded")
+    if version == 2:
         _write(os.path.join(path, "cgroup.subtree_control"), "+cpu")
-        for group in ("vcpu", "device"):
-            group_path = os.path.join(path, group)
-            _write(os.path.join(group_path, "cpu.weight"), str(_V2_WEIGHTS[group]))
-            fds.append(_open_threads(os.path.join(group_path, "cgroup.threads")))
+    _write(os.path.join(vcpu, weight_file), str(weights["vcpu"]))
+    _write(os.path.join(device, weight_file), str(weights["device"]))
+    vcpu_fd = os.open(os.path.join(vcpu, threads_file), os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        device_fd = os.open(os.path.join(device, threads_file), os.O_WRONLY | os.O_CLOEXEC)
     except BaseException:
-        for fd in fds:
-            os.close(fd)
+        os.close(vcpu_fd)
         raise
-    return fds[0], fds[1]
+    return vcpu_fd, device_fd
 
 
 def _remove_tree(path: str, patience: float) -> bool:
