@@ -8,10 +8,13 @@ import re
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+import vmkit
 from _vcpus import quiet_vcpus, read_until, tgkill, vcpu_switches, vcpu_tids
 from vmkit import ConfigError, UsageError
 from vmkit.config import VmConfig
@@ -447,3 +450,53 @@ def test_signals_end_the_vmm_whichever_thread_takes_them(
     assert err == b""
     assert (printed + out).count(b"vmkit-guest: ready") == 1
     assert not (tmp_path / "api.sock").exists()
+
+
+# -- the `vmkit` command's start-up ----------------------------------------------------------
+
+#: What a boot through the command need not import (`signal` imports `enum`, with `functools` and
+#: `collections`: ~7 ms of a ~25 ms start to the guest's first line).
+NOT_AT_BOOT = ("enum", "re", "functools", "collections", "typing", "inspect", "dataclasses",
+               "logging", "json", "threading", "socket", "subprocess")  # fmt: skip
+
+
+def test_the_installed_command_runs() -> None:
+    try:
+        metadata.distribution("vmkit")
+    except metadata.PackageNotFoundError:
+        pytest.skip("vmkit is imported from a source tree, not installed: no `vmkit` command")
+    command = Path(sysconfig.get_path("scripts")) / "vmkit"
+    proc = subprocess.run([str(command), "--version"], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, run("--version").stdout, "")
+
+
+def imports(*args: str) -> list[str]:
+    """The modules ``python -S -X importtime *args`` imports, in order; vmkit from its
+    directory (-S: no site-packages hooks, which in some environments import re, enum...)."""
+    python_dir = os.path.dirname(os.path.dirname(os.path.abspath(vmkit.__file__ or "")))
+    proc = subprocess.run(
+        [sys.executable, "-S", "-X", "importtime", *args],
+        env={**os.environ, "PYTHONPATH": python_dir},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    timings = [line for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    return [line.rsplit("|", 1)[1].strip() for line in timings[1:]]
+
+
+@needs_kvm
+def test_a_boot_imports_only_what_it_uses() -> None:
+    from vmkit import testguest
+
+    # `main()` as the console script calls it (a `-m` run would add runpy's imports).
+    booted = imports(
+        "-c", "from vmkit.cli import main; main()",
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["hello"], "poweroff"),
+        "--cpus", "boot=1", "--memory", "size=128M", "--serial", "tty", "--console", "off",
+    )  # fmt: skip
+    by_command = set(booted) - set(imports("-c", "pass"))
+    assert "vmkit.cli" in by_command
+    assert [m for m in NOT_AT_BOOT if m in by_command] == []

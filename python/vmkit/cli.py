@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import stat
 import sys
 import time
@@ -29,6 +28,14 @@ if TYPE_CHECKING:
     from typing import TextIO
 
     from vmkit.vmm import Vmm
+
+if TYPE_CHECKING:
+    import signal
+else:
+    # `signal` is this C module plus enum wrappers for its constants, and
+    # importing `enum` (with `functools` and `collections`) would be a
+    # quarter of a boot's start-up; the functions used here are the same.
+    import _signal as signal
 
 PROGRAM = "vmkit"
 
