@@ -229,7 +229,7 @@ impl Drop for ExitGuard<'_> {
                 message: format!("vCPU {}: the VMM failed (panic)", self.index),
             });
         }
-        self.control.thread_exited();
+        self.control.thread_exited(self.index);
     }
 }
 

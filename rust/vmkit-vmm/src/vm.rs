@@ -193,7 +193,8 @@ struct Instance {
     _vm_fd: Arc<VmFd>,
     _ram: GuestRam,
     control: Arc<Control>,
-    threads: Vec<JoinHandle<()>>,
+    /// Each vCPU thread with its vCPU's index.
+    threads: Vec<(u8, JoinHandle<()>)>,
     samples: Vec<Arc<Mutex<Sample>>>,
     payload: LoadedPayload,
     devices: DeviceManager,
@@ -218,7 +219,7 @@ impl Instance {
         }
         for vcpu in self.unstarted.drain(..) {
             let index = vcpu.context.index;
-            self.control.thread_started();
+            self.control.thread_started(index);
             let spawned = seccomp::spawn_confined(
                 format!("vcpu{index}"),
                 ThreadKind::Vcpu,
@@ -227,9 +228,9 @@ impl Instance {
                 move || vcpu::run_vcpu(vcpu.fd, vcpu.context),
             );
             match spawned {
-                Ok(handle) => self.threads.push(handle),
+                Ok(handle) => self.threads.push((index, handle)),
                 Err(e) => {
-                    self.control.thread_exited();
+                    self.control.thread_exited(index);
                     return Err(VmError::Thread {
                         what: "vCPU thread",
                         source: e,
@@ -242,8 +243,17 @@ impl Instance {
     }
 
     fn kick_all(&self) {
-        for t in &self.threads {
+        for (_, t) in &self.threads {
             vcpu::kick(t.as_pthread_t());
+        }
+    }
+
+    /// Kicks the vCPU threads still in their run loop.
+    fn kick_running(&self) {
+        for (index, t) in &self.threads {
+            if self.control.vcpu_running(*index) {
+                vcpu::kick(t.as_pthread_t());
+            }
         }
     }
 
@@ -254,11 +264,11 @@ impl Instance {
         // Every vCPU checks the stop command before each KVM_RUN and the kick
         // ends a KVM_RUN in progress (or the next one), so one kick suffices;
         // kicking again is only a safety net for a thread that is slow to go.
-        self.kick_all();
+        self.kick_running();
         while !self.control.wait_threads_exited(STOP_REKICK) {
-            self.kick_all();
+            self.kick_running();
         }
-        for t in self.threads.drain(..) {
+        for (_, t) in self.threads.drain(..) {
             let _ = t.join();
         }
         // vCPUs never started still hold the buses.
@@ -610,6 +620,9 @@ impl Vm {
             (None, None) => {
                 let reason = life.exit.clone().unwrap_or(StopReason::Shutdown);
                 self.mark_stopped(&mut life, reason);
+                drop(life);
+                self.changed.notify_all();
+                return Ok(());
             }
         }
         // The VMM thread stops the boot and reports it (`finish`).
@@ -801,16 +814,21 @@ impl Vm {
             backend.capture.wake();
         }
         self.mark_stopped(&mut life, reason);
+        // Waiters woken under the lock would block on it at once (see
+        // `Control::request_stop`).
+        drop(life);
+        self.changed.notify_all();
     }
 
-    /// Records the VM as stopped for `reason` and wakes its waiters.
+    /// Records the VM as stopped for `reason` and makes `exit_fd` readable;
+    /// the caller wakes the lifecycle's waiters once it has unlocked it. The
+    /// eventfd is written under the lock: a boot that follows drains it.
     fn mark_stopped(&self, life: &mut Lifecycle, reason: StopReason) {
         life.rebooting = false;
         life.state = VmState::Shutdown;
         life.exit = Some(reason);
         // Only fails when the counter would overflow: it is readable then.
         let _ = self.exit_event.write(1);
-        self.changed.notify_all();
     }
 
     /// Samples every vCPU; ends the VM when none can make progress.
