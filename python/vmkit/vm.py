@@ -37,7 +37,7 @@ class VmError(RuntimeError):
     """The VMM could not do what was asked.
 
     ``kind`` says which part failed: ``Unsupported``, ``Kernel``,
-    ``Initramfs``, ``Memory``, ``Kvm``, ``Device``, ``State`` (an invalid
+    ``Initramfs``, ``Memory``, ``Kvm``, ``Device``, ``Snapshot``, ``State`` (an invalid
     state transition, with Cloud Hypervisor's text), ``Stopped`` (the VM
     stopped while something waited on it) or ``CpuGroups`` (``cpu_groups``
     could not be set up).

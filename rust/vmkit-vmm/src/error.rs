@@ -26,6 +26,9 @@ pub enum ErrorKind {
     Device,
     /// The VM is not in a state that allows the request.
     State,
+    /// A snapshot could not be written, or read back (a missing, corrupt
+    /// or foreign file).
+    Snapshot,
 }
 
 impl ErrorKind {
@@ -38,6 +41,7 @@ impl ErrorKind {
             ErrorKind::Kvm => "Kvm",
             ErrorKind::Device => "Device",
             ErrorKind::State => "State",
+            ErrorKind::Snapshot => "Snapshot",
         }
     }
 }

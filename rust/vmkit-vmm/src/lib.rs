@@ -17,6 +17,7 @@ pub mod pci;
 pub mod process;
 pub mod rate_limiter;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

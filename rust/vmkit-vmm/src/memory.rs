@@ -347,6 +347,61 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
     Ok(GuestRam { memory, ranges })
 }
 
+/// Guest RAM for `config` from a snapshot's memory file, mapped
+/// copy-on-write in the layout `create_guest_ram` gives: the guest's writes
+/// stay in this VM, and pages are read on first touch (all of them up front
+/// with `prefault`). The caller checks the file's length first.
+pub fn map_guest_ram_from_file(
+    config: &MemoryConfig,
+    file: &File,
+    prefault: bool,
+) -> Result<GuestRam> {
+    let mut regions = Vec::new();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut cursor = 0u64;
+    let mut file_offset = 0u64;
+    for backing in backings(config)? {
+        let snapshot = Backing {
+            name: format!("{} (snapshot)", backing.name),
+            file: None,
+            shared: false,
+            hugepages: false,
+            hugepage_size: None,
+            prefault,
+            ..backing
+        };
+        let mut offset = 0u64;
+        while offset < snapshot.size {
+            if (MEM_32BIT_RESERVED_START..RAM_64BIT_START).contains(&cursor) {
+                cursor = RAM_64BIT_START;
+            }
+            let room = if cursor < MEM_32BIT_RESERVED_START {
+                MEM_32BIT_RESERVED_START - cursor
+            } else {
+                u64::MAX - cursor
+            };
+            let size = (snapshot.size - offset).min(room);
+            regions.push(map_region(
+                &snapshot,
+                Some(file),
+                file_offset,
+                cursor,
+                size,
+            )?);
+            match ranges.last_mut() {
+                Some(last) if last.0 + last.1 == cursor => last.1 += size,
+                _ => ranges.push((cursor, size)),
+            }
+            offset += size;
+            file_offset += size;
+            cursor = cursor.checked_add(size).ok_or(MemoryError::AddressSpace)?;
+        }
+    }
+    let memory =
+        GuestMemoryMmap::from_regions(regions).map_err(|source| MemoryError::Regions { source })?;
+    Ok(GuestRam { memory, ranges })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
