@@ -1,5 +1,6 @@
 """Type stubs of the Rust extension module (see rust/vmkit-py)."""
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Literal, TypedDict, TypeVar, overload
 
@@ -122,6 +123,16 @@ class VmHandle:
         seccomp: str = "true",
         thread_groups: tuple[int, int] | None = None,
     ) -> None: ...
+    @staticmethod
+    def restore(
+        path: str | os.PathLike[str],
+        prefault: bool = False,
+        watchdog_timeout: float | None = None,
+        lock_disks: bool = True,
+        seccomp: str = "true",
+    ) -> VmHandle: ...
+    def snapshot(self, path: str | os.PathLike[str]) -> None: ...
+    def config(self) -> VmConfig: ...
     def boot(self) -> None: ...
     def pause(self) -> None: ...
     def resume(self) -> None: ...

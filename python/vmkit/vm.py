@@ -298,6 +298,43 @@ class Vm:
         """Resets the VM: the running boot stops and a fresh one starts."""
         self._live().reboot()
 
+    def snapshot(self, path: str | os.PathLike[str]) -> None:
+        """Writes the Paused VM to the directory ``path`` (created if missing):
+        its config, guest memory (a sparse file), each vCPU's state, the clock
+        and the platform devices. ``Vm.restore(path)`` brings it back.
+
+        Not yet for a VM whose guest has driven a virtio device, nor for
+        shared, huge-page or file-backed memory: VmError (kind
+        ``Unsupported``) says so. A failed snapshot leaves no partial files.
+        """
+        self._live().snapshot(path)
+
+    @classmethod
+    def restore(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        prefault: bool = False,
+        watchdog_timeout: float | None = None,
+        lock_disks: bool = True,
+        seccomp: bool | str = True,
+    ) -> Vm:
+        """The VM saved in the snapshot directory ``path``, Paused (as Cloud
+        Hypervisor leaves a restored VM): ``resume()`` runs it on.
+
+        Guest memory is the snapshot's memory file mapped copy-on-write: pages
+        come in as the guest touches them (``prefault`` reads them all up
+        front), and the guest's writes never reach the snapshot, so one
+        snapshot restores any number of times. A missing, truncated, corrupt
+        or foreign snapshot raises VmError (kind ``Snapshot``). The other
+        options are ``Vm()``'s.
+        """
+        logs.sync_level()
+        handle = _native.VmHandle.restore(
+            path, prefault, watchdog_timeout, lock_disks, seccomp_value(seccomp)
+        )
+        return cls._adopt(handle.config(), handle)
+
     def device_events(self, since: int = 0) -> list[tuple[str, str]]:
         """virtio device events from index ``since`` on: ``(event, device id)``
         with event ``activated`` (the driver set DRIVER_OK) or ``reset``."""

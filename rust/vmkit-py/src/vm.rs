@@ -47,6 +47,34 @@ fn duration(seconds: Option<f64>) -> PyResult<Option<Duration>> {
         .transpose()
 }
 
+/// The VmOptions of `new`'s and `restore`'s arguments. `thread_groups`: the
+/// CPU groups' thread files, duplicated here (the caller closes its own).
+fn vm_options(
+    watchdog_timeout: Option<f64>,
+    lock_disks: bool,
+    seccomp: &str,
+    thread_groups: Option<(RawFd, RawFd)>,
+) -> PyResult<VmOptions> {
+    let seccomp = seccomp_mode(seccomp)?;
+    let thread_groups = match thread_groups {
+        Some((vcpu, device)) => {
+            let duplicate = |fd| {
+                vmkit_vmm::process::duplicate_fd(fd).map_err(|e| {
+                    PyValueError::new_err(format!("thread_groups: descriptor {fd}: {e}"))
+                })
+            };
+            ThreadGroups::new(duplicate(vcpu)?, duplicate(device)?)
+        }
+        None => ThreadGroups::default(),
+    };
+    Ok(VmOptions {
+        watchdog_timeout: duration(watchdog_timeout)?,
+        lock_disks,
+        seccomp,
+        thread_groups,
+    })
+}
+
 #[pyclass(module = "vmkit._native", frozen)]
 pub struct VmHandle {
     vm: Arc<Vm>,
@@ -68,33 +96,46 @@ impl VmHandle {
         seccomp: &str,
         thread_groups: Option<(RawFd, RawFd)>,
     ) -> PyResult<Self> {
-        let seccomp = seccomp_mode(seccomp)?;
-        let thread_groups = match thread_groups {
-            Some((vcpu, device)) => {
-                let duplicate = |fd| {
-                    vmkit_vmm::process::duplicate_fd(fd).map_err(|e| {
-                        PyValueError::new_err(format!("thread_groups: descriptor {fd}: {e}"))
-                    })
-                };
-                ThreadGroups::new(duplicate(vcpu)?, duplicate(device)?)
-            }
-            None => ThreadGroups::default(),
-        };
+        let options = vm_options(watchdog_timeout, lock_disks, seccomp, thread_groups)?;
         let config: VmConfig = crate::from_py(py, config)?;
         // Validated here, once, for Python's typed ValidationError.
         let config = config
             .validated()
             .map_err(|e| crate::validation_error(py, e))?;
-        let options = VmOptions {
-            watchdog_timeout: duration(watchdog_timeout)?,
-            lock_disks,
-            seccomp,
-            thread_groups,
-        };
         let vm = py
             .detach(|| Vm::new(config, options))
             .map_err(|e| vm_error(py, e))?;
         Ok(VmHandle { vm })
+    }
+
+    /// A VM from the snapshot directory `path`, Paused; `prefault` reads
+    /// guest memory in up front. The other options are `new`'s.
+    #[staticmethod]
+    #[pyo3(signature = (path, prefault=false, watchdog_timeout=None, lock_disks=true, seccomp="true"))]
+    fn restore(
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        prefault: bool,
+        watchdog_timeout: Option<f64>,
+        lock_disks: bool,
+        seccomp: &str,
+    ) -> PyResult<Self> {
+        let options = vm_options(watchdog_timeout, lock_disks, seccomp, None)?;
+        let vm = py
+            .detach(|| Vm::restore(&path, options, prefault))
+            .map_err(|e| vm_error(py, e))?;
+        Ok(VmHandle { vm })
+    }
+
+    /// Writes the paused VM's snapshot into the directory `path`.
+    fn snapshot(&self, py: Python<'_>, path: std::path::PathBuf) -> PyResult<()> {
+        py.detach(|| self.vm.snapshot(&path))
+            .map_err(|e| vm_error(py, e))
+    }
+
+    /// The validated config (with the device ids given at creation).
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        crate::to_py(py, self.vm.config())
     }
 
     fn boot(&self, py: Python<'_>) -> PyResult<()> {

@@ -151,6 +151,17 @@ impl KernelFormat {
             KernelFormat::BzImage => "bzimage",
         }
     }
+
+    /// The format `name` names (as a snapshot records it).
+    pub fn from_name(name: &str) -> Option<KernelFormat> {
+        [
+            KernelFormat::PvhElf,
+            KernelFormat::Elf64,
+            KernelFormat::BzImage,
+        ]
+        .into_iter()
+        .find(|f| f.name() == name)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,8 +1,13 @@
 //! Shared run control between the VMM, its vCPU threads and its devices:
 //! what the vCPUs should be doing (run, park, stop) and why the VM stops.
 
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
 use std::time::{Duration, Instant};
+
+use crate::snapshot::vcpu::VcpuState;
+use crate::snapshot::SnapshotError;
 
 /// Why a VM (or one boot of it) ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +72,20 @@ struct State {
     /// The vCPU threads started and not yet out of their run loop.
     running: Vec<u8>,
     stop: Option<StopReason>,
+    /// A snapshot's request to the parked vCPU threads for their state.
+    capture: Option<Capture>,
 }
+
+/// What a snapshot asks each parked vCPU thread for, and what came back.
+struct Capture {
+    /// The MSRs KVM lists (each thread keeps those it can read).
+    msr_list: Arc<Vec<u32>>,
+    xsave: bool,
+    results: BTreeMap<u8, Result<VcpuState, SnapshotError>>,
+}
+
+/// How a parked vCPU thread takes its own state: (MSR list, XSAVE?).
+pub type CaptureFn<'a> = dyn FnMut(&[u32], bool) -> Result<VcpuState, SnapshotError> + 'a;
 
 /// The meeting point of the VMM thread, vCPU threads and devices of one boot.
 pub struct Control {
@@ -90,6 +108,7 @@ impl Control {
                 parked: 0,
                 running: Vec::new(),
                 stop: None,
+                capture: None,
             }),
             changed: Condvar::new(),
             created: Instant::now(),
@@ -151,9 +170,10 @@ impl Control {
         self.lock().running.contains(&index)
     }
 
-    /// Called by a vCPU thread between runs: parks while asked to, and says
+    /// Called by vCPU thread `index` between runs: parks while asked to
+    /// (taking its state with `capture` when a snapshot asks), and says
     /// whether to keep running.
-    pub fn vcpu_gate(&self) -> bool {
+    pub fn vcpu_gate(&self, index: u8, capture: &mut CaptureFn<'_>) -> bool {
         let mut state = self.lock();
         loop {
             match state.command {
@@ -164,12 +184,62 @@ impl Control {
                     self.notify_unlocked(state);
                     state = self.lock();
                     while state.command == VcpuCommand::Park {
+                        let request = state
+                            .capture
+                            .as_ref()
+                            .filter(|c| !c.results.contains_key(&index))
+                            .map(|c| (c.msr_list.clone(), c.xsave));
+                        if let Some((msr_list, xsave)) = request {
+                            drop(state);
+                            let result = capture(&msr_list, xsave);
+                            state = self.lock();
+                            if let Some(c) = state.capture.as_mut() {
+                                c.results.insert(index, result);
+                            }
+                            self.notify_unlocked(state);
+                            state = self.lock();
+                            continue;
+                        }
                         state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
                     }
                     state.parked -= 1;
                 }
             }
         }
+    }
+
+    /// Each parked vCPU's state, taken by its own thread (the VM is
+    /// paused: every vCPU thread waits at its gate). `msr_list`: the MSRs
+    /// KVM lists.
+    pub fn capture_vcpus(
+        &self,
+        msr_list: Vec<u32>,
+        xsave: bool,
+        timeout: Duration,
+    ) -> Result<Vec<VcpuState>, SnapshotError> {
+        let mut state = self.lock();
+        if state.command != VcpuCommand::Park {
+            return Err(SnapshotError::NotParked);
+        }
+        state.capture = Some(Capture {
+            msr_list: Arc::new(msr_list),
+            xsave,
+            results: BTreeMap::new(),
+        });
+        self.notify_unlocked(state);
+        let done = self.wait_for(Some(timeout), |s| {
+            let capture = s.capture.as_ref()?;
+            s.running
+                .iter()
+                .all(|i| capture.results.contains_key(i))
+                .then_some(())
+        });
+        let capture = self.lock().capture.take();
+        if done.is_none() {
+            return Err(SnapshotError::VcpusBusy);
+        }
+        let results = capture.map(|c| c.results).unwrap_or_default();
+        results.into_values().collect()
     }
 
     /// Waits (up to `timeout`, or forever for None) until `ready` returns

@@ -13,6 +13,8 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::control::{Control, StopReason};
 use crate::devices::Bus;
+use crate::snapshot::vcpu::VcpuState;
+use crate::snapshot::SnapshotError;
 
 thread_local! {
     /// This thread's `kvm_run.immediate_exit`, for the kick signal handler.
@@ -233,6 +235,34 @@ impl Drop for ExitGuard<'_> {
     }
 }
 
+/// This parked vCPU's state for a snapshot. A KVM_RUN with `immediate_exit`
+/// first lets KVM finish what the last exit left pending (the value of a
+/// port or MMIO read goes into the guest's register on the next entry), so
+/// the state holds it.
+fn capture_state(
+    vcpu: &mut VcpuFd,
+    msr_list: &[u32],
+    xsave: bool,
+) -> std::result::Result<VcpuState, SnapshotError> {
+    vcpu.set_kvm_immediate_exit(1);
+    let completed = vcpu.run().map(|_| ());
+    vcpu.set_kvm_immediate_exit(0);
+    match completed {
+        Err(e) if e.errno() == libc::EINTR => {}
+        Err(source) => {
+            return Err(SnapshotError::Kvm {
+                what: "KVM_RUN (completing the last exit)",
+                source,
+            })
+        }
+        // An exit KVM had queued came back: its handling is still due, but
+        // the vCPU stays parked; the state is still the guest's.
+        Ok(()) => {}
+    }
+    let msrs = crate::snapshot::vcpu::saved_msr_indices(vcpu, msr_list)?;
+    VcpuState::capture(vcpu, &msrs, xsave)
+}
+
 /// The body of a vCPU thread: runs until told to stop or the VM stops.
 pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuThreadContext) {
     let _exit = ExitGuard {
@@ -250,7 +280,9 @@ pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuThreadContext) {
     let flag: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|f| f.set(flag));
     let index = ctx.index;
-    while ctx.control.vcpu_gate() {
+    while ctx.control.vcpu_gate(index, &mut |msr_list, xsave| {
+        capture_state(&mut vcpu, msr_list, xsave)
+    }) {
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 ctx.pio.write(u64::from(port), data);

@@ -18,15 +18,16 @@ use vmkit_config::{ConsoleOutputMode, ValidatedConfig, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi;
-use crate::boot::{self, LoadedPayload};
+use crate::boot::{self, KernelFormat};
 use crate::control::{Control, StopReason, VcpuCommand};
 use crate::cpu::{self, HostCpu, Topology};
 use crate::device_manager::{DeviceContext, DeviceManager, DeviceManagerError, DeviceNode};
 use crate::devices::legacy::{DebugPortWrite, GED_POWER_BUTTON};
 use crate::devices::serial::SerialBackend;
 use crate::error::{ErrorKind, ModuleError, Result};
-use crate::memory::{create_guest_ram, GuestRam};
+use crate::memory::{create_guest_ram, map_guest_ram_from_file, GuestRam};
 use crate::seccomp::{self, SeccompMode, Spawner, ThreadGroups, ThreadKind};
+use crate::snapshot;
 use crate::vcpu::{self, Sample, VcpuThreadContext};
 use crate::virtio::block::ImageLock;
 use crate::virtio::pci::{DeviceEventLog, DeviceEvents};
@@ -102,6 +103,19 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("Trying to snapshot while VM is running")]
+    SnapshotNotPaused,
+    #[error("a snapshot of virtio device {id}, which the guest drives, is not supported yet")]
+    SnapshotDrivenDevice { id: String },
+    #[error(
+        "a snapshot of shared, huge-page or file-backed guest memory (or memory zones) is not \
+         supported yet"
+    )]
+    SnapshotMemory,
+    #[error("the snapshot has {found} vCPU states but its config boots {expected} vCPUs")]
+    SnapshotVcpus { found: usize, expected: u8 },
+    #[error("the snapshot's config ({file}): {detail}")]
+    SnapshotConfig { file: String, detail: String },
 }
 
 impl ModuleError for VmError {
@@ -116,6 +130,9 @@ impl ModuleError for VmError {
             OpenKvm { .. } | KickHandler(_) | Kvm { .. } => ErrorKind::Kvm,
             HostAddress { .. } | MisalignedMemorySize { .. } => ErrorKind::Memory,
             NoKernel => ErrorKind::Kernel,
+            SnapshotNotPaused => ErrorKind::State,
+            SnapshotDrivenDevice { .. } | SnapshotMemory => ErrorKind::Unsupported,
+            SnapshotVcpus { .. } | SnapshotConfig { .. } => ErrorKind::Snapshot,
         }
     }
 }
@@ -196,7 +213,7 @@ struct Instance {
     /// Each vCPU thread with its vCPU's index.
     threads: Vec<(u8, JoinHandle<()>)>,
     samples: Vec<Arc<Mutex<Sample>>>,
-    payload: LoadedPayload,
+    kernel_format: Option<KernelFormat>,
     devices: DeviceManager,
     /// vCPUs built but not yet running: started once the boot is recorded.
     unstarted: Vec<UnstartedVcpu>,
@@ -295,7 +312,9 @@ struct Lifecycle {
     exit: Option<StopReason>,
     boots: u64,
     vmm_thread: Option<JoinHandle<()>>,
-    last_payload: Option<LoadedPayload>,
+    /// The format of the kernel the last boot ran (None for a restored VM
+    /// whose snapshot did not say).
+    kernel_format: Option<KernelFormat>,
     /// The user asked for a shutdown (seen by a reboot in progress).
     shutdown_requested: bool,
     /// The VMM thread is between two boots: the old one stopped, the new
@@ -423,7 +442,7 @@ impl Vm {
                 exit: None,
                 boots: 0,
                 vmm_thread: None,
-                last_payload: None,
+                kernel_format: None,
                 shutdown_requested: false,
                 rebooting: false,
             }),
@@ -491,7 +510,7 @@ impl Vm {
         VmInfo {
             state: life.state,
             boots: life.boots,
-            kernel_format: life.last_payload.map(|p| p.format.name()),
+            kernel_format: life.kernel_format.map(KernelFormat::name),
             serial_pty: self.serial.as_ref().and_then(|s| s.pty_path().cloned()),
             console_pty: self.console.as_ref().and_then(|s| s.pty_path().cloned()),
             memory_size: self.config().memory.total_size(),
@@ -526,10 +545,21 @@ impl Vm {
             let _ = old.join();
             life = self.lock();
         }
+        self.launch(life, None)
+    }
+
+    /// Builds a boot (fresh, or `restore`d from a snapshot: then Paused),
+    /// starts its vCPUs and its VMM thread, and records it.
+    fn launch(
+        self: &Arc<Self>,
+        mut life: MutexGuard<'_, Lifecycle>,
+        restore: Option<(&snapshot::Snapshot, bool)>,
+    ) -> Result<()> {
         // Dropped, so released, if this boot fails.
         let disk_locks = self.lock_disk_images()?;
-        let mut instance = self.build_instance()?;
-        if let Err(e) = instance.start_vcpus(false) {
+        let paused = restore.is_some();
+        let mut instance = self.build(restore)?;
+        if let Err(e) = instance.start_vcpus(paused) {
             instance.stop_and_release(StopReason::VmmError {
                 message: e.message.clone(),
             });
@@ -556,15 +586,20 @@ impl Vm {
             }
         };
         *self.held_disk_locks() = disk_locks;
-        life.last_payload = Some(instance.payload);
+        life.kernel_format = instance.kernel_format;
         life.instance = Some(instance);
-        life.state = VmState::Running;
+        life.state = if paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
         life.exit = None;
         life.shutdown_requested = false;
         life.boots += 1;
         life.vmm_thread = Some(thread);
         // Not readable again until this boot stops (EAGAIN when it was not).
         let _ = self.exit_event.read();
+        drop(life);
         self.changed.notify_all();
         Ok(())
     }
@@ -783,7 +818,7 @@ impl Vm {
                             return;
                         }
                         life.boots += 1;
-                        life.last_payload = Some(instance.payload);
+                        life.kernel_format = instance.kernel_format;
                         life.instance = Some(instance);
                         life.rebooting = false;
                         self.changed.notify_all();
@@ -902,6 +937,14 @@ impl Vm {
     /// Builds one boot (KVM VM, memory, devices, tables, payload, vCPUs)
     /// without starting its vCPUs.
     fn build_instance(&self) -> Result<Instance> {
+        self.build(None)
+    }
+
+    /// Builds a boot, fresh or (`restore`) from a snapshot: then guest
+    /// memory is the snapshot's file mapped copy-on-write, and the vCPUs,
+    /// clock and platform devices take the snapshot's state instead of
+    /// tables, a payload and boot registers.
+    fn build(&self, restore: Option<(&snapshot::Snapshot, bool)>) -> Result<Instance> {
         let config = self.config();
         let vm_fd = Arc::new(self.kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?);
         vm_fd
@@ -913,7 +956,12 @@ impl Vm {
         crate::interrupts::enable_split_irqchip(&vm_fd)
             .map_err(kvm_error("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
 
-        let ram = create_guest_ram(&config.memory)?;
+        let ram = match restore {
+            None => create_guest_ram(&config.memory)?,
+            Some((snap, prefault)) => {
+                map_guest_ram_from_file(&config.memory, &snap.memory, prefault)?
+            }
+        };
         for (slot, region) in ram.memory.iter().enumerate() {
             let host = ram
                 .memory
@@ -946,17 +994,49 @@ impl Vm {
             device_events: &self.device_events,
             spawner: &self.spawner,
         })?;
-        let topology = Topology::from_config(&config.cpus);
-        let rsdp = acpi::write_tables(
-            &ram.memory,
-            &topology,
-            config.cpus.boot_vcpus,
-            config.cpus.max_vcpus,
-            &devices.segment_layouts(),
-        )?;
-        let payload_config = config.payload.as_ref().ok_or(VmError::NoKernel)?;
-        let payload = boot::load_payload(&ram, payload_config, rsdp)?;
+        let (payload, kernel_format) = match restore {
+            None => {
+                let topology = Topology::from_config(&config.cpus);
+                let rsdp = acpi::write_tables(
+                    &ram.memory,
+                    &topology,
+                    config.cpus.boot_vcpus,
+                    config.cpus.max_vcpus,
+                    &devices.segment_layouts(),
+                )?;
+                let payload_config = config.payload.as_ref().ok_or(VmError::NoKernel)?;
+                let payload = boot::load_payload(&ram, payload_config, rsdp)?;
+                (Some(payload), Some(payload.format))
+            }
+            Some((snap, _)) => {
+                if snap.vcpus.len() != usize::from(config.cpus.boot_vcpus) {
+                    return Err(VmError::SnapshotVcpus {
+                        found: snap.vcpus.len(),
+                        expected: config.cpus.boot_vcpus,
+                    }
+                    .into());
+                }
+                devices.restore_platform_state(
+                    &snap.platform.ioapic,
+                    snap.platform.serial.as_deref(),
+                )?;
+                let clock = kvm_bindings::kvm_clock_data {
+                    clock: snap.platform.clock,
+                    ..Default::default()
+                };
+                vm_fd
+                    .set_clock(&clock)
+                    .map_err(kvm_error("KVM_SET_CLOCK"))?;
+                let format = snap
+                    .header
+                    .kernel_format
+                    .as_deref()
+                    .and_then(KernelFormat::from_name);
+                (None, format)
+            }
+        };
 
+        let topology = Topology::from_config(&config.cpus);
         let mut host = self.host;
         let mut samples = Vec::new();
         let mut unstarted = Vec::new();
@@ -965,16 +1045,22 @@ impl Vm {
             let fd = vm_fd
                 .create_vcpu(u64::from(apic_id))
                 .map_err(kvm_error(format!("KVM_CREATE_VCPU {index}")))?;
-            if host.tsc_khz.is_none() {
-                host.tsc_khz = fd.get_tsc_khz().ok();
-            }
-            let cpuid = cpu::cpuid_for(&self.kvm, &config.cpus, index, host)?;
-            fd.set_cpuid2(&cpuid).map_err(kvm_error("KVM_SET_CPUID2"))?;
-            cpu::setup_msrs(&fd)?;
-            cpu::setup_fpu(&fd)?;
-            cpu::setup_lapic(&fd)?;
-            if index == 0 {
-                cpu::setup_boot_vcpu(&fd, &ram.memory, payload.entry)?;
+            match (restore, payload) {
+                (Some((snap, _)), _) => snap.vcpus[usize::from(index)].apply(&fd)?,
+                (None, Some(payload)) => {
+                    if host.tsc_khz.is_none() {
+                        host.tsc_khz = fd.get_tsc_khz().ok();
+                    }
+                    let cpuid = cpu::cpuid_for(&self.kvm, &config.cpus, index, host)?;
+                    fd.set_cpuid2(&cpuid).map_err(kvm_error("KVM_SET_CPUID2"))?;
+                    cpu::setup_msrs(&fd)?;
+                    cpu::setup_fpu(&fd)?;
+                    cpu::setup_lapic(&fd)?;
+                    if index == 0 {
+                        cpu::setup_boot_vcpu(&fd, &ram.memory, payload.entry)?;
+                    }
+                }
+                (None, None) => return Err(VmError::NoKernel.into()),
             }
             let sample = Arc::new(Mutex::new(Sample::default()));
             samples.push(sample.clone());
@@ -1001,13 +1087,92 @@ impl Vm {
             control,
             threads: Vec::new(),
             samples,
-            payload,
+            kernel_format,
             devices,
             unstarted,
             seccomp: self.options.seccomp,
             thread_groups: self.options.thread_groups.clone(),
         })
     }
+
+    /// Writes the paused VM to `dir` ([`snapshot`]): its config, guest
+    /// memory, every vCPU's state, the clock and the platform devices. Not
+    /// yet for a VM whose guest drives a virtio device, nor for shared,
+    /// huge-page or file-backed memory.
+    pub fn snapshot(&self, dir: &std::path::Path) -> Result<()> {
+        let life = self.lock_settled();
+        if life.state != VmState::Paused {
+            return Err(VmError::SnapshotNotPaused.into());
+        }
+        let Some(instance) = &life.instance else {
+            return Err(VmError::NotRunning.into());
+        };
+        check_snapshot_memory(self.config())?;
+        if let Some(id) = instance.devices.driven_virtio_device() {
+            return Err(VmError::SnapshotDrivenDevice { id }.into());
+        }
+        let msr_list = snapshot::vcpu::msr_list(&self.kvm)?;
+        let xsave = self.kvm.check_extension(Cap::Xsave);
+        let vcpus = instance
+            .control
+            .capture_vcpus(msr_list, xsave, Duration::from_secs(10))?;
+        let clock = instance
+            ._vm_fd
+            .get_clock()
+            .map_err(kvm_error("KVM_GET_CLOCK"))?;
+        let (ioapic, serial) = instance.devices.save_platform_state();
+        snapshot::write_dir(
+            dir,
+            &snapshot::SnapshotParts {
+                config: self.config(),
+                kernel_format: life.kernel_format.map(KernelFormat::name),
+                ram: &instance._ram,
+                vcpus: &vcpus,
+                platform: snapshot::PlatformState {
+                    clock: clock.clock,
+                    ioapic,
+                    serial,
+                },
+            },
+        )?;
+        Ok(())
+    }
+
+    /// A VM from the snapshot in `dir`, Paused (as Cloud Hypervisor leaves
+    /// a restored VM): `resume` runs it on from where it was. With
+    /// `prefault`, guest memory is read in up front rather than on first
+    /// touch.
+    pub fn restore(dir: &std::path::Path, options: VmOptions, prefault: bool) -> Result<Arc<Vm>> {
+        let snap = snapshot::read_dir(dir)?;
+        let config_file = dir.join(snapshot::CONFIG_FILE).display().to_string();
+        let config: VmConfig =
+            vmkit_config::json::from_json(&snap.config).map_err(|e| VmError::SnapshotConfig {
+                file: config_file.clone(),
+                detail: e.to_string(),
+            })?;
+        check_snapshot_memory(&config)?;
+        let validated = config.validated().map_err(|e| VmError::SnapshotConfig {
+            file: config_file,
+            detail: e.to_string(),
+        })?;
+        let vm = Vm::new(validated, options)?;
+        vm.start_restored(&snap, prefault)?;
+        Ok(vm)
+    }
+
+    fn start_restored(self: &Arc<Self>, snap: &snapshot::Snapshot, prefault: bool) -> Result<()> {
+        let life = self.lock();
+        self.launch(life, Some((snap, prefault)))
+    }
+}
+
+/// Snapshots cover plain guest RAM only, so far.
+fn check_snapshot_memory(config: &VmConfig) -> Result<()> {
+    let memory = &config.memory;
+    if memory.shared || memory.hugepages || memory.zones.as_ref().is_some_and(|z| !z.is_empty()) {
+        return Err(VmError::SnapshotMemory.into());
+    }
+    Ok(())
 }
 
 impl Drop for Vm {

@@ -35,6 +35,7 @@ use crate::pci::config::BarKind;
 use crate::pci::{
     self, PciBarWindow, PciConfigIo, PciEcam, PciSegment, SegmentLayout, ECAM_SIZE_PER_SEGMENT,
 };
+use crate::snapshot::SnapshotError;
 use crate::virtio::pci::{DeviceEvents, VirtioPciDevice};
 use crate::virtio::TYPE_BLOCK;
 
@@ -120,6 +121,8 @@ pub struct DeviceManager {
     segments: Vec<Arc<PciSegment>>,
     virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
     ged: Arc<Ged>,
+    ioapic: Arc<Mutex<Ioapic>>,
+    serial: Option<Arc<Mutex<SerialDevice>>>,
     /// Platform devices' nodes (`__ioapic`, `__serial`).
     platform_nodes: Vec<DeviceNode>,
     /// Keeps the legacy devices' irqfds registered while the boot lives.
@@ -181,9 +184,9 @@ impl DeviceManager {
             nodes: Vec::new(),
         };
         let routes = Arc::new(InterruptRoutes::new(ctx.vm_fd.clone(), ctx.gsi_limit));
-        add_ioapic(&mut wiring, &routes)?;
+        let ioapic = add_ioapic(&mut wiring, &routes)?;
         let ged = add_legacy_devices(&mut wiring, ctx)?;
-        add_serial(&mut wiring, ctx)?;
+        let serial = add_serial(&mut wiring, ctx)?;
 
         let mut segments = plan_pci(ctx)?;
         let mut virtio = Vec::new();
@@ -201,6 +204,8 @@ impl DeviceManager {
             segments,
             virtio,
             ged,
+            ioapic,
+            serial,
             platform_nodes: wiring.nodes,
             _irq_fds: wiring.irq_fds,
         })
@@ -225,6 +230,54 @@ impl DeviceManager {
 
     pub fn virtio_devices(&self) -> &[Arc<Mutex<VirtioPciDevice>>] {
         &self.virtio
+    }
+
+    /// The first virtio device the guest has driven: a snapshot cannot keep
+    /// its state yet.
+    pub fn driven_virtio_device(&self) -> Option<String> {
+        self.virtio.iter().find_map(|d| {
+            let d = d.lock().unwrap_or_else(|p| p.into_inner());
+            d.driven().then(|| d.id().to_owned())
+        })
+    }
+
+    /// The platform devices' state for a snapshot: (IOAPIC, serial port).
+    pub fn save_platform_state(&self) -> (Vec<u8>, Option<Vec<u8>>) {
+        let ioapic = self
+            .ioapic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .save_state();
+        let serial = self
+            .serial
+            .as_ref()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).save_state());
+        (ioapic, serial)
+    }
+
+    /// Loads what `save_platform_state` gave. A serial state for a VM
+    /// without a serial port (or none for one with it) means the snapshot
+    /// is not this config's.
+    pub fn restore_platform_state(
+        &self,
+        ioapic: &[u8],
+        serial: Option<&[u8]>,
+    ) -> std::result::Result<(), SnapshotError> {
+        self.ioapic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore_state(ioapic)?;
+        match (&self.serial, serial) {
+            (Some(device), Some(bytes)) => device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore_state(bytes),
+            (None, None) => Ok(()),
+            _ => Err(SnapshotError::Corrupt {
+                what: "the serial port state".to_owned(),
+                detail: "does not match the config's serial port".to_owned(),
+            }),
+        }
     }
 
     /// Cloud Hypervisor's device tree, with the BARs where the guest has them now.
@@ -273,16 +326,20 @@ impl DeviceManager {
 }
 
 /// The IOAPIC the MADT announces; it routes GSIs 0..24 (COM1, the GED).
-fn add_ioapic(wiring: &mut Wiring<'_>, routes: &Arc<InterruptRoutes>) -> Result<()> {
+fn add_ioapic(
+    wiring: &mut Wiring<'_>,
+    routes: &Arc<InterruptRoutes>,
+) -> Result<Arc<Mutex<Ioapic>>> {
+    let ioapic = Arc::new(Mutex::new(Ioapic::new(routes.clone())));
     insert(
         &mut wiring.mmio,
         "IOAPIC",
         IOAPIC_START,
         IOAPIC_SIZE,
-        Arc::new(Mutex::new(Ioapic::new(routes.clone()))),
+        ioapic.clone(),
     )?;
     wiring.nodes.push(DeviceNode::leaf("__ioapic"));
-    Ok(())
+    Ok(ioapic)
 }
 
 /// The ACPI shutdown device, the GED (power button), the i8042 and the
@@ -328,18 +385,21 @@ fn add_legacy_devices(wiring: &mut Wiring<'_>, ctx: &DeviceContext<'_>) -> Resul
 }
 
 /// COM1 (0x3f8, IRQ 4) when the serial port is not off.
-fn add_serial(wiring: &mut Wiring<'_>, ctx: &DeviceContext<'_>) -> Result<()> {
+fn add_serial(
+    wiring: &mut Wiring<'_>,
+    ctx: &DeviceContext<'_>,
+) -> Result<Option<Arc<Mutex<SerialDevice>>>> {
     let Some(backend) = ctx.serial else {
-        return Ok(());
+        return Ok(None);
     };
     let trigger = IrqTrigger(wiring.legacy_irq("serial", SERIAL_IRQ)?);
     let device = Arc::new(Mutex::new(SerialDevice {
         uart: Serial::new(trigger, SerialSink(backend.clone())),
     }));
     insert(&mut wiring.pio, "serial", 0x3f8, 8, device.clone())?;
-    backend.attach(Some(device));
+    backend.attach(Some(device.clone()));
     wiring.nodes.push(DeviceNode::leaf("__serial"));
-    Ok(())
+    Ok(Some(device))
 }
 
 /// The PCI segments of the config, empty but for their host bridges.

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use kvm_bindings::{
-    kvm_cpuid2, kvm_enable_cap, kvm_fpu, kvm_ioeventfd, kvm_irq_routing, kvm_irqfd,
+    kvm_cpuid2, kvm_debugregs, kvm_enable_cap, kvm_fpu, kvm_ioeventfd, kvm_irq_routing, kvm_irqfd,
     kvm_lapic_state, kvm_mp_state, kvm_msi, kvm_msrs, kvm_regs, kvm_sregs,
-    kvm_userspace_memory_region, KVMIO,
+    kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
 };
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -131,6 +131,13 @@ ioctl_iow_nr!(KVM_SET_LAPIC, KVMIO, 0x8f, kvm_lapic_state);
 ioctl_iow_nr!(KVM_SET_CPUID2, KVMIO, 0x90, kvm_cpuid2);
 ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
 ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
+ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
 ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
 
 /// Terminal ioctls (<asm-generic/ioctls.h>).
@@ -338,6 +345,15 @@ fn own_rules(kind: ThreadKind) -> Rules {
                 KVM_GET_REGS(),
                 KVM_GET_SREGS(),
                 KVM_GET_MP_STATE(),
+                // A snapshot: a parked vCPU thread takes its own state.
+                KVM_GET_CPUID2(),
+                KVM_GET_FPU(),
+                KVM_GET_XSAVE(),
+                KVM_GET_XCRS(),
+                KVM_GET_DEBUGREGS(),
+                KVM_GET_LAPIC(),
+                KVM_GET_MSRS(),
+                KVM_GET_VCPU_EVENTS(),
                 // The driver programs a device: queue notify addresses,
                 // MSI-X vectors and routes.
                 KVM_IOEVENTFD(),

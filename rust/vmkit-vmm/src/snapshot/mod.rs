@@ -11,6 +11,7 @@ pub mod vcpu;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -39,6 +40,10 @@ pub enum SnapshotError {
     MsrUnreadable { index: u32 },
     #[error("KVM_SET_MSRS refused MSR {index:#x} = {data:#x}")]
     MsrRefused { index: u32, data: u64 },
+    #[error("the VM is not paused")]
+    NotParked,
+    #[error("the vCPUs did not hand over their state within 10 s")]
+    VcpusBusy,
     #[error("{what}: {path}")]
     Io {
         what: &'static str,
@@ -55,11 +60,245 @@ impl ModuleError for SnapshotError {
             | SnapshotError::TooMany { .. }
             | SnapshotError::MsrUnreadable { .. }
             | SnapshotError::MsrRefused { .. } => ErrorKind::Kvm,
+            SnapshotError::NotParked | SnapshotError::VcpusBusy => ErrorKind::State,
             SnapshotError::Corrupt { .. }
             | SnapshotError::Version { .. }
             | SnapshotError::Io { .. } => ErrorKind::Snapshot,
         }
     }
+}
+
+/// The files of a snapshot directory.
+pub const HEADER_FILE: &str = "snapshot.json";
+pub const CONFIG_FILE: &str = "config.json";
+pub const MEMORY_FILE: &str = "memory";
+pub const PLATFORM_FILE: &str = "platform";
+/// vCPU `i`'s state is in `vcpu-<i>`.
+pub fn vcpu_file(index: usize) -> String {
+    format!("vcpu-{index}")
+}
+
+/// What `snapshot.json` says; the config is beside it in `config.json`
+/// (Cloud Hypervisor's JSON, with the ids the VM was given).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Header {
+    /// Always "vmkit-snapshot".
+    pub format: String,
+    /// The layout of the directory and its files ([`FORMAT_VERSION`]).
+    pub version: u32,
+    /// The vmkit that wrote it (informative).
+    pub vmkit: String,
+    /// Bytes of guest RAM in `memory`.
+    pub memory_size: u64,
+    pub vcpus: usize,
+    /// The boot's kernel format (`pvh-elf`, `elf`, `bzimage`), for `info`.
+    pub kernel_format: Option<String>,
+}
+
+pub const FORMAT: &str = "vmkit-snapshot";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Everything a snapshot holds but guest memory, which is mapped from its file.
+pub struct Snapshot {
+    pub header: Header,
+    /// `config.json`'s text.
+    pub config: String,
+    pub memory: File,
+    pub vcpus: Vec<vcpu::VcpuState>,
+    pub platform: PlatformState,
+}
+
+/// The KVM VM's clock and the user-space platform devices' registers.
+pub struct PlatformState {
+    pub clock: u64,
+    pub ioapic: Vec<u8>,
+    pub serial: Option<Vec<u8>>,
+}
+
+const PLATFORM_MAGIC: u32 = 0x4c50_4b56; // "VKPL"
+/// The largest platform device state vmkit writes is the IOAPIC's (200 bytes).
+const PLATFORM_BLOB_LIMIT: usize = 4096;
+
+impl PlatformState {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = codec::Writer::default();
+        w.u32(PLATFORM_MAGIC);
+        w.u64(self.clock);
+        w.blob(&self.ioapic);
+        match &self.serial {
+            Some(serial) => {
+                w.u32(1);
+                w.blob(serial);
+            }
+            None => w.u32(0),
+        }
+        w.bytes
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
+        let mut r = codec::Reader::new(PLATFORM_FILE, bytes);
+        if r.u32()? != PLATFORM_MAGIC {
+            return Err(r.corrupt("not a vmkit platform state".to_owned()));
+        }
+        let clock = r.u64()?;
+        let ioapic = r.blob(PLATFORM_BLOB_LIMIT)?.to_vec();
+        let serial = match r.u32()? {
+            0 => None,
+            1 => Some(r.blob(PLATFORM_BLOB_LIMIT)?.to_vec()),
+            other => return Err(r.corrupt(format!("serial port marker {other}"))),
+        };
+        r.finish()?;
+        Ok(PlatformState {
+            clock,
+            ioapic,
+            serial,
+        })
+    }
+}
+
+/// What a snapshot writes, gathered from the paused VM.
+pub struct SnapshotParts<'a> {
+    pub config: &'a vmkit_config::VmConfig,
+    pub kernel_format: Option<&'a str>,
+    pub ram: &'a GuestRam,
+    pub vcpus: &'a [vcpu::VcpuState],
+    pub platform: PlatformState,
+}
+
+fn io_error(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SnapshotError {
+    let path = path.display().to_string();
+    move |source| SnapshotError::Io { what, path, source }
+}
+
+/// Writes a snapshot into `dir` (created if missing). On failure the files
+/// written so far are removed: a half-written snapshot is not left to be
+/// restored.
+pub fn write_dir(dir: &Path, parts: &SnapshotParts<'_>) -> Result<(), SnapshotError> {
+    std::fs::create_dir_all(dir).map_err(io_error("creating the snapshot directory", dir))?;
+    let mut written = Vec::new();
+    let result = write_files(dir, parts, &mut written);
+    if result.is_err() {
+        for path in written {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    result
+}
+
+fn write_files(
+    dir: &Path,
+    parts: &SnapshotParts<'_>,
+    written: &mut Vec<PathBuf>,
+) -> Result<(), SnapshotError> {
+    fn put(written: &mut Vec<PathBuf>, path: PathBuf, bytes: &[u8]) -> Result<(), SnapshotError> {
+        written.push(path.clone());
+        std::fs::write(&path, bytes).map_err(io_error("writing", &path))
+    }
+    let config = serde_json::to_string_pretty(parts.config)
+        .map_err(|e| io_error("writing", &dir.join(CONFIG_FILE))(io::Error::other(e)))?;
+    put(written, dir.join(CONFIG_FILE), config.as_bytes())?;
+    for (index, state) in parts.vcpus.iter().enumerate() {
+        put(written, dir.join(vcpu_file(index)), &state.encode())?;
+    }
+    put(written, dir.join(PLATFORM_FILE), &parts.platform.encode())?;
+    let memory_path = dir.join(MEMORY_FILE);
+    written.push(memory_path.clone());
+    let memory = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&memory_path)
+        .map_err(io_error("creating", &memory_path))?;
+    write_memory(parts.ram, &memory, &memory_path.display().to_string())?;
+    // The header last: a directory without it is not a snapshot.
+    let header = Header {
+        format: FORMAT.to_owned(),
+        version: FORMAT_VERSION,
+        vmkit: env!("CARGO_PKG_VERSION").to_owned(),
+        memory_size: parts.ram.total_size(),
+        vcpus: parts.vcpus.len(),
+        kernel_format: parts.kernel_format.map(str::to_owned),
+    };
+    let header = serde_json::to_string_pretty(&header)
+        .map_err(|e| io_error("writing", &dir.join(HEADER_FILE))(io::Error::other(e)))?;
+    put(written, dir.join(HEADER_FILE), header.as_bytes())
+}
+
+/// Most vCPUs a snapshot may claim (KVM's own limit is far below).
+const MAX_VCPUS: usize = 4096;
+/// A vCPU state file is a few KiB; anything far larger is not one.
+const MAX_STATE_FILE: u64 = 1 << 20;
+
+fn read_small(path: &Path, limit: u64) -> Result<Vec<u8>, SnapshotError> {
+    let file = File::open(path).map_err(io_error("opening", path))?;
+    let len = file.metadata().map_err(io_error("reading", path))?.len();
+    if len > limit {
+        return Err(SnapshotError::Corrupt {
+            what: path.display().to_string(),
+            detail: format!("{len} bytes (at most {limit})"),
+        });
+    }
+    std::fs::read(path).map_err(io_error("reading", path))
+}
+
+/// Reads and checks a snapshot directory (all but the memory's contents).
+pub fn read_dir(dir: &Path) -> Result<Snapshot, SnapshotError> {
+    let header_path = dir.join(HEADER_FILE);
+    let text = read_small(&header_path, MAX_STATE_FILE)?;
+    let header: Header = serde_json::from_slice(&text).map_err(|e| SnapshotError::Corrupt {
+        what: header_path.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    if header.format != FORMAT {
+        return Err(SnapshotError::Corrupt {
+            what: header_path.display().to_string(),
+            detail: format!("format {:?}, not {FORMAT:?}", header.format),
+        });
+    }
+    if header.version != FORMAT_VERSION {
+        return Err(SnapshotError::Version {
+            what: header_path.display().to_string(),
+            found: header.version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    if header.vcpus == 0 || header.vcpus > MAX_VCPUS {
+        return Err(SnapshotError::Corrupt {
+            what: header_path.display().to_string(),
+            detail: format!("{} vCPUs", header.vcpus),
+        });
+    }
+    let config_path = dir.join(CONFIG_FILE);
+    let config = String::from_utf8(read_small(&config_path, MAX_STATE_FILE)?).map_err(|_| {
+        SnapshotError::Corrupt {
+            what: config_path.display().to_string(),
+            detail: "not UTF-8".to_owned(),
+        }
+    })?;
+    let vcpus = (0..header.vcpus)
+        .map(|index| {
+            let path = dir.join(vcpu_file(index));
+            vcpu::VcpuState::decode(
+                &path.display().to_string(),
+                &read_small(&path, MAX_STATE_FILE)?,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let platform = PlatformState::decode(&read_small(&dir.join(PLATFORM_FILE), MAX_STATE_FILE)?)?;
+    let memory_path = dir.join(MEMORY_FILE);
+    let memory = File::open(&memory_path).map_err(io_error("opening", &memory_path))?;
+    check_memory_file(
+        &memory,
+        &memory_path.display().to_string(),
+        header.memory_size,
+    )?;
+    Ok(Snapshot {
+        header,
+        config,
+        memory,
+        vcpus,
+        platform,
+    })
 }
 
 /// Pages compared against zero (and left as holes) when memory is written.

@@ -49,14 +49,20 @@ fn kvm_error(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotEr
     move |source| SnapshotError::Kvm { what, source }
 }
 
-/// The MSRs a vCPU's state covers: every one KVM lists that it also lets
-/// the VMM read (this host lists some it cannot read, e.g. 0x3a).
-pub fn saved_msr_indices(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, SnapshotError> {
-    let listed = kvm
+/// The MSRs KVM lists for the VMM to save (KVM_GET_MSR_INDEX_LIST).
+pub fn msr_list(kvm: &Kvm) -> Result<Vec<u32>, SnapshotError> {
+    Ok(kvm
         .get_msr_index_list()
-        .map_err(kvm_error("KVM_GET_MSR_INDEX_LIST"))?;
+        .map_err(kvm_error("KVM_GET_MSR_INDEX_LIST"))?
+        .as_slice()
+        .to_vec())
+}
+
+/// The MSRs of `listed` that `vcpu` lets the VMM read (this host lists some
+/// it cannot read, e.g. 0x3a).
+pub fn saved_msr_indices(vcpu: &VcpuFd, listed: &[u32]) -> Result<Vec<u32>, SnapshotError> {
     let mut readable = Vec::new();
-    for &index in listed.as_slice() {
+    for &index in listed {
         if read_msrs(vcpu, &[index])?.len() == 1 {
             readable.push(index);
         }
@@ -414,7 +420,7 @@ mod tests {
             regs.rip = 0x1234;
             regs.rbx = 0xfeed;
             vcpu.set_regs(&regs).unwrap();
-            let indices = saved_msr_indices(&kvm, &vcpu).unwrap();
+            let indices = saved_msr_indices(&vcpu, &msr_list(&kvm).unwrap()).unwrap();
             assert!(indices.contains(&0x10), "IA32_TSC is not saved");
             let state = VcpuState::capture(&vcpu, &indices, xsave).unwrap();
             let state = VcpuState::decode("vcpu-0", &state.encode()).unwrap();

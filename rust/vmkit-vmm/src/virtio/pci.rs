@@ -202,6 +202,9 @@ pub struct VirtioPciDevice {
     driver_feature_select: u32,
     driver_features: u64,
     status: u8,
+    /// The guest has written the device's configuration or registers (a
+    /// snapshot cannot keep a driven device's state yet).
+    driven: bool,
     config_generation: u8,
     queue_select: u16,
     queues: Vec<QueueRegisters>,
@@ -326,6 +329,7 @@ impl VirtioPciDevice {
             driver_feature_select: 0,
             driver_features: 0,
             status: 0,
+            driven: false,
             config_generation: 0,
             queue_select: 0,
             queues: max_sizes
@@ -349,6 +353,12 @@ impl VirtioPciDevice {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Whether the guest has written this device's configuration space or
+    /// registers.
+    pub fn driven(&self) -> bool {
+        self.driven
     }
 
     /// How often the device asked the driver for a reset (a queue it had to
@@ -703,6 +713,7 @@ impl VirtioPciDevice {
     }
 
     fn write_bar0(&mut self, offset: u64, data: &[u8]) {
+        self.driven = true;
         let len = data.len() as u64;
         let inside = |start: u64, size: u64| offset >= start && offset + len <= start + size;
         if inside(COMMON_OFFSET, COMMON_SIZE) {
@@ -799,6 +810,7 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
+        self.driven = true;
         if reg == (self.pci_cfg_cap + 16) / 4 {
             let (bar, window, length) = self.pci_cfg_target();
             if bar == 0 && offset == 0 && data.len() as u32 >= length && length > 0 {

@@ -1,0 +1,263 @@
+"""Snapshot and restore in process: a paused VM written to a directory and
+brought back, the guest going on where it stopped; what is refused, and
+hostile snapshot files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from vmkit import VmConfig, testguest
+from vmkit.vm import Vm, VmError
+
+if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+
+TICKS = 30
+
+
+def ticking(
+    cpus: int = 1, steps: tuple[str, ...] = ("hello", "ticks"), memory: str = "size=128M"
+) -> VmConfig:
+    """The test guest counting ticks (one line each, 20 ms apart), then powering off."""
+    return VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(list(steps), "poweroff", ticks=TICKS, tick_ms=20),
+        "--cpus", f"boot={cpus}", "--memory", memory,
+        "--serial", "tty", "--console", "off",
+    ])  # fmt: skip
+
+
+def paused_at_tick(config: VmConfig, tick: int) -> Vm:
+    vm = Vm(config)
+    vm.boot()
+    assert vm.serial.wait_for(f"^vmkit-guest: tick {tick}$", timeout=30)
+    vm.pause()
+    return vm
+
+
+def ticks_seen(text: str) -> list[int]:
+    return [
+        int(line.split()[-1]) for line in text.splitlines() if line.startswith("vmkit-guest: tick ")
+    ]
+
+
+def finishes(vm: Vm) -> list[int]:
+    """Resumes a restored VM until the guest powers off; the ticks it printed."""
+    assert vm.state == "Paused"
+    vm.resume()
+    exit_info = vm.wait(timeout=30)
+    assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+    text = vm.serial.text
+    assert "vmkit-guest: summary passed=2 failed=0" in text, text
+    # The guest went on: no second boot.
+    assert "vmkit-guest: ready" not in text
+    return ticks_seen(text)
+
+
+def digest(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_a_restored_vm_goes_on_where_it_stopped(tmp_path: Path, cpus: int) -> None:
+    vm = paused_at_tick(ticking(cpus), 5)
+    vm.snapshot(tmp_path / "snap")
+    before = vm.serial.text
+    vm.close()
+    assert ticks_seen(before)[-1] >= 5
+
+    restored = Vm.restore(tmp_path / "snap")
+    try:
+        assert restored.config.cpus.boot_vcpus == cpus
+        assert restored.kernel_format == "pvh-elf"
+        after = finishes(restored)
+    finally:
+        restored.close()
+    # Every tick once: the ones before the snapshot, then the rest.
+    assert ticks_seen(before) + after == list(range(TICKS))
+
+
+def test_one_snapshot_restores_into_several_vms_and_stays_as_written(tmp_path: Path) -> None:
+    snap = tmp_path / "snap"
+    vm = paused_at_tick(ticking(), 3)
+    vm.snapshot(snap)
+    vm.close()
+    written = digest(snap)
+    # Guest memory is the snapshot's file mapped copy-on-write: sparse on disk.
+    memory = snap / "memory"
+    assert memory.stat().st_size == 128 << 20
+    assert memory.stat().st_blocks * 512 < 16 << 20
+
+    clones = [Vm.restore(snap) for _ in range(3)]
+    results: dict[int, list[int]] = {}
+    try:
+        threads = [
+            threading.Thread(target=lambda i=i, c=c: results.__setitem__(i, finishes(c)))
+            for i, c in enumerate(clones)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for clone in clones:
+            clone.close()
+    assert len(results) == 3
+    for ticks in results.values():
+        assert ticks == list(range(ticks[0], TICKS)) and ticks[0] <= 5
+    assert digest(snap) == written, "a restored VM wrote into the snapshot"
+
+
+def test_a_restored_vm_can_be_snapshotted_again(tmp_path: Path) -> None:
+    vm = paused_at_tick(ticking(), 3)
+    vm.snapshot(tmp_path / "first")
+    vm.close()
+    second = Vm.restore(tmp_path / "first")
+    try:
+        second.resume()
+        assert second.serial.wait_for("^vmkit-guest: tick 10$", timeout=30)
+        second.pause()
+        second.snapshot(tmp_path / "second")
+    finally:
+        second.close()
+    third = Vm.restore(tmp_path / "second")
+    try:
+        assert finishes(third)[0] >= 10
+    finally:
+        third.close()
+
+
+def test_a_snapshot_needs_a_paused_vm(tmp_path: Path) -> None:
+    vm = Vm(ticking())
+    try:
+        with pytest.raises(VmError) as e:
+            vm.snapshot(tmp_path / "snap")
+        assert (e.value.kind, str(e.value)) == ("State", "Trying to snapshot while VM is running")
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: tick 1$", timeout=30)
+        with pytest.raises(VmError, match=r"^Trying to snapshot while VM is running$"):
+            vm.snapshot(tmp_path / "snap")
+    finally:
+        vm.close()
+    assert not (tmp_path / "snap").exists()
+
+
+def test_what_a_snapshot_cannot_keep_yet_is_refused(tmp_path: Path) -> None:
+    # The guest drives the virtio-rng device, whose state is not saved yet.
+    vm = paused_at_tick(ticking(steps=("rng", "ticks")), 2)
+    try:
+        with pytest.raises(VmError) as e:
+            vm.snapshot(tmp_path / "snap")
+        assert e.value.kind == "Unsupported"
+        assert str(e.value) == (
+            "a snapshot of virtio device __rng, which the guest drives, is not supported yet"
+        )
+    finally:
+        vm.close()
+    vm = paused_at_tick(ticking(memory="size=128M,shared=on"), 1)
+    try:
+        with pytest.raises(VmError, match="shared, huge-page or file-backed guest memory"):
+            vm.snapshot(tmp_path / "snap")
+    finally:
+        vm.close()
+    assert not (tmp_path / "snap").exists() or not any((tmp_path / "snap").iterdir())
+
+
+def test_a_failed_snapshot_leaves_no_files(tmp_path: Path) -> None:
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    (snap / "memory").mkdir()  # the memory file cannot be written
+    vm = paused_at_tick(ticking(), 1)
+    try:
+        with pytest.raises(VmError) as e:
+            vm.snapshot(snap)
+        assert e.value.kind == "Snapshot" and "memory" in str(e.value)
+    finally:
+        vm.close()
+    assert [p.name for p in snap.iterdir()] == ["memory"]
+
+
+@pytest.fixture(scope="module")
+def good_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    snap = tmp_path_factory.mktemp("good") / "snap"
+    vm = paused_at_tick(ticking(), 1)
+    vm.snapshot(snap)
+    vm.close()
+    return snap
+
+
+def hostile(good: Path, target: Path, edit: str) -> None:
+    """A copy of ``good`` in ``target`` with one file broken as ``edit`` says."""
+    target.mkdir()
+    for p in good.iterdir():
+        (target / p.name).write_bytes(p.read_bytes())
+    header = json.loads((target / "snapshot.json").read_text())
+    if edit == "no header":
+        (target / "snapshot.json").unlink()
+    elif edit == "foreign format":
+        header["format"] = "cloud-hypervisor"
+    elif edit == "newer version":
+        header["version"] = 99
+    elif edit == "huge vcpu count":
+        header["vcpus"] = 1 << 40
+    elif edit == "more vcpus than the config":
+        header["vcpus"] = 2
+        (target / "vcpu-1").write_bytes((target / "vcpu-0").read_bytes())
+    elif edit == "short memory":
+        with open(target / "memory", "r+b") as f:
+            f.truncate((128 << 20) - 4096)
+    elif edit == "truncated vcpu":
+        data = (target / "vcpu-0").read_bytes()
+        (target / "vcpu-0").write_bytes(data[: len(data) // 2])
+    elif edit == "garbage vcpu":
+        (target / "vcpu-0").write_bytes(os.urandom(3000))
+    elif edit == "garbage platform":
+        (target / "platform").write_bytes(b"\xff" * 64)
+    elif edit == "bad config":
+        (target / "config.json").write_text('{"cpus": {"boot_vcpus": "two"}}')
+    elif edit == "invalid config":
+        config = json.loads((target / "config.json").read_text())
+        config["cpus"]["max_vcpus"] = 0  # below boot_vcpus
+        (target / "config.json").write_text(json.dumps(config))
+    if (target / "snapshot.json").exists():
+        (target / "snapshot.json").write_text(json.dumps(header))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("no header", "snapshot.json"),
+        ("foreign format", 'format "cloud-hypervisor", not "vmkit-snapshot"'),
+        ("newer version", "format version 99, but this vmkit reads version 1"),
+        ("huge vcpu count", "1099511627776 vCPUs"),
+        (
+            "more vcpus than the config",
+            "the snapshot has 2 vCPU states but its config boots 1 vCPUs",
+        ),
+        ("short memory", "134213632 bytes of guest memory, the snapshot's VM has 134217728"),
+        ("truncated vcpu", "vcpu-0"),
+        ("garbage vcpu", "not a vmkit vCPU state"),
+        ("garbage platform", "not a vmkit platform state"),
+        ("bad config", "config.json"),
+        ("invalid config", "config.json"),
+    ],
+)
+def test_hostile_snapshots_are_refused_cleanly(
+    good_snapshot: Path, tmp_path: Path, edit: str, message: str
+) -> None:
+    target = tmp_path / "hostile"
+    hostile(good_snapshot, target, edit)
+    threads = threading.active_count()
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(VmError) as e:
+        Vm.restore(target)
+    assert message in str(e.value), str(e.value)
+    assert e.value.kind == "Snapshot", (e.value.kind, str(e.value))
+    assert threading.active_count() == threads
+    assert len(os.listdir("/proc/self/fd")) == fds, "a descriptor was left open"
