@@ -60,6 +60,11 @@ def finishes(vm: Vm) -> list[int]:
     return ticks_seen(text)
 
 
+def new_dir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
 def digest(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
 
@@ -67,7 +72,7 @@ def digest(directory: Path) -> dict[str, str]:
 @pytest.mark.parametrize("cpus", [1, 2])
 def test_a_restored_vm_goes_on_where_it_stopped(tmp_path: Path, cpus: int) -> None:
     vm = paused_at_tick(ticking(cpus), 5)
-    vm.snapshot(tmp_path / "snap")
+    vm.snapshot(new_dir(tmp_path / "snap"))
     before = vm.serial.text
     vm.close()
     assert ticks_seen(before)[-1] >= 5
@@ -84,7 +89,7 @@ def test_a_restored_vm_goes_on_where_it_stopped(tmp_path: Path, cpus: int) -> No
 
 
 def test_one_snapshot_restores_into_several_vms_and_stays_as_written(tmp_path: Path) -> None:
-    snap = tmp_path / "snap"
+    snap = new_dir(tmp_path / "snap")
     vm = paused_at_tick(ticking(), 3)
     vm.snapshot(snap)
     vm.close()
@@ -116,14 +121,14 @@ def test_one_snapshot_restores_into_several_vms_and_stays_as_written(tmp_path: P
 
 def test_a_restored_vm_can_be_snapshotted_again(tmp_path: Path) -> None:
     vm = paused_at_tick(ticking(), 3)
-    vm.snapshot(tmp_path / "first")
+    vm.snapshot(new_dir(tmp_path / "first"))
     vm.close()
     second = Vm.restore(tmp_path / "first")
     try:
         second.resume()
         assert second.serial.wait_for("^vmkit-guest: tick 10$", timeout=30)
         second.pause()
-        second.snapshot(tmp_path / "second")
+        second.snapshot(new_dir(tmp_path / "second"))
     finally:
         second.close()
     third = Vm.restore(tmp_path / "second")
@@ -133,27 +138,42 @@ def test_a_restored_vm_can_be_snapshotted_again(tmp_path: Path) -> None:
         third.close()
 
 
-def test_a_snapshot_needs_a_paused_vm(tmp_path: Path) -> None:
+def test_a_snapshot_needs_a_paused_vm_and_a_directory_for_new_files(tmp_path: Path) -> None:
+    snap = new_dir(tmp_path / "snap")
     vm = Vm(ticking())
     try:
         with pytest.raises(VmError) as e:
-            vm.snapshot(tmp_path / "snap")
+            vm.snapshot(snap)
         assert (e.value.kind, str(e.value)) == ("State", "Trying to snapshot while VM is running")
         vm.boot()
         assert vm.serial.wait_for("^vmkit-guest: tick 1$", timeout=30)
         with pytest.raises(VmError, match=r"^Trying to snapshot while VM is running$"):
-            vm.snapshot(tmp_path / "snap")
+            vm.snapshot(snap)
+        vm.pause()
+        # Cloud Hypervisor's answers: the directory must exist, its files must not.
+        with pytest.raises(VmError, match=r"^Destination is not a directory$"):
+            vm.snapshot(tmp_path / "absent")
+        vm.snapshot(snap)
+        written = digest(snap)
+        with pytest.raises(VmError, match=r"^File exists \(os error 17\)$"):
+            vm.snapshot(snap)
+        assert digest(snap) == written, "the first snapshot was touched"
     finally:
         vm.close()
-    assert not (tmp_path / "snap").exists()
+    assert not (tmp_path / "absent").exists()
+    # Guest memory inside: for the owner only.
+    assert {p.stat().st_mode & 0o777 for p in snap.iterdir()} == {0o600}
+    with pytest.raises(VmError, match=r"^Destination is not a directory$"):
+        Vm.restore(tmp_path / "absent")
 
 
 def test_what_a_snapshot_cannot_keep_yet_is_refused(tmp_path: Path) -> None:
+    snap = new_dir(tmp_path / "snap")
     # The guest drives the virtio-rng device, whose state is not saved yet.
     vm = paused_at_tick(ticking(steps=("rng", "ticks")), 2)
     try:
         with pytest.raises(VmError) as e:
-            vm.snapshot(tmp_path / "snap")
+            vm.snapshot(snap)
         assert e.value.kind == "Unsupported"
         assert str(e.value) == (
             "a snapshot of virtio device __rng, which the guest drives, is not supported yet"
@@ -163,21 +183,20 @@ def test_what_a_snapshot_cannot_keep_yet_is_refused(tmp_path: Path) -> None:
     vm = paused_at_tick(ticking(memory="size=128M,shared=on"), 1)
     try:
         with pytest.raises(VmError, match="shared, huge-page or file-backed guest memory"):
-            vm.snapshot(tmp_path / "snap")
+            vm.snapshot(snap)
     finally:
         vm.close()
-    assert not (tmp_path / "snap").exists() or not any((tmp_path / "snap").iterdir())
+    assert not any(snap.iterdir())
 
 
 def test_a_failed_snapshot_leaves_no_files(tmp_path: Path) -> None:
-    snap = tmp_path / "snap"
-    snap.mkdir()
-    (snap / "memory").mkdir()  # the memory file cannot be written
+    snap = new_dir(tmp_path / "snap")
+    (snap / "memory").mkdir()  # the memory file cannot be created
     vm = paused_at_tick(ticking(), 1)
     try:
         with pytest.raises(VmError) as e:
             vm.snapshot(snap)
-        assert e.value.kind == "Snapshot" and "memory" in str(e.value)
+        assert (e.value.kind, str(e.value)) == ("Snapshot", "File exists (os error 17)")
     finally:
         vm.close()
     assert [p.name for p in snap.iterdir()] == ["memory"]
@@ -185,7 +204,7 @@ def test_a_failed_snapshot_leaves_no_files(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def good_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    snap = tmp_path_factory.mktemp("good") / "snap"
+    snap = new_dir(tmp_path_factory.mktemp("good") / "snap")
     vm = paused_at_tick(ticking(), 1)
     vm.snapshot(snap)
     vm.close()

@@ -299,9 +299,11 @@ class Vm:
         self._live().reboot()
 
     def snapshot(self, path: str | os.PathLike[str]) -> None:
-        """Writes the Paused VM to the directory ``path`` (created if missing):
-        its config, guest memory (a sparse file), each vCPU's state, the clock
-        and the platform devices. ``Vm.restore(path)`` brings it back.
+        """Writes the Paused VM into the existing directory ``path``: its
+        config, guest memory (a sparse file), each vCPU's state, the clock and
+        the platform devices, in new files only its owner can read (an existing
+        snapshot there is an error, as in Cloud Hypervisor). ``Vm.restore(path)``
+        brings it back.
 
         Not yet for a VM whose guest has driven a virtio device, nor for
         shared, huge-page or file-backed memory: VmError (kind

@@ -44,6 +44,16 @@ pub enum SnapshotError {
     NotParked,
     #[error("the vCPUs did not hand over their state within 10 s")]
     VcpusBusy,
+    #[error("Destination is not a directory")]
+    NotADirectory,
+    /// Creating a snapshot file: Cloud Hypervisor's answer is the OS error
+    /// alone ("File exists (os error 17)").
+    #[error("{source}")]
+    Exists {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("{what}: {path}")]
     Io {
         what: &'static str,
@@ -63,6 +73,8 @@ impl ModuleError for SnapshotError {
             SnapshotError::NotParked | SnapshotError::VcpusBusy => ErrorKind::State,
             SnapshotError::Corrupt { .. }
             | SnapshotError::Version { .. }
+            | SnapshotError::NotADirectory
+            | SnapshotError::Exists { .. }
             | SnapshotError::Io { .. } => ErrorKind::Snapshot,
         }
     }
@@ -170,11 +182,15 @@ fn io_error(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Snapsh
     move |source| SnapshotError::Io { what, path, source }
 }
 
-/// Writes a snapshot into `dir` (created if missing). On failure the files
-/// written so far are removed: a half-written snapshot is not left to be
-/// restored.
+/// Writes a snapshot into the existing directory `dir`, as Cloud Hypervisor
+/// does: its files are new (an existing one is an error, not overwritten)
+/// and only the owner can read them (they hold guest memory). On failure
+/// the files written so far are removed: a half-written snapshot is not left
+/// to be restored.
 pub fn write_dir(dir: &Path, parts: &SnapshotParts<'_>) -> Result<(), SnapshotError> {
-    std::fs::create_dir_all(dir).map_err(io_error("creating the snapshot directory", dir))?;
+    if !dir.is_dir() {
+        return Err(SnapshotError::NotADirectory);
+    }
     let mut written = Vec::new();
     let result = write_files(dir, parts, &mut written);
     if result.is_err() {
@@ -191,8 +207,10 @@ fn write_files(
     written: &mut Vec<PathBuf>,
 ) -> Result<(), SnapshotError> {
     fn put(written: &mut Vec<PathBuf>, path: PathBuf, bytes: &[u8]) -> Result<(), SnapshotError> {
-        written.push(path.clone());
-        std::fs::write(&path, bytes).map_err(io_error("writing", &path))
+        use std::io::Write;
+        create(written, &path)?
+            .write_all(bytes)
+            .map_err(io_error("writing", &path))
     }
     let config = serde_json::to_string_pretty(parts.config)
         .map_err(|e| io_error("writing", &dir.join(CONFIG_FILE))(io::Error::other(e)))?;
@@ -202,13 +220,7 @@ fn write_files(
     }
     put(written, dir.join(PLATFORM_FILE), &parts.platform.encode())?;
     let memory_path = dir.join(MEMORY_FILE);
-    written.push(memory_path.clone());
-    let memory = File::options()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&memory_path)
-        .map_err(io_error("creating", &memory_path))?;
+    let memory = create(written, &memory_path)?;
     write_memory(parts.ram, &memory, &memory_path.display().to_string())?;
     // The header last: a directory without it is not a snapshot.
     let header = Header {
@@ -222,6 +234,23 @@ fn write_files(
     let header = serde_json::to_string_pretty(&header)
         .map_err(|e| io_error("writing", &dir.join(HEADER_FILE))(io::Error::other(e)))?;
     put(written, dir.join(HEADER_FILE), header.as_bytes())
+}
+
+/// Creates `path`, which must not exist, readable by its owner only, and
+/// records it in `written` for the cleanup of a failed snapshot.
+fn create(written: &mut Vec<PathBuf>, path: &Path) -> Result<File, SnapshotError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| SnapshotError::Exists {
+            path: path.display().to_string(),
+            source,
+        })?;
+    written.push(path.to_owned());
+    Ok(file)
 }
 
 /// Most vCPUs a snapshot may claim (KVM's own limit is far below).
@@ -243,6 +272,9 @@ fn read_small(path: &Path, limit: u64) -> Result<Vec<u8>, SnapshotError> {
 
 /// Reads and checks a snapshot directory (all but the memory's contents).
 pub fn read_dir(dir: &Path) -> Result<Snapshot, SnapshotError> {
+    if !dir.is_dir() {
+        return Err(SnapshotError::NotADirectory);
+    }
     let header_path = dir.join(HEADER_FILE);
     let text = read_small(&header_path, MAX_STATE_FILE)?;
     let header: Header = serde_json::from_slice(&text).map_err(|e| SnapshotError::Corrupt {
