@@ -48,7 +48,9 @@ def ch_binary(name: str) -> str:
 class VmmProcess:
     """A VMM process serving the API on ``socket_path``; ``kind`` is ``ch`` or ``vmkit``."""
 
-    def __init__(self, kind: str, socket_path: Path, log_path: Path) -> None:
+    def __init__(
+        self, kind: str, socket_path: Path, log_path: Path, extra: tuple[str, ...] = ()
+    ) -> None:
         self.kind = kind
         self.socket_path = socket_path
         self.log_path = log_path
@@ -60,6 +62,7 @@ class VmmProcess:
             ]  # fmt: skip
         else:
             argv = [sys.executable, "-m", "vmkit", "--api-socket", str(socket_path)]
+        argv += extra
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT

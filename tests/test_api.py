@@ -850,10 +850,14 @@ def test_row_no_config(api: Api) -> None:
         assert_reply(api.put(action, body), 500, NOT_CREATED)
     assert_reply(api.put("vm.remove-device", {"id": "x"}), 500, NOT_CREATED)
     assert_reply(api.put("vm.delete"), 204, "")  # a no-op
-    # restore would be accepted here; vmkit cannot restore snapshots (a clear 500)
-    reply = api.put("vm.restore", {"source_url": "file:///tmp/snap"})
-    assert_reply(reply, 500)
-    assert "not supported" in reply.text
+    # restore is accepted here: this one fails reading the snapshot, without events (as v37)
+    reply = api.put("vm.restore", {"source_url": "file:///tmp/vmkit-absent-snapshot"})
+    assert_reply(
+        reply,
+        500,
+        "Cannot restore VM: Failed to send migratable component snapshot: "
+        "Destination is not a directory",
+    )
     assert_reply(api.put("vm.create", cold_config()), 204, "")
     assert api.events() == ["vm booting"]  # v37 reports the boot attempt before its checks
 
@@ -947,10 +951,14 @@ def test_state_transitions_and_their_texts(api: Api) -> None:
     assert_reply(api.put("vm.pause"), 204, "")
     assert api.state() == "Paused"
     assert_reply(api.put("vm.pause"), 500, PAUSE_PAUSED)
-    reply = api.put("vm.snapshot", {"destination_url": "file:///tmp/s"})
-    assert_reply(reply, 500)
-    assert reply.text.startswith("Cannot snapshot VM: Failed to snapshot migratable component: ")
-    assert "not supported" in reply.text
+    # Taken, then not sent to a directory that does not exist (v37's answer).
+    reply = api.put("vm.snapshot", {"destination_url": "file:///tmp/vmkit-absent-snapshot"})
+    assert_reply(
+        reply,
+        500,
+        "Cannot send VM snapshot: Failed to send migratable component snapshot: "
+        "Destination is not a directory",
+    )
     assert_reply(api.put("vm.resume"), 204, "")
     assert api.state() == "Running"
     # boot on a Paused VM resumes it
@@ -985,6 +993,7 @@ def test_state_transitions_and_their_texts(api: Api) -> None:
         "vm resuming",  # resume on Running
         "vm pausing", "vm paused",
         "vm pausing",  # pause on Paused
+        "vm snapshotting", "vm snapshotted",  # taken, then not sent
         "vm resuming", "vm resumed",
         "vm pausing", "vm paused",
         "vm booting", "vm resuming", "vm resumed", "vm booted",  # boot on Paused

@@ -8,9 +8,8 @@ normalisations in ``normalise`` (vmm.ping's version and pid, which must
 differ, and vm.info's device_tree, compared in its own test).
 
 What vmkit does not implement yet (hot-plug into a running VM, resizing a
-running VM, snapshots, restore, migration) cannot match Cloud
-Hypervisor's success. Those steps are in ``EXPECTED_DIFFERENCES``: vmkit's
-exact refusal and exit status are asserted, and Cloud Hypervisor's result is
+running VM, migration) cannot match Cloud Hypervisor's success. Those
+steps are in ``EXPECTED_DIFFERENCES``: vmkit's exact refusal and exit status are asserted, and Cloud Hypervisor's result is
 checked against what the list records, so the list cannot go stale silently.
 """
 
@@ -61,24 +60,6 @@ EXPECTED_DIFFERENCES: dict[str, Difference] = {
         1,
         f"{SERVER_ERROR}Failed to receive migratable component snapshot: "
         "Error binding to UNIX socket",
-    ),
-    "no-vm: restore source_url=file://@W/absent": Difference(
-        "restoring snapshots is a later issue; CH fails to read the snapshot",
-        _refused(
-            "Cannot restore VM from file://@W/absent: restoring snapshots is not supported "
-            "by vmkit yet"
-        ),
-        1,
-        f"{SERVER_ERROR}Cannot restore VM: ",
-    ),
-    "paused: snapshot file://@W/snapshot": Difference(
-        "snapshots are a later issue; CH writes one (here: fails on the missing directory)",
-        _refused(
-            "Cannot snapshot VM: Failed to snapshot migratable component: snapshots are not "
-            "supported by vmkit yet"
-        ),
-        1,
-        f"{SERVER_ERROR}Cannot send VM snapshot: ",
     ),
     "running: add-disk path=@W/disk.img,id=disk9": Difference(
         "hot-plug is a later issue; CH adds the disk",
@@ -435,3 +416,66 @@ def test_disk_counters_match_cloud_hypervisor(workdir: Path) -> None:
         assert vmkit == ch
     finally:
         pair.stop()
+
+
+def _serial_until(path: Path, text: str, timeout: float = 30) -> str:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = path.read_text(errors="replace") if path.exists() else ""
+        if text in content:
+            return content
+        time.sleep(0.02)
+    raise AssertionError(f"no {text!r} in {path}")
+
+
+def test_ch_remote_snapshots_a_vmkit_vm_and_vmkit_restores_it(workdir: Path) -> None:
+    """The real ch-remote: pause, snapshot, then ``vmkit --restore``, resume: the
+    guest goes on counting where it stopped and powers off."""
+    serial, snap = workdir / "serial.log", workdir / "snap"
+    snap.mkdir()
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["hello", "ticks"], "poweroff", ticks=30, tick_ms=20),
+        "--memory", "size=128M", "--serial", f"file={serial}", "--console", "off",
+    ])  # fmt: skip
+    (workdir / "ticks.json").write_text(config.to_json())
+    first = VmmProcess("vmkit", workdir / "first.sock", workdir / "first.log")
+    try:
+        for args in (["create", str(workdir / "ticks.json")], ["boot"]):
+            assert ch_remote(first.socket_path, *args) == (0, "", ""), args
+        _serial_until(serial, "vmkit-guest: tick 3\n")
+        assert ch_remote(first.socket_path, "pause") == (0, "", "")
+        assert ch_remote(first.socket_path, "snapshot", f"file://{snap}") == (0, "", "")
+        # v37's answer to a second snapshot into the same directory.
+        assert ch_remote(first.socket_path, "snapshot", f"file://{snap}") == (
+            1, "", f"{SERVER_ERROR}Cannot send VM snapshot: Failed to send migratable "
+            "component snapshot: File exists (os error 17)\n",
+        )  # fmt: skip
+    finally:
+        first.stop()
+    ticked = serial.read_text()
+
+    second = VmmProcess(
+        "vmkit",
+        workdir / "second.sock",
+        workdir / "second.log",
+        extra=("--restore", f"source_url=file://{snap}"),
+    )
+    try:
+        status, out, _err = ch_remote(second.socket_path, "info")
+        assert status == 0 and json.loads(out)["state"] == "Paused"
+        assert ch_remote(second.socket_path, "resume") == (0, "", "")
+        assert second.wait(30) == 0, second.log
+    finally:
+        second.stop()
+    # The restored VM opens its serial file afresh, as at boot.
+    after = serial.read_text()
+    assert "vmkit-guest: summary passed=2 failed=0" in after, after
+    assert "vmkit-guest: ready" not in after, "the restored guest booted again"
+
+    def ticks(text: str) -> list[int]:
+        return [int(line.split()[-1]) for line in text.splitlines() if " tick " in line]
+
+    assert ticks(ticked) + ticks(after) == list(range(30))

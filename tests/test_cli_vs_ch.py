@@ -116,7 +116,9 @@ def test_memory_sizes_refused_at_boot(size: str, vmkit_says: str) -> None:
 def test_restore_alone(workdir: Path) -> None:
     results = run_both("--restore", f"source_url=file://{workdir / 'absent'}")
     assert_same_start(results, "Error restoring VM")
-    assert results["vmkit"][1].endswith("restoring snapshots is not supported by vmkit yet")
+    # v37 prints the error's Debug form with a backtrace; the cause is the same.
+    assert "Destination is not a directory" in results["ch"][1]
+    assert results["vmkit"][1].endswith("Destination is not a directory")
 
 
 def test_restore_with_a_kernel_is_refused_where_ch_ignores_it(workdir: Path) -> None:

@@ -280,3 +280,32 @@ def test_hostile_snapshots_are_refused_cleanly(
     assert e.value.kind == "Snapshot", (e.value.kind, str(e.value))
     assert threading.active_count() == threads
     assert len(os.listdir("/proc/self/fd")) == fds, "a descriptor was left open"
+
+
+def test_a_spawned_vm_snapshots_and_another_vmm_process_restores_it(tmp_path: Path) -> None:
+    """The VM-process path: the snapshot is taken in one VM process and restored,
+    through the API, in another (both under their seccomp filters)."""
+    from vmkit.config import RestoreConfig
+
+    serial = tmp_path / "serial.log"
+    snap = new_dir(tmp_path / "snap")
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["hello", "ticks"], "poweroff", ticks=TICKS, tick_ms=20),
+        "--memory", "size=128M", "--serial", f"file={serial}", "--console", "off",
+    ])  # fmt: skip
+    with Vm.spawn(config) as vm:
+        vm.boot()
+        vm.serial.wait_for("^vmkit-guest: tick 3$", timeout=30)
+        vm.pause()
+        vm.snapshot(snap)
+    before = serial.read_text()
+    with Vm.spawn(None) as restored:
+        restored.client.restore(RestoreConfig(source_url=f"file://{snap}"))
+        assert restored.client.info().state == "Paused"
+        restored.client.resume()
+        exit_info = restored.wait(timeout=30)
+        assert exit_info is not None and exit_info.reason == "poweroff"
+    after = serial.read_text()
+    assert "vmkit-guest: summary passed=2 failed=0" in after
+    assert ticks_seen(before) + ticks_seen(after) == list(range(TICKS))

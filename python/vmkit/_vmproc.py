@@ -157,6 +157,39 @@ class RemoteVmHandle:
         self.iommu: bool = bool(channel.value("iommu"))
         self._closed = False
 
+    @classmethod
+    def restored(
+        cls,
+        channel: ControlChannel,
+        path: str | os.PathLike[str],
+        prefault: bool,
+        watchdog_timeout: float | None,
+        lock_disks: bool,
+        seccomp: str,
+    ) -> tuple[RemoteVmHandle, VmConfig]:
+        """The VM process's VM from the snapshot directory ``path`` (Paused),
+        and its config."""
+        from vmkit.config import VmConfig
+
+        config_dict, fd = channel.call(
+            "restore",
+            path=os.fspath(path),
+            prefault=prefault,
+            watchdog_timeout=watchdog_timeout,
+            lock_disks=lock_disks,
+            seccomp=seccomp,
+        )
+        if fd is None:
+            raise VmError("The VM process sent no exit descriptor", "Device")
+        handle = cls.__new__(cls)
+        handle._channel = channel
+        handle._cpu_groups = None
+        handle._exit_fd = fd
+        handle._events_fd = -1
+        handle.iommu = bool(channel.value("iommu"))
+        handle._closed = False
+        return handle, VmConfig.from_dict(config_dict)
+
     def remove_cpu_groups(self) -> None:
         groups, self._cpu_groups = self._cpu_groups, None
         if groups is not None:
@@ -188,6 +221,9 @@ class RemoteVmHandle:
 
     def pause(self) -> None:
         self._channel.call("pause")
+
+    def snapshot(self, path: str | os.PathLike[str]) -> None:
+        self._channel.call("snapshot", path=os.fspath(path))
 
     def resume(self) -> None:
         self._channel.call("resume")
@@ -329,7 +365,11 @@ class VmProcess:
         #: the latest VM's handle (while it lives), whose CPU groups go when the process does.
         self._handle: weakref.ref[RemoteVmHandle] | None = None
         self.vmm: Vmm = Vmm(
-            seccomp=seccomp, cpu_groups=cpu_groups, vm_factory=self._new_vm, pid=pid
+            seccomp=seccomp,
+            cpu_groups=cpu_groups,
+            vm_factory=self._new_vm,
+            vm_restorer=self._restore_vm,
+            pid=pid,
         )
         self.server: ApiServer = ApiServer(self.vmm, fd=fds[0], reactor=_reactor.shared())
         self.server.start()
@@ -359,6 +399,20 @@ class VmProcess:
             lock_disks,
             seccomp,
             cpu_groups_of=self.process.pid if cpu_groups else None,
+        )
+        self._handle = weakref.ref(handle)
+        return Vm._adopt(config, handle)
+
+    def _restore_vm(
+        self,
+        path: str,
+        prefault: bool,
+        watchdog_timeout: float | None,
+        lock_disks: bool,
+        seccomp: str,
+    ) -> Vm:
+        handle, config = RemoteVmHandle.restored(
+            self.channel, path, prefault, watchdog_timeout, lock_disks, seccomp
         )
         self._handle = weakref.ref(handle)
         return Vm._adopt(config, handle)

@@ -91,8 +91,9 @@ def run(argv: Sequence[str]) -> int:
             print(refusal, file=sys.stderr)
             return 1
     if not command.has("--print-config") and (
-        command.has("--api-socket") or command.has("--event-monitor")
+        command.has("--api-socket") or command.has("--event-monitor") or command.has("--restore")
     ):
+        # A restored VM waits, Paused, for vm.resume: it runs under the VMM.
         return serve(command)
     try:
         sink = setup_logging(command.verbosity, command.one("--log-file"), lazy=True)
@@ -110,24 +111,19 @@ def _refuse_unsupported(command: CommandLine) -> str | None:
 
     Checked before anything starts, so that nothing asked for is silently left out.
     """
-    restore = command.one("--restore")
-    if restore is not None:
-        if command.has("--api-socket") or command.has("--event-monitor"):
-            return None  # refused after the VMM's start-up steps (`_start_vm`), in v37's order
-        return _restore_refusal(restore)
+    if command.has("--restore"):
+        from vmkit._flags import FLAGS
+
+        # The config comes from the snapshot. v37 boots a payload it is given and
+        # ignores --restore, and restores ignoring the other VM options; vmkit
+        # ignores no option.
+        given = [f.long for f in FLAGS if f.param is not None and command.has(f.long)]
+        if given:
+            return (
+                "Error restoring VM: --restore takes the VM's config from the snapshot; "
+                f"{', '.join(given)} cannot be given with it"
+            )
     return None
-
-
-def _restore_refusal(text: str) -> str:
-    """``--restore``: v37's parse error for a bad option string, else vmkit's refusal."""
-    try:
-        restore_config = RestoreConfig.parse(text)
-    except ConfigError as e:
-        return f"Error parsing restore: {e}"
-    return (
-        f"Error restoring VM: Cannot restore VM from {restore_config.source_url}: "
-        "restoring snapshots is not supported by vmkit yet"
-    )
 
 
 def _parse_config(command: CommandLine) -> VmConfig | None:
@@ -768,9 +764,17 @@ def _start_vm(command: CommandLine, vmm: Vmm) -> int | None:
 
     restore = command.one("--restore")
     if restore is not None:
-        # v37 would restore (or, given --kernel too, boot and ignore --restore)
-        print(_restore_refusal(restore), file=sys.stderr)
-        return 1
+        try:
+            restore_config = RestoreConfig.parse(restore)
+        except ConfigError as e:
+            print(f"Error parsing restore: {e}", file=sys.stderr)
+            return 1
+        try:
+            vmm.restore(restore_config)
+        except ApiError as e:
+            print(f"Error restoring VM: {e}", file=sys.stderr)
+            return 1
+        return None
     if command.has("--kernel") or command.has("--firmware"):
         config = _parse_config(command)
         if config is None:

@@ -859,6 +859,11 @@ class SpawnedVm:
         """``vm.pause``: Running → Paused."""
         self.client.pause()
 
+    def snapshot(self, path: str | os.PathLike[str]) -> None:
+        """``vm.snapshot`` of the Paused VM into the existing directory ``path``
+        (see ``Vm.snapshot``); ``vm.restore`` in another VMM brings it back."""
+        self.client.snapshot(f"file://{os.path.abspath(path)}")
+
     def resume(self) -> None:
         """``vm.resume``: Paused → Running."""
         self.client.resume()

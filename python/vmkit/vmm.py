@@ -66,6 +66,19 @@ VM_CONFIG_MISSING = "VM config is missing"
 _T = TypeVar("_T")
 
 
+def _url_path(url: str) -> str | None:
+    """The path of a ``file://`` URL, as v37 takes it (no other scheme)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if parts.scheme != "file" or not parts.path:
+        return None
+    return parts.path
+
+
 class ApiError(Exception):
     """An API action failed; ``str(error)`` is v37's error Display (the HTTP 500 body)."""
 
@@ -194,7 +207,8 @@ class Vmm:
     ``watchdog_timeout`` (None: no hang detector, as in Cloud Hypervisor), ``lock_disks``,
     ``seccomp``, ``cpu_groups``: passed to each ``Vm``. ``vm_factory(config, watchdog_timeout,
     lock_disks, seccomp, cpu_groups)`` makes the ``Vm`` instead of ``Vm(...)`` (a VM process's,
-    ``_vmproc``), and ``pid`` is the VMM process ``vmm.ping`` names (this one by
+    ``_vmproc``), ``vm_restorer(path, prefault, watchdog_timeout, lock_disks, seccomp)``
+    instead of ``Vm.restore``, and ``pid`` is the VMM process ``vmm.ping`` names (this one by
     default). The attributes
     ``config`` and ``vm`` are the VMM's two layers; read them under ``lock``.
     """
@@ -208,9 +222,11 @@ class Vmm:
         seccomp: bool | str = True,
         cpu_groups: bool = False,
         vm_factory: Callable[[VmConfig, float | None, bool, str, bool], Vm] | None = None,
+        vm_restorer: Callable[[str, bool, float | None, bool, str], Vm] | None = None,
         pid: int | None = None,
     ) -> None:
         self.vm_factory = vm_factory
+        self.vm_restorer = vm_restorer
         self.pid = pid
         self.config: VmConfig | None = None
         self.vm: Vm | None = None
@@ -729,25 +745,68 @@ class Vmm:
     # -- snapshot / restore / migration ------------------------------------------------------
 
     def snapshot(self, destination_url: str) -> None:
-        """``vm.snapshot``: needs a Paused VM; vmkit cannot write snapshots yet."""
+        """``vm.snapshot``: writes the Paused VM into the existing directory
+        ``file://<path>`` names (``Vm.snapshot``)."""
         with self.lock:
             vm = self.vm
             if vm is None:
                 raise ApiError(VM_NOT_RUNNING)
-            prefix = "Cannot snapshot VM: Failed to snapshot migratable component: "
+            taking = "Cannot snapshot VM: Failed to snapshot migratable component: "
+            sending = "Cannot send VM snapshot: Failed to send migratable component snapshot: "
             if vm.state != "Paused":
-                raise ApiError(f"{prefix}Trying to snapshot while VM is running")
-            raise ApiError(f"{prefix}snapshots are not supported by vmkit yet")
+                raise ApiError(f"{taking}Trying to snapshot while VM is running")
+            # v37 takes the state ("snapshotting", "snapshotted"), then sends it
+            # to the URL: what fails from there on fails as a send, after both events.
+            self.emit("vm", "snapshotting")
+            path = _url_path(destination_url)
+            if path is None:
+                self.emit("vm", "snapshotted")
+                raise ApiError(f"{sending}Could not extract path from URL: {destination_url}")
+            try:
+                vm.snapshot(path)
+            except VmError as e:
+                if e.kind != "Snapshot":
+                    raise ApiError(f"{taking}{e}") from None
+                self.emit("vm", "snapshotted")
+                raise ApiError(f"{sending}{e}") from None
+            self.emit("vm", "snapshotted")
 
     def restore(self, config: RestoreConfig) -> None:
-        """``vm.restore``: only without config and VM; vmkit cannot restore snapshots yet."""
+        """``vm.restore``: only without config and VM; the VM of the snapshot
+        directory ``file://<path>`` names, Paused (``Vm.restore``)."""
         with self.lock:
             if self.config is not None or self.vm is not None:
                 raise ApiError(VM_ALREADY_CREATED)
-            raise ApiError(
-                f"Cannot restore VM from {config.source_url}: restoring snapshots is "
-                "not supported by vmkit yet"
-            )
+            reading = "Cannot restore VM: Failed to send migratable component snapshot: "
+            path = _url_path(config.source_url)
+            if path is None:
+                raise ApiError(f"{reading}Could not extract path from URL: {config.source_url}")
+            try:
+                if self.vm_restorer is not None:
+                    vm = self.vm_restorer(
+                        path,
+                        bool(config.prefault),
+                        self.watchdog_timeout,
+                        self.lock_disks,
+                        seccomp_value(self.seccomp),
+                    )
+                else:
+                    vm = Vm.restore(
+                        path,
+                        prefault=bool(config.prefault),
+                        watchdog_timeout=self.watchdog_timeout,
+                        lock_disks=self.lock_disks,
+                        seccomp=self.seccomp,
+                    )
+            except VmError as e:
+                prefix = reading if e.kind == "Snapshot" else "Cannot restore VM: "
+                raise ApiError(f"{prefix}{e}") from None
+            self.vm = vm
+            self.config = copy.deepcopy(vm.config)
+            self._watch(vm)
+            # As v37: both once the snapshot has been read (none for a failed restore).
+            self.emit("vm", "restoring")
+            self.emit("vm", "restored")
 
     def send_migration(self, destination_url: str, local: bool = False) -> None:
         """``vm.send-migration``: not supported by vmkit."""

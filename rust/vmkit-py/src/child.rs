@@ -400,6 +400,9 @@ fn handle(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Opti
     if op == "new" {
         return new_vm(state, request, fds);
     }
+    if op == "restore" {
+        return restore_vm(state, request);
+    }
     let Some(vm) = state.vm.clone() else {
         return (error("State", "no VM in this process"), None);
     };
@@ -409,6 +412,10 @@ fn handle(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Opti
     let answer = match op {
         "boot" => done(vm.boot()),
         "pause" => done(vm.pause()),
+        "snapshot" => match request["path"].as_str() {
+            Some(path) => done(vm.snapshot(std::path::Path::new(path))),
+            None => error("Snapshot", "snapshot: no path"),
+        },
         "resume" => done(vm.resume()),
         "shutdown" => done(vm.shutdown()),
         "reboot" => done(vm.reboot()),
@@ -473,6 +480,39 @@ fn handle(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Opti
 /// spawning program already), replacing a previous one. With
 /// `"thread_groups": true` the request carries the vCPU and device CPU
 /// groups' thread files.
+/// `restore`: a VM from the snapshot directory `path` (Paused); answers its
+/// config, with the exit descriptor.
+fn restore_vm(state: &mut State, request: &Value) -> (Value, Option<RawFd>) {
+    let Some(path) = request["path"].as_str() else {
+        return (error("Snapshot", "restore: no path"), None);
+    };
+    let options = VmOptions {
+        watchdog_timeout: request["watchdog_timeout"]
+            .as_f64()
+            .and_then(|s| Duration::try_from_secs_f64(s).ok()),
+        lock_disks: request["lock_disks"].as_bool().unwrap_or(true),
+        seccomp: request["seccomp"]
+            .as_str()
+            .and_then(SeccompMode::parse)
+            .unwrap_or_default(),
+        thread_groups: ThreadGroups::default(),
+    };
+    if let Some(old) = state.vm.take() {
+        old.close();
+        old.release();
+    }
+    let prefault = request["prefault"].as_bool().unwrap_or(false);
+    match Vm::restore(std::path::Path::new(path), options, prefault) {
+        Ok(vm) => {
+            let config = serde_json::to_value(vm.config()).unwrap_or(Value::Null);
+            let fd = vm.exit_fd();
+            state.vm = Some(vm);
+            (json!({ "ok": config }), Some(fd))
+        }
+        Err(e) => (vm_error(e), None),
+    }
+}
+
 fn new_vm(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Option<RawFd>) {
     let config: VmConfig = match serde_json::from_value(request["config"].clone()) {
         Ok(config) => config,

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use kvm_bindings::{
-    kvm_cpuid2, kvm_debugregs, kvm_enable_cap, kvm_fpu, kvm_ioeventfd, kvm_irq_routing, kvm_irqfd,
-    kvm_lapic_state, kvm_mp_state, kvm_msi, kvm_msrs, kvm_regs, kvm_sregs,
-    kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_enable_cap, kvm_fpu, kvm_ioeventfd,
+    kvm_irq_routing, kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msi, kvm_msr_list, kvm_msrs,
+    kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
 };
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -132,6 +132,14 @@ ioctl_iow_nr!(KVM_SET_CPUID2, KVMIO, 0x90, kvm_cpuid2);
 ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
 ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
 ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+ioctl_iowr_nr!(KVM_GET_MSR_INDEX_LIST, KVMIO, 0x02, kvm_msr_list);
+ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+ioctl_iow_nr!(KVM_SET_CLOCK, KVMIO, 0x7b, kvm_clock_data);
+ioctl_iow_nr!(KVM_SET_MP_STATE, KVMIO, 0x99, kvm_mp_state);
+ioctl_iow_nr!(KVM_SET_XSAVE, KVMIO, 0xa5, kvm_xsave);
+ioctl_iow_nr!(KVM_SET_XCRS, KVMIO, 0xa7, kvm_xcrs);
+ioctl_iow_nr!(KVM_SET_DEBUGREGS, KVMIO, 0xa2, kvm_debugregs);
+ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
 ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
 ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
 ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
@@ -477,7 +485,8 @@ fn own_rules(kind: ThreadKind) -> Rules {
             let mut r = every_thread();
             r.merge(&creates_threads())
                 .merge(&builds_vm())
-                .merge(&interpreter());
+                .merge(&interpreter())
+                .merge(&snapshots());
             r
         }
     }
@@ -581,6 +590,32 @@ fn builds_vm() -> Rules {
         TIOCGPTPEER,
         FIONBIO,
         FIOCLEX,
+    ]);
+    r
+}
+
+/// `vm.snapshot` and `vm.restore`, served by the process's API or control
+/// thread: the snapshot's files, the VM's clock and MSR list, and a
+/// restored vCPU's state.
+fn snapshots() -> Rules {
+    let mut r = Rules::default();
+    r.allow(&[
+        // The memory file: pages written where they are not zero, then synced.
+        libc::SYS_pwrite64,
+        libc::SYS_fsync,
+        // A failed snapshot removes the files it wrote.
+        libc::SYS_unlink,
+        libc::SYS_unlinkat,
+    ]);
+    r.ioctls(&[
+        KVM_GET_MSR_INDEX_LIST(),
+        KVM_GET_CLOCK(),
+        KVM_SET_CLOCK(),
+        KVM_SET_MP_STATE(),
+        KVM_SET_XSAVE(),
+        KVM_SET_XCRS(),
+        KVM_SET_DEBUGREGS(),
+        KVM_SET_VCPU_EVENTS(),
     ]);
     r
 }
