@@ -9,8 +9,9 @@ differ, and vm.info's device_tree, compared in its own test).
 
 What vmkit does not implement yet (hot-plug into a running VM, resizing a
 running VM, migration) cannot match Cloud Hypervisor's success. Those
-steps are in ``EXPECTED_DIFFERENCES``: vmkit's exact refusal and exit status are asserted, and Cloud Hypervisor's result is
-checked against what the list records, so the list cannot go stale silently.
+steps are in ``EXPECTED_DIFFERENCES``: vmkit's exact refusal and exit
+status are asserted, and Cloud Hypervisor's result is checked against
+what the list records, so the list cannot go stale silently.
 """
 
 from __future__ import annotations
