@@ -88,6 +88,9 @@ struct Backing {
 pub struct GuestRam {
     pub memory: GuestMemoryMmap,
     pub ranges: Vec<(u64, u64)>,
+    /// Private anonymous memory throughout: a page the guest never touched
+    /// is not mapped and reads as zeros (a snapshot skips it).
+    pub anonymous: bool,
 }
 
 impl GuestRam {
@@ -344,7 +347,14 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
     }
     let memory =
         GuestMemoryMmap::from_regions(regions).map_err(|source| MemoryError::Regions { source })?;
-    Ok(GuestRam { memory, ranges })
+    let anonymous = backings(config)?
+        .iter()
+        .all(|b| b.file.is_none() && !b.shared && !b.hugepages);
+    Ok(GuestRam {
+        memory,
+        ranges,
+        anonymous,
+    })
 }
 
 /// Guest RAM for `config` from a snapshot's memory file, mapped
@@ -399,7 +409,11 @@ pub fn map_guest_ram_from_file(
     }
     let memory =
         GuestMemoryMmap::from_regions(regions).map_err(|source| MemoryError::Regions { source })?;
-    Ok(GuestRam { memory, ranges })
+    Ok(GuestRam {
+        memory,
+        ranges,
+        anonymous: false,
+    })
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::error::{ErrorKind, ModuleError};
 use crate::memory::GuestRam;
@@ -350,13 +350,34 @@ pub fn write_memory(ram: &GuestRam, file: &File, path: &str) -> Result<u64, Snap
     let mut buffer = vec![0u8; CHUNK];
     let mut offset = 0u64;
     let mut written = 0u64;
+    let pagemap = if ram.anonymous {
+        File::open("/proc/self/pagemap").ok()
+    } else {
+        None
+    };
     for &(base, size) in &ram.ranges {
         let mut done = 0u64;
         while done < size {
-            let len = (size - done).min(CHUNK as u64) as usize;
+            let address = GuestAddress(base + done);
+            // Within one region, whose host mapping is contiguous.
+            let region_left = ram
+                .memory
+                .find_region(address)
+                .map_or(0, |r| r.start_addr().0 + r.len() - address.0);
+            let len = (size - done).min(CHUNK as u64).min(region_left.max(1)) as usize;
+            if let Some(pagemap) = &pagemap {
+                let host = ram
+                    .memory
+                    .get_host_address(address)
+                    .map_err(|e| io_error("reading guest memory", io::Error::other(e)))?;
+                if untouched(pagemap, host as usize, len) {
+                    done += len as u64;
+                    continue;
+                }
+            }
             let chunk = &mut buffer[..len];
             ram.memory
-                .read_slice(chunk, GuestAddress(base + done))
+                .read_slice(chunk, address)
                 .map_err(|e| io_error("reading guest memory", io::Error::other(e)))?;
             for (index, page) in chunk.chunks(PAGE).enumerate() {
                 if page.iter().any(|&b| b != 0) {
@@ -376,6 +397,25 @@ pub fn write_memory(ram: &GuestRam, file: &File, path: &str) -> Result<u64, Snap
     file.sync_all()
         .map_err(|e| io_error("syncing the memory file", e))?;
     Ok(written)
+}
+
+/// Whether no page of the anonymous mapping at `host`..`host + len` has
+/// been touched: none present or swapped out (`/proc/self/pagemap` bits 63
+/// and 62), so all read as zeros. Reading a 2 GiB guest's untouched RAM to
+/// find that out took 0.6 s. False when pagemap cannot say.
+fn untouched(pagemap: &File, host: usize, len: usize) -> bool {
+    const PRESENT_OR_SWAPPED: u64 = 0b11 << 62;
+    let pages = len.div_ceil(PAGE);
+    let mut entries = vec![0u8; pages * 8];
+    let at = (host / PAGE) as u64 * 8;
+    if pagemap.read_exact_at(&mut entries, at).is_err() {
+        return false;
+    }
+    entries.chunks_exact(8).all(|entry| {
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(entry);
+        u64::from_le_bytes(raw) & PRESENT_OR_SWAPPED == 0
+    })
 }
 
 /// Checks that a memory file holds `expected` bytes of guest RAM: a
@@ -406,6 +446,47 @@ mod tests {
 
     use super::*;
     use crate::memory::{create_guest_ram, map_guest_ram_from_file};
+
+    #[test]
+    fn memory_on_both_sides_of_the_mmio_hole_is_written_where_it_was_touched() {
+        // 3.5 GiB: [0, 3 GiB) and [4 GiB, 4.5 GiB), one file after the other.
+        let config = MemoryConfig::parse("size=3584M", None).unwrap();
+        let ram = create_guest_ram(&config).unwrap();
+        assert!(ram.anonymous);
+        ram.memory.write_obj(1u8, GuestAddress(0x2000)).unwrap();
+        ram.memory
+            .write_obj(2u8, GuestAddress(0x1_0000_3000))
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("vmkit-snap-hole-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join("memory"))
+            .unwrap();
+        assert_eq!(
+            write_memory(&ram, &file, "memory").unwrap(),
+            2 * PAGE as u64
+        );
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, 0x2000).unwrap();
+        assert_eq!(byte, [1]);
+        // The high range starts right after the low one in the file.
+        file.read_exact_at(&mut byte, 0xc000_0000 + 0x3000).unwrap();
+        assert_eq!(byte, [2]);
+        let restored = map_guest_ram_from_file(&config, &file, false).unwrap();
+        assert!(!restored.anonymous);
+        assert_eq!(
+            restored
+                .memory
+                .read_obj::<u8>(GuestAddress(0x1_0000_3000))
+                .unwrap(),
+            2
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn memory_round_trips_through_a_sparse_file_mapped_copy_on_write() {

@@ -1,0 +1,190 @@
+"""Snapshot and restore: vmkit against Cloud Hypervisor, both driven by the real
+``ch-remote`` over their APIs, same guest, runs interleaved.
+
+Run: ``python benches/bench_snapshot.py`` (``--runs N``, ``--sizes 256M,2G``).
+Needs /dev/kvm and ``../shared/ch/`` (``cloud-hypervisor`` and ``ch-remote``).
+
+Each run: the VMM boots the test guest (1 vCPU), which prints a tick line
+every 20 ms; once it has printed a few, ``ch-remote pause`` and ``ch-remote
+snapshot file://<dir>`` (timed: *snapshot*). The VMM is stopped; a fresh,
+idle VMM process gets ``ch-remote restore source_url=file://<dir>`` (timed:
+*restore*) and ``ch-remote resume``; *restore → ticking* is from the restore
+request to the guest's next tick line in its serial file. Also reported: the
+snapshot directory's size on disk. Cloud Hypervisor runs with ``--seccomp
+false``: at this revision its filter kills it on a snapshot request here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import machine
+from vmkit import VmConfig, testguest
+
+ROOT = Path(__file__).resolve().parent.parent
+CH_DIR = ROOT.parent / "shared" / "ch"
+TIMES = "\u00d7"
+
+
+def vmm_argv(kind: str, sock: Path) -> list[str]:
+    if kind == "ch":
+        return [
+            str(CH_DIR / "cloud-hypervisor"),
+            "--api-socket",
+            f"path={sock}",
+            "--seccomp",
+            "false",
+        ]
+    return [sys.executable, "-m", "vmkit", "--api-socket", str(sock)]
+
+
+def start(kind: str, sock: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        vmm_argv(kind, sock), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(sock))
+            return proc
+        except OSError:
+            time.sleep(0.005)
+    proc.kill()
+    raise RuntimeError(f"{kind} did not listen on {sock}")
+
+
+def stop(proc: subprocess.Popen[bytes], sock: Path) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    sock.unlink(missing_ok=True)
+
+
+def remote(sock: Path, *args: str) -> None:
+    result = subprocess.run(
+        [str(CH_DIR / "ch-remote"), "--api-socket", str(sock), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"ch-remote {' '.join(args)}: {result.stderr.strip()}")
+
+
+def ticks(serial: Path) -> int:
+    try:
+        return serial.read_text(errors="replace").count("vmkit-guest: tick ")
+    except FileNotFoundError:
+        return 0
+
+
+def wait_ticks(serial: Path, count: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while ticks(serial) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{serial}: fewer than {count} ticks")
+        time.sleep(0.001)
+
+
+def disk_usage(directory: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in directory.iterdir())
+
+
+def one_run(kind: str, size: str, work: Path) -> dict[str, float]:
+    serial = work / "serial.log"
+    snap = work / "snap"
+    snap.mkdir()
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["hello", "ticks"], "poweroff", ticks=100000, tick_ms=20),
+        "--memory", f"size={size}", "--serial", f"file={serial}", "--console", "off",
+    ])  # fmt: skip
+    (work / "vm.json").write_text(config.to_json())
+    sock = work / "api.sock"
+    proc = start(kind, sock)
+    try:
+        remote(sock, "create", str(work / "vm.json"))
+        remote(sock, "boot")
+        wait_ticks(serial, 5)
+        remote(sock, "pause")
+        started = time.monotonic()
+        remote(sock, "snapshot", f"file://{snap}")
+        snapshot = time.monotonic() - started
+    finally:
+        stop(proc, sock)
+    on_disk = disk_usage(snap)
+    proc = start(kind, sock)
+    try:
+        started = time.monotonic()
+        remote(sock, "restore", f"source_url=file://{snap}")
+        restore = time.monotonic() - started
+        seen = ticks(serial)
+        remote(sock, "resume")
+        wait_ticks(serial, seen + 1)
+        progress = time.monotonic() - started
+    finally:
+        stop(proc, sock)
+    shutil.rmtree(snap)
+    serial.unlink(missing_ok=True)
+    return {"snapshot": snapshot, "restore": restore, "progress": progress, "disk": on_disk}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--sizes", default="256M,2G")
+    args = parser.parse_args()
+    if not (CH_DIR / "cloud-hypervisor").exists():
+        sys.exit(f"no Cloud Hypervisor in {CH_DIR}")
+    print(f"Machine: {machine.machine()}\n")
+    kinds = ("vmkit", "ch")
+    rows = []
+    for size in args.sizes.split(","):
+        results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
+        for _ in range(args.runs):
+            for kind in kinds:
+                with tempfile.TemporaryDirectory(prefix="vmkit-bench-snap-") as work:
+                    results[kind].append(one_run(kind, size, Path(work)))
+        med = {
+            k: {m: statistics.median(r[m] for r in results[k]) for m in results[k][0]}
+            for k in kinds
+        }
+        rows.append((size, med))
+    print(
+        f"Medians of {args.runs} interleaved runs; "
+        "ratios are vmkit's figure over Cloud Hypervisor's.\n"
+    )
+    print("| guest RAM | measure | vmkit | Cloud Hypervisor | vmkit / Cloud Hypervisor |")
+    print("|---|---|---|---|---|")
+    for size, med in rows:
+        for key, label in (
+            ("snapshot", "snapshot (paused VM → files written)"),
+            ("restore", "restore (request → Paused VM)"),
+            ("progress", "restore → guest ticking again"),
+        ):
+            v, c = med["vmkit"][key], med["ch"][key]
+            times = f"{v * 1e3:.1f} ms | {c * 1e3:.1f} ms"
+            print(f"| {size} | {label} | {times} | {v / c:.2f} {TIMES} |")
+        v, c = med["vmkit"]["disk"], med["ch"]["disk"]
+        sizes = f"{v / 2**20:.1f} MiB | {c / 2**20:.1f} MiB"
+        print(f"| {size} | snapshot on disk | {sizes} | {v / c:.3f} {TIMES} |")
+
+
+if __name__ == "__main__":
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    main()
