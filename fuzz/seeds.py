@@ -534,6 +534,39 @@ def bzimage() -> bytes:
     return bytes(image)
 
 
+def snapshot_seeds() -> dict[str, bytes] | None:
+    """A real snapshot's vCPU and platform state, each behind its selector byte
+    (0, 1); None without /dev/kvm or an installed vmkit to take one."""
+    import os
+    import tempfile
+
+    try:
+        from vmkit import Vm, VmConfig, testguest
+    except ImportError:
+        return None
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return None
+    with tempfile.TemporaryDirectory() as directory:
+        vm = Vm(VmConfig.from_cli([
+            "--kernel", str(testguest.image_path("pvh")),
+            "--cmdline", testguest.cmdline(["ticks"], "poweroff", ticks=100, tick_ms=10),
+            "--cpus", "boot=2", "--memory", "size=64M", "--serial", "null", "--console", "off",
+        ]))  # fmt: skip
+        try:
+            vm.boot()
+            vm.serial.wait_for("tick 2", timeout=30)
+            vm.pause()
+            vm.snapshot(directory)
+        finally:
+            vm.close()
+        folder = Path(directory)
+        return {
+            "vcpu-0": b"\x00" + (folder / "vcpu-0").read_bytes(),
+            "vcpu-1": b"\x00" + (folder / "vcpu-1").read_bytes(),
+            "platform": b"\x01" + (folder / "platform").read_bytes(),
+        }
+
+
 def main() -> None:
     corpora: dict[str, dict[str, bytes]] = {}
     corpora["option_string"] = {
@@ -561,6 +594,11 @@ def main() -> None:
     }
     corpora["legacy_io"] = legacy_seeds()
     corpora["boot_loader"] = {"pvh-elf": elf(True), "elf64": elf(False), "bzimage": bzimage()}
+    snapshot = snapshot_seeds()
+    if snapshot is None:
+        print("snapshot_state: left as it is (taking a snapshot needs /dev/kvm and vmkit)")
+    else:
+        corpora["snapshot_state"] = snapshot
     for target, seeds in corpora.items():
         folder = CORPUS / target
         shutil.rmtree(folder, ignore_errors=True)

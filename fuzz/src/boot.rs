@@ -37,6 +37,7 @@ fn fixture() -> Fixture {
         ram: GuestRam {
             memory,
             ranges: vec![(0, RAM_SIZE)],
+            anonymous: true,
         },
     }
 }

@@ -10,6 +10,7 @@ pub mod input;
 pub mod legacy;
 pub mod pci;
 pub mod ring;
+pub mod snapshot;
 pub mod virtio;
 
 /// A fuzz target: its name (the corpus folder and binary) and its entry point.
@@ -75,6 +76,11 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "boot_loader",
         run: boot::boot_loader,
+        needs: None,
+    },
+    Target {
+        name: "snapshot_state",
+        run: snapshot::snapshot_state,
         needs: None,
     },
 ];

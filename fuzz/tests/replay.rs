@@ -85,6 +85,7 @@ replay_tests!(
     virtio_pci,
     legacy_io,
     boot_loader,
+    snapshot_state,
 );
 
 /// The boot target reaches the loaders' success paths: the test guest's
