@@ -105,8 +105,11 @@ pub enum VmError {
     },
     #[error("Trying to snapshot while VM is running")]
     SnapshotNotPaused,
-    #[error("a snapshot of virtio device {id}, which the guest drives, is not supported yet")]
-    SnapshotDrivenDevice { id: String },
+    #[error(
+        "a snapshot of virtio device {id}, which the guest has started (DRIVER_OK), is not \
+         supported yet"
+    )]
+    SnapshotActiveDevice { id: String },
     #[error(
         "a snapshot of shared, huge-page or file-backed guest memory (or memory zones) is not \
          supported yet"
@@ -131,7 +134,7 @@ impl ModuleError for VmError {
             HostAddress { .. } | MisalignedMemorySize { .. } => ErrorKind::Memory,
             NoKernel => ErrorKind::Kernel,
             SnapshotNotPaused => ErrorKind::State,
-            SnapshotDrivenDevice { .. } | SnapshotMemory => ErrorKind::Unsupported,
+            SnapshotActiveDevice { .. } | SnapshotMemory => ErrorKind::Unsupported,
             SnapshotVcpus { .. } | SnapshotConfig { .. } => ErrorKind::Snapshot,
         }
     }
@@ -1020,6 +1023,7 @@ impl Vm {
                     &snap.platform.ioapic,
                     snap.platform.serial.as_deref(),
                 )?;
+                devices.restore_pci_state(&snap.platform.pci)?;
                 let clock = kvm_bindings::kvm_clock_data {
                     clock: snap.platform.clock,
                     ..Default::default()
@@ -1096,9 +1100,10 @@ impl Vm {
     }
 
     /// Writes the paused VM to `dir` ([`snapshot`]): its config, guest
-    /// memory, every vCPU's state, the clock and the platform devices. Not
-    /// yet for a VM whose guest drives a virtio device, nor for shared,
-    /// huge-page or file-backed memory.
+    /// memory, every vCPU's state, the clock, the platform devices and the
+    /// PCI devices' configuration and registers. Not yet for a VM whose guest
+    /// has started a virtio device (its queues), nor for shared, huge-page or
+    /// file-backed memory.
     pub fn snapshot(&self, dir: &std::path::Path) -> Result<()> {
         let life = self.lock_settled();
         if life.state != VmState::Paused {
@@ -1108,8 +1113,8 @@ impl Vm {
             return Err(VmError::NotRunning.into());
         };
         check_snapshot_memory(self.config())?;
-        if let Some(id) = instance.devices.driven_virtio_device() {
-            return Err(VmError::SnapshotDrivenDevice { id }.into());
+        if let Some(id) = instance.devices.active_virtio_device() {
+            return Err(VmError::SnapshotActiveDevice { id }.into());
         }
         let msr_list = snapshot::vcpu::msr_list(&self.kvm)?;
         let xsave = self.kvm.check_extension(Cap::Xsave);
@@ -1121,6 +1126,7 @@ impl Vm {
             .get_clock()
             .map_err(kvm_error("KVM_GET_CLOCK"))?;
         let (ioapic, serial) = instance.devices.save_platform_state();
+        let pci = instance.devices.save_pci_state();
         snapshot::write_dir(
             dir,
             &snapshot::SnapshotParts {
@@ -1132,6 +1138,7 @@ impl Vm {
                     clock: clock.clock,
                     ioapic,
                     serial,
+                    pci,
                 },
             },
         )?;

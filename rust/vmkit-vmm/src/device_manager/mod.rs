@@ -123,6 +123,8 @@ pub struct DeviceManager {
     ged: Arc<Ged>,
     ioapic: Arc<Mutex<Ioapic>>,
     serial: Option<Arc<Mutex<SerialDevice>>>,
+    /// Ports 0xcf8/0xcfc (segment 0), whose address latch a snapshot keeps.
+    config_io: Option<Arc<Mutex<PciConfigIo>>>,
     /// Platform devices' nodes (`__ioapic`, `__serial`).
     platform_nodes: Vec<DeviceNode>,
     /// Keeps the legacy devices' irqfds registered while the boot lives.
@@ -196,7 +198,7 @@ impl DeviceManager {
             }
         }
         let segments: Vec<Arc<PciSegment>> = segments.into_iter().map(Arc::new).collect();
-        add_pci_buses(&mut wiring, &segments)?;
+        let config_io = add_pci_buses(&mut wiring, &segments)?;
 
         Ok(DeviceManager {
             pio: Arc::new(wiring.pio),
@@ -206,6 +208,7 @@ impl DeviceManager {
             ged,
             ioapic,
             serial,
+            config_io,
             platform_nodes: wiring.nodes,
             _irq_fds: wiring.irq_fds,
         })
@@ -232,13 +235,92 @@ impl DeviceManager {
         &self.virtio
     }
 
-    /// The first virtio device the guest has driven: a snapshot cannot keep
-    /// its state yet.
-    pub fn driven_virtio_device(&self) -> Option<String> {
+    /// The first virtio device that runs (DRIVER_OK): a snapshot cannot
+    /// keep its queues' state yet.
+    pub fn active_virtio_device(&self) -> Option<String> {
         self.virtio.iter().find_map(|d| {
             let d = d.lock().unwrap_or_else(|p| p.into_inner());
-            d.driven().then(|| d.id().to_owned())
+            d.active().then(|| d.id().to_owned())
         })
+    }
+
+    /// PCI's state for a snapshot: the config-I/O address latch, each
+    /// segment's host bridge, and each virtio device's transport (by id).
+    pub fn save_pci_state(&self) -> Vec<u8> {
+        let mut w = crate::snapshot::codec::Writer::default();
+        let latch = self
+            .config_io
+            .as_ref()
+            .map_or(0, |c| c.lock().unwrap_or_else(|p| p.into_inner()).address());
+        w.u32(latch);
+        w.u32(self.segments.len() as u32);
+        for segment in &self.segments {
+            let registers = segment.host_bridge_registers();
+            w.u32(registers.len() as u32);
+            for register in registers {
+                w.u32(register);
+            }
+        }
+        w.u32(self.virtio.len() as u32);
+        for device in &self.virtio {
+            let device = device.lock().unwrap_or_else(|p| p.into_inner());
+            w.blob(device.id().as_bytes());
+            w.blob(&device.save_state());
+        }
+        w.bytes
+    }
+
+    /// Loads what `save_pci_state` wrote; the devices must be the config's.
+    pub fn restore_pci_state(&self, bytes: &[u8]) -> std::result::Result<(), SnapshotError> {
+        let mut r = crate::snapshot::codec::Reader::new("the PCI state", bytes);
+        let latch = r.u32()?;
+        let segments = r.u32()? as usize;
+        if segments != self.segments.len() {
+            return Err(r.corrupt(format!(
+                "{segments} PCI segments, the VM has {}",
+                self.segments.len()
+            )));
+        }
+        for segment in &self.segments {
+            let count = r.u32()? as usize;
+            if count > crate::pci::config::CONFIG_REGISTERS {
+                return Err(r.corrupt(format!("{count} host bridge registers")));
+            }
+            let registers = (0..count)
+                .map(|_| r.u32())
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            if !segment.restore_host_bridge(&registers) {
+                return Err(r.corrupt(format!("{count} host bridge registers")));
+            }
+        }
+        let devices = r.u32()? as usize;
+        if devices != self.virtio.len() {
+            return Err(r.corrupt(format!(
+                "{devices} virtio devices, the VM has {}",
+                self.virtio.len()
+            )));
+        }
+        for device in &self.virtio {
+            let id = r.blob(256)?;
+            let state = r.blob(1 << 20)?;
+            let mut device = device.lock().unwrap_or_else(|p| p.into_inner());
+            if id != device.id().as_bytes() {
+                return Err(r.corrupt(format!(
+                    "virtio device {:?} where the VM has {}",
+                    String::from_utf8_lossy(id),
+                    device.id()
+                )));
+            }
+            device.restore_state(state)?;
+        }
+        r.finish()?;
+        if let Some(config_io) = &self.config_io {
+            config_io
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_address(latch);
+        }
+        Ok(())
     }
 
     /// The platform devices' state for a snapshot: (IOAPIC, serial port).
@@ -482,15 +564,21 @@ fn add_virtio_pci(
 
 /// Configuration space (ECAM for every segment, 0xcf8 for segment 0) and
 /// each segment's BAR windows.
-fn add_pci_buses(wiring: &mut Wiring<'_>, segments: &[Arc<PciSegment>]) -> Result<()> {
+fn add_pci_buses(
+    wiring: &mut Wiring<'_>,
+    segments: &[Arc<PciSegment>],
+) -> Result<Option<Arc<Mutex<PciConfigIo>>>> {
+    let mut config_io = None;
     if let Some(first) = segments.first() {
+        let device = Arc::new(Mutex::new(PciConfigIo::new(first.clone())));
         insert(
             &mut wiring.pio,
             "PCI config I/O",
             PciConfigIo::PORT,
             PciConfigIo::LEN,
-            Arc::new(Mutex::new(PciConfigIo::new(first.clone()))),
+            device.clone(),
         )?;
+        config_io = Some(device);
     }
     insert(
         &mut wiring.mmio,
@@ -515,7 +603,7 @@ fn add_pci_buses(wiring: &mut Wiring<'_>, segments: &[Arc<PciSegment>]) -> Resul
             )?;
         }
     }
-    Ok(())
+    Ok(config_io)
 }
 
 #[cfg(test)]

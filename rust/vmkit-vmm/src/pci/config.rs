@@ -188,6 +188,26 @@ impl PciConfiguration {
         }
     }
 
+    /// The registers, for a snapshot.
+    pub fn registers(&self) -> &[u32] {
+        &self.registers
+    }
+
+    /// Loads registers a snapshot kept: only the bits a guest could have
+    /// written take the saved values (the device's identity, capabilities
+    /// and BAR sizes stay this configuration's). False, changing nothing,
+    /// for a count that is not this configuration's.
+    pub fn restore_registers(&mut self, saved: &[u32]) -> bool {
+        if saved.len() != CONFIG_REGISTERS {
+            return false;
+        }
+        for ((register, &mask), &value) in self.registers.iter_mut().zip(&self.writable).zip(saved)
+        {
+            *register = (*register & !mask) | (value & mask);
+        }
+        true
+    }
+
     pub fn read_register(&self, reg: usize) -> u32 {
         self.registers.get(reg).copied().unwrap_or(0xffff_ffff)
     }

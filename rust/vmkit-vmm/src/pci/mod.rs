@@ -226,6 +226,30 @@ impl PciSegment {
         lock(device).config_write(offset / 4, offset % 4, data);
     }
 
+    /// The host bridge's configuration registers, for a snapshot.
+    pub fn host_bridge_registers(&self) -> Vec<u32> {
+        self.slots[0]
+            .as_ref()
+            .map(|bridge| lock(bridge).config().registers().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Writes saved host bridge registers back as a guest would (read-only
+    /// bits stay); false for a count that is not the bridge's.
+    pub fn restore_host_bridge(&self, saved: &[u32]) -> bool {
+        let Some(bridge) = self.slots[0].as_ref() else {
+            return saved.is_empty();
+        };
+        let mut bridge = lock(bridge);
+        if saved.len() != bridge.config().registers().len() {
+            return false;
+        }
+        for (reg, value) in saved.iter().enumerate() {
+            bridge.config_write(reg, 0, &value.to_le_bytes());
+        }
+        true
+    }
+
     fn bar_at(&self, address: u64) -> Option<(&SharedPciDevice, usize, u64)> {
         self.slots.iter().flatten().find_map(|device| {
             let (bar, offset) = lock(device).config().memory_bar_at(address)?;
@@ -280,6 +304,15 @@ impl PciConfigIo {
             segment,
             address: 0,
         }
+    }
+
+    /// The address register (0xcf8), which a snapshot keeps.
+    pub fn address(&self) -> u32 {
+        self.address
+    }
+
+    pub fn set_address(&mut self, address: u32) {
+        self.address = address;
     }
 
     /// (slot, function, register byte offset) when enabled and on bus 0.

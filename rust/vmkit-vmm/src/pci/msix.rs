@@ -127,6 +127,53 @@ impl Msix {
         })
     }
 
+    /// The table, the pending bits and the control bits, for a snapshot.
+    pub fn save_state(&self, w: &mut crate::snapshot::codec::Writer) {
+        w.u32(u32::from(self.enabled) | u32::from(self.function_masked) << 1);
+        w.u32(self.entries.len() as u32);
+        for (entry, &pending) in self.entries.iter().zip(&self.pending) {
+            w.u64(entry.address);
+            w.u32(entry.data);
+            w.u32(entry.control | u32::from(pending) << 1);
+        }
+    }
+
+    /// Loads what `save_state` wrote and routes every vector as it says.
+    pub fn restore_state(
+        &mut self,
+        r: &mut crate::snapshot::codec::Reader<'_>,
+    ) -> Result<(), crate::snapshot::SnapshotError> {
+        let control = r.u32()?;
+        let count = r.u32()? as usize;
+        if count != self.entries.len() {
+            return Err(r.corrupt(format!(
+                "{count} MSI-X vectors, the device has {}",
+                self.entries.len()
+            )));
+        }
+        let mut entries = Vec::with_capacity(count);
+        let mut pending = Vec::with_capacity(count);
+        for _ in 0..count {
+            let address = r.u64()?;
+            let data = r.u32()?;
+            let bits = r.u32()?;
+            entries.push(Entry {
+                address,
+                data,
+                control: bits & VECTOR_MASKED,
+            });
+            pending.push(bits & 2 != 0);
+        }
+        self.enabled = control & 1 != 0;
+        self.function_masked = control & 2 != 0;
+        self.entries = entries;
+        self.pending = pending;
+        // A vector that could not be routed loses its interrupts, as at a
+        // guest's write (logged there).
+        let _ = self.update_all_routes();
+        Ok(())
+    }
+
     pub fn vector_count(&self) -> u16 {
         self.entries.len() as u16
     }

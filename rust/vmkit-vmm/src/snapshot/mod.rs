@@ -108,7 +108,7 @@ pub struct Header {
 }
 
 pub const FORMAT: &str = "vmkit-snapshot";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Everything a snapshot holds but guest memory, which is mapped from its file.
 pub struct Snapshot {
@@ -120,16 +120,20 @@ pub struct Snapshot {
     pub platform: PlatformState,
 }
 
-/// The KVM VM's clock and the user-space platform devices' registers.
+/// The KVM VM's clock, the user-space platform devices' registers and the
+/// PCI devices' configuration and transport registers.
 pub struct PlatformState {
     pub clock: u64,
     pub ioapic: Vec<u8>,
     pub serial: Option<Vec<u8>>,
+    pub pci: Vec<u8>,
 }
 
 const PLATFORM_MAGIC: u32 = 0x4c50_4b56; // "VKPL"
 /// The largest platform device state vmkit writes is the IOAPIC's (200 bytes).
 const PLATFORM_BLOB_LIMIT: usize = 4096;
+/// PCI: 4 KiB of configuration space per device, and its registers.
+const PCI_BLOB_LIMIT: usize = 16 << 20;
 
 impl PlatformState {
     pub fn encode(&self) -> Vec<u8> {
@@ -144,6 +148,7 @@ impl PlatformState {
             }
             None => w.u32(0),
         }
+        w.blob(&self.pci);
         w.bytes
     }
 
@@ -159,11 +164,13 @@ impl PlatformState {
             1 => Some(r.blob(PLATFORM_BLOB_LIMIT)?.to_vec()),
             other => return Err(r.corrupt(format!("serial port marker {other}"))),
         };
+        let pci = r.blob(PCI_BLOB_LIMIT)?.to_vec();
         r.finish()?;
         Ok(PlatformState {
             clock,
             ioapic,
             serial,
+            pci,
         })
     }
 }

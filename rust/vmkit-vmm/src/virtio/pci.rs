@@ -202,9 +202,6 @@ pub struct VirtioPciDevice {
     driver_feature_select: u32,
     driver_features: u64,
     status: u8,
-    /// The guest has written the device's configuration or registers (a
-    /// snapshot cannot keep a driven device's state yet).
-    driven: bool,
     config_generation: u8,
     queue_select: u16,
     queues: Vec<QueueRegisters>,
@@ -329,7 +326,6 @@ impl VirtioPciDevice {
             driver_feature_select: 0,
             driver_features: 0,
             status: 0,
-            driven: false,
             config_generation: 0,
             queue_select: 0,
             queues: max_sizes
@@ -355,10 +351,127 @@ impl VirtioPciDevice {
         &self.id
     }
 
-    /// Whether the guest has written this device's configuration space or
-    /// registers.
-    pub fn driven(&self) -> bool {
-        self.driven
+    /// Whether the device runs (the driver set DRIVER_OK): its queues'
+    /// state is in its workers, which a snapshot cannot keep yet.
+    pub fn active(&self) -> bool {
+        self.active
+    }
+
+    /// The transport's state for a snapshot of a device that is not active:
+    /// configuration space, feature and queue registers, status, MSI-X and
+    /// the interrupt vectors.
+    pub fn save_state(&self) -> Vec<u8> {
+        let mut w = crate::snapshot::codec::Writer::default();
+        w.u32(self.config.registers().len() as u32);
+        for &register in self.config.registers() {
+            w.u32(register);
+        }
+        w.u32(self.device_feature_select);
+        w.u32(self.driver_feature_select);
+        w.u64(self.driver_features);
+        w.u32(u32::from(self.status) | u32::from(self.config_generation) << 8);
+        w.u32(u32::from(self.queue_select));
+        w.u32(self.queues.len() as u32);
+        for (index, queue) in self.queues.iter().enumerate() {
+            w.u32(u32::from(queue.size) | u32::from(queue.enabled) << 16);
+            w.u64(queue.desc);
+            w.u64(queue.driver);
+            w.u64(queue.device);
+            let vector = self.interrupt.queue_vectors.get(index);
+            w.u32(u32::from(
+                vector.map_or(NO_VECTOR, |v| v.load(Ordering::Relaxed)),
+            ));
+        }
+        w.u32(u32::from(
+            self.interrupt.config_vector.load(Ordering::Relaxed),
+        ));
+        w.u32(u32::from(self.interrupt.isr.load(Ordering::Relaxed)));
+        self.msix().save_state(&mut w);
+        w.bytes
+    }
+
+    /// Loads what `save_state` wrote into this (new, inactive) device. Values
+    /// are kept to what a driver could have set: sizes within the queue's
+    /// maximum, vectors within the table. The ioeventfds follow BAR 0 if the
+    /// guest had moved it.
+    pub fn restore_state(
+        &mut self,
+        bytes: &[u8],
+    ) -> std::result::Result<(), crate::snapshot::SnapshotError> {
+        let what = format!("the state of virtio device {}", self.id);
+        let mut r = crate::snapshot::codec::Reader::new(&what, bytes);
+        let count = r.u32()? as usize;
+        if count != self.config.registers().len() {
+            return Err(r.corrupt(format!("{count} configuration registers")));
+        }
+        let registers = (0..count)
+            .map(|_| r.u32())
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let device_feature_select = r.u32()?;
+        let driver_feature_select = r.u32()?;
+        let driver_features = r.u64()?;
+        let status = r.u32()?;
+        let queue_select = r.u32()? as u16;
+        let queues = r.u32()? as usize;
+        if queues != self.queues.len() {
+            return Err(r.corrupt(format!(
+                "{queues} queues, the device has {}",
+                self.queues.len()
+            )));
+        }
+        let mut saved = Vec::with_capacity(queues);
+        for _ in 0..queues {
+            let size_enabled = r.u32()?;
+            let (desc, driver, device) = (r.u64()?, r.u64()?, r.u64()?);
+            let vector = r.u32()? as u16;
+            saved.push((size_enabled, desc, driver, device, vector));
+        }
+        let config_vector = r.u32()? as u16;
+        let isr = r.u32()? as u8;
+        self.msix().restore_state(&mut r)?;
+        r.finish()?;
+        if status as u8 & STATUS_DRIVER_OK != 0 {
+            return Err(r.corrupt("an active device (DRIVER_OK)".to_owned()));
+        }
+        let bar_before = self.config.bar_address(0);
+        self.config.restore_registers(&registers);
+        self.device_feature_select = device_feature_select;
+        self.driver_feature_select = driver_feature_select;
+        self.driver_features = driver_features & self.device_features;
+        self.status = status as u8;
+        self.config_generation = (status >> 8) as u8;
+        self.queue_select = queue_select;
+        for (index, (size_enabled, desc, driver, device, vector)) in saved.into_iter().enumerate() {
+            let queue = &mut self.queues[index];
+            let size = (size_enabled & 0xffff) as u16;
+            queue.size = if size == 0 || size > queue.max_size {
+                queue.max_size
+            } else {
+                size
+            };
+            queue.enabled = size_enabled >> 16 & 1 != 0;
+            (queue.desc, queue.driver, queue.device) = (desc, driver, device);
+            let vector = self.valid_vector(vector);
+            if let Some(slot) = self.interrupt.queue_vectors.get(index) {
+                slot.store(vector, Ordering::Relaxed);
+            }
+        }
+        let config_vector = self.valid_vector(config_vector);
+        self.interrupt
+            .config_vector
+            .store(config_vector, Ordering::Relaxed);
+        self.interrupt.isr.store(isr & 3, Ordering::Relaxed);
+        let bar_after = self.config.bar_address(0);
+        if bar_after != bar_before {
+            if let Some(base) =
+                bar_after.filter(|b| b.checked_add(BAR_SIZE).is_some() && b % BAR_SIZE == 0)
+            {
+                if let Err(e) = self.register_notifiers(base) {
+                    log::warn!("{e}");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// How often the device asked the driver for a reset (a queue it had to
@@ -713,7 +826,6 @@ impl VirtioPciDevice {
     }
 
     fn write_bar0(&mut self, offset: u64, data: &[u8]) {
-        self.driven = true;
         let len = data.len() as u64;
         let inside = |start: u64, size: u64| offset >= start && offset + len <= start + size;
         if inside(COMMON_OFFSET, COMMON_SIZE) {
@@ -810,7 +922,6 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
-        self.driven = true;
         if reg == (self.pci_cfg_cap + 16) / 4 {
             let (bar, window, length) = self.pci_cfg_target();
             if bar == 0 && offset == 0 && data.len() as u32 >= length && length > 0 {
