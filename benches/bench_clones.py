@@ -1,0 +1,121 @@
+"""Clones: N VMs restored from one snapshot of a warmed-up VM, against N VMs
+booted and warmed up each, in process, one run.
+
+Run: ``python benches/bench_clones.py`` (``--count 20``, ``--warm 64``).
+
+The warm-up: the test guest reads ``--warm`` MiB of a disk of random bytes
+into its memory (``blkbench``: that many MiB of 4 MiB buffers, each read
+once), then counts ticks. One VM
+is warmed up, paused and snapshotted; then ``count`` clones are restored from
+the snapshot and resumed, one after the other, each until it prints a tick
+(*clones*), and ``count`` VMs are booted, one after the other, each until its
+warm-up is done and it prints a tick (*boots*). For each set: the time, and
+this process's Pss growth per VM once all run (guest RAM a clone has not
+written is the snapshot file's page cache, shared by every clone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import machine
+from vmkit import VmConfig, testguest
+from vmkit.vm import Vm
+
+MIB = 1 << 20
+
+
+def pss_mib() -> float:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def config(disk: Path, warm_mib: int) -> VmConfig:
+    steps = ["blkbench", "ticks"]
+    options = {
+        "blkbench_size": 4 * MIB,
+        "blkbench_depth": warm_mib // 4,
+        "blkbench_count": warm_mib // 4,
+        "ticks": 1_000_000,
+        "tick_ms": 20,
+    }
+    return VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(steps, "poweroff", **options),
+        "--memory", "size=512M", "--disk", f"path={disk},readonly=on",
+        "--serial", "null", "--console", "off",
+    ])  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--count", type=int, default=20)
+    parser.add_argument("--warm", type=int, default=64, help="MiB the guest reads in")
+    args = parser.parse_args()
+    print(f"Machine: {machine.machine()}\n")
+    with tempfile.TemporaryDirectory(prefix="vmkit-bench-clones-") as work:
+        disk = Path(work) / "disk.img"
+        disk.write_bytes(os.urandom(args.warm * MIB))
+        cfg = config(disk, args.warm)
+        snap = Path(work) / "snap"
+        snap.mkdir()
+        first = Vm(cfg)
+        first.boot()
+        first.serial.wait_for("^vmkit-guest: tick 1$", timeout=120)
+        first.pause()
+        first.snapshot(snap)
+        first.close()
+        first.release()
+        del first
+
+        results = {}
+        for kind in ("clones", "boots"):
+            before = pss_mib()
+            started = time.monotonic()
+            vms = []
+            try:
+                for _ in range(args.count):
+                    if kind == "clones":
+                        vm = Vm.restore(snap)
+                        vm.resume()
+                    else:
+                        vm = Vm(cfg)
+                        vm.boot()
+                    vms.append(vm)
+                    vm.serial.wait_for("^vmkit-guest: tick [0-9]+$", timeout=120)
+                elapsed = time.monotonic() - started
+                time.sleep(0.5)
+                per_vm = (pss_mib() - before) / args.count
+            finally:
+                for vm in vms:
+                    vm.close()
+                for vm in vms:
+                    vm.release()
+            results[kind] = (elapsed, per_vm)
+        snapshot_disk = sum(p.stat().st_blocks * 512 for p in snap.iterdir()) / MIB
+
+    clones, boots = results["clones"], results["boots"]
+    print(
+        f"{args.count} VMs, 512 MiB each, guest warmed up with {args.warm} MiB read from disk; "
+        f"snapshot on disk {snapshot_disk:.1f} MiB.\n"
+    )
+    print("| | clones (restore + resume) | boots (boot + warm-up) | clones / boots |")
+    print("|---|---|---|---|")
+    print(
+        f"| {args.count} VMs running | {clones[0] * 1e3:.0f} ms | {boots[0] * 1e3:.0f} ms "
+        f"| {clones[0] / boots[0]:.3f} \u00d7 |"
+    )
+    print(
+        f"| Pss per VM | {clones[1]:.1f} MiB | {boots[1]:.1f} MiB "
+        f"| {clones[1] / boots[1]:.2f} \u00d7 |"
+    )
+
+
+if __name__ == "__main__":
+    main()
