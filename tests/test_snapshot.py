@@ -341,3 +341,106 @@ def test_a_spawned_vm_snapshots_and_another_vmm_process_restores_it(tmp_path: Pa
     after = serial.read_text()
     assert "vmkit-guest: summary passed=2 failed=0" in after
     assert ticks_seen(before) + ticks_seen(after) == list(range(TICKS))
+
+
+def _events(path: Path) -> list[str]:
+    decoder, text, events = json.JSONDecoder(), path.read_text(), []
+    at = 0
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at >= len(text):
+            return events
+        event, at = decoder.raw_decode(text, at)
+        events.append(f"{event['source']} {event['event']}")
+
+
+def test_vmkit_remote_snapshots_and_restores_with_events_and_prefault(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    def vmkit(*args: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "vmkit", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    def remote(sock: Path, *args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "vmkit", "remote", "--api-socket", str(sock), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def listening(sock: Path) -> None:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert time.monotonic() < deadline, f"no {sock}"
+            time.sleep(0.01)
+
+    serial, snap = tmp_path / "serial.log", new_dir(tmp_path / "snap")
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["hello", "ticks"], "poweroff", ticks=TICKS, tick_ms=20),
+        "--memory", "size=128M", "--serial", f"file={serial}", "--console", "off",
+    ])  # fmt: skip
+    (tmp_path / "vm.json").write_text(config.to_json())
+    first_sock, first_events = tmp_path / "first.sock", tmp_path / "first.events"
+    first = vmkit("--api-socket", str(first_sock), "--event-monitor", f"path={first_events}")
+    try:
+        listening(first_sock)
+        remote(first_sock, "create", str(tmp_path / "vm.json"))
+        remote(first_sock, "boot")
+        deadline = time.monotonic() + 30
+        while "tick 3\n" not in (serial.read_text() if serial.exists() else ""):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        remote(first_sock, "pause")
+        remote(first_sock, "snapshot", f"file://{snap}")
+        remote(first_sock, "shutdown-vmm")
+        assert first.wait(30) == 0
+    finally:
+        first.kill()
+        first.wait()
+    events = _events(first_events)
+    assert events[events.index("vm paused") + 1 :][:2] == ["vm snapshotting", "vm snapshotted"]
+    before = serial.read_text()
+
+    second_sock, second_events = tmp_path / "second.sock", tmp_path / "second.events"
+    second = vmkit("--api-socket", str(second_sock), "--event-monitor", f"path={second_events}")
+    try:
+        listening(second_sock)
+        remote(second_sock, "restore", f"source_url=file://{snap},prefault=on")
+        assert json.loads(remote(second_sock, "info"))["state"] == "Paused"
+        remote(second_sock, "resume")
+        assert second.wait(30) == 0  # the guest powered off
+    finally:
+        second.kill()
+        second.wait()
+    assert _events(second_events)[1:3] == ["vm restoring", "vm restored"]
+    assert ticks_seen(before) + ticks_seen(serial.read_text()) == list(range(TICKS))
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("prefault", [False, True])
+def test_prefault_reads_guest_memory_in_at_restore(good_snapshot: Path, prefault: bool) -> None:
+    before = _rss_mib()
+    vm = Vm.restore(good_snapshot, prefault=prefault)
+    try:
+        grown = _rss_mib() - before
+    finally:
+        vm.close()
+        vm.release()
+    # 128 MiB of guest RAM: mapped and read in up front, or only as touched.
+    assert grown > 100 if prefault else grown < 32, grown
