@@ -305,9 +305,10 @@ class Vm:
         snapshot there is an error, as in Cloud Hypervisor). ``Vm.restore(path)``
         brings it back.
 
-        Not yet for a VM with a virtio device the guest has started
-        (DRIVER_OK), nor for shared, huge-page or file-backed memory: VmError
-        (kind ``Unsupported``) says so. A failed snapshot leaves no partial files.
+        Running virtio devices first finish the requests they have taken (disk
+        IO in flight completes), then go on. Not yet for shared, huge-page or
+        file-backed memory: VmError (kind ``Unsupported``) says so. A failed
+        snapshot leaves no partial files.
         """
         self._live().snapshot(path)
 

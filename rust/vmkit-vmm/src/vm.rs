@@ -106,11 +106,6 @@ pub enum VmError {
     #[error("Trying to snapshot while VM is running")]
     SnapshotNotPaused,
     #[error(
-        "a snapshot of virtio device {id}, which the guest has started (DRIVER_OK), is not \
-         supported yet"
-    )]
-    SnapshotActiveDevice { id: String },
-    #[error(
         "a snapshot of shared, huge-page or file-backed guest memory (or memory zones) is not \
          supported yet"
     )]
@@ -134,7 +129,7 @@ impl ModuleError for VmError {
             HostAddress { .. } | MisalignedMemorySize { .. } => ErrorKind::Memory,
             NoKernel => ErrorKind::Kernel,
             SnapshotNotPaused => ErrorKind::State,
-            SnapshotActiveDevice { .. } | SnapshotMemory => ErrorKind::Unsupported,
+            SnapshotMemory => ErrorKind::Unsupported,
             SnapshotVcpus { .. } | SnapshotConfig { .. } => ErrorKind::Snapshot,
         }
     }
@@ -1024,6 +1019,7 @@ impl Vm {
                     snap.platform.serial.as_deref(),
                 )?;
                 devices.restore_pci_state(&snap.platform.pci)?;
+                devices.resume_virtio_after_snapshot();
                 let clock = kvm_bindings::kvm_clock_data {
                     clock: snap.platform.clock,
                     ..Default::default()
@@ -1101,9 +1097,9 @@ impl Vm {
 
     /// Writes the paused VM to `dir` ([`snapshot`]): its config, guest
     /// memory, every vCPU's state, the clock, the platform devices and the
-    /// PCI devices' configuration and registers. Not yet for a VM whose guest
-    /// has started a virtio device (its queues), nor for shared, huge-page or
-    /// file-backed memory.
+    /// PCI devices' configuration and registers (started virtio devices
+    /// finish what they took from their rings first). Not yet for shared,
+    /// huge-page or file-backed memory.
     pub fn snapshot(&self, dir: &std::path::Path) -> Result<()> {
         let life = self.lock_settled();
         if life.state != VmState::Paused {
@@ -1113,9 +1109,21 @@ impl Vm {
             return Err(VmError::NotRunning.into());
         };
         check_snapshot_memory(self.config())?;
-        if let Some(id) = instance.devices.active_virtio_device() {
-            return Err(VmError::SnapshotActiveDevice { id }.into());
-        }
+        // The devices finish what they took from the guest's rings first:
+        // their completions land in guest memory and in the vCPUs' LAPICs
+        // before those are taken.
+        instance.devices.stop_virtio_for_snapshot();
+        let written = self.write_snapshot(dir, &life, instance);
+        instance.devices.resume_virtio_after_snapshot();
+        written
+    }
+
+    fn write_snapshot(
+        &self,
+        dir: &std::path::Path,
+        life: &Lifecycle,
+        instance: &Instance,
+    ) -> Result<()> {
         let msr_list = snapshot::vcpu::msr_list(&self.kvm)?;
         let xsave = self.kvm.check_extension(Cap::Xsave);
         let vcpus = instance

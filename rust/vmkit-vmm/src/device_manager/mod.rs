@@ -235,13 +235,26 @@ impl DeviceManager {
         &self.virtio
     }
 
-    /// The first virtio device that runs (DRIVER_OK): a snapshot cannot
-    /// keep its queues' state yet.
-    pub fn active_virtio_device(&self) -> Option<String> {
-        self.virtio.iter().find_map(|d| {
-            let d = d.lock().unwrap_or_else(|p| p.into_inner());
-            d.active().then(|| d.id().to_owned())
-        })
+    /// Stops every started virtio device once the requests it took are
+    /// finished: the guest's rings and memory then hold all of its state.
+    pub fn stop_virtio_for_snapshot(&self) {
+        for device in &self.virtio {
+            device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .stop_for_snapshot();
+        }
+    }
+
+    /// Starts again the devices `stop_virtio_for_snapshot` stopped, or that a
+    /// restore loaded started.
+    pub fn resume_virtio_after_snapshot(&self) {
+        for device in &self.virtio {
+            device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .resume_after_snapshot();
+        }
     }
 
     /// PCI's state for a snapshot: the config-I/O address latch, each

@@ -140,6 +140,13 @@ pub trait VirtioDevice: Send {
     /// Stops processing (driver reset or VM teardown) and returns once the
     /// workers are gone. The device can be activated again afterwards.
     fn reset(&mut self);
+    /// Stops processing for a snapshot: as `reset`, once every request in
+    /// flight is finished, so that each buffer taken from a ring has been
+    /// given back (the queues' positions are then the used rings' indices).
+    /// Devices that finish each request before taking the next can reset.
+    fn stop_quiesced(&mut self) {
+        self.reset();
+    }
     /// Cloud Hypervisor's counters for this device (empty: none).
     fn counters(&self) -> BTreeMap<&'static str, u64> {
         BTreeMap::new()

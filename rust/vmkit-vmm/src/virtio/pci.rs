@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Activation, ActiveQueue, Interrupt, VirtioDevice, F_VERSION_1};
@@ -209,6 +209,9 @@ pub struct VirtioPciDevice {
     /// Where the notify ioeventfds are registered now.
     notify_base: Option<u64>,
     active: bool,
+    /// Stopped for a snapshot (or restored started): started again from the
+    /// used rings' positions.
+    stopped_for_snapshot: bool,
     /// (segment, slot), for the device tree.
     location: (u16, u8),
 }
@@ -339,6 +342,7 @@ impl VirtioPciDevice {
             kicks,
             notify_base: None,
             active: false,
+            stopped_for_snapshot: false,
             location: (0, 0),
             events: None,
             spawner: crate::seccomp::Spawner::unconfined(),
@@ -351,15 +355,10 @@ impl VirtioPciDevice {
         &self.id
     }
 
-    /// Whether the device runs (the driver set DRIVER_OK): its queues'
-    /// state is in its workers, which a snapshot cannot keep yet.
-    pub fn active(&self) -> bool {
-        self.active
-    }
-
-    /// The transport's state for a snapshot of a device that is not active:
-    /// configuration space, feature and queue registers, status, MSI-X and
-    /// the interrupt vectors.
+    /// The transport's state for a snapshot (of a device not running:
+    /// never started, reset, or `stop_for_snapshot`): configuration space,
+    /// feature and queue registers, status, MSI-X and the interrupt vectors.
+    /// A started device's queues go on from its used rings' indices.
     pub fn save_state(&self) -> Vec<u8> {
         let mut w = crate::snapshot::codec::Writer::default();
         w.u32(self.config.registers().len() as u32);
@@ -390,7 +389,8 @@ impl VirtioPciDevice {
         w.bytes
     }
 
-    /// Loads what `save_state` wrote into this (new, inactive) device. Values
+    /// Loads what `save_state` wrote into this (new, not started) device; a
+    /// device saved started is started by `resume_after_snapshot`. Values
     /// are kept to what a driver could have set: sizes within the queue's
     /// maximum, vectors within the table. The ioeventfds follow BAR 0 if the
     /// guest had moved it.
@@ -430,9 +430,6 @@ impl VirtioPciDevice {
         let isr = r.u32()? as u8;
         self.msix().restore_state(&mut r)?;
         r.finish()?;
-        if status as u8 & STATUS_DRIVER_OK != 0 {
-            return Err(r.corrupt("an active device (DRIVER_OK)".to_owned()));
-        }
         let bar_before = self.config.bar_address(0);
         self.config.restore_registers(&registers);
         self.device_feature_select = device_feature_select;
@@ -461,6 +458,8 @@ impl VirtioPciDevice {
             .config_vector
             .store(config_vector, Ordering::Relaxed);
         self.interrupt.isr.store(isr & 3, Ordering::Relaxed);
+        // A started device starts again (resume_after_snapshot) from its rings.
+        self.stopped_for_snapshot = self.status & STATUS_DRIVER_OK != 0;
         let bar_after = self.config.bar_address(0);
         if bar_after != bar_before {
             if let Some(base) =
@@ -630,8 +629,17 @@ impl VirtioPciDevice {
     }
 
     fn activate(&mut self) -> std::result::Result<(), String> {
+        self.start(None)?;
+        self.record("activated");
+        Ok(())
+    }
+
+    /// Starts the device's queues; `positions` (one per enabled queue, in
+    /// order): where each goes on, for a device stopped for a snapshot.
+    fn start(&mut self, positions: Option<&[u16]>) -> std::result::Result<(), String> {
         let event_idx = self.driver_features & super::F_RING_EVENT_IDX != 0;
         let mut queues = Vec::new();
+        let mut positions = positions.map(|p| p.iter());
         for (index, regs) in self.queues.iter().enumerate() {
             if !regs.enabled {
                 continue;
@@ -654,6 +662,10 @@ impl VirtioPciDevice {
             if !queue.is_valid(&self.memory) {
                 return Err(format!("queue {index} lies outside guest memory"));
             }
+            if let Some(position) = positions.as_mut().and_then(Iterator::next) {
+                queue.set_next_avail(*position);
+                queue.set_next_used(*position);
+            }
             let kick = self.kicks[index]
                 .try_clone()
                 .map_err(|e| format!("eventfd: {e}"))?;
@@ -673,8 +685,53 @@ impl VirtioPciDevice {
             })
             .map_err(|e| crate::error::chain_message(&e))?;
         self.active = true;
-        self.record("activated");
         Ok(())
+    }
+
+    /// Where each enabled queue goes on once the device has finished every
+    /// request it took: its used ring's index, in guest memory.
+    fn used_positions(&self) -> std::result::Result<Vec<u16>, String> {
+        self.queues
+            .iter()
+            .enumerate()
+            .filter(|(_, regs)| regs.enabled)
+            .map(|(index, regs)| {
+                regs.device
+                    .checked_add(2)
+                    .and_then(|at| self.memory.read_obj::<u16>(GuestAddress(at)).ok())
+                    .map(u16::from_le)
+                    .ok_or_else(|| format!("queue {index}: its used ring is outside guest memory"))
+            })
+            .collect()
+    }
+
+    /// Stops a started device for a snapshot once every request in flight is
+    /// finished (`VirtioDevice::stop_quiesced`); `resume_after_snapshot`
+    /// starts it again where it was. Its status still says DRIVER_OK.
+    pub fn stop_for_snapshot(&mut self) {
+        if self.active {
+            self.device.stop_quiesced();
+            self.active = false;
+            self.stopped_for_snapshot = true;
+        }
+    }
+
+    /// Starts a device `stop_for_snapshot` stopped, or one restored started,
+    /// from the used rings' positions. A device that cannot start asks the
+    /// driver for a reset, as a failed activation does.
+    pub fn resume_after_snapshot(&mut self) {
+        if !std::mem::take(&mut self.stopped_for_snapshot) {
+            return;
+        }
+        let started = self
+            .used_positions()
+            .and_then(|positions| self.start(Some(&positions)));
+        if let Err(message) = started {
+            log::error!("{}: cannot start the device again: {message}", self.id);
+            if let Err(e) = self.interrupt.signal_needs_reset() {
+                log::error!("{}: cannot signal the driver: {e}", self.id);
+            }
+        }
     }
 
     fn needs_reset_bit(&self) -> u8 {

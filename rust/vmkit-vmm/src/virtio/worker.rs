@@ -49,6 +49,11 @@ pub trait WorkerHandler: Send + 'static {
     fn poll_stop(&mut self) -> bool {
         false
     }
+    /// The worker is about to stop for a snapshot: finishes the requests in
+    /// flight (their used entries written) without taking new ones, so that
+    /// every buffer taken from the ring has been given back. Handlers that
+    /// finish each request before taking the next have nothing to do.
+    fn quiesce(&mut self) {}
 }
 
 /// Adaptive polling: the window grows while polling finds work and shrinks
@@ -85,9 +90,23 @@ pub struct Worker {
     inline: Option<u64>,
 }
 
+/// What a kill event's value asks: 1 stop, 2 (or more) quiesce first.
+const KILL: u64 = 1;
+const QUIESCE_AND_KILL: u64 = 2;
+
 impl Worker {
     /// Stops the worker and joins its thread.
     pub fn stop(&mut self) {
+        self.stop_with(KILL);
+    }
+
+    /// Stops the worker once its handler has finished the requests in flight
+    /// (`WorkerHandler::quiesce`), and joins its thread.
+    pub fn stop_quiesced(&mut self) {
+        self.stop_with(QUIESCE_AND_KILL);
+    }
+
+    fn stop_with(&mut self, value: u64) {
         #[cfg(feature = "fuzzing")]
         if let Some(id) = self.inline.take() {
             crate::fuzzing::remove_inline_worker(id);
@@ -95,7 +114,7 @@ impl Worker {
         if let Some(thread) = self.thread.take() {
             let name = thread.thread().name().unwrap_or("worker").to_owned();
             // Joining a thread that was never told to stop would hang the VMM.
-            if let Err(e) = self.kill.write(1) {
+            if let Err(e) = self.kill.write(value) {
                 log::error!("{name}: cannot stop the worker thread: {e}; it is left running");
                 return;
             }
@@ -237,7 +256,9 @@ fn run<W: WaitEvents, H: WorkerHandler>(
         for event in &events[..count] {
             match event.data() {
                 KILL_TOKEN => {
-                    let _ = kill.read();
+                    if kill.read().unwrap_or(KILL) >= QUIESCE_AND_KILL {
+                        handler.quiesce();
+                    }
                     return;
                 }
                 token if token >= EXTRA_BASE => handler.extra_ready((token - EXTRA_BASE) as usize),

@@ -267,6 +267,7 @@ impl Block {
             throttle_timer,
             throttled: false,
             stalled: false,
+            quiescing: false,
             broken: false,
             needs_signal: false,
             buffered_writes: Vec::new(),
@@ -394,6 +395,13 @@ impl VirtioDevice for Block {
         // dropped there first, which waits for its io_uring operations.
         self.workers.clear();
         self.io_uring_active = false;
+    }
+
+    fn stop_quiesced(&mut self) {
+        for worker in &mut self.workers {
+            worker.stop_quiesced();
+        }
+        self.reset();
     }
 
     fn counters(&self) -> BTreeMap<&'static str, u64> {

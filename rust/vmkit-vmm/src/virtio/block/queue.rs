@@ -52,6 +52,8 @@ pub struct QueueHandler {
     pub throttled: bool,
     /// Waiting for io_uring slots to free up.
     pub stalled: bool,
+    /// Stopping for a snapshot: requests in flight finish, no new one starts.
+    pub quiescing: bool,
     /// The driver broke the ring (e.g. an impossible avail index), or the
     /// worker failed: reported, then ignored until the device is reset.
     pub broken: bool,
@@ -68,7 +70,7 @@ impl QueueHandler {
     /// Pops and starts requests until the ring is empty, a rate limiter
     /// refuses one, or io_uring is full; then signals the guest if needed.
     pub fn process_queue(&mut self) {
-        if self.throttled || self.stalled || self.broken {
+        if self.throttled || self.stalled || self.broken || self.quiescing {
             return;
         }
         let mut fruitless_rounds = 0;
@@ -386,7 +388,37 @@ impl QueueHandler {
     }
 }
 
+impl QueueHandler {
+    /// Finishes every request in flight on io_uring (used entries written,
+    /// the driver signalled) and takes no new one.
+    fn finish_in_flight(&mut self) {
+        self.quiescing = true;
+        self.run_deferred();
+        while let Some(uring) = &mut self.uring {
+            if uring.in_flight() == 0 {
+                break;
+            }
+            if let Err(e) = uring.ring.submit_and_wait(1) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::error!(
+                        "{}: queue {}: waiting for io_uring: {e}",
+                        self.device,
+                        self.index
+                    );
+                    break;
+                }
+            }
+            self.uring_ready();
+        }
+        self.signal_if_needed();
+    }
+}
+
 impl WorkerHandler for QueueHandler {
+    fn quiesce(&mut self) {
+        self.finish_in_flight();
+    }
+
     fn queue_notified(&mut self, _index: usize) {
         self.process_queue();
     }

@@ -412,6 +412,13 @@ impl VirtioDevice for Net {
         self.workers.clear();
     }
 
+    fn stop_quiesced(&mut self) {
+        for worker in &mut self.workers {
+            worker.stop_quiesced();
+        }
+        self.reset();
+    }
+
     fn counters(&self) -> BTreeMap<&'static str, u64> {
         self.counters.snapshot()
     }

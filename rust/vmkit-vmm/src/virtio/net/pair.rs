@@ -17,6 +17,7 @@ use super::tx::TxQueue;
 use crate::error::chain_message;
 use crate::virtio::worker::WorkerHandler;
 use crate::virtio::{queue_failed, Interrupt};
+use virtio_queue::QueueT;
 
 /// Why a queue of a pair stopped.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +119,34 @@ impl PairHandler {
 }
 
 impl WorkerHandler for PairHandler {
+    /// For a snapshot: a frame waiting for receive buffers, or held back by
+    /// the transmit rate limiter, is dropped, and the chains it took go back
+    /// to the guest empty, so that every chain taken has been given back.
+    fn quiesce(&mut self) {
+        let memory = &self.ctx.memory;
+        if let Some(rx) = self.rx.as_mut() {
+            let held = std::mem::take(&mut rx.held);
+            rx.held_bytes = 0;
+            if rx.len > 0 {
+                rx.len = 0;
+                NetCounters::add(&self.ctx.counters.rx_dropped, 1);
+            }
+            if !held.is_empty() {
+                for (head, _) in held {
+                    let _ = rx.queue.add_used(memory, head, 0);
+                }
+                self.ctx.signal(rx.index);
+            }
+        }
+        if let Some(tx) = self.tx.as_mut() {
+            if let Some((head, _, _)) = tx.pending.take() {
+                NetCounters::add(&self.ctx.counters.tx_dropped, 1);
+                let _ = tx.queue.add_used(memory, head, 0);
+                self.ctx.signal(tx.index);
+            }
+        }
+    }
+
     fn queue_notified(&mut self, index: usize) {
         match self.roles.get(index) {
             Some(Role::Rx) => self.rx(),
