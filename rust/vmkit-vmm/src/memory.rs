@@ -318,13 +318,16 @@ fn map_region(
     })
 }
 
-/// Creates guest RAM: each backing in turn from address 0, skipping the MMIO hole.
-pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
+/// Lays `backings` out in turn from guest address 0, skipping the MMIO hole:
+/// `map(backing's index, offset in it, guest address, size)` maps each piece.
+fn lay_out(
+    backings: &[Backing],
+    mut map: impl FnMut(usize, u64, u64, u64) -> Result<GuestRegionMmap>,
+) -> Result<(GuestMemoryMmap, Vec<(u64, u64)>)> {
     let mut regions = Vec::new();
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     let mut cursor = 0u64;
-    for backing in backings(config)? {
-        let file = backing_file(&backing)?;
+    for (index, backing) in backings.iter().enumerate() {
         let mut offset = 0u64;
         while offset < backing.size {
             if (MEM_32BIT_RESERVED_START..RAM_64BIT_START).contains(&cursor) {
@@ -336,7 +339,7 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
                 u64::MAX - cursor
             };
             let size = (backing.size - offset).min(room);
-            regions.push(map_region(&backing, file.as_ref(), offset, cursor, size)?);
+            regions.push(map(index, offset, cursor, size)?);
             match ranges.last_mut() {
                 Some(last) if last.0 + last.1 == cursor => last.1 += size,
                 _ => ranges.push((cursor, size)),
@@ -347,7 +350,20 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
     }
     let memory =
         GuestMemoryMmap::from_regions(regions).map_err(|source| MemoryError::Regions { source })?;
-    let anonymous = backings(config)?
+    Ok((memory, ranges))
+}
+
+/// Creates guest RAM: each backing in turn from address 0, skipping the MMIO hole.
+pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
+    let backings = backings(config)?;
+    let files = backings
+        .iter()
+        .map(backing_file)
+        .collect::<Result<Vec<_>>>()?;
+    let (memory, ranges) = lay_out(&backings, |index, offset, base, size| {
+        map_region(&backings[index], files[index].as_ref(), offset, base, size)
+    })?;
+    let anonymous = backings
         .iter()
         .all(|b| b.file.is_none() && !b.shared && !b.hugepages);
     Ok(GuestRam {
@@ -366,12 +382,9 @@ pub fn map_guest_ram_from_file(
     file: &File,
     prefault: bool,
 ) -> Result<GuestRam> {
-    let mut regions = Vec::new();
-    let mut ranges: Vec<(u64, u64)> = Vec::new();
-    let mut cursor = 0u64;
-    let mut file_offset = 0u64;
-    for backing in backings(config)? {
-        let snapshot = Backing {
+    let snapshot: Vec<Backing> = backings(config)?
+        .into_iter()
+        .map(|backing| Backing {
             name: format!("{} (snapshot)", backing.name),
             file: None,
             shared: false,
@@ -379,36 +392,15 @@ pub fn map_guest_ram_from_file(
             hugepage_size: None,
             prefault,
             ..backing
-        };
-        let mut offset = 0u64;
-        while offset < snapshot.size {
-            if (MEM_32BIT_RESERVED_START..RAM_64BIT_START).contains(&cursor) {
-                cursor = RAM_64BIT_START;
-            }
-            let room = if cursor < MEM_32BIT_RESERVED_START {
-                MEM_32BIT_RESERVED_START - cursor
-            } else {
-                u64::MAX - cursor
-            };
-            let size = (snapshot.size - offset).min(room);
-            regions.push(map_region(
-                &snapshot,
-                Some(file),
-                file_offset,
-                cursor,
-                size,
-            )?);
-            match ranges.last_mut() {
-                Some(last) if last.0 + last.1 == cursor => last.1 += size,
-                _ => ranges.push((cursor, size)),
-            }
-            offset += size;
-            file_offset += size;
-            cursor = cursor.checked_add(size).ok_or(MemoryError::AddressSpace)?;
-        }
-    }
-    let memory =
-        GuestMemoryMmap::from_regions(regions).map_err(|source| MemoryError::Regions { source })?;
+        })
+        .collect();
+    // The file holds the backings one after the other.
+    let mut file_offset = 0u64;
+    let (memory, ranges) = lay_out(&snapshot, |index, _offset, base, size| {
+        let region = map_region(&snapshot[index], Some(file), file_offset, base, size)?;
+        file_offset += size;
+        Ok(region)
+    })?;
     Ok(GuestRam {
         memory,
         ranges,
