@@ -70,7 +70,7 @@ def digest(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
 
 
-@pytest.mark.parametrize("cpus", [1, 2])
+@pytest.mark.parametrize("cpus", [1, 2, 4])
 def test_a_restored_vm_goes_on_where_it_stopped(tmp_path: Path, cpus: int) -> None:
     vm = paused_at_tick(ticking(cpus), 5)
     vm.snapshot(new_dir(tmp_path / "snap"))
