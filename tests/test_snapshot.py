@@ -341,6 +341,7 @@ def test_a_spawned_vm_snapshots_and_another_vmm_process_restores_it(tmp_path: Pa
         vm.pause()
         vm.snapshot(snap)
     before = serial.read_text()
+    # Through the API of a VMM started without a config...
     with Vm.spawn(None) as restored:
         restored.client.restore(RestoreConfig(source_url=f"file://{snap}"))
         assert restored.client.info().state == "Paused"
@@ -350,6 +351,14 @@ def test_a_spawned_vm_snapshots_and_another_vmm_process_restores_it(tmp_path: Pa
     after = serial.read_text()
     assert "vmkit-guest: summary passed=2 failed=0" in after
     assert ticks_seen(before) + ticks_seen(after) == list(range(TICKS))
+    # ... and with Vm.spawn(restore=...), whose serial reads the config's file.
+    with Vm.spawn(None, restore=snap, prefault=True) as restored:
+        assert restored.state == "Paused"
+        restored.resume()
+        restored.serial.wait_for("summary passed=2 failed=0", timeout=30)
+        assert ticks_seen(before) + ticks_seen(restored.serial.text) == list(range(TICKS))
+    with pytest.raises(ValueError, match="a config or a snapshot to restore, not both"):
+        Vm.spawn(config, restore=snap)
 
 
 def _events(path: Path) -> list[str]:
@@ -453,3 +462,32 @@ def test_prefault_reads_guest_memory_in_at_restore(good_snapshot: Path, prefault
         vm.release()
     # 128 MiB of guest RAM: mapped and read in up front, or only as touched.
     assert grown > 100 if prefault else grown < 32, grown
+
+
+def test_clones_in_processes_of_their_own(tmp_path: Path) -> None:
+    """One snapshot, three VM processes restored from it at once: each guest
+    finishes on its own (their serial port is off: a file would be shared)."""
+    snap = new_dir(tmp_path / "snap")
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["hello", "ticks"], "poweroff", ticks=TICKS, tick_ms=20),
+        "--memory", "size=128M", "--serial", "null", "--console", "off",
+    ])  # fmt: skip
+    vm = Vm(config)
+    try:
+        vm.boot()
+        threading.Event().wait(0.2)
+        vm.pause()
+        vm.snapshot(snap)
+    finally:
+        vm.close()
+    clones = [Vm.spawn(None, restore=snap) for _ in range(3)]
+    try:
+        for clone in clones:
+            clone.resume()
+        for clone in clones:
+            exit_info = clone.wait(timeout=30)
+            assert exit_info is not None and exit_info.reason == "poweroff", exit_info
+    finally:
+        for clone in clones:
+            clone.close()

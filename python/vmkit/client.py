@@ -1003,6 +1003,8 @@ def spawn(
     env: Mapping[str, str] | None = None,
     fresh_interpreter: bool = False,
     cpu_groups: bool = False,
+    restore: str | os.PathLike[str] | None = None,
+    prefault: bool = False,
 ) -> SpawnedVm:
     """Starts a VMM process serving the HTTP API on ``<path>`` and creates ``config`` there.
 
@@ -1039,11 +1041,16 @@ def spawn(
     ``cpu_groups``: the VM's threads in CPU groups of their own (see ``Vm``),
     made under this program's cpu cgroup (``--cpu-groups true`` for the
     ``vmkit`` command).
+    ``restore``: instead of a config, the snapshot directory to restore
+    (``vm.restore``, with ``prefault``); the VM is Paused until ``resume()``,
+    and ``serial`` reads the restored config's serial file when it has one.
 
     Raises VmError (kind ``Spawn``) when the VMM does not come up in
     ``startup_timeout`` seconds, ApiError when ``vm.create`` fails; in both
     cases the process is ended and its files removed.
     """
+    if restore is not None and config is not None:
+        raise ValueError("spawn takes a config or a snapshot to restore, not both")
     interpreter = sys.executable
     if not interpreter or not os.path.isabs(interpreter):
         # Never a PATH lookup: that could start another program than this Python.
@@ -1105,7 +1112,7 @@ def spawn(
             identity = _socket_identity(socket_path)
             if identity is not None:
                 vm._owned_socket.append(identity)
-            return _with_config(vm, config, lambda: None)
+            return _with_config(vm, config, lambda: None, restore, prefault)
     # A lifeline: the child sees EOF on it when this process goes away, even
     # by SIGKILL, and then shuts its VM down and removes the directory.
     lifeline_read, lifeline = os.pipe()
@@ -1155,16 +1162,32 @@ def spawn(
         os.close(ready_write)
     client = _ChildClient(socket_path, process.pid, timeout=request_timeout)
     vm = SpawnedVm(process, client, tmpdir, serial_path, log_path, log, stop_timeout, lifeline)
-    return _with_config(vm, config, lambda: _wait_until_up(vm, startup_timeout, ready))
+    return _with_config(
+        vm, config, lambda: _wait_until_up(vm, startup_timeout, ready), restore, prefault
+    )
 
 
-def _with_config(vm: SpawnedVm, config: VmConfig | None, wait_up: Callable[[], None]) -> SpawnedVm:
+def _with_config(
+    vm: SpawnedVm,
+    config: VmConfig | None,
+    wait_up: Callable[[], None],
+    restore: str | os.PathLike[str] | None = None,
+    prefault: bool = False,
+) -> SpawnedVm:
     """``vm`` once ``wait_up()`` says its VMM serves and ``config`` is created
-    there; ends the process (and raises) if either fails."""
+    there (or the snapshot ``restore`` restored); ends the process (and
+    raises) if any of that fails."""
     try:
         wait_up()
         if config is not None:
             vm.client.create(config)
+        if restore is not None:
+            source = f"file://{os.path.abspath(restore)}"
+            vm.client.restore(RestoreConfig(source_url=source, prefault=prefault))
+            serial = vm.client.info().config.serial
+            if serial.mode == "File" and serial.file:
+                vm.serial.path = Path(serial.file)
+            vm._booted = True
     except BaseException:
         vm.close()
         raise

@@ -502,6 +502,8 @@ class Vm:
         env: Mapping[str, str] | None = None,
         fresh_interpreter: bool = False,
         cpu_groups: bool = False,
+        restore: str | os.PathLike[str] | None = None,
+        prefault: bool = False,
     ) -> SpawnedVm:
         """Runs the VM in a ``vmkit --api-socket`` child process.
 
@@ -509,7 +511,8 @@ class Vm:
         VMM server (or, with ``fresh_interpreter``, a new interpreter); the
         returned ``SpawnedVm`` has this class's methods, carried out over the
         HTTP API, and its ``with`` block always ends the process and removes
-        its files.
+        its files. ``Vm.spawn(None, restore=path)`` restores a snapshot in the
+        new process instead (Paused until ``resume()``).
         """
         from vmkit.client import spawn
 
@@ -524,4 +527,6 @@ class Vm:
             env=env,
             fresh_interpreter=fresh_interpreter,
             cpu_groups=cpu_groups,
+            restore=restore,
+            prefault=prefault,
         )
