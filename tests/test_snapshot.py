@@ -281,6 +281,10 @@ def hostile(good: Path, target: Path, edit: str) -> None:
         (target / "platform").write_bytes(b"\xff" * 64)
     elif edit == "bad config":
         (target / "config.json").write_text('{"cpus": {"boot_vcpus": "two"}}')
+    elif edit == "config with more memory":
+        config = json.loads((target / "config.json").read_text())
+        config["memory"]["size"] *= 2
+        (target / "config.json").write_text(json.dumps(config))
     elif edit == "invalid config":
         config = json.loads((target / "config.json").read_text())
         config["cpus"]["max_vcpus"] = 0  # below boot_vcpus
@@ -305,6 +309,10 @@ def hostile(good: Path, target: Path, edit: str) -> None:
         ("garbage vcpu", "not a vmkit vCPU state"),
         ("garbage platform", "not a vmkit platform state"),
         ("bad config", "config.json"),
+        (
+            "config with more memory",
+            "268435456 bytes of guest memory, the snapshot's memory file holds 134217728",
+        ),
         ("invalid config", "config.json"),
     ],
 )

@@ -1166,6 +1166,19 @@ impl Vm {
                 detail: e.to_string(),
             })?;
         check_snapshot_memory(&config)?;
+        // The memory file is mapped as the config lays guest RAM out: a config
+        // asking for more than the file holds would fault the VMM past its end.
+        let size = config.memory.total_size();
+        if size != snap.header.memory_size {
+            return Err(VmError::SnapshotConfig {
+                file: config_file,
+                detail: format!(
+                    "{size} bytes of guest memory, the snapshot's memory file holds {}",
+                    snap.header.memory_size
+                ),
+            }
+            .into());
+        }
         let validated = config.validated().map_err(|e| VmError::SnapshotConfig {
             file: config_file,
             detail: e.to_string(),
