@@ -268,11 +268,7 @@ impl DeviceManager {
         w.u32(latch);
         w.u32(self.segments.len() as u32);
         for segment in &self.segments {
-            let registers = segment.host_bridge_registers();
-            w.u32(registers.len() as u32);
-            for register in registers {
-                w.u32(register);
-            }
+            w.u32_list(&segment.host_bridge_registers());
         }
         w.u32(self.virtio.len() as u32);
         for device in &self.virtio {
@@ -287,32 +283,14 @@ impl DeviceManager {
     pub fn restore_pci_state(&self, bytes: &[u8]) -> std::result::Result<(), SnapshotError> {
         let mut r = crate::snapshot::codec::Reader::new("the PCI state", bytes);
         let latch = r.u32()?;
-        let segments = r.u32()? as usize;
-        if segments != self.segments.len() {
-            return Err(r.corrupt(format!(
-                "{segments} PCI segments, the VM has {}",
-                self.segments.len()
-            )));
-        }
+        r.count(self.segments.len(), "PCI segments", "the VM")?;
         for segment in &self.segments {
-            let count = r.u32()? as usize;
-            if count > crate::pci::config::CONFIG_REGISTERS {
-                return Err(r.corrupt(format!("{count} host bridge registers")));
-            }
-            let registers = (0..count)
-                .map(|_| r.u32())
-                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let registers = r.u32_list(crate::pci::config::CONFIG_REGISTERS)?;
             if !segment.restore_host_bridge(&registers) {
-                return Err(r.corrupt(format!("{count} host bridge registers")));
+                return Err(r.corrupt(format!("{} host bridge registers", registers.len())));
             }
         }
-        let devices = r.u32()? as usize;
-        if devices != self.virtio.len() {
-            return Err(r.corrupt(format!(
-                "{devices} virtio devices, the VM has {}",
-                self.virtio.len()
-            )));
-        }
+        r.count(self.virtio.len(), "virtio devices", "the VM")?;
         for device in &self.virtio {
             let id = r.blob(256)?;
             let state = r.blob(1 << 20)?;

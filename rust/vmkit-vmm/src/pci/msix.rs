@@ -144,13 +144,7 @@ impl Msix {
         r: &mut crate::snapshot::codec::Reader<'_>,
     ) -> Result<(), crate::snapshot::SnapshotError> {
         let control = r.u32()?;
-        let count = r.u32()? as usize;
-        if count != self.entries.len() {
-            return Err(r.corrupt(format!(
-                "{count} MSI-X vectors, the device has {}",
-                self.entries.len()
-            )));
-        }
+        let count = r.count(self.entries.len(), "MSI-X vectors", "the device")?;
         let mut entries = Vec::with_capacity(count);
         let mut pending = Vec::with_capacity(count);
         for _ in 0..count {

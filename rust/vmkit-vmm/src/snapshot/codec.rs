@@ -24,6 +24,14 @@ impl Writer {
         self.bytes.extend_from_slice(&value.to_le_bytes());
     }
 
+    /// A list of u32: its length (u32), then its values.
+    pub fn u32_list(&mut self, values: &[u32]) {
+        self.u32(values.len() as u32);
+        for &value in values {
+            self.u32(value);
+        }
+    }
+
     /// A blob: its length (u32), then its bytes.
     pub fn blob(&mut self, data: &[u8]) {
         // Every blob vmkit writes is a KVM structure or table: far below 4 GiB.
@@ -76,6 +84,30 @@ impl<'a> Reader<'a> {
         let mut raw = [0u8; 8];
         raw.copy_from_slice(self.take(8)?);
         Ok(u64::from_le_bytes(raw))
+    }
+
+    /// A count written by the saving VM that must equal the restoring VM's
+    /// own (`owner` has `expected` `items`).
+    pub fn count(
+        &mut self,
+        expected: usize,
+        items: &str,
+        owner: &str,
+    ) -> Result<usize, SnapshotError> {
+        let count = self.u32()? as usize;
+        if count != expected {
+            return Err(self.corrupt(format!("{count} {items}, {owner} has {expected}")));
+        }
+        Ok(count)
+    }
+
+    /// A list written by `Writer::u32_list`, of at most `limit` values.
+    pub fn u32_list(&mut self, limit: usize) -> Result<Vec<u32>, SnapshotError> {
+        let len = self.u32()? as usize;
+        if len > limit {
+            return Err(self.corrupt(format!("a list of {len} values (at most {limit})")));
+        }
+        (0..len).map(|_| self.u32()).collect()
     }
 
     /// A blob of at most `limit` bytes.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Activation, ActiveQueue, Interrupt, VirtioDevice, F_VERSION_1};
@@ -361,10 +361,7 @@ impl VirtioPciDevice {
     /// A started device's queues go on from its used rings' indices.
     pub fn save_state(&self) -> Vec<u8> {
         let mut w = crate::snapshot::codec::Writer::default();
-        w.u32(self.config.registers().len() as u32);
-        for &register in self.config.registers() {
-            w.u32(register);
-        }
+        w.u32_list(self.config.registers());
         w.u32(self.device_feature_select);
         w.u32(self.driver_feature_select);
         w.u64(self.driver_features);
@@ -400,25 +397,16 @@ impl VirtioPciDevice {
     ) -> std::result::Result<(), crate::snapshot::SnapshotError> {
         let what = format!("the state of virtio device {}", self.id);
         let mut r = crate::snapshot::codec::Reader::new(&what, bytes);
-        let count = r.u32()? as usize;
-        if count != self.config.registers().len() {
-            return Err(r.corrupt(format!("{count} configuration registers")));
+        let registers = r.u32_list(self.config.registers().len())?;
+        if registers.len() != self.config.registers().len() {
+            return Err(r.corrupt(format!("{} configuration registers", registers.len())));
         }
-        let registers = (0..count)
-            .map(|_| r.u32())
-            .collect::<std::result::Result<Vec<_>, _>>()?;
         let device_feature_select = r.u32()?;
         let driver_feature_select = r.u32()?;
         let driver_features = r.u64()?;
         let status = r.u32()?;
         let queue_select = r.u32()? as u16;
-        let queues = r.u32()? as usize;
-        if queues != self.queues.len() {
-            return Err(r.corrupt(format!(
-                "{queues} queues, the device has {}",
-                self.queues.len()
-            )));
-        }
+        let queues = r.count(self.queues.len(), "queues", "the device")?;
         let mut saved = Vec::with_capacity(queues);
         for _ in 0..queues {
             let size_enabled = r.u32()?;
@@ -460,17 +448,25 @@ impl VirtioPciDevice {
         self.interrupt.isr.store(isr & 3, Ordering::Relaxed);
         // A started device starts again (resume_after_snapshot) from its rings.
         self.stopped_for_snapshot = self.status & STATUS_DRIVER_OK != 0;
+        self.follow_bar0(bar_before);
+        Ok(())
+    }
+
+    /// Moves the ioeventfds to BAR 0's new place if it moved from
+    /// `bar_before` to an aligned address. Kicks still arrive through MMIO
+    /// without them.
+    fn follow_bar0(&mut self, bar_before: Option<u64>) {
         let bar_after = self.config.bar_address(0);
-        if bar_after != bar_before {
-            if let Some(base) =
-                bar_after.filter(|b| b.checked_add(BAR_SIZE).is_some() && b % BAR_SIZE == 0)
-            {
-                if let Err(e) = self.register_notifiers(base) {
-                    log::warn!("{e}");
-                }
+        if bar_after == bar_before {
+            return;
+        }
+        if let Some(base) =
+            bar_after.filter(|b| b.checked_add(BAR_SIZE).is_some() && b % BAR_SIZE == 0)
+        {
+            if let Err(e) = self.register_notifiers(base) {
+                log::warn!("{e}");
             }
         }
-        Ok(())
     }
 
     /// How often the device asked the driver for a reset (a queue it had to
@@ -629,17 +625,17 @@ impl VirtioPciDevice {
     }
 
     fn activate(&mut self) -> std::result::Result<(), String> {
-        self.start(None)?;
+        self.start(false)?;
         self.record("activated");
         Ok(())
     }
 
-    /// Starts the device's queues; `positions` (one per enabled queue, in
-    /// order): where each goes on, for a device stopped for a snapshot.
-    fn start(&mut self, positions: Option<&[u16]>) -> std::result::Result<(), String> {
+    /// Starts the device's queues; `from_used_ring`: each goes on from its
+    /// used ring's index, for a device stopped for a snapshot once it had
+    /// finished every request it took.
+    fn start(&mut self, from_used_ring: bool) -> std::result::Result<(), String> {
         let event_idx = self.driver_features & super::F_RING_EVENT_IDX != 0;
         let mut queues = Vec::new();
-        let mut positions = positions.map(|p| p.iter());
         for (index, regs) in self.queues.iter().enumerate() {
             if !regs.enabled {
                 continue;
@@ -662,9 +658,13 @@ impl VirtioPciDevice {
             if !queue.is_valid(&self.memory) {
                 return Err(format!("queue {index} lies outside guest memory"));
             }
-            if let Some(position) = positions.as_mut().and_then(Iterator::next) {
-                queue.set_next_avail(*position);
-                queue.set_next_used(*position);
+            if from_used_ring {
+                let position = queue
+                    .used_idx(&self.memory, Ordering::Acquire)
+                    .map_err(|e| format!("queue {index} used ring: {e}"))?
+                    .0;
+                queue.set_next_avail(position);
+                queue.set_next_used(position);
             }
             let kick = self.kicks[index]
                 .try_clone()
@@ -688,23 +688,6 @@ impl VirtioPciDevice {
         Ok(())
     }
 
-    /// Where each enabled queue goes on once the device has finished every
-    /// request it took: its used ring's index, in guest memory.
-    fn used_positions(&self) -> std::result::Result<Vec<u16>, String> {
-        self.queues
-            .iter()
-            .enumerate()
-            .filter(|(_, regs)| regs.enabled)
-            .map(|(index, regs)| {
-                regs.device
-                    .checked_add(2)
-                    .and_then(|at| self.memory.read_obj::<u16>(GuestAddress(at)).ok())
-                    .map(u16::from_le)
-                    .ok_or_else(|| format!("queue {index}: its used ring is outside guest memory"))
-            })
-            .collect()
-    }
-
     /// Stops a started device for a snapshot once every request in flight is
     /// finished (`VirtioDevice::stop_quiesced`); `resume_after_snapshot`
     /// starts it again where it was. Its status still says DRIVER_OK.
@@ -723,10 +706,7 @@ impl VirtioPciDevice {
         if !std::mem::take(&mut self.stopped_for_snapshot) {
             return;
         }
-        let started = self
-            .used_positions()
-            .and_then(|positions| self.start(Some(&positions)));
-        if let Err(message) = started {
+        if let Err(message) = self.start(true) {
             log::error!("{}: cannot start the device again: {message}", self.id);
             if let Err(e) = self.interrupt.signal_needs_reset() {
                 log::error!("{}: cannot signal the driver: {e}", self.id);
@@ -996,21 +976,13 @@ impl PciDevice for VirtioPciDevice {
                 self.interrupts_lost();
             }
         }
-        let bar_after = self.config.bar_address(0);
         // Sizing writes all-ones to one half of the BAR; the address it makes
         // for a moment can be another device's, so only follow real placements.
         let sizing = matches!(reg, BAR0_REG | BAR0_HIGH_REG)
             && data.len() == 4
             && data.iter().all(|&b| b == 0xff);
-        if bar_after != bar_before && !sizing {
-            if let Some(base) = bar_after {
-                if base.checked_add(BAR_SIZE).is_some() && base % BAR_SIZE == 0 {
-                    // Kicks still arrive through MMIO without the ioeventfds.
-                    if let Err(e) = self.register_notifiers(base) {
-                        log::warn!("{e}");
-                    }
-                }
-            }
+        if !sizing {
+            self.follow_bar0(bar_before);
         }
     }
 
