@@ -149,13 +149,7 @@ class RemoteVmHandle:
             raise
         if self._cpu_groups is not None:
             self._cpu_groups.close_files()
-        if fd is None:
-            self.remove_cpu_groups()
-            raise VmError("The VM process sent no exit descriptor", "Device")
-        self._exit_fd = fd
-        self._events_fd = -1
-        self.iommu: bool = bool(channel.value("iommu"))
-        self._closed = False
+        self._attach(fd)
 
     @classmethod
     def restored(
@@ -179,16 +173,21 @@ class RemoteVmHandle:
             lock_disks=lock_disks,
             seccomp=seccomp,
         )
-        if fd is None:
-            raise VmError("The VM process sent no exit descriptor", "Device")
         handle = cls.__new__(cls)
         handle._channel = channel
         handle._cpu_groups = None
-        handle._exit_fd = fd
-        handle._events_fd = -1
-        handle.iommu = bool(channel.value("iommu"))
-        handle._closed = False
+        handle._attach(fd)
         return handle, VmConfig.from_dict(config_dict)
+
+    def _attach(self, exit_fd: int | None) -> None:
+        """Takes the VM process's answer to ``new`` or ``restore``: its VM's exit eventfd."""
+        if exit_fd is None:
+            self.remove_cpu_groups()
+            raise VmError("The VM process sent no exit descriptor", "Device")
+        self._exit_fd = exit_fd
+        self._events_fd = -1
+        self.iommu: bool = bool(self._channel.value("iommu"))
+        self._closed = False
 
     def remove_cpu_groups(self) -> None:
         groups, self._cpu_groups = self._cpu_groups, None

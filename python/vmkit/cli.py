@@ -23,7 +23,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import logging
     import threading
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from types import FrameType
     from typing import TextIO
 
@@ -760,8 +760,6 @@ def _watch_lifeline(vmm: Vmm) -> threading.Event:
 
 def _start_vm(command: CommandLine, vmm: Vmm) -> int | None:
     """Creates and boots the VM the command line gives; an exit status on failure."""
-    from vmkit.vmm import ApiError
-
     restore = command.one("--restore")
     if restore is not None:
         try:
@@ -769,25 +767,16 @@ def _start_vm(command: CommandLine, vmm: Vmm) -> int | None:
         except ConfigError as e:
             print(f"Error parsing restore: {e}", file=sys.stderr)
             return 1
-        try:
-            vmm.restore(restore_config)
-        except ApiError as e:
-            print(f"Error restoring VM: {e}", file=sys.stderr)
+        if not _api_call(lambda: vmm.restore(restore_config), "Error restoring VM"):
             return 1
         return None
     if command.has("--kernel") or command.has("--firmware"):
         config = _parse_config(command)
         if config is None:
             return 1
-        try:
-            vmm.create(config)
-        except ApiError as e:
-            print(f"Error creating VM: {e}", file=sys.stderr)
+        if not _api_call(lambda: vmm.create(config), "Error creating VM"):
             return 1
-        try:
-            vmm.boot()
-        except ApiError as e:
-            print(f"Error booting VM: {e}", file=sys.stderr)
+        if not _api_call(vmm.boot, "Error booting VM"):
             return 1
         with vmm.lock:
             vm = vmm.vm
@@ -795,6 +784,18 @@ def _start_vm(command: CommandLine, vmm: Vmm) -> int | None:
         if pty:
             print(f"Serial console on {pty}", file=sys.stderr)
     return None
+
+
+def _api_call(action: Callable[[], None], failure: str) -> bool:
+    """Runs one API action; false, with ``failure`` and the error printed, if it failed."""
+    from vmkit.vmm import ApiError
+
+    try:
+        action()
+    except ApiError as e:
+        print(f"{failure}: {e}", file=sys.stderr)
+        return False
+    return True
 
 
 def _run_until_exit(vmm: Vmm) -> int:
