@@ -763,12 +763,16 @@ impl BusDevice for SerialDevice {
 mod tests {
     use super::*;
 
+    pub(super) fn opened(config: &ConsoleConfig) -> Arc<SerialBackend> {
+        SerialBackend::open_unconfined(config, "serial", true)
+            .unwrap()
+            .unwrap()
+    }
+
     #[test]
     fn a_restored_uart_has_the_saved_registers_and_input() {
         let config = ConsoleConfig::with_mode(ConsoleOutputMode::Null);
-        let backend = SerialBackend::open_unconfined(&config, "serial", true)
-            .unwrap()
-            .unwrap();
+        let backend = opened(&config);
         let device = |backend: &Arc<SerialBackend>| SerialDevice {
             uart: Serial::new(
                 IrqTrigger(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
@@ -819,9 +823,7 @@ mod tests {
     #[test]
     fn uart_output_reaches_the_capture() {
         let config = ConsoleConfig::with_mode(ConsoleOutputMode::Null);
-        let backend = SerialBackend::open_unconfined(&config, "serial", true)
-            .unwrap()
-            .unwrap();
+        let backend = opened(&config);
         let trigger = IrqTrigger(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap());
         let mut device = SerialDevice {
             uart: Serial::new(trigger, SerialSink(backend.clone())),
@@ -842,9 +844,7 @@ mod tests {
     #[test]
     fn pty_mode_has_a_path_and_does_not_block_without_a_reader() {
         let config = ConsoleConfig::with_mode(ConsoleOutputMode::Pty);
-        let backend = SerialBackend::open_unconfined(&config, "serial", true)
-            .unwrap()
-            .unwrap();
+        let backend = opened(&config);
         let path = backend.pty_path().unwrap().clone();
         assert!(path.starts_with("/dev/pts"));
         // Far more than a pty buffer holds: must return, not block.
@@ -928,9 +928,7 @@ mod socket_tests {
         let _ = std::fs::remove_file(&path);
         let mut config = ConsoleConfig::with_mode(ConsoleOutputMode::Socket);
         config.socket = Some(path.to_string_lossy().into_owned());
-        let backend = SerialBackend::open_unconfined(&config, "serial", true)
-            .unwrap()
-            .unwrap();
+        let backend = super::tests::opened(&config);
         let mut client = UnixStream::connect(&path).unwrap();
         client
             .set_read_timeout(Some(Duration::from_millis(100)))
