@@ -389,10 +389,12 @@ impl DeviceManager {
     }
 
     /// Drops every device (their workers stop) once the vCPUs are gone:
-    /// the buses and segments hold them too, so all of those go.
+    /// the buses, segments and config-I/O ports hold them too, so all of
+    /// those go.
     pub fn stop_devices(&mut self) {
         self.virtio.clear();
         self.segments.clear();
+        self.config_io = None;
         self.pio = Arc::new(Bus::new());
         self.mmio = Arc::new(Bus::new());
     }

@@ -82,8 +82,15 @@ mod needs_kvm {
         assert!(devices.mmio_bus().read(GED_ADDRESS, &mut data[..1]));
         assert_eq!(devices.segment_layouts().len(), 1);
 
+        // Stopping drops every device for real: nothing (the config-I/O
+        // ports included) keeps a segment, and with it its devices, alive.
+        let segment = Arc::downgrade(&devices.segments[0]);
         devices.stop_devices();
         assert!(devices.virtio_devices().is_empty());
+        assert!(
+            segment.upgrade().is_none(),
+            "a stopped segment is still held"
+        );
         assert!(!devices.mmio_bus().read(PCI_MMCONFIG_START, &mut data));
         serial.close();
     }
