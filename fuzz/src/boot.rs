@@ -6,7 +6,8 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
+use vmkit_vmm::memory::GuestMemoryMmap;
 use vmkit_config::PayloadConfig;
 use vmkit_vmm::boot::{load_payload, LoadedPayload};
 use vmkit_vmm::memory::GuestRam;
@@ -38,6 +39,7 @@ fn fixture() -> Fixture {
             memory,
             ranges: vec![(0, RAM_SIZE)],
             anonymous: true,
+            shared_files: None,
         },
     }
 }

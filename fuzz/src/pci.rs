@@ -9,7 +9,8 @@
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use vmkit_vmm::memory::GuestMemoryMmap;
 use vmkit_config::{DiskConfig, NetConfig};
 use vmkit_vmm::devices::serial::SerialBackend;
 use vmkit_vmm::devices::Bus;

@@ -3,7 +3,8 @@
 //! input says, and checks what the device left in the used rings.
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use vmkit_vmm::memory::GuestMemoryMmap;
 use vmkit_vmm::virtio::ActiveQueue;
 use vmm_sys_util::eventfd::EventFd;
 

@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use vm_memory::GuestMemoryMmap;
+use vmkit_vmm::memory::GuestMemoryMmap;
 use vmkit_config::{DiskConfig, NetConfig};
 use vmkit_vmm::devices::serial::InputSink;
 use vmkit_vmm::fuzzing::{inline_worker_count, run_inline_workers, set_inline_workers};

@@ -160,13 +160,16 @@ class RemoteVmHandle:
         watchdog_timeout: float | None,
         lock_disks: bool,
         seccomp: str,
+        *,
+        op: str = "restore",
     ) -> tuple[RemoteVmHandle, VmConfig]:
         """The VM process's VM from the snapshot directory ``path`` (Paused),
-        and its config."""
+        or (``op="receive_migration"``) migrated to the unix socket ``path``
+        (Running), and its config."""
         from vmkit.config import VmConfig
 
         config_dict, fd = channel.call(
-            "restore",
+            op,
             path=os.fspath(path),
             prefault=prefault,
             watchdog_timeout=watchdog_timeout,
@@ -223,6 +226,14 @@ class RemoteVmHandle:
 
     def snapshot(self, path: str | os.PathLike[str]) -> None:
         self._channel.call("snapshot", path=os.fspath(path))
+
+    def send_migration(
+        self, path: str | os.PathLike[str], local: bool
+    ) -> tuple[float, float, int, int]:
+        total, downtime, rounds, sent = self._channel.value(
+            "send_migration", path=os.fspath(path), local=local
+        )
+        return float(total), float(downtime), int(rounds), int(sent)
 
     def resume(self) -> None:
         self._channel.call("resume")
@@ -368,6 +379,7 @@ class VmProcess:
             cpu_groups=cpu_groups,
             vm_factory=self._new_vm,
             vm_restorer=self._restore_vm,
+            vm_receiver=self._receive_vm,
             pid=pid,
         )
         self.server: ApiServer = ApiServer(self.vmm, fd=fds[0], reactor=_reactor.shared())
@@ -413,6 +425,16 @@ class VmProcess:
         handle, config = RemoteVmHandle.restored(
             self.channel, path, prefault, watchdog_timeout, lock_disks, seccomp
         )
+        self._handle = weakref.ref(handle)
+        return Vm._adopt(config, handle)
+
+    def _receive_vm(
+        self, path: str, watchdog_timeout: float | None, lock_disks: bool, seccomp: str
+    ) -> Vm:
+        handle, config = RemoteVmHandle.restored(
+            self.channel, path, False, watchdog_timeout, lock_disks, seccomp,
+            op="receive_migration",
+        )  # fmt: skip
         self._handle = weakref.ref(handle)
         return Vm._adopt(config, handle)
 

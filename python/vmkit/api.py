@@ -279,6 +279,9 @@ class _Router:
             if added is None:
                 return Response(204)
             return self._json(200, added)
+        except _ExitAfter as done:
+            code = done.code
+            return Response(204, after=lambda: self.vmm.request_exit(code))
         except BodyError as e:
             return _error(400, str(e))
         except ApiError as e:
@@ -345,6 +348,8 @@ class _Router:
         elif action == "vm.send-migration":
             send = _action_body(lambda: _native.parse_api_body("VmSendMigrationData", body))
             vmm.send_migration(send["destination_url"], send["local"])
+            # v37's VMM exits once the VM runs elsewhere.
+            raise _ExitAfter(0)
         elif action == "vm.receive-migration":
             receive = _action_body(lambda: _native.parse_api_body("VmReceiveMigrationData", body))
             vmm.receive_migration(receive["receiver_url"])
@@ -352,6 +357,14 @@ class _Router:
 
 
 # -- the wire --------------------------------------------------------------------------------
+
+
+class _ExitAfter(Exception):
+    """The action succeeded; answer 204, then end the VMM process with ``code``."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
 
 
 class _Malformed(Exception):

@@ -30,14 +30,15 @@ if TYPE_CHECKING:
 
     from vmkit.client import SpawnedVm
 
-__all__ = ["DebugPortWrite", "SerialConsole", "Vm", "VmError", "VmExit", "VmInfo"]
+__all__ = ["DebugPortWrite", "Migration", "SerialConsole", "Vm", "VmError", "VmExit", "VmInfo"]
 
 
 class VmError(RuntimeError):
     """The VMM could not do what was asked.
 
     ``kind`` says which part failed: ``Unsupported``, ``Kernel``,
-    ``Initramfs``, ``Memory``, ``Kvm``, ``Device``, ``Snapshot``, ``State`` (an invalid
+    ``Initramfs``, ``Memory``, ``Kvm``, ``Device``, ``Snapshot``, ``Migration``,
+    ``State`` (an invalid
     state transition, with Cloud Hypervisor's text), ``Stopped`` (the VM
     stopped while something waited on it) or ``CpuGroups`` (``cpu_groups``
     could not be set up).
@@ -66,11 +67,26 @@ class VmExit:
     ``reason`` is one of ``poweroff``, ``shutdown`` (asked for by the user),
     ``triple-fault``, ``internal-error`` (KVM could not run the guest; the
     message has RIP and the instruction bytes), ``hang`` (the watchdog saw no
-    vCPU make progress) or ``vmm-error``.
+    vCPU make progress), ``vmm-error`` or ``migrated`` (the VM moved to another
+    VMM process, which runs it on).
     """
 
     reason: str
     message: str
+
+
+@record(frozen=True)
+class Migration:
+    """What a live migration (``Vm.migrate_to``) did: ``total`` seconds from the
+    call until the receiver ran the VM, of which ``downtime`` with the vCPUs
+    stopped; ``rounds`` passes over guest memory before the stop (0 when it was
+    handed over, ``local``), ``bytes`` of guest memory sent."""
+
+    total: float
+    downtime: float
+    rounds: int
+    bytes: int
+    local: bool
 
 
 @record(frozen=True)
@@ -335,6 +351,51 @@ class Vm:
         logs.sync_level()
         handle = _native.VmHandle.restore(
             path, prefault, watchdog_timeout, lock_disks, seccomp_value(seccomp)
+        )
+        return cls._adopt(handle.config(), handle)
+
+    def migrate_to(self, socket: str | os.PathLike[str], *, local: bool = False) -> Migration:
+        """Moves the running (or paused) VM to the VMM waiting for it on the unix
+        socket ``socket`` (``Vm.receive_migration``, ``vmkit remote
+        receive-migration`` or ``vm.receive-migration``, in another process).
+
+        Guest memory goes over while the VM runs; then, round after round, the
+        pages the guest and the devices wrote meanwhile (KVM's dirty-page log and
+        the VMM's own), until few are left; then the vCPUs stop, the devices
+        finish their IO in flight, and the last pages and the state go. With
+        ``local`` (shared memory: ``shared=on`` or huge pages; a host-local
+        upgrade) the memory is handed over as file descriptors instead of copied.
+        Once the receiver runs the VM, this one stops (``wait()`` gives
+        ``migrated``) and the disks are the receiver's.
+
+        On failure (VmError, kind ``Migration`` for the connection and the other
+        side's refusals, with its reason) the VM runs on here. Only when the
+        connection breaks after the last step, when the receiver may already run
+        the VM, does it stay paused here, and the error says so.
+        """
+        total, downtime, rounds, sent = self._live().send_migration(os.fspath(socket), local)
+        return Migration(total, downtime, rounds, sent, local)
+
+    @classmethod
+    def receive_migration(
+        cls,
+        socket: str | os.PathLike[str],
+        *,
+        watchdog_timeout: float | None = None,
+        lock_disks: bool = True,
+        seccomp: bool | str = True,
+    ) -> Vm:
+        """Waits on the new unix socket ``socket`` for a VM that another VMM
+        process migrates here (``Vm.migrate_to``, ``vm.send-migration``), builds it
+        from what arrives and returns it Running. The socket is removed once the
+        sender connects. Everything received is checked: a sender that is not
+        vmkit, speaks another protocol version or sends a bad config or state
+        gets the reason and VmError (kind ``Migration``) is raised here, with
+        nothing left behind. The other options are ``Vm()``'s.
+        """
+        logs.sync_level()
+        handle = _native.VmHandle.receive_migration(
+            os.fspath(socket), watchdog_timeout, lock_disks, seccomp_value(seccomp)
         )
         return cls._adopt(handle.config(), handle)
 

@@ -79,6 +79,22 @@ def _url_path(url: str) -> str | None:
     return parts.path
 
 
+def _socket_path(url: str) -> str | None:
+    """The path of a ``unix:<path>`` migration URL, as v37 takes it."""
+    return url[len("unix:") :] if url.startswith("unix:") else None
+
+
+def _shared_memory(config: VmConfig | None) -> bool:
+    """v37's ``backed_by_shared_memory``, for its answer before a VM exists."""
+    if config is None:
+        return False
+    memory = config.memory
+    if memory.shared or memory.hugepages:
+        return True
+    zones = memory.zones or []
+    return memory.size == 0 and all(z.shared or z.hugepages for z in zones)
+
+
 class ApiError(Exception):
     """An API action failed; ``str(error)`` is v37's error Display (the HTTP 500 body)."""
 
@@ -208,8 +224,9 @@ class Vmm:
     ``seccomp``, ``cpu_groups``: passed to each ``Vm``. ``vm_factory(config, watchdog_timeout,
     lock_disks, seccomp, cpu_groups)`` makes the ``Vm`` instead of ``Vm(...)`` (a VM process's,
     ``_vmproc``), ``vm_restorer(path, prefault, watchdog_timeout, lock_disks, seccomp)``
-    instead of ``Vm.restore``, and ``pid`` is the VMM process ``vmm.ping`` names (this one by
-    default). The attributes
+    instead of ``Vm.restore``, ``vm_receiver(path, watchdog_timeout, lock_disks, seccomp)``
+    instead of ``Vm.receive_migration``, and ``pid`` is the VMM process ``vmm.ping`` names
+    (this one by default). The attributes
     ``config`` and ``vm`` are the VMM's two layers; read them under ``lock``.
     """
 
@@ -223,10 +240,12 @@ class Vmm:
         cpu_groups: bool = False,
         vm_factory: Callable[[VmConfig, float | None, bool, str, bool], Vm] | None = None,
         vm_restorer: Callable[[str, bool, float | None, bool, str], Vm] | None = None,
+        vm_receiver: Callable[[str, float | None, bool, str], Vm] | None = None,
         pid: int | None = None,
     ) -> None:
         self.vm_factory = vm_factory
         self.vm_restorer = vm_restorer
+        self.vm_receiver = vm_receiver
         self.pid = pid
         self.config: VmConfig | None = None
         self.vm: Vm | None = None
@@ -809,18 +828,68 @@ class Vmm:
             self.emit("vm", "restored")
 
     def send_migration(self, destination_url: str, local: bool = False) -> None:
-        """``vm.send-migration``: not supported by vmkit."""
+        """``vm.send-migration``: moves the VM to the VMM receiving on
+        ``unix:<path>`` (``Vm.migrate_to``); then, as v37, this VMM deletes the
+        VM and the caller ends the process (``request_exit``) once the answer
+        is sent. On failure the VM runs on here."""
+        sending = "Failed to send migratable component snapshot: "
         with self.lock:
-            if self.vm is None:
-                raise ApiError(f"Error sending migration: {VM_NOT_RUNNING}")
-            raise ApiError("Error sending migration: live migration is not supported by vmkit yet")
+            vm = self.vm
+            # v37 checks the memory before looking for a VM.
+            if local and vm is None and not _shared_memory(self.config):
+                raise ApiError(
+                    f"{sending}Local migration requires shared memory or hugepages enabled"
+                )
+            if vm is None:
+                raise ApiError(f"{sending}{VM_NOT_RUNNING}")
+            path = _socket_path(destination_url)
+            if path is None:
+                raise ApiError(f"{sending}Could not extract path from URL: {destination_url}")
+            try:
+                vm.migrate_to(path, local=local)
+            except VmError as e:
+                raise ApiError(f"{sending}{e}") from None
+            # v37 pauses and snapshots the VM on the way, then ends it.
+            for event in ("pausing", "paused", "snapshotting", "snapshotted"):
+                self.emit("vm", event)
+            self._delete_locked()
+            if not self._shut_down:
+                self._shut_down = True
+                self.emit("vmm", "shutdown")
 
     def receive_migration(self, receiver_url: str) -> None:
-        """``vm.receive-migration``: not supported by vmkit."""
+        """``vm.receive-migration``: waits on ``unix:<path>`` for a VM another
+        VMM sends (``Vm.receive_migration``) and runs it. Answers once the VM
+        runs here, or the migration failed."""
         with self.lock:
-            raise ApiError(
-                "Error receiving migration: live migration is not supported by vmkit yet"
-            )
+            path = _socket_path(receiver_url)
+            if path is None:
+                raise ApiError(
+                    "Failed to send migratable component snapshot: Could not extract path "
+                    f"from URL: {receiver_url}"
+                )
+            try:
+                if self.vm_receiver is not None:
+                    vm = self.vm_receiver(
+                        path, self.watchdog_timeout, self.lock_disks, seccomp_value(self.seccomp)
+                    )
+                else:
+                    vm = Vm.receive_migration(
+                        path,
+                        watchdog_timeout=self.watchdog_timeout,
+                        lock_disks=self.lock_disks,
+                        seccomp=self.seccomp,
+                    )
+            except VmError as e:
+                raise ApiError(f"Failed to receive migratable component snapshot: {e}") from None
+            if self.vm is not None:
+                # v37 replaces what it had; nothing of the old VM may linger.
+                self._delete_locked()
+            self.vm = vm
+            self.config = copy.deepcopy(vm.config)
+            self._watch(vm)
+            for event in ("restoring", "restored", "resuming", "resumed"):
+                self.emit("vm", event)
 
     # -- the VM ending by itself ---------------------------------------------------------------
 
@@ -874,8 +943,8 @@ class Vmm:
             return
         if self._vm_gone:
             return  # close(vm_gone=True): the VM goes with the Vmm
-        if exit_info.reason == "shutdown":
-            return
+        if exit_info.reason in ("shutdown", "migrated"):
+            return  # the API asked for it and does what follows
         log.info("VM exit event: %s", exit_info.message)
         with self.lock:
             # v37's exit event: the VMM deletes the VM and exits.

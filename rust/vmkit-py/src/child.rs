@@ -400,7 +400,7 @@ fn handle(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Opti
     if op == "new" {
         return new_vm(state, request, fds);
     }
-    if op == "restore" {
+    if op == "restore" || op == "receive_migration" {
         return restore_vm(state, request);
     }
     let Some(vm) = state.vm.clone() else {
@@ -415,6 +415,23 @@ fn handle(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Opti
         "snapshot" => match request["path"].as_str() {
             Some(path) => done(vm.snapshot(std::path::Path::new(path))),
             None => error("Snapshot", "snapshot: no path"),
+        },
+        "send_migration" => match request["path"].as_str() {
+            Some(path) => {
+                let local = request["local"].as_bool().unwrap_or(false);
+                match vm.send_migration(std::path::Path::new(path), local) {
+                    Ok(report) => json!({
+                        "ok": [
+                            report.total.as_secs_f64(),
+                            report.downtime.as_secs_f64(),
+                            report.rounds,
+                            report.bytes
+                        ]
+                    }),
+                    Err(e) => vm_error(e),
+                }
+            }
+            None => error("Migration", "send_migration: no path"),
         },
         "resume" => done(vm.resume()),
         "shutdown" => done(vm.shutdown()),
@@ -480,11 +497,14 @@ fn handle(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Opti
 /// spawning program already), replacing a previous one. With
 /// `"thread_groups": true` the request carries the vCPU and device CPU
 /// groups' thread files.
-/// `restore`: a VM from the snapshot directory `path` (Paused); answers its
-/// config, with the exit descriptor.
+/// `restore`: a VM from the snapshot directory `path` (Paused);
+/// `receive_migration`: the VM another VMM migrates to the unix socket
+/// `path` (Running). Either answers its config, with the exit descriptor.
 fn restore_vm(state: &mut State, request: &Value) -> (Value, Option<RawFd>) {
+    let receive = request["op"] == "receive_migration";
     let Some(path) = request["path"].as_str() else {
-        return (error("Snapshot", "restore: no path"), None);
+        let kind = if receive { "Migration" } else { "Snapshot" };
+        return (error(kind, "no path"), None);
     };
     let options = VmOptions {
         watchdog_timeout: request["watchdog_timeout"]
@@ -502,7 +522,13 @@ fn restore_vm(state: &mut State, request: &Value) -> (Value, Option<RawFd>) {
         old.release();
     }
     let prefault = request["prefault"].as_bool().unwrap_or(false);
-    match Vm::restore(std::path::Path::new(path), options, prefault) {
+    let path = std::path::Path::new(path);
+    let vm = if receive {
+        Vm::receive_migration(path, options)
+    } else {
+        Vm::restore(path, options, prefault)
+    };
+    match vm {
         Ok(vm) => {
             let config = serde_json::to_value(vm.config()).unwrap_or(Value::Null);
             let fd = vm.exit_fd();

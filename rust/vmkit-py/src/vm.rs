@@ -127,6 +127,45 @@ impl VmHandle {
         Ok(VmHandle { vm })
     }
 
+    /// Receives a VM from another VMM's `send_migration` on the unix socket
+    /// `path` (created here, removed once the sender connects); returns it
+    /// Running. The other options are `new`'s.
+    #[staticmethod]
+    #[pyo3(signature = (path, watchdog_timeout=None, lock_disks=true, seccomp="true"))]
+    fn receive_migration(
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        watchdog_timeout: Option<f64>,
+        lock_disks: bool,
+        seccomp: &str,
+    ) -> PyResult<Self> {
+        let options = vm_options(watchdog_timeout, lock_disks, seccomp, None)?;
+        let vm = py
+            .detach(|| Vm::receive_migration(&path, options))
+            .map_err(|e| vm_error(py, e))?;
+        Ok(VmHandle { vm })
+    }
+
+    /// Moves the VM to the VMM receiving on the unix socket `path`; with
+    /// `local`, hands shared guest memory over instead of copying it.
+    /// Returns (total s, downtime s, memory passes, bytes sent).
+    fn send_migration(
+        &self,
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        local: bool,
+    ) -> PyResult<(f64, f64, u32, u64)> {
+        let report = py
+            .detach(|| self.vm.send_migration(&path, local))
+            .map_err(|e| vm_error(py, e))?;
+        Ok((
+            report.total.as_secs_f64(),
+            report.downtime.as_secs_f64(),
+            report.rounds,
+            report.bytes,
+        ))
+    }
+
     /// Writes the paused VM's snapshot into the directory `path`.
     fn snapshot(&self, py: Python<'_>, path: std::path::PathBuf) -> PyResult<()> {
         py.detach(|| self.vm.snapshot(&path))

@@ -3,12 +3,13 @@
 //! that describes the legacy devices, so a stock kernel finds every vCPU and
 //! can power the VM off.
 
+use crate::memory::GuestMemoryMmap;
 use acpi_tables::aml;
 use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::{GenericAddress, Sdt};
 use acpi_tables::Aml;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use zerocopy::IntoBytes;
 
 use crate::cpu::Topology;

@@ -27,6 +27,8 @@ pub enum StopReason {
     Hang { message: String },
     /// The VMM itself failed while running the VM.
     VmmError { message: String },
+    /// The VM moved to another VMM process (a live migration), which runs it.
+    Migrated,
 }
 
 impl StopReason {
@@ -40,6 +42,7 @@ impl StopReason {
             StopReason::InternalError { .. } => "internal-error",
             StopReason::Hang { .. } => "hang",
             StopReason::VmmError { .. } => "vmm-error",
+            StopReason::Migrated => "migrated",
         }
     }
 
@@ -48,6 +51,7 @@ impl StopReason {
             StopReason::PowerOff => "The guest powered off".to_owned(),
             StopReason::Reset => "The guest reset the VM".to_owned(),
             StopReason::Shutdown => "The VM was shut down".to_owned(),
+            StopReason::Migrated => "The VM moved to another VMM process".to_owned(),
             StopReason::TripleFault { vcpu } => {
                 format!("vCPU {vcpu} triple-faulted (KVM_EXIT_SHUTDOWN)")
             }

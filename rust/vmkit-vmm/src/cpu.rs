@@ -2,11 +2,12 @@
 //! tables, FPU and LAPIC, following the Linux boot protocols and the CPUID and
 //! MSR policy that `kvm_pvm` hosts need (see shared/kvm-here.md).
 
+use crate::memory::GuestMemoryMmap;
 use kvm_bindings::{
     kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmkit_config::CpusConfig;
 
 use crate::boot::EntryPoint;

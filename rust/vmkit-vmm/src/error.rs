@@ -29,6 +29,8 @@ pub enum ErrorKind {
     /// A snapshot could not be written, or read back (a missing, corrupt
     /// or foreign file).
     Snapshot,
+    /// A live migration failed: the connection, the other VMM, or what it sent.
+    Migration,
 }
 
 impl ErrorKind {
@@ -42,6 +44,7 @@ impl ErrorKind {
             ErrorKind::Device => "Device",
             ErrorKind::State => "State",
             ErrorKind::Snapshot => "Snapshot",
+            ErrorKind::Migration => "Migration",
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod fuzzing;
 pub mod interrupts;
 pub mod layout;
 pub mod memory;
+pub mod migration;
 pub mod pci;
 pub mod process;
 pub mod rate_limiter;

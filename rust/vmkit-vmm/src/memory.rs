@@ -4,12 +4,44 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::FromRawFd;
 
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress};
 use vmkit_config::{MemoryConfig, MemoryZoneConfig};
 
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::layout::{MEM_32BIT_RESERVED_START, RAM_64BIT_START};
+
+/// Guest memory as every device sees it. Each region keeps a bitmap of the
+/// pages the VMM itself wrote through it (KVM's dirty log sees only the
+/// guest's writes): a live migration sends both.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
+
+/// The page size of the dirty bitmaps and of KVM's dirty log.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Records that the VMM wrote `len` bytes at `addr` behind vm-memory's back
+/// (the kernel did, through host iovecs: io_uring or readv). Call it after
+/// the write completes, so that a migration round that misses the data sees
+/// the mark. Ranges outside guest memory are ignored.
+pub fn mark_dirty(memory: &GuestMemoryMmap, addr: GuestAddress, len: usize) {
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let mut done = 0usize;
+    while done < len {
+        let Some(at) = addr.0.checked_add(done as u64) else {
+            return;
+        };
+        let Some(region) = memory.find_region(GuestAddress(at)) else {
+            return;
+        };
+        let offset = (at - region.start_addr().0) as usize;
+        let step = (len - done).min(region.len() as usize - offset);
+        region.bitmap().mark_dirty(offset, step);
+        done += step;
+    }
+}
 
 /// Why guest RAM could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +84,8 @@ pub enum MemoryError {
     },
     #[error("{backing}: invalid guest range at {base:#x}")]
     InvalidRange { backing: String, base: u64 },
+    #[error("handed-over guest memory: {detail}")]
+    SharedFiles { detail: String },
     #[error("guest memory exceeds the address space")]
     AddressSpace,
     #[error("guest memory")]
@@ -91,6 +125,9 @@ pub struct GuestRam {
     /// Private anonymous memory throughout: a page the guest never touched
     /// is not mapped and reads as zeros (a snapshot skips it).
     pub anonymous: bool,
+    /// Each backing's file, when every backing is mapped shared from one
+    /// (`shared=on` or huge pages): a local migration hands them over.
+    pub shared_files: Option<Vec<File>>,
 }
 
 impl GuestRam {
@@ -280,7 +317,11 @@ fn map_region(
     if backing.prefault {
         flags |= libc::MAP_POPULATE;
     }
-    let mut builder = MmapRegionBuilder::new(len)
+    let bitmap = AtomicBitmap::new(
+        len,
+        const { std::num::NonZeroUsize::new(PAGE_SIZE).unwrap() },
+    );
+    let mut builder = MmapRegionBuilder::new_with_bitmap(len, bitmap)
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_hugetlbfs(backing.hugepages);
     match file {
@@ -366,10 +407,67 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
     let anonymous = backings
         .iter()
         .all(|b| b.file.is_none() && !b.shared && !b.hugepages);
+    let shared_files = if backings.iter().all(|b| b.shared || b.hugepages) {
+        files.into_iter().collect::<Option<Vec<_>>>()
+    } else {
+        None
+    };
     Ok(GuestRam {
         memory,
         ranges,
         anonymous,
+        shared_files,
+    })
+}
+
+/// Guest RAM for `config` on the files another VMM process handed over (a
+/// local migration): one per backing, mapped shared as that process mapped
+/// them, so both see the same pages and nothing is copied. Refused unless
+/// every backing is shared and each file holds its backing.
+pub fn map_guest_ram_from_shared_files(
+    config: &MemoryConfig,
+    files: Vec<File>,
+) -> Result<GuestRam> {
+    let backings = backings(config)?;
+    if files.len() != backings.len() {
+        return Err(MemoryError::SharedFiles {
+            detail: format!(
+                "{} memory files for {} backings",
+                files.len(),
+                backings.len()
+            ),
+        }
+        .into());
+    }
+    for (backing, file) in backings.iter().zip(&files) {
+        if !(backing.shared || backing.hugepages) {
+            return Err(MemoryError::SharedFiles {
+                detail: format!("{} is not shared memory", backing.name),
+            }
+            .into());
+        }
+        let len = file
+            .metadata()
+            .map_err(|e| io_error(backing, "reading the handed-over memory file", e))?
+            .len();
+        if len < backing.size {
+            return Err(MemoryError::SharedFiles {
+                detail: format!(
+                    "{}: {len} bytes handed over, {} needed",
+                    backing.name, backing.size
+                ),
+            }
+            .into());
+        }
+    }
+    let (memory, ranges) = lay_out(&backings, |index, offset, base, size| {
+        map_region(&backings[index], Some(&files[index]), offset, base, size)
+    })?;
+    Ok(GuestRam {
+        memory,
+        ranges,
+        anonymous: false,
+        shared_files: Some(files),
     })
 }
 
@@ -405,6 +503,7 @@ pub fn map_guest_ram_from_file(
         memory,
         ranges,
         anonymous: false,
+        shared_files: None,
     })
 }
 

@@ -11,9 +11,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::GuestMemoryBackend;
 use vmkit_config::{ConsoleOutputMode, ValidatedConfig, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -25,9 +24,13 @@ use crate::device_manager::{DeviceContext, DeviceManager, DeviceManagerError, De
 use crate::devices::legacy::{DebugPortWrite, GED_POWER_BUTTON};
 use crate::devices::serial::SerialBackend;
 use crate::error::{ErrorKind, ModuleError, Result};
-use crate::memory::{create_guest_ram, map_guest_ram_from_file, GuestRam};
+use crate::memory::{
+    create_guest_ram, map_guest_ram_from_file, map_guest_ram_from_shared_files, GuestRam,
+};
+use crate::migration::{self, ConfigMessage, Kind, MigrationError, Wire};
 use crate::seccomp::{self, SeccompMode, Spawner, ThreadGroups, ThreadKind};
 use crate::snapshot;
+use crate::snapshot::SavedState;
 use crate::vcpu::{self, Sample, VcpuThreadContext};
 use crate::virtio::block::ImageLock;
 use crate::virtio::pci::{DeviceEventLog, DeviceEvents};
@@ -81,11 +84,8 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
-    #[error("guest memory")]
-    HostAddress {
-        #[source]
-        source: vm_memory::GuestMemoryError,
-    },
+    #[error("guest memory region {slot} has no host mapping")]
+    HostAddress { slot: usize },
     #[error("No kernel specified")]
     NoKernel,
     #[error("power button")]
@@ -114,6 +114,8 @@ pub enum VmError {
     SnapshotVcpus { found: usize, expected: u8 },
     #[error("the snapshot's config ({file}): {detail}")]
     SnapshotConfig { file: String, detail: String },
+    #[error("the migrated VM's config: {detail}")]
+    MigrationConfig { detail: String },
 }
 
 impl ModuleError for VmError {
@@ -131,6 +133,7 @@ impl ModuleError for VmError {
             SnapshotNotPaused => ErrorKind::State,
             SnapshotMemory => ErrorKind::Unsupported,
             SnapshotVcpus { .. } | SnapshotConfig { .. } => ErrorKind::Snapshot,
+            MigrationConfig { .. } => ErrorKind::Migration,
         }
     }
 }
@@ -301,6 +304,54 @@ impl Instance {
     fn stop_and_release(mut self, reason: StopReason) {
         self.stop(reason);
     }
+}
+
+/// A boot that goes on from saved state instead of starting the payload.
+struct Restore<'a> {
+    memory: RestoredMemory<'a>,
+    state: &'a SavedState,
+    kernel_format: Option<&'a str>,
+}
+
+enum RestoredMemory<'a> {
+    /// A snapshot's memory file, mapped copy-on-write (`prefault`: read in
+    /// up front).
+    File {
+        file: &'a std::fs::File,
+        prefault: bool,
+    },
+    /// Guest RAM already filled: a migration's.
+    Ram(GuestRam),
+}
+
+/// What a live migration did.
+#[derive(Debug, Clone, Default)]
+pub struct MigrationReport {
+    /// From the call to the receiver's word that the VM runs there.
+    pub total: Duration,
+    /// From the vCPUs' stop here to that word: the guest-visible pause.
+    pub downtime: Duration,
+    /// Passes over guest memory before the stop (the first sends it all).
+    pub rounds: u32,
+    /// Bytes of guest memory sent (none for a local migration).
+    pub bytes: u64,
+    /// The memory was handed over as files, not copied.
+    pub local: bool,
+}
+
+/// The pre-copy stops iterating once a round leaves no more than this
+/// much to send while the VM is stopped, or after `MAX_PRECOPY_ROUNDS`.
+const STOP_AND_COPY_BYTES: u64 = 4 << 20;
+const MAX_PRECOPY_ROUNDS: u32 = 10;
+
+/// How far a send got, for undoing it when it fails.
+#[derive(Default)]
+struct SendProgress {
+    dirty_logging: bool,
+    parked: bool,
+    devices_stopped: bool,
+    disks_unlocked: bool,
+    complete_sent: bool,
 }
 
 struct Lifecycle {
@@ -551,7 +602,7 @@ impl Vm {
     fn launch(
         self: &Arc<Self>,
         mut life: MutexGuard<'_, Lifecycle>,
-        restore: Option<(&snapshot::Snapshot, bool)>,
+        restore: Option<Restore<'_>>,
     ) -> Result<()> {
         // Dropped, so released, if this boot fails.
         let disk_locks = self.lock_disk_images()?;
@@ -942,7 +993,7 @@ impl Vm {
     /// memory is the snapshot's file mapped copy-on-write, and the vCPUs,
     /// clock and platform devices take the snapshot's state instead of
     /// tables, a payload and boot registers.
-    fn build(&self, restore: Option<(&snapshot::Snapshot, bool)>) -> Result<Instance> {
+    fn build(&self, restore: Option<Restore<'_>>) -> Result<Instance> {
         let config = self.config();
         let vm_fd = Arc::new(self.kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?);
         vm_fd
@@ -954,24 +1005,25 @@ impl Vm {
         crate::interrupts::enable_split_irqchip(&vm_fd)
             .map_err(kvm_error("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
 
-        let ram = match restore {
-            None => create_guest_ram(&config.memory)?,
-            Some((snap, prefault)) => {
-                map_guest_ram_from_file(&config.memory, &snap.memory, prefault)?
+        let (ram, restore) = match restore {
+            None => (create_guest_ram(&config.memory)?, None),
+            Some(Restore {
+                memory,
+                state,
+                kernel_format,
+            }) => {
+                let ram = match memory {
+                    RestoredMemory::File { file, prefault } => {
+                        map_guest_ram_from_file(&config.memory, file, prefault)?
+                    }
+                    RestoredMemory::Ram(ram) => ram,
+                };
+                (ram, Some((state, kernel_format)))
             }
         };
-        for (slot, region) in ram.memory.iter().enumerate() {
-            let host = ram
-                .memory
-                .get_host_address(region.start_addr())
-                .map_err(|source| VmError::HostAddress { source })?;
-            let mem_region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-                flags: 0,
-            };
+        for slot in 0..ram.memory.num_regions() {
+            let mem_region =
+                migration::memory_slot(&ram, slot, false).ok_or(VmError::HostAddress { slot })?;
             // SAFETY: the mapping outlives the VM fd: both live in the Instance,
             // and the VM fd is dropped (after its vCPUs) before the memory.
             unsafe { vm_fd.set_user_memory_region(mem_region) }
@@ -1006,33 +1058,28 @@ impl Vm {
                 let payload = boot::load_payload(&ram, payload_config, rsdp)?;
                 (Some(payload), Some(payload.format))
             }
-            Some((snap, _)) => {
-                if snap.vcpus.len() != usize::from(config.cpus.boot_vcpus) {
+            Some((state, kernel_format)) => {
+                if state.vcpus.len() != usize::from(config.cpus.boot_vcpus) {
                     return Err(VmError::SnapshotVcpus {
-                        found: snap.vcpus.len(),
+                        found: state.vcpus.len(),
                         expected: config.cpus.boot_vcpus,
                     }
                     .into());
                 }
                 devices.restore_platform_state(
-                    &snap.platform.ioapic,
-                    snap.platform.serial.as_deref(),
+                    &state.platform.ioapic,
+                    state.platform.serial.as_deref(),
                 )?;
-                devices.restore_pci_state(&snap.platform.pci)?;
+                devices.restore_pci_state(&state.platform.pci)?;
                 devices.resume_virtio_after_snapshot();
                 let clock = kvm_bindings::kvm_clock_data {
-                    clock: snap.platform.clock,
+                    clock: state.platform.clock,
                     ..Default::default()
                 };
                 vm_fd
                     .set_clock(&clock)
                     .map_err(kvm_error("KVM_SET_CLOCK"))?;
-                let format = snap
-                    .header
-                    .kernel_format
-                    .as_deref()
-                    .and_then(KernelFormat::from_name);
-                (None, format)
+                (None, kernel_format.and_then(KernelFormat::from_name))
             }
         };
 
@@ -1046,7 +1093,7 @@ impl Vm {
                 .create_vcpu(u64::from(apic_id))
                 .map_err(kvm_error(format!("KVM_CREATE_VCPU {index}")))?;
             match (restore, payload) {
-                (Some((snap, _)), _) => snap.vcpus[usize::from(index)].apply(&fd)?,
+                (Some((state, _)), _) => state.vcpus[usize::from(index)].apply(&fd)?,
                 (None, Some(payload)) => {
                     if host.tsc_khz.is_none() {
                         host.tsc_khz = fd.get_tsc_khz().ok();
@@ -1124,6 +1171,23 @@ impl Vm {
         life: &Lifecycle,
         instance: &Instance,
     ) -> Result<()> {
+        let state = self.capture_state(instance)?;
+        snapshot::write_dir(
+            dir,
+            &snapshot::SnapshotParts {
+                config: self.config(),
+                kernel_format: life.kernel_format.map(KernelFormat::name),
+                ram: &instance._ram,
+                state: &state,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// The paused VM's state but its memory: every vCPU's (taken by its
+    /// parked thread), the clock, the platform and PCI devices'. Started
+    /// virtio devices must have stopped first.
+    fn capture_state(&self, instance: &Instance) -> Result<SavedState> {
         let msr_list = snapshot::vcpu::msr_list(&self.kvm)?;
         let xsave = self.kvm.check_extension(Cap::Xsave);
         let vcpus = instance
@@ -1135,22 +1199,15 @@ impl Vm {
             .map_err(kvm_error("KVM_GET_CLOCK"))?;
         let (ioapic, serial) = instance.devices.save_platform_state();
         let pci = instance.devices.save_pci_state();
-        snapshot::write_dir(
-            dir,
-            &snapshot::SnapshotParts {
-                config: self.config(),
-                kernel_format: life.kernel_format.map(KernelFormat::name),
-                ram: &instance._ram,
-                vcpus: &vcpus,
-                platform: snapshot::PlatformState {
-                    clock: clock.clock,
-                    ioapic,
-                    serial,
-                    pci,
-                },
+        Ok(SavedState {
+            vcpus,
+            platform: snapshot::PlatformState {
+                clock: clock.clock,
+                ioapic,
+                serial,
+                pci,
             },
-        )?;
-        Ok(())
+        })
     }
 
     /// A VM from the snapshot in `dir`, Paused (as Cloud Hypervisor leaves
@@ -1190,8 +1247,299 @@ impl Vm {
 
     fn start_restored(self: &Arc<Self>, snap: &snapshot::Snapshot, prefault: bool) -> Result<()> {
         let life = self.lock();
-        self.launch(life, Some((snap, prefault)))
+        let restore = Restore {
+            memory: RestoredMemory::File {
+                file: &snap.memory,
+                prefault,
+            },
+            state: &snap.state,
+            kernel_format: snap.header.kernel_format.as_deref(),
+        };
+        self.launch(life, Some(restore))
     }
+
+    /// Moves the running (or paused) VM to the VMM listening on the unix
+    /// socket `path` ([`Vm::receive_migration`]). Pre-copy: guest memory
+    /// goes over while the VM runs, then the pages written meanwhile
+    /// (KVM's dirty log and the VMM's own writes), round after round until
+    /// few are left; then the vCPUs stop, the devices finish their IO, and
+    /// the last pages and the state go. With `local`, the memory files are
+    /// handed over instead (shared memory only). Once the receiver runs the
+    /// VM, this one stops (`StopReason::Migrated`). On failure the VM runs
+    /// on here as before, unless the receiver may already run it (the
+    /// connection ended after the last step): then it stays paused.
+    pub fn send_migration(&self, path: &std::path::Path, local: bool) -> Result<MigrationReport> {
+        let started = Instant::now();
+        let mut life = self.lock_settled();
+        let Some(instance) = &life.instance else {
+            return Err(VmError::NotRunning.into());
+        };
+        if !matches!(life.state, VmState::Running | VmState::Paused) {
+            return Err(VmError::NotRunning.into());
+        }
+        if local && instance._ram.shared_files.is_none() {
+            return Err(MigrationError::LocalNeedsSharedMemory.into());
+        }
+        let stream =
+            std::os::unix::net::UnixStream::connect(path).map_err(MigrationError::Connect)?;
+        let mut wire = Wire { stream };
+        let mut progress = SendProgress::default();
+        let sent = self.send_vm(&mut wire, &life, instance, local, &mut progress);
+        let report = match sent {
+            Ok(mut report) => {
+                report.total = started.elapsed();
+                report
+            }
+            Err(error) => {
+                let error = match error.kind {
+                    ErrorKind::Migration => wire.refusal().map_or(error, Into::into),
+                    _ => error,
+                };
+                let refused = error.message.starts_with("the receiving VMM refused");
+                if progress.dirty_logging {
+                    let _ = migration::set_dirty_logging(&instance._vm_fd, &instance._ram, false);
+                }
+                if progress.complete_sent && !refused {
+                    // The receiver may run the VM: running it here too would
+                    // split it in two.
+                    if progress.parked {
+                        life.state = VmState::Paused;
+                    }
+                    return Err(MigrationError::Unconfirmed(error.message).into());
+                }
+                if progress.disks_unlocked {
+                    match self.lock_disk_images() {
+                        Ok(locks) => *self.held_disk_locks() = locks,
+                        Err(e) => log::warn!("the disks stay unlocked after the migration: {e}"),
+                    }
+                }
+                if progress.devices_stopped {
+                    instance.devices.resume_virtio_after_snapshot();
+                }
+                if progress.parked {
+                    instance.control.set_command(VcpuCommand::Run);
+                }
+                return Err(error);
+            }
+        };
+        instance.control.request_stop(StopReason::Migrated);
+        instance.control.set_command(VcpuCommand::Run);
+        drop(life);
+        self.wait(None);
+        Ok(report)
+    }
+
+    fn send_vm(
+        &self,
+        wire: &mut Wire,
+        life: &Lifecycle,
+        instance: &Instance,
+        local: bool,
+        progress: &mut SendProgress,
+    ) -> Result<MigrationReport> {
+        let ram = &instance._ram;
+        let vm_fd = &instance._vm_fd;
+        let mut hello = migration::MAGIC.to_vec();
+        hello.extend_from_slice(&migration::VERSION.to_le_bytes());
+        hello.extend_from_slice(&u32::from(local).to_le_bytes());
+        wire.send(Kind::Hello, &hello)?;
+        let config =
+            serde_json::to_string(self.config()).map_err(|e| VmError::MigrationConfig {
+                detail: e.to_string(),
+            })?;
+        let message = ConfigMessage {
+            config,
+            memory_size: ram.total_size(),
+            vcpus: instance.samples.len(),
+            kernel_format: life.kernel_format.map(|f| f.name().to_owned()),
+        };
+        let message = serde_json::to_vec(&message).map_err(|e| VmError::MigrationConfig {
+            detail: e.to_string(),
+        })?;
+        wire.send(Kind::Config, &message)?;
+        wire.wait_ack()?;
+
+        let mut report = MigrationReport {
+            local,
+            ..MigrationReport::default()
+        };
+        let mut buffer = vec![0u8; migration::PAGES_CHUNK];
+        if let (true, Some(files)) = (local, &ram.shared_files) {
+            wire.send_files(files)?;
+        } else {
+            migration::set_dirty_logging(vm_fd, ram, true)?;
+            progress.dirty_logging = true;
+            migration::reset_vmm_dirty(ram);
+            report.bytes += send_all_memory(wire, ram, &mut buffer)?;
+            report.rounds = 1;
+            while report.rounds < MAX_PRECOPY_ROUNDS {
+                let sent = send_dirty(wire, vm_fd, ram, &mut buffer)?;
+                report.bytes += sent;
+                report.rounds += 1;
+                if sent <= STOP_AND_COPY_BYTES {
+                    break;
+                }
+            }
+        }
+
+        // Stop and copy.
+        let stopped = Instant::now();
+        if life.state == VmState::Running {
+            instance.control.set_command(VcpuCommand::Park);
+            progress.parked = true;
+            instance.kick_all();
+            if !instance.control.wait_parked(Duration::from_secs(10)) {
+                return Err(VmError::PauseTimeout.into());
+            }
+        }
+        instance.devices.stop_virtio_for_snapshot();
+        progress.devices_stopped = true;
+        if !local {
+            report.bytes += send_dirty(wire, vm_fd, ram, &mut buffer)?;
+        }
+        let state = self.capture_state(instance)?;
+        // The receiver opens the disk images now; the devices here are idle.
+        *self.held_disk_locks() = Vec::new();
+        progress.disks_unlocked = true;
+        wire.send(Kind::State, &state.encode())?;
+        wire.wait_ack()?;
+        progress.complete_sent = true;
+        wire.send(Kind::Complete, &[])?;
+        wire.wait_ack()?;
+        report.downtime = stopped.elapsed();
+        Ok(report)
+    }
+
+    /// Receives a VM from [`Vm::send_migration`]: listens on the unix
+    /// socket `path` (removed once the sender connects), builds the VM as
+    /// its config and state say, and runs it once the sender is done.
+    /// Everything received is checked; on failure nothing is left behind
+    /// and the sender is told why.
+    pub fn receive_migration(path: &std::path::Path, options: VmOptions) -> Result<Arc<Vm>> {
+        let listener =
+            std::os::unix::net::UnixListener::bind(path).map_err(MigrationError::Bind)?;
+        let accepted = listener.accept();
+        drop(listener);
+        let unlinked = std::fs::remove_file(path);
+        let (stream, _) = accepted.map_err(MigrationError::Accept)?;
+        unlinked.map_err(MigrationError::Unlink)?;
+        let mut wire = Wire { stream };
+        let received = Vm::receive_vm(&mut wire, options);
+        if let Err(error) = &received {
+            let _ = wire.ack(Err(&error.message));
+        }
+        received
+    }
+
+    fn receive_vm(wire: &mut Wire, options: VmOptions) -> Result<Arc<Vm>> {
+        let protocol = |detail: String| MigrationError::Protocol(detail);
+        let mut buffer = Vec::new();
+        wire.expect(Kind::Hello, &mut buffer)?;
+        let magic = migration::MAGIC.len();
+        if buffer.len() != magic + 8 || buffer[..magic] != migration::MAGIC[..] {
+            return Err(protocol("not a vmkit migration".to_owned()).into());
+        }
+        let word = |at: usize| {
+            u32::from_le_bytes([buffer[at], buffer[at + 1], buffer[at + 2], buffer[at + 3]])
+        };
+        let version = word(magic);
+        if version != migration::VERSION {
+            return Err(protocol(format!(
+                "protocol version {version}, this vmkit speaks version {}",
+                migration::VERSION
+            ))
+            .into());
+        }
+        let local = word(magic + 4) == 1;
+        wire.expect(Kind::Config, &mut buffer)?;
+        let message: ConfigMessage = serde_json::from_slice(&buffer)
+            .map_err(|e| protocol(format!("the config message: {e}")))?;
+        let config: VmConfig = vmkit_config::json::from_json(&message.config).map_err(|e| {
+            VmError::MigrationConfig {
+                detail: e.to_string(),
+            }
+        })?;
+        let size = config.memory.total_size();
+        if size != message.memory_size || message.vcpus != usize::from(config.cpus.boot_vcpus) {
+            return Err(protocol(format!(
+                "{} bytes of memory and {} vCPUs sent, the config has {size} and {}",
+                message.memory_size, message.vcpus, config.cpus.boot_vcpus
+            ))
+            .into());
+        }
+        let validated = config.validated().map_err(|e| VmError::MigrationConfig {
+            detail: e.to_string(),
+        })?;
+        let vm = Vm::new(validated, options)?;
+        let ram = if local {
+            None
+        } else {
+            Some(create_guest_ram(&vm.config().memory)?)
+        };
+        wire.ack(Ok(()))?;
+        let ram = match ram {
+            Some(ram) => {
+                loop {
+                    match wire.receive(&mut buffer)? {
+                        Kind::Pages => migration::store_pages(&ram, &buffer)?,
+                        Kind::State => break,
+                        other => {
+                            return Err(
+                                protocol(format!("a {other:?} frame among the pages")).into()
+                            )
+                        }
+                    }
+                }
+                ram
+            }
+            None => {
+                let files = wire.receive_files()?;
+                let ram = map_guest_ram_from_shared_files(&vm.config().memory, files)?;
+                wire.expect(Kind::State, &mut buffer)?;
+                ram
+            }
+        };
+        let state = SavedState::decode(&buffer).map_err(|e| protocol(e.to_string()))?;
+        let restore = Restore {
+            memory: RestoredMemory::Ram(ram),
+            state: &state,
+            kernel_format: message.kernel_format.as_deref(),
+        };
+        let life = vm.lock();
+        vm.launch(life, Some(restore))?;
+        wire.ack(Ok(()))?;
+        wire.expect(Kind::Complete, &mut buffer)?;
+        vm.resume()?;
+        wire.ack(Ok(()))?;
+        Ok(vm)
+    }
+}
+
+/// Sends every page of guest RAM that may hold data (for private anonymous
+/// memory, those the guest touched: the receiver's fresh RAM reads zeros
+/// elsewhere). Returns the bytes sent.
+fn send_all_memory(wire: &mut Wire, ram: &GuestRam, buffer: &mut [u8]) -> Result<u64> {
+    let mut sent = 0;
+    for &(base, size) in &ram.ranges {
+        let mut done = 0u64;
+        while done < size {
+            let len = (size - done).min(buffer.len() as u64);
+            if !snapshot::untouched_guest_range(ram, base + done, len) {
+                sent += wire.send_pages(ram, buffer, base + done, len)?;
+            }
+            done += len;
+        }
+    }
+    Ok(sent)
+}
+
+/// Sends the pages written since the last round. Returns the bytes sent.
+fn send_dirty(wire: &mut Wire, vm_fd: &VmFd, ram: &GuestRam, buffer: &mut [u8]) -> Result<u64> {
+    let mut sent = 0;
+    for (addr, len) in migration::take_dirty(vm_fd, ram)? {
+        sent += wire.send_pages(ram, buffer, addr, len)?;
+    }
+    Ok(sent)
 }
 
 /// Snapshots cover plain guest RAM only, so far.

@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_enable_cap, kvm_fpu, kvm_ioeventfd,
-    kvm_irq_routing, kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msi, kvm_msr_list, kvm_msrs,
-    kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_enable_cap, kvm_fpu,
+    kvm_ioeventfd, kvm_irq_routing, kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msi,
+    kvm_msr_list, kvm_msrs, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, KVMIO,
 };
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -135,6 +136,7 @@ ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
 ioctl_iowr_nr!(KVM_GET_MSR_INDEX_LIST, KVMIO, 0x02, kvm_msr_list);
 ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
 ioctl_iow_nr!(KVM_SET_CLOCK, KVMIO, 0x7b, kvm_clock_data);
+ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 ioctl_iow_nr!(KVM_SET_MP_STATE, KVMIO, 0x99, kvm_mp_state);
 ioctl_iow_nr!(KVM_SET_XSAVE, KVMIO, 0xa5, kvm_xsave);
 ioctl_iow_nr!(KVM_SET_XCRS, KVMIO, 0xa7, kvm_xcrs);
@@ -486,7 +488,8 @@ fn own_rules(kind: ThreadKind) -> Rules {
             r.merge(&creates_threads())
                 .merge(&builds_vm())
                 .merge(&interpreter())
-                .merge(&snapshots());
+                .merge(&snapshots())
+                .merge(&migration());
             r
         }
     }
@@ -617,6 +620,17 @@ fn snapshots() -> Rules {
         KVM_SET_DEBUGREGS(),
         KVM_SET_VCPU_EVENTS(),
     ]);
+    r
+}
+
+/// `vm.send-migration` and `vm.receive-migration`, served by the process's
+/// API or control thread: the unix socket to the other VMM (the receiver's
+/// listener is `builds_vm`'s bind/listen and the interpreter's accept4;
+/// memory files travel by sendmsg/recvmsg), and KVM's dirty-page log.
+fn migration() -> Rules {
+    let mut r = Rules::default();
+    r.allow(&[libc::SYS_connect, libc::SYS_sendmsg, libc::SYS_recvmsg]);
+    r.ioctls(&[KVM_GET_DIRTY_LOG()]);
     r
 }
 

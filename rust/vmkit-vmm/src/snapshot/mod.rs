@@ -116,8 +116,50 @@ pub struct Snapshot {
     /// `config.json`'s text.
     pub config: String,
     pub memory: File,
+    pub state: SavedState,
+}
+
+/// A stopped VM's state but its memory: what a snapshot's `vcpu-N` and
+/// `platform` files hold, and what a migration sends as one blob.
+pub struct SavedState {
     pub vcpus: Vec<vcpu::VcpuState>,
     pub platform: PlatformState,
+}
+
+const STATE_MAGIC: u32 = 0x534d_4b56; // "VKMS"
+/// A vCPU's state is a few KiB.
+const VCPU_STATE_LIMIT: usize = 1 << 20;
+
+impl SavedState {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = codec::Writer::default();
+        w.u32(STATE_MAGIC);
+        w.u32(self.vcpus.len() as u32);
+        for vcpu in &self.vcpus {
+            w.blob(&vcpu.encode());
+        }
+        w.blob(&self.platform.encode());
+        w.bytes
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
+        let mut r = codec::Reader::new("migration state", bytes);
+        if r.u32()? != STATE_MAGIC {
+            return Err(r.corrupt("not a vmkit VM state".to_owned()));
+        }
+        let count = r.u32()? as usize;
+        if count == 0 || count > MAX_VCPUS {
+            return Err(r.corrupt(format!("{count} vCPUs")));
+        }
+        let mut vcpus = Vec::with_capacity(count);
+        for index in 0..count {
+            let blob = r.blob(VCPU_STATE_LIMIT)?;
+            vcpus.push(vcpu::VcpuState::decode(&format!("vCPU {index}"), blob)?);
+        }
+        let platform = PlatformState::decode(r.blob(MAX_STATE_FILE as usize)?)?;
+        r.finish()?;
+        Ok(SavedState { vcpus, platform })
+    }
 }
 
 /// The KVM VM's clock, the user-space platform devices' registers and the
@@ -180,8 +222,7 @@ pub struct SnapshotParts<'a> {
     pub config: &'a vmkit_config::VmConfig,
     pub kernel_format: Option<&'a str>,
     pub ram: &'a GuestRam,
-    pub vcpus: &'a [vcpu::VcpuState],
-    pub platform: PlatformState,
+    pub state: &'a SavedState,
 }
 
 fn io_error(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SnapshotError {
@@ -222,10 +263,14 @@ fn write_files(
     let config = serde_json::to_string_pretty(parts.config)
         .map_err(|e| io_error("writing", &dir.join(CONFIG_FILE))(io::Error::other(e)))?;
     put(written, dir.join(CONFIG_FILE), config.as_bytes())?;
-    for (index, state) in parts.vcpus.iter().enumerate() {
+    for (index, state) in parts.state.vcpus.iter().enumerate() {
         put(written, dir.join(vcpu_file(index)), &state.encode())?;
     }
-    put(written, dir.join(PLATFORM_FILE), &parts.platform.encode())?;
+    put(
+        written,
+        dir.join(PLATFORM_FILE),
+        &parts.state.platform.encode(),
+    )?;
     let memory_path = dir.join(MEMORY_FILE);
     let memory = create(written, &memory_path)?;
     write_memory(parts.ram, &memory, &memory_path.display().to_string())?;
@@ -235,7 +280,7 @@ fn write_files(
         version: FORMAT_VERSION,
         vmkit: env!("CARGO_PKG_VERSION").to_owned(),
         memory_size: parts.ram.total_size(),
-        vcpus: parts.vcpus.len(),
+        vcpus: parts.state.vcpus.len(),
         kernel_format: parts.kernel_format.map(str::to_owned),
     };
     let header = serde_json::to_string_pretty(&header)
@@ -335,8 +380,7 @@ pub fn read_dir(dir: &Path) -> Result<Snapshot, SnapshotError> {
         header,
         config,
         memory,
-        vcpus,
-        platform,
+        state: SavedState { vcpus, platform },
     })
 }
 
@@ -404,6 +448,33 @@ pub fn write_memory(ram: &GuestRam, file: &File, path: &str) -> Result<u64, Snap
     file.sync_all()
         .map_err(|e| io_error("syncing the memory file", e))?;
     Ok(written)
+}
+
+/// Whether guest RAM `[addr, addr + len)` is private anonymous memory the
+/// guest never touched (so it reads as zeros). False when unsure.
+pub fn untouched_guest_range(ram: &GuestRam, addr: u64, len: u64) -> bool {
+    if !ram.anonymous {
+        return false;
+    }
+    let Ok(pagemap) = File::open("/proc/self/pagemap") else {
+        return false;
+    };
+    let mut done = 0u64;
+    while done < len {
+        let at = GuestAddress(addr + done);
+        let Some(region) = ram.memory.find_region(at) else {
+            return false;
+        };
+        let step = (len - done).min(region.start_addr().0 + region.len() - at.0);
+        let Ok(host) = ram.memory.get_host_address(at) else {
+            return false;
+        };
+        if !untouched(&pagemap, host as usize, step as usize) {
+            return false;
+        }
+        done += step;
+    }
+    true
 }
 
 /// Whether no page of the anonymous mapping at `host`..`host + len` has

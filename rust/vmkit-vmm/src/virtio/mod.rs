@@ -21,8 +21,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
+use crate::memory::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Device types (virtio 1.2 §5).

@@ -6,8 +6,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::counters::BlockCounters;
@@ -300,6 +301,14 @@ impl QueueHandler {
     }
 
     pub fn finish(&mut self, request: Request, status: u8, used: u32) {
+        // The kernel filled the buffers of a read through host iovecs: a
+        // migration must see those pages as written (even a failed read may
+        // have filled some).
+        if let Op::Read { data, .. } = &request.op {
+            for segment in data {
+                crate::memory::mark_dirty(&self.mem, segment.addr, segment.len as usize);
+            }
+        }
         // In guest memory: split_chain checked it.
         let _ = self.mem.write_obj(status, request.status);
         if status == STATUS_OK {

@@ -4,8 +4,9 @@
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
+use crate::memory::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Whether the driver asked for an interrupt for used entries `old..new`
 /// (virtio 1.2 §2.7.10: `vring_need_event`), or always without EVENT_IDX.

@@ -6,8 +6,9 @@ use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use crate::memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::chain::{fill, need_event, writable_capacity};
 use super::counters::NetCounters;

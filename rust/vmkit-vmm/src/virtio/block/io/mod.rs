@@ -9,7 +9,8 @@ use std::fs::File;
 use std::io;
 use std::sync::Arc;
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use crate::memory::GuestMemoryMmap;
+use vm_memory::GuestMemoryBackend;
 
 use self::sync::{bounce_read, bounce_write, rw_vectored};
 use super::disk::DiskImage;

@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
-use vm_memory::GuestMemoryMmap;
+use crate::memory::GuestMemoryMmap;
 
 use super::{advance_iovecs, UIO_MAXIOV};
 use crate::virtio::block::disk::AlignedBuf;

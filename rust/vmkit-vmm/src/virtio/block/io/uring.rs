@@ -4,8 +4,8 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
+use crate::memory::GuestMemoryMmap;
 use io_uring::{opcode, types, IoUring};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::IoVecs;
@@ -223,7 +223,7 @@ mod tests {
     /// cannot use it to open files or connect sockets behind its filter.
     #[test]
     fn the_ring_refuses_operations_outside_its_restrictions() {
-        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         let Ok(mut uring) = Uring::new(8, memory) else {
             return; // no io_uring here: nothing to restrict
         };

@@ -7,6 +7,7 @@ use super::ctrl::{
 };
 use super::tap::VNET_HDR_LEN;
 use super::*;
+use crate::memory::GuestMemoryMmap;
 use crate::virtio::testing::{
     capture_logs, guest_memory, logged, wait_until, Driver, FakeInterrupt, NEXT, WRITE,
 };
@@ -14,7 +15,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const QSIZE: u16 = 16;
 const MEM_SIZE: u64 = 0x40_0000;

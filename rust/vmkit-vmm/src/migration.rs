@@ -1,0 +1,445 @@
+//! Live migration: the wire between two VMM processes, and guest memory's
+//! dirty pages.
+//!
+//! vmkit's own protocol (version [`VERSION`]) over a unix stream socket,
+//! in frames of `kind: u32, length: u64, payload` (little-endian):
+//!
+//! | frame | from | payload |
+//! |---|---|---|
+//! | `HELLO` | sender | [`MAGIC`], version: u32, local: u32 |
+//! | `CONFIG` | sender | JSON [`ConfigMessage`]: the config with its ids |
+//! | `MEMORY_FDS` | sender, local only | count: u32; the memory files ride along (SCM_RIGHTS) |
+//! | `PAGES` | sender | guest address: u64, then the bytes there |
+//! | `STATE` | sender | the vCPUs' and devices' state (as a snapshot's files hold it) |
+//! | `COMPLETE` | sender | nothing: run the VM |
+//! | `ACK` | receiver, after `CONFIG`, `STATE`, `COMPLETE` | 0, or 1 and the error's text |
+//!
+//! The receiver trusts nothing in a frame: each kind has a size limit, pages
+//! must lie in guest RAM, the state is decoded with every length checked.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::error::{ErrorKind, ModuleError};
+use crate::memory::{GuestRam, GuestRegionMmap, PAGE_SIZE};
+
+pub const MAGIC: &[u8; 16] = b"vmkit-migration\0";
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Hello = 1,
+    Config = 2,
+    MemoryFds = 3,
+    Pages = 4,
+    State = 5,
+    Complete = 6,
+    Ack = 7,
+}
+
+impl Kind {
+    fn from_u32(value: u32) -> Option<Kind> {
+        Some(match value {
+            1 => Kind::Hello,
+            2 => Kind::Config,
+            3 => Kind::MemoryFds,
+            4 => Kind::Pages,
+            5 => Kind::State,
+            6 => Kind::Complete,
+            7 => Kind::Ack,
+            _ => return None,
+        })
+    }
+
+    /// The largest payload the receiving side accepts for this kind.
+    fn limit(self) -> u64 {
+        match self {
+            Kind::Hello => 64,
+            Kind::Config => 1 << 20,
+            Kind::MemoryFds => 4,
+            Kind::Pages => 8 + PAGES_CHUNK as u64,
+            // 16 MiB of PCI state and a few KiB per vCPU.
+            Kind::State => 64 << 20,
+            Kind::Complete => 0,
+            Kind::Ack => 64 << 10,
+        }
+    }
+}
+
+/// Guest memory goes in frames of at most this many bytes.
+pub const PAGES_CHUNK: usize = 4 << 20;
+/// Most memory files a local migration hands over (one per backing).
+const MAX_MEMORY_FILES: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("Error connecting to UNIX socket: {0}")]
+    Connect(#[source] io::Error),
+    #[error("Error binding to UNIX socket: {0}")]
+    Bind(#[source] io::Error),
+    #[error("Error accepting on UNIX socket: {0}")]
+    Accept(#[source] io::Error),
+    #[error("Error unlinking UNIX socket: {0}")]
+    Unlink(#[source] io::Error),
+    #[error("Local migration requires shared memory or hugepages enabled")]
+    LocalNeedsSharedMemory,
+    #[error("the migration connection failed: {0}")]
+    Io(#[source] io::Error),
+    #[error("the other VMM closed the migration connection")]
+    Closed,
+    #[error("the other VMM does not speak vmkit's migration protocol: {0}")]
+    Protocol(String),
+    #[error("the receiving VMM refused the migration: {0}")]
+    Refused(String),
+    #[error("{what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("the receiving VMM did not confirm the VM runs ({0}); the VM stays paused here")]
+    Unconfirmed(String),
+}
+
+impl ModuleError for MigrationError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            MigrationError::Kvm { .. } => ErrorKind::Kvm,
+            _ => ErrorKind::Migration,
+        }
+    }
+}
+
+impl From<io::Error> for MigrationError {
+    fn from(error: io::Error) -> Self {
+        match error.kind() {
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe => MigrationError::Closed,
+            _ => MigrationError::Io(error),
+        }
+    }
+}
+
+/// What `CONFIG` carries.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct ConfigMessage {
+    /// Cloud Hypervisor's JSON of the VM's config, with its ids.
+    pub config: String,
+    /// Bytes of guest RAM.
+    pub memory_size: u64,
+    pub vcpus: usize,
+    pub kernel_format: Option<String>,
+}
+
+/// One end of the migration connection.
+pub struct Wire {
+    pub stream: UnixStream,
+}
+
+impl Wire {
+    pub fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), MigrationError> {
+        self.send_parts(kind, &[payload])
+    }
+
+    fn send_parts(&mut self, kind: Kind, parts: &[&[u8]]) -> Result<(), MigrationError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut header = [0u8; 12];
+        header[..4].copy_from_slice(&(kind as u32).to_le_bytes());
+        header[4..].copy_from_slice(&(len as u64).to_le_bytes());
+        self.stream.write_all(&header)?;
+        for part in parts {
+            self.stream.write_all(part)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the next frame's header: its kind and payload length, checked
+    /// against the kind's limit.
+    fn header(&mut self, header: [u8; 12]) -> Result<(Kind, usize), MigrationError> {
+        let mut raw = [0u8; 4];
+        raw.copy_from_slice(&header[..4]);
+        let kind_value = u32::from_le_bytes(raw);
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(&header[4..]);
+        let len = u64::from_le_bytes(raw);
+        let kind = Kind::from_u32(kind_value)
+            .ok_or_else(|| MigrationError::Protocol(format!("unknown frame kind {kind_value}")))?;
+        if len > kind.limit() {
+            return Err(MigrationError::Protocol(format!(
+                "a {kind:?} frame of {len} bytes (at most {})",
+                kind.limit()
+            )));
+        }
+        Ok((kind, len as usize))
+    }
+
+    /// The next frame, whose payload is read into `buffer`.
+    pub fn receive(&mut self, buffer: &mut Vec<u8>) -> Result<Kind, MigrationError> {
+        let mut header = [0u8; 12];
+        self.stream.read_exact(&mut header)?;
+        let (kind, len) = self.header(header)?;
+        buffer.resize(len, 0);
+        self.stream.read_exact(buffer)?;
+        Ok(kind)
+    }
+
+    /// The next frame, which must be `expected`.
+    pub fn expect(&mut self, expected: Kind, buffer: &mut Vec<u8>) -> Result<(), MigrationError> {
+        let kind = self.receive(buffer)?;
+        if kind != expected {
+            return Err(MigrationError::Protocol(format!(
+                "a {kind:?} frame where {expected:?} was due"
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn ack(&mut self, result: Result<(), &str>) -> Result<(), MigrationError> {
+        match result {
+            Ok(()) => self.send(Kind::Ack, &0u32.to_le_bytes()),
+            Err(message) => {
+                let limit = Kind::Ack.limit() as usize - 4;
+                let text = &message.as_bytes()[..message.len().min(limit)];
+                self.send_parts(Kind::Ack, &[&1u32.to_le_bytes(), text])
+            }
+        }
+    }
+
+    /// Waits for the receiver's answer to the last step.
+    pub fn wait_ack(&mut self) -> Result<(), MigrationError> {
+        let mut buffer = Vec::new();
+        self.expect(Kind::Ack, &mut buffer)?;
+        match buffer.get(..4) {
+            Some([0, 0, 0, 0]) if buffer.len() == 4 => Ok(()),
+            Some([1, 0, 0, 0]) => Err(MigrationError::Refused(
+                String::from_utf8_lossy(&buffer[4..]).into_owned(),
+            )),
+            _ => Err(MigrationError::Protocol("a malformed answer".to_owned())),
+        }
+    }
+
+    /// After a failed send: the receiver's reason, if it sent one before
+    /// closing the connection.
+    pub fn refusal(&mut self) -> Option<MigrationError> {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        let _ = self
+            .stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(1)));
+        let mut buffer = Vec::new();
+        loop {
+            match self.receive(&mut buffer) {
+                Ok(Kind::Ack) if buffer.get(..4) == Some(&[1, 0, 0, 0]) => {
+                    return Some(MigrationError::Refused(
+                        String::from_utf8_lossy(&buffer[4..]).into_owned(),
+                    ))
+                }
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Sends the memory files of a local migration.
+    pub fn send_files(&mut self, files: &[File]) -> Result<(), MigrationError> {
+        let mut frame = [0u8; 16];
+        frame[..4].copy_from_slice(&(Kind::MemoryFds as u32).to_le_bytes());
+        frame[4..12].copy_from_slice(&4u64.to_le_bytes());
+        frame[12..].copy_from_slice(&(files.len() as u32).to_le_bytes());
+        let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+        let sent = self
+            .stream
+            .send_with_fds(&[&frame[..]], &fds)
+            .map_err(|e| MigrationError::Io(io::Error::from_raw_os_error(e.errno())))?;
+        self.stream.write_all(&frame[sent..])?;
+        Ok(())
+    }
+
+    /// Receives the memory files of a local migration.
+    pub fn receive_files(&mut self) -> Result<Vec<File>, MigrationError> {
+        let mut frame = [0u8; 16];
+        let mut fds = [-1 as RawFd; MAX_MEMORY_FILES];
+        let mut iovecs = [libc::iovec {
+            iov_base: frame.as_mut_ptr().cast(),
+            iov_len: frame.len(),
+        }];
+        // SAFETY: the iovec points at `frame`, which outlives the call.
+        let (read, count) = unsafe { self.stream.recv_with_fds(&mut iovecs, &mut fds) }
+            .map_err(|e| MigrationError::Io(io::Error::from_raw_os_error(e.errno())))?;
+        let files: Vec<File> = fds[..count]
+            .iter()
+            .map(|&fd| {
+                // SAFETY: recvmsg gave us these descriptors; nothing else owns them.
+                let file = unsafe { File::from_raw_fd(fd) };
+                // SAFETY: fcntl on a descriptor we own.
+                unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+                file
+            })
+            .collect();
+        if read == 0 {
+            return Err(MigrationError::Closed);
+        }
+        self.stream.read_exact(&mut frame[read..])?;
+        let mut header = [0u8; 12];
+        header.copy_from_slice(&frame[..12]);
+        let (kind, _) = self.header(header)?;
+        if kind != Kind::MemoryFds {
+            return Err(MigrationError::Protocol(format!(
+                "a {kind:?} frame where the memory files were due"
+            )));
+        }
+        let mut raw = [0u8; 4];
+        raw.copy_from_slice(&frame[12..]);
+        let announced = u32::from_le_bytes(raw) as usize;
+        if announced != files.len() {
+            return Err(MigrationError::Protocol(format!(
+                "{announced} memory files announced, {} received",
+                files.len()
+            )));
+        }
+        Ok(files)
+    }
+
+    /// Guest memory `[addr, addr + len)` in frames.
+    pub fn send_pages(
+        &mut self,
+        ram: &GuestRam,
+        buffer: &mut [u8],
+        addr: u64,
+        len: u64,
+    ) -> Result<u64, MigrationError> {
+        let mut done = 0u64;
+        while done < len {
+            let step = (len - done).min(buffer.len() as u64) as usize;
+            let at = GuestAddress(addr + done);
+            ram.memory
+                .read_slice(&mut buffer[..step], at)
+                .map_err(|e| MigrationError::Io(io::Error::other(e)))?;
+            self.send_parts(Kind::Pages, &[&at.0.to_le_bytes(), &buffer[..step]])?;
+            done += step as u64;
+        }
+        Ok(len)
+    }
+}
+
+/// Writes a `PAGES` frame's payload into guest RAM, checked to lie wholly
+/// in it.
+pub fn store_pages(ram: &GuestRam, payload: &[u8]) -> Result<(), MigrationError> {
+    let Some((addr, data)) = payload.split_first_chunk::<8>() else {
+        return Err(MigrationError::Protocol(
+            "a PAGES frame without an address".to_owned(),
+        ));
+    };
+    let addr = u64::from_le_bytes(*addr);
+    let inside = addr.checked_add(data.len() as u64).is_some_and(|end| {
+        ram.ranges
+            .iter()
+            .any(|&(base, size)| addr >= base && end <= base + size)
+    });
+    if !inside {
+        return Err(MigrationError::Protocol(format!(
+            "{} bytes at {addr:#x} are not guest RAM",
+            data.len()
+        )));
+    }
+    ram.memory
+        .write_slice(data, GuestAddress(addr))
+        .map_err(|e| MigrationError::Protocol(format!("guest RAM at {addr:#x}: {e}")))
+}
+
+/// KVM's view of guest RAM region `slot` (as the VM registers them: in
+/// order, from slot 0), logging dirty pages or not.
+pub fn memory_slot(
+    ram: &GuestRam,
+    slot: usize,
+    log_dirty: bool,
+) -> Option<kvm_userspace_memory_region> {
+    let region = ram.memory.iter().nth(slot)?;
+    let host = ram.memory.get_host_address(region.start_addr()).ok()?;
+    Some(kvm_userspace_memory_region {
+        slot: slot as u32,
+        guest_phys_addr: region.start_addr().0,
+        memory_size: region.len(),
+        userspace_addr: host as u64,
+        flags: if log_dirty {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
+    })
+}
+
+/// Turns KVM's dirty-page logging on or off for every RAM slot.
+pub fn set_dirty_logging(vm_fd: &VmFd, ram: &GuestRam, on: bool) -> Result<(), MigrationError> {
+    for slot in 0..ram.memory.num_regions() {
+        let Some(region) = memory_slot(ram, slot, on) else {
+            continue;
+        };
+        // SAFETY: the same mapping the slot already has; only its flags change.
+        unsafe { vm_fd.set_user_memory_region(region) }.map_err(|source| MigrationError::Kvm {
+            what: "KVM_SET_USER_MEMORY_REGION (dirty logging)",
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// The pages written since the last call, by the guest (KVM's log) or by
+/// the VMM (each region's bitmap), as (guest address, length) runs; both
+/// logs start afresh.
+pub fn take_dirty(vm_fd: &VmFd, ram: &GuestRam) -> Result<Vec<(u64, u64)>, MigrationError> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (slot, region) in ram.memory.iter().enumerate() {
+        let len = region.len() as usize;
+        let guest =
+            vm_fd
+                .get_dirty_log(slot as u32, len)
+                .map_err(|source| MigrationError::Kvm {
+                    what: "KVM_GET_DIRTY_LOG",
+                    source,
+                })?;
+        let vmm = vmm_bitmap(region).get_and_reset();
+        let base = region.start_addr().0;
+        let pages = len.div_ceil(PAGE_SIZE);
+        for word in 0..pages.div_ceil(64) {
+            let bits = guest.get(word).copied().unwrap_or(0) | vmm.get(word).copied().unwrap_or(0);
+            if bits == 0 {
+                continue;
+            }
+            for bit in 0..64 {
+                let page = word * 64 + bit;
+                if page >= pages || bits & (1 << bit) == 0 {
+                    continue;
+                }
+                let addr = base + (page * PAGE_SIZE) as u64;
+                let size = (PAGE_SIZE as u64).min(base + len as u64 - addr);
+                match runs.last_mut() {
+                    Some(last) if last.0 + last.1 == addr => last.1 += size,
+                    _ => runs.push((addr, size)),
+                }
+            }
+        }
+    }
+    Ok(runs)
+}
+
+/// Forgets what the VMM wrote so far (KVM's log starts empty when logging
+/// is turned on).
+pub fn reset_vmm_dirty(ram: &GuestRam) {
+    for region in ram.memory.iter() {
+        vmm_bitmap(region).reset();
+    }
+}
+
+/// The bitmap of the pages the VMM wrote in `region`.
+fn vmm_bitmap(region: &GuestRegionMmap) -> &AtomicBitmap {
+    let mapping: &MmapRegion<AtomicBitmap> = region;
+    mapping.bitmap()
+}
