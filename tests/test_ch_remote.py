@@ -8,7 +8,7 @@ normalisations in ``normalise`` (vmm.ping's version and pid, which must
 differ, and vm.info's device_tree, compared in its own test).
 
 What vmkit does not implement yet (hot-plug into a running VM, resizing a
-running VM, migration) cannot match Cloud Hypervisor's success. Those
+running VM) cannot match Cloud Hypervisor's success. Those
 steps are in ``EXPECTED_DIFFERENCES``: vmkit's exact refusal and exit
 status are asserted, and Cloud Hypervisor's result is checked against
 what the list records, so the list cannot go stale silently.
@@ -55,13 +55,6 @@ HOTPLUG = "hot-plugging devices into a booted VM is not supported yet"
 
 #: Steps (as written in SCRIPT) where vmkit cannot give Cloud Hypervisor's answer yet.
 EXPECTED_DIFFERENCES: dict[str, Difference] = {
-    "no-vm: receive-migration unix:@W/absent/sock": Difference(
-        "live migration is a later issue; CH fails to bind the socket",
-        _refused("Error receiving migration: live migration is not supported by vmkit yet"),
-        1,
-        f"{SERVER_ERROR}Failed to receive migratable component snapshot: "
-        "Error binding to UNIX socket",
-    ),
     "running: add-disk path=@W/disk.img,id=disk9": Difference(
         "hot-plug is a later issue; CH adds the disk",
         _refused(f"Failed to add disk: {HOTPLUG}"),
@@ -118,23 +111,11 @@ EXPECTED_DIFFERENCES: dict[str, Difference] = {
         1,
         f"{SERVER_ERROR}Memory manager error: InvalidSize",
     ),
-    "running: receive-migration unix:@W/absent/sock": Difference(
-        "live migration is a later issue; CH fails to bind the socket",
-        _refused("Error receiving migration: live migration is not supported by vmkit yet"),
-        1,
-        f"{SERVER_ERROR}Failed to receive migratable component snapshot: ",
-    ),
-    "running: send-migration unix:@W/absent/sock": Difference(
-        "live migration is a later issue; CH fails to connect",
-        _refused("Error sending migration: live migration is not supported by vmkit yet"),
-        1,
-        f"{SERVER_ERROR}Failed to send migratable component snapshot: ",
-    ),
     "fresh: send-migration unix:@W/absent/sock": Difference(
         "without a VM, CH's VMM thread panics (an unwrap in vmm/src/lib.rs) and the VMM is "
         "unusable; vmkit answers with v37's text for a missing VM. CH's HTTP thread answers "
         "first or the panic closes the connection first, by timing",
-        _refused("Error sending migration: VM is not running"),
+        _refused("Failed to send migratable component snapshot: VM is not running"),
         1,
         (
             f"{SERVER_ERROR}receiving on a closed channel",

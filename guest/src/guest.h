@@ -214,6 +214,12 @@ struct cpl3_job {
     u64 tsc;
 };
 u64 user_spin(void *job);
+struct dirty_job {
+    u64 start, end; /* the region, qword-aligned */
+    u64 round;      /* writes this round's values after checking the last round's */
+    u64 fail_addr, fail_expected, fail_found;
+};
+u64 user_dirty(void *job);
 struct csum_job {
     u32 n;
     struct {
@@ -288,11 +294,14 @@ struct config {
     bool bench_bad;
     u64 net_timeout_ms;
     bool net_bad;
+    u64 dirty_mib, dirty_rounds, dirty_ms;
+    bool dirty_bad;
 };
 extern struct config cfg;
 extern u64 tsc_khz; /* 0 if unknown */
 bool step_cpl3(struct result *r);
 bool step_pio(struct result *r);
+bool step_dirty(struct result *r);
 /* Timeout helper: TSC ticks for ms milliseconds (over-estimates if the TSC rate is unknown). */
 u64 ms_to_tsc(u64 ms);
 NORETURN void exception_handler(u64 *frame);

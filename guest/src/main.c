@@ -72,6 +72,9 @@ static void parse_cmdline(void)
     cfg.bench_depth = 1;
     cfg.bench_count = 10000;
     cfg.net_timeout_ms = 5000;
+    cfg.dirty_mib = 16;
+    cfg.dirty_rounds = 100;
+    cfg.dirty_ms = 10;
     while (i < n) {
         size_t start, len, k;
         while (i < n && is_space(s[i]))
@@ -114,6 +117,12 @@ static void parse_cmdline(void)
             cfg.bench_bad |= !parse_u64(s + start + k, len - k, &cfg.bench_count);
         } else if (starts_with(s + start, len, "blkbench_lax_len=", &k)) {
             cfg.bench_bad |= !parse_u64(s + start + k, len - k, &cfg.bench_lax_len);
+        } else if (starts_with(s + start, len, "dirty_mib=", &k)) {
+            cfg.dirty_bad |= !parse_u64(s + start + k, len - k, &cfg.dirty_mib);
+        } else if (starts_with(s + start, len, "dirty_rounds=", &k)) {
+            cfg.dirty_bad |= !parse_u64(s + start + k, len - k, &cfg.dirty_rounds);
+        } else if (starts_with(s + start, len, "dirty_ms=", &k)) {
+            cfg.dirty_bad |= !parse_u64(s + start + k, len - k, &cfg.dirty_ms);
         } else if (starts_with(s + start, len, "net_timeout_ms=", &k)) {
             cfg.net_bad = !parse_u64(s + start + k, len - k, &cfg.net_timeout_ms);
         }
@@ -188,11 +197,60 @@ static bool step_ticks(struct result *r)
     return true;
 }
 
+/* Rewrites dirty_mib MiB every round (at least dirty_ms apart), each round
+ * checking every qword still holds the last round's value first, and prints
+ * "dirty round <i>": a VMM that loses a page the guest wrote (a migration
+ * that misses a dirty page) makes it fail, naming the address. */
+bool step_dirty(struct result *r)
+{
+    struct dirty_job j;
+    u64 size, next, round;
+    void *region;
+    if (cfg.dirty_bad || !cfg.dirty_mib || !cfg.dirty_rounds) {
+        res_str(r, "bad dirty_mib, dirty_rounds or dirty_ms value");
+        return false;
+    }
+    size = cfg.dirty_mib * MiB;
+    region = alloc_pages(size / 4096);
+    if (!region) {
+        res_str(r, "not enough RAM for dirty_mib");
+        return false;
+    }
+    j.start = (u64)region;
+    j.end = j.start + size;
+    next = rdtsc();
+    for (round = 0; round < cfg.dirty_rounds; round++) {
+        struct line l;
+        while (rdtsc() < next)
+            __asm__ volatile("pause");
+        next = rdtsc() + ms_to_tsc(cfg.dirty_ms);
+        j.round = round;
+        if (run_user(user_dirty, &j)) {
+            res_str(r, "mismatch at ");
+            res_hex(r, j.fail_addr);
+            res_str(r, " round ");
+            res_dec(r, round);
+            res_str(r, " expected ");
+            res_hex(r, j.fail_expected);
+            res_str(r, " found ");
+            res_hex(r, j.fail_found);
+            return false;
+        }
+        line_begin(&l);
+        line_str(&l, "dirty round ");
+        line_dec(&l, round);
+        line_end(&l);
+    }
+    res_kv_dec(r, "mib", cfg.dirty_mib);
+    res_kv_dec(r, "rounds", cfg.dirty_rounds);
+    return true;
+}
+
 static const struct {
     const char *name;
     bool (*fn)(struct result *);
 } steps[] = {
-    {"ticks", step_ticks},
+    {"ticks", step_ticks}, {"dirty", step_dirty},
     {"hello", step_hello}, {"memmap", step_memmap}, {"acpi", step_acpi}, {"smp", step_smp},
     {"timer", step_timer}, {"cpl3", step_cpl3},     {"pio", step_pio},
     {"pci", step_pci},     {"rng", step_rng},       {"blk", step_blk},

@@ -383,3 +383,27 @@ u64 user_blkbench(void *arg)
     j->tsc = rdtsc() - t0;
     return j->err;
 }
+
+/* ---- dirty: rewrite a region every round, checking the last round's values ---- */
+
+static inline u64 dirty_value(u64 a, u64 round) { return a ^ (round * 0x9e3779b97f4a7c15ULL); }
+
+u64 user_dirty(void *arg)
+{
+    struct dirty_job *j = arg;
+    u64 a;
+    for (a = j->start; a < j->end; a += 8) {
+        volatile u64 *p = (volatile u64 *)a;
+        if (j->round) {
+            u64 want = dirty_value(a, j->round - 1), got = *p;
+            if (got != want) {
+                j->fail_addr = a;
+                j->fail_expected = want;
+                j->fail_found = got;
+                return 1;
+            }
+        }
+        *p = dirty_value(a, j->round);
+    }
+    return 0;
+}

@@ -868,6 +868,23 @@ class SpawnedVm:
         """``vm.resume``: Paused → Running."""
         self.client.resume()
 
+    def migrate_to(self, socket: str | os.PathLike[str], *, local: bool = False) -> None:
+        """``vm.send-migration`` to ``unix:<socket>`` (see ``Vm.migrate_to``): once
+        the receiving VMM runs the VM, this VMM process deletes it and exits (as
+        Cloud Hypervisor's does); on failure the VM runs on here."""
+        self._stop_asked = True
+        try:
+            self.client.send_migration(f"unix:{os.path.abspath(socket)}", local=local)
+        except BaseException:
+            self._stop_asked = False
+            raise
+
+    def receive_migration(self, socket: str | os.PathLike[str]) -> None:
+        """``vm.receive-migration`` on ``unix:<socket>``: this VMM process (say,
+        ``spawn(None)``) waits there for a VM another VMM migrates (see
+        ``Vm.receive_migration``) and returns once it runs here."""
+        self.client.receive_migration(f"unix:{os.path.abspath(socket)}")
+
     def shutdown(self) -> None:
         """``vm.shutdown``: stops the VM (its config stays; state ``Created``)."""
         self._stop_asked = True

@@ -443,3 +443,64 @@ fn vmm_bitmap(region: &GuestRegionMmap) -> &AtomicBitmap {
     let mapping: &MmapRegion<AtomicBitmap> = region;
     mapping.bitmap()
 }
+
+#[cfg(test)]
+mod tests {
+    use vmkit_config::MemoryConfig;
+
+    use super::*;
+    use crate::memory::{create_guest_ram, mark_dirty};
+
+    mod needs_kvm {
+        use kvm_ioctls::Kvm;
+
+        use super::*;
+
+        #[test]
+        #[ignore = "needs /dev/kvm"]
+        fn the_dirty_set_holds_what_the_vmm_wrote_and_starts_afresh() {
+            let ram = create_guest_ram(&MemoryConfig::parse("size=16M", None).unwrap()).unwrap();
+            let kvm = Kvm::new().unwrap();
+            let vm = kvm.create_vm().unwrap();
+            for slot in 0..ram.memory.num_regions() {
+                let region = memory_slot(&ram, slot, false).unwrap();
+                // SAFETY: `vm`, declared after `ram`, is dropped before it.
+                unsafe { vm.set_user_memory_region(region) }.unwrap();
+            }
+            set_dirty_logging(&vm, &ram, true).unwrap();
+            reset_vmm_dirty(&ram);
+            assert!(take_dirty(&vm, &ram).unwrap().is_empty());
+            // Through vm-memory (a used ring, net frames) and behind its back
+            // (io_uring reads into guest buffers, marked on completion).
+            ram.memory
+                .write_obj(7u32, GuestAddress(5 * 4096 + 12))
+                .unwrap();
+            mark_dirty(&ram.memory, GuestAddress(9 * 4096 - 1), 2);
+            assert_eq!(
+                take_dirty(&vm, &ram).unwrap(),
+                vec![(5 * 4096, 4096), (8 * 4096, 2 * 4096)]
+            );
+            assert!(take_dirty(&vm, &ram).unwrap().is_empty(), "not reset");
+        }
+    }
+
+    #[test]
+    fn pages_outside_guest_ram_are_refused() {
+        let ram = create_guest_ram(&MemoryConfig::parse("size=1M", None).unwrap()).unwrap();
+        let frame = |addr: u64, len: usize| {
+            let mut payload = addr.to_le_bytes().to_vec();
+            payload.resize(8 + len, 0xab);
+            payload
+        };
+        store_pages(&ram, &frame(0x1000, 4096)).unwrap();
+        assert_eq!(
+            ram.memory.read_obj::<u8>(GuestAddress(0x1fff)).unwrap(),
+            0xab
+        );
+        for (addr, len) in [(0xff000, 4097), (1 << 20, 1), (u64::MAX - 3, 8)] {
+            let err = store_pages(&ram, &frame(addr, len)).unwrap_err();
+            assert!(err.to_string().contains("are not guest RAM"), "{err}");
+        }
+        assert!(store_pages(&ram, &[1, 2, 3]).is_err());
+    }
+}

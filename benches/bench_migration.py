@@ -1,0 +1,168 @@
+"""Live migration: vmkit against Cloud Hypervisor, both driven by the real
+``ch-remote`` over their APIs, same guest, runs interleaved.
+
+Run: ``python benches/bench_migration.py`` (``--runs N``, ``--sizes 256M,2G``).
+Needs /dev/kvm and ``../shared/ch/`` (``cloud-hypervisor`` and ``ch-remote``).
+
+Each run: a VMM boots the test guest (1 vCPU) running the ``dirty`` step: it
+rewrites 32 MiB every 5 ms, checking the previous round, and prints a line per
+round. A second, idle VMM of the same kind gets ``ch-remote
+receive-migration unix:<sock>``; once the guest is 20 rounds in, ``ch-remote
+send-migration unix:<sock>`` is timed (*total*: the request until the sender
+answers, the VM running on the receiver). A thread polls the serial file
+every 0.5 ms and notes when each round's line first appears: *largest gap*
+is the longest time between two consecutive rounds around the migration
+(the guest-visible pause plus one round's 5 ms). The guest must finish every
+round on the receiver with its checks passed. Cloud Hypervisor runs with
+``--seccomp false`` (its filter at this revision kills it on these requests
+here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import machine
+from bench_snapshot import CH_DIR, TIMES, remote, start, stop
+from vmkit import VmConfig, testguest
+
+ROUNDS = 100_000
+
+
+class RoundClock:
+    """When each ``dirty round <i>`` line first appeared in the serial file."""
+
+    def __init__(self, serial: Path) -> None:
+        self.serial = serial
+        self.seen: dict[int, float] = {}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        prefix = "vmkit-guest: dirty round "
+        while not self.done.is_set():
+            now = time.monotonic()
+            try:
+                text = self.serial.read_text(errors="replace")
+            except FileNotFoundError:
+                text = ""
+            for line in text.splitlines():
+                if line.startswith(prefix) and line[len(prefix) :].isdigit():
+                    self.seen.setdefault(int(line[len(prefix) :]), now)
+            time.sleep(0.0005)
+
+    def latest(self) -> int:
+        return max(self.seen, default=-1)
+
+    def largest_gap(self, start: float, end: float) -> float:
+        times = sorted(t for t in self.seen.values() if start - 0.1 <= t <= end + 0.5)
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def one_run(kind: str, size: str, work: Path) -> dict[str, float]:
+    serial = work / "serial.log"
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(
+            ["dirty"], "poweroff", dirty_mib=32, dirty_rounds=ROUNDS, dirty_ms=5
+        ),
+        "--memory", f"size={size}", "--serial", f"file={serial}", "--console", "off",
+    ])  # fmt: skip
+    (work / "vm.json").write_text(config.to_json())
+    source, target, migration = work / "a.sock", work / "b.sock", work / "m.sock"
+    sender = start(kind, source)
+    receiver = start(kind, target)
+    clock = RoundClock(serial)
+    try:
+        remote(source, "create", str(work / "vm.json"))
+        remote(source, "boot")
+        deadline = time.monotonic() + 30
+        while clock.latest() < 20:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the guest did not start its rounds")
+            time.sleep(0.001)
+        waiting = subprocess.Popen(
+            [str(CH_DIR / "ch-remote"), "--api-socket", str(target), "receive-migration",
+             f"unix:{migration}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        while not migration.exists():
+            if waiting.poll() is not None:
+                raise RuntimeError(f"receive-migration: {waiting.communicate()[1]}")
+            time.sleep(0.001)
+        started = time.monotonic()
+        remote(source, "send-migration", f"unix:{migration}")
+        total = time.monotonic() - started
+        if waiting.wait(60) != 0:
+            raise RuntimeError(f"receive-migration: {waiting.communicate()[1]}")
+        after = clock.latest()
+        deadline = time.monotonic() + 10
+        while clock.latest() < after + 20:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the guest did not go on after the migration")
+            time.sleep(0.001)
+        text = serial.read_text(errors="replace")
+        if "fail" in text:
+            raise RuntimeError(f"{kind}: the guest failed after the migration: {text[-300:]}")
+        gap = clock.largest_gap(started, started + total)
+    finally:
+        clock.stop()
+        stop(sender, source)
+        stop(receiver, target)
+    return {"total": total, "gap": gap}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--sizes", default="256M,2G")
+    args = parser.parse_args()
+    if not (CH_DIR / "cloud-hypervisor").exists():
+        sys.exit(f"no Cloud Hypervisor in {CH_DIR}")
+    print(f"Machine: {machine.machine()}\n")
+    kinds = ("vmkit", "ch")
+    rows = []
+    for size in args.sizes.split(","):
+        results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
+        for _ in range(args.runs):
+            for kind in kinds:
+                with tempfile.TemporaryDirectory(prefix="vmkit-bench-mig-", dir="/tmp") as work:
+                    results[kind].append(one_run(kind, size, Path(work)))
+        med = {
+            k: {m: statistics.median(r[m] for r in results[k]) for m in results[k][0]}
+            for k in kinds
+        }
+        rows.append((size, med))
+    print(
+        f"Medians of {args.runs} interleaved runs; "
+        "ratios are vmkit's figure over Cloud Hypervisor's.\n"
+    )
+    print("| guest RAM | measure | vmkit | Cloud Hypervisor | vmkit / Cloud Hypervisor |")
+    print("|---|---|---|---|---|")
+    for size, med in rows:
+        for key, label in (
+            ("total", "send-migration (request → VM running on the receiver)"),
+            ("gap", "largest gap between two guest rounds (5 ms apart when running)"),
+        ):
+            v, c = med["vmkit"][key], med["ch"][key]
+            times = f"{v * 1e3:.1f} ms | {c * 1e3:.1f} ms"
+            print(f"| {size} | {label} | {times} | {v / c:.2f} {TIMES} |")
+
+
+if __name__ == "__main__":
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    main()

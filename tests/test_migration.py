@@ -1,0 +1,448 @@
+"""Live migration: a running VM moved to another VMM (another process, or
+another Vm in this one) without the guest losing a write, what is refused,
+and receivers that must not trust what arrives.
+
+The test guest's ``dirty`` step rewrites a region every few milliseconds and
+checks, before each rewrite, that every qword still holds the last round's
+value: a page the migration fails to send again after the guest wrote it
+makes the guest fail, naming the address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from vmkit import VmConfig, testguest
+from vmkit.vm import Migration, Vm, VmError
+
+if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+
+ROUNDS = 120
+
+
+def dirtying(
+    cpus: int = 1,
+    memory: str = "size=128M",
+    steps: tuple[str, ...] = ("dirty",),
+    extra: tuple[str, ...] = (),
+    **options: int | str,
+) -> VmConfig:
+    """The test guest rewriting 32 MiB every 5 ms (checking each round), then powering off."""
+    words = {"dirty_mib": 32, "dirty_rounds": ROUNDS, "dirty_ms": 5, **options}
+    return VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(list(steps), "poweroff", **words),
+        "--cpus", f"boot={cpus}", "--memory", memory,
+        "--serial", "tty", "--console", "off", *extra,
+    ])  # fmt: skip
+
+
+def rounds_seen(text: str) -> list[int]:
+    prefix = "vmkit-guest: dirty round "
+    return [int(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)]
+
+
+class Receiver:
+    """``Vm.receive_migration`` on ``path`` in a thread: ``vm`` or ``error`` once done."""
+
+    def __init__(self, path: Path, **options: object) -> None:
+        self.path = path
+        self.vm: Vm | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(options,))
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not path.exists():
+            assert time.monotonic() < deadline, "the receiver never listened"
+            time.sleep(0.001)
+
+    def _run(self, options: dict[str, object]) -> None:
+        try:
+            self.vm = Vm.receive_migration(self.path, **options)  # type: ignore[arg-type]
+        except BaseException as e:
+            self.error = e
+
+    def join(self) -> None:
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+def migrate_mid_run(
+    config: VmConfig, sock: Path, *, local: bool = False
+) -> tuple[Migration, Vm, str]:
+    """Boots ``config``, migrates it to a receiver in this process once the guest
+    is 10 rounds in; returns the report, the receiving VM and what the guest
+    printed before the move."""
+    sender = Vm(config)
+    sender.boot()
+    assert sender.serial.wait_for("^vmkit-guest: dirty round 10$", timeout=30), sender.serial.text
+    receiver = Receiver(sock)
+    try:
+        report = sender.migrate_to(sock, local=local)
+    finally:
+        receiver.join()
+    assert receiver.error is None, receiver.error
+    assert receiver.vm is not None
+    exit_info = sender.wait(0)
+    assert exit_info is not None and exit_info.reason == "migrated", exit_info
+    assert sender.state == "Shutdown"
+    before = sender.serial.text
+    sender.close()
+    return report, receiver.vm, before
+
+
+def finishes(vm: Vm, before: str, steps: int = 1) -> None:
+    """The migrated guest runs on to the end: every round once, in order, and
+    every check of the previous round's writes passed."""
+    assert vm.state == "Running"
+    exit_info = vm.wait(timeout=60)
+    assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+    after = vm.serial.text
+    assert f"vmkit-guest: summary passed={steps} failed=0" in after, after
+    assert "vmkit-guest: ready" not in after, "the guest booted again"
+    assert rounds_seen(before) + rounds_seen(after) == list(range(ROUNDS))
+    vm.close()
+
+
+@pytest.mark.parametrize("cpus", [1, 4])
+def test_a_guest_rewriting_memory_moves_without_losing_a_write(tmp_path: Path, cpus: int) -> None:
+    steps = ("smp", "dirty") if cpus > 1 else ("dirty",)
+    report, vm, before = migrate_mid_run(dirtying(cpus, steps=steps), tmp_path / "m.sock")
+    # The region went over while the guest rewrote it, then again as it changed.
+    assert report.rounds >= 2, report
+    assert report.bytes >= 32 << 20, report
+    assert 0 < report.downtime < report.total, report
+    assert not report.local
+    assert not (tmp_path / "m.sock").exists(), "the receiver leaves its socket behind"
+    if cpus > 1:
+        assert f"step smp ok cpus={cpus}" in before
+    finishes(vm, before, steps=len(steps))
+
+
+def test_local_migration_hands_shared_memory_over(tmp_path: Path) -> None:
+    config = dirtying(memory="size=128M,shared=on")
+    report, vm, before = migrate_mid_run(config, tmp_path / "m.sock", local=True)
+    assert report.local and report.bytes == 0 and report.rounds == 0, report
+    finishes(vm, before)
+
+
+def test_shared_memory_without_local_is_copied(tmp_path: Path) -> None:
+    report, vm, before = migrate_mid_run(
+        dirtying(memory="size=128M,shared=on"), tmp_path / "m.sock"
+    )
+    assert report.bytes >= 128 << 20, report  # shared memory cannot tell untouched pages
+    finishes(vm, before)
+
+
+def test_disk_io_in_flight_completes_across_the_move(tmp_path: Path) -> None:
+    """blkbench keeps 16 writes in flight while the VM moves; then the blk step
+    writes, flushes and reads back through the receiver's device."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(8 << 20))
+    config = dirtying(
+        steps=("dirty", "blkbench", "blk"),
+        extra=("--disk", f"path={disk}"),
+        dirty_rounds=ROUNDS,
+        blkbench_mode="write", blkbench_size=65536, blkbench_depth=16, blkbench_count=20000,
+    )  # fmt: skip
+    sender = Vm(config)
+    sender.boot()
+    assert sender.serial.wait_for("^vmkit-guest: step dirty ok", timeout=30), sender.serial.text
+    time.sleep(0.05)  # into blkbench
+    receiver = Receiver(tmp_path / "m.sock")
+    try:
+        sender.migrate_to(tmp_path / "m.sock")
+    finally:
+        receiver.join()
+    assert receiver.error is None, receiver.error
+    assert receiver.vm is not None
+    before = sender.serial.text
+    sender.close()
+    assert "step blkbench" not in before, "blkbench ended before the move: make it longer"
+    vm = receiver.vm
+    exit_info = vm.wait(timeout=120)
+    assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+    after = vm.serial.text
+    assert "step blkbench ok mode=write" in after, after
+    assert "vmkit-guest: summary passed=3 failed=0" in after, after
+    vm.close()
+
+
+def test_a_refused_or_failed_send_leaves_the_vm_running(tmp_path: Path) -> None:
+    vm = Vm(dirtying())
+    vm.boot()
+    assert vm.serial.wait_for("^vmkit-guest: dirty round 2$", timeout=30)
+    with pytest.raises(VmError) as e:
+        vm.migrate_to(tmp_path / "absent.sock")
+    assert str(e.value) == (
+        "Error connecting to UNIX socket: No such file or directory (os error 2)"
+    )
+    assert e.value.kind == "Migration"
+    with pytest.raises(VmError) as e:
+        vm.migrate_to(tmp_path / "absent.sock", local=True)
+    assert str(e.value) == "Local migration requires shared memory or hugepages enabled"
+    # A receiver that refuses after the config: the pages never went.
+    with FakeReceiver(tmp_path / "refuses.sock", refuse_after=("Hello", "Config")) as fake:
+        with pytest.raises(VmError) as e:
+            vm.migrate_to(fake.path)
+    assert "the receiving VMM refused the migration: no room here" in str(e.value)
+    # A receiver that vanishes in the middle of the pages.
+    with FakeReceiver(tmp_path / "drops.sock", drop_after_bytes=8 << 20) as fake:
+        with pytest.raises(VmError) as e:
+            vm.migrate_to(fake.path)
+    assert e.value.kind == "Migration", str(e.value)
+    assert vm.state == "Running"
+    # The guest never noticed: every round checked out.
+    exit_info = vm.wait(timeout=60)
+    assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+    assert "vmkit-guest: summary passed=1 failed=0" in vm.serial.text
+    vm.close()
+
+
+# -- receivers that trust nothing ------------------------------------------------------------
+
+KINDS = {"Hello": 1, "Config": 2, "MemoryFds": 3, "Pages": 4, "State": 5, "Complete": 6, "Ack": 7}
+MAGIC = b"vmkit-migration\0"
+
+
+def frame(kind: str, payload: bytes, length: int | None = None) -> bytes:
+    return struct.pack("<IQ", KINDS[kind], len(payload) if length is None else length) + payload
+
+
+def hello(version: int = 1, local: int = 0) -> bytes:
+    return frame("Hello", MAGIC + struct.pack("<II", version, local))
+
+
+def config_frame(config: VmConfig, memory_size: int | None = None) -> bytes:
+    message = {
+        "config": config.to_json(),
+        "memory_size": config.memory.size if memory_size is None else memory_size,
+        "vcpus": config.cpus.boot_vcpus,
+        "kernel_format": "pvh-elf",
+    }
+    return frame("Config", json.dumps(message).encode())
+
+
+class FakeReceiver:
+    """A listener that reads frames and refuses (an ACK with an error) after
+    the kinds in ``refuse_after``, or closes after ``drop_after_bytes``."""
+
+    def __init__(
+        self,
+        path: Path,
+        refuse_after: tuple[str, ...] = (),
+        drop_after_bytes: int | None = None,
+    ) -> None:
+        self.path = path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(os.fspath(path))
+        self.listener.listen(1)
+        self.refuse_after = refuse_after
+        self.drop_after_bytes = drop_after_bytes
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            seen: list[str] = []
+            received = 0
+            names = {v: k for k, v in KINDS.items()}
+            while True:
+                header = conn.recv(12, socket.MSG_WAITALL)
+                if len(header) < 12:
+                    return
+                kind, length = struct.unpack("<IQ", header)
+                left = length
+                while left:
+                    chunk = conn.recv(min(left, 1 << 20))
+                    if not chunk:
+                        return
+                    left -= len(chunk)
+                    received += len(chunk)
+                    if self.drop_after_bytes is not None and received >= self.drop_after_bytes:
+                        return
+                seen.append(names.get(kind, "?"))
+                if tuple(seen) == self.refuse_after:
+                    conn.sendall(frame("Ack", struct.pack("<I", 1) + b"no room here"))
+                    return
+                if names.get(kind) == "Config":
+                    conn.sendall(frame("Ack", struct.pack("<I", 0)))
+
+    def __enter__(self) -> FakeReceiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.thread.join(10)
+        self.listener.close()
+
+
+def pages(addr: int, data: bytes) -> bytes:
+    return frame("Pages", struct.pack("<Q", addr) + data)
+
+
+def tiny() -> VmConfig:
+    return VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")), "--memory", "size=64M",
+        "--serial", "null", "--console", "off",
+    ])  # fmt: skip
+
+
+HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
+    "not vmkit": (lambda: b"GET / HTTP/1.1\r\n\r\n" + bytes(64), "unknown frame kind"),
+    "newer protocol": (lambda: hello(version=2), "protocol version 2, this vmkit speaks version 1"),
+    "huge frame": (
+        lambda: hello() + frame("Config", b"", length=1 << 40),
+        "a Config frame of 1099511627776 bytes (at most 1048576)",
+    ),
+    "bad config": (lambda: hello() + frame("Config", b'{"config": "{}"}'), "the config message"),
+    "memory size lies": (
+        lambda: hello() + config_frame(tiny(), memory_size=1 << 40),
+        "1099511627776 bytes of memory and 1 vCPUs sent, the config has 67108864",
+    ),
+    "pages past RAM": (
+        lambda: (
+            hello()
+            + config_frame(tiny())
+            + frame("Pages", struct.pack("<Q", 64 << 20) + bytes(4096))
+        ),
+        "4096 bytes at 0x4000000 are not guest RAM",
+    ),
+    "pages wrapping around": (
+        lambda: (
+            hello()
+            + config_frame(tiny())
+            + frame("Pages", struct.pack("<Q", 2**64 - 8) + bytes(16))
+        ),
+        "are not guest RAM",
+    ),
+    "garbage state": (
+        lambda: hello() + config_frame(tiny()) + frame("State", b"\x56\x4b\x4d\x53" + bytes(12)),
+        "0 vCPUs",
+    ),
+    "complete before state": (
+        lambda: hello() + config_frame(tiny()) + frame("Complete", b""),
+        "a Complete frame among the pages",
+    ),
+    "cut short": (lambda: hello() + config_frame(tiny())[:20], "closed the migration connection"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_receiver_refuses_what_a_hostile_sender_sends(tmp_path: Path, case: str) -> None:
+    data, message = HOSTILE[case]
+    path = tmp_path / "m.sock"
+    gc.collect()  # earlier tests' VMs, so that only this one's descriptors count
+    threads = threading.active_count()
+    fds = set(os.listdir("/proc/self/fd"))
+    receiver = Receiver(path)
+    answer = b""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(os.fspath(path))
+        s.sendall(data())
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(30)
+        # Bytes it never read make the receiver's close a reset ("not vmkit").
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(1 << 16):
+                answer += chunk
+    receiver.join()
+    assert isinstance(receiver.error, VmError), receiver.error
+    assert message in str(receiver.error), str(receiver.error)
+    assert receiver.error.kind == "Migration", receiver.error.kind
+    # The sender is told why (after the ACK of the config, if it got that far).
+    assert message.encode() in answer or case in ("cut short", "not vmkit"), answer
+    assert not path.exists()
+    assert threading.active_count() == threads
+    assert set(os.listdir("/proc/self/fd")) <= fds, "a descriptor was left open"
+
+
+# -- between VMM processes ------------------------------------------------------------------
+
+
+def test_vm_processes_migrate_through_the_api(tmp_path: Path) -> None:
+    """``Vm.spawn`` on both sides: the sender's VMM process exits once the
+    receiver's runs the VM, as Cloud Hypervisor's does."""
+    config = dirtying()
+    config.serial.mode = "File"
+    config.serial.file = str(tmp_path / "serial.log")
+    sender = Vm.spawn(config)
+    receiver = Vm.spawn(None)
+    try:
+        sender.boot()
+        deadline = time.monotonic() + 30
+        while "dirty round 10\n" not in (tmp_path / "serial.log").read_text(errors="replace"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        waiting = threading.Thread(target=receiver.receive_migration, args=(tmp_path / "m.sock",))
+        waiting.start()
+        while not (tmp_path / "m.sock").exists():
+            time.sleep(0.001)
+        sender.migrate_to(tmp_path / "m.sock")
+        waiting.join(30)
+        assert sender.process.wait(10) == 0
+        assert receiver.info().state == "Running"
+        exit_info = receiver.wait(timeout=60)
+        assert exit_info is not None, exit_info
+        text = (tmp_path / "serial.log").read_text()
+        assert "vmkit-guest: summary passed=1 failed=0" in text, text
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_the_vmkit_command_migrates_with_the_real_ch_remote(tmp_path: Path) -> None:
+    from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
+
+    if CH_DIR is None:
+        pytest.skip(CH_MISSING)
+    serial = tmp_path / "serial.log"
+    config = dirtying()
+    config.serial.mode = "File"
+    config.serial.file = str(serial)
+    (tmp_path / "vm.json").write_text(config.to_json())
+    a = VmmProcess("vmkit", tmp_path / "a.sock", tmp_path / "a.log")
+    b = VmmProcess("vmkit", tmp_path / "b.sock", tmp_path / "b.log")
+    try:
+        for args in (["create", str(tmp_path / "vm.json")], ["boot"]):
+            assert ch_remote(a.socket_path, *args) == (0, "", ""), args
+        deadline = time.monotonic() + 30
+        while "dirty round 10\n" not in serial.read_text(errors="replace"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        url = f"unix:{tmp_path / 'm.sock'}"
+        remote = [str(CH_DIR / "ch-remote"), "--api-socket", str(b.socket_path)]
+        waiting = subprocess.Popen(
+            [*remote, "receive-migration", url],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        while not (tmp_path / "m.sock").exists():
+            assert waiting.poll() is None, waiting.communicate()
+            time.sleep(0.001)
+        assert ch_remote(a.socket_path, "send-migration", url) == (0, "", "")
+        assert waiting.wait(30) == 0, waiting.communicate()
+        assert a.wait(10) == 0, a.log  # v37: the sending VMM exits
+        status, out, _ = ch_remote(b.socket_path, "info")
+        assert status == 0 and json.loads(out)["state"] == "Running"
+        assert b.wait(60) == 0, b.log  # the guest powered off there
+        assert "vmkit-guest: summary passed=1 failed=0" in serial.read_text()
+    finally:
+        a.stop()
+        b.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
