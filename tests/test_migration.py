@@ -139,21 +139,25 @@ def test_local_migration_hands_shared_memory_over(tmp_path: Path) -> None:
     finishes(vm, before)
 
 
-def test_shared_memory_without_local_is_copied(tmp_path: Path) -> None:
+def test_shared_memory_without_local_is_copied_but_not_its_holes(tmp_path: Path) -> None:
     report, vm, before = migrate_mid_run(
         dirtying(memory="size=128M,shared=on"), tmp_path / "m.sock"
     )
-    assert report.bytes >= 128 << 20, report  # shared memory cannot tell untouched pages
+    # The memfd's holes (never written) are skipped, not read.
+    assert 32 << 20 <= report.bytes < 100 << 20, report
     finishes(vm, before)
 
 
-def test_disk_io_in_flight_completes_across_the_move(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cpus", [1, 4])
+def test_disk_io_in_flight_completes_across_the_move(tmp_path: Path, cpus: int) -> None:
     """blkbench keeps 16 writes in flight while the VM moves; then the blk step
     writes, flushes and reads back through the receiver's device."""
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(8 << 20))
+    steps = ("smp", "dirty", "blkbench", "blk") if cpus > 1 else ("dirty", "blkbench", "blk")
     config = dirtying(
-        steps=("dirty", "blkbench", "blk"),
+        cpus,
+        steps=steps,
         extra=("--disk", f"path={disk}"),
         dirty_rounds=ROUNDS,
         blkbench_mode="write", blkbench_size=65536, blkbench_depth=16, blkbench_count=20000,
@@ -177,7 +181,7 @@ def test_disk_io_in_flight_completes_across_the_move(tmp_path: Path) -> None:
     assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
     after = vm.serial.text
     assert "step blkbench ok mode=write" in after, after
-    assert "vmkit-guest: summary passed=3 failed=0" in after, after
+    assert f"vmkit-guest: summary passed={len(steps)} failed=0" in after, after
     vm.close()
 
 

@@ -322,9 +322,8 @@ class Vm:
         brings it back.
 
         Running virtio devices first finish the requests they have taken (disk
-        IO in flight completes), then go on. Not yet for shared, huge-page or
-        file-backed memory: VmError (kind ``Unsupported``) says so. A failed
-        snapshot leaves no partial files.
+        IO in flight completes), then go on. A failed snapshot leaves no
+        partial files.
         """
         self._live().snapshot(path)
 
@@ -344,7 +343,9 @@ class Vm:
         Guest memory is the snapshot's memory file mapped copy-on-write: pages
         come in as the guest touches them (``prefault`` reads them all up
         front), and the guest's writes never reach the snapshot, so one
-        snapshot restores any number of times. A missing, truncated, corrupt
+        snapshot restores any number of times. Shared, huge-page or
+        file-backed memory is made afresh as the config says and the file's
+        data copied in. A missing, truncated, corrupt
         or foreign snapshot raises VmError (kind ``Snapshot``). The other
         options are ``Vm()``'s.
         """

@@ -394,6 +394,15 @@ fn lay_out(
     Ok((memory, ranges))
 }
 
+/// Whether `config` asks for private anonymous memory only (no shared,
+/// huge-page or file-backed memory).
+pub fn private_anonymous(config: &MemoryConfig) -> bool {
+    backings(config).is_ok_and(|list| {
+        list.iter()
+            .all(|b| b.file.is_none() && !b.shared && !b.hugepages)
+    })
+}
+
 /// Creates guest RAM: each backing in turn from address 0, skipping the MMIO hole.
 pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
     let backings = backings(config)?;

@@ -25,7 +25,8 @@ use crate::devices::legacy::{DebugPortWrite, GED_POWER_BUTTON};
 use crate::devices::serial::SerialBackend;
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::memory::{
-    create_guest_ram, map_guest_ram_from_file, map_guest_ram_from_shared_files, GuestRam,
+    create_guest_ram, map_guest_ram_from_file, map_guest_ram_from_shared_files, private_anonymous,
+    GuestRam,
 };
 use crate::migration::{self, ConfigMessage, Kind, MigrationError, Wire};
 use crate::seccomp::{self, SeccompMode, Spawner, ThreadGroups, ThreadKind};
@@ -105,11 +106,6 @@ pub enum VmError {
     },
     #[error("Trying to snapshot while VM is running")]
     SnapshotNotPaused,
-    #[error(
-        "a snapshot of shared, huge-page or file-backed guest memory (or memory zones) is not \
-         supported yet"
-    )]
-    SnapshotMemory,
     #[error("the snapshot has {found} vCPU states but its config boots {expected} vCPUs")]
     SnapshotVcpus { found: usize, expected: u8 },
     #[error("the snapshot's config ({file}): {detail}")]
@@ -131,7 +127,6 @@ impl ModuleError for VmError {
             HostAddress { .. } | MisalignedMemorySize { .. } => ErrorKind::Memory,
             NoKernel => ErrorKind::Kernel,
             SnapshotNotPaused => ErrorKind::State,
-            SnapshotMemory => ErrorKind::Unsupported,
             SnapshotVcpus { .. } | SnapshotConfig { .. } => ErrorKind::Snapshot,
             MigrationConfig { .. } => ErrorKind::Migration,
         }
@@ -1013,8 +1008,18 @@ impl Vm {
                 kernel_format,
             }) => {
                 let ram = match memory {
-                    RestoredMemory::File { file, prefault } => {
+                    // Private anonymous memory becomes the file mapped
+                    // copy-on-write; other memory is made as the config says
+                    // and the file copied in.
+                    RestoredMemory::File { file, prefault }
+                        if private_anonymous(&config.memory) =>
+                    {
                         map_guest_ram_from_file(&config.memory, file, prefault)?
+                    }
+                    RestoredMemory::File { file, .. } => {
+                        let ram = create_guest_ram(&config.memory)?;
+                        snapshot::load_memory(&ram, file, snapshot::MEMORY_FILE)?;
+                        ram
                     }
                     RestoredMemory::Ram(ram) => ram,
                 };
@@ -1145,8 +1150,7 @@ impl Vm {
     /// Writes the paused VM to `dir` ([`snapshot`]): its config, guest
     /// memory, every vCPU's state, the clock, the platform devices and the
     /// PCI devices' configuration and registers (started virtio devices
-    /// finish what they took from their rings first). Not yet for shared,
-    /// huge-page or file-backed memory.
+    /// finish what they took from their rings first).
     pub fn snapshot(&self, dir: &std::path::Path) -> Result<()> {
         let life = self.lock_settled();
         if life.state != VmState::Paused {
@@ -1155,7 +1159,6 @@ impl Vm {
         let Some(instance) = &life.instance else {
             return Err(VmError::NotRunning.into());
         };
-        check_snapshot_memory(self.config())?;
         // The devices finish what they took from the guest's rings first:
         // their completions land in guest memory and in the vCPUs' LAPICs
         // before those are taken.
@@ -1222,7 +1225,6 @@ impl Vm {
                 file: config_file.clone(),
                 detail: e.to_string(),
             })?;
-        check_snapshot_memory(&config)?;
         // The memory file is mapped as the config lays guest RAM out: a config
         // asking for more than the file holds would fault the VMM past its end.
         let size = config.memory.total_size();
@@ -1520,11 +1522,12 @@ impl Vm {
 /// elsewhere). Returns the bytes sent.
 fn send_all_memory(wire: &mut Wire, ram: &GuestRam, buffer: &mut [u8]) -> Result<u64> {
     let mut sent = 0;
+    let probe = snapshot::ZeroProbe::new(ram);
     for &(base, size) in &ram.ranges {
         let mut done = 0u64;
         while done < size {
             let len = (size - done).min(buffer.len() as u64);
-            if !snapshot::untouched_guest_range(ram, base + done, len) {
+            if !probe.reads_zeros(ram, base + done, len) {
                 sent += wire.send_pages(ram, buffer, base + done, len)?;
             }
             done += len;
@@ -1540,15 +1543,6 @@ fn send_dirty(wire: &mut Wire, vm_fd: &VmFd, ram: &GuestRam, buffer: &mut [u8]) 
         sent += wire.send_pages(ram, buffer, addr, len)?;
     }
     Ok(sent)
-}
-
-/// Snapshots cover plain guest RAM only, so far.
-fn check_snapshot_memory(config: &VmConfig) -> Result<()> {
-    let memory = &config.memory;
-    if memory.shared || memory.hugepages || memory.zones.as_ref().is_some_and(|z| !z.is_empty()) {
-        return Err(VmError::SnapshotMemory.into());
-    }
-    Ok(())
 }
 
 impl Drop for Vm {

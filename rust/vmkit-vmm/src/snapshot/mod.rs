@@ -401,11 +401,7 @@ pub fn write_memory(ram: &GuestRam, file: &File, path: &str) -> Result<u64, Snap
     let mut buffer = vec![0u8; CHUNK];
     let mut offset = 0u64;
     let mut written = 0u64;
-    let pagemap = if ram.anonymous {
-        File::open("/proc/self/pagemap").ok()
-    } else {
-        None
-    };
+    let probe = ZeroProbe::new(ram);
     for &(base, size) in &ram.ranges {
         let mut done = 0u64;
         while done < size {
@@ -416,15 +412,9 @@ pub fn write_memory(ram: &GuestRam, file: &File, path: &str) -> Result<u64, Snap
                 .find_region(address)
                 .map_or(0, |r| r.start_addr().0 + r.len() - address.0);
             let len = (size - done).min(CHUNK as u64).min(region_left.max(1)) as usize;
-            if let Some(pagemap) = &pagemap {
-                let host = ram
-                    .memory
-                    .get_host_address(address)
-                    .map_err(|e| io_error("reading guest memory", io::Error::other(e)))?;
-                if untouched(pagemap, host as usize, len) {
-                    done += len as u64;
-                    continue;
-                }
+            if probe.reads_zeros(ram, address.0, len as u64) {
+                done += len as u64;
+                continue;
             }
             let chunk = &mut buffer[..len];
             ram.memory
@@ -450,31 +440,120 @@ pub fn write_memory(ram: &GuestRam, file: &File, path: &str) -> Result<u64, Snap
     Ok(written)
 }
 
-/// Whether guest RAM `[addr, addr + len)` is private anonymous memory the
-/// guest never touched (so it reads as zeros). False when unsure.
-pub fn untouched_guest_range(ram: &GuestRam, addr: u64, len: u64) -> bool {
-    if !ram.anonymous {
-        return false;
+/// Finds guest RAM that reads as zeros without reading it: private
+/// anonymous memory the guest never touched (`/proc/self/pagemap`), or a
+/// hole in the file behind a shared mapping (a memfd, a shared zone's file).
+pub struct ZeroProbe {
+    pagemap: Option<File>,
+}
+
+impl ZeroProbe {
+    pub fn new(ram: &GuestRam) -> Self {
+        let pagemap = if ram.anonymous {
+            File::open("/proc/self/pagemap").ok()
+        } else {
+            None
+        };
+        ZeroProbe { pagemap }
     }
-    let Ok(pagemap) = File::open("/proc/self/pagemap") else {
-        return false;
-    };
-    let mut done = 0u64;
-    while done < len {
-        let at = GuestAddress(addr + done);
-        let Some(region) = ram.memory.find_region(at) else {
-            return false;
-        };
-        let step = (len - done).min(region.start_addr().0 + region.len() - at.0);
-        let Ok(host) = ram.memory.get_host_address(at) else {
-            return false;
-        };
-        if !untouched(&pagemap, host as usize, step as usize) {
-            return false;
+
+    /// Whether all of `[addr, addr + len)` is known to read as zeros.
+    /// False when unsure.
+    pub fn reads_zeros(&self, ram: &GuestRam, addr: u64, len: u64) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut done = 0u64;
+        while done < len {
+            let at = GuestAddress(addr + done);
+            let Some(region) = ram.memory.find_region(at) else {
+                return false;
+            };
+            let offset = at.0 - region.start_addr().0;
+            let step = (len - done).min(region.len() - offset);
+            let mapping: &vm_memory::mmap::MmapRegion<_> = region;
+            let zeros = match (mapping.file_offset(), &self.pagemap) {
+                (Some(file), _) if mapping.flags() & libc::MAP_SHARED != 0 => {
+                    let start = file.start() + offset;
+                    // SAFETY: lseek on a descriptor the mapping keeps open.
+                    let data = unsafe {
+                        libc::lseek(file.file().as_raw_fd(), start as i64, libc::SEEK_DATA)
+                    };
+                    // ENXIO: no data from `start` to the end of the file.
+                    (data < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO))
+                        || (data >= 0 && data as u64 >= start + step)
+                }
+                (None, Some(pagemap)) => match ram.memory.get_host_address(at) {
+                    Ok(host) => untouched(pagemap, host as usize, step as usize),
+                    Err(_) => false,
+                },
+                _ => false,
+            };
+            if !zeros {
+                return false;
+            }
+            done += step;
         }
-        done += step;
+        true
     }
-    true
+}
+
+/// Copies a snapshot's memory file into guest RAM made afresh for its config
+/// (shared, huge-page or file-backed memory, which a copy-on-write mapping of
+/// the file cannot stand for): only the file's data, its holes are zeros in
+/// new memory already.
+pub fn load_memory(ram: &GuestRam, file: &File, path: &str) -> Result<(), SnapshotError> {
+    use std::os::fd::AsRawFd;
+    let io_error = |source| SnapshotError::Io {
+        what: "reading the memory file",
+        path: path.to_owned(),
+        source,
+    };
+    let total = ram.total_size();
+    let mut buffer = vec![0u8; CHUNK];
+    let mut at = 0u64;
+    while at < total {
+        // SAFETY: lseek on a descriptor `file` owns.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), at as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            let error = io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(());
+            }
+            return Err(io_error(error));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io_error(io::Error::last_os_error()));
+        }
+        let (mut from, to) = (data as u64, (hole as u64).min(total));
+        while from < to {
+            let (guest, left) = file_to_guest(ram, from).ok_or_else(|| SnapshotError::Corrupt {
+                what: path.to_owned(),
+                detail: format!("data at offset {from:#x}, past guest RAM"),
+            })?;
+            let len = (to - from).min(left).min(CHUNK as u64) as usize;
+            file.read_exact_at(&mut buffer[..len], from)
+                .map_err(io_error)?;
+            ram.memory
+                .write_slice(&buffer[..len], GuestAddress(guest))
+                .map_err(|e| io_error(io::Error::other(e)))?;
+            from += len as u64;
+        }
+        at = to.max(at + 1);
+    }
+    Ok(())
+}
+
+/// The guest address of byte `offset` of a memory file (guest RAM's ranges
+/// one after the other), and how much of its range is left from there.
+fn file_to_guest(ram: &GuestRam, mut offset: u64) -> Option<(u64, u64)> {
+    for &(base, size) in &ram.ranges {
+        if offset < size {
+            return Some((base + offset, size - offset));
+        }
+        offset -= size;
+    }
+    None
 }
 
 /// Whether no page of the anonymous mapping at `host`..`host + len` has
@@ -562,6 +641,46 @@ mod tests {
                 .read_obj::<u8>(GuestAddress(0x1_0000_3000))
                 .unwrap(),
             2
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn shared_memory_in_zones_is_written_where_it_holds_data_and_copied_back() {
+        let zones = vec!["id=z,size=8M,shared=on".to_owned()];
+        let config = MemoryConfig::parse("size=8M,shared=on", Some(&zones)).unwrap();
+        let ram = create_guest_ram(&config).unwrap();
+        assert!(!ram.anonymous && ram.shared_files.is_some());
+        ram.memory.write_obj(0x55u8, GuestAddress(0x3000)).unwrap();
+        ram.memory
+            .write_obj(0x66u8, GuestAddress((9 << 20) + 5))
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("vmkit-snap-shared-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join("memory"))
+            .unwrap();
+        // The memfds' holes are skipped without reading them: two pages.
+        assert_eq!(
+            write_memory(&ram, &file, "memory").unwrap(),
+            2 * PAGE as u64
+        );
+        let fresh = create_guest_ram(&config).unwrap();
+        load_memory(&fresh, &file, "memory").unwrap();
+        assert_eq!(
+            fresh.memory.read_obj::<u8>(GuestAddress(0x3000)).unwrap(),
+            0x55
+        );
+        assert_eq!(
+            fresh
+                .memory
+                .read_obj::<u8>(GuestAddress((9 << 20) + 5))
+                .unwrap(),
+            0x66
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
