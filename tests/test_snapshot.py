@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from vmkit import VmConfig, testguest
+from vmkit.config import DiskConfig
 from vmkit.vm import Vm, VmError
 
 if not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -262,6 +263,52 @@ def test_shared_and_file_backed_memory_in_zones_snapshots_and_restores(tmp_path:
         assert rounds == list(range(60))
     finally:
         restored.close()
+
+
+def test_clones_run_on_their_own_copies_of_the_disk(tmp_path: Path) -> None:
+    """Three clones of one snapshot, each given its own copy of the disk image:
+    they run at once (no image lock between them), each writes and reads back
+    its own copy, and the snapshot's image is left as it was."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    config = ticking(steps=("hello", "ticks", "blk"))
+    config.disks = [DiskConfig.parse(f"path={disk}")]
+    snap = new_dir(tmp_path / "snap")
+    vm = paused_at_tick(config, 2)
+    try:
+        vm.snapshot(snap)
+    finally:
+        vm.close()
+    original = disk.read_bytes()
+    copies = [tmp_path / f"clone{i}.img" for i in range(3)]
+    for copy in copies:
+        copy.write_bytes(original)
+    clones = [Vm.restore(snap, disks={"_disk0": copy}) for copy in copies]
+    try:
+        for clone in clones:
+            clone.resume()
+        for clone in clones:
+            exit_info = clone.wait(timeout=30)
+            assert exit_info is not None and exit_info.reason == "poweroff", clone.serial.text
+            assert "vmkit-guest: summary passed=3 failed=0" in clone.serial.text
+            assert "blk write bdf=" in clone.serial.text
+    finally:
+        for clone in clones:
+            clone.close()
+    assert disk.read_bytes() == original
+    for copy in copies:
+        assert copy.read_bytes() != original, "the clone did not write its own copy"
+    # What does not fit is refused before anything runs.
+    short = tmp_path / "short.img"
+    short.write_bytes(bytes(4096))
+    with pytest.raises(VmError) as e:
+        Vm.restore(snap, disks={"_disk0": short})
+    assert e.value.kind == "Snapshot"
+    assert str(e.value) == (
+        f"disk _disk0: {short} holds 4096 bytes, the snapshot's image held {1 << 20}"
+    )
+    with pytest.raises(VmError, match="disk _disk9: the snapshot's VM has no disk with this id"):
+        Vm.restore(snap, disks={"_disk9": copies[0]})
 
 
 def test_a_failed_snapshot_leaves_no_files(tmp_path: Path) -> None:

@@ -130,6 +130,7 @@ class VmHandle:
         watchdog_timeout: float | None = None,
         lock_disks: bool = True,
         seccomp: str = "true",
+        disks: list[tuple[str, str]] = ...,
     ) -> VmHandle: ...
     def snapshot(self, path: str | os.PathLike[str]) -> None: ...
     @staticmethod

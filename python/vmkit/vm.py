@@ -333,12 +333,21 @@ class Vm:
         path: str | os.PathLike[str],
         *,
         prefault: bool = False,
+        disks: Mapping[str, str | os.PathLike[str]] | None = None,
         watchdog_timeout: float | None = None,
         lock_disks: bool = True,
         seccomp: bool | str = True,
     ) -> Vm:
         """The VM saved in the snapshot directory ``path``, Paused (as Cloud
         Hypervisor leaves a restored VM): ``resume()`` runs it on.
+
+        ``disks`` maps disk ids (``_disk0``, or the ``id=`` given) to the images
+        this VM uses instead of those the snapshot's config names: clones of one
+        snapshot each get their own copy (``cp --reflink=auto`` makes one in no
+        time on btrfs or XFS, sharing the unchanged blocks). Each image must be
+        the size the snapshot's was when it was taken; the guest's view of the
+        disk (its page cache, its file system) is the snapshot's, so copy the
+        image as the snapshot left it, before anything writes to it again.
 
         Guest memory is the snapshot's memory file mapped copy-on-write: pages
         come in as the guest touches them (``prefault`` reads them all up
@@ -351,7 +360,12 @@ class Vm:
         """
         logs.sync_level()
         handle = _native.VmHandle.restore(
-            path, prefault, watchdog_timeout, lock_disks, seccomp_value(seccomp)
+            path,
+            prefault,
+            watchdog_timeout,
+            lock_disks,
+            seccomp_value(seccomp),
+            [(id, os.fspath(image)) for id, image in (disks or {}).items()],
         )
         return cls._adopt(handle.config(), handle)
 

@@ -526,7 +526,7 @@ fn restore_vm(state: &mut State, request: &Value) -> (Value, Option<RawFd>) {
     let vm = if receive {
         Vm::receive_migration(path, options)
     } else {
-        Vm::restore(path, options, prefault)
+        Vm::restore(path, options, prefault, &[])
     };
     match vm {
         Ok(vm) => {

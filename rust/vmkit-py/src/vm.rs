@@ -109,9 +109,10 @@ impl VmHandle {
     }
 
     /// A VM from the snapshot directory `path`, Paused; `prefault` reads
-    /// guest memory in up front. The other options are `new`'s.
+    /// guest memory in up front; `disks`: (disk id, image) pairs replacing
+    /// the images the snapshot's config names. The other options are `new`'s.
     #[staticmethod]
-    #[pyo3(signature = (path, prefault=false, watchdog_timeout=None, lock_disks=true, seccomp="true"))]
+    #[pyo3(signature = (path, prefault=false, watchdog_timeout=None, lock_disks=true, seccomp="true", disks=Vec::new()))]
     fn restore(
         py: Python<'_>,
         path: std::path::PathBuf,
@@ -119,10 +120,11 @@ impl VmHandle {
         watchdog_timeout: Option<f64>,
         lock_disks: bool,
         seccomp: &str,
+        disks: Vec<(String, std::path::PathBuf)>,
     ) -> PyResult<Self> {
         let options = vm_options(watchdog_timeout, lock_disks, seccomp, None)?;
         let vm = py
-            .detach(|| Vm::restore(&path, options, prefault))
+            .detach(|| Vm::restore(&path, options, prefault, &disks))
             .map_err(|e| vm_error(py, e))?;
         Ok(VmHandle { vm })
     }

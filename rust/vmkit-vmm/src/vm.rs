@@ -110,6 +110,8 @@ pub enum VmError {
     SnapshotVcpus { found: usize, expected: u8 },
     #[error("the snapshot's config ({file}): {detail}")]
     SnapshotConfig { file: String, detail: String },
+    #[error("disk {id}: {detail}")]
+    SnapshotDisk { id: String, detail: String },
     #[error("the migrated VM's config: {detail}")]
     MigrationConfig { detail: String },
 }
@@ -127,7 +129,9 @@ impl ModuleError for VmError {
             HostAddress { .. } | MisalignedMemorySize { .. } => ErrorKind::Memory,
             NoKernel => ErrorKind::Kernel,
             SnapshotNotPaused => ErrorKind::State,
-            SnapshotVcpus { .. } | SnapshotConfig { .. } => ErrorKind::Snapshot,
+            SnapshotVcpus { .. } | SnapshotConfig { .. } | SnapshotDisk { .. } => {
+                ErrorKind::Snapshot
+            }
             MigrationConfig { .. } => ErrorKind::Migration,
         }
     }
@@ -1217,14 +1221,53 @@ impl Vm {
     /// a restored VM): `resume` runs it on from where it was. With
     /// `prefault`, guest memory is read in up front rather than on first
     /// touch.
-    pub fn restore(dir: &std::path::Path, options: VmOptions, prefault: bool) -> Result<Arc<Vm>> {
+    ///
+    /// `disks`: (disk id, image) pairs the VM uses instead of the images
+    /// its config names, each the size the snapshot's was (a clone's own
+    /// copy, say).
+    pub fn restore(
+        dir: &std::path::Path,
+        options: VmOptions,
+        prefault: bool,
+        disks: &[(String, std::path::PathBuf)],
+    ) -> Result<Arc<Vm>> {
         let snap = snapshot::read_dir(dir)?;
         let config_file = dir.join(snapshot::CONFIG_FILE).display().to_string();
-        let config: VmConfig =
+        let mut config: VmConfig =
             vmkit_config::json::from_json(&snap.config).map_err(|e| VmError::SnapshotConfig {
                 file: config_file.clone(),
                 detail: e.to_string(),
             })?;
+        for (id, image) in disks {
+            let disk = config
+                .disks
+                .iter_mut()
+                .flatten()
+                .find(|d| d.id.as_deref() == Some(id.as_str()))
+                .ok_or_else(|| VmError::SnapshotDisk {
+                    id: id.clone(),
+                    detail: "the snapshot's VM has no disk with this id".to_owned(),
+                })?;
+            let size = std::fs::metadata(image)
+                .map_err(|e| VmError::SnapshotDisk {
+                    id: id.clone(),
+                    detail: format!("{}: {e}", image.display()),
+                })?
+                .len();
+            if let Some(&was) = snap.header.disks.get(id) {
+                if size != was {
+                    return Err(VmError::SnapshotDisk {
+                        id: id.clone(),
+                        detail: format!(
+                            "{} holds {size} bytes, the snapshot's image held {was}",
+                            image.display()
+                        ),
+                    }
+                    .into());
+                }
+            }
+            disk.path = Some(image.display().to_string());
+        }
         // The memory file is mapped as the config lays guest RAM out: a config
         // asking for more than the file holds would fault the VMM past its end.
         let size = config.memory.total_size();

@@ -103,6 +103,11 @@ pub struct Header {
     /// Bytes of guest RAM in `memory`.
     pub memory_size: u64,
     pub vcpus: usize,
+    /// Each disk image's size in bytes when the snapshot was taken, by disk
+    /// id (regular files only): a clone given another image is checked
+    /// against it.
+    #[serde(default)]
+    pub disks: std::collections::BTreeMap<String, u64>,
     /// The boot's kernel format (`pvh-elf`, `elf`, `bzimage`), for `info`.
     pub kernel_format: Option<String>,
 }
@@ -281,11 +286,26 @@ fn write_files(
         vmkit: env!("CARGO_PKG_VERSION").to_owned(),
         memory_size: parts.ram.total_size(),
         vcpus: parts.state.vcpus.len(),
+        disks: disk_sizes(parts.config),
         kernel_format: parts.kernel_format.map(str::to_owned),
     };
     let header = serde_json::to_string_pretty(&header)
         .map_err(|e| io_error("writing", &dir.join(HEADER_FILE))(io::Error::other(e)))?;
     put(written, dir.join(HEADER_FILE), header.as_bytes())
+}
+
+/// The size of each disk image that is a regular file, by disk id.
+pub fn disk_sizes(config: &vmkit_config::VmConfig) -> std::collections::BTreeMap<String, u64> {
+    config
+        .disks
+        .iter()
+        .flatten()
+        .filter_map(|disk| {
+            let meta = std::fs::metadata(disk.path.as_ref()?).ok()?;
+            let id = disk.id.clone()?;
+            meta.is_file().then(|| (id, meta.len()))
+        })
+        .collect()
 }
 
 /// Creates `path`, which must not exist, readable by its owner only, and
