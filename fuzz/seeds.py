@@ -560,10 +560,18 @@ def snapshot_seeds() -> dict[str, bytes] | None:
         finally:
             vm.close()
         folder = Path(directory)
+        vcpus = [(folder / f"vcpu-{i}").read_bytes() for i in range(2)]
+        platform = (folder / "platform").read_bytes()
+        # A migration's STATE frame: "VKMS", the vCPU count, each vCPU's and
+        # the platform's state as length-prefixed blobs.
+        state = struct.pack("<II", 0x534D4B56, len(vcpus))
+        for blob in (*vcpus, platform):
+            state += struct.pack("<I", len(blob)) + blob
         return {
-            "vcpu-0": b"\x00" + (folder / "vcpu-0").read_bytes(),
-            "vcpu-1": b"\x00" + (folder / "vcpu-1").read_bytes(),
-            "platform": b"\x01" + (folder / "platform").read_bytes(),
+            "vcpu-0": b"\x00" + vcpus[0],
+            "vcpu-1": b"\x00" + vcpus[1],
+            "platform": b"\x01" + platform,
+            "state": b"\x02" + state,
         }
 
 

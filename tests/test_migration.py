@@ -379,13 +379,16 @@ def test_a_receiver_refuses_what_a_hostile_sender_sends(tmp_path: Path, case: st
 
 def test_vm_processes_migrate_through_the_api(tmp_path: Path) -> None:
     """``Vm.spawn`` on both sides: the sender's VMM process exits once the
-    receiver's runs the VM, as Cloud Hypervisor's does."""
+    receiver's runs the VM, as Cloud Hypervisor's does. The receiving process
+    had a VM of its own running: as in Cloud Hypervisor, the one received
+    replaces it."""
     config = dirtying()
     config.serial.mode = "File"
     config.serial.file = str(tmp_path / "serial.log")
     sender = Vm.spawn(config)
-    receiver = Vm.spawn(None)
+    receiver = Vm.spawn(dirtying(memory="size=64M", dirty_rounds=1_000_000))
     try:
+        receiver.boot()
         sender.boot()
         deadline = time.monotonic() + 30
         while "dirty round 10\n" not in (tmp_path / "serial.log").read_text(errors="replace"):
@@ -398,7 +401,9 @@ def test_vm_processes_migrate_through_the_api(tmp_path: Path) -> None:
         sender.migrate_to(tmp_path / "m.sock")
         waiting.join(30)
         assert sender.process.wait(10) == 0
-        assert receiver.info().state == "Running"
+        info = receiver.info()
+        assert info.state == "Running"
+        assert info.config.memory.size == 128 << 20, "the receiver's own VM is still there"
         exit_info = receiver.wait(timeout=60)
         assert exit_info is not None, exit_info
         text = (tmp_path / "serial.log").read_text()

@@ -7,9 +7,9 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 
 use vm_memory::GuestAddress;
-use vmkit_vmm::memory::GuestMemoryMmap;
 use vmkit_config::PayloadConfig;
 use vmkit_vmm::boot::{load_payload, LoadedPayload};
+use vmkit_vmm::memory::GuestMemoryMmap;
 use vmkit_vmm::memory::GuestRam;
 
 const RAM_SIZE: u64 = 32 << 20;

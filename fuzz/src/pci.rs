@@ -10,12 +10,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress};
-use vmkit_vmm::memory::GuestMemoryMmap;
 use vmkit_config::{DiskConfig, NetConfig};
 use vmkit_vmm::devices::serial::SerialBackend;
 use vmkit_vmm::devices::Bus;
 use vmkit_vmm::fuzzing::{inline_worker_count, run_inline_workers, set_inline_workers};
 use vmkit_vmm::interrupts::InterruptRoutes;
+use vmkit_vmm::memory::GuestMemoryMmap;
 use vmkit_vmm::pci::config::BarKind;
 use vmkit_vmm::pci::{
     plan_segments, PciBarWindow, PciConfigIo, PciEcam, PciSegment, ECAM_SIZE_PER_SEGMENT,

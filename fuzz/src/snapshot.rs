@@ -1,17 +1,19 @@
-//! Snapshot files are user input: the decoders of a vCPU's state and of the
-//! platform state must refuse anything malformed without panicking, and
-//! what they accept must be exactly what the encoder would write.
+//! Snapshot files and a migration's state are user input: the decoders of
+//! a vCPU's state, of the platform state and of a whole VM's state (a
+//! migration's STATE frame) must refuse anything malformed without
+//! panicking, and what they accept must be exactly what the encoder would
+//! write.
 
 use vmkit_vmm::snapshot::vcpu::VcpuState;
-use vmkit_vmm::snapshot::PlatformState;
+use vmkit_vmm::snapshot::{PlatformState, SavedState};
 
-/// First byte: which decoder (0: a vCPU state, 1: the platform state);
-/// the rest: the file's bytes.
+/// First byte: which decoder (0: a vCPU state, 1: the platform state, 2: a
+/// VM's state); the rest: the file's or frame's bytes.
 pub fn snapshot_state(data: &[u8]) {
     let Some((&which, file)) = data.split_first() else {
         return;
     };
-    match which % 2 {
+    match which % 3 {
         0 => {
             if let Ok(state) = VcpuState::decode("vcpu-0", file) {
                 assert_eq!(
@@ -21,12 +23,21 @@ pub fn snapshot_state(data: &[u8]) {
                 );
             }
         }
-        _ => {
+        1 => {
             if let Ok(state) = PlatformState::decode(file) {
                 assert_eq!(
                     state.encode(),
                     file,
                     "a platform state decodes to another encoding"
+                );
+            }
+        }
+        _ => {
+            if let Ok(state) = SavedState::decode(file) {
+                assert_eq!(
+                    state.encode(),
+                    file,
+                    "a VM state decodes to another encoding"
                 );
             }
         }

@@ -9,10 +9,10 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use vmkit_vmm::memory::GuestMemoryMmap;
 use vmkit_config::{DiskConfig, NetConfig};
 use vmkit_vmm::devices::serial::InputSink;
 use vmkit_vmm::fuzzing::{inline_worker_count, run_inline_workers, set_inline_workers};
+use vmkit_vmm::memory::GuestMemoryMmap;
 use vmkit_vmm::virtio::block::Block;
 use vmkit_vmm::virtio::console::{Console, ConsoleInput};
 use vmkit_vmm::virtio::net::Net;

@@ -257,6 +257,12 @@ class RemoteVmHandle:
             return []
         return [(str(kind), str(device)) for kind, device in events]
 
+    def detach(self) -> None:
+        """Forgets the VM process's VM, which another replaced: ``close`` then
+        sends nothing."""
+        self._closed = True
+        self.remove_cpu_groups()
+
     def close(self) -> None:
         if self._closed:
             return
@@ -435,6 +441,11 @@ class VmProcess:
             self.channel, path, False, watchdog_timeout, lock_disks, seccomp,
             op="receive_migration",
         )  # fmt: skip
+        # The process dropped the VM it had: requests through the old handle
+        # would reach the new VM.
+        old = self._handle() if self._handle is not None else None
+        if old is not None:
+            old.detach()
         self._handle = weakref.ref(handle)
         return Vm._adopt(config, handle)
 

@@ -336,6 +336,13 @@ class Vmm:
                 self._shut_down = True
                 self.emit("vmm", "shutdown")
 
+    def _unwatch(self) -> None:
+        """Stops waiting for the current VM (replaced by another)."""
+        with self._watch_lock:
+            fds, self._watched_fds = self._watched_fds, ()
+        for fd in fds:
+            _reactor.shared().remove(fd)
+
     def close(self, *, vm_gone: bool = False) -> None:
         """Shuts down and forgets any VM (``vmm_shutdown`` without exit);
         returns once the threads that waited for it are gone.
@@ -868,8 +875,10 @@ class Vmm:
                     "Failed to send migratable component snapshot: Could not extract path "
                     f"from URL: {receiver_url}"
                 )
+            old = self.vm
             try:
                 if self.vm_receiver is not None:
+                    # The VM process replaces its VM (if any) once the new one runs.
                     vm = self.vm_receiver(
                         path, self.watchdog_timeout, self.lock_disks, seccomp_value(self.seccomp)
                     )
@@ -882,9 +891,13 @@ class Vmm:
                     )
             except VmError as e:
                 raise ApiError(f"Failed to receive migratable component snapshot: {e}") from None
-            if self.vm is not None:
-                # v37 replaces what it had; nothing of the old VM may linger.
-                self._delete_locked()
+            if old is not None:
+                # v37 drops the VM it had for the one received, without events.
+                self._unwatch()
+                if self.vm_receiver is None:
+                    with contextlib.suppress(VmError):
+                        old.shutdown()
+                    old.close()
             self.vm = vm
             self.config = copy.deepcopy(vm.config)
             self._watch(vm)

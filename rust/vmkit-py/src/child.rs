@@ -517,12 +517,11 @@ fn restore_vm(state: &mut State, request: &Value) -> (Value, Option<RawFd>) {
             .unwrap_or_default(),
         thread_groups: ThreadGroups::default(),
     };
-    if let Some(old) = state.vm.take() {
-        old.close();
-        old.release();
-    }
     let prefault = request["prefault"].as_bool().unwrap_or(false);
     let path = std::path::Path::new(path);
+    // A VM received replaces the one here only once it runs (a failed
+    // migration leaves that one as it was, as in Cloud Hypervisor); a
+    // restore only ever comes to a process without one.
     let vm = if receive {
         Vm::receive_migration(path, options)
     } else {
@@ -532,7 +531,10 @@ fn restore_vm(state: &mut State, request: &Value) -> (Value, Option<RawFd>) {
         Ok(vm) => {
             let config = serde_json::to_value(vm.config()).unwrap_or(Value::Null);
             let fd = vm.exit_fd();
-            state.vm = Some(vm);
+            if let Some(old) = state.vm.replace(vm) {
+                old.close();
+                old.release();
+            }
             (json!({ "ok": config }), Some(fd))
         }
         Err(e) => (vm_error(e), None),
