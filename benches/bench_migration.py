@@ -23,16 +23,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import machine
-from bench_snapshot import CH_DIR, TIMES, remote, start, stop
+from bench_snapshot import CH_DIR, interleaved_medians, print_times, remote, start, stop
 from vmkit import VmConfig, testguest
 
 ROUNDS = 100_000
@@ -134,33 +132,11 @@ def main() -> None:
     if not (CH_DIR / "cloud-hypervisor").exists():
         sys.exit(f"no Cloud Hypervisor in {CH_DIR}")
     print(f"Machine: {machine.machine()}\n")
-    kinds = ("vmkit", "ch")
-    rows = []
-    for size in args.sizes.split(","):
-        results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
-        for _ in range(args.runs):
-            for kind in kinds:
-                with tempfile.TemporaryDirectory(prefix="vmkit-bench-mig-", dir="/tmp") as work:
-                    results[kind].append(one_run(kind, size, Path(work)))
-        med = {
-            k: {m: statistics.median(r[m] for r in results[k]) for m in results[k][0]}
-            for k in kinds
-        }
-        rows.append((size, med))
-    print(
-        f"Medians of {args.runs} interleaved runs; "
-        "ratios are vmkit's figure over Cloud Hypervisor's.\n"
-    )
-    print("| guest RAM | measure | vmkit | Cloud Hypervisor | vmkit / Cloud Hypervisor |")
-    print("|---|---|---|---|---|")
-    for size, med in rows:
-        for key, label in (
+    for size, med in interleaved_medians(args.sizes, args.runs, one_run, "vmkit-bench-mig-"):
+        print_times(size, med, (
             ("total", "send-migration (request → VM running on the receiver)"),
             ("gap", "largest gap between two guest rounds (5 ms apart when running)"),
-        ):
-            v, c = med["vmkit"][key], med["ch"][key]
-            times = f"{v * 1e3:.1f} ms | {c * 1e3:.1f} ms"
-            print(f"| {size} | {label} | {times} | {v / c:.2f} {TIMES} |")
+        ))  # fmt: skip
 
 
 if __name__ == "__main__":

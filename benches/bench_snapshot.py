@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import machine
@@ -144,6 +145,43 @@ def one_run(kind: str, size: str, work: Path) -> dict[str, float]:
     return {"snapshot": snapshot, "restore": restore, "progress": progress, "disk": on_disk}
 
 
+Medians = dict[str, dict[str, float]]
+
+
+def interleaved_medians(
+    sizes: str, runs: int, one_run: Callable[[str, str, Path], dict[str, float]], prefix: str
+) -> list[tuple[str, Medians]]:
+    """``one_run(kind, size, workdir)`` ``runs`` times per guest size, vmkit and
+    Cloud Hypervisor in turn; each measure's median per VMM, per size."""
+    kinds = ("vmkit", "ch")
+    rows = []
+    for size in sizes.split(","):
+        results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
+        for _ in range(runs):
+            for kind in kinds:
+                with tempfile.TemporaryDirectory(prefix=prefix, dir="/tmp") as work:
+                    results[kind].append(one_run(kind, size, Path(work)))
+        rows.append((
+            size,
+            {k: {m: statistics.median(r[m] for r in results[k]) for m in results[k][0]}
+             for k in kinds},
+        ))  # fmt: skip
+    print(
+        f"Medians of {runs} interleaved runs; ratios are vmkit's figure over Cloud Hypervisor's.\n"
+    )
+    print("| guest RAM | measure | vmkit | Cloud Hypervisor | vmkit / Cloud Hypervisor |")
+    print("|---|---|---|---|---|")
+    return rows
+
+
+def print_times(size: str, med: Medians, measures: tuple[tuple[str, str], ...]) -> None:
+    """A table row per (measure, label): both VMMs' medians in ms and their ratio."""
+    for key, label in measures:
+        v, c = med["vmkit"][key], med["ch"][key]
+        times = f"{v * 1e3:.1f} ms | {c * 1e3:.1f} ms"
+        print(f"| {size} | {label} | {times} | {v / c:.2f} {TIMES} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
@@ -152,34 +190,12 @@ def main() -> None:
     if not (CH_DIR / "cloud-hypervisor").exists():
         sys.exit(f"no Cloud Hypervisor in {CH_DIR}")
     print(f"Machine: {machine.machine()}\n")
-    kinds = ("vmkit", "ch")
-    rows = []
-    for size in args.sizes.split(","):
-        results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
-        for _ in range(args.runs):
-            for kind in kinds:
-                with tempfile.TemporaryDirectory(prefix="vmkit-bench-snap-") as work:
-                    results[kind].append(one_run(kind, size, Path(work)))
-        med = {
-            k: {m: statistics.median(r[m] for r in results[k]) for m in results[k][0]}
-            for k in kinds
-        }
-        rows.append((size, med))
-    print(
-        f"Medians of {args.runs} interleaved runs; "
-        "ratios are vmkit's figure over Cloud Hypervisor's.\n"
-    )
-    print("| guest RAM | measure | vmkit | Cloud Hypervisor | vmkit / Cloud Hypervisor |")
-    print("|---|---|---|---|---|")
-    for size, med in rows:
-        for key, label in (
+    for size, med in interleaved_medians(args.sizes, args.runs, one_run, "vmkit-bench-snap-"):
+        print_times(size, med, (
             ("snapshot", "snapshot (paused VM → files written)"),
             ("restore", "restore (request → Paused VM)"),
             ("progress", "restore → guest ticking again"),
-        ):
-            v, c = med["vmkit"][key], med["ch"][key]
-            times = f"{v * 1e3:.1f} ms | {c * 1e3:.1f} ms"
-            print(f"| {size} | {label} | {times} | {v / c:.2f} {TIMES} |")
+        ))  # fmt: skip
         v, c = med["vmkit"]["disk"], med["ch"]["disk"]
         sizes = f"{v / 2**20:.1f} MiB | {c / 2**20:.1f} MiB"
         print(f"| {size} | snapshot on disk | {sizes} | {v / c:.3f} {TIMES} |")

@@ -450,6 +450,41 @@ def test_a_spawned_vm_snapshots_and_another_vmm_process_restores_it(tmp_path: Pa
         Vm.spawn(config, restore=snap)
 
 
+@pytest.mark.parametrize("cpus", [1, 4])
+def test_a_guest_rewriting_memory_is_snapshotted_mid_round_and_checks_out_in_another_process(
+    tmp_path: Path, cpus: int
+) -> None:
+    """The ``dirty`` step (32 MiB rewritten every 5 ms, each round checking the
+    last) snapshotted in a VM process while it runs, with 1 and 4 vCPUs, and
+    restored in another: every check passes there, every round runs once."""
+    serial = tmp_path / "serial.log"
+    snap = new_dir(tmp_path / "snap")
+    steps = ["smp", "dirty"] if cpus > 1 else ["dirty"]
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(steps, "poweroff", dirty_mib=32, dirty_rounds=80,
+                                       dirty_ms=5),
+        "--cpus", f"boot={cpus}", "--memory", "size=128M",
+        "--serial", f"file={serial}", "--console", "off",
+    ])  # fmt: skip
+    with Vm.spawn(config) as vm:
+        vm.boot()
+        vm.serial.wait_for("^vmkit-guest: dirty round 20$", timeout=30)
+        vm.pause()
+        vm.snapshot(snap)
+    before = serial.read_text()
+    with Vm.spawn(None, restore=snap) as restored:
+        restored.resume()
+        exit_info = restored.wait(timeout=30)
+        assert exit_info is not None and exit_info.reason == "poweroff"
+        after = restored.serial.text
+    assert f"vmkit-guest: summary passed={len(steps)} failed=0" in after, after
+    prefix = "vmkit-guest: dirty round "
+    rounds = [int(line[len(prefix) :]) for line in (before + after).splitlines()
+              if line.startswith(prefix)]  # fmt: skip
+    assert rounds == list(range(80))
+
+
 def _events(path: Path) -> list[str]:
     decoder, text, events = json.JSONDecoder(), path.read_text(), []
     at = 0

@@ -624,6 +624,20 @@ mod tests {
     use super::*;
     use crate::memory::{create_guest_ram, map_guest_ram_from_file};
 
+    /// A new, empty `memory` file in a directory of its own (`tag`-pid).
+    fn memory_file(tag: &str) -> (PathBuf, File) {
+        let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join(MEMORY_FILE))
+            .unwrap();
+        (dir, file)
+    }
+
     #[test]
     fn memory_on_both_sides_of_the_mmio_hole_is_written_where_it_was_touched() {
         // 3.5 GiB: [0, 3 GiB) and [4 GiB, 4.5 GiB), one file after the other.
@@ -634,15 +648,7 @@ mod tests {
         ram.memory
             .write_obj(2u8, GuestAddress(0x1_0000_3000))
             .unwrap();
-        let dir = std::env::temp_dir().join(format!("vmkit-snap-hole-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.join("memory"))
-            .unwrap();
+        let (dir, file) = memory_file("vmkit-snap-hole");
         assert_eq!(
             write_memory(&ram, &file, "memory").unwrap(),
             2 * PAGE as u64
@@ -675,15 +681,7 @@ mod tests {
         ram.memory
             .write_obj(0x66u8, GuestAddress((9 << 20) + 5))
             .unwrap();
-        let dir = std::env::temp_dir().join(format!("vmkit-snap-shared-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.join("memory"))
-            .unwrap();
+        let (dir, file) = memory_file("vmkit-snap-shared");
         // The memfds' holes are skipped without reading them: two pages.
         assert_eq!(
             write_memory(&ram, &file, "memory").unwrap(),
@@ -715,16 +713,7 @@ mod tests {
         ram.memory
             .write_obj(0xabu8, GuestAddress((64 << 20) - 1))
             .unwrap();
-        let dir = std::env::temp_dir().join(format!("vmkit-snap-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("memory");
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let (dir, file) = memory_file("vmkit-snap");
         let written = write_memory(&ram, &file, "memory").unwrap();
         assert_eq!(written, 2 * PAGE as u64, "only the two touched pages");
         let meta = file.metadata().unwrap();
