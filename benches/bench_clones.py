@@ -1,5 +1,7 @@
 """Clones: N VMs restored from one snapshot of a warmed-up VM, against N VMs
-booted and warmed up each, in process, one run.
+booted and warmed up each, in process, one run; then N clones each in a VMM
+process of its own, vmkit's (``Vm.spawn(None, restore=...)``) beside Cloud
+Hypervisor's (``cloud-hypervisor --restore``), when ``../shared/ch`` is there.
 
 Run: ``python benches/bench_clones.py`` (``--count 20``, ``--warm 64``).
 
@@ -12,17 +14,26 @@ the snapshot and resumed, one after the other, each until it prints a tick
 warm-up is done and it prints a tick (*boots*). For each set: the time, and
 this process's Pss growth per VM once all run (guest RAM a clone has not
 written is the snapshot file's page cache, shared by every clone).
+
+The process rows: the same guest warmed up and snapshotted by each VMM (through
+the real ``ch-remote`` for Cloud Hypervisor), then ``count`` VMM processes
+started one after the other, each restoring the snapshot and resuming it
+(timed until the last resume returned), and the Pss of those processes,
+summed, per clone. Cloud Hypervisor runs with ``--seccomp false`` (its filter
+at this revision kills it on a restore request here).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import machine
+from bench_snapshot import CH_DIR, remote, start, stop
 from vmkit import VmConfig, testguest
 from vmkit.vm import Vm
 
@@ -34,6 +45,74 @@ def pss_mib() -> float:
         if line.startswith("Pss:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def process_pss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_for_tick(serial: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while "vmkit-guest: tick 1\n" not in serial.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{serial}: the guest did not warm up")
+        time.sleep(0.01)
+
+
+def vmkit_process_clones(snap: Path, count: int) -> tuple[float, float]:
+    """``count`` VM processes restoring ``snap`` and resuming: time, Pss per clone."""
+    vms = []
+    try:
+        started = time.monotonic()
+        for _ in range(count):
+            vm = Vm.spawn(None, restore=snap)
+            vms.append(vm)
+            vm.resume()
+        elapsed = time.monotonic() - started
+        time.sleep(0.5)
+        return elapsed, sum(process_pss_mib(vm.pid) for vm in vms) / count
+    finally:
+        for vm in vms:
+            vm.close()
+
+
+def ch_process_clones(cfg: VmConfig, work: Path, count: int) -> tuple[float, float]:
+    """Cloud Hypervisor: the same guest warmed up and snapshotted through
+    ch-remote, then ``count`` processes restoring it and resuming."""
+    serial = work / "ch-serial.log"
+    cfg.serial.mode = "File"
+    cfg.serial.file = str(serial)
+    (work / "ch-vm.json").write_text(cfg.to_json())
+    snap = work / "ch-snap"
+    snap.mkdir()
+    sock = work / "ch-first.sock"
+    first = start("ch", sock)
+    try:
+        remote(sock, "create", str(work / "ch-vm.json"))
+        remote(sock, "boot")
+        wait_for_tick(serial)
+        remote(sock, "pause")
+        remote(sock, "snapshot", f"file://{snap}")
+    finally:
+        stop(first, sock)
+    clones: list[tuple[subprocess.Popen[bytes], Path]] = []
+    try:
+        started = time.monotonic()
+        for i in range(count):
+            sock = work / f"ch-{i}.sock"
+            proc = start("ch", sock)
+            clones.append((proc, sock))
+            remote(sock, "restore", f"source_url=file://{snap}")
+            remote(sock, "resume")
+        elapsed = time.monotonic() - started
+        time.sleep(0.5)
+        return elapsed, sum(process_pss_mib(proc.pid) for proc, _ in clones) / count
+    finally:
+        for proc, sock in clones:
+            stop(proc, sock)
 
 
 def config(disk: Path, warm_mib: int) -> VmConfig:
@@ -99,6 +178,9 @@ def main() -> None:
                     vm.release()
             results[kind] = (elapsed, per_vm)
         snapshot_disk = sum(p.stat().st_blocks * 512 for p in snap.iterdir()) / MIB
+        processes = {"vmkit": vmkit_process_clones(snap, args.count)}
+        if (CH_DIR / "cloud-hypervisor").exists():
+            processes["ch"] = ch_process_clones(config(disk, args.warm), Path(work), args.count)
 
     clones, boots = results["clones"], results["boots"]
     print(
@@ -115,6 +197,16 @@ def main() -> None:
         f"| Pss per VM | {clones[1]:.1f} MiB | {boots[1]:.1f} MiB "
         f"| {clones[1] / boots[1]:.2f} \u00d7 |"
     )
+    print("\nClones in VMM processes of their own (restore + resume, one after the other):\n")
+    print("| | vmkit | Cloud Hypervisor | vmkit / Cloud Hypervisor |")
+    print("|---|---|---|---|")
+    v = processes["vmkit"]
+    c = processes.get("ch", (float("nan"), float("nan")))
+    print(
+        f"| {args.count} clones running | {v[0] * 1e3:.0f} ms | {c[0] * 1e3:.0f} ms "
+        f"| {v[0] / c[0]:.3f} \u00d7 |"
+    )
+    print(f"| Pss per clone process | {v[1]:.1f} MiB | {c[1]:.1f} MiB | {v[1] / c[1]:.3f} \u00d7 |")
 
 
 if __name__ == "__main__":

@@ -160,12 +160,12 @@ def test_disk_io_in_flight_completes_across_the_move(tmp_path: Path, cpus: int) 
         steps=steps,
         extra=("--disk", f"path={disk}"),
         dirty_rounds=ROUNDS,
-        blkbench_mode="write", blkbench_size=65536, blkbench_depth=16, blkbench_count=20000,
+        # ~2 s here: the move comes right after blkbench starts.
+        blkbench_mode="write", blkbench_size=65536, blkbench_depth=16, blkbench_count=300_000,
     )  # fmt: skip
     sender = Vm(config)
     sender.boot()
     assert sender.serial.wait_for("^vmkit-guest: step dirty ok", timeout=30), sender.serial.text
-    time.sleep(0.05)  # into blkbench
     receiver = Receiver(tmp_path / "m.sock")
     try:
         sender.migrate_to(tmp_path / "m.sock")

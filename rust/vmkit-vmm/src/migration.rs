@@ -106,6 +106,8 @@ pub enum MigrationError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("the VM stopped during the migration: {0}")]
+    VmStopped(String),
     #[error("the receiving VMM did not confirm the VM runs ({0}); the VM stays paused here")]
     Unconfirmed(String),
 }

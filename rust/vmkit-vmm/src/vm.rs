@@ -1418,6 +1418,7 @@ impl Vm {
             report.bytes += send_all_memory(wire, ram, &mut buffer)?;
             report.rounds = 1;
             while report.rounds < MAX_PRECOPY_ROUNDS {
+                check_running(instance)?;
                 let sent = send_dirty(wire, vm_fd, ram, &mut buffer)?;
                 report.bytes += sent;
                 report.rounds += 1;
@@ -1437,6 +1438,8 @@ impl Vm {
                 return Err(VmError::PauseTimeout.into());
             }
         }
+        // The guest may have powered off (or reset) meanwhile.
+        check_running(instance)?;
         instance.devices.stop_virtio_for_snapshot();
         progress.devices_stopped = true;
         if !local {
@@ -1577,6 +1580,15 @@ fn send_all_memory(wire: &mut Wire, ram: &GuestRam, buffer: &mut [u8]) -> Result
         }
     }
     Ok(sent)
+}
+
+/// Fails once the boot is stopping (the guest powered off or reset, or a
+/// vCPU failed): there is nothing left to move.
+fn check_running(instance: &Instance) -> Result<()> {
+    match instance.control.stop_reason() {
+        Some(reason) => Err(MigrationError::VmStopped(reason.message()).into()),
+        None => Ok(()),
+    }
 }
 
 /// Sends the pages written since the last round. Returns the bytes sent.

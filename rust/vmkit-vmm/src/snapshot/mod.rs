@@ -303,7 +303,7 @@ pub fn disk_sizes(config: &vmkit_config::VmConfig) -> std::collections::BTreeMap
         .filter_map(|disk| {
             let meta = std::fs::metadata(disk.path.as_ref()?).ok()?;
             let id = disk.id.clone()?;
-            meta.is_file().then(|| (id, meta.len()))
+            meta.is_file().then_some((id, meta.len()))
         })
         .collect()
 }
