@@ -104,6 +104,15 @@ def migrate_mid_run(
     return report, receiver.vm, before
 
 
+def writing_to_disk(vm: Vm) -> None:
+    """Waits until the guest's blkbench writes reach the disk: its device is
+    started and has requests in flight."""
+    deadline = time.monotonic() + 30
+    while vm.counters()["_disk0"]["write_ops"] == 0:
+        assert time.monotonic() < deadline, vm.serial.text
+        time.sleep(0.001)
+
+
 def finishes(vm: Vm, before: str, steps: int = 1) -> None:
     """The migrated guest runs on to the end: every round once, in order, and
     every check of the previous round's writes passed."""
@@ -166,6 +175,7 @@ def test_disk_io_in_flight_completes_across_the_move(tmp_path: Path, cpus: int) 
     sender = Vm(config)
     sender.boot()
     assert sender.serial.wait_for("^vmkit-guest: step dirty ok", timeout=30), sender.serial.text
+    writing_to_disk(sender)
     receiver = Receiver(tmp_path / "m.sock")
     try:
         sender.migrate_to(tmp_path / "m.sock")
@@ -199,7 +209,7 @@ def test_a_refused_or_failed_send_leaves_the_vm_running(tmp_path: Path) -> None:
         vm.migrate_to(tmp_path / "absent.sock", local=True)
     assert str(e.value) == "Local migration requires shared memory or hugepages enabled"
     # A receiver that refuses after the config: the pages never went.
-    with FakeReceiver(tmp_path / "refuses.sock", refuse_after=("Hello", "Config")) as fake:
+    with FakeReceiver(tmp_path / "refuses.sock", refuse_on="Config") as fake:
         with pytest.raises(VmError) as e:
             vm.migrate_to(fake.path)
     assert "the receiving VMM refused the migration: no room here" in str(e.value)
@@ -209,11 +219,49 @@ def test_a_refused_or_failed_send_leaves_the_vm_running(tmp_path: Path) -> None:
             vm.migrate_to(fake.path)
     assert e.value.kind == "Migration", str(e.value)
     assert vm.state == "Running"
+    # A receiver that refuses at the very end: it does not run the VM, so it runs on here.
+    with FakeReceiver(tmp_path / "late.sock", refuse_on="Complete") as fake:
+        with pytest.raises(VmError, match="refused the migration: no room here"):
+            vm.migrate_to(fake.path)
+    assert vm.state == "Running"
     # The guest never noticed: every round checked out.
     exit_info = vm.wait(timeout=60)
     assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
     assert "vmkit-guest: summary passed=1 failed=0" in vm.serial.text
     vm.close()
+
+
+def test_a_receiver_gone_at_the_last_step_leaves_the_vm_paused(tmp_path: Path) -> None:
+    """After the last step the receiver may run the VM: with no word from it,
+    the VM must not run here too. It stays paused, and the error says so;
+    resumed, it runs on, its disk too (blkbench had requests in flight)."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(8 << 20))
+    config = dirtying(
+        steps=("dirty", "blkbench"),
+        extra=("--disk", f"path={disk}"),
+        dirty_rounds=20,
+        blkbench_mode="write", blkbench_size=65536, blkbench_depth=16, blkbench_count=300_000,
+    )  # fmt: skip
+    vm = Vm(config)
+    try:
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: step dirty ok", timeout=30), vm.serial.text
+        writing_to_disk(vm)
+        with FakeReceiver(tmp_path / "gone.sock", vanish_on="Complete") as fake:
+            with pytest.raises(VmError) as e:
+                vm.migrate_to(fake.path)
+        assert "did not confirm the VM runs" in str(e.value), str(e.value)
+        assert "the VM stays paused here" in str(e.value)
+        assert vm.state == "Paused"
+        assert "step blkbench" not in vm.serial.text, "blkbench ended first: make it longer"
+        # The user decides: here it can go on.
+        vm.resume()
+        exit_info = vm.wait(timeout=60)
+        assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+        assert "vmkit-guest: summary passed=2 failed=0" in vm.serial.text
+    finally:
+        vm.close()
 
 
 # -- receivers that trust nothing ------------------------------------------------------------
@@ -241,20 +289,24 @@ def config_frame(config: VmConfig, memory_size: int | None = None) -> bytes:
 
 
 class FakeReceiver:
-    """A listener that reads frames and refuses (an ACK with an error) after
-    the kinds in ``refuse_after``, or closes after ``drop_after_bytes``."""
+    """A listener that reads frames, answers the config and the state, and
+    refuses (an ACK with an error) on the first ``refuse_on`` frame, closes
+    without a word on the first ``vanish_on`` one, or closes after
+    ``drop_after_bytes``."""
 
     def __init__(
         self,
         path: Path,
-        refuse_after: tuple[str, ...] = (),
+        refuse_on: str | None = None,
+        vanish_on: str | None = None,
         drop_after_bytes: int | None = None,
     ) -> None:
         self.path = path
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(os.fspath(path))
         self.listener.listen(1)
-        self.refuse_after = refuse_after
+        self.refuse_on = refuse_on
+        self.vanish_on = vanish_on
         self.drop_after_bytes = drop_after_bytes
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -262,7 +314,6 @@ class FakeReceiver:
     def _serve(self) -> None:
         conn, _ = self.listener.accept()
         with conn:
-            seen: list[str] = []
             received = 0
             names = {v: k for k, v in KINDS.items()}
             while True:
@@ -279,11 +330,13 @@ class FakeReceiver:
                     received += len(chunk)
                     if self.drop_after_bytes is not None and received >= self.drop_after_bytes:
                         return
-                seen.append(names.get(kind, "?"))
-                if tuple(seen) == self.refuse_after:
+                name = names.get(kind, "?")
+                if name == self.vanish_on:
+                    return
+                if name == self.refuse_on:
                     conn.sendall(frame("Ack", struct.pack("<I", 1) + b"no room here"))
                     return
-                if names.get(kind) == "Config":
+                if name in ("Config", "State"):
                     conn.sendall(frame("Ack", struct.pack("<I", 0)))
 
     def __enter__(self) -> FakeReceiver:

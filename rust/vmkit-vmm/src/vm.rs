@@ -1340,18 +1340,15 @@ impl Vm {
                     ErrorKind::Migration => wire.refusal().map_or(error, Into::into),
                     _ => error,
                 };
-                let refused = error.message.starts_with("the receiving VMM refused");
+                // The receiver said no: it does not run the VM.
+                let refused = std::error::Error::source(&error)
+                    .and_then(|e| e.downcast_ref::<MigrationError>())
+                    .is_some_and(|e| matches!(e, MigrationError::Refused(_)));
                 if progress.dirty_logging {
                     let _ = migration::set_dirty_logging(&instance._vm_fd, &instance._ram, false);
                 }
-                if progress.complete_sent && !refused {
-                    // The receiver may run the VM: running it here too would
-                    // split it in two.
-                    if progress.parked {
-                        life.state = VmState::Paused;
-                    }
-                    return Err(MigrationError::Unconfirmed(error.message).into());
-                }
+                // The devices take their rings back (idle while the vCPUs
+                // are parked) and the disks are locked again where they can be.
                 if progress.disks_unlocked {
                     match self.lock_disk_images() {
                         Ok(locks) => *self.held_disk_locks() = locks,
@@ -1360,6 +1357,14 @@ impl Vm {
                 }
                 if progress.devices_stopped {
                     instance.devices.resume_virtio_after_snapshot();
+                }
+                if progress.complete_sent && !refused {
+                    // The receiver may run the VM: running it here too would
+                    // split it in two. It stays paused for the user to decide.
+                    if progress.parked {
+                        life.state = VmState::Paused;
+                    }
+                    return Err(MigrationError::Unconfirmed(error.message).into());
                 }
                 if progress.parked {
                     instance.control.set_command(VcpuCommand::Run);
