@@ -31,10 +31,14 @@ _STATUS = re.compile(rb"HTTP/1\.1 (\d{3}) \r\n")
 
 
 class NoBootVmm(Vmm):
-    """The real VMM state machine, without guests."""
+    """The real VMM state machine, without guests (booted or migrated in)."""
 
     def boot(self) -> NoReturn:
         raise ApiError("booting is disabled in the fuzz harness")
+
+    def receive_migration(self, receiver_url: str) -> NoReturn:
+        # It would listen at a path the input names and wait for a sender.
+        raise ApiError("receiving a migration is disabled in the fuzz harness")
 
 
 class Server:
