@@ -20,17 +20,22 @@ here).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-import machine
-from bench_snapshot import CH_DIR, interleaved_medians, print_times, remote, start, stop
+from bench_snapshot import (
+    CH_DIR,
+    interleaved_medians,
+    print_times,
+    remote,
+    side_by_side_args,
+    start,
+    stop,
+)
 from vmkit import VmConfig, testguest
 
 ROUNDS = 100_000
@@ -125,13 +130,7 @@ def one_run(kind: str, size: str, work: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--sizes", default="256M,2G")
-    args = parser.parse_args()
-    if not (CH_DIR / "cloud-hypervisor").exists():
-        sys.exit(f"no Cloud Hypervisor in {CH_DIR}")
-    print(f"Machine: {machine.machine()}\n")
+    args = side_by_side_args(__doc__)
     for size, med in interleaved_medians(args.sizes, args.runs, one_run, "vmkit-bench-mig-"):
         print_times(size, med, (
             ("total", "send-migration (request → VM running on the receiver)"),

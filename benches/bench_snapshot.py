@@ -182,14 +182,20 @@ def print_times(size: str, med: Medians, measures: tuple[tuple[str, str], ...]) 
         print(f"| {size} | {label} | {times} | {v / c:.2f} {TIMES} |")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def side_by_side_args(description: str | None) -> argparse.Namespace:
+    """``--runs`` and ``--sizes``; exits without Cloud Hypervisor; prints the machine."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--sizes", default="256M,2G")
     args = parser.parse_args()
     if not (CH_DIR / "cloud-hypervisor").exists():
         sys.exit(f"no Cloud Hypervisor in {CH_DIR}")
     print(f"Machine: {machine.machine()}\n")
+    return args
+
+
+def main() -> None:
+    args = side_by_side_args(__doc__)
     for size, med in interleaved_medians(args.sizes, args.runs, one_run, "vmkit-bench-snap-"):
         print_times(size, med, (
             ("snapshot", "snapshot (paused VM → files written)"),
