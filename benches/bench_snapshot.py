@@ -182,11 +182,14 @@ def print_times(size: str, med: Medians, measures: tuple[tuple[str, str], ...]) 
         print(f"| {size} | {label} | {times} | {v / c:.2f} {TIMES} |")
 
 
-def side_by_side_args(description: str | None) -> argparse.Namespace:
-    """``--runs`` and ``--sizes``; exits without Cloud Hypervisor; prints the machine."""
+def side_by_side_args(description: str | None, hog: bool = False) -> argparse.Namespace:
+    """``--runs`` and ``--sizes`` (and ``--hog`` if asked for); exits without
+    Cloud Hypervisor; prints the machine."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--sizes", default="256M,2G")
+    if hog:
+        parser.add_argument("--hog", action="store_true", help="a busy loop per CPU throughout")
     args = parser.parse_args()
     if not (CH_DIR / "cloud-hypervisor").exists():
         sys.exit(f"no Cloud Hypervisor in {CH_DIR}")
