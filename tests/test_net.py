@@ -268,3 +268,47 @@ def test_boots_leak_no_descriptors_threads_or_taps(tap: str) -> None:
     assert len(os.listdir("/proc/self/fd")) == fds
     assert threading.active_count() == threads
     assert interfaces().keys() == links.keys()
+
+
+def test_a_vm_with_a_tap_cannot_move_within_one_host_and_runs_on(tmp_path: Path) -> None:
+    """The receiver cannot attach the tap while the sender holds it: the
+    migration is refused with that reason, the VM runs on, and the tap vmkit
+    made goes with the VM."""
+    import threading
+
+    from vmkit.vm import Vm, VmError
+
+    name = unique_name()
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["hello", "ticks"], "poweroff", ticks=40, tick_ms=20),
+        "--memory", "size=64M", "--net", f"tap={name},ip=192.168.251.1,mask=255.255.255.0",
+        "--serial", "tty", "--console", "off",
+    ])  # fmt: skip
+    sock = tmp_path / "m.sock"
+    errors: list[BaseException] = []
+
+    def receive() -> None:
+        try:
+            Vm.receive_migration(sock)
+        except BaseException as e:
+            errors.append(e)
+
+    with Vm(config) as vm:
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: tick 2$", timeout=30)
+        receiver = threading.Thread(target=receive)
+        receiver.start()
+        while not sock.exists():
+            time.sleep(0.001)
+        with pytest.raises(VmError) as e:
+            vm.migrate_to(sock)
+        receiver.join(30)
+        assert "the receiving VMM refused the migration" in str(e.value), str(e.value)
+        assert f"tap={name}" in str(e.value) and "in use by another process" in str(e.value)
+        assert len(errors) == 1 and isinstance(errors[0], VmError)
+        assert vm.state == "Running"
+        exit_info = vm.wait(timeout=30)
+        assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+        assert "vmkit-guest: summary passed=2 failed=0" in vm.serial.text
+    assert name not in ip("-o", "link", "show")
