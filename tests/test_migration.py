@@ -476,8 +476,15 @@ def test_the_vmkit_command_migrates_with_the_real_ch_remote(tmp_path: Path) -> N
     config.serial.mode = "File"
     config.serial.file = str(serial)
     (tmp_path / "vm.json").write_text(config.to_json())
-    a = VmmProcess("vmkit", tmp_path / "a.sock", tmp_path / "a.log")
-    b = VmmProcess("vmkit", tmp_path / "b.sock", tmp_path / "b.log")
+    monitor = {side: tmp_path / f"{side}.events" for side in "ab"}
+    a = VmmProcess(
+        "vmkit", tmp_path / "a.sock", tmp_path / "a.log",
+        extra=("--event-monitor", f"path={monitor['a']}"),
+    )  # fmt: skip
+    b = VmmProcess(
+        "vmkit", tmp_path / "b.sock", tmp_path / "b.log",
+        extra=("--event-monitor", f"path={monitor['b']}"),
+    )  # fmt: skip
     try:
         for args in (["create", str(tmp_path / "vm.json")], ["boot"]):
             assert ch_remote(a.socket_path, *args) == (0, "", ""), args
@@ -504,6 +511,28 @@ def test_the_vmkit_command_migrates_with_the_real_ch_remote(tmp_path: Path) -> N
     finally:
         a.stop()
         b.stop()
+    # Cloud Hypervisor's events (checked against v37): the sender pauses and
+    # snapshots the VM on the way, then deletes it and ends; the receiver
+    # restores and resumes it.
+    assert events(monitor["a"])[-7:] == [
+        "vm pausing", "vm paused", "vm snapshotting", "vm snapshotted",
+        "vm shutdown", "vm deleted", "vmm shutdown",
+    ]  # fmt: skip
+    assert events(monitor["b"])[:5] == [
+        "vmm starting", "vm restoring", "vm restored", "vm resuming", "vm resumed",
+    ]  # fmt: skip
+
+
+def events(path: Path) -> list[str]:
+    """``source event`` of each event the monitor file holds."""
+    decoder, text, found, at = json.JSONDecoder(), path.read_text(), [], 0
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at >= len(text):
+            return found
+        event, at = decoder.raw_decode(text, at)
+        found.append(f"{event['source']} {event['event']}")
 
 
 if __name__ == "__main__":
