@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -239,3 +240,16 @@ def some(value: T | None) -> T:
     """Narrow an optional value that the test requires to be present."""
     assert value is not None
     return value
+
+
+def event_names(path: Path) -> list[str]:
+    """``source event`` of each event an event-monitor file holds (its
+    properties left out)."""
+    decoder, text, found, at = json.JSONDecoder(), path.read_text(), [], 0
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at >= len(text):
+            return found
+        event, at = decoder.raw_decode(text, at)
+        found.append(f"{event['source']} {event['event']}")

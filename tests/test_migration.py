@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _helpers import event_names
 from vmkit import VmConfig, testguest
 from vmkit.vm import Migration, Vm, VmError
 
@@ -514,25 +515,13 @@ def test_the_vmkit_command_migrates_with_the_real_ch_remote(tmp_path: Path) -> N
     # Cloud Hypervisor's events (checked against v37): the sender pauses and
     # snapshots the VM on the way, then deletes it and ends; the receiver
     # restores and resumes it.
-    assert events(monitor["a"])[-7:] == [
+    assert event_names(monitor["a"])[-7:] == [
         "vm pausing", "vm paused", "vm snapshotting", "vm snapshotted",
         "vm shutdown", "vm deleted", "vmm shutdown",
     ]  # fmt: skip
-    assert events(monitor["b"])[:5] == [
+    assert event_names(monitor["b"])[:5] == [
         "vmm starting", "vm restoring", "vm restored", "vm resuming", "vm resumed",
     ]  # fmt: skip
-
-
-def events(path: Path) -> list[str]:
-    """``source event`` of each event the monitor file holds."""
-    decoder, text, found, at = json.JSONDecoder(), path.read_text(), [], 0
-    while True:
-        while at < len(text) and text[at].isspace():
-            at += 1
-        if at >= len(text):
-            return found
-        event, at = decoder.raw_decode(text, at)
-        found.append(f"{event['source']} {event['event']}")
 
 
 if __name__ == "__main__":

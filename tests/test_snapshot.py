@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from _helpers import event_names
 from vmkit import VmConfig, testguest
 from vmkit.config import DiskConfig
 from vmkit.vm import Vm, VmError
@@ -485,18 +486,6 @@ def test_a_guest_rewriting_memory_is_snapshotted_mid_round_and_checks_out_in_ano
     assert rounds == list(range(80))
 
 
-def _events(path: Path) -> list[str]:
-    decoder, text, events = json.JSONDecoder(), path.read_text(), []
-    at = 0
-    while True:
-        while at < len(text) and text[at].isspace():
-            at += 1
-        if at >= len(text):
-            return events
-        event, at = decoder.raw_decode(text, at)
-        events.append(f"{event['source']} {event['event']}")
-
-
 def test_vmkit_remote_snapshots_and_restores_with_events_and_prefault(tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -549,7 +538,7 @@ def test_vmkit_remote_snapshots_and_restores_with_events_and_prefault(tmp_path: 
     finally:
         first.kill()
         first.wait()
-    events = _events(first_events)
+    events = event_names(first_events)
     assert events[events.index("vm paused") + 1 :][:2] == ["vm snapshotting", "vm snapshotted"]
     before = serial.read_text()
 
@@ -564,7 +553,7 @@ def test_vmkit_remote_snapshots_and_restores_with_events_and_prefault(tmp_path: 
     finally:
         second.kill()
         second.wait()
-    assert _events(second_events)[1:3] == ["vm restoring", "vm restored"]
+    assert event_names(second_events)[1:3] == ["vm restoring", "vm restored"]
     assert ticks_seen(before) + ticks_seen(serial.read_text()) == list(range(TICKS))
 
 

@@ -118,6 +118,13 @@ struct Backing {
     thp: bool,
 }
 
+impl Backing {
+    /// Private anonymous memory: no file behind it, nothing shared.
+    fn private_anonymous(&self) -> bool {
+        self.file.is_none() && !self.shared && !self.hugepages
+    }
+}
+
 /// Guest RAM and the physical ranges it covers (sorted, non-overlapping).
 pub struct GuestRam {
     pub memory: GuestMemoryMmap,
@@ -347,7 +354,7 @@ fn map_region(
     if backing.mergeable {
         advise(libc::MADV_MERGEABLE);
     }
-    if backing.thp && !backing.hugepages && !backing.shared && backing.file.is_none() {
+    if backing.thp && backing.private_anonymous() {
         advise(libc::MADV_HUGEPAGE);
     }
     GuestRegionMmap::new(region, GuestAddress(guest_base)).ok_or_else(|| {
@@ -397,10 +404,7 @@ fn lay_out(
 /// Whether `config` asks for private anonymous memory only (no shared,
 /// huge-page or file-backed memory).
 pub fn private_anonymous(config: &MemoryConfig) -> bool {
-    backings(config).is_ok_and(|list| {
-        list.iter()
-            .all(|b| b.file.is_none() && !b.shared && !b.hugepages)
-    })
+    backings(config).is_ok_and(|list| list.iter().all(Backing::private_anonymous))
 }
 
 /// Creates guest RAM: each backing in turn from address 0, skipping the MMIO hole.
@@ -413,9 +417,7 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
     let (memory, ranges) = lay_out(&backings, |index, offset, base, size| {
         map_region(&backings[index], files[index].as_ref(), offset, base, size)
     })?;
-    let anonymous = backings
-        .iter()
-        .all(|b| b.file.is_none() && !b.shared && !b.hugepages);
+    let anonymous = backings.iter().all(Backing::private_anonymous);
     let shared_files = if backings.iter().all(|b| b.shared || b.hugepages) {
         files.into_iter().collect::<Option<Vec<_>>>()
     } else {
