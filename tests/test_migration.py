@@ -267,7 +267,10 @@ def test_a_receiver_gone_at_the_last_step_leaves_the_vm_paused(tmp_path: Path) -
 
 # -- receivers that trust nothing ------------------------------------------------------------
 
-KINDS = {"Hello": 1, "Config": 2, "MemoryFds": 3, "Pages": 4, "State": 5, "Complete": 6, "Ack": 7}
+KINDS = {
+    "Hello": 1, "Config": 2, "MemoryFds": 3, "Pages": 4, "State": 5, "Complete": 6, "Ack": 7,
+    "TapFds": 8,
+}  # fmt: skip
 MAGIC = b"vmkit-migration\0"
 
 
@@ -275,7 +278,7 @@ def frame(kind: str, payload: bytes, length: int | None = None) -> bytes:
     return struct.pack("<IQ", KINDS[kind], len(payload) if length is None else length) + payload
 
 
-def hello(version: int = 1, local: int = 0) -> bytes:
+def hello(version: int = 2, local: int = 0) -> bytes:
     return frame("Hello", MAGIC + struct.pack("<II", version, local))
 
 
@@ -287,6 +290,10 @@ def config_frame(config: VmConfig, memory_size: int | None = None) -> bytes:
         "kernel_format": "pvh-elf",
     }
     return frame("Config", json.dumps(message).encode())
+
+
+def no_taps() -> bytes:
+    return frame("TapFds", b"[]")
 
 
 class FakeReceiver:
@@ -361,7 +368,7 @@ def tiny() -> VmConfig:
 
 HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
     "not vmkit": (lambda: b"GET / HTTP/1.1\r\n\r\n" + bytes(64), "unknown frame kind"),
-    "newer protocol": (lambda: hello(version=2), "protocol version 2, this vmkit speaks version 1"),
+    "newer protocol": (lambda: hello(version=3), "protocol version 3, this vmkit speaks version 2"),
     "huge frame": (
         lambda: hello() + frame("Config", b"", length=1 << 40),
         "a Config frame of 1099511627776 bytes (at most 1048576)",
@@ -375,6 +382,7 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
         lambda: (
             hello()
             + config_frame(tiny())
+            + no_taps()
             + frame("Pages", struct.pack("<Q", 64 << 20) + bytes(4096))
         ),
         "4096 bytes at 0x4000000 are not guest RAM",
@@ -383,17 +391,37 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
         lambda: (
             hello()
             + config_frame(tiny())
+            + no_taps()
             + frame("Pages", struct.pack("<Q", 2**64 - 8) + bytes(16))
         ),
         "are not guest RAM",
     ),
     "garbage state": (
-        lambda: hello() + config_frame(tiny()) + frame("State", b"\x56\x4b\x4d\x53" + bytes(12)),
+        lambda: (
+            hello()
+            + config_frame(tiny())
+            + no_taps()
+            + frame("State", b"\x56\x4b\x4d\x53" + bytes(12))
+        ),
         "0 vCPUs",
     ),
     "complete before state": (
-        lambda: hello() + config_frame(tiny()) + frame("Complete", b""),
+        lambda: hello() + config_frame(tiny()) + no_taps() + frame("Complete", b""),
         "a Complete frame among the pages",
+    ),
+    "pages before the taps": (
+        lambda: hello() + config_frame(tiny()) + pages(0, bytes(4096)),
+        "a Pages frame where TapFds was due",
+    ),
+    "taps for no such device": (
+        lambda: (
+            hello() + config_frame(tiny()) + frame("TapFds", b'[{"id": "_net0", "count": 1}]')
+        ),
+        "taps for _net0, not a net device",
+    ),
+    "a tap list that is not one": (
+        lambda: hello() + config_frame(tiny()) + frame("TapFds", b'{"id": 1}'),
+        "the tap list",
     ),
     "cut short": (lambda: hello() + config_frame(tiny())[:20], "closed the migration connection"),
 }
@@ -425,6 +453,36 @@ def test_a_receiver_refuses_what_a_hostile_sender_sends(tmp_path: Path, case: st
     assert message.encode() in answer or case in ("cut short", "not vmkit"), answer
     assert not path.exists()
     assert threading.active_count() == threads
+    assert set(os.listdir("/proc/self/fd")) <= fds, "a descriptor was left open"
+
+
+@pytest.mark.parametrize("sent", [1, 3])
+def test_a_receiver_counts_the_taps_handed_over(tmp_path: Path, sent: int) -> None:
+    """Descriptors that come with ``TAP_FDS`` must be as many as it lists;
+    the receiver keeps none of them when it refuses."""
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")), "--memory", "size=64M",
+        "--cpus", "boot=2", "--net", "tap=vmkit-nothere,num_queues=4",
+        "--serial", "null", "--console", "off",
+    ])  # fmt: skip
+    path = tmp_path / "m.sock"
+    gc.collect()
+    fds = set(os.listdir("/proc/self/fd"))
+    receiver = Receiver(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, open(os.devnull) as null:
+        s.connect(os.fspath(path))
+        s.sendall(hello() + config_frame(config))
+        listed = json.dumps([{"id": "_net0", "count": 2}]).encode()
+        socket.send_fds(s, [frame("TapFds", listed)], [null.fileno()] * sent)
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(30)
+        with contextlib.suppress(ConnectionResetError):
+            while s.recv(1 << 16):
+                pass
+    receiver.join()
+    assert isinstance(receiver.error, VmError), receiver.error
+    assert f"2 tap queues announced, {sent} received" in str(receiver.error), str(receiver.error)
+    gc.collect()
     assert set(os.listdir("/proc/self/fd")) <= fds, "a descriptor was left open"
 
 

@@ -882,8 +882,13 @@ class SpawnedVm:
     def receive_migration(self, socket: str | os.PathLike[str]) -> None:
         """``vm.receive-migration`` on ``unix:<socket>``: this VMM process (say,
         ``spawn(None)``) waits there for a VM another VMM migrates (see
-        ``Vm.receive_migration``) and returns once it runs here."""
+        ``Vm.receive_migration``) and returns once it runs here. ``wait``,
+        ``serial`` and the rest then follow the VM received."""
         self.client.receive_migration(f"unix:{os.path.abspath(socket)}")
+        self._booted, self._stop_asked = True, False
+        serial = self.client.info().config.serial
+        if serial.mode == "File" and serial.file:
+            self.serial.path = Path(serial.file)
 
     def shutdown(self) -> None:
         """``vm.shutdown``: stops the VM (its config stays; state ``Created``)."""

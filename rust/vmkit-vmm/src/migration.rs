@@ -8,11 +8,17 @@
 //! |---|---|---|
 //! | `HELLO` | sender | [`MAGIC`], version: u32, local: u32 |
 //! | `CONFIG` | sender | JSON [`ConfigMessage`]: the config with its ids |
+//! | `TAP_FDS` | sender | JSON [`TapHandover`] list; the net devices' tap queues ride along (SCM_RIGHTS) |
 //! | `MEMORY_FDS` | sender, local only | count: u32; the memory files ride along (SCM_RIGHTS) |
 //! | `PAGES` | sender | guest address: u64, then the bytes there |
 //! | `STATE` | sender | the vCPUs' and devices' state (as a snapshot's files hold it) |
 //! | `COMPLETE` | sender | nothing: run the VM |
 //! | `ACK` | receiver, after `CONFIG`, `STATE`, `COMPLETE` | 0, or 1 and the error's text |
+//!
+//! Taps go over in every migration: within one host the receiver adopts
+//! the sender's tap queues (it cannot attach a tap the sender holds); where
+//! the descriptors do not arrive (a relay to another host drops them), it
+//! opens the taps by name as the config says.
 //!
 //! The receiver trusts nothing in a frame: each kind has a size limit, pages
 //! must lie in guest RAM, the state is decoded with every length checked.
@@ -33,7 +39,7 @@ use crate::error::{ErrorKind, ModuleError};
 use crate::memory::{GuestRam, GuestRegionMmap, PAGE_SIZE};
 
 pub const MAGIC: &[u8; 16] = b"vmkit-migration\0";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -44,6 +50,7 @@ pub enum Kind {
     State = 5,
     Complete = 6,
     Ack = 7,
+    TapFds = 8,
 }
 
 impl Kind {
@@ -56,6 +63,7 @@ impl Kind {
             5 => Kind::State,
             6 => Kind::Complete,
             7 => Kind::Ack,
+            8 => Kind::TapFds,
             _ => return None,
         })
     }
@@ -71,6 +79,7 @@ impl Kind {
             Kind::State => 64 << 20,
             Kind::Complete => 0,
             Kind::Ack => 64 << 10,
+            Kind::TapFds => 64 << 10,
         }
     }
 }
@@ -79,6 +88,8 @@ impl Kind {
 pub const PAGES_CHUNK: usize = 4 << 20;
 /// Most memory files a local migration hands over (one per backing).
 const MAX_MEMORY_FILES: usize = 64;
+/// Most descriptors one frame carries (the kernel's SCM_MAX_FD).
+pub const MAX_FILES_PER_FRAME: usize = 253;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
@@ -139,6 +150,14 @@ pub struct ConfigMessage {
     pub memory_size: u64,
     pub vcpus: usize,
     pub kernel_format: Option<String>,
+}
+
+/// One entry of `TAP_FDS`: a net device and how many tap queues (one per
+/// queue pair, in order) it hands over.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TapHandover {
+    pub id: String,
+    pub count: usize,
 }
 
 /// One end of the migration connection.
@@ -251,28 +270,67 @@ impl Wire {
 
     /// Sends the memory files of a local migration.
     pub fn send_files(&mut self, files: &[File]) -> Result<(), MigrationError> {
-        let mut frame = [0u8; 16];
-        frame[..4].copy_from_slice(&(Kind::MemoryFds as u32).to_le_bytes());
-        frame[4..12].copy_from_slice(&4u64.to_le_bytes());
-        frame[12..].copy_from_slice(&(files.len() as u32).to_le_bytes());
         let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
-        let sent = self
-            .stream
-            .send_with_fds(&[&frame[..]], &fds)
-            .map_err(|e| MigrationError::Io(io::Error::from_raw_os_error(e.errno())))?;
+        self.send_with_fds(Kind::MemoryFds, &(files.len() as u32).to_le_bytes(), &fds)
+    }
+
+    /// Receives the memory files of a local migration: exactly as many as
+    /// announced.
+    pub fn receive_files(&mut self) -> Result<Vec<File>, MigrationError> {
+        let (payload, files) = self.receive_with_fds(Kind::MemoryFds, MAX_MEMORY_FILES)?;
+        let announced = match <[u8; 4]>::try_from(payload.as_slice()) {
+            Ok(raw) => u32::from_le_bytes(raw) as usize,
+            Err(_) => {
+                return Err(MigrationError::Protocol(
+                    "a MEMORY_FDS frame without a count".to_owned(),
+                ))
+            }
+        };
+        if announced != files.len() {
+            return Err(MigrationError::Protocol(format!(
+                "{announced} memory files announced, {} received",
+                files.len()
+            )));
+        }
+        Ok(files)
+    }
+
+    /// Sends a frame with `fds` attached to its first bytes (SCM_RIGHTS).
+    pub fn send_with_fds(
+        &mut self,
+        kind: Kind,
+        payload: &[u8],
+        fds: &[RawFd],
+    ) -> Result<(), MigrationError> {
+        let mut frame = Vec::with_capacity(12 + payload.len());
+        frame.extend_from_slice(&(kind as u32).to_le_bytes());
+        frame.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        frame.extend_from_slice(payload);
+        let sent = if fds.is_empty() {
+            0
+        } else {
+            self.stream
+                .send_with_fds(&[&frame[..]], fds)
+                .map_err(|e| MigrationError::Io(io::Error::from_raw_os_error(e.errno())))?
+        };
         self.stream.write_all(&frame[sent..])?;
         Ok(())
     }
 
-    /// Receives the memory files of a local migration.
-    pub fn receive_files(&mut self) -> Result<Vec<File>, MigrationError> {
-        let mut frame = [0u8; 16];
-        let mut fds = [-1 as RawFd; MAX_MEMORY_FILES];
+    /// Receives an `expected` frame and the descriptors that came with it
+    /// (at most `max`; the kernel closes any beyond). Each is close-on-exec.
+    pub fn receive_with_fds(
+        &mut self,
+        expected: Kind,
+        max: usize,
+    ) -> Result<(Vec<u8>, Vec<File>), MigrationError> {
+        let mut header = [0u8; 12];
+        let mut fds = vec![-1 as RawFd; max.min(MAX_FILES_PER_FRAME)];
         let mut iovecs = [libc::iovec {
-            iov_base: frame.as_mut_ptr().cast(),
-            iov_len: frame.len(),
+            iov_base: header.as_mut_ptr().cast(),
+            iov_len: header.len(),
         }];
-        // SAFETY: the iovec points at `frame`, which outlives the call.
+        // SAFETY: the iovec points at `header`, which outlives the call.
         let (read, count) = unsafe { self.stream.recv_with_fds(&mut iovecs, &mut fds) }
             .map_err(|e| MigrationError::Io(io::Error::from_raw_os_error(e.errno())))?;
         let files: Vec<File> = fds[..count]
@@ -288,25 +346,16 @@ impl Wire {
         if read == 0 {
             return Err(MigrationError::Closed);
         }
-        self.stream.read_exact(&mut frame[read..])?;
-        let mut header = [0u8; 12];
-        header.copy_from_slice(&frame[..12]);
-        let (kind, _) = self.header(header)?;
-        if kind != Kind::MemoryFds {
+        self.stream.read_exact(&mut header[read..])?;
+        let (kind, len) = self.header(header)?;
+        if kind != expected {
             return Err(MigrationError::Protocol(format!(
-                "a {kind:?} frame where the memory files were due"
+                "a {kind:?} frame where {expected:?} was due"
             )));
         }
-        let mut raw = [0u8; 4];
-        raw.copy_from_slice(&frame[12..]);
-        let announced = u32::from_le_bytes(raw) as usize;
-        if announced != files.len() {
-            return Err(MigrationError::Protocol(format!(
-                "{announced} memory files announced, {} received",
-                files.len()
-            )));
-        }
-        Ok(files)
+        let mut payload = vec![0u8; len];
+        self.stream.read_exact(&mut payload)?;
+        Ok((payload, files))
     }
 
     /// Guest memory `[addr, addr + len)` in frames.

@@ -2,7 +2,7 @@
 //! (KVM VM, memory, devices, vCPU threads) at a time, rebuilt on guest reset,
 //! and a VMM thread that waits for the boot to end and runs the watchdog.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
@@ -28,7 +28,7 @@ use crate::memory::{
     create_guest_ram, map_guest_ram_from_file, map_guest_ram_from_shared_files, private_anonymous,
     GuestRam,
 };
-use crate::migration::{self, ConfigMessage, Kind, MigrationError, Wire};
+use crate::migration::{self, ConfigMessage, Kind, MigrationError, TapHandover, Wire};
 use crate::seccomp::{self, SeccompMode, Spawner, ThreadGroups, ThreadKind};
 use crate::snapshot;
 use crate::snapshot::SavedState;
@@ -421,6 +421,9 @@ pub struct Vm {
     /// Readable while the VM is stopped (Shutdown): lets a caller wait for
     /// the VM beside other descriptors (a signal's wake-up pipe, say).
     exit_event: EventFd,
+    /// The tap queues a migration's sender handed over, by net device id,
+    /// kept for the VM's life: every boot (resets too) adopts them.
+    adopted_taps: Mutex<HashMap<String, Vec<std::fs::File>>>,
 }
 
 fn is_pvm_host() -> bool {
@@ -498,6 +501,7 @@ impl Vm {
             disk_locks: Mutex::new(Vec::new()),
             spawner,
             exit_event,
+            adopted_taps: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -1040,6 +1044,7 @@ impl Vm {
         }
 
         let control = Arc::new(Control::new());
+        let adopted_taps = self.adopted_taps.lock().unwrap_or_else(|p| p.into_inner());
         let devices = DeviceManager::build(&DeviceContext {
             config,
             vm_fd: &vm_fd,
@@ -1052,7 +1057,9 @@ impl Vm {
             debug_log: &self.debug_log,
             device_events: &self.device_events,
             spawner: &self.spawner,
+            adopted_taps: &adopted_taps,
         })?;
+        drop(adopted_taps);
         let (payload, kernel_format) = match restore {
             None => {
                 let topology = Topology::from_config(&config.cpus);
@@ -1408,6 +1415,7 @@ impl Vm {
         })?;
         wire.send(Kind::Config, &message)?;
         wire.wait_ack()?;
+        send_taps(wire, instance)?;
 
         let mut report = MigrationReport {
             local,
@@ -1484,6 +1492,65 @@ impl Vm {
         received
     }
 
+    /// Receives `TAP_FDS` and keeps the tap queues for the net devices to
+    /// adopt. Every entry must name a net device of the config, once; where
+    /// no descriptor arrived (a relay between hosts drops them) the devices
+    /// open their taps by name, except those given as descriptors (`fd=`),
+    /// which belong to the sending process and cannot follow.
+    fn adopt_taps(&self, wire: &mut Wire) -> Result<()> {
+        let protocol = |detail: String| MigrationError::Protocol(detail);
+        let (payload, files) =
+            wire.receive_with_fds(Kind::TapFds, migration::MAX_FILES_PER_FRAME)?;
+        let listed: Vec<TapHandover> =
+            serde_json::from_slice(&payload).map_err(|e| protocol(format!("the tap list: {e}")))?;
+        let nets: Vec<&vmkit_config::NetConfig> = self.config().net.iter().flatten().collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut announced = 0usize;
+        for entry in &listed {
+            if !nets
+                .iter()
+                .any(|n| n.id.as_deref() == Some(entry.id.as_str()))
+            {
+                return Err(protocol(format!("taps for {}, not a net device", entry.id)).into());
+            }
+            if !seen.insert(entry.id.as_str()) {
+                return Err(protocol(format!("taps for {} twice", entry.id)).into());
+            }
+            announced = announced.saturating_add(entry.count);
+        }
+        let mut adopted = HashMap::new();
+        if !files.is_empty() {
+            if files.len() != announced {
+                return Err(protocol(format!(
+                    "{announced} tap queues announced, {} received",
+                    files.len()
+                ))
+                .into());
+            }
+            let mut files = files.into_iter();
+            for entry in &listed {
+                let taps: Vec<std::fs::File> = files.by_ref().take(entry.count).collect();
+                adopted.insert(entry.id.clone(), taps);
+            }
+        }
+        for net in &nets {
+            let id = net.id.as_deref().unwrap_or_default();
+            if let (Some(fds), false) = (&net.fds, adopted.contains_key(id)) {
+                if !fds.is_empty() {
+                    return Err(VmError::MigrationConfig {
+                        detail: format!(
+                            "net {id}: fd={fds:?} are the sending process's descriptors and did \
+                             not come with the migration (they cannot cross hosts)"
+                        ),
+                    }
+                    .into());
+                }
+            }
+        }
+        *self.adopted_taps.lock().unwrap_or_else(|p| p.into_inner()) = adopted;
+        Ok(())
+    }
+
     fn receive_vm(wire: &mut Wire, options: VmOptions) -> Result<Arc<Vm>> {
         let protocol = |detail: String| MigrationError::Protocol(detail);
         let mut buffer = Vec::new();
@@ -1530,6 +1597,7 @@ impl Vm {
             Some(create_guest_ram(&vm.config().memory)?)
         };
         wire.ack(Ok(()))?;
+        vm.adopt_taps(wire)?;
         let ram = match ram {
             Some(ram) => {
                 loop {
@@ -1566,6 +1634,36 @@ impl Vm {
         wire.ack(Ok(()))?;
         Ok(vm)
     }
+}
+
+/// Sends `TAP_FDS`: each net device's tap queues, which the receiver adopts
+/// if it is on this host (it cannot attach taps this process holds). The
+/// devices here go on using them until the stop-and-copy: the receiver
+/// builds its devices only after that.
+fn send_taps(wire: &mut Wire, instance: &Instance) -> Result<()> {
+    let devices = instance.devices.handover_fds();
+    let listed: Vec<TapHandover> = devices
+        .iter()
+        .map(|(id, fds)| TapHandover {
+            id: id.clone(),
+            count: fds.len(),
+        })
+        .collect();
+    let mut fds: Vec<RawFd> = devices.into_iter().flat_map(|(_, fds)| fds).collect();
+    if fds.len() > migration::MAX_FILES_PER_FRAME {
+        // More queues than one message carries: the receiver opens the taps
+        // by name, which works where it is on another host.
+        log::warn!(
+            "{} tap queues are more than a migration hands over; the receiver opens its taps",
+            fds.len()
+        );
+        fds.clear();
+    }
+    let payload = serde_json::to_vec(&listed).map_err(|e| VmError::MigrationConfig {
+        detail: e.to_string(),
+    })?;
+    wire.send_with_fds(Kind::TapFds, &payload, &fds)?;
+    Ok(())
 }
 
 /// Sends every page of guest RAM that may hold data (for private anonymous

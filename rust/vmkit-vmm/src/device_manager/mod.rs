@@ -112,6 +112,9 @@ pub struct DeviceContext<'a> {
     pub device_events: &'a DeviceEvents,
     /// Starts device workers confined to their seccomp filters.
     pub spawner: &'a crate::seccomp::Spawner,
+    /// Tap queues handed over by a migration's sender, by net device id:
+    /// those devices adopt them instead of opening their taps.
+    pub adopted_taps: &'a std::collections::HashMap<String, Vec<std::fs::File>>,
 }
 
 /// The devices of one boot, wired.
@@ -244,6 +247,20 @@ impl DeviceManager {
                 .unwrap_or_else(|p| p.into_inner())
                 .stop_for_snapshot();
         }
+    }
+
+    /// Each virtio device's host descriptors another VMM process on this
+    /// host would carry on with (`VirtioDevice::handover_fds`), by id;
+    /// devices without any are left out. Valid while this boot lives.
+    pub fn handover_fds(&self) -> Vec<(String, Vec<std::os::fd::RawFd>)> {
+        self.virtio
+            .iter()
+            .filter_map(|device| {
+                let device = device.lock().unwrap_or_else(|p| p.into_inner());
+                let fds = device.device().handover_fds();
+                (!fds.is_empty()).then(|| (device.id().to_owned(), fds))
+            })
+            .collect()
     }
 
     /// Starts again the devices `stop_virtio_for_snapshot` stopped, or that a

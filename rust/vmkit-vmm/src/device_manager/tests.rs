@@ -43,6 +43,7 @@ mod needs_kvm {
             console: None,
             debug_log: &Arc::new(Mutex::new(Vec::new())),
             device_events: &Arc::new(DeviceEventLog::new().unwrap()),
+            adopted_taps: &Default::default(),
         })
         .unwrap();
 

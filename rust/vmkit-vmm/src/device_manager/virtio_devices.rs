@@ -82,8 +82,12 @@ fn nets(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
     let mut specs = Vec::new();
     for net in ctx.config.net.iter().flatten() {
         let id = net.id.clone().unwrap_or_default();
+        let device = match ctx.adopted_taps.get(&id) {
+            Some(fds) => Net::adopt(net, &id, fds)?,
+            None => Net::new(net, &id)?,
+        };
         specs.push(VirtioSpec {
-            device: Box::new(Net::new(net, &id)?),
+            device: Box::new(device),
             id,
             segment: net.pci_segment,
         });

@@ -18,6 +18,8 @@ pub enum HostError {
         pairs: u16,
         num_queues: usize,
     },
+    #[error("{count} tap queues handed over by the sending VMM for {pairs} queue pairs")]
+    HandoverCount { count: usize, pairs: u16 },
     /// `what` names the option and the step that failed.
     #[error("{what}")]
     Tap {
@@ -30,6 +32,25 @@ pub enum HostError {
 /// Turns an io::Error into a [`HostError::Tap`] saying `what` failed.
 fn failed(what: String) -> impl FnOnce(io::Error) -> HostError {
     move |source| HostError::Tap { what, source }
+}
+
+/// The tap queues a migration's sender handed over, one per pair: already
+/// configured on the host, so only adopted (each descriptor duplicated: the
+/// originals stay with the VM for its resets).
+pub fn adopt_taps(fds: &[std::fs::File], pairs: u16) -> Result<Vec<Tap>, HostError> {
+    if fds.len() != usize::from(pairs) {
+        return Err(HostError::HandoverCount {
+            count: fds.len(),
+            pairs,
+        });
+    }
+    fds.iter()
+        .map(|fd| {
+            use std::os::fd::AsRawFd;
+            Tap::from_fd(fd.as_raw_fd())
+                .map_err(failed("a tap handed over by the sending VMM".to_owned()))
+        })
+        .collect()
 }
 
 /// The taps for `config`: one queue per pair, from `fds` or opened by name.

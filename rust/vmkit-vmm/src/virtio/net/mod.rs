@@ -46,7 +46,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 pub use self::counters::NetCounters;
 use self::ctrl::CtrlQueue;
-use self::host::{open_taps, HostError};
+use self::host::{adopt_taps, open_taps, HostError};
 use self::pair::{PairContext, PairHandler, Role};
 use self::rx::RxQueue;
 use self::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO};
@@ -195,6 +195,17 @@ impl Net {
     pub fn new(config: &NetConfig, id: &str) -> Result<Net> {
         let pairs = queue_pairs(config, id)?;
         let taps = open_taps(config, pairs).map_err(|source| NetError::Host {
+            id: id.to_owned(),
+            source,
+        })?;
+        Ok(Net::with_taps(config, id, pairs, taps))
+    }
+
+    /// A device over the tap queues a migration's sender handed over
+    /// (see [`super::host::adopt_taps`]).
+    pub fn adopt(config: &NetConfig, id: &str, fds: &[std::fs::File]) -> Result<Net> {
+        let pairs = queue_pairs(config, id)?;
+        let taps = adopt_taps(fds, pairs).map_err(|source| NetError::Host {
             id: id.to_owned(),
             source,
         })?;
@@ -421,6 +432,10 @@ impl VirtioDevice for Net {
 
     fn counters(&self) -> BTreeMap<&'static str, u64> {
         self.counters.snapshot()
+    }
+
+    fn handover_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.taps.iter().map(|tap| tap.as_raw_fd()).collect()
     }
 }
 
