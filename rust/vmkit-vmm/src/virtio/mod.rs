@@ -157,4 +157,23 @@ pub trait VirtioDevice: Send {
     fn handover_fds(&self) -> Vec<std::os::fd::RawFd> {
         Vec::new()
     }
+    /// The device's own state beyond its transport's (what the driver set
+    /// that it will not set again), for a snapshot of the stopped device.
+    /// Empty: none.
+    fn save_device_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Loads what `save_device_state` wrote into the new, stopped device.
+    /// A snapshot is user input: the bytes are checked, and an error says
+    /// what is wrong with them.
+    fn restore_device_state(&mut self, bytes: &[u8]) -> Result<(), String> {
+        if bytes.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} bytes of device state, none expected",
+                bytes.len()
+            ))
+        }
+    }
 }

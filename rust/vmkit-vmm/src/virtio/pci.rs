@@ -54,6 +54,8 @@ const DEVICE_ID_BASE: u16 = 0x1040;
 
 /// BAR 0 layout (Cloud Hypervisor's).
 pub const BAR_SIZE: u64 = 0x80000;
+/// The most bytes of a device's own state a snapshot may hold.
+const MAX_DEVICE_STATE: usize = 4096;
 const COMMON_OFFSET: u64 = 0x0000;
 const COMMON_SIZE: u64 = 0x3c;
 const ISR_OFFSET: u64 = 0x2000;
@@ -384,6 +386,7 @@ impl VirtioPciDevice {
         ));
         w.u32(u32::from(self.interrupt.isr.load(Ordering::Relaxed)));
         self.msix().save_state(&mut w);
+        w.blob(&self.device.save_device_state());
         w.bytes
     }
 
@@ -418,7 +421,11 @@ impl VirtioPciDevice {
         let config_vector = r.u32()? as u16;
         let isr = r.u32()? as u8;
         self.msix().restore_state(&mut r)?;
+        let device_state = r.blob(MAX_DEVICE_STATE)?;
         r.finish()?;
+        self.device
+            .restore_device_state(device_state)
+            .map_err(|detail| r.corrupt(detail))?;
         let bar_before = self.config.bar_address(0);
         self.config.restore_registers(&registers);
         self.device_feature_select = device_feature_select;

@@ -45,7 +45,7 @@ use vmkit_config::{NetConfig, RateLimiterConfig};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 pub use self::counters::NetCounters;
-use self::ctrl::CtrlQueue;
+use self::ctrl::{CtrlQueue, CtrlState};
 use self::host::{adopt_taps, open_taps, HostError};
 use self::pair::{PairContext, PairHandler, Role};
 use self::rx::RxQueue;
@@ -186,6 +186,7 @@ pub struct Net {
     config: [u8; CONFIG_LEN],
     rate_limiter: Option<RateLimiterConfig>,
     counters: Arc<NetCounters>,
+    ctrl_state: Arc<CtrlState>,
     workers: Vec<Worker>,
 }
 
@@ -258,6 +259,7 @@ impl Net {
             config: space,
             rate_limiter: config.rate_limiter_config.clone(),
             counters: Arc::new(NetCounters::default()),
+            ctrl_state: Arc::new(CtrlState::default()),
             workers: Vec::new(),
         }
     }
@@ -311,11 +313,13 @@ impl VirtioDevice for Net {
         } else {
             None
         };
+        // As the driver last set them (a restore, a resume after a snapshot).
+        let in_use = self.ctrl_state.pairs(pairs);
         self.taps[0]
-            .set_offload(tun_offload_flags(acked))
+            .set_offload(tun_offload_flags(self.ctrl_state.offloads(acked)))
             .map_err(|e| ActivateError::io("TUNSETOFFLOAD", e))?;
         for (i, tap) in self.taps.iter().enumerate() {
-            if let Err(e) = tap.set_attached(i == 0) {
+            if let Err(e) = tap.set_attached(i < usize::from(in_use)) {
                 log::warn!("{}: tap queue {i}: {e}", self.id);
             }
         }
@@ -374,6 +378,7 @@ impl VirtioDevice for Net {
                         queue: q.queue,
                         taps: self.taps.clone(),
                         acked,
+                        state: Arc::clone(&self.ctrl_state),
                     }
                 });
                 let tap_events = Epoll::new()?;
@@ -421,13 +426,23 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         // Dropping the workers stops and joins their threads.
         self.workers.clear();
+        self.ctrl_state.clear();
     }
 
     fn stop_quiesced(&mut self) {
         for worker in &mut self.workers {
             worker.stop_quiesced();
         }
-        self.reset();
+        // Not a reset: the driver's control settings stay.
+        self.workers.clear();
+    }
+
+    fn save_device_state(&self) -> Vec<u8> {
+        self.ctrl_state.save()
+    }
+
+    fn restore_device_state(&mut self, bytes: &[u8]) -> std::result::Result<(), String> {
+        self.ctrl_state.load(bytes, self.pairs, self.features)
     }
 
     fn counters(&self) -> BTreeMap<&'static str, u64> {

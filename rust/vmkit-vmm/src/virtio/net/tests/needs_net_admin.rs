@@ -360,6 +360,84 @@ fn control_queue_sets_pairs_and_offloads() {
     net.reset();
 }
 
+/// Activates `net` with both pairs' queues and the control queue; returns
+/// the control queue's driver side.
+fn activate_mq(net: &mut Net, memory: &GuestMemoryMmap, acked: u64) -> Driver {
+    let mut queues = Vec::new();
+    let mut rings = Vec::new();
+    for index in 0..5u16 {
+        let (ring, active) = ring(memory, index, 0x10000 * (u64::from(index) + 1));
+        rings.push(ring);
+        queues.push(active);
+    }
+    net.activate(Activation {
+        spawner: crate::seccomp::Spawner::unconfined(),
+        memory: memory.clone(),
+        interrupt: Arc::new(FakeInterrupt::default()),
+        queues,
+        acked_features: acked,
+    })
+    .unwrap();
+    rings.pop().unwrap()
+}
+
+#[test]
+#[ignore = "needs CAP_NET_ADMIN"]
+fn control_settings_outlive_a_stop_for_a_snapshot_and_travel_in_it() {
+    let name = tap_name();
+    let options = format!("tap={name},num_queues=4");
+    let mut net = net(&options);
+    let memory = memory();
+    let acked = F_VERSION_1 | F_MQ | F_CTRL_VQ | F_CTRL_GUEST_OFFLOADS | F_GUEST_CSUM;
+    let mut ctrl = activate_mq(&mut net, &memory, acked);
+    memory
+        .write_slice(
+            &[CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, 2, 0],
+            GuestAddress(0x80000),
+        )
+        .unwrap();
+    ctrl.desc(0, 0x80000, 4, F_DESC_NEXT, 1);
+    ctrl.desc(1, 0x81000, 1, F_DESC_WRITE, 0);
+    ctrl.publish(0);
+    assert_eq!(ctrl.next_used(), (0, 1));
+    assert_eq!(
+        memory.read_obj::<u8>(GuestAddress(0x81000)).unwrap(),
+        CTRL_OK
+    );
+    assert!(net.taps[1].is_attached());
+
+    // A stop for a snapshot is no reset: the second pair stays in use.
+    net.stop_quiesced();
+    activate_mq(&mut net, &memory, acked);
+    assert!(
+        net.taps[1].is_attached(),
+        "the driver's pairs were forgotten"
+    );
+    net.stop_quiesced();
+    let saved = net.save_device_state();
+
+    // Restored into another device (a restore's, a migration receiver's).
+    let mut restored = super::net(&options);
+    restored.restore_device_state(&saved).unwrap();
+    activate_mq(&mut restored, &memory, acked);
+    assert!(restored.taps[1].is_attached());
+    restored.reset();
+
+    // The bytes are checked: a snapshot is user input.
+    for bad in [
+        &saved[..3],
+        &[3, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        &[1, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+    ] {
+        assert!(restored.restore_device_state(bad).is_err(), "{bad:?}");
+    }
+    assert!(net.restore_device_state(&[]).is_err());
+
+    // A driver reset forgets them.
+    net.reset();
+    assert_eq!(net.save_device_state(), [0; 10]);
+}
+
 #[test]
 #[ignore = "needs CAP_NET_ADMIN"]
 fn transmit_rate_limit_delays_frames() {
