@@ -506,6 +506,11 @@ def test_methods_other_than_get_put_patch_are_refused(api: Api, method: str) -> 
          "EOF while parsing a list at line 1 column 5005"),
         ("vm.snapshot", '"x"', 'invalid type: string "x", expected struct VmSnapshotConfig'),
         ("vm.restore", "{}", "missing field `source_url`"),
+        # vmkit's own field: a clone's disk images by id.
+        ("vm.restore", '{"source_url":"file:///x","disks":["a"]}',
+         'disks: expected an object of disk ids to image paths, got ["a"]'),
+        ("vm.restore", '{"source_url":"file:///x","disks":{"_disk0":1}}',
+         'disks: expected an object of disk ids to image paths, got {"_disk0": 1}'),
         ("vm.send-migration", '{"destination_url":"x","local":1}',
          "invalid type: integer `1`, expected a boolean"),
         ("vm.receive-migration", "{}", "missing field `receiver_url`"),

@@ -312,6 +312,54 @@ def test_clones_run_on_their_own_copies_of_the_disk(tmp_path: Path) -> None:
         Vm.restore(snap, disks={"_disk9": copies[0]})
 
 
+def test_clones_in_processes_get_their_own_disks(tmp_path: Path) -> None:
+    """``Vm.spawn(None, restore=snap, disks=...)``: each VM process writes its
+    own copy (``vm.restore``'s ``disks``, which only vmkit reads), the
+    snapshot's image stays as it was, and an image that does not fit is
+    refused with the reason before the process runs anything."""
+    from vmkit.client import ApiError
+
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    config = ticking(steps=("hello", "ticks", "blk"))
+    config.serial.mode = "Null"
+    config.disks = [DiskConfig.parse(f"path={disk}")]
+    snap = new_dir(tmp_path / "snap")
+    vm = Vm(config)
+    try:
+        vm.boot()
+        threading.Event().wait(0.1)
+        vm.pause()
+        vm.snapshot(snap)
+    finally:
+        vm.close()
+    original = disk.read_bytes()
+    copies = [tmp_path / f"clone{i}.img" for i in range(2)]
+    for copy in copies:
+        copy.write_bytes(original)
+    clones = [Vm.spawn(None, restore=snap, disks={"_disk0": copy}) for copy in copies]
+    try:
+        for clone in clones:
+            assert clone.info().config.disks[0].path == str(copies[clones.index(clone)])
+            clone.resume()
+        for clone in clones:
+            exit_info = clone.wait(timeout=30)
+            assert exit_info is not None and exit_info.reason == "poweroff", exit_info
+    finally:
+        for clone in clones:
+            clone.close()
+    assert disk.read_bytes() == original
+    for copy in copies:
+        assert copy.read_bytes() != original, "the clone did not write its own copy"
+    short = tmp_path / "short.img"
+    short.write_bytes(bytes(4096))
+    with pytest.raises(ApiError) as e:
+        Vm.spawn(None, restore=snap, disks={"_disk0": short})
+    assert f"disk _disk0: {short} holds 4096 bytes" in str(e.value), str(e.value)
+    with pytest.raises(ValueError, match="give restore too"):
+        Vm.spawn(config, disks={"_disk0": short})
+
+
 def test_a_failed_snapshot_leaves_no_files(tmp_path: Path) -> None:
     snap = new_dir(tmp_path / "snap")
     (snap / "memory").mkdir()  # the memory file cannot be created

@@ -30,7 +30,7 @@ from vmkit.vm import Vm, VmError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
     from typing import Any
 
     from vmkit._cgroups import CpuGroups
@@ -162,9 +162,11 @@ class RemoteVmHandle:
         seccomp: str,
         *,
         op: str = "restore",
+        disks: Mapping[str, str] | None = None,
     ) -> tuple[RemoteVmHandle, VmConfig]:
-        """The VM process's VM from the snapshot directory ``path`` (Paused),
-        or (``op="receive_migration"``) migrated to the unix socket ``path``
+        """The VM process's VM from the snapshot directory ``path`` (Paused;
+        ``disks``: a clone's own images by disk id), or
+        (``op="receive_migration"``) migrated to the unix socket ``path``
         (Running), and its config."""
         from vmkit.config import VmConfig
 
@@ -175,6 +177,7 @@ class RemoteVmHandle:
             watchdog_timeout=watchdog_timeout,
             lock_disks=lock_disks,
             seccomp=seccomp,
+            disks=dict(disks or {}),
         )
         handle = cls.__new__(cls)
         handle._channel = channel
@@ -427,9 +430,10 @@ class VmProcess:
         watchdog_timeout: float | None,
         lock_disks: bool,
         seccomp: str,
+        disks: Mapping[str, str],
     ) -> Vm:
         handle, config = RemoteVmHandle.restored(
-            self.channel, path, prefault, watchdog_timeout, lock_disks, seccomp
+            self.channel, path, prefault, watchdog_timeout, lock_disks, seccomp, disks=disks
         )
         self._handle = weakref.ref(handle)
         return Vm._adopt(config, handle)

@@ -196,6 +196,19 @@ def _config_from_body(cls: type[_C], body: bytes) -> _C:
         raise BodyError(_json_error_text(e)) from None
 
 
+def _restore_disks(body: bytes) -> dict[str, str] | None:
+    """``vm.restore``'s ``disks`` (vmkit's addition; v37 ignores unknown
+    fields): a clone's own disk images, ``{"<disk id>": "<image path>"}``."""
+    disks = json.loads(body).get("disks")
+    if disks is None:
+        return None
+    if not isinstance(disks, dict) or not all(isinstance(v, str) for v in disks.values()):
+        raise BodyError(
+            f"disks: expected an object of disk ids to image paths, got {json.dumps(disks)}"
+        )
+    return disks
+
+
 def _action_body(read: Callable[[], _B]) -> _B:
     """Runs ``read`` (a ``_native.parse_api_body`` call: serde_json reading
     one of v37's action structs); its error text becomes the BodyError."""
@@ -344,7 +357,7 @@ class _Router:
             snapshot = _action_body(lambda: _native.parse_api_body("VmSnapshotConfig", body))
             vmm.snapshot(snapshot["destination_url"])
         elif action == "vm.restore":
-            vmm.restore(_config_from_body(RestoreConfig, body))
+            vmm.restore(_config_from_body(RestoreConfig, body), _restore_disks(body))
         elif action == "vm.send-migration":
             send = _action_body(lambda: _native.parse_api_body("VmSendMigrationData", body))
             vmm.send_migration(send["destination_url"], send["local"])

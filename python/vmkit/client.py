@@ -450,9 +450,16 @@ class Client:
         """``vm.snapshot``: snapshots a Paused VM to ``destination_url``."""
         self._put("vm.snapshot", {"destination_url": destination_url})
 
-    def restore(self, config: RestoreConfig | str) -> None:
-        """``vm.restore``: ``RestoreConfig`` or its option string ``source_url=...``."""
-        self._put("vm.restore", _as_config(config, RestoreConfig).to_dict())
+    def restore(
+        self, config: RestoreConfig | str, disks: Mapping[str, str | os.PathLike[str]] | None = None
+    ) -> None:
+        """``vm.restore``: ``RestoreConfig`` or its option string ``source_url=...``.
+        ``disks``: the clone's own images by disk id (see ``Vm.restore``), a
+        field only vmkit reads (Cloud Hypervisor ignores it)."""
+        body = _as_config(config, RestoreConfig).to_dict()
+        if disks:
+            body["disks"] = {id: os.path.abspath(image) for id, image in disks.items()}
+        self._put("vm.restore", body)
 
     def coredump(self, destination_url: str) -> None:
         """``vm.coredump``: writes a guest core dump."""
@@ -1027,6 +1034,7 @@ def spawn(
     cpu_groups: bool = False,
     restore: str | os.PathLike[str] | None = None,
     prefault: bool = False,
+    disks: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> SpawnedVm:
     """Starts a VMM process serving the HTTP API on ``<path>`` and creates ``config`` there.
 
@@ -1064,7 +1072,8 @@ def spawn(
     made under this program's cpu cgroup (``--cpu-groups true`` for the
     ``vmkit`` command).
     ``restore``: instead of a config, the snapshot directory to restore
-    (``vm.restore``, with ``prefault``); the VM is Paused until ``resume()``,
+    (``vm.restore``, with ``prefault``, and ``disks``: the clone's own images
+    by disk id, as for ``Vm.restore``); the VM is Paused until ``resume()``,
     and ``serial`` reads the restored config's serial file when it has one.
 
     Raises VmError (kind ``Spawn``) when the VMM does not come up in
@@ -1073,6 +1082,8 @@ def spawn(
     """
     if restore is not None and config is not None:
         raise ValueError("spawn takes a config or a snapshot to restore, not both")
+    if disks and restore is None:
+        raise ValueError("spawn's disks are a restored clone's images: give restore too")
     interpreter = sys.executable
     if not interpreter or not os.path.isabs(interpreter):
         # Never a PATH lookup: that could start another program than this Python.
@@ -1134,7 +1145,7 @@ def spawn(
             identity = _socket_identity(socket_path)
             if identity is not None:
                 vm._owned_socket.append(identity)
-            return _with_config(vm, config, lambda: None, restore, prefault)
+            return _with_config(vm, config, lambda: None, restore, prefault, disks)
     # A lifeline: the child sees EOF on it when this process goes away, even
     # by SIGKILL, and then shuts its VM down and removes the directory.
     lifeline_read, lifeline = os.pipe()
@@ -1185,7 +1196,7 @@ def spawn(
     client = _ChildClient(socket_path, process.pid, timeout=request_timeout)
     vm = SpawnedVm(process, client, tmpdir, serial_path, log_path, log, stop_timeout, lifeline)
     return _with_config(
-        vm, config, lambda: _wait_until_up(vm, startup_timeout, ready), restore, prefault
+        vm, config, lambda: _wait_until_up(vm, startup_timeout, ready), restore, prefault, disks
     )
 
 
@@ -1195,6 +1206,7 @@ def _with_config(
     wait_up: Callable[[], None],
     restore: str | os.PathLike[str] | None = None,
     prefault: bool = False,
+    disks: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> SpawnedVm:
     """``vm`` once ``wait_up()`` says its VMM serves and ``config`` is created
     there (or the snapshot ``restore`` restored); ends the process (and
@@ -1205,7 +1217,7 @@ def _with_config(
             vm.client.create(config)
         if restore is not None:
             source = f"file://{os.path.abspath(restore)}"
-            vm.client.restore(RestoreConfig(source_url=source, prefault=prefault))
+            vm.client.restore(RestoreConfig(source_url=source, prefault=prefault), disks)
             serial = vm.client.info().config.serial
             if serial.mode == "File" and serial.file:
                 vm.serial.path = Path(serial.file)

@@ -580,6 +580,7 @@ class Vm:
         cpu_groups: bool = False,
         restore: str | os.PathLike[str] | None = None,
         prefault: bool = False,
+        disks: Mapping[str, str | os.PathLike[str]] | None = None,
     ) -> SpawnedVm:
         """Runs the VM in a ``vmkit --api-socket`` child process.
 
@@ -588,7 +589,8 @@ class Vm:
         returned ``SpawnedVm`` has this class's methods, carried out over the
         HTTP API, and its ``with`` block always ends the process and removes
         its files. ``Vm.spawn(None, restore=path)`` restores a snapshot in the
-        new process instead (Paused until ``resume()``).
+        new process instead (Paused until ``resume()``; ``disks``: the clone's
+        own images by disk id, as for ``Vm.restore``).
         """
         from vmkit.client import spawn
 
@@ -605,4 +607,5 @@ class Vm:
             cpu_groups=cpu_groups,
             restore=restore,
             prefault=prefault,
+            disks=disks,
         )

@@ -223,7 +223,7 @@ class Vmm:
     ``watchdog_timeout`` (None: no hang detector, as in Cloud Hypervisor), ``lock_disks``,
     ``seccomp``, ``cpu_groups``: passed to each ``Vm``. ``vm_factory(config, watchdog_timeout,
     lock_disks, seccomp, cpu_groups)`` makes the ``Vm`` instead of ``Vm(...)`` (a VM process's,
-    ``_vmproc``), ``vm_restorer(path, prefault, watchdog_timeout, lock_disks, seccomp)``
+    ``_vmproc``), ``vm_restorer(path, prefault, watchdog_timeout, lock_disks, seccomp, disks)``
     instead of ``Vm.restore``, ``vm_receiver(path, watchdog_timeout, lock_disks, seccomp)``
     instead of ``Vm.receive_migration``, and ``pid`` is the VMM process ``vmm.ping`` names
     (this one by default). The attributes
@@ -239,7 +239,8 @@ class Vmm:
         seccomp: bool | str = True,
         cpu_groups: bool = False,
         vm_factory: Callable[[VmConfig, float | None, bool, str, bool], Vm] | None = None,
-        vm_restorer: Callable[[str, bool, float | None, bool, str], Vm] | None = None,
+        vm_restorer: Callable[[str, bool, float | None, bool, str, Mapping[str, str]], Vm]
+        | None = None,
         vm_receiver: Callable[[str, float | None, bool, str], Vm] | None = None,
         pid: int | None = None,
     ) -> None:
@@ -797,9 +798,10 @@ class Vmm:
                 raise ApiError(f"{sending}{e}") from None
             self.emit("vm", "snapshotted")
 
-    def restore(self, config: RestoreConfig) -> None:
+    def restore(self, config: RestoreConfig, disks: Mapping[str, str] | None = None) -> None:
         """``vm.restore``: only without config and VM; the VM of the snapshot
-        directory ``file://<path>`` names, Paused (``Vm.restore``)."""
+        directory ``file://<path>`` names, Paused (``Vm.restore``, with the
+        clone's own ``disks`` by id: vmkit's addition to v37's body)."""
         with self.lock:
             if self.config is not None or self.vm is not None:
                 raise ApiError(VM_ALREADY_CREATED)
@@ -815,11 +817,13 @@ class Vmm:
                         self.watchdog_timeout,
                         self.lock_disks,
                         seccomp_value(self.seccomp),
+                        dict(disks or {}),
                     )
                 else:
                     vm = Vm.restore(
                         path,
                         prefault=bool(config.prefault),
+                        disks=disks,
                         watchdog_timeout=self.watchdog_timeout,
                         lock_disks=self.lock_disks,
                         seccomp=self.seccomp,

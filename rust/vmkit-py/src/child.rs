@@ -518,6 +518,16 @@ fn restore_vm(state: &mut State, request: &Value) -> (Value, Option<RawFd>) {
         thread_groups: ThreadGroups::default(),
     };
     let prefault = request["prefault"].as_bool().unwrap_or(false);
+    // The clone's own disk images, by disk id (`Vm::restore`).
+    let mut disks = Vec::new();
+    if let Some(given) = request["disks"].as_object() {
+        for (id, image) in given {
+            let Some(image) = image.as_str() else {
+                return (error("Snapshot", &format!("disk {id}: no image path")), None);
+            };
+            disks.push((id.clone(), std::path::PathBuf::from(image)));
+        }
+    }
     let path = std::path::Path::new(path);
     // A VM received replaces the one here only once it runs (a failed
     // migration leaves that one as it was, as in Cloud Hypervisor); a
@@ -525,7 +535,7 @@ fn restore_vm(state: &mut State, request: &Value) -> (Value, Option<RawFd>) {
     let vm = if receive {
         Vm::receive_migration(path, options)
     } else {
-        Vm::restore(path, options, prefault, &[])
+        Vm::restore(path, options, prefault, &disks)
     };
     match vm {
         Ok(vm) => {
