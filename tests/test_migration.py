@@ -414,9 +414,7 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
         "a Pages frame where TapFds was due",
     ),
     "taps for no such device": (
-        lambda: (
-            hello() + config_frame(tiny()) + frame("TapFds", b'[{"id": "_net0", "count": 1}]')
-        ),
+        lambda: hello() + config_frame(tiny()) + frame("TapFds", b'[{"id": "_net0", "count": 1}]'),
         "taps for _net0, not a net device",
     ),
     "a tap list that is not one": (
