@@ -20,7 +20,10 @@ the real ``ch-remote`` for Cloud Hypervisor), then ``count`` VMM processes
 started one after the other, each restoring the snapshot and resuming it
 (timed until the last resume returned), and the Pss of those processes,
 summed, per clone. Cloud Hypervisor runs with ``--seccomp false`` (its filter
-at this revision kills it on a restore request here).
+at this revision kills it on a restore request here). QEMU, where installed:
+the guest on ``-M q35`` (its virtio-blk is PCI, which microvm's guest cannot
+reach without port I/O), saved with ``migrate`` to a file; each clone a QEMU
+started with ``-incoming defer``, ``migrate-incoming`` from the file, ``cont``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import time
 from pathlib import Path
 
 import machine
+import qemu_peer
 from bench_snapshot import CH_DIR, remote, start, stop
 from vmkit import VmConfig, testguest
 from vmkit.vm import Vm
@@ -115,7 +119,46 @@ def ch_process_clones(cfg: VmConfig, work: Path, count: int) -> tuple[float, flo
             stop(proc, sock)
 
 
-def config(disk: Path, warm_mib: int) -> VmConfig:
+def qemu_process_clones(disk: Path, warm_mib: int, work: Path, count: int) -> tuple[float, float]:
+    """QEMU: the same guest warmed up and saved over QMP, then ``count`` QEMU
+    processes loading it and continuing."""
+    qemu = qemu_peer.qemu_path()
+    assert qemu is not None
+    serial = work / "qemu-serial.log"
+    state = work / "qemu-state"
+    devices = (
+        "-drive", f"if=none,id=d0,file={disk},format=raw,readonly=on",
+        "-device", "virtio-blk-pci,drive=d0,disable-legacy=on",
+    )  # fmt: skip
+    args = (qemu, "512M", guest_cmdline(warm_mib))
+    proc, qmp = qemu_peer.start(*args, serial, work / "q.qmp", machine="q35", devices=devices)
+    try:
+        wait_for_tick(serial)
+        qmp.execute("stop")
+        qmp.execute("migrate", uri=f"exec:cat > {state}")
+        qmp.wait_migration()
+    finally:
+        qemu_peer.stop(proc, qmp)
+    clones = []
+    try:
+        started = time.monotonic()
+        for i in range(count):
+            clone = qemu_peer.start(
+                *args, None, work / f"q{i}.qmp", incoming="defer", machine="q35", devices=devices
+            )
+            clones.append(clone)
+            clone[1].execute("migrate-incoming", uri=f"exec:cat {state}")
+            clone[1].wait_migration()
+            clone[1].execute("cont")
+        elapsed = time.monotonic() - started
+        time.sleep(0.5)
+        return elapsed, sum(process_pss_mib(proc.pid) for proc, _ in clones) / count
+    finally:
+        for proc, qmp in clones:
+            qemu_peer.stop(proc, qmp)
+
+
+def guest_cmdline(warm_mib: int) -> str:
     steps = ["blkbench", "ticks"]
     options = {
         "blkbench_size": 4 * MIB,
@@ -124,9 +167,13 @@ def config(disk: Path, warm_mib: int) -> VmConfig:
         "ticks": 1_000_000,
         "tick_ms": 20,
     }
+    return testguest.cmdline(steps, "poweroff", **options)
+
+
+def config(disk: Path, warm_mib: int) -> VmConfig:
     return VmConfig.from_cli([
         "--kernel", str(testguest.image_path("pvh")),
-        "--cmdline", testguest.cmdline(steps, "poweroff", **options),
+        "--cmdline", guest_cmdline(warm_mib),
         "--memory", "size=512M", "--disk", f"path={disk},readonly=on",
         "--serial", "null", "--console", "off",
     ])  # fmt: skip
@@ -181,6 +228,8 @@ def main() -> None:
         processes = {"vmkit": vmkit_process_clones(snap, args.count)}
         if (CH_DIR / "cloud-hypervisor").exists():
             processes["ch"] = ch_process_clones(config(disk, args.warm), Path(work), args.count)
+        if qemu_peer.qemu_path():
+            processes["qemu"] = qemu_process_clones(disk, args.warm, Path(work), args.count)
 
     clones, boots = results["clones"], results["boots"]
     print(
@@ -198,15 +247,19 @@ def main() -> None:
         f"| {clones[1] / boots[1]:.2f} \u00d7 |"
     )
     print("\nClones in VMM processes of their own (restore + resume, one after the other):\n")
-    print("| | vmkit | Cloud Hypervisor | vmkit / Cloud Hypervisor |")
-    print("|---|---|---|---|")
-    v = processes["vmkit"]
-    c = processes.get("ch", (float("nan"), float("nan")))
-    print(
-        f"| {args.count} clones running | {v[0] * 1e3:.0f} ms | {c[0] * 1e3:.0f} ms "
-        f"| {v[0] / c[0]:.3f} \u00d7 |"
-    )
-    print(f"| Pss per clone process | {v[1]:.1f} MiB | {c[1]:.1f} MiB | {v[1] / c[1]:.3f} \u00d7 |")
+    names = {"vmkit": "vmkit", "ch": "Cloud Hypervisor", "qemu": "QEMU q35"}
+    peers = [k for k in processes if k != "vmkit"]
+    heads = [names[k] for k in processes] + [f"vmkit / {names[k]}" for k in peers]
+    print("| | " + " | ".join(heads) + " |")
+    print("|---|" + "---|" * len(heads))
+    for index, label, unit, scale in (
+        (0, f"{args.count} clones running", "ms", 1e3),
+        (1, "Pss per clone process", "MiB", 1.0),
+    ):
+        values = [processes[k][index] for k in processes]
+        cells = [f"{v * scale:.1f} {unit}" for v in values]
+        cells += [f"{values[0] / v:.3f} \u00d7" for v in values[1:]]
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

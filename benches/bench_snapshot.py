@@ -1,8 +1,10 @@
-"""Snapshot and restore: vmkit against Cloud Hypervisor, both driven by the real
-``ch-remote`` over their APIs, same guest, runs interleaved.
+"""Snapshot and restore: vmkit against Cloud Hypervisor (both driven by the real
+``ch-remote`` over their APIs) and QEMU microvm (over QMP), same guest, runs
+interleaved.
 
 Run: ``python benches/bench_snapshot.py`` (``--runs N``, ``--sizes 256M,2G``).
-Needs /dev/kvm and ``../shared/ch/`` (``cloud-hypervisor`` and ``ch-remote``).
+Needs /dev/kvm and ``../shared/ch/`` (``cloud-hypervisor`` and ``ch-remote``);
+QEMU (``qemu-system-x86_64``) where installed.
 
 Each run: the VMM boots the test guest (1 vCPU), which prints a tick line
 every 20 ms; once it has printed a few, ``ch-remote pause`` and ``ch-remote
@@ -12,6 +14,8 @@ idle VMM process gets ``ch-remote restore source_url=file://<dir>`` (timed:
 request to the guest's next tick line in its serial file. Also reported: the
 snapshot directory's size on disk. Cloud Hypervisor runs with ``--seccomp
 false``: at this revision its filter kills it on a snapshot request here.
+QEMU: ``stop`` and ``migrate`` to a file, then a new QEMU's ``migrate-incoming``
+from it and ``cont`` (``qemu_peer.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import machine
+import qemu_peer
 from vmkit import VmConfig, testguest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,6 +115,8 @@ def one_run(kind: str, size: str, work: Path) -> dict[str, float]:
     serial = work / "serial.log"
     snap = work / "snap"
     snap.mkdir()
+    if kind == "qemu":
+        return one_qemu_run(size, work, serial, snap)
     config = VmConfig.from_cli([
         "--kernel", str(testguest.image_path("pvh")),
         "--cmdline", testguest.cmdline(["hello", "ticks"], "poweroff", ticks=100000, tick_ms=20),
@@ -145,15 +152,60 @@ def one_run(kind: str, size: str, work: Path) -> dict[str, float]:
     return {"snapshot": snapshot, "restore": restore, "progress": progress, "disk": on_disk}
 
 
+def one_qemu_run(size: str, work: Path, serial: Path, snap: Path) -> dict[str, float]:
+    qemu = qemu_peer.qemu_path()
+    assert qemu is not None
+    cmdline = testguest.cmdline(["hello", "ticks"], "poweroff", ticks=100000, tick_ms=20)
+    state = snap / "state"
+    proc, qmp = qemu_peer.start(qemu, size, cmdline, serial, work / "qmp.sock")
+    try:
+        wait_ticks(serial, 5)
+        qmp.execute("stop")
+        started = time.monotonic()
+        qmp.execute("migrate", uri=f"exec:cat > {state}")
+        qmp.wait_migration()
+        snapshot = time.monotonic() - started
+    finally:
+        qemu_peer.stop(proc, qmp)
+    on_disk = disk_usage(snap)
+    # A fresh serial file, as the other VMMs' restores open theirs afresh.
+    serial.unlink()
+    proc, qmp = qemu_peer.start(qemu, size, cmdline, serial, work / "qmp2.sock", incoming="defer")
+    try:
+        started = time.monotonic()
+        qmp.execute("migrate-incoming", uri=f"exec:cat {state}")
+        qmp.wait_migration()
+        restore = time.monotonic() - started
+        seen = ticks(serial)
+        qmp.execute("cont")
+        wait_ticks(serial, seen + 1)
+        progress = time.monotonic() - started
+    finally:
+        qemu_peer.stop(proc, qmp)
+    shutil.rmtree(snap)
+    serial.unlink(missing_ok=True)
+    return {"snapshot": snapshot, "restore": restore, "progress": progress, "disk": on_disk}
+
+
 Medians = dict[str, dict[str, float]]
+NAMES = {"vmkit": "vmkit", "ch": "Cloud Hypervisor", "qemu": "QEMU microvm"}
+
+
+def peers() -> tuple[str, ...]:
+    """The VMMs to run: vmkit, Cloud Hypervisor, and QEMU where installed."""
+    return ("vmkit", "ch", "qemu") if qemu_peer.qemu_path() else ("vmkit", "ch")
 
 
 def interleaved_medians(
-    sizes: str, runs: int, one_run: Callable[[str, str, Path], dict[str, float]], prefix: str
+    sizes: str,
+    runs: int,
+    one_run: Callable[[str, str, Path], dict[str, float]],
+    prefix: str,
+    kinds: tuple[str, ...] = ("vmkit", "ch"),
 ) -> list[tuple[str, Medians]]:
-    """``one_run(kind, size, workdir)`` ``runs`` times per guest size, vmkit and
-    Cloud Hypervisor in turn; each measure's median per VMM, per size."""
-    kinds = ("vmkit", "ch")
+    """``one_run(kind, size, workdir)`` ``runs`` times per guest size, each VMM of
+    ``kinds`` in turn; each measure's median per VMM, per size. Prints the
+    table's head."""
     rows = []
     for size in sizes.split(","):
         results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
@@ -166,20 +218,23 @@ def interleaved_medians(
             {k: {m: statistics.median(r[m] for r in results[k]) for m in results[k][0]}
              for k in kinds},
         ))  # fmt: skip
-    print(
-        f"Medians of {runs} interleaved runs; ratios are vmkit's figure over Cloud Hypervisor's.\n"
-    )
-    print("| guest RAM | measure | vmkit | Cloud Hypervisor | vmkit / Cloud Hypervisor |")
-    print("|---|---|---|---|---|")
+    peers = kinds[1:]
+    print(f"Medians of {runs} interleaved runs; ratios are vmkit's figure over each peer's.\n")
+    names = [NAMES[k] for k in kinds]
+    ratios = [f"vmkit / {NAMES[k]}" for k in peers]
+    print("| guest RAM | measure | " + " | ".join(names + ratios) + " |")
+    print("|---|---|" + "---|" * (len(names) + len(ratios)))
     return rows
 
 
 def print_times(size: str, med: Medians, measures: tuple[tuple[str, str], ...]) -> None:
-    """A table row per (measure, label): both VMMs' medians in ms and their ratio."""
+    """A table row per (measure, label): each VMM's median in ms, then vmkit's
+    ratio to each peer."""
     for key, label in measures:
-        v, c = med["vmkit"][key], med["ch"][key]
-        times = f"{v * 1e3:.1f} ms | {c * 1e3:.1f} ms"
-        print(f"| {size} | {label} | {times} | {v / c:.2f} {TIMES} |")
+        values = [med[k][key] for k in med]
+        times = " | ".join(f"{v * 1e3:.1f} ms" for v in values)
+        ratios = " | ".join(f"{values[0] / v:.2f} {TIMES}" for v in values[1:])
+        print(f"| {size} | {label} | {times} | {ratios} |")
 
 
 def side_by_side_args(description: str | None, hog: bool = False) -> argparse.Namespace:
@@ -199,15 +254,17 @@ def side_by_side_args(description: str | None, hog: bool = False) -> argparse.Na
 
 def main() -> None:
     args = side_by_side_args(__doc__)
-    for size, med in interleaved_medians(args.sizes, args.runs, one_run, "vmkit-bench-snap-"):
+    rows = interleaved_medians(args.sizes, args.runs, one_run, "vmkit-bench-snap-", peers())
+    for size, med in rows:
         print_times(size, med, (
             ("snapshot", "snapshot (paused VM → files written)"),
             ("restore", "restore (request → Paused VM)"),
             ("progress", "restore → guest ticking again"),
         ))  # fmt: skip
-        v, c = med["vmkit"]["disk"], med["ch"]["disk"]
-        sizes = f"{v / 2**20:.1f} MiB | {c / 2**20:.1f} MiB"
-        print(f"| {size} | snapshot on disk | {sizes} | {v / c:.3f} {TIMES} |")
+        values = [med[k]["disk"] for k in med]
+        sizes = " | ".join(f"{v / 2**20:.1f} MiB" for v in values)
+        ratios = " | ".join(f"{values[0] / v:.3f} {TIMES}" for v in values[1:])
+        print(f"| {size} | snapshot on disk | {sizes} | {ratios} |")
 
 
 if __name__ == "__main__":

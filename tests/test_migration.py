@@ -158,6 +158,43 @@ def test_shared_memory_without_local_is_copied_but_not_its_holes(tmp_path: Path)
     finishes(vm, before)
 
 
+def test_a_shared_memory_file_moves_within_one_host_only_by_hand_over(tmp_path: Path) -> None:
+    """A ``file=`` zone mapped shared is the guest's memory itself: copying pages
+    into it on the same host would put older contents under the running guest,
+    so the receiver refuses (before it opens the file) and the VM runs on; with
+    ``local=True`` the file is handed over and the guest goes on, every check
+    passing."""
+    zone = tmp_path / "zone.mem"
+    zone.write_bytes(b"")
+    config = dirtying(
+        memory="size=16M,shared=on",
+        extra=("--memory-zone", f"id=z1,size=32M,file={zone},shared=on"),
+    )
+    sender = Vm(config)
+    try:
+        sender.boot()
+        assert sender.serial.wait_for("^vmkit-guest: dirty round 10$", timeout=30)
+        receiver = Receiver(tmp_path / "m.sock")
+        with pytest.raises(VmError) as e:
+            sender.migrate_to(tmp_path / "m.sock")
+        receiver.join()
+        assert (
+            f"memory zone z1 is the shared file {zone}, in which the sending VMM on this host "
+            "runs the guest: migrate with local=true" in str(e.value)
+        ), str(e.value)
+        assert sender.state == "Running"
+        receiver = Receiver(tmp_path / "m2.sock")
+        report = sender.migrate_to(tmp_path / "m2.sock", local=True)
+        receiver.join()
+        assert receiver.error is None, receiver.error
+        assert report.local and report.bytes == 0, report
+        before = sender.serial.text
+    finally:
+        sender.close()
+    assert receiver.vm is not None
+    finishes(receiver.vm, before)
+
+
 @pytest.mark.parametrize("cpus", [1, 4])
 def test_disk_io_in_flight_completes_across_the_move(tmp_path: Path, cpus: int) -> None:
     """blkbench keeps 16 writes in flight while the VM moves; then the blk step

@@ -225,15 +225,21 @@ def test_shared_and_file_backed_memory_in_zones_snapshots_and_restores(tmp_path:
     """Guest RAM that is not private anonymous memory: a shared base, a shared
     zone and a file-backed zone. The guest rewrites 24 MiB across the first two
     (checking each round); paused mid-run, snapshotted and restored, it goes on
-    with every check passing, and the restored VM's memory is shared again."""
+    with every check passing, and the restored VM's memory is shared again.
+    What the zone files hold by then does not show through: the shared one is
+    the guest's memory and holds the snapshot's (zeros: the guest never wrote
+    it); a private one is the guest's first contents only, and stays as it is."""
     zone_file = tmp_path / "zone.mem"
     zone_file.write_bytes(b"")
+    private_file = tmp_path / "private.mem"
+    private_file.write_bytes(b"\xab" * (4 << 20))
     config = VmConfig.from_cli([
         "--kernel", str(testguest.image_path("pvh")),
         "--cmdline", testguest.cmdline(["dirty"], "poweroff", dirty_mib=24, dirty_rounds=60,
                                        dirty_ms=5),
         "--memory", "size=16M,shared=on",
         "--memory-zone", "id=z0,size=16M,shared=on", f"id=z1,size=16M,file={zone_file},shared=on",
+        f"id=z2,size=4M,file={private_file}",
         "--serial", "tty", "--console", "off",
     ])  # fmt: skip
     snap = new_dir(tmp_path / "snap")
@@ -246,11 +252,16 @@ def test_shared_and_file_backed_memory_in_zones_snapshots_and_restores(tmp_path:
         before = vm.serial.text
     finally:
         vm.close()
-    # Holes in the shared memory stay holes: the untouched zone takes no space.
-    assert (snap / "memory").stat().st_blocks * 512 < 30 << 20
+    # Holes in the shared memory stay holes: the untouched zone z1 takes no
+    # space (24 MiB dirtied, the 4 MiB of z2's file the guest saw, the guest).
+    assert (snap / "memory").stat().st_blocks * 512 < 34 << 20
+    zone_file.write_bytes(b"\xff" * (16 << 20))
+    private_file.write_bytes(b"\xcd" * (4 << 20))
     restored = Vm.restore(snap)
     try:
         assert restored.state == "Paused"
+        assert zone_file.read_bytes() == bytes(16 << 20), "stale data in the shared zone"
+        assert private_file.read_bytes() == b"\xcd" * (4 << 20)
         restored.resume()
         exit_info = restored.wait(timeout=30)
         assert exit_info is not None and exit_info.reason == "poweroff", restored.serial.text

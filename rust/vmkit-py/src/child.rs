@@ -523,7 +523,10 @@ fn restore_vm(state: &mut State, request: &Value) -> (Value, Option<RawFd>) {
     if let Some(given) = request["disks"].as_object() {
         for (id, image) in given {
             let Some(image) = image.as_str() else {
-                return (error("Snapshot", &format!("disk {id}: no image path")), None);
+                return (
+                    error("Snapshot", &format!("disk {id}: no image path")),
+                    None,
+                );
             };
             disks.push((id.clone(), std::path::PathBuf::from(image)));
         }

@@ -2,7 +2,7 @@
 //! (hugetlb memfd) or file-backed zones, laid out around the 32-bit MMIO hole.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
@@ -122,6 +122,12 @@ impl Backing {
     /// Private anonymous memory: no file behind it, nothing shared.
     fn private_anonymous(&self) -> bool {
         self.file.is_none() && !self.shared && !self.hugepages
+    }
+
+    /// Private memory of normal pages (a `file=` only gives its first
+    /// contents): a restore can map it from the snapshot copy-on-write.
+    fn private(&self) -> bool {
+        !self.shared && !self.hugepages
     }
 }
 
@@ -403,8 +409,22 @@ fn lay_out(
 
 /// Whether `config` asks for private anonymous memory only (no shared,
 /// huge-page or file-backed memory).
-pub fn private_anonymous(config: &MemoryConfig) -> bool {
-    backings(config).is_ok_and(|list| list.iter().all(Backing::private_anonymous))
+/// The first backing that is a file mapped shared (`file=` with
+/// `shared=on` or huge pages): its name and path.
+pub fn shared_file_backing(config: &MemoryConfig) -> Option<(String, String)> {
+    backings(config)
+        .ok()?
+        .into_iter()
+        .find_map(|b| match b.file {
+            Some(path) if b.shared || b.hugepages => Some((b.name, path)),
+            _ => None,
+        })
+}
+
+/// Whether all of guest RAM is private memory of normal pages, which a
+/// restore maps from the snapshot's memory file copy-on-write.
+pub fn restores_copy_on_write(config: &MemoryConfig) -> bool {
+    backings(config).is_ok_and(|list| list.iter().all(Backing::private))
 }
 
 /// Creates guest RAM: each backing in turn from address 0, skipping the MMIO hole.
@@ -414,6 +434,68 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
         .iter()
         .map(backing_file)
         .collect::<Result<Vec<_>>>()?;
+    lay_out_guest_ram(backings, files)
+}
+
+/// Guest RAM that a snapshot or a migration then fills: as
+/// `create_guest_ram`, but it reads zeros wherever they bring no data (they
+/// leave out pages of zeros). A shared `file=` backing is emptied first: the
+/// file is the guest's memory, which is to hold what was saved. A private
+/// one is anonymous memory instead: its file's contents are not what the
+/// guest saw, and the guest's writes never reach it.
+pub fn create_guest_ram_to_fill(config: &MemoryConfig) -> Result<GuestRam> {
+    let backings: Vec<Backing> = backings(config)?
+        .into_iter()
+        .map(|backing| match backing.file {
+            Some(_) if !backing.shared && !backing.hugepages => Backing {
+                file: None,
+                ..backing
+            },
+            _ => backing,
+        })
+        .collect();
+    let files = backings
+        .iter()
+        .map(backing_file)
+        .collect::<Result<Vec<_>>>()?;
+    for (backing, file) in backings.iter().zip(&files) {
+        if let (Some(path), Some(file)) = (&backing.file, file) {
+            empty_file(backing, path, file)?;
+        }
+    }
+    lay_out_guest_ram(backings, files)
+}
+
+/// Makes the first `backing.size` bytes of `file` zeros: holes where the
+/// file system can punch them, else written zeros.
+fn empty_file(backing: &Backing, path: &str, file: &File) -> Result<()> {
+    let len = i64::try_from(backing.size).map_err(|_| MemoryError::TooLarge {
+        backing: backing.name.clone(),
+    })?;
+    // SAFETY: fallocate on a descriptor we own; the result is checked.
+    let punched = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            len,
+        )
+    };
+    if punched == 0 {
+        return Ok(());
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < backing.size {
+        let n = (backing.size - at).min(zeros.len() as u64) as usize;
+        std::os::unix::fs::FileExt::write_all_at(file, &zeros[..n], at)
+            .map_err(|e| io_error(backing, &format!("emptying {path}"), e))?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+fn lay_out_guest_ram(backings: Vec<Backing>, files: Vec<Option<File>>) -> Result<GuestRam> {
     let (memory, ranges) = lay_out(&backings, |index, offset, base, size| {
         map_region(&backings[index], files[index].as_ref(), offset, base, size)
     })?;
@@ -525,6 +607,43 @@ mod tests {
 
     fn memory(text: &str, zones: Option<&[String]>) -> MemoryConfig {
         MemoryConfig::parse(text, zones).unwrap()
+    }
+
+    #[test]
+    fn memory_to_fill_reads_zeros_and_leaves_private_files_alone() {
+        let dir = std::env::temp_dir().join(format!("vmkit-fill-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (shared, private) = (dir.join("shared.mem"), dir.join("private.mem"));
+        std::fs::write(&shared, vec![0xffu8; 2 << 20]).unwrap();
+        std::fs::write(&private, vec![0xabu8; 2 << 20]).unwrap();
+        let zones = [
+            format!("id=a,size=2M,file={},shared=on", shared.display()),
+            format!("id=b,size=2M,file={}", private.display()),
+        ];
+        let config = memory("size=0", Some(&zones));
+        // A boot sees the files' contents.
+        let booted = create_guest_ram(&config).unwrap();
+        assert_eq!(booted.memory.read_obj::<u8>(GuestAddress(0)).unwrap(), 0xff);
+        assert_eq!(
+            booted.memory.read_obj::<u8>(GuestAddress(2 << 20)).unwrap(),
+            0xab
+        );
+        drop(booted);
+        let ram = create_guest_ram_to_fill(&config).unwrap();
+        let mut bytes = vec![1u8; 4 << 20];
+        ram.memory.read_slice(&mut bytes, GuestAddress(0)).unwrap();
+        assert!(
+            bytes.iter().all(|&b| b == 0),
+            "stale file contents show through"
+        );
+        // The shared file is the guest's memory: emptied. The private one
+        // never sees the guest's writes, nor is it cleared.
+        ram.memory.write_obj(7u8, GuestAddress(2 << 20)).unwrap();
+        assert!(std::fs::read(&shared).unwrap().iter().all(|&b| b == 0));
+        assert!(std::fs::read(&private).unwrap().iter().all(|&b| b == 0xab));
+        assert!(!restores_copy_on_write(&memory("size=0", Some(&zones))));
+        assert!(restores_copy_on_write(&memory("size=0", Some(&zones[1..]))));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

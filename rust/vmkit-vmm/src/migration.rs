@@ -121,6 +121,11 @@ pub enum MigrationError {
     VmStopped(String),
     #[error("the receiving VMM did not confirm the VM runs ({0}); the VM stays paused here")]
     Unconfirmed(String),
+    #[error(
+        "{backing} is the shared file {path}, in which the sending VMM on this host runs the \
+         guest: migrate with local=true to hand it over instead of copying it into itself"
+    )]
+    SharedFileOnThisHost { backing: String, path: String },
 }
 
 impl ModuleError for MigrationError {
@@ -150,6 +155,18 @@ pub struct ConfigMessage {
     pub memory_size: u64,
     pub vcpus: usize,
     pub kernel_format: Option<String>,
+    /// The sending host's kernel boot id: equal to the receiver's, both
+    /// VMMs are on one host (and a `file=` backing's path is one file).
+    #[serde(default)]
+    pub boot_id: Option<String>,
+}
+
+/// This host's kernel boot id (`/proc/sys/kernel/random/boot_id`).
+pub fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|id| id.trim().to_owned())
+        .filter(|id| !id.is_empty())
 }
 
 /// One entry of `TAP_FDS`: a net device and how many tap queues (one per

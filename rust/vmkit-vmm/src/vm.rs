@@ -25,8 +25,8 @@ use crate::devices::legacy::{DebugPortWrite, GED_POWER_BUTTON};
 use crate::devices::serial::SerialBackend;
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::memory::{
-    create_guest_ram, map_guest_ram_from_file, map_guest_ram_from_shared_files, private_anonymous,
-    GuestRam,
+    create_guest_ram, create_guest_ram_to_fill, map_guest_ram_from_file,
+    map_guest_ram_from_shared_files, restores_copy_on_write, GuestRam,
 };
 use crate::migration::{self, ConfigMessage, Kind, MigrationError, TapHandover, Wire};
 use crate::seccomp::{self, SeccompMode, Spawner, ThreadGroups, ThreadKind};
@@ -1016,16 +1016,17 @@ impl Vm {
                 kernel_format,
             }) => {
                 let ram = match memory {
-                    // Private anonymous memory becomes the file mapped
-                    // copy-on-write; other memory is made as the config says
-                    // and the file copied in.
+                    // Private memory (anonymous, or a private `file=`'s,
+                    // which only gave the first contents) becomes the file
+                    // mapped copy-on-write; shared or huge-page memory is
+                    // made as the config says, emptied, and the file copied in.
                     RestoredMemory::File { file, prefault }
-                        if private_anonymous(&config.memory) =>
+                        if restores_copy_on_write(&config.memory) =>
                     {
                         map_guest_ram_from_file(&config.memory, file, prefault)?
                     }
                     RestoredMemory::File { file, .. } => {
-                        let ram = create_guest_ram(&config.memory)?;
+                        let ram = create_guest_ram_to_fill(&config.memory)?;
                         snapshot::load_memory(&ram, file, snapshot::MEMORY_FILE)?;
                         ram
                     }
@@ -1409,6 +1410,7 @@ impl Vm {
             memory_size: ram.total_size(),
             vcpus: instance.samples.len(),
             kernel_format: life.kernel_format.map(|f| f.name().to_owned()),
+            boot_id: migration::boot_id(),
         };
         let message = serde_json::to_vec(&message).map_err(|e| VmError::MigrationConfig {
             detail: e.to_string(),
@@ -1587,6 +1589,13 @@ impl Vm {
             ))
             .into());
         }
+        // Copying pages into the file the sender runs the guest in would
+        // overwrite its memory with older contents while it runs.
+        if !local && message.boot_id.is_some() && message.boot_id == migration::boot_id() {
+            if let Some((backing, path)) = crate::memory::shared_file_backing(&config.memory) {
+                return Err(MigrationError::SharedFileOnThisHost { backing, path }.into());
+            }
+        }
         let validated = config.validated().map_err(|e| VmError::MigrationConfig {
             detail: e.to_string(),
         })?;
@@ -1594,7 +1603,7 @@ impl Vm {
         let ram = if local {
             None
         } else {
-            Some(create_guest_ram(&vm.config().memory)?)
+            Some(create_guest_ram_to_fill(&vm.config().memory)?)
         };
         wire.ack(Ok(()))?;
         vm.adopt_taps(wire)?;

@@ -512,8 +512,11 @@ fn builds_vm() -> Rules {
         libc::SYS_readlink,
         libc::SYS_fcntl,
         libc::SYS_dup,
-        // Disk image locks (OFD, through fcntl) and their probes.
+        // Disk image locks (OFD, through fcntl) and their probes; emptying
+        // a shared memory file a restore fills (punching a hole, or where the
+        // file system cannot, writing zeros).
         libc::SYS_fallocate,
+        libc::SYS_pwrite64,
         // Guest memory backed by a memfd or a file.
         libc::SYS_memfd_create,
         libc::SYS_ftruncate,

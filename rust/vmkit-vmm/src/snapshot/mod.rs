@@ -259,11 +259,14 @@ fn write_files(
     parts: &SnapshotParts<'_>,
     written: &mut Vec<PathBuf>,
 ) -> Result<(), SnapshotError> {
+    // Each file reaches the disk before the header is written, and the
+    // header before the call returns: after a host crash the directory holds
+    // a whole snapshot or no header.
     fn put(written: &mut Vec<PathBuf>, path: PathBuf, bytes: &[u8]) -> Result<(), SnapshotError> {
         use std::io::Write;
-        create(written, &path)?
-            .write_all(bytes)
-            .map_err(io_error("writing", &path))
+        let mut file = create(written, &path)?;
+        file.write_all(bytes).map_err(io_error("writing", &path))?;
+        file.sync_all().map_err(io_error("writing", &path))
     }
     let config = serde_json::to_string_pretty(parts.config)
         .map_err(|e| io_error("writing", &dir.join(CONFIG_FILE))(io::Error::other(e)))?;
@@ -291,7 +294,10 @@ fn write_files(
     };
     let header = serde_json::to_string_pretty(&header)
         .map_err(|e| io_error("writing", &dir.join(HEADER_FILE))(io::Error::other(e)))?;
-    put(written, dir.join(HEADER_FILE), header.as_bytes())
+    put(written, dir.join(HEADER_FILE), header.as_bytes())?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error("writing", dir))
 }
 
 /// The size of each disk image that is a regular file, by disk id.
