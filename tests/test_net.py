@@ -460,3 +460,29 @@ def test_a_tap_given_as_a_descriptor_moves_with_the_vm(tmp_path: Path) -> None:
         os.fstat(fd)
     finally:
         os.close(fd)
+
+
+def test_a_snapshot_whose_tap_descriptor_is_gone_is_refused_by_name(tmp_path: Path) -> None:
+    """A restore needs the taps the config names: a device given as ``fd=``
+    whose descriptor is closed by then is named in the error, and nothing is
+    left behind."""
+    fd, name = open_tap(unique_name())
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    try:
+        with Vm(config(["ticks"], "--net", f"fd=[{fd}]", ticks=1000, tick_ms=10)) as vm:
+            vm.boot()
+            assert vm.serial.wait_for(r"tick 1\b", timeout=20)
+            vm.pause()
+            vm.snapshot(snap)
+    finally:
+        os.close(fd)
+    gc.collect()
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    with pytest.raises(VmError) as e:
+        Vm.restore(snap)
+    assert "Cannot create virtio-net device _net0" in str(e.value), str(e.value)
+    assert f"fd={fd}" in str(e.value), str(e.value)
+    gc.collect()
+    assert (threading.active_count(), len(os.listdir("/proc/self/fd"))) == (threads, fds)
+    assert name not in interfaces()

@@ -5,6 +5,7 @@ hostile snapshot files.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -369,6 +370,29 @@ def test_clones_in_processes_get_their_own_disks(tmp_path: Path) -> None:
     assert f"disk _disk0: {short} holds 4096 bytes" in str(e.value), str(e.value)
     with pytest.raises(ValueError, match="give restore too"):
         Vm.spawn(config, disks={"_disk0": short})
+
+
+def test_a_missing_disk_is_named_and_nothing_is_left(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    config = ticking(steps=("hello", "ticks", "blk"))
+    config.disks = [DiskConfig.parse(f"path={disk}")]
+    snap = new_dir(tmp_path / "snap")
+    vm = paused_at_tick(config, 2)
+    try:
+        vm.snapshot(snap)
+    finally:
+        vm.close()
+    disk.unlink()
+    gc.collect()
+    threads = threading.active_count()
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(VmError) as e:
+        Vm.restore(snap)
+    assert str(disk) in str(e.value) and "No such file" in str(e.value), str(e.value)
+    gc.collect()
+    assert threading.active_count() == threads
+    assert len(os.listdir("/proc/self/fd")) == fds, "a descriptor was left open"
 
 
 def test_a_failed_snapshot_leaves_no_files(tmp_path: Path) -> None:
