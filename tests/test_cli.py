@@ -389,8 +389,9 @@ needs_kvm = pytest.mark.skipif(
 )
 
 
-def halting_vmm(tmp_path: Path, api: bool) -> subprocess.Popen[bytes]:
-    """``vmkit`` booting the test guest, which halts with interrupts off once done."""
+def halting_vmm(tmp_path: Path, api: bool, sigint_ignored: bool = False) -> subprocess.Popen[bytes]:
+    """``vmkit`` booting the test guest, which halts with interrupts off once done
+    (``sigint_ignored``: started with SIGINT ignored, as a script's background job)."""
     from vmkit import testguest
 
     argv = [
@@ -407,6 +408,9 @@ def halting_vmm(tmp_path: Path, api: bool) -> subprocess.Popen[bytes]:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        if sigint_ignored
+        else None,
     )
 
 
@@ -457,6 +461,24 @@ def test_signals_end_the_vmm_whichever_thread_takes_them(
     assert process.returncode == 0, err.decode()
     assert err == b""
     assert (printed + out).count(b"vmkit-guest: ready") == 1
+    assert not (tmp_path / "api.sock").exists()
+
+
+@needs_kvm
+@pytest.mark.parametrize("api", [False, True], ids=["boot", "api-socket"])
+def test_sigint_ends_the_vmm_even_when_started_ignoring_it(tmp_path: Path, api: bool) -> None:
+    """A shell starts a script's background jobs with SIGINT ignored; Cloud
+    Hypervisor still ends cleanly on it (checked against the binary), so vmkit
+    does too."""
+    process = halting_vmm(tmp_path, api, sigint_ignored=True)
+    try:
+        assert process.stdout is not None
+        read_until(process.stdout, b"vmkit-guest: exit halt", timeout=30)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    finally:
+        end(process)
+    assert process.returncode == 0, err.decode()
     assert not (tmp_path / "api.sock").exists()
 
 

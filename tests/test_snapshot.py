@@ -9,6 +9,7 @@ import gc
 import hashlib
 import json
 import os
+import struct
 import threading
 from pathlib import Path
 
@@ -450,6 +451,18 @@ def hostile(good: Path, target: Path, edit: str) -> None:
         config = json.loads((target / "config.json").read_text())
         config["memory"]["size"] *= 2
         (target / "config.json").write_text(json.dumps(config))
+    elif edit == "a cpu feature this host lacks":
+        # CPUID leaf 7's PCOMMIT (EBX bit 22), which KVM never offers.
+        data = bytearray((target / "vcpu-0").read_bytes())
+        (count,) = struct.unpack_from("<I", data, 8)
+        at = 12
+        for _ in range(count):
+            function, index = struct.unpack_from("<II", data, at + 4)
+            if (function, index) == (7, 0):
+                (ebx,) = struct.unpack_from("<I", data, at + 4 + 16)
+                struct.pack_into("<I", data, at + 4 + 16, ebx | 1 << 22)
+            at += 4 + 40
+        (target / "vcpu-0").write_bytes(bytes(data))
     elif edit == "invalid config":
         config = json.loads((target / "config.json").read_text())
         config["cpus"]["max_vcpus"] = 0  # below boot_vcpus
@@ -479,6 +492,11 @@ def hostile(good: Path, target: Path, edit: str) -> None:
             "268435456 bytes of guest memory, the snapshot's memory file holds 134217728",
         ),
         ("invalid config", "config.json"),
+        (
+            "a cpu feature this host lacks",
+            "the saved vCPUs use CPU features this host's KVM does not offer "
+            "(CPUID 0x7.0 Ebx 0x00400000)",
+        ),
     ],
 )
 def test_hostile_snapshots_are_refused_cleanly(

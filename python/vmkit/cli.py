@@ -866,6 +866,11 @@ def main() -> None:
     """
     import atexit
 
+    # Cloud Hypervisor ends cleanly on SIGINT even when it was started with
+    # SIGINT ignored (a background job of a script, whose shell ignores it
+    # for its children): so does vmkit, which Python would leave ignoring it.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     code = run(sys.argv[1:])
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

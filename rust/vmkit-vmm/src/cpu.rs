@@ -146,6 +146,30 @@ pub fn guest_phys_bits(kvm: &Kvm, cpus: &CpusConfig) -> Result<u8> {
     Ok(host.min(cpus.max_phys_bits))
 }
 
+/// The CPUID a vCPU of this host gets from vmkit, as KVM reads it back
+/// (kvm_pvm fills in more than KVM_GET_SUPPORTED_CPUID lists): the bound
+/// on the features a restored or received vCPU may use. Found once per
+/// process, on a VM of its own: a second KVM_SET_CPUID2 on the vCPU being
+/// restored is not something every KVM takes well.
+pub fn offered_cpuid(kvm: &Kvm, host: HostCpu) -> Result<Vec<kvm_bindings::kvm_cpuid_entry2>> {
+    static OFFERED: std::sync::OnceLock<Vec<kvm_bindings::kvm_cpuid_entry2>> =
+        std::sync::OnceLock::new();
+    if let Some(offered) = OFFERED.get() {
+        return Ok(offered.clone());
+    }
+    let vm = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
+    let vcpu = vm.create_vcpu(0).map_err(kvm_error("KVM_CREATE_VCPU"))?;
+    let cpuid = cpuid_for(kvm, &CpusConfig::default(), 0, host)?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(kvm_error("KVM_SET_CPUID2"))?;
+    let offered = vcpu
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_error("KVM_GET_CPUID2"))?
+        .as_slice()
+        .to_vec();
+    Ok(OFFERED.get_or_init(|| offered).clone())
+}
+
 pub fn cpuid_for(kvm: &Kvm, cpus: &CpusConfig, index: u8, host: HostCpu) -> Result<CpuId> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

@@ -1110,7 +1110,15 @@ impl Vm {
                 .create_vcpu(u64::from(apic_id))
                 .map_err(kvm_error(format!("KVM_CREATE_VCPU {index}")))?;
             match (restore, payload) {
-                (Some((state, _)), _) => state.vcpus[usize::from(index)].apply(&fd)?,
+                (Some((state, _)), _) => {
+                    if index == 0 {
+                        let offered = cpu::offered_cpuid(&self.kvm, host)?;
+                        for vcpu in &state.vcpus {
+                            vcpu.check_cpu_features(&offered)?;
+                        }
+                    }
+                    state.vcpus[usize::from(index)].apply(&fd)?
+                }
                 (None, Some(payload)) => {
                     if host.tsc_khz.is_none() {
                         host.tsc_khz = fd.get_tsc_khz().ok();

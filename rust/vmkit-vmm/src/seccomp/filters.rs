@@ -568,6 +568,9 @@ fn builds_vm() -> Rules {
         KVM_GET_LAPIC(),
         KVM_SET_LAPIC(),
         KVM_SET_CPUID2(),
+        // A restore reads back the CPUID this host gives a vCPU, to check
+        // the saved vCPUs' features against it.
+        KVM_GET_CPUID2(),
         KVM_GET_TSC_KHZ(),
         KVM_GET_MP_STATE(),
         // Taps: create or attach, configure.

@@ -40,6 +40,11 @@ pub enum SnapshotError {
     MsrUnreadable { index: u32 },
     #[error("KVM_SET_MSRS refused MSR {index:#x} = {data:#x}")]
     MsrRefused { index: u32, data: u64 },
+    #[error(
+        "the saved vCPUs use CPU features this host's KVM does not offer ({missing}): restore \
+         or migrate only between hosts with the same CPU features"
+    )]
+    CpuFeatures { missing: String },
     #[error("the VM is not paused")]
     NotParked,
     #[error("the vCPUs did not hand over their state within 10 s")]
@@ -72,6 +77,7 @@ impl ModuleError for SnapshotError {
             | SnapshotError::MsrRefused { .. } => ErrorKind::Kvm,
             SnapshotError::NotParked | SnapshotError::VcpusBusy => ErrorKind::State,
             SnapshotError::Corrupt { .. }
+            | SnapshotError::CpuFeatures { .. }
             | SnapshotError::Version { .. }
             | SnapshotError::NotADirectory
             | SnapshotError::Exists { .. }

@@ -20,6 +20,59 @@ const VERSION: u32 = 1;
 const MAX_CPUID_ENTRIES: usize = 256;
 const MAX_MSRS: usize = 1024;
 
+#[derive(Debug, Clone, Copy)]
+enum Register {
+    Eax,
+    Ebx,
+    Ecx,
+    Edx,
+}
+
+/// The CPUID registers that list CPU features (leaf, subleaf, register),
+/// and the bits in them that are not the host's to offer.
+const FEATURE_REGISTERS: &[(u32, u32, Register, u32)] = &[
+    // OSXSAVE (27) follows CR4, hypervisor (31) is vmkit's.
+    (0x1, 0, Register::Ecx, 1 << 27 | 1 << 31),
+    // APIC (9) follows the APIC base MSR, HTT (28) is vmkit's topology.
+    (0x1, 0, Register::Edx, 1 << 9 | 1 << 28),
+    (0x7, 0, Register::Ebx, 0),
+    // OSPKE (4) follows CR4.
+    (0x7, 0, Register::Ecx, 1 << 4),
+    (0x7, 0, Register::Edx, 0),
+    (0x7, 1, Register::Eax, 0),
+    // The XSAVE state components and instructions.
+    (0xd, 0, Register::Eax, 0),
+    (0xd, 1, Register::Eax, 0),
+    (0x8000_0001, 0, Register::Ecx, 0),
+    (0x8000_0001, 0, Register::Edx, 0),
+];
+
+/// The feature bits of `saved` that `supported` lacks, one text per
+/// register (see [`VcpuState::check_cpu_features`]).
+fn missing_cpu_features(saved: &[kvm_cpuid_entry2], supported: &[kvm_cpuid_entry2]) -> Vec<String> {
+    let mut missing = Vec::new();
+    for &(function, index, register, ignored) in FEATURE_REGISTERS {
+        let find = |entries: &[kvm_cpuid_entry2]| {
+            entries
+                .iter()
+                .find(|e| e.function == function && e.index == index)
+                .map_or(0, |e| match register {
+                    Register::Eax => e.eax,
+                    Register::Ebx => e.ebx,
+                    Register::Ecx => e.ecx,
+                    Register::Edx => e.edx,
+                })
+        };
+        let extra = find(saved) & !find(supported) & !ignored;
+        if extra != 0 {
+            missing.push(format!(
+                "CPUID {function:#x}.{index} {register:?} {extra:#010x}"
+            ));
+        }
+    }
+    missing
+}
+
 pub struct VcpuState {
     pub cpuid: Vec<kvm_cpuid_entry2>,
     pub mp_state: kvm_mp_state,
@@ -129,6 +182,23 @@ impl VcpuState {
                 .get_vcpu_events()
                 .map_err(kvm_error("KVM_GET_VCPU_EVENTS"))?,
         })
+    }
+
+    /// Refuses a vCPU whose CPUID offers the guest features `offered` (the
+    /// CPUID a vCPU of this host gets: vmkit's table as KVM_GET_CPUID2 reads
+    /// it back, which on kvm_pvm holds more than KVM_GET_SUPPORTED_CPUID)
+    /// lacks: a guest that found them at boot would fault on its first use
+    /// of one here. Bits KVM or vmkit set themselves (OSXSAVE, OSPKE, APIC,
+    /// hypervisor, HTT) are not features of the host.
+    pub fn check_cpu_features(&self, offered: &[kvm_cpuid_entry2]) -> Result<(), SnapshotError> {
+        let missing = missing_cpu_features(&self.cpuid, offered);
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(SnapshotError::CpuFeatures {
+                missing: missing.join(", "),
+            })
+        }
     }
 
     /// Loads the state into a new vCPU, in the order KVM needs: CPUID before
@@ -340,6 +410,35 @@ fn optional<T: zerocopy::FromBytes>(
 mod tests {
     use super::*;
 
+    #[test]
+    fn features_the_host_lacks_are_named_and_kvm_s_own_bits_are_not() {
+        let entry = |function, index, ebx, ecx| kvm_cpuid_entry2 {
+            function,
+            index,
+            ebx,
+            ecx,
+            ..Default::default()
+        };
+        let supported = [entry(0x1, 0, 0, 1), entry(0x7, 0, 1 << 5, 0)];
+        // OSXSAVE and the hypervisor bit are set by KVM and vmkit.
+        let saved = [
+            entry(0x1, 0, 0, 1 | 1 << 27 | 1 << 31),
+            entry(0x7, 0, 1 << 5, 0),
+        ];
+        assert!(missing_cpu_features(&saved, &supported).is_empty());
+        let saved = [entry(0x1, 0, 0, 1), entry(0x7, 0, 1 << 5 | 1 << 16, 0)];
+        assert_eq!(
+            missing_cpu_features(&saved, &supported),
+            ["CPUID 0x7.0 Ebx 0x00010000"]
+        );
+        // A leaf the host does not have at all offers nothing.
+        let saved = [entry(0x8000_0001, 0, 0, 1 << 6)];
+        assert_eq!(
+            missing_cpu_features(&saved, &supported),
+            ["CPUID 0x80000001.0 Ecx 0x00000040"]
+        );
+    }
+
     fn sample() -> VcpuState {
         let mut regs = kvm_regs {
             rip: 0x10_0000,
@@ -424,6 +523,10 @@ mod tests {
             assert!(indices.contains(&0x10), "IA32_TSC is not saved");
             let state = VcpuState::capture(&vcpu, &indices, xsave).unwrap();
             let state = VcpuState::decode("vcpu-0", &state.encode()).unwrap();
+            // What this host gives a vCPU covers what a vCPU of this host saved.
+            state
+                .check_cpu_features(vcpu.get_cpuid2(256).unwrap().as_slice())
+                .unwrap();
 
             let vm2 = kvm.create_vm().unwrap();
             crate::interrupts::enable_split_irqchip(&vm2).unwrap();
