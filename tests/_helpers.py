@@ -253,3 +253,18 @@ def event_names(path: Path) -> list[str]:
             return found
         event, at = decoder.raw_decode(text, at)
         found.append(f"{event['source']} {event['event']}")
+
+
+def move_spawned_vm(sender: Any, receiver: Any, sock: Path) -> None:
+    """Migrates ``sender``'s VM (a ``SpawnedVm``) to ``receiver`` (another) over
+    the unix socket ``sock``; returns once the sender's process has exited 0."""
+    import threading
+    import time
+
+    waiting = threading.Thread(target=receiver.receive_migration, args=(sock,))
+    waiting.start()
+    while not sock.exists():
+        time.sleep(0.001)
+    sender.migrate_to(sock)
+    waiting.join(30)
+    assert sender.process.wait(10) == 0

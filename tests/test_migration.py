@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from _helpers import event_names
+from _helpers import event_names, move_spawned_vm
 from vmkit import VmConfig, testguest
 from vmkit.vm import Migration, Vm, VmError
 
@@ -541,13 +541,7 @@ def test_vm_processes_migrate_through_the_api(tmp_path: Path) -> None:
         while "dirty round 10\n" not in (tmp_path / "serial.log").read_text(errors="replace"):
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        waiting = threading.Thread(target=receiver.receive_migration, args=(tmp_path / "m.sock",))
-        waiting.start()
-        while not (tmp_path / "m.sock").exists():
-            time.sleep(0.001)
-        sender.migrate_to(tmp_path / "m.sock")
-        waiting.join(30)
-        assert sender.process.wait(10) == 0
+        move_spawned_vm(sender, receiver, tmp_path / "m.sock")
         info = receiver.info()
         assert info.state == "Running"
         assert info.config.memory.size == 128 << 20, "the receiver's own VM is still there"

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _helpers import move_spawned_vm
 from vmkit import VmConfig, testguest
 from vmkit.testguest import GuestResults, parse_results
 from vmkit.vm import Vm, VmError
@@ -316,15 +317,7 @@ def test_a_vm_moves_within_one_host_with_its_tap(tmp_path: Path) -> None:
         with packet_socket(name) as sock:
             answer_pings(sock, 1, serial)
             wait_text(serial, "step net ok")
-            waiting = threading.Thread(
-                target=receiver.receive_migration, args=(tmp_path / "m.sock",)
-            )
-            waiting.start()
-            while not (tmp_path / "m.sock").exists():
-                time.sleep(0.001)
-            sender.migrate_to(tmp_path / "m.sock")
-            waiting.join(30)
-            assert sender.process.wait(10) == 0
+            move_spawned_vm(sender, receiver, tmp_path / "m.sock")
             assert name in interfaces(), "the tap went with the sending process"
             # The receiver opened the serial file afresh (as Cloud Hypervisor's does).
             assert "step net ok" not in serial.read_text(), (

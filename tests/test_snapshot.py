@@ -51,12 +51,12 @@ def ticks_seen(text: str) -> list[int]:
     ]
 
 
-def finishes(vm: Vm, steps: int = 2) -> list[int]:
+def finishes(vm: Vm, steps: int = 2, timeout: float = 30) -> list[int]:
     """Resumes a restored VM until the guest powers off, its ``steps`` steps
     passed; the ticks it printed."""
     assert vm.state == "Paused"
     vm.resume()
-    exit_info = vm.wait(timeout=30)
+    exit_info = vm.wait(timeout=timeout)
     assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
     text = vm.serial.text
     assert f"vmkit-guest: summary passed={steps} failed=0" in text, text
@@ -217,7 +217,9 @@ def test_disk_io_in_flight_goes_on_after_a_restore(tmp_path: Path, depth: int, c
         vm.close()
     restored = Vm.restore(snap)
     try:
-        finishes(restored)
+        # ~1-3 s here; a host short of memory makes every VM here many times
+        # slower (seen: 30 s was not enough while a process held 16 GiB).
+        finishes(restored, timeout=180)
         assert f"requests={count}" in restored.serial.text, restored.serial.text
     finally:
         restored.close()
@@ -279,12 +281,12 @@ def test_shared_and_file_backed_memory_in_zones_snapshots_and_restores(tmp_path:
         restored.close()
 
 
-def test_clones_run_on_their_own_copies_of_the_disk(tmp_path: Path) -> None:
-    """Three clones of one snapshot, each given its own copy of the disk image:
-    they run at once (no image lock between them), each writes and reads back
-    its own copy, and the snapshot's image is left as it was."""
+def snapshot_with_a_disk(tmp_path: Path, copies: int) -> tuple[Path, Path, bytes, list[Path]]:
+    """A guest that writes its 1 MiB disk (``blk``) after a few ticks,
+    snapshotted before it does: the snapshot, the disk, its contents then, and
+    ``copies`` copies of it."""
     disk = tmp_path / "disk.img"
-    disk.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    disk.write_bytes(bytes(range(256)) * 4096)
     config = ticking(steps=("hello", "ticks", "blk"))
     config.disks = [DiskConfig.parse(f"path={disk}")]
     snap = new_dir(tmp_path / "snap")
@@ -294,9 +296,17 @@ def test_clones_run_on_their_own_copies_of_the_disk(tmp_path: Path) -> None:
     finally:
         vm.close()
     original = disk.read_bytes()
-    copies = [tmp_path / f"clone{i}.img" for i in range(3)]
-    for copy in copies:
-        copy.write_bytes(original)
+    paths = [tmp_path / f"clone{i}.img" for i in range(copies)]
+    for path in paths:
+        path.write_bytes(original)
+    return snap, disk, original, paths
+
+
+def test_clones_run_on_their_own_copies_of_the_disk(tmp_path: Path) -> None:
+    """Three clones of one snapshot, each given its own copy of the disk image:
+    they run at once (no image lock between them), each writes and reads back
+    its own copy, and the snapshot's image is left as it was."""
+    snap, disk, original, copies = snapshot_with_a_disk(tmp_path, 3)
     clones = [Vm.restore(snap, disks={"_disk0": copy}) for copy in copies]
     try:
         for clone in clones:
@@ -332,24 +342,7 @@ def test_clones_in_processes_get_their_own_disks(tmp_path: Path) -> None:
     refused with the reason before the process runs anything."""
     from vmkit.client import ApiError
 
-    disk = tmp_path / "disk.img"
-    disk.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
-    config = ticking(steps=("hello", "ticks", "blk"))
-    config.serial.mode = "Null"
-    config.disks = [DiskConfig.parse(f"path={disk}")]
-    snap = new_dir(tmp_path / "snap")
-    vm = Vm(config)
-    try:
-        vm.boot()
-        threading.Event().wait(0.1)
-        vm.pause()
-        vm.snapshot(snap)
-    finally:
-        vm.close()
-    original = disk.read_bytes()
-    copies = [tmp_path / f"clone{i}.img" for i in range(2)]
-    for copy in copies:
-        copy.write_bytes(original)
+    snap, disk, original, copies = snapshot_with_a_disk(tmp_path, 2)
     clones = [Vm.spawn(None, restore=snap, disks={"_disk0": copy}) for copy in copies]
     try:
         for clone in clones:
@@ -370,20 +363,11 @@ def test_clones_in_processes_get_their_own_disks(tmp_path: Path) -> None:
         Vm.spawn(None, restore=snap, disks={"_disk0": short})
     assert f"disk _disk0: {short} holds 4096 bytes" in str(e.value), str(e.value)
     with pytest.raises(ValueError, match="give restore too"):
-        Vm.spawn(config, disks={"_disk0": short})
+        Vm.spawn(ticking(), disks={"_disk0": short})
 
 
 def test_a_missing_disk_is_named_and_nothing_is_left(tmp_path: Path) -> None:
-    disk = tmp_path / "disk.img"
-    disk.write_bytes(bytes(1 << 20))
-    config = ticking(steps=("hello", "ticks", "blk"))
-    config.disks = [DiskConfig.parse(f"path={disk}")]
-    snap = new_dir(tmp_path / "snap")
-    vm = paused_at_tick(config, 2)
-    try:
-        vm.snapshot(snap)
-    finally:
-        vm.close()
+    snap, disk, _, _ = snapshot_with_a_disk(tmp_path, 0)
     disk.unlink()
     gc.collect()
     threads = threading.active_count()

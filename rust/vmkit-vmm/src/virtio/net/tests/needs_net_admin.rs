@@ -298,23 +298,9 @@ fn control_queue_sets_pairs_and_offloads() {
     assert_eq!(net.taps.len(), 2);
     let memory = memory();
     let acked = F_VERSION_1 | F_MQ | F_CTRL_VQ | F_CTRL_GUEST_OFFLOADS | F_GUEST_CSUM;
-    let mut queues = Vec::new();
-    let mut rings = Vec::new();
-    for index in 0..5u16 {
-        let (ring, active) = ring(&memory, index, 0x10000 * (u64::from(index) + 1));
-        rings.push(ring);
-        queues.push(active);
-    }
-    net.activate(Activation {
-        spawner: crate::seccomp::Spawner::unconfined(),
-        memory: memory.clone(),
-        interrupt: Arc::new(FakeInterrupt::default()),
-        queues,
-        acked_features: acked,
-    })
-    .unwrap();
+    let mut ctrl_ring = activate_mq(&mut net, &memory, acked);
     assert_eq!(net.workers.len(), 2, "one worker per pair");
-    let ctrl = &mut rings[4];
+    let ctrl = &mut ctrl_ring;
     let command = |ctrl: &mut Driver, bytes: &[u8]| -> u8 {
         memory.write_slice(bytes, GuestAddress(0x80000)).unwrap();
         memory.write_obj(0xeeu8, GuestAddress(0x81000)).unwrap();
