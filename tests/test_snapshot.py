@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from _helpers import event_names
 from vmkit import VmConfig, testguest
+from vmkit.client import SpawnedVm
 from vmkit.config import DiskConfig
 from vmkit.vm import Vm, VmError
 
@@ -302,6 +303,35 @@ def snapshot_with_a_disk(tmp_path: Path, copies: int) -> tuple[Path, Path, bytes
     return snap, disk, original, paths
 
 
+def each_wrote_its_own_copy(disk: Path, original: bytes, copies: list[Path]) -> None:
+    assert disk.read_bytes() == original, "a clone wrote the snapshot's image"
+    for copy in copies:
+        assert copy.read_bytes() != original, "the clone did not write its own copy"
+
+
+def run_to_poweroff(clones: list[SpawnedVm], disks: list[Path] | None = None) -> None:
+    """Resumes every clone, each until its guest powers off, then closes them all
+    (``disks``: each clone's disk image, checked in its config first)."""
+    try:
+        for index, clone in enumerate(clones):
+            if disks is not None:
+                assert clone.info().config.disks[0].path == str(disks[index])
+            clone.resume()
+        for clone in clones:
+            exit_info = clone.wait(timeout=30)
+            assert exit_info is not None and exit_info.reason == "poweroff", exit_info
+    finally:
+        for clone in clones:
+            clone.close()
+
+
+def short_image(tmp_path: Path) -> Path:
+    """An image smaller than the snapshot's (4 KiB against 1 MiB)."""
+    short = tmp_path / "short.img"
+    short.write_bytes(bytes(4096))
+    return short
+
+
 def test_clones_run_on_their_own_copies_of_the_disk(tmp_path: Path) -> None:
     """Three clones of one snapshot, each given its own copy of the disk image:
     they run at once (no image lock between them), each writes and reads back
@@ -319,12 +349,9 @@ def test_clones_run_on_their_own_copies_of_the_disk(tmp_path: Path) -> None:
     finally:
         for clone in clones:
             clone.close()
-    assert disk.read_bytes() == original
-    for copy in copies:
-        assert copy.read_bytes() != original, "the clone did not write its own copy"
+    each_wrote_its_own_copy(disk, original, copies)
     # What does not fit is refused before anything runs.
-    short = tmp_path / "short.img"
-    short.write_bytes(bytes(4096))
+    short = short_image(tmp_path)
     with pytest.raises(VmError) as e:
         Vm.restore(snap, disks={"_disk0": short})
     assert e.value.kind == "Snapshot"
@@ -344,21 +371,9 @@ def test_clones_in_processes_get_their_own_disks(tmp_path: Path) -> None:
 
     snap, disk, original, copies = snapshot_with_a_disk(tmp_path, 2)
     clones = [Vm.spawn(None, restore=snap, disks={"_disk0": copy}) for copy in copies]
-    try:
-        for clone in clones:
-            assert clone.info().config.disks[0].path == str(copies[clones.index(clone)])
-            clone.resume()
-        for clone in clones:
-            exit_info = clone.wait(timeout=30)
-            assert exit_info is not None and exit_info.reason == "poweroff", exit_info
-    finally:
-        for clone in clones:
-            clone.close()
-    assert disk.read_bytes() == original
-    for copy in copies:
-        assert copy.read_bytes() != original, "the clone did not write its own copy"
-    short = tmp_path / "short.img"
-    short.write_bytes(bytes(4096))
+    run_to_poweroff(clones, disks=copies)
+    each_wrote_its_own_copy(disk, original, copies)
+    short = short_image(tmp_path)
     with pytest.raises(ApiError) as e:
         Vm.spawn(None, restore=snap, disks={"_disk0": short})
     assert f"disk _disk0: {short} holds 4096 bytes" in str(e.value), str(e.value)
@@ -679,13 +694,4 @@ def test_clones_in_processes_of_their_own(tmp_path: Path) -> None:
         vm.snapshot(snap)
     finally:
         vm.close()
-    clones = [Vm.spawn(None, restore=snap) for _ in range(3)]
-    try:
-        for clone in clones:
-            clone.resume()
-        for clone in clones:
-            exit_info = clone.wait(timeout=30)
-            assert exit_info is not None and exit_info.reason == "poweroff", exit_info
-    finally:
-        for clone in clones:
-            clone.close()
+    run_to_poweroff([Vm.spawn(None, restore=snap) for _ in range(3)])
