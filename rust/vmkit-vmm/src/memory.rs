@@ -416,7 +416,7 @@ pub fn shared_file_backing(config: &MemoryConfig) -> Option<(String, String)> {
         .ok()?
         .into_iter()
         .find_map(|b| match b.file {
-            Some(path) if b.shared || b.hugepages => Some((b.name, path)),
+            Some(path) if !b.private() => Some((b.name, path)),
             _ => None,
         })
 }
@@ -447,7 +447,7 @@ pub fn create_guest_ram_to_fill(config: &MemoryConfig) -> Result<GuestRam> {
     let backings: Vec<Backing> = backings(config)?
         .into_iter()
         .map(|backing| match backing.file {
-            Some(_) if !backing.shared && !backing.hugepages => Backing {
+            Some(_) if backing.private() => Backing {
                 file: None,
                 ..backing
             },

@@ -1545,16 +1545,15 @@ impl Vm {
         }
         for net in &nets {
             let id = net.id.as_deref().unwrap_or_default();
-            if let (Some(fds), false) = (&net.fds, adopted.contains_key(id)) {
-                if !fds.is_empty() {
-                    return Err(VmError::MigrationConfig {
-                        detail: format!(
-                            "net {id}: fd={fds:?} are the sending process's descriptors and did \
-                             not come with the migration (they cannot cross hosts)"
-                        ),
-                    }
-                    .into());
+            let given_fds = net.fds.as_ref().filter(|fds| !fds.is_empty());
+            if let (Some(fds), false) = (given_fds, adopted.contains_key(id)) {
+                return Err(VmError::MigrationConfig {
+                    detail: format!(
+                        "net {id}: fd={fds:?} are the sending process's descriptors and did \
+                         not come with the migration (they cannot cross hosts)"
+                    ),
                 }
+                .into());
             }
         }
         *self.adopted_taps.lock().unwrap_or_else(|p| p.into_inner()) = adopted;
