@@ -331,6 +331,22 @@ def rng_seeds() -> dict[str, bytes]:
     return {"fill": plain, "indirect": header(3, None) + bytes(ops.out)}
 
 
+def watchdog_seeds() -> dict[str, bytes]:
+    ops = Ops()
+    for i in range(3):  # three pets, each a 1-byte device-writable buffer
+        ops.desc(0, i, DATA + 8 * i, 1, WRITE)
+        ops.publish(0, i)
+        ops.kick(0)
+    pets = header(3, None) + bytes(ops.out)
+    ops = Ops()
+    ops.desc(0, 0, DATA, 1, 0)  # read-only: not a pet
+    ops.desc(0, 1, DATA, 0, WRITE)  # empty: not a pet
+    ops.publish(0, 0)
+    ops.publish(0, 1)
+    ops.kick(0)
+    return {"pets": pets, "not-pets": header(3, None) + bytes(ops.out)}
+
+
 def console_seeds() -> dict[str, bytes]:
     ops = Ops()
     ops.data(1, DATA, b"hello\n")
@@ -594,6 +610,7 @@ def main() -> None:
     corpora["virtio_net"] = net_seeds()
     corpora["virtio_rng"] = rng_seeds()
     corpora["virtio_console"] = console_seeds()
+    corpora["virtio_watchdog"] = watchdog_seeds()
     corpora["virtio_pci"] = {
         "rng": pci_seed(0, 1),
         "console": pci_seed(1, 2),

@@ -64,6 +64,11 @@ pub const TARGETS: &[Target] = &[
         needs: None,
     },
     Target {
+        name: "virtio_watchdog",
+        run: virtio::watchdog,
+        needs: None,
+    },
+    Target {
         name: "virtio_pci",
         run: pci::virtio_pci,
         needs: Some(pci::kvm_available),

@@ -17,6 +17,7 @@ use vmkit_vmm::virtio::block::Block;
 use vmkit_vmm::virtio::console::{Console, ConsoleInput};
 use vmkit_vmm::virtio::net::Net;
 use vmkit_vmm::virtio::rng::Rng;
+use vmkit_vmm::virtio::watchdog::Watchdog;
 use vmkit_vmm::virtio::{Activation, Interrupt, VirtioDevice, F_RING_EVENT_IDX, F_VERSION_1};
 
 use crate::input::Input;
@@ -231,6 +232,17 @@ pub fn rng(data: &[u8]) {
     let mut input = Input::new(data);
     let size = ring_size(&mut input, 256);
     let mut device = Rng::new("fuzz-rng".into(), "/dev/urandom").expect("/dev/urandom");
+    let mut rings = [Ring::new(0, size)];
+    exercise(&mut device, &mut rings, &mut NoActions, &mut input);
+}
+
+/// virtio-watchdog: pets (and anything else a driver puts on its queue); a
+/// reset it asks for goes to a run control of its own.
+pub fn watchdog(data: &[u8]) {
+    let mut input = Input::new(data);
+    let size = ring_size(&mut input, 8);
+    let control = Arc::new(vmkit_vmm::control::Control::new());
+    let mut device = Watchdog::new("fuzz-watchdog".into(), control).expect("a timerfd");
     let mut rings = [Ring::new(0, size)];
     exercise(&mut device, &mut rings, &mut NoActions, &mut input);
 }

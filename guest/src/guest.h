@@ -296,6 +296,10 @@ struct config {
     bool net_bad;
     u64 dirty_mib, dirty_rounds, dirty_ms;
     bool dirty_bad;
+    u64 pvpanic_event;
+    bool pvpanic_bad;
+    u64 watchdog_pets, watchdog_pet_ms;
+    bool watchdog_bad;
 };
 extern struct config cfg;
 extern u64 tsc_khz; /* 0 if unknown */
@@ -314,6 +318,8 @@ bool step_console(struct result *r);
 bool step_msix(struct result *r);
 bool step_blkbench(struct result *r);
 bool step_net(struct result *r);
+bool step_watchdog(struct result *r);
+bool step_pvpanic(struct result *r);
 
 /* ---- ioapic.c ---- */
 #define ENTRY_MASKED (1u << 16)

@@ -75,6 +75,9 @@ static void parse_cmdline(void)
     cfg.dirty_mib = 16;
     cfg.dirty_rounds = 100;
     cfg.dirty_ms = 10;
+    cfg.pvpanic_event = 1;
+    cfg.watchdog_pets = 3;
+    cfg.watchdog_pet_ms = 1000;
     while (i < n) {
         size_t start, len, k;
         while (i < n && is_space(s[i]))
@@ -125,6 +128,13 @@ static void parse_cmdline(void)
             cfg.dirty_bad |= !parse_u64(s + start + k, len - k, &cfg.dirty_ms);
         } else if (starts_with(s + start, len, "net_timeout_ms=", &k)) {
             cfg.net_bad = !parse_u64(s + start + k, len - k, &cfg.net_timeout_ms);
+        } else if (starts_with(s + start, len, "pvpanic_event=", &k)) {
+            cfg.pvpanic_bad = !parse_u64(s + start + k, len - k, &cfg.pvpanic_event) ||
+                              cfg.pvpanic_event > 0xff;
+        } else if (starts_with(s + start, len, "watchdog_pets=", &k)) {
+            cfg.watchdog_bad |= !parse_u64(s + start + k, len - k, &cfg.watchdog_pets);
+        } else if (starts_with(s + start, len, "watchdog_pet_ms=", &k)) {
+            cfg.watchdog_bad |= !parse_u64(s + start + k, len - k, &cfg.watchdog_pet_ms);
         }
         /* anything else (console=ttyS0, ...) is ignored */
     }
@@ -256,6 +266,7 @@ static const struct {
     {"pci", step_pci},     {"rng", step_rng},       {"blk", step_blk},
     {"console", step_console}, {"msix", step_msix}, {"blkbench", step_blkbench},
     {"net", step_net}, {"powerbutton", step_powerbutton}, {"ioapic", step_ioapic},
+    {"pvpanic", step_pvpanic}, {"watchdog", step_watchdog},
 };
 
 static void print_step(const char *name, size_t len, bool ok, const struct result *r)

@@ -1,6 +1,6 @@
 /*
- * virtio steps: rng, console (polled) and msix (interrupts). blk and
- * blkbench are in blk.c.
+ * virtio steps: rng, console, watchdog (polled) and msix (interrupts). blk
+ * and blkbench are in blk.c.
  */
 #include "pci.h"
 
@@ -65,6 +65,72 @@ bool step_rng(struct result *r)
     }
     res_kv_dec(r, "devices", (u64)n);
     res_kv_dec(r, "bytes", total);
+    return true;
+}
+
+/* ---- watchdog: Cloud Hypervisor's virtio-watchdog, one queue ---- */
+
+static u8 wd_buf;
+
+/*
+ * Pets the first watchdog watchdog_pets times, watchdog_pet_ms apart: each pet
+ * is a 1-byte device-writable buffer the device sets to 1. The device is left
+ * running, so a guest that stops petting afterwards is reset by the host.
+ */
+bool step_watchdog(struct result *r)
+{
+    struct vdev *v;
+    u64 i, next;
+    int n;
+
+    if (cfg.watchdog_bad) {
+        res_str(r, "bad watchdog_pets or watchdog_pet_ms value");
+        return false;
+    }
+    n = virtio_find(VIRTIO_ID_WATCHDOG, &v, 1, r);
+    if (n < 0)
+        return false;
+    if (!n) {
+        res_str(r, "no virtio-watchdog device");
+        return false;
+    }
+    if (!virtio_start(v, 0, 1, r)) {
+        virtio_stop(v);
+        return false;
+    }
+    next = rdtsc();
+    for (i = 0; i < cfg.watchdog_pets; i++) {
+        struct vbuf b;
+        struct line l;
+        u32 len;
+        if (i) {
+            next += ms_to_tsc(cfg.watchdog_pet_ms);
+            while (rdtsc() < next)
+                __asm__ volatile("pause");
+        }
+        wd_buf = 0;
+        b.addr = (u64)&wd_buf;
+        b.len = 1;
+        b.write = true;
+        if (!vq_submit(v, &v->q[0], &b, 1, r) || !vq_wait(v, &v->q[0], &len, REQ_TIMEOUT_MS, r)) {
+            virtio_stop(v);
+            return false;
+        }
+        if (wd_buf != 1) {
+            res_str(r, "device wrote ");
+            res_hex(r, wd_buf);
+            res_str(r, " instead of 1");
+            res_vdev(r, v);
+            virtio_stop(v);
+            return false;
+        }
+        line_begin(&l);
+        line_str(&l, "watchdog pet ");
+        line_dec(&l, i);
+        line_end(&l);
+    }
+    res_kv_dec(r, "pets", cfg.watchdog_pets);
+    res_vdev(r, v);
     return true;
 }
 

@@ -11,7 +11,7 @@ from vmkit import config
 from vmkit._native import __version__
 from vmkit.config import VmConfig
 from vmkit.errors import ConfigError, ParseError, UsageError, ValidationError
-from vmkit.vm import Migration, Vm, VmError, VmExit, VmInfo
+from vmkit.vm import DeviceEvent, Migration, Vm, VmError, VmExit, VmInfo
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ __all__ = [
     "ApiError",
     "Client",
     "ConfigError",
+    "DeviceEvent",
     "Migration",
     "ParseError",
     "SpawnedVm",

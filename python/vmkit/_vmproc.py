@@ -253,12 +253,16 @@ class RemoteVmHandle:
     def power_button(self) -> None:
         self._channel.call("power_button")
 
-    def device_events(self, since: int) -> list[tuple[str, str]]:
+    def device_events(self, since: int) -> tuple[list[tuple[str, str, list[tuple[str, str]]]], int]:
+        """As the native handle's: ([(source, event, [(key, value)])], next index)."""
         try:
-            events = self._channel.value("device_events", since=since)
+            events, next_index = self._channel.value("device_events", since=since)
         except _Gone:
-            return []
-        return [(str(kind), str(device)) for kind, device in events]
+            return [], since
+        return [
+            (str(source), str(event), [(str(k), str(v)) for k, v in properties])
+            for source, event, properties in events
+        ], int(next_index)
 
     def detach(self) -> None:
         """Forgets the VM process's VM, which another replaced: ``close`` then

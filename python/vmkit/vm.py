@@ -99,6 +99,17 @@ class DebugPortWrite:
     monotonic: float
 
 
+@record(frozen=True)
+class DeviceEvent:
+    """An event a device raised, as Cloud Hypervisor's event monitor reports
+    it: ``source`` (``virtio-device``, ``guest``), ``event`` and its
+    ``properties``."""
+
+    source: str
+    event: str
+    properties: dict[str, str]
+
+
 class SerialConsole:
     """The guest's serial port output, readable while the VM runs and after it closes.
 
@@ -414,10 +425,19 @@ class Vm:
         )
         return cls._adopt(handle.config(), handle)
 
-    def device_events(self, since: int = 0) -> list[tuple[str, str]]:
-        """virtio device events from index ``since`` on: ``(event, device id)``
-        with event ``activated`` (the driver set DRIVER_OK) or ``reset``."""
-        return self._live().device_events(since)
+    def device_events(self, since: int = 0) -> tuple[list[DeviceEvent], int]:
+        """The events devices raised, from index ``since`` on, and the index to
+        ask from next time. They are Cloud Hypervisor's event-monitor events:
+        ``DeviceEvent("virtio-device", "activated" or "reset", {"id": ...})``
+        when a driver starts or resets a virtio device, and
+        ``DeviceEvent("guest", "panic", {"event": "panic" | "crash_loaded" |
+        "unknown_event"})`` when the guest writes to the pvpanic device. The
+        newest 4096 are kept: a reader that falls further behind skips the
+        oldest."""
+        events, next_index = self._live().device_events(since)
+        return [
+            DeviceEvent(source, event, dict(properties)) for source, event, properties in events
+        ], next_index
 
     def power_button(self) -> None:
         """Presses the ACPI power button (a Generic Event Device event).

@@ -949,9 +949,9 @@ class Vmm:
         try:
             with contextlib.suppress(BlockingIOError):
                 os.read(vm.device_events_fd, 8)
-            for event, device in vm.device_events(seen):
-                self.emit("virtio-device", event, {"id": device})
-                seen += 1
+            events, seen = vm.device_events(seen)
+            for event in events:
+                self.emit(event.source, event.event, event.properties)
             exit_info = vm.wait(0)
         except (VmError, ValueError):  # ValueError: the API closed the VM meanwhile
             return

@@ -450,7 +450,12 @@ fn handle(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Opti
         "state" => json!({ "ok": vm.state().to_string() }),
         "device_events" => {
             let since = request["since"].as_u64().unwrap_or(0) as usize;
-            json!({ "ok": vm.device_events(since) })
+            let (events, next) = vm.device_events(since);
+            let events: Vec<Value> = events
+                .into_iter()
+                .map(|e| json!([e.source, e.event, e.properties]))
+                .collect();
+            json!({ "ok": [events, next] })
         }
         "debug_port_writes" => {
             let writes: Vec<Value> = vm

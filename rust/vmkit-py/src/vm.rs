@@ -200,9 +200,22 @@ impl VmHandle {
         py.detach(|| self.vm.reboot()).map_err(|e| vm_error(py, e))
     }
 
-    /// Device events from index `since` on: [(event, device id)].
-    fn device_events(&self, since: usize) -> Vec<(&'static str, String)> {
-        self.vm.device_events(since)
+    /// Device events from index `since` on and the next `since`:
+    /// ([(source, event, [(key, value)])], next).
+    #[allow(clippy::type_complexity)]
+    fn device_events(
+        &self,
+        since: usize,
+    ) -> (
+        Vec<(&'static str, &'static str, Vec<(&'static str, String)>)>,
+        usize,
+    ) {
+        let (events, next) = self.vm.device_events(since);
+        let events = events
+            .into_iter()
+            .map(|e| (e.source, e.event, e.properties))
+            .collect();
+        (events, next)
     }
 
     fn power_button(&self, py: Python<'_>) -> PyResult<()> {

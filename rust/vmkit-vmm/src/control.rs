@@ -146,6 +146,11 @@ impl Control {
         self.lock().stop.clone()
     }
 
+    /// The vCPUs are asked to stay parked (the VM is paused).
+    pub fn parked_by_request(&self) -> bool {
+        self.lock().command == VcpuCommand::Park
+    }
+
     pub fn set_command(&self, command: VcpuCommand) {
         let mut state = self.lock();
         if state.command != VcpuCommand::Stop {

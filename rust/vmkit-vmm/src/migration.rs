@@ -39,7 +39,7 @@ use crate::error::{ErrorKind, ModuleError};
 use crate::memory::{GuestRam, GuestRegionMmap, PAGE_SIZE};
 
 pub const MAGIC: &[u8; 16] = b"vmkit-migration\0";
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

@@ -34,7 +34,7 @@ use crate::snapshot;
 use crate::snapshot::SavedState;
 use crate::vcpu::{self, Sample, VcpuThreadContext};
 use crate::virtio::block::ImageLock;
-use crate::virtio::pci::{DeviceEventLog, DeviceEvents};
+use crate::virtio::pci::{DeviceEvent, DeviceEventLog, DeviceEvents};
 
 /// Why a VM could not be created, booted or controlled.
 #[derive(Debug, thiserror::Error)]
@@ -368,6 +368,10 @@ struct Lifecycle {
     /// The VMM thread is between two boots: the old one stopped, the new
     /// one not yet recorded.
     rebooting: bool,
+    /// The reset under way is the API's `reboot()`, whose caller reports
+    /// it; a reset the guest (or its watchdog) asked for is reported as
+    /// device events.
+    api_reboot: bool,
 }
 
 impl Lifecycle {
@@ -496,6 +500,7 @@ impl Vm {
                 kernel_format: None,
                 shutdown_requested: false,
                 rebooting: false,
+                api_reboot: false,
             }),
             changed: Condvar::new(),
             disk_locks: Mutex::new(Vec::new()),
@@ -539,8 +544,9 @@ impl Vm {
         self.serial.as_ref()
     }
 
-    /// Device events from index `since` on: (event, device id).
-    pub fn device_events(&self, since: usize) -> Vec<(&'static str, String)> {
+    /// Device events (Cloud Hypervisor's event-monitor events devices
+    /// raise) from index `since` on, and the next call's `since`.
+    pub fn device_events(&self, since: usize) -> (Vec<DeviceEvent>, usize) {
         self.device_events.since(since)
     }
 
@@ -745,10 +751,11 @@ impl Vm {
     /// Reboots a running VM: the current boot stops and a new one starts.
     pub fn reboot(&self) -> Result<()> {
         let mut life = self.lock_settled();
-        match &life.instance {
-            Some(instance) if matches!(life.state, VmState::Running | VmState::Paused) => {
-                instance.control.set_command(VcpuCommand::Run);
-                instance.control.request_stop(StopReason::Reset);
+        match life.instance.as_ref().map(|i| i.control.clone()) {
+            Some(control) if matches!(life.state, VmState::Running | VmState::Paused) => {
+                control.set_command(VcpuCommand::Run);
+                life.api_reboot = true;
+                control.request_stop(StopReason::Reset);
                 // The new boot runs, as in Cloud Hypervisor.
                 life.state = VmState::Running;
                 self.changed.notify_all();
@@ -838,15 +845,25 @@ impl Vm {
                     continue;
                 }
             };
-            let mut ended = {
+            let (mut ended, guest_reset) = {
                 let mut life = self.lock();
                 life.rebooting = reason == StopReason::Reset;
-                life.instance.take()
+                let api = std::mem::take(&mut life.api_reboot);
+                (life.instance.take(), reason == StopReason::Reset && !api)
             };
             if let Some(instance) = &mut ended {
                 instance.stop(reason.clone());
             }
+            // Cloud Hypervisor reports a reset the guest asked for as the
+            // end of one boot and the start of the next.
+            let report = |event| {
+                if guest_reset {
+                    self.device_events.push("vm", event, Vec::new());
+                }
+            };
+            report("shutdown");
             if reason == StopReason::Reset {
+                report("booting");
                 // The old boot's VM and memory go before the new ones come.
                 drop(ended);
                 match self.build_instance() {
@@ -874,6 +891,8 @@ impl Vm {
                         life.instance = Some(instance);
                         life.rebooting = false;
                         self.changed.notify_all();
+                        drop(life);
+                        report("booted");
                         continue;
                     }
                     Err(e) => {
@@ -1817,8 +1836,6 @@ fn check_supported(config: &VmConfig) -> Result<()> {
         (some(&config.sgx_epc), "--sgx-epc"),
         (some(&config.numa), "--numa"),
         (config.tpm.is_some(), "--tpm"),
-        (config.pvpanic, "--pvpanic"),
-        (config.watchdog, "--watchdog (virtio-watchdog)"),
         (config.cpus.features.amx, "--cpus features=amx"),
     ];
     match requested.iter().find(|(asked, _)| *asked) {

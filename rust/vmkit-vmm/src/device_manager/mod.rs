@@ -25,6 +25,7 @@ use crate::devices::ioapic::{Ioapic, IOAPIC_SIZE};
 use crate::devices::legacy::{
     AcpiShutdown, DebugPort, DebugPortWrite, Ged, GedRegister, ResetTrigger, I8042,
 };
+use crate::devices::pvpanic::PvPanic;
 use crate::devices::serial::{IrqTrigger, SerialBackend, SerialDevice, SerialSink};
 use crate::devices::{Bus, BusDevice};
 use crate::error::{Error, ErrorKind, ModuleError, Result};
@@ -32,6 +33,7 @@ use crate::interrupts::InterruptRoutes;
 use crate::layout::{GED_ADDRESS, GED_IRQ, GED_SIZE, IOAPIC_START, PCI_MMCONFIG_START, SERIAL_IRQ};
 use crate::memory::GuestRam;
 use crate::pci::config::BarKind;
+use crate::pci::PciDevice as _;
 use crate::pci::{
     self, PciBarWindow, PciConfigIo, PciEcam, PciSegment, SegmentLayout, ECAM_SIZE_PER_SEGMENT,
 };
@@ -123,6 +125,8 @@ pub struct DeviceManager {
     mmio: Arc<Bus>,
     segments: Vec<Arc<PciSegment>>,
     virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    /// `--pvpanic`: (its BDF, the device).
+    pvpanic: Option<(String, Arc<Mutex<PvPanic>>)>,
     ged: Arc<Ged>,
     ioapic: Arc<Mutex<Ioapic>>,
     serial: Option<Arc<Mutex<SerialDevice>>>,
@@ -200,6 +204,10 @@ impl DeviceManager {
                 virtio.push(add_virtio_pci(ctx, &routes, &mut segments, spec)?);
             }
         }
+        let pvpanic = match ctx.config.pvpanic {
+            true => Some(add_pvpanic(ctx, &mut segments)?),
+            false => None,
+        };
         let segments: Vec<Arc<PciSegment>> = segments.into_iter().map(Arc::new).collect();
         let config_io = add_pci_buses(&mut wiring, &segments)?;
 
@@ -208,6 +216,7 @@ impl DeviceManager {
             mmio: Arc::new(wiring.mmio),
             segments,
             virtio,
+            pvpanic,
             ged,
             ioapic,
             serial,
@@ -293,6 +302,17 @@ impl DeviceManager {
             w.blob(device.id().as_bytes());
             w.blob(&device.save_state());
         }
+        // The other PCI functions (pvpanic): their configuration registers.
+        w.u32(u32::from(self.pvpanic.is_some()));
+        if let Some((_, device)) = &self.pvpanic {
+            w.blob(PVPANIC_ID.as_bytes());
+            w.u32_list(
+                &device
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .save_state(),
+            );
+        }
         w.bytes
     }
 
@@ -320,6 +340,25 @@ impl DeviceManager {
                 )));
             }
             device.restore_state(state)?;
+        }
+        r.count(
+            usize::from(self.pvpanic.is_some()),
+            "other PCI devices",
+            "the VM",
+        )?;
+        if let Some((_, device)) = &self.pvpanic {
+            let id = r.blob(256)?;
+            if id != PVPANIC_ID.as_bytes() {
+                return Err(r.corrupt(format!(
+                    "PCI device {:?} where the VM has {PVPANIC_ID}",
+                    String::from_utf8_lossy(id)
+                )));
+            }
+            let registers = r.u32_list(crate::pci::config::CONFIG_REGISTERS)?;
+            let mut device = device.lock().unwrap_or_else(|p| p.into_inner());
+            if !device.restore_state(&registers) {
+                return Err(r.corrupt(format!("{} pvpanic registers", registers.len())));
+            }
         }
         r.finish()?;
         if let Some(config_io) = &self.config_io {
@@ -375,20 +414,16 @@ impl DeviceManager {
         let mut nodes = self.platform_nodes.clone();
         for device in &self.virtio {
             let device = device.lock().unwrap_or_else(|p| p.into_inner());
-            let config = device.config_space();
-            let bars = (0..6)
-                .filter_map(|index| {
-                    let bar = config.bar(index)?;
-                    Some(Resource::PciBar {
-                        index,
-                        base: config.bar_address(index)?,
-                        size: bar.size,
-                        kind: bar.kind,
-                        prefetchable: bar.prefetchable,
-                    })
-                })
-                .collect();
+            let bars = bar_resources(device.config_space());
             nodes.extend(tree::virtio_nodes(device.id(), device.bdf(), bars));
+        }
+        if let Some((bdf, device)) = &self.pvpanic {
+            let device = device.lock().unwrap_or_else(|p| p.into_inner());
+            nodes.push(tree::pci_function_node(
+                PVPANIC_ID,
+                bdf.clone(),
+                bar_resources(device.config()),
+            ));
         }
         nodes
     }
@@ -410,11 +445,63 @@ impl DeviceManager {
     /// those go.
     pub fn stop_devices(&mut self) {
         self.virtio.clear();
+        self.pvpanic = None;
         self.segments.clear();
         self.config_io = None;
         self.pio = Arc::new(Bus::new());
         self.mmio = Arc::new(Bus::new());
     }
+}
+
+/// Cloud Hypervisor's id of the pvpanic device.
+const PVPANIC_ID: &str = "__pvpanic";
+
+/// A PCI function's BARs where the guest has them now.
+fn bar_resources(config: &crate::pci::config::PciConfiguration) -> Vec<Resource> {
+    (0..6)
+        .filter_map(|index| {
+            let bar = config.bar(index)?;
+            Some(Resource::PciBar {
+                index,
+                base: config.bar_address(index)?,
+                size: bar.size,
+                kind: bar.kind,
+                prefetchable: bar.prefetchable,
+            })
+        })
+        .collect()
+}
+
+/// The pvpanic device in the first free slot of segment 0 after the virtio
+/// devices, its BAR from the top of the 32-bit window, as Cloud Hypervisor
+/// places it.
+fn add_pvpanic(
+    ctx: &DeviceContext<'_>,
+    segments: &mut [PciSegment],
+) -> Result<(String, Arc<Mutex<PvPanic>>)> {
+    let id = PVPANIC_ID.to_owned();
+    let segment = segments
+        .first_mut()
+        .ok_or_else(|| DeviceManagerError::NoSuchSegment {
+            id: id.clone(),
+            segment: 0,
+        })?;
+    let slot = segment
+        .free_slot()
+        .ok_or_else(|| DeviceManagerError::NoFreeSlot {
+            id: id.clone(),
+            segment: 0,
+        })?;
+    let bar = segment
+        .mem32_allocator
+        .allocate_aligned(
+            crate::devices::pvpanic::BAR_SIZE,
+            crate::devices::pvpanic::BAR_ALIGNMENT,
+        )
+        .ok_or_else(|| DeviceManagerError::WindowFull { id: id.clone() })?;
+    let device = Arc::new(Mutex::new(PvPanic::new(ctx.device_events.clone(), bar)));
+    segment.insert(slot, device.clone());
+    Ok((format!("0000:00:{slot:02x}.0"), device))
 }
 
 /// The IOAPIC the MADT announces; it routes GSIs 0..24 (COM1, the GED).

@@ -55,6 +55,15 @@ pub fn virtio_pci_node_id(id: &str) -> String {
     format!("_virtio-pci-{id}")
 }
 
+/// A PCI function that is a device of its own (pvpanic): one node.
+pub fn pci_function_node(id: &str, bdf: String, bars: Vec<Resource>) -> DeviceNode {
+    DeviceNode {
+        resources: bars,
+        pci_bdf: Some(bdf),
+        ..DeviceNode::leaf(id)
+    }
+}
+
 /// The two nodes of a virtio-pci device: the function, then the device.
 pub fn virtio_nodes(id: &str, bdf: String, bars: Vec<Resource>) -> [DeviceNode; 2] {
     let function = virtio_pci_node_id(id);

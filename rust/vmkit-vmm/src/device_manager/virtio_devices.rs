@@ -1,6 +1,7 @@
 //! The virtio devices of a config, one function per kind. The table's order
 //! is Cloud Hypervisor's, which decides the PCI slots: console, disks, nets,
-//! then rng. A new kind is a new device module plus one entry here.
+//! rng, then the watchdog. A new kind is a new device module plus one entry
+//! here.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use crate::virtio::block::Block;
 use crate::virtio::console::Console;
 use crate::virtio::net::Net;
 use crate::virtio::rng::Rng;
+use crate::virtio::watchdog::Watchdog;
 use crate::virtio::VirtioDevice;
 
 use super::{DeviceContext, DeviceManagerError};
@@ -25,7 +27,7 @@ pub struct VirtioSpec {
 type VirtioKind = fn(&DeviceContext<'_>) -> Result<Vec<VirtioSpec>>;
 
 /// Every virtio device kind, in Cloud Hypervisor's order.
-pub const VIRTIO_KINDS: [VirtioKind; 4] = [console, disks, nets, rng];
+pub const VIRTIO_KINDS: [VirtioKind; 5] = [console, disks, nets, rng, watchdog];
 
 fn console(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
     let Some(backend) = ctx.console else {
@@ -99,6 +101,18 @@ fn rng(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
     let id = "__rng".to_owned();
     Ok(vec![VirtioSpec {
         device: Box::new(Rng::new(id.clone(), &ctx.config.rng.src)?),
+        id,
+        segment: 0,
+    }])
+}
+
+fn watchdog(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
+    if !ctx.config.watchdog {
+        return Ok(Vec::new());
+    }
+    let id = "__watchdog".to_owned();
+    Ok(vec![VirtioSpec {
+        device: Box::new(Watchdog::new(id.clone(), ctx.control.clone())?),
         id,
         segment: 0,
     }])

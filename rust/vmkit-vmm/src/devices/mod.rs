@@ -2,6 +2,7 @@
 
 pub mod ioapic;
 pub mod legacy;
+pub mod pvpanic;
 pub mod serial;
 
 use std::sync::{Arc, Mutex};

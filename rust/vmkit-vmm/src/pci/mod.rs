@@ -152,10 +152,16 @@ impl WindowAllocator {
 
     /// A range of `size` (a power of two) aligned to its size, if one fits.
     pub fn allocate(&mut self, size: u64) -> Option<u64> {
-        if !size.is_power_of_two() {
+        self.allocate_aligned(size, size)
+    }
+
+    /// A range of `size` (a power of two) aligned to `alignment` (a power
+    /// of two), if one fits.
+    pub fn allocate_aligned(&mut self, size: u64, alignment: u64) -> Option<u64> {
+        if !size.is_power_of_two() || !alignment.is_power_of_two() {
             return None;
         }
-        let start = self.top.checked_sub(size)? & !(size - 1);
+        let start = self.top.checked_sub(size)? & !(alignment - 1);
         (start >= self.window.start).then(|| {
             self.top = start;
             start
@@ -477,6 +483,13 @@ mod tests {
         assert_eq!(a.allocate(0x3000), None, "not a power of two");
         assert_eq!(a.allocate(0x4000), None, "would go below the window");
         assert_eq!(a.allocate(0x2000), Some(0x4000));
+        // Cloud Hypervisor's pvpanic BAR: 2 bytes, 16-byte aligned.
+        assert_eq!(a.allocate_aligned(2, 0x10), Some(0x3ff0));
+        assert_eq!(
+            a.allocate_aligned(2, 3),
+            None,
+            "alignment not a power of two"
+        );
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub enum ThreadKind {
     Net,
     /// virtio-rng worker.
     Rng,
+    /// virtio-watchdog worker.
+    Watchdog,
     /// virtio-console worker.
     Console,
     /// Serial/console input from the terminal or a pty.
@@ -53,7 +55,7 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 11] = [
+    pub const ALL: [ThreadKind; 12] = [
         ThreadKind::Vcpu,
         ThreadKind::Vmm,
         ThreadKind::Spawner,
@@ -61,6 +63,7 @@ impl ThreadKind {
         ThreadKind::BlockIoUring,
         ThreadKind::Net,
         ThreadKind::Rng,
+        ThreadKind::Watchdog,
         ThreadKind::Console,
         ThreadKind::SerialInput,
         ThreadKind::SerialSocket,
@@ -76,6 +79,7 @@ impl ThreadKind {
             ThreadKind::BlockIoUring => "block (io_uring)",
             ThreadKind::Net => "net",
             ThreadKind::Rng => "rng",
+            ThreadKind::Watchdog => "watchdog",
             ThreadKind::Console => "console",
             ThreadKind::SerialInput => "serial input",
             ThreadKind::SerialSocket => "serial socket",
@@ -88,7 +92,7 @@ impl ThreadKind {
         use ThreadKind::*;
         match self {
             Vmm => &[Vcpu, Spawner],
-            Spawner => &[BlockSync, BlockIoUring, Net, Rng, Console],
+            Spawner => &[BlockSync, BlockIoUring, Net, Rng, Watchdog, Console],
             Process => &[Vmm, Vcpu, Spawner, SerialInput, SerialSocket],
             _ => &[],
         }
@@ -438,6 +442,12 @@ fn own_rules(kind: ThreadKind) -> Rules {
             r
         }
         ThreadKind::Rng => worker(),
+        ThreadKind::Watchdog => {
+            let mut r = worker();
+            // Starts its check timer at the first pet, stops it on a reset.
+            r.allow(&[libc::SYS_timerfd_settime]);
+            r
+        }
         ThreadKind::Console => {
             let mut r = worker();
             // Non-blocking input from the terminal or pty.

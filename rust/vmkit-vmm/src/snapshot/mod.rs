@@ -119,7 +119,7 @@ pub struct Header {
 }
 
 pub const FORMAT: &str = "vmkit-snapshot";
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 
 /// Everything a snapshot holds but guest memory, which is mapped from its file.
 pub struct Snapshot {

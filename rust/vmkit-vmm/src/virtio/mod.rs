@@ -15,6 +15,7 @@ pub mod pci;
 pub mod rng;
 #[cfg(test)]
 pub mod testing;
+pub mod watchdog;
 pub mod worker;
 
 use std::collections::BTreeMap;

@@ -147,37 +147,81 @@ struct QueueRegisters {
     device: u64,
 }
 
-/// Device lifecycle events (Cloud Hypervisor's `virtio-device` events):
-/// (`"activated"` or `"reset"`, device id), in order. Each one also signals
-/// an eventfd, so that whoever reports them waits on it instead of polling.
+/// One event-monitor event a device raised: (source, event, properties),
+/// as Cloud Hypervisor's `event!` macro gives them (`virtio-device`
+/// `activated` with `id`, `guest` `panic` with `event`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceEvent {
+    pub source: &'static str,
+    pub event: &'static str,
+    pub properties: Vec<(&'static str, String)>,
+}
+
+/// The events devices raise, in order. Each one also signals an eventfd,
+/// so that whoever reports them waits on it instead of polling. Bounded:
+/// a guest that raises events without end (pvpanic writes in a loop)
+/// cannot grow the VMM's memory; the oldest are then dropped.
 pub struct DeviceEventLog {
-    events: Mutex<Vec<(&'static str, String)>>,
+    events: Mutex<EventRing>,
     signal: EventFd,
 }
+
+struct EventRing {
+    /// Index of `kept[0]` among every event ever pushed.
+    first: usize,
+    kept: std::collections::VecDeque<DeviceEvent>,
+}
+
+/// Events kept for readers that fall behind.
+pub(crate) const EVENTS_KEPT: usize = 4096;
 
 pub type DeviceEvents = Arc<DeviceEventLog>;
 
 impl DeviceEventLog {
     pub fn new() -> std::io::Result<DeviceEventLog> {
         Ok(DeviceEventLog {
-            events: Mutex::new(Vec::new()),
+            events: Mutex::new(EventRing {
+                first: 0,
+                kept: std::collections::VecDeque::new(),
+            }),
             signal: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
         })
     }
 
-    pub fn push(&self, event: &'static str, device: String) {
-        self.events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((event, device));
+    pub fn push(
+        &self,
+        source: &'static str,
+        event: &'static str,
+        properties: Vec<(&'static str, String)>,
+    ) {
+        {
+            let mut ring = self.events.lock().unwrap_or_else(|p| p.into_inner());
+            if ring.kept.len() == EVENTS_KEPT {
+                ring.kept.pop_front();
+                ring.first += 1;
+            }
+            ring.kept.push_back(DeviceEvent {
+                source,
+                event,
+                properties,
+            });
+        }
         // Only fails when the counter is near overflow: still readable then.
         let _ = self.signal.write(1);
     }
 
-    /// The events from index `since` on.
-    pub fn since(&self, since: usize) -> Vec<(&'static str, String)> {
-        let events = self.events.lock().unwrap_or_else(|p| p.into_inner());
-        events.get(since..).map(<[_]>::to_vec).unwrap_or_default()
+    /// A virtio device's lifecycle event (`activated`, `reset`).
+    pub fn push_virtio(&self, event: &'static str, device: String) {
+        self.push("virtio-device", event, vec![("id", device)]);
+    }
+
+    /// The events from index `since` on (those still kept), and the index
+    /// after the last one: the next call's `since`.
+    pub fn since(&self, since: usize) -> (Vec<DeviceEvent>, usize) {
+        let ring = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        let skip = since.saturating_sub(ring.first);
+        let events = ring.kept.iter().skip(skip).cloned().collect();
+        (events, ring.first + ring.kept.len())
     }
 
     /// Readable once an event was pushed since the last read of it.
@@ -513,7 +557,7 @@ impl VirtioPciDevice {
 
     fn record(&self, event: &'static str) {
         if let Some(events) = &self.events {
-            events.push(event, self.id.clone());
+            events.push_virtio(event, self.id.clone());
         }
     }
 

@@ -145,15 +145,27 @@ mod needs_kvm {
         assert_eq!(read(&mut dev, 0x14, 1), 0);
         assert_eq!(read(&mut dev, 0x1c, 2), 0);
         assert!(!dev.active);
+        let names = |since| {
+            let (events, next) = events.since(since);
+            let names: Vec<_> = events
+                .into_iter()
+                .map(|e| (e.source, e.event, e.properties))
+                .collect();
+            (names, next)
+        };
+        let id = || vec![("id", "__rng".to_owned())];
         assert_eq!(
-            events.since(0),
-            vec![
-                ("activated", "__rng".to_owned()),
-                ("reset", "__rng".to_owned())
-            ]
+            names(0),
+            (
+                vec![
+                    ("virtio-device", "activated", id()),
+                    ("virtio-device", "reset", id())
+                ],
+                2
+            )
         );
-        assert_eq!(events.since(1), vec![("reset", "__rng".to_owned())]);
-        assert!(events.since(3).is_empty());
+        assert_eq!(names(1), (vec![("virtio-device", "reset", id())], 2));
+        assert_eq!(names(3), (vec![], 2));
         // Each event signalled the eventfd a watcher waits on.
         let mut count = 0u64;
         // SAFETY: an 8-byte read of the log's own eventfd into a u64.
@@ -334,5 +346,27 @@ mod needs_kvm {
         write(&mut dev, 0x14, 0, 1);
         assert_eq!(read(&mut dev, 0x14, 1), 0);
         assert_eq!(dev.reset_requests(), 1);
+    }
+}
+
+mod event_log {
+    use super::super::*;
+
+    #[test]
+    fn the_log_keeps_the_newest_events_when_a_guest_floods_it() {
+        let log = DeviceEventLog::new().unwrap();
+        for i in 0..EVENTS_KEPT + 10 {
+            log.push("guest", "panic", vec![("event", i.to_string())]);
+        }
+        let (events, next) = log.since(0);
+        assert_eq!(next, EVENTS_KEPT + 10);
+        assert_eq!(events.len(), EVENTS_KEPT);
+        assert_eq!(events[0].properties, [("event", "10".to_owned())]);
+        let (tail, _) = log.since(EVENTS_KEPT + 8);
+        assert_eq!(tail.len(), 2);
+        assert_eq!(
+            tail[1].properties,
+            [("event", (EVENTS_KEPT + 9).to_string())]
+        );
     }
 }

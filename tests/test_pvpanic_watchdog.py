@@ -1,0 +1,268 @@
+"""pvpanic and virtio-watchdog, beside Cloud Hypervisor's own binary.
+
+The test guest drives both devices (``pvpanic``: read the supported events,
+report one; ``watchdog``: pet it, then stop). vmkit and the real Cloud Hypervisor
+run the same command line side by side; what a user sees (the event monitor's
+events, the device tree, where the guest finds the devices) must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
+from vmkit import DeviceEvent, VmConfig, testguest
+from vmkit.vm import Vm
+
+if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+
+needs_ch = pytest.mark.skipif(CH_DIR is None, reason=CH_MISSING)
+KINDS = ("ch", "vmkit")
+
+
+def events(path: Path) -> list[str]:
+    """``source event key=value ...`` for each event of an event-monitor file,
+    leaving out ``cpu_manager`` events (v37's CLI boot does not report them)."""
+    decoder, text, found, at = json.JSONDecoder(), path.read_text(), [], 0
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at >= len(text):
+            return found
+        event, at = decoder.raw_decode(text, at)
+        if event["source"] == "cpu_manager":
+            continue
+        properties = event["properties"] or {}
+        found.append(
+            " ".join(
+                [event["source"], event["event"], *(f"{k}={v}" for k, v in properties.items())]
+            )
+        )
+
+
+class Side:
+    """One VMM (``ch`` or ``vmkit``) booting the test guest with ``options``."""
+
+    def __init__(self, kind: str, tmp_path: Path, cmdline: str, options: list[str]) -> None:
+        self.serial = tmp_path / f"{kind}-serial.txt"
+        self.events = tmp_path / f"{kind}-events.json"
+        self.socket = tmp_path / f"{kind}-api.sock"
+        self.disk = tmp_path / f"{kind}-disk.img"
+        self.disk.write_bytes(bytes(1 << 20))
+        argv = [
+            "--kernel", str(testguest.image_path("pvh")),
+            "--cmdline", cmdline,
+            "--memory", "size=256M",
+            "--serial", f"file={self.serial}",
+            "--console", "off",
+            "--disk", f"path={self.disk}",
+            "--event-monitor", f"path={self.events}",
+            *options,
+        ]  # fmt: skip
+        self.process = VmmProcess(kind, self.socket, tmp_path / f"{kind}.log", tuple(argv))
+
+    def text(self) -> str:
+        try:
+            return self.serial.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for(self, pattern: str, timeout: float) -> float:
+        """Waits for ``pattern`` on the serial port; returns when it was seen."""
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.text(), re.M):
+            assert time.monotonic() < deadline, f"no {pattern!r} in {self.text()[-2000:]!r}"
+            assert self.process.proc.poll() is None, self.process.log
+            time.sleep(0.05)
+        return time.monotonic()
+
+
+def side_events(side: Side) -> list[str]:
+    """The events so far (a file being written may end mid-event)."""
+    try:
+        return events(side.events)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def run_side_by_side(
+    tmp_path: Path, cmdline: str, options: list[str], kinds: tuple[str, ...] = KINDS
+) -> dict[str, Side]:
+    sides: dict[str, Side] = {}
+    try:
+        for kind in kinds:
+            sides[kind] = Side(kind, tmp_path, cmdline, options)
+    except BaseException:
+        for side in sides.values():
+            side.process.stop()
+        raise
+    return sides
+
+
+@needs_ch
+@pytest.mark.parametrize(
+    ("value", "event"), [(1, "panic"), (2, "crash_loaded"), (4, "unknown_event")]
+)
+def test_a_guest_panic_is_reported_as_cloud_hypervisor_reports_it(
+    tmp_path: Path, value: int, event: str
+) -> None:
+    cmdline = testguest.cmdline(["pvpanic"], "poweroff", pvpanic_event=value)
+    sides = run_side_by_side(tmp_path, cmdline, ["--pvpanic"])
+    try:
+        for side in sides.values():
+            assert side.process.wait(30) == 0, side.process.log
+    finally:
+        for side in sides.values():
+            side.process.stop()
+    ch, vmkit = (events(sides[kind].events) for kind in KINDS)
+    assert f"guest panic event={event}" in vmkit
+    # Up to the VM's end: v37 sometimes exits before writing its last events.
+    shutdown = vmkit.index("vm shutdown") + 1
+    assert vmkit[:shutdown] == ch[:shutdown]
+    assert vmkit[shutdown:] == ["vm deleted", "vmm shutdown"]
+    for side in sides.values():
+        assert re.search(
+            rf"step pvpanic ok bdf=0000:00:0\d\.0 supported=0x3 event={value:#x}$",
+            side.text(),
+            re.M,
+        ), side.text()
+
+
+@needs_ch
+def test_devices_sit_where_cloud_hypervisor_puts_them(tmp_path: Path) -> None:
+    cmdline = testguest.cmdline(["pci", "ticks"], "poweroff", ticks=2000, tick_ms=20)
+    sides = run_side_by_side(tmp_path, cmdline, ["--pvpanic", "--watchdog"])
+    try:
+        infos: dict[str, dict[str, Any]] = {}
+        layouts: dict[str, list[str]] = {}
+        for kind, side in sides.items():
+            side.wait_for(r"step pci ok", 30)
+            status, out, err = ch_remote(side.socket, "info")
+            assert status == 0, err
+            infos[kind] = json.loads(out)
+            layouts[kind] = re.findall(r"^vmkit-guest: (pci dev .*)$", side.text(), re.M)
+    finally:
+        for side in sides.values():
+            side.process.stop()
+    assert layouts["vmkit"] == layouts["ch"]
+    assert any("vendor=0x1b36 device=0x0011 class=0x088000" in line for line in layouts["vmkit"])
+    assert any("vendor=0x1af4 device=0x1063" in line for line in layouts["vmkit"])
+    assert infos["vmkit"]["device_tree"] == infos["ch"]["device_tree"]
+    tree = infos["vmkit"]["device_tree"]
+    assert tree["__pvpanic"]["resources"][0]["PciBar"]["size"] == 2
+    assert tree["__watchdog"]["parent"] == "_virtio-pci-__watchdog"
+    for kind in KINDS:
+        assert (infos[kind]["config"]["pvpanic"], infos[kind]["config"]["watchdog"]) == (
+            True,
+            True,
+        )
+
+
+@needs_ch
+def test_a_guest_reset_is_reported_as_cloud_hypervisor_reports_it(tmp_path: Path) -> None:
+    # The guest resets at once, every boot: compare the first three boots.
+    sides = run_side_by_side(tmp_path, testguest.cmdline(["hello"], "reset"), [])
+    try:
+        for side in sides.values():
+            deadline = time.monotonic() + 30
+            # (Cloud Hypervisor's serial file starts again at each boot.)
+            while side_events(side).count("vm booted") < 3:
+                assert time.monotonic() < deadline, side_events(side)
+                time.sleep(0.05)
+    finally:
+        for side in sides.values():
+            side.process.stop()
+    ch, vmkit = (events(sides[kind].events)[:9] for kind in KINDS)
+    assert vmkit == ch
+    assert vmkit[3:9] == ["vm shutdown", "vm booting", "vm booted"] * 2
+
+
+@needs_ch
+def test_the_watchdog_resets_a_guest_that_stops_petting(tmp_path: Path) -> None:
+    # Two pets 200 ms apart, then the guest halts: Cloud Hypervisor checks
+    # every 15 s and resets once the last pet is over 20 s old, 30 s after
+    # the first pet. Both VMMs run at once, so the test waits that long once.
+    cmdline = testguest.cmdline(["watchdog"], "halt", watchdog_pets=2, watchdog_pet_ms=200)
+    sides = run_side_by_side(tmp_path, cmdline, ["--watchdog"])
+    try:
+        petted = {kind: side.wait_for(r"step watchdog ok", 30) for kind, side in sides.items()}
+        reset = {}
+        for kind, side in sides.items():
+            # (Cloud Hypervisor's serial file starts again at each boot.)
+            deadline = time.monotonic() + 60
+            while side_events(side).count("vm booted") < 2:
+                assert time.monotonic() < deadline, side_events(side)
+                assert side.process.proc.poll() is None, side.process.log
+                time.sleep(0.05)
+            reset[kind] = time.monotonic()
+    finally:
+        for side in sides.values():
+            side.process.stop()
+    for kind in KINDS:
+        waited = reset[kind] - petted[kind]
+        assert 25 < waited < 40, f"{kind}: reset {waited:.1f} s after the last pet"
+    ch, vmkit = (events(sides[kind].events) for kind in KINDS)
+    second_boot = ch.index("vm booted", ch.index("vm booted") + 1) + 1
+    assert vmkit[:second_boot] == ch[:second_boot]
+    assert "virtio-device activated id=__watchdog" in vmkit[:second_boot]
+
+
+def test_in_process_vms_report_the_panic_as_a_device_event(tmp_path: Path) -> None:
+    config = VmConfig.from_cli(
+        [
+            "--kernel", str(testguest.image_path("pvh")),
+            "--cmdline", testguest.cmdline(["pvpanic"], "poweroff", pvpanic_event=2),
+            "--memory", "size=128M",
+            "--serial", "null", "--console", "off",
+            "--pvpanic",
+        ]
+    )  # fmt: skip
+    with Vm(config) as vm:
+        vm.boot()
+        exit_info = vm.wait(30)
+        assert exit_info is not None and exit_info.reason == "poweroff"
+        found, next_index = vm.device_events()
+        assert found == [DeviceEvent("guest", "panic", {"event": "crash_loaded"})]
+        assert vm.device_events(next_index) == ([], next_index)
+
+
+def test_a_snapshot_keeps_both_devices(tmp_path: Path) -> None:
+    # Paused while the guest pets, snapshotted, restored: the restored VM
+    # has both devices where they were, and its guest pets on to the end.
+    cmdline = testguest.cmdline(
+        ["pvpanic", "watchdog", "pvpanic"], "poweroff", watchdog_pets=20, watchdog_pet_ms=50
+    )
+    config = VmConfig.from_cli(
+        [
+            "--kernel", str(testguest.image_path("pvh")),
+            "--cmdline", cmdline,
+            "--memory", "size=128M",
+            "--serial", "tty", "--console", "off",
+            "--pvpanic", "--watchdog",
+        ]
+    )  # fmt: skip
+    snapshot = tmp_path / "snap"
+    snapshot.mkdir()
+    with Vm(config) as vm:
+        vm.boot()
+        vm.serial.wait_for(r"watchdog pet 3", timeout=30)
+        vm.pause()
+        tree = vm.info().to_dict()["device_tree"]
+        vm.snapshot(snapshot)
+        vm.shutdown()
+    with Vm.restore(snapshot) as restored:
+        assert restored.info().to_dict()["device_tree"] == tree
+        restored.resume()
+        exit_info = restored.wait(60)
+        assert exit_info is not None and exit_info.reason == "poweroff", exit_info
+        assert re.search(r"step watchdog ok pets=20", restored.serial.text), restored.serial.text
+        assert "step pvpanic ok" in restored.serial.text
+        found, _ = restored.device_events()
+        assert DeviceEvent("guest", "panic", {"event": "panic"}) in found
