@@ -214,22 +214,32 @@ def test_the_watchdog_resets_a_guest_that_stops_petting(tmp_path: Path) -> None:
     assert "virtio-device activated id=__watchdog" in vmkit[:second_boot]
 
 
-def test_in_process_vms_report_the_panic_as_a_device_event(tmp_path: Path) -> None:
+@pytest.mark.parametrize("image", ["pvh", "bzimage"])
+def test_in_process_vms_report_the_panic_and_pets_from_both_boot_formats(
+    tmp_path: Path, image: testguest.Format
+) -> None:
     config = VmConfig.from_cli(
         [
-            "--kernel", str(testguest.image_path("pvh")),
-            "--cmdline", testguest.cmdline(["pvpanic"], "poweroff", pvpanic_event=2),
+            "--kernel", str(testguest.image_path(image)),
+            "--cmdline", testguest.cmdline(
+                ["pvpanic", "watchdog"], "poweroff", pvpanic_event=2, watchdog_pets=2,
+                watchdog_pet_ms=10
+            ),
             "--memory", "size=128M",
-            "--serial", "null", "--console", "off",
-            "--pvpanic",
+            "--serial", "tty", "--console", "off",
+            "--pvpanic", "--watchdog",
         ]
     )  # fmt: skip
     with Vm(config) as vm:
         vm.boot()
         exit_info = vm.wait(30)
         assert exit_info is not None and exit_info.reason == "poweroff"
+        assert "summary passed=2 failed=0" in vm.serial.text, vm.serial.text
         found, next_index = vm.device_events()
-        assert found == [DeviceEvent("guest", "panic", {"event": "crash_loaded"})]
+        assert found == [
+            DeviceEvent("guest", "panic", {"event": "crash_loaded"}),
+            DeviceEvent("virtio-device", "activated", {"id": "__watchdog"}),
+        ]
         assert vm.device_events(next_index) == ([], next_index)
 
 
