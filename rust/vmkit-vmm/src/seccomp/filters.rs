@@ -318,8 +318,13 @@ fn creates_threads() -> Rules {
             libc::CLONE_THREAD as u64,
         )],
     );
-    // The child's start-up: robust futex list, rseq, its name.
-    r.allow(&[libc::SYS_set_robust_list, libc::SYS_rseq]);
+    // The child's start-up: robust futex list, rseq, its name; std finds
+    // its stack guard with pthread_getattr_np, which reads the affinity.
+    r.allow(&[
+        libc::SYS_set_robust_list,
+        libc::SYS_rseq,
+        libc::SYS_sched_getaffinity,
+    ]);
     // ... and its own filter, installed by the child under ours.
     r.allow_if(
         libc::SYS_prctl,
