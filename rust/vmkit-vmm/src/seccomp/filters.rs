@@ -46,6 +46,8 @@ pub enum ThreadKind {
     Watchdog,
     /// virtio-console worker.
     Console,
+    /// virtio-vsock worker: the queues and the host's unix sockets.
+    Vsock,
     /// Serial/console input from the terminal or a pty.
     SerialInput,
     /// Serial/console `socket=`: accepts a client and pumps its input.
@@ -55,7 +57,7 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 12] = [
+    pub const ALL: [ThreadKind; 13] = [
         ThreadKind::Vcpu,
         ThreadKind::Vmm,
         ThreadKind::Spawner,
@@ -65,6 +67,7 @@ impl ThreadKind {
         ThreadKind::Rng,
         ThreadKind::Watchdog,
         ThreadKind::Console,
+        ThreadKind::Vsock,
         ThreadKind::SerialInput,
         ThreadKind::SerialSocket,
         ThreadKind::Process,
@@ -81,6 +84,7 @@ impl ThreadKind {
             ThreadKind::Rng => "rng",
             ThreadKind::Watchdog => "watchdog",
             ThreadKind::Console => "console",
+            ThreadKind::Vsock => "vsock",
             ThreadKind::SerialInput => "serial input",
             ThreadKind::SerialSocket => "serial socket",
             ThreadKind::Process => "vmkit process",
@@ -92,7 +96,7 @@ impl ThreadKind {
         use ThreadKind::*;
         match self {
             Vmm => &[Vcpu, Spawner],
-            Spawner => &[BlockSync, BlockIoUring, Net, Rng, Watchdog, Console],
+            Spawner => &[BlockSync, BlockIoUring, Net, Rng, Watchdog, Console, Vsock],
             Process => &[Vmm, Vcpu, Spawner, SerialInput, SerialSocket],
             _ => &[],
         }
@@ -224,6 +228,11 @@ impl Rules {
 
     pub fn allows(&self, syscall: libc::c_long) -> bool {
         self.0.contains_key(&syscall)
+    }
+
+    /// Whether `syscall` is allowed only with some arguments.
+    pub fn allows_only_some(&self, syscall: libc::c_long) -> bool {
+        matches!(self.0.get(&syscall), Some(Some(rules)) if !rules.is_empty())
     }
 
     fn into_map(self) -> BTreeMap<i64, Vec<SeccompRule>> {
@@ -458,6 +467,31 @@ fn own_rules(kind: ThreadKind) -> Rules {
             // Non-blocking input from the terminal or pty.
             r.allow(&[libc::SYS_fcntl]);
             r.ioctls(&[TCGETS, TIOCGWINSZ]);
+            r
+        }
+        ThreadKind::Vsock => {
+            let mut r = worker();
+            r.allow(&[
+                // Host streams come and go in the device's own epoll.
+                libc::SYS_epoll_ctl,
+                // Host programs connecting to the device's socket.
+                libc::SYS_accept4,
+                // Relaying: recv(MSG_DONTWAIT|MSG_PEEK) and
+                // send(MSG_DONTWAIT|MSG_NOSIGNAL) on host streams.
+                libc::SYS_recvfrom,
+                libc::SYS_sendto,
+                // A guest SHUTDOWN(SEND) ends the host program's input.
+                libc::SYS_shutdown,
+                // Guest-initiated connections to `<socket>_<port>`.
+                libc::SYS_connect,
+                // Connection and CONNECT-line timeouts.
+                libc::SYS_timerfd_settime,
+            ]);
+            // Guest-initiated connections: unix sockets only.
+            r.allow_if(libc::SYS_socket, vec![arg_eq(0, libc::AF_UNIX as u64)]);
+            // Connections end here: std's debug builds check that an fd is
+            // open before they close it.
+            r.allow_if(libc::SYS_fcntl, vec![arg_eq(1, libc::F_GETFD as u64)]);
             r
         }
         ThreadKind::SerialInput => {

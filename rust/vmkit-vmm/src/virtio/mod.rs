@@ -1,6 +1,6 @@
 //! virtio devices: the device-side contract between a transport (virtio-pci)
-//! and a device model (block, rng, console, net), and the worker threads that
-//! process a device's queues.
+//! and a device model (block, rng, console, net, vsock), and the worker
+//! threads that process a device's queues.
 //!
 //! A transport owns the guest-visible registers. When the driver sets
 //! DRIVER_OK it hands the device an [`Activation`]: guest memory, the queues
@@ -15,6 +15,7 @@ pub mod pci;
 pub mod rng;
 #[cfg(test)]
 pub mod testing;
+pub mod vsock;
 pub mod watchdog;
 pub mod worker;
 
@@ -31,6 +32,7 @@ pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_CONSOLE: u32 = 3;
 pub const TYPE_RNG: u32 = 4;
+pub const TYPE_VSOCK: u32 = 19;
 
 /// Transport and ring feature bits (virtio 1.2 §6).
 pub const F_RING_INDIRECT_DESC: u64 = 1 << 28;

@@ -30,7 +30,7 @@ mod rx;
 pub mod tap;
 #[cfg(test)]
 mod tests;
-mod timer;
+pub(crate) mod timer;
 mod tx;
 
 use crate::seccomp::ThreadKind;
