@@ -106,6 +106,9 @@ pub struct Muxer {
     /// Connections owing control packets, and with host data to send.
     control_list: VecDeque<ConnKey>,
     data_list: VecDeque<ConnKey>,
+    /// Accepting failed (out of fds): the listener is out of the epoll,
+    /// which would report it for ever, until a connection closes or a tick.
+    listener_paused: bool,
 }
 
 impl Muxer {
@@ -138,6 +141,7 @@ impl Muxer {
             rsts: VecDeque::new(),
             control_list: VecDeque::new(),
             data_list: VecDeque::new(),
+            listener_paused: false,
         })
     }
 
@@ -158,7 +162,31 @@ impl Muxer {
 
     /// Whether a deadline is pending (the timer must tick).
     pub fn has_deadlines(&self) -> bool {
-        !self.timed.is_empty() || !self.handshakes.is_empty()
+        !self.timed.is_empty() || !self.handshakes.is_empty() || self.listener_paused
+    }
+
+    fn pause_listener(&mut self) {
+        if !self.listener_paused {
+            self.listener_paused = true;
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                self.listener.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+    }
+
+    fn resume_listener(&mut self) {
+        if self.listener_paused {
+            let event = EpollEvent::new(EventSet::IN, LISTENER_TOKEN);
+            if self
+                .epoll
+                .ctl(ControlOperation::Add, self.listener.as_raw_fd(), event)
+                .is_ok()
+            {
+                self.listener_paused = false;
+            }
+        }
     }
 
     fn take_token(&mut self) -> u64 {
@@ -185,6 +213,7 @@ impl Muxer {
         if let Some(connection) = self.connections.remove(&key) {
             self.tokens.remove(&connection.token);
             self.timed.remove(&key);
+            self.resume_listener();
         }
         if reset {
             self.queue_rst(key);
@@ -353,7 +382,7 @@ impl Muxer {
             return self.close(key, true);
         }
         if !connection.fits_credit(payload.len() as u32) {
-            log::warn!(
+            log::debug!(
                 "{}: the guest sent port {} more than its credit; connection reset",
                 self.device,
                 key.local_port
@@ -498,7 +527,7 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
                     log::warn!("{}: accepting a host connection failed: {e}", self.device);
-                    return;
+                    return self.pause_listener();
                 }
             };
             let live = self.handshakes.len() + self.connections.len();
@@ -539,6 +568,7 @@ impl Muxer {
         log::debug!("{}: host connection closed: {why}", self.device);
         self.handshakes.remove(&token);
         self.tokens.remove(&token);
+        self.resume_listener();
     }
 
     /// Reads what there is of a host program's `CONNECT <port>\n`, never
@@ -625,6 +655,7 @@ impl Muxer {
 
     /// Gives up on what is past its deadline.
     pub fn tick(&mut self) {
+        self.resume_listener();
         let now = Instant::now();
         let expired: Vec<u64> = self
             .handshakes

@@ -768,3 +768,19 @@ fn config_space_holds_the_guest_cid() {
         F_VERSION_1 | F_RING_EVENT_IDX | F_RING_INDIRECT_DESC
     );
 }
+
+#[test]
+fn rx_buffers_outside_guest_memory_or_too_short_are_skipped() {
+    let (_dir, _socket, mut vsock, mut guest) = start("rx-bad");
+    let outside = guest.rx.add_chain(&[(MEMORY + 0x1000, RX_BUFFER, WRITE)]);
+    let short = guest
+        .rx
+        .add_chain(&[(RX_AREA, HEADER_SIZE as u32 - 1, WRITE)]);
+    guest.give_rx(1);
+    guest.send(&guest_header(11, 12, OP_RW), &[]);
+    assert_eq!(guest.rx.next_used(), (outside, 0));
+    assert_eq!(guest.rx.next_used(), (short, 0));
+    assert_eq!(guest.expect(OP_RST).dst_port, 11);
+    assert_eq!(guest.interrupt.needs_reset_count(), 0);
+    vsock.reset();
+}
