@@ -300,6 +300,8 @@ struct config {
     bool pvpanic_bad;
     u64 watchdog_pets, watchdog_pet_ms;
     bool watchdog_bad;
+    u64 vsock_port, vsock_host_port, vsock_accept, vsock_connect, vsock_bytes, vsock_timeout_ms;
+    bool vsock_bad;
 };
 extern struct config cfg;
 extern u64 tsc_khz; /* 0 if unknown */
@@ -320,6 +322,7 @@ bool step_blkbench(struct result *r);
 bool step_net(struct result *r);
 bool step_watchdog(struct result *r);
 bool step_pvpanic(struct result *r);
+bool step_vsock(struct result *r);
 
 /* ---- ioapic.c ---- */
 #define ENTRY_MASKED (1u << 16)

@@ -78,6 +78,12 @@ static void parse_cmdline(void)
     cfg.pvpanic_event = 1;
     cfg.watchdog_pets = 3;
     cfg.watchdog_pet_ms = 1000;
+    cfg.vsock_port = 1234;
+    cfg.vsock_host_port = 1235;
+    cfg.vsock_accept = 2;
+    cfg.vsock_connect = 2;
+    cfg.vsock_bytes = 16384;
+    cfg.vsock_timeout_ms = 10000;
     while (i < n) {
         size_t start, len, k;
         while (i < n && is_space(s[i]))
@@ -135,6 +141,18 @@ static void parse_cmdline(void)
             cfg.watchdog_bad |= !parse_u64(s + start + k, len - k, &cfg.watchdog_pets);
         } else if (starts_with(s + start, len, "watchdog_pet_ms=", &k)) {
             cfg.watchdog_bad |= !parse_u64(s + start + k, len - k, &cfg.watchdog_pet_ms);
+        } else if (starts_with(s + start, len, "vsock_port=", &k)) {
+            cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_port);
+        } else if (starts_with(s + start, len, "vsock_host_port=", &k)) {
+            cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_host_port);
+        } else if (starts_with(s + start, len, "vsock_accept=", &k)) {
+            cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_accept);
+        } else if (starts_with(s + start, len, "vsock_connect=", &k)) {
+            cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_connect);
+        } else if (starts_with(s + start, len, "vsock_bytes=", &k)) {
+            cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_bytes);
+        } else if (starts_with(s + start, len, "vsock_timeout_ms=", &k)) {
+            cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_timeout_ms);
         }
         /* anything else (console=ttyS0, ...) is ignored */
     }
@@ -266,7 +284,7 @@ static const struct {
     {"pci", step_pci},     {"rng", step_rng},       {"blk", step_blk},
     {"console", step_console}, {"msix", step_msix}, {"blkbench", step_blkbench},
     {"net", step_net}, {"powerbutton", step_powerbutton}, {"ioapic", step_ioapic},
-    {"pvpanic", step_pvpanic}, {"watchdog", step_watchdog},
+    {"pvpanic", step_pvpanic}, {"watchdog", step_watchdog}, {"vsock", step_vsock},
 };
 
 static void print_step(const char *name, size_t len, bool ok, const struct result *r)

@@ -24,6 +24,7 @@ from vmkit.config import VmConfig
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import re
+    import socket
     from collections.abc import Callable, Mapping, Sequence
     from pathlib import Path
     from typing import Any
@@ -108,6 +109,15 @@ class DeviceEvent:
     source: str
     event: str
     properties: dict[str, str]
+
+
+def _vsock_connect(config: VmConfig, port: int, timeout: float) -> socket.socket:
+    """``vsock_connect`` of a VM with ``config``."""
+    from vmkit import _vsock
+
+    if config.vsock is None:
+        raise VmError("The VM has no vsock device (--vsock)", "Device")
+    return _vsock.connect(config.vsock.socket, port, timeout)
 
 
 class SerialConsole:
@@ -558,6 +568,22 @@ class Vm:
     def console_pty(self) -> str | None:
         """The path of the virtio console's pty (``--console pty``), once opened."""
         return self._live().runtime_info()["console_pty"]
+
+    def vsock_connect(self, port: int, timeout: float = 10.0) -> socket.socket:
+        """A stream to the guest program listening on vsock port ``port``,
+        through the ``--vsock`` device's unix socket (Cloud Hypervisor's hybrid
+        vsock: ``CONNECT <port>``, answered ``OK <host port>``). Returns a
+        connected, blocking ``socket.socket``; closing it closes the guest's
+        connection. Raises ``VmError`` (kind ``Device``) when the VM has no vsock
+        device, ``ConnectionRefusedError`` when nothing in the guest listens on
+        ``port``, ``TimeoutError`` when the guest does not answer within
+        ``timeout`` seconds.
+
+        Guest programs reach the host the other way: a connection to host
+        port ``P`` (CID 2) reaches whatever listens on the unix socket
+        ``<socket>_<P>``.
+        """
+        return _vsock_connect(self.config, port, timeout)
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Cloud Hypervisor's device counters, ``{device id: {counter: value}}``.

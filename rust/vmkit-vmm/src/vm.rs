@@ -1831,7 +1831,10 @@ fn check_supported(config: &VmConfig) -> Result<()> {
         (some(&config.devices), "--device (VFIO)"),
         (some(&config.user_devices), "--user-device (vfio-user)"),
         (some(&config.vdpa), "--vdpa"),
-        (config.vsock.is_some(), "--vsock"),
+        (
+            config.vsock.as_ref().is_some_and(|v| v.iommu),
+            "--vsock iommu=on",
+        ),
         (config.balloon.is_some(), "--balloon"),
         (some(&config.sgx_epc), "--sgx-epc"),
         (some(&config.numa), "--numa"),

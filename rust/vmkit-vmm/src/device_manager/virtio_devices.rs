@@ -1,7 +1,7 @@
 //! The virtio devices of a config, one function per kind. The table's order
 //! is Cloud Hypervisor's, which decides the PCI slots: console, disks, nets,
-//! rng, then the watchdog. A new kind is a new device module plus one entry
-//! here.
+//! rng, vsock, then the watchdog. A new kind is a new device module plus one
+//! entry here.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use crate::virtio::block::Block;
 use crate::virtio::console::Console;
 use crate::virtio::net::Net;
 use crate::virtio::rng::Rng;
+use crate::virtio::vsock::Vsock;
 use crate::virtio::watchdog::Watchdog;
 use crate::virtio::VirtioDevice;
 
@@ -27,7 +28,7 @@ pub struct VirtioSpec {
 type VirtioKind = fn(&DeviceContext<'_>) -> Result<Vec<VirtioSpec>>;
 
 /// Every virtio device kind, in Cloud Hypervisor's order.
-pub const VIRTIO_KINDS: [VirtioKind; 5] = [console, disks, nets, rng, watchdog];
+pub const VIRTIO_KINDS: [VirtioKind; 6] = [console, disks, nets, rng, vsock, watchdog];
 
 fn console(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
     let Some(backend) = ctx.console else {
@@ -103,6 +104,18 @@ fn rng(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
         device: Box::new(Rng::new(id.clone(), &ctx.config.rng.src)?),
         id,
         segment: 0,
+    }])
+}
+
+fn vsock(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
+    let Some(vsock) = &ctx.config.vsock else {
+        return Ok(Vec::new());
+    };
+    let id = vsock.id.clone().unwrap_or_default();
+    Ok(vec![VirtioSpec {
+        device: Box::new(Vsock::new(id.clone(), vsock.cid, &vsock.socket)?),
+        id,
+        segment: vsock.pci_segment,
     }])
 }
 

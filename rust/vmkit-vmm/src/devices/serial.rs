@@ -573,7 +573,7 @@ fn is_fifo(path: &str) -> bool {
 /// to, whatever the umask: the mode is set on the socket before `bind`
 /// creates the file (Linux gives the file the socket's mode less the umask),
 /// so there is no moment at which another user could connect.
-fn bind_private(path: &Path) -> io::Result<UnixListener> {
+pub(crate) fn bind_private(path: &Path) -> io::Result<UnixListener> {
     let path_bytes = path.as_os_str().as_bytes();
     // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
     let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };

@@ -86,10 +86,12 @@ impl Vsock {
     /// `socket_path` (which must not exist: it is bound here, and removed
     /// when the device is dropped).
     pub fn new(id: String, cid: u32, socket_path: &str) -> Result<Vsock> {
-        let listener = UnixListener::bind(socket_path).map_err(|source| VsockError::Bind {
-            path: socket_path.to_owned(),
-            source,
-        })?;
+        // Only its owner may connect, as with Cloud Hypervisor's socket.
+        let listener = crate::devices::serial::bind_private(std::path::Path::new(socket_path))
+            .map_err(|source| VsockError::Bind {
+                path: socket_path.to_owned(),
+                source,
+            })?;
         listener.set_nonblocking(true).map_err(|source| {
             let _ = std::fs::remove_file(socket_path);
             VsockError::NonBlocking {
