@@ -331,6 +331,45 @@ def rng_seeds() -> dict[str, bytes]:
     return {"fill": plain, "indirect": header(3, None) + bytes(ops.out)}
 
 
+def vsock_header(src_port: int, dst_port: int, op: int, length: int = 0) -> bytes:
+    """A guest's packet header: CID 3 to the host (CID 2), a stream."""
+    return struct.pack("<QQIIIHHIII", 3, 2, src_port, dst_port, length, 1, op, 0, 65536, 0)
+
+
+def vsock_seeds() -> dict[str, bytes]:
+    # The guest connects to host port 1235 and sends 16 bytes.
+    ops = Ops()
+    ops.desc(0, 0, DATA + 0x1000, 4096, WRITE)
+    ops.publish(0, 0)
+    ops.kick(0)
+    ops.data(1, DATA, vsock_header(0x10000, 1235, 1))
+    ops.desc(1, 0, DATA, 44, 0)
+    ops.publish(1, 0)
+    ops.kick(1)
+    ops.data(1, DATA + 0x200, vsock_header(0x10000, 1235, 5, 16) + bytes(range(16)))
+    ops.desc(1, 1, DATA + 0x200, 60, 0)
+    ops.publish(1, 1)
+    ops.kick(1)
+    guest = header(3, None) + bytes(ops.out)
+    # A host program connects to guest port 1234; the guest accepts; data flows.
+    ops = Ops()
+    ops.desc(0, 0, DATA + 0x1000, 4096, WRITE)
+    ops.desc(0, 1, DATA + 0x2000, 4096, WRITE)
+    ops.publish(0, 0)
+    ops.publish(0, 1)
+    ops.kick(0)
+    ops.action(bytes([0, 0, 4]))  # CONNECT 1234
+    ops.kick(0)
+    ops.data(1, DATA, vsock_header(1234, 1 << 30, 2))
+    ops.desc(1, 0, DATA, 44, 0)
+    ops.publish(1, 0)
+    ops.kick(1)
+    ops.action(bytes([1, 0]) + struct.pack("<H", 32) + bytes(range(32)))
+    ops.kick(0)
+    host = header(3, None) + bytes(ops.out)
+    return {"guest-connects": guest, "host-connects": host}
+
+
 def watchdog_seeds() -> dict[str, bytes]:
     ops = Ops()
     for i in range(3):  # three pets, each a 1-byte device-writable buffer
@@ -610,6 +649,7 @@ def main() -> None:
     corpora["virtio_net"] = net_seeds()
     corpora["virtio_rng"] = rng_seeds()
     corpora["virtio_console"] = console_seeds()
+    corpora["virtio_vsock"] = vsock_seeds()
     corpora["virtio_watchdog"] = watchdog_seeds()
     corpora["virtio_pci"] = {
         "rng": pci_seed(0, 1),

@@ -261,3 +261,43 @@ def test_the_same_guest_and_host_programs_work_under_cloud_hypervisor(tmp_path: 
         == results["ch"]
         == [f"vmkit-guest: step vsock ok cid=3 accepted=2 connected=2 bytes={4 * size}"]
     )
+
+
+def test_the_socket_moves_with_a_vm_migrated_to_another_vmm_process(tmp_path: Path) -> None:
+    # Cloud Hypervisor's receiver cannot bind the path its sender holds; vmkit's
+    # sender hands its listening socket over, so host programs keep the path.
+    from _helpers import move_spawned_vm
+
+    sock = tmp_path / "v.sock"
+    config = guest_config(
+        sock, vsock_accept=2, vsock_connect=0, vsock_bytes=20_000, vsock_timeout_ms=60_000
+    )
+    config.serial.mode = "File"
+    config.serial.file = str(tmp_path / "serial.log")
+    sender = Vm.spawn(config)
+    receiver = Vm.spawn(None)
+    try:
+        sender.boot()
+        deadline = time.monotonic() + 30
+        while "vsock listening" not in (tmp_path / "serial.log").read_text(errors="replace"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        move_spawned_vm(sender, receiver, tmp_path / "m.sock")
+        assert sock.exists(), "the sender removed the socket the receiver listens on"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as by_path:
+            by_path.connect(str(sock))  # a host program that knows only the path
+            by_path.sendall(f"CONNECT {GUEST_PORT}\n".encode())
+            by_path.settimeout(10)
+            answer = b""
+            while not answer.endswith(b"\n"):
+                answer += by_path.recv(1)
+            assert answer.startswith(b"OK "), answer
+            echo_through_guest([by_path, receiver.vsock_connect(GUEST_PORT)], 20_000)
+        exit_info = receiver.wait(timeout=60)
+        assert exit_info is not None and exit_info.reason == "poweroff", exit_info
+        text = (tmp_path / "serial.log").read_text()
+        assert "step vsock ok cid=3 accepted=2 connected=0 bytes=40000" in text, text
+    finally:
+        sender.close()
+        receiver.close()
+    assert not sock.exists(), "the receiver removes the socket with the VM"

@@ -64,6 +64,11 @@ pub const TARGETS: &[Target] = &[
         needs: None,
     },
     Target {
+        name: "virtio_vsock",
+        run: virtio::vsock,
+        needs: None,
+    },
+    Target {
         name: "virtio_watchdog",
         run: virtio::watchdog,
         needs: None,

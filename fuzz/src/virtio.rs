@@ -17,6 +17,7 @@ use vmkit_vmm::virtio::block::Block;
 use vmkit_vmm::virtio::console::{Console, ConsoleInput};
 use vmkit_vmm::virtio::net::Net;
 use vmkit_vmm::virtio::rng::Rng;
+use vmkit_vmm::virtio::vsock::Vsock;
 use vmkit_vmm::virtio::watchdog::Watchdog;
 use vmkit_vmm::virtio::{Activation, Interrupt, VirtioDevice, F_RING_EVENT_IDX, F_VERSION_1};
 
@@ -245,6 +246,96 @@ pub fn watchdog(data: &[u8]) {
     let mut device = Watchdog::new("fuzz-watchdog".into(), control).expect("a timerfd");
     let mut rings = [Ring::new(0, size)];
     exercise(&mut device, &mut rings, &mut NoActions, &mut input);
+}
+
+/// Host programs on the vsock device's unix socket, and one listening for
+/// the guest's connections to host port 1235.
+struct HostStreams {
+    path: String,
+    listener: std::os::unix::net::UnixListener,
+    streams: Vec<std::os::unix::net::UnixStream>,
+    scratch: Vec<u8>,
+}
+
+impl Actor for HostStreams {
+    fn action(&mut self, _memory: &GuestMemoryMmap, input: &mut Input<'_>) {
+        let choice = input.u8();
+        let pick = usize::from(input.u8());
+        match choice % 4 {
+            // A host program connects and asks for a guest port (or says
+            // something else: the line is the input's).
+            0 if self.streams.len() < 8 => {
+                if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&self.path) {
+                    let _ = stream.set_nonblocking(true);
+                    let line = if choice & 0x80 != 0 {
+                        let len = usize::from(input.u8() % 48);
+                        input.bytes(len).to_vec()
+                    } else {
+                        format!("CONNECT {}\n", 1230 + u32::from(input.u8() % 8)).into_bytes()
+                    };
+                    let _ = stream.write(&line);
+                    self.streams.push(stream);
+                }
+            }
+            1 if !self.streams.is_empty() => {
+                let len = usize::from(input.u16() % 8192);
+                let index = pick % self.streams.len();
+                let _ = self.streams[index].write(input.bytes(len));
+            }
+            2 if !self.streams.is_empty() => {
+                let index = pick % self.streams.len();
+                let stream = self.streams.swap_remove(index);
+                if choice & 0x80 != 0 {
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                    self.streams.push(stream);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn after_run(&mut self) {
+        // The guest's connections to the host; what the guest sent is read
+        // so that no socket fills.
+        while self.streams.len() < 16 {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nonblocking(true);
+                    self.streams.push(stream);
+                }
+                Err(_) => break,
+            }
+        }
+        for stream in &mut self.streams {
+            while stream.read(&mut self.scratch).is_ok_and(|n| n > 0) {}
+        }
+    }
+}
+
+/// virtio-vsock with its unix socket: the guest's packets on tx, buffers on
+/// rx, and host programs connecting, writing and closing.
+pub fn vsock(data: &[u8]) {
+    let mut input = Input::new(data);
+    let size = ring_size(&mut input, 256).max(2);
+    let path = format!("/tmp/vmkit-fuzz-vsock-{}.sock", std::process::id());
+    let host_port = format!("{path}_1235");
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&host_port);
+    let mut device = Vsock::new("fuzz-vsock".into(), 3, &path).expect("the vsock socket binds");
+    let listener = std::os::unix::net::UnixListener::bind(&host_port).expect("host port 1235");
+    listener
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
+    let mut rings = [Ring::new(0, size), Ring::new(1, size), Ring::new(2, size)];
+    let mut host = HostStreams {
+        path,
+        listener,
+        streams: Vec::new(),
+        scratch: vec![0; 65536],
+    };
+    exercise(&mut device, &mut rings, &mut host, &mut input);
+    drop(device);
+    let _ = std::fs::remove_file(&host_port);
 }
 
 struct Typing(Arc<ConsoleInput>);

@@ -40,6 +40,10 @@ use crate::memory::{GuestRam, GuestRegionMmap, PAGE_SIZE};
 
 pub const MAGIC: &[u8; 16] = b"vmkit-migration\0";
 pub const VERSION: u32 = 3;
+/// The receiver's answer to `COMPLETE`: it runs the VM with the descriptors
+/// `TAP_FDS` carried (it is on this host), so what they stand for (the vsock
+/// socket file) is its now.
+pub const ACK_ADOPTED_FDS: u32 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -240,6 +244,12 @@ impl Wire {
         Ok(())
     }
 
+    /// The last answer, to `COMPLETE`: the VM runs here, with these
+    /// `ACK_*` flags.
+    pub fn ack_complete(&mut self, flags: u32) -> Result<(), MigrationError> {
+        self.send_parts(Kind::Ack, &[&0u32.to_le_bytes(), &flags.to_le_bytes()])
+    }
+
     pub fn ack(&mut self, result: Result<(), &str>) -> Result<(), MigrationError> {
         match result {
             Ok(()) => self.send(Kind::Ack, &0u32.to_le_bytes()),
@@ -253,10 +263,18 @@ impl Wire {
 
     /// Waits for the receiver's answer to the last step.
     pub fn wait_ack(&mut self) -> Result<(), MigrationError> {
+        self.wait_ack_flags().map(|_| ())
+    }
+
+    /// Waits for the receiver's answer and its flags (none: 0).
+    pub fn wait_ack_flags(&mut self) -> Result<u32, MigrationError> {
         let mut buffer = Vec::new();
         self.expect(Kind::Ack, &mut buffer)?;
         match buffer.get(..4) {
-            Some([0, 0, 0, 0]) if buffer.len() == 4 => Ok(()),
+            Some([0, 0, 0, 0]) if buffer.len() == 4 => Ok(0),
+            Some([0, 0, 0, 0]) if buffer.len() == 8 => Ok(u32::from_le_bytes([
+                buffer[4], buffer[5], buffer[6], buffer[7],
+            ])),
             Some([1, 0, 0, 0]) => Err(MigrationError::Refused(
                 String::from_utf8_lossy(&buffer[4..]).into_owned(),
             )),

@@ -336,6 +336,9 @@ pub struct MigrationReport {
     pub bytes: u64,
     /// The memory was handed over as files, not copied.
     pub local: bool,
+    /// The receiver runs the VM with the descriptors this process handed
+    /// over (taps, the vsock listener): it is on this host.
+    pub fds_adopted: bool,
 }
 
 /// The pre-copy stops iterating once a round leaves no more than this
@@ -1407,6 +1410,9 @@ impl Vm {
                 return Err(error);
             }
         };
+        if report.fds_adopted {
+            instance.devices.handed_over();
+        }
         instance.control.request_stop(StopReason::Migrated);
         instance.control.set_command(VcpuCommand::Run);
         drop(life);
@@ -1495,8 +1501,9 @@ impl Vm {
         wire.wait_ack()?;
         progress.complete_sent = true;
         wire.send(Kind::Complete, &[])?;
-        wire.wait_ack()?;
+        let flags = wire.wait_ack_flags()?;
         report.downtime = stopped.elapsed();
+        report.fds_adopted = flags & migration::ACK_ADOPTED_FDS != 0;
         Ok(report)
     }
 
@@ -1533,10 +1540,20 @@ impl Vm {
         let listed: Vec<TapHandover> =
             serde_json::from_slice(&payload).map_err(|e| protocol(format!("the tap list: {e}")))?;
         let nets: Vec<&vmkit_config::NetConfig> = self.config().net.iter().flatten().collect();
+        let vsock_id = self.config().vsock.as_ref().and_then(|v| v.id.clone());
         let mut seen = std::collections::HashSet::new();
         let mut announced = 0usize;
         for entry in &listed {
-            if !nets
+            if vsock_id.as_deref() == Some(entry.id.as_str()) {
+                // The vsock device's listening socket.
+                if entry.count != 1 {
+                    return Err(protocol(format!(
+                        "{} descriptors for the vsock device {}, 1 expected",
+                        entry.count, entry.id
+                    ))
+                    .into());
+                }
+            } else if !nets
                 .iter()
                 .any(|n| n.id.as_deref() == Some(entry.id.as_str()))
             {
@@ -1666,7 +1683,16 @@ impl Vm {
         wire.ack(Ok(()))?;
         wire.expect(Kind::Complete, &mut buffer)?;
         vm.resume()?;
-        wire.ack(Ok(()))?;
+        let adopted = !vm
+            .adopted_taps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        wire.ack_complete(if adopted {
+            migration::ACK_ADOPTED_FDS
+        } else {
+            0
+        })?;
         Ok(vm)
     }
 }

@@ -272,6 +272,18 @@ impl DeviceManager {
             .collect()
     }
 
+    /// The VM now runs in the process `handover_fds` went to: the devices
+    /// leave what those descriptors stand for to it.
+    pub fn handed_over(&self) {
+        for device in &self.virtio {
+            device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .device_mut()
+                .handed_over();
+        }
+    }
+
     /// Starts again the devices `stop_virtio_for_snapshot` stopped, or that a
     /// restore loaded started.
     pub fn resume_virtio_after_snapshot(&self) {

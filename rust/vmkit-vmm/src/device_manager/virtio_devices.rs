@@ -112,8 +112,13 @@ fn vsock(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
         return Ok(Vec::new());
     };
     let id = vsock.id.clone().unwrap_or_default();
+    // A migration's sender on this host handed its listening socket over.
+    let device = match ctx.adopted_taps.get(&id).and_then(|fds| fds.first()) {
+        Some(listener) => Vsock::adopt(id.clone(), vsock.cid, &vsock.socket, listener)?,
+        None => Vsock::new(id.clone(), vsock.cid, &vsock.socket)?,
+    };
     Ok(vec![VirtioSpec {
-        device: Box::new(Vsock::new(id.clone(), vsock.cid, &vsock.socket)?),
+        device: Box::new(device),
         id,
         segment: vsock.pci_segment,
     }])

@@ -160,6 +160,10 @@ pub trait VirtioDevice: Send {
     fn handover_fds(&self) -> Vec<std::os::fd::RawFd> {
         Vec::new()
     }
+    /// The VM moved to another VMM process on this host, which carries on
+    /// with `handover_fds`: what they stand for (a socket file) is now the
+    /// other process's, and stays when this device goes.
+    fn handed_over(&mut self) {}
     /// The device's own state beyond its transport's (what the driver set
     /// that it will not set again), for a snapshot of the stopped device.
     /// Empty: none.

@@ -527,6 +527,10 @@ impl VirtioPciDevice {
         self.interrupt.reset_requests.load(Ordering::Relaxed)
     }
 
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        &mut *self.device
+    }
+
     pub fn device(&self) -> &dyn VirtioDevice {
         self.device.as_ref()
     }

@@ -56,6 +56,12 @@ pub enum VsockError {
         #[source]
         source: io::Error,
     },
+    #[error("Error creating vsock device: cannot adopt the unix socket {path} of the migrated VM")]
+    Adopt {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("Error creating vsock device: cannot make the unix socket {path} non-blocking")]
     NonBlocking {
         path: String,
@@ -79,6 +85,9 @@ pub struct Vsock {
     listener: Arc<UnixListener>,
     limits: Limits,
     worker: Option<Worker>,
+    /// The VM moved to another process on this host, which has the socket
+    /// (and its file) now.
+    keep_socket_file: bool,
 }
 
 impl Vsock {
@@ -106,6 +115,34 @@ impl Vsock {
             listener: Arc::new(listener),
             limits: Limits::default(),
             worker: None,
+            keep_socket_file: false,
+        })
+    }
+
+    /// A device on the listening socket a migration's sender (on this host)
+    /// handed over: bound at `socket_path` by the sender, which leaves the
+    /// file to this device.
+    pub fn adopt(
+        id: String,
+        cid: u32,
+        socket_path: &str,
+        listener: &std::fs::File,
+    ) -> Result<Vsock> {
+        let adopt_error = |source| VsockError::Adopt {
+            path: socket_path.to_owned(),
+            source,
+        };
+        let fd = std::os::fd::OwnedFd::from(listener.try_clone().map_err(adopt_error)?);
+        let listener = UnixListener::from(fd);
+        listener.set_nonblocking(true).map_err(adopt_error)?;
+        Ok(Vsock {
+            id,
+            guest_cid: cid,
+            socket_path: socket_path.to_owned(),
+            listener: Arc::new(listener),
+            limits: Limits::default(),
+            worker: None,
+            keep_socket_file: false,
         })
     }
 
@@ -118,6 +155,9 @@ impl Vsock {
 impl Drop for Vsock {
     fn drop(&mut self) {
         self.worker = None;
+        if self.keep_socket_file {
+            return;
+        }
         if let Err(e) = std::fs::remove_file(&self.socket_path) {
             if e.kind() != io::ErrorKind::NotFound {
                 log::warn!("{}: cannot remove {}: {e}", self.id, self.socket_path);
@@ -477,5 +517,15 @@ impl VirtioDevice for Vsock {
         // Dropping the worker stops and joins its thread; its connections
         // (host streams) close with it. The listener stays.
         self.worker = None;
+    }
+
+    /// The listening socket: a VMM process that takes the VM over on this
+    /// host cannot bind the path while this one holds it.
+    fn handover_fds(&self) -> Vec<RawFd> {
+        vec![self.listener.as_raw_fd()]
+    }
+
+    fn handed_over(&mut self) {
+        self.keep_socket_file = true;
     }
 }
