@@ -301,6 +301,7 @@ struct config {
     u64 watchdog_pets, watchdog_pet_ms;
     bool watchdog_bad;
     u64 vsock_port, vsock_host_port, vsock_accept, vsock_connect, vsock_bytes, vsock_timeout_ms;
+    u64 vsock_check, vsock_echo;
     bool vsock_bad;
 };
 extern struct config cfg;

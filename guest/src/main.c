@@ -84,6 +84,8 @@ static void parse_cmdline(void)
     cfg.vsock_connect = 2;
     cfg.vsock_bytes = 16384;
     cfg.vsock_timeout_ms = 10000;
+    cfg.vsock_check = 1;
+    cfg.vsock_echo = 1;
     while (i < n) {
         size_t start, len, k;
         while (i < n && is_space(s[i]))
@@ -151,6 +153,10 @@ static void parse_cmdline(void)
             cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_connect);
         } else if (starts_with(s + start, len, "vsock_bytes=", &k)) {
             cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_bytes);
+        } else if (starts_with(s + start, len, "vsock_check=", &k)) {
+            cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_check);
+        } else if (starts_with(s + start, len, "vsock_echo=", &k)) {
+            cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_echo);
         } else if (starts_with(s + start, len, "vsock_timeout_ms=", &k)) {
             cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_timeout_ms);
         }
