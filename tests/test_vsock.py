@@ -162,17 +162,17 @@ def test_idle_and_garbage_host_connections_do_not_stop_the_device(sock: Path) ->
     with Vm(guest_config(sock, vsock_accept=1, vsock_connect=0)) as vm:
         vm.boot()
         vm.serial.wait_for("vsock listening", timeout=30)
-        idle = []
-        for _ in range(100):
-            stream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            stream.connect(str(sock))
-            idle.append(stream)
         for text in (b"HELLO\n", b"CONNECT -1\n", b"CONNECT " + b"9" * 40 + b"\n"):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bad:
                 bad.settimeout(10)
                 bad.connect(str(sock))
                 bad.sendall(text)
                 assert closed_by_peer(bad), f"{text!r} was answered"
+        idle = []
+        for _ in range(100):
+            stream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            stream.connect(str(sock))
+            idle.append(stream)
         # Past 64 waiting for their line, the VMM closes new ones at once;
         # each idle one after 2 s.
         deadline = time.monotonic() + 10
