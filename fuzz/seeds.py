@@ -370,6 +370,16 @@ def vsock_seeds() -> dict[str, bytes]:
     return {"guest-connects": guest, "host-connects": host}
 
 
+def pmem_seeds() -> dict[str, bytes]:
+    ops = Ops()
+    ops.data(0, DATA, struct.pack("<I", 0))  # FLUSH
+    ops.desc(0, 0, DATA, 4, NEXT)
+    ops.desc(0, 1, DATA + 0x100, 4, WRITE)
+    ops.publish(0, 0)
+    ops.kick(0)
+    return {"flush": header(3, None) + bytes(ops.out)}
+
+
 def watchdog_seeds() -> dict[str, bytes]:
     ops = Ops()
     for i in range(3):  # three pets, each a 1-byte device-writable buffer
@@ -649,6 +659,7 @@ def main() -> None:
     corpora["virtio_net"] = net_seeds()
     corpora["virtio_rng"] = rng_seeds()
     corpora["virtio_console"] = console_seeds()
+    corpora["virtio_pmem"] = pmem_seeds()
     corpora["virtio_vsock"] = vsock_seeds()
     corpora["virtio_watchdog"] = watchdog_seeds()
     corpora["virtio_pci"] = {

@@ -64,6 +64,11 @@ pub const TARGETS: &[Target] = &[
         needs: None,
     },
     Target {
+        name: "virtio_pmem",
+        run: virtio::pmem,
+        needs: None,
+    },
+    Target {
         name: "virtio_vsock",
         run: virtio::vsock,
         needs: None,

@@ -16,6 +16,7 @@ use vmkit_vmm::memory::GuestMemoryMmap;
 use vmkit_vmm::virtio::block::Block;
 use vmkit_vmm::virtio::console::{Console, ConsoleInput};
 use vmkit_vmm::virtio::net::Net;
+use vmkit_vmm::virtio::pmem::{self, Pmem};
 use vmkit_vmm::virtio::rng::Rng;
 use vmkit_vmm::virtio::vsock::Vsock;
 use vmkit_vmm::virtio::watchdog::Watchdog;
@@ -244,6 +245,24 @@ pub fn watchdog(data: &[u8]) {
     let size = ring_size(&mut input, 8);
     let control = Arc::new(vmkit_vmm::control::Control::new());
     let mut device = Watchdog::new("fuzz-watchdog".into(), control).expect("a timerfd");
+    let mut rings = [Ring::new(0, size)];
+    exercise(&mut device, &mut rings, &mut NoActions, &mut input);
+}
+
+/// virtio-pmem over a 2 MiB memfd: FLUSH requests and whatever else a
+/// driver puts on its queue.
+pub fn pmem(data: &[u8]) {
+    let mut input = Input::new(data);
+    let size = ring_size(&mut input, 256);
+    // SAFETY: memfd_create with a NUL-terminated name; checked.
+    let fd = unsafe { libc::memfd_create(c"vmkit-fuzz-pmem".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor nobody else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(pmem::REGION_ALIGNMENT).expect("size the file");
+    let mapping =
+        pmem::map_backing(&file, pmem::REGION_ALIGNMENT, false, "memfd").expect("map the file");
+    let mut device = Pmem::new("fuzz-pmem".into(), file, 1 << 32, Arc::new(mapping));
     let mut rings = [Ring::new(0, size)];
     exercise(&mut device, &mut rings, &mut NoActions, &mut input);
 }

@@ -302,6 +302,8 @@ struct config {
     bool watchdog_bad;
     u64 vsock_port, vsock_host_port, vsock_accept, vsock_connect, vsock_bytes, vsock_timeout_ms;
     u64 vsock_check, vsock_echo;
+    u64 pmem_offset, pmem_bytes;
+    bool pmem_bad;
     bool vsock_bad;
 };
 extern struct config cfg;
@@ -324,6 +326,7 @@ bool step_net(struct result *r);
 bool step_watchdog(struct result *r);
 bool step_pvpanic(struct result *r);
 bool step_vsock(struct result *r);
+bool step_pmem(struct result *r);
 
 /* ---- ioapic.c ---- */
 #define ENTRY_MASKED (1u << 16)

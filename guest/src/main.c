@@ -86,6 +86,8 @@ static void parse_cmdline(void)
     cfg.vsock_timeout_ms = 10000;
     cfg.vsock_check = 1;
     cfg.vsock_echo = 1;
+    cfg.pmem_offset = 0;
+    cfg.pmem_bytes = 4096;
     while (i < n) {
         size_t start, len, k;
         while (i < n && is_space(s[i]))
@@ -153,6 +155,10 @@ static void parse_cmdline(void)
             cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_connect);
         } else if (starts_with(s + start, len, "vsock_bytes=", &k)) {
             cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_bytes);
+        } else if (starts_with(s + start, len, "pmem_offset=", &k)) {
+            cfg.pmem_bad |= !parse_u64(s + start + k, len - k, &cfg.pmem_offset);
+        } else if (starts_with(s + start, len, "pmem_bytes=", &k)) {
+            cfg.pmem_bad |= !parse_u64(s + start + k, len - k, &cfg.pmem_bytes);
         } else if (starts_with(s + start, len, "vsock_check=", &k)) {
             cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_check);
         } else if (starts_with(s + start, len, "vsock_echo=", &k)) {
@@ -291,6 +297,7 @@ static const struct {
     {"console", step_console}, {"msix", step_msix}, {"blkbench", step_blkbench},
     {"net", step_net}, {"powerbutton", step_powerbutton}, {"ioapic", step_ioapic},
     {"pvpanic", step_pvpanic}, {"watchdog", step_watchdog}, {"vsock", step_vsock},
+    {"pmem", step_pmem},
 };
 
 static void print_step(const char *name, size_t len, bool ok, const struct result *r)

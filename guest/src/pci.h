@@ -56,6 +56,7 @@ void res_bdf(struct result *r, const struct pci_dev *d);
 #define VIRTIO_ID_CONSOLE 3
 #define VIRTIO_ID_RNG 4
 #define VIRTIO_ID_VSOCK 19
+#define VIRTIO_ID_PMEM 27
 #define VIRTIO_ID_WATCHDOG 35 /* Cloud Hypervisor's virtio-watchdog */
 
 #define VIRTIO_F_INDIRECT_DESC (1ULL << 28)

@@ -364,21 +364,23 @@ fn device_node(node: vmkit_vmm::DeviceNode) -> Value {
     let resources: Vec<Value> = node
         .resources
         .into_iter()
-        .map(|resource| {
-            let vmkit_vmm::Resource::PciBar {
+        .map(|resource| match resource {
+            vmkit_vmm::Resource::PciBar {
                 index,
                 base,
                 size,
                 kind,
                 prefetchable,
-            } = resource;
-            json!({ "PciBar": {
+            } => json!({ "PciBar": {
                 "index": index,
                 "base": base,
                 "size": size,
                 "type_": vmkit_vmm::device_manager::bar_type_name(kind),
                 "prefetchable": prefetchable,
-            }})
+            }}),
+            vmkit_vmm::Resource::MmioAddressRange { base, size } => {
+                json!({ "MmioAddressRange": { "base": base, "size": size } })
+            }
         })
         .collect();
     json!({

@@ -1853,7 +1853,10 @@ fn check_supported(config: &VmConfig) -> Result<()> {
             "--net iommu=on",
         ),
         (some(&config.fs), "--fs (virtio-fs)"),
-        (some(&config.pmem), "--pmem (virtio-pmem)"),
+        (
+            config.pmem.iter().flatten().any(|p| p.iommu),
+            "--pmem iommu=on",
+        ),
         (some(&config.devices), "--device (VFIO)"),
         (some(&config.user_devices), "--user-device (vfio-user)"),
         (some(&config.vdpa), "--vdpa"),

@@ -15,6 +15,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryBackend as _;
 use vm_superio::{I8042Device, Serial};
 use vmkit_config::VmConfig;
 use vmm_sys_util::eventfd::EventFd;
@@ -119,6 +120,13 @@ pub struct DeviceContext<'a> {
     pub adopted_taps: &'a std::collections::HashMap<String, Vec<std::fs::File>>,
 }
 
+/// What device kinds take before the PCI functions are placed: address
+/// ranges from their segment's windows, and KVM memory slots past RAM's.
+pub struct Reservations<'a> {
+    pub segments: &'a mut [PciSegment],
+    pub next_slot: u32,
+}
+
 /// The devices of one boot, wired.
 pub struct DeviceManager {
     pio: Arc<Bus>,
@@ -198,11 +206,19 @@ impl DeviceManager {
         let serial = add_serial(&mut wiring, ctx)?;
 
         let mut segments = plan_pci(ctx)?;
-        let mut virtio = Vec::new();
+        // Every device first (pmem regions take their address ranges now),
+        // then their BARs, as Cloud Hypervisor allocates them.
+        let mut reserve = Reservations {
+            segments: &mut segments,
+            next_slot: ctx.ram.memory.num_regions() as u32,
+        };
+        let mut specs = Vec::new();
         for kind in VIRTIO_KINDS {
-            for spec in kind(ctx)? {
-                virtio.push(add_virtio_pci(ctx, &routes, &mut segments, spec)?);
-            }
+            specs.extend(kind(ctx, &mut reserve)?);
+        }
+        let mut virtio = Vec::new();
+        for spec in specs {
+            virtio.push(add_virtio_pci(ctx, &routes, &mut segments, spec)?);
         }
         let pvpanic = match ctx.config.pvpanic {
             true => Some(add_pvpanic(ctx, &mut segments)?),
@@ -427,7 +443,13 @@ impl DeviceManager {
         for device in &self.virtio {
             let device = device.lock().unwrap_or_else(|p| p.into_inner());
             let bars = bar_resources(device.config_space());
-            nodes.extend(tree::virtio_nodes(device.id(), device.bdf(), bars));
+            let own = device
+                .device()
+                .mmio_range()
+                .map(|(base, size)| Resource::MmioAddressRange { base, size })
+                .into_iter()
+                .collect();
+            nodes.extend(tree::virtio_nodes(device.id(), device.bdf(), bars, own));
         }
         if let Some((bdf, device)) = &self.pvpanic {
             let device = device.lock().unwrap_or_else(|p| p.into_inner());

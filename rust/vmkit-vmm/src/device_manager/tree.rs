@@ -39,6 +39,8 @@ pub enum Resource {
         kind: BarKind,
         prefetchable: bool,
     },
+    /// Guest-physical memory a device maps beside RAM (virtio-pmem).
+    MmioAddressRange { base: u64, size: u64 },
 }
 
 /// Cloud Hypervisor's name for a BAR's region type (`type_`).
@@ -64,8 +66,14 @@ pub fn pci_function_node(id: &str, bdf: String, bars: Vec<Resource>) -> DeviceNo
     }
 }
 
-/// The two nodes of a virtio-pci device: the function, then the device.
-pub fn virtio_nodes(id: &str, bdf: String, bars: Vec<Resource>) -> [DeviceNode; 2] {
+/// The two nodes of a virtio-pci device: the function (with its BARs), then
+/// the device (with `resources` of its own).
+pub fn virtio_nodes(
+    id: &str,
+    bdf: String,
+    bars: Vec<Resource>,
+    resources: Vec<Resource>,
+) -> [DeviceNode; 2] {
     let function = virtio_pci_node_id(id);
     [
         DeviceNode {
@@ -77,6 +85,7 @@ pub fn virtio_nodes(id: &str, bdf: String, bars: Vec<Resource>) -> [DeviceNode; 
         },
         DeviceNode {
             parent: Some(function),
+            resources,
             ..DeviceNode::leaf(id)
         },
     ]
@@ -95,7 +104,8 @@ mod tests {
             kind: BarKind::Memory32,
             prefetchable: false,
         };
-        let [function, device] = virtio_nodes("_disk0", "0000:00:01.0".into(), vec![bar]);
+        let [function, device] =
+            virtio_nodes("_disk0", "0000:00:01.0".into(), vec![bar], Vec::new());
         assert_eq!(function.id, "_virtio-pci-_disk0");
         assert_eq!(function.children, ["_disk0"]);
         assert_eq!(function.pci_bdf.as_deref(), Some("0000:00:01.0"));

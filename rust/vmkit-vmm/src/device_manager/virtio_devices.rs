@@ -1,6 +1,6 @@
 //! The virtio devices of a config, one function per kind. The table's order
 //! is Cloud Hypervisor's, which decides the PCI slots: console, disks, nets,
-//! rng, vsock, then the watchdog. A new kind is a new device module plus one
+//! rng, pmem, vsock, then the watchdog. A new kind is a new device module plus one
 //! entry here.
 
 use std::collections::HashMap;
@@ -11,12 +11,13 @@ use crate::rate_limiter::SharedRateLimiter;
 use crate::virtio::block::Block;
 use crate::virtio::console::Console;
 use crate::virtio::net::Net;
+use crate::virtio::pmem::{self, Pmem};
 use crate::virtio::rng::Rng;
 use crate::virtio::vsock::Vsock;
 use crate::virtio::watchdog::Watchdog;
 use crate::virtio::VirtioDevice;
 
-use super::{DeviceContext, DeviceManagerError};
+use super::{DeviceContext, DeviceManagerError, Reservations};
 
 /// A virtio device to put on a PCI segment.
 pub struct VirtioSpec {
@@ -25,12 +26,12 @@ pub struct VirtioSpec {
     pub device: Box<dyn VirtioDevice>,
 }
 
-type VirtioKind = fn(&DeviceContext<'_>) -> Result<Vec<VirtioSpec>>;
+type VirtioKind = fn(&DeviceContext<'_>, &mut Reservations<'_>) -> Result<Vec<VirtioSpec>>;
 
 /// Every virtio device kind, in Cloud Hypervisor's order.
-pub const VIRTIO_KINDS: [VirtioKind; 6] = [console, disks, nets, rng, vsock, watchdog];
+pub const VIRTIO_KINDS: [VirtioKind; 7] = [console, disks, nets, rng, pmem, vsock, watchdog];
 
-fn console(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
+fn console(ctx: &DeviceContext<'_>, _: &mut Reservations<'_>) -> Result<Vec<VirtioSpec>> {
     let Some(backend) = ctx.console else {
         return Ok(Vec::new());
     };
@@ -42,7 +43,7 @@ fn console(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
     }])
 }
 
-fn disks(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
+fn disks(ctx: &DeviceContext<'_>, _: &mut Reservations<'_>) -> Result<Vec<VirtioSpec>> {
     let groups: HashMap<&str, Arc<SharedRateLimiter>> = ctx
         .config
         .rate_limit_groups
@@ -81,7 +82,7 @@ fn disks(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
     Ok(specs)
 }
 
-fn nets(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
+fn nets(ctx: &DeviceContext<'_>, _: &mut Reservations<'_>) -> Result<Vec<VirtioSpec>> {
     let mut specs = Vec::new();
     for net in ctx.config.net.iter().flatten() {
         let id = net.id.clone().unwrap_or_default();
@@ -98,7 +99,7 @@ fn nets(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
     Ok(specs)
 }
 
-fn rng(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
+fn rng(ctx: &DeviceContext<'_>, _: &mut Reservations<'_>) -> Result<Vec<VirtioSpec>> {
     let id = "__rng".to_owned();
     Ok(vec![VirtioSpec {
         device: Box::new(Rng::new(id.clone(), &ctx.config.rng.src)?),
@@ -107,7 +108,56 @@ fn rng(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
     }])
 }
 
-fn vsock(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
+fn pmem(ctx: &DeviceContext<'_>, reserve: &mut Reservations<'_>) -> Result<Vec<VirtioSpec>> {
+    let mut specs = Vec::new();
+    for config in ctx.config.pmem.iter().flatten() {
+        let id = config.id.clone().unwrap_or_default();
+        let (file, size) = pmem::open_backing(config)?;
+        let segment = reserve
+            .segments
+            .get_mut(usize::from(config.pci_segment))
+            .ok_or_else(|| DeviceManagerError::NoSuchSegment {
+                id: id.clone(),
+                segment: config.pci_segment,
+            })?;
+        // 2 MiB aligned, from the top of the segment's 64-bit window.
+        let start = segment
+            .mem64_allocator
+            .allocate_aligned(size, pmem::REGION_ALIGNMENT)
+            .ok_or_else(|| DeviceManagerError::WindowFull { id: id.clone() })?;
+        let mapping = Arc::new(pmem::map_backing(
+            &file,
+            size,
+            config.discard_writes,
+            &config.file,
+        )?);
+        let slot = reserve.next_slot;
+        reserve.next_slot += 1;
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: start,
+            memory_size: size,
+            userspace_addr: mapping.host_address(),
+            flags: 0,
+        };
+        // SAFETY: the mapping lives in the device, which the VM's devices
+        // hold until the VM fd (and so the slot) is gone.
+        unsafe { ctx.vm_fd.set_user_memory_region(region) }.map_err(|source| {
+            crate::vm::VmError::Kvm {
+                what: format!("KVM_SET_USER_MEMORY_REGION (pmem {id})"),
+                source,
+            }
+        })?;
+        specs.push(VirtioSpec {
+            device: Box::new(Pmem::new(id.clone(), file, start, mapping)),
+            id,
+            segment: config.pci_segment,
+        });
+    }
+    Ok(specs)
+}
+
+fn vsock(ctx: &DeviceContext<'_>, _: &mut Reservations<'_>) -> Result<Vec<VirtioSpec>> {
     let Some(vsock) = &ctx.config.vsock else {
         return Ok(Vec::new());
     };
@@ -124,7 +174,7 @@ fn vsock(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
     }])
 }
 
-fn watchdog(ctx: &DeviceContext<'_>) -> Result<Vec<VirtioSpec>> {
+fn watchdog(ctx: &DeviceContext<'_>, _: &mut Reservations<'_>) -> Result<Vec<VirtioSpec>> {
     if !ctx.config.watchdog {
         return Ok(Vec::new());
     }

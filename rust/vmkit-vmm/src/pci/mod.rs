@@ -152,13 +152,16 @@ impl WindowAllocator {
 
     /// A range of `size` (a power of two) aligned to its size, if one fits.
     pub fn allocate(&mut self, size: u64) -> Option<u64> {
+        if !size.is_power_of_two() {
+            return None;
+        }
         self.allocate_aligned(size, size)
     }
 
-    /// A range of `size` (a power of two) aligned to `alignment` (a power
+    /// A range of `size` bytes (not zero) aligned to `alignment` (a power
     /// of two), if one fits.
     pub fn allocate_aligned(&mut self, size: u64, alignment: u64) -> Option<u64> {
-        if !size.is_power_of_two() || !alignment.is_power_of_two() {
+        if size == 0 || !alignment.is_power_of_two() {
             return None;
         }
         let start = self.top.checked_sub(size)? & !(alignment - 1);
@@ -490,6 +493,14 @@ mod tests {
             None,
             "alignment not a power of two"
         );
+        // A pmem region: any size, 2 MiB aligned below what is taken.
+        let mut b = WindowAllocator::new(Window {
+            start: 0,
+            size: 64 << 20,
+        });
+        assert_eq!(b.allocate_aligned(6 << 20, 2 << 20), Some(58 << 20));
+        assert_eq!(b.allocate(0x8_0000), Some((58 << 20) - 0x8_0000));
+        assert_eq!(b.allocate_aligned(0, 16), None);
     }
 
     #[test]

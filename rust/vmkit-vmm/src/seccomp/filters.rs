@@ -44,6 +44,8 @@ pub enum ThreadKind {
     Rng,
     /// virtio-watchdog worker.
     Watchdog,
+    /// virtio-pmem worker (FLUSH requests).
+    Pmem,
     /// virtio-console worker.
     Console,
     /// virtio-vsock worker: the queues and the host's unix sockets.
@@ -57,7 +59,7 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 13] = [
+    pub const ALL: [ThreadKind; 14] = [
         ThreadKind::Vcpu,
         ThreadKind::Vmm,
         ThreadKind::Spawner,
@@ -66,6 +68,7 @@ impl ThreadKind {
         ThreadKind::Net,
         ThreadKind::Rng,
         ThreadKind::Watchdog,
+        ThreadKind::Pmem,
         ThreadKind::Console,
         ThreadKind::Vsock,
         ThreadKind::SerialInput,
@@ -83,6 +86,7 @@ impl ThreadKind {
             ThreadKind::Net => "net",
             ThreadKind::Rng => "rng",
             ThreadKind::Watchdog => "watchdog",
+            ThreadKind::Pmem => "pmem",
             ThreadKind::Console => "console",
             ThreadKind::Vsock => "vsock",
             ThreadKind::SerialInput => "serial input",
@@ -96,7 +100,16 @@ impl ThreadKind {
         use ThreadKind::*;
         match self {
             Vmm => &[Vcpu, Spawner],
-            Spawner => &[BlockSync, BlockIoUring, Net, Rng, Watchdog, Console, Vsock],
+            Spawner => &[
+                BlockSync,
+                BlockIoUring,
+                Net,
+                Rng,
+                Watchdog,
+                Pmem,
+                Console,
+                Vsock,
+            ],
             Process => &[Vmm, Vcpu, Spawner, SerialInput, SerialSocket],
             _ => &[],
         }
@@ -456,6 +469,12 @@ fn own_rules(kind: ThreadKind) -> Rules {
             r
         }
         ThreadKind::Rng => worker(),
+        ThreadKind::Pmem => {
+            let mut r = worker();
+            // FLUSH: the region's file to disk.
+            r.allow(&[libc::SYS_fdatasync]);
+            r
+        }
         ThreadKind::Watchdog => {
             let mut r = worker();
             // Starts its check timer at the first pet, stops it on a reset.

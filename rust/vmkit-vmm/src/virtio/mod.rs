@@ -12,6 +12,7 @@ pub mod block;
 pub mod console;
 pub mod net;
 pub mod pci;
+pub mod pmem;
 pub mod rng;
 #[cfg(test)]
 pub mod testing;
@@ -159,6 +160,11 @@ pub trait VirtioDevice: Send {
     /// process holds them (a net device's tap queues). Empty: none.
     fn handover_fds(&self) -> Vec<std::os::fd::RawFd> {
         Vec::new()
+    }
+    /// Guest-physical memory the device maps beside RAM (virtio-pmem's
+    /// region): (start, size), shown in the device tree. None: none.
+    fn mmio_range(&self) -> Option<(u64, u64)> {
+        None
     }
     /// The VM moved to another VMM process on this host, which carries on
     /// with `handover_fds`: what they stand for (a socket file) is now the
