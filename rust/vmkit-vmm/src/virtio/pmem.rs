@@ -147,7 +147,7 @@ pub fn open_backing(config: &PmemConfig) -> Result<(File, u64)> {
         })?
         .len();
     let size = config.size.unwrap_or(file_size);
-    if size == 0 || size % REGION_ALIGNMENT != 0 {
+    if size == 0 || !size.is_multiple_of(REGION_ALIGNMENT) {
         return Err(PmemError::NotAligned { path, size }.into());
     }
     if size > file_size {
