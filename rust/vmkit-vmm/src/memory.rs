@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::MetadataExt;
 
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
@@ -41,6 +42,37 @@ pub fn mark_dirty(memory: &GuestMemoryMmap, addr: GuestAddress, len: usize) {
         region.bitmap().mark_dirty(offset, step);
         done += step;
     }
+}
+
+/// How a region of guest RAM holds its pages, for a device that gives
+/// pages back to the host (virtio-balloon).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionBacking {
+    /// Private memory (anonymous, or a private copy of a file): dropping
+    /// a page from the mapping frees it.
+    Private,
+    /// Shared memory (a memfd or a file) of normal pages: the file holds
+    /// the page, so it must be freed there too.
+    Shared,
+    /// Huge pages of `page_size` bytes, mapped shared from hugetlbfs: only
+    /// whole huge pages can be freed.
+    HugePages { page_size: u64 },
+}
+
+/// How `region` holds its pages. Huge pages take their size from the
+/// backing file (hugetlbfs gives it as the block size).
+pub fn region_backing(region: &GuestRegionMmap) -> std::io::Result<RegionBacking> {
+    if region.is_hugetlbfs() == Some(true) {
+        let page_size = match region.file_offset() {
+            Some(file) => file.file().metadata()?.blksize(),
+            None => 2 << 20,
+        };
+        return Ok(RegionBacking::HugePages { page_size });
+    }
+    if region.flags() & libc::MAP_SHARED != 0 {
+        return Ok(RegionBacking::Shared);
+    }
+    Ok(RegionBacking::Private)
 }
 
 /// Why guest RAM could not be created.

@@ -46,6 +46,8 @@ pub enum ThreadKind {
     Watchdog,
     /// virtio-pmem worker (FLUSH requests).
     Pmem,
+    /// virtio-balloon worker: gives guest pages back to the host.
+    Balloon,
     /// virtio-console worker.
     Console,
     /// virtio-vsock worker: the queues and the host's unix sockets.
@@ -59,7 +61,7 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 14] = [
+    pub const ALL: [ThreadKind; 15] = [
         ThreadKind::Vcpu,
         ThreadKind::Vmm,
         ThreadKind::Spawner,
@@ -69,6 +71,7 @@ impl ThreadKind {
         ThreadKind::Rng,
         ThreadKind::Watchdog,
         ThreadKind::Pmem,
+        ThreadKind::Balloon,
         ThreadKind::Console,
         ThreadKind::Vsock,
         ThreadKind::SerialInput,
@@ -87,6 +90,7 @@ impl ThreadKind {
             ThreadKind::Rng => "rng",
             ThreadKind::Watchdog => "watchdog",
             ThreadKind::Pmem => "pmem",
+            ThreadKind::Balloon => "balloon",
             ThreadKind::Console => "console",
             ThreadKind::Vsock => "vsock",
             ThreadKind::SerialInput => "serial input",
@@ -107,6 +111,7 @@ impl ThreadKind {
                 Rng,
                 Watchdog,
                 Pmem,
+                Balloon,
                 Console,
                 Vsock,
             ],
@@ -479,6 +484,14 @@ fn own_rules(kind: ThreadKind) -> Rules {
             let mut r = worker();
             // Starts its check timer at the first pet, stops it on a reset.
             r.allow(&[libc::SYS_timerfd_settime]);
+            r
+        }
+        ThreadKind::Balloon => {
+            // Pages go back to the host with madvise, which every thread
+            // may make (allocators do). Its eventfds close here when it
+            // stops: std's debug builds check that an fd is open first.
+            let mut r = worker();
+            r.allow_if(libc::SYS_fcntl, vec![arg_eq(1, libc::F_GETFD as u64)]);
             r
         }
         ThreadKind::Console => {

@@ -8,6 +8,7 @@
 //! and an [`Interrupt`] to signal used buffers. The device then processes its
 //! queues on its own worker thread(s) until [`VirtioDevice::reset`].
 
+pub mod balloon;
 pub mod block;
 pub mod console;
 pub mod net;
@@ -33,6 +34,7 @@ pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_CONSOLE: u32 = 3;
 pub const TYPE_RNG: u32 = 4;
+pub const TYPE_BALLOON: u32 = 5;
 pub const TYPE_VSOCK: u32 = 19;
 
 /// Transport and ring feature bits (virtio 1.2 §6).
