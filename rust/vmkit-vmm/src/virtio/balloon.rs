@@ -176,6 +176,7 @@ fn pages_of(bytes: u64) -> Result<u32> {
     })
 }
 
+/// The virtio-balloon device of one VM (`--balloon`).
 pub struct Balloon {
     control: BalloonControl,
     features: u64,
@@ -185,6 +186,8 @@ pub struct Balloon {
 }
 
 impl Balloon {
+    /// The device for `config`, its target `config.size`; `backing` says
+    /// how the VM's guest RAM gives pages back ([`BalloonBacking::of`]).
     pub fn new(
         id: String,
         config: &vmkit_config::BalloonConfig,
@@ -219,10 +222,12 @@ impl Balloon {
         self.control.clone()
     }
 
+    /// See [`BalloonControl::set_target`].
     pub fn set_target(&self, bytes: u64) -> Result<()> {
         self.control.set_target(bytes)
     }
 
+    /// See [`BalloonControl::actual_bytes`].
     pub fn actual_bytes(&self) -> u64 {
         self.control.actual_bytes()
     }
@@ -503,7 +508,7 @@ impl BalloonWorker {
         len: u32,
         faults: &mut ChainFaults,
     ) {
-        if len % 4 != 0 {
+        if !len.is_multiple_of(4) {
             faults.odd_length = true;
         }
         let mut count = (len / 4) as usize;
@@ -1153,9 +1158,7 @@ mod tests {
             .inflate
             .add_chain(&[(0xffff_ffff_f000, 64, 0), (u64::MAX - 1, 8, 0)]);
         guest.inflate.next_used();
-        guest
-            .inflate
-            .add_chain(&[(16 * MIB - 64, u32::MAX & !3, 0)]);
+        guest.inflate.add_chain(&[(16 * MIB - 64, !3, 0)]);
         guest.inflate.next_used();
         assert!(
             all_are(&memory, DATA, 4096, 0xaa),
