@@ -370,6 +370,26 @@ def vsock_seeds() -> dict[str, bytes]:
     return {"guest-connects": guest, "host-connects": host}
 
 
+def balloon_seeds() -> dict[str, bytes]:
+    ops = Ops()
+    ops.action(struct.pack("<I", 64))  # target: 64 pages
+    pfns = struct.pack("<8I", *range(0x40, 0x48))  # pages inside the data area
+    ops.data(0, DATA, pfns)
+    ops.desc(0, 0, DATA, len(pfns), 0)
+    ops.publish(0, 0)
+    ops.kick(0)
+    ops.data(1, DATA + 0x100, pfns)
+    ops.desc(1, 0, DATA + 0x100, len(pfns), 0)
+    ops.publish(1, 0)
+    ops.kick(1)
+    inflate = header(3, 0) + bytes(ops.out)
+    ops = Ops()
+    ops.desc(2, 0, DATA + 0x1000, 0x2000, WRITE)  # a free range reported
+    ops.publish(2, 0)
+    ops.kick(2)
+    return {"inflate-deflate": inflate, "report": header(3, 2) + bytes(ops.out)}
+
+
 def pmem_seeds() -> dict[str, bytes]:
     ops = Ops()
     ops.data(0, DATA, struct.pack("<I", 0))  # FLUSH
@@ -659,6 +679,7 @@ def main() -> None:
     corpora["virtio_net"] = net_seeds()
     corpora["virtio_rng"] = rng_seeds()
     corpora["virtio_console"] = console_seeds()
+    corpora["virtio_balloon"] = balloon_seeds()
     corpora["virtio_pmem"] = pmem_seeds()
     corpora["virtio_vsock"] = vsock_seeds()
     corpora["virtio_watchdog"] = watchdog_seeds()

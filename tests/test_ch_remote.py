@@ -101,13 +101,13 @@ EXPECTED_DIFFERENCES: dict[str, Difference] = {
     ),
     "running: resize --cpus 4": Difference(
         "resizing a running VM is a later issue; CH hot-adds a vCPU (boot_vcpus becomes 4)",
-        _refused("Cannot resize VM: resizing a booted VM is not supported yet"),
+        _refused("Cannot resize VM: resizing a booted VM's vCPUs or RAM is not supported yet"),
         0,
         "",
     ),
     "running: resize --memory 128M": Difference(
         "resizing a running VM is a later issue; CH refuses (no hotplug_size)",
-        _refused("Cannot resize VM: resizing a booted VM is not supported yet"),
+        _refused("Cannot resize VM: resizing a booted VM's vCPUs or RAM is not supported yet"),
         1,
         f"{SERVER_ERROR}Memory manager error: InvalidSize",
     ),
@@ -223,6 +223,7 @@ SCRIPT: list[tuple[str, str]] = [
     ("running", "remove-device __rng"),
     ("running", "resize --cpus 4"),
     ("running", "resize --memory 128M"),
+    ("running", "resize --balloon 16M"),  # the VM has no balloon: both refuse alike
     ("running", "resize-zone --id zone0 --size 1G"),
     ("running", "receive-migration unix:@W/absent/sock"),
     ("running", "send-migration unix:@W/absent/sock"),

@@ -64,6 +64,11 @@ pub const TARGETS: &[Target] = &[
         needs: None,
     },
     Target {
+        name: "virtio_balloon",
+        run: virtio::balloon,
+        needs: None,
+    },
+    Target {
         name: "virtio_pmem",
         run: virtio::pmem,
         needs: None,

@@ -13,6 +13,7 @@ use vmkit_config::{DiskConfig, NetConfig};
 use vmkit_vmm::devices::serial::InputSink;
 use vmkit_vmm::fuzzing::{inline_worker_count, run_inline_workers, set_inline_workers};
 use vmkit_vmm::memory::GuestMemoryMmap;
+use vmkit_vmm::virtio::balloon::{Balloon, BalloonBacking};
 use vmkit_vmm::virtio::block::Block;
 use vmkit_vmm::virtio::console::{Console, ConsoleInput};
 use vmkit_vmm::virtio::net::Net;
@@ -247,6 +248,35 @@ pub fn watchdog(data: &[u8]) {
     let mut device = Watchdog::new("fuzz-watchdog".into(), control).expect("a timerfd");
     let mut rings = [Ring::new(0, size)];
     exercise(&mut device, &mut rings, &mut NoActions, &mut input);
+}
+
+/// The host's side of the balloon: new targets from the input.
+struct BalloonHost(vmkit_vmm::virtio::balloon::BalloonControl);
+
+impl Actor for BalloonHost {
+    fn action(&mut self, _memory: &GuestMemoryMmap, input: &mut Input<'_>) {
+        let _ = self.0.set_target(u64::from(input.u32()) << 12);
+    }
+}
+
+/// virtio-balloon on the fuzz guest memory (private anonymous): page
+/// numbers inflated, deflated and reported, anywhere and of any count, and
+/// the host's target moving.
+pub fn balloon(data: &[u8]) {
+    let mut input = Input::new(data);
+    let size = ring_size(&mut input, 128);
+    let options = input.u8();
+    let config = vmkit_config::BalloonConfig {
+        size: 0,
+        deflate_on_oom: options & 1 != 0,
+        free_page_reporting: options & 2 != 0,
+    };
+    let backing = BalloonBacking::of(&guest_memory()).expect("the fuzz memory's backing");
+    let mut device = Balloon::new("fuzz-balloon".into(), &config, backing).expect("a balloon");
+    let mut host = BalloonHost(device.control());
+    let queues = if config.free_page_reporting { 3 } else { 2 };
+    let mut rings: Vec<Ring> = (0..queues).map(|i| Ring::new(i, size)).collect();
+    exercise(&mut device, &mut rings, &mut host, &mut input);
 }
 
 /// virtio-pmem over a 2 MiB memfd: FLUSH requests and whatever else a

@@ -82,6 +82,7 @@ replay_tests!(
     virtio_net,
     virtio_rng,
     virtio_console,
+    virtio_balloon,
     virtio_pmem,
     virtio_vsock,
     virtio_watchdog,

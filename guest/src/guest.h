@@ -304,6 +304,8 @@ struct config {
     u64 vsock_check, vsock_echo;
     u64 pmem_offset, pmem_bytes;
     bool pmem_bad;
+    u64 balloon_mib, balloon_timeout_ms, balloon_lax_len;
+    bool balloon_bad;
     bool vsock_bad;
 };
 extern struct config cfg;
@@ -327,6 +329,7 @@ bool step_watchdog(struct result *r);
 bool step_pvpanic(struct result *r);
 bool step_vsock(struct result *r);
 bool step_pmem(struct result *r);
+bool step_balloon(struct result *r);
 
 /* ---- ioapic.c ---- */
 #define ENTRY_MASKED (1u << 16)

@@ -88,6 +88,8 @@ static void parse_cmdline(void)
     cfg.vsock_echo = 1;
     cfg.pmem_offset = 0;
     cfg.pmem_bytes = 4096;
+    cfg.balloon_mib = 64;
+    cfg.balloon_timeout_ms = 30000;
     while (i < n) {
         size_t start, len, k;
         while (i < n && is_space(s[i]))
@@ -155,6 +157,12 @@ static void parse_cmdline(void)
             cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_connect);
         } else if (starts_with(s + start, len, "vsock_bytes=", &k)) {
             cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_bytes);
+        } else if (starts_with(s + start, len, "balloon_mib=", &k)) {
+            cfg.balloon_bad |= !parse_u64(s + start + k, len - k, &cfg.balloon_mib);
+        } else if (starts_with(s + start, len, "balloon_lax_len=", &k)) {
+            cfg.balloon_bad |= !parse_u64(s + start + k, len - k, &cfg.balloon_lax_len);
+        } else if (starts_with(s + start, len, "balloon_timeout_ms=", &k)) {
+            cfg.balloon_bad |= !parse_u64(s + start + k, len - k, &cfg.balloon_timeout_ms);
         } else if (starts_with(s + start, len, "pmem_offset=", &k)) {
             cfg.pmem_bad |= !parse_u64(s + start + k, len - k, &cfg.pmem_offset);
         } else if (starts_with(s + start, len, "pmem_bytes=", &k)) {
@@ -297,7 +305,7 @@ static const struct {
     {"console", step_console}, {"msix", step_msix}, {"blkbench", step_blkbench},
     {"net", step_net}, {"powerbutton", step_powerbutton}, {"ioapic", step_ioapic},
     {"pvpanic", step_pvpanic}, {"watchdog", step_watchdog}, {"vsock", step_vsock},
-    {"pmem", step_pmem},
+    {"pmem", step_pmem}, {"balloon", step_balloon},
 };
 
 static void print_step(const char *name, size_t len, bool ok, const struct result *r)

@@ -55,6 +55,7 @@ void res_bdf(struct result *r, const struct pci_dev *d);
 #define VIRTIO_ID_BLK 2
 #define VIRTIO_ID_CONSOLE 3
 #define VIRTIO_ID_RNG 4
+#define VIRTIO_ID_BALLOON 5
 #define VIRTIO_ID_VSOCK 19
 #define VIRTIO_ID_PMEM 27
 #define VIRTIO_ID_WATCHDOG 35 /* Cloud Hypervisor's virtio-watchdog */
@@ -104,6 +105,8 @@ struct virtq {
     u16 next_desc; /* where the next chain starts (one request in flight) */
     u16 head;      /* chain in flight, if busy */
     u32 wlen;      /* its device-writable bytes */
+    u32 tlen;      /* all its bytes */
+    bool lax_len;  /* accept a used len up to tlen (Cloud Hypervisor's balloon) */
     bool busy;
     u16 vector; /* MSI-X table entry or VIRTIO_NO_VECTOR */
     u8 *mem;    /* ring pages, allocated once per device and queue */

@@ -266,6 +266,7 @@ static bool setup_queue(struct vdev *v, u16 i, struct result *r)
     q->used = (volatile struct vring_used *)(q->mem + 8192);
     q->avail_idx = q->last_used = q->next_desc = 0;
     q->busy = false;
+    q->lax_len = false;
     q->vector = VIRTIO_NO_VECTOR;
     q->avail->flags = v->msix_cap ? 0 : VRING_AVAIL_F_NO_INTERRUPT; /* polled */
 
@@ -386,7 +387,7 @@ bool vq_submit(struct vdev *v, struct virtq *q, const struct vbuf *b, u32 n, str
 {
     u16 mask = (u16)(q->size - 1), head = q->next_desc;
     u32 k;
-    u32 wlen = 0;
+    u32 wlen = 0, tlen = 0;
 
     if (q->busy || !n || n > q->size)
         return fail(r, v, "driver bug: queue busy or chain too long");
@@ -398,10 +399,12 @@ bool vq_submit(struct vdev *v, struct virtq *q, const struct vbuf *b, u32 n, str
         dd->next = (u16)((head + k + 1) & mask);
         if (b[k].write)
             wlen += b[k].len;
+        tlen += b[k].len;
     }
     q->next_desc = (u16)((head + n) & mask); /* rotate, so the device sees varied heads */
     q->head = head;
     q->wlen = wlen;
+    q->tlen = tlen;
     q->busy = true;
     q->avail->ring[q->avail_idx & mask] = head;
     q->avail_idx++;
@@ -437,7 +440,7 @@ int vq_poll(struct vdev *v, struct virtq *q, u32 *len, struct result *r)
     q->last_used++;
     q->busy = false;
     id_ok = id == q->head;
-    if (!id_ok || l > q->wlen) {
+    if (!id_ok || l > (q->lax_len ? q->tlen : q->wlen)) {
         res_str(r, id_ok ? "used len " : "used id ");
         res_dec(r, id_ok ? l : id);
         res_str(r, id_ok ? " exceeds the writable " : " is not the head in flight ");

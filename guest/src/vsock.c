@@ -46,7 +46,8 @@ struct vsock_hdr {
 struct vconn {
     bool used, open, shut, done;
     u32 local, peer;
-    u64 rx, tx; /* bytes received (checked), sent */
+    u64 rx, tx;   /* bytes received (checked), sent */
+    u64 reported; /* rx as the host last heard it (fwd_cnt) */
     u32 peer_buf_alloc, peer_fwd_cnt;
 };
 
@@ -151,12 +152,19 @@ static bool vs_data(struct vdev *v, struct vconn *c, const u8 *p, u32 len, bool 
     }
     c->rx += len;
     vs_checked += len;
-    if (!echo)
-        return true;
+    if (!echo) {
+        /* A sink says what it consumed before the host's window runs out
+         * (as Linux does): a host that never asks would stall. */
+        if (c->rx - c->reported < VSOCK_BUF_ALLOC / 4)
+            return true;
+        c->reported = c->rx;
+        return vs_reply(v, c, OP_CREDIT_UPDATE, 0, r);
+    }
     if (vs_credit(c) < len)
         return vs_fail(r, v, "the host gave no credit for the echo");
     if (!vs_send(v, c->local, c->peer, OP_RW, 0, (u32)c->rx, p, len, c, r))
         return false;
+    c->reported = c->rx;
     c->tx += len;
     return true;
 }

@@ -253,6 +253,9 @@ class RemoteVmHandle:
     def power_button(self) -> None:
         self._channel.call("power_button")
 
+    def resize_balloon(self, bytes: int) -> None:
+        self._channel.call("resize_balloon", bytes=bytes)
+
     def device_events(self, since: int) -> tuple[list[tuple[str, str, list[tuple[str, str]]]], int]:
         """As the native handle's: ([(source, event, [(key, value)])], next index)."""
         try:

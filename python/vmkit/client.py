@@ -910,6 +910,10 @@ class SpawnedVm:
         """``vm.power-button``: presses the guest's ACPI power button."""
         self.client.power_button()
 
+    def resize_balloon(self, size: int | str) -> None:
+        """``vm.resize {"desired_balloon"}``: the balloon's new target (bytes or ``"1G"``)."""
+        self.client.resize(balloon=size)
+
     def info(self) -> VmInfo:
         """``vm.info``."""
         return self.client.info()

@@ -449,6 +449,17 @@ class Vm:
             DeviceEvent(source, event, dict(properties)) for source, event, properties in events
         ], next_index
 
+    def resize_balloon(self, size: int) -> None:
+        """Asks the guest to put ``size`` bytes in its balloon (``--balloon``;
+        ``vm.resize {"desired_balloon": size}``): it inflates or deflates to
+        that, and the pages it puts there go back to the host.
+        ``info().memory_actual_size`` follows what the guest reports. Later boots
+        keep the new size. Raises VmError ("Error from device manager:
+        MissingVirtioBalloon") without a balloon, ("VM is not running") when no
+        boot runs.
+        """
+        self._live().resize_balloon(size)
+
     def power_button(self) -> None:
         """Presses the ACPI power button (a Generic Event Device event).
 

@@ -614,12 +614,25 @@ class Vmm:
         desired_ram: int | None = None,
         desired_balloon: int | None = None,
     ) -> None:
-        """``vm.resize``: on a VM that is not booted, edits the config."""
+        """``vm.resize``: on a VM that is not booted, edits the config; on a
+        booted one, sets the balloon's target (vCPUs and RAM cannot change yet)."""
         with self.lock:
             if self.config is None:
                 raise ApiError(VM_NOT_CREATED)
             if self.vm is not None:
-                raise ApiError("Cannot resize VM: resizing a booted VM is not supported yet")
+                live = self._live_config(self.vm)
+                if (desired_vcpus is not None and desired_vcpus != live.cpus.boot_vcpus) or (
+                    desired_ram is not None and desired_ram != live.memory.size
+                ):
+                    raise ApiError(
+                        "Cannot resize VM: resizing a booted VM's vCPUs or RAM is not supported yet"
+                    )
+                if desired_balloon is not None:
+                    try:
+                        self.vm.resize_balloon(desired_balloon)
+                    except VmError as e:
+                        raise ApiError(str(e)) from None
+                return
             config = self.config
             if desired_vcpus is not None:
                 config.cpus.boot_vcpus = desired_vcpus

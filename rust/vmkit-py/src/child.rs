@@ -437,6 +437,10 @@ fn handle(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Opti
         "shutdown" => done(vm.shutdown()),
         "reboot" => done(vm.reboot()),
         "power_button" => done(vm.power_button()),
+        "resize_balloon" => match request["bytes"].as_u64() {
+            Some(bytes) => done(vm.resize_balloon(bytes)),
+            None => error("Device", "resize_balloon: no bytes"),
+        },
         "close" => {
             vm.close();
             json!({ "ok": null })
@@ -476,7 +480,7 @@ fn handle(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Opti
             if vm.info().boots == 0 {
                 json!({ "ok": null })
             } else {
-                match serde_json::to_value(vm.config()) {
+                match serde_json::to_value(vm.live_config()) {
                     Ok(config) => json!({ "ok": config }),
                     Err(e) => error("Device", &e.to_string()),
                 }

@@ -218,6 +218,12 @@ impl VmHandle {
         (events, next)
     }
 
+    /// `vm.resize {"desired_balloon": bytes}`.
+    fn resize_balloon(&self, py: Python<'_>, bytes: u64) -> PyResult<()> {
+        py.detach(|| self.vm.resize_balloon(bytes))
+            .map_err(|e| vm_error(py, e))
+    }
+
     fn power_button(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| self.vm.power_button())
             .map_err(|e| vm_error(py, e))
@@ -307,7 +313,7 @@ impl VmHandle {
         if py.detach(|| self.vm.info()).boots == 0 {
             return Ok(None);
         }
-        crate::to_py(py, self.vm.config()).map(Some)
+        crate::to_py(py, &self.vm.live_config()).map(Some)
     }
 
     /// The top-level `iommu` of the validated config (v37 derives it).

@@ -114,6 +114,8 @@ pub enum VmError {
     SnapshotDisk { id: String, detail: String },
     #[error("the migrated VM's config: {detail}")]
     MigrationConfig { detail: String },
+    #[error("Error from device manager: MissingVirtioBalloon")]
+    NoBalloon,
 }
 
 impl ModuleError for VmError {
@@ -133,6 +135,7 @@ impl ModuleError for VmError {
                 ErrorKind::Snapshot
             }
             MigrationConfig { .. } => ErrorKind::Migration,
+            NoBalloon => ErrorKind::Device,
         }
     }
 }
@@ -431,6 +434,8 @@ pub struct Vm {
     /// The tap queues a migration's sender handed over, by net device id,
     /// kept for the VM's life: every boot (resets too) adopts them.
     adopted_taps: Mutex<HashMap<String, Vec<std::fs::File>>>,
+    /// The balloon's target once `vm.resize` set it: later boots keep it.
+    balloon_size: Mutex<Option<u64>>,
 }
 
 fn is_pvm_host() -> bool {
@@ -510,6 +515,7 @@ impl Vm {
             spawner,
             exit_event,
             adopted_taps: Mutex::new(HashMap::new()),
+            balloon_size: Mutex::new(None),
         }))
     }
 
@@ -574,7 +580,13 @@ impl Vm {
             kernel_format: life.kernel_format.map(KernelFormat::name),
             serial_pty: self.serial.as_ref().and_then(|s| s.pty_path().cloned()),
             console_pty: self.console.as_ref().and_then(|s| s.pty_path().cloned()),
-            memory_size: self.config().memory.total_size(),
+            // RAM less what the guest put in its balloon, as v37 reports it.
+            memory_size: self.config().memory.total_size().saturating_sub(
+                life.instance
+                    .as_ref()
+                    .and_then(|i| i.devices.balloon())
+                    .map_or(0, |b| b.actual_bytes()),
+            ),
             device_tree: life
                 .instance
                 .as_ref()
@@ -586,6 +598,34 @@ impl Vm {
     /// The config with the automatic device ids filled in.
     pub fn config(&self) -> &VmConfig {
         self.config.config()
+    }
+
+    /// The config as it stands: `config()` with what `vm.resize` changed.
+    pub fn live_config(&self) -> VmConfig {
+        let mut config = self.config().clone();
+        if let (Some(balloon), Some(size)) = (
+            config.balloon.as_mut(),
+            *self.balloon_size.lock().unwrap_or_else(|p| p.into_inner()),
+        ) {
+            balloon.size = size;
+        }
+        config
+    }
+
+    /// `vm.resize {"desired_balloon": bytes}`: asks the guest to hold
+    /// `bytes` in its balloon (it inflates or deflates to it). Kept for the
+    /// VM's later boots, as in Cloud Hypervisor.
+    pub fn resize_balloon(&self, bytes: u64) -> Result<()> {
+        let life = self.lock_settled();
+        let Some(instance) = &life.instance else {
+            return Err(VmError::NotRunning.into());
+        };
+        let Some(balloon) = instance.devices.balloon() else {
+            return Err(VmError::NoBalloon.into());
+        };
+        balloon.set_target(bytes)?;
+        *self.balloon_size.lock().unwrap_or_else(|p| p.into_inner()) = Some(bytes);
+        Ok(())
     }
 
     /// Cloud Hypervisor's counters of every device that has some.
@@ -1081,6 +1121,7 @@ impl Vm {
             device_events: &self.device_events,
             spawner: &self.spawner,
             adopted_taps: &adopted_taps,
+            balloon_size: *self.balloon_size.lock().unwrap_or_else(|p| p.into_inner()),
         })?;
         drop(adopted_taps);
         let (payload, kernel_format) = match restore {
@@ -1864,7 +1905,6 @@ fn check_supported(config: &VmConfig) -> Result<()> {
             config.vsock.as_ref().is_some_and(|v| v.iommu),
             "--vsock iommu=on",
         ),
-        (config.balloon.is_some(), "--balloon"),
         (some(&config.sgx_epc), "--sgx-epc"),
         (some(&config.numa), "--numa"),
         (config.tpm.is_some(), "--tpm"),

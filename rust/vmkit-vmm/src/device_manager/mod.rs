@@ -115,16 +115,21 @@ pub struct DeviceContext<'a> {
     pub device_events: &'a DeviceEvents,
     /// Starts device workers confined to their seccomp filters.
     pub spawner: &'a crate::seccomp::Spawner,
+    /// The balloon's target when `vm.resize` changed it (it outlives a
+    /// reboot, as in Cloud Hypervisor); None: the config's.
+    pub balloon_size: Option<u64>,
     /// Tap queues handed over by a migration's sender, by net device id:
     /// those devices adopt them instead of opening their taps.
     pub adopted_taps: &'a std::collections::HashMap<String, Vec<std::fs::File>>,
 }
 
-/// What device kinds take before the PCI functions are placed: address
-/// ranges from their segment's windows, and KVM memory slots past RAM's.
+/// What device kinds take before the PCI functions are placed (address
+/// ranges from their segment's windows, KVM memory slots past RAM's) and
+/// the handles the VMM keeps on a device (the balloon's).
 pub struct Reservations<'a> {
     pub segments: &'a mut [PciSegment],
     pub next_slot: u32,
+    pub balloon: Option<crate::virtio::balloon::BalloonControl>,
 }
 
 /// The devices of one boot, wired.
@@ -135,6 +140,8 @@ pub struct DeviceManager {
     virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
     /// `--pvpanic`: (its BDF, the device).
     pvpanic: Option<(String, Arc<Mutex<PvPanic>>)>,
+    /// `--balloon`: its target and size, for `vm.resize` and `vm.info`.
+    balloon: Option<crate::virtio::balloon::BalloonControl>,
     ged: Arc<Ged>,
     ioapic: Arc<Mutex<Ioapic>>,
     serial: Option<Arc<Mutex<SerialDevice>>>,
@@ -211,11 +218,13 @@ impl DeviceManager {
         let mut reserve = Reservations {
             segments: &mut segments,
             next_slot: ctx.ram.memory.num_regions() as u32,
+            balloon: None,
         };
         let mut specs = Vec::new();
         for kind in VIRTIO_KINDS {
             specs.extend(kind(ctx, &mut reserve)?);
         }
+        let balloon = reserve.balloon.take();
         let mut virtio = Vec::new();
         for spec in specs {
             virtio.push(add_virtio_pci(ctx, &routes, &mut segments, spec)?);
@@ -233,6 +242,7 @@ impl DeviceManager {
             segments,
             virtio,
             pvpanic,
+            balloon,
             ged,
             ioapic,
             serial,
@@ -253,6 +263,10 @@ impl DeviceManager {
     /// Where each PCI segment's ECAM and windows are (for the ACPI tables).
     pub fn segment_layouts(&self) -> Vec<SegmentLayout> {
         self.segments.iter().map(|s| s.layout).collect()
+    }
+
+    pub fn balloon(&self) -> Option<&crate::virtio::balloon::BalloonControl> {
+        self.balloon.as_ref()
     }
 
     pub fn ged(&self) -> &Arc<Ged> {

@@ -1,6 +1,6 @@
 //! The virtio devices of a config, one function per kind. The table's order
 //! is Cloud Hypervisor's, which decides the PCI slots: console, disks, nets,
-//! rng, pmem, vsock, then the watchdog. A new kind is a new device module plus one
+//! rng, pmem, vsock, balloon, then the watchdog. A new kind is a new device module plus one
 //! entry here.
 
 use std::collections::HashMap;
@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::rate_limiter::SharedRateLimiter;
+use crate::virtio::balloon::{Balloon, BalloonBacking};
 use crate::virtio::block::Block;
 use crate::virtio::console::Console;
 use crate::virtio::net::Net;
@@ -29,7 +30,8 @@ pub struct VirtioSpec {
 type VirtioKind = fn(&DeviceContext<'_>, &mut Reservations<'_>) -> Result<Vec<VirtioSpec>>;
 
 /// Every virtio device kind, in Cloud Hypervisor's order.
-pub const VIRTIO_KINDS: [VirtioKind; 7] = [console, disks, nets, rng, pmem, vsock, watchdog];
+pub const VIRTIO_KINDS: [VirtioKind; 8] =
+    [console, disks, nets, rng, pmem, vsock, balloon, watchdog];
 
 fn console(ctx: &DeviceContext<'_>, _: &mut Reservations<'_>) -> Result<Vec<VirtioSpec>> {
     let Some(backend) = ctx.console else {
@@ -171,6 +173,24 @@ fn vsock(ctx: &DeviceContext<'_>, _: &mut Reservations<'_>) -> Result<Vec<Virtio
         device: Box::new(device),
         id,
         segment: vsock.pci_segment,
+    }])
+}
+
+fn balloon(ctx: &DeviceContext<'_>, reserve: &mut Reservations<'_>) -> Result<Vec<VirtioSpec>> {
+    let Some(config) = &ctx.config.balloon else {
+        return Ok(Vec::new());
+    };
+    let mut config = config.clone();
+    if let Some(size) = ctx.balloon_size {
+        config.size = size;
+    }
+    let id = "__balloon".to_owned();
+    let device = Balloon::new(id.clone(), &config, BalloonBacking::of(&ctx.ram.memory)?)?;
+    reserve.balloon = Some(device.control());
+    Ok(vec![VirtioSpec {
+        device: Box::new(device),
+        id,
+        segment: 0,
     }])
 }
 
