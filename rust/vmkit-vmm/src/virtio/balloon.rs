@@ -51,9 +51,12 @@ const ACTUAL_OFFSET: u64 = 4;
 /// Chains taken from one queue before the worker looks at its other
 /// events (a kill among them); the rest wait for the wake-up it sends itself.
 const CHAINS_PER_ROUND: usize = if cfg!(test) { 64 } else { 1024 };
-/// Page numbers read from one chain: a Linux guest sends 256, a hostile
-/// one could describe 4 GiB of them.
-const MAX_PFNS_PER_CHAIN: usize = 1 << 16;
+/// Page numbers read from one chain, over all its buffers: a Linux guest
+/// sends 256, a hostile one could describe 4 GiB of them.
+const MAX_PFNS_PER_CHAIN: usize = 1 << 12;
+/// Page numbers handled before the worker looks at its other events (the
+/// kill a shutdown waits for among them): each may cost a system call.
+const PFNS_PER_ROUND: usize = 1 << 16;
 /// Page numbers read from guest memory at a time.
 const PFN_BATCH: usize = 256;
 
@@ -412,12 +415,13 @@ impl BalloonWorker {
         let kind = self.queues[position].kind;
         let mut used = false;
         let mut budget = CHAINS_PER_ROUND;
+        let mut pfn_budget = PFNS_PER_ROUND;
         loop {
             self.queues[position]
                 .queue
                 .disable_notification(&self.memory)?;
             loop {
-                if budget == 0 {
+                if budget == 0 || pfn_budget == 0 {
                     let _ = self.wake.write(1);
                     return Ok(used);
                 }
@@ -433,13 +437,21 @@ impl BalloonWorker {
                 let len = match kind {
                     QueueKind::Inflate | QueueKind::Deflate => {
                         let descriptors: Vec<_> = chain.collect();
+                        let mut chain_left = MAX_PFNS_PER_CHAIN;
                         for d in descriptors {
                             if d.is_write_only() {
                                 faults.writable = true;
                                 continue;
                             }
-                            self.page_numbers(kind, d.addr(), d.len(), &mut faults);
+                            self.page_numbers(
+                                kind,
+                                d.addr(),
+                                d.len(),
+                                &mut chain_left,
+                                &mut faults,
+                            );
                         }
+                        pfn_budget = pfn_budget.saturating_sub(MAX_PFNS_PER_CHAIN - chain_left);
                         // Nothing written to the device-readable buffers.
                         0
                     }
@@ -506,16 +518,18 @@ impl BalloonWorker {
         kind: QueueKind,
         addr: GuestAddress,
         len: u32,
+        chain_left: &mut usize,
         faults: &mut ChainFaults,
     ) {
         if !len.is_multiple_of(4) {
             faults.odd_length = true;
         }
         let mut count = (len / 4) as usize;
-        if count > MAX_PFNS_PER_CHAIN {
+        if count > *chain_left {
             faults.too_many = true;
-            count = MAX_PFNS_PER_CHAIN;
+            count = *chain_left;
         }
+        *chain_left -= count;
         let mut pfns = std::mem::take(&mut self.pfns);
         let mut run: Option<Run> = None;
         let mut done = 0usize;
