@@ -23,6 +23,7 @@ use std::sync::Arc;
 use crate::memory::GuestMemoryMmap;
 use crate::seccomp::ThreadKind;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::Bytes;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -85,6 +86,8 @@ pub struct Vsock {
     listener: Arc<UnixListener>,
     limits: Limits,
     worker: Option<Worker>,
+    /// The next activation tells the driver its connections are gone.
+    transport_reset_pending: bool,
     /// The VM moved to another process on this host, which has the socket
     /// (and its file) now.
     keep_socket_file: bool,
@@ -115,6 +118,7 @@ impl Vsock {
             listener: Arc::new(listener),
             limits: Limits::default(),
             worker: None,
+            transport_reset_pending: false,
             keep_socket_file: false,
         })
     }
@@ -142,6 +146,7 @@ impl Vsock {
             listener: Arc::new(listener),
             limits: Limits::default(),
             worker: None,
+            transport_reset_pending: false,
             keep_socket_file: false,
         })
     }
@@ -174,9 +179,12 @@ struct VsockQueues {
     interrupt: Arc<dyn Interrupt>,
     rx: Option<Queue>,
     tx: Option<Queue>,
-    /// Held, never used: the device sends no events (a transport reset
-    /// matters only after a migration).
-    _event: Option<Queue>,
+    /// The event queue: only VIRTIO_VSOCK_EVENT_TRANSPORT_RESET is ever
+    /// sent on it, once, after a snapshot, restore or migration.
+    event: Option<Queue>,
+    /// The connections the driver knows were dropped (the device stopped
+    /// for a snapshot or was restored): it is told at start.
+    announce_reset: bool,
     /// Which kick index is which queue.
     kick_queues: Vec<u16>,
     muxer: Muxer,
@@ -370,6 +378,41 @@ impl VsockQueues {
         self.arm_timer();
     }
 
+    /// Tells the driver every connection is gone (virtio 1.2 §5.10.6.7): it
+    /// resets its sockets instead of waiting on connections the host no
+    /// longer has. Without an event buffer the driver finds out by RSTs.
+    fn announce_transport_reset(&mut self) {
+        const EVENT_TRANSPORT_RESET: u32 = 0;
+        let Some(queue) = self.event.as_mut() else {
+            return;
+        };
+        let chain = match pop_chain(queue, &self.memory) {
+            Ok(Some(chain)) => chain,
+            Ok(None) => return,
+            Err(e) => {
+                log::debug!("{}: event queue: {e}", self.id);
+                return;
+            }
+        };
+        let head = chain.head_index();
+        let written = match chain.writable().next() {
+            Some(d) if d.len() >= 4 => {
+                match self
+                    .memory
+                    .write_obj(EVENT_TRANSPORT_RESET.to_le(), d.addr())
+                {
+                    Ok(()) => 4,
+                    Err(_) => 0,
+                }
+            }
+            _ => 0,
+        };
+        if queue.add_used(&self.memory, head, written).is_ok() {
+            self.signal(EVENT_QUEUE);
+        }
+        log::info!("{}: the driver was told its connections are gone", self.id);
+    }
+
     fn arm_timer(&mut self) {
         if self.muxer.has_deadlines() && !self.timer_armed {
             match self.timer.arm(TICK) {
@@ -412,6 +455,9 @@ impl WorkerHandler for VsockQueues {
     }
 
     fn started(&mut self) {
+        if std::mem::take(&mut self.announce_reset) {
+            self.announce_transport_reset();
+        }
         self.process_tx();
         self.process_rx();
         self.arm_timer();
@@ -491,7 +537,8 @@ impl VirtioDevice for Vsock {
             interrupt: activation.interrupt,
             rx,
             tx,
-            _event: event,
+            event,
+            announce_reset: std::mem::take(&mut self.transport_reset_pending),
             kick_queues,
             muxer,
             timer,
@@ -527,5 +574,25 @@ impl VirtioDevice for Vsock {
 
     fn handed_over(&mut self) {
         self.keep_socket_file = true;
+    }
+
+    /// A snapshot stops the device: its connections close, and the driver
+    /// hears of it when the device starts again.
+    fn stop_quiesced(&mut self) {
+        self.reset();
+        self.transport_reset_pending = true;
+    }
+
+    /// A restored (or migrated) device has no connections: the driver is
+    /// told when it starts.
+    fn restore_device_state(&mut self, bytes: &[u8]) -> std::result::Result<(), String> {
+        if !bytes.is_empty() {
+            return Err(format!(
+                "{} bytes of vsock state, none expected",
+                bytes.len()
+            ));
+        }
+        self.transport_reset_pending = true;
+        Ok(())
     }
 }

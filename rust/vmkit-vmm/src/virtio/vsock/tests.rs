@@ -12,6 +12,7 @@ use super::packet::*;
 use super::*;
 use crate::seccomp::{SeccompMode, Spawner, ThreadGroups};
 use crate::virtio::testing::{guest_memory, wait_until, Driver, FakeInterrupt, WRITE};
+use vm_memory::GuestAddress;
 
 const GUEST_CID: u32 = 3;
 const MEMORY: u64 = 0x40_0000;
@@ -785,5 +786,62 @@ fn rx_buffers_outside_guest_memory_or_too_short_are_skipped() {
     assert_eq!(guest.rx.next_used(), (short, 0));
     assert_eq!(guest.expect(OP_RST).dst_port, 11);
     assert_eq!(guest.interrupt.needs_reset_count(), 0);
+    vsock.reset();
+}
+
+/// Activates `vsock` for `guest` with an event buffer at `EVENT_BUFFER`
+/// already given; returns the event queue's driver.
+fn activate_with_event_buffer(vsock: &mut Vsock, guest: &mut Guest) -> Driver {
+    const EVENT_BUFFER: u64 = 0x3_8000;
+    let mut event = Driver::small(&guest.memory, 16, 0x3_0000);
+    guest
+        .memory
+        .write_obj(0xffff_ffffu32, GuestAddress(EVENT_BUFFER))
+        .unwrap();
+    let queues = vec![
+        guest.rx.activate(RX_QUEUE, false),
+        guest.tx.activate(TX_QUEUE, false),
+        event.activate(EVENT_QUEUE, false),
+    ];
+    event.add_chain(&[(EVENT_BUFFER, 8, WRITE)]);
+    vsock
+        .activate(Activation {
+            spawner: Spawner::unconfined(),
+            memory: guest.memory.clone(),
+            interrupt: guest.interrupt.clone(),
+            queues,
+            acked_features: F_VERSION_1,
+        })
+        .unwrap();
+    event
+}
+
+#[test]
+fn after_a_snapshot_stop_the_driver_hears_its_connections_are_gone() {
+    let (_dir, socket, mut vsock, mut guest) = start("transport-reset");
+    guest.give_rx(8);
+    let (mut host, _) = host_connection(&socket, &mut guest, 92);
+    // Stopped for a snapshot: the host program's connection ends.
+    vsock.stop_quiesced();
+    assert!(reads_eof(&mut host));
+    let mut guest = Guest::new();
+    let mut event = activate_with_event_buffer(&mut vsock, &mut guest);
+    // VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (0), once.
+    assert_eq!(event.next_used(), (0, 4));
+    assert_eq!(event.read(0x3_8000, 4), [0, 0, 0, 0]);
+    vsock.reset();
+    // A driver's own reset closes nothing it does not know of: no event.
+    let mut guest = Guest::new();
+    let event = activate_with_event_buffer(&mut vsock, &mut guest);
+    guest.give_rx(8);
+    let (_host, _) = host_connection(&socket, &mut guest, 93);
+    event.assert_idle(Duration::from_millis(50));
+    vsock.reset();
+    // A restored device says so too, and refuses state it never writes.
+    assert!(vsock.restore_device_state(&[1]).is_err());
+    vsock.restore_device_state(&[]).unwrap();
+    let mut guest = Guest::new();
+    let mut event = activate_with_event_buffer(&mut vsock, &mut guest);
+    assert_eq!(event.next_used(), (0, 4));
     vsock.reset();
 }
