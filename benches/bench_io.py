@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from machine import CH, machine, qemu_binary
+from machine import CH, machine, qemu_binary, vmm_cpu_seconds
 from vmkit import testguest
 
 IMAGE_SIZE = 256 << 20
@@ -177,29 +177,6 @@ def rate(row: Row, requests: int, seconds: float) -> float:
     if row.unit == "IOPS":
         return requests / seconds
     return requests * row.size / seconds / 1e6
-
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-VCPU_THREAD = re.compile(r"vcpu\d+|CPU \d+/KVM")
-
-
-def cpu_ticks(stat_path: Path) -> int:
-    """utime + stime from a proc(5) stat file (fields 14 and 15)."""
-    stat = stat_path.read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def vmm_cpu_seconds(pid: int) -> float:
-    """The process's CPU time (its exited threads' included) less its vCPU threads'."""
-    total = cpu_ticks(Path(f"/proc/{pid}/stat"))
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            if VCPU_THREAD.fullmatch((task / "comm").read_text().strip()):
-                total -= cpu_ticks(task / "stat")
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # the thread has just exited
-    return total / CLOCK_TICKS
 
 
 @dataclass

@@ -66,7 +66,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import select
 import signal
 import socket
@@ -79,7 +78,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from machine import CH, machine
+from machine import CH, machine, vmm_cpu_seconds
 from vmkit import testguest
 from vmkit._vsock import connect
 
@@ -143,29 +142,6 @@ def command(vmm: str, cmdline: str, serial: Path, sock: Path) -> list[str]:
     if vmm == "ch":
         return [str(CH), *guest_args(cmdline, serial, sock), "--seccomp", "false"]
     return [sys.executable, "-m", "vmkit", *guest_args(cmdline, serial, sock)]
-
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-VCPU_THREAD = re.compile(r"vcpu\d+")
-
-
-def cpu_ticks(stat_path: Path) -> int:
-    """utime + stime from a proc(5) stat file (fields 14 and 15)."""
-    stat = stat_path.read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def vmm_cpu_seconds(pid: int) -> float:
-    """The process's CPU time (its exited threads' included) less its vCPU threads'."""
-    total = cpu_ticks(Path(f"/proc/{pid}/stat"))
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            if VCPU_THREAD.fullmatch((task / "comm").read_text().strip()):
-                total -= cpu_ticks(task / "stat")
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # the thread has just exited
-    return total / CLOCK_TICKS
 
 
 class RunFailed(Exception):

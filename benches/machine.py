@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -48,3 +49,28 @@ def qemu_binary() -> str | None:
     if qemu is None:
         print("qemu-system-x86_64 is needed (apt-get install qemu-system-x86)", file=sys.stderr)
     return qemu
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+#: The vCPU threads of vmkit and Cloud Hypervisor (``vcpu<N>``) and QEMU (``CPU <N>/KVM``).
+VCPU_THREAD = re.compile(r"vcpu\d+|CPU \d+/KVM")
+
+
+def cpu_ticks(stat_path: Path) -> int:
+    """utime + stime from a proc(5) stat file (fields 14 and 15)."""
+    stat = stat_path.read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def vmm_cpu_seconds(pid: int) -> float:
+    """A VMM process's CPU time (its exited threads' included) less its vCPU
+    threads': what its device workers and event loops spent."""
+    total = cpu_ticks(Path(f"/proc/{pid}/stat"))
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if VCPU_THREAD.fullmatch((task / "comm").read_text().strip()):
+                total -= cpu_ticks(task / "stat")
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread has just exited
+    return total / CLOCK_TICKS

@@ -242,9 +242,8 @@ def some(value: T | None) -> T:
     return value
 
 
-def event_names(path: Path) -> list[str]:
-    """``source event`` of each event an event-monitor file holds (its
-    properties left out)."""
+def monitor_events(path: Path) -> list[dict[str, Any]]:
+    """The events an event-monitor file holds, in order."""
     decoder, text, found, at = json.JSONDecoder(), path.read_text(), [], 0
     while True:
         while at < len(text) and text[at].isspace():
@@ -252,7 +251,13 @@ def event_names(path: Path) -> list[str]:
         if at >= len(text):
             return found
         event, at = decoder.raw_decode(text, at)
-        found.append(f"{event['source']} {event['event']}")
+        found.append(event)
+
+
+def event_names(path: Path) -> list[str]:
+    """``source event`` of each event an event-monitor file holds (its
+    properties left out)."""
+    return [f"{event['source']} {event['event']}" for event in monitor_events(path)]
 
 
 def move_spawned_vm(sender: Any, receiver: Any, sock: Path) -> None:

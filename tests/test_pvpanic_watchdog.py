@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
+from _helpers import monitor_events
 from vmkit import DeviceEvent, VmConfig, testguest
 from vmkit.vm import Vm
 
@@ -30,21 +31,13 @@ KINDS = ("ch", "vmkit")
 def events(path: Path) -> list[str]:
     """``source event key=value ...`` for each event of an event-monitor file,
     leaving out ``cpu_manager`` events (v37's CLI boot does not report them)."""
-    decoder, text, found, at = json.JSONDecoder(), path.read_text(), [], 0
-    while True:
-        while at < len(text) and text[at].isspace():
-            at += 1
-        if at >= len(text):
-            return found
-        event, at = decoder.raw_decode(text, at)
-        if event["source"] == "cpu_manager":
-            continue
-        properties = event["properties"] or {}
-        found.append(
-            " ".join(
-                [event["source"], event["event"], *(f"{k}={v}" for k, v in properties.items())]
-            )
+    return [
+        " ".join(
+            [e["source"], e["event"], *(f"{k}={v}" for k, v in (e["properties"] or {}).items())]
         )
+        for e in monitor_events(path)
+        if e["source"] != "cpu_manager"
+    ]
 
 
 class Side:

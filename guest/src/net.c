@@ -30,24 +30,10 @@ static bool net_fail(struct result *r, const struct vdev *v, const char *msg)
     return false;
 }
 
-/* Makes receive buffer `id` (one device-writable descriptor) available. */
+/* Makes receive buffer `id` available. */
 static void rx_post(struct virtq *q, u16 id)
 {
-    u16 mask = (u16)(q->size - 1);
-    q->desc[id].addr = (u64)(net_rx_mem + (u64)id * NET_BUF);
-    q->desc[id].len = NET_BUF;
-    q->desc[id].flags = VRING_DESC_F_WRITE;
-    q->desc[id].next = 0;
-    q->avail->ring[q->avail_idx & mask] = id;
-    q->avail_idx++;
-    barrier();
-    q->avail->idx = q->avail_idx;
-}
-
-static void rx_notify(struct virtq *q)
-{
-    mfence();
-    wr16(q->notify, q->index);
+    vq_post_writable(q, id, (u64)(net_rx_mem + (u64)id * NET_BUF), NET_BUF);
 }
 
 static bool is_pong(const u8 *frame, u32 len)
@@ -135,7 +121,7 @@ static bool net_run(struct vdev *v, struct result *r)
     nrx = rxq->size < NET_RX_BUFS ? rxq->size : NET_RX_BUFS;
     for (i = 0; i < nrx; i++)
         rx_post(rxq, (u16)i);
-    rx_notify(rxq);
+    vq_notify(rxq);
 
     memset(net_tx_pkt, 0, sizeof(net_tx_pkt));
     frame = net_tx_pkt + NET_HDR_LEN;
@@ -183,7 +169,7 @@ static bool net_run(struct vdev *v, struct result *r)
                 return virtio_check_status(v, r);
             }
             rx_post(rxq, (u16)id); /* not the answer: recycle the buffer */
-            rx_notify(rxq);
+            vq_notify(rxq);
         }
         if (rdtsc() > deadline)
             break;

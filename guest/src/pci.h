@@ -160,6 +160,10 @@ bool vq_wait(struct vdev *v, struct virtq *q, u32 *len, u64 timeout_ms, struct r
 /* Takes the completion if there is one: 1 done, 0 not yet, -1 error. */
 int vq_poll(struct vdev *v, struct virtq *q, u32 *len, struct result *r);
 void res_vdev(struct result *r, const struct vdev *v); /* " bdf=..." */
+/* Receive-style buffers, many in flight: descriptor `id` (one device-writable
+ * buffer) made available; vq_notify tells the device. */
+void vq_post_writable(struct virtq *q, u16 id, u64 addr, u32 len);
+void vq_notify(struct virtq *q);
 
 /* ---- blk.c: helpers the msix step shares ---- */
 #define BLK_T_IN 0

@@ -477,3 +477,22 @@ bool vq_wait(struct vdev *v, struct virtq *q, u32 *len, u64 timeout_ms, struct r
     res_vdev(r, v);
     return false;
 }
+
+void vq_post_writable(struct virtq *q, u16 id, u64 addr, u32 len)
+{
+    u16 mask = (u16)(q->size - 1);
+    q->desc[id].addr = addr;
+    q->desc[id].len = len;
+    q->desc[id].flags = VRING_DESC_F_WRITE;
+    q->desc[id].next = 0;
+    q->avail->ring[q->avail_idx & mask] = id;
+    q->avail_idx++;
+    barrier();
+    q->avail->idx = q->avail_idx;
+}
+
+void vq_notify(struct virtq *q)
+{
+    mfence();
+    wr16(q->notify, q->index);
+}

@@ -68,17 +68,8 @@ static bool vs_fail(struct result *r, const struct vdev *v, const char *msg)
 
 static void vs_rx_post(struct virtq *q, u16 id)
 {
-    u16 mask = (u16)(q->size - 1);
-    q->desc[id].addr = (u64)(vs_rx_mem + (u64)id * VSOCK_BUF);
-    q->desc[id].len = VSOCK_BUF;
-    q->desc[id].flags = VRING_DESC_F_WRITE;
-    q->desc[id].next = 0;
-    q->avail->ring[q->avail_idx & mask] = id;
-    q->avail_idx++;
-    barrier();
-    q->avail->idx = q->avail_idx;
-    mfence();
-    wr16(q->notify, q->index);
+    vq_post_writable(q, id, (u64)(vs_rx_mem + (u64)id * VSOCK_BUF), VSOCK_BUF);
+    vq_notify(q);
 }
 
 /* One packet on the tx queue, waited for. `payload` NULL: the pattern from c->tx. */

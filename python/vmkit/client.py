@@ -923,19 +923,7 @@ class SpawnedVm:
         return self.client.counters()
 
     def vsock_connect(self, port: int, timeout: float = 10.0) -> socket.socket:
-        """A stream to the guest program listening on vsock port ``port``,
-        through the ``--vsock`` device's unix socket (Cloud Hypervisor's hybrid
-        vsock: ``CONNECT <port>``, answered ``OK <host port>``). Returns a
-        connected, blocking ``socket.socket``; closing it closes the guest's
-        connection. Raises ``VmError`` (kind ``Device``) when the VM has no vsock
-        device, ``ConnectionRefusedError`` when nothing in the guest listens on
-        ``port``, ``TimeoutError`` when the guest does not answer within
-        ``timeout`` seconds.
-
-        Guest programs reach the host the other way: a connection to host
-        port ``P`` (CID 2) reaches whatever listens on the unix socket
-        ``<socket>_<P>``.
-        """
+        """A stream to the guest's vsock port ``port``: as ``Vm.vsock_connect``."""
         from vmkit.vm import _vsock_connect
 
         return _vsock_connect(self.info().config, port, timeout)

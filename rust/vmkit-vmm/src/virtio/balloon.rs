@@ -24,8 +24,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::{self, Worker, WorkerHandler};
 use super::{
-    pop_chain, queue_failed, ActivateError, Activation, Interrupt, VirtioDevice, F_VERSION_1,
-    TYPE_BALLOON,
+    pop_chain, queue_failed, read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice,
+    F_VERSION_1, TYPE_BALLOON,
 };
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::memory::{region_backing, GuestMemoryMmap, RegionBacking};
@@ -710,14 +710,7 @@ impl VirtioDevice for Balloon {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = offset
-                .checked_add(i as u64)
-                .and_then(|at| config.get(usize::try_from(at).ok()?))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config_bytes(), offset, data);
     }
 
     /// Only `actual` is the driver's, written whole (as Cloud Hypervisor

@@ -26,7 +26,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::memory::GuestMemoryMmap;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Device types (virtio 1.2 §5).
@@ -77,6 +77,91 @@ pub fn pop_chain<'a>(
     memory: &'a GuestMemoryMmap,
 ) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, virtio_queue::Error> {
     Ok(queue.iter(memory)?.next())
+}
+
+/// Copies the device configuration bytes at `offset` into `data`; bytes
+/// past the end of `config` read 0 (what every device's `read_config` does).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = offset
+            .checked_add(i as u64)
+            .and_then(|at| config.get(usize::try_from(at).ok()?))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
+/// Takes every available chain of `queue` and gives each back with the
+/// length `handle` says it wrote, notifications off meanwhile (and checked
+/// again after turning them on, so a chain added in between is not missed).
+/// Returns whether any chain was used. For devices that finish each
+/// request before taking the next.
+pub fn drain_queue<F>(
+    queue: &mut Queue,
+    memory: &GuestMemoryMmap,
+    mut handle: F,
+) -> Result<bool, virtio_queue::Error>
+where
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+{
+    let mut used_any = false;
+    loop {
+        queue.disable_notification(memory)?;
+        while let Some(chain) = pop_chain(queue, memory)? {
+            let head = chain.head_index();
+            let written = handle(chain);
+            queue.add_used(memory, head, written)?;
+            used_any = true;
+        }
+        if !queue.enable_notification(memory)? {
+            return Ok(used_any);
+        }
+    }
+}
+
+/// The signalling side of a worker that serves one queue (queue 0): the
+/// interrupt after used buffers, and the stop (with a reset request to the
+/// driver) after a queue error.
+pub struct OneQueueSignals {
+    pub device: String,
+    pub interrupt: Arc<dyn Interrupt>,
+    /// Stopped after a queue error, until the device is reset.
+    pub broken: bool,
+}
+
+impl OneQueueSignals {
+    pub fn new(device: String, interrupt: Arc<dyn Interrupt>) -> OneQueueSignals {
+        OneQueueSignals {
+            device,
+            interrupt,
+            broken: false,
+        }
+    }
+
+    /// After processing: signals used buffers where the driver wants it, or
+    /// stops the queue on an error.
+    pub fn processed(
+        &mut self,
+        result: Result<bool, virtio_queue::Error>,
+        queue: &mut Queue,
+        memory: &GuestMemoryMmap,
+    ) {
+        match result {
+            Ok(true) if queue.needs_notification(memory).unwrap_or(true) => {
+                if let Err(e) = self.interrupt.signal_queue(0) {
+                    log::warn!("{}: queue 0 interrupt lost: {e}", self.device);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => self.fail(&e),
+        }
+    }
+
+    pub fn fail(&mut self, cause: &dyn fmt::Display) {
+        if !std::mem::replace(&mut self.broken, true) {
+            queue_failed(&self.device, 0, cause, &*self.interrupt);
+        }
+    }
 }
 
 /// One queue the driver enabled, ready for processing.

@@ -15,13 +15,13 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::worker::{self, Worker, WorkerHandler};
 use super::{
-    pop_chain, queue_failed, ActivateError, Activation, Interrupt, VirtioDevice, F_RING_EVENT_IDX,
-    F_RING_INDIRECT_DESC, F_VERSION_1,
+    drain_queue, read_config_bytes, ActivateError, Activation, OneQueueSignals, VirtioDevice,
+    F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1,
 };
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::memory::GuestMemoryMmap;
@@ -232,12 +232,10 @@ impl Pmem {
 }
 
 struct PmemQueue {
-    device: String,
     memory: GuestMemoryMmap,
     queue: Queue,
     file: File,
-    interrupt: Arc<dyn Interrupt>,
-    broken: bool,
+    signals: OneQueueSignals,
 }
 
 /// A FLUSH request: a readable u32 type, then a writable u32 status.
@@ -265,64 +263,48 @@ fn parse_request(
 
 impl PmemQueue {
     fn process(&mut self) -> std::result::Result<bool, virtio_queue::Error> {
-        let mut used_any = false;
-        loop {
-            self.queue.disable_notification(&self.memory)?;
-            while let Some(mut chain) = pop_chain(&mut self.queue, &self.memory)? {
-                let head = chain.head_index();
-                let written = match parse_request(&mut chain, &self.memory) {
-                    Ok(status) => {
-                        let response = match self.file.sync_data() {
-                            Ok(()) => RESP_OK,
-                            Err(e) => {
-                                log::error!("{}: flushing the file failed: {e}", self.device);
-                                RESP_EIO
-                            }
-                        };
-                        match self.memory.write_obj(response, status) {
-                            Ok(()) => 4,
-                            Err(_) => 0,
+        let PmemQueue {
+            memory,
+            queue,
+            file,
+            signals,
+        } = self;
+        drain_queue(queue, memory, |mut chain| {
+            match parse_request(&mut chain, memory) {
+                Ok(status) => {
+                    let response = match file.sync_data() {
+                        Ok(()) => RESP_OK,
+                        Err(e) => {
+                            log::error!("{}: flushing the file failed: {e}", signals.device);
+                            RESP_EIO
                         }
+                    };
+                    match memory.write_obj(response, status) {
+                        Ok(()) => 4,
+                        Err(_) => 0,
                     }
-                    Err(what) => {
-                        log::debug!("{}: {what}, returned unanswered", self.device);
-                        0
-                    }
-                };
-                self.queue.add_used(&self.memory, head, written)?;
-                used_any = true;
+                }
+                Err(what) => {
+                    log::debug!("{}: {what}, returned unanswered", signals.device);
+                    0
+                }
             }
-            if !self.queue.enable_notification(&self.memory)? {
-                return Ok(used_any);
-            }
-        }
-    }
-
-    fn fail(&mut self, cause: &dyn std::fmt::Display) {
-        if !std::mem::replace(&mut self.broken, true) {
-            queue_failed(&self.device, 0, cause, &*self.interrupt);
-        }
+        })
     }
 }
 
 impl WorkerHandler for PmemQueue {
     fn queue_notified(&mut self, _index: usize) {
-        if self.broken {
+        if self.signals.broken {
             return;
         }
-        match self.process() {
-            Ok(true) if self.queue.needs_notification(&self.memory).unwrap_or(true) => {
-                if let Err(e) = self.interrupt.signal_queue(0) {
-                    log::warn!("{}: queue 0 interrupt lost: {e}", self.device);
-                }
-            }
-            Ok(_) => {}
-            Err(e) => self.fail(&e),
-        }
+        let result = self.process();
+        self.signals
+            .processed(result, &mut self.queue, &self.memory);
     }
 
     fn failed(&mut self, cause: &io::Error) {
-        self.fail(cause);
+        self.signals.fail(cause);
     }
 
     fn started(&mut self) {
@@ -345,14 +327,7 @@ impl VirtioDevice for Pmem {
 
     /// `start` (le64) and `size` (le64); past them, zeros.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = offset
-                .checked_add(i as u64)
-                .and_then(|at| config.get(usize::try_from(at).ok()?))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config_bytes(), offset, data);
     }
 
     fn activate(&mut self, activation: Activation) -> std::result::Result<(), ActivateError> {
@@ -364,12 +339,10 @@ impl VirtioDevice for Pmem {
             .try_clone()
             .map_err(|e| ActivateError::io("pmem file", e))?;
         let handler = PmemQueue {
-            device: self.id.clone(),
             memory: activation.memory,
             queue: active.queue,
             file,
-            interrupt: activation.interrupt,
-            broken: false,
+            signals: OneQueueSignals::new(self.id.clone(), activation.interrupt),
         };
         let worker = worker::spawn(
             &activation.spawner,

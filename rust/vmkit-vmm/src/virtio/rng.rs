@@ -11,15 +11,14 @@ use crate::seccomp::ThreadKind;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::sync::Arc;
 
 use crate::memory::GuestMemoryMmap;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::Bytes;
 
 use super::worker::{self, Worker, WorkerHandler};
 use super::{
-    pop_chain, queue_failed, ActivateError, Activation, Interrupt, VirtioDevice, F_RING_EVENT_IDX,
+    drain_queue, ActivateError, Activation, OneQueueSignals, VirtioDevice, F_RING_EVENT_IDX,
     F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_RNG,
 };
 use crate::error::{ErrorKind, ModuleError, Result};
@@ -90,87 +89,67 @@ impl Rng {
 }
 
 struct RngQueue {
-    device: String,
     memory: GuestMemoryMmap,
     queue: Queue,
     source: File,
-    interrupt: Arc<dyn Interrupt>,
+    signals: OneQueueSignals,
     buffer: Vec<u8>,
-    /// Stopped after a queue error, until the device is reset.
-    broken: bool,
 }
 
 impl RngQueue {
     /// Fills every available chain; returns whether any was used.
     fn process(&mut self) -> std::result::Result<bool, virtio_queue::Error> {
-        let mut used_any = false;
-        loop {
-            // Notifications off while draining; re-check after turning them on
-            // so a buffer added in between is not missed.
-            self.queue.disable_notification(&self.memory)?;
-            while let Some(chain) = pop_chain(&mut self.queue, &self.memory)? {
-                let head = chain.head_index();
-                let mut written = 0u32;
-                for descriptor in chain.writable() {
-                    let room = MAX_REQUEST - written as usize;
-                    let len = (descriptor.len() as usize).min(room);
-                    if len == 0 {
-                        break;
-                    }
-                    // A source with less to give right now (end of a file,
-                    // a device that would block) or a buffer outside guest
-                    // memory ends the chain with what was written so far.
-                    let got = match self.source.read(&mut self.buffer[..len]) {
-                        Ok(got) => got,
-                        Err(_) => break,
-                    };
-                    if got == 0
-                        || self
-                            .memory
-                            .write_slice(&self.buffer[..got], descriptor.addr())
-                            .is_err()
-                    {
-                        break;
-                    }
-                    written += got as u32;
-                    if got < len {
-                        break;
-                    }
+        let RngQueue {
+            memory,
+            queue,
+            source,
+            buffer,
+            ..
+        } = self;
+        drain_queue(queue, memory, |chain| {
+            let mut written = 0u32;
+            for descriptor in chain.writable() {
+                let room = MAX_REQUEST - written as usize;
+                let len = (descriptor.len() as usize).min(room);
+                if len == 0 {
+                    break;
                 }
-                self.queue.add_used(&self.memory, head, written)?;
-                used_any = true;
+                // A source with less to give right now (end of a file,
+                // a device that would block) or a buffer outside guest
+                // memory ends the chain with what was written so far.
+                let got = match source.read(&mut buffer[..len]) {
+                    Ok(got) => got,
+                    Err(_) => break,
+                };
+                if got == 0
+                    || memory
+                        .write_slice(&buffer[..got], descriptor.addr())
+                        .is_err()
+                {
+                    break;
+                }
+                written += got as u32;
+                if got < len {
+                    break;
+                }
             }
-            if !self.queue.enable_notification(&self.memory)? {
-                return Ok(used_any);
-            }
-        }
-    }
-
-    fn fail(&mut self, cause: &dyn std::fmt::Display) {
-        if !std::mem::replace(&mut self.broken, true) {
-            queue_failed(&self.device, 0, cause, &*self.interrupt);
-        }
+            written
+        })
     }
 }
 
 impl WorkerHandler for RngQueue {
     fn queue_notified(&mut self, _index: usize) {
-        if self.broken {
+        if self.signals.broken {
             return;
         }
-        match self.process() {
-            Ok(true) if self.queue.needs_notification(&self.memory).unwrap_or(true) => {
-                if let Err(e) = self.interrupt.signal_queue(0) {
-                    log::warn!("{}: queue 0 interrupt lost: {e}", self.device);
-                }
-            }
-            Ok(_) => {}
-            Err(e) => self.fail(&e),
-        }
+        let result = self.process();
+        self.signals
+            .processed(result, &mut self.queue, &self.memory);
     }
 
     fn failed(&mut self, cause: &io::Error) {
-        self.fail(cause);
+        self.signals.fail(cause);
     }
 
     fn started(&mut self) {
@@ -204,13 +183,11 @@ impl VirtioDevice for Rng {
             .try_clone()
             .map_err(|e| ActivateError::io("entropy source", e))?;
         let handler = RngQueue {
-            device: self.id.clone(),
             memory: activation.memory,
             queue: active.queue,
             source,
-            interrupt: activation.interrupt,
+            signals: OneQueueSignals::new(self.id.clone(), activation.interrupt),
             buffer: vec![0; MAX_REQUEST],
-            broken: false,
         };
         let worker = worker::spawn(
             &activation.spawner,
@@ -236,6 +213,7 @@ mod tests {
     use crate::virtio::testing::{
         capture_logs, guest_memory, logged, wait_until, Driver, FakeInterrupt, WRITE,
     };
+    use std::sync::Arc;
     use vm_memory::GuestAddress;
 
     fn activate(id: &str) -> (Rng, Driver, Arc<FakeInterrupt>) {

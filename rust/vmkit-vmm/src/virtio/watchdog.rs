@@ -13,13 +13,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::Bytes;
 
 use super::worker::{self, Worker, WorkerHandler};
-use super::{
-    pop_chain, queue_failed, ActivateError, Activation, Interrupt, VirtioDevice, F_VERSION_1,
-};
+use super::{drain_queue, ActivateError, Activation, OneQueueSignals, VirtioDevice, F_VERSION_1};
 use crate::control::{Control, StopReason};
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::memory::GuestMemoryMmap;
@@ -115,52 +113,46 @@ fn arm(timer: RawFd, interval: Duration) -> io::Result<()> {
 }
 
 struct WatchdogQueue {
-    device: String,
     memory: GuestMemoryMmap,
     queue: Queue,
-    interrupt: Arc<dyn Interrupt>,
+    signals: OneQueueSignals,
     control: Arc<Control>,
     timer: OwnedFd,
     last_pet: LastPet,
     interval: Duration,
     reset_after: Duration,
     armed: bool,
-    /// Stopped after a queue error, until the device is reset.
-    broken: bool,
 }
 
 impl WatchdogQueue {
     /// Takes every pet on the ring; returns whether any buffer was used.
     fn process(&mut self) -> std::result::Result<bool, virtio_queue::Error> {
-        let mut used_any = false;
-        loop {
-            self.queue.disable_notification(&self.memory)?;
-            while let Some(mut chain) = pop_chain(&mut self.queue, &self.memory)? {
-                let head = chain.head_index();
-                // A pet is one device-writable buffer; anything else is
-                // returned untouched and does not count (CH stops its queue
-                // on such a chain: a guest cannot do that to this one).
-                let written = match chain.next() {
-                    Some(d)
-                        if d.is_write_only()
-                            && d.len() > 0
-                            && self.memory.write_obj(1u8, d.addr()).is_ok() =>
-                    {
-                        self.pet();
-                        d.len()
-                    }
-                    _ => {
-                        log::warn!("{}: a pet without a writable buffer, ignored", self.device);
-                        0
-                    }
-                };
-                self.queue.add_used(&self.memory, head, written)?;
-                used_any = true;
+        let mut pets = 0;
+        let device = &self.signals.device;
+        let memory = &self.memory;
+        let used = drain_queue(&mut self.queue, memory, |mut chain| {
+            // A pet is one device-writable buffer; anything else is returned
+            // untouched and does not count (CH stops its queue on such a
+            // chain: a guest cannot do that to this one).
+            match chain.next() {
+                Some(d)
+                    if d.is_write_only()
+                        && d.len() > 0
+                        && memory.write_obj(1u8, d.addr()).is_ok() =>
+                {
+                    pets += 1;
+                    d.len()
+                }
+                _ => {
+                    log::warn!("{device}: a pet without a writable buffer, ignored");
+                    0
+                }
             }
-            if !self.queue.enable_notification(&self.memory)? {
-                return Ok(used_any);
-            }
+        })?;
+        if pets > 0 {
+            self.pet();
         }
+        Ok(used)
     }
 
     fn pet(&mut self) {
@@ -170,12 +162,12 @@ impl WatchdogQueue {
                 Ok(()) => {
                     log::info!(
                         "{}: first pet; checking every {} s",
-                        self.device,
+                        self.signals.device,
                         self.interval.as_secs_f64()
                     );
                     self.armed = true;
                 }
-                Err(e) => log::error!("{}: cannot start the timer: {e}", self.device),
+                Err(e) => log::error!("{}: cannot start the timer: {e}", self.signals.device),
             }
         }
     }
@@ -198,7 +190,7 @@ impl WatchdogQueue {
         if gap >= self.reset_after {
             log::error!(
                 "{}: no pet for {} s: resetting the VM",
-                self.device,
+                self.signals.device,
                 gap.as_secs()
             );
             *last_pet = None;
@@ -206,32 +198,20 @@ impl WatchdogQueue {
             self.control.request_stop(StopReason::Reset);
         }
     }
-
-    fn fail(&mut self, cause: &dyn std::fmt::Display) {
-        if !std::mem::replace(&mut self.broken, true) {
-            queue_failed(&self.device, 0, cause, &*self.interrupt);
-        }
-    }
 }
 
 impl WorkerHandler for WatchdogQueue {
     fn queue_notified(&mut self, _index: usize) {
-        if self.broken {
+        if self.signals.broken {
             return;
         }
-        match self.process() {
-            Ok(true) if self.queue.needs_notification(&self.memory).unwrap_or(true) => {
-                if let Err(e) = self.interrupt.signal_queue(0) {
-                    log::warn!("{}: queue 0 interrupt lost: {e}", self.device);
-                }
-            }
-            Ok(_) => {}
-            Err(e) => self.fail(&e),
-        }
+        let result = self.process();
+        self.signals
+            .processed(result, &mut self.queue, &self.memory);
     }
 
     fn failed(&mut self, cause: &io::Error) {
-        self.fail(cause);
+        self.signals.fail(cause);
     }
 
     fn extra_fds(&self) -> Vec<RawFd> {
@@ -255,7 +235,7 @@ impl WorkerHandler for WatchdogQueue {
         if watching {
             match arm(self.timer.as_raw_fd(), self.interval) {
                 Ok(()) => self.armed = true,
-                Err(e) => log::error!("{}: cannot start the timer: {e}", self.device),
+                Err(e) => log::error!("{}: cannot start the timer: {e}", self.signals.device),
             }
         }
         self.queue_notified(0);
@@ -288,17 +268,15 @@ impl VirtioDevice for Watchdog {
             .try_clone()
             .map_err(|e| ActivateError::io("watchdog timer", e))?;
         let handler = WatchdogQueue {
-            device: self.id.clone(),
             memory: activation.memory,
             queue: active.queue,
-            interrupt: activation.interrupt,
+            signals: OneQueueSignals::new(self.id.clone(), activation.interrupt),
             control: self.control.clone(),
             timer,
             last_pet: self.last_pet.clone(),
             interval: self.interval,
             reset_after: self.reset_after,
             armed: false,
-            broken: false,
         };
         let worker = worker::spawn(
             &activation.spawner,

@@ -30,8 +30,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::net::timer::Timer;
 use super::worker::{self, Worker, WorkerHandler};
 use super::{
-    pop_chain, queue_failed, ActivateError, Activation, Interrupt, VirtioDevice, F_RING_EVENT_IDX,
-    F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_VSOCK,
+    pop_chain, queue_failed, read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice,
+    F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_VSOCK,
 };
 use crate::error::{ErrorKind, ModuleError, Result};
 pub use muxer::Limits;
@@ -479,14 +479,7 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // guest_cid, le64; past it, zeros.
-        let config = u64::from(self.guest_cid).to_le_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = offset
-                .checked_add(i as u64)
-                .and_then(|at| config.get(usize::try_from(at).ok()?))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&u64::from(self.guest_cid).to_le_bytes(), offset, data);
     }
 
     fn activate(&mut self, activation: Activation) -> std::result::Result<(), ActivateError> {
