@@ -8,7 +8,11 @@ Both VMMs boot the test guest's PVH ELF from their command lines (256 MiB,
 ``--serial file=``, ``--console off``, ``--vsock cid=3,socket=P``; Cloud
 Hypervisor also ``--seccomp false``: at this revision its filter may kill it
 on some paths here). Its ``vsock`` step is a polled virtio-vsock driver (8
-receive buffers of 4 KiB); the host side is Cloud Hypervisor's hybrid vsock,
+receive buffers of 4 KiB, 8 transmit slots); it sets connections up and closes
+them in its CPL0 code, and with ``vsock_cpl3=1`` (the default here; ``--cpl0``
+turns it off) moves their data at CPL3, which runs natively where kvm_pvm
+emulates every CPL0 instruction, so that the figures are the VMMs' rather than
+the emulator's; the host side is Cloud Hypervisor's hybrid vsock,
 which vmkit implements too: a host program reaches guest port 1234 by
 connecting to the unix socket P and writing ``CONNECT 1234`` (``vmkit._vsock``),
 and the guest reaches host port 1235 at the unix socket ``P_1235``, on which
@@ -52,9 +56,9 @@ be told from their exits. Clock ticks: 10 ms resolution.
 ``--hog``: one busy-loop process per CPU, at normal priority, during each run
 (many VMs packed on a host).
 
-The guest's CPL0 code is emulated instruction by instruction on kvm_pvm, so
-absolute figures there are the guest's more than the VMM's: compare ratios of
-one run.
+With ``--cpl0`` the data goes through the guest's CPL0 code, emulated
+instruction by instruction on kvm_pvm: those figures are the guest's more than
+the VMM's.
 
 QEMU cannot join: its virtio-vsock is vhost-vsock, which needs
 /dev/vhost-vsock in the host kernel (absent on these machines) and offers the
@@ -119,9 +123,18 @@ ROWS = [
 ]
 
 
+#: The guest moves a connection's data at CPL3 (``vsock_cpl3=1``), natively even on kvm_pvm,
+#: so that the rows measure the VMMs; ``--cpl0`` keeps it in the emulated CPL0 driver.
+GUEST_CPL3 = True
+
+
 def guest_options(row: Row, size: int, timeout: float) -> dict[str, int | str]:
     """The ``vsock_*`` options of ``row``; ``size``: bytes per stream, or round trips."""
-    common: dict[str, int | str] = {"vsock_bytes": size, "vsock_timeout_ms": int(timeout * 1e3)}
+    common: dict[str, int | str] = {
+        "vsock_bytes": size,
+        "vsock_timeout_ms": int(timeout * 1e3),
+        "vsock_cpl3": int(GUEST_CPL3),
+    }
     sink = {"vsock_connect": 0, "vsock_echo": 0, "vsock_check": 0}
     if row.kind == "sink":
         return {"vsock_accept": 1, **sink, **common}
@@ -521,8 +534,15 @@ def main() -> int:
         default=15.0,
         help="seconds without progress after which a run is failed",
     )
+    parser.add_argument(
+        "--cpl0",
+        action="store_true",
+        help="the guest moves the data in its CPL0 driver (emulated on kvm_pvm) instead of at CPL3",
+    )
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
+    global GUEST_CPL3
+    GUEST_CPL3 = not args.cpl0
     if args.runs < 1 or args.mib < 1 or args.requests < 1:
         parser.error("--runs, --mib and --requests must be at least 1")
     if args.row and not all(0 <= i < len(ROWS) for i in args.row):

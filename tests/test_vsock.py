@@ -301,3 +301,46 @@ def test_the_socket_moves_with_a_vm_migrated_to_another_vmm_process(tmp_path: Pa
         sender.close()
         receiver.close()
     assert not sock.exists(), "the receiver removes the socket with the VM"
+
+
+@pytest.mark.parametrize("mode", ["echo", "sink", "source"])
+def test_the_guests_cpl3_pump_moves_data_both_ways(sock: Path, mode: str) -> None:
+    # The benchmarks' guest driver (vsock_cpl3=1): its data must arrive whole.
+    size = 300_000
+    options = {
+        "echo": {"vsock_accept": 1, "vsock_connect": 0},
+        "sink": {"vsock_accept": 1, "vsock_connect": 0, "vsock_echo": 0},
+        "source": {"vsock_accept": 0, "vsock_connect": 1, "vsock_echo": 0},
+    }[mode]
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"{sock}_{HOST_PORT}")
+    listener.listen(1)
+    try:
+        config = guest_config(sock, vsock_cpl3=1, vsock_check=0, vsock_bytes=size, **options)
+        with Vm(config) as vm:
+            vm.boot()
+            if mode == "source":
+                listener.settimeout(30)
+                stream, _ = listener.accept()
+                with stream:
+                    received = 0
+                    while chunk := stream.recv(65536):
+                        received += len(chunk)
+                assert received == size
+            else:
+                vm.serial.wait_for("vsock listening", timeout=30)
+                if mode == "echo":
+                    echo_through_guest([vm.vsock_connect(GUEST_PORT)], size)
+                else:
+                    with vm.vsock_connect(GUEST_PORT) as stream:
+                        stream.sendall(bytes(size))
+                        stream.shutdown(socket.SHUT_WR)
+                        stream.settimeout(30)
+                        assert closed_by_peer(stream)
+            exit_info = vm.wait(30)
+            assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+            assert "step vsock ok cid=3" in vm.serial.text, vm.serial.text
+            assert f"bytes={size}" in vm.serial.text
+    finally:
+        listener.close()
+        os.unlink(f"{sock}_{HOST_PORT}")

@@ -301,7 +301,7 @@ struct config {
     u64 watchdog_pets, watchdog_pet_ms;
     bool watchdog_bad;
     u64 vsock_port, vsock_host_port, vsock_accept, vsock_connect, vsock_bytes, vsock_timeout_ms;
-    u64 vsock_check, vsock_echo;
+    u64 vsock_check, vsock_echo, vsock_cpl3;
     u64 pmem_offset, pmem_bytes;
     bool pmem_bad;
     u64 balloon_mib, balloon_timeout_ms, balloon_lax_len;

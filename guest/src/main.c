@@ -169,6 +169,8 @@ static void parse_cmdline(void)
             cfg.pmem_bad |= !parse_u64(s + start + k, len - k, &cfg.pmem_bytes);
         } else if (starts_with(s + start, len, "vsock_check=", &k)) {
             cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_check);
+        } else if (starts_with(s + start, len, "vsock_cpl3=", &k)) {
+            cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_cpl3);
         } else if (starts_with(s + start, len, "vsock_echo=", &k)) {
             cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_echo);
         } else if (starts_with(s + start, len, "vsock_timeout_ms=", &k)) {

@@ -214,4 +214,32 @@ struct bench_job {
 };
 u64 user_blkbench(void *job);
 
+/* ---- user.c: a vsock connection's data at CPL3 (vsock_cpl3=1) ---- */
+enum { VJ_SINK, VJ_SOURCE, VJ_ECHO };
+enum { VJ_OK, VJ_TIMEOUT, VJ_BAD_USED, VJ_STOPPED /* a packet for CPL0, left on the ring */ };
+struct vsock_ring {
+    volatile struct vring_desc *desc;
+    volatile struct vring_avail *avail;
+    volatile struct vring_used *used;
+    u64 notify;
+    u16 qindex, size, avail_idx, last_used;
+};
+struct vsock_job {
+    struct vsock_ring rx, tx;
+    u64 rx_mem;  /* VSOCK_RX_BUFS x 4096: rx descriptor i is buffer i */
+    u32 nrx;
+    u64 tx_mem;  /* ntx slots of 4096: tx descriptor i is slot i */
+    u32 ntx;
+    u32 mode;
+    u64 cid;
+    u32 local, peer, buf_alloc;
+    u64 bytes;   /* to receive (sink, echo) or to send (source) */
+    u64 timeout; /* TSC ticks without progress */
+    u64 got, sent, reported; /* bytes received, sent; got as the host last heard it */
+    u32 peer_buf_alloc, peer_fwd_cnt;
+    u32 err;
+    u16 stop_op;
+};
+u64 user_vsock(void *job);
+
 #endif

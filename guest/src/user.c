@@ -407,3 +407,174 @@ u64 user_dirty(void *arg)
     }
     return 0;
 }
+
+/* ---- vsock: one connection's data at CPL3, the rings and notify registers mapped ---- */
+
+struct vs_hdr {
+    u64 src_cid, dst_cid;
+    u32 src_port, dst_port, len;
+    u16 type, op;
+    u32 flags, buf_alloc, fwd_cnt;
+} __attribute__((packed));
+
+#define VS_OP_RW 5
+#define VS_OP_CREDIT_UPDATE 6
+#define VS_OP_CREDIT_REQUEST 7
+#define VS_HDR 44
+
+static void vj_publish(struct vsock_ring *q)
+{
+    barrier();
+    q->avail->idx = q->avail_idx;
+    mfence();
+    if (!(q->used->flags & VRING_USED_F_NO_NOTIFY))
+        *(volatile u16 *)q->notify = q->qindex;
+}
+
+/* Takes the tx slots the device is done with; *free counts the free ones. */
+static bool vj_reap_tx(struct vsock_job *j, u32 *free)
+{
+    u16 idx = j->tx.used->idx;
+    if ((u16)(idx - j->tx.last_used) > j->ntx - *free) {
+        j->err = VJ_BAD_USED;
+        return false;
+    }
+    *free += (u16)(idx - j->tx.last_used);
+    j->tx.last_used = idx;
+    return true;
+}
+
+/* One packet in the next tx slot (slots are used in order, so the free one
+ * is avail_idx's); waits for a free slot. `copy`: payload, or NULL. */
+static bool vj_send(struct vsock_job *j, u32 *free, u16 op, const volatile u8 *copy, u32 len)
+{
+    u64 waited = rdtsc();
+    u16 slot;
+    volatile struct vs_hdr *h;
+    u32 i;
+    while (!*free) {
+        if (!vj_reap_tx(j, free))
+            return false;
+        if (rdtsc() - waited > j->timeout) {
+            j->err = VJ_TIMEOUT;
+            return false;
+        }
+    }
+    slot = (u16)(j->tx.avail_idx % j->ntx);
+    h = (volatile struct vs_hdr *)(j->tx_mem + 4096ULL * slot);
+    h->src_cid = j->cid;
+    h->dst_cid = 2;
+    h->src_port = j->local;
+    h->dst_port = j->peer;
+    h->len = len;
+    h->type = 1;
+    h->op = op;
+    h->flags = 0;
+    h->buf_alloc = j->buf_alloc;
+    h->fwd_cnt = (u32)j->got;
+    for (i = 0; copy && i < len; i++)
+        ((volatile u8 *)h)[VS_HDR + i] = copy[i];
+    j->tx.desc[slot].len = VS_HDR + len;
+    j->tx.avail->ring[j->tx.avail_idx & (j->tx.size - 1)] = slot;
+    j->tx.avail_idx++;
+    (*free)--;
+    if (op != VS_OP_RW)
+        j->reported = j->got;
+    vj_publish(&j->tx);
+    return true;
+}
+
+u64 user_vsock(void *arg)
+{
+    struct vsock_job *j = arg;
+    u32 free = j->ntx, i;
+    u64 last = rdtsc();
+
+    j->err = VJ_OK;
+    for (i = 0; i < j->ntx; i++) {
+        j->tx.desc[i].addr = j->tx_mem + 4096ULL * i;
+        j->tx.desc[i].flags = 0;
+        j->tx.desc[i].next = 0;
+    }
+    for (;;) {
+        u16 idx = j->rx.used->idx;
+        bool posted = false;
+        if ((u16)(idx - j->rx.last_used) > j->nrx) {
+            j->err = VJ_BAD_USED;
+            break;
+        }
+        while (j->rx.last_used != idx) {
+            volatile struct vring_used_elem *e = &j->rx.used->ring[j->rx.last_used & (j->rx.size - 1)];
+            u32 id = e->id, len = e->len;
+            volatile struct vs_hdr *h = (volatile struct vs_hdr *)(j->rx_mem + 4096ULL * (id % j->nrx));
+            bool ours = id < j->nrx && len >= VS_HDR && h->len <= len - VS_HDR &&
+                        h->src_port == j->peer && h->dst_port == j->local;
+            if (!ours || (h->op != VS_OP_RW && h->op != VS_OP_CREDIT_UPDATE &&
+                          h->op != VS_OP_CREDIT_REQUEST)) {
+                j->stop_op = ours ? h->op : 0;
+                j->err = VJ_STOPPED; /* CPL0 takes it from here */
+                goto out;
+            }
+            j->peer_buf_alloc = h->buf_alloc;
+            j->peer_fwd_cnt = h->fwd_cnt;
+            if (h->op == VS_OP_RW) {
+                if (j->mode == VJ_ECHO &&
+                    !vj_send(j, &free, VS_OP_RW, (const volatile u8 *)h + VS_HDR, h->len))
+                    goto out;
+                j->got += h->len;
+                if (j->mode == VJ_ECHO)
+                    j->sent += h->len;
+            } else if (h->op == VS_OP_CREDIT_REQUEST &&
+                       !vj_send(j, &free, VS_OP_CREDIT_UPDATE, 0, 0)) {
+                goto out;
+            }
+            j->rx.last_used++;
+            /* The buffer goes back at once, under its own descriptor. */
+            j->rx.avail->ring[j->rx.avail_idx & (j->rx.size - 1)] = (u16)id;
+            j->rx.avail_idx++;
+            posted = true;
+            last = rdtsc();
+        }
+        if (posted)
+            vj_publish(&j->rx);
+        if (j->mode == VJ_SINK && j->got - j->reported >= j->buf_alloc / 4 &&
+            !vj_send(j, &free, VS_OP_CREDIT_UPDATE, 0, 0))
+            break;
+        if (j->mode == VJ_SOURCE) {
+            u32 in_flight = (u32)j->sent - j->peer_fwd_cnt;
+            u32 credit = in_flight >= j->peer_buf_alloc ? 0 : j->peer_buf_alloc - in_flight;
+            u32 len = 4096 - VS_HDR;
+            if (!vj_reap_tx(j, &free))
+                break;
+            if (len > j->bytes - j->sent)
+                len = (u32)(j->bytes - j->sent);
+            if (len > credit)
+                len = credit;
+            if (len && free) {
+                if (!vj_send(j, &free, VS_OP_RW, 0, len))
+                    break;
+                j->sent += len;
+                last = rdtsc();
+            }
+        }
+        if ((j->mode == VJ_SOURCE && j->sent == j->bytes) ||
+            (j->mode != VJ_SOURCE && j->got >= j->bytes))
+            break;
+        if (rdtsc() - last > j->timeout) {
+            j->err = VJ_TIMEOUT;
+            break;
+        }
+    }
+out:
+    /* Every slot back before CPL0 takes the queue over. */
+    last = rdtsc();
+    while (free < j->ntx && j->err != VJ_BAD_USED) {
+        if (!vj_reap_tx(j, &free))
+            break;
+        if (rdtsc() - last > j->timeout) {
+            j->err = VJ_TIMEOUT;
+            break;
+        }
+    }
+    return j->err;
+}

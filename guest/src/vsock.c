@@ -12,7 +12,10 @@
  * it consumed in every header.
  * For benchmarks, vsock_check=0 neither checks nor writes the pattern (the
  * bytes are whatever the buffers hold) and vsock_echo=0 makes the server a
- * sink and the client a source that does not wait for an echo.
+ * sink and the client a source that does not wait for an echo. With
+ * vsock_cpl3=1 an open connection's data is moved at CPL3 (user.c), which
+ * runs natively where CPL0 is emulated: the connection set-up and close stay
+ * here; the bytes are neither checked nor written (as vsock_check=0).
  */
 #include "pci.h"
 
@@ -48,6 +51,7 @@ struct vconn {
     u32 local, peer;
     u64 rx, tx;   /* bytes received (checked), sent */
     u64 reported; /* rx as the host last heard it (fwd_cnt) */
+    bool pumped;  /* its data went through the CPL3 pump */
     u32 peer_buf_alloc, peer_fwd_cnt;
 };
 
@@ -58,6 +62,10 @@ static u64 vs_cid;
 static u64 vs_checked; /* bytes checked against the pattern, both phases */
 
 static u8 vsock_pattern(u64 j) { return (u8)(j * 7 + (j >> 8)); }
+
+#define VJ_TX_SLOTS 8
+static struct vsock_job vj;
+static u8 *vs_tx_slots; /* VJ_TX_SLOTS x 4096, allocated once */
 
 static bool vs_fail(struct result *r, const struct vdev *v, const char *msg)
 {
@@ -276,6 +284,89 @@ static bool vs_poll(struct vdev *v, bool server, struct result *r)
     return true;
 }
 
+static void vj_ring(struct vsock_ring *o, const struct virtq *q)
+{
+    o->desc = q->desc;
+    o->avail = q->avail;
+    o->used = q->used;
+    o->notify = q->notify;
+    o->qindex = q->index;
+    o->size = q->size;
+    o->avail_idx = q->avail_idx;
+    o->last_used = q->last_used;
+}
+
+/* Moves connection c's data at CPL3 (user_vsock); the rings go back to CPL0
+ * as the pump left them. A packet it leaves (a SHUTDOWN, another
+ * connection's) is handled here next. */
+static bool vs_pump(struct vdev *v, struct vconn *c, u32 mode, struct result *r)
+{
+    struct virtq *rxq = &v->q[0], *txq = &v->q[1];
+    u64 before = mode == VJ_SOURCE ? c->tx : c->rx;
+    c->pumped = true;
+    if (!vs_tx_slots) {
+        vs_tx_slots = alloc_pages(VJ_TX_SLOTS);
+        if (!vs_tx_slots)
+            return vs_fail(r, v, "out of memory");
+    }
+    if (!map_mmio(rxq->notify, 2, true) || !map_mmio(txq->notify, 2, true) ||
+        !user_mapped(rxq->notify, 2) || !user_mapped(txq->notify, 2) ||
+        !user_mapped((u64)rxq->mem, 3 * 4096) || !user_mapped((u64)txq->mem, 3 * 4096))
+        return vs_fail(r, v, "cannot map the notify registers or rings for CPL3");
+    memset(&vj, 0, sizeof(vj));
+    vj_ring(&vj.rx, rxq);
+    vj_ring(&vj.tx, txq);
+    vj.rx_mem = (u64)vs_rx_mem;
+    vj.nrx = VSOCK_RX_BUFS;
+    vj.tx_mem = (u64)vs_tx_slots;
+    vj.ntx = txq->size < VJ_TX_SLOTS ? txq->size : VJ_TX_SLOTS;
+    vj.mode = mode;
+    vj.cid = vs_cid;
+    vj.local = c->local;
+    vj.peer = c->peer;
+    vj.buf_alloc = VSOCK_BUF_ALLOC;
+    vj.bytes = cfg.vsock_bytes;
+    vj.timeout = ms_to_tsc(VSOCK_TX_TIMEOUT_MS);
+    vj.got = c->rx;
+    vj.sent = c->tx;
+    vj.reported = c->reported;
+    vj.peer_buf_alloc = c->peer_buf_alloc;
+    vj.peer_fwd_cnt = c->peer_fwd_cnt;
+    run_user(user_vsock, &vj);
+    rxq->avail_idx = vj.rx.avail_idx;
+    rxq->last_used = vj.rx.last_used;
+    txq->avail_idx = vj.tx.avail_idx;
+    txq->last_used = vj.tx.last_used;
+    txq->busy = false;
+    c->rx = vj.got;
+    c->tx = vj.sent;
+    c->reported = vj.reported;
+    c->peer_buf_alloc = vj.peer_buf_alloc;
+    c->peer_fwd_cnt = vj.peer_fwd_cnt;
+    vs_checked += (mode == VJ_SOURCE ? c->tx : c->rx) - before;
+    if (vj.err == VJ_OK || vj.err == VJ_STOPPED)
+        return true;
+    res_str(r, vj.err == VJ_TIMEOUT ? "CPL3 vsock pump timed out" : "CPL3 vsock pump: bad used ring");
+    res_str(r, " rx=");
+    res_dec(r, c->rx);
+    res_str(r, " tx=");
+    res_dec(r, c->tx);
+    return vs_fail(r, v, "");
+}
+
+/* Server: the open connections whose data the CPL3 pump has not moved yet. */
+static bool vs_pump_accepted(struct vdev *v, struct result *r)
+{
+    u32 i;
+    for (i = 0; cfg.vsock_cpl3 && i < VSOCK_CONNS_MAX; i++) {
+        struct vconn *c = &vconns[i];
+        if (c->used && c->open && !c->done && !c->pumped &&
+            !vs_pump(v, c, cfg.vsock_echo ? VJ_ECHO : VJ_SINK, r))
+            return false;
+    }
+    return true;
+}
+
 static u32 vs_count(bool done)
 {
     u32 i, n = 0;
@@ -307,7 +398,7 @@ static bool vs_server(struct vdev *v, struct result *r)
     line_dec(&l, vs_cid);
     line_end(&l);
     while (vs_count(true) < cfg.vsock_accept) {
-        if (!vs_poll(v, true, r))
+        if (!vs_poll(v, true, r) || !vs_pump_accepted(v, r))
             return false;
         if (rdtsc() > deadline)
             return vs_timeout(v, "accept", r);
@@ -342,6 +433,11 @@ static bool vs_client(struct vdev *v, struct result *r)
             u32 len = VSOCK_BUF - VSOCK_HDR, credit;
             if (!c->open || c->shut)
                 continue;
+            if (cfg.vsock_cpl3 && !c->pumped && !cfg.vsock_echo) {
+                if (!vs_pump(v, c, VJ_SOURCE, r))
+                    return false;
+                continue;
+            }
             if (c->tx < cfg.vsock_bytes) {
                 credit = vs_credit(c);
                 if (len > cfg.vsock_bytes - c->tx)
