@@ -423,6 +423,13 @@ impl VsockQueues {
     }
 }
 
+/// Whether the driver made chains available that the device has not taken.
+fn has_new_chains(queue: &Queue, memory: &GuestMemoryMmap) -> bool {
+    queue
+        .avail_idx(memory, std::sync::atomic::Ordering::Acquire)
+        .is_ok_and(|idx| idx.0 != queue.next_avail())
+}
+
 impl WorkerHandler for VsockQueues {
     fn queue_notified(&mut self, index: usize) {
         match self.kick_queues.get(index) {
@@ -452,6 +459,36 @@ impl WorkerHandler for VsockQueues {
 
     fn extra_ready(&mut self, _index: usize) {
         self.handle_muxer_events();
+    }
+
+    // Adaptive polling (see `worker`): while the guest keeps the queues busy
+    // the worker watches the rings instead of waiting for kicks, whose
+    // wake-ups cost more than the packets they announce.
+    fn polls(&self) -> bool {
+        true
+    }
+
+    fn poll(&mut self) -> bool {
+        let mut worked = false;
+        if !self.tx_stalled
+            && self
+                .tx
+                .as_ref()
+                .is_some_and(|q| has_new_chains(q, &self.memory))
+        {
+            self.process_tx();
+            worked = true;
+        }
+        if self.muxer.has_rx_work()
+            && self
+                .rx
+                .as_ref()
+                .is_some_and(|q| has_new_chains(q, &self.memory))
+        {
+            self.process_rx();
+            worked = true;
+        }
+        worked
     }
 
     fn started(&mut self) {
