@@ -194,6 +194,8 @@ struct VsockQueues {
     wake: EventFd,
     /// Tx chains are left in the ring until RSTs drain (`Muxer::tx_blocked`).
     tx_stalled: bool,
+    /// The worker polls the rings: the driver's notifications stay off.
+    polling: bool,
     payload: Vec<u8>,
     packet: Vec<u8>,
 }
@@ -250,7 +252,8 @@ impl VsockQueues {
                 return Ok(used);
             }
             let Some(chain) = pop_chain(queue, &self.memory)? else {
-                if queue.enable_notification(&self.memory)? {
+                // While polling the driver is not asked to kick.
+                if !self.polling && queue.enable_notification(&self.memory)? {
                     continue;
                 }
                 return Ok(used);
@@ -312,8 +315,9 @@ impl VsockQueues {
             }
             let Some(chain) = pop_chain(queue, &self.memory)? else {
                 // Out of buffers: host sockets wait (their data stays in
-                // their socket buffers) until the guest adds some and kicks.
-                if queue.enable_notification(&self.memory)? {
+                // their socket buffers) until the guest adds some and kicks
+                // (or, while polling, until the poll finds them).
+                if !self.polling && queue.enable_notification(&self.memory)? {
                     continue;
                 }
                 break;
@@ -468,6 +472,31 @@ impl WorkerHandler for VsockQueues {
         true
     }
 
+    /// While the worker polls, the driver need not kick (each kick is a VM
+    /// exit): notifications off on both rings.
+    fn poll_start(&mut self) {
+        self.polling = true;
+        for queue in [self.rx.as_mut(), self.tx.as_mut()].into_iter().flatten() {
+            let _ = queue.disable_notification(&self.memory);
+        }
+    }
+
+    /// Notifications back on before the worker sleeps; a chain made
+    /// available meanwhile, which no kick announced, is taken now.
+    fn poll_stop(&mut self) -> bool {
+        self.polling = false;
+        let mut missed = false;
+        for queue in [self.rx.as_mut(), self.tx.as_mut()].into_iter().flatten() {
+            // Err: a broken ring, which the next processing reports.
+            missed |= queue.enable_notification(&self.memory).unwrap_or(true);
+        }
+        if missed {
+            self.process_tx();
+            self.process_rx();
+        }
+        missed
+    }
+
     fn poll(&mut self) -> bool {
         let mut worked = false;
         if !self.tx_stalled
@@ -575,6 +604,7 @@ impl VirtioDevice for Vsock {
             timer_armed: false,
             wake,
             tx_stalled: false,
+            polling: false,
             payload: Vec::with_capacity(MAX_PAYLOAD),
             packet: Vec::with_capacity(HEADER_SIZE + MAX_PAYLOAD),
         };
