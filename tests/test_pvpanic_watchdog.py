@@ -269,3 +269,31 @@ def test_a_snapshot_keeps_both_devices(tmp_path: Path) -> None:
         assert "step pvpanic ok" in restored.serial.text
         found, _ = restored.device_events()
         assert DeviceEvent("guest", "panic", {"event": "panic"}) in found
+
+
+def test_the_watchdog_resets_a_bzimage_guest_too(tmp_path: Path) -> None:
+    # The other boot format: pets, then silence, then the reset (a second
+    # boot, reported as v37 reports a guest reset), in process.
+    config = VmConfig.from_cli(
+        [
+            "--kernel", str(testguest.image_path("bzimage")),
+            "--cmdline", testguest.cmdline(
+                ["watchdog"], "halt", watchdog_pets=2, watchdog_pet_ms=200
+            ),
+            "--memory", "size=128M",
+            "--serial", "tty", "--console", "off",
+            "--watchdog",
+        ]
+    )  # fmt: skip
+    with Vm(config) as vm:
+        vm.boot()
+        vm.serial.wait_for(r"step watchdog ok pets=2", timeout=30)
+        petted = time.monotonic()
+        deadline = petted + 60
+        while vm.serial.text.count("boot protocol=linux64") < 2:
+            assert time.monotonic() < deadline, vm.serial.text[-1000:]
+            time.sleep(0.05)
+        waited = time.monotonic() - petted
+        assert 25 < waited < 40, f"reset {waited:.1f} s after the last pet"
+        found, _ = vm.device_events()
+        assert [e.event for e in found if e.source == "vm"] == ["shutdown", "booting", "booted"]
