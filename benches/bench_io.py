@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from machine import CH, machine, qemu_binary, vmm_cpu_seconds
+from machine import CH, Hogs, machine, qemu_binary, vmm_cpu_seconds
 from vmkit import testguest
 
 IMAGE_SIZE = 256 << 20
@@ -284,28 +284,6 @@ def host_rate(image: Path, row: Row) -> float | None:
         os.close(fd)
         buffer.close()
     return done / elapsed / 1e6
-
-
-class Hogs:
-    """One busy-loop process per CPU at normal priority, while the block runs."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def __enter__(self) -> Hogs:
-        if self.enabled:
-            for _ in range(os.cpu_count() or 1):
-                self.procs.append(
-                    subprocess.Popen([sys.executable, "-S", "-c", "while True: pass"])
-                )
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        for proc in self.procs:
-            proc.kill()
-        for proc in self.procs:
-            proc.wait()
 
 
 @dataclass

@@ -82,7 +82,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from machine import CH, machine, vmm_cpu_seconds
+from machine import CH, Hogs, machine, vmm_cpu_seconds
 from vmkit import testguest
 from vmkit._vsock import connect
 
@@ -328,28 +328,6 @@ def run_rr(vm: Vmm, requests: int, stall: float) -> Sample:
     times.sort()
     p99 = times[min(len(times) - 1, int(len(times) * 0.99))]
     return Sample(statistics.median(times), p99=p99)
-
-
-class Hogs:
-    """One busy-loop process per CPU at normal priority, while the block runs."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def __enter__(self) -> Hogs:
-        if self.enabled:
-            for _ in range(os.cpu_count() or 1):
-                self.procs.append(
-                    subprocess.Popen([sys.executable, "-S", "-c", "while True: pass"])
-                )
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        for proc in self.procs:
-            proc.kill()
-        for proc in self.procs:
-            proc.wait()
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The machine line every benchmark prints beside its figures."""
+"""What the benchmarks share: the machine line, where the peers are, a VMM's CPU time, CPU hogs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -74,3 +75,25 @@ def vmm_cpu_seconds(pid: int) -> float:
         except (FileNotFoundError, ProcessLookupError):
             continue  # the thread has just exited
     return total / CLOCK_TICKS
+
+
+class Hogs:
+    """One busy-loop process per CPU at normal priority, while the block runs."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Hogs:
+        if self.enabled:
+            for _ in range(os.cpu_count() or 1):
+                self.procs.append(
+                    subprocess.Popen([sys.executable, "-S", "-c", "while True: pass"])
+                )
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for proc in self.procs:
+            proc.kill()
+        for proc in self.procs:
+            proc.wait()
