@@ -292,7 +292,7 @@ struct config {
     size_t bench_mode_len;
     u64 bench_size, bench_depth, bench_count, bench_lax_len;
     bool bench_bad;
-    u64 net_timeout_ms;
+    u64 net_timeout_ms, net_lax_len;
     bool net_bad;
     u64 dirty_mib, dirty_rounds, dirty_ms;
     bool dirty_bad;

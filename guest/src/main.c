@@ -140,6 +140,8 @@ static void parse_cmdline(void)
             cfg.dirty_bad |= !parse_u64(s + start + k, len - k, &cfg.dirty_ms);
         } else if (starts_with(s + start, len, "net_timeout_ms=", &k)) {
             cfg.net_bad = !parse_u64(s + start + k, len - k, &cfg.net_timeout_ms);
+        } else if (starts_with(s + start, len, "net_lax_len=", &k)) {
+            cfg.net_bad |= !parse_u64(s + start + k, len - k, &cfg.net_lax_len);
         } else if (starts_with(s + start, len, "pvpanic_event=", &k)) {
             cfg.pvpanic_bad = !parse_u64(s + start + k, len - k, &cfg.pvpanic_event) ||
                               cfg.pvpanic_event > 0xff;

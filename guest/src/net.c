@@ -116,6 +116,7 @@ static bool net_run(struct vdev *v, struct result *r)
         return false;
     rxq = &v->q[0];
     txq = &v->q[1];
+    txq->lax_len = cfg.net_lax_len != 0;
 
     /* Receive buffers first, so the answer cannot come before them. */
     nrx = rxq->size < NET_RX_BUFS ? rxq->size : NET_RX_BUFS;

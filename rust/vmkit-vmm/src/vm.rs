@@ -116,6 +116,11 @@ pub enum VmError {
     MigrationConfig { detail: String },
     #[error("Error from device manager: MissingVirtioBalloon")]
     NoBalloon,
+    #[error(
+        "{what} of a VM with vhost-user devices (--disk/--net vhost_user=on, --fs) is not \
+         supported yet: their backends hold state vmkit cannot save"
+    )]
+    VhostUserState { what: &'static str },
 }
 
 impl ModuleError for VmError {
@@ -136,6 +141,7 @@ impl ModuleError for VmError {
             }
             MigrationConfig { .. } => ErrorKind::Migration,
             NoBalloon => ErrorKind::Device,
+            VhostUserState { .. } => ErrorKind::Unsupported,
         }
     }
 }
@@ -436,6 +442,9 @@ pub struct Vm {
     adopted_taps: Mutex<HashMap<String, Vec<std::fs::File>>>,
     /// The balloon's target once `vm.resize` set it: later boots keep it.
     balloon_size: Mutex<Option<u64>>,
+    /// Connections to vhost-user backends, from the first boot until the VM
+    /// stops: resets keep them.
+    vhost_links: crate::device_manager::VhostLinks,
 }
 
 fn is_pvm_host() -> bool {
@@ -516,6 +525,7 @@ impl Vm {
             exit_event,
             adopted_taps: Mutex::new(HashMap::new()),
             balloon_size: Mutex::new(None),
+            vhost_links: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -957,6 +967,11 @@ impl Vm {
     /// Reports a stopped boot (its threads joined, its devices stopped).
     fn finish(&self, reason: StopReason) {
         self.held_disk_locks().clear();
+        // Closes the backends' connections (and server mode's sockets).
+        self.vhost_links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let mut life = self.lock();
         for backend in self.serial.iter().chain(&self.console) {
             backend.attach(None);
@@ -1033,7 +1048,14 @@ impl Vm {
             return Ok(Vec::new());
         }
         let mut locks = Vec::new();
-        for disk in self.config().disks.iter().flatten() {
+        // A vhost-user disk's image is its backend's to lock.
+        for disk in self
+            .config()
+            .disks
+            .iter()
+            .flatten()
+            .filter(|d| !d.vhost_user)
+        {
             // Named as when the device itself fails to open the image.
             let lock = ImageLock::take(disk).map_err(|source| DeviceManagerError::Block {
                 id: disk.id.clone().unwrap_or_default(),
@@ -1121,6 +1143,7 @@ impl Vm {
             device_events: &self.device_events,
             spawner: &self.spawner,
             adopted_taps: &adopted_taps,
+            vhost_links: &self.vhost_links,
             balloon_size: *self.balloon_size.lock().unwrap_or_else(|p| p.into_inner()),
         })?;
         drop(adopted_taps);
@@ -1235,6 +1258,9 @@ impl Vm {
     /// PCI devices' configuration and registers (started virtio devices
     /// finish what they took from their rings first).
     pub fn snapshot(&self, dir: &std::path::Path) -> Result<()> {
+        if has_vhost_user(self.config()) {
+            return Err(VmError::VhostUserState { what: "Snapshot" }.into());
+        }
         let life = self.lock_settled();
         if life.state != VmState::Paused {
             return Err(VmError::SnapshotNotPaused.into());
@@ -1393,6 +1419,9 @@ impl Vm {
     /// on here as before, unless the receiver may already run it (the
     /// connection ended after the last step): then it stays paused.
     pub fn send_migration(&self, path: &std::path::Path, local: bool) -> Result<MigrationReport> {
+        if has_vhost_user(self.config()) {
+            return Err(VmError::VhostUserState { what: "Migration" }.into());
+        }
         let started = Instant::now();
         let mut life = self.lock_settled();
         let Some(instance) = &life.instance else {
@@ -1847,6 +1876,13 @@ impl Drop for StopReporter<'_> {
     }
 }
 
+/// Whether a backend process serves some of the VM's devices.
+fn has_vhost_user(config: &VmConfig) -> bool {
+    config.disks.iter().flatten().any(|d| d.vhost_user)
+        || config.net.iter().flatten().any(|n| n.vhost_user)
+        || config.fs.as_ref().is_some_and(|f| !f.is_empty())
+}
+
 /// Refuses what this VMM cannot provide yet, naming the option.
 fn check_supported(config: &VmConfig) -> Result<()> {
     if config.console.mode == ConsoleOutputMode::Socket {
@@ -1864,10 +1900,6 @@ fn check_supported(config: &VmConfig) -> Result<()> {
         list.as_ref().is_some_and(|l| !l.is_empty())
     }
     let requested = [
-        (
-            config.disks.iter().flatten().any(|d| d.vhost_user),
-            "--disk vhost_user=on (vhost-user-blk)",
-        ),
         (config.iommu, "--iommu"),
         (
             config.disks.iter().flatten().any(|d| d.iommu),
@@ -1886,14 +1918,9 @@ fn check_supported(config: &VmConfig) -> Result<()> {
             "--platform iommu_segments",
         ),
         (
-            config.net.iter().flatten().any(|n| n.vhost_user),
-            "--net vhost_user=on (vhost-user-net)",
-        ),
-        (
             config.net.iter().flatten().any(|n| n.iommu),
             "--net iommu=on",
         ),
-        (some(&config.fs), "--fs (virtio-fs)"),
         (
             config.pmem.iter().flatten().any(|p| p.iommu),
             "--pmem iommu=on",

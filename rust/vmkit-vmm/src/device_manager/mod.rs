@@ -66,6 +66,12 @@ pub enum DeviceManagerError {
         #[source]
         source: Error,
     },
+    #[error("{id}: vhost-user device")]
+    VhostUser {
+        id: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("{what}: interrupt eventfd")]
     EventFd {
         what: &'static str,
@@ -94,6 +100,7 @@ impl ModuleError for DeviceManagerError {
             DeviceManagerError::NoFreeSlot { .. }
             | DeviceManagerError::WindowFull { .. }
             | DeviceManagerError::EventFd { .. }
+            | DeviceManagerError::VhostUser { .. }
             | DeviceManagerError::Overlap { .. } => ErrorKind::Device,
         }
     }
@@ -121,7 +128,13 @@ pub struct DeviceContext<'a> {
     /// Tap queues handed over by a migration's sender, by net device id:
     /// those devices adopt them instead of opening their taps.
     pub adopted_taps: &'a std::collections::HashMap<String, Vec<std::fs::File>>,
+    /// Connections to vhost-user backends, by device id: kept by the VM
+    /// across the resets that rebuild the devices.
+    pub vhost_links: &'a VhostLinks,
 }
+
+pub type VhostLinks =
+    Mutex<std::collections::HashMap<String, crate::virtio::vhost_user::link::SharedLink>>;
 
 /// What device kinds take before the PCI functions are placed (address
 /// ranges from their segment's windows, KVM memory slots past RAM's) and

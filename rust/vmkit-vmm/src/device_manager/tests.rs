@@ -44,6 +44,7 @@ mod needs_kvm {
             debug_log: &Arc::new(Mutex::new(Vec::new())),
             device_events: &Arc::new(DeviceEventLog::new().unwrap()),
             adopted_taps: &Default::default(),
+            vhost_links: &Default::default(),
             balloon_size: None,
         })
         .unwrap();

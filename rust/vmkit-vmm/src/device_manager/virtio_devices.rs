@@ -1,6 +1,6 @@
 //! The virtio devices of a config, one function per kind. The table's order
 //! is Cloud Hypervisor's, which decides the PCI slots: console, disks, nets,
-//! rng, pmem, vsock, balloon, then the watchdog. A new kind is a new device module plus one
+//! rng, fs, pmem, vsock, balloon, then the watchdog. A new kind is a new device module plus one
 //! entry here.
 
 use std::collections::HashMap;
@@ -14,6 +14,8 @@ use crate::virtio::console::Console;
 use crate::virtio::net::Net;
 use crate::virtio::pmem::{self, Pmem};
 use crate::virtio::rng::Rng;
+use crate::virtio::vhost_user::link::{Link, SharedLink};
+use crate::virtio::vhost_user::{DeviceSpec, Personality, VhostUserDevice};
 use crate::virtio::vsock::Vsock;
 use crate::virtio::watchdog::Watchdog;
 use crate::virtio::VirtioDevice;
@@ -30,8 +32,9 @@ pub struct VirtioSpec {
 type VirtioKind = fn(&DeviceContext<'_>, &mut Reservations<'_>) -> Result<Vec<VirtioSpec>>;
 
 /// Every virtio device kind, in Cloud Hypervisor's order.
-pub const VIRTIO_KINDS: [VirtioKind; 8] =
-    [console, disks, nets, rng, pmem, vsock, balloon, watchdog];
+pub const VIRTIO_KINDS: [VirtioKind; 9] = [
+    console, disks, nets, rng, fs, pmem, vsock, balloon, watchdog,
+];
 
 fn console(ctx: &DeviceContext<'_>, _: &mut Reservations<'_>) -> Result<Vec<VirtioSpec>> {
     let Some(backend) = ctx.console else {
@@ -59,6 +62,20 @@ fn disks(ctx: &DeviceContext<'_>, _: &mut Reservations<'_>) -> Result<Vec<Virtio
     let mut specs = Vec::new();
     for disk in ctx.config.disks.iter().flatten() {
         let id = disk.id.clone().unwrap_or_default();
+        if disk.vhost_user {
+            let spec = DeviceSpec {
+                option: "--disk",
+                id: id.clone(),
+                socket: disk.vhost_socket.clone().unwrap_or_default(),
+                server: false,
+                queue_size: disk.queue_size,
+                personality: Personality::Block {
+                    num_queues: disk.num_queues,
+                },
+            };
+            specs.push(vhost_user_spec(ctx, spec, disk.pci_segment)?);
+            continue;
+        }
         let group = match disk.rate_limit_group.as_deref() {
             Some(name) => Some(groups.get(name).cloned().ok_or_else(|| {
                 DeviceManagerError::NoRateLimitGroup {
@@ -88,6 +105,22 @@ fn nets(ctx: &DeviceContext<'_>, _: &mut Reservations<'_>) -> Result<Vec<VirtioS
     let mut specs = Vec::new();
     for net in ctx.config.net.iter().flatten() {
         let id = net.id.clone().unwrap_or_default();
+        if net.vhost_user {
+            let spec = DeviceSpec {
+                option: "--net",
+                id: id.clone(),
+                socket: net.vhost_socket.clone().unwrap_or_default(),
+                server: net.vhost_mode == vmkit_config::VhostMode::Server,
+                queue_size: net.queue_size,
+                personality: Personality::Net {
+                    pairs: (net.num_queues / 2).max(1),
+                    mac: net.mac.0,
+                    mtu: net.mtu,
+                },
+            };
+            specs.push(vhost_user_spec(ctx, spec, net.pci_segment)?);
+            continue;
+        }
         let device = match ctx.adopted_taps.get(&id) {
             Some(fds) => Net::adopt(net, &id, fds)?,
             None => Net::new(net, &id)?,
@@ -108,6 +141,49 @@ fn rng(ctx: &DeviceContext<'_>, _: &mut Reservations<'_>) -> Result<Vec<VirtioSp
         id,
         segment: 0,
     }])
+}
+
+fn fs(ctx: &DeviceContext<'_>, _: &mut Reservations<'_>) -> Result<Vec<VirtioSpec>> {
+    let mut specs = Vec::new();
+    for fs in ctx.config.fs.iter().flatten() {
+        let spec = DeviceSpec {
+            option: "--fs",
+            id: fs.id.clone().unwrap_or_default(),
+            socket: fs.socket.clone(),
+            server: false,
+            queue_size: fs.queue_size,
+            personality: Personality::Fs {
+                tag: fs.tag.clone(),
+                request_queues: fs.num_queues,
+            },
+        };
+        specs.push(vhost_user_spec(ctx, spec, fs.pci_segment)?);
+    }
+    Ok(specs)
+}
+
+/// A vhost-user device on the VM's link to its backend: made at the first
+/// boot, kept across resets (the backend keeps its one connection).
+fn vhost_user_spec(ctx: &DeviceContext<'_>, spec: DeviceSpec, segment: u16) -> Result<VirtioSpec> {
+    let mut links = ctx.vhost_links.lock().unwrap_or_else(|p| p.into_inner());
+    let link: SharedLink = match links.get(&spec.id) {
+        Some(link) => link.clone(),
+        None => {
+            let link = Link::open(spec.wanted(), spec.server)?;
+            links.insert(spec.id.clone(), link.clone());
+            link
+        }
+    };
+    let device =
+        VhostUserDevice::new(&spec, link).map_err(|source| DeviceManagerError::VhostUser {
+            id: spec.id.clone(),
+            source,
+        })?;
+    Ok(VirtioSpec {
+        id: spec.id,
+        segment,
+        device: Box::new(device),
+    })
 }
 
 fn pmem(ctx: &DeviceContext<'_>, reserve: &mut Reservations<'_>) -> Result<Vec<VirtioSpec>> {

@@ -52,6 +52,8 @@ pub enum ThreadKind {
     Console,
     /// virtio-vsock worker: the queues and the host's unix sockets.
     Vsock,
+    /// vhost-user device relay: the backend's signals, its connection.
+    VhostUser,
     /// Serial/console input from the terminal or a pty.
     SerialInput,
     /// Serial/console `socket=`: accepts a client and pumps its input.
@@ -61,7 +63,7 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 15] = [
+    pub const ALL: [ThreadKind; 16] = [
         ThreadKind::Vcpu,
         ThreadKind::Vmm,
         ThreadKind::Spawner,
@@ -74,6 +76,7 @@ impl ThreadKind {
         ThreadKind::Balloon,
         ThreadKind::Console,
         ThreadKind::Vsock,
+        ThreadKind::VhostUser,
         ThreadKind::SerialInput,
         ThreadKind::SerialSocket,
         ThreadKind::Process,
@@ -93,6 +96,7 @@ impl ThreadKind {
             ThreadKind::Balloon => "balloon",
             ThreadKind::Console => "console",
             ThreadKind::Vsock => "vsock",
+            ThreadKind::VhostUser => "vhost-user",
             ThreadKind::SerialInput => "serial input",
             ThreadKind::SerialSocket => "serial socket",
             ThreadKind::Process => "vmkit process",
@@ -114,6 +118,7 @@ impl ThreadKind {
                 Balloon,
                 Console,
                 Vsock,
+                VhostUser,
             ],
             Process => &[Vmm, Vcpu, Spawner, SerialInput, SerialSocket],
             _ => &[],
@@ -524,6 +529,27 @@ fn own_rules(kind: ThreadKind) -> Rules {
             // Connections end here: std's debug builds check that an fd is
             // open before they close it.
             r.allow_if(libc::SYS_fcntl, vec![arg_eq(1, libc::F_GETFD as u64)]);
+            r
+        }
+        ThreadKind::VhostUser => {
+            let mut r = worker();
+            r.allow(&[
+                // Requests to the backend and its replies (with the memory
+                // and eventfd descriptors they carry).
+                libc::SYS_sendmsg,
+                libc::SYS_recvmsg,
+                // Its socket and (server mode) listener join the epoll.
+                libc::SYS_epoll_ctl,
+                // A backend that went: connecting again (client mode) or
+                // accepting it (server mode), and the reply timeouts.
+                libc::SYS_connect,
+                libc::SYS_accept4,
+                libc::SYS_setsockopt,
+                libc::SYS_fcntl,
+            ]);
+            // std's set_nonblocking on the listener.
+            r.ioctls(&[FIONBIO]);
+            r.allow_if(libc::SYS_socket, vec![arg_eq(0, libc::AF_UNIX as u64)]);
             r
         }
         ThreadKind::SerialInput => {

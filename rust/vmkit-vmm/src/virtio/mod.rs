@@ -17,6 +17,7 @@ pub mod pmem;
 pub mod rng;
 #[cfg(test)]
 pub mod testing;
+pub mod vhost_user;
 pub mod vsock;
 pub mod watchdog;
 pub mod worker;

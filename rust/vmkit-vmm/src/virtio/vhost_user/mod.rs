@@ -1,0 +1,781 @@
+//! vhost-user devices: virtio-blk (`--disk vhost_user=on`), virtio-net
+//! (`--net vhost_user=on`) and virtio-fs (`--fs`) whose queues a backend
+//! process serves over shared guest memory, as Cloud Hypervisor builds them.
+//!
+//! The VMM keeps the transport and the device configuration; the backend
+//! gets guest memory, the rings and each queue's kick eventfd (the guest's
+//! notifications go straight to it). Each device has one relay thread: it
+//! turns the backend's used-buffer signals into the transport's interrupts,
+//! serves virtio-net's control queue, forwards configuration writes, and
+//! connects the backend again when it goes (server mode: when it connects
+//! back; client mode: for a minute, then the device asks for a reset).
+
+pub mod link;
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use self::link::{Link, RingSetup, SharedLink, Wanted, CONNECT_WINDOW, RETRY_INTERVAL};
+use super::{
+    pop_chain, queue_failed, read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice,
+    F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, TYPE_BLOCK, TYPE_NET,
+};
+use crate::memory::GuestMemoryMmap;
+use crate::seccomp::ThreadKind;
+
+pub const TYPE_FS: u32 = 26;
+
+// virtio-blk feature bits (virtio 1.2 §5.2.3).
+const BLK_F_SIZE_MAX: u64 = 1 << 1;
+const BLK_F_SEG_MAX: u64 = 1 << 2;
+const BLK_F_GEOMETRY: u64 = 1 << 4;
+const BLK_F_RO: u64 = 1 << 5;
+const BLK_F_BLK_SIZE: u64 = 1 << 6;
+const BLK_F_FLUSH: u64 = 1 << 9;
+const BLK_F_TOPOLOGY: u64 = 1 << 10;
+const BLK_F_CONFIG_WCE: u64 = 1 << 11;
+const BLK_F_MQ: u64 = 1 << 12;
+const BLK_F_DISCARD: u64 = 1 << 13;
+const BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+/// struct virtio_blk_config up to write_zeroes_may_unmap and its padding.
+const BLK_CONFIG_LEN: usize = 60;
+const BLK_WRITEBACK_OFFSET: u64 = 32;
+const BLK_NUM_QUEUES_OFFSET: usize = 34;
+
+use super::net::{
+    F_CSUM, F_CTRL_VQ, F_GUEST_CSUM, F_GUEST_ECN, F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_UFO,
+    F_HOST_ECN, F_HOST_TSO4, F_HOST_TSO6, F_HOST_UFO, F_MAC, F_MQ, F_MRG_RXBUF, F_MTU,
+};
+/// mac, status, max_virtqueue_pairs, mtu.
+const NET_CONFIG_LEN: usize = 12;
+
+/// virtio-fs: the tag's bytes in the configuration (virtio 1.2 §5.11.4).
+pub const FS_TAG_LEN: usize = 36;
+
+/// Ring features every vhost-user device offers, and the protocol bit.
+const DEFAULT_FEATURES: u64 =
+    F_RING_INDIRECT_DESC | F_RING_EVENT_IDX | F_VERSION_1 | link::PROTOCOL_FEATURES;
+
+/// What the device is, beyond its backend.
+#[derive(Debug, Clone)]
+pub enum Personality {
+    Block {
+        num_queues: usize,
+    },
+    Net {
+        pairs: usize,
+        mac: [u8; 6],
+        mtu: Option<u16>,
+    },
+    Fs {
+        tag: String,
+        request_queues: usize,
+    },
+}
+
+/// What a vhost-user device is built from.
+pub struct DeviceSpec {
+    pub option: &'static str,
+    pub id: String,
+    pub socket: String,
+    pub server: bool,
+    pub queue_size: u16,
+    pub personality: Personality,
+}
+
+impl DeviceSpec {
+    /// What to ask of the backend.
+    pub fn wanted(&self) -> Wanted {
+        let (features, protocol, queues, config_len) = match &self.personality {
+            Personality::Block { num_queues } => {
+                let mut features = BLK_F_SIZE_MAX
+                    | BLK_F_SEG_MAX
+                    | BLK_F_GEOMETRY
+                    | BLK_F_RO
+                    | BLK_F_BLK_SIZE
+                    | BLK_F_FLUSH
+                    | BLK_F_TOPOLOGY
+                    | BLK_F_CONFIG_WCE
+                    | BLK_F_DISCARD
+                    | BLK_F_WRITE_ZEROES
+                    | DEFAULT_FEATURES;
+                if *num_queues > 1 {
+                    features |= BLK_F_MQ;
+                }
+                let protocol = VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::REPLY_ACK;
+                (features, protocol, *num_queues, BLK_CONFIG_LEN)
+            }
+            Personality::Net { pairs, mtu, .. } => {
+                let mut features = F_CSUM
+                    | F_GUEST_CSUM
+                    | F_GUEST_TSO4
+                    | F_GUEST_TSO6
+                    | F_GUEST_ECN
+                    | F_GUEST_UFO
+                    | F_HOST_TSO4
+                    | F_HOST_TSO6
+                    | F_HOST_ECN
+                    | F_HOST_UFO
+                    | F_MRG_RXBUF
+                    | F_CTRL_VQ
+                    | F_RING_EVENT_IDX
+                    | F_VERSION_1
+                    | link::PROTOCOL_FEATURES;
+                if mtu.is_some() {
+                    features |= F_MTU;
+                }
+                if *pairs > 1 {
+                    features |= F_MQ;
+                }
+                let protocol = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+                (features, protocol, pairs * 2, 0)
+            }
+            Personality::Fs { request_queues, .. } => {
+                let protocol = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+                (DEFAULT_FEATURES, protocol, 1 + request_queues, 0)
+            }
+        };
+        Wanted {
+            option: self.option,
+            id: self.id.clone(),
+            socket: self.socket.clone(),
+            features,
+            protocol,
+            queues,
+            config_len,
+        }
+    }
+}
+
+/// The last configuration write the driver made that the backend has not
+/// seen yet (virtio-blk's writeback field).
+#[derive(Default)]
+struct PendingConfig {
+    write: Mutex<Option<(u32, Vec<u8>)>>,
+}
+
+pub struct VhostUserDevice {
+    id: String,
+    device_type: u32,
+    link: SharedLink,
+    queue_sizes: Vec<u16>,
+    /// Offered to the driver.
+    features: u64,
+    config: Vec<u8>,
+    /// virtio-net's control queue, served here (its index).
+    ctrl_queue: Option<u16>,
+    pending_config: Arc<PendingConfig>,
+    config_signal: Arc<EventFd>,
+    relay: Option<RelayHandle>,
+}
+
+struct RelayHandle {
+    kill: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            if let Err(e) = self.kill.write(1) {
+                log::error!("vhost-user relay: cannot stop the thread: {e}; it is left running");
+                return;
+            }
+            if thread.join().is_err() {
+                log::error!("vhost-user relay: the thread panicked");
+            }
+        }
+    }
+}
+
+impl VhostUserDevice {
+    /// A device on `link` (already connected and negotiated).
+    pub fn new(spec: &DeviceSpec, link: SharedLink) -> std::io::Result<VhostUserDevice> {
+        let (features, protocol_bits, backend_config) = {
+            let link = Link::lock(&link);
+            (link.features(), link.protocol(), link.config().to_vec())
+        };
+        let _ = protocol_bits;
+        let size = spec.queue_size;
+        let (device_type, queue_sizes, features, config, ctrl_queue) = match &spec.personality {
+            Personality::Block { num_queues } => {
+                let mut config = backend_config;
+                config.resize(BLK_CONFIG_LEN, 0);
+                let queues = u16::try_from(*num_queues).unwrap_or(u16::MAX);
+                config[BLK_NUM_QUEUES_OFFSET..BLK_NUM_QUEUES_OFFSET + 2]
+                    .copy_from_slice(&queues.to_le_bytes());
+                (
+                    TYPE_BLOCK,
+                    vec![size; *num_queues],
+                    features & !link::PROTOCOL_FEATURES,
+                    config,
+                    None,
+                )
+            }
+            Personality::Net { pairs, mac, mtu } => {
+                let mut config = vec![0u8; NET_CONFIG_LEN];
+                config[..6].copy_from_slice(mac);
+                let mut features = (features & !link::PROTOCOL_FEATURES) | F_MAC;
+                if *pairs > 1 {
+                    let pairs = u16::try_from(*pairs).unwrap_or(u16::MAX);
+                    config[8..10].copy_from_slice(&pairs.to_le_bytes());
+                } else {
+                    features &= !F_MQ;
+                }
+                if let Some(mtu) = mtu {
+                    config[10..12].copy_from_slice(&mtu.to_le_bytes());
+                }
+                let mut sizes = vec![size; pairs * 2];
+                // The control queue is the VMM's: the backend only moves frames.
+                let ctrl_queue = if features & F_CTRL_VQ != 0 {
+                    sizes.push(size);
+                    Some((pairs * 2) as u16)
+                } else {
+                    None
+                };
+                (TYPE_NET, sizes, features, config, ctrl_queue)
+            }
+            Personality::Fs {
+                tag,
+                request_queues,
+            } => {
+                let mut config = vec![0u8; FS_TAG_LEN + 4];
+                let bytes = tag.as_bytes();
+                let n = bytes.len().min(FS_TAG_LEN);
+                config[..n].copy_from_slice(&bytes[..n]);
+                let queues = u32::try_from(*request_queues).unwrap_or(u32::MAX);
+                config[FS_TAG_LEN..].copy_from_slice(&queues.to_le_bytes());
+                (
+                    TYPE_FS,
+                    vec![size; 1 + request_queues],
+                    features & !link::PROTOCOL_FEATURES,
+                    config,
+                    None,
+                )
+            }
+        };
+        Ok(VhostUserDevice {
+            id: spec.id.clone(),
+            device_type,
+            link,
+            queue_sizes,
+            features,
+            config,
+            ctrl_queue,
+            pending_config: Arc::new(PendingConfig::default()),
+            config_signal: Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?),
+            relay: None,
+        })
+    }
+}
+
+impl VirtioDevice for VhostUserDevice {
+    fn device_type(&self) -> u32 {
+        self.device_type
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        self.queue_sizes.clone()
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // virtio-blk's writeback byte is the one writable field.
+        if self.device_type != TYPE_BLOCK
+            || offset != BLK_WRITEBACK_OFFSET
+            || data.len() != 1
+            || self.features & BLK_F_CONFIG_WCE == 0
+        {
+            return;
+        }
+        self.config[BLK_WRITEBACK_OFFSET as usize] = data[0];
+        *self
+            .pending_config
+            .write
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((offset as u32, data.to_vec()));
+        // The relay sends it; without one it goes at the next start.
+        let _ = self.config_signal.write(1);
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let kill = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|e| ActivateError::io("eventfd", e))?;
+        let mut rings = Vec::new();
+        let mut ctrl = None;
+        for active in activation.queues {
+            if Some(active.index) == self.ctrl_queue {
+                ctrl = Some(CtrlQueue {
+                    index: active.index,
+                    queue: active.queue,
+                    kick: active.kick,
+                    pairs: (self.ctrl_queue.unwrap_or(0) / 2).max(1),
+                    acked: activation.acked_features,
+                });
+                continue;
+            }
+            let call = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(|e| ActivateError::io("eventfd", e))?;
+            rings.push(Ring {
+                index: active.index,
+                size: active.queue.size(),
+                desc: GuestAddress(active.queue.desc_table()),
+                avail: GuestAddress(active.queue.avail_ring()),
+                used: GuestAddress(active.queue.used_ring()),
+                base: AtomicU16::new(active.queue.next_avail()),
+                kick: active.kick,
+                call,
+            });
+        }
+        let relay = Relay {
+            id: self.id.clone(),
+            link: self.link.clone(),
+            memory: activation.memory,
+            interrupt: activation.interrupt,
+            driver_features: activation.acked_features,
+            rings,
+            ctrl,
+            pending_config: self.pending_config.clone(),
+            config_signal: self.config_signal.clone(),
+            kill: kill
+                .try_clone()
+                .map_err(|e| ActivateError::io("eventfd", e))?,
+            lost_since: None,
+            gave_up: false,
+            stream_registered: None,
+        };
+        let epoll = relay
+            .epoll()
+            .map_err(|e| ActivateError::io("vhost-user relay epoll", e))?;
+        let thread = activation
+            .spawner
+            .spawn(
+                format!("{}_vu", self.id),
+                ThreadKind::VhostUser,
+                move || relay.run(epoll),
+            )
+            .map_err(|e| ActivateError::io("vhost-user relay thread", e))?;
+        self.relay = Some(RelayHandle {
+            kill,
+            thread: Some(thread),
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        // Dropping the handle stops the relay, which stops the rings.
+        self.relay = None;
+    }
+}
+
+struct Ring {
+    index: u16,
+    size: u16,
+    desc: GuestAddress,
+    avail: GuestAddress,
+    used: GuestAddress,
+    /// Where the backend starts in the available ring (the queue's position
+    /// at activation; the used index when a backend comes back).
+    base: AtomicU16,
+    kick: EventFd,
+    call: EventFd,
+}
+
+/// virtio-net's control queue (virtio 1.2 §5.1.6.5), served by the relay:
+/// with the frames in the backend there is nothing to change on the host,
+/// so valid commands are acknowledged, as Cloud Hypervisor does.
+struct CtrlQueue {
+    index: u16,
+    queue: Queue,
+    kick: EventFd,
+    pairs: u16,
+    acked: u64,
+}
+
+const CTRL_OK: u8 = 0;
+const CTRL_ERR: u8 = 1;
+const CTRL_MQ: u8 = 4;
+const CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
+const CTRL_GUEST_OFFLOADS: u8 = 5;
+const CTRL_GUEST_OFFLOADS_SET: u8 = 0;
+const F_CTRL_GUEST_OFFLOADS: u64 = 1 << 2;
+/// The longest control command read (class, command and data).
+const MAX_CTRL_COMMAND: usize = 64;
+
+impl CtrlQueue {
+    fn execute(&self, command: &[u8]) -> u8 {
+        match command {
+            [CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, lo, hi, ..] if self.acked & F_MQ != 0 => {
+                let pairs = u16::from_le_bytes([*lo, *hi]);
+                if (1..=self.pairs).contains(&pairs) {
+                    CTRL_OK
+                } else {
+                    CTRL_ERR
+                }
+            }
+            [CTRL_GUEST_OFFLOADS, CTRL_GUEST_OFFLOADS_SET, _, _, _, _, _, _, _, _, ..]
+                if self.acked & F_CTRL_GUEST_OFFLOADS != 0 =>
+            {
+                CTRL_OK
+            }
+            _ => CTRL_ERR,
+        }
+    }
+
+    /// Answers every available command; returns whether any was used.
+    fn process(&mut self, memory: &GuestMemoryMmap) -> Result<bool, virtio_queue::Error> {
+        let mut used = false;
+        loop {
+            self.queue.disable_notification(memory)?;
+            while let Some(chain) = pop_chain(&mut self.queue, memory)? {
+                let head = chain.head_index();
+                let mut command = [0u8; MAX_CTRL_COMMAND];
+                let mut filled = 0;
+                let mut readable_ok = true;
+                for descriptor in chain.clone().readable() {
+                    let room = MAX_CTRL_COMMAND - filled;
+                    let n = (descriptor.len() as usize).min(room);
+                    if memory
+                        .read_slice(&mut command[filled..filled + n], descriptor.addr())
+                        .is_err()
+                    {
+                        readable_ok = false;
+                        break;
+                    }
+                    filled += n;
+                }
+                let ack = if readable_ok {
+                    self.execute(&command[..filled])
+                } else {
+                    CTRL_ERR
+                };
+                let written = chain
+                    .writable()
+                    .find(|d| d.len() >= 1)
+                    .map_or(0, |d| u32::from(memory.write_obj(ack, d.addr()).is_ok()));
+                self.queue.add_used(memory, head, written)?;
+                used = true;
+            }
+            if !self.queue.enable_notification(memory)? {
+                return Ok(used);
+            }
+        }
+    }
+}
+
+/// The relay thread's state.
+struct Relay {
+    id: String,
+    link: SharedLink,
+    memory: GuestMemoryMmap,
+    interrupt: Arc<dyn Interrupt>,
+    driver_features: u64,
+    rings: Vec<Ring>,
+    ctrl: Option<CtrlQueue>,
+    pending_config: Arc<PendingConfig>,
+    config_signal: Arc<EventFd>,
+    kill: EventFd,
+    /// Disconnected since then, looking for the backend.
+    lost_since: Option<Instant>,
+    /// Client mode: the backend did not come back in time.
+    gave_up: bool,
+    stream_registered: Option<RawFd>,
+}
+
+const TOKEN_KILL: u64 = u64::MAX;
+const TOKEN_CTRL: u64 = u64::MAX - 1;
+const TOKEN_STREAM: u64 = u64::MAX - 2;
+const TOKEN_LISTENER: u64 = u64::MAX - 3;
+const TOKEN_CONFIG: u64 = u64::MAX - 4;
+
+impl Relay {
+    fn epoll(&self) -> std::io::Result<Epoll> {
+        let epoll = Epoll::new()?;
+        let add = |fd: RawFd, token: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+        };
+        add(self.kill.as_raw_fd(), TOKEN_KILL)?;
+        add(self.config_signal.as_raw_fd(), TOKEN_CONFIG)?;
+        for (position, ring) in self.rings.iter().enumerate() {
+            add(ring.call.as_raw_fd(), position as u64)?;
+        }
+        if let Some(ctrl) = &self.ctrl {
+            add(ctrl.kick.as_raw_fd(), TOKEN_CTRL)?;
+        }
+        if let Some(listener) = Link::lock(&self.link).listener_fd() {
+            add(listener, TOKEN_LISTENER)?;
+        }
+        Ok(epoll)
+    }
+
+    fn run(mut self, epoll: Epoll) {
+        if Link::lock(&self.link).connected() {
+            self.start_rings(&epoll);
+        } else {
+            self.lost(&epoll, "the backend is not connected");
+        }
+        if let Some(ctrl) = &mut self.ctrl {
+            // Commands the driver queued before its first kick reached us.
+            let _ = ctrl.process(&self.memory);
+        }
+        let mut events = vec![EpollEvent::default(); 16];
+        loop {
+            let retrying = self.lost_since.is_some() && !self.gave_up && !self.is_server();
+            let timeout = if retrying {
+                RETRY_INTERVAL.as_millis() as i32
+            } else {
+                -1
+            };
+            let count = match epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    queue_failed(&self.id, 0, &e, &*self.interrupt);
+                    return self.stop();
+                }
+            };
+            if count == 0 && retrying {
+                self.reconnect(&epoll);
+                continue;
+            }
+            for event in &events[..count] {
+                match event.data() {
+                    TOKEN_KILL => return self.stop(),
+                    TOKEN_CONFIG => {
+                        let _ = self.config_signal.read();
+                        self.send_config();
+                    }
+                    TOKEN_CTRL => self.serve_ctrl(),
+                    TOKEN_STREAM => {
+                        self.lost(&epoll, "the backend disconnected");
+                    }
+                    TOKEN_LISTENER => self.reconnect(&epoll),
+                    position => {
+                        if let Some(ring) = self.rings.get(position as usize) {
+                            let _ = ring.call.read();
+                            if let Err(e) = self.interrupt.signal_queue(ring.index) {
+                                log::warn!("{}: queue {} interrupt lost: {e}", self.id, ring.index);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_server(&self) -> bool {
+        Link::lock(&self.link).is_server()
+    }
+
+    fn serve_ctrl(&mut self) {
+        let Some(ctrl) = &mut self.ctrl else {
+            return;
+        };
+        let _ = ctrl.kick.read();
+        match ctrl.process(&self.memory) {
+            Ok(true) if ctrl.queue.needs_notification(&self.memory).unwrap_or(true) => {
+                if let Err(e) = self.interrupt.signal_queue(ctrl.index) {
+                    log::warn!("{}: control queue interrupt lost: {e}", self.id);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => queue_failed(&self.id, ctrl.index, &e, &*self.interrupt),
+        }
+    }
+
+    fn send_config(&self) {
+        let pending = self
+            .pending_config
+            .write
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some((offset, data)) = pending else {
+            return;
+        };
+        let mut link = Link::lock(&self.link);
+        if !link.connected() {
+            // Sent again once the backend is back.
+            *self
+                .pending_config
+                .write
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some((offset, data));
+            return;
+        }
+        if let Err(e) = link.set_config(offset, &data) {
+            log::warn!("{}: configuration write not passed on: {e}", self.id);
+        }
+    }
+
+    /// Hands the rings to the connected backend; a failure there counts as
+    /// a lost backend.
+    fn start_rings(&mut self, epoll: &Epoll) {
+        let started = {
+            let mut link = Link::lock(&self.link);
+            let setups: Vec<RingSetup<'_>> = self
+                .rings
+                .iter()
+                .map(|ring| RingSetup {
+                    index: usize::from(ring.index),
+                    size: ring.size,
+                    desc: ring.desc,
+                    avail: ring.avail,
+                    used: ring.used,
+                    base: ring.base.load(Ordering::Relaxed),
+                    kick: &ring.kick,
+                    call: &ring.call,
+                })
+                .collect();
+            link.start(&self.memory, self.driver_features, &setups)
+                .map(|()| link.stream_fd())
+        };
+        match started {
+            Ok(stream) => {
+                self.lost_since = None;
+                self.gave_up = false;
+                if let Some(fd) = stream {
+                    self.watch_stream(epoll, fd);
+                }
+                // Buffers the guest added while no backend looked: the kick
+                // may have been consumed by the one that went.
+                for ring in &self.rings {
+                    let _ = ring.kick.write(1);
+                }
+                self.send_config();
+            }
+            Err(e) => {
+                log::warn!("{}: {e}", self.id);
+                self.lost(epoll, "starting the rings failed");
+            }
+        }
+    }
+
+    fn watch_stream(&mut self, epoll: &Epoll, fd: RawFd) {
+        self.unwatch_stream(epoll);
+        let events = EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP;
+        match epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(events, TOKEN_STREAM),
+        ) {
+            Ok(()) => self.stream_registered = Some(fd),
+            Err(e) => log::warn!("{}: cannot watch the backend's socket: {e}", self.id),
+        }
+    }
+
+    fn unwatch_stream(&mut self, epoll: &Epoll) {
+        if let Some(fd) = self.stream_registered.take() {
+            // Already gone from the epoll if the socket was closed.
+            let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+    }
+
+    /// The backend went (or never was): forget its connection and look for
+    /// it again.
+    fn lost(&mut self, epoll: &Epoll, why: &str) {
+        self.unwatch_stream(epoll);
+        let (socket, server) = {
+            let mut link = Link::lock(&self.link);
+            link.disconnect();
+            (link.wanted().socket.clone(), link.is_server())
+        };
+        if self.lost_since.is_none() {
+            if server {
+                log::error!(
+                    "{}: vhost-user backend on {socket}: {why}; waiting for it to connect again",
+                    self.id
+                );
+            } else {
+                log::error!(
+                    "{}: vhost-user backend at {socket}: {why}; connecting again for up to {}s",
+                    self.id,
+                    CONNECT_WINDOW.as_secs()
+                );
+            }
+            self.lost_since = Some(Instant::now());
+        }
+    }
+
+    /// One attempt to get the backend back; on success its rings go on from
+    /// the used rings' indices (what it had finished).
+    fn reconnect(&mut self, epoll: &Epoll) {
+        let attempt = {
+            let mut link = Link::lock(&self.link);
+            if link.connected() {
+                // Server mode, a second backend knocking: turned away.
+                if let Ok(Some(extra)) = link.try_connect() {
+                    drop(extra);
+                }
+                return;
+            }
+            match link.try_connect() {
+                Ok(Some(stream)) => link.attach(stream).map(|()| true),
+                Ok(None) => Ok(false),
+                Err(e) => {
+                    log::debug!("{}: connecting the backend: {e}", self.id);
+                    Ok(false)
+                }
+            }
+        };
+        match attempt {
+            Ok(true) => {
+                for ring in &self.rings {
+                    let used_index = self
+                        .memory
+                        .read_obj::<u16>(ring.used.unchecked_add(2))
+                        .unwrap_or(0);
+                    ring.base.store(used_index, Ordering::Relaxed);
+                }
+                log::info!("{}: vhost-user backend connected again", self.id);
+                self.start_rings(epoll);
+                return;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                log::warn!("{}: {e}", self.id);
+                Link::lock(&self.link).disconnect();
+            }
+        }
+        let expired = self
+            .lost_since
+            .is_some_and(|since| since.elapsed() >= CONNECT_WINDOW);
+        if expired && !self.is_server() && !self.gave_up {
+            self.gave_up = true;
+            let socket = Link::lock(&self.link).wanted().socket.clone();
+            let cause = format!(
+                "the vhost-user backend at {socket} did not come back within {}s",
+                CONNECT_WINDOW.as_secs()
+            );
+            queue_failed(&self.id, 0, &cause, &*self.interrupt);
+        }
+    }
+
+    fn stop(self) {
+        Link::lock(&self.link).stop();
+    }
+}
+
+use vm_memory::Address;
