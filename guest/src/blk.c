@@ -447,7 +447,9 @@ static bool bench_error(struct result *r, const struct vdev *v)
 {
     switch (bench.err) {
     case BENCH_TIMEOUT:
-        res_str(r, "timeout: no completion for 2000 ms after ");
+        res_str(r, "timeout: no completion for ");
+        res_dec(r, cfg.bench_stall_ms);
+        res_str(r, " ms after ");
         res_dec(r, bench.done);
         res_str(r, " requests");
         break;
@@ -538,7 +540,7 @@ bool step_blkbench(struct result *r)
     bench.size = cfg.bench_size;
     bench.count = cfg.bench_count;
     bench.cap_sectors = k.capacity;
-    bench.timeout = ms_to_tsc(2000);
+    bench.timeout = ms_to_tsc(cfg.bench_stall_ms);
     bench.lax_len = cfg.bench_lax_len != 0;
     run_user(user_blkbench, &bench);
     ok = bench.err == BENCH_OK && virtio_check_status(k.v, r);

@@ -290,7 +290,7 @@ struct config {
     bool blk_bad;
     const char *bench_mode; /* blkbench_mode= (not NUL-terminated) */
     size_t bench_mode_len;
-    u64 bench_size, bench_depth, bench_count, bench_lax_len;
+    u64 bench_size, bench_depth, bench_count, bench_lax_len, bench_stall_ms;
     bool bench_bad;
     u64 net_timeout_ms, net_lax_len;
     bool net_bad;

@@ -72,6 +72,7 @@ static void parse_cmdline(void)
     cfg.bench_depth = 1;
     cfg.bench_count = 10000;
     cfg.net_timeout_ms = 5000;
+    cfg.bench_stall_ms = 2000;
     cfg.dirty_mib = 16;
     cfg.dirty_rounds = 100;
     cfg.dirty_ms = 10;
@@ -128,6 +129,9 @@ static void parse_cmdline(void)
             cfg.bench_bad |= !parse_u64(s + start + k, len - k, &cfg.bench_size);
         } else if (starts_with(s + start, len, "blkbench_depth=", &k)) {
             cfg.bench_bad |= !parse_u64(s + start + k, len - k, &cfg.bench_depth);
+        } else if (starts_with(s + start, len, "blkbench_stall_ms=", &k)) {
+            cfg.bench_bad |= !parse_u64(s + start + k, len - k, &cfg.bench_stall_ms) ||
+                             !cfg.bench_stall_ms || cfg.bench_stall_ms > 600000;
         } else if (starts_with(s + start, len, "blkbench_count=", &k)) {
             cfg.bench_bad |= !parse_u64(s + start + k, len - k, &cfg.bench_count);
         } else if (starts_with(s + start, len, "blkbench_lax_len=", &k)) {

@@ -1,0 +1,533 @@
+"""vhost-user devices against Cloud Hypervisor's own backends: virtio-blk
+served by ``vhost_user_block`` (data checked in the host image), virtio-net
+served by ``vhost_user_net`` (a frame each way through its tap, vmkit as
+client or as server), the same command lines under the real Cloud
+Hypervisor, a backend killed and started again while the guest uses it, and
+nothing left behind.
+
+They need /dev/kvm and the backends at ../shared/ch; the net tests also
+need taps (/dev/net/tun, CAP_NET_ADMIN). Each skips with the reason.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from _chpeer import CH_DIR, CH_MISSING
+from vmkit import VmConfig, testguest
+from vmkit.testguest import GuestResults, parse_results
+from vmkit.vm import Vm, VmError
+
+if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+if CH_DIR is None or not (CH_DIR / "vhost_user_block").is_file():
+    pytest.skip(CH_MISSING + " (and its vhost_user_block, vhost_user_net)", allow_module_level=True)
+
+SECTOR = 512
+GUEST_MAC = "12:34:56:78:9a:bc"
+HOST_MAC = bytes.fromhex("020000564d4b")
+ETHERTYPE = b"\x88\xb5"
+
+
+def pattern(sector: int) -> bytes:
+    """What the guest's blk step writes into `sector` (guest/README.md)."""
+    return b"".join(
+        struct.pack("<Q", 0x564D4B4954000000 ^ (sector << 16) ^ j) for j in range(SECTOR // 8)
+    )
+
+
+def fnv1a64(data: bytes) -> int:
+    value = 0xCBF29CE484222325
+    for byte in data:
+        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return value
+
+
+class Backend:
+    """One of Cloud Hypervisor's vhost-user backends, ended (and reaped) on stop."""
+
+    def __init__(self, argv: list[str], socket_path: Path, log: Path, wait: bool = True) -> None:
+        assert CH_DIR is not None
+        self.socket_path = socket_path
+        self.log_path = log
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        if wait:
+            deadline = time.monotonic() + 10
+            while not socket_path.exists():
+                assert self.proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, f"no socket at {socket_path}"
+                time.sleep(0.01)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def exited(self, timeout: float) -> bool:
+        try:
+            self.proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+
+def block_backend(tmp_path: Path, disk: Path, queues: int = 1, wait: bool = True) -> Backend:
+    assert CH_DIR is not None
+    sock = tmp_path / "blk.sock"
+    sock.unlink(missing_ok=True)
+    argv = [
+        str(CH_DIR / "vhost_user_block"), "--block-backend",
+        f"path={disk},socket={sock},num_queues={queues},queue_size=128",
+    ]  # fmt: skip
+    # It removes its socket file once a frontend connected: a VMM looking
+    # for it may take it before `wait` sees it.
+    return Backend(argv, sock, tmp_path / "vhost_user_block.log", wait=wait)
+
+
+def image(path: Path, size: int) -> Path:
+    with path.open("wb") as f:
+        f.truncate(size)
+    return path
+
+
+def guest_config(steps: list[str], *extra: str, cpus: str = "boot=2", **options: int) -> VmConfig:
+    return VmConfig.from_cli(
+        ["--kernel", str(testguest.image_path("pvh")),
+         "--cmdline", testguest.cmdline(steps, "poweroff", **options),
+         "--cpus", cpus, "--memory", "size=256M,shared=on", "--serial", "null",
+         "--console", "off", *extra]
+    )  # fmt: skip
+
+
+def run_vmkit(cfg: VmConfig, timeout: float = 60) -> GuestResults:
+    with Vm(cfg, watchdog_timeout=30) as vm:
+        vm.boot()
+        exit_info = vm.wait(timeout)
+        assert exit_info is not None, vm.serial.text
+        assert exit_info.reason == "poweroff", (exit_info, vm.serial.text)
+        return parse_results(vm.serial.text)
+
+
+def run_ch(tmp_path: Path, steps: list[str], *extra: str, **options: int) -> GuestResults:
+    """The same guest under the real Cloud Hypervisor (it exits at power-off)."""
+    assert CH_DIR is not None
+    serial = tmp_path / "ch-serial.txt"
+    argv = [
+        str(CH_DIR / "cloud-hypervisor"),
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(steps, "poweroff", **options),
+        "--cpus", "boot=2", "--memory", "size=256M,shared=on",
+        "--serial", f"file={serial}", "--console", "off", *extra,
+    ]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return parse_results(serial.read_text(errors="replace"))
+
+
+def lines(results: GuestResults, prefix: str) -> list[str]:
+    return [line for line in results.lines if line.startswith(f"vmkit-guest: {prefix} ")]
+
+
+def fields(line: str) -> dict[str, str]:
+    return dict(word.split("=", 1) for word in line.split()[3:] if "=" in word)
+
+
+def test_blk_reads_the_backend_image_and_writes_reach_it_as_under_cloud_hypervisor(
+    tmp_path: Path,
+) -> None:
+    sector, count = 100, 8
+    host_data = os.urandom(count * SECTOR)
+    seen: dict[str, list[str]] = {}
+    for peer in ("vmkit", "ch"):
+        # One image file for both (the serial the backend reports is its inode's).
+        disk = image(tmp_path / "disk.img", 1 << 20)
+        with disk.open("r+b") as f:
+            f.seek(sector * SECTOR)
+            f.write(host_data)
+        backend = block_backend(tmp_path, disk)
+        try:
+            disk_option = f"vhost_user=on,socket={backend.socket_path}"
+            if peer == "vmkit":
+                cfg = guest_config(
+                    ["blk"], "--disk", disk_option, blk_sector=sector, blk_count=count
+                )
+                results = run_vmkit(cfg)
+            else:
+                results = run_ch(
+                    tmp_path, ["blk"], "--disk", disk_option, blk_sector=sector, blk_count=count
+                )
+            # The backend ends with its frontend's connection.
+            assert backend.exited(10), "the backend outlived the VM's connection"
+        finally:
+            backend.kill()
+        assert results.ok("blk"), results.lines
+        (read,) = lines(results, "blk read")
+        assert int(fields(read)["fnv"], 16) == fnv1a64(host_data)
+        (write,) = lines(results, "blk write")
+        assert fields(write)["flushed"] == "1" and fields(write)["verified"] == "1"
+        data = disk.read_bytes()
+        expected = b"".join(pattern(s) for s in range(sector, sector + count))
+        assert data[sector * SECTOR : (sector + count) * SECTOR] == expected
+        assert data[: sector * SECTOR] == bytes(sector * SECTOR)
+        seen[peer] = [*lines(results, "blk dev"), read, write]
+    # The device the guest finds (capacity, read-only, queues, serial: the
+    # backend's) and what it reads and writes are the same under both VMMs.
+    assert seen["vmkit"] == seen["ch"]
+
+
+def test_blk_queues_come_from_the_backend(tmp_path: Path) -> None:
+    disk = image(tmp_path / "disk.img", 1 << 20)
+    backend = block_backend(tmp_path, disk, queues=2)
+    try:
+        option = f"vhost_user=on,socket={backend.socket_path},num_queues=2"
+        results = run_vmkit(guest_config(["blk"], "--disk", option))
+    finally:
+        backend.kill()
+    assert results.ok("blk"), results.lines
+    (dev,) = lines(results, "blk dev")
+    assert fields(dev)["queues"] == "2"
+
+    backend = block_backend(tmp_path, disk, queues=1)
+    try:
+        option = f"vhost_user=on,socket={backend.socket_path},num_queues=2"
+        with pytest.raises(VmError, match=r"--disk _disk0: the vhost-user backend at .* serves 1 "):
+            with Vm(guest_config(["blk"], "--disk", option)) as vm:
+                vm.boot()
+    finally:
+        backend.kill()
+
+
+def test_blk_io_goes_on_after_the_backend_is_killed_and_started_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """vmkit connects to the backend (client mode): the backend killed in the
+    middle of the guest's reads comes back, vmkit connects again, and the
+    guest's requests in flight are served by the new one."""
+    caplog.set_level(logging.INFO, logger="vmkit")
+    disk = image(tmp_path / "disk.img", 4 << 20)
+    backend = block_backend(tmp_path, disk)
+    option = f"vhost_user=on,socket={backend.socket_path}"
+    cfg = guest_config(
+        ["blkbench"], "--disk", option,
+        blkbench_mode="randread", blkbench_depth=4, blkbench_count=400000,
+        blkbench_stall_ms=30000,
+    )  # fmt: skip
+    try:
+        with Vm(cfg, watchdog_timeout=60) as vm:
+            vm.boot()
+            time.sleep(0.5)
+            backend.kill()
+            time.sleep(0.5)
+            assert vm.wait(0) is None, "the guest finished before the backend went"
+            backend = block_backend(tmp_path, disk, wait=False)
+            exit_info = vm.wait(120)
+            assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+            results = parse_results(vm.serial.text)
+    finally:
+        backend.kill()
+    assert results.ok("blkbench"), results.lines
+    assert results.values("blkbench")["requests"] == "400000"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("the backend disconnected; connecting again for up to 60s" in m for m in messages), (
+        messages
+    )
+    assert any("vhost-user backend connected again" in m for m in messages), messages
+
+
+# --- virtio-net through vhost_user_net ---------------------------------------------------
+
+
+def _tap_support() -> str | None:
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+    except OSError as e:
+        return f"no /dev/net/tun: {e}"
+    os.close(fd)
+    return None
+
+
+_tap_why = _tap_support()
+needs_taps = pytest.mark.skipif(_tap_why is not None, reason=_tap_why or "")
+_taps = iter(range(10_000))
+
+
+def net_backend(tmp_path: Path, tap: str, client: bool, wait: bool = True) -> Backend:
+    assert CH_DIR is not None
+    sock = tmp_path / "net.sock"
+    argv = [
+        str(CH_DIR / "vhost_user_net"), "--net-backend",
+        f"ip=192.168.{200 + os.getpid() % 50}.1,mask=255.255.255.0,socket={sock},"
+        f"num_queues=2,tap={tap},client={'on' if client else 'off'}",
+    ]  # fmt: skip
+    return Backend(argv, sock, tmp_path / "vhost_user_net.log", wait=wait)
+
+
+def tap_name() -> str:
+    return f"vuk{os.getpid() % 10000}x{next(_taps)}"
+
+
+def packet_socket(name: str, timeout: float = 10) -> socket.socket:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+            sock.bind((name, 0))
+            sock.settimeout(0.2)
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def await_ping(sock: socket.socket, timeout: float = 20) -> bytes:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            frame = sock.recv(65536)
+        except TimeoutError:
+            continue
+        if frame[12:14] == ETHERTYPE and frame[14:].startswith(b"vmkit-guest"):
+            return frame
+    pytest.fail(f"no frame from the guest within {timeout} s")
+
+
+def pong(sock: socket.socket) -> None:
+    sock.send(b"\xff" * 6 + HOST_MAC + ETHERTYPE + b"vmkit-host pong".ljust(46, b"\0"))
+
+
+def net_option(tmp_path: Path, server: bool) -> str:
+    mode = "server" if server else "client"
+    return f"vhost_user=on,socket={tmp_path / 'net.sock'},mac={GUEST_MAC},vhost_mode={mode}"
+
+
+def check_net_results(results: GuestResults) -> list[str]:
+    assert results.ok("net"), results.lines
+    (rx,) = lines(results, "net rx")
+    assert rx == "vmkit-guest: net rx len=60 payload=vmkit-host pong"
+    values = results.values("net")
+    assert values["mac"] == GUEST_MAC and values["tx"] == "1"
+    return [rx]
+
+
+class LateBackend(threading.Thread):
+    """Server mode: starts the backend once the VMM listens on the socket."""
+
+    def __init__(self, tmp_path: Path, tap: str) -> None:
+        super().__init__()
+        self.tmp_path, self.tap = tmp_path, tap
+        self.backend: Backend | None = None
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 30
+        while not (self.tmp_path / "net.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.backend = net_backend(self.tmp_path, self.tap, client=True, wait=False)
+
+
+def exchange(tmp_path: Path, peer: str, server: bool) -> list[str]:
+    """Boots the net step under `peer` and answers its frame; returns what
+    the guest received."""
+    tap = tap_name()
+    late = LateBackend(tmp_path, tap) if server else None
+    backend = None if server else net_backend(tmp_path, tap, client=False)
+    steps, options = ["net"], {"net_lax_len": 1, "net_timeout_ms": 20000}
+    net = net_option(tmp_path, server)
+    holder: dict[str, GuestResults] = {}
+    if peer == "vmkit":
+        vm = Vm(guest_config(steps, "--net", net, cpus="boot=1", **options))
+        runner = None
+    else:
+        vm = None
+        runner = threading.Thread(
+            target=lambda: holder.setdefault("r", run_ch(tmp_path, steps, "--net", net, **options))
+        )
+    try:
+        if late is not None:
+            late.start()
+        if vm is not None:
+            vm.boot()
+        if runner is not None:
+            runner.start()
+        with packet_socket(tap) as sock:
+            frame = await_ping(sock)
+            pong(sock)
+        if vm is not None:
+            exit_info = vm.wait(30)
+            assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+            holder["r"] = parse_results(vm.serial.text)
+            vm.close()
+        if runner is not None:
+            runner.join(60)
+        if late is not None:
+            late.join()
+            backend = late.backend
+        assert frame[6:12] == bytes.fromhex(GUEST_MAC.replace(":", ""))
+        assert frame[14:] == b"vmkit-guest net ping".ljust(46, b"\0")
+        received = check_net_results(holder["r"])
+        assert backend is not None and backend.exited(10), "the backend outlived the VM"
+        return received
+    finally:
+        if vm is not None:
+            vm.close()
+        if late is not None:
+            late.join()
+            backend = late.backend
+        if backend is not None:
+            backend.kill()
+
+
+@needs_taps
+@pytest.mark.parametrize("server", [False, True], ids=["client", "server"])
+def test_net_a_frame_each_way_as_under_cloud_hypervisor(tmp_path: Path, server: bool) -> None:
+    seen = {peer: exchange(tmp_path, peer, server) for peer in ("vmkit", "ch")}
+    assert seen["vmkit"] == seen["ch"]
+    assert not (tmp_path / "net.sock").exists() or not server, "the VMM's socket outlived it"
+
+
+@needs_taps
+def test_net_server_mode_backend_restarted_mid_exchange_delivers_to_the_guest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """vmkit listens (vhost_mode=server): the backend killed after the guest's
+    frame left connects back when started again, and the host's answer
+    reaches the receive buffers the guest posted before."""
+    caplog.set_level(logging.INFO, logger="vmkit")
+    tap = tap_name()
+    cfg = guest_config(
+        ["net"], "--net", net_option(tmp_path, server=True), cpus="boot=1",
+        net_lax_len=1, net_timeout_ms=30000,
+    )  # fmt: skip
+    backend: Backend | None = None
+
+    def start() -> None:
+        nonlocal backend
+        while not (tmp_path / "net.sock").exists():
+            time.sleep(0.01)
+        backend = net_backend(tmp_path, tap, client=True, wait=False)
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    try:
+        with Vm(cfg, watchdog_timeout=60) as vm:
+            vm.boot()
+            starter.join()
+            with packet_socket(tap) as sock:
+                await_ping(sock)
+            assert backend is not None
+            backend.kill()
+            backend = net_backend(tmp_path, tap, client=True, wait=False)
+            with packet_socket(tap) as sock:
+                time.sleep(0.5)
+                pong(sock)
+            exit_info = vm.wait(40)
+            assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+            results = parse_results(vm.serial.text)
+    finally:
+        starter.join()
+        if backend is not None:
+            backend.kill()
+    check_net_results(results)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("waiting for it to connect again" in m for m in messages), messages
+    assert any("vhost-user backend connected again" in m for m in messages), messages
+    assert not (tmp_path / "net.sock").exists(), "the VM's socket outlived it"
+
+
+@needs_taps
+def test_client_mode_backend_gone_is_reported_and_the_vm_stays_controllable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vmkit")
+    wanted = f"vhost-user backend at {tmp_path / 'net.sock'}: the backend disconnected"
+
+    def run() -> None:
+        caplog.clear()
+        tap = tap_name()
+        backend = net_backend(tmp_path, tap, client=False)
+        # The guest's net step drives the device, then waits for an answer.
+        cfg = guest_config(
+            ["net"], "--net", net_option(tmp_path, server=False), cpus="boot=1",
+            net_lax_len=1, net_timeout_ms=60000,
+        )  # fmt: skip
+        try:
+            with Vm(cfg, watchdog_timeout=60) as vm, packet_socket(tap) as sock:
+                vm.boot()
+                await_ping(sock)
+                backend.kill()
+                deadline = time.monotonic() + 10
+                while not any(wanted in r.getMessage() for r in caplog.records):
+                    assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+                    time.sleep(0.05)
+                # Looking for the backend never holds up the VM's control.
+                vm.pause()
+                vm.resume()
+                started = time.monotonic()
+                vm.shutdown()
+                assert vm.wait(10) is not None
+                assert time.monotonic() - started < 5
+        finally:
+            backend.kill()
+
+    run()
+    gc.collect()
+    fds, threads = len(os.listdir("/proc/self/fd")), threading.active_count()
+    run()
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert threading.active_count() == threads
+
+
+def test_guest_resets_keep_the_backend_connection(tmp_path: Path) -> None:
+    """A reset rebuilds the devices and memory: the backend (which ends when
+    its frontend goes) keeps serving the next boot."""
+    disk = image(tmp_path / "disk.img", 1 << 20)
+    backend = block_backend(tmp_path, disk)
+    cfg = VmConfig.from_cli(
+        ["--kernel", str(testguest.image_path("pvh")),
+         "--cmdline", testguest.cmdline(["blk"], "reset"),
+         "--cpus", "boot=1", "--memory", "size=256M,shared=on", "--serial", "null",
+         "--console", "off", "--disk", f"vhost_user=on,socket={backend.socket_path}"]
+    )  # fmt: skip
+    try:
+        with Vm(cfg, watchdog_timeout=30) as vm:
+            vm.boot()
+            deadline = time.monotonic() + 60
+            while vm.serial.text.count("step blk ok") < 3:
+                assert time.monotonic() < deadline, vm.serial.text
+                assert "step blk fail" not in vm.serial.text, vm.serial.text
+                time.sleep(0.05)
+            assert backend.proc.poll() is None
+            vm.shutdown()
+        assert backend.exited(10), "the backend outlived the VM"
+    finally:
+        backend.kill()
+
+
+def test_snapshot_and_migration_are_refused_by_name(tmp_path: Path) -> None:
+    disk = image(tmp_path / "disk.img", 1 << 20)
+    backend = block_backend(tmp_path, disk)
+    cfg = guest_config(
+        ["ticks"], "--disk", f"vhost_user=on,socket={backend.socket_path}", ticks=100000
+    )
+    try:
+        with Vm(cfg) as vm:
+            vm.boot()
+            vm.pause()
+            with pytest.raises(VmError, match=r"Snapshot of a VM with vhost-user devices"):
+                vm.snapshot(tmp_path / "snap")
+            assert not (tmp_path / "snap").exists()
+            vm.resume()
+    finally:
+        backend.kill()
