@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _chpeer import CH_DIR, CH_MISSING
+from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
 from vmkit import VmConfig, testguest
 from vmkit.testguest import GuestResults, parse_results
 from vmkit.vm import Vm, VmError
@@ -530,4 +530,38 @@ def test_snapshot_and_migration_are_refused_by_name(tmp_path: Path) -> None:
             assert not (tmp_path / "snap").exists()
             vm.resume()
     finally:
+        backend.kill()
+
+
+@pytest.mark.parametrize("kind", ["vmkit", "ch"])
+def test_ch_remote_adds_a_vhost_user_disk_before_boot(tmp_path: Path, kind: str) -> None:
+    """The real ch-remote's add-disk on a created VM: the guest finds the
+    backend's disk at boot, under either VMM, with the same answers."""
+    disk = image(tmp_path / "disk.img", 1 << 20)
+    backend = block_backend(tmp_path, disk)
+    serial = tmp_path / "serial.log"
+    config = VmConfig.from_cli(
+        ["--kernel", str(testguest.image_path("pvh")),
+         "--cmdline", testguest.cmdline(["blk"], "poweroff"),
+         "--memory", "size=256M,shared=on",
+         "--serial", f"file={serial}", "--console", "off"]
+    )  # fmt: skip
+    (tmp_path / "vm.json").write_text(config.to_json())
+    process = VmmProcess(kind, tmp_path / "api.sock", tmp_path / f"{kind}.log")
+    try:
+        assert ch_remote(process.socket_path, "create", str(tmp_path / "vm.json"))[0] == 0
+        status, out, err = ch_remote(
+            process.socket_path, "add-disk", f"vhost_user=on,socket={backend.socket_path},id=vu0"
+        )
+        assert (status, out, err) == (0, "", ""), process.log
+        status, _, err = ch_remote(process.socket_path, "boot")
+        assert status == 0, (err, process.log)
+        deadline = time.monotonic() + 30
+        while "vmkit-guest: exit" not in serial.read_text(errors="replace"):
+            assert time.monotonic() < deadline, serial.read_text(errors="replace")
+            time.sleep(0.05)
+        text = serial.read_text(errors="replace")
+        assert "step blk ok disks=1" in text, text
+    finally:
+        process.stop()
         backend.kill()
