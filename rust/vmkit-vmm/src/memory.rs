@@ -140,6 +140,8 @@ impl ModuleError for MemoryError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Backing {
     name: String,
+    /// The memory zone this is, for `--numa memory_zones`.
+    zone: String,
     size: u64,
     file: Option<String>,
     shared: bool,
@@ -199,6 +201,7 @@ fn backings(config: &MemoryConfig) -> Result<Vec<Backing>> {
     if config.size > 0 {
         list.push(Backing {
             name: "memory".to_owned(),
+            zone: DEFAULT_MEMORY_ZONE.to_owned(),
             size: config.size,
             file: None,
             shared: config.shared,
@@ -235,6 +238,7 @@ fn zone_backing(config: &MemoryConfig, zone: &MemoryZoneConfig) -> Result<Backin
     }
     Ok(Backing {
         name: format!("memory zone {}", zone.id),
+        zone: zone.id.clone(),
         size: zone.size,
         file: zone.file.clone(),
         shared: zone.shared,
@@ -404,14 +408,18 @@ fn map_region(
     })
 }
 
-/// Lays `backings` out in turn from guest address 0, skipping the MMIO hole:
-/// `map(backing's index, offset in it, guest address, size)` maps each piece.
-fn lay_out(
-    backings: &[Backing],
-    mut map: impl FnMut(usize, u64, u64, u64) -> Result<GuestRegionMmap>,
-) -> Result<(GuestMemoryMmap, Vec<(u64, u64)>)> {
-    let mut regions = Vec::new();
-    let mut ranges: Vec<(u64, u64)> = Vec::new();
+/// One piece of a backing in guest physical memory.
+struct Piece {
+    backing: usize,
+    offset: u64,
+    base: u64,
+    size: u64,
+}
+
+/// Places `backings` in turn from guest address 0, skipping the MMIO hole
+/// (a backing that reaches it is split around it).
+fn place(backings: &[Backing]) -> Result<Vec<Piece>> {
+    let mut pieces = Vec::new();
     let mut cursor = 0u64;
     for (index, backing) in backings.iter().enumerate() {
         let mut offset = 0u64;
@@ -425,18 +433,66 @@ fn lay_out(
                 u64::MAX - cursor
             };
             let size = (backing.size - offset).min(room);
-            regions.push(map(index, offset, cursor, size)?);
-            match ranges.last_mut() {
-                Some(last) if last.0 + last.1 == cursor => last.1 += size,
-                _ => ranges.push((cursor, size)),
-            }
+            pieces.push(Piece {
+                backing: index,
+                offset,
+                base: cursor,
+                size,
+            });
             offset += size;
             cursor = cursor.checked_add(size).ok_or(MemoryError::AddressSpace)?;
+        }
+    }
+    Ok(pieces)
+}
+
+/// Lays `backings` out as `place` does: `map(backing's index, offset in
+/// it, guest address, size)` maps each piece.
+fn lay_out(
+    backings: &[Backing],
+    mut map: impl FnMut(usize, u64, u64, u64) -> Result<GuestRegionMmap>,
+) -> Result<(GuestMemoryMmap, Vec<(u64, u64)>)> {
+    let mut regions = Vec::new();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for piece in place(backings)? {
+        regions.push(map(piece.backing, piece.offset, piece.base, piece.size)?);
+        match ranges.last_mut() {
+            Some(last) if last.0 + last.1 == piece.base => last.1 += piece.size,
+            _ => ranges.push((piece.base, piece.size)),
         }
     }
     let memory =
         GuestMemoryMmap::from_regions(regions).map_err(|source| MemoryError::Regions { source })?;
     Ok((memory, ranges))
+}
+
+/// Cloud Hypervisor's name for the RAM of `--memory size=`, which
+/// `--numa memory_zones` can name like a `--memory-zone`.
+pub const DEFAULT_MEMORY_ZONE: &str = "mem0";
+
+/// Guest-physical ranges of one memory zone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneRanges {
+    pub id: String,
+    /// (start, size) pairs: two where the zone is split around the MMIO hole.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// Where `create_guest_ram` puts each zone: the `--memory size=` RAM
+/// (`DEFAULT_MEMORY_ZONE`) first, then each `--memory-zone` in turn.
+pub fn zone_ranges(config: &MemoryConfig) -> Result<Vec<ZoneRanges>> {
+    let backings = backings(config)?;
+    let mut zones: Vec<ZoneRanges> = backings
+        .iter()
+        .map(|b| ZoneRanges {
+            id: b.zone.clone(),
+            ranges: Vec::new(),
+        })
+        .collect();
+    for piece in place(&backings)? {
+        zones[piece.backing].ranges.push((piece.base, piece.size));
+    }
+    Ok(zones)
 }
 
 /// Whether `config` asks for private anonymous memory only (no shared,
@@ -635,7 +691,7 @@ pub fn map_guest_ram_from_file(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemoryBackend};
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
     fn memory(text: &str, zones: Option<&[String]>) -> MemoryConfig {
         MemoryConfig::parse(text, zones).unwrap()
@@ -715,6 +771,39 @@ mod tests {
         ram.memory
             .write_obj(7u8, GuestAddress((48 << 20) + 5))
             .unwrap();
+    }
+
+    #[test]
+    fn zone_ranges_follow_the_layout_and_split_around_the_hole() {
+        let zones = vec!["id=a,size=2G".to_owned(), "id=b,size=2G".to_owned()];
+        let config = memory("size=0", Some(&zones));
+        let ranges = zone_ranges(&config).unwrap();
+        let gib = 1u64 << 30;
+        assert_eq!(
+            ranges,
+            vec![
+                ZoneRanges {
+                    id: "a".into(),
+                    ranges: vec![(0, 2 * gib)]
+                },
+                ZoneRanges {
+                    id: "b".into(),
+                    ranges: vec![(2 * gib, gib), (4 * gib, gib)]
+                },
+            ]
+        );
+        // The plain --memory RAM is Cloud Hypervisor's "mem0".
+        let plain = zone_ranges(&memory("size=64M", None)).unwrap();
+        assert_eq!(plain[0].id, DEFAULT_MEMORY_ZONE);
+        assert_eq!(plain[0].ranges, vec![(0, 64 << 20)]);
+        // The same pieces create_guest_ram maps (small zones: no 4 GiB of RAM here).
+        let small = vec!["id=a,size=16M".to_owned(), "id=b,size=8M".to_owned()];
+        let config = memory("size=0", Some(&small));
+        let ram = create_guest_ram(&config).unwrap();
+        let zones = zone_ranges(&config).unwrap();
+        let starts: Vec<u64> = ram.memory.iter().map(|r| r.start_addr().0).collect();
+        assert_eq!(starts, vec![zones[0].ranges[0].0, zones[1].ranges[0].0]);
+        assert_eq!(zones[1].ranges, vec![(16 << 20, 8 << 20)]);
     }
 
     #[test]
