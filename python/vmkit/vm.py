@@ -39,7 +39,8 @@ class VmError(RuntimeError):
 
     ``kind`` says which part failed: ``Unsupported``, ``Kernel``,
     ``Initramfs``, ``Memory``, ``Kvm``, ``Device``, ``Snapshot``, ``Migration``,
-    ``State`` (an invalid
+    ``Config`` (parts of a valid config that do not fit together, such as a
+    ``--numa`` node naming an unknown memory zone), ``State`` (an invalid
     state transition, with Cloud Hypervisor's text), ``Stopped`` (the VM
     stopped while something waited on it) or ``CpuGroups`` (``cpu_groups``
     could not be set up).

@@ -1,7 +1,7 @@
 //! ACPI tables: RSDP, XSDT, FADT (hardware-reduced, with Cloud Hypervisor's
 //! sleep and reset registers), MADT (one entry per possible vCPU) and a DSDT
 //! that describes the legacy devices, so a stock kernel finds every vCPU and
-//! can power the VM off.
+//! can power the VM off; with `--numa`, the SRAT and SLIT as well.
 
 use crate::memory::GuestMemoryMmap;
 use acpi_tables::aml;
@@ -19,13 +19,22 @@ use crate::layout::{
     ACPI_TABLES_END, APIC_START, GED_ADDRESS, GED_IRQ, IOAPIC_START, PCI_MMCONFIG_START,
     RSDP_POINTER,
 };
+use crate::numa::{segment_node, NumaNode};
 use crate::pci::{SegmentLayout, ECAM_SIZE_PER_SEGMENT};
 
 /// Why the ACPI tables could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
-    #[error("The ACPI tables do not fit below 1 MiB")]
-    DoNotFit,
+    #[error(
+        "The ACPI tables do not fit below 1 MiB: the {table} ({len} bytes) would end at {end:#x}, \
+         past {limit:#x}"
+    )]
+    DoNotFit {
+        table: String,
+        len: usize,
+        end: u64,
+        limit: u64,
+    },
     #[error("Cannot write ACPI tables")]
     Write {
         #[source]
@@ -53,8 +62,9 @@ fn table(signature: &[u8; 4], length: u32, revision: u8) -> Sdt {
     Sdt::new(*signature, length, revision, OEM_ID, oem_table, 1)
 }
 
-/// Writes a PCI host bridge device (PNP0A08) for `segment` into `sink`.
-fn pci_host_bridge(segment: &SegmentLayout, sink: &mut Vec<u8>) {
+/// Writes a PCI host bridge device (PNP0A08) for `segment`, in NUMA node
+/// `node`, into `sink`.
+fn pci_host_bridge(segment: &SegmentLayout, node: u32, sink: &mut Vec<u8>) {
     let hid = aml::EISAName::new("PNP0A08");
     let cid = aml::EISAName::new("PNP0A03");
     let hid_name = aml::Name::new("_HID".into(), &hid);
@@ -64,6 +74,10 @@ fn pci_host_bridge(segment: &SegmentLayout, sink: &mut Vec<u8>) {
     let seg = aml::Name::new("_SEG".into(), &seg_value);
     let uid = aml::Name::new("_UID".into(), &seg_value);
     let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    // As v37: every host bridge has a _PXM, 0 unless `--numa pci_segments`
+    // puts its segment in another node.
+    let pxm_value = aml::Return::new(&node);
+    let pxm = aml::Method::new("_PXM".into(), 0, false, vec![&pxm_value]);
     let buses = aml::AddressSpace::new_bus_number(0u16, 0u16);
     let config_io = aml::IO::new(0xcf8, 0xcf8, 1, 8);
     let io_low = aml::AddressSpace::new_io(0u16, 0x0cf7u16, None);
@@ -93,7 +107,9 @@ fn pci_host_bridge(segment: &SegmentLayout, sink: &mut Vec<u8>) {
     let name = format!("PC{:02X}", segment.id);
     let device = aml::Device::new(
         name.as_str().into(),
-        vec![&hid_name, &cid_name, &adr, &seg, &uid, &bbn, &crs_name],
+        vec![
+            &hid_name, &cid_name, &adr, &seg, &uid, &bbn, &pxm, &crs_name,
+        ],
     );
     device.to_aml_bytes(sink);
 }
@@ -173,7 +189,7 @@ fn mcfg(segments: &[SegmentLayout]) -> Vec<u8> {
     bytes
 }
 
-fn dsdt(segments: &[SegmentLayout]) -> Sdt {
+fn dsdt(segments: &[SegmentLayout], nodes: &[NumaNode]) -> Sdt {
     let mut dsdt = table(b"DSDT", 36, 6);
     // The AML builders borrow their children, so every node is a local.
     let com1_io = aml::IO::new(0x3f8, 0x3f8, 0, 8);
@@ -197,7 +213,7 @@ fn dsdt(segments: &[SegmentLayout]) -> Sdt {
     let ps2 = aml::Device::new("PS2K".into(), vec![&ps2_hid_name, &ps2_crs_name]);
     let mut pci = Vec::new();
     for segment in segments {
-        pci_host_bridge(segment, &mut pci);
+        pci_host_bridge(segment, segment_node(nodes, segment.id), &mut pci);
     }
     if !segments.is_empty() {
         motherboard_resources(segments, &mut pci);
@@ -291,6 +307,61 @@ fn madt(topology: &Topology, boot_vcpus: u8, max_vcpus: u8) -> Sdt {
     madt
 }
 
+/// The SRAT as v37 writes it: revision 3, 12 reserved bytes of zeros, then
+/// for each node by id a Memory Affinity structure per range of its zones
+/// and a Processor Local x2APIC Affinity structure per listed vCPU (x2APIC
+/// ids from the topology, as the MADT's), all enabled.
+fn srat(nodes: &[NumaNode], topology: &Topology) -> Sdt {
+    const ENABLED: u32 = 1;
+    let mut srat = table(b"SRAT", 36, 3);
+    // Built whole first: Sdt re-sums the table on every append.
+    let mut body = vec![0u8; 12];
+    for node in nodes {
+        for &(base, size) in &node.memory {
+            // Type 1, length 40: proximity domain, reserved, base, length,
+            // reserved, flags, reserved.
+            body.extend_from_slice(&[1, 40]);
+            body.extend_from_slice(&node.id.to_le_bytes());
+            body.extend_from_slice(&[0, 0]);
+            body.extend_from_slice(&base.to_le_bytes());
+            body.extend_from_slice(&size.to_le_bytes());
+            body.extend_from_slice(&[0; 4]);
+            body.extend_from_slice(&ENABLED.to_le_bytes());
+            body.extend_from_slice(&[0; 8]);
+        }
+        for &cpu in &node.cpus {
+            // Type 2, length 24: reserved, proximity domain, x2APIC id,
+            // flags, clock domain, reserved.
+            body.extend_from_slice(&[2, 24, 0, 0]);
+            body.extend_from_slice(&node.id.to_le_bytes());
+            body.extend_from_slice(&topology.apic_id(cpu).to_le_bytes());
+            body.extend_from_slice(&ENABLED.to_le_bytes());
+            body.extend_from_slice(&[0; 8]);
+        }
+    }
+    srat.append_slice(&body);
+    srat
+}
+
+/// The SLIT as v37 writes it: the number of nodes, then a row per node by
+/// id: 10 to itself, the distance given to each other node, 20 where none
+/// is given.
+fn slit(nodes: &[NumaNode]) -> Sdt {
+    let mut slit = table(b"SLIT", 36, 1);
+    let mut body = (nodes.len() as u64).to_le_bytes().to_vec();
+    for from in nodes {
+        for to in nodes {
+            body.push(if from.id == to.id {
+                10
+            } else {
+                from.distances.get(&to.id).copied().unwrap_or(20)
+            });
+        }
+    }
+    slit.append_slice(&body);
+    slit
+}
+
 fn xsdt(tables: &[u64]) -> Sdt {
     let mut xsdt = table(b"XSDT", 36, 1);
     for &addr in tables {
@@ -300,18 +371,34 @@ fn xsdt(tables: &[u64]) -> Sdt {
     xsdt
 }
 
-/// Writes the tables from `RSDP_POINTER` on; returns the RSDP address.
+/// Writes the tables from `RSDP_POINTER` on; returns the RSDP address. The
+/// SRAT and SLIT are written only for `--numa` (non-empty `nodes`), as in v37.
 pub fn write_tables(
     mem: &GuestMemoryMmap,
     topology: &Topology,
     boot_vcpus: u8,
     max_vcpus: u8,
     pci_segments: &[SegmentLayout],
+    nodes: &[NumaNode],
 ) -> Result<u64> {
+    // Nothing is written past ACPI_TABLES_END: a table that would reach it
+    // fails the boot before any of its bytes land (the RSDP, written last,
+    // then points nowhere).
     let write = |bytes: &[u8], addr: u64| -> Result<u64> {
         let end = addr + bytes.len() as u64;
         if end > ACPI_TABLES_END {
-            return Err(AcpiError::DoNotFit.into());
+            let table = match bytes.get(..4) {
+                Some(b"RSD ") => "RSDP".to_owned(),
+                Some(sig) => String::from_utf8_lossy(sig).into_owned(),
+                None => "table".to_owned(),
+            };
+            return Err(AcpiError::DoNotFit {
+                table,
+                len: bytes.len(),
+                end,
+                limit: ACPI_TABLES_END,
+            }
+            .into());
         }
         mem.write_slice(bytes, GuestAddress(addr))
             .map_err(|source| AcpiError::Write { source })?;
@@ -320,7 +407,7 @@ pub fn write_tables(
     let mut next = RSDP_POINTER + Rsdp::len() as u64;
     next = (next + 7) & !7;
     let dsdt_addr = next;
-    next = write(dsdt(pci_segments).as_slice(), dsdt_addr)?;
+    next = write(dsdt(pci_segments, nodes).as_slice(), dsdt_addr)?;
     let fadt_addr = next;
     next = write(fadt(dsdt_addr).as_slice(), fadt_addr)?;
     let madt_addr = next;
@@ -330,6 +417,14 @@ pub fn write_tables(
         let mcfg_addr = next;
         next = write(&mcfg(pci_segments), mcfg_addr)?;
         tables.push(mcfg_addr);
+    }
+    if !nodes.is_empty() {
+        let srat_addr = next;
+        next = write(srat(nodes, topology).as_slice(), srat_addr)?;
+        tables.push(srat_addr);
+        let slit_addr = next;
+        next = write(slit(nodes).as_slice(), slit_addr)?;
+        tables.push(slit_addr);
     }
     let xsdt_addr = next;
     write(xsdt(&tables).as_slice(), xsdt_addr)?;
@@ -363,7 +458,7 @@ mod tests {
             packages: 1,
         };
         let segments = crate::pci::plan_segments(2, 2 << 20, 40).unwrap();
-        let rsdp_addr = write_tables(&mem, &topology, 2, 4, &segments).unwrap();
+        let rsdp_addr = write_tables(&mem, &topology, 2, 4, &segments, &[]).unwrap();
         let mut rsdp = [0u8; 36];
         mem.read_slice(&mut rsdp, GuestAddress(rsdp_addr)).unwrap();
         assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -412,5 +507,141 @@ mod tests {
             }
         }
         assert_eq!(signatures, vec!["FACP", "APIC", "MCFG"]);
+    }
+
+    fn xsdt_entries(mem: &GuestMemoryMmap, rsdp_addr: u64) -> Vec<Vec<u8>> {
+        let xsdt_addr: u64 = mem.read_obj(GuestAddress(rsdp_addr + 24)).unwrap();
+        let xsdt = read_table(mem, xsdt_addr);
+        xsdt[36..]
+            .chunks(8)
+            .map(|c| read_table(mem, u64::from_le_bytes(c.try_into().unwrap())))
+            .collect()
+    }
+
+    fn two_nodes() -> Vec<NumaNode> {
+        vec![
+            NumaNode {
+                id: 0,
+                cpus: vec![0, 1],
+                memory: vec![(0, 64 << 20)],
+                distances: [(1, 15)].into(),
+                pci_segments: vec![0],
+            },
+            NumaNode {
+                id: 1,
+                cpus: vec![3],
+                memory: vec![(0xa000_0000, 0x2000_0000), (1 << 32, 0x2000_0000)],
+                distances: Default::default(),
+                pci_segments: vec![1],
+            },
+        ]
+    }
+
+    fn u32_at(t: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(t[at..at + 4].try_into().unwrap())
+    }
+
+    fn u64_at(t: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(t[at..at + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn numa_nodes_give_an_srat_and_a_slit() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        // 3 cores need 2 bits, so the second package's first vCPU (3) is x2APIC id 4.
+        let topology = Topology {
+            threads_per_core: 1,
+            cores_per_die: 3,
+            dies_per_package: 1,
+            packages: 2,
+        };
+        let segments = crate::pci::plan_segments(2, 2 << 20, 40).unwrap();
+        let rsdp = write_tables(&mem, &topology, 6, 6, &segments, &two_nodes()).unwrap();
+        let tables = xsdt_entries(&mem, rsdp);
+        let sigs: Vec<&[u8]> = tables.iter().map(|t| &t[..4]).collect();
+        assert_eq!(sigs, [b"FACP", b"APIC", b"MCFG", b"SRAT", b"SLIT"]);
+        let (srat, slit) = (&tables[3], &tables[4]);
+        assert!(checksum_ok(srat) && checksum_ok(slit));
+        // Header, 12 reserved bytes, 3 memory ranges of 40, 3 vCPUs of 24.
+        assert_eq!(srat.len(), 48 + 3 * 40 + 3 * 24);
+        assert_eq!(u32_at(srat, 4) as usize, srat.len());
+        assert_eq!(srat[8], 3, "revision");
+        assert!(srat[36..48].iter().all(|&b| b == 0));
+        let mut mems = Vec::new();
+        let mut cpus = Vec::new();
+        let mut at = 48;
+        while at < srat.len() {
+            match (srat[at], srat[at + 1]) {
+                (1, 40) => mems.push((
+                    u32_at(srat, at + 2),
+                    u64_at(srat, at + 8),
+                    u64_at(srat, at + 16),
+                    u32_at(srat, at + 28),
+                )),
+                (2, 24) => cpus.push((
+                    u32_at(srat, at + 4),
+                    u32_at(srat, at + 8),
+                    u32_at(srat, at + 12),
+                )),
+                other => panic!("unexpected SRAT entry {other:?}"),
+            }
+            at += srat[at + 1] as usize;
+        }
+        assert_eq!(
+            mems,
+            vec![
+                (0, 0, 64 << 20, 1),
+                (1, 0xa000_0000, 0x2000_0000, 1),
+                (1, 1 << 32, 0x2000_0000, 1)
+            ]
+        );
+        assert_eq!(cpus, vec![(0, 0, 1), (0, 1, 1), (1, 4, 1)]);
+        // Localities, then rows: 10 on the diagonal, 20 where none is given.
+        assert_eq!(slit.len(), 44 + 4);
+        assert_eq!(u64_at(slit, 36), 2);
+        assert_eq!(&slit[44..], &[10, 15, 20, 10]);
+        // Each host bridge names its node: PC01 is in node 1.
+        let fadt = &tables[0];
+        let dsdt = read_table(&mem, u64_at(fadt, 140));
+        assert!(checksum_ok(&dsdt));
+        let pxm = |device: &[u8]| {
+            let at = dsdt.windows(4).position(|w| w == device).unwrap();
+            let m = at + dsdt[at..].windows(4).position(|w| w == b"_PXM").unwrap();
+            // Method: name, flags, then ReturnOp and the value.
+            (dsdt[m + 5], dsdt[m + 6])
+        };
+        assert_eq!(pxm(b"PC00"), (0xa4, 0x00));
+        assert_eq!(pxm(b"PC01"), (0xa4, 0x01));
+    }
+
+    #[test]
+    fn tables_too_large_for_the_acpi_area_are_refused_unwritten() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let topology = Topology {
+            threads_per_core: 1,
+            cores_per_die: 1,
+            dies_per_package: 1,
+            packages: 1,
+        };
+        // 80 nodes of 255 vCPUs each: an SRAT of ~490 KB, more than the 384 KiB there.
+        let nodes: Vec<NumaNode> = (0..80)
+            .map(|id| NumaNode {
+                id,
+                cpus: (0..255).collect(),
+                ..NumaNode::default()
+            })
+            .collect();
+        let err = write_tables(&mem, &topology, 1, 1, &[], &nodes).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Memory);
+        assert!(
+            err.message
+                .starts_with("The ACPI tables do not fit below 1 MiB: the SRAT (489648 bytes)"),
+            "{}",
+            err.message
+        );
+        let mut rsdp = [0u8; 8];
+        mem.read_slice(&mut rsdp, GuestAddress(RSDP_POINTER))
+            .unwrap();
+        assert_eq!(rsdp, [0; 8], "no RSDP points at a partial set");
     }
 }

@@ -31,6 +31,10 @@ pub enum ErrorKind {
     Snapshot,
     /// A live migration failed: the connection, the other VMM, or what it sent.
     Migration,
+    /// The config passed validation, but its parts do not fit together
+    /// (a `--numa` node naming a memory zone that does not exist): Cloud
+    /// Hypervisor refuses these when it builds the VM.
+    Config,
 }
 
 impl ErrorKind {
@@ -45,6 +49,7 @@ impl ErrorKind {
             ErrorKind::State => "State",
             ErrorKind::Snapshot => "Snapshot",
             ErrorKind::Migration => "Migration",
+            ErrorKind::Config => "Config",
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod interrupts;
 pub mod layout;
 pub mod memory;
 pub mod migration;
+pub mod numa;
 pub mod pci;
 pub mod process;
 pub mod rate_limiter;

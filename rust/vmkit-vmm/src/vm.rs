@@ -29,6 +29,7 @@ use crate::memory::{
     map_guest_ram_from_shared_files, restores_copy_on_write, GuestRam,
 };
 use crate::migration::{self, ConfigMessage, Kind, MigrationError, TapHandover, Wire};
+use crate::numa;
 use crate::seccomp::{self, SeccompMode, Spawner, ThreadGroups, ThreadKind};
 use crate::snapshot;
 use crate::snapshot::SavedState;
@@ -1156,6 +1157,7 @@ impl Vm {
                     config.cpus.boot_vcpus,
                     config.cpus.max_vcpus,
                     &devices.segment_layouts(),
+                    &numa::nodes(config)?,
                 )?;
                 let payload_config = config.payload.as_ref().ok_or(VmError::NoKernel)?;
                 let payload = boot::load_payload(&ram, payload_config, rsdp)?;
@@ -1933,14 +1935,24 @@ fn check_supported(config: &VmConfig) -> Result<()> {
             "--vsock iommu=on",
         ),
         (some(&config.sgx_epc), "--sgx-epc"),
-        (some(&config.numa), "--numa"),
+        (
+            // v37 puts SGX EPC sections in a node's SRAT; vmkit has none.
+            config
+                .numa
+                .iter()
+                .flatten()
+                .any(|n| n.sgx_epc_sections.is_some()),
+            "--numa sgx_epc_sections",
+        ),
         (config.tpm.is_some(), "--tpm"),
         (config.cpus.features.amx, "--cpus features=amx"),
     ];
-    match requested.iter().find(|(asked, _)| *asked) {
-        Some(&(_, what)) => Err(VmError::NotSupported { what }.into()),
-        None => Ok(()),
+    if let Some(&(_, what)) = requested.iter().find(|(asked, _)| *asked) {
+        return Err(VmError::NotSupported { what }.into());
     }
+    // v37 finds these at boot; refused here with the other checks.
+    numa::nodes(config)?;
+    Ok(())
 }
 
 /// v37 maps RAM in whole pages; a size that is not a multiple of the page

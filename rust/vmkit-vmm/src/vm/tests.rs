@@ -95,6 +95,30 @@ fn smbios_fields_of_platform_are_refused() {
 }
 
 #[test]
+fn numa_is_accepted_but_sgx_sections_and_dangling_references_are_refused() {
+    let numa = |nodes: &[&str]| {
+        validated(|p| {
+            p.cpus = "boot=2".into();
+            p.numa = Some(nodes.iter().map(|n| n.to_string()).collect());
+        })
+    };
+    let ok = numa(&[
+        "guest_numa_id=0,cpus=[0],memory_zones=[mem0],distances=[1@20]",
+        "guest_numa_id=1,cpus=[1]",
+    ]);
+    check_supported(ok.config()).unwrap();
+    let err = refusal(numa(&["guest_numa_id=0,sgx_epc_sections=[epc0]"]));
+    assert_eq!(err.kind, ErrorKind::Unsupported);
+    assert_eq!(err.message, "--numa sgx_epc_sections is not supported yet");
+    let err = refusal(numa(&["memory_zones=[z9]"]));
+    assert_eq!(err.kind, ErrorKind::Config);
+    assert_eq!(
+        err.message,
+        "--numa: NUMA node 0: unknown memory zone 'z9' (InvalidNumaConfig)"
+    );
+}
+
+#[test]
 fn the_console_socket_is_named_before_other_refusals() {
     let err = refusal(validated(|p| {
         p.console = "socket=/tmp/vmkit-absent.sock".into();
