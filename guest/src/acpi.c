@@ -201,6 +201,20 @@ static u8 sum_cpl0(u64 addr, u32 len)
     return s;
 }
 
+void acpi_sums(struct csum_job *j)
+{
+    bool user_ok = true;
+    u32 i;
+    for (i = 0; i < j->n; i++)
+        user_ok = user_ok && user_mapped(j->t[i].addr, j->t[i].len);
+    if (user_ok) {
+        run_user(user_checksum, j);
+    } else {
+        for (i = 0; i < j->n; i++) /* e.g. tables in the supervisor-only MMIO hole */
+            j->t[i].sum = sum_cpl0(j->t[i].addr, j->t[i].len);
+    }
+}
+
 static struct csum_job csum;
 
 bool step_acpi(struct result *r)
@@ -222,17 +236,7 @@ bool step_acpi(struct result *r)
         csum.t[csum.n].addr = a->tables[i].addr;
         csum.t[csum.n++].len = a->tables[i].len;
     }
-    {
-        bool user_ok = true;
-        for (i = 0; i < csum.n; i++)
-            user_ok = user_ok && user_mapped(csum.t[i].addr, csum.t[i].len);
-        if (user_ok) {
-            run_user(user_checksum, &csum);
-        } else {
-            for (i = 0; i < csum.n; i++) /* e.g. tables in the supervisor-only MMIO hole */
-                csum.t[i].sum = sum_cpl0(csum.t[i].addr, csum.t[i].len);
-        }
-    }
+    acpi_sums(&csum);
     for (i = 0; i < csum.n; i++) {
         if (csum.t[i].sum == 0)
             continue;

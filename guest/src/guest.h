@@ -241,6 +241,19 @@ struct s5_job {
     u32 slp_typ;
 };
 u64 user_find_s5(void *job);
+/* PCI host bridges (Device objects named PCxx) in the DSDT and their _PXM. */
+struct pxm_job {
+    u64 addr;
+    u32 len;
+    u32 n;         /* bridges found (at most PXM_MAX recorded) */
+    u32 overflow;  /* 1 if more than PXM_MAX were found */
+    struct {
+        char name[4];
+        u32 kind; /* 0: no _PXM, 1: a constant (value), 2: a _PXM it cannot read */
+        u64 value;
+    } dev[PXM_MAX];
+};
+u64 user_find_pxm(void *job);
 
 /* ---- acpi.c ---- */
 struct acpi_table {
@@ -264,6 +277,11 @@ bool step_acpi(struct result *r);
 /* A table listed by the root table (or the DSDT): its address and length, 0 if absent. */
 u64 acpi_find_table(const char *sig, u32 *len);
 u32 madt_cpus(u32 *ids, u32 max, u32 *enabled, u32 *listed);
+/* Byte sums of the job's tables: at CPL3, or at CPL0 where a table is not user-accessible. */
+void acpi_sums(struct csum_job *j);
+
+/* ---- numa.c ---- */
+bool step_numa(struct result *r);
 
 /* ---- apic.c ---- */
 bool step_smp(struct result *r);

@@ -51,6 +51,7 @@
 #define MEMMAP_MAX 128
 #define MODULES_MAX 8
 #define ACPI_TABLES_MAX 48
+#define PXM_MAX 128
 #define MEMTEST_SEGS_MAX 256
 #define MAX_APIC_ID 255
 #define STEPS_MAX 32

@@ -313,7 +313,7 @@ static const struct {
     {"console", step_console}, {"msix", step_msix}, {"blkbench", step_blkbench},
     {"net", step_net}, {"powerbutton", step_powerbutton}, {"ioapic", step_ioapic},
     {"pvpanic", step_pvpanic}, {"watchdog", step_watchdog}, {"vsock", step_vsock},
-    {"pmem", step_pmem}, {"balloon", step_balloon},
+    {"pmem", step_pmem}, {"balloon", step_balloon}, {"numa", step_numa},
 };
 
 static void print_step(const char *name, size_t len, bool ok, const struct result *r)

@@ -165,6 +165,132 @@ u64 user_find_s5(void *arg)
     return 0;
 }
 
+/* ---- numa: the PCI host bridges' _PXM in the DSDT ---- */
+
+/* An AML PkgLength at p: its value (which counts its own bytes) and size. */
+static u32 aml_pkg_length(const volatile u8 *p, u32 *size)
+{
+    u32 lead = p[0], extra = lead >> 6, v, i;
+    if (!extra) {
+        *size = 1;
+        return lead & 0x3f;
+    }
+    v = lead & 0x0f;
+    for (i = 0; i < extra; i++)
+        v |= (u32)p[1 + i] << (4 + 8 * i);
+    *size = extra + 1;
+    return v;
+}
+
+/* An AML integer constant at p (ZeroOp, OneOp, OnesOp or a prefixed value). */
+static bool aml_const(const volatile u8 *p, u32 avail, u64 *v)
+{
+    u32 n = 0, i;
+    if (!avail)
+        return false;
+    switch (p[0]) {
+    case 0x00:
+        *v = 0;
+        return true;
+    case 0x01:
+        *v = 1;
+        return true;
+    case 0xff:
+        *v = ~0ULL;
+        return true;
+    case 0x0a:
+        n = 1;
+        break;
+    case 0x0b:
+        n = 2;
+        break;
+    case 0x0c:
+        n = 4;
+        break;
+    case 0x0e:
+        n = 8;
+        break;
+    default:
+        return false;
+    }
+    if (avail < 1 + n)
+        return false;
+    *v = 0;
+    for (i = 0; i < n; i++)
+        *v |= (u64)p[1 + i] << (8 * i);
+    return true;
+}
+
+static bool name_char(u8 c) { return (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_'; }
+
+/*
+ * Every DeviceOp (5B 82) whose name's last segment is PCxx, and the first
+ * _PXM inside it: Name(_PXM, const) or Method(_PXM) { Return(const) }.
+ */
+u64 user_find_pxm(void *arg)
+{
+    struct pxm_job *j = arg;
+    const volatile u8 *p = (const volatile u8 *)j->addr;
+    u32 i, len = j->len;
+
+    j->n = 0;
+    j->overflow = 0;
+    for (i = 0; i + 8 <= len; i++) {
+        u32 k, end, size, seg, m;
+        if (p[i] != 0x5b || p[i + 1] != 0x82)
+            continue;
+        k = i + 2;
+        end = k + aml_pkg_length(p + k, &size);
+        if (end > len)
+            continue;
+        k += size;
+        while (k < end && (p[k] == '\\' || p[k] == '^'))
+            k++;
+        if (k + 1 < end && p[k] == 0x2e) { /* DualNamePrefix: the second segment */
+            seg = k + 5;
+            k += 9;
+        } else if (k + 2 < end && p[k] == 0x2f && p[k + 1]) { /* MultiNamePrefix */
+            seg = k + 2 + 4 * (p[k + 1] - 1u);
+            k += 2 + 4 * p[k + 1];
+        } else {
+            seg = k;
+            k += 4;
+        }
+        if (k > end || p[seg] != 'P' || p[seg + 1] != 'C' || !name_char(p[seg + 2]) ||
+            !name_char(p[seg + 3]))
+            continue;
+        if (j->n == PXM_MAX) {
+            j->overflow = 1;
+            break;
+        }
+        j->dev[j->n].name[0] = 'P';
+        j->dev[j->n].name[1] = 'C';
+        j->dev[j->n].name[2] = (char)p[seg + 2];
+        j->dev[j->n].name[3] = (char)p[seg + 3];
+        j->dev[j->n].kind = 0;
+        for (m = k; m + 4 <= end; m++) {
+            u64 v;
+            if (p[m] != '_' || p[m + 1] != 'P' || p[m + 2] != 'X' || p[m + 3] != 'M')
+                continue;
+            j->dev[j->n].kind = 2;
+            /* MethodOp, a PkgLength of 1 or 2 bytes, the name, flags, ReturnOp (its
+             * PkgLength may itself be 0x08, so this is told apart from NameOp first) */
+            if (((p[m - 2] == 0x14 && !(p[m - 1] >> 6)) || (p[m - 3] == 0x14 && p[m - 2] >> 6 == 1))) {
+                if (m + 6 <= end && p[m + 5] == 0xa4 && aml_const(p + m + 6, end - m - 6, &v)) {
+                    j->dev[j->n].kind = 1;
+                    j->dev[j->n].value = v;
+                }
+            } else if (p[m - 1] == 0x08 && aml_const(p + m + 4, end - m - 4, &v)) { /* NameOp */
+                j->dev[j->n].kind = 1;
+                j->dev[j->n].value = v;
+            }
+            break;
+        }
+        j->n++;
+    }
+    return 0;
+}
+
 /* ---- blk: FNV-1a, the sector pattern, buffer compare ---- */
 
 static inline u64 blk_pattern(u64 sector, u64 j) { return BLK_PATTERN ^ (sector << 16) ^ j; }
