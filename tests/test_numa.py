@@ -192,6 +192,21 @@ def test_sgx_epc_sections_are_refused_as_not_supported() -> None:
     assert str(caught.value) == "--numa sgx_epc_sections is not supported yet"
 
 
+def test_tables_too_large_for_the_acpi_area_fail_the_boot_clearly() -> None:
+    # 80 nodes listing 255 vCPUs each: an SRAT of 48 + 80 * 255 * 24 bytes,
+    # more than the 384 KiB from 0xa0000 to 1 MiB.
+    nodes = [f"guest_numa_id={n},cpus=[0-254]" for n in range(80)]
+    config = VmConfig.from_cli(guest_args(["numa"], "--memory", "size=64M", "--numa", *nodes))
+    with Vm(config) as vm, pytest.raises(VmError) as caught:
+        vm.boot()
+    assert caught.value.kind == "Memory"
+    message = str(caught.value)
+    assert message.startswith(
+        "The ACPI tables do not fit below 1 MiB: the SRAT (489648 bytes) would end at 0x"
+    ), message
+    assert message.endswith(", past 0x100000"), message
+
+
 @pytest.mark.skipif(CH_DIR is None, reason=CH_MISSING)
 @pytest.mark.parametrize("options", [TWO_NODES, THREE_NODES], ids=["two-nodes", "three-nodes"])
 def test_cloud_hypervisor_gives_the_guest_the_same_tables(options: tuple[str, ...]) -> None:
