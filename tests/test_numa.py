@@ -55,15 +55,15 @@ TWO_NODES_SEEN = [
 ]
 
 # Three nodes, ids out of order: the `--memory size=` RAM as v37's "mem0", a
-# node without memory, a vCPU listed twice and one the VM does not have, and
-# distances left out (20).
+# node without memory, a vCPU listed twice and one the VM does not have,
+# distances left out (20) and one to the node itself (the SLIT keeps 10).
 THREE_NODES = (
     "--cpus", "boot=2",
     "--memory", "size=128M",
     "--numa",
     "guest_numa_id=2,cpus=[1,1,7],distances=[0@40]",
     "guest_numa_id=0,cpus=[0],memory_zones=[mem0],distances=[2@30]",
-    "guest_numa_id=1",
+    "guest_numa_id=1,distances=[1@50]",
 )  # fmt: skip
 
 THREE_NODES_SEEN = [
