@@ -779,3 +779,148 @@ impl Relay {
 }
 
 use vm_memory::Address;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::testing::{guest_memory, Driver, WRITE};
+
+    fn ctrl(acked: u64, driver: &mut Driver) -> CtrlQueue {
+        let active = driver.activate(4, false);
+        CtrlQueue {
+            index: 4,
+            queue: active.queue,
+            kick: active.kick,
+            pairs: 2,
+            acked,
+        }
+    }
+
+    /// Posts `command` and a status byte; returns (status written, used length).
+    fn run(
+        queue: &mut CtrlQueue,
+        driver: &mut Driver,
+        memory: &GuestMemoryMmap,
+        command: &[u8],
+    ) -> (u8, u32) {
+        let data = driver.alloc(command.len() as u64, 8);
+        let status = driver.alloc(1, 1);
+        driver.write(data, command);
+        driver.write(status, &[0xee]);
+        driver.add_chain(&[(data, command.len() as u32, 0), (status, 1, WRITE)]);
+        assert!(queue.process(memory).unwrap());
+        let (_, len) = driver.last_used();
+        (driver.byte(status), len)
+    }
+
+    #[test]
+    fn control_commands_are_answered_within_what_was_negotiated() {
+        let memory = guest_memory(1 << 20);
+        let mut driver = Driver::new(&memory, 16, 0x1000);
+        let mut queue = ctrl(F_MQ | F_CTRL_GUEST_OFFLOADS, &mut driver);
+        let set_pairs = |n: u16| {
+            let mut c = vec![CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET];
+            c.extend_from_slice(&n.to_le_bytes());
+            c
+        };
+        assert_eq!(
+            run(&mut queue, &mut driver, &memory, &set_pairs(2)),
+            (CTRL_OK, 1)
+        );
+        assert_eq!(
+            run(&mut queue, &mut driver, &memory, &set_pairs(1)),
+            (CTRL_OK, 1)
+        );
+        for bad in [0, 3, u16::MAX] {
+            assert_eq!(
+                run(&mut queue, &mut driver, &memory, &set_pairs(bad)).0,
+                CTRL_ERR
+            );
+        }
+        let offloads = [
+            CTRL_GUEST_OFFLOADS,
+            CTRL_GUEST_OFFLOADS_SET,
+            1,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ];
+        assert_eq!(run(&mut queue, &mut driver, &memory, &offloads).0, CTRL_OK);
+        // Too short, unknown class.
+        assert_eq!(
+            run(&mut queue, &mut driver, &memory, &[CTRL_MQ, 0, 1]).0,
+            CTRL_ERR
+        );
+        assert_eq!(
+            run(&mut queue, &mut driver, &memory, &[9, 9, 9, 9]).0,
+            CTRL_ERR
+        );
+
+        // Without MQ or GUEST_OFFLOADS negotiated, those commands fail.
+        let mut driver = Driver::new(&memory, 16, 0x40000);
+        let mut queue = ctrl(0, &mut driver);
+        assert_eq!(
+            run(&mut queue, &mut driver, &memory, &set_pairs(1)).0,
+            CTRL_ERR
+        );
+        assert_eq!(run(&mut queue, &mut driver, &memory, &offloads).0, CTRL_ERR);
+    }
+
+    #[test]
+    fn a_command_outside_guest_memory_is_refused_without_panicking() {
+        let memory = guest_memory(1 << 20);
+        let mut driver = Driver::new(&memory, 16, 0x1000);
+        let mut queue = ctrl(F_MQ, &mut driver);
+        let status = driver.alloc(1, 1);
+        driver.add_chain(&[(0xfff_0000, 64, 0), (status, 1, WRITE)]);
+        assert!(queue.process(&memory).unwrap());
+        assert_eq!(driver.byte(status), CTRL_ERR);
+        // A chain with no room for the status is used with length 0.
+        let data = driver.alloc(4, 8);
+        driver.add_chain(&[(data, 4, 0)]);
+        assert!(queue.process(&memory).unwrap());
+        assert_eq!(driver.last_used().1, 0);
+    }
+
+    #[test]
+    fn what_each_device_asks_of_its_backend() {
+        let spec = |personality| DeviceSpec {
+            option: "--disk",
+            id: "d".into(),
+            socket: "/s".into(),
+            server: false,
+            queue_size: 128,
+            personality,
+        };
+        let one = spec(Personality::Block { num_queues: 1 }).wanted();
+        assert_eq!((one.queues, one.config_len), (1, BLK_CONFIG_LEN));
+        assert_eq!(one.features & BLK_F_MQ, 0);
+        assert!(one.protocol.contains(VhostUserProtocolFeatures::CONFIG));
+        let four = spec(Personality::Block { num_queues: 4 }).wanted();
+        assert_ne!(four.features & BLK_F_MQ, 0);
+        let net = spec(Personality::Net {
+            pairs: 2,
+            mac: [0; 6],
+            mtu: Some(1400),
+        })
+        .wanted();
+        assert_eq!((net.queues, net.config_len), (4, 0));
+        assert_ne!(net.features & (F_MQ | F_MTU | F_CTRL_VQ), 0);
+        let fs = spec(Personality::Fs {
+            tag: "t".into(),
+            request_queues: 1,
+        })
+        .wanted();
+        assert_eq!(fs.queues, 2);
+        for wanted in [one, net, fs] {
+            assert_ne!(wanted.features & link::PROTOCOL_FEATURES, 0);
+            assert!(wanted
+                .protocol
+                .contains(VhostUserProtocolFeatures::REPLY_ACK));
+        }
+    }
+}
