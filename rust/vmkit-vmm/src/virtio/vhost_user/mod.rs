@@ -202,11 +202,10 @@ impl Drop for RelayHandle {
 impl VhostUserDevice {
     /// A device on `link` (already connected and negotiated).
     pub fn new(spec: &DeviceSpec, link: SharedLink) -> std::io::Result<VhostUserDevice> {
-        let (features, protocol_bits, backend_config) = {
+        let (features, backend_config) = {
             let link = Link::lock(&link);
-            (link.features(), link.protocol(), link.config().to_vec())
+            (link.features(), link.config().to_vec())
         };
-        let _ = protocol_bits;
         let size = spec.queue_size;
         let (device_type, queue_sizes, features, config, ctrl_queue) = match &spec.personality {
             Personality::Block { num_queues } => {
