@@ -11,14 +11,18 @@ need taps (/dev/net/tun, CAP_NET_ADMIN). Each skips with the reason.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gc
 import logging
 import os
+import shutil
 import socket
 import struct
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -248,6 +252,8 @@ def test_blk_io_goes_on_after_the_backend_is_killed_and_started_again(
 
 
 def _tap_support() -> str | None:
+    if shutil.which("ip") is None:
+        return "the ip command is missing"
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR)
     except OSError as e:
@@ -276,6 +282,20 @@ def tap_name() -> str:
     return f"vuk{os.getpid() % 10000}x{next(_taps)}"
 
 
+@contextlib.contextmanager
+def persistent_tap() -> Iterator[tuple[str, socket.socket]]:
+    """A tap made beforehand (the backend attaches to it by name) with a
+    packet socket on it: nothing the guest sends can come before the socket."""
+    name = tap_name()
+    subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True)
+    try:
+        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+        with packet_socket(name) as sock:
+            yield name, sock
+    finally:
+        subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
+
+
 def packet_socket(name: str, timeout: float = 10) -> socket.socket:
     deadline = time.monotonic() + timeout
     while True:
@@ -298,6 +318,12 @@ def await_ping(sock: socket.socket, timeout: float = 20) -> bytes:
             frame = sock.recv(65536)
         except TimeoutError:
             continue
+        except OSError as e:
+            # The backend configures its tap after we bound to it: a link
+            # change is reported once (ENETDOWN), then frames flow.
+            if e.errno == errno.ENETDOWN:
+                continue
+            raise
         if frame[12:14] == ETHERTYPE and frame[14:].startswith(b"vmkit-guest"):
             return frame
     pytest.fail(f"no frame from the guest within {timeout} s")
@@ -332,60 +358,59 @@ class LateBackend(threading.Thread):
     def run(self) -> None:
         deadline = time.monotonic() + 30
         while not (self.tmp_path / "net.sock").exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+            time.sleep(0.005)
         self.backend = net_backend(self.tmp_path, self.tap, client=True, wait=False)
 
 
 def exchange(tmp_path: Path, peer: str, server: bool) -> list[str]:
     """Boots the net step under `peer` and answers its frame; returns what
     the guest received."""
-    tap = tap_name()
-    late = LateBackend(tmp_path, tap) if server else None
-    backend = None if server else net_backend(tmp_path, tap, client=False)
-    steps, options = ["net"], {"net_lax_len": 1, "net_timeout_ms": 20000}
-    net = net_option(tmp_path, server)
-    holder: dict[str, GuestResults] = {}
-    if peer == "vmkit":
-        vm = Vm(guest_config(steps, "--net", net, cpus="boot=1", **options))
-        runner = None
-    else:
-        vm = None
+    with persistent_tap() as (tap, sock):
+        late = LateBackend(tmp_path, tap) if server else None
+        backend = None if server else net_backend(tmp_path, tap, client=False)
+        steps, options = ["net"], {"net_lax_len": 1, "net_timeout_ms": 20000}
+        net = net_option(tmp_path, server)
+        holder: dict[str, GuestResults] = {}
+        vm = (
+            Vm(guest_config(steps, "--net", net, cpus="boot=1", **options))
+            if peer == "vmkit"
+            else None
+        )
         runner = threading.Thread(
             target=lambda: holder.setdefault("r", run_ch(tmp_path, steps, "--net", net, **options))
         )
-    try:
-        if late is not None:
-            late.start()
-        if vm is not None:
-            vm.boot()
-        if runner is not None:
-            runner.start()
-        with packet_socket(tap) as sock:
+        try:
+            if late is not None:
+                late.start()
+            if vm is not None:
+                vm.boot()
+            else:
+                runner.start()
             frame = await_ping(sock)
             pong(sock)
-        if vm is not None:
-            exit_info = vm.wait(30)
-            assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
-            holder["r"] = parse_results(vm.serial.text)
-            vm.close()
-        if runner is not None:
-            runner.join(60)
-        if late is not None:
-            late.join()
-            backend = late.backend
-        assert frame[6:12] == bytes.fromhex(GUEST_MAC.replace(":", ""))
-        assert frame[14:] == b"vmkit-guest net ping".ljust(46, b"\0")
-        received = check_net_results(holder["r"])
-        assert backend is not None and backend.exited(10), "the backend outlived the VM"
-        return received
-    finally:
-        if vm is not None:
-            vm.close()
-        if late is not None:
-            late.join()
-            backend = late.backend
-        if backend is not None:
-            backend.kill()
+            if vm is not None:
+                exit_info = vm.wait(30)
+                assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+                holder["r"] = parse_results(vm.serial.text)
+                vm.close()
+            else:
+                runner.join(60)
+            if late is not None:
+                late.join()
+                backend = late.backend
+            assert frame[6:12] == bytes.fromhex(GUEST_MAC.replace(":", ""))
+            assert frame[14:] == b"vmkit-guest net ping".ljust(46, b"\0")
+            received = check_net_results(holder["r"])
+            assert backend is not None and backend.exited(10), "the backend outlived the VM"
+            return received
+        finally:
+            if vm is not None:
+                vm.close()
+            if late is not None:
+                late.join()
+                backend = late.backend
+            if backend is not None:
+                backend.kill()
 
 
 @needs_taps
@@ -404,40 +429,37 @@ def test_net_server_mode_backend_restarted_mid_exchange_delivers_to_the_guest(
     frame left connects back when started again, and the host's answer
     reaches the receive buffers the guest posted before."""
     caplog.set_level(logging.INFO, logger="vmkit")
-    tap = tap_name()
     cfg = guest_config(
         ["net"], "--net", net_option(tmp_path, server=True), cpus="boot=1",
         net_lax_len=1, net_timeout_ms=30000,
     )  # fmt: skip
-    backend: Backend | None = None
-
-    def start() -> None:
-        nonlocal backend
-        while not (tmp_path / "net.sock").exists():
-            time.sleep(0.01)
-        backend = net_backend(tmp_path, tap, client=True, wait=False)
-
-    starter = threading.Thread(target=start)
-    starter.start()
-    try:
-        with Vm(cfg, watchdog_timeout=60) as vm:
-            vm.boot()
-            starter.join()
-            with packet_socket(tap) as sock:
+    with persistent_tap() as (tap, sock):
+        late = LateBackend(tmp_path, tap)
+        late.start()
+        backend = None
+        try:
+            with Vm(cfg, watchdog_timeout=60) as vm:
+                vm.boot()
+                late.join()
                 await_ping(sock)
-            assert backend is not None
-            backend.kill()
-            backend = net_backend(tmp_path, tap, client=True, wait=False)
-            with packet_socket(tap) as sock:
-                time.sleep(0.5)
-                pong(sock)
-            exit_info = vm.wait(40)
-            assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
-            results = parse_results(vm.serial.text)
-    finally:
-        starter.join()
-        if backend is not None:
-            backend.kill()
+                assert late.backend is not None
+                late.backend.kill()
+                backend = net_backend(tmp_path, tap, client=True, wait=False)
+                # Answered until the guest has it: frames sent before the new
+                # backend took the rings over are the tap's to drop.
+                deadline = time.monotonic() + 30
+                while "step net " not in vm.serial.text:
+                    assert time.monotonic() < deadline, vm.serial.text
+                    pong(sock)
+                    time.sleep(0.2)
+                exit_info = vm.wait(40)
+                assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+                results = parse_results(vm.serial.text)
+        finally:
+            late.join()
+            for started in (late.backend, backend):
+                if started is not None:
+                    started.kill()
     check_net_results(results)
     messages = [r.getMessage() for r in caplog.records]
     assert any("waiting for it to connect again" in m for m in messages), messages
@@ -454,15 +476,14 @@ def test_client_mode_backend_gone_is_reported_and_the_vm_stays_controllable(
 
     def run() -> None:
         caplog.clear()
-        tap = tap_name()
-        backend = net_backend(tmp_path, tap, client=False)
         # The guest's net step drives the device, then waits for an answer.
         cfg = guest_config(
             ["net"], "--net", net_option(tmp_path, server=False), cpus="boot=1",
             net_lax_len=1, net_timeout_ms=60000,
         )  # fmt: skip
-        try:
-            with Vm(cfg, watchdog_timeout=60) as vm, packet_socket(tap) as sock:
+        with persistent_tap() as (tap, sock), Vm(cfg, watchdog_timeout=60) as vm:
+            backend = net_backend(tmp_path, tap, client=False)
+            try:
                 vm.boot()
                 await_ping(sock)
                 backend.kill()
@@ -477,8 +498,8 @@ def test_client_mode_backend_gone_is_reported_and_the_vm_stays_controllable(
                 vm.shutdown()
                 assert vm.wait(10) is not None
                 assert time.monotonic() - started < 5
-        finally:
-            backend.kill()
+            finally:
+                backend.kill()
 
     run()
     gc.collect()

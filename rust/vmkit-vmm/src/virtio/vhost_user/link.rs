@@ -88,6 +88,13 @@ pub enum LinkError {
         wanted: usize,
         backend: usize,
     },
+    /// The driver's ring setup cannot be handed over (not the backend's fault).
+    #[error("{option} {id}: {what}")]
+    GuestRing {
+        option: &'static str,
+        id: String,
+        what: String,
+    },
     #[error("{option} {id}: vhost-user backend at {path}: {what}")]
     Setup {
         option: &'static str,
@@ -151,7 +158,7 @@ pub struct Link {
     /// Device configuration the backend gave (CONFIG), else empty.
     config: Vec<u8>,
     /// Rings handed to the backend since the last stop.
-    started: usize,
+    started: Vec<usize>,
 }
 
 pub type SharedLink = Arc<Mutex<Link>>;
@@ -173,7 +180,7 @@ impl Link {
             features: 0,
             protocol: VhostUserProtocolFeatures::empty(),
             config: Vec::new(),
-            started: 0,
+            started: Vec::new(),
         };
         let deadline = Instant::now() + CONNECT_WINDOW;
         let stream = loop {
@@ -238,7 +245,7 @@ impl Link {
     pub fn disconnect(&mut self) {
         self.frontend = None;
         self.stream_fd = -1;
-        self.started = 0;
+        self.started.clear();
     }
 
     /// One attempt, without waiting: connects (client) or accepts a pending
@@ -342,7 +349,7 @@ impl Link {
         self.features = features;
         self.protocol = protocol;
         self.frontend = Some(frontend);
-        self.started = 0;
+        self.started.clear();
         Ok(())
     }
 
@@ -454,7 +461,7 @@ impl Link {
         );
         match outcome {
             Ok(()) => {
-                self.started = rings.iter().map(|r| r.index + 1).max().unwrap_or(0);
+                self.started = rings.iter().map(|r| r.index).collect();
                 Ok(())
             }
             Err((what, source)) => {
@@ -475,7 +482,7 @@ impl Link {
             return;
         };
         let mut failed = None;
-        for index in 0..started {
+        for index in started {
             if enable_messages {
                 if let Err(e) = frontend.set_vring_enable(index, false) {
                     failed = Some(e);
@@ -562,7 +569,13 @@ fn start_rings(
             )?;
         }
     }
-    Ok(())
+    // A request with a reply: once it is answered, the backend has acted on
+    // everything before it (without REPLY_ACK nothing else says so). A kick
+    // it reads before its ring is enabled is dropped, so callers kick after.
+    frontend
+        .get_features()
+        .map(|_| ())
+        .map_err(|e| ("GET_FEATURES", e))
 }
 
 /// The host address of `len` bytes of guest memory at `at`, all in one

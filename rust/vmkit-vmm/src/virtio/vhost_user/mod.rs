@@ -665,6 +665,10 @@ impl Relay {
                 }
                 self.send_config();
             }
+            Err(e @ link::LinkError::GuestRing { .. }) => {
+                // The backend is fine; this driver's setup is not.
+                queue_failed(&self.id, 0, &e, &*self.interrupt);
+            }
             Err(e) => {
                 log::warn!("{}: {e}", self.id);
                 self.lost(epoll, "starting the rings failed");
@@ -741,14 +745,21 @@ impl Relay {
         };
         match attempt {
             Ok(true) => {
+                let mut bases = Vec::new();
                 for ring in &self.rings {
-                    let used_index = self
+                    let used_index = self.rewind(ring);
+                    let avail = self
                         .memory
-                        .read_obj::<u16>(ring.used.unchecked_add(2))
+                        .read_obj::<u16>(ring.avail.unchecked_add(2))
                         .unwrap_or(0);
-                    ring.base.store(used_index, Ordering::Relaxed);
+                    bases.push(format!("{}@{used_index} (available {avail})", ring.index));
                 }
-                log::info!("{}: vhost-user backend connected again", self.id);
+                log::info!(
+                    "{}: vhost-user backend connected again; queues resume at their used \
+                     indices ({})",
+                    self.id,
+                    bases.join(", ")
+                );
                 self.start_rings(epoll);
                 return;
             }
@@ -770,6 +781,30 @@ impl Relay {
             );
             queue_failed(&self.id, 0, &cause, &*self.interrupt);
         }
+    }
+
+    /// Before a new backend takes `ring` over: it starts at the used index
+    /// (what the one that went had finished; requests it held are done
+    /// again), and the notification suppression the old one left in the
+    /// used ring is lifted, so the driver's next buffer is kicked.
+    fn rewind(&self, ring: &Ring) -> u16 {
+        let used_index = self
+            .memory
+            .read_obj::<u16>(ring.used.unchecked_add(2))
+            .unwrap_or(0);
+        ring.base.store(used_index, Ordering::Relaxed);
+        // used.flags: VRING_USED_F_NO_NOTIFY off.
+        let _ = self.memory.write_obj::<u16>(0, ring.used);
+        if self.driver_features & F_RING_EVENT_IDX != 0 {
+            // avail_event after the used elements: kick at the next buffer.
+            let avail_index = self
+                .memory
+                .read_obj::<u16>(ring.avail.unchecked_add(2))
+                .unwrap_or(0);
+            let avail_event = ring.used.unchecked_add(4 + 8 * u64::from(ring.size));
+            let _ = self.memory.write_obj::<u16>(avail_index, avail_event);
+        }
+        used_index
     }
 
     fn stop(self) {
