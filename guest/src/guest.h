@@ -325,6 +325,10 @@ struct config {
     u64 balloon_mib, balloon_timeout_ms, balloon_lax_len;
     bool balloon_bad;
     bool vsock_bad;
+    const char *fs_read, *fs_write; /* fs_read=, fs_write= (not NUL-terminated) */
+    size_t fs_read_len, fs_write_len;
+    u64 fs_bytes;
+    bool fs_bad;
 };
 extern struct config cfg;
 extern u64 tsc_khz; /* 0 if unknown */
@@ -348,6 +352,7 @@ bool step_pvpanic(struct result *r);
 bool step_vsock(struct result *r);
 bool step_pmem(struct result *r);
 bool step_balloon(struct result *r);
+bool step_fs(struct result *r);
 
 /* ---- ioapic.c ---- */
 #define ENTRY_MASKED (1u << 16)

@@ -91,6 +91,11 @@ static void parse_cmdline(void)
     cfg.pmem_bytes = 4096;
     cfg.balloon_mib = 64;
     cfg.balloon_timeout_ms = 30000;
+    cfg.fs_read = "host.txt";
+    cfg.fs_read_len = 8;
+    cfg.fs_write = "guest.txt";
+    cfg.fs_write_len = 9;
+    cfg.fs_bytes = 16384;
     while (i < n) {
         size_t start, len, k;
         while (i < n && is_space(s[i]))
@@ -181,6 +186,14 @@ static void parse_cmdline(void)
             cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_echo);
         } else if (starts_with(s + start, len, "vsock_timeout_ms=", &k)) {
             cfg.vsock_bad |= !parse_u64(s + start + k, len - k, &cfg.vsock_timeout_ms);
+        } else if (starts_with(s + start, len, "fs_read=", &k)) {
+            cfg.fs_read = s + start + k;
+            cfg.fs_read_len = len - k;
+        } else if (starts_with(s + start, len, "fs_write=", &k)) {
+            cfg.fs_write = s + start + k;
+            cfg.fs_write_len = len - k;
+        } else if (starts_with(s + start, len, "fs_bytes=", &k)) {
+            cfg.fs_bad |= !parse_u64(s + start + k, len - k, &cfg.fs_bytes);
         }
         /* anything else (console=ttyS0, ...) is ignored */
     }
@@ -314,6 +327,7 @@ static const struct {
     {"net", step_net}, {"powerbutton", step_powerbutton}, {"ioapic", step_ioapic},
     {"pvpanic", step_pvpanic}, {"watchdog", step_watchdog}, {"vsock", step_vsock},
     {"pmem", step_pmem}, {"balloon", step_balloon}, {"numa", step_numa},
+    {"fs", step_fs},
 };
 
 static void print_step(const char *name, size_t len, bool ok, const struct result *r)

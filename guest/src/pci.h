@@ -57,6 +57,7 @@ void res_bdf(struct result *r, const struct pci_dev *d);
 #define VIRTIO_ID_RNG 4
 #define VIRTIO_ID_BALLOON 5
 #define VIRTIO_ID_VSOCK 19
+#define VIRTIO_ID_FS 26
 #define VIRTIO_ID_PMEM 27
 #define VIRTIO_ID_WATCHDOG 35 /* Cloud Hypervisor's virtio-watchdog */
 
