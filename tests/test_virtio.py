@@ -323,7 +323,9 @@ def test_console_pty_carries_output(tmp_path: Path) -> None:
     ],
 )
 def test_unavailable_devices_fail_clearly(argv: list[str], message: str) -> None:
-    cfg = VmConfig.from_cli(["--kernel", str(testguest.image_path("pvh")), "--console", "off", *argv])
+    cfg = VmConfig.from_cli(
+        ["--kernel", str(testguest.image_path("pvh")), "--console", "off", *argv]
+    )
     with pytest.raises(VmError, match=message):
         with Vm(cfg) as vm:
             vm.boot()
