@@ -40,11 +40,20 @@ pub const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bi
 /// Why a vhost-user backend could not be reached or driven.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
+    #[error("{option} {id}: cannot connect to the vhost-user backend at {path}: {source}")]
+    Connect {
+        option: &'static str,
+        id: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Client mode: every attempt for [`CONNECT_WINDOW`] failed; the last one's error.
     #[error(
         "{option} {id}: cannot connect to the vhost-user backend at {path} within {}s: {source}",
         CONNECT_WINDOW.as_secs()
     )]
-    Connect {
+    ConnectTimeout {
         option: &'static str,
         id: String,
         path: String,
@@ -159,6 +168,8 @@ pub struct Link {
     config: Vec<u8>,
     /// Rings handed to the backend since the last stop.
     started: Vec<usize>,
+    /// Client mode: why the last attempt to connect failed (nobody there yet).
+    last_refusal: Option<i32>,
 }
 
 pub type SharedLink = Arc<Mutex<Link>>;
@@ -181,6 +192,7 @@ impl Link {
             protocol: VhostUserProtocolFeatures::empty(),
             config: Vec::new(),
             started: Vec::new(),
+            last_refusal: None,
         };
         let deadline = Instant::now() + CONNECT_WINDOW;
         let stream = loop {
@@ -254,7 +266,10 @@ impl Link {
         match &self.endpoint {
             Endpoint::Client => match UnixStream::connect(&self.wanted.socket) {
                 Ok(stream) => Ok(Some(stream)),
-                Err(e) if retryable(&e) => Ok(None),
+                Err(e) if retryable(&e) => {
+                    self.last_refusal = e.raw_os_error();
+                    Ok(None)
+                }
                 Err(e) => Err(e),
             },
             Endpoint::Server(listener) => {
@@ -398,9 +413,14 @@ impl Link {
                 id: self.wanted.id.clone(),
                 path: self.wanted.socket.clone(),
             },
-            Endpoint::Client => {
-                self.connect_error(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
-            }
+            Endpoint::Client => LinkError::ConnectTimeout {
+                option: self.wanted.option,
+                id: self.wanted.id.clone(),
+                path: self.wanted.socket.clone(),
+                source: std::io::Error::from_raw_os_error(
+                    self.last_refusal.unwrap_or(libc::ECONNREFUSED),
+                ),
+            },
         }
     }
 
