@@ -179,7 +179,7 @@ static bool fs_fail(struct result *r, const struct vdev *v, const char *msg)
     return false;
 }
 
-/* "<op> <what><n><what2>" and the device: a reply the step cannot use. */
+/* "<op><what><n><what2>" and the device: a reply the step cannot use. */
 static bool bad_reply(struct result *r, const struct vdev *v, const struct fs_call *c,
                       const char *what, u64 n, const char *what2)
 {

@@ -651,3 +651,52 @@ fn listen(wanted: &Wanted) -> Result<UnixListener, LinkError> {
     }
     UnixListener::bind(&path).map_err(error)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(socket: &str) -> Link {
+        Link {
+            wanted: Wanted {
+                option: "--fs",
+                id: "fs0".into(),
+                socket: socket.into(),
+                features: 0,
+                protocol: VhostUserProtocolFeatures::empty(),
+                queues: 2,
+                config_len: 0,
+            },
+            endpoint: Endpoint::Client,
+            frontend: None,
+            stream_fd: -1,
+            features: 0,
+            protocol: VhostUserProtocolFeatures::empty(),
+            config: Vec::new(),
+            started: 0,
+            last_refusal: None,
+        }
+    }
+
+    #[test]
+    fn a_backend_not_there_yet_is_retried_and_its_error_named_at_the_end() {
+        let mut link = client("/nonexistent-vmkit-dir/fs.sock");
+        assert!(matches!(link.try_connect(), Ok(None)));
+        assert_eq!(
+            link.no_backend().to_string(),
+            "--fs fs0: cannot connect to the vhost-user backend at \
+             /nonexistent-vmkit-dir/fs.sock within 60s: No such file or directory (os error 2)"
+        );
+    }
+
+    #[test]
+    fn an_error_that_is_not_retried_does_not_speak_of_the_minute() {
+        let mut link = client("/dev/null/fs.sock");
+        let error = link.try_connect().expect_err("ENOTDIR is not retried");
+        assert_eq!(
+            link.connect_error(error).to_string(),
+            "--fs fs0: cannot connect to the vhost-user backend at /dev/null/fs.sock: \
+             Not a directory (os error 20)"
+        );
+    }
+}
