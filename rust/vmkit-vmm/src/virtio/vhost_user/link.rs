@@ -673,7 +673,7 @@ mod tests {
             features: 0,
             protocol: VhostUserProtocolFeatures::empty(),
             config: Vec::new(),
-            started: 0,
+            started: Vec::new(),
             last_refusal: None,
         }
     }
