@@ -170,6 +170,7 @@ static union {
     struct fuse_attr_out attr;
 } fs_reply;
 static u64 fs_unique;
+static u64 fs_read_tsc, fs_write_tsc; /* the READ and WRITE loops' time (fs_rounds) */
 static u8 *fs_data; /* FS_FILE_MAX read buffer, then FS_FILE_MAX write buffer; allocated once */
 
 static bool fs_fail(struct result *r, const struct vdev *v, const char *msg)
@@ -481,7 +482,7 @@ static bool fs_read_file(struct vdev *v, u32 chunk, u64 *node, u64 *total, struc
 {
     struct fuse_entry_out e;
     struct line l;
-    u64 fh, size;
+    u64 fh, size, start, round;
     u32 got;
 
     if (!fs_lookup(v, cfg.fs_read, cfg.fs_read_len, &e, r))
@@ -502,18 +503,24 @@ static bool fs_read_file(struct vdev *v, u32 chunk, u64 *node, u64 *total, struc
     }
     if (!fs_open(v, e.nodeid, L_O_RDONLY, &fh, r))
         return false;
-    /* Until a short read (EOF); the buffer's end bounds it whatever the server says. */
-    *total = 0;
-    for (;;) {
-        u32 ask = FS_FILE_MAX - *total < chunk ? (u32)(FS_FILE_MAX - *total) : chunk;
-        if (!ask)
-            break;
-        if (!fs_io(v, e.nodeid, fh, L_O_RDONLY, *total, fs_data + *total, ask, false, &got, r))
-            return false;
-        *total += got;
-        if (got < ask)
-            break;
+    /* Until a short read (EOF); the buffer's end bounds it whatever the server says.
+     * fs_rounds reads the file that many times (timed, for benchmarks). */
+    start = rdtsc();
+    for (round = 0; round < cfg.fs_rounds; round++) {
+        *total = 0;
+        for (;;) {
+            u32 ask = FS_FILE_MAX - *total < chunk ? (u32)(FS_FILE_MAX - *total) : chunk;
+            if (!ask)
+                break;
+            if (!fs_io(v, e.nodeid, fh, L_O_RDONLY, *total, fs_data + *total, ask, false, &got,
+                       r))
+                return false;
+            *total += got;
+            if (got < ask)
+                break;
+        }
     }
+    fs_read_tsc = rdtsc() - start;
     if (!fs_close_op(v, FUSE_RELEASE, e.nodeid, fh, L_O_RDONLY, r))
         return false;
     if (*total != size) {
@@ -546,7 +553,7 @@ static bool fs_write_file(struct vdev *v, u32 chunk, u64 *node, struct result *r
     struct buf_job j;
     struct fs_call c;
     struct line l;
-    u64 nodeid, fh, off;
+    u64 nodeid, fh, off, start, round;
     u32 done;
 
     call_init(&c, "CREATE", FUSE_CREATE, FUSE_ROOT_ID, sizeof(*in));
@@ -570,11 +577,15 @@ static bool fs_write_file(struct vdev *v, u32 chunk, u64 *node, struct result *r
     j.len = cfg.fs_bytes;
     j.sector = 0;
     run_user(user_buf, &j);
-    for (off = 0; off < cfg.fs_bytes; off += done) {
-        u32 n = cfg.fs_bytes - off < chunk ? (u32)(cfg.fs_bytes - off) : chunk;
-        if (!fs_io(v, nodeid, fh, flags, off, buf + off, n, true, &done, r))
-            return false;
+    start = rdtsc();
+    for (round = 0; round < cfg.fs_rounds; round++) {
+        for (off = 0; off < cfg.fs_bytes; off += done) {
+            u32 n = cfg.fs_bytes - off < chunk ? (u32)(cfg.fs_bytes - off) : chunk;
+            if (!fs_io(v, nodeid, fh, flags, off, buf + off, n, true, &done, r))
+                return false;
+        }
     }
+    fs_write_tsc = rdtsc() - start;
     if (!fs_close_op(v, FUSE_FSYNC, nodeid, fh, flags, r) ||
         !fs_close_op(v, FUSE_FLUSH, nodeid, fh, flags, r) ||
         !fs_close_op(v, FUSE_RELEASE, nodeid, fh, flags, r))
@@ -610,11 +621,37 @@ static bool fs_write_file(struct vdev *v, u32 chunk, u64 *node, struct result *r
     return true;
 }
 
+/* fs_rounds > 1: how long the READ and WRITE loops took, for benchmarks. */
+static void fs_bench_line(u64 read_len, u32 chunk)
+{
+    struct line l;
+    line_begin(&l);
+    line_str(&l, "fs bench rounds=");
+    line_dec(&l, cfg.fs_rounds);
+    line_str(&l, " chunk=");
+    line_dec(&l, chunk);
+    line_str(&l, " read_bytes=");
+    line_dec(&l, read_len * cfg.fs_rounds);
+    line_str(&l, " read_tsc=");
+    line_dec(&l, fs_read_tsc);
+    line_str(&l, " write_bytes=");
+    line_dec(&l, cfg.fs_bytes * cfg.fs_rounds);
+    line_str(&l, " write_tsc=");
+    line_dec(&l, fs_write_tsc);
+    if (tsc_khz) {
+        line_str(&l, " read_ns=");
+        line_dec(&l, fs_read_tsc * 1000000 / tsc_khz);
+        line_str(&l, " write_ns=");
+        line_dec(&l, fs_write_tsc * 1000000 / tsc_khz);
+    }
+    line_end(&l);
+}
+
 static bool fs_run(struct vdev *v, struct result *r)
 {
     char tag[FS_TAG_LEN];
     u32 tag_len, nreq, max_write, chunk;
-    u64 host_node, guest_node, read_len;
+    u64 host_node, guest_node, read_len = 0;
     struct line l;
 
     if (!virtio_init(v, 0, r))
@@ -646,6 +683,8 @@ static bool fs_run(struct vdev *v, struct result *r)
         return false;
     if (!fs_forget(v, host_node, r) || !fs_forget(v, guest_node, r))
         return false;
+    if (cfg.fs_rounds > 1)
+        fs_bench_line(read_len, chunk);
     res_kv_dec(r, "read", read_len);
     res_kv_dec(r, "written", cfg.fs_bytes);
     return virtio_check_status(v, r);

@@ -327,7 +327,7 @@ struct config {
     bool vsock_bad;
     const char *fs_read, *fs_write; /* fs_read=, fs_write= (not NUL-terminated) */
     size_t fs_read_len, fs_write_len;
-    u64 fs_bytes;
+    u64 fs_bytes, fs_rounds;
     bool fs_bad;
 };
 extern struct config cfg;

@@ -96,6 +96,7 @@ static void parse_cmdline(void)
     cfg.fs_write = "guest.txt";
     cfg.fs_write_len = 9;
     cfg.fs_bytes = 16384;
+    cfg.fs_rounds = 1;
     while (i < n) {
         size_t start, len, k;
         while (i < n && is_space(s[i]))
@@ -192,6 +193,9 @@ static void parse_cmdline(void)
         } else if (starts_with(s + start, len, "fs_write=", &k)) {
             cfg.fs_write = s + start + k;
             cfg.fs_write_len = len - k;
+        } else if (starts_with(s + start, len, "fs_rounds=", &k)) {
+            cfg.fs_bad |= !parse_u64(s + start + k, len - k, &cfg.fs_rounds) || !cfg.fs_rounds ||
+                          cfg.fs_rounds > 100000;
         } else if (starts_with(s + start, len, "fs_bytes=", &k)) {
             cfg.fs_bad |= !parse_u64(s + start + k, len - k, &cfg.fs_bytes);
         }
