@@ -381,6 +381,9 @@ fn worker() -> Rules {
         // Queue kicks, the kill event, timers; interrupts are eventfd writes.
         libc::SYS_read,
     ]);
+    // Workers close their eventfds when they stop: std's debug builds check
+    // that an fd is open before they close it.
+    r.allow_if(libc::SYS_fcntl, vec![arg_eq(1, libc::F_GETFD as u64)]);
     r
 }
 
@@ -493,11 +496,8 @@ fn own_rules(kind: ThreadKind) -> Rules {
         }
         ThreadKind::Balloon => {
             // Pages go back to the host with madvise, which every thread
-            // may make (allocators do). Its eventfds close here when it
-            // stops: std's debug builds check that an fd is open first.
-            let mut r = worker();
-            r.allow_if(libc::SYS_fcntl, vec![arg_eq(1, libc::F_GETFD as u64)]);
-            r
+            // may make (allocators do).
+            worker()
         }
         ThreadKind::Console => {
             let mut r = worker();
@@ -526,9 +526,6 @@ fn own_rules(kind: ThreadKind) -> Rules {
             ]);
             // Guest-initiated connections: unix sockets only.
             r.allow_if(libc::SYS_socket, vec![arg_eq(0, libc::AF_UNIX as u64)]);
-            // Connections end here: std's debug builds check that an fd is
-            // open before they close it.
-            r.allow_if(libc::SYS_fcntl, vec![arg_eq(1, libc::F_GETFD as u64)]);
             r
         }
         ThreadKind::VhostUser => {
