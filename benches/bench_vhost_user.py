@@ -13,6 +13,7 @@ columns:
   queue_size=256`` (its defaults: buffered IO, the backend polling its queue);
 - Cloud Hypervisor vhost-user: the same option and the same backend;
 - Cloud Hypervisor built-in: ``--disk path=IMG,...`` (io_uring).
+``--hog`` runs a busy loop per CPU (normal priority) during each boot: the contended case.
 Every VM has ``--memory size=512M,shared=on`` (vhost-user needs it; the built-in
 columns get the same memory). A fresh backend serves each vhost-user boot (it ends
 with its frontend). Each row boots the four in turn, ``--runs`` times, interleaved;
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 
 from bench_io import QUEUE_SIZE, Row, cmdline, make_image, rate, run
-from machine import CH, machine
+from machine import CH, Hogs, machine
 from vmkit import testguest
 
 ROWS = [
@@ -105,6 +106,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every request count")
+    parser.add_argument("--hog", action="store_true", help="a busy loop per CPU during each boot")
     args = parser.parse_args()
     if not CH.is_file() or not (CH.parent / "vhost_user_block").is_file():
         print(f"needs {CH} and vhost_user_block beside it", file=sys.stderr)
@@ -120,7 +122,8 @@ def main() -> int:
             figures: dict[str, list[float]] = {c: [] for c in COLUMNS}
             for _ in range(args.runs):
                 for column in COLUMNS:
-                    figures[column].append(one(column, kernel, image, sock, row))
+                    with Hogs(args.hog):
+                        figures[column].append(one(column, kernel, image, sock, row))
             table.append((row, figures))
             med = {c: statistics.median(v) for c, v in figures.items()}
             print(
@@ -131,7 +134,8 @@ def main() -> int:
                 flush=True,
             )
     if args.markdown:
-        print(f"\nMachine: {machine()}; {args.runs} runs per cell, medians.\n")
+        hog = ", a busy loop per CPU" if args.hog else ""
+        print(f"\nMachine: {machine()}{hog}; {args.runs} runs per cell, medians.\n")
         print(
             "| row | " + " | ".join(NAMES[c] for c in COLUMNS)
             + " | vmkit vu / CH vu | vmkit vu / vmkit built-in |"
