@@ -361,6 +361,14 @@ impl Link {
             )?;
             self.config = config;
         }
+        log::debug!(
+            "{} {}: vhost-user backend at {}: features {features:#x} of {backend_features:#x}, \
+             protocol features {:#x}, {backend_queues} queues",
+            wanted.option,
+            wanted.id,
+            wanted.socket,
+            protocol.bits()
+        );
         self.features = features;
         self.protocol = protocol;
         self.frontend = Some(frontend);
