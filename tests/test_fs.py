@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _chpeer import CH_DIR, CH_MISSING, ch_binary
+from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_binary, ch_remote
 from _vuproxy import ProtocolFeatureMask
 from vmkit import VmConfig, testguest
 from vmkit.vm import Vm, VmError
@@ -272,3 +272,34 @@ def test_a_socket_that_cannot_be_reached_fails_naming_fs_the_id_and_the_path(
         f"--fs share0: cannot connect to the vhost-user backend at {path}: "
         "Not a directory (os error 20)"
     ), str(e.value)
+
+
+def test_ch_remote_adds_a_share_before_boot(tmp_path: Path, share: tuple[Path, bytes]) -> None:
+    """The real ch-remote's add-fs on a created vmkit VM: the guest finds the
+    share at boot and reads the host's file through it."""
+    folder, data = share
+    daemon = Virtiofsd(folder, tmp_path / "fs.sock", tmp_path / "virtiofsd.log")
+    serial = tmp_path / "serial.log"
+    argv = guest_argv(daemon.socket_path)
+    at = argv.index("--fs")
+    del argv[at : at + 2]
+    argv[argv.index("tty")] = f"file={serial}"
+    (tmp_path / "vm.json").write_text(VmConfig.from_cli(argv).to_json())
+    process = VmmProcess("vmkit", tmp_path / "api.sock", tmp_path / "vmkit.log")
+    try:
+        assert ch_remote(process.socket_path, "create", str(tmp_path / "vm.json"))[0] == 0
+        status, out, err = ch_remote(
+            process.socket_path, "add-fs", f"tag={TAG},socket={daemon.socket_path},id=share0"
+        )
+        assert (status, out, err) == (0, "", ""), process.log
+        assert ch_remote(process.socket_path, "boot")[0] == 0, process.log
+        deadline = time.monotonic() + 30
+        while "vmkit-guest: exit" not in serial.read_text(errors="replace"):
+            assert time.monotonic() < deadline, serial.read_text(errors="replace")
+            time.sleep(0.05)
+        read = words(next(line for line in fs_lines(serial.read_text()) if " fs read " in line))
+        assert int(read["fnv"], 16) == fnv1a(data)
+        assert "step fs ok" in serial.read_text()
+    finally:
+        process.stop()
+        daemon.stop()
