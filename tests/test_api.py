@@ -1109,11 +1109,11 @@ def test_a_failed_boot_leaves_the_config(api: Api, workdir: Path) -> None:
 
 @needs_kvm
 def test_unsupported_devices_are_refused_at_boot(api: Api) -> None:
-    config = guest_config("--tpm", "socket=/tmp/tpm.sock")
+    config = guest_config("--sgx-epc", "id=epc0,size=64M")
     api.put("vm.create", config)
     reply = api.put("vm.boot")
     assert_reply(reply, 500)
-    assert "--tpm is not supported yet" in reply.text
+    assert "--sgx-epc is not supported yet" in reply.text
     assert api.state() == "Created"
 
 

@@ -369,7 +369,7 @@ def test_restore_syntax_errors_come_first() -> None:
         (["--platform", "uuid=1-2"], "--platform serial_number, uuid and oem_strings"),
         (["--platform", "oem_strings=[a]"], "--platform serial_number, uuid and oem_strings"),
         # v37 builds the VM at boot, so whatever the VMM refuses is a boot error
-        (["--tpm", "socket=/tmp/tpm.sock"], "--tpm is not supported yet\n"),
+        (["--sgx-epc", "id=epc0,size=64M"], "--sgx-epc is not supported yet\n"),
     ],
 )  # fmt: skip
 def test_boot_refusals(args: list[str], message: str) -> None:

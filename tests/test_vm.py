@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from _vcpus import quiet_vcpus, vcpu_switches
 from vmkit import VmConfig, testguest
-from vmkit.config import TpmConfig
+from vmkit.config import SgxEpcConfig
 from vmkit.testguest import GuestResults, parse_results
 from vmkit.vm import Vm, VmError, VmExit, VmInfo
 
@@ -446,8 +446,8 @@ def test_missing_initramfs_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -
 
 def test_unsupported_devices_are_refused_clearly() -> None:
     cfg = config()
-    cfg.tpm = TpmConfig(socket="/tmp/tpm.sock")
-    with pytest.raises(VmError, match=r"--tpm is not supported yet") as e:
+    cfg.sgx_epc = [SgxEpcConfig(id="epc0", size=64 << 20)]
+    with pytest.raises(VmError, match=r"--sgx-epc is not supported yet") as e:
         Vm(cfg)
     assert e.value.kind == "Unsupported"
 

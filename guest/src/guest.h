@@ -254,6 +254,31 @@ struct pxm_job {
     } dev[PXM_MAX];
 };
 u64 user_find_pxm(void *job);
+/* tpm: one command through the CRB, and the DSDT's TPM device. */
+enum { TPMX_OK, TPMX_TIMEOUT, TPMX_BAD_SIZE };
+struct tpm_job {
+    u64 crb;                /* the CRB's locality 0 page (user-mapped) */
+    u64 buf_addr;           /* command and response buffer (CRB_CTRL_CMD_LADDR) */
+    u32 buf_size;           /* CRB_CTRL_CMD_SIZE */
+    const u8 *cmd;          /* in RAM, cmd_len bytes */
+    u32 cmd_len;
+    u8 *rsp;                /* in RAM, rsp_cap bytes */
+    u32 rsp_cap;
+    u64 timeout;            /* TSC ticks CRB_CTRL_START may stay set */
+    /* results */
+    u32 err;                /* TPMX_* */
+    u32 rsp_len;            /* the response header's size (what was copied: at most rsp_cap) */
+    u32 ctrl_sts, ctrl_start;
+    u64 tsc;                /* from START to its clearing */
+};
+u64 user_tpm_exchange(void *job);
+struct hid_job {
+    u64 addr;               /* the DSDT */
+    u32 len;
+    u32 found;              /* "MSFT0101" seen; then a Memory32Fixed after it: */
+    u32 crs_found, crs_base, crs_len;
+};
+u64 user_find_tpm_hid(void *job);
 
 /* ---- acpi.c ---- */
 struct acpi_table {
@@ -329,6 +354,8 @@ struct config {
     size_t fs_read_len, fs_write_len;
     u64 fs_bytes, fs_rounds;
     bool fs_bad;
+    u64 tpm_timeout_ms;
+    bool tpm_bad;
 };
 extern struct config cfg;
 extern u64 tsc_khz; /* 0 if unknown */
@@ -353,6 +380,7 @@ bool step_vsock(struct result *r);
 bool step_pmem(struct result *r);
 bool step_balloon(struct result *r);
 bool step_fs(struct result *r);
+bool step_tpm(struct result *r);
 
 /* ---- ioapic.c ---- */
 #define ENTRY_MASKED (1u << 16)

@@ -97,6 +97,7 @@ static void parse_cmdline(void)
     cfg.fs_write_len = 9;
     cfg.fs_bytes = 16384;
     cfg.fs_rounds = 1;
+    cfg.tpm_timeout_ms = 10000;
     while (i < n) {
         size_t start, len, k;
         while (i < n && is_space(s[i]))
@@ -198,6 +199,8 @@ static void parse_cmdline(void)
                           cfg.fs_rounds > 100000;
         } else if (starts_with(s + start, len, "fs_bytes=", &k)) {
             cfg.fs_bad |= !parse_u64(s + start + k, len - k, &cfg.fs_bytes);
+        } else if (starts_with(s + start, len, "tpm_timeout_ms=", &k)) {
+            cfg.tpm_bad = !parse_u64(s + start + k, len - k, &cfg.tpm_timeout_ms);
         }
         /* anything else (console=ttyS0, ...) is ignored */
     }
@@ -331,7 +334,7 @@ static const struct {
     {"net", step_net}, {"powerbutton", step_powerbutton}, {"ioapic", step_ioapic},
     {"pvpanic", step_pvpanic}, {"watchdog", step_watchdog}, {"vsock", step_vsock},
     {"pmem", step_pmem}, {"balloon", step_balloon}, {"numa", step_numa},
-    {"fs", step_fs},
+    {"fs", step_fs}, {"tpm", step_tpm},
 };
 
 static void print_step(const char *name, size_t len, bool ok, const struct result *r)

@@ -704,3 +704,93 @@ out:
     }
     return j->err;
 }
+
+/* ---- tpm: one command through the CRB (TCG PC Client PTP), the DSDT's device ---- */
+
+#define CRB_CTRL_STS 0x44
+#define CRB_CTRL_START 0x4c
+
+static inline u32 le32_at(const u8 *p) { return p[0] | p[1] << 8 | p[2] << 16 | (u32)p[3] << 24; }
+
+/* Copies the command in (whole dwords, then single bytes: both access sizes),
+ * sets CRB_CTRL_START and polls it until the TPM clears it, then copies the
+ * response out, as long as its header's size says (at most rsp_cap). */
+u64 user_tpm_exchange(void *arg)
+{
+    struct tpm_job *j = arg;
+    volatile u32 *start = (volatile u32 *)(j->crb + CRB_CTRL_START);
+    u64 buf = j->buf_addr, t0;
+    u8 head[10];
+    u32 i, n, len;
+
+    j->err = TPMX_OK;
+    j->rsp_len = 0;
+    for (i = 0; i + 4 <= j->cmd_len; i += 4)
+        *(volatile u32 *)(buf + i) = le32_at(j->cmd + i);
+    for (; i < j->cmd_len; i++)
+        *(volatile u8 *)(buf + i) = j->cmd[i];
+    t0 = rdtsc();
+    *start = 1;
+    while (*start & 1) {
+        if (rdtsc() - t0 > j->timeout) {
+            j->err = TPMX_TIMEOUT;
+            break;
+        }
+        __asm__ volatile("pause");
+    }
+    j->tsc = rdtsc() - t0;
+    j->ctrl_start = *start;
+    j->ctrl_sts = *(volatile u32 *)(j->crb + CRB_CTRL_STS);
+    if (j->err)
+        return j->err;
+    for (i = 0; i < 8; i += 4) {
+        u32 v = *(volatile u32 *)(buf + i);
+        head[i] = (u8)v;
+        head[i + 1] = (u8)(v >> 8);
+        head[i + 2] = (u8)(v >> 16);
+        head[i + 3] = (u8)(v >> 24);
+    }
+    head[8] = *(volatile u8 *)(buf + 8);
+    head[9] = *(volatile u8 *)(buf + 9);
+    len = (u32)head[2] << 24 | (u32)head[3] << 16 | (u32)head[4] << 8 | head[5];
+    j->rsp_len = len;
+    if (len < 10 || len > j->buf_size) {
+        j->err = TPMX_BAD_SIZE;
+        return j->err;
+    }
+    n = len < j->rsp_cap ? len : j->rsp_cap;
+    for (i = 0; i < n && i < 10; i++)
+        j->rsp[i] = head[i];
+    for (; i < n; i++)
+        j->rsp[i] = *(volatile u8 *)(buf + i);
+    return j->err;
+}
+
+/* The DSDT's TPM 2.0 device: "MSFT0101", then the Memory32Fixed descriptor
+ * (0x86, length 9) of its _CRS within the next 128 bytes. */
+u64 user_find_tpm_hid(void *arg)
+{
+    struct hid_job *j = arg;
+    const volatile u8 *p = (const volatile u8 *)j->addr;
+    static const char hid[] = "MSFT0101";
+    u32 i, k;
+    j->found = j->crs_found = 0;
+    for (i = 0; i + 8 <= j->len; i++) {
+        for (k = 0; k < 8 && p[i + k] == (u8)hid[k]; k++)
+            ;
+        if (k == 8)
+            break;
+    }
+    if (i + 8 > j->len)
+        return 0;
+    j->found = 1;
+    for (k = i + 8; k + 12 <= j->len && k < i + 8 + 128; k++) {
+        if (p[k] == 0x86 && p[k + 1] == 0x09 && p[k + 2] == 0x00) {
+            j->crs_found = 1;
+            j->crs_base = p[k + 4] | p[k + 5] << 8 | p[k + 6] << 16 | (u32)p[k + 7] << 24;
+            j->crs_len = p[k + 8] | p[k + 9] << 8 | p[k + 10] << 16 | (u32)p[k + 11] << 24;
+            break;
+        }
+    }
+    return 0;
+}

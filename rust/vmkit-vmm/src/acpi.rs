@@ -17,7 +17,7 @@ use crate::devices::legacy::GED_POWER_BUTTON;
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::layout::{
     ACPI_TABLES_END, APIC_START, GED_ADDRESS, GED_IRQ, IOAPIC_START, PCI_MMCONFIG_START,
-    RSDP_POINTER,
+    RSDP_POINTER, TPM_SIZE, TPM_START,
 };
 use crate::numa::{segment_node, NumaNode};
 use crate::pci::{SegmentLayout, ECAM_SIZE_PER_SEGMENT};
@@ -189,7 +189,37 @@ fn mcfg(segments: &[SegmentLayout]) -> Vec<u8> {
     bytes
 }
 
-fn dsdt(segments: &[SegmentLayout], nodes: &[NumaNode]) -> Sdt {
+/// The TPM 2.0 device (`--tpm`), as Cloud Hypervisor writes it: `\TPM2`
+/// at the root of the namespace, `_HID` "MSFT0101" (Linux's tpm_crb binds
+/// to it), present, and the CRB's page as its one resource.
+fn tpm_device(sink: &mut dyn acpi_tables::AmlSink) {
+    let hid: &'static str = "MSFT0101";
+    let hid_name = aml::Name::new("_HID".into(), &hid);
+    let present = 0x0fu8;
+    let sta = aml::Name::new("_STA".into(), &present);
+    let crb = aml::Memory32Fixed::new(true, TPM_START as u32, TPM_SIZE as u32);
+    let crs = aml::ResourceTemplate::new(vec![&crb]);
+    let crs_name = aml::Name::new("_CRS".into(), &crs);
+    let device = aml::Device::new("TPM2".into(), vec![&hid_name, &sta, &crs_name]);
+    device.to_aml_bytes(sink);
+}
+
+/// The TPM2 table (TCG ACPI Specification, revision 3 layout, 52 bytes):
+/// client platform, start method 7 (CRB without ACPI start), the control
+/// area 0x40 into the CRB's page.
+fn tpm2() -> Sdt {
+    const PLATFORM_CLIENT: u16 = 0;
+    const START_METHOD_CRB: u32 = 7;
+    let mut tpm2 = table(b"TPM2", 52, 3);
+    tpm2.write_u16(36, PLATFORM_CLIENT);
+    tpm2.write_u16(38, 0); // reserved
+    tpm2.write_u64(40, TPM_START + 0x40);
+    tpm2.write_u32(48, START_METHOD_CRB);
+    tpm2.update_checksum();
+    tpm2
+}
+
+fn dsdt(segments: &[SegmentLayout], nodes: &[NumaNode], tpm: bool) -> Sdt {
     let mut dsdt = table(b"DSDT", 36, 6);
     // The AML builders borrow their children, so every node is a local.
     let com1_io = aml::IO::new(0x3f8, 0x3f8, 0, 8);
@@ -225,6 +255,9 @@ fn dsdt(segments: &[SegmentLayout], nodes: &[NumaNode]) -> Sdt {
     let s5 = aml::Name::new("_S5_".into(), &s5_package);
     sb.to_aml_bytes(&mut dsdt);
     s5.to_aml_bytes(&mut dsdt);
+    if tpm {
+        tpm_device(&mut dsdt);
+    }
     dsdt.update_checksum();
     dsdt
 }
@@ -380,6 +413,7 @@ pub fn write_tables(
     max_vcpus: u8,
     pci_segments: &[SegmentLayout],
     nodes: &[NumaNode],
+    tpm: bool,
 ) -> Result<u64> {
     // Nothing is written past ACPI_TABLES_END: a table that would reach it
     // fails the boot before any of its bytes land (the RSDP, written last,
@@ -407,7 +441,7 @@ pub fn write_tables(
     let mut next = RSDP_POINTER + Rsdp::len() as u64;
     next = (next + 7) & !7;
     let dsdt_addr = next;
-    next = write(dsdt(pci_segments, nodes).as_slice(), dsdt_addr)?;
+    next = write(dsdt(pci_segments, nodes, tpm).as_slice(), dsdt_addr)?;
     let fadt_addr = next;
     next = write(fadt(dsdt_addr).as_slice(), fadt_addr)?;
     let madt_addr = next;
@@ -425,6 +459,11 @@ pub fn write_tables(
         let slit_addr = next;
         next = write(slit(nodes).as_slice(), slit_addr)?;
         tables.push(slit_addr);
+    }
+    if tpm {
+        let tpm2_addr = next;
+        next = write(tpm2().as_slice(), tpm2_addr)?;
+        tables.push(tpm2_addr);
     }
     let xsdt_addr = next;
     write(xsdt(&tables).as_slice(), xsdt_addr)?;
@@ -458,7 +497,7 @@ mod tests {
             packages: 1,
         };
         let segments = crate::pci::plan_segments(2, 2 << 20, 40).unwrap();
-        let rsdp_addr = write_tables(&mem, &topology, 2, 4, &segments, &[]).unwrap();
+        let rsdp_addr = write_tables(&mem, &topology, 2, 4, &segments, &[], false).unwrap();
         let mut rsdp = [0u8; 36];
         mem.read_slice(&mut rsdp, GuestAddress(rsdp_addr)).unwrap();
         assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -556,7 +595,7 @@ mod tests {
             packages: 2,
         };
         let segments = crate::pci::plan_segments(2, 2 << 20, 40).unwrap();
-        let rsdp = write_tables(&mem, &topology, 6, 6, &segments, &two_nodes()).unwrap();
+        let rsdp = write_tables(&mem, &topology, 6, 6, &segments, &two_nodes(), false).unwrap();
         let tables = xsdt_entries(&mem, rsdp);
         let sigs: Vec<&[u8]> = tables.iter().map(|t| &t[..4]).collect();
         assert_eq!(sigs, [b"FACP", b"APIC", b"MCFG", b"SRAT", b"SLIT"]);
@@ -631,7 +670,7 @@ mod tests {
                 ..NumaNode::default()
             })
             .collect();
-        let err = write_tables(&mem, &topology, 1, 1, &[], &nodes).unwrap_err();
+        let err = write_tables(&mem, &topology, 1, 1, &[], &nodes, false).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Memory);
         assert!(
             err.message
@@ -643,5 +682,71 @@ mod tests {
         mem.read_slice(&mut rsdp, GuestAddress(RSDP_POINTER))
             .unwrap();
         assert_eq!(rsdp, [0; 8], "no RSDP points at a partial set");
+    }
+
+    fn hex(text: &str) -> Vec<u8> {
+        let digits: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();
+        digits
+            .chunks(2)
+            .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_tpm_device_is_the_aml_cloud_hypervisor_writes() {
+        // The bytes the test guest read from Cloud Hypervisor v37's DSDT:
+        // Device (TPM2) { Name (_HID, "MSFT0101"), Name (_STA, 0x0F),
+        // Name (_CRS, ResourceTemplate () { Memory32Fixed (ReadWrite,
+        // 0xFED40000, 0x1000) }) }.
+        let expected = hex("5b82 32 54504d32 \
+             085f484944 0d 4d534654303130 31 00 \
+             085f535441 0a0f \
+             085f435253 11 11 0a0e 86 0900 01 0000d4fe 00100000 7900");
+        let mut bytes = Vec::new();
+        tpm_device(&mut bytes);
+        assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn a_tpm_adds_the_tpm2_table_after_the_others_and_its_device() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let topology = Topology {
+            threads_per_core: 1,
+            cores_per_die: 1,
+            dies_per_package: 1,
+            packages: 1,
+        };
+        let segments = crate::pci::plan_segments(1, 2 << 20, 40).unwrap();
+        let rsdp_addr = write_tables(&mem, &topology, 1, 1, &segments, &[], true).unwrap();
+        let mut rsdp = [0u8; 36];
+        mem.read_slice(&mut rsdp, GuestAddress(rsdp_addr)).unwrap();
+        let xsdt = read_table(&mem, u64::from_le_bytes(rsdp[24..32].try_into().unwrap()));
+        let tables: Vec<Vec<u8>> = xsdt[36..]
+            .chunks(8)
+            .map(|c| read_table(&mem, u64::from_le_bytes(c.try_into().unwrap())))
+            .collect();
+        let signatures: Vec<&[u8]> = tables.iter().map(|t| &t[..4]).collect();
+        assert_eq!(signatures, [b"FACP", b"APIC", b"MCFG", b"TPM2"]);
+        let tpm2 = &tables[3];
+        assert!(checksum_ok(tpm2));
+        assert_eq!((tpm2.len(), tpm2[8]), (52, 3), "length and revision");
+        assert_eq!(
+            u16::from_le_bytes([tpm2[36], tpm2[37]]),
+            0,
+            "client platform"
+        );
+        assert_eq!(
+            u64::from_le_bytes(tpm2[40..48].try_into().unwrap()),
+            0xfed4_0040
+        );
+        assert_eq!(
+            u32::from_le_bytes(tpm2[48..52].try_into().unwrap()),
+            7,
+            "CRB"
+        );
+        let fadt = &tables[0];
+        let dsdt = read_table(&mem, u64::from_le_bytes(fadt[140..148].try_into().unwrap()));
+        assert!(checksum_ok(&dsdt));
+        assert!(dsdt.windows(8).any(|w| w == b"MSFT0101"));
     }
 }

@@ -50,6 +50,10 @@ pub const GED_ADDRESS: u64 = 0xfeb0_0000;
 pub const GED_SIZE: u64 = 0x10;
 /// Its interrupt: an ISA line nothing else uses (COM1 is 4, the i8042 1).
 pub const GED_IRQ: u32 = 5;
+/// The TPM's CRB interface (`--tpm`): locality 0's 4 KiB page, where Cloud
+/// Hypervisor and QEMU put it (the PC Client platform's TPM address).
+pub const TPM_START: u64 = 0xfed4_0000;
+pub const TPM_SIZE: u64 = 0x1000;
 /// COM1's interrupt (ISA IRQ 4, as on a PC and in Cloud Hypervisor).
 pub const SERIAL_IRQ: u32 = 4;
 pub const IOAPIC_START: u64 = 0xfec0_0000;

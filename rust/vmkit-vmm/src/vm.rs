@@ -55,6 +55,11 @@ pub enum VmError {
     #[error("{what} is not supported yet")]
     NotSupported { what: &'static str },
     #[error(
+        "A VM with a TPM (--tpm) cannot be {what}: its TPM's state lives in swtpm, which \
+         vmkit cannot carry along"
+    )]
+    TpmState { what: &'static str },
+    #[error(
         "The virtio console cannot use a socket (--console socket=...): only --serial can \
          (NoSocketOptionSupportForConsoleDevice)"
     )]
@@ -132,7 +137,9 @@ impl ModuleError for VmError {
             Thread { .. } | PowerButton { .. } | ExitEvent { .. } | DeviceEvents { .. } => {
                 ErrorKind::Device
             }
-            NotSupported { .. } | ConsoleSocket | Smbios | NoHyperv => ErrorKind::Unsupported,
+            NotSupported { .. } | TpmState { .. } | ConsoleSocket | Smbios | NoHyperv => {
+                ErrorKind::Unsupported
+            }
             OpenKvm { .. } | KickHandler(_) | Kvm { .. } => ErrorKind::Kvm,
             HostAddress { .. } | MisalignedMemorySize { .. } => ErrorKind::Memory,
             NoKernel => ErrorKind::Kernel,
@@ -1158,6 +1165,7 @@ impl Vm {
                     config.cpus.max_vcpus,
                     &devices.segment_layouts(),
                     &numa::nodes(config)?,
+                    config.tpm.is_some(),
                 )?;
                 let payload_config = config.payload.as_ref().ok_or(VmError::NoKernel)?;
                 let payload = boot::load_payload(&ram, payload_config, rsdp)?;
@@ -1266,6 +1274,12 @@ impl Vm {
         let life = self.lock_settled();
         if life.state != VmState::Paused {
             return Err(VmError::SnapshotNotPaused.into());
+        }
+        if self.config().tpm.is_some() {
+            return Err(VmError::TpmState {
+                what: "snapshotted",
+            }
+            .into());
         }
         let Some(instance) = &life.instance else {
             return Err(VmError::NotRunning.into());
@@ -1434,6 +1448,9 @@ impl Vm {
         }
         if local && instance._ram.shared_files.is_none() {
             return Err(MigrationError::LocalNeedsSharedMemory.into());
+        }
+        if self.config().tpm.is_some() {
+            return Err(VmError::TpmState { what: "migrated" }.into());
         }
         let stream =
             std::os::unix::net::UnixStream::connect(path).map_err(MigrationError::Connect)?;
@@ -1944,7 +1961,6 @@ fn check_supported(config: &VmConfig) -> Result<()> {
                 .any(|n| n.sgx_epc_sections.is_some()),
             "--numa sgx_epc_sections",
         ),
-        (config.tpm.is_some(), "--tpm"),
         (config.cpus.features.amx, "--cpus features=amx"),
     ];
     if let Some(&(_, what)) = requested.iter().find(|(asked, _)| *asked) {

@@ -28,10 +28,14 @@ use crate::devices::legacy::{
 };
 use crate::devices::pvpanic::PvPanic;
 use crate::devices::serial::{IrqTrigger, SerialBackend, SerialDevice, SerialSink};
+use crate::devices::tpm::Crb;
 use crate::devices::{Bus, BusDevice};
 use crate::error::{Error, ErrorKind, ModuleError, Result};
 use crate::interrupts::InterruptRoutes;
-use crate::layout::{GED_ADDRESS, GED_IRQ, GED_SIZE, IOAPIC_START, PCI_MMCONFIG_START, SERIAL_IRQ};
+use crate::layout::{
+    GED_ADDRESS, GED_IRQ, GED_SIZE, IOAPIC_START, PCI_MMCONFIG_START, SERIAL_IRQ, TPM_SIZE,
+    TPM_START,
+};
 use crate::memory::GuestRam;
 use crate::pci::config::BarKind;
 use crate::pci::PciDevice as _;
@@ -158,6 +162,8 @@ pub struct DeviceManager {
     ged: Arc<Ged>,
     ioapic: Arc<Mutex<Ioapic>>,
     serial: Option<Arc<Mutex<SerialDevice>>>,
+    /// `--tpm`: the CRB (its worker stops when the last holder drops it).
+    _tpm: Option<Arc<Mutex<Crb>>>,
     /// Ports 0xcf8/0xcfc (segment 0), whose address latch a snapshot keeps.
     config_io: Option<Arc<Mutex<PciConfigIo>>>,
     /// Platform devices' nodes (`__ioapic`, `__serial`).
@@ -224,6 +230,7 @@ impl DeviceManager {
         let ioapic = add_ioapic(&mut wiring, &routes)?;
         let ged = add_legacy_devices(&mut wiring, ctx)?;
         let serial = add_serial(&mut wiring, ctx)?;
+        let tpm = add_tpm(&mut wiring, ctx)?;
 
         let mut segments = plan_pci(ctx)?;
         // Every device first (pmem regions take their address ranges now),
@@ -259,6 +266,7 @@ impl DeviceManager {
             ged,
             ioapic,
             serial,
+            _tpm: tpm,
             config_io,
             platform_nodes: wiring.nodes,
             _irq_fds: wiring.irq_fds,
@@ -507,6 +515,7 @@ impl DeviceManager {
     pub fn stop_devices(&mut self) {
         self.virtio.clear();
         self.pvpanic = None;
+        self._tpm = None;
         self.segments.clear();
         self.config_io = None;
         self.pio = Arc::new(Bus::new());
@@ -640,6 +649,20 @@ fn add_serial(
     backend.attach(Some(device.clone()));
     wiring.nodes.push(DeviceNode::leaf("__serial"));
     Ok(Some(device))
+}
+
+/// `--tpm`: swtpm behind the CRB at Cloud Hypervisor's address. It has no
+/// node in the device tree, as in Cloud Hypervisor.
+fn add_tpm(wiring: &mut Wiring<'_>, ctx: &DeviceContext<'_>) -> Result<Option<Arc<Mutex<Crb>>>> {
+    let Some(config) = &ctx.config.tpm else {
+        return Ok(None);
+    };
+    let crb = Arc::new(Mutex::new(crate::devices::tpm::create(
+        &config.socket,
+        ctx.spawner,
+    )?));
+    insert(&mut wiring.mmio, "TPM", TPM_START, TPM_SIZE, crb.clone())?;
+    Ok(Some(crb))
 }
 
 /// The PCI segments of the config, empty but for their host bridges.

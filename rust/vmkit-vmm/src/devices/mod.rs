@@ -4,6 +4,7 @@ pub mod ioapic;
 pub mod legacy;
 pub mod pvpanic;
 pub mod serial;
+pub mod tpm;
 
 use std::sync::{Arc, Mutex};
 

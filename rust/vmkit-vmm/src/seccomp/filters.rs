@@ -54,6 +54,8 @@ pub enum ThreadKind {
     Vsock,
     /// vhost-user device relay: the backend's signals, its connection.
     VhostUser,
+    /// The TPM's worker: the guest's TPM commands to swtpm and back.
+    Tpm,
     /// Serial/console input from the terminal or a pty.
     SerialInput,
     /// Serial/console `socket=`: accepts a client and pumps its input.
@@ -63,7 +65,7 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 16] = [
+    pub const ALL: [ThreadKind; 17] = [
         ThreadKind::Vcpu,
         ThreadKind::Vmm,
         ThreadKind::Spawner,
@@ -77,6 +79,7 @@ impl ThreadKind {
         ThreadKind::Console,
         ThreadKind::Vsock,
         ThreadKind::VhostUser,
+        ThreadKind::Tpm,
         ThreadKind::SerialInput,
         ThreadKind::SerialSocket,
         ThreadKind::Process,
@@ -97,6 +100,7 @@ impl ThreadKind {
             ThreadKind::Console => "console",
             ThreadKind::Vsock => "vsock",
             ThreadKind::VhostUser => "vhost-user",
+            ThreadKind::Tpm => "tpm",
             ThreadKind::SerialInput => "serial input",
             ThreadKind::SerialSocket => "serial socket",
             ThreadKind::Process => "vmkit process",
@@ -119,6 +123,7 @@ impl ThreadKind {
                 Console,
                 Vsock,
                 VhostUser,
+                Tpm,
             ],
             Process => &[Vmm, Vcpu, Spawner, SerialInput, SerialSocket],
             _ => &[],
@@ -549,6 +554,23 @@ fn own_rules(kind: ThreadKind) -> Rules {
             r.allow_if(libc::SYS_socket, vec![arg_eq(0, libc::AF_UNIX as u64)]);
             r
         }
+        ThreadKind::Tpm => {
+            let mut r = worker();
+            r.allow(&[
+                // Commands on the data socket, CMD_CANCEL_TPM_CMD on the
+                // control socket: sendmsg with MSG_NOSIGNAL, so that a dead
+                // swtpm is an error (EPIPE) rather than a SIGPIPE.
+                libc::SYS_sendmsg,
+                // Responses and control answers (std reads sockets with recv).
+                libc::SYS_recvfrom,
+                // The timeout of the command in flight.
+                libc::SYS_timerfd_settime,
+            ]);
+            // Its sockets close here when swtpm hangs up: std's debug builds
+            // check that an fd is open before they close it.
+            r.allow_if(libc::SYS_fcntl, vec![arg_eq(1, libc::F_GETFD as u64)]);
+            r
+        }
         ThreadKind::SerialInput => {
             let mut r = every_thread();
             // Waits for input and for the stop event, then reads it.
@@ -638,7 +660,20 @@ fn builds_vm() -> Rules {
         libc::SYS_unlink,
         // std::thread::available_parallelism (queue sizing).
         libc::SYS_sched_getaffinity,
+        // --tpm: swtpm's control socket; its control commands, and the end
+        // of the socketpair for TPM commands handed over by SCM_RIGHTS
+        // (sendmsg with MSG_NOSIGNAL), and their answers (std's recv).
+        libc::SYS_connect,
+        libc::SYS_sendmsg,
+        libc::SYS_recvfrom,
     ]);
+    // --tpm: the socketpair for TPM commands (unix sockets only), and the
+    // control channel's timeouts (SO_RCVTIMEO, SO_SNDTIMEO).
+    r.allow_if(libc::SYS_socketpair, vec![arg_eq(0, libc::AF_UNIX as u64)]);
+    r.allow_if(
+        libc::SYS_setsockopt,
+        vec![arg_eq(1, libc::SOL_SOCKET as u64)],
+    );
     // Sockets: AF_UNIX for serial/console sockets, AF_INET (datagram) for
     // the SIOC ioctls that configure a tap.
     r.allow_if(

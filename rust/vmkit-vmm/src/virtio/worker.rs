@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::seccomp::{Spawner, ThreadKind};
 
@@ -183,6 +184,23 @@ pub fn spawn<H: WorkerHandler>(
         #[cfg(feature = "fuzzing")]
         inline: None,
     })
+}
+
+/// A timerfd whose reads never block: a worker reads it when epoll said so,
+/// and a timer disarmed in between (its count reset) then reads EAGAIN.
+pub fn nonblocking_timer() -> io::Result<TimerFd> {
+    let timer = TimerFd::new()?;
+    let fd = timer.as_raw_fd();
+    // SAFETY: F_GETFL / F_SETFL on a descriptor we own.
+    let ok = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0
+    };
+    if ok {
+        Ok(timer)
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Waiting for the worker's events: its epoll (a stand-in in tests).

@@ -44,13 +44,14 @@ pub use self::disk::ImageLock;
 pub use self::error::BlockError;
 use self::io::uring::Uring;
 use self::io::QueueIo;
-use self::queue::{nonblocking_timer, QueueHandler};
+use self::queue::QueueHandler;
 use super::worker::{self, Worker};
 use super::{
     ActivateError, Activation, Interrupt, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC,
     F_VERSION_1, TYPE_BLOCK,
 };
 use crate::rate_limiter::SharedRateLimiter;
+use crate::virtio::worker::nonblocking_timer;
 
 /// virtio-blk feature bits (virtio 1.2 §5.2.3).
 pub const F_SEG_MAX: u64 = 1 << VIRTIO_BLK_F_SEG_MAX;

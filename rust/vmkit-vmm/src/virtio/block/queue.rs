@@ -505,18 +505,3 @@ impl WorkerHandler for QueueHandler {
         worked
     }
 }
-
-pub fn nonblocking_timer() -> io::Result<TimerFd> {
-    let timer = TimerFd::new()?;
-    let fd = timer.as_raw_fd();
-    // SAFETY: F_GETFL / F_SETFL on a descriptor we own.
-    let ok = unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0
-    };
-    if ok {
-        Ok(timer)
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
