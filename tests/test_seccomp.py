@@ -18,11 +18,12 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 from _inject import Injected, inject_syscall, seccomp_filters, seccomp_mode, threads
+from _swtpm import SWTPM, Swtpm
 from vmkit import testguest
 
 if not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -48,6 +49,7 @@ KINDS: dict[str, str] = {
     "net": r"_net\d+_qp\d+",
     "rng": r"_+rng\d*_q0",
     "console": r"_+console\d*",
+    "tpm": r"tpm",
     "serial input": r"console-input",
     "serial socket": r"serial-socket",
     "vmkit process": r"python[\d.]*|vmkit(-log)?",
@@ -66,8 +68,11 @@ def _can_make_taps() -> bool:
 TAPS = _can_make_taps()
 
 
-def vmm_argv(tmp_path: Path, mode: str, ticks: int = 100) -> list[str]:
-    """A `vmkit` command line with a thread of every kind (net where taps can be made)."""
+def vmm_argv(
+    tmp_path: Path, mode: str, ticks: int = 100, tpm_socket: Path | None = None
+) -> list[str]:
+    """A `vmkit` command line with a thread of every kind (net where taps can be
+    made, the TPM's where swtpm listens on ``tpm_socket``)."""
     disks = []
     for i in range(2):
         image = tmp_path / f"disk{i}.img"
@@ -89,15 +94,17 @@ def vmm_argv(tmp_path: Path, mode: str, ticks: int = 100) -> list[str]:
     ]  # fmt: skip
     if TAPS:
         argv += ["--net", f"tap=vmksc{os.getpid() % 10000}x{len(str(tmp_path)) % 10}"]
+    if tpm_socket is not None:
+        argv += ["--tpm", f"socket={tpm_socket}"]
     return argv
 
 
 def expected_kinds() -> list[str]:
-    return [kind for kind in KINDS if kind != "net" or TAPS]
+    return [kind for kind in KINDS if (kind != "net" or TAPS) and (kind != "tpm" or SWTPM)]
 
 
 #: Kinds whose threads the spawner starts; the others start from the main thread.
-SPAWNED = {"block (io_uring)", "block (sync)", "net", "rng", "console"}
+SPAWNED = {"block (io_uring)", "block (sync)", "net", "rng", "console", "tpm"}
 
 
 def find_thread(process: subprocess.Popen[str], kind: str, deadline: float) -> int:
@@ -160,8 +167,17 @@ def exiting(pid: int, tid: int) -> bool:
 
 @contextmanager
 def vmm(tmp_path: Path, mode: str, ticks: int = 100) -> Iterator[subprocess.Popen[str]]:
+    with ExitStack() as stack:
+        tpm = stack.enter_context(Swtpm(tmp_path / "tpm")) if SWTPM else None
+        yield stack.enter_context(
+            vmm_process(vmm_argv(tmp_path, mode, ticks, tpm.socket if tpm else None))
+        )
+
+
+@contextmanager
+def vmm_process(argv: list[str]) -> Iterator[subprocess.Popen[str]]:
     process = subprocess.Popen(
-        vmm_argv(tmp_path, mode, ticks),
+        argv,
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
