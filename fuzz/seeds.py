@@ -569,6 +569,47 @@ def legacy_seeds() -> dict[str, bytes]:
     return {"uart": uart, "platform": platform}
 
 
+# --- the TPM's CRB (fuzz/src/tpm.rs) -----------------------------------------
+
+CRB_READ, CRB_WRITE, CRB_ANSWER = 0x41, 0x42, 0x40  # 4-byte accesses (op >> 5 == 2)
+GET_RANDOM = bytes([0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7B, 0, 16])
+
+
+def crb_register(op: int, offset: int, value: int | None = None) -> bytes:
+    data = b"" if value is None else struct.pack("<I", value)
+    return bytes([op, 0, offset]) + data
+
+
+def crb_buffer(op: int, offset: int, data: bytes = b"") -> bytes:
+    return bytes([op, 2]) + struct.pack("<H", offset) + data
+
+
+def tpm_seeds() -> dict[str, bytes]:
+    def session(answer: bytes) -> bytes:
+        return b"".join(
+            [
+                struct.pack("<H", 0xF80),  # the backend's limit
+                crb_register(CRB_WRITE, 0x08, 1),  # request locality 0
+                crb_register(CRB_WRITE, 0x40, 1),  # cmdReady
+                *[crb_buffer(CRB_WRITE, i, GET_RANDOM[i : i + 4]) for i in range(0, 12, 4)],
+                crb_register(CRB_WRITE, 0x4C, 1),  # START
+                crb_register(CRB_READ, 0x4C),
+                bytes([CRB_ANSWER, 0, 0]) + answer,
+                *[crb_buffer(CRB_READ, i) for i in range(0, 28, 4)],
+                crb_register(CRB_READ, 0x44),  # CTRL_STS
+                crb_register(CRB_WRITE, 0x40, 2),  # goIdle
+                crb_register(CRB_WRITE, 0x08, 2),  # relinquish
+            ]
+        )
+
+    response = bytes([0x80, 0x01, 0, 0, 0, 28, 0, 0, 0, 0, 0, 16]) + bytes(range(16))
+    return {
+        "getrandom": session(bytes([0]) + struct.pack("<H", len(response)) + response),
+        "failure": session(bytes([1])),
+        "oversized-command": struct.pack("<H", 0xF80) + bytes([0x44, 0, 0]) + b"\xff\xff",
+    }
+
+
 # --- kernels (fuzz/src/boot.rs) ---------------------------------------------
 
 
@@ -690,6 +731,7 @@ def main() -> None:
         "net": pci_seed(3, 5),
     }
     corpora["legacy_io"] = legacy_seeds()
+    corpora["tpm_crb"] = tpm_seeds()
     corpora["boot_loader"] = {"pvh-elf": elf(True), "elf64": elf(False), "bzimage": bzimage()}
     snapshot = snapshot_seeds()
     if snapshot is None:

@@ -11,6 +11,7 @@ pub mod legacy;
 pub mod pci;
 pub mod ring;
 pub mod snapshot;
+pub mod tpm;
 pub mod virtio;
 
 /// A fuzz target: its name (the corpus folder and binary) and its entry point.
@@ -92,6 +93,11 @@ pub const TARGETS: &[Target] = &[
         name: "legacy_io",
         run: legacy::legacy_io,
         needs: Some(pci::kvm_available),
+    },
+    Target {
+        name: "tpm_crb",
+        run: tpm::tpm_crb,
+        needs: None,
     },
     Target {
         name: "boot_loader",

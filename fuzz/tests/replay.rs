@@ -88,6 +88,7 @@ replay_tests!(
     virtio_watchdog,
     virtio_pci,
     legacy_io,
+    tpm_crb,
     boot_loader,
     snapshot_state,
 );

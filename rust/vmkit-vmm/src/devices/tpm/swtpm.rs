@@ -307,10 +307,11 @@ fn connect_with(path: &str, timeout: Duration) -> Result<Swtpm, TpmError> {
             path: path.to_owned(),
             source,
         })?;
-    if established[4] != 0 {
+    let flag = established.get(4).copied().unwrap_or(0);
+    if flag != 0 {
         return Err(TpmError::Established {
             path: path.to_owned(),
-            flag: established[4],
+            flag,
         });
     }
 
@@ -381,7 +382,6 @@ impl SwtpmBackend {
             timeout,
             can_cancel: swtpm.can_cancel,
             response: None,
-            cancel_answers: 0,
             broken: None,
         };
         let kick = wake.try_clone().map_err(worker_error)?;
@@ -446,8 +446,6 @@ struct Channel {
     can_cancel: bool,
     /// The response so far, while a command runs.
     response: Option<Vec<u8>>,
-    /// CMD_CANCEL_TPM_CMD answers still to read.
-    cancel_answers: usize,
     /// Why the sockets can no longer be trusted: later commands fail at once.
     broken: Option<BackendError>,
 }
@@ -511,7 +509,7 @@ impl Channel {
         };
         let request = Command::CancelTpmCmd.request(&[]);
         match control.send_with_fds(&[&request[..]], &[]) {
-            Ok(n) if n == request.len() => self.cancel_answers += 1,
+            Ok(n) if n == request.len() => {}
             Ok(_) | Err(_) => log::debug!("TPM: CMD_CANCEL_TPM_CMD could not be sent"),
         }
     }
@@ -560,13 +558,15 @@ impl Channel {
         }
     }
 
+    /// Answers on the control channel: those of CMD_CANCEL_TPM_CMD, each a
+    /// result code (what swtpm did with the cancel changes nothing here).
     fn read_control(&mut self) {
-        let mut answer = [0u8; 64];
+        let mut answers = [0u8; 64];
         loop {
             let Some(control) = self.control.as_mut() else {
                 return;
             };
-            match control.read(&mut answer) {
+            match control.read(&mut answers) {
                 // swtpm hung up its control channel; its data socket tells
                 // whether the TPM is gone.
                 Ok(0) => {
@@ -574,12 +574,8 @@ impl Channel {
                     return;
                 }
                 Ok(n) => {
-                    // Each CMD_CANCEL_TPM_CMD answer is a result code.
-                    let answers = n / 4;
-                    self.cancel_answers = self.cancel_answers.saturating_sub(answers);
-                    let result = be32(&answer, 0);
-                    if result != 0 {
-                        log::debug!("TPM: CMD_CANCEL_TPM_CMD answered {result:#x}");
+                    for answer in answers[..n].chunks(4) {
+                        log::debug!("TPM: CMD_CANCEL_TPM_CMD answered {:#x}", be32(answer, 0));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
