@@ -73,7 +73,7 @@ def threads() -> list[str]:
     for tid in os.listdir("/proc/self/task"):
         try:
             name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             continue  # a thread that just ended
         if name != "vmkit-log":
             names.append(name)
