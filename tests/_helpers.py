@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -273,3 +274,21 @@ def move_spawned_vm(sender: Any, receiver: Any, sock: Path) -> None:
     sender.migrate_to(sock)
     waiting.join(30)
     assert sender.process.wait(10) == 0
+
+
+def fnv1a64(data: bytes) -> int:
+    """FNV-1a 64, the hash the test guest prints of what it reads."""
+    value = 0xCBF29CE484222325
+    for byte in data:
+        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return value
+
+
+def sector_pattern(first_sector: int, length: int) -> bytes:
+    """What the guest's blk, pmem and fs steps write: qword j of 512-byte sector s
+    is 0x564d4b4954000000 ^ (s << 16) ^ j, little-endian (guest/README.md)."""
+    return b"".join(
+        struct.pack("<Q", 0x564D4B4954000000 ^ (sector << 16) ^ j)
+        for sector in range(first_sector, first_sector + length // 512)
+        for j in range(64)
+    )

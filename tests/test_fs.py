@@ -13,7 +13,6 @@ import gc
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_binary, ch_remote
+from _helpers import fnv1a64, sector_pattern
 from _vuproxy import ProtocolFeatureMask
 from vmkit import VmConfig, testguest
 from vmkit.vm import Vm, VmError
@@ -49,23 +49,6 @@ if VIRTIOFSD is None:
 HOST_BYTES = 100_003  # two 64 KiB READs and a short one
 WRITE_BYTES = 70_144  # two WRITEs: 64 KiB and the rest (a multiple of 512)
 TAG = "vmkitfs"
-
-
-def fnv1a(data: bytes) -> int:
-    h = 0xCBF29CE484222325
-    for byte in data:
-        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return h
-
-
-def sector_pattern(length: int) -> bytes:
-    """The guest's pattern from sector 0: qword j of sector s is
-    0x564d4b4954000000 ^ (s << 16) ^ j, little-endian."""
-    return b"".join(
-        struct.pack("<Q", 0x564D4B4954000000 ^ (sector << 16) ^ j)
-        for sector in range(length // 512)
-        for j in range(64)
-    )
 
 
 class Virtiofsd:
@@ -185,13 +168,13 @@ def test_the_guest_reads_the_host_file_and_its_writes_reach_the_host(
     tag, init, read, write, attr, step = (words(line) for line in lines[:6])
     assert tag["tag"] == TAG and tag["request_queues"] == "1"
     assert init["major"] == "7" and int(init["minor"]) >= 31 and int(init["max_write"]) >= 4096
-    assert read == {"name": "host.txt", "len": str(HOST_BYTES), "fnv": f"0x{fnv1a(data):016x}"}
+    assert read == {"name": "host.txt", "len": str(HOST_BYTES), "fnv": f"0x{fnv1a64(data):016x}"}
     assert write == {"name": "guest.txt", "len": str(WRITE_BYTES), "fsync": "1"}
     assert attr == {"name": "guest.txt", "size": str(WRITE_BYTES), "mode": "0x81a4"}
     assert lines[5] == f"vmkit-guest: step fs ok read={HOST_BYTES} written={WRITE_BYTES}"
     assert step == {"read": str(HOST_BYTES), "written": str(WRITE_BYTES)}
     written = folder / "guest.txt"
-    assert written.read_bytes() == sector_pattern(WRITE_BYTES)
+    assert written.read_bytes() == sector_pattern(0, WRITE_BYTES)
     assert written.stat().st_mode & 0o777 == 0o644
     assert (folder / "host.txt").read_bytes() == data, "the read changed nothing"
     deadline = time.monotonic() + 5
@@ -248,11 +231,11 @@ def test_cloud_hypervisor_and_vmkit_show_the_guest_the_same_files(tmp_path: Path
             daemon.stop()
         outputs[kind] = fs_lines(text)
         files[kind] = (folder / "guest.txt").read_bytes()
-    read = f"vmkit-guest: fs read name=host.txt len={HOST_BYTES} fnv=0x{fnv1a(data):016x}"
+    read = f"vmkit-guest: fs read name=host.txt len={HOST_BYTES} fnv=0x{fnv1a64(data):016x}"
     assert outputs["vmkit"] == outputs["ch"]
     assert read in outputs["ch"], outputs["ch"]
     assert outputs["ch"][-1] == f"vmkit-guest: step fs ok read={HOST_BYTES} written={WRITE_BYTES}"
-    assert files["vmkit"] == files["ch"] == sector_pattern(WRITE_BYTES)
+    assert files["vmkit"] == files["ch"] == sector_pattern(0, WRITE_BYTES)
 
 
 def test_a_socket_that_cannot_be_reached_fails_naming_fs_the_id_and_the_path(
@@ -274,6 +257,7 @@ def test_a_socket_that_cannot_be_reached_fails_naming_fs_the_id_and_the_path(
     ), str(e.value)
 
 
+@pytest.mark.skipif(CH_DIR is None, reason=CH_MISSING)
 def test_ch_remote_adds_a_share_before_boot(tmp_path: Path, share: tuple[Path, bytes]) -> None:
     """The real ch-remote's add-fs on a created vmkit VM: the guest finds the
     share at boot and reads the host's file through it."""
@@ -298,7 +282,7 @@ def test_ch_remote_adds_a_share_before_boot(tmp_path: Path, share: tuple[Path, b
             assert time.monotonic() < deadline, serial.read_text(errors="replace")
             time.sleep(0.05)
         read = words(next(line for line in fs_lines(serial.read_text()) if " fs read " in line))
-        assert int(read["fnv"], 16) == fnv1a(data)
+        assert int(read["fnv"], 16) == fnv1a64(data)
         assert "step fs ok" in serial.read_text()
     finally:
         process.stop()

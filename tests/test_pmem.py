@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 import time
 from pathlib import Path
 
 import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
+from _helpers import fnv1a64, sector_pattern
 from vmkit import VmConfig, testguest
 from vmkit.client import spawn
 from vmkit.vm import Vm, VmError
@@ -29,22 +29,6 @@ if not os.access("/dev/kvm", os.R_OK | os.W_OK):
 MIB = 1 << 20
 OFFSET = 8192
 BYTES = 16384
-
-
-def sector_pattern(first_sector: int, length: int) -> bytes:
-    """The guest's pattern: qword j of sector s is 0x564d4b4954000000 ^ (s << 16) ^ j."""
-    return b"".join(
-        struct.pack("<Q", 0x564D4B4954000000 ^ (sector << 16) ^ j)
-        for sector in range(first_sector, first_sector + length // 512)
-        for j in range(64)
-    )
-
-
-def fnv1a(data: bytes) -> int:
-    h = 0xCBF29CE484222325
-    for byte in data:
-        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return h
 
 
 def seeded_file(path: Path, size: int) -> bytes:
@@ -92,8 +76,8 @@ def test_the_guest_writes_reach_the_file_and_discarded_ones_do_not(
     hashes = [
         int(h, 16) for h in re.findall(r"^vmkit-guest: pmem dev .* fnv=(0x[0-9a-f]+)$", text, re.M)
     ]
-    expected = fnv1a(before[OFFSET : OFFSET + BYTES])
-    assert hashes == [expected, fnv1a(private_before[OFFSET : OFFSET + BYTES])]
+    expected = fnv1a64(before[OFFSET : OFFSET + BYTES])
+    assert hashes == [expected, fnv1a64(private_before[OFFSET : OFFSET + BYTES])]
     after = shared.read_bytes()
     assert after[OFFSET : OFFSET + BYTES] == sector_pattern(OFFSET // 512, BYTES)
     assert after[:OFFSET] == before[:OFFSET] and after[OFFSET + BYTES :] == before[OFFSET + BYTES :]

@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
+from _helpers import fnv1a64, sector_pattern
 from vmkit import VmConfig, testguest
 from vmkit.testguest import GuestResults, parse_results
 from vmkit.vm import Vm, VmError
@@ -40,20 +40,6 @@ SECTOR = 512
 GUEST_MAC = "12:34:56:78:9a:bc"
 HOST_MAC = bytes.fromhex("020000564d4b")
 ETHERTYPE = b"\x88\xb5"
-
-
-def pattern(sector: int) -> bytes:
-    """What the guest's blk step writes into `sector` (guest/README.md)."""
-    return b"".join(
-        struct.pack("<Q", 0x564D4B4954000000 ^ (sector << 16) ^ j) for j in range(SECTOR // 8)
-    )
-
-
-def fnv1a64(data: bytes) -> int:
-    value = 0xCBF29CE484222325
-    for byte in data:
-        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return value
 
 
 class Backend:
@@ -180,7 +166,7 @@ def test_blk_reads_the_backend_image_and_writes_reach_it_as_under_cloud_hypervis
         (write,) = lines(results, "blk write")
         assert fields(write)["flushed"] == "1" and fields(write)["verified"] == "1"
         data = disk.read_bytes()
-        expected = b"".join(pattern(s) for s in range(sector, sector + count))
+        expected = sector_pattern(sector, count * SECTOR)
         assert data[sector * SECTOR : (sector + count) * SECTOR] == expected
         assert data[: sector * SECTOR] == bytes(sector * SECTOR)
         seen[peer] = [*lines(results, "blk dev"), read, write]

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from _helpers import fnv1a64, sector_pattern
 from vmkit import VmConfig, testguest
 from vmkit.testguest import GuestResults, parse_results
 from vmkit.vm import Vm, VmError, VmExit, VmInfo
@@ -24,20 +25,6 @@ if not os.access("/dev/kvm", os.R_OK | os.W_OK):
     pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
 
 SECTOR = 512
-
-
-def pattern(sector: int) -> bytes:
-    """What the guest's blk step writes into `sector` (guest/README.md)."""
-    return b"".join(
-        struct.pack("<Q", 0x564D4B4954000000 ^ (sector << 16) ^ j) for j in range(SECTOR // 8)
-    )
-
-
-def fnv1a64(data: bytes) -> int:
-    value = 0xCBF29CE484222325
-    for byte in data:
-        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return value
 
 
 def image(path: Path, size: int, fill: bytes = b"") -> Path:
@@ -146,7 +133,7 @@ def test_two_disks_on_two_pci_segments(tmp_path: Path) -> None:
     assert disks["0001:00:01.0"]["capacity"] == str((3 << 20) // SECTOR)
     for path in (first, second):
         data = path.read_bytes()
-        assert data[:SECTOR] == pattern(0)
+        assert data[:SECTOR] == sector_pattern(0, SECTOR)
 
 
 def test_guest_reads_host_data_and_its_flushed_writes_reach_the_file(tmp_path: Path) -> None:
@@ -168,7 +155,7 @@ def test_guest_reads_host_data_and_its_flushed_writes_reach_the_file(tmp_path: P
     (write,) = lines(results, "blk write")
     assert write["flushed"] == "1" and write["verified"] == "1"
     data = disk.read_bytes()
-    expected = b"".join(pattern(s) for s in range(sector, sector + count))
+    expected = sector_pattern(sector, count * SECTOR)
     assert data[sector * SECTOR : (sector + count) * SECTOR] == expected
     # Nothing outside the range was touched.
     assert data[: sector * SECTOR] == bytes(sector * SECTOR)

@@ -718,13 +718,7 @@ mod tests {
         };
         let segments = crate::pci::plan_segments(1, 2 << 20, 40).unwrap();
         let rsdp_addr = write_tables(&mem, &topology, 1, 1, &segments, &[], true).unwrap();
-        let mut rsdp = [0u8; 36];
-        mem.read_slice(&mut rsdp, GuestAddress(rsdp_addr)).unwrap();
-        let xsdt = read_table(&mem, u64::from_le_bytes(rsdp[24..32].try_into().unwrap()));
-        let tables: Vec<Vec<u8>> = xsdt[36..]
-            .chunks(8)
-            .map(|c| read_table(&mem, u64::from_le_bytes(c.try_into().unwrap())))
-            .collect();
+        let tables = xsdt_entries(&mem, rsdp_addr);
         let signatures: Vec<&[u8]> = tables.iter().map(|t| &t[..4]).collect();
         assert_eq!(signatures, [b"FACP", b"APIC", b"MCFG", b"TPM2"]);
         let tpm2 = &tables[3];
