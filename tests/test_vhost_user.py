@@ -572,3 +572,24 @@ def test_ch_remote_adds_a_vhost_user_disk_before_boot(tmp_path: Path, kind: str)
     finally:
         process.stop()
         backend.kill()
+
+
+def test_the_backends_completions_raise_msix_interrupts(tmp_path: Path) -> None:
+    """The guest's msix step on a vhost-user disk: one request per queue,
+    each completion's interrupt arrives on the queue's vector (the backend
+    signals the vector's irqfd), as under Cloud Hypervisor."""
+    disk = image(tmp_path / "disk.img", 1 << 20)
+    seen = {}
+    for peer in ("vmkit", "ch"):
+        backend = block_backend(tmp_path, disk, queues=2)
+        option = f"vhost_user=on,socket={backend.socket_path},num_queues=2"
+        try:
+            if peer == "vmkit":
+                results = run_vmkit(guest_config(["msix"], "--disk", option))
+            else:
+                results = run_ch(tmp_path, ["msix"], "--disk", option)
+        finally:
+            backend.kill()
+        assert results.ok("msix"), results.lines
+        seen[peer] = results.values("msix")
+    assert seen["vmkit"] == seen["ch"]

@@ -79,6 +79,11 @@ pub struct Msix {
     function_masked: bool,
     gsi_base: u32,
     irqfds: Vec<EventFd>,
+    /// Whether each irqfd is attached to its GSI in KVM: only while the
+    /// vector can be delivered, so that a write by a backend process
+    /// (vhost-user) to a masked vector's irqfd stays in the eventfd until
+    /// the vector is unmasked (KVM delivers it then).
+    attached: Vec<bool>,
     routes: Arc<InterruptRoutes>,
 }
 
@@ -92,21 +97,15 @@ impl Msix {
                 device: device(),
                 source,
             })?;
+        // Attached once their vectors are unmasked (all are masked now).
         let mut irqfds = Vec::with_capacity(usize::from(count));
-        for i in 0..u32::from(count) {
+        for _ in 0..count {
             let fd = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| {
                 MsixError::EventFd {
                     device: device(),
                     source,
                 }
             })?;
-            routes
-                .vm_fd()
-                .register_irqfd(&fd, gsi_base + i)
-                .map_err(|source| MsixError::Irqfd {
-                    device: device(),
-                    source,
-                })?;
             irqfds.push(fd);
         }
         Ok(Msix {
@@ -123,6 +122,7 @@ impl Msix {
             function_masked: false,
             gsi_base,
             irqfds,
+            attached: vec![false; usize::from(count)],
             routes,
         })
     }
@@ -194,7 +194,7 @@ impl Msix {
         result
     }
 
-    fn update_all_routes(&self) -> Result<(), MsixError> {
+    fn update_all_routes(&mut self) -> Result<(), MsixError> {
         let mut result = Ok(());
         for vector in 0..self.entries.len() {
             if let Err(e) = self.update_route(vector) {
@@ -215,12 +215,18 @@ impl Msix {
     /// Routes `vector`'s GSI to its message, or unroutes it while it is masked
     /// or MSI-X is off. A failure is logged here (the vector loses its
     /// interrupts) and returned for the device to act on.
-    fn update_route(&self, vector: usize) -> Result<(), MsixError> {
+    fn update_route(&mut self, vector: usize) -> Result<(), MsixError> {
         let Some(entry) = self.entries.get(vector) else {
             return Ok(());
         };
         let message = (self.enabled && !entry.masked()).then_some((entry.address, entry.data));
-        self.routes
+        let deliverable = self.live() && !entry.masked();
+        if !deliverable {
+            // Detached before the route goes: nothing is injected meanwhile.
+            self.attach_irqfd(vector, false);
+        }
+        let routed = self
+            .routes
             .set_msi(self.gsi_base + vector as u32, message)
             .map_err(|source| {
                 let error = MsixError::Route {
@@ -230,7 +236,49 @@ impl Msix {
                 };
                 log::error!("{}", crate::error::chain_message(&error));
                 error
-            })
+            });
+        if deliverable {
+            // After the route: KVM delivers what was written while detached.
+            self.attach_irqfd(vector, true);
+        }
+        routed
+    }
+
+    /// Attaches (or detaches) `vector`'s irqfd to its GSI in KVM. A failure
+    /// is logged: the vector's interrupts are then lost (attach) or may
+    /// arrive while masked (detach).
+    fn attach_irqfd(&mut self, vector: usize, attach: bool) {
+        let (Some(fd), Some(attached)) = (self.irqfds.get(vector), self.attached.get_mut(vector))
+        else {
+            return;
+        };
+        if *attached == attach {
+            return;
+        }
+        let gsi = self.gsi_base + vector as u32;
+        let vm = self.routes.vm_fd();
+        let result = if attach {
+            vm.register_irqfd(fd, gsi)
+        } else {
+            vm.unregister_irqfd(fd, gsi)
+        };
+        match result {
+            Ok(()) => *attached = attach,
+            Err(e) => {
+                let what = if attach { "assign" } else { "deassign" };
+                log::error!(
+                    "{}: MSI-X vector {vector}: KVM_IRQFD ({what}): {e}",
+                    self.owner
+                );
+            }
+        }
+    }
+
+    /// The eventfd that raises `vector` in the kernel: a backend process
+    /// may write it directly (vhost-user's call fd). Masking holds for it:
+    /// a masked vector's writes wait in the eventfd until it is unmasked.
+    pub fn irqfd(&self, vector: u16) -> Option<&EventFd> {
+        self.irqfds.get(usize::from(vector))
     }
 
     fn deliver_pending(&mut self) {
@@ -358,11 +406,13 @@ impl Drop for Msix {
             let gsi = self.gsi_base + i as u32;
             // Nothing can act on these any more (the VM is going away with
             // the device); they only say why a route or irqfd stayed.
-            if let Err(e) = self.routes.vm_fd().unregister_irqfd(fd, gsi) {
-                log::warn!(
-                    "{}: MSI-X vector {i}: KVM_IRQFD (deassign): {e}",
-                    self.owner
-                );
+            if self.attached[i] {
+                if let Err(e) = self.routes.vm_fd().unregister_irqfd(fd, gsi) {
+                    log::warn!(
+                        "{}: MSI-X vector {i}: KVM_IRQFD (deassign): {e}",
+                        self.owner
+                    );
+                }
             }
             if let Err(e) = self.routes.set_msi(gsi, None) {
                 log::warn!("{}: MSI-X vector {i}: {e}", self.owner);

@@ -56,6 +56,13 @@ pub trait Interrupt: Send + Sync {
     /// §2.1.2): the transport sets DEVICE_NEEDS_RESET in device_status and,
     /// the driver having set DRIVER_OK, signals a configuration change.
     fn signal_needs_reset(&self) -> std::io::Result<()>;
+    /// An eventfd whose writes raise queue `queue`'s interrupt in the
+    /// kernel, for a backend process to signal directly (vhost-user), when
+    /// the transport has one for the queue's current vector; masking still
+    /// holds for it. None: signal through `signal_queue`.
+    fn queue_irqfd(&self, _queue: u16) -> Option<EventFd> {
+        None
+    }
 }
 
 /// A queue stopped for good (until the driver resets the device): says

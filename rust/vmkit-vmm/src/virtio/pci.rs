@@ -127,6 +127,18 @@ impl Interrupt for PciInterrupt {
         Ok(())
     }
 
+    fn queue_irqfd(&self, queue: u16) -> Option<EventFd> {
+        let vector = self
+            .queue_vectors
+            .get(usize::from(queue))?
+            .load(Ordering::Acquire);
+        if vector == NO_VECTOR {
+            return None;
+        }
+        let msix = self.msix.lock().unwrap_or_else(|p| p.into_inner());
+        msix.irqfd(vector)?.try_clone().ok()
+    }
+
     fn signal_needs_reset(&self) -> std::io::Result<()> {
         self.reset_requests.fetch_add(1, Ordering::Relaxed);
         // Devices only run after DRIVER_OK, so the driver is told (§2.1.2).

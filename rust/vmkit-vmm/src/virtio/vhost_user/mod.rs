@@ -3,12 +3,14 @@
 //! process serves over shared guest memory, as Cloud Hypervisor builds them.
 //!
 //! The VMM keeps the transport and the device configuration; the backend
-//! gets guest memory, the rings and each queue's kick eventfd (the guest's
-//! notifications go straight to it). Each device has one relay thread: it
-//! turns the backend's used-buffer signals into the transport's interrupts,
-//! serves virtio-net's control queue, forwards configuration writes, and
-//! connects the backend again when it goes (server mode: when it connects
-//! back; client mode: for a minute, then the device asks for a reset).
+//! gets guest memory, the rings, each queue's kick eventfd (the guest's
+//! notifications go straight to it) and, as its call eventfd, the queue's
+//! MSI-X irqfd (its used-buffer signals go straight to KVM; masking still
+//! holds, see `pci::msix`). Each device has one relay thread: it raises the
+//! interrupts of queues that have no vector of their own, serves
+//! virtio-net's control queue, forwards configuration writes, and connects
+//! the backend again when it goes (server mode: when it connects back;
+//! client mode: for a minute, then the device asks for a reset).
 
 pub mod link;
 
@@ -331,8 +333,16 @@ impl VirtioDevice for VhostUserDevice {
                 });
                 continue;
             }
-            let call = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-                .map_err(|e| ActivateError::io("eventfd", e))?;
+            // The vector's irqfd when the transport has one: the backend's
+            // signal reaches the guest with no VMM thread in between.
+            let (call, relayed) = match activation.interrupt.queue_irqfd(active.index) {
+                Some(irqfd) => (irqfd, false),
+                None => (
+                    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                        .map_err(|e| ActivateError::io("eventfd", e))?,
+                    true,
+                ),
+            };
             rings.push(Ring {
                 index: active.index,
                 size: active.queue.size(),
@@ -342,6 +352,7 @@ impl VirtioDevice for VhostUserDevice {
                 base: AtomicU16::new(active.queue.next_avail()),
                 kick: active.kick,
                 call,
+                relayed,
             });
         }
         let relay = Relay {
@@ -395,7 +406,10 @@ struct Ring {
     /// at activation; the used index when a backend comes back).
     base: AtomicU16,
     kick: EventFd,
+    /// The backend's used-buffer signal: the vector's irqfd, or (relayed)
+    /// an eventfd the relay turns into the interrupt.
     call: EventFd,
+    relayed: bool,
 }
 
 /// virtio-net's control queue (virtio 1.2 §5.1.6.5), served by the relay:
@@ -518,7 +532,9 @@ impl Relay {
         add(self.kill.as_raw_fd(), TOKEN_KILL)?;
         add(self.config_signal.as_raw_fd(), TOKEN_CONFIG)?;
         for (position, ring) in self.rings.iter().enumerate() {
-            add(ring.call.as_raw_fd(), position as u64)?;
+            if ring.relayed {
+                add(ring.call.as_raw_fd(), position as u64)?;
+            }
         }
         if let Some(ctrl) = &self.ctrl {
             add(ctrl.kick.as_raw_fd(), TOKEN_CTRL)?;
