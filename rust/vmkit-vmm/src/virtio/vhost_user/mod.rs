@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -371,6 +371,7 @@ impl VirtioDevice for VhostUserDevice {
             lost_since: None,
             gave_up: false,
             stream_registered: None,
+            server: Link::lock(&self.link).is_server(),
         };
         let epoll = relay
             .epoll()
@@ -511,6 +512,8 @@ struct Relay {
     /// Client mode: the backend did not come back in time.
     gave_up: bool,
     stream_registered: Option<RawFd>,
+    /// Server mode (the link's, fixed for its life).
+    server: bool,
 }
 
 const TOKEN_KILL: u64 = u64::MAX;
@@ -557,7 +560,7 @@ impl Relay {
         }
         let mut events = vec![EpollEvent::default(); 16];
         loop {
-            let retrying = self.lost_since.is_some() && !self.gave_up && !self.is_server();
+            let retrying = self.lost_since.is_some() && !self.gave_up && !self.server;
             let timeout = if retrying {
                 RETRY_INTERVAL.as_millis() as i32
             } else {
@@ -598,10 +601,6 @@ impl Relay {
                 }
             }
         }
-    }
-
-    fn is_server(&self) -> bool {
-        Link::lock(&self.link).is_server()
     }
 
     fn serve_ctrl(&mut self) {
@@ -788,7 +787,7 @@ impl Relay {
         let expired = self
             .lost_since
             .is_some_and(|since| since.elapsed() >= CONNECT_WINDOW);
-        if expired && !self.is_server() && !self.gave_up {
+        if expired && !self.server && !self.gave_up {
             self.gave_up = true;
             let socket = Link::lock(&self.link).wanted().socket.clone();
             let cause = format!(
@@ -827,8 +826,6 @@ impl Relay {
         Link::lock(&self.link).stop();
     }
 }
-
-use vm_memory::Address;
 
 #[cfg(test)]
 mod tests {
