@@ -452,6 +452,31 @@ def test_unsupported_devices_are_refused_clearly() -> None:
     assert e.value.kind == "Unsupported"
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "key"),
+    [
+        ("--disk", "readonly=on", "readonly=on"),
+        ("--disk", "rate_limit_group=g0", "rate_limit_group"),
+        ("--net", "tap=vmtap9", "tap"),
+        ("--net", "ip=10.1.2.3", "ip"),
+    ],
+)
+def test_keys_a_vhost_user_backend_owns_are_refused_by_name(
+    option: str, value: str, key: str
+) -> None:
+    """v37 drops them silently; a user who asked for a read-only disk must
+    not get a writable one."""
+    argv = ["--kernel", str(testguest.image_path("pvh")), "--serial", "null", "--console", "off"]
+    argv += ["--cpus", "boot=2", "--memory", "size=64M,shared=on"]
+    if key == "rate_limit_group":
+        argv += ["--rate-limit-group", "id=g0,bw_size=1000,bw_refill_time=100"]
+    cfg = VmConfig.from_cli([*argv, option, f"vhost_user=on,socket=/tmp/vmkit-vu.sock,{value}"])
+    with pytest.raises(VmError) as e:
+        Vm(cfg)
+    assert e.value.kind == "Unsupported"
+    assert str(e.value).startswith(f"{option} {key} cannot be used with vhost_user=on: ")
+
+
 SMBIOS_REFUSAL = (
     "--platform serial_number, uuid and oem_strings (SMBIOS tables) are not supported yet"
 )

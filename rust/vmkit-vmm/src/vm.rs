@@ -127,6 +127,15 @@ pub enum VmError {
          supported yet: their backends hold state vmkit cannot save"
     )]
     VhostUserState { what: &'static str },
+    #[error(
+        "{option} {key} cannot be used with vhost_user=on{id}: the vhost-user backend does that \
+         work, so set it in the backend's own options"
+    )]
+    VhostUserOption {
+        option: &'static str,
+        key: &'static str,
+        id: String,
+    },
 }
 
 impl ModuleError for VmError {
@@ -149,7 +158,7 @@ impl ModuleError for VmError {
             }
             MigrationConfig { .. } => ErrorKind::Migration,
             NoBalloon => ErrorKind::Device,
-            VhostUserState { .. } => ErrorKind::Unsupported,
+            VhostUserState { .. } | VhostUserOption { .. } => ErrorKind::Unsupported,
         }
     }
 }
@@ -1908,6 +1917,7 @@ fn check_supported(config: &VmConfig) -> Result<()> {
         return Err(VmError::ConsoleSocket.into());
     }
     check_memory_sizes(config)?;
+    check_vhost_user_options(config)?;
     let platform = config.platform.as_ref();
     // v37 would build SMBIOS tables from these; vmkit has none to give.
     if platform
@@ -1968,6 +1978,53 @@ fn check_supported(config: &VmConfig) -> Result<()> {
     }
     // v37 finds these at boot; refused here with the other checks.
     numa::nodes(config)?;
+    Ok(())
+}
+
+/// Refuses the keys of built-in disks and nets that a vhost-user device
+/// cannot apply (v37 drops them without a word): the backend reads the image
+/// and owns the host side of the network.
+fn check_vhost_user_options(config: &VmConfig) -> Result<()> {
+    let refuse = |option: &'static str, key: &'static str, id: &Option<String>| {
+        let id = id
+            .as_ref()
+            .map(|id| format!(" (id={id})"))
+            .unwrap_or_default();
+        Err(VmError::VhostUserOption { option, key, id }.into())
+    };
+    for disk in config.disks.iter().flatten().filter(|d| d.vhost_user) {
+        let given = [
+            (disk.readonly, "readonly=on"),
+            (disk.direct, "direct=on"),
+            (disk.serial.is_some(), "serial"),
+            (
+                disk.rate_limiter_config.is_some(),
+                "bw_*/ops_* (rate limits)",
+            ),
+            (disk.rate_limit_group.is_some(), "rate_limit_group"),
+            (disk.disable_io_uring, "_disable_io_uring=on"),
+            (disk.disable_aio, "_disable_aio=on"),
+        ];
+        if let Some(&(_, key)) = given.iter().find(|(set, _)| *set) {
+            return refuse("--disk", key, &disk.id);
+        }
+    }
+    for net in config.net.iter().flatten().filter(|n| n.vhost_user) {
+        let given = [
+            (net.tap.is_some(), "tap"),
+            (net.ip != vmkit_config::DEFAULT_NET_IP, "ip"),
+            (net.mask != vmkit_config::DEFAULT_NET_MASK, "mask"),
+            (net.host_mac.is_some(), "host_mac"),
+            (net.fds.as_ref().is_some_and(|f| !f.is_empty()), "fd"),
+            (
+                net.rate_limiter_config.is_some(),
+                "bw_*/ops_* (rate limits)",
+            ),
+        ];
+        if let Some(&(_, key)) = given.iter().find(|(set, _)| *set) {
+            return refuse("--net", key, &net.id);
+        }
+    }
     Ok(())
 }
 

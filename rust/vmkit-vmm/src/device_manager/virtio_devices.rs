@@ -15,7 +15,7 @@ use crate::virtio::net::Net;
 use crate::virtio::pmem::{self, Pmem};
 use crate::virtio::rng::Rng;
 use crate::virtio::vhost_user::link::{Link, SharedLink};
-use crate::virtio::vhost_user::{DeviceSpec, Personality, VhostUserDevice};
+use crate::virtio::vhost_user::{DeviceSpec, NetOffloads, Personality, VhostUserDevice};
 use crate::virtio::vsock::Vsock;
 use crate::virtio::watchdog::Watchdog;
 use crate::virtio::VirtioDevice;
@@ -116,6 +116,11 @@ fn nets(ctx: &DeviceContext<'_>, _: &mut Reservations<'_>) -> Result<Vec<VirtioS
                     pairs: (net.num_queues / 2).max(1),
                     mac: net.mac.0,
                     mtu: net.mtu,
+                    offloads: NetOffloads {
+                        csum: net.offload_csum,
+                        tso: net.offload_tso,
+                        ufo: net.offload_ufo,
+                    },
                 },
             };
             specs.push(vhost_user_spec(ctx, spec, net.pci_segment)?);

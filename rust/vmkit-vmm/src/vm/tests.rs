@@ -132,3 +132,73 @@ fn the_console_socket_is_named_before_other_refusals() {
         err.message
     );
 }
+
+#[test]
+fn built_in_only_keys_are_refused_on_vhost_user_devices() {
+    let shared = |p: &mut vmkit_config::VmParams| {
+        p.memory = "size=64M,shared=on".into();
+        p.cpus = "boot=2".into();
+    };
+    let disk = |extra: &'static str| {
+        validated(move |p| {
+            shared(p);
+            p.disks = Some(vec![format!("vhost_user=on,socket=/tmp/vu.sock{extra}")]);
+        })
+    };
+    let refused = [
+        (",readonly=on", "--disk readonly=on"),
+        (",direct=on", "--disk direct=on"),
+        (",serial=abc", "--disk serial"),
+        (
+            ",bw_size=1000,bw_refill_time=100",
+            "--disk bw_*/ops_* (rate limits)",
+        ),
+        (",_disable_io_uring=on", "--disk _disable_io_uring=on"),
+    ];
+    for (extra, named) in refused {
+        let err = refusal(disk(extra));
+        assert_eq!(err.kind, ErrorKind::Unsupported, "{extra}");
+        assert!(
+            err.message.starts_with(&format!(
+                "{named} cannot be used with vhost_user=on: the vhost-user backend"
+            )),
+            "{extra}: {}",
+            err.message
+        );
+    }
+    assert!(check_supported(disk(",num_queues=2,queue_size=64,id=d0").config()).is_ok());
+    // The same keys on a built-in disk are its own business.
+    let built_in = validated(|p| p.disks = Some(vec!["path=/tmp/x.img,readonly=on".into()]));
+    assert!(check_supported(built_in.config()).is_ok());
+
+    let net = |extra: &'static str| {
+        validated(move |p| {
+            shared(p);
+            p.net = Some(vec![format!(
+                "vhost_user=on,socket=/tmp/vu.sock,id=n0{extra}"
+            )]);
+        })
+    };
+    for (extra, key) in [
+        (",tap=vmtap0", "tap"),
+        (",ip=10.0.0.1", "ip"),
+        (",mask=255.255.0.0", "mask"),
+        (",host_mac=12:34:56:78:9a:bc", "host_mac"),
+        (
+            ",ops_size=10,ops_refill_time=10",
+            "bw_*/ops_* (rate limits)",
+        ),
+    ] {
+        let err = refusal(net(extra));
+        assert!(
+            err.message.starts_with(&format!(
+                "--net {key} cannot be used with vhost_user=on (id=n0): "
+            )),
+            "{extra}: {}",
+            err.message
+        );
+    }
+    // What the frontend applies itself (config space, offered features).
+    let applied = net(",mac=12:34:56:78:9a:bc,mtu=1400,offload_tso=off,ip=192.168.249.1");
+    assert!(check_supported(applied.config()).is_ok());
+}

@@ -67,6 +67,37 @@ pub const FS_TAG_LEN: usize = 36;
 const DEFAULT_FEATURES: u64 =
     F_RING_INDIRECT_DESC | F_RING_EVENT_IDX | F_VERSION_1 | link::PROTOCOL_FEATURES;
 
+/// The offloads `--net` lets the guest and the backend negotiate.
+#[derive(Debug, Clone, Copy)]
+pub struct NetOffloads {
+    pub csum: bool,
+    pub tso: bool,
+    pub ufo: bool,
+}
+
+impl NetOffloads {
+    /// As Cloud Hypervisor offers them: no checksum offload means no TSO or
+    /// UFO either.
+    fn features(self) -> u64 {
+        let mut features = 0;
+        if self.csum {
+            features |= F_CSUM | F_GUEST_CSUM;
+            if self.tso {
+                features |= F_HOST_TSO4
+                    | F_HOST_TSO6
+                    | F_HOST_ECN
+                    | F_GUEST_TSO4
+                    | F_GUEST_TSO6
+                    | F_GUEST_ECN;
+            }
+            if self.ufo {
+                features |= F_HOST_UFO | F_GUEST_UFO;
+            }
+        }
+        features
+    }
+}
+
 /// What the device is, beyond its backend.
 #[derive(Debug, Clone)]
 pub enum Personality {
@@ -77,6 +108,8 @@ pub enum Personality {
         pairs: usize,
         mac: [u8; 6],
         mtu: Option<u16>,
+        /// `offload_csum`, `offload_tso`, `offload_ufo`.
+        offloads: NetOffloads,
     },
     Fs {
         tag: String,
@@ -118,17 +151,13 @@ impl DeviceSpec {
                     | VhostUserProtocolFeatures::REPLY_ACK;
                 (features, protocol, *num_queues, BLK_CONFIG_LEN)
             }
-            Personality::Net { pairs, mtu, .. } => {
-                let mut features = F_CSUM
-                    | F_GUEST_CSUM
-                    | F_GUEST_TSO4
-                    | F_GUEST_TSO6
-                    | F_GUEST_ECN
-                    | F_GUEST_UFO
-                    | F_HOST_TSO4
-                    | F_HOST_TSO6
-                    | F_HOST_ECN
-                    | F_HOST_UFO
+            Personality::Net {
+                pairs,
+                mtu,
+                offloads,
+                ..
+            } => {
+                let mut features = offloads.features()
                     | F_MRG_RXBUF
                     | F_CTRL_VQ
                     | F_RING_EVENT_IDX
@@ -224,7 +253,9 @@ impl VhostUserDevice {
                     None,
                 )
             }
-            Personality::Net { pairs, mac, mtu } => {
+            Personality::Net {
+                pairs, mac, mtu, ..
+            } => {
                 let mut config = vec![0u8; NET_CONFIG_LEN];
                 config[..6].copy_from_slice(mac);
                 let mut features = (features & !link::PROTOCOL_FEATURES) | F_MAC;
@@ -949,21 +980,48 @@ mod tests {
         assert!(one.protocol.contains(VhostUserProtocolFeatures::CONFIG));
         let four = spec(Personality::Block { num_queues: 4 }).wanted();
         assert_ne!(four.features & BLK_F_MQ, 0);
-        let net = spec(Personality::Net {
-            pairs: 2,
-            mac: [0; 6],
-            mtu: Some(1400),
-        })
-        .wanted();
-        assert_eq!((net.queues, net.config_len), (4, 0));
-        assert_ne!(net.features & (F_MQ | F_MTU | F_CTRL_VQ), 0);
+        let net = |offloads| {
+            spec(Personality::Net {
+                pairs: 2,
+                mac: [0; 6],
+                mtu: Some(1400),
+                offloads,
+            })
+            .wanted()
+        };
+        let all = net(NetOffloads {
+            csum: true,
+            tso: true,
+            ufo: true,
+        });
+        assert_eq!((all.queues, all.config_len), (4, 0));
+        let expected = F_MQ | F_MTU | F_CTRL_VQ | F_CSUM | F_HOST_TSO4 | F_GUEST_UFO;
+        assert_eq!(all.features & expected, expected);
+        let no_tso = net(NetOffloads {
+            csum: true,
+            tso: false,
+            ufo: true,
+        });
+        assert_eq!(
+            no_tso.features & (F_HOST_TSO4 | F_GUEST_TSO6 | F_HOST_ECN),
+            0
+        );
+        assert_ne!(no_tso.features & F_GUEST_UFO, 0);
+        let no_csum = net(NetOffloads {
+            csum: false,
+            tso: true,
+            ufo: true,
+        });
+        let offloads =
+            F_CSUM | F_GUEST_CSUM | F_HOST_TSO4 | F_GUEST_TSO4 | F_HOST_UFO | F_GUEST_UFO;
+        assert_eq!(no_csum.features & offloads, 0);
         let fs = spec(Personality::Fs {
             tag: "t".into(),
             request_queues: 1,
         })
         .wanted();
         assert_eq!(fs.queues, 2);
-        for wanted in [one, net, fs] {
+        for wanted in [one, all, fs] {
             assert_ne!(wanted.features & link::PROTOCOL_FEATURES, 0);
             assert!(wanted
                 .protocol
