@@ -37,7 +37,6 @@ CH_MISSING = (
     "Cloud Hypervisor's binaries are not at ../shared/ch from the repository root "
     "(cloud-hypervisor and ch-remote, see shared/ch/README.md)"
 )
-HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
 def ch_binary(name: str) -> str:

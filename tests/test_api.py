@@ -33,11 +33,11 @@ from hypothesis import strategies as st
 from vmkit import VmConfig, testguest
 from vmkit.api import ACTIONS, ApiServer
 from vmkit.cli import api_socket_option, rust_duration
+from vmkit.pytest_plugin import kvm_missing
 from vmkit.vmm import EventMonitor, Vmm, rust_debug_str
 
 ROOT = Path(__file__).resolve().parent.parent
-KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
-needs_kvm = pytest.mark.skipif(not KVM, reason="boots VMs: needs read-write /dev/kvm")
+needs_kvm = pytest.mark.vmkit_kvm
 
 NOT_CREATED = "VM is not created"
 ALREADY_CREATED = "VM is already created"
@@ -1884,7 +1884,7 @@ def test_malformed_requests_never_hurt_the_server(
 ) -> None:
     """1,000 malformed requests to one server; it still answers and stays up."""
     sock_path = workdir / "api.sock"
-    if KVM:
+    if kvm_missing() is None:
         process = vmkit("--api-socket", str(sock_path))
     else:  # `vmkit` opens /dev/kvm at start-up (ref §3.3); serve the same API without it
         process = vmkit(SERVER_ONLY, str(sock_path), python_code=True)

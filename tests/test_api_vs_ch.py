@@ -21,11 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _chpeer import CH_DIR, CH_MISSING, HAVE_KVM, VmmProcess
+from _chpeer import CH_DIR, CH_MISSING, VmmProcess
 
 pytestmark = [
     pytest.mark.skipif(CH_DIR is None, reason=CH_MISSING),
-    pytest.mark.skipif(not HAVE_KVM, reason="needs read-write /dev/kvm"),
+    pytest.mark.vmkit_kvm,
 ]
 
 

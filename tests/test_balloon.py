@@ -10,7 +10,6 @@ host watches the VMM process's resident memory fall and rise.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -18,10 +17,10 @@ from pathlib import Path
 import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
 from vmkit import VmConfig, testguest
+from vmkit.pytest_plugin import VmFactory
 from vmkit.vm import Vm, VmError
 
-if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
 
 MIB = 1 << 20
 POOL_MIB = 64
@@ -99,32 +98,34 @@ def test_memory_goes_back_to_the_host_and_comes_back(
     assert f"step balloon ok pages={INFLATE_MIB * 256}" in serial.read_text()
 
 
-def test_a_vm_booted_with_a_balloon_inflates_at_once(tmp_path: Path) -> None:
+def test_a_vm_booted_with_a_balloon_inflates_at_once(tmp_path: Path, vmkit_vm: VmFactory) -> None:
     # --balloon size= is the first target; later boots keep what resize set.
     serial = tmp_path / "serial.txt"
-    with Vm(guest_config(serial, balloon="size=16M,deflate_on_oom=on")) as vm:
-        vm.boot()
-        wait_for(serial, r"balloon actual=4096$")
-        assert vm.info().memory_actual_size == 240 * MIB
-        vm.resize_balloon(8 * MIB)
-        wait_for(serial, r"balloon actual=2048$")
-        assert vm.info().config.balloon.size == 8 * MIB  # type: ignore[union-attr]
-        vm.resize_balloon(0)
-        wait_for(serial, r"(?s)balloon actual=2048\n.*balloon actual=0$")
-        vm.reboot()
-        wait_for(serial, r"(?s)ready.*ready")
-        assert vm.info().config.balloon.size == 0  # type: ignore[union-attr]
+    vm = vmkit_vm(guest_config(serial, balloon="size=16M,deflate_on_oom=on"))
+    vm.boot()
+    wait_for(serial, r"balloon actual=4096$")
+    assert vm.info().memory_actual_size == 240 * MIB
+    vm.resize_balloon(8 * MIB)
+    wait_for(serial, r"balloon actual=2048$")
+    assert vm.info().config.balloon.size == 8 * MIB  # type: ignore[union-attr]
+    vm.resize_balloon(0)
+    wait_for(serial, r"(?s)balloon actual=2048\n.*balloon actual=0$")
+    vm.reboot()
+    wait_for(serial, r"(?s)ready.*ready")
+    assert vm.info().config.balloon.size == 0  # type: ignore[union-attr]
 
 
-def test_resizing_without_a_balloon_is_cloud_hypervisors_error(tmp_path: Path) -> None:
+def test_resizing_without_a_balloon_is_cloud_hypervisors_error(
+    tmp_path: Path, vmkit_vm: VmFactory
+) -> None:
     config = guest_config(tmp_path / "serial.txt")
     config.balloon = None
-    with Vm(config) as vm:
-        with pytest.raises(VmError, match="VM is not running"):
-            vm.resize_balloon(MIB)
-        vm.boot()
-        with pytest.raises(VmError, match=r"^Error from device manager: MissingVirtioBalloon$"):
-            vm.resize_balloon(MIB)
+    vm = vmkit_vm(config)
+    with pytest.raises(VmError, match="VM is not running"):
+        vm.resize_balloon(MIB)
+    vm.boot()
+    with pytest.raises(VmError, match=r"^Error from device manager: MissingVirtioBalloon$"):
+        vm.resize_balloon(MIB)
 
 
 @pytest.mark.skipif(CH_DIR is None, reason=CH_MISSING)

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from _chpeer import CH_DIR, CH_MISSING, HAVE_KVM, VmmProcess, ch_remote
+from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
 from vmkit import VmConfig, testguest
 
 pytestmark = [
     pytest.mark.skipif(CH_DIR is None, reason=CH_MISSING),
-    pytest.mark.skipif(not HAVE_KVM, reason="needs read-write /dev/kvm"),
+    pytest.mark.vmkit_kvm,
 ]
 
 Result = tuple[int, str, str]

@@ -29,9 +29,7 @@ from vmkit.client import spawn
 from vmkit.vm import VmError
 
 ROOT = Path(__file__).resolve().parent.parent
-needs_kvm = pytest.mark.skipif(
-    not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="booting a VM needs read-write /dev/kvm"
-)
+needs_kvm = pytest.mark.vmkit_kvm
 
 #: Prints the child's descriptors as {fd: what it refers to} (the listing's own
 #: descriptor is gone by the time it is looked at, and left out).

@@ -351,9 +351,7 @@ def test_restore_syntax_errors_come_first() -> None:
     )
 
 
-@pytest.mark.skipif(
-    not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="boots VMs: needs read-write /dev/kvm"
-)
+@pytest.mark.vmkit_kvm
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -384,9 +382,7 @@ def test_boot_refusals(args: list[str], message: str) -> None:
 
 # -- a running VMM: no watchdog by default, stops on SIGTERM whichever thread takes it ---------
 
-needs_kvm = pytest.mark.skipif(
-    not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="boots VMs: needs read-write /dev/kvm"
-)
+needs_kvm = pytest.mark.vmkit_kvm
 
 
 def halting_vmm(tmp_path: Path, api: bool, sigint_ignored: bool = False) -> subprocess.Popen[bytes]:

@@ -10,7 +10,6 @@ through ``Client``, ``vmkit remote`` and ``Vm.spawn``.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import pickle
@@ -438,12 +437,7 @@ def test_configs_validate_against_the_schema() -> None:
 
 # -- against a real vmkit VMM -------------------------------------------------------------------
 
-HAVE_SERVER = importlib.util.find_spec("vmkit.api") is not None
-HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
-needs_vmm = pytest.mark.skipif(
-    not (HAVE_SERVER and HAVE_KVM),
-    reason="needs read-write /dev/kvm and the vmkit API server (vmkit.api)",
-)
+needs_vmm = pytest.mark.vmkit_kvm
 
 
 def guest_config(ticks: int = 200, exit: str = "poweroff", **extra: str) -> VmConfig:

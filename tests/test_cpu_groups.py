@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 from vmkit import Vm, VmConfig, VmError, testguest
 from vmkit import _cgroups as cgroups
+from vmkit.pytest_plugin import VmFactory
 
-needs_kvm = pytest.mark.skipif(
-    not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="a VMM needs read-write /dev/kvm"
-)
+needs_kvm = pytest.mark.vmkit_kvm
 
 
 def _usable_cpu_cgroup() -> tuple[int, str] | str:
@@ -255,25 +254,27 @@ def test_a_host_without_a_cpu_hierarchy_is_refused() -> None:
 
 @needs_kvm
 @needs_cpu_groups
-def test_vcpu_threads_of_a_reboot_join_the_vcpu_group_again(tmp_path: Path) -> None:
+def test_vcpu_threads_of_a_reboot_join_the_vcpu_group_again(
+    tmp_path: Path, vmkit_vm: VmFactory
+) -> None:
     version, _parent = cgroup_dir()
     config = VmConfig.from_cli(
         ["--kernel", str(testguest.image_path("pvh")),
          "--cmdline", testguest.cmdline(["ticks"], "halt", ticks=100_000, tick_ms=10),
          "--cpus", "boot=2", "--memory", "size=64M"]
     )  # fmt: skip
-    with Vm(config, cpu_groups=True) as vm:
-        vm.boot()
-        vm.serial.wait_for("tick 1", timeout=30)
-        first = {t for t, n, _p in threads(os.getpid(), version) if n.startswith("vcpu")}
-        vm.reboot()
-        deadline = time.monotonic() + 30
-        while True:
-            seen = threads(os.getpid(), version)
-            vcpus = [(t, path) for t, n, path in seen if n.startswith("vcpu") and t not in first]
-            if len(vcpus) == 2 or time.monotonic() > deadline:
-                break
-            time.sleep(0.005)
-        (name,) = vm_groups(os.getpid())
-        assert len(vcpus) == 2, seen
-        assert all(path.endswith(f"/{name}/vcpu") for _t, path in vcpus), seen
+    vm = vmkit_vm(config, cpu_groups=True)
+    vm.boot()
+    vm.serial.wait_for("tick 1", timeout=30)
+    first = {t for t, n, _p in threads(os.getpid(), version) if n.startswith("vcpu")}
+    vm.reboot()
+    deadline = time.monotonic() + 30
+    while True:
+        seen = threads(os.getpid(), version)
+        vcpus = [(t, path) for t, n, path in seen if n.startswith("vcpu") and t not in first]
+        if len(vcpus) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.005)
+    (name,) = vm_groups(os.getpid())
+    assert len(vcpus) == 2, seen
+    assert all(path.endswith(f"/{name}/vcpu") for _t, path in vcpus), seen

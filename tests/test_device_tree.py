@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 from vmkit import VmConfig, testguest
+from vmkit.pytest_plugin import VmFactory
 from vmkit.vm import Vm
 
-if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
 
 CH_DIR = Path(os.environ.get("VMKIT_CH_DIR", "/work/shared/ch"))
 BAR_SIZE = 0x80000
@@ -53,7 +53,7 @@ def guest_args(tmp_path: Path, vmm: str) -> list[str]:
 
 
 @pytest.fixture
-def vmkit_vm(tmp_path: Path) -> Iterator[tuple[dict[str, Any], str]]:
+def vmkit_booted(tmp_path: Path) -> Iterator[tuple[dict[str, Any], str]]:
     """(info, serial text) of vmkit running the guest, once its pci step passed."""
     with Vm(VmConfig.from_cli(guest_args(tmp_path, "vmkit"))) as vm:
         vm.boot()
@@ -62,9 +62,9 @@ def vmkit_vm(tmp_path: Path) -> Iterator[tuple[dict[str, Any], str]]:
 
 
 def test_device_tree_has_cloud_hypervisors_shape(
-    vmkit_vm: tuple[dict[str, Any], str],
+    vmkit_booted: tuple[dict[str, Any], str],
 ) -> None:
-    info, _ = vmkit_vm
+    info, _ = vmkit_booted
     tree = info["device_tree"]
     virtio = ["__console", "_disk0", "_disk1", "__rng"]
     assert set(tree) == {"__ioapic", "__serial"} | {
@@ -107,8 +107,8 @@ def test_device_tree_has_cloud_hypervisors_shape(
     assert bars["__rng"]["base"] == bars["__console"]["base"] - BAR_SIZE
 
 
-def test_guest_sees_cloud_hypervisors_layout(vmkit_vm: tuple[dict[str, Any], str]) -> None:
-    _, serial = vmkit_vm
+def test_guest_sees_cloud_hypervisors_layout(vmkit_booted: tuple[dict[str, Any], str]) -> None:
+    _, serial = vmkit_booted
     lines = LAYOUT_LINE.findall(serial)
     assert "step acpi ok rsdp=0xa0000 tables=XSDT,FACP,APIC,MCFG,DSDT cpus=2 max_cpus=2" in lines
     assert lines[:4] == [
@@ -180,9 +180,9 @@ def assert_same(ours: tuple[dict[str, Any], str], theirs: tuple[dict[str, Any], 
 
 @needs_ch
 def test_device_tree_and_layout_match_cloud_hypervisor(
-    vmkit_vm: tuple[dict[str, Any], str], tmp_path: Path
+    vmkit_booted: tuple[dict[str, Any], str], tmp_path: Path
 ) -> None:
-    assert_same(vmkit_vm, run_cloud_hypervisor(tmp_path, guest_args(tmp_path, "ch")))
+    assert_same(vmkit_booted, run_cloud_hypervisor(tmp_path, guest_args(tmp_path, "ch")))
 
 
 def can_make_taps() -> bool:
@@ -194,7 +194,7 @@ def can_make_taps() -> bool:
 
 @needs_ch
 @pytest.mark.skipif(not can_make_taps(), reason="needs CAP_NET_ADMIN and /dev/net/tun (taps)")
-def test_a_net_device_matches_cloud_hypervisor(tmp_path: Path) -> None:
+def test_a_net_device_matches_cloud_hypervisor(tmp_path: Path, vmkit_vm: VmFactory) -> None:
     # Each VMM makes a tap of its own; the guest only reads the PCI function.
     args = [
         "--kernel", str(testguest.image_path("pvh")),
@@ -203,10 +203,11 @@ def test_a_net_device_matches_cloud_hypervisor(tmp_path: Path) -> None:
         "--console", "off",
         "--net", "mac=12:34:56:78:9a:bc",
     ]  # fmt: skip
-    with Vm(VmConfig.from_cli(args)) as vm:
-        vm.boot()
-        vm.serial.wait_for(r"step pci ok", timeout=60)
-        ours = (vm.info().to_dict(), vm.serial.text)
+    vm = vmkit_vm(VmConfig.from_cli(args))
+    vm.boot()
+    vm.serial.wait_for(r"step pci ok", timeout=60)
+    ours = (vm.info().to_dict(), vm.serial.text)
+    vm.close()
     theirs = run_cloud_hypervisor(tmp_path, args)
     assert "_net0" in theirs[0]["device_tree"]
     assert_same(ours, theirs)

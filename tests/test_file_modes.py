@@ -13,7 +13,6 @@ cannot change its host program's umask, so vmkit sets each mode itself.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -45,11 +44,6 @@ def run_with_umask_0(code: str, timeout: float = 60) -> dict[str, int]:
     assert result.returncode == 0, result.stderr
     modes: dict[str, int] = json.loads(result.stdout.strip().splitlines()[-1])
     return modes
-
-
-def kvm_or_skip() -> None:
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        pytest.skip("booting a VM needs read-write /dev/kvm")
 
 
 def test_the_umask_0_child_would_create_world_writable_files(tmp_path: Path) -> None:
@@ -84,8 +78,8 @@ def test_the_api_socket_is_owner_only_from_the_moment_it_exists(tmp_path: Path) 
     assert modes == {"at bind": OWNER_ONLY, "serving": OWNER_ONLY}
 
 
+@pytest.mark.vmkit_kvm
 def test_in_process_vm_outputs_and_sockets_are_owner_only(tmp_path: Path) -> None:
-    kvm_or_skip()
     kernel = testguest.image_path("pvh")
     cmdline = testguest.cmdline(["ticks"], "poweroff", ticks=100_000, tick_ms=10)
     for what in ("serial", "console"):
@@ -107,9 +101,9 @@ def test_in_process_vm_outputs_and_sockets_are_owner_only(tmp_path: Path) -> Non
             assert modes == {f"{what} {mode}": OWNER_ONLY}
 
 
+@pytest.mark.vmkit_kvm
 def test_cli_outputs_are_owner_only(tmp_path: Path) -> None:
     """A plain boot from the command line: the log file and the serial file."""
-    kvm_or_skip()
     log, serial = tmp_path / "vmkit.log", tmp_path / "serial.out"
     argv = [
         "--kernel", str(testguest.image_path("pvh")),

@@ -25,9 +25,7 @@ import vmkit
 from vmkit import Vm, VmConfig, _forkserver, testguest
 from vmkit.client import SpawnedVm
 
-needs_kvm = pytest.mark.skipif(
-    not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="a VMM needs read-write /dev/kvm"
-)
+needs_kvm = pytest.mark.vmkit_kvm
 pytestmark = needs_kvm
 
 

@@ -25,8 +25,7 @@ from _vuproxy import ProtocolFeatureMask
 from vmkit import VmConfig, testguest
 from vmkit.vm import Vm, VmError
 
-if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
 
 
 def _find_virtiofsd() -> str | None:

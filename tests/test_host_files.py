@@ -19,8 +19,7 @@ from vmkit import VmConfig, testguest
 from vmkit.vm import Vm, VmError
 from vmkit.vmm import ApiError, Vmm
 
-if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
 
 ROOT = Path(__file__).resolve().parent.parent
 

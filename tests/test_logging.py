@@ -84,11 +84,10 @@ def test_levels_map_and_follow_the_python_level(
         child.setLevel(logging.NOTSET)
 
 
+@pytest.mark.vmkit_kvm
 def test_a_full_queue_drops_records_and_the_vm_still_runs(
     vmkit_logger: tuple[logging.Logger, Collect],
 ) -> None:
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        pytest.skip("boots a VM: needs read-write /dev/kvm")
     logger, handler = vmkit_logger
     logger.setLevel(logging.INFO)
     logs.sync_level()

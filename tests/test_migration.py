@@ -28,8 +28,7 @@ from _helpers import event_names, move_spawned_vm
 from vmkit import VmConfig, testguest
 from vmkit.vm import Migration, Vm, VmError
 
-if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
 
 ROUNDS = 120
 

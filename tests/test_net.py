@@ -29,11 +29,11 @@ from typing import Any
 import pytest
 from _helpers import move_spawned_vm
 from vmkit import VmConfig, testguest
+from vmkit.pytest_plugin import VmFactory
 from vmkit.testguest import GuestResults, parse_results
 from vmkit.vm import Vm, VmError
 
-if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -166,36 +166,37 @@ def check_exchange(vm: Vm, name: str) -> GuestResults:
     return results
 
 
-def test_a_frame_each_way_and_counters(tap: str) -> None:
+def test_a_frame_each_way_and_counters(tap: str, vmkit_vm: VmFactory) -> None:
     cfg = config(["net", "ticks"], "--net", f"tap={tap},mac={GUEST_MAC}", ticks=50, tick_ms=20)
-    with Vm(cfg) as vm:
-        check_exchange(vm, tap)
-        counters = vm.counters()["_net0"]
-        assert set(counters) == {"rx_bytes", "rx_frames", "tx_bytes", "tx_frames"}
-        # Payload bytes, without the 12-byte virtio-net header.
-        assert (counters["tx_frames"], counters["tx_bytes"]) == (1, 60)
-        assert counters["rx_frames"] >= 1 and counters["rx_bytes"] >= 60
-        exit_info = vm.wait(30)
-        assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+    vm = vmkit_vm(cfg)
+    check_exchange(vm, tap)
+    counters = vm.counters()["_net0"]
+    assert set(counters) == {"rx_bytes", "rx_frames", "tx_bytes", "tx_frames"}
+    # Payload bytes, without the 12-byte virtio-net header.
+    assert (counters["tx_frames"], counters["tx_bytes"]) == (1, 60)
+    assert counters["rx_frames"] >= 1 and counters["rx_bytes"] >= 60
+    exit_info = vm.wait(30)
+    assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+    vm.close()
     # The user's tap outlives the VM.
     assert tap in interfaces()
 
 
-def test_vmkit_creates_configures_and_removes_its_tap() -> None:
+def test_vmkit_creates_configures_and_removes_its_tap(vmkit_vm: VmFactory) -> None:
     before = set(interfaces())
     cfg = config(["ticks"], "--net", "ip=192.168.249.1,mask=255.255.255.0", ticks=1000, tick_ms=10)
-    with Vm(cfg) as vm:
-        vm.boot()
-        vm.serial.wait_for(r"tick 1\b", timeout=20)
-        new = {n: i for n, i in interfaces().items() if n not in before}
-        assert len(new) == 1, new
-        ((name, info),) = new.items()
-        assert name.startswith("vmtap")
-        assert "UP" in info["flags"]
-        addrs = [(a["local"], a["prefixlen"]) for a in info["addr_info"] if a["family"] == "inet"]
-        assert addrs == [("192.168.249.1", 24)]
-        vm.shutdown()
-        assert name not in interfaces(), "the tap vmkit created outlived the VM"
+    vm = vmkit_vm(cfg)
+    vm.boot()
+    vm.serial.wait_for(r"tick 1\b", timeout=20)
+    new = {n: i for n, i in interfaces().items() if n not in before}
+    assert len(new) == 1, new
+    ((name, info),) = new.items()
+    assert name.startswith("vmtap")
+    assert "UP" in info["flags"]
+    addrs = [(a["local"], a["prefixlen"]) for a in info["addr_info"] if a["family"] == "inet"]
+    assert addrs == [("192.168.249.1", 24)]
+    vm.shutdown()
+    assert name not in interfaces(), "the tap vmkit created outlived the VM"
 
 
 def test_a_caller_opened_tap_descriptor() -> None:

@@ -33,11 +33,11 @@ from _prompt import (
     unblock_writer_of,
 )
 from vmkit import VmConfig, testguest
+from vmkit.pytest_plugin import VmFactory
 from vmkit.vm import Vm, VmError
 from vmkit.vmm import ApiError, EventMonitor, Vmm
 
-if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Far longer than a refusal or a shutdown takes; a blocked call never returns.
@@ -156,13 +156,14 @@ def test_the_cli_refuses_a_fifo_rng_source_at_once(fifo: Path) -> None:
     assert rng_refusal(fifo) in result.stderr
 
 
-def test_a_regular_file_is_an_rng_source(tmp_path: Path) -> None:
+def test_a_regular_file_is_an_rng_source(tmp_path: Path, vmkit_vm: VmFactory) -> None:
     source = tmp_path / "entropy"
     source.write_bytes(os.urandom(4096))
-    with Vm(VmConfig.from_cli(argv("--rng", f"src={source}", steps=("rng",)))) as vm:
-        vm.boot()
-        exit_info = vm.wait(30)
-        results = testguest.parse_results(vm.serial.text)
+    vm = vmkit_vm(VmConfig.from_cli(argv("--rng", f"src={source}", steps=("rng",))))
+    vm.boot()
+    exit_info = vm.wait(30)
+    results = testguest.parse_results(vm.serial.text)
+    vm.close()
     assert exit_info is not None and exit_info.reason == "poweroff", exit_info
     assert results.ok("rng"), results.lines
 

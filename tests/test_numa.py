@@ -9,17 +9,16 @@ The guest's ``numa`` step prints every SRAT entry (``srat cpu ...``,
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 from _chpeer import CH_DIR, CH_MISSING, ch_binary
 from vmkit import VmConfig, testguest
+from vmkit.pytest_plugin import VmFactory
 from vmkit.vm import Vm, VmError
 
-if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -106,18 +105,21 @@ def run_vmm(kind: str, args: list[str]) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("options", "seen"), [(TWO_NODES, TWO_NODES_SEEN), (THREE_NODES, THREE_NODES_SEEN)]
 )
-def test_the_guest_finds_the_configured_topology(options: tuple[str, ...], seen: list[str]) -> None:
+def test_the_guest_finds_the_configured_topology(
+    options: tuple[str, ...], seen: list[str], vmkit_vm: VmFactory
+) -> None:
     config = VmConfig.from_cli(guest_args(["acpi", "numa"], *options))
-    with Vm(config) as vm:
-        vm.boot()
-        exit_info = vm.wait(30)
-        text = vm.serial.text
+    vm = vmkit_vm(config)
+    vm.boot()
+    exit_info = vm.wait(30)
+    text = vm.serial.text
+    vm.close()
     assert exit_info is not None and exit_info.reason == "poweroff", text
     assert "tables=XSDT,FACP,APIC,MCFG,SRAT,SLIT,DSDT " in text, text
     assert numa_lines(text) == seen
 
 
-def test_srat_apic_ids_are_the_vcpus_apic_ids() -> None:
+def test_srat_apic_ids_are_the_vcpus_apic_ids(vmkit_vm: VmFactory) -> None:
     # 3 cores need 2 bits of the APIC id, so the second package starts at 4:
     # the SRAT must name the ids the vCPUs really have (the smp step starts them).
     config = VmConfig.from_cli(
@@ -131,10 +133,11 @@ def test_srat_apic_ids_are_the_vcpus_apic_ids() -> None:
             "guest_numa_id=1,cpus=[3-5],memory_zones=[b]",
         )
     )  # fmt: skip
-    with Vm(config) as vm:
-        vm.boot()
-        exit_info = vm.wait(30)
-        text = vm.serial.text
+    vm = vmkit_vm(config)
+    vm.boot()
+    exit_info = vm.wait(30)
+    text = vm.serial.text
+    vm.close()
     assert exit_info is not None and exit_info.reason == "poweroff", text
     assert "step smp ok cpus=6" in text, text
     started = sorted(
@@ -152,12 +155,13 @@ def test_srat_apic_ids_are_the_vcpus_apic_ids() -> None:
     assert started == [1, 2, 4, 5, 6], "the APs the SRAT names are the ones that came up"
 
 
-def test_without_numa_there_is_no_srat_or_slit() -> None:
+def test_without_numa_there_is_no_srat_or_slit(vmkit_vm: VmFactory) -> None:
     config = VmConfig.from_cli(guest_args(["acpi", "numa"], "--memory", "size=64M"))
-    with Vm(config) as vm:
-        vm.boot()
-        vm.wait(30)
-        text = vm.serial.text
+    vm = vmkit_vm(config)
+    vm.boot()
+    vm.wait(30)
+    text = vm.serial.text
+    vm.close()
     assert "tables=XSDT,FACP,APIC,MCFG,DSDT " in text, text
     assert "step numa fail no SRAT" in text, text
 

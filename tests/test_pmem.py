@@ -11,7 +11,6 @@ was.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -21,10 +20,10 @@ from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
 from _helpers import fnv1a64, sector_pattern
 from vmkit import VmConfig, testguest
 from vmkit.client import spawn
+from vmkit.pytest_plugin import VmFactory
 from vmkit.vm import Vm, VmError
 
-if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
 
 MIB = 1 << 20
 OFFSET = 8192
@@ -54,7 +53,9 @@ def guest_args(
 
 @pytest.mark.parametrize("image", ["pvh", "bzimage"])
 def test_the_guest_writes_reach_the_file_and_discarded_ones_do_not(
-    tmp_path: Path, image: testguest.Format
+    tmp_path: Path,
+    image: testguest.Format,
+    vmkit_vm: VmFactory,
 ) -> None:
     shared, private = tmp_path / "shared.img", tmp_path / "private.img"
     before = seeded_file(shared, 4 * MIB)
@@ -65,13 +66,14 @@ def test_the_guest_writes_reach_the_file_and_discarded_ones_do_not(
             image, [f"file={shared}", f"file={private},discard_writes=on"], ("pmem", "ticks")
         )
     )
-    with Vm(config) as vm:
-        vm.boot()
-        vm.serial.wait_for("step pmem", timeout=30)
-        tree = vm.info().device_tree
-        exit_info = vm.wait(30)
-        assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
-        text = vm.serial.text
+    vm = vmkit_vm(config)
+    vm.boot()
+    vm.serial.wait_for("step pmem", timeout=30)
+    tree = vm.info().device_tree
+    exit_info = vm.wait(30)
+    assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+    text = vm.serial.text
+    vm.close()
     assert "step pmem ok devices=2" in text and "summary passed=2 failed=0" in text, text
     hashes = [
         int(h, 16) for h in re.findall(r"^vmkit-guest: pmem dev .* fnv=(0x[0-9a-f]+)$", text, re.M)
@@ -90,16 +92,17 @@ def test_the_guest_writes_reach_the_file_and_discarded_ones_do_not(
     assert starts == [r["base"] for r in regions], "the guest finds them where info() says"
 
 
-def test_a_folder_with_a_size_gets_a_temporary_file(tmp_path: Path) -> None:
+def test_a_folder_with_a_size_gets_a_temporary_file(tmp_path: Path, vmkit_vm: VmFactory) -> None:
     folder = tmp_path / "pmem"
     folder.mkdir()
     config = VmConfig.from_cli(guest_args("pvh", [f"file={folder},size=4M"]))
-    with Vm(config) as vm:
-        vm.boot()
-        exit_info = vm.wait(30)
-        assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
-        assert "size=0x400000 fnv=" in vm.serial.text
-        assert "step pmem ok devices=1" in vm.serial.text
+    vm = vmkit_vm(config)
+    vm.boot()
+    exit_info = vm.wait(30)
+    assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+    assert "size=0x400000 fnv=" in vm.serial.text
+    assert "step pmem ok devices=1" in vm.serial.text
+    vm.close()
     assert list(folder.iterdir()) == [], "the temporary file has no name and is gone"
 
 
@@ -146,7 +149,7 @@ def test_a_pmem_added_before_boot_through_the_api(tmp_path: Path) -> None:
     assert pmem.read_bytes()[:OFFSET] == before[:OFFSET]
 
 
-def test_a_restored_vm_maps_the_same_file(tmp_path: Path) -> None:
+def test_a_restored_vm_maps_the_same_file(tmp_path: Path, vmkit_vm: VmFactory) -> None:
     pmem = tmp_path / "p.img"
     seeded_file(pmem, 2 * MIB)
     config = VmConfig.from_cli(
@@ -163,12 +166,13 @@ def test_a_restored_vm_maps_the_same_file(tmp_path: Path) -> None:
     )  # fmt: skip
     snapshot = tmp_path / "snap"
     snapshot.mkdir()
-    with Vm(config) as vm:
-        vm.boot()
-        vm.serial.wait_for(r"tick 5$", timeout=30)
-        vm.pause()
-        tree = vm.info().device_tree
-        vm.snapshot(snapshot)
+    vm = vmkit_vm(config)
+    vm.boot()
+    vm.serial.wait_for(r"tick 5$", timeout=30)
+    vm.pause()
+    tree = vm.info().device_tree
+    vm.snapshot(snapshot)
+    vm.close()
     with Vm.restore(snapshot) as restored:
         assert restored.info().device_tree == tree
         restored.resume()

@@ -9,7 +9,6 @@ events, the device tree, where the guest finds the devices) must agree.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -19,10 +18,10 @@ import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
 from _helpers import monitor_events
 from vmkit import DeviceEvent, VmConfig, testguest
+from vmkit.pytest_plugin import VmFactory
 from vmkit.vm import Vm
 
-if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
 
 needs_ch = pytest.mark.skipif(CH_DIR is None, reason=CH_MISSING)
 KINDS = ("ch", "vmkit")
@@ -209,7 +208,9 @@ def test_the_watchdog_resets_a_guest_that_stops_petting(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("image", ["pvh", "bzimage"])
 def test_in_process_vms_report_the_panic_and_pets_from_both_boot_formats(
-    tmp_path: Path, image: testguest.Format
+    tmp_path: Path,
+    image: testguest.Format,
+    vmkit_vm: VmFactory,
 ) -> None:
     config = VmConfig.from_cli(
         [
@@ -223,20 +224,20 @@ def test_in_process_vms_report_the_panic_and_pets_from_both_boot_formats(
             "--pvpanic", "--watchdog",
         ]
     )  # fmt: skip
-    with Vm(config) as vm:
-        vm.boot()
-        exit_info = vm.wait(30)
-        assert exit_info is not None and exit_info.reason == "poweroff"
-        assert "summary passed=2 failed=0" in vm.serial.text, vm.serial.text
-        found, next_index = vm.device_events()
-        assert found == [
-            DeviceEvent("guest", "panic", {"event": "crash_loaded"}),
-            DeviceEvent("virtio-device", "activated", {"id": "__watchdog"}),
-        ]
-        assert vm.device_events(next_index) == ([], next_index)
+    vm = vmkit_vm(config)
+    vm.boot()
+    exit_info = vm.wait(30)
+    assert exit_info is not None and exit_info.reason == "poweroff"
+    assert "summary passed=2 failed=0" in vm.serial.text, vm.serial.text
+    found, next_index = vm.device_events()
+    assert found == [
+        DeviceEvent("guest", "panic", {"event": "crash_loaded"}),
+        DeviceEvent("virtio-device", "activated", {"id": "__watchdog"}),
+    ]
+    assert vm.device_events(next_index) == ([], next_index)
 
 
-def test_a_snapshot_keeps_both_devices(tmp_path: Path) -> None:
+def test_a_snapshot_keeps_both_devices(tmp_path: Path, vmkit_vm: VmFactory) -> None:
     # Paused while the guest pets, snapshotted, restored: the restored VM
     # has both devices where they were, and its guest pets on to the end.
     cmdline = testguest.cmdline(
@@ -253,13 +254,14 @@ def test_a_snapshot_keeps_both_devices(tmp_path: Path) -> None:
     )  # fmt: skip
     snapshot = tmp_path / "snap"
     snapshot.mkdir()
-    with Vm(config) as vm:
-        vm.boot()
-        vm.serial.wait_for(r"watchdog pet 3", timeout=30)
-        vm.pause()
-        tree = vm.info().to_dict()["device_tree"]
-        vm.snapshot(snapshot)
-        vm.shutdown()
+    vm = vmkit_vm(config)
+    vm.boot()
+    vm.serial.wait_for(r"watchdog pet 3", timeout=30)
+    vm.pause()
+    tree = vm.info().to_dict()["device_tree"]
+    vm.snapshot(snapshot)
+    vm.shutdown()
+    vm.close()
     with Vm.restore(snapshot) as restored:
         assert restored.info().to_dict()["device_tree"] == tree
         restored.resume()
@@ -271,7 +273,7 @@ def test_a_snapshot_keeps_both_devices(tmp_path: Path) -> None:
         assert DeviceEvent("guest", "panic", {"event": "panic"}) in found
 
 
-def test_the_watchdog_resets_a_bzimage_guest_too(tmp_path: Path) -> None:
+def test_the_watchdog_resets_a_bzimage_guest_too(tmp_path: Path, vmkit_vm: VmFactory) -> None:
     # The other boot format: pets, then silence, then the reset (a second
     # boot, reported as v37 reports a guest reset), in process.
     config = VmConfig.from_cli(
@@ -285,15 +287,15 @@ def test_the_watchdog_resets_a_bzimage_guest_too(tmp_path: Path) -> None:
             "--watchdog",
         ]
     )  # fmt: skip
-    with Vm(config) as vm:
-        vm.boot()
-        vm.serial.wait_for(r"step watchdog ok pets=2", timeout=30)
-        petted = time.monotonic()
-        deadline = petted + 60
-        while vm.serial.text.count("boot protocol=linux64") < 2:
-            assert time.monotonic() < deadline, vm.serial.text[-1000:]
-            time.sleep(0.05)
-        waited = time.monotonic() - petted
-        assert 25 < waited < 40, f"reset {waited:.1f} s after the last pet"
-        found, _ = vm.device_events()
-        assert [e.event for e in found if e.source == "vm"] == ["shutdown", "booting", "booted"]
+    vm = vmkit_vm(config)
+    vm.boot()
+    vm.serial.wait_for(r"step watchdog ok pets=2", timeout=30)
+    petted = time.monotonic()
+    deadline = petted + 60
+    while vm.serial.text.count("boot protocol=linux64") < 2:
+        assert time.monotonic() < deadline, vm.serial.text[-1000:]
+        time.sleep(0.05)
+    waited = time.monotonic() - petted
+    assert 25 < waited < 40, f"reset {waited:.1f} s after the last pet"
+    found, _ = vm.device_events()
+    assert [e.event for e in found if e.source == "vm"] == ["shutdown", "booting", "booted"]

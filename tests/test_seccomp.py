@@ -26,8 +26,7 @@ from _inject import Injected, inject_syscall, seccomp_filters, seccomp_mode, thr
 from _swtpm import SWTPM, Swtpm
 from vmkit import testguest
 
-if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
 if not Path("/proc/self/status").read_text().count("Seccomp:"):
     pytest.skip("this kernel has no seccomp", allow_module_level=True)
 

@@ -20,8 +20,7 @@ from vmkit.client import SpawnedVm
 from vmkit.config import DiskConfig
 from vmkit.vm import Vm, VmError
 
-if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
 
 TICKS = 30
 

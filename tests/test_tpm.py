@@ -25,11 +25,11 @@ import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_binary, ch_remote
 from _swtpm import SWTPM, SWTPM_MISSING, Swtpm, unlistened_socket
 from vmkit import VmConfig, logs, testguest
+from vmkit.pytest_plugin import VmFactory
 from vmkit.testguest import parse_results
 from vmkit.vm import Vm, VmError
 
-if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
 if SWTPM is None:
     pytest.skip(SWTPM_MISSING, allow_module_level=True)
 
@@ -273,23 +273,26 @@ def vmkit_errors() -> Iterator[list[str]]:
 
 
 def test_swtpm_killed_mid_run_fails_the_guests_commands_and_the_vm_stays_controllable(
-    swtpm: Swtpm, vmkit_errors: list[str]
+    swtpm: Swtpm,
+    vmkit_errors: list[str],
+    vmkit_vm: VmFactory,
 ) -> None:
     config = VmConfig.from_cli(
         guest_args("pvh", swtpm.socket, ("tpm", "ticks", "tpm", "ticks"), ticks=40, tick_ms=50)
     )
-    with Vm(config) as vm:
-        vm.boot()
-        vm.serial.wait_for("step tpm ok", timeout=30)
-        swtpm.kill()
-        vm.serial.wait_for("step tpm fail", timeout=30)
-        vm.pause()
-        assert vm.info().state == "Paused"
-        vm.resume()
-        assert vm.info().state == "Running"
-        exit_info = vm.wait(30)
-        assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
-        text = vm.serial.text
+    vm = vmkit_vm(config)
+    vm.boot()
+    vm.serial.wait_for("step tpm ok", timeout=30)
+    swtpm.kill()
+    vm.serial.wait_for("step tpm fail", timeout=30)
+    vm.pause()
+    assert vm.info().state == "Paused"
+    vm.resume()
+    assert vm.info().state == "Running"
+    exit_info = vm.wait(30)
+    assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+    text = vm.serial.text
+    vm.close()
     assert "vmkit-guest: tpm startup failed ctrl_sts=0x1 rsp_len=10 rc=0x101" in text
     assert (
         "vmkit-guest: step tpm fail startup: CRB_CTRL_STS.tpmSts set ctrl_sts=0x1 rc=0x101"
@@ -301,40 +304,46 @@ def test_swtpm_killed_mid_run_fails_the_guests_commands_and_the_vm_stays_control
     assert tpm_threads() == 0
 
 
-def test_a_guest_reset_reconnects_and_the_tpm_starts_afresh(swtpm: Swtpm) -> None:
+def test_a_guest_reset_reconnects_and_the_tpm_starts_afresh(
+    swtpm: Swtpm, vmkit_vm: VmFactory
+) -> None:
     config = VmConfig.from_cli(guest_args("pvh", swtpm.socket))
     config.payload.cmdline = testguest.cmdline(["tpm"], "reset")  # type: ignore[union-attr]
-    with Vm(config) as vm:
-        vm.boot()
-        deadline = time.monotonic() + 30
-        while vm.serial.text.count("step tpm ok startup_rc=0x0 ") < 3:
-            assert time.monotonic() < deadline, vm.serial.text
-            time.sleep(0.02)
-        vm.shutdown()
+    vm = vmkit_vm(config)
+    vm.boot()
+    deadline = time.monotonic() + 30
+    while vm.serial.text.count("step tpm ok startup_rc=0x0 ") < 3:
+        assert time.monotonic() < deadline, vm.serial.text
+        time.sleep(0.02)
+    vm.shutdown()
+    vm.close()
     assert tpm_threads() == 0
     assert "step tpm fail" not in vm.serial.text
 
 
-def test_a_vm_with_a_tpm_is_neither_snapshotted_nor_migrated(swtpm: Swtpm, tmp_path: Path) -> None:
+def test_a_vm_with_a_tpm_is_neither_snapshotted_nor_migrated(
+    swtpm: Swtpm, tmp_path: Path, vmkit_vm: VmFactory
+) -> None:
     config = VmConfig.from_cli(guest_args("pvh", swtpm.socket, ("tpm", "ticks"), ticks=500))
     snapshot = tmp_path / "snap"
     snapshot.mkdir()
-    with Vm(config) as vm:
-        vm.boot()
-        vm.serial.wait_for("step tpm ok", timeout=30)
-        vm.pause()
-        with pytest.raises(VmError) as e:
-            vm.snapshot(snapshot)
-        assert e.value.kind == "Unsupported"
-        assert str(e.value) == (
-            "A VM with a TPM (--tpm) cannot be snapshotted: its TPM's state lives in swtpm, "
-            "which vmkit cannot carry along"
-        )
-        vm.resume()
-        with pytest.raises(VmError) as e:
-            vm.migrate_to(tmp_path / "nobody.sock")
-        assert e.value.kind == "Unsupported" and "cannot be migrated" in str(e.value)
-        assert vm.info().state == "Running"
+    vm = vmkit_vm(config)
+    vm.boot()
+    vm.serial.wait_for("step tpm ok", timeout=30)
+    vm.pause()
+    with pytest.raises(VmError) as e:
+        vm.snapshot(snapshot)
+    assert e.value.kind == "Unsupported"
+    assert str(e.value) == (
+        "A VM with a TPM (--tpm) cannot be snapshotted: its TPM's state lives in swtpm, "
+        "which vmkit cannot carry along"
+    )
+    vm.resume()
+    with pytest.raises(VmError) as e:
+        vm.migrate_to(tmp_path / "nobody.sock")
+    assert e.value.kind == "Unsupported" and "cannot be migrated" in str(e.value)
+    assert vm.info().state == "Running"
+    vm.close()
     assert list(snapshot.iterdir()) == []
 
 
@@ -388,7 +397,9 @@ def test_a_spawned_vm_process_runs_the_tpm(swtpm: Swtpm, tmp_path: Path) -> None
 
 
 def test_a_boot_that_fails_after_the_tpm_was_set_up_lets_swtpm_go(
-    swtpm: Swtpm, tmp_path: Path
+    swtpm: Swtpm,
+    tmp_path: Path,
+    vmkit_vm: VmFactory,
 ) -> None:
     # The TPM is built before the disks: a missing image fails the boot
     # after swtpm was connected and initialised. Its thread and sockets go,
@@ -403,8 +414,8 @@ def test_a_boot_that_fails_after_the_tpm_was_set_up_lets_swtpm_go(
     del vm, e
     gc.collect()
     assert (open_fds(), threads()) == (fds, names)
-    with Vm(VmConfig.from_cli(guest_args("pvh", swtpm.socket))) as vm:
-        vm.boot()
-        exit_info = vm.wait(30)
-        assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
-        assert "step tpm ok startup_rc=0x0 " in vm.serial.text
+    vm = vmkit_vm(VmConfig.from_cli(guest_args("pvh", swtpm.socket)))
+    vm.boot()
+    exit_info = vm.wait(30)
+    assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+    assert "step tpm ok startup_rc=0x0 " in vm.serial.text

@@ -31,8 +31,7 @@ from vmkit import VmConfig, testguest
 from vmkit.testguest import GuestResults, parse_results
 from vmkit.vm import Vm, VmError
 
-if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
 if CH_DIR is None or not (CH_DIR / "vhost_user_block").is_file():
     pytest.skip(CH_MISSING + " (and its vhost_user_block, vhost_user_net)", allow_module_level=True)
 

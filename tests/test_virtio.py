@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from _helpers import fnv1a64, sector_pattern
 from vmkit import VmConfig, testguest
+from vmkit.pytest_plugin import VmFactory
 from vmkit.testguest import GuestResults, parse_results
 from vmkit.vm import Vm, VmError, VmExit, VmInfo
 
-if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
 
 SECTOR = 512
 
@@ -73,7 +73,9 @@ def assert_passed(exit_info: VmExit, results: GuestResults, *steps: str) -> None
 
 
 @pytest.mark.parametrize("fmt", ["pvh", "bzimage"])
-def test_every_device_step_passes(tmp_path: Path, fmt: testguest.Format) -> None:
+def test_every_device_step_passes(
+    tmp_path: Path, fmt: testguest.Format, vmkit_vm: VmFactory
+) -> None:
     disk = image(tmp_path / "disk.img", 4 << 20)
     cfg = VmConfig.from_cli(
         ["--kernel", str(testguest.image_path(fmt)),
@@ -81,11 +83,12 @@ def test_every_device_step_passes(tmp_path: Path, fmt: testguest.Format) -> None
          "--cpus", "boot=2", "--memory", "size=256M", "--serial", "null",
          "--console", f"file={tmp_path / 'console.txt'}", "--disk", f"path={disk}"]
     )  # fmt: skip
-    with Vm(cfg) as vm:
-        vm.boot()
-        exit_info = vm.wait(60)
-        assert exit_info is not None
-        results = parse_results(vm.serial.text)
+    vm = vmkit_vm(cfg)
+    vm.boot()
+    exit_info = vm.wait(60)
+    assert exit_info is not None
+    results = parse_results(vm.serial.text)
+    vm.close()
     assert_passed(exit_info, results, "pci", "rng", "console", "blk", "msix")
     # Console (its transmit queue), disk and rng: each queue's vector fired.
     assert results.values("msix") == {"devices": "3", "vectors": "3"}
@@ -205,7 +208,7 @@ def test_default_serial_is_cloud_hypervisors(tmp_path: Path) -> None:
     assert lines(results, "blk dev")[0]["serial"] == f"{st.st_dev}{st.st_rdev}{st.st_ino}"[:20]
 
 
-def test_counters_ids_and_device_tree(tmp_path: Path) -> None:
+def test_counters_ids_and_device_tree(tmp_path: Path, vmkit_vm: VmFactory) -> None:
     first = image(tmp_path / "a.img", 1 << 20)
     second = image(tmp_path / "b.img", 1 << 20)
     cfg = VmConfig.from_cli(
@@ -214,44 +217,44 @@ def test_counters_ids_and_device_tree(tmp_path: Path) -> None:
          "--cpus", "boot=2", "--memory", "size=256M", "--serial", "null", "--console", "off",
          "--disk", f"path={first}", f"path={second},id=named"]
     )  # fmt: skip
-    with Vm(cfg) as vm:
-        before = vm.info()
-        assert isinstance(before, VmInfo) and before.device_tree is None
-        assert before.config.disks is not None
-        assert [d.id for d in before.config.disks] == [None, "named"]
-        with pytest.raises(VmError, match="VM is not running"):
-            vm.counters()
-        vm.boot()
-        vm.serial.wait_for(r"step blk ok", timeout=30)
-        info = vm.info()
-        assert info.config.disks is not None
-        assert [d.id for d in info.config.disks] == ["_disk0", "named"]
-        tree = info.device_tree
-        assert tree is not None
-        # Cloud Hypervisor's nodes: the PCI function holds the BDF and BARs.
-        assert tree["_virtio-pci-_disk0"]["pci_bdf"] == "0000:00:01.0"
-        assert tree["_virtio-pci-named"]["pci_bdf"] == "0000:00:02.0"
-        assert tree["_virtio-pci-__rng"]["pci_bdf"] == "0000:00:03.0"
-        assert tree["named"]["parent"] == "_virtio-pci-named"
-        bar = tree["_virtio-pci-_disk0"]["resources"][0]["PciBar"]
-        # A disk on segment 0 has a 32-bit BAR, at the top of the 32-bit window.
-        assert bar == {
-            "index": 0, "base": 0xE7F8_0000, "size": 0x80000, "type_": "Mmio32",
-            "prefetchable": False,
-        }  # fmt: skip
-        counters = vm.counters()
-        assert set(counters) == {"_disk0", "named"}
-        disk0 = counters["_disk0"]
-        # The blk step: a GET_ID, a read of 8 sectors, a write, a flush, a read back.
-        assert disk0["write_ops"] >= 1 and disk0["write_bytes"] >= 8 * SECTOR
-        assert disk0["read_ops"] >= 2 and disk0["read_bytes"] >= 16 * SECTOR
-        assert disk0["read_latency_min"] <= disk0["read_latency_avg"] <= disk0["read_latency_max"]
-        assert set(disk0) == {
-            "read_bytes", "write_bytes", "read_ops", "write_ops",
-            "read_latency_min", "read_latency_max", "read_latency_avg",
-            "write_latency_min", "write_latency_max", "write_latency_avg",
-        }  # fmt: skip
-        vm.shutdown()
+    vm = vmkit_vm(cfg)
+    before = vm.info()
+    assert isinstance(before, VmInfo) and before.device_tree is None
+    assert before.config.disks is not None
+    assert [d.id for d in before.config.disks] == [None, "named"]
+    with pytest.raises(VmError, match="VM is not running"):
+        vm.counters()
+    vm.boot()
+    vm.serial.wait_for(r"step blk ok", timeout=30)
+    info = vm.info()
+    assert info.config.disks is not None
+    assert [d.id for d in info.config.disks] == ["_disk0", "named"]
+    tree = info.device_tree
+    assert tree is not None
+    # Cloud Hypervisor's nodes: the PCI function holds the BDF and BARs.
+    assert tree["_virtio-pci-_disk0"]["pci_bdf"] == "0000:00:01.0"
+    assert tree["_virtio-pci-named"]["pci_bdf"] == "0000:00:02.0"
+    assert tree["_virtio-pci-__rng"]["pci_bdf"] == "0000:00:03.0"
+    assert tree["named"]["parent"] == "_virtio-pci-named"
+    bar = tree["_virtio-pci-_disk0"]["resources"][0]["PciBar"]
+    # A disk on segment 0 has a 32-bit BAR, at the top of the 32-bit window.
+    assert bar == {
+        "index": 0, "base": 0xE7F8_0000, "size": 0x80000, "type_": "Mmio32",
+        "prefetchable": False,
+    }  # fmt: skip
+    counters = vm.counters()
+    assert set(counters) == {"_disk0", "named"}
+    disk0 = counters["_disk0"]
+    # The blk step: a GET_ID, a read of 8 sectors, a write, a flush, a read back.
+    assert disk0["write_ops"] >= 1 and disk0["write_bytes"] >= 8 * SECTOR
+    assert disk0["read_ops"] >= 2 and disk0["read_bytes"] >= 16 * SECTOR
+    assert disk0["read_latency_min"] <= disk0["read_latency_avg"] <= disk0["read_latency_max"]
+    assert set(disk0) == {
+        "read_bytes", "write_bytes", "read_ops", "write_ops",
+        "read_latency_min", "read_latency_max", "read_latency_avg",
+        "write_latency_min", "write_latency_max", "write_latency_avg",
+    }  # fmt: skip
+    vm.shutdown()
 
 
 def test_console_modes(tmp_path: Path) -> None:
@@ -264,40 +267,41 @@ def test_console_modes(tmp_path: Path) -> None:
     assert "no virtio-console" in results.steps["console"][2]
 
 
-def test_console_pty_carries_output(tmp_path: Path) -> None:
+def test_console_pty_carries_output(tmp_path: Path, vmkit_vm: VmFactory) -> None:
     cfg = VmConfig.from_cli(
         ["--kernel", str(testguest.image_path("pvh")),
          "--cmdline", testguest.cmdline(["ticks", "console"], "poweroff", ticks=25, tick_ms=20),
          "--memory", "size=128M", "--serial", "null", "--console", "pty"]
     )  # fmt: skip
     got = bytearray()
-    with Vm(cfg) as vm:
-        vm.boot()
-        pty = vm.console_pty
-        assert pty and Path(pty).exists()
-        fd = os.open(pty, os.O_RDONLY | os.O_NOCTTY)
-        try:
-            done = threading.Event()
+    vm = vmkit_vm(cfg)
+    vm.boot()
+    pty = vm.console_pty
+    assert pty and Path(pty).exists()
+    fd = os.open(pty, os.O_RDONLY | os.O_NOCTTY)
+    try:
+        done = threading.Event()
 
-            def reader() -> None:
-                while not done.is_set():
-                    try:
-                        chunk = os.read(fd, 4096)
-                    except OSError:
-                        return
-                    if not chunk:
-                        return
-                    got.extend(chunk)
-                    if b"hello" in got:
-                        return
+        def reader() -> None:
+            while not done.is_set():
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                got.extend(chunk)
+                if b"hello" in got:
+                    return
 
-            thread = threading.Thread(target=reader, daemon=True)
-            thread.start()
-            exit_info = vm.wait(30)
-            thread.join(5)
-            done.set()
-        finally:
-            os.close(fd)
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
+        exit_info = vm.wait(30)
+        thread.join(5)
+        done.set()
+    finally:
+        os.close(fd)
+    vm.close()
     assert exit_info is not None and exit_info.reason == "poweroff"
     assert b"vmkit-guest: virtio-console hello" in got
 

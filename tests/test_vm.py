@@ -23,11 +23,11 @@ import pytest
 from _vcpus import quiet_vcpus, vcpu_switches
 from vmkit import VmConfig, testguest
 from vmkit.config import SgxEpcConfig
+from vmkit.pytest_plugin import VmFactory
 from vmkit.testguest import GuestResults, parse_results
 from vmkit.vm import Vm, VmError, VmExit, VmInfo
 
-if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
 
 ALL_STEPS = ["hello", "memmap", "acpi", "smp", "timer", "cpl3", "pio"]
 #: RAM the map gives below 1 MiB is [0, 0xa0000), as Cloud Hypervisor's; the rest of
@@ -88,12 +88,15 @@ def test_smp_starts_every_vcpu(vcpus: int) -> None:
 
 
 @pytest.mark.parametrize(("fmt", "entry"), [("pvh", 0x01), ("bzimage", 0x02)])
-def test_debug_port_writes_are_timed(fmt: testguest.Format, entry: int) -> None:
+def test_debug_port_writes_are_timed(
+    fmt: testguest.Format, entry: int, vmkit_vm: VmFactory
+) -> None:
     before = time.monotonic()
-    with Vm(config(fmt)) as vm:
-        vm.boot()
-        assert vm.wait(30) is not None
-        writes = vm.debug_port_writes()
+    vm = vmkit_vm(config(fmt))
+    vm.boot()
+    assert vm.wait(30) is not None
+    writes = vm.debug_port_writes()
+    vm.close()
     after = time.monotonic()
     assert [w.value for w in writes] == [entry, 0x7F]
     first, ready = writes
@@ -128,13 +131,13 @@ def test_memory_map_matches_the_config(size: int, ram_ranges: int, high: bool) -
         assert f"end={hex(0x100000000 + size - 0xC0000000)} type=1" in above_4g[0]
 
 
-def test_serial_off_has_no_device() -> None:
+def test_serial_off_has_no_device(vmkit_vm: VmFactory) -> None:
     cfg = config(serial="off")
-    with Vm(cfg) as vm:
-        vm.boot()
-        exit_info = vm.wait(30)
-        assert exit_info is not None and exit_info.reason == "poweroff"
-        assert vm.serial.read() == b""
+    vm = vmkit_vm(cfg)
+    vm.boot()
+    exit_info = vm.wait(30)
+    assert exit_info is not None and exit_info.reason == "poweroff"
+    assert vm.serial.read() == b""
 
 
 def test_serial_null_is_still_captured() -> None:
@@ -151,42 +154,43 @@ def test_serial_file(tmp_path: Path) -> None:
     assert "vmkit-guest: ready" in text and "vmkit-guest: exit poweroff" in text
 
 
-def test_serial_pty() -> None:
+def test_serial_pty(vmkit_vm: VmFactory) -> None:
     cfg = config(steps=["ticks"], serial="pty", ticks=40, tick_ms=25)
-    with Vm(cfg) as vm:
-        vm.boot()
-        pty = vm.serial_pty
-        assert pty is not None and pty.startswith("/dev/pts/")
-        fd = os.open(pty, os.O_RDONLY | os.O_NOCTTY)
-        try:
-            received = b""
-            deadline = time.monotonic() + 20
-            while b"tick 30" not in received and time.monotonic() < deadline:
-                received += os.read(fd, 4096)
-        finally:
-            os.close(fd)
-        assert b"tick 30" in received
-        exit_info = vm.wait(30)
-        assert exit_info is not None and exit_info.reason == "poweroff"
+    vm = vmkit_vm(cfg)
+    vm.boot()
+    pty = vm.serial_pty
+    assert pty is not None and pty.startswith("/dev/pts/")
+    fd = os.open(pty, os.O_RDONLY | os.O_NOCTTY)
+    try:
+        received = b""
+        deadline = time.monotonic() + 20
+        while b"tick 30" not in received and time.monotonic() < deadline:
+            received += os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    assert b"tick 30" in received
+    exit_info = vm.wait(30)
+    assert exit_info is not None and exit_info.reason == "poweroff"
 
 
-def test_serial_socket(tmp_path: Path) -> None:
+def test_serial_socket(tmp_path: Path, vmkit_vm: VmFactory) -> None:
     path = tmp_path / "serial.sock"
     cfg = config(steps=["ticks"], serial=f"socket={path}", ticks=60, tick_ms=25)
-    with Vm(cfg) as vm:
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        client.connect(str(path))
-        vm.boot()
-        client.settimeout(20)
-        received = b""
-        while b"tick 50" not in received:
-            chunk = client.recv(4096)
-            if not chunk:
-                break
-            received += chunk
-        client.close()
-        assert b"tick 50" in received
-        assert vm.wait(30) is not None
+    vm = vmkit_vm(cfg)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(path))
+    vm.boot()
+    client.settimeout(20)
+    received = b""
+    while b"tick 50" not in received:
+        chunk = client.recv(4096)
+        if not chunk:
+            break
+        received += chunk
+    client.close()
+    assert b"tick 50" in received
+    assert vm.wait(30) is not None
+    vm.close()
     assert not path.exists(), "the socket file is removed when the VM is closed"
 
 
@@ -202,48 +206,48 @@ def test_serial_tty_through_the_command_line() -> None:
     assert "vmkit-guest: exit poweroff" in proc.stdout
 
 
-def test_pause_stops_progress_and_resume_continues() -> None:
+def test_pause_stops_progress_and_resume_continues(vmkit_vm: VmFactory) -> None:
     cfg = config(steps=["ticks"], ticks=60, tick_ms=20)
-    with Vm(cfg) as vm:
-        vm.boot()
-        vm.serial.wait_for(r"tick 5$", timeout=20)
+    vm = vmkit_vm(cfg)
+    vm.boot()
+    vm.serial.wait_for(r"tick 5$", timeout=20)
+    vm.pause()
+    assert vm.state == "Paused"
+    time.sleep(0.1)  # output already in flight
+    before = vm.serial.read()
+    time.sleep(0.6)
+    assert vm.serial.read() == before, "the guest printed while paused"
+    with pytest.raises(VmError, match="invalid VM state transition: Paused to Paused"):
         vm.pause()
-        assert vm.state == "Paused"
-        time.sleep(0.1)  # output already in flight
-        before = vm.serial.read()
-        time.sleep(0.6)
-        assert vm.serial.read() == before, "the guest printed while paused"
-        with pytest.raises(VmError, match="invalid VM state transition: Paused to Paused"):
-            vm.pause()
+    vm.resume()
+    assert vm.state == "Running"
+    vm.serial.wait_for(r"tick 59$", timeout=20)
+    exit_info = vm.wait(20)
+    assert exit_info is not None and exit_info.reason == "poweroff"
+    assert parse_results(vm.serial.text).ok("ticks")
+
+
+def test_state_transitions_follow_cloud_hypervisor(vmkit_vm: VmFactory) -> None:
+    vm = vmkit_vm(config(steps=["ticks"], ticks=1000, tick_ms=10))
+    assert vm.state == "Created"
+    with pytest.raises(VmError) as e:
+        vm.pause()
+    assert e.value.kind == "State"
+    vm.boot()
+    with pytest.raises(VmError, match="invalid VM state transition: Running to Running"):
+        vm.boot()
+    with pytest.raises(VmError, match="invalid VM state transition: Running to Running"):
         vm.resume()
-        assert vm.state == "Running"
-        vm.serial.wait_for(r"tick 59$", timeout=20)
-        exit_info = vm.wait(20)
-        assert exit_info is not None and exit_info.reason == "poweroff"
-        assert parse_results(vm.serial.text).ok("ticks")
-
-
-def test_state_transitions_follow_cloud_hypervisor() -> None:
-    with Vm(config(steps=["ticks"], ticks=1000, tick_ms=10)) as vm:
-        assert vm.state == "Created"
-        with pytest.raises(VmError) as e:
-            vm.pause()
-        assert e.value.kind == "State"
-        vm.boot()
-        with pytest.raises(VmError, match="invalid VM state transition: Running to Running"):
-            vm.boot()
-        with pytest.raises(VmError, match="invalid VM state transition: Running to Running"):
-            vm.resume()
-        vm.shutdown()
-        assert vm.state == "Shutdown"
-        exit_info = vm.wait(5)
-        assert exit_info == VmExit("shutdown", "The VM was shut down")
-        with pytest.raises(VmError, match="invalid VM state transition: Shutdown to Paused"):
-            vm.pause()
-        # Shutdown → Running: a fresh boot of the same config.
-        vm.boot()
-        vm.serial.wait_for(r"tick 3$", timeout=20)
-        assert vm.boots == 2
+    vm.shutdown()
+    assert vm.state == "Shutdown"
+    exit_info = vm.wait(5)
+    assert exit_info == VmExit("shutdown", "The VM was shut down")
+    with pytest.raises(VmError, match="invalid VM state transition: Shutdown to Paused"):
+        vm.pause()
+    # Shutdown → Running: a fresh boot of the same config.
+    vm.boot()
+    vm.serial.wait_for(r"tick 3$", timeout=20)
+    assert vm.boots == 2
 
 
 @pytest.mark.parametrize(
@@ -267,22 +271,26 @@ def test_exit_paths_end_the_vm_with_the_right_reason(exit: str, reason: str, wor
 QUIET_WINDOW = 3.0
 
 
-def test_no_watchdog_by_default_a_guest_halted_with_interrupts_off_keeps_running() -> None:
+def test_no_watchdog_by_default_a_guest_halted_with_interrupts_off_keeps_running(
+    vmkit_vm: VmFactory,
+) -> None:
     # As in Cloud Hypervisor: the VM runs on, and nothing samples its vCPUs.
-    with Vm(config(exit="halt")) as vm:
-        vm.boot()
-        vm.serial.wait_for(r"exit halt$", timeout=20)
-        before = quiet_vcpus()
-        assert vm.wait(QUIET_WINDOW) is None
-        assert vm.state == "Running"
-        woken = vcpu_switches() - before
+    vm = vmkit_vm(config(exit="halt"))
+    vm.boot()
+    vm.serial.wait_for(r"exit halt$", timeout=20)
+    before = quiet_vcpus()
+    assert vm.wait(QUIET_WINDOW) is None
+    assert vm.state == "Running"
+    woken = vcpu_switches() - before
+    vm.close()
     assert woken <= 1, f"the vCPU threads were woken {woken} times: a watchdog samples them"
 
 
-def test_a_watchdog_asked_for_ends_a_halted_guest() -> None:
-    with Vm(config(exit="halt"), watchdog_timeout=0.5) as vm:
-        vm.boot()
-        exit_info = vm.wait(20)
+def test_a_watchdog_asked_for_ends_a_halted_guest(vmkit_vm: VmFactory) -> None:
+    vm = vmkit_vm(config(exit="halt"), watchdog_timeout=0.5)
+    vm.boot()
+    exit_info = vm.wait(20)
+    vm.close()
     assert exit_info is not None and exit_info.reason == "hang", exit_info
     assert "halted" in exit_info.message
 
@@ -300,40 +308,42 @@ def kvm_fds() -> list[str]:
     return sorted(targets)
 
 
-def test_shutdown_returns_stopped_and_release_frees_the_kvm_vm() -> None:
+def test_shutdown_returns_stopped_and_release_frees_the_kvm_vm(vmkit_vm: VmFactory) -> None:
     gc.collect()
     before = kvm_fds()
-    with Vm(config(steps=["ticks"], ticks=100000, tick_ms=1)) as vm:
-        vm.boot()
-        vm.serial.wait_for(r"tick 3$", timeout=20)
-        vm.shutdown()
-        assert vm.state == "Shutdown"
-        assert vm.wait(0) == VmExit("shutdown", "The VM was shut down")
-        # The vCPUs were stopped and joined: the guest prints nothing more.
-        printed = vm.serial.read()
-        time.sleep(0.05)
-        assert vm.serial.read() == printed
-        vm.release()
-        assert kvm_fds() == before, "the KVM VM outlived release()"
-        # A fresh boot after the release works as before.
-        vm.boot()
-        vm.serial.wait_for(r"tick 3$", timeout=20)
+    vm = vmkit_vm(config(steps=["ticks"], ticks=100000, tick_ms=1))
+    vm.boot()
+    vm.serial.wait_for(r"tick 3$", timeout=20)
+    vm.shutdown()
+    assert vm.state == "Shutdown"
+    assert vm.wait(0) == VmExit("shutdown", "The VM was shut down")
+    # The vCPUs were stopped and joined: the guest prints nothing more.
+    printed = vm.serial.read()
+    time.sleep(0.05)
+    assert vm.serial.read() == printed
+    vm.release()
+    assert kvm_fds() == before, "the KVM VM outlived release()"
+    # A fresh boot after the release works as before.
+    vm.boot()
+    vm.serial.wait_for(r"tick 3$", timeout=20)
+    vm.close()
     vm.release()  # after close() too
     assert kvm_fds() == before
 
 
-def test_exit_fd_is_readable_exactly_while_the_vm_is_stopped() -> None:
-    with Vm(config(steps=["ticks"], ticks=100000, tick_ms=10)) as vm:
-        poller = select.poll()
-        poller.register(vm.exit_fd, select.POLLIN)
-        assert poller.poll(0) == [], "readable before the first boot"
-        vm.boot()
-        vm.serial.wait_for(r"tick 1$", timeout=20)
-        assert poller.poll(0) == [], "readable while running"
-        vm.shutdown()
-        assert poller.poll(0) == [(vm.exit_fd, select.POLLIN)], "not readable once stopped"
-        vm.boot()
-        assert poller.poll(0) == [], "still readable after booting again"
+def test_exit_fd_is_readable_exactly_while_the_vm_is_stopped(vmkit_vm: VmFactory) -> None:
+    vm = vmkit_vm(config(steps=["ticks"], ticks=100000, tick_ms=10))
+    poller = select.poll()
+    poller.register(vm.exit_fd, select.POLLIN)
+    assert poller.poll(0) == [], "readable before the first boot"
+    vm.boot()
+    vm.serial.wait_for(r"tick 1$", timeout=20)
+    assert poller.poll(0) == [], "readable while running"
+    vm.shutdown()
+    assert poller.poll(0) == [(vm.exit_fd, select.POLLIN)], "not readable once stopped"
+    vm.boot()
+    assert poller.poll(0) == [], "still readable after booting again"
+    vm.close()
     with Vm(config()) as vm:  # the guest powers off by itself
         poller = select.poll()
         poller.register(vm.exit_fd, select.POLLIN)
@@ -343,48 +353,51 @@ def test_exit_fd_is_readable_exactly_while_the_vm_is_stopped() -> None:
 
 
 @pytest.mark.parametrize("exit", ["reset", "acpi-reset"])
-def test_reset_reboots_the_vm(exit: str) -> None:
-    with Vm(config(exit=exit)) as vm:
-        vm.boot()
-        for _ in range(3):
-            vm.serial.wait_for(r"^vmkit-guest: ready$", timeout=20)
-        assert vm.boots >= 3
-        assert vm.state == "Running"
-        vm.shutdown()
-        exit_info = vm.wait(10)
-        assert exit_info is not None and exit_info.reason == "shutdown"
+def test_reset_reboots_the_vm(exit: str, vmkit_vm: VmFactory) -> None:
+    vm = vmkit_vm(config(exit=exit))
+    vm.boot()
+    for _ in range(3):
+        vm.serial.wait_for(r"^vmkit-guest: ready$", timeout=20)
+    assert vm.boots >= 3
+    assert vm.state == "Running"
+    vm.shutdown()
+    exit_info = vm.wait(10)
+    assert exit_info is not None and exit_info.reason == "shutdown"
 
 
 @pytest.mark.parametrize("exit", ["reset", "acpi-reset"])
-def test_control_calls_across_guest_resets_never_find_no_boot(exit: str) -> None:
+def test_control_calls_across_guest_resets_never_find_no_boot(
+    exit: str, vmkit_vm: VmFactory
+) -> None:
     """While the guest resets over and over, every control call acts on a
     boot: none answers "VM is not running" while the VM is up."""
-    with Vm(config(exit=exit)) as vm:
-        vm.boot()
-        failures: list[str] = []
-        calls = 0
-        deadline = time.monotonic() + 30
-        while vm.boots < 8 and time.monotonic() < deadline:
-            for call in (vm.pause, vm.resume, vm.counters, vm.power_button, vm.info):
-                try:
-                    call()
-                except VmError as e:
-                    failures.append(f"{call.__name__}: {e} (state {vm.state})")
-                calls += 1
-        boots = vm.boots
-        assert vm.state == "Running"
-        vm.shutdown()
+    vm = vmkit_vm(config(exit=exit))
+    vm.boot()
+    failures: list[str] = []
+    calls = 0
+    deadline = time.monotonic() + 30
+    while vm.boots < 8 and time.monotonic() < deadline:
+        for call in (vm.pause, vm.resume, vm.counters, vm.power_button, vm.info):
+            try:
+                call()
+            except VmError as e:
+                failures.append(f"{call.__name__}: {e} (state {vm.state})")
+            calls += 1
+    boots = vm.boots
+    assert vm.state == "Running"
+    vm.shutdown()
+    vm.close()
     assert boots >= 8, f"the guest reset only {boots - 1} times in 30 s"
     assert not failures, f"{len(failures)} of {calls} calls failed: {failures[:5]}"
 
 
-def test_reboot_from_python() -> None:
-    with Vm(config(steps=["ticks"], ticks=1000, tick_ms=10)) as vm:
-        vm.boot()
-        vm.serial.wait_for(r"tick 2$", timeout=20)
-        vm.reboot()
-        vm.serial.wait_for(r"^vmkit-guest: ready$", timeout=20)
-        assert vm.boots == 2
+def test_reboot_from_python(vmkit_vm: VmFactory) -> None:
+    vm = vmkit_vm(config(steps=["ticks"], ticks=1000, tick_ms=10))
+    vm.boot()
+    vm.serial.wait_for(r"tick 2$", timeout=20)
+    vm.reboot()
+    vm.serial.wait_for(r"^vmkit-guest: ready$", timeout=20)
+    assert vm.boots == 2
 
 
 def open_fds() -> int:
@@ -408,6 +421,7 @@ def test_corrupt_kernel_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> N
     cfg = VmConfig.from_cli(["--kernel", str(junk), "--console", "off"])
     gc.collect()  # earlier tests' VMs must not count
     fds, threads = open_fds(), thread_count()
+    # Not vmkit_vm: the fixture would hold the Vm past the leak check.
     with Vm(cfg) as vm:
         with pytest.raises(VmError) as e:
             vm.boot()
@@ -520,16 +534,16 @@ def test_firmware_is_refused_clearly() -> None:
         vm.boot()
 
 
-def test_waiting_for_output_after_the_vm_stopped_says_why() -> None:
-    with Vm(config()) as vm:
-        vm.boot()
-        assert vm.wait(30) is not None
-        with pytest.raises(VmError, match="stopped before printing") as e:
-            vm.serial.wait_for("never printed", timeout=5)
-        assert e.value.kind == "Stopped"
+def test_waiting_for_output_after_the_vm_stopped_says_why(vmkit_vm: VmFactory) -> None:
+    vm = vmkit_vm(config())
+    vm.boot()
+    assert vm.wait(30) is not None
+    with pytest.raises(VmError, match="stopped before printing") as e:
+        vm.serial.wait_for("never printed", timeout=5)
+    assert e.value.kind == "Stopped"
 
 
-def test_waiting_blocks_without_the_gil() -> None:
+def test_waiting_blocks_without_the_gil(vmkit_vm: VmFactory) -> None:
     counter = 0
     stop = threading.Event()
 
@@ -538,15 +552,16 @@ def test_waiting_blocks_without_the_gil() -> None:
         while not stop.is_set():
             counter += 1
 
-    with Vm(config(steps=["ticks"], ticks=20, tick_ms=20)) as vm:
-        vm.boot()
-        thread = threading.Thread(target=spin)
-        thread.start()
-        try:
-            vm.wait(30)
-        finally:
-            stop.set()
-            thread.join()
+    vm = vmkit_vm(config(steps=["ticks"], ticks=20, tick_ms=20))
+    vm.boot()
+    thread = threading.Thread(target=spin)
+    thread.start()
+    try:
+        vm.wait(30)
+    finally:
+        stop.set()
+        thread.join()
+    vm.close()
     assert counter > 10_000, "another Python thread could not run while wait() blocked"
 
 
@@ -638,25 +653,26 @@ def test_huge_pages_boot_or_fail_clearly() -> None:
         assert "needs 32 huge pages of 2048 KiB" in str(e.value)
 
 
-def test_affinity_pins_vcpu_threads() -> None:
+def test_affinity_pins_vcpu_threads(vmkit_vm: VmFactory) -> None:
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two host CPUs")
     cfg = config(steps=["ticks"], cpus="boot=2,affinity=[0@[0],1@[1]]", ticks=100, tick_ms=10)
-    with Vm(cfg) as vm:
-        vm.boot()
-        vm.serial.wait_for(r"tick 1$", timeout=20)
-        pinned = {}
-        for task in Path("/proc/self/task").iterdir():
-            name = (task / "comm").read_text().strip()
-            if name.startswith("vcpu"):
-                status = (task / "status").read_text()
-                allowed = next(
-                    line.split(":")[1].strip()
-                    for line in status.splitlines()
-                    if line.startswith("Cpus_allowed_list")
-                )
-                pinned[name] = allowed
-        vm.shutdown()
+    vm = vmkit_vm(cfg)
+    vm.boot()
+    vm.serial.wait_for(r"tick 1$", timeout=20)
+    pinned = {}
+    for task in Path("/proc/self/task").iterdir():
+        name = (task / "comm").read_text().strip()
+        if name.startswith("vcpu"):
+            status = (task / "status").read_text()
+            allowed = next(
+                line.split(":")[1].strip()
+                for line in status.splitlines()
+                if line.startswith("Cpus_allowed_list")
+            )
+            pinned[name] = allowed
+    vm.shutdown()
+    vm.close()
     assert pinned == {"vcpu0": "0", "vcpu1": "1"}
 
 
@@ -700,21 +716,21 @@ def test_a_closed_vm_refuses_every_call_but_close() -> None:
     assert vm.config.payload is not None
 
 
-def test_info_is_the_typed_vm_info() -> None:
+def test_info_is_the_typed_vm_info(vmkit_vm: VmFactory) -> None:
     cfg = config(steps=["ticks"], ticks=100000, tick_ms=10)
-    with Vm(cfg) as vm:
-        before = vm.info()
-        assert isinstance(before, VmInfo) and isinstance(before.config, VmConfig)
-        assert (before.state, before.device_tree) == ("Created", None)
-        assert before.config == cfg and before.config is not cfg
-        assert before.memory_actual_size == 256 << 20
-        vm.boot()
-        vm.serial.wait_for(r"tick 1$", timeout=20)
-        info = vm.info()
-        assert info.state == "Running"
-        assert info.config.cpus.boot_vcpus == 2
-        assert info.device_tree is not None and "__rng" in info.device_tree
-        assert VmInfo.from_dict(info.to_dict()) == info
+    vm = vmkit_vm(cfg)
+    before = vm.info()
+    assert isinstance(before, VmInfo) and isinstance(before.config, VmConfig)
+    assert (before.state, before.device_tree) == ("Created", None)
+    assert before.config == cfg and before.config is not cfg
+    assert before.memory_actual_size == 256 << 20
+    vm.boot()
+    vm.serial.wait_for(r"tick 1$", timeout=20)
+    info = vm.info()
+    assert info.state == "Running"
+    assert info.config.cpus.boot_vcpus == 2
+    assert info.device_tree is not None and "__rng" in info.device_tree
+    assert VmInfo.from_dict(info.to_dict()) == info
 
 
 def test_dropping_a_busy_vm_lets_other_threads_run() -> None:
@@ -782,16 +798,17 @@ def test_ioapic_delivers_com1_as_the_guest_programs_it() -> None:
     assert results.passed == 2 and results.failed == 0, results.lines
 
 
-def test_power_button_reaches_the_guest() -> None:
+def test_power_button_reaches_the_guest(vmkit_vm: VmFactory) -> None:
     cfg = config(steps=["powerbutton"])
-    with Vm(cfg) as vm:
-        with pytest.raises(VmError, match="VM is not running"):
-            vm.power_button()
-        vm.boot()
-        vm.serial.wait_for(r"vmkit-guest: powerbutton waiting", timeout=30)
+    vm = vmkit_vm(cfg)
+    with pytest.raises(VmError, match="VM is not running"):
         vm.power_button()
-        exit_info = vm.wait(30)
-        results = parse_results(vm.serial.text)
+    vm.boot()
+    vm.serial.wait_for(r"vmkit-guest: powerbutton waiting", timeout=30)
+    vm.power_button()
+    exit_info = vm.wait(30)
+    results = parse_results(vm.serial.text)
+    vm.close()
     assert exit_info is not None and exit_info.reason == "poweroff"
     # One edge interrupt on the GED's pin, and the power-button bit (read once).
     assert results.values("powerbutton") == {"event": "0x8", "interrupts": "1"}, results.lines

@@ -24,10 +24,10 @@ from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
 from vmkit import VmConfig, testguest
 from vmkit._vsock import connect
 from vmkit.client import spawn
+from vmkit.pytest_plugin import VmFactory
 from vmkit.vm import Vm, VmError
 
-if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-    pytest.skip("these tests boot VMs and need read-write /dev/kvm", allow_module_level=True)
+pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
 
 GUEST_PORT = 1234
 HOST_PORT = 1235
@@ -137,52 +137,56 @@ def test_streams_both_ways_several_at_once(sock: Path, image: testguest.Format) 
     assert not sock.exists(), "the VMM removes its socket with the VM"
 
 
-def test_a_port_nobody_listens_on_is_refused(sock: Path) -> None:
-    with Vm(guest_config(sock, vsock_accept=1, vsock_connect=0)) as vm:
-        vm.boot()
-        vm.serial.wait_for("vsock listening", timeout=30)
-        with pytest.raises(ConnectionRefusedError, match="vsock port 4321"):
-            vm.vsock_connect(4321)
-        echo_through_guest([vm.vsock_connect(GUEST_PORT)], 5000)
-        exit_info = vm.wait(30)
-        assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+def test_a_port_nobody_listens_on_is_refused(sock: Path, vmkit_vm: VmFactory) -> None:
+    vm = vmkit_vm(guest_config(sock, vsock_accept=1, vsock_connect=0))
+    vm.boot()
+    vm.serial.wait_for("vsock listening", timeout=30)
+    with pytest.raises(ConnectionRefusedError, match="vsock port 4321"):
+        vm.vsock_connect(4321)
+    echo_through_guest([vm.vsock_connect(GUEST_PORT)], 5000)
+    exit_info = vm.wait(30)
+    assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
 
 
-def test_a_guest_connecting_to_a_host_port_nobody_listens_on_is_refused(sock: Path) -> None:
-    with Vm(guest_config(sock, vsock_accept=0, vsock_connect=1)) as vm:
-        vm.boot()
-        exit_info = vm.wait(30)
-        assert exit_info is not None and exit_info.reason == "poweroff"
-        assert f"step vsock fail host refused port {HOST_PORT}" in vm.serial.text, vm.serial.text
+def test_a_guest_connecting_to_a_host_port_nobody_listens_on_is_refused(
+    sock: Path, vmkit_vm: VmFactory
+) -> None:
+    vm = vmkit_vm(guest_config(sock, vsock_accept=0, vsock_connect=1))
+    vm.boot()
+    exit_info = vm.wait(30)
+    assert exit_info is not None and exit_info.reason == "poweroff"
+    assert f"step vsock fail host refused port {HOST_PORT}" in vm.serial.text, vm.serial.text
 
 
-def test_idle_and_garbage_host_connections_do_not_stop_the_device(sock: Path) -> None:
+def test_idle_and_garbage_host_connections_do_not_stop_the_device(
+    sock: Path, vmkit_vm: VmFactory
+) -> None:
     # Host programs that connect and say nothing, or say nonsense, are dropped
     # (after 2 s, or at once); then the guest's real connection goes through.
-    with Vm(guest_config(sock, vsock_accept=1, vsock_connect=0)) as vm:
-        vm.boot()
-        vm.serial.wait_for("vsock listening", timeout=30)
-        for text in (b"HELLO\n", b"CONNECT -1\n", b"CONNECT " + b"9" * 40 + b"\n"):
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bad:
-                bad.settimeout(10)
-                bad.connect(str(sock))
-                bad.sendall(text)
-                assert closed_by_peer(bad), f"{text!r} was answered"
-        idle = []
-        for _ in range(100):
-            stream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            stream.connect(str(sock))
-            idle.append(stream)
-        # Past 64 waiting for their line, the VMM closes new ones at once;
-        # each idle one after 2 s.
-        deadline = time.monotonic() + 10
-        for stream in idle:
-            stream.settimeout(max(0.1, deadline - time.monotonic()))
-            assert closed_by_peer(stream), "an idle connection was kept"
-            stream.close()
-        echo_through_guest([vm.vsock_connect(GUEST_PORT)], 5000)
-        exit_info = vm.wait(30)
-        assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+    vm = vmkit_vm(guest_config(sock, vsock_accept=1, vsock_connect=0))
+    vm.boot()
+    vm.serial.wait_for("vsock listening", timeout=30)
+    for text in (b"HELLO\n", b"CONNECT -1\n", b"CONNECT " + b"9" * 40 + b"\n"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bad:
+            bad.settimeout(10)
+            bad.connect(str(sock))
+            bad.sendall(text)
+            assert closed_by_peer(bad), f"{text!r} was answered"
+    idle = []
+    for _ in range(100):
+        stream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stream.connect(str(sock))
+        idle.append(stream)
+    # Past 64 waiting for their line, the VMM closes new ones at once;
+    # each idle one after 2 s.
+    deadline = time.monotonic() + 10
+    for stream in idle:
+        stream.settimeout(max(0.1, deadline - time.monotonic()))
+        assert closed_by_peer(stream), "an idle connection was kept"
+        stream.close()
+    echo_through_guest([vm.vsock_connect(GUEST_PORT)], 5000)
+    exit_info = vm.wait(30)
+    assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
 
 
 def test_no_vsock_device_is_a_clear_error(tmp_path: Path) -> None:
@@ -192,12 +196,13 @@ def test_no_vsock_device_is_a_clear_error(tmp_path: Path) -> None:
         vm.vsock_connect(GUEST_PORT)
 
 
-def test_a_socket_path_in_use_is_refused_at_boot(tmp_path: Path) -> None:
+def test_a_socket_path_in_use_is_refused_at_boot(tmp_path: Path, vmkit_vm: VmFactory) -> None:
     taken = tmp_path / "taken"
     taken.write_text("")
-    with Vm(guest_config(taken)) as vm:
-        with pytest.raises(VmError, match=f"cannot bind the unix socket {taken}: Address already"):
-            vm.boot()
+    vm = vmkit_vm(guest_config(taken))
+    with pytest.raises(VmError, match=f"cannot bind the unix socket {taken}: Address already"):
+        vm.boot()
+    vm.close()
     assert taken.read_text() == "", "the file is left as it was"
 
 

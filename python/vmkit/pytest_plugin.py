@@ -11,6 +11,13 @@ runs unless a test asks for one of its fixtures or markers:
 - ``vmkit_test_guest``: the path of the built-in test guest (PVH ELF).
 - ``vmkit_disk``: ``vmkit_disk(size, fill=b"")`` makes a raw image of ``size``
   bytes in the test's temporary directory, ``fill`` written at its start.
+- ``vmkit_paths``: names that no other test, xdist worker or test session
+  running at the same time uses: ``socket(name)`` a path short enough for a
+  unix socket (in a private directory removed after the test), ``tap()`` a tap
+  name of at most 15 characters.
+- ``vmkit_debian_guest``: the Debian Linux guest (``vmkit.debian_guest``),
+  built once into its cache (``$VMKIT_CACHE_DIR``) and shared by the session's
+  tests and workers; a build that fails fails the test, naming why.
 - ``@pytest.mark.vmkit_kvm``: skips the test, saying why, without read-write
   ``/dev/kvm``; ``@pytest.mark.vmkit_hardware_kvm`` also skips it on ``kvm_pvm``
   hosts (where stock Linux cannot boot to user space).
@@ -20,7 +27,10 @@ runs unless a test asks for one of its fixtures or markers:
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +41,7 @@ from vmkit.config import VmConfig
 
 _SERIAL_SHOWN = 20_000  # characters of each VM's serial output in a failure report
 _VMS = pytest.StashKey[list[Any]]()  # the VMs a test's vmkit_vm made
+_TAPS = itertools.count()  # per process: tests of one worker never share a tap name
 
 
 def kvm_missing() -> str | None:
@@ -125,6 +136,64 @@ def vmkit_disk(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+class VmkitPaths:
+    """Socket paths and tap names of one test, unique across concurrent runs."""
+
+    def __init__(self) -> None:
+        self._directory: Path | None = None
+        # The worker's pid keeps tap names apart across workers and sessions.
+        self._pid = os.getpid()
+        self.worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+    @property
+    def directory(self) -> Path:
+        """A private directory under the system's temporary directory."""
+        if self._directory is None:
+            # Not tmp_path: its depth can pass a unix socket's 107 bytes.
+            self._directory = Path(tempfile.mkdtemp(prefix=f"vmkit-{self.worker}-"))
+        return self._directory
+
+    def socket(self, name: str = "api") -> Path:
+        """A path for a unix socket named ``name`` (nothing is created there)."""
+        path = self.directory / f"{name}.sock"
+        if len(os.fsencode(path)) > 107:
+            raise ValueError(f"socket name {name!r} is too long for a unix socket path")
+        return path
+
+    def tap(self) -> str:
+        """A tap name no one else uses now (``vk`` + pid + a counter)."""
+        name = f"vk{self._pid:x}t{next(_TAPS)}"
+        if len(name) > 15:
+            raise RuntimeError(f"tap name {name!r} is longer than IFNAMSIZ allows")
+        return name
+
+    def remove(self) -> None:
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+            self._directory = None
+
+
+@pytest.fixture
+def vmkit_paths() -> Iterator[VmkitPaths]:
+    """Unique socket paths and tap names for the test; its files go after it."""
+    paths = VmkitPaths()
+    try:
+        yield paths
+    finally:
+        paths.remove()
+
+
+@pytest.fixture(scope="session")
+def vmkit_debian_guest() -> Any:
+    """The Debian guest (``vmkit.debian_guest.DebianGuest``), built or found in its cache."""
+    from vmkit.debian_guest import GuestBuildError, build_debian_guest
+
+    try:
+        return build_debian_guest(progress=False)
+    except GuestBuildError as e:
+        pytest.fail(f"building the Debian guest failed: {e}", pytrace=False)
 
 
 @pytest.hookimpl(hookwrapper=True)
