@@ -767,7 +767,16 @@ def _start_vm(command: CommandLine, vmm: Vmm) -> int | None:
         except ConfigError as e:
             print(f"Error parsing restore: {e}", file=sys.stderr)
             return 1
-        if not _api_call(lambda: vmm.restore(restore_config), "Error restoring VM"):
+
+        def restore_vm() -> None:
+            if not sys.stderr.isatty():
+                return vmm.restore(restore_config)
+            from vmkit._progress import Progress
+
+            with Progress(f"restore from {restore_config.source_url}"):  # cleared before errors
+                return vmm.restore(restore_config)
+
+        if not _api_call(restore_vm, "Error restoring VM"):
             return 1
         return None
     if command.has("--kernel") or command.has("--firmware"):

@@ -866,10 +866,19 @@ class SpawnedVm:
         """``vm.pause``: Running → Paused."""
         self.client.pause()
 
-    def snapshot(self, path: str | os.PathLike[str]) -> None:
+    def snapshot(self, path: str | os.PathLike[str], *, progress: bool = False) -> None:
         """``vm.snapshot`` of the Paused VM into the existing directory ``path``
-        (see ``Vm.snapshot``); ``vm.restore`` in another VMM brings it back."""
-        self.client.snapshot(f"file://{os.path.abspath(path)}")
+        (see ``Vm.snapshot``, also for ``progress``); ``vm.restore`` in another VMM
+        brings it back."""
+        url = f"file://{os.path.abspath(path)}"
+        if not progress:
+            self.client.snapshot(url)
+            return
+        from vmkit import _progress
+
+        probe = lambda: _progress.bytes_under(path)  # noqa: E731
+        with _progress.Progress(f"snapshot to {url}", unit="bytes", probe=probe):
+            self.client.snapshot(url)
 
     def resume(self) -> None:
         """``vm.resume``: Paused → Running."""

@@ -45,6 +45,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmkit import _progress
+
 __all__ = [
     "MODULES",
     "DebianGuest",
@@ -365,12 +367,20 @@ def _sizes(pkgs: _Packages) -> dict[str, int]:
     return sizes
 
 
-def _download(pkgs: _Packages, dest: Path, say: Progress) -> dict[str, Path]:
+def _download(
+    pkgs: _Packages, dest: Path, say: Progress, meter: _progress.Progress | None = None
+) -> dict[str, Path]:
     sizes = _sizes(pkgs)
     for name, version in pkgs.versions:
         size = f" ({_mb(sizes[name])})" if name in sizes else ""
         say(f"[2/6] downloading {name} {version}{size}")
-    result = _run("downloading packages", _download_cmd(pkgs), cwd=dest, check=False)
+    if meter is not None and all(name in sizes for name, _ in pkgs.versions):
+        meter.track(sum(sizes.values()), "bytes", lambda: _progress.bytes_under(dest))
+    try:
+        result = _run("downloading packages", _download_cmd(pkgs), cwd=dest, check=False)
+    finally:
+        if meter is not None:
+            meter.track(None)
     if result.returncode != 0:
         err = result.stderr or result.stdout
         if _lists_problem(err):
@@ -986,13 +996,15 @@ def _extract(deb: Path, dest: Path, name: str) -> Path:
     return root
 
 
-def _build(cache: Path, pkgs: _Packages, say: Progress) -> DebianGuest:
+def _build(
+    cache: Path, pkgs: _Packages, say: Progress, meter: _progress.Progress | None = None
+) -> DebianGuest:
     _check_disk(cache)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}build-", dir=cache))
     try:
         downloads = tmp / "debs"
         downloads.mkdir()
-        debs = _download(pkgs, downloads, say)
+        debs = _download(pkgs, downloads, say, meter)
         say(f"[3/6] extracting {', '.join(debs)}")
         unpacked = tmp / "unpacked"
         unpacked.mkdir()
@@ -1078,20 +1090,35 @@ def build_debian_guest(
     lines on stderr, a callable receives them instead, ``False`` is silent. Raises
     :class:`GuestBuildError` on failure, leaving no temporary files behind.
     """
-    say = _reporter(progress)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise GuestBuildError(f"cannot create the cache directory {cache}: {e.strerror}") from e
     try:
-        return _build_locked(cache, say, force)
+        if progress is not True:
+            return _build_locked(cache, _reporter(progress), force)
+        # On a terminal the step lines stay, and a line below them shows the step
+        # running (the download as a bar); elsewhere only the step lines.
+        from vmkit import _progress
+
+        with _progress.Progress("vmkit guest build") as meter:
+            if not meter.active:
+                return _build_locked(cache, _reporter(True), force)
+
+            def say(line: str) -> None:
+                meter.note(line)
+                meter.update(label=f"vmkit guest build {line.split(' ', 1)[0]}")
+
+            return _build_locked(cache, say, force, meter)
     except OSError as e:  # disk full, permissions, ...: name the file concerned
         where = f" ({e.filename})" if e.filename else ""
         raise GuestBuildError(f"building in {cache}: {e.strerror or e}{where}") from e
 
 
-def _build_locked(cache: Path, say: Progress, force: bool) -> DebianGuest:
+def _build_locked(
+    cache: Path, say: Progress, force: bool, meter: _progress.Progress | None = None
+) -> DebianGuest:
     with _locked(cache):
         _remove_stale_temps(cache)
         say("[1/6] resolving packages")
@@ -1122,7 +1149,7 @@ def _build_locked(cache: Path, say: Progress, force: bool) -> DebianGuest:
                 _set_current(cache, pkgs.build_id)
                 return cached
         try:
-            guest = _build(cache, pkgs, say)
+            guest = _build(cache, pkgs, say, meter)
         except _NoCandidate:
             # The lists name versions the archive no longer has: refresh and start over.
             _apt_update(say, "[2/6]", "downloading packages")
@@ -1130,7 +1157,7 @@ def _build_locked(cache: Path, say: Progress, force: bool) -> DebianGuest:
             cached = None if force else _cached(cache / pkgs.build_id, pkgs)
             if cached is not None:
                 return cached
-            guest = _build(cache, pkgs, say)
+            guest = _build(cache, pkgs, say, meter)
         say(f"[6/6] done: {guest.directory}")
         return guest
 

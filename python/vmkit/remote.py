@@ -486,6 +486,24 @@ def _execute(sock: socket.socket, inv: _Invocation) -> bytes | None:
     raise _CommandError(message)
 
 
+#: Subcommands that can take long: a line on stderr shows them running when it is a terminal.
+_LONG = {"snapshot": "snapshot to", "restore": "restore from"}
+
+
+def _execute_showing_progress(sock: socket.socket, inv: _Invocation) -> bytes | None:
+    if inv.sub.name not in _LONG or not sys.stderr.isatty():
+        return _execute(sock, inv)
+    from vmkit import _progress
+
+    url = str(inv.positional)
+    probe = None
+    if inv.sub.name == "snapshot" and url.startswith("file://"):
+        directory = url[len("file://") :]
+        probe = lambda: _progress.bytes_under(directory)  # noqa: E731
+    with _progress.Progress(f"{_LONG[inv.sub.name]} {url}", unit="bytes", probe=probe):
+        return _execute(sock, inv)
+
+
 def run(argv: Sequence[str]) -> int:
     """Runs ``vmkit remote`` with ``argv`` (the words after ``remote``); returns the exit status."""
     try:
@@ -504,7 +522,7 @@ def run(argv: Sequence[str]) -> int:
                 return 1
             _check_required(inv)
             try:
-                body = _execute(sock, inv)
+                body = _execute_showing_progress(sock, inv)
             except _CommandError as e:
                 print(f"Error running command: {e}", file=sys.stderr)
                 return 1

@@ -336,7 +336,7 @@ class Vm:
         """Resets the VM: the running boot stops and a fresh one starts."""
         self._live().reboot()
 
-    def snapshot(self, path: str | os.PathLike[str]) -> None:
+    def snapshot(self, path: str | os.PathLike[str], *, progress: bool = False) -> None:
         """Writes the Paused VM into the existing directory ``path``: its
         config, guest memory (a sparse file), each vCPU's state, the clock and
         the platform devices, in new files only its owner can read (an existing
@@ -346,8 +346,20 @@ class Vm:
         Running virtio devices first finish the requests they have taken (disk
         IO in flight completes), then go on. A failed snapshot leaves no
         partial files.
+
+        ``progress`` shows the snapshot running (bytes written so far, time)
+        on stderr while it is a terminal; elsewhere it prints nothing.
         """
-        self._live().snapshot(path)
+        vm = self._live()
+        if not progress:
+            vm.snapshot(path)
+            return
+        from vmkit import _progress
+
+        label = f"snapshot to {os.fspath(path)}"
+        probe = lambda: _progress.bytes_under(path)  # noqa: E731
+        with _progress.Progress(label, unit="bytes", probe=probe):
+            vm.snapshot(path)
 
     @classmethod
     def restore(
@@ -359,6 +371,7 @@ class Vm:
         watchdog_timeout: float | None = None,
         lock_disks: bool = True,
         seccomp: bool | str = True,
+        progress: bool = False,
     ) -> Vm:
         """The VM saved in the snapshot directory ``path``, Paused (as Cloud
         Hypervisor leaves a restored VM): ``resume()`` runs it on.
@@ -377,11 +390,12 @@ class Vm:
         snapshot restores any number of times. Shared, huge-page or
         file-backed memory is made afresh as the config says and the file's
         data copied in. A missing, truncated, corrupt
-        or foreign snapshot raises VmError (kind ``Snapshot``). The other
+        or foreign snapshot raises VmError (kind ``Snapshot``). ``progress``
+        shows the restore running on stderr while it is a terminal. The other
         options are ``Vm()``'s.
         """
         logs.sync_level()
-        handle = _native.VmHandle.restore(
+        args = (
             path,
             prefault,
             watchdog_timeout,
@@ -389,6 +403,13 @@ class Vm:
             seccomp_value(seccomp),
             [(id, os.fspath(image)) for id, image in (disks or {}).items()],
         )
+        if progress:
+            from vmkit import _progress
+
+            with _progress.Progress(f"restore from {os.fspath(path)}"):
+                handle = _native.VmHandle.restore(*args)
+        else:
+            handle = _native.VmHandle.restore(*args)
         return cls._adopt(handle.config(), handle)
 
     def migrate_to(self, socket: str | os.PathLike[str], *, local: bool = False) -> Migration:
