@@ -33,10 +33,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from machine import CH, machine, qemu_binary
+import plots
+from machine import CH, Runs, machine, qemu_binary
 from vmkit import VmConfig, testguest
 from vmkit.vm import Vm
 
@@ -58,6 +60,12 @@ class Series:
     def median(self, name: str) -> float:
         values = [getattr(s, name) for s in self.samples if getattr(s, name) is not None]
         return statistics.median(values) * 1e3 if values else float("nan")
+
+    def spread(self, name: str) -> tuple[float, float]:
+        """(lowest, highest) in ms."""
+        return plots.spread(
+            [getattr(s, name) * 1e3 for s in self.samples if getattr(s, name) is not None]
+        )
 
 
 def vmkit_command(kernel: Path, cmdline: str) -> list[str]:
@@ -158,11 +166,52 @@ def host_tsc_khz(output: bytes) -> float:
     return int(m.group(1)) * 1e6 / int(m.group(2))
 
 
+def plot(
+    path: Path,
+    stages: list[str],
+    figures: dict[str, list[float]],
+    spread: dict[str, list[tuple[float, float]]],
+    in_process: list[float],
+    in_process_spread: Sequence[tuple[float, float]],
+    pio_us: dict[str, float],
+    pio_spread: dict[str, tuple[float, float]],
+    subtitle: str,
+) -> Path | None:
+    """The boot chart: each VMM's stages from process start (ms, log scale: QEMU pc
+    runs firmware first), vmkit's in-process ``Vm.boot()`` (ms) and the port-I/O
+    round trip (µs)."""
+    return plots.bar_chart(
+        path,
+        "Boot time and port-I/O exits: vmkit, Cloud Hypervisor, QEMU (test guest, 1 vCPU, 256 MiB)",
+        subtitle,
+        [
+            plots.Bars("From process start", "ms (log scale)", stages, figures, spread, log=True),
+            plots.Bars(
+                "In process: Vm.boot() →",
+                "ms",
+                ["first guest instruction", "guest ready (debug port 0x7f)"],
+                {"vmkit": in_process},
+                {"vmkit": list(in_process_spread)} if in_process_spread else {},
+            ),
+            plots.Bars(
+                "Port-I/O exit round trip, guest-measured",
+                "µs per outb → user-space exit → back",
+                ["outb round trip"],
+                {name: [us] for name, us in pio_us.items()},
+                {name: [s] for name, s in pio_spread.items()},
+            ),
+        ],
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--pio-rounds", type=int, default=20000)
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument(
+        "--plot", type=Path, default=plots.PLOT_DIR / "boot.png", help="the chart (PNG) to write"
+    )
     args = parser.parse_args()
     qemu = qemu_binary()
     if qemu is None:
@@ -179,22 +228,35 @@ def main() -> int:
         "qemu pc": lambda c: qemu_command(qemu, kernel, c, machine="pc"),
     }
     series = {kind: Series() for kind in [*kinds, "vmkit in-process"]}
-    for kind in kinds[:-1]:
-        timed_run(commands[kind](boot_cmdline), kind.split()[0])  # warm caches
-    for _ in range(args.runs):
-        for kind in kinds:
-            run = timed_run(commands[kind](boot_cmdline), kind.split()[0])
-            series[kind].samples.append(run[0])
-        series["vmkit in-process"].samples.append(in_process(kernel, boot_cmdline))
-
+    names = {
+        "vmkit": "vmkit",
+        "ch": "Cloud Hypervisor",
+        "qemu": "QEMU microvm",
+        "qemu pc": "QEMU pc",
+    }
     pio: dict[str, list[float]] = {kind: [] for kind in kinds[:-1]}
-    for _ in range(5):
-        _, out, _ = timed_run(vmkit_command(kernel, pio_cmdline), "vmkit")
-        khz = host_tsc_khz(out)
-        pio["vmkit"].append(pio_ns(out, khz))
-        for kind in kinds[1:-1]:
-            _, out, _ = timed_run(commands[kind](pio_cmdline), kind)
-            pio[kind].append(pio_ns(out, khz))
+    total = len(kinds) - 1 + args.runs * (len(kinds) + 1) + 5 * (len(kinds) - 1)
+    with Runs("bench_boot", total) as runs:
+        for kind in kinds[:-1]:
+            runs.start(f"warm-up, {names[kind]}")
+            timed_run(commands[kind](boot_cmdline), kind.split()[0])  # warm caches
+        for i in range(args.runs):
+            for kind in kinds:
+                runs.start(f"boot run {i + 1}/{args.runs}, {names[kind]}")
+                run = timed_run(commands[kind](boot_cmdline), kind.split()[0])
+                series[kind].samples.append(run[0])
+            runs.start(f"boot run {i + 1}/{args.runs}, vmkit in process")
+            series["vmkit in-process"].samples.append(in_process(kernel, boot_cmdline))
+
+        for i in range(5):
+            runs.start(f"port-I/O run {i + 1}/5, vmkit")
+            _, out, _ = timed_run(vmkit_command(kernel, pio_cmdline), "vmkit")
+            khz = host_tsc_khz(out)
+            pio["vmkit"].append(pio_ns(out, khz))
+            for kind in kinds[1:-1]:
+                runs.start(f"port-I/O run {i + 1}/5, {names[kind]}")
+                _, out, _ = timed_run(commands[kind](pio_cmdline), kind)
+                pio[kind].append(pio_ns(out, khz))
 
     stages = [
         ("process start → first guest instruction", "first"),
@@ -202,7 +264,6 @@ def main() -> int:
         ("process start → VMM exited after power-off", "exit"),
     ]
     peers = kinds[1:]
-    names = {"ch": "Cloud Hypervisor", "qemu": "QEMU microvm", "qemu pc": "QEMU pc"}
     ip = series["vmkit in-process"]
     pio_us = {kind: statistics.median(values) / 1e3 for kind, values in pio.items()}
     if args.markdown:
@@ -256,6 +317,21 @@ def main() -> int:
             if p in pio_us:
                 line += f"   {names[p]} {pio_us[p]:8.2f} µs"
         print(line)
+    ms = [s for _, s in stages]
+    plots.wrote(
+        plot(
+            args.plot,
+            [label for label, _ in stages],
+            {names[k]: [series[k].median(s) for s in ms] for k in kinds},
+            {names[k]: [series[k].spread(s) for s in ms] for k in kinds},
+            [ip.median("first"), ip.median("ready")],
+            [ip.spread("first"), ip.spread("ready")],
+            {names[k]: us for k, us in pio_us.items()},
+            {names[k]: plots.spread([v / 1e3 for v in pio[k]]) for k in pio},
+            f"{machine()}\nmedians of {args.runs} interleaved runs (port I/O: of 5); "
+            "whiskers: lowest to highest run",
+        )
+    )
     return 0
 
 

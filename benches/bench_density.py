@@ -52,9 +52,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import plots
 import vmkit
 from bench_boot import qemu_command
-from machine import CH, machine
+from machine import CH, Runs, machine
 from vmkit import Vm, VmConfig, _forkserver, testguest
 from vmkit.client import SpawnedVm
 from vmkit.config import ConsoleConfig
@@ -318,12 +319,50 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f} \u00d7"
 
 
+def plot(
+    path: Path,
+    points: dict[str, dict[str, list[tuple[float, float]]]],
+    spread: dict[str, dict[str, list[tuple[float, float]]]],
+    subtitle: str,
+) -> Path | None:
+    """The fleet chart: start and stop times (seconds in, ms drawn) and Pss per VM
+    (MiB) over N, a line per way of running VMs. ``points[what][mode]``: (N, value)
+    with ``what`` one of start, memory, stop; ``spread`` the same, (lowest, highest)."""
+
+    def panel(what: str, title: str, axis: str) -> plots.Lines:
+        factor = 1.0 if what == "memory" else 1e3
+        return plots.Lines(
+            title,
+            axis,
+            "N (VMs at once)",
+            {mode: [(n, y * factor) for n, y in got] for mode, got in points[what].items()},
+            {
+                mode: [(lo * factor, hi * factor) for lo, hi in got]
+                for mode, got in spread.get(what, {}).items()
+            },
+        )
+
+    return plots.line_chart(
+        path,
+        "Fleet: N VMs started, held and stopped at once (test guest, 1 vCPU, 256 MiB each)",
+        subtitle,
+        [
+            panel("start", "N started → all ready", "ms"),
+            panel("memory", "Pss per VM", "MiB"),
+            panel("stop", "N stopped → all gone", "ms"),
+        ],
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--counts", default="1,4,16,32")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
     parser.add_argument("--settle", type=float, default=0.5, help="s between ready and Pss")
+    parser.add_argument(
+        "--plot", type=Path, default=plots.PLOT_DIR / "density.png", help="the chart (PNG) to write"
+    )
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     kernel = testguest.image_path("pvh")
@@ -354,27 +393,30 @@ def main() -> int:
 
     arrivals = Arrivals()
     results: dict[tuple[str, int], Result] = {}
-    for count in counts:
-        for mode in modes:
-            results[(mode, count)] = Result()
-        for _ in range(args.runs):
+    runs = Runs("bench_density", len(counts) * args.runs * len(modes))
+    with runs:
+        for count in counts:
             for mode in modes:
-                result = results[(mode, count)]
-                if mode == "vmkit CLI":
-                    cmd = [str(vmkit_cli), *vmm_args(kernel, cmdline)]
-                    run_processes([cmd] * count, arrivals, result, args.settle)
-                elif mode == "Cloud Hypervisor":
-                    cmd = [str(CH), *vmm_args(kernel, cmdline)]
-                    run_processes([cmd] * count, arrivals, result, args.settle)
-                elif mode == "QEMU microvm":
-                    assert qemu is not None
-                    cmd = qemu_command(qemu, kernel, cmdline)
-                    cmd[cmd.index("-debugcon") + 1] = "null"
-                    run_processes([cmd] * count, arrivals, result, args.settle)
-                elif mode == "Vm.spawn":
-                    run_spawned(config, count, arrivals, result, args.settle)
-                else:
-                    run_in_process(config, count, result, args.settle)
+                results[(mode, count)] = Result()
+            for i in range(args.runs):
+                for mode in modes:
+                    runs.start(f"N = {count}, round {i + 1}/{args.runs}, {mode}")
+                    result = results[(mode, count)]
+                    if mode == "vmkit CLI":
+                        cmd = [str(vmkit_cli), *vmm_args(kernel, cmdline)]
+                        run_processes([cmd] * count, arrivals, result, args.settle)
+                    elif mode == "Cloud Hypervisor":
+                        cmd = [str(CH), *vmm_args(kernel, cmdline)]
+                        run_processes([cmd] * count, arrivals, result, args.settle)
+                    elif mode == "QEMU microvm":
+                        assert qemu is not None
+                        cmd = qemu_command(qemu, kernel, cmdline)
+                        cmd[cmd.index("-debugcon") + 1] = "null"
+                        run_processes([cmd] * count, arrivals, result, args.settle)
+                    elif mode == "Vm.spawn":
+                        run_spawned(config, count, arrivals, result, args.settle)
+                    else:
+                        run_in_process(config, count, result, args.settle)
 
     def med(mode: str, count: int, what: str) -> float:
         values = getattr(results[(mode, count)], what)
@@ -418,6 +460,26 @@ def main() -> int:
             f"API server and VMM state, and grew by this much per VM: {growth}."
         )
     arrivals.stop = True
+    plots.wrote(
+        plot(
+            args.plot,
+            {
+                what: {
+                    mode: [(count, med(mode, count, what)) for count in counts] for mode in modes
+                }
+                for what in ("start", "memory", "stop")
+            },
+            {
+                what: {
+                    mode: [plots.spread(getattr(results[(mode, count)], what)) for count in counts]
+                    for mode in modes
+                }
+                for what in ("start", "memory", "stop")
+            },
+            f"{machine()}\nmedians of {args.runs} interleaved rounds; "
+            "whiskers: lowest to highest round",
+        )
+    )
     return 0
 
 

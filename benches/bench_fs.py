@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import CH, Hogs, machine
+from machine import CH, Hogs, Runs, machine
 from vmkit import testguest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -108,9 +108,11 @@ def main() -> int:
     reads: dict[str, list[float]] = {c: [] for c in COLUMNS}
     writes: dict[str, list[float]] = {c: [] for c in COLUMNS}
     chunk = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.runs):
+    runs = Runs("bench_fs", args.runs * len(COLUMNS))
+    with tempfile.TemporaryDirectory() as tmp, runs:
+        for i in range(args.runs):
             for column in COLUMNS:
+                runs.start(f"run {i + 1}/{args.runs}, {column}")
                 with Hogs(args.hog):
                     read, write, chunk = one(column, Path(tmp), args.rounds)
                 reads[column].append(read)

@@ -52,6 +52,7 @@ writes to one file).
 from __future__ import annotations
 
 import argparse
+import math
 import mmap
 import os
 import re
@@ -65,7 +66,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from machine import CH, Hogs, machine, qemu_binary, vmm_cpu_seconds
+import plots
+from machine import CH, Hogs, Runs, machine, qemu_binary, vmm_cpu_seconds
 from vmkit import testguest
 
 IMAGE_SIZE = 256 << 20
@@ -304,11 +306,43 @@ def measure(
 
 
 def make_image(path: Path) -> None:
-    with path.open("wb") as f:
+    from vmkit._progress import Progress
+
+    with path.open("wb") as f, Progress(f"making {path.name}", total=IMAGE_SIZE, unit="bytes") as p:
         # Real data (not a sparse hole) so reads hit the page cache.
         chunk = os.urandom(1 << 20)
-        for _ in range(IMAGE_SIZE >> 20):
+        for i in range(IMAGE_SIZE >> 20):
             f.write(chunk)
+            p.update((i + 1) << 20)
+
+
+def plot(
+    path: Path,
+    mode: str,
+    rows: list[str],
+    units: list[str],
+    figures: dict[str, list[float]],
+    spread: dict[str, list[tuple[float, float]]],
+    subtitle: str,
+) -> Path | None:
+    """The IO chart: a panel per unit (MB/s rows, IOPS rows), a bar per VMM."""
+    panels = []
+    for unit, what in (("MB/s", "throughput, MB/s"), ("IOPS", "requests per second (IOPS)")):
+        index = [i for i, u in enumerate(units) if u == unit]
+        if not index:
+            continue
+        panel = {
+            name: [values[i] for i in index]
+            for name, values in figures.items()
+            if any(not math.isnan(values[i]) for i in index)
+        }
+        panel_spread = {
+            name: [got[i] for i in index] for name, got in spread.items() if name in panel
+        }
+        panels.append(plots.Bars(unit, what, [rows[i] for i in index], panel, panel_spread))
+    return plots.bar_chart(
+        path, f"Block IO, virtio-blk (test guest's blkbench): {mode}", subtitle, panels
+    )
 
 
 def main() -> int:
@@ -334,6 +368,9 @@ def main() -> int:
         help="also run vmkit with these environment variables, as VMM LABEL (A/B runs)",
     )
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument(
+        "--plot", type=Path, help="the chart (PNG) to write (default: plots/io-MODE.png)"
+    )
     args = parser.parse_args()
     variants: dict[str, dict[str, str]] = {}
     for spec in args.variant:
@@ -365,6 +402,9 @@ def main() -> int:
 
     idle = args.vms == 1 and not args.hog
     table: list[tuple[Row, dict[str, Sample], float | None]] = []
+    runs_of: dict[tuple[str, str], list[float]] = {}  # (row, vmm) -> each run's rate
+    host_runs: dict[str, list[float]] = {}
+    runs = Runs("bench_io", len(rows) * args.runs * len(vmms))
     with tempfile.TemporaryDirectory(prefix="vmkit-bench-io-") as tmp:
         images = [Path(tmp) / f"disk{i}.img" for i in range(args.vms)]
         for image in images:
@@ -374,44 +414,74 @@ def main() -> int:
         if not ns:
             raise RuntimeError("vmkit's guest reported no ns (no TSC leaf?)")
         tsc_khz = ticks * 1e6 / ns
-        for row in rows:
-            # Contended rows move less per VM, so that a mode takes minutes.
-            share = args.vms * (2 if args.hog else 1)
-            count = int(row.count * args.scale) // share
-            scaled = Row(row.mode, row.size, row.depth, max(1000, count))
-            samples: dict[str, list[Sample]] = {vmm: [] for vmm in vmms}
-            host: list[float] = []
-            for _ in range(args.runs):
-                for vmm in vmms:
-                    with Hogs(args.hog):
-                        commands = [command(vmm, image, scaled) for image in images]
-                        samples[vmm].append(measure(row, commands, tsc_khz, variants.get(vmm)))
-                if idle and (h := host_rate(images[0], row)) is not None:
-                    host.append(h)
-            medians = {
-                vmm: Sample(
-                    statistics.median(s.rate for s in got),
-                    statistics.median(s.cpu_per_gib for s in got),
-                )
-                for vmm, got in samples.items()
-            }
-            h = statistics.median(host) if host else None
-            table.append((row, medians, h))
-            if not args.markdown:
-                cells = "  ".join(
-                    f"{vmm} {m.rate:11.1f} ({m.cpu_per_gib:5.2f} s/GiB)"
-                    for vmm, m in medians.items()
-                )
-                ratios = "  ".join(
-                    f"{kit}/{vmm} {medians[kit].rate / medians[vmm].rate:.2f}"
-                    for kit in VMKITS
-                    if kit in medians
-                    for vmm in vmms
-                    if vmm not in VMKITS
-                )
-                print(f"{row.label:36} {row.unit:4} {cells}  {ratios}", flush=True)
+        with runs:
+            for row in rows:
+                # Contended rows move less per VM, so that a mode takes minutes.
+                share = args.vms * (2 if args.hog else 1)
+                count = int(row.count * args.scale) // share
+                scaled = Row(row.mode, row.size, row.depth, max(1000, count))
+                samples: dict[str, list[Sample]] = {vmm: [] for vmm in vmms}
+                host: list[float] = []
+                for run_index in range(args.runs):
+                    for vmm in vmms:
+                        runs.start(
+                            f"{row.label}, run {run_index + 1}/{args.runs}, {NAMES.get(vmm, vmm)}"
+                        )
+                        with Hogs(args.hog):
+                            commands = [command(vmm, image, scaled) for image in images]
+                            samples[vmm].append(measure(row, commands, tsc_khz, variants.get(vmm)))
+                    if idle and (h := host_rate(images[0], row)) is not None:
+                        host.append(h)
+                for vmm, got in samples.items():
+                    runs_of[(row.label, vmm)] = [s.rate for s in got]
+                host_runs[row.label] = host
+                medians = {
+                    vmm: Sample(
+                        statistics.median(s.rate for s in got),
+                        statistics.median(s.cpu_per_gib for s in got),
+                    )
+                    for vmm, got in samples.items()
+                }
+                h = statistics.median(host) if host else None
+                table.append((row, medians, h))
+                if not args.markdown:
+                    cells = "  ".join(
+                        f"{vmm} {m.rate:11.1f} ({m.cpu_per_gib:5.2f} s/GiB)"
+                        for vmm, m in medians.items()
+                    )
+                    ratios = "  ".join(
+                        f"{kit}/{vmm} {medians[kit].rate / medians[vmm].rate:.2f}"
+                        for kit in VMKITS
+                        if kit in medians
+                        for vmm in vmms
+                        if vmm not in VMKITS
+                    )
+                    runs.print(f"{row.label:36} {row.unit:4} {cells}  {ratios}")
     if args.markdown:
         print_markdown(args, vmms, table, kernel, qemu)
+    mode, slug = "idle host, one VM", "idle"
+    if args.vms > 1:
+        mode, slug = f"{args.vms} VMs per VMM doing IO at once (aggregate)", f"vms{args.vms}"
+    if args.hog:
+        mode += f", a busy loop on each of the {os.cpu_count()} CPUs"
+        slug = "hog" if args.vms == 1 else f"{slug}-hog"
+    labels = [row.label for row, _, _ in table]
+    figures = {NAMES.get(v, v): [m[v].rate for _, m, _ in table] for v in vmms}
+    spread = {NAMES.get(v, v): [plots.spread(runs_of[(r, v)]) for r in labels] for v in vmms}
+    if any(h for _, _, h in table):
+        figures["host thread"] = [h if h else math.nan for _, _, h in table]
+        spread["host thread"] = [plots.spread(host_runs[r]) for r in labels]
+    plots.wrote(
+        plot(
+            args.plot or plots.PLOT_DIR / f"io-{slug}.png",
+            mode,
+            labels,
+            [row.unit for row, _, _ in table],
+            figures,
+            spread,
+            f"{machine()}\nmedians of {args.runs} runs per cell; whiskers: lowest to highest run",
+        )
+    )
     return 0
 
 

@@ -207,12 +207,15 @@ def interleaved_medians(
     ``kinds`` in turn; each measure's median per VMM, per size. Prints the
     table's head."""
     rows = []
+    progress = machine.Runs(Path(sys.argv[0]).stem, len(sizes.split(",")) * runs * len(kinds))
     for size in sizes.split(","):
         results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
-        for _ in range(runs):
-            for kind in kinds:
-                with tempfile.TemporaryDirectory(prefix=prefix, dir="/tmp") as work:
-                    results[kind].append(one_run(kind, size, Path(work)))
+        with progress:
+            for i in range(runs):
+                for kind in kinds:
+                    progress.start(f"guest RAM {size}, run {i + 1}/{runs}, {kind}")
+                    with tempfile.TemporaryDirectory(prefix=prefix, dir="/tmp") as work:
+                        results[kind].append(one_run(kind, size, Path(work)))
         rows.append((
             size,
             {k: {m: statistics.median(r[m] for r in results[k]) for m in results[k][0]}

@@ -32,8 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import plots
 from bench_io import QUEUE_SIZE, Row, cmdline, make_image, rate, run
-from machine import CH, Hogs, machine
+from bench_io import plot as io_plot
+from machine import CH, Hogs, Runs, machine
 from vmkit import testguest
 
 ROWS = [
@@ -119,38 +121,59 @@ def one(column: str, kernel: Path, image: Path, sock: Path, row: Row) -> float:
     return rate(row, requests, ns / 1e9)
 
 
+def plot(
+    path: Path,
+    hog: bool,
+    rows: list[str],
+    units: list[str],
+    figures: dict[str, list[float]],
+    spread: dict[str, list[tuple[float, float]]],
+    subtitle: str,
+) -> Path | None:
+    """The vhost-user chart: bench_io's, a bar per column (same backend for both VMMs)."""
+    mode = "a busy loop per CPU" if hog else "idle host"
+    return io_plot(
+        path, f"vhost-user-blk beside built-in, {mode}", rows, units, figures, spread, subtitle
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every request count")
     parser.add_argument("--hog", action="store_true", help="a busy loop per CPU during each boot")
+    parser.add_argument(
+        "--plot", type=Path, help="the chart (PNG) to write (default: plots/vhost_user-MODE.png)"
+    )
     args = parser.parse_args()
     if not CH.is_file() or not (CH.parent / "vhost_user_block").is_file():
         print(f"needs {CH} and vhost_user_block beside it", file=sys.stderr)
         return 2
     kernel = testguest.image_path("pvh")
     table: list[tuple[Row, dict[str, list[float]]]] = []
+    runs = Runs("bench_vhost_user", len(ROWS) * args.runs * len(COLUMNS))
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "disk.img"
         sock = Path(tmp) / "blk.sock"
         make_image(image)
-        for base in ROWS:
-            row = Row(base.mode, base.size, base.depth, max(1, int(base.count * args.scale)))
-            figures: dict[str, list[float]] = {c: [] for c in COLUMNS}
-            for _ in range(args.runs):
-                for column in COLUMNS:
-                    with Hogs(args.hog):
-                        figures[column].append(one_retried(column, kernel, image, sock, row))
-            table.append((row, figures))
-            med = {c: statistics.median(v) for c, v in figures.items()}
-            print(
-                f"{row.label}: "
-                + ", ".join(f"{NAMES[c]} {med[c]:.0f} {row.unit}" for c in COLUMNS)
-                + f"; vmkit-vu/ch-vu {med['vmkit-vu'] / med['ch-vu']:.2f}x"
-                + f", vmkit-vu/vmkit {med['vmkit-vu'] / med['vmkit']:.2f}x",
-                flush=True,
-            )
+        with runs:
+            for base in ROWS:
+                row = Row(base.mode, base.size, base.depth, max(1, int(base.count * args.scale)))
+                figures: dict[str, list[float]] = {c: [] for c in COLUMNS}
+                for i in range(args.runs):
+                    for column in COLUMNS:
+                        runs.start(f"{row.label}, run {i + 1}/{args.runs}, {NAMES[column]}")
+                        with Hogs(args.hog):
+                            figures[column].append(one_retried(column, kernel, image, sock, row))
+                table.append((row, figures))
+                med = {c: statistics.median(v) for c, v in figures.items()}
+                runs.print(
+                    f"{row.label}: "
+                    + ", ".join(f"{NAMES[c]} {med[c]:.0f} {row.unit}" for c in COLUMNS)
+                    + f"; vmkit-vu/ch-vu {med['vmkit-vu'] / med['ch-vu']:.2f}x"
+                    + f", vmkit-vu/vmkit {med['vmkit-vu'] / med['vmkit']:.2f}x"
+                )
     if args.markdown:
         hog = ", a busy loop per CPU" if args.hog else ""
         print(f"\nMachine: {machine()}{hog}; {args.runs} runs per cell, medians.\n")
@@ -166,6 +189,17 @@ def main() -> int:
                 f"| {row.label} | {cells} | {med['vmkit-vu'] / med['ch-vu']:.2f}x "
                 f"| {med['vmkit-vu'] / med['vmkit']:.2f}x |"
             )
+    plots.wrote(
+        plot(
+            args.plot or plots.PLOT_DIR / f"vhost_user-{'hog' if args.hog else 'idle'}.png",
+            args.hog,
+            [row.label for row, _ in table],
+            [row.unit for row, _ in table],
+            {NAMES[c]: [statistics.median(f[c]) for _, f in table] for c in COLUMNS},
+            {NAMES[c]: [plots.spread(f[c]) for _, f in table] for c in COLUMNS},
+            f"{machine()}\nmedians of {args.runs} runs per cell; whiskers: lowest to highest run",
+        )
+    )
     stalls = ", ".join(f"{NAMES[c]} {n}" for c, n in STALLS.items() if n)
     if stalls:
         print(f"\nBoots retried after a request that never completed: {stalls}.")

@@ -82,7 +82,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from machine import CH, Hogs, machine, vmm_cpu_seconds
+from machine import CH, Hogs, Runs, machine, vmm_cpu_seconds
 from vmkit import testguest
 from vmkit._vsock import connect
 
@@ -541,22 +541,27 @@ def main() -> int:
             flush=True,
         )
     results: list[Result] = []
-    for row in rows:
-        size = args.requests if row.latency else args.mib << 20
-        samples: dict[str, list[Sample]] = {vmm: [] for vmm in VMMS}
-        failed: dict[str, str] = {}
-        for _ in range(args.runs):
-            # A VMM that failed this row is not run again in it (a stall costs --stall).
-            for vmm in (v for v in VMMS if v not in failed):
-                try:
-                    samples[vmm].append(one_run(vmm, row, size, limits, args.hog))
-                except RunFailed as error:
-                    failed[vmm] = error.what
-                    print(f"{row.label}: run failed: {error}", file=sys.stderr, flush=True)
-        result = Result(row, {vmm: median_sample(got) for vmm, got in samples.items()}, failed)
-        results.append(result)
-        if not args.markdown:
-            print_text(result)
+    runs = Runs("bench_vsock", len(rows) * args.runs * len(VMMS))
+    with runs:
+        for row in rows:
+            size = args.requests if row.latency else args.mib << 20
+            samples: dict[str, list[Sample]] = {vmm: [] for vmm in VMMS}
+            failed: dict[str, str] = {}
+            for i in range(args.runs):
+                # A VMM that failed this row is not run again in it (a stall costs --stall).
+                for vmm in (v for v in VMMS if v not in failed):
+                    runs.start(f"{row.label}, run {i + 1}/{args.runs}, {vmm}")
+                    try:
+                        samples[vmm].append(one_run(vmm, row, size, limits, args.hog))
+                    except RunFailed as error:
+                        failed[vmm] = error.what
+                        with runs.progress.above():
+                            print(f"{row.label}: run failed: {error}", file=sys.stderr, flush=True)
+            result = Result(row, {vmm: median_sample(got) for vmm, got in samples.items()}, failed)
+            results.append(result)
+            if not args.markdown:
+                with runs.progress.above():
+                    print_text(result)
     if args.markdown:
         print_markdown(args, results)
     # A peer's failure is reported, not an error of the bench's.

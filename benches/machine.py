@@ -97,3 +97,35 @@ class Hogs:
             proc.kill()
         for proc in self.procs:
             proc.wait()
+
+
+class Runs:
+    """Which peer, row and run a benchmark is at, on a line on stderr while it is a
+    terminal (nothing elsewhere; stdout untouched): ``start(what)`` before each run,
+    ``print(text)`` for result lines on stdout while the line is shown.
+
+        with Runs("bench_io", total=rows * runs * vmms) as runs:
+            runs.start("random read 4 KiB, depth 1: run 2/5, QEMU q35")
+    """
+
+    def __init__(self, bench: str, total: int) -> None:
+        from vmkit._progress import Progress
+
+        self.bench = bench
+        self.started = 0
+        self.progress = Progress(bench, total=total, unit="runs")
+
+    def __enter__(self) -> Runs:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.close()
+
+    def start(self, what: str) -> None:
+        self.progress.update(self.started, label=f"{self.bench}: {what}")
+        self.started += 1
+
+    def print(self, text: str) -> None:
+        with self.progress.above():
+            print(text, flush=True)

@@ -199,11 +199,15 @@ class Progress:
         """The line as plain text, and with colour where colour is on."""
         elapsed = f"{self.elapsed:.1f}s"
         done, total = self.done, self.total
-        if total and done is not None:
+        if total:
+            done = done or 0.0
             fraction = min(max(done / total, 0.0), 1.0)
             filled = int(fraction * _BAR_CELLS)
             bar = "#" * filled + "." * (_BAR_CELLS - filled)
-            amount = f"{_amount(done, self.unit)} / {_amount(total, self.unit)}"
+            if self.unit == "bytes":
+                amount = f"{_amount(done, self.unit)} / {_amount(total, self.unit)}"
+            else:
+                amount = f"{done:g}/{_amount(total, self.unit)}"
             head, tail = f"{label} [", f"] {fraction:4.0%} {amount} {elapsed}"
             coloured = f"{head}\x1b[36m{bar}\x1b[0m{tail}" if self._colour else head + bar + tail
             return head + bar + tail, coloured
