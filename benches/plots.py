@@ -83,7 +83,7 @@ class Lines:
     spread: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # per point
 
 
-def _header(plt: ModuleType, fig: Any, title: str, subtitle: str) -> None:
+def _header(fig: Any, title: str, subtitle: str) -> None:
     """The title and, under it, the machine and how the figures were taken; the panels
     are laid out below them."""
     height = fig.get_figheight()
@@ -179,7 +179,7 @@ def bar_chart(path: Path, title: str, subtitle: str, panels: Sequence[Bars]) -> 
         ax.set_axisbelow(True)
         ax.tick_params(axis="x", labelsize=8)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), framealpha=0.9)
-    _header(plt, fig, title, subtitle)
+    _header(fig, title, subtitle)
     return _save(plt, fig, path)
 
 
@@ -226,7 +226,7 @@ def line_chart(path: Path, title: str, subtitle: str, panels: Sequence[Lines]) -
         ax.grid(color="#dddddd", linewidth=0.6)
         ax.tick_params(axis="y", labelsize=8)
         ax.legend(fontsize=7, framealpha=0.9)
-    _header(plt, fig, title, subtitle)
+    _header(fig, title, subtitle)
     return _save(plt, fig, path)
 
 

@@ -72,12 +72,12 @@ def plain_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_terminal_shows_the_label_redrawn_in_place_then_cleared() -> None:
     with terminal() as (stream, read):
         with Progress("copying the disk", stream=stream):
-            time.sleep(0.35)
+            time.sleep(0.45)
             assert progress_threads(), "no ticker thread while the block runs"
         shown = read()
     assert "copying the disk" in shown
     draws = shown.count("\rcopying the disk")
-    assert 3 <= draws <= 6, shown  # at once, then about every 0.1 s
+    assert 2 <= draws <= 7, shown  # at once, then about every 0.1 s (a busy host: fewer)
     assert "s" in shown.split("copying the disk")[-1]  # the elapsed time
     # Cleared at the end: the last thing written blanks the line and returns.
     last = shown.rsplit("\r", 2)
@@ -347,3 +347,57 @@ def test_guest_build_keeps_its_step_lines_and_adds_a_bar_on_a_terminal_only(
     monkeypatch.setattr(sys, "stderr", piped)
     assert debian_guest.build_debian_guest(tmp_path / "cache") == "built"
     assert piped.getvalue() == "[1/6] resolving packages\n[6/6] done: somewhere\n"
+
+
+@kvm
+def test_vmkit_restore_shows_progress_on_a_terminal_only(tmp_path: Path) -> None:
+    """``vmkit --api-socket S --restore source_url=...``: the restore's line on a
+    terminal, nothing on a pipe; the VMM then waits with the VM Paused."""
+    from vmkit import Vm, VmConfig, testguest
+    from vmkit.client import Client
+
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["hello"], "halt"),
+        "--cpus", "boot=1", "--memory", "size=128M", "--serial", "null", "--console", "off",
+    ])  # fmt: skip
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    with Vm(config) as vm:
+        vm.boot()
+        vm.pause()
+        vm.snapshot(snap)
+    shown = {}
+    for on_terminal in (True, False):
+        sock = tmp_path / f"api-{on_terminal}.sock"
+        master, slave = pty.openpty() if on_terminal else os.pipe()
+        if on_terminal:
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 300, 0, 0))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vmkit", "--api-socket", str(sock),
+             "--restore", f"source_url=file://{snap}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, cwd=ROOT,
+        )  # fmt: skip
+        os.close(slave)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if sock.exists() and Client(sock).info().state == "Paused":
+                        break
+                except Exception:  # not restored yet
+                    pass
+                assert time.monotonic() < deadline and proc.poll() is None, "no restored VM"
+                time.sleep(0.05)
+            shown[on_terminal] = drain(master, wait=0.3)
+        finally:
+            proc.terminate()
+            assert proc.stdout is not None
+            out = proc.stdout.read()
+            proc.stdout.close()
+            proc.wait(30)
+            os.close(master)
+        assert out == b""
+    assert f"\rrestore from file://{snap}" in shown[True]
+    assert shown[True].endswith("\r")  # cleared once restored
+    assert shown[False] == ""
