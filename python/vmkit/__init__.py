@@ -16,6 +16,7 @@ from vmkit.vm import DeviceEvent, Migration, Vm, VmError, VmExit, VmInfo
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from vmkit.client import ApiConnectionError, ApiError, Client, SpawnedVm, close_all, spawn
+    from vmkit.ls import VmListing, list_vms
 
 __all__ = [
     "ApiConnectionError",
@@ -33,9 +34,11 @@ __all__ = [
     "VmError",
     "VmExit",
     "VmInfo",
+    "VmListing",
     "__version__",
     "close_all",
     "config",
+    "list_vms",
     "spawn",
 ]
 
@@ -48,6 +51,13 @@ def __getattr__(name: str) -> object:
         from vmkit import client
 
         value = getattr(client, name)
+        globals()[name] = value
+        return value
+    if name in ("VmListing", "list_vms"):
+        # `vmkit ls` in Python: the registry and threads, loaded on first use.
+        from vmkit import ls
+
+        value = getattr(ls, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'vmkit' has no attribute {name!r}")

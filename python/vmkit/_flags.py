@@ -221,6 +221,12 @@ FLAGS: tuple[Flag, ...] = (
         choices=("true", "false"),
     ),
     Flag(
+        "--name",
+        "one",
+        "vmkit: the VM's name in 'vmkit ls' and for 'vmkit remote <name> ...' "
+        "(with --api-socket; default vm-<pid>)",
+    ),
+    Flag(
         "--tpm",
         "one",
         'TPM device "(UNIX Domain Socket from swtpm) socket=</path/to/a/socket>"',

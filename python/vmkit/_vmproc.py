@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from vmkit._forkserver import ForkedProcess, ForkServer
     from vmkit.api import ApiServer
     from vmkit.config import VmConfig
+    from vmkit.registry import Registration
     from vmkit.vmm import Vmm
 
 __all__ = ["RemoteVmHandle", "VmProcess"]
@@ -400,6 +401,8 @@ class VmProcess:
         )
         self.server: ApiServer = ApiServer(self.vmm, fd=fds[0], reactor=_reactor.shared())
         self.server.start()
+        #: its entry in the registry (``vmkit ls``), removed when it ends
+        self.registration: Registration | None = None
         self._closed = False
         self._close_lock = threading.Lock()
         self._ending: threading.Thread | None = None
@@ -485,6 +488,7 @@ class VmProcess:
                 return
             self._closed = True
             self._forget()
+            self.remove_registration()
             self.server.close()
             if code is None:
                 # Not the Vmm's own exit: the VM process shuts its VM down and
@@ -498,6 +502,11 @@ class VmProcess:
             handle = self._handle() if self._handle is not None else None
             if handle is not None:
                 handle.remove_cpu_groups()
+
+    def remove_registration(self) -> None:
+        registration, self.registration = self.registration, None
+        if registration is not None:
+            registration.remove()
 
     def close(self) -> None:
         """Closes this side (the process, if still running, sees its control

@@ -718,6 +718,18 @@ class ApiServer:
         sock.set_inheritable(False)
         self._listener = sock
 
+    def socket_path(self) -> str | None:
+        """The listening socket's path (absolute), None for an unnamed or
+        abstract socket (``fd=``): where clients connect."""
+        if self.path is not None:
+            return os.path.abspath(self.path)
+        if self._listener is None:
+            return None
+        name = self._listener.getsockname()
+        if not isinstance(name, str) or not name or name.startswith("\0"):
+            return None
+        return os.path.abspath(name)
+
     def start(self) -> None:
         """Binds if needed, then serves in a thread named ``http-server`` (or
         on the reactor's thread, given one)."""

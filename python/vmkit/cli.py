@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from types import FrameType
     from typing import TextIO
 
+    from vmkit.api import ApiServer
+    from vmkit.registry import Registration
     from vmkit.vmm import Vmm
 
 if TYPE_CHECKING:
@@ -54,8 +56,11 @@ SUBCOMMANDS = """Subcommands:
   vmkit guest build [--cache-dir DIR] [--force] [--quiet]
           Build the Debian Linux guest (kernel + initramfs) into a cache directory
   vmkit remote --api-socket PATH <subcommand> ...
+  vmkit remote NAME|PID <subcommand> ...
           Drive a VMM through its API, as Cloud Hypervisor's ch-remote does
           (vmkit remote --help lists the subcommands)
+  vmkit ls [--json] [-q]
+          List this user's running VMMs (started with --api-socket [--name NAME])
 """
 
 
@@ -68,6 +73,10 @@ def run(argv: Sequence[str]) -> int:
         from vmkit import remote
 
         return remote.run(words[1:])
+    if words[:1] == ["ls"]:
+        from vmkit import ls
+
+        return ls.run(words[1:])
     if words[:2] == ["guest", "build"]:
         from vmkit import debian_guest
 
@@ -111,6 +120,19 @@ def _refuse_unsupported(command: CommandLine) -> str | None:
 
     Checked before anything starts, so that nothing asked for is silently left out.
     """
+    name = command.one("--name")
+    if name is not None:
+        from vmkit import registry
+
+        try:
+            registry.validate_name(name)
+        except ValueError as e:
+            return f"Error parsing --name: {e}"
+        if not command.has("--api-socket"):
+            return (
+                "Error parsing --name: a name is for 'vmkit ls' and 'vmkit remote', "
+                "which reach a VMM through its API socket: give --api-socket too"
+            )
     if command.has("--restore"):
         from vmkit._flags import FLAGS
 
@@ -653,6 +675,7 @@ def _serve(command: CommandLine) -> int:
     previous_sigterm = signal.signal(signal.SIGTERM, stop)
     orphaned = _watch_lifeline(vmm)
     server: ApiServer | None = None
+    registration: Registration | None = None
     try:
         if events is not None:
             events.log_errors = False
@@ -677,6 +700,11 @@ def _serve(command: CommandLine) -> int:
                 )
                 return 1
             server.start()
+            try:
+                registration = _register(command, server)
+            except StartupError as e:
+                print(e, file=sys.stderr)
+                return 1
         confine(_seccomp_mode(command))
         _tell_spawner_ready()
         code = _start_vm(command, vmm)
@@ -692,6 +720,8 @@ def _serve(command: CommandLine) -> int:
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
+        if registration is not None:
+            registration.remove()
         vmm.close()
         if server is not None:
             server.close()
@@ -702,6 +732,30 @@ def _serve(command: CommandLine) -> int:
             import shutil
 
             shutil.rmtree(spawn_dir, ignore_errors=True)
+
+
+def _register(command: CommandLine, server: ApiServer) -> Registration | None:
+    """Lists this VMM in the registry (``vmkit ls``). Raises StartupError when
+    the name is taken, or (for a name the user gave) the registry cannot be
+    used; without ``--name`` a broken registry only costs the listing."""
+    import logging
+
+    from vmkit import registry
+
+    name = command.one("--name")
+    kernel = command.one("--kernel")
+    try:
+        path = server.socket_path()
+        if path is None:
+            return None  # an unnamed socket (fd=): nothing for others to connect to
+        return registry.register(name, os.getpid(), path, kernel)
+    except registry.NameTaken as e:
+        raise StartupError(f"Error starting the VMM: {e}") from None
+    except (registry.RegistryError, OSError) as e:
+        if name is not None:
+            raise StartupError(f"Error registering VM {name!r}: {e}") from None
+        logging.getLogger("vmkit.registry").warning("not listed in 'vmkit ls': %s", e)
+        return None
 
 
 def _spawner_fd(variable: str) -> int | None:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-from vmkit import _apiwire, _forkserver
+from vmkit import _apiwire, _forkserver, registry
 from vmkit.config import (
     ConsoleConfig,
     DeviceConfig,
@@ -206,6 +206,18 @@ class Client:
 
     def __repr__(self) -> str:
         return f"Client({str(self.api_socket)!r})"
+
+    @classmethod
+    def for_vm(cls, name_or_pid: str | int, timeout: float | None = DEFAULT_TIMEOUT) -> Client:
+        """A client for the running VM that vmkit started with this name or
+        VMM pid (``vmkit ls`` lists them), which talks only to that VMM
+        process (a socket someone else serves now is refused).
+
+        Raises ``vmkit.registry.VmNotFound`` (a LookupError) when no running
+        VM has that name or pid.
+        """
+        entry = registry.find(name_or_pid)
+        return _ChildClient(entry.api_socket, entry.pid, timeout)
 
     # -- the transport ---------------------------------------------------------
 
@@ -782,6 +794,8 @@ class SpawnedVm:
         self.process = process
         self.client = client
         self.api_socket = client.api_socket
+        #: the VM's name in ``vmkit ls`` (``vmkit remote NAME``)
+        self.name = registry.default_name(process.pid)
         self.tmpdir = tmpdir
         self.log_path = log_path
         self._booted = False
@@ -812,7 +826,7 @@ class SpawnedVm:
         return self.process.pid
 
     def __repr__(self) -> str:
-        return f"<SpawnedVm pid={self.pid} api_socket={str(self.api_socket)!r}>"
+        return f"<SpawnedVm name={self.name!r} pid={self.pid} api_socket={str(self.api_socket)!r}>"
 
     def _stopped_reason(self) -> str | None:
         """Why the VM is no longer running, or None (for ``serial.wait_for``)."""
@@ -1054,6 +1068,7 @@ def spawn(
     restore: str | os.PathLike[str] | None = None,
     prefault: bool = False,
     disks: Mapping[str, str | os.PathLike[str]] | None = None,
+    name: str | None = None,
 ) -> SpawnedVm:
     """Starts a VMM process serving the HTTP API on ``<path>`` and creates ``config`` there.
 
@@ -1095,9 +1110,13 @@ def spawn(
     by disk id, as for ``Vm.restore``); the VM is Paused until ``resume()``,
     and ``serial`` reads the restored config's serial file when it has one.
 
+    ``name``: the VM's name in ``vmkit ls`` and for ``vmkit remote NAME``
+    (``vm-<pid>`` by default); a name that a running VM has is refused.
+
     Raises VmError (kind ``Spawn``) when the VMM does not come up in
-    ``startup_timeout`` seconds, ApiError when ``vm.create`` fails; in both
-    cases the process is ended and its files removed.
+    ``startup_timeout`` seconds or the name is taken, ApiError when
+    ``vm.create`` fails; in both cases the process is ended and its files
+    removed. ValueError for an invalid name.
     """
     if restore is not None and config is not None:
         raise ValueError("spawn takes a config or a snapshot to restore, not both")
@@ -1111,6 +1130,8 @@ def spawn(
             f"(sys.executable is {interpreter!r})",
             "Spawn",
         )
+    if name is not None:
+        _check_name(name)
     if api_socket is not None and os.path.lexists(api_socket):
         # Perhaps another VMM's socket: never bind over it, talk to it or remove it.
         raise VmError(
@@ -1164,7 +1185,15 @@ def spawn(
             identity = _socket_identity(socket_path)
             if identity is not None:
                 vm._owned_socket.append(identity)
-            return _with_config(vm, config, lambda: None, restore, prefault, disks)
+            kernel = config.payload.kernel if config is not None and config.payload else None
+            return _with_config(
+                vm,
+                config,
+                lambda: _register(vm, vm_process, name, kernel),
+                restore,
+                prefault,
+                disks,
+            )
     # A lifeline: the child sees EOF on it when this process goes away, even
     # by SIGKILL, and then shuts its VM down and removes the directory.
     lifeline_read, lifeline = os.pipe()
@@ -1172,6 +1201,8 @@ def spawn(
     ready, ready_write = os.pipe()
     child_env["VMKIT_SPAWN_DIR"] = str(tmpdir)
     argv = ["--api-socket", str(socket_path), *vmm_args]
+    if name is not None:
+        argv += ["--name", name]
     if cpu_groups:
         argv += ["--cpu-groups", "true"]
     process: VmmProcess
@@ -1214,9 +1245,42 @@ def spawn(
         os.close(ready_write)
     client = _ChildClient(socket_path, process.pid, timeout=request_timeout)
     vm = SpawnedVm(process, client, tmpdir, serial_path, log_path, log, stop_timeout, lifeline)
+    vm.name = name or registry.default_name(vm.pid)
     return _with_config(
         vm, config, lambda: _wait_until_up(vm, startup_timeout, ready), restore, prefault, disks
     )
+
+
+def _check_name(name: str) -> None:
+    """Refuses, before anything starts, an invalid name or one a running VM has."""
+    registry.validate_name(name)
+    try:
+        registry.check_name_free(name)
+    except registry.RegistryError as e:
+        raise VmError(f"Cannot start a VMM named {name!r}: {e}", "Spawn") from None
+
+
+def _register(
+    vm: SpawnedVm, vm_process: _vmproc.VmProcess, name: str | None, kernel: str | None
+) -> None:
+    """Lists a VM process in the registry (``vmkit ls``), as ``vmkit
+    --api-socket`` lists itself; its entry goes when the process ends."""
+    vm.name = name or registry.default_name(vm.pid)
+    try:
+        vm_process.registration = registry.register(name, vm.pid, str(vm.api_socket), kernel)
+    except registry.RegistryError as e:
+        if name is not None or isinstance(e, registry.NameTaken):
+            raise VmError(f"Cannot start a VMM named {vm.name!r}: {e}", "Spawn") from None
+        import logging
+
+        logging.getLogger("vmkit.registry").warning(
+            "VMM %d is not listed in 'vmkit ls': %s", vm.pid, e
+        )
+    except ProcessLookupError:
+        pass  # it ended already: the next request says so
+    if vm_process.process.poll() is not None or vm_process.server.closing:
+        # Ended while registering: its close may have come first.
+        vm_process.remove_registration()
 
 
 def _with_config(

@@ -1,6 +1,7 @@
 """``vmkit remote``: Cloud Hypervisor v37's ``ch-remote``.
 
     vmkit remote [--api-socket <path>] <subcommand> [args...]
+    vmkit remote <name|pid> <subcommand> [args...]
 
 Every subcommand of ch-remote v37, with its arguments, the exact request
 bytes it writes, its output and its exit codes (ch-reference §4.6):
@@ -30,7 +31,11 @@ Differences from ch-remote:
   printed for a 2xx, and no ``: `` follows the status in an error, where
   ch-remote would print an empty line or a dangling ``: `` (a body-less
   answer without ``Content-Length`` gives the same output in both);
-- there is no D-Bus transport.
+- there is no D-Bus transport;
+- a VM started by vmkit can be named instead of its socket (``vmkit ls``
+  lists them): ``vmkit remote vm1 info``, or ``--api-socket vm1`` when no
+  file ``vm1`` exists (a path with a ``/``, or one that exists, is always
+  taken as the socket, as ch-remote takes it); its pid works too.
 """
 
 from __future__ import annotations
@@ -177,6 +182,9 @@ def help_text() -> str:
         "      --api-socket <api-socket>  HTTP API socket path (UNIX domain socket).",
         "  -h, --help                     Print help",
         "  -V, --version                  Print version",
+        "",
+        "vmkit: a VM started by vmkit may be named instead of its socket ('vmkit ls' lists them):",
+        f"  {PROGRAM} <name|pid> <COMMAND>",
     ]
     return "\n".join(lines)
 
@@ -201,6 +209,8 @@ def _subcommand_help(sub: _Subcommand) -> str:
 @dataclass
 class _Invocation:
     api_socket: str | None
+    #: a VM's name or pid given before the subcommand (``vmkit remote vm1 info``)
+    target: str | None
     sub: _Subcommand
     positional: str | None
     options: dict[str, str | bool]
@@ -300,6 +310,14 @@ def _parse(argv: Sequence[str]) -> _Invocation | None:
         )
     name = words[i]
     rest = words[i + 1 :]
+    target: str | None = None
+    if name not in _BY_NAME and name != "help" and rest and rest[0] in _BY_NAME:
+        # `vmkit remote vm1 info`: a VM's name (or pid), then the subcommand.
+        if api_socket is not None:
+            raise _Usage(f"give a VM name ('{name}') or --api-socket, not both", _TOP_USAGE)
+        target = name
+        name = rest[0]
+        rest = rest[1:]
     if name == "help":
         if rest and rest[0] in _BY_NAME:
             print(_subcommand_help(_BY_NAME[rest[0]]))
@@ -312,7 +330,7 @@ def _parse(argv: Sequence[str]) -> _Invocation | None:
     if sub is None:
         raise _Usage(f"unrecognized subcommand '{name}'", _TOP_USAGE)
     positional, options = _parse_subcommand(sub, rest)
-    return _Invocation(api_socket, sub, positional, options)
+    return _Invocation(api_socket, target, sub, positional, options)
 
 
 def _check_required(inv: _Invocation) -> None:
@@ -504,21 +522,65 @@ def _execute_showing_progress(sock: socket.socket, inv: _Invocation) -> bytes | 
         return _execute(sock, inv)
 
 
+def _resolve(inv: _Invocation) -> tuple[str | None, int | None]:
+    """The socket to connect to, and the pid that must serve it when it came
+    from the registry (None for a path given as such)."""
+    from vmkit import registry
+
+    if inv.target is not None:
+        try:
+            entry = registry.find(inv.target)
+        except (registry.VmNotFound, registry.RegistryError) as e:
+            raise _CommandError(str(e)) from None
+        return entry.api_socket, entry.pid
+    path = inv.api_socket
+    if path is None or "/" in path or os.path.lexists(path):
+        return path, None  # ch-remote's meaning
+    try:
+        entry = registry.find(path)
+    except registry.VmNotFound:
+        return path, None  # connecting fails as it does in ch-remote
+    except registry.RegistryError as e:
+        print(f"{PROGRAM}: {e}", file=sys.stderr)
+        return path, None
+    return entry.api_socket, entry.pid
+
+
+def _check_served_by(sock: socket.socket, pid: int, path: str) -> None:
+    """Refuses a registered socket that another process serves now."""
+    import struct
+
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    peer = struct.unpack("3i", creds)[0]
+    if peer != pid:
+        raise _CommandError(f"{path} is served by process {peer}, not by the VM's VMM (pid {pid})")
+
+
 def run(argv: Sequence[str]) -> int:
     """Runs ``vmkit remote`` with ``argv`` (the words after ``remote``); returns the exit status."""
     try:
         inv = _parse(argv)
         if inv is None:
             return 0
-        if inv.api_socket is None:
+        try:
+            path, pid = _resolve(inv)
+        except _CommandError as e:
+            print(f"Error opening HTTP socket: {e}", file=sys.stderr)
+            return 1
+        if path is None:
             print(NO_TARGET)
             return 1
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             try:
-                sock.connect(os.fsencode(inv.api_socket))
+                sock.connect(os.fsencode(path))
+                if pid is not None:
+                    _check_served_by(sock, pid, path)
             except OSError as e:
                 print(f"Error opening HTTP socket: {_apiwire.io_error_text(e)}", file=sys.stderr)
+                return 1
+            except _CommandError as e:
+                print(f"Error opening HTTP socket: {e}", file=sys.stderr)
                 return 1
             _check_required(inv)
             try:

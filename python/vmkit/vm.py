@@ -660,6 +660,7 @@ class Vm:
         restore: str | os.PathLike[str] | None = None,
         prefault: bool = False,
         disks: Mapping[str, str | os.PathLike[str]] | None = None,
+        name: str | None = None,
     ) -> SpawnedVm:
         """Runs the VM in a ``vmkit --api-socket`` child process.
 
@@ -669,7 +670,9 @@ class Vm:
         HTTP API, and its ``with`` block always ends the process and removes
         its files. ``Vm.spawn(None, restore=path)`` restores a snapshot in the
         new process instead (Paused until ``resume()``; ``disks``: the clone's
-        own images by disk id, as for ``Vm.restore``).
+        own images by disk id, as for ``Vm.restore``). ``name``: the VM's
+        name in ``vmkit ls`` and for ``vmkit remote NAME`` (default
+        ``vm-<pid>``); one a running VM has is refused.
         """
         from vmkit.client import spawn
 
@@ -687,4 +690,5 @@ class Vm:
             restore=restore,
             prefault=prefault,
             disks=disks,
+            name=name,
         )

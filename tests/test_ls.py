@@ -1,0 +1,409 @@
+"""``vmkit ls``, VM names and ``vmkit remote NAME``: the per-user registry of running VMMs.
+
+VMMs run as the user runs them: ``vmkit --api-socket ... --name ...`` as a
+process of its own, and ``Vm.spawn(name=...)``; ``vmkit ls`` and ``vmkit
+remote`` run as commands. Each test has its own registry
+(``$XDG_RUNTIME_DIR/vmkit`` in a temporary directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from vmkit import Client, Vm, VmConfig, VmError, registry, testguest
+
+HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
+needs_kvm = pytest.mark.skipif(not HAVE_KVM, reason="needs read-write /dev/kvm")
+
+KERNEL = str(testguest.image_path("pvh"))
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private XDG_RUNTIME_DIR, for this process and the commands it runs."""
+    base = tmp_path / "run"
+    base.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(base))
+    yield base
+
+
+@pytest.fixture
+def vmms() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``vmkit`` VMM processes started by a test, all ended after it."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+        proc.wait(10)
+
+
+def vmkit(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vmkit", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def ticking_guest(cpus: int = 1, memory: str = "128M") -> list[str]:
+    """The test guest's command line: it counts ticks for minutes (until stopped)."""
+    return [
+        "--kernel", KERNEL,
+        "--cmdline", testguest.cmdline(["ticks"], ticks=100_000, tick_ms=20),
+        "--cpus", f"boot={cpus}",
+        "--memory", f"size={memory}",
+        "--serial", "null",
+        "--console", "off",
+    ]  # fmt: skip
+
+
+def entry_file(runtime: Path, name: str) -> Path:
+    return runtime / "vmkit" / f"{name}.json"
+
+
+def wait_for(condition: object, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not callable(condition) or not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def start_vmm(
+    vmms: list[subprocess.Popen[bytes]],
+    runtime: Path,
+    name: str,
+    *guest: str,
+) -> subprocess.Popen[bytes]:
+    """``vmkit --api-socket <runtime>/<name>.sock --name <name> <guest>``, once it is listed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmkit", "--api-socket", str(runtime / f"{name}.sock"),
+         "--name", name, *guest],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    vmms.append(proc)
+    path = entry_file(runtime, name)
+    wait_for(lambda: path.exists() or proc.poll() is not None, f"{name}'s registry entry")
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    return proc
+
+
+def ls_json(timeout: float = 30) -> dict[str, dict[str, object]]:
+    proc = vmkit("ls", "--json", timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return {vm["name"]: vm for vm in json.loads(proc.stdout)}
+
+
+def write_entry(directory: Path, name: str, pid: int, pid_start: int, api_socket: str) -> None:
+    """An entry as a VMM writes it."""
+    entry = registry.Entry(name, pid, pid_start, api_socket, None, time.time())
+    (directory / f"{name}.json").write_text(entry.to_json())
+
+
+def ticking_config(cpus: int = 1, memory: str = "128M") -> VmConfig:
+    return VmConfig.from_cli(ticking_guest(cpus, memory))
+
+
+# -- listing -----------------------------------------------------------------------------
+
+
+@needs_kvm
+def test_ls_shows_each_vmm_with_its_state_vcpus_and_memory(
+    runtime: Path, vmms: list[subprocess.Popen[bytes]]
+) -> None:
+    running = start_vmm(vmms, runtime, "web", *ticking_guest(cpus=2, memory="96M"))
+    with (
+        Vm.spawn(ticking_config(cpus=1, memory="64M"), name="paused") as paused,
+        Vm.spawn(ticking_config(cpus=3, memory="32M"), name="created") as created,
+        Vm.spawn(None) as idle,
+    ):
+        paused.boot()
+        paused.pause()
+        listed = ls_json()
+        assert sorted(listed) == sorted(["web", "paused", "created", f"vm-{idle.pid}"])
+        assert idle.name == f"vm-{idle.pid}"
+
+        web = listed["web"]
+        assert (web["pid"], web["state"], web["vcpus"], web["memory"]) == (
+            running.pid, "Running", 2, 96 << 20,
+        )  # fmt: skip
+        assert web["api_socket"] == str(runtime / "web.sock")
+        assert web["kernel"] == KERNEL
+        assert isinstance(web["uptime"], float) and 0 < web["uptime"] < 120
+        assert (listed["paused"]["pid"], listed["paused"]["state"]) == (paused.pid, "Paused")
+        assert (listed["paused"]["vcpus"], listed["paused"]["memory"]) == (1, 64 << 20)
+        assert (listed["created"]["state"], listed["created"]["vcpus"]) == ("Created", 3)
+        assert listed["created"]["memory"] == 32 << 20
+        assert listed["created"]["api_socket"] == str(created.api_socket)
+        assert listed[idle.name]["state"] == "idle"
+        assert listed[idle.name]["vcpus"] is None and listed[idle.name]["memory"] is None
+
+        table = vmkit("ls")
+        assert table.returncode == 0, table.stderr
+        lines = table.stdout.splitlines()
+        assert lines[0].split() == [
+            "NAME", "PID", "STATE", "VCPUS", "MEMORY", "UPTIME", "KERNEL", "SOCKET",
+        ]  # fmt: skip
+        rows = {line.split()[0]: line.split() for line in lines[1:]}
+        assert rows["web"][1:5] == [str(running.pid), "Running", "2", "96M"]
+        assert rows["web"][6:] == [os.path.basename(KERNEL), str(runtime / "web.sock")]
+        assert rows["paused"][2] == "Paused" and rows["created"][2] == "Created"
+
+        quiet = vmkit("ls", "-q")
+        assert quiet.returncode == 0, quiet.stderr
+        assert sorted(quiet.stdout.split()) == sorted(listed)
+
+        # The same, in Python.
+        import vmkit as package
+
+        by_name = {vm.name: vm for vm in package.list_vms()}
+        assert by_name["web"].state == "Running" and by_name["web"].vcpus == 2
+        assert by_name["paused"].state == "Paused"
+    # Closed spawned VMs leave no entry.
+    assert sorted(ls_json()) == ["web"]
+    assert sorted(p.name for p in (runtime / "vmkit").glob("*.json")) == ["web.json"]
+
+
+@needs_kvm
+def test_a_killed_vmm_is_not_listed_and_its_entry_is_removed(
+    runtime: Path, vmms: list[subprocess.Popen[bytes]]
+) -> None:
+    doomed = start_vmm(vmms, runtime, "doomed", *ticking_guest())
+    start_vmm(vmms, runtime, "survivor", *ticking_guest())
+    doomed.kill()
+    doomed.wait(10)
+    # SIGKILL leaves the entry; the next listing removes it.
+    assert entry_file(runtime, "doomed").exists()
+    assert sorted(ls_json()) == ["survivor"]
+    assert not entry_file(runtime, "doomed").exists()
+
+    # A spawned VM's process killed: its entry goes too (its spawner sees the end).
+    with Vm.spawn(ticking_config(), name="spawned") as vm:
+        vm.boot()
+        path = entry_file(runtime, "spawned")
+        assert path.exists()
+        os.kill(vm.pid, signal.SIGKILL)
+        wait_for(lambda: vm.process.poll() is not None, "the VM process to end")
+        assert "spawned" not in ls_json()
+        assert not path.exists()
+
+
+@needs_kvm
+def test_a_vmm_stopped_normally_leaves_no_entry(
+    runtime: Path, vmms: list[subprocess.Popen[bytes]]
+) -> None:
+    by_api = start_vmm(vmms, runtime, "by-api", *ticking_guest())
+    shutdown = vmkit("remote", "by-api", "shutdown-vmm")
+    assert shutdown.returncode == 0, shutdown.stderr
+    assert by_api.wait(10) == 0
+    assert not entry_file(runtime, "by-api").exists()
+
+    by_signal = start_vmm(vmms, runtime, "by-signal", *ticking_guest())
+    by_signal.send_signal(signal.SIGTERM)
+    assert by_signal.wait(10) == 0
+    assert not entry_file(runtime, "by-signal").exists()
+
+    # The guest powering off ends the VMM too (a few ticks, then poweroff).
+    short = [*ticking_guest()]
+    short[3] = testguest.cmdline(["ticks"], ticks=5, tick_ms=20)
+    powered_off = start_vmm(vmms, runtime, "short", *short)
+    assert powered_off.wait(20) == 0
+    assert not entry_file(runtime, "short").exists()
+
+    # An error after registering (the kernel cannot be loaded) removes it as well.
+    broken = subprocess.run(
+        [sys.executable, "-m", "vmkit", "--api-socket", str(runtime / "broken.sock"),
+         "--name", "broken", "--kernel", str(runtime / "no-such-kernel")],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert broken.returncode == 1, broken.stderr
+    assert "Error booting VM" in broken.stderr
+    assert os.listdir(runtime / "vmkit") == [".lock"]
+
+
+# -- names --------------------------------------------------------------------------------
+
+
+@needs_kvm
+def test_a_second_vmm_with_a_taken_name_is_refused(
+    runtime: Path, vmms: list[subprocess.Popen[bytes]]
+) -> None:
+    first = start_vmm(vmms, runtime, "db", *ticking_guest())
+    second = vmkit("--api-socket", str(runtime / "db2.sock"), "--name", "db", *ticking_guest())
+    assert second.returncode == 1
+    assert f"a VM named 'db' is already running (VMM pid {first.pid})" in second.stderr
+    assert not (runtime / "db2.sock").exists()
+    with pytest.raises(VmError, match=rf"'db' is already running \(VMM pid {first.pid}\)"):
+        Vm.spawn(ticking_config(), name="db")
+    # The first one is untouched, and once it is gone the name is free again.
+    assert ls_json()["db"]["pid"] == first.pid
+    first.kill()
+    first.wait(10)
+    with Vm.spawn(None, name="db") as vm:
+        assert ls_json()["db"]["pid"] == vm.pid == Client.for_vm("db").ping().pid
+
+
+@pytest.mark.parametrize("name", ["a b", "a/b", "-x", "12345", "", "x" * 64])
+def test_invalid_names_are_refused(name: str, runtime: Path) -> None:
+    proc = vmkit("--api-socket", str(runtime / "x.sock"), "--name", name, "--kernel", KERNEL)
+    assert proc.returncode in (1, 2), proc.stderr
+    if proc.returncode == 1:  # "-x" reads as a flag: clap's usage error
+        assert proc.stderr.startswith(f"Error parsing --name: invalid VM name {name!r}")
+    assert not (runtime / "x.sock").exists()
+    with pytest.raises(ValueError, match="invalid VM name"):
+        Vm.spawn(None, name=name)
+
+
+def test_a_name_needs_an_api_socket() -> None:
+    proc = vmkit("--name", "vm1", "--kernel", KERNEL)
+    assert proc.returncode == 1
+    assert "give --api-socket too" in proc.stderr
+
+
+# -- vmkit remote NAME ---------------------------------------------------------------------
+
+
+@needs_kvm
+def test_remote_takes_a_name_or_a_pid(runtime: Path, vmms: list[subprocess.Popen[bytes]]) -> None:
+    proc = start_vmm(vmms, runtime, "vm1", *ticking_guest(cpus=2))
+    for target in (["vm1"], [str(proc.pid)], ["--api-socket", "vm1"]):
+        info = vmkit("remote", *target, "info")
+        assert info.returncode == 0, (target, info.stderr)
+        data = json.loads(info.stdout)
+        assert data["state"] == "Running" and data["config"]["cpus"]["boot_vcpus"] == 2
+    # The socket's path works as it always did.
+    ping = vmkit("remote", "--api-socket", str(runtime / "vm1.sock"), "ping")
+    assert ping.returncode == 0 and json.loads(ping.stdout)["pid"] == proc.pid
+    assert Client.for_vm("vm1").info().state == "Running"
+    assert Client.for_vm(proc.pid).ping().pid == proc.pid
+
+    missing = vmkit("remote", "nosuchvm", "info")
+    assert missing.returncode == 1
+    assert "no running VM named 'nosuchvm'" in missing.stderr
+    # Not a name, not a file: ch-remote's error, as before.
+    absent = vmkit("remote", "--api-socket", "nosuchvm", "info")
+    assert absent.returncode == 1
+    assert absent.stderr.startswith("Error opening HTTP socket: No such file or directory")
+    both = vmkit("remote", "--api-socket", str(runtime / "vm1.sock"), "vm1", "info")
+    assert both.returncode == 2 and "not both" in both.stderr
+    with pytest.raises(LookupError, match="nosuchvm"):
+        Client.for_vm("nosuchvm")
+
+
+# -- a VMM that does not answer ------------------------------------------------------------
+
+
+@needs_kvm
+def test_a_stopped_vmm_is_unresponsive_without_holding_ls_up(
+    runtime: Path, vmms: list[subprocess.Popen[bytes]]
+) -> None:
+    stuck = start_vmm(vmms, runtime, "stuck", *ticking_guest())
+    start_vmm(vmms, runtime, "fine", *ticking_guest())
+    os.kill(stuck.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        listed = ls_json()
+        took = time.monotonic() - started
+    finally:
+        os.kill(stuck.pid, signal.SIGCONT)
+    assert listed["stuck"]["state"] == "unresponsive"
+    assert listed["stuck"]["error"] == "no answer in time"
+    assert listed["fine"]["state"] == "Running"
+    assert took < 2.0, f"vmkit ls took {took:.2f} s with one VMM stopped"
+    # Back from SIGSTOP, it answers again (and its entry was kept).
+    assert ls_json()["stuck"]["state"] == "Running"
+
+
+# -- the registry ---------------------------------------------------------------------------
+
+
+def test_an_unsafe_registry_directory_is_refused(runtime: Path) -> None:
+    directory = runtime / "vmkit"
+    directory.mkdir(mode=0o700)
+    start = registry.process_start(os.getpid())
+    assert start is not None
+    write_entry(directory, "planted", os.getpid(), start, "/tmp/elsewhere.sock")
+    assert [e.name for e in registry.entries()] == ["planted"]
+
+    os.chmod(directory, 0o777)
+    proc = vmkit("ls")
+    assert proc.returncode == 1
+    assert f"refusing the vmkit registry directory {directory}" in proc.stderr
+    assert "writable by its group or by others (mode 0777)" in proc.stderr
+    remote = vmkit("remote", "planted", "info")
+    assert remote.returncode == 1 and "writable by its group" in remote.stderr
+
+    os.chmod(directory, 0o700)
+    os.chown(directory, 12345, 12345)
+    try:
+        proc = vmkit("ls", "-q")
+        assert proc.returncode == 1
+        assert f"owned by uid 12345, not by this user (uid {os.geteuid()})" in proc.stderr
+        if HAVE_KVM:
+            # A VMM given a name will not register there; one without a name starts unlisted.
+            named = vmkit(
+                "--api-socket", str(runtime / "n.sock"), "--name", "n", "--kernel", KERNEL
+            )
+            assert named.returncode == 1
+            assert named.stderr.startswith("Error registering VM 'n': refusing the vmkit")
+            assert not (runtime / "n.sock").exists()
+    finally:
+        os.chown(directory, os.geteuid(), os.getegid())
+
+    directory.rename(runtime / "elsewhere")
+    directory.symlink_to(runtime / "elsewhere")
+    proc = vmkit("ls")
+    assert proc.returncode == 1 and "it is not a directory" in proc.stderr
+
+
+def test_the_registry_directory_is_private_and_falls_back_to_tmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    path = registry.registry_dir()
+    assert path == str(tmp_path / "vmkit")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+    # Not this user's runtime directory, or none: /tmp/vmkit-<uid> instead.
+    fallback = f"/tmp/vmkit-{os.geteuid()}"
+    other = tmp_path / "other"
+    other.mkdir()
+    os.chown(other, 12345, 12345)
+    for value in (str(other), "relative/dir", str(tmp_path / "absent")):
+        monkeypatch.setenv("XDG_RUNTIME_DIR", value)
+        assert registry.registry_path() == fallback
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert registry.registry_path() == fallback
+
+
+def test_an_entry_of_a_reused_pid_is_stale(runtime: Path) -> None:
+    """A pid now held by another process (its start time differs) is not that VMM."""
+    directory = Path(registry.registry_dir())
+    start = registry.process_start(os.getpid())
+    assert start is not None
+    write_entry(directory, "old", os.getpid(), start - 1, "/nonexistent.sock")
+    assert registry.entries() == []
+    assert not (directory / "old.json").exists()
+
+
+def test_import_vmkit_does_not_load_the_registry() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c",
+         "import sys, vmkit; print(sorted(m for m in ('vmkit.ls', 'vmkit.registry') "
+         "if m in sys.modules)); vmkit.list_vms; print('vmkit.ls' in sys.modules)"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert proc.stdout.split("\n")[:2] == ["[]", "True"]
