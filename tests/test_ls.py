@@ -331,62 +331,87 @@ def test_a_stopped_vmm_is_unresponsive_without_holding_ls_up(
 # -- the registry ---------------------------------------------------------------------------
 
 
-def test_an_unsafe_registry_directory_is_refused(runtime: Path) -> None:
+@pytest.fixture
+def planted(runtime: Path) -> Path:
+    """The registry directory, holding a live entry (this process's)."""
     directory = runtime / "vmkit"
     directory.mkdir(mode=0o700)
     start = registry.process_start(os.getpid())
     assert start is not None
     write_entry(directory, "planted", os.getpid(), start, "/tmp/elsewhere.sock")
     assert [e.name for e in registry.entries()] == ["planted"]
+    return directory
 
-    os.chmod(directory, 0o777)
+
+def test_a_registry_that_others_can_write_is_refused(runtime: Path, planted: Path) -> None:
+    os.chmod(planted, 0o777)
     proc = vmkit("ls")
-    assert proc.returncode == 1
-    assert f"refusing the vmkit registry directory {directory}" in proc.stderr
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert f"refusing the vmkit registry directory {planted}" in proc.stderr
     assert "writable by its group or by others (mode 0777)" in proc.stderr
     remote = vmkit("remote", "planted", "info")
     assert remote.returncode == 1 and "writable by its group" in remote.stderr
+    os.chmod(planted, 0o720)
+    assert "(mode 0720)" in vmkit("ls", "-q").stderr
 
-    os.chmod(directory, 0o700)
-    os.chown(directory, 12345, 12345)
-    try:
-        proc = vmkit("ls", "-q")
-        assert proc.returncode == 1
-        assert f"owned by uid 12345, not by this user (uid {os.geteuid()})" in proc.stderr
-        if HAVE_KVM:
-            # A VMM given a name will not register there; one without a name starts unlisted.
-            named = vmkit(
-                "--api-socket", str(runtime / "n.sock"), "--name", "n", "--kernel", KERNEL
-            )
-            assert named.returncode == 1
-            assert named.stderr.startswith("Error registering VM 'n': refusing the vmkit")
-            assert not (runtime / "n.sock").exists()
-    finally:
-        os.chown(directory, os.geteuid(), os.getegid())
 
-    directory.rename(runtime / "elsewhere")
-    directory.symlink_to(runtime / "elsewhere")
+def test_a_registry_that_is_a_symlink_is_refused(runtime: Path, planted: Path) -> None:
+    planted.rename(runtime / "elsewhere")
+    planted.symlink_to(runtime / "elsewhere")
     proc = vmkit("ls")
     assert proc.returncode == 1 and "it is not a directory" in proc.stderr
 
 
-def test_the_registry_directory_is_private_and_falls_back_to_tmp(
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another uid")
+def test_a_registry_of_another_user_is_refused(runtime: Path, planted: Path) -> None:
+    os.chown(planted, 12345, 12345)
+    proc = vmkit("ls", "-q")
+    assert proc.returncode == 1
+    assert f"owned by uid 12345, not by this user (uid {os.geteuid()})" in proc.stderr
+    with pytest.raises(VmError, match="owned by uid 12345"):
+        Vm.spawn(None, name="n")
+    if not HAVE_KVM:
+        return
+    # A VMM given a name will not start unlisted; one without a name starts with a warning.
+    named = vmkit("--api-socket", str(runtime / "n.sock"), "--name", "n", "--kernel", KERNEL)
+    assert named.returncode == 1
+    assert named.stderr.startswith("Error registering VM 'n': refusing the vmkit")
+    assert not (runtime / "n.sock").exists()
+    unnamed = vmkit(
+        "--api-socket", str(runtime / "u.sock"), "--kernel", KERNEL,
+        "--cmdline", testguest.cmdline(["hello"]), "--memory", "size=64M", "--console", "off",
+    )  # fmt: skip
+    assert unnamed.returncode == 0, unnamed.stderr
+    assert "not listed in 'vmkit ls': refusing the vmkit registry directory" in unnamed.stderr
+    assert os.listdir(planted) == ["planted.json"]
+
+
+def test_the_registry_is_private_in_the_runtime_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     path = registry.registry_dir()
     assert path == str(tmp_path / "vmkit")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
-    # Not this user's runtime directory, or none: /tmp/vmkit-<uid> instead.
+    # No runtime directory of this user's: /tmp/vmkit-<uid> instead.
     fallback = f"/tmp/vmkit-{os.geteuid()}"
-    other = tmp_path / "other"
-    other.mkdir()
-    os.chown(other, 12345, 12345)
-    for value in (str(other), "relative/dir", str(tmp_path / "absent")):
+    (tmp_path / "file").write_text("")
+    for value in ("relative/dir", str(tmp_path / "absent"), str(tmp_path / "file")):
         monkeypatch.setenv("XDG_RUNTIME_DIR", value)
         assert registry.registry_path() == fallback
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     assert registry.registry_path() == fallback
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another uid")
+def test_a_runtime_dir_of_another_user_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = tmp_path / "other"
+    other.mkdir(mode=0o700)
+    os.chown(other, 12345, 12345)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(other))
+    assert registry.registry_path() == f"/tmp/vmkit-{os.geteuid()}"
 
 
 def test_an_entry_of_a_reused_pid_is_stale(runtime: Path) -> None:
