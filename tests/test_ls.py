@@ -207,6 +207,10 @@ def test_a_vmm_stopped_normally_leaves_no_entry(
     runtime: Path, vmms: list[subprocess.Popen[bytes]]
 ) -> None:
     by_api = start_vmm(vmms, runtime, "by-api", *ticking_guest())
+    # vm.shutdown stops the VM, not the VMM: still listed, with the config kept
+    # (v37 then reports the VM as Created: it can be booted again).
+    assert vmkit("remote", "by-api", "shutdown").returncode == 0
+    assert ls_json()["by-api"]["state"] == "Created"
     shutdown = vmkit("remote", "by-api", "shutdown-vmm")
     assert shutdown.returncode == 0, shutdown.stderr
     assert by_api.wait(10) == 0

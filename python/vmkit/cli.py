@@ -688,6 +688,11 @@ def _serve(command: CommandLine) -> int:
             events.log_errors = True
         if api is not None:
             path, fd = api
+            try:
+                _check_name(command)
+            except StartupError as e:
+                print(e, file=sys.stderr)
+                return 1
             server = ApiServer(vmm, path, fd=fd)
             try:
                 server.bind()
@@ -732,6 +737,24 @@ def _serve(command: CommandLine) -> int:
             import shutil
 
             shutil.rmtree(spawn_dir, ignore_errors=True)
+
+
+def _check_name(command: CommandLine) -> None:
+    """Refuses a ``--name`` that a running VMM has before the socket is made
+    (``_register`` checks again as it writes the entry); this also loads the
+    registry before the API answers, so that registering adds little to the
+    time between the first answer and the VM's creation."""
+    from vmkit import registry
+
+    name = command.one("--name")
+    if name is None:
+        return
+    try:
+        registry.check_name_free(name)
+    except registry.NameTaken as e:
+        raise StartupError(f"Error starting the VMM: {e}") from None
+    except (registry.RegistryError, OSError) as e:
+        raise StartupError(f"Error registering VM {name!r}: {e}") from None
 
 
 def _register(command: CommandLine, server: ApiServer) -> Registration | None:
