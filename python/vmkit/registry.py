@@ -262,11 +262,11 @@ def _locked(directory: str) -> AbstractContextManager[None]:
 
     @contextlib.contextmanager
     def hold() -> Iterator[None]:
-        fd = os.open(
-            os.path.join(directory, _LOCK),
-            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-            0o600,
-        )
+        path = os.path.join(directory, _LOCK)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise RegistryError(f"cannot open {path}: {os.strerror(e.errno or 0)}") from None
         try:
             deadline = time.monotonic() + _LOCK_WAIT
             while True:
