@@ -261,6 +261,25 @@ def test_a_second_vmm_with_a_taken_name_is_refused(
         assert ls_json()["db"]["pid"] == vm.pid == Client.for_vm("db").ping().pid
 
 
+@needs_kvm
+def test_a_spawned_python_vmm_registers_itself(runtime: Path) -> None:
+    """vmm_args other than -v run the ``vmkit --api-socket`` command, which
+    registers itself under the name it is given (or vm-<its pid>)."""
+    with (
+        Vm.spawn(ticking_config(cpus=2), name="py", vmm_args=["--seccomp", "true"]) as named,
+        Vm.spawn(None, vmm_args=["--seccomp", "true"]) as unnamed,
+    ):
+        named.boot()
+        listed = ls_json()
+        assert (listed["py"]["pid"], listed["py"]["state"]) == (named.pid, "Running")
+        assert listed["py"]["vcpus"] == 2
+        assert unnamed.name == f"vm-{unnamed.pid}"
+        assert listed[unnamed.name]["state"] == "idle"
+        with pytest.raises(VmError, match=rf"'py' is already running \(VMM pid {named.pid}\)"):
+            Vm.spawn(None, name="py", vmm_args=["--seccomp", "true"])
+    assert os.listdir(runtime / "vmkit") == [".lock"]
+
+
 @pytest.mark.parametrize("name", ["a b", "a/b", "-x", "12345", "", "x" * 64])
 def test_invalid_names_are_refused(name: str, runtime: Path) -> None:
     proc = vmkit("--api-socket", str(runtime / "x.sock"), "--name", name, "--kernel", KERNEL)
@@ -426,6 +445,36 @@ def test_an_entry_of_a_reused_pid_is_stale(runtime: Path) -> None:
     write_entry(directory, "old", os.getpid(), start - 1, "/nonexistent.sock")
     assert registry.entries() == []
     assert not (directory / "old.json").exists()
+
+
+def test_registering_a_taken_name_is_refused_and_a_stale_one_replaced(runtime: Path) -> None:
+    """The check that counts: made under the registry's lock as the entry is written."""
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        mine = registry.register("x", os.getpid(), "/tmp/a.sock", None)
+        with pytest.raises(
+            registry.NameTaken, match=rf"'x' is already running \(VMM pid {os.getpid()}\)"
+        ):
+            registry.register("x", sleeper.pid, "/tmp/b.sock", None)
+        other = registry.register(None, sleeper.pid, "b.sock", "vmlinux")
+        assert other.entry.name == f"vm-{sleeper.pid}"
+        assert other.entry.api_socket == os.path.abspath("b.sock")
+        assert other.entry.kernel == os.path.abspath("vmlinux")
+        assert [e.name for e in registry.entries()] == [f"vm-{sleeper.pid}", "x"]
+        sleeper.kill()
+        sleeper.wait()
+        # The dead VMM's name is free: its entry is replaced.
+        again = registry.register(f"vm-{sleeper.pid}", os.getpid(), "/tmp/c.sock", None)
+        assert registry.find(f"vm-{sleeper.pid}").api_socket == "/tmp/c.sock"
+        other.remove()  # not its entry any more: left alone
+        assert registry.find(f"vm-{sleeper.pid}") == again.entry
+        mine.remove()
+        again.remove()
+        assert registry.entries() == []
+        assert sorted(os.listdir(runtime / "vmkit")) == [".lock"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_import_vmkit_does_not_load_the_registry() -> None:
