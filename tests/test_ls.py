@@ -15,7 +15,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -74,9 +74,9 @@ def entry_file(runtime: Path, name: str) -> Path:
     return runtime / "vmkit" / f"{name}.json"
 
 
-def wait_for(condition: object, what: str, timeout: float = 20) -> None:
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
-    while not callable(condition) or not condition():
+    while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
