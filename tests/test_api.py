@@ -1464,7 +1464,13 @@ def test_cli_boots_through_the_vmm(workdir: Path, vmkit: Callable[..., Vmkit]) -
         "--event-monitor", f"path={events}",
     )  # fmt: skip
     process.wait_ready(sock)
-    info = call(sock, "GET", "vm.info").json()
+    # The API serves before the command line's VM exists (as in v37): wait for it.
+    deadline = time.monotonic() + 20
+    reply = call(sock, "GET", "vm.info")
+    while reply.status != 200 and time.monotonic() < deadline:
+        time.sleep(0.01)
+        reply = call(sock, "GET", "vm.info")
+    info = reply.json()
     assert info["state"] == "Running"
     assert info["config"]["payload"]["kernel"] == config.payload.kernel
     assert_reply(call(sock, "PUT", "vm.create", guest_config()), 500, ALREADY_CREATED)
