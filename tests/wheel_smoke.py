@@ -5,7 +5,7 @@ vmkit-*.whl`` (no Rust toolchain, no checkout) relies on.
 with each CPython's fresh virtual environment, so that the checkout's
 ``python/vmkit`` cannot be imported::
 
-    cd "$(mktemp -d)" && cp tests/wheel_smoke.py test_wheel_smoke.py
+    dir=$(mktemp -d) && cp tests/wheel_smoke.py "$dir/test_wheel_smoke.py" && cd "$dir"
     VENV/bin/python -m pytest -p no:cacheprovider -rs test_wheel_smoke.py
 
 The main suite does not collect it (the name does not match ``test_*.py``):
