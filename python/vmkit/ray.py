@@ -65,6 +65,8 @@ KVM_RESOURCE = "vmkit_kvm"
 #: How long one ``serial_from`` call waits for new output before answering
 #: empty (a long poll: output reaches the driver as soon as it is written).
 _SERIAL_POLL = 1.0
+#: How long to wait before asking an unreachable actor again whether it lives.
+_PROBE_PAUSE = 0.1
 #: The most one serial chunk carries: small objects travel inline with the
 #: reply instead of through the node's object store (which dies with it).
 _SERIAL_CHUNK = 64 * 1024
@@ -350,6 +352,10 @@ class _Slot:
     decoder: Any = None
     result: VmResult | None = None
     deadline: float = 0.0
+    #: the error that made the actor look unreachable, while it is probed
+    suspect: BaseException | None = None
+    probe_ref: Any = None
+    probe_at: float = 0.0
 
 
 #: Errors that say the actor or its node is gone (so: boot again elsewhere).
@@ -446,7 +452,7 @@ class VmPool:
         )
         slot.placement = None
         slot.where_ref = slot.actor.where.remote()
-        slot.run_ref = slot.serial_ref = None
+        slot.run_ref = slot.serial_ref = slot.probe_ref = slot.suspect = None
         slot.offset = 0
         slot.decoder = None
         slot.deadline = time.monotonic() + self._start_timeout
@@ -519,14 +525,18 @@ class VmPool:
         """Waits for the next answers from the actors and turns them into events.
         ``timeout`` None: only placing (``start``); else running."""
         refs: dict[Any, tuple[_Slot, str, int]] = {}
+        now = time.monotonic()
         for slot in self._slots:
             if slot.result is not None:
                 continue
-            for kind in ("where", "run", "serial"):
+            if slot.suspect is not None and slot.probe_ref is None and now >= slot.probe_at:
+                slot.probe_ref = slot.actor.where.remote()
+            for kind in ("where", "run", "serial", "probe"):
                 ref = getattr(slot, f"{kind}_ref")
                 if ref is not None:
                     refs[ref] = (slot, kind, slot.restarts)
         if not refs:
+            time.sleep(_PROBE_PAUSE)
             return
         ready, rest = ray.wait(list(refs), num_returns=1, timeout=0.5)
         if ready and rest:
@@ -539,10 +549,21 @@ class VmPool:
             setattr(slot, f"{kind}_ref", None)
             try:
                 value = ray.get(ref)
+            except ray.exceptions.ActorUnavailableError as error:
+                # Not known dead yet (its node may be dying, and still be a
+                # place for the new actor): ask it again until Ray knows.
+                slot.where_ref = slot.run_ref = slot.serial_ref = None
+                slot.suspect = error
+                slot.probe_at = time.monotonic() + _PROBE_PAUSE
+                continue
             except _LOST as error:
                 yield from self._lost(slot, error, until, timeout)
                 continue
-            if kind == "where":
+            if kind == "probe":
+                # Alive after all, but its run's answer is lost: boot it again.
+                assert slot.suspect is not None
+                yield from self._lost(slot, slot.suspect, until, timeout)
+            elif kind == "where":
                 slot.placement = VmStarted(
                     slot.index,
                     value["node_id"],
@@ -661,7 +682,7 @@ class VmPool:
         with contextlib.suppress(Exception):
             ray.wait(probes, num_returns=len(probes), timeout=self._stop_timeout)
         for slot in self._slots:
-            slot.actor = slot.where_ref = slot.run_ref = slot.serial_ref = None
+            slot.actor = slot.where_ref = slot.run_ref = slot.serial_ref = slot.probe_ref = None
 
     def __enter__(self) -> VmPool:
         return self
