@@ -239,15 +239,11 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     print(
         f"| 1 | {ms(med['bare1'])} | {ms(med['actor1'])} | | "
-        f"{med['actor1'] / med['bare1']:.0f}"
-        "\u00d7 | "
-        f"{ms(med['actor1'] - med['bare1'])} | | |"
+        f"{ratio(med['actor1'], med['bare1'])} | {ms(med['actor1'] - med['bare1'])} | | |"
     )
     print(
         f"| {n} | {ms(med['bareN'])} | {ms(med['actorN'])} | {ms(med['placedN'])} | "
-        f"{med['actorN'] / med['bareN']:.0f}"
-        "\u00d7 | "
-        f"{ms((med['actorN'] - med['bareN']) / n)} | "
+        f"{ratio(med['actorN'], med['bareN'])} | {ms((med['actorN'] - med['bareN']) / n)} | "
         f"{ms(med['closeB'])} | {ms(med['closeA'])} |"
     )
     print()

@@ -171,6 +171,7 @@ def test_pool_spreads_vms_runs_their_workload_and_streams_serial(cluster: LocalC
             if isinstance(e, SerialOutput) and e.index == result.index
         ]
         assert "".join(text for _, text in chunks) == result.serial
+        assert all(text.endswith("\n") for _, text in chunks[:-1]), "a chunk cut a line"
         finished = next(
             t for t, e in events if isinstance(e, VmFinished) and e.result.index == result.index
         )
@@ -207,6 +208,34 @@ def test_interrupted_driver_leaves_no_vm(cluster: LocalCluster) -> None:
         pool.run(timeout=30, on_event=interrupt)
     assert len(placements) == 3
     assert wait_gone([p.vmm_pid for p in placements] + [p.actor_pid for p in placements]) == []
+
+
+@pytest.mark.vmkit_kvm
+def test_killed_driver_leaves_no_vm(cluster: LocalCluster) -> None:
+    """A driver killed outright (no finally runs): Ray ends its actors, and
+    each VMM ends with its actor."""
+    code = (
+        "import ray\n"
+        "from vmkit.ray import VmPool, builtin_guest\n"
+        f"ray.init(address={cluster.address!r}, _node_ip_address={HEAD!r}, "
+        "logging_level='warning')\n"
+        "pool = VmPool(builtin_guest(['ticks'], ticks=1000, tick_ms=100), 3)\n"
+        "for p in pool.start():\n"
+        "    print(p.vmm_pid, p.actor_pid, flush=True)\n"
+        "for event in pool.events(timeout=120):\n"
+        "    pass\n"
+    )
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout is not None
+        pids = [int(pid) for _ in range(3) for pid in driver.stdout.readline().split()]
+        assert len(pids) == 6 and all(process_running(pid) for pid in pids)
+    finally:
+        driver.kill()
+        driver.wait()
+        if driver.stdout is not None:
+            driver.stdout.close()
+    assert wait_gone(pids, timeout=30) == []
 
 
 @pytest.mark.vmkit_kvm

@@ -199,7 +199,7 @@ class VmActor:
                 "outcome": outcome,
                 "message": message,
                 "seconds": seconds,
-                "serial": self._vm.serial.text,
+                "serial": self._vm.serial.read(),
             }
 
     def serial_from(self, offset: int, wait: float) -> bytes:
@@ -308,7 +308,8 @@ class VmStarted:
 
 @dataclass(frozen=True)
 class SerialOutput:
-    """Serial output of VM ``index`` (its boot after ``restarts`` restarts), in order."""
+    """Serial output of VM ``index`` (its boot after ``restarts`` restarts), in
+    order: whole lines (output that never got its newline comes last)."""
 
     index: int
     text: str
@@ -349,7 +350,7 @@ class _Slot:
     run_ref: Any = None
     serial_ref: Any = None
     offset: int = 0
-    decoder: Any = None
+    partial: bytes = b""  # output after its last newline, not yet passed on
     result: VmResult | None = None
     deadline: float = 0.0
     #: the error that made the actor look unreachable, while it is probed
@@ -454,7 +455,7 @@ class VmPool:
         slot.where_ref = slot.actor.where.remote()
         slot.run_ref = slot.serial_ref = slot.probe_ref = slot.suspect = None
         slot.offset = 0
-        slot.decoder = None
+        slot.partial = b""
         slot.deadline = time.monotonic() + self._start_timeout
 
     def _check_capacity(self) -> None:
@@ -581,7 +582,7 @@ class VmPool:
                 slot.serial_ref = slot.actor.serial_from.remote(slot.offset, _SERIAL_POLL)
             else:
                 # The rest of the output (the run's copy is complete).
-                tail = value["serial"].encode()[slot.offset :]
+                tail = value["serial"][slot.offset :]
                 if tail:
                     yield from self._serial(slot, tail, final=True)
                 slot.serial_ref = None
@@ -589,7 +590,7 @@ class VmPool:
                     slot.index,
                     value["outcome"],
                     value["message"],
-                    value["serial"],
+                    value["serial"].decode(errors="replace"),
                     value["node_id"],
                     tuple(slot.nodes),
                     slot.restarts,
@@ -605,13 +606,12 @@ class VmPool:
                 )
 
     def _serial(self, slot: _Slot, data: bytes, final: bool = False) -> Iterator[SerialOutput]:
-        if slot.decoder is None:
-            import codecs
-
-            slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text = slot.decoder.decode(data, final)
-        if text:
-            yield SerialOutput(slot.index, text, slot.restarts)
+        # Whole lines only (a line's bytes may come in two chunks); the rest at the end.
+        buffered = slot.partial + data
+        cut = len(buffered) if final else buffered.rfind(b"\n") + 1
+        slot.partial = buffered[cut:]
+        if cut:
+            yield SerialOutput(slot.index, buffered[:cut].decode(errors="replace"), slot.restarts)
 
     def events(self, *, until: str | None = None, timeout: float = 60.0) -> Iterator[Event]:
         """Boots every VM and yields what happens, until every VM's workload
