@@ -225,13 +225,25 @@ def main() -> int:
     finally:
         ray.shutdown()
         cluster.stop()
-    med = {k: statistics.median(v) for k, v in figures.items()}
     n = args.vms
     print()
     print(
         f"Machine: {machine()}, Ray {ray.__version__}; cluster of 3 nodes started in "
         f"{cluster_start:.1f} s; medians of {args.runs} runs\n"
     )
+    detector = "Ray's default" if args.default_detector else "0.5 s \u00d7 3"
+    print(
+        f"Node killed ({detector} failure detector, {kill['ticks']} ticks of 0.1 s): "
+        f"{kill['victims']} of {n} VMs on it; {kill['results']} results, {kill['done']} "
+        f"powered off, {kill['restarts']} restarts, {kill['moved']} moved, "
+        f"{kill['left']} of its VMMs left; lost reported after {ms(kill['lost'])}, "
+        f"running again after {ms(kill['started'])}, workloads done after "
+        f"{ms(kill['finished'])}; whole run {ms(kill['total'])}"
+    )
+    if args.runs == 0:
+        return 0
+    med = {k: statistics.median(v) for k, v in figures.items()}
+    print()
     print(
         "| VMs | bare `Vm.spawn` → ready | `VmPool` → ready | of which placing | "
         "ratio | per-VM overhead | close bare | close pool |"
@@ -245,16 +257,6 @@ def main() -> int:
         f"| {n} | {ms(med['bareN'])} | {ms(med['actorN'])} | {ms(med['placedN'])} | "
         f"{ratio(med['actorN'], med['bareN'])} | {ms((med['actorN'] - med['bareN']) / n)} | "
         f"{ms(med['closeB'])} | {ms(med['closeA'])} |"
-    )
-    print()
-    detector = "Ray's default" if args.default_detector else "0.5 s \u00d7 3"
-    print(
-        f"Node killed ({detector} failure detector, {kill['ticks']} ticks of 0.1 s): "
-        f"{kill['victims']} of {n} VMs on it; {kill['results']} results, {kill['done']} "
-        f"powered off, {kill['restarts']} restarts, {kill['moved']} moved, "
-        f"{kill['left']} of its VMMs left; lost reported after {ms(kill['lost'])}, "
-        f"running again after {ms(kill['started'])}, workloads done after "
-        f"{ms(kill['finished'])}; whole run {ms(kill['total'])}"
     )
     return 0
 
