@@ -253,13 +253,17 @@ def test_restart_policy_when_an_actor_dies(cluster: LocalCluster) -> None:
                 os.kill(victim.actor_pid, signal.SIGKILL)
         results = [e.result for e in events if isinstance(e, VmFinished)]
     by_index = {r.index: r for r in results}
-    assert by_index[0].outcome == "lost" and by_index[0].restarts == 1
+    assert by_index[0].outcome == "lost" and by_index[0].restarts == 0
+    assert by_index[0].nodes == (victim.node_id,)
     assert by_index[1].outcome == "poweroff" and by_index[1].restarts == 0
     assert wait_gone([victim.vmm_pid]) == []
     # raise: the error names the VM and the policy, and every VM is closed.
     placements: dict[int, VmStarted] = {}
     with VmPool(config, 2, restart=RestartPolicy(0, "raise")) as pool:
-        with pytest.raises(VmLostError, match=r"VM 1 was lost after 1 restart\(s\)"):
+        with pytest.raises(
+            VmLostError,
+            match=r"VM 1 was lost with no restart left \(RestartPolicy.max_restarts=0\)",
+        ):
             for event in pool.events(timeout=30):
                 if isinstance(event, VmStarted):
                     placements[event.index] = event

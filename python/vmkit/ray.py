@@ -231,12 +231,13 @@ class VmPoolError(RuntimeError):
 
 
 class VmLostError(VmPoolError):
-    """A VM's node (or actor) died more often than its ``RestartPolicy`` allows."""
+    """A VM's node (or actor) died once more than its ``RestartPolicy`` allows
+    (``restarts``: the restarts it had)."""
 
     def __init__(self, index: int, restarts: int, reason: str) -> None:
         super().__init__(
-            f"VM {index} was lost after {restarts} restart(s) "
-            f"(RestartPolicy.max_restarts={restarts - 1}): {reason}"
+            f"VM {index} was lost with no restart left "
+            f"(RestartPolicy.max_restarts={restarts}): {reason}"
         )
         self.index = index
         self.restarts = restarts
@@ -508,8 +509,7 @@ class VmPool:
         lost_node = slot.placement.node_id if slot.placement is not None else None
         with contextlib.suppress(Exception):
             ray.kill(slot.actor, no_restart=True)
-        slot.restarts += 1
-        if slot.restarts > self.restart.max_restarts:
+        if slot.restarts >= self.restart.max_restarts:
             if self.restart.on_exhausted == "raise":
                 raise VmLostError(slot.index, slot.restarts, reason) from error
             slot.result = VmResult(
@@ -517,6 +517,7 @@ class VmPool:
             )
             yield VmFinished(slot.result)
             return
+        slot.restarts += 1
         yield VmRestarted(slot.index, lost_node, reason, slot.restarts)
         self._launch(slot)
         if timeout is not None:
