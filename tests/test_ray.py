@@ -3,23 +3,37 @@
 The cluster (``vmkit._raycluster``): a head and two worker nodes, each a real
 ``ray start`` on its own loopback address (127.0.0.10-12) with one CPU and
 four ``vmkit_kvm`` slots, every process below one keeper process that stops
-them all in the fixture's finaliser. The node-death test kills a worker node
-for good, so it runs after the others (file order).
+them all in the fixture's finaliser. The Ray driver is a process of its own
+(``RayDriver``) that runs the bodies in tests/_raycases.py: the pytest process
+never imports Ray, whose threads and descriptors would outlive
+``ray.shutdown()`` and upset the other tests' counts. The node-death test
+kills a worker node for good, so it runs last (file order).
 """
 
 from __future__ import annotations
 
-import os
-import signal
+import importlib.util
+import multiprocessing
+import multiprocessing.pool
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from vmkit._raycluster import LocalCluster, NodeSpec, process_running
 from vmkit.pytest_plugin import kvm_missing
+
+NO_RAY = "Ray is not installed (pip install 'vmkit[ray]')"
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+HEAD, WORKER1, WORKER2 = "127.0.0.10", "127.0.0.11", "127.0.0.12"
+SLOTS = 4  # as in _raycases
+#: Ray's failure detector, fast: a dead node is noticed within ~1.5 s.
+FAST_DETECTOR = {
+    "RAY_health_check_period_ms": "500",
+    "RAY_health_check_failure_threshold": "3",
+    "RAY_health_check_initial_delay_ms": "0",
+}
 
 
 def test_import_vmkit_does_not_import_ray() -> None:
@@ -41,285 +55,109 @@ def test_import_without_ray_says_how_to_install() -> None:
     assert "pip install 'vmkit[ray]'" in out.stdout
 
 
-try:
-    import ray
-    from vmkit.ray import (
-        KVM_RESOURCE,
-        RestartPolicy,
-        SerialOutput,
-        VmFinished,
-        VmLostError,
-        VmPool,
-        VmPoolError,
-        VmRestarted,
-        VmStarted,
-        builtin_guest,
-        node_resources,
-    )
-except ImportError:
-    ray = None
+def _call(name: str, args: tuple[Any, ...]) -> Any:
+    """Runs in the driver process."""
+    import _raycases
 
-needs_ray = pytest.mark.skipif(
-    ray is None, reason="Ray is not installed (pip install 'vmkit[ray]')"
-)
-
-HEAD, WORKER1, WORKER2 = "127.0.0.10", "127.0.0.11", "127.0.0.12"
-SLOTS = 4
-#: Ray's failure detector, fast: a dead node is noticed within ~1.5 s.
-FAST_DETECTOR = {
-    "RAY_health_check_period_ms": "500",
-    "RAY_health_check_failure_threshold": "3",
-    "RAY_health_check_initial_delay_ms": "0",
-}
+    return getattr(_raycases, name)(*args)
 
 
-@needs_ray
-def test_restart_policy_refuses_bad_values() -> None:
-    with pytest.raises(ValueError, match="max_restarts must be a non-negative integer, not -1"):
-        RestartPolicy(max_restarts=-1)
-    with pytest.raises(ValueError, match="on_exhausted must be 'raise' or 'give_up', not 'retry'"):
-        RestartPolicy(on_exhausted="retry")  # type: ignore[arg-type]
+class RayDriver:
+    """A process (spawned: a fresh interpreter) that runs _raycases' functions."""
 
+    def __init__(self) -> None:
+        self._pool = multiprocessing.get_context("spawn").Pool(1)
 
-@needs_ray
-def test_pool_refuses_bad_counts() -> None:
-    with pytest.raises(ValueError, match="count must be a positive integer, not 0"):
-        VmPool(builtin_guest(), 0)
-    with pytest.raises(ValueError, match="count=3 but 2 configs were given"):
-        VmPool([builtin_guest(), builtin_guest()], 3)
+    def call(self, name: str, *args: Any, timeout: float = 180.0) -> Any:
+        """``_raycases.name(*args)`` there; its exception (with its traceback) here."""
+        return self._pool.apply_async(_call, (name, args)).get(timeout)
 
-
-@needs_ray
-def test_resources_command() -> None:
-    run = [sys.executable, "-m", "vmkit.ray", "resources"]
-    out = subprocess.run([*run, "--slots", "3"], capture_output=True, text=True)
-    if kvm_missing() is None:
-        assert (out.returncode, out.stdout.strip()) == (0, '{"vmkit_kvm": 3.0}')
-        assert node_resources() == {KVM_RESOURCE: float(os.cpu_count() or 1)}
-    else:
-        assert (out.returncode, out.stdout.strip()) == (0, "{}")
-        assert "cannot run VMs" in out.stderr
-    bad = subprocess.run([*run, "--slots", "0"], capture_output=True, text=True)
-    assert bad.returncode == 2
-    assert "--slots: slots must be a positive integer, not 0" in bad.stderr
+    def close(self) -> None:
+        self._pool.terminate()
+        self._pool.join()
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
-    if ray is None:
-        pytest.skip("Ray is not installed (pip install 'vmkit[ray]')")
+def driver() -> Iterator[RayDriver]:
+    if not HAVE_RAY:
+        pytest.skip(NO_RAY)
+    ray_driver = RayDriver()
+    try:
+        yield ray_driver
+    finally:
+        ray_driver.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(driver: RayDriver) -> Iterator[LocalCluster]:
     why = kvm_missing()
     if why is not None:
         pytest.skip(why)
-    nodes = [NodeSpec(ip, 1, ((KVM_RESOURCE, float(SLOTS)),)) for ip in (HEAD, WORKER1, WORKER2)]
+    nodes = [NodeSpec(ip, 1, (("vmkit_kvm", float(SLOTS)),)) for ip in (HEAD, WORKER1, WORKER2)]
     local = LocalCluster(nodes, env=FAST_DETECTOR)
     seen: set[int] = set()
     try:
         local.start()
-        ray.init(address=local.address, _node_ip_address=HEAD, logging_level="warning")
+        driver.call("connect", local.address, local.keeper_pid)
         yield local
         seen.update(local.processes())
+        driver.call("disconnect")
     finally:
-        ray.shutdown()
         local.stop()
     left = [pid for pid in seen if process_running(pid)]
     assert not left, f"cluster processes left running: {left}"
     assert not local.temp_dir.exists()
 
 
-def node_ips() -> dict[str, str]:
-    return {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
+def test_restart_policy_refuses_bad_values(driver: RayDriver) -> None:
+    driver.call("restart_policy_refuses_bad_values")
 
 
-def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
-    """The processes among ``pids`` still running after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = [pid for pid in pids if process_running(pid)]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.05)
+def test_pool_refuses_bad_counts(driver: RayDriver) -> None:
+    driver.call("pool_refuses_bad_counts")
 
 
-def started(events: list[Any]) -> list[VmStarted]:
-    return [event for event in events if isinstance(event, VmStarted)]
+def test_resources_command(driver: RayDriver) -> None:
+    driver.call("resources_command", kvm_missing() is None)
 
 
 @pytest.mark.vmkit_kvm
-def test_pool_spreads_vms_runs_their_workload_and_streams_serial(cluster: LocalCluster) -> None:
-    ips = node_ips()
-    events: list[tuple[float, Any]] = []
-    with VmPool(builtin_guest(["hello", "ticks"], ticks=8, tick_ms=100), 6) as pool:
-        placements = pool.start()
-        results = pool.run(timeout=30, on_event=lambda e: events.append((time.monotonic(), e)))
-    # Spread: every node holds VMs, none more than its slots.
-    per_node = [ips[p.node_id] for p in placements]
-    assert sorted(set(per_node)) == [HEAD, WORKER1, WORKER2]
-    assert max(per_node.count(ip) for ip in set(per_node)) <= SLOTS
-    assert [r.index for r in results] == list(range(6))
-    for result, placement in zip(results, placements, strict=True):
-        assert (result.outcome, result.restarts) == ("poweroff", 0), result.message
-        assert result.nodes == (placement.node_id,) and result.node_id == placement.node_id
-        guest = result.guest()
-        assert guest.ok("ticks") and guest.values("ticks") == {"ticks": "8"}
-        assert (guest.failed, guest.exit) == (0, "poweroff")
-        # Streamed: the chunks make up the whole output, and the first tick came
-        # well before the end (the guest ticks for 0.8 s).
-        chunks = [
-            (t, e.text)
-            for t, e in events
-            if isinstance(e, SerialOutput) and e.index == result.index
-        ]
-        assert "".join(text for _, text in chunks) == result.serial
-        assert all(text.endswith("\n") for _, text in chunks[:-1]), "a chunk cut a line"
-        finished = next(
-            t for t, e in events if isinstance(e, VmFinished) and e.result.index == result.index
-        )
-        first_tick = next(t for t, text in chunks if "tick 0" in text)
-        assert finished - first_tick > 0.4
-    # Closed: no VMM process, no actor process.
-    assert wait_gone([p.vmm_pid for p in placements] + [p.actor_pid for p in placements]) == []
+def test_pool_spreads_vms_runs_their_workload_and_streams_serial(
+    driver: RayDriver, cluster: LocalCluster
+) -> None:
+    driver.call("pool_spreads_vms_runs_their_workload_and_streams_serial")
 
 
 @pytest.mark.vmkit_kvm
-def test_pool_refuses_more_vms_than_the_cluster_has_slots(cluster: LocalCluster) -> None:
-    with (
-        VmPool(builtin_guest(), 3 * SLOTS + 1) as pool,
-        pytest.raises(
-            VmPoolError,
-            match=f"13 VMs need 13 units of 'vmkit_kvm'; the cluster's nodes have {3 * SLOTS}",
-        ),
-    ):
-        pool.start()
+def test_pool_refuses_more_vms_than_the_cluster_has_slots(
+    driver: RayDriver, cluster: LocalCluster
+) -> None:
+    driver.call("pool_refuses_more_vms_than_the_cluster_has_slots")
 
 
 @pytest.mark.vmkit_kvm
-def test_interrupted_driver_leaves_no_vm(cluster: LocalCluster) -> None:
-    placements: list[VmStarted] = []
-
-    def interrupt(event: Any) -> None:
-        if isinstance(event, VmStarted):
-            placements.append(event)
-        if isinstance(event, SerialOutput) and "tick 1" in event.text:
-            raise KeyboardInterrupt
-
-    pool = VmPool(builtin_guest(["ticks"], ticks=100, tick_ms=100), 3)
-    with pytest.raises(KeyboardInterrupt):
-        pool.run(timeout=30, on_event=interrupt)
-    assert len(placements) == 3
-    assert wait_gone([p.vmm_pid for p in placements] + [p.actor_pid for p in placements]) == []
+def test_interrupted_driver_leaves_no_vm(driver: RayDriver, cluster: LocalCluster) -> None:
+    driver.call("interrupted_driver_leaves_no_vm")
 
 
 @pytest.mark.vmkit_kvm
-def test_killed_driver_leaves_no_vm(cluster: LocalCluster) -> None:
+def test_killed_driver_leaves_no_vm(driver: RayDriver, cluster: LocalCluster) -> None:
     """A driver killed outright (no finally runs): Ray ends its actors, and
     each VMM ends with its actor."""
-    code = (
-        "import ray\n"
-        "from vmkit.ray import VmPool, builtin_guest\n"
-        f"ray.init(address={cluster.address!r}, _node_ip_address={HEAD!r}, "
-        "logging_level='warning')\n"
-        "pool = VmPool(builtin_guest(['ticks'], ticks=1000, tick_ms=100), 3)\n"
-        "for p in pool.start():\n"
-        "    print(p.vmm_pid, p.actor_pid, flush=True)\n"
-        "for event in pool.events(timeout=120):\n"
-        "    pass\n"
-    )
-    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert driver.stdout is not None
-        pids = [int(pid) for _ in range(3) for pid in driver.stdout.readline().split()]
-        assert len(pids) == 6 and all(process_running(pid) for pid in pids)
-    finally:
-        driver.kill()
-        driver.wait()
-        if driver.stdout is not None:
-            driver.stdout.close()
-    assert wait_gone(pids, timeout=30) == []
+    driver.call("killed_driver_leaves_no_vm", cluster.address)
 
 
 @pytest.mark.vmkit_kvm
-def test_restart_policy_when_an_actor_dies(cluster: LocalCluster) -> None:
-    # max_restarts=0, give_up: the VM whose actor is killed is reported lost,
-    # the other finishes.
-    config = builtin_guest(["ticks"], ticks=15, tick_ms=100)
-    events: list[Any] = []
-    with VmPool(config, 2, restart=RestartPolicy(0, "give_up")) as pool:
-        for event in pool.events(timeout=30):
-            events.append(event)
-            if isinstance(event, SerialOutput) and event.index == 0 and "tick 1" in event.text:
-                victim = pool.placements[0]
-                assert victim is not None
-                os.kill(victim.actor_pid, signal.SIGKILL)
-        results = [e.result for e in events if isinstance(e, VmFinished)]
-    by_index = {r.index: r for r in results}
-    assert by_index[0].outcome == "lost" and by_index[0].restarts == 0
-    assert by_index[0].nodes == (victim.node_id,)
-    assert by_index[1].outcome == "poweroff" and by_index[1].restarts == 0
-    assert wait_gone([victim.vmm_pid]) == []
-    # raise: the error names the VM and the policy, and every VM is closed.
-    placements: dict[int, VmStarted] = {}
-    with VmPool(config, 2, restart=RestartPolicy(0, "raise")) as pool:
-        with pytest.raises(
-            VmLostError,
-            match=r"VM 1 was lost with no restart left \(RestartPolicy.max_restarts=0\)",
-        ):
-            for event in pool.events(timeout=30):
-                if isinstance(event, VmStarted):
-                    placements[event.index] = event
-                if isinstance(event, SerialOutput) and event.index == 1 and "tick 1" in event.text:
-                    os.kill(placements[1].actor_pid, signal.SIGKILL)
-        pids = [p.vmm_pid for p in placements.values()] + [p.actor_pid for p in placements.values()]
-        assert wait_gone(pids) == []
+def test_restart_policy_when_an_actor_dies(driver: RayDriver, cluster: LocalCluster) -> None:
+    driver.call("restart_policy_when_an_actor_dies")
 
 
 @pytest.mark.vmkit_kvm
-def test_node_death_restarts_its_vms_on_the_other_nodes(cluster: LocalCluster) -> None:
-    """Kills a worker node (its raylet and Ray processes) while every VM runs."""
-    ips = node_ips()
-    assert sorted(ips.values()) == [HEAD, WORKER1, WORKER2]
-    dead_node = next(node for node, ip in ips.items() if ip == WORKER2)
-    events: list[tuple[float, Any]] = []
-    ticked: set[int] = set()
-    killed_at = 0.0
-    victims: list[VmStarted] = []
-    with VmPool(builtin_guest(["hello", "ticks"], ticks=20, tick_ms=100), 6) as pool:
-        for event in pool.events(timeout=30):
-            events.append((time.monotonic(), event))
-            if isinstance(event, SerialOutput) and "tick 1" in event.text:
-                ticked.add(event.index)
-            if not killed_at and len(ticked) == 6:
-                victims = [p for p in pool.placements if p is not None and p.node_id == dead_node]
-                assert victims, "SPREAD placed no VM on the node to kill"
-                cluster.kill_node(WORKER2)
-                killed_at = time.monotonic()
-        vm_gone_after = time.monotonic() - killed_at
-        # The dead node's VMM processes ended with their actors.
-        assert wait_gone([v.vmm_pid for v in victims] + [v.actor_pid for v in victims]) == []
-        results = [e.result for _, e in events if isinstance(e, VmFinished)]
-        placements = started([e for _, e in events])
-    assert killed_at, "the VMs never all ticked"
-    victim_indexes = sorted(v.index for v in victims)
-    # Every VM accounted for, each done, the victims once more on a live node.
-    assert sorted(r.index for r in results) == list(range(6))
-    for result in results:
-        assert result.outcome == "poweroff", result.message
-        assert result.guest().values("ticks") == {"ticks": "20"}
-        if result.index in victim_indexes:
-            assert result.restarts == 1
-            assert result.nodes[0] == dead_node and result.node_id != dead_node
-        else:
-            assert result.restarts == 0 and result.nodes == (result.node_id,)
-    restarted = [e for _, e in events if isinstance(e, VmRestarted)]
-    assert sorted(e.index for e in restarted) == victim_indexes
-    assert all(e.node_id == dead_node and e.restarts == 1 for e in restarted)
-    recovered = max(
-        t
-        for t, e in events
-        if isinstance(e, VmStarted) and e.index in victim_indexes and e.restarts
-    )
-    print(
-        f"node killed: VMs restarted elsewhere after {recovered - killed_at:.2f} s "
-        f"(run over {vm_gone_after:.2f} s after the kill)"
-    )
-    assert wait_gone([p.vmm_pid for p in placements] + [p.actor_pid for p in placements]) == []
+def test_node_death_restarts_its_vms_on_the_other_nodes(
+    driver: RayDriver, cluster: LocalCluster
+) -> None:
+    print(driver.call("node_death_restarts_its_vms_on_the_other_nodes"))
+
+
+def test_this_process_never_imported_ray() -> None:
+    assert "ray" not in sys.modules

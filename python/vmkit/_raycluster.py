@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["LocalCluster", "NodeSpec", "descendants", "process_running"]
+__all__ = ["LocalCluster", "NodeSpec", "descendants", "kill_node", "process_running", "processes"]
 
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -166,27 +166,13 @@ class LocalCluster:
 
     def processes(self) -> list[int]:
         """Every running process of the cluster (VMMs included)."""
-        if self._keeper is None:
-            return []
-        return [pid for pid in descendants(self._keeper.pid) if process_running(pid)]
-
-    def raylet_pid(self, ip: str) -> int:
-        for pid in self.processes():
-            args = cmdline(pid)
-            if args and args[0].endswith("/raylet") and f"--node_ip_address={ip}" in args:
-                return pid
-        raise LookupError(f"no raylet for node {ip}")
+        return [] if self._keeper is None else processes(self._keeper.pid)
 
     def kill_node(self, ip: str) -> list[int]:
-        """SIGKILLs the node's raylet and the Ray processes it started (its
-        workers and agents); returns their ids."""
-        raylet = self.raylet_pid(ip)
-        children = _children_map().get(raylet, [])
-        victims = [raylet, *children]
-        for pid in victims:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        return victims
+        """See ``kill_node``."""
+        if self._keeper is None:
+            raise LookupError("the cluster is not running")
+        return kill_node(self._keeper.pid, ip)
 
     def stop(self) -> None:
         keeper, self._keeper = self._keeper, None
@@ -205,6 +191,31 @@ class LocalCluster:
             if keeper.stdout is not None:
                 keeper.stdout.close()
         subprocess.run(["rm", "-rf", str(self.temp_dir)], check=False)
+
+
+def processes(keeper: int) -> list[int]:
+    """Every running process below the keeper ``keeper`` (VMMs included)."""
+    return [pid for pid in descendants(keeper) if process_running(pid)]
+
+
+def raylet_pid(keeper: int, ip: str) -> int:
+    for pid in processes(keeper):
+        args = cmdline(pid)
+        if args and args[0].endswith("/raylet") and f"--node_ip_address={ip}" in args:
+            return pid
+    raise LookupError(f"no raylet for node {ip}")
+
+
+def kill_node(keeper: int, ip: str) -> list[int]:
+    """SIGKILLs node ``ip``'s raylet and the Ray processes it started (its
+    workers and agents), not what those started (they must notice by
+    themselves); returns their ids."""
+    raylet = raylet_pid(keeper, ip)
+    victims = [raylet, *_children_map().get(raylet, [])]
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return victims
 
 
 def _reap() -> None:
