@@ -72,11 +72,17 @@ def restart_policy_refuses_bad_values() -> None:
         RestartPolicy(on_exhausted="retry")  # type: ignore[arg-type]
 
 
-def pool_refuses_bad_counts() -> None:
+def pool_refuses_bad_arguments() -> None:
     with pytest.raises(ValueError, match="count must be a positive integer, not 0"):
         VmPool(builtin_guest(), 0)
     with pytest.raises(ValueError, match="count=3 but 2 configs were given"):
         VmPool([builtin_guest(), builtin_guest()], 3)
+    with pytest.raises(TypeError, match=r"config must be a VmConfig, .* not str"):
+        VmPool('{"payload": {}}', 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"until='\(' is not a regular expression"):
+        VmPool(builtin_guest(), 1).run(until="(")
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds, not 0"):
+        VmPool(builtin_guest(), 1).run(timeout=0)
 
 
 def resources_command(kvm_usable: bool) -> None:
@@ -137,6 +143,23 @@ def pool_refuses_more_vms_than_the_cluster_has_slots() -> None:
         ),
     ):
         pool.start()
+
+
+def vm_that_fails_to_start() -> None:
+    """A VM whose actor fails in its constructor: the pool says which and why,
+    and closes the others."""
+    guest = builtin_guest()
+
+    def config(index: int) -> Any:
+        if index == 1:
+            raise ValueError("no config for VM 1")
+        return guest(index)
+
+    pool = VmPool(config, 3, restart=RestartPolicy(3))
+    with pytest.raises(VmPoolError, match=r"VM 1 failed to start: (?s:.)*no config for VM 1"):
+        pool.start()
+    placed = [p for p in pool.placements if p is not None]
+    assert wait_gone(pids_of(placed)) == []
 
 
 def interrupted_driver_leaves_no_vm() -> None:

@@ -113,8 +113,8 @@ def test_restart_policy_refuses_bad_values(driver: RayDriver) -> None:
     driver.call("restart_policy_refuses_bad_values")
 
 
-def test_pool_refuses_bad_counts(driver: RayDriver) -> None:
-    driver.call("pool_refuses_bad_counts")
+def test_pool_refuses_bad_arguments(driver: RayDriver) -> None:
+    driver.call("pool_refuses_bad_arguments")
 
 
 def test_resources_command(driver: RayDriver) -> None:
@@ -133,6 +133,11 @@ def test_pool_refuses_more_vms_than_the_cluster_has_slots(
     driver: RayDriver, cluster: LocalCluster
 ) -> None:
     driver.call("pool_refuses_more_vms_than_the_cluster_has_slots")
+
+
+@pytest.mark.vmkit_kvm
+def test_vm_that_fails_to_start(driver: RayDriver, cluster: LocalCluster) -> None:
+    driver.call("vm_that_fails_to_start")
 
 
 @pytest.mark.vmkit_kvm

@@ -29,6 +29,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -402,6 +403,11 @@ class VmPool:
         stop_timeout: float = 10.0,
         spawn_options: Mapping[str, Any] | None = None,
     ) -> None:
+        if isinstance(config, (str, bytes)):
+            raise TypeError(
+                "config must be a VmConfig, a function of the VM's index that returns one, "
+                f"or a list of them, not {type(config).__name__}"
+            )
         if isinstance(config, Sequence):
             configs = list(config)
             if count is not None and count != len(configs):
@@ -488,7 +494,7 @@ class VmPool:
             self._check_capacity()
             for slot in self._slots:
                 self._launch(slot)
-            while any(slot.placement is None for slot in self._slots):
+            while any(slot.placement is None and slot.result is None for slot in self._slots):
                 self._pending_events.extend(self._step(None, None))
         except BaseException:
             self.close()
@@ -622,11 +628,19 @@ class VmPool:
         closed before it propagates."""
         if self._ran:
             raise ValueError("This VmPool has run its workload already (make a new one)")
+        if until is not None:
+            try:
+                re.compile(until)
+            except re.error as e:
+                raise ValueError(f"until={until!r} is not a regular expression: {e}") from None
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         try:
             yield from self._start_events()
             self._ran = True
             for slot in self._slots:
-                self._begin_run(slot, until, timeout)
+                if slot.result is None:  # not given up while it was placed
+                    self._begin_run(slot, until, timeout)
             while any(slot.result is None for slot in self._slots):
                 yield from self._step(until, timeout)
         except GeneratorExit:
