@@ -1,15 +1,21 @@
-"""The bodies of tests/test_ray.py's cluster tests, run in a driver process of
-their own (see ``RayDriver`` there): only that process imports Ray and joins
-the cluster, so that Ray's threads, descriptors and signal handlers never
-reach the pytest process, whose other tests count theirs."""
+"""The bodies of tests/test_ray.py's Ray tests, run in a driver process of
+their own (``python tests/_raycases.py RESPONSE_FD``; see ``RayDriver``
+there): only that process imports Ray and joins the cluster, so that Ray's
+threads, descriptors and signal handlers never reach the pytest process,
+whose other tests count theirs. Requests come on stdin, one JSON line each
+(``[function, args]``); each answer is one JSON line on RESPONSE_FD
+(``{"value": ...}`` or ``{"error": traceback}``): stdout and stderr stay
+free for Ray's and the VMs' own output."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import traceback
 from typing import Any
 
 import pytest
@@ -282,3 +288,19 @@ def node_death_restarts_its_vms_on_the_other_nodes() -> str:
     return (
         f"{len(victims)} VMs running again elsewhere {recovered - killed_at:.2f} s after the kill"
     )
+
+
+def serve(response_fd: int) -> None:
+    with open(response_fd, "w") as answers:
+        for request in sys.stdin:
+            name, args = json.loads(request)
+            try:
+                answer = {"value": globals()[name](*args)}
+            except BaseException:
+                answer = {"error": traceback.format_exc()}
+            answers.write(json.dumps(answer) + "\n")
+            answers.flush()
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))

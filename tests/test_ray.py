@@ -13,11 +13,13 @@ kills a worker node for good, so it runs last (file order).
 from __future__ import annotations
 
 import importlib.util
-import multiprocessing
-import multiprocessing.pool
+import json
+import os
+import select
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -55,26 +57,50 @@ def test_import_without_ray_says_how_to_install() -> None:
     assert "pip install 'vmkit[ray]'" in out.stdout
 
 
-def _call(name: str, args: tuple[Any, ...]) -> Any:
-    """Runs in the driver process."""
-    import _raycases
-
-    return getattr(_raycases, name)(*args)
-
-
 class RayDriver:
-    """A process (spawned: a fresh interpreter) that runs _raycases' functions."""
+    """The Ray driver: a process of its own running tests/_raycases.py."""
 
     def __init__(self) -> None:
-        self._pool = multiprocessing.get_context("spawn").Pool(1)
+        read, self._write = os.pipe()
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("_raycases.py")), str(self._write)],
+                stdin=subprocess.PIPE,
+                text=True,
+                pass_fds=(self._write,),
+            )
+        except BaseException:
+            os.close(read)
+            raise
+        finally:
+            os.close(self._write)
+        self._answers = os.fdopen(read)
 
     def call(self, name: str, *args: Any, timeout: float = 180.0) -> Any:
-        """``_raycases.name(*args)`` there; its exception (with its traceback) here."""
-        return self._pool.apply_async(_call, (name, args)).get(timeout)
+        """``_raycases.name(*args)`` there; a failure there fails the test here."""
+        assert self._process.stdin is not None
+        self._process.stdin.write(json.dumps([name, list(args)]) + "\n")
+        self._process.stdin.flush()
+        ready, _, _ = select.select([self._answers], [], [], timeout)
+        if not ready:
+            pytest.fail(f"the Ray driver did not answer {name} within {timeout} s")
+        line = self._answers.readline()
+        if not line:
+            pytest.fail(f"the Ray driver exited during {name} (status {self._process.wait()})")
+        answer = json.loads(line)
+        if "error" in answer:
+            pytest.fail(f"in the Ray driver:\n{answer['error']}", pytrace=False)
+        return answer["value"]
 
     def close(self) -> None:
-        self._pool.terminate()
-        self._pool.join()
+        assert self._process.stdin is not None
+        self._process.stdin.close()
+        try:
+            self._process.wait(30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._answers.close()
 
 
 @pytest.fixture(scope="module")
