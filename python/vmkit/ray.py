@@ -386,7 +386,15 @@ class VmPool:
     ``run()`` does the same and returns the ``VmResult``s by index, handing
     each event to ``on_event``. ``close()`` (and leaving the ``with`` block,
     however it is left) ends every VMM and actor. A pool runs its workload
-    once.
+    once. Without ``ray.init()`` first, ``start`` calls it (which joins the
+    cluster this machine belongs to, if any).
+
+    Each VM's actor asks for ``kvm_per_vm`` units of ``vmkit_kvm``,
+    ``num_cpus`` CPUs (0: the VM's vCPUs are not Ray's to count) and
+    ``resources``; ``spread`` places actors with Ray's SPREAD strategy.
+    ``start_timeout``: how long an actor may take to start its VMM;
+    ``stop_timeout``: how long ``close`` waits for the actors to close their
+    VMs, then to die; ``spawn_options``: keywords for ``Vm.spawn``.
     """
 
     def __init__(
@@ -425,6 +433,7 @@ class VmPool:
         self._options: dict[str, Any] = {
             "num_cpus": num_cpus,
             "resources": {**(resources or {}), KVM_RESOURCE: self._kvm_per_vm},
+            # run() blocks one thread; serial_from, where and close need others.
             "max_concurrency": 4,
             "max_restarts": 0,
         }
