@@ -370,6 +370,11 @@ _LOST = (
 )
 
 
+#: An actor Ray could not reach but does not know dead yet (older Rays lack
+#: the class; an empty tuple catches nothing).
+_UNAVAILABLE: Any = getattr(ray.exceptions, "ActorUnavailableError", ())
+
+
 def _first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
@@ -518,7 +523,9 @@ class VmPool:
     def _lost(
         self, slot: _Slot, error: BaseException, until: str | None, timeout: float | None
     ) -> Iterator[Event]:
-        if isinstance(error, ray.exceptions.RayActorError) and error.actor_init_failed:
+        if isinstance(error, ray.exceptions.RayActorError) and getattr(
+            error, "actor_init_failed", False
+        ):
             raise VmPoolError(f"VM {slot.index} failed to start: {error}") from error
         reason = _first_line(error)
         lost_node = slot.placement.node_id if slot.placement is not None else None
@@ -566,7 +573,7 @@ class VmPool:
             setattr(slot, f"{kind}_ref", None)
             try:
                 value = ray.get(ref)
-            except ray.exceptions.ActorUnavailableError as error:
+            except _UNAVAILABLE as error:
                 # Not known dead yet (its node may be dying, and still be a
                 # place for the new actor): ask it again until Ray knows.
                 slot.where_ref = slot.run_ref = slot.serial_ref = None
