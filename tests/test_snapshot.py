@@ -502,6 +502,7 @@ def test_hostile_snapshots_are_refused_cleanly(
 ) -> None:
     target = tmp_path / "hostile"
     hostile(good_snapshot, target, edit)
+    gc.collect()  # earlier tests' garbage must not close descriptors meanwhile
     threads = threading.active_count()
     fds = len(os.listdir("/proc/self/fd"))
     with pytest.raises(VmError) as e:
