@@ -266,3 +266,46 @@ bool step_acpi(struct result *r)
     res_kv_dec(r, "max_cpus", listed);
     return true;
 }
+
+/* Prints the RSDP and every table found (the DSDT too) byte for byte, so a
+ * host-side test can check them with ACPICA: "acpidump <SIG> addr=0x.. len=N"
+ * then "acpidump <SIG> <offset hex> <up to 32 bytes hex>" lines. */
+static void dump_bytes(const char *sig, u64 addr, u32 len)
+{
+    struct line l;
+    u32 off, k;
+    line_begin(&l);
+    line_str(&l, "acpidump ");
+    line_strn(&l, sig, 4);
+    line_str(&l, " addr=");
+    line_hex(&l, addr);
+    line_str(&l, " len=");
+    line_dec(&l, len);
+    line_end(&l);
+    for (off = 0; off < len; off += 32) {
+        line_begin(&l);
+        line_str(&l, "acpidump ");
+        line_strn(&l, sig, 4);
+        line_char(&l, ' ');
+        line_hexpad(&l, off, 5);
+        line_char(&l, ' ');
+        for (k = off; k < len && k < off + 32; k++)
+            line_hexpad(&l, rd8(addr + k), 2);
+        line_end(&l);
+    }
+}
+
+bool step_acpidump(struct result *r)
+{
+    const struct acpi_info *a = acpi_discover();
+    u32 i;
+    if (!a->ok) {
+        res_str(r, a->err);
+        return false;
+    }
+    dump_bytes("RSDP", a->rsdp, a->rsdp_len);
+    for (i = 0; i < a->ntables; i++)
+        dump_bytes(a->tables[i].sig, a->tables[i].addr, a->tables[i].len);
+    res_kv_dec(r, "tables", a->ntables);
+    return true;
+}

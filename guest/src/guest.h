@@ -299,6 +299,7 @@ struct acpi_info {
 /* Finds the RSDP and walks the root table (cached; checksums are not checked here). */
 const struct acpi_info *acpi_discover(void);
 bool step_acpi(struct result *r);
+bool step_acpidump(struct result *r);
 /* A table listed by the root table (or the DSDT): its address and length, 0 if absent. */
 u64 acpi_find_table(const char *sig, u32 *len);
 u32 madt_cpus(u32 *ids, u32 max, u32 *enabled, u32 *listed);

@@ -334,6 +334,7 @@ static const struct {
     {"net", step_net}, {"powerbutton", step_powerbutton}, {"ioapic", step_ioapic},
     {"pvpanic", step_pvpanic}, {"watchdog", step_watchdog}, {"vsock", step_vsock},
     {"pmem", step_pmem}, {"balloon", step_balloon}, {"numa", step_numa},
+    {"acpidump", step_acpidump},
     {"fs", step_fs}, {"tpm", step_tpm},
 };
 

@@ -1,0 +1,234 @@
+"""The ACPI tables as the guest finds them, checked by ACPICA (acpica-tools):
+every table disassembles with ``iasl -d`` and compiles back without errors,
+and ``acpiexec`` (the AML interpreter Linux uses) loads the DSDT and
+evaluates every device's objects and the GED's ``_EVT`` without errors.
+
+The tables come out of a snapshot of the running test guest (tests/_acpi.py),
+so they are the bytes the guest reads, for each configuration below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from _acpi import (
+    ACPICA_MISSING,
+    ACPIEXEC,
+    IASL,
+    AcpiTableError,
+    Tables,
+    acpiexec,
+    disassemble,
+    dumped_tables,
+    guest_tables,
+    namespace,
+    parse_tables,
+    recompile,
+)
+from _swtpm import SWTPM, SWTPM_MISSING, Swtpm
+from vmkit import VmConfig, testguest
+
+pytestmark = [
+    pytest.mark.vmkit_kvm,  # skips, saying why, without /dev/kvm
+    pytest.mark.skipif(IASL is None or ACPIEXEC is None, reason=ACPICA_MISSING),
+]
+
+# Each configuration changes what the tables hold: the MADT's vCPUs, the
+# host bridges and MCFG entries, the SRAT/SLIT and the bridges' _PXM, the
+# TPM device and TPM2 table.
+CONFIGS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "cpus-boot2-max4": ("--cpus", "boot=2,max=4"),
+    "two-pci-segments": ("--platform", "num_pci_segments=2"),
+    "numa": (
+        "--cpus", "boot=2",
+        "--memory", "size=0",
+        "--memory-zone", "id=a,size=64M", "id=b,size=64M",
+        "--platform", "num_pci_segments=2",
+        "--numa",
+        "guest_numa_id=0,cpus=[0],distances=[1@15],memory_zones=[a]",
+        "guest_numa_id=1,cpus=[1],distances=[0@25],memory_zones=[b],pci_segments=[1]",
+    ),
+    "tpm": ("--tpm", "socket={tpm}"),
+}  # fmt: skip
+
+SIGNATURES = {
+    "default": ["XSDT", "FACP", "DSDT", "APIC", "MCFG"],
+    "cpus-boot2-max4": ["XSDT", "FACP", "DSDT", "APIC", "MCFG"],
+    "two-pci-segments": ["XSDT", "FACP", "DSDT", "APIC", "MCFG"],
+    "numa": ["XSDT", "FACP", "DSDT", "APIC", "MCFG", "SRAT", "SLIT"],
+    "tpm": ["XSDT", "FACP", "DSDT", "APIC", "MCFG", "TPM2"],
+}
+
+# Warnings the ASL compiler gives for the disassembled DSDT that are not
+# faults. 3073 "Multiple types": each PCI host bridge has both _HID and
+# _ADR; Cloud Hypervisor v37's bridges have both too (Linux ignores the
+# _ADR of a device with a _HID), so vmkit keeps them as v37 writes them.
+HARMLESS_WARNINGS = {3073: "Device object requires either a _HID or _ADR, but not both"}
+
+# The objects of a device that the OS evaluates while enumerating it.
+DEVICE_OBJECTS = ("_HID", "_CID", "_UID", "_ADR", "_SEG", "_BBN", "_STA", "_CRS", "_PXM", "_MAT")
+
+
+@dataclasses.dataclass
+class GuestTables:
+    name: str
+    tables: Tables
+    paths: dict[str, Path]
+    folder: Path
+
+
+def _boot_args(options: tuple[str, ...], dump: bool = False) -> list[str]:
+    # Without `dump`, ticks for far longer than a test: the guest is running
+    # when paused.
+    steps = ["acpidump"] if dump else ["ticks"]
+    return [
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(steps, "poweroff", ticks=100000, tick_ms=20),
+        "--serial", "tty", "--console", "off",
+        *(() if "--memory" in options else ("--memory", "size=64M")),
+        *options,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def guest(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GuestTables]:
+    name: str = request.param
+    folder = tmp_path_factory.mktemp(name)
+    options = CONFIGS[name]
+    if name == "tpm":
+        if SWTPM is None:
+            pytest.skip(SWTPM_MISSING)
+        # vmkit cannot snapshot a VM with a TPM: the guest prints its tables.
+        with Swtpm(folder / "swtpm") as tpm:
+            options = tuple(o.format(tpm=tpm.socket) for o in options)
+            tables = dumped_tables(VmConfig.from_cli(_boot_args(options, dump=True)))
+    else:
+        tables = guest_tables(VmConfig.from_cli(_boot_args(options)), folder)
+    yield GuestTables(name, tables, tables.write(folder / "tables"), folder)
+
+
+def test_the_tables_are_those_of_the_configuration(guest: GuestTables) -> None:
+    # parse_tables already checked every checksum and pointer.
+    assert list(guest.tables.by_signature) == SIGNATURES[guest.name]
+
+
+def test_the_guest_reads_the_tables_the_snapshot_holds(guest: GuestTables) -> None:
+    if guest.name == "tpm":
+        pytest.skip("a VM with a TPM cannot be snapshotted: its tables come from the guest")
+    dumped = dumped_tables(VmConfig.from_cli(_boot_args(CONFIGS[guest.name], dump=True)))
+    assert dumped.addresses == guest.tables.addresses
+    assert dumped.by_signature == guest.tables.by_signature
+
+
+def test_every_table_disassembles_and_compiles_back_without_errors(guest: GuestTables) -> None:
+    for signature, path in guest.paths.items():
+        result = disassemble(path)
+        assert result.returncode == 0 and not result.messages, (signature, result.output)
+        assert f'"{signature}"' in result.dsl or f"[{signature}]" in result.dsl, signature
+        compiled = recompile(result.dsl, guest.folder / "recompiled", signature.lower())
+        assert compiled.returncode == 0 and not compiled.of_kind("Error"), compiled.output
+        warnings = {m.code: m.text for m in compiled.of_kind("Warning")}
+        if signature == "DSDT":
+            unexpected = {c: t for c, t in warnings.items() if c not in HARMLESS_WARNINGS}
+            assert not unexpected, compiled.output
+        else:
+            assert not warnings, compiled.output
+        assert not compiled.of_kind("Remark"), compiled.output
+
+
+def test_the_madt_lists_every_possible_vcpu(guest: GuestTables) -> None:
+    madt = disassemble(guest.paths["APIC"]).dsl
+    enabled = re.findall(r"Processor Enabled : (\d)", madt)
+    boot, possible = {"cpus-boot2-max4": (2, 4), "numa": (2, 2)}.get(guest.name, (1, 1))
+    assert enabled == ["1"] * boot + ["0"] * (possible - boot), madt
+
+
+def test_every_device_object_evaluates_without_errors(guest: GuestTables) -> None:
+    dsdt = [guest.paths["DSDT"]]
+    objects = namespace(dsdt)
+    devices = [path for path, kind in objects.items() if kind == "Device" and path != "\\_SB_"]
+    expected_devices = {"\\_SB_.COM1", "\\_SB_.PS2K", "\\_SB_.PC00", "\\_SB_.MBRD", "\\_SB_.GED_",
+                        "\\_SB_.PWRB"}  # fmt: skip
+    if guest.name in ("two-pci-segments", "numa"):
+        expected_devices.add("\\_SB_.PC01")
+    if guest.name == "tpm":
+        expected_devices.add("\\TPM2")
+    assert expected_devices <= set(devices), devices
+    calls = [f"{d}.{o}" for d in devices for o in DEVICE_OBJECTS if f"{d}.{o}" in objects]
+    run = acpiexec(dsdt, [f"evaluate {call}" for call in calls])
+    assert not run.load_problems, run.output
+    assert [e.path for e in run.evaluations] == calls, run.output
+    for evaluation in run.evaluations:
+        assert not evaluation.problems, (evaluation, run.output)
+        assert evaluation.returned, (evaluation, run.output)
+    if guest.name == "numa":
+        assert run["\\_SB_.PC01._PXM"].returned == "[Integer] = 0000000000000001"
+        assert run["\\_SB_.PC00._PXM"].returned == "[Integer] = 0000000000000000"
+    if guest.name == "tpm":
+        assert run["\\TPM2._STA"].returned == "[Integer] = 000000000000000F"
+
+
+def test_the_ged_event_notifies_the_power_button_only_for_its_bit(guest: GuestTables) -> None:
+    # acpiexec backs the GED's register with a buffer filled with `fill`:
+    # the value the VMM's register would read.
+    dsdt = [guest.paths["DSDT"]]
+    pressed = acpiexec(dsdt, ["evaluate \\_SB_.GED_._EVT 5"], fill=0x08)
+    assert not pressed.load_problems, pressed.output
+    assert pressed["\\_SB_.GED_._EVT"].problems == [], pressed.output
+    assert pressed["\\_SB_.GED_._EVT"].notifies == [("PWRB", 0x80)], pressed.output
+    for other_bits in (0x00, 0xF7):
+        quiet = acpiexec(dsdt, ["evaluate \\_SB_.GED_._EVT 5"], fill=other_bits)
+        assert quiet["\\_SB_.GED_._EVT"].problems == [], quiet.output
+        assert quiet["\\_SB_.GED_._EVT"].notifies == [], quiet.output
+
+
+def test_the_harness_reports_what_acpica_rejects(guest: GuestTables, tmp_path: Path) -> None:
+    # The checks above can fail: a broken checksum, an undefined name, AML
+    # that does not parse are each reported.
+    if guest.name != "default":
+        pytest.skip("once is enough")
+    dsdt = guest.paths["DSDT"]
+    run = acpiexec([dsdt], ["evaluate \\_SB_.NONE", "evaluate \\_SB_.GED_._EVT"])
+    assert any("AE_NOT_FOUND" in p for p in run["\\_SB_.NONE"].problems), run.output
+    assert any("Insufficient arguments" in p for p in run["\\_SB_.GED_._EVT"].problems)
+    memory = bytearray(0x100000)
+    for signature, address in guest.tables.addresses.items():
+        data = guest.tables.by_signature[signature]
+        memory[address : address + len(data)] = data
+    memory[0xA0000 : 0xA0000 + 36] = _rsdp(guest.tables.addresses["XSDT"])
+    assert list(parse_tables(bytes(memory)).by_signature) == SIGNATURES["default"]
+    broken = bytearray(memory)
+    broken[guest.tables.addresses["DSDT"] + 40] ^= 1
+    with pytest.raises(AcpiTableError, match=r"DSDT.* bad checksum"):
+        parse_tables(bytes(broken))
+    # A method whose body is cut short: the disassembler says so.
+    cut = bytearray(guest.tables.by_signature["DSDT"])
+    evt = cut.index(b"_EVT")
+    cut[evt + 5 :] = b"\xff" * (len(cut) - evt - 5)
+    cut[9] = 0
+    cut[9] = (-sum(cut)) % 256
+    (tmp_path / "cut.dat").write_bytes(bytes(cut))
+    result = disassemble(tmp_path / "cut.dat")
+    compiled = recompile(result.dsl, tmp_path / "recompiled", "cut")
+    assert result.messages or compiled.of_kind("Error") or compiled.returncode != 0, (
+        result.output + compiled.output
+    )
+
+
+def _rsdp(xsdt_address: int) -> bytes:
+    rsdp = bytearray(36)
+    rsdp[:8] = b"RSD PTR "
+    rsdp[9:15] = b"VMKIT "
+    rsdp[15] = 2
+    rsdp[20:24] = (36).to_bytes(4, "little")
+    rsdp[24:32] = xsdt_address.to_bytes(8, "little")
+    rsdp[8] = (-sum(rsdp[:20])) % 256
+    rsdp[32] = (-sum(rsdp)) % 256
+    return bytes(rsdp)
