@@ -267,6 +267,15 @@ class AcpiExecRun:
     evaluations: list[Evaluation]
     output: str
 
+    @property
+    def notifies(self) -> list[tuple[str, int]]:
+        """Every notification of the run, sorted: ACPICA hands each to a
+        thread of its own, so they print in any order (and one can print
+        after the next evaluation started)."""
+        return sorted(
+            (m.group("name"), int(m.group("value"), 16)) for m in _NOTIFY.finditer(self.output)
+        )
+
     def __getitem__(self, path: str) -> Evaluation:
         matches = [e for e in self.evaluations if e.path == path]
         assert len(matches) == 1, f"{path} evaluated {len(matches)} times:\n{self.output}"
@@ -292,16 +301,35 @@ def acpiexec(tables: list[Path], commands: list[str], fill: int | None = None) -
     ``fill`` (``-fv``; zeros without it), so the value a VMM register would
     read can be set for a run."""
     assert ACPIEXEC is not None, ACPICA_MISSING
-    # -r: a hardware-reduced FADT, as vmkit's (acpiexec builds its own FADT
-    # around the tables it loads).
-    argv = [ACPIEXEC, "-r"]
+    # acpiexec takes at most 1023 characters of batch commands: more run in
+    # several processes, one after the other.
+    chunks: list[list[str]] = [[]]
+    for command in commands:
+        if chunks[-1] and len(";".join([*chunks[-1], command])) > 1000:
+            chunks.append([])
+        chunks[-1].append(command)
+    if len(chunks) > 1:
+        runs = [acpiexec(tables, chunk, fill) for chunk in chunks]
+        return AcpiExecRun(
+            [p for run in runs for p in run.load_problems],
+            [e for run in runs for e in run.evaluations],
+            "".join(run.output for run in runs),
+        )
+    # Unbuffered: acpiexec prints notifications as ACPICA dispatches them,
+    # and "Evaluating" lines otherwise. -r: a hardware-reduced FADT, as
+    # vmkit's (acpiexec builds its own FADT around the tables it loads).
+    stdbuf = shutil.which("stdbuf")
+    argv = [*([stdbuf, "-o0", "-e0"] if stdbuf else []), ACPIEXEC, "-r"]
     if fill is not None:
         argv += ["-fv", hex(fill)]
     argv += ["-b", ";".join(commands), *map(str, tables)]
+    # One stream: the notifications and the "Evaluating" lines go to
+    # different ones, and their order matters.
     result = subprocess.run(
-        argv, capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL
-    )
-    output = result.stdout + result.stderr
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60,
+        check=False, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    output = result.stdout
     starts = list(_EVALUATING.finditer(output))
     preamble = output[: starts[0].start()] if starts else output
     load_problems = [m.group(0).strip() for m in _PROBLEM.finditer(preamble)]
@@ -317,7 +345,8 @@ def acpiexec(tables: list[Path], commands: list[str], fill: int | None = None) -
         evaluations.append(
             Evaluation(
                 path=start.group("path"),
-                returned=text[returned.end() :].strip() if returned else "",
+                # The value ends at the first blank line.
+                returned=text[returned.end() :].strip().split("\n\n")[0] if returned else "",
                 notifies=[
                     (m.group("name"), int(m.group("value"), 16)) for m in _NOTIFY.finditer(text)
                 ],

@@ -71,6 +71,8 @@ SIGNATURES = {
 HARMLESS_WARNINGS = {3073: "Device object requires either a _HID or _ADR, but not both"}
 
 # The objects of a device that the OS evaluates while enumerating it.
+MAX_VCPUS = {"cpus-boot2-max4": 4, "numa": 2}
+
 DEVICE_OBJECTS = ("_HID", "_CID", "_UID", "_ADR", "_SEG", "_BBN", "_STA", "_CRS", "_PXM", "_MAT")
 
 
@@ -146,8 +148,72 @@ def test_every_table_disassembles_and_compiles_back_without_errors(guest: GuestT
 def test_the_madt_lists_every_possible_vcpu(guest: GuestTables) -> None:
     madt = disassemble(guest.paths["APIC"]).dsl
     enabled = re.findall(r"Processor Enabled : (\d)", madt)
+    online_capable = re.findall(r"Runtime Online Capable : (\d)", madt)
     boot, possible = {"cpus-boot2-max4": (2, 4), "numa": (2, 2)}.get(guest.name, (1, 1))
+    # The vCPUs not running at boot are the ones `vm.resize` can add.
     assert enabled == ["1"] * boot + ["0"] * (possible - boot), madt
+    assert online_capable == ["0"] * boot + ["1"] * (possible - boot), madt
+
+
+# The CPU hot-plug controller's status byte (devices/cpu_hotplug.rs, Cloud
+# Hypervisor's bits): acpiexec reads the `fill` value from the register.
+CPEN, CINS, CRMV = 0x01, 0x02, 0x04
+DEVICE_CHECK, EJECT_REQUEST = 1, 3
+
+
+def test_the_cpu_hotplug_methods_evaluate_as_cloud_hypervisor_s(guest: GuestTables) -> None:
+    dsdt = [guest.paths["DSDT"]]
+    possible = MAX_VCPUS.get(guest.name, 1)
+    cpus = [f"C{i:03X}" for i in range(possible)]
+    objects = namespace(dsdt)
+    for method in ("CSTA", "CTFY", "CEJ0", "CSCN"):
+        assert objects.get(f"\\_SB_.CPUS.{method}") == "Method", method
+    for name in ("CPLK", "CSEL", "CPEN", "CINS", "CRMV", "CEJ0"):
+        assert f"\\_SB_.PRES.{name}" in objects, name
+    assert sorted(p for p, k in objects.items() if re.fullmatch(r"\\_SB_\.CPUS\.C...", p)
+                  and k == "Device") == [f"\\_SB_.CPUS.{c}" for c in cpus]  # fmt: skip
+
+    def run(fill: int, *calls: str) -> list[tuple[str, int]]:
+        result = acpiexec(dsdt, [f"evaluate {call}" for call in calls], fill=fill)
+        assert not result.load_problems, result.output
+        for evaluation in result.evaluations:
+            assert not evaluation.problems, (evaluation, result.output)
+        return result.notifies
+
+    # A scan with nothing inserted or removed notifies nothing; one with
+    # every vCPU inserting (or removing) notifies each, with 1 (or 3).
+    assert run(CPEN, "\\_SB_.CPUS.CSCN") == []
+    assert run(CPEN | CINS, "\\_SB_.CPUS.CSCN") == [(c, DEVICE_CHECK) for c in cpus]
+    assert run(CPEN | CRMV, "\\_SB_.CPUS.CSCN") == [(c, EJECT_REQUEST) for c in cpus]
+    # The GED's CPU bit (bit 0) runs the scan; the power button's alone does not.
+    assert run(CPEN | CINS | 0x01, "\\_SB_.GED_._EVT 5") == [(c, DEVICE_CHECK) for c in cpus]
+    assert run(0x08, "\\_SB_.GED_._EVT 5") == [("PWRB", 0x80)]
+    # _STA is 0xF for an enabled vCPU, 0 otherwise; _EJ0 runs.
+    last = cpus[-1]
+    for fill, sta in ((CPEN, "000000000000000F"), (0, "0000000000000000")):
+        result = acpiexec(dsdt, [f"evaluate \\_SB_.CPUS.{last}._STA"], fill=fill)
+        assert result[f"\\_SB_.CPUS.{last}._STA"].returned == f"[Integer] = {sta}", result.output
+    assert run(CPEN, f"\\_SB_.CPUS.{last}._EJ0 1") == []
+
+
+def test_each_vcpu_s_mat_is_its_madt_entry_enabled(guest: GuestTables) -> None:
+    madt = guest.tables.by_signature["APIC"]
+    entries = []
+    at = 44
+    while at < len(madt):
+        kind, length = madt[at], madt[at + 1]
+        if kind in (0, 9):
+            entries.append(bytearray(madt[at : at + length]))
+        at += length
+    calls = [f"evaluate \\_SB_.CPUS.C{i:03X}._MAT" for i in range(len(entries))]
+    result = acpiexec([guest.paths["DSDT"]], calls)
+    for index, entry in enumerate(entries):
+        flags_at = 4 if entry[0] == 0 else 8
+        entry[flags_at : flags_at + 4] = (1).to_bytes(4, "little")
+        returned = result[f"\\_SB_.CPUS.C{index:03X}._MAT"].returned
+        # "[Buffer] Length 08 =     0000: 00 08 01 01 01 00 00 00  // ..."
+        hex_bytes = re.findall(r"\b[0-9A-F]{4}: ((?:[0-9A-F]{2} )+)", returned)
+        assert bytes.fromhex("".join(hex_bytes)) == bytes(entry), result.output
 
 
 def test_every_device_object_evaluates_without_errors(guest: GuestTables) -> None:
@@ -156,6 +222,8 @@ def test_every_device_object_evaluates_without_errors(guest: GuestTables) -> Non
     devices = [path for path, kind in objects.items() if kind == "Device" and path != "\\_SB_"]
     expected_devices = {"\\_SB_.COM1", "\\_SB_.PS2K", "\\_SB_.PC00", "\\_SB_.MBRD", "\\_SB_.GED_",
                         "\\_SB_.PWRB"}  # fmt: skip
+    expected_devices |= {"\\_SB_.PRES", "\\_SB_.CPUS"}
+    expected_devices |= {f"\\_SB_.CPUS.C{i:03X}" for i in range(MAX_VCPUS.get(guest.name, 1))}
     if guest.name in ("two-pci-segments", "numa"):
         expected_devices.add("\\_SB_.PC01")
     if guest.name == "tpm":
@@ -173,6 +241,10 @@ def test_every_device_object_evaluates_without_errors(guest: GuestTables) -> Non
         assert run["\\_SB_.PC00._PXM"].returned == "[Integer] = 0000000000000000"
     if guest.name == "tpm":
         assert run["\\TPM2._STA"].returned == "[Integer] = 000000000000000F"
+    if guest.name == "numa":
+        # vCPU 1 is in node 1.
+        assert run["\\_SB_.CPUS.C001._PXM"].returned == "[Integer] = 0000000000000001"
+        assert run["\\_SB_.CPUS.C000._PXM"].returned == "[Integer] = 0000000000000000"
 
 
 def test_the_ged_event_notifies_the_power_button_only_for_its_bit(guest: GuestTables) -> None:
@@ -182,11 +254,12 @@ def test_the_ged_event_notifies_the_power_button_only_for_its_bit(guest: GuestTa
     pressed = acpiexec(dsdt, ["evaluate \\_SB_.GED_._EVT 5"], fill=0x08)
     assert not pressed.load_problems, pressed.output
     assert pressed["\\_SB_.GED_._EVT"].problems == [], pressed.output
-    assert pressed["\\_SB_.GED_._EVT"].notifies == [("PWRB", 0x80)], pressed.output
-    for other_bits in (0x00, 0xF7):
+    assert pressed.notifies == [("PWRB", 0x80)], pressed.output
+    # Bit 0 (vCPUs changed) has its own test below.
+    for other_bits in (0x00, 0xF6):
         quiet = acpiexec(dsdt, ["evaluate \\_SB_.GED_._EVT 5"], fill=other_bits)
         assert quiet["\\_SB_.GED_._EVT"].problems == [], quiet.output
-        assert quiet["\\_SB_.GED_._EVT"].notifies == [], quiet.output
+        assert quiet.notifies == [], quiet.output
 
 
 def test_the_harness_reports_what_acpica_rejects(guest: GuestTables, tmp_path: Path) -> None:

@@ -13,11 +13,12 @@ use vm_memory::{Bytes, GuestAddress};
 use zerocopy::IntoBytes;
 
 use crate::cpu::Topology;
-use crate::devices::legacy::GED_POWER_BUTTON;
+use crate::devices::cpu_hotplug::CPU_HOTPLUG_SIZE;
+use crate::devices::legacy::{GED_CPU_DEVICES_CHANGED, GED_POWER_BUTTON};
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::layout::{
-    ACPI_TABLES_END, APIC_START, GED_ADDRESS, GED_IRQ, IOAPIC_START, PCI_MMCONFIG_START,
-    RSDP_POINTER, TPM_SIZE, TPM_START,
+    ACPI_TABLES_END, APIC_START, CPU_HOTPLUG_ADDRESS, GED_ADDRESS, GED_IRQ, IOAPIC_START,
+    PCI_MMCONFIG_START, RSDP_POINTER, TPM_SIZE, TPM_START,
 };
 use crate::numa::{segment_node, NumaNode};
 use crate::pci::{SegmentLayout, ECAM_SIZE_PER_SEGMENT};
@@ -132,8 +133,10 @@ fn motherboard_resources(segments: &[SegmentLayout], sink: &mut Vec<u8>) {
 }
 
 /// The Generic Event Device and the power button it notifies: `_EVT` reads
-/// the GED register and, for the power-button bit, sends PWRB notification
-/// 0x80 (a press), which the kernel turns into an orderly shutdown.
+/// the GED register; for the CPU bit it runs `\_SB_.CPUS.CSCN` (vCPUs
+/// added or to be removed), for the power-button bit it sends PWRB
+/// notification 0x80 (a press), which the kernel turns into an orderly
+/// shutdown.
 fn ged_and_power_button(sink: &mut Vec<u8>) {
     let ged_hid: &'static str = "ACPI0013";
     let hid = aml::Name::new("_HID".into(), &ged_hid);
@@ -159,6 +162,12 @@ fn ged_and_power_button(sink: &mut Vec<u8>) {
     let gdat: aml::Path = "GDAT".into();
     let local0 = aml::Local(0);
     let read = aml::Store::new(&local0, &gdat);
+    // As v37's GED: the CPU bit has the CPU container scan for changes.
+    let cpu_bit = GED_CPU_DEVICES_CHANGED;
+    let cpu_masked = aml::And::new(&aml::ZERO, &local0, &cpu_bit);
+    let cpus_changed = aml::Equal::new(&cpu_masked, &cpu_bit);
+    let scan = aml::MethodCall::new("\\_SB_.CPUS.CSCN".into(), vec![]);
+    let check_cpus = aml::If::new(&cpus_changed, vec![&scan]);
     let bit = GED_POWER_BUTTON;
     let masked = aml::And::new(&aml::ZERO, &local0, &bit);
     let pressed = aml::Equal::new(&masked, &bit);
@@ -166,7 +175,7 @@ fn ged_and_power_button(sink: &mut Vec<u8>) {
     let press = 0x80u8;
     let notify = aml::Notify::new(&pwrb, &press);
     let check = aml::If::new(&pressed, vec![&notify]);
-    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &check]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &check_cpus, &check]);
     let ged = aml::Device::new(
         "GED_".into(),
         vec![&hid, &uid, &crs_name, &region, &field, &evt],
@@ -177,6 +186,221 @@ fn ged_and_power_button(sink: &mut Vec<u8>) {
     let button_hid_name = aml::Name::new("_HID".into(), &button_hid);
     let button = aml::Device::new("PWRB".into(), vec![&button_hid_name, &uid]);
     button.to_aml_bytes(sink);
+}
+
+/// The vCPUs the DSDT describes: every possible one (`max`), with its
+/// interrupt controller entry and NUMA node.
+pub struct CpuDevices<'a> {
+    pub topology: &'a Topology,
+    pub max_vcpus: u8,
+    pub nodes: &'a [NumaNode],
+}
+
+impl CpuDevices<'_> {
+    fn node_of(&self, index: u8) -> u32 {
+        self.nodes
+            .iter()
+            .find(|node| node.cpus.contains(&index))
+            .map_or(0, |node| node.id)
+    }
+
+    /// The vCPU's MADT entry, enabled: Linux reads `_MAT` for a hot-added
+    /// processor (Cloud Hypervisor's `Cpu::generate_mat`).
+    fn mat(&self, index: u8) -> Vec<u8> {
+        madt_entry(self.topology, index, MADT_ENABLED)
+    }
+}
+
+/// The CPU hot-plug controller's AML, as Cloud Hypervisor v37 writes it
+/// (vmm/src/cpu.rs, `impl Aml for CpuManager`): `\_SB_.PRES` maps its
+/// registers (`CSEL` selects a vCPU, `CPEN`/`CINS`/`CRMV` read its status,
+/// `CEJ0` ejects it) behind the mutex `CPLK`.
+fn cpu_hotplug_controller(sink: &mut dyn acpi_tables::AmlSink) {
+    let hid = aml::EISAName::new("PNP0A06");
+    let hid_name = aml::Name::new("_HID".into(), &hid);
+    let uid_text: &'static str = "CPU Hotplug Controller";
+    let uid = aml::Name::new("_UID".into(), &uid_text);
+    let lock = aml::Mutex::new("CPLK".into(), 0);
+    let window = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        CPU_HOTPLUG_ADDRESS,
+        CPU_HOTPLUG_ADDRESS + CPU_HOTPLUG_SIZE - 1,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&window]);
+    let crs_name = aml::Name::new("_CRS".into(), &crs);
+    let address = CPU_HOTPLUG_ADDRESS as usize;
+    let size = CPU_HOTPLUG_SIZE as usize;
+    let region = aml::OpRegion::new(
+        "PRST".into(),
+        aml::OpRegionSpace::SystemMemory,
+        &address,
+        &size,
+    );
+    let status = aml::Field::new(
+        "PRST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![
+            aml::FieldEntry::Reserved(32),
+            aml::FieldEntry::Named(*b"CPEN", 1),
+            aml::FieldEntry::Named(*b"CINS", 1),
+            aml::FieldEntry::Named(*b"CRMV", 1),
+            aml::FieldEntry::Named(*b"CEJ0", 1),
+            aml::FieldEntry::Reserved(4),
+            aml::FieldEntry::Named(*b"CCMD", 8),
+        ],
+    );
+    let selection = aml::Field::new(
+        "PRST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::Preserve,
+        vec![
+            aml::FieldEntry::Named(*b"CSEL", 32),
+            aml::FieldEntry::Reserved(32),
+            aml::FieldEntry::Named(*b"CDAT", 32),
+        ],
+    );
+    aml::Device::new(
+        "PRES".into(),
+        vec![
+            &hid_name, &uid, &lock, &crs_name, &region, &status, &selection,
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
+/// One possible vCPU: `Device (Cxxx)`, processor `_HID` ACPI0007, `_STA`
+/// from the controller (`CSTA`), `_PXM`, `_MAT` and `_EJ0` (`CEJ0`).
+struct CpuDevice<'a> {
+    cpus: &'a CpuDevices<'a>,
+    index: u8,
+}
+
+impl Aml for CpuDevice<'_> {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        let index = self.index;
+        let hid_text: &'static str = "ACPI0007";
+        let hid = aml::Name::new("_HID".into(), &hid_text);
+        let uid = aml::Name::new("_UID".into(), &index);
+        let csta = aml::MethodCall::new("CSTA".into(), vec![&index]);
+        let sta_value = aml::Return::new(&csta);
+        let sta = aml::Method::new("_STA".into(), 0, false, vec![&sta_value]);
+        let node = self.cpus.node_of(index);
+        let pxm_value = aml::Return::new(&node);
+        let pxm = aml::Method::new("_PXM".into(), 0, false, vec![&pxm_value]);
+        let mat_data = aml::BufferData::new(self.cpus.mat(index));
+        let mat = aml::Name::new("_MAT".into(), &mat_data);
+        let cej0 = aml::MethodCall::new("CEJ0".into(), vec![&index]);
+        let ej0 = aml::Method::new("_EJ0".into(), 1, false, vec![&cej0]);
+        let name = format!("C{index:03X}");
+        aml::Device::new(
+            name.as_str().into(),
+            vec![&hid, &uid, &sta, &pxm, &mat, &ej0],
+        )
+        .to_aml_bytes(sink);
+    }
+}
+
+/// `If (Arg0 == index) { Notify (Cxxx, Arg1) }`, one per vCPU in `CTFY`.
+struct CpuNotify(u8);
+
+impl Aml for CpuNotify {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        let object = aml::Path::new(&format!("C{:03X}", self.0));
+        let notify = aml::Notify::new(&object, &aml::Arg(1));
+        let is_this = aml::Equal::new(&aml::Arg(0), &self.0);
+        aml::If::new(&is_this, vec![&notify]).to_aml_bytes(sink);
+    }
+}
+
+/// `\_SB_.CPUS`, the processor container (ACPI0010), with Cloud
+/// Hypervisor's methods: `CSTA` (a vCPU's `_STA`: 0xf when enabled), `CTFY`
+/// (notify vCPU Arg0 with Arg1), `CEJ0` (eject), `CSCN` (for each vCPU
+/// being inserted notify 1, "check", for each being removed notify 3,
+/// "eject request", acknowledging each), then a device per possible vCPU.
+fn cpu_container(cpus: &CpuDevices<'_>, sink: &mut dyn acpi_tables::AmlSink) {
+    let hid_text: &'static str = "ACPI0010";
+    let hid = aml::Name::new("_HID".into(), &hid_text);
+    let cid = aml::EISAName::new("PNP0A05");
+    let cid_name = aml::Name::new("_CID".into(), &cid);
+    let lock = "\\_SB_.PRES.CPLK";
+    let csel = aml::Path::new("\\_SB_.PRES.CSEL");
+    let cpen = aml::Path::new("\\_SB_.PRES.CPEN");
+    let cins = aml::Path::new("\\_SB_.PRES.CINS");
+    let crmv = aml::Path::new("\\_SB_.PRES.CRMV");
+    let cej0_field = aml::Path::new("\\_SB_.PRES.CEJ0");
+    let acquire = aml::Acquire::new(lock.into(), 0xffff);
+    let release = aml::Release::new(lock.into());
+    let local0 = aml::Local(0);
+    let present = 0xfu8;
+
+    let select_arg = aml::Store::new(&csel, &aml::Arg(0));
+    let clear = aml::Store::new(&local0, &aml::ZERO);
+    let enabled = aml::Equal::new(&cpen, &aml::ONE);
+    let set_present = aml::Store::new(&local0, &present);
+    let if_enabled = aml::If::new(&enabled, vec![&set_present]);
+    let return_status = aml::Return::new(&local0);
+    let csta = aml::Method::new(
+        "CSTA".into(),
+        1,
+        true,
+        vec![
+            &acquire,
+            &select_arg,
+            &clear,
+            &if_enabled,
+            &release,
+            &return_status,
+        ],
+    );
+
+    let notifies: Vec<CpuNotify> = (0..cpus.max_vcpus).map(CpuNotify).collect();
+    let notify_refs: Vec<&dyn Aml> = notifies.iter().map(|n| n as &dyn Aml).collect();
+    let ctfy = aml::Method::new("CTFY".into(), 2, true, notify_refs);
+
+    let eject = aml::Store::new(&cej0_field, &aml::ONE);
+    let cej0 = aml::Method::new(
+        "CEJ0".into(),
+        1,
+        true,
+        vec![&acquire, &select_arg, &eject, &release],
+    );
+
+    let select_local = aml::Store::new(&csel, &local0);
+    let inserting = aml::Equal::new(&cins, &aml::ONE);
+    let check = 1u8;
+    let notify_check = aml::MethodCall::new("CTFY".into(), vec![&local0, &check]);
+    let ack_insert = aml::Store::new(&cins, &aml::ONE);
+    let if_inserting = aml::If::new(&inserting, vec![&notify_check, &ack_insert]);
+    let removing = aml::Equal::new(&crmv, &aml::ONE);
+    let eject_request = 3u8;
+    let notify_eject = aml::MethodCall::new("CTFY".into(), vec![&local0, &eject_request]);
+    let ack_remove = aml::Store::new(&crmv, &aml::ONE);
+    let if_removing = aml::If::new(&removing, vec![&notify_eject, &ack_remove]);
+    let next = aml::Add::new(&local0, &local0, &aml::ONE);
+    let max = cpus.max_vcpus;
+    let more = aml::LessThan::new(&local0, &max);
+    let each = aml::While::new(
+        &more,
+        vec![&select_local, &if_inserting, &if_removing, &next],
+    );
+    let cscn = aml::Method::new(
+        "CSCN".into(),
+        0,
+        true,
+        vec![&acquire, &clear, &each, &release],
+    );
+
+    let devices: Vec<CpuDevice> = (0..cpus.max_vcpus)
+        .map(|index| CpuDevice { cpus, index })
+        .collect();
+    let mut children: Vec<&dyn Aml> = vec![&hid, &cid_name, &csta, &ctfy, &cej0, &cscn];
+    children.extend(devices.iter().map(|d| d as &dyn Aml));
+    aml::Device::new("CPUS".into(), children).to_aml_bytes(sink);
 }
 
 fn mcfg(segments: &[SegmentLayout]) -> Vec<u8> {
@@ -219,7 +443,7 @@ fn tpm2() -> Sdt {
     tpm2
 }
 
-fn dsdt(segments: &[SegmentLayout], nodes: &[NumaNode], tpm: bool) -> Sdt {
+fn dsdt(segments: &[SegmentLayout], nodes: &[NumaNode], cpus: &CpuDevices<'_>, tpm: bool) -> Sdt {
     let mut dsdt = table(b"DSDT", 36, 6);
     // The AML builders borrow their children, so every node is a local.
     let com1_io = aml::IO::new(0x3f8, 0x3f8, 0, 8);
@@ -249,6 +473,8 @@ fn dsdt(segments: &[SegmentLayout], nodes: &[NumaNode], tpm: bool) -> Sdt {
         motherboard_resources(segments, &mut pci);
     }
     ged_and_power_button(&mut pci);
+    cpu_hotplug_controller(&mut pci);
+    cpu_container(cpus, &mut pci);
     let pci = RawAml(pci);
     let sb = aml::Scope::new("_SB_".into(), vec![&com1, &ps2, &pci]);
     let s5_package = aml::Package::new(vec![&S5_SLEEP_TYPE]);
@@ -305,30 +531,39 @@ fn fadt(dsdt_addr: u64) -> Sdt {
     fadt
 }
 
+const MADT_ENABLED: u32 = 1;
+const MADT_ONLINE_CAPABLE: u32 = 1 << 1;
+
+/// vCPU `index`'s MADT entry with `flags`: a Processor Local APIC (type,
+/// length, UID, APIC id, flags) or, for APIC ids from 255 on, a Processor
+/// Local x2APIC (type, length, reserved, x2APIC id, flags, UID).
+fn madt_entry(topology: &Topology, index: u8, flags: u32) -> Vec<u8> {
+    let apic_id = topology.apic_id(index);
+    let mut entry = Vec::with_capacity(16);
+    if apic_id < 255 {
+        entry.extend_from_slice(&[0, 8, index, apic_id as u8]);
+        entry.extend_from_slice(&flags.to_le_bytes());
+    } else {
+        entry.extend_from_slice(&[9, 16, 0, 0]);
+        entry.extend_from_slice(&apic_id.to_le_bytes());
+        entry.extend_from_slice(&flags.to_le_bytes());
+        entry.extend_from_slice(&u32::from(index).to_le_bytes());
+    }
+    entry
+}
+
 fn madt(topology: &Topology, boot_vcpus: u8, max_vcpus: u8) -> Sdt {
     let mut madt = table(b"APIC", 44, 5);
     madt.write_u32(36, APIC_START as u32);
     madt.write_u32(40, 0); // no dual 8259 set-up to honour
-    const ENABLED: u32 = 1;
-    const ONLINE_CAPABLE: u32 = 1 << 1;
     for index in 0..max_vcpus {
-        let apic_id = topology.apic_id(index);
+        // vCPUs not running at boot can be hot-plugged later.
         let flags = if index < boot_vcpus {
-            ENABLED
+            MADT_ENABLED
         } else {
-            ONLINE_CAPABLE
+            MADT_ONLINE_CAPABLE
         };
-        if apic_id < 255 {
-            // Processor Local APIC: type, length, UID, APIC id, flags.
-            madt.append_slice(&[0, 8, index, apic_id as u8]);
-            madt.append_slice(&flags.to_le_bytes());
-        } else {
-            // Processor Local x2APIC: type, length, reserved, x2APIC id, flags, UID.
-            madt.append_slice(&[9, 16, 0, 0]);
-            madt.append_slice(&apic_id.to_le_bytes());
-            madt.append_slice(&flags.to_le_bytes());
-            madt.append_slice(&u32::from(index).to_le_bytes());
-        }
+        madt.append_slice(&madt_entry(topology, index, flags));
     }
     // I/O APIC: type, length, id, reserved, address, GSI base.
     madt.append_slice(&[1, 12, 0, 0]);
@@ -441,7 +676,12 @@ pub fn write_tables(
     let mut next = RSDP_POINTER + Rsdp::len() as u64;
     next = (next + 7) & !7;
     let dsdt_addr = next;
-    next = write(dsdt(pci_segments, nodes, tpm).as_slice(), dsdt_addr)?;
+    let cpus = CpuDevices {
+        topology,
+        max_vcpus,
+        nodes,
+    };
+    next = write(dsdt(pci_segments, nodes, &cpus, tpm).as_slice(), dsdt_addr)?;
     let fadt_addr = next;
     next = write(fadt(dsdt_addr).as_slice(), fadt_addr)?;
     let madt_addr = next;

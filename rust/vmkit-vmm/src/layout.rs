@@ -48,6 +48,11 @@ pub const MEM_64BIT_DEVICES_ALIGNMENT: u64 = 4 << 30;
 /// The ACPI Generic Event Device's register (one byte), below the IOAPIC.
 pub const GED_ADDRESS: u64 = 0xfeb0_0000;
 pub const GED_SIZE: u64 = 0x10;
+/// Cloud Hypervisor's CPU hot-plug controller (`devices::cpu_hotplug`): the
+/// page after the GED's, as Cloud Hypervisor gives each platform device a
+/// page of its own (it puts them at the top of the address space; vmkit
+/// keeps them in the 32-bit hole, where the GED is).
+pub const CPU_HOTPLUG_ADDRESS: u64 = GED_ADDRESS + 0x1000;
 /// Its interrupt: an ISA line nothing else uses (COM1 is 4, the i8042 1).
 pub const GED_IRQ: u32 = 5;
 /// The TPM's CRB interface (`--tpm`): locality 0's 4 KiB page, where Cloud

@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::ACPI_SHUTDOWN_PORT;
 use crate::control::Control;
+use crate::devices::cpu_hotplug::{CpuHotplug, CpuHotplugRegisters, CPU_HOTPLUG_SIZE};
 use crate::devices::ioapic::{Ioapic, IOAPIC_SIZE};
 use crate::devices::legacy::{
     AcpiShutdown, DebugPort, DebugPortWrite, Ged, GedRegister, ResetTrigger, I8042,
@@ -33,8 +34,8 @@ use crate::devices::{Bus, BusDevice};
 use crate::error::{Error, ErrorKind, ModuleError, Result};
 use crate::interrupts::InterruptRoutes;
 use crate::layout::{
-    GED_ADDRESS, GED_IRQ, GED_SIZE, IOAPIC_START, PCI_MMCONFIG_START, SERIAL_IRQ, TPM_SIZE,
-    TPM_START,
+    CPU_HOTPLUG_ADDRESS, GED_ADDRESS, GED_IRQ, GED_SIZE, IOAPIC_START, PCI_MMCONFIG_START,
+    SERIAL_IRQ, TPM_SIZE, TPM_START,
 };
 use crate::memory::GuestRam;
 use crate::pci::config::BarKind;
@@ -160,6 +161,9 @@ pub struct DeviceManager {
     /// `--balloon`: its target and size, for `vm.resize` and `vm.info`.
     balloon: Option<crate::virtio::balloon::BalloonControl>,
     ged: Arc<Ged>,
+    /// Which vCPUs the guest sees, for `vm.resize` (Cloud Hypervisor's
+    /// CPU hot-plug controller).
+    cpu_hotplug: Arc<CpuHotplug>,
     ioapic: Arc<Mutex<Ioapic>>,
     serial: Option<Arc<Mutex<SerialDevice>>>,
     /// `--tpm`: the CRB (its worker stops when the last holder drops it).
@@ -229,6 +233,17 @@ impl DeviceManager {
         let routes = Arc::new(InterruptRoutes::new(ctx.vm_fd.clone(), ctx.gsi_limit));
         let ioapic = add_ioapic(&mut wiring, &routes)?;
         let ged = add_legacy_devices(&mut wiring, ctx)?;
+        let cpu_hotplug = Arc::new(CpuHotplug::new(
+            ctx.config.cpus.boot_vcpus,
+            ctx.config.cpus.max_vcpus,
+        ));
+        insert(
+            &mut wiring.mmio,
+            "CPU hot-plug controller",
+            CPU_HOTPLUG_ADDRESS,
+            CPU_HOTPLUG_SIZE,
+            Arc::new(Mutex::new(CpuHotplugRegisters(cpu_hotplug.clone()))),
+        )?;
         let serial = add_serial(&mut wiring, ctx)?;
         let tpm = add_tpm(&mut wiring, ctx)?;
 
@@ -264,6 +279,7 @@ impl DeviceManager {
             pvpanic,
             balloon,
             ged,
+            cpu_hotplug,
             ioapic,
             serial,
             _tpm: tpm,
@@ -292,6 +308,10 @@ impl DeviceManager {
 
     pub fn ged(&self) -> &Arc<Ged> {
         &self.ged
+    }
+
+    pub fn cpu_hotplug(&self) -> &Arc<CpuHotplug> {
+        &self.cpu_hotplug
     }
 
     pub fn virtio_devices(&self) -> &[Arc<Mutex<VirtioPciDevice>>] {

@@ -173,7 +173,8 @@ pub struct Ged {
     irq: vmm_sys_util::eventfd::EventFd,
 }
 
-/// Event bits (Cloud Hypervisor's).
+/// Event bits (Cloud Hypervisor's `AcpiNotificationFlags`, devices/src/lib.rs).
+pub const GED_CPU_DEVICES_CHANGED: u8 = 1 << 0;
 pub const GED_POWER_BUTTON: u8 = 1 << 3;
 
 impl Ged {

@@ -1,5 +1,6 @@
 //! Port-I/O and MMIO buses and the legacy platform devices on them.
 
+pub mod cpu_hotplug;
 pub mod ioapic;
 pub mod legacy;
 pub mod pvpanic;
