@@ -254,6 +254,9 @@ class RemoteVmHandle:
     def power_button(self) -> None:
         self._channel.call("power_button")
 
+    def resize_vcpus(self, vcpus: int) -> None:
+        self._channel.call("resize_vcpus", vcpus=vcpus)
+
     def resize_balloon(self, bytes: int) -> None:
         self._channel.call("resize_balloon", bytes=bytes)
 

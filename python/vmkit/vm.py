@@ -471,6 +471,21 @@ class Vm:
             DeviceEvent(source, event, dict(properties)) for source, event, properties in events
         ], next_index
 
+    def resize_vcpus(self, vcpus: int) -> None:
+        """Sets the running VM's vCPU count (``--cpus max=`` bounds it;
+        ``vm.resize {"desired_vcpus": vcpus}``), as Cloud Hypervisor v37 does
+        it: new vCPUs start at once and the guest hears of them through ACPI
+        (the CPU hot-plug controller and a GED interrupt; it brings them online
+        itself); fewer marks the highest vCPUs for removal, and each stops when
+        the guest ejects it. ``info().config.cpus.boot_vcpus`` becomes
+        ``vcpus``. Raises VmError ("Error from CPU manager: Requested vCPUs
+        exceed maximum"; "... Still pending removed vcpu" while a removal
+        waits for the guest), ("VM is not running") when no boot runs.
+        """
+        if not 0 <= vcpus <= 255:
+            raise ValueError(f"vcpus={vcpus}: must be 0 to 255")
+        self._live().resize_vcpus(vcpus)
+
     def resize_balloon(self, size: int) -> None:
         """Asks the guest to put ``size`` bytes in its balloon (``--balloon``;
         ``vm.resize {"desired_balloon": size}``): it inflates or deflates to

@@ -615,18 +615,22 @@ class Vmm:
         desired_balloon: int | None = None,
     ) -> None:
         """``vm.resize``: on a VM that is not booted, edits the config; on a
-        booted one, sets the balloon's target (vCPUs and RAM cannot change yet)."""
+        booted one, hot-plugs or unplugs vCPUs and sets the balloon's target
+        (RAM cannot change yet)."""
         with self.lock:
             if self.config is None:
                 raise ApiError(VM_NOT_CREATED)
             if self.vm is not None:
                 live = self._live_config(self.vm)
-                if (desired_vcpus is not None and desired_vcpus != live.cpus.boot_vcpus) or (
-                    desired_ram is not None and desired_ram != live.memory.size
-                ):
+                if desired_ram is not None and desired_ram != live.memory.size:
                     raise ApiError(
-                        "Cannot resize VM: resizing a booted VM's vCPUs or RAM is not supported yet"
+                        "Cannot resize VM: resizing a booted VM's RAM is not supported yet"
                     )
+                if desired_vcpus is not None:
+                    try:
+                        self.vm.resize_vcpus(desired_vcpus)
+                    except VmError as e:
+                        raise ApiError(str(e)) from None
                 if desired_balloon is not None:
                     try:
                         self.vm.resize_balloon(desired_balloon)

@@ -437,6 +437,10 @@ fn handle(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Opti
         "shutdown" => done(vm.shutdown()),
         "reboot" => done(vm.reboot()),
         "power_button" => done(vm.power_button()),
+        "resize_vcpus" => match request["vcpus"].as_u64().and_then(|n| u8::try_from(n).ok()) {
+            Some(vcpus) => done(vm.resize_vcpus(vcpus)),
+            None => error("Device", "resize_vcpus: no vCPU count"),
+        },
         "resize_balloon" => match request["bytes"].as_u64() {
             Some(bytes) => done(vm.resize_balloon(bytes)),
             None => error("Device", "resize_balloon: no bytes"),

@@ -218,6 +218,12 @@ impl VmHandle {
         (events, next)
     }
 
+    /// `vm.resize {"desired_vcpus": n}` on a running VM (CPU hot-plug).
+    fn resize_vcpus(&self, py: Python<'_>, vcpus: u8) -> PyResult<()> {
+        py.detach(|| self.vm.resize_vcpus(vcpus))
+            .map_err(|e| vm_error(py, e))
+    }
+
     /// `vm.resize {"desired_balloon": bytes}`.
     fn resize_balloon(&self, py: Python<'_>, bytes: u64) -> PyResult<()> {
         py.detach(|| self.vm.resize_balloon(bytes))

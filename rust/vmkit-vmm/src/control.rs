@@ -75,6 +75,8 @@ struct State {
     parked: usize,
     /// The vCPU threads started and not yet out of their run loop.
     running: Vec<u8>,
+    /// vCPUs the guest ejected (CPU hot-unplug): their threads leave.
+    removed: Vec<u8>,
     stop: Option<StopReason>,
     /// A snapshot's request to the parked vCPU threads for their state.
     capture: Option<Capture>,
@@ -111,6 +113,7 @@ impl Control {
                 command: VcpuCommand::Run,
                 parked: 0,
                 running: Vec::new(),
+                removed: Vec::new(),
                 stop: None,
                 capture: None,
             }),
@@ -179,12 +182,35 @@ impl Control {
         self.lock().running.contains(&index)
     }
 
+    /// The guest ejected vCPU `index`: its thread leaves its run loop (a
+    /// kick ends a KVM_RUN in progress).
+    pub fn remove_vcpu(&self, index: u8) {
+        let mut state = self.lock();
+        if !state.removed.contains(&index) {
+            state.removed.push(index);
+        }
+        self.notify_unlocked(state);
+    }
+
+    /// Whether vCPU `index` was ejected (and not added again since).
+    pub fn vcpu_removed(&self, index: u8) -> bool {
+        self.lock().removed.contains(&index)
+    }
+
+    /// vCPU `index` is added again: its new thread may run.
+    pub fn vcpu_added(&self, index: u8) {
+        self.lock().removed.retain(|&i| i != index);
+    }
+
     /// Called by vCPU thread `index` between runs: parks while asked to
     /// (taking its state with `capture` when a snapshot asks), and says
     /// whether to keep running.
     pub fn vcpu_gate(&self, index: u8, capture: &mut CaptureFn<'_>) -> bool {
         let mut state = self.lock();
         loop {
+            if state.removed.contains(&index) {
+                return false;
+            }
             match state.command {
                 VcpuCommand::Run => return true,
                 VcpuCommand::Stop => return false,
@@ -192,7 +218,7 @@ impl Control {
                     state.parked += 1;
                     self.notify_unlocked(state);
                     state = self.lock();
-                    while state.command == VcpuCommand::Park {
+                    while state.command == VcpuCommand::Park && !state.removed.contains(&index) {
                         let request = state
                             .capture
                             .as_ref()
@@ -297,5 +323,39 @@ impl Control {
     pub fn wait_threads_exited(&self, timeout: Duration) -> bool {
         self.wait_for(Some(timeout), |s| s.running.is_empty().then_some(()))
             .is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_capture(_: &[u32], _: bool) -> Result<VcpuState, SnapshotError> {
+        Err(SnapshotError::NotParked)
+    }
+
+    #[test]
+    fn an_ejected_vcpu_leaves_its_gate_running_or_parked_and_can_come_back() {
+        let control = Arc::new(Control::new());
+        assert!(control.vcpu_gate(1, &mut no_capture));
+        control.remove_vcpu(1);
+        assert!(control.vcpu_removed(1) && !control.vcpu_removed(0));
+        assert!(
+            !control.vcpu_gate(1, &mut no_capture),
+            "removed while running"
+        );
+        assert!(control.vcpu_gate(0, &mut no_capture), "the others run on");
+        control.vcpu_added(1);
+        assert!(control.vcpu_gate(1, &mut no_capture));
+        // Parked (the VM paused), an eject still lets the thread go.
+        control.set_command(VcpuCommand::Park);
+        let parked = {
+            let control = control.clone();
+            std::thread::spawn(move || control.vcpu_gate(1, &mut no_capture))
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        control.remove_vcpu(1);
+        assert!(!parked.join().unwrap());
+        assert_eq!(control.lock().parked, 0);
     }
 }

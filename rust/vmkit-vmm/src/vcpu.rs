@@ -4,6 +4,7 @@
 //! watchdog samples without ever losing a kick.
 
 use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Once};
 use std::time::Instant;
 
@@ -101,6 +102,10 @@ pub struct VcpuThreadContext {
     pub mmio: Arc<Bus>,
     pub sample: Arc<Mutex<Sample>>,
     pub host_cpus: Option<Vec<usize>>,
+    /// Where the vCPU goes when the guest ejects it: KVM cannot destroy a
+    /// vCPU, so a later hot-add runs the same one again (as Cloud
+    /// Hypervisor reuses its inactive vCPUs).
+    pub ejected: Arc<Mutex<BTreeMap<u8, VcpuFd>>>,
 }
 
 fn set_affinity(cpus: &[usize]) -> std::result::Result<(), String> {
@@ -349,5 +354,12 @@ pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuThreadContext) {
         }
     }
     IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
-    drop(vcpu);
+    if ctx.control.vcpu_removed(index) {
+        ctx.ejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(index, vcpu);
+    } else {
+        drop(vcpu);
+    }
 }

@@ -21,7 +21,7 @@ use crate::boot::{self, KernelFormat};
 use crate::control::{Control, StopReason, VcpuCommand};
 use crate::cpu::{self, HostCpu, Topology};
 use crate::device_manager::{DeviceContext, DeviceManager, DeviceManagerError, DeviceNode};
-use crate::devices::legacy::{DebugPortWrite, GED_POWER_BUTTON};
+use crate::devices::legacy::{DebugPortWrite, GED_CPU_DEVICES_CHANGED, GED_POWER_BUTTON};
 use crate::devices::serial::SerialBackend;
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::memory::{
@@ -122,6 +122,11 @@ pub enum VmError {
     MigrationConfig { detail: String },
     #[error("Error from device manager: MissingVirtioBalloon")]
     NoBalloon,
+    /// v37's words (its `Error::CpuManager`).
+    #[error("Error from CPU manager: {0}")]
+    CpuResize(crate::devices::cpu_hotplug::ResizeError),
+    #[error("Cannot notify the guest of the vCPU change: {source}")]
+    Ged { source: std::io::Error },
     #[error(
         "{what} of a VM with vhost-user devices (--disk/--net vhost_user=on, --fs) is not \
          supported yet: their backends hold state vmkit cannot save"
@@ -157,7 +162,7 @@ impl ModuleError for VmError {
                 ErrorKind::Snapshot
             }
             MigrationConfig { .. } => ErrorKind::Migration,
-            NoBalloon => ErrorKind::Device,
+            NoBalloon | CpuResize(_) | Ged { .. } => ErrorKind::Device,
             VhostUserState { .. } | VhostUserOption { .. } => ErrorKind::Unsupported,
         }
     }
@@ -245,6 +250,13 @@ struct Instance {
     unstarted: Vec<UnstartedVcpu>,
     seccomp: SeccompMode,
     thread_groups: ThreadGroups,
+    /// The host CPU facts the boot's vCPUs were set up with (hot-added
+    /// vCPUs get the same CPUID).
+    host: HostCpu,
+    /// vCPUs the guest ejected, kept for a later hot-add.
+    ejected: Arc<Mutex<BTreeMap<u8, VcpuFd>>>,
+    /// Each started vCPU thread, for the eject handler to kick.
+    vcpu_threads: Arc<Mutex<BTreeMap<u8, libc::pthread_t>>>,
 }
 
 /// A vCPU whose thread has not been started.
@@ -271,7 +283,13 @@ impl Instance {
                 move || vcpu::run_vcpu(vcpu.fd, vcpu.context),
             );
             match spawned {
-                Ok(handle) => self.threads.push((index, handle)),
+                Ok(handle) => {
+                    self.vcpu_threads
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(index, handle.as_pthread_t());
+                    self.threads.push((index, handle));
+                }
                 Err(e) => {
                     self.control.thread_exited(index);
                     return Err(VmError::Thread {
@@ -311,6 +329,10 @@ impl Instance {
         while !self.control.wait_threads_exited(STOP_REKICK) {
             self.kick_running();
         }
+        self.vcpu_threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         for (_, t) in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -318,6 +340,81 @@ impl Instance {
         self.unstarted.clear();
         // Device workers stop (their IO done) before guest memory goes away.
         self.devices.stop_devices();
+    }
+}
+
+impl Instance {
+    /// Joins the threads of vCPUs the guest ejected (they left their run
+    /// loop on their own).
+    fn reap_ejected_vcpus(&mut self) {
+        let (gone, kept): (Vec<_>, Vec<_>) = self
+            .threads
+            .drain(..)
+            .partition(|(index, t)| t.is_finished() && self.control.vcpu_removed(*index));
+        self.threads = kept;
+        let mut pthreads = self.vcpu_threads.lock().unwrap_or_else(|p| p.into_inner());
+        for (index, _) in &gone {
+            pthreads.remove(index);
+        }
+        drop(pthreads);
+        for (_, t) in gone {
+            let _ = t.join();
+        }
+    }
+
+    /// Builds vCPU `index` for a hot-add (one the guest ejected earlier, as
+    /// it left it, or a new one set up as the boot's other vCPUs are: it
+    /// waits for the guest's INIT-SIPI) and starts its thread.
+    fn add_vcpu(&mut self, index: u8, kvm: &Kvm, config: &VmConfig) -> Result<()> {
+        let reused = self
+            .ejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&index);
+        let fd = match reused {
+            Some(fd) => fd,
+            None => {
+                let apic_id = Topology::from_config(&config.cpus).apic_id(index);
+                let fd = self
+                    ._vm_fd
+                    .create_vcpu(u64::from(apic_id))
+                    .map_err(kvm_error(format!("KVM_CREATE_VCPU {index}")))?;
+                let cpuid = cpu::cpuid_for(kvm, &config.cpus, index, self.host)?;
+                fd.set_cpuid2(&cpuid).map_err(kvm_error("KVM_SET_CPUID2"))?;
+                cpu::setup_msrs(&fd)?;
+                cpu::setup_fpu(&fd)?;
+                cpu::setup_lapic(&fd)?;
+                fd
+            }
+        };
+        let sample = match self.samples.get(usize::from(index)) {
+            Some(sample) => sample.clone(),
+            None => {
+                let sample = Arc::new(Mutex::new(Sample::default()));
+                self.samples.push(sample.clone());
+                sample
+            }
+        };
+        let host_cpus = config
+            .cpus
+            .affinity
+            .iter()
+            .flatten()
+            .find(|a| a.vcpu == index)
+            .map(|a| a.host_cpus.clone());
+        let context = VcpuThreadContext {
+            index,
+            control: self.control.clone(),
+            pio: self.devices.pio_bus().clone(),
+            mmio: self.devices.mmio_bus().clone(),
+            sample,
+            host_cpus,
+            ejected: self.ejected.clone(),
+        };
+        self.control.vcpu_added(index);
+        self.unstarted.push(UnstartedVcpu { fd, context });
+        // A paused VM's command is Park already: the new thread parks.
+        self.start_vcpus(false)
     }
 }
 
@@ -459,6 +556,8 @@ pub struct Vm {
     adopted_taps: Mutex<HashMap<String, Vec<std::fs::File>>>,
     /// The balloon's target once `vm.resize` set it: later boots keep it.
     balloon_size: Mutex<Option<u64>>,
+    /// The vCPU count `vm.resize` set on a running VM.
+    vcpus_now: Mutex<Option<u8>>,
     /// Connections to vhost-user backends, from the first boot until the VM
     /// stops: resets keep them.
     vhost_links: crate::device_manager::VhostLinks,
@@ -542,6 +641,7 @@ impl Vm {
             exit_event,
             adopted_taps: Mutex::new(HashMap::new()),
             balloon_size: Mutex::new(None),
+            vcpus_now: Mutex::new(None),
             vhost_links: Mutex::new(HashMap::new()),
         }))
     }
@@ -636,7 +736,43 @@ impl Vm {
         ) {
             balloon.size = size;
         }
+        if let Some(vcpus) = *self.vcpus_now.lock().unwrap_or_else(|p| p.into_inner()) {
+            config.cpus.boot_vcpus = vcpus;
+        }
         config
+    }
+
+    /// `vm.resize {"desired_vcpus": n}` on a running VM, as Cloud Hypervisor
+    /// v37 does it: more vCPUs start at once (waiting for the guest's
+    /// INIT-SIPI) and are announced through the CPU hot-plug controller and
+    /// a GED interrupt; fewer mark the highest for removal, and each one's
+    /// thread stops when the guest ejects it (`_EJ0`). The config's
+    /// `boot_vcpus` becomes `desired`.
+    pub fn resize_vcpus(&self, desired: u8) -> Result<()> {
+        let mut life = self.lock_settled();
+        let Some(instance) = life.instance.as_mut() else {
+            return Err(VmError::NotRunning.into());
+        };
+        instance.reap_ejected_vcpus();
+        let hotplug = instance.devices.cpu_hotplug().clone();
+        let plan = hotplug.resize(desired).map_err(VmError::CpuResize)?;
+        for (position, &index) in plan.start.iter().enumerate() {
+            if let Err(e) = instance.add_vcpu(index, &self.kvm, self.config()) {
+                for &unstarted in &plan.start[position..] {
+                    hotplug.start_failed(unstarted);
+                }
+                return Err(e);
+            }
+        }
+        if plan.notify() {
+            instance
+                .devices
+                .ged()
+                .notify(GED_CPU_DEVICES_CHANGED)
+                .map_err(|source| VmError::Ged { source })?;
+        }
+        *self.vcpus_now.lock().unwrap_or_else(|p| p.into_inner()) = Some(desired);
+        Ok(())
     }
 
     /// `vm.resize {"desired_balloon": bytes}`: asks the guest to hold
@@ -1209,6 +1345,22 @@ impl Vm {
         let mut host = self.host;
         let mut samples = Vec::new();
         let mut unstarted = Vec::new();
+        let ejected = Arc::new(Mutex::new(BTreeMap::new()));
+        let vcpu_threads: Arc<Mutex<BTreeMap<u8, libc::pthread_t>>> = Arc::default();
+        {
+            // The guest ejects a vCPU (CPU hot-unplug): its thread leaves.
+            let control = control.clone();
+            let vcpu_threads = vcpu_threads.clone();
+            devices
+                .cpu_hotplug()
+                .set_eject_handler(Box::new(move |index| {
+                    control.remove_vcpu(index);
+                    let threads = vcpu_threads.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(&thread) = threads.get(&index) {
+                        vcpu::kick(thread);
+                    }
+                }));
+        }
         for index in 0..config.cpus.boot_vcpus {
             let apic_id = topology.apic_id(index);
             let fd = vm_fd
@@ -1255,6 +1407,7 @@ impl Vm {
                 mmio: devices.mmio_bus().clone(),
                 sample,
                 host_cpus,
+                ejected: ejected.clone(),
             };
             unstarted.push(UnstartedVcpu { fd, context });
         }
@@ -1269,6 +1422,9 @@ impl Vm {
             unstarted,
             seccomp: self.options.seccomp,
             thread_groups: self.options.thread_groups.clone(),
+            host,
+            ejected,
+            vcpu_threads,
         })
     }
 
