@@ -173,3 +173,48 @@ def test_ch_remote_resize_answers_as_cloud_hypervisor(kind: str, tmp_path: Path)
         assert seen == SCRIPT, vmm.log
     finally:
         vmm.stop()
+
+
+@pytest.mark.parametrize("image", ["pvh", "elf"])
+def test_the_guest_brings_a_hot_added_vcpu_online_and_ejects_it(image: testguest.Format) -> None:
+    # The test guest runs no AML: it reads the controller's registers after
+    # the GED interrupt, as the DSDT's CSCN and _EJ0 would, starts the new
+    # vCPUs with INIT-SIPI-SIPI and later ejects the ones to remove.
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path(image)),
+        "--cmdline", testguest.cmdline(
+            ["cpuhotplug", "cpuunplug", "ticks"], "poweroff", ticks=100000, tick_ms=20
+        ),
+        "--cpus", "boot=1,max=3",
+        "--memory", "size=64M",
+        "--serial", "tty", "--console", "off",
+    ])  # fmt: skip
+    with Vm(config) as vm:
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: cpuhotplug waiting$", timeout=30)
+        vm.resize_vcpus(3)
+        assert vm.serial.wait_for("^vmkit-guest: step cpuhotplug ", timeout=30), vm.serial.text
+        text = vm.serial.text
+        assert "vmkit-guest: step cpuhotplug ok event=0x1 added=2 up=2" in text, text
+        for uid in (1, 2):
+            assert f"vmkit-guest: cpuhotplug inserted uid={uid} apic_id={uid}" in text
+            assert f"vmkit-guest: smp cpu apic_id={uid} up" in text
+        assert sorted(vcpu_threads()) == ["vcpu0", "vcpu1", "vcpu2"]
+        assert vm.serial.wait_for("^vmkit-guest: cpuunplug waiting$", timeout=30)
+        vm.resize_vcpus(1)
+        assert vm.serial.wait_for("^vmkit-guest: step cpuunplug ", timeout=30), vm.serial.text
+        text = vm.serial.text
+        assert "vmkit-guest: step cpuunplug ok event=0x1 removed=2" in text, text
+        # The ejected vCPUs' threads stop.
+        deadline = time.monotonic() + 10
+        while sorted(vcpu_threads()) != ["vcpu0"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(vcpu_threads()) == ["vcpu0"]
+        assert vm.info().config.cpus.boot_vcpus == 1
+        # No removal pending now; the ejected vCPU (kept: KVM cannot make
+        # the same vCPU twice) runs again.
+        vm.resize_vcpus(2)
+        assert sorted(vcpu_threads()) == ["vcpu0", "vcpu1"]
+        assert vm.serial.wait_for("^vmkit-guest: tick 2$", timeout=30), vm.serial.text
+        assert vm.state == "Running"
+    assert no_vcpu_threads_left(), vcpu_threads()

@@ -204,3 +204,203 @@ bool step_timer(struct result *r)
     res_hex(r, TIMER_VECTOR);
     return true;
 }
+
+/*
+ * The cpuhotplug and cpuunplug steps: vCPU hot-plug the way Linux's ACPI code
+ * does it, without AML. Each waits for the VMM's Generic Event Device
+ * interrupt (IOAPIC pin 5) with the CPU bit (bit 0 of the event register at
+ * 0xfeb00000), then walks Cloud Hypervisor's CPU hot-plug controller at
+ * 0xfeb01000 (vmkit's layout) as the DSDT's CSCN does: for each possible
+ * vCPU (the MADT's entries, in order) write its index to the selection
+ * register (offset 0) and read its status (offset 4: bit 0 enabled, 1
+ * inserting, 2 removing), acknowledging each change by writing its bit back.
+ * cpuhotplug starts each inserted vCPU with INIT-SIPI-SIPI (it prints
+ * "smp cpu apic_id=<n> up" and halts); cpuunplug ejects each one to remove
+ * (bit 3), as _EJ0 does.
+ */
+#define GED_ADDR 0xfeb00000ULL
+#define GED_IOAPIC_PIN 5
+#define GED_CPU_CHANGED 0x01
+#define CPU_HP_ADDR 0xfeb01000ULL
+#define CPU_HP_STATUS (CPU_HP_ADDR + 4)
+#define CPU_HP_ENABLED 0x01
+#define CPU_HP_INSERTING 0x02
+#define CPU_HP_REMOVING 0x04
+#define CPU_HP_EJECT 0x08
+#define HOTPLUG_VECTOR (IRQ_VECTOR_BASE + IRQ_VECTORS - 2)
+#define HOTPLUG_TIMEOUT_MS 10000
+
+/* Every MADT processor entry's APIC id, in order (the vCPU index is the position). */
+static u32 madt_all_ids(u32 *ids, u32 max)
+{
+    const struct acpi_info *a = acpi_discover();
+    u64 p, end;
+    u32 n = 0;
+    if (!a->madt)
+        return 0;
+    end = a->madt + a->madt_len;
+    for (p = a->madt + 44; p + 2 <= end && n < max; p += rd8(p + 1)) {
+        u8 type = rd8(p), len = rd8(p + 1);
+        if (len < 2 || p + len > end)
+            break;
+        if (type == 0 && len >= 8)
+            ids[n++] = rd8(p + 3);
+        else if (type == 9 && len >= 16)
+            ids[n++] = rd32(p + 4);
+    }
+    return n;
+}
+
+/* Waits for a GED interrupt; the event byte, or -1 (with the reason in r). */
+static int wait_ged_event(const char *waiting, struct result *r)
+{
+    u32 slot = HOTPLUG_VECTOR - IRQ_VECTOR_BASE;
+    u64 deadline;
+    if (!lapic_usable(r))
+        return -1;
+    if (!ioapic_map() || !map_mmio(GED_ADDR, 1, false) || !map_mmio(CPU_HP_ADDR, 12, false)) {
+        res_str(r, "cannot map the IOAPIC, the GED or the CPU hot-plug controller");
+        return -1;
+    }
+    idt_install(HOTPLUG_VECTOR, irq_stubs[slot]);
+    irq_counts[slot] = 0;
+    ioapic_route(GED_IOAPIC_PIN, HOTPLUG_VECTOR, lapic_id(), 0);
+    say(waiting);
+    lapic_tick_start(1000000); /* bounds each hlt */
+    deadline = rdtsc() + ms_to_tsc(HOTPLUG_TIMEOUT_MS);
+    for (;;) {
+        cli();
+        if (irq_counts[slot] || rdtsc() > deadline)
+            break;
+        __asm__ volatile("sti; hlt" ::: "memory"); /* sti's shadow covers hlt */
+    }
+    cli();
+    lapic_tick_stop();
+    ioapic_route(GED_IOAPIC_PIN, HOTPLUG_VECTOR, lapic_id(), ENTRY_MASKED);
+    if (!irq_counts[slot]) {
+        res_str(r, "no GED interrupt within 10000 ms");
+        return -1;
+    }
+    return rd8(GED_ADDR);
+}
+
+static u8 cpu_hp_status(u32 index)
+{
+    wr32(CPU_HP_ADDR, index);
+    return rd8(CPU_HP_STATUS);
+}
+
+static void hotplug_line(const char *what, u32 index, u32 apic_id)
+{
+    struct line l;
+    line_begin(&l);
+    line_str(&l, what);
+    line_str(&l, " uid=");
+    line_dec(&l, index);
+    line_str(&l, " apic_id=");
+    line_dec(&l, apic_id);
+    line_end(&l);
+}
+
+bool step_cpuhotplug(struct result *r)
+{
+    static u32 ids[MAX_APIC_ID + 1], added[MAX_APIC_ID + 1];
+    u32 n, i, count = 0, up, size;
+    u64 deadline;
+    u8 *stacks;
+    int event = wait_ged_event("cpuhotplug waiting", r);
+
+    if (event < 0)
+        return false;
+    if (!(event & GED_CPU_CHANGED)) {
+        res_str(r, "GED interrupt without the CPU bit: event=");
+        res_hex(r, (u64)event);
+        return false;
+    }
+    n = madt_all_ids(ids, ARRAY_SIZE(ids));
+    for (i = 0; i < n; i++) {
+        u8 status = cpu_hp_status(i);
+        if (!(status & CPU_HP_INSERTING))
+            continue;
+        wr8(CPU_HP_STATUS, CPU_HP_INSERTING); /* acknowledge, as CSCN does */
+        if (cpu_hp_status(i) & CPU_HP_INSERTING) {
+            res_str(r, "the insertion was not acknowledged");
+            return false;
+        }
+        if (!(status & CPU_HP_ENABLED) || ids[i] >= MAX_APIC_ID) {
+            res_str(r, "inserted vCPU not enabled or not addressable: uid=");
+            res_dec(r, i);
+            return false;
+        }
+        hotplug_line("cpuhotplug inserted", i, ids[i]);
+        added[count++] = ids[i];
+    }
+    if (!count) {
+        res_str(r, "no vCPU being inserted");
+        return false;
+    }
+    size = (u32)(tramp_end - tramp_start);
+    memcpy((void *)TRAMPOLINE_ADDR, tramp_start, size);
+    *(volatile u32 *)(TRAMPOLINE_ADDR + (tramp_cr3 - tramp_start)) = (u32)(u64)pml4;
+    stacks = alloc_pages((u64)count * AP_STACK_SIZE / 4096);
+    if (!stacks) {
+        res_str(r, "no memory for AP stacks");
+        return false;
+    }
+    ap_stack_base = (u64)stacks;
+    ap_slot = 0;
+    for (i = 0; i < count; i++)
+        ap_up[added[i]] = 0;
+    for (i = 0; i < count; i++)
+        icr_send(added[i], ICR_INIT);
+    for (i = 0; i < count; i++)
+        icr_send(added[i], ICR_SIPI | (TRAMPOLINE_ADDR >> 12));
+    for (i = 0; i < count; i++)
+        icr_send(added[i], ICR_SIPI | (TRAMPOLINE_ADDR >> 12));
+    deadline = rdtsc() + ms_to_tsc(2000);
+    do {
+        up = 0;
+        for (i = 0; i < count; i++)
+            if (__atomic_load_n(&ap_up[added[i]], __ATOMIC_ACQUIRE))
+                up++;
+        if (up == count)
+            break;
+        cpu_relax();
+    } while (rdtsc() < deadline);
+    res_kv_hex(r, "event", (u64)event);
+    res_kv_dec(r, "added", count);
+    res_kv_dec(r, "up", up);
+    return up == count;
+}
+
+bool step_cpuunplug(struct result *r)
+{
+    static u32 ids[MAX_APIC_ID + 1];
+    u32 n, i, count = 0;
+    int event = wait_ged_event("cpuunplug waiting", r);
+
+    if (event < 0)
+        return false;
+    if (!(event & GED_CPU_CHANGED)) {
+        res_str(r, "GED interrupt without the CPU bit: event=");
+        res_hex(r, (u64)event);
+        return false;
+    }
+    n = madt_all_ids(ids, ARRAY_SIZE(ids));
+    for (i = 0; i < n; i++) {
+        if (!(cpu_hp_status(i) & CPU_HP_REMOVING))
+            continue;
+        wr8(CPU_HP_STATUS, CPU_HP_REMOVING); /* acknowledge, as CSCN does */
+        wr8(CPU_HP_STATUS, CPU_HP_EJECT);    /* _EJ0 */
+        if (cpu_hp_status(i) & CPU_HP_ENABLED) {
+            res_str(r, "still enabled after its eject: uid=");
+            res_dec(r, i);
+            return false;
+        }
+        hotplug_line("cpuunplug ejected", i, ids[i]);
+        count++;
+    }
+    res_kv_hex(r, "event", (u64)event);
+    res_kv_dec(r, "removed", count);
+    return count > 0;
+}

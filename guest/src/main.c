@@ -334,7 +334,7 @@ static const struct {
     {"net", step_net}, {"powerbutton", step_powerbutton}, {"ioapic", step_ioapic},
     {"pvpanic", step_pvpanic}, {"watchdog", step_watchdog}, {"vsock", step_vsock},
     {"pmem", step_pmem}, {"balloon", step_balloon}, {"numa", step_numa},
-    {"acpidump", step_acpidump},
+    {"acpidump", step_acpidump}, {"cpuhotplug", step_cpuhotplug}, {"cpuunplug", step_cpuunplug},
     {"fs", step_fs}, {"tpm", step_tpm},
 };
 
