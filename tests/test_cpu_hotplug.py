@@ -218,3 +218,33 @@ def test_the_guest_brings_a_hot_added_vcpu_online_and_ejects_it(image: testguest
         assert vm.serial.wait_for("^vmkit-guest: tick 2$", timeout=30), vm.serial.text
         assert vm.state == "Running"
     assert no_vcpu_threads_left(), vcpu_threads()
+
+
+def test_a_snapshot_keeps_the_hot_added_vcpus(tmp_path: Path) -> None:
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    with Vm(VmConfig.from_cli(guest_args("boot=1,max=3"))) as vm:
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: tick 1$", timeout=30)
+        vm.resize_vcpus(3)
+        vm.pause()
+        vm.snapshot(snapshot)
+    assert no_vcpu_threads_left(), vcpu_threads()
+    with Vm.restore(snapshot) as restored:
+        assert restored.info().config.cpus.boot_vcpus == 3
+        assert sorted(vcpu_threads()) == ["vcpu0", "vcpu1", "vcpu2"]
+        restored.resume()
+        assert restored.serial.wait_for("^vmkit-guest: tick 4$", timeout=30)
+        # The restored VM's controller has the three running: one fewer is a removal.
+        restored.resize_vcpus(2)
+        restored.pause()
+        second = tmp_path / "second"
+        second.mkdir()
+        with pytest.raises(
+            VmError,
+            match=r"^A VM cannot be snapshotted while vCPU 2 is marked for removal: the guest "
+            r"has not ejected it yet$",
+        ):
+            restored.snapshot(second)
+        assert list(second.iterdir()) == [], "nothing written"
+    assert no_vcpu_threads_left(), vcpu_threads()

@@ -122,6 +122,11 @@ pub enum VmError {
     MigrationConfig { detail: String },
     #[error("Error from device manager: MissingVirtioBalloon")]
     NoBalloon,
+    #[error(
+        "A VM cannot be {what} while vCPU {index} is marked for removal: the guest has not \
+         ejected it yet"
+    )]
+    VcpuRemovalPending { what: &'static str, index: usize },
     /// v37's words (its `Error::CpuManager`).
     #[error("Error from CPU manager: {0}")]
     CpuResize(crate::devices::cpu_hotplug::ResizeError),
@@ -163,6 +168,7 @@ impl ModuleError for VmError {
             }
             MigrationConfig { .. } => ErrorKind::Migration,
             NoBalloon | CpuResize(_) | Ged { .. } => ErrorKind::Device,
+            VcpuRemovalPending { .. } => ErrorKind::Unsupported,
             VhostUserState { .. } | VhostUserOption { .. } => ErrorKind::Unsupported,
         }
     }
@@ -1464,17 +1470,36 @@ impl Vm {
         life: &Lifecycle,
         instance: &Instance,
     ) -> Result<()> {
+        let config = self.saved_config(instance, "snapshotted")?;
         let state = self.capture_state(instance)?;
         snapshot::write_dir(
             dir,
             &snapshot::SnapshotParts {
-                config: self.config(),
+                config: &config,
                 kernel_format: life.kernel_format.map(KernelFormat::name),
                 ram: &instance._ram,
                 state: &state,
             },
         )?;
         Ok(())
+    }
+
+    /// The config a snapshot or migration carries: the vCPUs running now
+    /// (after `vm.resize`) are the ones a restore starts. Refused while a
+    /// vCPU the guest has not ejected yet is marked for removal: its state
+    /// would come back as a running vCPU.
+    fn saved_config(&self, instance: &Instance, what: &'static str) -> Result<VmConfig> {
+        let hotplug = instance.devices.cpu_hotplug();
+        if let Some(index) = hotplug
+            .slots()
+            .iter()
+            .position(|s| s.enabled && s.pending_removal)
+        {
+            return Err(VmError::VcpuRemovalPending { what, index }.into());
+        }
+        let mut config = self.config().clone();
+        config.cpus.boot_vcpus = hotplug.present();
+        Ok(config)
     }
 
     /// The paused VM's state but its memory: every vCPU's (taken by its
@@ -1688,14 +1713,14 @@ impl Vm {
         hello.extend_from_slice(&migration::VERSION.to_le_bytes());
         hello.extend_from_slice(&u32::from(local).to_le_bytes());
         wire.send(Kind::Hello, &hello)?;
-        let config =
-            serde_json::to_string(self.config()).map_err(|e| VmError::MigrationConfig {
-                detail: e.to_string(),
-            })?;
+        let saved = self.saved_config(instance, "migrated")?;
+        let config = serde_json::to_string(&saved).map_err(|e| VmError::MigrationConfig {
+            detail: e.to_string(),
+        })?;
         let message = ConfigMessage {
             config,
             memory_size: ram.total_size(),
-            vcpus: instance.samples.len(),
+            vcpus: usize::from(saved.cpus.boot_vcpus),
             kernel_format: life.kernel_format.map(|f| f.name().to_owned()),
             boot_id: migration::boot_id(),
         };
