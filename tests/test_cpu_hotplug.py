@@ -248,3 +248,23 @@ def test_a_snapshot_keeps_the_hot_added_vcpus(tmp_path: Path) -> None:
             restored.snapshot(second)
         assert list(second.iterdir()) == [], "nothing written"
     assert no_vcpu_threads_left(), vcpu_threads()
+
+
+def test_a_reboot_starts_the_resized_count() -> None:
+    # As Cloud Hypervisor: vm.resize changes the config's boot_vcpus, which
+    # the next boot starts.
+    with Vm(VmConfig.from_cli(guest_args("boot=1,max=3"))) as vm:
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: tick 1$", timeout=30)
+        vm.resize_vcpus(2)
+        vm.reboot()
+        assert vm.state == "Running"
+        deadline = time.monotonic() + 10
+        while sorted(vcpu_threads()) != ["vcpu0", "vcpu1"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(vcpu_threads()) == ["vcpu0", "vcpu1"]
+        assert vm.info().config.cpus.boot_vcpus == 2
+        # The new boot's controller starts from two: three is a hot-add again.
+        vm.resize_vcpus(3)
+        assert sorted(vcpu_threads()) == ["vcpu0", "vcpu1", "vcpu2"]
+    assert no_vcpu_threads_left(), vcpu_threads()

@@ -1240,7 +1240,19 @@ impl Vm {
     /// clock and platform devices take the snapshot's state instead of
     /// tables, a payload and boot registers.
     fn build(&self, restore: Option<Restore<'_>>) -> Result<Instance> {
-        let config = self.config();
+        // Later boots start the vCPU count `vm.resize` set, as in Cloud
+        // Hypervisor (its config's boot_vcpus changes); but never none.
+        let resized = self
+            .vcpus_now
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .filter(|&vcpus| vcpus > 0)
+            .map(|vcpus| {
+                let mut config = self.config().clone();
+                config.cpus.boot_vcpus = vcpus;
+                config
+            });
+        let config = resized.as_ref().unwrap_or(self.config());
         let vm_fd = Arc::new(self.kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?);
         vm_fd
             .set_tss_address(crate::layout::KVM_TSS_ADDRESS as usize)
