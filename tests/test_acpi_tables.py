@@ -46,6 +46,8 @@ pytestmark = [
 CONFIGS: dict[str, tuple[str, ...]] = {
     "default": (),
     "cpus-boot2-max4": ("--cpus", "boot=2,max=4"),
+    # The most vCPUs v37 takes: the largest CPU hot-plug AML.
+    "cpus-max255": ("--cpus", "boot=1,max=255"),
     "two-pci-segments": ("--platform", "num_pci_segments=2"),
     "numa": (
         "--cpus", "boot=2",
@@ -62,6 +64,7 @@ CONFIGS: dict[str, tuple[str, ...]] = {
 SIGNATURES = {
     "default": ["XSDT", "FACP", "DSDT", "APIC", "MCFG"],
     "cpus-boot2-max4": ["XSDT", "FACP", "DSDT", "APIC", "MCFG"],
+    "cpus-max255": ["XSDT", "FACP", "DSDT", "APIC", "MCFG"],
     "two-pci-segments": ["XSDT", "FACP", "DSDT", "APIC", "MCFG"],
     "numa": ["XSDT", "FACP", "DSDT", "APIC", "MCFG", "SRAT", "SLIT"],
     "tpm": ["XSDT", "FACP", "DSDT", "APIC", "MCFG", "TPM2"],
@@ -74,7 +77,7 @@ SIGNATURES = {
 HARMLESS_WARNINGS = {3073: "Device object requires either a _HID or _ADR, but not both"}
 
 # The objects of a device that the OS evaluates while enumerating it.
-MAX_VCPUS = {"cpus-boot2-max4": 4, "numa": 2}
+MAX_VCPUS = {"cpus-boot2-max4": 4, "cpus-max255": 255, "numa": 2}
 
 DEVICE_OBJECTS = ("_HID", "_CID", "_UID", "_ADR", "_SEG", "_BBN", "_STA", "_CRS", "_PXM", "_MAT")
 
@@ -152,7 +155,8 @@ def test_the_madt_lists_every_possible_vcpu(guest: GuestTables) -> None:
     madt = disassemble(guest.paths["APIC"]).dsl
     enabled = re.findall(r"Processor Enabled : (\d)", madt)
     online_capable = re.findall(r"Runtime Online Capable : (\d)", madt)
-    boot, possible = {"cpus-boot2-max4": (2, 4), "numa": (2, 2)}.get(guest.name, (1, 1))
+    boot = {"cpus-boot2-max4": 2, "numa": 2}.get(guest.name, 1)
+    possible = MAX_VCPUS.get(guest.name, 1)
     # The vCPUs not running at boot are the ones `vm.resize` can add.
     assert enabled == ["1"] * boot + ["0"] * (possible - boot), madt
     assert online_capable == ["0"] * boot + ["1"] * (possible - boot), madt
@@ -232,6 +236,10 @@ def test_every_device_object_evaluates_without_errors(guest: GuestTables) -> Non
     if guest.name == "tpm":
         expected_devices.add("\\TPM2")
     assert expected_devices <= set(devices), devices
+    # The vCPU devices differ only in their index: with many, the first
+    # few and the last stand for them (each acpiexec run takes ~1 s here).
+    cpus = sorted(d for d in devices if re.fullmatch(r"\\_SB_\.CPUS\.C...", d))
+    devices = [d for d in devices if d not in cpus[4:-1]]
     calls = [f"{d}.{o}" for d in devices for o in DEVICE_OBJECTS if f"{d}.{o}" in objects]
     run = acpiexec(dsdt, [f"evaluate {call}" for call in calls])
     assert not run.load_problems, run.output
