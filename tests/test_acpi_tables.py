@@ -23,6 +23,7 @@ from _acpi import (
     AcpiTableError,
     Tables,
     acpiexec,
+    acpiexec_all,
     disassemble,
     dumped_tables,
     guest_tables,
@@ -180,27 +181,36 @@ def test_the_cpu_hotplug_methods_evaluate_as_cloud_hypervisor_s(guest: GuestTabl
     assert sorted(p for p, k in objects.items() if re.fullmatch(r"\\_SB_\.CPUS\.C...", p)
                   and k == "Device") == [f"\\_SB_.CPUS.{c}" for c in cpus]  # fmt: skip
 
-    def run(fill: int, *calls: str) -> list[tuple[str, int]]:
-        result = acpiexec(dsdt, [f"evaluate {call}" for call in calls], fill=fill)
+    last = cpus[-1]
+    # (register value the AML reads, the call), all run at once.
+    jobs = [
+        (CPEN, "\\_SB_.CPUS.CSCN"),
+        (CPEN | CINS, "\\_SB_.CPUS.CSCN"),
+        (CPEN | CRMV, "\\_SB_.CPUS.CSCN"),
+        (CPEN | CINS | 0x01, "\\_SB_.GED_._EVT 5"),
+        (0x08, "\\_SB_.GED_._EVT 5"),
+        (CPEN, f"\\_SB_.CPUS.{last}._EJ0 1"),
+        (CPEN, f"\\_SB_.CPUS.{last}._STA"),
+        (0, f"\\_SB_.CPUS.{last}._STA"),
+    ]
+    runs = acpiexec_all([(dsdt, [f"evaluate {call}"], fill) for fill, call in jobs])
+    for result in runs:
         assert not result.load_problems, result.output
         for evaluation in result.evaluations:
             assert not evaluation.problems, (evaluation, result.output)
-        return result.notifies
-
+    scan, inserting, removing, ged_cpu, ged_button, eject, enabled, absent = runs
     # A scan with nothing inserted or removed notifies nothing; one with
     # every vCPU inserting (or removing) notifies each, with 1 (or 3).
-    assert run(CPEN, "\\_SB_.CPUS.CSCN") == []
-    assert run(CPEN | CINS, "\\_SB_.CPUS.CSCN") == [(c, DEVICE_CHECK) for c in cpus]
-    assert run(CPEN | CRMV, "\\_SB_.CPUS.CSCN") == [(c, EJECT_REQUEST) for c in cpus]
+    assert scan.notifies == []
+    assert inserting.notifies == [(c, DEVICE_CHECK) for c in cpus]
+    assert removing.notifies == [(c, EJECT_REQUEST) for c in cpus]
     # The GED's CPU bit (bit 0) runs the scan; the power button's alone does not.
-    assert run(CPEN | CINS | 0x01, "\\_SB_.GED_._EVT 5") == [(c, DEVICE_CHECK) for c in cpus]
-    assert run(0x08, "\\_SB_.GED_._EVT 5") == [("PWRB", 0x80)]
-    # _STA is 0xF for an enabled vCPU, 0 otherwise; _EJ0 runs.
-    last = cpus[-1]
-    for fill, sta in ((CPEN, "000000000000000F"), (0, "0000000000000000")):
-        result = acpiexec(dsdt, [f"evaluate \\_SB_.CPUS.{last}._STA"], fill=fill)
+    assert ged_cpu.notifies == [(c, DEVICE_CHECK) for c in cpus]
+    assert ged_button.notifies == [("PWRB", 0x80)]
+    # _EJ0 runs; _STA is 0xF for an enabled vCPU, 0 otherwise.
+    assert eject.notifies == []
+    for result, sta in ((enabled, "000000000000000F"), (absent, "0000000000000000")):
         assert result[f"\\_SB_.CPUS.{last}._STA"].returned == f"[Integer] = {sta}", result.output
-    assert run(CPEN, f"\\_SB_.CPUS.{last}._EJ0 1") == []
 
 
 def test_each_vcpu_s_mat_is_its_madt_entry_enabled(guest: GuestTables) -> None:
@@ -262,15 +272,15 @@ def test_the_ged_event_notifies_the_power_button_only_for_its_bit(guest: GuestTa
     # acpiexec backs the GED's register with a buffer filled with `fill`:
     # the value the VMM's register would read.
     dsdt = [guest.paths["DSDT"]]
-    pressed = acpiexec(dsdt, ["evaluate \\_SB_.GED_._EVT 5"], fill=0x08)
+    call = ["evaluate \\_SB_.GED_._EVT 5"]
+    # Bit 0 (vCPUs changed) has its own test above.
+    pressed, *quiet = acpiexec_all([(dsdt, call, fill) for fill in (0x08, 0x00, 0xF6)])
     assert not pressed.load_problems, pressed.output
     assert pressed["\\_SB_.GED_._EVT"].problems == [], pressed.output
     assert pressed.notifies == [("PWRB", 0x80)], pressed.output
-    # Bit 0 (vCPUs changed) has its own test below.
-    for other_bits in (0x00, 0xF6):
-        quiet = acpiexec(dsdt, ["evaluate \\_SB_.GED_._EVT 5"], fill=other_bits)
-        assert quiet["\\_SB_.GED_._EVT"].problems == [], quiet.output
-        assert quiet.notifies == [], quiet.output
+    for run in quiet:
+        assert run["\\_SB_.GED_._EVT"].problems == [], run.output
+        assert run.notifies == [], run.output
 
 
 def test_the_harness_reports_what_acpica_rejects(guest: GuestTables, tmp_path: Path) -> None:
