@@ -251,23 +251,42 @@ static u32 madt_all_ids(u32 *ids, u32 max)
     return n;
 }
 
-/* Waits for a GED interrupt; the event byte, or -1 (with the reason in r). */
+/* Waits for a GED interrupt with the CPU bit; the event byte, or -1 (with the
+ * reason in r). */
 static int wait_ged_event(const char *waiting, struct result *r)
 {
-    u32 slot = HOTPLUG_VECTOR - IRQ_VECTOR_BASE;
-    u64 deadline;
+    u8 event;
+
     if (!lapic_usable(r))
         return -1;
     if (!ioapic_map() || !map_mmio(GED_ADDR, 1, false) || !map_mmio(CPU_HP_ADDR, 12, false)) {
         res_str(r, "cannot map the IOAPIC, the GED or the CPU hot-plug controller");
         return -1;
     }
-    idt_install(HOTPLUG_VECTOR, irq_stubs[slot]);
+    if (!wait_pin_interrupt(GED_IOAPIC_PIN, HOTPLUG_VECTOR, waiting, HOTPLUG_TIMEOUT_MS)) {
+        res_str(r, "no GED interrupt within 10000 ms");
+        return -1;
+    }
+    event = rd8(GED_ADDR);
+    if (!(event & GED_CPU_CHANGED)) {
+        res_str(r, "GED interrupt without the CPU bit: event=");
+        res_hex(r, event);
+        return -1;
+    }
+    return event;
+}
+
+u32 wait_pin_interrupt(u32 pin, u32 vector, const char *waiting, u64 timeout_ms)
+{
+    u32 slot = vector - IRQ_VECTOR_BASE;
+    u64 deadline;
+
+    idt_install(vector, irq_stubs[slot]);
     irq_counts[slot] = 0;
-    ioapic_route(GED_IOAPIC_PIN, HOTPLUG_VECTOR, lapic_id(), 0);
+    ioapic_route(pin, vector, lapic_id(), 0);
     say(waiting);
     lapic_tick_start(1000000); /* bounds each hlt */
-    deadline = rdtsc() + ms_to_tsc(HOTPLUG_TIMEOUT_MS);
+    deadline = rdtsc() + ms_to_tsc(timeout_ms);
     for (;;) {
         cli();
         if (irq_counts[slot] || rdtsc() > deadline)
@@ -276,12 +295,8 @@ static int wait_ged_event(const char *waiting, struct result *r)
     }
     cli();
     lapic_tick_stop();
-    ioapic_route(GED_IOAPIC_PIN, HOTPLUG_VECTOR, lapic_id(), ENTRY_MASKED);
-    if (!irq_counts[slot]) {
-        res_str(r, "no GED interrupt within 10000 ms");
-        return -1;
-    }
-    return rd8(GED_ADDR);
+    ioapic_route(pin, vector, lapic_id(), ENTRY_MASKED);
+    return irq_counts[slot];
 }
 
 static u8 cpu_hp_status(u32 index)
@@ -312,11 +327,6 @@ bool step_cpuhotplug(struct result *r)
 
     if (event < 0)
         return false;
-    if (!(event & GED_CPU_CHANGED)) {
-        res_str(r, "GED interrupt without the CPU bit: event=");
-        res_hex(r, (u64)event);
-        return false;
-    }
     n = madt_all_ids(ids, ARRAY_SIZE(ids));
     for (i = 0; i < n; i++) {
         u8 status = cpu_hp_status(i);
@@ -381,11 +391,6 @@ bool step_cpuunplug(struct result *r)
 
     if (event < 0)
         return false;
-    if (!(event & GED_CPU_CHANGED)) {
-        res_str(r, "GED interrupt without the CPU bit: event=");
-        res_hex(r, (u64)event);
-        return false;
-    }
     n = madt_all_ids(ids, ARRAY_SIZE(ids));
     for (i = 0; i < n; i++) {
         if (!(cpu_hp_status(i) & CPU_HP_REMOVING))

@@ -392,6 +392,11 @@ bool ioapic_map(void);
 u32 ioapic_read(u32 reg);
 void ioapic_write(u32 reg, u32 v);
 void ioapic_route(u32 pin, u32 vector, u32 apic_id, u32 flags);
+/* Routes IOAPIC `pin` to `vector` on this CPU, says `waiting`, and halts until
+ * the interrupt comes or `timeout_ms` pass; the pin is masked again after.
+ * Returns the interrupts seen (0: none in time). IOAPIC and LAPIC must be set
+ * up by the caller. */
+u32 wait_pin_interrupt(u32 pin, u32 vector, const char *waiting, u64 timeout_ms);
 bool step_ioapic(struct result *r);
 
 /* ---- power.c ---- */

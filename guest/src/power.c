@@ -15,8 +15,7 @@
 
 bool step_powerbutton(struct result *r)
 {
-    u32 slot = POWERBUTTON_VECTOR - IRQ_VECTOR_BASE;
-    u64 deadline;
+    u32 interrupts;
     u8 event;
 
     if (!lapic_usable(r))
@@ -25,24 +24,10 @@ bool step_powerbutton(struct result *r)
         res_str(r, "cannot map the IOAPIC or the GED register");
         return false;
     }
-    idt_install(POWERBUTTON_VECTOR, irq_stubs[slot]);
-    irq_counts[slot] = 0;
     (void)rd8(GED_ADDRESS); /* drop a stale event */
-    ioapic_route(GED_PIN, POWERBUTTON_VECTOR, lapic_id(), 0);
-    say("powerbutton waiting");
-
-    lapic_tick_start(1000000); /* bounds each hlt */
-    deadline = rdtsc() + ms_to_tsc(POWERBUTTON_TIMEOUT_MS);
-    for (;;) {
-        cli();
-        if (irq_counts[slot] || rdtsc() > deadline)
-            break;
-        __asm__ volatile("sti; hlt" ::: "memory"); /* sti's shadow covers hlt */
-    }
-    cli();
-    lapic_tick_stop();
-    ioapic_route(GED_PIN, POWERBUTTON_VECTOR, lapic_id(), ENTRY_MASKED);
-    if (!irq_counts[slot]) {
+    interrupts = wait_pin_interrupt(GED_PIN, POWERBUTTON_VECTOR, "powerbutton waiting",
+                                    POWERBUTTON_TIMEOUT_MS);
+    if (!interrupts) {
         res_str(r, "no GED interrupt within 10000 ms");
         return false;
     }
@@ -57,6 +42,6 @@ bool step_powerbutton(struct result *r)
         return false;
     }
     res_kv_hex(r, "event", event);
-    res_kv_dec(r, "interrupts", irq_counts[slot]);
+    res_kv_dec(r, "interrupts", interrupts);
     return true;
 }

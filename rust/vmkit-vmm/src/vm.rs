@@ -401,13 +401,7 @@ impl Instance {
                 sample
             }
         };
-        let host_cpus = config
-            .cpus
-            .affinity
-            .iter()
-            .flatten()
-            .find(|a| a.vcpu == index)
-            .map(|a| a.host_cpus.clone());
+        let host_cpus = vcpu_host_cpus(config, index);
         let context = VcpuThreadContext {
             index,
             control: self.control.clone(),
@@ -567,6 +561,17 @@ pub struct Vm {
     /// Connections to vhost-user backends, from the first boot until the VM
     /// stops: resets keep them.
     vhost_links: crate::device_manager::VhostLinks,
+}
+
+/// The host CPUs `--cpus affinity` pins vCPU `index` to, if any.
+fn vcpu_host_cpus(config: &VmConfig, index: u8) -> Option<Vec<usize>> {
+    config
+        .cpus
+        .affinity
+        .iter()
+        .flatten()
+        .find(|a| a.vcpu == index)
+        .map(|a| a.host_cpus.clone())
 }
 
 fn is_pvm_host() -> bool {
@@ -1411,13 +1416,7 @@ impl Vm {
             }
             let sample = Arc::new(Mutex::new(Sample::default()));
             samples.push(sample.clone());
-            let host_cpus = config
-                .cpus
-                .affinity
-                .iter()
-                .flatten()
-                .find(|a| a.vcpu == index)
-                .map(|a| a.host_cpus.clone());
+            let host_cpus = vcpu_host_cpus(config, index);
             let context = VcpuThreadContext {
                 index,
                 control: control.clone(),
