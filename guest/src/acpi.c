@@ -157,39 +157,47 @@ u64 acpi_find_table(const char *sig, u32 *len)
     return 0;
 }
 
-/* Enabled CPUs' APIC ids into ids[]; counts of enabled and of all listed entries. */
-u32 madt_cpus(u32 *ids, u32 max, u32 *enabled, u32 *listed)
+void madt_for_each_cpu(void (*visit)(u32 apic_id, u32 flags, void *ctx), void *ctx)
 {
     const struct acpi_info *a = acpi_discover();
     u64 p, end;
-    u32 n = 0;
-    *enabled = 0;
-    *listed = 0;
     if (!a->madt)
-        return 0;
+        return;
     end = a->madt + a->madt_len;
     for (p = a->madt + 44; p + 2 <= end; p += rd8(p + 1)) {
         u8 type = rd8(p), len = rd8(p + 1);
-        u32 id, flags;
         if (len < 2 || p + len > end)
             break;
-        if (type == 0 && len >= 8) { /* Processor Local APIC */
-            id = rd8(p + 3);
-            flags = rd32(p + 4);
-        } else if (type == 9 && len >= 16) { /* Processor Local x2APIC */
-            id = rd32(p + 4);
-            flags = rd32(p + 8);
-        } else {
-            continue;
-        }
-        (*listed)++;
-        if (flags & 1) { /* enabled (bit 1 = online capable: listed, not started) */
-            (*enabled)++;
-            if (n < max)
-                ids[n++] = id;
-        }
+        if (type == 0 && len >= 8) /* Processor Local APIC */
+            visit(rd8(p + 3), rd32(p + 4), ctx);
+        else if (type == 9 && len >= 16) /* Processor Local x2APIC */
+            visit(rd32(p + 4), rd32(p + 8), ctx);
     }
-    return n;
+}
+
+struct madt_count {
+    u32 *ids, max, n, enabled, listed;
+};
+
+static void count_cpu(u32 apic_id, u32 flags, void *ctx)
+{
+    struct madt_count *c = ctx;
+    c->listed++;
+    if (flags & 1) { /* enabled (bit 1 = online capable: listed, not started) */
+        c->enabled++;
+        if (c->n < c->max)
+            c->ids[c->n++] = apic_id;
+    }
+}
+
+/* Enabled CPUs' APIC ids into ids[]; counts of enabled and of all listed entries. */
+u32 madt_cpus(u32 *ids, u32 max, u32 *enabled, u32 *listed)
+{
+    struct madt_count c = {ids, max, 0, 0, 0};
+    madt_for_each_cpu(count_cpu, &c);
+    *enabled = c.enabled;
+    *listed = c.listed;
+    return c.n;
 }
 
 static u8 sum_cpl0(u64 addr, u32 len)

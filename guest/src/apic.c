@@ -230,25 +230,24 @@ bool step_timer(struct result *r)
 #define HOTPLUG_VECTOR (IRQ_VECTOR_BASE + IRQ_VECTORS - 2)
 #define HOTPLUG_TIMEOUT_MS 10000
 
+struct madt_list {
+    u32 *ids, max, n;
+};
+
+static void list_cpu(u32 apic_id, u32 flags, void *ctx)
+{
+    struct madt_list *l = ctx;
+    (void)flags;
+    if (l->n < l->max)
+        l->ids[l->n++] = apic_id;
+}
+
 /* Every MADT processor entry's APIC id, in order (the vCPU index is the position). */
 static u32 madt_all_ids(u32 *ids, u32 max)
 {
-    const struct acpi_info *a = acpi_discover();
-    u64 p, end;
-    u32 n = 0;
-    if (!a->madt)
-        return 0;
-    end = a->madt + a->madt_len;
-    for (p = a->madt + 44; p + 2 <= end && n < max; p += rd8(p + 1)) {
-        u8 type = rd8(p), len = rd8(p + 1);
-        if (len < 2 || p + len > end)
-            break;
-        if (type == 0 && len >= 8)
-            ids[n++] = rd8(p + 3);
-        else if (type == 9 && len >= 16)
-            ids[n++] = rd32(p + 4);
-    }
-    return n;
+    struct madt_list l = {ids, max, 0};
+    madt_for_each_cpu(list_cpu, &l);
+    return l.n;
 }
 
 /* Waits for a GED interrupt with the CPU bit; the event byte, or -1 (with the

@@ -302,6 +302,8 @@ bool step_acpi(struct result *r);
 bool step_acpidump(struct result *r);
 /* A table listed by the root table (or the DSDT): its address and length, 0 if absent. */
 u64 acpi_find_table(const char *sig, u32 *len);
+/* Calls visit(apic_id, flags) for each MADT processor entry (local APIC or x2APIC), in order. */
+void madt_for_each_cpu(void (*visit)(u32 apic_id, u32 flags, void *ctx), void *ctx);
 u32 madt_cpus(u32 *ids, u32 max, u32 *enabled, u32 *listed);
 /* Byte sums of the job's tables: at CPL3, or at CPL0 where a table is not user-accessible. */
 void acpi_sums(struct csum_job *j);
