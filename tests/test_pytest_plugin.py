@@ -5,6 +5,7 @@ output, the disk factory, and the markers skip with their reasons."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -206,10 +207,11 @@ def _vmm_processes() -> set[int]:
     return pids
 
 
-xdist = pytest.importorskip("xdist", reason="pytest-xdist (the test extra) is not installed")
-
-
 @pytest.mark.vmkit_kvm
+@pytest.mark.skipif(
+    importlib.util.find_spec("xdist") is None,
+    reason="pytest-xdist (the test extra) is not installed",
+)
 def test_under_xdist_names_are_unique_and_a_crashed_worker_leaves_no_vmm(
     pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
