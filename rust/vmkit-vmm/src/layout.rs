@@ -53,6 +53,10 @@ pub const GED_SIZE: u64 = 0x10;
 /// page of its own (it puts them at the top of the address space; vmkit
 /// keeps them in the 32-bit hole, where the GED is).
 pub const CPU_HOTPLUG_ADDRESS: u64 = GED_ADDRESS + 0x1000;
+/// Cloud Hypervisor's ACPI memory hot-plug controller, the next page.
+pub const MEMORY_HOTPLUG_ADDRESS: u64 = GED_ADDRESS + 0x2000;
+/// Cloud Hypervisor's ACPI PCI hot-plug controller (PHPR), the next page.
+pub const PCI_HOTPLUG_ADDRESS: u64 = GED_ADDRESS + 0x3000;
 /// Its interrupt: an ISA line nothing else uses (COM1 is 4, the i8042 1).
 pub const GED_IRQ: u32 = 5;
 /// The TPM's CRB interface (`--tpm`): locality 0's 4 KiB page, where Cloud

@@ -175,6 +175,8 @@ pub struct Ged {
 
 /// Event bits (Cloud Hypervisor's `AcpiNotificationFlags`, devices/src/lib.rs).
 pub const GED_CPU_DEVICES_CHANGED: u8 = 1 << 0;
+pub const GED_MEMORY_DEVICES_CHANGED: u8 = 1 << 1;
+pub const GED_PCI_DEVICES_CHANGED: u8 = 1 << 2;
 pub const GED_POWER_BUTTON: u8 = 1 << 3;
 
 impl Ged {
