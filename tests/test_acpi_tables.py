@@ -213,6 +213,49 @@ def test_the_cpu_hotplug_methods_evaluate_as_cloud_hypervisor_s(guest: GuestTabl
         assert result[f"\\_SB_.CPUS.{last}._STA"].returned == f"[Integer] = {sta}", result.output
 
 
+# GED bit 2 (Cloud Hypervisor's PCI_DEVICES_CHANGED) runs \_SB_.PHPR.PSCN.
+GED_PCI = 0x04
+SEGMENTS = {"two-pci-segments": 2, "numa": 2}
+
+
+def test_the_pci_hotplug_methods_evaluate_as_cloud_hypervisor_s(guest: GuestTables) -> None:
+    dsdt = [guest.paths["DSDT"]]
+    bridges = [f"\\_SB_.PC{i:02X}" for i in range(SEGMENTS.get(guest.name, 1))]
+    objects = namespace(dsdt)
+    for name in ("BLCK", "PCIU", "PCID", "B0EJ", "PSEG"):
+        assert f"\\_SB_.PHPR.{name}" in objects, name
+    assert objects.get("\\_SB_.PHPR.PCEJ") == objects.get("\\_SB_.PHPR.PSCN") == "Method"
+    for bridge in bridges:
+        assert objects.get(f"{bridge}.PCNT") == objects.get(f"{bridge}.DVNT") == "Method"
+        slot = re.compile(re.escape(bridge) + r"\.S\d{3}")
+        slots = sorted(p for p, k in objects.items() if slot.fullmatch(p) and k == "Device")
+        assert slots == [f"{bridge}.S{i:03}" for i in range(32)], slots
+    # acpiexec backs every register with `fill` bytes: PCIU and PCID read
+    # 0x04040404 with fill 4 (slots 2, 10, 18 and 26 added and to remove).
+    first = bridges[0]
+    jobs = [
+        (GED_PCI, "\\_SB_.GED_._EVT 5"),
+        (0x00, "\\_SB_.GED_._EVT 5"),
+        (0x00, f"{first}.PCNT"),
+        (0x00, f"{first}.S003._EJ0 1"),
+        (0x00, f"{first}.S003._ADR"),
+        (0x00, f"{first}.S031._SUN"),
+    ]
+    runs = acpiexec_all([(dsdt, [f"evaluate {call}"], fill) for fill, call in jobs])
+    for result in runs:
+        assert not result.load_problems, result.output
+        for evaluation in result.evaluations:
+            assert not evaluation.problems, (evaluation, result.output)
+    scan, quiet, pcnt, eject, adr, sun = runs
+    slots = [f"S{i:03}" for i in (2, 10, 18, 26)]
+    per_segment = [(s, DEVICE_CHECK) for s in slots] + [(s, EJECT_REQUEST) for s in slots]
+    # (Sorted: ACPICA delivers notifications on threads of its own.)
+    assert scan.notifies == sorted(per_segment * len(bridges)), scan.output
+    assert quiet.notifies == pcnt.notifies == eject.notifies == []
+    assert adr[f"{first}.S003._ADR"].returned == "[Integer] = 0000000000030000", adr.output
+    assert sun[f"{first}.S031._SUN"].returned == "[Integer] = 000000000000001F", sun.output
+
+
 def test_each_vcpu_s_mat_is_its_madt_entry_enabled(guest: GuestTables) -> None:
     madt = guest.tables.by_signature["APIC"]
     entries = []
@@ -239,7 +282,7 @@ def test_every_device_object_evaluates_without_errors(guest: GuestTables) -> Non
     devices = [path for path, kind in objects.items() if kind == "Device" and path != "\\_SB_"]
     expected_devices = {"\\_SB_.COM1", "\\_SB_.PS2K", "\\_SB_.PC00", "\\_SB_.MBRD", "\\_SB_.GED_",
                         "\\_SB_.PWRB"}  # fmt: skip
-    expected_devices |= {"\\_SB_.PRES", "\\_SB_.CPUS"}
+    expected_devices |= {"\\_SB_.PRES", "\\_SB_.CPUS", "\\_SB_.PHPR"}
     expected_devices |= {f"\\_SB_.CPUS.C{i:03X}" for i in range(MAX_VCPUS.get(guest.name, 1))}
     if guest.name in ("two-pci-segments", "numa"):
         expected_devices.add("\\_SB_.PC01")
@@ -250,6 +293,9 @@ def test_every_device_object_evaluates_without_errors(guest: GuestTables) -> Non
     # few and the last stand for them (each acpiexec run takes ~1 s here).
     cpus = sorted(d for d in devices if re.fullmatch(r"\\_SB_\.CPUS\.C...", d))
     devices = [d for d in devices if d not in cpus[4:-1]]
+    # So do the PCI hot-plug slots (S000..S031 of each bridge).
+    slots = [d for d in devices if re.fullmatch(r"\\_SB_\.PC..\.S\d{3}", d)]
+    devices = [d for d in devices if d not in slots or d.endswith(("S000", "S001", "S031"))]
     calls = [f"{d}.{o}" for d in devices for o in DEVICE_OBJECTS if f"{d}.{o}" in objects]
     run = acpiexec(dsdt, [f"evaluate {call}" for call in calls])
     assert not run.load_problems, run.output
@@ -274,7 +320,8 @@ def test_the_ged_event_notifies_the_power_button_only_for_its_bit(guest: GuestTa
     dsdt = [guest.paths["DSDT"]]
     call = ["evaluate \\_SB_.GED_._EVT 5"]
     # Bit 0 (vCPUs changed) has its own test above.
-    pressed, *quiet = acpiexec_all([(dsdt, call, fill) for fill in (0x08, 0x00, 0xF6)])
+    # (Bit 2, PCI devices changed, has its own test too.)
+    pressed, *quiet = acpiexec_all([(dsdt, call, fill) for fill in (0x08, 0x00, 0xF0)])
     assert not pressed.load_problems, pressed.output
     assert pressed["\\_SB_.GED_._EVT"].problems == [], pressed.output
     assert pressed.notifies == [("PWRB", 0x80)], pressed.output

@@ -315,6 +315,8 @@ bool step_numa(struct result *r);
 bool step_smp(struct result *r);
 bool step_cpuhotplug(struct result *r);
 bool step_cpuunplug(struct result *r);
+bool step_pcihotplug(struct result *r);
+bool step_pciunplug(struct result *r);
 bool step_timer(struct result *r);
 void ap_main(void);
 u32 lapic_id(void);

@@ -335,7 +335,8 @@ static const struct {
     {"pvpanic", step_pvpanic}, {"watchdog", step_watchdog}, {"vsock", step_vsock},
     {"pmem", step_pmem}, {"balloon", step_balloon}, {"numa", step_numa},
     {"acpidump", step_acpidump}, {"cpuhotplug", step_cpuhotplug}, {"cpuunplug", step_cpuunplug},
-    {"fs", step_fs}, {"tpm", step_tpm},
+    {"fs", step_fs}, {"tpm", step_tpm}, {"pcihotplug", step_pcihotplug},
+    {"pciunplug", step_pciunplug},
 };
 
 static void print_step(const char *name, size_t len, bool ok, const struct result *r)

@@ -353,3 +353,182 @@ bool step_pci(struct result *r)
     res_kv_dec(r, "devices", n);
     return true;
 }
+
+/*
+ * The pcihotplug and pciunplug steps: PCI hot-plug the way Linux's ACPI code
+ * does it, without AML. Each waits for the VMM's Generic Event Device
+ * interrupt (IOAPIC pin 5) with the PCI bit (bit 2 of the event register at
+ * 0xfeb00000), then reads Cloud Hypervisor's PCI hot-plug controller at
+ * 0xfeb03000 (vmkit's layout) as the DSDT's PCNT does, for each segment of
+ * the MCFG: write the segment to PSEG (offset 12), read PCIU (offset 0,
+ * slots added) or PCID (offset 4, slots to remove). pcihotplug probes each
+ * added slot's function 0 (it joins the device list, so the blk step that
+ * follows drives it); pciunplug ejects each slot to remove by writing its
+ * bit to B0EJ (offset 8), as _EJ0 does, and checks that the function is gone
+ * from config space.
+ */
+#define PHP_GED_ADDR 0xfeb00000ULL
+#define PHP_GED_PIN 5
+#define PHP_GED_PCI_CHANGED 0x04
+#define PHP_ADDR 0xfeb03000ULL
+#define PHP_PCIU (PHP_ADDR + 0)
+#define PHP_PCID (PHP_ADDR + 4)
+#define PHP_B0EJ (PHP_ADDR + 8)
+#define PHP_PSEG (PHP_ADDR + 12)
+#define PHP_VECTOR (IRQ_VECTOR_BASE + IRQ_VECTORS - 2)
+#define PHP_TIMEOUT_MS 10000
+
+static int php_wait(const char *waiting, struct result *r)
+{
+    u8 event;
+    u32 n;
+
+    if (!pci_devices(&n, r)) /* enumerated before the change, as at boot */
+        return -1;
+    if (!lapic_usable(r))
+        return -1;
+    if (!ioapic_map() || !map_mmio(PHP_GED_ADDR, 1, false) || !map_mmio(PHP_ADDR, 16, false)) {
+        res_str(r, "cannot map the IOAPIC, the GED or the PCI hot-plug controller");
+        return -1;
+    }
+    if (!wait_pin_interrupt(PHP_GED_PIN, PHP_VECTOR, waiting, PHP_TIMEOUT_MS)) {
+        res_str(r, "no GED interrupt within 10000 ms");
+        return -1;
+    }
+    event = rd8(PHP_GED_ADDR);
+    if (!(event & PHP_GED_PCI_CHANGED)) {
+        res_str(r, "GED interrupt without the PCI bit: event=");
+        res_hex(r, event);
+        return -1;
+    }
+    return event;
+}
+
+/* Selects segment seg (PSEG); false if the controller did not take it. */
+static bool php_select(u16 seg)
+{
+    wr32(PHP_PSEG, seg);
+    return rd32(PHP_PSEG) == seg;
+}
+
+static void php_line(const char *what, const struct pci_dev *d)
+{
+    struct line l;
+    line_begin(&l);
+    line_str(&l, what);
+    line_str(&l, " bdf=");
+    line_bdf(&l, d);
+    line_str(&l, " vendor=0x");
+    line_hexpad(&l, d->vendor, 4);
+    line_str(&l, " device=0x");
+    line_hexpad(&l, d->device, 4);
+    line_end(&l);
+}
+
+/* The config-space handle of (segment si's) bus 0, slot dev, function 0. */
+static void php_dev(u32 si, u32 dev, struct pci_dev *t)
+{
+    memset(t, 0, sizeof(*t));
+    t->seg = segs[si].seg;
+    t->dev = (u8)dev;
+    if (segs[si].base)
+        t->ecam = segs[si].base + ((u64)dev << 15);
+}
+
+bool step_pcihotplug(struct result *r)
+{
+    u32 si, dev, added = 0;
+    int event = php_wait("pcihotplug waiting", r);
+
+    if (event < 0)
+        return false;
+    for (si = 0; si < nsegs; si++) {
+        u32 up;
+        if (!php_select(segs[si].seg)) {
+            res_str(r, "PSEG did not take segment ");
+            res_dec(r, segs[si].seg);
+            return false;
+        }
+        up = rd32(PHP_PCIU);
+        if (rd32(PHP_PCIU)) {
+            res_str(r, "PCIU not cleared by its read");
+            return false;
+        }
+        for (dev = 0; dev < 32; dev++) {
+            struct pci_dev t, *d;
+            u32 id;
+            if (!(up & (1u << dev)))
+                continue;
+            php_dev(si, dev, &t);
+            id = pci_read32(&t, 0);
+            if ((id & 0xffff) == 0xffff || (id & 0xffff) == 0) {
+                res_str(r, "slot marked up has no function: dev=");
+                res_dec(r, dev);
+                return false;
+            }
+            if (ndevs == PCI_DEVS_MAX) {
+                res_str(r, "more than 64 PCI functions");
+                return false;
+            }
+            d = &devs[ndevs++];
+            *d = t;
+            d->vendor = (u16)id;
+            d->device = (u16)(id >> 16);
+            d->class = pci_read32(&t, 0x08) >> 8;
+            d->hdr = pci_read8(&t, PCI_HDR_TYPE) & 0x7f;
+            d->subsys = d->hdr == 0 ? pci_read16(&t, 0x2e) : 0;
+            size_bars(d);
+            php_line("pcihotplug added", d);
+            added++;
+        }
+    }
+    res_kv_hex(r, "event", (u64)event);
+    res_kv_dec(r, "added", added);
+    if (!added)
+        res_str(r, " no slot marked up");
+    return added > 0;
+}
+
+bool step_pciunplug(struct result *r)
+{
+    u32 si, dev, i, ejected = 0;
+    int event = php_wait("pciunplug waiting", r);
+
+    if (event < 0)
+        return false;
+    for (si = 0; si < nsegs; si++) {
+        u32 down;
+        if (!php_select(segs[si].seg)) {
+            res_str(r, "PSEG did not take segment ");
+            res_dec(r, segs[si].seg);
+            return false;
+        }
+        down = rd32(PHP_PCID);
+        for (dev = 0; dev < 32; dev++) {
+            struct pci_dev t;
+            if (!(down & (1u << dev)))
+                continue;
+            php_dev(si, dev, &t);
+            wr32(PHP_B0EJ, 1u << dev); /* _EJ0 */
+            if ((pci_read32(&t, 0) & 0xffff) != 0xffff) {
+                res_str(r, "function still present after its eject: dev=");
+                res_dec(r, dev);
+                return false;
+            }
+            for (i = 0; i < ndevs; i++) /* gone: later steps must not use it */
+                if (devs[i].seg == t.seg && devs[i].bus == 0 && devs[i].dev == dev) {
+                    devs[i].vendor = 0xffff;
+                    devs[i].class = 0;
+                }
+            t.vendor = 0xffff;
+            t.device = 0xffff;
+            php_line("pciunplug ejected", &t);
+            ejected++;
+        }
+    }
+    res_kv_hex(r, "event", (u64)event);
+    res_kv_dec(r, "ejected", ejected);
+    if (!ejected)
+        res_str(r, " no slot marked down");
+    return ejected > 0;
+}

@@ -257,6 +257,13 @@ class RemoteVmHandle:
     def resize_vcpus(self, vcpus: int) -> None:
         self._channel.call("resize_vcpus", vcpus=vcpus)
 
+    def add_device(self, config: VmConfig, field: str) -> tuple[str, str]:
+        id, bdf = self._channel.value("add_device", config=config.to_dict(), field=field)
+        return str(id), str(bdf)
+
+    def remove_device(self, id: str) -> None:
+        self._channel.call("remove_device", id=id)
+
     def resize_balloon(self, bytes: int) -> None:
         self._channel.call("resize_balloon", bytes=bytes)
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from vmkit.client import SpawnedVm
+    from vmkit.config import DiskConfig, FsConfig, NetConfig, PmemConfig, VsockConfig
 
 __all__ = ["DebugPortWrite", "Migration", "SerialConsole", "Vm", "VmError", "VmExit", "VmInfo"]
 
@@ -485,6 +486,63 @@ class Vm:
         if not 0 <= vcpus <= 255:
             raise ValueError(f"vcpus={vcpus}: must be 0 to 255")
         self._live().resize_vcpus(vcpus)
+
+    def _hotplug(self, field: str, item: Any) -> dict[str, str]:
+        """Hot-plugs ``item`` into list ``field`` of the running VM's config."""
+        import copy
+
+        handle = self._live()
+        live = handle.live_config()
+        candidate = copy.deepcopy(self.config if live is None else live)
+        if field == "vsock":
+            if candidate.vsock is not None:
+                raise VmError("Too many virtio-vsock devices", "Device")
+            candidate.vsock = copy.deepcopy(item)
+        else:
+            items = getattr(candidate, field)
+            setattr(candidate, field, [*(items or []), copy.deepcopy(item)])
+        candidate.validate()
+        id, bdf = handle.add_device(candidate, field)
+        return {"id": id, "bdf": bdf}
+
+    def add_disk(self, disk: DiskConfig) -> dict[str, str]:
+        """Hot-plugs a virtio-blk device into the running VM (``vm.add-disk``),
+        as Cloud Hypervisor v37 does: it takes the first free slot of its
+        ``pci_segment`` and an automatic id (``_disk2``) unless it has one, and
+        the guest hears of it through ACPI PCI hot-plug (a GED interrupt; the
+        guest scans the slot). Returns ``{"id": ..., "bdf": "0000:00:03.0"}``.
+        ``info().config`` lists it. Raises ConfigError for a config v37 refuses
+        (a duplicate id, a segment out of range), VmError otherwise (a bad
+        path; "VM is not running" when no boot runs)."""
+        return self._hotplug("disks", disk)
+
+    def add_net(self, net: NetConfig) -> dict[str, str]:
+        """Hot-plugs a virtio-net device (``vm.add-net``); see ``add_disk``.
+        Descriptors in ``net.fds`` stay the caller's."""
+        return self._hotplug("net", net)
+
+    def add_fs(self, fs: FsConfig) -> dict[str, str]:
+        """Hot-plugs a virtio-fs device (``vm.add-fs``); see ``add_disk``."""
+        return self._hotplug("fs", fs)
+
+    def add_pmem(self, pmem: PmemConfig) -> dict[str, str]:
+        """Hot-plugs a virtio-pmem device (``vm.add-pmem``); see ``add_disk``."""
+        return self._hotplug("pmem", pmem)
+
+    def add_vsock(self, vsock: VsockConfig) -> dict[str, str]:
+        """Hot-plugs the virtio-vsock device (``vm.add-vsock``; one per VM:
+        VmError "Too many virtio-vsock devices" for a second); see ``add_disk``."""
+        return self._hotplug("vsock", vsock)
+
+    def remove_device(self, id: str) -> None:
+        """Unplugs device ``id`` from the running VM (``vm.remove-device``), as
+        Cloud Hypervisor v37 does: it leaves the config at once, the guest is
+        asked to eject it (ACPI, a GED interrupt) and it is torn down (its
+        worker stopped, its files and taps closed, its slot free) when the
+        guest does. Raises VmError "Error from device manager:
+        UnknownDeviceId(...)" for an id the VM does not have,
+        "RemovalNotAllowed(Rng)" for the devices v37 never removes."""
+        self._live().remove_device(id)
 
     def resize_balloon(self, size: int) -> None:
         """Asks the guest to put ``size`` bytes in its balloon (``--balloon``;

@@ -208,6 +208,15 @@ def _memory_actual_size(config: VmConfig) -> int:
     return total
 
 
+def _device_manager_error(e: VmError) -> str:
+    """A hot-plug's VmError as v37's API words it (its device manager's errors
+    carry the prefix; those of the VM's own checks do not)."""
+    text = str(e)
+    if e.kind == "Device" and not text.startswith(("Error from device manager", "Too many")):
+        return f"Error from device manager: {text}"
+    return text
+
+
 def _close_fds(fds: list[int] | None) -> None:
     for fd in fds or []:
         try:
@@ -683,10 +692,12 @@ class Vmm:
             except ConfigError as e:
                 raise ApiError(f"Failed to validate config: {e}") from None
             if self.vm is not None:
-                raise ApiError(
-                    f"Failed to add {what}: hot-plugging devices into a booted VM "
-                    "is not supported yet"
-                )
+                try:
+                    return self.vm._hotplug(field, item)
+                except ConfigError as e:
+                    raise ApiError(f"Failed to validate config: {e}") from None
+                except VmError as e:
+                    raise ApiError(_device_manager_error(e)) from None
             config = self.config
             if field == "vsock":
                 config.vsock = item
@@ -756,14 +767,15 @@ class Vmm:
                     raise ApiError(
                         f"Error from device manager: UnknownDeviceId({rust_debug_str(id)})"
                     )
-                # then refuses the virtio types that can never be unplugged
-                fixed = {"__rng": "Rng", "__console": "Console"}.get(id)
-                if fixed is not None:
-                    raise ApiError(f"Error from device manager: RemovalNotAllowed({fixed})")
-                raise ApiError(
-                    "Failed to remove device: hot-unplugging devices from a booted VM "
-                    "is not supported yet"
-                )
+                nets = self._live_config(self.vm).net or []
+                try:
+                    self.vm.remove_device(id)
+                except VmError as e:
+                    raise ApiError(str(e)) from None
+                for net in nets:
+                    if net.id == id:  # its tap descriptors came through add-net
+                        self._release_fds(net.fds)
+                return
             config = self.config
             if config is None:
                 raise ApiError(VM_NOT_CREATED)

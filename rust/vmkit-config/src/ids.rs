@@ -10,6 +10,13 @@ impl VmConfig {
     /// Gives every device without an id its automatic one; returns how many
     /// were named.
     pub fn assign_device_ids(&mut self) -> usize {
+        self.assign_device_ids_counting().0
+    }
+
+    /// `assign_device_ids`, also returning where Cloud Hypervisor's shared
+    /// counter stands afterwards (a hot-plugged device's automatic id
+    /// continues from it: `next_device_name`).
+    pub fn assign_device_ids_counting(&mut self) -> (usize, usize) {
         let mut taken: HashSet<String> = HashSet::new();
         macro_rules! each_id {
             ($f:expr) => {{
@@ -61,7 +68,27 @@ impl VmConfig {
                 named += 1;
             }
         });
-        named
+        (named, counter)
+    }
+}
+
+/// Cloud Hypervisor's `next_device_name`: `prefix` and the counter, which
+/// advances past every name in `taken`; None once it wrapped around.
+pub fn next_device_name(
+    prefix: &str,
+    counter: &mut usize,
+    taken: &HashSet<String>,
+) -> Option<String> {
+    let start = *counter;
+    loop {
+        let name = format!("{prefix}{counter}");
+        *counter = counter.wrapping_add(1);
+        if !taken.contains(&name) {
+            return Some(name);
+        }
+        if *counter == start {
+            return None;
+        }
     }
 }
 

@@ -441,6 +441,21 @@ fn handle(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Opti
             Some(vcpus) => done(vm.resize_vcpus(vcpus)),
             None => error("Device", "resize_vcpus: no vCPU count"),
         },
+        "add_device" => {
+            let config: Result<VmConfig, _> = serde_json::from_value(request["config"].clone());
+            match (config, request["field"].as_str()) {
+                (Ok(config), Some(field)) => match vm.add_device(config, field) {
+                    Ok((id, bdf)) => json!({ "ok": [id, bdf] }),
+                    Err(e) => vm_error(e),
+                },
+                (Err(e), _) => error("Unsupported", &format!("config: {e}")),
+                (_, None) => error("Device", "add_device: no field"),
+            }
+        }
+        "remove_device" => match request["id"].as_str() {
+            Some(id) => done(vm.remove_device(id)),
+            None => error("Device", "remove_device: no id"),
+        },
         "resize_balloon" => match request["bytes"].as_u64() {
             Some(bytes) => done(vm.resize_balloon(bytes)),
             None => error("Device", "resize_balloon: no bytes"),

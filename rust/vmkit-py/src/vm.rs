@@ -224,6 +224,27 @@ impl VmHandle {
             .map_err(|e| vm_error(py, e))
     }
 
+    /// `vm.add-*` on a running VM (PCI hot-plug): `config` is the live
+    /// config with the new device last in list `field`; returns (id, BDF).
+    fn add_device(
+        &self,
+        py: Python<'_>,
+        config: &Bound<'_, PyAny>,
+        field: &str,
+    ) -> PyResult<(String, String)> {
+        let config: VmConfig = crate::from_py(py, config)?;
+        let field = field.to_owned();
+        py.detach(|| self.vm.add_device(config, &field))
+            .map_err(|e| vm_error(py, e))
+    }
+
+    /// `vm.remove-device` on a running VM: the guest ejects it.
+    fn remove_device(&self, py: Python<'_>, id: &str) -> PyResult<()> {
+        let id = id.to_owned();
+        py.detach(|| self.vm.remove_device(&id))
+            .map_err(|e| vm_error(py, e))
+    }
+
     /// `vm.resize {"desired_balloon": bytes}`.
     fn resize_balloon(&self, py: Python<'_>, bytes: u64) -> PyResult<()> {
         py.detach(|| self.vm.resize_balloon(bytes))

@@ -14,11 +14,12 @@ use zerocopy::IntoBytes;
 
 use crate::cpu::Topology;
 use crate::devices::cpu_hotplug::CPU_HOTPLUG_SIZE;
-use crate::devices::legacy::{GED_CPU_DEVICES_CHANGED, GED_POWER_BUTTON};
+use crate::devices::legacy::{GED_CPU_DEVICES_CHANGED, GED_PCI_DEVICES_CHANGED, GED_POWER_BUTTON};
+use crate::devices::pci_hotplug::PCI_HOTPLUG_SIZE;
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::layout::{
     ACPI_TABLES_END, APIC_START, CPU_HOTPLUG_ADDRESS, GED_ADDRESS, GED_IRQ, IOAPIC_START,
-    PCI_MMCONFIG_START, RSDP_POINTER, TPM_SIZE, TPM_START,
+    PCI_HOTPLUG_ADDRESS, PCI_MMCONFIG_START, RSDP_POINTER, TPM_SIZE, TPM_START,
 };
 use crate::numa::{segment_node, NumaNode};
 use crate::pci::{SegmentLayout, ECAM_SIZE_PER_SEGMENT};
@@ -106,10 +107,11 @@ fn pci_host_bridge(segment: &SegmentLayout, node: u32, sink: &mut Vec<u8>) {
     let crs = aml::ResourceTemplate::new(resources);
     let crs_name = aml::Name::new("_CRS".into(), &crs);
     let name = format!("PC{:02X}", segment.id);
+    let slots = pci_hotplug_slots();
     let device = aml::Device::new(
         name.as_str().into(),
         vec![
-            &hid_name, &cid_name, &adr, &seg, &uid, &bbn, &pxm, &crs_name,
+            &hid_name, &cid_name, &adr, &seg, &uid, &bbn, &pxm, &crs_name, &slots,
         ],
     );
     device.to_aml_bytes(sink);
@@ -168,6 +170,7 @@ fn ged_and_power_button(sink: &mut Vec<u8>) {
     let cpus_changed = aml::Equal::new(&cpu_masked, &cpu_bit);
     let scan = aml::MethodCall::new("\\_SB_.CPUS.CSCN".into(), vec![]);
     let check_cpus = aml::If::new(&cpus_changed, vec![&scan]);
+    let check_pci = GedPciCheck;
     let bit = GED_POWER_BUTTON;
     let masked = aml::And::new(&aml::ZERO, &local0, &bit);
     let pressed = aml::Equal::new(&masked, &bit);
@@ -175,7 +178,12 @@ fn ged_and_power_button(sink: &mut Vec<u8>) {
     let press = 0x80u8;
     let notify = aml::Notify::new(&pwrb, &press);
     let check = aml::If::new(&pressed, vec![&notify]);
-    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &check_cpus, &check]);
+    let evt = aml::Method::new(
+        "_EVT".into(),
+        1,
+        true,
+        vec![&read, &check_cpus, &check_pci, &check],
+    );
     let ged = aml::Device::new(
         "GED_".into(),
         vec![&hid, &uid, &crs_name, &region, &field, &evt],
@@ -186,6 +194,168 @@ fn ged_and_power_button(sink: &mut Vec<u8>) {
     let button_hid_name = aml::Name::new("_HID".into(), &button_hid);
     let button = aml::Device::new("PWRB".into(), vec![&button_hid_name, &uid]);
     button.to_aml_bytes(sink);
+}
+
+/// Cloud Hypervisor's PCI hot-plug controller (v37 `impl Aml for
+/// DeviceManager`): `\\_SB_.PHPR` maps its registers (`PCIU`/`PCID` slot
+/// up/down bitmaps, `B0EJ` eject, `PSEG` segment select) behind the mutex
+/// `BLCK`; `PCEJ (slot, segment)` ejects, `PSCN` has each segment scan.
+fn pci_hotplug_controller(segments: &[SegmentLayout], sink: &mut dyn acpi_tables::AmlSink) {
+    let hid = aml::EISAName::new("PNP0A06");
+    let hid_name = aml::Name::new("_HID".into(), &hid);
+    let sta = aml::Name::new("_STA".into(), &0x0bu8);
+    let uid_text: &'static str = "PCI Hotplug Controller";
+    let uid = aml::Name::new("_UID".into(), &uid_text);
+    let lock = aml::Mutex::new("BLCK".into(), 0);
+    let window = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_HOTPLUG_ADDRESS,
+        PCI_HOTPLUG_ADDRESS + PCI_HOTPLUG_SIZE - 1,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&window]);
+    let crs_name = aml::Name::new("_CRS".into(), &crs);
+    let address = PCI_HOTPLUG_ADDRESS as usize;
+    let size = PCI_HOTPLUG_SIZE as usize;
+    let region = aml::OpRegion::new(
+        "PCST".into(),
+        aml::OpRegionSpace::SystemMemory,
+        &address,
+        &size,
+    );
+    let fields = aml::Field::new(
+        "PCST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![
+            aml::FieldEntry::Named(*b"PCIU", 32),
+            aml::FieldEntry::Named(*b"PCID", 32),
+            aml::FieldEntry::Named(*b"B0EJ", 32),
+            aml::FieldEntry::Named(*b"PSEG", 32),
+        ],
+    );
+    let acquire = aml::Acquire::new("BLCK".into(), 0xffff);
+    let pseg = aml::Path::new("PSEG");
+    let select = aml::Store::new(&pseg, &aml::Arg(1));
+    let b0ej = aml::Path::new("B0EJ");
+    let eject = aml::ShiftLeft::new(&b0ej, &aml::ONE, &aml::Arg(0));
+    let release = aml::Release::new("BLCK".into());
+    let done = aml::Return::new(&aml::ZERO);
+    let pcej = aml::Method::new(
+        "PCEJ".into(),
+        2,
+        true,
+        vec![&acquire, &select, &eject, &release, &done],
+    );
+    let scans: Vec<aml::MethodCall> = segments
+        .iter()
+        .map(|s| {
+            aml::MethodCall::new(
+                format!("\\_SB_.PC{:02X}.PCNT", s.id).as_str().into(),
+                vec![],
+            )
+        })
+        .collect();
+    let pscn = aml::Method::new(
+        "PSCN".into(),
+        0,
+        true,
+        scans.iter().map(|c| c as &dyn Aml).collect(),
+    );
+    aml::Device::new(
+        "PHPR".into(),
+        vec![
+            &hid_name, &sta, &uid, &lock, &crs_name, &region, &fields, &pcej, &pscn,
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
+/// The GED `_EVT` test for PCI changes, as v37's:
+/// `If ((Local0 & 4) == 4) { \\_SB_.PHPR.PSCN () }`.
+struct GedPciCheck;
+
+impl Aml for GedPciCheck {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        let bit = GED_PCI_DEVICES_CHANGED;
+        let masked = aml::And::new(&aml::ZERO, &aml::Local(0), &bit);
+        let changed = aml::Equal::new(&masked, &bit);
+        let scan = aml::MethodCall::new("\\_SB_.PHPR.PSCN".into(), vec![]);
+        aml::If::new(&changed, vec![&scan]).to_aml_bytes(sink);
+    }
+}
+
+/// One hot-plug slot of a segment, as Cloud Hypervisor writes it:
+/// `Device (Snnn)` with `_SUN`, `_ADR` and `_EJ0` calling `PCEJ`.
+struct PciSlot(u8);
+
+impl Aml for PciSlot {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        let sun = aml::Name::new("_SUN".into(), &self.0);
+        let address = u32::from(self.0) << 16;
+        let adr = aml::Name::new("_ADR".into(), &address);
+        let sun_path = aml::Path::new("_SUN");
+        let seg_path = aml::Path::new("_SEG");
+        let pcej = aml::MethodCall::new("\\_SB_.PHPR.PCEJ".into(), vec![&sun_path, &seg_path]);
+        let ej0 = aml::Method::new("_EJ0".into(), 1, true, vec![&pcej]);
+        let name = format!("S{:03}", self.0);
+        aml::Device::new(name.as_str().into(), vec![&sun, &adr, &ej0]).to_aml_bytes(sink);
+    }
+}
+
+/// `Local0 = Arg0 & (1 << slot); If (Local0 == (1 << slot)) { Notify (Snnn, Arg1) }`.
+struct PciSlotNotify(u8);
+
+impl Aml for PciSlotNotify {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        let mask = 1u32 << self.0;
+        aml::And::new(&aml::Local(0), &aml::Arg(0), &mask).to_aml_bytes(sink);
+        let object = aml::Path::new(&format!("S{:03}", self.0));
+        let notify = aml::Notify::new(&object, &aml::Arg(1));
+        let set = aml::Equal::new(&aml::Local(0), &mask);
+        aml::If::new(&set, vec![&notify]).to_aml_bytes(sink);
+    }
+}
+
+/// A segment's hot-plug objects, inside its host bridge (where `_SEG` is):
+/// the 32 slot devices, `DVNT (bitmap, event)` notifying each slot in the
+/// bitmap, and `PCNT`, which selects the segment and notifies its added
+/// slots (1, check) and those to remove (3, eject request).
+fn pci_hotplug_slots() -> RawAml {
+    let mut bytes = Vec::new();
+    for slot in 0..crate::pci::DEVICES_PER_BUS as u8 {
+        PciSlot(slot).to_aml_bytes(&mut bytes);
+    }
+    let notifies: Vec<PciSlotNotify> = (0..crate::pci::DEVICES_PER_BUS as u8)
+        .map(PciSlotNotify)
+        .collect();
+    aml::Method::new(
+        "DVNT".into(),
+        2,
+        true,
+        notifies.iter().map(|n| n as &dyn Aml).collect(),
+    )
+    .to_aml_bytes(&mut bytes);
+    let acquire = aml::Acquire::new("\\_SB_.PHPR.BLCK".into(), 0xffff);
+    let pseg = aml::Path::new("\\_SB_.PHPR.PSEG");
+    let seg = aml::Path::new("_SEG");
+    let select = aml::Store::new(&pseg, &seg);
+    let pciu = aml::Path::new("\\_SB_.PHPR.PCIU");
+    let added = aml::MethodCall::new("DVNT".into(), vec![&pciu, &aml::ONE]);
+    let pcid = aml::Path::new("\\_SB_.PHPR.PCID");
+    let eject_request = 3u8;
+    let removed = aml::MethodCall::new("DVNT".into(), vec![&pcid, &eject_request]);
+    let release = aml::Release::new("\\_SB_.PHPR.BLCK".into());
+    aml::Method::new(
+        "PCNT".into(),
+        0,
+        true,
+        vec![&acquire, &select, &added, &removed, &release],
+    )
+    .to_aml_bytes(&mut bytes);
+    RawAml(bytes)
 }
 
 /// The vCPUs the DSDT describes: every possible one (`max`), with its
@@ -475,6 +645,7 @@ fn dsdt(segments: &[SegmentLayout], nodes: &[NumaNode], cpus: &CpuDevices<'_>, t
     ged_and_power_button(&mut pci);
     cpu_hotplug_controller(&mut pci);
     cpu_container(cpus, &mut pci);
+    pci_hotplug_controller(segments, &mut pci);
     let pci = RawAml(pci);
     let sb = aml::Scope::new("_SB_".into(), vec![&com1, &ps2, &pci]);
     let s5_package = aml::Package::new(vec![&S5_SLEEP_TYPE]);

@@ -78,6 +78,8 @@ struct State {
     /// vCPUs the guest ejected (CPU hot-unplug): their threads leave.
     removed: Vec<u8>,
     stop: Option<StopReason>,
+    /// The guest ejected a PCI device: the VMM thread tears it down.
+    device_ejected: bool,
     /// A snapshot's request to the parked vCPU threads for their state.
     capture: Option<Capture>,
 }
@@ -115,6 +117,7 @@ impl Control {
                 running: Vec::new(),
                 removed: Vec::new(),
                 stop: None,
+                device_ejected: false,
                 capture: None,
             }),
             changed: Condvar::new(),
@@ -317,6 +320,45 @@ impl Control {
     /// Waits for a stop request; `None` on timeout.
     pub fn wait_stop(&self, timeout: Option<Duration>) -> Option<StopReason> {
         self.wait_for(timeout, |s| s.stop.clone())
+    }
+
+    /// The guest ejected a PCI device (a vCPU thread calls this): wakes the
+    /// VMM thread to tear it down.
+    pub fn device_ejected(&self) {
+        let mut state = self.lock();
+        state.device_ejected = true;
+        self.notify_unlocked(state);
+    }
+
+    /// Waits for a stop (Some(Ok)) or an ejected device (Some(Err(())),
+    /// reported once), up to `timeout`.
+    pub fn wait_stop_or_eject(
+        &self,
+        timeout: Option<Duration>,
+    ) -> Option<std::result::Result<StopReason, ()>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut state = self.lock();
+        loop {
+            if let Some(stop) = state.stop.clone() {
+                return Some(Ok(stop));
+            }
+            if std::mem::take(&mut state.device_ejected) {
+                return Some(Err(()));
+            }
+            state = match deadline {
+                None => self.changed.wait(state).unwrap_or_else(|p| p.into_inner()),
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return None;
+                    }
+                    self.changed
+                        .wait_timeout(state, deadline - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+        }
     }
 
     /// Waits until every vCPU thread has exited.

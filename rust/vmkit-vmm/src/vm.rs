@@ -21,7 +21,9 @@ use crate::boot::{self, KernelFormat};
 use crate::control::{Control, StopReason, VcpuCommand};
 use crate::cpu::{self, HostCpu, Topology};
 use crate::device_manager::{DeviceContext, DeviceManager, DeviceManagerError, DeviceNode};
-use crate::devices::legacy::{DebugPortWrite, GED_CPU_DEVICES_CHANGED, GED_POWER_BUTTON};
+use crate::devices::legacy::{
+    DebugPortWrite, GED_CPU_DEVICES_CHANGED, GED_PCI_DEVICES_CHANGED, GED_POWER_BUTTON,
+};
 use crate::devices::serial::SerialBackend;
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::memory::{
@@ -352,6 +354,12 @@ impl Instance {
 impl Instance {
     /// Joins the threads of vCPUs the guest ejected (they left their run
     /// loop on their own).
+    /// Tears down the PCI devices the guest ejected.
+    fn reap_ejected_devices(&mut self) {
+        let vm_fd = self._vm_fd.clone();
+        self.devices.reap_ejected(&vm_fd);
+    }
+
     fn reap_ejected_vcpus(&mut self) {
         let (gone, kept): (Vec<_>, Vec<_>) = self
             .threads
@@ -558,9 +566,105 @@ pub struct Vm {
     balloon_size: Mutex<Option<u64>>,
     /// The vCPU count `vm.resize` set on a running VM.
     vcpus_now: Mutex<Option<u8>>,
+    /// The device lists as hot-plug and removal left them (None: the
+    /// config's); later boots build these, as in Cloud Hypervisor.
+    devices_now: Mutex<Option<DeviceLists>>,
+    /// Cloud Hypervisor's automatic-id counter, where boot left it.
+    device_id_counter: Mutex<usize>,
     /// Connections to vhost-user backends, from the first boot until the VM
     /// stops: resets keep them.
     vhost_links: crate::device_manager::VhostLinks,
+}
+
+/// The hot-pluggable device lists of a config.
+#[derive(Clone)]
+struct DeviceLists {
+    disks: Option<Vec<vmkit_config::DiskConfig>>,
+    net: Option<Vec<vmkit_config::NetConfig>>,
+    fs: Option<Vec<vmkit_config::FsConfig>>,
+    pmem: Option<Vec<vmkit_config::PmemConfig>>,
+    vsock: Option<vmkit_config::VsockConfig>,
+}
+
+impl DeviceLists {
+    fn of(config: &VmConfig) -> Self {
+        DeviceLists {
+            disks: config.disks.clone(),
+            net: config.net.clone(),
+            fs: config.fs.clone(),
+            pmem: config.pmem.clone(),
+            vsock: config.vsock.clone(),
+        }
+    }
+
+    fn apply(&self, config: &mut VmConfig) {
+        config.disks = self.disks.clone();
+        config.net = self.net.clone();
+        config.fs = self.fs.clone();
+        config.pmem = self.pmem.clone();
+        config.vsock = self.vsock.clone();
+    }
+
+    /// Takes the device with `id` out (Cloud Hypervisor's `remove_device`
+    /// on the config).
+    fn remove(&mut self, id: &str) {
+        let keep = |d: &Option<String>| d.as_deref() != Some(id);
+        if let Some(l) = &mut self.disks {
+            l.retain(|d| keep(&d.id));
+        }
+        if let Some(l) = &mut self.net {
+            l.retain(|d| keep(&d.id));
+        }
+        if let Some(l) = &mut self.fs {
+            l.retain(|d| keep(&d.id));
+        }
+        if let Some(l) = &mut self.pmem {
+            l.retain(|d| keep(&d.id));
+        }
+        if self.vsock.as_ref().is_some_and(|v| !keep(&v.id)) {
+            self.vsock = None;
+        }
+    }
+
+    /// The id of the last device of list `field` (the one being added).
+    fn last_id<'a>(config: &'a mut VmConfig, field: &str) -> Option<&'a mut Option<String>> {
+        match field {
+            "disks" => config.disks.iter_mut().flatten().last().map(|d| &mut d.id),
+            "net" => config.net.iter_mut().flatten().last().map(|d| &mut d.id),
+            "fs" => config.fs.iter_mut().flatten().last().map(|d| &mut d.id),
+            "pmem" => config.pmem.iter_mut().flatten().last().map(|d| &mut d.id),
+            _ => config.vsock.as_mut().map(|d| &mut d.id),
+        }
+    }
+
+    /// Every device id of the config's lists.
+    fn ids(config: &VmConfig) -> Vec<String> {
+        let lists = DeviceLists::of(config);
+        let mut ids: Vec<Option<String>> = Vec::new();
+        ids.extend(lists.disks.into_iter().flatten().map(|d| d.id));
+        ids.extend(lists.net.into_iter().flatten().map(|d| d.id));
+        ids.extend(lists.fs.into_iter().flatten().map(|d| d.id));
+        ids.extend(lists.pmem.into_iter().flatten().map(|d| d.id));
+        ids.extend(lists.vsock.into_iter().map(|d| d.id));
+        ids.into_iter().flatten().collect()
+    }
+
+    /// Leaves only the last device of list `field` and no other device.
+    fn keep_only_last(config: &mut VmConfig, field: &str) {
+        fn last<T>(list: &mut Option<Vec<T>>, keep: bool) {
+            *list = match (list.take(), keep) {
+                (Some(mut l), true) => l.pop().map(|d| vec![d]),
+                _ => None,
+            };
+        }
+        last(&mut config.disks, field == "disks");
+        last(&mut config.net, field == "net");
+        last(&mut config.fs, field == "fs");
+        last(&mut config.pmem, field == "pmem");
+        if field != "vsock" {
+            config.vsock = None;
+        }
+    }
 }
 
 /// The host CPUs `--cpus affinity` pins vCPU `index` to, if any.
@@ -583,6 +687,7 @@ impl Vm {
     /// serial backend. Nothing runs until `boot`.
     pub fn new(mut validated: ValidatedConfig, options: VmOptions) -> Result<Arc<Vm>> {
         check_supported(validated.config())?;
+        let (_, device_id_counter) = validated.config().clone().assign_device_ids_counting();
         validated.assign_device_ids();
         let config = validated.config();
         let kvm = Kvm::new().map_err(|source| VmError::OpenKvm { source })?;
@@ -653,6 +758,8 @@ impl Vm {
             adopted_taps: Mutex::new(HashMap::new()),
             balloon_size: Mutex::new(None),
             vcpus_now: Mutex::new(None),
+            devices_now: Mutex::new(None),
+            device_id_counter: Mutex::new(device_id_counter),
             vhost_links: Mutex::new(HashMap::new()),
         }))
     }
@@ -750,7 +857,111 @@ impl Vm {
         if let Some(vcpus) = *self.vcpus_now.lock().unwrap_or_else(|p| p.into_inner()) {
             config.cpus.boot_vcpus = vcpus;
         }
+        if let Some(lists) = &*self.devices_now.lock().unwrap_or_else(|p| p.into_inner()) {
+            lists.apply(&mut config);
+        }
         config
+    }
+
+    /// Cloud Hypervisor's `vm.add-disk`/`add-net`/`add-fs`/`add-pmem`/
+    /// `add-vsock` (and `add-vdpa`/`add-device`/`add-user-device`, refused
+    /// as at boot) on a running VM. `candidate` is the live config with the
+    /// new device last in its list `field` (validated by the caller). The
+    /// device gets its automatic id (v37's counter), the first free slot of
+    /// its segment and its BARs; the guest hears of it through the PCI
+    /// hot-plug controller and a GED interrupt. Returns (id, BDF).
+    pub fn add_device(&self, mut candidate: VmConfig, field: &str) -> Result<(String, String)> {
+        check_supported(&candidate)?;
+        let mut life = self.lock_settled();
+        let Some(instance) = life.instance.as_mut() else {
+            return Err(VmError::NotRunning.into());
+        };
+        instance.reap_ejected_devices();
+        let Some(build) = crate::device_manager::hotplug_kind(field) else {
+            return Err(VmError::NotSupported {
+                what: "hot-plugging this device kind",
+            }
+            .into());
+        };
+        // Name it as v37 does: its counter, past every id in use.
+        let taken: std::collections::HashSet<String> = {
+            let mut ids = DeviceLists::ids(&self.live_config());
+            ids.extend(instance.devices.device_tree().into_iter().map(|n| n.id));
+            ids.into_iter().collect()
+        };
+        let prefix = match field {
+            "disks" => "_disk",
+            "net" => "_net",
+            "fs" => "_fs",
+            "pmem" => "_pmem",
+            _ => "_vsock",
+        };
+        let id = {
+            let Some(slot) = DeviceLists::last_id(&mut candidate, field) else {
+                return Err(VmError::NotSupported {
+                    what: "a hot-plug without its device",
+                }
+                .into());
+            };
+            if slot.is_none() {
+                let mut counter = self
+                    .device_id_counter
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                *slot = vmkit_config::ids::next_device_name(prefix, &mut counter, &taken);
+            }
+            slot.clone().unwrap_or_default()
+        };
+        let mut only = candidate.clone();
+        DeviceLists::keep_only_last(&mut only, field);
+        let adopted = HashMap::new();
+        let ctx = DeviceContext {
+            config: &only,
+            vm_fd: &instance._vm_fd,
+            ram: &instance._ram,
+            control: &instance.control,
+            gsi_limit: self.kvm.check_extension_int(Cap::IrqRouting).max(0) as u32,
+            phys_bits: cpu::guest_phys_bits(&self.kvm, &only.cpus)?,
+            serial: self.serial.as_ref(),
+            console: self.console.as_ref(),
+            debug_log: &self.debug_log,
+            device_events: &self.device_events,
+            spawner: &self.spawner,
+            adopted_taps: &adopted,
+            vhost_links: &self.vhost_links,
+            balloon_size: None,
+        };
+        let (_, bdf) = instance.devices.hotplug_virtio(&ctx, build)?;
+        *self.devices_now.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(DeviceLists::of(&candidate));
+        instance
+            .devices
+            .ged()
+            .notify(GED_PCI_DEVICES_CHANGED)
+            .map_err(|source| VmError::Ged { source })?;
+        Ok((id, bdf))
+    }
+
+    /// Cloud Hypervisor's `vm.remove-device` on a running VM: the device
+    /// leaves the config at once and its slot is marked for removal; the
+    /// guest hears of it through a GED interrupt, and the device is torn
+    /// down when the guest ejects it (`_EJ0`, a `B0EJ` write).
+    pub fn remove_device(&self, id: &str) -> Result<()> {
+        let mut life = self.lock_settled();
+        let Some(instance) = life.instance.as_mut() else {
+            return Err(VmError::NotRunning.into());
+        };
+        instance.reap_ejected_devices();
+        instance.devices.request_removal(id)?;
+        let mut lists = DeviceLists::of(&self.live_config());
+        lists.remove(id);
+        *self.devices_now.lock().unwrap_or_else(|p| p.into_inner()) = Some(lists);
+        instance
+            .devices
+            .ged()
+            .notify(GED_PCI_DEVICES_CHANGED)
+            .map_err(|source| VmError::Ged { source })?;
+        Ok(())
     }
 
     /// `vm.resize {"desired_vcpus": n}` on a running VM, as Cloud Hypervisor
@@ -1055,8 +1266,14 @@ impl Vm {
                 .map_or(Duration::from_secs(3600), |t| {
                     (t / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
                 });
-            let reason = match control.wait_stop(Some(interval)) {
-                Some(reason) => reason,
+            let reason = match control.wait_stop_or_eject(Some(interval)) {
+                Some(Ok(reason)) => reason,
+                Some(Err(())) => {
+                    if let Some(instance) = self.lock().instance.as_mut() {
+                        instance.reap_ejected_devices();
+                    }
+                    continue;
+                }
                 None => {
                     self.watchdog_tick();
                     continue;
@@ -1257,7 +1474,20 @@ impl Vm {
                 config.cpus.boot_vcpus = vcpus;
                 config
             });
-        let config = resized.as_ref().unwrap_or(self.config());
+        let hotplugged = self
+            .devices_now
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .map(|lists| {
+                let mut config = resized.clone().unwrap_or_else(|| self.config().clone());
+                lists.apply(&mut config);
+                config
+            });
+        let config = hotplugged
+            .as_ref()
+            .or(resized.as_ref())
+            .unwrap_or(self.config());
         let vm_fd = Arc::new(self.kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?);
         vm_fd
             .set_tss_address(crate::layout::KVM_TSS_ADDRESS as usize)

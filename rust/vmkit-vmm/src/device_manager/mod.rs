@@ -27,6 +27,7 @@ use crate::devices::ioapic::{Ioapic, IOAPIC_SIZE};
 use crate::devices::legacy::{
     AcpiShutdown, DebugPort, DebugPortWrite, Ged, GedRegister, ResetTrigger, I8042,
 };
+use crate::devices::pci_hotplug::{PciHotplug, PciHotplugRegisters, PCI_HOTPLUG_SIZE};
 use crate::devices::pvpanic::PvPanic;
 use crate::devices::serial::{IrqTrigger, SerialBackend, SerialDevice, SerialSink};
 use crate::devices::tpm::Crb;
@@ -34,8 +35,8 @@ use crate::devices::{Bus, BusDevice};
 use crate::error::{Error, ErrorKind, ModuleError, Result};
 use crate::interrupts::InterruptRoutes;
 use crate::layout::{
-    CPU_HOTPLUG_ADDRESS, GED_ADDRESS, GED_IRQ, GED_SIZE, IOAPIC_START, PCI_MMCONFIG_START,
-    SERIAL_IRQ, TPM_SIZE, TPM_START,
+    CPU_HOTPLUG_ADDRESS, GED_ADDRESS, GED_IRQ, GED_SIZE, IOAPIC_START, PCI_HOTPLUG_ADDRESS,
+    PCI_MMCONFIG_START, SERIAL_IRQ, TPM_SIZE, TPM_START,
 };
 use crate::memory::GuestRam;
 use crate::pci::config::BarKind;
@@ -48,7 +49,8 @@ use crate::virtio::pci::{DeviceEvents, VirtioPciDevice};
 use crate::virtio::TYPE_BLOCK;
 
 pub use tree::{bar_type_name, virtio_pci_node_id, DeviceNode, Resource};
-use virtio_devices::{VirtioSpec, VIRTIO_KINDS};
+use virtio_devices::VIRTIO_KINDS;
+pub use virtio_devices::{hotplug_kind, VirtioSpec};
 
 /// What went wrong while building the devices.
 #[derive(Debug, thiserror::Error)]
@@ -145,9 +147,11 @@ pub type VhostLinks =
 /// ranges from their segment's windows, KVM memory slots past RAM's) and
 /// the handles the VMM keeps on a device (the balloon's).
 pub struct Reservations<'a> {
-    pub segments: &'a mut [PciSegment],
+    pub segments: &'a [Arc<PciSegment>],
     pub next_slot: u32,
     pub balloon: Option<crate::virtio::balloon::BalloonControl>,
+    /// The KVM memory regions pmem devices took, by id.
+    pub pmem_regions: BTreeMap<String, kvm_bindings::kvm_userspace_memory_region>,
 }
 
 /// The devices of one boot, wired.
@@ -156,6 +160,14 @@ pub struct DeviceManager {
     mmio: Arc<Bus>,
     segments: Vec<Arc<PciSegment>>,
     virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    /// Cloud Hypervisor's PCI hot-plug controller and what the guest may eject.
+    hotplug: Arc<HotplugState>,
+    /// MSI-X routes of the virtio devices (hot-added ones get theirs here).
+    routes: Arc<InterruptRoutes>,
+    /// The next free KVM memory slot (a hot-added pmem region takes one).
+    next_memory_slot: u32,
+    /// KVM memory slots and regions of pmem devices, by id.
+    pmem_regions: BTreeMap<String, kvm_bindings::kvm_userspace_memory_region>,
     /// `--pvpanic`: (its BDF, the device).
     pvpanic: Option<(String, Arc<Mutex<PvPanic>>)>,
     /// `--balloon`: its target and size, for `vm.resize` and `vm.info`.
@@ -247,28 +259,72 @@ impl DeviceManager {
         let serial = add_serial(&mut wiring, ctx)?;
         let tpm = add_tpm(&mut wiring, ctx)?;
 
-        let mut segments = plan_pci(ctx)?;
+        let segments: Vec<Arc<PciSegment>> = plan_pci(ctx)?.into_iter().map(Arc::new).collect();
+        let pci_hotplug = Arc::new(PciHotplug::new(segments.len() as u16));
+        insert(
+            &mut wiring.mmio,
+            "PCI hot-plug controller",
+            PCI_HOTPLUG_ADDRESS,
+            PCI_HOTPLUG_SIZE,
+            Arc::new(Mutex::new(PciHotplugRegisters(pci_hotplug.clone()))),
+        )?;
         // Every device first (pmem regions take their address ranges now),
         // then their BARs, as Cloud Hypervisor allocates them.
         let mut reserve = Reservations {
-            segments: &mut segments,
+            segments: &segments,
             next_slot: ctx.ram.memory.num_regions() as u32,
             balloon: None,
+            pmem_regions: BTreeMap::new(),
         };
         let mut specs = Vec::new();
         for kind in VIRTIO_KINDS {
             specs.extend(kind(ctx, &mut reserve)?);
         }
         let balloon = reserve.balloon.take();
+        let next_memory_slot = reserve.next_slot;
+        let pmem_regions = std::mem::take(&mut reserve.pmem_regions);
+        let hotplug = Arc::new(HotplugState {
+            controller: pci_hotplug,
+            removable: Mutex::new(BTreeMap::new()),
+            ejected: Mutex::new(Vec::new()),
+        });
         let mut virtio = Vec::new();
         for spec in specs {
-            virtio.push(add_virtio_pci(ctx, &routes, &mut segments, spec)?);
+            let removable = is_removable(&spec.id);
+            let device = add_virtio_pci(ctx, &routes, &segments, spec)?;
+            if removable {
+                hotplug.track(&device);
+            }
+            virtio.push(device);
         }
         let pvpanic = match ctx.config.pvpanic {
-            true => Some(add_pvpanic(ctx, &mut segments)?),
+            true => Some(add_pvpanic(ctx, &segments)?),
             false => None,
         };
-        let segments: Vec<Arc<PciSegment>> = segments.into_iter().map(Arc::new).collect();
+        {
+            // The guest ejects a slot (`B0EJ`): a removable device leaves its
+            // slot now (config space shows it gone); the VMM thread tears it
+            // down (`reap_ejected`), off the vCPU thread.
+            let state = Arc::downgrade(&hotplug);
+            let control = ctx.control.clone();
+            let segments: Vec<_> = segments.iter().map(Arc::downgrade).collect();
+            hotplug
+                .controller
+                .set_eject_handler(Box::new(move |segment, slot| {
+                    let (Some(state), Some(bus)) = (
+                        state.upgrade(),
+                        segments.get(usize::from(segment)).and_then(|s| s.upgrade()),
+                    ) else {
+                        return;
+                    };
+                    let Some(id) = lock(&state.removable).remove(&(segment, slot)) else {
+                        return; // empty, the host bridge, or a device CH keeps
+                    };
+                    bus.remove(slot);
+                    lock(&state.ejected).push(id);
+                    control.device_ejected();
+                }));
+        }
         let config_io = add_pci_buses(&mut wiring, &segments)?;
 
         Ok(DeviceManager {
@@ -278,6 +334,10 @@ impl DeviceManager {
             virtio,
             pvpanic,
             balloon,
+            hotplug,
+            routes,
+            next_memory_slot,
+            pmem_regions,
             ged,
             cpu_hotplug,
             ioapic,
@@ -495,8 +555,13 @@ impl DeviceManager {
     /// Cloud Hypervisor's device tree, with the BARs where the guest has them now.
     pub fn device_tree(&self) -> Vec<DeviceNode> {
         let mut nodes = self.platform_nodes.clone();
+        // Ejected devices left the guest's bus already, as in Cloud Hypervisor.
+        let ejected = self.ejected_ids();
         for device in &self.virtio {
             let device = device.lock().unwrap_or_else(|p| p.into_inner());
+            if ejected.iter().any(|id| id == device.id()) {
+                continue;
+            }
             let bars = bar_resources(device.config_space());
             let own = device
                 .device()
@@ -543,6 +608,174 @@ impl DeviceManager {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether `vm.remove-device` (and the guest's eject) may take the device
+/// with `id`: the user's devices, not the ones Cloud Hypervisor names
+/// itself (`__rng`, `__console`, `__balloon`, ...).
+fn is_removable(id: &str) -> bool {
+    !id.starts_with("__")
+}
+
+/// The PCI hot-plug controller and the slots the guest may eject.
+struct HotplugState {
+    controller: Arc<PciHotplug>,
+    /// (segment, slot) → id of each removable device.
+    removable: Mutex<BTreeMap<(u16, u8), String>>,
+    /// Ids the guest ejected, out of their slots, waiting for teardown.
+    ejected: Mutex<Vec<String>>,
+}
+
+impl HotplugState {
+    fn track(&self, device: &Arc<Mutex<VirtioPciDevice>>) {
+        let device = lock(device);
+        let (segment, slot) = device.location();
+        lock(&self.removable).insert((segment, slot), device.id().to_owned());
+    }
+}
+
+/// Why a hot-plug or removal was refused, in Cloud Hypervisor v37's words.
+#[derive(Debug, thiserror::Error)]
+pub enum HotplugError {
+    #[error("Error from device manager: UnknownDeviceId({0:?})")]
+    UnknownDeviceId(String),
+    #[error("Error from device manager: RemovalNotAllowed({0})")]
+    RemovalNotAllowed(&'static str),
+}
+
+impl ModuleError for HotplugError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Device
+    }
+}
+
+impl DeviceManager {
+    /// Cloud Hypervisor's hot-plug of a virtio device into a running VM:
+    /// the first free slot of its segment, BARs from the segment's windows,
+    /// MSI-X routes; the slot is marked up for the guest's next scan (the
+    /// caller sends the GED interrupt). `build` makes the device from a
+    /// context whose config lists only it. Returns its BDF.
+    pub fn hotplug_virtio(
+        &mut self,
+        ctx: &DeviceContext<'_>,
+        build: fn(&DeviceContext<'_>, &mut Reservations<'_>) -> Result<Vec<VirtioSpec>>,
+    ) -> Result<(String, String)> {
+        let mut reserve = Reservations {
+            segments: &self.segments,
+            next_slot: self.next_memory_slot,
+            balloon: None,
+            pmem_regions: BTreeMap::new(),
+        };
+        let specs = build(ctx, &mut reserve)?;
+        self.next_memory_slot = reserve.next_slot;
+        let regions = std::mem::take(&mut reserve.pmem_regions);
+        self.pmem_regions.extend(regions);
+        let mut added = None;
+        for spec in specs {
+            let id = spec.id.clone();
+            let device = match add_virtio_pci(ctx, &self.routes, &self.segments, spec) {
+                Ok(device) => device,
+                Err(e) => {
+                    self.release_pmem(ctx.vm_fd, &id);
+                    return Err(e);
+                }
+            };
+            let (segment, slot) = lock(&device).location();
+            let bdf = lock(&device).bdf();
+            self.hotplug.track(&device);
+            self.hotplug.controller.mark_up(segment, slot);
+            self.virtio.push(device);
+            added = Some((id, bdf));
+        }
+        added.ok_or_else(|| {
+            DeviceManagerError::NoSuchSegment {
+                id: String::new(),
+                segment: 0,
+            }
+            .into()
+        })
+    }
+
+    /// `vm.remove-device`: marks the device's slot down for the guest's next
+    /// scan (the caller sends the GED interrupt); it goes when the guest
+    /// ejects it.
+    pub fn request_removal(&self, id: &str) -> Result<()> {
+        let removable = lock(&self.hotplug.removable);
+        let slot = removable
+            .iter()
+            .find(|(_, device)| device.as_str() == id)
+            .map(|(&slot, _)| slot);
+        drop(removable);
+        match slot {
+            Some((segment, slot)) => {
+                self.hotplug.controller.mark_down(segment, slot);
+                Ok(())
+            }
+            None if self.device_tree().iter().any(|n| n.id == id) => {
+                Err(HotplugError::RemovalNotAllowed(fixed_device_type(id)).into())
+            }
+            None => Err(HotplugError::UnknownDeviceId(id.to_owned()).into()),
+        }
+    }
+
+    /// Tears down the devices the guest ejected: their workers stop, their
+    /// fds and taps close, their BARs (and pmem regions) are free for the
+    /// next hot-plug. Returns their ids.
+    pub fn reap_ejected(&mut self, vm_fd: &VmFd) -> Vec<String> {
+        let ids = std::mem::take(&mut *lock(&self.hotplug.ejected));
+        for id in &ids {
+            let Some(at) = self.virtio.iter().position(|d| lock(d).id() == id) else {
+                continue;
+            };
+            let device = self.virtio.remove(at);
+            {
+                let device = lock(&device);
+                let (segment, _) = device.location();
+                if let Some(segment) = self.segments.get(usize::from(segment)) {
+                    let config = device.config_space();
+                    if let (Some(bar), Some(address)) = (config.bar(0), config.bar_address(0)) {
+                        let wide = bar.kind != BarKind::Memory32;
+                        segment.allocator(wide).free(address);
+                    }
+                    if let Some((base, _)) = device.device().mmio_range() {
+                        segment.allocator(true).free(base);
+                    }
+                }
+            }
+            drop(device);
+            self.release_pmem(vm_fd, id);
+        }
+        ids
+    }
+
+    /// Takes a pmem device's region out of the guest's memory map.
+    fn release_pmem(&mut self, vm_fd: &VmFd, id: &str) {
+        if let Some(mut region) = self.pmem_regions.remove(id) {
+            region.memory_size = 0;
+            // SAFETY: removing a slot only unmaps it from the guest.
+            let _ = unsafe { vm_fd.set_user_memory_region(region) };
+        }
+    }
+
+    /// Ids the guest ejected and that are not torn down yet.
+    fn ejected_ids(&self) -> Vec<String> {
+        lock(&self.hotplug.ejected).clone()
+    }
+}
+
+/// Cloud Hypervisor's name of the device type it never removes.
+fn fixed_device_type(id: &str) -> &'static str {
+    match id {
+        "__rng" => "Rng",
+        "__console" => "Console",
+        "__balloon" => "Balloon",
+        "__watchdog" => "Watchdog",
+        _ => "Unknown",
+    }
+}
+
 /// Cloud Hypervisor's id of the pvpanic device.
 const PVPANIC_ID: &str = "__pvpanic";
 
@@ -567,11 +800,11 @@ fn bar_resources(config: &crate::pci::config::PciConfiguration) -> Vec<Resource>
 /// places it.
 fn add_pvpanic(
     ctx: &DeviceContext<'_>,
-    segments: &mut [PciSegment],
+    segments: &[Arc<PciSegment>],
 ) -> Result<(String, Arc<Mutex<PvPanic>>)> {
     let id = PVPANIC_ID.to_owned();
     let segment = segments
-        .first_mut()
+        .first()
         .ok_or_else(|| DeviceManagerError::NoSuchSegment {
             id: id.clone(),
             segment: 0,
@@ -583,7 +816,7 @@ fn add_pvpanic(
             segment: 0,
         })?;
     let bar = segment
-        .mem32_allocator
+        .allocator(false)
         .allocate_aligned(
             crate::devices::pvpanic::BAR_SIZE,
             crate::devices::pvpanic::BAR_ALIGNMENT,
@@ -715,7 +948,7 @@ fn plan_pci(ctx: &DeviceContext<'_>) -> Result<Vec<PciSegment>> {
 fn add_virtio_pci(
     ctx: &DeviceContext<'_>,
     routes: &Arc<InterruptRoutes>,
-    segments: &mut [PciSegment],
+    segments: &[Arc<PciSegment>],
     spec: VirtioSpec,
 ) -> Result<Arc<Mutex<VirtioPciDevice>>> {
     let VirtioSpec {
@@ -723,12 +956,13 @@ fn add_virtio_pci(
         segment: segment_id,
         device,
     } = spec;
-    let segment = segments.get_mut(usize::from(segment_id)).ok_or_else(|| {
-        DeviceManagerError::NoSuchSegment {
-            id: id.clone(),
-            segment: segment_id,
-        }
-    })?;
+    let segment =
+        segments
+            .get(usize::from(segment_id))
+            .ok_or_else(|| DeviceManagerError::NoSuchSegment {
+                id: id.clone(),
+                segment: segment_id,
+            })?;
     let slot = segment
         .free_slot()
         .ok_or_else(|| DeviceManagerError::NoFreeSlot {
@@ -740,21 +974,26 @@ fn add_virtio_pci(
     } else {
         BarKind::Memory64
     };
-    let allocator = match kind {
-        BarKind::Memory32 => &mut segment.mem32_allocator,
-        _ => &mut segment.mem64_allocator,
-    };
-    let bar = allocator
+    let wide = kind != BarKind::Memory32;
+    let bar = segment
+        .allocator(wide)
         .allocate(crate::virtio::pci::BAR_SIZE)
         .ok_or_else(|| DeviceManagerError::WindowFull { id: id.clone() })?;
-    let mut device = VirtioPciDevice::new(
+    let device = VirtioPciDevice::new(
         id,
         device,
         ctx.ram.memory.clone(),
         routes.clone(),
         bar,
         kind,
-    )?;
+    );
+    let mut device = match device {
+        Ok(device) => device,
+        Err(e) => {
+            segment.allocator(wide).free(bar);
+            return Err(e);
+        }
+    };
     device.set_location(segment_id, slot);
     device.set_events(ctx.device_events.clone());
     device.set_spawner(ctx.spawner.clone());

@@ -97,4 +97,112 @@ mod needs_kvm {
         assert!(!devices.mmio_bus().read(PCI_MMCONFIG_START, &mut data));
         serial.close();
     }
+
+    #[test]
+    #[ignore = "needs /dev/kvm"]
+    fn hot_plugs_a_disk_and_ejects_only_what_the_guest_may() {
+        let image = std::env::temp_dir().join(format!("vmkit-pcihp-{}.img", std::process::id()));
+        std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+        let mut config = VmConfig::parse(&VmParams {
+            kernel: Some("/dev/null".into()),
+            memory: "size=64M".into(),
+            serial: "null".into(),
+            console: "off".into(),
+            ..VmParams::default()
+        })
+        .unwrap();
+        config.assign_device_ids();
+        let vm_fd = Arc::new(Kvm::new().unwrap().create_vm().unwrap());
+        crate::interrupts::enable_split_irqchip(&vm_fd).unwrap();
+        let ram = create_guest_ram(&config.memory).unwrap();
+        let control = Arc::new(Control::new());
+        let spawner = crate::seccomp::Spawner::unconfined();
+        let debug_log = Arc::new(Mutex::new(Vec::new()));
+        let events = Arc::new(DeviceEventLog::new().unwrap());
+        let taps = Default::default();
+        let links = Default::default();
+        let context = |config| DeviceContext {
+            spawner: &spawner,
+            config,
+            vm_fd: &vm_fd,
+            ram: &ram,
+            control: &control,
+            gsi_limit: 1024,
+            phys_bits: 46,
+            serial: None,
+            console: None,
+            debug_log: &debug_log,
+            device_events: &events,
+            adopted_taps: &taps,
+            vhost_links: &links,
+            balloon_size: None,
+        };
+        let mut devices = DeviceManager::build(&context(&config)).unwrap();
+        let mut only = config.clone();
+        only.disks = Some(vec![vmkit_config::DiskConfig {
+            id: Some("hot".into()),
+            path: Some(image.to_string_lossy().into_owned()),
+            ..Default::default()
+        }]);
+        let disks = hotplug_kind("disks").unwrap();
+        let (id, bdf) = devices.hotplug_virtio(&context(&only), disks).unwrap();
+        assert_eq!((id.as_str(), bdf.as_str()), ("hot", "0000:00:02.0"));
+        let bar_of = |devices: &DeviceManager| {
+            devices
+                .device_tree()
+                .into_iter()
+                .find(|n| n.id == "_virtio-pci-hot")
+                .map(|n| n.resources)
+        };
+        let bar = bar_of(&devices).unwrap();
+        let bus = devices.mmio_bus().clone();
+        let read32 = |address: u64| {
+            let mut data = [0u8; 4];
+            bus.read(address, &mut data);
+            u32::from_le_bytes(data)
+        };
+        let vendor = |slot: u64| read32(PCI_MMCONFIG_START + (slot << 15)) & 0xffff;
+        assert_eq!(vendor(2), 0x1af4);
+        assert_eq!(read32(PCI_HOTPLUG_ADDRESS), 1 << 2, "PCIU: slot 2 added");
+        assert_eq!(read32(PCI_HOTPLUG_ADDRESS), 0);
+
+        // The guest ejects the host bridge, the rng, an empty slot: nothing
+        // goes (Cloud Hypervisor would free slot 0 and tear down the rng).
+        bus.write(PCI_HOTPLUG_ADDRESS + 8, &0xffff_fff3u32.to_le_bytes());
+        assert_eq!(vendor(0), 0x8086);
+        assert_eq!(vendor(1), 0x1af4);
+        assert!(lock(&devices.hotplug.ejected).is_empty());
+        // A segment that does not exist is not selected.
+        bus.write(PCI_HOTPLUG_ADDRESS + 12, &1u32.to_le_bytes());
+        assert_eq!(read32(PCI_HOTPLUG_ADDRESS + 12), 0);
+
+        // remove-device marks it down; the guest's eject takes it off the bus.
+        assert!(matches!(
+            devices
+                .request_removal("__rng")
+                .unwrap_err()
+                .to_string()
+                .as_str(),
+            "Error from device manager: RemovalNotAllowed(Rng)"
+        ));
+        assert_eq!(
+            devices.request_removal("nope").unwrap_err().to_string(),
+            "Error from device manager: UnknownDeviceId(\"nope\")"
+        );
+        devices.request_removal("hot").unwrap();
+        assert_eq!(read32(PCI_HOTPLUG_ADDRESS + 4), 1 << 2, "PCID: slot 2");
+        bus.write(PCI_HOTPLUG_ADDRESS + 8, &(1u32 << 2).to_le_bytes());
+        assert_eq!(vendor(2), 0xffff, "gone from config space at once");
+        assert!(bar_of(&devices).is_none(), "gone from the device tree");
+        let device = Arc::downgrade(&devices.virtio_devices()[1]);
+        assert_eq!(devices.reap_ejected(&vm_fd), ["hot"]);
+        assert!(device.upgrade().is_none(), "torn down");
+        assert_eq!(devices.virtio_devices().len(), 1);
+        // Its slot and BAR are taken again by the next hot-plug.
+        let (_, again) = devices.hotplug_virtio(&context(&only), disks).unwrap();
+        assert_eq!(again, "0000:00:02.0");
+        assert_eq!(bar_of(&devices).unwrap(), bar);
+        devices.stop_devices();
+        std::fs::remove_file(&image).unwrap();
+    }
 }

@@ -29,12 +29,25 @@ pub struct VirtioSpec {
     pub device: Box<dyn VirtioDevice>,
 }
 
-type VirtioKind = fn(&DeviceContext<'_>, &mut Reservations<'_>) -> Result<Vec<VirtioSpec>>;
+pub type VirtioKind = fn(&DeviceContext<'_>, &mut Reservations<'_>) -> Result<Vec<VirtioSpec>>;
 
 /// Every virtio device kind, in Cloud Hypervisor's order.
 pub const VIRTIO_KINDS: [VirtioKind; 9] = [
     console, disks, nets, rng, fs, pmem, vsock, balloon, watchdog,
 ];
+
+/// The kind function that builds the devices of config list `field`
+/// (`disks`, `net`, `fs`, `pmem`, `vsock`), for a hot-plug.
+pub fn hotplug_kind(field: &str) -> Option<VirtioKind> {
+    Some(match field {
+        "disks" => disks,
+        "net" => nets,
+        "fs" => fs,
+        "pmem" => pmem,
+        "vsock" => vsock,
+        _ => return None,
+    })
+}
 
 fn console(ctx: &DeviceContext<'_>, _: &mut Reservations<'_>) -> Result<Vec<VirtioSpec>> {
     let Some(backend) = ctx.console else {
@@ -198,22 +211,23 @@ fn pmem(ctx: &DeviceContext<'_>, reserve: &mut Reservations<'_>) -> Result<Vec<V
         let (file, size) = pmem::open_backing(config)?;
         let segment = reserve
             .segments
-            .get_mut(usize::from(config.pci_segment))
+            .get(usize::from(config.pci_segment))
             .ok_or_else(|| DeviceManagerError::NoSuchSegment {
                 id: id.clone(),
                 segment: config.pci_segment,
             })?;
         // 2 MiB aligned, from the top of the segment's 64-bit window.
         let start = segment
-            .mem64_allocator
+            .allocator(true)
             .allocate_aligned(size, pmem::REGION_ALIGNMENT)
             .ok_or_else(|| DeviceManagerError::WindowFull { id: id.clone() })?;
-        let mapping = Arc::new(pmem::map_backing(
-            &file,
-            size,
-            config.discard_writes,
-            &config.file,
-        )?);
+        let mapping = match pmem::map_backing(&file, size, config.discard_writes, &config.file) {
+            Ok(mapping) => Arc::new(mapping),
+            Err(e) => {
+                segment.allocator(true).free(start);
+                return Err(e);
+            }
+        };
         let slot = reserve.next_slot;
         reserve.next_slot += 1;
         let region = kvm_bindings::kvm_userspace_memory_region {
@@ -225,12 +239,15 @@ fn pmem(ctx: &DeviceContext<'_>, reserve: &mut Reservations<'_>) -> Result<Vec<V
         };
         // SAFETY: the mapping lives in the device, which the VM's devices
         // hold until the VM fd (and so the slot) is gone.
-        unsafe { ctx.vm_fd.set_user_memory_region(region) }.map_err(|source| {
-            crate::vm::VmError::Kvm {
+        if let Err(source) = unsafe { ctx.vm_fd.set_user_memory_region(region) } {
+            segment.allocator(true).free(start);
+            return Err(crate::vm::VmError::Kvm {
                 what: format!("KVM_SET_USER_MEMORY_REGION (pmem {id})"),
                 source,
             }
-        })?;
+            .into());
+        }
+        reserve.pmem_regions.insert(id.clone(), region);
         specs.push(VirtioSpec {
             device: Box::new(Pmem::new(id.clone(), file, start, mapping)),
             id,

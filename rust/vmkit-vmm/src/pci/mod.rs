@@ -134,19 +134,20 @@ impl Window {
     }
 }
 
-/// Hands out naturally aligned ranges of a window from its top down, as
-/// Cloud Hypervisor's allocator does.
+/// Hands out naturally aligned ranges of a window, each from the top of
+/// the highest gap it fits in, as Cloud Hypervisor's address allocator does;
+/// freed ranges (a hot-unplugged device's BARs) are handed out again.
 pub struct WindowAllocator {
     window: Window,
-    /// The next range ends at or below this.
-    top: u64,
+    /// (start, size) of the ranges handed out, by start.
+    taken: std::collections::BTreeMap<u64, u64>,
 }
 
 impl WindowAllocator {
     pub fn new(window: Window) -> Self {
         WindowAllocator {
             window,
-            top: window.end(),
+            taken: std::collections::BTreeMap::new(),
         }
     }
 
@@ -164,20 +165,42 @@ impl WindowAllocator {
         if size == 0 || !alignment.is_power_of_two() {
             return None;
         }
-        let start = self.top.checked_sub(size)? & !(alignment - 1);
-        (start >= self.window.start).then(|| {
-            self.top = start;
-            start
-        })
+        // Gaps from the top down: (gap start, gap end).
+        let mut end = self.window.end();
+        let mut found = None;
+        for (&start, &len) in self.taken.iter().rev() {
+            if let Some(at) = Self::fit(start + len, end, size, alignment) {
+                found = Some(at);
+                break;
+            }
+            end = start;
+        }
+        let start = found.or_else(|| Self::fit(self.window.start, end, size, alignment))?;
+        self.taken.insert(start, size);
+        Some(start)
+    }
+
+    /// The highest `alignment`-aligned start of `size` bytes in [low, high).
+    fn fit(low: u64, high: u64, size: u64, alignment: u64) -> Option<u64> {
+        let start = high.checked_sub(size)? & !(alignment - 1);
+        (start >= low).then_some(start)
+    }
+
+    /// Gives back the range that starts at `start`; false if none does.
+    pub fn free(&mut self, start: u64) -> bool {
+        self.taken.remove(&start).is_some()
     }
 }
 
 /// One PCI segment: its root bus and the address windows of its devices.
+/// Slots and windows change while the guest runs (PCI hot-plug), so both
+/// are behind locks; a slot's lock is never held while a device's is taken
+/// for long (the device is cloned out first).
 pub struct PciSegment {
     pub layout: SegmentLayout,
-    slots: Vec<Option<SharedPciDevice>>,
-    pub mem32_allocator: WindowAllocator,
-    pub mem64_allocator: WindowAllocator,
+    slots: Mutex<Vec<Option<SharedPciDevice>>>,
+    pub mem32_allocator: Mutex<WindowAllocator>,
+    pub mem64_allocator: Mutex<WindowAllocator>,
 }
 
 impl PciSegment {
@@ -187,26 +210,53 @@ impl PciSegment {
         slots[0] = Some(Arc::new(Mutex::new(HostBridge::new())) as SharedPciDevice);
         PciSegment {
             layout,
-            slots,
-            mem32_allocator: WindowAllocator::new(layout.mem32),
-            mem64_allocator: WindowAllocator::new(layout.mem64),
+            slots: Mutex::new(slots),
+            mem32_allocator: Mutex::new(WindowAllocator::new(layout.mem32)),
+            mem64_allocator: Mutex::new(WindowAllocator::new(layout.mem64)),
         }
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Option<SharedPciDevice>>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The allocator of 32-bit (`wide` false) or 64-bit BAR space.
+    pub fn allocator(&self, wide: bool) -> std::sync::MutexGuard<'_, WindowAllocator> {
+        let allocator = if wide {
+            &self.mem64_allocator
+        } else {
+            &self.mem32_allocator
+        };
+        allocator.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The first free slot, if any.
     pub fn free_slot(&self) -> Option<u8> {
-        self.slots.iter().position(Option::is_none).map(|s| s as u8)
+        self.slots()
+            .iter()
+            .position(Option::is_none)
+            .map(|s| s as u8)
     }
 
-    pub fn insert(&mut self, slot: u8, device: SharedPciDevice) {
-        self.slots[usize::from(slot)] = Some(device);
+    pub fn insert(&self, slot: u8, device: SharedPciDevice) {
+        if let Some(entry) = self.slots().get_mut(usize::from(slot)) {
+            *entry = Some(device);
+        }
     }
 
-    fn device(&self, slot: usize, function: usize) -> Option<&SharedPciDevice> {
+    /// Takes the function out of `slot` (not the host bridge's slot 0).
+    pub fn remove(&self, slot: u8) -> Option<SharedPciDevice> {
+        if slot == 0 {
+            return None;
+        }
+        self.slots().get_mut(usize::from(slot))?.take()
+    }
+
+    fn device(&self, slot: usize, function: usize) -> Option<SharedPciDevice> {
         if function != 0 {
             return None;
         }
-        self.slots.get(slot)?.as_ref()
+        self.slots().get(slot)?.clone()
     }
 
     /// Reads `data` from function (slot, function)'s config space at byte `offset`.
@@ -219,7 +269,7 @@ impl PciSegment {
             data.fill(0xff);
             return;
         }
-        let value = lock(device).config_read(offset / 4);
+        let value = lock(&device).config_read(offset / 4);
         let bytes = value.to_le_bytes();
         let lane = offset % 4;
         data.copy_from_slice(&bytes[lane..lane + data.len()]);
@@ -232,24 +282,23 @@ impl PciSegment {
         if !matches!(data.len(), 1 | 2 | 4) || !offset.is_multiple_of(data.len()) {
             return;
         }
-        lock(device).config_write(offset / 4, offset % 4, data);
+        lock(&device).config_write(offset / 4, offset % 4, data);
     }
 
     /// The host bridge's configuration registers, for a snapshot.
     pub fn host_bridge_registers(&self) -> Vec<u32> {
-        self.slots[0]
-            .as_ref()
-            .map(|bridge| lock(bridge).config().registers().to_vec())
+        self.device(0, 0)
+            .map(|bridge| lock(&bridge).config().registers().to_vec())
             .unwrap_or_default()
     }
 
     /// Writes saved host bridge registers back as a guest would (read-only
     /// bits stay); false for a count that is not the bridge's.
     pub fn restore_host_bridge(&self, saved: &[u32]) -> bool {
-        let Some(bridge) = self.slots[0].as_ref() else {
+        let Some(bridge) = self.device(0, 0) else {
             return saved.is_empty();
         };
-        let mut bridge = lock(bridge);
+        let mut bridge = lock(&bridge);
         if saved.len() != bridge.config().registers().len() {
             return false;
         }
@@ -259,10 +308,11 @@ impl PciSegment {
         true
     }
 
-    fn bar_at(&self, address: u64) -> Option<(&SharedPciDevice, usize, u64)> {
-        self.slots.iter().flatten().find_map(|device| {
+    fn bar_at(&self, address: u64) -> Option<(SharedPciDevice, usize, u64)> {
+        // Slot lock, then each device's: no path takes them the other way.
+        self.slots().iter().flatten().find_map(|device| {
             let (bar, offset) = lock(device).config().memory_bar_at(address)?;
-            Some((device, bar, offset))
+            Some((device.clone(), bar, offset))
         })
     }
 }
@@ -376,13 +426,13 @@ pub struct PciBarWindow {
 impl BusDevice for PciBarWindow {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         match self.segment.bar_at(self.base + offset) {
-            Some((device, bar, at)) => lock(device).bar_read(bar, at, data),
+            Some((device, bar, at)) => lock(&device).bar_read(bar, at, data),
             None => data.fill(0xff),
         }
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let Some((device, bar, at)) = self.segment.bar_at(self.base + offset) {
-            lock(device).bar_write(bar, at, data);
+            lock(&device).bar_write(bar, at, data);
         }
     }
 }
@@ -486,8 +536,9 @@ mod tests {
         assert_eq!(a.allocate(0x3000), None, "not a power of two");
         assert_eq!(a.allocate(0x4000), None, "would go below the window");
         assert_eq!(a.allocate(0x2000), Some(0x4000));
-        // Cloud Hypervisor's pvpanic BAR: 2 bytes, 16-byte aligned.
-        assert_eq!(a.allocate_aligned(2, 0x10), Some(0x3ff0));
+        // Cloud Hypervisor's pvpanic BAR: 2 bytes, 16-byte aligned, in the
+        // highest gap it fits (under the first range).
+        assert_eq!(a.allocate_aligned(2, 0x10), Some(0x10ef0));
         assert_eq!(
             a.allocate_aligned(2, 3),
             None,
@@ -501,6 +552,10 @@ mod tests {
         assert_eq!(b.allocate_aligned(6 << 20, 2 << 20), Some(58 << 20));
         assert_eq!(b.allocate(0x8_0000), Some((58 << 20) - 0x8_0000));
         assert_eq!(b.allocate_aligned(0, 16), None);
+        // A freed range is handed out again; freeing twice is refused.
+        assert!(b.free(58 << 20));
+        assert!(!b.free(58 << 20));
+        assert_eq!(b.allocate_aligned(6 << 20, 2 << 20), Some(58 << 20));
     }
 
     #[test]

@@ -557,6 +557,11 @@ impl VirtioPciDevice {
         format!("{segment:04x}:00:{slot:02x}.0")
     }
 
+    /// (segment, slot).
+    pub fn location(&self) -> (u16, u8) {
+        self.location
+    }
+
     pub fn set_location(&mut self, segment: u16, slot: u8) {
         self.location = (segment, slot);
     }

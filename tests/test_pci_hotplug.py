@@ -1,0 +1,202 @@
+"""PCI device hot-plug and removal on a running VM (``vm.add-disk`` & co,
+``vm.remove-device``), as Cloud Hypervisor v37 does it: the first free slot
+of the device's segment, v37's automatic ids, ``{"id", "bdf"}`` answers, a
+GED interrupt for the guest's PCI hot-plug AML, and the device torn down when
+the guest ejects it.
+
+The AML is checked in test_acpi_tables.py; the controller's registers and
+hostile ejects in the Rust unit tests (devices::pci_hotplug,
+device_manager::tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
+from vmkit import VmConfig, testguest
+from vmkit.config import DiskConfig, VsockConfig
+from vmkit.errors import ConfigError
+from vmkit.vm import Vm, VmError
+
+pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
+
+SECTORS = 8  # the blk step reads blk_count sectors (8 by default) from sector 0
+
+
+def fnv1a64(data: bytes) -> int:
+    """The guest's BUF_FNV hash (FNV-1a, 64 bits)."""
+    h = 0xCBF29CE484222325
+    for byte in data:
+        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def image(path: Path, seed: int) -> int:
+    """A 1 MiB image whose first sectors hold a pattern of `seed`; their hash."""
+    head = bytes((seed * 31 + i * 7 + (i >> 9)) & 0xFF for i in range(SECTORS * 512))
+    path.write_bytes(head + bytes((1 << 20) - len(head)))
+    return fnv1a64(head)
+
+
+def process_counts() -> tuple[int, int]:
+    """(threads, open descriptors) of this process."""
+    return len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd"))
+
+
+def settle(vm: Vm, gone: str, timeout: float = 10) -> None:
+    """Waits until the VMM tore down device `gone` (off the device tree)."""
+    deadline = time.monotonic() + timeout
+    while gone in (vm.info().device_tree or {}) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert gone not in (vm.info().device_tree or {}), vm.info().device_tree
+
+
+@pytest.mark.parametrize("boot_format", ["pvh", "elf"])
+def test_the_guest_reads_a_hot_added_disk_and_ejects_it(
+    boot_format: testguest.Format, tmp_path: Path
+) -> None:
+    # The test guest runs no AML: after the GED interrupt it reads PSEG/PCIU
+    # (PCID) as PCNT would, probes the new slot, drives the disk with its blk
+    # step and ejects it through B0EJ, twice.
+    steps = ["pcihotplug", "blk", "pciunplug"] * 2 + ["ticks"]
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path(boot_format)),
+        "--cmdline", testguest.cmdline(steps, "poweroff", ticks=100000, tick_ms=20),
+        "--memory", "size=64M",
+        "--serial", "tty", "--console", "off",
+    ])  # fmt: skip
+    hashes = [image(tmp_path / f"d{i}.img", seed=i + 1) for i in range(2)]
+    with Vm(config) as vm:
+        vm.boot()
+        before = None
+        for cycle in range(2):
+            assert vm.serial.wait_for("^vmkit-guest: pcihotplug waiting$", timeout=30)
+            if before is None:
+                before = process_counts()
+            path = str(tmp_path / f"d{cycle}.img")
+            info = vm.add_disk(DiskConfig(path=path, readonly=True))
+            # rng is 00:01.0; the slot the first disk left is the second's.
+            assert info == {"id": f"_disk{cycle}", "bdf": "0000:00:02.0"}
+            live = vm.info()
+            assert [d.id for d in live.config.disks or []] == [info["id"]]
+            assert live.device_tree[info["id"]]["parent"] == f"_virtio-pci-{info['id']}"
+            assert vm.serial.wait_for("^vmkit-guest: step blk ", timeout=30), vm.serial.text
+            text = vm.serial.text.split("pcihotplug waiting")[-1]
+            assert "step pcihotplug ok event=0x4 added=1" in text, text
+            assert "pcihotplug added bdf=0000:00:02.0 vendor=0x1af4 device=0x1042" in text
+            # The data the guest read through the hot-added disk is the image's.
+            assert f"blk read bdf=0000:00:02.0 sector=0 count={SECTORS} " \
+                   f"fnv=0x{hashes[cycle]:016x}" in text, text  # fmt: skip
+            assert "step blk ok disks=1" in text, text
+
+            assert vm.serial.wait_for("^vmkit-guest: pciunplug waiting$", timeout=30)
+            vm.remove_device(info["id"])
+            # Out of the config at once; off the tree once the guest ejected it.
+            assert vm.info().config.disks in (None, [])
+            assert vm.serial.wait_for("^vmkit-guest: step pciunplug ", timeout=30)
+            text = vm.serial.text.split("pciunplug waiting")[-1]
+            assert "step pciunplug ok event=0x4 ejected=1" in text, text
+            settle(vm, info["id"])
+        # Nothing left behind: the workers stopped, the images closed.
+        deadline = time.monotonic() + 10
+        while process_counts() != before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process_counts() == before
+        assert vm.serial.wait_for("^vmkit-guest: tick 1$", timeout=30)
+        assert vm.state == "Running"
+
+
+def test_errors_are_cloud_hypervisor_s(tmp_path: Path) -> None:
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["ticks"], "poweroff", ticks=100000, tick_ms=20),
+        "--memory", "size=64M", "--serial", "null", "--console", "off",
+        "--platform", "num_pci_segments=2",
+    ])  # fmt: skip
+    image(tmp_path / "a.img", 1)
+    with Vm(config) as vm:
+        with pytest.raises(VmError, match=r"^VM is not running$"):
+            vm.add_disk(DiskConfig(path=str(tmp_path / "a.img")))
+        vm.boot()
+        first = vm.add_disk(DiskConfig(path=str(tmp_path / "a.img"), readonly=True, id="a"))
+        assert first == {"id": "a", "bdf": "0000:00:02.0"}
+        with pytest.raises(ConfigError, match="Identifier a is not unique"):
+            vm.add_disk(DiskConfig(path=str(tmp_path / "a.img"), id="a"))
+        with pytest.raises(ConfigError, match="Invalid PCI segment id: 5"):
+            vm.add_disk(DiskConfig(path=str(tmp_path / "a.img"), pci_segment=5))
+        on_one = vm.add_disk(DiskConfig(path=str(tmp_path / "a.img"), readonly=True, pci_segment=1))
+        assert on_one == {"id": "_disk0", "bdf": "0001:00:01.0"}
+        vsock = vm.add_vsock(VsockConfig(cid=3, socket=str(tmp_path / "v.sock")))
+        assert vsock == {"id": "_vsock1", "bdf": "0000:00:03.0"}
+        with pytest.raises(VmError, match=r"^Too many virtio-vsock devices$"):
+            vm.add_vsock(VsockConfig(cid=4, socket=str(tmp_path / "w.sock")))
+        with pytest.raises(VmError, match=r'^Error from device manager: UnknownDeviceId\("x"\)$'):
+            vm.remove_device("x")
+        with pytest.raises(VmError, match=r"^Error from device manager: RemovalNotAllowed\(Rng\)$"):
+            vm.remove_device("__rng")
+        # The ticks guest ejects nothing: removed from the config, still on the bus.
+        vm.remove_device("_vsock1")
+        assert vm.info().config.vsock is None
+        assert "_vsock1" in (vm.info().device_tree or {})
+    assert not (tmp_path / "v.sock").exists()
+
+
+# (ch-remote arguments, exit status, what stdout or stderr says)
+SCRIPT = [
+    ("add-disk path={img},readonly=on", 0, '{"id":"_disk1","bdf":"0000:00:03.0"}'),
+    ("add-disk path={img},id=_disk1", 1, "validate config: Identifier _disk1 is not unique"),
+    ("add-disk path={img},readonly=on,id=mydisk", 0, '{"id":"mydisk","bdf":"0000:00:04.0"}'),
+    ("add-disk path={img},readonly=on,pci_segment=1", 0, '{"id":"_disk2","bdf":"0001:00:01.0"}'),
+    ("add-disk path={img},pci_segment=5", 1, "validate config: Invalid PCI segment id: 5"),
+    ("add-vsock cid=3,socket={dir}/v.sock", 0, '{"id":"_vsock3","bdf":"0000:00:05.0"}'),
+    ("add-vsock cid=4,socket={dir}/w.sock", 1, "Error: Too many virtio-vsock devices"),
+    ("remove-device nosuch", 1, 'Error from device manager: UnknownDeviceId("nosuch")'),
+    ("remove-device __rng", 1, "Error from device manager: RemovalNotAllowed(Rng)"),
+    ("remove-device __console", 1, 'Error from device manager: UnknownDeviceId("__console")'),
+    ("remove-device mydisk", 0, ""),
+    ("add-disk path={img},readonly=on", 0, '{"id":"_disk4","bdf":"0000:00:06.0"}'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["vmkit", "ch"])
+def test_ch_remote_hot_plug_answers_as_cloud_hypervisor(kind: str, tmp_path: Path) -> None:
+    if CH_DIR is None:
+        pytest.skip(CH_MISSING)
+    image(tmp_path / "d.img", 1)
+    image(tmp_path / "boot.img", 2)
+    args = (
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["ticks"], "poweroff", ticks=100000, tick_ms=20),
+        "--memory", "size=64M", "--serial", f"file={tmp_path / 'serial'}", "--console", "off",
+        "--disk", f"path={tmp_path / 'boot.img'},readonly=on",
+        "--platform", "num_pci_segments=2",
+    )  # fmt: skip
+    vmm = VmmProcess(kind, tmp_path / "api.sock", tmp_path / "log", extra=args)
+    try:
+        seen = []
+        for command, _status, _ in SCRIPT:
+            argv = command.format(img=tmp_path / "d.img", dir=tmp_path).split()
+            got, stdout, stderr = ch_remote(tmp_path / "api.sock", *argv)
+            said = next(
+                (s for _, _, s in SCRIPT if s and (s in stdout or s in stderr)), stdout.strip()
+            )
+            seen.append((command, got, said))
+        assert seen == SCRIPT, vmm.log
+        _, info, _ = ch_remote(tmp_path / "api.sock", "info")
+        live = json.loads(info)
+        assert [d["id"] for d in live["config"]["disks"]] == [
+            "_disk0",
+            "_disk1",
+            "_disk2",
+            "_disk4",
+        ]
+        assert live["config"]["vsock"]["id"] == "_vsock3"
+        # The ticks guest does not eject: mydisk stays on the bus, as in v37.
+        assert live["device_tree"]["_virtio-pci-mydisk"]["pci_bdf"] == "0000:00:04.0"
+    finally:
+        vmm.stop()
