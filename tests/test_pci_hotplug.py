@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
 from vmkit import VmConfig, testguest
-from vmkit.config import DiskConfig, VsockConfig
+from vmkit.config import DiskConfig, NetConfig, PmemConfig, VsockConfig
 from vmkit.errors import ConfigError
 from vmkit.vm import Vm, VmError
 
@@ -36,10 +36,10 @@ def fnv1a64(data: bytes) -> int:
     return h
 
 
-def image(path: Path, seed: int) -> int:
-    """A 1 MiB image whose first sectors hold a pattern of `seed`; their hash."""
+def image(path: Path, seed: int, size: int = 1 << 20) -> int:
+    """An image whose first sectors hold a pattern of `seed`; their hash."""
     head = bytes((seed * 31 + i * 7 + (i >> 9)) & 0xFF for i in range(SECTORS * 512))
-    path.write_bytes(head + bytes((1 << 20) - len(head)))
+    path.write_bytes(head + bytes(size - len(head)))
     return fnv1a64(head)
 
 
@@ -178,6 +178,13 @@ def test_ch_remote_hot_plug_answers_as_cloud_hypervisor(kind: str, tmp_path: Pat
     )  # fmt: skip
     vmm = VmmProcess(kind, tmp_path / "api.sock", tmp_path / "log", extra=args)
     try:
+        # The API may answer before the VM is booted: wait for Running.
+        deadline = time.monotonic() + 30
+        while '"state":"Running"' not in ch_remote(tmp_path / "api.sock", "info")[1].replace(
+            " ", ""
+        ):
+            assert time.monotonic() < deadline, vmm.log
+            time.sleep(0.05)
         seen = []
         for command, _status, _ in SCRIPT:
             argv = command.format(img=tmp_path / "d.img", dir=tmp_path).split()
@@ -200,3 +207,77 @@ def test_ch_remote_hot_plug_answers_as_cloud_hypervisor(kind: str, tmp_path: Pat
         assert live["device_tree"]["_virtio-pci-mydisk"]["pci_bdf"] == "0000:00:04.0"
     finally:
         vmm.stop()
+
+
+def _tap_support() -> str | None:
+    """Why this host cannot make taps (vmkit opens `tap=` itself), or None."""
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+    except OSError as e:
+        return f"no /dev/net/tun: {e}"
+    os.close(fd)
+    return None if os.geteuid() == 0 else "creating a tap needs CAP_NET_ADMIN"
+
+
+# (kind, its config's option string, the virtio PCI device id the guest finds)
+KINDS = [
+    ("disk", "path={dir}/k.img,readonly=on", 0x1042),
+    ("pmem", "file={dir}/k.img,discard_writes=on", 0x105B),
+    ("vsock", "cid=7,socket={dir}/k.sock", 0x1053),
+    ("net", "tap=vmkhp0,mac=12:34:56:78:9a:bc", 0x1041),
+]
+
+
+@pytest.mark.parametrize("spawned", [False, True], ids=["in-process", "spawned"])
+@pytest.mark.parametrize(("kind", "option", "device_id"), KINDS, ids=[k[0] for k in KINDS])
+def test_each_kind_is_added_seen_ejected_and_released(
+    kind: str, option: str, device_id: int, spawned: bool, tmp_path: Path
+) -> None:
+    if kind == "net" and (why := _tap_support()) is not None:
+        pytest.skip(why)
+    image(tmp_path / "k.img", 3, size=2 << 20)  # pmem: a multiple of 2 MiB
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(
+            ["pcihotplug", "pciunplug", "ticks"], "poweroff", ticks=100000, tick_ms=20
+        ),
+        "--memory", "size=64M", "--serial", "tty", "--console", "off",
+    ])  # fmt: skip
+    parse = {
+        "disk": DiskConfig,
+        "pmem": PmemConfig,
+        "vsock": VsockConfig,
+        "net": NetConfig,
+    }[kind]
+    item = parse.parse(option.format(dir=tmp_path))
+    with Vm.spawn(config) if spawned else Vm(config) as vm:
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: pcihotplug waiting$", timeout=30)
+        before = process_counts() if not spawned else None
+        info = getattr(vm, f"add_{kind}")(item)
+        assert info["bdf"] == "0000:00:02.0", info
+        line = f"pcihotplug added bdf=0000:00:02.0 vendor=0x1af4 device=0x{device_id:04x}"
+        assert vm.serial.wait_for("^vmkit-guest: step pcihotplug ", timeout=30)
+        assert line in vm.serial.text, vm.serial.text
+        if kind == "net":
+            assert Path("/sys/class/net/vmkhp0").exists()
+        assert vm.serial.wait_for("^vmkit-guest: pciunplug waiting$", timeout=30)
+        vm.remove_device(info["id"])
+        assert vm.serial.wait_for("^vmkit-guest: step pciunplug ok", timeout=30), vm.serial.text
+        deadline = time.monotonic() + 10
+        while info["id"] in (vm.info().device_tree or {}) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert info["id"] not in (vm.info().device_tree or {})
+        if kind == "net":  # vmkit's tap goes with the device's last descriptor
+            while Path("/sys/class/net/vmkhp0").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not Path("/sys/class/net/vmkhp0").exists()
+        if kind == "vsock":
+            assert not (tmp_path / "k.sock").exists(), "its listening socket is removed"
+        if before is not None:
+            while process_counts() != before and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert process_counts() == before
+        # Its slot is free again.
+        again = getattr(vm, f"add_{kind}")(item)
+        assert again["bdf"] == "0000:00:02.0", again

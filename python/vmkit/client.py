@@ -767,7 +767,8 @@ class SpawnedVm:
 
     Made by ``spawn`` / ``Vm.spawn``. It has the in-process ``Vm``'s methods
     (boot, pause, resume, shutdown, reboot, power_button, wait, state, info,
-    counters, close) carried out through the HTTP API (``client``), plus
+    counters, the hot-plug add_* and remove_device, close) carried out through
+    the HTTP API (``client``), plus
     ``serial`` (a ``FileSerialConsole``), ``process``, ``pid`` and
     ``api_socket``. ``info()`` returns a ``VmInfo``.
 
@@ -936,6 +937,36 @@ class SpawnedVm:
     def resize_balloon(self, size: int | str) -> None:
         """``vm.resize {"desired_balloon"}``: the balloon's new target (bytes or ``"1G"``)."""
         self.client.resize(balloon=size)
+
+    def _hot_added(self, info: PciDeviceInfo | None) -> dict[str, str]:
+        if info is None:  # only a VM that is not booted answers 204
+            raise VmError("VM is not running", "State")
+        return {"id": info.id, "bdf": info.bdf}
+
+    def add_disk(self, disk: DiskConfig | str) -> dict[str, str]:
+        """``vm.add-disk`` on the running VM: as ``Vm.add_disk``."""
+        return self._hot_added(self.client.add_disk(disk))
+
+    def add_net(self, net: NetConfig | str) -> dict[str, str]:
+        """``vm.add-net`` on the running VM: as ``Vm.add_net`` (``fds`` go with
+        SCM_RIGHTS and become the VMM's)."""
+        return self._hot_added(self.client.add_net(net))
+
+    def add_fs(self, fs: FsConfig | str) -> dict[str, str]:
+        """``vm.add-fs`` on the running VM: as ``Vm.add_fs``."""
+        return self._hot_added(self.client.add_fs(fs))
+
+    def add_pmem(self, pmem: PmemConfig | str) -> dict[str, str]:
+        """``vm.add-pmem`` on the running VM: as ``Vm.add_pmem``."""
+        return self._hot_added(self.client.add_pmem(pmem))
+
+    def add_vsock(self, vsock: VsockConfig | str) -> dict[str, str]:
+        """``vm.add-vsock`` on the running VM: as ``Vm.add_vsock``."""
+        return self._hot_added(self.client.add_vsock(vsock))
+
+    def remove_device(self, id: str) -> None:
+        """``vm.remove-device``: as ``Vm.remove_device``."""
+        self.client.remove_device(id)
 
     def info(self) -> VmInfo:
         """``vm.info``."""

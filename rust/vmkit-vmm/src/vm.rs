@@ -20,7 +20,9 @@ use crate::acpi;
 use crate::boot::{self, KernelFormat};
 use crate::control::{Control, StopReason, VcpuCommand};
 use crate::cpu::{self, HostCpu, Topology};
-use crate::device_manager::{DeviceContext, DeviceManager, DeviceManagerError, DeviceNode};
+use crate::device_manager::{
+    DeviceContext, DeviceManager, DeviceManagerError, DeviceNode, HotplugError,
+};
 use crate::devices::legacy::{
     DebugPortWrite, GED_CPU_DEVICES_CHANGED, GED_PCI_DEVICES_CHANGED, GED_POWER_BUTTON,
 };
@@ -61,6 +63,11 @@ pub enum VmError {
          vmkit cannot carry along"
     )]
     TpmState { what: &'static str },
+    #[error(
+        "A VM cannot be {what} after PCI devices were hot-plugged or removed: vmkit cannot \
+         rebuild them in the slots they have now yet"
+    )]
+    HotplugState { what: &'static str },
     #[error(
         "The virtio console cannot use a socket (--console socket=...): only --serial can \
          (NoSocketOptionSupportForConsoleDevice)"
@@ -158,9 +165,12 @@ impl ModuleError for VmError {
             Thread { .. } | PowerButton { .. } | ExitEvent { .. } | DeviceEvents { .. } => {
                 ErrorKind::Device
             }
-            NotSupported { .. } | TpmState { .. } | ConsoleSocket | Smbios | NoHyperv => {
-                ErrorKind::Unsupported
-            }
+            NotSupported { .. }
+            | TpmState { .. }
+            | HotplugState { .. }
+            | ConsoleSocket
+            | Smbios
+            | NoHyperv => ErrorKind::Unsupported,
             OpenKvm { .. } | KickHandler(_) | Kvm { .. } => ErrorKind::Kvm,
             HostAddress { .. } | MisalignedMemorySize { .. } => ErrorKind::Memory,
             NoKernel => ErrorKind::Kernel,
@@ -354,10 +364,10 @@ impl Instance {
 impl Instance {
     /// Joins the threads of vCPUs the guest ejected (they left their run
     /// loop on their own).
-    /// Tears down the PCI devices the guest ejected.
-    fn reap_ejected_devices(&mut self) {
+    /// Tears down the PCI devices the guest ejected; returns their ids.
+    fn reap_ejected_devices(&mut self) -> Vec<String> {
         let vm_fd = self._vm_fd.clone();
-        self.devices.reap_ejected(&vm_fd);
+        self.devices.reap_ejected(&vm_fd)
     }
 
     fn reap_ejected_vcpus(&mut self) {
@@ -876,7 +886,8 @@ impl Vm {
         let Some(instance) = life.instance.as_mut() else {
             return Err(VmError::NotRunning.into());
         };
-        instance.reap_ejected_devices();
+        let gone = instance.reap_ejected_devices();
+        self.forget_vhost_links(&gone);
         let Some(build) = crate::device_manager::hotplug_kind(field) else {
             return Err(VmError::NotSupported {
                 what: "hot-plugging this device kind",
@@ -903,6 +914,10 @@ impl Vm {
                 }
                 .into());
             };
+            if let Some(id) = slot.as_ref().filter(|id| taken.contains(*id)) {
+                // Removed from the config but not ejected yet: v37 refuses it.
+                return Err(HotplugError::IdentifierNotUnique(id.clone()).into());
+            }
             if slot.is_none() {
                 let mut counter = self
                     .device_id_counter
@@ -942,6 +957,14 @@ impl Vm {
         Ok((id, bdf))
     }
 
+    /// Closes the vhost-user connections of devices that are gone.
+    fn forget_vhost_links(&self, ids: &[String]) {
+        let mut links = self.vhost_links.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            links.remove(id);
+        }
+    }
+
     /// Cloud Hypervisor's `vm.remove-device` on a running VM: the device
     /// leaves the config at once and its slot is marked for removal; the
     /// guest hears of it through a GED interrupt, and the device is torn
@@ -951,7 +974,8 @@ impl Vm {
         let Some(instance) = life.instance.as_mut() else {
             return Err(VmError::NotRunning.into());
         };
-        instance.reap_ejected_devices();
+        let gone = instance.reap_ejected_devices();
+        self.forget_vhost_links(&gone);
         instance.devices.request_removal(id)?;
         let mut lists = DeviceLists::of(&self.live_config());
         lists.remove(id);
@@ -1269,9 +1293,11 @@ impl Vm {
             let reason = match control.wait_stop_or_eject(Some(interval)) {
                 Some(Ok(reason)) => reason,
                 Some(Err(())) => {
-                    if let Some(instance) = self.lock().instance.as_mut() {
-                        instance.reap_ejected_devices();
-                    }
+                    let gone = match self.lock().instance.as_mut() {
+                        Some(instance) => instance.reap_ejected_devices(),
+                        None => Vec::new(),
+                    };
+                    self.forget_vhost_links(&gone);
                     continue;
                 }
                 None => {
@@ -1737,6 +1763,16 @@ impl Vm {
             .position(|s| s.enabled && s.pending_removal)
         {
             return Err(VmError::VcpuRemovalPending { what, index }.into());
+        }
+        // A restore or migration builds the devices in config order, which
+        // need not be the slots hot-plugs and removals left.
+        if self
+            .devices_now
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            return Err(VmError::HotplugState { what }.into());
         }
         let mut config = self.config().clone();
         config.cpus.boot_vcpus = hotplug.present();

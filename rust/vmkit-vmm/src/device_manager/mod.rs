@@ -643,6 +643,9 @@ pub enum HotplugError {
     UnknownDeviceId(String),
     #[error("Error from device manager: RemovalNotAllowed({0})")]
     RemovalNotAllowed(&'static str),
+    /// A hot-plug named a device the guest has not ejected yet.
+    #[error("Error from device manager: IdentifierNotUnique({0:?})")]
+    IdentifierNotUnique(String),
 }
 
 impl ModuleError for HotplugError {
