@@ -281,3 +281,46 @@ def test_each_kind_is_added_seen_ejected_and_released(
         # Its slot is free again.
         again = getattr(vm, f"add_{kind}")(item)
         assert again["bdf"] == "0000:00:02.0", again
+
+
+def test_a_tap_descriptor_handed_over_by_add_net_is_released_with_the_device() -> None:
+    # ch-remote add-net fd=N sends the tap with SCM_RIGHTS; the VMM (and the
+    # VM process behind it) owns it then and lets it go with the device: the
+    # tap, not persistent, vanishes once our own descriptor closes too.
+    if (why := _tap_support()) is not None:
+        pytest.skip(why)
+    import fcntl
+    import struct
+
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    ifr = fcntl.ioctl(
+        fd, 0x400454CA, struct.pack("16sH22x", b"vmkhpfd%d", 0x0002 | 0x1000 | 0x4000)
+    )
+    name = ifr[:16].rstrip(b"\0").decode()
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(
+            ["pcihotplug", "pciunplug", "ticks"], "poweroff", ticks=100000, tick_ms=20
+        ),
+        "--memory", "size=64M", "--serial", "tty", "--console", "off",
+    ])  # fmt: skip
+    try:
+        with Vm.spawn(config) as vm:
+            vm.boot()
+            assert vm.serial.wait_for("^vmkit-guest: pcihotplug waiting$", timeout=30)
+            info = vm.client.add_net(NetConfig.parse("mac=12:34:56:78:9a:bc"), fds=[fd])
+            assert info is not None and info.bdf == "0000:00:02.0", info
+            assert vm.serial.wait_for("^vmkit-guest: step pcihotplug ok", timeout=30)
+            assert vm.serial.wait_for("^vmkit-guest: pciunplug waiting$", timeout=30)
+            vm.remove_device(info.id)
+            assert vm.serial.wait_for("^vmkit-guest: step pciunplug ok", timeout=30)
+            os.close(fd)
+            fd = -1
+            deadline = time.monotonic() + 10
+            while Path(f"/sys/class/net/{name}").exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not Path(f"/sys/class/net/{name}").exists(), "a copy of the tap is still open"
+            assert vm.state == "Running"
+    finally:
+        if fd >= 0:
+            os.close(fd)

@@ -258,7 +258,13 @@ class RemoteVmHandle:
         self._channel.call("resize_vcpus", vcpus=vcpus)
 
     def add_device(self, config: VmConfig, field: str) -> tuple[str, str]:
-        id, bdf = self._channel.value("add_device", config=config.to_dict(), field=field)
+        # A new net device's tap descriptors go along: the VM process has its own numbers.
+        nets = (config.net or []) if field == "net" else []
+        attach = list(nets[-1].fds or []) if nets else []
+        answer, _fd = self._channel.call(
+            "add_device", attach=attach, config=config.to_dict(), field=field
+        )
+        id, bdf = answer
         return str(id), str(bdf)
 
     def remove_device(self, id: str) -> None:

@@ -275,6 +275,8 @@ class Vmm:
         self._shut_down = False
         #: descriptors received through the API (add-net), closed when their device goes.
         self._owned_fds: set[int] = set()
+        #: those of hot-plugged net devices, by device id.
+        self._hotplugged_fds: dict[str, list[int]] = {}
         #: watching a booted VM (``_watch``): the descriptors the shared reactor
         #: waits on for it, and the threads that handle what they report.
         self._watch_lock = threading.Lock()
@@ -734,6 +736,8 @@ class Vmm:
             raise
         with self.lock:
             self._owned_fds.update(net.fds or [])
+            if result is not None and net.fds:  # hot-plugged: released with the device
+                self._hotplugged_fds[str(result["id"])] = list(net.fds)
         return result
 
     def add_vdpa(self, vdpa: VdpaConfig) -> dict[str, Any] | None:
@@ -767,14 +771,12 @@ class Vmm:
                     raise ApiError(
                         f"Error from device manager: UnknownDeviceId({rust_debug_str(id)})"
                     )
-                nets = self._live_config(self.vm).net or []
                 try:
                     self.vm.remove_device(id)
                 except VmError as e:
                     raise ApiError(str(e)) from None
-                for net in nets:
-                    if net.id == id:  # its tap descriptors came through add-net
-                        self._release_fds(net.fds)
+                # Its tap descriptors, if add-net brought them (the device has its own).
+                self._release_fds(self._hotplugged_fds.pop(id, None))
                 return
             config = self.config
             if config is None:

@@ -263,7 +263,10 @@ fn vm_process_body(setup: Setup) -> i32 {
         socket_file.remove();
         return 1;
     }
-    let mut state = State { vm: None };
+    let mut state = State {
+        vm: None,
+        net_fds: Default::default(),
+    };
     let (code, orphaned) = serve(&control, &signals, &mut state);
     if let Some(vm) = state.vm.take() {
         vm.close();
@@ -321,6 +324,9 @@ impl Control {
 
 struct State {
     vm: Option<Arc<Vm>>,
+    /// Tap descriptors hot-plugged net devices came with, by device id: the
+    /// config names them (a reboot opens them again) until the device goes.
+    net_fds: std::collections::HashMap<String, Vec<OwnedFd>>,
 }
 
 /// Answers requests until told to exit, a signal, or the end of the control
@@ -394,7 +400,8 @@ fn exit_value(reason: Option<StopReason>) -> Value {
 }
 
 /// One request on the VM; the answer and a descriptor to send with it.
-/// `fds`: the descriptors the request carried (only `new` takes any).
+/// `fds`: the descriptors the request carried (`new`'s thread groups, a
+/// hot-plugged net device's taps).
 fn handle(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Option<RawFd>) {
     let op = request["op"].as_str().unwrap_or("");
     if op == "new" {
@@ -444,6 +451,20 @@ fn handle(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Opti
         "add_device" => {
             let config: Result<VmConfig, _> = serde_json::from_value(request["config"].clone());
             match (config, request["field"].as_str()) {
+                (Ok(mut config), Some("net")) if !fds.is_empty() => {
+                    // The new net device's tap descriptors came with the
+                    // request: its `fds` name the caller's numbers, not ours.
+                    if let Some(net) = config.net.iter_mut().flatten().last() {
+                        net.fds = Some(fds.iter().map(|fd| fd.as_raw_fd()).collect());
+                    }
+                    match vm.add_device(config, "net") {
+                        Ok((id, bdf)) => {
+                            state.net_fds.insert(id.clone(), fds);
+                            json!({ "ok": [id, bdf] })
+                        }
+                        Err(e) => vm_error(e),
+                    }
+                }
                 (Ok(config), Some(field)) => match vm.add_device(config, field) {
                     Ok((id, bdf)) => json!({ "ok": [id, bdf] }),
                     Err(e) => vm_error(e),
@@ -453,7 +474,14 @@ fn handle(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Opti
             }
         }
         "remove_device" => match request["id"].as_str() {
-            Some(id) => done(vm.remove_device(id)),
+            Some(id) => {
+                let result = vm.remove_device(id);
+                if result.is_ok() {
+                    // Out of the config: the device holds duplicates until its eject.
+                    state.net_fds.remove(id);
+                }
+                done(result)
+            }
             None => error("Device", "remove_device: no id"),
         },
         "resize_balloon" => match request["bytes"].as_u64() {
@@ -619,6 +647,7 @@ fn new_vm(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Opti
         old.close();
         old.release();
     }
+    state.net_fds.clear();
     match Vm::new(config, options) {
         Ok(vm) => {
             let fd = vm.exit_fd();
