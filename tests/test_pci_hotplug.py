@@ -324,3 +324,60 @@ def test_a_tap_descriptor_handed_over_by_add_net_is_released_with_the_device() -
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def test_a_hostile_guest_ejects_only_what_cloud_hypervisor_lets_it(tmp_path: Path) -> None:
+    # Garbage of every size at every offset, segments that do not exist, and
+    # an eject of every slot. As in v37 the guest may eject its own disk (it
+    # leaves the bus; the config keeps it); vmkit keeps the host bridge and
+    # the devices v37 never removes (rng), and nothing panics or stalls.
+    image(tmp_path / "boot.img", 4)
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(
+            ["pcihostile", "ticks"], "poweroff", ticks=100000, tick_ms=20
+        ),
+        "--memory", "size=64M", "--serial", "tty", "--console", "off",
+        "--disk", f"path={tmp_path / 'boot.img'},readonly=on",
+    ])  # fmt: skip
+    with Vm(config) as vm:
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: step pcihostile ", timeout=30), vm.serial.text
+        # Bridge at 00:00.0 and rng at 00:02.0 stay; the disk at 00:01.0 went.
+        assert "step pcihostile ok pseg=0x0 present=0x5" in vm.serial.text, vm.serial.text
+        settle(vm, "_disk0")
+        tree = vm.info().device_tree or {}
+        assert "__rng" in tree and "_virtio-pci-_disk0" not in tree, tree
+        assert [d.id for d in vm.info().config.disks or []] == ["_disk0"]
+        assert vm.serial.wait_for("^vmkit-guest: tick 2$", timeout=30)
+        assert vm.state == "Running"
+        # Its slot is the next hot-plug's.
+        again = vm.add_disk(DiskConfig(path=str(tmp_path / "boot.img"), readonly=True, id="d"))
+        assert again == {"id": "d", "bdf": "0000:00:01.0"}
+
+
+def test_a_reboot_keeps_what_was_hot_plugged_and_removed(tmp_path: Path) -> None:
+    # As v37: the config changes at once, and the next boot builds it.
+    image(tmp_path / "a.img", 5)
+    image(tmp_path / "b.img", 6)
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["ticks"], "poweroff", ticks=100000, tick_ms=20),
+        "--memory", "size=64M", "--serial", "null", "--console", "off",
+        "--disk", f"path={tmp_path / 'a.img'},readonly=on,id=a",
+    ])  # fmt: skip
+    with Vm(config) as vm:
+        vm.boot()
+        assert vm.add_disk(DiskConfig(path=str(tmp_path / "b.img"), readonly=True, id="b")) == {
+            "id": "b",
+            "bdf": "0000:00:03.0",
+        }
+        vm.remove_device("a")  # the ticks guest does not eject it
+        assert "a" in (vm.info().device_tree or {})
+        vm.reboot()
+        assert vm.boots == 2
+        info = vm.info()
+        assert [d.id for d in info.config.disks or []] == ["b"]
+        tree = info.device_tree or {}
+        assert "a" not in tree
+        assert tree["_virtio-pci-b"]["pci_bdf"] == "0000:00:01.0", "built in config order"

@@ -317,6 +317,7 @@ bool step_cpuhotplug(struct result *r);
 bool step_cpuunplug(struct result *r);
 bool step_pcihotplug(struct result *r);
 bool step_pciunplug(struct result *r);
+bool step_pcihostile(struct result *r);
 bool step_timer(struct result *r);
 void ap_main(void);
 u32 lapic_id(void);

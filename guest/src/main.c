@@ -336,7 +336,7 @@ static const struct {
     {"pmem", step_pmem}, {"balloon", step_balloon}, {"numa", step_numa},
     {"acpidump", step_acpidump}, {"cpuhotplug", step_cpuhotplug}, {"cpuunplug", step_cpuunplug},
     {"fs", step_fs}, {"tpm", step_tpm}, {"pcihotplug", step_pcihotplug},
-    {"pciunplug", step_pciunplug},
+    {"pciunplug", step_pciunplug}, {"pcihostile", step_pcihostile},
 };
 
 static void print_step(const char *name, size_t len, bool ok, const struct result *r)

@@ -532,3 +532,50 @@ bool step_pciunplug(struct result *r)
         res_str(r, " no slot marked down");
     return ejected > 0;
 }
+
+/*
+ * The pcihostile step: what a hostile guest can do to the PCI hot-plug
+ * controller. Accesses of every size at every offset of its 16 bytes (and
+ * past them), segments that do not exist written to PSEG, then an eject of
+ * every slot of segment 0 (the host bridge, the boot devices, empty slots).
+ * It prints what is left: PSEG's value and the slots of segment 0 that still
+ * have a function.
+ */
+bool step_pcihostile(struct result *r)
+{
+    static const u32 segments[] = {0xffffffffu, 0x10000, 0xff, PCI_SEGS_MAX};
+    u32 n, off, i, present = 0;
+    u64 noise = 0;
+
+    if (!pci_devices(&n, r))
+        return false;
+    if (!map_mmio(PHP_ADDR, 4096, false)) {
+        res_str(r, "cannot map the PCI hot-plug controller");
+        return false;
+    }
+    for (off = 0; off < 32; off++) {
+        noise += rd8(PHP_ADDR + off);
+        if (off != 8) /* a byte of B0EJ would eject nothing: 4-byte accesses only */
+            wr8(PHP_ADDR + off, 0xff);
+        if (!(off & 1)) {
+            noise += rd16(PHP_ADDR + off);
+            wr16(PHP_ADDR + off, 0xffff);
+        }
+    }
+    wr32(PHP_PCIU, 0xffffffffu); /* read-only bitmaps */
+    wr32(PHP_PCID, 0xffffffffu);
+    for (i = 0; i < ARRAY_SIZE(segments); i++)
+        wr32(PHP_PSEG, segments[i]);
+    res_kv_hex(r, "pseg", rd32(PHP_PSEG));
+    wr32(PHP_PSEG, segs[0].seg);
+    wr32(PHP_B0EJ, 0xffffffffu); /* eject every slot */
+    for (i = 0; i < 32; i++) {
+        struct pci_dev t;
+        php_dev(0, i, &t);
+        if ((pci_read32(&t, 0) & 0xffff) != 0xffff)
+            present |= 1u << i;
+    }
+    res_kv_hex(r, "present", present);
+    (void)noise;
+    return true;
+}
