@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -381,3 +382,48 @@ def test_a_reboot_keeps_what_was_hot_plugged_and_removed(tmp_path: Path) -> None
         tree = info.device_tree or {}
         assert "a" not in tree
         assert tree["_virtio-pci-b"]["pci_bdf"] == "0000:00:01.0", "built in config order"
+
+
+def test_a_hot_added_vhost_user_disk_is_served_and_its_backend_let_go(tmp_path: Path) -> None:
+    # Cloud Hypervisor's own vhost_user_block serves it; when the guest
+    # ejected the device, vmkit closes its connection and the backend ends.
+    if CH_DIR is None or not (CH_DIR / "vhost_user_block").is_file():
+        pytest.skip(CH_MISSING + " (and its vhost_user_block)")
+    digest = image(tmp_path / "vu.img", 7)
+    sock = tmp_path / "blk.sock"
+    with open(tmp_path / "backend.log", "wb") as log:
+        backend = subprocess.Popen(
+            [str(CH_DIR / "vhost_user_block"), "--block-backend",
+             f"path={tmp_path / 'vu.img'},socket={sock},num_queues=1,queue_size=128"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert backend.poll() is None and time.monotonic() < deadline, "no backend socket"
+            time.sleep(0.01)
+        config = VmConfig.from_cli([
+            "--kernel", str(testguest.image_path("pvh")),
+            "--cmdline", testguest.cmdline(
+                ["pcihotplug", "blk", "pciunplug", "ticks"], "poweroff", ticks=100000, tick_ms=20
+            ),
+            "--memory", "size=128M,shared=on", "--serial", "tty", "--console", "off",
+        ])  # fmt: skip
+        with Vm(config) as vm:
+            vm.boot()
+            assert vm.serial.wait_for("^vmkit-guest: pcihotplug waiting$", timeout=30)
+            disk = DiskConfig.parse(f"vhost_user=on,socket={sock}")
+            assert vm.add_disk(disk) == {"id": "_disk0", "bdf": "0000:00:02.0"}
+            assert vm.serial.wait_for("^vmkit-guest: step blk ", timeout=30), vm.serial.text
+            assert f"fnv=0x{digest:016x}" in vm.serial.text, vm.serial.text
+            assert "step blk ok disks=1" in vm.serial.text, vm.serial.text
+            assert vm.serial.wait_for("^vmkit-guest: pciunplug waiting$", timeout=30)
+            vm.remove_device("_disk0")
+            assert vm.serial.wait_for("^vmkit-guest: step pciunplug ok", timeout=30)
+            # The backend ends with its frontend's connection.
+            backend.wait(10)
+            assert vm.state == "Running"
+    finally:
+        if backend.poll() is None:
+            backend.kill()
+        backend.wait()
