@@ -60,6 +60,8 @@ pub struct InterruptRoutes {
 struct Routes {
     next_gsi: u32,
     limit: u32,
+    /// GSI ranges given back (a hot-unplugged device's): start → count.
+    free: BTreeMap<u32, u32>,
     msi: BTreeMap<u32, (u64, u32)>,
 }
 
@@ -71,6 +73,7 @@ impl InterruptRoutes {
             inner: Mutex::new(Routes {
                 next_gsi: IOAPIC_PINS,
                 limit,
+                free: BTreeMap::new(),
                 msi: BTreeMap::new(),
             }),
         }
@@ -87,6 +90,19 @@ impl InterruptRoutes {
     /// Reserves `count` consecutive GSIs for MSI routes (none routed yet).
     pub fn allocate(&self, count: u32) -> Result<u32> {
         let mut routes = self.lock();
+        // A range given back first (devices come and go with PCI hot-plug).
+        let reused = routes
+            .free
+            .iter()
+            .find(|(_, &len)| len >= count)
+            .map(|(&start, &len)| (start, len));
+        if let Some((start, len)) = reused.filter(|_| count > 0) {
+            routes.free.remove(&start);
+            if len > count {
+                routes.free.insert(start + count, len - count);
+            }
+            return Ok(start);
+        }
         let first = routes.next_gsi;
         let end = first
             .checked_add(count)
@@ -96,6 +112,14 @@ impl InterruptRoutes {
             })?;
         routes.next_gsi = end;
         Ok(first)
+    }
+
+    /// Gives back `count` GSIs from `first` (what `allocate` gave a device
+    /// that is gone; their routes were removed).
+    pub fn release(&self, first: u32, count: u32) {
+        if count > 0 {
+            self.lock().free.insert(first, count);
+        }
     }
 
     /// Routes `gsi` to the MSI message (`address`, `data`), or unroutes it.
@@ -137,5 +161,35 @@ impl InterruptRoutes {
             .set_gsi_routing(&table)
             .map_err(|source| InterruptError::SetRouting { source })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    mod needs_kvm {
+        use std::sync::Arc;
+
+        use kvm_ioctls::Kvm;
+
+        use super::super::*;
+
+        #[test]
+        #[ignore = "needs /dev/kvm"]
+        fn released_gsis_are_handed_out_again() {
+            let vm_fd = Arc::new(Kvm::new().unwrap().create_vm().unwrap());
+            let routes = InterruptRoutes::new(vm_fd, IOAPIC_PINS + 6);
+            let a = routes.allocate(3).unwrap();
+            let b = routes.allocate(3).unwrap();
+            assert_eq!((a, b), (IOAPIC_PINS, IOAPIC_PINS + 3));
+            assert!(routes.allocate(3).is_err(), "past the limit");
+            routes.release(a, 3);
+            assert_eq!(
+                routes.allocate(2).unwrap(),
+                a,
+                "a hot-plugged device reuses them"
+            );
+            assert_eq!(routes.allocate(1).unwrap(), a + 2);
+            assert!(routes.allocate(1).is_err());
+        }
     }
 }

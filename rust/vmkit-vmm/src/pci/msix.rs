@@ -418,6 +418,8 @@ impl Drop for Msix {
                 log::warn!("{}: MSI-X vector {i}: {e}", self.owner);
             }
         }
+        // For the next hot-plugged device.
+        self.routes.release(self.gsi_base, self.irqfds.len() as u32);
     }
 }
 
