@@ -140,6 +140,14 @@ def test_errors_are_cloud_hypervisor_s(tmp_path: Path) -> None:
             vm.remove_device("x")
         with pytest.raises(VmError, match=r"^Error from device manager: RemovalNotAllowed\(Rng\)$"):
             vm.remove_device("__rng")
+        # Segment 1 has room for 30 more (its host bridge and _disk0 hold two of 32).
+        for _ in range(30):
+            vm.add_disk(DiskConfig(path=str(tmp_path / "a.img"), readonly=True, pci_segment=1))
+        with pytest.raises(
+            VmError,
+            match=r"^Error from device manager: NextPciDeviceId\(NoPciDeviceSlotAvailable\)$",
+        ):
+            vm.add_disk(DiskConfig(path=str(tmp_path / "a.img"), readonly=True, pci_segment=1))
         # The ticks guest ejects nothing: removed from the config, still on the bus.
         vm.remove_device("_vsock1")
         assert vm.info().config.vsock is None

@@ -643,6 +643,9 @@ pub enum HotplugError {
     UnknownDeviceId(String),
     #[error("Error from device manager: RemovalNotAllowed({0})")]
     RemovalNotAllowed(&'static str),
+    /// Every slot of the device's segment is taken.
+    #[error("Error from device manager: NextPciDeviceId(NoPciDeviceSlotAvailable)")]
+    NoSlot,
     /// A hot-plug named a device the guest has not ejected yet.
     #[error("Error from device manager: IdentifierNotUnique({0:?})")]
     IdentifierNotUnique(String),
@@ -678,6 +681,16 @@ impl DeviceManager {
         let mut added = None;
         for spec in specs {
             let id = spec.id.clone();
+            let full = self
+                .segments
+                .get(usize::from(spec.segment))
+                .is_some_and(|segment| segment.free_slot().is_none());
+            if full {
+                // Out of the guest's memory map before its mapping goes.
+                self.release_pmem(ctx.vm_fd, &id);
+                drop(spec);
+                return Err(HotplugError::NoSlot.into());
+            }
             let device = match add_virtio_pci(ctx, &self.routes, &self.segments, spec) {
                 Ok(device) => device,
                 Err(e) => {
@@ -747,8 +760,9 @@ impl DeviceManager {
                     }
                 }
             }
-            drop(device);
+            // Out of the guest's memory map before its mapping goes.
             self.release_pmem(vm_fd, id);
+            drop(device);
         }
         ids
     }
@@ -756,9 +770,14 @@ impl DeviceManager {
     /// Takes a pmem device's region out of the guest's memory map.
     fn release_pmem(&mut self, vm_fd: &VmFd, id: &str) {
         if let Some(mut region) = self.pmem_regions.remove(id) {
+            let start = region.guest_phys_addr;
             region.memory_size = 0;
             // SAFETY: removing a slot only unmaps it from the guest.
             let _ = unsafe { vm_fd.set_user_memory_region(region) };
+            // Its address range, for the next device (whichever segment has it).
+            for segment in &self.segments {
+                segment.allocator(true).free(start);
+            }
         }
     }
 
