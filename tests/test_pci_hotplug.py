@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
 from vmkit import VmConfig, testguest
-from vmkit.config import DiskConfig, NetConfig, PmemConfig, VsockConfig
+from vmkit.config import DiskConfig, FsConfig, NetConfig, PmemConfig, VsockConfig
 from vmkit.errors import ConfigError
 from vmkit.vm import Vm, VmError
 
@@ -435,3 +436,51 @@ def test_a_hot_added_vhost_user_disk_is_served_and_its_backend_let_go(tmp_path: 
         if backend.poll() is None:
             backend.kill()
         backend.wait()
+
+
+def test_a_hot_added_virtio_fs_is_mounted_by_the_guest_and_virtiofsd_let_go(
+    tmp_path: Path,
+) -> None:
+    virtiofsd = shutil.which("virtiofsd") or str(Path.home() / ".cargo/bin/virtiofsd")
+    if not os.access(virtiofsd, os.X_OK):
+        pytest.skip("virtiofsd is not installed (PATH, ~/.cargo/bin): `cargo install virtiofsd`")
+    share = tmp_path / "share"
+    share.mkdir()
+    data = os.urandom(10_007)
+    (share / "host.txt").write_bytes(data)
+    sock = tmp_path / "fs.sock"
+    with open(tmp_path / "virtiofsd.log", "wb") as log:
+        daemon = subprocess.Popen(
+            [virtiofsd, f"--socket-path={sock}", f"--shared-dir={share}", "--cache=never",
+             "--sandbox=none"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert daemon.poll() is None and time.monotonic() < deadline, "no virtiofsd socket"
+            time.sleep(0.01)
+        config = VmConfig.from_cli([
+            "--kernel", str(testguest.image_path("pvh")),
+            "--cmdline", testguest.cmdline(
+                ["pcihotplug", "fs", "pciunplug", "ticks"], "poweroff", ticks=100000, tick_ms=20
+            ),
+            "--memory", "size=256M,shared=on", "--serial", "tty", "--console", "off",
+        ])  # fmt: skip
+        with Vm(config) as vm:
+            vm.boot()
+            assert vm.serial.wait_for("^vmkit-guest: pcihotplug waiting$", timeout=30)
+            fs = FsConfig.parse(f"tag=vmkitfs,socket={sock},num_queues=1,queue_size=1024")
+            assert vm.add_fs(fs) == {"id": "_fs0", "bdf": "0000:00:02.0"}
+            assert vm.serial.wait_for("^vmkit-guest: step fs ", timeout=30), vm.serial.text
+            read = f"vmkit-guest: fs read name=host.txt len={len(data)} fnv=0x{fnv1a64(data):016x}"
+            assert read in vm.serial.text, vm.serial.text
+            assert vm.serial.wait_for("^vmkit-guest: pciunplug waiting$", timeout=30)
+            vm.remove_device("_fs0")
+            assert vm.serial.wait_for("^vmkit-guest: step pciunplug ok", timeout=30)
+            assert daemon.wait(10) == 0, "virtiofsd ends cleanly when its frontend goes"
+            assert vm.state == "Running"
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        daemon.wait()
