@@ -484,3 +484,30 @@ def test_a_hot_added_virtio_fs_is_mounted_by_the_guest_and_virtiofsd_let_go(
         if daemon.poll() is None:
             daemon.kill()
         daemon.wait()
+
+
+def test_the_guest_finds_a_disk_hot_added_on_the_second_segment(tmp_path: Path) -> None:
+    # PSEG selects segment 1, whose PCIU has the slot; the disk's BAR is in
+    # that segment's 64-bit window, as Cloud Hypervisor places it.
+    digest = image(tmp_path / "s1.img", 8)
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(
+            ["pcihotplug", "blk", "pciunplug", "ticks"], "poweroff", ticks=100000, tick_ms=20
+        ),
+        "--memory", "size=64M", "--serial", "tty", "--console", "off",
+        "--platform", "num_pci_segments=2",
+    ])  # fmt: skip
+    with Vm(config) as vm:
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: pcihotplug waiting$", timeout=30)
+        disk = DiskConfig(path=str(tmp_path / "s1.img"), readonly=True, pci_segment=1)
+        assert vm.add_disk(disk) == {"id": "_disk0", "bdf": "0001:00:01.0"}
+        assert vm.serial.wait_for("^vmkit-guest: step blk ", timeout=30), vm.serial.text
+        text = vm.serial.text
+        assert "pcihotplug added bdf=0001:00:01.0 vendor=0x1af4 device=0x1042" in text, text
+        assert f"blk read bdf=0001:00:01.0 sector=0 count={SECTORS} fnv=0x{digest:016x}" in text
+        assert vm.serial.wait_for("^vmkit-guest: pciunplug waiting$", timeout=30)
+        vm.remove_device("_disk0")
+        assert vm.serial.wait_for("^vmkit-guest: step pciunplug ok event=0x4 ejected=1", timeout=30)
+        settle(vm, "_disk0")
