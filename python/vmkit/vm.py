@@ -496,7 +496,7 @@ class Vm:
         candidate = copy.deepcopy(self.config if live is None else live)
         if field == "vsock":
             if candidate.vsock is not None:
-                raise VmError("Too many virtio-vsock devices", "Device")
+                raise VmError("Too many virtio-vsock devices", "Config")
             candidate.vsock = copy.deepcopy(item)
         else:
             items = getattr(candidate, field)

@@ -212,7 +212,7 @@ def _device_manager_error(e: VmError) -> str:
     """A hot-plug's VmError as v37's API words it (its device manager's errors
     carry the prefix; those of the VM's own checks do not)."""
     text = str(e)
-    if e.kind == "Device" and not text.startswith(("Error from device manager", "Too many")):
+    if e.kind == "Device" and not text.startswith("Error from device manager"):
         return f"Error from device manager: {text}"
     return text
 
