@@ -120,4 +120,32 @@ mod tests {
         assert_eq!(disks, ["_disk0", "_disk1", "_disk2"]);
         assert_eq!(config.net.unwrap()[0].id.as_deref(), Some("_net3"));
     }
+
+    #[test]
+    fn hot_plugged_names_continue_the_boot_counter_past_taken_ones() {
+        let mut config = VmConfig {
+            disks: Some(vec![DiskConfig::default()]),
+            net: Some(vec![NetConfig::parse("tap=tap0,id=_net1").unwrap()]),
+            ..Default::default()
+        };
+        assert_eq!(config.assign_device_ids_counting(), (1, 1));
+        let taken: std::collections::HashSet<String> =
+            ["_disk0", "_net1", "_disk2"].map(String::from).into();
+        let mut counter = 1;
+        // As v37: _disk1 is free; from 2, _disk2 is taken (_disk3), and the
+        // one counter goes on for every prefix (_vsock4).
+        assert_eq!(
+            super::next_device_name("_disk", &mut counter, &taken).as_deref(),
+            Some("_disk1")
+        );
+        let mut at_two = 2;
+        assert_eq!(
+            super::next_device_name("_disk", &mut at_two, &taken).as_deref(),
+            Some("_disk3")
+        );
+        assert_eq!(
+            super::next_device_name("_vsock", &mut at_two, &taken).as_deref(),
+            Some("_vsock4")
+        );
+    }
 }

@@ -615,6 +615,40 @@ impl DeviceLists {
         config.vsock = self.vsock.clone();
     }
 
+    /// Appends the last device of `candidate`'s list `field` (the one a
+    /// hot-plug adds); v37's refusal of a second vsock.
+    fn add_last_of(&mut self, candidate: &VmConfig, field: &str) -> Result<()> {
+        fn push<T: Clone>(list: &mut Option<Vec<T>>, from: &Option<Vec<T>>) -> bool {
+            match from.as_ref().and_then(|l| l.last()) {
+                Some(item) => {
+                    list.get_or_insert_with(Vec::new).push(item.clone());
+                    true
+                }
+                None => false,
+            }
+        }
+        let found = match field {
+            "disks" => push(&mut self.disks, &candidate.disks),
+            "net" => push(&mut self.net, &candidate.net),
+            "fs" => push(&mut self.fs, &candidate.fs),
+            "pmem" => push(&mut self.pmem, &candidate.pmem),
+            _ => {
+                if self.vsock.is_some() {
+                    return Err(HotplugError::TooManyVsock.into());
+                }
+                self.vsock = candidate.vsock.clone();
+                self.vsock.is_some()
+            }
+        };
+        if !found {
+            return Err(VmError::NotSupported {
+                what: "a hot-plug without its device",
+            }
+            .into());
+        }
+        Ok(())
+    }
+
     /// Takes the device with `id` out (Cloud Hypervisor's `remove_device`
     /// on the config).
     fn remove(&mut self, id: &str) {
@@ -880,7 +914,8 @@ impl Vm {
     /// device gets its automatic id (v37's counter), the first free slot of
     /// its segment and its BARs; the guest hears of it through the PCI
     /// hot-plug controller and a GED interrupt. Returns (id, BDF).
-    pub fn add_device(&self, mut candidate: VmConfig, field: &str) -> Result<(String, String)> {
+    pub fn add_device(&self, candidate: VmConfig, field: &str) -> Result<(String, String)> {
+        // A kind refused at boot is refused hot-plugged, with the same error.
         check_supported(&candidate)?;
         let mut life = self.lock_settled();
         let Some(instance) = life.instance.as_mut() else {
@@ -894,12 +929,18 @@ impl Vm {
             }
             .into());
         };
+        // Only the new device comes from `candidate`: the rest is the VM's.
+        let live = self.live_config();
         // Name it as v37 does: its counter, past every id in use.
         let taken: std::collections::HashSet<String> = {
-            let mut ids = DeviceLists::ids(&self.live_config());
+            let mut ids = DeviceLists::ids(&live);
             ids.extend(instance.devices.device_tree().into_iter().map(|n| n.id));
             ids.into_iter().collect()
         };
+        let mut lists = DeviceLists::of(&live);
+        lists.add_last_of(&candidate, field)?;
+        let mut full = live;
+        lists.apply(&mut full);
         let prefix = match field {
             "disks" => "_disk",
             "net" => "_net",
@@ -908,7 +949,7 @@ impl Vm {
             _ => "_vsock",
         };
         let id = {
-            let Some(slot) = DeviceLists::last_id(&mut candidate, field) else {
+            let Some(slot) = DeviceLists::last_id(&mut full, field) else {
                 return Err(VmError::NotSupported {
                     what: "a hot-plug without its device",
                 }
@@ -927,7 +968,7 @@ impl Vm {
             }
             slot.clone().unwrap_or_default()
         };
-        let mut only = candidate.clone();
+        let mut only = full.clone();
         DeviceLists::keep_only_last(&mut only, field);
         let adopted = HashMap::new();
         let ctx = DeviceContext {
@@ -947,8 +988,7 @@ impl Vm {
             balloon_size: None,
         };
         let (_, bdf) = instance.devices.hotplug_virtio(&ctx, build)?;
-        *self.devices_now.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(DeviceLists::of(&candidate));
+        *self.devices_now.lock().unwrap_or_else(|p| p.into_inner()) = Some(DeviceLists::of(&full));
         instance
             .devices
             .ged()

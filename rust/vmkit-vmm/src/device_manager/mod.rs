@@ -643,6 +643,9 @@ pub enum HotplugError {
     UnknownDeviceId(String),
     #[error("Error from device manager: RemovalNotAllowed({0})")]
     RemovalNotAllowed(&'static str),
+    /// The VM has its one vsock device already.
+    #[error("Too many virtio-vsock devices")]
+    TooManyVsock,
     /// Every slot of the device's segment is taken.
     #[error("Error from device manager: NextPciDeviceId(NoPciDeviceSlotAvailable)")]
     NoSlot,
@@ -653,7 +656,10 @@ pub enum HotplugError {
 
 impl ModuleError for HotplugError {
     fn kind(&self) -> ErrorKind {
-        ErrorKind::Device
+        match self {
+            HotplugError::TooManyVsock => ErrorKind::Config,
+            _ => ErrorKind::Device,
+        }
     }
 }
 

@@ -202,3 +202,39 @@ fn built_in_only_keys_are_refused_on_vhost_user_devices() {
     let applied = net(",mac=12:34:56:78:9a:bc,mtu=1400,offload_tso=off,ip=192.168.249.1");
     assert!(check_supported(applied.config()).is_ok());
 }
+
+#[test]
+fn hot_plug_lists_take_only_the_new_device_and_one_vsock() {
+    let mut live = validated(|p| {
+        p.disks = Some(vec!["path=/a,id=a".into()]);
+        p.vsock = Some("cid=3,socket=/s".into());
+    })
+    .config()
+    .clone();
+    live.assign_device_ids();
+    let mut lists = DeviceLists::of(&live);
+    // A candidate whose other entries differ: only its last disk counts.
+    let mut candidate = live.clone();
+    candidate.disks = Some(vec![
+        vmkit_config::DiskConfig::parse("path=/x,id=x").unwrap(),
+        vmkit_config::DiskConfig::parse("path=/b,id=b").unwrap(),
+    ]);
+    lists.add_last_of(&candidate, "disks").unwrap();
+    let mut config = live.clone();
+    lists.apply(&mut config);
+    assert_eq!(DeviceLists::ids(&config), ["a", "b", "_vsock0"]);
+    let error = lists.add_last_of(&candidate, "vsock").unwrap_err();
+    assert_eq!(error.message, "Too many virtio-vsock devices");
+    let mut only = config.clone();
+    DeviceLists::keep_only_last(&mut only, "disks");
+    assert_eq!(DeviceLists::ids(&only), ["b"]);
+    lists.remove("a");
+    lists.remove("_vsock0");
+    lists.apply(&mut config);
+    assert_eq!(DeviceLists::ids(&config), ["b"]);
+    candidate.disks = None;
+    assert!(
+        lists.add_last_of(&candidate, "disks").is_err(),
+        "no device to add"
+    );
+}
