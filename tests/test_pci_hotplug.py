@@ -511,3 +511,28 @@ def test_the_guest_finds_a_disk_hot_added_on_the_second_segment(tmp_path: Path) 
         vm.remove_device("_disk0")
         assert vm.serial.wait_for("^vmkit-guest: step pciunplug ok event=0x4 ejected=1", timeout=30)
         settle(vm, "_disk0")
+
+
+def test_a_vm_whose_devices_changed_is_not_snapshotted(tmp_path: Path) -> None:
+    # A restore builds the devices in config order, not the slots they have
+    # now: refused by name, nothing written.
+    image(tmp_path / "a.img", 9)
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["ticks"], "poweroff", ticks=100000, tick_ms=20),
+        "--memory", "size=64M", "--serial", "null", "--console", "off",
+    ])  # fmt: skip
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    with Vm(config) as vm:
+        vm.boot()
+        vm.add_disk(DiskConfig(path=str(tmp_path / "a.img"), readonly=True))
+        vm.pause()
+        with pytest.raises(
+            VmError,
+            match=r"^A VM cannot be snapshotted after PCI devices were hot-plugged or removed",
+        ):
+            vm.snapshot(snapshot)
+        assert list(snapshot.iterdir()) == []
+        vm.resume()
+        assert vm.state == "Running"
