@@ -197,7 +197,7 @@ fn ged_and_power_button(sink: &mut Vec<u8>) {
 }
 
 /// Cloud Hypervisor's PCI hot-plug controller (v37 `impl Aml for
-/// DeviceManager`): `\\_SB_.PHPR` maps its registers (`PCIU`/`PCID` slot
+/// DeviceManager`): `\_SB_.PHPR` maps its registers (`PCIU`/`PCID` slot
 /// up/down bitmaps, `B0EJ` eject, `PSEG` segment select) behind the mutex
 /// `BLCK`; `PCEJ (slot, segment)` ejects, `PSCN` has each segment scan.
 fn pci_hotplug_controller(segments: &[SegmentLayout], sink: &mut dyn acpi_tables::AmlSink) {
@@ -274,7 +274,7 @@ fn pci_hotplug_controller(segments: &[SegmentLayout], sink: &mut dyn acpi_tables
 }
 
 /// The GED `_EVT` test for PCI changes, as v37's:
-/// `If ((Local0 & 4) == 4) { \\_SB_.PHPR.PSCN () }`.
+/// `If ((Local0 & 4) == 4) { \_SB_.PHPR.PSCN () }`.
 struct GedPciCheck;
 
 impl Aml for GedPciCheck {

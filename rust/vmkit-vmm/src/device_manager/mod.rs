@@ -649,6 +649,9 @@ pub enum HotplugError {
     /// Every slot of the device's segment is taken.
     #[error("Error from device manager: NextPciDeviceId(NoPciDeviceSlotAvailable)")]
     NoSlot,
+    /// The config given for a hot-plug lists no device of its kind.
+    #[error("no device to hot-plug")]
+    NothingToAdd,
     /// A hot-plug named a device the guest has not ejected yet.
     #[error("Error from device manager: IdentifierNotUnique({0:?})")]
     IdentifierNotUnique(String),
@@ -668,7 +671,7 @@ impl DeviceManager {
     /// the first free slot of its segment, BARs from the segment's windows,
     /// MSI-X routes; the slot is marked up for the guest's next scan (the
     /// caller sends the GED interrupt). `build` makes the device from a
-    /// context whose config lists only it. Returns its BDF.
+    /// context whose config lists only it. Returns its (id, BDF).
     pub fn hotplug_virtio(
         &mut self,
         ctx: &DeviceContext<'_>,
@@ -711,13 +714,7 @@ impl DeviceManager {
             self.virtio.push(device);
             added = Some((id, bdf));
         }
-        added.ok_or_else(|| {
-            DeviceManagerError::NoSuchSegment {
-                id: String::new(),
-                segment: 0,
-            }
-            .into()
-        })
+        added.ok_or_else(|| HotplugError::NothingToAdd.into())
     }
 
     /// `vm.remove-device`: marks the device's slot down for the guest's next
