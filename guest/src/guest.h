@@ -175,6 +175,7 @@ bool range_mapped(u64 addr, u64 len); /* mapped at all (CPL0) */
 bool user_mapped(u64 addr, u64 len);  /* mapped with U/S (CPL3) */
 /* Identity-maps [addr, addr+len) uncached (2 MiB pages, below 2^46), user-accessible if asked. */
 bool map_mmio(u64 addr, u64 len, bool user);
+bool map_memory(u64 addr, u64 len);
 void idt_install(u32 vec, u64 handler);
 extern char _image_start[], _image_end[], _end[];
 
@@ -354,6 +355,8 @@ struct config {
     bool pmem_bad;
     u64 balloon_mib, balloon_timeout_ms, balloon_lax_len;
     bool balloon_bad;
+    u64 virtiomem_timeout_ms, virtiomem_hostile;
+    bool virtiomem_bad;
     bool vsock_bad;
     const char *fs_read, *fs_write; /* fs_read=, fs_write= (not NUL-terminated) */
     size_t fs_read_len, fs_write_len;
@@ -384,6 +387,7 @@ bool step_pvpanic(struct result *r);
 bool step_vsock(struct result *r);
 bool step_pmem(struct result *r);
 bool step_balloon(struct result *r);
+bool step_virtiomem(struct result *r);
 bool step_fs(struct result *r);
 bool step_tpm(struct result *r);
 

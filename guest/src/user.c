@@ -325,8 +325,11 @@ u64 user_buf(void *arg)
         break;
     case BUF_CHECK:
     case BUF_CMP:
+    case BUF_ISZERO:
         for (i = 0; i < n; i++) {
-            u64 want = j->op == BUF_CHECK ? blk_pattern(j->sector + i / 64, i % 64) : p2[i];
+            u64 want = j->op == BUF_CHECK ? blk_pattern(j->sector + i / 64, i % 64)
+                       : j->op == BUF_CMP ? p2[i]
+                                          : 0;
             u64 got = p[i];
             if (got != want) {
                 j->bad = 1;

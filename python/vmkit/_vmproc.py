@@ -260,6 +260,12 @@ class RemoteVmHandle:
     def resize_balloon(self, bytes: int) -> None:
         self._channel.call("resize_balloon", bytes=bytes)
 
+    def resize_memory(self, bytes: int) -> None:
+        self._channel.call("resize_memory", bytes=bytes)
+
+    def resize_zone(self, zone: str, bytes: int) -> None:
+        self._channel.call("resize_zone", zone=zone, bytes=bytes)
+
     def device_events(self, since: int) -> tuple[list[tuple[str, str, list[tuple[str, str]]]], int]:
         """As the native handle's: ([(source, event, [(key, value)])], next index)."""
         try:

@@ -937,6 +937,15 @@ class SpawnedVm:
         """``vm.resize {"desired_balloon"}``: the balloon's new target (bytes or ``"1G"``)."""
         self.client.resize(balloon=size)
 
+    def resize_memory(self, size: int | str) -> None:
+        """``vm.resize {"desired_ram"}``: the VM's new RAM size with virtio-mem
+        (bytes or ``"2G"``), as ``Vm.resize_memory``."""
+        self.client.resize(memory=size)
+
+    def resize_zone(self, zone: str, size: int | str) -> None:
+        """``vm.resize-zone``: memory zone ``zone``'s new size, as ``Vm.resize_zone``."""
+        self.client.resize_zone(zone, size)
+
     def info(self) -> VmInfo:
         """``vm.info``."""
         return self.client.info()

@@ -230,6 +230,18 @@ impl VmHandle {
             .map_err(|e| vm_error(py, e))
     }
 
+    /// `vm.resize {"desired_ram": bytes}` (virtio-mem).
+    fn resize_memory(&self, py: Python<'_>, bytes: u64) -> PyResult<()> {
+        py.detach(|| self.vm.resize_memory(bytes))
+            .map_err(|e| vm_error(py, e))
+    }
+
+    /// `vm.resize-zone {"id": zone, "desired_ram": bytes}`.
+    fn resize_zone(&self, py: Python<'_>, zone: String, bytes: u64) -> PyResult<()> {
+        py.detach(|| self.vm.resize_zone(&zone, bytes))
+            .map_err(|e| vm_error(py, e))
+    }
+
     fn power_button(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| self.vm.power_button())
             .map_err(|e| vm_error(py, e))

@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress};
-use vmkit_config::{MemoryConfig, MemoryZoneConfig};
+use vmkit_config::{HotplugMethod, MemoryConfig, MemoryZoneConfig};
 
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::layout::{MEM_32BIT_RESERVED_START, RAM_64BIT_START};
@@ -82,6 +82,14 @@ pub enum MemoryError {
     Hotplug,
     #[error("Memory zone {zone}: {what} is not supported yet")]
     ZoneUnsupported { zone: String, what: &'static str },
+    /// A zone's virtio-mem settings, in Cloud Hypervisor's words.
+    #[error("Memory zone {zone}: {detail}")]
+    VirtioMem { zone: String, detail: String },
+    #[error(
+        "Memory zone {zone} has a virtio-mem region (hotplug_size): {what} of such a VM is not \
+         supported yet"
+    )]
+    VirtioMemState { zone: String, what: &'static str },
     #[error("The VM has no memory: memory size is 0 and no memory zone is given")]
     NoMemory,
     #[error("{backing}: {what}")]
@@ -130,7 +138,9 @@ pub enum MemoryError {
 impl ModuleError for MemoryError {
     fn kind(&self) -> ErrorKind {
         match self {
-            MemoryError::Hotplug | MemoryError::ZoneUnsupported { .. } => ErrorKind::Unsupported,
+            MemoryError::Hotplug
+            | MemoryError::ZoneUnsupported { .. }
+            | MemoryError::VirtioMemState { .. } => ErrorKind::Unsupported,
             _ => ErrorKind::Memory,
         }
     }
@@ -175,11 +185,32 @@ pub struct GuestRam {
     /// Each backing's file, when every backing is mapped shared from one
     /// (`shared=on` or huge pages): a local migration hands them over.
     pub shared_files: Option<Vec<File>>,
+    /// The virtio-mem regions past RAM (in `memory`, not in `ranges`).
+    pub virtio_mem: Vec<VirtioMemZone>,
+}
+
+/// A zone's virtio-mem region: guest memory the guest plugs block by block.
+#[derive(Debug, Clone)]
+pub struct VirtioMemZone {
+    pub zone: String,
+    pub addr: u64,
+    pub size: u64,
+    /// How much is to be plugged at boot (`hotplugged_size`).
+    pub hotplugged_size: u64,
+    pub backing: RegionBacking,
 }
 
 impl GuestRam {
     pub fn total_size(&self) -> u64 {
         self.ranges.iter().map(|r| r.1).sum()
+    }
+
+    /// Where the 64-bit device area may start: past RAM and the virtio-mem
+    /// regions.
+    pub fn device_area_start(&self) -> u64 {
+        let ram = self.ranges.iter().map(|r| r.0 + r.1);
+        let hotplug = self.virtio_mem.iter().map(|z| z.addr + z.size);
+        ram.chain(hotplug).max().unwrap_or(0)
     }
 
     /// End of RAM below the MMIO hole.
@@ -194,7 +225,8 @@ impl GuestRam {
 }
 
 fn backings(config: &MemoryConfig) -> Result<Vec<Backing>> {
-    if config.hotplug_size.is_some() || config.hotplugged_size.is_some() {
+    let acpi = config.hotplug_method == HotplugMethod::Acpi;
+    if acpi && (config.hotplug_size.is_some() || config.hotplugged_size.is_some()) {
         return Err(MemoryError::Hotplug.into());
     }
     let mut list = Vec::new();
@@ -222,7 +254,8 @@ fn backings(config: &MemoryConfig) -> Result<Vec<Backing>> {
 }
 
 fn zone_backing(config: &MemoryConfig, zone: &MemoryZoneConfig) -> Result<Backing> {
-    if zone.hotplug_size.is_some() || zone.hotplugged_size.is_some() {
+    let acpi = config.hotplug_method == HotplugMethod::Acpi;
+    if acpi && (zone.hotplug_size.is_some() || zone.hotplugged_size.is_some()) {
         return Err(MemoryError::ZoneUnsupported {
             zone: zone.id.clone(),
             what: "hotplug",
@@ -248,6 +281,123 @@ fn zone_backing(config: &MemoryConfig, zone: &MemoryZoneConfig) -> Result<Backin
         mergeable: config.mergeable,
         thp: config.thp,
     })
+}
+
+/// A zone's virtio-mem region to map past RAM.
+struct HotplugPlan {
+    /// The region's backing (`size` is `hotplug_size`), as the zone's RAM.
+    backing: Backing,
+    hotplugged_size: u64,
+}
+
+/// The virtio-mem regions of `config` (`hotplug_method=virtio-mem`: the
+/// default zone's `--memory hotplug_size`, then each zone's), checked as
+/// Cloud Hypervisor checks them.
+fn virtio_mem_plans(config: &MemoryConfig) -> Result<Vec<HotplugPlan>> {
+    if config.hotplug_method != HotplugMethod::VirtioMem {
+        return Ok(Vec::new());
+    }
+    let mut plans = Vec::new();
+    let mut zones: Vec<(Backing, Option<u64>, Option<u64>)> = Vec::new();
+    let listed = backings(config)?;
+    let mut listed = listed.into_iter();
+    if config.size > 0 {
+        if let Some(default) = listed.next() {
+            zones.push((default, config.hotplug_size, config.hotplugged_size));
+        }
+    }
+    for (zone, backing) in config.zones.iter().flatten().zip(listed) {
+        zones.push((backing, zone.hotplug_size, zone.hotplugged_size));
+    }
+    for (backing, hotplug_size, hotplugged_size) in zones {
+        let refuse = |detail: String| -> Result<Vec<HotplugPlan>> {
+            Err(MemoryError::VirtioMem {
+                zone: backing.zone.clone(),
+                detail,
+            }
+            .into())
+        };
+        let Some(size) = hotplug_size else {
+            if hotplugged_size.is_some() {
+                return refuse(
+                    "Invalid to define 'hotplugged_size' when there is no 'hotplug_size'"
+                        .to_owned(),
+                );
+            }
+            continue;
+        };
+        let hotplugged = hotplugged_size.unwrap_or(0);
+        if size == 0 {
+            return refuse("'hotplug_size' can't be 0".to_owned());
+        }
+        if hotplugged > size {
+            return refuse(format!(
+                "'hotplugged_size' {hotplugged} can't be bigger than 'hotplug_size' {size}"
+            ));
+        }
+        if !size.is_multiple_of(crate::virtio::mem::REGION_ALIGNMENT) {
+            return refuse(format!(
+                "hotplug_size={size}: Virtio-mem size is not aligned with {}",
+                crate::virtio::mem::REGION_ALIGNMENT
+            ));
+        }
+        if !hotplugged.is_multiple_of(crate::virtio::mem::BLOCK_SIZE) {
+            return refuse(format!(
+                "hotplugged_size={hotplugged}: not a multiple of the virtio-mem block size \
+                 ({} bytes)",
+                crate::virtio::mem::BLOCK_SIZE
+            ));
+        }
+        plans.push(HotplugPlan {
+            backing: Backing {
+                name: format!("{} (virtio-mem)", backing.name),
+                size,
+                // Cloud Hypervisor never maps a zone's file there.
+                file: None,
+                ..backing
+            },
+            hotplugged_size: hotplugged,
+        });
+    }
+    Ok(plans)
+}
+
+/// Where the virtio-mem regions of `sizes` go after RAM ending at
+/// `ram_end`, as Cloud Hypervisor places them: from 4 GiB while RAM ends
+/// below the 32-bit hole, else from the 128 MiB boundary past RAM; each
+/// region 128 MiB aligned, one after the other.
+fn place_virtio_mem(ram_end: u64, sizes: &[u64]) -> Result<Vec<u64>> {
+    let align = crate::virtio::mem::REGION_ALIGNMENT;
+    let last = ram_end.saturating_sub(1);
+    let mut cursor = if last < MEM_32BIT_RESERVED_START {
+        RAM_64BIT_START
+    } else {
+        (last | (align - 1))
+            .checked_add(1)
+            .ok_or(MemoryError::AddressSpace)?
+    };
+    let mut starts = Vec::new();
+    for &size in sizes {
+        let start = cursor
+            .checked_next_multiple_of(align)
+            .ok_or(MemoryError::AddressSpace)?;
+        cursor = start.checked_add(size).ok_or(MemoryError::AddressSpace)?;
+        starts.push(start);
+    }
+    Ok(starts)
+}
+
+/// Refuses `what` (a restore, a migration) for a config with virtio-mem
+/// regions, whose plugged blocks vmkit does not carry yet.
+pub fn refuse_virtio_mem(config: &MemoryConfig, what: &'static str) -> Result<()> {
+    match virtio_mem_plans(config)?.first() {
+        Some(plan) => Err(MemoryError::VirtioMemState {
+            zone: plan.backing.zone.clone(),
+            what,
+        }
+        .into()),
+        None => Ok(()),
+    }
 }
 
 fn io_error(backing: &Backing, what: &str, source: std::io::Error) -> MemoryError {
@@ -518,11 +668,38 @@ pub fn restores_copy_on_write(config: &MemoryConfig) -> bool {
 /// Creates guest RAM: each backing in turn from address 0, skipping the MMIO hole.
 pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
     let backings = backings(config)?;
+    let plans = virtio_mem_plans(config)?;
     let files = backings
         .iter()
         .map(backing_file)
         .collect::<Result<Vec<_>>>()?;
-    lay_out_guest_ram(backings, files)
+    let mut ram = lay_out_guest_ram(backings, files)?;
+    add_virtio_mem_regions(&mut ram, plans)?;
+    Ok(ram)
+}
+
+/// Maps each virtio-mem region past RAM, into guest memory.
+fn add_virtio_mem_regions(ram: &mut GuestRam, plans: Vec<HotplugPlan>) -> Result<()> {
+    let sizes: Vec<u64> = plans.iter().map(|p| p.backing.size).collect();
+    let starts = place_virtio_mem(ram.device_area_start(), &sizes)?;
+    for (plan, addr) in plans.into_iter().zip(starts) {
+        let file = backing_file(&plan.backing)?;
+        let region = map_region(&plan.backing, file.as_ref(), 0, addr, plan.backing.size)?;
+        let backing =
+            region_backing(&region).map_err(|e| io_error(&plan.backing, "its backing", e))?;
+        ram.memory = ram
+            .memory
+            .insert_region(std::sync::Arc::new(region))
+            .map_err(|source| MemoryError::Regions { source })?;
+        ram.virtio_mem.push(VirtioMemZone {
+            zone: plan.backing.zone,
+            addr,
+            size: plan.backing.size,
+            hotplugged_size: plan.hotplugged_size,
+            backing,
+        });
+    }
+    Ok(())
 }
 
 /// Guest RAM that a snapshot or a migration then fills: as
@@ -532,6 +709,7 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
 /// one is anonymous memory instead: its file's contents are not what the
 /// guest saw, and the guest's writes never reach it.
 pub fn create_guest_ram_to_fill(config: &MemoryConfig) -> Result<GuestRam> {
+    refuse_virtio_mem(config, "restore or migration")?;
     let backings: Vec<Backing> = backings(config)?
         .into_iter()
         .map(|backing| match backing.file {
@@ -598,6 +776,7 @@ fn lay_out_guest_ram(backings: Vec<Backing>, files: Vec<Option<File>>) -> Result
         ranges,
         anonymous,
         shared_files,
+        virtio_mem: Vec::new(),
     })
 }
 
@@ -609,6 +788,7 @@ pub fn map_guest_ram_from_shared_files(
     config: &MemoryConfig,
     files: Vec<File>,
 ) -> Result<GuestRam> {
+    refuse_virtio_mem(config, "migration")?;
     let backings = backings(config)?;
     if files.len() != backings.len() {
         return Err(MemoryError::SharedFiles {
@@ -649,6 +829,7 @@ pub fn map_guest_ram_from_shared_files(
         ranges,
         anonymous: false,
         shared_files: Some(files),
+        virtio_mem: Vec::new(),
     })
 }
 
@@ -661,6 +842,7 @@ pub fn map_guest_ram_from_file(
     file: &File,
     prefault: bool,
 ) -> Result<GuestRam> {
+    refuse_virtio_mem(config, "restore")?;
     let snapshot: Vec<Backing> = backings(config)?
         .into_iter()
         .map(|backing| Backing {
@@ -685,6 +867,7 @@ pub fn map_guest_ram_from_file(
         ranges,
         anonymous: false,
         shared_files: None,
+        virtio_mem: Vec::new(),
     })
 }
 
@@ -804,6 +987,95 @@ mod tests {
         let starts: Vec<u64> = ram.memory.iter().map(|r| r.start_addr().0).collect();
         assert_eq!(starts, vec![zones[0].ranges[0].0, zones[1].ranges[0].0]);
         assert_eq!(zones[1].ranges, vec![(16 << 20, 8 << 20)]);
+    }
+
+    #[test]
+    fn virtio_mem_regions_go_where_cloud_hypervisor_puts_them() {
+        let mib = 1u64 << 20;
+        // RAM below the hole: from 4 GiB; each region 128 MiB aligned.
+        let zones = vec![
+            "id=a,size=64M,hotplug_size=256M,hotplugged_size=4M".to_owned(),
+            "id=b,size=32M,hotplug_size=128M".to_owned(),
+            "id=c,size=16M".to_owned(),
+        ];
+        let config = memory("size=0,hotplug_method=virtio-mem", Some(&zones));
+        let ram = create_guest_ram(&config).unwrap();
+        assert_eq!(ram.ranges, vec![(0, 112 * mib)], "boot RAM only");
+        let placed: Vec<(&str, u64, u64, u64)> = ram
+            .virtio_mem
+            .iter()
+            .map(|z| (z.zone.as_str(), z.addr, z.size, z.hotplugged_size))
+            .collect();
+        assert_eq!(
+            placed,
+            [
+                ("a", 1 << 32, 256 * mib, 4 * mib),
+                ("b", (1 << 32) + 256 * mib, 128 * mib, 0)
+            ]
+        );
+        assert_eq!(ram.device_area_start(), (1 << 32) + 384 * mib);
+        // In guest memory (devices reach it), one region each.
+        ram.memory
+            .write_obj(7u8, GuestAddress((1 << 32) + 300 * mib))
+            .unwrap();
+        assert_eq!(ram.memory.num_regions(), 5, "three zones, two regions");
+        assert_eq!(ram.virtio_mem[0].backing, RegionBacking::Private);
+        // The default zone's, shared: after RAM past the hole, from the next
+        // 128 MiB boundary.
+        assert_eq!(
+            place_virtio_mem(0xc000_0000, &[128 * mib]).unwrap(),
+            [1 << 32]
+        );
+        assert_eq!(
+            place_virtio_mem((1 << 32) + 0x2000_0000 + 4096, &[128 * mib, 256 * mib]).unwrap(),
+            [(1 << 32) + 0x2800_0000, (1 << 32) + 0x3000_0000]
+        );
+        let ram = create_guest_ram(&memory(
+            "size=64M,hotplug_method=virtio-mem,hotplug_size=128M,shared=on",
+            None,
+        ))
+        .unwrap();
+        assert_eq!(ram.virtio_mem[0].zone, DEFAULT_MEMORY_ZONE);
+        assert_eq!(ram.virtio_mem[0].addr, 1 << 32);
+        assert_eq!(ram.virtio_mem[0].backing, RegionBacking::Shared);
+        // Restores and migrations of such a VM are refused by name.
+        let e = create_guest_ram_to_fill(&config).err().unwrap();
+        assert_eq!(e.kind, ErrorKind::Unsupported);
+        assert!(
+            e.message.contains("Memory zone a has a virtio-mem region"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn bad_virtio_mem_settings_are_refused_as_cloud_hypervisor_does() {
+        for (text, says) in [
+            (
+                "size=64M,hotplug_method=virtio-mem,hotplug_size=0",
+                "'hotplug_size' can't be 0",
+            ),
+            (
+                "size=64M,hotplug_method=virtio-mem,hotplugged_size=64M",
+                "Invalid to define 'hotplugged_size' when there is no 'hotplug_size'",
+            ),
+            (
+                "size=64M,hotplug_method=virtio-mem,hotplug_size=128M,hotplugged_size=256M",
+                "'hotplugged_size' 268435456 can't be bigger than 'hotplug_size' 134217728",
+            ),
+            (
+                "size=64M,hotplug_method=virtio-mem,hotplug_size=100M",
+                "hotplug_size=104857600: Virtio-mem size is not aligned with 134217728",
+            ),
+            (
+                "size=64M,hotplug_method=virtio-mem,hotplug_size=128M,hotplugged_size=3M",
+                "hotplugged_size=3145728: not a multiple of the virtio-mem block size",
+            ),
+        ] {
+            let e = create_guest_ram(&memory(text, None)).err().unwrap();
+            assert!(e.message.starts_with("Memory zone mem0: "), "{}", e.message);
+            assert!(e.message.contains(says), "{text}: {}", e.message);
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::devices::serial::SerialBackend;
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::memory::{
     create_guest_ram, create_guest_ram_to_fill, map_guest_ram_from_file,
-    map_guest_ram_from_shared_files, restores_copy_on_write, GuestRam,
+    map_guest_ram_from_shared_files, restores_copy_on_write, GuestRam, DEFAULT_MEMORY_ZONE,
 };
 use crate::migration::{self, ConfigMessage, Kind, MigrationError, TapHandover, Wire};
 use crate::numa;
@@ -122,6 +122,18 @@ pub enum VmError {
     MigrationConfig { detail: String },
     #[error("Error from device manager: MissingVirtioBalloon")]
     NoBalloon,
+    /// v37's words for a refused memory resize (its `Error::MemoryManager`).
+    #[error("Memory manager error: {0}")]
+    MemoryManager(String),
+    /// v37's answer to `vm.resize-zone` for an unknown zone or less than
+    /// the zone's boot RAM.
+    #[error("Failed resizing a memory zone")]
+    ResizeZone,
+    #[error(
+        "A VM with virtio-mem (memory zone {zone}) cannot be {what} yet: its plugged blocks \
+         would not be carried"
+    )]
+    VirtioMemState { zone: String, what: &'static str },
     #[error(
         "A VM cannot be {what} while vCPU {index} is marked for removal: the guest has not \
          ejected it yet"
@@ -167,11 +179,30 @@ impl ModuleError for VmError {
                 ErrorKind::Snapshot
             }
             MigrationConfig { .. } => ErrorKind::Migration,
-            NoBalloon | CpuResize(_) | Ged { .. } => ErrorKind::Device,
+            NoBalloon | CpuResize(_) | Ged { .. } | MemoryManager(_) | ResizeZone => {
+                ErrorKind::Device
+            }
+            VirtioMemState { .. } => ErrorKind::Unsupported,
             VcpuRemovalPending { .. } => ErrorKind::Unsupported,
             VhostUserState { .. } | VhostUserOption { .. } => ErrorKind::Unsupported,
         }
     }
+}
+
+/// Asks memory zone `zone`'s virtio-mem device to plug `size` bytes, with
+/// v37's errors.
+fn resize_virtio_mem(instance: &Instance, zone: &str, size: u64) -> Result<()> {
+    let Some(device) = instance.devices.virtio_mem(zone) else {
+        log::error!("Failed resizing virtio-mem region: No virtio-mem handler");
+        return Err(VmError::MemoryManager("MissingVirtioMemHandler".to_owned()).into());
+    };
+    device.resize(size).map_err(|e| {
+        VmError::MemoryManager(format!(
+            "VirtioMemResizeFail(ResizeError(Failed to update virtio configuration: \
+             ResizeError({e})))"
+        ))
+        .into()
+    })
 }
 
 fn kvm_error(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -558,6 +589,9 @@ pub struct Vm {
     balloon_size: Mutex<Option<u64>>,
     /// The vCPU count `vm.resize` set on a running VM.
     vcpus_now: Mutex<Option<u8>>,
+    /// Each virtio-mem zone's `hotplugged_size` once `vm.resize` or
+    /// `vm.resize-zone` set it: later boots keep it.
+    virtio_mem_sizes: Mutex<BTreeMap<String, Option<u64>>>,
     /// Connections to vhost-user backends, from the first boot until the VM
     /// stops: resets keep them.
     vhost_links: crate::device_manager::VhostLinks,
@@ -652,6 +686,7 @@ impl Vm {
             exit_event,
             adopted_taps: Mutex::new(HashMap::new()),
             balloon_size: Mutex::new(None),
+            virtio_mem_sizes: Mutex::new(BTreeMap::new()),
             vcpus_now: Mutex::new(None),
             vhost_links: Mutex::new(HashMap::new()),
         }))
@@ -719,7 +754,7 @@ impl Vm {
             serial_pty: self.serial.as_ref().and_then(|s| s.pty_path().cloned()),
             console_pty: self.console.as_ref().and_then(|s| s.pty_path().cloned()),
             // RAM less what the guest put in its balloon, as v37 reports it.
-            memory_size: self.config().memory.total_size().saturating_sub(
+            memory_size: self.live_config().memory.total_size().saturating_sub(
                 life.instance
                     .as_ref()
                     .and_then(|i| i.devices.balloon())
@@ -750,7 +785,77 @@ impl Vm {
         if let Some(vcpus) = *self.vcpus_now.lock().unwrap_or_else(|p| p.into_inner()) {
             config.cpus.boot_vcpus = vcpus;
         }
+        let sizes = self
+            .virtio_mem_sizes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (zone, &size) in sizes.iter() {
+            match config.memory.zones.as_mut() {
+                Some(zones) => {
+                    if let Some(zone) = zones.iter_mut().find(|z| z.id == *zone) {
+                        zone.hotplugged_size = size;
+                    }
+                }
+                None if zone == DEFAULT_MEMORY_ZONE => config.memory.hotplugged_size = size,
+                None => {}
+            }
+        }
         config
+    }
+
+    /// `vm.resize {"desired_ram": bytes}` on a running VM with
+    /// `hotplug_method=virtio-mem`, as Cloud Hypervisor v37 does it: the
+    /// default zone's virtio-mem device is asked to plug `bytes` less boot
+    /// RAM (a configuration change the guest hears of); less than boot RAM
+    /// changes nothing but the config. Refused with `--memory-zone`.
+    pub fn resize_memory(&self, desired: u64) -> Result<()> {
+        let life = self.lock_settled();
+        let Some(instance) = &life.instance else {
+            return Err(VmError::NotRunning.into());
+        };
+        let config = self.live_config();
+        if config.memory.zones.is_some() {
+            return Err(VmError::MemoryManager("InvalidResizeWithMemoryZones".to_owned()).into());
+        }
+        let boot = config.memory.size;
+        if desired >= boot {
+            resize_virtio_mem(instance, DEFAULT_MEMORY_ZONE, desired - boot)?;
+        }
+        let hotplugged = (desired > boot).then(|| desired - boot);
+        self.virtio_mem_sizes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(DEFAULT_MEMORY_ZONE.to_owned(), hotplugged);
+        Ok(())
+    }
+
+    /// `vm.resize-zone {"id": zone, "desired_ram": bytes}` on a running VM,
+    /// as Cloud Hypervisor v37 does it: the zone's virtio-mem device is
+    /// asked to plug `bytes` less the zone's boot RAM.
+    pub fn resize_zone(&self, zone: &str, desired: u64) -> Result<()> {
+        let life = self.lock_settled();
+        let Some(instance) = &life.instance else {
+            return Err(VmError::NotRunning.into());
+        };
+        let config = self.live_config();
+        let Some(found) = config.memory.zones.iter().flatten().find(|z| z.id == zone) else {
+            log::error!("Could not find the memory zone {zone} for the resize");
+            return Err(VmError::ResizeZone.into());
+        };
+        if desired < found.size {
+            log::error!(
+                "Invalid to ask less ({desired}) than boot RAM ({}) for this memory zone",
+                found.size
+            );
+            return Err(VmError::ResizeZone.into());
+        }
+        let hotplugged = desired - found.size;
+        resize_virtio_mem(instance, zone, hotplugged)?;
+        self.virtio_mem_sizes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(zone.to_owned(), Some(hotplugged));
+        Ok(())
     }
 
     /// `vm.resize {"desired_vcpus": n}` on a running VM, as Cloud Hypervisor
@@ -1321,6 +1426,13 @@ impl Vm {
             adopted_taps: &adopted_taps,
             vhost_links: &self.vhost_links,
             balloon_size: *self.balloon_size.lock().unwrap_or_else(|p| p.into_inner()),
+            virtio_mem_sizes: &self
+                .virtio_mem_sizes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(zone, size)| (zone.clone(), size.unwrap_or(0)))
+                .collect(),
         })?;
         drop(adopted_taps);
         let (payload, kernel_format) = match restore {
@@ -1500,6 +1612,13 @@ impl Vm {
     /// vCPU the guest has not ejected yet is marked for removal: its state
     /// would come back as a running vCPU.
     fn saved_config(&self, instance: &Instance, what: &'static str) -> Result<VmConfig> {
+        if let Some(zone) = instance._ram.virtio_mem.first() {
+            return Err(VmError::VirtioMemState {
+                zone: zone.zone.clone(),
+                what,
+            }
+            .into());
+        }
         let hotplug = instance.devices.cpu_hotplug();
         if let Some(index) = hotplug
             .slots()

@@ -130,6 +130,10 @@ pub struct DeviceContext<'a> {
     /// The balloon's target when `vm.resize` changed it (it outlives a
     /// reboot, as in Cloud Hypervisor); None: the config's.
     pub balloon_size: Option<u64>,
+    /// What `vm.resize`/`vm.resize-zone` asked each virtio-mem zone to plug
+    /// (it outlives a reboot, as in Cloud Hypervisor); absent: the config's
+    /// `hotplugged_size`.
+    pub virtio_mem_sizes: &'a std::collections::BTreeMap<String, u64>,
     /// Tap queues handed over by a migration's sender, by net device id:
     /// those devices adopt them instead of opening their taps.
     pub adopted_taps: &'a std::collections::HashMap<String, Vec<std::fs::File>>,
@@ -148,6 +152,8 @@ pub struct Reservations<'a> {
     pub segments: &'a mut [PciSegment],
     pub next_slot: u32,
     pub balloon: Option<crate::virtio::balloon::BalloonControl>,
+    /// Each virtio-mem device's handle, by memory zone.
+    pub virtio_mem: Vec<(String, crate::virtio::mem::VirtioMemControl)>,
 }
 
 /// The devices of one boot, wired.
@@ -160,6 +166,8 @@ pub struct DeviceManager {
     pvpanic: Option<(String, Arc<Mutex<PvPanic>>)>,
     /// `--balloon`: its target and size, for `vm.resize` and `vm.info`.
     balloon: Option<crate::virtio::balloon::BalloonControl>,
+    /// The virtio-mem devices by memory zone, for `vm.resize-zone`.
+    virtio_mem: Vec<(String, crate::virtio::mem::VirtioMemControl)>,
     ged: Arc<Ged>,
     /// Which vCPUs the guest sees, for `vm.resize` (Cloud Hypervisor's
     /// CPU hot-plug controller).
@@ -254,12 +262,14 @@ impl DeviceManager {
             segments: &mut segments,
             next_slot: ctx.ram.memory.num_regions() as u32,
             balloon: None,
+            virtio_mem: Vec::new(),
         };
         let mut specs = Vec::new();
         for kind in VIRTIO_KINDS {
             specs.extend(kind(ctx, &mut reserve)?);
         }
         let balloon = reserve.balloon.take();
+        let virtio_mem = std::mem::take(&mut reserve.virtio_mem);
         let mut virtio = Vec::new();
         for spec in specs {
             virtio.push(add_virtio_pci(ctx, &routes, &mut segments, spec)?);
@@ -278,6 +288,7 @@ impl DeviceManager {
             virtio,
             pvpanic,
             balloon,
+            virtio_mem,
             ged,
             cpu_hotplug,
             ioapic,
@@ -304,6 +315,18 @@ impl DeviceManager {
 
     pub fn balloon(&self) -> Option<&crate::virtio::balloon::BalloonControl> {
         self.balloon.as_ref()
+    }
+
+    /// The virtio-mem device of memory zone `zone`.
+    pub fn virtio_mem(&self, zone: &str) -> Option<&crate::virtio::mem::VirtioMemControl> {
+        self.virtio_mem
+            .iter()
+            .find(|(id, _)| id == zone)
+            .map(|(_, control)| control)
+    }
+
+    pub fn has_virtio_mem(&self) -> bool {
+        !self.virtio_mem.is_empty()
     }
 
     pub fn ged(&self) -> &Arc<Ged> {
@@ -692,13 +715,7 @@ fn plan_pci(ctx: &DeviceContext<'_>) -> Result<Vec<PciSegment>> {
         .platform
         .as_ref()
         .map_or(1, |p| p.num_pci_segments);
-    let ram_end = ctx
-        .ram
-        .ranges
-        .iter()
-        .map(|&(s, l)| s + l)
-        .max()
-        .unwrap_or(0);
+    let ram_end = ctx.ram.device_area_start();
     let layouts = pci::plan_segments(count, ram_end, ctx.phys_bits).ok_or(
         DeviceManagerError::SegmentsDoNotFit {
             count,

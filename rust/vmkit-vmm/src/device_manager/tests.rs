@@ -46,6 +46,7 @@ mod needs_kvm {
             adopted_taps: &Default::default(),
             vhost_links: &Default::default(),
             balloon_size: None,
+            virtio_mem_sizes: &Default::default(),
         })
         .unwrap();
 
