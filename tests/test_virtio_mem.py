@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,31 @@ def guest_args(
         *memory,
         "--serial", serial, "--console", "off",
     ]  # fmt: skip
+
+
+def wait_for(serial: Path, pattern: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, serial.read_text() if serial.exists() else "", re.M):
+        assert time.monotonic() < deadline, f"no {pattern!r} in {serial.read_text()[-1000:]!r}"
+        time.sleep(0.01)
+
+
+def resident_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def settles(pid: int, check: object, timeout: float = 5) -> float:
+    """The process's resident MiB once ``check(mib)`` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        mib = resident_mib(pid)
+        if check(mib):  # type: ignore[operator]
+            return mib
+        assert time.monotonic() < deadline, f"resident memory stayed at {mib:.1f} MiB"
+        time.sleep(0.02)
 
 
 def ticking(memory: list[str], serial: str = "tty") -> list[str]:
@@ -145,6 +171,32 @@ def test_zones_resize_through_the_vm_and_appear_as_v37_shows_them(tmp_path: Path
         vm.reboot()
         assert vm.serial.wait_for("^vmkit-guest: tick 1$", timeout=30)
         assert vm.info().memory_actual_size == (64 + 128 + 32 + 2) * MIB
+
+
+def test_unplugged_memory_goes_back_to_the_host(tmp_path: Path) -> None:
+    # A spawned VM (its own process, resized through its control socket):
+    # the host watches that process's resident memory rise as the guest
+    # writes the plugged blocks and fall when it unplugs them.
+    serial = tmp_path / "serial.txt"
+    args = guest_args(
+        [
+            "--memory", "size=0,hotplug_method=virtio-mem",
+            "--memory-zone", "id=z0,size=64M,hotplug_size=128M,hotplugged_size=96M",
+        ],
+        ["virtiomem", "ticks"], f"file={serial}", ticks=100000, tick_ms=20,
+    )  # fmt: skip
+    with Vm.spawn(VmConfig.from_cli(args)) as vm:
+        vm.boot()
+        wait_for(serial, r"virtiomem waiting requested=0x6000000$")
+        plugged = settles(vm.pid, lambda mib: mib > 96)
+        assert vm.info().memory_actual_size == 160 * MIB
+        with pytest.raises(VmError, match=r"^Memory manager error: InvalidResizeWithMemoryZones$"):
+            vm.resize_memory(256 * MIB)
+        vm.resize_zone("z0", 64 * MIB)
+        wait_for(serial, r"step virtiomem ok plugged_max=100663296 interrupts=1$")
+        settles(vm.pid, lambda mib: mib < plugged - 96 * 0.9)
+        assert vm.info().memory_actual_size == 64 * MIB
+        assert resident_mib(vm.pid) < plugged
 
 
 def test_resize_without_a_virtio_mem_region_answers_as_v37() -> None:
