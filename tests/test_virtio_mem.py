@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
+from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_binary, ch_remote
 from vmkit import VmConfig, testguest
 from vmkit.vm import Vm, VmError
 
@@ -387,3 +389,69 @@ def test_bad_virtio_mem_settings_are_refused_at_boot(memory: str, says: str) -> 
     with Vm(VmConfig.from_cli(ticking(["--memory", memory]))) as vm:
         with pytest.raises(VmError, match=re.escape(says)):
             vm.boot()
+
+
+NUMA = [
+    "--cpus", "boot=2",
+    "--memory", "size=0,hotplug_method=virtio-mem",
+    "--memory-zone", "id=a,size=64M,hotplug_size=128M",
+    "id=b,size=32M,hotplug_size=256M,hotplugged_size=2M",
+    "--numa", "guest_numa_id=0,cpus=[0],memory_zones=[a]",
+    "guest_numa_id=1,cpus=[1],memory_zones=[b]",
+]  # fmt: skip
+# What v37 gives the guest (its numa step): each zone's virtio-mem region,
+# past RAM from 4 GiB, follows its RAM in the SRAT, hot-pluggable (flags 0x3).
+NUMA_SEEN = [
+    "srat mem base=0x0 len=0x4000000 node=0 flags=0x1",
+    "srat mem base=0x100000000 len=0x8000000 node=0 flags=0x3",
+    "srat cpu type=2 apic=0 node=0 flags=0x1",
+    "srat mem base=0x4000000 len=0x2000000 node=1 flags=0x1",
+    "srat mem base=0x108000000 len=0x10000000 node=1 flags=0x3",
+    "srat cpu type=2 apic=1 node=1 flags=0x1",
+]
+
+
+@pytest.mark.parametrize("kind", ["vmkit", "ch"])
+def test_the_srat_lists_each_region_as_hot_pluggable_memory_of_its_node(kind: str) -> None:
+    if kind == "ch" and CH_DIR is None:
+        pytest.skip(CH_MISSING)
+    args = [
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["numa"], "poweroff"),
+        *NUMA, "--serial", "tty", "--console", "off",
+    ]  # fmt: skip
+    argv = [ch_binary("cloud-hypervisor")] if kind == "ch" else [sys.executable, "-m", "vmkit"]
+    result = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    seen = [
+        line.removeprefix("vmkit-guest: ")
+        for line in result.stdout.splitlines()
+        if line.startswith("vmkit-guest: srat ")
+    ]
+    assert seen == NUMA_SEEN, result.stdout
+
+
+@pytest.mark.parametrize("kind", ["vmkit", "ch"])
+def test_the_device_names_its_zones_node(kind: str) -> None:
+    # VIRTIO_MEM_F_ACPI_PXM and node_id: zone a belongs to node 1. The guest
+    # plugs hotplugged_size once, checks it and unplugs it (virtiomem_wait=0).
+    if kind == "ch" and CH_DIR is None:
+        pytest.skip(CH_MISSING)
+    args = [
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["virtiomem"], "poweroff", virtiomem_wait=0),
+        "--cpus", "boot=2",
+        "--memory", "size=0,hotplug_method=virtio-mem",
+        "--memory-zone", "id=a,size=64M,hotplug_size=128M,hotplugged_size=4M", "id=b,size=32M",
+        "--numa", "guest_numa_id=0,cpus=[0],memory_zones=[b]",
+        "guest_numa_id=1,cpus=[1],memory_zones=[a]",
+        "--serial", "tty", "--console", "off",
+    ]  # fmt: skip
+    argv = [ch_binary("cloud-hypervisor")] if kind == "ch" else [sys.executable, "-m", "vmkit"]
+    result = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "vmkit-guest: virtiomem dev addr=0x100000000 region_size=0x8000000 block_size=0x200000 "
+        "usable=0x8000000 plugged=0x0 requested=0x400000 node_id=1"
+    ) in result.stdout, result.stdout
+    assert "vmkit-guest: step virtiomem ok plugged_max=4194304" in result.stdout, result.stdout

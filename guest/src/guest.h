@@ -355,7 +355,7 @@ struct config {
     bool pmem_bad;
     u64 balloon_mib, balloon_timeout_ms, balloon_lax_len;
     bool balloon_bad;
-    u64 virtiomem_timeout_ms, virtiomem_hostile;
+    u64 virtiomem_timeout_ms, virtiomem_hostile, virtiomem_wait;
     bool virtiomem_bad;
     bool vsock_bad;
     const char *fs_read, *fs_write; /* fs_read=, fs_write= (not NUL-terminated) */

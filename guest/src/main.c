@@ -92,6 +92,7 @@ static void parse_cmdline(void)
     cfg.balloon_mib = 64;
     cfg.balloon_timeout_ms = 30000;
     cfg.virtiomem_timeout_ms = 30000;
+    cfg.virtiomem_wait = 1;
     cfg.fs_read = "host.txt";
     cfg.fs_read_len = 8;
     cfg.fs_write = "guest.txt";
@@ -179,6 +180,8 @@ static void parse_cmdline(void)
             cfg.balloon_bad |= !parse_u64(s + start + k, len - k, &cfg.balloon_timeout_ms);
         } else if (starts_with(s + start, len, "virtiomem_timeout_ms=", &k)) {
             cfg.virtiomem_bad |= !parse_u64(s + start + k, len - k, &cfg.virtiomem_timeout_ms);
+        } else if (starts_with(s + start, len, "virtiomem_wait=", &k)) {
+            cfg.virtiomem_bad |= !parse_u64(s + start + k, len - k, &cfg.virtiomem_wait);
         } else if (starts_with(s + start, len, "virtiomem_hostile=", &k)) {
             cfg.virtiomem_bad |= !parse_u64(s + start + k, len - k, &cfg.virtiomem_hostile);
         } else if (starts_with(s + start, len, "pmem_offset=", &k)) {

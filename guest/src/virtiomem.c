@@ -1,6 +1,7 @@
 /*
  * virtio-mem: the virtiomem step. Finds the virtio-mem device, reads its
- * config (block_size, addr, region_size, plugged_size, requested_size) and
+ * config (block_size, addr, region_size, plugged_size, requested_size; node_id
+ * where the device offers VIRTIO_MEM_F_ACPI_PXM) and
  * follows requested_size: PLUG requests for blocks from the region's start
  * (each block read as zeros, then the blk pattern written and read back,
  * every plugged block checked again after each change), UNPLUG requests
@@ -10,13 +11,14 @@
  * plugged and all of it is unplugged again. The region is mapped write-back
  * and user-accessible: the memory loops run at CPL3 (user.c).
  *
- * virtiomem_hostile=1: first a series of requests the device must refuse
- * (outside the region, unaligned, wrapping, too many blocks, unknown types,
- * malformed chains), each answer checked, then plug requested_size, check
- * it, UNPLUG_ALL, and done.
+ * virtiomem_wait=0: plug requested_size, check it, UNPLUG_ALL, and done.
+ * virtiomem_hostile=1: the same after a series of requests the device must
+ * refuse (outside the region, unaligned, wrapping, too many blocks, unknown
+ * types, malformed chains), each answer checked.
  */
 #include "pci.h"
 
+#define VIRTIO_MEM_F_ACPI_PXM 1ULL /* node_id is valid */
 #define REQ_PLUG 0
 #define REQ_UNPLUG 1
 #define REQ_UNPLUG_ALL 2
@@ -305,7 +307,7 @@ static bool vmem_run(struct vdev *v, struct result *r)
     u32 slot = VMEM_IRQ_SLOT, interrupts = 0;
     int answer;
 
-    if (!virtio_init(v, 0, r))
+    if (!virtio_init(v, VIRTIO_MEM_F_ACPI_PXM, r))
         return false;
     if (!v->devcfg || v->devcfg_len < 56)
         return vmem_fail(r, v, "no usable virtio-mem device config");
@@ -330,6 +332,10 @@ static bool vmem_run(struct vdev *v, struct result *r)
     line_hex(&l, vmem_cfg(v, 40));
     line_str(&l, " requested=");
     line_hex(&l, requested);
+    if (v->features & VIRTIO_MEM_F_ACPI_PXM) {
+        line_str(&l, " node_id=");
+        line_dec(&l, virtio_cfg16(v, 8));
+    }
     line_end(&l);
     if (!lapic_usable(r))
         return false;
@@ -345,8 +351,10 @@ static bool vmem_run(struct vdev *v, struct result *r)
         if (answer != RESP_ACK)
             return answer < 0 ? false : vmem_fail(r, v, "UNPLUG_ALL refused");
     }
-    if (cfg.virtiomem_hostile) {
-        if (!vmem_hostile(&m, requested, r) || !vmem_follow(&m, requested, r))
+    if (cfg.virtiomem_hostile && !vmem_hostile(&m, requested, r))
+        return false;
+    if (cfg.virtiomem_hostile || !cfg.virtiomem_wait) {
+        if (!vmem_follow(&m, requested, r))
             return false;
         answer = vmem_req(v, REQ_STATE, m.addr, (u16)m.plugged, r);
         if (m.plugged && (answer != RESP_ACK || vmem_response.state != STATE_PLUGGED))

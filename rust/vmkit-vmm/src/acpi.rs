@@ -577,15 +577,19 @@ fn madt(topology: &Topology, boot_vcpus: u8, max_vcpus: u8) -> Sdt {
 
 /// The SRAT as v37 writes it: revision 3, 12 reserved bytes of zeros, then
 /// for each node by id a Memory Affinity structure per range of its zones
-/// and a Processor Local x2APIC Affinity structure per listed vCPU (x2APIC
-/// ids from the topology, as the MADT's), all enabled.
+/// (then one per virtio-mem region, hot-pluggable) and a Processor Local
+/// x2APIC Affinity structure per listed vCPU (x2APIC ids from the topology,
+/// as the MADT's), all enabled.
 fn srat(nodes: &[NumaNode], topology: &Topology) -> Sdt {
     const ENABLED: u32 = 1;
+    const HOTPLUGGABLE: u32 = 2;
     let mut srat = table(b"SRAT", 36, 3);
     // Built whole first: Sdt re-sums the table on every append.
     let mut body = vec![0u8; 12];
     for node in nodes {
-        for &(base, size) in &node.memory {
+        let memory = node.memory.iter().map(|&r| (r, ENABLED));
+        let hotplug = node.hotplug.iter().map(|&r| (r, ENABLED | HOTPLUGGABLE));
+        for ((base, size), flags) in memory.chain(hotplug) {
             // Type 1, length 40: proximity domain, reserved, base, length,
             // reserved, flags, reserved.
             body.extend_from_slice(&[1, 40]);
@@ -594,7 +598,7 @@ fn srat(nodes: &[NumaNode], topology: &Topology) -> Sdt {
             body.extend_from_slice(&base.to_le_bytes());
             body.extend_from_slice(&size.to_le_bytes());
             body.extend_from_slice(&[0; 4]);
-            body.extend_from_slice(&ENABLED.to_le_bytes());
+            body.extend_from_slice(&flags.to_le_bytes());
             body.extend_from_slice(&[0; 8]);
         }
         for &cpu in &node.cpus {
@@ -803,6 +807,7 @@ mod tests {
                 id: 0,
                 cpus: vec![0, 1],
                 memory: vec![(0, 64 << 20)],
+                hotplug: Vec::new(),
                 distances: [(1, 15)].into(),
                 pci_segments: vec![0],
             },
@@ -810,6 +815,7 @@ mod tests {
                 id: 1,
                 cpus: vec![3],
                 memory: vec![(0xa000_0000, 0x2000_0000), (1 << 32, 0x2000_0000)],
+                hotplug: Vec::new(),
                 distances: Default::default(),
                 pci_segments: vec![1],
             },

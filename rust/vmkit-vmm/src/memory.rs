@@ -645,6 +645,24 @@ pub fn zone_ranges(config: &MemoryConfig) -> Result<Vec<ZoneRanges>> {
     Ok(zones)
 }
 
+/// Where `create_guest_ram` puts each zone's virtio-mem region: (zone,
+/// start, size).
+pub fn virtio_mem_ranges(config: &MemoryConfig) -> Result<Vec<(String, u64, u64)>> {
+    let plans = virtio_mem_plans(config)?;
+    let ram_end = place(&backings(config)?)?
+        .iter()
+        .map(|p| p.base + p.size)
+        .max()
+        .unwrap_or(0);
+    let sizes: Vec<u64> = plans.iter().map(|p| p.backing.size).collect();
+    let starts = place_virtio_mem(ram_end, &sizes)?;
+    Ok(plans
+        .into_iter()
+        .zip(starts)
+        .map(|(plan, start)| (plan.backing.zone, start, plan.backing.size))
+        .collect())
+}
+
 /// Whether `config` asks for private anonymous memory only (no shared,
 /// huge-page or file-backed memory).
 /// The first backing that is a file mapped shared (`file=` with
