@@ -147,6 +147,8 @@ static bool vmem_plug(struct vmem *m, u64 i, struct result *r)
         if (answer >= 0) {
             res_str(r, "PLUG answered ");
             res_dec(r, (u64)answer);
+            res_str(r, " at ");
+            res_hex(r, at);
             vmem_fail(r, m->v, "");
         }
         return false;
@@ -166,6 +168,8 @@ static bool vmem_unplug(struct vmem *m, u64 i, struct result *r)
         if (answer >= 0) {
             res_str(r, "UNPLUG answered ");
             res_dec(r, (u64)answer);
+            res_str(r, " at ");
+            res_hex(r, m->addr + i * m->block);
             vmem_fail(r, m->v, "");
         }
         return false;
