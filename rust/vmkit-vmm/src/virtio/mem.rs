@@ -397,7 +397,9 @@ impl Requests {
     }
 
     /// The blocks of `[addr, addr + blocks × BLOCK_SIZE)` when it is a
-    /// non-empty, block-aligned range inside the (usable) region.
+    /// non-empty, block-aligned range inside the (usable) region. The
+    /// region's last block is in it, as the virtio spec says (v37's check is
+    /// off by one and answers ERROR for it).
     fn range(&self, addr: u64, blocks: u16) -> Option<std::ops::Range<usize>> {
         let size = u64::from(blocks) * BLOCK_SIZE;
         let end = addr.checked_add(size)?;
