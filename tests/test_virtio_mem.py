@@ -371,6 +371,35 @@ def test_the_http_api_resizes_a_zone(tmp_path: Path) -> None:
         vmm.stop()
 
 
+def test_the_vmkit_command_resizes_as_ch_remote_does(tmp_path: Path) -> None:
+    # `vmkit remote` (the CLI) against vmkit: the same statuses and texts.
+    socket = tmp_path / "api.sock"
+    vmm = VmmProcess("vmkit", socket, tmp_path / "log", extra=tuple(ticking(ZONES, "null")))
+
+    def remote(*args: str) -> tuple[int, str]:
+        argv = [sys.executable, "-m", "vmkit", "remote", "--api-socket", str(socket), *args]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        return done.returncode, first_line(done.stderr)
+
+    try:
+        assert remote("resize-zone", "--id", "z1", "--size", "64M") == (0, "")
+        assert memory_state(socket) == ([64 * MIB, 32 * MIB], 192 * MIB)
+        assert remote("resize-zone", "--id", "z1", "--size", "33M") == (
+            1,
+            "Error running command: Server responded with an error: InternalServerError: Memory "
+            "manager error: VirtioMemResizeFail(ResizeError(Failed to update virtio "
+            "configuration: ResizeError(new size 0x100000 is not aligned on block_size 0x200000",
+        )
+        assert remote("resize", "--memory", "1G") == (
+            1,
+            "Error running command: Server responded with an error: InternalServerError: Memory "
+            "manager error: InvalidResizeWithMemoryZones",
+        )
+        assert memory_state(socket) == ([64 * MIB, 32 * MIB], 192 * MIB)
+    finally:
+        vmm.stop()
+
+
 @pytest.mark.parametrize(
     "memory, says",
     [
