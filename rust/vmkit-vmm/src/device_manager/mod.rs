@@ -325,10 +325,6 @@ impl DeviceManager {
             .map(|(_, control)| control)
     }
 
-    pub fn has_virtio_mem(&self) -> bool {
-        !self.virtio_mem.is_empty()
-    }
-
     pub fn ged(&self) -> &Arc<Ged> {
         &self.ged
     }
