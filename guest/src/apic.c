@@ -208,27 +208,26 @@ bool step_timer(struct result *r)
 /*
  * The cpuhotplug and cpuunplug steps: vCPU hot-plug the way Linux's ACPI code
  * does it, without AML. Each waits for the VMM's Generic Event Device
- * interrupt (IOAPIC pin 5) with the CPU bit (bit 0 of the event register at
- * 0xfeb00000), then walks Cloud Hypervisor's CPU hot-plug controller at
- * 0xfeb01000 (vmkit's layout) as the DSDT's CSCN does: for each possible
- * vCPU (the MADT's entries, in order) write its index to the selection
- * register (offset 0) and read its status (offset 4: bit 0 enabled, 1
- * inserting, 2 removing), acknowledging each change by writing its bit back.
- * cpuhotplug starts each inserted vCPU with INIT-SIPI-SIPI (it prints
- * "smp cpu apic_id=<n> up" and halts); cpuunplug ejects each one to remove
- * (bit 3), as _EJ0 does.
+ * interrupt with the CPU bit (bit 0 of its event register), then walks Cloud
+ * Hypervisor's CPU hot-plug controller (the DSDT's PRST region) as the DSDT's
+ * CSCN does: for each possible vCPU (the MADT's entries, in order) write its
+ * index to the selection register (offset 0) and read its status (offset 4:
+ * bit 0 enabled, 1 inserting, 2 removing), acknowledging each change by
+ * writing its bit back. cpuhotplug starts each inserted vCPU with
+ * INIT-SIPI-SIPI (it prints "smp cpu apic_id=<n> up" and halts); cpuunplug
+ * ejects each one to remove (bit 3), as _EJ0 does. The registers' addresses
+ * and the GED's interrupt come from the DSDT, so the steps run on vmkit and
+ * on Cloud Hypervisor alike.
  */
-#define GED_ADDR 0xfeb00000ULL
-#define GED_IOAPIC_PIN 5
 #define GED_CPU_CHANGED 0x01
-#define CPU_HP_ADDR 0xfeb01000ULL
-#define CPU_HP_STATUS (CPU_HP_ADDR + 4)
 #define CPU_HP_ENABLED 0x01
 #define CPU_HP_INSERTING 0x02
 #define CPU_HP_REMOVING 0x04
 #define CPU_HP_EJECT 0x08
 #define HOTPLUG_VECTOR (IRQ_VECTOR_BASE + IRQ_VECTORS - 2)
 #define HOTPLUG_TIMEOUT_MS 10000
+
+static u64 cpu_hp_addr;
 
 struct madt_list {
     u32 *ids, max, n;
@@ -250,29 +249,45 @@ static u32 madt_all_ids(u32 *ids, u32 max)
     return l.n;
 }
 
-/* Waits for a GED interrupt with the CPU bit; the event byte, or -1 (with the
- * reason in r). */
-static int wait_ged_event(const char *waiting, struct result *r)
+int ged_wait_event(u8 bit, const char *waiting, struct result *r)
 {
+    const struct hotplug_regs *hp = hotplug_regs();
+    u64 ged = hp->ged;
+    u32 gsi = hp->ged_gsi;
     u8 event;
 
     if (!lapic_usable(r))
         return -1;
-    if (!ioapic_map() || !map_mmio(GED_ADDR, 1, false) || !map_mmio(CPU_HP_ADDR, 12, false)) {
-        res_str(r, "cannot map the IOAPIC, the GED or the CPU hot-plug controller");
+    if ((hp->found & (HP_GED | HP_GED_GSI)) != (HP_GED | HP_GED_GSI) || gsi >= 24) {
+        res_str(r, "no GED register region or interrupt (on the IOAPIC's 24 pins) in the DSDT");
         return -1;
     }
-    if (!wait_pin_interrupt(GED_IOAPIC_PIN, HOTPLUG_VECTOR, waiting, HOTPLUG_TIMEOUT_MS)) {
+    if (!ioapic_map() || !map_mmio(ged, 1, false)) {
+        res_str(r, "cannot map the IOAPIC or the GED");
+        return -1;
+    }
+    if (!wait_pin_interrupt(gsi, HOTPLUG_VECTOR, waiting, HOTPLUG_TIMEOUT_MS)) {
         res_str(r, "no GED interrupt within 10000 ms");
         return -1;
     }
-    event = rd8(GED_ADDR);
-    if (!(event & GED_CPU_CHANGED)) {
-        res_str(r, "GED interrupt without the CPU bit: event=");
+    event = rd8(ged);
+    if (!(event & bit)) {
+        res_str(r, "GED interrupt without the expected bit: event=");
         res_hex(r, event);
         return -1;
     }
     return event;
+}
+
+/* The CPU bit's event, with the controller located and mapped; -1 on failure. */
+static int wait_cpu_event(const char *waiting, struct result *r)
+{
+    cpu_hp_addr = hotplug_regs()->cpu;
+    if (!(hotplug_regs()->found & HP_CPU) || !map_mmio(cpu_hp_addr, 12, false)) {
+        res_str(r, "no CPU hot-plug controller (PRST) in the DSDT, or it cannot be mapped");
+        return -1;
+    }
+    return ged_wait_event(GED_CPU_CHANGED, waiting, r);
 }
 
 u32 wait_pin_interrupt(u32 pin, u32 vector, const char *waiting, u64 timeout_ms)
@@ -300,8 +315,8 @@ u32 wait_pin_interrupt(u32 pin, u32 vector, const char *waiting, u64 timeout_ms)
 
 static u8 cpu_hp_status(u32 index)
 {
-    wr32(CPU_HP_ADDR, index);
-    return rd8(CPU_HP_STATUS);
+    wr32(cpu_hp_addr, index);
+    return rd8(cpu_hp_addr + 4);
 }
 
 static void hotplug_line(const char *what, u32 index, u32 apic_id)
@@ -322,7 +337,7 @@ bool step_cpuhotplug(struct result *r)
     u32 n, i, count = 0, up, size;
     u64 deadline;
     u8 *stacks;
-    int event = wait_ged_event("cpuhotplug waiting", r);
+    int event = wait_cpu_event("cpuhotplug waiting", r);
 
     if (event < 0)
         return false;
@@ -331,7 +346,7 @@ bool step_cpuhotplug(struct result *r)
         u8 status = cpu_hp_status(i);
         if (!(status & CPU_HP_INSERTING))
             continue;
-        wr8(CPU_HP_STATUS, CPU_HP_INSERTING); /* acknowledge, as CSCN does */
+        wr8(cpu_hp_addr + 4, CPU_HP_INSERTING); /* acknowledge, as CSCN does */
         if (cpu_hp_status(i) & CPU_HP_INSERTING) {
             res_str(r, "the insertion was not acknowledged");
             return false;
@@ -386,7 +401,7 @@ bool step_cpuunplug(struct result *r)
 {
     static u32 ids[MAX_APIC_ID + 1];
     u32 n, i, count = 0;
-    int event = wait_ged_event("cpuunplug waiting", r);
+    int event = wait_cpu_event("cpuunplug waiting", r);
 
     if (event < 0)
         return false;
@@ -394,8 +409,8 @@ bool step_cpuunplug(struct result *r)
     for (i = 0; i < n; i++) {
         if (!(cpu_hp_status(i) & CPU_HP_REMOVING))
             continue;
-        wr8(CPU_HP_STATUS, CPU_HP_REMOVING); /* acknowledge, as CSCN does */
-        wr8(CPU_HP_STATUS, CPU_HP_EJECT);    /* _EJ0 */
+        wr8(cpu_hp_addr + 4, CPU_HP_REMOVING); /* acknowledge, as CSCN does */
+        wr8(cpu_hp_addr + 4, CPU_HP_EJECT);    /* _EJ0 */
         if (cpu_hp_status(i) & CPU_HP_ENABLED) {
             res_str(r, "still enabled after its eject: uid=");
             res_dec(r, i);
