@@ -933,6 +933,11 @@ class SpawnedVm:
         """``vm.power-button``: presses the guest's ACPI power button."""
         self.client.power_button()
 
+    def resize_memory(self, size: int | str) -> None:
+        """``vm.resize {"desired_ram"}``: the VM's new RAM size (bytes or
+        ``"1G"``), hot-added through ACPI as ``Vm.resize_memory`` does."""
+        self.client.resize(memory=size)
+
     def resize_balloon(self, size: int | str) -> None:
         """``vm.resize {"desired_balloon"}``: the balloon's new target (bytes or ``"1G"``)."""
         self.client.resize(balloon=size)

@@ -486,6 +486,24 @@ class Vm:
             raise ValueError(f"vcpus={vcpus}: must be 0 to 255")
         self._live().resize_vcpus(vcpus)
 
+    def resize_memory(self, size: int) -> None:
+        """Sets the running VM's RAM to ``size`` bytes (``vm.resize
+        {"desired_ram": size}``), as Cloud Hypervisor v37's ACPI memory
+        hot-plug does it: more RAM than the guest has becomes one hot-added
+        DIMM (a multiple of 128 MiB, in the area ``--memory hotplug_size=``
+        reserved, at most 8 of them) that the guest hears of through ACPI (the
+        memory hot-plug controller and a GED interrupt; it onlines the memory
+        itself); less changes nothing in the guest, since ACPI RAM is never
+        taken back. Either way ``info().config.memory.size`` becomes ``size``,
+        which later boots start with. Raises VmError ("Memory manager error:
+        InvalidSize", "... InsufficientHotplugRam", "... NoSlotAvailable",
+        "... InvalidResizeWithMemoryZones"), ("VM is not running") when no boot
+        runs.
+        """
+        if size < 0:
+            raise ValueError(f"size={size}: must not be negative")
+        self._live().resize_memory(size)
+
     def resize_balloon(self, size: int) -> None:
         """Asks the guest to put ``size`` bytes in its balloon (``--balloon``;
         ``vm.resize {"desired_balloon": size}``): it inflates or deflates to

@@ -224,6 +224,12 @@ impl VmHandle {
             .map_err(|e| vm_error(py, e))
     }
 
+    /// `vm.resize {"desired_ram": bytes}` on a running VM (ACPI memory hot-plug).
+    fn resize_memory(&self, py: Python<'_>, bytes: u64) -> PyResult<()> {
+        py.detach(|| self.vm.resize_memory(bytes))
+            .map_err(|e| vm_error(py, e))
+    }
+
     /// `vm.resize {"desired_balloon": bytes}`.
     fn resize_balloon(&self, py: Python<'_>, bytes: u64) -> PyResult<()> {
         py.detach(|| self.vm.resize_balloon(bytes))

@@ -8,8 +8,9 @@ use std::os::unix::fs::MetadataExt;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress};
-use vmkit_config::{MemoryConfig, MemoryZoneConfig};
+use vmkit_config::{HotplugMethod, MemoryConfig, MemoryZoneConfig};
 
+use crate::devices::memory_hotplug::HotplugLayout;
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::layout::{MEM_32BIT_RESERVED_START, RAM_64BIT_START};
 
@@ -80,6 +81,9 @@ pub fn region_backing(region: &GuestRegionMmap) -> std::io::Result<RegionBacking
 pub enum MemoryError {
     #[error("Memory hotplug (hotplug_size, hotplugged_size) is not supported yet")]
     Hotplug,
+    /// v37's `InvalidMemoryParameters`, with the reason it logs.
+    #[error("Invalid memory parameters: {0} (InvalidMemoryParameters)")]
+    InvalidParameters(&'static str),
     #[error("Memory zone {zone}: {what} is not supported yet")]
     ZoneUnsupported { zone: String, what: &'static str },
     #[error("The VM has no memory: memory size is 0 and no memory zone is given")]
@@ -175,9 +179,41 @@ pub struct GuestRam {
     /// Each backing's file, when every backing is mapped shared from one
     /// (`shared=on` or huge pages): a local migration hands them over.
     pub shared_files: Option<Vec<File>>,
+    /// The ACPI memory hot-plug area (`hotplug_size`): mapped in the VMM
+    /// (the last region of `memory`) but not given to the guest (no KVM
+    /// slot, not in `ranges`) until `vm.resize` plugs a DIMM of it.
+    pub hotplug: Option<HotplugArea>,
+}
+
+/// Guest-physical range reserved for ACPI memory hot-plug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HotplugArea {
+    pub base: u64,
+    pub size: u64,
 }
 
 impl GuestRam {
+    /// Where the 64-bit device area starts: after RAM and the hot-plug area.
+    pub fn hotplug_layout(&self) -> Option<HotplugLayout> {
+        match self.hotplug {
+            Some(area) => Some(HotplugLayout {
+                area_start: area.base,
+                device_area_start: area.base.checked_add(area.size)?,
+            }),
+            None => HotplugLayout::new(self.last_ram_byte(), None),
+        }
+    }
+
+    /// The last byte of boot RAM.
+    pub fn last_ram_byte(&self) -> u64 {
+        self.ranges
+            .iter()
+            .map(|r| r.0 + r.1)
+            .max()
+            .unwrap_or(0)
+            .saturating_sub(1)
+    }
+
     pub fn total_size(&self) -> u64 {
         self.ranges.iter().map(|r| r.1).sum()
     }
@@ -193,10 +229,41 @@ impl GuestRam {
     }
 }
 
-fn backings(config: &MemoryConfig) -> Result<Vec<Backing>> {
-    if config.hotplug_size.is_some() || config.hotplugged_size.is_some() {
+/// The ACPI hot-plug area's size (`hotplug_size` with `hotplug_method=acpi`),
+/// after v37's checks of the hot-plug options; virtio-mem is refused.
+fn acpi_hotplug_size(config: &MemoryConfig) -> Result<Option<u64>> {
+    if config.hotplug_method == HotplugMethod::VirtioMem
+        && (config.hotplug_size.is_some() || config.hotplugged_size.is_some())
+    {
         return Err(MemoryError::Hotplug.into());
     }
+    // v37's MemoryManager::validate_memory_config, in its order.
+    if let Some(hotplugged) = config.hotplugged_size {
+        match config.hotplug_size {
+            Some(hotplug) if hotplugged > hotplug => {
+                return Err(MemoryError::InvalidParameters(
+                    "'hotplugged_size' can't be bigger than 'hotplug_size'",
+                )
+                .into())
+            }
+            Some(_) => {}
+            None => {
+                return Err(MemoryError::InvalidParameters(
+                    "Invalid to define 'hotplugged_size' when there is no 'hotplug_size'",
+                )
+                .into())
+            }
+        }
+        return Err(MemoryError::InvalidParameters(
+            "Invalid to define 'hotplugged_size' with hotplug method 'acpi'",
+        )
+        .into());
+    }
+    Ok(config.hotplug_size.filter(|_| config.size > 0))
+}
+
+fn backings(config: &MemoryConfig) -> Result<Vec<Backing>> {
+    acpi_hotplug_size(config)?;
     let mut list = Vec::new();
     if config.size > 0 {
         list.push(Backing {
@@ -522,7 +589,42 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
         .iter()
         .map(backing_file)
         .collect::<Result<Vec<_>>>()?;
-    lay_out_guest_ram(backings, files)
+    let hotplug = acpi_hotplug_size(config)?;
+    let area_backing = hotplug.and_then(|size| {
+        let memory = backings.iter().find(|b| b.zone == DEFAULT_MEMORY_ZONE)?;
+        Some(Backing {
+            name: "memory hot-plug area".to_owned(),
+            size,
+            prefault: false,
+            ..memory.clone()
+        })
+    });
+    let mut ram = lay_out_guest_ram(backings, files)?;
+    if let Some(backing) = area_backing {
+        add_hotplug_area(&mut ram, &backing)?;
+    }
+    Ok(ram)
+}
+
+/// Maps the hot-plug area after boot RAM, where Cloud Hypervisor puts it
+/// (`HotplugLayout`), as the last region of guest memory.
+fn add_hotplug_area(ram: &mut GuestRam, backing: &Backing) -> Result<()> {
+    let layout = HotplugLayout::new(ram.last_ram_byte(), Some(backing.size))
+        .ok_or(MemoryError::AddressSpace)?;
+    let file = backing_file(backing)?;
+    let region = map_region(backing, file.as_ref(), 0, layout.area_start, backing.size)?;
+    let memory = ram
+        .memory
+        .insert_region(std::sync::Arc::new(region))
+        .map_err(|source| MemoryError::Regions { source })?;
+    ram.memory = memory;
+    ram.hotplug = Some(HotplugArea {
+        base: layout.area_start,
+        size: backing.size,
+    });
+    // A local migration hands over boot RAM's files only: not this VM's.
+    ram.shared_files = None;
+    Ok(())
 }
 
 /// Guest RAM that a snapshot or a migration then fills: as
@@ -598,6 +700,7 @@ fn lay_out_guest_ram(backings: Vec<Backing>, files: Vec<Option<File>>) -> Result
         ranges,
         anonymous,
         shared_files,
+        hotplug: None,
     })
 }
 
@@ -649,6 +752,7 @@ pub fn map_guest_ram_from_shared_files(
         ranges,
         anonymous: false,
         shared_files: Some(files),
+        hotplug: None,
     })
 }
 
@@ -685,6 +789,7 @@ pub fn map_guest_ram_from_file(
         ranges,
         anonymous: false,
         shared_files: None,
+        hotplug: None,
     })
 }
 
@@ -732,6 +837,31 @@ mod tests {
         assert!(!restores_copy_on_write(&memory("size=0", Some(&zones))));
         assert!(restores_copy_on_write(&memory("size=0", Some(&zones[1..]))));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_hotplug_area_follows_boot_ram_and_stays_out_of_its_ranges() {
+        let ram = create_guest_ram(&memory("size=64M,hotplug_size=1G", None)).unwrap();
+        // Cloud Hypervisor's place: 4 GiB for RAM below the hole.
+        assert_eq!(
+            ram.hotplug,
+            Some(HotplugArea {
+                base: 4 << 30,
+                size: 1 << 30
+            })
+        );
+        assert_eq!(ram.ranges, vec![(0, 64 << 20)]);
+        assert_eq!(ram.total_size(), 64 << 20);
+        // Mapped in the VMM (devices reach a DIMM once it is plugged).
+        assert!(ram.memory.address_in_range(GuestAddress((5 << 30) - 1)));
+        assert!(!ram.memory.address_in_range(GuestAddress(5 << 30)));
+        let layout = ram.hotplug_layout().unwrap();
+        assert_eq!(layout.device_area_start, 5 << 30);
+        assert!(ram.shared_files.is_none());
+        // Without hotplug_size: no area, devices right after RAM (4 GiB at least).
+        let plain = create_guest_ram(&memory("size=64M", None)).unwrap();
+        assert_eq!(plain.hotplug, None);
+        assert_eq!(plain.hotplug_layout().unwrap().device_area_start, 4 << 30);
     }
 
     #[test]
@@ -808,10 +938,29 @@ mod tests {
 
     #[test]
     fn unsupported_and_impossible_requests_are_refused() {
-        let err = create_guest_ram(&memory("size=64M,hotplug_size=1G", None))
-            .err()
-            .unwrap();
+        let err = create_guest_ram(&memory(
+            "size=64M,hotplug_method=virtio-mem,hotplug_size=1G",
+            None,
+        ))
+        .err()
+        .unwrap();
         assert_eq!(err.kind, ErrorKind::Unsupported);
+        // v37 refuses hotplugged_size with ACPI hot-plug, saying why.
+        for (text, why) in [
+            (
+                "size=64M,hotplug_size=1G,hotplugged_size=256M",
+                "with hotplug method 'acpi'",
+            ),
+            ("size=64M,hotplugged_size=256M", "no 'hotplug_size'"),
+            (
+                "size=64M,hotplug_size=128M,hotplugged_size=256M",
+                "can't be bigger",
+            ),
+        ] {
+            let err = create_guest_ram(&memory(text, None)).err().unwrap();
+            assert!(err.message.contains(why), "{text}: {}", err.message);
+            assert!(err.message.contains("InvalidMemoryParameters"));
+        }
         let err = create_guest_ram(&memory("size=0", None)).err().unwrap();
         assert_eq!(err.kind, ErrorKind::Memory);
         // A huge page size the host does not have is refused up front.
