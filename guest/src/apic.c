@@ -423,3 +423,144 @@ bool step_cpuunplug(struct result *r)
     res_kv_dec(r, "removed", count);
     return count > 0;
 }
+
+/*
+ * The memhotplug step: ACPI memory hot-plug the way Linux's ACPI code does
+ * it, without AML. It waits for the GED interrupt with the memory bit (bit
+ * 1), then walks Cloud Hypervisor's memory hot-plug controller (the DSDT's
+ * MHPR region: vmkit and Cloud Hypervisor place it differently) as the
+ * DSDT's MSCN, MSTA and MCRS do: for each of the 8
+ * slots write its number to the selection register (offset 0) and read its
+ * status (offset 0x14: bit 0 enabled, 1 inserting); for each slot being
+ * inserted, read its base (offsets 0, 4) and length (8, 0xc), acknowledge
+ * (write bit 1 back), map the range and pattern-test it at CPL3 (every byte
+ * of its first and last 64 KiB, one qword per 64 KiB between). ACPI memory
+ * is never unplugged in Cloud Hypervisor v37: the step keeps it.
+ */
+#define GED_MEMORY_CHANGED 0x02
+#define MEM_HP_SIZE 0x18
+#define MEM_HP_ADDR mem_hp_addr
+#define MEM_HP_STATUS (mem_hp_addr + 0x14)
+#define MEM_HP_SLOTS 8
+#define MEM_HP_ENABLED 0x01
+#define MEM_HP_INSERTING 0x02
+
+static u64 mem_hp_addr;
+
+/* Finds the controller in the DSDT and maps `len` bytes of it. */
+static bool mem_hp_map(u64 len, struct result *r)
+{
+    mem_hp_addr = hotplug_regs()->memory;
+    if (!(hotplug_regs()->found & HP_MEMORY) || !map_mmio(mem_hp_addr, len, false)) {
+        res_str(r, "no memory hot-plug controller (MHPR) in the DSDT, or it cannot be mapped");
+        return false;
+    }
+    return true;
+}
+
+static u64 mem_hp_qword(u64 offset)
+{
+    return rd32(MEM_HP_ADDR + offset) | ((u64)rd32(MEM_HP_ADDR + offset + 4) << 32);
+}
+
+bool step_memhotplug(struct result *r)
+{
+    static struct memtest_job job;
+    u64 total = 0;
+    u32 i, count = 0;
+    int event;
+
+    if (!mem_hp_map(MEM_HP_SIZE, r))
+        return false;
+    event = ged_wait_event(GED_MEMORY_CHANGED, "memhotplug waiting", r);
+    if (event < 0)
+        return false;
+    for (i = 0; i < MEM_HP_SLOTS; i++) {
+        struct line l;
+        u64 base, size;
+        u8 status;
+        wr32(MEM_HP_ADDR, i);
+        status = rd8(MEM_HP_STATUS);
+        if (!(status & MEM_HP_INSERTING))
+            continue;
+        base = mem_hp_qword(0);
+        size = mem_hp_qword(8);
+        wr8(MEM_HP_STATUS, MEM_HP_INSERTING); /* acknowledge, as MSCN does */
+        if (rd8(MEM_HP_STATUS) != MEM_HP_ENABLED) {
+            res_str(r, "not enabled, or the insertion was not acknowledged: slot=");
+            res_dec(r, i);
+            return false;
+        }
+        line_begin(&l);
+        line_str(&l, "memhotplug inserted slot=");
+        line_dec(&l, i);
+        line_str(&l, " base=");
+        line_hex(&l, base);
+        line_str(&l, " size=");
+        line_hex(&l, size);
+        line_end(&l);
+        if (!size || base + size < base || !map_mmio(base, size, true)) {
+            res_str(r, "cannot map the hot-added range: slot=");
+            res_dec(r, i);
+            return false;
+        }
+        job.stride = 64 * KiB;
+        job.nseg = 1;
+        job.segs[0].start = base;
+        job.segs[0].end = base + size;
+        run_user(user_memtest, &job);
+        if (job.failed) {
+            res_str(r, "hot-added memory failed its pattern test at ");
+            res_hex(r, job.fail_addr);
+            return false;
+        }
+        total += size;
+        count++;
+    }
+    res_kv_hex(r, "event", (u64)event);
+    res_kv_dec(r, "slots", count);
+    res_kv_hex(r, "bytes", total);
+    res_kv_dec(r, "tested", job.checked_bytes);
+    return count > 0;
+}
+
+/*
+ * The memhpgarbage step: a hostile guest's writes to the memory hot-plug
+ * controller (every offset of its page, odd sizes, slot numbers past the 8
+ * slots, eject requests); then it reads slot 0 back, which must still
+ * answer as a slot does. The VMM must survive all of it.
+ */
+bool step_memhpgarbage(struct result *r)
+{
+    u64 off;
+    u32 sel;
+    u8 status;
+
+    if (!mem_hp_map(0x1000, r))
+        return false;
+    for (off = 0; off < 0x40; off++) {
+        wr8(MEM_HP_ADDR + off, 0xff);
+        (void)rd8(MEM_HP_ADDR + off);
+        if (off + 2 <= 0x40) {
+            wr16(MEM_HP_ADDR + off, 0xffff);
+            (void)rd16(MEM_HP_ADDR + off);
+        }
+        if (off + 4 <= 0x40) {
+            wr32(MEM_HP_ADDR + off, 0xffffffffU);
+            (void)rd32(MEM_HP_ADDR + off);
+        }
+    }
+    for (sel = 8; sel < 0x100; sel += 7) {
+        wr32(MEM_HP_ADDR, sel);
+        wr8(MEM_HP_STATUS, 0xff);
+        if (rd32(MEM_HP_STATUS) || rd32(MEM_HP_ADDR) || rd32(MEM_HP_ADDR + 8)) {
+            res_str(r, "a slot past the 8 answered: slot=");
+            res_dec(r, sel);
+            return false;
+        }
+    }
+    wr32(MEM_HP_ADDR, 0);
+    status = rd8(MEM_HP_STATUS);
+    res_kv_hex(r, "slot0_status", status);
+    return true;
+}

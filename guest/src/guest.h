@@ -333,6 +333,8 @@ bool step_numa(struct result *r);
 /* ---- apic.c ---- */
 bool step_smp(struct result *r);
 bool step_cpuhotplug(struct result *r);
+bool step_memhotplug(struct result *r);
+bool step_memhpgarbage(struct result *r);
 bool step_cpuunplug(struct result *r);
 /* Waits (10 s at most) for the GED interrupt, found from the DSDT as the
  * hot-plug controllers are, and reads its event byte: the byte if it has

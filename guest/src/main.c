@@ -335,6 +335,7 @@ static const struct {
     {"pvpanic", step_pvpanic}, {"watchdog", step_watchdog}, {"vsock", step_vsock},
     {"pmem", step_pmem}, {"balloon", step_balloon}, {"numa", step_numa},
     {"acpidump", step_acpidump}, {"cpuhotplug", step_cpuhotplug}, {"cpuunplug", step_cpuunplug},
+    {"memhotplug", step_memhotplug}, {"memhpgarbage", step_memhpgarbage},
     {"fs", step_fs}, {"tpm", step_tpm},
 };
 
