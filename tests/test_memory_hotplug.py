@@ -19,6 +19,7 @@ import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
 from _http import read_reply
 from vmkit import VmConfig, testguest
+from vmkit.client import ApiError
 from vmkit.vm import Vm, VmError
 
 pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
@@ -242,3 +243,15 @@ def test_a_reboot_starts_the_resized_ram() -> None:
         assert info.config.memory.size == 192 * MIB
         assert info.memory_actual_size == 192 * MIB
         assert vm.state == "Running"
+
+
+def test_a_spawned_vm_grows_through_its_client() -> None:
+    config = VmConfig.from_cli(guest_args("size=64M,hotplug_size=512M", ("memhotplug",)))
+    with Vm.spawn(config) as vm:
+        vm.boot()
+        vm.resize_memory("192M")
+        info = vm.info()
+        assert info.config.memory.size == 192 * MIB
+        assert info.memory_actual_size == 192 * MIB
+        with pytest.raises(ApiError, match="Memory manager error: InvalidSize"):
+            vm.resize_memory("200M")
