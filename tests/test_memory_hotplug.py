@@ -215,20 +215,62 @@ def test_a_hostile_guest_cannot_hurt_the_controller() -> None:
         assert vm.state == "Running"
 
 
-def test_snapshots_and_migrations_are_refused_by_name(tmp_path: Path) -> None:
-    config = VmConfig.from_cli(guest_args("size=64M,hotplug_size=512M"))
+def test_a_snapshot_before_any_hot_add_keeps_the_area(tmp_path: Path) -> None:
+    # Nothing plugged yet: the snapshot carries boot RAM, and the restored VM
+    # has the same hot-plug area and controller, so a hot-add works there.
+    config = VmConfig.from_cli(guest_args("size=64M,hotplug_size=512M", ("memhotplug",)))
     with Vm(config) as vm:
         vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: memhotplug waiting$", timeout=30)
         vm.pause()
-        with pytest.raises(
-            VmError, match=r"memory hot-plug \(--memory hotplug_size\) cannot be snapshotted"
-        ):
-            vm.snapshot(tmp_path / "snap")
-        with pytest.raises(VmError, match=r"cannot be migrated"):
-            vm.migrate_to(tmp_path / "no.sock")
-        vm.resume()
-        assert vm.state == "Running"
-    assert not (tmp_path / "snap").exists() or not any((tmp_path / "snap").iterdir())
+        (tmp_path / "snap").mkdir()
+        vm.snapshot(tmp_path / "snap")
+    with Vm.restore(tmp_path / "snap") as restored:
+        restored.resume()
+        restored.resize_memory(320 * MIB)
+        assert restored.serial.wait_for("^vmkit-guest: step memhotplug ", timeout=60)
+        text = restored.serial.text
+        assert "step memhotplug ok event=0x2 slots=1 bytes=0x10000000" in text, text
+        assert restored.info().memory_actual_size == 320 * MIB
+
+
+def test_migration_before_any_hot_add_keeps_the_area(tmp_path: Path) -> None:
+    from test_migration import Receiver
+
+    config = VmConfig.from_cli(guest_args("size=64M,hotplug_size=512M", ("memhotplug",)))
+    with Vm(config) as sender:
+        sender.boot()
+        assert sender.serial.wait_for("^vmkit-guest: memhotplug waiting$", timeout=30)
+        receiver = Receiver(tmp_path / "m.sock")
+        try:
+            sender.migrate_to(tmp_path / "m.sock")
+        finally:
+            receiver.join()
+    assert receiver.error is None, receiver.error
+    assert receiver.vm is not None
+    with receiver.vm as moved:
+        moved.resize_memory(192 * MIB)
+        assert moved.serial.wait_for("^vmkit-guest: step memhotplug ", timeout=60)
+        assert "step memhotplug ok event=0x2 slots=1 bytes=0x8000000" in moved.serial.text
+
+
+def test_a_resized_vm_is_not_snapshotted_or_migrated(tmp_path: Path) -> None:
+    # Hot-added RAM (or a size vm.resize changed) is not carried yet: refused, saying so.
+    for sizes in ((192,), (32,)):
+        config = VmConfig.from_cli(guest_args("size=64M,hotplug_size=512M"))
+        with Vm(config) as vm:
+            vm.boot()
+            for size in sizes:
+                vm.resize_memory(size * MIB)
+            vm.pause()
+            (tmp_path / "snap").mkdir(exist_ok=True)
+            with pytest.raises(VmError, match=r"RAM vm.resize changed .* cannot be snapshotted"):
+                vm.snapshot(tmp_path / "snap")
+            with pytest.raises(VmError, match=r"cannot be migrated"):
+                vm.migrate_to(tmp_path / "no.sock")
+            vm.resume()
+            assert vm.state == "Running"
+        assert not any((tmp_path / "snap").iterdir()), "nothing written"
 
 
 def test_a_reboot_starts_the_resized_ram() -> None:

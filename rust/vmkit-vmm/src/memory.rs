@@ -181,7 +181,10 @@ pub struct GuestRam {
     pub shared_files: Option<Vec<File>>,
     /// The ACPI memory hot-plug area (`hotplug_size`): mapped in the VMM
     /// (the last region of `memory`) but not given to the guest (no KVM
-    /// slot, not in `ranges`) until `vm.resize` plugs a DIMM of it.
+    /// slot, not in `ranges`) until `vm.resize` plugs a DIMM of it. Devices
+    /// see the whole area from boot (their memory is fixed when they are
+    /// built): a guest that points one at RAM not plugged yet only makes the
+    /// VMM touch host pages of the area, within `hotplug_size`.
     pub hotplug: Option<HotplugArea>,
 }
 
@@ -589,21 +592,29 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
         .iter()
         .map(backing_file)
         .collect::<Result<Vec<_>>>()?;
-    let hotplug = acpi_hotplug_size(config)?;
-    let area_backing = hotplug.and_then(|size| {
-        let memory = backings.iter().find(|b| b.zone == DEFAULT_MEMORY_ZONE)?;
-        Some(Backing {
+    let area = hotplug_area_backing(config, &backings)?;
+    let mut ram = lay_out_guest_ram(backings, files)?;
+    if let Some(backing) = area {
+        add_hotplug_area(&mut ram, &backing)?;
+    }
+    Ok(ram)
+}
+
+/// How the ACPI hot-plug area is backed: as `--memory size=`'s RAM, never
+/// prefaulted (None without `hotplug_size`).
+fn hotplug_area_backing(config: &MemoryConfig, backings: &[Backing]) -> Result<Option<Backing>> {
+    let Some(size) = acpi_hotplug_size(config)? else {
+        return Ok(None);
+    };
+    Ok(backings
+        .iter()
+        .find(|b| b.zone == DEFAULT_MEMORY_ZONE)
+        .map(|memory| Backing {
             name: "memory hot-plug area".to_owned(),
             size,
             prefault: false,
             ..memory.clone()
-        })
-    });
-    let mut ram = lay_out_guest_ram(backings, files)?;
-    if let Some(backing) = area_backing {
-        add_hotplug_area(&mut ram, &backing)?;
-    }
-    Ok(ram)
+        }))
 }
 
 /// Maps the hot-plug area after boot RAM, where Cloud Hypervisor puts it
@@ -653,7 +664,13 @@ pub fn create_guest_ram_to_fill(config: &MemoryConfig) -> Result<GuestRam> {
             empty_file(backing, path, file)?;
         }
     }
-    lay_out_guest_ram(backings, files)
+    // A snapshot or migration carries no hot-added DIMM: the area comes back empty.
+    let area = hotplug_area_backing(config, &backings)?;
+    let mut ram = lay_out_guest_ram(backings, files)?;
+    if let Some(backing) = area {
+        add_hotplug_area(&mut ram, &backing)?;
+    }
+    Ok(ram)
 }
 
 /// Makes the first `backing.size` bytes of `file` zeros: holes where the
@@ -765,7 +782,9 @@ pub fn map_guest_ram_from_file(
     file: &File,
     prefault: bool,
 ) -> Result<GuestRam> {
-    let snapshot: Vec<Backing> = backings(config)?
+    let backings = backings(config)?;
+    let area = hotplug_area_backing(config, &backings)?;
+    let snapshot: Vec<Backing> = backings
         .into_iter()
         .map(|backing| Backing {
             name: format!("{} (snapshot)", backing.name),
@@ -784,13 +803,18 @@ pub fn map_guest_ram_from_file(
         file_offset += size;
         Ok(region)
     })?;
-    Ok(GuestRam {
+    let mut ram = GuestRam {
         memory,
         ranges,
         anonymous: false,
         shared_files: None,
         hotplug: None,
-    })
+    };
+    // The snapshot holds no hot-added DIMM: the area comes back empty.
+    if let Some(backing) = area {
+        add_hotplug_area(&mut ram, &backing)?;
+    }
+    Ok(ram)
 }
 
 #[cfg(test)]
@@ -852,7 +876,7 @@ mod tests {
         );
         assert_eq!(ram.ranges, vec![(0, 64 << 20)]);
         assert_eq!(ram.total_size(), 64 << 20);
-        // Mapped in the VMM (devices reach a DIMM once it is plugged).
+        // Mapped in the VMM as one region after boot RAM.
         assert!(ram.memory.address_in_range(GuestAddress((5 << 30) - 1)));
         assert!(!ram.memory.address_in_range(GuestAddress(5 << 30)));
         let layout = ram.hotplug_layout().unwrap();

@@ -139,8 +139,8 @@ pub enum VmError {
     #[error("Memory manager error: {0}")]
     MemoryResize(crate::devices::memory_hotplug::ResizeError),
     #[error(
-        "A VM with ACPI memory hot-plug (--memory hotplug_size) cannot be {what}: vmkit does \
-         not carry the hot-plug area and its DIMMs yet"
+        "A VM whose RAM vm.resize changed (ACPI memory hot-plug) cannot be {what}: vmkit does \
+         not carry hot-added memory yet"
     )]
     MemoryHotplugState { what: &'static str },
     #[error(
@@ -279,6 +279,9 @@ struct Instance {
     ejected: Arc<Mutex<BTreeMap<u8, VcpuFd>>>,
     /// Each started vCPU thread, for the eject handler to kick.
     vcpu_threads: Arc<Mutex<BTreeMap<u8, libc::pthread_t>>>,
+    /// `--memory size` this boot was built with (a later boot starts the
+    /// size `vm.resize` set).
+    memory_size: u64,
 }
 
 /// A vCPU whose thread has not been started.
@@ -1385,12 +1388,13 @@ impl Vm {
             }
         };
         for slot in 0..ram.memory.num_regions() {
-            let mem_region =
-                migration::memory_slot(&ram, slot, false).ok_or(VmError::HostAddress { slot })?;
             // The hot-plug area reaches the guest a DIMM at a time (vm.resize).
-            if ram.hotplug.map(|area| area.base) == Some(mem_region.guest_phys_addr) {
-                continue;
-            }
+            let Some(mem_region) = migration::memory_slot(&ram, slot, false) else {
+                if ram.hotplug.is_some() && slot + 1 == ram.memory.num_regions() {
+                    continue;
+                }
+                return Err(VmError::HostAddress { slot }.into());
+            };
             // SAFETY: the mapping outlives the VM fd: both live in the Instance,
             // and the VM fd is dropped (after its vCPUs) before the memory.
             unsafe { vm_fd.set_user_memory_region(mem_region) }
@@ -1536,6 +1540,7 @@ impl Vm {
             host,
             ejected,
             vcpu_threads,
+            memory_size: config.memory.size,
         })
     }
 
@@ -1560,7 +1565,7 @@ impl Vm {
         let Some(instance) = &life.instance else {
             return Err(VmError::NotRunning.into());
         };
-        if instance._ram.hotplug.is_some() {
+        if self.ram_resized(instance) {
             return Err(VmError::MemoryHotplugState {
                 what: "snapshotted",
             }
@@ -1595,6 +1600,19 @@ impl Vm {
         Ok(())
     }
 
+    /// Whether `vm.resize` hot-added RAM or changed the RAM size: a snapshot
+    /// or migration would lose it (its config and layout are the boot's).
+    fn ram_resized(&self, instance: &Instance) -> bool {
+        let plugged = instance
+            .devices
+            .memory_hotplug()
+            .slots()
+            .iter()
+            .any(|slot| slot.active);
+        let size = *self.memory_now.lock().unwrap_or_else(|p| p.into_inner());
+        plugged || size.is_some_and(|size| size != instance.memory_size)
+    }
+
     /// The config a snapshot or migration carries: the vCPUs running now
     /// (after `vm.resize`) are the ones a restore starts. Refused while a
     /// vCPU the guest has not ejected yet is marked for removal: its state
@@ -1610,6 +1628,7 @@ impl Vm {
         }
         let mut config = self.config().clone();
         config.cpus.boot_vcpus = hotplug.present();
+        config.memory.size = instance.memory_size;
         Ok(config)
     }
 
@@ -1747,7 +1766,7 @@ impl Vm {
         if !matches!(life.state, VmState::Running | VmState::Paused) {
             return Err(VmError::NotRunning.into());
         }
-        if instance._ram.hotplug.is_some() {
+        if self.ram_resized(instance) {
             return Err(VmError::MemoryHotplugState { what: "migrated" }.into());
         }
         if local && instance._ram.shared_files.is_none() {
