@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import socket as socketlib
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,17 @@ def put(socket: Path, endpoint: str, body: dict[str, int]) -> tuple[int, str]:
         )
         reply = read_reply(sock)
     return reply.status, reply.text.strip()
+
+
+def wait_running(socket: Path, vmm: VmmProcess, timeout: float = 30) -> None:
+    """Waits until the VMM's VM is booted: before that, vm.resize only edits the config."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, info, _ = ch_remote(socket, "info")
+        if status == 0 and json.loads(info)["state"] == "Running":
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the VM never ran: {vmm.log}")
 
 
 def guest_args(
@@ -136,6 +148,7 @@ def test_the_http_api_answers_as_cloud_hypervisor(kind: str, tmp_path: Path) -> 
         args = tuple(guest_args(memory, serial=f"file={tmp_path / f'serial{index}'}"))
         vmm = VmmProcess(kind, socket, tmp_path / f"log{index}", extra=args)
         try:
+            wait_running(socket, vmm)
             seen = []
             for size, *_ in script:
                 status, text = put(socket, "vm.resize", {"desired_ram": size * MIB})
@@ -167,6 +180,7 @@ def test_ch_remote_resize_answers_as_cloud_hypervisor(kind: str, tmp_path: Path)
     args = tuple(guest_args("size=512M,hotplug_size=1G", serial=f"file={tmp_path / 'serial'}"))
     vmm = VmmProcess(kind, socket, tmp_path / "log", extra=args)
     try:
+        wait_running(socket, vmm)
         seen = []
         for command, *_ in CH_REMOTE_SCRIPT:
             status, _, stderr = ch_remote(socket, *command.split())
