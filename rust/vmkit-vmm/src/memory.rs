@@ -154,6 +154,10 @@ struct Backing {
     prefault: bool,
     mergeable: bool,
     thp: bool,
+    /// Huge pages are taken as the guest touches them, not counted up
+    /// front (the hot-plug area: as in Cloud Hypervisor, a DIMM's pages
+    /// come from the host pool when the guest uses them).
+    on_demand: bool,
 }
 
 impl Backing {
@@ -280,6 +284,7 @@ fn backings(config: &MemoryConfig) -> Result<Vec<Backing>> {
             prefault: config.prefault,
             mergeable: config.mergeable,
             thp: config.thp,
+            on_demand: false,
         });
     }
     for zone in config.zones.iter().flatten() {
@@ -317,6 +322,7 @@ fn zone_backing(config: &MemoryConfig, zone: &MemoryZoneConfig) -> Result<Backin
         prefault: zone.prefault,
         mergeable: config.mergeable,
         thp: config.thp,
+        on_demand: false,
     })
 }
 
@@ -379,7 +385,9 @@ fn memfd(backing: &Backing) -> Result<File> {
     let mut flags = libc::MFD_CLOEXEC;
     if backing.hugepages {
         let page_size = huge_page_size(backing)?;
-        check_free_huge_pages(backing, page_size)?;
+        if !backing.on_demand {
+            check_free_huge_pages(backing, page_size)?;
+        }
         flags |= libc::MFD_HUGETLB | (page_size.trailing_zeros() << libc::MFD_HUGE_SHIFT);
     }
     // SAFETY: name is a valid NUL-terminated string; the result is checked.
@@ -613,6 +621,7 @@ fn hotplug_area_backing(config: &MemoryConfig, backings: &[Backing]) -> Result<O
             name: "memory hot-plug area".to_owned(),
             size,
             prefault: false,
+            on_demand: true,
             ..memory.clone()
         }))
 }
