@@ -90,6 +90,38 @@ def test_the_guest_uses_hot_added_memory(image: str) -> None:
         assert vm.state == "Running"
 
 
+@pytest.mark.parametrize("kind", ["vmkit", "ch"])
+def test_the_same_guest_code_hot_adds_memory_on_vmkit_and_cloud_hypervisor(
+    kind: str, tmp_path: Path
+) -> None:
+    # The guest finds the GED and the controller through the DSDT (the two
+    # VMMs place them differently): the same DIMM at the same address, the
+    # same registers, driven by the real ch-remote.
+    if CH_DIR is None:
+        pytest.skip(CH_MISSING)
+    serial = tmp_path / "serial"
+    args = guest_args("size=64M,hotplug_size=1G", ("memhotplug",), serial=f"file={serial}")
+    vmm = VmmProcess(kind, tmp_path / "api.sock", tmp_path / "log", extra=tuple(args))
+
+    def wait_for(line: str) -> str:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            text = serial.read_text(errors="replace") if serial.exists() else ""
+            if re.search(line, text, re.MULTILINE):
+                return text
+            time.sleep(0.01)
+        raise AssertionError(f"{kind}: no {line!r}: {text[-2000:]}\n{vmm.log}")
+
+    try:
+        wait_for("^vmkit-guest: memhotplug waiting$")
+        assert ch_remote(vmm.socket_path, "resize", "--memory", "320M")[0] == 0, vmm.log
+        text = wait_for("^vmkit-guest: step memhotplug ")
+        assert "memhotplug inserted slot=0 base=0x100000000 size=0x10000000" in text, text
+        assert re.search(r"step memhotplug ok event=0x2 slots=1 bytes=0x10000000 ", text), text
+    finally:
+        vmm.stop()
+
+
 def test_resizes_and_errors_through_vmkit_vm() -> None:
     config = VmConfig.from_cli(guest_args("size=512M,hotplug_size=1G"))
     with Vm(config) as vm:
