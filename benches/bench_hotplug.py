@@ -17,7 +17,8 @@ and polls the guest's serial file every millisecond:
 - *seen*: the guest has taken the GED interrupt and found the change in the
   controller's registers (its first ``inserted``/``ejected`` line);
 - *done*: the guest's step has finished (new vCPUs started with INIT-SIPI
-  and running; removed ones ejected).
+  and running; removed ones ejected; new RAM mapped and pattern-tested at
+  CPL3: its first and last 64 KiB, a qword per 64 KiB between).
 
 On kvm_pvm the guest's CPL0 code is emulated (~0.55 µs an instruction), which
 weighs on *seen* and *done* alike for both VMMs: compare the ratios.
@@ -86,6 +87,21 @@ CASES = {
                 {"desired_vcpus": 1},
                 r"^vmkit-guest: cpuunplug ejected ",
                 r"^vmkit-guest: step cpuunplug ok ",
+            ),
+        ),
+    ),
+    "memory": Case(
+        name="RAM 64 MiB → 320 MiB (ACPI)",
+        vmm_args=("--cpus", "boot=1", "--memory", "size=64M,hotplug_size=1G"),
+        steps=("memhotplug",),
+        waiting="memhotplug waiting",
+        changes=(
+            Change(
+                "add 256 MiB (ACPI DIMM)",
+                "vm.resize",
+                {"desired_ram": 320 << 20},
+                r"^vmkit-guest: memhotplug inserted ",
+                r"^vmkit-guest: step memhotplug ok ",
             ),
         ),
     ),
