@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
 from vmkit import VmConfig, testguest
+from vmkit.client import ApiError
 from vmkit.vm import Vm, VmError
 
 pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
@@ -311,3 +312,13 @@ def test_a_reboot_starts_the_resized_count() -> None:
         vm.resize_vcpus(3)
         assert sorted(vcpu_threads()) == ["vcpu0", "vcpu1", "vcpu2"]
     assert no_vcpu_threads_left(), vcpu_threads()
+
+
+def test_a_spawned_vm_resizes_through_its_client() -> None:
+    with Vm.spawn(VmConfig.from_cli(guest_args("boot=1,max=3"))) as vm:
+        vm.boot()
+        vm.resize_vcpus(3)
+        assert vm.info().config.cpus.boot_vcpus == 3
+        assert len(confined_vcpu_threads(vm.pid, 3)) == 3
+        with pytest.raises(ApiError, match="Requested vCPUs exceed maximum"):
+            vm.resize_vcpus(4)

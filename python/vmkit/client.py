@@ -933,6 +933,11 @@ class SpawnedVm:
         """``vm.power-button``: presses the guest's ACPI power button."""
         self.client.power_button()
 
+    def resize_vcpus(self, vcpus: int) -> None:
+        """``vm.resize {"desired_vcpus"}``: hot-plugs or unplugs vCPUs as
+        ``Vm.resize_vcpus`` does."""
+        self.client.resize(cpus=vcpus)
+
     def resize_memory(self, size: int | str) -> None:
         """``vm.resize {"desired_ram"}``: the VM's new RAM size (bytes or
         ``"1G"``), hot-added through ACPI as ``Vm.resize_memory`` does."""
