@@ -1,6 +1,7 @@
 //! The legacy platform devices a guest reaches through port I/O and MMIO:
 //! the 16550 serial port (with host input), the i8042, the ACPI shutdown
-//! device, the debug port, the GED and the IOAPIC (its routes in a real KVM
+//! device, the debug port, the GED, the CPU hot-plug controller (with the
+//! host's resizes interleaved) and the IOAPIC (its routes in a real KVM
 //! VM's table), at their addresses on real buses.
 //! Accesses of any size at any port; the devices may only stop the VM
 //! (power-off, reset), never panic.
@@ -10,13 +11,14 @@ use std::sync::{Arc, Mutex};
 use vm_superio::{I8042Device, Serial};
 use vmkit_vmm::acpi::ACPI_SHUTDOWN_PORT;
 use vmkit_vmm::control::Control;
+use vmkit_vmm::devices::cpu_hotplug::{CpuHotplug, CpuHotplugRegisters, CPU_HOTPLUG_SIZE};
 use vmkit_vmm::devices::ioapic::{Ioapic, IOAPIC_SIZE};
 use vmkit_vmm::devices::legacy::{
     AcpiShutdown, DebugPort, Ged, GedRegister, ResetTrigger, GED_POWER_BUTTON, I8042,
 };
 use vmkit_vmm::devices::serial::{InputSink, IrqTrigger, SerialDevice, SerialSink};
 use vmkit_vmm::devices::Bus;
-use vmkit_vmm::layout::{GED_ADDRESS, GED_SIZE, IOAPIC_START};
+use vmkit_vmm::layout::{CPU_HOTPLUG_ADDRESS, GED_ADDRESS, GED_SIZE, IOAPIC_START};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::input::Input;
@@ -33,6 +35,12 @@ pub fn legacy_io(data: &[u8]) {
         uart: Serial::new(IrqTrigger(irq), SerialSink(backend.clone())),
     }));
     let ged = Arc::new(Ged::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")));
+    let cpus = Arc::new(CpuHotplug::new(1, 1 + input.u8() % 8));
+    let ejected = Arc::new(Mutex::new(Vec::new()));
+    let log = ejected.clone();
+    cpus.set_eject_handler(Box::new(move |index| {
+        log.lock().unwrap().push(index);
+    }));
     let routes = crate::pci::routes().expect("the target needs /dev/kvm");
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
@@ -66,6 +74,11 @@ pub fn legacy_io(data: &[u8]) {
             Arc::new(Mutex::new(GedRegister(ged.clone()))),
         ),
         mmio.insert(
+            CPU_HOTPLUG_ADDRESS,
+            CPU_HOTPLUG_SIZE,
+            Arc::new(Mutex::new(CpuHotplugRegisters(cpus.clone()))),
+        ),
+        mmio.insert(
             IOAPIC_START,
             IOAPIC_SIZE,
             Arc::new(Mutex::new(Ioapic::new(routes))),
@@ -87,22 +100,31 @@ pub fn legacy_io(data: &[u8]) {
                 pio.write(port, input.bytes(len));
             }
             4 => {
-                // Host input for the serial port, or a power-button press.
-                let count = usize::from(input.u8() % 64);
+                // Host input for the serial port, a power-button press or a
+                // vCPU resize (the guest's ejects keep the state consistent).
+                let count = usize::from(input.u8() % 72);
                 if count == 0 {
                     let _ = ged.notify(GED_POWER_BUTTON);
+                } else if count >= 64 {
+                    if let Ok(plan) = cpus.resize((count - 63) as u8) {
+                        let slots = cpus.slots();
+                        assert!(plan.start.iter().all(|&i| slots[usize::from(i)].enabled));
+                    }
+                    // The guest may eject any vCPU, vCPU 0 included, as in v37.
+                    assert!(usize::from(cpus.present()) <= cpus.slots().len());
                 } else {
                     serial.feed(input.bytes(count));
                 }
             }
             _ => {
-                // The GED, or the IOAPIC's selector, window and beyond.
+                // The GED, the CPU hot-plug controller, or the IOAPIC's
+                // selector, window and beyond.
                 let how = input.u8();
                 let offset = u64::from(input.u8() % 0x20);
-                let addr = if how & 2 == 0 {
-                    GED_ADDRESS + offset % 8
-                } else {
-                    IOAPIC_START + offset
+                let addr = match how & 6 {
+                    0 => GED_ADDRESS + offset % 8,
+                    2 => CPU_HOTPLUG_ADDRESS + offset % 0x10,
+                    _ => IOAPIC_START + offset,
                 };
                 if how & 1 == 0 {
                     mmio.read(addr, &mut buffer[..len]);

@@ -344,6 +344,7 @@ static const struct {
     {"pmem", step_pmem}, {"balloon", step_balloon}, {"virtiomem", step_virtiomem},
     {"numa", step_numa},
     {"acpidump", step_acpidump}, {"cpuhotplug", step_cpuhotplug}, {"cpuunplug", step_cpuunplug},
+    {"memhotplug", step_memhotplug}, {"memhpgarbage", step_memhpgarbage},
     {"fs", step_fs}, {"tpm", step_tpm},
 };
 

@@ -257,11 +257,11 @@ class RemoteVmHandle:
     def resize_vcpus(self, vcpus: int) -> None:
         self._channel.call("resize_vcpus", vcpus=vcpus)
 
-    def resize_balloon(self, bytes: int) -> None:
-        self._channel.call("resize_balloon", bytes=bytes)
-
     def resize_memory(self, bytes: int) -> None:
         self._channel.call("resize_memory", bytes=bytes)
+
+    def resize_balloon(self, bytes: int) -> None:
+        self._channel.call("resize_balloon", bytes=bytes)
 
     def resize_zone(self, zone: str, bytes: int) -> None:
         self._channel.call("resize_zone", zone=zone, bytes=bytes)

@@ -615,25 +615,19 @@ class Vmm:
         desired_balloon: int | None = None,
     ) -> None:
         """``vm.resize``: on a VM that is not booted, edits the config; on a
-        booted one, hot-plugs or unplugs vCPUs, resizes RAM with virtio-mem
-        and sets the balloon's target, in v37's order (ACPI memory hot-plug
-        is not supported yet)."""
+        booted one, hot-plugs or unplugs vCPUs, resizes RAM (an ACPI DIMM, or
+        the default zone's virtio-mem device) and sets the balloon's target,
+        in v37's order."""
         with self.lock:
             if self.config is None:
                 raise ApiError(VM_NOT_CREATED)
             if self.vm is not None:
-                live = self._live_config(self.vm)
-                virtio_mem = live.memory.hotplug_method == "VirtioMem"
-                if desired_ram is not None and not virtio_mem and desired_ram != live.memory.size:
-                    raise ApiError(
-                        "Cannot resize VM: resizing a booted VM's RAM is not supported yet"
-                    )
                 if desired_vcpus is not None:
                     try:
                         self.vm.resize_vcpus(desired_vcpus)
                     except VmError as e:
                         raise ApiError(str(e)) from None
-                if desired_ram is not None and virtio_mem:
+                if desired_ram is not None:
                     try:
                         self.vm.resize_memory(desired_ram)
                     except VmError as e:

@@ -441,13 +441,13 @@ fn handle(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Opti
             Some(vcpus) => done(vm.resize_vcpus(vcpus)),
             None => error("Device", "resize_vcpus: no vCPU count"),
         },
-        "resize_balloon" => match request["bytes"].as_u64() {
-            Some(bytes) => done(vm.resize_balloon(bytes)),
-            None => error("Device", "resize_balloon: no bytes"),
-        },
         "resize_memory" => match request["bytes"].as_u64() {
             Some(bytes) => done(vm.resize_memory(bytes)),
             None => error("Device", "resize_memory: no bytes"),
+        },
+        "resize_balloon" => match request["bytes"].as_u64() {
+            Some(bytes) => done(vm.resize_balloon(bytes)),
+            None => error("Device", "resize_balloon: no bytes"),
         },
         "resize_zone" => match (request["zone"].as_str(), request["bytes"].as_u64()) {
             (Some(zone), Some(bytes)) => done(vm.resize_zone(zone, bytes)),

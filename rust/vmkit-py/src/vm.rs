@@ -224,15 +224,15 @@ impl VmHandle {
             .map_err(|e| vm_error(py, e))
     }
 
-    /// `vm.resize {"desired_balloon": bytes}`.
-    fn resize_balloon(&self, py: Python<'_>, bytes: u64) -> PyResult<()> {
-        py.detach(|| self.vm.resize_balloon(bytes))
+    /// `vm.resize {"desired_ram": bytes}` on a running VM (an ACPI DIMM or virtio-mem).
+    fn resize_memory(&self, py: Python<'_>, bytes: u64) -> PyResult<()> {
+        py.detach(|| self.vm.resize_memory(bytes))
             .map_err(|e| vm_error(py, e))
     }
 
-    /// `vm.resize {"desired_ram": bytes}` (virtio-mem).
-    fn resize_memory(&self, py: Python<'_>, bytes: u64) -> PyResult<()> {
-        py.detach(|| self.vm.resize_memory(bytes))
+    /// `vm.resize {"desired_balloon": bytes}`.
+    fn resize_balloon(&self, py: Python<'_>, bytes: u64) -> PyResult<()> {
+        py.detach(|| self.vm.resize_balloon(bytes))
             .map_err(|e| vm_error(py, e))
     }
 

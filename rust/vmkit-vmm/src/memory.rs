@@ -10,6 +10,7 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress};
 use vmkit_config::{HotplugMethod, MemoryConfig, MemoryZoneConfig};
 
+use crate::devices::memory_hotplug::HotplugLayout;
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::layout::{MEM_32BIT_RESERVED_START, RAM_64BIT_START};
 
@@ -80,6 +81,9 @@ pub fn region_backing(region: &GuestRegionMmap) -> std::io::Result<RegionBacking
 pub enum MemoryError {
     #[error("Memory hotplug (hotplug_size, hotplugged_size) is not supported yet")]
     Hotplug,
+    /// v37's `InvalidMemoryParameters`, with the reason it logs.
+    #[error("Invalid memory parameters: {0} (InvalidMemoryParameters)")]
+    InvalidParameters(&'static str),
     #[error("Memory zone {zone}: {what} is not supported yet")]
     ZoneUnsupported { zone: String, what: &'static str },
     /// A zone's virtio-mem settings, in Cloud Hypervisor's words.
@@ -160,6 +164,10 @@ struct Backing {
     prefault: bool,
     mergeable: bool,
     thp: bool,
+    /// Huge pages are taken as the guest touches them, not counted up
+    /// front (the hot-plug area: as in Cloud Hypervisor, a DIMM's pages
+    /// come from the host pool when the guest uses them).
+    on_demand: bool,
 }
 
 impl Backing {
@@ -185,6 +193,13 @@ pub struct GuestRam {
     /// Each backing's file, when every backing is mapped shared from one
     /// (`shared=on` or huge pages): a local migration hands them over.
     pub shared_files: Option<Vec<File>>,
+    /// The ACPI memory hot-plug area (`hotplug_size`): mapped in the VMM
+    /// (the last region of `memory`) but not given to the guest (no KVM
+    /// slot, not in `ranges`) until `vm.resize` plugs a DIMM of it. Devices
+    /// see the whole area from boot (their memory is fixed when they are
+    /// built): a guest that points one at RAM not plugged yet only makes the
+    /// VMM touch host pages of the area, within `hotplug_size`.
+    pub hotplug: Option<HotplugArea>,
     /// The virtio-mem regions past RAM (in `memory`, not in `ranges`).
     pub virtio_mem: Vec<VirtioMemZone>,
 }
@@ -200,17 +215,47 @@ pub struct VirtioMemZone {
     pub backing: RegionBacking,
 }
 
+/// Guest-physical range reserved for ACPI memory hot-plug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HotplugArea {
+    pub base: u64,
+    pub size: u64,
+}
+
 impl GuestRam {
-    pub fn total_size(&self) -> u64 {
-        self.ranges.iter().map(|r| r.1).sum()
+    /// Where the 64-bit device area starts: after RAM and the hot-plug area.
+    pub fn hotplug_layout(&self) -> Option<HotplugLayout> {
+        match self.hotplug {
+            Some(area) => Some(HotplugLayout {
+                area_start: area.base,
+                device_area_start: area.base.checked_add(area.size)?,
+            }),
+            None => HotplugLayout::new(self.last_ram_byte(), None),
+        }
     }
 
-    /// Where the 64-bit device area may start: past RAM and the virtio-mem
-    /// regions.
+    /// The last byte of boot RAM.
+    pub fn last_ram_byte(&self) -> u64 {
+        self.ranges
+            .iter()
+            .map(|r| r.0 + r.1)
+            .max()
+            .unwrap_or(0)
+            .saturating_sub(1)
+    }
+
+    /// Where the 64-bit device area starts: after RAM and whichever
+    /// hot-plug memory follows it (the ACPI area or the virtio-mem regions).
     pub fn device_area_start(&self) -> u64 {
-        let ram = self.ranges.iter().map(|r| r.0 + r.1);
-        let hotplug = self.virtio_mem.iter().map(|z| z.addr + z.size);
-        ram.chain(hotplug).max().unwrap_or(0)
+        let acpi = self
+            .hotplug_layout()
+            .map_or(u64::MAX, |layout| layout.device_area_start);
+        let virtio_mem = self.virtio_mem.iter().map(|z| z.addr + z.size).max();
+        virtio_mem.map_or(acpi, |end| end.max(acpi))
+    }
+
+    pub fn total_size(&self) -> u64 {
+        self.ranges.iter().map(|r| r.1).sum()
     }
 
     /// End of RAM below the MMIO hole.
@@ -224,11 +269,40 @@ impl GuestRam {
     }
 }
 
-fn backings(config: &MemoryConfig) -> Result<Vec<Backing>> {
-    let acpi = config.hotplug_method == HotplugMethod::Acpi;
-    if acpi && (config.hotplug_size.is_some() || config.hotplugged_size.is_some()) {
-        return Err(MemoryError::Hotplug.into());
+/// The ACPI hot-plug area's size (`hotplug_size` with `hotplug_method=acpi`),
+/// after v37's checks of the hot-plug options (virtio-mem's are in
+/// `virtio_mem_plans`).
+fn acpi_hotplug_size(config: &MemoryConfig) -> Result<Option<u64>> {
+    if config.hotplug_method == HotplugMethod::VirtioMem {
+        return Ok(None);
     }
+    // v37's MemoryManager::validate_memory_config, in its order.
+    if let Some(hotplugged) = config.hotplugged_size {
+        match config.hotplug_size {
+            Some(hotplug) if hotplugged > hotplug => {
+                return Err(MemoryError::InvalidParameters(
+                    "'hotplugged_size' can't be bigger than 'hotplug_size'",
+                )
+                .into())
+            }
+            Some(_) => {}
+            None => {
+                return Err(MemoryError::InvalidParameters(
+                    "Invalid to define 'hotplugged_size' when there is no 'hotplug_size'",
+                )
+                .into())
+            }
+        }
+        return Err(MemoryError::InvalidParameters(
+            "Invalid to define 'hotplugged_size' with hotplug method 'acpi'",
+        )
+        .into());
+    }
+    Ok(config.hotplug_size.filter(|_| config.size > 0))
+}
+
+fn backings(config: &MemoryConfig) -> Result<Vec<Backing>> {
+    acpi_hotplug_size(config)?;
     let mut list = Vec::new();
     if config.size > 0 {
         list.push(Backing {
@@ -242,6 +316,7 @@ fn backings(config: &MemoryConfig) -> Result<Vec<Backing>> {
             prefault: config.prefault,
             mergeable: config.mergeable,
             thp: config.thp,
+            on_demand: false,
         });
     }
     for zone in config.zones.iter().flatten() {
@@ -280,6 +355,7 @@ fn zone_backing(config: &MemoryConfig, zone: &MemoryZoneConfig) -> Result<Backin
         prefault: zone.prefault,
         mergeable: config.mergeable,
         thp: config.thp,
+        on_demand: false,
     })
 }
 
@@ -459,7 +535,9 @@ fn memfd(backing: &Backing) -> Result<File> {
     let mut flags = libc::MFD_CLOEXEC;
     if backing.hugepages {
         let page_size = huge_page_size(backing)?;
-        check_free_huge_pages(backing, page_size)?;
+        if !backing.on_demand {
+            check_free_huge_pages(backing, page_size)?;
+        }
         flags |= libc::MFD_HUGETLB | (page_size.trailing_zeros() << libc::MFD_HUGE_SHIFT);
     }
     // SAFETY: name is a valid NUL-terminated string; the result is checked.
@@ -691,7 +769,11 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
         .iter()
         .map(backing_file)
         .collect::<Result<Vec<_>>>()?;
+    let area = hotplug_area_backing(config, &backings)?;
     let mut ram = lay_out_guest_ram(backings, files)?;
+    if let Some(backing) = area {
+        add_hotplug_area(&mut ram, &backing)?;
+    }
     add_virtio_mem_regions(&mut ram, plans)?;
     Ok(ram)
 }
@@ -699,7 +781,8 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
 /// Maps each virtio-mem region past RAM, into guest memory.
 fn add_virtio_mem_regions(ram: &mut GuestRam, plans: Vec<HotplugPlan>) -> Result<()> {
     let sizes: Vec<u64> = plans.iter().map(|p| p.backing.size).collect();
-    let starts = place_virtio_mem(ram.device_area_start(), &sizes)?;
+    let ram_end = ram.ranges.iter().map(|r| r.0 + r.1).max().unwrap_or(0);
+    let starts = place_virtio_mem(ram_end, &sizes)?;
     for (plan, addr) in plans.into_iter().zip(starts) {
         let file = backing_file(&plan.backing)?;
         let region = map_region(&plan.backing, file.as_ref(), 0, addr, plan.backing.size)?;
@@ -717,6 +800,45 @@ fn add_virtio_mem_regions(ram: &mut GuestRam, plans: Vec<HotplugPlan>) -> Result
             backing,
         });
     }
+    Ok(())
+}
+
+/// How the ACPI hot-plug area is backed: as `--memory size=`'s RAM, never
+/// prefaulted (None without `hotplug_size`).
+fn hotplug_area_backing(config: &MemoryConfig, backings: &[Backing]) -> Result<Option<Backing>> {
+    let Some(size) = acpi_hotplug_size(config)? else {
+        return Ok(None);
+    };
+    Ok(backings
+        .iter()
+        .find(|b| b.zone == DEFAULT_MEMORY_ZONE)
+        .map(|memory| Backing {
+            name: "memory hot-plug area".to_owned(),
+            size,
+            prefault: false,
+            on_demand: true,
+            ..memory.clone()
+        }))
+}
+
+/// Maps the hot-plug area after boot RAM, where Cloud Hypervisor puts it
+/// (`HotplugLayout`), as the last region of guest memory.
+fn add_hotplug_area(ram: &mut GuestRam, backing: &Backing) -> Result<()> {
+    let layout = HotplugLayout::new(ram.last_ram_byte(), Some(backing.size))
+        .ok_or(MemoryError::AddressSpace)?;
+    let file = backing_file(backing)?;
+    let region = map_region(backing, file.as_ref(), 0, layout.area_start, backing.size)?;
+    let memory = ram
+        .memory
+        .insert_region(std::sync::Arc::new(region))
+        .map_err(|source| MemoryError::Regions { source })?;
+    ram.memory = memory;
+    ram.hotplug = Some(HotplugArea {
+        base: layout.area_start,
+        size: backing.size,
+    });
+    // A local migration hands over boot RAM's files only: not this VM's.
+    ram.shared_files = None;
     Ok(())
 }
 
@@ -747,7 +869,13 @@ pub fn create_guest_ram_to_fill(config: &MemoryConfig) -> Result<GuestRam> {
             empty_file(backing, path, file)?;
         }
     }
-    lay_out_guest_ram(backings, files)
+    // A snapshot or migration carries no hot-added DIMM: the area comes back empty.
+    let area = hotplug_area_backing(config, &backings)?;
+    let mut ram = lay_out_guest_ram(backings, files)?;
+    if let Some(backing) = area {
+        add_hotplug_area(&mut ram, &backing)?;
+    }
+    Ok(ram)
 }
 
 /// Makes the first `backing.size` bytes of `file` zeros: holes where the
@@ -794,6 +922,7 @@ fn lay_out_guest_ram(backings: Vec<Backing>, files: Vec<Option<File>>) -> Result
         ranges,
         anonymous,
         shared_files,
+        hotplug: None,
         virtio_mem: Vec::new(),
     })
 }
@@ -847,6 +976,7 @@ pub fn map_guest_ram_from_shared_files(
         ranges,
         anonymous: false,
         shared_files: Some(files),
+        hotplug: None,
         virtio_mem: Vec::new(),
     })
 }
@@ -861,7 +991,9 @@ pub fn map_guest_ram_from_file(
     prefault: bool,
 ) -> Result<GuestRam> {
     refuse_virtio_mem(config, "restore")?;
-    let snapshot: Vec<Backing> = backings(config)?
+    let backings = backings(config)?;
+    let area = hotplug_area_backing(config, &backings)?;
+    let snapshot: Vec<Backing> = backings
         .into_iter()
         .map(|backing| Backing {
             name: format!("{} (snapshot)", backing.name),
@@ -880,13 +1012,19 @@ pub fn map_guest_ram_from_file(
         file_offset += size;
         Ok(region)
     })?;
-    Ok(GuestRam {
+    let mut ram = GuestRam {
         memory,
         ranges,
         anonymous: false,
         shared_files: None,
+        hotplug: None,
         virtio_mem: Vec::new(),
-    })
+    };
+    // The snapshot holds no hot-added DIMM: the area comes back empty.
+    if let Some(backing) = area {
+        add_hotplug_area(&mut ram, &backing)?;
+    }
+    Ok(ram)
 }
 
 #[cfg(test)]
@@ -933,6 +1071,31 @@ mod tests {
         assert!(!restores_copy_on_write(&memory("size=0", Some(&zones))));
         assert!(restores_copy_on_write(&memory("size=0", Some(&zones[1..]))));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_hotplug_area_follows_boot_ram_and_stays_out_of_its_ranges() {
+        let ram = create_guest_ram(&memory("size=64M,hotplug_size=1G", None)).unwrap();
+        // Cloud Hypervisor's place: 4 GiB for RAM below the hole.
+        assert_eq!(
+            ram.hotplug,
+            Some(HotplugArea {
+                base: 4 << 30,
+                size: 1 << 30
+            })
+        );
+        assert_eq!(ram.ranges, vec![(0, 64 << 20)]);
+        assert_eq!(ram.total_size(), 64 << 20);
+        // Mapped in the VMM as one region after boot RAM.
+        assert!(ram.memory.address_in_range(GuestAddress((5 << 30) - 1)));
+        assert!(!ram.memory.address_in_range(GuestAddress(5 << 30)));
+        let layout = ram.hotplug_layout().unwrap();
+        assert_eq!(layout.device_area_start, 5 << 30);
+        assert!(ram.shared_files.is_none());
+        // Without hotplug_size: no area, devices right after RAM (4 GiB at least).
+        let plain = create_guest_ram(&memory("size=64M", None)).unwrap();
+        assert_eq!(plain.hotplug, None);
+        assert_eq!(plain.hotplug_layout().unwrap().device_area_start, 4 << 30);
     }
 
     #[test]
@@ -1098,10 +1261,22 @@ mod tests {
 
     #[test]
     fn unsupported_and_impossible_requests_are_refused() {
-        let err = create_guest_ram(&memory("size=64M,hotplug_size=1G", None))
-            .err()
-            .unwrap();
-        assert_eq!(err.kind, ErrorKind::Unsupported);
+        // v37 refuses hotplugged_size with ACPI hot-plug, saying why.
+        for (text, why) in [
+            (
+                "size=64M,hotplug_size=1G,hotplugged_size=256M",
+                "with hotplug method 'acpi'",
+            ),
+            ("size=64M,hotplugged_size=256M", "no 'hotplug_size'"),
+            (
+                "size=64M,hotplug_size=128M,hotplugged_size=256M",
+                "can't be bigger",
+            ),
+        ] {
+            let err = create_guest_ram(&memory(text, None)).err().unwrap();
+            assert!(err.message.contains(why), "{text}: {}", err.message);
+            assert!(err.message.contains("InvalidMemoryParameters"));
+        }
         let err = create_guest_ram(&memory("size=0", None)).err().unwrap();
         assert_eq!(err.kind, ErrorKind::Memory);
         // A huge page size the host does not have is refused up front.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::GuestMemoryBackend;
-use vmkit_config::{ConsoleOutputMode, ValidatedConfig, VmConfig};
+use vmkit_config::{ConsoleOutputMode, HotplugMethod, ValidatedConfig, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi;
@@ -21,7 +21,10 @@ use crate::boot::{self, KernelFormat};
 use crate::control::{Control, StopReason, VcpuCommand};
 use crate::cpu::{self, HostCpu, Topology};
 use crate::device_manager::{DeviceContext, DeviceManager, DeviceManagerError, DeviceNode};
-use crate::devices::legacy::{DebugPortWrite, GED_CPU_DEVICES_CHANGED, GED_POWER_BUTTON};
+use crate::devices::legacy::{
+    DebugPortWrite, GED_CPU_DEVICES_CHANGED, GED_MEMORY_DEVICES_CHANGED, GED_POWER_BUTTON,
+};
+use crate::devices::memory_hotplug::Dimm;
 use crate::devices::serial::SerialBackend;
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::memory::{
@@ -144,6 +147,14 @@ pub enum VmError {
     CpuResize(crate::devices::cpu_hotplug::ResizeError),
     #[error("Cannot notify the guest of the vCPU change: {source}")]
     Ged { source: std::io::Error },
+    /// v37's words (its `Error::MemoryManager`).
+    #[error("Memory manager error: {0}")]
+    MemoryResize(crate::devices::memory_hotplug::ResizeError),
+    #[error(
+        "A VM whose RAM vm.resize changed (ACPI memory hot-plug) cannot be {what}: vmkit does \
+         not carry hot-added memory yet"
+    )]
+    MemoryHotplugState { what: &'static str },
     #[error(
         "{what} of a VM with vhost-user devices (--disk/--net vhost_user=on, --fs) is not \
          supported yet: their backends hold state vmkit cannot save"
@@ -179,10 +190,13 @@ impl ModuleError for VmError {
                 ErrorKind::Snapshot
             }
             MigrationConfig { .. } => ErrorKind::Migration,
-            NoBalloon | CpuResize(_) | Ged { .. } | MemoryManager(_) | ResizeZone => {
-                ErrorKind::Device
-            }
-            VirtioMemState { .. } => ErrorKind::Unsupported,
+            NoBalloon
+            | CpuResize(_)
+            | Ged { .. }
+            | MemoryManager(_)
+            | ResizeZone
+            | MemoryResize(_) => ErrorKind::Device,
+            VirtioMemState { .. } | MemoryHotplugState { .. } => ErrorKind::Unsupported,
             VcpuRemovalPending { .. } => ErrorKind::Unsupported,
             VhostUserState { .. } | VhostUserOption { .. } => ErrorKind::Unsupported,
         }
@@ -273,6 +287,10 @@ impl Default for VmOptions {
     }
 }
 
+/// KVM memory slots of hot-added DIMMs: this plus the controller's slot
+/// number, clear of boot RAM's and pmem's slots.
+const DIMM_KVM_SLOT_BASE: u32 = 256;
+
 /// One boot of the VM.
 struct Instance {
     _vm_fd: Arc<VmFd>,
@@ -294,6 +312,9 @@ struct Instance {
     ejected: Arc<Mutex<BTreeMap<u8, VcpuFd>>>,
     /// Each started vCPU thread, for the eject handler to kick.
     vcpu_threads: Arc<Mutex<BTreeMap<u8, libc::pthread_t>>>,
+    /// `--memory size` this boot was built with (a later boot starts the
+    /// size `vm.resize` set).
+    memory_size: u64,
 }
 
 /// A vCPU whose thread has not been started.
@@ -337,6 +358,28 @@ impl Instance {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Gives the guest `dimm`, part of the hot-plug area that is already
+    /// mapped in the VMM: a KVM memory slot of its own.
+    fn plug_dimm(&self, dimm: Dimm) -> Result<()> {
+        let host = self
+            ._ram
+            .memory
+            .get_host_address(vm_memory::GuestAddress(dimm.base))
+            .map_err(|_| VmError::HostAddress { slot: dimm.slot })?;
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: DIMM_KVM_SLOT_BASE + dimm.slot as u32,
+            guest_phys_addr: dimm.base,
+            memory_size: dimm.length,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the range is inside the hot-plug area's mapping, which the
+        // Instance holds (with the VM fd) until the VM fd is gone.
+        unsafe { self._vm_fd.set_user_memory_region(region) }
+            .map_err(kvm_error("KVM_SET_USER_MEMORY_REGION (hot-added RAM)"))?;
         Ok(())
     }
 
@@ -592,6 +635,9 @@ pub struct Vm {
     /// Each virtio-mem zone's `hotplugged_size` once `vm.resize` or
     /// `vm.resize-zone` set it: later boots keep it.
     virtio_mem_sizes: Mutex<BTreeMap<String, Option<u64>>>,
+    /// `--memory size` as `vm.resize {"desired_ram"}` last set it (Cloud
+    /// Hypervisor changes its config's size, whether RAM grew or not).
+    memory_now: Mutex<Option<u64>>,
     /// Connections to vhost-user backends, from the first boot until the VM
     /// stops: resets keep them.
     vhost_links: crate::device_manager::VhostLinks,
@@ -688,6 +734,7 @@ impl Vm {
             balloon_size: Mutex::new(None),
             virtio_mem_sizes: Mutex::new(BTreeMap::new()),
             vcpus_now: Mutex::new(None),
+            memory_now: Mutex::new(None),
             vhost_links: Mutex::new(HashMap::new()),
         }))
     }
@@ -785,6 +832,7 @@ impl Vm {
         if let Some(vcpus) = *self.vcpus_now.lock().unwrap_or_else(|p| p.into_inner()) {
             config.cpus.boot_vcpus = vcpus;
         }
+        config.memory = self.live_memory();
         let sizes = self
             .virtio_mem_sizes
             .lock()
@@ -803,12 +851,57 @@ impl Vm {
         config
     }
 
+    /// `--memory` with the size `vm.resize` set.
+    fn live_memory(&self) -> vmkit_config::MemoryConfig {
+        let mut memory = self.config().memory.clone();
+        if let Some(size) = *self.memory_now.lock().unwrap_or_else(|p| p.into_inner()) {
+            memory.size = size;
+        }
+        memory
+    }
+
+    /// `vm.resize {"desired_ram": bytes}` on a running VM: an ACPI DIMM or
+    /// the default zone's virtio-mem device, as `--memory hotplug_method`
+    /// says.
+    pub fn resize_memory(&self, desired: u64) -> Result<()> {
+        match self.config().memory.hotplug_method {
+            HotplugMethod::Acpi => self.resize_memory_acpi(desired),
+            HotplugMethod::VirtioMem => self.resize_memory_virtio_mem(desired),
+        }
+    }
+
+    /// `vm.resize {"desired_ram": bytes}` with `hotplug_method=acpi`, as
+    /// Cloud Hypervisor v37's ACPI memory hot-plug does it: more RAM than the
+    /// guest has becomes one DIMM in the hot-plug area (`hotplug_size`),
+    /// mapped for the guest at once and announced through the memory
+    /// hot-plug controller and a GED interrupt; less changes nothing (ACPI
+    /// RAM is never taken back). Either way the config's `size` becomes
+    /// `desired`, which later boots start with.
+    fn resize_memory_acpi(&self, desired: u64) -> Result<()> {
+        let life = self.lock_settled();
+        let Some(instance) = life.instance.as_ref() else {
+            return Err(VmError::NotRunning.into());
+        };
+        let hotplug = instance.devices.memory_hotplug().clone();
+        if let Some(dimm) = hotplug.plan(desired).map_err(VmError::MemoryResize)? {
+            instance.plug_dimm(dimm)?;
+            hotplug.insert(dimm);
+            instance
+                .devices
+                .ged()
+                .notify(GED_MEMORY_DEVICES_CHANGED)
+                .map_err(|source| VmError::Ged { source })?;
+        }
+        *self.memory_now.lock().unwrap_or_else(|p| p.into_inner()) = Some(desired);
+        Ok(())
+    }
+
     /// `vm.resize {"desired_ram": bytes}` on a running VM with
     /// `hotplug_method=virtio-mem`, as Cloud Hypervisor v37 does it: the
     /// default zone's virtio-mem device is asked to plug `bytes` less boot
     /// RAM (a configuration change the guest hears of); less than boot RAM
     /// changes nothing but the config. Refused with `--memory-zone`.
-    pub fn resize_memory(&self, desired: u64) -> Result<()> {
+    fn resize_memory_virtio_mem(&self, desired: u64) -> Result<()> {
         let life = self.lock_settled();
         let Some(instance) = &life.instance else {
             return Err(VmError::NotRunning.into());
@@ -1352,16 +1445,27 @@ impl Vm {
     fn build(&self, restore: Option<Restore<'_>>) -> Result<Instance> {
         // Later boots start the vCPU count `vm.resize` set, as in Cloud
         // Hypervisor (its config's boot_vcpus changes); but never none.
-        let resized = self
+        // So does the RAM size it set (never none).
+        let vcpus = self
             .vcpus_now
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .filter(|&vcpus| vcpus > 0)
-            .map(|vcpus| {
-                let mut config = self.config().clone();
+            .filter(|&vcpus| vcpus > 0);
+        let memory = self
+            .memory_now
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .filter(|&size| size > 0);
+        let resized = (vcpus.is_some() || memory.is_some()).then(|| {
+            let mut config = self.config().clone();
+            if let Some(vcpus) = vcpus {
                 config.cpus.boot_vcpus = vcpus;
-                config
-            });
+            }
+            if let Some(size) = memory {
+                config.memory.size = size;
+            }
+            config
+        });
         let config = resized.as_ref().unwrap_or(self.config());
         let vm_fd = Arc::new(self.kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?);
         vm_fd
@@ -1401,8 +1505,13 @@ impl Vm {
             }
         };
         for slot in 0..ram.memory.num_regions() {
-            let mem_region =
-                migration::memory_slot(&ram, slot, false).ok_or(VmError::HostAddress { slot })?;
+            // The hot-plug area reaches the guest a DIMM at a time (vm.resize).
+            let Some(mem_region) = migration::memory_slot(&ram, slot, false) else {
+                if ram.hotplug.is_some() && slot + 1 == ram.memory.num_regions() {
+                    continue;
+                }
+                return Err(VmError::HostAddress { slot }.into());
+            };
             // SAFETY: the mapping outlives the VM fd: both live in the Instance,
             // and the VM fd is dropped (after its vCPUs) before the memory.
             unsafe { vm_fd.set_user_memory_region(mem_region) }
@@ -1446,6 +1555,7 @@ impl Vm {
                     &devices.segment_layouts(),
                     &numa::nodes(config)?,
                     config.tpm.is_some(),
+                    ram.hotplug.is_some(),
                 )?;
                 let payload_config = config.payload.as_ref().ok_or(VmError::NoKernel)?;
                 let payload = boot::load_payload(&ram, payload_config, rsdp)?;
@@ -1554,6 +1664,7 @@ impl Vm {
             host,
             ejected,
             vcpu_threads,
+            memory_size: config.memory.size,
         })
     }
 
@@ -1578,6 +1689,12 @@ impl Vm {
         let Some(instance) = &life.instance else {
             return Err(VmError::NotRunning.into());
         };
+        if self.ram_resized(instance) {
+            return Err(VmError::MemoryHotplugState {
+                what: "snapshotted",
+            }
+            .into());
+        }
         // The devices finish what they took from the guest's rings first:
         // their completions land in guest memory and in the vCPUs' LAPICs
         // before those are taken.
@@ -1607,6 +1724,19 @@ impl Vm {
         Ok(())
     }
 
+    /// Whether `vm.resize` hot-added RAM or changed the RAM size: a snapshot
+    /// or migration would lose it (its config and layout are the boot's).
+    fn ram_resized(&self, instance: &Instance) -> bool {
+        let plugged = instance
+            .devices
+            .memory_hotplug()
+            .slots()
+            .iter()
+            .any(|slot| slot.active);
+        let size = *self.memory_now.lock().unwrap_or_else(|p| p.into_inner());
+        plugged || size.is_some_and(|size| size != instance.memory_size)
+    }
+
     /// The config a snapshot or migration carries: the vCPUs running now
     /// (after `vm.resize`) are the ones a restore starts. Refused while a
     /// vCPU the guest has not ejected yet is marked for removal: its state
@@ -1629,6 +1759,7 @@ impl Vm {
         }
         let mut config = self.config().clone();
         config.cpus.boot_vcpus = hotplug.present();
+        config.memory.size = instance.memory_size;
         Ok(config)
     }
 
@@ -1765,6 +1896,9 @@ impl Vm {
         };
         if !matches!(life.state, VmState::Running | VmState::Paused) {
             return Err(VmError::NotRunning.into());
+        }
+        if self.ram_resized(instance) {
+            return Err(VmError::MemoryHotplugState { what: "migrated" }.into());
         }
         if local && instance._ram.shared_files.is_none() {
             return Err(MigrationError::LocalNeedsSharedMemory.into());

@@ -27,6 +27,7 @@ use crate::devices::ioapic::{Ioapic, IOAPIC_SIZE};
 use crate::devices::legacy::{
     AcpiShutdown, DebugPort, DebugPortWrite, Ged, GedRegister, ResetTrigger, I8042,
 };
+use crate::devices::memory_hotplug::{MemoryHotplug, MemoryHotplugRegisters, MEMORY_HOTPLUG_SIZE};
 use crate::devices::pvpanic::PvPanic;
 use crate::devices::serial::{IrqTrigger, SerialBackend, SerialDevice, SerialSink};
 use crate::devices::tpm::Crb;
@@ -34,8 +35,8 @@ use crate::devices::{Bus, BusDevice};
 use crate::error::{Error, ErrorKind, ModuleError, Result};
 use crate::interrupts::InterruptRoutes;
 use crate::layout::{
-    CPU_HOTPLUG_ADDRESS, GED_ADDRESS, GED_IRQ, GED_SIZE, IOAPIC_START, PCI_MMCONFIG_START,
-    SERIAL_IRQ, TPM_SIZE, TPM_START,
+    CPU_HOTPLUG_ADDRESS, GED_ADDRESS, GED_IRQ, GED_SIZE, IOAPIC_START, MEMORY_HOTPLUG_ADDRESS,
+    PCI_MMCONFIG_START, SERIAL_IRQ, TPM_SIZE, TPM_START,
 };
 use crate::memory::GuestRam;
 use crate::pci::config::BarKind;
@@ -172,6 +173,9 @@ pub struct DeviceManager {
     /// Which vCPUs the guest sees, for `vm.resize` (Cloud Hypervisor's
     /// CPU hot-plug controller).
     cpu_hotplug: Arc<CpuHotplug>,
+    /// Which hot-added DIMMs the guest sees, for `vm.resize` (Cloud
+    /// Hypervisor's ACPI memory hot-plug controller).
+    memory_hotplug: Arc<MemoryHotplug>,
     ioapic: Arc<Mutex<Ioapic>>,
     serial: Option<Arc<Mutex<SerialDevice>>>,
     /// `--tpm`: the CRB (its worker stops when the last holder drops it).
@@ -252,6 +256,7 @@ impl DeviceManager {
             CPU_HOTPLUG_SIZE,
             Arc::new(Mutex::new(CpuHotplugRegisters(cpu_hotplug.clone()))),
         )?;
+        let memory_hotplug = add_memory_hotplug(&mut wiring, ctx)?;
         let serial = add_serial(&mut wiring, ctx)?;
         let tpm = add_tpm(&mut wiring, ctx)?;
 
@@ -291,6 +296,7 @@ impl DeviceManager {
             virtio_mem,
             ged,
             cpu_hotplug,
+            memory_hotplug,
             ioapic,
             serial,
             _tpm: tpm,
@@ -331,6 +337,10 @@ impl DeviceManager {
 
     pub fn cpu_hotplug(&self) -> &Arc<CpuHotplug> {
         &self.cpu_hotplug
+    }
+
+    pub fn memory_hotplug(&self) -> &Arc<MemoryHotplug> {
+        &self.memory_hotplug
     }
 
     pub fn virtio_devices(&self) -> &[Arc<Mutex<VirtioPciDevice>>] {
@@ -704,6 +714,34 @@ fn add_tpm(wiring: &mut Wiring<'_>, ctx: &DeviceContext<'_>) -> Result<Option<Ar
     Ok(Some(crb))
 }
 
+/// The ACPI memory hot-plug controller; its registers are on the bus when
+/// the VM has a hot-plug area (`hotplug_size`), as in Cloud Hypervisor.
+fn add_memory_hotplug(
+    wiring: &mut Wiring<'_>,
+    ctx: &DeviceContext<'_>,
+) -> Result<Arc<MemoryHotplug>> {
+    let layout = ctx
+        .ram
+        .hotplug_layout()
+        .ok_or(crate::memory::MemoryError::AddressSpace)?;
+    let controller = Arc::new(MemoryHotplug::new(
+        ctx.ram.total_size(),
+        ctx.ram.last_ram_byte(),
+        layout,
+        ctx.config.memory.size == 0,
+    ));
+    if ctx.ram.hotplug.is_some() {
+        insert(
+            &mut wiring.mmio,
+            "memory hot-plug controller",
+            MEMORY_HOTPLUG_ADDRESS,
+            MEMORY_HOTPLUG_SIZE,
+            Arc::new(Mutex::new(MemoryHotplugRegisters(controller.clone()))),
+        )?;
+    }
+    Ok(controller)
+}
+
 /// The PCI segments of the config, empty but for their host bridges.
 fn plan_pci(ctx: &DeviceContext<'_>) -> Result<Vec<PciSegment>> {
     let count = ctx
@@ -711,6 +749,7 @@ fn plan_pci(ctx: &DeviceContext<'_>) -> Result<Vec<PciSegment>> {
         .platform
         .as_ref()
         .map_or(1, |p| p.num_pci_segments);
+    // The 64-bit windows start after RAM and its hot-plug memory.
     let ram_end = ctx.ram.device_area_start();
     let layouts = pci::plan_segments(count, ram_end, ctx.phys_bits).ok_or(
         DeviceManagerError::SegmentsDoNotFit {
