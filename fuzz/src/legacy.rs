@@ -1,7 +1,7 @@
 //! The legacy platform devices a guest reaches through port I/O and MMIO:
 //! the 16550 serial port (with host input), the i8042, the ACPI shutdown
-//! device, the debug port, the GED, the CPU hot-plug controller (with the
-//! host's resizes interleaved) and the IOAPIC (its routes in a real KVM
+//! device, the debug port, the GED, the CPU and memory hot-plug controllers
+//! (with the host's resizes interleaved) and the IOAPIC (its routes in a real KVM
 //! VM's table), at their addresses on real buses.
 //! Accesses of any size at any port; the devices may only stop the VM
 //! (power-off, reset), never panic.
@@ -16,9 +16,14 @@ use vmkit_vmm::devices::ioapic::{Ioapic, IOAPIC_SIZE};
 use vmkit_vmm::devices::legacy::{
     AcpiShutdown, DebugPort, Ged, GedRegister, ResetTrigger, GED_POWER_BUTTON, I8042,
 };
+use vmkit_vmm::devices::memory_hotplug::{
+    HotplugLayout, MemoryHotplug, MemoryHotplugRegisters, MEMORY_HOTPLUG_SIZE,
+};
 use vmkit_vmm::devices::serial::{InputSink, IrqTrigger, SerialDevice, SerialSink};
 use vmkit_vmm::devices::Bus;
-use vmkit_vmm::layout::{CPU_HOTPLUG_ADDRESS, GED_ADDRESS, GED_SIZE, IOAPIC_START};
+use vmkit_vmm::layout::{
+    CPU_HOTPLUG_ADDRESS, GED_ADDRESS, GED_SIZE, IOAPIC_START, MEMORY_HOTPLUG_ADDRESS,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::input::Input;
@@ -41,6 +46,11 @@ pub fn legacy_io(data: &[u8]) {
     cpus.set_eject_handler(Box::new(move |index| {
         log.lock().unwrap().push(index);
     }));
+    // 64 MiB of boot RAM and a 1 GiB hot-plug area, as `--memory
+    // size=64M,hotplug_size=1G` lays them out.
+    const MIB: u64 = 1 << 20;
+    let layout = HotplugLayout::new(64 * MIB - 1, Some(1024 * MIB)).expect("layout");
+    let memory = Arc::new(MemoryHotplug::new(64 * MIB, 64 * MIB - 1, layout, false));
     let routes = crate::pci::routes().expect("the target needs /dev/kvm");
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
@@ -79,6 +89,11 @@ pub fn legacy_io(data: &[u8]) {
             Arc::new(Mutex::new(CpuHotplugRegisters(cpus.clone()))),
         ),
         mmio.insert(
+            MEMORY_HOTPLUG_ADDRESS,
+            MEMORY_HOTPLUG_SIZE,
+            Arc::new(Mutex::new(MemoryHotplugRegisters(memory.clone()))),
+        ),
+        mmio.insert(
             IOAPIC_START,
             IOAPIC_SIZE,
             Arc::new(Mutex::new(Ioapic::new(routes))),
@@ -102,9 +117,24 @@ pub fn legacy_io(data: &[u8]) {
             4 => {
                 // Host input for the serial port, a power-button press or a
                 // vCPU resize (the guest's ejects keep the state consistent).
-                let count = usize::from(input.u8() % 72);
+                let count = usize::from(input.u8() % 80);
                 if count == 0 {
                     let _ = ged.notify(GED_POWER_BUTTON);
+                } else if count >= 72 {
+                    // A RAM resize: 64 MiB plus up to 1 GiB in 128 MiB steps,
+                    // or any size.
+                    let desired = match input.u8() {
+                        0 => input.u64(),
+                        steps => 64 * MIB + u64::from(steps % 9) * 128 * MIB,
+                    };
+                    if let Ok(Some(dimm)) = memory.plan(desired) {
+                        let area = memory.layout();
+                        assert!(dimm.base >= area.area_start);
+                        assert!(
+                            dimm.base.checked_add(dimm.length).unwrap() <= area.device_area_start
+                        );
+                        memory.insert(dimm);
+                    }
                 } else if count >= 64 {
                     if let Ok(plan) = cpus.resize((count - 63) as u8) {
                         let slots = cpus.slots();
@@ -124,6 +154,7 @@ pub fn legacy_io(data: &[u8]) {
                 let addr = match how & 6 {
                     0 => GED_ADDRESS + offset % 8,
                     2 => CPU_HOTPLUG_ADDRESS + offset % 0x10,
+                    4 => MEMORY_HOTPLUG_ADDRESS + offset,
                     _ => IOAPIC_START + offset,
                 };
                 if how & 1 == 0 {
