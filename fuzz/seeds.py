@@ -390,6 +390,27 @@ def balloon_seeds() -> dict[str, bytes]:
     return {"inflate-deflate": inflate, "report": header(3, 2) + bytes(ops.out)}
 
 
+VIRTIO_MEM_REGION = 128 << 20  # fuzz/src/virtio.rs
+
+
+def virtio_mem_seeds() -> dict[str, bytes]:
+    """PLUG two blocks, STATE, UNPLUG one, UNPLUG_ALL; then a host resize."""
+    ops = Ops()
+    for i, (kind, addr, blocks) in enumerate(
+        [(0, VIRTIO_MEM_REGION, 2), (3, VIRTIO_MEM_REGION, 2), (1, VIRTIO_MEM_REGION, 1), (2, 0, 0)]
+    ):
+        request = struct.pack("<H6xQH6x", kind, addr, blocks)
+        at = DATA + 0x100 * i
+        ops.data(0, at, request)
+        ops.desc(0, 2 * i, at, len(request), NEXT)
+        ops.desc(0, 2 * i + 1, at + 0x40, 16, WRITE)
+        ops.publish(0, 2 * i)
+    ops.kick(0)
+    ops.action(struct.pack("<I", 0x800))  # requested: 8 MiB
+    # The first byte after the header: 4 blocks requested at start.
+    return {"plug-state-unplug": header(3, 4) + bytes(ops.out)}
+
+
 def pmem_seeds() -> dict[str, bytes]:
     ops = Ops()
     ops.data(0, DATA, struct.pack("<I", 0))  # FLUSH
@@ -721,6 +742,7 @@ def main() -> None:
     corpora["virtio_rng"] = rng_seeds()
     corpora["virtio_console"] = console_seeds()
     corpora["virtio_balloon"] = balloon_seeds()
+    corpora["virtio_mem"] = virtio_mem_seeds()
     corpora["virtio_pmem"] = pmem_seeds()
     corpora["virtio_vsock"] = vsock_seeds()
     corpora["virtio_watchdog"] = watchdog_seeds()

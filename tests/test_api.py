@@ -931,8 +931,9 @@ def test_row_vm_present(api: Api) -> None:
     reply = api.put("vm.add-disk", {"path": "/x"})
     failed = "Error from device manager: Cannot create virtio-blk device _disk2: "
     assert reply.text.startswith(failed), reply.text
+    # RAM as v37 without hotplug_size: no room to hot-add (tests/test_memory_hotplug.py).
     reply = api.put("vm.resize", {"desired_ram": 512 << 20})
-    assert_reply(reply, 500, "Cannot resize VM: resizing a booted VM's RAM is not supported yet")
+    assert_reply(reply, 500, "Memory manager error: InsufficientHotplugRam")
     # vCPUs as v37: one fewer is marked for removal (204), and no other
     # count is taken until the guest ejects it (tests/test_cpu_hotplug.py).
     assert_reply(api.put("vm.resize", {"desired_vcpus": 1}), 204, "")

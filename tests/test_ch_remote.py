@@ -75,12 +75,6 @@ EXPECTED_DIFFERENCES: dict[str, Difference] = {
         1,
         f"{SERVER_ERROR}Error from device manager: CreateVdpa(",
     ),
-    "running: resize --memory 128M": Difference(
-        "resizing a running VM's RAM is a later issue; CH refuses (no hotplug_size)",
-        _refused("Cannot resize VM: resizing a booted VM's RAM is not supported yet"),
-        1,
-        f"{SERVER_ERROR}Memory manager error: InvalidSize",
-    ),
     "fresh: send-migration unix:@W/absent/sock": Difference(
         "without a VM, CH's VMM thread panics (an unwrap in vmm/src/lib.rs) and the VMM is "
         "unusable; vmkit answers with v37's text for a missing VM. CH's HTTP thread answers "

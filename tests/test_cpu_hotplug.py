@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
 from vmkit import VmConfig, testguest
+from vmkit.client import ApiError
 from vmkit.vm import Vm, VmError
 
 pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
@@ -220,6 +221,49 @@ def test_the_guest_brings_a_hot_added_vcpu_online_and_ejects_it(image: testguest
     assert no_vcpu_threads_left(), vcpu_threads()
 
 
+@pytest.mark.parametrize("kind", ["vmkit", "ch"])
+def test_the_same_guest_code_hot_plugs_vcpus_on_vmkit_and_cloud_hypervisor(
+    kind: str, tmp_path: Path
+) -> None:
+    # The guest finds the GED and the controller through the DSDT (vmkit and
+    # Cloud Hypervisor place them differently), so one guest driving both
+    # through the real ch-remote shows that the registers behave alike.
+    if CH_DIR is None:
+        pytest.skip(CH_MISSING)
+    serial = tmp_path / "serial"
+    args = [
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(
+            ["cpuhotplug", "cpuunplug", "ticks"], "poweroff", ticks=100000, tick_ms=20
+        ),
+        "--cpus", "boot=1,max=3",
+        "--memory", "size=64M",
+        "--serial", f"file={serial}", "--console", "off",
+    ]  # fmt: skip
+    vmm = VmmProcess(kind, tmp_path / "api.sock", tmp_path / "log", extra=tuple(args))
+
+    def wait_for(line: str) -> str:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = serial.read_text(errors="replace") if serial.exists() else ""
+            if re.search(line, text, re.MULTILINE):
+                return text
+            time.sleep(0.01)
+        raise AssertionError(f"{kind}: no {line!r}: {text[-2000:]}\n{vmm.log}")
+
+    try:
+        wait_for("^vmkit-guest: cpuhotplug waiting$")
+        assert ch_remote(vmm.socket_path, "resize", "--cpus", "3")[0] == 0, vmm.log
+        text = wait_for("^vmkit-guest: step cpuhotplug ")
+        assert "vmkit-guest: step cpuhotplug ok event=0x1 added=2 up=2" in text, text
+        wait_for("^vmkit-guest: cpuunplug waiting$")
+        assert ch_remote(vmm.socket_path, "resize", "--cpus", "1")[0] == 0, vmm.log
+        text = wait_for("^vmkit-guest: step cpuunplug ")
+        assert "vmkit-guest: step cpuunplug ok event=0x1 removed=2" in text, text
+    finally:
+        vmm.stop()
+
+
 def test_a_snapshot_keeps_the_hot_added_vcpus(tmp_path: Path) -> None:
     snapshot = tmp_path / "snapshot"
     snapshot.mkdir()
@@ -268,3 +312,13 @@ def test_a_reboot_starts_the_resized_count() -> None:
         vm.resize_vcpus(3)
         assert sorted(vcpu_threads()) == ["vcpu0", "vcpu1", "vcpu2"]
     assert no_vcpu_threads_left(), vcpu_threads()
+
+
+def test_a_spawned_vm_resizes_through_its_client() -> None:
+    with Vm.spawn(VmConfig.from_cli(guest_args("boot=1,max=3"))) as vm:
+        vm.boot()
+        vm.resize_vcpus(3)
+        assert vm.info().config.cpus.boot_vcpus == 3
+        assert len(confined_vcpu_threads(vm.pid, 3)) == 3
+        with pytest.raises(ApiError, match="Requested vCPUs exceed maximum"):
+            vm.resize_vcpus(4)

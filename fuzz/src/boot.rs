@@ -40,6 +40,8 @@ fn fixture() -> Fixture {
             ranges: vec![(0, RAM_SIZE)],
             anonymous: true,
             shared_files: None,
+            hotplug: None,
+            virtio_mem: Vec::new(),
         },
     }
 }

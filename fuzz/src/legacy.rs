@@ -1,6 +1,7 @@
 //! The legacy platform devices a guest reaches through port I/O and MMIO:
 //! the 16550 serial port (with host input), the i8042, the ACPI shutdown
-//! device, the debug port, the GED and the IOAPIC (its routes in a real KVM
+//! device, the debug port, the GED, the CPU and memory hot-plug controllers
+//! (with the host's resizes interleaved) and the IOAPIC (its routes in a real KVM
 //! VM's table), at their addresses on real buses.
 //! Accesses of any size at any port; the devices may only stop the VM
 //! (power-off, reset), never panic.
@@ -10,13 +11,19 @@ use std::sync::{Arc, Mutex};
 use vm_superio::{I8042Device, Serial};
 use vmkit_vmm::acpi::ACPI_SHUTDOWN_PORT;
 use vmkit_vmm::control::Control;
+use vmkit_vmm::devices::cpu_hotplug::{CpuHotplug, CpuHotplugRegisters, CPU_HOTPLUG_SIZE};
 use vmkit_vmm::devices::ioapic::{Ioapic, IOAPIC_SIZE};
 use vmkit_vmm::devices::legacy::{
     AcpiShutdown, DebugPort, Ged, GedRegister, ResetTrigger, GED_POWER_BUTTON, I8042,
 };
+use vmkit_vmm::devices::memory_hotplug::{
+    HotplugLayout, MemoryHotplug, MemoryHotplugRegisters, MEMORY_HOTPLUG_SIZE,
+};
 use vmkit_vmm::devices::serial::{InputSink, IrqTrigger, SerialDevice, SerialSink};
 use vmkit_vmm::devices::Bus;
-use vmkit_vmm::layout::{GED_ADDRESS, GED_SIZE, IOAPIC_START};
+use vmkit_vmm::layout::{
+    CPU_HOTPLUG_ADDRESS, GED_ADDRESS, GED_SIZE, IOAPIC_START, MEMORY_HOTPLUG_ADDRESS,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::input::Input;
@@ -33,6 +40,17 @@ pub fn legacy_io(data: &[u8]) {
         uart: Serial::new(IrqTrigger(irq), SerialSink(backend.clone())),
     }));
     let ged = Arc::new(Ged::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")));
+    let cpus = Arc::new(CpuHotplug::new(1, 1 + input.u8() % 8));
+    let ejected = Arc::new(Mutex::new(Vec::new()));
+    let log = ejected.clone();
+    cpus.set_eject_handler(Box::new(move |index| {
+        log.lock().unwrap().push(index);
+    }));
+    // 64 MiB of boot RAM and a 1 GiB hot-plug area, as `--memory
+    // size=64M,hotplug_size=1G` lays them out.
+    const MIB: u64 = 1 << 20;
+    let layout = HotplugLayout::new(64 * MIB - 1, Some(1024 * MIB)).expect("layout");
+    let memory = Arc::new(MemoryHotplug::new(64 * MIB, 64 * MIB - 1, layout, false));
     let routes = crate::pci::routes().expect("the target needs /dev/kvm");
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
@@ -66,6 +84,16 @@ pub fn legacy_io(data: &[u8]) {
             Arc::new(Mutex::new(GedRegister(ged.clone()))),
         ),
         mmio.insert(
+            CPU_HOTPLUG_ADDRESS,
+            CPU_HOTPLUG_SIZE,
+            Arc::new(Mutex::new(CpuHotplugRegisters(cpus.clone()))),
+        ),
+        mmio.insert(
+            MEMORY_HOTPLUG_ADDRESS,
+            MEMORY_HOTPLUG_SIZE,
+            Arc::new(Mutex::new(MemoryHotplugRegisters(memory.clone()))),
+        ),
+        mmio.insert(
             IOAPIC_START,
             IOAPIC_SIZE,
             Arc::new(Mutex::new(Ioapic::new(routes))),
@@ -87,22 +115,47 @@ pub fn legacy_io(data: &[u8]) {
                 pio.write(port, input.bytes(len));
             }
             4 => {
-                // Host input for the serial port, or a power-button press.
-                let count = usize::from(input.u8() % 64);
+                // Host input for the serial port, a power-button press or a
+                // vCPU resize (the guest's ejects keep the state consistent).
+                let count = usize::from(input.u8() % 80);
                 if count == 0 {
                     let _ = ged.notify(GED_POWER_BUTTON);
+                } else if count >= 72 {
+                    // A RAM resize: 64 MiB plus up to 1 GiB in 128 MiB steps,
+                    // or any size.
+                    let desired = match input.u8() {
+                        0 => input.u64(),
+                        steps => 64 * MIB + u64::from(steps % 9) * 128 * MIB,
+                    };
+                    if let Ok(Some(dimm)) = memory.plan(desired) {
+                        let area = memory.layout();
+                        assert!(dimm.base >= area.area_start);
+                        assert!(
+                            dimm.base.checked_add(dimm.length).unwrap() <= area.device_area_start
+                        );
+                        memory.insert(dimm);
+                    }
+                } else if count >= 64 {
+                    if let Ok(plan) = cpus.resize((count - 63) as u8) {
+                        let slots = cpus.slots();
+                        assert!(plan.start.iter().all(|&i| slots[usize::from(i)].enabled));
+                    }
+                    // The guest may eject any vCPU, vCPU 0 included, as in v37.
+                    assert!(usize::from(cpus.present()) <= cpus.slots().len());
                 } else {
                     serial.feed(input.bytes(count));
                 }
             }
             _ => {
-                // The GED, or the IOAPIC's selector, window and beyond.
+                // The GED, the CPU hot-plug controller, or the IOAPIC's
+                // selector, window and beyond.
                 let how = input.u8();
                 let offset = u64::from(input.u8() % 0x20);
-                let addr = if how & 2 == 0 {
-                    GED_ADDRESS + offset % 8
-                } else {
-                    IOAPIC_START + offset
+                let addr = match how & 6 {
+                    0 => GED_ADDRESS + offset % 8,
+                    2 => CPU_HOTPLUG_ADDRESS + offset % 0x10,
+                    4 => MEMORY_HOTPLUG_ADDRESS + offset,
+                    _ => IOAPIC_START + offset,
                 };
                 if how & 1 == 0 {
                     mmio.read(addr, &mut buffer[..len]);

@@ -70,6 +70,11 @@ pub const TARGETS: &[Target] = &[
         needs: None,
     },
     Target {
+        name: "virtio_mem",
+        run: virtio::virtio_mem,
+        needs: None,
+    },
+    Target {
         name: "virtio_pmem",
         run: virtio::pmem,
         needs: None,

@@ -128,16 +128,16 @@ pub fn virtio_pci(data: &[u8]) {
     set_inline_workers(true);
     let (device, backend) = device(input.u8());
     let layout = plan_segments(1, 1 << 30, 40).expect("one segment")[0];
-    let mut segment = PciSegment::new(layout);
+    let segment = PciSegment::new(layout);
     let bar_kind = if input.u8() & 1 == 0 {
         BarKind::Memory64
     } else {
         BarKind::Memory32
     };
     let address = if bar_kind == BarKind::Memory64 {
-        segment.mem64_allocator.allocate(BAR_SIZE)
+        segment.mem64_allocator.lock().unwrap().allocate(BAR_SIZE)
     } else {
-        segment.mem32_allocator.allocate(BAR_SIZE)
+        segment.mem32_allocator.lock().unwrap().allocate(BAR_SIZE)
     }
     .expect("room for BAR 0");
     let function = match VirtioPciDevice::new(

@@ -9,6 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use vm_memory::GuestAddress;
 use vmkit_config::{DiskConfig, NetConfig};
 use vmkit_vmm::devices::serial::InputSink;
 use vmkit_vmm::fuzzing::{inline_worker_count, run_inline_workers, set_inline_workers};
@@ -69,7 +70,17 @@ fn exercise(
     actor: &mut dyn Actor,
     input: &mut Input<'_>,
 ) {
-    let memory = guest_memory();
+    exercise_on(guest_memory(), device, rings, actor, input);
+}
+
+/// `exercise` on `memory` (the fuzz memory and more).
+fn exercise_on(
+    memory: GuestMemoryMmap,
+    device: &mut dyn VirtioDevice,
+    rings: &mut [Ring],
+    actor: &mut dyn Actor,
+    input: &mut Input<'_>,
+) {
     let offered = device.features();
     let acked = (offered & input.u64()) | F_VERSION_1;
     let event_idx = acked & F_RING_EVENT_IDX != 0;
@@ -277,6 +288,50 @@ pub fn balloon(data: &[u8]) {
     let queues = if config.free_page_reporting { 3 } else { 2 };
     let mut rings: Vec<Ring> = (0..queues).map(|i| Ring::new(i, size)).collect();
     exercise(&mut device, &mut rings, &mut host, &mut input);
+}
+
+/// The host's side of virtio-mem: new requested sizes from the input (any
+/// size: refused ones too).
+struct VirtioMemHost(vmkit_vmm::virtio::mem::VirtioMemControl);
+
+impl Actor for VirtioMemHost {
+    fn action(&mut self, _memory: &GuestMemoryMmap, input: &mut Input<'_>) {
+        let _ = self.0.resize(u64::from(input.u32()) << 12);
+    }
+}
+
+/// Where the virtio-mem target's region is: 128 MiB at 128 MiB, past the
+/// fuzz memory (private anonymous, never touched unless plugged and written).
+pub const VIRTIO_MEM_REGION: u64 = 128 << 20;
+
+/// virtio-mem over a region of its own: PLUG, UNPLUG, UNPLUG_ALL and STATE
+/// requests with any address, block count and type, malformed chains, and
+/// the host's requested size moving.
+pub fn virtio_mem(data: &[u8]) {
+    use vmkit_vmm::virtio::mem::{MemRegion, VirtioMem};
+    let mut input = Input::new(data);
+    let size = ring_size(&mut input, 128);
+    let memory = GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), crate::ring::MEM_SIZE as usize),
+        (GuestAddress(VIRTIO_MEM_REGION), VIRTIO_MEM_REGION as usize),
+    ])
+    .expect("the fuzz memory and the virtio-mem region");
+    let region = MemRegion {
+        addr: VIRTIO_MEM_REGION,
+        size: VIRTIO_MEM_REGION,
+        backing: vmkit_vmm::memory::RegionBacking::Private,
+    };
+    let requested = u64::from(input.u8()) * vmkit_vmm::virtio::mem::BLOCK_SIZE;
+    let mut device = VirtioMem::new(
+        "fuzz-mem".into(),
+        region,
+        None,
+        requested.min(VIRTIO_MEM_REGION),
+    )
+    .expect("a virtio-mem device");
+    let mut host = VirtioMemHost(device.control());
+    let mut rings = [Ring::new(0, size)];
+    exercise_on(memory, &mut device, &mut rings, &mut host, &mut input);
 }
 
 /// virtio-pmem over a 2 MiB memfd: FLUSH requests and whatever else a

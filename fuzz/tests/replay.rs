@@ -83,6 +83,7 @@ replay_tests!(
     virtio_rng,
     virtio_console,
     virtio_balloon,
+    virtio_mem,
     virtio_pmem,
     virtio_vsock,
     virtio_watchdog,

@@ -317,3 +317,17 @@ bool step_acpidump(struct result *r)
     res_kv_dec(r, "tables", a->ntables);
     return true;
 }
+
+const struct hotplug_regs *hotplug_regs(void)
+{
+    static struct hotplug_regs regs;
+    static bool scanned;
+    const struct acpi_info *a = acpi_discover();
+    if (!scanned && a->dsdt && a->dsdt_len > 36) {
+        regs.addr = a->dsdt;
+        regs.len = a->dsdt_len;
+        run_user(user_find_hotplug_regs, &regs);
+    }
+    scanned = true;
+    return &regs;
+}

@@ -208,27 +208,26 @@ bool step_timer(struct result *r)
 /*
  * The cpuhotplug and cpuunplug steps: vCPU hot-plug the way Linux's ACPI code
  * does it, without AML. Each waits for the VMM's Generic Event Device
- * interrupt (IOAPIC pin 5) with the CPU bit (bit 0 of the event register at
- * 0xfeb00000), then walks Cloud Hypervisor's CPU hot-plug controller at
- * 0xfeb01000 (vmkit's layout) as the DSDT's CSCN does: for each possible
- * vCPU (the MADT's entries, in order) write its index to the selection
- * register (offset 0) and read its status (offset 4: bit 0 enabled, 1
- * inserting, 2 removing), acknowledging each change by writing its bit back.
- * cpuhotplug starts each inserted vCPU with INIT-SIPI-SIPI (it prints
- * "smp cpu apic_id=<n> up" and halts); cpuunplug ejects each one to remove
- * (bit 3), as _EJ0 does.
+ * interrupt with the CPU bit (bit 0 of its event register), then walks Cloud
+ * Hypervisor's CPU hot-plug controller (the DSDT's PRST region) as the DSDT's
+ * CSCN does: for each possible vCPU (the MADT's entries, in order) write its
+ * index to the selection register (offset 0) and read its status (offset 4:
+ * bit 0 enabled, 1 inserting, 2 removing), acknowledging each change by
+ * writing its bit back. cpuhotplug starts each inserted vCPU with
+ * INIT-SIPI-SIPI (it prints "smp cpu apic_id=<n> up" and halts); cpuunplug
+ * ejects each one to remove (bit 3), as _EJ0 does. The registers' addresses
+ * and the GED's interrupt come from the DSDT, so the steps run on vmkit and
+ * on Cloud Hypervisor alike.
  */
-#define GED_ADDR 0xfeb00000ULL
-#define GED_IOAPIC_PIN 5
 #define GED_CPU_CHANGED 0x01
-#define CPU_HP_ADDR 0xfeb01000ULL
-#define CPU_HP_STATUS (CPU_HP_ADDR + 4)
 #define CPU_HP_ENABLED 0x01
 #define CPU_HP_INSERTING 0x02
 #define CPU_HP_REMOVING 0x04
 #define CPU_HP_EJECT 0x08
 #define HOTPLUG_VECTOR (IRQ_VECTOR_BASE + IRQ_VECTORS - 2)
 #define HOTPLUG_TIMEOUT_MS 10000
+
+static u64 cpu_hp_addr;
 
 struct madt_list {
     u32 *ids, max, n;
@@ -250,29 +249,45 @@ static u32 madt_all_ids(u32 *ids, u32 max)
     return l.n;
 }
 
-/* Waits for a GED interrupt with the CPU bit; the event byte, or -1 (with the
- * reason in r). */
-static int wait_ged_event(const char *waiting, struct result *r)
+int ged_wait_event(u8 bit, const char *waiting, struct result *r)
 {
+    const struct hotplug_regs *hp = hotplug_regs();
+    u64 ged = hp->ged;
+    u32 gsi = hp->ged_gsi;
     u8 event;
 
     if (!lapic_usable(r))
         return -1;
-    if (!ioapic_map() || !map_mmio(GED_ADDR, 1, false) || !map_mmio(CPU_HP_ADDR, 12, false)) {
-        res_str(r, "cannot map the IOAPIC, the GED or the CPU hot-plug controller");
+    if ((hp->found & (HP_GED | HP_GED_GSI)) != (HP_GED | HP_GED_GSI) || gsi >= 24) {
+        res_str(r, "no GED register region or interrupt (on the IOAPIC's 24 pins) in the DSDT");
         return -1;
     }
-    if (!wait_pin_interrupt(GED_IOAPIC_PIN, HOTPLUG_VECTOR, waiting, HOTPLUG_TIMEOUT_MS)) {
+    if (!ioapic_map() || !map_mmio(ged, 1, false)) {
+        res_str(r, "cannot map the IOAPIC or the GED");
+        return -1;
+    }
+    if (!wait_pin_interrupt(gsi, HOTPLUG_VECTOR, waiting, HOTPLUG_TIMEOUT_MS)) {
         res_str(r, "no GED interrupt within 10000 ms");
         return -1;
     }
-    event = rd8(GED_ADDR);
-    if (!(event & GED_CPU_CHANGED)) {
-        res_str(r, "GED interrupt without the CPU bit: event=");
+    event = rd8(ged);
+    if (!(event & bit)) {
+        res_str(r, "GED interrupt without the expected bit: event=");
         res_hex(r, event);
         return -1;
     }
     return event;
+}
+
+/* The CPU bit's event, with the controller located and mapped; -1 on failure. */
+static int wait_cpu_event(const char *waiting, struct result *r)
+{
+    cpu_hp_addr = hotplug_regs()->cpu;
+    if (!(hotplug_regs()->found & HP_CPU) || !map_mmio(cpu_hp_addr, 12, false)) {
+        res_str(r, "no CPU hot-plug controller (PRST) in the DSDT, or it cannot be mapped");
+        return -1;
+    }
+    return ged_wait_event(GED_CPU_CHANGED, waiting, r);
 }
 
 u32 wait_pin_interrupt(u32 pin, u32 vector, const char *waiting, u64 timeout_ms)
@@ -300,8 +315,8 @@ u32 wait_pin_interrupt(u32 pin, u32 vector, const char *waiting, u64 timeout_ms)
 
 static u8 cpu_hp_status(u32 index)
 {
-    wr32(CPU_HP_ADDR, index);
-    return rd8(CPU_HP_STATUS);
+    wr32(cpu_hp_addr, index);
+    return rd8(cpu_hp_addr + 4);
 }
 
 static void hotplug_line(const char *what, u32 index, u32 apic_id)
@@ -322,7 +337,7 @@ bool step_cpuhotplug(struct result *r)
     u32 n, i, count = 0, up, size;
     u64 deadline;
     u8 *stacks;
-    int event = wait_ged_event("cpuhotplug waiting", r);
+    int event = wait_cpu_event("cpuhotplug waiting", r);
 
     if (event < 0)
         return false;
@@ -331,7 +346,7 @@ bool step_cpuhotplug(struct result *r)
         u8 status = cpu_hp_status(i);
         if (!(status & CPU_HP_INSERTING))
             continue;
-        wr8(CPU_HP_STATUS, CPU_HP_INSERTING); /* acknowledge, as CSCN does */
+        wr8(cpu_hp_addr + 4, CPU_HP_INSERTING); /* acknowledge, as CSCN does */
         if (cpu_hp_status(i) & CPU_HP_INSERTING) {
             res_str(r, "the insertion was not acknowledged");
             return false;
@@ -386,7 +401,7 @@ bool step_cpuunplug(struct result *r)
 {
     static u32 ids[MAX_APIC_ID + 1];
     u32 n, i, count = 0;
-    int event = wait_ged_event("cpuunplug waiting", r);
+    int event = wait_cpu_event("cpuunplug waiting", r);
 
     if (event < 0)
         return false;
@@ -394,8 +409,8 @@ bool step_cpuunplug(struct result *r)
     for (i = 0; i < n; i++) {
         if (!(cpu_hp_status(i) & CPU_HP_REMOVING))
             continue;
-        wr8(CPU_HP_STATUS, CPU_HP_REMOVING); /* acknowledge, as CSCN does */
-        wr8(CPU_HP_STATUS, CPU_HP_EJECT);    /* _EJ0 */
+        wr8(cpu_hp_addr + 4, CPU_HP_REMOVING); /* acknowledge, as CSCN does */
+        wr8(cpu_hp_addr + 4, CPU_HP_EJECT);    /* _EJ0 */
         if (cpu_hp_status(i) & CPU_HP_ENABLED) {
             res_str(r, "still enabled after its eject: uid=");
             res_dec(r, i);
@@ -407,4 +422,145 @@ bool step_cpuunplug(struct result *r)
     res_kv_hex(r, "event", (u64)event);
     res_kv_dec(r, "removed", count);
     return count > 0;
+}
+
+/*
+ * The memhotplug step: ACPI memory hot-plug the way Linux's ACPI code does
+ * it, without AML. It waits for the GED interrupt with the memory bit (bit
+ * 1), then walks Cloud Hypervisor's memory hot-plug controller (the DSDT's
+ * MHPR region: vmkit and Cloud Hypervisor place it differently) as the
+ * DSDT's MSCN, MSTA and MCRS do: for each of the 8
+ * slots write its number to the selection register (offset 0) and read its
+ * status (offset 0x14: bit 0 enabled, 1 inserting); for each slot being
+ * inserted, read its base (offsets 0, 4) and length (8, 0xc), acknowledge
+ * (write bit 1 back), map the range and pattern-test it at CPL3 (every byte
+ * of its first and last 64 KiB, one qword per 64 KiB between). ACPI memory
+ * is never unplugged in Cloud Hypervisor v37: the step keeps it.
+ */
+#define GED_MEMORY_CHANGED 0x02
+#define MEM_HP_SIZE 0x18
+#define MEM_HP_ADDR mem_hp_addr
+#define MEM_HP_STATUS (mem_hp_addr + 0x14)
+#define MEM_HP_SLOTS 8
+#define MEM_HP_ENABLED 0x01
+#define MEM_HP_INSERTING 0x02
+
+static u64 mem_hp_addr;
+
+/* Finds the controller in the DSDT and maps `len` bytes of it. */
+static bool mem_hp_map(u64 len, struct result *r)
+{
+    mem_hp_addr = hotplug_regs()->memory;
+    if (!(hotplug_regs()->found & HP_MEMORY) || !map_mmio(mem_hp_addr, len, false)) {
+        res_str(r, "no memory hot-plug controller (MHPR) in the DSDT, or it cannot be mapped");
+        return false;
+    }
+    return true;
+}
+
+static u64 mem_hp_qword(u64 offset)
+{
+    return rd32(MEM_HP_ADDR + offset) | ((u64)rd32(MEM_HP_ADDR + offset + 4) << 32);
+}
+
+bool step_memhotplug(struct result *r)
+{
+    static struct memtest_job job;
+    u64 total = 0;
+    u32 i, count = 0;
+    int event;
+
+    if (!mem_hp_map(MEM_HP_SIZE, r))
+        return false;
+    event = ged_wait_event(GED_MEMORY_CHANGED, "memhotplug waiting", r);
+    if (event < 0)
+        return false;
+    for (i = 0; i < MEM_HP_SLOTS; i++) {
+        struct line l;
+        u64 base, size;
+        u8 status;
+        wr32(MEM_HP_ADDR, i);
+        status = rd8(MEM_HP_STATUS);
+        if (!(status & MEM_HP_INSERTING))
+            continue;
+        base = mem_hp_qword(0);
+        size = mem_hp_qword(8);
+        wr8(MEM_HP_STATUS, MEM_HP_INSERTING); /* acknowledge, as MSCN does */
+        if (rd8(MEM_HP_STATUS) != MEM_HP_ENABLED) {
+            res_str(r, "not enabled, or the insertion was not acknowledged: slot=");
+            res_dec(r, i);
+            return false;
+        }
+        line_begin(&l);
+        line_str(&l, "memhotplug inserted slot=");
+        line_dec(&l, i);
+        line_str(&l, " base=");
+        line_hex(&l, base);
+        line_str(&l, " size=");
+        line_hex(&l, size);
+        line_end(&l);
+        if (!size || base + size < base || !map_mmio(base, size, true)) {
+            res_str(r, "cannot map the hot-added range: slot=");
+            res_dec(r, i);
+            return false;
+        }
+        job.stride = 64 * KiB;
+        job.nseg = 1;
+        job.segs[0].start = base;
+        job.segs[0].end = base + size;
+        run_user(user_memtest, &job);
+        if (job.failed) {
+            res_str(r, "hot-added memory failed its pattern test at ");
+            res_hex(r, job.fail_addr);
+            return false;
+        }
+        total += size;
+        count++;
+    }
+    res_kv_hex(r, "event", (u64)event);
+    res_kv_dec(r, "slots", count);
+    res_kv_hex(r, "bytes", total);
+    res_kv_dec(r, "tested", job.checked_bytes);
+    return count > 0;
+}
+
+/*
+ * The memhpgarbage step: a hostile guest's writes to the memory hot-plug
+ * controller (every offset of its page, odd sizes, slot numbers past the 8
+ * slots, eject requests); then it reads slot 0 back, which must still
+ * answer as a slot does. The VMM must survive all of it.
+ */
+bool step_memhpgarbage(struct result *r)
+{
+    u64 off;
+    u32 sel;
+    u8 status;
+
+    if (!mem_hp_map(0x1000, r))
+        return false;
+    for (off = 0; off < 0x40; off++) {
+        wr8(MEM_HP_ADDR + off, 0xff);
+        (void)rd8(MEM_HP_ADDR + off);
+        if (off + 2 <= 0x40) {
+            wr16(MEM_HP_ADDR + off, 0xffff);
+            (void)rd16(MEM_HP_ADDR + off);
+        }
+        if (off + 4 <= 0x40) {
+            wr32(MEM_HP_ADDR + off, 0xffffffffU);
+            (void)rd32(MEM_HP_ADDR + off);
+        }
+    }
+    for (sel = 8; sel < 0x100; sel += 7) {
+        wr32(MEM_HP_ADDR, sel);
+        wr8(MEM_HP_STATUS, 0xff);
+        if (rd32(MEM_HP_STATUS) || rd32(MEM_HP_ADDR) || rd32(MEM_HP_ADDR + 8)) {
+            res_str(r, "a slot past the 8 answered: slot=");
+            res_dec(r, sel);
+            return false;
+        }
+    }
+    wr32(MEM_HP_ADDR, 0);
+    status = rd8(MEM_HP_STATUS);
+    res_kv_hex(r, "slot0_status", status);
+    return true;
 }

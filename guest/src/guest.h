@@ -175,6 +175,7 @@ bool range_mapped(u64 addr, u64 len); /* mapped at all (CPL0) */
 bool user_mapped(u64 addr, u64 len);  /* mapped with U/S (CPL3) */
 /* Identity-maps [addr, addr+len) uncached (2 MiB pages, below 2^46), user-accessible if asked. */
 bool map_mmio(u64 addr, u64 len, bool user);
+bool map_memory(u64 addr, u64 len);
 void idt_install(u32 vec, u64 handler);
 extern char _image_start[], _image_end[], _end[];
 
@@ -307,6 +308,25 @@ void madt_for_each_cpu(void (*visit)(u32 apic_id, u32 flags, void *ctx), void *c
 u32 madt_cpus(u32 *ids, u32 max, u32 *enabled, u32 *listed);
 /* Byte sums of the job's tables: at CPL3, or at CPL0 where a table is not user-accessible. */
 void acpi_sums(struct csum_job *j);
+/* Where the VMM's hot-plug registers are, read from the DSDT as an AML
+ * interpreter finds them (vmkit and Cloud Hypervisor place them differently):
+ * the OperationRegions GDST (GED event byte), PRST (CPU), MHPR (memory) and
+ * PCST (PCI), and the GED's interrupt from its _CRS. `found` has a bit per
+ * field found. Scanned once, at CPL3. */
+#define HP_GED 0x01
+#define HP_GED_GSI 0x02
+#define HP_CPU 0x04
+#define HP_MEMORY 0x08
+#define HP_PCI 0x10
+struct hotplug_regs {
+    u64 addr;  /* the DSDT scanned */
+    u32 len;
+    u32 found;
+    u64 ged, cpu, memory, pci;
+    u32 ged_gsi;
+};
+const struct hotplug_regs *hotplug_regs(void);
+u64 user_find_hotplug_regs(void *job);
 
 /* ---- numa.c ---- */
 bool step_numa(struct result *r);
@@ -314,10 +334,16 @@ bool step_numa(struct result *r);
 /* ---- apic.c ---- */
 bool step_smp(struct result *r);
 bool step_cpuhotplug(struct result *r);
+bool step_memhotplug(struct result *r);
+bool step_memhpgarbage(struct result *r);
 bool step_cpuunplug(struct result *r);
 bool step_pcihotplug(struct result *r);
 bool step_pciunplug(struct result *r);
 bool step_pcihostile(struct result *r);
+/* Waits (10 s at most) for the GED interrupt, found from the DSDT as the
+ * hot-plug controllers are, and reads its event byte: the byte if it has
+ * `bit`, else -1 with the reason in r. */
+int ged_wait_event(u8 bit, const char *waiting, struct result *r);
 bool step_timer(struct result *r);
 void ap_main(void);
 u32 lapic_id(void);
@@ -357,6 +383,8 @@ struct config {
     bool pmem_bad;
     u64 balloon_mib, balloon_timeout_ms, balloon_lax_len;
     bool balloon_bad;
+    u64 virtiomem_timeout_ms, virtiomem_hostile, virtiomem_wait;
+    bool virtiomem_bad;
     bool vsock_bad;
     const char *fs_read, *fs_write; /* fs_read=, fs_write= (not NUL-terminated) */
     size_t fs_read_len, fs_write_len;
@@ -387,6 +415,7 @@ bool step_pvpanic(struct result *r);
 bool step_vsock(struct result *r);
 bool step_pmem(struct result *r);
 bool step_balloon(struct result *r);
+bool step_virtiomem(struct result *r);
 bool step_fs(struct result *r);
 bool step_tpm(struct result *r);
 

@@ -91,6 +91,8 @@ static void parse_cmdline(void)
     cfg.pmem_bytes = 4096;
     cfg.balloon_mib = 64;
     cfg.balloon_timeout_ms = 30000;
+    cfg.virtiomem_timeout_ms = 30000;
+    cfg.virtiomem_wait = 1;
     cfg.fs_read = "host.txt";
     cfg.fs_read_len = 8;
     cfg.fs_write = "guest.txt";
@@ -176,6 +178,12 @@ static void parse_cmdline(void)
             cfg.balloon_bad |= !parse_u64(s + start + k, len - k, &cfg.balloon_lax_len);
         } else if (starts_with(s + start, len, "balloon_timeout_ms=", &k)) {
             cfg.balloon_bad |= !parse_u64(s + start + k, len - k, &cfg.balloon_timeout_ms);
+        } else if (starts_with(s + start, len, "virtiomem_timeout_ms=", &k)) {
+            cfg.virtiomem_bad |= !parse_u64(s + start + k, len - k, &cfg.virtiomem_timeout_ms);
+        } else if (starts_with(s + start, len, "virtiomem_wait=", &k)) {
+            cfg.virtiomem_bad |= !parse_u64(s + start + k, len - k, &cfg.virtiomem_wait);
+        } else if (starts_with(s + start, len, "virtiomem_hostile=", &k)) {
+            cfg.virtiomem_bad |= !parse_u64(s + start + k, len - k, &cfg.virtiomem_hostile);
         } else if (starts_with(s + start, len, "pmem_offset=", &k)) {
             cfg.pmem_bad |= !parse_u64(s + start + k, len - k, &cfg.pmem_offset);
         } else if (starts_with(s + start, len, "pmem_bytes=", &k)) {
@@ -333,8 +341,10 @@ static const struct {
     {"console", step_console}, {"msix", step_msix}, {"blkbench", step_blkbench},
     {"net", step_net}, {"powerbutton", step_powerbutton}, {"ioapic", step_ioapic},
     {"pvpanic", step_pvpanic}, {"watchdog", step_watchdog}, {"vsock", step_vsock},
-    {"pmem", step_pmem}, {"balloon", step_balloon}, {"numa", step_numa},
+    {"pmem", step_pmem}, {"balloon", step_balloon}, {"virtiomem", step_virtiomem},
+    {"numa", step_numa},
     {"acpidump", step_acpidump}, {"cpuhotplug", step_cpuhotplug}, {"cpuunplug", step_cpuunplug},
+    {"memhotplug", step_memhotplug}, {"memhpgarbage", step_memhpgarbage},
     {"fs", step_fs}, {"tpm", step_tpm}, {"pcihotplug", step_pcihotplug},
     {"pciunplug", step_pciunplug}, {"pcihostile", step_pcihostile},
 };

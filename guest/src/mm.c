@@ -165,7 +165,14 @@ static u64 *next_table(u64 *t, u32 i)
  * page touched becomes uncached (PCD|PWT, PAT entry 3); U/S is kept if the
  * page had it (it may share its 2 MiB with RAM).
  */
-bool map_mmio(u64 addr, u64 len, bool user)
+static bool map_range(u64 addr, u64 len, bool user, bool cached);
+
+bool map_mmio(u64 addr, u64 len, bool user) { return map_range(addr, len, user, false); }
+
+/* Memory outside the boot map (a virtio-mem region): write-back, user-accessible. */
+bool map_memory(u64 addr, u64 len) { return map_range(addr, len, true, true); }
+
+static bool map_range(u64 addr, u64 len, bool user, bool cached)
 {
     u64 p, end = addr + len;
     if (!len || end < addr || end > (1ULL << 46))
@@ -177,7 +184,7 @@ bool map_mmio(u64 addr, u64 len, bool user)
         if (!pd)
             return false;
         old = pd[(p >> 21) & 511];
-        e = p | PTE_P | PTE_RW | PTE_PWT | PTE_PCD | PTE_PS;
+        e = p | PTE_P | PTE_RW | PTE_PS | (cached ? 0 : PTE_PWT | PTE_PCD);
         if (user || ((old & PTE_P) && (old & PTE_US)))
             e |= PTE_US;
         if (old != e) {

@@ -357,9 +357,10 @@ bool step_pci(struct result *r)
 /*
  * The pcihotplug and pciunplug steps: PCI hot-plug the way Linux's ACPI code
  * does it, without AML. Each waits for the VMM's Generic Event Device
- * interrupt (IOAPIC pin 5) with the PCI bit (bit 2 of the event register at
- * 0xfeb00000), then reads Cloud Hypervisor's PCI hot-plug controller at
- * 0xfeb03000 (vmkit's layout) as the DSDT's PCNT does, for each segment of
+ * interrupt with the PCI bit (bit 2 of its event register), then reads Cloud
+ * Hypervisor's PCI hot-plug controller (the DSDT's PCST region: vmkit and
+ * Cloud Hypervisor place it differently) as the DSDT's PCNT does, for each
+ * segment of
  * the MCFG: write the segment to PSEG (offset 12), read PCIU (offset 0,
  * slots added) or PCID (offset 4, slots to remove). pcihotplug probes each
  * added slot's function 0 (it joins the device list, so the blk step that
@@ -367,41 +368,35 @@ bool step_pci(struct result *r)
  * bit to B0EJ (offset 8), as _EJ0 does, and checks that the function is gone
  * from config space.
  */
-#define PHP_GED_ADDR 0xfeb00000ULL
-#define PHP_GED_PIN 5
 #define PHP_GED_PCI_CHANGED 0x04
-#define PHP_ADDR 0xfeb03000ULL
+#define PHP_ADDR php_addr
 #define PHP_PCIU (PHP_ADDR + 0)
 #define PHP_PCID (PHP_ADDR + 4)
 #define PHP_B0EJ (PHP_ADDR + 8)
 #define PHP_PSEG (PHP_ADDR + 12)
-#define PHP_VECTOR (IRQ_VECTOR_BASE + IRQ_VECTORS - 2)
-#define PHP_TIMEOUT_MS 10000
+
+static u64 php_addr;
+
+/* Finds the controller in the DSDT and maps `len` bytes of it. */
+static bool php_map(u64 len, struct result *r)
+{
+    php_addr = hotplug_regs()->pci;
+    if (!(hotplug_regs()->found & HP_PCI) || !map_mmio(php_addr, len, false)) {
+        res_str(r, "no PCI hot-plug controller (PCST) in the DSDT, or it cannot be mapped");
+        return false;
+    }
+    return true;
+}
 
 static int php_wait(const char *waiting, struct result *r)
 {
-    u8 event;
     u32 n;
 
     if (!pci_devices(&n, r)) /* enumerated before the change, as at boot */
         return -1;
-    if (!lapic_usable(r))
+    if (!php_map(16, r))
         return -1;
-    if (!ioapic_map() || !map_mmio(PHP_GED_ADDR, 1, false) || !map_mmio(PHP_ADDR, 16, false)) {
-        res_str(r, "cannot map the IOAPIC, the GED or the PCI hot-plug controller");
-        return -1;
-    }
-    if (!wait_pin_interrupt(PHP_GED_PIN, PHP_VECTOR, waiting, PHP_TIMEOUT_MS)) {
-        res_str(r, "no GED interrupt within 10000 ms");
-        return -1;
-    }
-    event = rd8(PHP_GED_ADDR);
-    if (!(event & PHP_GED_PCI_CHANGED)) {
-        res_str(r, "GED interrupt without the PCI bit: event=");
-        res_hex(r, event);
-        return -1;
-    }
-    return event;
+    return ged_wait_event(PHP_GED_PCI_CHANGED, waiting, r);
 }
 
 /* Selects segment seg (PSEG); false if the controller did not take it. */
@@ -549,10 +544,8 @@ bool step_pcihostile(struct result *r)
 
     if (!pci_devices(&n, r))
         return false;
-    if (!map_mmio(PHP_ADDR, 4096, false)) {
-        res_str(r, "cannot map the PCI hot-plug controller");
+    if (!php_map(4096, r))
         return false;
-    }
     for (off = 0; off < 32; off++) {
         noise += rd8(PHP_ADDR + off);
         if (off != 8) /* a byte of B0EJ would eject nothing: 4-byte accesses only */

@@ -57,6 +57,7 @@ void res_bdf(struct result *r, const struct pci_dev *d);
 #define VIRTIO_ID_RNG 4
 #define VIRTIO_ID_BALLOON 5
 #define VIRTIO_ID_VSOCK 19
+#define VIRTIO_ID_MEM 24
 #define VIRTIO_ID_FS 26
 #define VIRTIO_ID_PMEM 27
 #define VIRTIO_ID_WATCHDOG 35 /* Cloud Hypervisor's virtio-watchdog */
@@ -178,7 +179,7 @@ u8 blk_status(u16 qi); /* status byte of queue qi's last request (0xff: not writ
 
 /* ---- user.c: buffer work and the blkbench loop, at CPL3 ---- */
 #define BLK_PATTERN 0x564d4b4954000000ULL /* qword j of sector s: BLK_PATTERN ^ (s << 16) ^ j */
-enum { BUF_FNV, BUF_FILL, BUF_CHECK, BUF_CMP, BUF_ZERO, BUF_NOT /* addr = ~addr2 */ };
+enum { BUF_FNV, BUF_FILL, BUF_CHECK, BUF_CMP, BUF_ZERO, BUF_NOT /* addr = ~addr2 */, BUF_ISZERO };
 struct buf_job {
     u32 op;
     u64 addr, addr2, len; /* addr2: the other buffer of BUF_CMP */

@@ -325,8 +325,11 @@ u64 user_buf(void *arg)
         break;
     case BUF_CHECK:
     case BUF_CMP:
+    case BUF_ISZERO:
         for (i = 0; i < n; i++) {
-            u64 want = j->op == BUF_CHECK ? blk_pattern(j->sector + i / 64, i % 64) : p2[i];
+            u64 want = j->op == BUF_CHECK ? blk_pattern(j->sector + i / 64, i % 64)
+                       : j->op == BUF_CMP ? p2[i]
+                                          : 0;
             u64 got = p[i];
             if (got != want) {
                 j->bad = 1;
@@ -790,6 +793,70 @@ u64 user_find_tpm_hid(void *arg)
             j->crs_base = p[k + 4] | p[k + 5] << 8 | p[k + 6] << 16 | (u32)p[k + 7] << 24;
             j->crs_len = p[k + 8] | p[k + 9] << 8 | p[k + 10] << 16 | (u32)p[k + 11] << 24;
             break;
+        }
+    }
+    return 0;
+}
+
+/* An AML integer at p[0..len): ZeroOp, OneOp, OnesOp or a Byte/Word/DWord/QWord prefix. */
+static bool aml_integer(const volatile u8 *p, u32 len, u64 *value)
+{
+    u32 size, i;
+    if (!len)
+        return false;
+    switch (p[0]) {
+    case 0x00: *value = 0; return true;
+    case 0x01: *value = 1; return true;
+    case 0xff: *value = ~0ULL; return true;
+    case 0x0a: size = 1; break;
+    case 0x0b: size = 2; break;
+    case 0x0c: size = 4; break;
+    case 0x0e: size = 8; break;
+    default: return false;
+    }
+    if (len < 1 + size)
+        return false;
+    *value = 0;
+    for (i = 0; i < size; i++)
+        *value |= (u64)p[1 + i] << (8 * i);
+    return true;
+}
+
+static bool bytes_at(const volatile u8 *p, const char *s, u32 n)
+{
+    u32 k;
+    for (k = 0; k < n && p[k] == (u8)s[k]; k++)
+        ;
+    return k == n;
+}
+
+/* The hot-plug registers in the DSDT: each SystemMemory OperationRegion
+ * (5B 80 NameSeg 00 Offset) the AML reads them through, and the first
+ * Extended Interrupt descriptor (0x89) after the GED's "ACPI0013" _HID. */
+u64 user_find_hotplug_regs(void *arg)
+{
+    struct hotplug_regs *j = arg;
+    const volatile u8 *p = (const volatile u8 *)j->addr;
+    static const char hid[] = "\x0d" "ACPI0013"; /* a String, with its NUL */
+    static const struct { const char *name; u32 bit; } regions[] = {
+        {"GDST", HP_GED}, {"PRST", HP_CPU}, {"MHPR", HP_MEMORY}, {"PCST", HP_PCI},
+    };
+    u64 *where[] = {&j->ged, &j->cpu, &j->memory, &j->pci};
+    u32 i, k, q;
+    for (i = 36; i + 7 <= j->len; i++) {
+        if (p[i] == 0x5b && p[i + 1] == 0x80 && p[i + 6] == 0x00) {
+            for (k = 0; k < ARRAY_SIZE(regions); k++)
+                if (!(j->found & regions[k].bit) && bytes_at(p + i + 2, regions[k].name, 4) &&
+                    aml_integer(p + i + 7, j->len - i - 7, where[k]))
+                    j->found |= regions[k].bit;
+        } else if (!(j->found & HP_GED_GSI) && i + sizeof(hid) <= j->len &&
+                   bytes_at(p + i, hid, sizeof(hid))) {
+            for (q = i + sizeof(hid); q + 9 <= j->len && q < i + sizeof(hid) + 256; q++)
+                if (p[q] == 0x89 && (p[q + 1] | p[q + 2] << 8) >= 6 && p[q + 4] >= 1) {
+                    j->ged_gsi = p[q + 5] | p[q + 6] << 8 | p[q + 7] << 16 | (u32)p[q + 8] << 24;
+                    j->found |= HP_GED_GSI;
+                    break;
+                }
         }
     }
     return 0;

@@ -257,6 +257,9 @@ class RemoteVmHandle:
     def resize_vcpus(self, vcpus: int) -> None:
         self._channel.call("resize_vcpus", vcpus=vcpus)
 
+    def resize_memory(self, bytes: int) -> None:
+        self._channel.call("resize_memory", bytes=bytes)
+
     def add_device(self, config: VmConfig, field: str) -> tuple[str, str]:
         # A new net device's tap descriptors go along: the VM process has its own numbers.
         nets = (config.net or []) if field == "net" else []
@@ -272,6 +275,9 @@ class RemoteVmHandle:
 
     def resize_balloon(self, bytes: int) -> None:
         self._channel.call("resize_balloon", bytes=bytes)
+
+    def resize_zone(self, zone: str, bytes: int) -> None:
+        self._channel.call("resize_zone", zone=zone, bytes=bytes)
 
     def device_events(self, since: int) -> tuple[list[tuple[str, str, list[tuple[str, str]]]], int]:
         """As the native handle's: ([(source, event, [(key, value)])], next index)."""

@@ -686,37 +686,41 @@ def _serve(command: CommandLine) -> int:
                 print(events.error, file=sys.stderr)
                 return 1
             events.log_errors = True
-        if api is not None:
-            path, fd = api
-            try:
-                _check_name(command)
-            except StartupError as e:
-                print(e, file=sys.stderr)
-                return 1
-            server = ApiServer(vmm, path, fd=fd)
-            try:
-                server.bind()
-            except OSError as e:
-                server = None
-                print(
-                    "Failed to start the VMM thread: Error creation API server's socket "
-                    f"{_io_error_debug(e)}",
-                    file=sys.stderr,
-                )
-                return 1
-            server.start()
-            try:
-                registration = _register(command, server)
-            except StartupError as e:
-                print(e, file=sys.stderr)
-                return 1
-        confine(_seccomp_mode(command))
-        _tell_spawner_ready()
-        code = _start_vm(command, vmm)
-        if code is not None:
-            if server is not None:
-                server.path = None  # v37 leaves the socket file on the error path
-            return code
+        # API requests wait until the command line's VM is created and booted:
+        # Cloud Hypervisor queues them behind its create and boot, so that a
+        # client never sees the moment before.
+        with vmm.lock:
+            if api is not None:
+                path, fd = api
+                try:
+                    _check_name(command)
+                except StartupError as e:
+                    print(e, file=sys.stderr)
+                    return 1
+                server = ApiServer(vmm, path, fd=fd)
+                try:
+                    server.bind()
+                except OSError as e:
+                    server = None
+                    print(
+                        "Failed to start the VMM thread: Error creation API server's socket "
+                        f"{_io_error_debug(e)}",
+                        file=sys.stderr,
+                    )
+                    return 1
+                server.start()
+                try:
+                    registration = _register(command, server)
+                except StartupError as e:
+                    print(e, file=sys.stderr)
+                    return 1
+            confine(_seccomp_mode(command))
+            _tell_spawner_ready()
+            code = _start_vm(command, vmm)
+            if code is not None:
+                if server is not None:
+                    server.path = None  # v37 leaves the socket file on the error path
+                return code
         code = _run_until_exit(vmm)
         if vmm.exit_message:
             print(vmm.exit_message, file=sys.stderr)

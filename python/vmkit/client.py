@@ -934,9 +934,23 @@ class SpawnedVm:
         """``vm.power-button``: presses the guest's ACPI power button."""
         self.client.power_button()
 
+    def resize_vcpus(self, vcpus: int) -> None:
+        """``vm.resize {"desired_vcpus"}``: hot-plugs or unplugs vCPUs as
+        ``Vm.resize_vcpus`` does."""
+        self.client.resize(cpus=vcpus)
+
+    def resize_memory(self, size: int | str) -> None:
+        """``vm.resize {"desired_ram"}``: the VM's new RAM size (bytes or
+        ``"1G"``): an ACPI DIMM or virtio-mem, as ``Vm.resize_memory`` does."""
+        self.client.resize(memory=size)
+
     def resize_balloon(self, size: int | str) -> None:
         """``vm.resize {"desired_balloon"}``: the balloon's new target (bytes or ``"1G"``)."""
         self.client.resize(balloon=size)
+
+    def resize_zone(self, zone: str, size: int | str) -> None:
+        """``vm.resize-zone``: memory zone ``zone``'s new size, as ``Vm.resize_zone``."""
+        self.client.resize_zone(zone, size)
 
     def _hot_added(self, info: PciDeviceInfo | None) -> dict[str, str]:
         if info is None:  # only a VM that is not booted answers 204

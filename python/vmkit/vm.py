@@ -555,6 +555,50 @@ class Vm:
         """
         self._live().resize_balloon(size)
 
+    def resize_memory(self, size: int) -> None:
+        """Sets the running VM's RAM to ``size`` bytes (``vm.resize
+        {"desired_ram": size}``), as Cloud Hypervisor v37 does it, by the
+        ``--memory hotplug_method``:
+
+        - ``acpi`` (the default; ``hotplug_size=`` reserves the area): more
+          RAM than the guest has becomes one hot-added DIMM (a multiple of
+          128 MiB, at most 8 of them) that the guest hears of through ACPI
+          (the memory hot-plug controller and a GED interrupt; it onlines the
+          memory itself); less changes nothing in the guest, since ACPI RAM is
+          never taken back. Either way ``info().config.memory.size`` becomes
+          ``size``, which later boots start with. Errors: "Memory manager
+          error: InvalidSize", "... InsufficientHotplugRam", "...
+          NoSlotAvailable", "... InvalidResizeWithMemoryZones".
+        - ``virtio-mem``: the virtio-mem device asks the guest to plug
+          ``size`` less boot RAM (a configuration change; the guest plugs or
+          unplugs blocks itself). ``info().config.memory.hotplugged_size`` and
+          ``info().memory_actual_size`` follow; less than boot RAM changes
+          only the config. Errors: "Memory manager error:
+          InvalidResizeWithMemoryZones" with ``--memory-zone``, "...
+          VirtioMemResizeFail(...)" beyond ``hotplug_size``, not a multiple
+          of 2 MiB or the size already asked for.
+
+        Raises VmError with those texts, ("VM is not running") when no boot
+        runs.
+        """
+        if size < 0:
+            raise ValueError(f"size={size}: must not be negative")
+        self._live().resize_memory(size)
+
+    def resize_zone(self, zone: str, size: int) -> None:
+        """Sets memory zone ``zone``'s RAM to ``size`` bytes with its
+        virtio-mem device (``--memory-zone id=zone,hotplug_size=``;
+        ``vm.resize-zone {"id": zone, "desired_ram": size}``), as Cloud
+        Hypervisor v37 does it: the guest is asked to plug ``size`` less the
+        zone's boot RAM. The zone's ``hotplugged_size`` in ``info().config``
+        and ``info().memory_actual_size`` follow. Raises VmError with v37's
+        texts ("Failed resizing a memory zone" for an unknown zone or less
+        than its boot RAM, "Memory manager error: ..." as ``resize_memory``).
+        """
+        if size < 0:
+            raise ValueError(f"size={size}: must not be negative")
+        self._live().resize_zone(zone, size)
+
     def power_button(self) -> None:
         """Presses the ACPI power button (a Generic Event Device event).
 

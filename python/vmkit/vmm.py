@@ -626,20 +626,21 @@ class Vmm:
         desired_balloon: int | None = None,
     ) -> None:
         """``vm.resize``: on a VM that is not booted, edits the config; on a
-        booted one, hot-plugs or unplugs vCPUs and sets the balloon's target
-        (RAM cannot change yet)."""
+        booted one, hot-plugs or unplugs vCPUs, resizes RAM (an ACPI DIMM, or
+        the default zone's virtio-mem device) and sets the balloon's target,
+        in v37's order."""
         with self.lock:
             if self.config is None:
                 raise ApiError(VM_NOT_CREATED)
             if self.vm is not None:
-                live = self._live_config(self.vm)
-                if desired_ram is not None and desired_ram != live.memory.size:
-                    raise ApiError(
-                        "Cannot resize VM: resizing a booted VM's RAM is not supported yet"
-                    )
                 if desired_vcpus is not None:
                     try:
                         self.vm.resize_vcpus(desired_vcpus)
+                    except VmError as e:
+                        raise ApiError(str(e)) from None
+                if desired_ram is not None:
+                    try:
+                        self.vm.resize_memory(desired_ram)
                     except VmError as e:
                         raise ApiError(str(e)) from None
                 if desired_balloon is not None:
@@ -657,20 +658,23 @@ class Vmm:
                 config.balloon.size = desired_balloon
 
     def resize_zone(self, id: str, desired_ram: int) -> None:
-        """``vm.resize-zone``: on a VM that is not booted, edits the zone's size."""
+        """``vm.resize-zone``: on a VM that is not booted, edits the zone's
+        size; on a booted one, asks the zone's virtio-mem device for
+        ``desired_ram`` less the zone's boot RAM (``Vm.resize_zone``)."""
         with self.lock:
             if self.config is None:
                 raise ApiError(VM_NOT_CREATED)
-            base = self._live_config(self.vm) if self.vm is not None else self.config
-            zones = [zone for zone in base.memory.zones or [] if zone.id == id]
+            if self.vm is not None:
+                try:
+                    self.vm.resize_zone(id, desired_ram)
+                except VmError as e:
+                    raise ApiError(str(e)) from None
+                return
+            zones = [zone for zone in self.config.memory.zones or [] if zone.id == id]
             if not zones:
-                # v37's answer for an unknown zone, booted or not
+                # v37's answer for an unknown zone
                 log.error("Could not find the memory zone %s for the resize", id)
                 raise ApiError("Failed resizing a memory zone")
-            if self.vm is not None:
-                raise ApiError(
-                    "Cannot resize memory zone: resizing a booted VM is not supported yet"
-                )
             zones[0].size = desired_ram
 
     # -- add / remove devices ----------------------------------------------------------------

@@ -448,6 +448,10 @@ fn handle(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Opti
             Some(vcpus) => done(vm.resize_vcpus(vcpus)),
             None => error("Device", "resize_vcpus: no vCPU count"),
         },
+        "resize_memory" => match request["bytes"].as_u64() {
+            Some(bytes) => done(vm.resize_memory(bytes)),
+            None => error("Device", "resize_memory: no bytes"),
+        },
         "add_device" => {
             let config: Result<VmConfig, _> = serde_json::from_value(request["config"].clone());
             match (config, request["field"].as_str()) {
@@ -487,6 +491,10 @@ fn handle(state: &mut State, request: &Value, fds: Vec<OwnedFd>) -> (Value, Opti
         "resize_balloon" => match request["bytes"].as_u64() {
             Some(bytes) => done(vm.resize_balloon(bytes)),
             None => error("Device", "resize_balloon: no bytes"),
+        },
+        "resize_zone" => match (request["zone"].as_str(), request["bytes"].as_u64()) {
+            (Some(zone), Some(bytes)) => done(vm.resize_zone(zone, bytes)),
+            _ => error("Device", "resize_zone: no zone or bytes"),
         },
         "close" => {
             vm.close();

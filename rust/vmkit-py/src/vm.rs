@@ -224,6 +224,12 @@ impl VmHandle {
             .map_err(|e| vm_error(py, e))
     }
 
+    /// `vm.resize {"desired_ram": bytes}` on a running VM (an ACPI DIMM or virtio-mem).
+    fn resize_memory(&self, py: Python<'_>, bytes: u64) -> PyResult<()> {
+        py.detach(|| self.vm.resize_memory(bytes))
+            .map_err(|e| vm_error(py, e))
+    }
+
     /// `vm.add-*` on a running VM (PCI hot-plug): `config` is the live
     /// config with the new device last in list `field`; returns (id, BDF).
     fn add_device(
@@ -248,6 +254,12 @@ impl VmHandle {
     /// `vm.resize {"desired_balloon": bytes}`.
     fn resize_balloon(&self, py: Python<'_>, bytes: u64) -> PyResult<()> {
         py.detach(|| self.vm.resize_balloon(bytes))
+            .map_err(|e| vm_error(py, e))
+    }
+
+    /// `vm.resize-zone {"id": zone, "desired_ram": bytes}`.
+    fn resize_zone(&self, py: Python<'_>, zone: String, bytes: u64) -> PyResult<()> {
+        py.detach(|| self.vm.resize_zone(&zone, bytes))
             .map_err(|e| vm_error(py, e))
     }
 

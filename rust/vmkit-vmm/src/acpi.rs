@@ -14,12 +14,16 @@ use zerocopy::IntoBytes;
 
 use crate::cpu::Topology;
 use crate::devices::cpu_hotplug::CPU_HOTPLUG_SIZE;
-use crate::devices::legacy::{GED_CPU_DEVICES_CHANGED, GED_PCI_DEVICES_CHANGED, GED_POWER_BUTTON};
+use crate::devices::legacy::{
+    GED_CPU_DEVICES_CHANGED, GED_MEMORY_DEVICES_CHANGED, GED_PCI_DEVICES_CHANGED, GED_POWER_BUTTON,
+};
+use crate::devices::memory_hotplug::{HOTPLUG_SLOTS, MEMORY_HOTPLUG_SIZE};
 use crate::devices::pci_hotplug::PCI_HOTPLUG_SIZE;
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::layout::{
     ACPI_TABLES_END, APIC_START, CPU_HOTPLUG_ADDRESS, GED_ADDRESS, GED_IRQ, IOAPIC_START,
-    PCI_HOTPLUG_ADDRESS, PCI_MMCONFIG_START, RSDP_POINTER, TPM_SIZE, TPM_START,
+    MEMORY_HOTPLUG_ADDRESS, PCI_HOTPLUG_ADDRESS, PCI_MMCONFIG_START, RSDP_POINTER, TPM_SIZE,
+    TPM_START,
 };
 use crate::numa::{segment_node, NumaNode};
 use crate::pci::{SegmentLayout, ECAM_SIZE_PER_SEGMENT};
@@ -170,6 +174,12 @@ fn ged_and_power_button(sink: &mut Vec<u8>) {
     let cpus_changed = aml::Equal::new(&cpu_masked, &cpu_bit);
     let scan = aml::MethodCall::new("\\_SB_.CPUS.CSCN".into(), vec![]);
     let check_cpus = aml::If::new(&cpus_changed, vec![&scan]);
+    // The memory bit has the memory hot-plug controller scan its slots.
+    let memory_bit = GED_MEMORY_DEVICES_CHANGED;
+    let memory_masked = aml::And::new(&aml::ZERO, &local0, &memory_bit);
+    let memory_changed = aml::Equal::new(&memory_masked, &memory_bit);
+    let memory_scan = aml::MethodCall::new("\\_SB_.MHPC.MSCN".into(), vec![]);
+    let check_memory = aml::If::new(&memory_changed, vec![&memory_scan]);
     let check_pci = GedPciCheck;
     let bit = GED_POWER_BUTTON;
     let masked = aml::And::new(&aml::ZERO, &local0, &bit);
@@ -182,7 +192,7 @@ fn ged_and_power_button(sink: &mut Vec<u8>) {
         "_EVT".into(),
         1,
         true,
-        vec![&read, &check_cpus, &check_pci, &check],
+        vec![&read, &check_cpus, &check_memory, &check_pci, &check],
     );
     let ged = aml::Device::new(
         "GED_".into(),
@@ -573,6 +583,256 @@ fn cpu_container(cpus: &CpuDevices<'_>, sink: &mut dyn acpi_tables::AmlSink) {
     aml::Device::new("CPUS".into(), children).to_aml_bytes(sink);
 }
 
+/// One hot-pluggable DIMM slot: `Device (Mxxx)`, `_HID` PNP0C80 (ACPI
+/// memory device), `_STA` (`MSTA`) and `_CRS` (`MCRS`) from the controller.
+struct MemorySlot(usize);
+
+impl Aml for MemorySlot {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        let index = self.0;
+        let hid = aml::EISAName::new("PNP0C80");
+        let hid_name = aml::Name::new("_HID".into(), &hid);
+        let uid = aml::Name::new("_UID".into(), &index);
+        let msta = aml::MethodCall::new("MSTA".into(), vec![&index]);
+        let sta_value = aml::Return::new(&msta);
+        let sta = aml::Method::new("_STA".into(), 0, false, vec![&sta_value]);
+        let mcrs = aml::MethodCall::new("MCRS".into(), vec![&index]);
+        let crs_value = aml::Return::new(&mcrs);
+        let crs = aml::Method::new("_CRS".into(), 0, false, vec![&crs_value]);
+        let name = format!("M{index:03}");
+        aml::Device::new(name.as_str().into(), vec![&hid_name, &uid, &sta, &crs])
+            .to_aml_bytes(sink);
+    }
+}
+
+/// `If (Arg0 == index) { Notify (Mxxx, Arg1) }`, one per slot in `MTFY`.
+struct MemoryNotify(usize);
+
+impl Aml for MemoryNotify {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        let object = aml::Path::new(&format!("M{:03}", self.0));
+        let notify = aml::Notify::new(&object, &aml::Arg(1));
+        let is_this = aml::Equal::new(&aml::Arg(0), &self.0);
+        aml::If::new(&is_this, vec![&notify]).to_aml_bytes(sink);
+    }
+}
+
+/// `\_SB_.MHPC`, Cloud Hypervisor v37's memory hot-plug controller (its
+/// `impl Aml for MemoryManager`). Without a hot-plug area it is a stub with
+/// an empty `MSCN` (the GED calls it); with one, the `MHPR` region over the
+/// controller's registers (`MHBL`/`MHBH` base, `MHLL`/`MHLH` length, `MEN_`,
+/// `MINS`, `MRMV`, `MEJ0` status, `MSEL` selection) behind the mutex `MLCK`,
+/// the methods `MTFY` (notify slot Arg0 with Arg1), `MSCN` (for each slot
+/// being inserted notify 1, for each being removed notify 3, acknowledging
+/// each), `MSTA` (0xf when enabled) and `MCRS` (the slot's range), and a
+/// memory device per slot.
+fn memory_hotplug_controller(slots: bool, sink: &mut dyn acpi_tables::AmlSink) {
+    let hid = aml::EISAName::new("PNP0A06");
+    let hid_name = aml::Name::new("_HID".into(), &hid);
+    let uid_text: &'static str = "Memory Hotplug Controller";
+    let uid = aml::Name::new("_UID".into(), &uid_text);
+    if !slots {
+        let mscn = aml::Method::new("MSCN".into(), 0, true, vec![]);
+        aml::Device::new("_SB_.MHPC".into(), vec![&hid_name, &uid, &mscn]).to_aml_bytes(sink);
+        return;
+    }
+    let lock = aml::Mutex::new("MLCK".into(), 0);
+    let window = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        MEMORY_HOTPLUG_ADDRESS,
+        MEMORY_HOTPLUG_ADDRESS + MEMORY_HOTPLUG_SIZE - 1,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&window]);
+    let crs_name = aml::Name::new("_CRS".into(), &crs);
+    let address = MEMORY_HOTPLUG_ADDRESS as usize;
+    let size = MEMORY_HOTPLUG_SIZE as usize;
+    let region = aml::OpRegion::new(
+        "MHPR".into(),
+        aml::OpRegionSpace::SystemMemory,
+        &address,
+        &size,
+    );
+    let dword = |entries| {
+        aml::Field::new(
+            "MHPR".into(),
+            aml::FieldAccessType::DWord,
+            aml::FieldLockRule::NoLock,
+            aml::FieldUpdateRule::Preserve,
+            entries,
+        )
+    };
+    let range_fields = dword(vec![
+        aml::FieldEntry::Named(*b"MHBL", 32),
+        aml::FieldEntry::Named(*b"MHBH", 32),
+        aml::FieldEntry::Named(*b"MHLL", 32),
+        aml::FieldEntry::Named(*b"MHLH", 32),
+    ]);
+    let pxm_field = dword(vec![
+        aml::FieldEntry::Reserved(128),
+        aml::FieldEntry::Named(*b"MHPX", 32),
+    ]);
+    let status_field = aml::Field::new(
+        "MHPR".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![
+            aml::FieldEntry::Reserved(160),
+            aml::FieldEntry::Named(*b"MEN_", 1),
+            aml::FieldEntry::Named(*b"MINS", 1),
+            aml::FieldEntry::Named(*b"MRMV", 1),
+            aml::FieldEntry::Named(*b"MEJ0", 1),
+        ],
+    );
+    let selection_field = dword(vec![
+        aml::FieldEntry::Named(*b"MSEL", 32),
+        aml::FieldEntry::Named(*b"MOEV", 32),
+        aml::FieldEntry::Named(*b"MOSC", 32),
+    ]);
+
+    let count = HOTPLUG_SLOTS;
+    let notifies: Vec<MemoryNotify> = (0..count).map(MemoryNotify).collect();
+    let notify_refs: Vec<&dyn Aml> = notifies.iter().map(|n| n as &dyn Aml).collect();
+    let mtfy = aml::Method::new("MTFY".into(), 2, true, notify_refs);
+
+    let acquire = aml::Acquire::new("MLCK".into(), 0xffff);
+    let release = aml::Release::new("MLCK".into());
+    let local0 = aml::Local(0);
+    let msel = aml::Path::new("\\_SB_.MHPC.MSEL");
+    let mins = aml::Path::new("\\_SB_.MHPC.MINS");
+    let mrmv = aml::Path::new("\\_SB_.MHPC.MRMV");
+    let men = aml::Path::new("\\_SB_.MHPC.MEN_");
+    let clear = aml::Store::new(&local0, &aml::ZERO);
+    let select_local = aml::Store::new(&msel, &local0);
+    let inserting = aml::Equal::new(&mins, &aml::ONE);
+    let check = aml::MethodCall::new("MTFY".into(), vec![&local0, &aml::ONE]);
+    let ack_insert = aml::Store::new(&mins, &aml::ONE);
+    let if_inserting = aml::If::new(&inserting, vec![&check, &ack_insert]);
+    let removing = aml::Equal::new(&mrmv, &aml::ONE);
+    let eject_request = 3u8;
+    let eject = aml::MethodCall::new("MTFY".into(), vec![&local0, &eject_request]);
+    let ack_remove = aml::Store::new(&mrmv, &aml::ONE);
+    let if_removing = aml::If::new(&removing, vec![&eject, &ack_remove]);
+    let next = aml::Add::new(&local0, &local0, &aml::ONE);
+    let more = aml::LessThan::new(&local0, &count);
+    let each = aml::While::new(
+        &more,
+        vec![&select_local, &if_inserting, &if_removing, &next],
+    );
+    let mscn = aml::Method::new(
+        "MSCN".into(),
+        0,
+        true,
+        vec![&acquire, &clear, &each, &release],
+    );
+
+    let select_arg = aml::Store::new(&msel, &aml::Arg(0));
+    let enabled = aml::Equal::new(&men, &aml::ONE);
+    let present = 0xfu8;
+    let set_present = aml::Store::new(&local0, &present);
+    let if_enabled = aml::If::new(&enabled, vec![&set_present]);
+    let return_status = aml::Return::new(&local0);
+    let msta = aml::Method::new(
+        "MSTA".into(),
+        1,
+        true,
+        vec![
+            &acquire,
+            &select_arg,
+            &clear,
+            &if_enabled,
+            &release,
+            &return_status,
+        ],
+    );
+
+    // MCRS: a QWordMemory template whose min, max and length the slot's
+    // registers fill in (each as two dwords, carrying into the high one).
+    let any = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::Cacheable,
+        true,
+        0u64,
+        0xFFFF_FFFF_FFFF_FFFEu64,
+        None,
+    );
+    let template = aml::ResourceTemplate::new(vec![&any]);
+    let mr64_name = aml::Name::new("MR64".into(), &template);
+    let mr64 = aml::Path::new("MR64");
+    let (minl, minh) = (aml::Path::new("MINL"), aml::Path::new("MINH"));
+    let (maxl, maxh) = (aml::Path::new("MAXL"), aml::Path::new("MAXH"));
+    let (lenl, lenh) = (aml::Path::new("LENL"), aml::Path::new("LENH"));
+    let (at14, at18, at22, at26, at38, at42) =
+        (14usize, 18usize, 22usize, 26usize, 38usize, 42usize);
+    let f_minl = aml::CreateQWordField::new(&minl, &mr64, &at14);
+    let f_minh = aml::CreateDWordField::new(&minh, &mr64, &at18);
+    let f_maxl = aml::CreateQWordField::new(&maxl, &mr64, &at22);
+    let f_maxh = aml::CreateDWordField::new(&maxh, &mr64, &at26);
+    let f_lenl = aml::CreateQWordField::new(&lenl, &mr64, &at38);
+    let f_lenh = aml::CreateDWordField::new(&lenh, &mr64, &at42);
+    let mhbl = aml::Path::new("\\_SB_.MHPC.MHBL");
+    let mhbh = aml::Path::new("\\_SB_.MHPC.MHBH");
+    let mhll = aml::Path::new("\\_SB_.MHPC.MHLL");
+    let mhlh = aml::Path::new("\\_SB_.MHPC.MHLH");
+    let s_minl = aml::Store::new(&minl, &mhbl);
+    let s_minh = aml::Store::new(&minh, &mhbh);
+    let s_lenl = aml::Store::new(&lenl, &mhll);
+    let s_lenh = aml::Store::new(&lenh, &mhlh);
+    let add_low = aml::Add::new(&maxl, &minl, &lenl);
+    let add_high = aml::Add::new(&maxh, &minh, &lenh);
+    let carried = aml::LessThan::new(&maxl, &minl);
+    let carry = aml::Add::new(&maxh, &aml::ONE, &maxh);
+    let if_carry = aml::If::new(&carried, vec![&carry]);
+    let last = aml::Subtract::new(&maxl, &maxl, &aml::ONE);
+    let return_mr64 = aml::Return::new(&mr64);
+    let mcrs = aml::Method::new(
+        "MCRS".into(),
+        1,
+        true,
+        vec![
+            &acquire,
+            &select_arg,
+            &mr64_name,
+            &f_minl,
+            &f_minh,
+            &f_maxl,
+            &f_maxh,
+            &f_lenl,
+            &f_lenh,
+            &s_minl,
+            &s_minh,
+            &s_lenl,
+            &s_lenh,
+            &add_low,
+            &add_high,
+            &if_carry,
+            &last,
+            &release,
+            &return_mr64,
+        ],
+    );
+
+    let devices: Vec<MemorySlot> = (0..count).map(MemorySlot).collect();
+    let mut children: Vec<&dyn Aml> = vec![
+        &hid_name,
+        &uid,
+        &lock,
+        &crs_name,
+        &region,
+        &range_fields,
+        &pxm_field,
+        &status_field,
+        &selection_field,
+        &mtfy,
+        &mscn,
+        &msta,
+        &mcrs,
+    ];
+    children.extend(devices.iter().map(|d| d as &dyn Aml));
+    aml::Device::new("_SB_.MHPC".into(), children).to_aml_bytes(sink);
+}
+
 fn mcfg(segments: &[SegmentLayout]) -> Vec<u8> {
     let mut mcfg = MCFG::new(OEM_ID, *b"MCFG    ", 1);
     for segment in segments {
@@ -613,7 +873,13 @@ fn tpm2() -> Sdt {
     tpm2
 }
 
-fn dsdt(segments: &[SegmentLayout], nodes: &[NumaNode], cpus: &CpuDevices<'_>, tpm: bool) -> Sdt {
+fn dsdt(
+    segments: &[SegmentLayout],
+    nodes: &[NumaNode],
+    cpus: &CpuDevices<'_>,
+    tpm: bool,
+    memory_hotplug: bool,
+) -> Sdt {
     let mut dsdt = table(b"DSDT", 36, 6);
     // The AML builders borrow their children, so every node is a local.
     let com1_io = aml::IO::new(0x3f8, 0x3f8, 0, 8);
@@ -655,6 +921,7 @@ fn dsdt(segments: &[SegmentLayout], nodes: &[NumaNode], cpus: &CpuDevices<'_>, t
     if tpm {
         tpm_device(&mut dsdt);
     }
+    memory_hotplug_controller(memory_hotplug, &mut dsdt);
     dsdt.update_checksum();
     dsdt
 }
@@ -748,15 +1015,19 @@ fn madt(topology: &Topology, boot_vcpus: u8, max_vcpus: u8) -> Sdt {
 
 /// The SRAT as v37 writes it: revision 3, 12 reserved bytes of zeros, then
 /// for each node by id a Memory Affinity structure per range of its zones
-/// and a Processor Local x2APIC Affinity structure per listed vCPU (x2APIC
-/// ids from the topology, as the MADT's), all enabled.
+/// (then one per virtio-mem region, hot-pluggable) and a Processor Local
+/// x2APIC Affinity structure per listed vCPU (x2APIC ids from the topology,
+/// as the MADT's), all enabled.
 fn srat(nodes: &[NumaNode], topology: &Topology) -> Sdt {
     const ENABLED: u32 = 1;
+    const HOTPLUGGABLE: u32 = 2;
     let mut srat = table(b"SRAT", 36, 3);
     // Built whole first: Sdt re-sums the table on every append.
     let mut body = vec![0u8; 12];
     for node in nodes {
-        for &(base, size) in &node.memory {
+        let memory = node.memory.iter().map(|&r| (r, ENABLED));
+        let hotplug = node.hotplug.iter().map(|&r| (r, ENABLED | HOTPLUGGABLE));
+        for ((base, size), flags) in memory.chain(hotplug) {
             // Type 1, length 40: proximity domain, reserved, base, length,
             // reserved, flags, reserved.
             body.extend_from_slice(&[1, 40]);
@@ -765,7 +1036,7 @@ fn srat(nodes: &[NumaNode], topology: &Topology) -> Sdt {
             body.extend_from_slice(&base.to_le_bytes());
             body.extend_from_slice(&size.to_le_bytes());
             body.extend_from_slice(&[0; 4]);
-            body.extend_from_slice(&ENABLED.to_le_bytes());
+            body.extend_from_slice(&flags.to_le_bytes());
             body.extend_from_slice(&[0; 8]);
         }
         for &cpu in &node.cpus {
@@ -811,7 +1082,9 @@ fn xsdt(tables: &[u64]) -> Sdt {
 }
 
 /// Writes the tables from `RSDP_POINTER` on; returns the RSDP address. The
-/// SRAT and SLIT are written only for `--numa` (non-empty `nodes`), as in v37.
+/// SRAT and SLIT are written only for `--numa` (non-empty `nodes`), as in v37;
+/// the memory hot-plug slots only with a hot-plug area (`memory_hotplug`).
+#[allow(clippy::too_many_arguments)]
 pub fn write_tables(
     mem: &GuestMemoryMmap,
     topology: &Topology,
@@ -820,6 +1093,7 @@ pub fn write_tables(
     pci_segments: &[SegmentLayout],
     nodes: &[NumaNode],
     tpm: bool,
+    memory_hotplug: bool,
 ) -> Result<u64> {
     // Nothing is written past ACPI_TABLES_END: a table that would reach it
     // fails the boot before any of its bytes land (the RSDP, written last,
@@ -852,7 +1126,10 @@ pub fn write_tables(
         max_vcpus,
         nodes,
     };
-    next = write(dsdt(pci_segments, nodes, &cpus, tpm).as_slice(), dsdt_addr)?;
+    next = write(
+        dsdt(pci_segments, nodes, &cpus, tpm, memory_hotplug).as_slice(),
+        dsdt_addr,
+    )?;
     let fadt_addr = next;
     next = write(fadt(dsdt_addr).as_slice(), fadt_addr)?;
     let madt_addr = next;
@@ -908,7 +1185,7 @@ mod tests {
             packages: 1,
         };
         let segments = crate::pci::plan_segments(2, 2 << 20, 40).unwrap();
-        let rsdp_addr = write_tables(&mem, &topology, 2, 4, &segments, &[], false).unwrap();
+        let rsdp_addr = write_tables(&mem, &topology, 2, 4, &segments, &[], false, false).unwrap();
         let mut rsdp = [0u8; 36];
         mem.read_slice(&mut rsdp, GuestAddress(rsdp_addr)).unwrap();
         assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -974,6 +1251,7 @@ mod tests {
                 id: 0,
                 cpus: vec![0, 1],
                 memory: vec![(0, 64 << 20)],
+                hotplug: Vec::new(),
                 distances: [(1, 15)].into(),
                 pci_segments: vec![0],
             },
@@ -981,6 +1259,7 @@ mod tests {
                 id: 1,
                 cpus: vec![3],
                 memory: vec![(0xa000_0000, 0x2000_0000), (1 << 32, 0x2000_0000)],
+                hotplug: Vec::new(),
                 distances: Default::default(),
                 pci_segments: vec![1],
             },
@@ -1006,7 +1285,8 @@ mod tests {
             packages: 2,
         };
         let segments = crate::pci::plan_segments(2, 2 << 20, 40).unwrap();
-        let rsdp = write_tables(&mem, &topology, 6, 6, &segments, &two_nodes(), false).unwrap();
+        let rsdp =
+            write_tables(&mem, &topology, 6, 6, &segments, &two_nodes(), false, false).unwrap();
         let tables = xsdt_entries(&mem, rsdp);
         let sigs: Vec<&[u8]> = tables.iter().map(|t| &t[..4]).collect();
         assert_eq!(sigs, [b"FACP", b"APIC", b"MCFG", b"SRAT", b"SLIT"]);
@@ -1081,7 +1361,7 @@ mod tests {
                 ..NumaNode::default()
             })
             .collect();
-        let err = write_tables(&mem, &topology, 1, 1, &[], &nodes, false).unwrap_err();
+        let err = write_tables(&mem, &topology, 1, 1, &[], &nodes, false, false).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Memory);
         assert!(
             err.message
@@ -1128,7 +1408,7 @@ mod tests {
             packages: 1,
         };
         let segments = crate::pci::plan_segments(1, 2 << 20, 40).unwrap();
-        let rsdp_addr = write_tables(&mem, &topology, 1, 1, &segments, &[], true).unwrap();
+        let rsdp_addr = write_tables(&mem, &topology, 1, 1, &segments, &[], true, false).unwrap();
         let tables = xsdt_entries(&mem, rsdp_addr);
         let signatures: Vec<&[u8]> = tables.iter().map(|t| &t[..4]).collect();
         assert_eq!(signatures, [b"FACP", b"APIC", b"MCFG", b"TPM2"]);

@@ -8,8 +8,9 @@ use std::os::unix::fs::MetadataExt;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress};
-use vmkit_config::{MemoryConfig, MemoryZoneConfig};
+use vmkit_config::{HotplugMethod, MemoryConfig, MemoryZoneConfig};
 
+use crate::devices::memory_hotplug::HotplugLayout;
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::layout::{MEM_32BIT_RESERVED_START, RAM_64BIT_START};
 
@@ -80,8 +81,19 @@ pub fn region_backing(region: &GuestRegionMmap) -> std::io::Result<RegionBacking
 pub enum MemoryError {
     #[error("Memory hotplug (hotplug_size, hotplugged_size) is not supported yet")]
     Hotplug,
+    /// v37's `InvalidMemoryParameters`, with the reason it logs.
+    #[error("Invalid memory parameters: {0} (InvalidMemoryParameters)")]
+    InvalidParameters(&'static str),
     #[error("Memory zone {zone}: {what} is not supported yet")]
     ZoneUnsupported { zone: String, what: &'static str },
+    /// A zone's virtio-mem settings, in Cloud Hypervisor's words.
+    #[error("Memory zone {zone}: {detail}")]
+    VirtioMem { zone: String, detail: String },
+    #[error(
+        "Memory zone {zone} has a virtio-mem region (hotplug_size): {what} of such a VM is not \
+         supported yet"
+    )]
+    VirtioMemState { zone: String, what: &'static str },
     #[error("The VM has no memory: memory size is 0 and no memory zone is given")]
     NoMemory,
     #[error("{backing}: {what}")]
@@ -130,7 +142,9 @@ pub enum MemoryError {
 impl ModuleError for MemoryError {
     fn kind(&self) -> ErrorKind {
         match self {
-            MemoryError::Hotplug | MemoryError::ZoneUnsupported { .. } => ErrorKind::Unsupported,
+            MemoryError::Hotplug
+            | MemoryError::ZoneUnsupported { .. }
+            | MemoryError::VirtioMemState { .. } => ErrorKind::Unsupported,
             _ => ErrorKind::Memory,
         }
     }
@@ -150,6 +164,10 @@ struct Backing {
     prefault: bool,
     mergeable: bool,
     thp: bool,
+    /// Huge pages are taken as the guest touches them, not counted up
+    /// front (the hot-plug area: as in Cloud Hypervisor, a DIMM's pages
+    /// come from the host pool when the guest uses them).
+    on_demand: bool,
 }
 
 impl Backing {
@@ -175,9 +193,67 @@ pub struct GuestRam {
     /// Each backing's file, when every backing is mapped shared from one
     /// (`shared=on` or huge pages): a local migration hands them over.
     pub shared_files: Option<Vec<File>>,
+    /// The ACPI memory hot-plug area (`hotplug_size`): mapped in the VMM
+    /// (the last region of `memory`) but not given to the guest (no KVM
+    /// slot, not in `ranges`) until `vm.resize` plugs a DIMM of it. Devices
+    /// see the whole area from boot (their memory is fixed when they are
+    /// built): a guest that points one at RAM not plugged yet only makes the
+    /// VMM touch host pages of the area, within `hotplug_size`.
+    pub hotplug: Option<HotplugArea>,
+    /// The virtio-mem regions past RAM (in `memory`, not in `ranges`).
+    pub virtio_mem: Vec<VirtioMemZone>,
+}
+
+/// A zone's virtio-mem region: guest memory the guest plugs block by block.
+#[derive(Debug, Clone)]
+pub struct VirtioMemZone {
+    pub zone: String,
+    pub addr: u64,
+    pub size: u64,
+    /// How much is to be plugged at boot (`hotplugged_size`).
+    pub hotplugged_size: u64,
+    pub backing: RegionBacking,
+}
+
+/// Guest-physical range reserved for ACPI memory hot-plug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HotplugArea {
+    pub base: u64,
+    pub size: u64,
 }
 
 impl GuestRam {
+    /// Where the 64-bit device area starts: after RAM and the hot-plug area.
+    pub fn hotplug_layout(&self) -> Option<HotplugLayout> {
+        match self.hotplug {
+            Some(area) => Some(HotplugLayout {
+                area_start: area.base,
+                device_area_start: area.base.checked_add(area.size)?,
+            }),
+            None => HotplugLayout::new(self.last_ram_byte(), None),
+        }
+    }
+
+    /// The last byte of boot RAM.
+    pub fn last_ram_byte(&self) -> u64 {
+        self.ranges
+            .iter()
+            .map(|r| r.0 + r.1)
+            .max()
+            .unwrap_or(0)
+            .saturating_sub(1)
+    }
+
+    /// Where the 64-bit device area starts: after RAM and whichever
+    /// hot-plug memory follows it (the ACPI area or the virtio-mem regions).
+    pub fn device_area_start(&self) -> u64 {
+        let acpi = self
+            .hotplug_layout()
+            .map_or(u64::MAX, |layout| layout.device_area_start);
+        let virtio_mem = self.virtio_mem.iter().map(|z| z.addr + z.size).max();
+        virtio_mem.map_or(acpi, |end| end.max(acpi))
+    }
+
     pub fn total_size(&self) -> u64 {
         self.ranges.iter().map(|r| r.1).sum()
     }
@@ -193,10 +269,40 @@ impl GuestRam {
     }
 }
 
-fn backings(config: &MemoryConfig) -> Result<Vec<Backing>> {
-    if config.hotplug_size.is_some() || config.hotplugged_size.is_some() {
-        return Err(MemoryError::Hotplug.into());
+/// The ACPI hot-plug area's size (`hotplug_size` with `hotplug_method=acpi`),
+/// after v37's checks of the hot-plug options (virtio-mem's are in
+/// `virtio_mem_plans`).
+fn acpi_hotplug_size(config: &MemoryConfig) -> Result<Option<u64>> {
+    if config.hotplug_method == HotplugMethod::VirtioMem {
+        return Ok(None);
     }
+    // v37's MemoryManager::validate_memory_config, in its order.
+    if let Some(hotplugged) = config.hotplugged_size {
+        match config.hotplug_size {
+            Some(hotplug) if hotplugged > hotplug => {
+                return Err(MemoryError::InvalidParameters(
+                    "'hotplugged_size' can't be bigger than 'hotplug_size'",
+                )
+                .into())
+            }
+            Some(_) => {}
+            None => {
+                return Err(MemoryError::InvalidParameters(
+                    "Invalid to define 'hotplugged_size' when there is no 'hotplug_size'",
+                )
+                .into())
+            }
+        }
+        return Err(MemoryError::InvalidParameters(
+            "Invalid to define 'hotplugged_size' with hotplug method 'acpi'",
+        )
+        .into());
+    }
+    Ok(config.hotplug_size.filter(|_| config.size > 0))
+}
+
+fn backings(config: &MemoryConfig) -> Result<Vec<Backing>> {
+    acpi_hotplug_size(config)?;
     let mut list = Vec::new();
     if config.size > 0 {
         list.push(Backing {
@@ -210,6 +316,7 @@ fn backings(config: &MemoryConfig) -> Result<Vec<Backing>> {
             prefault: config.prefault,
             mergeable: config.mergeable,
             thp: config.thp,
+            on_demand: false,
         });
     }
     for zone in config.zones.iter().flatten() {
@@ -222,7 +329,8 @@ fn backings(config: &MemoryConfig) -> Result<Vec<Backing>> {
 }
 
 fn zone_backing(config: &MemoryConfig, zone: &MemoryZoneConfig) -> Result<Backing> {
-    if zone.hotplug_size.is_some() || zone.hotplugged_size.is_some() {
+    let acpi = config.hotplug_method == HotplugMethod::Acpi;
+    if acpi && (zone.hotplug_size.is_some() || zone.hotplugged_size.is_some()) {
         return Err(MemoryError::ZoneUnsupported {
             zone: zone.id.clone(),
             what: "hotplug",
@@ -247,7 +355,125 @@ fn zone_backing(config: &MemoryConfig, zone: &MemoryZoneConfig) -> Result<Backin
         prefault: zone.prefault,
         mergeable: config.mergeable,
         thp: config.thp,
+        on_demand: false,
     })
+}
+
+/// A zone's virtio-mem region to map past RAM.
+struct HotplugPlan {
+    /// The region's backing (`size` is `hotplug_size`), as the zone's RAM.
+    backing: Backing,
+    hotplugged_size: u64,
+}
+
+/// The virtio-mem regions of `config` (`hotplug_method=virtio-mem`: the
+/// default zone's `--memory hotplug_size`, then each zone's), checked as
+/// Cloud Hypervisor checks them.
+fn virtio_mem_plans(config: &MemoryConfig) -> Result<Vec<HotplugPlan>> {
+    if config.hotplug_method != HotplugMethod::VirtioMem {
+        return Ok(Vec::new());
+    }
+    let mut plans = Vec::new();
+    let mut zones: Vec<(Backing, Option<u64>, Option<u64>)> = Vec::new();
+    let listed = backings(config)?;
+    let mut listed = listed.into_iter();
+    if config.size > 0 {
+        if let Some(default) = listed.next() {
+            zones.push((default, config.hotplug_size, config.hotplugged_size));
+        }
+    }
+    for (zone, backing) in config.zones.iter().flatten().zip(listed) {
+        zones.push((backing, zone.hotplug_size, zone.hotplugged_size));
+    }
+    for (backing, hotplug_size, hotplugged_size) in zones {
+        let refuse = |detail: String| -> Result<Vec<HotplugPlan>> {
+            Err(MemoryError::VirtioMem {
+                zone: backing.zone.clone(),
+                detail,
+            }
+            .into())
+        };
+        let Some(size) = hotplug_size else {
+            if hotplugged_size.is_some() {
+                return refuse(
+                    "Invalid to define 'hotplugged_size' when there is no 'hotplug_size'"
+                        .to_owned(),
+                );
+            }
+            continue;
+        };
+        let hotplugged = hotplugged_size.unwrap_or(0);
+        if size == 0 {
+            return refuse("'hotplug_size' can't be 0".to_owned());
+        }
+        if hotplugged > size {
+            return refuse(format!(
+                "'hotplugged_size' {hotplugged} can't be bigger than 'hotplug_size' {size}"
+            ));
+        }
+        if !size.is_multiple_of(crate::virtio::mem::REGION_ALIGNMENT) {
+            return refuse(format!(
+                "hotplug_size={size}: Virtio-mem size is not aligned with {}",
+                crate::virtio::mem::REGION_ALIGNMENT
+            ));
+        }
+        if !hotplugged.is_multiple_of(crate::virtio::mem::BLOCK_SIZE) {
+            return refuse(format!(
+                "hotplugged_size={hotplugged}: not a multiple of the virtio-mem block size \
+                 ({} bytes)",
+                crate::virtio::mem::BLOCK_SIZE
+            ));
+        }
+        plans.push(HotplugPlan {
+            backing: Backing {
+                name: format!("{} (virtio-mem)", backing.name),
+                size,
+                // Cloud Hypervisor never maps a zone's file there.
+                file: None,
+                ..backing
+            },
+            hotplugged_size: hotplugged,
+        });
+    }
+    Ok(plans)
+}
+
+/// Where the virtio-mem regions of `sizes` go after RAM ending at
+/// `ram_end`, as Cloud Hypervisor places them: from 4 GiB while RAM ends
+/// below the 32-bit hole, else from the 128 MiB boundary past RAM; each
+/// region 128 MiB aligned, one after the other.
+fn place_virtio_mem(ram_end: u64, sizes: &[u64]) -> Result<Vec<u64>> {
+    let align = crate::virtio::mem::REGION_ALIGNMENT;
+    let last = ram_end.saturating_sub(1);
+    let mut cursor = if last < MEM_32BIT_RESERVED_START {
+        RAM_64BIT_START
+    } else {
+        (last | (align - 1))
+            .checked_add(1)
+            .ok_or(MemoryError::AddressSpace)?
+    };
+    let mut starts = Vec::new();
+    for &size in sizes {
+        let start = cursor
+            .checked_next_multiple_of(align)
+            .ok_or(MemoryError::AddressSpace)?;
+        cursor = start.checked_add(size).ok_or(MemoryError::AddressSpace)?;
+        starts.push(start);
+    }
+    Ok(starts)
+}
+
+/// Refuses `what` (a restore, a migration) for a config with virtio-mem
+/// regions, whose plugged blocks vmkit does not carry yet.
+pub fn refuse_virtio_mem(config: &MemoryConfig, what: &'static str) -> Result<()> {
+    match virtio_mem_plans(config)?.first() {
+        Some(plan) => Err(MemoryError::VirtioMemState {
+            zone: plan.backing.zone.clone(),
+            what,
+        }
+        .into()),
+        None => Ok(()),
+    }
 }
 
 fn io_error(backing: &Backing, what: &str, source: std::io::Error) -> MemoryError {
@@ -309,7 +535,9 @@ fn memfd(backing: &Backing) -> Result<File> {
     let mut flags = libc::MFD_CLOEXEC;
     if backing.hugepages {
         let page_size = huge_page_size(backing)?;
-        check_free_huge_pages(backing, page_size)?;
+        if !backing.on_demand {
+            check_free_huge_pages(backing, page_size)?;
+        }
         flags |= libc::MFD_HUGETLB | (page_size.trailing_zeros() << libc::MFD_HUGE_SHIFT);
     }
     // SAFETY: name is a valid NUL-terminated string; the result is checked.
@@ -495,6 +723,24 @@ pub fn zone_ranges(config: &MemoryConfig) -> Result<Vec<ZoneRanges>> {
     Ok(zones)
 }
 
+/// Where `create_guest_ram` puts each zone's virtio-mem region: (zone,
+/// start, size).
+pub fn virtio_mem_ranges(config: &MemoryConfig) -> Result<Vec<(String, u64, u64)>> {
+    let plans = virtio_mem_plans(config)?;
+    let ram_end = place(&backings(config)?)?
+        .iter()
+        .map(|p| p.base + p.size)
+        .max()
+        .unwrap_or(0);
+    let sizes: Vec<u64> = plans.iter().map(|p| p.backing.size).collect();
+    let starts = place_virtio_mem(ram_end, &sizes)?;
+    Ok(plans
+        .into_iter()
+        .zip(starts)
+        .map(|(plan, start)| (plan.backing.zone, start, plan.backing.size))
+        .collect())
+}
+
 /// Whether `config` asks for private anonymous memory only (no shared,
 /// huge-page or file-backed memory).
 /// The first backing that is a file mapped shared (`file=` with
@@ -518,11 +764,82 @@ pub fn restores_copy_on_write(config: &MemoryConfig) -> bool {
 /// Creates guest RAM: each backing in turn from address 0, skipping the MMIO hole.
 pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
     let backings = backings(config)?;
+    let plans = virtio_mem_plans(config)?;
     let files = backings
         .iter()
         .map(backing_file)
         .collect::<Result<Vec<_>>>()?;
-    lay_out_guest_ram(backings, files)
+    let area = hotplug_area_backing(config, &backings)?;
+    let mut ram = lay_out_guest_ram(backings, files)?;
+    if let Some(backing) = area {
+        add_hotplug_area(&mut ram, &backing)?;
+    }
+    add_virtio_mem_regions(&mut ram, plans)?;
+    Ok(ram)
+}
+
+/// Maps each virtio-mem region past RAM, into guest memory.
+fn add_virtio_mem_regions(ram: &mut GuestRam, plans: Vec<HotplugPlan>) -> Result<()> {
+    let sizes: Vec<u64> = plans.iter().map(|p| p.backing.size).collect();
+    let ram_end = ram.ranges.iter().map(|r| r.0 + r.1).max().unwrap_or(0);
+    let starts = place_virtio_mem(ram_end, &sizes)?;
+    for (plan, addr) in plans.into_iter().zip(starts) {
+        let file = backing_file(&plan.backing)?;
+        let region = map_region(&plan.backing, file.as_ref(), 0, addr, plan.backing.size)?;
+        let backing =
+            region_backing(&region).map_err(|e| io_error(&plan.backing, "its backing", e))?;
+        ram.memory = ram
+            .memory
+            .insert_region(std::sync::Arc::new(region))
+            .map_err(|source| MemoryError::Regions { source })?;
+        ram.virtio_mem.push(VirtioMemZone {
+            zone: plan.backing.zone,
+            addr,
+            size: plan.backing.size,
+            hotplugged_size: plan.hotplugged_size,
+            backing,
+        });
+    }
+    Ok(())
+}
+
+/// How the ACPI hot-plug area is backed: as `--memory size=`'s RAM, never
+/// prefaulted (None without `hotplug_size`).
+fn hotplug_area_backing(config: &MemoryConfig, backings: &[Backing]) -> Result<Option<Backing>> {
+    let Some(size) = acpi_hotplug_size(config)? else {
+        return Ok(None);
+    };
+    Ok(backings
+        .iter()
+        .find(|b| b.zone == DEFAULT_MEMORY_ZONE)
+        .map(|memory| Backing {
+            name: "memory hot-plug area".to_owned(),
+            size,
+            prefault: false,
+            on_demand: true,
+            ..memory.clone()
+        }))
+}
+
+/// Maps the hot-plug area after boot RAM, where Cloud Hypervisor puts it
+/// (`HotplugLayout`), as the last region of guest memory.
+fn add_hotplug_area(ram: &mut GuestRam, backing: &Backing) -> Result<()> {
+    let layout = HotplugLayout::new(ram.last_ram_byte(), Some(backing.size))
+        .ok_or(MemoryError::AddressSpace)?;
+    let file = backing_file(backing)?;
+    let region = map_region(backing, file.as_ref(), 0, layout.area_start, backing.size)?;
+    let memory = ram
+        .memory
+        .insert_region(std::sync::Arc::new(region))
+        .map_err(|source| MemoryError::Regions { source })?;
+    ram.memory = memory;
+    ram.hotplug = Some(HotplugArea {
+        base: layout.area_start,
+        size: backing.size,
+    });
+    // A local migration hands over boot RAM's files only: not this VM's.
+    ram.shared_files = None;
+    Ok(())
 }
 
 /// Guest RAM that a snapshot or a migration then fills: as
@@ -532,6 +849,7 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
 /// one is anonymous memory instead: its file's contents are not what the
 /// guest saw, and the guest's writes never reach it.
 pub fn create_guest_ram_to_fill(config: &MemoryConfig) -> Result<GuestRam> {
+    refuse_virtio_mem(config, "restore or migration")?;
     let backings: Vec<Backing> = backings(config)?
         .into_iter()
         .map(|backing| match backing.file {
@@ -551,7 +869,13 @@ pub fn create_guest_ram_to_fill(config: &MemoryConfig) -> Result<GuestRam> {
             empty_file(backing, path, file)?;
         }
     }
-    lay_out_guest_ram(backings, files)
+    // A snapshot or migration carries no hot-added DIMM: the area comes back empty.
+    let area = hotplug_area_backing(config, &backings)?;
+    let mut ram = lay_out_guest_ram(backings, files)?;
+    if let Some(backing) = area {
+        add_hotplug_area(&mut ram, &backing)?;
+    }
+    Ok(ram)
 }
 
 /// Makes the first `backing.size` bytes of `file` zeros: holes where the
@@ -598,6 +922,8 @@ fn lay_out_guest_ram(backings: Vec<Backing>, files: Vec<Option<File>>) -> Result
         ranges,
         anonymous,
         shared_files,
+        hotplug: None,
+        virtio_mem: Vec::new(),
     })
 }
 
@@ -609,6 +935,7 @@ pub fn map_guest_ram_from_shared_files(
     config: &MemoryConfig,
     files: Vec<File>,
 ) -> Result<GuestRam> {
+    refuse_virtio_mem(config, "migration")?;
     let backings = backings(config)?;
     if files.len() != backings.len() {
         return Err(MemoryError::SharedFiles {
@@ -649,6 +976,8 @@ pub fn map_guest_ram_from_shared_files(
         ranges,
         anonymous: false,
         shared_files: Some(files),
+        hotplug: None,
+        virtio_mem: Vec::new(),
     })
 }
 
@@ -661,7 +990,10 @@ pub fn map_guest_ram_from_file(
     file: &File,
     prefault: bool,
 ) -> Result<GuestRam> {
-    let snapshot: Vec<Backing> = backings(config)?
+    refuse_virtio_mem(config, "restore")?;
+    let backings = backings(config)?;
+    let area = hotplug_area_backing(config, &backings)?;
+    let snapshot: Vec<Backing> = backings
         .into_iter()
         .map(|backing| Backing {
             name: format!("{} (snapshot)", backing.name),
@@ -680,12 +1012,19 @@ pub fn map_guest_ram_from_file(
         file_offset += size;
         Ok(region)
     })?;
-    Ok(GuestRam {
+    let mut ram = GuestRam {
         memory,
         ranges,
         anonymous: false,
         shared_files: None,
-    })
+        hotplug: None,
+        virtio_mem: Vec::new(),
+    };
+    // The snapshot holds no hot-added DIMM: the area comes back empty.
+    if let Some(backing) = area {
+        add_hotplug_area(&mut ram, &backing)?;
+    }
+    Ok(ram)
 }
 
 #[cfg(test)]
@@ -732,6 +1071,31 @@ mod tests {
         assert!(!restores_copy_on_write(&memory("size=0", Some(&zones))));
         assert!(restores_copy_on_write(&memory("size=0", Some(&zones[1..]))));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_hotplug_area_follows_boot_ram_and_stays_out_of_its_ranges() {
+        let ram = create_guest_ram(&memory("size=64M,hotplug_size=1G", None)).unwrap();
+        // Cloud Hypervisor's place: 4 GiB for RAM below the hole.
+        assert_eq!(
+            ram.hotplug,
+            Some(HotplugArea {
+                base: 4 << 30,
+                size: 1 << 30
+            })
+        );
+        assert_eq!(ram.ranges, vec![(0, 64 << 20)]);
+        assert_eq!(ram.total_size(), 64 << 20);
+        // Mapped in the VMM as one region after boot RAM.
+        assert!(ram.memory.address_in_range(GuestAddress((5 << 30) - 1)));
+        assert!(!ram.memory.address_in_range(GuestAddress(5 << 30)));
+        let layout = ram.hotplug_layout().unwrap();
+        assert_eq!(layout.device_area_start, 5 << 30);
+        assert!(ram.shared_files.is_none());
+        // Without hotplug_size: no area, devices right after RAM (4 GiB at least).
+        let plain = create_guest_ram(&memory("size=64M", None)).unwrap();
+        assert_eq!(plain.hotplug, None);
+        assert_eq!(plain.hotplug_layout().unwrap().device_area_start, 4 << 30);
     }
 
     #[test]
@@ -807,11 +1171,112 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_and_impossible_requests_are_refused() {
-        let err = create_guest_ram(&memory("size=64M,hotplug_size=1G", None))
-            .err()
+    fn virtio_mem_regions_go_where_cloud_hypervisor_puts_them() {
+        let mib = 1u64 << 20;
+        // RAM below the hole: from 4 GiB; each region 128 MiB aligned.
+        let zones = vec![
+            "id=a,size=64M,hotplug_size=256M,hotplugged_size=4M".to_owned(),
+            "id=b,size=32M,hotplug_size=128M".to_owned(),
+            "id=c,size=16M".to_owned(),
+        ];
+        let config = memory("size=0,hotplug_method=virtio-mem", Some(&zones));
+        let ram = create_guest_ram(&config).unwrap();
+        assert_eq!(ram.ranges, vec![(0, 112 * mib)], "boot RAM only");
+        let placed: Vec<(&str, u64, u64, u64)> = ram
+            .virtio_mem
+            .iter()
+            .map(|z| (z.zone.as_str(), z.addr, z.size, z.hotplugged_size))
+            .collect();
+        assert_eq!(
+            placed,
+            [
+                ("a", 1 << 32, 256 * mib, 4 * mib),
+                ("b", (1 << 32) + 256 * mib, 128 * mib, 0)
+            ]
+        );
+        assert_eq!(ram.device_area_start(), (1 << 32) + 384 * mib);
+        // In guest memory (devices reach it), one region each.
+        ram.memory
+            .write_obj(7u8, GuestAddress((1 << 32) + 300 * mib))
             .unwrap();
-        assert_eq!(err.kind, ErrorKind::Unsupported);
+        assert_eq!(ram.memory.num_regions(), 5, "three zones, two regions");
+        assert_eq!(ram.virtio_mem[0].backing, RegionBacking::Private);
+        // The default zone's, shared: after RAM past the hole, from the next
+        // 128 MiB boundary.
+        assert_eq!(
+            place_virtio_mem(0xc000_0000, &[128 * mib]).unwrap(),
+            [1 << 32]
+        );
+        assert_eq!(
+            place_virtio_mem((1 << 32) + 0x2000_0000 + 4096, &[128 * mib, 256 * mib]).unwrap(),
+            [(1 << 32) + 0x2800_0000, (1 << 32) + 0x3000_0000]
+        );
+        let ram = create_guest_ram(&memory(
+            "size=64M,hotplug_method=virtio-mem,hotplug_size=128M,shared=on",
+            None,
+        ))
+        .unwrap();
+        assert_eq!(ram.virtio_mem[0].zone, DEFAULT_MEMORY_ZONE);
+        assert_eq!(ram.virtio_mem[0].addr, 1 << 32);
+        assert_eq!(ram.virtio_mem[0].backing, RegionBacking::Shared);
+        // Restores and migrations of such a VM are refused by name.
+        let e = create_guest_ram_to_fill(&config).err().unwrap();
+        assert_eq!(e.kind, ErrorKind::Unsupported);
+        assert!(
+            e.message.contains("Memory zone a has a virtio-mem region"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn bad_virtio_mem_settings_are_refused_as_cloud_hypervisor_does() {
+        for (text, says) in [
+            (
+                "size=64M,hotplug_method=virtio-mem,hotplug_size=0",
+                "'hotplug_size' can't be 0",
+            ),
+            (
+                "size=64M,hotplug_method=virtio-mem,hotplugged_size=64M",
+                "Invalid to define 'hotplugged_size' when there is no 'hotplug_size'",
+            ),
+            (
+                "size=64M,hotplug_method=virtio-mem,hotplug_size=128M,hotplugged_size=256M",
+                "'hotplugged_size' 268435456 can't be bigger than 'hotplug_size' 134217728",
+            ),
+            (
+                "size=64M,hotplug_method=virtio-mem,hotplug_size=100M",
+                "hotplug_size=104857600: Virtio-mem size is not aligned with 134217728",
+            ),
+            (
+                "size=64M,hotplug_method=virtio-mem,hotplug_size=128M,hotplugged_size=3M",
+                "hotplugged_size=3145728: not a multiple of the virtio-mem block size",
+            ),
+        ] {
+            let e = create_guest_ram(&memory(text, None)).err().unwrap();
+            assert!(e.message.starts_with("Memory zone mem0: "), "{}", e.message);
+            assert!(e.message.contains(says), "{text}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn unsupported_and_impossible_requests_are_refused() {
+        // v37 refuses hotplugged_size with ACPI hot-plug, saying why.
+        for (text, why) in [
+            (
+                "size=64M,hotplug_size=1G,hotplugged_size=256M",
+                "with hotplug method 'acpi'",
+            ),
+            ("size=64M,hotplugged_size=256M", "no 'hotplug_size'"),
+            (
+                "size=64M,hotplug_size=128M,hotplugged_size=256M",
+                "can't be bigger",
+            ),
+        ] {
+            let err = create_guest_ram(&memory(text, None)).err().unwrap();
+            assert!(err.message.contains(why), "{text}: {}", err.message);
+            assert!(err.message.contains("InvalidMemoryParameters"));
+        }
         let err = create_guest_ram(&memory("size=0", None)).err().unwrap();
         assert_eq!(err.kind, ErrorKind::Memory);
         // A huge page size the host does not have is refused up front.

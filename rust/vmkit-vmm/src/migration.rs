@@ -448,6 +448,13 @@ pub fn memory_slot(
     log_dirty: bool,
 ) -> Option<kvm_userspace_memory_region> {
     let region = ram.memory.iter().nth(slot)?;
+    // The hot-plug area has no slot of its own (each plugged DIMM has one).
+    if ram
+        .hotplug
+        .is_some_and(|area| area.base == region.start_addr().0)
+    {
+        return None;
+    }
     let host = ram.memory.get_host_address(region.start_addr()).ok()?;
     Some(kvm_userspace_memory_region {
         slot: slot as u32,
@@ -483,6 +490,9 @@ pub fn set_dirty_logging(vm_fd: &VmFd, ram: &GuestRam, on: bool) -> Result<(), M
 pub fn take_dirty(vm_fd: &VmFd, ram: &GuestRam) -> Result<Vec<(u64, u64)>, MigrationError> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for (slot, region) in ram.memory.iter().enumerate() {
+        if memory_slot(ram, slot, false).is_none() {
+            continue;
+        }
         let len = region.len() as usize;
         let guest =
             vm_fd
@@ -568,6 +578,17 @@ mod tests {
             );
             assert!(take_dirty(&vm, &ram).unwrap().is_empty(), "not reset");
         }
+    }
+
+    #[test]
+    fn the_hotplug_area_has_no_memory_slot() {
+        let config = MemoryConfig::parse("size=16M,hotplug_size=256M", None).unwrap();
+        let ram = create_guest_ram(&config).unwrap();
+        assert_eq!(ram.memory.num_regions(), 2);
+        let boot = memory_slot(&ram, 0, true).unwrap();
+        assert_eq!((boot.guest_phys_addr, boot.memory_size), (0, 16 << 20));
+        // Dirty logging and the dirty log leave it alone: DIMMs have slots of their own.
+        assert!(memory_slot(&ram, 1, true).is_none());
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub struct NumaNode {
     pub cpus: Vec<u8>,
     /// (start, size) of each memory zone's ranges, zones in the order given.
     pub memory: Vec<(u64, u64)>,
+    /// (start, size) of each of its zones' virtio-mem regions (hot-pluggable).
+    pub hotplug: Vec<(u64, u64)>,
     /// Distances to other nodes, where given.
     pub distances: BTreeMap<u32, u8>,
     pub pci_segments: Vec<u16>,
@@ -57,6 +59,7 @@ pub fn nodes(config: &VmConfig) -> Result<Vec<NumaNode>> {
         return Ok(Vec::new());
     };
     let zones = zone_ranges(&config.memory)?;
+    let hotplug = crate::memory::virtio_mem_ranges(&config.memory)?;
     let mut nodes: BTreeMap<u32, NumaNode> = BTreeMap::new();
     for numa in list {
         let id = numa.guest_numa_id;
@@ -75,6 +78,9 @@ pub fn nodes(config: &VmConfig) -> Result<Vec<NumaNode>> {
                 }
             })?;
             node.memory.extend_from_slice(&found.ranges);
+            let regions = hotplug.iter().filter(|(id, _, _)| id == zone);
+            node.hotplug
+                .extend(regions.map(|&(_, start, size)| (start, size)));
         }
         node.cpus.extend(numa.cpus.iter().flatten());
         node.pci_segments.extend(numa.pci_segments.iter().flatten());

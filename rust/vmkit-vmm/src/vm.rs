@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::GuestMemoryBackend;
-use vmkit_config::{ConsoleOutputMode, ValidatedConfig, VmConfig};
+use vmkit_config::{ConsoleOutputMode, HotplugMethod, ValidatedConfig, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi;
@@ -24,13 +24,15 @@ use crate::device_manager::{
     DeviceContext, DeviceManager, DeviceManagerError, DeviceNode, HotplugError,
 };
 use crate::devices::legacy::{
-    DebugPortWrite, GED_CPU_DEVICES_CHANGED, GED_PCI_DEVICES_CHANGED, GED_POWER_BUTTON,
+    DebugPortWrite, GED_CPU_DEVICES_CHANGED, GED_MEMORY_DEVICES_CHANGED, GED_PCI_DEVICES_CHANGED,
+    GED_POWER_BUTTON,
 };
+use crate::devices::memory_hotplug::Dimm;
 use crate::devices::serial::SerialBackend;
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::memory::{
     create_guest_ram, create_guest_ram_to_fill, map_guest_ram_from_file,
-    map_guest_ram_from_shared_files, restores_copy_on_write, GuestRam,
+    map_guest_ram_from_shared_files, restores_copy_on_write, GuestRam, DEFAULT_MEMORY_ZONE,
 };
 use crate::migration::{self, ConfigMessage, Kind, MigrationError, TapHandover, Wire};
 use crate::numa;
@@ -131,6 +133,18 @@ pub enum VmError {
     MigrationConfig { detail: String },
     #[error("Error from device manager: MissingVirtioBalloon")]
     NoBalloon,
+    /// v37's words for a refused memory resize (its `Error::MemoryManager`).
+    #[error("Memory manager error: {0}")]
+    MemoryManager(String),
+    /// v37's answer to `vm.resize-zone` for an unknown zone or less than
+    /// the zone's boot RAM.
+    #[error("Failed resizing a memory zone")]
+    ResizeZone,
+    #[error(
+        "A VM with virtio-mem (memory zone {zone}) cannot be {what} yet: its plugged blocks \
+         would not be carried"
+    )]
+    VirtioMemState { zone: String, what: &'static str },
     #[error(
         "A VM cannot be {what} while vCPU {index} is marked for removal: the guest has not \
          ejected it yet"
@@ -141,6 +155,14 @@ pub enum VmError {
     CpuResize(crate::devices::cpu_hotplug::ResizeError),
     #[error("Cannot notify the guest of the vCPU change: {source}")]
     Ged { source: std::io::Error },
+    /// v37's words (its `Error::MemoryManager`).
+    #[error("Memory manager error: {0}")]
+    MemoryResize(crate::devices::memory_hotplug::ResizeError),
+    #[error(
+        "A VM whose RAM vm.resize changed (ACPI memory hot-plug) cannot be {what}: vmkit does \
+         not carry hot-added memory yet"
+    )]
+    MemoryHotplugState { what: &'static str },
     #[error(
         "{what} of a VM with vhost-user devices (--disk/--net vhost_user=on, --fs) is not \
          supported yet: their backends hold state vmkit cannot save"
@@ -179,11 +201,33 @@ impl ModuleError for VmError {
                 ErrorKind::Snapshot
             }
             MigrationConfig { .. } => ErrorKind::Migration,
-            NoBalloon | CpuResize(_) | Ged { .. } => ErrorKind::Device,
+            NoBalloon
+            | CpuResize(_)
+            | Ged { .. }
+            | MemoryManager(_)
+            | ResizeZone
+            | MemoryResize(_) => ErrorKind::Device,
+            VirtioMemState { .. } | MemoryHotplugState { .. } => ErrorKind::Unsupported,
             VcpuRemovalPending { .. } => ErrorKind::Unsupported,
             VhostUserState { .. } | VhostUserOption { .. } => ErrorKind::Unsupported,
         }
     }
+}
+
+/// Asks memory zone `zone`'s virtio-mem device to plug `size` bytes, with
+/// v37's errors.
+fn resize_virtio_mem(instance: &Instance, zone: &str, size: u64) -> Result<()> {
+    let Some(device) = instance.devices.virtio_mem(zone) else {
+        log::error!("Failed resizing virtio-mem region: No virtio-mem handler");
+        return Err(VmError::MemoryManager("MissingVirtioMemHandler".to_owned()).into());
+    };
+    device.resize(size).map_err(|e| {
+        VmError::MemoryManager(format!(
+            "VirtioMemResizeFail(ResizeError(Failed to update virtio configuration: \
+             ResizeError({e})))"
+        ))
+        .into()
+    })
 }
 
 fn kvm_error(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -254,6 +298,10 @@ impl Default for VmOptions {
     }
 }
 
+/// KVM memory slots of hot-added DIMMs: this plus the controller's slot
+/// number, clear of boot RAM's and pmem's slots.
+const DIMM_KVM_SLOT_BASE: u32 = 256;
+
 /// One boot of the VM.
 struct Instance {
     _vm_fd: Arc<VmFd>,
@@ -275,6 +323,9 @@ struct Instance {
     ejected: Arc<Mutex<BTreeMap<u8, VcpuFd>>>,
     /// Each started vCPU thread, for the eject handler to kick.
     vcpu_threads: Arc<Mutex<BTreeMap<u8, libc::pthread_t>>>,
+    /// `--memory size` this boot was built with (a later boot starts the
+    /// size `vm.resize` set).
+    memory_size: u64,
 }
 
 /// A vCPU whose thread has not been started.
@@ -318,6 +369,28 @@ impl Instance {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Gives the guest `dimm`, part of the hot-plug area that is already
+    /// mapped in the VMM: a KVM memory slot of its own.
+    fn plug_dimm(&self, dimm: Dimm) -> Result<()> {
+        let host = self
+            ._ram
+            .memory
+            .get_host_address(vm_memory::GuestAddress(dimm.base))
+            .map_err(|_| VmError::HostAddress { slot: dimm.slot })?;
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: DIMM_KVM_SLOT_BASE + dimm.slot as u32,
+            guest_phys_addr: dimm.base,
+            memory_size: dimm.length,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the range is inside the hot-plug area's mapping, which the
+        // Instance holds (with the VM fd) until the VM fd is gone.
+        unsafe { self._vm_fd.set_user_memory_region(region) }
+            .map_err(kvm_error("KVM_SET_USER_MEMORY_REGION (hot-added RAM)"))?;
         Ok(())
     }
 
@@ -581,6 +654,12 @@ pub struct Vm {
     devices_now: Mutex<Option<DeviceLists>>,
     /// Cloud Hypervisor's automatic-id counter, where boot left it.
     device_id_counter: Mutex<usize>,
+    /// Each virtio-mem zone's `hotplugged_size` once `vm.resize` or
+    /// `vm.resize-zone` set it: later boots keep it.
+    virtio_mem_sizes: Mutex<BTreeMap<String, Option<u64>>>,
+    /// `--memory size` as `vm.resize {"desired_ram"}` last set it (Cloud
+    /// Hypervisor changes its config's size, whether RAM grew or not).
+    memory_now: Mutex<Option<u64>>,
     /// Connections to vhost-user backends, from the first boot until the VM
     /// stops: resets keep them.
     vhost_links: crate::device_manager::VhostLinks,
@@ -801,9 +880,11 @@ impl Vm {
             exit_event,
             adopted_taps: Mutex::new(HashMap::new()),
             balloon_size: Mutex::new(None),
+            virtio_mem_sizes: Mutex::new(BTreeMap::new()),
             vcpus_now: Mutex::new(None),
             devices_now: Mutex::new(None),
             device_id_counter: Mutex::new(device_id_counter),
+            memory_now: Mutex::new(None),
             vhost_links: Mutex::new(HashMap::new()),
         }))
     }
@@ -870,7 +951,7 @@ impl Vm {
             serial_pty: self.serial.as_ref().and_then(|s| s.pty_path().cloned()),
             console_pty: self.console.as_ref().and_then(|s| s.pty_path().cloned()),
             // RAM less what the guest put in its balloon, as v37 reports it.
-            memory_size: self.config().memory.total_size().saturating_sub(
+            memory_size: self.live_config().memory.total_size().saturating_sub(
                 life.instance
                     .as_ref()
                     .and_then(|i| i.devices.balloon())
@@ -903,6 +984,22 @@ impl Vm {
         }
         if let Some(lists) = &*self.devices_now.lock().unwrap_or_else(|p| p.into_inner()) {
             lists.apply(&mut config);
+        }
+        config.memory = self.live_memory();
+        let sizes = self
+            .virtio_mem_sizes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (zone, &size) in sizes.iter() {
+            match config.memory.zones.as_mut() {
+                Some(zones) => {
+                    if let Some(zone) = zones.iter_mut().find(|z| z.id == *zone) {
+                        zone.hotplugged_size = size;
+                    }
+                }
+                None if zone == DEFAULT_MEMORY_ZONE => config.memory.hotplugged_size = size,
+                None => {}
+            }
         }
         config
     }
@@ -986,6 +1083,8 @@ impl Vm {
             adopted_taps: &adopted,
             vhost_links: &self.vhost_links,
             balloon_size: None,
+            // Memory devices are not hot-plugged: the new device's config lists none.
+            virtio_mem_sizes: &BTreeMap::new(),
         };
         let (_, bdf) = instance.devices.hotplug_virtio(&ctx, build)?;
         *self.devices_now.lock().unwrap_or_else(|p| p.into_inner()) = Some(DeviceLists::of(&full));
@@ -1025,6 +1124,106 @@ impl Vm {
             .ged()
             .notify(GED_PCI_DEVICES_CHANGED)
             .map_err(|source| VmError::Ged { source })?;
+        Ok(())
+    }
+
+    /// `--memory` with the size `vm.resize` set.
+    fn live_memory(&self) -> vmkit_config::MemoryConfig {
+        let mut memory = self.config().memory.clone();
+        if let Some(size) = *self.memory_now.lock().unwrap_or_else(|p| p.into_inner()) {
+            memory.size = size;
+        }
+        memory
+    }
+
+    /// `vm.resize {"desired_ram": bytes}` on a running VM: an ACPI DIMM or
+    /// the default zone's virtio-mem device, as `--memory hotplug_method`
+    /// says.
+    pub fn resize_memory(&self, desired: u64) -> Result<()> {
+        match self.config().memory.hotplug_method {
+            HotplugMethod::Acpi => self.resize_memory_acpi(desired),
+            HotplugMethod::VirtioMem => self.resize_memory_virtio_mem(desired),
+        }
+    }
+
+    /// `vm.resize {"desired_ram": bytes}` with `hotplug_method=acpi`, as
+    /// Cloud Hypervisor v37's ACPI memory hot-plug does it: more RAM than the
+    /// guest has becomes one DIMM in the hot-plug area (`hotplug_size`),
+    /// mapped for the guest at once and announced through the memory
+    /// hot-plug controller and a GED interrupt; less changes nothing (ACPI
+    /// RAM is never taken back). Either way the config's `size` becomes
+    /// `desired`, which later boots start with.
+    fn resize_memory_acpi(&self, desired: u64) -> Result<()> {
+        let life = self.lock_settled();
+        let Some(instance) = life.instance.as_ref() else {
+            return Err(VmError::NotRunning.into());
+        };
+        let hotplug = instance.devices.memory_hotplug().clone();
+        if let Some(dimm) = hotplug.plan(desired).map_err(VmError::MemoryResize)? {
+            instance.plug_dimm(dimm)?;
+            hotplug.insert(dimm);
+            instance
+                .devices
+                .ged()
+                .notify(GED_MEMORY_DEVICES_CHANGED)
+                .map_err(|source| VmError::Ged { source })?;
+        }
+        *self.memory_now.lock().unwrap_or_else(|p| p.into_inner()) = Some(desired);
+        Ok(())
+    }
+
+    /// `vm.resize {"desired_ram": bytes}` on a running VM with
+    /// `hotplug_method=virtio-mem`, as Cloud Hypervisor v37 does it: the
+    /// default zone's virtio-mem device is asked to plug `bytes` less boot
+    /// RAM (a configuration change the guest hears of); less than boot RAM
+    /// changes nothing but the config. Refused with `--memory-zone`.
+    fn resize_memory_virtio_mem(&self, desired: u64) -> Result<()> {
+        let life = self.lock_settled();
+        let Some(instance) = &life.instance else {
+            return Err(VmError::NotRunning.into());
+        };
+        let config = self.live_config();
+        if config.memory.zones.is_some() {
+            return Err(VmError::MemoryManager("InvalidResizeWithMemoryZones".to_owned()).into());
+        }
+        let boot = config.memory.size;
+        if desired >= boot {
+            resize_virtio_mem(instance, DEFAULT_MEMORY_ZONE, desired - boot)?;
+        }
+        let hotplugged = (desired > boot).then(|| desired - boot);
+        self.virtio_mem_sizes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(DEFAULT_MEMORY_ZONE.to_owned(), hotplugged);
+        Ok(())
+    }
+
+    /// `vm.resize-zone {"id": zone, "desired_ram": bytes}` on a running VM,
+    /// as Cloud Hypervisor v37 does it: the zone's virtio-mem device is
+    /// asked to plug `bytes` less the zone's boot RAM.
+    pub fn resize_zone(&self, zone: &str, desired: u64) -> Result<()> {
+        let life = self.lock_settled();
+        let Some(instance) = &life.instance else {
+            return Err(VmError::NotRunning.into());
+        };
+        let config = self.live_config();
+        let Some(found) = config.memory.zones.iter().flatten().find(|z| z.id == zone) else {
+            log::error!("Could not find the memory zone {zone} for the resize");
+            return Err(VmError::ResizeZone.into());
+        };
+        if desired < found.size {
+            log::error!(
+                "Invalid to ask less ({desired}) than boot RAM ({}) for this memory zone",
+                found.size
+            );
+            return Err(VmError::ResizeZone.into());
+        }
+        let hotplugged = desired - found.size;
+        resize_virtio_mem(instance, zone, hotplugged)?;
+        self.virtio_mem_sizes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(zone.to_owned(), Some(hotplugged));
         Ok(())
     }
 
@@ -1530,16 +1729,27 @@ impl Vm {
     fn build(&self, restore: Option<Restore<'_>>) -> Result<Instance> {
         // Later boots start the vCPU count `vm.resize` set, as in Cloud
         // Hypervisor (its config's boot_vcpus changes); but never none.
-        let resized = self
+        // So does the RAM size it set (never none).
+        let vcpus = self
             .vcpus_now
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .filter(|&vcpus| vcpus > 0)
-            .map(|vcpus| {
-                let mut config = self.config().clone();
+            .filter(|&vcpus| vcpus > 0);
+        let memory = self
+            .memory_now
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .filter(|&size| size > 0);
+        let resized = (vcpus.is_some() || memory.is_some()).then(|| {
+            let mut config = self.config().clone();
+            if let Some(vcpus) = vcpus {
                 config.cpus.boot_vcpus = vcpus;
-                config
-            });
+            }
+            if let Some(size) = memory {
+                config.memory.size = size;
+            }
+            config
+        });
         let hotplugged = self
             .devices_now
             .lock()
@@ -1592,8 +1802,13 @@ impl Vm {
             }
         };
         for slot in 0..ram.memory.num_regions() {
-            let mem_region =
-                migration::memory_slot(&ram, slot, false).ok_or(VmError::HostAddress { slot })?;
+            // The hot-plug area reaches the guest a DIMM at a time (vm.resize).
+            let Some(mem_region) = migration::memory_slot(&ram, slot, false) else {
+                if ram.hotplug.is_some() && slot + 1 == ram.memory.num_regions() {
+                    continue;
+                }
+                return Err(VmError::HostAddress { slot }.into());
+            };
             // SAFETY: the mapping outlives the VM fd: both live in the Instance,
             // and the VM fd is dropped (after its vCPUs) before the memory.
             unsafe { vm_fd.set_user_memory_region(mem_region) }
@@ -1617,6 +1832,13 @@ impl Vm {
             adopted_taps: &adopted_taps,
             vhost_links: &self.vhost_links,
             balloon_size: *self.balloon_size.lock().unwrap_or_else(|p| p.into_inner()),
+            virtio_mem_sizes: &self
+                .virtio_mem_sizes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(zone, size)| (zone.clone(), size.unwrap_or(0)))
+                .collect(),
         })?;
         drop(adopted_taps);
         let (payload, kernel_format) = match restore {
@@ -1630,6 +1852,7 @@ impl Vm {
                     &devices.segment_layouts(),
                     &numa::nodes(config)?,
                     config.tpm.is_some(),
+                    ram.hotplug.is_some(),
                 )?;
                 let payload_config = config.payload.as_ref().ok_or(VmError::NoKernel)?;
                 let payload = boot::load_payload(&ram, payload_config, rsdp)?;
@@ -1738,6 +1961,7 @@ impl Vm {
             host,
             ejected,
             vcpu_threads,
+            memory_size: config.memory.size,
         })
     }
 
@@ -1762,6 +1986,12 @@ impl Vm {
         let Some(instance) = &life.instance else {
             return Err(VmError::NotRunning.into());
         };
+        if self.ram_resized(instance) {
+            return Err(VmError::MemoryHotplugState {
+                what: "snapshotted",
+            }
+            .into());
+        }
         // The devices finish what they took from the guest's rings first:
         // their completions land in guest memory and in the vCPUs' LAPICs
         // before those are taken.
@@ -1791,11 +2021,31 @@ impl Vm {
         Ok(())
     }
 
+    /// Whether `vm.resize` hot-added RAM or changed the RAM size: a snapshot
+    /// or migration would lose it (its config and layout are the boot's).
+    fn ram_resized(&self, instance: &Instance) -> bool {
+        let plugged = instance
+            .devices
+            .memory_hotplug()
+            .slots()
+            .iter()
+            .any(|slot| slot.active);
+        let size = *self.memory_now.lock().unwrap_or_else(|p| p.into_inner());
+        plugged || size.is_some_and(|size| size != instance.memory_size)
+    }
+
     /// The config a snapshot or migration carries: the vCPUs running now
     /// (after `vm.resize`) are the ones a restore starts. Refused while a
     /// vCPU the guest has not ejected yet is marked for removal: its state
     /// would come back as a running vCPU.
     fn saved_config(&self, instance: &Instance, what: &'static str) -> Result<VmConfig> {
+        if let Some(zone) = instance._ram.virtio_mem.first() {
+            return Err(VmError::VirtioMemState {
+                zone: zone.zone.clone(),
+                what,
+            }
+            .into());
+        }
         let hotplug = instance.devices.cpu_hotplug();
         if let Some(index) = hotplug
             .slots()
@@ -1816,6 +2066,7 @@ impl Vm {
         }
         let mut config = self.config().clone();
         config.cpus.boot_vcpus = hotplug.present();
+        config.memory.size = instance.memory_size;
         Ok(config)
     }
 
@@ -1952,6 +2203,9 @@ impl Vm {
         };
         if !matches!(life.state, VmState::Running | VmState::Paused) {
             return Err(VmError::NotRunning.into());
+        }
+        if self.ram_resized(instance) {
+            return Err(VmError::MemoryHotplugState { what: "migrated" }.into());
         }
         if local && instance._ram.shared_files.is_none() {
             return Err(MigrationError::LocalNeedsSharedMemory.into());

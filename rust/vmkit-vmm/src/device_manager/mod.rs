@@ -27,6 +27,7 @@ use crate::devices::ioapic::{Ioapic, IOAPIC_SIZE};
 use crate::devices::legacy::{
     AcpiShutdown, DebugPort, DebugPortWrite, Ged, GedRegister, ResetTrigger, I8042,
 };
+use crate::devices::memory_hotplug::{MemoryHotplug, MemoryHotplugRegisters, MEMORY_HOTPLUG_SIZE};
 use crate::devices::pci_hotplug::{PciHotplug, PciHotplugRegisters, PCI_HOTPLUG_SIZE};
 use crate::devices::pvpanic::PvPanic;
 use crate::devices::serial::{IrqTrigger, SerialBackend, SerialDevice, SerialSink};
@@ -35,8 +36,8 @@ use crate::devices::{Bus, BusDevice};
 use crate::error::{Error, ErrorKind, ModuleError, Result};
 use crate::interrupts::InterruptRoutes;
 use crate::layout::{
-    CPU_HOTPLUG_ADDRESS, GED_ADDRESS, GED_IRQ, GED_SIZE, IOAPIC_START, PCI_HOTPLUG_ADDRESS,
-    PCI_MMCONFIG_START, SERIAL_IRQ, TPM_SIZE, TPM_START,
+    CPU_HOTPLUG_ADDRESS, GED_ADDRESS, GED_IRQ, GED_SIZE, IOAPIC_START, MEMORY_HOTPLUG_ADDRESS,
+    PCI_HOTPLUG_ADDRESS, PCI_MMCONFIG_START, SERIAL_IRQ, TPM_SIZE, TPM_START,
 };
 use crate::memory::GuestRam;
 use crate::pci::config::BarKind;
@@ -132,6 +133,10 @@ pub struct DeviceContext<'a> {
     /// The balloon's target when `vm.resize` changed it (it outlives a
     /// reboot, as in Cloud Hypervisor); None: the config's.
     pub balloon_size: Option<u64>,
+    /// What `vm.resize`/`vm.resize-zone` asked each virtio-mem zone to plug
+    /// (it outlives a reboot, as in Cloud Hypervisor); absent: the config's
+    /// `hotplugged_size`.
+    pub virtio_mem_sizes: &'a std::collections::BTreeMap<String, u64>,
     /// Tap queues handed over by a migration's sender, by net device id:
     /// those devices adopt them instead of opening their taps.
     pub adopted_taps: &'a std::collections::HashMap<String, Vec<std::fs::File>>,
@@ -152,6 +157,8 @@ pub struct Reservations<'a> {
     pub balloon: Option<crate::virtio::balloon::BalloonControl>,
     /// The KVM memory regions pmem devices took, by id.
     pub pmem_regions: BTreeMap<String, kvm_bindings::kvm_userspace_memory_region>,
+    /// Each virtio-mem device's handle, by memory zone.
+    pub virtio_mem: Vec<(String, crate::virtio::mem::VirtioMemControl)>,
 }
 
 /// The devices of one boot, wired.
@@ -172,10 +179,15 @@ pub struct DeviceManager {
     pvpanic: Option<(String, Arc<Mutex<PvPanic>>)>,
     /// `--balloon`: its target and size, for `vm.resize` and `vm.info`.
     balloon: Option<crate::virtio::balloon::BalloonControl>,
+    /// The virtio-mem devices by memory zone, for `vm.resize-zone`.
+    virtio_mem: Vec<(String, crate::virtio::mem::VirtioMemControl)>,
     ged: Arc<Ged>,
     /// Which vCPUs the guest sees, for `vm.resize` (Cloud Hypervisor's
     /// CPU hot-plug controller).
     cpu_hotplug: Arc<CpuHotplug>,
+    /// Which hot-added DIMMs the guest sees, for `vm.resize` (Cloud
+    /// Hypervisor's ACPI memory hot-plug controller).
+    memory_hotplug: Arc<MemoryHotplug>,
     ioapic: Arc<Mutex<Ioapic>>,
     serial: Option<Arc<Mutex<SerialDevice>>>,
     /// `--tpm`: the CRB (its worker stops when the last holder drops it).
@@ -256,6 +268,7 @@ impl DeviceManager {
             CPU_HOTPLUG_SIZE,
             Arc::new(Mutex::new(CpuHotplugRegisters(cpu_hotplug.clone()))),
         )?;
+        let memory_hotplug = add_memory_hotplug(&mut wiring, ctx)?;
         let serial = add_serial(&mut wiring, ctx)?;
         let tpm = add_tpm(&mut wiring, ctx)?;
 
@@ -275,6 +288,7 @@ impl DeviceManager {
             next_slot: ctx.ram.memory.num_regions() as u32,
             balloon: None,
             pmem_regions: BTreeMap::new(),
+            virtio_mem: Vec::new(),
         };
         let mut specs = Vec::new();
         for kind in VIRTIO_KINDS {
@@ -288,6 +302,7 @@ impl DeviceManager {
             removable: Mutex::new(BTreeMap::new()),
             ejected: Mutex::new(Vec::new()),
         });
+        let virtio_mem = std::mem::take(&mut reserve.virtio_mem);
         let mut virtio = Vec::new();
         for spec in specs {
             let removable = is_removable(&spec.id);
@@ -338,8 +353,10 @@ impl DeviceManager {
             routes,
             next_memory_slot,
             pmem_regions,
+            virtio_mem,
             ged,
             cpu_hotplug,
+            memory_hotplug,
             ioapic,
             serial,
             _tpm: tpm,
@@ -366,12 +383,24 @@ impl DeviceManager {
         self.balloon.as_ref()
     }
 
+    /// The virtio-mem device of memory zone `zone`.
+    pub fn virtio_mem(&self, zone: &str) -> Option<&crate::virtio::mem::VirtioMemControl> {
+        self.virtio_mem
+            .iter()
+            .find(|(id, _)| id == zone)
+            .map(|(_, control)| control)
+    }
+
     pub fn ged(&self) -> &Arc<Ged> {
         &self.ged
     }
 
     pub fn cpu_hotplug(&self) -> &Arc<CpuHotplug> {
         &self.cpu_hotplug
+    }
+
+    pub fn memory_hotplug(&self) -> &Arc<MemoryHotplug> {
+        &self.memory_hotplug
     }
 
     pub fn virtio_devices(&self) -> &[Arc<Mutex<VirtioPciDevice>>] {
@@ -682,6 +711,7 @@ impl DeviceManager {
             next_slot: self.next_memory_slot,
             balloon: None,
             pmem_regions: BTreeMap::new(),
+            virtio_mem: Vec::new(),
         };
         let specs = build(ctx, &mut reserve)?;
         self.next_memory_slot = reserve.next_slot;
@@ -943,6 +973,34 @@ fn add_tpm(wiring: &mut Wiring<'_>, ctx: &DeviceContext<'_>) -> Result<Option<Ar
     Ok(Some(crb))
 }
 
+/// The ACPI memory hot-plug controller; its registers are on the bus when
+/// the VM has a hot-plug area (`hotplug_size`), as in Cloud Hypervisor.
+fn add_memory_hotplug(
+    wiring: &mut Wiring<'_>,
+    ctx: &DeviceContext<'_>,
+) -> Result<Arc<MemoryHotplug>> {
+    let layout = ctx
+        .ram
+        .hotplug_layout()
+        .ok_or(crate::memory::MemoryError::AddressSpace)?;
+    let controller = Arc::new(MemoryHotplug::new(
+        ctx.ram.total_size(),
+        ctx.ram.last_ram_byte(),
+        layout,
+        ctx.config.memory.size == 0,
+    ));
+    if ctx.ram.hotplug.is_some() {
+        insert(
+            &mut wiring.mmio,
+            "memory hot-plug controller",
+            MEMORY_HOTPLUG_ADDRESS,
+            MEMORY_HOTPLUG_SIZE,
+            Arc::new(Mutex::new(MemoryHotplugRegisters(controller.clone()))),
+        )?;
+    }
+    Ok(controller)
+}
+
 /// The PCI segments of the config, empty but for their host bridges.
 fn plan_pci(ctx: &DeviceContext<'_>) -> Result<Vec<PciSegment>> {
     let count = ctx
@@ -950,13 +1008,8 @@ fn plan_pci(ctx: &DeviceContext<'_>) -> Result<Vec<PciSegment>> {
         .platform
         .as_ref()
         .map_or(1, |p| p.num_pci_segments);
-    let ram_end = ctx
-        .ram
-        .ranges
-        .iter()
-        .map(|&(s, l)| s + l)
-        .max()
-        .unwrap_or(0);
+    // The 64-bit windows start after RAM and its hot-plug memory.
+    let ram_end = ctx.ram.device_area_start();
     let layouts = pci::plan_segments(count, ram_end, ctx.phys_bits).ok_or(
         DeviceManagerError::SegmentsDoNotFit {
             count,

@@ -46,6 +46,7 @@ mod needs_kvm {
             adopted_taps: &Default::default(),
             vhost_links: &Default::default(),
             balloon_size: None,
+            virtio_mem_sizes: &Default::default(),
         })
         .unwrap();
 
@@ -121,6 +122,7 @@ mod needs_kvm {
         let events = Arc::new(DeviceEventLog::new().unwrap());
         let taps = Default::default();
         let links = Default::default();
+        let sizes = Default::default();
         let context = |config| DeviceContext {
             spawner: &spawner,
             config,
@@ -136,6 +138,7 @@ mod needs_kvm {
             adopted_taps: &taps,
             vhost_links: &links,
             balloon_size: None,
+            virtio_mem_sizes: &sizes,
         };
         let mut devices = DeviceManager::build(&context(&config)).unwrap();
         let mut only = config.clone();

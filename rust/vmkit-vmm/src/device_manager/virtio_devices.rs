@@ -1,6 +1,6 @@
 //! The virtio devices of a config, one function per kind. The table's order
 //! is Cloud Hypervisor's, which decides the PCI slots: console, disks, nets,
-//! rng, fs, pmem, vsock, balloon, then the watchdog. A new kind is a new device module plus one
+//! rng, fs, pmem, vsock, virtio-mem, balloon, then the watchdog. A new kind is a new device module plus one
 //! entry here.
 
 use std::collections::HashMap;
@@ -11,6 +11,7 @@ use crate::rate_limiter::SharedRateLimiter;
 use crate::virtio::balloon::{Balloon, BalloonBacking};
 use crate::virtio::block::Block;
 use crate::virtio::console::Console;
+use crate::virtio::mem::{MemRegion, VirtioMem};
 use crate::virtio::net::Net;
 use crate::virtio::pmem::{self, Pmem};
 use crate::virtio::rng::Rng;
@@ -32,8 +33,8 @@ pub struct VirtioSpec {
 pub type VirtioKind = fn(&DeviceContext<'_>, &mut Reservations<'_>) -> Result<Vec<VirtioSpec>>;
 
 /// Every virtio device kind, in Cloud Hypervisor's order.
-pub const VIRTIO_KINDS: [VirtioKind; 9] = [
-    console, disks, nets, rng, fs, pmem, vsock, balloon, watchdog,
+pub const VIRTIO_KINDS: [VirtioKind; 10] = [
+    console, disks, nets, rng, fs, pmem, vsock, virtio_mem, balloon, watchdog,
 ];
 
 /// The kind function that builds the devices of config list `field`
@@ -272,6 +273,41 @@ fn vsock(ctx: &DeviceContext<'_>, _: &mut Reservations<'_>) -> Result<Vec<Virtio
         id,
         segment: vsock.pci_segment,
     }])
+}
+
+/// One device per zone with a virtio-mem region, named as the zone (as
+/// Cloud Hypervisor names it), on segment 0.
+fn virtio_mem(ctx: &DeviceContext<'_>, reserve: &mut Reservations<'_>) -> Result<Vec<VirtioSpec>> {
+    let mut specs = Vec::new();
+    for zone in &ctx.ram.virtio_mem {
+        let node = ctx.config.numa.iter().flatten().find(|node| {
+            node.memory_zones
+                .iter()
+                .flatten()
+                .any(|id| *id == zone.zone)
+        });
+        let node_id = node.and_then(|n| u16::try_from(n.guest_numa_id).ok());
+        let requested = ctx
+            .virtio_mem_sizes
+            .get(&zone.zone)
+            .copied()
+            .unwrap_or(zone.hotplugged_size);
+        let region = MemRegion {
+            addr: zone.addr,
+            size: zone.size,
+            backing: zone.backing,
+        };
+        let device = VirtioMem::new(zone.zone.clone(), region, node_id, requested)?;
+        reserve
+            .virtio_mem
+            .push((zone.zone.clone(), device.control()));
+        specs.push(VirtioSpec {
+            id: zone.zone.clone(),
+            segment: 0,
+            device: Box::new(device),
+        });
+    }
+    Ok(specs)
 }
 
 fn balloon(ctx: &DeviceContext<'_>, reserve: &mut Reservations<'_>) -> Result<Vec<VirtioSpec>> {

@@ -3,6 +3,7 @@
 pub mod cpu_hotplug;
 pub mod ioapic;
 pub mod legacy;
+pub mod memory_hotplug;
 pub mod pci_hotplug;
 pub mod pvpanic;
 pub mod serial;

@@ -48,6 +48,8 @@ pub enum ThreadKind {
     Pmem,
     /// virtio-balloon worker: gives guest pages back to the host.
     Balloon,
+    /// virtio-mem worker: plugs and unplugs blocks of its region.
+    VirtioMem,
     /// virtio-console worker.
     Console,
     /// virtio-vsock worker: the queues and the host's unix sockets.
@@ -65,7 +67,7 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 17] = [
+    pub const ALL: [ThreadKind; 18] = [
         ThreadKind::Vcpu,
         ThreadKind::Vmm,
         ThreadKind::Spawner,
@@ -76,6 +78,7 @@ impl ThreadKind {
         ThreadKind::Watchdog,
         ThreadKind::Pmem,
         ThreadKind::Balloon,
+        ThreadKind::VirtioMem,
         ThreadKind::Console,
         ThreadKind::Vsock,
         ThreadKind::VhostUser,
@@ -97,6 +100,7 @@ impl ThreadKind {
             ThreadKind::Watchdog => "watchdog",
             ThreadKind::Pmem => "pmem",
             ThreadKind::Balloon => "balloon",
+            ThreadKind::VirtioMem => "virtio-mem",
             ThreadKind::Console => "console",
             ThreadKind::Vsock => "vsock",
             ThreadKind::VhostUser => "vhost-user",
@@ -120,6 +124,7 @@ impl ThreadKind {
                 Watchdog,
                 Pmem,
                 Balloon,
+                VirtioMem,
                 Console,
                 Vsock,
                 VhostUser,
@@ -499,7 +504,7 @@ fn own_rules(kind: ThreadKind) -> Rules {
             r.allow(&[libc::SYS_timerfd_settime]);
             r
         }
-        ThreadKind::Balloon => {
+        ThreadKind::Balloon | ThreadKind::VirtioMem => {
             // Pages go back to the host with madvise, which every thread
             // may make (allocators do).
             worker()

@@ -11,6 +11,7 @@
 pub mod balloon;
 pub mod block;
 pub mod console;
+pub mod mem;
 pub mod net;
 pub mod pci;
 pub mod pmem;

@@ -1,0 +1,345 @@
+"""ACPI memory hot-plug of a running VM (``--memory hotplug_size=``,
+``vm.resize {"desired_ram"}``), as Cloud Hypervisor v37 does it: a DIMM in
+the hot-plug area after boot RAM, announced through the memory hot-plug
+controller and a GED interrupt; v37's errors and its ``info`` answers, side
+by side with the real cloud-hypervisor.
+
+The AML is checked in test_acpi_tables.py, the controller's registers in the
+Rust unit tests (devices::memory_hotplug).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket as socketlib
+import time
+from pathlib import Path
+
+import pytest
+from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
+from _http import read_reply
+from vmkit import VmConfig, testguest
+from vmkit.client import ApiError
+from vmkit.vm import Vm, VmError
+
+pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+def put(socket: Path, endpoint: str, body: dict[str, int]) -> tuple[int, str]:
+    """A raw HTTP PUT to the API socket: (status, body)."""
+    data = json.dumps(body).encode()
+    with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(socket))
+        sock.sendall(
+            f"PUT /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        reply = read_reply(sock)
+    return reply.status, reply.text.strip()
+
+
+def wait_running(socket: Path, vmm: VmmProcess, timeout: float = 30) -> None:
+    """Waits until the VMM's VM is booted: before that, vm.resize only edits the config."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, info, _ = ch_remote(socket, "info")
+        if status == 0 and json.loads(info)["state"] == "Running":
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the VM never ran: {vmm.log}")
+
+
+def guest_args(
+    memory: str, steps: tuple[str, ...] = (), image: str = "pvh", serial: str = "tty"
+) -> list[str]:
+    # Ticks for far longer than a test after its steps: the guest runs throughout.
+    return [
+        "--kernel", str(testguest.image_path(image)),  # type: ignore[arg-type]
+        "--cmdline", testguest.cmdline([*steps, "ticks"], "poweroff", ticks=100000, tick_ms=20),
+        "--memory", memory,
+        "--serial", serial, "--console", "off",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("image", ["pvh", "elf"])
+def test_the_guest_uses_hot_added_memory(image: str) -> None:
+    # The test guest runs no AML: after the GED interrupt it reads the
+    # controller's registers as MSCN and MCRS would, then writes and checks
+    # a pattern over the new RAM.
+    config = VmConfig.from_cli(guest_args("size=64M,hotplug_size=1G", ("memhotplug",), image))
+    with Vm(config) as vm:
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: memhotplug waiting$", timeout=30)
+        vm.resize_memory(320 * MIB)
+        assert vm.serial.wait_for("^vmkit-guest: step memhotplug ", timeout=60), vm.serial.text
+        text = vm.serial.text
+        # Cloud Hypervisor's place for the first DIMM of a VM whose RAM ends
+        # below the 32-bit hole: 4 GiB.
+        assert "memhotplug inserted slot=0 base=0x100000000 size=0x10000000" in text, text
+        assert re.search(r"step memhotplug ok event=0x2 slots=1 bytes=0x10000000 tested=\d+", text)
+        info = vm.info()
+        assert info.config.memory.size == 320 * MIB
+        assert info.memory_actual_size == 320 * MIB
+        assert vm.serial.wait_for("^vmkit-guest: tick 2$", timeout=30), vm.serial.text
+        assert vm.state == "Running"
+
+
+@pytest.mark.parametrize("kind", ["vmkit", "ch"])
+def test_the_same_guest_code_hot_adds_memory_on_vmkit_and_cloud_hypervisor(
+    kind: str, tmp_path: Path
+) -> None:
+    # The guest finds the GED and the controller through the DSDT (the two
+    # VMMs place them differently): the same DIMM at the same address, the
+    # same registers, driven by the real ch-remote.
+    if CH_DIR is None:
+        pytest.skip(CH_MISSING)
+    serial = tmp_path / "serial"
+    args = guest_args("size=64M,hotplug_size=1G", ("memhotplug",), serial=f"file={serial}")
+    vmm = VmmProcess(kind, tmp_path / "api.sock", tmp_path / "log", extra=tuple(args))
+
+    def wait_for(line: str) -> str:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            text = serial.read_text(errors="replace") if serial.exists() else ""
+            if re.search(line, text, re.MULTILINE):
+                return text
+            time.sleep(0.01)
+        raise AssertionError(f"{kind}: no {line!r}: {text[-2000:]}\n{vmm.log}")
+
+    try:
+        wait_for("^vmkit-guest: memhotplug waiting$")
+        assert ch_remote(vmm.socket_path, "resize", "--memory", "320M")[0] == 0, vmm.log
+        text = wait_for("^vmkit-guest: step memhotplug ")
+        assert "memhotplug inserted slot=0 base=0x100000000 size=0x10000000" in text, text
+        assert re.search(r"step memhotplug ok event=0x2 slots=1 bytes=0x10000000 ", text), text
+    finally:
+        vmm.stop()
+
+
+def test_resizes_and_errors_through_vmkit_vm() -> None:
+    config = VmConfig.from_cli(guest_args("size=512M,hotplug_size=1G"))
+    with Vm(config) as vm:
+        with pytest.raises(VmError, match="not running"):
+            vm.resize_memory(GIB)
+        vm.boot()
+        seen = []
+        for size in (768, 640, 700, 2048, 1536, 1408, 1664, 1024):
+            try:
+                vm.resize_memory(size * MIB)
+                said = ""
+            except VmError as e:
+                said = str(e)
+            info = vm.info()
+            seen.append(
+                (size, said, info.config.memory.size // MIB, info.memory_actual_size // MIB)
+            )
+        # What the real v37 binary answers for the same sequence (see
+        # test_ch_remote_resize_answers_as_cloud_hypervisor).
+        insufficient = "Memory manager error: InsufficientHotplugRam"
+        assert seen == [
+            (768, "", 768, 768),
+            (640, "", 640, 640),  # ACPI RAM never shrinks; the size does
+            (700, "", 700, 700),  # below what the guest has: nothing to add
+            (2048, insufficient, 700, 700),
+            (1536, insufficient, 700, 700),  # would fill the area to its last byte
+            (1408, "", 1408, 1408),
+            (1664, insufficient, 1408, 1408),
+            (1024, "", 1024, 1024),
+        ]
+        with pytest.raises(ValueError, match="size=-1"):
+            vm.resize_memory(-1)
+
+
+# (desired_ram in MiB, HTTP status, body) for a 512M VM with hotplug_size=2G,
+# a 512M VM without, in that order; bodies as v37 writes them.
+HTTP_SCRIPT = {
+    "size=512M,hotplug_size=2G": [
+        (600, 500, "Memory manager error: InvalidSize"),
+        *((512 + 128 * i, 204, "") for i in range(1, 9)),
+        (1664, 500, "Memory manager error: NoSlotAvailable"),
+    ],
+    "size=512M": [
+        (1024, 500, "Memory manager error: InsufficientHotplugRam"),
+        (256, 204, ""),
+    ],
+}
+
+
+@pytest.mark.parametrize("kind", ["vmkit", "ch"])
+def test_the_http_api_answers_as_cloud_hypervisor(kind: str, tmp_path: Path) -> None:
+    if CH_DIR is None:
+        pytest.skip(CH_MISSING)
+    for index, (memory, script) in enumerate(HTTP_SCRIPT.items()):
+        socket = tmp_path / f"api{index}.sock"
+        args = tuple(guest_args(memory, serial=f"file={tmp_path / f'serial{index}'}"))
+        vmm = VmmProcess(kind, socket, tmp_path / f"log{index}", extra=args)
+        try:
+            wait_running(socket, vmm)
+            seen = []
+            for size, *_ in script:
+                status, text = put(socket, "vm.resize", {"desired_ram": size * MIB})
+                seen.append((size, status, text))
+            assert seen == script, vmm.log
+            # The last size taken is the config's.
+            last_taken = [size for size, status, _ in script if status == 204][-1]
+            _, info, _ = ch_remote(socket, "info")
+            assert json.loads(info)["config"]["memory"]["size"] == last_taken * MIB
+        finally:
+            vmm.stop()
+
+
+# (ch-remote arguments, exit status, what stderr says, memory.size and
+# memory_actual_size in MiB after)
+CH_REMOTE_SCRIPT = [
+    ("resize --memory 768M", 0, "", 768),
+    ("resize --memory 700M", 0, "", 700),
+    ("resize --memory 2G", 1, "InsufficientHotplugRam", 700),
+    ("resize --memory 1408M", 0, "", 1408),
+]
+
+
+@pytest.mark.parametrize("kind", ["vmkit", "ch"])
+def test_ch_remote_resize_answers_as_cloud_hypervisor(kind: str, tmp_path: Path) -> None:
+    if CH_DIR is None:
+        pytest.skip(CH_MISSING)
+    socket = tmp_path / "api.sock"
+    args = tuple(guest_args("size=512M,hotplug_size=1G", serial=f"file={tmp_path / 'serial'}"))
+    vmm = VmmProcess(kind, socket, tmp_path / "log", extra=args)
+    try:
+        wait_running(socket, vmm)
+        seen = []
+        for command, *_ in CH_REMOTE_SCRIPT:
+            status, _, stderr = ch_remote(socket, *command.split())
+            info_status, info, _ = ch_remote(socket, "info")
+            assert info_status == 0, vmm.log
+            parsed = json.loads(info)
+            size = parsed["config"]["memory"]["size"] // MIB
+            assert parsed["memory_actual_size"] // MIB == size
+            assert parsed["config"]["memory"]["hotplugged_size"] is None
+            said = next((s for _, _, s, _ in CH_REMOTE_SCRIPT if s and s in stderr), "")
+            seen.append((command, status, said, size))
+        assert seen == CH_REMOTE_SCRIPT, vmm.log
+    finally:
+        vmm.stop()
+
+
+@pytest.mark.parametrize(
+    ("memory", "reason"),
+    [
+        ("size=512M,hotplug_size=1G,hotplugged_size=256M", "with hotplug method 'acpi'"),
+        ("size=512M,hotplugged_size=256M", "no 'hotplug_size'"),
+    ],
+)
+def test_hotplugged_size_is_refused_with_acpi_as_v37_refuses_it(memory: str, reason: str) -> None:
+    # v37: "Error booting VM: VmBoot(MemoryManager(InvalidMemoryParameters))",
+    # logging the reason; hotplugged_size is virtio-mem's.
+    config = VmConfig.from_cli(guest_args(memory))
+    with Vm(config) as vm, pytest.raises(VmError) as raised:
+        vm.boot()
+    assert "InvalidMemoryParameters" in str(raised.value)
+    assert reason in str(raised.value)
+
+
+def test_a_hostile_guest_cannot_hurt_the_controller() -> None:
+    config = VmConfig.from_cli(
+        guest_args("size=64M,hotplug_size=512M", ("memhpgarbage", "memhotplug"))
+    )
+    with Vm(config) as vm:
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: memhotplug waiting$", timeout=30), vm.serial.text
+        assert "step memhpgarbage ok slot0_status=0x0" in vm.serial.text, vm.serial.text
+        # The controller still works after the garbage.
+        vm.resize_memory(192 * MIB)
+        assert vm.serial.wait_for("^vmkit-guest: step memhotplug ", timeout=60), vm.serial.text
+        assert "step memhotplug ok event=0x2 slots=1 bytes=0x8000000" in vm.serial.text
+        assert vm.state == "Running"
+
+
+def test_a_snapshot_before_any_hot_add_keeps_the_area(tmp_path: Path) -> None:
+    # Nothing plugged yet: the snapshot carries boot RAM, and the restored VM
+    # has the same hot-plug area and controller, so a hot-add works there.
+    config = VmConfig.from_cli(guest_args("size=64M,hotplug_size=512M", ("memhotplug",)))
+    with Vm(config) as vm:
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: memhotplug waiting$", timeout=30)
+        vm.pause()
+        (tmp_path / "snap").mkdir()
+        vm.snapshot(tmp_path / "snap")
+    with Vm.restore(tmp_path / "snap") as restored:
+        restored.resume()
+        restored.resize_memory(320 * MIB)
+        assert restored.serial.wait_for("^vmkit-guest: step memhotplug ", timeout=60)
+        text = restored.serial.text
+        assert "step memhotplug ok event=0x2 slots=1 bytes=0x10000000" in text, text
+        assert restored.info().memory_actual_size == 320 * MIB
+
+
+def test_migration_before_any_hot_add_keeps_the_area(tmp_path: Path) -> None:
+    from test_migration import Receiver
+
+    config = VmConfig.from_cli(guest_args("size=64M,hotplug_size=512M", ("memhotplug",)))
+    with Vm(config) as sender:
+        sender.boot()
+        assert sender.serial.wait_for("^vmkit-guest: memhotplug waiting$", timeout=30)
+        receiver = Receiver(tmp_path / "m.sock")
+        try:
+            sender.migrate_to(tmp_path / "m.sock")
+        finally:
+            receiver.join()
+    assert receiver.error is None, receiver.error
+    assert receiver.vm is not None
+    with receiver.vm as moved:
+        moved.resize_memory(192 * MIB)
+        assert moved.serial.wait_for("^vmkit-guest: step memhotplug ", timeout=60)
+        assert "step memhotplug ok event=0x2 slots=1 bytes=0x8000000" in moved.serial.text
+
+
+def test_a_resized_vm_is_not_snapshotted_or_migrated(tmp_path: Path) -> None:
+    # Hot-added RAM (or a size vm.resize changed) is not carried yet: refused, saying so.
+    for sizes in ((192,), (32,)):
+        config = VmConfig.from_cli(guest_args("size=64M,hotplug_size=512M"))
+        with Vm(config) as vm:
+            vm.boot()
+            for size in sizes:
+                vm.resize_memory(size * MIB)
+            vm.pause()
+            (tmp_path / "snap").mkdir(exist_ok=True)
+            with pytest.raises(VmError, match=r"RAM vm.resize changed .* cannot be snapshotted"):
+                vm.snapshot(tmp_path / "snap")
+            with pytest.raises(VmError, match=r"cannot be migrated"):
+                vm.migrate_to(tmp_path / "no.sock")
+            vm.resume()
+            assert vm.state == "Running"
+        assert not any((tmp_path / "snap").iterdir()), "nothing written"
+
+
+def test_a_reboot_starts_the_resized_ram() -> None:
+    config = VmConfig.from_cli(guest_args("size=64M,hotplug_size=512M"))
+    with Vm(config) as vm:
+        vm.boot()
+        vm.resize_memory(192 * MIB)
+        vm.reboot()
+        assert vm.serial.wait_for("boot protocol=pvh", timeout=30)
+        info = vm.info()
+        # As v37: the next boot's RAM is the resized size, the hot-plug area after it.
+        assert info.config.memory.size == 192 * MIB
+        assert info.memory_actual_size == 192 * MIB
+        assert vm.state == "Running"
+
+
+def test_a_spawned_vm_grows_through_its_client() -> None:
+    config = VmConfig.from_cli(guest_args("size=64M,hotplug_size=512M", ("memhotplug",)))
+    with Vm.spawn(config) as vm:
+        vm.boot()
+        vm.resize_memory("192M")
+        info = vm.info()
+        assert info.config.memory.size == 192 * MIB
+        assert info.memory_actual_size == 192 * MIB
+        with pytest.raises(ApiError, match="Memory manager error: InvalidSize"):
+            vm.resize_memory("200M")
