@@ -13,6 +13,7 @@ needs ``--seccomp log`` with this build, see ``shared/ch/README.md``) or
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -90,6 +91,20 @@ class VmmProcess:
 
     def wait(self, timeout: float = 20) -> int:
         return self.proc.wait(timeout)
+
+    def wait_running(self, timeout: float = 30) -> None:
+        """Waits until the command line's VM is booted. Both VMMs may answer
+        an API request before that (then vm.resize only edits the config):
+        a test of a running VM's answers waits for it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, info, _ = ch_remote(self.socket_path, "info")
+            if status == 0 and json.loads(info)["state"] == "Running":
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"{self.kind}: the VM never ran: {self.log}")
 
     def stop(self) -> None:
         """Ends the process if it still runs (SIGTERM, then SIGKILL) and reaps it."""

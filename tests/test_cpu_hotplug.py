@@ -159,6 +159,7 @@ def test_ch_remote_resize_answers_as_cloud_hypervisor(kind: str, tmp_path: Path)
     args = tuple(guest_args("boot=2,max=4", serial=f"file={tmp_path / 'serial'}"))
     vmm = VmmProcess(kind, socket, tmp_path / "log", extra=args)
     try:
+        vmm.wait_running()
         seen = []
         for command, *_ in SCRIPT:
             status, _, stderr = ch_remote(socket, *command.split())
@@ -254,11 +255,11 @@ def test_the_same_guest_code_hot_plugs_vcpus_on_vmkit_and_cloud_hypervisor(
     try:
         wait_for("^vmkit-guest: cpuhotplug waiting$")
         assert ch_remote(vmm.socket_path, "resize", "--cpus", "3")[0] == 0, vmm.log
-        text = wait_for("^vmkit-guest: step cpuhotplug ")
+        text = wait_for(r"^vmkit-guest: step cpuhotplug [^\n]*\n")  # the whole line
         assert "vmkit-guest: step cpuhotplug ok event=0x1 added=2 up=2" in text, text
         wait_for("^vmkit-guest: cpuunplug waiting$")
         assert ch_remote(vmm.socket_path, "resize", "--cpus", "1")[0] == 0, vmm.log
-        text = wait_for("^vmkit-guest: step cpuunplug ")
+        text = wait_for(r"^vmkit-guest: step cpuunplug [^\n]*\n")  # the whole line
         assert "vmkit-guest: step cpuunplug ok event=0x1 removed=2" in text, text
     finally:
         vmm.stop()

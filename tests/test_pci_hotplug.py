@@ -188,13 +188,7 @@ def test_ch_remote_hot_plug_answers_as_cloud_hypervisor(kind: str, tmp_path: Pat
     )  # fmt: skip
     vmm = VmmProcess(kind, tmp_path / "api.sock", tmp_path / "log", extra=args)
     try:
-        # The API may answer before the VM is booted: wait for Running.
-        deadline = time.monotonic() + 30
-        while '"state":"Running"' not in ch_remote(tmp_path / "api.sock", "info")[1].replace(
-            " ", ""
-        ):
-            assert time.monotonic() < deadline, vmm.log
-            time.sleep(0.05)
+        vmm.wait_running()
         seen = []
         for command, _status, _ in SCRIPT:
             argv = command.format(img=tmp_path / "d.img", dir=tmp_path).split()

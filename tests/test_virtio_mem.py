@@ -321,6 +321,7 @@ def test_ch_remote_resize_answers_as_cloud_hypervisor(kind: str, case: str, tmp_
     args = tuple(ticking(memory, f"file={tmp_path / 'serial'}"))
     vmm = VmmProcess(kind, socket, tmp_path / "log", extra=args)
     try:
+        vmm.wait_running()
         seen: list[tuple[object, ...]] = []
         for command, *_ in script:
             status, _, stderr = ch_remote(socket, *str(command).split())
