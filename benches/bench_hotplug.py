@@ -18,7 +18,9 @@ and polls the guest's serial file every millisecond:
   controller's registers (its first ``inserted``/``ejected`` line);
 - *done*: the guest's step has finished (new vCPUs started with INIT-SIPI
   and running; removed ones ejected; new RAM mapped and pattern-tested at
-  CPL3: its first and last 64 KiB, a qword per 64 KiB between).
+  CPL3: its first and last 64 KiB, a qword per 64 KiB between; a new disk
+  probed, its virtio queue set up and its first sectors read; a removed
+  disk ejected and gone from config space).
 
 On kvm_pvm the guest's CPL0 code is emulated (~0.55 µs an instruction), which
 weighs on *seen* and *done* alike for both VMMs: compare the ratios.
@@ -90,6 +92,28 @@ CASES = {
             ),
         ),
     ),
+    "disk": Case(
+        name="a virtio-blk disk added and removed",
+        vmm_args=("--cpus", "boot=1", "--memory", "size=64M"),
+        steps=("pcihotplug", "blk", "pciunplug"),
+        waiting="pcihotplug waiting",
+        changes=(
+            Change(
+                "add a disk",
+                "vm.add-disk",
+                {"path": "{tmp}/disk.img", "readonly": True},
+                r"^vmkit-guest: pcihotplug added ",
+                r"^vmkit-guest: step blk ok ",
+            ),
+            Change(
+                "remove the disk",
+                "vm.remove-device",
+                {"id": "{added}"},
+                r"^vmkit-guest: pciunplug ejected ",
+                r"^vmkit-guest: step pciunplug ok ",
+            ),
+        ),
+    ),
     "memory": Case(
         name="RAM 64 MiB → 320 MiB (ACPI)",
         vmm_args=("--cpus", "boot=1", "--memory", "size=64M,hotplug_size=1G"),
@@ -118,7 +142,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(os.fspath(self.path))
 
 
-def api_put(api: Path, endpoint: str, body: dict[str, object]) -> int:
+def api_put(api: Path, endpoint: str, body: dict[str, object]) -> tuple[int, bytes]:
     conn = UnixHTTPConnection(api)
     try:
         conn.request(
@@ -128,8 +152,7 @@ def api_put(api: Path, endpoint: str, body: dict[str, object]) -> int:
             headers={"Content-Type": "application/json"},
         )
         response = conn.getresponse()
-        response.read()
-        return response.status
+        return response.status, response.read()
     finally:
         conn.close()
 
@@ -194,15 +217,23 @@ def one_run(kind: str, case: Case, neighbours: int) -> dict[str, float]:
             )
             procs.append(proc)
             _, offset = wait_line(serial, rf"^vmkit-guest: {case.waiting}$")
+            (Path(tmp) / "disk.img").write_bytes(bytes(1 << 20))
+            names = {"tmp": tmp, "added": ""}
             times: dict[str, float] = {}
             for index, change in enumerate(case.changes):
                 if index:  # the next step's waiting line
                     _, offset = wait_line(serial, r" waiting$", offset)
+                body = {
+                    key: value.format(**names) if isinstance(value, str) else value
+                    for key, value in change.body.items()
+                }
                 started = time.monotonic()
-                status = api_put(api, change.endpoint, change.body)
+                status, answer = api_put(api, change.endpoint, body)
                 answered = time.monotonic()
                 if status // 100 != 2:
-                    raise RuntimeError(f"{kind}: {change.endpoint} {change.body} answered {status}")
+                    raise RuntimeError(f"{kind}: {change.endpoint} {body} answered {status}")
+                if answer:  # an add-* names what it added
+                    names["added"] = json.loads(answer).get("id", "")
                 seen, _ = wait_line(serial, change.seen, offset)
                 done, offset = wait_line(serial, change.done, offset)
                 times[f"{index}.answered"] = (answered - started) * 1000

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -56,6 +57,56 @@ def settle(vm: Vm, gone: str, timeout: float = 10) -> None:
     while gone in (vm.info().device_tree or {}) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert gone not in (vm.info().device_tree or {}), vm.info().device_tree
+
+
+@pytest.mark.parametrize("kind", ["vmkit", "ch"])
+def test_the_same_guest_code_hot_plugs_a_disk_on_vmkit_and_cloud_hypervisor(
+    kind: str, tmp_path: Path
+) -> None:
+    # The guest finds the GED and the controller through the DSDT (the two
+    # VMMs place them differently): the same slot, the same data read, the
+    # same eject, driven by the real ch-remote.
+    if CH_DIR is None:
+        pytest.skip(CH_MISSING)
+    serial = tmp_path / "serial"
+    digest = image(tmp_path / "d.img", seed=3)
+    args = (
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(
+            ["pcihotplug", "blk", "pciunplug", "ticks"], "poweroff", ticks=100000, tick_ms=20
+        ),
+        "--memory", "size=64M",
+        "--serial", f"file={serial}", "--console", "off",
+    )  # fmt: skip
+    vmm = VmmProcess(kind, tmp_path / "api.sock", tmp_path / "log", extra=args)
+
+    def wait_for(line: str) -> str:
+        deadline = time.monotonic() + 30
+        text = ""
+        while time.monotonic() < deadline:
+            text = serial.read_text(errors="replace") if serial.exists() else ""
+            if re.search(line, text, re.MULTILINE):
+                return text
+            time.sleep(0.01)
+        raise AssertionError(f"{kind}: no {line!r}: {text[-2000:]}\n{vmm.log}")
+
+    try:
+        wait_for("^vmkit-guest: pcihotplug waiting$")
+        status, out, err = ch_remote(
+            vmm.socket_path, "add-disk", f"path={tmp_path / 'd.img'},readonly=on,id=hot"
+        )
+        assert status == 0, err
+        assert json.loads(out) == {"id": "hot", "bdf": "0000:00:02.0"}
+        text = wait_for(r"^vmkit-guest: step blk [^\n]*\n")
+        assert "pcihotplug added bdf=0000:00:02.0 vendor=0x1af4 device=0x1042" in text, text
+        assert f"blk read bdf=0000:00:02.0 sector=0 count={SECTORS} fnv=0x{digest:016x}" in text
+        assert "step blk ok disks=1" in text, text
+        wait_for("^vmkit-guest: pciunplug waiting$")
+        assert ch_remote(vmm.socket_path, "remove-device", "hot")[0] == 0, vmm.log
+        text = wait_for(r"^vmkit-guest: step pciunplug [^\n]*\n")
+        assert "step pciunplug ok event=0x4 ejected=1" in text, text
+    finally:
+        vmm.stop()
 
 
 @pytest.mark.parametrize("boot_format", ["pvh", "elf"])
