@@ -135,9 +135,7 @@ const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
 /// The CPUID table for vCPU `index`, derived from KVM's supported set.
 /// The guest's physical address width: the host's, capped by `max_phys_bits`.
 pub fn guest_phys_bits(kvm: &Kvm, cpus: &CpusConfig) -> Result<u8> {
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_error("KVM_GET_SUPPORTED_CPUID"))?;
+    let supported = supported_cpuid(kvm)?;
     let host = supported
         .as_slice()
         .iter()

@@ -527,6 +527,12 @@ impl VirtioPciDevice {
         if let Some(base) =
             bar_after.filter(|b| b.checked_add(BAR_SIZE).is_some() && b % BAR_SIZE == 0)
         {
+            // Sizing then restoring the BAR puts it back where the notifiers
+            // are: moving them would cost two KVM_IOEVENTFD calls a queue
+            // (each an SRCU grace period) for nothing.
+            if self.notify_base == Some(base) {
+                return;
+            }
             if let Err(e) = self.register_notifiers(base) {
                 log::warn!("{e}");
             }
