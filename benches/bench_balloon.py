@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import CH, machine
+from machine import CH, machine, settled_rss, stop_process, wait_serial_line
 from vmkit import testguest
 
 TIMES = "\u00d7"
@@ -64,32 +62,6 @@ def vmm_argv(kind: str, api: Path, serial: Path, mib: int) -> list[str]:
     return [sys.executable, "-m", "vmkit", "--api-socket", str(api), *common]
 
 
-def resident_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def wait_line(serial: Path, pattern: str, timeout: float = 300) -> float:
-    """Polls the serial file every millisecond; the monotonic time the line was seen."""
-    regex = re.compile(pattern, re.M)
-    deadline = time.monotonic() + timeout
-    while True:
-        text = serial.read_text(errors="replace") if serial.exists() else ""
-        if regex.search(text):
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {pattern!r} on the serial port: {text[-500:]!r}")
-        time.sleep(0.001)
-
-
-def settled_rss(pid: int, seconds: float = 0.3) -> float:
-    """VmRSS once the kernel's per-thread counters have caught up."""
-    time.sleep(seconds)
-    return resident_mib(pid)
-
-
 def one_run(kind: str, mib: int) -> dict[str, float]:
     ch_remote = str(Path(str(CH)).with_name("ch-remote"))
     with tempfile.TemporaryDirectory(prefix="vmkit-bench-balloon-") as tmp:
@@ -100,7 +72,7 @@ def one_run(kind: str, mib: int) -> dict[str, float]:
             stderr=subprocess.DEVNULL,
         )
         try:
-            wait_line(serial, r"balloon ready")
+            wait_serial_line(serial, r"balloon ready")
             full = settled_rss(proc.pid)
             pages = mib * 256
 
@@ -114,10 +86,12 @@ def one_run(kind: str, mib: int) -> dict[str, float]:
                 return started
 
             started = resize(f"{mib}M")
-            inflated = wait_line(serial, rf"balloon actual={pages}$")
+            inflated, _ = wait_serial_line(serial, rf"balloon actual={pages}$")
             emptied = settled_rss(proc.pid)
             started_back = resize("0")
-            deflated = wait_line(serial, rf"(?s)balloon actual={pages}\n.*balloon actual=0$")
+            deflated, _ = wait_serial_line(
+                serial, rf"(?s)balloon actual={pages}\n.*balloon actual=0$"
+            )
             refilled = settled_rss(proc.pid)
             proc.wait(60)
             return {
@@ -127,13 +101,7 @@ def one_run(kind: str, mib: int) -> dict[str, float]:
                 "taken_back": refilled - emptied,
             }
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
 
 
 def main() -> None:

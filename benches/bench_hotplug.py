@@ -32,8 +32,6 @@ import argparse
 import http.client
 import json
 import os
-import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -43,7 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from machine import CH, Hogs, Runs, machine
+from machine import CH, Hogs, Runs, machine, stop_process, wait_serial_line
 from vmkit import testguest
 
 TIMES = "\u00d7"
@@ -174,31 +172,6 @@ def vmm_argv(kind: str, api: Path, serial: Path, case: Case, ticking: bool) -> l
     return [sys.executable, "-m", "vmkit", "--api-socket", str(api), *common]
 
 
-def wait_line(serial: Path, pattern: str, after: int = 0, timeout: float = 60) -> tuple[float, int]:
-    """Polls the serial file every millisecond for ``pattern`` at or after
-    offset ``after``; the monotonic time it was seen and the offset after it."""
-    regex = re.compile(pattern, re.M)
-    deadline = time.monotonic() + timeout
-    while True:
-        text = serial.read_text(errors="replace") if serial.exists() else ""
-        found = regex.search(text, after)
-        if found:
-            return time.monotonic(), found.end()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {pattern!r} on the serial port: {text[-800:]!r}")
-        time.sleep(0.001)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def one_run(kind: str, case: Case, neighbours: int) -> dict[str, float]:
     """Milliseconds from the request to each mark, per change."""
     with tempfile.TemporaryDirectory(prefix="vmkit-bench-hotplug-") as tmp:
@@ -216,13 +189,13 @@ def one_run(kind: str, case: Case, neighbours: int) -> dict[str, float]:
                 stderr=subprocess.DEVNULL,
             )
             procs.append(proc)
-            _, offset = wait_line(serial, rf"^vmkit-guest: {case.waiting}$")
+            _, offset = wait_serial_line(serial, rf"^vmkit-guest: {case.waiting}$")
             (Path(tmp) / "disk.img").write_bytes(bytes(1 << 20))
             names = {"tmp": tmp, "added": ""}
             times: dict[str, float] = {}
             for index, change in enumerate(case.changes):
                 if index:  # the next step's waiting line
-                    _, offset = wait_line(serial, r" waiting$", offset)
+                    _, offset = wait_serial_line(serial, r" waiting$", offset)
                 body = {
                     key: value.format(**names) if isinstance(value, str) else value
                     for key, value in change.body.items()
@@ -234,15 +207,15 @@ def one_run(kind: str, case: Case, neighbours: int) -> dict[str, float]:
                     raise RuntimeError(f"{kind}: {change.endpoint} {body} answered {status}")
                 if answer:  # an add-* names what it added
                     names["added"] = json.loads(answer).get("id", "")
-                seen, _ = wait_line(serial, change.seen, offset)
-                done, offset = wait_line(serial, change.done, offset)
+                seen, _ = wait_serial_line(serial, change.seen, offset)
+                done, offset = wait_serial_line(serial, change.done, offset)
                 times[f"{index}.answered"] = (answered - started) * 1000
                 times[f"{index}.seen"] = (seen - started) * 1000
                 times[f"{index}.done"] = (done - started) * 1000
             return times
         finally:
             for p in procs:
-                stop(p)
+                stop_process(p)
 
 
 def row(markdown: bool, label: str, mark: str, ours: float, theirs: float) -> str:

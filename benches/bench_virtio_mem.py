@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -36,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import CH, machine
+from machine import CH, machine, settled_rss, stop_process, wait_serial_line
 from vmkit import testguest
 
 TIMES = "\u00d7"
@@ -62,32 +60,6 @@ def vmm_argv(kind: str, api: Path, serial: Path, mib: int) -> list[str]:
     return [sys.executable, "-m", "vmkit", "--api-socket", str(api), *common]
 
 
-def resident_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def wait_line(serial: Path, pattern: str, timeout: float = 300) -> float:
-    """Polls the serial file every millisecond; the monotonic time the line was seen."""
-    regex = re.compile(pattern, re.M)
-    deadline = time.monotonic() + timeout
-    while True:
-        text = serial.read_text(errors="replace") if serial.exists() else ""
-        if regex.search(text):
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {pattern!r} on the serial port: {text[-500:]!r}")
-        time.sleep(0.001)
-
-
-def settled_rss(pid: int, seconds: float = 0.3) -> float:
-    """VmRSS once the kernel's per-thread counters have caught up."""
-    time.sleep(seconds)
-    return resident_mib(pid)
-
-
 def one_run(kind: str, mib: int) -> dict[str, float]:
     ch_remote = str(Path(str(CH)).with_name("ch-remote"))
     with tempfile.TemporaryDirectory(prefix="vmkit-bench-virtio-mem-") as tmp:
@@ -98,7 +70,7 @@ def one_run(kind: str, mib: int) -> dict[str, float]:
             stderr=subprocess.DEVNULL,
         )
         try:
-            wait_line(serial, r"virtiomem waiting requested=0x0$")
+            wait_serial_line(serial, r"virtiomem waiting requested=0x0$")
             empty = settled_rss(proc.pid)
 
             def resize(size_mib: int) -> float:
@@ -111,10 +83,12 @@ def one_run(kind: str, mib: int) -> dict[str, float]:
                 return started
 
             started = resize(BOOT_MIB + mib)
-            plugged = wait_line(serial, rf"virtiomem plugged={mib << 20:#x} .*verified=1$")
+            plugged, _ = wait_serial_line(
+                serial, rf"virtiomem plugged={mib << 20:#x} .*verified=1$"
+            )
             full = settled_rss(proc.pid)
             started_back = resize(BOOT_MIB)
-            unplugged = wait_line(serial, r"step virtiomem ok")
+            unplugged, _ = wait_serial_line(serial, r"step virtiomem ok")
             returned = settled_rss(proc.pid)
             proc.wait(60)
             return {
@@ -124,13 +98,7 @@ def one_run(kind: str, mib: int) -> dict[str, float]:
                 "returned": full - returned,
             }
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
 
 
 def main() -> None:

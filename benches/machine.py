@@ -1,4 +1,5 @@
-"""What the benchmarks share: the machine line, where the peers are, a VMM's CPU time, CPU hogs."""
+"""What the benchmarks share: the machine line, where the peers are, a VMM's CPU time, CPU
+hogs, its resident memory, a serial file's lines, stopping a VMM."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import vmkit
@@ -129,3 +132,46 @@ class Runs:
     def print(self, text: str) -> None:
         with self.progress.above():
             print(text, flush=True)
+
+
+def resident_mib(pid: int) -> float:
+    """The process's resident memory (VmRSS), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def settled_rss(pid: int, seconds: float = 0.3) -> float:
+    """VmRSS once the kernel's per-thread counters have caught up."""
+    time.sleep(seconds)
+    return resident_mib(pid)
+
+
+def wait_serial_line(
+    serial: Path, pattern: str, after: int = 0, timeout: float = 300
+) -> tuple[float, int]:
+    """Polls a ``--serial file=`` every millisecond for ``pattern`` (a
+    multi-line regex) at or after offset ``after``: the monotonic time it was
+    seen and the offset just past it."""
+    regex = re.compile(pattern, re.M)
+    deadline = time.monotonic() + timeout
+    while True:
+        text = serial.read_text(errors="replace") if serial.exists() else ""
+        found = regex.search(text, after)
+        if found:
+            return time.monotonic(), found.end()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {pattern!r} on the serial port: {text[-800:]!r}")
+        time.sleep(0.001)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s; reaped either way."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

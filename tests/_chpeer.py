@@ -13,14 +13,16 @@ needs ``--seccomp log`` with this build, see ``shared/ch/README.md``) or
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _http import request
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,8 +100,12 @@ class VmmProcess:
         a test of a running VM's answers waits for it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            status, info, _ = ch_remote(self.socket_path, "info")
-            if status == 0 and json.loads(info)["state"] == "Running":
+            # Plain HTTP: the wait needs no ch-remote (tests of vmkit alone use it).
+            try:
+                reply = request(os.fspath(self.socket_path), "GET", "vm.info")
+            except OSError:
+                reply = None
+            if reply is not None and reply.status == 200 and reply.json()["state"] == "Running":
                 return
             if self.proc.poll() is not None:
                 break
@@ -116,6 +122,21 @@ class VmmProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.socket_path.unlink(missing_ok=True)
+
+
+def wait_for_line(serial: Path, pattern: str, vmm: VmmProcess, timeout: float = 30) -> str:
+    """Polls a ``--serial file=`` until a whole line matches ``pattern``;
+    returns the complete lines written so far (a line being written is left
+    out, so that what the caller checks is whole)."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        written = serial.read_text(errors="replace") if serial.exists() else ""
+        text = written[: written.rfind("\n") + 1]
+        if re.search(pattern, text, re.MULTILINE):
+            return text
+        time.sleep(0.01)
+    raise AssertionError(f"{vmm.kind}: no line {pattern!r}: {text[-2000:]}\n{vmm.log}")
 
 
 def ch_remote(socket_path: Path, *args: str, timeout: float = 30) -> tuple[int, str, str]:

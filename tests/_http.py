@@ -45,3 +45,16 @@ def read_reply(sock: socket.socket) -> Reply:
         rest += chunk
     assert len(rest) == length, "the server sent more than Content-Length"
     return Reply(int(status), reason, headers, rest)
+
+
+def request(path: str, method: str, endpoint: str, body: str | None = None) -> Reply:
+    """One request to the API socket at ``path`` (``endpoint`` as ``vm.info``)."""
+    data = (body or "").encode()
+    head = f"{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(path)
+        sock.sendall((head + "\r\n").encode() + data)
+        return read_reply(sock)

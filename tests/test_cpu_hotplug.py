@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
+from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote, wait_for_line
 from vmkit import VmConfig, testguest
 from vmkit.client import ApiError
 from vmkit.vm import Vm, VmError
@@ -243,23 +243,14 @@ def test_the_same_guest_code_hot_plugs_vcpus_on_vmkit_and_cloud_hypervisor(
     ]  # fmt: skip
     vmm = VmmProcess(kind, tmp_path / "api.sock", tmp_path / "log", extra=tuple(args))
 
-    def wait_for(line: str) -> str:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            text = serial.read_text(errors="replace") if serial.exists() else ""
-            if re.search(line, text, re.MULTILINE):
-                return text
-            time.sleep(0.01)
-        raise AssertionError(f"{kind}: no {line!r}: {text[-2000:]}\n{vmm.log}")
-
     try:
-        wait_for("^vmkit-guest: cpuhotplug waiting$")
+        wait_for_line(serial, "^vmkit-guest: cpuhotplug waiting$", vmm)
         assert ch_remote(vmm.socket_path, "resize", "--cpus", "3")[0] == 0, vmm.log
-        text = wait_for(r"^vmkit-guest: step cpuhotplug [^\n]*\n")  # the whole line
+        text = wait_for_line(serial, "^vmkit-guest: step cpuhotplug ", vmm)
         assert "vmkit-guest: step cpuhotplug ok event=0x1 added=2 up=2" in text, text
-        wait_for("^vmkit-guest: cpuunplug waiting$")
+        wait_for_line(serial, "^vmkit-guest: cpuunplug waiting$", vmm)
         assert ch_remote(vmm.socket_path, "resize", "--cpus", "1")[0] == 0, vmm.log
-        text = wait_for(r"^vmkit-guest: step cpuunplug [^\n]*\n")  # the whole line
+        text = wait_for_line(serial, "^vmkit-guest: step cpuunplug ", vmm)
         assert "vmkit-guest: step cpuunplug ok event=0x1 removed=2" in text, text
     finally:
         vmm.stop()

@@ -13,11 +13,10 @@ from __future__ import annotations
 import json
 import re
 import socket as socketlib
-import time
 from pathlib import Path
 
 import pytest
-from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
+from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote, wait_for_line
 from _http import read_reply
 from vmkit import VmConfig, testguest
 from vmkit.client import ApiError
@@ -92,19 +91,10 @@ def test_the_same_guest_code_hot_adds_memory_on_vmkit_and_cloud_hypervisor(
     args = guest_args("size=64M,hotplug_size=1G", ("memhotplug",), serial=f"file={serial}")
     vmm = VmmProcess(kind, tmp_path / "api.sock", tmp_path / "log", extra=tuple(args))
 
-    def wait_for(line: str) -> str:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            text = serial.read_text(errors="replace") if serial.exists() else ""
-            if re.search(line, text, re.MULTILINE):
-                return text
-            time.sleep(0.01)
-        raise AssertionError(f"{kind}: no {line!r}: {text[-2000:]}\n{vmm.log}")
-
     try:
-        wait_for("^vmkit-guest: memhotplug waiting$")
+        wait_for_line(serial, "^vmkit-guest: memhotplug waiting$", vmm, timeout=60)
         assert ch_remote(vmm.socket_path, "resize", "--memory", "320M")[0] == 0, vmm.log
-        text = wait_for(r"^vmkit-guest: step memhotplug [^\n]*\n")  # the whole line
+        text = wait_for_line(serial, "^vmkit-guest: step memhotplug ", vmm, timeout=60)
         assert "memhotplug inserted slot=0 base=0x100000000 size=0x10000000" in text, text
         assert re.search(r"step memhotplug ok event=0x2 slots=1 bytes=0x10000000 ", text), text
     finally:

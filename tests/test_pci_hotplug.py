@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
+from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote, wait_for_line
 from vmkit import VmConfig, testguest
 from vmkit.config import DiskConfig, FsConfig, NetConfig, PmemConfig, VsockConfig
 from vmkit.errors import ConfigError
@@ -80,30 +79,20 @@ def test_the_same_guest_code_hot_plugs_a_disk_on_vmkit_and_cloud_hypervisor(
     )  # fmt: skip
     vmm = VmmProcess(kind, tmp_path / "api.sock", tmp_path / "log", extra=args)
 
-    def wait_for(line: str) -> str:
-        deadline = time.monotonic() + 30
-        text = ""
-        while time.monotonic() < deadline:
-            text = serial.read_text(errors="replace") if serial.exists() else ""
-            if re.search(line, text, re.MULTILINE):
-                return text
-            time.sleep(0.01)
-        raise AssertionError(f"{kind}: no {line!r}: {text[-2000:]}\n{vmm.log}")
-
     try:
-        wait_for("^vmkit-guest: pcihotplug waiting$")
+        wait_for_line(serial, "^vmkit-guest: pcihotplug waiting$", vmm)
         status, out, err = ch_remote(
             vmm.socket_path, "add-disk", f"path={tmp_path / 'd.img'},readonly=on,id=hot"
         )
         assert status == 0, err
         assert json.loads(out) == {"id": "hot", "bdf": "0000:00:02.0"}
-        text = wait_for(r"^vmkit-guest: step blk [^\n]*\n")
+        text = wait_for_line(serial, "^vmkit-guest: step blk ", vmm)
         assert "pcihotplug added bdf=0000:00:02.0 vendor=0x1af4 device=0x1042" in text, text
         assert f"blk read bdf=0000:00:02.0 sector=0 count={SECTORS} fnv=0x{digest:016x}" in text
         assert "step blk ok disks=1" in text, text
-        wait_for("^vmkit-guest: pciunplug waiting$")
+        wait_for_line(serial, "^vmkit-guest: pciunplug waiting$", vmm)
         assert ch_remote(vmm.socket_path, "remove-device", "hot")[0] == 0, vmm.log
-        text = wait_for(r"^vmkit-guest: step pciunplug [^\n]*\n")
+        text = wait_for_line(serial, "^vmkit-guest: step pciunplug ", vmm)
         assert "step pciunplug ok event=0x4 ejected=1" in text, text
     finally:
         vmm.stop()

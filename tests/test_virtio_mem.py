@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_binary, ch_remote
+from _http import request
 from vmkit import VmConfig, testguest
 from vmkit.vm import Vm, VmError
 
@@ -290,9 +291,9 @@ ZONE_SCRIPT = [
 
 
 def memory_state(socket: Path) -> tuple[object, int]:
-    status, out, err = ch_remote(socket, "info")
-    assert status == 0, err
-    info = json.loads(out)
+    reply = request(str(socket), "GET", "vm.info")  # plain HTTP: no ch-remote needed
+    assert reply.status == 200, reply.text
+    info = reply.json()
     memory = info["config"]["memory"]
     if memory["zones"]:
         hotplugged: object = [z["hotplugged_size"] for z in memory["zones"]]

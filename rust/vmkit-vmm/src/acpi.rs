@@ -206,34 +206,61 @@ fn ged_and_power_button(sink: &mut Vec<u8>) {
     button.to_aml_bytes(sink);
 }
 
+/// What Cloud Hypervisor's hot-plug controller devices (`PRES`, `MHPC`,
+/// `PHPR`) start with, in its order: `_HID` PNP0A06, `_STA` (only `PHPR`'s),
+/// `_UID` naming the controller, the mutex its methods take, `_CRS` with its
+/// register window, and the SystemMemory region its fields map.
+struct ControllerHeader {
+    uid: &'static str,
+    sta: Option<u8>,
+    lock: &'static str,
+    region: &'static str,
+    address: u64,
+    size: u64,
+}
+
+impl Aml for ControllerHeader {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        let hid = aml::EISAName::new("PNP0A06");
+        aml::Name::new("_HID".into(), &hid).to_aml_bytes(sink);
+        if let Some(sta) = self.sta {
+            aml::Name::new("_STA".into(), &sta).to_aml_bytes(sink);
+        }
+        aml::Name::new("_UID".into(), &self.uid).to_aml_bytes(sink);
+        aml::Mutex::new(self.lock.into(), 0).to_aml_bytes(sink);
+        let window = aml::AddressSpace::new_memory(
+            aml::AddressSpaceCacheable::NotCacheable,
+            true,
+            self.address,
+            self.address + self.size - 1,
+            None,
+        );
+        let crs = aml::ResourceTemplate::new(vec![&window]);
+        aml::Name::new("_CRS".into(), &crs).to_aml_bytes(sink);
+        let (address, size) = (self.address as usize, self.size as usize);
+        aml::OpRegion::new(
+            self.region.into(),
+            aml::OpRegionSpace::SystemMemory,
+            &address,
+            &size,
+        )
+        .to_aml_bytes(sink);
+    }
+}
+
 /// Cloud Hypervisor's PCI hot-plug controller (v37 `impl Aml for
 /// DeviceManager`): `\_SB_.PHPR` maps its registers (`PCIU`/`PCID` slot
 /// up/down bitmaps, `B0EJ` eject, `PSEG` segment select) behind the mutex
 /// `BLCK`; `PCEJ (slot, segment)` ejects, `PSCN` has each segment scan.
 fn pci_hotplug_controller(segments: &[SegmentLayout], sink: &mut dyn acpi_tables::AmlSink) {
-    let hid = aml::EISAName::new("PNP0A06");
-    let hid_name = aml::Name::new("_HID".into(), &hid);
-    let sta = aml::Name::new("_STA".into(), &0x0bu8);
-    let uid_text: &'static str = "PCI Hotplug Controller";
-    let uid = aml::Name::new("_UID".into(), &uid_text);
-    let lock = aml::Mutex::new("BLCK".into(), 0);
-    let window = aml::AddressSpace::new_memory(
-        aml::AddressSpaceCacheable::NotCacheable,
-        true,
-        PCI_HOTPLUG_ADDRESS,
-        PCI_HOTPLUG_ADDRESS + PCI_HOTPLUG_SIZE - 1,
-        None,
-    );
-    let crs = aml::ResourceTemplate::new(vec![&window]);
-    let crs_name = aml::Name::new("_CRS".into(), &crs);
-    let address = PCI_HOTPLUG_ADDRESS as usize;
-    let size = PCI_HOTPLUG_SIZE as usize;
-    let region = aml::OpRegion::new(
-        "PCST".into(),
-        aml::OpRegionSpace::SystemMemory,
-        &address,
-        &size,
-    );
+    let header = ControllerHeader {
+        uid: "PCI Hotplug Controller",
+        sta: Some(0x0b),
+        lock: "BLCK",
+        region: "PCST",
+        address: PCI_HOTPLUG_ADDRESS,
+        size: PCI_HOTPLUG_SIZE,
+    };
     let fields = aml::Field::new(
         "PCST".into(),
         aml::FieldAccessType::DWord,
@@ -274,13 +301,7 @@ fn pci_hotplug_controller(segments: &[SegmentLayout], sink: &mut dyn acpi_tables
         true,
         scans.iter().map(|c| c as &dyn Aml).collect(),
     );
-    aml::Device::new(
-        "PHPR".into(),
-        vec![
-            &hid_name, &sta, &uid, &lock, &crs_name, &region, &fields, &pcej, &pscn,
-        ],
-    )
-    .to_aml_bytes(sink);
+    aml::Device::new("PHPR".into(), vec![&header, &fields, &pcej, &pscn]).to_aml_bytes(sink);
 }
 
 /// The GED `_EVT` test for PCI changes, as v37's:
@@ -396,28 +417,14 @@ impl CpuDevices<'_> {
 /// registers (`CSEL` selects a vCPU, `CPEN`/`CINS`/`CRMV` read its status,
 /// `CEJ0` ejects it) behind the mutex `CPLK`.
 fn cpu_hotplug_controller(sink: &mut dyn acpi_tables::AmlSink) {
-    let hid = aml::EISAName::new("PNP0A06");
-    let hid_name = aml::Name::new("_HID".into(), &hid);
-    let uid_text: &'static str = "CPU Hotplug Controller";
-    let uid = aml::Name::new("_UID".into(), &uid_text);
-    let lock = aml::Mutex::new("CPLK".into(), 0);
-    let window = aml::AddressSpace::new_memory(
-        aml::AddressSpaceCacheable::NotCacheable,
-        true,
-        CPU_HOTPLUG_ADDRESS,
-        CPU_HOTPLUG_ADDRESS + CPU_HOTPLUG_SIZE - 1,
-        None,
-    );
-    let crs = aml::ResourceTemplate::new(vec![&window]);
-    let crs_name = aml::Name::new("_CRS".into(), &crs);
-    let address = CPU_HOTPLUG_ADDRESS as usize;
-    let size = CPU_HOTPLUG_SIZE as usize;
-    let region = aml::OpRegion::new(
-        "PRST".into(),
-        aml::OpRegionSpace::SystemMemory,
-        &address,
-        &size,
-    );
+    let header = ControllerHeader {
+        uid: "CPU Hotplug Controller",
+        sta: None,
+        lock: "CPLK",
+        region: "PRST",
+        address: CPU_HOTPLUG_ADDRESS,
+        size: CPU_HOTPLUG_SIZE,
+    };
     let status = aml::Field::new(
         "PRST".into(),
         aml::FieldAccessType::Byte,
@@ -444,13 +451,7 @@ fn cpu_hotplug_controller(sink: &mut dyn acpi_tables::AmlSink) {
             aml::FieldEntry::Named(*b"CDAT", 32),
         ],
     );
-    aml::Device::new(
-        "PRES".into(),
-        vec![
-            &hid_name, &uid, &lock, &crs_name, &region, &status, &selection,
-        ],
-    )
-    .to_aml_bytes(sink);
+    aml::Device::new("PRES".into(), vec![&header, &status, &selection]).to_aml_bytes(sink);
 }
 
 /// One possible vCPU: `Device (Cxxx)`, processor `_HID` ACPI0007, `_STA`
@@ -636,24 +637,14 @@ fn memory_hotplug_controller(slots: bool, sink: &mut dyn acpi_tables::AmlSink) {
         aml::Device::new("_SB_.MHPC".into(), vec![&hid_name, &uid, &mscn]).to_aml_bytes(sink);
         return;
     }
-    let lock = aml::Mutex::new("MLCK".into(), 0);
-    let window = aml::AddressSpace::new_memory(
-        aml::AddressSpaceCacheable::NotCacheable,
-        true,
-        MEMORY_HOTPLUG_ADDRESS,
-        MEMORY_HOTPLUG_ADDRESS + MEMORY_HOTPLUG_SIZE - 1,
-        None,
-    );
-    let crs = aml::ResourceTemplate::new(vec![&window]);
-    let crs_name = aml::Name::new("_CRS".into(), &crs);
-    let address = MEMORY_HOTPLUG_ADDRESS as usize;
-    let size = MEMORY_HOTPLUG_SIZE as usize;
-    let region = aml::OpRegion::new(
-        "MHPR".into(),
-        aml::OpRegionSpace::SystemMemory,
-        &address,
-        &size,
-    );
+    let header = ControllerHeader {
+        uid: "Memory Hotplug Controller",
+        sta: None,
+        lock: "MLCK",
+        region: "MHPR",
+        address: MEMORY_HOTPLUG_ADDRESS,
+        size: MEMORY_HOTPLUG_SIZE,
+    };
     let dword = |entries| {
         aml::Field::new(
             "MHPR".into(),
@@ -815,11 +806,7 @@ fn memory_hotplug_controller(slots: bool, sink: &mut dyn acpi_tables::AmlSink) {
 
     let devices: Vec<MemorySlot> = (0..count).map(MemorySlot).collect();
     let mut children: Vec<&dyn Aml> = vec![
-        &hid_name,
-        &uid,
-        &lock,
-        &crs_name,
-        &region,
+        &header,
         &range_fields,
         &pxm_field,
         &status_field,
