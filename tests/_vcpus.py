@@ -26,8 +26,8 @@ def vcpu_tids(pid: int | str = "self") -> list[int]:
         try:
             if (task / "comm").read_text().startswith("vcpu"):
                 tids.append(int(task.name))
-        except FileNotFoundError:
-            continue  # ended meanwhile
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # ended meanwhile (ENOENT or ESRCH)
     return tids
 
 
@@ -37,7 +37,7 @@ def vcpu_switches(pid: int | str = "self") -> int:
     for tid in vcpu_tids(pid):
         try:
             status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # the thread just ended
             continue
         total += sum(int(n) for n in re.findall(r"ctxt_switches:\s+(\d+)", status))
     return total

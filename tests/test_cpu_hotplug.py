@@ -41,8 +41,8 @@ def vcpu_threads(pid: int | str = "self") -> dict[str, int]:
         try:
             name = (task / "comm").read_text().strip()
             status = (task / "status").read_text()
-        except FileNotFoundError:
-            continue  # the thread just ended
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread just ended (ENOENT or ESRCH)
         if re.fullmatch(r"vcpu\d+", name):
             found[name] = int(re.search(r"^Seccomp:\s+(\d+)", status, re.MULTILINE).group(1))  # type: ignore[union-attr]
     return found

@@ -133,8 +133,8 @@ def vcpu_threads():
         try:
             with open(f"/proc/self/task/{t}/comm") as f:
                 names.append(f.read().strip())
-        except FileNotFoundError:
-            pass
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # the thread just ended (ENOENT or ESRCH)
     return [n for n in names if n.startswith("vcpu")]
 
 @pytest.fixture

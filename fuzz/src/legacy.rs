@@ -1,7 +1,8 @@
 //! The legacy platform devices a guest reaches through port I/O and MMIO:
 //! the 16550 serial port (with host input), the i8042, the ACPI shutdown
-//! device, the debug port, the GED, the CPU and memory hot-plug controllers
-//! (with the host's resizes interleaved) and the IOAPIC (its routes in a real KVM
+//! device, the debug port, the GED, the CPU, memory and PCI hot-plug
+//! controllers (with the host's resizes and slot changes interleaved) and the
+//! IOAPIC (its routes in a real KVM
 //! VM's table), at their addresses on real buses.
 //! Accesses of any size at any port; the devices may only stop the VM
 //! (power-off, reset), never panic.
@@ -19,10 +20,12 @@ use vmkit_vmm::devices::legacy::{
 use vmkit_vmm::devices::memory_hotplug::{
     HotplugLayout, MemoryHotplug, MemoryHotplugRegisters, MEMORY_HOTPLUG_SIZE,
 };
+use vmkit_vmm::devices::pci_hotplug::{PciHotplug, PciHotplugRegisters, PCI_HOTPLUG_SIZE};
 use vmkit_vmm::devices::serial::{InputSink, IrqTrigger, SerialDevice, SerialSink};
 use vmkit_vmm::devices::Bus;
 use vmkit_vmm::layout::{
     CPU_HOTPLUG_ADDRESS, GED_ADDRESS, GED_SIZE, IOAPIC_START, MEMORY_HOTPLUG_ADDRESS,
+    PCI_HOTPLUG_ADDRESS,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -51,6 +54,11 @@ pub fn legacy_io(data: &[u8]) {
     const MIB: u64 = 1 << 20;
     let layout = HotplugLayout::new(64 * MIB - 1, Some(1024 * MIB)).expect("layout");
     let memory = Arc::new(MemoryHotplug::new(64 * MIB, 64 * MIB - 1, layout, false));
+    // Two segments; an eject must name a slot of one of them.
+    let pci = Arc::new(PciHotplug::new(2));
+    pci.set_eject_handler(Box::new(|segment, slot| {
+        assert!(segment < 2 && slot < 32, "eject of {segment}:{slot}");
+    }));
     let routes = crate::pci::routes().expect("the target needs /dev/kvm");
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
@@ -94,6 +102,11 @@ pub fn legacy_io(data: &[u8]) {
             Arc::new(Mutex::new(MemoryHotplugRegisters(memory.clone()))),
         ),
         mmio.insert(
+            PCI_HOTPLUG_ADDRESS,
+            PCI_HOTPLUG_SIZE,
+            Arc::new(Mutex::new(PciHotplugRegisters(pci.clone()))),
+        ),
+        mmio.insert(
             IOAPIC_START,
             IOAPIC_SIZE,
             Arc::new(Mutex::new(Ioapic::new(routes))),
@@ -117,9 +130,17 @@ pub fn legacy_io(data: &[u8]) {
             4 => {
                 // Host input for the serial port, a power-button press or a
                 // vCPU resize (the guest's ejects keep the state consistent).
-                let count = usize::from(input.u8() % 80);
+                let count = usize::from(input.u8() % 88);
                 if count == 0 {
                     let _ = ged.notify(GED_POWER_BUTTON);
+                } else if count >= 80 {
+                    // A slot added or marked for removal by the host.
+                    let (segment, slot) = (u16::from(input.u8() % 3), input.u8() % 40);
+                    if count % 2 == 0 {
+                        pci.mark_up(segment, slot);
+                    } else {
+                        pci.mark_down(segment, slot);
+                    }
                 } else if count >= 72 {
                     // A RAM resize: 64 MiB plus up to 1 GiB in 128 MiB steps,
                     // or any size.
@@ -155,6 +176,7 @@ pub fn legacy_io(data: &[u8]) {
                     0 => GED_ADDRESS + offset % 8,
                     2 => CPU_HOTPLUG_ADDRESS + offset % 0x10,
                     4 => MEMORY_HOTPLUG_ADDRESS + offset,
+                    6 if how & 8 == 0 => PCI_HOTPLUG_ADDRESS + offset % 0x18,
                     _ => IOAPIC_START + offset,
                 };
                 if how & 1 == 0 {
