@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 from _prompt import PROMPT, call_promptly, unblock_reader_of
 from vmkit import VmConfig, testguest
+from vmkit.config import DiskConfig
 from vmkit.vm import Vm, VmError
 from vmkit.vmm import ApiError, Vmm
 
@@ -198,3 +200,29 @@ def test_a_guest_reset_keeps_its_own_image(tmp_path: Path) -> None:
     finally:
         vm.close()
     assert boot_error(f"path={disk}") is None
+
+
+def test_a_hot_added_disk_locks_its_image_until_the_guest_ejects_it(tmp_path: Path) -> None:
+    disk = image(tmp_path / "disk.img")
+    other = image(tmp_path / "other.img")
+    steps = ("pcihotplug", "pciunplug", "ticks")
+    vm = Vm(VmConfig.from_cli(argv(steps=steps, ticks=100000, tick_ms=20)))
+    try:
+        vm.boot()
+        assert vm.serial.wait_for("pcihotplug waiting$", timeout=30)
+        vm.add_disk(DiskConfig(path=str(disk)))
+        assert boot_error(f"path={disk}") == lock_refusal("write", disk)
+        # An image another VM holds cannot be hot-added either.
+        with running(f"path={other}"):
+            with pytest.raises(VmError, match="Cannot get the write lock on disk image"):
+                vm.add_disk(DiskConfig(path=str(other), id="held"))
+        assert vm.serial.wait_for("pciunplug waiting$", timeout=30)
+        vm.remove_device("_disk0")
+        assert vm.serial.wait_for("step pciunplug ok", timeout=30)
+        # Released once the guest ejected it (the VMM tears the device down).
+        deadline = time.monotonic() + 10
+        while boot_error(f"path={disk}") is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert boot_error(f"path={disk}") is None
+    finally:
+        vm.close()

@@ -637,6 +637,9 @@ pub struct Vm {
     /// The disk images' locks (VmOptions::lock_disks), held from boot until
     /// the VM stops: a reset rebuilds the devices but keeps the images.
     disk_locks: Mutex<Vec<ImageLock>>,
+    /// The image locks of disks hot-added to this boot, by id: released
+    /// when the guest ejects the disk or the boot ends.
+    hot_disk_locks: Mutex<HashMap<String, ImageLock>>,
     /// Starts the device workers that vCPU threads activate.
     spawner: Spawner,
     /// Readable while the VM is stopped (Shutdown): lets a caller wait for
@@ -876,6 +879,7 @@ impl Vm {
             }),
             changed: Condvar::new(),
             disk_locks: Mutex::new(Vec::new()),
+            hot_disk_locks: Mutex::new(HashMap::new()),
             spawner,
             exit_event,
             adopted_taps: Mutex::new(HashMap::new()),
@@ -1067,6 +1071,16 @@ impl Vm {
         };
         let mut only = full.clone();
         DeviceLists::keep_only_last(&mut only, field);
+        // A hot-added disk's image is locked as a boot disk's is.
+        let lock = match only.disks.iter().flatten().next() {
+            Some(disk) if field == "disks" && self.options.lock_disks && !disk.vhost_user => Some(
+                ImageLock::take(disk).map_err(|source| DeviceManagerError::Block {
+                    id: id.clone(),
+                    source: source.into(),
+                })?,
+            ),
+            _ => None,
+        };
         let adopted = HashMap::new();
         let ctx = DeviceContext {
             config: &only,
@@ -1087,6 +1101,12 @@ impl Vm {
             virtio_mem_sizes: &BTreeMap::new(),
         };
         let (_, bdf) = instance.devices.hotplug_virtio(&ctx, build)?;
+        if let Some(lock) = lock {
+            self.hot_disk_locks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.clone(), lock);
+        }
         *self.devices_now.lock().unwrap_or_else(|p| p.into_inner()) = Some(DeviceLists::of(&full));
         instance
             .devices
@@ -1096,11 +1116,17 @@ impl Vm {
         Ok((id, bdf))
     }
 
-    /// Closes the vhost-user connections of devices that are gone.
+    /// Closes the vhost-user connections of devices that are gone and
+    /// releases the image locks of hot-added disks among them.
     fn forget_vhost_links(&self, ids: &[String]) {
         let mut links = self.vhost_links.lock().unwrap_or_else(|p| p.into_inner());
+        let mut locks = self
+            .hot_disk_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         for id in ids {
             links.remove(id);
+            locks.remove(id);
         }
     }
 
@@ -1613,6 +1639,10 @@ impl Vm {
     /// Reports a stopped boot (its threads joined, its devices stopped).
     fn finish(&self, reason: StopReason) {
         self.held_disk_locks().clear();
+        self.hot_disk_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         // Closes the backends' connections (and server mode's sockets).
         self.vhost_links
             .lock()
@@ -1694,14 +1724,13 @@ impl Vm {
             return Ok(Vec::new());
         }
         let mut locks = Vec::new();
+        // The disks the next boot builds: hot-plug changes included.
+        let mut config = self.config().clone();
+        if let Some(lists) = &*self.devices_now.lock().unwrap_or_else(|p| p.into_inner()) {
+            lists.apply(&mut config);
+        }
         // A vhost-user disk's image is its backend's to lock.
-        for disk in self
-            .config()
-            .disks
-            .iter()
-            .flatten()
-            .filter(|d| !d.vhost_user)
-        {
+        for disk in config.disks.iter().flatten().filter(|d| !d.vhost_user) {
             // Named as when the device itself fails to open the image.
             let lock = ImageLock::take(disk).map_err(|source| DeviceManagerError::Block {
                 id: disk.id.clone().unwrap_or_default(),
