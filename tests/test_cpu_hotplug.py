@@ -295,6 +295,9 @@ def test_a_reboot_starts_the_resized_count() -> None:
         vm.resize_vcpus(2)
         vm.reboot()
         assert vm.state == "Running"
+        # The new boot's guest runs (the old boot's threads, vcpu1 among
+        # them, were gone before the new ones started).
+        assert vm.serial.wait_for("^vmkit-guest: tick 1$", timeout=30)
         deadline = time.monotonic() + 10
         while sorted(vcpu_threads()) != ["vcpu0", "vcpu1"] and time.monotonic() < deadline:
             time.sleep(0.01)
