@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
+from _rss import settles
 from vmkit import VmConfig, testguest
 from vmkit.pytest_plugin import VmFactory
 from vmkit.vm import Vm, VmError
@@ -49,25 +50,6 @@ def wait_for(serial: Path, pattern: str, timeout: float = 30) -> None:
     while not re.search(pattern, serial.read_text() if serial.exists() else "", re.M):
         assert time.monotonic() < deadline, f"no {pattern!r} in {serial.read_text()[-1000:]!r}"
         time.sleep(0.01)
-
-
-def resident_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
-def settles(pid: int, check: object, timeout: float = 5) -> float:
-    """The process's resident MiB once ``check(mib)`` holds (the kernel's
-    per-thread RSS counters reach /proc a little late)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        mib = resident_mib(pid)
-        if check(mib):  # type: ignore[operator]
-            return mib
-        assert time.monotonic() < deadline, f"resident memory stayed at {mib:.1f} MiB"
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("image", ["pvh", "bzimage"])

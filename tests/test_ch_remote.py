@@ -176,7 +176,8 @@ SCRIPT: list[tuple[str, str]] = [
     ("shutdown", "add-disk path=@W/disk.img,id=disk0"),
     ("shutdown", "info"),
     ("running", "boot"),
-    ("running", "add-disk path=@W/disk.img,id=disk9"),
+    # disk0 holds disk.img: vmkit locks images while a VM uses them (v37 does not)
+    ("running", "add-disk path=@W/disk2.img,id=disk9"),
     ("running", "add-net tap=,mac=12:34:56:78:9a:bc,id=net9"),
     ("running", "add-pmem file=@W/pmem.img,size=2M,id=pmem9"),
     ("running", "add-vsock cid=3,socket=@W/vsock.sock,id=vsock9"),
@@ -228,6 +229,7 @@ def workdir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="vmkit-chr-", dir="/tmp"))  # short socket paths
     try:
         (path / "disk.img").write_bytes(bytes(1 << 20))
+        (path / "disk2.img").write_bytes(bytes(1 << 20))
         (path / "pmem.img").write_bytes(bytes(2 << 20))
         config = VmConfig.from_cli(
             [

@@ -274,7 +274,8 @@ def test_vmkit_remote_snapshot_shows_progress_on_a_terminal_only(
             assert any(snap.iterdir()), "no snapshot written"
         # The same through SpawnedVm.snapshot, in this process.
         (tmp_path / "spawned").mkdir()
-        with terminal() as (stream, read):
+        # Wide enough for the whole destination (pytest-xdist's paths are long).
+        with terminal(columns=250) as (stream, read):
             monkeypatch.setattr(sys, "stderr", stream)
             vm.snapshot(tmp_path / "spawned", progress=True)
             assert f"\rsnapshot to file://{tmp_path / 'spawned'}" in read()

@@ -241,7 +241,10 @@ def test_every_thread_of_a_running_vmkit_is_confined(tmp_path: Path) -> None:
                         seen[name] = seccomp_mode(process.pid, tid)
                     except (FileNotFoundError, ProcessLookupError):
                         pass  # a worker that just ended
-    assert all(re.fullmatch("|".join(KINDS.values()) + "|kvm-.*", name) for name in seen), seen
+    # kvm-*: KVM's kernel threads; iou-wrk-*: io_uring's kernel workers, which
+    # the block engine's requests can start under load (they make no system calls).
+    known = "|".join(KINDS.values()) + r"|kvm-.*|iou-wrk-\d+"
+    assert not [name for name in seen if not re.fullmatch(known, name)], seen
     assert seen and set(seen.values()) == {2}, seen
 
 

@@ -104,6 +104,13 @@ pub enum VmError {
     },
     #[error("guest memory region {slot} has no host mapping")]
     HostAddress { slot: usize },
+    #[error("cannot prefault the hot-added RAM ({size} bytes at {base:#x}; prefault=on)")]
+    Prefault {
+        base: u64,
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("No kernel specified")]
     NoKernel,
     #[error("power button")]
@@ -194,7 +201,7 @@ impl ModuleError for VmError {
             | Smbios
             | NoHyperv => ErrorKind::Unsupported,
             OpenKvm { .. } | KickHandler(_) | Kvm { .. } => ErrorKind::Kvm,
-            HostAddress { .. } | MisalignedMemorySize { .. } => ErrorKind::Memory,
+            HostAddress { .. } | Prefault { .. } | MisalignedMemorySize { .. } => ErrorKind::Memory,
             NoKernel => ErrorKind::Kernel,
             SnapshotNotPaused => ErrorKind::State,
             SnapshotVcpus { .. } | SnapshotConfig { .. } | SnapshotDisk { .. } => {
@@ -373,13 +380,39 @@ impl Instance {
     }
 
     /// Gives the guest `dimm`, part of the hot-plug area that is already
-    /// mapped in the VMM: a KVM memory slot of its own.
-    fn plug_dimm(&self, dimm: Dimm) -> Result<()> {
+    /// mapped in the VMM: a KVM memory slot of its own. With `prefault`
+    /// (`--memory prefault=on`) its pages are allocated first, as boot RAM's
+    /// are and as v37 does for each DIMM, so the guest never waits on them.
+    fn plug_dimm(&self, dimm: Dimm, prefault: bool) -> Result<()> {
+        use vm_memory::GuestMemoryRegion;
+        // The DIMM must lie within one host mapping (the hot-plug area's).
         let host = self
             ._ram
             .memory
-            .get_host_address(vm_memory::GuestAddress(dimm.base))
-            .map_err(|_| VmError::HostAddress { slot: dimm.slot })?;
+            .find_region(vm_memory::GuestAddress(dimm.base))
+            .and_then(|region| {
+                let offset = dimm.base - region.start_addr().0;
+                let end = offset.checked_add(dimm.length)?;
+                let host = region
+                    .get_host_address(vm_memory::MemoryRegionAddress(offset))
+                    .ok()?;
+                (end <= region.len()).then_some(host)
+            });
+        let (Some(host), Ok(len)) = (host, usize::try_from(dimm.length)) else {
+            return Err(VmError::HostAddress { slot: dimm.slot }.into());
+        };
+        if prefault {
+            // SAFETY: [host, host + len) lies in the hot-plug area's mapping
+            // (checked above); populating pages changes none of their bytes.
+            if unsafe { libc::madvise(host.cast(), len, libc::MADV_POPULATE_WRITE) } != 0 {
+                return Err(VmError::Prefault {
+                    base: dimm.base,
+                    size: dimm.length,
+                    source: std::io::Error::last_os_error(),
+                }
+                .into());
+            }
+        }
         let region = kvm_bindings::kvm_userspace_memory_region {
             slot: DIMM_KVM_SLOT_BASE + dimm.slot as u32,
             guest_phys_addr: dimm.base,
@@ -1186,7 +1219,7 @@ impl Vm {
         };
         let hotplug = instance.devices.memory_hotplug().clone();
         if let Some(dimm) = hotplug.plan(desired).map_err(VmError::MemoryResize)? {
-            instance.plug_dimm(dimm)?;
+            instance.plug_dimm(dimm, self.config().memory.prefault)?;
             hotplug.insert(dimm);
             instance
                 .devices
