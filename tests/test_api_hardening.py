@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from _http import read_reply
+from vmkit import api
 from vmkit.api import ApiServer
 from vmkit.vmm import Vmm
 
@@ -157,6 +158,7 @@ def test_an_idle_keep_alive_connection_is_closed_after_idle_timeout(tmp_path: Pa
 
 SERVER_WITH_FEW_FDS = """
 import os, resource, sys
+from vmkit import api
 from vmkit.api import ApiServer
 from vmkit.vmm import Vmm
 vmm = Vmm()
@@ -247,3 +249,41 @@ def test_closing_the_server_lets_an_answer_in_progress_out(
             server.close()  # while the answer is being made
             assert read_reply(sock).status == 200
             assert closed_by_server(idle, 5), "an idle connection stays open after close"
+
+
+def test_a_connection_thread_serves_the_next_connections_then_ends_when_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ch-remote opens a connection per request: one thread answers them one
+    after the other (no thread started per request), several at once get
+    threads of their own, and threads left waiting end after WORKER_IDLE."""
+    monkeypatch.setattr(api, "WORKER_IDLE", 0.5)
+    path = tmp_path / "api.sock"
+    with running(path) as server:
+        before = {t for t in server_threads() if t.name == "http-client"}
+        seen: set[threading.Thread] = set()
+        for _ in range(20):
+            timed_ping(path)
+            seen |= {t for t in server_threads() if t.name == "http-client"} - before
+            # The thread sees the client's close, then waits for the next connection.
+            deadline = time.monotonic() + 10
+            while server._idle_workers != 1:
+                assert time.monotonic() < deadline, "the thread never waited for more"
+                time.sleep(0.001)
+        assert len(seen) == 1, seen
+        # Three connections open at once: three threads.
+        socks = [connect(path) for _ in range(3)]
+        try:
+            for sock in socks:
+                sock.sendall(PING)
+            for sock in socks:
+                assert read_reply(sock).status == 200
+        finally:
+            for sock in socks:
+                sock.close()
+        assert len({t for t in server_threads() if t.name == "http-client"} - before) == 3
+        deadline = time.monotonic() + 10
+        while {t for t in server_threads() if t.name == "http-client"} - before:
+            assert time.monotonic() < deadline, "idle connection threads never ended"
+            time.sleep(0.05)
+        assert timed_ping(path) < 10  # and a new connection is served again

@@ -6,7 +6,7 @@
     >>> ...
     >>> server.close()                                  # doctest: +SKIP
 
-HTTP/1.1 with keep-alive, one thread per connection. Routes are
+HTTP/1.1 with keep-alive, a thread per open connection (kept for the next one). Routes are
 ``/api/v1/<action>``; the methods, status codes and bodies follow v37 (§4.1).
 Answers are written byte for byte as v37's server (micro_http) writes them,
 because ch-remote reads them strictly: the status line has no reason phrase
@@ -35,6 +35,7 @@ client takes the place of the one idle longest.
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import logging
@@ -642,6 +643,9 @@ class _Connection:
 
 #: How long closing the server waits for requests being answered (seconds).
 ANSWER_GRACE = 2.0
+#: Connection threads kept waiting for the next connection, and for how long (seconds).
+IDLE_WORKERS = 4
+WORKER_IDLE = 30.0
 
 
 class ApiServer:
@@ -686,6 +690,14 @@ class ApiServer:
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)  # a connection went idle or away
         self._handlers: dict[socket.socket, threading.Thread] = {}
+        # Connection threads outlive their connection, waiting for the next
+        # one: starting a thread per connection costs a start-up handshake (a
+        # switch to the new thread and back), which on a busy host is a wait
+        # for a CPU each time. Accepted connections no thread has taken yet:
+        self._unclaimed: collections.deque[socket.socket] = collections.deque()
+        self._work = threading.Condition(self._lock)  # a connection to take, or closing
+        self._idle_workers = 0  # threads waiting in _work_loop, less those already claimed
+        self._workers: set[threading.Thread] = set()
         #: accepts on this reactor's thread instead of a thread of its own
         self._reactor = reactor
         self._backoff = 0.0
@@ -816,13 +828,50 @@ class ApiServer:
         if not self._admit(conn):
             conn.close()
             return
+        with self._lock:
+            if self._idle_workers > 0:
+                self._idle_workers -= 1
+                self._unclaimed.append(conn)
+                self._work.notify()
+                return
         thread = threading.Thread(
-            target=self._serve_connection, args=(conn,), name="http-client", daemon=True
+            target=self._work_loop, args=(conn,), name="http-client", daemon=True
         )
+        with self._lock:
+            self._workers.add(thread)
         try:
             thread.start()
         except RuntimeError:
+            with self._lock:
+                self._workers.discard(thread)
             self._drop(conn)
+
+    def _work_loop(self, conn: socket.socket) -> None:
+        """Serves ``conn``, then the connections handed to this thread while
+        it waits (at most IDLE_WORKERS threads wait, each for WORKER_IDLE s)."""
+        try:
+            while True:
+                self._serve_connection(conn)
+                with self._lock:
+                    if self.closing or self._idle_workers >= IDLE_WORKERS:
+                        return
+                    self._idle_workers += 1
+                    deadline = time.monotonic() + WORKER_IDLE
+                    # _start_connection counts a thread out of the idle ones
+                    # as it queues a connection for it, so a thread that
+                    # wakes to an empty queue is still counted idle.
+                    while not self._unclaimed and not self.closing:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._work.wait(remaining)
+                    if not self._unclaimed:
+                        self._idle_workers -= 1
+                        return
+                    conn = self._unclaimed.popleft()
+        finally:
+            with self._lock:
+                self._workers.discard(threading.current_thread())
 
     def _admit(self, conn: socket.socket) -> bool:
         """Registers ``conn``; when full, makes room by ending the connection idle longest.
@@ -878,7 +927,9 @@ class ApiServer:
         """Stops serving and removes the socket file this server created."""
         if self.closing:
             return
-        self.closing = True
+        with self._lock:
+            self.closing = True
+            self._work.notify_all()  # idle connection threads end
         if self._reactor is not None and self._listener is not None:
             self._reactor.remove(self._listener.fileno())
         if self._wake_w >= 0:
