@@ -28,6 +28,7 @@ import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
 from _helpers import fnv1a64, sector_pattern
 from vmkit import VmConfig, testguest
+from vmkit.config import NetConfig
 from vmkit.testguest import GuestResults, parse_results
 from vmkit.vm import Vm, VmError
 
@@ -404,6 +405,53 @@ def test_net_a_frame_each_way_as_under_cloud_hypervisor(tmp_path: Path, server: 
     seen = {peer: exchange(tmp_path, peer, server) for peer in ("vmkit", "ch")}
     assert seen["vmkit"] == seen["ch"]
     assert not (tmp_path / "net.sock").exists() or not server, "the VMM's socket outlived it"
+
+
+@needs_taps
+@pytest.mark.parametrize("server", [False, True], ids=["client", "server"])
+def test_a_hot_added_net_exchanges_frames_and_is_ejected(tmp_path: Path, server: bool) -> None:
+    # vm.add-net on a running VM with a vhost_user_net backend: the guest
+    # finds the device through the PCI hot-plug controller, sends and takes a
+    # frame through the backend's tap, then ejects it; the backend's
+    # connection ends with the device.
+    steps = ["pcihotplug", "net", "pciunplug", "ticks"]
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(
+            steps, "poweroff", net_lax_len=1, net_timeout_ms=20000, ticks=100000, tick_ms=20
+        ),
+        "--memory", "size=128M,shared=on", "--serial", "tty", "--console", "off",
+    ])  # fmt: skip
+    with persistent_tap() as (tap, sock):
+        late = LateBackend(tmp_path, tap) if server else None
+        backend = None if server else net_backend(tmp_path, tap, client=False)
+        try:
+            with Vm(config) as vm:
+                vm.boot()
+                assert vm.serial.wait_for("^vmkit-guest: pcihotplug waiting$", timeout=30)
+                if late is not None:
+                    late.start()
+                added = vm.add_net(NetConfig.parse(net_option(tmp_path, server)))
+                assert added == {"id": "_net0", "bdf": "0000:00:02.0"}
+                frame = await_ping(sock)
+                assert frame[6:12] == bytes.fromhex(GUEST_MAC.replace(":", ""))
+                pong(sock)
+                assert vm.serial.wait_for("^vmkit-guest: step net ", timeout=30)
+                check_net_results(parse_results(vm.serial.text))
+                assert vm.serial.wait_for("^vmkit-guest: pciunplug waiting$", timeout=30)
+                vm.remove_device("_net0")
+                assert vm.serial.wait_for("^vmkit-guest: step pciunplug ok", timeout=30)
+                if late is not None:
+                    late.join()
+                    backend = late.backend
+                assert backend is not None and backend.exited(10), "the backend outlived its device"
+                assert vm.state == "Running"
+        finally:
+            if late is not None:
+                late.join()
+                backend = late.backend
+            if backend is not None:
+                backend.kill()
 
 
 @needs_taps
