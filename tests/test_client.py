@@ -35,6 +35,7 @@ from _fakeapi import (
     request_bytes,
     response,
 )
+from _spawndirs import own_tempdir, spawn_dirs  # noqa: F401 (a fixture)
 from vmkit import ApiError, Client, Vm, VmConfig, VmError, config, testguest
 from vmkit.client import (
     ApiConnectionError,
@@ -473,11 +474,6 @@ def error_text(call: Any, *args: Any) -> str:
     return str(raised.value)
 
 
-def spawn_dirs() -> set[str]:
-    """The temporary directories Vm.spawn makes (other programs' entries in /tmp come and go)."""
-    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("vmkit-vmm-")}
-
-
 @needs_vmm
 def test_client_lifecycle_against_vmkit(vmm: SpawnedVm) -> None:
     client = vmm.client
@@ -765,6 +761,7 @@ def test_spawned_vm_methods() -> None:
 
 
 @needs_vmm
+@pytest.mark.usefixtures("own_tempdir")
 def test_spawned_vmm_killed_mid_run_leaves_nothing_behind() -> None:
     before = spawn_dirs()
     with Vm.spawn(guest_config(ticks=5000)) as vm:
@@ -842,6 +839,7 @@ def test_spawn_reports_a_vmm_that_does_not_start() -> None:
 
 
 @needs_vmm
+@pytest.mark.usefixtures("own_tempdir")
 def test_spawn_create_error_cleans_up() -> None:
     bad = guest_config()
     bad.memory.size = -1

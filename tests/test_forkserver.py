@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import vmkit
+from _spawndirs import own_tempdir, spawn_dirs  # noqa: F401 (a fixture)
 from vmkit import Vm, VmConfig, _forkserver, testguest
 from vmkit.client import SpawnedVm
 
@@ -82,11 +82,6 @@ def settled(vm: SpawnedVm) -> None:
             return
         previous = now
         time.sleep(0.05)
-
-
-def spawn_dirs() -> set[str]:
-    """The temporary directories Vm.spawn makes (other programs' entries in /tmp come and go)."""
-    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("vmkit-vmm-")}
 
 
 SIGINT, SIGTERM = 1 << (signal.SIGINT - 1), 1 << (signal.SIGTERM - 1)
@@ -208,6 +203,7 @@ def test_an_idle_vm_wakes_neither_its_process_nor_this_one() -> None:
         assert vm.state == "Running"
 
 
+@pytest.mark.usefixtures("own_tempdir")
 def test_close_all_ends_a_fleet_and_leaves_nothing_behind() -> None:
     Vm.spawn(None).close()  # the fork server and the reactor stay: start them first
     before_dirs, before_fds = spawn_dirs(), open_descriptors()
@@ -293,6 +289,7 @@ def children_of(pid: int) -> list[int]:
     return children
 
 
+@pytest.mark.usefixtures("own_tempdir")
 def test_200_spawn_and_stop_cycles_leave_nothing_behind() -> None:
     config = guest_config(steps="ready")
     Vm.spawn(None).close()  # the server, started once
