@@ -10,9 +10,12 @@ Rust unit tests (devices::memory_hotplug).
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import re
 import socket as socketlib
+import threading
 import time
 from pathlib import Path
 
@@ -440,8 +443,12 @@ def test_a_hostile_hot_plug_state_is_refused(
     assert was == [4 * GIB, 4 * GIB + 256 * MIB][slot], "not the DIMM's base"
     platform[slot_at : slot_at + 8] = base.to_bytes(8, "little")
     (snap / "platform").write_bytes(platform)
+    gc.collect()  # earlier garbage must not close descriptors meanwhile
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
     with pytest.raises(VmError) as raised:
         Vm.restore(snap)
+    # Nothing left behind: no thread, no descriptor.
+    assert (threading.active_count(), len(os.listdir("/proc/self/fd"))) == (threads, fds)
     assert raised.value.kind == "Snapshot"
     assert str(raised.value).startswith(f"the memory hot-plug state: {says}"), raised.value
 

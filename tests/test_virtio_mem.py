@@ -11,10 +11,13 @@ Rust unit tests (virtio::mem), the region's placement in memory::tests.
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -284,8 +287,12 @@ def test_a_snapshot_whose_bitmap_does_not_fit_the_region_is_refused(tmp_path: Pa
     (tmp_path / "snapshot.json").write_text(json.dumps(header))
     with open(tmp_path / "memory", "r+b") as file:
         file.truncate(header["memory_size"])
+    gc.collect()  # earlier garbage must not close descriptors meanwhile
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
     with pytest.raises(VmError) as raised:
         Vm.restore(tmp_path)
+    # Nothing left behind: no thread, no descriptor.
+    assert (threading.active_count(), len(os.listdir("/proc/self/fd"))) == (threads, fds)
     assert raised.value.kind == "Snapshot"
     assert "virtio-mem state of 25 bytes, expected 33 for a region of 192 blocks" in str(
         raised.value

@@ -1847,7 +1847,7 @@ impl Vm {
                 let layout = ram
                     .hotplug_layout()
                     .ok_or(crate::memory::MemoryError::AddressSpace)?;
-                let dimms = hotplug.dimms(layout)?;
+                let dimms = hotplug.dimms(layout, ram.total_size())?;
                 if let Some((file, from)) = from {
                     let ranges: Vec<(u64, u64)> =
                         dimms.iter().map(|d| (d.base, d.length)).collect();

@@ -394,7 +394,9 @@ impl SavedHotplug {
     /// The plugged DIMMs, checked against the restoring VM's hot-plug area
     /// (`layout`): each a whole number of 128 MiB inside the area, after the
     /// previous slot's, the plugged slots first (as `vm.resize` fills them).
-    pub fn dimms(&self, layout: HotplugLayout) -> Result<Vec<Dimm>, SnapshotError> {
+    /// The resized size is at most the RAM the guest has (`boot_ram` and the
+    /// DIMMs): `vm.resize` grows RAM only by adding a DIMM.
+    pub fn dimms(&self, layout: HotplugLayout, boot_ram: u64) -> Result<Vec<Dimm>, SnapshotError> {
         let corrupt = |detail: String| SnapshotError::Corrupt {
             what: WHAT.to_owned(),
             detail,
@@ -440,6 +442,14 @@ impl SavedHotplug {
                 base: slot.base,
                 length: slot.length,
             });
+        }
+        let ram = dimms
+            .iter()
+            .fold(boot_ram, |sum, d| sum.saturating_add(d.length));
+        if let Some(size) = self.size.filter(|&size| size > ram) {
+            return Err(corrupt(format!(
+                "a resized size of {size} bytes, more than the {ram} bytes of RAM the VM has"
+            )));
         }
         Ok(dimms)
     }
@@ -610,7 +620,7 @@ mod tests {
         assert_eq!(decoded, saved);
         // A fresh controller for the same boot RAM takes it back and grows on.
         let restored = self::controller(Some(GIB));
-        let dimms = decoded.dimms(restored.layout()).unwrap();
+        let dimms = decoded.dimms(restored.layout(), 512 * MIB).unwrap();
         assert_eq!(dimms, controller.dimms());
         restored.restore(&decoded, &dimms);
         assert_eq!(restored.current_ram(), GIB);
@@ -628,7 +638,7 @@ mod tests {
         let with = |edit: &dyn Fn(&mut SavedHotplug)| {
             let mut bad = saved.clone();
             edit(&mut bad);
-            bad.dimms(layout).unwrap_err().to_string()
+            bad.dimms(layout, 512 * MIB).unwrap_err().to_string()
         };
         let outside = with(&|s| s.slots[1].base = 5 * GIB);
         assert!(outside.contains("outside the hot-plug area"), "{outside}");
@@ -642,9 +652,14 @@ mod tests {
         assert!(gap.contains("after an empty slot"), "{gap}");
         let wraps = with(&|s| s.slots[1].length = u64::MAX - (u64::MAX % (128 * MIB)));
         assert!(wraps.contains("outside"), "{wraps}");
+        let larger = with(&|s| s.size = Some(GIB + 128 * MIB));
+        assert!(
+            larger.contains("more than the 1073741824 bytes"),
+            "{larger}"
+        );
         // A VM without a hot-plug area takes no DIMM at all.
         let none = self::controller(None).layout();
-        assert!(saved.dimms(none).is_err());
+        assert!(saved.dimms(none, 512 * MIB).is_err());
 
         // Bytes that are not a state.
         let mut flags = bytes.clone();
