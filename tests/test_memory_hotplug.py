@@ -338,10 +338,13 @@ def grows_on(vm: Vm) -> None:
     assert vm.info().memory_actual_size == 448 * MIB
 
 
-def test_a_snapshot_carries_hot_added_dimms(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shared", ["off", "on"])
+def test_a_snapshot_carries_hot_added_dimms(tmp_path: Path, shared: str) -> None:
+    # Private memory comes back copy-on-write from the file and the DIMMs
+    # copied in; shared memory (memfds) is made afresh and all copied in.
     snap = tmp_path / "snap"
     snap.mkdir()
-    with grown() as vm:
+    with grown(f"size=64M,hotplug_size=1G,shared={shared}") as vm:
         vm.pause()
         vm.snapshot(snap)
     # Boot RAM, then the DIMM; only what the guest wrote takes disk space.
