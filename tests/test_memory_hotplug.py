@@ -10,9 +10,12 @@ Rust unit tests (devices::memory_hotplug).
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import re
 import socket as socketlib
+import threading
 import time
 from pathlib import Path
 
@@ -306,23 +309,151 @@ def test_migration_before_any_hot_add_keeps_the_area(tmp_path: Path) -> None:
         assert "step memhotplug ok event=0x2 slots=1 bytes=0x8000000" in moved.serial.text
 
 
-def test_a_resized_vm_is_not_snapshotted_or_migrated(tmp_path: Path) -> None:
-    # Hot-added RAM (or a size vm.resize changed) is not carried yet: refused, saying so.
-    for sizes in ((192,), (32,)):
-        config = VmConfig.from_cli(guest_args("size=64M,hotplug_size=512M"))
-        with Vm(config) as vm:
-            vm.boot()
-            for size in sizes:
-                vm.resize_memory(size * MIB)
-            vm.pause()
-            (tmp_path / "snap").mkdir(exist_ok=True)
-            with pytest.raises(VmError, match=r"RAM vm.resize changed .* cannot be snapshotted"):
-                vm.snapshot(tmp_path / "snap")
-            with pytest.raises(VmError, match=r"cannot be migrated"):
-                vm.migrate_to(tmp_path / "no.sock")
-            vm.resume()
-            assert vm.state == "Running"
-        assert not any((tmp_path / "snap").iterdir()), "nothing written"
+def grown(memory: str = "size=64M,hotplug_size=1G") -> Vm:
+    """A VM whose guest hot-added a 256 MiB DIMM (slot 0, at 4 GiB) and wrote
+    its pattern there, then waits for the next one (a second `memhotplug`,
+    which first checks that the first DIMM kept its pattern)."""
+    vm = Vm(VmConfig.from_cli(guest_args(memory, ("memhotplug", "memhotplug"))))
+    vm.boot()
+    assert vm.serial.wait_for("^vmkit-guest: memhotplug waiting$", timeout=30), vm.serial.text
+    vm.resize_memory(320 * MIB)
+    assert vm.serial.wait_for("^vmkit-guest: step memhotplug ok ", timeout=60), vm.serial.text
+    assert vm.serial.wait_for("^vmkit-guest: memhotplug waiting$", timeout=30), vm.serial.text
+    return vm
+
+
+def grows_on(vm: Vm) -> None:
+    """In a VM that came from `grown`'s: its size is the resized one; the
+    guest finds its first DIMM's pattern intact and uses a second DIMM."""
+    info = vm.info()
+    assert info.config.memory.size == 320 * MIB
+    assert info.memory_actual_size == 320 * MIB
+    vm.resize_memory(448 * MIB)
+    assert vm.serial.wait_for("^vmkit-guest: step memhotplug ", timeout=60), vm.serial.text
+    text = vm.serial.text
+    # The second DIMM follows the first, in the next slot.
+    assert "memhotplug inserted slot=1 base=0x110000000 size=0x8000000" in text, text
+    assert re.search(r"step memhotplug ok event=0x2 slots=1 bytes=0x8000000 tested=\d+ "
+                     r"kept=0x10000000$", text, re.M), text  # fmt: skip
+    assert vm.info().memory_actual_size == 448 * MIB
+
+
+@pytest.mark.parametrize("shared", ["off", "on"])
+def test_a_snapshot_carries_hot_added_dimms(tmp_path: Path, shared: str) -> None:
+    # Private memory comes back copy-on-write from the file and the DIMMs
+    # copied in; shared memory (memfds) is made afresh and all copied in.
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    with grown(f"size=64M,hotplug_size=1G,shared={shared}") as vm:
+        vm.pause()
+        vm.snapshot(snap)
+    # Boot RAM, then the DIMM; only what the guest wrote takes disk space.
+    memory = snap / "memory"
+    assert memory.stat().st_size == 320 * MIB
+    assert memory.stat().st_blocks * 512 < 64 * MIB
+    with Vm.restore(snap) as restored:
+        restored.resume()
+        grows_on(restored)
+        # A reboot starts the resized RAM, as the original's would.
+        restored.reboot()
+        assert restored.serial.wait_for("boot protocol=pvh", timeout=30)
+        info = restored.info()
+        assert info.config.memory.size == 448 * MIB
+        assert info.memory_actual_size == 448 * MIB
+        assert restored.state == "Running"
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_a_migration_carries_hot_added_dimms(tmp_path: Path, local: bool) -> None:
+    from test_migration import Receiver
+
+    # A local migration hands the memory files over: shared memory.
+    with grown("size=64M,hotplug_size=1G,shared=on" if local else "size=64M,hotplug_size=1G") as vm:
+        receiver = Receiver(tmp_path / "m.sock")
+        try:
+            report = vm.migrate_to(tmp_path / "m.sock", local=local)
+        finally:
+            receiver.join()
+        assert receiver.error is None, receiver.error
+        assert report.local == local
+        if not local:
+            assert report.bytes >= 256 * MIB * 0.9, "the DIMM's pattern went over"
+    assert receiver.vm is not None
+    with receiver.vm as moved:
+        grows_on(moved)
+
+
+def test_pages_the_guest_writes_in_a_dimm_during_a_migration_arrive(tmp_path: Path) -> None:
+    # The guest rewrites 16 MiB of its DIMM every 5 ms, checking the last
+    # round each time: a dirty page of the DIMM's KVM slot left behind fails it.
+    from test_migration import Receiver, rounds_seen
+
+    rounds = 200
+    args = guest_args("size=64M,hotplug_size=1G", ("memhotplug", "dirty"))
+    args[3] = testguest.cmdline(
+        ["memhotplug", "dirty"], "poweroff", dirty_dimm=1, dirty_mib=16, dirty_rounds=rounds,
+        dirty_ms=5,
+    )  # fmt: skip
+    with Vm(VmConfig.from_cli(args)) as vm:
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: memhotplug waiting$", timeout=30)
+        vm.resize_memory(320 * MIB)
+        assert vm.serial.wait_for("^vmkit-guest: dirty round 10$", timeout=60), vm.serial.text
+        receiver = Receiver(tmp_path / "m.sock")
+        try:
+            report = vm.migrate_to(tmp_path / "m.sock")
+        finally:
+            receiver.join()
+        assert receiver.error is None, receiver.error
+        assert report.rounds >= 2, report
+        before = vm.serial.text
+    assert receiver.vm is not None
+    with receiver.vm as moved:
+        exit_info = moved.wait(timeout=60)
+        assert exit_info is not None and exit_info.reason == "poweroff", moved.serial.text
+        after = moved.serial.text
+        assert "vmkit-guest: summary passed=2 failed=0" in after, after
+        assert rounds_seen(before + after) == list(range(rounds))
+
+
+def hot_plug_state(snap: Path) -> tuple[bytearray, int]:
+    """The `platform` file and where its memory hot-plug state starts (the
+    last blob: size, selection, 8 slots of base, length, flags)."""
+    platform = bytearray((snap / "platform").read_bytes())
+    return platform, len(platform) - (8 + 4 + 4 + 8 * 20)
+
+
+@pytest.mark.parametrize(
+    ("slot", "base", "says"),
+    [
+        (0, 8 * GIB, "slot 0: the DIMM at 0x200000000 (0x10000000 bytes) lies outside the"),
+        (1, 4 * GIB + 128 * MIB, "slot 1: the DIMM at 0x108000000 overlaps slot 0's at"),
+    ],
+)  # fmt: skip
+def test_a_hostile_hot_plug_state_is_refused(
+    tmp_path: Path, slot: int, base: int, says: str
+) -> None:
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    with grown() as vm:
+        vm.resize_memory(448 * MIB)
+        assert vm.serial.wait_for("kept=0x10000000$", timeout=60), vm.serial.text
+        vm.pause()
+        vm.snapshot(snap)
+    platform, at = hot_plug_state(snap)
+    slot_at = at + 16 + 20 * slot
+    was = int.from_bytes(platform[slot_at : slot_at + 8], "little")
+    assert was == [4 * GIB, 4 * GIB + 256 * MIB][slot], "not the DIMM's base"
+    platform[slot_at : slot_at + 8] = base.to_bytes(8, "little")
+    (snap / "platform").write_bytes(platform)
+    gc.collect()  # earlier garbage must not close descriptors meanwhile
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    with pytest.raises(VmError) as raised:
+        Vm.restore(snap)
+    # Nothing left behind: no thread, no descriptor.
+    assert (threading.active_count(), len(os.listdir("/proc/self/fd"))) == (threads, fds)
+    assert raised.value.kind == "Snapshot"
+    assert str(raised.value).startswith(f"the memory hot-plug state: {says}"), raised.value
 
 
 def test_a_reboot_starts_the_resized_ram() -> None:

@@ -11,10 +11,13 @@ Rust unit tests (virtio::mem), the region's placement in memory::tests.
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -147,11 +150,16 @@ def test_zones_resize_through_the_vm_and_appear_as_v37_shows_them(tmp_path: Path
             vm.resize_memory(512 * MIB)
         zones = vm.info().config.memory.zones or []
         assert [(z.id, z.hotplugged_size) for z in zones] == [("z0", 128 * MIB), ("z1", 2 * MIB)]
-        # Snapshots and migrations would lose the plugged blocks: refused by name.
+        # A snapshot carries the sizes asked for: the restored VM shows them.
         vm.pause()
-        with pytest.raises(VmError, match=r"virtio-mem \(memory zone z0\) cannot be snapshotted"):
-            vm.snapshot(tmp_path)
-        assert list(tmp_path.iterdir()) == [], "nothing written"
+        vm.snapshot(tmp_path)
+        with Vm.restore(tmp_path) as restored:
+            zones = restored.info().config.memory.zones or []
+            assert [(z.id, z.hotplugged_size) for z in zones] == [
+                ("z0", 128 * MIB),
+                ("z1", 2 * MIB),
+            ]
+            assert restored.info().memory_actual_size == (64 + 128 + 32 + 2) * MIB
         vm.resume()
         # A reboot keeps the resized sizes, as v37's config does.
         vm.reboot()
@@ -183,6 +191,112 @@ def test_unplugged_memory_goes_back_to_the_host(tmp_path: Path) -> None:
         settles(vm.pid, lambda mib: mib < plugged - 96 * 0.9)
         assert vm.info().memory_actual_size == 64 * MIB
         assert resident_mib(vm.pid) < plugged
+
+
+def test_a_snapshot_carries_the_plugged_blocks_and_leaves_unplugged_ones_out(
+    tmp_path: Path,
+) -> None:
+    # The guest plugs 192 MiB and writes its pattern there, then gives 160
+    # MiB back; the snapshot holds the 32 MiB still plugged. A VM restored
+    # from it (its own process) holds those and not the unplugged blocks,
+    # and its guest finds its pattern intact as it plugs more, then unplugs all.
+    serial = tmp_path / "serial.txt"
+    zone = ["--memory", "size=0,hotplug_method=virtio-mem",
+            "--memory-zone", "id=z0,size=64M,hotplug_size=256M,hotplugged_size=192M"]  # fmt: skip
+    args = guest_args(
+        zone, ["virtiomem", "ticks"], f"file={serial}", ticks=100000, tick_ms=20,
+        virtiomem_timeout_ms=120000,
+    )  # fmt: skip
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    with Vm.spawn(VmConfig.from_cli(args)) as vm:
+        vm.boot()
+        wait_for(serial, r"virtiomem waiting requested=0xc000000$")
+        vm.resize_zone("z0", 96 * MIB)
+        wait_for(serial, r"virtiomem waiting requested=0x2000000$")
+        kept = settles(vm.pid, lambda mib: mib > 0)
+        vm.pause()
+        vm.snapshot(snap)
+    memory = snap / "memory"
+    assert memory.stat().st_size == (64 + 256) * MIB
+    on_disk = memory.stat().st_blocks * 512 / MIB
+    assert 32 <= on_disk < 48, f"{on_disk:.1f} MiB: the plugged blocks and what RAM the guest wrote"
+    serial.unlink()
+    with Vm.spawn(None, restore=snap) as restored:
+        info = restored.info()
+        assert info.memory_actual_size == 96 * MIB
+        zones = info.config.memory.zones or []
+        assert [(z.id, z.hotplugged_size) for z in zones] == [("z0", 32 * MIB)]
+        restored.resume()
+        # The 32 MiB plugged came in; none of the 160 MiB given back did.
+        resident = settles(restored.pid, lambda mib: mib > 0)
+        assert resident < kept + 48, f"{resident:.1f} MiB restored, {kept:.1f} MiB before"
+        restored.resize_zone("z0", 128 * MIB)
+        wait_for(serial, r"virtiomem plugged=0x4000000 requested=0x4000000 verified=1$")
+        restored.resize_zone("z0", 64 * MIB)
+        wait_for(serial, r"step virtiomem ok plugged_max=201326592 interrupts=3$")
+        assert restored.info().memory_actual_size == 64 * MIB
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_a_migration_carries_the_plugged_blocks(tmp_path: Path, local: bool) -> None:
+    from test_migration import Receiver
+
+    shared = ",shared=on" if local else ""
+    memory = ["--memory", f"size=64M,hotplug_method=virtio-mem,hotplug_size=256M,"
+              f"hotplugged_size=32M{shared}"]  # fmt: skip
+    args = guest_args(memory, ["virtiomem", "ticks"], ticks=100000, tick_ms=20)
+    with Vm(VmConfig.from_cli(args)) as vm:
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: virtiomem waiting requested=0x2000000$", 30)
+        receiver = Receiver(tmp_path / "m.sock")
+        try:
+            report = vm.migrate_to(tmp_path / "m.sock", local=local)
+        finally:
+            receiver.join()
+        assert receiver.error is None, receiver.error
+        if not local:
+            # The plugged blocks, not the whole region.
+            assert 32 * MIB <= report.bytes < 96 * MIB, report
+    assert receiver.vm is not None
+    with receiver.vm as moved:
+        assert moved.info().memory_actual_size == 96 * MIB
+        moved.resize_memory(128 * MIB)
+        assert moved.serial.wait_for(
+            "^vmkit-guest: virtiomem plugged=0x4000000 requested=0x4000000 verified=1$", timeout=30
+        ), moved.serial.text
+        moved.resize_memory(64 * MIB)
+        assert moved.serial.wait_for("^vmkit-guest: step virtiomem ok", timeout=30)
+        assert testguest.parse_results(moved.serial.text).ok("virtiomem"), moved.serial.text
+
+
+def test_a_snapshot_whose_bitmap_does_not_fit_the_region_is_refused(tmp_path: Path) -> None:
+    # An edited config gives the region 384 MiB (the header and the memory
+    # file made to match): the saved bitmap, for 256 MiB, does not fit it.
+    memory = ["--memory", "size=64M,hotplug_method=virtio-mem,hotplug_size=256M,hotplugged_size=8M"]
+    with Vm(VmConfig.from_cli(ticking(memory))) as vm:
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: tick 1$", timeout=30)
+        vm.pause()
+        vm.snapshot(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["memory"]["hotplug_size"] = 384 * MIB
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    header = json.loads((tmp_path / "snapshot.json").read_text())
+    header["memory_size"] += 128 * MIB
+    (tmp_path / "snapshot.json").write_text(json.dumps(header))
+    with open(tmp_path / "memory", "r+b") as file:
+        file.truncate(header["memory_size"])
+    gc.collect()  # earlier garbage must not close descriptors meanwhile
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    with pytest.raises(VmError) as raised:
+        Vm.restore(tmp_path)
+    # Nothing left behind: no thread, no descriptor.
+    assert (threading.active_count(), len(os.listdir("/proc/self/fd"))) == (threads, fds)
+    assert raised.value.kind == "Snapshot"
+    assert "virtio-mem state of 25 bytes, expected 33 for a region of 192 blocks" in str(
+        raised.value
+    ), raised.value
 
 
 def test_resize_without_a_virtio_mem_region_answers_as_v37() -> None:

@@ -1,9 +1,11 @@
 //! Snapshot files and a migration's state are user input: the decoders of
-//! a vCPU's state, of the platform state and of a whole VM's state (a
+//! a vCPU's state, of the platform state (with its memory hot-plug
+//! controller's, whose DIMMs are checked too) and of a whole VM's state (a
 //! migration's STATE frame) must refuse anything malformed without
 //! panicking, and what they accept must be exactly what the encoder would
 //! write.
 
+use vmkit_vmm::devices::memory_hotplug::{HotplugLayout, SavedHotplug};
 use vmkit_vmm::snapshot::vcpu::VcpuState;
 use vmkit_vmm::snapshot::{PlatformState, SavedState};
 
@@ -30,6 +32,18 @@ pub fn snapshot_state(data: &[u8]) {
                     file,
                     "a platform state decodes to another encoding"
                 );
+                // Its memory hot-plug blob: decoded and checked as a restore does.
+                if let Ok(hotplug) = SavedHotplug::decode(&state.memory_hotplug) {
+                    assert_eq!(
+                        hotplug.encode(),
+                        state.memory_hotplug,
+                        "a memory hot-plug state decodes to another encoding"
+                    );
+                    let area = HotplugLayout::new(64 << 20, Some(1 << 30));
+                    if let Some(layout) = area {
+                        let _ = hotplug.dimms(layout, 64 << 20);
+                    }
+                }
             }
         }
         _ => {

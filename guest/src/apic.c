@@ -435,7 +435,10 @@ bool step_cpuunplug(struct result *r)
  * inserted, read its base (offsets 0, 4) and length (8, 0xc), acknowledge
  * (write bit 1 back), map the range and pattern-test it at CPL3 (every byte
  * of its first and last 64 KiB, one qword per 64 KiB between). ACPI memory
- * is never unplugged in Cloud Hypervisor v37: the step keeps it.
+ * is never unplugged in Cloud Hypervisor v37: the step keeps it, and when it
+ * runs again (`memhotplug,memhotplug`) it first checks that every DIMM an
+ * earlier run tested still holds the pattern that run left ("kept=" bytes):
+ * a VM snapshotted or migrated in between must bring its DIMMs along.
  */
 #define GED_MEMORY_CHANGED 0x02
 #define MEM_HP_SIZE 0x18
@@ -446,6 +449,8 @@ bool step_cpuunplug(struct result *r)
 #define MEM_HP_INSERTING 0x02
 
 static u64 mem_hp_addr;
+/* The DIMMs earlier memhotplug runs tested, holding their pattern. */
+static struct memtest_job mem_hp_kept;
 
 /* Finds the controller in the DSDT and maps `len` bytes of it. */
 static bool mem_hp_map(u64 len, struct result *r)
@@ -458,6 +463,15 @@ static bool mem_hp_map(u64 len, struct result *r)
     return true;
 }
 
+bool mem_hp_first_dimm(u64 *start, u64 *end)
+{
+    if (!mem_hp_kept.nseg)
+        return false;
+    *start = mem_hp_kept.segs[0].start;
+    *end = mem_hp_kept.segs[0].end;
+    return true;
+}
+
 static u64 mem_hp_qword(u64 offset)
 {
     return rd32(MEM_HP_ADDR + offset) | ((u64)rd32(MEM_HP_ADDR + offset + 4) << 32);
@@ -466,7 +480,7 @@ static u64 mem_hp_qword(u64 offset)
 bool step_memhotplug(struct result *r)
 {
     static struct memtest_job job;
-    u64 total = 0;
+    u64 total = 0, kept = 0;
     u32 i, count = 0;
     int event;
 
@@ -475,6 +489,19 @@ bool step_memhotplug(struct result *r)
     event = ged_wait_event(GED_MEMORY_CHANGED, "memhotplug waiting", r);
     if (event < 0)
         return false;
+    if (mem_hp_kept.nseg) {
+        mem_hp_kept.stride = 64 * KiB;
+        run_user(user_memcheck, &mem_hp_kept);
+        if (mem_hp_kept.failed) {
+            res_str(r, "an earlier DIMM lost its pattern at ");
+            res_hex(r, mem_hp_kept.fail_addr);
+            res_str(r, " found ");
+            res_hex(r, mem_hp_kept.fail_found);
+            return false;
+        }
+        for (i = 0; i < mem_hp_kept.nseg; i++)
+            kept += mem_hp_kept.segs[i].end - mem_hp_kept.segs[i].start;
+    }
     for (i = 0; i < MEM_HP_SLOTS; i++) {
         struct line l;
         u64 base, size;
@@ -516,11 +543,15 @@ bool step_memhotplug(struct result *r)
         }
         total += size;
         count++;
+        if (mem_hp_kept.nseg < MEMTEST_SEGS_MAX)
+            mem_hp_kept.segs[mem_hp_kept.nseg++] = job.segs[0];
     }
     res_kv_hex(r, "event", (u64)event);
     res_kv_dec(r, "slots", count);
     res_kv_hex(r, "bytes", total);
     res_kv_dec(r, "tested", job.checked_bytes);
+    if (kept)
+        res_kv_hex(r, "kept", kept);
     return count > 0;
 }
 

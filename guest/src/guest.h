@@ -210,6 +210,8 @@ struct memtest_job {
     u64 fail_addr, fail_expected, fail_found;
 };
 u64 user_memtest(void *job);
+u64 user_memcheck(void *job);
+bool mem_hp_first_dimm(u64 *start, u64 *end);
 struct cpl3_job {
     u64 iterations;
     u64 tsc;
@@ -371,7 +373,7 @@ struct config {
     bool bench_bad;
     u64 net_timeout_ms, net_lax_len;
     bool net_bad;
-    u64 dirty_mib, dirty_rounds, dirty_ms;
+    u64 dirty_mib, dirty_rounds, dirty_ms, dirty_dimm;
     bool dirty_bad;
     u64 pvpanic_event;
     bool pvpanic_bad;

@@ -151,6 +151,8 @@ static void parse_cmdline(void)
             cfg.dirty_bad |= !parse_u64(s + start + k, len - k, &cfg.dirty_rounds);
         } else if (starts_with(s + start, len, "dirty_ms=", &k)) {
             cfg.dirty_bad |= !parse_u64(s + start + k, len - k, &cfg.dirty_ms);
+        } else if (starts_with(s + start, len, "dirty_dimm=", &k)) {
+            cfg.dirty_bad |= !parse_u64(s + start + k, len - k, &cfg.dirty_dimm);
         } else if (starts_with(s + start, len, "net_timeout_ms=", &k)) {
             cfg.net_bad = !parse_u64(s + start + k, len - k, &cfg.net_timeout_ms);
         } else if (starts_with(s + start, len, "net_lax_len=", &k)) {
@@ -284,7 +286,9 @@ static bool step_ticks(struct result *r)
 /* Rewrites dirty_mib MiB every round (at least dirty_ms apart), each round
  * checking every qword still holds the last round's value first, and prints
  * "dirty round <i>": a VMM that loses a page the guest wrote (a migration
- * that misses a dirty page) makes it fail, naming the address. */
+ * that misses a dirty page) makes it fail, naming the address. With
+ * dirty_dimm=1 the MiBs are the start of the first DIMM an earlier
+ * memhotplug step tested (hot-added memory has KVM slots of its own). */
 bool step_dirty(struct result *r)
 {
     struct dirty_job j;
@@ -295,7 +299,16 @@ bool step_dirty(struct result *r)
         return false;
     }
     size = cfg.dirty_mib * MiB;
-    region = alloc_pages(size / 4096);
+    if (cfg.dirty_dimm) {
+        u64 start, end;
+        if (!mem_hp_first_dimm(&start, &end) || end - start < size) {
+            res_str(r, "no hot-added DIMM of dirty_mib (run memhotplug first)");
+            return false;
+        }
+        region = (void *)start;
+    } else {
+        region = alloc_pages(size / 4096);
+    }
     if (!region) {
         res_str(r, "not enough RAM for dirty_mib");
         return false;

@@ -91,6 +91,17 @@ u64 user_memtest(void *arg)
     return j->failed;
 }
 
+/* Checks the inverse pattern user_memtest left: memory that must have kept
+ * it (across a snapshot or migration of the VM, say). */
+u64 user_memcheck(void *arg)
+{
+    struct memtest_job *j = arg;
+    j->checked_bytes = 0;
+    j->failed = 0;
+    memtest_pass(j, CHECK_INV);
+    return j->failed;
+}
+
 /* ---- cpl3: a timed native loop ---- */
 
 u64 user_spin(void *arg)

@@ -89,11 +89,6 @@ pub enum MemoryError {
     /// A zone's virtio-mem settings, in Cloud Hypervisor's words.
     #[error("Memory zone {zone}: {detail}")]
     VirtioMem { zone: String, detail: String },
-    #[error(
-        "Memory zone {zone} has a virtio-mem region (hotplug_size): {what} of such a VM is not \
-         supported yet"
-    )]
-    VirtioMemState { zone: String, what: &'static str },
     #[error("The VM has no memory: memory size is 0 and no memory zone is given")]
     NoMemory,
     #[error("{backing}: {what}")]
@@ -142,9 +137,7 @@ pub enum MemoryError {
 impl ModuleError for MemoryError {
     fn kind(&self) -> ErrorKind {
         match self {
-            MemoryError::Hotplug
-            | MemoryError::ZoneUnsupported { .. }
-            | MemoryError::VirtioMemState { .. } => ErrorKind::Unsupported,
+            MemoryError::Hotplug | MemoryError::ZoneUnsupported { .. } => ErrorKind::Unsupported,
             _ => ErrorKind::Memory,
         }
     }
@@ -256,6 +249,56 @@ impl GuestRam {
 
     pub fn total_size(&self) -> u64 {
         self.ranges.iter().map(|r| r.1).sum()
+    }
+
+    /// Whether `[addr, addr + len)` lies wholly in guest memory the guest
+    /// may have: one RAM range, the hot-plug area (its DIMMs) or one
+    /// virtio-mem region.
+    pub fn holds(&self, addr: u64, len: u64) -> bool {
+        let Some(end) = addr.checked_add(len) else {
+            return false;
+        };
+        let area = self.hotplug.map(|area| (area.base, area.size));
+        let regions = self.virtio_mem.iter().map(|zone| (zone.addr, zone.size));
+        self.ranges
+            .iter()
+            .copied()
+            .chain(area)
+            .chain(regions)
+            .any(|(base, size)| addr >= base && end <= base + size)
+    }
+
+    /// Gives `[addr, addr + len)` (in one region of guest memory) back to
+    /// the host, as virtio-mem does with an unplugged block: dropped from a
+    /// private mapping, removed from a shared file.
+    pub fn discard(&self, addr: u64, len: u64) -> std::io::Result<()> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let outside = || std::io::Error::other(format!("{len:#x} bytes at {addr:#x}: not mapped"));
+        let region = self
+            .memory
+            .find_region(GuestAddress(addr))
+            .ok_or_else(outside)?;
+        let offset = addr - region.start_addr().0;
+        if offset.checked_add(len).is_none_or(|end| end > region.len()) {
+            return Err(outside());
+        }
+        let advice = match region_backing(region)? {
+            RegionBacking::Private => libc::MADV_DONTNEED,
+            RegionBacking::Shared | RegionBacking::HugePages { .. } => libc::MADV_REMOVE,
+        };
+        // SAFETY: the range lies in the region's mapping (checked above),
+        // which `self` keeps; the guest gave these pages up.
+        let done = unsafe {
+            libc::madvise(
+                region.as_ptr().add(offset as usize).cast(),
+                len as usize,
+                advice,
+            )
+        };
+        if done != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// End of RAM below the MMIO hole.
@@ -461,19 +504,6 @@ fn place_virtio_mem(ram_end: u64, sizes: &[u64]) -> Result<Vec<u64>> {
         starts.push(start);
     }
     Ok(starts)
-}
-
-/// Refuses `what` (a restore, a migration) for a config with virtio-mem
-/// regions, whose plugged blocks vmkit does not carry yet.
-pub fn refuse_virtio_mem(config: &MemoryConfig, what: &'static str) -> Result<()> {
-    match virtio_mem_plans(config)?.first() {
-        Some(plan) => Err(MemoryError::VirtioMemState {
-            zone: plan.backing.zone.clone(),
-            what,
-        }
-        .into()),
-        None => Ok(()),
-    }
 }
 
 fn io_error(backing: &Backing, what: &str, source: std::io::Error) -> MemoryError {
@@ -755,6 +785,22 @@ pub fn shared_file_backing(config: &MemoryConfig) -> Option<(String, String)> {
         })
 }
 
+/// Bytes of boot RAM `config` lays out: its backings, without the
+/// hot-pluggable memory past them.
+pub fn boot_ram_size(config: &MemoryConfig) -> Result<u64> {
+    Ok(backings(config)?.iter().map(|b| b.size).sum())
+}
+
+/// Bytes of boot RAM and of every virtio-mem region: what a memory file
+/// holds besides hot-added DIMMs.
+pub fn saved_memory_size(config: &MemoryConfig) -> Result<u64> {
+    let regions: u64 = virtio_mem_plans(config)?
+        .iter()
+        .map(|plan| plan.backing.size)
+        .sum();
+    Ok(boot_ram_size(config)? + regions)
+}
+
 /// Whether all of guest RAM is private memory of normal pages, which a
 /// restore maps from the snapshot's memory file copy-on-write.
 pub fn restores_copy_on_write(config: &MemoryConfig) -> bool {
@@ -771,20 +817,36 @@ pub fn create_guest_ram(config: &MemoryConfig) -> Result<GuestRam> {
         .collect::<Result<Vec<_>>>()?;
     let area = hotplug_area_backing(config, &backings)?;
     let mut ram = lay_out_guest_ram(backings, files)?;
-    if let Some(backing) = area {
-        add_hotplug_area(&mut ram, &backing)?;
-    }
-    add_virtio_mem_regions(&mut ram, plans)?;
+    add_hot_pluggable(&mut ram, area, plans, backing_file)?;
     Ok(ram)
 }
 
+/// Maps the ACPI hot-plug area (`area`) and the virtio-mem regions
+/// (`plans`) past boot RAM, each on the file `file_for` gives its backing.
+fn add_hot_pluggable(
+    ram: &mut GuestRam,
+    area: Option<Backing>,
+    plans: Vec<HotplugPlan>,
+    mut file_for: impl FnMut(&Backing) -> Result<Option<File>>,
+) -> Result<()> {
+    if let Some(backing) = area {
+        let file = file_for(&backing)?;
+        add_hotplug_area(ram, &backing, file)?;
+    }
+    add_virtio_mem_regions(ram, plans, file_for)
+}
+
 /// Maps each virtio-mem region past RAM, into guest memory.
-fn add_virtio_mem_regions(ram: &mut GuestRam, plans: Vec<HotplugPlan>) -> Result<()> {
+fn add_virtio_mem_regions(
+    ram: &mut GuestRam,
+    plans: Vec<HotplugPlan>,
+    mut file_for: impl FnMut(&Backing) -> Result<Option<File>>,
+) -> Result<()> {
     let sizes: Vec<u64> = plans.iter().map(|p| p.backing.size).collect();
     let ram_end = ram.ranges.iter().map(|r| r.0 + r.1).max().unwrap_or(0);
     let starts = place_virtio_mem(ram_end, &sizes)?;
     for (plan, addr) in plans.into_iter().zip(starts) {
-        let file = backing_file(&plan.backing)?;
+        let file = file_for(&plan.backing)?;
         let region = map_region(&plan.backing, file.as_ref(), 0, addr, plan.backing.size)?;
         let backing =
             region_backing(&region).map_err(|e| io_error(&plan.backing, "its backing", e))?;
@@ -792,6 +854,7 @@ fn add_virtio_mem_regions(ram: &mut GuestRam, plans: Vec<HotplugPlan>) -> Result
             .memory
             .insert_region(std::sync::Arc::new(region))
             .map_err(|source| MemoryError::Regions { source })?;
+        keep_shared_file(ram, &plan.backing, file)?;
         ram.virtio_mem.push(VirtioMemZone {
             zone: plan.backing.zone,
             addr,
@@ -799,6 +862,16 @@ fn add_virtio_mem_regions(ram: &mut GuestRam, plans: Vec<HotplugPlan>) -> Result
             hotplugged_size: plan.hotplugged_size,
             backing,
         });
+    }
+    Ok(())
+}
+
+/// Adds the file of hot-pluggable memory (`backing`'s) to those a local
+/// migration hands over; memory that is not shared rules that out.
+fn keep_shared_file(ram: &mut GuestRam, backing: &Backing, file: Option<File>) -> Result<()> {
+    match (ram.shared_files.as_mut(), file) {
+        (Some(files), Some(file)) if !backing.private() => files.push(file),
+        _ => ram.shared_files = None,
     }
     Ok(())
 }
@@ -822,11 +895,10 @@ fn hotplug_area_backing(config: &MemoryConfig, backings: &[Backing]) -> Result<O
 }
 
 /// Maps the hot-plug area after boot RAM, where Cloud Hypervisor puts it
-/// (`HotplugLayout`), as the last region of guest memory.
-fn add_hotplug_area(ram: &mut GuestRam, backing: &Backing) -> Result<()> {
+/// (`HotplugLayout`), on `file` (None: anonymous memory).
+fn add_hotplug_area(ram: &mut GuestRam, backing: &Backing, file: Option<File>) -> Result<()> {
     let layout = HotplugLayout::new(ram.last_ram_byte(), Some(backing.size))
         .ok_or(MemoryError::AddressSpace)?;
-    let file = backing_file(backing)?;
     let region = map_region(backing, file.as_ref(), 0, layout.area_start, backing.size)?;
     let memory = ram
         .memory
@@ -837,9 +909,7 @@ fn add_hotplug_area(ram: &mut GuestRam, backing: &Backing) -> Result<()> {
         base: layout.area_start,
         size: backing.size,
     });
-    // A local migration hands over boot RAM's files only: not this VM's.
-    ram.shared_files = None;
-    Ok(())
+    keep_shared_file(ram, backing, file)
 }
 
 /// Guest RAM that a snapshot or a migration then fills: as
@@ -849,7 +919,7 @@ fn add_hotplug_area(ram: &mut GuestRam, backing: &Backing) -> Result<()> {
 /// one is anonymous memory instead: its file's contents are not what the
 /// guest saw, and the guest's writes never reach it.
 pub fn create_guest_ram_to_fill(config: &MemoryConfig) -> Result<GuestRam> {
-    refuse_virtio_mem(config, "restore or migration")?;
+    let plans = virtio_mem_plans(config)?;
     let backings: Vec<Backing> = backings(config)?
         .into_iter()
         .map(|backing| match backing.file {
@@ -869,12 +939,11 @@ pub fn create_guest_ram_to_fill(config: &MemoryConfig) -> Result<GuestRam> {
             empty_file(backing, path, file)?;
         }
     }
-    // A snapshot or migration carries no hot-added DIMM: the area comes back empty.
+    // The hot-plug area and the virtio-mem regions come empty: the DIMMs'
+    // and plugged blocks' contents come from the snapshot or migration.
     let area = hotplug_area_backing(config, &backings)?;
     let mut ram = lay_out_guest_ram(backings, files)?;
-    if let Some(backing) = area {
-        add_hotplug_area(&mut ram, &backing)?;
-    }
+    add_hot_pluggable(&mut ram, area, plans, backing_file)?;
     Ok(ram)
 }
 
@@ -928,27 +997,26 @@ fn lay_out_guest_ram(backings: Vec<Backing>, files: Vec<Option<File>>) -> Result
 }
 
 /// Guest RAM for `config` on the files another VMM process handed over (a
-/// local migration): one per backing, mapped shared as that process mapped
-/// them, so both see the same pages and nothing is copied. Refused unless
-/// every backing is shared and each file holds its backing.
+/// local migration): one per backing, then the hot-plug area's and each
+/// virtio-mem region's, mapped shared as that process mapped them, so both
+/// see the same pages and nothing is copied. Refused unless every backing
+/// is shared and each file holds its backing.
 pub fn map_guest_ram_from_shared_files(
     config: &MemoryConfig,
     files: Vec<File>,
 ) -> Result<GuestRam> {
-    refuse_virtio_mem(config, "migration")?;
     let backings = backings(config)?;
-    if files.len() != backings.len() {
+    let area = hotplug_area_backing(config, &backings)?;
+    let plans = virtio_mem_plans(config)?;
+    let expected = backings.len() + usize::from(area.is_some()) + plans.len();
+    if files.len() != expected {
         return Err(MemoryError::SharedFiles {
-            detail: format!(
-                "{} memory files for {} backings",
-                files.len(),
-                backings.len()
-            ),
+            detail: format!("{} memory files for {expected} backings", files.len(),),
         }
         .into());
     }
-    for (backing, file) in backings.iter().zip(&files) {
-        if !(backing.shared || backing.hugepages) {
+    let check = |backing: &Backing, file: &File| -> Result<()> {
+        if backing.private() {
             return Err(MemoryError::SharedFiles {
                 detail: format!("{} is not shared memory", backing.name),
             }
@@ -967,18 +1035,30 @@ pub fn map_guest_ram_from_shared_files(
             }
             .into());
         }
+        Ok(())
+    };
+    let mut files = files.into_iter();
+    let boot: Vec<File> = files.by_ref().take(backings.len()).collect();
+    for (backing, file) in backings.iter().zip(&boot) {
+        check(backing, file)?;
     }
     let (memory, ranges) = lay_out(&backings, |index, offset, base, size| {
-        map_region(&backings[index], Some(&files[index]), offset, base, size)
+        map_region(&backings[index], Some(&boot[index]), offset, base, size)
     })?;
-    Ok(GuestRam {
+    let mut ram = GuestRam {
         memory,
         ranges,
         anonymous: false,
-        shared_files: Some(files),
+        shared_files: Some(boot),
         hotplug: None,
         virtio_mem: Vec::new(),
-    })
+    };
+    add_hot_pluggable(&mut ram, area, plans, |backing| {
+        let file = files.next().ok_or(MemoryError::AddressSpace)?;
+        check(backing, &file)?;
+        Ok(Some(file))
+    })?;
+    Ok(ram)
 }
 
 /// Guest RAM for `config` from a snapshot's memory file, mapped
@@ -990,9 +1070,9 @@ pub fn map_guest_ram_from_file(
     file: &File,
     prefault: bool,
 ) -> Result<GuestRam> {
-    refuse_virtio_mem(config, "restore")?;
     let backings = backings(config)?;
     let area = hotplug_area_backing(config, &backings)?;
+    let plans = virtio_mem_plans(config)?;
     let snapshot: Vec<Backing> = backings
         .into_iter()
         .map(|backing| Backing {
@@ -1020,10 +1100,9 @@ pub fn map_guest_ram_from_file(
         hotplug: None,
         virtio_mem: Vec::new(),
     };
-    // The snapshot holds no hot-added DIMM: the area comes back empty.
-    if let Some(backing) = area {
-        add_hotplug_area(&mut ram, &backing)?;
-    }
+    // The hot-plug area and the virtio-mem regions come empty: the caller
+    // copies the DIMMs and plugged blocks in from the file.
+    add_hot_pluggable(&mut ram, area, plans, backing_file)?;
     Ok(ram)
 }
 
@@ -1219,14 +1298,17 @@ mod tests {
         assert_eq!(ram.virtio_mem[0].zone, DEFAULT_MEMORY_ZONE);
         assert_eq!(ram.virtio_mem[0].addr, 1 << 32);
         assert_eq!(ram.virtio_mem[0].backing, RegionBacking::Shared);
-        // Restores and migrations of such a VM are refused by name.
-        let e = create_guest_ram_to_fill(&config).err().unwrap();
-        assert_eq!(e.kind, ErrorKind::Unsupported);
-        assert!(
-            e.message.contains("Memory zone a has a virtio-mem region"),
-            "{}",
-            e.message
+        // Restores and migrations make the same regions, empty.
+        let fill = create_guest_ram_to_fill(&config).unwrap();
+        let regions: Vec<(u64, u64)> = fill.virtio_mem.iter().map(|z| (z.addr, z.size)).collect();
+        assert_eq!(
+            regions,
+            [(1 << 32, 256 * mib), ((1 << 32) + 256 * mib, 128 * mib)]
         );
+        assert_eq!(boot_ram_size(&config).unwrap(), 112 * mib);
+        assert_eq!(saved_memory_size(&config).unwrap(), 496 * mib);
+        assert!(fill.holds((1 << 32) + 300 * mib, 4096));
+        assert!(!fill.holds((1 << 32) + 384 * mib, 1), "past the regions");
     }
 
     #[test]

@@ -35,11 +35,12 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use crate::devices::memory_hotplug::Dimm;
 use crate::error::{ErrorKind, ModuleError};
 use crate::memory::{GuestRam, GuestRegionMmap, PAGE_SIZE};
 
 pub const MAGIC: &[u8; 16] = b"vmkit-migration\0";
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// The receiver's answer to `COMPLETE`: it runs the VM with the descriptors
 /// `TAP_FDS` carried (it is on this host), so what they stand for (the vsock
 /// socket file) is its now.
@@ -415,8 +416,8 @@ impl Wire {
     }
 }
 
-/// Writes a `PAGES` frame's payload into guest RAM, checked to lie wholly
-/// in it.
+/// Writes a `PAGES` frame's payload into guest memory, checked to lie
+/// wholly in one RAM range, the hot-plug area or a virtio-mem region.
 pub fn store_pages(ram: &GuestRam, payload: &[u8]) -> Result<(), MigrationError> {
     let Some((addr, data)) = payload.split_first_chunk::<8>() else {
         return Err(MigrationError::Protocol(
@@ -424,12 +425,7 @@ pub fn store_pages(ram: &GuestRam, payload: &[u8]) -> Result<(), MigrationError>
         ));
     };
     let addr = u64::from_le_bytes(*addr);
-    let inside = addr.checked_add(data.len() as u64).is_some_and(|end| {
-        ram.ranges
-            .iter()
-            .any(|&(base, size)| addr >= base && end <= base + size)
-    });
-    if !inside {
+    if !ram.holds(addr, data.len() as u64) {
         return Err(MigrationError::Protocol(format!(
             "{} bytes at {addr:#x} are not guest RAM",
             data.len()
@@ -469,12 +465,49 @@ pub fn memory_slot(
     })
 }
 
-/// Turns KVM's dirty-page logging on or off for every RAM slot.
-pub fn set_dirty_logging(vm_fd: &VmFd, ram: &GuestRam, on: bool) -> Result<(), MigrationError> {
-    for slot in 0..ram.memory.num_regions() {
-        let Some(region) = memory_slot(ram, slot, on) else {
-            continue;
-        };
+/// KVM memory slots of hot-added DIMMs: this plus the controller's slot
+/// number, clear of boot RAM's and pmem's slots.
+pub const DIMM_KVM_SLOT_BASE: u32 = 256;
+
+/// KVM's view of hot-added `dimm`, which must lie in one host mapping (the
+/// hot-plug area's); None where it does not.
+pub fn dimm_slot(
+    ram: &GuestRam,
+    dimm: &Dimm,
+    log_dirty: bool,
+) -> Option<kvm_userspace_memory_region> {
+    let region = ram.memory.find_region(GuestAddress(dimm.base))?;
+    let offset = dimm.base - region.start_addr().0;
+    if offset.checked_add(dimm.length)? > region.len() {
+        return None;
+    }
+    let host = region
+        .get_host_address(vm_memory::MemoryRegionAddress(offset))
+        .ok()?;
+    Some(kvm_userspace_memory_region {
+        slot: DIMM_KVM_SLOT_BASE + dimm.slot as u32,
+        guest_phys_addr: dimm.base,
+        memory_size: dimm.length,
+        userspace_addr: host as u64,
+        flags: if log_dirty {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
+    })
+}
+
+/// Turns KVM's dirty-page logging on or off for every RAM slot and each
+/// hot-added DIMM's.
+pub fn set_dirty_logging(
+    vm_fd: &VmFd,
+    ram: &GuestRam,
+    dimms: &[Dimm],
+    on: bool,
+) -> Result<(), MigrationError> {
+    let dimm_slots = dimms.iter().filter_map(|dimm| dimm_slot(ram, dimm, on));
+    let ram_slots = (0..ram.memory.num_regions()).filter_map(|slot| memory_slot(ram, slot, on));
+    for region in ram_slots.chain(dimm_slots) {
         // SAFETY: the same mapping the slot already has; only its flags change.
         unsafe { vm_fd.set_user_memory_region(region) }.map_err(|source| MigrationError::Kvm {
             what: "KVM_SET_USER_MEMORY_REGION (dirty logging)",
@@ -484,26 +517,50 @@ pub fn set_dirty_logging(vm_fd: &VmFd, ram: &GuestRam, on: bool) -> Result<(), M
     Ok(())
 }
 
-/// The pages written since the last call, by the guest (KVM's log) or by
-/// the VMM (each region's bitmap), as (guest address, length) runs; both
-/// logs start afresh.
-pub fn take_dirty(vm_fd: &VmFd, ram: &GuestRam) -> Result<Vec<(u64, u64)>, MigrationError> {
+/// The pages written since the last call, by the guest (KVM's log of each
+/// RAM slot and each DIMM's) or by the VMM (each region's bitmap), as
+/// (guest address, length) runs; both logs start afresh.
+pub fn take_dirty(
+    vm_fd: &VmFd,
+    ram: &GuestRam,
+    dimms: &[Dimm],
+) -> Result<Vec<(u64, u64)>, MigrationError> {
+    let dirty_log = |slot: u32, len: u64| {
+        vm_fd
+            .get_dirty_log(slot, len as usize)
+            .map_err(|source| MigrationError::Kvm {
+                what: "KVM_GET_DIRTY_LOG",
+                source,
+            })
+    };
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for (slot, region) in ram.memory.iter().enumerate() {
-        if memory_slot(ram, slot, false).is_none() {
-            continue;
-        }
         let len = region.len() as usize;
-        let guest =
-            vm_fd
-                .get_dirty_log(slot as u32, len)
-                .map_err(|source| MigrationError::Kvm {
-                    what: "KVM_GET_DIRTY_LOG",
-                    source,
-                })?;
-        let vmm = vmm_bitmap(region).get_and_reset();
         let base = region.start_addr().0;
         let pages = len.div_ceil(PAGE_SIZE);
+        let guest = if memory_slot(ram, slot, false).is_some() {
+            dirty_log(slot as u32, region.len())?
+        } else {
+            // The hot-plug area: its DIMMs' logs, each at its place in it.
+            let mut bits = vec![0u64; pages.div_ceil(64)];
+            for dimm in dimms {
+                let Some(first) = dimm.base.checked_sub(base) else {
+                    continue;
+                };
+                let first = (first / PAGE_SIZE as u64) as usize;
+                let log = dirty_log(DIMM_KVM_SLOT_BASE + dimm.slot as u32, dimm.length)?;
+                let count = (dimm.length / PAGE_SIZE as u64) as usize;
+                for page in
+                    (0..count).filter(|p| log.get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0))
+                {
+                    if let Some(word) = bits.get_mut((first + page) / 64) {
+                        *word |= 1 << ((first + page) % 64);
+                    }
+                }
+            }
+            bits
+        };
+        let vmm = vmm_bitmap(region).get_and_reset();
         for word in 0..pages.div_ceil(64) {
             let bits = guest.get(word).copied().unwrap_or(0) | vmm.get(word).copied().unwrap_or(0);
             if bits == 0 {
@@ -563,9 +620,9 @@ mod tests {
                 // SAFETY: `vm`, declared after `ram`, is dropped before it.
                 unsafe { vm.set_user_memory_region(region) }.unwrap();
             }
-            set_dirty_logging(&vm, &ram, true).unwrap();
+            set_dirty_logging(&vm, &ram, &[], true).unwrap();
             reset_vmm_dirty(&ram);
-            assert!(take_dirty(&vm, &ram).unwrap().is_empty());
+            assert!(take_dirty(&vm, &ram, &[]).unwrap().is_empty());
             // Through vm-memory (a used ring, net frames) and behind its back
             // (io_uring reads into guest buffers, marked on completion).
             ram.memory
@@ -573,10 +630,61 @@ mod tests {
                 .unwrap();
             mark_dirty(&ram.memory, GuestAddress(9 * 4096 - 1), 2);
             assert_eq!(
-                take_dirty(&vm, &ram).unwrap(),
+                take_dirty(&vm, &ram, &[]).unwrap(),
                 vec![(5 * 4096, 4096), (8 * 4096, 2 * 4096)]
             );
-            assert!(take_dirty(&vm, &ram).unwrap().is_empty(), "not reset");
+            assert!(take_dirty(&vm, &ram, &[]).unwrap().is_empty(), "not reset");
+        }
+    }
+
+    mod dimms {
+        use super::*;
+
+        mod needs_kvm {
+            use kvm_ioctls::Kvm;
+
+            use super::*;
+
+            #[test]
+            #[ignore = "needs /dev/kvm"]
+            fn a_dimm_is_logged_in_its_own_slot_and_the_vmm_s_writes_in_it_count() {
+                let config = MemoryConfig::parse("size=16M,hotplug_size=512M", None).unwrap();
+                let ram = create_guest_ram(&config).unwrap();
+                let area = ram.hotplug.unwrap();
+                let dimm = Dimm {
+                    slot: 1,
+                    base: area.base + (128 << 20),
+                    length: 128 << 20,
+                };
+                let kvm = Kvm::new().unwrap();
+                let vm = kvm.create_vm().unwrap();
+                let slots =
+                    (0..ram.memory.num_regions()).filter_map(|s| memory_slot(&ram, s, false));
+                for region in slots.chain(dimm_slot(&ram, &dimm, false)) {
+                    // SAFETY: `vm`, declared after `ram`, is dropped before it.
+                    unsafe { vm.set_user_memory_region(region) }.unwrap();
+                }
+                let slot = dimm_slot(&ram, &dimm, true).unwrap();
+                assert_eq!(slot.slot, DIMM_KVM_SLOT_BASE + 1);
+                assert_eq!(slot.flags, KVM_MEM_LOG_DIRTY_PAGES);
+                // A DIMM must lie in one mapping: not past the area's end.
+                let past = Dimm {
+                    base: area.base + area.size - (64 << 20),
+                    ..dimm
+                };
+                assert!(dimm_slot(&ram, &past, false).is_none());
+                set_dirty_logging(&vm, &ram, &[dimm], true).unwrap();
+                reset_vmm_dirty(&ram);
+                assert!(take_dirty(&vm, &ram, &[dimm]).unwrap().is_empty());
+                ram.memory
+                    .write_obj(7u32, GuestAddress(dimm.base + 3 * 4096))
+                    .unwrap();
+                assert_eq!(
+                    take_dirty(&vm, &ram, &[dimm]).unwrap(),
+                    vec![(dimm.base + 3 * 4096, 4096)]
+                );
+                set_dirty_logging(&vm, &ram, &[dimm], false).unwrap();
+            }
         }
     }
 

@@ -27,7 +27,7 @@ use crate::devices::legacy::{
     DebugPortWrite, GED_CPU_DEVICES_CHANGED, GED_MEMORY_DEVICES_CHANGED, GED_PCI_DEVICES_CHANGED,
     GED_POWER_BUTTON,
 };
-use crate::devices::memory_hotplug::Dimm;
+use crate::devices::memory_hotplug::{Dimm, SavedHotplug};
 use crate::devices::serial::SerialBackend;
 use crate::error::{ErrorKind, ModuleError, Result};
 use crate::memory::{
@@ -148,11 +148,6 @@ pub enum VmError {
     #[error("Failed resizing a memory zone")]
     ResizeZone,
     #[error(
-        "A VM with virtio-mem (memory zone {zone}) cannot be {what} yet: its plugged blocks \
-         would not be carried"
-    )]
-    VirtioMemState { zone: String, what: &'static str },
-    #[error(
         "A VM cannot be {what} while vCPU {index} is marked for removal: the guest has not \
          ejected it yet"
     )]
@@ -166,15 +161,16 @@ pub enum VmError {
     #[error("Memory manager error: {0}")]
     MemoryResize(crate::devices::memory_hotplug::ResizeError),
     #[error(
-        "A VM whose RAM vm.resize changed (ACPI memory hot-plug) cannot be {what}: vmkit does \
-         not carry hot-added memory yet"
-    )]
-    MemoryHotplugState { what: &'static str },
-    #[error(
         "{what} of a VM with vhost-user devices (--disk/--net vhost_user=on, --fs) is not \
          supported yet: their backends hold state vmkit cannot save"
     )]
     VhostUserState { what: &'static str },
+    #[error("Cannot give unplugged virtio-mem blocks at {addr:#x} back to the host")]
+    DiscardUnplugged {
+        addr: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "{option} {key} cannot be used with vhost_user=on{id}: the vhost-user backend does that \
          work, so set it in the backend's own options"
@@ -201,7 +197,10 @@ impl ModuleError for VmError {
             | Smbios
             | NoHyperv => ErrorKind::Unsupported,
             OpenKvm { .. } | KickHandler(_) | Kvm { .. } => ErrorKind::Kvm,
-            HostAddress { .. } | Prefault { .. } | MisalignedMemorySize { .. } => ErrorKind::Memory,
+            HostAddress { .. }
+            | Prefault { .. }
+            | MisalignedMemorySize { .. }
+            | DiscardUnplugged { .. } => ErrorKind::Memory,
             NoKernel => ErrorKind::Kernel,
             SnapshotNotPaused => ErrorKind::State,
             SnapshotVcpus { .. } | SnapshotConfig { .. } | SnapshotDisk { .. } => {
@@ -214,7 +213,6 @@ impl ModuleError for VmError {
             | MemoryManager(_)
             | ResizeZone
             | MemoryResize(_) => ErrorKind::Device,
-            VirtioMemState { .. } | MemoryHotplugState { .. } => ErrorKind::Unsupported,
             VcpuRemovalPending { .. } => ErrorKind::Unsupported,
             VhostUserState { .. } | VhostUserOption { .. } => ErrorKind::Unsupported,
         }
@@ -305,10 +303,6 @@ impl Default for VmOptions {
     }
 }
 
-/// KVM memory slots of hot-added DIMMs: this plus the controller's slot
-/// number, clear of boot RAM's and pmem's slots.
-const DIMM_KVM_SLOT_BASE: u32 = 256;
-
 /// One boot of the VM.
 struct Instance {
     _vm_fd: Arc<VmFd>,
@@ -384,23 +378,12 @@ impl Instance {
     /// (`--memory prefault=on`) its pages are allocated first, as boot RAM's
     /// are and as v37 does for each DIMM, so the guest never waits on them.
     fn plug_dimm(&self, dimm: Dimm, prefault: bool) -> Result<()> {
-        use vm_memory::GuestMemoryRegion;
         // The DIMM must lie within one host mapping (the hot-plug area's).
-        let host = self
-            ._ram
-            .memory
-            .find_region(vm_memory::GuestAddress(dimm.base))
-            .and_then(|region| {
-                let offset = dimm.base - region.start_addr().0;
-                let end = offset.checked_add(dimm.length)?;
-                let host = region
-                    .get_host_address(vm_memory::MemoryRegionAddress(offset))
-                    .ok()?;
-                (end <= region.len()).then_some(host)
-            });
-        let (Some(host), Ok(len)) = (host, usize::try_from(dimm.length)) else {
+        let region = migration::dimm_slot(&self._ram, &dimm, false);
+        let (Some(region), Ok(len)) = (region, usize::try_from(dimm.length)) else {
             return Err(VmError::HostAddress { slot: dimm.slot }.into());
         };
+        let host = region.userspace_addr as *mut u8;
         if prefault {
             // SAFETY: [host, host + len) lies in the hot-plug area's mapping
             // (checked above); populating pages changes none of their bytes.
@@ -413,13 +396,6 @@ impl Instance {
                 .into());
             }
         }
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot: DIMM_KVM_SLOT_BASE + dimm.slot as u32,
-            guest_phys_addr: dimm.base,
-            memory_size: dimm.length,
-            userspace_addr: host as u64,
-            flags: 0,
-        };
         // SAFETY: the range is inside the hot-plug area's mapping, which the
         // Instance holds (with the VM fd) until the VM fd is gone.
         unsafe { self._vm_fd.set_user_memory_region(region) }
@@ -1023,22 +999,28 @@ impl Vm {
             lists.apply(&mut config);
         }
         config.memory = self.live_memory();
+        self.apply_virtio_mem_sizes(&mut config.memory);
+        config
+    }
+
+    /// Sets each zone's `hotplugged_size` to what `vm.resize`/`resize-zone`
+    /// asked of its virtio-mem device.
+    fn apply_virtio_mem_sizes(&self, memory: &mut vmkit_config::MemoryConfig) {
         let sizes = self
             .virtio_mem_sizes
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         for (zone, &size) in sizes.iter() {
-            match config.memory.zones.as_mut() {
+            match memory.zones.as_mut() {
                 Some(zones) => {
                     if let Some(zone) = zones.iter_mut().find(|z| z.id == *zone) {
                         zone.hotplugged_size = size;
                     }
                 }
-                None if zone == DEFAULT_MEMORY_ZONE => config.memory.hotplugged_size = size,
+                None if zone == DEFAULT_MEMORY_ZONE => memory.hotplugged_size = size,
                 None => {}
             }
         }
-        config
     }
 
     /// Cloud Hypervisor's `vm.add-disk`/`add-net`/`add-fs`/`add-pmem`/
@@ -1836,31 +1818,44 @@ impl Vm {
         crate::interrupts::enable_split_irqchip(&vm_fd)
             .map_err(kvm_error("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
 
-        let (ram, restore) = match restore {
-            None => (create_guest_ram(&config.memory)?, None),
+        let (ram, restore, restored_dimms) = match restore {
+            None => (create_guest_ram(&config.memory)?, None, None),
             Some(Restore {
                 memory,
                 state,
                 kernel_format,
             }) => {
-                let ram = match memory {
+                let hotplug = SavedHotplug::decode(&state.platform.memory_hotplug)?;
+                let (ram, from) = match memory {
                     // Private memory (anonymous, or a private `file=`'s,
                     // which only gave the first contents) becomes the file
-                    // mapped copy-on-write; shared or huge-page memory is
-                    // made as the config says, emptied, and the file copied in.
+                    // mapped copy-on-write, and what follows boot RAM is
+                    // copied in; shared or huge-page memory is made as the
+                    // config says, emptied, and the whole file copied in.
                     RestoredMemory::File { file, prefault }
                         if restores_copy_on_write(&config.memory) =>
                     {
-                        map_guest_ram_from_file(&config.memory, file, prefault)?
+                        let ram = map_guest_ram_from_file(&config.memory, file, prefault)?;
+                        let boot = ram.total_size();
+                        (ram, Some((file, boot)))
                     }
                     RestoredMemory::File { file, .. } => {
-                        let ram = create_guest_ram_to_fill(&config.memory)?;
-                        snapshot::load_memory(&ram, file, snapshot::MEMORY_FILE)?;
-                        ram
+                        (create_guest_ram_to_fill(&config.memory)?, Some((file, 0)))
                     }
-                    RestoredMemory::Ram(ram) => ram,
+                    RestoredMemory::Ram(ram) => (ram, None),
                 };
-                (ram, Some((state, kernel_format)))
+                let layout = ram
+                    .hotplug_layout()
+                    .ok_or(crate::memory::MemoryError::AddressSpace)?;
+                let dimms = hotplug.dimms(layout, ram.total_size())?;
+                if let Some((file, from)) = from {
+                    let ranges: Vec<(u64, u64)> =
+                        dimms.iter().map(|d| (d.base, d.length)).collect();
+                    let layout = snapshot::MemoryLayout::new(&ram, &ranges, Vec::new());
+                    snapshot::check_memory_file(file, snapshot::MEMORY_FILE, layout.size())?;
+                    snapshot::load_memory(&ram, &layout, file, snapshot::MEMORY_FILE, from)?;
+                }
+                (ram, Some((state, kernel_format)), Some((hotplug, dimms)))
             }
         };
         for slot in 0..ram.memory.num_regions() {
@@ -1933,6 +1928,15 @@ impl Vm {
                     state.platform.serial.as_deref(),
                 )?;
                 devices.restore_pci_state(&state.platform.pci)?;
+                if let Some((hotplug, dimms)) = &restored_dimms {
+                    devices.memory_hotplug().restore(hotplug, dimms);
+                }
+                // Whatever the saved memory held in blocks the guest had
+                // unplugged goes back to the host, as when it unplugged them.
+                for (addr, len) in devices.virtio_mem_unplugged() {
+                    ram.discard(addr, len)
+                        .map_err(|source| VmError::DiscardUnplugged { addr, source })?;
+                }
                 devices.resume_virtio_after_snapshot();
                 let clock = kvm_bindings::kvm_clock_data {
                     clock: state.platform.clock,
@@ -2009,7 +2013,7 @@ impl Vm {
             };
             unstarted.push(UnstartedVcpu { fd, context });
         }
-        Ok(Instance {
+        let instance = Instance {
             _vm_fd: vm_fd,
             _ram: ram,
             control,
@@ -2024,7 +2028,14 @@ impl Vm {
             ejected,
             vcpu_threads,
             memory_size: config.memory.size,
-        })
+        };
+        // The DIMMs the saved VM had get their KVM slots back, each at its base.
+        if let Some((_, dimms)) = &restored_dimms {
+            for &dimm in dimms {
+                instance.plug_dimm(dimm, false)?;
+            }
+        }
+        Ok(instance)
     }
 
     /// Writes the paused VM to `dir` ([`snapshot`]): its config, guest
@@ -2048,12 +2059,6 @@ impl Vm {
         let Some(instance) = &life.instance else {
             return Err(VmError::NotRunning.into());
         };
-        if self.ram_resized(instance) {
-            return Err(VmError::MemoryHotplugState {
-                what: "snapshotted",
-            }
-            .into());
-        }
         // The devices finish what they took from the guest's rings first:
         // their completions land in guest memory and in the vCPUs' LAPICs
         // before those are taken.
@@ -2077,37 +2082,20 @@ impl Vm {
                 config: &config,
                 kernel_format: life.kernel_format.map(KernelFormat::name),
                 ram: &instance._ram,
+                layout: &saved_layout(instance),
                 state: &state,
             },
         )?;
         Ok(())
     }
 
-    /// Whether `vm.resize` hot-added RAM or changed the RAM size: a snapshot
-    /// or migration would lose it (its config and layout are the boot's).
-    fn ram_resized(&self, instance: &Instance) -> bool {
-        let plugged = instance
-            .devices
-            .memory_hotplug()
-            .slots()
-            .iter()
-            .any(|slot| slot.active);
-        let size = *self.memory_now.lock().unwrap_or_else(|p| p.into_inner());
-        plugged || size.is_some_and(|size| size != instance.memory_size)
-    }
-
     /// The config a snapshot or migration carries: the vCPUs running now
-    /// (after `vm.resize`) are the ones a restore starts. Refused while a
-    /// vCPU the guest has not ejected yet is marked for removal: its state
-    /// would come back as a running vCPU.
+    /// (after `vm.resize`) are the ones a restore starts, and the virtio-mem
+    /// sizes asked for now. Its `--memory size` is this boot's (the layout of
+    /// boot RAM; the DIMMs and the size `vm.resize` set are in the memory
+    /// hot-plug state). Refused while a vCPU the guest has not ejected yet is
+    /// marked for removal: its state would come back as a running vCPU.
     fn saved_config(&self, instance: &Instance, what: &'static str) -> Result<VmConfig> {
-        if let Some(zone) = instance._ram.virtio_mem.first() {
-            return Err(VmError::VirtioMemState {
-                zone: zone.zone.clone(),
-                what,
-            }
-            .into());
-        }
         let hotplug = instance.devices.cpu_hotplug();
         if let Some(index) = hotplug
             .slots()
@@ -2129,6 +2117,7 @@ impl Vm {
         let mut config = self.config().clone();
         config.cpus.boot_vcpus = hotplug.present();
         config.memory.size = instance.memory_size;
+        self.apply_virtio_mem_sizes(&mut config.memory);
         Ok(config)
     }
 
@@ -2147,6 +2136,8 @@ impl Vm {
             .map_err(kvm_error("KVM_GET_CLOCK"))?;
         let (ioapic, serial) = instance.devices.save_platform_state();
         let pci = instance.devices.save_pci_state();
+        let size = *self.memory_now.lock().unwrap_or_else(|p| p.into_inner());
+        let memory_hotplug = instance.devices.memory_hotplug().save(size).encode();
         Ok(SavedState {
             vcpus,
             platform: snapshot::PlatformState {
@@ -2154,6 +2145,7 @@ impl Vm {
                 ioapic,
                 serial,
                 pci,
+                memory_hotplug,
             },
         })
     }
@@ -2209,9 +2201,21 @@ impl Vm {
             }
             disk.path = Some(image.display().to_string());
         }
-        // The memory file is mapped as the config lays guest RAM out: a config
-        // asking for more than the file holds would fault the VMM past its end.
-        let size = config.memory.total_size();
+        // The memory file is mapped as the config lays guest RAM out, the
+        // DIMMs after it: a config asking for more than the file holds would
+        // fault the VMM past its end.
+        let hotplug = SavedHotplug::decode(&snap.state.platform.memory_hotplug)?;
+        let dimms = hotplug
+            .slots
+            .iter()
+            .filter(|slot| slot.active)
+            .fold(0u64, |sum, slot| sum.saturating_add(slot.length));
+        let size = crate::memory::saved_memory_size(&config.memory)
+            .map_err(|e| VmError::SnapshotConfig {
+                file: config_file.clone(),
+                detail: e.message,
+            })?
+            .saturating_add(dimms);
         if size != snap.header.memory_size {
             return Err(VmError::SnapshotConfig {
                 file: config_file,
@@ -2228,6 +2232,7 @@ impl Vm {
         })?;
         let vm = Vm::new(validated, options)?;
         vm.start_restored(&snap, prefault)?;
+        *vm.memory_now.lock().unwrap_or_else(|p| p.into_inner()) = hotplug.size;
         Ok(vm)
     }
 
@@ -2266,9 +2271,6 @@ impl Vm {
         if !matches!(life.state, VmState::Running | VmState::Paused) {
             return Err(VmError::NotRunning.into());
         }
-        if self.ram_resized(instance) {
-            return Err(VmError::MemoryHotplugState { what: "migrated" }.into());
-        }
         if local && instance._ram.shared_files.is_none() {
             return Err(MigrationError::LocalNeedsSharedMemory.into());
         }
@@ -2279,7 +2281,9 @@ impl Vm {
             std::os::unix::net::UnixStream::connect(path).map_err(MigrationError::Connect)?;
         let mut wire = Wire { stream };
         let mut progress = SendProgress::default();
-        let sent = self.send_vm(&mut wire, &life, instance, local, &mut progress);
+        // vm.resize waits for the lock this holds: the DIMMs stay as they are.
+        let dimms = instance.devices.memory_hotplug().dimms();
+        let sent = self.send_vm(&mut wire, &life, instance, &dimms, local, &mut progress);
         let report = match sent {
             Ok(mut report) => {
                 report.total = started.elapsed();
@@ -2295,7 +2299,12 @@ impl Vm {
                     .and_then(|e| e.downcast_ref::<MigrationError>())
                     .is_some_and(|e| matches!(e, MigrationError::Refused(_)));
                 if progress.dirty_logging {
-                    let _ = migration::set_dirty_logging(&instance._vm_fd, &instance._ram, false);
+                    let _ = migration::set_dirty_logging(
+                        &instance._vm_fd,
+                        &instance._ram,
+                        &dimms,
+                        false,
+                    );
                 }
                 // The devices take their rings back (idle while the vCPUs
                 // are parked) and the disks are locked again where they can be.
@@ -2337,6 +2346,7 @@ impl Vm {
         wire: &mut Wire,
         life: &Lifecycle,
         instance: &Instance,
+        dimms: &[Dimm],
         local: bool,
         progress: &mut SendProgress,
     ) -> Result<MigrationReport> {
@@ -2372,14 +2382,14 @@ impl Vm {
         if let (true, Some(files)) = (local, &ram.shared_files) {
             wire.send_files(files)?;
         } else {
-            migration::set_dirty_logging(vm_fd, ram, true)?;
+            migration::set_dirty_logging(vm_fd, ram, dimms, true)?;
             progress.dirty_logging = true;
             migration::reset_vmm_dirty(ram);
-            report.bytes += send_all_memory(wire, ram, &mut buffer)?;
+            report.bytes += send_all_memory(wire, ram, &saved_layout(instance), &mut buffer)?;
             report.rounds = 1;
             while report.rounds < MAX_PRECOPY_ROUNDS {
                 check_running(instance)?;
-                let sent = send_dirty(wire, vm_fd, ram, &mut buffer)?;
+                let sent = send_dirty(wire, vm_fd, ram, dimms, &mut buffer)?;
                 report.bytes += sent;
                 report.rounds += 1;
                 if sent <= STOP_AND_COPY_BYTES {
@@ -2403,7 +2413,7 @@ impl Vm {
         instance.devices.stop_virtio_for_snapshot();
         progress.devices_stopped = true;
         if !local {
-            report.bytes += send_dirty(wire, vm_fd, ram, &mut buffer)?;
+            report.bytes += send_dirty(wire, vm_fd, ram, dimms, &mut buffer)?;
         }
         let state = self.capture_state(instance)?;
         // The receiver opens the disk images now; the devices here are idle.
@@ -2536,7 +2546,7 @@ impl Vm {
                 detail: e.to_string(),
             }
         })?;
-        let size = config.memory.total_size();
+        let size = crate::memory::boot_ram_size(&config.memory)?;
         if size != message.memory_size || message.vcpus != usize::from(config.cpus.boot_vcpus) {
             return Err(protocol(format!(
                 "{} bytes of memory and {} vCPUs sent, the config has {size} and {}",
@@ -2592,6 +2602,8 @@ impl Vm {
         };
         let life = vm.lock();
         vm.launch(life, Some(restore))?;
+        let hotplug = SavedHotplug::decode(&state.platform.memory_hotplug)?;
+        *vm.memory_now.lock().unwrap_or_else(|p| p.into_inner()) = hotplug.size;
         wire.ack(Ok(()))?;
         wire.expect(Kind::Complete, &mut buffer)?;
         vm.resume()?;
@@ -2639,13 +2651,32 @@ fn send_taps(wire: &mut Wire, instance: &Instance) -> Result<()> {
     Ok(())
 }
 
-/// Sends every page of guest RAM that may hold data (for private anonymous
-/// memory, those the guest touched: the receiver's fresh RAM reads zeros
-/// elsewhere). Returns the bytes sent.
-fn send_all_memory(wire: &mut Wire, ram: &GuestRam, buffer: &mut [u8]) -> Result<u64> {
+/// What a snapshot's memory file holds, or a migration sends, of the
+/// paused VM: boot RAM, each DIMM, each virtio-mem region's plugged blocks.
+fn saved_layout(instance: &Instance) -> snapshot::MemoryLayout {
+    let dimms: Vec<(u64, u64)> = instance
+        .devices
+        .memory_hotplug()
+        .dimms()
+        .iter()
+        .map(|d| (d.base, d.length))
+        .collect();
+    let unplugged = instance.devices.virtio_mem_unplugged();
+    snapshot::MemoryLayout::new(&instance._ram, &dimms, unplugged)
+}
+
+/// Sends every page of guest memory in `layout` that may hold data (for
+/// private anonymous memory, those the guest touched: the receiver's fresh
+/// memory reads zeros elsewhere). Returns the bytes sent.
+fn send_all_memory(
+    wire: &mut Wire,
+    ram: &GuestRam,
+    layout: &snapshot::MemoryLayout,
+    buffer: &mut [u8],
+) -> Result<u64> {
     let mut sent = 0;
     let probe = snapshot::ZeroProbe::new(ram);
-    for &(base, size) in &ram.ranges {
+    for (base, size, _) in layout.pieces() {
         let mut done = 0u64;
         while done < size {
             let len = (size - done).min(buffer.len() as u64);
@@ -2668,9 +2699,15 @@ fn check_running(instance: &Instance) -> Result<()> {
 }
 
 /// Sends the pages written since the last round. Returns the bytes sent.
-fn send_dirty(wire: &mut Wire, vm_fd: &VmFd, ram: &GuestRam, buffer: &mut [u8]) -> Result<u64> {
+fn send_dirty(
+    wire: &mut Wire,
+    vm_fd: &VmFd,
+    ram: &GuestRam,
+    dimms: &[Dimm],
+    buffer: &mut [u8],
+) -> Result<u64> {
     let mut sent = 0;
-    for (addr, len) in migration::take_dirty(vm_fd, ram)? {
+    for (addr, len) in migration::take_dirty(vm_fd, ram, dimms)? {
         sent += wire.send_pages(ram, buffer, addr, len)?;
     }
     Ok(sent)

@@ -384,6 +384,17 @@ impl DeviceManager {
     }
 
     /// The virtio-mem device of memory zone `zone`.
+    /// Every virtio-mem region's unplugged blocks, by guest address.
+    pub fn virtio_mem_unplugged(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = self
+            .virtio_mem
+            .iter()
+            .flat_map(|(_, control)| control.unplugged())
+            .collect();
+        runs.sort_unstable();
+        runs
+    }
+
     pub fn virtio_mem(&self, zone: &str) -> Option<&crate::virtio::mem::VirtioMemControl> {
         self.virtio_mem
             .iter()

@@ -19,6 +19,8 @@
 use std::sync::{Arc, Mutex};
 
 use super::BusDevice;
+use crate::snapshot::codec::{Reader, Writer};
+use crate::snapshot::SnapshotError;
 
 /// The register block's length (Cloud Hypervisor's `MEMORY_MANAGER_ACPI_SIZE`).
 pub const MEMORY_HOTPLUG_SIZE: u64 = 0x18;
@@ -219,6 +221,46 @@ impl MemoryHotplug {
         state.last_ram_byte = dimm.base + dimm.length - 1;
     }
 
+    /// The DIMMs plugged so far, in slot order.
+    pub fn dimms(&self) -> Vec<Dimm> {
+        self.state()
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, slot)| slot.active)
+            .map(|(slot, s)| Dimm {
+                slot,
+                base: s.base,
+                length: s.length,
+            })
+            .collect()
+    }
+
+    /// The controller's registers for a snapshot or migration, with `size`
+    /// (the `--memory size` `vm.resize` set, if it did).
+    pub fn save(&self, size: Option<u64>) -> SavedHotplug {
+        let state = self.state();
+        SavedHotplug {
+            size,
+            selected: u32::try_from(state.selected).unwrap_or(u32::MAX),
+            slots: state.slots,
+        }
+    }
+
+    /// Takes the saved registers back into a controller built for the same
+    /// boot RAM: `dimms` are `saved.dimms(self.layout())`, already checked
+    /// and mapped for the guest.
+    pub fn restore(&self, saved: &SavedHotplug, dimms: &[Dimm]) {
+        let mut state = self.state();
+        state.selected = saved.selected as usize;
+        state.slots = saved.slots;
+        state.next_slot = dimms.last().map_or(0, |d| d.slot + 1);
+        state.current_ram += dimms.iter().map(|d| d.length).sum::<u64>();
+        if let Some(last) = dimms.last() {
+            state.last_ram_byte = last.base + last.length - 1;
+        }
+    }
+
     fn register(&self, offset: u64) -> Option<(u64, u64)> {
         // (register start, its value): the value's low bytes from its start.
         let state = self.state();
@@ -279,6 +321,137 @@ impl MemoryHotplug {
             }
             _ => {}
         }
+    }
+}
+
+/// The controller's state as a snapshot's `platform` file holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedHotplug {
+    /// `--memory size` as `vm.resize` set it (None: never resized): what
+    /// `info` shows and the next boot starts with.
+    pub size: Option<u64>,
+    /// The guest's selection register.
+    pub selected: u32,
+    pub slots: [Slot; HOTPLUG_SLOTS],
+}
+
+const SLOT_ACTIVE: u32 = 1 << 0;
+const SLOT_INSERTING: u32 = 1 << 1;
+const SLOT_REMOVING: u32 = 1 << 2;
+const WHAT: &str = "the memory hot-plug state";
+
+impl SavedHotplug {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.size.unwrap_or(0));
+        w.u32(self.selected);
+        w.u32(HOTPLUG_SLOTS as u32);
+        for slot in &self.slots {
+            w.u64(slot.base);
+            w.u64(slot.length);
+            let flags = [
+                (slot.active, SLOT_ACTIVE),
+                (slot.inserting, SLOT_INSERTING),
+                (slot.removing, SLOT_REMOVING),
+            ];
+            w.u32(flags.iter().filter(|f| f.0).fold(0, |acc, f| acc | f.1));
+        }
+        w.bytes
+    }
+
+    /// Reads what `encode` wrote. A slot that is not active must be all
+    /// zeros, as the controller leaves it.
+    pub fn decode(bytes: &[u8]) -> Result<Self, SnapshotError> {
+        let mut r = Reader::new(WHAT, bytes);
+        let size = Some(r.u64()?).filter(|&size| size != 0);
+        let selected = r.u32()?;
+        r.count(HOTPLUG_SLOTS, "slots", "the controller")?;
+        let mut slots = [Slot::default(); HOTPLUG_SLOTS];
+        for (index, slot) in slots.iter_mut().enumerate() {
+            let (base, length, flags) = (r.u64()?, r.u64()?, r.u32()?);
+            if flags & !(SLOT_ACTIVE | SLOT_INSERTING | SLOT_REMOVING) != 0 {
+                return Err(r.corrupt(format!("slot {index}: status bits {flags:#x}")));
+            }
+            *slot = Slot {
+                base,
+                length,
+                active: flags & SLOT_ACTIVE != 0,
+                inserting: flags & SLOT_INSERTING != 0,
+                removing: flags & SLOT_REMOVING != 0,
+            };
+            if !slot.active && *slot != Slot::default() {
+                return Err(r.corrupt(format!("slot {index} is not plugged but not empty")));
+            }
+        }
+        r.finish()?;
+        Ok(SavedHotplug {
+            size,
+            selected,
+            slots,
+        })
+    }
+
+    /// The plugged DIMMs, checked against the restoring VM's hot-plug area
+    /// (`layout`): each a whole number of 128 MiB inside the area, after the
+    /// previous slot's, the plugged slots first (as `vm.resize` fills them).
+    /// The resized size is at most the RAM the guest has (`boot_ram` and the
+    /// DIMMs): `vm.resize` grows RAM only by adding a DIMM.
+    pub fn dimms(&self, layout: HotplugLayout, boot_ram: u64) -> Result<Vec<Dimm>, SnapshotError> {
+        let corrupt = |detail: String| SnapshotError::Corrupt {
+            what: WHAT.to_owned(),
+            detail,
+        };
+        let mut dimms: Vec<Dimm> = Vec::new();
+        for (index, slot) in self.slots.iter().enumerate() {
+            if !slot.active {
+                continue;
+            }
+            if dimms.len() != index {
+                return Err(corrupt(format!(
+                    "slot {index} is plugged after an empty slot"
+                )));
+            }
+            let end = slot.base.checked_add(slot.length);
+            if slot.length == 0
+                || !slot.length.is_multiple_of(HOTPLUG_ALIGNMENT)
+                || !slot.base.is_multiple_of(HOTPLUG_ALIGNMENT)
+            {
+                return Err(corrupt(format!(
+                    "slot {index}: a DIMM of {:#x} bytes at {:#x} (128 MiB multiples expected)",
+                    slot.length, slot.base
+                )));
+            }
+            if slot.base < layout.area_start || end.is_none_or(|end| end > layout.device_area_start)
+            {
+                return Err(corrupt(format!(
+                    "slot {index}: the DIMM at {:#x} ({:#x} bytes) lies outside the hot-plug \
+                     area [{:#x}, {:#x})",
+                    slot.base, slot.length, layout.area_start, layout.device_area_start
+                )));
+            }
+            if let Some(previous) = dimms.last() {
+                if slot.base < previous.base + previous.length {
+                    return Err(corrupt(format!(
+                        "slot {index}: the DIMM at {:#x} overlaps slot {}'s at {:#x}",
+                        slot.base, previous.slot, previous.base
+                    )));
+                }
+            }
+            dimms.push(Dimm {
+                slot: index,
+                base: slot.base,
+                length: slot.length,
+            });
+        }
+        let ram = dimms
+            .iter()
+            .fold(boot_ram, |sum, d| sum.saturating_add(d.length));
+        if let Some(size) = self.size.filter(|&size| size > ram) {
+            return Err(corrupt(format!(
+                "a resized size of {size} bytes, more than the {ram} bytes of RAM the VM has"
+            )));
+        }
+        Ok(dimms)
     }
 }
 
@@ -432,6 +605,76 @@ mod tests {
         select(&mut regs, 1);
         assert_eq!(read32(&mut regs, STATUS_OFFSET), 0);
         assert_eq!(read32(&mut regs, BASE_HIGH_OFFSET), 0);
+    }
+
+    #[test]
+    fn the_state_round_trips_and_hostile_states_are_refused() {
+        let controller = controller(Some(GIB));
+        controller.insert(controller.plan(768 * MIB).unwrap().unwrap());
+        controller.insert(controller.plan(1024 * MIB).unwrap().unwrap());
+        let mut regs = MemoryHotplugRegisters(controller.clone());
+        select(&mut regs, 1);
+        let saved = controller.save(Some(GIB));
+        let bytes = saved.encode();
+        let decoded = SavedHotplug::decode(&bytes).unwrap();
+        assert_eq!(decoded, saved);
+        // A fresh controller for the same boot RAM takes it back and grows on.
+        let restored = self::controller(Some(GIB));
+        let dimms = decoded.dimms(restored.layout(), 512 * MIB).unwrap();
+        assert_eq!(dimms, controller.dimms());
+        restored.restore(&decoded, &dimms);
+        assert_eq!(restored.current_ram(), GIB);
+        assert_eq!(restored.slots(), controller.slots());
+        let mut regs = MemoryHotplugRegisters(restored.clone());
+        assert_eq!(
+            read32(&mut regs, BASE_LOW_OFFSET),
+            256 << 20,
+            "slot 1 selected"
+        );
+        let next = restored.plan(1280 * MIB).unwrap().unwrap();
+        assert_eq!((next.slot, next.base), (2, 4 * GIB + 512 * MIB));
+
+        let layout = restored.layout();
+        let with = |edit: &dyn Fn(&mut SavedHotplug)| {
+            let mut bad = saved.clone();
+            edit(&mut bad);
+            bad.dimms(layout, 512 * MIB).unwrap_err().to_string()
+        };
+        let outside = with(&|s| s.slots[1].base = 5 * GIB);
+        assert!(outside.contains("outside the hot-plug area"), "{outside}");
+        let below = with(&|s| s.slots[0].base = 512 * MIB);
+        assert!(below.contains("outside the hot-plug area"), "{below}");
+        let overlap = with(&|s| s.slots[1].base = 4 * GIB + 128 * MIB);
+        assert!(overlap.contains("overlaps slot 0"), "{overlap}");
+        let odd = with(&|s| s.slots[0].length = 100 * MIB);
+        assert!(odd.contains("128 MiB multiples"), "{odd}");
+        let gap = with(&|s| s.slots[0] = Slot::default());
+        assert!(gap.contains("after an empty slot"), "{gap}");
+        let wraps = with(&|s| s.slots[1].length = u64::MAX - (u64::MAX % (128 * MIB)));
+        assert!(wraps.contains("outside"), "{wraps}");
+        let larger = with(&|s| s.size = Some(GIB + 128 * MIB));
+        assert!(
+            larger.contains("more than the 1073741824 bytes"),
+            "{larger}"
+        );
+        // A VM without a hot-plug area takes no DIMM at all.
+        let none = self::controller(None).layout();
+        assert!(saved.dimms(none, 512 * MIB).is_err());
+
+        // Bytes that are not a state.
+        let mut flags = bytes.clone();
+        flags[16 + 16] = 0x80;
+        let mut stale = saved.clone();
+        stale.slots[5].base = 1;
+        for bad in [
+            &bytes[..bytes.len() - 1],
+            &flags[..],
+            &stale.encode()[..],
+            &[],
+        ] {
+            let e = SavedHotplug::decode(bad).unwrap_err();
+            assert!(e.to_string().starts_with(WHAT), "{e}");
+        }
     }
 
     #[test]

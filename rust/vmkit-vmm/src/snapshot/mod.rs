@@ -119,7 +119,7 @@ pub struct Header {
 }
 
 pub const FORMAT: &str = "vmkit-snapshot";
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 
 /// Everything a snapshot holds but guest memory, which is mapped from its file.
 pub struct Snapshot {
@@ -173,13 +173,15 @@ impl SavedState {
     }
 }
 
-/// The KVM VM's clock, the user-space platform devices' registers and the
-/// PCI devices' configuration and transport registers.
+/// The KVM VM's clock, the user-space platform devices' registers, the
+/// PCI devices' configuration and transport registers, and the ACPI memory
+/// hot-plug controller's slots (the DIMMs `vm.resize` added).
 pub struct PlatformState {
     pub clock: u64,
     pub ioapic: Vec<u8>,
     pub serial: Option<Vec<u8>>,
     pub pci: Vec<u8>,
+    pub memory_hotplug: Vec<u8>,
 }
 
 const PLATFORM_MAGIC: u32 = 0x4c50_4b56; // "VKPL"
@@ -202,6 +204,7 @@ impl PlatformState {
             None => w.u32(0),
         }
         w.blob(&self.pci);
+        w.blob(&self.memory_hotplug);
         w.bytes
     }
 
@@ -218,12 +221,14 @@ impl PlatformState {
             other => return Err(r.corrupt(format!("serial port marker {other}"))),
         };
         let pci = r.blob(PCI_BLOB_LIMIT)?.to_vec();
+        let memory_hotplug = r.blob(PLATFORM_BLOB_LIMIT)?.to_vec();
         r.finish()?;
         Ok(PlatformState {
             clock,
             ioapic,
             serial,
             pci,
+            memory_hotplug,
         })
     }
 }
@@ -233,7 +238,73 @@ pub struct SnapshotParts<'a> {
     pub config: &'a vmkit_config::VmConfig,
     pub kernel_format: Option<&'a str>,
     pub ram: &'a GuestRam,
+    /// Where guest memory goes in the memory file.
+    pub layout: &'a MemoryLayout,
     pub state: &'a SavedState,
+}
+
+/// What a memory file holds (and a migration sends): `ranges` of guest
+/// memory one after the other (boot RAM's, then each hot-added DIMM's, then
+/// each virtio-mem region whole), less the `unplugged` virtio-mem blocks,
+/// which stay holes: the guest gave them back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemoryLayout {
+    pub ranges: Vec<(u64, u64)>,
+    /// Sorted, within `ranges`.
+    pub unplugged: Vec<(u64, u64)>,
+}
+
+impl MemoryLayout {
+    /// Guest RAM's ranges, then `dimms` and the virtio-mem regions
+    /// (`unplugged`: their blocks the guest does not use).
+    pub fn new(ram: &GuestRam, dimms: &[(u64, u64)], unplugged: Vec<(u64, u64)>) -> Self {
+        let mut ranges = ram.ranges.clone();
+        ranges.extend_from_slice(dimms);
+        ranges.extend(ram.virtio_mem.iter().map(|zone| (zone.addr, zone.size)));
+        MemoryLayout { ranges, unplugged }
+    }
+
+    /// The memory file's length.
+    pub fn size(&self) -> u64 {
+        self.ranges.iter().map(|r| r.1).sum()
+    }
+
+    /// The parts that may hold data, as (guest address, length, file offset).
+    pub fn pieces(&self) -> Vec<(u64, u64, u64)> {
+        let mut pieces = Vec::new();
+        let mut offset = 0u64;
+        for &(base, size) in &self.ranges {
+            let end = base + size;
+            let mut cursor = base;
+            for &(hole, len) in &self.unplugged {
+                let hole_end = hole.saturating_add(len);
+                if hole_end <= cursor || hole >= end {
+                    continue;
+                }
+                if hole > cursor {
+                    pieces.push((cursor, hole - cursor, offset + (cursor - base)));
+                }
+                cursor = hole_end.min(end);
+            }
+            if cursor < end {
+                pieces.push((cursor, end - cursor, offset + (cursor - base)));
+            }
+            offset += size;
+        }
+        pieces
+    }
+
+    /// The guest address of byte `offset` of the file, and how much of its
+    /// range is left from there.
+    fn file_to_guest(&self, mut offset: u64) -> Option<(u64, u64)> {
+        for &(base, size) in &self.ranges {
+            if offset < size {
+                return Some((base + offset, size - offset));
+            }
+            offset -= size;
+        }
+        None
+    }
 }
 
 fn io_error(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SnapshotError {
@@ -287,13 +358,18 @@ fn write_files(
     )?;
     let memory_path = dir.join(MEMORY_FILE);
     let memory = create(written, &memory_path)?;
-    write_memory(parts.ram, &memory, &memory_path.display().to_string())?;
+    write_memory(
+        parts.ram,
+        parts.layout,
+        &memory,
+        &memory_path.display().to_string(),
+    )?;
     // The header last: a directory without it is not a snapshot.
     let header = Header {
         format: FORMAT.to_owned(),
         version: FORMAT_VERSION,
         vmkit: env!("CARGO_PKG_VERSION").to_owned(),
-        memory_size: parts.ram.total_size(),
+        memory_size: parts.layout.size(),
         vcpus: parts.state.vcpus.len(),
         disks: disk_sizes(parts.config),
         kernel_format: parts.kernel_format.map(str::to_owned),
@@ -421,20 +497,24 @@ const PAGE: usize = 4096;
 /// Guest memory goes through a buffer of this size.
 const CHUNK: usize = 1 << 20;
 
-/// Writes guest RAM to `file` (named `path` in errors), each range after the
-/// previous one, leaving pages of zeros as holes: a snapshot of a guest that
+/// Writes guest memory to `file` (named `path` in errors) as `layout`
+/// says, leaving pages of zeros as holes: a snapshot of a guest that
 /// touched little memory is small on disk. Returns the bytes written.
-pub fn write_memory(ram: &GuestRam, file: &File, path: &str) -> Result<u64, SnapshotError> {
+pub fn write_memory(
+    ram: &GuestRam,
+    layout: &MemoryLayout,
+    file: &File,
+    path: &str,
+) -> Result<u64, SnapshotError> {
     let io_error = |what, source| SnapshotError::Io {
         what,
         path: path.to_owned(),
         source,
     };
     let mut buffer = vec![0u8; CHUNK];
-    let mut offset = 0u64;
     let mut written = 0u64;
     let probe = ZeroProbe::new(ram);
-    for &(base, size) in &ram.ranges {
+    for (base, size, offset) in layout.pieces() {
         let mut done = 0u64;
         while done < size {
             let address = GuestAddress(base + done);
@@ -462,10 +542,9 @@ pub fn write_memory(ram: &GuestRam, file: &File, path: &str) -> Result<u64, Snap
             }
             done += len as u64;
         }
-        offset += size;
     }
-    // The holes at the end count too: the file is as long as guest RAM.
-    file.set_len(offset)
+    // The holes at the end count too: the file is as long as the layout.
+    file.set_len(layout.size())
         .map_err(|e| io_error("sizing the memory file", e))?;
     file.sync_all()
         .map_err(|e| io_error("syncing the memory file", e))?;
@@ -528,20 +607,29 @@ impl ZeroProbe {
     }
 }
 
-/// Copies a snapshot's memory file into guest RAM made afresh for its config
-/// (shared, huge-page or file-backed memory, which a copy-on-write mapping of
-/// the file cannot stand for): only the file's data, its holes are zeros in
-/// new memory already.
-pub fn load_memory(ram: &GuestRam, file: &File, path: &str) -> Result<(), SnapshotError> {
+/// Copies a snapshot's memory file, laid out as `layout` says, into guest
+/// memory from file offset `from` on: all of it into RAM made afresh for
+/// its config (shared, huge-page or file-backed memory, which a
+/// copy-on-write mapping of the file cannot stand for), or what follows
+/// boot RAM (DIMMs, virtio-mem regions) after boot RAM was mapped from the
+/// file. Only the file's data is copied: its holes are zeros in new memory
+/// already, so unplugged blocks stay unbacked.
+pub fn load_memory(
+    ram: &GuestRam,
+    layout: &MemoryLayout,
+    file: &File,
+    path: &str,
+    from: u64,
+) -> Result<(), SnapshotError> {
     use std::os::fd::AsRawFd;
     let io_error = |source| SnapshotError::Io {
         what: "reading the memory file",
         path: path.to_owned(),
         source,
     };
-    let total = ram.total_size();
+    let total = layout.size();
     let mut buffer = vec![0u8; CHUNK];
-    let mut at = 0u64;
+    let mut at = from;
     while at < total {
         // SAFETY: lseek on a descriptor `file` owns.
         let data = unsafe { libc::lseek(file.as_raw_fd(), at as i64, libc::SEEK_DATA) };
@@ -559,10 +647,13 @@ pub fn load_memory(ram: &GuestRam, file: &File, path: &str) -> Result<(), Snapsh
         }
         let (mut from, to) = (data as u64, (hole as u64).min(total));
         while from < to {
-            let (guest, left) = file_to_guest(ram, from).ok_or_else(|| SnapshotError::Corrupt {
-                what: path.to_owned(),
-                detail: format!("data at offset {from:#x}, past guest RAM"),
-            })?;
+            let (guest, left) =
+                layout
+                    .file_to_guest(from)
+                    .ok_or_else(|| SnapshotError::Corrupt {
+                        what: path.to_owned(),
+                        detail: format!("data at offset {from:#x}, past guest memory"),
+                    })?;
             let len = (to - from).min(left).min(CHUNK as u64) as usize;
             file.read_exact_at(&mut buffer[..len], from)
                 .map_err(io_error)?;
@@ -574,18 +665,6 @@ pub fn load_memory(ram: &GuestRam, file: &File, path: &str) -> Result<(), Snapsh
         at = to.max(at + 1);
     }
     Ok(())
-}
-
-/// The guest address of byte `offset` of a memory file (guest RAM's ranges
-/// one after the other), and how much of its range is left from there.
-fn file_to_guest(ram: &GuestRam, mut offset: u64) -> Option<(u64, u64)> {
-    for &(base, size) in &ram.ranges {
-        if offset < size {
-            return Some((base + offset, size - offset));
-        }
-        offset -= size;
-    }
-    None
 }
 
 /// Whether no page of the anonymous mapping at `host`..`host + len` has
@@ -662,7 +741,7 @@ mod tests {
             .unwrap();
         let (dir, file) = memory_file("vmkit-snap-hole");
         assert_eq!(
-            write_memory(&ram, &file, "memory").unwrap(),
+            write_memory(&ram, &MemoryLayout::new(&ram, &[], vec![]), &file, "memory").unwrap(),
             2 * PAGE as u64
         );
         let mut byte = [0u8];
@@ -695,12 +774,13 @@ mod tests {
             .unwrap();
         let (dir, file) = memory_file("vmkit-snap-shared");
         // The memfds' holes are skipped without reading them: two pages.
+        let layout = MemoryLayout::new(&ram, &[], vec![]);
         assert_eq!(
-            write_memory(&ram, &file, "memory").unwrap(),
+            write_memory(&ram, &layout, &file, "memory").unwrap(),
             2 * PAGE as u64
         );
         let fresh = create_guest_ram(&config).unwrap();
-        load_memory(&fresh, &file, "memory").unwrap();
+        load_memory(&fresh, &layout, &file, "memory", 0).unwrap();
         assert_eq!(
             fresh.memory.read_obj::<u8>(GuestAddress(0x3000)).unwrap(),
             0x55
@@ -726,7 +806,8 @@ mod tests {
             .write_obj(0xabu8, GuestAddress((64 << 20) - 1))
             .unwrap();
         let (dir, file) = memory_file("vmkit-snap");
-        let written = write_memory(&ram, &file, "memory").unwrap();
+        let layout = MemoryLayout::new(&ram, &[], vec![]);
+        let written = write_memory(&ram, &layout, &file, "memory").unwrap();
         assert_eq!(written, 2 * PAGE as u64, "only the two touched pages");
         let meta = file.metadata().unwrap();
         assert_eq!(meta.len(), 64 << 20);

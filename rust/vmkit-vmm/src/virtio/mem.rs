@@ -184,6 +184,23 @@ impl VirtioMemControl {
     pub fn region(&self) -> (u64, u64) {
         (self.shared.addr, self.shared.region_size)
     }
+
+    /// The region's blocks the guest has not plugged, as (guest address,
+    /// length) runs: a snapshot or migration leaves them out, and a restored
+    /// VM gives them back to the host.
+    pub fn unplugged(&self) -> Vec<(u64, u64)> {
+        let shared = &self.shared;
+        let state = shared.state();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for block in (0..shared.blocks()).filter(|&b| !state.is_plugged(b)) {
+            let addr = shared.addr + block as u64 * BLOCK_SIZE;
+            match runs.last_mut() {
+                Some(last) if last.0 + last.1 == addr => last.1 += BLOCK_SIZE,
+                _ => runs.push((addr, BLOCK_SIZE)),
+            }
+        }
+        runs
+    }
 }
 
 fn check_size(size: u64, requested: u64, region: u64) -> std::result::Result<(), VirtioMemError> {
@@ -1007,10 +1024,13 @@ mod tests {
             backing: RegionBacking::Private,
         };
         let mut restored = VirtioMem::new("__mem_state".into(), region, None, 0).unwrap();
+        assert_eq!(restored.control().unplugged(), [(ADDR, SIZE)]);
         restored.restore_device_state(&state).unwrap();
         let control = restored.control();
         assert_eq!(control.requested_size(), 8 * MIB);
         assert_eq!(control.plugged_size(), 6 * MIB);
+        // Blocks 0, 1 and 63 plugged: those between are one run.
+        assert_eq!(control.unplugged(), [(ADDR + 4 * MIB, 122 * MIB)]);
         assert_eq!(restored.save_device_state(), state);
         let mut past_end = state.clone();
         past_end.push(0);
