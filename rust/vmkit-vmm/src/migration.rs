@@ -39,7 +39,7 @@ use crate::error::{ErrorKind, ModuleError};
 use crate::memory::{GuestRam, GuestRegionMmap, PAGE_SIZE};
 
 pub const MAGIC: &[u8; 16] = b"vmkit-migration\0";
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// The receiver's answer to `COMPLETE`: it runs the VM with the descriptors
 /// `TAP_FDS` carried (it is on this host), so what they stand for (the vsock
 /// socket file) is its now.

@@ -6,6 +6,7 @@
 //! from a snapshot is checked before use: a snapshot is user input.
 
 pub mod codec;
+pub mod placement;
 pub mod vcpu;
 
 use std::fs::File;
@@ -119,7 +120,7 @@ pub struct Header {
 }
 
 pub const FORMAT: &str = "vmkit-snapshot";
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 
 /// Everything a snapshot holds but guest memory, which is mapped from its file.
 pub struct Snapshot {
@@ -173,13 +174,15 @@ impl SavedState {
     }
 }
 
-/// The KVM VM's clock, the user-space platform devices' registers and the
-/// PCI devices' configuration and transport registers.
+/// The KVM VM's clock, the user-space platform devices' registers, the
+/// PCI devices' configuration and transport registers, and where each PCI
+/// function sits.
 pub struct PlatformState {
     pub clock: u64,
     pub ioapic: Vec<u8>,
     pub serial: Option<Vec<u8>>,
     pub pci: Vec<u8>,
+    pub placement: placement::PciPlacement,
 }
 
 const PLATFORM_MAGIC: u32 = 0x4c50_4b56; // "VKPL"
@@ -202,6 +205,7 @@ impl PlatformState {
             None => w.u32(0),
         }
         w.blob(&self.pci);
+        self.placement.encode(&mut w);
         w.bytes
     }
 
@@ -218,12 +222,14 @@ impl PlatformState {
             other => return Err(r.corrupt(format!("serial port marker {other}"))),
         };
         let pci = r.blob(PCI_BLOB_LIMIT)?.to_vec();
+        let placement = placement::PciPlacement::decode(&mut r)?;
         r.finish()?;
         Ok(PlatformState {
             clock,
             ioapic,
             serial,
             pci,
+            placement,
         })
     }
 }
