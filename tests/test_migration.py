@@ -315,7 +315,7 @@ def frame(kind: str, payload: bytes, length: int | None = None) -> bytes:
     return struct.pack("<IQ", KINDS[kind], len(payload) if length is None else length) + payload
 
 
-def hello(version: int = 3, local: int = 0) -> bytes:
+def hello(version: int = 4, local: int = 0) -> bytes:
     return frame("Hello", MAGIC + struct.pack("<II", version, local))
 
 
@@ -405,7 +405,7 @@ def tiny() -> VmConfig:
 
 HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
     "not vmkit": (lambda: b"GET / HTTP/1.1\r\n\r\n" + bytes(64), "unknown frame kind"),
-    "newer protocol": (lambda: hello(version=4), "protocol version 4, this vmkit speaks version 3"),
+    "newer protocol": (lambda: hello(version=5), "protocol version 5, this vmkit speaks version 4"),
     "huge frame": (
         lambda: hello() + frame("Config", b"", length=1 << 40),
         "a Config frame of 1099511627776 bytes (at most 1048576)",

@@ -474,7 +474,7 @@ def hostile(good: Path, target: Path, edit: str) -> None:
     [
         ("no header", "snapshot.json"),
         ("foreign format", 'format "cloud-hypervisor", not "vmkit-snapshot"'),
-        ("newer version", "format version 99, but this vmkit reads version 4"),
+        ("newer version", "format version 99, but this vmkit reads version 5"),
         ("huge vcpu count", "1099511627776 vCPUs"),
         (
             "more vcpus than the config",

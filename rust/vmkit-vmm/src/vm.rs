@@ -683,7 +683,7 @@ pub struct Vm {
     /// the VM beside other descriptors (a signal's wake-up pipe, say).
     exit_event: EventFd,
     /// The tap queues a migration's sender handed over, by net device id,
-    /// kept for the VM's life: every boot (resets too) adopts them.
+    /// kept until the VM stops: every boot until then (resets) adopts them.
     adopted_taps: Mutex<HashMap<String, Vec<std::fs::File>>>,
     /// The balloon's target once `vm.resize` set it: later boots keep it.
     balloon_size: Mutex<Option<u64>>,
@@ -1685,6 +1685,11 @@ impl Vm {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+        // A migration's tap queues go with the VM (later boots open the taps).
+        self.adopted_taps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         // Closes the backends' connections (and server mode's sockets).
         self.vhost_links
             .lock()
@@ -2325,6 +2330,8 @@ impl Vm {
         if self.config().tpm.is_some() {
             return Err(VmError::TpmState { what: "migrated" }.into());
         }
+        // Refused before the receiver is bothered (send_vm takes it again).
+        self.saved_config(instance, "migrated")?;
         let stream =
             std::os::unix::net::UnixStream::connect(path).map_err(MigrationError::Connect)?;
         let mut wire = Wire { stream };

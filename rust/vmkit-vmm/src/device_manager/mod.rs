@@ -545,19 +545,20 @@ impl DeviceManager {
                 return Err(r.corrupt(format!("{} host bridge registers", registers.len())));
             }
         }
+        // By id: hot-plugs leave the devices in another order than the config's.
         r.count(self.virtio.len(), "virtio devices", "the VM")?;
-        for device in &self.virtio {
+        let mut restored = std::collections::HashSet::new();
+        for _ in 0..self.virtio.len() {
             let id = r.blob(256)?;
             let state = r.blob(1 << 20)?;
-            let mut device = device.lock().unwrap_or_else(|p| p.into_inner());
-            if id != device.id().as_bytes() {
+            let found = self.virtio.iter().find(|d| lock(d).id().as_bytes() == id);
+            let Some(device) = found.filter(|_| restored.insert(id)) else {
                 return Err(r.corrupt(format!(
-                    "virtio device {:?} where the VM has {}",
-                    String::from_utf8_lossy(id),
-                    device.id()
+                    "virtio device {:?}, which the VM lacks or has once",
+                    String::from_utf8_lossy(id)
                 )));
-            }
-            device.restore_state(state)?;
+            };
+            lock(device).restore_state(state)?;
         }
         r.count(
             usize::from(self.pvpanic.is_some()),
