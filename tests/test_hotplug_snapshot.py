@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import struct
 import threading
 import time
@@ -20,10 +21,11 @@ from pathlib import Path
 
 import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote, wait_for_line
+from _helpers import move_spawned_vm
 from test_migration import Receiver
 from test_pci_hotplug import SECTORS, _tap_support, image, settle
 from vmkit import VmConfig, testguest
-from vmkit.config import DiskConfig, NetConfig
+from vmkit.config import DiskConfig, NetConfig, PmemConfig
 from vmkit.vm import Vm, VmError
 
 pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
@@ -125,14 +127,19 @@ def test_a_hot_added_disk_is_restored_in_its_slot_and_the_guest_goes_on(tmp_path
         assert hot["id"] == "_disk0"
         assert vm.serial.wait_for("^vmkit-guest: pciunplug waiting$", timeout=30)
         vm.pause()
-        before = (vm.info().config, bdfs(vm))
+        before = (vm.info().config, vm.info().device_tree)
         vm.snapshot(snap)
     finally:
         vm.close()
-    assert before[1] == {"boot": "0000:00:01.0", "__rng": "0000:00:02.0", "_disk0": "0000:00:03.0"}
+    assert pci_functions(before[1] or {}) == {
+        "boot": "0000:00:01.0",
+        "__rng": "0000:00:02.0",
+        "_disk0": "0000:00:03.0",
+    }
     restored = Vm.restore(snap)
     try:
-        assert (restored.info().config, bdfs(restored)) == before
+        # The config, and every node with its BARs where the guest had them.
+        assert (restored.info().config, restored.info().device_tree) == before
         # The restore locked the hot-added image as a boot disk's.
         assert LOCKED in (boot_error(tmp_path / "hot.img") or ""), "not locked"
         restored.resume()
@@ -140,6 +147,65 @@ def test_a_hot_added_disk_is_restored_in_its_slot_and_the_guest_goes_on(tmp_path
         # The ejected disk's image is free again; the new one is locked.
         assert boot_error(tmp_path / "hot.img") is None
         assert LOCKED in (boot_error(tmp_path / "next.img") or ""), "not locked"
+    finally:
+        restored.close()
+
+
+def test_a_hot_plug_the_guest_has_not_seen_yet_reaches_it_after_the_restore(
+    tmp_path: Path,
+) -> None:
+    # Added while paused: the GED interrupt, its event and the controller's
+    # PCIU bit are all the snapshot's; the restored guest finds the disk.
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    digest = image(tmp_path / "hot.img", seed=4)
+    with Vm(guest(tmp_path, ["pcihotplug", "blk", "ticks"])) as vm:
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: pcihotplug waiting$", timeout=30)
+        vm.pause()
+        info = vm.add_disk(DiskConfig(path=str(tmp_path / "hot.img"), readonly=True))
+        assert info == {"id": "_disk0", "bdf": "0000:00:03.0"}
+        vm.snapshot(snap)
+    restored = Vm.restore(snap)
+    try:
+        restored.resume()
+        assert restored.serial.wait_for("^vmkit-guest: step blk ", timeout=30)
+        text = restored.serial.text
+        assert "step pcihotplug ok event=0x4 added=1" in text, text
+        assert "pcihotplug added bdf=0000:00:03.0 vendor=0x1af4 device=0x1042" in text, text
+        assert f"blk read bdf=0000:00:03.0 sector=0 count={SECTORS} fnv=0x{digest:016x}" in text
+    finally:
+        restored.close()
+
+
+def test_a_hot_added_pmem_region_is_restored_where_the_guest_maps_it(tmp_path: Path) -> None:
+    # The pmem device's memory region is guest RAM for the driver: it must
+    # come back at the address the guest read from its config space.
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    image(tmp_path / "p.img", seed=3, size=2 << 20)
+    vm = Vm(guest(tmp_path, ["pcihotplug", "pciunplug", "pmem", "ticks"]))
+    try:
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: pcihotplug waiting$", timeout=30)
+        pmem = PmemConfig.parse(f"file={tmp_path / 'p.img'},discard_writes=on")
+        assert vm.add_pmem(pmem) == {"id": "_pmem0", "bdf": "0000:00:03.0"}
+        assert vm.serial.wait_for("^vmkit-guest: pciunplug waiting$", timeout=30)
+        vm.pause()
+        before = (vm.info().config, vm.info().device_tree)
+        vm.snapshot(snap)
+    finally:
+        vm.close()
+    region = (before[1] or {})["_pmem0"]["resources"][0]["MmioAddressRange"]
+    restored = Vm.restore(snap)
+    try:
+        assert (restored.info().config, restored.info().device_tree) == before
+        restored.resume()
+        restored.remove_device("boot")  # lets the guest's pciunplug step end
+        assert restored.serial.wait_for("^vmkit-guest: step pmem ", timeout=30)
+        text = restored.serial.text
+        assert f"pmem dev bdf=0000:00:03.0 start={region['base']:#x} " in text, (region, text)
+        assert "step pmem ok devices=1" in text, text
     finally:
         restored.close()
 
@@ -218,7 +284,7 @@ def test_a_migration_carries_hot_plugged_devices_in_their_slots(
         sender.boot()
         hot_added_disk_read(sender, tmp_path / "hot.img", digest)
         assert sender.serial.wait_for("^vmkit-guest: pciunplug waiting$", timeout=30)
-        before = (sender.info().config, bdfs(sender))
+        before = (sender.info().config, sender.info().device_tree)
         receiver = Receiver(tmp_path / "m.sock")
         try:
             sender.migrate_to(tmp_path / "m.sock", local=local)
@@ -231,11 +297,58 @@ def test_a_migration_carries_hot_plugged_devices_in_their_slots(
     vm = receiver.vm
     assert vm is not None
     try:
-        assert (vm.info().config, bdfs(vm)) == before
+        assert (vm.info().config, vm.info().device_tree) == before
         assert LOCKED in (boot_error(tmp_path / "hot.img") or ""), "not locked"
         goes_on_hot_plugging(vm, tmp_path, "_disk0")
     finally:
         vm.close()
+
+
+def wait_in_file(path: Path, pattern: str, timeout: float = 30) -> str:
+    """Polls ``path`` until a line matches ``pattern``; its text then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        if re.search(pattern, text, re.MULTILINE):
+            return text
+        assert time.monotonic() < deadline, f"no line {pattern!r}: {text[-2000:]}"
+        time.sleep(0.01)
+
+
+def test_vm_processes_migrate_hot_plugged_devices_through_the_api(tmp_path: Path) -> None:
+    # Vm.spawn on both sides (vm.add-disk, vm.send-migration, vm.remove-device
+    # over HTTP); the receiving process takes over the hot-added disk's lock.
+    serial = tmp_path / "serial.log"
+    config = guest(tmp_path, CYCLES)
+    config.serial.mode = "File"
+    config.serial.file = str(serial)
+    digest = image(tmp_path / "hot.img", seed=8)
+    sender = Vm.spawn(config)
+    receiver = Vm.spawn(None)
+    try:
+        sender.boot()
+        wait_in_file(serial, "^vmkit-guest: pcihotplug waiting$")
+        assert sender.add_disk(DiskConfig(path=str(tmp_path / "hot.img"))) == {
+            "id": "_disk0",
+            "bdf": "0000:00:03.0",
+        }
+        text = wait_in_file(serial, "^vmkit-guest: pciunplug waiting$")
+        assert f"blk read bdf=0000:00:03.0 sector=0 count={SECTORS} fnv=0x{digest:016x}" in text
+        before = (sender.info().config, pci_functions(sender.info().device_tree or {}))
+        move_spawned_vm(sender, receiver, tmp_path / "m.sock")
+        info = receiver.info()
+        assert (info.config, pci_functions(info.device_tree or {})) == before
+        assert LOCKED in (boot_error(tmp_path / "hot.img") or ""), "not locked"
+        receiver.remove_device("_disk0")
+        text = wait_in_file(serial, "^vmkit-guest: step pciunplug ok event=0x4 ejected=1")
+        assert "pciunplug ejected bdf=0000:00:03.0" in text.split("pciunplug waiting")[-1]
+        next_digest = image(tmp_path / "next.img", seed=9)
+        added = receiver.add_disk(DiskConfig(path=str(tmp_path / "next.img"), readonly=True))
+        assert added == {"id": "_disk1", "bdf": "0000:00:03.0"}
+        wait_in_file(serial, f"blk read bdf=0000:00:03.0 .* fnv=0x{next_digest:016x}$")
+    finally:
+        sender.close()
+        receiver.close()
 
 
 def test_a_hot_added_tap_moves_with_the_migration(tmp_path: Path) -> None:

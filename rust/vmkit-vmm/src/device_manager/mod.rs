@@ -554,7 +554,7 @@ impl DeviceManager {
             let found = self.virtio.iter().find(|d| lock(d).id().as_bytes() == id);
             let Some(device) = found.filter(|_| restored.insert(id)) else {
                 return Err(r.corrupt(format!(
-                    "virtio device {:?}, which the VM lacks or has once",
+                    "virtio device {:?}, which the VM lacks (or the state lists twice)",
                     String::from_utf8_lossy(id)
                 )));
             };
