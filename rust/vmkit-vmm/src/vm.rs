@@ -2330,8 +2330,6 @@ impl Vm {
         if self.config().tpm.is_some() {
             return Err(VmError::TpmState { what: "migrated" }.into());
         }
-        // Refused before the receiver is bothered (send_vm takes it again).
-        self.saved_config(instance, "migrated")?;
         let stream =
             std::os::unix::net::UnixStream::connect(path).map_err(MigrationError::Connect)?;
         let mut wire = Wire { stream };
