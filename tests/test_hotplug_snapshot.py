@@ -34,7 +34,7 @@ pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
 CYCLES = ["pcihotplug", "blk", "pciunplug"] * 2 + ["ticks"]
 
 
-def guest(tmp_path: Path, steps: list[str], *extra: str, memory: str = "size=64M") -> VmConfig:
+def guest(tmp_path: Path, steps: list[str], memory: str = "size=64M") -> VmConfig:
     """The test guest running ``steps`` with a boot disk ``boot`` (00:01.0;
     the rng is 00:02.0)."""
     image(tmp_path / "boot.img", seed=1)
@@ -42,7 +42,7 @@ def guest(tmp_path: Path, steps: list[str], *extra: str, memory: str = "size=64M
         "--kernel", str(testguest.image_path("pvh")),
         "--cmdline", testguest.cmdline(steps, "poweroff", ticks=100000, tick_ms=20),
         "--memory", memory, "--serial", "tty", "--console", "off",
-        "--disk", f"path={tmp_path / 'boot.img'},readonly=on,id=boot", *extra,
+        "--disk", f"path={tmp_path / 'boot.img'},readonly=on,id=boot",
     ])  # fmt: skip
 
 
