@@ -66,11 +66,6 @@ pub enum VmError {
     )]
     TpmState { what: &'static str },
     #[error(
-        "A VM cannot be {what} after PCI devices were hot-plugged or removed: vmkit cannot \
-         rebuild them in the slots they have now yet"
-    )]
-    HotplugState { what: &'static str },
-    #[error(
         "The virtio console cannot use a socket (--console socket=...): only --serial can \
          (NoSocketOptionSupportForConsoleDevice)"
     )]
@@ -152,6 +147,16 @@ pub enum VmError {
          ejected it yet"
     )]
     VcpuRemovalPending { what: &'static str, index: usize },
+    #[error(
+        "A VM cannot be {what} while device {id} is marked for removal: the guest has not \
+         ejected it yet"
+    )]
+    DeviceRemovalPending { what: &'static str, id: String },
+    #[error(
+        "A VM cannot be {what} while device {id} of its config is off the PCI bus (the guest \
+         ejected it without vm.remove-device)"
+    )]
+    DeviceEjectedByGuest { what: &'static str, id: String },
     /// v37's words (its `Error::CpuManager`).
     #[error("Error from CPU manager: {0}")]
     CpuResize(crate::devices::cpu_hotplug::ResizeError),
@@ -190,12 +195,9 @@ impl ModuleError for VmError {
             Thread { .. } | PowerButton { .. } | ExitEvent { .. } | DeviceEvents { .. } => {
                 ErrorKind::Device
             }
-            NotSupported { .. }
-            | TpmState { .. }
-            | HotplugState { .. }
-            | ConsoleSocket
-            | Smbios
-            | NoHyperv => ErrorKind::Unsupported,
+            NotSupported { .. } | TpmState { .. } | ConsoleSocket | Smbios | NoHyperv => {
+                ErrorKind::Unsupported
+            }
             OpenKvm { .. } | KickHandler(_) | Kvm { .. } => ErrorKind::Kvm,
             HostAddress { .. }
             | Prefault { .. }
@@ -213,7 +215,9 @@ impl ModuleError for VmError {
             | MemoryManager(_)
             | ResizeZone
             | MemoryResize(_) => ErrorKind::Device,
-            VcpuRemovalPending { .. } => ErrorKind::Unsupported,
+            VcpuRemovalPending { .. }
+            | DeviceRemovalPending { .. }
+            | DeviceEjectedByGuest { .. } => ErrorKind::Unsupported,
             VhostUserState { .. } | VhostUserOption { .. } => ErrorKind::Unsupported,
         }
     }
@@ -645,7 +649,7 @@ pub struct Vm {
     changed: Condvar,
     /// The disk images' locks (VmOptions::lock_disks), held from boot until
     /// the VM stops: a reset rebuilds the devices but keeps the images.
-    disk_locks: Mutex<Vec<ImageLock>>,
+    disk_locks: Mutex<Vec<(String, ImageLock)>>,
     /// The image locks of disks hot-added to this boot, by id: released
     /// when the guest ejects the disk or the boot ends.
     hot_disk_locks: Mutex<HashMap<String, ImageLock>>,
@@ -655,7 +659,7 @@ pub struct Vm {
     /// the VM beside other descriptors (a signal's wake-up pipe, say).
     exit_event: EventFd,
     /// The tap queues a migration's sender handed over, by net device id,
-    /// kept for the VM's life: every boot (resets too) adopts them.
+    /// kept until the VM stops: every boot until then (resets) adopts them.
     adopted_taps: Mutex<HashMap<String, Vec<std::fs::File>>>,
     /// The balloon's target once `vm.resize` set it: later boots keep it.
     balloon_size: Mutex<Option<u64>>,
@@ -1114,6 +1118,7 @@ impl Vm {
             balloon_size: None,
             // Memory devices are not hot-plugged: the new device's config lists none.
             virtio_mem_sizes: &BTreeMap::new(),
+            placement: None,
         };
         let (_, bdf) = instance.devices.hotplug_virtio(&ctx, build)?;
         if let Some(lock) = lock {
@@ -1132,7 +1137,8 @@ impl Vm {
     }
 
     /// Closes the vhost-user connections of devices that are gone and
-    /// releases the image locks of hot-added disks among them.
+    /// releases the image locks of the disks among them (hot-added, or
+    /// built at boot or restore).
     fn forget_vhost_links(&self, ids: &[String]) {
         let mut links = self.vhost_links.lock().unwrap_or_else(|p| p.into_inner());
         let mut locks = self
@@ -1143,6 +1149,9 @@ impl Vm {
             links.remove(id);
             locks.remove(id);
         }
+        drop(locks);
+        self.held_disk_locks()
+            .retain(|(id, _)| !ids.iter().any(|gone| gone == id));
     }
 
     /// Cloud Hypervisor's `vm.remove-device` on a running VM: the device
@@ -1658,6 +1667,11 @@ impl Vm {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+        // A migration's tap queues go with the VM (later boots open the taps).
+        self.adopted_taps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         // Closes the backends' connections (and server mode's sockets).
         self.vhost_links
             .lock()
@@ -1734,7 +1748,7 @@ impl Vm {
     }
 
     /// Locks every disk image, or none without `lock_disks`.
-    fn lock_disk_images(&self) -> Result<Vec<ImageLock>> {
+    fn lock_disk_images(&self) -> Result<Vec<(String, ImageLock)>> {
         if !self.options.lock_disks {
             return Ok(Vec::new());
         }
@@ -1747,16 +1761,17 @@ impl Vm {
         // A vhost-user disk's image is its backend's to lock.
         for disk in config.disks.iter().flatten().filter(|d| !d.vhost_user) {
             // Named as when the device itself fails to open the image.
+            let id = disk.id.clone().unwrap_or_default();
             let lock = ImageLock::take(disk).map_err(|source| DeviceManagerError::Block {
-                id: disk.id.clone().unwrap_or_default(),
+                id: id.clone(),
                 source: source.into(),
             })?;
-            locks.push(lock);
+            locks.push((id, lock));
         }
         Ok(locks)
     }
 
-    fn held_disk_locks(&self) -> MutexGuard<'_, Vec<ImageLock>> {
+    fn held_disk_locks(&self) -> MutexGuard<'_, Vec<(String, ImageLock)>> {
         self.disk_locks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -1818,6 +1833,7 @@ impl Vm {
         crate::interrupts::enable_split_irqchip(&vm_fd)
             .map_err(kvm_error("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
 
+        let placement = restore.as_ref().map(|r| &r.state.platform.placement);
         let (ram, restore, restored_dimms) = match restore {
             None => (create_guest_ram(&config.memory)?, None, None),
             Some(Restore {
@@ -1896,6 +1912,7 @@ impl Vm {
                 .iter()
                 .map(|(zone, size)| (zone.clone(), size.unwrap_or(0)))
                 .collect(),
+            placement,
         })?;
         drop(adopted_taps);
         let (payload, kernel_format) = match restore {
@@ -2043,10 +2060,10 @@ impl Vm {
     /// PCI devices' configuration and registers (started virtio devices
     /// finish what they took from their rings first).
     pub fn snapshot(&self, dir: &std::path::Path) -> Result<()> {
-        if has_vhost_user(self.config()) {
+        if has_vhost_user(&self.live_config()) {
             return Err(VmError::VhostUserState { what: "Snapshot" }.into());
         }
-        let life = self.lock_settled();
+        let mut life = self.lock_settled();
         if life.state != VmState::Paused {
             return Err(VmError::SnapshotNotPaused.into());
         }
@@ -2056,6 +2073,12 @@ impl Vm {
             }
             .into());
         }
+        let Some(instance) = life.instance.as_mut() else {
+            return Err(VmError::NotRunning.into());
+        };
+        // Devices the guest ejected go first: they are not the VM's any more.
+        let gone = instance.reap_ejected_devices();
+        self.forget_vhost_links(&gone);
         let Some(instance) = &life.instance else {
             return Err(VmError::NotRunning.into());
         };
@@ -2090,11 +2113,13 @@ impl Vm {
     }
 
     /// The config a snapshot or migration carries: the vCPUs running now
-    /// (after `vm.resize`) are the ones a restore starts, and the virtio-mem
-    /// sizes asked for now. Its `--memory size` is this boot's (the layout of
-    /// boot RAM; the DIMMs and the size `vm.resize` set are in the memory
-    /// hot-plug state). Refused while a vCPU the guest has not ejected yet is
-    /// marked for removal: its state would come back as a running vCPU.
+    /// (after `vm.resize`) are the ones a restore starts, the virtio-mem
+    /// sizes asked for now, and the devices hot-plug and removal left (the
+    /// saved placement puts each back in its slot). Its `--memory size` is
+    /// this boot's (the layout of boot RAM; the DIMMs and the size
+    /// `vm.resize` set are in the memory hot-plug state). Refused while a
+    /// vCPU or device the guest has not ejected yet is marked for removal:
+    /// it would come back as a running one.
     fn saved_config(&self, instance: &Instance, what: &'static str) -> Result<VmConfig> {
         let hotplug = instance.devices.cpu_hotplug();
         if let Some(index) = hotplug
@@ -2104,17 +2129,26 @@ impl Vm {
         {
             return Err(VmError::VcpuRemovalPending { what, index }.into());
         }
-        // A restore or migration builds the devices in config order, which
-        // need not be the slots hot-plugs and removals left.
-        if self
-            .devices_now
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
-        {
-            return Err(VmError::HotplugState { what }.into());
+        if let Some(id) = instance.devices.pending_removals().into_iter().next() {
+            return Err(VmError::DeviceRemovalPending { what, id }.into());
         }
         let mut config = self.config().clone();
+        if let Some(lists) = &*self.devices_now.lock().unwrap_or_else(|p| p.into_inner()) {
+            lists.apply(&mut config);
+        }
+        // A device the restore could not put back where it was.
+        let on_bus: std::collections::HashSet<String> = instance
+            .devices
+            .device_tree()
+            .into_iter()
+            .map(|n| n.id)
+            .collect();
+        if let Some(id) = DeviceLists::ids(&config)
+            .into_iter()
+            .find(|id| !on_bus.contains(id))
+        {
+            return Err(VmError::DeviceEjectedByGuest { what, id }.into());
+        }
         config.cpus.boot_vcpus = hotplug.present();
         config.memory.size = instance.memory_size;
         self.apply_virtio_mem_sizes(&mut config.memory);
@@ -2138,6 +2172,11 @@ impl Vm {
         let pci = instance.devices.save_pci_state();
         let size = *self.memory_now.lock().unwrap_or_else(|p| p.into_inner());
         let memory_hotplug = instance.devices.memory_hotplug().save(size).encode();
+        let counter = *self
+            .device_id_counter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let placement = instance.devices.save_placement(counter as u64);
         Ok(SavedState {
             vcpus,
             platform: snapshot::PlatformState {
@@ -2145,6 +2184,7 @@ impl Vm {
                 ioapic,
                 serial,
                 pci,
+                placement,
                 memory_hotplug,
             },
         })
@@ -2231,9 +2271,20 @@ impl Vm {
             detail: e.to_string(),
         })?;
         let vm = Vm::new(validated, options)?;
+        vm.set_device_id_counter(&snap.state);
         vm.start_restored(&snap, prefault)?;
         *vm.memory_now.lock().unwrap_or_else(|p| p.into_inner()) = hotplug.size;
         Ok(vm)
+    }
+
+    /// Cloud Hypervisor's automatic id counter as the saved VM left it, so
+    /// that the next hot-plug is named as there.
+    fn set_device_id_counter(&self, state: &SavedState) {
+        let saved = state.platform.placement.device_id_counter;
+        *self
+            .device_id_counter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = usize::try_from(saved).unwrap_or(usize::MAX);
     }
 
     fn start_restored(self: &Arc<Self>, snap: &snapshot::Snapshot, prefault: bool) -> Result<()> {
@@ -2260,11 +2311,16 @@ impl Vm {
     /// on here as before, unless the receiver may already run it (the
     /// connection ended after the last step): then it stays paused.
     pub fn send_migration(&self, path: &std::path::Path, local: bool) -> Result<MigrationReport> {
-        if has_vhost_user(self.config()) {
+        if has_vhost_user(&self.live_config()) {
             return Err(VmError::VhostUserState { what: "Migration" }.into());
         }
         let started = Instant::now();
         let mut life = self.lock_settled();
+        // Devices the guest ejected go first: they are not the VM's any more.
+        if let Some(instance) = life.instance.as_mut() {
+            let gone = instance.reap_ejected_devices();
+            self.forget_vhost_links(&gone);
+        }
         let Some(instance) = &life.instance else {
             return Err(VmError::NotRunning.into());
         };
@@ -2418,6 +2474,10 @@ impl Vm {
         let state = self.capture_state(instance)?;
         // The receiver opens the disk images now; the devices here are idle.
         *self.held_disk_locks() = Vec::new();
+        self.hot_disk_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         progress.disks_unlocked = true;
         wire.send(Kind::State, &state.encode())?;
         wire.wait_ack()?;
@@ -2595,6 +2655,7 @@ impl Vm {
             }
         };
         let state = SavedState::decode(&buffer).map_err(|e| protocol(e.to_string()))?;
+        vm.set_device_id_counter(&state);
         let restore = Restore {
             memory: RestoredMemory::Ram(ram),
             state: &state,

@@ -45,6 +45,7 @@ use crate::pci::PciDevice as _;
 use crate::pci::{
     self, PciBarWindow, PciConfigIo, PciEcam, PciSegment, SegmentLayout, ECAM_SIZE_PER_SEGMENT,
 };
+use crate::snapshot::placement::{PciPlace, PciPlacement};
 use crate::snapshot::SnapshotError;
 use crate::virtio::pci::{DeviceEvents, VirtioPciDevice};
 use crate::virtio::TYPE_BLOCK;
@@ -143,6 +144,40 @@ pub struct DeviceContext<'a> {
     /// Connections to vhost-user backends, by device id: kept by the VM
     /// across the resets that rebuild the devices.
     pub vhost_links: &'a VhostLinks,
+    /// A restore's record of where each PCI function was: every device
+    /// goes back there instead of the first free slot and BAR space.
+    pub placement: Option<&'a PciPlacement>,
+}
+
+/// A snapshot's placement that does not fit the VM it is restored into.
+fn misplaced(detail: String) -> Error {
+    SnapshotError::Corrupt {
+        what: "the PCI placement".to_owned(),
+        detail,
+    }
+    .into()
+}
+
+/// The place `ctx.placement` records for device `id` on `segment`, if the
+/// context restores one.
+fn recorded_place<'a>(
+    ctx: &DeviceContext<'a>,
+    id: &str,
+    segment: u16,
+) -> Result<Option<&'a PciPlace>> {
+    let Some(placement) = ctx.placement else {
+        return Ok(None);
+    };
+    let place = placement
+        .find(id)
+        .ok_or_else(|| misplaced(format!("device {id} of the config has no place")))?;
+    if place.segment != segment {
+        return Err(misplaced(format!(
+            "device {id} on PCI segment {}, the config puts it on {segment}",
+            place.segment
+        )));
+    }
+    Ok(Some(place))
 }
 
 pub type VhostLinks =
@@ -177,6 +212,8 @@ pub struct DeviceManager {
     pmem_regions: BTreeMap<String, kvm_bindings::kvm_userspace_memory_region>,
     /// `--pvpanic`: (its BDF, the device).
     pvpanic: Option<(String, Arc<Mutex<PvPanic>>)>,
+    /// Where the pvpanic BAR was allocated.
+    pvpanic_bar: u64,
     /// `--balloon`: its target and size, for `vm.resize` and `vm.info`.
     balloon: Option<crate::virtio::balloon::BalloonControl>,
     /// The virtio-mem devices by memory zone, for `vm.resize-zone`.
@@ -300,6 +337,7 @@ impl DeviceManager {
         let hotplug = Arc::new(HotplugState {
             controller: pci_hotplug,
             removable: Mutex::new(BTreeMap::new()),
+            removing: Mutex::new(std::collections::BTreeSet::new()),
             ejected: Mutex::new(Vec::new()),
         });
         let virtio_mem = std::mem::take(&mut reserve.virtio_mem);
@@ -312,10 +350,16 @@ impl DeviceManager {
             }
             virtio.push(device);
         }
-        let pvpanic = match ctx.config.pvpanic {
-            true => Some(add_pvpanic(ctx, &segments)?),
-            false => None,
+        let (pvpanic, pvpanic_bar) = match ctx.config.pvpanic {
+            true => {
+                let (bdf, bar, device) = add_pvpanic(ctx, &segments)?;
+                (Some((bdf, device)), bar)
+            }
+            false => (None, 0),
         };
+        if let Some(placement) = ctx.placement {
+            restore_hotplug_state(placement, &virtio, pvpanic.is_some(), &hotplug, &ged)?;
+        }
         {
             // The guest ejects a slot (`B0EJ`): a removable device leaves its
             // slot now (config space shows it gone); the VMM thread tears it
@@ -336,6 +380,7 @@ impl DeviceManager {
                         return; // empty, the host bridge, or a device CH keeps
                     };
                     bus.remove(slot);
+                    lock(&state.removing).remove(&id);
                     lock(&state.ejected).push(id);
                     control.device_ejected();
                 }));
@@ -348,6 +393,7 @@ impl DeviceManager {
             segments,
             virtio,
             pvpanic,
+            pvpanic_bar,
             balloon,
             hotplug,
             routes,
@@ -510,19 +556,20 @@ impl DeviceManager {
                 return Err(r.corrupt(format!("{} host bridge registers", registers.len())));
             }
         }
+        // By id: hot-plugs leave the devices in another order than the config's.
         r.count(self.virtio.len(), "virtio devices", "the VM")?;
-        for device in &self.virtio {
+        let mut restored = std::collections::HashSet::new();
+        for _ in 0..self.virtio.len() {
             let id = r.blob(256)?;
             let state = r.blob(1 << 20)?;
-            let mut device = device.lock().unwrap_or_else(|p| p.into_inner());
-            if id != device.id().as_bytes() {
+            let found = self.virtio.iter().find(|d| lock(d).id().as_bytes() == id);
+            let Some(device) = found.filter(|_| restored.insert(id)) else {
                 return Err(r.corrupt(format!(
-                    "virtio device {:?} where the VM has {}",
-                    String::from_utf8_lossy(id),
-                    device.id()
+                    "virtio device {:?}, which the VM lacks (or the state lists twice)",
+                    String::from_utf8_lossy(id)
                 )));
-            }
-            device.restore_state(state)?;
+            };
+            lock(device).restore_state(state)?;
         }
         r.count(
             usize::from(self.pvpanic.is_some()),
@@ -590,6 +637,50 @@ impl DeviceManager {
                 detail: "does not match the config's serial port".to_owned(),
             }),
         }
+    }
+
+    /// Where each PCI function sits and the hot-plug state the guest has not
+    /// read, for a snapshot (after ejected devices were reaped).
+    pub fn save_placement(&self, device_id_counter: u64) -> PciPlacement {
+        let ejected = self.ejected_ids();
+        let mut functions = Vec::new();
+        for device in &self.virtio {
+            let device = lock(device);
+            if ejected.iter().any(|id| id == device.id()) {
+                continue;
+            }
+            let (segment, slot) = device.location();
+            functions.push(PciPlace {
+                id: device.id().to_owned(),
+                segment,
+                slot,
+                bar: device.allocated_bar(),
+                region: device.device().mmio_range().map(|(base, _)| base),
+            });
+        }
+        if let Some((bdf, _)) = &self.pvpanic {
+            functions.push(PciPlace {
+                id: PVPANIC_ID.to_owned(),
+                segment: 0,
+                slot: pvpanic_slot(bdf),
+                bar: self.pvpanic_bar,
+                region: None,
+            });
+        }
+        let (selected_segment, hotplug_bits) = self.hotplug.controller.save();
+        PciPlacement {
+            device_id_counter,
+            ged_pending: self.ged.pending(),
+            selected_segment,
+            hotplug_bits,
+            functions,
+        }
+    }
+
+    /// The devices `vm.remove-device` marked whose slot the guest has not
+    /// ejected yet.
+    pub fn pending_removals(&self) -> Vec<String> {
+        lock(&self.hotplug.removing).iter().cloned().collect()
     }
 
     /// Cloud Hypervisor's device tree, with the BARs where the guest has them now.
@@ -664,6 +755,8 @@ struct HotplugState {
     controller: Arc<PciHotplug>,
     /// (segment, slot) → id of each removable device.
     removable: Mutex<BTreeMap<(u16, u8), String>>,
+    /// Ids `vm.remove-device` marked, not ejected yet.
+    removing: Mutex<std::collections::BTreeSet<String>>,
     /// Ids the guest ejected, out of their slots, waiting for teardown.
     ejected: Mutex<Vec<String>>,
 }
@@ -770,6 +863,7 @@ impl DeviceManager {
         drop(removable);
         match slot {
             Some((segment, slot)) => {
+                lock(&self.hotplug.removing).insert(id.to_owned());
                 self.hotplug.controller.mark_down(segment, slot);
                 Ok(())
             }
@@ -794,10 +888,10 @@ impl DeviceManager {
                 let device = lock(&device);
                 let (segment, _) = device.location();
                 if let Some(segment) = self.segments.get(usize::from(segment)) {
-                    let config = device.config_space();
-                    if let (Some(bar), Some(address)) = (config.bar(0), config.bar_address(0)) {
+                    // Where it was allocated: the guest may have moved it.
+                    if let Some(bar) = device.config_space().bar(0) {
                         let wide = bar.kind != BarKind::Memory32;
-                        segment.allocator(wide).free(address);
+                        segment.allocator(wide).free(device.allocated_bar());
                     }
                     if let Some((base, _)) = device.device().mmio_range() {
                         segment.allocator(true).free(base);
@@ -867,7 +961,8 @@ fn bar_resources(config: &crate::pci::config::PciConfiguration) -> Vec<Resource>
 fn add_pvpanic(
     ctx: &DeviceContext<'_>,
     segments: &[Arc<PciSegment>],
-) -> Result<(String, Arc<Mutex<PvPanic>>)> {
+) -> Result<(String, u64, Arc<Mutex<PvPanic>>)> {
+    use crate::devices::pvpanic::{BAR_ALIGNMENT, BAR_SIZE};
     let id = PVPANIC_ID.to_owned();
     let segment = segments
         .first()
@@ -875,22 +970,101 @@ fn add_pvpanic(
             id: id.clone(),
             segment: 0,
         })?;
-    let slot = segment
-        .free_slot()
-        .ok_or_else(|| DeviceManagerError::NoFreeSlot {
-            id: id.clone(),
-            segment: 0,
-        })?;
-    let bar = segment
-        .allocator(false)
-        .allocate_aligned(
-            crate::devices::pvpanic::BAR_SIZE,
-            crate::devices::pvpanic::BAR_ALIGNMENT,
-        )
-        .ok_or_else(|| DeviceManagerError::WindowFull { id: id.clone() })?;
+    let (slot, bar) = match recorded_place(ctx, &id, 0)? {
+        Some(place) => {
+            take_slot_and_bar(segment, place, false, BAR_SIZE, BAR_ALIGNMENT)?;
+            (place.slot, place.bar)
+        }
+        None => {
+            let slot = segment
+                .free_slot()
+                .ok_or_else(|| DeviceManagerError::NoFreeSlot {
+                    id: id.clone(),
+                    segment: 0,
+                })?;
+            let bar = segment
+                .allocator(false)
+                .allocate_aligned(BAR_SIZE, BAR_ALIGNMENT)
+                .ok_or_else(|| DeviceManagerError::WindowFull { id: id.clone() })?;
+            (slot, bar)
+        }
+    };
     let device = Arc::new(Mutex::new(PvPanic::new(ctx.device_events.clone(), bar)));
     segment.insert(slot, device.clone());
-    Ok((format!("0000:00:{slot:02x}.0"), device))
+    Ok((format!("0000:00:{slot:02x}.0"), bar, device))
+}
+
+/// The slot of the pvpanic device's BDF (`0000:00:ss.0`).
+fn pvpanic_slot(bdf: &str) -> u8 {
+    bdf.get(8..10)
+        .and_then(|s| u8::from_str_radix(s, 16).ok())
+        .unwrap_or(0)
+}
+
+/// Checks that `place`'s slot of `segment` is free and takes its BAR (of
+/// `size`, `alignment`-aligned) from the segment's 32-bit (`wide` false)
+/// or 64-bit window.
+fn take_slot_and_bar(
+    segment: &PciSegment,
+    place: &PciPlace,
+    wide: bool,
+    size: u64,
+    alignment: u64,
+) -> Result<()> {
+    let id = &place.id;
+    if !segment.slot_is_free(place.slot) {
+        return Err(misplaced(format!(
+            "device {id} in slot {:04x}:00:{:02x}, which is not free",
+            place.segment, place.slot
+        )));
+    }
+    let window = if wide { "64-bit" } else { "32-bit" };
+    if !place.bar.is_multiple_of(alignment) || !segment.allocator(wide).allocate_at(place.bar, size)
+    {
+        return Err(misplaced(format!(
+            "device {id}'s BAR at {:#x} is not free in segment {}'s {window} window",
+            place.bar, place.segment
+        )));
+    }
+    Ok(())
+}
+
+/// A restore's checks that every recorded function was built (an id the
+/// config lacks is refused), then the hot-plug controller's and the GED's
+/// unread state.
+fn restore_hotplug_state(
+    placement: &PciPlacement,
+    virtio: &[Arc<Mutex<VirtioPciDevice>>],
+    pvpanic: bool,
+    hotplug: &HotplugState,
+    ged: &Ged,
+) -> Result<()> {
+    for place in &placement.functions {
+        let built = if place.id == PVPANIC_ID {
+            pvpanic
+        } else {
+            virtio.iter().any(|d| lock(d).id() == place.id)
+        };
+        if !built {
+            return Err(misplaced(format!(
+                "a place for device {}, which the config lacks",
+                place.id
+            )));
+        }
+    }
+    if !hotplug
+        .controller
+        .restore(placement.selected_segment, &placement.hotplug_bits)
+    {
+        return Err(misplaced(format!(
+            "hot-plug state for {} PCI segments (segment {} selected), the VM has {}",
+            placement.hotplug_bits.len(),
+            placement.selected_segment,
+            hotplug.controller.save().1.len()
+        )));
+    }
+    ged.set_pending(placement.ged_pending);
+    Ok(())
 }
 
 /// The IOAPIC the MADT announces; it routes GSIs 0..24 (COM1, the GED).
@@ -1052,22 +1226,32 @@ fn add_virtio_pci(
                 id: id.clone(),
                 segment: segment_id,
             })?;
-    let slot = segment
-        .free_slot()
-        .ok_or_else(|| DeviceManagerError::NoFreeSlot {
-            id: id.clone(),
-            segment: segment_id,
-        })?;
     let kind = if device.device_type() == TYPE_BLOCK && segment_id == 0 {
         BarKind::Memory32
     } else {
         BarKind::Memory64
     };
     let wide = kind != BarKind::Memory32;
-    let bar = segment
-        .allocator(wide)
-        .allocate(crate::virtio::pci::BAR_SIZE)
-        .ok_or_else(|| DeviceManagerError::WindowFull { id: id.clone() })?;
+    let size = crate::virtio::pci::BAR_SIZE;
+    let (slot, bar) = match recorded_place(ctx, &id, segment_id)? {
+        Some(place) => {
+            take_slot_and_bar(segment, place, wide, size, size)?;
+            (place.slot, place.bar)
+        }
+        None => {
+            let slot = segment
+                .free_slot()
+                .ok_or_else(|| DeviceManagerError::NoFreeSlot {
+                    id: id.clone(),
+                    segment: segment_id,
+                })?;
+            let bar = segment
+                .allocator(wide)
+                .allocate(size)
+                .ok_or_else(|| DeviceManagerError::WindowFull { id: id.clone() })?;
+            (slot, bar)
+        }
+    };
     let device = VirtioPciDevice::new(
         id,
         device,

@@ -47,6 +47,7 @@ mod needs_kvm {
             vhost_links: &Default::default(),
             balloon_size: None,
             virtio_mem_sizes: &Default::default(),
+            placement: None,
         })
         .unwrap();
 
@@ -139,6 +140,7 @@ mod needs_kvm {
             vhost_links: &links,
             balloon_size: None,
             virtio_mem_sizes: &sizes,
+            placement: None,
         };
         let mut devices = DeviceManager::build(&context(&config)).unwrap();
         let mut only = config.clone();

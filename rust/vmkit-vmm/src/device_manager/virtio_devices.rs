@@ -217,11 +217,34 @@ fn pmem(ctx: &DeviceContext<'_>, reserve: &mut Reservations<'_>) -> Result<Vec<V
                 id: id.clone(),
                 segment: config.pci_segment,
             })?;
-        // 2 MiB aligned, from the top of the segment's 64-bit window.
-        let start = segment
-            .allocator(true)
-            .allocate_aligned(size, pmem::REGION_ALIGNMENT)
-            .ok_or_else(|| DeviceManagerError::WindowFull { id: id.clone() })?;
+        // 2 MiB aligned, from the top of the segment's 64-bit window; a
+        // restore puts it back where the guest had it.
+        let recorded = match ctx.placement {
+            Some(placement) => {
+                Some(placement.find(&id).and_then(|p| p.region).ok_or_else(|| {
+                    super::misplaced(format!("pmem device {id} has no memory region recorded"))
+                })?)
+            }
+            None => None,
+        };
+        let start = match recorded {
+            Some(start) => {
+                let fits = start.is_multiple_of(pmem::REGION_ALIGNMENT)
+                    && segment.allocator(true).allocate_at(start, size);
+                if !fits {
+                    return Err(super::misplaced(format!(
+                        "pmem device {id}'s region at {start:#x} is not free in segment {}'s \
+                         64-bit window",
+                        config.pci_segment
+                    )));
+                }
+                start
+            }
+            None => segment
+                .allocator(true)
+                .allocate_aligned(size, pmem::REGION_ALIGNMENT)
+                .ok_or_else(|| DeviceManagerError::WindowFull { id: id.clone() })?,
+        };
         let mapping = match pmem::map_backing(&file, size, config.discard_writes, &config.file) {
             Ok(mapping) => Arc::new(mapping),
             Err(e) => {

@@ -187,6 +187,17 @@ impl Ged {
         }
     }
 
+    /// The events raised and not read yet, for a snapshot.
+    pub fn pending(&self) -> u8 {
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Restores `pending` events without a new interrupt: one raised
+    /// before the snapshot is in the saved IOAPIC and vCPU state.
+    pub fn set_pending(&self, events: u8) {
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = events;
+    }
+
     /// Records `event` and interrupts the guest.
     pub fn notify(&self, event: u8) -> std::io::Result<()> {
         *self.pending.lock().unwrap_or_else(|p| p.into_inner()) |= event;

@@ -73,6 +73,27 @@ impl PciHotplug {
         }
     }
 
+    /// (the selected segment, each segment's (PCIU, PCID) bits the guest
+    /// has not read), for a snapshot.
+    pub fn save(&self) -> (u32, Vec<(u32, u32)>) {
+        let state = self.state();
+        (state.0, state.1.iter().map(|b| (b.up, b.down)).collect())
+    }
+
+    /// Loads what `save` gave; false (and nothing changed) unless it has
+    /// one entry per segment and selects one of them.
+    pub fn restore(&self, selected: u32, bits: &[(u32, u32)]) -> bool {
+        let mut state = self.state();
+        if bits.len() != state.1.len() || selected as usize >= bits.len() {
+            return false;
+        }
+        state.0 = selected;
+        for (segment, &(up, down)) in state.1.iter_mut().zip(bits) {
+            *segment = SegmentBits { up, down };
+        }
+        true
+    }
+
     fn read_register(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         if data.len() != 4 {
@@ -179,6 +200,30 @@ mod tests {
         regs.write(PSEG_OFFSET, &1u32.to_le_bytes());
         regs.write(B0EJ_OFFSET, &(1u32 << 2).to_le_bytes());
         assert_eq!(*ejected.lock().unwrap(), vec![(0, 6), (0, 31), (1, 2)]);
+    }
+
+    #[test]
+    fn unread_bits_and_the_selected_segment_survive_a_save_and_restore() {
+        let controller = Arc::new(PciHotplug::new(2));
+        controller.mark_up(1, 4);
+        controller.mark_down(0, 2);
+        PciHotplugRegisters(controller.clone()).write(PSEG_OFFSET, &1u32.to_le_bytes());
+        let (selected, bits) = controller.save();
+        assert_eq!(
+            (selected, bits.clone()),
+            (1, vec![(0, 1 << 2), (1 << 4, 0)])
+        );
+        let restored = Arc::new(PciHotplug::new(2));
+        assert!(restored.restore(selected, &bits));
+        let mut regs = PciHotplugRegisters(restored.clone());
+        assert_eq!(read(&mut regs, PSEG_OFFSET), 1);
+        assert_eq!(read(&mut regs, PCIU_OFFSET), 1 << 4);
+        regs.write(PSEG_OFFSET, &0u32.to_le_bytes());
+        assert_eq!(read(&mut regs, PCID_OFFSET), 1 << 2);
+        // A count or selection that is not this controller's changes nothing.
+        assert!(!restored.restore(0, &bits[..1]));
+        assert!(!restored.restore(2, &bits));
+        assert_eq!(restored.save(), (0, vec![(0, 0), (0, 0)]));
     }
 
     #[test]

@@ -186,6 +186,28 @@ impl WindowAllocator {
         (start >= low).then_some(start)
     }
 
+    /// Takes exactly `[start, start + size)` (a restore puts a device's
+    /// range back where it was); false if it leaves the window, is empty
+    /// or overlaps a range handed out.
+    pub fn allocate_at(&mut self, start: u64, size: u64) -> bool {
+        let Some(end) = start.checked_add(size) else {
+            return false;
+        };
+        if size == 0 || start < self.window.start || end > self.window.end() {
+            return false;
+        }
+        // The range below `end` that starts last must end by `start`.
+        let clear = self
+            .taken
+            .range(..end)
+            .next_back()
+            .is_none_or(|(&s, &len)| s + len <= start);
+        if clear {
+            self.taken.insert(start, size);
+        }
+        clear
+    }
+
     /// Gives back the range that starts at `start`; false if none does.
     pub fn free(&mut self, start: u64) -> bool {
         self.taken.remove(&start).is_some()
@@ -236,6 +258,13 @@ impl PciSegment {
             .iter()
             .position(Option::is_none)
             .map(|s| s as u8)
+    }
+
+    /// Whether `slot` exists and holds no function.
+    pub fn slot_is_free(&self, slot: u8) -> bool {
+        self.slots()
+            .get(usize::from(slot))
+            .is_some_and(Option::is_none)
     }
 
     pub fn insert(&self, slot: u8, device: SharedPciDevice) {
@@ -556,6 +585,28 @@ mod tests {
         assert!(b.free(58 << 20));
         assert!(!b.free(58 << 20));
         assert_eq!(b.allocate_aligned(6 << 20, 2 << 20), Some(58 << 20));
+    }
+
+    #[test]
+    fn a_range_is_taken_back_exactly_where_it_was_or_refused() {
+        let mut a = WindowAllocator::new(Window {
+            start: 0x1000,
+            size: 0x10000,
+        });
+        assert!(a.allocate_at(0x8000, 0x1000));
+        assert!(!a.allocate_at(0x8000, 0x1000), "taken already");
+        assert!(!a.allocate_at(0x7800, 0x1000), "overlaps from below");
+        assert!(!a.allocate_at(0x8800, 0x100), "inside another");
+        assert!(!a.allocate_at(0x7000, 0x4000), "covers another");
+        assert!(a.allocate_at(0x7000, 0x1000), "ends where the next starts");
+        assert!(a.allocate_at(0x9000, 0x800), "starts where the last ends");
+        assert!(!a.allocate_at(0x800, 0x1000), "below the window");
+        assert!(!a.allocate_at(0x10800, 0x1000), "past the window");
+        assert!(!a.allocate_at(u64::MAX - 0x10, 0x100), "wraps");
+        assert!(!a.allocate_at(0x2000, 0), "empty");
+        // The allocator hands out around what was put back.
+        assert_eq!(a.allocate(0x8000), None);
+        assert_eq!(a.allocate(0x4000), Some(0xc000));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! from a snapshot is checked before use: a snapshot is user input.
 
 pub mod codec;
+pub mod placement;
 pub mod vcpu;
 
 use std::fs::File;
@@ -174,13 +175,15 @@ impl SavedState {
 }
 
 /// The KVM VM's clock, the user-space platform devices' registers, the
-/// PCI devices' configuration and transport registers, and the ACPI memory
-/// hot-plug controller's slots (the DIMMs `vm.resize` added).
+/// PCI devices' configuration and transport registers, where each PCI
+/// function sits, and the ACPI memory hot-plug controller's slots (the
+/// DIMMs `vm.resize` added).
 pub struct PlatformState {
     pub clock: u64,
     pub ioapic: Vec<u8>,
     pub serial: Option<Vec<u8>>,
     pub pci: Vec<u8>,
+    pub placement: placement::PciPlacement,
     pub memory_hotplug: Vec<u8>,
 }
 
@@ -204,6 +207,7 @@ impl PlatformState {
             None => w.u32(0),
         }
         w.blob(&self.pci);
+        self.placement.encode(&mut w);
         w.blob(&self.memory_hotplug);
         w.bytes
     }
@@ -221,6 +225,7 @@ impl PlatformState {
             other => return Err(r.corrupt(format!("serial port marker {other}"))),
         };
         let pci = r.blob(PCI_BLOB_LIMIT)?.to_vec();
+        let placement = placement::PciPlacement::decode(&mut r)?;
         let memory_hotplug = r.blob(PLATFORM_BLOB_LIMIT)?.to_vec();
         r.finish()?;
         Ok(PlatformState {
@@ -228,6 +233,7 @@ impl PlatformState {
             ioapic,
             serial,
             pci,
+            placement,
             memory_hotplug,
         })
     }

@@ -273,6 +273,9 @@ pub struct VirtioPciDevice {
     stopped_for_snapshot: bool,
     /// (segment, slot), for the device tree.
     location: (u16, u8),
+    /// Where BAR 0 was allocated from its segment's window (the guest may
+    /// have moved it since): what a hot-unplug gives back and a restore takes.
+    allocated_bar: u64,
 }
 
 fn le_value(data: &[u8]) -> u64 {
@@ -403,6 +406,7 @@ impl VirtioPciDevice {
             active: false,
             stopped_for_snapshot: false,
             location: (0, 0),
+            allocated_bar: bar_address,
             events: None,
             spawner: crate::seccomp::Spawner::unconfined(),
         };
@@ -561,6 +565,11 @@ impl VirtioPciDevice {
     pub fn bdf(&self) -> String {
         let (segment, slot) = self.location;
         format!("{segment:04x}:00:{slot:02x}.0")
+    }
+
+    /// Where BAR 0 was allocated (see `allocated_bar`).
+    pub fn allocated_bar(&self) -> u64 {
+        self.allocated_bar
     }
 
     /// (segment, slot).
