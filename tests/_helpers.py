@@ -6,9 +6,12 @@ Every expectation in the test files comes from /work/shared/ch-reference.md ("re
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import re
 import struct
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -292,3 +295,18 @@ def sector_pattern(first_sector: int, length: int) -> bytes:
         for sector in range(first_sector, first_sector + length // 512)
         for j in range(64)
     )
+
+
+def restore_refused(snapshot: Path) -> Any:
+    """Restores ``snapshot``, which must fail with a ``Snapshot`` VmError and
+    leave no thread or descriptor behind; returns the error."""
+    from vmkit.vm import Vm, VmError
+
+    gc.collect()  # earlier tests' garbage must not close descriptors meanwhile
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    with pytest.raises(VmError) as raised:
+        Vm.restore(snapshot)
+    assert raised.value.kind == "Snapshot", (raised.value.kind, str(raised.value))
+    assert threading.active_count() == threads, "a thread was left running"
+    assert len(os.listdir("/proc/self/fd")) == fds, "a descriptor was left open"
+    return raised.value

@@ -970,25 +970,7 @@ fn add_pvpanic(
             id: id.clone(),
             segment: 0,
         })?;
-    let (slot, bar) = match recorded_place(ctx, &id, 0)? {
-        Some(place) => {
-            take_slot_and_bar(segment, place, false, BAR_SIZE, BAR_ALIGNMENT)?;
-            (place.slot, place.bar)
-        }
-        None => {
-            let slot = segment
-                .free_slot()
-                .ok_or_else(|| DeviceManagerError::NoFreeSlot {
-                    id: id.clone(),
-                    segment: 0,
-                })?;
-            let bar = segment
-                .allocator(false)
-                .allocate_aligned(BAR_SIZE, BAR_ALIGNMENT)
-                .ok_or_else(|| DeviceManagerError::WindowFull { id: id.clone() })?;
-            (slot, bar)
-        }
-    };
+    let (slot, bar) = slot_and_bar(ctx, segment, &id, 0, false, BAR_SIZE, BAR_ALIGNMENT)?;
     let device = Arc::new(Mutex::new(PvPanic::new(ctx.device_events.clone(), bar)));
     segment.insert(slot, device.clone());
     Ok((format!("0000:00:{slot:02x}.0"), bar, device))
@@ -999,6 +981,35 @@ fn pvpanic_slot(bdf: &str) -> u8 {
     bdf.get(8..10)
         .and_then(|s| u8::from_str_radix(s, 16).ok())
         .unwrap_or(0)
+}
+
+/// Device `id`'s slot on `segment` and the start of its BAR 0 (`size`
+/// bytes, `wide`: from the 64-bit window): where a snapshot's placement put
+/// it, else the first free slot and the BAR space the window has.
+fn slot_and_bar(
+    ctx: &DeviceContext<'_>,
+    segment: &PciSegment,
+    id: &str,
+    segment_id: u16,
+    wide: bool,
+    size: u64,
+    alignment: u64,
+) -> Result<(u8, u64)> {
+    if let Some(place) = recorded_place(ctx, id, segment_id)? {
+        take_slot_and_bar(segment, place, wide, size, alignment)?;
+        return Ok((place.slot, place.bar));
+    }
+    let slot = segment
+        .free_slot()
+        .ok_or_else(|| DeviceManagerError::NoFreeSlot {
+            id: id.to_owned(),
+            segment: segment_id,
+        })?;
+    let bar = segment
+        .allocator(wide)
+        .allocate_aligned(size, alignment)
+        .ok_or_else(|| DeviceManagerError::WindowFull { id: id.to_owned() })?;
+    Ok((slot, bar))
 }
 
 /// Checks that `place`'s slot of `segment` is free and takes its BAR (of
@@ -1233,25 +1244,7 @@ fn add_virtio_pci(
     };
     let wide = kind != BarKind::Memory32;
     let size = crate::virtio::pci::BAR_SIZE;
-    let (slot, bar) = match recorded_place(ctx, &id, segment_id)? {
-        Some(place) => {
-            take_slot_and_bar(segment, place, wide, size, size)?;
-            (place.slot, place.bar)
-        }
-        None => {
-            let slot = segment
-                .free_slot()
-                .ok_or_else(|| DeviceManagerError::NoFreeSlot {
-                    id: id.clone(),
-                    segment: segment_id,
-                })?;
-            let bar = segment
-                .allocator(wide)
-                .allocate(size)
-                .ok_or_else(|| DeviceManagerError::WindowFull { id: id.clone() })?;
-            (slot, bar)
-        }
-    };
+    let (slot, bar) = slot_and_bar(ctx, segment, &id, segment_id, wide, size, size)?;
     let device = VirtioPciDevice::new(
         id,
         device,
