@@ -55,6 +55,21 @@ def rounds_seen(text: str) -> list[int]:
     return [int(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)]
 
 
+def listening(path: Path) -> bool:
+    """Whether a UNIX socket listens on ``path`` (its file exists from bind(),
+    before listen(): a connect in between is refused)."""
+    try:
+        table = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return path.exists()
+    for line in table:
+        fields = line.split()
+        # Num RefCount Protocol Flags Type St Inode Path; __SO_ACCEPTCON = 0x10000
+        if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
+            return True
+    return False
+
+
 class Receiver:
     """``Vm.receive_migration`` on ``path`` in a thread: ``vm`` or ``error`` once done."""
 
@@ -65,7 +80,7 @@ class Receiver:
         self.thread = threading.Thread(target=self._run, args=(options,))
         self.thread.start()
         deadline = time.monotonic() + 10
-        while not path.exists():
+        while not listening(path):
             assert time.monotonic() < deadline, "the receiver never listened"
             time.sleep(0.001)
 
