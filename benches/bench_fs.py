@@ -27,10 +27,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from machine import CH, Hogs, Runs, machine
+from machine import CH, Hogs, Runs, machine, wait_listening
 from vmkit import testguest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -54,11 +53,7 @@ def virtiofsd(share: Path, sock: Path) -> subprocess.Popen[bytes]:
          "--sandbox=none"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("virtiofsd did not start")
-        time.sleep(0.005)
+    wait_listening(sock, process=proc)
     return proc
 
 

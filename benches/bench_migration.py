@@ -44,6 +44,7 @@ from bench_snapshot import (
     start,
     stop,
 )
+from machine import wait_listening
 from vmkit import VmConfig, testguest
 
 ROUNDS = 100_000
@@ -158,10 +159,7 @@ def one_run(kind: str, size: str, work: Path) -> dict[str, float]:
              f"unix:{migration}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        while not migration.exists():
-            if waiting.poll() is not None:
-                raise RuntimeError(f"receive-migration: {waiting.communicate()[1]}")
-            time.sleep(0.001)
+        wait_listening(migration, process=waiting, why_not=lambda: waiting.communicate()[1])
         started = time.monotonic()
         remote(source, "send-migration", f"unix:{migration}")
         total = time.monotonic() - started

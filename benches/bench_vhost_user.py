@@ -29,13 +29,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import plots
 from bench_io import QUEUE_SIZE, Row, cmdline, make_image, rate, run
 from bench_io import plot as io_plot
-from machine import CH, Hogs, Runs, machine
+from machine import CH, Hogs, Runs, machine, wait_listening
 from vmkit import testguest
 
 ROWS = [
@@ -62,11 +61,7 @@ def backend(image: Path, sock: Path) -> subprocess.Popen[bytes]:
         ],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("vhost_user_block did not start")
-        time.sleep(0.005)
+    wait_listening(sock, process=proc)
     return proc
 
 

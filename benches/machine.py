@@ -1,5 +1,5 @@
 """What the benchmarks share: the machine line, where the peers are, a VMM's CPU time, CPU
-hogs, its resident memory, a serial file's lines, stopping a VMM."""
+hogs, its resident memory, a serial file's lines, a socket that listens, stopping a VMM."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 
 import vmkit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from _sockets import wait_listening as wait_listening
 
 
 def machine(with_kvm: bool = True) -> str:

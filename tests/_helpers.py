@@ -268,12 +268,12 @@ def move_spawned_vm(sender: Any, receiver: Any, sock: Path) -> None:
     """Migrates ``sender``'s VM (a ``SpawnedVm``) to ``receiver`` (another) over
     the unix socket ``sock``; returns once the sender's process has exited 0."""
     import threading
-    import time
+
+    from _sockets import wait_listening
 
     waiting = threading.Thread(target=receiver.receive_migration, args=(sock,))
     waiting.start()
-    while not sock.exists():
-        time.sleep(0.001)
+    wait_listening(sock)
     sender.migrate_to(sock)
     waiting.join(30)
     assert sender.process.wait(10) == 0

@@ -13,9 +13,10 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 from types import TracebackType
+
+from _sockets import wait_listening
 
 SWTPM = shutil.which("swtpm")
 SWTPM_MISSING = "swtpm is not installed (Debian: apt-get install swtpm)"
@@ -46,11 +47,7 @@ class Swtpm:
 
     def _wait_listening(self, timeout: float = 10) -> None:
         # Not by connecting: that would take swtpm's one control channel.
-        deadline = time.monotonic() + timeout
-        while not listening(self.socket):
-            assert self.process.poll() is None, f"swtpm exited: {self.log_text()}"
-            assert time.monotonic() < deadline, "swtpm does not listen on its socket"
-            time.sleep(0.01)
+        wait_listening(self.socket, timeout=timeout, process=self.process, why_not=self.log_text)
 
     def log_text(self) -> str:
         try:
@@ -83,15 +80,6 @@ class Swtpm:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def listening(path: Path) -> bool:
-    """Whether a unix socket listens at ``path`` (/proc/net/unix: __SO_ACCEPTCON)."""
-    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
-        fields = line.split()
-        if len(fields) == 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
-            return True
-    return False
 
 
 def unlistened_socket(path: Path) -> Path:

@@ -35,6 +35,7 @@ from _fakeapi import (
     request_bytes,
     response,
 )
+from _sockets import wait_listening
 from _spawndirs import own_tempdir, spawn_dirs  # noqa: F401 (a fixture)
 from vmkit import ApiError, Client, Vm, VmConfig, VmError, config, testguest
 from vmkit.client import (
@@ -863,10 +864,7 @@ def other_vmm(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not path.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no other VMM"
-            time.sleep(0.02)
+        wait_listening(path, timeout=30, process=proc)
         yield proc, path
     finally:
         proc.terminate()

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_binary, ch_remote
 from _helpers import fnv1a64, sector_pattern
+from _sockets import wait_listening
 from _vuproxy import ProtocolFeatureMask
 from vmkit import VmConfig, testguest
 from vmkit.vm import Vm, VmError
@@ -65,11 +66,7 @@ class Virtiofsd:
                 ],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while not socket_path.exists():
-            assert self.proc.poll() is None, f"virtiofsd exited: {self.log}"
-            assert time.monotonic() < deadline, f"virtiofsd did not listen: {self.log}"
-            time.sleep(0.01)
+        wait_listening(socket_path, process=self.proc, why_not=lambda: f"log {self.log}")
 
     @property
     def log(self) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from _helpers import event_names, move_spawned_vm
+from _sockets import wait_listening
 from vmkit import VmConfig, testguest
 from vmkit.vm import Migration, Vm, VmError
 
@@ -55,21 +56,6 @@ def rounds_seen(text: str) -> list[int]:
     return [int(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)]
 
 
-def listening(path: Path) -> bool:
-    """Whether a UNIX socket listens on ``path`` (its file exists from bind(),
-    before listen(): a connect in between is refused)."""
-    try:
-        table = Path("/proc/net/unix").read_text().splitlines()[1:]
-    except OSError:
-        return path.exists()
-    for line in table:
-        fields = line.split()
-        # Num RefCount Protocol Flags Type St Inode Path; __SO_ACCEPTCON = 0x10000
-        if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
-            return True
-    return False
-
-
 class Receiver:
     """``Vm.receive_migration`` on ``path`` in a thread: ``vm`` or ``error`` once done."""
 
@@ -79,10 +65,7 @@ class Receiver:
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(options,))
         self.thread.start()
-        deadline = time.monotonic() + 10
-        while not listening(path):
-            assert time.monotonic() < deadline, "the receiver never listened"
-            time.sleep(0.001)
+        wait_listening(path)
 
     def _run(self, options: dict[str, object]) -> None:
         try:
@@ -601,9 +584,9 @@ def test_the_vmkit_command_migrates_with_the_real_ch_remote(tmp_path: Path) -> N
             [*remote, "receive-migration", url],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        while not (tmp_path / "m.sock").exists():
-            assert waiting.poll() is None, waiting.communicate()
-            time.sleep(0.001)
+        wait_listening(
+            tmp_path / "m.sock", process=waiting, why_not=lambda: waiting.communicate()[1]
+        )
         assert ch_remote(a.socket_path, "send-migration", url) == (0, "", "")
         assert waiting.wait(30) == 0, waiting.communicate()
         assert a.wait(10) == 0, a.log  # v37: the sending VMM exits

@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 from _helpers import move_spawned_vm
+from _sockets import wait_listening
 from vmkit import VmConfig, testguest
 from vmkit.pytest_plugin import VmFactory
 from vmkit.testguest import GuestResults, parse_results
@@ -393,8 +394,7 @@ def test_taps_that_do_not_arrive_are_opened_by_name_or_refused(tmp_path: Path, g
             vm.boot()
             receiver = threading.Thread(target=receive)
             receiver.start()
-            while not (tmp_path / "m.sock").exists():
-                time.sleep(0.001)
+            wait_listening(tmp_path / "m.sock")
             Relay(tmp_path / "relay.sock", tmp_path / "m.sock")
             with pytest.raises(VmError) as e:
                 vm.migrate_to(tmp_path / "relay.sock")
@@ -436,8 +436,7 @@ def test_a_tap_given_as_a_descriptor_moves_with_the_vm(tmp_path: Path) -> None:
             with Vm(cfg) as vm:
                 vm.boot()
                 waiting.start()
-                while not (tmp_path / "m.sock").exists():
-                    time.sleep(0.001)
+                wait_listening(tmp_path / "m.sock")
                 vm.migrate_to(tmp_path / "m.sock")
                 waiting.join(30)
                 assert "step net" not in vm.serial.text, "moved too late"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote, wait_for_line
+from _sockets import wait_listening
 from vmkit import VmConfig, testguest
 from vmkit.config import DiskConfig, FsConfig, NetConfig, PmemConfig, VsockConfig
 from vmkit.errors import ConfigError
@@ -453,10 +454,7 @@ def test_a_hot_added_vhost_user_disk_is_served_and_its_backend_let_go(tmp_path: 
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            assert backend.poll() is None and time.monotonic() < deadline, "no backend socket"
-            time.sleep(0.01)
+        wait_listening(sock, process=backend)
         config = VmConfig.from_cli([
             "--kernel", str(testguest.image_path("pvh")),
             "--cmdline", testguest.cmdline(
@@ -502,10 +500,7 @@ def test_a_hot_added_virtio_fs_is_mounted_by_the_guest_and_virtiofsd_let_go(
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            assert daemon.poll() is None and time.monotonic() < deadline, "no virtiofsd socket"
-            time.sleep(0.01)
+        wait_listening(sock, process=daemon)
         config = VmConfig.from_cli([
             "--kernel", str(testguest.image_path("pvh")),
             "--cmdline", testguest.cmdline(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from _helpers import event_names, restore_refused
+from _sockets import wait_listening
 from vmkit import VmConfig, testguest
 from vmkit.client import SpawnedVm
 from vmkit.config import DiskConfig
@@ -610,12 +611,6 @@ def test_vmkit_remote_snapshots_and_restores_with_events_and_prefault(tmp_path: 
         assert result.returncode == 0, result.stderr
         return result.stdout
 
-    def listening(sock: Path) -> None:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert time.monotonic() < deadline, f"no {sock}"
-            time.sleep(0.01)
-
     serial, snap = tmp_path / "serial.log", new_dir(tmp_path / "snap")
     config = VmConfig.from_cli([
         "--kernel", str(testguest.image_path("pvh")),
@@ -626,7 +621,7 @@ def test_vmkit_remote_snapshots_and_restores_with_events_and_prefault(tmp_path: 
     first_sock, first_events = tmp_path / "first.sock", tmp_path / "first.events"
     first = vmkit("--api-socket", str(first_sock), "--event-monitor", f"path={first_events}")
     try:
-        listening(first_sock)
+        wait_listening(first_sock, timeout=30, process=first)
         remote(first_sock, "create", str(tmp_path / "vm.json"))
         remote(first_sock, "boot")
         deadline = time.monotonic() + 30
@@ -647,7 +642,7 @@ def test_vmkit_remote_snapshots_and_restores_with_events_and_prefault(tmp_path: 
     second_sock, second_events = tmp_path / "second.sock", tmp_path / "second.events"
     second = vmkit("--api-socket", str(second_sock), "--event-monitor", f"path={second_events}")
     try:
-        listening(second_sock)
+        wait_listening(second_sock, timeout=30, process=second)
         remote(second_sock, "restore", f"source_url=file://{snap},prefault=on")
         assert json.loads(remote(second_sock, "info"))["state"] == "Paused"
         remote(second_sock, "resume")

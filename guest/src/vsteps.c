@@ -171,6 +171,7 @@ bool step_console(struct result *r)
 /* ---- msix: one device per type, a vector per queue and for config ---- */
 
 #define MSIX_DEVS 3
+#define MSIX_QUIET_MS 20 /* before the requests: no queue vector may fire */
 
 struct msix_dev {
     struct vdev *v;
@@ -243,6 +244,8 @@ static bool msix_run(struct msix_dev *m, u32 *nm_out, u32 *fired, struct result 
             return false;
         }
     }
+    for (i = 0; i < IRQ_VECTORS; i++)
+        irq_counts[i] = 0;
     for (t = 0; t < MSIX_DEVS; t++) {
         struct msix_dev *d = &m[nm];
         int n = virtio_find(types[t], &d->v, 1, r);
@@ -277,15 +280,39 @@ static bool msix_run(struct msix_dev *m, u32 *nm_out, u32 *fired, struct result 
         return false;
     }
 
+    /* A queue vector that fires with nothing in flight is a spurious interrupt
+     * (a backend answering an idle kick, say): none during a quiet spell.
+     * The LAPIC timer (1 ms period at a 1 GHz bus) bounds each hlt. */
+    lapic_tick_start(1000000);
+    deadline = rdtsc() + ms_to_tsc(MSIX_QUIET_MS);
+    while (rdtsc() < deadline)
+        __asm__ volatile("sti; hlt; cli" ::: "memory");
+    for (i = 0; i < nm; i++) {
+        for (q = m[i].qfirst; q <= m[i].qlast; q++) {
+            u32 v = m[i].v->irq_base + m[i].v->q[q].vector;
+            if (irq_counts[v - IRQ_VECTOR_BASE]) {
+                lapic_tick_stop();
+                res_str(r, "vector ");
+                res_hex(r, v);
+                res_str(r, " of queue ");
+                res_dec(r, q);
+                res_str(r, " fired with no request in flight");
+                res_vdev(r, m[i].v);
+                return false;
+            }
+        }
+    }
+
     for (i = 0; i < IRQ_VECTORS; i++)
         irq_counts[i] = 0;
     for (i = 0; i < nm; i++)
         for (q = m[i].qfirst; q <= m[i].qlast; q++)
-            if (!msix_submit(&m[i], (u16)q, r))
+            if (!msix_submit(&m[i], (u16)q, r)) {
+                lapic_tick_stop();
                 return false;
+            }
 
-    /* hlt until every vector fired; the LAPIC timer (1 ms period at a 1 GHz bus) bounds each hlt. */
-    lapic_tick_start(1000000);
+    /* hlt until every vector fired. */
     deadline = rdtsc() + ms_to_tsc(1000);
     for (;;) {
         cli();

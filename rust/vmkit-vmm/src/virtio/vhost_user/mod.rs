@@ -705,9 +705,13 @@ impl Relay {
                     self.watch_stream(epoll, fd);
                 }
                 // Buffers the guest added while no backend looked: the kick
-                // may have been consumed by the one that went.
+                // may have been consumed by the one that went. Only those
+                // rings: a backend may answer an idle kick with a used-buffer
+                // signal (Cloud Hypervisor's do), a spurious interrupt.
                 for ring in &self.rings {
-                    let _ = ring.kick.write(1);
+                    if self.has_waiting_buffers(ring) {
+                        let _ = ring.kick.write(1);
+                    }
                 }
                 self.send_config();
             }
@@ -833,6 +837,16 @@ impl Relay {
     /// (what the one that went had finished; requests it held are done
     /// again), and the notification suppression the old one left in the
     /// used ring is lifted, so the driver's next buffer is kicked.
+    /// Whether the guest made buffers available past where the backend
+    /// starts (an unreadable index counts as yes: better a spurious interrupt
+    /// than a stalled queue).
+    fn has_waiting_buffers(&self, ring: &Ring) -> bool {
+        match self.memory.read_obj::<u16>(ring.avail.unchecked_add(2)) {
+            Ok(avail_index) => avail_index != ring.base.load(Ordering::Relaxed),
+            Err(_) => true,
+        }
+    }
+
     fn rewind(&self, ring: &Ring) -> u16 {
         let used_index = self
             .memory
