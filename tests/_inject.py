@@ -76,8 +76,12 @@ class Injected:
     result: int | None
 
 
-def inject_syscall(pid: int, tid: int, number: int, *args: int) -> Injected:
-    """Makes thread ``tid`` of ``pid`` execute system call ``number(args)``."""
+def inject_syscall(
+    pid: int, tid: int, number: int, *args: int, refuse_exiting: bool = False
+) -> Injected:
+    """Makes thread ``tid`` of ``pid`` execute system call ``number(args)``.
+    ``refuse_exiting``: a thread on its way out raises ProcessLookupError (a
+    call its filter traps would kill the process there unreported)."""
     address = _syscall_instruction(pid)
     _ptrace(PTRACE_SEIZE, tid)
     try:
@@ -85,6 +89,10 @@ def inject_syscall(pid: int, tid: int, number: int, *args: int) -> Injected:
         _, status = os.waitpid(tid, WALL)
         if not os.WIFSTOPPED(status):
             raise RuntimeError(f"thread {tid} did not stop: status {status:#x}")
+        if refuse_exiting and _signal_mask(pid, tid, "SigBlk") & (1 << (signal.SIGSYS - 1)):
+            # glibc blocks every signal in a thread on its way out: a trapped
+            # call there kills the process by the default action, unreported.
+            raise ProcessLookupError(f"thread {tid} is exiting (SIGSYS blocked)")
         saved = _Regs()
         _ptrace(PTRACE_GETREGS, tid, 0, ctypes.addressof(saved))
         regs = _Regs.from_buffer_copy(saved)
@@ -127,14 +135,20 @@ def inject_syscall(pid: int, tid: int, number: int, *args: int) -> Injected:
 
 
 def _sigsys_pending(pid: int, tid: int) -> bool:
+    pending = _signal_mask(pid, tid, "SigPnd", "ShdPnd")
+    return bool(pending & (1 << (signal.SIGSYS - 1)))
+
+
+def _signal_mask(pid: int, tid: int, *fields: str) -> int:
+    """The union of a thread's signal sets ``fields`` (its status's hex masks)."""
     with open(f"/proc/{pid}/task/{tid}/status") as f:
         status = f.read()
-    pending = 0
-    for field in ("SigPnd", "ShdPnd"):
+    mask = 0
+    for field in fields:
         match = re.search(rf"^{field}:\s+([0-9a-f]+)", status, re.M)
         if match:
-            pending |= int(match.group(1), 16)
-    return bool(pending & (1 << (signal.SIGSYS - 1)))
+            mask |= int(match.group(1), 16)
+    return mask
 
 
 def threads(pid: int) -> dict[str, list[int]]:

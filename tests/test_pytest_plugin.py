@@ -242,7 +242,7 @@ def test_names(n, vmkit_paths, vmkit_vm, vmkit_test_guest):
     vm.boot()
     vm.serial.wait_for("ready", timeout=30)
     assert vm.info().state == "Running" and sock.is_socket()
-    record = {"worker": vmkit_paths.worker, "socket": str(sock),
+    record = {"worker": vmkit_paths.worker, "socket": str(sock), "vmm": vm.pid,
               "taps": [vmkit_paths.tap(), vmkit_paths.tap()]}
     with open(os.path.join(os.environ["OUT"], f"names{n}.json"), "w") as f:
         json.dump(record, f)
@@ -256,7 +256,6 @@ def test_crash(vmkit_vm, vmkit_test_guest):
     os.kill(os.getpid(), signal.SIGKILL)
 """
     )
-    before = _vmm_processes()
     monkeypatch.setenv("OUT", str(tmp_path))
     result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=4, failed=1)
@@ -269,11 +268,14 @@ def test_crash(vmkit_vm, vmkit_test_guest):
     assert all(len(t) <= 15 for t in taps)
     assert not any(Path(s).parent.exists() for s in sockets), "socket directories left behind"
     crashed = json.loads((tmp_path / "crashed.json").read_text())["vmm"]
+    # Only this run's VMMs: the other workers of an outer `pytest -n` start
+    # and stop theirs meanwhile.
+    started = {r["vmm"] for r in records} | {crashed}
     deadline = time.monotonic() + 10
     while crashed in _vmm_processes() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert crashed not in _vmm_processes(), "the crashed worker's VMM is still running"
-    assert _vmm_processes() <= before
+    assert not started & _vmm_processes(), "a VMM of the run outlived it"
 
 
 def test_paths_are_short_unique_and_removed(pytester: pytest.Pytester) -> None:

@@ -142,16 +142,17 @@ def find_thread(process: subprocess.Popen[str], kind: str, deadline: float) -> i
     raise AssertionError(f"no {kind} thread in {threads(process.pid)}")
 
 
-def inject_into(process: subprocess.Popen[str], kind: str) -> Injected:
+def inject_into(process: subprocess.Popen[str], kind: str, trapped: bool = False) -> Injected:
     """Makes a thread of ``kind`` call getpgid(0); device workers come and go,
-    so a thread that ended before it could be stopped is replaced by the next."""
+    so a thread that ended before it could be stopped is replaced by the next
+    (and, where the filter traps the call, one that is ending too)."""
     deadline = time.monotonic() + 30
     # The interpreter is confined once start-up is done: by the time vCPUs run.
     find_thread(process, "vcpu", deadline)
     while True:
         tid = find_thread(process, kind, deadline)
         try:
-            return inject_syscall(process.pid, tid, GETPGID, 0)
+            return inject_syscall(process.pid, tid, GETPGID, 0, refuse_exiting=trapped)
         except (ProcessLookupError, ChildProcessError) as e:
             if time.monotonic() > deadline:
                 raise AssertionError(f"every {kind} thread ended before it could be stopped") from e
@@ -214,7 +215,7 @@ def test_a_call_outside_the_filter_kills_the_vmm_with_sigsys(tmp_path: Path, kin
         folder.mkdir()
         with vmm(folder, "true") as process:
             try:
-                injected = inject_into(process, kind)
+                injected = inject_into(process, kind, trapped=True)
             except GuestFinished:
                 if attempt == 2:
                     raise
@@ -350,7 +351,7 @@ def test_an_in_process_vm_confines_its_own_threads_only(mode: str) -> None:
         assert seccomp_mode(process.pid, process.pid) == 0
         for kind, tid in tids.items():
             assert seccomp_mode(process.pid, tid) == 2, kind
-        injected = inject_into(process, "rng")
+        injected = inject_into(process, "rng", trapped=mode == "true")
         stdout, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:

@@ -379,8 +379,9 @@ impl Instance {
 
     /// Gives the guest `dimm`, part of the hot-plug area that is already
     /// mapped in the VMM: a KVM memory slot of its own. With `prefault`
-    /// (`--memory prefault=on`) its pages are allocated first, as boot RAM's
-    /// are and as v37 does for each DIMM, so the guest never waits on them.
+    /// (`--memory prefault=on`, or a restore's) its pages are allocated first,
+    /// as boot RAM's are and as v37 does for each DIMM, so the guest never
+    /// waits on them.
     fn plug_dimm(&self, dimm: Dimm, prefault: bool) -> Result<()> {
         // The DIMM must lie within one host mapping (the hot-plug area's).
         let region = migration::dimm_slot(&self._ram, &dimm, false);
@@ -1842,6 +1843,9 @@ impl Vm {
                 kernel_format,
             }) => {
                 let hotplug = SavedHotplug::decode(&state.platform.memory_hotplug)?;
+                // `prefault` reads in the DIMMs too: all the guest's memory,
+                // as Cloud Hypervisor's restore has it.
+                let populate_dimms = matches!(memory, RestoredMemory::File { prefault: true, .. });
                 let (ram, from) = match memory {
                     // Private memory (anonymous, or a private `file=`'s,
                     // which only gave the first contents) becomes the file
@@ -1871,7 +1875,11 @@ impl Vm {
                     snapshot::check_memory_file(file, snapshot::MEMORY_FILE, layout.size())?;
                     snapshot::load_memory(&ram, &layout, file, snapshot::MEMORY_FILE, from)?;
                 }
-                (ram, Some((state, kernel_format)), Some((hotplug, dimms)))
+                (
+                    ram,
+                    Some((state, kernel_format)),
+                    Some((hotplug, dimms, populate_dimms)),
+                )
             }
         };
         for slot in 0..ram.memory.num_regions() {
@@ -1945,7 +1953,7 @@ impl Vm {
                     state.platform.serial.as_deref(),
                 )?;
                 devices.restore_pci_state(&state.platform.pci)?;
-                if let Some((hotplug, dimms)) = &restored_dimms {
+                if let Some((hotplug, dimms, _)) = &restored_dimms {
                     devices.memory_hotplug().restore(hotplug, dimms);
                 }
                 // Whatever the saved memory held in blocks the guest had
@@ -2047,9 +2055,9 @@ impl Vm {
             memory_size: config.memory.size,
         };
         // The DIMMs the saved VM had get their KVM slots back, each at its base.
-        if let Some((_, dimms)) = &restored_dimms {
+        if let Some((_, dimms, populate)) = &restored_dimms {
             for &dimm in dimms {
-                instance.plug_dimm(dimm, false)?;
+                instance.plug_dimm(dimm, *populate)?;
             }
         }
         Ok(instance)
