@@ -14,7 +14,7 @@ import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 from vmkit import ConfigError, ParseError
@@ -41,6 +41,9 @@ from vmkit.config import (
     VmConfig,
     VsockConfig,
 )
+
+if TYPE_CHECKING:
+    from vmkit.vm import VmError
 
 T = TypeVar("T")
 
@@ -297,7 +300,7 @@ def sector_pattern(first_sector: int, length: int) -> bytes:
     )
 
 
-def restore_refused(snapshot: Path) -> Any:
+def restore_refused(snapshot: Path) -> VmError:
     """Restores ``snapshot``, which must fail with a ``Snapshot`` VmError and
     leave no thread or descriptor behind; returns the error."""
     from vmkit.vm import Vm, VmError

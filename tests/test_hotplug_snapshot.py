@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote, wait_for_line
 from _helpers import move_spawned_vm, restore_refused
-from test_migration import Receiver
+from test_migration import Receiver, migrate
 from test_pci_hotplug import SECTORS, _tap_support, image, settle
 from vmkit import VmConfig, testguest
 from vmkit.config import DiskConfig, NetConfig, PmemConfig
@@ -289,17 +289,10 @@ def test_a_migration_carries_hot_plugged_devices_in_their_slots(
         hot_added_disk_read(sender, tmp_path / "hot.img", digest)
         assert sender.serial.wait_for("^vmkit-guest: pciunplug waiting$", timeout=30)
         before = (sender.info().config, sender.info().device_tree)
-        receiver = Receiver(tmp_path / "m.sock")
-        try:
-            sender.migrate_to(tmp_path / "m.sock", local=local)
-        finally:
-            receiver.join()
-        assert receiver.error is None, receiver.error
+        _, vm = migrate(sender, tmp_path / "m.sock", local=local)
         assert sender.state == "Shutdown"
     finally:
         sender.close()
-    vm = receiver.vm
-    assert vm is not None
     try:
         assert (vm.info().config, vm.info().device_tree) == before
         assert LOCKED in (boot_error(tmp_path / "hot.img") or ""), "not locked"
@@ -363,16 +356,9 @@ def test_a_hot_added_tap_moves_with_the_migration(tmp_path: Path) -> None:
         sender.boot()
         info = sender.add_net(NetConfig.parse("tap=vmkhpsnap0,mac=12:34:56:78:9a:bd"))
         assert info == {"id": "_net0", "bdf": "0000:00:03.0"}
-        receiver = Receiver(tmp_path / "m.sock")
-        try:
-            sender.migrate_to(tmp_path / "m.sock")
-        finally:
-            receiver.join()
-        assert receiver.error is None, receiver.error
+        _, vm = migrate(sender, tmp_path / "m.sock")
     finally:
         sender.close()
-    vm = receiver.vm
-    assert vm is not None
     try:
         # The receiver runs on the sender's tap queues (it could not attach
         # the tap while the sender held it).

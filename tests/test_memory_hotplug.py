@@ -14,6 +14,8 @@ import json
 import re
 import socket as socketlib
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -104,6 +106,19 @@ def test_the_same_guest_code_hot_adds_memory_on_vmkit_and_cloud_hypervisor(
         vmm.stop()
 
 
+@contextmanager
+def resident_growth(pid: int, at_least: float | None) -> Iterator[None]:
+    """What the block does grows the process's resident memory by ``at_least``
+    MiB, or (None) by less than 32 MiB."""
+    before = resident_mib(pid)
+    yield
+    if at_least is not None:
+        settles(pid, lambda mib: mib - before >= at_least)
+    else:
+        time.sleep(0.5)
+        assert resident_mib(pid) - before < 32
+
+
 @pytest.mark.parametrize("prefault", ["on", "off"])
 @pytest.mark.parametrize("kind", ["vmkit", "ch"])
 def test_prefault_allocates_a_hot_added_dimm_as_cloud_hypervisor_does(
@@ -117,14 +132,9 @@ def test_prefault_allocates_a_hot_added_dimm_as_cloud_hypervisor_does(
     vmm = VmmProcess(kind, tmp_path / "api.sock", tmp_path / "log", extra=tuple(args))
     try:
         vmm.wait_running()
-        pid = vmm.proc.pid
-        before = resident_mib(pid)
-        assert put(vmm.socket_path, "vm.resize", {"desired_ram": 192 * MIB}) == (204, ""), vmm.log
-        if prefault == "on":
-            settles(pid, lambda mib: mib - before >= 128)
-        else:
-            time.sleep(0.5)
-            assert resident_mib(pid) - before < 32
+        with resident_growth(vmm.proc.pid, 128 if prefault == "on" else None):
+            desired = {"desired_ram": 192 * MIB}
+            assert put(vmm.socket_path, "vm.resize", desired) == (204, ""), vmm.log
     finally:
         vmm.stop()
 
@@ -153,14 +163,9 @@ def test_a_restore_with_prefault_takes_the_hot_added_dimms_too(
         vmm.stop()
     vmm = VmmProcess(kind, tmp_path / "b.sock", tmp_path / "b.log")
     try:
-        before = resident_mib(vmm.proc.pid)
-        restore = {"source_url": f"file://{snap}", "prefault": prefault}
-        assert put(vmm.socket_path, "vm.restore", restore) == (204, ""), vmm.log
-        if prefault or kind == "ch":
-            settles(vmm.proc.pid, lambda mib: mib - before >= 180)
-        else:
-            time.sleep(0.5)
-            assert resident_mib(vmm.proc.pid) - before < 32
+        with resident_growth(vmm.proc.pid, 180 if prefault or kind == "ch" else None):
+            restore = {"source_url": f"file://{snap}", "prefault": prefault}
+            assert put(vmm.socket_path, "vm.restore", restore) == (204, ""), vmm.log
     finally:
         vmm.stop()
 
@@ -324,20 +329,14 @@ def test_a_snapshot_before_any_hot_add_keeps_the_area(tmp_path: Path) -> None:
 
 
 def test_migration_before_any_hot_add_keeps_the_area(tmp_path: Path) -> None:
-    from test_migration import Receiver
+    from test_migration import migrate
 
     config = VmConfig.from_cli(guest_args("size=64M,hotplug_size=512M", ("memhotplug",)))
     with Vm(config) as sender:
         sender.boot()
         assert sender.serial.wait_for("^vmkit-guest: memhotplug waiting$", timeout=30)
-        receiver = Receiver(tmp_path / "m.sock")
-        try:
-            sender.migrate_to(tmp_path / "m.sock")
-        finally:
-            receiver.join()
-    assert receiver.error is None, receiver.error
-    assert receiver.vm is not None
-    with receiver.vm as moved:
+        _, received = migrate(sender, tmp_path / "m.sock")
+    with received as moved:
         moved.resize_memory(192 * MIB)
         assert moved.serial.wait_for("^vmkit-guest: step memhotplug ", timeout=60)
         assert "step memhotplug ok event=0x2 slots=1 bytes=0x8000000" in moved.serial.text
@@ -399,28 +398,22 @@ def test_a_snapshot_carries_hot_added_dimms(tmp_path: Path, shared: str) -> None
 
 @pytest.mark.parametrize("local", [False, True])
 def test_a_migration_carries_hot_added_dimms(tmp_path: Path, local: bool) -> None:
-    from test_migration import Receiver
+    from test_migration import migrate
 
     # A local migration hands the memory files over: shared memory.
     with grown("size=64M,hotplug_size=1G,shared=on" if local else "size=64M,hotplug_size=1G") as vm:
-        receiver = Receiver(tmp_path / "m.sock")
-        try:
-            report = vm.migrate_to(tmp_path / "m.sock", local=local)
-        finally:
-            receiver.join()
-        assert receiver.error is None, receiver.error
+        report, received = migrate(vm, tmp_path / "m.sock", local=local)
         assert report.local == local
         if not local:
             assert report.bytes >= 256 * MIB * 0.9, "the DIMM's pattern went over"
-    assert receiver.vm is not None
-    with receiver.vm as moved:
+    with received as moved:
         grows_on(moved)
 
 
 def test_pages_the_guest_writes_in_a_dimm_during_a_migration_arrive(tmp_path: Path) -> None:
     # The guest rewrites 16 MiB of its DIMM every 5 ms, checking the last
     # round each time: a dirty page of the DIMM's KVM slot left behind fails it.
-    from test_migration import Receiver, rounds_seen
+    from test_migration import migrate, rounds_seen
 
     rounds = 200
     args = guest_args("size=64M,hotplug_size=1G", ("memhotplug", "dirty"))
@@ -433,16 +426,10 @@ def test_pages_the_guest_writes_in_a_dimm_during_a_migration_arrive(tmp_path: Pa
         assert vm.serial.wait_for("^vmkit-guest: memhotplug waiting$", timeout=30)
         vm.resize_memory(320 * MIB)
         assert vm.serial.wait_for("^vmkit-guest: dirty round 10$", timeout=60), vm.serial.text
-        receiver = Receiver(tmp_path / "m.sock")
-        try:
-            report = vm.migrate_to(tmp_path / "m.sock")
-        finally:
-            receiver.join()
-        assert receiver.error is None, receiver.error
+        report, received = migrate(vm, tmp_path / "m.sock")
         assert report.rounds >= 2, report
         before = vm.serial.text
-    assert receiver.vm is not None
-    with receiver.vm as moved:
+    with received as moved:
         exit_info = moved.wait(timeout=60)
         assert exit_info is not None and exit_info.reason == "poweroff", moved.serial.text
         after = moved.serial.text

@@ -78,6 +78,19 @@ class Receiver:
         assert not self.thread.is_alive()
 
 
+def migrate(sender: Vm, path: Path, *, local: bool = False) -> tuple[Migration, Vm]:
+    """Migrates ``sender``'s VM to a receiver in this process on ``path``: the
+    report and the VM received."""
+    receiver = Receiver(path)
+    try:
+        report = sender.migrate_to(path, local=local)
+    finally:
+        receiver.join()
+    assert receiver.error is None, receiver.error
+    assert receiver.vm is not None
+    return report, receiver.vm
+
+
 def migrate_mid_run(
     config: VmConfig, sock: Path, *, local: bool = False
 ) -> tuple[Migration, Vm, str]:
@@ -87,19 +100,13 @@ def migrate_mid_run(
     sender = Vm(config)
     sender.boot()
     assert sender.serial.wait_for("^vmkit-guest: dirty round 10$", timeout=30), sender.serial.text
-    receiver = Receiver(sock)
-    try:
-        report = sender.migrate_to(sock, local=local)
-    finally:
-        receiver.join()
-    assert receiver.error is None, receiver.error
-    assert receiver.vm is not None
+    report, received = migrate(sender, sock, local=local)
     exit_info = sender.wait(0)
     assert exit_info is not None and exit_info.reason == "migrated", exit_info
     assert sender.state == "Shutdown"
     before = sender.serial.text
     sender.close()
-    return report, receiver.vm, before
+    return report, received, before
 
 
 def writing_to_disk(vm: Vm) -> None:

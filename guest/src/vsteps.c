@@ -221,6 +221,19 @@ static bool msix_complete(struct msix_dev *m, u16 qi, struct result *r)
     return virtio_check_status(m->v, r);
 }
 
+/* "vector V of queue Q <what>": always false. */
+static bool msix_vector_failed(const struct msix_dev *m, u16 qi, const char *what,
+                               struct result *r)
+{
+    res_str(r, "vector ");
+    res_hex(r, m->v->irq_base + m->v->q[qi].vector);
+    res_str(r, " of queue ");
+    res_dec(r, qi);
+    res_str(r, what);
+    res_vdev(r, m->v);
+    return false;
+}
+
 static bool msix_fired(const struct msix_dev *m, u32 nm)
 {
     u32 i, q;
@@ -292,13 +305,7 @@ static bool msix_run(struct msix_dev *m, u32 *nm_out, u32 *fired, struct result 
             u32 v = m[i].v->irq_base + m[i].v->q[q].vector;
             if (irq_counts[v - IRQ_VECTOR_BASE]) {
                 lapic_tick_stop();
-                res_str(r, "vector ");
-                res_hex(r, v);
-                res_str(r, " of queue ");
-                res_dec(r, q);
-                res_str(r, " fired with no request in flight");
-                res_vdev(r, m[i].v);
-                return false;
+                return msix_vector_failed(&m[i], (u16)q, " fired with no request in flight", r);
             }
         }
     }
@@ -327,15 +334,8 @@ static bool msix_run(struct msix_dev *m, u32 *nm_out, u32 *fired, struct result 
     for (i = 0; i < nm; i++) {
         for (q = m[i].qfirst; q <= m[i].qlast; q++) {
             u32 v = m[i].v->irq_base + m[i].v->q[q].vector;
-            if (!irq_counts[v - IRQ_VECTOR_BASE]) {
-                res_str(r, "vector ");
-                res_hex(r, v);
-                res_str(r, " of queue ");
-                res_dec(r, q);
-                res_str(r, " did not fire within 1000 ms");
-                res_vdev(r, m[i].v);
-                return false;
-            }
+            if (!irq_counts[v - IRQ_VECTOR_BASE])
+                return msix_vector_failed(&m[i], (u16)q, " did not fire within 1000 ms", r);
             (*fired)++;
             if (!msix_complete(&m[i], (u16)q, r))
                 return false;
