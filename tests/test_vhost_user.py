@@ -28,6 +28,7 @@ import pytest
 from _chpeer import CH_DIR, CH_MISSING, VmmProcess, ch_remote
 from _helpers import fnv1a64, sector_pattern
 from _sockets import wait_listening
+from test_snapshot import finishes, new_dir
 from vmkit import VmConfig, testguest
 from vmkit.config import NetConfig
 from vmkit.testguest import GuestResults, parse_results
@@ -564,7 +565,110 @@ def test_guest_resets_keep_the_backend_connection(tmp_path: Path) -> None:
         backend.kill()
 
 
-def test_snapshot_and_migration_are_refused_by_name(tmp_path: Path) -> None:
+def test_a_vm_with_a_vhost_user_disk_snapshots_and_restores_with_io_in_flight(
+    tmp_path: Path,
+) -> None:
+    """The guest reads its vhost-user disk without pause (16 requests in
+    flight); the snapshot waits until the backend has finished what it took.
+    The snapshotted VM then goes on with the same backend, and a VM restored
+    from the snapshot, with a fresh backend on a copy of the image as the
+    snapshot left it, sees every request complete once, reads the disk and
+    writes to it."""
+    count, sector, sectors = 300_000, 100, 8
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(4 << 20))
+    host_data = disk.read_bytes()[sector * SECTOR : (sector + sectors) * SECTOR]
+    backend = block_backend(tmp_path, disk)
+    config = VmConfig.from_cli([
+        "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(
+            ["blkbench", "blk", "hello"], "poweroff", blkbench_mode="randread",
+            blkbench_depth=16, blkbench_count=count, blk_sector=sector, blk_count=sectors,
+        ),
+        "--memory", "size=256M,shared=on", "--serial", "tty", "--console", "off",
+        "--disk", f"vhost_user=on,socket={backend.socket_path}",
+    ])  # fmt: skip
+    snap = new_dir(tmp_path / "snap")
+    try:
+        with Vm(config) as vm:
+            vm.boot()
+            assert vm.serial.wait_for("vmkit-guest: ready", timeout=30)
+            time.sleep(0.2)
+            vm.pause()
+            vm.snapshot(snap)
+            assert "step blkbench" not in vm.serial.text, "the bench ended before the snapshot"
+            shutil.copyfile(disk, tmp_path / "copy.img")
+            vm.resume()
+            exit_info = vm.wait(timeout=120)
+            assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
+            text = vm.serial.text
+            assert "summary passed=3 failed=0" in text and f"requests={count}" in text, text
+        assert backend.exited(10), "the backend outlived the VM's connection"
+    finally:
+        backend.kill()
+    assert disk.read_bytes()[sector * SECTOR : (sector + sectors) * SECTOR] == sector_pattern(
+        sector, sectors * SECTOR
+    )
+    copy = tmp_path / "copy.img"
+    backend = block_backend(tmp_path, copy)
+    try:
+        with Vm.restore(snap) as restored:
+            text = finishes(restored, steps=3, timeout=120)
+            assert f"requests={count}" in text, text
+            results = parse_results(text)
+            (read,) = lines(results, "blk read")
+            assert int(fields(read)["fnv"], 16) == fnv1a64(host_data)
+    finally:
+        backend.kill()
+    data = copy.read_bytes()
+    assert data[sector * SECTOR : (sector + sectors) * SECTOR] == sector_pattern(
+        sector, sectors * SECTOR
+    )
+
+
+@needs_taps
+def test_a_vm_with_a_vhost_user_net_snapshots_and_restores_waiting_for_a_frame(
+    tmp_path: Path,
+) -> None:
+    """The guest has sent its frame and waits for the answer, its receive
+    buffers posted, when the VM is snapshotted; restored in a fresh VMM with
+    a fresh backend on the same tap, the answer reaches it in those buffers."""
+    snap = new_dir(tmp_path / "snap")
+    options = {"net_lax_len": 1, "net_timeout_ms": 60000}
+    config = guest_config(
+        ["net"], "--net", net_option(tmp_path, server=False), cpus="boot=1", **options
+    )
+    with persistent_tap() as (tap, sock):
+        backend = net_backend(tmp_path, tap, client=False)
+        try:
+            with Vm(config) as vm:
+                vm.boot()
+                await_ping(sock)
+                vm.pause()
+                vm.snapshot(snap)
+                before = vm.serial.text
+            assert backend.exited(10), "the backend outlived the VM's connection"
+        finally:
+            backend.kill()
+        assert "step net" not in before, before
+        backend = net_backend(tmp_path, tap, client=False)
+        try:
+            with Vm.restore(snap) as restored:
+                restored.resume()
+                # Until the new backend reads the tap, frames to it are dropped.
+                deadline = time.monotonic() + 30
+                while "step net" not in restored.serial.text:
+                    assert time.monotonic() < deadline, restored.serial.text
+                    pong(sock)
+                    time.sleep(0.2)
+                exit_info = restored.wait(30)
+                assert exit_info is not None and exit_info.reason == "poweroff"
+                check_net_results(parse_results(before + restored.serial.text))
+        finally:
+            backend.kill()
+
+
+def test_migration_and_virtio_fs_snapshots_are_refused_by_name(tmp_path: Path) -> None:
     disk = image(tmp_path / "disk.img", 1 << 20)
     backend = block_backend(tmp_path, disk)
     cfg = guest_config(
@@ -573,13 +677,19 @@ def test_snapshot_and_migration_are_refused_by_name(tmp_path: Path) -> None:
     try:
         with Vm(cfg) as vm:
             vm.boot()
-            vm.pause()
-            with pytest.raises(VmError, match=r"Snapshot of a VM with vhost-user devices"):
-                vm.snapshot(tmp_path / "snap")
-            assert not (tmp_path / "snap").exists()
-            vm.resume()
+            with pytest.raises(VmError, match=r"^Migration of a VM with vhost-user devices ") as e:
+                vm.migrate_to(tmp_path / "m.sock")
+            assert e.value.kind == "Unsupported"
+            assert vm.state == "Running"
     finally:
         backend.kill()
+    # virtiofsd's state (the guest's open files) is not the VMM's to save.
+    cfg = guest_config(["ticks"], "--fs", f"tag=share,socket={tmp_path / 'fs.sock'}")
+    with Vm(cfg) as vm:
+        with pytest.raises(VmError, match=r"^Snapshot of a VM with virtio-fs shares ") as e:
+            vm.snapshot(new_dir(tmp_path / "snap"))
+        assert e.value.kind == "Unsupported"
+        assert list((tmp_path / "snap").iterdir()) == []
 
 
 @pytest.mark.parametrize("kind", ["vmkit", "ch"])

@@ -166,10 +166,16 @@ pub enum VmError {
     #[error("Memory manager error: {0}")]
     MemoryResize(crate::devices::memory_hotplug::ResizeError),
     #[error(
-        "{what} of a VM with vhost-user devices (--disk/--net vhost_user=on, --fs) is not \
-         supported yet: their backends hold state vmkit cannot save"
+        "Migration of a VM with vhost-user devices (--disk/--net vhost_user=on, --fs) is not \
+         supported yet: a backend serves one VMM at a time, and vmkit cannot hand it to the \
+         receiving one"
     )]
-    VhostUserState { what: &'static str },
+    VhostUserMigration,
+    #[error(
+        "Snapshot of a VM with virtio-fs shares (--fs) is not supported yet: virtiofsd holds \
+         the guest's open files, which vmkit cannot save"
+    )]
+    FsSnapshot,
     #[error("Cannot give unplugged virtio-mem blocks at {addr:#x} back to the host")]
     DiscardUnplugged {
         addr: u64,
@@ -218,7 +224,7 @@ impl ModuleError for VmError {
             VcpuRemovalPending { .. }
             | DeviceRemovalPending { .. }
             | DeviceEjectedByGuest { .. } => ErrorKind::Unsupported,
-            VhostUserState { .. } | VhostUserOption { .. } => ErrorKind::Unsupported,
+            VhostUserMigration | FsSnapshot | VhostUserOption { .. } => ErrorKind::Unsupported,
         }
     }
 }
@@ -2068,8 +2074,18 @@ impl Vm {
     /// PCI devices' configuration and registers (started virtio devices
     /// finish what they took from their rings first).
     pub fn snapshot(&self, dir: &std::path::Path) -> Result<()> {
-        if has_vhost_user(&self.live_config()) {
-            return Err(VmError::VhostUserState { what: "Snapshot" }.into());
+        // vhost-user disks and nets snapshot as the built-in ones do: their
+        // rings stop once the backend has finished what it took, and a
+        // restored VM's start from the used rings with whichever backend
+        // listens on the socket then (the disk image, as a built-in disk's,
+        // is the user's to keep as the snapshot left it).
+        if self
+            .live_config()
+            .fs
+            .as_ref()
+            .is_some_and(|f| !f.is_empty())
+        {
+            return Err(VmError::FsSnapshot.into());
         }
         let mut life = self.lock_settled();
         if life.state != VmState::Paused {
@@ -2320,7 +2336,7 @@ impl Vm {
     /// connection ended after the last step): then it stays paused.
     pub fn send_migration(&self, path: &std::path::Path, local: bool) -> Result<MigrationReport> {
         if has_vhost_user(&self.live_config()) {
-            return Err(VmError::VhostUserState { what: "Migration" }.into());
+            return Err(VmError::VhostUserMigration.into());
         }
         let started = Instant::now();
         let mut life = self.lock_settled();
