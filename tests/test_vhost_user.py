@@ -668,7 +668,7 @@ def test_a_vm_with_a_vhost_user_net_snapshots_and_restores_waiting_for_a_frame(
             backend.kill()
 
 
-def test_migration_and_virtio_fs_snapshots_are_refused_by_name(tmp_path: Path) -> None:
+def test_migration_is_refused_by_name(tmp_path: Path) -> None:
     disk = image(tmp_path / "disk.img", 1 << 20)
     backend = block_backend(tmp_path, disk)
     cfg = guest_config(
@@ -683,13 +683,6 @@ def test_migration_and_virtio_fs_snapshots_are_refused_by_name(tmp_path: Path) -
             assert vm.state == "Running"
     finally:
         backend.kill()
-    # virtiofsd's state (the guest's open files) is not the VMM's to save.
-    cfg = guest_config(["ticks"], "--fs", f"tag=share,socket={tmp_path / 'fs.sock'}")
-    with Vm(cfg) as vm:
-        with pytest.raises(VmError, match=r"^Snapshot of a VM with virtio-fs shares ") as e:
-            vm.snapshot(new_dir(tmp_path / "snap"))
-        assert e.value.kind == "Unsupported"
-        assert list((tmp_path / "snap").iterdir()) == []
 
 
 @pytest.mark.parametrize("kind", ["vmkit", "ch"])

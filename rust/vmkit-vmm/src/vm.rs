@@ -171,11 +171,9 @@ pub enum VmError {
          receiving one"
     )]
     VhostUserMigration,
-    #[error(
-        "Snapshot of a VM with virtio-fs shares (--fs) is not supported yet: virtiofsd holds \
-         the guest's open files, which vmkit cannot save"
-    )]
-    FsSnapshot,
+    /// A vhost-user backend whose own state a snapshot needs did not give it.
+    #[error("Cannot snapshot the VM: {why}")]
+    BackendState { why: String },
     #[error("Cannot give unplugged virtio-mem blocks at {addr:#x} back to the host")]
     DiscardUnplugged {
         addr: u64,
@@ -224,7 +222,8 @@ impl ModuleError for VmError {
             VcpuRemovalPending { .. }
             | DeviceRemovalPending { .. }
             | DeviceEjectedByGuest { .. } => ErrorKind::Unsupported,
-            VhostUserMigration | FsSnapshot | VhostUserOption { .. } => ErrorKind::Unsupported,
+            VhostUserMigration | VhostUserOption { .. } => ErrorKind::Unsupported,
+            BackendState { .. } => ErrorKind::Snapshot,
         }
     }
 }
@@ -2074,19 +2073,6 @@ impl Vm {
     /// PCI devices' configuration and registers (started virtio devices
     /// finish what they took from their rings first).
     pub fn snapshot(&self, dir: &std::path::Path) -> Result<()> {
-        // vhost-user disks and nets snapshot as the built-in ones do: their
-        // rings stop once the backend has finished what it took, and a
-        // restored VM's start from the used rings with whichever backend
-        // listens on the socket then (the disk image, as a built-in disk's,
-        // is the user's to keep as the snapshot left it).
-        if self
-            .live_config()
-            .fs
-            .as_ref()
-            .is_some_and(|f| !f.is_empty())
-        {
-            return Err(VmError::FsSnapshot.into());
-        }
         let mut life = self.lock_settled();
         if life.state != VmState::Paused {
             return Err(VmError::SnapshotNotPaused.into());
@@ -2109,8 +2095,17 @@ impl Vm {
         // The devices finish what they took from the guest's rings first:
         // their completions land in guest memory and in the vCPUs' LAPICs
         // before those are taken.
+        //
+        // vhost-user devices snapshot as the built-in ones do: their rings
+        // stop once the backend has finished what it took (and a backend
+        // with DEVICE_STATE gives its own state, which virtio-fs needs), and
+        // a restored VM's start from the used rings with whichever backend
+        // serves the socket then.
         instance.devices.stop_virtio_for_snapshot();
-        let written = self.write_snapshot(dir, &life, instance);
+        let written = match instance.devices.virtio_snapshot_refusal() {
+            Some(why) => Err(VmError::BackendState { why }.into()),
+            None => self.write_snapshot(dir, &life, instance),
+        };
         instance.devices.resume_virtio_after_snapshot();
         written
     }

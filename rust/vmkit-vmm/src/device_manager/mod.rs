@@ -475,6 +475,18 @@ impl DeviceManager {
         }
     }
 
+    /// After `stop_virtio_for_snapshot`: why a device's state could not be
+    /// saved whole, if one could not (`VirtioDevice::snapshot_refusal`).
+    pub fn virtio_snapshot_refusal(&self) -> Option<String> {
+        self.virtio.iter().find_map(|device| {
+            device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .device()
+                .snapshot_refusal()
+        })
+    }
+
     /// Each virtio device's host descriptors another VMM process on this
     /// host would carry on with (`VirtioDevice::handover_fds`), by id;
     /// devices without any are left out. Valid while this boot lives.
@@ -561,7 +573,8 @@ impl DeviceManager {
         let mut restored = std::collections::HashSet::new();
         for _ in 0..self.virtio.len() {
             let id = r.blob(256)?;
-            let state = r.blob(1 << 20)?;
+            // A vhost-user backend's own state rides in its device's.
+            let state = r.blob((1 << 20) + crate::virtio::vhost_user::link::MAX_BACKEND_STATE)?;
             let found = self.virtio.iter().find(|d| lock(d).id().as_bytes() == id);
             let Some(device) = found.filter(|_| restored.insert(id)) else {
                 return Err(r.corrupt(format!(

@@ -759,6 +759,12 @@ fn snapshots() -> Rules {
         // A failed snapshot removes the files it wrote.
         libc::SYS_unlink,
         libc::SYS_unlinkat,
+        // A vhost-user backend's own state (virtiofsd's), saved and loaded
+        // through a pipe whose end here is non-blocking, within a deadline.
+        libc::SYS_pipe2,
+        libc::SYS_fcntl,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
     ]);
     r.ioctls(&[
         KVM_GET_MSR_INDEX_LIST(),

@@ -168,7 +168,7 @@ impl SavedState {
             let blob = r.blob(VCPU_STATE_LIMIT)?;
             vcpus.push(vcpu::VcpuState::decode(&format!("vCPU {index}"), blob)?);
         }
-        let platform = PlatformState::decode(r.blob(MAX_STATE_FILE as usize)?)?;
+        let platform = PlatformState::decode(r.blob(MAX_PLATFORM_FILE as usize)?)?;
         r.finish()?;
         Ok(SavedState { vcpus, platform })
     }
@@ -190,8 +190,11 @@ pub struct PlatformState {
 const PLATFORM_MAGIC: u32 = 0x4c50_4b56; // "VKPL"
 /// The largest platform device state vmkit writes is the IOAPIC's (200 bytes).
 const PLATFORM_BLOB_LIMIT: usize = 4096;
-/// PCI: 4 KiB of configuration space per device, and its registers.
-const PCI_BLOB_LIMIT: usize = 16 << 20;
+/// PCI: 4 KiB of configuration space per device, and its registers; and
+/// the vhost-user backends' own states (virtiofsd's: the paths it holds).
+const PCI_BLOB_LIMIT: usize = 64 << 20;
+/// The platform file holds the PCI state, and a little more.
+const MAX_PLATFORM_FILE: u64 = PCI_BLOB_LIMIT as u64 + (1 << 20);
 
 impl PlatformState {
     pub fn encode(&self) -> Vec<u8> {
@@ -482,7 +485,8 @@ pub fn read_dir(dir: &Path) -> Result<Snapshot, SnapshotError> {
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let platform = PlatformState::decode(&read_small(&dir.join(PLATFORM_FILE), MAX_STATE_FILE)?)?;
+    let platform =
+        PlatformState::decode(&read_small(&dir.join(PLATFORM_FILE), MAX_PLATFORM_FILE)?)?;
     let memory_path = dir.join(MEMORY_FILE);
     let memory = File::open(&memory_path).map_err(io_error("opening", &memory_path))?;
     check_memory_file(

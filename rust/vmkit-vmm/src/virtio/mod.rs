@@ -247,6 +247,11 @@ pub trait VirtioDevice: Send {
     fn stop_quiesced(&mut self) {
         self.reset();
     }
+    /// After `stop_quiesced`: why the device's state could not be saved
+    /// whole (a vhost-user backend that kept its own), if so.
+    fn snapshot_refusal(&self) -> Option<String> {
+        None
+    }
     /// Cloud Hypervisor's counters for this device (empty: none).
     fn counters(&self) -> BTreeMap<&'static str, u64> {
         BTreeMap::new()

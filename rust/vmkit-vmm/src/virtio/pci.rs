@@ -54,8 +54,9 @@ const DEVICE_ID_BASE: u16 = 0x1040;
 
 /// BAR 0 layout (Cloud Hypervisor's).
 pub const BAR_SIZE: u64 = 0x80000;
-/// The most bytes of a device's own state a snapshot may hold.
-const MAX_DEVICE_STATE: usize = 4096;
+/// The most bytes of a device's own state a snapshot may hold: small, but
+/// for a vhost-user backend's (a tag byte and its state).
+const MAX_DEVICE_STATE: usize = 1 + crate::virtio::vhost_user::link::MAX_BACKEND_STATE;
 const COMMON_OFFSET: u64 = 0x0000;
 const COMMON_SIZE: u64 = 0x3c;
 const ISR_OFFSET: u64 = 0x2000;

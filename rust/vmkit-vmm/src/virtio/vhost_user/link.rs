@@ -7,14 +7,16 @@
 //! devices and guest memory but keeps the backend's connection (backends
 //! such as Cloud Hypervisor's end when their frontend goes).
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
+    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
     VHOST_USER_CONFIG_OFFSET,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -36,6 +38,12 @@ pub const RETRY_INTERVAL: Duration = Duration::from_millis(100);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+
+/// The most of a backend's own state a snapshot takes (virtiofsd's is the
+/// path of every inode the guest holds).
+pub const MAX_BACKEND_STATE: usize = 16 << 20;
+/// How long a backend may take to give or take its state.
+const STATE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a vhost-user backend could not be reached or driven.
 #[derive(Debug, thiserror::Error)]
@@ -534,6 +542,66 @@ impl Link {
         }
     }
 
+    /// Whether the backend gives and takes its own state (DEVICE_STATE).
+    pub fn transfers_state(&self) -> bool {
+        self.protocol
+            .contains(VhostUserProtocolFeatures::DEVICE_STATE)
+    }
+
+    /// The backend's own state, its rings stopped: SET_DEVICE_STATE_FD
+    /// (save) with a pipe read to its end, then CHECK_DEVICE_STATE.
+    pub fn save_state(&mut self) -> Result<Vec<u8>, LinkError> {
+        let (ours, theirs) = self.pipe()?;
+        let frontend = self.frontend()?;
+        let given = frontend.set_device_state_fd(
+            VhostTransferStateDirection::SAVE,
+            VhostTransferStatePhase::STOPPED,
+            theirs,
+        );
+        // The backend may answer with a descriptor of its own to read.
+        let reader = match given {
+            Ok(Some(file)) => OwnedFd::from(file),
+            Ok(None) => ours,
+            Err(e) => return Err(self.protocol_error("SET_DEVICE_STATE_FD", e)),
+        };
+        let state = transfer(reader, Transfer::Read).map_err(|e| self.setup_error(e))?;
+        let checked = self.frontend()?.check_device_state();
+        checked.map_err(|e| self.protocol_error("CHECK_DEVICE_STATE", e))?;
+        Ok(state)
+    }
+
+    /// Gives the backend, its rings not started, the state `save_state`
+    /// took from another (SET_DEVICE_STATE_FD, load).
+    pub fn load_state(&mut self, state: &[u8]) -> Result<(), LinkError> {
+        let (theirs, ours) = self.pipe()?;
+        let frontend = self.frontend()?;
+        let given = frontend.set_device_state_fd(
+            VhostTransferStateDirection::LOAD,
+            VhostTransferStatePhase::STOPPED,
+            theirs,
+        );
+        let writer = match given {
+            Ok(Some(file)) => OwnedFd::from(file),
+            Ok(None) => ours,
+            Err(e) => return Err(self.protocol_error("SET_DEVICE_STATE_FD", e)),
+        };
+        transfer(writer, Transfer::Write(state)).map_err(|e| self.setup_error(e))?;
+        let checked = self.frontend()?.check_device_state();
+        checked.map_err(|e| self.protocol_error("CHECK_DEVICE_STATE", e))
+    }
+
+    /// A pipe (read end, write end) for a state transfer.
+    fn pipe(&self) -> Result<(OwnedFd, OwnedFd), LinkError> {
+        let mut fds = [-1; 2];
+        // SAFETY: pipe2 fills the two descriptors, which we then own.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(self.setup_error(format!("cannot make a pipe for its state: {e}")));
+        }
+        // SAFETY: both are open and nothing else owns them.
+        Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    }
+
     /// Sends a device configuration write (a `WRITABLE` field).
     pub fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), LinkError> {
         let frontend = self.frontend()?;
@@ -552,6 +620,67 @@ impl Drop for Link {
             // The socket file is ours in server mode.
             let _ = std::fs::remove_file(&self.wanted.socket);
         }
+    }
+}
+
+enum Transfer<'a> {
+    Read,
+    Write(&'a [u8]),
+}
+
+/// Reads a backend's state from `fd` to its end, or writes `state` to it
+/// and closes it, within [`STATE_TIMEOUT`] and [`MAX_BACKEND_STATE`]; the
+/// error says what went wrong. Our end alone is made non-blocking (the
+/// backend's is another open file).
+fn transfer(fd: OwnedFd, direction: Transfer<'_>) -> Result<Vec<u8>, String> {
+    // SAFETY: F_SETFL on a descriptor we own.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+        return Err(format!("its state: {}", std::io::Error::last_os_error()));
+    }
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    let mut file = std::fs::File::from(fd);
+    let mut state = Vec::new();
+    let mut written = 0;
+    let events = match direction {
+        Transfer::Read => libc::POLLIN,
+        Transfer::Write(_) => libc::POLLOUT,
+    };
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let step = match direction {
+            Transfer::Read => file
+                .read(&mut chunk)
+                .inspect(|&n| state.extend_from_slice(&chunk[..n])),
+            Transfer::Write(bytes) if written == bytes.len() => return Ok(state),
+            Transfer::Write(bytes) => file.write(&bytes[written..]).inspect(|&n| written += n),
+        };
+        match step {
+            Ok(0) if matches!(direction, Transfer::Read) => return Ok(state),
+            Ok(_) if state.len() > MAX_BACKEND_STATE => {
+                return Err(format!(
+                    "its state is larger than {} MiB",
+                    MAX_BACKEND_STATE >> 20
+                ))
+            }
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("its state: {e}")),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "its state did not come through within {}s",
+                STATE_TIMEOUT.as_secs()
+            ));
+        }
+        let mut poll = libc::pollfd {
+            fd: file.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; the wait is bounded by the deadline.
+        unsafe { libc::poll(&mut poll, 1, left.as_millis().min(1000) as i32) };
     }
 }
 
@@ -663,6 +792,44 @@ fn listen(wanted: &Wanted) -> Result<UnixListener, LinkError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backend_state_goes_through_a_pipe_both_ways() {
+        let link = client("/nonexistent");
+        let state: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        // Save: the backend writes (more than a pipe holds) and closes.
+        let (ours, theirs) = link.pipe().unwrap();
+        let sent = state.clone();
+        let writer = std::thread::spawn(move || {
+            std::fs::File::from(theirs).write_all(&sent).unwrap();
+        });
+        assert_eq!(transfer(ours, Transfer::Read).unwrap(), state);
+        writer.join().unwrap();
+        // Load: we write and close; the backend reads to the end.
+        let (theirs, ours) = link.pipe().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            std::fs::File::from(theirs).read_to_end(&mut got).unwrap();
+            got
+        });
+        transfer(ours, Transfer::Write(&state)).unwrap();
+        assert_eq!(reader.join().unwrap(), state);
+    }
+
+    #[test]
+    fn a_backend_that_sends_too_much_state_is_stopped() {
+        let link = client("/nonexistent");
+        let (ours, theirs) = link.pipe().unwrap();
+        let writer = std::thread::spawn(move || {
+            let mut pipe = std::fs::File::from(theirs);
+            let chunk = vec![7u8; 1 << 20];
+            // Until the reader gives up (EPIPE).
+            while pipe.write_all(&chunk).is_ok() {}
+        });
+        let error = transfer(ours, Transfer::Read).unwrap_err();
+        assert_eq!(error, "its state is larger than 16 MiB");
+        writer.join().unwrap();
+    }
 
     fn client(socket: &str) -> Link {
         Link {

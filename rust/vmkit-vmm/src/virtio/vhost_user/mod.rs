@@ -148,7 +148,8 @@ impl DeviceSpec {
                 }
                 let protocol = VhostUserProtocolFeatures::CONFIG
                     | VhostUserProtocolFeatures::MQ
-                    | VhostUserProtocolFeatures::REPLY_ACK;
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::DEVICE_STATE;
                 (features, protocol, *num_queues, BLK_CONFIG_LEN)
             }
             Personality::Net {
@@ -173,7 +174,9 @@ impl DeviceSpec {
                 (features, protocol, pairs * 2, 0)
             }
             Personality::Fs { request_queues, .. } => {
-                let protocol = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+                let protocol = VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::DEVICE_STATE;
                 (DEFAULT_FEATURES, protocol, 1 + request_queues, 0)
             }
         };
@@ -209,7 +212,15 @@ pub struct VhostUserDevice {
     pending_config: Arc<PendingConfig>,
     config_signal: Arc<EventFd>,
     relay: Option<RelayHandle>,
+    /// The backend's own state, taken when the device stopped for a
+    /// snapshot (backends with DEVICE_STATE).
+    backend_state: Option<Vec<u8>>,
+    /// Why that stop left no state a restore could go on from.
+    state_refusal: Option<String>,
 }
+
+/// `save_device_state`'s first byte when the backend's state follows.
+const WITH_BACKEND_STATE: u8 = 1;
 
 struct RelayHandle {
     kill: EventFd,
@@ -308,6 +319,8 @@ impl VhostUserDevice {
             pending_config: Arc::new(PendingConfig::default()),
             config_signal: Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?),
             relay: None,
+            backend_state: None,
+            state_refusal: None,
         })
     }
 }
@@ -425,6 +438,76 @@ impl VirtioDevice for VhostUserDevice {
     fn reset(&mut self) {
         // Dropping the handle stops the relay, which stops the rings.
         self.relay = None;
+    }
+
+    /// Stops the rings (the backend answers GET_VRING_BASE once it has
+    /// finished what it took), then takes the backend's own state where it
+    /// gives it. A virtio-fs backend's is needed: the guest's open files
+    /// live there.
+    fn stop_quiesced(&mut self) {
+        self.reset();
+        self.backend_state = None;
+        self.state_refusal = None;
+        let mut link = Link::lock(&self.link);
+        let needed = self.device_type == TYPE_FS;
+        if !link.connected() {
+            if needed {
+                self.state_refusal = Some(format!(
+                    "{}: its vhost-user backend is not connected, so its state cannot be saved",
+                    self.id
+                ));
+            }
+        } else if link.transfers_state() {
+            match link.save_state() {
+                Ok(state) => self.backend_state = Some(state),
+                Err(e) => self.state_refusal = Some(e.to_string()),
+            }
+        } else if needed {
+            let socket = link.wanted().socket.clone();
+            self.state_refusal = Some(format!(
+                "{}: the vhost-user backend at {socket} cannot give its state (protocol \
+                 feature DEVICE_STATE; virtiofsd has it from version 1.11), which holds the \
+                 guest's open files",
+                self.id
+            ));
+        }
+    }
+
+    fn snapshot_refusal(&self) -> Option<String> {
+        self.state_refusal.clone()
+    }
+
+    fn save_device_state(&self) -> Vec<u8> {
+        match &self.backend_state {
+            Some(state) => {
+                let mut bytes = Vec::with_capacity(1 + state.len());
+                bytes.push(WITH_BACKEND_STATE);
+                bytes.extend_from_slice(state);
+                bytes
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Hands the new backend the state the snapshot holds, before its
+    /// rings start.
+    fn restore_device_state(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let Some((&tag, state)) = bytes.split_first() else {
+            return Ok(());
+        };
+        if tag != WITH_BACKEND_STATE {
+            return Err(format!("device state of unknown kind {tag}"));
+        }
+        let mut link = Link::lock(&self.link);
+        if !link.transfers_state() {
+            return Err(format!(
+                "{}: the vhost-user backend at {} cannot take the state the snapshot holds \
+                 (protocol feature DEVICE_STATE)",
+                self.id,
+                link.wanted().socket
+            ));
+        }
+        link.load_state(state).map_err(|e| e.to_string())
     }
 }
 
