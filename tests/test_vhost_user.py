@@ -317,6 +317,16 @@ def pong(sock: socket.socket) -> None:
     sock.send(b"\xff" * 6 + HOST_MAC + ETHERTYPE + b"vmkit-host pong".ljust(46, b"\0"))
 
 
+def pong_until_answered(sock: socket.socket, vm: Vm, timeout: float = 30) -> None:
+    """Answers the guest's frame until its net step ends: frames sent before
+    a new backend took the rings over are the tap's to drop."""
+    deadline = time.monotonic() + timeout
+    while "step net " not in vm.serial.text:
+        assert time.monotonic() < deadline, vm.serial.text
+        pong(sock)
+        time.sleep(0.2)
+
+
 def net_option(tmp_path: Path, server: bool) -> str:
     mode = "server" if server else "client"
     return f"vhost_user=on,socket={tmp_path / 'net.sock'},mac={GUEST_MAC},vhost_mode={mode}"
@@ -474,13 +484,7 @@ def test_net_server_mode_backend_restarted_mid_exchange_delivers_to_the_guest(
                 assert late.backend is not None
                 late.backend.kill()
                 backend = net_backend(tmp_path, tap, client=True, wait=False)
-                # Answered until the guest has it: frames sent before the new
-                # backend took the rings over are the tap's to drop.
-                deadline = time.monotonic() + 30
-                while "step net " not in vm.serial.text:
-                    assert time.monotonic() < deadline, vm.serial.text
-                    pong(sock)
-                    time.sleep(0.2)
+                pong_until_answered(sock, vm)
                 exit_info = vm.wait(40)
                 assert exit_info is not None and exit_info.reason == "poweroff", vm.serial.text
                 results = parse_results(vm.serial.text)
@@ -655,12 +659,7 @@ def test_a_vm_with_a_vhost_user_net_snapshots_and_restores_waiting_for_a_frame(
         try:
             with Vm.restore(snap) as restored:
                 restored.resume()
-                # Until the new backend reads the tap, frames to it are dropped.
-                deadline = time.monotonic() + 30
-                while "step net" not in restored.serial.text:
-                    assert time.monotonic() < deadline, restored.serial.text
-                    pong(sock)
-                    time.sleep(0.2)
+                pong_until_answered(sock, restored)
                 exit_info = restored.wait(30)
                 assert exit_info is not None and exit_info.reason == "poweroff"
                 check_net_results(parse_results(before + restored.serial.text))
