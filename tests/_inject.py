@@ -87,6 +87,9 @@ def inject_syscall(
     try:
         _ptrace(PTRACE_INTERRUPT, tid)
         _, status = os.waitpid(tid, WALL)
+        if os.WIFEXITED(status):
+            # A short-lived worker that ended before the stop reached it.
+            raise ProcessLookupError(f"thread {tid} ended before it stopped")
         if not os.WIFSTOPPED(status):
             raise RuntimeError(f"thread {tid} did not stop: status {status:#x}")
         if refuse_exiting and _signal_mask(pid, tid, "SigBlk") & (1 << (signal.SIGSYS - 1)):
