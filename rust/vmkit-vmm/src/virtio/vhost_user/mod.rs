@@ -916,10 +916,6 @@ impl Relay {
         }
     }
 
-    /// Before a new backend takes `ring` over: it starts at the used index
-    /// (what the one that went had finished; requests it held are done
-    /// again), and the notification suppression the old one left in the
-    /// used ring is lifted, so the driver's next buffer is kicked.
     /// Whether the guest made buffers available past where the backend
     /// starts (an unreadable index counts as yes: better a spurious interrupt
     /// than a stalled queue).
@@ -930,6 +926,10 @@ impl Relay {
         }
     }
 
+    /// Before a new backend takes `ring` over: it starts at the used index
+    /// (what the one that went had finished; requests it held are done
+    /// again), and the notification suppression the old one left in the
+    /// used ring is lifted, so the driver's next buffer is kicked.
     fn rewind(&self, ring: &Ring) -> u16 {
         let used_index = self
             .memory
