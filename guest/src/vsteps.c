@@ -171,7 +171,7 @@ bool step_console(struct result *r)
 /* ---- msix: one device per type, a vector per queue and for config ---- */
 
 #define MSIX_DEVS 3
-#define MSIX_QUIET_MS 20 /* before the requests: no queue vector may fire */
+#define MSIX_QUIET_MS 20 /* before the requests: queue vectors that fire are spurious */
 
 struct msix_dev {
     struct vdev *v;
@@ -244,7 +244,8 @@ static bool msix_fired(const struct msix_dev *m, u32 nm)
     return true;
 }
 
-static bool msix_run(struct msix_dev *m, u32 *nm_out, u32 *fired, struct result *r)
+static bool msix_run(struct msix_dev *m, u32 *nm_out, u32 *fired, u32 *spurious,
+                     struct result *r)
 {
     static const u32 types[MSIX_DEVS] = {VIRTIO_ID_RNG, VIRTIO_ID_BLK, VIRTIO_ID_CONSOLE};
     u32 t, i, q, nm = 0, vec = IRQ_VECTOR_BASE;
@@ -294,21 +295,18 @@ static bool msix_run(struct msix_dev *m, u32 *nm_out, u32 *fired, struct result 
     }
 
     /* A queue vector that fires with nothing in flight is a spurious interrupt
-     * (a backend answering an idle kick, say): none during a quiet spell.
-     * The LAPIC timer (1 ms period at a 1 GHz bus) bounds each hlt. */
+     * (legal, but wasted: a backend answering an idle kick, QEMU's
+     * virtio-serial at DRIVER_OK): counted over a quiet spell, which also
+     * keeps them out of the completions' count. The LAPIC timer (1 ms period
+     * at a 1 GHz bus) bounds each hlt. */
     lapic_tick_start(1000000);
     deadline = rdtsc() + ms_to_tsc(MSIX_QUIET_MS);
     while (rdtsc() < deadline)
         __asm__ volatile("sti; hlt; cli" ::: "memory");
-    for (i = 0; i < nm; i++) {
-        for (q = m[i].qfirst; q <= m[i].qlast; q++) {
-            u32 v = m[i].v->irq_base + m[i].v->q[q].vector;
-            if (irq_counts[v - IRQ_VECTOR_BASE]) {
-                lapic_tick_stop();
-                return msix_vector_failed(&m[i], (u16)q, " fired with no request in flight", r);
-            }
-        }
-    }
+    *spurious = 0;
+    for (i = 0; i < nm; i++)
+        for (q = m[i].qfirst; q <= m[i].qlast; q++)
+            *spurious += irq_counts[m[i].v->irq_base + m[i].v->q[q].vector - IRQ_VECTOR_BASE];
 
     for (i = 0; i < IRQ_VECTORS; i++)
         irq_counts[i] = 0;
@@ -347,7 +345,7 @@ static bool msix_run(struct msix_dev *m, u32 *nm_out, u32 *fired, struct result 
 bool step_msix(struct result *r)
 {
     struct msix_dev m[MSIX_DEVS];
-    u32 nm = 0, fired = 0, i;
+    u32 nm = 0, fired = 0, spurious = 0, i;
     bool ok;
 
     if (!lapic_usable(r))
@@ -355,12 +353,13 @@ bool step_msix(struct result *r)
     for (i = 0; i < IRQ_VECTORS; i++)
         idt_install(IRQ_VECTOR_BASE + i, irq_stubs[i]);
     memset(m, 0, sizeof(m));
-    ok = msix_run(m, &nm, &fired, r);
+    ok = msix_run(m, &nm, &fired, &spurious, r);
     for (i = 0; i < nm; i++)
         virtio_stop(m[i].v);
     if (!ok)
         return false;
     res_kv_dec(r, "devices", nm);
     res_kv_dec(r, "vectors", fired);
+    res_kv_dec(r, "spurious", spurious);
     return true;
 }
