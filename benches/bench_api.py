@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,9 @@ from pathlib import Path
 
 from machine import CH, Hogs, Runs, machine, stop_process
 from vmkit import testguest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from _http import request as http_request
 
 TIMES = "\N{MULTIPLICATION SIGN}"
 
@@ -45,32 +47,8 @@ def request(
     path: str, method: str, endpoint: str, body: dict[str, int] | None = None
 ) -> tuple[int, bytes]:
     """One request on a new connection: its status and body once the whole answer is in."""
-    data = b"" if body is None else json.dumps(body).encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(path)
-        sock.sendall(
-            f"{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n".encode()
-            + data
-        )
-        reply = b""
-        while b"\r\n\r\n" not in reply:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"{endpoint}: the connection closed mid-answer")
-            reply += chunk
-        head, _, rest = reply.partition(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        while len(rest) < length:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"{endpoint}: the connection closed mid-body")
-            rest += chunk
-    return int(head.split(b" ")[1]), rest
+    reply = http_request(path, method, endpoint, None if body is None else json.dumps(body))
+    return reply.status, reply.body
 
 
 def start(kind: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
