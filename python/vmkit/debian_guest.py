@@ -255,11 +255,16 @@ def _candidates(names: Sequence[str]) -> dict[str, str]:
     return found
 
 
-def _resolve_packages() -> _Packages:
-    found = _candidates([KERNEL_META_PACKAGE, BUSYBOX_PACKAGE, LZ4_PACKAGE])
-    meta_version = found[KERNEL_META_PACKAGE]
+def _resolve_packages(
+    *,
+    meta_package: str = KERNEL_META_PACKAGE,
+    extra: Sequence[str] = (BUSYBOX_PACKAGE, LZ4_PACKAGE),
+) -> _Packages:
+    """The kernel ``meta_package`` depends on now, and the ``extra`` packages' candidates."""
+    found = _candidates([meta_package, *extra])
+    meta_version = found[meta_package]
     show = _run(
-        "resolving packages", ["apt-cache", "show", f"{KERNEL_META_PACKAGE}={meta_version}"]
+        "resolving packages", ["apt-cache", "show", f"{meta_package}={meta_version}"]
     ).stdout
     depends = ""
     for line in show.splitlines():
@@ -275,15 +280,11 @@ def _resolve_packages() -> _Packages:
             break
     if not kernel_package:
         raise GuestBuildError(
-            f"resolving packages: {KERNEL_META_PACKAGE} {meta_version} depends on no "
+            f"resolving packages: {meta_package} {meta_version} depends on no "
             f"linux-image-<version> package (Depends: {depends.strip() or 'none'})"
         )
     kernel_version = pinned or _candidates([kernel_package])[kernel_package]
-    versions = (
-        (kernel_package, kernel_version),
-        (BUSYBOX_PACKAGE, found[BUSYBOX_PACKAGE]),
-        (LZ4_PACKAGE, found[LZ4_PACKAGE]),
-    )
+    versions = ((kernel_package, kernel_version), *((name, found[name]) for name in extra))
     return _Packages(
         meta_version=meta_version,
         kernel_package=kernel_package,
@@ -517,8 +518,10 @@ class _Module:
     depends: tuple[str, ...]
 
 
-def _collect_modules(moddir: Path, kernel_version: str) -> list[_Module]:
-    """Reads MODULES and their dependencies; returns them in load (dependency) order."""
+def _collect_modules(
+    moddir: Path, kernel_version: str, *, wanted: Sequence[str] = MODULES
+) -> list[_Module]:
+    """Reads ``wanted`` and their dependencies; returns them in load (dependency) order."""
     files: dict[str, Path] = {}
     for path in sorted((moddir / "kernel").rglob("*.ko*")):
         if re.search(r"\.ko(\.(xz|gz|zst))?$", path.name):
@@ -562,7 +565,7 @@ def _collect_modules(moddir: Path, kernel_version: str) -> list[_Module]:
         loaded[name] = _Module(name, rel, data, depends)
         order.append(name)
 
-    for name in MODULES:
+    for name in wanted:
         visit(name, "")
     return [loaded[name] for name in order]
 
