@@ -873,12 +873,14 @@ impl Vm {
             .map_err(|source| VmError::ExitEvent { source })?;
         let device_events =
             DeviceEventLog::new().map_err(|source| VmError::DeviceEvents { source })?;
+        let tsc_deadline_timer = kvm.check_extension(Cap::TscDeadlineTimer);
         Ok(Arc::new(Vm {
             config: validated,
             options,
             kvm,
             host: HostCpu {
                 pvm: is_pvm_host(),
+                tsc_deadline_timer,
                 tsc_khz: None,
             },
             serial,
