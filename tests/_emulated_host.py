@@ -37,8 +37,8 @@ from vmkit import debian_guest as dg
 KERNEL_META_PACKAGE = "linux-image-amd64"
 #: Loaded at boot, for the host root over 9p.
 BASE_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
-#: Loaded with ``kvm=True``.
-KVM_MODULES = ("kvm_amd",)
+#: Loaded with ``kvm=True`` (``tun``: the taps of the VMs' networks).
+KVM_MODULES = ("kvm_amd", "tun")
 #: The leaf cgroup the script runs in (inside the guest).
 LEAF = "/sys/fs/cgroup/test.slice/run.scope"
 FORMAT = "vmkit-emulated-host/1"
