@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,12 +74,18 @@ mount -t devtmpfs devtmpfs $H/dev || fail "devtmpfs"
 mkdir -p $H/dev/pts $H/dev/shm
 mount -t devpts devpts $H/dev/pts
 mount -t tmpfs tmpfs $H/dev/shm
-# The host root is read-only: /tmp and /run are the guest's own.
+# The host root is read-only: /tmp and /run are the guest's own, but the paths in the job's
+# "keep" file (a checkout or a Python under /tmp) stay the host's, bound from /hosttmp.
+mkdir -p /hosttmp
+mount --bind $H/tmp /hosttmp || fail "bind of the host's /tmp"
 mount -t tmpfs tmpfs $H/tmp || fail "tmpfs on /tmp"
 mount -t tmpfs tmpfs $H/run
 mkdir -p $H/tmp/emulated-host
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=none,msize=262144 job $H/tmp/emulated-host \
   || fail "mount of the job directory over 9p"
+while IFS= read -r p; do
+  mkdir -p "$H$p" && mount --bind "/hosttmp${p#/tmp}" "$H$p" || fail "bind of $p"
+done < $H/tmp/emulated-host/keep
 C=$H/sys/fs/cgroup
 mount -t cgroup2 cgroup2 $C || fail "cgroup2"
 echo +cpu > $C/cgroup.subtree_control || fail "+cpu in the root's subtree_control"
@@ -261,11 +268,19 @@ def _build(cache: Path, pkgs: dg._Packages) -> EmulatedHost:
 
 
 def run_in_emulated_host(
-    script: str, *, kvm: bool, timeout: float, smp: int = 1, memory: str = "2G"
+    script: str,
+    *,
+    kvm: bool,
+    timeout: float,
+    smp: int = 1,
+    memory: str = "2G",
+    keep: Sequence[Path] = (),
 ) -> Run:
     """Runs ``sh script`` as root in the emulated host (in cgroup ``LEAF``, cwd ``/tmp``, with
     this Python's directory first on PATH). The host's root is read-only there; /tmp, /run
-    and the caches named below are tmpfs. QEMU is killed after ``timeout`` seconds."""
+    and the caches named below are tmpfs, but for the directories in ``keep``, this Python's
+    and vmkit's, which are the host's wherever they are. QEMU is killed after ``timeout``
+    seconds."""
     host = build()
     qemu = shutil.which(_QEMU)
     if qemu is None:
@@ -278,8 +293,16 @@ def run_in_emulated_host(
         # vmkit.testguest writes its image in VMKIT_CACHE_DIR; the home directory is read-only.
         "export VMKIT_CACHE_DIR=/tmp/cache/vmkit XDG_CACHE_HOME=/tmp/cache\n"
     )
+    # Only what lies under /tmp needs binding: the rest of the host root is there as it is.
+    wanted = [Path(path).resolve() for path in (*keep, vmkit_path, Path(sys.prefix))]
+    under_tmp = {
+        str(path) for path in wanted if path.is_relative_to("/tmp") and path != Path("/tmp")
+    }
+    if any("\n" in path for path in under_tmp):
+        raise ValueError(f"a path with a newline cannot be kept: {sorted(under_tmp)!r}")
     with tempfile.TemporaryDirectory(prefix="vmkit-emulated-host-") as job:
         Path(job, "script.sh").write_text(prologue + script)
+        Path(job, "keep").write_text("".join(f"{path}\n" for path in sorted(under_tmp)))
         append = "console=ttyS0 panic=-1 quiet" + (" emulated_host.kvm=1" if kvm else "")
         cmd = [
             qemu, "-accel", "tcg", "-cpu", "max", "-m", memory, "-smp", str(smp),

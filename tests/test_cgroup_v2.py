@@ -96,7 +96,9 @@ rc=$?
 echo "groups left: $(ls {leaf} | grep vmkit- | tr '\\n' ' ' || true)"
 exit $rc
 """  # noqa: E501
-    run = _emulated_host.run_in_emulated_host(script, kvm=True, timeout=TIMEOUT)
+    run = _emulated_host.run_in_emulated_host(
+        script, kvm=True, timeout=TIMEOUT, keep=[TESTS.parent]
+    )
     console, rc = run.console, run.rc
     tail = "\n".join(console.splitlines()[-60:])
     where = f"(emulated host, {run.seconds:.0f} s; console tail:)\n{tail}"

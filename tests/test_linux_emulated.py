@@ -95,7 +95,9 @@ ln -s {shlex.quote(build.name)} $VMKIT_CACHE_DIR/debian-guest/current || exit 3
 echo "kvm: $(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null) pvm: $(ls -d /sys/module/kvm_pvm 2>/dev/null)"
 {python} -m pytest -q -rsfE -p no:cacheprovider {shlex.quote(str(LINUX_TESTS))}
 """  # noqa: E501
-    run = _emulated_host.run_in_emulated_host(script, kvm=True, timeout=TIMEOUT, smp=2)
+    run = _emulated_host.run_in_emulated_host(
+        script, kvm=True, timeout=TIMEOUT, smp=2, keep=[TESTS.parent]
+    )
     console, rc = run.console, run.rc
     tail = "\n".join(console.splitlines()[-60:])
     where = f"(emulated host, {run.seconds:.0f} s; console tail:)\n{tail}"
