@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -343,3 +344,27 @@ def run_in_emulated_host(
     if timed_out:
         console += f"\n[QEMU killed after {timeout:.0f} s]\n"
     return Run(rc, console, seconds, timed_out)
+
+
+def collected(test_file: Path, *args: str) -> list[str]:
+    """Node ids pytest collects from ``test_file`` on this machine (``args``: e.g. ``-m``)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         *args, str(test_file)],
+        capture_output=True, text=True, check=False, cwd=test_file.parent.parent,
+    )  # fmt: skip
+    ids = [line for line in result.stdout.splitlines() if "::" in line]
+    assert ids, f"collecting {test_file} failed:\n{result.stdout}{result.stderr}"
+    return ids
+
+
+def pytest_summary(console: str) -> dict[str, int]:
+    """Counts of the last pytest summary line in ``console`` (``10 passed, 1 skipped in 41.2s``)."""
+    word = r"(passed|failed|skipped|errors?|deselected|xfailed|xpassed|warnings?)"
+    lines = [
+        line for line in console.splitlines() if re.match(rf"^\W*\d+ {word}\b.* in [\d.]+s", line)
+    ]
+    if not lines:
+        return {}
+    counts = re.findall(rf"(\d+) {word}\b", lines[-1])
+    return {("error" if kind.startswith("error") else kind): int(n) for n, kind in counts}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -53,30 +52,6 @@ pytestmark = [
 ]
 
 
-def _collected(*args: str) -> list[str]:
-    """Node ids pytest collects from test_cpu_groups.py here (with ``args``, e.g. ``-m``)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-         *args, str(CPU_GROUPS_TESTS)],
-        capture_output=True, text=True, check=False, cwd=TESTS.parent,
-    )  # fmt: skip
-    ids = [line for line in result.stdout.splitlines() if "::" in line]
-    assert ids, f"collecting {CPU_GROUPS_TESTS} failed:\n{result.stdout}{result.stderr}"
-    return ids
-
-
-def _summary(console: str) -> dict[str, int]:
-    """Counts of pytest's last summary line (``10 passed, 1 skipped in 41.2s``)."""
-    word = r"(passed|failed|skipped|errors?|deselected|xfailed|xpassed|warnings?)"
-    lines = [
-        line for line in console.splitlines() if re.match(rf"^\W*\d+ {word}\b.* in [\d.]+s", line)
-    ]
-    if not lines:
-        return {}
-    counts = re.findall(rf"(\d+) {word}\b", lines[-1])
-    return {("error" if kind.startswith("error") else kind): int(n) for n, kind in counts}
-
-
 def test_cpu_groups_on_cgroup_v2_in_an_emulated_host() -> None:
     try:
         _emulated_host.build()
@@ -85,8 +60,8 @@ def test_cpu_groups_on_cgroup_v2_in_an_emulated_host() -> None:
             f"building the emulated host failed (is the Debian archive reachable with apt?): {e}",
             pytrace=False,
         )
-    every = _collected()
-    with_vms = _collected("-m", "vmkit_kvm")
+    every = _emulated_host.collected(CPU_GROUPS_TESTS)
+    with_vms = _emulated_host.collected(CPU_GROUPS_TESTS, "-m", "vmkit_kvm")
     python = shlex.quote(sys.executable)
     leaf = _emulated_host.LEAF
     script = f"""
@@ -107,7 +82,7 @@ exit $rc
     version_line = f"cpu cgroup: version 2 at {leaf}\n"
     assert version_line in console, f"not on cgroup v2 {where}"
     assert rc == 0, f"exit status {rc} {where}"
-    counts = _summary(console)
+    counts = _emulated_host.pytest_summary(console)
     # Every test collected here ran there: those with real VMs passed, and only the
     # one that needs a v2 hierarchy without the cpu controller skipped.
     assert counts.get("failed", 0) == 0 and counts.get("error", 0) == 0, f"{counts} {where}"

@@ -17,10 +17,8 @@ boots in, which would fail unrelated CI runs.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -51,29 +49,6 @@ pytestmark = [
 ]
 
 
-def _collected() -> list[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-         str(LINUX_TESTS)],
-        capture_output=True, text=True, check=False, cwd=TESTS.parent,
-    )  # fmt: skip
-    ids = [line for line in result.stdout.splitlines() if "::" in line]
-    assert ids, f"collecting {LINUX_TESTS} failed:\n{result.stdout}{result.stderr}"
-    return ids
-
-
-def _summary(console: str) -> dict[str, int]:
-    """Counts of pytest's last summary line (``7 passed, 1 skipped in 170.2s``)."""
-    word = r"(passed|failed|skipped|errors?|deselected|xfailed|xpassed|warnings?)"
-    lines = [
-        line for line in console.splitlines() if re.match(rf"^\W*\d+ {word}\b.* in [\d.]+s", line)
-    ]
-    if not lines:
-        return {}
-    counts = re.findall(rf"(\d+) {word}\b", lines[-1])
-    return {("error" if kind.startswith("error") else kind): int(n) for n, kind in counts}
-
-
 def test_stock_linux_boots_on_a_standard_kvm_in_an_emulated_host() -> None:
     try:
         guest = build_debian_guest(progress=False)
@@ -84,7 +59,7 @@ def test_stock_linux_boots_on_a_standard_kvm_in_an_emulated_host() -> None:
             f"(is the Debian archive reachable with apt?): {e}",
             pytrace=False,
         )
-    every = _collected()
+    every = _emulated_host.collected(LINUX_TESTS)
     python = shlex.quote(sys.executable)
     # The Debian guest's build directory, copied whole: the builder checks its manifest.
     build = guest.vmlinux.resolve().parent
@@ -105,7 +80,7 @@ echo "kvm: $(cat /sys/module/kvm_amd/parameters/nested 2>/dev/null) pvm: $(ls -d
     assert not run.timed_out, f"the emulated host ran past {TIMEOUT} s {where}"
     assert "kvm: 1 pvm: \n" in console, f"not on a standard nested KVM {where}"
     assert rc == 0, f"exit status {rc} {where}"
-    counts = _summary(console)
+    counts = _emulated_host.pytest_summary(console)
     assert counts.get("failed", 0) == 0 and counts.get("error", 0) == 0, f"{counts} {where}"
     # Every full-boot test ran: none skipped for want of a standard KVM.
     assert counts.get("passed", 0) == len(every), f"{counts}, {len(every)} collected {where}"
