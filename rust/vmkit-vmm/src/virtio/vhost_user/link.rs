@@ -551,41 +551,46 @@ impl Link {
     /// The backend's own state, its rings stopped: SET_DEVICE_STATE_FD
     /// (save) with a pipe read to its end, then CHECK_DEVICE_STATE.
     pub fn save_state(&mut self) -> Result<Vec<u8>, LinkError> {
-        let (ours, theirs) = self.pipe()?;
-        let frontend = self.frontend()?;
-        let given = frontend.set_device_state_fd(
-            VhostTransferStateDirection::SAVE,
-            VhostTransferStatePhase::STOPPED,
-            theirs,
-        );
-        // The backend may answer with a descriptor of its own to read.
-        let reader = match given {
-            Ok(Some(file)) => OwnedFd::from(file),
-            Ok(None) => ours,
-            Err(e) => return Err(self.protocol_error("SET_DEVICE_STATE_FD", e)),
-        };
+        let reader = self.state_channel(VhostTransferStateDirection::SAVE)?;
         let state = transfer(reader, Transfer::Read).map_err(|e| self.setup_error(e))?;
-        let checked = self.frontend()?.check_device_state();
-        checked.map_err(|e| self.protocol_error("CHECK_DEVICE_STATE", e))?;
+        self.check_state()?;
         Ok(state)
     }
 
     /// Gives the backend, its rings not started, the state `save_state`
     /// took from another (SET_DEVICE_STATE_FD, load).
     pub fn load_state(&mut self, state: &[u8]) -> Result<(), LinkError> {
-        let (theirs, ours) = self.pipe()?;
-        let frontend = self.frontend()?;
-        let given = frontend.set_device_state_fd(
-            VhostTransferStateDirection::LOAD,
+        let writer = self.state_channel(VhostTransferStateDirection::LOAD)?;
+        transfer(writer, Transfer::Write(state)).map_err(|e| self.setup_error(e))?;
+        self.check_state()
+    }
+
+    /// SET_DEVICE_STATE_FD over a fresh pipe: the backend gets the end it
+    /// writes (save) or reads (load); ours comes back, unless the backend
+    /// answers with a descriptor of its own to use instead.
+    fn state_channel(
+        &mut self,
+        direction: VhostTransferStateDirection,
+    ) -> Result<OwnedFd, LinkError> {
+        let (read_end, write_end) = self.pipe()?;
+        let (ours, theirs) = match direction {
+            VhostTransferStateDirection::SAVE => (read_end, write_end),
+            VhostTransferStateDirection::LOAD => (write_end, read_end),
+        };
+        let given = self.frontend()?.set_device_state_fd(
+            direction,
             VhostTransferStatePhase::STOPPED,
             theirs,
         );
-        let writer = match given {
-            Ok(Some(file)) => OwnedFd::from(file),
-            Ok(None) => ours,
-            Err(e) => return Err(self.protocol_error("SET_DEVICE_STATE_FD", e)),
-        };
-        transfer(writer, Transfer::Write(state)).map_err(|e| self.setup_error(e))?;
+        match given {
+            Ok(Some(file)) => Ok(OwnedFd::from(file)),
+            Ok(None) => Ok(ours),
+            Err(e) => Err(self.protocol_error("SET_DEVICE_STATE_FD", e)),
+        }
+    }
+
+    /// CHECK_DEVICE_STATE: whether the backend took or gave its state whole.
+    fn check_state(&mut self) -> Result<(), LinkError> {
         let checked = self.frontend()?.check_device_state();
         checked.map_err(|e| self.protocol_error("CHECK_DEVICE_STATE", e))
     }
