@@ -29,9 +29,19 @@ Modes (one per invocation):
 
 ``--vmm vmkit-cg`` adds vmkit with ``--cpu-groups true`` (its vCPU threads at
 an eighth of its device threads' CPU weight, in cgroups of their own).
+``--vmm qemu-vcpu`` adds QEMU with ``ioeventfd=off`` on the disk: the guest's
+queue notifications exit to QEMU's vCPU thread, which submits the requests
+itself (page-cache reads complete in that submission), so no IO thread
+competes with the vCPU for the CPU; its CPU seconds per GiB leave that IO
+work out with the vCPU threads, so they are not comparable.
 Contended modes divide each VM's request count by the VMs and by 2 with
 ``--hog``, so that a mode takes minutes; ``--scale F`` multiplies every count
 (each VM's run should last well over the VMs' start-up skew).
+
+``--threads`` adds where each VMM's CPU time went during the run: ms on a
+CPU and ms runnable but waiting for one, per second, for its vCPU threads, its
+io_uring workers and its other threads (``/proc/<pid>/task/*/schedstat``),
+with the busy loops (``--hog``) or the other VMs taking the rest.
 
 Beside each figure: the VMM's CPU seconds per GiB moved: the CPU time
 (utime + stime, ``/proc/<pid>/stat``, exited threads included) of the VMM
@@ -67,12 +77,21 @@ from pathlib import Path
 from typing import IO
 
 import plots
-from machine import CH, Hogs, Runs, machine, qemu_binary, vmm_cpu_seconds
+from machine import (
+    CH,
+    THREAD_CLASSES,
+    Hogs,
+    Runs,
+    machine,
+    qemu_binary,
+    thread_times,
+    vmm_cpu_seconds,
+)
 from vmkit import testguest
 
 IMAGE_SIZE = 256 << 20
 QUEUE_SIZE = 256
-VMMS = ("vmkit", "vmkit-cg", "ch", "qemu")
+VMMS = ("vmkit", "vmkit-cg", "ch", "qemu", "qemu-vcpu")
 #: Run unless --vmm names others (vmkit-cg, vmkit --cpu-groups true, needs a writable cpu cgroup).
 DEFAULT_VMMS = ("vmkit", "ch", "qemu")
 #: The columns whose ratios to each other VMM are reported.
@@ -82,6 +101,7 @@ NAMES = {
     "vmkit-cg": "vmkit --cpu-groups",
     "ch": "Cloud Hypervisor",
     "qemu": "QEMU q35",
+    "qemu-vcpu": "QEMU q35 ioeventfd=off",
 }
 
 
@@ -151,14 +171,17 @@ def ch_command(kernel: Path, image: Path, row: Row) -> list[str]:
     ]  # fmt: skip
 
 
-def qemu_command(qemu: str, kernel: Path, image: Path, row: Row) -> list[str]:
+def qemu_command(
+    qemu: str, kernel: Path, image: Path, row: Row, ioeventfd: bool = True
+) -> list[str]:
     return [
         qemu, "-M", "q35", "-enable-kvm", "-cpu", "host,-arch-capabilities",
+        "-name", "bench,debug-threads=on",
         "-m", "512M", "-smp", "1", "-nodefaults", "-no-user-config",
         "-display", "none", "-no-reboot", "-serial", "stdio",
         "-drive", f"if=none,id=d0,file={image},format=raw,cache=writeback,aio=io_uring",
         "-device", "virtio-blk-pci,drive=d0,disable-legacy=on,num-queues=1,"
-        f"queue-size={QUEUE_SIZE}",
+        f"queue-size={QUEUE_SIZE}" + ("" if ioeventfd else ",ioeventfd=off"),
         "-kernel", str(kernel), "-append", cmdline(row),
     ]  # fmt: skip
 
@@ -188,13 +211,22 @@ class VmResult:
     ns: int | None
     end: float  # host monotonic time its result line arrived
     cpu: float  # VMM CPU seconds from the first serial line to the result line
+    #: Per thread class, ms on a CPU and ms waiting for one per second, over the same span.
+    threads: dict[str, tuple[float, float]]
 
 
 class Running:
     """One VMM process, its serial output read as it comes."""
 
-    def __init__(self, command: list[str], log: IO[bytes], env: dict[str, str] | None) -> None:
+    def __init__(
+        self,
+        command: list[str],
+        log: IO[bytes],
+        env: dict[str, str] | None,
+        track_threads: bool = False,
+    ) -> None:
         self.command = command
+        self.track_threads = track_threads
         self.proc = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -205,17 +237,56 @@ class Running:
         self.log = log
         self.out = bytearray()
         self.cpu_start: float | None = None
+        # thread_times at the first serial line; each thread's latest sample since
+        # (kept after it exits: the VMM may end its device threads before its
+        # result line is read), and when the latest sample was taken.
+        self.threads_start: dict[int, tuple[str, int, int]] | None = None
+        self.threads_seen: dict[int, tuple[str, int, int]] = {}
+        self.threads_span: tuple[float, float] | None = None
         self.result: VmResult | None = None
 
     def feed(self, chunk: bytes) -> None:
         self.out.extend(chunk)
         if self.cpu_start is None and b"\n" in self.out:
             self.cpu_start = vmm_cpu_seconds(self.proc.pid)
+            if self.track_threads:
+                now = time.monotonic()
+                self.threads_start = thread_times(self.proc.pid)
+                self.threads_span = (now, now)
         if self.result is None and (m := RESULT.search(self.out)):
             now = time.monotonic()
             cpu = vmm_cpu_seconds(self.proc.pid) - (self.cpu_start or 0.0)
             ns = int(m.group(3)) if m.group(3) else None
-            self.result = VmResult(int(m.group(1)), int(m.group(2)), ns, now, cpu)
+            self.result = VmResult(int(m.group(1)), int(m.group(2)), ns, now, cpu, self.split())
+
+    def sample_threads(self) -> None:
+        """Takes each thread's latest times while the run goes on."""
+        if self.threads_span is None or self.result is not None:
+            return
+        try:
+            latest = thread_times(self.proc.pid)
+        except (FileNotFoundError, ProcessLookupError):
+            return  # exiting: the previous samples stand
+        self.threads_seen.update(latest)
+        self.threads_span = (self.threads_span[0], time.monotonic())
+
+    def split(self) -> dict[str, tuple[float, float]]:
+        """Per thread class, ms on a CPU and ms waiting per second, from the
+        first serial line to the last sample."""
+        threads = {kind: (0.0, 0.0) for kind in THREAD_CLASSES}
+        if self.threads_start is None or self.threads_span is None:
+            return threads
+        seconds = self.threads_span[1] - self.threads_span[0]
+        if seconds <= 0:
+            return threads
+        for tid, (kind, ran, waited) in self.threads_seen.items():
+            _, ran0, waited0 = self.threads_start.get(tid, (kind, 0, 0))
+            before = threads[kind]
+            threads[kind] = (
+                before[0] + (ran - ran0) / 1e6 / seconds,
+                before[1] + (waited - waited0) / 1e6 / seconds,
+            )
+        return threads
 
     def failure(self) -> str:
         self.log.seek(0)
@@ -227,25 +298,34 @@ class Running:
         )
 
 
-def run_group(commands: list[list[str]], env: dict[str, str] | None = None) -> list[VmResult]:
+def run_group(
+    commands: list[list[str]], env: dict[str, str] | None = None, track_threads: bool = False
+) -> list[VmResult]:
     """Starts every command at once (with `env` added to the environment); their
-    results once all have exited."""
+    results once all have exited. `track_threads`: sample each VMM's thread
+    times every 0.1 s (``VmResult.threads``)."""
     logs = [tempfile.TemporaryFile() for _ in commands]
     try:
-        vms = [Running(command, log, env) for command, log in zip(commands, logs, strict=True)]
+        vms = [
+            Running(command, log, env, track_threads)
+            for command, log in zip(commands, logs, strict=True)
+        ]
         with selectors.DefaultSelector() as selector:
             for vm in vms:
                 assert vm.proc.stdout is not None
                 selector.register(vm.proc.stdout, selectors.EVENT_READ, vm)
             deadline = time.monotonic() + 300
             while selector.get_map() and time.monotonic() < deadline:
-                for key, _ in selector.select(timeout=1):
+                for key, _ in selector.select(timeout=0.1 if track_threads else 1):
                     vm = key.data
                     chunk = os.read(key.fd, 65536)
                     if chunk:
                         vm.feed(chunk)
                     else:
                         selector.unregister(key.fileobj)
+                if track_threads:
+                    for vm in vms:
+                        vm.sample_threads()
         results = []
         for vm in vms:
             try:
@@ -292,17 +372,30 @@ def host_rate(image: Path, row: Row) -> float | None:
 class Sample:
     rate: float  # aggregate, the row's unit
     cpu_per_gib: float
+    #: Per thread class, summed over the VMs: ms on a CPU, ms waiting, per second.
+    threads: dict[str, tuple[float, float]]
 
 
 def measure(
-    row: Row, commands: list[list[str]], tsc_khz: float, env: dict[str, str] | None = None
+    row: Row,
+    commands: list[list[str]],
+    tsc_khz: float,
+    env: dict[str, str] | None = None,
+    track_threads: bool = False,
 ) -> Sample:
-    results = run_group(commands, env)
+    results = run_group(commands, env, track_threads)
     starts = [r.end - r.ticks / (tsc_khz * 1e3) for r in results]
     window = max(r.end for r in results) - min(starts)
     requests = sum(r.requests for r in results)
     gib = requests * row.size / (1 << 30)
-    return Sample(rate(row, requests, window), sum(r.cpu for r in results) / gib)
+    threads = {
+        kind: (
+            sum(r.threads[kind][0] for r in results),
+            sum(r.threads[kind][1] for r in results),
+        )
+        for kind in THREAD_CLASSES
+    }
+    return Sample(rate(row, requests, window), sum(r.cpu for r in results) / gib, threads)
 
 
 def make_image(path: Path) -> None:
@@ -367,6 +460,11 @@ def main() -> int:
         metavar="LABEL:NAME=VALUE[,NAME=VALUE]",
         help="also run vmkit with these environment variables, as VMM LABEL (A/B runs)",
     )
+    parser.add_argument(
+        "--threads",
+        action="store_true",
+        help="also report where each VMM's CPU time went: vCPU threads, io_uring workers, the rest",
+    )
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument(
         "--plot", type=Path, help="the chart (PNG) to write (default: plots/io-MODE.png)"
@@ -383,7 +481,7 @@ def main() -> int:
         parser.error(f"--vms {args.vms}: at least 1")
     qemu = qemu_binary()
     vmms = [v for v in args.vmm or DEFAULT_VMMS if v != "ch" or CH.exists()] + list(variants)
-    if qemu is None and "qemu" in vmms:
+    if qemu is None and ("qemu" in vmms or "qemu-vcpu" in vmms):
         return 1
     if not CH.exists():
         print(f"{CH} is missing: no Cloud Hypervisor column", file=sys.stderr)
@@ -398,7 +496,7 @@ def main() -> int:
         if vmm == "ch":
             return ch_command(kernel, image, row)
         assert qemu is not None
-        return qemu_command(qemu, kernel, image, row)
+        return qemu_command(qemu, kernel, image, row, ioeventfd=vmm != "qemu-vcpu")
 
     idle = args.vms == 1 and not args.hog
     table: list[tuple[Row, dict[str, Sample], float | None]] = []
@@ -429,7 +527,9 @@ def main() -> int:
                         )
                         with Hogs(args.hog):
                             commands = [command(vmm, image, scaled) for image in images]
-                            samples[vmm].append(measure(row, commands, tsc_khz, variants.get(vmm)))
+                            samples[vmm].append(
+                                measure(row, commands, tsc_khz, variants.get(vmm), args.threads)
+                            )
                     if idle and (h := host_rate(images[0], row)) is not None:
                         host.append(h)
                 for vmm, got in samples.items():
@@ -439,6 +539,13 @@ def main() -> int:
                     vmm: Sample(
                         statistics.median(s.rate for s in got),
                         statistics.median(s.cpu_per_gib for s in got),
+                        {
+                            kind: (
+                                statistics.median(s.threads[kind][0] for s in got),
+                                statistics.median(s.threads[kind][1] for s in got),
+                            )
+                            for kind in THREAD_CLASSES
+                        },
                     )
                     for vmm, got in samples.items()
                 }
@@ -457,6 +564,9 @@ def main() -> int:
                         if vmm not in VMKITS
                     )
                     runs.print(f"{row.label:36} {row.unit:4} {cells}  {ratios}")
+                    if args.threads:
+                        for vmm, m in medians.items():
+                            runs.print(f"{'':41} {vmm:10} {thread_split(m)}")
     if args.markdown:
         print_markdown(args, vmms, table, kernel, qemu)
     mode, slug = "idle host, one VM", "idle"
@@ -483,6 +593,13 @@ def main() -> int:
         )
     )
     return 0
+
+
+def thread_split(sample: Sample) -> str:
+    """``vCPU 547/455, io_uring workers 0/0, other 467/474`` (ms run/waited per s)."""
+    return ", ".join(
+        f"{kind} {ran:.0f}/{waited:.0f}" for kind, (ran, waited) in sample.threads.items()
+    )
 
 
 def print_markdown(
@@ -520,6 +637,15 @@ def print_markdown(
         if with_host:
             cells.append(f"{h:,.1f} {row.unit}" if h else "—")
         print(f"| {row.label} | " + " | ".join(cells) + " |")
+    if args.threads:
+        print(
+            "\nWhere the CPU went (ms on a CPU / ms runnable but waiting, per second of the run,"
+            " all VMs together):\n"
+        )
+        print("| workload | " + " | ".join(name(v) for v in vmms) + " |")
+        print("|---" * (len(vmms) + 1) + "|")
+        for row, medians, _ in table:
+            print(f"| {row.label} | " + " | ".join(thread_split(medians[v]) for v in vmms) + " |")
     sample = ROWS[0]
     print(f"\nvmkit: `{' '.join(vmkit_command(kernel, Path('disk.img'), sample))}`\n")
     if "ch" in vmms:

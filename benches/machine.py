@@ -83,6 +83,31 @@ def vmm_cpu_seconds(pid: int) -> float:
     return total / CLOCK_TICKS
 
 
+#: How ``thread_times`` sorts a VMM's threads: its vCPUs, io_uring's
+#: kernel-side workers (``iou-wrk-<pid>``, threads of the VMM process), the rest.
+THREAD_CLASSES = ("vCPU", "io_uring workers", "other")
+
+
+def thread_times(pid: int) -> dict[int, tuple[str, int, int]]:
+    """Per live thread of the process: its class (``THREAD_CLASSES``), nanoseconds
+    on a CPU and nanoseconds runnable but waiting for one (``schedstat``)."""
+    times = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            ran, waited = map(int, (task / "schedstat").read_text().split()[:2])
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue  # the thread has just exited
+        if VCPU_THREAD.fullmatch(name):
+            kind = "vCPU"
+        elif name.startswith("iou-wrk"):
+            kind = "io_uring workers"
+        else:
+            kind = "other"
+        times[int(task.name)] = (kind, ran, waited)
+    return times
+
+
 class Hogs:
     """One busy-loop process per CPU at normal priority, while the block runs."""
 
