@@ -113,6 +113,9 @@ fn forker_main(socket: RawFd) -> i32 {
             return 1;
         }
     };
+    // The default mode's filters, compiled once here: the VM processes
+    // forked from this one share them (a `seccomp=log` VM compiles its own).
+    vmkit_vmm::seccomp::compile_all(SeccompMode::Trap);
     let mut buffer = vec![0u8; MAX_FORK_REQUEST];
     loop {
         let (length, fds) = match socket.receive_with_fds(&mut buffer) {

@@ -226,11 +226,30 @@ fn settle_malloc_arenas() {
     });
 }
 
+type ProgramCache = Mutex<HashMap<(ThreadKind, SeccompMode), Programs>>;
+
+fn program_cache() -> &'static ProgramCache {
+    static CACHE: OnceLock<ProgramCache> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+/// Compiles every thread kind's filter for `mode` into this process's
+/// cache. A process that forks VM processes does it once: they then share
+/// its pages instead of each compiling, and writing, its own (~50 KiB of
+/// heap per VM process). A kind that fails to compile is left out: its
+/// threads report the error when they start.
+pub fn compile_all(mode: SeccompMode) {
+    if mode == SeccompMode::Off {
+        return;
+    }
+    for kind in ThreadKind::ALL {
+        let _ = programs(kind, mode);
+    }
+}
+
 fn programs(kind: ThreadKind, mode: SeccompMode) -> io::Result<Programs> {
     settle_malloc_arenas();
-    static CACHE: OnceLock<Mutex<HashMap<(ThreadKind, SeccompMode), Programs>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+    let mut cache = program_cache().lock().unwrap_or_else(|p| p.into_inner());
     if let Some(programs) = cache.get(&(kind, mode)) {
         return Ok(programs.clone());
     }

@@ -11,6 +11,23 @@ fn every_kind_compiles_in_both_modes() {
 }
 
 #[test]
+fn compile_all_leaves_every_kind_compiled() {
+    // Every kind must be there after it, whatever the other tests compiled.
+    compile_all(SeccompMode::Log);
+    let cache = program_cache().lock().unwrap();
+    for kind in ThreadKind::ALL {
+        assert!(
+            cache.contains_key(&(kind, SeccompMode::Log)),
+            "{kind} not compiled"
+        );
+    }
+    drop(cache);
+    compile_all(SeccompMode::Off);
+    let cache = program_cache().lock().unwrap();
+    assert!(!cache.keys().any(|(_, mode)| *mode == SeccompMode::Off));
+}
+
+#[test]
 fn a_creator_allows_what_its_children_do() {
     // Filters stack: a child's call must pass its creator's filter too.
     for kind in ThreadKind::ALL {
