@@ -161,6 +161,25 @@ def test_a_python_startup_variable_needs_a_fresh_interpreter() -> None:
         assert vm.client.ping().pid == vm.pid
 
 
+def test_other_python_variables_do_not_start_the_shared_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As in a program whose first spawn brings its own PYTHON* variables: the
+    # server must still be started for this program's own, or every later
+    # default spawn would need a fresh interpreter.
+    monkeypatch.setattr(_forkserver, "_shared", None)
+    try:
+        with Vm.spawn(None, env={**os.environ, "PYTHONHASHSEED": "12345"}) as vm:
+            assert not isinstance(vm.process, _forkserver.ForkedProcess)
+        assert _forkserver._shared is None
+        with Vm.spawn(None) as vm:
+            assert isinstance(vm.process, _forkserver.ForkedProcess)
+    finally:
+        started = _forkserver._shared
+        if started is not None:
+            started.close()
+
+
 def context_switches(pid: int, tid: int) -> int:
     """Every context switch so far of thread ``tid`` of ``pid``."""
     status = Path(f"/proc/{pid}/task/{tid}/status").read_text()

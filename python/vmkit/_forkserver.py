@@ -233,10 +233,10 @@ _shared: ForkServer | None = None
 _shared_lock = threading.Lock()
 
 
-def shared_server(env: Mapping[str, str]) -> ForkServer | None:
-    """This process's fork server, started on first use; None when ``env``
-    differs from its start-up environment in what Python reads at start
-    (the caller then needs a fresh interpreter)."""
+def shared_server(env: Mapping[str, str], may_start: bool = True) -> ForkServer | None:
+    """This process's fork server, started on first use if ``may_start``;
+    None when there is none or ``env`` differs from its start-up environment
+    in what Python reads at start (the caller then needs a fresh interpreter)."""
     global _shared
     with _shared_lock:
         server = _shared
@@ -247,6 +247,8 @@ def shared_server(env: Mapping[str, str]) -> ForkServer | None:
                 server._socket.close()  # inherited through a fork of this process
             server = _shared = None
         if server is None:
+            if not may_start:
+                return None
             server = _shared = ForkServer(env)
             if not _atexit_registered:
                 _register_atexit()

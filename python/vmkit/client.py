@@ -1098,6 +1098,18 @@ def _package_root() -> str:
     return str(Path(__file__).resolve().parent.parent)
 
 
+def _child_environment(env: Mapping[str, str] | None) -> dict[str, str]:
+    """What a spawned VMM runs with: ``env`` (this program's if None), and
+    from a source tree or an editable install, this vmkit on its path."""
+    child_env = dict(os.environ if env is None else env)
+    root = _package_root()
+    if Path(root).name not in ("site-packages", "dist-packages"):
+        child_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (root, child_env.get("PYTHONPATH", "")) if p
+        )
+    return child_env
+
+
 def spawn(
     config: VmConfig | None,
     *,
@@ -1130,8 +1142,8 @@ def spawn(
     goes away. ``vmm_args`` other than ``-v``, an ``env``, or
     ``fresh_interpreter=True`` run the ``vmkit --api-socket`` command instead
     (forked from the server as a pre-imported interpreter, or started fresh
-    with ``fresh_interpreter`` or ``PYTHON*`` variables that differ from the
-    server's), which serves the API itself.
+    with ``fresh_interpreter`` or ``PYTHON*`` variables that differ from this
+    program's), which serves the API itself.
 
     The VMM starts idle (no payload on its command line); once it answers
     ``vmm.ping``, ``vm.create`` sends ``config`` (``None`` skips that). The
@@ -1202,13 +1214,12 @@ def spawn(
     except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
-    child_env = dict(os.environ if env is None else env)
-    root = _package_root()
-    if Path(root).name not in ("site-packages", "dist-packages"):
-        # A source tree or an editable install: make sure the child imports this vmkit.
-        child_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (root, child_env.get("PYTHONPATH", "")) if p
-        )
+    child_env = _child_environment(env)
+    # The shared fork server is started only for this program's own Python
+    # start-up variables: one started for an `env` with others would turn
+    # every later default spawn away to a fresh interpreter.
+    own_startup = _forkserver.startup_environment(_child_environment(None))
+    may_start = _forkserver.startup_environment(child_env) == own_startup
     verbosity = _vm_process_verbosity(vmm_args)
     if not fresh_interpreter and env is None and verbosity is not None:
         vm_process = _start_vm_process(
@@ -1252,7 +1263,7 @@ def spawn(
         argv += ["--cpu-groups", "true"]
     process: VmmProcess
     try:
-        server = None if fresh_interpreter else _forkserver.shared_server(child_env)
+        server = None if fresh_interpreter else _forkserver.shared_server(child_env, may_start)
         if server is not None:
             try:
                 pid = server.fork(argv, child_env, log.fileno(), lifeline_read, ready_write)
@@ -1260,7 +1271,7 @@ def spawn(
                 if server.alive:
                     raise
                 # The server was gone (killed, or ended with its terminal): a new one.
-                server = _forkserver.shared_server(child_env)
+                server = _forkserver.shared_server(child_env, may_start)
                 if server is None:
                     raise
                 pid = server.fork(argv, child_env, log.fileno(), lifeline_read, ready_write)
