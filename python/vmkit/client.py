@@ -1218,8 +1218,8 @@ def spawn(
     # The shared fork server is started only for this program's own Python
     # start-up variables: one started for an `env` with others would turn
     # every later default spawn away to a fresh interpreter.
-    own_startup = _forkserver.startup_environment(_child_environment(None))
-    may_start = _forkserver.startup_environment(child_env) == own_startup
+    startup = _forkserver.startup_environment
+    may_start = env is None or startup(child_env) == startup(_child_environment(None))
     verbosity = _vm_process_verbosity(vmm_args)
     if not fresh_interpreter and env is None and verbosity is not None:
         vm_process = _start_vm_process(
