@@ -427,4 +427,5 @@ def test_ch_remote_snapshots_a_vmkit_vm_and_vmkit_restores_it(workdir: Path) -> 
     def ticks(text: str) -> list[int]:
         return [int(line.split()[-1]) for line in text.splitlines() if " tick " in line]
 
-    assert ticks(ticked) + ticks(after) == list(range(30))
+    # The pause may land mid-line: the restored guest finishes the line it began.
+    assert ticks(ticked + after) == list(range(30))
