@@ -146,6 +146,18 @@ pub fn guest_phys_bits(kvm: &Kvm, cpus: &CpusConfig) -> Result<u8> {
     Ok(host.min(cpus.max_phys_bits))
 }
 
+/// KVM_CREATE_VM, again while a signal interrupts it: registering the VM's
+/// MMU notifier gives up with EINTR when one is pending (another VM's vCPU
+/// kick, a child's exit), as QEMU also retries.
+pub fn create_vm(kvm: &Kvm) -> std::result::Result<kvm_ioctls::VmFd, kvm_ioctls::Error> {
+    loop {
+        match kvm.create_vm() {
+            Err(e) if e.errno() == libc::EINTR => continue,
+            result => return result,
+        }
+    }
+}
+
 /// The CPUID a vCPU of this host gets from vmkit, as KVM reads it back
 /// (kvm_pvm fills in more than KVM_GET_SUPPORTED_CPUID lists): the bound
 /// on the features a restored or received vCPU may use. Found once per
@@ -157,7 +169,7 @@ pub fn offered_cpuid(kvm: &Kvm, host: HostCpu) -> Result<Vec<kvm_bindings::kvm_c
     if let Some(offered) = OFFERED.get() {
         return Ok(offered.clone());
     }
-    let vm = kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?;
+    let vm = create_vm(kvm).map_err(kvm_error("KVM_CREATE_VM"))?;
     let vcpu = vm.create_vcpu(0).map_err(kvm_error("KVM_CREATE_VCPU"))?;
     let cpuid = cpuid_for(kvm, &CpusConfig::default(), 0, host)?;
     vcpu.set_cpuid2(&cpuid)

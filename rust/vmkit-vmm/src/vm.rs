@@ -1831,7 +1831,7 @@ impl Vm {
             .as_ref()
             .or(resized.as_ref())
             .unwrap_or(self.config());
-        let vm_fd = Arc::new(self.kvm.create_vm().map_err(kvm_error("KVM_CREATE_VM"))?);
+        let vm_fd = Arc::new(crate::cpu::create_vm(&self.kvm).map_err(kvm_error("KVM_CREATE_VM"))?);
         vm_fd
             .set_tss_address(crate::layout::KVM_TSS_ADDRESS as usize)
             .map_err(kvm_error("KVM_SET_TSS_ADDR"))?;

@@ -397,6 +397,35 @@ fn worker() -> Rules {
     r
 }
 
+/// Running a virtio-blk queue's requests, on its worker or a vCPU thread.
+fn serves_block_queue(io_uring: bool) -> Rules {
+    let mut r = Rules::default();
+    r.allow(&[
+        // The requests: vectored and plain reads and writes at offsets (and
+        // the CPU pressure read at offset 0, for `block::placement`).
+        libc::SYS_preadv,
+        libc::SYS_pwritev,
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        // FLUSH.
+        libc::SYS_fsync,
+        libc::SYS_fdatasync,
+        // DISCARD and WRITE_ZEROES on image files.
+        libc::SYS_fallocate,
+        // The rate limiter's timer.
+        libc::SYS_timerfd_settime,
+        libc::SYS_timerfd_gettime,
+    ]);
+    // DISCARD and WRITE_ZEROES on block devices.
+    r.ioctls(&[BLKDISCARD(), BLKZEROOUT()]);
+    if io_uring {
+        // Submitting and reaping; the ring only takes read, write and
+        // fsync operations (its restrictions are registered).
+        r.allow(&[libc::SYS_io_uring_enter]);
+    }
+    r
+}
+
 /// The rules of `kind` alone, before its children's are added.
 fn own_rules(kind: ThreadKind) -> Rules {
     match kind {
@@ -451,32 +480,17 @@ fn own_rules(kind: ThreadKind) -> Rules {
             ]);
             // `--cpus affinity=`: the thread pins itself (pid 0), no other.
             r.allow_if(libc::SYS_sched_setaffinity, vec![arg_eq(0, 0)]);
+            // A virtio-blk queue served on the vCPU thread that notified it
+            // while the CPUs are contended (`block::placement`).
+            r.merge(&serves_block_queue(true));
             r
         }
         ThreadKind::BlockSync | ThreadKind::BlockIoUring => {
             let mut r = worker();
-            r.allow(&[
-                // The requests: vectored and plain reads and writes at offsets.
-                libc::SYS_preadv,
-                libc::SYS_pwritev,
-                libc::SYS_pread64,
-                libc::SYS_pwrite64,
-                // FLUSH.
-                libc::SYS_fsync,
-                libc::SYS_fdatasync,
-                // DISCARD and WRITE_ZEROES on image files.
-                libc::SYS_fallocate,
-                // The rate limiter's timer.
-                libc::SYS_timerfd_settime,
-                libc::SYS_timerfd_gettime,
-            ]);
-            // DISCARD and WRITE_ZEROES on block devices.
-            r.ioctls(&[BLKDISCARD(), BLKZEROOUT()]);
-            if kind == ThreadKind::BlockIoUring {
-                // Submitting and reaping; the ring only takes read, write and
-                // fsync operations (its restrictions are registered).
-                r.allow(&[libc::SYS_io_uring_enter]);
-            }
+            r.merge(&serves_block_queue(kind == ThreadKind::BlockIoUring));
+            // Moves its queue's notifications onto the vCPU threads (its
+            // ioeventfd removed) while the CPUs are contended.
+            r.ioctls(&[KVM_IOEVENTFD()]);
             r
         }
         ThreadKind::Net => {

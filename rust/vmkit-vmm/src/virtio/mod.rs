@@ -13,6 +13,7 @@ pub mod block;
 pub mod console;
 pub mod mem;
 pub mod net;
+pub mod notify;
 pub mod pci;
 pub mod pmem;
 pub mod rng;
@@ -237,6 +238,15 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// Starts processing the queues (worker threads).
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// The transport's notifiers, for a device that may move a queue's
+    /// notifications onto the vCPU threads (virtio-pci only).
+    fn attach_notifiers(&mut self, _notifiers: &Arc<notify::Notifiers>) {}
+    /// The driver notified `queue` through an MMIO exit, on this vCPU
+    /// thread: serves it here if the device does so (true), else the
+    /// transport kicks the queue's worker.
+    fn notified_on_vcpu(&self, _queue: usize) -> bool {
+        false
+    }
     /// Stops processing (driver reset or VM teardown) and returns once the
     /// workers are gone. The device can be activated again afterwards.
     fn reset(&mut self);

@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::memory::GuestMemoryMmap;
-use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::notify::Notifiers;
 use super::{Activation, ActiveQueue, Interrupt, VirtioDevice, F_VERSION_1};
 use crate::error::{ErrorKind, ModuleError, Result};
 
@@ -63,9 +63,9 @@ const ISR_OFFSET: u64 = 0x2000;
 const ISR_SIZE: u64 = 1;
 const DEVICE_CONFIG_OFFSET: u64 = 0x4000;
 const DEVICE_CONFIG_SIZE: u64 = 0x1000;
-const NOTIFY_OFFSET: u64 = 0x6000;
+pub(super) const NOTIFY_OFFSET: u64 = 0x6000;
 const NOTIFY_SIZE: u64 = 0x1000;
-const NOTIFY_OFF_MULTIPLIER: u32 = 4;
+pub(super) const NOTIFY_OFF_MULTIPLIER: u32 = 4;
 const MSIX_TABLE_OFFSET: u64 = 0x8000;
 const MSIX_PBA_OFFSET: u64 = 0x48000;
 /// Configuration registers (dwords) of BAR 0 and, for a 64-bit BAR, its high half.
@@ -252,7 +252,6 @@ pub struct VirtioPciDevice {
     config: PciConfiguration,
     device: Box<dyn VirtioDevice>,
     memory: GuestMemoryMmap,
-    vm_fd: Arc<VmFd>,
     msix: Arc<Mutex<Msix>>,
     msix_cap: usize,
     pci_cfg_cap: usize,
@@ -265,9 +264,8 @@ pub struct VirtioPciDevice {
     config_generation: u8,
     queue_select: u16,
     queues: Vec<QueueRegisters>,
-    kicks: Vec<EventFd>,
-    /// Where the notify ioeventfds are registered now.
-    notify_base: Option<u64>,
+    /// The queues' kicks, and where their ioeventfds are registered.
+    notifiers: Arc<Notifiers>,
     active: bool,
     /// Stopped for a snapshot (or restored started): started again from the
     /// used rings' positions.
@@ -360,13 +358,15 @@ impl VirtioPciDevice {
             ],
         );
 
-        let kicks = (0..queue_count)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|source| VirtioPciError::EventFd {
+        let notifiers = Notifiers::new(routes.vm_fd().clone(), queue_count).map_err(|source| {
+            VirtioPciError::EventFd {
                 id: id.clone(),
                 source,
-            })?;
+            }
+        })?;
+        let notifiers = Arc::new(notifiers);
+        let mut device = device;
+        device.attach_notifiers(&notifiers);
         let interrupt = Arc::new(PciInterrupt {
             msix: msix.clone(),
             isr: AtomicU8::new(0),
@@ -383,7 +383,6 @@ impl VirtioPciDevice {
             device_features: device.features() | F_VERSION_1,
             device,
             memory,
-            vm_fd: routes.vm_fd().clone(),
             msix,
             msix_cap,
             pci_cfg_cap,
@@ -402,8 +401,7 @@ impl VirtioPciDevice {
                     ..Default::default()
                 })
                 .collect(),
-            kicks,
-            notify_base: None,
+            notifiers,
             active: false,
             stopped_for_snapshot: false,
             location: (0, 0),
@@ -535,7 +533,7 @@ impl VirtioPciDevice {
             // Sizing then restoring the BAR puts it back where the notifiers
             // are: moving them would cost two KVM_IOEVENTFD calls a queue
             // (each an SRCU grace period) for nothing.
-            if self.notify_base == Some(base) {
+            if self.notifiers.base() == Some(base) {
                 return;
             }
             if let Err(e) = self.register_notifiers(base) {
@@ -599,33 +597,14 @@ impl VirtioPciDevice {
     }
 
     fn register_notifiers(&mut self, base: u64) -> Result<()> {
-        self.unregister_notifiers();
-        for (index, kick) in self.kicks.iter().enumerate() {
-            let address = base + NOTIFY_OFFSET + index as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
-            self.vm_fd
-                .register_ioevent(kick, &IoEventAddress::Mmio(address), NoDatamatch)
-                .map_err(|source| VirtioPciError::IoEventFd {
-                    id: self.id.clone(),
-                    address,
-                    source,
-                })?;
-        }
-        self.notify_base = Some(base);
+        self.notifiers
+            .place(base)
+            .map_err(|e| VirtioPciError::IoEventFd {
+                id: self.id.clone(),
+                address: e.address,
+                source: e.source,
+            })?;
         Ok(())
-    }
-
-    fn unregister_notifiers(&mut self) {
-        if let Some(base) = self.notify_base.take() {
-            for (index, kick) in self.kicks.iter().enumerate() {
-                let address =
-                    base + NOTIFY_OFFSET + index as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
-                let _ = self.vm_fd.unregister_ioevent(
-                    kick,
-                    &IoEventAddress::Mmio(address),
-                    NoDatamatch,
-                );
-            }
-        }
     }
 
     fn msix(&self) -> MutexGuard<'_, Msix> {
@@ -671,7 +650,8 @@ impl VirtioPciDevice {
         for vector in &self.interrupt.queue_vectors {
             vector.store(NO_VECTOR, Ordering::SeqCst);
         }
-        for kick in &self.kicks {
+        self.notifiers.reset();
+        for kick in self.notifiers.kicks() {
             let _ = kick.read();
         }
     }
@@ -755,7 +735,7 @@ impl VirtioPciDevice {
                 queue.set_next_avail(position);
                 queue.set_next_used(position);
             }
-            let kick = self.kicks[index]
+            let kick = self.notifiers.kicks()[index]
                 .try_clone()
                 .map_err(|e| format!("eventfd: {e}"))?;
             queues.push(ActiveQueue {
@@ -960,11 +940,19 @@ impl VirtioPciDevice {
             self.device
                 .write_config(offset - DEVICE_CONFIG_OFFSET, data);
         } else if inside(NOTIFY_OFFSET, NOTIFY_SIZE) {
-            // Only reached when the ioeventfd is not in place (a BAR move in
-            // progress, or a config-window access): kick by hand.
-            let queue = (offset - NOTIFY_OFFSET) / u64::from(NOTIFY_OFF_MULTIPLIER);
-            if let Some(kick) = usize::try_from(queue).ok().and_then(|q| self.kicks.get(q)) {
-                let _ = kick.write(1);
+            // Only reached when the ioeventfd is not in place (the queue is
+            // served on the vCPU threads, a BAR move is in progress, or a
+            // config-window access): serve here if the device can, else
+            // kick by hand.
+            let Ok(queue) =
+                usize::try_from((offset - NOTIFY_OFFSET) / u64::from(NOTIFY_OFF_MULTIPLIER))
+            else {
+                return;
+            };
+            if !self.device.notified_on_vcpu(queue) {
+                if let Some(kick) = self.notifiers.kicks().get(queue) {
+                    let _ = kick.write(1);
+                }
             }
         } else {
             let mut msix = self.msix();
@@ -995,7 +983,7 @@ impl Drop for VirtioPciDevice {
         if self.active {
             self.device.reset();
         }
-        self.unregister_notifiers();
+        self.notifiers.remove();
     }
 }
 

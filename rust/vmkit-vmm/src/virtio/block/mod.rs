@@ -18,6 +18,7 @@ pub(crate) mod disk;
 mod error;
 mod io;
 mod merge;
+pub mod placement;
 mod queue;
 mod request;
 #[cfg(test)]
@@ -44,7 +45,9 @@ pub use self::disk::ImageLock;
 pub use self::error::BlockError;
 use self::io::uring::Uring;
 use self::io::QueueIo;
-use self::queue::QueueHandler;
+use self::placement::Placement;
+use self::queue::{QueueHandler, QueueWorker, SharedQueue};
+use super::notify::{Notifiers, QueueRoute};
 use super::worker::{self, Worker};
 use super::{
     ActivateError, Activation, Interrupt, VirtioDevice, F_RING_EVENT_IDX, F_RING_INDIRECT_DESC,
@@ -52,6 +55,7 @@ use super::{
 };
 use crate::rate_limiter::SharedRateLimiter;
 use crate::virtio::worker::nonblocking_timer;
+use std::sync::atomic::AtomicBool;
 
 /// virtio-blk feature bits (virtio 1.2 §5.2.3).
 pub const F_SEG_MAX: u64 = 1 << VIRTIO_BLK_F_SEG_MAX;
@@ -109,6 +113,11 @@ pub struct Block {
     use_io_uring: bool,
     io_uring_active: bool,
     workers: Vec<Worker>,
+    /// The transport's notifiers (virtio-pci): lets a queue be served on
+    /// the vCPU threads while the CPUs are contended.
+    notifiers: Option<Arc<Notifiers>>,
+    /// The running queues' handlers, shared with their workers.
+    queues: Vec<Arc<SharedQueue>>,
 }
 
 impl Block {
@@ -141,6 +150,7 @@ impl Block {
             .into());
         }
         let disk = DiskImage::open(config, lock_disks)?;
+        placement::open_cpu_pressure();
 
         let mut limiters = Vec::new();
         if let Some(own) = &config.rate_limiter_config {
@@ -199,6 +209,8 @@ impl Block {
             use_io_uring: !config.disable_io_uring,
             io_uring_active: false,
             workers: Vec::new(),
+            notifiers: None,
+            queues: Vec::new(),
         })
     }
 
@@ -274,6 +286,7 @@ impl Block {
             buffered_writes: Vec::new(),
             buffered_reads: Vec::new(),
             polling: false,
+            placement: None,
         })
     }
 }
@@ -361,6 +374,7 @@ impl VirtioDevice for Block {
             )));
         }
         let mut workers = Vec::with_capacity(activation.queues.len());
+        let mut queues = Vec::with_capacity(activation.queues.len());
         let mut all_uring = true;
         for active in activation.queues {
             let failed = |e: stdio::Error| {
@@ -375,6 +389,15 @@ impl VirtioDevice for Block {
                     active.queue,
                 )
                 .map_err(failed)?;
+            let mut handler = handler;
+            let on_vcpu = Arc::new(AtomicBool::new(false));
+            if let Some(notifiers) = &self.notifiers {
+                let route = QueueRoute {
+                    notifiers: Arc::clone(notifiers),
+                    queue: usize::from(active.index),
+                };
+                handler.placement = Some(Placement::new(route, Arc::clone(&on_vcpu)));
+            }
             let kind = if handler.uring.is_some() {
                 ThreadKind::BlockIoUring
             } else {
@@ -382,18 +405,35 @@ impl VirtioDevice for Block {
             };
             all_uring &= handler.uring.is_some();
             let name = format!("{}-q{}", self.id, active.index);
+            let shared = Arc::new(SharedQueue::new(handler, on_vcpu));
+            let handler = QueueWorker(Arc::clone(&shared));
             // On failure `workers` is dropped, which stops those started.
             let worker = worker::spawn(&activation.spawner, name, kind, vec![active.kick], handler);
             workers.push(worker.map_err(failed)?);
+            queues.push(shared);
         }
         self.workers = workers;
+        self.queues = queues;
         self.io_uring_active = all_uring;
         Ok(())
     }
 
+    fn attach_notifiers(&mut self, notifiers: &Arc<Notifiers>) {
+        self.notifiers = Some(Arc::clone(notifiers));
+    }
+
+    fn notified_on_vcpu(&self, queue: usize) -> bool {
+        self.queues
+            .iter()
+            .find(|shared| usize::from(shared.index) == queue)
+            .is_some_and(|shared| shared.serve_here())
+    }
+
     fn reset(&mut self) {
         // Dropping a worker stops and joins its thread; its handler is
-        // dropped there first, which waits for its io_uring operations.
+        // dropped there first (the device's share goes before), which waits
+        // for its io_uring operations.
+        self.queues.clear();
         self.workers.clear();
         self.io_uring_active = false;
     }

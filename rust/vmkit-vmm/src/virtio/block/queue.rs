@@ -3,7 +3,8 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
 use crate::memory::GuestMemoryMmap;
@@ -16,6 +17,7 @@ use super::io::sync::rw_vectored;
 use super::io::uring::Uring;
 use super::io::{guest_iovecs, IoVecs, QueueIo, UIO_MAXIOV};
 use super::merge::contiguous_runs;
+use super::placement::Placement;
 use super::request::{used_len, Op, Parsed, Request};
 use super::{STATUS_IOERR, STATUS_OK};
 use crate::rate_limiter::SharedRateLimiter;
@@ -65,6 +67,8 @@ pub struct QueueHandler {
     pub buffered_writes: Vec<Request>,
     /// Buffered reads popped in this batch, not started yet.
     pub buffered_reads: Vec<Request>,
+    /// Moves the queue between its worker and the vCPU threads (virtio-pci).
+    pub placement: Option<Placement>,
 }
 
 impl QueueHandler {
@@ -75,12 +79,14 @@ impl QueueHandler {
             return;
         }
         let mut fruitless_rounds = 0;
+        let mut popped_total = 0;
         loop {
             if let Err(e) = self.queue.disable_notification(&self.mem) {
                 self.fail(&e);
                 break;
             }
             let (popped, stop) = self.pop_requests();
+            popped_total += popped;
             self.run_deferred();
             if let Some(uring) = &mut self.uring {
                 uring.submit();
@@ -109,6 +115,9 @@ impl QueueHandler {
             }
         }
         self.signal_if_needed();
+        if let Some(placement) = &mut self.placement {
+            placement.record(popped_total);
+        }
     }
 
     /// Stops serving the queue and says why (log, DEVICE_NEEDS_RESET).
@@ -503,5 +512,119 @@ impl WorkerHandler for QueueHandler {
             }
         }
         worked
+    }
+}
+
+/// A queue's handler, shared by its worker and the vCPU threads that serve
+/// the queue while it is placed on them (see `placement`).
+pub struct SharedQueue {
+    pub index: u16,
+    handler: Mutex<QueueHandler>,
+    /// Whether notifications reach the vCPU threads rather than the worker.
+    on_vcpu: Arc<AtomicBool>,
+}
+
+impl SharedQueue {
+    /// `on_vcpu` is the flag `handler.placement` sets, if it has one.
+    pub fn new(handler: QueueHandler, on_vcpu: Arc<AtomicBool>) -> SharedQueue {
+        SharedQueue {
+            index: handler.index,
+            handler: Mutex::new(handler),
+            on_vcpu,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueHandler> {
+        self.handler.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves a notification on the calling vCPU thread. False, without
+    /// waiting, if the worker holds the queue now: then it must be kicked
+    /// (it looks at the ring again once it is done).
+    pub fn serve_here(&self) -> bool {
+        let mut handler = match self.handler.try_lock() {
+            Ok(handler) => handler,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return false,
+        };
+        // Notifications must end up on: the worker may be between polls,
+        // and stops polling a queue placed on the vCPU threads.
+        handler.polling = false;
+        // What the submission completes at once (page-cache reads) is reaped
+        // here: no wake-up of the worker for it. Requests still in flight
+        // signal it once the eventfd is back on; reaping again after that
+        // catches those that finished in between.
+        if let Some(uring) = &mut handler.uring {
+            uring.mute_eventfd(true);
+        }
+        handler.process_queue();
+        if let Some(uring) = &mut handler.uring {
+            if uring.has_completions() {
+                handler.reap_completions();
+            }
+        }
+        if let Some(uring) = &mut handler.uring {
+            uring.mute_eventfd(false);
+            if uring.has_completions() {
+                handler.reap_completions();
+            }
+        }
+        true
+    }
+
+    #[cfg(test)]
+    pub fn lock_for_test(&self) -> MutexGuard<'_, QueueHandler> {
+        self.lock()
+    }
+}
+
+/// The worker's side of a [`SharedQueue`].
+pub struct QueueWorker(pub Arc<SharedQueue>);
+
+impl WorkerHandler for QueueWorker {
+    fn quiesce(&mut self) {
+        self.0.lock().quiesce();
+    }
+
+    fn queue_notified(&mut self, index: usize) {
+        self.0.lock().queue_notified(index);
+    }
+
+    fn failed(&mut self, cause: &io::Error) {
+        self.0.lock().failed(cause);
+    }
+
+    fn extra_fds(&self) -> Vec<RawFd> {
+        self.0.lock().extra_fds()
+    }
+
+    fn extra_ready(&mut self, index: usize) {
+        self.0.lock().extra_ready(index);
+    }
+
+    fn started(&mut self) {
+        self.0.lock().started();
+    }
+
+    fn polls(&self) -> bool {
+        true
+    }
+
+    fn poll_start(&mut self) {
+        if !self.0.on_vcpu.load(Ordering::Relaxed) {
+            self.0.lock().poll_start();
+        }
+    }
+
+    fn poll_stop(&mut self) -> bool {
+        self.0.lock().poll_stop()
+    }
+
+    fn poll(&mut self) -> bool {
+        // The vCPU threads serve the ring; completions still wake the worker.
+        if self.0.on_vcpu.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.0.lock().poll()
     }
 }

@@ -249,7 +249,7 @@ mod needs_kvm {
         dev.config_write(4, 0, &0xc000_0000u32.to_le_bytes());
         dev.config_write(5, 0, &0u32.to_le_bytes());
         assert_eq!(dev.config().bar_address(0), Some(0xc000_0000));
-        assert_eq!(dev.notify_base, Some(0xc000_0000));
+        assert_eq!(dev.notifiers.base(), Some(0xc000_0000));
     }
 
     #[test]
@@ -261,10 +261,122 @@ mod needs_kvm {
         // placement-looking address the notifiers must not follow.
         dev.config_write(4, 0, &0xffff_ffffu32.to_le_bytes());
         assert_eq!(dev.config().bar_address(0), Some(0x10_fff8_0000));
-        assert_eq!(dev.notify_base, Some(BAR));
+        assert_eq!(dev.notifiers.base(), Some(BAR));
         dev.config_write(4, 0, &(BAR as u32 | 0x4).to_le_bytes());
         assert_eq!(dev.config().bar_address(0), Some(BAR));
-        assert_eq!(dev.notify_base, Some(BAR));
+        assert_eq!(dev.notifiers.base(), Some(BAR));
+    }
+
+    /// Whether KVM has an ioeventfd at queue `queue`'s notify address of a
+    /// BAR at `base`: it refuses a second one there.
+    fn ioeventfd_at(vm: &kvm_ioctls::VmFd, base: u64, queue: u64) -> bool {
+        use kvm_ioctls::{IoEventAddress, NoDatamatch};
+        let probe = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let address = IoEventAddress::Mmio(base + NOTIFY_OFFSET + queue * 4);
+        match vm.register_ioevent(&probe, &address, NoDatamatch) {
+            Ok(()) => {
+                vm.unregister_ioevent(&probe, &address, NoDatamatch)
+                    .unwrap();
+                false
+            }
+            Err(e) if e.errno() == libc::EEXIST => true,
+            Err(e) => panic!("KVM_IOEVENTFD: {e}"),
+        }
+    }
+
+    /// A virtio-blk queue moved onto the vCPU threads loses its ioeventfd
+    /// (the driver's writes exit to the VMM and are served there), keeps it
+    /// off across a BAR move while the other queue follows, and gets it
+    /// back when the driver resets the device.
+    #[test]
+    #[ignore = "needs /dev/kvm"]
+    fn a_queue_served_on_the_vcpu_threads_has_no_ioeventfd_until_reset() {
+        let image = std::env::temp_dir().join(format!("vmkit-pci-blk-{}.img", std::process::id()));
+        let contents: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&image, &contents).unwrap();
+        let config = vmkit_config::DiskConfig {
+            path: Some(image.to_str().unwrap().to_owned()),
+            num_queues: 2,
+            disable_io_uring: true,
+            ..Default::default()
+        };
+        let block = crate::virtio::block::Block::new(&config, None).unwrap();
+        std::fs::remove_file(&image).unwrap();
+        let memory = memory();
+        let routes = routes();
+        let vm = routes.vm_fd().clone();
+        let mut dev = VirtioPciDevice::new(
+            "__blk".into(),
+            Box::new(block),
+            memory.clone(),
+            routes,
+            BAR,
+            BarKind::Memory64,
+        )
+        .unwrap();
+        assert!(ioeventfd_at(&vm, BAR, 0) && ioeventfd_at(&vm, BAR, 1));
+        set_up(&mut dev, F_VERSION_1, 16);
+        write(&mut dev, 0x14, 0xf, 1);
+        assert!(dev.active);
+
+        assert!(dev.notifiers.serve_on_vcpu(0, true));
+        assert!(!ioeventfd_at(&vm, BAR, 0), "queue 0 exits to the VMM");
+        assert!(ioeventfd_at(&vm, BAR, 1), "queue 1 keeps its ioeventfd");
+        // A read of sector 1 (header, 512 bytes in, status), notified by
+        // MMIO as the guest's write now arrives.
+        memory.write_obj(0u32, GuestAddress(BUFFER)).unwrap(); // VIRTIO_BLK_T_IN
+        memory.write_obj(1u64, GuestAddress(BUFFER + 8)).unwrap();
+        memory
+            .write_obj(0xffu8, GuestAddress(BUFFER + 0x1000))
+            .unwrap();
+        let descriptors = [
+            (BUFFER, 16u32, 1u16),
+            (BUFFER + 0x200, 512, 1 | 2),
+            (BUFFER + 0x1000, 1, 2),
+        ];
+        for (i, (addr, len, flags)) in descriptors.into_iter().enumerate() {
+            let at = DESC + 16 * i as u64;
+            memory.write_obj(addr, GuestAddress(at)).unwrap();
+            memory.write_obj(len, GuestAddress(at + 8)).unwrap();
+            memory.write_obj(flags, GuestAddress(at + 12)).unwrap();
+            memory
+                .write_obj(i as u16 + 1, GuestAddress(at + 14))
+                .unwrap();
+        }
+        memory.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+        memory.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        write(&mut dev, NOTIFY_OFFSET, 0, 2);
+        let start = Instant::now();
+        while memory.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() != 1 {
+            assert!(start.elapsed() < Duration::from_secs(5), "no used buffer");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            memory
+                .read_obj::<u8>(GuestAddress(BUFFER + 0x1000))
+                .unwrap(),
+            0
+        );
+        let mut data = [0u8; 512];
+        memory
+            .read_slice(&mut data, GuestAddress(BUFFER + 0x200))
+            .unwrap();
+        assert_eq!(&data[..], &contents[512..1024]);
+
+        // The BAR moves: queue 1's ioeventfd follows, queue 0 stays without.
+        const MOVED: u64 = 0xc000_0000;
+        dev.config_write(4, 0, &(MOVED as u32).to_le_bytes());
+        dev.config_write(5, 0, &0u32.to_le_bytes());
+        assert_eq!(dev.notifiers.base(), Some(MOVED));
+        assert!(!ioeventfd_at(&vm, BAR, 1), "nothing left at the old place");
+        assert!(!ioeventfd_at(&vm, MOVED, 0) && ioeventfd_at(&vm, MOVED, 1));
+
+        // A driver reset puts every queue back on its ioeventfd.
+        write(&mut dev, 0x14, 0, 1);
+        assert!(!dev.notifiers.on_vcpu(0));
+        assert!(ioeventfd_at(&vm, MOVED, 0) && ioeventfd_at(&vm, MOVED, 1));
+        drop(dev);
+        assert!(!ioeventfd_at(&vm, MOVED, 0) && !ioeventfd_at(&vm, MOVED, 1));
     }
 
     /// A guest poking random registers with random values: no panic, no

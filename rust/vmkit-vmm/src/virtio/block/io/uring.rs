@@ -28,6 +28,9 @@ pub struct Uring {
     pub free: Vec<usize>,
     /// Keeps the guest memory mapped while the kernel may still use it.
     pub memory: GuestMemoryMmap,
+    /// The completion ring has its flags word (Linux 5.8; told apart by a
+    /// feature of 5.9): the eventfd can be muted.
+    can_mute: bool,
 }
 
 impl Uring {
@@ -66,12 +69,14 @@ impl Uring {
             ring.submitter().register_enable_rings()?;
         }
         let capacity = ring.params().sq_entries() as usize;
+        let can_mute = ring.params().is_feature_poll_32bits();
         Ok(Uring {
             ring,
             eventfd,
             slots: (0..capacity).map(|_| None).collect(),
             free: (0..capacity).rev().collect(),
             memory,
+            can_mute,
         })
     }
 
@@ -171,6 +176,20 @@ impl Uring {
     pub fn submit(&mut self) {
         if !self.ring.submission().is_empty() {
             let _ = self.ring.submit();
+        }
+    }
+
+    /// Stops (or resumes) signalling the eventfd on completions: a vCPU
+    /// thread that reaps what its own submission completed need not wake
+    /// the worker for it.
+    pub fn mute_eventfd(&mut self, mute: bool) {
+        if !self.can_mute {
+            return;
+        }
+        if mute {
+            self.ring.completion().disable_eventfd();
+        } else {
+            self.ring.completion().enable_eventfd();
         }
     }
 

@@ -163,3 +163,53 @@ fn a_queue_error_in_the_handler_is_reported_once() {
     assert_eq!(h.interrupt.needs_reset_count(), 1);
     assert_eq!(h.driver.used_idx(), 0);
 }
+
+/// A queue placed on the vCPU threads: the notifying thread serves it, and
+/// a request of the synchronous engine is done (data in the buffer, status
+/// and used entry written, the driver signalled) when the call returns.
+#[test]
+fn a_notification_served_on_the_vcpu_thread_is_done_when_it_returns() {
+    let h = harness(false);
+    let mut driver = h.driver;
+    let handler = Harness::handler_for(&h.block, &h.mem, &driver, &h.interrupt);
+    let shared = SharedQueue::new(handler, Arc::new(AtomicBool::new(true)));
+    let read = driver.request(VIRTIO_BLK_T_IN, 3, Data::In(1024));
+    let write = driver.request(VIRTIO_BLK_T_OUT, 8, Data::Out(vec![0x5a; 512]));
+    assert!(shared.serve_here());
+    assert_eq!(driver.used_idx(), 2);
+    assert_eq!(driver.status_of(&read), STATUS_OK);
+    assert_eq!(driver.read(read.data, 1024), patterned(3 * 512, 1024));
+    assert_eq!(driver.status_of(&write), STATUS_OK);
+    assert_eq!(&h.image.contents()[8 * 512..9 * 512], &[0x5a; 512][..]);
+    assert_eq!(h.interrupt.count(0), 1);
+    // Notifications were left on: the driver notifies the next request.
+    let used_flags: u16 = h.mem.read_obj(GuestAddress(driver.used)).unwrap();
+    assert_eq!(used_flags & 1, 0, "VRING_USED_F_NO_NOTIFY");
+    let again = driver.request(VIRTIO_BLK_T_IN, 0, Data::In(512));
+    assert!(shared.serve_here());
+    assert_eq!(driver.status_of(&again), STATUS_OK);
+}
+
+/// The vCPU thread never waits for the worker: while the worker holds the
+/// queue, the notification is left to it (the transport kicks it).
+#[test]
+fn a_vcpu_thread_never_waits_for_a_busy_worker() {
+    let h = harness(false);
+    let handler = Harness::handler_for(&h.block, &h.mem, &h.driver, &h.interrupt);
+    let shared = Arc::new(SharedQueue::new(handler, Arc::new(AtomicBool::new(true))));
+    let (held, release) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let worker = QueueWorker(Arc::clone(&shared));
+            let _guard = worker.0.lock_for_test();
+            held.wait();
+            release.wait();
+        });
+        held.wait();
+        let start = Instant::now();
+        assert!(!shared.serve_here());
+        assert!(start.elapsed() < Duration::from_secs(1));
+        release.wait();
+    });
+    assert!(shared.serve_here());
+}

@@ -12,6 +12,7 @@ mod requests;
 use self::super::io::guest_iovecs;
 use self::super::io::sync::{bounce_read, bounce_write};
 use self::super::merge::{contiguous_runs, MERGE_LIMIT};
+use self::super::queue::{QueueWorker, SharedQueue};
 use self::super::request::{Op, Request, Segment};
 use super::*;
 use crate::error::ErrorKind;
@@ -23,7 +24,7 @@ use io_uring::IoUring;
 use std::fs::OpenOptions;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,

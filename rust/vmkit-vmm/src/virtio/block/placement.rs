@@ -1,0 +1,174 @@
+//! Which thread serves a queue: its worker, or the vCPU thread that
+//! notified it.
+//!
+//! By default the driver's notification is an ioeventfd that wakes the
+//! queue's worker: no exit to user space, and on idle CPUs the worker runs
+//! beside the vCPU. When the host's CPUs are oversubscribed (many VMs, busy
+//! CPUs), the worker is one more runnable thread: it gets a fair share of a
+//! CPU while the guest's vCPU, waiting for its IO, uses its own share to
+//! spin. Then the vCPU thread serves the queue itself, as QEMU does with
+//! `ioeventfd=off`: the driver's write exits to the VMM, and the time the
+//! vCPU would have spent waiting goes to the IO, with no thread to wake.
+//!
+//! The exit costs more than an ioeventfd, and every notification pays it,
+//! so the queue moves to the vCPU threads only while the CPUs are contended
+//! (the host's CPU pressure, `/proc/pressure/cpu`) and each wake-up finds
+//! several requests; it moves back when either stops. Without pressure
+//! figures (a kernel without PSI) queues stay on their workers.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::virtio::notify::QueueRoute;
+
+/// How long the figures are gathered before each decision.
+const WINDOW: Duration = Duration::from_millis(100);
+/// Share of the window in which some runnable task waited for a CPU.
+const CONTENDED: f64 = 0.5;
+const UNCONTENDED: f64 = 0.2;
+/// Requests per wake-up (a notification, or a worker pass that found work).
+const BATCHED: f64 = 4.0;
+const UNBATCHED: f64 = 2.0;
+
+/// Where the queue should be served, given the window's figures.
+pub fn on_vcpu_next(on_vcpu: bool, pressure: f64, batch: f64) -> bool {
+    if on_vcpu {
+        pressure >= UNCONTENDED && batch >= UNBATCHED
+    } else {
+        pressure >= CONTENDED && batch >= BATCHED
+    }
+}
+
+static CPU_PRESSURE: OnceLock<Option<File>> = OnceLock::new();
+
+/// Opens the host's CPU pressure file, once per process, while the thread
+/// may still open files (device creation); the queues read it later.
+pub fn open_cpu_pressure() {
+    CPU_PRESSURE.get_or_init(|| {
+        File::open("/proc/pressure/cpu")
+            .ok()
+            .filter(|file| stalled_us(file).is_some())
+    });
+}
+
+/// Total µs in which some runnable task waited for a CPU (the "some" line).
+fn stalled_us(file: &File) -> Option<u64> {
+    let mut buf = [0u8; 256];
+    let len = file.read_at(&mut buf, 0).ok()?;
+    let text = std::str::from_utf8(&buf[..len]).ok()?;
+    let some = text.lines().next()?.strip_prefix("some ")?;
+    some.split_whitespace()
+        .find_map(|field| field.strip_prefix("total="))?
+        .parse()
+        .ok()
+}
+
+fn cpu_stalled_us() -> Option<u64> {
+    stalled_us(CPU_PRESSURE.get()?.as_ref()?)
+}
+
+/// One queue's placement, kept by its handler: figures of the current
+/// window, and the route it moves.
+pub struct Placement {
+    route: QueueRoute,
+    /// Read by the worker's polling without the handler's lock.
+    on_vcpu: Arc<AtomicBool>,
+    start: Instant,
+    stalled_at_start: Option<u64>,
+    wakeups: u32,
+    requests: u32,
+}
+
+impl Placement {
+    pub fn new(route: QueueRoute, on_vcpu: Arc<AtomicBool>) -> Placement {
+        // A device stopped for a snapshot and started again keeps its route.
+        on_vcpu.store(route.notifiers.on_vcpu(route.queue), Ordering::Relaxed);
+        Placement {
+            route,
+            on_vcpu,
+            start: Instant::now(),
+            stalled_at_start: cpu_stalled_us(),
+            wakeups: 0,
+            requests: 0,
+        }
+    }
+
+    /// A pass over the queue popped `popped` requests; at the end of a
+    /// window, moves the queue if its figures say so.
+    pub fn record(&mut self, popped: usize) {
+        if popped > 0 {
+            self.wakeups = self.wakeups.saturating_add(1);
+            self.requests = self
+                .requests
+                .saturating_add(u32::try_from(popped).unwrap_or(u32::MAX));
+        }
+        let elapsed = self.start.elapsed();
+        if elapsed < WINDOW {
+            return;
+        }
+        let stalled = cpu_stalled_us();
+        if let (Some(before), Some(now)) = (self.stalled_at_start, stalled) {
+            let pressure = now.saturating_sub(before) as f64 / elapsed.as_micros().max(1) as f64;
+            let batch = if self.wakeups == 0 {
+                0.0
+            } else {
+                f64::from(self.requests) / f64::from(self.wakeups)
+            };
+            let current = self.on_vcpu.load(Ordering::Relaxed);
+            let next = on_vcpu_next(current, pressure, batch);
+            if next != current && self.route.serve_on_vcpu(next) {
+                self.on_vcpu.store(next, Ordering::Relaxed);
+                log::debug!(
+                    "queue {}: served on the {} (CPU pressure {:.0}%, {:.1} requests a wake-up)",
+                    self.route.queue,
+                    if next { "vCPU threads" } else { "worker" },
+                    pressure * 100.0,
+                    batch
+                );
+            }
+        }
+        self.start = Instant::now();
+        self.stalled_at_start = stalled;
+        self.wakeups = 0;
+        self.requests = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queue_moves_to_the_vcpu_only_when_contended_and_batched() {
+        assert!(on_vcpu_next(false, 0.95, 16.0));
+        assert!(!on_vcpu_next(false, 0.02, 32.0), "idle CPUs: the worker");
+        assert!(
+            !on_vcpu_next(false, 0.95, 1.0),
+            "one request a notification"
+        );
+    }
+
+    #[test]
+    fn it_moves_back_when_either_stops_with_hysteresis() {
+        assert!(
+            on_vcpu_next(true, 0.3, 3.0),
+            "between the thresholds: stays"
+        );
+        assert!(!on_vcpu_next(true, 0.1, 32.0));
+        assert!(!on_vcpu_next(true, 0.95, 1.5));
+        assert!(!on_vcpu_next(true, 0.95, 0.0), "an idle window");
+    }
+
+    #[test]
+    fn the_pressure_file_parses() {
+        let Ok(file) = File::open("/proc/pressure/cpu") else {
+            return; // a kernel without PSI: queues never move
+        };
+        let first = stalled_us(&file).expect("a some line with a total");
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(stalled_us(&file).expect("read again at offset 0") >= first);
+    }
+}
