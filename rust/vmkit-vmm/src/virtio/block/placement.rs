@@ -66,7 +66,7 @@ fn stalled_us(file: &File) -> Option<u64> {
         .ok()
 }
 
-fn cpu_stalled_us() -> Option<u64> {
+pub(crate) fn cpu_stalled_us() -> Option<u64> {
     stalled_us(CPU_PRESSURE.get()?.as_ref()?)
 }
 

@@ -379,6 +379,35 @@ mod needs_kvm {
         assert!(!ioeventfd_at(&vm, MOVED, 0) && !ioeventfd_at(&vm, MOVED, 1));
     }
 
+    /// The threads that move a queue (its worker onto the vCPU threads, a
+    /// vCPU thread back) may, under their seccomp filters in trap mode.
+    #[test]
+    #[ignore = "needs /dev/kvm"]
+    fn a_queue_moves_under_the_movers_filters() {
+        use crate::seccomp::{spawn_confined, SeccompMode, ThreadGroups, ThreadKind};
+        let memory = memory();
+        let dev = rng_device(&memory);
+        for (kind, on_vcpu) in [
+            (ThreadKind::BlockIoUring, true),
+            (ThreadKind::Vcpu, false),
+            (ThreadKind::BlockSync, true),
+            (ThreadKind::Vcpu, false),
+        ] {
+            let notifiers = Arc::clone(&dev.notifiers);
+            spawn_confined(
+                "mover".into(),
+                kind,
+                SeccompMode::Trap,
+                &ThreadGroups::default(),
+                move || assert!(notifiers.serve_on_vcpu(0, on_vcpu)),
+            )
+            .unwrap()
+            .join()
+            .unwrap();
+            assert_eq!(dev.notifiers.on_vcpu(0), on_vcpu, "{kind}");
+        }
+    }
+
     /// A guest poking random registers with random values: no panic, no
     /// stuck worker, and reset still brings the device back.
     #[test]
