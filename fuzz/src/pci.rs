@@ -172,16 +172,8 @@ pub fn virtio_pci(data: &[u8]) {
             ECAM_SIZE_PER_SEGMENT,
             Arc::new(Mutex::new(ecam)),
         ),
-        mmio.insert(
-            layout.mem32.start,
-            layout.mem32.size,
-            Arc::new(Mutex::new(mem32)),
-        ),
-        mmio.insert(
-            layout.mem64.start,
-            layout.mem64.size,
-            Arc::new(Mutex::new(mem64)),
-        ),
+        mmio.insert_shared(layout.mem32.start, layout.mem32.size, Arc::new(mem32)),
+        mmio.insert_shared(layout.mem64.start, layout.mem64.size, Arc::new(mem64)),
         pio.insert(
             PciConfigIo::PORT,
             PciConfigIo::LEN,

@@ -1310,16 +1310,21 @@ fn add_pci_buses(
     )?;
     for segment in segments {
         for window in [segment.layout.mem32, segment.layout.mem64] {
-            insert(
-                &mut wiring.mmio,
-                &format!("PCI segment {} window", segment.layout.id),
+            let placed = wiring.mmio.insert_shared(
                 window.start,
                 window.size,
-                Arc::new(Mutex::new(PciBarWindow {
+                Arc::new(PciBarWindow {
                     segment: segment.clone(),
                     base: window.start,
-                })),
-            )?;
+                }),
+            );
+            if !placed {
+                return Err(DeviceManagerError::Overlap {
+                    what: format!("PCI segment {} window", segment.layout.id),
+                    base: window.start,
+                }
+                .into());
+            }
         }
     }
     Ok(config_io)

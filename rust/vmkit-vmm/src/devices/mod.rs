@@ -18,10 +18,23 @@ pub trait BusDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// A device that serves accesses through `&self`, so the bus takes no lock
+/// for it: several vCPU threads may be inside it at once (a PCI segment's
+/// window, which locks only the function an access reaches).
+pub trait SharedBusDevice: Send + Sync {
+    fn read(&self, offset: u64, data: &mut [u8]);
+    fn write(&self, offset: u64, data: &[u8]);
+}
+
+enum Target {
+    Locked(Arc<Mutex<dyn BusDevice>>),
+    Shared(Arc<dyn SharedBusDevice>),
+}
+
 struct Range {
     base: u64,
     len: u64,
-    device: Arc<Mutex<dyn BusDevice>>,
+    device: Target,
 }
 
 /// Address ranges mapped to devices; unclaimed reads return all-ones and
@@ -38,6 +51,15 @@ impl Bus {
 
     /// Adds `device` at [base, base + len); refuses overlaps.
     pub fn insert(&mut self, base: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) -> bool {
+        self.insert_target(base, len, Target::Locked(device))
+    }
+
+    /// Adds a device that needs no lock at [base, base + len).
+    pub fn insert_shared(&mut self, base: u64, len: u64, device: Arc<dyn SharedBusDevice>) -> bool {
+        self.insert_target(base, len, Target::Shared(device))
+    }
+
+    fn insert_target(&mut self, base: u64, len: u64, device: Target) -> bool {
         let end = match base.checked_add(len) {
             Some(end) if len > 0 => end,
             _ => return false,
@@ -65,8 +87,13 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
             Some((range, offset)) => {
-                let mut device = range.device.lock().unwrap_or_else(|p| p.into_inner());
-                device.read(offset, data);
+                match &range.device {
+                    Target::Locked(device) => device
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .read(offset, data),
+                    Target::Shared(device) => device.read(offset, data),
+                }
                 true
             }
             None => {
@@ -79,8 +106,13 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((range, offset)) => {
-                let mut device = range.device.lock().unwrap_or_else(|p| p.into_inner());
-                device.write(offset, data);
+                match &range.device {
+                    Target::Locked(device) => device
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .write(offset, data),
+                    Target::Shared(device) => device.write(offset, data),
+                }
                 true
             }
             None => false,

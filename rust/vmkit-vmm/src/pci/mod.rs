@@ -8,7 +8,7 @@ pub mod msix;
 
 use std::sync::{Arc, Mutex};
 
-use crate::devices::BusDevice;
+use crate::devices::{BusDevice, SharedBusDevice};
 use config::{PciConfiguration, PciIdentity};
 
 /// Slots on a bus.
@@ -27,9 +27,21 @@ pub trait PciDevice: Send {
     fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]);
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
+    /// A queue that a write at `offset` of BAR `bar` notifies, to be served
+    /// after the function's lock is released (a long request must not hold
+    /// up the function's other registers, or its other queues).
+    fn notify_target(&self, _bar: usize, _offset: u64) -> Option<Arc<dyn NotifyTarget>> {
+        None
+    }
 }
 
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
+
+/// Something a register write notifies (a virtio queue served on the
+/// writing vCPU thread); see `PciDevice::notify_target`.
+pub trait NotifyTarget: Send + Sync {
+    fn notify(&self);
+}
 
 fn lock(device: &SharedPciDevice) -> std::sync::MutexGuard<'_, dyn PciDevice + 'static> {
     device.lock().unwrap_or_else(|p| p.into_inner())
@@ -452,16 +464,20 @@ pub struct PciBarWindow {
     pub base: u64,
 }
 
-impl BusDevice for PciBarWindow {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+impl SharedBusDevice for PciBarWindow {
+    fn read(&self, offset: u64, data: &mut [u8]) {
         match self.segment.bar_at(self.base + offset) {
             Some((device, bar, at)) => lock(&device).bar_read(bar, at, data),
             None => data.fill(0xff),
         }
     }
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    fn write(&self, offset: u64, data: &[u8]) {
         if let Some((device, bar, at)) = self.segment.bar_at(self.base + offset) {
-            lock(&device).bar_write(bar, at, data);
+            let target = lock(&device).notify_target(bar, at);
+            match target {
+                Some(target) => target.notify(),
+                None => lock(&device).bar_write(bar, at, data),
+            }
         }
     }
 }
@@ -638,5 +654,91 @@ mod tests {
         let mut id = [0u8; 4];
         ecam.read(0, &mut id);
         assert_eq!(u32::from_le_bytes(id), 0x0d57_8086);
+    }
+
+    /// A function whose BAR's first byte notifies a queue: the queue is
+    /// served with the function's lock released (another vCPU thread may use
+    /// the function meanwhile), and other writes reach `bar_write`.
+    #[test]
+    fn a_notified_queue_is_served_outside_the_functions_lock() {
+        struct Queue {
+            function: std::sync::OnceLock<std::sync::Weak<Mutex<Function>>>,
+            served_unlocked: std::sync::atomic::AtomicUsize,
+        }
+        impl NotifyTarget for Queue {
+            fn notify(&self) {
+                let function = self.function.get().and_then(|f| f.upgrade()).unwrap();
+                if function.try_lock().is_ok() {
+                    self.served_unlocked
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        }
+        struct Function {
+            config: PciConfiguration,
+            queue: Arc<Queue>,
+            writes: Vec<u64>,
+        }
+        impl PciDevice for Function {
+            fn config(&self) -> &PciConfiguration {
+                &self.config
+            }
+            fn config_write(&mut self, reg: usize, offset: usize, data: &[u8]) {
+                self.config.write_register(reg, offset, data);
+            }
+            fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+                data.fill(0);
+            }
+            fn bar_write(&mut self, _bar: usize, offset: u64, _data: &[u8]) {
+                self.writes.push(offset);
+            }
+            fn notify_target(&self, bar: usize, offset: u64) -> Option<Arc<dyn NotifyTarget>> {
+                (bar == 0 && offset == 0).then(|| Arc::clone(&self.queue) as Arc<dyn NotifyTarget>)
+            }
+        }
+        let segment = Arc::new(segment());
+        let window = segment.layout.mem32;
+        let mut config = PciConfiguration::new(PciIdentity {
+            vendor: 0x1af4,
+            device: 0x1042,
+            class: (0x01, 0x80, 0x00),
+            revision: 1,
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x40,
+        });
+        config.add_bar(
+            0,
+            window.start,
+            config::Bar {
+                size: 0x1000,
+                kind: config::BarKind::Memory32,
+                prefetchable: false,
+            },
+        );
+        config.write_register(1, 0, &[0x2]); // memory space on
+        let queue = Arc::new(Queue {
+            function: std::sync::OnceLock::new(),
+            served_unlocked: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let function = Arc::new(Mutex::new(Function {
+            config,
+            queue: Arc::clone(&queue),
+            writes: Vec::new(),
+        }));
+        let _ = queue.function.set(Arc::downgrade(&function));
+        segment.insert(1, function.clone());
+        let bar_window = PciBarWindow {
+            segment,
+            base: window.start,
+        };
+        bar_window.write(0, &[0]);
+        bar_window.write(8, &[1, 0]);
+        assert_eq!(
+            queue
+                .served_unlocked
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+        assert_eq!(function.lock().unwrap().writes, vec![8]);
     }
 }

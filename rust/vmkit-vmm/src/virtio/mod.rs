@@ -241,11 +241,11 @@ pub trait VirtioDevice: Send {
     /// The transport's notifiers, for a device that may move a queue's
     /// notifications onto the vCPU threads (virtio-pci only).
     fn attach_notifiers(&mut self, _notifiers: &Arc<notify::Notifiers>) {}
-    /// The driver notified `queue` through an MMIO exit, on this vCPU
-    /// thread: serves it here if the device does so (true), else the
+    /// What serves `queue` when the driver notifies it through an MMIO exit
+    /// (its ioeventfd removed), on the writing vCPU thread; None: the
     /// transport kicks the queue's worker.
-    fn notified_on_vcpu(&self, _queue: usize) -> bool {
-        false
+    fn queue_notify_target(&self, _queue: usize) -> Option<Arc<dyn crate::pci::NotifyTarget>> {
+        None
     }
     /// Stops processing (driver reset or VM teardown) and returns once the
     /// workers are gone. The device can be activated again afterwards.

@@ -949,9 +949,12 @@ impl VirtioPciDevice {
             else {
                 return;
             };
-            if !self.device.notified_on_vcpu(queue) {
-                if let Some(kick) = self.notifiers.kicks().get(queue) {
-                    let _ = kick.write(1);
+            match self.device.queue_notify_target(queue) {
+                Some(target) => target.notify(),
+                None => {
+                    if let Some(kick) = self.notifiers.kicks().get(queue) {
+                        let _ = kick.write(1);
+                    }
                 }
             }
         } else {
@@ -1020,6 +1023,15 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec
 impl PciDevice for VirtioPciDevice {
     fn config(&self) -> &PciConfiguration {
         &self.config
+    }
+
+    fn notify_target(&self, bar: usize, offset: u64) -> Option<Arc<dyn crate::pci::NotifyTarget>> {
+        if bar != 0 || !(NOTIFY_OFFSET..NOTIFY_OFFSET + NOTIFY_SIZE).contains(&offset) {
+            return None;
+        }
+        let queue = (offset - NOTIFY_OFFSET) / u64::from(NOTIFY_OFF_MULTIPLIER);
+        self.device
+            .queue_notify_target(usize::try_from(queue).ok()?)
     }
 
     fn config_read(&mut self, reg: usize) -> u32 {

@@ -405,7 +405,8 @@ impl VirtioDevice for Block {
             };
             all_uring &= handler.uring.is_some();
             let name = format!("{}-q{}", self.id, active.index);
-            let shared = Arc::new(SharedQueue::new(handler, on_vcpu));
+            let kick = active.kick.try_clone().map_err(failed)?;
+            let shared = Arc::new(SharedQueue::new(handler, on_vcpu, Some(kick)));
             let handler = QueueWorker(Arc::clone(&shared));
             // On failure `workers` is dropped, which stops those started.
             let worker = worker::spawn(&activation.spawner, name, kind, vec![active.kick], handler);
@@ -422,11 +423,12 @@ impl VirtioDevice for Block {
         self.notifiers = Some(Arc::clone(notifiers));
     }
 
-    fn notified_on_vcpu(&self, queue: usize) -> bool {
-        self.queues
+    fn queue_notify_target(&self, queue: usize) -> Option<Arc<dyn crate::pci::NotifyTarget>> {
+        let shared = self
+            .queues
             .iter()
-            .find(|shared| usize::from(shared.index) == queue)
-            .is_some_and(|shared| shared.serve_here())
+            .find(|shared| usize::from(shared.index) == queue)?;
+        Some(Arc::clone(shared) as Arc<dyn crate::pci::NotifyTarget>)
     }
 
     fn reset(&mut self) {

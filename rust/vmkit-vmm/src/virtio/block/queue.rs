@@ -522,15 +522,33 @@ pub struct SharedQueue {
     handler: Mutex<QueueHandler>,
     /// Whether notifications reach the vCPU threads rather than the worker.
     on_vcpu: Arc<AtomicBool>,
+    /// The worker's queue eventfd: a notification the vCPU thread leaves.
+    kick: Option<vmm_sys_util::eventfd::EventFd>,
+}
+
+impl crate::pci::NotifyTarget for SharedQueue {
+    fn notify(&self) {
+        if !self.serve_here() {
+            if let Some(kick) = &self.kick {
+                let _ = kick.write(1);
+            }
+        }
+    }
 }
 
 impl SharedQueue {
-    /// `on_vcpu` is the flag `handler.placement` sets, if it has one.
-    pub fn new(handler: QueueHandler, on_vcpu: Arc<AtomicBool>) -> SharedQueue {
+    /// `on_vcpu` is the flag `handler.placement` sets, if it has one;
+    /// `kick` wakes the worker.
+    pub fn new(
+        handler: QueueHandler,
+        on_vcpu: Arc<AtomicBool>,
+        kick: Option<vmm_sys_util::eventfd::EventFd>,
+    ) -> SharedQueue {
         SharedQueue {
             index: handler.index,
             handler: Mutex::new(handler),
             on_vcpu,
+            kick,
         }
     }
 

@@ -172,7 +172,7 @@ fn a_notification_served_on_the_vcpu_thread_is_done_when_it_returns() {
     let h = harness(false);
     let mut driver = h.driver;
     let handler = Harness::handler_for(&h.block, &h.mem, &driver, &h.interrupt);
-    let shared = SharedQueue::new(handler, Arc::new(AtomicBool::new(true)));
+    let shared = SharedQueue::new(handler, Arc::new(AtomicBool::new(true)), None);
     let read = driver.request(VIRTIO_BLK_T_IN, 3, Data::In(1024));
     let write = driver.request(VIRTIO_BLK_T_OUT, 8, Data::Out(vec![0x5a; 512]));
     assert!(shared.serve_here());
@@ -196,7 +196,11 @@ fn a_notification_served_on_the_vcpu_thread_is_done_when_it_returns() {
 fn a_vcpu_thread_never_waits_for_a_busy_worker() {
     let h = harness(false);
     let handler = Harness::handler_for(&h.block, &h.mem, &h.driver, &h.interrupt);
-    let shared = Arc::new(SharedQueue::new(handler, Arc::new(AtomicBool::new(true))));
+    let shared = Arc::new(SharedQueue::new(
+        handler,
+        Arc::new(AtomicBool::new(true)),
+        None,
+    ));
     let (held, release) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
     std::thread::scope(|scope| {
         scope.spawn(|| {
@@ -225,7 +229,11 @@ fn a_vcpu_thread_under_its_filter_serves_the_queue() {
         let h = harness(io_uring);
         let mut driver = h.driver;
         let handler = Harness::handler_for(&h.block, &h.mem, &driver, &h.interrupt);
-        let shared = Arc::new(SharedQueue::new(handler, Arc::new(AtomicBool::new(true))));
+        let shared = Arc::new(SharedQueue::new(
+            handler,
+            Arc::new(AtomicBool::new(true)),
+            None,
+        ));
         let read = driver.request(VIRTIO_BLK_T_IN, 2, Data::In(2048));
         let write = driver.request(VIRTIO_BLK_T_OUT, 20, Data::Out(vec![0xc3; 1024]));
         let flush = driver.request(VIRTIO_BLK_T_FLUSH, 0, Data::None);
