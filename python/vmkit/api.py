@@ -975,6 +975,13 @@ class ApiServer:
             if fd >= 0:
                 os.close(fd)
         self._wake_r = self._wake_w = -1
+        # Connection threads end once their connection is shut (idle ones on
+        # the notify above): none outlives close(). Bounded, as one may be in
+        # a request that waits for the caller.
+        with self._lock:
+            workers = [t for t in self._workers if t is not threading.current_thread()]
+        for worker in workers:
+            worker.join(ANSWER_GRACE)
 
     def __enter__(self) -> ApiServer:
         self.start()
