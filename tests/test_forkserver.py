@@ -326,7 +326,7 @@ def test_200_spawn_and_stop_cycles_leave_nothing_behind() -> None:
     assert _forkserver._shared is server, "the server was restarted"
     assert open_descriptors() == fds
     assert open_descriptors(server.process.pid) == server_fds
-    assert thread_names(os.getpid()) == threads
+    assert thread_names(os.getpid()) == threads, [t.name for t in threading.enumerate()]
     assert children_of(os.getpid()) == children, "a VMM process (or zombie) is left"
     assert spawn_dirs() - temp == set()
 
