@@ -570,17 +570,12 @@ impl SharedQueue {
         handler.polling = false;
         // What the submission completes at once (page-cache reads) is reaped
         // here: no wake-up of the worker for it. Requests still in flight
-        // signal it once the eventfd is back on; reaping again after that
-        // catches those that finished in between.
+        // signal it once the eventfd is back on; reaping after that also
+        // catches those that finished while it was muted.
         if let Some(uring) = &mut handler.uring {
             uring.mute_eventfd(true);
         }
         handler.process_queue();
-        if let Some(uring) = &mut handler.uring {
-            if uring.has_completions() {
-                handler.reap_completions();
-            }
-        }
         if let Some(uring) = &mut handler.uring {
             uring.mute_eventfd(false);
             if uring.has_completions() {
