@@ -320,6 +320,13 @@ class ForkedProcess:
             self._lock.release()
         return self.returncode
 
+    def exit_fd(self) -> int | None:
+        """A new descriptor that becomes readable when the process ends (the
+        caller closes it); None once it is reaped, or without pidfds."""
+        with self._lock:
+            pidfd = self._pidfd
+            return None if pidfd is None else os.dup(pidfd)
+
     def _reaped(self, returncode: int) -> None:
         self.returncode = returncode
         if self._pidfd is not None:

@@ -64,15 +64,21 @@ class Reactor:
             except InterruptedError:
                 continue
             for fd, _event in events:
-                with self._dispatch:
-                    callback = self._callbacks.get(fd)
-                    if callback is None:
-                        continue  # removed since poll() returned
-                    try:
-                        callback(fd)
-                    except Exception:  # a bug: report it, keep serving the others
-                        log.exception("Reactor callback for descriptor %d failed", fd)
-                        self.remove(fd)
+                self._dispatch_one(fd)
+
+    def _dispatch_one(self, fd: int) -> None:
+        # A function of its own: the callback (and what its closure holds: a
+        # VM and its descriptors) is not kept alive by this thread's frame
+        # while it waits for the next event.
+        with self._dispatch:
+            callback = self._callbacks.get(fd)
+            if callback is None:
+                return  # removed since poll() returned
+            try:
+                callback(fd)
+            except Exception:  # a bug: report it, keep serving the others
+                log.exception("Reactor callback for descriptor %d failed", fd)
+                self.remove(fd)
 
 
 _shared: Reactor | None = None

@@ -18,6 +18,7 @@ removes the spawn directory too).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -102,6 +103,13 @@ class ControlChannel:
                 self._socket.send(json.dumps({"op": "exit", "code": code}).encode())
             except OSError:
                 pass  # gone already
+
+    def hang_up(self) -> None:
+        """Ends the channel for both sides at once, without waiting for a
+        request in flight (it fails as the VM process gone): the VM process
+        starts shutting its VM down."""
+        with contextlib.suppress(OSError):
+            self._socket.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         with self._lock:
@@ -529,6 +537,16 @@ class VmProcess:
         registration, self.registration = self.registration, None
         if registration is not None:
             registration.remove()
+
+    def hang_up(self) -> None:
+        """Tells the VM process to end (its control socket closes) and
+        returns; the caller's ``close`` then cleans up this side while it
+        ends (the reactor no longer watches it: no thread per ending VM)."""
+        with self._close_lock:
+            if not self._closed:
+                self._forget()
+                self.vmm.stop_watching()
+                self.channel.hang_up()
 
     def close(self) -> None:
         """Closes this side (the process, if still running, sees its control

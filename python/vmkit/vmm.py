@@ -355,14 +355,9 @@ class Vmm:
         for fd in fds:
             _reactor.shared().remove(fd)
 
-    def close(self, *, vm_gone: bool = False) -> None:
-        """Shuts down and forgets any VM (``vmm_shutdown`` without exit);
-        returns once the threads that waited for it are gone.
-
-        ``vm_gone``: the VM ends with the process that runs it, which the
-        caller ends next; it is forgotten without a request to it.
-        """
-        # First, while the VM's descriptors are open: no more watching.
+    def stop_watching(self) -> None:
+        """Stops waiting for the VM's stop and device events until ``close``
+        (the VM is about to go: its end is not an event to handle)."""
         with self._watch_lock:
             self._watch_closed = True
             fds, self._watched_fds = self._watched_fds, ()
@@ -373,6 +368,16 @@ class Vmm:
         for watcher in watchers:
             if watcher is not current:
                 watcher.join()
+
+    def close(self, *, vm_gone: bool = False) -> None:
+        """Shuts down and forgets any VM (``vmm_shutdown`` without exit);
+        returns once the threads that waited for it are gone.
+
+        ``vm_gone``: the VM ends with the process that runs it, which the
+        caller ends next; it is forgotten without a request to it.
+        """
+        # First, while the VM's descriptors are open: no more watching.
+        self.stop_watching()
         if vm_gone:
             with self.lock:
                 self._vm_gone = True

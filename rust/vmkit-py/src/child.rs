@@ -227,6 +227,7 @@ fn vm_process_main(setup: Setup) -> i32 {
 }
 
 fn vm_process_body(setup: Setup) -> i32 {
+    vmkit_vmm::stack::note_stack_bounds();
     if let Err(e) = vmkit_vmm::process::set_up_vm_process(&setup.process) {
         eprintln!("vmkit: cannot set up the VM process: {e}");
         return 1;
@@ -377,6 +378,8 @@ fn serve(control: &Control, signals: &SignalFd, state: &mut State) -> (i32, bool
         if control.send(&answer, fd).is_err() {
             return (0, true);
         }
+        // Creating and booting a VM runs deep; idle, this thread waits here.
+        vmkit_vmm::stack::release_unused_stack();
     }
 }
 

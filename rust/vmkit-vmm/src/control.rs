@@ -217,33 +217,46 @@ impl Control {
             match state.command {
                 VcpuCommand::Run => return true,
                 VcpuCommand::Stop => return false,
-                VcpuCommand::Park => {
-                    state.parked += 1;
-                    self.notify_unlocked(state);
-                    state = self.lock();
-                    while state.command == VcpuCommand::Park && !state.removed.contains(&index) {
-                        let request = state
-                            .capture
-                            .as_ref()
-                            .filter(|c| !c.results.contains_key(&index))
-                            .map(|c| (c.msr_list.clone(), c.xsave));
-                        if let Some((msr_list, xsave)) = request {
-                            drop(state);
-                            let result = capture(&msr_list, xsave);
-                            state = self.lock();
-                            if let Some(c) = state.capture.as_mut() {
-                                c.results.insert(index, result);
-                            }
-                            self.notify_unlocked(state);
-                            state = self.lock();
-                            continue;
-                        }
-                        state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
-                    }
-                    state.parked -= 1;
-                }
+                VcpuCommand::Park => state = self.park(state, index, capture),
             }
         }
+    }
+
+    /// `vcpu_gate` while parked. Out of line: a captured state is tens of
+    /// KiB, which would otherwise be in the frame of every gate call,
+    /// touched at each pass of the run loop.
+    #[cold]
+    #[inline(never)]
+    fn park<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, State>,
+        index: u8,
+        capture: &mut CaptureFn<'_>,
+    ) -> MutexGuard<'a, State> {
+        state.parked += 1;
+        self.notify_unlocked(state);
+        state = self.lock();
+        while state.command == VcpuCommand::Park && !state.removed.contains(&index) {
+            let request = state
+                .capture
+                .as_ref()
+                .filter(|c| !c.results.contains_key(&index))
+                .map(|c| (c.msr_list.clone(), c.xsave));
+            if let Some((msr_list, xsave)) = request {
+                drop(state);
+                let result = capture(&msr_list, xsave);
+                state = self.lock();
+                if let Some(c) = state.capture.as_mut() {
+                    c.results.insert(index, result);
+                }
+                self.notify_unlocked(state);
+                state = self.lock();
+                continue;
+            }
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        state.parked -= 1;
+        state
     }
 
     /// Each parked vCPU's state, taken by its own thread (the VM is

@@ -20,6 +20,7 @@ pub mod process;
 pub mod rate_limiter;
 pub mod seccomp;
 pub mod snapshot;
+pub mod stack;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

@@ -285,6 +285,8 @@ pub fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuThreadContext) {
     let flag: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|f| f.set(flag));
     let index = ctx.index;
+    // The filter's installation and the set-up above ran deeper than the loop.
+    crate::stack::release_unused_stack();
     while ctx.control.vcpu_gate(index, &mut |msr_list, xsave| {
         capture_state(&mut vcpu, msr_list, xsave)
     }) {

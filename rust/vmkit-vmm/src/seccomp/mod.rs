@@ -309,7 +309,10 @@ where
     F: FnOnce() + Send + 'static,
 {
     if mode == SeccompMode::Off && !groups.places(kind) {
-        return std::thread::Builder::new().name(name).spawn(body);
+        return std::thread::Builder::new().name(name).spawn(move || {
+            crate::stack::note_stack_bounds();
+            body()
+        });
     }
     if mode != SeccompMode::Off {
         // Compiled here, so that the new thread only installs it.
@@ -319,6 +322,8 @@ where
     let (ready, installed) = mpsc::sync_channel(1);
     let handle = std::thread::Builder::new().name(name).spawn(move || {
         let _record = record_kind(kind);
+        // Before the filter: it reads the thread's affinity.
+        crate::stack::note_stack_bounds();
         let result = groups.join(kind).and_then(|()| confine_thread(kind, mode));
         drop(groups);
         let confined = result.is_ok();
