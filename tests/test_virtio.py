@@ -12,7 +12,10 @@ import gc
 import os
 import re
 import struct
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -427,3 +430,62 @@ def test_unlimited_disk_is_much_faster_than_the_limit(tmp_path: Path) -> None:
     disk = image(tmp_path / "fast.img", 32 << 20)
     requests, ns = blkbench("", disk, blkbench_mode="randread", blkbench_count=3000)
     assert requests / (ns / 1e9) > 5 * 1000
+
+
+def _own_cgroup_v2_dir() -> Path | None:
+    """This process's cgroup v2 directory, where a v2 hierarchy is mounted
+    whole (its root shown at the mount point)."""
+    own = next(
+        (line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines()
+         if line.startswith("0::")),
+        None,
+    )  # fmt: skip
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        mount, _, filesystem = line.partition(" - ")
+        fields = mount.split()
+        if filesystem.split()[:1] == ["cgroup2"] and fields[3] == "/" and own is not None:
+            return Path(fields[4]) / own.lstrip("/")
+    return None
+
+
+def test_disk_queues_watch_their_own_cgroup_v2_cpu_pressure(tmp_path: Path) -> None:
+    # A VMM in a cgroup of its own (a container, a service) judges whether
+    # the CPUs are contended by its own tasks' waits: the host's figure
+    # counts any two tasks sharing a CPU anywhere.
+    parent = _own_cgroup_v2_dir()
+    if parent is None:
+        pytest.skip("no cgroup v2 hierarchy is mounted here")
+    child = parent / f"vmkit-test-{os.getpid()}"
+    try:
+        child.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot make a cgroup in {parent}: {e.strerror}")
+    try:
+        disk = image(tmp_path / "disk.img", 1 << 20)
+        argv = [
+            sys.executable, "-m", "vmkit", "-vv",
+            "--kernel", str(testguest.image_path("pvh")),
+            "--cmdline", testguest.cmdline(["hello"], exit="poweroff"),
+            "--disk", f"path={disk}", "--serial", "null", "--console", "off",
+        ]  # fmt: skip
+        # The shell moves itself into the cgroup, then becomes the VMM.
+        enter = 'echo 0 > "$1" && shift && exec "$@"'
+        done = subprocess.run(
+            ["sh", "-c", enter, "sh", str(child / "cgroup.procs"), *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        source = f"disk queues watch the CPU pressure in {child / 'cpu.pressure'}"
+        assert source in done.stderr, done.stderr[-2000:]
+    finally:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                child.rmdir()
+                break
+            except OSError:  # its last process is still on its way out
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)

@@ -106,7 +106,7 @@ class ControlChannel:
 
     def hang_up(self) -> None:
         """Ends the channel for both sides at once, without waiting for a
-        request in flight (it fails as the VM process gone): the VM process
+        request in flight (it fails: the VM process is gone): the VM process
         starts shutting its VM down."""
         with contextlib.suppress(OSError):
             self._socket.shutdown(socket.SHUT_RDWR)

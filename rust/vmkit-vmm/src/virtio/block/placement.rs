@@ -12,12 +12,16 @@
 //!
 //! The exit costs more than an ioeventfd, and every notification pays it,
 //! so the queue moves to the vCPU threads only while the CPUs are contended
-//! (the host's CPU pressure, `/proc/pressure/cpu`) and each wake-up finds
-//! several requests; it moves back when either stops. Without pressure
-//! figures (a kernel without PSI) queues stay on their workers.
+//! and each wake-up finds several requests; it moves back when either
+//! stops. Contended means CPU pressure: that of the VMM's own cgroup on
+//! cgroup v2 (the waits of its own tasks: a container's, a service's), else
+//! the host's (`/proc/pressure/cpu`), where on a large host any two tasks
+//! sharing a CPU count. Without pressure figures (a kernel without PSI)
+//! queues stay on their workers.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -43,15 +47,102 @@ pub fn on_vcpu_next(on_vcpu: bool, pressure: f64, batch: f64) -> bool {
 }
 
 static CPU_PRESSURE: OnceLock<Option<File>> = OnceLock::new();
+static CPU_PRESSURE_SOURCE: OnceLock<Option<PathBuf>> = OnceLock::new();
 
-/// Opens the host's CPU pressure file, once per process, while the thread
-/// may still open files (device creation); the queues read it later.
+/// Opens the CPU pressure file (the process's cgroup v2's, else the
+/// host's), once per process, while the thread may still open files
+/// (device creation); the queues read it later.
 pub fn open_cpu_pressure() {
     CPU_PRESSURE.get_or_init(|| {
-        File::open("/proc/pressure/cpu")
+        let own = std::fs::read_to_string("/proc/self/cgroup")
             .ok()
-            .filter(|file| stalled_us(file).is_some())
+            .zip(std::fs::read_to_string("/proc/self/mountinfo").ok())
+            .and_then(|(cgroup, mountinfo)| own_cgroup_v2_dir(&cgroup, &mountinfo))
+            .map(|dir| dir.join("cpu.pressure"));
+        let found = own
+            .into_iter()
+            .chain([PathBuf::from("/proc/pressure/cpu")])
+            .filter_map(|path| Some((File::open(&path).ok()?, path)))
+            .find(|(file, _)| stalled_us(file).is_some());
+        match &found {
+            Some((_, path)) => {
+                log::debug!("disk queues watch the CPU pressure in {}", path.display())
+            }
+            None => log::debug!("no CPU pressure figures: disk queues stay on their workers"),
+        }
+        let (file, path) = found.unzip();
+        let _ = CPU_PRESSURE_SOURCE.set(path);
+        file
     });
+}
+
+/// The file `open_cpu_pressure` chose, once it has run.
+pub fn cpu_pressure_source() -> Option<&'static std::path::Path> {
+    CPU_PRESSURE_SOURCE.get()?.as_deref()
+}
+
+/// The directory of this process's cgroup v2, from `/proc/self/cgroup`
+/// (its `0::` line) and `/proc/self/mountinfo` (where cgroup2 is mounted,
+/// and which of its cgroups the mount shows); None without a mounted v2
+/// hierarchy that shows it.
+pub fn own_cgroup_v2_dir(cgroup: &str, mountinfo: &str) -> Option<PathBuf> {
+    let own = cgroup
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))?
+        .trim_end();
+    if !own.starts_with('/') || own.ends_with(" (deleted)") {
+        return None;
+    }
+    mountinfo.lines().find_map(|line| {
+        let (mount, filesystem) = line.split_once(" - ")?;
+        if filesystem.split_whitespace().next() != Some("cgroup2") {
+            return None;
+        }
+        let mut fields = mount.split_whitespace();
+        let root = unescape(fields.nth(3)?);
+        let point = unescape(fields.next()?);
+        let below = if root == "/" {
+            own
+        } else {
+            own.strip_prefix(root.as_str())
+                .filter(|rest| rest.is_empty() || rest.starts_with('/'))?
+        };
+        let relative = below.trim_start_matches('/');
+        if relative.split('/').any(|part| part == "..") {
+            return None;
+        }
+        let mut dir = PathBuf::from(point);
+        if !relative.is_empty() {
+            dir.push(relative);
+        }
+        Some(dir)
+    })
+}
+
+/// A mountinfo field with its octal escapes (`\040` for a space) undone.
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|digits| bytes[i] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)));
+        match octal {
+            Some(digits) => {
+                let value = digits
+                    .iter()
+                    .fold(0u32, |value, d| value * 8 + u32::from(d - b'0'));
+                out.push(u8::try_from(value).unwrap_or(b'?'));
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Total µs in which some runnable task waited for a CPU (the "some" line).
@@ -160,6 +251,61 @@ mod tests {
         assert!(!on_vcpu_next(true, 0.1, 32.0));
         assert!(!on_vcpu_next(true, 0.95, 1.5));
         assert!(!on_vcpu_next(true, 0.95, 0.0), "an idle window");
+    }
+
+    const MOUNTINFO: &str = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw
+31 22 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn the_own_cgroup_v2_is_found_under_the_cgroup2_mount() {
+        let cgroup = "1:cpu:/\n0::/system.slice/vm 1.service\n";
+        assert_eq!(
+            own_cgroup_v2_dir(cgroup, MOUNTINFO),
+            Some(PathBuf::from(
+                "/sys/fs/cgroup/unified/system.slice/vm 1.service"
+            ))
+        );
+        assert_eq!(
+            own_cgroup_v2_dir("0::/\n", MOUNTINFO),
+            Some(PathBuf::from("/sys/fs/cgroup/unified")),
+            "the root cgroup: the host's figures"
+        );
+    }
+
+    #[test]
+    fn a_mount_of_a_sub_tree_and_escaped_paths_resolve() {
+        // A container's view: the mount shows /kubepods/pod1 at /sys/fs/cgroup.
+        let mountinfo = "50 40 0:38 /kubepods/pod1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            own_cgroup_v2_dir("0::/kubepods/pod1/ctr\n", mountinfo),
+            Some(PathBuf::from("/sys/fs/cgroup/ctr"))
+        );
+        assert_eq!(
+            own_cgroup_v2_dir("0::/kubepods/pod10\n", mountinfo),
+            None,
+            "a sibling whose name starts alike is not below the mount"
+        );
+        let mountinfo = "50 40 0:38 / /mnt/cgroup\\040v2 rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            own_cgroup_v2_dir("0::/a\n", mountinfo),
+            Some(PathBuf::from("/mnt/cgroup v2/a"))
+        );
+    }
+
+    #[test]
+    fn no_v2_hierarchy_or_a_strange_cgroup_gives_none() {
+        let v1_only = "22 1 8:1 / / rw - ext4 /dev/vda rw\n";
+        assert_eq!(own_cgroup_v2_dir("0::/\n", v1_only), None);
+        assert_eq!(
+            own_cgroup_v2_dir("1:cpu:/x\n", MOUNTINFO),
+            None,
+            "no 0:: line"
+        );
+        assert_eq!(own_cgroup_v2_dir("0::/gone (deleted)\n", MOUNTINFO), None);
+        assert_eq!(own_cgroup_v2_dir("0::/a/../../etc\n", MOUNTINFO), None);
     }
 
     #[test]
