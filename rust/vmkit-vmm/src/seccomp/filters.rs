@@ -418,6 +418,12 @@ fn serves_block_queue(io_uring: bool) -> Rules {
     ]);
     // DISCARD and WRITE_ZEROES on block devices.
     r.ioctls(&[BLKDISCARD(), BLKZEROOUT()]);
+    // Whether a vCPU thread serving the queue slept (block::placement):
+    // its own context switch counts.
+    r.allow_if(
+        libc::SYS_getrusage,
+        vec![arg_eq(0, libc::RUSAGE_THREAD as u64)],
+    );
     if io_uring {
         // Submitting and reaping; the ring only takes read, write and
         // fsync operations (its restrictions are registered).

@@ -18,6 +18,12 @@
 //! the host's (`/proc/pressure/cpu`), where on a large host any two tasks
 //! sharing a CPU count. Without pressure figures (a kernel without PSI)
 //! queues stay on their workers.
+//!
+//! A vCPU thread that serving the queue puts to sleep for milliseconds (the
+//! page cache throttling writers, a slow image, a read that misses the
+//! page cache on the synchronous engine) stalls its guest meanwhile: the
+//! queue then goes back to its worker at once and stays there for a second,
+//! so a guest stalls that way at most once a second.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -36,6 +42,19 @@ const UNCONTENDED: f64 = 0.2;
 /// Requests per wake-up (a notification, or a worker pass that found work).
 const BATCHED: f64 = 4.0;
 const UNBATCHED: f64 = 2.0;
+
+/// A serve on a vCPU thread that took this long and slept in it blocked
+/// its guest (rather than was preempted)...
+const BLOCKED_ON_VCPU: Duration = Duration::from_millis(2);
+/// ...and keeps the queue on its worker for this many windows.
+const HOLD_WINDOWS: u32 = 10;
+
+/// Whether a serve on a vCPU thread that took `wall` blocked the guest:
+/// `slept` says the thread gave up its CPU in it (voluntary context
+/// switches), which a preemption under contention does not count as.
+pub fn blocked_on_vcpu(wall: Duration, slept: bool) -> bool {
+    slept && wall >= BLOCKED_ON_VCPU
+}
 
 /// Where the queue should be served, given the window's figures.
 pub fn on_vcpu_next(on_vcpu: bool, pressure: f64, batch: f64) -> bool {
@@ -171,6 +190,9 @@ pub struct Placement {
     stalled_at_start: Option<u64>,
     wakeups: u32,
     requests: u32,
+    /// Windows left in which the queue stays on its worker (a vCPU thread
+    /// blocked serving it).
+    hold: u32,
 }
 
 impl Placement {
@@ -184,6 +206,34 @@ impl Placement {
             stalled_at_start: cpu_stalled_us(),
             wakeups: 0,
             requests: 0,
+            hold: 0,
+        }
+    }
+
+    /// Where the queue goes after a window with these figures: as
+    /// `on_vcpu_next` says, but on its worker while held there.
+    fn next_route(&mut self, on_vcpu: bool, pressure: f64, batch: f64) -> bool {
+        if self.hold > 0 {
+            self.hold -= 1;
+            return false;
+        }
+        on_vcpu_next(on_vcpu, pressure, batch)
+    }
+
+    /// A vCPU thread served the queue in `wall`, sleeping in it if `slept`:
+    /// if that blocked its guest, the queue goes back to its worker now.
+    pub fn served_on_vcpu(&mut self, wall: Duration, slept: bool) {
+        if !blocked_on_vcpu(wall, slept) {
+            return;
+        }
+        self.hold = HOLD_WINDOWS;
+        if self.on_vcpu.load(Ordering::Relaxed) && self.route.serve_on_vcpu(false) {
+            self.on_vcpu.store(false, Ordering::Relaxed);
+            log::debug!(
+                "queue {}: back on its worker: a vCPU thread blocked {:.1} ms serving it",
+                self.route.queue,
+                wall.as_secs_f64() * 1000.0
+            );
         }
     }
 
@@ -209,7 +259,7 @@ impl Placement {
                 f64::from(self.requests) / f64::from(self.wakeups)
             };
             let current = self.on_vcpu.load(Ordering::Relaxed);
-            let next = on_vcpu_next(current, pressure, batch);
+            let next = self.next_route(current, pressure, batch);
             if next != current && self.route.serve_on_vcpu(next) {
                 self.on_vcpu.store(next, Ordering::Relaxed);
                 log::debug!(
@@ -239,6 +289,19 @@ mod tests {
         assert!(
             !on_vcpu_next(false, 0.95, 1.0),
             "one request a notification"
+        );
+    }
+
+    #[test]
+    fn only_a_vcpu_thread_that_slept_for_milliseconds_blocked_its_guest() {
+        assert!(blocked_on_vcpu(Duration::from_millis(5), true));
+        assert!(
+            !blocked_on_vcpu(Duration::from_millis(5), false),
+            "preempted, not blocked"
+        );
+        assert!(
+            !blocked_on_vcpu(Duration::from_micros(300), true),
+            "a short wait on a lock"
         );
     }
 
@@ -306,6 +369,41 @@ mod tests {
         );
         assert_eq!(own_cgroup_v2_dir("0::/gone (deleted)\n", MOUNTINFO), None);
         assert_eq!(own_cgroup_v2_dir("0::/a/../../etc\n", MOUNTINFO), None);
+    }
+
+    mod needs_kvm {
+        use kvm_ioctls::Kvm;
+
+        use super::super::*;
+        use crate::virtio::notify::Notifiers;
+
+        #[test]
+        #[ignore = "needs /dev/kvm"]
+        fn a_vcpu_thread_that_blocked_sends_the_queue_back_for_a_while() {
+            let vm_fd = Arc::new(Kvm::new().unwrap().create_vm().unwrap());
+            let notifiers = Arc::new(Notifiers::new(vm_fd, 1).unwrap());
+            assert!(notifiers.serve_on_vcpu(0, true));
+            let on_vcpu = Arc::new(AtomicBool::new(false));
+            let route = QueueRoute {
+                notifiers: Arc::clone(&notifiers),
+                queue: 0,
+            };
+            let mut placement = Placement::new(route, Arc::clone(&on_vcpu));
+            assert!(
+                on_vcpu.load(Ordering::Relaxed),
+                "it takes the route as it is"
+            );
+            placement.served_on_vcpu(Duration::from_micros(500), true);
+            placement.served_on_vcpu(Duration::from_millis(20), false);
+            assert!(on_vcpu.load(Ordering::Relaxed) && notifiers.on_vcpu(0));
+            placement.served_on_vcpu(Duration::from_millis(20), true);
+            assert!(!on_vcpu.load(Ordering::Relaxed) && !notifiers.on_vcpu(0));
+            // Contended, batched windows leave it on the worker for a second.
+            for _ in 0..HOLD_WINDOWS {
+                assert!(!placement.next_route(false, 0.95, 32.0));
+            }
+            assert!(placement.next_route(false, 0.95, 32.0));
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -575,12 +575,20 @@ impl SharedQueue {
         if let Some(uring) = &mut handler.uring {
             uring.mute_eventfd(true);
         }
+        let slept_before = voluntary_switches();
+        let start = Instant::now();
         handler.process_queue();
+        let wall = start.elapsed();
         if let Some(uring) = &mut handler.uring {
             uring.mute_eventfd(false);
             if uring.has_completions() {
                 handler.reap_completions();
             }
+        }
+        if let (Some(before), Some(after), Some(placement)) =
+            (slept_before, voluntary_switches(), &mut handler.placement)
+        {
+            placement.served_on_vcpu(wall, after > before);
         }
         true
     }
@@ -589,6 +597,18 @@ impl SharedQueue {
     pub fn lock_for_test(&self) -> MutexGuard<'_, QueueHandler> {
         self.lock()
     }
+}
+
+/// How many times the calling thread has given up its CPU (blocked or
+/// slept) rather than been preempted.
+fn voluntary_switches() -> Option<i64> {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage fills `usage` for the calling thread.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: initialised by the successful call above.
+    Some(unsafe { usage.assume_init() }.ru_nvcsw)
 }
 
 /// The worker's side of a [`SharedQueue`].
