@@ -195,14 +195,19 @@ def thread_ids(pid: int, name: str) -> list[int]:
     return ids
 
 
+def halted_guest_config() -> VmConfig:
+    """A guest that says hello, then halts with interrupts off: idle."""
+    config = guest_config("hello")
+    assert config.payload is not None
+    config.payload.cmdline = testguest.cmdline(["hello"], exit="halt")
+    return config
+
+
 def test_an_idle_vm_wakes_neither_its_process_nor_this_one() -> None:
     # Waiting for the VM to stop and for its device events is done on their
     # eventfds, not by asking the VM process again and again: a fleet of idle
     # VMs costs no CPU.
-    config = guest_config("hello")
-    assert config.payload is not None
-    config.payload.cmdline = testguest.cmdline(["hello"], exit="halt")
-    with Vm.spawn(config) as vm:
+    with Vm.spawn(halted_guest_config()) as vm:
         vm.boot()
         vm.serial.wait_for("exit halt", timeout=30)
         time.sleep(0.2)
@@ -248,10 +253,7 @@ def test_a_running_vm_process_gives_back_the_stack_its_set_up_used() -> None:
     # Creating and booting a VM runs deep on the control thread, and the
     # vCPU thread installs its filter before its run loop: a VM process
     # keeps none of those pages, which every VM of a fleet would pay for.
-    config = guest_config("hello")
-    assert config.payload is not None
-    config.payload.cmdline = testguest.cmdline(["hello"], exit="halt")
-    with Vm.spawn(config) as vm:
+    with Vm.spawn(halted_guest_config()) as vm:
         vm.boot()
         vm.serial.wait_for("exit halt", timeout=30)
         (control,) = thread_ids(vm.pid, "vmm-control")
