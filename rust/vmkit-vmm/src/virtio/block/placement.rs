@@ -19,8 +19,8 @@
 //! sharing a CPU count. Without pressure figures (a kernel without PSI)
 //! queues stay on their workers.
 //!
-//! A vCPU thread that serving the queue puts to sleep for milliseconds (the
-//! page cache throttling writers, a slow image, a read that misses the
+//! A vCPU thread that sleeps for milliseconds while it serves the queue
+//! (the page cache throttling writers, a slow image, a read that misses the
 //! page cache on the synchronous engine) stalls its guest meanwhile: the
 //! queue then goes back to its worker at once and stays there for a second,
 //! so a guest stalls that way at most once a second.
@@ -66,7 +66,6 @@ pub fn on_vcpu_next(on_vcpu: bool, pressure: f64, batch: f64) -> bool {
 }
 
 static CPU_PRESSURE: OnceLock<Option<File>> = OnceLock::new();
-static CPU_PRESSURE_SOURCE: OnceLock<Option<PathBuf>> = OnceLock::new();
 
 /// Opens the CPU pressure file (the process's cgroup v2's, else the
 /// host's), once per process, while the thread may still open files
@@ -89,15 +88,8 @@ pub fn open_cpu_pressure() {
             }
             None => log::debug!("no CPU pressure figures: disk queues stay on their workers"),
         }
-        let (file, path) = found.unzip();
-        let _ = CPU_PRESSURE_SOURCE.set(path);
-        file
+        found.map(|(file, _)| file)
     });
-}
-
-/// The file `open_cpu_pressure` chose, once it has run.
-pub fn cpu_pressure_source() -> Option<&'static std::path::Path> {
-    CPU_PRESSURE_SOURCE.get()?.as_deref()
 }
 
 /// The directory of this process's cgroup v2, from `/proc/self/cgroup`
