@@ -31,6 +31,28 @@ enum Target {
     Shared(Arc<dyn SharedBusDevice>),
 }
 
+impl Target {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        match self {
+            Target::Locked(device) => device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .read(offset, data),
+            Target::Shared(device) => device.read(offset, data),
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        match self {
+            Target::Locked(device) => device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write(offset, data),
+            Target::Shared(device) => device.write(offset, data),
+        }
+    }
+}
+
 struct Range {
     base: u64,
     len: u64,
@@ -87,13 +109,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
             Some((range, offset)) => {
-                match &range.device {
-                    Target::Locked(device) => device
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .read(offset, data),
-                    Target::Shared(device) => device.read(offset, data),
-                }
+                range.device.read(offset, data);
                 true
             }
             None => {
@@ -106,13 +122,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((range, offset)) => {
-                match &range.device {
-                    Target::Locked(device) => device
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .write(offset, data),
-                    Target::Shared(device) => device.write(offset, data),
-                }
+                range.device.write(offset, data);
                 true
             }
             None => false,

@@ -473,10 +473,17 @@ impl SharedBusDevice for PciBarWindow {
     }
     fn write(&self, offset: u64, data: &[u8]) {
         if let Some((device, bar, at)) = self.segment.bar_at(self.base + offset) {
-            let target = lock(&device).notify_target(bar, at);
-            match target {
-                Some(target) => target.notify(),
-                None => lock(&device).bar_write(bar, at, data),
+            // A notified queue is served once the function's lock is released.
+            let target = {
+                let mut function = lock(&device);
+                let target = function.notify_target(bar, at);
+                if target.is_none() {
+                    function.bar_write(bar, at, data);
+                }
+                target
+            };
+            if let Some(target) = target {
+                target.notify();
             }
         }
     }

@@ -944,9 +944,7 @@ impl VirtioPciDevice {
             // served on the vCPU threads, a BAR move is in progress, or a
             // config-window access): serve here if the device can, else
             // kick by hand.
-            let Ok(queue) =
-                usize::try_from((offset - NOTIFY_OFFSET) / u64::from(NOTIFY_OFF_MULTIPLIER))
-            else {
+            let Some(queue) = notified_queue(offset) else {
                 return;
             };
             match self.device.queue_notify_target(queue) {
@@ -1020,18 +1018,24 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec
     cap
 }
 
+/// The queue whose notify register is at `offset` of BAR 0, if one is.
+fn notified_queue(offset: u64) -> Option<usize> {
+    if !(NOTIFY_OFFSET..NOTIFY_OFFSET + NOTIFY_SIZE).contains(&offset) {
+        return None;
+    }
+    usize::try_from((offset - NOTIFY_OFFSET) / u64::from(NOTIFY_OFF_MULTIPLIER)).ok()
+}
+
 impl PciDevice for VirtioPciDevice {
     fn config(&self) -> &PciConfiguration {
         &self.config
     }
 
     fn notify_target(&self, bar: usize, offset: u64) -> Option<Arc<dyn crate::pci::NotifyTarget>> {
-        if bar != 0 || !(NOTIFY_OFFSET..NOTIFY_OFFSET + NOTIFY_SIZE).contains(&offset) {
+        if bar != 0 {
             return None;
         }
-        let queue = (offset - NOTIFY_OFFSET) / u64::from(NOTIFY_OFF_MULTIPLIER);
-        self.device
-            .queue_notify_target(usize::try_from(queue).ok()?)
+        self.device.queue_notify_target(notified_queue(offset)?)
     }
 
     fn config_read(&mut self, reg: usize) -> u32 {
