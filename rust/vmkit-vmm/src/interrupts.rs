@@ -2,8 +2,15 @@
 //! IOAPIC pin (GSIs 0..24, kept by the user-space IOAPIC) and per allocated
 //! GSI above them (one per MSI-X vector). `KVM_SET_GSI_ROUTING` replaces the
 //! whole table, so every change rewrites it from here.
+//!
+//! The legacy pins' irqfds (COM1, the GED) are registered with KVM when the
+//! guest first routes their pin, as Cloud Hypervisor enables its IOAPIC
+//! irqfds: until then an edge goes nowhere anyway, and a VM whose guest
+//! never routes them is torn down without irqfds to shut down (KVM waits for
+//! a workqueue every VM on the host shares for those).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
@@ -11,6 +18,7 @@ use kvm_bindings::{
     KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{ErrorKind, ModuleError, Result};
 
@@ -26,13 +34,21 @@ pub enum InterruptError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("KVM_IRQFD for IOAPIC pin {pin}")]
+    PinIrqfd {
+        pin: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
 }
 
 impl ModuleError for InterruptError {
     fn kind(&self) -> ErrorKind {
         match self {
             InterruptError::OutOfRoutes { .. } => ErrorKind::Device,
-            InterruptError::Table { .. } | InterruptError::SetRouting { .. } => ErrorKind::Kvm,
+            InterruptError::Table { .. }
+            | InterruptError::SetRouting { .. }
+            | InterruptError::PinIrqfd { .. } => ErrorKind::Kvm,
         }
     }
 }
@@ -54,6 +70,10 @@ pub fn enable_split_irqchip(vm_fd: &VmFd) -> std::result::Result<(), kvm_ioctls:
 
 pub struct InterruptRoutes {
     vm_fd: Arc<VmFd>,
+    /// The KVM VM goes away with everything registered on it: devices then
+    /// leave their routes, irqfds and ioeventfds to it rather than remove
+    /// each (a grace period or a workqueue flush per call).
+    vm_closing: AtomicBool,
     inner: Mutex<Routes>,
 }
 
@@ -63,6 +83,8 @@ struct Routes {
     /// GSI ranges given back (a hot-unplugged device's): start → count.
     free: BTreeMap<u32, u32>,
     msi: BTreeMap<u32, (u64, u32)>,
+    /// IOAPIC pin → its device's irqfd, and whether KVM has it yet.
+    pin_irqfds: BTreeMap<u32, (EventFd, bool)>,
 }
 
 impl InterruptRoutes {
@@ -70,17 +92,30 @@ impl InterruptRoutes {
     pub fn new(vm_fd: Arc<VmFd>, limit: u32) -> Self {
         InterruptRoutes {
             vm_fd,
+            vm_closing: AtomicBool::new(false),
             inner: Mutex::new(Routes {
                 next_gsi: IOAPIC_PINS,
                 limit,
                 free: BTreeMap::new(),
                 msi: BTreeMap::new(),
+                pin_irqfds: BTreeMap::new(),
             }),
         }
     }
 
     pub fn vm_fd(&self) -> &Arc<VmFd> {
         &self.vm_fd
+    }
+
+    /// Says that the KVM VM is being torn down as a whole (no device is
+    /// hot-unplugged from it any more).
+    pub fn mark_vm_closing(&self) {
+        self.vm_closing.store(true, Ordering::Release);
+    }
+
+    /// Whether removing a KVM registration is left to the VM's end.
+    pub fn vm_closing(&self) -> bool {
+        self.vm_closing.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Routes> {
@@ -132,6 +167,36 @@ impl InterruptRoutes {
         if changed {
             self.commit(&routes)?;
         }
+        if message.is_some() {
+            self.register_pin_irqfd(&mut routes, gsi)?;
+        }
+        Ok(())
+    }
+
+    /// Gives IOAPIC pin `pin` the irqfd its device signals; KVM gets it
+    /// once the pin is routed.
+    pub fn add_pin_irqfd(&self, pin: u32, irqfd: EventFd) -> Result<()> {
+        let mut routes = self.lock();
+        routes.pin_irqfds.insert(pin, (irqfd, false));
+        if routes.msi.contains_key(&pin) {
+            self.register_pin_irqfd(&mut routes, pin)?;
+        }
+        Ok(())
+    }
+
+    fn register_pin_irqfd(&self, routes: &mut Routes, pin: u32) -> Result<()> {
+        let Some((irqfd, registered)) = routes.pin_irqfds.get_mut(&pin) else {
+            return Ok(());
+        };
+        if *registered {
+            return Ok(());
+        }
+        // Edges of the masked pin are dropped, as before it had a route.
+        let _ = irqfd.read();
+        self.vm_fd
+            .register_irqfd(irqfd, pin)
+            .map_err(|source| InterruptError::PinIrqfd { pin, source })?;
+        *registered = true;
         Ok(())
     }
 
@@ -172,6 +237,46 @@ mod tests {
         use kvm_ioctls::Kvm;
 
         use super::super::*;
+
+        /// Whether KVM has `irqfd` on `gsi`: it refuses the same one twice.
+        fn kvm_has_irqfd(vm_fd: &VmFd, irqfd: &EventFd, gsi: u32) -> bool {
+            match vm_fd.register_irqfd(irqfd, gsi) {
+                Ok(()) => {
+                    vm_fd.unregister_irqfd(irqfd, gsi).unwrap();
+                    false
+                }
+                Err(e) if e.errno() == libc::EBUSY => true,
+                Err(e) => panic!("KVM_IRQFD: {e}"),
+            }
+        }
+
+        /// A legacy pin's irqfd reaches KVM with the pin's first route, not
+        /// before (a VM whose guest never routes it has none to tear down).
+        #[test]
+        #[ignore = "needs /dev/kvm"]
+        fn a_pins_irqfd_is_registered_when_the_guest_first_routes_the_pin() {
+            let vm_fd = Arc::new(Kvm::new().unwrap().create_vm().unwrap());
+            enable_split_irqchip(&vm_fd).unwrap();
+            let routes = InterruptRoutes::new(vm_fd.clone(), 1024);
+            let irqfd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let device_side = irqfd.try_clone().unwrap();
+            routes.add_pin_irqfd(4, irqfd).unwrap();
+            assert!(!kvm_has_irqfd(&vm_fd, &device_side, 4));
+
+            routes.set_msi(4, Some((0xfee0_0000, 0x31))).unwrap();
+            assert!(kvm_has_irqfd(&vm_fd, &device_side, 4));
+
+            routes.set_msi(4, None).unwrap();
+            routes.set_msi(4, Some((0xfee0_0000, 0x32))).unwrap();
+            assert!(kvm_has_irqfd(&vm_fd, &device_side, 4), "registered once");
+
+            // A pin routed before its device is wired (a restore).
+            let late = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let late_side = late.try_clone().unwrap();
+            routes.set_msi(9, Some((0xfee0_0000, 0x39))).unwrap();
+            routes.add_pin_irqfd(9, late).unwrap();
+            assert!(kvm_has_irqfd(&vm_fd, &late_side, 9));
+        }
 
         #[test]
         #[ignore = "needs /dev/kvm"]

@@ -313,9 +313,13 @@ impl Default for VmOptions {
 }
 
 /// One boot of the VM.
+/// Fields drop in order, and guest RAM is last: unmapped while the KVM VM
+/// (its fd, its vCPUs, the devices that hold it) still lives, each range
+/// runs KVM's MMU notifier inside the SRCU read section that every
+/// process's notifiers share, and a fleet's teardowns then wait on each
+/// other's grace periods.
 struct Instance {
     _vm_fd: Arc<VmFd>,
-    _ram: GuestRam,
     control: Arc<Control>,
     /// Each vCPU thread with its vCPU's index.
     threads: Vec<(u8, JoinHandle<()>)>,
@@ -336,6 +340,7 @@ struct Instance {
     /// `--memory size` this boot was built with (a later boot starts the
     /// size `vm.resize` set).
     memory_size: u64,
+    _ram: GuestRam,
 }
 
 /// A vCPU whose thread has not been started.
@@ -1831,6 +1836,9 @@ impl Vm {
             .as_ref()
             .or(resized.as_ref())
             .unwrap_or(self.config());
+        // One descriptor for the process, opened with its first VM rather
+        // than its first disk (which may be hot-added much later).
+        crate::virtio::block::placement::open_cpu_pressure();
         let vm_fd = Arc::new(crate::cpu::create_vm(&self.kvm).map_err(kvm_error("KVM_CREATE_VM"))?);
         vm_fd
             .set_tss_address(crate::layout::KVM_TSS_ADDRESS as usize)
@@ -2047,7 +2055,6 @@ impl Vm {
         }
         let instance = Instance {
             _vm_fd: vm_fd,
-            _ram: ram,
             control,
             threads: Vec::new(),
             samples,
@@ -2060,6 +2067,7 @@ impl Vm {
             ejected,
             vcpu_threads,
             memory_size: config.memory.size,
+            _ram: ram,
         };
         // The DIMMs the saved VM had get their KVM slots back, each at its base.
         if let Some((_, dimms, populate)) = &restored_dimms {

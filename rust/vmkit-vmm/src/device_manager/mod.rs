@@ -87,12 +87,6 @@ pub enum DeviceManagerError {
         #[source]
         source: io::Error,
     },
-    #[error("KVM_IRQFD ({what})")]
-    Irqfd {
-        what: &'static str,
-        #[source]
-        source: kvm_ioctls::Error,
-    },
     /// Two devices claim one range: a bug in this table, never the guest's doing.
     #[error("{what} at {base:#x} overlaps another device")]
     Overlap { what: String, base: u64 },
@@ -105,7 +99,6 @@ impl ModuleError for DeviceManagerError {
             | DeviceManagerError::NoSuchSegment { .. }
             | DeviceManagerError::NoRateLimitGroup { .. } => ErrorKind::Unsupported,
             DeviceManagerError::Block { source, .. } => source.kind,
-            DeviceManagerError::Irqfd { .. } => ErrorKind::Kvm,
             DeviceManagerError::NoFreeSlot { .. }
             | DeviceManagerError::WindowFull { .. }
             | DeviceManagerError::EventFd { .. }
@@ -233,8 +226,6 @@ pub struct DeviceManager {
     config_io: Option<Arc<Mutex<PciConfigIo>>>,
     /// Platform devices' nodes (`__ioapic`, `__serial`).
     platform_nodes: Vec<DeviceNode>,
-    /// Keeps the legacy devices' irqfds registered while the boot lives.
-    _irq_fds: Vec<EventFd>,
 }
 
 /// Puts `device` on `bus`; a range that overlaps another device's is an error.
@@ -257,26 +248,21 @@ fn insert(
 }
 
 /// Buses and interrupts being wired.
-struct Wiring<'a> {
-    vm_fd: &'a Arc<VmFd>,
+struct Wiring {
+    routes: Arc<InterruptRoutes>,
     pio: Bus,
     mmio: Bus,
-    irq_fds: Vec<EventFd>,
     nodes: Vec<DeviceNode>,
 }
 
-impl Wiring<'_> {
-    /// An eventfd wired to `gsi` (an IOAPIC pin, routed as the guest
-    /// programs it); the device
-    /// gets a clone and this keeps the registered one.
-    fn legacy_irq(&mut self, what: &'static str, gsi: u32) -> Result<EventFd> {
+impl Wiring {
+    /// An eventfd wired to IOAPIC pin `pin` (routed as the guest programs
+    /// it); the device gets a clone, the routes keep the irqfd.
+    fn legacy_irq(&mut self, what: &'static str, pin: u32) -> Result<EventFd> {
         let eventfd_error = |source| DeviceManagerError::EventFd { what, source };
         let irq = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(eventfd_error)?;
-        self.vm_fd
-            .register_irqfd(&irq, gsi)
-            .map_err(|source| DeviceManagerError::Irqfd { what, source })?;
         let for_device = irq.try_clone().map_err(eventfd_error)?;
-        self.irq_fds.push(irq);
+        self.routes.add_pin_irqfd(pin, irq)?;
         Ok(for_device)
     }
 }
@@ -284,14 +270,13 @@ impl Wiring<'_> {
 impl DeviceManager {
     /// Builds every device of `ctx.config` and puts it on its bus.
     pub fn build(ctx: &DeviceContext<'_>) -> Result<DeviceManager> {
+        let routes = Arc::new(InterruptRoutes::new(ctx.vm_fd.clone(), ctx.gsi_limit));
         let mut wiring = Wiring {
-            vm_fd: ctx.vm_fd,
+            routes: routes.clone(),
             pio: Bus::new(),
             mmio: Bus::new(),
-            irq_fds: Vec::new(),
             nodes: Vec::new(),
         };
-        let routes = Arc::new(InterruptRoutes::new(ctx.vm_fd.clone(), ctx.gsi_limit));
         let ioapic = add_ioapic(&mut wiring, &routes)?;
         let ged = add_legacy_devices(&mut wiring, ctx)?;
         let cpu_hotplug = Arc::new(CpuHotplug::new(
@@ -408,7 +393,6 @@ impl DeviceManager {
             _tpm: tpm,
             config_io,
             platform_nodes: wiring.nodes,
-            _irq_fds: wiring.irq_fds,
         })
     }
 
@@ -740,8 +724,10 @@ impl DeviceManager {
 
     /// Drops every device (their workers stop) once the vCPUs are gone:
     /// the buses, segments and config-I/O ports hold them too, so all of
-    /// those go.
+    /// those go. The KVM VM goes after them: what they registered on it is
+    /// left to its end.
     pub fn stop_devices(&mut self) {
+        self.routes.mark_vm_closing();
         self.virtio.clear();
         self.pvpanic = None;
         self._tpm = None;
@@ -1092,10 +1078,7 @@ fn restore_hotplug_state(
 }
 
 /// The IOAPIC the MADT announces; it routes GSIs 0..24 (COM1, the GED).
-fn add_ioapic(
-    wiring: &mut Wiring<'_>,
-    routes: &Arc<InterruptRoutes>,
-) -> Result<Arc<Mutex<Ioapic>>> {
+fn add_ioapic(wiring: &mut Wiring, routes: &Arc<InterruptRoutes>) -> Result<Arc<Mutex<Ioapic>>> {
     let ioapic = Arc::new(Mutex::new(Ioapic::new(routes.clone())));
     insert(
         &mut wiring.mmio,
@@ -1110,7 +1093,7 @@ fn add_ioapic(
 
 /// The ACPI shutdown device, the GED (power button), the i8042 and the
 /// debug port, as Cloud Hypervisor has them.
-fn add_legacy_devices(wiring: &mut Wiring<'_>, ctx: &DeviceContext<'_>) -> Result<Arc<Ged>> {
+fn add_legacy_devices(wiring: &mut Wiring, ctx: &DeviceContext<'_>) -> Result<Arc<Ged>> {
     insert(
         &mut wiring.pio,
         "ACPI shutdown device",
@@ -1152,7 +1135,7 @@ fn add_legacy_devices(wiring: &mut Wiring<'_>, ctx: &DeviceContext<'_>) -> Resul
 
 /// COM1 (0x3f8, IRQ 4) when the serial port is not off.
 fn add_serial(
-    wiring: &mut Wiring<'_>,
+    wiring: &mut Wiring,
     ctx: &DeviceContext<'_>,
 ) -> Result<Option<Arc<Mutex<SerialDevice>>>> {
     let Some(backend) = ctx.serial else {
@@ -1170,7 +1153,7 @@ fn add_serial(
 
 /// `--tpm`: swtpm behind the CRB at Cloud Hypervisor's address. It has no
 /// node in the device tree, as in Cloud Hypervisor.
-fn add_tpm(wiring: &mut Wiring<'_>, ctx: &DeviceContext<'_>) -> Result<Option<Arc<Mutex<Crb>>>> {
+fn add_tpm(wiring: &mut Wiring, ctx: &DeviceContext<'_>) -> Result<Option<Arc<Mutex<Crb>>>> {
     let Some(config) = &ctx.config.tpm else {
         return Ok(None);
     };
@@ -1184,10 +1167,7 @@ fn add_tpm(wiring: &mut Wiring<'_>, ctx: &DeviceContext<'_>) -> Result<Option<Ar
 
 /// The ACPI memory hot-plug controller; its registers are on the bus when
 /// the VM has a hot-plug area (`hotplug_size`), as in Cloud Hypervisor.
-fn add_memory_hotplug(
-    wiring: &mut Wiring<'_>,
-    ctx: &DeviceContext<'_>,
-) -> Result<Arc<MemoryHotplug>> {
+fn add_memory_hotplug(wiring: &mut Wiring, ctx: &DeviceContext<'_>) -> Result<Arc<MemoryHotplug>> {
     let layout = ctx
         .ram
         .hotplug_layout()
@@ -1284,7 +1264,7 @@ fn add_virtio_pci(
 /// Configuration space (ECAM for every segment, 0xcf8 for segment 0) and
 /// each segment's BAR windows.
 fn add_pci_buses(
-    wiring: &mut Wiring<'_>,
+    wiring: &mut Wiring,
     segments: &[Arc<PciSegment>],
 ) -> Result<Option<Arc<Mutex<PciConfigIo>>>> {
     let mut config_io = None;

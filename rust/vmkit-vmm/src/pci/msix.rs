@@ -402,6 +402,9 @@ impl Msix {
 
 impl Drop for Msix {
     fn drop(&mut self) {
+        if self.routes.vm_closing() {
+            return; // KVM drops the irqfds and routes with the VM
+        }
         for (i, fd) in self.irqfds.iter().enumerate() {
             let gsi = self.gsi_base + i as u32;
             // Nothing can act on these any more (the VM is going away with

@@ -454,7 +454,8 @@ fn own_rules(kind: ThreadKind) -> Rules {
                 KVM_GET_MSRS(),
                 KVM_GET_VCPU_EVENTS(),
                 // The driver programs a device: queue notify addresses,
-                // MSI-X vectors and routes.
+                // MSI-X vectors and routes, an IOAPIC pin's first route
+                // (its irqfd).
                 KVM_IOEVENTFD(),
                 KVM_IRQFD(),
                 KVM_SET_GSI_ROUTING(),
@@ -476,7 +477,8 @@ fn own_rules(kind: ThreadKind) -> Rules {
                 libc::SYS_io_uring_register,
                 libc::SYS_timerfd_create,
                 libc::SYS_timerfd_settime,
-                // Draining eventfds on reset.
+                // Draining eventfds on reset, and a legacy pin's irqfd
+                // before KVM gets it.
                 libc::SYS_read,
                 // Serial output to a `socket=` client (std sends with send(2)).
                 libc::SYS_sendto,

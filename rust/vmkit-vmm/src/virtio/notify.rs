@@ -8,13 +8,14 @@
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use kvm_ioctls::{IoEventAddress, NoDatamatch};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::pci::{NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER};
+use crate::interrupts::InterruptRoutes;
 
 pub struct Notifiers {
-    vm_fd: Arc<VmFd>,
+    routes: Arc<InterruptRoutes>,
     /// One per queue, written by KVM when its ioeventfd is registered.
     kicks: Vec<EventFd>,
     state: Mutex<State>,
@@ -37,12 +38,13 @@ pub struct RegisterError {
 }
 
 impl Notifiers {
-    pub fn new(vm_fd: Arc<VmFd>, queue_count: usize) -> io::Result<Notifiers> {
+    /// `routes` is the VM's (its KVM VM, and whether that is closing).
+    pub fn new(routes: Arc<InterruptRoutes>, queue_count: usize) -> io::Result<Notifiers> {
         let kicks = (0..queue_count)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Notifiers {
-            vm_fd,
+            routes,
             kicks,
             state: Mutex::new(State {
                 base: None,
@@ -143,7 +145,8 @@ impl Notifiers {
             return Ok(());
         }
         let address = Self::address(base, queue);
-        self.vm_fd
+        self.routes
+            .vm_fd()
             .register_ioevent(
                 &self.kicks[queue],
                 &IoEventAddress::Mmio(address),
@@ -158,9 +161,11 @@ impl Notifiers {
         let Some(base) = state.base else {
             return;
         };
-        if std::mem::take(&mut state.registered[queue]) {
+        // A closing VM's ioeventfds go with it (each removal waits for
+        // an SRCU grace period).
+        if std::mem::take(&mut state.registered[queue]) && !self.routes.vm_closing() {
             let address = Self::address(base, queue);
-            let _ = self.vm_fd.unregister_ioevent(
+            let _ = self.routes.vm_fd().unregister_ioevent(
                 &self.kicks[queue],
                 &IoEventAddress::Mmio(address),
                 NoDatamatch,

@@ -358,7 +358,7 @@ impl VirtioPciDevice {
             ],
         );
 
-        let notifiers = Notifiers::new(routes.vm_fd().clone(), queue_count).map_err(|source| {
+        let notifiers = Notifiers::new(routes.clone(), queue_count).map_err(|source| {
             VirtioPciError::EventFd {
                 id: id.clone(),
                 source,

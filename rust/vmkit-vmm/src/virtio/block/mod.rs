@@ -150,7 +150,6 @@ impl Block {
             .into());
         }
         let disk = DiskImage::open(config, lock_disks)?;
-        placement::open_cpu_pressure();
 
         let mut limiters = Vec::new();
         if let Some(own) = &config.rate_limiter_config {

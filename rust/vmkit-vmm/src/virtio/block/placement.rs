@@ -68,8 +68,8 @@ pub fn on_vcpu_next(on_vcpu: bool, pressure: f64, batch: f64) -> bool {
 static CPU_PRESSURE: OnceLock<Option<File>> = OnceLock::new();
 
 /// Opens the CPU pressure file (the process's cgroup v2's, else the
-/// host's), once per process, while the thread may still open files
-/// (device creation); the queues read it later.
+/// host's), once per process, while the thread may still open files (a
+/// VM's build); the queues read it later.
 pub fn open_cpu_pressure() {
     CPU_PRESSURE.get_or_init(|| {
         let own = std::fs::read_to_string("/proc/self/cgroup")
@@ -367,13 +367,15 @@ mod tests {
         use kvm_ioctls::Kvm;
 
         use super::super::*;
+        use crate::interrupts::InterruptRoutes;
         use crate::virtio::notify::Notifiers;
 
         #[test]
         #[ignore = "needs /dev/kvm"]
         fn a_vcpu_thread_that_blocked_sends_the_queue_back_for_a_while() {
             let vm_fd = Arc::new(Kvm::new().unwrap().create_vm().unwrap());
-            let notifiers = Arc::new(Notifiers::new(vm_fd, 1).unwrap());
+            let routes = Arc::new(InterruptRoutes::new(vm_fd, 1024));
+            let notifiers = Arc::new(Notifiers::new(routes, 1).unwrap());
             assert!(notifiers.serve_on_vcpu(0, true));
             let on_vcpu = Arc::new(AtomicBool::new(false));
             let route = QueueRoute {

@@ -22,12 +22,16 @@ mod needs_kvm {
     }
 
     fn rng_device(memory: &GuestMemoryMmap) -> VirtioPciDevice {
+        rng_device_on(memory, routes())
+    }
+
+    fn rng_device_on(memory: &GuestMemoryMmap, routes: Arc<InterruptRoutes>) -> VirtioPciDevice {
         let rng = Rng::new("__rng".into(), "/dev/urandom").unwrap();
         VirtioPciDevice::new(
             "__rng".into(),
             Box::new(rng),
             memory.clone(),
-            routes(),
+            routes,
             BAR,
             BarKind::Memory64,
         )
@@ -282,6 +286,27 @@ mod needs_kvm {
             Err(e) if e.errno() == libc::EEXIST => true,
             Err(e) => panic!("KVM_IOEVENTFD: {e}"),
         }
+    }
+
+    /// A hot-unplugged device takes its ioeventfds with it (the next
+    /// device placed there needs the address). One that goes with its VM
+    /// leaves them to KVM's teardown of the VM, which drops them all at
+    /// once instead of waiting for a grace period per removal.
+    #[test]
+    #[ignore = "needs /dev/kvm"]
+    fn ioeventfds_go_with_an_unplugged_device_and_stay_for_a_closing_vm() {
+        let memory = memory();
+        let routes = routes();
+        let vm = routes.vm_fd().clone();
+        let unplugged = rng_device_on(&memory, routes.clone());
+        assert!(ioeventfd_at(&vm, BAR, 0));
+        drop(unplugged);
+        assert!(!ioeventfd_at(&vm, BAR, 0));
+
+        let closing = rng_device_on(&memory, routes.clone());
+        routes.mark_vm_closing();
+        drop(closing);
+        assert!(ioeventfd_at(&vm, BAR, 0));
     }
 
     /// A virtio-blk queue moved onto the vCPU threads loses its ioeventfd
