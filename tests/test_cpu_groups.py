@@ -235,6 +235,13 @@ V1_MOUNTS = (
             "30 25 0:26 /docker/abc /sys/fs/cgroup/cpu ro - cgroup cgroup rw,cpu\n",
             (1, "/sys/fs/cgroup/cpu/inner"),
         ),
+        # Mounted where mountinfo escapes a space; the cpuacct line is not
+        # the cpu controller's.
+        (
+            "2:cpuacct:/a\n1:cpu:/ci/job 7\n",
+            "30 25 0:26 / /mnt/cpu\\040v1 rw - cgroup cgroup rw,cpu\n",
+            (1, "/mnt/cpu v1/ci/job 7"),
+        ),
     ],
 )
 def test_the_cpu_cgroup_is_found_where_the_hierarchy_is_mounted(

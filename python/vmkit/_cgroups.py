@@ -36,6 +36,7 @@ import itertools
 import os
 import time
 
+from vmkit import _native
 from vmkit.vm import VmError
 
 #: cgroup v1 ``cpu.shares`` and v2 ``cpu.weight`` of the groups.
@@ -73,47 +74,18 @@ def find_cpu_cgroup(cgroups: str, mountinfo: str) -> tuple[int, str]:
     """(cgroup version, directory) of the cpu cgroup that ``cgroups`` (a
     ``/proc/<pid>/cgroup``) names, in the hierarchies ``mountinfo`` mounts;
     the v1 cpu hierarchy wins over v2 where both are there."""
-    unified_path: str | None = None
-    v1_path: str | None = None
-    for line in cgroups.splitlines():
-        number, controllers, path = line.split(":", 2)
-        if number == "0" and controllers == "":
-            unified_path = path
-        elif "cpu" in controllers.split(","):
-            v1_path = path
-    v1_mount: tuple[str, str] | None = None
-    v2_mount: tuple[str, str] | None = None
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        dash = fields.index("-")
-        root, mount_point = fields[3], fields[4]
-        fs_type, options = fields[dash + 1], fields[dash + 3]
-        if fs_type == "cgroup" and "cpu" in options.split(","):
-            v1_mount = (root, mount_point)
-        elif fs_type == "cgroup2" and v2_mount is None:
-            v2_mount = (root, mount_point)
-    if v1_path is not None and v1_mount is not None:
-        return 1, _inside(v1_mount, v1_path)
-    if unified_path is not None and v2_mount is not None:
-        directory = _inside(v2_mount, unified_path)
+    found = _native.cpu_cgroup_dir(cgroups, mountinfo)
+    if found is None:
+        raise _error("this host has no cgroup hierarchy with the cpu controller mounted")
+    version, directory = found
+    if version == 2:
         available = _read(os.path.join(directory, "cgroup.controllers")).split()
         if "cpu" not in available:
             raise _error(
                 f"the cpu controller is not available in this process's cgroup {directory} "
                 f"(its cgroup.controllers: {' '.join(available) or 'none'})"
             )
-        return 2, directory
-    raise _error("this host has no cgroup hierarchy with the cpu controller mounted")
-
-
-def _inside(mount: tuple[str, str], path: str) -> str:
-    """The directory of cgroup ``path`` in a hierarchy mounted at ``mount``
-    (its root inside the hierarchy, its mount point)."""
-    root, mount_point = mount
-    if root != "/" and (path == root or path.startswith(root + "/")):
-        path = path[len(root) :]
-    inner = path.strip("/")
-    return os.path.join(mount_point, inner) if inner else mount_point
+    return version, directory
 
 
 class CpuGroups:

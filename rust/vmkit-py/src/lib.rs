@@ -516,6 +516,15 @@ fn random_mac() -> String {
     MacAddr::random().to_string()
 }
 
+/// (cgroup version, directory) of the cgroup holding the CPU share of the
+/// process whose `/proc/<pid>/cgroup` is `cgroups`, in the hierarchies
+/// `mountinfo` mounts (the v1 cpu controller's first); None if neither is.
+#[pyfunction]
+fn cpu_cgroup_dir(cgroups: &str, mountinfo: &str) -> Option<(u8, String)> {
+    vmkit_vmm::cgroup::cpu_cgroup_dir(cgroups, mountinfo)
+        .map(|(version, dir)| (version, dir.to_string_lossy().into_owned()))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -527,6 +536,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(from_object, m)?)?;
     m.add_function(wrap_pyfunction!(parse_vm, m)?)?;
     m.add_function(wrap_pyfunction!(random_mac, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_cgroup_dir, m)?)?;
     m.add_function(wrap_pyfunction!(parse_api_body, m)?)?;
     m.add_function(wrap_pyfunction!(vm::register_vm_error, m)?)?;
     m.add_function(wrap_pyfunction!(vm::test_guest_image, m)?)?;

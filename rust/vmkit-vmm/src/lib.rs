@@ -3,6 +3,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod cgroup;
 pub mod control;
 pub mod cpu;
 pub mod device_manager;

@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::cgroup::{cgroup_dir, Hierarchy};
 use crate::virtio::notify::QueueRoute;
 
 /// How long the figures are gathered before each decision.
@@ -75,7 +76,7 @@ pub fn open_cpu_pressure() {
         let own = std::fs::read_to_string("/proc/self/cgroup")
             .ok()
             .zip(std::fs::read_to_string("/proc/self/mountinfo").ok())
-            .and_then(|(cgroup, mountinfo)| own_cgroup_v2_dir(&cgroup, &mountinfo))
+            .and_then(|(cgroup, mountinfo)| cgroup_dir(&cgroup, &mountinfo, Hierarchy::Unified))
             .map(|dir| dir.join("cpu.pressure"));
         let found = own
             .into_iter()
@@ -90,70 +91,6 @@ pub fn open_cpu_pressure() {
         }
         found.map(|(file, _)| file)
     });
-}
-
-/// The directory of this process's cgroup v2, from `/proc/self/cgroup`
-/// (its `0::` line) and `/proc/self/mountinfo` (where cgroup2 is mounted,
-/// and which of its cgroups the mount shows); None without a mounted v2
-/// hierarchy that shows it.
-pub fn own_cgroup_v2_dir(cgroup: &str, mountinfo: &str) -> Option<PathBuf> {
-    let own = cgroup
-        .lines()
-        .find_map(|line| line.strip_prefix("0::"))?
-        .trim_end();
-    if !own.starts_with('/') || own.ends_with(" (deleted)") {
-        return None;
-    }
-    mountinfo.lines().find_map(|line| {
-        let (mount, filesystem) = line.split_once(" - ")?;
-        if filesystem.split_whitespace().next() != Some("cgroup2") {
-            return None;
-        }
-        let mut fields = mount.split_whitespace();
-        let root = unescape(fields.nth(3)?);
-        let point = unescape(fields.next()?);
-        let below = if root == "/" {
-            own
-        } else {
-            own.strip_prefix(root.as_str())
-                .filter(|rest| rest.is_empty() || rest.starts_with('/'))?
-        };
-        let relative = below.trim_start_matches('/');
-        if relative.split('/').any(|part| part == "..") {
-            return None;
-        }
-        let mut dir = PathBuf::from(point);
-        if !relative.is_empty() {
-            dir.push(relative);
-        }
-        Some(dir)
-    })
-}
-
-/// A mountinfo field with its octal escapes (`\040` for a space) undone.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|digits| bytes[i] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)));
-        match octal {
-            Some(digits) => {
-                let value = digits
-                    .iter()
-                    .fold(0u32, |value, d| value * 8 + u32::from(d - b'0'));
-                out.push(u8::try_from(value).unwrap_or(b'?'));
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Total µs in which some runnable task waited for a CPU (the "some" line).
@@ -306,61 +243,6 @@ mod tests {
         assert!(!on_vcpu_next(true, 0.1, 32.0));
         assert!(!on_vcpu_next(true, 0.95, 1.5));
         assert!(!on_vcpu_next(true, 0.95, 0.0), "an idle window");
-    }
-
-    const MOUNTINFO: &str = "\
-22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw
-31 22 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755
-41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
-";
-
-    #[test]
-    fn the_own_cgroup_v2_is_found_under_the_cgroup2_mount() {
-        let cgroup = "1:cpu:/\n0::/system.slice/vm 1.service\n";
-        assert_eq!(
-            own_cgroup_v2_dir(cgroup, MOUNTINFO),
-            Some(PathBuf::from(
-                "/sys/fs/cgroup/unified/system.slice/vm 1.service"
-            ))
-        );
-        assert_eq!(
-            own_cgroup_v2_dir("0::/\n", MOUNTINFO),
-            Some(PathBuf::from("/sys/fs/cgroup/unified")),
-            "the root cgroup: the host's figures"
-        );
-    }
-
-    #[test]
-    fn a_mount_of_a_sub_tree_and_escaped_paths_resolve() {
-        // A container's view: the mount shows /kubepods/pod1 at /sys/fs/cgroup.
-        let mountinfo = "50 40 0:38 /kubepods/pod1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(
-            own_cgroup_v2_dir("0::/kubepods/pod1/ctr\n", mountinfo),
-            Some(PathBuf::from("/sys/fs/cgroup/ctr"))
-        );
-        assert_eq!(
-            own_cgroup_v2_dir("0::/kubepods/pod10\n", mountinfo),
-            None,
-            "a sibling whose name starts alike is not below the mount"
-        );
-        let mountinfo = "50 40 0:38 / /mnt/cgroup\\040v2 rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(
-            own_cgroup_v2_dir("0::/a\n", mountinfo),
-            Some(PathBuf::from("/mnt/cgroup v2/a"))
-        );
-    }
-
-    #[test]
-    fn no_v2_hierarchy_or_a_strange_cgroup_gives_none() {
-        let v1_only = "22 1 8:1 / / rw - ext4 /dev/vda rw\n";
-        assert_eq!(own_cgroup_v2_dir("0::/\n", v1_only), None);
-        assert_eq!(
-            own_cgroup_v2_dir("1:cpu:/x\n", MOUNTINFO),
-            None,
-            "no 0:: line"
-        );
-        assert_eq!(own_cgroup_v2_dir("0::/gone (deleted)\n", MOUNTINFO), None);
-        assert_eq!(own_cgroup_v2_dir("0::/a/../../etc\n", MOUNTINFO), None);
     }
 
     mod needs_kvm {
