@@ -250,6 +250,24 @@ def test_the_cpu_cgroup_is_found_where_the_hierarchy_is_mounted(
     assert cgroups.find_cpu_cgroup(cgroups_text, mountinfo) == expected
 
 
+def test_a_cgroup_v2_is_taken_where_its_cpu_controller_is_available(tmp_path: Path) -> None:
+    # A stand-in hierarchy: the directory the mount shows, with the
+    # controllers file the kernel would put there.
+    mount = tmp_path / "cgroup v2"
+    (mount / "ci").mkdir(parents=True)
+    (mount / "ci" / "cgroup.controllers").write_text("cpuset cpu io memory\n")
+    mountinfo = f"40 25 0:35 / {str(mount).replace(' ', chr(92) + '040')} rw - cgroup2 cgroup2 rw\n"
+    assert cgroups.find_cpu_cgroup("0::/ci\n", mountinfo) == (2, str(mount / "ci"))
+
+    with pytest.raises(VmError) as caught:
+        cgroups.find_cpu_cgroup("0::/gone\n", mountinfo)
+    assert str(caught.value) == (
+        f"cpu_groups: cannot read {mount / 'gone' / 'cgroup.controllers'}: "
+        "No such file or directory"
+    )
+    assert caught.value.kind == "CpuGroups"
+
+
 def test_a_host_without_a_cpu_hierarchy_is_refused() -> None:
     mounts = "40 25 0:35 / /sys/fs/cgroup/unified rw - tmpfs tmpfs rw\n"
     with pytest.raises(VmError) as caught:

@@ -79,7 +79,11 @@ def find_cpu_cgroup(cgroups: str, mountinfo: str) -> tuple[int, str]:
         raise _error("this host has no cgroup hierarchy with the cpu controller mounted")
     version, directory = found
     if version == 2:
-        available = _read(os.path.join(directory, "cgroup.controllers")).split()
+        controllers = os.path.join(directory, "cgroup.controllers")
+        try:
+            available = _read(controllers).split()
+        except OSError as e:
+            raise _error(f"cannot read {controllers}: {e.strerror}") from None
         if "cpu" not in available:
             raise _error(
                 f"the cpu controller is not available in this process's cgroup {directory} "
