@@ -289,6 +289,18 @@ def _locked(directory: str) -> AbstractContextManager[None]:
 
 def _read(path: str) -> Entry | None:
     """The entry in file ``path``; None if it is gone or unreadable."""
+    data = _read_bytes(path)
+    if data is None:
+        return None
+    try:
+        return Entry.from_json(data)
+    except ValueError:
+        return None
+
+
+def _read_bytes(path: str) -> bytes | None:
+    """The contents of entry file ``path`` (at most 64 KiB); None if it is
+    gone, unreadable or larger."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
@@ -301,8 +313,8 @@ def _read(path: str) -> Entry | None:
             data += chunk
             if len(data) > 65536:
                 return None  # not an entry
-        return Entry.from_json(data)
-    except (OSError, ValueError):
+        return data
+    except OSError:
         return None
     finally:
         os.close(fd)
@@ -379,9 +391,11 @@ class Registration:
     """A VMM's entry, written by ``register``; ``remove()`` takes it out
     (only if it is still this VMM's)."""
 
-    def __init__(self, directory: str, entry: Entry) -> None:
+    def __init__(self, directory: str, entry: Entry, written: bytes) -> None:
         self.directory = directory
         self.entry = entry
+        #: the file's contents as ``register`` wrote them
+        self._written = written
         self._removed = False
 
     def remove(self) -> None:
@@ -391,7 +405,9 @@ class Registration:
         path = os.path.join(self.directory, self.entry.name + _SUFFIX)
         try:
             with _locked(self.directory):
-                if _read(path) == self.entry:
+                # The bytes this VMM wrote, not an equal entry parsed: a
+                # fleet's close removes many, and parsing each cost more.
+                if _read_bytes(path) == self._written:
                     _unlink(path)
         except (OSError, RegistryError):
             pass  # left behind: stale, and removed by the next listing
@@ -430,10 +446,11 @@ def register(name: str | None, pid: int, api_socket: str, kernel: str | None) ->
         other = _read(path)
         if other is not None and other.alive:
             raise NameTaken(name, other.pid)
+        written = entry.to_json().encode()
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                os.write(fd, entry.to_json().encode())
+                os.write(fd, written)
             finally:
                 os.close(fd)
             os.rename(temp, path)  # readers see the whole entry or none
@@ -442,4 +459,4 @@ def register(name: str | None, pid: int, api_socket: str, kernel: str | None) ->
             raise RegistryError(
                 f"cannot write to the vmkit registry {directory}: {os.strerror(e.errno or 0)}"
             ) from None
-    return Registration(directory, entry)
+    return Registration(directory, entry, written)
