@@ -575,20 +575,25 @@ impl SharedQueue {
         if let Some(uring) = &mut handler.uring {
             uring.mute_eventfd(true);
         }
-        let slept_before = voluntary_switches();
-        let start = Instant::now();
+        // Only a placed queue asks whether serving it here blocked the guest.
+        let before = handler
+            .placement
+            .is_some()
+            .then(|| (voluntary_switches(), Instant::now()));
         handler.process_queue();
-        let wall = start.elapsed();
+        let served = before.map(|(slept_before, start)| (slept_before, start.elapsed()));
         if let Some(uring) = &mut handler.uring {
             uring.mute_eventfd(false);
             if uring.has_completions() {
                 handler.reap_completions();
             }
         }
-        if let (Some(before), Some(after), Some(placement)) =
-            (slept_before, voluntary_switches(), &mut handler.placement)
+        if let (Some((Some(slept_before), wall)), Some(placement)) =
+            (served, &mut handler.placement)
         {
-            placement.served_on_vcpu(wall, after > before);
+            if let Some(slept_after) = voluntary_switches() {
+                placement.served_on_vcpu(wall, slept_after > slept_before);
+            }
         }
         true
     }
