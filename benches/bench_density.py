@@ -83,6 +83,7 @@ class Arrivals:
         self.lock = threading.Lock()
         self.ready: dict[int, float] = {}
         self.buffers: dict[int, bytes] = {}
+        self.tokens: dict[int, object] = {}
         self.stop = False
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
@@ -91,7 +92,9 @@ class Arrivals:
         os.set_blocking(fd, False)
         with self.lock:
             self.buffers[fd] = b""
-            self.selector.register(fd, selectors.EVENT_READ)
+            # Its own token: an event select() returned for an earlier pipe
+            # under the same number must not read (and end) this one.
+            self.tokens[fd] = self.selector.register(fd, selectors.EVENT_READ, object()).data
 
     def run(self) -> None:
         while not self.stop:
@@ -102,19 +105,21 @@ class Arrivals:
                 continue
             for key, _ in self.selector.select(0.01):
                 fd = key.fd
-                try:
-                    chunk = os.read(fd, 65536)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    chunk = b""
-                now = time.monotonic()
+                # Read under the lock: forget() cannot then close the pipe
+                # between the token's check and the read.
                 with self.lock:
-                    if fd not in self.buffers:
+                    if self.tokens.get(fd) is not key.data:
                         continue  # forgotten since select() returned it
+                    try:
+                        chunk = os.read(fd, 65536)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        chunk = b""
+                    now = time.monotonic()
                     if not chunk:
                         self.selector.unregister(fd)
-                        del self.buffers[fd]
+                        del self.buffers[fd], self.tokens[fd]
                         continue
                     data = self.buffers[fd] + chunk
                     if fd not in self.ready and READY in data:
@@ -131,13 +136,25 @@ class Arrivals:
                 raise TimeoutError(f"{sum(fd in self.ready for fd in fds)}/{len(fds)} ready")
             time.sleep(0.0005)
 
+    def seen(self, fd: int) -> bytes | None:
+        """The last output read from a watched pipe; None once it is not watched."""
+        with self.lock:
+            return self.buffers.get(fd)
+
     def forget(self, fds: list[int]) -> None:
         with self.lock:
             for fd in fds:
                 self.ready.pop(fd, None)
                 if fd in self.buffers:
                     self.selector.unregister(fd)
-                    del self.buffers[fd]
+                    del self.buffers[fd], self.tokens[fd]
+
+
+def unread(fd: int) -> bytes | str:
+    try:
+        return os.read(fd, 65536)
+    except OSError as e:
+        return str(e)
 
 
 class Result:
@@ -242,8 +259,8 @@ def run_spawned(
         except TimeoutError:
             for (path, fd), vm in zip(fifos, vms, strict=True):
                 if fd not in arrivals.ready and vm is not None:
-                    state = vm.state
-                    print(f"not ready: pid {vm.pid} {path} state {state} log {vm.log!r}")
+                    print(f"not ready: pid {vm.pid} {path} state {vm.state} log {vm.log!r}")
+                    print(f"  serial seen {arrivals.seen(fd)!r}, unread {unread(fd)!r}")
             raise
         result.start.append(last - started)
         time.sleep(settle)
