@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import plots
-from machine import CH, Runs, machine, qemu_binary
+from machine import CH, Runs, machine, qemu_binary, reap
 from vmkit import VmConfig, testguest
 from vmkit.vm import Vm
 
@@ -125,7 +125,7 @@ def timed_run(command: list[str], kind: str) -> tuple[Sample, bytes, bytes]:
         out.extend(chunk)
         if sample.ready is None and READY in out:
             sample.ready = time.monotonic() - start
-    proc.wait(timeout=60)
+    reap(proc, 60)
     sample.exit = time.monotonic() - start
     reader.join()
     if proc.returncode != 0:

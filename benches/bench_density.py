@@ -55,7 +55,7 @@ from pathlib import Path
 import plots
 import vmkit
 from bench_boot import qemu_command
-from machine import CH, Runs, machine
+from machine import CH, Runs, machine, reap
 from vmkit import Vm, VmConfig, _forkserver, testguest
 from vmkit.client import SpawnedVm
 from vmkit.config import ConsoleConfig
@@ -199,7 +199,7 @@ def run_processes(
         for p in procs:
             p.send_signal(signal.SIGTERM)
         for p in procs:
-            p.wait(60)
+            reap(p, 60)
         result.stop.append(time.monotonic() - stop)
     finally:
         for p in procs:

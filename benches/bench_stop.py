@@ -100,7 +100,7 @@ def sigterm_all(which: str, count: int, workdir: Path) -> tuple[float, list[floa
             process.send_signal(signal.SIGTERM)
         reaped = []
         for process in processes:
-            process.wait(60)
+            machine.reap(process, 60)
             reaped.append(time.monotonic() - started)
         return max(reaped), reaped
     finally:
@@ -115,7 +115,7 @@ def poweroff(which: str, workdir: Path) -> float:
     process = start(which, testguest.cmdline(["hello"], "poweroff"), workdir)
     try:
         printed = read_until(process, POWEROFF_LINE)
-        process.wait(60)
+        machine.reap(process, 60)
         return time.monotonic() - printed
     finally:
         if process.poll() is None:
