@@ -57,6 +57,10 @@ pub const CPU_HOTPLUG_ADDRESS: u64 = GED_ADDRESS + 0x1000;
 pub const MEMORY_HOTPLUG_ADDRESS: u64 = GED_ADDRESS + 0x2000;
 /// Cloud Hypervisor's ACPI PCI hot-plug controller (PHPR), the next page.
 pub const PCI_HOTPLUG_ADDRESS: u64 = GED_ADDRESS + 0x3000;
+/// A placeholder ioeventfd's address, registered and removed at once after
+/// each boot (`vm::settle_kvm_srcu`): a page of the platform area no device
+/// has, where a guest's writes are dropped either way.
+pub const SRCU_SETTLE_ADDRESS: u64 = GED_ADDRESS + 0xf000;
 /// Its interrupt: an ISA line nothing else uses (COM1 is 4, the i8042 1).
 pub const GED_IRQ: u32 = 5;
 /// The TPM's CRB interface (`--tpm`): locality 0's 4 KiB page, where Cloud

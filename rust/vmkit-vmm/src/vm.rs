@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::GuestMemoryBackend;
 use vmkit_config::{ConsoleOutputMode, HotplugMethod, ValidatedConfig, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
@@ -319,7 +319,7 @@ impl Default for VmOptions {
 /// process's notifiers share, and a fleet's teardowns then wait on each
 /// other's grace periods.
 struct Instance {
-    _vm_fd: Arc<VmFd>,
+    vm_fd: Arc<VmFd>,
     control: Arc<Control>,
     /// Each vCPU thread with its vCPU's index.
     threads: Vec<(u8, JoinHandle<()>)>,
@@ -341,6 +341,31 @@ struct Instance {
     /// size `vm.resize` set).
     memory_size: u64,
     _ram: GuestRam,
+}
+
+/// The placeholder's datamatch: it is matched only by an 8-byte write of
+/// this value, and only while `settle_kvm_srcu` runs.
+const SRCU_SETTLE_DATAMATCH: u64 = 0x7674_6c65_7474_6573;
+
+/// Ends, at the expedited pace, the grace period of the KVM VM's SRCU that
+/// registering the boot's ioeventfds started.
+///
+/// Newer kernels (6.18 here) free the device bus an ioeventfd replaces
+/// through `call_srcu`, and `kvm_destroy_vm` waits for that callback. At the
+/// idle pace the grace period outlasts a short boot: a guest that powered off
+/// soon after its start was reaped 6–8 ms late. Removing an ioeventfd waits
+/// for an expedited grace period, and the placeholder leaves nothing behind.
+fn settle_kvm_srcu(vm_fd: &VmFd) {
+    let Ok(placeholder) = EventFd::new(libc::EFD_CLOEXEC) else {
+        return;
+    };
+    let address = IoEventAddress::Mmio(crate::layout::SRCU_SETTLE_ADDRESS);
+    if vm_fd
+        .register_ioevent(&placeholder, &address, SRCU_SETTLE_DATAMATCH)
+        .is_ok()
+    {
+        let _ = vm_fd.unregister_ioevent(&placeholder, &address, SRCU_SETTLE_DATAMATCH);
+    }
 }
 
 /// A vCPU whose thread has not been started.
@@ -413,7 +438,7 @@ impl Instance {
         }
         // SAFETY: the range is inside the hot-plug area's mapping, which the
         // Instance holds (with the VM fd) until the VM fd is gone.
-        unsafe { self._vm_fd.set_user_memory_region(region) }
+        unsafe { self.vm_fd.set_user_memory_region(region) }
             .map_err(kvm_error("KVM_SET_USER_MEMORY_REGION (hot-added RAM)"))?;
         Ok(())
     }
@@ -463,7 +488,7 @@ impl Instance {
     /// loop on their own).
     /// Tears down the PCI devices the guest ejected; returns their ids.
     fn reap_ejected_devices(&mut self) -> Vec<String> {
-        let vm_fd = self._vm_fd.clone();
+        let vm_fd = self.vm_fd.clone();
         self.devices.reap_ejected(&vm_fd)
     }
 
@@ -497,7 +522,7 @@ impl Instance {
             None => {
                 let apic_id = Topology::from_config(&config.cpus).apic_id(index);
                 let fd = self
-                    ._vm_fd
+                    .vm_fd
                     .create_vcpu(u64::from(apic_id))
                     .map_err(kvm_error(format!("KVM_CREATE_VCPU {index}")))?;
                 let cpuid = cpu::cpuid_for(kvm, &config.cpus, index, self.host)?;
@@ -1116,7 +1141,7 @@ impl Vm {
         let adopted = HashMap::new();
         let ctx = DeviceContext {
             config: &only,
-            vm_fd: &instance._vm_fd,
+            vm_fd: &instance.vm_fd,
             ram: &instance._ram,
             control: &instance.control,
             gsi_limit: self.kvm.check_extension_int(Cap::IrqRouting).max(0) as u32,
@@ -1581,6 +1606,7 @@ impl Vm {
             vm: &self,
             reported: false,
         };
+        self.settle_boot_srcu();
         loop {
             let control = match &self.lock().instance {
                 Some(instance) => instance.control.clone(),
@@ -1655,6 +1681,7 @@ impl Vm {
                         self.changed.notify_all();
                         drop(life);
                         report("booted");
+                        self.settle_boot_srcu();
                         continue;
                     }
                     Err(e) => {
@@ -1671,6 +1698,16 @@ impl Vm {
             drop(ended);
             return;
         }
+    }
+
+    /// `settle_kvm_srcu` for the running boot, on the VMM thread while the
+    /// guest runs (not under the boot's lock: it waits milliseconds).
+    fn settle_boot_srcu(&self) {
+        let vm_fd = match &self.lock().instance {
+            Some(instance) => instance.vm_fd.clone(),
+            None => return,
+        };
+        settle_kvm_srcu(&vm_fd);
     }
 
     /// Reports a stopped boot (its threads joined, its devices stopped).
@@ -2054,7 +2091,7 @@ impl Vm {
             unstarted.push(UnstartedVcpu { fd, context });
         }
         let instance = Instance {
-            _vm_fd: vm_fd,
+            vm_fd,
             control,
             threads: Vec::new(),
             samples,
@@ -2194,7 +2231,7 @@ impl Vm {
             .control
             .capture_vcpus(msr_list, xsave, Duration::from_secs(10))?;
         let clock = instance
-            ._vm_fd
+            .vm_fd
             .get_clock()
             .map_err(kvm_error("KVM_GET_CLOCK"))?;
         let (ioapic, serial) = instance.devices.save_platform_state();
@@ -2385,7 +2422,7 @@ impl Vm {
                     .is_some_and(|e| matches!(e, MigrationError::Refused(_)));
                 if progress.dirty_logging {
                     let _ = migration::set_dirty_logging(
-                        &instance._vm_fd,
+                        &instance.vm_fd,
                         &instance._ram,
                         &dimms,
                         false,
@@ -2436,7 +2473,7 @@ impl Vm {
         progress: &mut SendProgress,
     ) -> Result<MigrationReport> {
         let ram = &instance._ram;
-        let vm_fd = &instance._vm_fd;
+        let vm_fd = &instance.vm_fd;
         let mut hello = migration::MAGIC.to_vec();
         hello.extend_from_slice(&migration::VERSION.to_le_bytes());
         hello.extend_from_slice(&u32::from(local).to_le_bytes());

@@ -723,6 +723,7 @@ fn builds_vm() -> Rules {
         // KVM_CAP_SPLIT_IRQCHIP (interrupts::enable_split_irqchip).
         KVM_ENABLE_CAP(),
         KVM_IRQFD(),
+        // Also the VMM thread's placeholder after each boot (vm::settle_kvm_srcu).
         KVM_IOEVENTFD(),
         KVM_SET_GSI_ROUTING(),
         KVM_SET_REGS(),
