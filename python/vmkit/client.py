@@ -84,8 +84,56 @@ __all__ = [
 
 _C = TypeVar("_C")
 
+
+class _FreshProcess(subprocess.Popen[bytes]):
+    """A VMM in a fresh interpreter (``spawn(fresh_interpreter=True)``).
+
+    Its waits wake when it ends (a pidfd), as ``ForkedProcess``'s do:
+    ``Popen.wait(timeout)`` polls with sleeps that double up to 50 ms, so it
+    saw a stop or a power-off up to as late again as it had waited.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._pidfd: int | None = None
+        super().__init__(*args, **kwargs)
+        with contextlib.suppress(OSError):  # Linux before 5.3: Popen's own waits
+            self._pidfd = os.pidfd_open(self.pid)
+
+    def exit_fd(self) -> int | None:
+        """A new descriptor that becomes readable when the process ends (the
+        caller closes it); None once it is reaped, or without pidfds."""
+        pidfd = self._pidfd
+        return None if pidfd is None or self.returncode is not None else os.dup(pidfd)
+
+    def wait(self, timeout: float | None = None) -> int:
+        pidfd = self._pidfd
+        if timeout is not None and pidfd is not None and self.returncode is None:
+            waiter = select.poll()
+            waiter.register(pidfd, select.POLLIN)
+            if not waiter.poll(max(0, int(timeout * 1000 + 0.999))):
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        returncode = super().wait(timeout)  # it has ended: reaped at once
+        self._close_pidfd()
+        return returncode
+
+    def poll(self) -> int | None:
+        returncode = super().poll()
+        if returncode is not None:
+            self._close_pidfd()
+        return returncode
+
+    def _close_pidfd(self) -> None:
+        pidfd, self._pidfd = self._pidfd, None
+        if pidfd is not None:
+            os.close(pidfd)
+
+    def __del__(self) -> None:
+        self._close_pidfd()
+        super().__del__()
+
+
 #: A spawned VMM's process: forked by the fork server, or a fresh interpreter.
-VmmProcess = _forkserver.ForkedProcess | subprocess.Popen[bytes]
+VmmProcess = _forkserver.ForkedProcess | _FreshProcess
 
 #: How long ``Client`` waits on the socket by default (seconds, per call).
 DEFAULT_TIMEOUT = 60.0
@@ -659,7 +707,7 @@ def _in_exit_order(vms: list[SpawnedVm]) -> Iterator[SpawnedVm]:
     rest: list[SpawnedVm] = []
     for vm in vms:
         process = vm.process
-        fd = process.exit_fd() if isinstance(process, _forkserver.ForkedProcess) else None
+        fd = process.exit_fd()
         if fd is None:
             rest.append(vm)
         else:
@@ -1321,7 +1369,7 @@ def spawn(
         else:
             child_env["VMKIT_LIFELINE_FD"] = str(lifeline_read)
             child_env["VMKIT_READY_FD"] = str(ready_write)
-            process = subprocess.Popen(
+            process = _FreshProcess(
                 [interpreter, "-c", _VMM_MAIN, *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
