@@ -266,6 +266,9 @@ def test_a_running_vm_process_gives_back_the_stack_its_set_up_used() -> None:
 @pytest.mark.usefixtures("own_tempdir")
 def test_close_all_ends_a_fleet_and_leaves_nothing_behind() -> None:
     Vm.spawn(None).close()  # the fork server and the reactor stay: start them first
+    with Vm(guest_config()) as first:  # so does the CPU pressure file a first VM opens
+        first.boot()
+    del first
     before_dirs, before_fds = spawn_dirs(), open_descriptors()
     before_threads = {t.ident for t in threading.enumerate()}
     spawned = [Vm.spawn(guest_config()) for _ in range(4)]
