@@ -18,7 +18,8 @@ import os
 import socket
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from vmkit._record import record
 
 __all__ = [
     "STATUS_NAMES",
@@ -168,7 +169,7 @@ def send_request(
         raise WireError(_socket_error(e)) from None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RawResponse:
     """A response as ch-remote sees it.
 

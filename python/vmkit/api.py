@@ -46,11 +46,10 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 from vmkit import _apiwire, _native
 from vmkit._reactor import Reactor
+from vmkit._record import field, record
 from vmkit.config import (
     DeviceConfig,
     DiskConfig,
@@ -81,15 +80,19 @@ MAX_FDS = 64
 #: accept() errors that last until some descriptor or memory is freed
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
-_C = TypeVar("_C")
-_B = TypeVar("_B")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    _C = TypeVar("_C")
+    _B = TypeVar("_B")
 
 
 class BodyError(ValueError):
     """A request body that is not the JSON the action takes (400; the text is serde_json-like)."""
 
 
-@dataclass
+@record
 class Request:
     method: str
     target: str
@@ -108,7 +111,7 @@ class Request:
         return target
 
 
-@dataclass
+@record
 class Response:
     status: int
     body: bytes = b""

@@ -29,7 +29,6 @@ import select
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
 
 from vmkit import __version__, _reactor
 from vmkit._apiwire import io_error_text as _io_error_text
@@ -63,7 +62,11 @@ VM_ALREADY_CREATED = "VM is already created"
 VM_NOT_RUNNING = "VM is not running"
 VM_CONFIG_MISSING = "VM config is missing"
 
-_T = TypeVar("_T")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    _T = TypeVar("_T")
 
 
 def _url_path(url: str) -> str | None:
