@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -161,3 +163,58 @@ def test_quiet_cli_imports_logging_only_when_rust_logs() -> None:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("vmkit: ") and "<vmkit-test-log> WARN:" in lines[0]
     assert lines[0].endswith(" -- disk is on fire"), lines[0]
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    # -S: no site-packages hooks, which in some environments import logging themselves.
+    python_dir = os.path.dirname(os.path.dirname(os.path.abspath(logs.__file__)))
+    return subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        env={**os.environ, "PYTHONPATH": python_dir},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+
+def test_the_api_path_imports_logging_only_for_a_record_it_emits() -> None:
+    # vmkit.api and vmkit.vmm (`vmkit --api-socket`) log each request at INFO:
+    # unconfigured, that is below the level, and costs no import of logging.
+    # A warning imports it and, with no logging configured, stays off stderr.
+    result = run_python(
+        "import sys\n"
+        "import vmkit.api, vmkit.vmm\n"
+        "from vmkit.logs import LazyLogger\n"
+        "log = LazyLogger('vmkit.api')\n"
+        "log.info('request %s', 'GET')\n"
+        "log.debug('detail')\n"
+        "before = 'logging' in sys.modules\n"
+        "log.warning('disk is on fire')\n"
+        "print(before, 'logging' in sys.modules)\n"
+    )
+    assert result.stdout.split() == ["False", "True"]
+    assert result.stderr == ""
+
+
+def test_a_lazy_loggers_records_name_their_caller(
+    vmkit_logger: tuple[logging.Logger, Collect],
+) -> None:
+    logger, handler = vmkit_logger
+    logger.setLevel(logging.DEBUG)
+    log = logs.LazyLogger("vmkit.api")
+    log.info("request %s %s", "GET", "/api/v1/vmm.ping")
+    line = sys._getframe().f_lineno - 1
+    try:
+        raise OSError("gone")
+    except OSError:
+        log.exception("connection failed")
+    info, failure = handler.records
+    assert (info.name, info.levelno, info.getMessage()) == (
+        "vmkit.api",
+        logging.INFO,
+        "request GET /api/v1/vmm.ping",
+    )
+    assert (info.filename, info.lineno) == ("test_logging.py", line)
+    assert failure.levelno == logging.ERROR and failure.exc_info is not None
+    assert failure.filename == "test_logging.py"

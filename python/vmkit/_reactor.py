@@ -11,15 +11,16 @@ holds) goes to a thread of its own.
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import threading
 from collections.abc import Callable
 
+from vmkit.logs import LazyLogger
+
 __all__ = ["Reactor", "shared"]
 
-log = logging.getLogger("vmkit")
+log = LazyLogger("vmkit")
 
 
 class Reactor:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import collections
 import errno
 import json
-import logging
 import os
 import select
 import socket
@@ -63,12 +62,13 @@ from vmkit.config import (
     VsockConfig,
 )
 from vmkit.errors import ConfigError
+from vmkit.logs import LazyLogger
 from vmkit.vm import VmError
 from vmkit.vmm import ApiError, Vmm
 
 __all__ = ["API_ROOT", "ApiServer", "BodyError"]
 
-log = logging.getLogger("vmkit.api")
+log = LazyLogger("vmkit.api")
 
 API_ROOT = "/api/v1/"
 SERVER = "Cloud Hypervisor API"

@@ -648,7 +648,7 @@ def _serve(command: CommandLine) -> int:
     from vmkit.vmm import EventMonitor, Vmm
 
     try:
-        setup_logging(command.verbosity, command.one("--log-file"))
+        setup_logging(command.verbosity, command.one("--log-file"), lazy=True)
         socket_text = command.one("--api-socket")
         api = api_socket_option(socket_text) if socket_text is not None else None
         try:
@@ -765,8 +765,6 @@ def _register(command: CommandLine, server: ApiServer) -> Registration | None:
     """Lists this VMM in the registry (``vmkit ls``). Raises StartupError when
     the name is taken, or (for a name the user gave) the registry cannot be
     used; without ``--name`` a broken registry only costs the listing."""
-    import logging
-
     from vmkit import registry
 
     name = command.one("--name")
@@ -781,7 +779,7 @@ def _register(command: CommandLine, server: ApiServer) -> Registration | None:
     except (registry.RegistryError, OSError) as e:
         if name is not None:
             raise StartupError(f"Error registering VM {name!r}: {e}") from None
-        logging.getLogger("vmkit.registry").warning("not listed in 'vmkit ls': %s", e)
+        logs.LazyLogger("vmkit.registry").warning("not listed in 'vmkit ls': %s", e)
         return None
 
 

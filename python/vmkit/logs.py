@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import logging
     from collections.abc import Callable
 
-__all__ = ["TRACE", "flush", "sync_level"]
+__all__ = ["TRACE", "LazyLogger", "flush", "sync_level"]
 
 #: Rust's ``trace`` level, below ``DEBUG``.
 TRACE = 5
@@ -58,6 +58,51 @@ def when_logging_imported(callback: Callable[[], None] | None) -> None:
         callback()
     else:
         _on_logging_import = callback
+
+
+class LazyLogger:
+    """``logging.getLogger(name)`` for the methods vmkit calls, importing
+    ``logging`` (~6 ms) only for a record that can be emitted: while nobody
+    has imported it, ``vmkit`` loggers are at WARNING, so an INFO or DEBUG
+    record is dropped without it. Records name the caller's file and line.
+    The import also gives the ``vmkit`` logger a NullHandler: a program that
+    configures no logging gets no vmkit warnings on stderr (``lastResort``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._logger: logging.Logger | None = None
+
+    def _get(self) -> logging.Logger:
+        if self._logger is None:
+            _import_logging()
+            import logging
+
+            vmkit_logger = logging.getLogger("vmkit")
+            if not any(isinstance(h, logging.NullHandler) for h in vmkit_logger.handlers):
+                vmkit_logger.addHandler(logging.NullHandler())
+            self._logger = logging.getLogger(self.name)
+        return self._logger
+
+    def _may_emit(self, level: int) -> bool:
+        return self._logger is not None or level >= _UNCONFIGURED_LEVEL or "logging" in sys.modules
+
+    def debug(self, message: str, *args: object) -> None:
+        if self._may_emit(10):
+            self._get().debug(message, *args, stacklevel=2)
+
+    def info(self, message: str, *args: object) -> None:
+        if self._may_emit(20):
+            self._get().info(message, *args, stacklevel=2)
+
+    def warning(self, message: str, *args: object) -> None:
+        self._get().warning(message, *args, stacklevel=2)
+
+    def error(self, message: str, *args: object) -> None:
+        self._get().error(message, *args, stacklevel=2)
+
+    def exception(self, message: str, *args: object) -> None:
+        """As ``Logger.exception``: call it from an ``except`` block."""
+        self._get().exception(message, *args, stacklevel=2)
 
 
 def _import_logging() -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import logging
 import os
 import select
 import threading
@@ -46,13 +45,14 @@ from vmkit.config import (
     VsockConfig,
 )
 from vmkit.errors import ConfigError
+from vmkit.logs import LazyLogger
 from vmkit.vm import Vm, VmError, seccomp_value
 
 __all__ = ["ApiError", "EventMonitor", "Vmm", "rust_debug_str"]
 
-log = logging.getLogger("vmkit.vmm")
-# Library use stays quiet; the vmkit command sends these loggers to stderr or --log-file.
-logging.getLogger("vmkit").addHandler(logging.NullHandler())
+# Library use stays quiet (a NullHandler once logging is imported); the vmkit
+# command sends these loggers to stderr or --log-file.
+log = LazyLogger("vmkit.vmm")
 
 #: The features vmkit reports in ``vmm.ping``: a default v37 build's, in its (sorted) order.
 FEATURES = ("io_uring", "kvm")
