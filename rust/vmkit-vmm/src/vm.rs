@@ -320,6 +320,9 @@ impl Default for VmOptions {
 /// other's grace periods.
 struct Instance {
     vm_fd: Arc<VmFd>,
+    /// `settle_kvm_srcu`'s placeholder, held with the boot (a descriptor
+    /// that came and went while the guest runs would look like a leak).
+    srcu_placeholder: Option<Arc<EventFd>>,
     control: Arc<Control>,
     /// Each vCPU thread with its vCPU's index.
     threads: Vec<(u8, JoinHandle<()>)>,
@@ -355,16 +358,13 @@ const SRCU_SETTLE_DATAMATCH: u64 = 0x7674_6c65_7474_6573;
 /// idle pace the grace period outlasts a short boot: a guest that powered off
 /// soon after its start was reaped 6–8 ms late. Removing an ioeventfd waits
 /// for an expedited grace period, and the placeholder leaves nothing behind.
-fn settle_kvm_srcu(vm_fd: &VmFd) {
-    let Ok(placeholder) = EventFd::new(libc::EFD_CLOEXEC) else {
-        return;
-    };
+fn settle_kvm_srcu(vm_fd: &VmFd, placeholder: &EventFd) {
     let address = IoEventAddress::Mmio(crate::layout::SRCU_SETTLE_ADDRESS);
     if vm_fd
-        .register_ioevent(&placeholder, &address, SRCU_SETTLE_DATAMATCH)
+        .register_ioevent(placeholder, &address, SRCU_SETTLE_DATAMATCH)
         .is_ok()
     {
-        let _ = vm_fd.unregister_ioevent(&placeholder, &address, SRCU_SETTLE_DATAMATCH);
+        let _ = vm_fd.unregister_ioevent(placeholder, &address, SRCU_SETTLE_DATAMATCH);
     }
 }
 
@@ -1703,11 +1703,15 @@ impl Vm {
     /// `settle_kvm_srcu` for the running boot, on the VMM thread while the
     /// guest runs (not under the boot's lock: it waits milliseconds).
     fn settle_boot_srcu(&self) {
-        let vm_fd = match &self.lock().instance {
-            Some(instance) => instance.vm_fd.clone(),
-            None => return,
+        let (vm_fd, placeholder) = match &self.lock().instance {
+            Some(Instance {
+                vm_fd,
+                srcu_placeholder: Some(placeholder),
+                ..
+            }) => (vm_fd.clone(), placeholder.clone()),
+            _ => return,
         };
-        settle_kvm_srcu(&vm_fd);
+        settle_kvm_srcu(&vm_fd, &placeholder);
     }
 
     /// Reports a stopped boot (its threads joined, its devices stopped).
@@ -2092,6 +2096,7 @@ impl Vm {
         }
         let instance = Instance {
             vm_fd,
+            srcu_placeholder: EventFd::new(libc::EFD_CLOEXEC).ok().map(Arc::new),
             control,
             threads: Vec::new(),
             samples,

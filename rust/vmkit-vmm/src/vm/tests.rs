@@ -274,7 +274,7 @@ mod needs_kvm {
         vm_fd
             .register_ioevent(&kick, &IoEventAddress::Mmio(notify), NoDatamatch)
             .unwrap();
-        settle_kvm_srcu(&vm_fd);
+        settle_kvm_srcu(&vm_fd, &EventFd::new(libc::EFD_CLOEXEC).unwrap());
         let placeholder = crate::layout::SRCU_SETTLE_ADDRESS;
         assert!(!kvm_has_ioeventfd(
             &vm_fd,
