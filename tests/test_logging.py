@@ -134,9 +134,6 @@ def test_a_full_queue_drops_records_and_the_vm_still_runs(
 def test_quiet_cli_imports_logging_only_when_rust_logs() -> None:
     # The CLI without -v sets its log handler up on the first Rust record: a
     # quiet boot never pays for importing logging, a warning still reads as v37's.
-    import subprocess
-    import sys
-
     code = (
         "import sys\n"
         "from vmkit import cli, logs, _native\n"
@@ -148,16 +145,7 @@ def test_quiet_cli_imports_logging_only_when_rust_logs() -> None:
         "assert logs.flush(5)\n"
         "print(before, 'logging' in sys.modules)\n"
     )
-    # -S: no site-packages hooks, which in some environments import logging themselves.
-    python_dir = os.path.dirname(os.path.dirname(os.path.abspath(logs.__file__)))
-    result = subprocess.run(
-        [sys.executable, "-S", "-c", code],
-        env={**os.environ, "PYTHONPATH": python_dir},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    result = run_python(code)
     assert result.stdout.split() == ["False", "True"]
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr

@@ -102,7 +102,9 @@ class LazyLogger:
 
     def exception(self, message: str, *args: object) -> None:
         """As ``Logger.exception``: call it from an ``except`` block."""
-        self._get().exception(message, *args, stacklevel=2)
+        # error(), not exception(): Python 3.10 counts exception()'s own
+        # frame in stacklevel, and would name this file.
+        self._get().error(message, *args, exc_info=True, stacklevel=2)
 
 
 def _import_logging() -> None:

@@ -198,3 +198,31 @@ impl QueueRoute {
         self.notifiers.serve_on_vcpu(self.queue, on_vcpu)
     }
 }
+
+/// Whether KVM holds an ioeventfd at MMIO `address` (with `datamatch`, or
+/// matching any write): KVM refuses a second one there.
+#[cfg(test)]
+pub(crate) fn kvm_has_ioeventfd(
+    vm_fd: &kvm_ioctls::VmFd,
+    address: u64,
+    datamatch: Option<u64>,
+) -> bool {
+    let probe = EventFd::new(libc::EFD_CLOEXEC).unwrap();
+    let address = IoEventAddress::Mmio(address);
+    let registered = match datamatch {
+        Some(value) => vm_fd.register_ioevent(&probe, &address, value),
+        None => vm_fd.register_ioevent(&probe, &address, NoDatamatch),
+    };
+    match registered {
+        Ok(()) => {
+            match datamatch {
+                Some(value) => vm_fd.unregister_ioevent(&probe, &address, value),
+                None => vm_fd.unregister_ioevent(&probe, &address, NoDatamatch),
+            }
+            .unwrap();
+            false
+        }
+        Err(e) if e.errno() == libc::EEXIST => true,
+        Err(e) => panic!("KVM_IOEVENTFD: {e}"),
+    }
+}

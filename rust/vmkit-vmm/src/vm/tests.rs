@@ -244,23 +244,7 @@ mod needs_kvm {
     use vmm_sys_util::eventfd::EventFd;
 
     use super::super::*;
-
-    /// Whether KVM holds an ioeventfd at `address` matching `datamatch`: it
-    /// refuses a second one there.
-    fn kvm_has_ioeventfd(vm_fd: &VmFd, address: u64, datamatch: u64) -> bool {
-        let probe = EventFd::new(libc::EFD_CLOEXEC).unwrap();
-        let address = IoEventAddress::Mmio(address);
-        match vm_fd.register_ioevent(&probe, &address, datamatch) {
-            Ok(()) => {
-                vm_fd
-                    .unregister_ioevent(&probe, &address, datamatch)
-                    .unwrap();
-                false
-            }
-            Err(e) if e.errno() == libc::EEXIST => true,
-            Err(e) => panic!("KVM_IOEVENTFD: {e}"),
-        }
-    }
+    use crate::virtio::notify::kvm_has_ioeventfd;
 
     /// Settling the VM's SRCU after a boot leaves KVM as it found it: the
     /// devices' ioeventfds stay, and none is left at the placeholder's
@@ -279,8 +263,8 @@ mod needs_kvm {
         assert!(!kvm_has_ioeventfd(
             &vm_fd,
             placeholder,
-            SRCU_SETTLE_DATAMATCH
+            Some(SRCU_SETTLE_DATAMATCH)
         ));
-        assert!(kvm_has_ioeventfd(&vm_fd, notify, 0));
+        assert!(kvm_has_ioeventfd(&vm_fd, notify, None));
     }
 }

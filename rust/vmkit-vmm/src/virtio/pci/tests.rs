@@ -274,18 +274,8 @@ mod needs_kvm {
     /// Whether KVM has an ioeventfd at queue `queue`'s notify address of a
     /// BAR at `base`: it refuses a second one there.
     fn ioeventfd_at(vm: &kvm_ioctls::VmFd, base: u64, queue: u64) -> bool {
-        use kvm_ioctls::{IoEventAddress, NoDatamatch};
-        let probe = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let address = IoEventAddress::Mmio(base + NOTIFY_OFFSET + queue * 4);
-        match vm.register_ioevent(&probe, &address, NoDatamatch) {
-            Ok(()) => {
-                vm.unregister_ioevent(&probe, &address, NoDatamatch)
-                    .unwrap();
-                false
-            }
-            Err(e) if e.errno() == libc::EEXIST => true,
-            Err(e) => panic!("KVM_IOEVENTFD: {e}"),
-        }
+        let address = base + NOTIFY_OFFSET + queue * 4;
+        crate::virtio::notify::kvm_has_ioeventfd(vm, address, None)
     }
 
     /// A hot-unplugged device takes its ioeventfds with it (the next
