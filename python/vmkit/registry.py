@@ -269,6 +269,9 @@ def _locked(directory: str) -> AbstractContextManager[None]:
             raise RegistryError(f"cannot open {path}: {os.strerror(e.errno or 0)}") from None
         try:
             deadline = time.monotonic() + _LOCK_WAIT
+            # Holders keep it for tens of microseconds: a fleet that starts or
+            # stops at once queues here, so the first waits are short.
+            pause = 0.0001
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -279,7 +282,8 @@ def _locked(directory: str) -> AbstractContextManager[None]:
                             f"the vmkit registry {directory} stayed locked for "
                             f"{_LOCK_WAIT} s (is a process holding {_LOCK} stopped?)"
                         ) from None
-                    time.sleep(0.005)
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.005)
             yield
         finally:
             os.close(fd)  # releases the lock
