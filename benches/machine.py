@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import platform
 import re
-import select
 import shutil
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import vmkit
+from vmkit._forkserver import wait_ended
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _sockets import wait_listening as wait_listening
@@ -206,9 +206,7 @@ def reap(proc: subprocess.Popen[bytes], timeout: float) -> int:
         return proc.returncode
     pidfd = os.pidfd_open(proc.pid)  # unreaped until the wait below: still this child
     try:
-        waiter = select.poll()
-        waiter.register(pidfd, select.POLLIN)
-        if not waiter.poll(max(0, int(timeout * 1000))):
+        if not wait_ended(pidfd, timeout):
             raise subprocess.TimeoutExpired(proc.args, timeout)
     finally:
         os.close(pidfd)

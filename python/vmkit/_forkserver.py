@@ -275,6 +275,16 @@ def _close_shared() -> None:
         server.close()
 
 
+def wait_ended(pidfd: int, timeout: float | None) -> bool:
+    """Waits until the process of ``pidfd`` ends, for at most ``timeout``
+    seconds (None: no limit); False if it has not ended by then."""
+    import select
+
+    waiter = select.poll()
+    waiter.register(pidfd, select.POLLIN)
+    return bool(waiter.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
+
+
 class ForkedProcess:
     """A forked VMM: a child of this process, with the part of
     ``subprocess.Popen``'s interface that ``SpawnedVm`` offers (``pid``,
@@ -335,7 +345,6 @@ class ForkedProcess:
 
     def wait(self, timeout: float | None = None) -> int:
         """Waits for the process to exit; raises subprocess.TimeoutExpired after ``timeout`` s."""
-        import select
         import time
 
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -350,10 +359,8 @@ class ForkedProcess:
             if pidfd is None:
                 time.sleep(0.005 if remaining is None else min(0.005, remaining))
                 continue
-            waiter = select.poll()
-            waiter.register(pidfd, select.POLLIN)
             try:
-                waiter.poll(None if remaining is None else max(1, int(remaining * 1000)))
+                wait_ended(pidfd, remaining)
             except OSError:
                 time.sleep(0.001)  # the fd was closed by a concurrent poll(): look again
 

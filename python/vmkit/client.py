@@ -108,9 +108,7 @@ class _FreshProcess(subprocess.Popen[bytes]):
     def wait(self, timeout: float | None = None) -> int:
         pidfd = self._pidfd
         if timeout is not None and pidfd is not None and self.returncode is None:
-            waiter = select.poll()
-            waiter.register(pidfd, select.POLLIN)
-            if not waiter.poll(max(0, int(timeout * 1000 + 0.999))):
+            if not _forkserver.wait_ended(pidfd, timeout):
                 raise subprocess.TimeoutExpired(self.args, timeout)
         returncode = super().wait(timeout)  # it has ended: reaped at once
         self._close_pidfd()
