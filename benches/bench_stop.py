@@ -13,7 +13,7 @@ it but the VMM. Measured, as medians over the rounds (runs interleaved):
   all N), then ``close()``, then ``release()`` (the kernel's teardown of the
   KVM VMs, which goes on in the background after ``shutdown()``);
 - SIGTERM, one process: from ``kill`` to the process reaped, for ``vmkit``
-  (plain boot, and with ``--api-socket``), ``cloud-hypervisor`` and QEMU;
+  and ``cloud-hypervisor`` (each plain, and with ``--api-socket``) and QEMU;
 - SIGTERM, N processes at once: from the first ``kill`` to the last reaped;
 - guest power-off: from the arrival of the guest's last serial line before
   its power-off to the process reaped.
@@ -52,8 +52,11 @@ def guest_args(cmdline: str) -> list[str]:
 
 
 def command(which: str, cmdline: str, workdir: Path, index: int) -> list[str]:
-    if which == "ch":
-        return [str(CH), *guest_args(cmdline)]
+    if which in ("ch", "ch-api"):
+        argv = [str(CH), *guest_args(cmdline)]
+        if which == "ch-api":
+            argv += ["--api-socket", f"path={workdir / f'ch-api-{index}.sock'}"]
+        return argv
     if which == "qemu":
         assert QEMU is not None
         qemu = qemu_command(QEMU, testguest.image_path("pvh"), cmdline)
@@ -168,7 +171,8 @@ def main() -> None:
     args = parser.parse_args()
     CH = args.ch
     QEMU = shutil.which("qemu-system-x86_64")
-    kinds = ["vmkit", "vmkit-api"] + (["ch"] if CH.exists() else []) + (["qemu"] if QEMU else [])
+    peers = (["ch", "ch-api"] if CH.exists() else []) + (["qemu"] if QEMU else [])
+    kinds = ["vmkit", "vmkit-api", *peers]
     if not CH.exists():
         print(f"{CH} is missing: Cloud Hypervisor's figures are left out")
     if QEMU is None:

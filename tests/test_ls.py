@@ -477,6 +477,24 @@ def test_registering_a_taken_name_is_refused_and_a_stale_one_replaced(runtime: P
         sleeper.wait()
 
 
+def test_registering_reads_only_its_own_name_and_listing_cleans_the_rest(runtime: Path) -> None:
+    """A fleet starting at once must not pay, per VM, for every entry already
+    there: registration and the early name check look at their own name's
+    entry only, and the stale entries of other names go with the next listing."""
+    directory = Path(registry.registry_dir())
+    start = registry.process_start(os.getpid())
+    assert start is not None
+    write_entry(directory, "dead", os.getpid(), start - 1, "/nonexistent.sock")
+    registry.check_name_free("dead")  # stale: free
+    mine = registry.register("mine", os.getpid(), "/tmp/a.sock", None)
+    with pytest.raises(registry.NameTaken, match="'mine' is already running"):
+        registry.check_name_free("mine")
+    assert (directory / "dead.json").exists()
+    assert [e.name for e in registry.entries()] == ["mine"]
+    assert not (directory / "dead.json").exists()
+    mine.remove()
+
+
 def test_import_vmkit_does_not_load_the_registry() -> None:
     proc = subprocess.run(
         [sys.executable, "-c",

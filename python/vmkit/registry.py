@@ -5,8 +5,8 @@ one small JSON file, ``<name>.json``, into the registry directory once its
 socket listens, and removes it when it exits. A VMM killed with SIGKILL
 cannot remove its file: each entry records the process's start time (from
 ``/proc/PID/stat``), so an entry whose process is gone, or whose pid now
-belongs to another process, is known stale and removed by the next listing
-or registration.
+belongs to another process, is known stale: the next listing removes it, and
+a registration under its name replaces it.
 
 The directory is ``$XDG_RUNTIME_DIR/vmkit`` when ``XDG_RUNTIME_DIR`` names a
 directory of this user's, else ``/tmp/vmkit-<uid>``. Either must be a real
@@ -341,9 +341,8 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _scan(directory: str, clean: bool, locked: bool = False) -> list[Entry]:
-    """The live entries in ``directory``; with ``clean``, the stale removed
-    (``locked``: the caller holds the lock)."""
+def _scan(directory: str, clean: bool) -> list[Entry]:
+    """The live entries in ``directory``; with ``clean``, the stale removed."""
     live: list[Entry] = []
     try:
         names = os.listdir(directory)
@@ -363,8 +362,6 @@ def _scan(directory: str, clean: bool, locked: bool = False) -> list[Entry]:
             continue
         if entry.alive:
             live.append(entry)
-        elif clean and locked:
-            _unlink(os.path.join(directory, filename))
         elif clean:
             _remove_stale(directory, filename, entry)
     return live
@@ -419,10 +416,15 @@ class Registration:
 
 def check_name_free(name: str) -> None:
     """Raises NameTaken when a live VMM has ``name`` (registration checks
-    again, atomically: this is for an early, clear error)."""
-    for entry in entries():
-        if entry.name == name:
-            raise NameTaken(name, entry.pid)
+    again, atomically: this is for an early, clear error). Reads that name's
+    entry only, as registration does."""
+    try:
+        directory = registry_dir(create=False)
+    except FileNotFoundError:
+        return  # nothing ever registered
+    entry = _read(os.path.join(directory, name + _SUFFIX))
+    if entry is not None and entry.alive:
+        raise NameTaken(name, entry.pid)
 
 
 def register(name: str | None, pid: int, api_socket: str, kernel: str | None) -> Registration:
@@ -445,8 +447,10 @@ def register(name: str | None, pid: int, api_socket: str, kernel: str | None) ->
     directory = registry_dir()
     path = os.path.join(directory, name + _SUFFIX)
     temp = os.path.join(directory, f"{_TEMP_PREFIX}{os.getpid()}-{name}")
+    # Only this name's entry is read: a registration that read every entry
+    # (to clean the stale ones, which listings do) would cost a fleet started
+    # at once time in the square of its size, under the lock.
     with _locked(directory):
-        _scan(directory, clean=True, locked=True)
         other = _read(path)
         if other is not None and other.alive:
             raise NameTaken(name, other.pid)
