@@ -644,6 +644,7 @@ def serve(command: CommandLine) -> int:
 
 
 def _serve(command: CommandLine) -> int:
+    from vmkit import _reactor
     from vmkit.api import ApiServer
     from vmkit.vmm import EventMonitor, Vmm
 
@@ -697,7 +698,9 @@ def _serve(command: CommandLine) -> int:
                 except StartupError as e:
                     print(e, file=sys.stderr)
                     return 1
-                server = ApiServer(vmm, path, fd=fd)
+                # Accepting on the reactor's thread, which waits for the VM's
+                # stop anyway, leaves a VMM one thread fewer to start and end.
+                server = ApiServer(vmm, path, fd=fd, reactor=_reactor.shared())
                 try:
                     server.bind()
                 except OSError as e:
