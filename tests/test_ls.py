@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from vmkit import Client, Vm, VmConfig, VmError, registry, testguest
 
 HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
@@ -493,6 +495,55 @@ def test_registering_reads_only_its_own_name_and_listing_cleans_the_rest(runtime
     assert [e.name for e in registry.entries()] == ["mine"]
     assert not (directory / "dead.json").exists()
     mine.remove()
+
+
+@given(
+    name=st.text(),
+    api_socket=st.text(),
+    kernel=st.none() | st.text(),
+    started=st.floats(allow_nan=False, allow_infinity=False),
+)
+def test_an_entry_is_written_as_json_dumps_writes_it(
+    name: str, api_socket: str, kernel: str | None, started: float
+) -> None:
+    """Entries are written without the json module, byte for byte as it
+    would (listings of older and newer vmkits read each other's)."""
+    entry = registry.Entry(name, 1, 2, api_socket, kernel, started)
+    fields = ("name", "pid", "pid_start", "api_socket", "kernel", "started")
+    assert entry.to_json() == json.dumps({f: getattr(entry, f) for f in fields})
+    assert registry.Entry.from_json(entry.to_json()) == entry
+
+
+def test_a_vmms_api_server_and_registration_start_without_json(tmp_path: Path) -> None:
+    """`vmkit --api-socket` serves and registers before it boots: json (and
+    the re it imports) would add milliseconds to every start."""
+    python_dir = os.path.dirname(os.path.dirname(os.path.abspath(registry.__file__)))
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    code = (
+        "import os, sys\n"
+        "from vmkit import _reactor, registry\n"
+        "from vmkit.api import ApiServer\n"
+        "from vmkit.vmm import Vmm\n"
+        "vmm = Vmm()\n"
+        f"server = ApiServer(vmm, {str(tmp_path / 'api.sock')!r}, reactor=_reactor.shared())\n"
+        "server.start()\n"
+        "registry.check_name_free('web')\n"
+        "entry = registry.register('web', os.getpid(), server.path, None)\n"
+        "entry.remove()\n"
+        "server.close()\n"
+        "vmm.close()\n"
+        "print(' '.join(m for m in ('json', 're') if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        env={**os.environ, "PYTHONPATH": python_dir, "XDG_RUNTIME_DIR": str(runtime)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.split() == [], f"loaded {result.stdout.strip()}"
 
 
 def test_import_vmkit_does_not_load_the_registry() -> None:

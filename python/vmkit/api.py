@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import json
 import os
 import select
 import socket
@@ -203,6 +202,8 @@ def _config_from_body(cls: type[_C], body: bytes) -> _C:
 def _restore_disks(body: bytes) -> dict[str, str] | None:
     """``vm.restore``'s ``disks`` (vmkit's addition; v37 ignores unknown
     fields): a clone's own disk images, ``{"<disk id>": "<image path>"}``."""
+    import json
+
     disks = json.loads(body).get("disks")
     if disks is None:
         return None
@@ -308,6 +309,9 @@ class _Router:
 
     @staticmethod
     def _json(status: int, value: object) -> Response:
+        # Imported here: a VMM's start does not need json (nor the re it loads).
+        import json
+
         return Response(status, json.dumps(value, separators=(",", ":")).encode())
 
     def _bodyless(self, action: str) -> None:

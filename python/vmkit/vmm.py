@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import select
 import threading
@@ -147,6 +146,8 @@ class EventMonitor:
             "event": event,
             "properties": None if properties is None else dict(properties),
         }
+        import json  # here: a VMM without --event-monitor never needs it
+
         data = (json.dumps(record, indent=2) + "\n\n").encode()
         with self._lock:
             if self._broken:
