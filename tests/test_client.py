@@ -738,6 +738,21 @@ def test_spawn_boots_and_the_guest_powers_off() -> None:
 
 
 @needs_vmm
+def test_a_vm_run_through_the_spawned_vms_client_is_waited_for_as_one_run_through_it() -> None:
+    """``wait`` knows a VM ran whichever object asked: a VM booted (or
+    restored) with ``vm.client`` and then stopped is reported stopped, not
+    never booted."""
+    with Vm.spawn(None) as vm:
+        vm.client.create(guest_config(ticks=2000))
+        assert vm.wait(0) is None  # created, not booted
+        vm.client.boot()
+        assert vm.client.info().state == "Running"
+        vm.client.shutdown()  # not through the SpawnedVm: as if another client did it
+        exit_info = vm.wait(10)
+        assert exit_info is not None and exit_info.reason == "shutdown", exit_info
+
+
+@needs_vmm
 def test_spawned_vm_methods() -> None:
     with Vm.spawn(guest_config(ticks=2000)) as vm:
         vm.boot()

@@ -238,6 +238,20 @@ def _as_config(value: _C | str, cls: type[_C]) -> _C:
     return value
 
 
+#: Requests after which a VM has run in the VMM (a guest may stop it at any time).
+_RUNS_A_VM = frozenset({"vm.boot", "vm.restore", "vm.receive-migration"})
+
+
+class _RunFlag:
+    """Whether a VM has run in a spawned VMM. Its client sets it, so a VM
+    booted or restored through ``SpawnedVm.client`` counts as well."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = False
+
+
 class Client:
     """A client for the Cloud Hypervisor v37 HTTP API served on ``api_socket``.
 
@@ -245,6 +259,9 @@ class Client:
     answer), in seconds; None waits forever. Methods raise ``ApiError`` for
     an error answer and ``ApiConnectionError`` when the VMM cannot be reached.
     """
+
+    #: a spawned VM's: set by any request through this client that runs a VM
+    _ran: _RunFlag | None = None
 
     def __init__(self, api_socket: str | Path, timeout: float | None = DEFAULT_TIMEOUT) -> None:
         self.api_socket = Path(api_socket)
@@ -281,7 +298,10 @@ class Client:
         with SCM_RIGHTS (``vm.add-net``).
         """
         data = body.encode() if isinstance(body, str) else body
-        return self._exchange(method, endpoint, data, fds)
+        response = self._exchange(method, endpoint, data, fds)
+        if self._ran is not None and response.ok and endpoint in _RUNS_A_VM:
+            self._ran.value = True
+        return response
 
     def _exchange(
         self, method: str, endpoint: str, data: bytes | None, fds: Sequence[int]
@@ -880,7 +900,7 @@ class SpawnedVm:
         self.name = registry.default_name(process.pid)
         self.tmpdir = tmpdir
         self.log_path = log_path
-        self._booted = False
+        self._ran = client._ran = _RunFlag()
         self._stop_asked = False  # shutdown() or delete through this object
         self._state_checked = 0.0
         self._stop_timeout = stop_timeout
@@ -915,7 +935,7 @@ class SpawnedVm:
         returncode = self.process.poll()
         if returncode is not None:
             return _exit_text(returncode)
-        if not self._booted:
+        if not self._ran.value:
             return None
         now = time.monotonic()
         if now - self._state_checked < 0.5:
@@ -955,7 +975,6 @@ class SpawnedVm:
     def boot(self) -> None:
         """``vm.boot``: builds and starts the VM (Created → Running)."""
         self.client.boot()
-        self._booted = True
         self._stop_asked = False
 
     def pause(self) -> None:
@@ -997,7 +1016,7 @@ class SpawnedVm:
         ``Vm.receive_migration``) and returns once it runs here. ``wait``,
         ``serial`` and the rest then follow the VM received."""
         self.client.receive_migration(f"unix:{os.path.abspath(socket)}")
-        self._booted, self._stop_asked = True, False
+        self._stop_asked = False
         serial = self.client.info().config.serial
         if serial.mode == "File" and serial.file:
             self.serial.path = Path(serial.file)
@@ -1109,7 +1128,7 @@ class SpawnedVm:
             except ApiError:
                 state = "Created"  # no config any more (vm.delete)
             if state in ("Created", "Shutdown"):
-                if not self._booted:
+                if not self._ran.value:
                     return None
                 if not self._stop_asked:
                     # Not stopped through this object: the guest powered off, and
@@ -1448,7 +1467,6 @@ def _with_config(
             serial = vm.client.info().config.serial
             if serial.mode == "File" and serial.file:
                 vm.serial.path = Path(serial.file)
-            vm._booted = True
     except BaseException:
         vm.close()
         raise
