@@ -698,8 +698,8 @@ def _serve(command: CommandLine) -> int:
                 except StartupError as e:
                     print(e, file=sys.stderr)
                     return 1
-                # Accepting on the reactor's thread, which waits for the VM's
-                # stop anyway, leaves a VMM one thread fewer to start and end.
+                # Accepting on the shared reactor's thread (the one that waits
+                # for the VM's stop) leaves a VMM a thread fewer to start and end.
                 server = ApiServer(vmm, path, fd=fd, reactor=_reactor.shared())
                 try:
                     server.bind()
