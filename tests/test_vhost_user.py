@@ -254,9 +254,10 @@ _taps = iter(range(10_000))
 def net_backend(tmp_path: Path, tap: str, client: bool, wait: bool = True) -> Backend:
     assert CH_DIR is not None
     sock = tmp_path / "net.sock"
+    # 192.168.150-199: clear of test_net's fixed 192.168.249 and .251.
     argv = [
         str(CH_DIR / "vhost_user_net"), "--net-backend",
-        f"ip=192.168.{200 + os.getpid() % 50}.1,mask=255.255.255.0,socket={sock},"
+        f"ip=192.168.{150 + os.getpid() % 50}.1,mask=255.255.255.0,socket={sock},"
         f"num_queues=2,tap={tap},client={'on' if client else 'off'}",
     ]  # fmt: skip
     return Backend(argv, sock, tmp_path / "vhost_user_net.log", wait=wait)
@@ -522,7 +523,11 @@ def test_client_mode_backend_gone_is_reported_and_the_vm_stays_controllable(
                 backend.kill()
                 deadline = time.monotonic() + 10
                 while not any(wanted in r.getMessage() for r in caplog.records):
-                    assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+                    # The backend's own log says why, should it have gone earlier.
+                    assert time.monotonic() < deadline, (
+                        [r.getMessage() for r in caplog.records],
+                        backend.log_path.read_text(errors="replace"),
+                    )
                     time.sleep(0.05)
                 # Looking for the backend never holds up the VM's control.
                 vm.pause()
