@@ -817,7 +817,6 @@ def _end_process(
     process: VmmProcess,
     api_socket: Path,
     tmpdir: Path | None,
-    log: IO[bytes] | None,
     timeout: float,
     lifeline: int | None = None,
     owned: list[tuple[int, int]] | None = None,
@@ -836,8 +835,6 @@ def _end_process(
         if lifeline is not None:
             with contextlib.suppress(OSError):
                 os.close(lifeline)
-        if log is not None:
-            log.close()
         with contextlib.suppress(OSError):
             if owned and _socket_identity(api_socket) == owned[0]:
                 api_socket.unlink()
@@ -888,7 +885,6 @@ class SpawnedVm:
         tmpdir: Path | None,
         serial_path: Path | None,
         log_path: Path | None,
-        log: IO[bytes] | None,
         stop_timeout: float,
         lifeline: int | None = None,
         vm_process: _vmproc.VmProcess | None = None,
@@ -915,7 +911,6 @@ class SpawnedVm:
             process,
             client.api_socket,
             tmpdir,
-            log,
             stop_timeout,
             lifeline,
             self._owned_socket,
@@ -1317,7 +1312,7 @@ def spawn(
                 )
         log_path = tmpdir / "vmm.log"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        log = open(os.open(log_path, flags, 0o600), "wb")  # closed by the finalizer
+        log = open(os.open(log_path, flags, 0o600), "wb")  # closed once the child has it
     except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
@@ -1340,9 +1335,10 @@ def spawn(
             cpu_groups,
         )
         if vm_process is not None:
+            log.close()  # the VM process has its own copy (see below)
             client: Client = _LocalClient(vm_process.server, socket_path, vm_process.process)
             vm = SpawnedVm(
-                vm_process.process, client, tmpdir, serial_path, log_path, log, stop_timeout,
+                vm_process.process, client, tmpdir, serial_path, log_path, stop_timeout,
                 vm_process=vm_process,
             )  # fmt: skip
             identity = _socket_identity(socket_path)
@@ -1406,8 +1402,12 @@ def spawn(
     finally:
         os.close(lifeline_read)
         os.close(ready_write)
+    # The child writes through its own copy. Ours goes now rather than at the
+    # stop: the last close of a file is the costly one, and closing a fleet
+    # runs this program's part for each VM in turn.
+    log.close()
     client = _ChildClient(socket_path, process.pid, timeout=request_timeout)
-    vm = SpawnedVm(process, client, tmpdir, serial_path, log_path, log, stop_timeout, lifeline)
+    vm = SpawnedVm(process, client, tmpdir, serial_path, log_path, stop_timeout, lifeline)
     vm.name = name or registry.default_name(vm.pid)
     return _with_config(
         vm, config, lambda: _wait_until_up(vm, startup_timeout, ready), restore, prefault, disks

@@ -23,11 +23,6 @@ import time
 
 from vmkit._record import record
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Iterator
-    from contextlib import AbstractContextManager
-
 __all__ = [
     "Entry",
     "NameTaken",
@@ -266,15 +261,24 @@ def process_start(pid: int) -> int | None:
         return None
 
 
-def _locked(directory: str) -> AbstractContextManager[None]:
+class _RegistryLock:
     """Holds the registry's lock: a registration's check-then-write, and a
-    clean-up's check-then-remove, are not interleaved with another's."""
-    import contextlib
-    import fcntl
+    clean-up's check-then-remove, are not interleaved with another's.
 
-    @contextlib.contextmanager
-    def hold() -> Iterator[None]:
-        path = os.path.join(directory, _LOCK)
+    A class rather than a generator context manager: a fleet's start and
+    stop take it once per VM, and building a generator wrapper each time
+    cost more than the lock itself."""
+
+    __slots__ = ("_fd", "_path")
+
+    def __init__(self, directory: str) -> None:
+        self._path = os.path.join(directory, _LOCK)
+        self._fd = -1
+
+    def __enter__(self) -> None:
+        import fcntl
+
+        path = self._path
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as e:
@@ -290,17 +294,21 @@ def _locked(directory: str) -> AbstractContextManager[None]:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
+                        directory = os.path.dirname(path)
                         raise RegistryError(
                             f"the vmkit registry {directory} stayed locked for "
                             f"{_LOCK_WAIT} s (is a process holding {_LOCK} stopped?)"
                         ) from None
                     time.sleep(pause)
                     pause = min(pause * 2, 0.005)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
 
-    return hold()
+    def __exit__(self, *exc: object) -> None:
+        fd, self._fd = self._fd, -1
+        os.close(fd)  # releases the lock
 
 
 def _read(path: str) -> Entry | None:
@@ -340,7 +348,7 @@ def _remove_stale(directory: str, filename: str, seen: Entry) -> None:
     """Removes ``filename`` if it still holds the dead VMM ``seen`` (under the
     lock: a VMM registering the same name since then keeps its entry)."""
     path = os.path.join(directory, filename)
-    with _locked(directory):
+    with _RegistryLock(directory):
         current = _read(path)
         if current is not None and current == seen and not current.alive:
             _unlink(path)
@@ -417,7 +425,7 @@ class Registration:
         self._removed = True
         path = os.path.join(self.directory, self.entry.name + _SUFFIX)
         try:
-            with _locked(self.directory):
+            with _RegistryLock(self.directory):
                 # The bytes this VMM wrote, not an equal entry parsed: a
                 # fleet's close removes many, and parsing each cost more.
                 if _read_bytes(path) == self._written:
@@ -462,7 +470,7 @@ def register(name: str | None, pid: int, api_socket: str, kernel: str | None) ->
     # Only this name's entry is read: a registration that read every entry
     # (to clean the stale ones, which listings do) would cost a fleet started
     # at once time in the square of its size, under the lock.
-    with _locked(directory):
+    with _RegistryLock(directory):
         other = _read(path)
         if other is not None and other.alive:
             raise NameTaken(name, other.pid)
