@@ -486,14 +486,27 @@ NOT_AT_BOOT = ("enum", "re", "functools", "collections", "typing", "inspect", "d
                "logging", "json", "threading", "socket", "subprocess")  # fmt: skip
 
 
-def test_the_installed_command_runs() -> None:
+def installed_command() -> Path:
     try:
         metadata.distribution("vmkit")
     except metadata.PackageNotFoundError:
         pytest.skip("vmkit is imported from a source tree, not installed: no `vmkit` command")
-    command = Path(sysconfig.get_path("scripts")) / "vmkit"
+    return Path(sysconfig.get_path("scripts")) / "vmkit"
+
+
+def test_the_installed_command_runs() -> None:
+    command = installed_command()
     proc = subprocess.run([str(command), "--version"], capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, run("--version").stdout, "")
+
+
+def test_the_installed_command_imports_nothing_main_does_not() -> None:
+    """pip's wrapper for an entry point imports `re` (with `enum`): as much
+    again as vmkit's own start-up imports. The command is a script of ours."""
+    command = installed_command()
+    by_command = set(imports(str(command), "--version")) - set(imports("-c", "pass"))
+    assert "vmkit.cli" in by_command
+    assert [m for m in NOT_AT_BOOT if m in by_command] == []
 
 
 def imports(*args: str) -> list[str]:
