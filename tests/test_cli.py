@@ -539,3 +539,46 @@ def test_a_boot_imports_only_what_it_uses() -> None:
     by_command = set(booted) - set(imports("-c", "pass"))
     assert "vmkit.cli" in by_command
     assert [m for m in NOT_AT_BOOT if m in by_command] == []
+
+
+@needs_kvm
+def test_an_api_socket_vmm_boots_before_it_loads_the_api_server(tmp_path: Path) -> None:
+    """`vmkit --api-socket PATH` with a VM to boot binds and lists the socket,
+    boots, and only then loads the API server (`socket`, `selectors`,
+    `threading`), which then loads while the guest starts; the socket file
+    goes when the VMM ends."""
+    from vmkit import testguest
+
+    sock = tmp_path / "api.sock"
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    code = (
+        "import os, stat, sys\n"
+        "import vmkit.cli as cli\n"
+        "boot = cli._start_vm\n"
+        "def observed(command, vmm):\n"
+        f"    mode = os.stat({str(sock)!r}).st_mode\n"
+        "    listed = os.listdir(os.path.join(os.environ['XDG_RUNTIME_DIR'], 'vmkit'))\n"
+        "    print('at boot:', stat.S_ISSOCK(mode), oct(stat.S_IMODE(mode)), len(listed) > 0,\n"
+        "          [m for m in ('vmkit.api', 'socket', 'selectors') if m in sys.modules],\n"
+        "          flush=True)\n"
+        "    return boot(command, vmm)\n"
+        "cli._start_vm = observed\n"
+        "cli.main()\n"
+    )
+    argv = [
+        "--api-socket", f"path={sock}", "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["hello"], "poweroff"),
+        "--cpus", "boot=1", "--memory", "size=128M", "--serial", "null", "--console", "off",
+    ]  # fmt: skip
+    python_dir = os.path.dirname(os.path.dirname(os.path.abspath(vmkit.__file__ or "")))
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code, *argv],
+        env={**os.environ, "PYTHONPATH": python_dir, "XDG_RUNTIME_DIR": str(runtime)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["at boot: True 0o600 True []"], proc.stdout
+    assert not sock.exists()

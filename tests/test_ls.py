@@ -515,8 +515,8 @@ def test_an_entry_is_written_as_json_dumps_writes_it(
 
 
 def test_a_vmms_api_server_and_registration_start_without_json(tmp_path: Path) -> None:
-    """`vmkit --api-socket` serves and registers before it boots: json (and
-    the re it imports) would add milliseconds to every start."""
+    """`vmkit --api-socket` registers before it boots, and an idle one serves
+    at once: json (and the re it imports) would add milliseconds to every start."""
     python_dir = os.path.dirname(os.path.dirname(os.path.abspath(registry.__file__)))
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)

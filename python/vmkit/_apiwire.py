@@ -13,13 +13,16 @@ reading from HTTP socket: ...``), with Rust's spelling of OS errors
 
 from __future__ import annotations
 
-import array
 import os
-import socket
-import unicodedata
 from collections.abc import Sequence
 
 from vmkit._record import record
+
+# `socket` (with its enums) and `unicodedata` load where used: `vmkit.vmm`
+# imports this module, and a `vmkit --api-socket` VMM boots before it serves.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
 
 __all__ = [
     "STATUS_NAMES",
@@ -94,6 +97,8 @@ _RUST_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"
 
 def rust_debug_str(text: str) -> str:
     """``text`` as Rust's ``{:?}`` prints a ``String``: quoted, with escapes."""
+    import unicodedata
+
     out = ['"']
     for ch in text:
         if ch in _RUST_ESCAPES:
@@ -156,6 +161,9 @@ def send_request(
     head, rest = request_bytes(method, path, body)
     try:
         if fds:
+            import array
+            import socket
+
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", list(fds)))]
             try:
                 sent = sock.sendmsg([head], ancillary)

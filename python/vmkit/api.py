@@ -40,7 +40,6 @@ import errno
 import os
 import select
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +47,7 @@ from collections.abc import Callable, Sequence
 from vmkit import _apiwire, _native
 from vmkit._reactor import Reactor
 from vmkit._record import field, record
+from vmkit._unixsocket import listen_private, remove_if_same
 from vmkit.config import (
     DeviceConfig,
     DiskConfig,
@@ -722,19 +722,20 @@ class ApiServer:
                 sock.listen(128)
         else:
             assert self.path is not None
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                # Owner-only from the moment the file exists, whatever the umask:
-                # Linux gives the socket file the socket's mode (less the umask).
-                os.fchmod(sock.fileno(), stat.S_IRUSR | stat.S_IWUSR)
-                sock.bind(self.path)
-                info = os.stat(self.path)
-                self._inode = (info.st_dev, info.st_ino)
-                sock.listen(128)
-            except BaseException:
-                sock.close()
-                raise
+            fd, self._inode = listen_private(self.path)
+            sock = socket.socket(fileno=fd)
         sock.set_inheritable(False)
+        self._listener = sock
+
+    def adopt(self, listening_fd: int, inode: tuple[int, int]) -> None:
+        """Instead of ``bind``: takes over a socket already bound to ``path``
+        and listening, whose file is ``inode`` (st_dev, st_ino), removed on
+        ``close`` as a socket ``bind`` made (the ``vmkit`` command binds
+        before it loads this module)."""
+        assert self.path is not None and self._listener is None
+        sock = socket.socket(fileno=listening_fd)
+        sock.set_inheritable(False)
+        self._inode = inode
         self._listener = sock
 
     def socket_path(self) -> str | None:
@@ -972,12 +973,7 @@ class ApiServer:
                 self._listener.close()
             self._listener = None
         if self.path is not None and self._inode is not None:
-            try:
-                info = os.stat(self.path)
-                if (info.st_dev, info.st_ino) == self._inode:
-                    os.unlink(self.path)
-            except OSError:
-                pass
+            remove_if_same(self.path, self._inode)
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)

@@ -644,8 +644,6 @@ def serve(command: CommandLine) -> int:
 
 
 def _serve(command: CommandLine) -> int:
-    from vmkit import _reactor
-    from vmkit.api import ApiServer
     from vmkit.vmm import EventMonitor, Vmm
 
     try:
@@ -676,6 +674,7 @@ def _serve(command: CommandLine) -> int:
     previous_sigterm = signal.signal(signal.SIGTERM, stop)
     orphaned = _watch_lifeline(vmm)
     server: ApiServer | None = None
+    early: tuple[str, int, tuple[int, int]] | None = None  # path, listening fd, file identity
     registration: Registration | None = None
     try:
         if events is not None:
@@ -698,11 +697,18 @@ def _serve(command: CommandLine) -> int:
                 except StartupError as e:
                     print(e, file=sys.stderr)
                     return 1
-                # Accepting on the shared reactor's thread (the one that waits
-                # for the VM's stop) leaves a VMM a thread fewer to start and end.
-                server = ApiServer(vmm, path, fd=fd, reactor=_reactor.shared())
                 try:
-                    server.bind()
+                    if path is not None and _boots(command):
+                        # Bound now, served once the VM has booted: the API's
+                        # modules then load while the guest starts on its vCPU.
+                        # Clients wait in the backlog meanwhile, as they wait
+                        # for the boot in v37.
+                        from vmkit._unixsocket import listen_private
+
+                        early = (path, *listen_private(path))
+                    else:
+                        server = _api_server(vmm, path, fd)
+                        server.bind()
                 except OSError as e:
                     server = None
                     print(
@@ -711,9 +717,16 @@ def _serve(command: CommandLine) -> int:
                         file=sys.stderr,
                     )
                     return 1
-                server.start()
+                if server is not None:
+                    server.start()
+                where: str | None
+                if path is not None:
+                    where = os.path.abspath(path)
+                else:
+                    assert server is not None
+                    where = server.socket_path()
                 try:
-                    registration = _register(command, server)
+                    registration = _register(command, where)
                 except StartupError as e:
                     print(e, file=sys.stderr)
                     return 1
@@ -723,7 +736,15 @@ def _serve(command: CommandLine) -> int:
             if code is not None:
                 if server is not None:
                     server.path = None  # v37 leaves the socket file on the error path
+                if early is not None:
+                    os.close(early[1])
+                    early = None
                 return code
+            if early is not None:
+                server = _api_server(vmm, early[0], None)
+                server.adopt(early[1], early[2])
+                early = None
+                server.start()
         code = _run_until_exit(vmm)
         if vmm.exit_message:
             print(vmm.exit_message, file=sys.stderr)
@@ -737,6 +758,11 @@ def _serve(command: CommandLine) -> int:
         vmm.close()
         if server is not None:
             server.close()
+        if early is not None:
+            from vmkit._unixsocket import remove_if_same
+
+            os.close(early[1])
+            remove_if_same(early[0], early[2])
         if events is not None:
             events.close()
         spawn_dir = os.environ.pop("VMKIT_SPAWN_DIR", None)
@@ -764,18 +790,32 @@ def _check_name(command: CommandLine) -> None:
         raise StartupError(f"Error registering VM {name!r}: {e}") from None
 
 
-def _register(command: CommandLine, server: ApiServer) -> Registration | None:
-    """Lists this VMM in the registry (``vmkit ls``). Raises StartupError when
-    the name is taken, or (for a name the user gave) the registry cannot be
-    used; without ``--name`` a broken registry only costs the listing."""
+def _api_server(vmm: Vmm, path: str | None, fd: int | None) -> ApiServer:
+    from vmkit import _reactor
+    from vmkit.api import ApiServer
+
+    # Accepting on the shared reactor's thread (the one that waits for the
+    # VM's stop) leaves a VMM a thread fewer to start and end.
+    return ApiServer(vmm, path, fd=fd, reactor=_reactor.shared())
+
+
+def _boots(command: CommandLine) -> bool:
+    """Whether the command line gives a VM to boot (see ``_start_vm``)."""
+    return any(command.has(option) for option in ("--restore", "--kernel", "--firmware"))
+
+
+def _register(command: CommandLine, path: str | None) -> Registration | None:
+    """Lists this VMM, serving its API at ``path``, in the registry (``vmkit
+    ls``). Raises StartupError when the name is taken, or (for a name the user
+    gave) the registry cannot be used; without ``--name`` a broken registry
+    only costs the listing."""
     from vmkit import registry
 
+    if path is None:
+        return None  # an unnamed socket (fd=): nothing for others to connect to
     name = command.one("--name")
     kernel = command.one("--kernel")
     try:
-        path = server.socket_path()
-        if path is None:
-            return None  # an unnamed socket (fd=): nothing for others to connect to
         return registry.register(name, os.getpid(), path, kernel)
     except registry.NameTaken as e:
         raise StartupError(f"Error starting the VMM: {e}") from None
