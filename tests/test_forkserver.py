@@ -310,6 +310,23 @@ def test_close_all_ends_a_fleet_and_leaves_nothing_behind() -> None:
         time.sleep(0.01)
 
 
+def test_a_closed_vms_serial_output_stays_readable() -> None:
+    """What the guest printed is still there once ``close`` or ``close_all``
+    has removed the file it was in (the VM process must not remove it first,
+    as it does when this program dies)."""
+    single = Vm.spawn(guest_config())
+    fleet = [Vm.spawn(guest_config()) for _ in range(3)]
+    for vm in [single, *fleet]:
+        vm.boot()
+    for vm in [single, *fleet]:
+        vm.serial.wait_for(r"tick 2$", timeout=30)
+    single.close()
+    vmkit.close_all(fleet)
+    for vm in [single, *fleet]:
+        assert vm.tmpdir is not None and not vm.tmpdir.exists()
+        assert re.search(r"tick 2$", vm.serial.text, re.MULTILINE), vm.serial.text
+
+
 def _reactor_ident() -> int | None:
     # The program's one reactor thread stays (it started with the first VM).
     return next((t.ident for t in threading.enumerate() if t.name == "vmkit-reactor"), None)

@@ -51,6 +51,10 @@ class _Gone(VmError):
         super().__init__("The VM process is gone" + (f": {detail}" if detail else ""), "Stopped")
 
 
+#: ``exit`` with status 0, as ``ControlChannel.exit`` sends it.
+_ORDERLY_END = b'{"op": "exit", "code": 0}'
+
+
 class ControlChannel:
     """Requests to a VM process, one at a time: ``call`` returns the answer
     (and a descriptor it carried) or raises the VM's VmError."""
@@ -108,12 +112,22 @@ class ControlChannel:
         """Ends the channel for both sides at once, without waiting for a
         request in flight (it fails: the VM process is gone): the VM process
         starts shutting its VM down."""
+        self._say_orderly_end()
         with contextlib.suppress(OSError):
             self._socket.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         with self._lock:
+            self._say_orderly_end()
             self._socket.close()
+
+    def _say_orderly_end(self) -> None:
+        """Tells the VM process, without waiting, that this program ends it:
+        a control socket that just closes means this program died, and the
+        VM process then removes its directory itself, the serial output and
+        log this program reads once it has exited among it."""
+        with contextlib.suppress(OSError):
+            self._socket.send(_ORDERLY_END, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 
 
 class RemoteVmHandle:
