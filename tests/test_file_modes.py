@@ -58,18 +58,19 @@ def test_the_umask_0_child_would_create_world_writable_files(tmp_path: Path) -> 
 
 def test_the_api_socket_is_owner_only_from_the_moment_it_exists(tmp_path: Path) -> None:
     """``bind`` is watched: the socket file's mode is read the instant it is
-    created, before anything could change it."""
+    created, before anything could change it. (The socket is made with
+    ``_socket``, the C module under ``socket``.)"""
     modes = run_with_umask_0(f"""
-        import socket
+        import _socket
         from vmkit.api import ApiServer
         from vmkit.vmm import Vmm
 
-        class Watched(socket.socket):
+        class Watched(_socket.socket):
             def bind(self, address):
                 super().bind(address)
                 modes["at bind"] = os.stat(address).st_mode
 
-        socket.socket = Watched
+        _socket.socket = Watched
         server = ApiServer(Vmm(), {str(tmp_path / "api.sock")!r})
         server.start()
         modes["serving"] = os.stat(server.path).st_mode
