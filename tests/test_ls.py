@@ -502,15 +502,21 @@ def test_registering_reads_only_its_own_name_and_listing_cleans_the_rest(runtime
     api_socket=st.text(),
     kernel=st.none() | st.text(),
     started=st.floats(allow_nan=False, allow_infinity=False),
+    spawn_dir=st.none() | st.text(),
 )
 def test_an_entry_is_written_as_json_dumps_writes_it(
-    name: str, api_socket: str, kernel: str | None, started: float
+    name: str, api_socket: str, kernel: str | None, started: float, spawn_dir: str | None
 ) -> None:
     """Entries are written without the json module, byte for byte as it
-    would (listings of older and newer vmkits read each other's)."""
-    entry = registry.Entry(name, 1, 2, api_socket, kernel, started)
+    would (listings of older and newer vmkits read each other's; a spawned
+    VM's directory and spawning program are left out when there are none)."""
+    owner = None if spawn_dir is None else (3, 4)
+    entry = registry.Entry(name, 1, 2, api_socket, kernel, started, spawn_dir, owner)
     fields = ("name", "pid", "pid_start", "api_socket", "kernel", "started")
-    assert entry.to_json() == json.dumps({f: getattr(entry, f) for f in fields})
+    written = {f: getattr(entry, f) for f in fields}
+    if spawn_dir is not None:
+        written |= {"spawn_dir": spawn_dir, "owner": [3, 4]}
+    assert entry.to_json() == json.dumps(written)
     assert registry.Entry.from_json(entry.to_json()) == entry
 
 
@@ -554,3 +560,70 @@ def test_import_vmkit_does_not_load_the_registry() -> None:
         capture_output=True, text=True, timeout=30, check=True,
     )  # fmt: skip
     assert proc.stdout.split("\n")[:2] == ["[]", "True"]
+
+
+@needs_kvm
+@pytest.mark.usefixtures("runtime")
+def test_a_listing_removes_the_directory_of_a_spawned_vm_killed_with_its_spawner(
+    tmp_path: Path,
+) -> None:
+    """A spawned VM process and the program that spawned it, both killed
+    (as Ray SIGKILLs a dead worker's children), leave their directory (socket,
+    serial output, log) to the listing that removes the stale entry. While the
+    spawning program runs, the directory stays its own to read and remove."""
+    code = (
+        "import time\n"
+        "from vmkit import Vm, VmConfig, testguest\n"
+        "config = VmConfig.from_cli([\n"
+        f"    '--kernel', {KERNEL!r}, '--cmdline', testguest.cmdline(['ticks'], ticks=100_000),\n"
+        "    '--memory', 'size=64M', '--console', 'off'])\n"
+        "vm = Vm.spawn(config)\n"
+        "vm.boot()\n"
+        "vm.serial.wait_for('tick 1', timeout=30)\n"
+        "print(vm.pid, vm.tmpdir, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    spawners: list[subprocess.Popen[str]] = []
+
+    def spawn() -> tuple[subprocess.Popen[str], int, Path]:
+        spawner = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TMPDIR": str(tmp_path)},  # what stays behind stays here
+        )
+        spawners.append(spawner)
+        assert spawner.stdout is not None
+        pid, directory = spawner.stdout.readline().split()
+        assert (Path(directory) / "serial.log").exists()
+        return spawner, int(pid), Path(directory)
+
+    def gone(pid: int) -> None:
+        deadline = time.monotonic() + 10
+        while registry.process_start(pid) is not None:
+            assert time.monotonic() < deadline, pid
+            time.sleep(0.01)
+
+    try:
+        running, running_vm, kept = spawn()
+        killed, killed_vm, orphaned = spawn()
+        # Stopped, the VM process cannot clean up when its spawner goes.
+        os.kill(killed_vm, signal.SIGSTOP)
+        killed.kill()
+        killed.wait(10)
+        os.kill(killed_vm, signal.SIGKILL)
+        os.kill(running_vm, signal.SIGKILL)
+        gone(killed_vm)
+        gone(running_vm)
+        assert orphaned.exists() and kept.exists()
+        assert registry.entries() == []
+        assert not orphaned.exists()
+        assert (kept / "serial.log").exists()
+        assert running.poll() is None
+    finally:
+        for spawner in spawners:
+            if spawner.poll() is None:
+                spawner.kill()
+            spawner.wait(10)
+            if spawner.stdout is not None:
+                spawner.stdout.close()

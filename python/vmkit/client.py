@@ -845,7 +845,7 @@ def _end_process(
 def _remove_spawn_dir(tmpdir: Path) -> None:
     """Removes the directory ``spawn`` made: its known files, then itself
     (a directory walk only when something else is in it)."""
-    for name in _SPAWN_DIR_FILES:
+    for name in registry.SPAWN_DIR_FILES:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(tmpdir, name))
     try:
@@ -854,10 +854,6 @@ def _remove_spawn_dir(tmpdir: Path) -> None:
         pass  # the VM process removed it
     except OSError:
         shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-#: What ``spawn`` puts in its directory.
-_SPAWN_DIR_FILES = ("api.sock", "serial.log", "vmm.log")
 
 
 class SpawnedVm:
@@ -1298,7 +1294,7 @@ def spawn(
             "give a path that does not exist yet",
             "Spawn",
         )
-    tmpdir = Path(tempfile.mkdtemp(prefix="vmkit-vmm-"))
+    tmpdir = Path(tempfile.mkdtemp(prefix=registry.SPAWN_DIR_PREFIX))
     try:
         socket_path = Path(api_socket) if api_socket is not None else tmpdir / "api.sock"
         serial_path: Path | None = None
@@ -1430,7 +1426,9 @@ def _register(
     --api-socket`` lists itself; its entry goes when the process ends."""
     vm.name = name or registry.default_name(vm.pid)
     try:
-        vm_process.registration = registry.register(name, vm.pid, str(vm.api_socket), kernel)
+        vm_process.registration = registry.register(
+            name, vm.pid, str(vm.api_socket), kernel, None if vm.tmpdir is None else str(vm.tmpdir)
+        )
     except registry.RegistryError as e:
         if name is not None or isinstance(e, registry.NameTaken):
             raise VmError(f"Cannot start a VMM named {vm.name!r}: {e}", "Spawn") from None

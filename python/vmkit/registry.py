@@ -170,6 +170,10 @@ class Entry:
     kernel: str | None
     #: when it registered (seconds since the epoch)
     started: float
+    #: the directory ``Vm.spawn`` made for it, and the spawning program
+    #: (pid, start time): once both processes are gone, nobody else removes it
+    spawn_dir: str | None = None
+    owner: tuple[int, int] | None = None
 
     def to_json(self) -> str:
         """The entry as ``json.dumps`` writes it, without the json module:
@@ -177,11 +181,17 @@ class Entry:
         importing json (with the re it loads) took longer than the rest of
         the registration."""
         kernel = "null" if self.kernel is None else _json_string(self.kernel)
-        return (
+        text = (
             f'{{"name": {_json_string(self.name)}, "pid": {self.pid}, '
             f'"pid_start": {self.pid_start}, "api_socket": {_json_string(self.api_socket)}, '
-            f'"kernel": {kernel}, "started": {float(self.started)!r}}}'
+            f'"kernel": {kernel}, "started": {float(self.started)!r}'
         )
+        if self.spawn_dir is not None and self.owner is not None:
+            text += (
+                f', "spawn_dir": {_json_string(self.spawn_dir)}, '
+                f'"owner": [{self.owner[0]}, {self.owner[1]}]'
+            )
+        return text + "}"
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Entry:
@@ -205,7 +215,26 @@ class Entry:
             and isinstance(started, int | float)
         ):
             raise ValueError("a field of the wrong type")
-        return cls(name, pid, pid_start, api_socket, kernel, float(started))
+        spawn_dir, owner = data.get("spawn_dir"), data.get("owner")
+        if spawn_dir is None or owner is None:
+            return cls(name, pid, pid_start, api_socket, kernel, float(started))
+        if not (
+            isinstance(spawn_dir, str)
+            and isinstance(owner, list)
+            and len(owner) == 2
+            and all(type(n) is int for n in owner)
+        ):
+            raise ValueError("a field of the wrong type")
+        return cls(
+            name,
+            pid,
+            pid_start,
+            api_socket,
+            kernel,
+            float(started),
+            spawn_dir,
+            (owner[0], owner[1]),
+        )
 
     @property
     def alive(self) -> bool:
@@ -352,6 +381,39 @@ def _remove_stale(directory: str, filename: str, seen: Entry) -> None:
         current = _read(path)
         if current is not None and current == seen and not current.alive:
             _unlink(path)
+            if current.spawn_dir is not None and current.owner is not None:
+                owner_pid, owner_start = current.owner
+                if process_start(owner_pid) != owner_start:
+                    _remove_orphaned_spawn_dir(current.spawn_dir)
+
+
+#: What ``Vm.spawn`` puts in the directory it makes for a VM.
+SPAWN_DIR_FILES = ("api.sock", "serial.log", "vmm.log")
+#: ``Vm.spawn``'s directories' name prefix.
+SPAWN_DIR_PREFIX = "vmkit-vmm-"
+
+
+def _remove_orphaned_spawn_dir(path: str) -> None:
+    """Removes the directory of a spawned VM whose process and spawning
+    program were killed (SIGKILL leaves no one to remove it): only one of
+    this user's, named as ``Vm.spawn`` names them, with ``Vm.spawn``'s files
+    and nothing else in it."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return
+    if (
+        not os.path.basename(path).startswith(SPAWN_DIR_PREFIX)
+        or not stat.S_ISDIR(info.st_mode)
+        or info.st_uid != os.geteuid()
+    ):
+        return
+    for name in SPAWN_DIR_FILES:
+        _unlink(os.path.join(path, name))
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass  # something else is in it: left alone
 
 
 def _unlink(path: str) -> None:
@@ -447,15 +509,24 @@ def check_name_free(name: str) -> None:
         raise NameTaken(name, entry.pid)
 
 
-def register(name: str | None, pid: int, api_socket: str, kernel: str | None) -> Registration:
+def register(
+    name: str | None,
+    pid: int,
+    api_socket: str,
+    kernel: str | None,
+    spawn_dir: str | None = None,
+) -> Registration:
     """Writes the entry of VMM process ``pid`` serving ``api_socket``, named
-    ``name`` (``default_name(pid)`` if None). Raises NameTaken when a live
-    VMM has that name, RegistryError when the directory cannot be used,
-    ValueError for an invalid name, ProcessLookupError when ``pid`` is gone."""
+    ``name`` (``default_name(pid)`` if None). ``spawn_dir``: the directory
+    ``Vm.spawn`` made for the VM in this program, removed by a listing once
+    the VMM and this program are gone. Raises NameTaken when a live VMM has
+    that name, RegistryError when the directory cannot be used, ValueError
+    for an invalid name, ProcessLookupError when ``pid`` is gone."""
     name = validate_name(default_name(pid) if name is None else name)
     pid_start = process_start(pid)
     if pid_start is None:
         raise ProcessLookupError(f"VMM process {pid} is not running")
+    own_start = process_start(os.getpid()) if spawn_dir is not None else None
     entry = Entry(
         name=name,
         pid=pid,
@@ -463,6 +534,8 @@ def register(name: str | None, pid: int, api_socket: str, kernel: str | None) ->
         api_socket=os.path.abspath(api_socket),
         kernel=None if kernel is None else os.path.abspath(kernel),
         started=time.time(),
+        spawn_dir=None if own_start is None or spawn_dir is None else os.path.abspath(spawn_dir),
+        owner=None if own_start is None else (os.getpid(), own_start),
     )
     directory = registry_dir()
     path = os.path.join(directory, name + _SUFFIX)
