@@ -845,14 +845,7 @@ def _end_process(
 def _remove_spawn_dir(tmpdir: Path) -> None:
     """Removes the directory ``spawn`` made: its known files, then itself
     (a directory walk only when something else is in it)."""
-    for name in registry.SPAWN_DIR_FILES:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(tmpdir, name))
-    try:
-        os.rmdir(tmpdir)
-    except FileNotFoundError:
-        pass  # the VM process removed it
-    except OSError:
+    if not registry.remove_spawn_dir(str(tmpdir)):
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 

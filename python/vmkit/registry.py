@@ -408,12 +408,21 @@ def _remove_orphaned_spawn_dir(path: str) -> None:
         or info.st_uid != os.geteuid()
     ):
         return
+    remove_spawn_dir(path)  # one with something else in it is left alone
+
+
+def remove_spawn_dir(path: str) -> bool:
+    """Removes ``Vm.spawn``'s files in ``path``, then the directory; false
+    when something else in it kept it."""
     for name in SPAWN_DIR_FILES:
         _unlink(os.path.join(path, name))
     try:
         os.rmdir(path)
+    except FileNotFoundError:
+        pass
     except OSError:
-        pass  # something else is in it: left alone
+        return False
+    return True
 
 
 def _unlink(path: str) -> None:
