@@ -1774,6 +1774,18 @@ def test_bind_failure(workdir: Path) -> None:
     assert proc.stderr.endswith(
         'Os { code: 2, kind: NotFound, message: "No such file or directory" }\n'
     )
+    # With a VM to boot the socket is bound before the boot too (as Cloud
+    # Hypervisor's binary answers the same command line): no guest runs.
+    proc = run_vmkit(
+        "--api-socket", f"path={taken}", "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["hello"], "poweroff"), "--memory", "size=64M",
+        "--serial", "tty", "--console", "off",
+    )  # fmt: skip
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == (
+        "Failed to start the VMM thread: Error creation API server's socket "
+        'Os { code: 98, kind: AddrInUse, message: "Address already in use" }\n'
+    )
 
 
 @needs_kvm
