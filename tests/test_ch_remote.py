@@ -88,6 +88,26 @@ EXPECTED_DIFFERENCES: dict[str, Difference] = {
     ),
 }
 
+
+@dataclass(frozen=True)
+class ChRace:
+    """A step where CH's answer depends on timing: usually ``answer``, sometimes ``lost``."""
+
+    why: str
+    answer: Result
+    lost: Result
+
+
+#: Steps where CH sometimes loses its own answer; vmkit must give ``answer`` every time.
+CH_RACES: dict[str, ChRace] = {
+    "deleted: shutdown-vmm": ChRace(
+        "CH's VMM thread hands the answer to its HTTP thread and the process exits at once; "
+        "now and then (2 in 60 on the AMD host) the exit closes the connection first",
+        (0, "", ""),
+        (1, "", "Error running command: HTTP output is missing protocol statement\n"),
+    ),
+}
+
 #: (phase, ch-remote arguments); @W is the work directory, @VM the VM config file.
 SCRIPT: list[tuple[str, str]] = [
     # -- no VM: every action's error without a config
@@ -281,6 +301,9 @@ def _run_script(workdir: Path, script: list[tuple[str, str]]) -> list[str]:
             key = f"{phase}: {command}"
             args, results = pair.run(command)
             ch, vmkit = (normalise(args, results[k]) for k in ("ch", "vmkit"))
+            race = CH_RACES.get(key)
+            if race is not None and ch == race.lost:
+                ch = race.answer
             expected = EXPECTED_DIFFERENCES.get(key)
             if expected is None:
                 if ch != vmkit:
@@ -319,7 +342,8 @@ def test_the_script_covers_every_subcommand_and_the_list_is_used() -> None:
     scripted = {command.split(" ")[0] for _phase, command in SCRIPT + FRESH}
     assert set(listed) - scripted == set()
     keys = {f"{phase}: {command}" for phase, command in SCRIPT + FRESH}
-    assert set(EXPECTED_DIFFERENCES) - keys == set(), "entries the script never reaches"
+    unused = (set(EXPECTED_DIFFERENCES) | set(CH_RACES)) - keys
+    assert unused == set(), "entries the script never reaches"
 
 
 def _canonical_tree(tree: dict[str, object]) -> dict[str, object]:
