@@ -14,14 +14,16 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from _spawndirs import own_tempdir  # noqa: F401 (a fixture)
 from hypothesis import given
 from hypothesis import strategies as st
-from vmkit import Client, Vm, VmConfig, VmError, registry, testguest
+from vmkit import Client, Vm, VmConfig, VmError, list_vms, registry, testguest
 
 HAVE_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
 needs_kvm = pytest.mark.skipif(not HAVE_KVM, reason="needs read-write /dev/kvm")
@@ -563,14 +565,13 @@ def test_import_vmkit_does_not_load_the_registry() -> None:
 
 
 @needs_kvm
-@pytest.mark.usefixtures("runtime")
-def test_a_listing_removes_the_directory_of_a_spawned_vm_killed_with_its_spawner(
-    tmp_path: Path,
-) -> None:
+@pytest.mark.usefixtures("runtime", "own_tempdir")
+def test_a_listing_removes_the_directory_of_a_spawned_vm_killed_with_its_spawner() -> None:
     """A spawned VM process and the program that spawned it, both killed
     (as Ray SIGKILLs a dead worker's children), leave their directory (socket,
     serial output, log) to the listing that removes the stale entry. While the
     spawning program runs, the directory stays its own to read and remove."""
+    tmp = tempfile.gettempdir()  # short: the API socket goes below it
     code = (
         "import time\n"
         "from vmkit import Vm, VmConfig, testguest\n"
@@ -590,7 +591,7 @@ def test_a_listing_removes_the_directory_of_a_spawned_vm_killed_with_its_spawner
             [sys.executable, "-c", code],
             stdout=subprocess.PIPE,
             text=True,
-            env={**os.environ, "TMPDIR": str(tmp_path)},  # what stays behind stays here
+            env={**os.environ, "TMPDIR": str(tmp)},  # what stays behind stays here
         )
         spawners.append(spawner)
         assert spawner.stdout is not None
@@ -627,3 +628,56 @@ def test_a_listing_removes_the_directory_of_a_spawned_vm_killed_with_its_spawner
             spawner.wait(10)
             if spawner.stdout is not None:
                 spawner.stdout.close()
+
+
+@needs_kvm
+@pytest.mark.usefixtures("runtime", "own_tempdir")
+def test_a_listing_removes_the_directory_of_a_vm_killed_before_it_was_listed() -> None:
+    """A spawning program and its VM process killed together after the VM's
+    directory was made but before its registry entry was written leave no
+    entry to go by: the directory's name says whose it is, and a listing
+    removes it once that program is gone. A live program's stays."""
+    tmp = Path(tempfile.gettempdir())
+    code = (
+        "import time\n"
+        "from vmkit import Vm, VmConfig, registry, testguest\n"
+        "def stuck(name, pid, api_socket, kernel, spawn_dir=None):\n"
+        "    print(pid, spawn_dir, flush=True)\n"
+        "    time.sleep(120)\n"
+        "registry.register = stuck\n"
+        "Vm.spawn(VmConfig.from_cli([\n"
+        f"    '--kernel', {KERNEL!r}, '--memory', 'size=64M', '--console', 'off']))\n"
+    )
+    spawner = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp)},
+    )
+    live = Path(tempfile.mkdtemp(prefix=registry.spawn_dir_prefix(), dir=tmp))
+    (live / "serial.log").write_bytes(b"")
+    try:
+        assert spawner.stdout is not None
+        vm_pid, directory = spawner.stdout.readline().split()
+        orphaned = Path(directory)
+        assert orphaned.parent == tmp and (orphaned / "vmm.log").exists()
+        assert orphaned.name.startswith(f"vmkit-vmm-{spawner.pid}-")
+        # Stopped, the VM process cannot clean up when its spawner goes.
+        os.kill(int(vm_pid), signal.SIGSTOP)
+        spawner.kill()
+        spawner.wait(10)
+        os.kill(int(vm_pid), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while registry.process_start(int(vm_pid)) is not None:
+            assert time.monotonic() < deadline, vm_pid
+            time.sleep(0.01)
+        assert orphaned.exists()
+        assert list_vms() == []
+        assert not orphaned.exists()
+        assert (live / "serial.log").exists()
+    finally:
+        if spawner.poll() is None:
+            spawner.kill()
+        spawner.wait(10)
+        if spawner.stdout is not None:
+            spawner.stdout.close()

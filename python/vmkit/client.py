@@ -1287,7 +1287,7 @@ def spawn(
             "give a path that does not exist yet",
             "Spawn",
         )
-    tmpdir = Path(tempfile.mkdtemp(prefix=registry.SPAWN_DIR_PREFIX))
+    tmpdir = Path(tempfile.mkdtemp(prefix=registry.spawn_dir_prefix()))
     try:
         socket_path = Path(api_socket) if api_socket is not None else tmpdir / "api.sock"
         serial_path: Path | None = None

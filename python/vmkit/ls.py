@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 
@@ -135,7 +136,9 @@ def list_vms(timeout: float = DEFAULT_TIMEOUT) -> list[VmListing]:
     Every VMM is asked at once; one that has not answered within
     ``timeout`` seconds is listed as ``unresponsive``, so the call returns
     in about ``timeout`` at most however many VMMs hang. Entries of VMMs
-    that are gone are removed. Raises ``vmkit.registry.RegistryError`` when
+    that are gone are removed, and so are the directories (in this
+    program's temporary directory) of ``Vm.spawn`` VMs whose spawning program
+    is gone. Raises ``vmkit.registry.RegistryError`` when
     the registry directory is unsafe (owned by another user, writable by
     others).
     """
@@ -153,6 +156,9 @@ def list_vms(timeout: float = DEFAULT_TIMEOUT) -> list[VmListing]:
     ]
     for thread in threads:
         thread.start()
+    registry.remove_orphaned_spawn_dirs(
+        tempfile.gettempdir(), {entry.spawn_dir for entry in found if entry.spawn_dir is not None}
+    )
     deadline = time.monotonic() + timeout + 0.2
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))

@@ -23,6 +23,10 @@ import time
 
 from vmkit._record import record
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Collection
+
 __all__ = [
     "Entry",
     "NameTaken",
@@ -389,8 +393,34 @@ def _remove_stale(directory: str, filename: str, seen: Entry) -> None:
 
 #: What ``Vm.spawn`` puts in the directory it makes for a VM.
 SPAWN_DIR_FILES = ("api.sock", "serial.log", "vmm.log")
-#: ``Vm.spawn``'s directories' name prefix.
+#: ``Vm.spawn``'s directories' name prefix; ``spawn_dir_prefix`` adds the spawner.
 SPAWN_DIR_PREFIX = "vmkit-vmm-"
+
+
+def spawn_dir_prefix() -> str:
+    """``Vm.spawn``'s directory name prefix in this program: it names this
+    process, so that a listing can tell a directory left by a spawner killed
+    before the VM's entry was written (a pid taken again since only keeps a
+    directory longer)."""
+    return f"{SPAWN_DIR_PREFIX}{os.getpid()}-"
+
+
+def remove_orphaned_spawn_dirs(parent: str, keep: Collection[str] = ()) -> None:
+    """Removes the directories in ``parent`` that ``Vm.spawn`` made in
+    programs that are gone, but those in ``keep`` (live VMs'). A VM process
+    ends with its spawner and removes its directory itself; this is for those
+    killed together (a listed VM's directory also goes with its stale entry)."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(SPAWN_DIR_PREFIX):
+            continue
+        pid = name[len(SPAWN_DIR_PREFIX) :].partition("-")[0]
+        path = os.path.join(parent, name)
+        if pid.isdigit() and process_start(int(pid)) is None and path not in keep:
+            _remove_orphaned_spawn_dir(path)
 
 
 def _remove_orphaned_spawn_dir(path: str) -> None:
