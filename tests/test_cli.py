@@ -544,9 +544,9 @@ def test_a_boot_imports_only_what_it_uses() -> None:
 @needs_kvm
 def test_an_api_socket_vmm_boots_before_it_loads_the_api_server(tmp_path: Path) -> None:
     """`vmkit --api-socket PATH` with a VM to boot binds and lists the socket,
-    boots, and only then loads the API server (`socket`, `selectors`,
-    `threading`), which then loads while the guest starts; the socket file
-    goes when the VMM ends."""
+    boots, and only then loads the API server (`socket`, `selectors`) and
+    `threading` (with `functools` and `collections`), which then load while
+    the guest starts; the socket file goes when the VMM ends."""
     from vmkit import testguest
 
     sock = tmp_path / "api.sock"
@@ -554,16 +554,17 @@ def test_an_api_socket_vmm_boots_before_it_loads_the_api_server(tmp_path: Path) 
     runtime.mkdir(mode=0o700)
     code = (
         "import os, stat, sys\n"
-        "import vmkit.cli as cli\n"
-        "boot = cli._start_vm\n"
-        "def observed(command, vmm):\n"
+        "import vmkit.cli as cli, vmkit.vm\n"
+        "boot = vmkit.vm.Vm.boot\n"
+        "def observed(vm):\n"
         f"    mode = os.stat({str(sock)!r}).st_mode\n"
         "    listed = os.listdir(os.path.join(os.environ['XDG_RUNTIME_DIR'], 'vmkit'))\n"
         "    print('at boot:', stat.S_ISSOCK(mode), oct(stat.S_IMODE(mode)), len(listed) > 0,\n"
-        "          [m for m in ('vmkit.api', 'socket', 'selectors') if m in sys.modules],\n"
+        "          [m for m in ('vmkit.api', 'socket', 'selectors', 'threading',\n"
+        "                       'functools', 'collections') if m in sys.modules],\n"
         "          flush=True)\n"
-        "    return boot(command, vmm)\n"
-        "cli._start_vm = observed\n"
+        "    return boot(vm)\n"
+        "vmkit.vm.Vm.boot = observed\n"
         "cli.main()\n"
     )
     argv = [

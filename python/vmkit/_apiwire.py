@@ -14,7 +14,6 @@ reading from HTTP socket: ...``), with Rust's spelling of OS errors
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 from vmkit._record import record
 
@@ -23,6 +22,7 @@ from vmkit._record import record
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
+    from collections.abc import Sequence
 
 __all__ = [
     "STATUS_NAMES",

@@ -11,12 +11,15 @@ holds) goes to a thread of its own.
 
 from __future__ import annotations
 
+import _thread
 import os
 import select
-import threading
-from collections.abc import Callable
 
 from vmkit.logs import LazyLogger
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["Reactor", "shared"]
 
@@ -31,7 +34,11 @@ class Reactor:
         self._callbacks: dict[int, Callable[[int], None]] = {}
         # Held while a callback runs and while one is removed: once
         # ``remove`` returns, that callback is neither running nor to run.
-        self._dispatch = threading.RLock()
+        self._dispatch = _thread.RLock()
+        # Loaded here, not with the module: a VMM booting with an API socket
+        # starts its guest first (the reactor starts once the VM runs).
+        import threading
+
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -42,7 +49,7 @@ class Reactor:
             self._callbacks[fd] = callback
             self._epoll.register(fd, events)
 
-    def held(self) -> threading.RLock:
+    def held(self) -> _thread.RLock:
         """Held, no callback runs: several ``add`` calls take effect together,
         and a lock taken inside (callbacks may take it too) is always taken
         after this one."""
@@ -83,7 +90,7 @@ class Reactor:
 
 
 _shared: Reactor | None = None
-_shared_lock = threading.Lock()
+_shared_lock = _thread.allocate_lock()
 
 
 def shared() -> Reactor:
@@ -99,7 +106,7 @@ def _forget_in_child() -> None:
     # A forked child has the object but not its thread.
     global _shared, _shared_lock
     _shared = None
-    _shared_lock = threading.Lock()
+    _shared_lock = _thread.allocate_lock()
 
 
 os.register_at_fork(after_in_child=_forget_in_child)

@@ -849,15 +849,27 @@ def _tell_spawner_ready() -> None:
         pass
 
 
-def _watch_lifeline(vmm: Vmm) -> threading.Event:
-    """For a VMM started by ``Vm.spawn``: when the parent's end of the lifeline
-    pipe closes (the parent exited or was killed), the VMM shuts down."""
-    import threading
+class _NeverSet:
+    """``_watch_lifeline``'s event for a VMM without a lifeline."""
 
-    orphaned = threading.Event()
+    @staticmethod
+    def is_set() -> bool:
+        return False
+
+
+_NEVER_ORPHANED = _NeverSet()
+
+
+def _watch_lifeline(vmm: Vmm) -> threading.Event | _NeverSet:
+    """For a VMM started by ``Vm.spawn``: when the parent's end of the lifeline
+    pipe closes (the parent exited or was killed), the VMM shuts down. The
+    event is set then."""
     fd = _spawner_fd("VMKIT_LIFELINE_FD")
     if fd is None:
-        return orphaned
+        return _NEVER_ORPHANED
+    import threading  # only here: other VMMs boot before they load it
+
+    orphaned = threading.Event()
     try:
         os.set_inheritable(fd, False)
     except OSError:

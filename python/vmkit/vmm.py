@@ -20,13 +20,11 @@ guest powers off, or vmkit ends it) makes the VMM delete it and ask to exit
 
 from __future__ import annotations
 
-import contextlib
+import _thread
 import copy
 import os
 import select
-import threading
 import time
-from collections.abc import Callable, Mapping
 
 from vmkit import __version__, _reactor
 from vmkit._apiwire import io_error_text as _io_error_text
@@ -63,6 +61,8 @@ VM_CONFIG_MISSING = "VM config is missing"
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
+    import threading
+    from collections.abc import Callable, Mapping
     from typing import Any, TypeVar
 
     _T = TypeVar("_T")
@@ -97,6 +97,42 @@ def _shared_memory(config: VmConfig | None) -> bool:
     return memory.size == 0 and all(z.shared or z.hugepages for z in zones)
 
 
+class _Flag:
+    """``threading.Event``'s ``set``, ``is_set`` and ``wait`` from a lock held
+    until set: a VMM that boots with ``--api-socket`` starts its guest before
+    it loads ``threading`` (with ``functools`` and ``collections``, ~5 ms)."""
+
+    __slots__ = ("_gate", "_set")
+
+    def __init__(self) -> None:
+        self._gate = _thread.allocate_lock()
+        self._gate.acquire()
+        self._set = False
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            self._open()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._set:
+            return True
+        if self._gate.acquire(True, -1 if timeout is None else max(timeout, 0)):
+            self._open()  # for every other waiter
+        return self._set
+
+    def _open(self) -> None:
+        # A second opener (a signal's handler setting it meanwhile, a waiter
+        # passing through) may find it open already: the gate ends open.
+        try:
+            self._gate.release()
+        except RuntimeError:
+            pass
+
+
 class ApiError(Exception):
     """An API action failed; ``str(error)`` is v37's error Display (the HTTP 500 body)."""
 
@@ -128,7 +164,7 @@ class EventMonitor:
         self._fd = fd
         self._close = close
         self._start = time.monotonic()
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._broken = False
         #: events dropped because the reader was not keeping up
         self.dropped = 0
@@ -268,13 +304,13 @@ class Vmm:
         self.lock_disks = lock_disks
         self.seccomp = seccomp
         self.cpu_groups = cpu_groups
-        self.lock = threading.RLock()
-        self._exit = threading.Event()
+        self.lock = _thread.RLock()
+        self._exit = _Flag()
         self._exit_code: int | None = None
         self._exit_message: str | None = None
         # Reentrant: request_exit also runs from a signal handler, which may
         # interrupt this thread while it holds the lock.
-        self._exit_lock = threading.RLock()
+        self._exit_lock = _thread.RLock()
         self._exit_fd: int | None = None
         self._shut_down = False
         #: descriptors received through the API (add-net), closed when their device goes.
@@ -283,7 +319,7 @@ class Vmm:
         self._hotplugged_fds: dict[str, list[int]] = {}
         #: watching a booted VM (``_watch``): the descriptors the shared reactor
         #: waits on for it, and the threads that handle what they report.
-        self._watch_lock = threading.Lock()
+        self._watch_lock = _thread.allocate_lock()
         self._watched_fds: tuple[int, ...] = ()
         self._watch_closed = False
         self._watchers: list[threading.Thread] = []
@@ -368,9 +404,9 @@ class Vmm:
             watchers, self._watchers = self._watchers, []
         for fd in fds:
             _reactor.shared().remove(fd)
-        current = threading.current_thread()
+        current = _thread.get_ident()
         for watcher in watchers:
-            if watcher is not current:
+            if watcher.ident != current:
                 watcher.join()
 
     def close(self, *, vm_gone: bool = False) -> None:
@@ -943,8 +979,10 @@ class Vmm:
                 # v37 drops the VM it had for the one received, without events.
                 self._unwatch()
                 if self.vm_receiver is None:
-                    with contextlib.suppress(VmError):
+                    try:
                         old.shutdown()
+                    except VmError:
+                        pass  # closed next all the same
                     old.close()
             self.vm = vm
             self.config = copy.deepcopy(vm.config)
@@ -973,6 +1011,8 @@ class Vmm:
                 self._watched_fds = ()
                 if self._watch_closed:
                     return
+                import threading  # loaded by now: the reactor's thread runs this
+
                 thread = threading.Thread(
                     target=self._watch_step, args=(vm, seen), name="vmm-watch", daemon=True
                 )
@@ -991,8 +1031,10 @@ class Vmm:
         """Reports ``vm``'s new device events; when the guest (not the API)
         stopped it, the VMM exits; otherwise it is watched again."""
         try:
-            with contextlib.suppress(BlockingIOError):
+            try:
                 os.read(vm.device_events_fd, 8)
+            except BlockingIOError:
+                pass  # read by an earlier step
             events, seen = vm.device_events(seen)
             for event in events:
                 self.emit(event.source, event.event, event.properties)
