@@ -413,9 +413,10 @@ def test_a_migration_carries_hot_added_dimms(tmp_path: Path, local: bool) -> Non
 def test_pages_the_guest_writes_in_a_dimm_during_a_migration_arrive(tmp_path: Path) -> None:
     # The guest rewrites 16 MiB of its DIMM every 5 ms, checking the last
     # round each time: a dirty page of the DIMM's KVM slot left behind fails it.
+    # The migration takes 0.7-0.9 s here: the rounds last well beyond it.
     from test_migration import migrate, rounds_seen
 
-    rounds = 200
+    rounds = 600
     args = guest_args("size=64M,hotplug_size=1G", ("memhotplug", "dirty"))
     args[3] = testguest.cmdline(
         ["memhotplug", "dirty"], "poweroff", dirty_dimm=1, dirty_mib=16, dirty_rounds=rounds,

@@ -84,8 +84,10 @@ def migrate(sender: Vm, path: Path, *, local: bool = False) -> tuple[Migration, 
     receiver = Receiver(path)
     try:
         report = sender.migrate_to(path, local=local)
-    finally:
+    except VmError as e:
         receiver.join()
+        raise AssertionError(f"{e}; the receiver's error: {receiver.error!r}") from e
+    receiver.join()
     assert receiver.error is None, receiver.error
     assert receiver.vm is not None
     return report, receiver.vm
@@ -274,6 +276,43 @@ def test_a_refused_or_failed_send_leaves_the_vm_running(tmp_path: Path) -> None:
     vm.close()
 
 
+def test_a_guest_that_powers_off_during_a_send_is_the_error_given(tmp_path: Path) -> None:
+    """The guest powering off mid-migration ends the send with that reason,
+    not with a refusal that this side's hang-up drew from the receiver."""
+    vm = Vm(dirtying(dirty_rounds=10))
+    try:
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: dirty round 2$", timeout=30)
+        held = threading.Event()
+        errors: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                vm.migrate_to(fake.path)
+            except BaseException as e:
+                errors.append(e)
+
+        with FakeReceiver(tmp_path / "held.sock", hold=held) as fake:
+            sender = threading.Thread(target=send)
+            sender.start()
+            try:
+                # The pages wait in a full socket while the guest ends (the
+                # send holds the VM: its state is not to be had meanwhile).
+                deadline = time.monotonic() + 30
+                while "vmkit-guest: summary passed=1" not in vm.serial.text:
+                    assert time.monotonic() < deadline, vm.serial.text
+                    time.sleep(0.01)
+            finally:
+                held.set()
+                sender.join(30)
+        assert [str(e) for e in errors] == [
+            "the VM stopped during the migration: The guest powered off"
+        ]
+        assert isinstance(errors[0], VmError) and errors[0].kind == "Migration"
+    finally:
+        vm.close()
+
+
 def test_a_receiver_gone_at_the_last_step_leaves_the_vm_paused(tmp_path: Path) -> None:
     """After the last step the receiver may run the VM: with no word from it,
     the VM must not run here too. It stays paused, and the error says so;
@@ -342,7 +381,9 @@ class FakeReceiver:
     """A listener that reads frames, answers the config and the state, and
     refuses (an ACK with an error) on the first ``refuse_on`` frame, closes
     without a word on the first ``vanish_on`` one, or closes after
-    ``drop_after_bytes``."""
+    ``drop_after_bytes``. With ``hold``, it reads nothing after the config
+    until ``hold`` is set, and then, as vmkit's receiver does, answers the
+    connection's end with an ACK saying so."""
 
     def __init__(
         self,
@@ -350,6 +391,7 @@ class FakeReceiver:
         refuse_on: str | None = None,
         vanish_on: str | None = None,
         drop_after_bytes: int | None = None,
+        hold: threading.Event | None = None,
     ) -> None:
         self.path = path
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -358,6 +400,7 @@ class FakeReceiver:
         self.refuse_on = refuse_on
         self.vanish_on = vanish_on
         self.drop_after_bytes = drop_after_bytes
+        self.hold = hold
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -369,6 +412,10 @@ class FakeReceiver:
             while True:
                 header = conn.recv(12, socket.MSG_WAITALL)
                 if len(header) < 12:
+                    if self.hold is not None:
+                        closed = b"the other VMM closed the migration connection"
+                        with contextlib.suppress(OSError):
+                            conn.sendall(frame("Ack", struct.pack("<I", 1) + closed))
                     return
                 kind, length = struct.unpack("<IQ", header)
                 left = length
@@ -388,6 +435,8 @@ class FakeReceiver:
                     return
                 if name in ("Config", "State"):
                     conn.sendall(frame("Ack", struct.pack("<I", 0)))
+                if name == "Config" and self.hold is not None:
+                    self.hold.wait(30)
 
     def __enter__(self) -> FakeReceiver:
         return self

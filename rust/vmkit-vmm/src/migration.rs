@@ -283,10 +283,10 @@ impl Wire {
         }
     }
 
-    /// After a failed send: the receiver's reason, if it sent one before
-    /// closing the connection.
+    /// After the connection broke: the receiver's reason, if it sent one
+    /// before closing the connection. (Shutting this side down first would
+    /// make a receiver that is fine fail, and send that as its reason.)
     pub fn refusal(&mut self) -> Option<MigrationError> {
-        let _ = self.stream.shutdown(std::net::Shutdown::Write);
         let _ = self
             .stream
             .set_read_timeout(Some(std::time::Duration::from_secs(1)));

@@ -2417,9 +2417,16 @@ impl Vm {
                 report
             }
             Err(error) => {
-                let error = match error.kind {
-                    ErrorKind::Migration => wire.refusal().map_or(error, Into::into),
-                    _ => error,
+                // A connection that broke may be the receiver refusing: its
+                // reason, if it sent one, is waiting to be read. An error of
+                // this side's own is not the receiver's to explain.
+                let broke = std::error::Error::source(&error)
+                    .and_then(|e| e.downcast_ref::<MigrationError>())
+                    .is_some_and(|e| matches!(e, MigrationError::Closed | MigrationError::Io(_)));
+                let error = if broke {
+                    wire.refusal().map_or(error, Into::into)
+                } else {
+                    error
                 };
                 // The receiver said no: it does not run the VM.
                 let refused = std::error::Error::source(&error)
