@@ -12,6 +12,9 @@ it but the VMM. Measured, as medians over the rounds (runs interleaved):
 - in-process: ``Vm.shutdown()`` of each of N running VMs in turn (per VM and
   all N), then ``close()``, then ``release()`` (the kernel's teardown of the
   KVM VMs, which goes on in the background after ``shutdown()``);
+- start, one process: from launching the VMM to its guest's ready line (the
+  process that the next row stops; with ``--api-socket``, what a
+  ``ch-remote`` user starts);
 - SIGTERM, one process: from ``kill`` to the process reaped, for ``vmkit``
   and ``cloud-hypervisor`` (each plain, and with ``--api-socket``) and QEMU;
 - SIGTERM, N processes at once: from the first ``kill`` to the last reaped;
@@ -90,13 +93,14 @@ def read_until(process: subprocess.Popen[bytes], pattern: bytes) -> float:
     return time.monotonic()
 
 
-def sigterm_all(which: str, count: int, workdir: Path) -> tuple[float, list[float]]:
-    """Boots ``count`` VMMs, SIGTERMs them at once: (last reaped, each reaped), seconds."""
+def sigterm_all(which: str, count: int, workdir: Path) -> tuple[float, list[float], float]:
+    """Boots ``count`` VMMs, SIGTERMs them at once: (last reaped, each reaped,
+    launch to the last guest ready), seconds."""
     cmdline = testguest.cmdline(["hello"], "halt")
+    launched = time.monotonic()
     processes = [start(which, cmdline, workdir, i) for i in range(count)]
     try:
-        for process in processes:
-            read_until(process, READY)
+        ready = max(read_until(process, READY) for process in processes) - launched
         time.sleep(0.3)  # every vCPU halted, every VMM waiting
         started = time.monotonic()
         for process in processes:
@@ -105,7 +109,7 @@ def sigterm_all(which: str, count: int, workdir: Path) -> tuple[float, list[floa
         for process in processes:
             machine.reap(process, 60)
             reaped.append(time.monotonic() - started)
-        return max(reaped), reaped
+        return max(reaped), reaped, ready
     finally:
         for process in processes:
             if process.poll() is None:
@@ -184,9 +188,10 @@ def main() -> None:
             for key, value in in_process(args.vms).items():
                 results["in-process"].setdefault(key, []).append(value)
             for kind in kinds:
-                one, _ = sigterm_all(kind, 1, workdir)
-                many, each = sigterm_all(kind, args.vms, workdir)
+                one, _, ready = sigterm_all(kind, 1, workdir)
+                many, each, _ = sigterm_all(kind, args.vms, workdir)
                 row = results[kind]
+                row.setdefault("start, 1 process: guest ready", []).append(ready)
                 row.setdefault("SIGTERM, 1 process: reaped", []).append(one)
                 row.setdefault(f"SIGTERM, {args.vms} at once: last reaped", []).append(many)
                 row.setdefault(f"SIGTERM, {args.vms} at once: median reaped", []).append(
