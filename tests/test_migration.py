@@ -313,6 +313,56 @@ def test_a_guest_that_powers_off_during_a_send_is_the_error_given(tmp_path: Path
         vm.close()
 
 
+def test_a_stalled_migration_holds_up_no_serial_wait_and_no_other_thread(
+    tmp_path: Path,
+) -> None:
+    """While a send waits on a receiver that reads nothing, the VM's state is
+    the send's: asking for it waits (the answer is the state after the send),
+    but without the GIL, so this program's other threads run; and
+    ``serial.wait_for`` times out on time."""
+    import faulthandler
+
+    vm = Vm(dirtying(dirty_rounds=100_000))
+    # With the GIL held while waiting, nothing here would run again: end the
+    # process (with every thread's traceback) rather than hang the suite.
+    faulthandler.dump_traceback_later(120, exit=True)
+    try:
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: dirty round 2$", timeout=30)
+        held = threading.Event()
+        errors: list[BaseException] = []
+        states: list[str] = []
+
+        def send() -> None:
+            try:
+                vm.migrate_to(fake.path)
+            except BaseException as e:
+                errors.append(e)
+
+        with FakeReceiver(tmp_path / "held.sock", hold=held, refuse_on="State") as fake:
+            sender = threading.Thread(target=send)
+            sender.start()
+            try:
+                assert fake.holding.wait(30)
+                asker = threading.Thread(target=lambda: states.append(vm.state))
+                asker.start()
+                started = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    vm.serial.wait_for("^never printed$", timeout=0.5)
+                assert time.monotonic() - started < 5
+                assert asker.is_alive() and states == []
+            finally:
+                held.set()
+                sender.join(30)
+            asker.join(30)
+        assert [str(e) for e in errors] == ["the receiving VMM refused the migration: no room here"]
+        assert states == ["Running"]
+        assert vm.serial.wait_for("^vmkit-guest: dirty round", timeout=30)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        vm.close()
+
+
 def test_a_receiver_gone_at_the_last_step_leaves_the_vm_paused(tmp_path: Path) -> None:
     """After the last step the receiver may run the VM: with no word from it,
     the VM must not run here too. It stays paused, and the error says so;
@@ -401,6 +451,8 @@ class FakeReceiver:
         self.vanish_on = vanish_on
         self.drop_after_bytes = drop_after_bytes
         self.hold = hold
+        #: set once it holds (``hold``): the sender waits in a send from then on
+        self.holding = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -436,6 +488,7 @@ class FakeReceiver:
                 if name in ("Config", "State"):
                     conn.sendall(frame("Ack", struct.pack("<I", 0)))
                 if name == "Config" and self.hold is not None:
+                    self.holding.set()
                     self.hold.wait(30)
 
     def __enter__(self) -> FakeReceiver:
