@@ -276,6 +276,21 @@ def test_a_refused_or_failed_send_leaves_the_vm_running(tmp_path: Path) -> None:
     vm.close()
 
 
+def send_in_thread(vm: Vm, path: Path) -> tuple[threading.Thread, list[BaseException]]:
+    """``vm.migrate_to(path)`` on a thread (started); the list gets its error."""
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            vm.migrate_to(path)
+        except BaseException as e:
+            errors.append(e)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    return sender, errors
+
+
 def test_a_guest_that_powers_off_during_a_send_is_the_error_given(tmp_path: Path) -> None:
     """The guest powering off mid-migration ends the send with that reason,
     not with a refusal that this side's hang-up drew from the receiver."""
@@ -284,17 +299,8 @@ def test_a_guest_that_powers_off_during_a_send_is_the_error_given(tmp_path: Path
         vm.boot()
         assert vm.serial.wait_for("^vmkit-guest: dirty round 2$", timeout=30)
         held = threading.Event()
-        errors: list[BaseException] = []
-
-        def send() -> None:
-            try:
-                vm.migrate_to(fake.path)
-            except BaseException as e:
-                errors.append(e)
-
         with FakeReceiver(tmp_path / "held.sock", hold=held) as fake:
-            sender = threading.Thread(target=send)
-            sender.start()
+            sender, errors = send_in_thread(vm, fake.path)
             try:
                 # The pages wait in a full socket while the guest ends (the
                 # send holds the VM: its state is not to be had meanwhile).
@@ -330,18 +336,9 @@ def test_a_stalled_migration_holds_up_no_serial_wait_and_no_other_thread(
         vm.boot()
         assert vm.serial.wait_for("^vmkit-guest: dirty round 2$", timeout=30)
         held = threading.Event()
-        errors: list[BaseException] = []
         states: list[str] = []
-
-        def send() -> None:
-            try:
-                vm.migrate_to(fake.path)
-            except BaseException as e:
-                errors.append(e)
-
         with FakeReceiver(tmp_path / "held.sock", hold=held, refuse_on="State") as fake:
-            sender = threading.Thread(target=send)
-            sender.start()
+            sender, errors = send_in_thread(vm, fake.path)
             try:
                 assert fake.holding.wait(30)
                 asker = threading.Thread(target=lambda: states.append(vm.state))
