@@ -417,9 +417,10 @@ def remove_orphaned_spawn_dirs(parent: str, keep: Collection[str] = ()) -> None:
     for name in names:
         if not name.startswith(SPAWN_DIR_PREFIX):
             continue
-        pid = name[len(SPAWN_DIR_PREFIX) :].partition("-")[0]
+        # Older names have no pid: only a listed VM's entry can clear those.
+        pid, named, _ = name[len(SPAWN_DIR_PREFIX) :].partition("-")
         path = os.path.join(parent, name)
-        if pid.isdigit() and process_start(int(pid)) is None and path not in keep:
+        if named and pid.isdigit() and process_start(int(pid)) is None and path not in keep:
             _remove_orphaned_spawn_dir(path)
 
 
