@@ -62,6 +62,7 @@ class ControlChannel:
     def __init__(self, sock: socket.socket) -> None:
         self._socket = sock
         self._lock = threading.Lock()
+        self._end_said = False
 
     def fileno(self) -> int:
         return self._socket.fileno()
@@ -103,6 +104,7 @@ class ControlChannel:
     def exit(self, code: int) -> None:
         """Tells the VM process to end with status ``code`` (no answer comes)."""
         with self._lock:
+            self._end_said = True
             try:
                 self._socket.send(json.dumps({"op": "exit", "code": code}).encode())
             except OSError:
@@ -122,10 +124,13 @@ class ControlChannel:
             self._socket.close()
 
     def _say_orderly_end(self) -> None:
-        """Tells the VM process, without waiting, that this program ends it:
-        a control socket that just closes means this program died, and the
-        VM process then removes its directory itself, the serial output and
-        log this program reads once it has exited among it."""
+        """Tells the VM process, once and without waiting, that this program
+        ends it. A control socket that just closes means this program died:
+        the VM process then removes its directory itself, with the serial
+        output and log that this program reads after the exit."""
+        if self._end_said:
+            return  # said by hang_up or exit, which close follows
+        self._end_said = True
         with contextlib.suppress(OSError):
             self._socket.send(_ORDERLY_END, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 
