@@ -319,41 +319,49 @@ def test_a_guest_that_powers_off_during_a_send_is_the_error_given(tmp_path: Path
         vm.close()
 
 
-def test_a_stalled_migration_holds_up_no_serial_wait_and_no_other_thread(
-    tmp_path: Path,
-) -> None:
-    """While a send waits on a receiver that reads nothing, the VM's state is
-    the send's: asking for it waits (the answer is the state after the send),
-    but without the GIL, so this program's other threads run; and
+def test_a_stalled_migration_holds_up_no_state_wait_or_serial_wait(tmp_path: Path) -> None:
+    """While a send waits on a receiver that reads nothing, other threads
+    still get the VM's state at once, ``wait(timeout)`` returns on time, and
     ``serial.wait_for`` times out on time."""
     import faulthandler
 
     vm = Vm(dirtying(dirty_rounds=100_000))
-    # With the GIL held while waiting, nothing here would run again: end the
+    # Were the GIL held while waiting, nothing here would run again: end the
     # process (with every thread's traceback) rather than hang the suite.
     faulthandler.dump_traceback_later(120, exit=True)
     try:
         vm.boot()
         assert vm.serial.wait_for("^vmkit-guest: dirty round 2$", timeout=30)
         held = threading.Event()
-        states: list[str] = []
+        answers: dict[str, object] = {}
+
+        def ask() -> None:
+            answers["state"] = vm.state
+            started = time.monotonic()
+            answers["wait"] = vm.wait(0.5)
+            answers["waited"] = time.monotonic() - started
+
         with FakeReceiver(tmp_path / "held.sock", hold=held, refuse_on="State") as fake:
             sender, errors = send_in_thread(vm, fake.path)
+            asker = threading.Thread(target=ask)
             try:
                 assert fake.holding.wait(30)
-                asker = threading.Thread(target=lambda: states.append(vm.state))
                 asker.start()
                 started = time.monotonic()
                 with pytest.raises(TimeoutError):
                     vm.serial.wait_for("^never printed$", timeout=0.5)
                 assert time.monotonic() - started < 5
-                assert asker.is_alive() and states == []
+                asker.join(5)
+                assert not asker.is_alive(), "vm.state or vm.wait(0.5) waited for the send"
             finally:
                 held.set()
                 sender.join(30)
-            asker.join(30)
+                if asker.ident is not None:
+                    asker.join(30)
+        assert answers["state"] == "Running"
+        assert answers["wait"] is None
+        assert isinstance(answers["waited"], float) and 0.45 < answers["waited"] < 5
         assert [str(e) for e in errors] == ["the receiving VMM refused the migration: no room here"]
-        assert states == ["Running"]
         assert vm.serial.wait_for("^vmkit-guest: dirty round", timeout=30)
     finally:
         faulthandler.cancel_dump_traceback_later()

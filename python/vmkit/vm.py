@@ -440,6 +440,10 @@ class Vm:
         side's refusals, with its reason) the VM runs on here. Only when the
         connection breaks after the last step, when the receiver may already run
         the VM, does it stay paused here, and the error says so.
+
+        While it sends, ``state`` and ``wait(timeout)`` answer from other threads
+        as usual; ``info()`` and the calls that change the VM wait for the send
+        to end, as Cloud Hypervisor's API requests do.
         """
         total, downtime, rounds, sent = self._live().send_migration(os.fspath(socket), local)
         return Migration(total, downtime, rounds, sent, local)

@@ -300,10 +300,10 @@ impl VmHandle {
         Ok(py.detach(|| self.vm.wait(timeout)).map(exit_tuple))
     }
 
-    /// Without the GIL: a migration holds the VM's state while it sends.
+    /// The state as last changed: answers at once, during a migration too.
     #[getter]
-    fn state(&self, py: Python<'_>) -> String {
-        py.detach(|| self.vm.state()).to_string()
+    fn state(&self) -> String {
+        self.vm.state().to_string()
     }
 
     /// (offset of the first byte, bytes) of serial output from `offset` on.

@@ -7,6 +7,7 @@ use std::fmt;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -244,6 +245,23 @@ fn resize_virtio_mem(instance: &Instance, zone: &str, size: u64) -> Result<()> {
     })
 }
 
+/// Whether `fd` polled readable within `timeout` (None: no limit); false
+/// also when a signal interrupted the wait.
+fn readable_within(fd: RawFd, timeout: Option<Duration>) -> bool {
+    let millis = timeout.map_or(-1, |t| {
+        // Rounded up: a wait never ends before its timeout.
+        i32::try_from(t.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
+    });
+    let mut ready = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one pollfd that lives on this stack frame.
+    let n = unsafe { libc::poll(&mut ready, 1, millis) };
+    n > 0
+}
+
 fn kvm_error(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     let what = what.into();
     move |source| VmError::Kvm { what, source }
@@ -251,6 +269,7 @@ fn kvm_error(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> VmErr
 
 /// Cloud Hypervisor's VM states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum VmState {
     Created,
     Running,
@@ -266,6 +285,14 @@ impl fmt::Display for VmState {
 }
 
 impl VmState {
+    const ALL: [VmState; 5] = [
+        VmState::Created,
+        VmState::Running,
+        VmState::Shutdown,
+        VmState::Paused,
+        VmState::BreakPoint,
+    ];
+
     /// Cloud Hypervisor's transition rules and error text.
     pub fn check_transition(self, to: VmState) -> Result<()> {
         use VmState::*;
@@ -620,6 +647,7 @@ struct SendProgress {
 }
 
 struct Lifecycle {
+    /// Changed only through `Vm::set_state`, which publishes it.
     state: VmState,
     instance: Option<Instance>,
     /// Why the VM last stopped, once it has.
@@ -682,6 +710,10 @@ pub struct Vm {
     debug_log: Arc<Mutex<Vec<DebugPortWrite>>>,
     device_events: DeviceEvents,
     life: Mutex<Lifecycle>,
+    /// `life.state`, for readers that must not wait for the lifecycle lock
+    /// (`state`, `wait`): a migration's send holds it for as long as its
+    /// receiver takes. Stored with `life.state`, under the lock.
+    published_state: AtomicU8,
     changed: Condvar,
     /// The disk images' locks (VmOptions::lock_disks), held from boot until
     /// the VM stops: a reset rebuilds the devices but keeps the images.
@@ -928,6 +960,7 @@ impl Vm {
                 rebooting: false,
                 api_reboot: false,
             }),
+            published_state: AtomicU8::new(VmState::Created as u8),
             changed: Condvar::new(),
             disk_locks: Mutex::new(Vec::new()),
             hot_disk_locks: Mutex::new(HashMap::new()),
@@ -970,8 +1003,15 @@ impl Vm {
         life
     }
 
+    /// The state as last changed; never waits (see `published_state`).
     pub fn state(&self) -> VmState {
-        self.lock().state
+        let value = self.published_state.load(Ordering::Acquire);
+        VmState::ALL[usize::from(value)]
+    }
+
+    fn set_state(&self, life: &mut Lifecycle, state: VmState) {
+        life.state = state;
+        self.published_state.store(state as u8, Ordering::Release);
     }
 
     pub fn serial(&self) -> Option<&Arc<SerialBackend>> {
@@ -1425,11 +1465,12 @@ impl Vm {
         *self.held_disk_locks() = disk_locks;
         life.kernel_format = instance.kernel_format;
         life.instance = Some(instance);
-        life.state = if paused {
+        let state = if paused {
             VmState::Paused
         } else {
             VmState::Running
         };
+        self.set_state(&mut life, state);
         life.exit = None;
         life.shutdown_requested = false;
         life.boots += 1;
@@ -1453,7 +1494,7 @@ impl Vm {
             instance.control.set_command(VcpuCommand::Run);
             return Err(VmError::PauseTimeout.into());
         }
-        life.state = VmState::Paused;
+        self.set_state(&mut life, VmState::Paused);
         self.changed.notify_all();
         Ok(())
     }
@@ -1468,7 +1509,7 @@ impl Vm {
         if let Some(instance) = &life.instance {
             instance.control.set_command(VcpuCommand::Run);
         }
-        life.state = VmState::Running;
+        self.set_state(&mut life, VmState::Running);
         self.changed.notify_all();
         Ok(())
     }
@@ -1536,7 +1577,7 @@ impl Vm {
                 life.api_reboot = true;
                 control.request_stop(StopReason::Reset);
                 // The new boot runs, as in Cloud Hypervisor.
-                life.state = VmState::Running;
+                self.set_state(&mut life, VmState::Running);
                 self.changed.notify_all();
                 Ok(())
             }
@@ -1558,30 +1599,31 @@ impl Vm {
         }
     }
 
-    /// Waits for the VM to stop for good; None on timeout.
+    /// Waits for the VM to stop for good; None on timeout, or at once when
+    /// it never booted.
+    ///
+    /// The stop is awaited on the exit eventfd, not under the lifecycle
+    /// lock: a migration's send holds that lock for as long as its receiver
+    /// takes, and the timeout must hold all the same.
     pub fn wait(&self, timeout: Option<Duration>) -> Option<StopReason> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let mut life = self.lock();
         loop {
-            if life.state == VmState::Shutdown {
-                return life.exit.clone();
-            }
-            if life.state == VmState::Created {
-                return None;
-            }
-            match deadline {
-                None => life = self.changed.wait(life).unwrap_or_else(|p| p.into_inner()),
-                Some(deadline) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return None;
+            match self.state() {
+                VmState::Created => return None,
+                VmState::Shutdown => {
+                    let life = self.lock();
+                    if life.state == VmState::Shutdown {
+                        return life.exit.clone();
                     }
-                    life = self
-                        .changed
-                        .wait_timeout(life, deadline - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
+                    continue; // booted again meanwhile: wait for that boot
                 }
+                _ => {}
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let stopped = readable_within(self.exit_event.as_raw_fd(), left);
+            // Not readable: the time is up, or a signal cut the poll short.
+            if !stopped && deadline.is_some_and(|d| Instant::now() >= d) {
+                return None;
             }
         }
     }
@@ -1748,7 +1790,7 @@ impl Vm {
     /// eventfd is written under the lock: a boot that follows drains it.
     fn mark_stopped(&self, life: &mut Lifecycle, reason: StopReason) {
         life.rebooting = false;
-        life.state = VmState::Shutdown;
+        self.set_state(life, VmState::Shutdown);
         life.exit = Some(reason);
         // Only fails when the counter would overflow: it is readable then.
         let _ = self.exit_event.write(1);
@@ -2455,7 +2497,7 @@ impl Vm {
                     // The receiver may run the VM: running it here too would
                     // split it in two. It stays paused for the user to decide.
                     if progress.parked {
-                        life.state = VmState::Paused;
+                        self.set_state(&mut life, VmState::Paused);
                     }
                     return Err(MigrationError::Unconfirmed(error.message).into());
                 }
