@@ -60,7 +60,9 @@ def test_linux_early_boot_checkpoints(guest: DebianGuest, kernel: str, vmkit_vm:
     vm = vmkit_vm(cfg, watchdog_timeout=60, seccomp=True)
     vm.boot()
     serial = vm.serial
-    serial.wait_for(r"Linux version 6\.1\.", timeout=150)
+    # bzImage's decompressor runs first: ~2 minutes where each CPL0 instruction
+    # is emulated (kvm_pvm), a fraction of a second on hardware KVM.
+    serial.wait_for(r"Linux version 6\.1\.", timeout=300 if kernel == "vmlinuz" else 150)
     serial.wait_for(re.escape(f"Command line: {CMDLINE}"), timeout=30)
     serial.wait_for(r"BIOS-e820: \[mem 0x0000000000100000-0x000000003fffffff\] usable", 30)
     ramdisk = serial.wait_for(r"RAMDISK: \[mem 0x([0-9a-f]+)-0x([0-9a-f]+)\]", timeout=60)
@@ -79,7 +81,9 @@ def test_linux_early_boot_checkpoints(guest: DebianGuest, kernel: str, vmkit_vm:
     start, end = int(ramdisk.group(1), 16), int(ramdisk.group(2), 16) + 1
     assert end == 1 << 30 and start % 4096 == 0
     assert end - start >= guest.initramfs.stat().st_size
-    if PVM:
+    # How the VMM reports an instruction kvm_pvm cannot emulate is the same for
+    # both formats, and the wait for it ~30 s: checked once, with vmlinux.
+    if PVM and kernel == "vmlinux":
         exit_info = vm.wait(180)
         assert exit_info is not None, "no emulation failure within 3 minutes"
         assert exit_info.reason == "internal-error"
