@@ -406,6 +406,70 @@ def test_200_spawn_and_stop_cycles_leave_nothing_behind() -> None:
     assert spawn_dirs() - temp == set()
 
 
+#: Spawns VMs until the descriptor limit stops one, for limits that stop the
+#: spawn at each of its steps that opens a descriptor; prints what a user sees.
+_OUT_OF_DESCRIPTORS = """
+import json, os, resource, sys, tempfile
+import vmkit
+from vmkit import Vm, VmConfig, VmError, testguest
+
+config = VmConfig.from_cli(["--kernel", str(testguest.image_path("pvh")),
+    "--cmdline", "steps=ticks", "--cpus", "boot=1", "--memory", "size=64M"])
+Vm.spawn(None).close()  # the server, started once
+before = sorted(os.listdir("/proc/self/fd"))
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+results = []
+for headroom in range(24, 32):
+    limit = len(before) + headroom
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    vms, error = [], None
+    try:
+        for _ in range(50):
+            vms.append(Vm.spawn(config))
+            vms[-1].boot()
+    except VmError as e:
+        error = (e.kind, str(e))
+    running = sum(vm.state == "Running" for vm in vms)
+    vmkit.close_all(vms)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    results.append({
+        "limit": limit, "spawned": len(vms), "running": running, "error": error,
+        "fds_left": sorted(os.listdir("/proc/self/fd")) == before,
+        "dirs_left": [n for n in os.listdir(tempfile.gettempdir()) if n.startswith("vmkit-vmm-")],
+    })
+print(json.dumps(results))
+"""
+
+
+def test_a_spawn_past_the_descriptor_limit_says_so_and_leaves_nothing(
+    own_tempdir: Path,  # noqa: F811 (the fixture)
+) -> None:
+    """A program that runs out of file descriptors, wherever in a spawn that
+    happens, gets VmError naming the limit and what to do; its VMs so far run
+    on, and the failed spawn leaves no directory or descriptor behind."""
+    import json
+    import subprocess
+
+    env = {**os.environ, "TMPDIR": str(own_tempdir)}
+    run = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_DESCRIPTORS],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    for result in json.loads(run.stdout):
+        assert result["spawned"] >= 1 and result["running"] == result["spawned"], result
+        assert result["error"] is not None, result
+        kind, message = result["error"]
+        assert kind == "Spawn", result
+        assert message == (
+            "Cannot start a VMM: this program has used up its file descriptors "
+            f"(RLIMIT_NOFILE is {result['limit']}, and each spawned VM keeps several open "
+            "here): raise the limit (ulimit -n, or resource.setrlimit in the program)"
+        ), result
+        assert result["fds_left"], f"descriptors were left open: {result}"
+        assert result["dirs_left"] == [], result
+
+
 def test_forked_process_waits_and_signals_like_popen() -> None:
     with Vm.spawn(None) as vm:
         process = vm.process

@@ -19,6 +19,7 @@ removes the spawn directory too).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import select
@@ -422,7 +423,7 @@ class VmProcess:
         self.process: ForkedProcess = ForkedProcess(pid, ["vmkit", "--api-socket", api_socket])
         try:
             ours.settimeout(timeout)
-            data, fds, _flags, _address = socket.recv_fds(ours, _MAX_MESSAGE, 1)
+            data, fds, flags, _address = socket.recv_fds(ours, _MAX_MESSAGE, 1)
             ours.settimeout(request_timeout)
         except OSError as e:
             ours.close()
@@ -434,34 +435,56 @@ class VmProcess:
             for fd in fds:
                 os.close(fd)
             ours.close()
+            if flags & socket.MSG_CTRUNC:
+                # The listening socket came, but no descriptor was free here for it.
+                self.process.kill()
+                self.process.wait()
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
             status = self.process.wait()
             detail = reply.get("error") or f"it exited with status {status}"
             raise VmError(f"The VM process did not start: {detail}", "Spawn")
         self.channel = ControlChannel(ours)
         #: the latest VM's handle (while it lives), whose CPU groups go when the process does.
         self._handle: weakref.ref[RemoteVmHandle] | None = None
-        self.vmm: Vmm = Vmm(
-            seccomp=seccomp,
-            cpu_groups=cpu_groups,
-            vm_factory=self._new_vm,
-            vm_restorer=self._restore_vm,
-            vm_receiver=self._receive_vm,
-            pid=pid,
-        )
-        self.server: ApiServer = ApiServer(self.vmm, fd=fds[0], reactor=_reactor.shared())
-        self.server.start()
         #: its entry in the registry (``vmkit ls``), removed when it ends
         self.registration: Registration | None = None
         self._closed = False
         self._close_lock = threading.Lock()
         self._ending: threading.Thread | None = None
-        # The shared reactor waits for the process to end (its control socket
-        # hangs up) or the Vmm to ask to exit: no thread of its own per VM.
-        reactor = _reactor.shared()
-        self._watched = (self.vmm.exit_fd(), self.channel.fileno())
-        with reactor.held():
-            reactor.add(self._watched[0], select.EPOLLIN, self._ended)
-            reactor.add(self._watched[1], 0, self._ended)
+        self._watched: tuple[int, ...] = ()
+        vmm: Vmm | None = None
+        api_server: ApiServer | None = None
+        try:
+            vmm = self.vmm = Vmm(
+                seccomp=seccomp,
+                cpu_groups=cpu_groups,
+                vm_factory=self._new_vm,
+                vm_restorer=self._restore_vm,
+                vm_receiver=self._receive_vm,
+                pid=pid,
+            )
+            api_server = self.server = ApiServer(vmm, fd=fds[0], reactor=_reactor.shared())
+            api_server.start()
+            # The shared reactor waits for the process to end (its control socket
+            # hangs up) or the Vmm to ask to exit: no thread of its own per VM.
+            reactor = _reactor.shared()
+            self._watched = (vmm.exit_fd(), self.channel.fileno())
+            with reactor.held():
+                reactor.add(self._watched[0], select.EPOLLIN, self._ended)
+                reactor.add(self._watched[1], 0, self._ended)
+        except BaseException:
+            # Out of descriptors, say: nothing of this VM process stays.
+            self._forget()
+            if api_server is not None:
+                api_server.close()
+            else:
+                os.close(fds[0])
+            if vmm is not None:
+                vmm.close(vm_gone=True)
+            self.channel.close()
+            self.process.kill()
+            self.process.wait()
+            raise
 
     def _new_vm(
         self,

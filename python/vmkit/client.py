@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import functools
 import json
 import os
 import re
@@ -46,7 +48,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from vmkit import _apiwire, _forkserver, registry
 from vmkit.config import (
@@ -842,6 +844,14 @@ def _end_process(
             _remove_spawn_dir(tmpdir)
 
 
+def _remove_unserved_socket(path: Path) -> None:
+    """Removes the socket a VM process that failed to start made at ``path``
+    (``spawn`` refuses a path that exists: a socket there now is its)."""
+    if _socket_identity(path) is not None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def _remove_spawn_dir(tmpdir: Path) -> None:
     """Removes the directory ``spawn`` made: its known files, then itself
     (a directory walk only when something else is in it)."""
@@ -1201,6 +1211,38 @@ def _child_environment(env: Mapping[str, str] | None) -> dict[str, str]:
     return child_env
 
 
+_SpawnArgs = ParamSpec("_SpawnArgs")
+
+
+def _explains_descriptor_limits(
+    spawn: Callable[_SpawnArgs, SpawnedVm],
+) -> Callable[_SpawnArgs, SpawnedVm]:
+    """``spawn``, whose "too many open files" says which limit and what to do."""
+
+    @functools.wraps(spawn)
+    def spawn_explained(*args: _SpawnArgs.args, **kwargs: _SpawnArgs.kwargs) -> SpawnedVm:
+        try:
+            return spawn(*args, **kwargs)
+        except OSError as e:
+            if e.errno == errno.EMFILE:
+                import resource
+
+                limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                why = (
+                    f"this program has used up its file descriptors (RLIMIT_NOFILE is "
+                    f"{limit}, and each spawned VM keeps several open here): raise the "
+                    "limit (ulimit -n, or resource.setrlimit in the program)"
+                )
+            elif e.errno == errno.ENFILE:
+                why = "the system's file table is full (fs.file-max)"
+            else:
+                raise
+            raise VmError(f"Cannot start a VMM: {why}", "Spawn") from e
+
+    return spawn_explained
+
+
+@_explains_descriptor_limits
 def spawn(
     config: VmConfig | None,
     *,
@@ -1303,7 +1345,7 @@ def spawn(
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         log = open(os.open(log_path, flags, 0o600), "wb")  # closed once the child has it
     except BaseException:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        _remove_spawn_dir(tmpdir)
         raise
     child_env = _child_environment(env)
     # The shared fork server is started only for this program's own Python
@@ -1313,16 +1355,22 @@ def spawn(
     may_start = env is None or startup(child_env) == startup(_child_environment(None))
     verbosity = _vm_process_verbosity(vmm_args)
     if not fresh_interpreter and env is None and verbosity is not None:
-        vm_process = _start_vm_process(
-            child_env,
-            socket_path,
-            tmpdir,
-            log,
-            verbosity,
-            startup_timeout,
-            request_timeout,
-            cpu_groups,
-        )
+        try:
+            vm_process = _start_vm_process(
+                child_env,
+                socket_path,
+                tmpdir,
+                log,
+                verbosity,
+                startup_timeout,
+                request_timeout,
+                cpu_groups,
+            )
+        except BaseException:
+            log.close()
+            _remove_unserved_socket(socket_path)
+            _remove_spawn_dir(tmpdir)
+            raise
         if vm_process is not None:
             log.close()  # the VM process has its own copy (see below)
             client: Client = _LocalClient(vm_process.server, socket_path, vm_process.process)
@@ -1384,7 +1432,7 @@ def spawn(
         log.close()
         os.close(lifeline)
         os.close(ready)
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        _remove_spawn_dir(tmpdir)
         if isinstance(e, _forkserver.ForkServerError):
             raise VmError(f"Cannot start a VMM: {e}", "Spawn") from e
         raise
