@@ -182,6 +182,15 @@ pub fn offered_cpuid(kvm: &Kvm, host: HostCpu) -> Result<Vec<kvm_bindings::kvm_c
     Ok(OFFERED.get_or_init(|| offered).clone())
 }
 
+/// Asks KVM for its supported CPUID now, so that processes forked from this
+/// one (the VM forker's) inherit the answer instead of each asking at its
+/// first boot. Without KVM this does nothing: boots report the error.
+pub fn learn_host_cpuid() {
+    if let Ok(kvm) = Kvm::new() {
+        let _ = supported_cpuid(&kvm);
+    }
+}
+
 /// KVM_GET_SUPPORTED_CPUID's answer, asked once per process: it depends on
 /// the host and KVM only, and asking costs ~0.7 ms on kvm_pvm, once for every
 /// vCPU booted or hot-plugged otherwise.
