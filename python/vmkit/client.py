@@ -996,7 +996,9 @@ class SpawnedVm:
     def migrate_to(self, socket: str | os.PathLike[str], *, local: bool = False) -> None:
         """``vm.send-migration`` to ``unix:<socket>`` (see ``Vm.migrate_to``): once
         the receiving VMM runs the VM, this VMM process deletes it and exits (as
-        Cloud Hypervisor's does); on failure the VM runs on here."""
+        Cloud Hypervisor's does); on failure the VM runs on here. While it sends,
+        the API's other requests wait for it, as Cloud Hypervisor's do, and so do
+        this object's ``state``, ``info()`` and ``wait()`` from other threads."""
         self._stop_asked = True
         try:
             self.client.send_migration(f"unix:{os.path.abspath(socket)}", local=local)
