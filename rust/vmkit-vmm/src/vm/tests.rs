@@ -15,6 +15,13 @@ fn state_transitions_follow_cloud_hypervisor() {
     assert!(Created.check_transition(Created).is_err());
 }
 
+#[test]
+fn a_published_state_reads_back_as_itself() {
+    for state in VmState::ALL {
+        assert_eq!(VmState::ALL[state as usize], state);
+    }
+}
+
 /// A validated config of `params` over a kernel path (never opened here).
 fn validated(edit: impl FnOnce(&mut vmkit_config::VmParams)) -> ValidatedConfig {
     let mut params = vmkit_config::VmParams {
