@@ -302,8 +302,7 @@ def test_a_guest_that_powers_off_during_a_send_is_the_error_given(tmp_path: Path
         with FakeReceiver(tmp_path / "held.sock", hold=held) as fake:
             sender, errors = send_in_thread(vm, fake.path)
             try:
-                # The pages wait in a full socket while the guest ends (the
-                # send holds the VM: its state is not to be had meanwhile).
+                # The pages wait in a full socket while the guest ends.
                 deadline = time.monotonic() + 30
                 while "vmkit-guest: summary passed=1" not in vm.serial.text:
                     assert time.monotonic() < deadline, vm.serial.text

@@ -145,15 +145,6 @@ class SerialConsole:
         """``read()`` decoded as UTF-8 (invalid bytes replaced)."""
         return self.read().decode(errors="replace")
 
-    def _stopped(self) -> bool:
-        """The VM is stopped: its exit descriptor, which a migration holding
-        the VM's state (for as long as the receiver takes) does not hold up."""
-        import select
-
-        poller = select.poll()
-        poller.register(self._handle.exit_fd, select.POLLIN)
-        return bool(poller.poll(0))
-
     def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 30.0) -> re.Match[str]:
         """Waits for a whole output line matching ``pattern`` (``re.search``).
 
@@ -178,7 +169,7 @@ class SerialConsole:
                     self._cursor = start + consumed
                     return match
             self._cursor = start + consumed
-            if self._stopped():
+            if self._handle.state == "Shutdown":
                 exit_info = self._handle.wait(0.0)
                 why = exit_info[1] if exit_info else "it was shut down"
                 raise VmError(
