@@ -542,6 +542,44 @@ def test_a_boot_imports_only_what_it_uses() -> None:
 
 
 @needs_kvm
+def test_a_sigint_as_the_api_server_takes_the_early_socket_ends_the_vmm_cleanly(
+    tmp_path: Path,
+) -> None:
+    """`vmkit --api-socket PATH` binds early and hands the socket to the API
+    server after the boot: a SIGINT at that moment (KeyboardInterrupt right
+    after the hand-over) ends the VMM with status 0, its socket closed once
+    and its file removed."""
+    from vmkit import testguest
+
+    sock = tmp_path / "api.sock"
+    code = (
+        "import vmkit.cli as cli, vmkit.api as api\n"
+        "adopt = api.ApiServer.adopt\n"
+        "def interrupted(self, fd, inode):\n"
+        "    adopt(self, fd, inode)\n"
+        "    raise KeyboardInterrupt\n"
+        "api.ApiServer.adopt = interrupted\n"
+        "cli.main()\n"
+    )
+    argv = [
+        "--api-socket", f"path={sock}", "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["hello"], "halt"),
+        "--cpus", "boot=1", "--memory", "size=128M", "--serial", "null", "--console", "off",
+    ]  # fmt: skip
+    python_dir = os.path.dirname(os.path.dirname(os.path.abspath(vmkit.__file__ or "")))
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code, *argv],
+        env={**os.environ, "PYTHONPATH": python_dir, "XDG_RUNTIME_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert not sock.exists()
+
+
+@needs_kvm
 def test_an_api_socket_vmm_boots_before_it_loads_the_api_server(tmp_path: Path) -> None:
     """`vmkit --api-socket PATH` with a VM to boot binds and lists the socket,
     boots, and only then loads the API server (`socket`, `selectors`) and

@@ -738,6 +738,11 @@ class ApiServer:
         self._inode = inode
         self._listener = sock
 
+    @property
+    def listening(self) -> bool:
+        """Holds its listening socket (bound or adopted), until ``close``."""
+        return self._listener is not None
+
     def socket_path(self) -> str | None:
         """The listening socket's path (absolute), None for an unnamed or
         abstract socket (``fd=``): where clients connect."""

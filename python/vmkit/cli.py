@@ -737,13 +737,14 @@ def _serve(command: CommandLine) -> int:
                 if server is not None:
                     server.path = None  # v37 leaves the socket file on the error path
                 if early is not None:
-                    os.close(early[1])
+                    _, listening, _ = early
                     early = None
+                    os.close(listening)
                 return code
             if early is not None:
                 server = _api_server(vmm, early[0], None)
                 server.adopt(early[1], early[2])
-                early = None
+                early = None  # the server's now
                 server.start()
         code = _run_until_exit(vmm)
         if vmm.exit_message:
@@ -757,6 +758,8 @@ def _serve(command: CommandLine) -> int:
             registration.remove()
         vmm.close()
         if server is not None:
+            if server.listening:
+                early = None  # the server took it (a SIGINT came before `early = None`)
             server.close()
         if early is not None:
             from vmkit._unixsocket import remove_if_same
