@@ -52,10 +52,6 @@ class _Gone(VmError):
         super().__init__("The VM process is gone" + (f": {detail}" if detail else ""), "Stopped")
 
 
-#: ``exit`` with status 0, as ``ControlChannel.exit`` sends it.
-_ORDERLY_END = b'{"op": "exit", "code": 0}'
-
-
 class ControlChannel:
     """Requests to a VM process, one at a time: ``call`` returns the answer
     (and a descriptor it carried) or raises the VM's VmError."""
@@ -64,6 +60,8 @@ class ControlChannel:
         self._socket = sock
         self._lock = threading.Lock()
         self._end_said = False
+        #: what the VM process removes as it ends in order (see ``remove_at_end``)
+        self._removals: dict[str, Any] = {}
 
     def fileno(self) -> int:
         return self._socket.fileno()
@@ -124,6 +122,12 @@ class ControlChannel:
             self._say_orderly_end()
             self._socket.close()
 
+    def remove_at_end(self, file: str) -> None:
+        """Has the VM process remove ``file`` (its registry entry) as it ends
+        in order (``hang_up``, ``close``): a fleet's processes remove theirs
+        in parallel, not one after another here."""
+        self._removals["remove_file"] = file
+
     def _say_orderly_end(self) -> None:
         """Tells the VM process, once and without waiting, that this program
         ends it. A control socket that just closes means this program died:
@@ -132,8 +136,9 @@ class ControlChannel:
         if self._end_said:
             return  # said by hang_up or exit, which close follows
         self._end_said = True
+        message = json.dumps({"op": "exit", "code": 0, **self._removals}).encode()
         with contextlib.suppress(OSError):
-            self._socket.send(_ORDERLY_END, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            self._socket.send(message, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 
 
 class RemoteVmHandle:
@@ -560,7 +565,10 @@ class VmProcess:
                 return
             self._closed = True
             self._forget()
-            self.remove_registration()
+            if code is not None:
+                # Else the VM process removes its entry as it ends (what
+                # is left is removed after the exit: ``remove_registration``).
+                self.remove_registration()
             self.server.close()
             if code is None:
                 # Not the Vmm's own exit: the VM process shuts its VM down and
@@ -574,6 +582,13 @@ class VmProcess:
             handle = self._handle() if self._handle is not None else None
             if handle is not None:
                 handle.remove_cpu_groups()
+
+    def registered(self, registration: Registration) -> None:
+        """Keeps the VM process's registry entry (``vmkit ls``), which the
+        process removes as it ends in order; ``remove_registration`` after
+        its exit removes it if it did not."""
+        self.registration = registration
+        self.channel.remove_at_end(registration.path)
 
     def remove_registration(self) -> None:
         registration, self.registration = self.registration, None

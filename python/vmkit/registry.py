@@ -521,12 +521,19 @@ class Registration:
         self._written = written
         self._removed = False
 
+    @property
+    def path(self) -> str:
+        """The entry's file."""
+        return os.path.join(self.directory, self.entry.name + _SUFFIX)
+
     def remove(self) -> None:
         if self._removed:
             return
         self._removed = True
-        path = os.path.join(self.directory, self.entry.name + _SUFFIX)
+        path = self.path
         try:
+            if not os.path.lexists(path):
+                return  # removed by the VM process as it ended
             with _RegistryLock(self.directory):
                 # The bytes this VMM wrote, not an equal entry parsed: a
                 # fleet's close removes many, and parsing each cost more.

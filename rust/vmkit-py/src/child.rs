@@ -273,17 +273,46 @@ fn vm_process_body(setup: Setup) -> i32 {
         vm: None,
         net_fds: Default::default(),
     };
-    let (code, orphaned) = serve(&control, &signals, &mut state);
+    let end = serve(&control, &signals, &mut state);
     if let Some(vm) = state.vm.take() {
         vm.close();
     }
     socket_file.remove();
-    if orphaned {
+    if let Some(file) = &end.remove_file {
+        let _ = std::fs::remove_file(file);
+    }
+    if end.remove_spawn_dir {
         if let Some(dir) = &setup.spawn_dir {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
-    code
+    end.code
+}
+
+/// How `serve` ended: the exit status, and what to remove before exiting.
+struct End {
+    code: i32,
+    /// The spawning program is gone: nobody else removes the directory.
+    remove_spawn_dir: bool,
+    /// A file the spawning program named (its registry entry for this VM).
+    remove_file: Option<PathBuf>,
+}
+
+impl End {
+    fn status(code: i32) -> End {
+        End {
+            code,
+            remove_spawn_dir: false,
+            remove_file: None,
+        }
+    }
+
+    fn orphaned() -> End {
+        End {
+            remove_spawn_dir: true,
+            ..End::status(0)
+        }
+    }
 }
 
 /// The API socket's file, removed at the end only if it is still the one
@@ -336,19 +365,19 @@ struct State {
 }
 
 /// Answers requests until told to exit, a signal, or the end of the control
-/// socket. Returns (exit status, whether the spawning program is gone).
-fn serve(control: &Control, signals: &SignalFd, state: &mut State) -> (i32, bool) {
+/// socket.
+fn serve(control: &Control, signals: &SignalFd, state: &mut State) -> End {
     // One buffer for every request: allocated once (untouched zero pages
     // until a request fills them), never the size of the largest each time.
     let mut buffer = vec![0u8; MAX_MESSAGE];
     loop {
         let Ok(ready) = vmkit_vmm::process::wait_readable(&[CONTROL_FD, signals.as_raw_fd()])
         else {
-            return (1, false);
+            return End::status(1);
         };
         if ready[1] {
             // SIGTERM or SIGINT: what `vmm.shutdown` does, then status 0.
-            return (0, false);
+            return End::status(0);
         }
         if !ready[0] {
             continue;
@@ -360,10 +389,10 @@ fn serve(control: &Control, signals: &SignalFd, state: &mut State) -> (i32, bool
                 let _ = control.send(&error("Unsupported", &format!("request: {e}")), None);
                 continue;
             }
-            Err(_) => return (0, true),
+            Err(_) => return End::orphaned(),
         };
         if message.is_empty() {
-            return (0, true); // the spawning program closed its end or exited
+            return End::orphaned(); // the spawning program closed its end or exited
         }
         let request: Value = match serde_json::from_slice(message) {
             Ok(request) => request,
@@ -374,11 +403,15 @@ fn serve(control: &Control, signals: &SignalFd, state: &mut State) -> (i32, bool
         };
         if request["op"] == "exit" {
             let code = request["code"].as_i64().unwrap_or(0);
-            return (i32::try_from(code).unwrap_or(1), false);
+            return End {
+                code: i32::try_from(code).unwrap_or(1),
+                remove_spawn_dir: false,
+                remove_file: request["remove_file"].as_str().map(PathBuf::from),
+            };
         }
         let (answer, fd) = handle(state, &request, fds);
         if control.send(&answer, fd).is_err() {
-            return (0, true);
+            return End::orphaned();
         }
         // Creating and booting a VM runs deep; idle, this thread waits here.
         vmkit_vmm::stack::release_unused_stack();
