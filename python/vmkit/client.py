@@ -1245,7 +1245,9 @@ _VMM_MAIN = (
 )
 
 
+@functools.cache
 def _package_root() -> str:
+    # Cached: resolving walks the path with a system call per component, at every spawn.
     return str(Path(__file__).resolve().parent.parent)
 
 

@@ -294,6 +294,18 @@ def process_start(pid: int) -> int | None:
         return None
 
 
+_own_start: tuple[int, int | None] = (0, None)  # (pid, its start), for own_start()
+
+
+def own_start() -> int | None:
+    """This process's ``process_start``, read once (a forked child reads its own)."""
+    global _own_start
+    pid = os.getpid()
+    if _own_start[0] != pid:
+        _own_start = (pid, process_start(pid))
+    return _own_start[1]
+
+
 class _RegistryLock:
     """Holds the registry's lock: a registration's check-then-write, and a
     clean-up's check-then-remove, are not interleaved with another's.
@@ -573,7 +585,7 @@ def register(
     pid_start = process_start(pid)
     if pid_start is None:
         raise ProcessLookupError(f"VMM process {pid} is not running")
-    own_start = process_start(os.getpid()) if spawn_dir is not None else None
+    owner_start = own_start() if spawn_dir is not None else None
     entry = Entry(
         name=name,
         pid=pid,
@@ -581,8 +593,8 @@ def register(
         api_socket=os.path.abspath(api_socket),
         kernel=None if kernel is None else os.path.abspath(kernel),
         started=time.time(),
-        spawn_dir=None if own_start is None or spawn_dir is None else os.path.abspath(spawn_dir),
-        owner=None if own_start is None else (os.getpid(), own_start),
+        spawn_dir=None if owner_start is None or spawn_dir is None else os.path.abspath(spawn_dir),
+        owner=None if owner_start is None else (os.getpid(), owner_start),
     )
     directory = registry_dir()
     path = os.path.join(directory, name + _SUFFIX)
