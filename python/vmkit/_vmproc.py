@@ -52,6 +52,10 @@ class _Gone(VmError):
         super().__init__("The VM process is gone" + (f": {detail}" if detail else ""), "Stopped")
 
 
+#: ``exit`` with status 0, as ``ControlChannel.exit`` sends it.
+_ORDERLY_END = b'{"op": "exit", "code": 0}'
+
+
 class ControlChannel:
     """Requests to a VM process, one at a time: ``call`` returns the answer
     (and a descriptor it carried) or raises the VM's VmError."""
@@ -60,8 +64,8 @@ class ControlChannel:
         self._socket = sock
         self._lock = threading.Lock()
         self._end_said = False
-        #: what the VM process removes as it ends in order (see ``remove_at_end``)
-        self._removals: dict[str, Any] = {}
+        #: what ``_say_orderly_end`` sends (see ``remove_at_end``)
+        self._orderly_end = _ORDERLY_END
 
     def fileno(self) -> int:
         return self._socket.fileno()
@@ -126,7 +130,7 @@ class ControlChannel:
         """Has the VM process remove ``file`` (its registry entry) as it ends
         in order (``hang_up``, ``close``): a fleet's processes remove theirs
         in parallel, not one after another here."""
-        self._removals["remove_file"] = file
+        self._orderly_end = json.dumps({"op": "exit", "code": 0, "remove_file": file}).encode()
 
     def _say_orderly_end(self) -> None:
         """Tells the VM process, once and without waiting, that this program
@@ -136,9 +140,8 @@ class ControlChannel:
         if self._end_said:
             return  # said by hang_up or exit, which close follows
         self._end_said = True
-        message = json.dumps({"op": "exit", "code": 0, **self._removals}).encode()
         with contextlib.suppress(OSError):
-            self._socket.send(message, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            self._socket.send(self._orderly_end, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 
 
 class RemoteVmHandle:

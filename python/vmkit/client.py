@@ -997,6 +997,8 @@ class SpawnedVm:
         if self.log_path is None:
             return ""
         try:
+            if os.stat(self.log_path).st_size == 0:
+                return ""  # as most are: no file to open and decode
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
