@@ -27,6 +27,7 @@ import pytest
 from _helpers import event_names, move_spawned_vm
 from _sockets import wait_listening
 from vmkit import VmConfig, testguest
+from vmkit.client import SpawnedVm
 from vmkit.vm import Migration, Vm, VmError
 
 pytestmark = pytest.mark.vmkit_kvm  # skips, saying why, without /dev/kvm
@@ -276,7 +277,7 @@ def test_a_refused_or_failed_send_leaves_the_vm_running(tmp_path: Path) -> None:
     vm.close()
 
 
-def send_in_thread(vm: Vm, path: Path) -> tuple[threading.Thread, list[BaseException]]:
+def send_in_thread(vm: Vm | SpawnedVm, path: Path) -> tuple[threading.Thread, list[BaseException]]:
     """``vm.migrate_to(path)`` on a thread (started); the list gets its error."""
     errors: list[BaseException] = []
 
@@ -361,6 +362,63 @@ def test_a_stalled_migration_holds_up_no_state_wait_or_serial_wait(tmp_path: Pat
         assert answers["wait"] is None
         assert isinstance(answers["waited"], float) and 0.45 < answers["waited"] < 5
         assert [str(e) for e in errors] == ["the receiving VMM refused the migration: no room here"]
+        assert vm.serial.wait_for("^vmkit-guest: dirty round", timeout=30)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        vm.close()
+
+
+def test_a_stalled_migration_of_a_spawned_vm_holds_up_no_state_wait_or_serial_wait(
+    tmp_path: Path,
+) -> None:
+    """The same for a spawned VM, whose API this program serves: while the
+    send holds the API, its state, ``wait(timeout)`` and ``serial.wait_for``
+    answer other threads at once; ``info()`` waits, as in Cloud Hypervisor."""
+    import faulthandler
+
+    vm = Vm.spawn(dirtying(dirty_rounds=100_000))
+    faulthandler.dump_traceback_later(120, exit=True)
+    try:
+        vm.boot()
+        assert vm.serial.wait_for("^vmkit-guest: dirty round 2$", timeout=30)
+        held = threading.Event()
+        answers: dict[str, object] = {}
+
+        def ask() -> None:
+            answers["state"] = vm.state
+            started = time.monotonic()
+            answers["wait"] = vm.wait(0.5)
+            answers["waited"] = time.monotonic() - started
+
+        def ask_info() -> None:
+            answers["info"] = vm.info().state
+
+        with FakeReceiver(tmp_path / "held.sock", hold=held, refuse_on="State") as fake:
+            sender, errors = send_in_thread(vm, fake.path)
+            asker = threading.Thread(target=ask)
+            info_asker = threading.Thread(target=ask_info)
+            try:
+                assert fake.holding.wait(30)
+                asker.start()
+                info_asker.start()
+                started = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    vm.serial.wait_for("^never printed$", timeout=0.5)
+                assert time.monotonic() - started < 5
+                asker.join(5)
+                assert not asker.is_alive(), "vm.state or vm.wait(0.5) waited for the send"
+                assert info_asker.is_alive() and "info" not in answers
+            finally:
+                held.set()
+                sender.join(30)
+                for thread in (asker, info_asker):
+                    if thread.ident is not None:
+                        thread.join(30)
+        assert answers["state"] == "Running"
+        assert answers["wait"] is None
+        assert isinstance(answers["waited"], float) and 0.45 < answers["waited"] < 5
+        assert answers["info"] == "Running"  # once the refused send returned
+        assert len(errors) == 1 and "no room here" in str(errors[0]), errors
         assert vm.serial.wait_for("^vmkit-guest: dirty round", timeout=30)
     finally:
         faulthandler.cancel_dump_traceback_later()

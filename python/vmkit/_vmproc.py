@@ -165,6 +165,7 @@ class RemoteVmHandle:
         (``Vm``'s ``cpu_groups``), made here and removed when the VM is closed."""
         self._channel = channel
         self._cpu_groups: CpuGroups | None = None
+        self._state_during_long_call: str | None = None
         # Validation errors as Vm(config) raises them, from Rust in this process.
         config.validate()
         if cpu_groups_of is not None:
@@ -219,6 +220,7 @@ class RemoteVmHandle:
         handle = cls.__new__(cls)
         handle._channel = channel
         handle._cpu_groups = None
+        handle._state_during_long_call = None
         handle._attach(fd)
         return handle, VmConfig.from_dict(config_dict)
 
@@ -265,15 +267,25 @@ class RemoteVmHandle:
         self._channel.call("pause")
 
     def snapshot(self, path: str | os.PathLike[str]) -> None:
-        self._channel.call("snapshot", path=os.fspath(path))
+        self._long_call("snapshot", path=os.fspath(path))
 
     def send_migration(
         self, path: str | os.PathLike[str], local: bool
     ) -> tuple[float, float, int, int]:
-        total, downtime, rounds, sent = self._channel.value(
+        total, downtime, rounds, sent = self._long_call(
             "send_migration", path=os.fspath(path), local=local
         )
         return float(total), float(downtime), int(rounds), int(sent)
+
+    def _long_call(self, op: str, **fields: Any) -> Any:
+        """``op``, which holds the channel for as long as it takes (a snapshot,
+        a migration's send): meanwhile ``state`` answers the state it began
+        in (the VM runs on, or stays paused) instead of waiting."""
+        self._state_during_long_call = self.state
+        try:
+            return self._channel.value(op, **fields)
+        finally:
+            self._state_during_long_call = None
 
     def resume(self) -> None:
         self._channel.call("resume")
@@ -365,6 +377,9 @@ class RemoteVmHandle:
 
     @property
     def state(self) -> str:
+        during = self._state_during_long_call
+        if during is not None:
+            return during
         try:
             return str(self._channel.value("state"))
         except _Gone:

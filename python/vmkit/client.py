@@ -968,6 +968,17 @@ class SpawnedVm:
     def __repr__(self) -> str:
         return f"<SpawnedVm name={self.name!r} pid={self.pid} api_socket={str(self.api_socket)!r}>"
 
+    def _current_state(self) -> str:
+        """``vm.info``'s state; a VM process's (whose API this program serves)
+        without waiting for a request in progress: a migration's send or a
+        snapshot holds the API for as long as it takes."""
+        vm_process = self._vm_process
+        if vm_process is not None and not vm_process.server.closing:
+            state = vm_process.vmm.current_state()
+            if state is not None:
+                return state
+        return self.client.info().state
+
     def _stopped_reason(self) -> str | None:
         """Why the VM is no longer running, or None (for ``serial.wait_for``)."""
         returncode = self.process.poll()
@@ -980,7 +991,7 @@ class SpawnedVm:
             return None
         self._state_checked = now
         try:
-            state = self.client.info().state
+            state = self._current_state()
         except ApiConnectionError:
             return None
         except ApiError:
@@ -1043,8 +1054,10 @@ class SpawnedVm:
         """``vm.send-migration`` to ``unix:<socket>`` (see ``Vm.migrate_to``): once
         the receiving VMM runs the VM, this VMM process deletes it and exits (as
         Cloud Hypervisor's does); on failure the VM runs on here. While it sends,
-        the API's other requests wait for it, as Cloud Hypervisor's do, and so do
-        this object's ``state``, ``info()`` and ``wait()`` from other threads."""
+        the API's other requests wait for it, as Cloud Hypervisor's do, and so
+        does ``info()``; ``state``, ``wait(timeout)`` and ``serial.wait_for``
+        answer other threads at once, but for a VMM started with
+        ``fresh_interpreter``, which answer through its API."""
         self._stop_asked = True
         try:
             self.client.send_migration(f"unix:{os.path.abspath(socket)}", local=local)
@@ -1144,7 +1157,7 @@ class SpawnedVm:
         if self.process.poll() is not None:
             return "Shutdown"
         try:
-            return self.client.info().state
+            return self._current_state()
         except ApiConnectionError:
             if self.process.poll() is not None:
                 return "Shutdown"
@@ -1164,7 +1177,7 @@ class SpawnedVm:
             if returncode is not None:
                 return self._exit(returncode)
             try:
-                state: str | None = self.client.info().state
+                state: str | None = self._current_state()
             except ApiConnectionError:
                 state = None  # the process may be on its way out
             except ApiError:

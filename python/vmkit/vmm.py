@@ -637,6 +637,15 @@ class Vmm:
             except VmError as e:
                 raise ApiError(str(e)) from None
 
+    def current_state(self) -> str | None:
+        """``vm.info``'s state without taking the lock, which a migration's
+        send or a snapshot holds for as long as it takes; None before
+        ``vm.create`` (``info`` raises then)."""
+        vm = self.vm
+        if vm is not None:
+            return vm.state
+        return None if self.config is None else "Created"
+
     def info(self) -> dict[str, Any]:
         """``vm.info``: VmInfo (config, state, memory_actual_size, device_tree)."""
         with self.lock:
