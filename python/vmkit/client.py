@@ -863,17 +863,21 @@ def _end_process(
     owned: list[tuple[int, int]] | None = None,
     vm_process: _vmproc.VmProcess | None = None,
     remove_dir: Callable[[Path], None] | None = None,
+    keep_output: Callable[[], None] | None = None,
 ) -> None:
     """Ends the VMM process (see ``_stop_process``) and removes its files.
 
     The socket file goes only if it is the one the child was seen serving
     on (its identity is in ``owned``): a path vmkit did not create stays.
-    ``remove_dir`` removes ``tmpdir`` (``_remove_spawn_dir`` if None).
+    ``remove_dir`` removes ``tmpdir`` (``_remove_spawn_dir`` if None);
+    ``keep_output`` runs once the process has ended, before that.
     """
     try:
         if vm_process is not None:
             _close_vm_process(vm_process, timeout)
         _stop_process(process, timeout)
+        if keep_output is not None:
+            keep_output()
     finally:
         if vm_process is not None:
             vm_process.remove_registration()  # if the process did not
@@ -1209,16 +1213,16 @@ class SpawnedVm:
         self._close(_remove_spawn_dir)
 
     def _close(self, remove_dir: Callable[[Path], None]) -> None:
-        if self._finalizer.alive:
-            try:
-                if self._vm_process is not None:
-                    _close_vm_process(self._vm_process, self._stop_timeout)
-                _stop_process(self.process, self._stop_timeout)
-                self.serial._freeze()
-                self._log_text = self.log
-            finally:
-                if self._finalizer.detach() is not None:  # else closed on another thread
-                    _end_process(*self._end_args, remove_dir=remove_dir)
+        # Taken from the finalizer first: it runs once, here or when collected.
+        if self._finalizer.detach() is not None:
+            _end_process(*self._end_args, remove_dir=remove_dir, keep_output=self._keep_output)
+        elif self.process.returncode is None:
+            self.process.wait()  # closed on another thread, which ends the process
+
+    def _keep_output(self) -> None:
+        """Reads the serial output and the log back before their files go."""
+        self.serial._freeze()
+        self._log_text = self.log
 
     @property
     def closed(self) -> bool:
