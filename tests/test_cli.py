@@ -541,6 +541,29 @@ def test_a_boot_imports_only_what_it_uses() -> None:
     assert [m for m in NOT_AT_BOOT if m in by_command] == []
 
 
+def _run_observed_api_socket_vmm(
+    patch: str, sock: Path, guest_exit: str, runtime: Path
+) -> subprocess.CompletedProcess[str]:
+    """`vmkit --api-socket path=SOCK` booting the test guest (which then
+    does `guest_exit`) in a fresh interpreter that runs `patch` first: Python
+    that wraps a vmkit function to look at, or interrupt, the VMM's start."""
+    from vmkit import testguest
+
+    argv = [
+        "--api-socket", f"path={sock}", "--kernel", str(testguest.image_path("pvh")),
+        "--cmdline", testguest.cmdline(["hello"], guest_exit),
+        "--cpus", "boot=1", "--memory", "size=128M", "--serial", "null", "--console", "off",
+    ]  # fmt: skip
+    python_dir = os.path.dirname(os.path.dirname(os.path.abspath(vmkit.__file__ or "")))
+    return subprocess.run(
+        [sys.executable, "-S", "-c", patch + "import vmkit.cli\nvmkit.cli.main()\n", *argv],
+        env={**os.environ, "PYTHONPATH": python_dir, "XDG_RUNTIME_DIR": str(runtime)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @needs_kvm
 def test_a_sigint_as_the_api_server_takes_the_early_socket_ends_the_vmm_cleanly(
     tmp_path: Path,
@@ -549,31 +572,16 @@ def test_a_sigint_as_the_api_server_takes_the_early_socket_ends_the_vmm_cleanly(
     server after the boot: a SIGINT at that moment (KeyboardInterrupt right
     after the hand-over) ends the VMM with status 0, its socket closed once
     and its file removed."""
-    from vmkit import testguest
-
     sock = tmp_path / "api.sock"
-    code = (
-        "import vmkit.cli as cli, vmkit.api as api\n"
+    patch = (
+        "import vmkit.api as api\n"
         "adopt = api.ApiServer.adopt\n"
         "def interrupted(self, fd, inode):\n"
         "    adopt(self, fd, inode)\n"
         "    raise KeyboardInterrupt\n"
         "api.ApiServer.adopt = interrupted\n"
-        "cli.main()\n"
     )
-    argv = [
-        "--api-socket", f"path={sock}", "--kernel", str(testguest.image_path("pvh")),
-        "--cmdline", testguest.cmdline(["hello"], "halt"),
-        "--cpus", "boot=1", "--memory", "size=128M", "--serial", "null", "--console", "off",
-    ]  # fmt: skip
-    python_dir = os.path.dirname(os.path.dirname(os.path.abspath(vmkit.__file__ or "")))
-    proc = subprocess.run(
-        [sys.executable, "-S", "-c", code, *argv],
-        env={**os.environ, "PYTHONPATH": python_dir, "XDG_RUNTIME_DIR": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _run_observed_api_socket_vmm(patch, sock, "halt", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert not sock.exists()
@@ -585,14 +593,12 @@ def test_an_api_socket_vmm_boots_before_it_loads_the_api_server(tmp_path: Path) 
     boots, and only then loads the API server (`socket`, `selectors`) and
     `threading` (with `functools` and `collections`), which then load while
     the guest starts; the socket file goes when the VMM ends."""
-    from vmkit import testguest
-
     sock = tmp_path / "api.sock"
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
-    code = (
+    patch = (
         "import os, stat, sys\n"
-        "import vmkit.cli as cli, vmkit.vm\n"
+        "import vmkit.vm\n"
         "boot = vmkit.vm.Vm.boot\n"
         "def observed(vm):\n"
         f"    mode = os.stat({str(sock)!r}).st_mode\n"
@@ -603,21 +609,8 @@ def test_an_api_socket_vmm_boots_before_it_loads_the_api_server(tmp_path: Path) 
         "          flush=True)\n"
         "    return boot(vm)\n"
         "vmkit.vm.Vm.boot = observed\n"
-        "cli.main()\n"
     )
-    argv = [
-        "--api-socket", f"path={sock}", "--kernel", str(testguest.image_path("pvh")),
-        "--cmdline", testguest.cmdline(["hello"], "poweroff"),
-        "--cpus", "boot=1", "--memory", "size=128M", "--serial", "null", "--console", "off",
-    ]  # fmt: skip
-    python_dir = os.path.dirname(os.path.dirname(os.path.abspath(vmkit.__file__ or "")))
-    proc = subprocess.run(
-        [sys.executable, "-S", "-c", code, *argv],
-        env={**os.environ, "PYTHONPATH": python_dir, "XDG_RUNTIME_DIR": str(runtime)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _run_observed_api_socket_vmm(patch, sock, "poweroff", runtime)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["at boot: True 0o600 True []"], proc.stdout
     assert not sock.exists()
